@@ -1,0 +1,351 @@
+"""The on-disk mail queue shared by pyqmail-smtpd (writer) and pyqmail-send (reader).
+
+Layout under the queue root (``/var/qmail/queue`` by default)::
+
+    tmp/      messages being written; never read by anyone but their writer
+    new/      committed messages that pyqmail-send has not picked up yet
+    mess/     messages pyqmail-send has picked up
+    state/    per-message delivery progress, one file per message in mess/
+    lock/trigger   a FIFO; writers poke it after each commit so the reader wakes at once
+
+Message file format (``new/<id>`` and ``mess/<id>``), all ASCII lines ending in LF::
+
+    PYQMAIL-QUEUE 1
+    id <queue id>
+    time <unix seconds, float>
+    from <sender address, possibly empty for the null sender>
+    to <recipient address>            (one line per recipient, at least one)
+    <meta key> <value>                (optional lines: client, helo, auth, tls, ...)
+    <empty line>
+    <message bytes, CRLF line ends, not dot-stuffed>
+    END <queue id> <message size as 20 decimal digits>\\n
+
+The trailer has a fixed length once the id is known, so a reader finds it without
+searching the message, and the size it records lets the writer stream the message to
+disk as it arrives (bounded memory) and still make a torn file detectable.
+
+Durability protocol of ``enqueue`` (the 250 after DATA is sent only after it returns):
+
+1. ``tmp/<id>`` is created with O_EXCL, the whole file is written, then ``fsync(file)``;
+2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)``;
+3. the trigger FIFO is poked (best effort: a reader also scans ``new/`` on start and on ALRM).
+
+A crash before step 2 leaves only a tmp file, which ``clean_tmp`` removes later; it was
+never acknowledged. A crash after step 2 leaves a complete message. Readers still check
+the header and the ``END`` trailer (``parse_message``) and never deliver a
+file that fails them: a torn file can only come from a disk lying about fsync, and is
+moved to ``bad/`` for the admin, not delivered.
+
+Any OSError during enqueue (ENOSPC, EIO, EDQUOT, ...) removes the tmp file and raises
+``QueueError``; the SMTP layer answers ``451 4.3.0`` and nothing is left in the queue.
+
+Addresses never contain CR, LF or NUL (the SMTP core rejects them); ``enqueue`` checks
+again, so nothing can break the line-oriented header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import secrets
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAGIC = b"PYQMAIL-QUEUE 1\n"
+SUBDIRS = ("tmp", "new", "mess", "state", "bad", "lock")
+TRIGGER = "lock/trigger"
+_FORBIDDEN = frozenset(b"\r\n\x00")
+_RESERVED = frozenset({"id", "time", "from"})
+_counter = itertools.count()
+
+
+class QueueError(Exception):
+    """The queue could not take or give a message; nothing half-written was left."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the queue knows about one message besides its bytes."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    size: int
+    received: float
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+def new_queue_id() -> str:
+    """Unique across processes and hosts sharing nothing: time, pid, counter, randomness."""
+    return f"{time.time_ns():x}.{os.getpid():x}.{next(_counter):x}{secrets.token_hex(3)}"
+
+
+def _check_field(name: str, value: str) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape")
+    if _FORBIDDEN.intersection(raw):
+        raise QueueError(f"{name} contains CR, LF or NUL: {value!r}")
+    return raw
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_header(
+    queue_id: str, sender: str, recipients: Sequence[str], received: float, meta: Mapping[str, str]
+) -> bytes:
+    """The header block of a queue file, up to and including its empty line."""
+    if not recipients:
+        raise QueueError("a message needs at least one recipient")
+    lines = [MAGIC, b"id " + _check_field("queue id", queue_id) + b"\n"]
+    lines.append(f"time {received:.6f}\n".encode())
+    lines.append(b"from " + _check_field("sender", sender) + b"\n")
+    lines.extend(b"to " + _check_field("recipient", r) + b"\n" for r in recipients)
+    for key, value in meta.items():
+        if not key.isidentifier():
+            raise QueueError(f"meta key must be an identifier: {key!r}")
+        if key in _RESERVED:
+            raise QueueError(f"meta key {key!r} is reserved")
+        lines.append(key.encode() + b" " + _check_field(f"meta {key}", value) + b"\n")
+    lines.append(b"\n")
+    return b"".join(lines)
+
+
+def encode_trailer(queue_id: str, size: int) -> bytes:
+    return f"END {queue_id} {size:020d}\n".encode("utf-8", "surrogateescape")
+
+
+def parse_message(data: bytes, origin: str = "<queue file>") -> tuple[Envelope, bytes]:
+    """Split a complete queue file into envelope and message; raise QueueError if torn."""
+    if not data.startswith(MAGIC):
+        raise QueueError(f"{origin}: not a pyqmail queue file (bad magic)")
+    head_end = data.find(b"\n\n")
+    if head_end < 0:
+        raise QueueError(f"{origin}: header not terminated")
+    fields: dict[str, str] = {}
+    recipients: list[str] = []
+    meta: dict[str, str] = {}
+    for line in data[len(MAGIC) : head_end].split(b"\n"):
+        key, _, value = line.decode("utf-8", "surrogateescape").partition(" ")
+        if key == "to":
+            recipients.append(value)
+        elif key in _RESERVED:
+            fields[key] = value
+        else:
+            meta[key] = value
+    missing = {"id", "time", "from"} - fields.keys()
+    if missing:
+        raise QueueError(f"{origin}: header lacks {', '.join(sorted(missing))}")
+    if not recipients:
+        raise QueueError(f"{origin}: no recipients")
+    try:
+        received = float(fields["time"])
+    except ValueError as exc:
+        raise QueueError(f"{origin}: bad time in header") from exc
+    body_start = head_end + 2
+    size = len(data) - body_start - len(encode_trailer(fields["id"], 0))
+    if size < 0 or not data.endswith(encode_trailer(fields["id"], size)):
+        raise QueueError(f"{origin}: truncated or corrupt (END marker or size mismatch)")
+    env = Envelope(fields["id"], fields["from"], tuple(recipients), size, received, meta)
+    return env, data[body_start : body_start + size]
+
+
+class QueueWriter:
+    """One message on its way into the queue: stream it in, then commit or abort.
+
+    Use as a context manager; leaving the block without ``commit`` aborts.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        sender: str,
+        recipients: Sequence[str],
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.queue_id = new_queue_id()
+        self.sender = sender
+        self.recipients = tuple(recipients)
+        self.meta = dict(meta or {})
+        self.received = time.time()
+        self.size = 0
+        self._committed = False
+        header = encode_header(self.queue_id, sender, self.recipients, self.received, self.meta)
+        self._tmp = queue.path("tmp", self.queue_id)
+        try:
+            self._fd: int | None = os.open(
+                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+            )
+        except OSError as exc:
+            raise QueueError(f"cannot create {self._tmp}: {exc.strerror}") from exc
+        self._write(header)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise QueueError(f"writer for {self.queue_id} is already closed")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot write {self._tmp}: {exc.strerror}") from exc
+
+    def write(self, chunk: bytes) -> None:
+        """Append message bytes (CRLF line ends, already un-dot-stuffed)."""
+        self._write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> Envelope:
+        """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
+        self._write(encode_trailer(self.queue_id, self.size))
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise QueueError(f"writer for {self.queue_id} is already closed")
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(self._tmp, self.queue.path("new", self.queue_id))
+            _fsync_dir(self.queue.path("new"))
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
+        self._committed = True
+        self.queue.poke()
+        return Envelope(
+            self.queue_id, self.sender, self.recipients, self.size, self.received, self.meta
+        )
+
+    def abort(self) -> None:
+        """Drop the tmp file; safe to call more than once."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if not self._committed:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink()
+
+    def __enter__(self) -> QueueWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.abort()
+
+
+class Queue:
+    """A queue directory. Safe for many writer processes and one reader."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, sub: str, queue_id: str = "") -> Path:
+        return self.root / sub / queue_id if queue_id else self.root / sub
+
+    def create(self, mode: int = 0o750) -> None:
+        """Make the directories and the trigger FIFO (idempotent)."""
+        for sub in SUBDIRS:
+            self.path(sub).mkdir(mode=mode, parents=True, exist_ok=True)
+        trigger = self.root / TRIGGER
+        if not trigger.exists():
+            os.mkfifo(trigger, 0o620)
+
+    def check(self) -> None:
+        """Raise QueueError naming the first missing piece of the layout."""
+        for sub in SUBDIRS:
+            if not self.path(sub).is_dir():
+                raise QueueError(f"queue directory missing: {self.path(sub)}")
+
+    def writer(
+        self, sender: str, recipients: Sequence[str], meta: Mapping[str, str] | None = None
+    ) -> QueueWriter:
+        """Start streaming one message into tmp/ (see QueueWriter)."""
+        return QueueWriter(self, sender, recipients, meta)
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        meta: Mapping[str, str] | None = None,
+    ) -> Envelope:
+        """Durably commit a whole message at once; return its envelope."""
+        with self.writer(sender, recipients, meta) as w:
+            w.write(message)
+            return w.commit()
+
+    def poke(self) -> None:
+        """Wake the reader through the FIFO; silently skipped if nobody listens."""
+        try:
+            fd = os.open(self.root / TRIGGER, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.write(fd, b"!")
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EPIPE):
+                raise
+        finally:
+            os.close(fd)
+
+    def read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
+        """Read and verify ``<sub>/<id>``."""
+        path = self.path(sub, queue_id)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
+        return parse_message(data, str(path))
+
+    def ids(self, sub: str) -> list[str]:
+        """Queue ids in ``sub``, oldest first (ids begin with the time in hex ns)."""
+        try:
+            names = os.listdir(self.path(sub))
+        except FileNotFoundError:
+            return []
+        return sorted((n for n in names if not n.startswith(".")), key=_id_order)
+
+    def quarantine(self, sub: str, queue_id: str) -> Path:
+        """Move a file that failed verification to ``bad/`` for the admin."""
+        target = self.path("bad", queue_id)
+        os.rename(self.path(sub, queue_id), target)
+        _fsync_dir(self.path("bad"))
+        return target
+
+    def clean_tmp(self, older_than: float = 36 * 3600) -> list[str]:
+        """Remove tmp files older than ``older_than`` seconds (crashed writers), as qmail does."""
+        removed = []
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.path("tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+        return removed
+
+
+def _id_order(name: str) -> tuple[int, str]:
+    head = name.split(".", 1)[0]
+    try:
+        return int(head, 16), name
+    except ValueError:
+        return 0, name
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Public helper for the delivery side's own renames (Maildir, state files)."""
+    _fsync_dir(Path(path))
