@@ -1,0 +1,132 @@
+"""Helpers for module tests, after community.general's tests/unit/plugins/modules/utils.py.
+
+Two ways to test a module in library/:
+- in-process: ``with set_module_args({...}):`` then call ``module.main()`` and catch
+  ``AnsibleExitJson`` / ``AnsibleFailJson`` (exit_json/fail_json are patched to raise);
+- through Ansible for real: ``run_module("pyqmail_tcprules", {...}, check=True, diff=True)``
+  runs ``ansible-playbook`` against localhost (connection local) and returns the task result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from ansible.module_utils import basic
+from ansible.module_utils.common.text.converters import to_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "library"))
+
+
+class AnsibleExitJson(Exception):  # noqa: N818 - the name community.general uses
+    """Raised by the patched exit_json; .result holds its arguments."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        super().__init__(kwargs)
+        self.result = kwargs
+
+
+class AnsibleFailJson(Exception):  # noqa: N818
+    """Raised by the patched fail_json; .result holds its arguments."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        super().__init__(kwargs)
+        self.result = kwargs
+
+
+def _exit_json(self: basic.AnsibleModule, **kwargs: Any) -> None:
+    kwargs.setdefault("changed", False)
+    raise AnsibleExitJson(kwargs)
+
+
+def _fail_json(self: basic.AnsibleModule, **kwargs: Any) -> None:
+    kwargs["failed"] = True
+    raise AnsibleFailJson(kwargs)
+
+
+@contextlib.contextmanager
+def set_module_args(args: dict[str, Any]) -> Iterator[None]:
+    """Feed ``args`` to the next AnsibleModule and make exit/fail raise."""
+    args = dict(args)
+    args.setdefault("_ansible_remote_tmp", "/tmp")
+    args.setdefault("_ansible_keep_remote_files", False)
+    serialized = to_bytes(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    with (
+        mock.patch.object(basic, "_ANSIBLE_ARGS", serialized),
+        mock.patch.object(basic, "_ANSIBLE_PROFILE", "legacy", create=True),
+        mock.patch.object(basic.AnsibleModule, "exit_json", _exit_json),
+        mock.patch.object(basic.AnsibleModule, "fail_json", _fail_json),
+    ):
+        yield
+
+
+def run_module(
+    module: str,
+    args: dict[str, Any],
+    *,
+    check: bool = False,
+    diff: bool = False,
+    become_user: str | None = None,
+) -> dict[str, Any]:
+    """Run one module task through ansible-playbook on localhost; return its result dict."""
+    task: dict[str, Any] = {
+        "name": "under test",
+        module: args,
+        "register": "r",
+        "ignore_errors": True,
+    }
+    play = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "connection": "local",
+            "tasks": [task, {"ansible.builtin.debug": {"var": "r"}}],
+        }
+    ]
+    env = dict(os.environ)
+    env.update(
+        {
+            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+            "ANSIBLE_LIBRARY": str(REPO / "library"),
+            "ANSIBLE_MODULE_UTILS": str(REPO / "module_utils"),
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
+            "ANSIBLE_LOCALHOST_WARNING": "false",
+            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    playbook = Path(env.get("TMPDIR", "/tmp")) / f"pyqmail-test-{os.getpid()}-{module}.yml"
+    playbook.write_text(json.dumps(play))
+    cmd = [
+        str(Path(sys.executable).with_name("ansible-playbook")),
+        "-i",
+        "localhost,",
+        str(playbook),
+    ]
+    if check:
+        cmd.append("--check")
+    if diff:
+        cmd.append("--diff")
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=300, check=False
+        )
+    finally:
+        playbook.unlink(missing_ok=True)
+    try:
+        out = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise AssertionError(
+            textwrap.dedent(f"ansible-playbook printed no JSON:\n{proc.stdout}\n{proc.stderr}")
+        ) from exc
+    result: dict[str, Any] = out["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return result
