@@ -110,6 +110,8 @@ def run_module(
         str(Path(sys.executable).with_name("ansible-playbook")),
         "-i",
         "localhost,",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
         str(playbook),
     ]
     if check:
