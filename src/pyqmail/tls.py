@@ -1,0 +1,225 @@
+"""TLS contexts for both sides of SMTP, per Mozilla's "intermediate" profile.
+
+- TLS 1.2 and 1.3 only (RFC 8996: no SSLv3, TLS 1.0, 1.1).
+- TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 only. Python's
+  default list still has CBC suites, so the list is explicit. TLS 1.3 suites are all AEAD.
+- No compression (CRIME), no renegotiation, no session tickets, and the client's cipher
+  order is honoured (Mozilla: ``ssl_prefer_server_ciphers off`` when every suite is strong).
+- Key-exchange groups: Python 3.11's ``ssl`` cannot set a group list; OpenSSL 3's default
+  (X25519, P-256, X448, P-521, P-384) is a superset of Mozilla's and is used as is. When
+  the interpreter offers ``set_groups`` it is used.
+- RSA keys under 2048 bits are refused by OpenSSL's security level 2 (Debian's default),
+  which ``server_context`` turns into a clear error.
+
+Client certificates (qmail-tls's relay by certificate): when ``clientca.pem`` exists the
+server asks for a certificate *during* the handshake (TLS 1.3 has no renegotiation). The
+only trust anchors loaded are those of ``clientca.pem``, so a certificate Python reports
+as verified chains to it. A certificate that does not verify fails the handshake — the
+price of the standard library having no verify callback; servers that do not use relay by
+certificate should simply not have ``clientca.pem``.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+GROUPS = ("X25519", "prime256v1", "secp384r1")
+
+_PEM_BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$")
+
+
+class TLSConfigError(Exception):
+    """A certificate or key file cannot be used; the message names the file."""
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_groups = getattr(ctx, "set_groups", None)
+    if set_groups is not None:  # Python 3.15+
+        set_groups(":".join(GROUPS))
+
+
+def _pem_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line number, block type) of each PEM block; TLSConfigError if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TLSConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    blocks = []
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        m = _PEM_BEGIN.match(line)
+        if m:
+            blocks.append((lineno, m.group(1).decode()))
+        elif line.startswith(b"Proc-Type:") and b"ENCRYPTED" in line:
+            blocks.append((lineno, "ENCRYPTED PRIVATE KEY"))
+    return blocks
+
+
+def _check_servercert_layout(path: Path) -> None:
+    """qmail-tls's servercert.pem: private key, then certificate, then chain."""
+    blocks = _pem_blocks(path)
+    keys = [(n, kind) for n, kind in blocks if kind.endswith("PRIVATE KEY")]
+    certs = [n for n, kind in blocks if kind == "CERTIFICATE"]
+    if not keys:
+        raise TLSConfigError(
+            f"{path}: no private key (expected: private key, then certificate, then chain)"
+        )
+    for lineno, kind in keys:
+        if kind.startswith("ENCRYPTED"):
+            raise TLSConfigError(f"{path}:{lineno}: the private key is encrypted; it must not be")
+    if len(keys) > 1:
+        raise TLSConfigError(f"{path}:{keys[1][0]}: more than one private key")
+    if not certs:
+        raise TLSConfigError(f"{path}: no certificate after the private key")
+    if certs[0] < keys[0][0]:
+        raise TLSConfigError(
+            f"{path}:{certs[0]}: certificate before the private key "
+            "(qmail order: private key, then certificate, then chain)"
+        )
+
+
+def _explain(exc: ssl.SSLError) -> str:
+    reason = (exc.reason or "").upper()
+    if "KEY_VALUES_MISMATCH" in reason:
+        return "the private key does not match the certificate"
+    if "KEY_TOO_SMALL" in reason:
+        return "key too small (RSA keys need at least 2048 bits)"
+    if "CA_MD_TOO_WEAK" in reason or "MD_TOO_WEAK" in reason:
+        return "certificate signed with a weak digest"
+    return f"{exc.reason or exc}"
+
+
+def server_context(certfile: Path, clientca: Path | None = None) -> ssl.SSLContext:
+    """Server context from qmail's servercert.pem (+ clientca.pem to ask for client certs)."""
+    _check_servercert_layout(certfile)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    try:
+        ctx.load_cert_chain(certfile=certfile, keyfile=certfile, password=b"")
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"{certfile}: {_explain(exc)}") from exc
+    except OSError as exc:
+        raise TLSConfigError(f"{certfile}: cannot read: {exc.strerror}") from exc
+    if clientca is not None:
+        if not any(kind == "CERTIFICATE" for _, kind in _pem_blocks(clientca)):
+            raise TLSConfigError(f"{clientca}: no CA certificate in it")
+        try:
+            ctx.load_verify_locations(cafile=clientca)
+        except ssl.SSLError as exc:
+            raise TLSConfigError(f"{clientca}: {_explain(exc)}") from exc
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_context(
+    *,
+    verify: bool = True,
+    cafile: str | Path | None = None,
+    capath: str | Path | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    check_hostname: bool | None = None,
+) -> ssl.SSLContext:
+    """Client context with the same protocol floor and suites.
+
+    ``verify=False`` is opportunistic STARTTLS (encrypt, trust nothing); with ``verify``
+    the system store is used unless ``cafile``/``capath`` name the trust anchors.
+    ``certfile`` may hold key and certificate together (qmail's clientcert.pem).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    if verify:
+        if cafile is None and capath is None:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        else:
+            try:
+                ctx.load_verify_locations(cafile=cafile, capath=capath)
+            except (ssl.SSLError, OSError) as exc:
+                raise TLSConfigError(f"{cafile or capath}: cannot load CA: {exc}") from exc
+        ctx.check_hostname = True if check_hostname is None else check_hostname
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if certfile is not None:
+        try:
+            ctx.load_cert_chain(certfile=certfile, keyfile=keyfile or certfile, password=b"")
+        except ssl.SSLError as exc:
+            raise TLSConfigError(f"{certfile}: {_explain(exc)}") from exc
+        except OSError as exc:
+            raise TLSConfigError(f"{certfile}: cannot read: {exc.strerror}") from exc
+    return ctx
+
+
+@dataclass(frozen=True)
+class Session:
+    """What the logs, the Received header and the relay decision need to know."""
+
+    version: str
+    cipher: str
+    bits: int
+    peer_identities: tuple[str, ...] = field(default=())
+
+    def __str__(self) -> str:
+        return f"{self.version}:{self.cipher}:{self.bits}"
+
+
+def cert_identities(peercert: dict[str, Any] | None) -> tuple[str, ...]:
+    """Lower-cased e-mail addresses, CNs and SANs of a verified peer certificate."""
+    if not peercert:
+        return ()
+    found: list[str] = []
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key in ("emailAddress", "commonName"):
+                found.append(str(value).lower())
+    for kind, value in peercert.get("subjectAltName", ()):
+        if kind in ("email", "DNS", "URI"):
+            found.append(str(value).lower())
+    return tuple(dict.fromkeys(found))
+
+
+def describe(sslobj: ssl.SSLObject | ssl.SSLSocket) -> Session:
+    name, version, bits = sslobj.cipher() or ("unknown", "unknown", 0)
+    return Session(
+        version=sslobj.version() or version,
+        cipher=name,
+        bits=int(bits),
+        peer_identities=cert_identities(sslobj.getpeercert()),
+    )
+
+
+def client_cert_relay(session: Session | None, tlsclients: Iterable[str]) -> str | None:
+    """The identity that lets this client relay, or None.
+
+    ``peer_identities`` is only filled from a certificate that verified against
+    clientca.pem (the server context trusts nothing else); it must also be in tlsclients.
+    """
+    if session is None:
+        return None
+    allowed = set(tlsclients)
+    for ident in session.peer_identities:
+        if ident in allowed:
+            return ident
+    return None
