@@ -1,0 +1,337 @@
+#!/usr/bin/python
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pyqmail_tcprules
+short_description: tcprules source file and its compiled cdb (selective relaying)
+description:
+  - Writes the tcprules source file (for example C(/etc/tcp/smtp)) from O(rules) given as
+    data, with a header saying that it is managed, and compiles it to the cdb that
+    C(tcpserver) and C(pyqmail-smtpd) read (C(/etc/tcp/smtp.cdb)), in pure Python.
+    The compiled file is byte for byte what ucspi-tcp's C(tcprules) writes for the same
+    source; the C(tcprules) binary is not needed on the host.
+  - Every rule is checked before anything is written, and a bad one fails the task with its
+    index and text - bad IPv4/IPv6 addresses or prefixes (C(1.2.3) without its dot,
+    leading zeros), bad host names, bad variable names, quotes or control characters in
+    values, unknown actions, two rules for the same address.
+  - Idempotent. Both files are compared with what is asked and only a file that differs is
+    rewritten - a cdb changed or damaged on disk is rewritten even when the source file is
+    unchanged. Writes go to a temporary file in the same directory and are renamed into
+    place (readers never see a partial file), then owner, group and mode are applied to
+    both files; a change of owner, group or mode alone reports C(changed).
+  - pyqmail-smtpd re-reads the cdb on C(SIGHUP) (tcpserver on each connection).
+author:
+  - pyqmail maintainers
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.files
+attributes:
+  check_mode:
+    support: full
+    details: Reports what would change; writes nothing.
+  diff_mode:
+    support: full
+    details: The source file before and after (the cdb is binary and follows the source),
+      plus owner/group/mode changes.
+  platform:
+    platforms: posix
+options:
+  path:
+    description:
+      - The tcprules source file to write. Its directory must exist.
+    type: path
+    default: /etc/tcp/smtp
+  cdb:
+    description:
+      - The compiled rules file. Default O(path) with C(.cdb) appended. Its directory must
+        exist.
+    type: path
+  rules:
+    description:
+      - The rules, in order (the order only matters for the file layout - C(tcpserver) picks
+        the most specific address, see C(man tcprules)).
+      - An empty list writes a file with no rules, so every client is allowed with no
+        extra environment.
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      address:
+        description:
+          - C(1.2.3.4) (one IPv4 address), C(127.) or C(10.1.) (a prefix, ending in a dot),
+            C(192.168.1.10-20) or C(10.2-3.) (a range), C(=mx.example.com) (a host name as
+            reverse DNS gives it), C(=.example.com) (a domain), C(=) (any host with a name),
+            C(joe@1.2.3.4) or C(joe@=host) (ident user), C("") (the default rule).
+          - IPv6 as C(tcpserver) from ucspi-tcp-ipv6 writes it, for example C(::1) or the
+            prefix C(2001:db8:) (lower case, no leading zeros, C(::) for the longest run of
+            zero groups).
+          - A string; quote it in YAML - C(10.) unquoted is the number 10.0 and is refused.
+        type: raw
+        required: true
+      action:
+        description:
+          - V(allow) or V(deny) the connection.
+        type: str
+        required: true
+        choices: [allow, deny]
+      env:
+        description:
+          - Environment variables set for clients matching this rule, for example
+            C(RELAYCLIENT) set to an empty string (may relay), C(SMTPAUTH), C(FORCETLS), C(BARELF),
+            C(DATABYTES), C(MAXRCPT) (see pyqmail-smtpd). Names are letters, digits and
+            C(_); values are strings or integers without double quotes or control
+            characters. The order is kept.
+        type: dict
+        default: {}
+  backup:
+    description:
+      - Keep a timestamped copy of each file before overwriting it.
+    type: bool
+    default: false
+notes:
+  - The source file is what C(tcprules) reads, so C(tcprules /etc/tcp/smtp.cdb
+    /etc/tcp/smtp.tmp < /etc/tcp/smtp) rebuilds the same cdb by hand (IPv6 rules need
+    Debian's ucspi-tcp-ipv6 build of C(tcprules)).
+seealso:
+  - name: tcprules
+    description: The ucspi-tcp rules compiler whose format this module writes.
+    link: https://cr.yp.to/ucspi-tcp/tcprules.html
+"""
+
+EXAMPLES = r"""
+- name: Relay for localhost and the office LAN; everyone else may only deliver here
+  pyqmail_tcprules:
+    path: /etc/tcp/smtp
+    owner: root
+    group: root
+    mode: "0644"
+    rules:
+      - address: "127."
+        action: allow
+        env:
+          RELAYCLIENT: ""
+      - address: "192.168.1."
+        action: allow
+        env:
+          RELAYCLIENT: ""
+          BARELF: "1"
+      - address: "10.9.9.9"
+        action: deny
+      - address: ""
+        action: allow
+        env:
+          SMTPAUTH: "0"
+  notify: Reload pyqmail-smtpd
+"""
+
+RETURN = r"""
+path:
+  description: The source file.
+  returned: always
+  type: str
+  sample: /etc/tcp/smtp
+cdb:
+  description: The compiled file.
+  returned: always
+  type: str
+  sample: /etc/tcp/smtp.cdb
+rules:
+  description: Number of rules.
+  returned: always
+  type: int
+  sample: 4
+keys:
+  description: Number of keys in the cdb (ranges expanded).
+  returned: always
+  type: int
+  sample: 14
+source_changed:
+  description: Whether the source file's content was (or in check mode would be) rewritten.
+  returned: always
+  type: bool
+cdb_changed:
+  description: Whether the cdb's content was (or in check mode would be) rewritten.
+  returned: always
+  type: bool
+backup_file:
+  description: Backup of the previous source file.
+  returned: when O(backup=true) and the source file was rewritten
+  type: str
+cdb_backup_file:
+  description: Backup of the previous cdb.
+  returned: when O(backup=true) and the cdb was rewritten
+  type: str
+"""
+
+import errno
+import os
+import tempfile
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pyqmail_rules import (
+    Rule,
+    RulesError,
+    check_duplicates,
+    compile_rules,
+    format_source,
+    make_rule,
+)
+
+HEADER = """\
+Managed by Ansible (pyqmail_tcprules): local changes will be overwritten.
+tcprules(1) source, compiled to {cdb}; to rebuild by hand:
+  tcprules {cdb} {cdb}.tmp < {path}
+"""
+
+
+def rules_from_params(items: list[dict[str, Any]]) -> list[Rule]:
+    """Validate the ``rules`` option into Rule objects; RulesError names the bad one."""
+    rules = []
+    for index, item in enumerate(items):
+        where = f"rules[{index}]"
+        env: list[tuple[str, str]] = []
+        for name, value in (item.get("env") or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                shown = "null" if value is None else repr(value)
+                raise RulesError(
+                    f"{where} (address {item['address']!r}): env {name} is {shown}; "
+                    f'give a string, for example {name}: "" or {name}: "1"'
+                )
+            env.append((name, str(value)))
+        rules.append(make_rule(item["address"], item["action"], env, where))
+    check_duplicates(rules)
+    return rules
+
+
+def read_if_exists(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+class TcpRules:
+    """Compare the asked rules with both files; write only what differs."""
+
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.path: str = module.params["path"]
+        self.cdb: str = module.params["cdb"] or self.path + ".cdb"
+        self.result: dict[str, Any] = {
+            "changed": False,
+            "path": self.path,
+            "cdb": self.cdb,
+            "source_changed": False,
+            "cdb_changed": False,
+        }
+        self.diffs: list[dict[str, Any]] = []
+
+    def fail(self, msg: str) -> None:
+        self.module.fail_json(msg=msg, **self.result)
+
+    def run(self) -> None:
+        try:
+            rules = rules_from_params(self.module.params["rules"])
+        except RulesError as exc:
+            self.fail(f"bad rule: {exc}")
+            return
+        source = format_source(rules, HEADER.format(path=self.path, cdb=self.cdb)).encode()
+        compiled = compile_rules(rules)
+        self.result["rules"] = len(rules)
+        self.result["keys"] = sum(len(rule.cdb_keys()) for rule in rules)
+        for path in (self.path, self.cdb):
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                self.fail(
+                    f"the directory of {path} does not exist; create {directory} first "
+                    "(ansible.builtin.file with state: directory)"
+                )
+        self.ensure(self.path, source, "source_changed", "backup_file", text=True)
+        self.ensure(self.cdb, compiled, "cdb_changed", "cdb_backup_file", text=False)
+        if self.module._diff:
+            self.result["diff"] = self.diffs
+        self.module.exit_json(**self.result)
+
+    def ensure(self, path: str, content: bytes, flag: str, backup_key: str, *, text: bool) -> None:
+        try:
+            existing = read_if_exists(path)
+        except OSError as exc:
+            self.fail(f"cannot read {path}: {exc.strerror}")
+            return
+        if existing != content:
+            self.result[flag] = True
+            self.result["changed"] = True
+            if text:
+                self.diffs.append(
+                    {
+                        "before": "" if existing is None else existing.decode(errors="replace"),
+                        "after": content.decode(),
+                        "before_header": path if existing is not None else "(absent)",
+                        "after_header": path,
+                    }
+                )
+            if not self.module.check_mode:
+                if self.module.params["backup"] and existing is not None:
+                    self.result[backup_key] = self.module.backup_local(path)
+                self.write(path, content)
+        if os.path.exists(path):
+            args = self.module.load_file_common_arguments(self.module.params, path=path)
+            attr_diff: dict[str, Any] = {"before": {}, "after": {}}
+            if self.module.set_fs_attributes_if_different(args, False, diff=attr_diff):
+                self.result["changed"] = True
+                if attr_diff["before"] or attr_diff["after"]:
+                    self.diffs.append(attr_diff)
+
+    def write(self, path: str, content: bytes) -> None:
+        """Temp file in the target's directory, fsync, atomic rename over the target."""
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        self.module.add_cleanup_file(tmp)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            self.fail(f"cannot write {tmp}: {exc.strerror}")
+        self.module.atomic_move(tmp, path, unsafe_writes=self.module.params["unsafe_writes"])
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "path": {"type": "path", "default": "/etc/tcp/smtp"},
+            "cdb": {"type": "path"},
+            "rules": {
+                "type": "list",
+                "elements": "dict",
+                "required": True,
+                "options": {
+                    "address": {"type": "raw", "required": True},
+                    "action": {"type": "str", "required": True, "choices": ["allow", "deny"]},
+                    "env": {"type": "dict", "default": {}},
+                },
+            },
+            "backup": {"type": "bool", "default": False},
+        },
+        add_file_common_args=True,
+        supports_check_mode=True,
+    )
+    for index, item in enumerate(module.params["rules"]):
+        if not isinstance(item["address"], str):
+            module.fail_json(
+                msg=f"bad rule: rules[{index}]: address {item['address']!r} is not a string; "
+                "quote it in YAML (10. unquoted is the number 10.0)"
+            )
+    TcpRules(module).run()
+
+
+if __name__ == "__main__":
+    main()
