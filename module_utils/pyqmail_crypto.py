@@ -156,7 +156,9 @@ def split_pem(data: bytes) -> list[tuple[str, bytes]]:
     return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
 
 
-def load_certificates(data: bytes, field: str = "cert") -> list[x509.Certificate]:
+def load_certificates(
+    data: bytes, field: str = "cert", *, required: bool = False
+) -> list[x509.Certificate]:
     """Every certificate in ``data`` (cryptography 38 has no load_pem_x509_certificates)."""
     certs = []
     for number, (label, pem) in enumerate(
@@ -168,6 +170,8 @@ def load_certificates(data: bytes, field: str = "cert") -> list[x509.Certificate
             certs.append(x509.load_pem_x509_certificate(pem))
         except ValueError as exc:
             raise CryptoError(f"certificate {number} cannot be read: {exc}", field) from exc
+    if required and not certs:
+        raise CryptoError("contains no PEM certificate (-----BEGIN CERTIFICATE-----)", field)
     return certs
 
 
@@ -743,3 +747,57 @@ def diff_text(summary: CertSummary | dict[str, object] | None) -> str:
             value = ", ".join(str(v) for v in value) or "(none)"
         lines.append(f"{field}: {value}")
     return "\n".join(lines) + "\n"
+
+
+# --- the local CA -----------------------------------------------------------------------------
+
+
+def common_name(cert: x509.Certificate) -> str:
+    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else ""
+
+
+def summarize_ca(cert: x509.Certificate) -> CertSummary:
+    """Like summarize(), with the CA's common name standing in for the names."""
+    summary = summarize(cert)
+    return CertSummary(
+        names=(common_name(cert),),
+        key_type=summary.key_type,
+        purposes=frozenset(),
+        issuer=summary.issuer if is_ca(cert) else "not a CA certificate",
+        not_before=summary.not_before,
+        not_after=summary.not_after,
+        fingerprint=summary.fingerprint,
+        subject=summary.subject,
+    )
+
+
+def ca_needs_regeneration(
+    current: CertSummary | None,
+    name: str,
+    key_type: str,
+    *,
+    now: dt.datetime,
+    renew_before_days: int,
+    force: bool = False,
+    problem: str | None = None,
+) -> tuple[bool, str]:
+    """Whether to make a new CA certificate (see needs_regeneration), and why."""
+    if force:
+        return True, "forced (force: true)"
+    if current is None:
+        return (True, f"existing CA unusable: {problem}") if problem else (True, "missing")
+    if current.key_type != key_type:
+        return True, f"key type changed: {current.key_type} -> {key_type}"
+    if current.issuer != SELF_SIGNED:
+        return True, f"ca.pem is not a self-signed CA certificate ({current.issuer})"
+    if current.names != (name,):
+        return True, f"common_name changed: {current.names[0]!r} -> {name!r}"
+    if current.not_after <= now:
+        return True, f"expired on {iso(current.not_after)}"
+    if current.not_after - now <= dt.timedelta(days=renew_before_days):
+        return True, (
+            f"expires within {renew_before_days} days (renew_before_days): "
+            f"not_after {iso(current.not_after)}"
+        )
+    return False, f"up to date: valid until {iso(current.not_after)}"
