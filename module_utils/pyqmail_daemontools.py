@@ -1,0 +1,311 @@
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""daemontools without AnsibleModule: parse ``svstat``, plan ``svc`` calls, wait, read logs.
+
+Used by ``library/pyqmail_service.py``; kept free of Ansible so it is unit-tested directly.
+Standard library only.
+
+``svstat`` (daemontools 0.76) prints one line per directory, always exit code 0::
+
+    /etc/service/x: up (pid 1234) 56 seconds
+    /etc/service/x: up (pid 1234) 56 seconds, normally down, paused, want down
+    /etc/service/x: down 3 seconds, normally up, want up
+    /etc/service/x: supervise not running
+    /etc/service/x: unable to open supervise/ok: file does not exist
+    /etc/service/x: unable to chdir: file does not exist
+
+The seconds count from supervise's last change of state (start or stop of ``./run``), so a
+service that keeps crashing shows ``up`` with a small, resetting count and a new pid each
+time. ``want up`` / ``want down`` only appear when supervise has not yet reached the state
+it was told to reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "SVC_OPTIONS",
+    "Status",
+    "SvstatError",
+    "WaitResult",
+    "log_tail",
+    "parse_svstat",
+    "parse_svstat_line",
+    "plan_svc",
+    "run_script_output",
+    "wait_for",
+]
+
+# What each svc option does; the module looks options up here, never by attribute name.
+SVC_OPTIONS = {
+    "-u": "start (and restart if it stops)",
+    "-d": "stop (TERM, then CONT)",
+    "-t": "send TERM (supervise restarts it)",
+    "-h": "send HUP",
+    "-c": "send CONT (unpause)",
+    "-x": "make supervise exit once the service is down",
+}
+
+_UP = re.compile(r"up \(pid (?P<pid>[0-9]+)\) (?P<seconds>[0-9]+) seconds(?P<flags>.*)")
+_DOWN = re.compile(r"down (?P<seconds>[0-9]+) seconds(?P<flags>.*)")
+_FLAGS = {"normally up", "normally down", "paused", "want up", "want down"}
+
+
+class SvstatError(ValueError):
+    """svstat printed something this parser does not understand."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """One directory as svstat reports it."""
+
+    path: str
+    supervised: bool
+    up: bool = False
+    pid: int | None = None
+    seconds: int | None = None
+    normally_up: bool | None = None
+    want: str | None = None  # "up" / "down" while supervise has not reached it yet
+    paused: bool = False
+    error: str | None = None  # svstat's words when the directory is not supervised
+    exists: bool = True
+
+    @property
+    def state(self) -> str:
+        """``up``, ``down``, ``unsupervised`` or ``missing``."""
+        if not self.exists:
+            return "missing"
+        if not self.supervised:
+            return "unsupervised"
+        return "up" if self.up else "down"
+
+
+def parse_svstat_line(line: str, path: str | None = None) -> Status:
+    """Parse one svstat line. ``path`` is the argument svstat was given (it may hold ': ')."""
+    line = line.rstrip("\n")
+    if path is not None:
+        prefix = f"{path}: "
+        if not line.startswith(prefix):
+            raise SvstatError(f"svstat line {line!r} does not start with {prefix!r}")
+        rest = line[len(prefix) :]
+    else:
+        path, sep, rest = line.partition(": ")
+        if not sep:
+            raise SvstatError(f"svstat line {line!r} has no 'DIR: ' prefix")
+    if rest == "supervise not running":
+        return Status(path=path, supervised=False, error=rest)
+    if rest.startswith("unable to chdir: "):
+        return Status(path=path, supervised=False, error=rest, exists=False)
+    if rest.startswith("unable to "):
+        # unable to open supervise/ok (no supervise yet), unable to read supervise/status ...
+        return Status(path=path, supervised=False, error=rest)
+    match = _UP.fullmatch(rest) or _DOWN.fullmatch(rest)
+    if match is None:
+        raise SvstatError(f"cannot parse svstat line {line!r}")
+    flags: list[str] = []
+    if match["flags"]:
+        if not match["flags"].startswith(", "):
+            raise SvstatError(f"cannot parse svstat line {line!r}")
+        flags = match["flags"][2:].split(", ")
+    unknown = [f for f in flags if f not in _FLAGS]
+    if unknown:
+        raise SvstatError(f"unknown svstat flag(s) {unknown} in {line!r}")
+    up = match.re is _UP
+    # svstat names the default only when it differs from the current state.
+    normally_up = "normally down" not in flags if up else "normally up" in flags
+    want = "up" if "want up" in flags else "down" if "want down" in flags else None
+    return Status(
+        path=path,
+        supervised=True,
+        up=up,
+        pid=int(match["pid"]) if up else None,
+        seconds=int(match["seconds"]),
+        normally_up=normally_up,
+        want=want,
+        paused="paused" in flags,
+    )
+
+
+def parse_svstat(output: str, paths: Sequence[str]) -> list[Status]:
+    """Parse the output of ``svstat PATH...``: one Status per path, in order."""
+    lines = output.splitlines()
+    if len(lines) != len(paths):
+        raise SvstatError(f"svstat printed {len(lines)} lines for {len(paths)} directories")
+    return [parse_svstat_line(line, path) for line, path in zip(lines, paths, strict=True)]
+
+
+def plan_svc(state: str, status: Status) -> list[str]:
+    """The svc options that take a supervised service from ``status`` to ``state``.
+
+    ``restarted`` and ``reloaded`` act on every call (that is what asking for them means);
+    on a service that is down they start it, as ansible.builtin.service does.
+    """
+    if state == "present":
+        return []
+    if state == "down":
+        return ["-d"] if status.up or status.want == "up" else []
+    if state not in ("up", "restarted", "reloaded"):
+        raise ValueError(f"unknown service state {state!r}")
+    options: list[str] = []
+    if not status.up or status.want == "down":
+        options.append("-u")
+    if status.paused:
+        options.append("-c")
+    if status.up and state == "restarted":
+        options.append("-t")
+    if status.up and state == "reloaded":
+        options.append("-h")
+    return options
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    ok: bool
+    status: Status
+    reason: str
+    pids: tuple[int, ...]  # every pid seen up while waiting, in order
+
+
+def wait_for(
+    read: Callable[[], Status],
+    goal: str,
+    *,
+    stable: float = 0.0,
+    timeout: float,
+    old_pid: int | None = None,
+    interval: float = 0.25,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> WaitResult:
+    """Poll ``read`` until ``goal`` holds or ``timeout`` seconds pass.
+
+    Goals: ``supervised`` (supervise/ok answers: svscan may take 5 s to notice a new
+    link), ``unsupervised`` (supervise exited after ``svc -dx``), ``down``, and ``up``: up
+    with a pid other than ``old_pid`` (the pid before ``svc -t``) whose uptime reached
+    ``stable`` seconds. Uptime is supervise's own count for the current pid, so a service
+    that keeps crashing never reaches it.
+    """
+    if goal not in ("supervised", "unsupervised", "up", "down"):
+        raise ValueError(f"unknown goal {goal!r}")
+    deadline = clock() + timeout
+    pids: list[int] = []
+    while True:
+        status = read()
+        pid = status.pid if status.up else None
+        if pid is not None and pid != old_pid and (not pids or pids[-1] != pid):
+            pids.append(pid)
+        if goal == "unsupervised" and not status.supervised:
+            return WaitResult(True, status, "unsupervised", tuple(pids))
+        if status.supervised:
+            if goal == "supervised":
+                return WaitResult(True, status, "supervised", tuple(pids))
+            if goal == "down" and not status.up:
+                return WaitResult(True, status, "down", tuple(pids))
+            if (
+                goal == "up"
+                and status.up
+                and status.pid != old_pid
+                and (status.seconds or 0) >= stable
+            ):
+                return WaitResult(True, status, "up", tuple(pids))
+        if clock() >= deadline:
+            return WaitResult(
+                False,
+                status,
+                _why(status, goal, stable=stable, timeout=timeout, old_pid=old_pid, pids=pids),
+                tuple(pids),
+            )
+        sleep(interval)
+
+
+def _why(
+    status: Status,
+    goal: str,
+    *,
+    stable: float,
+    timeout: float,
+    old_pid: int | None,
+    pids: list[int],
+) -> str:
+    after = f"after {timeout:g} s"
+    if goal == "unsupervised":
+        return f"{status.path} still supervised ({status.state}) {after} svc -dx"
+    if not status.supervised:
+        return (
+            f"{status.path} is not supervised {after} ({status.error}); "
+            "is svscan running on the service directory?"
+        )
+    if goal == "down":
+        return f"{status.path} still up (pid {status.pid}) {after}; does it ignore TERM?"
+    if status.up and status.pid == old_pid:
+        return (
+            f"{status.path} still runs the old pid {old_pid} {after} svc -t; does it ignore TERM?"
+        )
+    if len(pids) > 1:
+        return (
+            f"{status.path} keeps restarting: {len(pids)} different pids in {timeout:g} s, "
+            f"never up for {stable:g} s"
+        )
+    if status.up:
+        return f"{status.path} up only {status.seconds} s {after}, {stable:g} s required"
+    if pids:
+        return f"{status.path} still down {after}: it started and stopped again"
+    return (
+        f"{status.path} still down {after}: it never stayed up "
+        "(is ./run executable, does it exit at once?)"
+    )
+
+
+def log_tail(service: str, lines: int = 20) -> list[str]:
+    """The last ``lines`` lines multilog wrote for ``service``: ``log/main/current`` first,
+    else the most recently written ``log/*/current``. Empty if there is none."""
+    log = os.path.join(service, "log")
+    candidates = [os.path.join(log, "main", "current")]
+    try:
+        others = sorted(
+            (os.path.join(log, d, "current") for d in os.listdir(log) if d != "main"),
+            key=lambda p: os.stat(p).st_mtime if os.path.exists(p) else 0,
+            reverse=True,
+        )
+    except OSError:
+        others = []
+    for path in candidates + others:
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 65536))
+                data = f.read()
+        except OSError:
+            continue
+        text = data.decode("utf-8", errors="replace").splitlines()
+        if text:
+            return text[-lines:]
+    return []
+
+
+def run_script_output(service: str, timeout: float = 3.0, lines: int = 20) -> list[str]:
+    """Run ``./run`` once in ``service`` (as an admin would by hand) and return the last lines
+    it printed; used only when a failing service has no log to show. The child runs in its
+    own process group, which is killed after ``timeout`` seconds."""
+    proc = subprocess.Popen(
+        ["./run"],
+        cwd=service,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return out.decode("utf-8", errors="replace").splitlines()[-lines:]
