@@ -20,11 +20,16 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import ansible.module_utils
 from ansible.module_utils import basic
 from ansible.module_utils.common.text.converters import to_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "library"))
+# In-process runs import the project's module_utils the way Ansible ships them to a host:
+# as ansible.module_utils.pyqmail_* (AnsiballZ bundles them; here the package path grows).
+if str(REPO / "module_utils") not in ansible.module_utils.__path__:
+    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
 
 
 class AnsibleExitJson(Exception):  # noqa: N818 - the name community.general uses
