@@ -1,0 +1,1 @@
+"""Load benchmarks of pyqmail-smtpd against its peers (Postfix, aiosmtpd); see README.md."""

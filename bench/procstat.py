@@ -1,0 +1,118 @@
+"""Memory (PSS) and CPU time of a server's whole process tree, read from /proc.
+
+PSS (proportional set size) charges each shared page to the processes sharing it in
+equal parts, so summing it over Postfix's master and its dozens of children, or over
+pyqmail's workers, counts every page once. RSS sums would count shared libraries and
+copy-on-write pages once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        kids.extend(int(k) for k in text.split())
+    return kids
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    """Fallback for kernels without /proc/PID/task/TID/children."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+_HAVE_CHILDREN_FILE = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants that are alive now."""
+    find = _children if _HAVE_CHILDREN_FILE else _children_by_scan
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(find(pid))
+    return pids
+
+
+def pss_kib(pid: int) -> int:
+    """PSS of one process in KiB; 0 if it is gone (processes come and go mid-sample)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+def tree_pss_kib(root: int) -> tuple[int, int]:
+    """(summed PSS in KiB, number of processes) of the tree under ``root``."""
+    pids = tree(root)
+    return sum(pss_kib(p) for p in pids), len(pids)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of the tree, including reaped children of its members."""
+    total = 0
+    for pid in tree(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
+            total += sum(int(v) for v in fields[11:15])
+    return total / CLOCK_TICKS
+
+
+class PssSampler:
+    """Samples a tree's summed PSS in a background thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak_kib = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        kib, procs = tree_pss_kib(self.root)
+        if kib > self.peak_kib:
+            self.peak_kib, self.peak_procs = kib, procs
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()

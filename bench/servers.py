@@ -1,0 +1,330 @@
+"""The servers under test, each started privately on 127.0.0.1 and stopped by PID.
+
+- ``PyqmailServer``: pyqmail-smtpd with ``--workers auto`` on a temporary qmail root.
+- ``PostfixServer``: Debian's Postfix as a private instance: its own config, queue and
+  data directories under the benchmark's temporary directory, its master started in the
+  foreground (``master -d``) so its PID is ours. The system Postfix, /etc/postfix and
+  port 25 are never touched (``meta_directory`` points at /etc/postfix read-only, for
+  postfix-files). Accepted mail is put on hold (``check_client_access static:HOLD``):
+  cleanup writes and fsyncs it into the queue exactly as usual, and it then stays there,
+  like pyqmail's queue with no delivery agent running.
+- ``AiosmtpdServer``: ``bench/aiosmtpd_server.py`` (fsync per message).
+
+All three present the same certificate and hold the same connection limit (1100), so
+1,000 idle connections fit in each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.certs import CertFiles
+from bench.procstat import tree
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_CONNECTIONS = 1100
+POSTFIX_MASTER = Path("/usr/lib/postfix/sbin/master")
+POSTFIX_QUEUE_DIRS = (
+    "active",
+    "bounce",
+    "corrupt",
+    "defer",
+    "deferred",
+    "flush",
+    "hold",
+    "incoming",
+    "private",
+    "saved",
+    "trace",
+)
+
+
+class ServerError(Exception):
+    """A server could not be set up, did not come up, or died."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_greeting(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll until the server answers 220 on ``port``; fail early if it exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(
+                f"exited with status {proc.returncode} while starting; log {log}:\n{_tail(log)}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                banner = s.recv(512)
+                s.sendall(b"QUIT\r\n")
+            if banner.startswith(b"220"):
+                return
+            last = banner.decode("ascii", "replace").strip()
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise ServerError(f"no 220 greeting on port {port} after {timeout}s ({last}); log {log}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Server:
+    """Common life cycle: ``start`` (blocks until 220), ``pid``, ``stored``, ``stop``."""
+
+    name = "server"
+
+    def __init__(self, base: Path, certs: CertFiles, port: int | None = None) -> None:
+        self.dir = base / self.name
+        self.certs = certs
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "server.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Create the server's files under ``self.dir``."""
+
+    def stored(self) -> int:
+        """How many messages the server has committed to its queue or spool."""
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ServerError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def start(self, timeout: float = 20) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                start_new_session=True,
+            )
+        try:
+            wait_for_greeting(self.port, self.proc, self.log, timeout)
+        except ServerError as exc:
+            self.stop()
+            raise ServerError(f"{self.name}: {exc}") from None
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise ServerError(
+                f"{self.name} died (status {code}); log {self.log}:\n{_tail(self.log)}"
+            )
+
+    def stop(self, timeout: float = 15) -> None:
+        """TERM the server's main process, wait, then KILL whatever of its tree is left."""
+        if self.proc is None:
+            return
+        pids = tree(self.proc.pid) if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.proc = None
+
+
+class PyqmailServer(Server):
+    name = "pyqmail"
+
+    def __init__(self, base: Path, certs: CertFiles, workers: str = "auto") -> None:
+        super().__init__(base, certs)
+        self.workers = workers
+        self.root = self.dir / "qmail"
+
+    def prepare(self) -> None:
+        from pyqmail.queue import Queue
+
+        control = self.root / "control"
+        control.mkdir(parents=True, exist_ok=True)
+        files = {
+            "me": "mx.bench.test",
+            "rcpthosts": "bench.test",
+            "locals": "bench.test",
+            "maxconn": str(MAX_CONNECTIONS),
+        }
+        for name, text in files.items():
+            (control / name).write_text(text + "\n")
+        shutil.copyfile(self.certs.combined, control / "servercert.pem")
+        (control / "servercert.pem").chmod(0o600)
+        Queue(self.root / "queue").create()
+
+    def command(self) -> list[str]:
+        exe = Path(sys.executable).parent / "pyqmail-smtpd"
+        if not exe.exists():
+            raise ServerError(f"{exe} not found: is pyqmail installed in this virtualenv?")
+        return [
+            str(exe),
+            "--root",
+            str(self.root),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--mode",
+            "smtp",
+            "--workers",
+            self.workers,
+        ]
+
+    def stored(self) -> int:
+        return len(os.listdir(self.root / "queue" / "new"))
+
+
+class PostfixServer(Server):
+    name = "postfix"
+
+    def prepare(self) -> None:
+        if not POSTFIX_MASTER.exists():
+            raise ServerError(f"{POSTFIX_MASTER} not found: install Debian's postfix package")
+        if os.geteuid() != 0:
+            raise ServerError("the private Postfix instance needs root (its master runs as root)")
+        try:
+            owner = pwd.getpwnam("postfix")
+            postdrop = grp.getgrnam("postdrop").gr_gid
+        except KeyError as exc:
+            raise ServerError(f"Postfix's user or group is missing: {exc}") from None
+        self.dir.chmod(0o755)  # the postfix user must reach its queue
+        etc, spool, data = self.dir / "etc", self.dir / "spool", self.dir / "data"
+        for d in (etc, spool, data):
+            d.mkdir(exist_ok=True)
+            d.chmod(0o755)
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+        data.chmod(0o700)
+        for name in POSTFIX_QUEUE_DIRS:
+            (spool / name).mkdir(exist_ok=True)
+            os.chown(spool / name, owner.pw_uid, 0)
+            (spool / name).chmod(0o700)
+        for name, mode in (("maildrop", 0o730), ("public", 0o710)):
+            (spool / name).mkdir(exist_ok=True)
+            os.chown(spool / name, owner.pw_uid, postdrop)
+            (spool / name).chmod(mode)
+        (spool / "pid").mkdir(exist_ok=True)
+        (etc / "main.cf").write_text(self.main_cf(spool, data))
+        (etc / "master.cf").write_text(self.master_cf())
+
+    def main_cf(self, spool: Path, data: Path) -> str:
+        return f"""\
+# Private benchmark instance; nothing here touches the system Postfix.
+compatibility_level = 3.6
+queue_directory = {spool}
+data_directory = {data}
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+daemon_directory = /usr/lib/postfix/sbin
+command_directory = /usr/sbin
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = mx.bench.test
+mydomain = bench.test
+myorigin = bench.test
+mydestination = bench.test
+mynetworks = 127.0.0.0/8
+local_recipient_maps =
+alias_maps =
+alias_database =
+local_transport = discard
+default_transport = discard
+relayhost =
+smtpd_banner = $myhostname ESMTP
+smtpd_peername_lookup = no
+# Keep accepted mail queued (hold queue) instead of delivering it.
+smtpd_data_restrictions = check_client_access static:HOLD
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = {MAX_CONNECTIONS}
+smtpd_tls_security_level = may
+smtpd_tls_chain_files = {self.certs.combined}
+smtpd_tls_loglevel = 0
+tls_random_source = dev:/dev/urandom
+maillog_file = {self.dir / "maillog"}
+maillog_file_prefixes = {self.dir}
+"""
+
+    def master_cf(self) -> str:
+        services = [
+            f"127.0.0.1:{self.port} inet n - n - {MAX_CONNECTIONS} smtpd",
+            "pickup unix n - n 60 1 pickup",
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "tlsmgr unix - - n 1000? 1 tlsmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "flush unix n - n 1000? 0 flush",
+            "proxymap unix - - n - - proxymap",
+            "showq unix n - n - - showq",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+        ]
+        return "\n".join(services) + "\n"
+
+    def command(self) -> list[str]:
+        return [str(POSTFIX_MASTER), "-c", str(self.dir / "etc"), "-d"]
+
+    def stored(self) -> int:
+        spool = self.dir / "spool"
+        return sum(len(os.listdir(spool / q)) for q in ("hold", "incoming", "active"))
+
+
+class AiosmtpdServer(Server):
+    name = "aiosmtpd"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            str(REPO / "bench" / "aiosmtpd_server.py"),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--spool",
+            str(self.dir / "spool"),
+            "--cert",
+            str(self.certs.chain),
+            "--key",
+            str(self.certs.key),
+        ]
+
+    def stored(self) -> int:
+        return len(os.listdir(self.dir / "spool" / "new"))

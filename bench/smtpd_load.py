@@ -1,0 +1,429 @@
+"""Receive-side load benchmark: pyqmail-smtpd against Postfix and aiosmtpd, in one run.
+
+Starts the three servers on 127.0.0.1 high ports (see bench/servers.py), then for each
+round and each workload runs the load generator against each server in turn (A B C,
+then the next workload, ...; the server order rotates each round), so the VM's CPU speed
+swings hit every server alike; the table reports medians over rounds. Then it holds
+1,000 idle connections to each server and reads their memory. See bench/README.md.
+
+    python bench/smtpd_load.py            # default: 3 rounds of 4 s runs, ~4 minutes
+    python bench/smtpd_load.py --quick    # ~30 s smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.certs import CertFiles, make_certs
+from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
+from bench.servers import (
+    AiosmtpdServer,
+    PostfixServer,
+    PyqmailServer,
+    Server,
+    ServerError,
+)
+
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
+SERVER_CLASSES: dict[str, type[Server]] = {
+    "pyqmail": PyqmailServer,
+    "postfix": PostfixServer,
+    "aiosmtpd": AiosmtpdServer,
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    starttls: bool
+    per_session: int
+
+
+WORKLOADS = (
+    Workload("plain 1 msg/session", starttls=False, per_session=1),
+    Workload("plain 10 msg/session", starttls=False, per_session=10),
+    Workload("STARTTLS 1 msg/session", starttls=True, per_session=1),
+    Workload("STARTTLS 10 msg/session", starttls=True, per_session=10),
+)
+
+
+@dataclass
+class Run:
+    """One timed run of one workload against one server."""
+
+    rate: float  # messages per second that got 250 after DATA
+    messages: int
+    errors: int
+    pss_kib: int  # peak summed PSS of the server's tree during the run
+    procs: int  # processes in the tree at that peak
+    server_cpu: float  # CPU seconds the server's tree used
+    gen_cpu: float  # CPU seconds the generator processes used
+    seconds: float
+    samples: list[str] = field(default_factory=list)
+
+
+class GeneratorError(Exception):
+    """A load generator process failed or said something unexpected."""
+
+
+class Generators:
+    """A set of loadgen.py processes driven together through their stdin/stdout."""
+
+    def __init__(self, argv_per_proc: list[list[str]]) -> None:
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(LOADGEN), *argv, "--wait-go"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
+            for argv in argv_per_proc
+        ]
+
+    def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
+        """The next JSON line of every generator, which must be ``event``."""
+        out = []
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            assert proc.stdout is not None
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                self.kill()
+                raise GeneratorError(f"load generator gave no {event!r} within {timeout}s")
+            msg = json.loads(line)
+            if msg.get("event") != event:
+                self.kill()
+                raise GeneratorError(f"load generator said {msg!r}, expected {event!r}")
+            out.append(msg)
+        return out
+
+    def tell(self, word: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(word + "\n")
+            proc.stdin.flush()
+
+    def wait(self) -> None:
+        for proc in self.procs:
+            proc.wait(30)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` sessions over ``parts`` processes, as evenly as possible, no zeros."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_load(
+    server: Server,
+    certs: CertFiles,
+    workload: Workload,
+    *,
+    sessions: int,
+    processes: int,
+    duration: float | None = None,
+    messages: int | None = None,
+) -> Run:
+    """Drive ``workload`` against ``server`` with ``processes`` generators; measure it."""
+    argv_per_proc = []
+    shares = split(sessions, processes)
+    msg_shares = split(messages, len(shares)) if messages is not None else None
+    for i, share in enumerate(shares):
+        argv = ["--port", str(server.port), "--sessions", str(share)]
+        argv += ["--per-session", str(workload.per_session)]
+        if workload.starttls:
+            argv += ["--starttls", "--cafile", str(certs.ca)]
+        if msg_shares is not None:
+            argv += ["--messages", str(msg_shares[i])]
+        else:
+            argv += ["--duration", str(duration)]
+        argv_per_proc.append(argv)
+    gens = Generators(argv_per_proc)
+    try:
+        gens.expect("ready", timeout=30)
+        cpu0 = tree_cpu_seconds(server.pid)
+        with PssSampler(server.pid) as pss:
+            gens.tell("go")
+            limit = (duration or 0) + 60 + (messages or 0) / 10
+            results = gens.expect("result", timeout=limit)
+        server_cpu = tree_cpu_seconds(server.pid) - cpu0
+        gens.wait()
+    finally:
+        gens.kill()
+    server.check_alive()
+    seconds = max(float(r["elapsed"]) for r in results)
+    count = sum(int(r["messages"]) for r in results)
+    samples = [s for r in results for s in r["error_samples"]]
+    return Run(
+        rate=count / seconds if seconds > 0 else 0.0,
+        messages=count,
+        errors=sum(int(r["errors"]) for r in results),
+        pss_kib=pss.peak_kib,
+        procs=pss.peak_procs,
+        server_cpu=server_cpu,
+        gen_cpu=sum(float(r["cpu"]) for r in results),
+        seconds=seconds,
+        samples=samples,
+    )
+
+
+def measure_idle(server: Server, connections: int, processes: int) -> tuple[int, int, int]:
+    """Hold ``connections`` idle sessions (after EHLO); (peak PSS KiB, processes, held)."""
+    argv_per_proc = [
+        ["--port", str(server.port), "--idle", str(n)] for n in split(connections, processes)
+    ]
+    gens = Generators(argv_per_proc)
+    try:
+        gens.expect("ready", timeout=30)
+        gens.tell("go")
+        held = gens.expect("holding", timeout=120)
+        time.sleep(1.0)  # let the server settle (lazy allocations, forks finishing)
+        peak, procs = 0, 0
+        for _ in range(4):
+            kib, n = tree_pss_kib(server.pid)
+            if kib > peak:
+                peak, procs = kib, n
+            time.sleep(0.25)
+        gens.tell("release")
+        gens.expect("result", timeout=30)
+        gens.wait()
+    finally:
+        gens.kill()
+    server.check_alive()
+    return peak, procs, sum(int(h["connections"]) for h in held)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 and a == a and b == b else "n/a"  # noqa: PLR0124 (NaN check)
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:.1f}" if kib == kib else "n/a"  # noqa: PLR0124 (NaN check)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per run (default 4)")
+    p.add_argument("--sessions", type=int, default=20, help="parallel sessions (default 20)")
+    p.add_argument("--generators", type=int, default=2, help="generator processes (default 2)")
+    p.add_argument("--idle", type=int, default=1000, help="idle connections (default 1000)")
+    p.add_argument("--workers", default="auto", help="pyqmail-smtpd --workers (default auto)")
+    p.add_argument(
+        "--servers",
+        default="pyqmail,postfix,aiosmtpd",
+        help="comma-separated subset of pyqmail,postfix,aiosmtpd",
+    )
+    p.add_argument("--warmup", type=int, default=100, help="untimed messages per server first")
+    p.add_argument("--quick", action="store_true", help="~30 s smoke run: 1 round of 1 s runs")
+    p.add_argument("--tmpdir", type=Path, help="where the queues go (default: system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", type=Path, help="also write every run's figures here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 1.0, 40
+        args.idle = min(args.idle, 300)
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVER_CLASSES]
+    if unknown or not names:
+        p.error(f"--servers: unknown {unknown or 'empty list'}; choose from {list(SERVER_CLASSES)}")
+    args.server_names = names
+    for name in ("rounds", "sessions", "generators"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    if args.idle < 0:
+        p.error("--idle must be 0 (skip) or more")
+    return args
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench.", dir=args.tmpdir))
+    base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue under it
+    certs = make_certs(base / "tls")
+    servers: list[Server] = []
+    runs: dict[tuple[str, str], list[Run]] = {}
+    failed = False
+    print(f"# pyqmail receive benchmark; {os.cpu_count()} CPUs, load average {load_avg()}")
+    print(
+        f"# temp dir {base}; {args.rounds} round(s) x {len(WORKLOADS)} workloads x "
+        f"{args.duration:g} s; {args.sessions} sessions from {args.generators} generator "
+        f"processes; 4 KiB messages"
+    )
+    try:
+        for name in args.server_names:
+            cls = SERVER_CLASSES[name]
+            server = (
+                PyqmailServer(base, certs, workers=args.workers)
+                if cls is PyqmailServer
+                else cls(base, certs)
+            )
+            server.start()
+            servers.append(server)
+            print(f"# started {name} on 127.0.0.1:{server.port} (pid {server.pid})", flush=True)
+        for server in servers:  # warm up: spawn workers/processes, fill caches
+            for workload in (WORKLOADS[0], WORKLOADS[2]):
+                run_load(
+                    server,
+                    certs,
+                    workload,
+                    sessions=args.sessions,
+                    processes=args.generators,
+                    messages=100,
+                )
+        for rnd in range(args.rounds):
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+            for workload in WORKLOADS:
+                for server in order:
+                    run = run_load(
+                        server,
+                        certs,
+                        workload,
+                        sessions=args.sessions,
+                        processes=args.generators,
+                        duration=args.duration,
+                    )
+                    runs.setdefault((workload.name, server.name), []).append(run)
+                    flag = f"  ERRORS {run.errors}: {run.samples[:2]}" if run.errors else ""
+                    failed |= bool(run.errors)
+                    print(
+                        f"# round {rnd + 1} {workload.name:<24} {server.name:<8} "
+                        f"{run.rate:7.1f} msg/s  PSS {mib(run.pss_kib):>6} MiB "
+                        f"({run.procs} procs)  server CPU {run.server_cpu:5.2f}s  "
+                        f"generator CPU {run.gen_cpu:5.2f}s{flag}",
+                        flush=True,
+                    )
+        idle: dict[str, tuple[int, int, int]] = {}
+        if args.idle:
+            for server in servers:
+                idle[server.name] = measure_idle(server, args.idle, args.generators)
+                kib, procs, held = idle[server.name]
+                print(
+                    f"# idle {server.name:<8} {held} connections held: PSS {mib(kib)} MiB "
+                    f"({procs} procs)",
+                    flush=True,
+                )
+                failed |= held != args.idle
+        for server in servers:
+            print(f"# {server.name} queued {server.stored()} messages in all")
+    except (ServerError, subprocess.SubprocessError, OSError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for server in servers:
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print_table(args, [s.name for s in servers], runs, idle)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {f"{w} | {s}": [r.__dict__ for r in rs] for (w, s), rs in runs.items()}
+                | {f"idle | {s}": list(v) for s, v in idle.items()},
+                indent=1,
+            )
+        )
+    return 1 if failed else 0
+
+
+def print_table(
+    args: argparse.Namespace,
+    names: list[str],
+    runs: dict[tuple[str, str], list[Run]],
+    idle: dict[str, tuple[int, int, int]],
+) -> None:
+    def med(workload: str, server: str, attr: str) -> float:
+        return median([getattr(r, attr) for r in runs.get((workload, server), [])])
+
+    def cpu_ms(workload: str, server: str) -> float:
+        rs = runs.get((workload, server), [])
+        return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
+
+    peers = [n for n in ("postfix", "aiosmtpd") if n in names and "pyqmail" in names]
+    print()
+    print(f"medians of {args.rounds} round(s); msg/s = messages that got 250 after DATA")
+    head = f"{'workload':<32}" + "".join(f"{n + ' msg/s':>16}" for n in names)
+    head += "".join(f"{'py/' + p[:2]:>8}" for p in peers)
+    head += "".join(f"{n[:7] + ' ms CPU/msg':>19}" for n in names)
+    print(head)
+    ratios_pf: list[float] = []
+    for w in WORKLOADS:
+        line = f"{w.name:<32}" + "".join(f"{med(w.name, n, 'rate'):16.1f}" for n in names)
+        for p in peers:
+            a, b = med(w.name, "pyqmail", "rate"), med(w.name, p, "rate")
+            line += f"{ratio(a, b):>8}"
+            if p == "postfix" and b > 0:
+                ratios_pf.append(a / b)
+        line += "".join(f"{cpu_ms(w.name, n):19.2f}" for n in names)
+        print(line)
+    print()
+    print(
+        f"{'memory (PSS, MiB)':<32}"
+        + "".join(f"{n:>16}" for n in names)
+        + "".join(f"{'py/' + p[:2]:>8}" for p in peers)
+    )
+    for w in WORKLOADS:
+        line = f"{'during ' + w.name:<32}"
+        line += "".join(f"{mib(med(w.name, n, 'pss_kib')):>16}" for n in names)
+        for p in peers:
+            line += f"{ratio(med(w.name, 'pyqmail', 'pss_kib'), med(w.name, p, 'pss_kib')):>8}"
+        print(line)
+    peak = {
+        n: max((r.pss_kib for (_, s), rs in runs.items() if s == n for r in rs), default=0)
+        for n in names
+    }
+    line = f"{'peak over all runs':<32}" + "".join(f"{mib(peak[n]):>16}" for n in names)
+    line += "".join(f"{ratio(peak['pyqmail'], peak[p]):>8}" for p in peers)
+    print(line)
+    if idle:
+        line = f"{f'{args.idle} idle connections':<32}"
+        line += "".join(f"{mib(idle[n][0]) if n in idle else 'n/a':>16}" for n in names)
+        line += "".join(
+            f"{ratio(idle['pyqmail'][0], idle[p][0]) if 'pyqmail' in idle else 'n/a':>8}"
+            for p in peers
+        )
+        print(line)
+    print()
+    if "postfix" in peers and len(ratios_pf) == len(WORKLOADS):
+        print(f"min ratio vs postfix: {min(ratios_pf):.2f}")
+    else:
+        print("min ratio vs postfix: n/a (needs both pyqmail and postfix)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
