@@ -1,0 +1,195 @@
+"""What the sans-I/O SMTP core (``pyqmail.protocol``) takes in and gives out.
+
+``Policy`` is everything the server layer knows about one connection before the first byte
+(control files, the tcprules environment, the listener mode). ``TLSInfo`` describes a
+finished handshake. The event classes are what ``SMTPConnection`` methods return; the
+server acts on them in order (see ``pyqmail.protocol`` for the contract of each).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+#: SASL mechanisms the core implements.
+KNOWN_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
+
+
+def _no_domain(_domain: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """A completed TLS handshake, for the Received header, the log and relay rights.
+
+    ``client_cert_relay`` is True only when the client presented a certificate that
+    chains to ``control/clientca.pem`` and whose address is listed in ``tlsclients``:
+    the server verifies that; the core only honours it for the relay decision.
+    """
+
+    version: str
+    cipher: str
+    bits: int | None = None
+    client_cert_relay: bool = False
+    peer: str | None = None
+
+    def describe(self) -> str:
+        """``TLSv1.3 TLS_AES_256_GCM_SHA384 (256 bits)``: for headers and log lines."""
+        text = f"{self.version} {self.cipher}"
+        return f"{text} ({self.bits} bits)" if self.bits else text
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-connection settings the core enforces.
+
+    Limits (documented choices):
+
+    - ``max_line`` bounds one command line or AUTH continuation line including CRLF.
+      RFC 5321 asks for 512 for commands; its extensions (SIZE, BODY, AUTH=, SMTPUTF8)
+      and RFC 4954 AUTH PLAIN initial responses need more, so 4096 by default
+      (a 255-byte user name and a ~2.8 KiB password fit). Longer: ``500 5.5.2``.
+    - Message lines have no length limit of their own (like Postfix and qmail, which
+      accept and store long body lines); ``databytes`` bounds the whole message.
+    - ``maxrcpt``: 0 means "no configured limit", but ``hard_max_recipients`` always
+      applies so memory stays bounded (RFC 5321 asks servers to take at least 100).
+    - ``max_pending`` bounds input buffered while the core waits for the server
+      (AUTH check, queue commit, handshake) and before the greeting.
+    """
+
+    hostname: str
+    greeting: str
+    client_ip: str
+    client_host: str | None = None
+    tls_active: bool = False
+    tls_info: TLSInfo | None = None
+    starttls_available: bool = False
+    auth_mechanisms: tuple[str, ...] = ()
+    force_tls: bool = False
+    auth_required: bool = False
+    relay_client: bool = False
+    bare_lf: bool = False
+    databytes: int = 0
+    maxrcpt: int = 0
+    rcpthosts: Callable[[str], bool] = _no_domain
+    validrcptto: Callable[[str], bool] | None = None
+    max_line: int = 4096
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    max_pending: int = 256 * 1024
+    hard_max_recipients: int = 1000
+    reject_unauth_pipelining: bool = True
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        for name in ("hostname", "greeting", "client_ip"):
+            value = getattr(self, name)
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"Policy.{name} contains CR, LF or NUL: {value!r}")
+        if not self.hostname or any(c.isspace() for c in self.hostname):
+            raise ValueError(f"Policy.hostname must be one non-empty word: {self.hostname!r}")
+        unknown = set(self.auth_mechanisms) - KNOWN_MECHANISMS
+        if unknown:
+            raise ValueError(
+                f"Policy.auth_mechanisms has unknown mechanisms {sorted(unknown)};"
+                f" known: {sorted(KNOWN_MECHANISMS)}"
+            )
+        if len(set(self.auth_mechanisms)) != len(self.auth_mechanisms):
+            raise ValueError(f"Policy.auth_mechanisms repeats a name: {self.auth_mechanisms}")
+        for name in ("databytes", "maxrcpt"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_line < 512:
+            raise ValueError(f"Policy.max_line must be >= 512 (RFC 5321), got {self.max_line}")
+        for name in ("max_errors", "max_auth_failures", "hard_max_recipients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Policy.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_pending < self.max_line:
+            raise ValueError("Policy.max_pending must be at least Policy.max_line")
+
+
+@dataclass(frozen=True)
+class Send:
+    """Bytes to write to the client (complete reply lines, CRLF-terminated)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Write every ``Send`` before this one, then run the server side of the handshake
+    and call ``tls_started`` (or close the connection if it fails). The core has already
+    discarded any plaintext received after the STARTTLS line (CVE-2011-0411) and keeps
+    discarding input until ``tls_started``."""
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """Verify credentials (off the event loop) and answer with ``auth_result``.
+
+    PLAIN/LOGIN: ``username`` + ``password``. CRAM-MD5: ``username`` + ``challenge``
+    (the exact challenge string the core sent) + ``response`` (lowercase hex HMAC-MD5
+    the client computed). The password is kept out of ``repr`` so it never reaches a log.
+    """
+
+    mechanism: str
+    username: str
+    password: str | None = field(default=None, repr=False)
+    challenge: str | None = None
+    response: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class MessageStart:
+    """A message begins: open a queue writer. ``MessageData`` chunks follow.
+
+    ``params`` are the accepted MAIL FROM ESMTP parameters (``SIZE``, ``BODY``,
+    ``SMTPUTF8`` with value ``""``, ``AUTH``). ``protocol`` is the RFC 3848 / 6531 "with"
+    keyword (``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPSA``, ``UTF8SMTPS``...).
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    params: Mapping[str, str]
+    helo: str
+    auth_user: str | None
+    tls: TLSInfo | None
+    protocol: str
+
+
+@dataclass(frozen=True)
+class MessageData:
+    """Message bytes to append: CRLF line ends, dot-unstuffed, no end marker.
+
+    The first chunk of every message is the Received header the core built."""
+
+    chunk: bytes
+
+
+@dataclass(frozen=True)
+class MessageEnd:
+    """The client sent ``<CRLF>.<CRLF>``: commit durably, then call ``message_queued``
+    (or ``message_failed``). ``size`` is the total of the ``MessageData`` chunks."""
+
+    size: int
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class MessageAbort:
+    """Discard the message in progress (nothing was acknowledged). The core answers the
+    client itself (552 after reading to the end for oversize, 550 + close for bare LF/CR)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Write every ``Send`` before this one, then close the connection."""
+
+
+Event = (
+    Send | StartTLS | AuthRequest | MessageStart | MessageData | MessageEnd | MessageAbort | Close
+)
