@@ -47,12 +47,9 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyqmail import tls
-
-if TYPE_CHECKING:
-    from pyqmail.authdb import AuthDB
+from pyqmail.authdb import AuthDB, AuthDBError
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _INT_MAX = 2**63 - 1
@@ -281,8 +278,6 @@ def load(root: str | Path) -> Config:
     authdb = None
     users_path = control / "smtpusers"
     if users_path.exists():
-        from pyqmail.authdb import AuthDB, AuthDBError  # noqa: PLC0415 - optional feature
-
         try:
             authdb = AuthDB.load(str(users_path))
         except AuthDBError as exc:

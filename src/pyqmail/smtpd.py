@@ -1,0 +1,1011 @@
+"""pyqmail-smtpd: the SMTP listener around the sans-I/O core in ``pyqmail.protocol``.
+
+One program, three listener modes (one supervised service each, as in the qmail guides):
+
+- ``smtp``: port-25 style. STARTTLS offered when ``control/servercert.pem`` exists, AUTH
+  off unless the client's rule sets ``SMTPAUTH=1``; relaying only with ``RELAYCLIENT`` or a
+  client certificate that chains to ``clientca.pem`` and is listed in ``tlsclients``.
+- ``smtps``: implicit TLS (port 465), AUTH on unless ``SMTPAUTH=0``.
+- ``submission``: port 587, STARTTLS required before AUTH/MAIL (``FORCETLS=0`` lifts it)
+  and AUTH required unless the client has ``RELAYCLIENT``.
+
+Process model. The parent binds one ``SO_REUSEPORT`` socket per worker (as root if the
+port needs it), drops to ``--user`` (initgroups, setgid, setuid), reads the configuration
+and only then forks the workers: nothing ever reads a client byte as root. The kernel
+spreads connections over the workers' sockets; each worker runs one asyncio loop. The
+parent keeps every socket open, so a crashed worker's pending connections wait for its
+replacement rather than being reset. The parent forwards TERM and HUP; with
+``--workers 1`` the single process serves directly.
+
+Per-client policy comes from the tcprules cdb exactly as tcpserver applies it: a ``deny``
+rule closes the connection at once (logged), ``allow`` passes the rule's environment
+(RELAYCLIENT, SMTPAUTH, FORCETLS, BARELF, DATABYTES, MAXRCPT). The cdb is re-read when its
+file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
+
+Limits: ``maxconn`` per listener and ``maxconnip`` per client address are counted across
+workers in a shared anonymous mapping where each worker writes only its own row (no lock;
+two workers accepting the same address in the same instant may overshoot by one). Over a
+limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
+chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
+a handshake within ``timeouttls``. A client that stops reading our replies stops being
+read and then times out; closing sockets that cannot flush are aborted.
+
+Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
+tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
+for new connections; sessions in progress keep the configuration they started with. A
+bad new configuration is logged and the old one stays in force.
+
+Logs go to stdout (multilog), one line per event, ``key=value``: ``msg`` per accepted
+message (queue id, Message-ID, sender, recipients, size, TLS, AUTH user, client), ``conn``
+per finished connection, ``deny``/``refuse`` per refused one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import mmap
+import os
+import pwd
+import resource
+import signal
+import socket
+import ssl
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pyqmail import config as configmod
+from pyqmail import tls
+from pyqmail.authdb import AuthDB
+from pyqmail.protocol import SMTPConnection
+from pyqmail.protocol_events import (
+    AuthRequest,
+    Close,
+    Event,
+    MessageAbort,
+    MessageData,
+    MessageEnd,
+    MessageStart,
+    Policy,
+    Send,
+    StartTLS,
+    TLSInfo,
+)
+from pyqmail.queue import Queue, QueueError, QueueWriter
+from pyqmail.rules import Decision, Rules, RulesError
+
+MODES = ("smtp", "smtps", "submission")
+AUTH_FAIL_DELAY = 1.0  # seconds before a failed AUTH is answered (slows guessing)
+CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
+BUCKETS = 4096
+
+
+class UsageError(Exception):
+    """Bad command line or start-up condition; main() prints it and exits 111."""
+
+
+# --- logging -----------------------------------------------------------------------------
+
+
+def _clean(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable() and " " not in text and text:
+        return text
+    out = []
+    for c in text:
+        if c == " ":
+            out.append("\\x20")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+    return "".join(out) or '""'
+
+
+def log(event: str, **fields: object) -> None:
+    """One line to stdout in a single write (atomic on a pipe up to PIPE_BUF)."""
+    parts = [f"pid={os.getpid()}", event]
+    parts.extend(f"{key}={_clean(value)}" for key, value in fields.items() if value is not None)
+    line = " ".join(parts)
+    if len(line) > 4000:
+        line = line[:3990] + "...(cut)"
+    with contextlib.suppress(BrokenPipeError, BlockingIOError):
+        os.write(1, line.encode("utf-8", "backslashreplace") + b"\n")
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    root: Path
+    host: str
+    port: int
+    mode: str
+    rules: Path | None
+    user: str | None
+    workers: int
+
+
+def parse_listen(text: str, allow_wildcard: bool) -> tuple[str, int]:
+    """``IP:PORT`` or ``[IPv6]:PORT``; a wildcard address only when explicitly allowed."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen {text!r}: expected IP:PORT (IPv6: [ADDR]:PORT)")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"--listen {text!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {text!r}: port must be a number 0-65535")
+    if ip.is_unspecified and not allow_wildcard:
+        raise UsageError(
+            f"--listen {text!r}: refusing to listen on every address "
+            "(name the host's IP, or pass --allow-wildcard)"
+        )
+    return str(ip), int(port_text)
+
+
+def parse_workers(text: str) -> int:
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise UsageError(f"--workers {text!r}: expected 'auto' or a number from 1 to 256")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
+    )
+    parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
+    parser.add_argument("--listen", required=True, help="IP:PORT to listen on")
+    parser.add_argument("--mode", choices=MODES, default="smtp", help="listener mode")
+    parser.add_argument("--rules", help="tcprules cdb with per-client policy")
+    parser.add_argument("--user", help="unprivileged user to run as (required when root)")
+    parser.add_argument("--workers", default="auto", help="'auto' (one per core) or N")
+    parser.add_argument(
+        "--allow-wildcard", action="store_true", help="permit listening on 0.0.0.0 or ::"
+    )
+    ns = parser.parse_args(argv)
+    host, port = parse_listen(ns.listen, ns.allow_wildcard)
+    return Options(
+        root=Path(ns.root),
+        host=host,
+        port=port,
+        mode=ns.mode,
+        rules=Path(ns.rules) if ns.rules else None,
+        user=ns.user,
+        workers=parse_workers(ns.workers),
+    )
+
+
+# --- start-up ----------------------------------------------------------------------------
+
+
+def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one address, joined with SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others join the one we got
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return socks
+
+
+def drop_privileges(user: str | None) -> None:
+    """As root: become ``user`` (its groups too) for good. Otherwise: stay as we are."""
+    if os.geteuid() != 0:
+        if user is not None:
+            try:
+                wanted = pwd.getpwnam(user).pw_uid
+            except KeyError:
+                raise UsageError(f"--user {user!r}: no such user") from None
+            if wanted != os.geteuid():
+                raise UsageError(f"--user {user!r}: only root can switch users")
+        return
+    if user is None:
+        raise UsageError("refusing to serve as root: pass --user (e.g. --user pyqmaild)")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--user {user!r}: no such user") from None
+    if pw.pw_uid == 0:
+        raise UsageError(f"--user {user!r} is root; name an unprivileged user")
+    os.setgroups([])
+    os.initgroups(user, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise UsageError("privileges could not be dropped (setuid(0) still works)")
+
+
+def raise_fd_limit() -> None:
+    """Idle connections are cheap; running out of descriptors is not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
+
+
+def check_startup(cfg: configmod.Config, mode: str) -> None:
+    """Refuse modes that cannot work with this configuration; warn about odd ones."""
+    if mode in ("smtps", "submission") and cfg.server_tls is None:
+        raise configmod.ConfigError(
+            f"{cfg.control / 'servercert.pem'}: missing, and --mode {mode} needs TLS"
+        )
+    try:
+        Queue(cfg.queue_dir).check()
+    except QueueError as exc:
+        raise configmod.ConfigError(str(exc)) from exc
+    if mode == "smtp" and cfg.server_tls is None:
+        log("warning", text="no control/servercert.pem: STARTTLS not offered")
+    if mode != "smtp" and cfg.authdb is None:
+        log("warning", text="no control/smtpusers: AUTH not offered")
+    if not cfg.rcpthosts:
+        log("warning", text="control/rcpthosts empty or missing: only relay clients may send")
+
+
+# --- shared state across workers ---------------------------------------------------------
+
+
+class ConnCounter:
+    """Connections per listener and per client address, summed over worker rows."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._row = BUCKETS + 1  # the last cell of a row is the worker's total
+        self._mm = mmap.mmap(-1, 4 * slots * self._row)  # anonymous + shared across fork
+        self._cells = memoryview(self._mm).cast("i")
+        self.slot = 0
+
+    @staticmethod
+    def bucket(ip: str) -> int:
+        return zlib.crc32(ip.encode()) % BUCKETS
+
+    def total(self) -> int:
+        return sum(self._cells[s * self._row + BUCKETS] for s in range(self.slots))
+
+    def per_ip(self, bucket: int) -> int:
+        return sum(self._cells[s * self._row + bucket] for s in range(self.slots))
+
+    def add(self, bucket: int, delta: int) -> None:
+        base = self.slot * self._row
+        self._cells[base + bucket] += delta
+        self._cells[base + BUCKETS] += delta
+
+    def reset(self, slot: int) -> None:
+        """A worker died: its connections died with it."""
+        base = slot * self._row
+        for i in range(self._row):
+            self._cells[base + i] = 0
+
+
+class RulesCache:
+    """The rules cdb, re-read when the file changes (tcpserver reads it per connection)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._rules: Rules | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        if path is not None:
+            self._rules, self._stamp = self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[Rules, tuple[int, int, int]]:
+        try:
+            st = path.stat()
+            return Rules.load(path), (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise configmod.ConfigError(f"{path}: cannot read rules: {exc.strerror}") from exc
+        except RulesError as exc:
+            raise configmod.ConfigError(f"{path}: {exc}") from exc
+
+    def refresh(self) -> None:
+        """Re-read if changed; a broken new file keeps the old rules (and is logged)."""
+        if self.path is None:
+            return
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            log("warning", text=f"{self.path}: {exc.strerror}; keeping the loaded rules")
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == self._stamp:
+            return
+        try:
+            self._rules, self._stamp = self._read(self.path)
+        except configmod.ConfigError as exc:
+            self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # log once per change
+            log("warning", text=f"{exc}; keeping the loaded rules")
+
+    def lookup(self, ip: str) -> Decision:
+        self.refresh()
+        if self._rules is None:
+            return Decision(True, {}, None)
+        return self._rules.lookup(ip)
+
+
+# --- per-connection policy ---------------------------------------------------------------
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    value = env.get(name)
+    return None if value is None else value.strip() == "1"
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, ip: str) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    if value.strip().isdigit():
+        return int(value.strip())
+    log("warning", ip=ip, text=f"rule sets {name}={value!r}, not a number; using {default}")
+    return default
+
+
+def auth_mechanisms(cfg: configmod.Config) -> tuple[str, ...]:
+    if cfg.authdb is None:
+        return ()
+    cram = any(user.cram for user in cfg.authdb)
+    return ("PLAIN", "LOGIN", "CRAM-MD5") if cram else ("PLAIN", "LOGIN")
+
+
+def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, str]) -> Policy:
+    """The listener mode and the client's rule environment, as the core's Policy."""
+    relay = "RELAYCLIENT" in env
+    smtpauth = _env_flag(env, "SMTPAUTH")
+    forcetls = _env_flag(env, "FORCETLS")
+    if mode == "smtp":
+        auth_on = smtpauth is True
+        force_tls = forcetls is True
+    else:
+        auth_on = smtpauth is not False
+        force_tls = mode == "submission" and forcetls is not False
+    return Policy(
+        hostname=cfg.me,
+        greeting=cfg.greeting,
+        client_ip=ip,
+        tls_active=mode == "smtps",
+        starttls_available=mode != "smtps" and cfg.server_tls is not None,
+        auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),
+        force_tls=force_tls and cfg.server_tls is not None,
+        auth_required=mode == "submission" and not relay,
+        relay_client=relay,
+        bare_lf=_env_flag(env, "BARELF") is True,
+        databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
+        maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
+        rcpthosts=cfg.rcpthost,
+        validrcptto=cfg.valid_recipient(),
+    )
+
+
+def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
+    """Runs in a thread: scrypt is slow on purpose."""
+    if db is None or not req.username:
+        return False
+    if req.mechanism == "CRAM-MD5":
+        secret = db.cram_secret(req.username)
+        key = (secret if secret is not None else "unknown user").encode()
+        expected = hmac.new(key, (req.challenge or "").encode(), hashlib.md5).hexdigest()
+        return secret is not None and hmac.compare_digest(expected, (req.response or "").lower())
+    return db.verify(req.username, req.password or "")
+
+
+# --- one connection ----------------------------------------------------------------------
+
+
+class Session(asyncio.Protocol):
+    """Glue between one socket and one SMTPConnection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.cfg = server.cfg  # the configuration this session started with
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: SMTPConnection | None = None
+        self.policy: Policy | None = None
+        self.ip = "?"
+        self.port = 0
+        self.paused: set[str] = set()
+        self.tls_info: TLSInfo | None = None
+        self.tls_buffer: list[bytes] | None = None
+        self.auth_user: str | None = None
+        self.writer: QueueWriter | None = None
+        self.queue_error: str | None = None
+        self.message: MessageStart | None = None
+        self.bucket: int | None = None
+        self.closed = False
+        self.closing = False
+        self.messages = 0
+        self.started = time.monotonic()
+        self.deadline = 0.0
+        self.data_deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - stream server
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.ip, self.port = str(peer[0]), int(peer[1])
+        decision = self.server.rules.lookup(self.ip)
+        if not decision.allow:
+            log("deny", ip=self.ip, port=self.port, rule=decision.key)
+            self.closed = True
+            transport.close()
+            return
+        counter, cfg = self.server.counter, self.cfg
+        bucket = counter.bucket(self.ip)
+        reason = None
+        if counter.total() >= cfg.maxconn:
+            reason = f"maxconn={cfg.maxconn}"
+        elif counter.per_ip(bucket) >= cfg.maxconnip:
+            reason = f"maxconnip={cfg.maxconnip}"
+        if reason is not None:
+            log("refuse", ip=self.ip, port=self.port, reason=reason)
+            self.closed = True
+            if self.server.mode != "smtps":
+                transport.write(b"421 4.7.0 " + cfg.me.encode() + b" too many connections\r\n")
+            transport.close()
+            return
+        counter.add(bucket, 1)
+        self.bucket = bucket
+        self.server.sessions.add(self)
+        self.policy = build_policy(cfg, self.server.mode, self.ip, decision.env)
+        self.touch()
+        self.timer = self.loop.call_at(self.deadline, self.on_timer)
+        if self.server.mode == "smtps":
+            self.begin_tls(implicit=True)
+        else:
+            self.conn = SMTPConnection(self.policy)
+            self.handle(self.conn.start())
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.closing:
+            return
+        if self.tls_buffer is not None:  # TLS data that raced our handshake continuation
+            self.tls_buffer.append(data)
+            return
+        if self.conn is None:
+            return
+        events = self.conn.receive(data)
+        if events:
+            self.touch()
+            self.handle(events)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.bucket is None:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.conn is not None:
+            self.conn.connection_lost()
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.server.counter.add(self.bucket, -1)
+        self.bucket = None
+        log(
+            "conn",
+            ip=self.ip,
+            port=self.port,
+            secs=f"{time.monotonic() - self.started:.3f}",
+            msgs=self.messages,
+            tls=self._tls_text(),
+            auth=self.auth_user,
+            error=str(exc) if exc else None,
+        )
+        self.server.session_done(self)
+
+    def pause_writing(self) -> None:
+        self.pause("write")
+
+    def resume_writing(self) -> None:
+        self.resume("write")
+
+    # helpers ------------------------------------------------------------------------------
+
+    def _tls_text(self) -> str | None:
+        info = self.tls_info
+        return None if info is None else f"{info.version}:{info.cipher}:{info.bits}"
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def pause(self, reason: str) -> None:
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def touch(self) -> None:
+        self.deadline = self.loop.time() + self.cfg.timeoutsmtpd
+
+    def on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        if self.paused & {"auth", "commit", "tls"}:
+            self.touch()  # we are the slow one (or the handshake has its own timeout)
+        due = (
+            self.deadline if self.data_deadline is None else min(self.deadline, self.data_deadline)
+        )
+        if now < due:
+            self.timer = self.loop.call_at(due, self.on_timer)
+            return
+        what = "data" if self.data_deadline is not None and now >= self.data_deadline else "idle"
+        log("timeout", ip=self.ip, port=self.port, phase=what)
+        if self.conn is None:
+            self.abort()
+        else:
+            self.handle(self.conn.timeout())
+            self.close()
+
+    def close(self) -> None:
+        """Close after the write buffer drains; abort if the client does not read it."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        self.transport.close()
+        self.loop.call_later(CLOSE_GRACE, self.abort)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """TERM: the core says 421 now if the client is between commands, else at the
+        next command boundary, so a message in flight still gets its 250."""
+        if self.closed or self.closing:
+            return
+        if self.conn is None:
+            self.abort()
+            return
+        self.handle(self.conn.shutdown())
+
+    def force_shutdown(self) -> None:
+        """The TERM grace is over: 421 whatever the client is doing, and close."""
+        if self.closed or self.closing or self.transport is None:
+            return
+        if self.conn is not None:
+            self.handle(self.conn.shutdown())
+        if not self.closing and self.transport is not None:
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+            if "tls" not in self.paused:
+                self.transport.write(
+                    f"421 4.3.2 {self.cfg.me} Service shutting down, closing channel\r\n".encode()
+                )
+            self.close()
+
+    def handle(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if self.closed or self.closing or self.transport is None:
+                return
+            if isinstance(event, Send):
+                self.transport.write(event.data)
+            elif isinstance(event, MessageData):
+                self.message_data(event.chunk)
+            elif isinstance(event, MessageStart):
+                self.message_start(event)
+            elif isinstance(event, MessageEnd):
+                self.pause("commit")
+                self.spawn(self.commit(event))
+            elif isinstance(event, MessageAbort):
+                self.message_abort(event.reason)
+            elif isinstance(event, AuthRequest):
+                self.pause("auth")
+                self.spawn(self.authenticate(event))
+            elif isinstance(event, StartTLS):
+                self.begin_tls(implicit=False)
+            elif isinstance(event, Close):
+                self.close()
+
+    # TLS ----------------------------------------------------------------------------------
+
+    def begin_tls(self, *, implicit: bool) -> None:
+        # Nothing more is read from the plaintext transport: whatever the client pipelined
+        # after STARTTLS stays in the socket and can only be taken as handshake bytes.
+        self.pause("tls")
+        self.tls_buffer = []
+        self.spawn(self.handshake(implicit))
+
+    async def handshake(self, implicit: bool) -> None:
+        transport, ctx = self.transport, self.cfg.server_tls
+        if transport is None or ctx is None:
+            self.abort()
+            return
+        try:
+            new = await self.loop.start_tls(
+                transport, self, ctx, server_side=True, ssl_handshake_timeout=self.cfg.timeouttls
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as exc:
+            log("tls-fail", ip=self.ip, port=self.port, error=str(exc) or type(exc).__name__)
+            transport.abort()
+            return
+        if new is None or self.closed:
+            return
+        self.transport = new
+        sslobj = new.get_extra_info("ssl_object")
+        session = tls.describe(sslobj)
+        relay_ident = tls.client_cert_relay(session, self.cfg.tlsclients)
+        peer = session.peer_identities[0] if session.peer_identities else None
+        self.tls_info = TLSInfo(
+            version=session.version,
+            cipher=session.cipher,
+            bits=session.bits,
+            client_cert_relay=relay_ident is not None,
+            peer=relay_ident or peer,
+        )
+        if implicit:
+            assert self.policy is not None  # noqa: S101 - set in connection_made
+            self.policy = dataclasses.replace(self.policy, tls_info=self.tls_info)
+            self.conn = SMTPConnection(self.policy)
+            events = self.conn.start()
+        else:
+            assert self.conn is not None  # noqa: S101 - STARTTLS came from the core
+            events = self.conn.tls_started(self.tls_info)
+        buffered, self.tls_buffer = self.tls_buffer or [], None
+        self.paused.discard("tls")
+        if self.paused:
+            new.pause_reading()
+        self.touch()
+        self.handle(events)
+        for data in buffered:
+            self.data_received(data)
+
+    # AUTH ---------------------------------------------------------------------------------
+
+    async def authenticate(self, req: AuthRequest) -> None:
+        ok = await self.loop.run_in_executor(
+            self.server.auth_pool, verify_auth, self.cfg.authdb, req
+        )
+        if not ok:
+            log("auth-fail", ip=self.ip, port=self.port, user=req.username, mech=req.mechanism)
+            await asyncio.sleep(AUTH_FAIL_DELAY)
+        if self.closed or self.conn is None:
+            return
+        if ok:
+            self.auth_user = req.username
+        self.resume("auth")
+        self.touch()
+        self.handle(self.conn.auth_result(req.username if ok else None))
+
+    # the queue ----------------------------------------------------------------------------
+
+    def message_start(self, event: MessageStart) -> None:
+        self.message = event
+        self.queue_error = None
+        self.data_deadline = self.loop.time() + self.cfg.timeoutdata
+        meta = {"client": self.ip, "helo": event.helo, "protocol": event.protocol}
+        if event.auth_user:
+            meta["auth"] = event.auth_user
+        if event.tls is not None:
+            meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
+        try:
+            self.writer = self.server.queue.writer(event.sender, event.recipients, meta)
+        except QueueError as exc:
+            self.queue_error = str(exc)
+
+    def message_data(self, chunk: bytes) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(chunk)
+        except QueueError as exc:  # the writer removed its tmp file already
+            self.queue_error = str(exc)
+            self.writer = None
+
+    def message_abort(self, reason: str) -> None:
+        self.data_deadline = None
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        log("abort", ip=self.ip, port=self.port, reason=reason)
+
+    async def commit(self, end: MessageEnd) -> None:
+        writer, self.writer = self.writer, None
+        self.data_deadline = None
+        queue_id = None
+        if writer is not None:
+            try:
+                queue_id = (await self.loop.run_in_executor(None, writer.commit)).queue_id
+            except QueueError as exc:
+                self.queue_error = str(exc)
+        msg = self.message
+        if queue_id is None:
+            log("queue-fail", ip=self.ip, port=self.port, error=self.queue_error)
+        elif msg is not None:
+            self.messages += 1
+            log(
+                "msg",
+                qid=queue_id,
+                mid=end.message_id or "-",
+                size=end.size,
+                ip=self.ip,
+                tls=self._tls_text(),
+                auth=msg.auth_user,
+                **{"from": f"<{msg.sender}>"},
+                to=",".join(f"<{r}>" for r in msg.recipients),
+            )
+        if self.closed or self.conn is None:
+            return
+        self.resume("commit")
+        self.touch()
+        if queue_id is None:
+            self.handle(self.conn.message_failed("451 4.3.0 queue write failed, try again later"))
+        else:
+            self.handle(self.conn.message_queued(queue_id))
+
+
+# --- one worker --------------------------------------------------------------------------
+
+
+class Server:
+    """One worker process: an asyncio loop serving one listening socket."""
+
+    def __init__(
+        self,
+        opts: Options,
+        cfg: configmod.Config,
+        rules: RulesCache,
+        counter: ConnCounter,
+    ) -> None:
+        self.opts = opts
+        self.mode = opts.mode
+        self.cfg = cfg
+        self.rules = rules
+        self.counter = counter
+        self.queue = Queue(cfg.queue_dir)
+        self.sessions: set[Session] = set()
+        self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
+        self.stopping: asyncio.Event | None = None
+        self.idle: asyncio.Event | None = None
+
+    def session_done(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self.idle is not None:
+            self.idle.set()
+
+    def reload(self) -> None:
+        try:
+            cfg = configmod.load(self.opts.root)
+            check_startup(cfg, self.mode)
+            rules = RulesCache(self.opts.rules)
+        except configmod.ConfigError as exc:
+            log("reload-fail", error=str(exc), text="keeping the old configuration")
+            return
+        self.cfg, self.rules = cfg, rules
+        self.queue = Queue(cfg.queue_dir)
+        log("reload", root=self.opts.root)
+
+    async def serve(self, sock: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.idle = asyncio.Event()
+        stopping = self.stopping
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+        log("ready", slot=self.counter.slot, mode=self.mode)
+        await stopping.wait()
+        server.close()
+        log("stopping", sessions=len(self.sessions), grace=self.cfg.timeoutterm)
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            self.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), self.cfg.timeoutterm)
+        for session in list(self.sessions):
+            session.force_shutdown()
+        if self.sessions:
+            self.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), CLOSE_GRACE + 1)
+        for session in list(self.sessions):
+            session.abort()
+        await asyncio.sleep(0)
+        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        log("stopped")
+        return 0
+
+
+def run_worker(
+    sock: socket.socket,
+    opts: Options,
+    cfg: configmod.Config,
+    rules: RulesCache,
+    counter: ConnCounter,
+) -> int:
+    server = Server(opts, cfg, rules, counter)
+    return asyncio.run(server.serve(sock))
+
+
+# --- the supervisor ----------------------------------------------------------------------
+
+
+class Supervisor:
+    """Forks the workers, replaces dead ones, forwards TERM and HUP."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(
+        self,
+        opts: Options,
+        socks: list[socket.socket],
+        cfg: configmod.Config,
+        rules: RulesCache,
+        counter: ConnCounter,
+    ) -> None:
+        self.opts, self.socks, self.cfg, self.rules, self.counter = (
+            opts,
+            socks,
+            cfg,
+            rules,
+            counter,
+        )
+        self.workers: dict[int, int] = {}  # pid -> slot
+        self.started: dict[int, float] = {}  # slot -> time
+        self.respawn_at: dict[int, float] = {}  # slot -> when
+
+    def spawn(self, slot: int) -> None:
+        self.counter.reset(slot)
+        pid = os.fork()
+        if pid == 0:
+            self._child(slot)
+        self.workers[pid] = slot
+        self.started[slot] = time.monotonic()
+
+    def _child(self, slot: int) -> NoReturn:
+        code = 1
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            for i, sock in enumerate(self.socks):
+                if i != slot:
+                    sock.close()
+            self.counter.slot = slot
+            code = run_worker(self.socks[slot], self.opts, self.cfg, self.rules, self.counter)
+        except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def reap(self, terminating: bool) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            slot = self.workers.pop(pid, None)
+            if slot is None:
+                continue
+            log("worker-exit", worker=pid, slot=slot, status=os.waitstatus_to_exitcode(status))
+            if not terminating:
+                quick = time.monotonic() - self.started.get(slot, 0) < 1.0
+                self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)
+
+    def reload(self) -> bool:
+        try:
+            cfg = configmod.load(self.opts.root)
+            check_startup(cfg, self.opts.mode)
+            RulesCache(self.opts.rules)
+        except configmod.ConfigError as exc:
+            log("reload-fail", error=str(exc), text="keeping the old configuration")
+            return False
+        self.cfg = cfg
+        return True
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        for slot in range(len(self.socks)):
+            self.spawn(slot)
+        terminating = False
+        kill_at = 0.0
+        while True:
+            info = signal.sigtimedwait(self.SIGNALS, 0.5)
+            signo = info.si_signo if info is not None else None
+            if signo in (signal.SIGTERM, signal.SIGINT) and not terminating:
+                terminating = True
+                kill_at = time.monotonic() + self.cfg.timeoutterm + CLOSE_GRACE + 5
+                for sock in self.socks:
+                    sock.close()
+                for pid in self.workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            elif signo == signal.SIGHUP and not terminating and self.reload():
+                for pid in self.workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+            self.reap(terminating)
+            if terminating:
+                if not self.workers:
+                    log("stopped")
+                    return 0
+                if time.monotonic() > kill_at:
+                    for pid in self.workers:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                continue
+            now = time.monotonic()
+            for slot, when in list(self.respawn_at.items()):
+                if now >= when:
+                    del self.respawn_at[slot]
+                    self.spawn(slot)
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(argv)
+        raise_fd_limit()
+        socks = bind_sockets(opts.host, opts.port, opts.workers)
+        drop_privileges(opts.user)
+        cfg = configmod.load(opts.root)
+        check_startup(cfg, opts.mode)
+        rules = RulesCache(opts.rules)
+    except (UsageError, configmod.ConfigError) as exc:
+        sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
+        return 111
+    host, port = socks[0].getsockname()[:2]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log("start", listen=where, mode=opts.mode, workers=opts.workers, uid=os.getuid())
+    counter = ConnCounter(opts.workers)
+    if opts.workers == 1:
+        return run_worker(socks[0], opts, cfg, rules, counter)
+    return Supervisor(opts, socks, cfg, rules, counter).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
