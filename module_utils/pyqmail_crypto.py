@@ -215,7 +215,11 @@ def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
         return True
-    public = issuer.public_key()
+    return signature_valid(cert, issuer.public_key())
+
+
+def signature_valid(cert: x509.Certificate, public: object) -> bool:
+    """Check ``cert``'s signature with ``public`` (for cryptography < 40, Debian 12's 38)."""
     signature, tbs = cert.signature, cert.tbs_certificate_bytes
     algorithm = cert.signature_hash_algorithm
     try:
@@ -274,6 +278,14 @@ def is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+def path_length(cert: x509.Certificate) -> int | None:
+    """basicConstraints pathlen: how many CAs may sit below this one (None = no limit)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
+
+
 # --- names ----------------------------------------------------------------------------------
 
 
@@ -292,6 +304,11 @@ def _check_dns(name: str, *, wildcard: bool) -> str:
         if len(labels) < 3:
             raise CryptoError(f"{name!r}: a wildcard needs at least two labels after *.", "names")
         labels = labels[1:]
+    if labels[-1].isdigit():
+        raise CryptoError(
+            f"{name!r} is neither a valid IP address nor a DNS name (numeric last label)",
+            "names",
+        )
     for label in labels:
         if not _LABEL.match(label):
             raise CryptoError(
@@ -593,6 +610,13 @@ def check_provided(
         if not is_ca(cert):
             raise CryptoError(
                 f"chain certificate {number} ({describe(cert)}) is not a CA certificate", field
+            )
+        limit = path_length(cert)
+        if limit is not None and number - 1 > limit:
+            raise CryptoError(
+                f"chain certificate {number} ({describe(cert)}) may only have {limit} CA(s) "
+                f"below it (pathlen), but has {number - 1}",
+                field,
             )
         _check_times(cert, f"chain certificate {number}", field, now)
         previous = cert
