@@ -162,10 +162,15 @@ class Server:
 class PyqmailServer(Server):
     name = "pyqmail"
 
-    def __init__(self, base: Path, certs: CertFiles, workers: str = "auto") -> None:
+    def __init__(
+        self, base: Path, certs: CertFiles, workers: str = "auto", user: str = "nobody"
+    ) -> None:
         super().__init__(base, certs)
         self.workers = workers
         self.root = self.dir / "qmail"
+        # As root, pyqmail-smtpd insists on dropping to an unprivileged user before it
+        # reads its configuration; its files then belong to that user.
+        self.user = user if os.geteuid() == 0 else None
 
     def prepare(self) -> None:
         from pyqmail.queue import Queue
@@ -183,6 +188,14 @@ class PyqmailServer(Server):
         shutil.copyfile(self.certs.combined, control / "servercert.pem")
         (control / "servercert.pem").chmod(0o600)
         Queue(self.root / "queue").create()
+        if self.user is not None:
+            try:
+                owner = pwd.getpwnam(self.user)
+            except KeyError:
+                raise ServerError(f"pyqmail --user {self.user!r}: no such user") from None
+            self.dir.chmod(0o755)
+            for path in [self.root, *self.root.rglob("*")]:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
 
     def command(self) -> list[str]:
         exe = Path(sys.executable).parent / "pyqmail-smtpd"
@@ -198,6 +211,7 @@ class PyqmailServer(Server):
             "smtp",
             "--workers",
             self.workers,
+            *(["--user", self.user] if self.user is not None else []),
         ]
 
     def stored(self) -> int:

@@ -126,10 +126,14 @@ class Generators:
             proc.wait(30)
 
     def kill(self) -> None:
+        """Kill what is still running and close the pipes (safe to call twice)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -238,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, default=1000, help="idle connections (default 1000)")
     p.add_argument("--workers", default="auto", help="pyqmail-smtpd --workers (default auto)")
     p.add_argument(
+        "--user", default="nobody", help="pyqmail-smtpd --user when run as root (default nobody)"
+    )
+    p.add_argument(
         "--servers",
         default="pyqmail,postfix,aiosmtpd",
         help="comma-separated subset of pyqmail,postfix,aiosmtpd",
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.server_names:
             cls = SERVER_CLASSES[name]
             server = (
-                PyqmailServer(base, certs, workers=args.workers)
+                PyqmailServer(base, certs, workers=args.workers, user=args.user)
                 if cls is PyqmailServer
                 else cls(base, certs)
             )
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                     workload,
                     sessions=args.sessions,
                     processes=args.generators,
-                    messages=100,
+                    messages=args.warmup,
                 )
         for rnd in range(args.rounds):
             order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]

@@ -1,0 +1,216 @@
+"""Smoke tests of the benchmark's parts: counts, not timings.
+
+The load generator must send exactly the messages it is asked for, in every workload
+shape, and the server must hold exactly that many afterwards; failures (refused
+connections, a certificate that does not verify) must be counted, never reported as
+messages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import loadgen
+from bench.certs import CertFiles, make_certs
+from bench.procstat import tree_pss_kib
+from bench.servers import AiosmtpdServer, PostfixServer, PyqmailServer, Server, free_port
+from bench.smtpd_load import WORKLOADS, Workload, measure_idle, run_load, split
+
+REPO = Path(__file__).resolve().parents[2]
+HAVE_PYQMAIL_SMTPD = importlib.util.find_spec("pyqmail.smtpd") is not None
+HAVE_POSTFIX = Path("/usr/lib/postfix/sbin/master").exists() and os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
+    return make_certs(tmp_path_factory.mktemp("bench-tls"))
+
+
+def _started(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _world_reachable(cls: type[Server], certs: CertFiles) -> Iterator[Server]:
+    """Not under pytest's own 0700 temp root: Postfix's daemons, and pyqmail-smtpd when
+    started as root, run as unprivileged users that must reach their queue."""
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-test."))
+    try:
+        base.chmod(0o755)
+        yield from _started(cls(base, certs))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def aiosmtpd(tmp_path_factory: pytest.TempPathFactory, certs: CertFiles) -> Iterator[Server]:
+    yield from _started(AiosmtpdServer(tmp_path_factory.mktemp("bench-aiosmtpd"), certs))
+
+
+@pytest.fixture(scope="module")
+def pyqmail(certs: CertFiles) -> Iterator[Server]:
+    if not HAVE_PYQMAIL_SMTPD:
+        pytest.skip("pyqmail.smtpd is not there yet")
+    yield from _world_reachable(PyqmailServer, certs)
+
+
+@pytest.fixture(scope="module")
+def postfix(certs: CertFiles) -> Iterator[Server]:
+    if not HAVE_POSTFIX:
+        pytest.skip("needs root and Debian's postfix package")
+    yield from _world_reachable(PostfixServer, certs)
+
+
+@pytest.mark.parametrize("size", [512, 1000, 4096, 4097, 4098, 4099, 65536])
+def test_message_has_exact_size_and_needs_no_dot_stuffing(size: int) -> None:
+    msg = loadgen.make_message(size)
+    assert len(msg) == size
+    assert msg.endswith(b"\r\n")
+    lines = msg.split(b"\r\n")
+    assert not any(line.startswith(b".") for line in lines)
+    assert b"\n" not in msg.replace(b"\r\n", b"")
+    assert max(len(line) for line in lines) <= 998
+
+
+@pytest.mark.parametrize(
+    ("total", "parts", "expected"),
+    [(20, 2, [10, 10]), (21, 2, [11, 10]), (3, 5, [1, 1, 1]), (1, 1, [1]), (7, 3, [3, 2, 2])],
+)
+def test_split(total: int, parts: int, expected: list[int]) -> None:
+    assert split(total, parts) == expected
+
+
+def _check_counts(server: Server, certs: CertFiles, workload: Workload, messages: int) -> None:
+    before = server.stored()
+    run = run_load(server, certs, workload, sessions=4, processes=2, messages=messages)
+    assert run.errors == 0, run.samples
+    assert run.messages == messages
+    assert server.stored() - before == messages
+    assert run.pss_kib > 0
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_counts_against_aiosmtpd(aiosmtpd: Server, certs: CertFiles, workload: Workload) -> None:
+    _check_counts(aiosmtpd, certs, workload, messages=23)
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_counts_against_pyqmail(pyqmail: Server, certs: CertFiles, workload: Workload) -> None:
+    _check_counts(pyqmail, certs, workload, messages=23)
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_counts_against_postfix(postfix: Server, certs: CertFiles, workload: Workload) -> None:
+    _check_counts(postfix, certs, workload, messages=23)
+
+
+def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFiles) -> None:
+    before = aiosmtpd.stored()
+    run = run_load(aiosmtpd, certs, WORKLOADS[1], sessions=2, processes=1, duration=0.5)
+    assert run.errors == 0, run.samples
+    assert run.messages > 0
+    # Messages acknowledged after the deadline are stored but not counted.
+    assert aiosmtpd.stored() - before >= run.messages
+    assert 0.45 < run.seconds < 1.5
+
+
+def test_idle_connections_are_held(aiosmtpd: Server) -> None:
+    kib, procs, held = measure_idle(aiosmtpd, 30, 2)
+    assert held == 30
+    assert procs == 1
+    assert kib > 1024
+
+
+def test_pss_of_a_process_tree(aiosmtpd: Server) -> None:
+    kib, procs = tree_pss_kib(aiosmtpd.pid)
+    assert procs == 1
+    assert 1024 < kib < 1024 * 1024
+
+
+def _loadgen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "loadgen.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_refused_connections_are_errors_not_messages() -> None:
+    proc = _loadgen("--port", str(free_port()), "--sessions", "2", "--messages", "3")
+    assert proc.returncode == 1
+    assert '"messages": 0' in proc.stdout
+    assert "ConnectionRefusedError" in proc.stdout
+
+
+def test_untrusted_certificate_is_an_error(
+    aiosmtpd: Server, tmp_path: Path, certs: CertFiles
+) -> None:
+    other = make_certs(tmp_path / "other")
+    assert other.ca.read_bytes() != certs.ca.read_bytes()
+    before = aiosmtpd.stored()
+    proc = _loadgen(
+        *("--port", str(aiosmtpd.port), "--sessions", "1", "--messages", "2"),
+        *("--starttls", "--cafile", str(other.ca)),
+    )
+    assert proc.returncode == 1
+    assert '"messages": 0' in proc.stdout
+    assert "CERTIFICATE_VERIFY_FAILED" in proc.stdout
+    assert aiosmtpd.stored() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "25", "--messages", "1", "--sessions", "0"], "--sessions must be at least 1"),
+        (["--port", "25", "--messages", "1", "--size", "100"], "--size must be at least 512"),
+        (["--port", "25", "--messages", "1", "--starttls"], "--starttls needs --cafile"),
+        (["--port", "25"], "one of the arguments"),
+        (["--port", "25", "--messages", "1", "--cafile", "/nonexistent"], "no such file"),
+    ],
+)
+def test_loadgen_rejects_bad_arguments(args: list[str], message: str) -> None:
+    proc = _loadgen(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
+    servers = ["aiosmtpd"]
+    if HAVE_POSTFIX:
+        servers.append("postfix")
+    if HAVE_PYQMAIL_SMTPD:
+        servers.insert(0, "pyqmail")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(REPO / "bench" / "smtpd_load.py"), "--quick"),
+            *("--servers", ",".join(servers), "--json", str(tmp_path / "runs.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    if HAVE_POSTFIX and HAVE_PYQMAIL_SMTPD:
+        assert re.fullmatch(r"min ratio vs postfix: \d+\.\d\d", last), last
+    else:
+        assert last.startswith("min ratio vs postfix: n/a"), last
+    assert (tmp_path / "runs.json").exists()
