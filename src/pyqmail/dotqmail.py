@@ -1,0 +1,222 @@
+"""qmail's local addressing: the mailboxes file and ``.qmail`` files.
+
+Mailboxes (``<root>/users/mailboxes``) replace qmail's ``users/assign``. Mailboxes are
+virtual: every one is owned by the delivery user (``pyqmails``), none is a Unix account.
+One mailbox per line, ``#`` comments and blank lines allowed::
+
+    name:homedir
+
+``name`` is the local part it receives (case-insensitive; no ``:``, ``/``, ``@`` or
+whitespace), ``homedir`` an absolute path. Mail for ``name`` goes where ``homedir/.qmail``
+says, or to ``homedir/Maildir/`` when there is no ``.qmail`` (qmail's ``./Maildir/`` default
+delivery). ``name-ext`` goes where ``homedir/.qmail-ext`` says, else the nearest
+``.qmail-...-default``; with none of them it bounces, as in qmail.
+
+Everything else in a local domain is an alias: ``<root>/alias/.qmail-NAME``, then
+``.qmail-PREFIX-default`` files, then ``alias/.qmail-default``; none of them -> the address is
+unknown and bounces (#5.1.1). In file names, ``.`` in the address becomes ``:`` and letters
+are lowercased (qmail's rules). Relative paths in alias files are relative to ``alias/``.
+
+``.qmail`` lines:
+
+- ``# text``          comment
+- ``&address``, or a line starting with a letter or digit: forward to that address
+- ``./Maildir/``, ``/abs/Maildir/`` (ending in ``/``): deliver to that Maildir
+- ``|program``        refused: pyqmail never runs programs (the delivery is bounced with a
+                      reason naming the file); mbox files (a path not ending in ``/``) are
+                      refused the same way. ``check_file`` finds both at provisioning time.
+
+A ``.qmail`` file writable by group or others defers delivery (qmail's "Uh-oh"), because
+whoever can write it can redirect the mailbox.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqmail.delivery import Result
+
+_BAD_NAME_CHARS = frozenset(":/@\x00") | frozenset(" \t\r\n")
+
+
+class MailboxesError(Exception):
+    """The mailboxes file is malformed; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One delivery line of a ``.qmail`` file."""
+
+    kind: str  # "forward" | "maildir" | "refused"
+    target: str  # address, absolute Maildir path, or the refused line's reason
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for one local recipient."""
+
+    instructions: tuple[Instruction, ...]
+    source: str  # the file the instructions came from (for logs and bounces)
+    delivered_to: str  # the Delivered-To value
+
+
+def parse_mailboxes(text: str, origin: str) -> dict[str, Path]:
+    boxes: dict[str, Path] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, home = line.partition(":")
+        where = f"{origin}:{number}"
+        if not sep or not name or not home:
+            raise MailboxesError(f"{where}: expected name:homedir, got {line!r}")
+        if _BAD_NAME_CHARS.intersection(name):
+            raise MailboxesError(f"{where}: mailbox name {name!r} has a forbidden character")
+        if not home.startswith("/"):
+            raise MailboxesError(f"{where}: homedir must be an absolute path, got {home!r}")
+        key = name.lower()
+        if key in boxes:
+            raise MailboxesError(f"{where}: mailbox {name!r} is listed twice")
+        boxes[key] = Path(home)
+    return boxes
+
+
+class Mailboxes:
+    """The mailboxes file, re-read whenever it changes on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._boxes: dict[str, Path] = {}
+
+    def get(self) -> dict[str, Path]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._stamp, self._boxes = None, {}
+            return self._boxes
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            text = self.path.read_text(encoding="utf-8")
+            self._boxes = parse_mailboxes(text, str(self.path))
+            self._stamp = stamp
+        return self._boxes
+
+
+def parse_line(line: str, home: Path, origin: str, default_domain: str) -> Instruction | None:
+    """One ``.qmail`` line -> an Instruction, or None for comments and blank lines."""
+    line = line.rstrip("\r\n")
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if stripped.startswith("|"):
+        return Instruction(
+            "refused",
+            f"{origin}: program delivery ({stripped[:60]!r}) is not supported: pyqmail does "
+            "not run programs; mailboxes are virtual and owned by one user",
+        )
+    if stripped.startswith(("/", ".")):
+        if not stripped.endswith("/"):
+            return Instruction(
+                "refused",
+                f"{origin}: mbox delivery to {stripped!r} is not supported; "
+                "use a Maildir (a path ending in '/')",
+            )
+        return Instruction("maildir", str((home / stripped).resolve()) + "/")
+    address = stripped[1:].strip() if stripped.startswith("&") else stripped
+    if not address or any(ch.isspace() or ord(ch) < 32 for ch in address):
+        return Instruction("refused", f"{origin}: not a valid forwarding address: {stripped!r}")
+    if "@" not in address:
+        address = f"{address}@{default_domain}"
+    return Instruction("forward", address)
+
+
+def parse_file(path: Path, home: Path, default_domain: str) -> tuple[Instruction, ...]:
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        ins = parse_line(line, home, f"{path}:{number}", default_domain)
+        if ins is not None:
+            out.append(ins)
+    return tuple(out)
+
+
+def check_file(path: Path, home: Path | None = None) -> list[str]:
+    """Problems in a ``.qmail`` file (for provisioning-time validation); [] when fine."""
+    ins = parse_file(path, home or path.parent, "localhost")
+    problems = [i.target for i in ins if i.kind == "refused"]
+    if os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"{path}: writable by group or others")
+    return problems
+
+
+def _ext_candidates(ext: str) -> list[str]:
+    """qmail-local's search: ``.qmail-a-b-c``, ``-a-b-default``, ``-a-default``, ``-default``."""
+    names = [f".qmail-{ext}"]
+    parts = ext.split("-")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix = "-".join(parts[:i])
+        names.append(f".qmail-{prefix}-default" if prefix else ".qmail-default")
+    return names
+
+
+def _read_plan(
+    directory: Path, names: list[str], default_domain: str
+) -> tuple[Path, tuple[Instruction, ...]] | None:
+    """The first existing file of ``names``; an empty file means "deliver to ./Maildir/"."""
+    for name in names:
+        path = directory / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _DeferError(f"{path} is writable by group or others; fix its mode (#4.7.0)")
+        found = parse_file(path, directory, default_domain)
+        return path, found or (Instruction("maildir", f"{directory}/Maildir/"),)
+    return None
+
+
+class _DeferError(Exception):
+    pass
+
+
+def resolve(
+    local: str, delivered_to: str, mailboxes: dict[str, Path], alias_dir: Path, me: str
+) -> Plan | Result:
+    """Find the instructions for local part ``local``; a Result means bounce or defer."""
+    key = local.lower()
+    if "/" in key or "\x00" in key or not key:
+        return Result.perm(f"no mailbox here by the name {local!r} (#5.1.1)", "5.1.1")
+    ext_key = key.replace(".", ":")
+    try:
+        if key in mailboxes:
+            home = mailboxes[key]
+            found = _read_plan(home, [".qmail"], me)
+            if found is None:
+                return Plan((Instruction("maildir", f"{home}/Maildir/"),), "default", delivered_to)
+            return Plan(found[1], str(found[0]), delivered_to)
+        # name-ext: the longest mailbox name that is a prefix at a '-' boundary
+        cut = len(key)
+        while (cut := key.rfind("-", 0, cut)) > 0:
+            if key[:cut] in mailboxes:
+                home = mailboxes[key[:cut]]
+                found = _read_plan(home, _ext_candidates(ext_key[cut + 1 :]), me)
+                if found is None:
+                    return Result.perm(
+                        f"no mailbox here by the name {local!r}: {home} has no .qmail for "
+                        "this extension (#5.1.1)",
+                        "5.1.1",
+                    )
+                return Plan(found[1], str(found[0]), delivered_to)
+        found = _read_plan(alias_dir, _ext_candidates(ext_key), me)
+    except _DeferError as exc:
+        return Result.temp(str(exc), "4.7.0")
+    except OSError as exc:
+        return Result.temp(f"cannot read .qmail file: {exc} (#4.3.0)", "4.3.0")
+    if found is None:
+        return Result.perm(f"no mailbox here by the name {local!r} (#5.1.1)", "5.1.1")
+    return Plan(found[1], str(found[0]), delivered_to)

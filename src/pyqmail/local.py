@@ -1,0 +1,176 @@
+"""Local delivery (qmail-local): Maildir deliveries and forwards for one local recipient.
+
+Maildir durability protocol (``maildir_deliver``), as in qmail-local and the Maildir spec:
+
+1. create ``tmp/<unique>`` with O_EXCL (unique = time, microseconds, pid, counter, random
+   and host name), write ``Return-Path`` + ``Delivered-To`` + the message with LF line ends;
+2. ``fsync(file)``, ``link(tmp/<unique>, new/<unique>)``, ``unlink(tmp/<unique>)``;
+3. ``fsync(new/)``. Only then is the recipient reported done (and recorded in the queue
+   state by pyqmail-send). A crash before 3 at worst leaves a stale tmp file that mail
+   readers ignore and clean up; a crash after 3 but before the state is written delivers
+   the message again on restart (a duplicate, never a loss).
+
+Forwards are re-queued as one new message (``Queue.enqueue``, itself durable) to all the
+forwarding addresses of the ``.qmail`` file, with the same envelope sender and a
+``Delivered-To`` line prepended so that a loop is detected when it comes back.
+
+A missing Maildir is created (``tmp``, ``new``, ``cur``, mode 0700) when its parent directory
+exists; otherwise delivery is deferred so that a not-yet-provisioned home loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from pyqmail.delivery import Control, Result, split_address
+from pyqmail.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
+from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
+
+MAX_HOPS = 100
+_counter = itertools.count()
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
+def header_block(message: bytes) -> bytes:
+    """The header section of a message (without the empty line), CRLF or LF."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = message.find(sep)
+        if end >= 0:
+            return message[:end]
+    return message
+
+
+def header_values(message: bytes, name: str) -> list[str]:
+    """Unfolded values of every ``name:`` header (case-insensitive)."""
+    lines = re.split(rb"\r?\n", header_block(message))
+    unfolded: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and unfolded:
+            unfolded[-1] += b" " + line.strip()
+        else:
+            unfolded.append(line)
+    want = name.lower().encode() + b":"
+    return [
+        line[len(want) :].strip().decode("utf-8", "replace")
+        for line in unfolded
+        if line[: len(want)].lower() == want
+    ]
+
+
+def _ensure_maildir(maildir: Path) -> None:
+    if (maildir / "new").is_dir() and (maildir / "tmp").is_dir():
+        return
+    if not maildir.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "home directory does not exist", str(maildir.parent))
+    for sub in ("", "tmp", "new", "cur"):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(maildir / sub, 0o700)
+    fsync_dir(maildir)
+    fsync_dir(maildir.parent)
+
+
+def maildir_deliver(maildir: Path, data: bytes) -> str:
+    """Deliver ``data`` into ``maildir`` durably; return the file name in new/."""
+    _ensure_maildir(maildir)
+    now = time.time()
+    sec, usec = int(now), int(now * 1_000_000) % 1_000_000
+    name = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_HOST}"
+    tmp = maildir / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, maildir / "new" / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.unlink(tmp)
+    fsync_dir(maildir / "new")
+    return name
+
+
+def _return_path(sender: str) -> str:
+    return f"<{sender}>"
+
+
+class LocalDelivery:
+    """Delivers one recipient of one queued message according to its ``.qmail`` file."""
+
+    def __init__(self, control: Control, queue: Queue) -> None:
+        self.control = control
+        self.queue = queue
+        self.mailboxes = Mailboxes(control.mailboxes_file)
+
+    def plan(self, recipient: str) -> Plan | Result:
+        local = self.control.is_local(recipient)
+        if local is None:
+            return Result.perm(f"{recipient} is not a local address (#5.1.2)", "5.1.2")
+        domain = split_address(recipient)[1] or self.control.me.lower()
+        try:
+            boxes = self.mailboxes.get()
+        except (MailboxesError, OSError, UnicodeDecodeError) as exc:
+            return Result.temp(f"mailboxes file unusable: {exc} (#4.3.0)", "4.3.0")
+        return resolve(local, f"{local}@{domain}", boxes, self.control.alias_dir, self.control.me)
+
+    def deliver(self, env: Envelope, message: bytes, recipient: str) -> Result:
+        plan = self.plan(recipient)
+        if isinstance(plan, Result):
+            return plan
+        delivered_to = plan.delivered_to
+        seen = [v.lower() for v in header_values(message, "Delivered-To")]
+        if delivered_to.lower() in seen:
+            return Result.perm(
+                f"this message is looping: it already has my Delivered-To line "
+                f"({delivered_to}) (#5.4.6)",
+                "5.4.6",
+            )
+        if len(seen) + len(header_values(message, "Received")) > MAX_HOPS:
+            return Result.perm(f"too many hops (over {MAX_HOPS}); looping? (#5.4.6)", "5.4.6")
+        refused = [i for i in plan.instructions if i.kind == "refused"]
+        if refused:
+            return Result.perm(refused[0].target + " (#5.7.1)", "5.7.1")
+        return self._execute(env, message, plan, delivered_to)
+
+    def _execute(self, env: Envelope, message: bytes, plan: Plan, delivered_to: str) -> Result:
+        done: list[str] = []
+        forwards = [i.target for i in plan.instructions if i.kind == "forward"]
+        maildirs = [i for i in plan.instructions if i.kind == "maildir"]
+        try:
+            if maildirs:
+                head = (
+                    f"Return-Path: {_return_path(env.sender)}\nDelivered-To: {delivered_to}\n"
+                ).encode("utf-8", "surrogateescape")
+                data = head + message.replace(b"\r\n", b"\n")
+                for ins in maildirs:
+                    done.append(f"maildir {ins.target}{self._maildir(ins, data)}")
+            if forwards:
+                prefix = f"Delivered-To: {delivered_to}\r\n".encode("utf-8", "surrogateescape")
+                fwd = self.queue.enqueue(
+                    env.sender,
+                    forwards,
+                    prefix + message,
+                    {"forwarded_for": delivered_to, "origin": env.queue_id},
+                )
+                done.append(f"forwarded to {', '.join(forwards)} as {fwd.queue_id}")
+        except (OSError, QueueError) as exc:
+            partial = f" after {'; '.join(done)}" if done else ""
+            return Result.temp(f"local delivery failed: {exc}{partial} (#4.3.0)", "4.3.0")
+        return Result.ok(f"{'; '.join(done)} via {plan.source}")
+
+    @staticmethod
+    def _maildir(ins: Instruction, data: bytes) -> str:
+        return "new/" + maildir_deliver(Path(ins.target), data)

@@ -1,0 +1,180 @@
+"""pyqmail-queue: what is queued, for whom, why it is deferred; and a way to flush.
+
+``pyqmail-queue [--root /var/qmail] list``
+    one block per message (``new/`` = not picked up yet, ``mess/`` = being delivered): id, age,
+    size, sender, then each recipient with its status (pending, deferred, done, failed), the
+    time of the last attempt and its last error.
+``pyqmail-queue [--root /var/qmail] show ID [--body]``
+    the envelope, the delivery records of ``state/ID`` and the message headers (or all of it).
+``pyqmail-queue [--root /var/qmail] flush``
+    sends ALRM to pyqmail-send (pid from ``queue/lock/sendpid``, checked to be locked by a live
+    pyqmail-send), which retries every deferred recipient now and rescans ``new/``. Also pokes
+    the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from pyqmail.delivery import one_line
+from pyqmail.local import header_block
+from pyqmail.queue import Queue, QueueError
+from pyqmail.send import PIDFILE, read_state
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def recipient_status(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Per recipient: the final record if any, else the last deferral, else pending."""
+    status: list[dict[str, Any]] = [{"ev": "pending"} for _ in range(count)]
+    for record in records:
+        index = record.get("rcpt")
+        if not isinstance(index, int) or not 0 <= index < count:
+            continue
+        if status[index].get("ev") in ("done", "failed"):
+            continue
+        status[index] = record
+    return status
+
+
+def list_queue(queue: Queue, out: TextIO, now: float | None = None) -> int:
+    now = time.time() if now is None else now
+    total = 0
+    for sub in ("mess", "new"):
+        for queue_id in queue.ids(sub):
+            try:
+                env, _ = queue.read(sub, queue_id)
+            except QueueError as exc:
+                out.write(f"{queue_id} ({sub}) unreadable: {exc}\n")
+                continue
+            total += 1
+            where = "waiting for pickup" if sub == "new" else "in delivery"
+            out.write(
+                f"{queue_id}  age {_age(now - env.received)}  {env.size} bytes  {where}\n"
+                f"  from <{one_line(env.sender)}>\n"
+            )
+            records = read_state(queue.path("state", queue_id))
+            for address, st in zip(
+                env.recipients, recipient_status(records, len(env.recipients)), strict=True
+            ):
+                ev = st.get("ev", "pending")
+                label = {"deferred": "deferred", "done": "done", "failed": "failed"}.get(
+                    ev, "pending"
+                )
+                line = f"  {label:8} <{one_line(address)}>"
+                if "t" in st:
+                    line += f"  last try {_age(now - float(st['t']))} ago"
+                if ev != "pending" and st.get("detail"):
+                    line += f"  {one_line(str(st['detail']))}"
+                out.write(line + "\n")
+    out.write(f"{total} message(s) in the queue\n")
+    return 0
+
+
+def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
+    if "/" in queue_id or queue_id.startswith("."):
+        out.write(f"invalid queue id {queue_id!r}\n")
+        return 2
+    for sub in ("mess", "new", "bad"):
+        if queue.path(sub, queue_id).exists():
+            break
+    else:
+        out.write(f"no message {queue_id} in the queue\n")
+        return 1
+    try:
+        env, message = queue.read(sub, queue_id)
+    except QueueError as exc:
+        out.write(f"{queue_id}: {exc}\n")
+        return 1
+    out.write(f"id {env.queue_id} ({sub})\nreceived {time.ctime(env.received)}\n")
+    out.write(f"from <{one_line(env.sender)}>\n")
+    for index, address in enumerate(env.recipients):
+        out.write(f"to {index} <{one_line(address)}>\n")
+    for key, value in env.meta.items():
+        out.write(f"meta {key} {one_line(value)}\n")
+    for record in read_state(queue.path("state", queue_id)):
+        parts = [f"{k}={one_line(str(v))}" for k, v in record.items() if k not in ("ev", "t")]
+        when = time.ctime(float(record.get("t", 0)))
+        out.write(f"state {when} {record.get('ev')} {' '.join(parts)}\n")
+    out.write("\n")
+    text = message if body else header_block(message) + b"\r\n"
+    out.write(text.replace(b"\r\n", b"\n").decode("utf-8", "replace"))
+    return 0
+
+
+def sender_pid(queue: Queue) -> int | None:
+    """The pid of the running pyqmail-send, or None (its pidfile lock is free)."""
+    path = queue.root / PIDFILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def flush(queue: Queue, out: TextIO) -> int:
+    pid = sender_pid(queue)
+    if pid is None:
+        out.write(f"pyqmail-send is not running on {queue.root} (no lock on {PIDFILE})\n")
+        return 1
+    try:
+        os.kill(pid, signal.SIGALRM)
+    except OSError as exc:
+        out.write(f"cannot signal pyqmail-send (pid {pid}): {exc.strerror}\n")
+        return 1
+    queue.poke()
+    out.write(f"sent ALRM to pyqmail-send (pid {pid}): retrying every deferred delivery now\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyqmail-queue", description="inspect the mail queue")
+    parser.add_argument("--root", default=os.environ.get("PYQMAIL_ROOT", "/var/qmail"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list queued messages and their recipients' status")
+    show_p = sub.add_parser("show", help="show one message: envelope, delivery log, headers")
+    show_p.add_argument("queue_id")
+    show_p.add_argument("--body", action="store_true", help="print the whole message")
+    sub.add_parser("flush", help="make pyqmail-send retry every deferred delivery now")
+    args = parser.parse_args(argv)
+    queue = Queue(os.path.join(args.root, "queue"))
+    try:
+        queue.check()
+    except QueueError as exc:
+        sys.stderr.write(f"pyqmail-queue: {exc}\n")
+        return 2
+    if args.command == "list":
+        return list_queue(queue, sys.stdout)
+    if args.command == "show":
+        return show(queue, args.queue_id, args.body, sys.stdout)
+    return flush(queue, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

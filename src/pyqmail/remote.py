@@ -1,0 +1,598 @@
+"""Remote delivery (qmail-remote with the qmail-tls patch): routes, MX, SMTP, STARTTLS.
+
+Where mail goes: an ``smtproutes`` relay if one matches (see ``delivery.Route``), else the MX
+hosts of the domain in preference order (equal preferences shuffled); a domain without MX
+records is its own implicit MX (RFC 5321 §5.1: its A/AAAA records); a null MX (RFC 7505) or a
+non-existent domain bounces; DNS trouble defers. An address literal ``[192.0.2.1]`` is used as is.
+
+TLS, per remote host name (``fqdn``: the MX or relay name):
+
+- ``control/tlshosts/<fqdn>.pem`` exists: TLS is required. STARTTLS must be offered and the
+  server certificate must verify against that file (and match ``fqdn``); otherwise the
+  connection is closed before MAIL FROM and the delivery deferred. Nothing is sent in clear.
+- otherwise, STARTTLS offered: TLS is used. The certificate is checked against the system CA
+  store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured) and the host name; when it does not
+  verify, the message is still sent encrypted over a second connection without verification,
+  and the log says ``verified=no``. When the handshake itself fails, the message goes in clear
+  over a fresh connection (opportunistic TLS, as in Postfix's ``may`` level).
+- ``control/clientcert.pem`` (key, then certificate, then chain) is offered when the server
+  asks for a client certificate.
+- AUTH (``smtproutes-auth``) is only ever sent after STARTTLS with a verified or pinned
+  certificate; otherwise the delivery is deferred.
+
+Every context comes from ``TlsPolicy`` (TLS 1.2+; AEAD ciphers on TLS 1.2), the one place to
+switch to ``pyqmail.tls`` factories.
+
+On the wire: lines end in CRLF (bare CR or LF in a queued message are normalized), lines
+starting with ``.`` are dot-stuffed, ``BODY=8BITMIME`` is declared when the message has 8-bit
+bytes and the server offers it (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when
+an address is not ASCII; a server without SMTPUTF8 gets no such message (permanent failure,
+5.6.7). One connection carries every job for the same destination the queue manager hands
+it (``RemoteSession.deliver`` may be called repeatedly). 4xx -> temporary, 5xx -> permanent.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.resolver
+
+from pyqmail.delivery import (
+    DOUBLE_BOUNCE_SENDER,
+    Control,
+    Kind,
+    Result,
+    Route,
+    is_ip_literal,
+    one_line,
+    split_address,
+)
+from pyqmail.queue import Envelope
+
+MAX_ADDRESSES = 12
+UNVERIFIABLE_TTL = 3600.0
+AEAD_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+
+class DnsError(Exception):
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Resolver(Protocol):
+    """What remote delivery asks DNS; tests inject a fake one."""
+
+    def mx(self, domain: str) -> list[tuple[int, str]] | None:
+        """MX records (preference, host; ``""`` for the root = null MX), None if none exist."""
+
+    def addresses(self, host: str) -> list[str]:
+        """A then AAAA addresses of ``host``."""
+
+
+class DnsResolver:
+    """dnspython-backed Resolver."""
+
+    def __init__(self, lifetime: float = 30.0) -> None:
+        self._resolver = dns.resolver.Resolver()
+        self._resolver.lifetime = lifetime
+
+    def _query(self, name: str, rdtype: str) -> list[object] | None:
+        try:
+            return list(self._resolver.resolve(name, rdtype))
+        except dns.resolver.NXDOMAIN:
+            raise DnsError(f"{name}: no such domain (NXDOMAIN)", permanent=True) from None
+        except dns.resolver.NoAnswer:
+            return None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DnsError(f"{name}: DNS lookup of {rdtype} failed: {exc}", False) from None
+
+    def mx(self, domain: str) -> list[tuple[int, str]] | None:
+        records = self._query(domain, "MX")
+        if records is None:
+            return None
+        out = []
+        for rec in records:
+            exchange = rec.exchange  # type: ignore[attr-defined]
+            host = "" if exchange == dns.name.root else exchange.to_text(omit_final_dot=True)
+            out.append((int(rec.preference), str(host)))  # type: ignore[attr-defined]
+        return out
+
+    def addresses(self, host: str) -> list[str]:
+        out: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            out += [str(rec.address) for rec in self._query(host, rdtype) or []]  # type: ignore[attr-defined]
+        return out
+
+
+@dataclass(frozen=True)
+class Destination:
+    fqdn: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        addr = f"[{self.address}]" if ":" in self.address else self.address
+        return (
+            f"{self.fqdn}[{addr}]:{self.port}"
+            if self.fqdn != self.address
+            else f"{addr}:{self.port}"
+        )
+
+
+def destinations(domain: str, route: Route, resolver: Resolver) -> list[Destination]:
+    """Hosts to try in order; raises DnsError."""
+    if route.host:
+        if is_ip_literal(route.host):
+            return [Destination(route.host, route.host, route.port)]
+        addrs = resolver.addresses(route.host)
+        if not addrs:
+            raise DnsError(f"relay {route.host} has no A/AAAA records", permanent=False)
+        return [Destination(route.host, a, route.port) for a in addrs][:MAX_ADDRESSES]
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        literal = literal.removeprefix("IPv6:").removeprefix("ipv6:")
+        if not is_ip_literal(literal):
+            raise DnsError(f"bad address literal {domain}", permanent=True)
+        return [Destination(literal, literal, 25)]
+    records = resolver.mx(domain)
+    if records is None:
+        hosts = [domain]
+    else:
+        if any(host == "" for _, host in records):
+            raise DnsError(f"{domain} does not accept mail (null MX, RFC 7505)", permanent=True)
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in records:
+            by_pref.setdefault(pref, []).append(host)
+        hosts = []
+        for pref in sorted(by_pref):
+            group = by_pref[pref]
+            random.shuffle(group)
+            hosts += group
+    out: list[Destination] = []
+    last: DnsError | None = None
+    for host in hosts:
+        try:
+            out += [Destination(host, a, 25) for a in resolver.addresses(host)]
+        except DnsError as exc:
+            last = exc
+        if len(out) >= MAX_ADDRESSES:
+            break
+    if not out:
+        if last is not None and records is None:
+            raise last
+        raise DnsError(f"no address found for the mail hosts of {domain}", permanent=False)
+    return out[:MAX_ADDRESSES]
+
+
+class TlsPolicy:
+    """Every client TLS context pyqmail-send uses, built from the control directory."""
+
+    def __init__(self, control_dir: Path) -> None:
+        self.control_dir = control_dir
+        cert = control_dir / "clientcert.pem"
+        self.clientcert = cert if cert.exists() else None
+        self._cache: dict[str, ssl.SSLContext] = {}
+        self._lock = threading.Lock()
+
+    def _base(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(AEAD_CIPHERS)
+        ctx.options |= ssl.OP_NO_COMPRESSION
+        if self.clientcert is not None:
+            ctx.load_cert_chain(self.clientcert)
+        return ctx
+
+    def _cached(self, key: str) -> ssl.SSLContext:
+        with self._lock:
+            ctx = self._cache.get(key)
+            if ctx is None:
+                ctx = self._base()
+                if key == "verify":
+                    ctx.load_default_certs()
+                elif key == "none":
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                else:
+                    ctx.load_verify_locations(cafile=key)
+                self._cache[key] = ctx
+            return ctx
+
+    def pin(self, fqdn: str) -> Path | None:
+        if "/" in fqdn or fqdn.startswith("."):
+            return None
+        path = self.control_dir / "tlshosts" / f"{fqdn.lower()}.pem"
+        return path if path.exists() else None
+
+    def verifying(self) -> ssl.SSLContext:
+        return self._cached("verify")
+
+    def unverified(self) -> ssl.SSLContext:
+        return self._cached("none")
+
+    def pinned(self, pin: Path) -> ssl.SSLContext:
+        return self._cached(str(pin))
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib connecting to a chosen address while TLS checks the host name."""
+
+    def __init__(self, address: str, helo: str, timeout: float) -> None:
+        self._address = address
+        super().__init__(local_hostname=helo, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        del host
+        return socket.create_connection((self._address, port), timeout)
+
+
+_unverifiable: dict[tuple[str, int], float] = {}
+_unverifiable_lock = threading.Lock()
+
+
+def _known_unverifiable(dest: Destination) -> bool:
+    with _unverifiable_lock:
+        until = _unverifiable.get((dest.address, dest.port), 0.0)
+        return until > time.monotonic()
+
+
+def _mark_unverifiable(dest: Destination) -> None:
+    with _unverifiable_lock:
+        _unverifiable[(dest.address, dest.port)] = time.monotonic() + UNVERIFIABLE_TTL
+
+
+class _FailError(Exception):
+    def __init__(self, result: Result) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return one_line(f"{code} {text}")
+
+
+def _status_of(code: int, text: str) -> str:
+    match = re.match(r"\d{3} ([245])\.(\d{1,3})\.(\d{1,3})\b", text)
+    if match:
+        return ".".join(match.groups())
+    return "5.0.0" if code >= 500 else "4.0.0"
+
+
+def wire_data(message: bytes) -> bytes:
+    """CRLF everywhere, dot-stuffed, terminated: ready to follow a 354."""
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = re.sub(rb"(?m)^\.", b"..", data)
+    return data + b".\r\n"
+
+
+def needs_smtputf8(env: Envelope, recipients: Sequence[str]) -> bool:
+    return (
+        not env.sender.isascii()
+        or any(not r.isascii() for r in recipients)
+        or env.meta.get("smtputf8", "") not in ("", "0", "no")
+    )
+
+
+class RemoteSession:
+    """One SMTP connection to one destination, reused for consecutive jobs."""
+
+    def __init__(self, delivery: RemoteDelivery, domain: str) -> None:
+        self.delivery = delivery
+        self.domain = domain
+        self.route = delivery.control.route(domain)
+        self.smtp: _SMTP | None = None
+        self.dest: Destination | None = None
+        self.tls = "none"
+        self.verified = "-"
+        self.broken: Result | None = None
+        self._dirty = False
+
+    # -- connection ---------------------------------------------------------------------
+    def _result(self, kind: Kind, detail: str, status: str, diagnostic: str = "") -> Result:
+        return Result(
+            kind,
+            detail,
+            status,
+            str(self.dest) if self.dest else self.domain,
+            diagnostic,
+            self.tls,
+            self.verified,
+        )
+
+    def _open(self) -> None:
+        control = self.delivery.control
+        try:
+            dests = destinations(self.domain, self.route, self.delivery.resolver)
+        except DnsError as exc:
+            raise _FailError(
+                Result.perm(f"{exc} (#5.1.2)", "5.1.2", remote=self.domain)
+                if exc.permanent
+                else Result.temp(f"{exc} (#4.4.3)", "4.4.3", remote=self.domain)
+            ) from None
+        last = Result.temp(f"no usable mail host for {self.domain} (#4.4.1)", "4.4.1")
+        for dest in dests:
+            self.dest = dest
+            pin = self.delivery.tls.pin(dest.fqdn)
+            modes = ["pinned"] if pin else ["verify", "none", "plain"]
+            if not pin and _known_unverifiable(dest):
+                modes = ["none", "plain"]
+            for mode in modes:
+                try:
+                    self._connect(dest, mode, pin, control)
+                except _RetryError as exc:
+                    last = exc.result
+                    continue
+                except _FailError as exc:
+                    last = exc.result
+                    break
+                return
+        raise _FailError(last)
+
+    def _connect(self, dest: Destination, mode: str, pin: Path | None, control: Control) -> None:
+        """Connect and negotiate; _RetryError = try the next TLS mode, _FailError = next host."""
+        self.tls, self.verified = "none", "-"
+        smtp = _SMTP(dest.address, control.helohost, control.timeoutconnect)
+        try:
+            self._negotiate(smtp, dest, mode, pin, control)
+        except BaseException:
+            _close(smtp)
+            raise
+        self.smtp = smtp
+
+    def _negotiate(
+        self, smtp: _SMTP, dest: Destination, mode: str, pin: Path | None, control: Control
+    ) -> None:
+        where = str(dest)
+        try:
+            code, text = smtp.connect(dest.fqdn, dest.port)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _FailError(
+                self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
+            ) from None
+        if smtp.sock is not None:
+            smtp.sock.settimeout(control.timeoutremote)
+        if code != 220:
+            raise _FailError(self._result("temp", f"{where} greeted {_reply(code, text)}", "4.4.2"))
+        self._hello(smtp, where)
+        offers_tls = smtp.has_extn("starttls")
+        if pin is not None:
+            if not offers_tls:
+                raise _FailError(
+                    self._result(
+                        "temp",
+                        f"TLS required for {dest.fqdn} (tlshosts) but {where} does not "
+                        "offer STARTTLS; nothing sent",
+                        "4.7.5",
+                    )
+                )
+            self._starttls(smtp, self.delivery.tls.pinned(pin), where, required=True)
+            self.verified = "yes"
+        elif mode in ("verify", "none") and offers_tls:
+            tls = self.delivery.tls
+            ctx = tls.verifying() if mode == "verify" else tls.unverified()
+            try:
+                self._starttls(smtp, ctx, where, required=False)
+            except ssl.SSLCertVerificationError as exc:
+                _mark_unverifiable(dest)
+                raise _RetryError(
+                    self._result("temp", f"{where}: certificate not verified: {exc}", "4.7.5")
+                ) from None
+            except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
+                raise _RetryError(
+                    self._result("temp", f"{where}: TLS handshake failed: {exc}", "4.7.5")
+                ) from None
+            self.verified = "yes" if mode == "verify" else "no"
+        if self.route.user:
+            self._auth(smtp, where)
+
+    def _hello(self, smtp: _SMTP, where: str) -> None:
+        try:
+            code, text = smtp.ehlo()
+            if code != 250:
+                code, text = smtp.helo()
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _FailError(
+                self._result("temp", f"{where}: lost during EHLO: {exc}", "4.4.2")
+            ) from None
+        if code != 250:
+            raise _FailError(
+                self._result("temp", f"{where} refused EHLO/HELO: {_reply(code, text)}", "4.4.2")
+            )
+
+    def _starttls(self, smtp: _SMTP, ctx: ssl.SSLContext, where: str, required: bool) -> None:
+        try:
+            code, text = smtp.starttls(context=ctx)
+        except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
+            if required:
+                raise _FailError(
+                    self._result(
+                        "temp",
+                        f"TLS required for {where} but it failed: {exc}; nothing sent",
+                        "4.7.5",
+                    )
+                ) from None
+            raise
+        if code != 220:
+            if required:
+                raise _FailError(
+                    self._result(
+                        "temp",
+                        f"TLS required for {where}, STARTTLS refused: {_reply(code, text)}",
+                        "4.7.5",
+                    )
+                )
+            raise smtplib.SMTPException(f"STARTTLS refused: {_reply(code, text)}")
+        sock = smtp.sock
+        self.tls = sock.version() or "TLS" if isinstance(sock, ssl.SSLSocket) else "none"
+        self._hello(smtp, where)
+
+    def _auth(self, smtp: _SMTP, where: str) -> None:
+        if self.verified != "yes":
+            raise _FailError(
+                self._result(
+                    "temp",
+                    f"AUTH to {where} refused: credentials are only sent over TLS with a "
+                    "verified or pinned certificate",
+                    "4.7.5",
+                )
+            )
+        try:
+            smtp.login(self.route.user, self.route.password)
+        except smtplib.SMTPAuthenticationError as exc:
+            raise _FailError(
+                self._result(
+                    "temp",
+                    f"{where} rejected AUTH: {_reply(exc.smtp_code, exc.smtp_error)}",
+                    "4.7.8",
+                )
+            ) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _FailError(
+                self._result("temp", f"AUTH to {where} failed: {exc}", "4.7.8")
+            ) from None
+
+    # -- transactions -------------------------------------------------------------------
+    def deliver(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
+        """Send one message to ``recipients`` (all in ``self.domain``); one Result each."""
+        if self.broken is None and self.smtp is None:
+            try:
+                self._open()
+            except _FailError as exc:
+                self.broken = exc.result
+        if self.smtp is None:
+            broken = self.broken or self._result("temp", "not connected", "4.4.1")
+            return [broken] * len(recipients)
+        try:
+            return self._transaction(self.smtp, env, message, recipients)
+        except (OSError, smtplib.SMTPException) as exc:
+            self.broken = self._result("temp", f"connection to {self.dest} lost: {exc}", "4.4.2")
+            _close(self.smtp)
+            self.smtp = None
+            return [self.broken] * len(recipients)
+
+    def _cmd(self, smtp: _SMTP, line: str) -> tuple[int, str]:
+        smtp.putcmd(line)
+        code, text = smtp.getreply()
+        return code, _reply(code, text)
+
+    def _transaction(
+        self, smtp: _SMTP, env: Envelope, message: bytes, recipients: Sequence[str]
+    ) -> list[Result]:
+        if self._dirty:
+            self._cmd(smtp, "RSET")
+        self._dirty = True
+        utf8 = needs_smtputf8(env, recipients)
+        if utf8 and not smtp.has_extn("smtputf8"):
+            res = self._result(
+                "perm",
+                f"{self.dest} does not support SMTPUTF8, which this message needs (#5.6.7)",
+                "5.6.7",
+            )
+            self._dirty = False
+            return [res] * len(recipients)
+        params = []
+        if smtp.has_extn("size"):
+            limit = smtp.esmtp_features.get("size", "").strip()
+            if limit.isdigit() and 0 < int(limit) < len(message):
+                res = self._result(
+                    "perm",
+                    f"message too big for {self.dest} (limit {limit} bytes) (#5.3.4)",
+                    "5.3.4",
+                )
+                self._dirty = False
+                return [res] * len(recipients)
+            params.append(f"SIZE={len(message)}")
+        if smtp.has_extn("8bitmime") and any(b > 127 for b in message):
+            params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")
+        sender = "" if env.sender == DOUBLE_BOUNCE_SENDER else env.sender
+        code, text = self._cmd(smtp, f"MAIL FROM:<{sender}>{''.join(' ' + p for p in params)}")
+        if code != 250:
+            return [self._answer(code, text, "MAIL FROM")] * len(recipients)
+        results: list[Result | None] = []
+        for rcpt in recipients:
+            code, text = self._cmd(smtp, f"RCPT TO:<{rcpt}>")
+            results.append(None if code in (250, 251) else self._answer(code, text, "RCPT TO"))
+        if all(r is not None for r in results):
+            return [r for r in results if r is not None]
+        code, text = self._cmd(smtp, "DATA")
+        if code != 354:
+            final = self._answer(code, text, "DATA")
+        else:
+            smtp.send(wire_data(message))
+            code, reply = smtp.getreply()
+            text = _reply(code, reply)
+            if code == 250:
+                self._dirty = False
+                final = self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
+            else:
+                final = self._answer(code, text, "end of DATA")
+        return [final if r is None else r for r in results]
+
+    def _answer(self, code: int, text: str, stage: str) -> Result:
+        detail = f"{self.dest} said at {stage}: {text}"
+        kind: Kind = "perm" if 500 <= code < 600 else "temp"
+        return self._result(kind, detail, _status_of(code, text), f"smtp; {text}")
+
+    def close(self) -> None:
+        if self.smtp is not None:
+            _close(self.smtp)
+            self.smtp = None
+
+
+class _RetryError(_FailError):
+    pass
+
+
+def _close(smtp: _SMTP) -> None:
+    try:
+        if smtp.sock is not None:
+            smtp.sock.settimeout(5)
+            smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        pass
+    finally:
+        smtp.close()
+
+
+class RemoteDelivery:
+    """Factory of sessions; one per worker per destination key."""
+
+    def __init__(
+        self, control: Control, resolver: Resolver | None = None, tls: TlsPolicy | None = None
+    ) -> None:
+        self.control = control
+        self.resolver: Resolver = resolver or DnsResolver()
+        self.tls = tls or TlsPolicy(control.control)
+
+    def key(self, recipient: str) -> str:
+        """Jobs with the same key may share a connection."""
+        domain = split_address(recipient)[1]
+        route = self.control.route(domain)
+        return route.key or f"mx:{domain}"
+
+    def session(self, domain: str) -> RemoteSession:
+        return RemoteSession(self, domain)

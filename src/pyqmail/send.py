@@ -1,0 +1,709 @@
+"""pyqmail-send: the queue manager (qmail-send), driving local and remote delivery.
+
+Pickup protocol (new/ -> mess/): on start, on ALRM, and whenever the trigger FIFO is poked,
+every file in ``new/`` is verified (``parse_message``: header and END trailer; a torn file
+goes to ``bad/``), renamed into ``mess/``, and ``mess/`` is fsynced once per batch before any
+delivery of those messages starts. A crash before the fsync leaves the file in ``new/`` (or
+already in ``mess/``): either way it is picked up again; nothing was delivered yet.
+
+Delivery state (``state/<id>``, owned by pyqmail-send): one JSON object per line, appended::
+
+    {"ev": "done", "rcpt": 0, "t": 1700000000.0, "detail": "..."}
+    {"ev": "failed", "rcpt": 1, "t": ..., "status": "5.1.1", "detail": "...", "remote": "...",
+     "diag": "smtp; 550 ...", "expired": false}
+    {"ev": "deferred", "rcpt": 2, "t": ..., "status": "4.4.1", "detail": "...", "remote": "..."}
+    {"ev": "bounced", "t": ..., "bounce": "<queue id of the DSN, or empty when dropped>"}
+
+``rcpt`` indexes the ``to`` lines of the queue file. A missing state file means nothing has
+happened yet. Durability protocol: a ``done``/``failed``/``bounced`` line is appended only
+after the delivery (Maildir fsync, remote 250, or DSN enqueue) is itself durable, and the
+append is fdatasync'ed (the first append also fsyncs ``state/``) before anyone relies on it.
+So after kill -9: a recipient recorded done is never delivered again; one that is not is
+delivered again (a possible duplicate, never a loss). ``deferred`` lines are advisory (last
+error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ignored.
+
+When every recipient is done or failed: the DSN is queued if anything failed (see
+``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
+and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
+
+Scheduling: each recipient is retried on qmail's schedule, ``birth + (sqrt(last - birth) +
+c)^2`` seconds with c = 10 (local) or 20 (remote), until ``queuelifetime``; after that a
+temporary failure becomes permanent (bounce, Status 4.4.7). At most ``concurrencylocal``
+local deliveries and ``concurrencyremote`` SMTP connections run at once; a remote worker
+keeps its connection and takes the next ready job for the same destination.
+
+Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
+control files, TERM stops starting deliveries, waits for those in flight, exits 0.
+The process holds an exclusive lock on ``<queue>/lock/sendpid`` (which holds its pid);
+``pyqmail-queue flush`` sends ALRM to that pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import heapq
+import json
+import math
+import os
+import pwd
+import select
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyqmail.bounce import Failure, bounce_target, make_dsn
+from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
+from pyqmail.local import LocalDelivery
+from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.remote import RemoteDelivery, RemoteSession, Resolver
+
+PIDFILE = "lock/sendpid"
+CHANSKIP = {"local": 10, "remote": 20}
+CLEAN_TMP_EVERY = 3600.0
+MAX_SLEEP = 60.0
+
+
+def nextretry(birth: float, last: float, channel: str) -> float:
+    """qmail-send's retry schedule."""
+    n = math.isqrt(int(last - birth)) if last > birth else 0
+    n += CHANSKIP[channel]
+    return birth + n * n
+
+
+# -- state files ------------------------------------------------------------------------
+
+
+def read_state(path: Path) -> list[dict[str, Any]]:
+    """The records of a state file (complete lines only); [] if it does not exist."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n")[:-1]:  # the part after the last LF is torn or empty
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_state(path: Path, record: dict[str, Any], durable: bool = True) -> None:
+    line = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, line)
+        if durable or created:
+            os.fdatasync(fd) if not created else os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+# -- in-memory model --------------------------------------------------------------------
+
+
+@dataclass
+class Rcpt:
+    index: int
+    address: str
+    channel: str  # "local" | "remote"
+    status: str = "pending"  # pending | busy | done | failed
+    next_try: float = 0.0
+    last_try: float = 0.0
+    result: Result | None = None
+    expired: bool = False
+
+
+@dataclass
+class Msg:
+    env: Envelope
+    rcpts: list[Rcpt]
+    bounced: bool = False
+    finishing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status in ("done", "failed") for r in self.rcpts)
+
+
+def _result_from(record: dict[str, Any]) -> Result:
+    kind = {"done": "ok", "failed": "perm"}.get(str(record.get("ev")), "temp")
+    return Result(
+        kind,  # type: ignore[arg-type]
+        str(record.get("detail", "")),
+        str(record.get("status", "")),
+        str(record.get("remote", "local")),
+        str(record.get("diag", "")),
+    )
+
+
+def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now: float) -> Msg:
+    """Rebuild a message's delivery state from its state file records."""
+    rcpts = [
+        Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
+        for i, a in enumerate(env.recipients)
+    ]
+    msg = Msg(env, rcpts)
+    for record in records:
+        ev = record.get("ev")
+        if ev == "bounced":
+            msg.bounced = True
+            continue
+        index = record.get("rcpt")
+        if not isinstance(index, int) or not 0 <= index < len(rcpts):
+            continue
+        r = rcpts[index]
+        if r.status in ("done", "failed"):
+            continue
+        r.result = _result_from(record)
+        r.last_try = float(record.get("t", 0.0))
+        if ev == "done":
+            r.status = "done"
+        elif ev == "failed":
+            r.status = "failed"
+            r.expired = bool(record.get("expired", False))
+        elif ev == "deferred":
+            r.next_try = max(now, nextretry(env.received, r.last_try, r.channel))
+    return msg
+
+
+# -- the manager ------------------------------------------------------------------------
+
+
+class Log:
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+class Manager:
+    def __init__(
+        self,
+        root: Path,
+        log: Log | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.root = root
+        self.queue = Queue(root / "queue")
+        self.queue.check()
+        self.log = log or Log()
+        self.control = Control.load(root)
+        self.resolver = resolver
+        self._deliverers()
+        self.lock = threading.Lock()
+        self.msgs: dict[str, Msg] = {}
+        self.heap: list[tuple[float, int, str, int]] = []
+        self._seq = 0
+        self.ready_local: deque[tuple[str, int]] = deque()
+        self.ready_remote: dict[str, deque[tuple[str, list[int]]]] = {}
+        self.remote_workers: dict[str, int] = {}
+        self.busy_local = 0
+        self.busy_remote = 0
+        self.to_finish: set[str] = set()
+        self.stopping = False
+        self.flags: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.local_pool = ThreadPoolExecutor(self.control.concurrencylocal, "local")
+        self.remote_pool = ThreadPoolExecutor(self.control.concurrencyremote, "remote")
+        self._last_clean = 0.0
+
+    def _deliverers(self) -> None:
+        self.local = LocalDelivery(self.control, self.queue)
+        self.remote = RemoteDelivery(self.control, self.resolver)
+
+    # -- waking ---------------------------------------------------------------------
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._wake_w, b"\0")
+
+    def _signal(self, signum: int, frame: object) -> None:
+        del frame
+        names = {int(signal.SIGALRM): "alrm", int(signal.SIGHUP): "hup"}
+        self.flags.add(names.get(signum, "term"))
+
+    # -- loading --------------------------------------------------------------------
+    def startup(self) -> None:
+        removed = self.queue.clean_tmp()
+        if removed:
+            self.log(f"status cleaned {len(removed)} stale tmp files")
+        self._last_clean = time.monotonic()
+        mess = set(self.queue.ids("mess"))
+        for name in self.queue.ids("state"):
+            if name not in mess:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.queue.path("state", name))
+                self.log(f"status removed orphan state {name}")
+        for queue_id in sorted(mess):
+            self._load("mess", queue_id)
+        self.pickup()
+
+    def _load(self, sub: str, queue_id: str) -> Msg | None:
+        try:
+            env, _ = self.queue.read(sub, queue_id)
+        except QueueError as exc:
+            with contextlib.suppress(OSError):
+                self.queue.quarantine(sub, queue_id)
+            with contextlib.suppress(OSError):
+                os.unlink(self.queue.path("state", queue_id))
+            self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
+            return None
+        now = time.time()
+        msg = load_msg(env, read_state(self.queue.path("state", queue_id)), self.control, now)
+        with self.lock:
+            self.msgs[queue_id] = msg
+            for r in msg.rcpts:
+                if r.status == "pending":
+                    self._push(queue_id, r)
+            if msg.finished:
+                self.to_finish.add(queue_id)
+        return msg
+
+    def pickup(self) -> int:
+        """Move verified messages from new/ to mess/ and schedule them."""
+        moved: list[str] = []
+        for queue_id in self.queue.ids("new"):
+            try:
+                env, _ = self.queue.read("new", queue_id)
+            except QueueError as exc:
+                if self.queue.path("new", queue_id).exists():
+                    with contextlib.suppress(OSError):
+                        self.queue.quarantine("new", queue_id)
+                    self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
+                continue
+            try:
+                os.rename(self.queue.path("new", queue_id), self.queue.path("mess", queue_id))
+            except OSError as exc:
+                self.log(f"warning cannot move {queue_id} to mess/: {exc}")
+                continue
+            moved.append(queue_id)
+            self.log(
+                f"new msg {queue_id} from=<{one_line(env.sender)}> "
+                f"rcpts={len(env.recipients)} size={env.size}"
+            )
+        if moved:
+            fsync_dir(self.queue.path("mess"))
+            for queue_id in moved:
+                self._load("mess", queue_id)
+        return len(moved)
+
+    def _push(self, queue_id: str, r: Rcpt) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (r.next_try, self._seq, queue_id, r.index))
+
+    # -- dispatch -------------------------------------------------------------------
+    def retry_all(self) -> None:
+        now = time.time()
+        with self.lock:
+            for queue_id, msg in self.msgs.items():
+                for r in msg.rcpts:
+                    if r.status == "pending" and r.next_try > now:
+                        r.next_try = now
+                        self._push(queue_id, r)
+
+    def _collect_due(self, now: float) -> None:
+        """Move due recipients from the heap to the ready queues (lock held)."""
+        while self.heap and self.heap[0][0] <= now:
+            when, _, queue_id, index = heapq.heappop(self.heap)
+            msg = self.msgs.get(queue_id)
+            if msg is None:
+                continue
+            r = msg.rcpts[index]
+            if r.status != "pending" or r.next_try != when:
+                continue
+            r.status = "busy"
+            if r.channel == "local":
+                self.ready_local.append((queue_id, index))
+                continue
+            key = self.remote.key(r.address)
+            batch = [index]
+            for other in msg.rcpts:  # same message, same destination: one transaction
+                if (
+                    other.status == "pending"
+                    and other.channel == "remote"
+                    and self.remote.key(other.address) == key
+                    and split_address(other.address)[1] == split_address(r.address)[1]
+                ):
+                    other.status = "busy"
+                    batch.append(other.index)
+            self.ready_remote.setdefault(key, deque()).append((queue_id, batch))
+
+    def dispatch(self) -> None:
+        if self.stopping:
+            return
+        with self.lock:
+            self._collect_due(time.time())
+            while self.ready_local and self.busy_local < self.control.concurrencylocal:
+                job = self.ready_local.popleft()
+                self.busy_local += 1
+                self.local_pool.submit(self._guard, self._local_job, job)
+            for key, jobs in self.ready_remote.items():
+                while (
+                    jobs
+                    and self.busy_remote < self.control.concurrencyremote
+                    and len(jobs) > self.remote_workers.get(key, 0)
+                ):
+                    self.busy_remote += 1
+                    self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
+                    self.remote_pool.submit(self._guard, self._remote_worker, key)
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # a bug must not silently eat a delivery slot
+            self.log(f"error delivery worker crashed: {type(exc).__name__}: {one_line(str(exc))}")
+            raise
+        finally:
+            self.wake()
+
+    def _read_body(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
+        try:
+            return self.queue.read("mess", queue_id)
+        except QueueError as exc:
+            return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
+
+    def _local_job(self, job: tuple[str, int]) -> None:
+        queue_id, index = job
+        try:
+            msg = self.msgs[queue_id]
+            rcpt = msg.rcpts[index]
+            read = self._read_body(queue_id)
+            if isinstance(read, Result):
+                result = read
+            else:
+                try:
+                    result = self.local.deliver(read[0], read[1], rcpt.address)
+                except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
+                    result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
+            self._complete(queue_id, index, result)
+        finally:
+            with self.lock:
+                self.busy_local -= 1
+
+    def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
+        with self.lock:
+            jobs = self.ready_remote.get(key)
+            if self.stopping or not jobs:
+                return None
+            return jobs.popleft()
+
+    def _remote_worker(self, key: str) -> None:
+        session: RemoteSession | None = None
+        try:
+            while (job := self._take_remote(key)) is not None:
+                queue_id, indexes = job
+                msg = self.msgs[queue_id]
+                addresses = [msg.rcpts[i].address for i in indexes]
+                read = self._read_body(queue_id)
+                if isinstance(read, Result):
+                    results = [read] * len(indexes)
+                else:
+                    if session is None or session.broken is not None:
+                        if session is not None:
+                            session.close()
+                        session = self.remote.session(split_address(addresses[0])[1])
+                    try:
+                        results = session.deliver(read[0], read[1], addresses)
+                    except Exception as exc:  # noqa: BLE001 - a bug defers, never loses mail
+                        session.close()
+                        session = None
+                        results = [Result.temp(f"remote delivery error: {exc}", "4.0.0")] * len(
+                            indexes
+                        )
+                for i, result in zip(indexes, results, strict=True):
+                    self._complete(queue_id, i, result)
+                self.wake()
+        finally:
+            if session is not None:
+                session.close()
+            with self.lock:
+                self.busy_remote -= 1
+                self.remote_workers[key] -= 1
+                if not self.remote_workers[key]:
+                    del self.remote_workers[key]
+                    if not self.ready_remote.get(key, True):
+                        del self.ready_remote[key]
+
+    # -- completion -----------------------------------------------------------------
+    def _complete(self, queue_id: str, index: int, result: Result) -> None:
+        msg = self.msgs[queue_id]
+        r = msg.rcpts[index]
+        now = time.time()
+        expired = False
+        if result.kind == "temp" and now >= msg.env.received + self.control.queuelifetime:
+            expired = True
+        event = {"ok": "done", "perm": "failed", "temp": "deferred"}[result.kind]
+        if expired:
+            event = "failed"
+        record: dict[str, Any] = {"ev": event, "rcpt": index, "t": round(now, 3)}
+        record["detail"] = one_line(result.detail, 1000)
+        if event != "done":
+            record |= {"status": result.status, "remote": result.remote, "diag": result.diagnostic}
+        if event == "failed":
+            record["expired"] = expired
+        state_error = ""
+        with msg.lock:
+            try:
+                append_state(
+                    self.queue.path("state", queue_id), record, durable=event != "deferred"
+                )
+            except OSError as exc:
+                state_error = str(exc)
+        self.log(
+            f"delivery {queue_id} {index} to=<{one_line(r.address)}> "
+            f"result={'expired' if expired else event} host={one_line(result.remote)} "
+            f"tls={result.tls} verified={result.verified} detail={one_line(result.detail)}"
+        )
+        with self.lock:
+            r.last_try = now
+            r.result = result
+            if state_error:
+                # not recorded: treat as not done (a duplicate later beats a loss)
+                self.log(f"warning cannot record state of {queue_id}: {state_error}")
+                r.status = "pending"
+                r.next_try = nextretry(msg.env.received, now, r.channel)
+                self._push(queue_id, r)
+            elif event == "deferred":
+                r.status = "pending"
+                r.next_try = nextretry(msg.env.received, now, r.channel)
+                self._push(queue_id, r)
+            else:
+                r.status = event
+                r.expired = expired
+                if msg.finished:
+                    self.to_finish.add(queue_id)
+
+    def finish(self) -> None:
+        """Bounce and delete messages whose recipients are all done or failed."""
+        with self.lock:
+            ids, self.to_finish = sorted(self.to_finish), set()
+        unlinked: list[str] = []
+        for queue_id in ids:
+            msg = self.msgs[queue_id]
+            failures = [
+                Failure(r.address, r.result or Result.perm("failed"), r.last_try, r.expired)
+                for r in msg.rcpts
+                if r.status == "failed"
+            ]
+            if failures and not msg.bounced and not self._bounce(queue_id, msg, failures):
+                with self.lock:  # try again at the next loop
+                    self.to_finish.add(queue_id)
+                continue
+            try:
+                os.unlink(self.queue.path("mess", queue_id))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.log(f"warning cannot remove mess/{queue_id}: {exc}")
+                continue
+            unlinked.append(queue_id)
+        if unlinked:
+            fsync_dir(self.queue.path("mess"))
+        for queue_id in unlinked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.queue.path("state", queue_id))
+            with self.lock:
+                del self.msgs[queue_id]
+            self.log(f"end msg {queue_id}")
+
+    def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
+        target = bounce_target(msg.env, self.control)
+        bounce_id = ""
+        if target is None:
+            why = (
+                "a failed double bounce"
+                if msg.env.sender
+                else "doublebounceto is empty: double bounce"
+            )
+            self.log(f"bounce msg {queue_id} dropped: {why} (qmail drops these)")
+        else:
+            read = self._read_body(queue_id)
+            if isinstance(read, Result):
+                self.log(f"warning cannot bounce {queue_id}: {read.detail}")
+                return False
+            dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
+            try:
+                bounce_env = self.queue.enqueue(
+                    target.sender, [target.recipient], dsn, {"bounce_of": queue_id}
+                )
+            except QueueError as exc:
+                self.log(f"warning cannot queue bounce for {queue_id}: {exc}")
+                return False
+            bounce_id = bounce_env.queue_id
+            kind = "double bounce" if target.double else "bounce"
+            self.log(f"bounce msg {queue_id} {kind} qp {bounce_id} to=<{target.recipient}>")
+        try:
+            with msg.lock:
+                append_state(
+                    self.queue.path("state", queue_id),
+                    {"ev": "bounced", "t": round(time.time(), 3), "bounce": bounce_id},
+                )
+        except OSError as exc:
+            self.log(f"warning cannot record bounce of {queue_id}: {exc}")
+            return False
+        msg.bounced = True
+        return True
+
+    # -- main loop ------------------------------------------------------------------
+    def _sleep_time(self) -> float:
+        with self.lock:
+            if self.to_finish:
+                return 0.0
+            if not self.heap:
+                return MAX_SLEEP
+            return max(0.0, min(MAX_SLEEP, self.heap[0][0] - time.time()))
+
+    def _handle_flags(self) -> None:
+        flags, self.flags = self.flags, set()
+        if "term" in flags and not self.stopping:
+            self.stopping = True
+            self.log("status TERM: finishing deliveries in flight, then exiting")
+        if "hup" in flags:
+            try:
+                self.control = Control.load(self.root)
+                self._deliverers()
+                self.log("status HUP: control files reloaded")
+            except ControlError as exc:
+                self.log(f"warning HUP: keeping the old control files: {exc}")
+        if "alrm" in flags:
+            self.log("status ALRM: retrying every deferred recipient now")
+            self.pickup()
+            self.retry_all()
+
+    def run(self) -> int:
+        trigger = self.queue.root / "lock" / "trigger"
+        fifo = os.open(trigger, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        keep = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no EOF spin
+        for signum in (signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.log(f"status pyqmail-send started, pid {os.getpid()}, root {self.root}")
+        self.startup()
+        try:
+            while True:
+                self._handle_flags()
+                if self.stopping:
+                    with self.lock:
+                        idle = self.busy_local == 0 and self.busy_remote == 0
+                    if idle:
+                        self.finish()
+                        break
+                else:
+                    self.finish()
+                    self.dispatch()
+                    if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:
+                        self.queue.clean_tmp()
+                        self._last_clean = time.monotonic()
+                timeout = 1.0 if self.stopping else self._sleep_time()
+                if self.flags:
+                    timeout = 0.0
+                ready, _, _ = select.select([fifo, self._wake_r], [], [], timeout)
+                if self._wake_r in ready:
+                    _drain(self._wake_r)
+                if fifo in ready:
+                    _drain(fifo)
+                    if not self.stopping:
+                        self.pickup()
+        finally:
+            self.local_pool.shutdown(wait=True)
+            self.remote_pool.shutdown(wait=True)
+            os.close(fifo)
+            os.close(keep)
+        self.log("status pyqmail-send exiting")
+        return 0
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+# -- process set-up ---------------------------------------------------------------------
+
+
+def drop_privileges(user: str | None) -> None:
+    """Become ``user`` (when root); refuse to handle mail as root unless asked explicitly."""
+    if user is None:
+        if os.geteuid() == 0:
+            raise SystemExit(
+                "pyqmail-send: refusing to run as root; pass --user pyqmails (or --user root "
+                "to insist)"
+            )
+        return
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SystemExit(f"pyqmail-send: --user {user}: no such user") from None
+    if os.geteuid() == 0:
+        if pw.pw_uid == 0:
+            sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
+            return
+        os.setgroups(os.getgrouplist(user, pw.pw_gid))
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    elif os.geteuid() != pw.pw_uid:
+        raise SystemExit(f"pyqmail-send: --user {user} needs root; running as uid {os.geteuid()}")
+
+
+def lock_pidfile(queue_root: Path) -> int:
+    """Exclusive lock on lock/sendpid holding our pid; exits if another instance runs."""
+    path = queue_root / PIDFILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise SystemExit(
+                f"pyqmail-send: another pyqmail-send is running on {queue_root} (pid {other})"
+            ) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pyqmail-send", description="queue manager: local and remote delivery"
+    )
+    parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
+    parser.add_argument("--user", help="user to deliver as when started as root (pyqmails)")
+    args = parser.parse_args(argv)
+    drop_privileges(args.user)
+    root = Path(args.root)
+    try:
+        manager = Manager(root)
+    except (ControlError, QueueError) as exc:
+        sys.stderr.write(f"pyqmail-send: {exc}\n")
+        return 111
+    pid_fd = lock_pidfile(manager.queue.root)
+    try:
+        return manager.run()
+    finally:
+        os.close(pid_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
