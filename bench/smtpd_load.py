@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +196,23 @@ def run_load(
     )
 
 
-def measure_idle(server: Server, connections: int, processes: int) -> tuple[int, int, int]:
-    """Hold ``connections`` idle sessions (after EHLO); (peak PSS KiB, processes, held)."""
+@dataclass(frozen=True)
+class Idle:
+    baseline_kib: int  # summed PSS just before the idle connections were opened
+    peak_kib: int  # summed PSS while they were held
+    procs: int
+    held: int
+
+
+def measure_idle(server: Server, connections: int, processes: int) -> Idle:
+    """Hold ``connections`` idle sessions (after EHLO) and read the server's PSS."""
     argv_per_proc = [
         ["--port", str(server.port), "--idle", str(n)] for n in split(connections, processes)
     ]
     gens = Generators(argv_per_proc)
     try:
         gens.expect("ready", timeout=30)
+        baseline, _ = tree_pss_kib(server.pid)
         gens.tell("go")
         held = gens.expect("holding", timeout=120)
         time.sleep(1.0)  # let the server settle (lazy allocations, forks finishing)
@@ -218,7 +228,7 @@ def measure_idle(server: Server, connections: int, processes: int) -> tuple[int,
     finally:
         gens.kill()
     server.check_alive()
-    return peak, procs, sum(int(h["connections"]) for h in held)
+    return Idle(baseline, peak, procs, sum(int(h["connections"]) for h in held))
 
 
 def median(values: list[float]) -> float:
@@ -334,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"generator CPU {run.gen_cpu:5.2f}s{flag}",
                         flush=True,
                     )
-        idle: dict[str, tuple[int, int, int]] = {}
+        idle: dict[str, Idle] = {}
         if args.idle:
             for server in servers:
-                idle[server.name] = measure_idle(server, args.idle, args.generators)
-                kib, procs, held = idle[server.name]
+                idle[server.name] = res = measure_idle(server, args.idle, args.generators)
+                kib, procs, held = res.peak_kib, res.procs, res.held
                 print(
                     f"# idle {server.name:<8} {held} connections held: PSS {mib(kib)} MiB "
                     f"({procs} procs)",
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {f"{w} | {s}": [r.__dict__ for r in rs] for (w, s), rs in runs.items()}
-                | {f"idle | {s}": list(v) for s, v in idle.items()},
+                | {f"idle | {s}": v.__dict__ for s, v in idle.items()},
                 indent=1,
             )
         )
@@ -372,7 +382,7 @@ def print_table(
     args: argparse.Namespace,
     names: list[str],
     runs: dict[tuple[str, str], list[Run]],
-    idle: dict[str, tuple[int, int, int]],
+    idle: dict[str, Idle],
 ) -> None:
     def med(workload: str, server: str, attr: str) -> float:
         return median([getattr(r, attr) for r in runs.get((workload, server), [])])
@@ -418,13 +428,14 @@ def print_table(
     line += "".join(f"{ratio(peak['pyqmail'], peak[p]):>8}" for p in peers)
     print(line)
     if idle:
-        line = f"{f'{args.idle} idle connections':<32}"
-        line += "".join(f"{mib(idle[n][0]) if n in idle else 'n/a':>16}" for n in names)
-        line += "".join(
-            f"{ratio(idle['pyqmail'][0], idle[p][0]) if 'pyqmail' in idle else 'n/a':>8}"
-            for p in peers
-        )
-        print(line)
+        for label, attr in (
+            ("before the idle phase", "baseline_kib"),
+            (f"with {args.idle} idle connections", "peak_kib"),
+        ):
+            values = {n: float(getattr(idle[n], attr)) if n in idle else nan for n in names}
+            line = f"{label:<32}" + "".join(f"{mib(values[n]):>16}" for n in names)
+            line += "".join(f"{ratio(values['pyqmail'], values[p]):>8}" for p in peers)
+            print(line)
     print()
     if "postfix" in peers and len(ratios_pf) == len(WORKLOADS):
         print(f"min ratio vs postfix: {min(ratios_pf):.2f}")

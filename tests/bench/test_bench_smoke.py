@@ -129,10 +129,10 @@ def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFil
 
 
 def test_idle_connections_are_held(aiosmtpd: Server) -> None:
-    kib, procs, held = measure_idle(aiosmtpd, 30, 2)
-    assert held == 30
-    assert procs == 1
-    assert kib > 1024
+    idle = measure_idle(aiosmtpd, 30, 2)
+    assert idle.held == 30
+    assert idle.procs == 1
+    assert idle.peak_kib > idle.baseline_kib > 1024
 
 
 def test_pss_of_a_process_tree(aiosmtpd: Server) -> None:
