@@ -1,0 +1,114 @@
+"""Small client-side helpers for the end-to-end tests: TLS contexts and a raw SMTP socket."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import PKI
+from tests.pki import Issued
+
+MESSAGE = (
+    b"From: Sender <sender@remote.test>\r\n"
+    b"To: user@example.test\r\n"
+    b"Subject: e2e\r\n"
+    b"Message-ID: <e2e-1@remote.test>\r\n"
+    b"\r\n"
+    b"Hello there.\r\n"
+    b".leading dot survives\r\n"
+)
+
+
+def client_context(pki: PKI, cert: Issued | None = None, tmp: Path | None = None) -> ssl.SSLContext:
+    """Trusts the test CA; presents ``cert`` (written to ``tmp``) when given."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    if cert is not None:
+        assert tmp is not None
+        path = tmp / "client.pem"
+        path.write_bytes(cert.key_pem + cert.cert_pem)
+        ctx.load_cert_chain(str(path))
+    return ctx
+
+
+class RawSMTP:
+    """A line-level SMTP client over a plain socket that can be upgraded to TLS."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            (host, port), timeout=timeout
+        )
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, list[str]]:
+        """One complete (possibly multi-line) reply."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed; got so far: {lines!r} {self.buf!r}")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            text = line.decode()
+            lines.append(text)
+            if text[3:4] != "-":
+                return int(text[:3]), lines
+
+    def cmd(self, line: str) -> tuple[int, list[str]]:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def nothing_pending(self, wait: float = 0.5) -> bool:
+        """True if the server sent nothing more within ``wait`` seconds."""
+        if self.buf:
+            return False
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, ssl.SSLWantReadError):
+            return True
+        finally:
+            self.sock.settimeout(10)
+        self.buf += data
+        return False
+
+    def is_closed(self, wait: float = 5.0) -> bool:
+        """True if the server closes the connection (EOF or reset) within ``wait``."""
+        self.sock.settimeout(wait)
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+    def starttls(self, ctx: ssl.SSLContext, server_hostname: str = "localhost") -> None:
+        assert not self.buf, f"plaintext after STARTTLS reply: {self.buf!r}"
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def openssl(args: list[str], stdin: bytes = b"QUIT\r\n", timeout: float = 20) -> tuple[int, str]:
+    """Run ``openssl s_client`` (etc.) and return its exit code and combined output."""
+    proc = subprocess.run(
+        ["openssl", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")

@@ -1,0 +1,272 @@
+"""pyqmail-smtpd with real clients: smtplib over plain, STARTTLS, SMTPS and submission."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PKI
+from tests.e2e.conftest import QmailRoot, StartDaemon
+from tests.e2e.helpers import MESSAGE, RawSMTP, client_context
+
+USERS = {"alice@mx.test": "correct horse battery", "bob@mx.test": "s3cret-b0b"}
+
+
+def test_plain_message_lands_in_queue_with_envelope_and_log(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    d = smtpd()
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        code, _ = s.ehlo("client.test")
+        assert code == 250
+        assert s.has_extn("starttls")
+        assert not s.has_extn("auth"), "port-25 style must not offer AUTH by default"
+        refused = s.sendmail(
+            "sender@remote.test", ["user@example.test", "x@a.sub.example.test"], MESSAGE
+        )
+        assert refused == {}
+    [(env, body)] = qmail_root.queued()
+    assert env.sender == "sender@remote.test"
+    assert env.recipients == ("user@example.test", "x@a.sub.example.test")
+    assert env.meta["client"] == "127.0.0.1"
+    assert env.meta["helo"] == "client.test"
+    received, rest = body.split(b"\r\n", 1)
+    assert received.startswith(b"Received: from client.test (unknown [127.0.0.1])")
+    assert b"by mx.test (pyqmail) with ESMTP;" in rest
+    assert body.endswith(MESSAGE), "message must be stored un-dot-stuffed with CRLF"
+    assert qmail_root.tmp_files() == []
+    m = d.wait_for(r"msg qid=(\S+) mid=(\S+) size=(\d+) ip=127\.0\.0\.1 from=(\S+) to=(\S+)")[0]
+    assert m.group(1) == env.queue_id
+    assert m.group(2) == "<e2e-1@remote.test>"
+    assert int(m.group(3)) == env.size == len(body)
+    assert m.group(4) == "<sender@remote.test>"
+    assert m.group(5) == "<user@example.test>,<x@a.sub.example.test>"
+    d.wait_for(r"conn ip=127\.0\.0\.1 port=\d+ secs=[\d.]+ msgs=1")
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "code"),
+    [
+        ("user@example.test", 250),
+        ("USER@Example.TEST", 250),
+        ("x@deep.a.sub.example.test", 250),
+        ("x@sub.example.test", 553),  # ".sub.example.test" covers subdomains only (qmail)
+        ("x@elsewhere.test", 553),
+        ("x%elsewhere.test@example.test", 553),
+        ("elsewhere.test!x@example.test", 553),
+        ("@elsewhere.test:x@example.test", 250),  # source route ignored: local address
+        ('"x@elsewhere.test"@example.test', 553),  # quoted local parts refused
+        ("x@[127.0.0.1]", 553),
+    ],
+)
+def test_relay_rules_without_relay_rights(smtpd: StartDaemon, rcpt: str, code: int) -> None:
+    d = smtpd()
+    c = RawSMTP(d.host, d.port)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
+    got, lines = c.cmd(f"RCPT TO:<{rcpt}>")
+    assert got == code, lines
+    if code == 553:
+        assert lines[0].startswith("553 5.")
+    c.close()
+
+
+def test_starttls_then_message_records_tls(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    d = smtpd()
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        s.ehlo("client.test")
+        code, _ = s.starttls(context=client_context(pki))
+        assert code == 220
+        s.ehlo("client.test")
+        assert not s.has_extn("starttls"), "STARTTLS must not be offered inside TLS"
+        assert s.sock is not None
+        version = s.sock.version()  # type: ignore[union-attr]
+        s.sendmail("sender@remote.test", ["user@example.test"], MESSAGE)
+    [(env, body)] = qmail_root.queued()
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    assert "with ESMTPS;" in head
+    assert version is not None and version in head
+    assert env.meta["tls"].startswith(f"{version}:")
+    d.wait_for(rf"msg qid=\S+ .* tls={version}:\S+:\d+")
+
+
+def test_smtps_auth_relays_and_names_user(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    qmail_root.users(USERS)
+    d = smtpd(mode="smtps")
+    with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=client_context(pki)) as s:
+        s.ehlo("laptop.test")
+        assert not s.has_extn("starttls")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        s.login("alice@mx.test", USERS["alice@mx.test"])
+        s.sendmail("alice@mx.test", ["friend@elsewhere.test"], MESSAGE)
+    [(env, body)] = qmail_root.queued()
+    assert env.recipients == ("friend@elsewhere.test",)
+    assert env.meta["auth"] == "alice@mx.test"
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    assert "(authenticated user: alice@mx.test)" in head
+    assert "with ESMTPSA;" in head
+    assert "TLSv1.3" in head
+    d.wait_for(r"msg qid=\S+ .* auth=alice@mx\.test from=<alice@mx\.test> to=<friend@")
+
+
+def test_submission_forces_tls_before_auth_and_mail(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    qmail_root.users(USERS)
+    d = smtpd(mode="submission")
+    c = RawSMTP(d.host, d.port)
+    assert c.reply()[0] == 220
+    code, lines = c.cmd("EHLO laptop.test")
+    assert code == 250
+    assert "250-STARTTLS" in lines
+    assert not any("AUTH" in line for line in lines), "AUTH offered before STARTTLS"
+    code, lines = c.cmd("AUTH PLAIN AGFsaWNlQG14LnRlc3QAeA==")
+    assert code in (503, 530, 538), lines
+    code, lines = c.cmd("MAIL FROM:<alice@mx.test>")
+    assert code == 530, lines
+    assert c.cmd("STARTTLS")[0] == 220
+    c.starttls(client_context(pki))
+    code, lines = c.cmd("EHLO laptop.test")
+    assert any(line[4:].startswith("AUTH PLAIN LOGIN") for line in lines), lines
+    code, lines = c.cmd("MAIL FROM:<alice@mx.test>")
+    assert code == 530, "submission must require AUTH before MAIL"
+    c.close()
+    assert qmail_root.queued() == []
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+def test_submission_auth_mechanisms(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI, mechanism: str
+) -> None:
+    qmail_root.users(USERS, cram=("bob@mx.test",))
+    d = smtpd(mode="submission")
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        s.starttls(context=client_context(pki))
+        s.ehlo("laptop.test")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+        s.user, s.password = "bob@mx.test", USERS["bob@mx.test"]
+        auth = {"PLAIN": s.auth_plain, "LOGIN": s.auth_login, "CRAM-MD5": s.auth_cram_md5}
+        code, _ = s.auth(mechanism, auth[mechanism], initial_response_ok=mechanism == "PLAIN")
+        assert code == 235
+        s.sendmail("bob@mx.test", ["x@elsewhere.test"], MESSAGE)
+    [(env, _)] = qmail_root.queued()
+    assert env.meta["auth"] == "bob@mx.test"
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [
+        ("alice@mx.test", "wrong"),
+        ("nobody@mx.test", "correct horse battery"),
+        ("ALICE@mx.test", "x"),
+    ],
+)
+def test_bad_credentials_same_535_and_no_relay(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI, user: str, password: str
+) -> None:
+    qmail_root.users(USERS)
+    d = smtpd(mode="smtps")
+    with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=client_context(pki)) as s:
+        s.ehlo("laptop.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+            s.login(user, password)
+        assert err.value.smtp_code == 535
+        assert err.value.smtp_error.startswith(b"5.7.8")
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            s.sendmail("alice@mx.test", ["x@elsewhere.test"], MESSAGE)
+        assert refused.value.recipients["x@elsewhere.test"][0] == 553
+    assert qmail_root.queued() == []
+
+
+def test_cram_md5_not_offered_without_cram_users(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
+    qmail_root.users(USERS)
+    d = smtpd(mode="smtps")
+    ctx = ssl.create_default_context(cafile=str(qmail_root.pki.ca_file))
+    with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=ctx) as s:
+        s.ehlo("laptop.test")
+        assert "CRAM-MD5" not in s.esmtp_features["auth"]
+
+
+@pytest.mark.parametrize(
+    ("listed", "relays"),
+    [("relay.test\n", True), ("someone-else.test\n", False)],
+)
+def test_client_certificate_relay(
+    qmail_root: QmailRoot,
+    smtpd: StartDaemon,
+    pki: PKI,
+    tmp_path: Path,
+    listed: str,
+    relays: bool,
+) -> None:
+    qmail_root.control("clientca.pem", pki.ca.cert_pem)
+    qmail_root.control("tlsclients", listed)
+    d = smtpd()
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        s.starttls(context=client_context(pki, pki.client, tmp_path))
+        s.ehlo("relay.test")
+        s.mail("app@relay.test")
+        code, _ = s.rcpt("someone@elsewhere.test")
+        assert code == (250 if relays else 553)
+
+
+def test_rogue_client_certificate_is_refused(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI, tmp_path: Path
+) -> None:
+    qmail_root.control("clientca.pem", pki.ca.cert_pem)
+    qmail_root.control("tlsclients", "relay.test\n")
+    d = smtpd()
+    s = smtplib.SMTP(d.host, d.port, timeout=10)
+    s.ehlo("relay.test")
+    with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+        s.starttls(context=client_context(pki, pki.rogue_client, tmp_path))
+        # TLS 1.3: the client learns of the rejected certificate at its next read
+        s.ehlo("relay.test")
+        s.sendmail("app@relay.test", ["someone@elsewhere.test"], MESSAGE)
+    s.close()
+    d.wait_for(r"tls-fail ip=127\.0\.0\.1")
+    assert qmail_root.queued() == []
+
+
+def test_starttls_injection_is_never_executed(smtpd: StartDaemon, pki: PKI) -> None:
+    """CVE-2011-0411 class: commands pipelined behind STARTTLS die with the plaintext."""
+    d = smtpd()
+    c = RawSMTP(d.host, d.port)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@remote.test>\r\n")
+    code, lines = c.reply()
+    assert code == 220, lines
+    assert c.nothing_pending(0.5), f"plaintext reply after STARTTLS: {c.buf!r}"
+    c.starttls(client_context(pki))
+    # after TLS: state was reset, the injected MAIL was never run
+    assert c.nothing_pending(0.5), f"a reply to injected input arrived: {c.buf!r}"
+    code, lines = c.cmd("RCPT TO:<user@example.test>")
+    assert code == 503, f"injected MAIL FROM survived the handshake: {lines}"
+    code, lines = c.cmd("NOOP")
+    assert code == 250, lines
+    assert c.nothing_pending(0.3)
+    c.close()
+
+
+def test_starttls_refused_inside_tls_and_with_argument(smtpd: StartDaemon, pki: PKI) -> None:
+    d = smtpd()
+    c = RawSMTP(d.host, d.port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    code, _ = c.cmd("STARTTLS now")
+    assert code == 501
+    assert c.cmd("STARTTLS")[0] == 220
+    c.starttls(client_context(pki))
+    c.cmd("EHLO client.test")
+    code, _ = c.cmd("STARTTLS")
+    assert code in (503, 554)
+    c.close()
