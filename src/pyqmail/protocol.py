@@ -187,9 +187,12 @@ def _b64decode(text: str) -> bytes | None:
     if text == "=":
         return b""
     try:
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+        raw = text.encode("ascii")
+        data = binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return None
+    # canonical form only: no stray padding or whitespace that strict_mode lets through
+    return data if base64.b64encode(data) == raw else None
 
 
 def _valid_username(name: str) -> bool:
@@ -653,7 +656,10 @@ class SMTPConnection:
         ]
         if self._tls_active:
             if self._tls is not None:
-                lines.append(f"\t(using {_printable(self._tls.describe(), 200)})")
+                tls = self._tls
+                bits = f" ({tls.bits} bits)" if tls.bits else ""
+                version, cipher = _printable(tls.version, 50), _printable(tls.cipher, 100)
+                lines.append(f"\t(using {version} with cipher {cipher}{bits})")
             else:
                 lines.append("\t(using TLS)")
         if self.auth_user:

@@ -66,10 +66,10 @@ def split_path(arg: str, keyword: str, code: str) -> tuple[str, str]:
     if close < 0:
         raise AddressError(f"501 {code} Bad address syntax: missing '>'")
     path, params = rest[1:close], rest[close + 1 :]
-    if params and not params.startswith(" "):
-        raise AddressError(f"501 {code} Bad address syntax: text after '>'")
     if "<" in path:
         raise AddressError(f"501 {code} Bad address syntax: '<' inside the address")
+    if params and not params.startswith(" "):
+        raise AddressError(f"501 {code} Bad address syntax: text after '>'")
     return path, params.strip(" ")
 
 
