@@ -287,6 +287,7 @@ class TcpRules:
             if self.module.set_fs_attributes_if_different(args, False, diff=attr_diff):
                 self.result["changed"] = True
                 if attr_diff["before"] or attr_diff["after"]:
+                    attr_diff["before_header"] = attr_diff["after_header"] = f"{path} (attributes)"
                     self.diffs.append(attr_diff)
 
     def write(self, path: str, content: bytes) -> None:
