@@ -227,12 +227,9 @@ def _check_ipv4(address: str) -> str | None:
 def _check_ipv6(address: str) -> str | None:
     if not _IPV6_CHARS_RE.match(address):
         return "an IPv6 address or prefix has only hex digits and colons"
-    if address.endswith(":") and not address.endswith("::"):
-        candidates = [address + "1"] if "::" in address else [address + "1::"]
-    elif address.endswith("::"):
-        candidates = [address + "1"]
-    else:
-        candidates = [address]
+    # A prefix is checked on an address that completes it: its formatted form must still
+    # start with the prefix, or tcpserver can never write an address that matches.
+    candidates = [address + "1", address + "1::"] if address.endswith(":") else [address]
     for candidate in candidates:
         try:
             formatted = tcpremoteip(candidate)
@@ -384,7 +381,7 @@ def _parse_line(line: str, where: str) -> Rule:
         if not rest:
             raise _fail(where, text, f'variable {name} has no value (write {name}="")')
         delim = rest[0]
-        if delim.isalnum() or delim.isspace():
+        if delim.isalnum() or delim.isspace() or not delim.isprintable():
             raise _fail(
                 where,
                 text,
@@ -499,7 +496,10 @@ class Rules:
 
     def lookup(self, ip: str, hostname: str | None = None, info: str | None = None) -> Decision:
         """tcpserver's decision for a client at ``ip`` (any notation; IPv4-mapped IPv6 is
-        treated as IPv4), with its reverse-DNS ``hostname`` and ident ``info`` if known."""
+        treated as IPv4), with its reverse-DNS ``hostname`` and ident ``info`` if known.
+
+        The host name is lower-cased and loses a trailing dot, as tcpserver's DNS code
+        delivers it; ``None`` or ``""`` means unknown (no ``=`` rules apply)."""
         for key in candidates(ip, hostname, info):
             data = self.db.get(key.encode(errors="surrogateescape"))
             if data is not None:

@@ -48,6 +48,8 @@ VALID = [
     ("2001:db8:::deny", "2001:db8::", False, (), ["2001:db8::"]),
     ("fe80::1:allow", "fe80::1", True, (), ["fe80::1"]),
     ("1::2:3:4:5:6:7:allow", "1::2:3:4:5:6:7", True, (), ["1::2:3:4:5:6:7"]),
+    ("1:2:3:4:5:6:7::allow", "1:2:3:4:5:6:7:", True, (), ["1:2:3:4:5:6:7:"]),
+    ("2001::5::allow", "2001::5:", True, (), ["2001::5:"]),
     (
         '1.2.3.4:allow,A="1",B="",C="x y",D="@fix.me"',
         "1.2.3.4",
@@ -130,6 +132,8 @@ INVALID = [
     ('1.2.3.4:allow,X="abc', "unbalanced quote"),
     ('1.2.3.4:allow,X="a"b"', "expected ',VAR=\"value\"'"),
     ('1.2.3.4:allow,X=/a"b/', "double quote"),
+    ("1.2.3.4:allow,X=\x01a\x01", "must be quoted"),
+    ("1:0:0:0:0:0:0::allow", "never matches"),
     ('1.2.3.4:allow,X="a\tb"', "control characters"),
     ('1.2.3.4:allow,9X="1"', "bad variable name '9X'"),
     ('1.2.3.4:allow,X-Y="1"', "bad variable name 'X-Y'"),
