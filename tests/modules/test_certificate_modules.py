@@ -15,6 +15,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,12 +307,16 @@ def test_provided_acme_files_through_ansible(acme: AcmeFiles, tmp_path: Path) ->
 
 def test_fullchain_plus_chain_is_not_duplicated(acme: AcmeFiles, tmp_path: Path) -> None:
     target = tmp_path / "servercert.pem"
-    r = ok(call(cert_module, {
+    args = {
         "path": str(target),
         "provided_key": str(acme.key),
         "provided_cert": str(acme.fullchain),
         "provided_chain": str(acme.chain),
-    }))  # fmt: skip
+    }
+    r = ok(call(cert_module, args, check=True))
+    assert (r["changed"], r["reason"]) == (True, "missing")
+    assert not target.exists()
+    r = ok(call(cert_module, args))
     assert r["changed"] is True
     assert labels(target) == ["PRIVATE KEY", "CERTIFICATE", "CERTIFICATE"]
     assert r["names"] == ["localhost", "mx.test", "127.0.0.1"]
@@ -506,3 +511,54 @@ def test_new_key_file_is_never_readable_by_others(tmp_path: Path) -> None:
         os.umask(old_umask)
     assert seen == [("s.pem", 0o600), ("ca.key", 0o600), ("ca.pem", 0o600)]
     assert (mode_of(tmp_path / "s.pem"), mode_of(tmp_path / "ca" / "ca.pem")) == (0o400, 0o644)
+
+
+def test_modules_run_under_debian_python3(tmp_path: Path) -> None:
+    """What a Debian 12 host runs: /usr/bin/python3 with python3-cryptography 38."""
+    python = "/usr/bin/python3"
+    probe = subprocess.run([python, "-c", "import cryptography"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-cryptography is not installed")
+    target = tmp_path / "servercert.pem"
+    ca = tmp_path / "ca"
+    tasks = [
+        {"pyqmail_ca": {"path": str(ca), "common_name": "debian CA"}},
+        {"pyqmail_certificate": {"path": str(target), "names": ["localhost"], "ca_path": str(ca)},
+         "register": "r"},
+        {"pyqmail_certificate": {"path": str(target), "names": ["localhost"], "ca_path": str(ca)},
+         "register": "again"},
+        {"ansible.builtin.assert": {"that": ["r is changed", "again is not changed"]}},
+    ]  # fmt: skip
+    play = [{"hosts": "localhost", "gather_facts": False, "connection": "local", "tasks": tasks}]
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(json.dumps(play))
+    repo = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(repo / "ansible.cfg"),
+        "ANSIBLE_LIBRARY": str(repo / "library"),
+        "ANSIBLE_MODULE_UTILS": str(repo / "module_utils"),
+        "ANSIBLE_LOCALHOST_WARNING": "false",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+    }
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
+         "-e", f"ansible_python_interpreter={python}", str(playbook)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert openssl_verify("sslserver", ca / "ca.pem", target).endswith(": OK")
+
+
+def test_ca_mode_only_change_and_idempotence(ca_dir: Path) -> None:
+    args = {"path": str(ca_dir), "common_name": "module test CA", "key_type": "ec256"}
+    before = (ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes()
+    assert ok(call(ca_module, args, check=True))["changed"] is False
+    r = ok(call(ca_module, {**args, "cert_mode": "0640", "mode": "0400"}))
+    assert r["changed"] is True
+    assert r["reason"].endswith("; owner/group/mode changed")
+    assert "ca.pem mode: 0640" in r["diff"]["after"]
+    assert "ca.key mode: 0600" in r["diff"]["before"]
+    assert (mode_of(ca_dir / "ca.pem"), mode_of(ca_dir / "ca.key")) == (0o640, 0o400)
+    assert ((ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes()) == before
+    assert ok(call(ca_module, {**args, "cert_mode": "0640", "mode": "0400"}))["changed"] is False
