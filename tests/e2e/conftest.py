@@ -35,6 +35,7 @@ import pytest
 from pyqmail import authdb, rules
 from pyqmail.queue import Envelope, Queue
 from tests.conftest import PKI
+from tests.e2e.helpers import RawSMTP
 
 DROP_USER = "nobody"
 IS_ROOT = os.geteuid() == 0
@@ -135,8 +136,15 @@ class Daemon:
     lines: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
+    clients: list[RawSMTP] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _eof: bool = False
+
+    def connect(self, timeout: float = 10.0) -> RawSMTP:
+        """A raw client connection, closed when the test ends."""
+        client = RawSMTP(self.host, self.port, timeout)
+        self.clients.append(client)
+        return client
 
     def _reader(self) -> None:
         assert self.proc.stdout is not None
@@ -262,6 +270,8 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
 
     yield start
     for daemon in started:
+        for client in daemon.clients:
+            client.close()
         if daemon.proc.poll() is None:
             daemon.kill()
         if daemon.proc.stdout is not None:

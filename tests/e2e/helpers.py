@@ -101,11 +101,20 @@ class RawSMTP:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> RawSMTP:
+        return self
 
-def openssl(args: list[str], stdin: bytes = b"QUIT\r\n", timeout: float = 20) -> tuple[int, str]:
-    """Run ``openssl s_client`` (etc.) and return its exit code and combined output."""
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def openssl(args: list[str], stdin: bytes = b"quit\r\n", timeout: float = 20) -> tuple[int, str]:
+    """Run ``openssl s_client`` and return its exit code and combined output.
+
+    ``-ign_eof``: s_client keeps reading until the server closes (after our QUIT), and
+    does not take a line starting with Q as its own quit command."""
     proc = subprocess.run(
-        ["openssl", *args],
+        ["openssl", *args, "-ign_eof"],
         input=stdin,
         capture_output=True,
         timeout=timeout,

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import PKI
 from tests.e2e.conftest import QmailRoot, StartDaemon
-from tests.e2e.helpers import MESSAGE, RawSMTP, client_context
+from tests.e2e.helpers import MESSAGE, client_context
 
 USERS = {"alice@mx.test": "correct horse battery", "bob@mx.test": "s3cret-b0b"}
 
@@ -64,7 +64,7 @@ def test_plain_message_lands_in_queue_with_envelope_and_log(
 )
 def test_relay_rules_without_relay_rights(smtpd: StartDaemon, rcpt: str, code: int) -> None:
     d = smtpd()
-    c = RawSMTP(d.host, d.port)
+    c = d.connect()
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
     assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
@@ -122,7 +122,7 @@ def test_submission_forces_tls_before_auth_and_mail(
 ) -> None:
     qmail_root.users(USERS)
     d = smtpd(mode="submission")
-    c = RawSMTP(d.host, d.port)
+    c = d.connect()
     assert c.reply()[0] == 220
     code, lines = c.cmd("EHLO laptop.test")
     assert code == 250
@@ -196,17 +196,13 @@ def test_cram_md5_not_offered_without_cram_users(qmail_root: QmailRoot, smtpd: S
 
 
 @pytest.mark.parametrize(
-    ("listed", "relays"),
-    [("relay.test\n", True), ("someone-else.test\n", False)],
+    "listing",
+    [("relay.test\n", True), ("RELAY.test\n", True), ("someone-else.test\n", False)],
 )
 def test_client_certificate_relay(
-    qmail_root: QmailRoot,
-    smtpd: StartDaemon,
-    pki: PKI,
-    tmp_path: Path,
-    listed: str,
-    relays: bool,
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI, tmp_path: Path, listing: tuple[str, bool]
 ) -> None:
+    listed, relays = listing
     qmail_root.control("clientca.pem", pki.ca.cert_pem)
     qmail_root.control("tlsclients", listed)
     d = smtpd()
@@ -239,7 +235,7 @@ def test_rogue_client_certificate_is_refused(
 def test_starttls_injection_is_never_executed(smtpd: StartDaemon, pki: PKI) -> None:
     """CVE-2011-0411 class: commands pipelined behind STARTTLS die with the plaintext."""
     d = smtpd()
-    c = RawSMTP(d.host, d.port)
+    c = d.connect()
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
     c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@remote.test>\r\n")
@@ -259,7 +255,7 @@ def test_starttls_injection_is_never_executed(smtpd: StartDaemon, pki: PKI) -> N
 
 def test_starttls_refused_inside_tls_and_with_argument(smtpd: StartDaemon, pki: PKI) -> None:
     d = smtpd()
-    c = RawSMTP(d.host, d.port)
+    c = d.connect()
     c.reply()
     c.cmd("EHLO client.test")
     code, _ = c.cmd("STARTTLS now")
