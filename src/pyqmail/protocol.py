@@ -102,6 +102,7 @@ _END = b"\r\n.\r\n"
 _END_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 _REPLY = re.compile(r"[2345]\d\d(?: [\x20-\x7e]*)?\Z")
 _QUEUE_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
@@ -847,6 +848,8 @@ class SMTPConnection:
         """Check and unstuff one complete stretch of content; False if the session ended."""
         bare = _BARE.search(raw)
         if bare is not None:
+            if self.policy.bare_lf and bare.group() == b"\n":
+                bare = _BARE_CR.search(raw, bare.end()) or bare
             if bare.group() == b"\r" or not self.policy.bare_lf:
                 what = "CR" if bare.group() == b"\r" else "LF"
                 if not self._oversize:

@@ -1008,6 +1008,8 @@ POLICY_ERRORS = [
     ({"hostname": "mx\r\nevil"}, "Policy.hostname contains CR, LF or NUL"),
     ({"hostname": ""}, "Policy.hostname must be one non-empty word"),
     ({"greeting": "hi\nthere"}, "Policy.greeting contains CR, LF or NUL"),
+    ({"greeting": "h\u00e9llo"}, "Policy.greeting must be printable ASCII"),
+    ({"hostname": "mx\x7f"}, "Policy.hostname must be printable ASCII"),
     ({"auth_mechanisms": ("PLAIN", "NTLM")}, "unknown mechanisms \\['NTLM'\\]"),
     ({"auth_mechanisms": ("PLAIN", "PLAIN")}, "repeats a name"),
     ({"databytes": -1}, "Policy.databytes must be >= 0"),

@@ -57,6 +57,8 @@ FRAMING = [
     ("CRLF dot LF never ends", True, b"a\r\n.\nNOOP\r\n.\r\n", b"a\r\n\r\nNOOP\r\n", [QUEUED]),
     ("LF dot dot unstuffed", True, b"a\n..\r\n.\r\n", b"a\r\n.\r\n", [QUEUED]),
     ("bare CR refused even when LF tolerated", True, b"a\rb\r\n.\r\n", None, [BARE_CR]),
+    ("bare CR after a tolerated LF", True, b"a\nb\rc\r\n.\r\n", None, [BARE_CR]),
+    ("bare CR right after a tolerated LF", True, b"\n\r\r\n.\r\n", None, [BARE_CR]),
     ("pipelined after end", False, b"x\r\n.\r\nNOOP\r\n", b"x\r\n", [QUEUED, "250 2.0.0 Ok"]),
 ]
 
