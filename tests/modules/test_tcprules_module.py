@@ -324,3 +324,23 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     assert result["changed"] is True, result
     assert (tmp_path / "smtp.cdb").read_bytes() == compile_rules(EXPECTED_RULES)
+
+
+def test_ansible_doc_renders() -> None:
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-doc")),
+            "-M",
+            str(REPO / "library"),
+            "pyqmail_tcprules",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR" not in proc.stderr
+    for words in ("tcprules source file", "address", "RELAYCLIENT", "check_mode", "EXAMPLES"):
+        assert words in proc.stdout
