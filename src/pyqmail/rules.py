@@ -64,6 +64,8 @@ __all__ = [
     "Rule",
     "Rules",
     "RulesError",
+    "candidates",
+    "check_duplicates",
     "compile_rules",
     "format_source",
     "ip6_fmt",
