@@ -1,0 +1,399 @@
+"""pyqmail_service against real daemontools: our own svscan on a temporary service directory.
+
+The svscan started here is stopped by PID at the end, after ``svc -dx`` of every service it
+supervises; any process still running in the temporary tree is then killed by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
+
+# library/ is on sys.path once tests.modules.utils is imported
+pyqmail_service = importlib.import_module("pyqmail_service")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("svscan") is None, reason="daemontools not installed (scripts/install-system-deps)"
+)
+
+LOOP = """#!/bin/sh
+# a small service: ticks every 0.2 s, writes a marker on HUP, dies on TERM
+exec 2>&1
+trap 'echo "got HUP"; echo hup >> ../hup-marker' HUP
+echo "starting, pid $$"
+while :; do
+  echo tick
+  sleep 0.2 &
+  wait $!
+done
+"""
+RUN = "#!/bin/sh\nexec 2>&1\nexec ./loop\n"
+LOG_RUN = "#!/bin/sh\nexec multilog t s4096 n2 ./main\n"
+CRASH = "#!/bin/sh\necho 'fatal: unable to bind 192.0.2.1:25: address not available'\nexit 111\n"
+
+
+@dataclass
+class Daemontools:
+    root: Path
+    service_dir: Path  # what svscan watches
+    supervise: Path  # where the supervise directories live (src)
+    svscan: subprocess.Popen[bytes]
+
+    def svstat(self, path: Path) -> str:
+        return subprocess.run(
+            ["svstat", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    def pid(self, name: str) -> int | None:
+        out = self.svstat(self.supervise / name)
+        if ": up (pid " not in out:
+            return None
+        return int(out.split("(pid ")[1].split(")")[0])
+
+
+def _processes_under(root: Path) -> list[int]:
+    """Pids whose working directory is inside ``root`` (services started by our svscan)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            if cwd == str(root) or cwd.startswith(f"{root}/"):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def dt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemontools]:
+    root = tmp_path_factory.mktemp("daemontools")
+    service_dir = root / "service"
+    supervise = root / "supervise"
+    service_dir.mkdir()
+    supervise.mkdir()
+    with (root / "svscan.log").open("wb") as log:
+        svscan = subprocess.Popen(
+            ["svscan", str(service_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: ours alone to stop
+        )
+    try:
+        yield Daemontools(root, service_dir, supervise, svscan)
+    finally:
+        # 1. svscan first, so it does not restart the supervise processes stopped below
+        svscan.terminate()
+        svscan.wait(timeout=10)
+        # 2. every service and log service we may have started: down and exit
+        dirs = [d for d in supervise.iterdir() if (d / "supervise").is_dir()]
+        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
+        if dirs:
+            subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ok = [d for d in dirs if subprocess.run(["svok", str(d)], check=False).returncode == 0]
+            if not ok:
+                break
+            time.sleep(0.1)
+        # 3. the rest of svscan's process group (supervise), then stragglers, by PID
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svscan.pid, signal.SIGKILL)
+        for pid in _processes_under(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def module(args: dict[str, Any], *, check: bool = False, diff: bool = False) -> dict[str, Any]:
+    args = dict(args)
+    if check:
+        args["_ansible_check_mode"] = True
+    if diff:
+        args["_ansible_diff"] = True
+    with set_module_args(args), pytest.raises(AnsibleExitJson) as info:
+        pyqmail_service.main()
+    return info.value.result
+
+
+def module_fails(args: dict[str, Any]) -> dict[str, Any]:
+    with set_module_args(args), pytest.raises(AnsibleFailJson) as info:
+        pyqmail_service.main()
+    return info.value.result
+
+
+def base(dt: Daemontools, name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "src": str(dt.supervise / name),
+        "service_dir": str(dt.service_dir),
+        "wait": 1,
+        "timeout": 20,
+        **extra,
+    }
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every file and link under ``path`` with its mode and content (or link target)."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    if not path.exists():
+        return out
+    for p in sorted(path.rglob("*")):
+        if "supervise" in p.relative_to(path).parts or "main" in p.relative_to(path).parts:
+            continue  # supervise's and multilog's own state
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out[str(p)] = (st.st_mode, os.readlink(p))
+        elif stat.S_ISREG(st.st_mode):
+            out[str(p)] = (st.st_mode, p.read_bytes())
+    return out
+
+
+def prepare_loop(dt: Daemontools, name: str) -> None:
+    """The loop script is a second file the run script execs; the module writes run/log_run."""
+    src = dt.supervise / name
+    src.mkdir()
+    (src / "loop").write_text(LOOP)
+    (src / "loop").chmod(0o755)
+
+
+def test_lifecycle_in_process(dt: Daemontools) -> None:
+    name = "loop"
+    prepare_loop(dt, name)
+    src = dt.supervise / name
+    link = dt.service_dir / name
+    args = base(dt, name, run=RUN, log_run=LOG_RUN)
+
+    # check mode: reports the change, touches nothing
+    before = snapshot(dt.root / "service") | snapshot(src)
+    r = module({**args, "state": "up"}, check=True, diff=True)
+    assert r["changed"] is True
+    assert r["actions"][:3] == [f"wrote {src}/run", f"created {src}/log", f"wrote {src}/log/run"]
+    assert "linked" in r["actions"]
+    assert r["diff"][0] == {
+        "before_header": f"{src}/run",
+        "after_header": f"{src}/run",
+        "before": "",
+        "after": RUN,
+    }
+    assert snapshot(dt.root / "service") | snapshot(src) == before
+    assert not link.exists()
+
+    # real run: written, linked, waited for svscan, up for 1 s
+    start = time.monotonic()
+    r = module({**args, "state": "up"})
+    assert r["changed"] is True
+    assert r["state"] == "up"
+    assert r["uptime"] >= 1
+    assert r["pid"] == dt.pid(name)
+    assert r["log_state"] == "up"
+    assert r["log_pid"] > 0
+    assert time.monotonic() - start < 15
+    assert os.readlink(link) == str(src)
+    for script, content in (("run", RUN), ("log/run", LOG_RUN)):
+        assert (src / script).read_text() == content
+        assert stat.S_IMODE((src / script).stat().st_mode) == 0o755
+    pid = r["pid"]
+
+    # idempotent, also in check mode
+    for check in (True, False):
+        r = module({**args, "state": "up"}, check=check)
+        assert (r["changed"], r["pid"], r["actions"]) == (False, pid, []), r
+    assert dt.pid(name) == pid
+
+    # restarted: check mode sends nothing; a real run gets a new pid, up for 1 s
+    r = module({**args, "state": "restarted"}, check=True)
+    assert (r["changed"], r["actions"]) == (True, ["svc -t"])
+    time.sleep(0.3)
+    assert dt.pid(name) == pid
+    r = module({**args, "state": "restarted"})
+    assert r["changed"] is True
+    assert r["pid"] != pid
+    assert r["uptime"] >= 1
+    assert r["pid"] == dt.pid(name)
+    pid = r["pid"]
+
+    # reloaded: HUP reaches the script (it writes a marker) and the pid stays
+    marker = dt.supervise / "hup-marker"
+    r = module({**args, "state": "reloaded"})
+    assert (r["changed"], r["actions"], r["pid"]) == (True, ["svc -h"], pid)
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.read_text() == "hup\n"
+
+    # down, twice; up again from check mode (nothing sent) then for real
+    r = module({**args, "state": "down"})
+    assert (r["changed"], r["state"], r["pid"]) == (True, "down", None)
+    assert ": down " in dt.svstat(src)
+    r = module({**args, "state": "down"})
+    assert (r["changed"], r["actions"]) == (False, [])
+    r = module({**args, "state": "up"}, check=True)
+    assert (r["changed"], r["actions"]) == (True, ["svc -u"])
+    time.sleep(0.3)
+    assert ": down " in dt.svstat(src)
+    r = module({**args, "state": "up"})
+    assert (r["changed"], r["state"]) == (True, "up")
+    pid = r["pid"]
+
+    # a new run script: written with a diff, no restart by itself
+    new_run = RUN.replace("exec 2>&1\n", "exec 2>&1\necho 'run v2'\n")
+    r = module({**args, "run": new_run, "state": "up"}, diff=True)
+    assert r["changed"] is True
+    assert r["actions"] == [f"wrote {src}/run"]
+    assert r["diff"][0]["before"] == RUN
+    assert r["diff"][0]["after"] == new_run
+    assert r["pid"] == pid
+
+    # the down file
+    r = module({**args, "run": new_run, "down": True, "state": "up"})
+    assert (r["changed"], r["normally_up"]) == (True, False)
+    assert (src / "down").exists()
+    r = module({**args, "run": new_run, "down": False, "state": "up"})
+    assert (r["changed"], r["normally_up"]) == (True, True)
+    assert not (src / "down").exists()
+
+    # the service's output went through multilog
+    log = (src / "log" / "main" / "current").read_text()
+    assert "tick" in log
+    assert "got HUP" in log
+
+    # absent: check mode keeps everything, then unlink and svc -dx both
+    r = module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"}, check=True)
+    assert r["changed"] is True
+    assert os.path.islink(link)
+    assert dt.pid(name) == pid
+    r = module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+    assert r["changed"] is True
+    assert r["actions"] == [f"unlinked {link}", f"svc -dx {src}", f"svc -dx {src}/log"]
+    assert not os.path.lexists(link)
+    assert dt.svstat(src).endswith("supervise not running")
+    assert dt.svstat(src / "log").endswith("supervise not running")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 0)
+        pytest.fail(f"service pid {pid} still running after absent")
+    r = module(
+        {"name": name, "service_dir": str(dt.service_dir), "src": str(src), "state": "absent"}
+    )
+    assert (r["changed"], r["state"]) == (False, "absent")
+
+
+def test_crashing_service_fails_with_its_log(dt: Daemontools) -> None:
+    name = "crash"
+    args = base(dt, name, run=CRASH, log_run=LOG_RUN, wait=2, timeout=7)
+    r = module_fails(args)
+    assert "keeps restarting" in r["msg"], r["msg"]
+    assert "fatal: unable to bind 192.0.2.1:25" in r["msg"]
+    assert any("fatal: unable to bind" in line for line in r["log_tail"])
+    assert len(r["pids_seen"]) >= 2
+    assert r["changed"] is True  # the files and the link were made before it failed
+    module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+
+
+def test_crashing_service_without_log_shows_run_output(dt: Daemontools) -> None:
+    name = "crash-nolog"
+    args = base(dt, name, run=CRASH, wait=2, timeout=7)
+    r = module_fails(args)
+    assert "output of ./run run once" in r["msg"]
+    assert r["log_tail"] == ["fatal: unable to bind 192.0.2.1:25: address not available"]
+    module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+
+
+def test_through_ansible(dt: Daemontools) -> None:
+    name = "via-ansible"
+    prepare_loop(dt, name)
+    args = base(dt, name, run=RUN, log_run=LOG_RUN, state="up")
+    r = run_module("pyqmail_service", args, check=True, diff=True)
+    assert r["changed"] is True, r
+    assert not os.path.lexists(dt.service_dir / name)
+    r = run_module("pyqmail_service", args, diff=True)
+    assert (r["changed"], r["state"]) == (True, "up"), r
+    pid = r["pid"]
+    assert pid == dt.pid(name)
+    r = run_module("pyqmail_service", args, check=True, diff=True)
+    assert r["changed"] is False, r
+    r = run_module("pyqmail_service", args)
+    assert (r["changed"], r["pid"]) == (False, pid), r
+    assert json.dumps(r)  # a plain, serialisable result
+    # restarted/absent/bad arguments are covered in-process; clean up the same way
+    r = module({**args, "state": "absent"})
+    assert r["changed"] is True
+    assert not os.path.lexists(dt.service_dir / name)
+
+
+def test_not_supervised_fails_clearly(tmp_path: Path) -> None:
+    """A service directory no svscan watches: the module says so instead of hanging."""
+    service_dir = tmp_path / "service"
+    service_dir.mkdir()
+    src = tmp_path / "sv"
+    args = {
+        "name": "lonely",
+        "src": str(src),
+        "service_dir": str(service_dir),
+        "run": RUN,
+        "wait": 0,
+        "timeout": 1.5,
+    }
+    r = module_fails(args)
+    assert "is not supervised after 1.5 s" in r["msg"]
+    assert "is svscan running" in r["msg"]
+    # state present only links
+    r = module({**args, "state": "present"})
+    assert (r["changed"], r["state"]) == (False, "unsupervised")
+    assert os.readlink(service_dir / "lonely") == str(src)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"name": ".hidden"}, "must be a plain file name"),
+        ({"name": "a/b"}, "must be a plain file name"),
+        ({"name": ""}, "must be a plain file name"),
+        ({"src": "relative/dir"}, "must be an absolute path"),
+        ({"src": None}, "src is required with state=up"),
+        ({"wait": 5, "timeout": 5}, "timeout (5) must be larger than wait (5)"),
+        ({"wait": -1}, "wait must be >= 0"),
+        ({"service_dir": "/nonexistent/service"}, "is not a directory"),
+        ({"state": "started"}, "value of state must be one of"),
+        ({"run": None}, "does not exist; create it or give run"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, override: dict[str, Any], message: str) -> None:
+    service_dir = tmp_path / "service"
+    service_dir.mkdir()
+    args = {
+        "name": "x",
+        "src": str(tmp_path / "sv"),
+        "service_dir": str(service_dir),
+        "run": RUN,
+        **override,
+    }
+    args = {k: v for k, v in args.items() if v is not None}
+    r = module_fails(args)
+    assert message in r["msg"]
+    assert not (tmp_path / "sv").exists()
+    assert list(service_dir.iterdir()) == []
+
+
+def test_refuses_to_replace_a_real_directory(tmp_path: Path) -> None:
+    service_dir = tmp_path / "service"
+    (service_dir / "x").mkdir(parents=True)
+    args = {"name": "x", "src": str(tmp_path / "sv"), "service_dir": str(service_dir)}
+    r = module_fails({**args, "run": RUN, "state": "present"})
+    assert "exists and is not a symlink" in r["msg"]
+    r = module_fails({**args, "state": "absent"})
+    assert "exists and is not a symlink" in r["msg"]
