@@ -562,3 +562,20 @@ def test_ca_mode_only_change_and_idempotence(ca_dir: Path) -> None:
     assert (mode_of(ca_dir / "ca.pem"), mode_of(ca_dir / "ca.key")) == (0o640, 0o400)
     assert ((ca_dir / "ca.pem").read_bytes(), (ca_dir / "ca.key").read_bytes()) == before
     assert ok(call(ca_module, {**args, "cert_mode": "0640", "mode": "0400"}))["changed"] is False
+
+
+@pytest.mark.parametrize("name", ["pyqmail_ca", "pyqmail_certificate"])
+def test_ansible_doc_renders(name: str) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    doc = Path(sys.executable).with_name("ansible-doc")
+    proc = subprocess.run(
+        [str(doc), "--json", "-M", str(repo / "library"), name],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)[name]
+    attributes = data["doc"]["attributes"]
+    assert attributes["check_mode"]["support"] == "full"
+    assert attributes["diff_mode"]["support"] == "full"
+    assert data["examples"].strip()
+    assert "reason" in data["return"]
