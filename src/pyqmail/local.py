@@ -124,7 +124,9 @@ class LocalDelivery:
             boxes = self.mailboxes.get()
         except (MailboxesError, OSError, UnicodeDecodeError) as exc:
             return Result.temp(f"mailboxes file unusable: {exc} (#4.3.0)", "4.3.0")
-        return resolve(local, f"{local}@{domain}", boxes, self.control.alias_dir, self.control.me)
+        return resolve(
+            local, f"{local.lower()}@{domain}", boxes, self.control.alias_dir, self.control.me
+        )
 
     def deliver(self, env: Envelope, message: bytes, recipient: str) -> Result:
         plan = self.plan(recipient)

@@ -240,7 +240,7 @@ class _SMTP(smtplib.SMTP):
         super().__init__(local_hostname=helo, timeout=timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        del host
+        self._host = host  # the name STARTTLS verifies (smtplib only sets it in __init__)
         return socket.create_connection((self._address, port), timeout)
 
 
@@ -528,6 +528,7 @@ class RemoteSession:
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
+        smtp.command_encoding = "utf-8" if utf8 else "ascii"
         sender = "" if env.sender == DOUBLE_BOUNCE_SENDER else env.sender
         code, text = self._cmd(smtp, f"MAIL FROM:<{sender}>{''.join(' ' + p for p in params)}")
         if code != 250:

@@ -427,9 +427,8 @@ class Manager:
                     except Exception as exc:  # noqa: BLE001 - a bug defers, never loses mail
                         session.close()
                         session = None
-                        results = [Result.temp(f"remote delivery error: {exc}", "4.0.0")] * len(
-                            indexes
-                        )
+                        error = Result.temp(f"remote delivery error: {exc}", "4.0.0", remote=key)
+                        results = [error] * len(indexes)
                 for i, result in zip(indexes, results, strict=True):
                     self._complete(queue_id, i, result)
                 self.wake()

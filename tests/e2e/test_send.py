@@ -1,0 +1,682 @@
+"""pyqmail-send end to end: real processes, real Maildirs, real SMTP servers on 127.0.0.1.
+
+The remote side is played by aiosmtpd (an independent implementation, with real TLS
+certificates from the ``pki`` fixture) and by ``Recorder``, a small SMTP server written here
+that records every byte it receives, so a test can prove what was (not) sent in clear.
+No test touches DNS: every remote domain is routed by ``control/smtproutes``.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import getpass
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+from pyqmail.queue import Queue
+from tests.conftest import PKI
+
+BIN = Path(sys.executable).parent
+USER = getpass.getuser()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the mail host under test ----------------------------------------------------------
+
+
+@dataclass
+class Host:
+    root: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def queue(self) -> Queue:
+        return Queue(self.root / "queue")
+
+    def control(self, name: str, text: str) -> None:
+        path = self.root / "control" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def mailbox(self, name: str, dotqmail: dict[str, str] | None = None) -> Path:
+        home = self.root / "homes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        with (self.root / "users" / "mailboxes").open("a") as f:
+            f.write(f"{name}:{home}\n")
+        for fname, text in (dotqmail or {}).items():
+            (home / fname).write_text(text)
+            (home / fname).chmod(0o644)
+        return home
+
+    def alias(self, name: str, text: str) -> None:
+        path = self.root / "alias" / f".qmail-{name}"
+        path.write_text(text)
+        path.chmod(0o644)
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = self.root / f"send-{len(self.logs)}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SSL_CERT")}
+        full_env.update(env or {})
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [BIN / "pyqmail-send", "--root", str(self.root), "--user", USER],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+            )
+        self.procs.append(proc)
+        self.logs.append(log)
+        wait_for(lambda: "started" in self.log(), 10, "pyqmail-send to start")
+        return proc
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def sendmail(self, args: list[str], message: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [BIN / "pyqmail-sendmail", "--root", str(self.root), *args],
+            input=message,
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+
+    def maildir(self, home: Path, sub: str = "Maildir") -> list[bytes]:
+        new = home / sub / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def queue_empty(self) -> bool:
+        q = self.queue
+        return not q.ids("new") and not q.ids("mess") and not q.ids("state")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    root = tmp_path / "qmail"
+    for sub in ("control", "alias", "users"):
+        (root / sub).mkdir(parents=True)
+    Queue(root / "queue").create()
+    h = Host(root)
+    h.control("me", "mx.test\n")
+    h.control("locals", "example.test\nmx.test\n")
+    h.control("concurrencyremote", "4\n")
+    (root / "users" / "mailboxes").write_text("# name:homedir\n")
+    yield h
+    h.stop()
+
+
+def parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def dsn_fields(raw: bytes) -> tuple[EmailMessage, list[dict[str, str]]]:
+    """The DSN and its delivery-status groups (per-message first), checked for RFC 3464 shape."""
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    groups = []
+    for block in parts[1].get_payload():
+        groups.append({k.lower(): str(v) for k, v in block.items()})
+    return msg, groups
+
+
+# -- remote servers --------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """A threaded SMTP server recording raw bytes (what a snooper on the wire would see)."""
+
+    tls: ssl.SSLContext | None = None
+    starttls: bool = True
+    smtputf8: bool = False
+    auth: bool = False
+    delay: float = 0.0
+    rcpt_reply: dict[str, str] = field(default_factory=dict)
+    temp_first: int = 0  # answer 451 at end of DATA this many times first
+    cleartext: bytearray = field(default_factory=bytearray)
+    accepted: list[tuple[str, str, bytes]] = field(default_factory=list)  # (rcpt, sender, data)
+    connections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        wrapped: list[socket.socket] = []
+        try:
+            self._talk(conn, wrapped)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            for s in wrapped:
+                s.close()
+            conn.close()
+
+    def _talk(self, raw_conn: socket.socket, wrapped: list[socket.socket]) -> None:
+        conn: socket.socket = raw_conn
+        secure = False
+        buf = b""
+
+        def send(text: str) -> None:
+            conn.sendall(text.encode() + b"\r\n")
+
+        def line() -> bytes | None:
+            nonlocal buf
+            while b"\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                if not secure:
+                    with self.lock:
+                        self.cleartext += chunk
+                buf += chunk
+            out, buf = buf.split(b"\r\n", 1)
+            return out
+
+        send("220 recorder ESMTP")
+        sender, rcpts = "", []
+        while (cmd := line()) is not None:
+            verb = cmd[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                ext = ["250-recorder", "250-8BITMIME", "250-SIZE 10000000"]
+                if self.starttls and not secure and self.tls is not None:
+                    ext.append("250-STARTTLS")
+                if self.smtputf8:
+                    ext.append("250-SMTPUTF8")
+                if self.auth:
+                    ext.append("250-AUTH PLAIN LOGIN")
+                ext.append("250 PIPELINING")
+                for e in ext:
+                    send(e)
+            elif verb == b"STAR" and self.tls is not None and not secure:
+                send("220 go ahead")
+                buf = b""
+                conn = self.tls.wrap_socket(raw_conn, server_side=True)
+                wrapped.append(conn)
+                secure = True
+            elif verb == b"AUTH":
+                send("235 ok")
+            elif verb == b"MAIL":
+                sender, rcpts = cmd.decode().split(":", 1)[1].split()[0].strip("<>"), []
+                send("250 ok")
+            elif verb == b"RCPT":
+                rcpt = cmd.decode().split(":", 1)[1].strip().strip("<>")
+                reply = self.rcpt_reply.get(rcpt, "250 ok")
+                if reply.startswith("250"):
+                    rcpts.append(rcpt)
+                send(reply)
+            elif verb == b"DATA":
+                send("354 go")
+                data = b""
+                while (dl := line()) is not None and dl != b".":
+                    data += dl + b"\r\n"
+                if self.delay:
+                    time.sleep(self.delay)
+                with self.lock:
+                    if self.temp_first > 0:
+                        self.temp_first -= 1
+                        send("451 4.3.0 try later")
+                        continue
+                    self.accepted += [(r, sender, data) for r in rcpts]
+                send("250 2.0.0 accepted")
+            elif verb == b"RSET":
+                sender, rcpts = "", []
+                send("250 ok")
+            elif verb == b"QUIT":
+                send("221 bye")
+                return
+            else:
+                send("502 unknown")
+
+
+@pytest.fixture
+def server_ctx(pki: PKI, tmp_path: Path) -> ssl.SSLContext:
+    path = tmp_path / "servercert.pem"
+    pki.ca.write_servercert(path, pki.server)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(path)
+    return ctx
+
+
+@pytest.fixture
+def recorder(server_ctx: ssl.SSLContext) -> Iterator[Recorder]:
+    rec = Recorder(tls=server_ctx)
+    yield rec
+    rec.close()
+
+
+class Sink:
+    """aiosmtpd handler keeping what it received and how."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[Envelope, bool, str | None]] = []
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
+        self, server: object, session: Session, envelope: Envelope
+    ) -> str:
+        del server
+        data = session.auth_data
+        login = data.login.decode() if isinstance(data, LoginPassword) else None
+        self.messages.append((envelope, session.ssl is not None, login))
+        return "250 2.0.0 OK"
+
+
+def authenticator(
+    server: object, session: object, envelope: object, mechanism: str, data: object
+) -> AuthResult:
+    del server, session, envelope, mechanism
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"relay", b"s3:cret")
+    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+
+@pytest.fixture
+def aiosmtpd_server(server_ctx: ssl.SSLContext) -> Iterator[tuple[Sink, int]]:
+    sink = Sink()
+    port = free_port()
+    ctl = Controller(
+        sink,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=server_ctx,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
+    ctl.start()
+    yield sink, port
+    ctl.stop()
+
+
+def message(subject: str, body: str = "hello\r\n") -> bytes:
+    return f"Subject: {subject}\r\nFrom: someone@example.test\r\n\r\n{body}".encode()
+
+
+# -- local delivery --------------------------------------------------------------------
+
+
+def test_local_delivery_aliases_forward_default_and_unknown_user(host: Host) -> None:
+    alice = host.mailbox("alice")
+    bob = host.mailbox("bob", {".qmail": "# keep a copy, send one on\n./Maildir/\n&alice\n"})
+    carol = host.mailbox("carol", {".qmail-default": "./Maildir/\n", ".qmail-lists": "./Lists/\n"})
+    sender = host.mailbox("sender")
+    host.alias("postmaster", "&alice@example.test\n")
+    host.start()
+    for rcpt, subject in [
+        ("alice@example.test", "direct"),
+        ("Bob@Example.Test", "forward"),
+        ("carol-anything@example.test", "default"),
+        ("carol-lists@example.test", "ext"),
+        ("postmaster@mx.test", "alias"),
+        ("nobody@example.test", "unknown"),
+    ]:
+        done = host.sendmail(["-f", "sender@example.test", rcpt], message(subject))
+        assert done.returncode == 0, done.stderr
+    wait_for(host.queue_empty, what="queue to drain")
+    subjects = {
+        h: sorted(parse(m)["subject"] for m in host.maildir(h)) for h in (alice, bob, carol)
+    }
+    assert subjects[alice] == ["alias", "direct", "forward"]
+    assert subjects[bob] == ["forward"]
+    assert subjects[carol] == ["default"]
+    assert [parse(m)["subject"] for m in host.maildir(carol, "Lists")] == ["ext"]
+    direct = next(m for m in host.maildir(alice) if b"direct" in m)
+    assert direct.startswith(
+        b"Return-Path: <sender@example.test>\nDelivered-To: alice@example.test\n"
+    )
+    assert b"\r\n" not in direct  # Maildir files use LF
+    forwarded = parse(next(m for m in host.maildir(alice) if b"forward" in m))
+    assert forwarded.get_all("Delivered-To") == ["alice@mx.test", "bob@example.test"]
+    assert forwarded["Return-Path"] == "<sender@example.test>"  # envelope sender kept
+    # the unknown user bounced to the sender with a DSN
+    bounces = host.maildir(sender)
+    assert len(bounces) == 1
+    dsn, groups = dsn_fields(bounces[0])
+    assert dsn["To"] == "sender@example.test"
+    assert groups[1]["final-recipient"] == "rfc822; nobody@example.test"
+    assert groups[1]["status"] == "5.1.1"
+    assert groups[1]["action"] == "failed"
+    assert parse(bounces[0])["Return-Path"] == "<>"
+    assert "no mailbox here" in host.log()
+
+
+def test_program_lines_are_refused_with_a_clear_bounce(host: Host) -> None:
+    sender = host.mailbox("sender")
+    host.mailbox("prog", {".qmail": "./Maildir/\n|/usr/bin/procmail\n"})
+    host.start()
+    assert (
+        host.sendmail(["-f", "sender@example.test", "prog@example.test"], message("p")).returncode
+        == 0
+    )
+    wait_for(lambda: host.maildir(sender), what="bounce")
+    wait_for(host.queue_empty)
+    assert not host.maildir(host.root / "homes" / "prog")  # nothing half-delivered
+    _, groups = dsn_fields(host.maildir(sender)[0])
+    assert "does not run programs" in groups[1]["diagnostic-code"]
+
+
+def test_forwarding_loop_is_detected_and_bounced(host: Host) -> None:
+    sender = host.mailbox("sender")
+    host.alias("loopa", "&loopb@example.test\n")
+    host.alias("loopb", "&loopa@example.test\n")
+    host.start()
+    assert (
+        host.sendmail(["-f", "sender@example.test", "loopa@example.test"], message("l")).returncode
+        == 0
+    )
+    wait_for(lambda: host.maildir(sender), what="loop bounce")
+    _, groups = dsn_fields(host.maildir(sender)[0])
+    assert groups[1]["status"] == "5.4.6"
+    assert "looping" in groups[1]["diagnostic-code"]
+
+
+def test_group_writable_dotqmail_defers(host: Host) -> None:
+    home = host.mailbox("lax", {".qmail": "./Maildir/\n"})
+    (home / ".qmail").chmod(0o664)
+    host.start()
+    host.sendmail(["-f", "", "lax@example.test"], message("lax"))
+    wait_for(lambda: "result=deferred" in host.log())
+    assert "writable by group or others" in host.log()
+    assert host.queue.ids("mess")  # kept for a retry, not bounced
+
+
+# -- remote delivery -------------------------------------------------------------------
+
+
+def test_remote_starttls_to_aiosmtpd_verified(
+    host: Host, pki: PKI, aiosmtpd_server: tuple[Sink, int]
+) -> None:
+    sink, port = aiosmtpd_server
+    host.control("smtproutes", f"remote.test:127.0.0.1:{port}\n")
+    host.start({"SSL_CERT_FILE": str(pki.ca_file)})
+    body = "line one\r\n.leading dot\r\n..two dots\r\nbare\nlf\r\n"
+    for n in range(3):
+        host.sendmail(
+            ["-f", "me@example.test", "a@remote.test", "b@remote.test"], message(f"m{n}", body)
+        )
+    wait_for(host.queue_empty, what="remote delivery")
+    assert len(sink.messages) == 3
+    for env, over_tls, _ in sink.messages:
+        assert over_tls
+        assert sorted(env.rcpt_tos) == ["a@remote.test", "b@remote.test"]  # one transaction
+        assert env.mail_from == "me@example.test"
+        content = env.original_content or b""
+        assert b"\r\n.leading dot\r\n..two dots\r\nbare\r\nlf\r\n" in content
+    lines = [ln for ln in host.log().splitlines() if ln.startswith("delivery")]
+    assert len(lines) == 6
+    assert all("result=done" in ln and "tls=TLSv1.3 verified=yes" in ln for ln in lines), lines
+
+
+def test_remote_unverified_certificate_still_encrypts(
+    host: Host, aiosmtpd_server: tuple[Sink, int]
+) -> None:
+    sink, port = aiosmtpd_server
+    host.control("smtproutes", f":127.0.0.1:{port}\n")  # the default route
+    host.start()  # the test CA is not trusted
+    host.sendmail(["-f", "me@example.test", "x@anywhere.test"], message("unverified"))
+    wait_for(host.queue_empty)
+    assert len(sink.messages) == 1 and sink.messages[0][1]
+    assert "verified=no" in host.log()
+
+
+def test_tlshosts_wrong_certificate_defers_and_nothing_leaves_in_clear(
+    host: Host, pki: PKI, recorder: Recorder
+) -> None:
+    host.control("smtproutes", f"pinned.test:127.0.0.1:{recorder.port}\n")
+    host.control("tlshosts/127.0.0.1.pem", pki.other_ca.cert_pem.decode())
+    host.start()
+    secret = "SECRET-BODY-7f3a"
+    host.sendmail(["-f", "me@example.test", "x@pinned.test"], message("pinned", secret))
+    wait_for(lambda: "result=deferred" in host.log(), what="deferral")
+    time.sleep(0.5)
+    assert recorder.accepted == []
+    clear = bytes(recorder.cleartext)
+    assert b"STARTTLS" in clear
+    for word in (b"MAIL", b"RCPT", b"DATA", secret.encode(), b"x@pinned.test"):
+        assert word not in clear
+    assert recorder.connections == 1  # no fallback connection in clear
+    assert "TLS required" in host.log()
+    # a pinned host that does not offer STARTTLS: also deferred, nothing sent
+    recorder.starttls = False
+    recorder.cleartext.clear()
+    os.kill(host.procs[0].pid, signal.SIGALRM)
+    wait_for(lambda: host.log().count("result=deferred") >= 2)
+    assert b"MAIL" not in bytes(recorder.cleartext)
+    assert "does not offer STARTTLS" in host.log()
+
+
+def test_tlshosts_correct_pin_delivers(host: Host, pki: PKI, recorder: Recorder) -> None:
+    host.control("smtproutes", f"pinned.test:127.0.0.1:{recorder.port}\n")
+    host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
+    host.start()
+    host.sendmail(["-f", "me@example.test", "x@pinned.test"], message("pinned", "SECRET\r\n"))
+    wait_for(host.queue_empty)
+    assert [r for r, _, _ in recorder.accepted] == ["x@pinned.test"]
+    assert b"SECRET" not in bytes(recorder.cleartext)
+    assert "verified=yes" in host.log()
+
+
+def test_auth_to_smarthost_only_over_tls(
+    host: Host, pki: PKI, aiosmtpd_server: tuple[Sink, int], recorder: Recorder
+) -> None:
+    sink, port = aiosmtpd_server
+    recorder.starttls, recorder.auth = False, True
+    host.control(
+        "smtproutes", f"tls.test:127.0.0.1:{port}\nclear.test:[127.0.0.1]:{recorder.port}\n"
+    )
+    host.control("smtproutes-auth", "127.0.0.1:relay:s3:cret\n")
+    host.start({"SSL_CERT_FILE": str(pki.ca_file)})
+    host.sendmail(["-f", "me@example.test", "x@tls.test"], message("auth"))
+    host.sendmail(["-f", "me@example.test", "y@clear.test"], message("noauth"))
+    wait_for(lambda: len(sink.messages) == 1 and "result=deferred" in host.log())
+    assert sink.messages[0][1:] == (True, "relay")
+    assert b"AUTH" not in bytes(recorder.cleartext)
+    assert recorder.accepted == []
+    assert "credentials are only sent over TLS" in host.log()
+
+
+def test_permanent_failure_bounces_with_rfc3464(host: Host, recorder: Recorder) -> None:
+    sender = host.mailbox("sender")
+    recorder.rcpt_reply["gone@remote.test"] = "550 5.1.1 <gone@remote.test>: no such user"
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.start()
+    host.sendmail(
+        ["-f", "sender@example.test", "gone@remote.test", "here@remote.test"],
+        message("bounce me", "original body\r\n"),
+    )
+    wait_for(host.queue_empty)
+    assert [r for r, _, _ in recorder.accepted] == ["here@remote.test"]
+    bounces = host.maildir(sender)
+    assert len(bounces) == 1
+    dsn, groups = dsn_fields(bounces[0])
+    assert groups[0]["reporting-mta"] == "dns; mx.test"
+    assert len(groups) == 2  # only the failed recipient is reported
+    rcpt = groups[1]
+    assert rcpt["final-recipient"] == "rfc822; gone@remote.test"
+    assert (rcpt["action"], rcpt["status"]) == ("failed", "5.1.1")
+    assert rcpt["diagnostic-code"] == "smtp; 550 5.1.1 <gone@remote.test>: no such user"
+    assert rcpt["remote-mta"].startswith("dns; 127.0.0.1")
+    headers = list(dsn.iter_parts())[2].get_content()
+    assert "Subject: bounce me" in headers and "original body" not in headers
+    assert dsn["Auto-Submitted"] == "auto-replied"
+
+
+def test_null_sender_failure_gets_no_bounce_only_a_double_bounce(
+    host: Host, recorder: Recorder
+) -> None:
+    pm = host.mailbox("pm")
+    host.alias("postmaster", "&pm@example.test\n")
+    recorder.rcpt_reply["gone@remote.test"] = "550 5.1.1 no such user"
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.start()
+    host.sendmail(["-f", "", "gone@remote.test"], message("a bounce that fails"))
+    wait_for(host.queue_empty)
+    assert all(s != "" for _, s, _ in recorder.accepted)  # nothing bounced to <>
+    double = host.maildir(pm)
+    assert len(double) == 1
+    assert parse(double[0])["Return-Path"] == "<#@[]>"
+    # and with doublebounceto empty: dropped and logged, nothing anywhere
+    host.control("doublebounceto", "\n")
+    os.kill(host.procs[0].pid, signal.SIGHUP)
+    wait_for(lambda: "reloaded" in host.log())
+    host.sendmail(["-f", "", "gone@remote.test"], message("another"))
+    wait_for(lambda: "dropped" in host.log())
+    wait_for(host.queue_empty)
+    assert len(host.maildir(pm)) == 1
+
+
+def test_smtputf8_message_to_server_without_it_bounces(host: Host, recorder: Recorder) -> None:
+    sender = host.mailbox("sender")
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.start()
+    host.queue.enqueue("sender@example.test", ["jürgen@remote.test"], message("utf8"))
+    wait_for(host.queue_empty)
+    assert recorder.accepted == []
+    _, groups = dsn_fields(host.maildir(sender)[0])
+    assert groups[1]["status"] == "5.6.7"
+    recorder.smtputf8 = True
+    host.queue.enqueue("sender@example.test", ["jürgen@remote.test"], message("utf8 ok"))
+    wait_for(lambda: recorder.accepted)
+    assert recorder.accepted[0][0] == "jürgen@remote.test"
+
+
+def test_deferred_shows_in_queue_tool_and_flush_retries(host: Host, recorder: Recorder) -> None:
+    recorder.temp_first = 1
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.start()
+    host.sendmail(["-f", "me@example.test", "later@remote.test"], message("later"))
+    wait_for(lambda: "result=deferred" in host.log())
+    tool = [BIN / "pyqmail-queue", "--root", str(host.root)]
+    listing = subprocess.run([*tool, "list"], capture_output=True, text=True, check=True).stdout
+    assert "deferred <later@remote.test>" in listing and "451 4.3.0 try later" in listing
+    queue_id = host.queue.ids("mess")[0]
+    shown = subprocess.run([*tool, "show", queue_id], capture_output=True, text=True, check=True)
+    assert "from <me@example.test>" in shown.stdout and "Subject: later" in shown.stdout
+    flushed = subprocess.run([*tool, "flush"], capture_output=True, text=True, check=False)
+    assert flushed.returncode == 0, flushed.stdout
+    wait_for(host.queue_empty, 10)
+    assert [r for r, _, _ in recorder.accepted] == ["later@remote.test"]
+    host.stop()
+    flushed = subprocess.run([*tool, "flush"], capture_output=True, text=True, check=False)
+    assert flushed.returncode == 1 and "not running" in flushed.stdout
+
+
+def test_term_finishes_deliveries_in_flight(host: Host, recorder: Recorder) -> None:
+    recorder.delay, recorder.starttls = 1.5, False
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    proc = host.start()
+    host.sendmail(["-f", "me@example.test", "slow@remote.test"], message("slow"))
+    wait_for(lambda: b"DATA" in bytes(recorder.cleartext))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert [r for r, _, _ in recorder.accepted] == ["slow@remote.test"]
+    assert "result=done" in host.log()
+    assert host.queue_empty()
+
+
+def _done_in_state(host: Host) -> set[tuple[str, str]]:
+    done = set()
+    for queue_id in host.queue.ids("state"):
+        env, _ = host.queue.read("mess", queue_id)
+        for line in host.queue.path("state", queue_id).read_bytes().split(b"\n")[:-1]:
+            record = json.loads(line)
+            if record.get("ev") == "done":
+                done.add((env.queue_id, env.recipients[record["rcpt"]]))
+    return done
+
+
+def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
+    host: Host, recorder: Recorder
+) -> None:
+    recorder.delay = 0.15
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.control("concurrencyremote", "2\n")
+    expected = set()
+    for n in range(10):
+        rcpts = [f"r{n}-{d}@d{d}.test" for d in range(5)]  # 5 domains: 5 transactions each
+        env = host.queue.enqueue("me@example.test", rcpts, message(f"batch {n}"))
+        expected |= {(env.queue_id, r) for r in rcpts}
+    proc = host.start()
+    wait_for(lambda: len(recorder.accepted) >= 12, what="some deliveries")
+    proc.kill()
+    proc.wait()
+    done_before = _done_in_state(host)
+    assert done_before and len(done_before) < 50
+    delivered_before = len(recorder.accepted)
+    host.start()
+    wait_for(host.queue_empty, 40, "queue to drain after restart")
+    by_rcpt: dict[str, int] = {}
+    for rcpt, _, _ in recorder.accepted:
+        by_rcpt[rcpt] = by_rcpt.get(rcpt, 0) + 1
+    assert set(by_rcpt) == {r for _, r in expected}  # nothing lost
+    for _, rcpt in done_before:
+        assert by_rcpt[rcpt] == 1, f"{rcpt} was recorded done and delivered again"
+    assert recorder.connections <= 12  # connections are reused across messages
+    duplicates = sum(by_rcpt.values()) - 50
+    assert duplicates <= delivered_before - len(done_before) + 2  # only unrecorded in-flight ones
