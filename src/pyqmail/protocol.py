@@ -103,7 +103,6 @@ _END_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
-_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 _REPLY = re.compile(r"[2345]\d\d(?: [\x20-\x7e]*)?\Z")
 _QUEUE_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
 
@@ -240,6 +239,7 @@ class SMTPConnection:
         self._client_size = 0
         self._oversize = False
         self._headers: bytearray | None = None
+        self._headers_done = True
 
     # ----- public properties -----------------------------------------------------------
 
@@ -627,6 +627,7 @@ class SMTPConnection:
         self._client_size = 0
         self._oversize = False
         self._headers = bytearray()
+        self._headers_done = False
         protocol = self._protocol_name()
         out.append(
             MessageStart(
@@ -846,7 +847,10 @@ class SMTPConnection:
 
     def _transform(self, raw: bytes, out: list[Event]) -> bool:
         """Check and unstuff one complete stretch of content; False if the session ended."""
-        bare = _BARE.search(raw)
+        crlf = raw.count(b"\r\n")
+        bare = None
+        if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:  # C-speed pre-check
+            bare = _BARE.search(raw)
         if bare is not None:
             if self.policy.bare_lf and bare.group() == b"\n":
                 bare = _BARE_CR.search(raw, bare.end()) or bare
@@ -866,9 +870,8 @@ class SMTPConnection:
         if not raw:
             return True
         self._client_size += len(raw)
-        headers = self._headers
-        if headers is not None and len(headers) < MAX_HEADER_SCAN:
-            headers += raw[: MAX_HEADER_SCAN - len(headers)]
+        if not self._headers_done:
+            self._collect_headers(raw)
         if self._oversize:
             return True
         if self.policy.databytes and self._client_size > self.policy.databytes:
@@ -878,6 +881,21 @@ class SMTPConnection:
         self._size += len(raw)
         out.append(MessageData(raw))
         return True
+
+    def _collect_headers(self, raw: bytes) -> None:
+        """Keep the header block (bounded) for the Message-ID; stop at the empty line."""
+        headers = self._headers
+        if headers is None:
+            self._headers_done = True
+            return
+        old = len(headers)
+        headers += raw[: MAX_HEADER_SCAN - old]
+        end = -2 if headers.startswith(b"\r\n") else headers.find(b"\r\n\r\n", max(0, old - 3))
+        if end != -1:
+            del headers[end + 2 :]
+            self._headers_done = True
+        elif len(headers) >= MAX_HEADER_SCAN:
+            self._headers_done = True
 
     def _finish_message(self, out: list[Event]) -> None:
         self._after_crlf = True
@@ -899,17 +917,23 @@ def _reject_params(text: str) -> None:
         raise AddressError(f"555 5.5.4 Unsupported option: {params[0][0][:40]}")
 
 
-def _message_id(headers: bytes | bytearray) -> str | None:
-    if headers.startswith(b"\r\n"):
-        return None
-    end = headers.find(b"\r\n\r\n")
-    block = bytes(headers if end < 0 else headers[: end + 2])
-    match = _MESSAGE_ID.search(block)
-    if match is None:
-        return None
-    value = match.group(1).replace(b"\r\n", b"").strip(b" \t")[:MAX_MESSAGE_ID]
-    text = "".join(chr(b) if 0x20 < b < 0x7F else "?" for b in value)
-    return text or None
+def _message_id(block: bytes | bytearray) -> str | None:
+    """The Message-ID field of a header block (CRLF lines, no empty line), bounded."""
+    low = bytes(block).lower()
+    pos = 0
+    while (pos := low.find(b"message-id", pos)) >= 0:
+        colon = pos + len(b"message-id")
+        while low[colon : colon + 1] in (b" ", b"\t"):
+            colon += 1
+        if (pos == 0 or low[pos - 1] == 0x0A) and low[colon : colon + 1] == b":":
+            end = low.find(b"\r\n", colon)
+            while end >= 0 and low[end + 2 : end + 3] in (b" ", b"\t"):  # folded
+                end = low.find(b"\r\n", end + 2)
+            value = bytes(block[colon + 1 : len(low) if end < 0 else end])
+            value = value.replace(b"\r\n", b"").strip(b" \t")[:MAX_MESSAGE_ID]
+            return "".join(chr(b) if 0x20 < b < 0x7F else "?" for b in value) or None
+        pos += 1
+    return None
 
 
 def _coalesce(events: list[Event]) -> list[Event]:

@@ -31,7 +31,7 @@ from pyqmail.protocol import (
 )
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
+SLOW = settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
 REPLY_LINE = re.compile(rb"[2-5]\d\d[ -][\x20-\x7e]*\Z")
 
 TOKENS = [
