@@ -385,8 +385,8 @@ class ServiceModule:
             os.rename(tmp, self.link)
         except OSError as exc:
             self.fail(f"cannot link {self.link} -> {self.directory}: {exc}")
-        if old is not None:
-            self.stop_supervise(old)
+        if old is not None and os.path.realpath(old) != os.path.realpath(self.directory):
+            self.stop_supervise(old)  # svscan keeps the old supervise running otherwise
         return True
 
     def stop_supervise(self, directory: str) -> None:
@@ -422,12 +422,11 @@ class ServiceModule:
         if self.state == "present":
             self.finish(self.status(self.directory) if not new_link else None)
         if self.module.check_mode:
-            if new_link:  # nothing to ask svstat yet: report what would happen
-                if self.state in ("restarted", "reloaded") or self.state == "up":
-                    self.actions.append("svc -u")
-                self.finish(None)
-            current = self.status(self.directory)
-            options = plan_svc(self.state, current) if current.supervised else ["-u"]
+            current = None if new_link else self.status(self.directory)
+            if current is not None and current.supervised:
+                options = plan_svc(self.state, current)
+            else:  # supervise is not running yet: what it will do once svscan starts it
+                options = self.predict_unsupervised()
             if options:
                 self.did("svc " + " ".join(options))
             self.finish(current)
@@ -455,6 +454,23 @@ class ServiceModule:
         if not result.ok:
             self.fail_with_log(result.reason, result.status, result.pids)
         self.finish(result.status)
+
+    def predict_unsupervised(self) -> list[str]:
+        """svc options a real run would send once supervise starts (check mode only).
+
+        supervise starts ./run at once unless the down file exists.
+        """
+        down = self.module.params["down"]
+        if down is None:
+            down = os.path.exists(os.path.join(self.directory, "down"))
+        starts = not down
+        return {
+            "present": [],
+            "up": [] if starts else ["-u"],
+            "down": ["-d"] if starts else [],
+            "restarted": ["-t"] if starts else ["-u"],
+            "reloaded": ["-h"] if starts else ["-u"],
+        }[self.state]
 
     def fail_with_log(self, reason: str, status: Status, pids: tuple[int, ...]) -> NoReturn:
         lines = log_tail(self.directory, LOG_LINES)

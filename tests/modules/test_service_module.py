@@ -183,7 +183,7 @@ def test_lifecycle_in_process(dt: Daemontools) -> None:
     r = module({**args, "state": "up"}, check=True, diff=True)
     assert r["changed"] is True
     assert r["actions"][:3] == [f"wrote {src}/run", f"created {src}/log", f"wrote {src}/log/run"]
-    assert "linked" in r["actions"]
+    assert r["actions"][3:] == ["linked"]  # supervise will start it: no svc -u needed
     assert r["diff"][0] == {
         "before_header": f"{src}/run",
         "after_header": f"{src}/run",
@@ -259,6 +259,12 @@ def test_lifecycle_in_process(dt: Daemontools) -> None:
     assert r["diff"][0]["after"] == new_run
     assert r["pid"] == pid
 
+    # a mode-only change of a script is a change too
+    (src / "run").chmod(0o700)
+    r = module({**args, "run": new_run, "state": "up"})
+    assert (r["changed"], r["actions"]) == (True, [f"chmod 0755 {src}/run"])
+    assert stat.S_IMODE((src / "run").stat().st_mode) == 0o755
+
     # the down file
     r = module({**args, "run": new_run, "down": True, "state": "up"})
     assert (r["changed"], r["normally_up"]) == (True, False)
@@ -313,6 +319,23 @@ def test_crashing_service_without_log_shows_run_output(dt: Daemontools) -> None:
     module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
 
 
+def test_relink_stops_the_old_supervise(dt: Daemontools) -> None:
+    name = "relink"
+    old, new = dt.supervise / "relink-old", dt.supervise / "relink-new"
+    for d in (old, new):
+        prepare_loop(dt, d.name)
+    r = module({**base(dt, "relink-old", run=RUN), "name": name})
+    old_pid = r["pid"]
+    r = module({**base(dt, "relink-new", run=RUN), "name": name})
+    assert r["actions"][:2] == [f"wrote {new}/run", f"relinked (was {old})"]
+    assert f"svc -dx {old}" in r["actions"]
+    assert r["state"] == "up"
+    assert r["pid"] != old_pid
+    assert os.readlink(dt.service_dir / name) == str(new)
+    assert dt.svstat(old).endswith("supervise not running")
+    module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+
+
 def test_through_ansible(dt: Daemontools) -> None:
     name = "via-ansible"
     prepare_loop(dt, name)
@@ -355,6 +378,14 @@ def test_not_supervised_fails_clearly(tmp_path: Path) -> None:
     r = module({**args, "state": "present"})
     assert (r["changed"], r["state"]) == (False, "unsupervised")
     assert os.readlink(service_dir / "lonely") == str(src)
+    # check mode predicts what supervise will do once svscan starts it
+    r = module({**args, "state": "restarted"}, check=True)
+    assert (r["changed"], r["actions"]) == (True, ["svc -t"])
+    r = module({**args, "state": "up", "down": True}, check=True)
+    assert r["actions"] == [f"created {src}/down", "svc -u"]
+    r = module({**args, "state": "down"}, check=True)
+    assert r["actions"] == ["svc -d"]
+    assert not (src / "down").exists()
 
 
 @pytest.mark.parametrize(
