@@ -722,6 +722,9 @@ class Session(asyncio.Protocol):
         self.message = event
         self.queue_error = None
         self.data_deadline = self.loop.time() + self.cfg.timeoutdata
+        if self.timer is not None and self.timer.when() > self.data_deadline:
+            self.timer.cancel()
+            self.timer = self.loop.call_at(self.data_deadline, self.on_timer)
         meta = {"client": self.ip, "helo": event.helo, "protocol": event.protocol}
         if event.auth_user:
             meta["auth"] = event.auth_user
