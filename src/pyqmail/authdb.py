@@ -24,7 +24,8 @@ Unknown users cost the same as a wrong password: :meth:`AuthDB.verify` runs scry
 dummy hash with the default parameters, so response time does not reveal which names exist.
 
 The CLI rewrites the file atomically (temporary file in the same directory, fsync,
-rename, fsync of the directory) keeping the old file's mode and owner. It takes no lock:
+rename, fsync of the directory) keeping the old file's mode and owner; a file it creates
+gets mode 0640 and group ``pyqmail`` when that group exists. It takes no lock:
 run one writer at a time (Ansible or an admin, not both at once).
 """
 
@@ -35,6 +36,7 @@ import base64
 import binascii
 import contextlib
 import getpass
+import grp
 import hashlib
 import hmac
 import os
@@ -65,6 +67,7 @@ __all__ = [
 ]
 
 DEFAULT_PATH = "/var/qmail/control/smtpusers"
+DAEMON_GROUP = "pyqmail"  # group of a file the CLI creates, when it exists
 
 # Cost parameters for new hashes: N = 2**14, r = 8 is 16 MiB and about 60 ms per check.
 DEFAULT_LN = 14
@@ -382,10 +385,14 @@ class AuthDB:
         return "".join(line + "\n" for line in out)
 
 
-def atomic_write(path: str, data: bytes, *, default_mode: int = 0o640) -> None:
+def atomic_write(
+    path: str, data: bytes, *, default_mode: int = 0o640, default_gid: int | None = None
+) -> None:
     """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
 
-    An existing file's mode and owner carry over; a new file gets ``default_mode``.
+    An existing file's mode and owner carry over; a new file gets ``default_mode`` and, when
+    given, the group ``default_gid``. The temp file has them before it is renamed, so the
+    hashes are never readable by more than the final mode allows.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -398,6 +405,8 @@ def atomic_write(path: str, data: bytes, *, default_mode: int = 0o640) -> None:
             os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) if st else default_mode)
             if st is not None and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                 os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            elif st is None and default_gid is not None:
+                os.fchown(f.fileno(), -1, default_gid)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -428,6 +437,14 @@ def _read_password(confirm: bool) -> str:
     return validate_password(password)
 
 
+def _daemon_gid() -> int | None:
+    """The daemon's group for a new file (it reads the file after dropping root)."""
+    try:
+        return grp.getgrnam(DAEMON_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
 def _load_or_empty(path: str) -> AuthDB:
     if not os.path.exists(path):
         return AuthDB(path=path)
@@ -451,7 +468,7 @@ def _run(args: argparse.Namespace) -> int:
         existed = name in db
         cram = password if args.cram_md5 else None
         db.set(User(name=name, hash=hash_password(password), cram=cram))
-        atomic_write(path, db.dump().encode("utf-8"))
+        atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
         _say(f"{'updated' if existed else 'added'} {name}")
         return 0
     if args.command == "del":

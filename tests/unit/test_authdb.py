@@ -255,6 +255,12 @@ def test_atomic_write_keeps_mode_and_owner(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         assert st.st_gid == 12345
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smtpusers"]
+    if os.geteuid() == 0:  # a new file gets the daemon's group; an existing one keeps its own
+        new = tmp_path / "new"
+        authdb.atomic_write(str(new), b"x\n", default_gid=1)
+        assert (new.stat().st_gid, stat.S_IMODE(new.stat().st_mode)) == (1, 0o640)
+        authdb.atomic_write(str(path), b"three\n", default_gid=1)
+        assert path.stat().st_gid == 12345
 
 
 # The CLI, as an admin runs it: a real subprocess with the password on stdin.
