@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import stat
-import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +33,13 @@ def alice_hash() -> str:
 @pytest.mark.parametrize("encoded", [PASSLIB_LN8, PASSLIB_LN16])
 def test_verifies_passlib_hashes(encoded: str) -> None:
     assert authdb.verify_password("password", encoded)
-    assert authdb.verify_password(b"password", encoded)
     assert not authdb.verify_password("Password", encoded)
-    assert not authdb.verify_password("password ", encoded)
+
+
+def test_verify_password_variants() -> None:
+    assert authdb.verify_password(b"password", PASSLIB_LN8)
+    assert not authdb.verify_password("password ", PASSLIB_LN8)
+    assert not authdb.verify_password(b"passwor", PASSLIB_LN8)
 
 
 def test_hash_format_and_round_trip(alice_hash: str) -> None:
@@ -223,20 +226,20 @@ def test_database_verify_cram_and_rewrite(tmp_path: Path, alice_hash: str) -> No
 
 
 def test_unknown_user_costs_a_hash(alice_hash: str) -> None:
-    """An unknown name must take about as long as a wrong password, not return at once."""
-    db = AuthDB([User("alice", alice_hash)])
+    """An unknown name must take about as long as a wrong password, not return at once.
 
-    def median(name: str) -> float:
-        times = []
-        for _ in range(5):
+    Alternating samples and the minimum of each keep the comparison stable on a loaded
+    machine (load only ever adds time).
+    """
+    db = AuthDB([User("alice", alice_hash)])
+    times: dict[str, list[float]] = {"alice": [], "nobody": []}
+    for _ in range(6):
+        for name, samples in times.items():
             start = time.perf_counter()
             assert not db.verify(name, "wrong")
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    known, unknown = median("alice"), median("nobody")
-    assert unknown > 0.4 * known, (known, unknown)
-    assert unknown < 2.5 * known, (known, unknown)
+            samples.append(time.perf_counter() - start)
+    known, unknown = min(times["alice"]), min(times["nobody"])
+    assert 0.5 * known < unknown < 2 * known, (known, unknown)
 
 
 def test_atomic_write_keeps_mode_and_owner(tmp_path: Path) -> None:
