@@ -20,8 +20,9 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
 - AUTH (``smtproutes-auth``) is only ever sent after STARTTLS with a verified or pinned
   certificate; otherwise the delivery is deferred.
 
-Every context comes from ``TlsPolicy`` (TLS 1.2+; AEAD ciphers on TLS 1.2), the one place to
-switch to ``pyqmail.tls`` factories.
+Every context comes from ``TlsPolicy``, built with ``pyqmail.tls.client_context`` (Mozilla
+intermediate: TLS 1.2+, AEAD suites only). A broken ``clientcert.pem`` or pin file defers
+delivery with a message naming the file.
 
 On the wire: lines end in CRLF (bare CR or LF in a queued message are normalized), lines
 starting with ``.`` are dot-stuffed, ``BODY=8BITMIME`` is declared when the message has 8-bit
@@ -60,15 +61,10 @@ from pyqmail.delivery import (
     split_address,
 )
 from pyqmail.queue import Envelope
+from pyqmail.tls import TLSConfigError, client_context
 
 MAX_ADDRESSES = 12
 UNVERIFIABLE_TTL = 3600.0
-AEAD_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
-)
 
 
 class DnsError(Exception):
@@ -192,27 +188,18 @@ class TlsPolicy:
         self._cache: dict[str, ssl.SSLContext] = {}
         self._lock = threading.Lock()
 
-    def _base(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(AEAD_CIPHERS)
-        ctx.options |= ssl.OP_NO_COMPRESSION
-        if self.clientcert is not None:
-            ctx.load_cert_chain(self.clientcert)
-        return ctx
-
     def _cached(self, key: str) -> ssl.SSLContext:
+        """Contexts are built once (loading CA stores is slow); raises TLSConfigError."""
         with self._lock:
             ctx = self._cache.get(key)
             if ctx is None:
-                ctx = self._base()
+                cert = self.clientcert
                 if key == "verify":
-                    ctx.load_default_certs()
+                    ctx = client_context(verify=True, certfile=cert)
                 elif key == "none":
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
+                    ctx = client_context(verify=False, certfile=cert)
                 else:
-                    ctx.load_verify_locations(cafile=key)
+                    ctx = client_context(verify=True, cafile=key, certfile=cert)
                 self._cache[key] = ctx
             return ctx
 
@@ -356,6 +343,9 @@ class RemoteSession:
         smtp = _SMTP(dest.address, control.helohost, control.timeoutconnect)
         try:
             self._negotiate(smtp, dest, mode, pin, control)
+        except TLSConfigError as exc:
+            _close(smtp)
+            raise _FailError(self._result("temp", f"TLS set-up: {exc} (#4.7.5)", "4.7.5")) from None
         except BaseException:
             _close(smtp)
             raise

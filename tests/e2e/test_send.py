@@ -31,6 +31,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from pyqmail.queue import Queue
 from tests.conftest import PKI
+from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 
 BIN = Path(sys.executable).parent
 USER = getpass.getuser()
@@ -57,6 +58,7 @@ def free_port() -> int:
 @dataclass
 class Host:
     root: Path
+    user: str = USER
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -90,7 +92,7 @@ class Host:
         full_env.update(env or {})
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [BIN / "pyqmail-send", "--root", str(self.root), "--user", USER],
+                [BIN / "pyqmail-send", "--root", str(self.root), "--user", self.user],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=full_env,
@@ -680,3 +682,69 @@ def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
     assert recorder.connections <= 12  # connections are reused across messages
     duplicates = sum(by_rcpt.values()) - 50
     assert duplicates <= delivered_before - len(done_before) + 2  # only unrecorded in-flight ones
+
+
+# -- pyqmail-smtpd as the remote side ----------------------------------------------------
+
+
+def test_full_chain_through_pyqmail_smtpd_into_a_maildir(
+    host: Host, pki: PKI, qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """sendmail -> pyqmail-send (A) -> STARTTLS, pinned -> pyqmail-smtpd (B) -> pyqmail-send (B)
+    -> Maildir."""
+    d = smtpd(mode="smtp")
+    host.control("smtproutes", f"mx.test:127.0.0.1:{d.port}\n")
+    host.control("locals", "example.test\n")  # mx.test is the other host here
+    host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
+    host.start()
+    body = "first\r\n.dot line\r\n.\r\nlast\r\n"
+    done = host.sendmail(["-i", "-f", "me@example.test", "user@mx.test"], message("chain", body))
+    assert done.returncode == 0, done.stderr
+    wait_for(host.queue_empty, what="delivery to pyqmail-smtpd")
+    assert "verified=yes" in host.log() and "tls=TLSv1.3" in host.log()
+    # B delivers what its smtpd accepted
+    qmail_root.control("locals", "mx.test\n")
+    home = qmail_root.path / "homes" / "user"
+    home.mkdir(parents=True)
+    qmail_root._own(home.parent)
+    qmail_root._own(home)
+    qmail_root.write("users/mailboxes", f"user:{home}\n")
+    qmail_root.write("alias/.keep", "")
+    b = Host(qmail_root.path, user=DROP_USER if IS_ROOT else USER)
+    try:
+        b.start()
+        wait_for(lambda: b.maildir(home), what="Maildir delivery on B")
+    finally:
+        b.stop()
+    delivered = b.maildir(home)[0]
+    assert b"\n.dot line\n.\nlast\n" in delivered  # dot-stuffed on the wire, intact here
+    parsed = parse(delivered)
+    assert parsed["Subject"] == "chain" and parsed["Return-Path"] == "<me@example.test>"
+    assert "TLS" in " ".join(parsed.get_all("Received") or [])
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_client_certificate_makes_pyqmail_smtpd_relay(
+    host: Host, pki: PKI, qmail_root: QmailRoot, smtpd: StartDaemon, present: bool
+) -> None:
+    """B relays for far.test only for a client certificate chaining to clientca.pem and
+    listed in tlsclients; A presents control/clientcert.pem when asked."""
+    qmail_root.control("clientca.pem", pki.ca.cert_pem.decode())
+    qmail_root.control("tlsclients", "relay.test\n")
+    d = smtpd(mode="smtp")
+    host.control("smtproutes", f"far.test:127.0.0.1:{d.port}\n")
+    host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
+    if present:
+        host.control("clientcert.pem", (pki.client.key_pem + pki.client.cert_pem).decode())
+    sender = host.mailbox("sender")
+    host.start()
+    host.sendmail(["-f", "sender@example.test", "someone@far.test"], message("relay"))
+    wait_for(host.queue_empty)
+    queued = [env.recipients for env, _ in qmail_root.queued()]
+    if present:
+        assert queued == [("someone@far.test",)]
+        assert not host.maildir(sender)
+    else:
+        assert queued == []
+        _, groups = dsn_fields(host.maildir(sender)[0])
+        assert groups[1]["diagnostic-code"].startswith("smtp; 5")
