@@ -462,7 +462,12 @@ def test_remote_starttls_to_aiosmtpd_verified(
         host.sendmail(
             ["-f", "me@example.test", "a@remote.test", "b@remote.test"], message(f"m{n}", body)
         )
+    host.sendmail(["-f", "me@example.test", "c@remote.test"], message("8bit", "grüße\r\n"))
     wait_for(host.queue_empty, what="remote delivery")
+    (eight,) = [m[0] for m in sink.messages if m[0].rcpt_tos == ["c@remote.test"]]
+    sink.messages = [m for m in sink.messages if m[0] is not eight]
+    assert "BODY=8BITMIME" in eight.mail_options
+    assert "grüße".encode() in (eight.original_content or b"")
     assert len(sink.messages) == 3
     for env, over_tls, _ in sink.messages:
         assert over_tls
@@ -471,7 +476,7 @@ def test_remote_starttls_to_aiosmtpd_verified(
         content = env.original_content or b""
         assert b"\r\n.leading dot\r\n..two dots\r\nbare\r\nlf\r\n" in content
     lines = [ln for ln in host.log().splitlines() if ln.startswith("delivery")]
-    assert len(lines) == 6
+    assert len(lines) == 7
     assert all("result=done" in ln and "tls=TLSv1.3 verified=yes" in ln for ln in lines), lines
 
 
@@ -627,6 +632,20 @@ def test_deferred_shows_in_queue_tool_and_flush_retries(host: Host, recorder: Re
     host.stop()
     flushed = subprocess.run([*tool, "flush"], capture_output=True, text=True, check=False)
     assert flushed.returncode == 1 and "not running" in flushed.stdout
+
+
+def test_queuelifetime_turns_deferral_into_a_bounce(host: Host, recorder: Recorder) -> None:
+    sender = host.mailbox("sender")
+    recorder.temp_first = 1000
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.control("queuelifetime", "0\n")
+    host.start()
+    host.sendmail(["-f", "sender@example.test", "slow@remote.test"], message("expire"))
+    wait_for(host.queue_empty)
+    assert "result=expired" in host.log()
+    _, groups = dsn_fields(host.maildir(sender)[0])
+    assert (groups[1]["action"], groups[1]["status"]) == ("failed", "4.4.7")
+    assert "451 4.3.0 try later" in groups[1]["diagnostic-code"]
 
 
 def test_term_finishes_deliveries_in_flight(host: Host, recorder: Recorder) -> None:
