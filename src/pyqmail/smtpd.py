@@ -808,7 +808,16 @@ class Server:
         self.sessions: set[Session] = set()
         self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
         self.stopping: asyncio.Event | None = None
+        self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
+
+    def _watch_parent(self) -> None:
+        """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed."""
+        if os.getppid() != self.parent and self.stopping is not None:
+            log("orphaned", text="supervisor gone; stopping")
+            self.stopping.set()
+            return
+        asyncio.get_running_loop().call_later(1.0, self._watch_parent)
 
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -837,6 +846,8 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
         log("ready", slot=self.counter.slot, mode=self.mode)
+        if self.parent is not None:
+            self._watch_parent()
         await stopping.wait()
         server.close()
         log("stopping", sessions=len(self.sessions), grace=self.cfg.timeoutterm)
@@ -866,8 +877,11 @@ def run_worker(
     cfg: configmod.Config,
     rules: RulesCache,
     counter: ConnCounter,
+    *,
+    parent: int | None = None,
 ) -> int:
     server = Server(opts, cfg, rules, counter)
+    server.parent = parent
     return asyncio.run(server.serve(sock))
 
 
@@ -894,6 +908,7 @@ class Supervisor:
             rules,
             counter,
         )
+        self.pid = os.getpid()
         self.workers: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> time
         self.respawn_at: dict[int, float] = {}  # slot -> when
@@ -914,7 +929,8 @@ class Supervisor:
                 if i != slot:
                     sock.close()
             self.counter.slot = slot
-            code = run_worker(self.socks[slot], self.opts, self.cfg, self.rules, self.counter)
+            sock = self.socks[slot]
+            code = run_worker(sock, self.opts, self.cfg, self.rules, self.counter, parent=self.pid)
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
             traceback.print_exc()
         finally:

@@ -238,6 +238,7 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
         extra: list[str] | None = None,
         wrapper: list[str] | None = None,
         expect_ready: bool = True,
+        listen: str = "127.0.0.1:0",
     ) -> Daemon:
         args = [
             *(wrapper or []),
@@ -245,7 +246,7 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
             "--root",
             str(qmail_root.path),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--mode",
             mode,
             "--workers",
@@ -263,8 +264,8 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
         started.append(daemon)
         threading.Thread(target=daemon._reader, daemon=True).start()
         if expect_ready:
-            m = daemon.wait_for(r"start listen=127\.0\.0\.1:(\d+)")[0]
-            daemon.port = int(m.group(1))
+            m = daemon.wait_for(r"start listen=\[?([^\]\s]+?)\]?:(\d+) ")[0]
+            daemon.host, daemon.port = m.group(1), int(m.group(2))
             daemon.wait_for(r"pid=\d+ ready", count=workers)
         return daemon
 

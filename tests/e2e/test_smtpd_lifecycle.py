@@ -6,6 +6,7 @@ import os
 import pwd
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -155,6 +156,40 @@ def test_privileges_dropped_before_serving(smtpd: StartDaemon) -> None:
         assert _status(pid, "Uid") == [nobody.pw_uid] * 4, f"pid {pid} kept another uid"
         assert _status(pid, "Gid") == [nobody.pw_gid] * 4, f"pid {pid} kept another gid"
         assert 0 not in _status(pid, "Groups"), f"pid {pid} kept group root"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_stop_when_the_supervisor_is_killed(smtpd: StartDaemon) -> None:
+    d = smtpd(workers=2)
+    workers = d.worker_pids()
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(5)
+    deadline = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), "orphaned workers kept serving"
+
+
+def test_ipv6_loopback(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no ::1 here: {exc}")
+    d = smtpd(listen="[::1]:0")
+    assert d.host == "::1"
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        assert s.sendmail("s@remote.test", ["user@example.test"], MESSAGE) == {}
+    [(env, _)] = qmail_root.queued()
+    assert env.meta["client"] == "::1"
 
 
 def test_worker_crash_is_replaced(smtpd: StartDaemon) -> None:
