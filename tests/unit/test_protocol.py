@@ -1029,3 +1029,50 @@ def test_policy_is_frozen() -> None:
     pol: Policy = policy()
     with pytest.raises(AttributeError):
         pol.relay_client = True  # type: ignore[misc]
+
+
+def test_empty_read_and_calls_after_close_do_nothing() -> None:
+    srv = ready()
+    assert srv.conn.receive(b"") == []
+    srv.cmd("QUIT")
+    assert srv.conn.timeout() == []
+    assert srv.conn.shutdown() == []
+    assert srv.conn.receive(b"NOOP\r\n") == []
+
+
+def test_login_with_empty_user_name() -> None:
+    srv = ready(policy(**AUTH_POLICY))
+    assert srv.cmd("AUTH LOGIN =") == "501 5.5.2 Error: empty user name"
+
+
+def test_second_ehlo_resets_transaction_but_not_auth() -> None:
+    srv = ready(policy(**AUTH_POLICY))
+    srv.cmd("AUTH PLAIN " + b64("\0bob\0hunter2"))
+    srv.cmd("MAIL FROM:<a@example.net>")
+    assert srv.cmd("EHLO again").startswith("250 ")
+    assert srv.cmd("RCPT TO:<u@example.test>") == "503 5.5.1 Error: need MAIL command"
+    assert srv.conn.auth_user == "bob"
+
+
+def test_auth_result_with_invalid_name_is_a_failure() -> None:
+    conn = SMTPConnection(policy(**AUTH_POLICY))
+    conn.start()
+    conn.receive(b"EHLO x\r\n")
+    conn.receive(("AUTH PLAIN " + b64("\0bob\0hunter2") + "\r\n").encode())
+    assert conn.auth_result("bad name\r\n") == [Send(b"535 5.7.8 Error: authentication failed\r\n")]
+    assert conn.auth_user is None
+
+
+def test_shutdown_while_waiting_for_auth_closes_after_the_answer() -> None:
+    conn = SMTPConnection(policy(**AUTH_POLICY))
+    conn.start()
+    conn.receive(b"EHLO x\r\n")
+    conn.receive(("AUTH PLAIN " + b64("\0bob\0hunter2") + "\r\n").encode())
+    assert conn.shutdown() == []
+    assert conn.auth_result("bob") == [
+        Send(
+            b"235 2.7.0 Authentication successful\r\n"
+            + f"421 4.3.2 {HOST} Service shutting down, closing channel\r\n".encode()
+        ),
+        Close(),
+    ]
