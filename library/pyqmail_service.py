@@ -271,6 +271,12 @@ class ServiceModule:
                 f"service_dir {self.service_dir} is not a directory; install daemontools-run "
                 "or create it and start svscan on it"
             )
+        for option in ("run", "log_run"):
+            if p[option] is not None and not p[option].startswith("#!"):
+                self.fail(
+                    f"{option} must start with '#!' (supervise executes it directly), "
+                    f"got {p[option][:20]!r}"
+                )
         if p["wait"] < 0 or p["timeout"] <= 0:
             self.fail("wait must be >= 0 and timeout > 0")
         if self.state in UP_STATES and p["timeout"] <= p["wait"]:
@@ -389,9 +395,23 @@ class ServiceModule:
             self.stop_supervise(old)  # svscan keeps the old supervise running otherwise
         return True
 
+    def linked_elsewhere(self, directory: str) -> list[str]:
+        """Other links in service_dir to ``directory``: it must keep running for them."""
+        real = os.path.realpath(directory)
+        others = []
+        for entry in sorted(os.listdir(self.service_dir)):
+            path = os.path.join(self.service_dir, entry)
+            if path != self.link and os.path.realpath(path) == real:
+                others.append(path)
+        return others
+
     def stop_supervise(self, directory: str) -> None:
         """svc -dx the service and its log service, then wait for supervise to exit."""
         timeout = self.module.params["timeout"]
+        others = self.linked_elsewhere(directory)
+        if others:
+            self.actions.append(f"left {directory} running: also linked as {', '.join(others)}")
+            return
         for path in (directory, os.path.join(directory, "log")):
             if not os.path.isdir(path) or not self.status(path).supervised:
                 continue

@@ -333,6 +333,22 @@ def test_relink_stops_the_old_supervise(dt: Daemontools) -> None:
     assert r["pid"] != old_pid
     assert os.readlink(dt.service_dir / name) == str(new)
     assert dt.svstat(old).endswith("supervise not running")
+    # a second name for the same directory: removing it must not stop the service
+    alias = dt.service_dir / "relink-alias"
+    alias.symlink_to(new)
+    r = module(
+        {
+            "name": "relink-alias",
+            "src": str(new),
+            "service_dir": str(dt.service_dir),
+            "state": "absent",
+        }
+    )
+    assert r["actions"] == [
+        f"unlinked {alias}",
+        f"left {new} running: also linked as {dt.service_dir / name}",
+    ]
+    assert dt.svstat(new).startswith(f"{new}: up ")
     module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
 
 
@@ -401,6 +417,8 @@ def test_not_supervised_fails_clearly(tmp_path: Path) -> None:
         ({"service_dir": "/nonexistent/service"}, "is not a directory"),
         ({"state": "started"}, "value of state must be one of"),
         ({"run": None}, "does not exist; create it or give run"),
+        ({"run": "exec sleep 1\n"}, "run must start with '#!'"),
+        ({"log_run": "multilog t ./main"}, "log_run must start with '#!'"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, override: dict[str, Any], message: str) -> None:
