@@ -35,9 +35,18 @@ tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certif
 for new connections; sessions in progress keep the configuration they started with. A
 bad new configuration is logged and the old one stays in force.
 
-Logs go to stdout (multilog), one line per event, ``key=value``: ``msg`` per accepted
-message (queue id, Message-ID, sender, recipients, size, TLS, AUTH user, client), ``conn``
-per finished connection, ``deny``/``refuse`` per refused one.
+Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
+(values with blanks or control characters are escaped as ``\\xNN``)::
+
+    start listen=127.0.0.1:2525 mode=smtp workers=2 uid=105   (the real port if :0 was asked)
+    ready slot=0 mode=smtp                                    (one per worker, serving)
+    msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
+    conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
+    deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
+    tls-fail, auth-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
+
+Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
+configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
 """
 
 from __future__ import annotations
