@@ -25,6 +25,10 @@ error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ign
 When every recipient is done or failed: the DSN is queued if anything failed (see
 ``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
 and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
+The last recipient of a message that failed nowhere gets no ``done`` line: the durable
+unlink of ``mess/<id>`` records it (a crash in between delivers it again: a duplicate, as
+for any delivered-but-unrecorded recipient). A one-recipient message thus costs no state
+file at all.
 
 Scheduling: each recipient is retried on qmail's schedule, ``birth + (sqrt(last - birth) +
 c)^2`` seconds with c = 10 (local) or 20 (remote), until ``queuelifetime``; after that a
@@ -460,14 +464,17 @@ class Manager:
             record |= {"status": result.status, "remote": result.remote, "diag": result.diagnostic}
         if event == "failed":
             record["expired"] = expired
+        with self.lock:  # the last recipient of a clean message needs no record: see finish()
+            last = event == "done" and all(o.status == "done" for o in msg.rcpts if o is not r)
         state_error = ""
-        with msg.lock:
-            try:
-                append_state(
-                    self.queue.path("state", queue_id), record, durable=event != "deferred"
-                )
-            except OSError as exc:
-                state_error = str(exc)
+        if not last:
+            with msg.lock:
+                try:
+                    append_state(
+                        self.queue.path("state", queue_id), record, durable=event != "deferred"
+                    )
+                except OSError as exc:
+                    state_error = str(exc)
         self.log(
             f"delivery {queue_id} {index} to=<{one_line(r.address)}> "
             f"result={'expired' if expired else event} host={one_line(result.remote)} "
