@@ -57,4 +57,7 @@ run: $(STAMP) ## provision this machine with site.yml and leave the mail server 
 bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 	$(BIN)/python bench/smtpd_load.py
 
-.PHONY: help system-deps venv lint unit image molecule molecule-all test run bench
+bench-e2e: $(STAMP) ## end-to-end (SMTP in -> Maildir) throughput against a private Postfix (root)
+	$(BIN)/python bench/e2e_throughput.py
+
+.PHONY: help system-deps venv lint unit image molecule molecule-all test run bench bench-e2e
