@@ -307,3 +307,79 @@ def test_usage_errors_are_the_only_exceptions() -> None:
     conn = SMTPConnection(policy())
     with pytest.raises(ProtocolUsageError):
         conn.message_queued("Q")
+
+
+# ----- recipients: nothing tricky is ever accepted for relaying -------------------------------
+
+_pieces = [
+    "u",
+    "@",
+    "%",
+    "!",
+    '"',
+    "\\",
+    ":",
+    ",",
+    ".",
+    "[",
+    "]",
+    " ",
+    "<",
+    ">",
+    "\t",
+    "ü",
+    "example.test",
+    "elsewhere.test",
+    "192.0.2.1",
+    "IPv6:",
+    "postmaster",
+]
+_routes = st.sampled_from(["", "@elsewhere.test:", "@a.test,@b.test:", "@example.test:"])
+_domains = st.sampled_from(
+    [
+        "@example.test",
+        "@EXAMPLE.Test",
+        "@elsewhere.test",
+        "@[192.0.2.1]",
+        "@[192.0.2.9]",
+        "@example.test.",
+        "@example.test@elsewhere.test",
+        "@elsewhere.test@example.test",
+        "",
+        "@exämple.test",
+    ]
+)
+address_text = st.one_of(
+    st.lists(st.sampled_from(_pieces), max_size=12).map("".join),
+    st.tuples(_routes, st.lists(st.sampled_from(["u", "x", ".", "%", "!", '"', "\\", "ü",
+                                                 "elsewhere.test"]), min_size=1, max_size=5)
+              .map("".join), _domains).map("".join),
+    st.tuples(_routes, st.sampled_from(["u", "u.x", "postmaster", "U"]), _domains).map("".join),
+)  # fmt: skip
+
+
+def recipient_is_safe(path: str, smtputf8: bool) -> None:
+    asked: list[str] = []
+
+    def rcpthosts(domain: str) -> bool:
+        asked.append(domain)
+        return domain in ("example.test", "[192.0.2.1]")
+
+    driver = Driver(policy(rcpthosts=rcpthosts, reject_unauth_pipelining=False))
+    driver.feed([b"EHLO x\r\n", b"MAIL FROM:<>" + (b" SMTPUTF8" if smtputf8 else b"") + b"\r\n"])
+    driver.feed([f"RCPT TO:<{path}>\r\n".encode(), b"DATA\r\n"])
+    starts = [e for e in driver.log if isinstance(e, MessageStart)]
+    if not starts:
+        return
+    (rcpt,) = starts[0].recipients
+    local, _, domain = rcpt.rpartition("@")
+    assert rcpt.count("@") == 1
+    assert not set(local) & set('"\\%!@<> \t\r\n\0,:[]')
+    assert domain in ("example.test", "[192.0.2.1]", "mx.example.test")  # mx: bare postmaster
+    assert domain == "mx.example.test" or asked == [domain]
+
+
+@FAST
+@given(path=address_text, smtputf8=st.booleans())
+def test_recipient_tricks_never_relay(path: str, smtputf8: bool) -> None:
+    recipient_is_safe(path, smtputf8)
