@@ -138,6 +138,10 @@ normally_up:
   description: False when the C(down) file exists.
   returned: when supervised
   type: bool
+paused:
+  description: True when the service was paused with C(svc -p) (up states resume it).
+  returned: when supervised
+  type: bool
 log_state:
   description: State of the log service (C(up), C(down), C(unsupervised)); null without one.
   returned: always
@@ -162,6 +166,11 @@ log_tail:
   returned: failure
   type: list
   elements: str
+pids_seen:
+  description: Every pid seen up while waiting, when the service failed to stay up.
+  returned: failure
+  type: list
+  elements: int
 """
 
 import os
