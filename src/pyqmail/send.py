@@ -262,9 +262,10 @@ class Manager:
             self._load("mess", queue_id)
         self.pickup()
 
-    def _load(self, sub: str, queue_id: str) -> Msg | None:
+    def _load(self, sub: str, queue_id: str, env: Envelope | None = None) -> Msg | None:
         try:
-            env, _ = self.queue.read(sub, queue_id)
+            if env is None:
+                env, _ = self.queue.read(sub, queue_id)
         except QueueError as exc:
             with contextlib.suppress(OSError):
                 self.queue.quarantine(sub, queue_id)
@@ -285,7 +286,7 @@ class Manager:
 
     def pickup(self) -> int:
         """Move verified messages from new/ to mess/ and schedule them."""
-        moved: list[str] = []
+        moved: list[tuple[str, Envelope]] = []
         for queue_id in self.queue.ids("new"):
             try:
                 env, _ = self.queue.read("new", queue_id)
@@ -300,15 +301,15 @@ class Manager:
             except OSError as exc:
                 self.log(f"warning cannot move {queue_id} to mess/: {exc}")
                 continue
-            moved.append(queue_id)
+            moved.append((queue_id, env))
             self.log(
                 f"new msg {queue_id} from=<{one_line(env.sender)}> "
                 f"rcpts={len(env.recipients)} size={env.size}"
             )
         if moved:
             fsync_dir(self.queue.path("mess"))
-            for queue_id in moved:
-                self._load("mess", queue_id)
+            for queue_id, env in moved:
+                self._load("mess", queue_id, env)
         return len(moved)
 
     def _push(self, queue_id: str, r: Rcpt) -> None:
