@@ -8,8 +8,10 @@
 - ``-t``: recipients also from ``To:``, ``Cc:``, ``Bcc:``; ``Bcc:`` is removed (command-line
   recipients are kept too, as Postfix does).
 - ``-i`` / ``-oi``: a line with a single ``.`` does not end the message (otherwise it does).
-- other ``-oX``, ``-odb``/``-odi``, ``-bm``, ``-v``, ``-em`` are accepted and ignored; any
-  other option is refused.
+- other ``-oX``, ``-odb``/``-odi``, ``-bm``, ``-v``, ``-em``, ``-m``, ``-n``, ``-G``, ``-U`` and
+  ``-B``/``-N``/``-R``/``-V``/``-L``/``-O``/``-h`` with their value (Debian's cron runs
+  ``sendmail -FCronDaemon -i -B8BITMIME -oem user``) are accepted and ignored; other modes
+  (``-bs``, ``-bp``, ...) and unknown options are refused (exit 64).
 - addresses without ``@`` get ``@`` + ``control/me``.
 
 Line ends become CRLF in the queue; ``Received:``, ``Date:``, ``Message-ID:`` and ``From:``
@@ -39,7 +41,9 @@ from pyqmail.delivery import Control, ControlError
 from pyqmail.queue import Queue, QueueError
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78
-_IGNORED = {"-odb", "-odi", "-odq", "-bm", "-v", "-em", "-ep", "-eq", "-U"}
+_IGNORED = {"-odb", "-odi", "-odq", "-bm", "-v", "-em", "-ep", "-eq", "-U", "-m", "-n", "-G"}
+# options taking a value that change nothing here (cron sends -B8BITMIME, DSN options ...)
+_IGNORED_WITH_VALUE = ("-B", "-N", "-R", "-V", "-L", "-O", "-h")
 _ADDRESS = re.compile(r"^[^\s<>()\[\],;:\\\"@]+(?:@[^\s<>()\[\],;:\\\"@]+)?$|^$")
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -92,6 +96,10 @@ def parse_args(argv: Sequence[str]) -> Options:
             opts.dots = False
         elif arg in _IGNORED or (arg.startswith("-o") and len(arg) > 2):
             pass
+        elif arg.startswith(_IGNORED_WITH_VALUE):
+            value(arg[:2])
+        elif arg.startswith("-b"):
+            raise InjectError(f"mode {arg!r} is not supported (only -bm, the default)", EX_USAGE)
         elif arg.startswith("-") and arg != "-":
             raise InjectError(f"unsupported option {arg!r}", EX_USAGE)
         else:

@@ -510,12 +510,24 @@ def test_inject_errors(argv: tuple[str, ...], raw: bytes, code: int, text: str) 
 
 
 @pytest.mark.parametrize(
-    ("argv", "text"), [(("-X",), "unsupported option"), (("-f",), "needs a value")]
+    ("argv", "text"),
+    [
+        (("-X",), "unsupported option"),
+        (("-f",), "needs a value"),
+        (("-bs",), "mode '-bs' is not supported"),
+        (("-B",), "needs a value"),
+    ],
 )
 def test_inject_usage_errors(argv: tuple[str, ...], text: str) -> None:
     with pytest.raises(inject.InjectError, match=text) as info:
         inject.parse_args(list(argv))
     assert info.value.code == 64
+
+
+def test_inject_accepts_crons_command_line() -> None:
+    o = opts("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root")
+    assert (o.fullname, o.dots, o.recipients) == ("CronDaemon", False, ["root"])
+    assert opts("-N", "never", "-R", "hdrs", "x@y").recipients == ["x@y"]
 
 
 def test_inject_null_sender_and_ignored_options() -> None:
