@@ -1,0 +1,104 @@
+"""Relay control, SMTP AUTH on submission, and local delivery through the aliases."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from conftest import MX_NAME
+from mailcheck import smtp_session, wait_for
+
+CA = "/tmp/pyqmail-ca.pem"
+USER = "alice@mx1.pyqmail.test"
+PASSWORD = "molecule-alice-secret"
+
+
+def test_submission_offers_auth_only_after_starttls(client: Any) -> None:
+    out = smtp_session(
+        client,
+        host=MX_NAME,
+        port=587,
+        cafile=CA,
+        starttls=True,
+        user=USER,
+        password=PASSWORD,
+        sender=USER,
+        rcpts=["someone@elsewhere.example"],
+        send=False,
+    )
+    assert "auth" not in out["ehlo_before"]
+    assert "starttls" in out["ehlo_before"]
+    assert "auth" in out["ehlo_after"]
+    assert out["auth"] == "ok"
+    # Authenticated: relaying to a foreign domain is accepted.
+    assert out["rcpt"][0][0] == 250, out
+
+
+def test_submission_refuses_wrong_password(client: Any) -> None:
+    out = smtp_session(
+        client,
+        host=MX_NAME,
+        port=587,
+        cafile=CA,
+        starttls=True,
+        user=USER,
+        password="wrong",
+        sender=USER,
+        rcpts=["someone@elsewhere.example"],
+        send=False,
+    )
+    assert "535" in out["auth"]
+    assert out["rcpt"][0][0] >= 500
+
+
+def test_swaks_auth_on_smtps(client: Any) -> None:
+    out = client.run(
+        f"swaks --server {MX_NAME} --port 465 --tlsc --tls-verify --tls-ca-path {CA}"
+        f" --auth PLAIN --auth-user {USER} --auth-password {PASSWORD}"
+        f" --from {USER} --to postmaster@{MX_NAME} --quit-after RCPT 2>&1"
+    )
+    assert out.rc == 0, out.stdout
+    assert "235 " in out.stdout
+
+
+def test_unauthenticated_client_cannot_relay(client: Any) -> None:
+    for port, starttls in ((25, False), (25, True), (587, True)):
+        out = smtp_session(
+            client,
+            host=MX_NAME,
+            port=port,
+            cafile=CA,
+            starttls=starttls,
+            sender="spammer@elsewhere.example",
+            rcpts=["victim@elsewhere.example"],
+            send=False,
+        )
+        assert out["rcpt"][0][0] >= 500 or out["mail"][0] >= 500, (port, starttls, out)
+
+
+def test_mail_to_postmaster_lands_in_alias_target_maildir(mx: Any, client: Any) -> None:
+    token = uuid.uuid4().hex
+    out = smtp_session(
+        client,
+        host=MX_NAME,
+        port=25,
+        cafile=CA,
+        starttls=True,
+        sender="someone@elsewhere.example",
+        rcpts=[f"postmaster@{MX_NAME}"],
+        subject=f"molecule {token}",
+        message_id=f"<{token}@client.pyqmail.test>",
+    )
+    assert out["data"][0] == 250, out
+
+    def delivered() -> str:
+        r = mx.run(f"grep -rl {token} /var/vmail/admin/Maildir/new/")
+        return str(r.stdout.strip())
+
+    path = wait_for(delivered, timeout=30)
+    assert path, "message to postmaster did not reach admin's Maildir/new"
+    content = mx.check_output(f"cat {path.splitlines()[0]}")
+    assert "Received: from" in content
+    assert "Delivered-To:" in content
+    owner = mx.file(path.splitlines()[0]).user
+    assert owner == "pyqmails"
