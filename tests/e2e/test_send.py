@@ -767,3 +767,23 @@ def test_client_certificate_makes_pyqmail_smtpd_relay(
         assert queued == []
         _, groups = dsn_fields(host.maildir(sender)[0])
         assert groups[1]["diagnostic-code"].startswith("smtp; 5")
+
+
+# -- process hygiene ----------------------------------------------------------------------
+
+
+def test_one_instance_per_queue_and_clear_start_errors(host: Host) -> None:
+    host.start()
+    cmd = [BIN / "pyqmail-send", "--root", str(host.root), "--user", USER]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    assert second.returncode != 0
+    assert f"another pyqmail-send is running on {host.root / 'queue'}" in second.stderr
+    assert str(host.procs[0].pid) in second.stderr
+    host.stop()
+    host.control("concurrencylocal", "many\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    assert bad.returncode == 111
+    assert "concurrencylocal: expected a whole number, got 'many'" in bad.stderr
+    if IS_ROOT:
+        as_root = subprocess.run(cmd[:3], capture_output=True, text=True, timeout=20, check=False)
+        assert as_root.returncode != 0 and "refusing to run as root" in as_root.stderr
