@@ -76,6 +76,24 @@ def tree_pss_kib(root: int) -> tuple[int, int]:
     return sum(pss_kib(p) for p in pids), len(pids)
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused PID apart)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])  # field 22 of stat(5)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """Is this still the process that started at ``started``, and not a zombie?"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return started is not None and int(fields[19]) == started and fields[0] != "Z"
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU time (user + system) of the tree, including reaped children of its members."""
     total = 0

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.certs import CertFiles
-from bench.procstat import tree
+from bench.procstat import alive, start_time, tree
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CONNECTIONS = 1100
@@ -146,14 +146,20 @@ class Server:
         """TERM the server's main process, wait, then KILL whatever of its tree is left."""
         if self.proc is None:
             return
-        pids = tree(self.proc.pid) if self.proc.poll() is None else []
+        # Remember each process with its start time: after the TERM, only those still
+        # alive *and* the same process (not a reused PID) get a KILL.
+        pids = [(p, start_time(p)) for p in tree(self.proc.pid)] if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid, started in pids:
+            if alive(pid, started):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5  # Postfix's master exits before its children do
+        while any(alive(*p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self.proc = None

@@ -22,8 +22,15 @@ import pytest
 
 from bench import loadgen
 from bench.certs import CertFiles, make_certs
-from bench.procstat import tree_pss_kib
-from bench.servers import AiosmtpdServer, PostfixServer, PyqmailServer, Server, free_port
+from bench.procstat import alive, start_time, tree, tree_pss_kib
+from bench.servers import (
+    AiosmtpdServer,
+    PostfixServer,
+    PyqmailServer,
+    Server,
+    ServerError,
+    free_port,
+)
 from bench.smtpd_load import WORKLOADS, Workload, measure_idle, run_load, split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,3 +221,24 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     else:
         assert last.startswith("min ratio vs postfix: n/a"), last
     assert (tmp_path / "runs.json").exists()
+
+
+@pytest.mark.parametrize("cls", [AiosmtpdServer, PostfixServer], ids=lambda c: c.name)
+def test_stop_leaves_no_process_behind(cls: type[Server], certs: CertFiles) -> None:
+    if cls is PostfixServer and not HAVE_POSTFIX:
+        pytest.skip("needs root and Debian's postfix package")
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-test."))
+    try:
+        base.chmod(0o755)
+        server = cls(base, certs)
+        server.start()
+        procs = [(pid, start_time(pid)) for pid in tree(server.pid)]
+        assert all(started is not None for _, started in procs)
+        server.stop()
+        assert server.proc is None
+        for pid, started in procs:
+            assert not alive(pid, started), f"pid {pid} of {cls.name} still running"
+        with pytest.raises(ServerError, match="not running"):
+            _ = server.pid
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
