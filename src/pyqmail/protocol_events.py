@@ -88,10 +88,10 @@ class Policy:
             value = getattr(self, name)
             if any(c in value for c in "\r\n\0"):
                 raise ValueError(f"Policy.{name} contains CR, LF or NUL: {value!r}")
-        for name in ("hostname", "greeting"):
-            value = getattr(self, name)
-            if not all(" " <= c <= "~" for c in value):
-                raise ValueError(f"Policy.{name} must be printable ASCII: {value!r}")
+        if not all(" " <= c <= "~" for c in self.hostname):
+            raise ValueError(f"Policy.hostname must be printable ASCII: {self.hostname!r}")
+        if not self.greeting.isprintable():  # UTF-8 is sent as is, control characters never
+            raise ValueError(f"Policy.greeting must be printable: {self.greeting!r}")
         if not self.hostname or any(c.isspace() for c in self.hostname):
             raise ValueError(f"Policy.hostname must be one non-empty word: {self.hostname!r}")
         unknown = set(self.auth_mechanisms) - KNOWN_MECHANISMS

@@ -1008,7 +1008,7 @@ POLICY_ERRORS = [
     ({"hostname": "mx\r\nevil"}, "Policy.hostname contains CR, LF or NUL"),
     ({"hostname": ""}, "Policy.hostname must be one non-empty word"),
     ({"greeting": "hi\nthere"}, "Policy.greeting contains CR, LF or NUL"),
-    ({"greeting": "h\u00e9llo"}, "Policy.greeting must be printable ASCII"),
+    ({"greeting": "h\x7fllo"}, "Policy.greeting must be printable"),
     ({"hostname": "mx\x7f"}, "Policy.hostname must be printable ASCII"),
     ({"auth_mechanisms": ("PLAIN", "NTLM")}, "unknown mechanisms \\['NTLM'\\]"),
     ({"auth_mechanisms": ("PLAIN", "PLAIN")}, "repeats a name"),
@@ -1076,3 +1076,8 @@ def test_shutdown_while_waiting_for_auth_closes_after_the_answer() -> None:
         ),
         Close(),
     ]
+
+
+def test_utf8_greeting_is_sent_as_utf8() -> None:
+    srv = Server(policy(greeting="mx.example.test ESMTP h\u00e9"))
+    assert bytes(srv.out) == "220 mx.example.test ESMTP h\u00e9\r\n".encode()
