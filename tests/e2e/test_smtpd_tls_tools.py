@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,43 @@ def test_swaks_auth_on_submission_after_starttls(
     bad = subprocess.run(base, capture_output=True, text=True, timeout=30, check=False)
     assert bad.returncode != 0
     assert "530 5.7.0" in bad.stdout
+
+
+# certificate findings are about the throw-away test CA, not the daemon's TLS settings
+_TESTSSL_IGNORED = ("cert_", "DNS_CAArecord", "OCSP_stapling", "service", "scanTime")
+_TESTSSL_GOOD = ("OK", "INFO", "LOW", "WARN", "DEBUG")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["smtps", "submission"])
+def test_testssl_reports_nothing_above_low(smtpd: StartDaemon, mode: str, tmp_path: Path) -> None:
+    import json
+
+    d = smtpd(mode=mode)
+    report = tmp_path / "testssl.json"
+    starttls = ["-t", "smtp"] if mode == "submission" else []
+    proc = subprocess.run(
+        [
+            "testssl",
+            "--quiet",
+            "--warnings",
+            "off",
+            "--jsonfile",
+            str(report),
+            *starttls,
+            "--ip",
+            d.host,
+            f"{d.host}:{d.port}",
+        ],
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    findings = json.loads(report.read_text())
+    assert findings, proc.stdout.decode(errors="replace")
+    bad = [
+        f"{f['id']} {f['severity']} {f['finding']}"
+        for f in findings
+        if f["severity"] not in _TESTSSL_GOOD and not f["id"].startswith(_TESTSSL_IGNORED)
+    ]
+    assert bad == []

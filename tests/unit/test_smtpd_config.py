@@ -159,7 +159,8 @@ def test_server_context_is_mozilla_intermediate(root: Path, pki: PKI) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.options & ssl.OP_NO_COMPRESSION
     assert ctx.options & ssl.OP_NO_RENEGOTIATION
-    assert not ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert ctx.options & tls.OP_PRIORITIZE_CHACHA
     assert ctx.verify_mode == ssl.CERT_OPTIONAL
     suites = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert suites, "no TLS 1.2 suites at all"
