@@ -77,8 +77,7 @@ from typing import Any, NoReturn
 from pyqmail import config as configmod
 from pyqmail import tls
 from pyqmail.authdb import AuthDB
-from pyqmail.protocol import SMTPConnection
-from pyqmail.protocol_events import (
+from pyqmail.protocol import (
     AuthRequest,
     Close,
     Event,
@@ -88,6 +87,7 @@ from pyqmail.protocol_events import (
     MessageStart,
     Policy,
     Send,
+    SMTPConnection,
     StartTLS,
     TLSInfo,
 )
@@ -403,7 +403,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         force_tls = mode == "submission" and forcetls is not False
     return Policy(
         hostname=cfg.me,
-        greeting=cfg.greeting,
+        greeting=f"{cfg.greeting} ESMTP",  # qmail's 220 line
         client_ip=ip,
         tls_active=mode == "smtps",
         starttls_available=mode != "smtps" and cfg.server_tls is not None,
