@@ -25,10 +25,11 @@ error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ign
 When every recipient is done or failed: the DSN is queued if anything failed (see
 ``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
 and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
-The last recipient of a message that failed nowhere gets no ``done`` line: the durable
-unlink of ``mess/<id>`` records it (a crash in between delivers it again: a duplicate, as
-for any delivered-but-unrecorded recipient). A one-recipient message thus costs no state
-file at all.
+The last recipient of a message that failed nowhere gets no ``done`` line: removing
+``mess/<id>`` records it (a crash in between delivers it again: a duplicate, as for any
+delivered-but-unrecorded recipient). A message that never needed a state file (every
+recipient done at the first attempt, or only its last one pending) is unlinked by the worker
+that finished it, without an fsync: a crash that undoes the unlink only causes duplicates.
 
 Scheduling: each recipient is retried on qmail's schedule, ``birth + (sqrt(last - birth) +
 c)^2`` seconds with c = 10 (local) or 20 (remote), until ``queuelifetime``; after that a
@@ -138,7 +139,7 @@ class Msg:
     env: Envelope
     rcpts: list[Rcpt]
     bounced: bool = False
-    finishing: bool = False
+    has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -163,7 +164,7 @@ def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now
         Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
         for i, a in enumerate(env.recipients)
     ]
-    msg = Msg(env, rcpts)
+    msg = Msg(env, rcpts, has_state=bool(records))
     for record in records:
         ev = record.get("ev")
         if ev == "bounced":
@@ -470,6 +471,7 @@ class Manager:
         state_error = ""
         if not last:
             with msg.lock:
+                msg.has_state = True
                 try:
                     append_state(
                         self.queue.path("state", queue_id), record, durable=event != "deferred"
@@ -481,6 +483,7 @@ class Manager:
             f"result={'expired' if expired else event} host={one_line(result.remote)} "
             f"tls={result.tls} verified={result.verified} detail={one_line(result.detail)}"
         )
+        clean = False
         with self.lock:
             r.last_try = now
             r.result = result
@@ -498,7 +501,33 @@ class Manager:
                 r.status = event
                 r.expired = expired
                 if msg.finished:
-                    self.to_finish.add(queue_id)
+                    if msg.has_state or any(o.status == "failed" for o in msg.rcpts):
+                        self.to_finish.add(queue_id)
+                    else:
+                        del self.msgs[queue_id]  # clean and stateless: finished right here
+                        clean = True
+        if clean:
+            self._delete_clean(queue_id, msg)
+
+    def _delete_clean(self, queue_id: str, msg: Msg) -> None:
+        """Remove a message delivered everywhere that has no state file.
+
+        No fsync: if a crash undoes the unlink, the message is delivered again (nothing
+        was recorded done), which is the same window qmail has. Runs in the worker, so
+        the main loop never waits on the file system for it.
+        """
+        try:
+            os.unlink(self.queue.path("mess", queue_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log(f"warning cannot remove mess/{queue_id}: {exc}")
+            with self.lock:  # let finish() retry the careful way
+                msg.has_state = True
+                self.msgs[queue_id] = msg
+                self.to_finish.add(queue_id)
+            return
+        self.log(f"end msg {queue_id}")
 
     def finish(self) -> None:
         """Bounce and delete messages whose recipients are all done or failed."""
