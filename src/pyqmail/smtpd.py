@@ -96,6 +96,7 @@ from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
 AUTH_FAIL_DELAY = 1.0  # seconds before a failed AUTH is answered (slows guessing)
+SPOOL_LIMIT = 64 * 1024  # messages up to this size are written to disk in one go
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 BUCKETS = 4096
 
@@ -451,6 +452,9 @@ class Session(asyncio.Protocol):
         self.tls_buffer: list[bytes] | None = None
         self.auth_user: str | None = None
         self.writer: QueueWriter | None = None
+        self.spool: list[bytes] = []
+        self.spool_size = 0
+        self.meta: dict[str, str] = {}
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
         self.bucket: int | None = None
@@ -510,10 +514,13 @@ class Session(asyncio.Protocol):
             return
         if self.conn is None:
             return
-        events = self.conn.receive(data)
-        if events:
-            self.touch()
-            self.handle(events)
+        try:
+            events = self.conn.receive(data)
+            if events:
+                self.touch()
+                self.handle(events)
+        except Exception as exc:  # noqa: BLE001 - one broken session must not stop the loop
+            self.fail(exc)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -558,7 +565,17 @@ class Session(asyncio.Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.fail(task.exception())
+
+    def fail(self, exc: BaseException | None) -> None:
+        """A bug, not the client's doing: log it and drop this connection only."""
+        log("error", ip=self.ip, port=self.port, error=repr(exc))
+        self.abort()
 
     def pause(self, reason: str) -> None:
         if not self.paused and self.transport is not None and not self.transport.is_closing():
@@ -730,6 +747,8 @@ class Session(asyncio.Protocol):
     def message_start(self, event: MessageStart) -> None:
         self.message = event
         self.queue_error = None
+        self.spool = []
+        self.spool_size = 0
         self.data_deadline = self.loop.time() + self.cfg.timeoutdata
         if self.timer is not None and self.timer.when() > self.data_deadline:
             self.timer.cancel()
@@ -739,37 +758,57 @@ class Session(asyncio.Protocol):
             meta["auth"] = event.auth_user
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
-        try:
-            self.writer = self.server.queue.writer(event.sender, event.recipients, meta)
-        except QueueError as exc:
-            self.queue_error = str(exc)
+        self.meta = meta
 
     def message_data(self, chunk: bytes) -> None:
-        if self.writer is None:
+        """Small messages stay in memory and reach the disk in one go, off the event loop;
+        past SPOOL_LIMIT the message streams into its tmp file (bounded memory)."""
+        if self.queue_error is not None or self.message is None:
+            return
+        if self.writer is None and self.spool_size + len(chunk) <= SPOOL_LIMIT:
+            self.spool.append(chunk)
+            self.spool_size += len(chunk)
             return
         try:
+            if self.writer is None:
+                msg = self.message
+                self.writer = self.server.queue.writer(msg.sender, msg.recipients, self.meta)
+                self.writer.write(b"".join(self.spool))
+                self.spool, self.spool_size = [], 0
             self.writer.write(chunk)
         except QueueError as exc:  # the writer removed its tmp file already
             self.queue_error = str(exc)
             self.writer = None
+            self.spool, self.spool_size = [], 0
 
     def message_abort(self, reason: str) -> None:
         self.data_deadline = None
+        self.spool, self.spool_size = [], 0
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
         log("abort", ip=self.ip, port=self.port, reason=reason)
 
+    def _enqueue_spooled(self, msg: MessageStart, data: bytes, meta: dict[str, str]) -> str:
+        """In a thread: create, write, fsync, rename, fsync dir (Queue.enqueue)."""
+        return self.server.queue.enqueue(msg.sender, msg.recipients, data, meta).queue_id
+
     async def commit(self, end: MessageEnd) -> None:
         writer, self.writer = self.writer, None
+        spooled, self.spool, self.spool_size = b"".join(self.spool), [], 0
         self.data_deadline = None
         queue_id = None
-        if writer is not None:
+        msg = self.message
+        if self.queue_error is None and msg is not None:
             try:
-                queue_id = (await self.loop.run_in_executor(None, writer.commit)).queue_id
+                if writer is not None:
+                    queue_id = (await self.loop.run_in_executor(None, writer.commit)).queue_id
+                else:
+                    queue_id = await self.loop.run_in_executor(
+                        None, self._enqueue_spooled, msg, spooled, self.meta
+                    )
             except QueueError as exc:
                 self.queue_error = str(exc)
-        msg = self.message
         if queue_id is None:
             log("queue-fail", ip=self.ip, port=self.port, error=self.queue_error)
         elif msg is not None:

@@ -266,3 +266,19 @@ def test_starttls_refused_inside_tls_and_with_argument(smtpd: StartDaemon, pki: 
     code, _ = c.cmd("STARTTLS")
     assert code in (503, 554)
     c.close()
+
+
+@pytest.mark.parametrize("lines", [10, 900, 5000])  # in memory, around, beyond SPOOL_LIMIT
+def test_message_sizes_are_stored_byte_exact(
+    qmail_root: QmailRoot, smtpd: StartDaemon, lines: int
+) -> None:
+    d = smtpd()
+    body = b"Subject: size\r\n\r\n" + b"".join(
+        b"%06d " % i + b"." * (i % 70) + b"\r\n" for i in range(lines)
+    )
+    with smtplib.SMTP(d.host, d.port, timeout=20) as s:
+        s.sendmail("s@remote.test", ["user@example.test"], body)
+    [(env, stored)] = qmail_root.queued()
+    assert stored.endswith(body)
+    assert env.size == len(stored)
+    assert qmail_root.tmp_files() == []
