@@ -27,7 +27,7 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 
 =================  ===========================================================================
-``maxconnip``      simultaneous connections from one IP address; default 50 (Postfix's)
+``maxconnip``      simultaneous connections from one IPv4 address or IPv6 /64; default 50
 ``maxconn``        simultaneous connections per listener; default 1000
 ``timeouttls``     seconds for a TLS handshake; default 30
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600

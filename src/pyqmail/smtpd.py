@@ -322,6 +322,16 @@ class ConnCounter:
             self._cells[base + i] = 0
 
 
+def limit_key(ip: str) -> str:
+    """What maxconnip counts: the address, or its /64 for IPv6 (one host's usual share)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    except ValueError:
+        return ip
+
+
 class RulesCache:
     """The rules cdb, re-read when the file changes (tcpserver reads it per connection)."""
 
@@ -481,7 +491,7 @@ class Session(asyncio.Protocol):
             transport.close()
             return
         counter, cfg = self.server.counter, self.cfg
-        bucket = counter.bucket(self.ip)
+        bucket = counter.bucket(limit_key(self.ip))
         reason = None
         if counter.total() >= cfg.maxconn:
             reason = f"maxconn={cfg.maxconn}"

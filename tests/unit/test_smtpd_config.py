@@ -273,3 +273,16 @@ def test_conn_counter_sums_worker_rows() -> None:
     assert counter.per_ip(b) == 4 and counter.total() == 4
     counter.reset(1)
     assert counter.per_ip(b) == 2 and counter.total() == 2
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("::1", "::/64"),
+    ],
+)
+def test_limit_key_groups_ipv6_by_64(ip: str, key: str) -> None:
+    assert smtpd.limit_key(ip) == key
