@@ -959,13 +959,11 @@ class Supervisor:
         rules: RulesCache,
         counter: ConnCounter,
     ) -> None:
-        self.opts, self.socks, self.cfg, self.rules, self.counter = (
-            opts,
-            socks,
-            cfg,
-            rules,
-            counter,
-        )
+        self.opts = opts
+        self.socks = socks
+        self.cfg = cfg
+        self.rules = rules
+        self.counter = counter
         self.pid = os.getpid()
         self.workers: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> time
