@@ -359,10 +359,10 @@ class Manager:
             return
         with self.lock:
             self._collect_due(time.time())
-            while self.ready_local and self.busy_local < self.control.concurrencylocal:
-                job = self.ready_local.popleft()
+            idle = self.control.concurrencylocal - self.busy_local
+            for _ in range(min(idle, len(self.ready_local))):
                 self.busy_local += 1
-                self.local_pool.submit(self._guard, self._local_job, job)
+                self.local_pool.submit(self._guard, self._local_worker)
             for key, jobs in self.ready_remote.items():
                 while (
                     jobs
@@ -388,23 +388,30 @@ class Manager:
         except QueueError as exc:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
 
-    def _local_job(self, job: tuple[str, int]) -> None:
-        queue_id, index = job
+    def _local_worker(self) -> None:
+        """Take local jobs until none is ready (one of concurrencylocal workers)."""
         try:
-            msg = self.msgs[queue_id]
-            rcpt = msg.rcpts[index]
-            read = self._read_body(queue_id)
-            if isinstance(read, Result):
-                result = read
-            else:
-                try:
-                    result = self.local.deliver(read[0], read[1], rcpt.address)
-                except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
-                    result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
-            self._complete(queue_id, index, result)
+            while True:
+                with self.lock:
+                    if self.stopping or not self.ready_local:
+                        return
+                    queue_id, index = self.ready_local.popleft()
+                self._local_job(queue_id, index)
         finally:
             with self.lock:
                 self.busy_local -= 1
+
+    def _local_job(self, queue_id: str, index: int) -> None:
+        rcpt = self.msgs[queue_id].rcpts[index]
+        read = self._read_body(queue_id)
+        if isinstance(read, Result):
+            result = read
+        else:
+            try:
+                result = self.local.deliver(read[0], read[1], rcpt.address)
+            except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
+                result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
+        self._complete(queue_id, index, result)
 
     def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
         with self.lock:
@@ -437,7 +444,6 @@ class Manager:
                         results = [error] * len(indexes)
                 for i, result in zip(indexes, results, strict=True):
                     self._complete(queue_id, i, result)
-                self.wake()
         finally:
             if session is not None:
                 session.close()
@@ -483,7 +489,7 @@ class Manager:
             f"result={'expired' if expired else event} host={one_line(result.remote)} "
             f"tls={result.tls} verified={result.verified} detail={one_line(result.detail)}"
         )
-        clean = False
+        clean = wake = False
         with self.lock:
             r.last_try = now
             r.result = result
@@ -493,21 +499,26 @@ class Manager:
                 r.status = "pending"
                 r.next_try = nextretry(msg.env.received, now, r.channel)
                 self._push(queue_id, r)
+                wake = True
             elif event == "deferred":
                 r.status = "pending"
                 r.next_try = nextretry(msg.env.received, now, r.channel)
                 self._push(queue_id, r)
+                wake = True  # the main loop's sleep may now be too long
             else:
                 r.status = event
                 r.expired = expired
                 if msg.finished:
                     if msg.has_state or any(o.status == "failed" for o in msg.rcpts):
                         self.to_finish.add(queue_id)
+                        wake = True
                     else:
                         del self.msgs[queue_id]  # clean and stateless: finished right here
                         clean = True
         if clean:
             self._delete_clean(queue_id, msg)
+        if wake:
+            self.wake()
 
     def _delete_clean(self, queue_id: str, msg: Msg) -> None:
         """Remove a message delivered everywhere that has no state file.
@@ -526,6 +537,7 @@ class Manager:
                 msg.has_state = True
                 self.msgs[queue_id] = msg
                 self.to_finish.add(queue_id)
+            self.wake()
             return
         self.log(f"end msg {queue_id}")
 
@@ -671,7 +683,7 @@ class Manager:
 
 def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
+        while len(os.read(fd, 65536)) == 65536:
             pass
 
 
