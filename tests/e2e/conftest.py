@@ -36,6 +36,7 @@ from pyqmail import authdb, rules
 from pyqmail.queue import Envelope, Queue
 from tests.conftest import PKI
 from tests.e2e.helpers import RawSMTP
+from tests.pki import Issued
 
 DROP_USER = "nobody"
 IS_ROOT = os.geteuid() == 0
@@ -81,10 +82,10 @@ class QmailRoot:
     def remove_control(self, name: str) -> None:
         (self.path / "control" / name).unlink(missing_ok=True)
 
-    def servercert(self, leaf: object | None = None) -> Path:
+    def servercert(self, leaf: Issued | None = None) -> Path:
         """control/servercert.pem in qmail order: key, certificate, chain."""
         chosen = leaf if leaf is not None else self.pki.server
-        data = chosen.key_pem + chosen.cert_pem + self.pki.ca.cert_pem  # type: ignore[attr-defined]
+        data = chosen.key_pem + chosen.cert_pem + self.pki.ca.cert_pem
         return self.control("servercert.pem", data, 0o400)
 
     def users(self, users: dict[str, str], cram: tuple[str, ...] = ()) -> Path:

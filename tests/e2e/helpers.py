@@ -47,7 +47,7 @@ class RawSMTP:
 
     def reply(self) -> tuple[int, list[str]]:
         """One complete (possibly multi-line) reply."""
-        lines = []
+        lines: list[str] = []
         while True:
             while b"\r\n" not in self.buf:
                 chunk = self.sock.recv(65536)

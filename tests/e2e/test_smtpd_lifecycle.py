@@ -267,6 +267,7 @@ def test_hup_swaps_certificate_without_dropping_connections(
             s.starttls(context=client_context(pki))
             assert isinstance(s.sock, ssl.SSLSocket)
             der = s.sock.getpeercert(binary_form=True)
+            assert der is not None
         from cryptography import x509
 
         return int(x509.load_der_x509_certificate(der).serial_number)

@@ -85,8 +85,8 @@ def test_starttls_then_message_records_tls(
         assert code == 220
         s.ehlo("client.test")
         assert not s.has_extn("starttls"), "STARTTLS must not be offered inside TLS"
-        assert s.sock is not None
-        version = s.sock.version()  # type: ignore[union-attr]
+        assert isinstance(s.sock, ssl.SSLSocket)
+        version = s.sock.version()
         s.sendmail("sender@remote.test", ["user@example.test"], MESSAGE)
     [(env, body)] = qmail_root.queued()
     head = body.split(b"\r\n\r\n", 1)[0].decode()
