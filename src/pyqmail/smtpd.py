@@ -95,7 +95,9 @@ from pyqmail.queue import Queue, QueueError, QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
-AUTH_FAIL_DELAY = 1.0  # seconds before a failed AUTH is answered (slows guessing)
+AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
+AUTH_FAIL_MAX_DELAY = 16.0
+AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
 SPOOL_LIMIT = 64 * 1024  # messages up to this size are written to disk in one go
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 BUCKETS = 4096
@@ -330,6 +332,30 @@ def limit_key(ip: str) -> str:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     except ValueError:
         return ip
+
+
+class AuthThrottle:
+    """Failed AUTH per client (see ``limit_key``), as one worker sees them.
+
+    Each failure from the same client within AUTH_FAIL_WINDOW doubles the delay before the
+    535 (1, 2, 4, ... 16 s), across sessions, so parallel connections do not multiply an
+    attacker's guesses. It only slows answers: nobody is locked out. Bounded in memory.
+    """
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self) -> None:
+        self._fails: dict[str, tuple[int, float]] = {}  # insertion order = least recent first
+
+    def failed(self, key: str, now: float) -> float:
+        count, last = self._fails.pop(key, (0, now))
+        if now - last > AUTH_FAIL_WINDOW:
+            count = 0
+        count += 1
+        self._fails[key] = (count, now)
+        if len(self._fails) > self.MAX_CLIENTS:
+            del self._fails[next(iter(self._fails))]
+        return float(min(AUTH_FAIL_DELAY * 2 ** min(count - 1, 16), AUTH_FAIL_MAX_DELAY))
 
 
 class RulesCache:
@@ -742,8 +768,16 @@ class Session(asyncio.Protocol):
             self.server.auth_pool, verify_auth, self.cfg.authdb, req
         )
         if not ok:
-            log("auth-fail", ip=self.ip, port=self.port, user=req.username, mech=req.mechanism)
-            await asyncio.sleep(AUTH_FAIL_DELAY)
+            delay = self.server.throttle.failed(limit_key(self.ip), self.loop.time())
+            log(
+                "auth-fail",
+                ip=self.ip,
+                port=self.port,
+                user=req.username,
+                mech=req.mechanism,
+                delay=f"{delay:g}",
+            )
+            await asyncio.sleep(delay)
         if self.closed or self.conn is None:
             return
         if ok:
@@ -864,6 +898,7 @@ class Server:
         self.counter = counter
         self.queue = Queue(cfg.queue_dir)
         self.sessions: set[Session] = set()
+        self.throttle = AuthThrottle()
         self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,9 @@ def test_bad_credentials_same_535_and_no_relay(
     d = smtpd(mode="smtps")
     with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=client_context(pki)) as s:
         s.ehlo("laptop.test")
+        s.user, s.password = user, password
         with pytest.raises(smtplib.SMTPAuthenticationError) as err:
-            s.login(user, password)
+            s.auth("PLAIN", s.auth_plain)
         assert err.value.smtp_code == 535
         assert err.value.smtp_error.startswith(b"5.7.8")
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
@@ -282,3 +284,22 @@ def test_message_sizes_are_stored_byte_exact(
     assert stored.endswith(body)
     assert env.size == len(stored)
     assert qmail_root.tmp_files() == []
+
+
+def test_auth_failures_slow_down_across_sessions(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    qmail_root.users(USERS)
+    d = smtpd(mode="smtps")
+    took = []
+    for _ in range(2):
+        with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=client_context(pki)) as s:
+            s.ehlo("guesser.test")
+            t0 = time.monotonic()
+            s.user, s.password = "alice@mx.test", "guess"
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.auth("PLAIN", s.auth_plain)
+            took.append(time.monotonic() - t0)
+    assert took[0] >= 0.9
+    assert took[1] >= 1.9, f"second failure from the same client answered after {took[1]:.2f}s"
+    d.wait_for(r"auth-fail ip=127\.0\.0\.1 port=\d+ user=alice@mx\.test mech=PLAIN delay=2")
