@@ -77,14 +77,23 @@ def _ensure_maildir(maildir: Path) -> None:
     fsync_dir(maildir.parent)
 
 
-def maildir_deliver(maildir: Path, data: bytes) -> str:
+def _create_tmp(maildir: str, name: str) -> int:
+    path = os.path.join(maildir, "tmp", name)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
     """Deliver ``data`` into ``maildir`` durably; return the file name in new/."""
-    _ensure_maildir(maildir)
+    md = os.fspath(maildir).rstrip("/")
     now = time.time()
     sec, usec = int(now), int(now * 1_000_000) % 1_000_000
     name = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_HOST}"
-    tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = _create_tmp(md, name)
+    except FileNotFoundError:  # first delivery: create the Maildir (if its parent exists)
+        _ensure_maildir(Path(md))
+        fd = _create_tmp(md, name)
+    tmp = os.path.join(md, "tmp", name)
     try:
         try:
             view = memoryview(data)
@@ -93,13 +102,17 @@ def maildir_deliver(maildir: Path, data: bytes) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.link(tmp, maildir / "new" / name)
+        os.link(tmp, os.path.join(md, "new", name))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     os.unlink(tmp)
-    fsync_dir(maildir / "new")
+    dir_fd = os.open(os.path.join(md, "new"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return name
 
 
@@ -175,4 +188,4 @@ class LocalDelivery:
 
     @staticmethod
     def _maildir(ins: Instruction, data: bytes) -> str:
-        return "new/" + maildir_deliver(Path(ins.target), data)
+        return "new/" + maildir_deliver(ins.target, data)

@@ -69,7 +69,7 @@ from typing import Any
 from pyqmail.bounce import Failure, bounce_target, make_dsn
 from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
 from pyqmail.local import LocalDelivery
-from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir, parse_message
 from pyqmail.remote import RemoteDelivery, RemoteSession, Resolver
 
 PIDFILE = "lock/sendpid"
@@ -212,6 +212,7 @@ class Manager:
         self.root = root
         self.queue = Queue(root / "queue")
         self.queue.check()
+        self._qroot = str(self.queue.root)
         self.log = log or Log()
         self.control = Control.load(root)
         self.resolver = resolver
@@ -232,6 +233,19 @@ class Manager:
         self.local_pool = ThreadPoolExecutor(self.control.concurrencylocal, "local")
         self.remote_pool = ThreadPoolExecutor(self.control.concurrencyremote, "remote")
         self._last_clean = 0.0
+
+    def _p(self, sub: str, queue_id: str) -> str:
+        """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
+        return f"{self._qroot}/{sub}/{queue_id}"
+
+    def _read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
+        path = self._p(sub, queue_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
+        return parse_message(data, path)
 
     def _deliverers(self) -> None:
         self.local = LocalDelivery(self.control, self.queue)
@@ -263,10 +277,12 @@ class Manager:
             self._load("mess", queue_id)
         self.pickup()
 
-    def _load(self, sub: str, queue_id: str, env: Envelope | None = None) -> Msg | None:
+    def _load(
+        self, sub: str, queue_id: str, env: Envelope | None = None, fresh: bool = False
+    ) -> Msg | None:
         try:
             if env is None:
-                env, _ = self.queue.read(sub, queue_id)
+                env, _ = self._read(sub, queue_id)
         except QueueError as exc:
             with contextlib.suppress(OSError):
                 self.queue.quarantine(sub, queue_id)
@@ -275,7 +291,9 @@ class Manager:
             self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
             return None
         now = time.time()
-        msg = load_msg(env, read_state(self.queue.path("state", queue_id)), self.control, now)
+        # a message just picked up from new/ cannot have a state file yet
+        records = [] if fresh else read_state(Path(self._p("state", queue_id)))
+        msg = load_msg(env, records, self.control, now)
         with self.lock:
             self.msgs[queue_id] = msg
             for r in msg.rcpts:
@@ -290,7 +308,7 @@ class Manager:
         moved: list[tuple[str, Envelope]] = []
         for queue_id in self.queue.ids("new"):
             try:
-                env, _ = self.queue.read("new", queue_id)
+                env, _ = self._read("new", queue_id)
             except QueueError as exc:
                 if self.queue.path("new", queue_id).exists():
                     with contextlib.suppress(OSError):
@@ -298,7 +316,7 @@ class Manager:
                     self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
                 continue
             try:
-                os.rename(self.queue.path("new", queue_id), self.queue.path("mess", queue_id))
+                os.rename(self._p("new", queue_id), self._p("mess", queue_id))
             except OSError as exc:
                 self.log(f"warning cannot move {queue_id} to mess/: {exc}")
                 continue
@@ -310,7 +328,7 @@ class Manager:
         if moved:
             fsync_dir(self.queue.path("mess"))
             for queue_id, env in moved:
-                self._load("mess", queue_id, env)
+                self._load("mess", queue_id, env, fresh=True)
         return len(moved)
 
     def _push(self, queue_id: str, r: Rcpt) -> None:
@@ -384,7 +402,7 @@ class Manager:
 
     def _read_body(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
         try:
-            return self.queue.read("mess", queue_id)
+            return self._read("mess", queue_id)
         except QueueError as exc:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
 
@@ -480,7 +498,7 @@ class Manager:
                 msg.has_state = True
                 try:
                     append_state(
-                        self.queue.path("state", queue_id), record, durable=event != "deferred"
+                        Path(self._p("state", queue_id)), record, durable=event != "deferred"
                     )
                 except OSError as exc:
                     state_error = str(exc)
@@ -528,7 +546,7 @@ class Manager:
         the main loop never waits on the file system for it.
         """
         try:
-            os.unlink(self.queue.path("mess", queue_id))
+            os.unlink(self._p("mess", queue_id))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -558,7 +576,7 @@ class Manager:
                     self.to_finish.add(queue_id)
                 continue
             try:
-                os.unlink(self.queue.path("mess", queue_id))
+                os.unlink(self._p("mess", queue_id))
             except FileNotFoundError:
                 pass
             except OSError as exc:
