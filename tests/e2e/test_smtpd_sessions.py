@@ -303,3 +303,24 @@ def test_auth_failures_slow_down_across_sessions(
     assert took[0] >= 0.9
     assert took[1] >= 1.9, f"second failure from the same client answered after {took[1]:.2f}s"
     d.wait_for(r"auth-fail ip=127\.0\.0\.1 port=\d+ user=alice@mx\.test mech=PLAIN delay=2")
+
+
+def test_plaintext_sent_after_starttls_in_a_later_packet_is_not_executed(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """The variant where the injected bytes miss the STARTTLS read: they can only ever be
+    taken as (broken) handshake bytes, never as a command."""
+    d = smtpd()
+    c = d.connect()
+    c.reply()
+    c.cmd("EHLO client.test")
+    c.send(b"STARTTLS\r\n")
+    time.sleep(0.2)
+    c.send(b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
+    code, _ = c.reply()
+    assert code == 220
+    # the server took the plaintext as a ClientHello, failed the handshake and hung up
+    assert c.is_closed(5)
+    assert c.buf == b"" or c.buf.startswith(b"\x15\x03"), f"not a TLS alert: {c.buf!r}"
+    d.wait_for(r"tls-fail ip=127\.0\.0\.1")
+    assert qmail_root.queued() == []
