@@ -76,7 +76,7 @@ from typing import Any, NoReturn
 
 from pyqmail import config as configmod
 from pyqmail import tls
-from pyqmail.authdb import AuthDB
+from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.protocol import (
     AuthRequest,
     Close,
@@ -356,6 +356,39 @@ class AuthThrottle:
         if len(self._fails) > self.MAX_CLIENTS:
             del self._fails[next(iter(self._fails))]
         return float(min(AUTH_FAIL_DELAY * 2 ** min(count - 1, 16), AUTH_FAIL_MAX_DELAY))
+
+
+class UsersCache:
+    """control/smtpusers as of now: a changed file is re-read at the next AUTH, so a new
+    password or a removed user takes effect at once, as with qmail's checkpassword. A
+    broken new file keeps the users loaded before (and is logged). Whether AUTH is offered
+    at all is decided at start and on HUP."""
+
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.path = cfg.control / "smtpusers"
+        self.db = cfg.authdb
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def current(self) -> AuthDB | None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self.db
+        self._stamp = stamp
+        if stamp is None:  # the file was removed: nobody may log in any more
+            self.db = AuthDB() if self.db is not None else None
+            return self.db
+        try:
+            self.db = AuthDB.load(str(self.path))
+        except AuthDBError as exc:
+            log("warning", text=f"{exc}; keeping the users loaded before")
+        return self.db
 
 
 class RulesCache:
@@ -765,7 +798,7 @@ class Session(asyncio.Protocol):
 
     async def authenticate(self, req: AuthRequest) -> None:
         ok = await self.loop.run_in_executor(
-            self.server.auth_pool, verify_auth, self.cfg.authdb, req
+            self.server.auth_pool, verify_auth, self.server.users.current(), req
         )
         if not ok:
             delay = self.server.throttle.failed(limit_key(self.ip), self.loop.time())
@@ -899,6 +932,7 @@ class Server:
         self.queue = Queue(cfg.queue_dir)
         self.sessions: set[Session] = set()
         self.throttle = AuthThrottle()
+        self.users = UsersCache(cfg)
         self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
@@ -927,6 +961,7 @@ class Server:
             return
         self.cfg, self.rules = cfg, rules
         self.queue = Queue(cfg.queue_dir)
+        self.users = UsersCache(cfg)
         log("reload", root=self.opts.root)
 
     async def serve(self, sock: socket.socket) -> int:

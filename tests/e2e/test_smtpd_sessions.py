@@ -324,3 +324,29 @@ def test_plaintext_sent_after_starttls_in_a_later_packet_is_not_executed(
     assert c.buf == b"" or c.buf.startswith(b"\x15\x03"), f"not a TLS alert: {c.buf!r}"
     d.wait_for(r"tls-fail ip=127\.0\.0\.1")
     assert qmail_root.queued() == []
+
+
+def test_user_changes_apply_without_restart(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    qmail_root.users({"alice@mx.test": "first-password"})
+    d = smtpd(mode="smtps")
+
+    def auth(user: str, password: str) -> int:
+        with smtplib.SMTP_SSL(d.host, d.port, timeout=10, context=client_context(pki)) as s:
+            s.ehlo("laptop.test")
+            s.user, s.password = user, password
+            try:
+                return s.auth("PLAIN", s.auth_plain)[0]
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code
+
+    assert auth("alice@mx.test", "first-password") == 235
+    qmail_root.users({"alice@mx.test": "second-password", "carol@mx.test": "carol-pw"})
+    assert auth("carol@mx.test", "carol-pw") == 235, "a new user must work at once"
+    assert auth("alice@mx.test", "first-password") == 535, "an old password must stop working"
+    qmail_root.control("smtpusers", "carol@mx.test:broken\n", 0o640)
+    assert auth("carol@mx.test", "carol-pw") == 235, "a broken file keeps the users before"
+    d.wait_for(r"warning text=.*smtpusers.*keeping\\x20the\\x20users")
+    qmail_root.remove_control("smtpusers")
+    assert auth("carol@mx.test", "carol-pw") == 535, "no file, no users"
