@@ -21,7 +21,8 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``tlsclients``     certificate identities (e-mail, CN or SAN) allowed to relay, one per line
 ``validrcptto``    valid local recipients (``user@domain`` or ``@domain``), one per line;
                    absent: every recipient in rcpthosts is accepted
-``smtpusers``      the SMTP AUTH user database (``pyqmail.authdb``); absent: no AUTH
+``smtpusers``      the SMTP AUTH user database (``pyqmail.authdb``); absent at start: no AUTH.
+                   pyqmail-smtpd re-reads it when it changes (no HUP needed)
 =================  ===========================================================================
 
 pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):

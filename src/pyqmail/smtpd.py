@@ -33,7 +33,13 @@ read and then times out; closing sockets that cannot flush are aborted.
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
 for new connections; sessions in progress keep the configuration they started with. A
-bad new configuration is logged and the old one stays in force.
+bad new configuration is logged and the old one stays in force. Two files need no HUP:
+the rules cdb and control/smtpusers are re-read when they change (tcpserver and
+checkpassword read theirs per connection / per AUTH).
+
+Files are read after the privilege drop, so ``--user`` must be able to read
+control/servercert.pem (qmail-tls: owner qmaild, mode 0400), control/smtpusers (0640
+root:pyqmail with the user in group pyqmail) and write the queue.
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
