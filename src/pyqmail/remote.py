@@ -412,8 +412,11 @@ class RemoteSession:
             )
 
     def _starttls(self, smtp: _SMTP, ctx: ssl.SSLContext, where: str, required: bool) -> None:
+        text: bytes | str
         try:
             code, text = smtp.starttls(context=ctx)
+        except smtplib.SMTPResponseException as exc:  # smtplib raises on a non-220 reply
+            code, text = exc.smtp_code, exc.smtp_error
         except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
             if required:
                 raise _FailError(

@@ -187,6 +187,7 @@ class Recorder:
     delay: float = 0.0
     rcpt_reply: dict[str, str] = field(default_factory=dict)
     temp_first: int = 0  # answer 451 at end of DATA this many times first
+    starttls_reply: str = ""  # e.g. "454 4.7.0 TLS not available": offered but refused
     cleartext: bytearray = field(default_factory=bytearray)
     accepted: list[tuple[str, str, bytes]] = field(default_factory=list)  # (rcpt, sender, data)
     connections: int = 0
@@ -249,7 +250,7 @@ class Recorder:
             verb = cmd[:4].upper()
             if verb in (b"EHLO", b"HELO"):
                 ext = ["250-recorder", "250-8BITMIME", "250-SIZE 10000000"]
-                if self.starttls and not secure and self.tls is not None:
+                if self.starttls and not secure and (self.tls is not None or self.starttls_reply):
                     ext.append("250-STARTTLS")
                 if self.smtputf8:
                     ext.append("250-SMTPUTF8")
@@ -258,6 +259,8 @@ class Recorder:
                 ext.append("250 PIPELINING")
                 for e in ext:
                     send(e)
+            elif verb == b"STAR" and self.starttls_reply:
+                send(self.starttls_reply)
             elif verb == b"STAR" and self.tls is not None and not secure:
                 send("220 go ahead")
                 buf = b""
@@ -516,6 +519,29 @@ def test_tlshosts_wrong_certificate_defers_and_nothing_leaves_in_clear(
     wait_for(lambda: host.log().count("result=deferred") >= 2)
     assert b"MAIL" not in bytes(recorder.cleartext)
     assert "does not offer STARTTLS" in host.log()
+
+
+def test_opportunistic_tls_refused_falls_back_to_clear_but_a_pin_never_does(
+    host: Host, pki: PKI, recorder: Recorder
+) -> None:
+    recorder.starttls_reply = "454 4.7.0 TLS not available"
+    host.control(
+        "smtproutes",
+        f"open.test:127.0.0.1:{recorder.port}\npinned.test:[127.0.0.1]:{recorder.port}\n",
+    )
+    host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
+    host.start()
+    host.sendmail(["-f", "me@example.test", "x@pinned.test"], message("pinned", "PINNED\r\n"))
+    wait_for(lambda: "result=deferred" in host.log())
+    assert "STARTTLS refused: 454 4.7.0 TLS not available" in host.log()
+    assert b"PINNED" not in bytes(recorder.cleartext)
+    host.control("tlshosts/127.0.0.1.pem", "")
+    os.unlink(host.root / "control" / "tlshosts" / "127.0.0.1.pem")
+    host.sendmail(["-f", "me@example.test", "y@open.test"], message("open", "OPEN\r\n"))
+    wait_for(lambda: any(r == "y@open.test" for r, _, _ in recorder.accepted))
+    assert b"OPEN" in bytes(recorder.cleartext)  # opportunistic: delivered in clear
+    line = next(ln for ln in host.log().splitlines() if "to=<y@open.test>" in ln)
+    assert "result=done" in line and "tls=none" in line
 
 
 def test_tlshosts_correct_pin_delivers(host: Host, pki: PKI, recorder: Recorder) -> None:
