@@ -548,3 +548,45 @@ def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
     with pytest.raises(inject.InjectError) as info:
         inject.inject(["--root", str(tmp_path / "nothing"), "c@d"], io.BytesIO(b"x\n"))
     assert info.value.code == 78
+
+
+# -- the queue tool ------------------------------------------------------------------------
+
+
+def test_queue_list_and_show(tmp_path: Path) -> None:
+    from pyqmail import queuetool
+    from pyqmail.queue import Queue
+
+    q = Queue(tmp_path / "queue")
+    q.create()
+    env = q.enqueue(
+        "s@x.test", ["a@r.test", "b@r.test", "c@r.test", "d@r.test"], b"Subject: s\r\n\r\nb\r\n"
+    )
+    os.rename(q.path("new", env.queue_id), q.path("mess", env.queue_id))
+    state = q.path("state", env.queue_id)
+    append_state(state, {"ev": "deferred", "rcpt": 0, "t": 1.0, "detail": "451 later"})
+    append_state(state, {"ev": "done", "rcpt": 0, "t": 2.0, "detail": "250 ok"})
+    append_state(state, {"ev": "failed", "rcpt": 1, "t": 2.0, "detail": "550 no such user"})
+    append_state(state, {"ev": "deferred", "rcpt": 2, "t": 2.0, "detail": "connection refused"})
+    waiting = q.enqueue("", ["e@r.test"], b"x\r\n")
+    out = io.StringIO()
+    assert queuetool.list_queue(q, out, now=env.received + 90) == 0
+    text = out.getvalue()
+    assert "age 1m30s" in text and "in delivery" in text and "waiting for pickup" in text
+    for line in (
+        "done     <a@r.test>",
+        "failed   <b@r.test>",
+        "deferred <c@r.test>",
+        "pending  <d@r.test>",
+        "from <>",
+    ):
+        assert line in text, line
+    assert "connection refused" in text and "2 message(s) in the queue" in text
+    shown = io.StringIO()
+    assert queuetool.show(q, env.queue_id, False, shown) == 0
+    assert "to 3 <d@r.test>" in shown.getvalue() and "Subject: s" in shown.getvalue()
+    assert "b\n" not in shown.getvalue().split("Subject: s", 1)[1]  # headers only
+    assert queuetool.show(q, "../etc", False, io.StringIO()) == 2
+    assert queuetool.show(q, "nope", False, io.StringIO()) == 1
+    assert queuetool.sender_pid(q) is None
+    assert waiting.queue_id in text
