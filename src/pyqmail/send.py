@@ -230,8 +230,9 @@ class Manager:
         self.stopping = False
         self.flags: set[str] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.local_pool = ThreadPoolExecutor(self.control.concurrencylocal, "local")
-        self.remote_pool = ThreadPoolExecutor(self.control.concurrencyremote, "remote")
+        # threads are made on demand; the limits are enforced by busy_* so HUP can change them
+        self.local_pool = ThreadPoolExecutor(1000, "local")
+        self.remote_pool = ThreadPoolExecutor(1000, "remote")
         self._last_clean = 0.0
 
     def _p(self, sub: str, queue_id: str) -> str:
