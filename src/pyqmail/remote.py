@@ -13,8 +13,10 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
 - otherwise, STARTTLS offered: TLS is used. The certificate is checked against the system CA
   store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured) and the host name; when it does not
   verify, the message is still sent encrypted over a second connection without verification,
-  and the log says ``verified=no``. When the handshake itself fails, the message goes in clear
-  over a fresh connection (opportunistic TLS, as in Postfix's ``may`` level).
+  and the log says ``verified=no`` (the address is remembered for an hour, so later
+  deliveries skip the failing first attempt). When STARTTLS is refused or the handshake
+  itself fails, the message goes in clear over a fresh connection (opportunistic TLS, as in
+  Postfix's ``may`` level); the log says ``tls=none``.
 - ``control/clientcert.pem`` (key, then certificate, then chain) is offered when the server
   asks for a client certificate.
 - AUTH (``smtproutes-auth``) is only ever sent after STARTTLS with a verified or pinned
