@@ -264,10 +264,7 @@ class Manager:
 
     # -- loading --------------------------------------------------------------------
     def startup(self) -> None:
-        removed = self.queue.clean_tmp()
-        if removed:
-            self.log(f"status cleaned {len(removed)} stale tmp files")
-        self._last_clean = time.monotonic()
+        self._clean_tmp()
         mess = set(self.queue.ids("mess"))
         for name in self.queue.ids("state"):
             if name not in mess:
@@ -277,6 +274,17 @@ class Manager:
         for queue_id in sorted(mess):
             self._load("mess", queue_id)
         self.pickup()
+
+    def _clean_tmp(self) -> None:
+        """Remove what crashed writers left in tmp/ (qmail-send does this too)."""
+        self._last_clean = time.monotonic()
+        try:
+            removed = self.queue.clean_tmp()
+        except OSError as exc:
+            self.log(f"warning cannot clean {self.queue.path('tmp')}: {exc}")
+            return
+        if removed:
+            self.log(f"status cleaned {len(removed)} stale tmp files")
 
     def _load(
         self, sub: str, queue_id: str, env: Envelope | None = None, fresh: bool = False
@@ -679,8 +687,7 @@ class Manager:
                     self.finish()
                     self.dispatch()
                     if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:
-                        self.queue.clean_tmp()
-                        self._last_clean = time.monotonic()
+                        self._clean_tmp()
                 timeout = 1.0 if self.stopping else self._sleep_time()
                 if self.flags:
                     timeout = 0.0
