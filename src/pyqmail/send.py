@@ -268,7 +268,7 @@ class Manager:
         mess = set(self.queue.ids("mess"))
         for name in self.queue.ids("state"):
             if name not in mess:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(self.queue.path("state", name))
                 self.log(f"status removed orphan state {name}")
         for queue_id in sorted(mess):
@@ -743,7 +743,10 @@ def drop_privileges(user: str | None) -> None:
 def lock_pidfile(queue_root: Path) -> int:
     """Exclusive lock on lock/sendpid holding our pid; exits if another instance runs."""
     path = queue_root / PIDFILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise SystemExit(f"pyqmail-send: cannot open {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
