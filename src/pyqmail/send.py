@@ -667,8 +667,13 @@ class Manager:
 
     def run(self) -> int:
         trigger = self.queue.root / "lock" / "trigger"
-        fifo = os.open(trigger, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        keep = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no EOF spin
+        try:
+            fifo = os.open(trigger, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            keep = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no EOF spin
+        except OSError as exc:
+            raise SystemExit(
+                f"pyqmail-send: cannot open trigger {trigger}: {exc.strerror}"
+            ) from None
         for signum in (signal.SIGALRM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
