@@ -102,7 +102,7 @@ from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
 AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
-AUTH_FAIL_MAX_DELAY = 16.0
+AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply
 AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
 SPOOL_LIMIT = 64 * 1024  # messages up to this size are written to disk in one go
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
@@ -344,7 +344,7 @@ class AuthThrottle:
     """Failed AUTH per client (see ``limit_key``), as one worker sees them.
 
     Each failure from the same client within AUTH_FAIL_WINDOW doubles the delay before the
-    535 (1, 2, 4, ... 16 s), across sessions, so parallel connections do not multiply an
+    535 (1, 2, then 4 s), across sessions, so parallel connections do not multiply an
     attacker's guesses. It only slows answers: nobody is locked out. Bounded in memory.
     """
 
