@@ -30,6 +30,7 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 =================  ===========================================================================
 ``maxconnip``      simultaneous connections from one IPv4 address or IPv6 /64; default 50
 ``maxconn``        simultaneous connections per listener; default 1000
+``maxerrors``      protocol errors before a session is dropped with 421; default 10
 ``timeouttls``     seconds for a TLS handshake; default 30
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
 ``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10
@@ -187,6 +188,7 @@ class Config:
     timeoutterm: int
     maxconnip: int
     maxconn: int
+    maxerrors: int
     servercert: Path | None
     clientca: Path | None
     tlsclients: frozenset[str]
@@ -300,6 +302,7 @@ def load(root: str | Path) -> Config:
         timeoutterm=_read_int(control / "timeoutterm", 10),
         maxconnip=_read_int(control / "maxconnip", 50, minimum=1),
         maxconn=_read_int(control / "maxconn", 1000, minimum=1),
+        maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
         servercert=servercert,
         clientca=clientca,
         tlsclients=_read_identities(control / "tlsclients"),

@@ -492,6 +492,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
         rcpthosts=cfg.rcpthost,
         validrcptto=cfg.valid_recipient(),
+        max_errors=cfg.maxerrors,
     )
 
 

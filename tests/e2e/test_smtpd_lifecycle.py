@@ -330,6 +330,19 @@ def test_total_connection_limit(qmail_root: QmailRoot, smtpd: StartDaemon) -> No
     d.wait_for(r"refuse ip=127\.0\.0\.1 port=\d+ reason=maxconn=1")
 
 
+def test_maxerrors_drops_a_noisy_client(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
+    qmail_root.control("maxerrors", "2\n")
+    d = smtpd()
+    c = d.connect()
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("BOGUS one")[0] == 502
+    assert c.cmd("BOGUS two")[0] == 502
+    code, lines = c.cmd("NOOP")
+    assert code == 421 and lines[0].startswith("421 4.7.0"), lines
+    assert c.is_closed(5)
+
+
 def test_idle_client_is_dropped(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
     qmail_root.control("timeoutsmtpd", "1\n")
     d = smtpd()

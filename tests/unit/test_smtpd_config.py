@@ -32,6 +32,7 @@ def test_defaults_when_files_are_absent(root: Path) -> None:
     assert cfg.locals == frozenset({cfg.me})
     assert (cfg.databytes, cfg.maxrcpt, cfg.timeoutsmtpd) == (0, 0, 1200)
     assert (cfg.maxconnip, cfg.maxconn, cfg.timeouttls, cfg.timeoutterm) == (50, 1000, 30, 10)
+    assert (cfg.maxerrors, cfg.timeoutdata) == (10, 3600)
     assert cfg.server_tls is None and cfg.authdb is None and cfg.validrcptto is None
     assert cfg.valid_recipient() is None
 
@@ -86,6 +87,7 @@ def test_rcpthosts_matching_is_qmails(root: Path, domain: str, ok: bool) -> None
         ("databytes", "1\n2\n", "databytes:2: only one line expected"),
         ("databytes", "\n", "databytes: file is empty"),
         ("maxconnip", "0\n", "maxconnip:1: 0 is out of range (min 1)"),
+        ("maxerrors", "0\n", "maxerrors:1: 0 is out of range (min 1)"),
         ("rcpthosts", "good.test\nbad_domain.test\n", "rcpthosts:2: not a valid domain name"),
         ("rcpthosts", "a.test\r\n", "rcpthosts:1: carriage return"),
         ("rcpthosts", "a.test\n\x00\n", "rcpthosts:2: NUL byte"),
