@@ -484,7 +484,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         tls_active=mode == "smtps",
         starttls_available=mode != "smtps" and cfg.server_tls is not None,
         auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),
-        force_tls=force_tls and cfg.server_tls is not None,
+        force_tls=force_tls,  # fail closed: FORCETLS without a certificate refuses MAIL
         auth_required=mode == "submission" and not relay,
         relay_client=relay,
         bare_lf=_env_flag(env, "BARELF") is True,
