@@ -194,6 +194,7 @@ class Config:
     tlsclients: frozenset[str]
     validrcptto: frozenset[str] | None
     authdb: AuthDB | None
+    cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
 
     @property
@@ -308,5 +309,6 @@ def load(root: str | Path) -> Config:
         tlsclients=_read_identities(control / "tlsclients"),
         validrcptto=_read_validrcptto(control / "validrcptto"),
         authdb=authdb,
+        cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
     )

@@ -460,10 +460,10 @@ def _env_int(env: Mapping[str, str], name: str, default: int, ip: str) -> int:
 
 
 def auth_mechanisms(cfg: configmod.Config) -> tuple[str, ...]:
+    """PLAIN and LOGIN with a user database; CRAM-MD5 too once any user has its secret."""
     if cfg.authdb is None:
         return ()
-    cram = any(user.cram for user in cfg.authdb)
-    return ("PLAIN", "LOGIN", "CRAM-MD5") if cram else ("PLAIN", "LOGIN")
+    return ("PLAIN", "LOGIN", "CRAM-MD5") if cfg.cram_md5 else ("PLAIN", "LOGIN")
 
 
 def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, str]) -> Policy:
