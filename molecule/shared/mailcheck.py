@@ -49,12 +49,16 @@ def put_file(host: Any, path: str, data: bytes, mode: str = "0644") -> None:
     host.check_output(f"echo {b64} | base64 -d > {quoted} && chmod {mode} {quoted}")
 
 
-def run_python(host: Any, script: str, **params: Any) -> Any:
-    """Run a Python snippet on ``host`` with ``params`` as JSON in PARAMS; return its output."""
+def run_python(target: Any, script: str, params: dict[str, Any] | None = None, **more: Any) -> Any:
+    """Run a Python snippet on ``target`` with ``params`` as JSON in PARAMS; return its output.
+
+    Parameters may also come as keywords (``host=...`` names the SMTP server, not ``target``).
+    """
+    params = {**(params or {}), **more}
     body = "import json, sys\nPARAMS = json.loads(sys.argv[1])\n" + textwrap.dedent(script)
-    put_file(host, "/tmp/pyqmail_check.py", body.encode())
+    put_file(target, "/tmp/pyqmail_check.py", body.encode())
     cmd = f"python3 /tmp/pyqmail_check.py {shlex.quote(json.dumps(params))}"
-    result = host.run(cmd)
+    result = target.run(cmd)
     assert result.rc == 0, f"client script failed ({result.rc}):\n{result.stdout}{result.stderr}"
     return json.loads(result.stdout)
 
@@ -75,6 +79,8 @@ from email.message import EmailMessage
 
 p = PARAMS
 ctx = ssl.create_default_context(cafile=p.get("cafile"))
+if p.get("certfile"):  # a client certificate (qmail's clientcert.pem: key, then certificate)
+    ctx.load_cert_chain(p["certfile"])
 out = {}
 cls = smtplib.SMTP_SSL if p.get("implicit_tls") else smtplib.SMTP
 kwargs = {"context": ctx} if p.get("implicit_tls") else {}
@@ -111,5 +117,16 @@ print(json.dumps(out))
 
 def smtp_session(client: Any, **params: Any) -> dict[str, Any]:
     """One SMTP session from the client host; see SMTP_SESSION for the parameters."""
-    result: dict[str, Any] = run_python(client, SMTP_SESSION, **params)
+    result: dict[str, Any] = run_python(client, SMTP_SESSION, params)
     return result
+
+
+LOG_DIR = "/var/log/pyqmail"
+
+
+def service_log(host: Any, service: str) -> list[str]:
+    """Every line multilog kept for ``service`` (rotated files, then current), timestamps cut."""
+    out = host.run(f"cat {LOG_DIR}/{service}/@*.s {LOG_DIR}/{service}/current 2>/dev/null")
+    return [
+        line.split(" ", 1)[1] if line.startswith("@") else line for line in out.stdout.splitlines()
+    ]
