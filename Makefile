@@ -60,4 +60,15 @@ bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 bench-e2e: $(STAMP) ## end-to-end (SMTP in -> Maildir) throughput against a private Postfix (root)
 	$(BIN)/python bench/e2e_throughput.py
 
-.PHONY: help system-deps venv lint unit image molecule molecule-all test run bench bench-e2e
+STRESS_SECONDS ?= 300
+FUZZ_SECONDS ?= 300
+
+fuzz: $(STAMP) ## protocol-core fuzzer at length (FUZZ_SECONDS=300), prints iterations
+	$(BIN)/python -m tests.stress.fuzz --seconds $(FUZZ_SECONDS)
+
+stress: $(STAMP) ## slow attack/testssl tests, fuzz, then the SIGKILL soak (STRESS_SECONDS=300)
+	$(BIN)/pytest -q -s -m slow tests/attacks tests/reliability
+	$(BIN)/python -m tests.stress.fuzz --seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m tests.stress.soak --seconds $(STRESS_SECONDS)
+
+.PHONY: help system-deps venv lint unit image molecule molecule-all test run bench bench-e2e fuzz stress
