@@ -265,9 +265,9 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
         started.append(daemon)
         threading.Thread(target=daemon._reader, daemon=True).start()
         if expect_ready:
-            m = daemon.wait_for(r"start listen=\[?([^\]\s]+?)\]?:(\d+) ")[0]
+            m = daemon.wait_for(r"start listen=\[?([^\]\s]+?)\]?:(\d+) ", timeout=30)[0]
             daemon.host, daemon.port = m.group(1), int(m.group(2))
-            daemon.wait_for(r"pid=\d+ ready", count=workers)
+            daemon.wait_for(r"pid=\d+ ready", timeout=30, count=workers)
         return daemon
 
     yield start
