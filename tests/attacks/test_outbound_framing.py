@@ -1,0 +1,198 @@
+"""Outbound framing: whatever sits in the queue leaves as CRLF lines, dot-stuffed, one message.
+
+shared/SECURITY.md "Message framing": "Outbound, every line leaves as CRLF and dot-stuffed."
+Messages are put in the queue directly (as ``pyqmail-sendmail`` may: bare LF line ends, lines
+that are a lone dot, an embedded ``<CRLF>.<CRLF>`` followed by SMTP commands, no final line
+end) and ``pyqmail-send`` delivers them over SMTP to a raw sink on 127.0.0.1 (smtproutes).
+The sink records the exact bytes after ``354``. Invariants: no bare LF on the wire, every line
+that starts with a dot carries one more, the stream ends with the one real end marker, the
+text round-trips, and the sink sees exactly one transaction per message (nothing smuggled).
+
+Also: no shell anywhere in the delivery path (CVE-2020-7247 class) - pyqmail never starts a
+program with an address or header in reach; checked on the source of the installed package.
+"""
+
+from __future__ import annotations
+
+import ast
+import getpass
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pyqmail
+from pyqmail import dotqmail
+from pyqmail.queue import Queue
+from tests.attacks.tally import tried
+
+BIN = Path(sys.executable).parent
+BODIES = [
+    b"Subject: a\n\n.\nsecond line\n..\n.x\nlast",
+    b"Subject: b\r\n\r\nbefore\r\n.\r\nMAIL FROM:<evil@evil.test>\r\nRCPT TO:<v@evil.test>\r\n"
+    b"DATA\r\nsmuggled\r\n.\r\nafter\r\n",
+    b"Subject: c\n\nmixed\r\nends\n.\r\n\n.\n.\r\n",
+    b"Subject: d\r\n\r\n\n.\r\nx\n.\ny\r\n.\nz\r\n",
+    b"Subject: e\r\n\r\n" + b".\r\n" * 50 + b"..\n" * 50,
+    b"Subject: f\r\n\r\nNUL \x00 inside\r\n.\x00\r\n",
+]
+
+
+class Sink:
+    """Plain SMTP server that records each transaction's recipients and raw DATA bytes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.transactions: list[tuple[list[bytes], bytes]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    def session(self, conn: socket.socket) -> None:
+        buf = b""
+        rcpts: list[bytes] = []
+
+        def line() -> bytes | None:
+            nonlocal buf
+            while b"\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            out, buf = buf.split(b"\r\n", 1)
+            return out
+
+        with conn:
+            conn.sendall(b"220 sink ESMTP\r\n")
+            while (cmd := line()) is not None:
+                verb = cmd[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-sink\r\n250-8BITMIME\r\n250 PIPELINING\r\n")
+                elif verb == b"RCPT":
+                    rcpts.append(cmd)
+                    conn.sendall(b"250 ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    while b"\r\n.\r\n" not in b"\r\n" + buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    end = (b"\r\n" + buf).index(b"\r\n.\r\n")
+                    raw, buf = buf[: end + 3], buf[end + 3 :]
+                    with self.lock:
+                        self.transactions.append((rcpts, raw))
+                    rcpts = []
+                    conn.sendall(b"250 queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def expected_wire(content: bytes) -> bytes:
+    text = re.sub(rb"(?<!\r)\n", b"\r\n", content)
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    lines = text.split(b"\r\n")[:-1]
+    return b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines) + b".\r\n"
+
+
+def test_queue_content_leaves_crlf_dot_stuffed_one_message(tmp_path: Path) -> None:
+    root = tmp_path / "qmail"
+    for sub in ("control", "alias", "users"):
+        (root / sub).mkdir(parents=True)
+    (root / "control" / "me").write_text("mx.test\n")
+    (root / "control" / "locals").write_text("mx.test\n")
+    (root / "users" / "mailboxes").write_text("")
+    sink = Sink()
+    (root / "control" / "smtproutes").write_text(f":127.0.0.1:{sink.port}\n")
+    queue = Queue(root / "queue")
+    queue.create()
+    for n, body in enumerate(BODIES):
+        queue.enqueue(f"s{n}@mx.test", [f"r{n}@far.test"], body)
+    log = (tmp_path / "send.log").open("wb")
+    proc = subprocess.Popen(
+        [BIN / "pyqmail-send", "--root", str(root), "--user", getpass.getuser()],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(sink.transactions) < len(BODIES) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # anything smuggled would arrive right behind
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        log.close()
+        sink.close()
+    output = (tmp_path / "send.log").read_text(errors="replace")
+    assert len(sink.transactions) == len(BODIES), f"transactions: {sink.transactions}\n{output}"
+    for rcpts, raw in sink.transactions:
+        assert len(rcpts) == 1, rcpts
+        n = int(re.search(rb"<r(\d+)@far\.test>", rcpts[0]).group(1))  # type: ignore[union-attr]
+        assert re.search(rb"(?<!\r)\n|\r(?!\n)", raw) is None, f"bare CR/LF on the wire: {raw!r}"
+        want = expected_wire(BODIES[n])
+        assert raw.endswith(want), f"body {n}: wire {raw[-200:]!r}\nwant end {want[-200:]!r}"
+        assert b"\r\n.\r\n" not in b"\r\n" + raw[:-3], f"body {n}: early end marker on the wire"
+    tried("outbound-framing", len(BODIES))
+
+
+EXEC_CALLS = {
+    "os": {"system", "popen", "execv", "execve", "execvp", "execvpe", "execl", "execlp"}
+    | {"spawnv", "spawnve", "spawnl", "posix_spawn", "posix_spawnp", "forkpty"},
+    "subprocess": {"run", "call", "check_call", "check_output", "Popen", "getoutput"},
+    "asyncio": {"create_subprocess_shell", "create_subprocess_exec"},
+}
+
+
+def test_no_shell_or_program_execution_in_the_mail_path() -> None:
+    """CVE-2020-7247 class: no module of the daemon or delivery agent starts programs."""
+    package = Path(pyqmail.__file__).parent
+    found = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names]
+                module = getattr(node, "module", None) or ""
+                if "subprocess" in names or module == "subprocess" or "pty" in names:
+                    found.append(f"{path.name}:{node.lineno} imports subprocess/pty")
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.attr in EXEC_CALLS.get(node.func.value.id, ())
+            ):
+                found.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}")
+    assert not found, "program execution in pyqmail:\n" + "\n".join(found)
+    tried("no-shell")
+
+
+@pytest.mark.parametrize("local", ["`touch${IFS}PWNED`", "$(touch PWNED)", "a|touch|PWNED", "a;id"])
+def test_shell_metacharacters_in_addresses_are_inert(local: str) -> None:
+    """Addresses only ever become data: dotqmail refuses |program lines outright."""
+    for line in (f"|/bin/sh -c 'echo {local}'", f"  |{local}"):
+        got = dotqmail.parse_line(line, Path("/nonexistent"), "test .qmail", "example.test")
+        assert got is not None and got.kind == "refused", f"{line!r} -> {got!r}"
+        assert "program delivery" in got.target
+    tried("no-shell")
