@@ -205,7 +205,7 @@ def test_worker_crash_is_replaced(smtpd: StartDaemon) -> None:
 
 
 def test_term_lets_a_message_in_flight_finish(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
-    qmail_root.control("timeoutterm", "8\n")
+    qmail_root.control("timeoutterm", "20\n")
     d = smtpd()
     c = d.connect()
     c.reply()
@@ -224,8 +224,8 @@ def test_term_lets_a_message_in_flight_finish(qmail_root: QmailRoot, smtpd: Star
     code, _ = c.cmd("NOOP")
     assert code == 421, "after the message the session is told to go"
     assert c.is_closed(5)
-    assert d.wait_exit(15) == 0
-    assert time.monotonic() - t0 < 8
+    assert d.wait_exit(30) == 0
+    assert time.monotonic() - t0 < 15, "exit must follow the last session, not the grace"
     [(_, body)] = qmail_root.queued()
     assert body.endswith(b"first half\r\nsecond half\r\n")
 
@@ -243,8 +243,8 @@ def test_term_grace_is_bounded(qmail_root: QmailRoot, smtpd: StartDaemon) -> Non
     t0 = time.monotonic()
     d.send_signal(signal.SIGTERM)
     assert c.reply()[0] == 421
-    assert d.wait_exit(15) == 0
-    assert time.monotonic() - t0 < 6
+    assert d.wait_exit(30) == 0
+    assert time.monotonic() - t0 < 10
     assert qmail_root.queued() == []
     assert qmail_root.tmp_files() == []
 
@@ -260,7 +260,7 @@ def test_hup_swaps_certificate_without_dropping_connections(
     new_leaf = pki.ca.issue(["localhost", "mx.test", "127.0.0.1"])
     qmail_root.servercert(new_leaf)
     d.send_signal(signal.SIGHUP)
-    d.wait_for(r"pid=\d+ reload root=", count=2)
+    d.wait_for(r"pid=\d+ reload root=", timeout=30, count=2)
 
     def serial_seen() -> int:
         with smtplib.SMTP(d.host, d.port, timeout=10) as s:
@@ -288,12 +288,12 @@ def test_hup_with_bad_config_keeps_the_old_one(qmail_root: QmailRoot, smtpd: Sta
     d = smtpd(workers=2)
     qmail_root.control("databytes", "lots\n")
     d.send_signal(signal.SIGHUP)
-    d.wait_for(r"reload-fail error=\S*control/databytes:1:")
+    d.wait_for(r"reload-fail error=\S*control/databytes:1:", timeout=30)
     with smtplib.SMTP(d.host, d.port, timeout=10) as s:
         assert s.sendmail("s@remote.test", ["user@example.test"], MESSAGE) == {}
     qmail_root.control("databytes", "100\n")
     d.send_signal(signal.SIGHUP)
-    d.wait_for(r"pid=\d+ reload root=", count=2)
+    d.wait_for(r"pid=\d+ reload root=", timeout=30, count=2)
     with smtplib.SMTP(d.host, d.port, timeout=10) as s:
         s.ehlo("client.test")
         assert s.esmtp_features["size"] == "100"
@@ -362,10 +362,10 @@ def test_slow_drip_does_not_reset_the_timer(qmail_root: QmailRoot, smtpd: StartD
     c.reply()
     t0 = time.monotonic()
     with pytest.raises((ConnectionError, OSError)):
-        for ch in b"EHLO slow.client.example":
+        for ch in b"EHLO a-very-slow-client-that-never-finishes-its-line.example.test":
             c.send(bytes([ch]))
             time.sleep(0.25)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 12
     d.wait_for(r"timeout ip=127\.0\.0\.1 port=\d+ phase=idle")
 
 
@@ -380,10 +380,10 @@ def test_data_phase_has_a_total_deadline(qmail_root: QmailRoot, smtpd: StartDaem
     c.cmd("DATA")
     t0 = time.monotonic()
     with pytest.raises((ConnectionError, OSError)):
-        for _ in range(40):
+        for _ in range(80):
             c.send(b"a line that keeps the idle timer happy\r\n")
             time.sleep(0.2)
-    assert time.monotonic() - t0 < 6
+    assert time.monotonic() - t0 < 12
     d.wait_for(r"timeout ip=127\.0\.0\.1 port=\d+ phase=data")
     assert qmail_root.tmp_files() == []
 
