@@ -362,7 +362,7 @@ class SMTPConnection:
         if self.state is State.CLOSED:
             return []
         out: list[Event] = []
-        if self.state is State.DATA:
+        if self.state is State.DATA and not self._oversize:  # oversize already aborted it
             out.append(MessageAbort("timeout"))
         self._close(out, f"421 4.4.2 {self.policy.hostname} Error: timeout exceeded")
         return out
@@ -378,7 +378,7 @@ class SMTPConnection:
     def connection_lost(self) -> list[Event]:
         """The client went away; aborts a message being received."""
         out: list[Event] = []
-        if self.state is State.DATA:
+        if self.state is State.DATA and not self._oversize:  # oversize already aborted it
             out.append(MessageAbort("connection lost"))
         self.state = State.CLOSED
         self._inbuf.clear()

@@ -30,11 +30,6 @@ def test_fuzz_protocol_core_long() -> None:
 
 
 @pytest.mark.parametrize("end", ["timeout", "connection_lost"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG protocol.py: after MessageAbort('message exceeds databytes') the core emits a "
-    "second MessageAbort for the same message on timeout()/connection_lost()",
-)
 def test_one_abort_per_message_after_databytes(end: str) -> None:
     conn = SMTPConnection(
         Policy(
