@@ -76,6 +76,7 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.5) -> An
 SMTP_SESSION = r"""
 import smtplib, ssl
 from email.message import EmailMessage
+from email.policy import SMTP
 
 p = PARAMS
 ctx = ssl.create_default_context(cafile=p.get("cafile"))
@@ -106,7 +107,7 @@ with cls(p["host"], p["port"], timeout=30, **kwargs) as s:
         msg["Subject"] = p.get("subject", "pyqmail molecule test")
         msg["Message-ID"] = p.get("message_id", "<molecule@client.pyqmail.test>")
         msg.set_content(p.get("body", "hello from molecule\n"))
-        code, resp = s.data(msg.as_bytes())
+        code, resp = s.data(msg.as_bytes(policy=SMTP))  # CRLF: the server refuses bare LF
         out["data"] = [code, resp.decode()]
 for k in ("mail",):
     out[k] = [out[k][0], out[k][1].decode()]
