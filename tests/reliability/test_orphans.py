@@ -14,8 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.conftest import StartDaemon
 
 
@@ -27,11 +25,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG smtpd.py: workers survive a SIGKILL of their parent (no PR_SET_PDEATHSIG "
-    "or parent check) and keep serving the port unsupervised",
-)
 def test_workers_exit_when_parent_is_killed(smtpd: StartDaemon) -> None:
     daemon = smtpd(workers=2)
     workers = daemon.worker_pids() - {daemon.pid}
