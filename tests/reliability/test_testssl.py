@@ -42,7 +42,7 @@ QUICK = ["-p", "-f"]
 FULL = ["-p", "-s", "-f", "-S", "-U"]
 
 
-def testssl(port: int, starttls: bool, checks: list[str], ca: Path, out: Path) -> list[dict]:
+def run_testssl(port: int, starttls: bool, checks: list[str], ca: Path, out: Path) -> list[dict]:
     cmd = [
         "testssl",
         *("--quiet", "--color", "0", "--warnings", "off", "--add-ca", str(ca)),
@@ -67,6 +67,9 @@ def testssl(port: int, starttls: bool, checks: list[str], ca: Path, out: Path) -
 def judge(name: str, findings: list[dict]) -> Counter[str]:
     counts = Counter(f.get("severity", "?") for f in findings)
     print(f"testssl {name}: " + " ".join(f"{s}={counts[s]}" for s in SEVERITIES if counts[s]))
+    for f in findings:
+        if f.get("severity") in ("LOW", "WARN"):
+            print(f"  {f.get('severity')} {f.get('id')}: {f.get('finding')}")
     bad = [f for f in findings if f.get("severity") in BAD]
     assert not bad, f"{name}: findings above LOW:\n" + "\n".join(
         f"  {f.get('severity')} {f.get('id')}: {f.get('finding')}" for f in bad
@@ -133,7 +136,7 @@ def listeners(qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI) -> dict[str, 
 
 def test_testssl_quick_smtps(listeners: dict[str, int], pki: PKI, tmp_path: Path) -> None:
     start = time.monotonic()
-    findings = testssl(listeners["smtps"], False, QUICK, pki.ca_file, tmp_path / "smtps.json")
+    findings = run_testssl(listeners["smtps"], False, QUICK, pki.ca_file, tmp_path / "smtps.json")
     counts = judge("quick smtps", findings)
     print(f"testssl quick: {time.monotonic() - start:.0f}s, {dict(counts)}")
 
@@ -143,6 +146,6 @@ def test_testssl_full_on_all_listeners(listeners: dict[str, int], pki: PKI, tmp_
     start = time.monotonic()
     total: Counter[str] = Counter()
     for mode, port in listeners.items():
-        findings = testssl(port, mode != "smtps", FULL, pki.ca_file, tmp_path / f"{mode}.json")
+        findings = run_testssl(port, mode != "smtps", FULL, pki.ca_file, tmp_path / f"{mode}.json")
         total += judge(f"full {mode}", findings)
     print(f"testssl full: {time.monotonic() - start:.0f}s, totals {dict(total)}")
