@@ -152,3 +152,36 @@ def test_auth_before_tls_refused_where_tls_is_forced(daemons: dict[str, int], me
         assert code in (530, 538), f"AUTH {mech} in plaintext answered {text!r}"
         assert w.cmd("MAIL FROM:<alice@mx.test>")[0] == 530
     tried("auth-plaintext")
+
+
+def test_session_state_reset_and_starttls_refused_inside_tls(
+    daemons: dict[str, int], qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    """RFC 3207 4.2: HELO, AUTH and envelope are forgotten; STARTTLS is not repeatable."""
+    count = 0
+    for verb in ("STARTTLS", "starttls", "STARTTLS x", "STARTTLS\t"):
+        with Wire(daemons["smtp"]) as w:
+            w.reply()
+            w.cmd("EHLO before.test")
+            assert w.cmd("MAIL FROM:<a@remote.test>")[0] == 250
+            assert w.cmd("STARTTLS")[0] == 503, "STARTTLS accepted inside a mail transaction"
+            assert w.cmd("RSET")[0] == 250
+            assert w.cmd("STARTTLS")[0] == 220
+            w.starttls(client_context(pki))
+            code, text = w.cmd("MAIL FROM:<a@remote.test>")
+            assert code == 503, f"EHLO from before TLS still in force: {text!r}"
+            code, text = w.cmd("EHLO after.test")
+            assert "STARTTLS" not in text, "STARTTLS advertised inside TLS"
+            code, text = w.cmd(verb)
+            assert code in (500, 501, 502, 503, 554), f"{verb!r} inside TLS: {text!r}"
+            assert w.cmd("NOOP")[0] == 250 or code == 554
+            count += 1
+    smtps = smtpd(mode="smtps")
+    with Wire(smtps.port) as w:
+        w.sock = client_context(pki).wrap_socket(w.sock, server_hostname="localhost")
+        w.reply()
+        assert "STARTTLS" not in w.cmd("EHLO implicit.test")[1]
+        assert w.cmd("STARTTLS")[0] in (502, 503, 554)
+        count += 1
+    tried("starttls-state", count)
+    assert qmail_root.queued() == []
