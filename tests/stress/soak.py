@@ -12,7 +12,8 @@ Set-up, all under one temporary directory and on 127.0.0.1 only:
   session, 1-2 recipients each, bodies with dot-leading lines) whose headers carry a unique
   id, the body size and its SHA-256; a ledger keeps every message acknowledged with ``250``;
 - a killer sending SIGKILL at random moments to: one smtpd worker (its parent respawns it),
-  the whole smtpd (parent and workers: supervise restarts it), or pyqmail-send.
+  the smtpd parent alone (supervise restarts it; the orphaned workers must stop by
+  themselves), the whole smtpd (parent and workers), or pyqmail-send.
 
 At the end: load stops, the queue drains (ALRM via ``svc -a``), then every Maildir file is
 checked: id known, size and hash equal to what was sent (a partial or torn delivery fails),
@@ -282,7 +283,7 @@ class Soak:
         return True
 
     def killer(self) -> None:
-        kinds = ["smtpd-worker", "smtpd-all", "send"]
+        kinds = ["smtpd-worker", "smtpd-parent", "smtpd-all", "send"]
         while not self.stop_load.wait(self.rng.uniform(0.3, 2.5)):
             kind = self.rng.choice(kinds)
             if kind == "send":
@@ -294,6 +295,8 @@ class Soak:
                 workers = [k for k in self.children(parent) if self.ours(k)]
                 if kind == "smtpd-worker":
                     pids = [self.rng.choice(workers)] if workers else []
+                elif kind == "smtpd-parent":  # its workers notice and stop on their own
+                    pids = [parent]
                 else:
                     pids = [parent, *workers]
             killed = [p for p in pids if self.kill(p)]
