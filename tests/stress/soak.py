@@ -83,7 +83,8 @@ class Result:
     kill_kinds: Counter[str] = field(default_factory=Counter)
     sessions: int = 0
     tls_sessions: int = 0
-    refused: int = 0  # DATA answered with 4xx/5xx (e.g. queue trouble) - not acknowledged
+    refused: int = 0  # MAIL or DATA answered with 4xx/5xx - not acknowledged
+    refused_codes: Counter[int] = field(default_factory=Counter)
     broken: int = 0  # sessions cut by a kill
     unacked_delivered: int = 0  # committed but the 250 never reached us: allowed
     partial: list[str] = field(default_factory=list)
@@ -116,7 +117,8 @@ class Result:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(self.kill_kinds.items()))
         return (
             f"sessions={self.sessions} tls_sessions={self.tls_sessions} broken={self.broken} "
-            f"refused={self.refused} unacked_delivered={self.unacked_delivered} "
+            f"refused={self.refused} {dict(self.refused_codes)} "
+            f"unacked_delivered={self.unacked_delivered} "
             f"partial={len(self.partial)} unknown={len(self.unknown)} "
             f"bad_queue_files={self.bad_queue_files} queue_tmp_left={self.queue_tmp_left} "
             f"maildir_tmp_left={self.maildir_tmp_left} drained={self.drained} "
@@ -345,6 +347,7 @@ class Soak:
         code, _ = s.mail("load@remote.test")
         if code != 250:
             self.result.refused += 1
+            self.result.refused_codes[code] += 1
             s.rset()
             return
         for r in rcpts:
@@ -358,6 +361,7 @@ class Soak:
                 self.ledger[mid] = Sent(rcpts, size, digest)
         else:
             self.result.refused += 1
+            self.result.refused_codes[code] += 1
 
     # -- the end -------------------------------------------------------------------------
 
