@@ -49,19 +49,32 @@ import contextlib
 import errno
 import itertools
 import os
-import secrets
+import random
 import stat
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MAGIC = b"PYQMAIL-QUEUE 1\n"
 SUBDIRS = ("tmp", "new", "mess", "state", "bad", "lock")
 TRIGGER = "lock/trigger"
+POKE_RETRY = 1.0  # seconds between attempts to open the trigger FIFO when nobody listens
 _FORBIDDEN = frozenset(b"\r\n\x00")
 _RESERVED = frozenset({"id", "time", "from"})
 _counter = itertools.count()
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid, _counter  # noqa: PLW0603 - per-process state, reset in a forked child
+    _pid = os.getpid()
+    _counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class QueueError(Exception):
@@ -81,8 +94,12 @@ class Envelope:
 
 
 def new_queue_id() -> str:
-    """Unique across processes and hosts sharing nothing: time, pid, counter, randomness."""
-    return f"{time.time_ns():x}.{os.getpid():x}.{next(_counter):x}{secrets.token_hex(3)}"
+    """Unique across processes and hosts sharing nothing: time, pid, counter, randomness.
+
+    The randomness only separates hosts sharing a queue by mistake; it comes from
+    ``random`` (seeded from the OS at start and again in each forked child), not a
+    getrandom() call per message."""
+    return f"{time.time_ns():x}.{_pid:x}.{next(_counter):x}{random.getrandbits(24):06x}"
 
 
 def _check_field(name: str, value: str) -> bytes:
@@ -92,7 +109,7 @@ def _check_field(name: str, value: str) -> bytes:
     return raw
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -163,6 +180,10 @@ class QueueWriter:
     """One message on its way into the queue: stream it in, then commit or abort.
 
     Use as a context manager; leaving the block without ``commit`` aborts.
+
+    With ``defer=True`` nothing touches the disk before the commit: the message is kept in
+    memory (the caller bounds its size and calls ``spill`` to switch to streaming), and the
+    commit creates ``tmp/<id>`` and writes it in one go. The durability protocol is the same.
     """
 
     def __init__(
@@ -171,6 +192,8 @@ class QueueWriter:
         sender: str,
         recipients: Sequence[str],
         meta: Mapping[str, str] | None = None,
+        *,
+        defer: bool = False,
     ) -> None:
         self.queue = queue
         self.queue_id = new_queue_id()
@@ -180,15 +203,36 @@ class QueueWriter:
         self.received = time.time()
         self.size = 0
         self._committed = False
+        self._created = False
+        self._fd: int | None = None
         header = encode_header(self.queue_id, sender, self.recipients, self.received, self.meta)
-        self._tmp = queue.path("tmp", self.queue_id)
+        self._tmp = f"{queue.dir_tmp}/{self.queue_id}"
+        self._held: list[bytes] | None = [header]
+        if not defer:
+            self.spill()
+
+    @property
+    def held(self) -> bool:
+        """True while the message is only in memory (deferred and not spilled)."""
+        return self._held is not None
+
+    def _create(self) -> int:
         try:
-            self._fd: int | None = os.open(
-                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
-            )
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         except OSError as exc:
+            self._held = None
             raise QueueError(f"cannot create {self._tmp}: {exc.strerror}") from exc
-        self._write(header)
+        self._created = True
+        self._fd = fd
+        return fd
+
+    def spill(self) -> None:
+        """Create the tmp file and write what is held; from now on writes go to disk."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self._create()
+        self._write(b"".join(held))
 
     def _write(self, data: bytes) -> None:
         if self._fd is None:
@@ -203,12 +247,26 @@ class QueueWriter:
 
     def write(self, chunk: bytes) -> None:
         """Append message bytes (CRLF line ends, already un-dot-stuffed)."""
-        self._write(chunk)
+        if self._held is not None:
+            self._held.append(chunk)
+        else:
+            self._write(chunk)
         self.size += len(chunk)
 
-    def commit(self) -> Envelope:
-        """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
-        self._write(encode_trailer(self.queue_id, self.size))
+    # The commit in steps, so that ``Queue.commit_batch`` can share one fsync(new/) among
+    # many messages; each message still goes write -> fsync -> rename -> fsync(new/).
+
+    def _complete(self) -> None:
+        """Step 1a: the whole file is written, trailer included."""
+        trailer = encode_trailer(self.queue_id, self.size)
+        if self._held is not None:
+            self._held.append(trailer)
+            self.spill()
+        else:
+            self._write(trailer)
+
+    def _sync(self) -> None:
+        """Step 1b: fsync and close."""
         fd, self._fd = self._fd, None
         if fd is None:
             raise QueueError(f"writer for {self.queue_id} is already closed")
@@ -217,26 +275,52 @@ class QueueWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(self._tmp, self.queue.path("new", self.queue_id))
-            _fsync_dir(self.queue.path("new"))
         except OSError as exc:
             self.abort()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
+
+    def _publish(self) -> None:
+        """Step 2: rename into new/ (its fsync follows, once per batch)."""
+        try:
+            os.rename(self._tmp, f"{self.queue.dir_new}/{self.queue_id}")
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
+
+    def _sync_publish(self) -> None:
+        self._sync()
+        self._publish()
+
+    def _envelope(self) -> Envelope:
         self._committed = True
-        self.queue.poke()
         return Envelope(
             self.queue_id, self.sender, self.recipients, self.size, self.received, self.meta
         )
 
+    def commit(self) -> Envelope:
+        """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
+        self._complete()
+        self._sync()
+        self._publish()
+        try:
+            _fsync_dir(self.queue.dir_new)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
+        env = self._envelope()
+        self.queue.poke()
+        return env
+
     def abort(self) -> None:
-        """Drop the tmp file; safe to call more than once."""
+        """Drop the tmp file (or the held bytes); safe to call more than once."""
+        self._held = None
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        if not self._committed:
+        if not self._committed and self._created:
             with contextlib.suppress(OSError):
-                self._tmp.unlink()
+                os.unlink(self._tmp)
 
     def __enter__(self) -> QueueWriter:
         return self
@@ -251,6 +335,12 @@ class Queue:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.dir_tmp = str(self.root / "tmp")
+        self.dir_new = str(self.root / "new")
+        self._trigger = str(self.root / TRIGGER)
+        self._poke_fd: int | None = None
+        self._poke_retry = 0.0  # monotonic time before which no reader was listening
+        self._poke_lock = threading.Lock()
 
     def path(self, sub: str, queue_id: str = "") -> Path:
         return self.root / sub / queue_id if queue_id else self.root / sub
@@ -275,6 +365,62 @@ class Queue:
         """Start streaming one message into tmp/ (see QueueWriter)."""
         return QueueWriter(self, sender, recipients, meta)
 
+    def commit_batch(
+        self, writers: Sequence[QueueWriter], executor: Executor | None = None
+    ) -> list[Envelope | QueueError]:
+        """Group commit: commit every writer, sharing one ``fsync(new/)``.
+
+        Per message the order is the one of ``QueueWriter.commit`` (file written and
+        fsynced, renamed into new/, new/ fsynced); only the directory fsync is done once
+        for all messages renamed before it. Returns, per writer in order, its envelope or
+        the QueueError that made it fail (its tmp file is gone then). Pokes the reader once.
+
+        With an ``executor`` the per-message "fsync, then rename" steps run in parallel
+        (the filesystem journals concurrent fsyncs in one commit; one after the other,
+        each waits for its own).
+        """
+        failed: dict[int, QueueError] = {}
+        renamed: list[int] = []
+        for i, w in enumerate(writers):  # every file complete before the first fsync
+            try:
+                w._complete()
+            except QueueError as exc:
+                failed[i] = exc
+        todo = [i for i in range(len(writers)) if i not in failed]
+        if executor is not None and len(todo) > 1:
+            futures = [(i, executor.submit(writers[i]._sync_publish)) for i in todo]
+            for i, future in futures:
+                error = future.exception()
+                if error is None:
+                    renamed.append(i)
+                elif isinstance(error, QueueError):
+                    failed[i] = error
+                else:
+                    writers[i].abort()
+                    failed[i] = QueueError(f"cannot commit {writers[i].queue_id}: {error!r}")
+        else:
+            for i in todo:
+                try:
+                    writers[i]._sync_publish()
+                except QueueError as exc:
+                    failed[i] = exc
+                    continue
+                renamed.append(i)
+        if renamed:
+            try:
+                _fsync_dir(self.dir_new)
+            except OSError as exc:
+                for i in renamed:
+                    writers[i].abort()
+                    failed[i] = QueueError(
+                        f"cannot commit {writers[i].queue_id}: {exc.strerror or exc}"
+                    )
+                renamed = []
+            if renamed:
+                self.poke()
+        done = set(renamed)
+        return [w._envelope() if i in done else failed[i] for i, w in enumerate(writers)]
+
     def enqueue(
         self,
         sender: str,
@@ -288,18 +434,39 @@ class Queue:
             return w.commit()
 
     def poke(self) -> None:
-        """Wake the reader through the FIFO; silently skipped if nobody listens."""
-        try:
-            fd = os.open(self.root / TRIGGER, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            return
-        try:
-            os.write(fd, b"!")
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EPIPE):
-                raise
-        finally:
-            os.close(fd)
+        """Wake the reader through the FIFO; silently skipped if nobody listens.
+
+        The FIFO stays open between pokes (one write per poke). When nobody listens
+        (ENXIO on open, EPIPE on write) it is closed, and re-opened at the earliest
+        POKE_RETRY seconds later; the reader scans new/ when it starts anyway."""
+        with self._poke_lock:
+            fd = self._poke_fd
+            if fd is None:
+                now = time.monotonic()
+                if now < self._poke_retry:
+                    return
+                try:
+                    fd = os.open(self._trigger, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:
+                    self._poke_retry = now + POKE_RETRY
+                    return
+                self._poke_fd = fd
+            try:
+                os.write(fd, b"!")
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:  # full: the reader has plenty to wake it
+                    return
+                self._poke_fd = None
+                os.close(fd)
+                if exc.errno != errno.EPIPE:
+                    raise
+
+    def close(self) -> None:
+        """Close the trigger FIFO if a poke left it open."""
+        with self._poke_lock:
+            fd, self._poke_fd = self._poke_fd, None
+            if fd is not None:
+                os.close(fd)
 
     def read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
         """Read and verify ``<sub>/<id>``."""

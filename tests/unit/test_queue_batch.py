@@ -1,0 +1,87 @@
+"""Group commit (Queue.commit_batch), held writers and the cached trigger FIFO."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    q = Queue(tmp_path / "queue")
+    q.create()
+    return q
+
+
+def _writers(queue: Queue, sizes: list[int]) -> list[QueueWriter]:
+    """Every other writer held in memory, the others streaming into tmp/."""
+    out = []
+    for n, size in enumerate(sizes):
+        w = QueueWriter(queue, f"s{n}@a.test", [f"r{n}@b.test"], defer=n % 2 == 1)
+        w.write(b"x" * size + b"\r\n")
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_batch_commits_every_message_durably_named(queue: Queue, parallel: bool) -> None:
+    sizes = [0, 10, 4096, 70_000, 3]
+    writers = _writers(queue, sizes)
+    assert [w.held for w in writers] == [False, True, False, True, False]
+    with ThreadPoolExecutor(4) as pool:
+        results = queue.commit_batch(writers, pool if parallel else None)
+    assert all(isinstance(r, Envelope) for r in results)
+    assert os.listdir(queue.path("tmp")) == []
+    assert sorted(queue.ids("new")) == sorted(w.queue_id for w in writers)
+    for n, (w, size) in enumerate(zip(writers, sizes, strict=True)):
+        env, body = queue.read("new", w.queue_id)
+        assert env.sender == f"s{n}@a.test"
+        assert body == b"x" * size + b"\r\n"
+
+
+def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
+    held = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
+    held.write(b"hello\r\n")
+    assert os.listdir(queue.path("tmp")) == []
+    held.abort()
+    assert os.listdir(queue.path("tmp")) == []
+    spilled = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
+    spilled.write(b"hello\r\n")
+    spilled.spill()
+    assert os.listdir(queue.path("tmp")) == [spilled.queue_id]
+    env = spilled.commit()
+    assert parse_message((queue.root / "new" / env.queue_id).read_bytes())[1] == b"hello\r\n"
+
+
+def test_failure_of_one_message_fails_only_that_one(queue: Queue) -> None:
+    good = queue.writer("a@b.test", ["c@d.test"], None)
+    bad = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
+    bad._tmp = str(queue.root / "missing-dir" / bad.queue_id)  # create fails: ENOENT
+    with ThreadPoolExecutor(2) as pool:
+        results = queue.commit_batch([good, bad], pool)
+    assert isinstance(results[0], Envelope)
+    assert isinstance(results[1], QueueError)
+    assert "cannot create" in str(results[1])
+    assert queue.ids("new") == [good.queue_id]
+    assert os.listdir(queue.path("tmp")) == []
+
+
+def test_poke_keeps_the_fifo_open_and_survives_no_reader(queue: Queue) -> None:
+    queue.poke()  # nobody listens: skipped silently
+    fifo = str(queue.root / "lock" / "trigger")
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        queue._poke_retry = 0.0
+        queue.poke()
+        queue.poke()
+        assert os.read(rfd, 100) == b"!!"
+    finally:
+        os.close(rfd)
+    queue.poke()  # the reader went away: EPIPE closes our end, no exception
+    assert queue._poke_fd is None
+    queue.close()
