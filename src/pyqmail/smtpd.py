@@ -67,15 +67,17 @@ import ipaddress
 import mmap
 import os
 import pwd
+import queue as queuemod
 import resource
 import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
 import zlib
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -97,15 +99,19 @@ from pyqmail.protocol import (
     StartTLS,
     TLSInfo,
 )
-from pyqmail.queue import Queue, QueueError, QueueWriter
+from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
 AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
 AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply
 AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
-SPOOL_LIMIT = 64 * 1024  # messages up to this size are written to disk in one go
+SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
+WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
+COMMIT_BATCH = 64  # at most this many messages share one fsync(new/)
+FSYNC_THREADS = 8  # per worker: the fsyncs of one batch run in parallel
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
+TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
 BUCKETS = 4096
 
 
@@ -131,9 +137,20 @@ def _clean(value: object) -> str:
     return "".join(out) or '""'
 
 
+_PID = f"pid={os.getpid()}"
+
+
+def _after_fork() -> None:
+    global _PID  # noqa: PLW0603 - the log prefix of a forked worker
+    _PID = f"pid={os.getpid()}"
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def log(event: str, **fields: object) -> None:
     """One line to stdout in a single write (atomic on a pipe up to PIPE_BUF)."""
-    parts = [f"pid={os.getpid()}", event]
+    parts = [_PID, event]
     parts.extend(f"{key}={_clean(value)}" for key, value in fields.items() if value is not None)
     line = " ".join(parts)
     if len(line) > 4000:
@@ -508,6 +525,84 @@ def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
     return db.verify(req.username, req.password or "")
 
 
+# --- the group commit ----------------------------------------------------------------------
+
+CommitResult = Envelope | QueueError
+CommitCallback = Callable[[CommitResult], None]
+
+
+class Committer:
+    """One thread per worker that commits messages in batches (group commit).
+
+    Whatever is submitted while a batch is on disk forms the next batch: every message is
+    written (if it was held in memory), then fsynced and renamed into new/ (these two in
+    parallel over FSYNC_THREADS threads), then new/ is fsynced once for the batch
+    (``Queue.commit_batch``), and the loop is woken once to
+    run every message's callback, which sends its 250 (or 451). Under no load a batch is
+    one message, the same as committing it alone.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.jobs: queuemod.SimpleQueue[tuple[QueueWriter, CommitCallback] | None] = (
+            queuemod.SimpleQueue()
+        )
+        self.fsyncs = ThreadPoolExecutor(FSYNC_THREADS, "fsync")
+        self.thread = threading.Thread(target=self._run, name="commit", daemon=True)
+        self.thread.start()
+
+    def submit(self, writer: QueueWriter, callback: CommitCallback) -> None:
+        self.jobs.put((writer, callback))
+
+    def stop(self, timeout: float) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout)
+        self.fsyncs.shutdown(wait=False)
+
+    def _run(self) -> None:
+        jobs = self.jobs
+        stop = False
+        while not stop:
+            job = jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < COMMIT_BATCH:
+                try:
+                    job = jobs.get_nowait()
+                except queuemod.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            results = self._commit([w for w, _ in batch], self.fsyncs)
+            self.loop.call_soon_threadsafe(self._deliver, [cb for _, cb in batch], results)
+
+    @staticmethod
+    def _commit(writers: list[QueueWriter], fsyncs: ThreadPoolExecutor) -> list[CommitResult]:
+        by_queue: dict[int, list[int]] = {}  # a HUP may have changed the queue directory
+        for i, w in enumerate(writers):
+            by_queue.setdefault(id(w.queue), []).append(i)
+        results: list[CommitResult] = [QueueError("not committed")] * len(writers)
+        for indexes in by_queue.values():
+            group = [writers[i] for i in indexes]
+            try:
+                done = group[0].queue.commit_batch(group, fsyncs)
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer every client
+                done = [QueueError(f"commit failed: {exc!r}")] * len(group)
+                for w in group:
+                    w.abort()
+            for i, result in zip(indexes, done, strict=True):
+                results[i] = result
+        return results
+
+    @staticmethod
+    def _deliver(callbacks: list[CommitCallback], results: list[CommitResult]) -> None:
+        for callback, result in zip(callbacks, results, strict=True):
+            callback(result)
+
+
 # --- one connection ----------------------------------------------------------------------
 
 
@@ -525,12 +620,14 @@ class Session(asyncio.Protocol):
         self.port = 0
         self.paused: set[str] = set()
         self.tls_info: TLSInfo | None = None
-        self.tls_buffer: list[bytes] | None = None
+        self.sslobj: ssl.SSLObject | None = None  # TLS over memory BIOs on the raw socket
+        self.tls_in = self.tls_out = None  # type: ssl.MemoryBIO | None
+        self.handshaking: bool | None = None  # None: no TLS; True: implicit, False: STARTTLS
+        self.tls_timer: asyncio.TimerHandle | None = None
         self.auth_user: str | None = None
         self.writer: QueueWriter | None = None
-        self.spool: list[bytes] = []
-        self.spool_size = 0
-        self.meta: dict[str, str] = {}
+        self.held = 0  # bytes of the current message held in memory (server.held counts them)
+        self.committing: MessageEnd | None = None
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
         self.bucket: int | None = None
@@ -545,8 +642,9 @@ class Session(asyncio.Protocol):
 
     # asyncio callbacks ------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - stream server
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # A stream transport (asyncio's, or another loop's that is not a subclass).
+        transport: asyncio.Transport = base  # type: ignore[assignment]
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.ip, self.port = str(peer[0]), int(peer[1])
@@ -585,12 +683,12 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.closing:
             return
-        if self.tls_buffer is not None:  # TLS data that raced our handshake continuation
-            self.tls_buffer.append(data)
-            return
-        if self.conn is None:
-            return
         try:
+            if self.sslobj is not None:
+                self.tls_received(data)
+                return
+            if self.conn is None:
+                return
             events = self.conn.receive(data)
             if events:
                 self.touch()
@@ -607,11 +705,11 @@ class Session(asyncio.Protocol):
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
+        if self.tls_timer is not None:
+            self.tls_timer.cancel()
         if self.conn is not None:
             self.conn.connection_lost()
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        self._drop_writer()
         self.server.counter.add(self.bucket, -1)
         self.bucket = None
         log(
@@ -671,7 +769,7 @@ class Session(asyncio.Protocol):
         if self.closed:
             return
         now = self.loop.time()
-        if self.paused & {"auth", "commit", "tls"}:
+        if self.paused & {"auth", "commit"} or self.handshaking is not None:
             self.touch()  # we are the slow one (or the handshake has its own timeout)
         due = (
             self.deadline if self.data_deadline is None else min(self.deadline, self.data_deadline)
@@ -692,6 +790,10 @@ class Session(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        if self.sslobj is not None and self.handshaking is None and not self.transport.is_closing():
+            with contextlib.suppress(ssl.SSLError):
+                self.sslobj.unwrap()  # close_notify; we do not wait for the client's
+            self.tls_flush()
         self.transport.close()
         self.loop.call_later(CLOSE_GRACE, self.abort)
 
@@ -716,11 +818,9 @@ class Session(asyncio.Protocol):
         if self.conn is not None:
             self.handle(self.conn.shutdown())
         if not self.closing and self.transport is not None:
-            if self.writer is not None:
-                self.writer.abort()
-                self.writer = None
-            if "tls" not in self.paused:
-                self.transport.write(
+            self._drop_writer()
+            if self.handshaking is None:
+                self.send(
                     f"421 4.3.2 {self.cfg.me} Service shutting down, closing channel\r\n".encode()
                 )
             self.close()
@@ -730,14 +830,13 @@ class Session(asyncio.Protocol):
             if self.closed or self.closing or self.transport is None:
                 return
             if isinstance(event, Send):
-                self.transport.write(event.data)
+                self.send(event.data)
             elif isinstance(event, MessageData):
                 self.message_data(event.chunk)
             elif isinstance(event, MessageStart):
                 self.message_start(event)
             elif isinstance(event, MessageEnd):
-                self.pause("commit")
-                self.spawn(self.commit(event))
+                self.commit(event)
             elif isinstance(event, MessageAbort):
                 self.message_abort(event.reason)
             elif isinstance(event, AuthRequest):
@@ -750,30 +849,91 @@ class Session(asyncio.Protocol):
 
     # TLS ----------------------------------------------------------------------------------
 
-    def begin_tls(self, *, implicit: bool) -> None:
-        # Nothing more is read from the plaintext transport: whatever the client pipelined
-        # after STARTTLS stays in the socket and can only be taken as handshake bytes.
-        self.pause("tls")
-        self.tls_buffer = []
-        self.spawn(self.handshake(implicit))
+    def send(self, data: bytes) -> None:
+        """Write to the client: through TLS once it is up."""
+        if self.transport is None:
+            return
+        if self.sslobj is not None:
+            self.sslobj.write(data)
+            self.tls_flush()
+        else:
+            self.transport.write(data)
 
-    async def handshake(self, implicit: bool) -> None:
-        transport, ctx = self.transport, self.cfg.server_tls
-        if transport is None or ctx is None:
+    def tls_flush(self) -> None:
+        out = self.tls_out
+        if out is not None and out.pending and self.transport is not None:
+            self.transport.write(out.read())
+
+    def begin_tls(self, *, implicit: bool) -> None:
+        """TLS on the same transport through memory BIOs (no second asyncio transport).
+
+        Whatever the client pipelined after STARTTLS was dropped by the core; every byte
+        read from now on is handshake input."""
+        ctx = self.cfg.server_tls
+        if ctx is None:
             self.abort()
             return
-        try:
-            new = await self.loop.start_tls(
-                transport, self, ctx, server_side=True, ssl_handshake_timeout=self.cfg.timeouttls
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as exc:
-            log("tls-fail", ip=self.ip, port=self.port, error=str(exc) or type(exc).__name__)
-            transport.abort()
-            return
-        if new is None or self.closed:
-            return
-        self.transport = new
-        sslobj = new.get_extra_info("ssl_object")
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.sslobj = ctx.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        self.handshaking = implicit
+        self.tls_timer = self.loop.call_later(self.cfg.timeouttls, self.tls_timeout)
+
+    def tls_timeout(self) -> None:
+        self.tls_timer = None
+        if self.handshaking is not None and not self.closed:
+            self.tls_failed("handshake timed out")
+
+    def tls_failed(self, error: str) -> None:
+        log("tls-fail", ip=self.ip, port=self.port, error=error)
+        self.tls_flush()  # the alert, if OpenSSL wrote one
+        self.sslobj = None
+        self.handshaking = None
+        if self.transport is not None:
+            self.closing = True
+            self.transport.close()
+            self.loop.call_later(CLOSE_GRACE, self.abort)
+
+    def tls_received(self, data: bytes) -> None:
+        sslobj, tls_in = self.sslobj, self.tls_in
+        assert sslobj is not None and tls_in is not None  # noqa: S101 - only called with TLS
+        tls_in.write(data)
+        if self.handshaking is not None:
+            try:
+                sslobj.do_handshake()
+            except ssl.SSLWantReadError:
+                self.tls_flush()
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self.tls_failed(str(exc) or type(exc).__name__)
+                return
+            self.tls_flush()
+            self.tls_done()
+        while not (self.closed or self.closing) and self.sslobj is not None:
+            try:
+                chunk = sslobj.read(TLS_READ)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify from the client
+                self.close()
+                break
+            except (ssl.SSLError, OSError) as exc:
+                self.tls_failed(str(exc) or type(exc).__name__)
+                return
+            if not chunk or self.conn is None:
+                break
+            events = self.conn.receive(chunk)
+            if events:
+                self.touch()
+                self.handle(events)
+        self.tls_flush()  # session tickets, key updates
+
+    def tls_done(self) -> None:
+        sslobj, implicit = self.sslobj, self.handshaking
+        assert sslobj is not None  # noqa: S101 - only after a handshake
+        self.handshaking = None
+        if self.tls_timer is not None:
+            self.tls_timer.cancel()
+            self.tls_timer = None
         session = tls.describe(sslobj)
         relay_ident = tls.client_cert_relay(session, self.cfg.tlsclients)
         peer = session.peer_identities[0] if session.peer_identities else None
@@ -792,14 +952,8 @@ class Session(asyncio.Protocol):
         else:
             assert self.conn is not None  # noqa: S101 - STARTTLS came from the core
             events = self.conn.tls_started(self.tls_info)
-        buffered, self.tls_buffer = self.tls_buffer or [], None
-        self.paused.discard("tls")
-        if self.paused:
-            new.pause_reading()
         self.touch()
         self.handle(events)
-        for data in buffered:
-            self.data_received(data)
 
     # AUTH ---------------------------------------------------------------------------------
 
@@ -831,8 +985,6 @@ class Session(asyncio.Protocol):
     def message_start(self, event: MessageStart) -> None:
         self.message = event
         self.queue_error = None
-        self.spool = []
-        self.spool_size = 0
         self.data_deadline = self.loop.time() + self.cfg.timeoutdata
         if self.timer is not None and self.timer.when() > self.data_deadline:
             self.timer.cancel()
@@ -842,72 +994,89 @@ class Session(asyncio.Protocol):
             meta["auth"] = event.auth_user
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
-        self.meta = meta
-
-    def message_data(self, chunk: bytes) -> None:
-        """Small messages stay in memory and reach the disk in one go, off the event loop;
-        past SPOOL_LIMIT the message streams into its tmp file (bounded memory)."""
-        if self.queue_error is not None or self.message is None:
-            return
-        if self.writer is None and self.spool_size + len(chunk) <= SPOOL_LIMIT:
-            self.spool.append(chunk)
-            self.spool_size += len(chunk)
-            return
+        self._drop_writer()
         try:
-            if self.writer is None:
-                msg = self.message
-                self.writer = self.server.queue.writer(msg.sender, msg.recipients, self.meta)
-                self.writer.write(b"".join(self.spool))
-                self.spool, self.spool_size = [], 0
-            self.writer.write(chunk)
-        except QueueError as exc:  # the writer removed its tmp file already
+            self.writer = QueueWriter(
+                self.server.queue, event.sender, event.recipients, meta, defer=True
+            )
+        except QueueError as exc:
             self.queue_error = str(exc)
-            self.writer = None
-            self.spool, self.spool_size = [], 0
 
-    def message_abort(self, reason: str) -> None:
-        self.data_deadline = None
-        self.spool, self.spool_size = [], 0
+    def _release(self) -> None:
+        self.server.held -= self.held
+        self.held = 0
+
+    def _drop_writer(self) -> None:
+        self._release()
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+    def message_data(self, chunk: bytes) -> None:
+        """Small messages stay in memory and reach the disk in one go in the commit
+        thread; past SPOOL_LIMIT (or the worker's WORKER_SPOOL_LIMIT) the message streams
+        into its tmp file (bounded memory)."""
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            if writer.held:
+                size = self.held + len(chunk)
+                if size <= SPOOL_LIMIT and self.server.held + len(chunk) <= WORKER_SPOOL_LIMIT:
+                    writer.write(chunk)
+                    self.held = size
+                    self.server.held += len(chunk)
+                    return
+                self._release()
+                writer.spill()
+            writer.write(chunk)
+        except QueueError as exc:  # the writer removed its tmp file already
+            self.queue_error = str(exc)
+            self._drop_writer()
+
+    def message_abort(self, reason: str) -> None:
+        self.data_deadline = None
+        self._drop_writer()
         log("abort", ip=self.ip, port=self.port, reason=reason)
 
-    def _enqueue_spooled(self, msg: MessageStart, data: bytes, meta: dict[str, str]) -> str:
-        """In a thread: create, write, fsync, rename, fsync dir (Queue.enqueue)."""
-        return self.server.queue.enqueue(msg.sender, msg.recipients, data, meta).queue_id
-
-    async def commit(self, end: MessageEnd) -> None:
+    def commit(self, end: MessageEnd) -> None:
+        """Hand the message to the commit thread; ``committed`` answers when it is durable."""
         writer, self.writer = self.writer, None
-        spooled, self.spool, self.spool_size = b"".join(self.spool), [], 0
         self.data_deadline = None
-        queue_id = None
+        self.pause("commit")
+        self.committing = end
+        if writer is None or self.queue_error is not None or self.message is None:
+            if writer is not None:
+                writer.abort()
+            self._release()
+            self.committed(QueueError(self.queue_error or "no message"))
+            return
+        self.server.committer_for(self.loop).submit(writer, self.committed)
+
+    def committed(self, result: CommitResult) -> None:
+        """On the loop, once the commit of the current message is done (or failed)."""
+        self._release()
+        end, self.committing = self.committing, None
         msg = self.message
-        if self.queue_error is None and msg is not None:
-            try:
-                if writer is not None:
-                    queue_id = (await self.loop.run_in_executor(None, writer.commit)).queue_id
-                else:
-                    queue_id = await self.loop.run_in_executor(
-                        None, self._enqueue_spooled, msg, spooled, self.meta
-                    )
-            except QueueError as exc:
-                self.queue_error = str(exc)
-        if queue_id is None:
+        if isinstance(result, QueueError):
+            self.queue_error = self.queue_error or str(result)
             log("queue-fail", ip=self.ip, port=self.port, error=self.queue_error)
-        elif msg is not None:
+            queue_id = None
+        else:
+            queue_id = result.queue_id
             self.messages += 1
-            log(
-                "msg",
-                qid=queue_id,
-                mid=end.message_id or "-",
-                size=end.size,
-                ip=self.ip,
-                tls=self._tls_text(),
-                auth=msg.auth_user,
-                **{"from": f"<{msg.sender}>"},
-                to=",".join(f"<{r}>" for r in msg.recipients),
-            )
+            if msg is not None and end is not None:
+                log(
+                    "msg",
+                    qid=queue_id,
+                    mid=end.message_id or "-",
+                    size=end.size,
+                    ip=self.ip,
+                    tls=self._tls_text(),
+                    auth=msg.auth_user,
+                    **{"from": f"<{msg.sender}>"},
+                    to=",".join(f"<{r}>" for r in msg.recipients),
+                )
         if self.closed or self.conn is None:
             return
         self.resume("commit")
@@ -944,6 +1113,13 @@ class Server:
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
+        self.held = 0  # bytes of messages held in memory by all sessions (SPOOL_LIMIT)
+        self._committer: Committer | None = None
+
+    def committer_for(self, loop: asyncio.AbstractEventLoop) -> Committer:
+        if self._committer is None:
+            self._committer = Committer(loop)
+        return self._committer
 
     def _watch_parent(self) -> None:
         """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed."""
@@ -967,7 +1143,8 @@ class Server:
             log("reload-fail", error=str(exc), text="keeping the old configuration")
             return
         self.cfg, self.rules = cfg, rules
-        self.queue = Queue(cfg.queue_dir)
+        if Path(cfg.queue_dir) != self.queue.root:
+            self.queue = Queue(cfg.queue_dir)  # the old one's FIFO fd is closed with the process
         self.users = UsersCache(cfg)
         log("reload", root=self.opts.root)
 
@@ -1002,6 +1179,9 @@ class Server:
             session.abort()
         await asyncio.sleep(0)
         self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        if self._committer is not None:
+            self._committer.stop(CLOSE_GRACE)
+        self.queue.close()
         log("stopped")
         return 0
 
