@@ -180,28 +180,47 @@ def destinations(domain: str, route: Route, resolver: Resolver) -> list[Destinat
     return out[:MAX_ADDRESSES]
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a file's current content for cache keys: inode, size, mtime; None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class TlsPolicy:
-    """Every client TLS context pyqmail-send uses, built from the control directory."""
+    """Every client TLS context pyqmail-send uses, built from the control directory.
+
+    Contexts are cached (loading CA stores is slow) under a key that includes the identity of
+    the files they were built from, so a renewed ``clientcert.pem`` or a changed
+    ``tlshosts/<fqdn>.pem`` takes effect at the next delivery attempt, as qmail-remote reads
+    them per attempt, without a HUP.
+    """
 
     def __init__(self, control_dir: Path) -> None:
         self.control_dir = control_dir
-        cert = control_dir / "clientcert.pem"
-        self.clientcert = cert if cert.exists() else None
-        self._cache: dict[str, ssl.SSLContext] = {}
+        self._clientcert_path = control_dir / "clientcert.pem"
+        self._cache: dict[tuple[object, ...], ssl.SSLContext] = {}
         self._lock = threading.Lock()
 
-    def _cached(self, key: str) -> ssl.SSLContext:
-        """Contexts are built once (loading CA stores is slow); raises TLSConfigError."""
+    def _cached(self, kind: str, pin: Path | None = None) -> ssl.SSLContext:
+        """The context for ``kind`` ("verify", "none" or "pin"); raises TLSConfigError."""
+        cert_stamp = _file_stamp(self._clientcert_path)
+        cert = self._clientcert_path if cert_stamp is not None else None
+        key = (kind, str(pin), _file_stamp(pin) if pin else None, cert_stamp)
         with self._lock:
             ctx = self._cache.get(key)
             if ctx is None:
-                cert = self.clientcert
-                if key == "verify":
+                if kind == "verify":
                     ctx = client_context(verify=True, certfile=cert)
-                elif key == "none":
+                elif kind == "none":
                     ctx = client_context(verify=False, certfile=cert)
                 else:
-                    ctx = client_context(verify=True, cafile=key, certfile=cert)
+                    ctx = client_context(verify=True, cafile=str(pin), certfile=cert)
+                # Drop contexts built from older versions of the same files.
+                for old in [k for k in self._cache if k[:2] == key[:2]]:
+                    del self._cache[old]
                 self._cache[key] = ctx
             return ctx
 
@@ -218,7 +237,7 @@ class TlsPolicy:
         return self._cached("none")
 
     def pinned(self, pin: Path) -> ssl.SSLContext:
-        return self._cached(str(pin))
+        return self._cached("pin", pin)
 
 
 class _SMTP(smtplib.SMTP):

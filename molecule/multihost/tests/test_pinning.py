@@ -173,11 +173,6 @@ def test_wrong_pin_defers_in_tls_then_fixed_pin_delivers(
         assert commands[:2] == [b"EHLO", b"STARTTLS"], (key, text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyqmail-send caches the TLS context of a pin file per path until HUP, so a flush "
-    "alone keeps using the old pin (coord/BUGS.md)",
-)
 def test_fixed_pin_takes_effect_on_flush_alone(
     mx1: Any, mx2: Any, sink: Any, *, client: Any, pin_restored: str
 ) -> None:
