@@ -667,8 +667,7 @@ class SMTPConnection:
         if self.auth_user:
             lines.append(f"\t(authenticated user: {_printable(self.auth_user, MAX_USERNAME)})")
         lines.append(f"\tby {p.hostname} (pyqmail) with {protocol};")
-        when = datetime.fromtimestamp(p.clock(), UTC)
-        lines.append(f"\t{format_datetime(when)}")
+        lines.append(f"\t{_rfc5322_date(p.clock())}")
         return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
 
     def _cmd_rset(self, _arg: str, out: list[Event]) -> None:
@@ -915,6 +914,18 @@ def _reject_params(text: str) -> None:
     params = parse_params(text)
     if params:
         raise AddressError(f"555 5.5.4 Unsupported option: {params[0][0][:40]}")
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date(when: float) -> str:
+    """``format_datetime`` of the whole second, computed once per second (hot path)."""
+    global _date_cache  # noqa: PLW0603 - a one-entry cache
+    second = int(when)
+    if _date_cache[0] != second:
+        _date_cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date_cache[1]
 
 
 def _message_id(block: bytes | bytearray) -> str | None:
