@@ -12,7 +12,8 @@ One program, three listener modes (one supervised service each, as in the qmail 
 Process model. The parent binds one ``SO_REUSEPORT`` socket per worker (as root if the
 port needs it), drops to ``--user`` (initgroups, setgid, setuid), reads the configuration
 and only then forks the workers: nothing ever reads a client byte as root. The kernel
-spreads connections over the workers' sockets; each worker runs one asyncio loop. The
+spreads connections over the workers' sockets; each worker runs one asyncio loop (uvloop's
+when it is installed, see ``--loop``). The
 parent keeps every socket open, so a crashed worker's pending connections wait for its
 replacement rather than being reset. The parent forwards TERM and HUP; with
 ``--workers 1`` the single process serves directly.
@@ -44,7 +45,7 @@ root:pyqmail with the user in group pyqmail) and write the queue.
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
 
-    start listen=127.0.0.1:2525 mode=smtp workers=2 uid=105   (the real port if :0 was asked)
+    start listen=127.0.0.1:2525 mode=smtp workers=2 uid=105 loop=uvloop  (real port if :0)
     ready slot=0 mode=smtp                                    (one per worker, serving)
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
@@ -63,6 +64,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import importlib
 import ipaddress
 import mmap
 import os
@@ -103,6 +105,7 @@ from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
+LOOPS = ("auto", "asyncio", "uvloop")
 AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
 AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply
 AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
@@ -172,6 +175,7 @@ class Options:
     rules: Path | None
     user: str | None
     workers: int
+    loop: str = "asyncio"  # "asyncio" or "uvloop" (resolved from --loop)
 
 
 def parse_listen(text: str, allow_wildcard: bool) -> tuple[str, int]:
@@ -204,6 +208,19 @@ def parse_workers(text: str) -> int:
     return int(text)
 
 
+def resolve_loop(choice: str) -> str:
+    """``auto``: uvloop when importable, else asyncio's own loop; ``uvloop``: required."""
+    if choice == "asyncio":
+        return choice
+    try:
+        importlib.import_module("uvloop")
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise UsageError(f"--loop uvloop: cannot import uvloop ({exc})") from None
+        return "asyncio"
+    return "uvloop"
+
+
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
@@ -214,6 +231,12 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--rules", help="tcprules cdb with per-client policy")
     parser.add_argument("--user", help="unprivileged user to run as (required when root)")
     parser.add_argument("--workers", default="auto", help="'auto' (one per core) or N")
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop (Debian python3-uvloop) if installed with 'auto' (default)",
+    )
     parser.add_argument(
         "--allow-wildcard", action="store_true", help="permit listening on 0.0.0.0 or ::"
     )
@@ -227,6 +250,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rules=Path(ns.rules) if ns.rules else None,
         user=ns.user,
         workers=parse_workers(ns.workers),
+        loop=resolve_loop(ns.loop),
     )
 
 
@@ -1209,7 +1233,11 @@ def run_worker(
 ) -> int:
     server = Server(opts, cfg, rules, counter)
     server.parent = parent
-    return asyncio.run(server.serve(sock))
+    factory = None
+    if opts.loop == "uvloop":
+        factory = importlib.import_module("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(server.serve(sock))
 
 
 # --- the supervisor ----------------------------------------------------------------------
@@ -1344,7 +1372,14 @@ def main(argv: list[str] | None = None) -> int:
         return 111
     host, port = socks[0].getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log("start", listen=where, mode=opts.mode, workers=opts.workers, uid=os.getuid())
+    log(
+        "start",
+        listen=where,
+        mode=opts.mode,
+        workers=opts.workers,
+        uid=os.getuid(),
+        loop=opts.loop,
+    )
     counter = ConnCounter(opts.workers)
     if opts.workers == 1:
         return run_worker(socks[0], opts, cfg, rules, counter)
