@@ -39,6 +39,8 @@ keeps its connection and takes the next ready job for the same destination.
 
 Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
 control files, TERM stops starting deliveries, waits for those in flight, exits 0.
+``--check`` loads the configuration (control files, clientcert.pem, tlshosts pins, queue
+layout) and exits 0 or 111 without touching the queue (used before ``svc -h``/``svc -t``).
 The process holds an exclusive lock on ``<queue>/lock/sendpid`` (which holds its pid);
 ``pyqmail-queue flush`` sends ALRM to that pid.
 """
@@ -71,6 +73,7 @@ from pyqmail.delivery import Control, ControlError, Result, one_line, split_addr
 from pyqmail.local import LocalDelivery
 from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir, parse_message
 from pyqmail.remote import RemoteDelivery, RemoteSession, Resolver
+from pyqmail.tls import TLSConfigError, client_context
 
 PIDFILE = "lock/sendpid"
 CHANSKIP = {"local": 10, "remote": 20}
@@ -766,15 +769,66 @@ def lock_pidfile(queue_root: Path) -> int:
     return fd
 
 
+def check_config(root: Path) -> int:
+    """``--check``: load what pyqmail-send reads, touch nothing; 0 = usable, 111 = not.
+
+    The queue layout, the control files (``Control.load``), ``control/clientcert.pem`` and
+    every ``control/tlshosts/*.pem`` pin (each loaded into a TLS context as a delivery
+    would). Every problem is printed on stderr, one line each.
+    """
+    problems: list[str] = []
+    try:
+        Queue(root / "queue").check()
+    except QueueError as exc:
+        problems.append(str(exc))
+    try:
+        control = Control.load(root)
+    except ControlError as exc:
+        problems.append(str(exc))
+        control = None
+    control_dir = root / "control"
+    clientcert = control_dir / "clientcert.pem"
+    tls_files = [clientcert] if clientcert.exists() else []
+    tls_files += sorted((control_dir / "tlshosts").glob("*.pem"))
+    for path in tls_files:
+        try:
+            if path == clientcert:
+                client_context(verify=False, certfile=path)
+            else:
+                client_context(verify=True, cafile=path)
+        except TLSConfigError as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        sys.stderr.write(f"pyqmail-send: {problem}\n")
+    if problems or control is None:
+        return 111
+    sys.stdout.write(
+        f"pyqmail-send: configuration of {root} OK: me {control.me}, "
+        f"{len(control.locals)} local domain(s), {len(control.routes)} route(s), "
+        f"{len(tls_files)} TLS file(s)\n"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyqmail-send", description="queue manager: local and remote delivery"
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
     parser.add_argument("--user", help="user to deliver as when started as root (pyqmails)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the control files, clientcert.pem and the tlshosts pins (as --user when "
+        "given), check the queue layout, then exit: 0 = usable, 111 = not (reasons on stderr)",
+    )
     args = parser.parse_args(argv)
-    drop_privileges(args.user)
     root = Path(args.root)
+    if args.check:
+        if args.user is not None:
+            drop_privileges(args.user)  # the files must be readable by the delivery user
+        return check_config(root)
+    drop_privileges(args.user)
     try:
         manager = Manager(root)
     except (ControlError, QueueError) as exc:
