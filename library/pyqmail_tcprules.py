@@ -41,7 +41,9 @@ attributes:
 options:
   path:
     description:
-      - The tcprules source file to write. Its directory must exist.
+      - The tcprules source file to write. Its directory must exist (in check mode a
+        missing directory is reported as a change - both files would be created - so
+        C(--check) works on a host an earlier task has not prepared yet).
     type: path
     default: /etc/tcp/smtp
   cdb:
@@ -156,6 +158,11 @@ cdb_changed:
   description: Whether the cdb's content was (or in check mode would be) rewritten.
   returned: always
   type: bool
+would_create_directory:
+  description: Check mode only - the directory of O(path) or O(cdb) does not exist yet (an
+    earlier task would create it); both files are then reported as created.
+  returned: always
+  type: bool
 backup_file:
   description: Backup of the previous source file.
   returned: when O(backup=true) and the source file was rewritten
@@ -230,6 +237,7 @@ class TcpRules:
             "cdb": self.cdb,
             "source_changed": False,
             "cdb_changed": False,
+            "would_create_directory": False,
         }
         self.diffs: list[dict[str, Any]] = []
 
@@ -248,11 +256,17 @@ class TcpRules:
         self.result["keys"] = sum(len(rule.cdb_keys()) for rule in rules)
         for path in (self.path, self.cdb):
             directory = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(directory):
-                self.fail(
-                    f"the directory of {path} does not exist; create {directory} first "
-                    "(ansible.builtin.file with state: directory)"
-                )
+            if os.path.isdir(directory):
+                continue
+            if self.module.check_mode:
+                # On a fresh host an earlier task (skipped by --check) would create it: both
+                # files would be created, so say so instead of failing.
+                self.result["would_create_directory"] = True
+                continue
+            self.fail(
+                f"the directory of {path} does not exist; create {directory} first "
+                "(ansible.builtin.file with state: directory)"
+            )
         self.ensure(self.path, source, "source_changed", "backup_file", text=True)
         self.ensure(self.cdb, compiled, "cdb_changed", "cdb_backup_file", text=False)
         if self.module._diff:

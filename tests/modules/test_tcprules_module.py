@@ -237,12 +237,32 @@ def test_bad_rules_fail_and_write_nothing(
 
 
 def test_missing_directory_fails_clearly(module: ModuleType, tmp_path: Path) -> None:
-    for check in (True, False):
-        result = call(
-            module, {"path": str(tmp_path / "nope" / "smtp"), "rules": RULES}, check=check
-        )
-        assert result["failed"] is True
-        assert f"create {tmp_path / 'nope'} first" in result["msg"]
+    result = call(module, {"path": str(tmp_path / "nope" / "smtp"), "rules": RULES})
+    assert result["failed"] is True
+    assert f"create {tmp_path / 'nope'} first" in result["msg"]
+    assert not (tmp_path / "nope").exists()
+
+
+def test_check_mode_with_missing_directory_reports_would_create(
+    module: ModuleType, tmp_path: Path
+) -> None:
+    """--check on a fresh host: the directory task before it was only simulated."""
+    path = tmp_path / "nope" / "smtp"
+    result = call(module, {"path": str(path), "rules": RULES, "mode": "0644"}, check=True)
+    assert "failed" not in result, result
+    assert (result["changed"], result["source_changed"], result["cdb_changed"]) == (
+        True,
+        True,
+        True,
+    )
+    assert result["would_create_directory"] is True
+    assert result["diff"][0]["before_header"] == "(absent)"
+    assert '127.:allow,RELAYCLIENT="",DATABYTES="1000"' in result["diff"][0]["after"]
+    assert not (tmp_path / "nope").exists()
+    # a directory that exists is not reported
+    path.parent.mkdir()
+    result = call(module, {"path": str(path), "rules": RULES}, check=True)
+    assert result["would_create_directory"] is False
 
 
 # Through ansible-playbook: the payload builder must follow the module_utils symlinks.
