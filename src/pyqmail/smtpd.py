@@ -319,6 +319,19 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
 
 
+def load_config(root: Path) -> configmod.Config:
+    """The configuration, with the server TLS context set up for many workers.
+
+    No TLS 1.3 session tickets (``num_tickets = 0``): tickets are off by policy anyway
+    (OP_NO_TICKET leaves OpenSSL's stateful ones), each worker would keep every session in
+    its own cache for 300 s (about 2.6 KiB each: megabytes under load), and a client
+    coming back lands on any worker, which cannot resume another's session."""
+    cfg = configmod.load(root)
+    if cfg.server_tls is not None:
+        cfg.server_tls.num_tickets = 0
+    return cfg
+
+
 def check_startup(cfg: configmod.Config, mode: str) -> None:
     """Refuse modes that cannot work with this configuration; warn about odd ones."""
     if mode in ("smtps", "submission") and cfg.server_tls is None:
@@ -653,6 +666,7 @@ class Session(asyncio.BufferedProtocol):
         self.tls_in = self.tls_out = None  # type: ssl.MemoryBIO | None
         self.handshaking: bool | None = None  # None: no TLS; True: implicit, False: STARTTLS
         self.tls_timer: asyncio.TimerHandle | None = None
+        self.close_timer: asyncio.TimerHandle | None = None
         self.auth_user: str | None = None
         self.writer: QueueWriter | None = None
         self.held = 0  # bytes of the current message held in memory (server.held counts them)
@@ -735,13 +749,15 @@ class Session(asyncio.BufferedProtocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The timers would keep this session (and its TLS state) alive for seconds.
+        for timer in (self.timer, self.tls_timer, self.close_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.tls_timer = self.close_timer = None
+        self.sslobj = self.tls_in = self.tls_out = None
         if self.bucket is None:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.tls_timer is not None:
-            self.tls_timer.cancel()
         if self.conn is not None:
             self.conn.connection_lost()
         self._drop_writer()
@@ -830,7 +846,7 @@ class Session(asyncio.BufferedProtocol):
                 self.sslobj.unwrap()  # close_notify; we do not wait for the client's
             self.tls_flush()
         self.transport.close()
-        self.loop.call_later(CLOSE_GRACE, self.abort)
+        self.close_timer = self.loop.call_later(CLOSE_GRACE, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
@@ -926,7 +942,7 @@ class Session(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.closing = True
             self.transport.close()
-            self.loop.call_later(CLOSE_GRACE, self.abort)
+            self.close_timer = self.loop.call_later(CLOSE_GRACE, self.abort)
 
     def tls_received(self, data: bytes) -> None:
         sslobj, tls_in = self.sslobj, self.tls_in
@@ -1172,7 +1188,7 @@ class Server:
 
     def reload(self) -> None:
         try:
-            cfg = configmod.load(self.opts.root)
+            cfg = load_config(self.opts.root)
             check_startup(cfg, self.mode)
             rules = RulesCache(self.opts.rules)
         except configmod.ConfigError as exc:
@@ -1308,7 +1324,7 @@ class Supervisor:
 
     def reload(self) -> bool:
         try:
-            cfg = configmod.load(self.opts.root)
+            cfg = load_config(self.opts.root)
             check_startup(cfg, self.opts.mode)
             RulesCache(self.opts.rules)
         except configmod.ConfigError as exc:
@@ -1364,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)
         drop_privileges(opts.user)
-        cfg = configmod.load(opts.root)
+        cfg = load_config(opts.root)
         check_startup(cfg, opts.mode)
         rules = RulesCache(opts.rules)
     except (UsageError, configmod.ConfigError) as exc:
