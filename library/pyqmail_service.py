@@ -21,6 +21,11 @@ description:
     with the same pid for O(wait) seconds. A service that keeps restarting makes the task
     fail with the last lines of its log (C(log/main/current) of multilog, or else what
     C(./run) prints when run once for at most 3 seconds).
+  - When the service has a log service (C(log/run) exists), that one must then be up with
+    the same pid for O(wait) seconds too (C(svc -u) when it is down). A log service that
+    keeps restarting (log directory missing or not writable, bad C(log/run)) fails the task
+    with what C(log/run) prints when run once with no input, and the end of svscan's
+    C(readproctitle) line when one runs.
   - Runs C(svc) and C(svstat) with C(LC_ALL=C) and finds them in C(/command) (djb's layout)
     as well as the usual directories.
 author:
@@ -85,8 +90,9 @@ options:
     default: 5
   timeout:
     description:
-      - Seconds to wait in all, for svscan to pick up a new link, for the service to come up
-        and stay up O(wait) seconds, or to go down. Must be larger than O(wait).
+      - Seconds to wait for svscan to pick up a new link, for the service to come up and
+        stay up O(wait) seconds, or to go down; then as long again at most for its log
+        service. Must be larger than O(wait).
     type: float
     default: 30
 """
@@ -201,6 +207,23 @@ BIN_DIRS = ["/command", "/usr/local/bin", "/usr/bin", "/bin"]
 SCRIPT_MODE = 0o755
 LOG_LINES = 20
 UP_STATES = ("up", "restarted", "reloaded")
+
+
+def readproctitle_errors(limit: int = 400) -> str:
+    """The end of what svscan's stderr wrote into readproctitle's title (Debian's svscanboot
+    pipes svscan 2>&1 into ``readproctitle service errors: ...``), or "" when none runs."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"readproctitle":
+            text = b" ".join(argv[1:]).decode("utf-8", "replace").rstrip(". \0")
+            return text[-limit:]
+    return ""
 
 
 class ServiceModule:
@@ -482,7 +505,50 @@ class ServiceModule:
             )
         if not result.ok:
             self.fail_with_log(result.reason, result.status, result.pids)
+        if self.state != "down":
+            self.check_log_service()
         self.finish(result.status)
+
+    def check_log_service(self) -> None:
+        """The log service (``<src>/log``) must be up and stay up too.
+
+        A restart-looping multilog (log directory missing or not writable, bad log/run)
+        blocks the service's output pipe sooner or later; svstat of the service alone does
+        not show it. Started with svc -u when it is down; fails with what log/run prints.
+        """
+        p = self.module.params
+        log = os.path.join(self.directory, "log")
+        if not os.path.isfile(os.path.join(log, "run")):
+            return
+        current = self.status(log)
+        if current.supervised:
+            options = plan_svc("up", current)
+            if options:
+                self.svc_call(options, log)
+                self.did(f"svc {' '.join(options)} {log}")
+        result = wait_for(lambda: self.status(log), "up", stable=p["wait"], timeout=p["timeout"])
+        if result.ok:
+            return
+        try:
+            lines = run_script_output(log, timeout=3.0, lines=LOG_LINES)
+        except OSError as exc:
+            lines = [f"cannot run {log}/run: {exc}"]
+        source = "output of log/run run once (with no input)"
+        errors = readproctitle_errors()
+        if errors:
+            lines.append(f"svscan's readproctitle: {errors}")
+        msg = (
+            f"the service is up but its log service is not: {result.reason}; "
+            "its output will block once the pipe to the log service fills"
+        )
+        if lines:
+            msg += f"; {source}:\n" + "\n".join(lines)
+        self.fail(
+            msg,
+            log_tail=lines,
+            pids_seen=list(result.pids),
+            **self.describe(self.status(self.directory)),
+        )
 
     def predict_unsupervised(self) -> list[str]:
         """svc options a real run would send once supervise starts (check mode only).

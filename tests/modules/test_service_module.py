@@ -310,6 +310,39 @@ def test_crashing_service_fails_with_its_log(dt: Daemontools) -> None:
     module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
 
 
+def test_restart_looping_log_service_fails_with_its_problem(dt: Daemontools) -> None:
+    """The service is up, its multilog is not: the task must fail, naming multilog's error."""
+    name = "badlog"
+    prepare_loop(dt, name)
+    missing = dt.root / "no-such-dir" / "main"
+    bad_log_run = f"#!/bin/sh\nexec multilog t {missing}\n"
+    args = base(dt, name, run=RUN, log_run=bad_log_run, wait=2, timeout=7)
+    r = module_fails(args)
+    assert "its log service is not" in r["msg"], r["msg"]
+    assert f"{dt.supervise / name}/log keeps restarting" in r["msg"]
+    assert f"unable to open directory {missing}: file does not exist" in r["msg"]
+    assert any("multilog: fatal" in line for line in r["log_tail"])
+    assert len(r["pids_seen"]) >= 2
+    assert r["state"] == "up"  # the service itself runs
+    assert r["pid"] == dt.pid(name)
+    # a fixed log/run (restarted by the caller, as the roles' handler does) passes
+    r = module({**args, "log_run": LOG_RUN})
+    assert r["actions"] == [f"wrote {dt.supervise / name}/log/run"]
+    subprocess.run(["svc", "-t", str(dt.supervise / name / "log")], check=True)
+    r = module({**args, "log_run": LOG_RUN})
+    assert (r["changed"], r["state"], r["log_state"]) == (False, "up", "up"), r
+    # a log service stopped by hand is started again by state=up
+    subprocess.run(["svc", "-d", str(dt.supervise / name / "log")], check=True)
+    deadline = time.monotonic() + 5
+    while ": down " not in dt.svstat(dt.supervise / name / "log"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    r = module({**args, "log_run": LOG_RUN})
+    assert r["actions"] == [f"svc -u {dt.supervise / name}/log"]
+    assert r["log_state"] == "up"
+    module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+
+
 def test_crashing_service_without_log_shows_run_output(dt: Daemontools) -> None:
     name = "crash-nolog"
     args = base(dt, name, run=CRASH, wait=2, timeout=7)
