@@ -51,7 +51,7 @@ def tasks(role: str) -> list[dict[str, Any]]:
 
 
 def module_args(task: dict[str, Any]) -> dict[str, Any]:
-    for key, value in task.items():
+    for value in task.values():
         if isinstance(value, dict) and ("dest" in value or "path" in value):
             return value
     return {}
