@@ -148,11 +148,6 @@ def test_self_signed_certificate_with_listed_identity_is_refused(client: Any) ->
     assert "error" in out or out["rcpt"] == 553, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyqmail-sendmail run by root writes a root:root 0640 queue file that pyqmail-send "
-    "(pyqmails) cannot read: quarantined to bad/ (coord/BUGS.md)",
-)
 def test_local_injection_as_root_is_delivered(mx1: Any) -> None:
     """cron and monitoring run sendmail as root; the message must reach the alias target."""
     token = new_token()
