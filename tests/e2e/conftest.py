@@ -140,6 +140,7 @@ class Daemon:
     clients: list[RawSMTP] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _eof: bool = False
+    reader: threading.Thread | None = None
 
     def connect(self, timeout: float = 10.0) -> RawSMTP:
         """A raw client connection, closed when the test ends."""
@@ -263,7 +264,8 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
         )
         daemon = Daemon(proc, args)
         started.append(daemon)
-        threading.Thread(target=daemon._reader, daemon=True).start()
+        daemon.reader = threading.Thread(target=daemon._reader, daemon=True)
+        daemon.reader.start()
         if expect_ready:
             m = daemon.wait_for(r"start listen=\[?([^\]\s]+?)\]?:(\d+) ", timeout=30)[0]
             daemon.host, daemon.port = m.group(1), int(m.group(2))
@@ -276,5 +278,11 @@ def smtpd(qmail_root: QmailRoot) -> Iterator[StartDaemon]:
             client.close()
         if daemon.proc.poll() is None:
             daemon.kill()
-        if daemon.proc.stdout is not None:
+        # Let the reader see EOF before its pipe is closed under it (a close during a read
+        # raises in the reader thread and fails whichever test runs next).
+        if daemon.reader is not None:
+            daemon.reader.join(10)
+        if daemon.proc.stdout is not None and (
+            daemon.reader is None or not daemon.reader.is_alive()
+        ):
             daemon.proc.stdout.close()
