@@ -224,6 +224,14 @@ class QueueWriter:
             raise QueueError(f"cannot create {self._tmp}: {exc.strerror}") from exc
         self._created = True
         self._fd = fd
+        try:
+            # The reader (pyqmail-send, group pyqmail through the setgid queue directories)
+            # must read the file whatever umask the writer runs with: cron's sendmail as root
+            # with umask 077 would otherwise queue mail nobody can deliver.
+            os.fchmod(fd, 0o640)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot set the mode of {self._tmp}: {exc.strerror}") from exc
         return fd
 
     def spill(self) -> None:

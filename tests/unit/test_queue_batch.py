@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,3 +86,15 @@ def test_poke_keeps_the_fifo_open_and_survives_no_reader(queue: Queue) -> None:
     queue.poke()  # the reader went away: EPIPE closes our end, no exception
     assert queue._poke_fd is None
     queue.close()
+
+
+def test_queue_file_group_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """cron runs sendmail as root with umask 077; pyqmail-send reads through the group."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    old = os.umask(0o077)
+    try:
+        env = q.enqueue("root@h.test", ["postmaster@h.test"], b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
