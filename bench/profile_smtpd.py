@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gil", action="store_true", help="py-spy --gil: only samples holding the GIL (CPU)"
     )
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--tmpdir", help="where the queue goes (default: system temp dir)")
     p.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
     args = p.parse_args(argv)
     matches = [w for w in WORKLOADS if w.name.lower().startswith(args.workload.lower())]
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(pyspy).exists():
         p.error("py-spy not found: pip install py-spy")
 
-    base = Path(tempfile.mkdtemp(prefix="pyqmail-profile."))
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-profile.", dir=args.tmpdir))
     base.chmod(0o755)
     raw = args.raw or base / "stacks.txt"
     server = PyqmailServer(base, make_certs(base / "tls"), workers=args.workers, user=args.user)

@@ -30,6 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import fsprobe
 from bench.certs import CertFiles, make_certs
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
@@ -263,11 +264,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="~30 s smoke run: 1 round of 1 s runs")
     p.add_argument("--tmpdir", type=Path, help="where the queues go (default: system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=fsprobe.WAIT_LIMIT,
+        help="seconds to wait at most for cheap file creation (bench/fsprobe.py; 0: no wait)",
+    )
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 40
         args.idle = min(args.idle, 300)
+        args.settle = 0.0
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     unknown = [n for n in names if n not in SERVER_CLASSES]
     if unknown or not names:
@@ -280,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be positive")
     if args.idle < 0:
         p.error("--idle must be 0 (skip) or more")
+    if args.settle < 0:
+        p.error("--settle must be 0 (no wait) or more")
     return args
 
 
@@ -312,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             servers.append(server)
             print(f"# started {name} on 127.0.0.1:{server.port} (pid {server.pid})", flush=True)
+        fs_ms = fsprobe.settle([base, *(s.dir for s in servers)], limit=args.settle)
+        print(f"# file creation where the queues are: {fs_ms:.3f} ms CPU (see bench/fsprobe.py)")
         for server in servers:  # warm up: spawn workers/processes, fill caches
             for workload in (WORKLOADS[0], WORKLOADS[2]):
                 run_load(

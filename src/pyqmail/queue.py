@@ -54,7 +54,6 @@ import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,19 +372,13 @@ class Queue:
         """Start streaming one message into tmp/ (see QueueWriter)."""
         return QueueWriter(self, sender, recipients, meta)
 
-    def commit_batch(
-        self, writers: Sequence[QueueWriter], executor: Executor | None = None
-    ) -> list[Envelope | QueueError]:
+    def commit_batch(self, writers: Sequence[QueueWriter]) -> list[Envelope | QueueError]:
         """Group commit: commit every writer, sharing one ``fsync(new/)``.
 
         Per message the order is the one of ``QueueWriter.commit`` (file written and
         fsynced, renamed into new/, new/ fsynced); only the directory fsync is done once
         for all messages renamed before it. Returns, per writer in order, its envelope or
         the QueueError that made it fail (its tmp file is gone then). Pokes the reader once.
-
-        With an ``executor`` the per-message "fsync, then rename" steps run in parallel
-        (the filesystem journals concurrent fsyncs in one commit; one after the other,
-        each waits for its own).
         """
         failed: dict[int, QueueError] = {}
         renamed: list[int] = []
@@ -394,26 +387,15 @@ class Queue:
                 w._complete()
             except QueueError as exc:
                 failed[i] = exc
-        todo = [i for i in range(len(writers)) if i not in failed]
-        if executor is not None and len(todo) > 1:
-            futures = [(i, executor.submit(writers[i]._sync_publish)) for i in todo]
-            for i, future in futures:
-                error = future.exception()
-                if error is None:
-                    renamed.append(i)
-                elif isinstance(error, QueueError):
-                    failed[i] = error
-                else:
-                    writers[i].abort()
-                    failed[i] = QueueError(f"cannot commit {writers[i].queue_id}: {error!r}")
-        else:
-            for i in todo:
-                try:
-                    writers[i]._sync_publish()
-                except QueueError as exc:
-                    failed[i] = exc
-                    continue
-                renamed.append(i)
+        for i in range(len(writers)):
+            if i in failed:
+                continue
+            try:
+                writers[i]._sync_publish()
+            except QueueError as exc:
+                failed[i] = exc
+                continue
+            renamed.append(i)
         if renamed:
             try:
                 _fsync_dir(self.dir_new)

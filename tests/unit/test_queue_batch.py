@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,11 @@ def _writers(queue: Queue, sizes: list[int]) -> list[QueueWriter]:
     return out
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_batch_commits_every_message_durably_named(queue: Queue, parallel: bool) -> None:
+def test_batch_commits_every_message_durably_named(queue: Queue) -> None:
     sizes = [0, 10, 4096, 70_000, 3]
     writers = _writers(queue, sizes)
     assert [w.held for w in writers] == [False, True, False, True, False]
-    with ThreadPoolExecutor(4) as pool:
-        results = queue.commit_batch(writers, pool if parallel else None)
+    results = queue.commit_batch(writers)
     assert all(isinstance(r, Envelope) for r in results)
     assert os.listdir(queue.path("tmp")) == []
     assert sorted(queue.ids("new")) == sorted(w.queue_id for w in writers)
@@ -63,8 +60,7 @@ def test_failure_of_one_message_fails_only_that_one(queue: Queue) -> None:
     good = queue.writer("a@b.test", ["c@d.test"], None)
     bad = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
     bad._tmp = str(queue.root / "missing-dir" / bad.queue_id)  # create fails: ENOENT
-    with ThreadPoolExecutor(2) as pool:
-        results = queue.commit_batch([good, bad], pool)
+    results = queue.commit_batch([good, bad])
     assert isinstance(results[0], Envelope)
     assert isinstance(results[1], QueueError)
     assert "cannot create" in str(results[1])
