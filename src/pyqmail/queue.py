@@ -202,6 +202,7 @@ class QueueWriter:
         self.received = time.time()
         self.size = 0
         self._committed = False
+        self._completed = False
         self._created = False
         self._fd: int | None = None
         header = encode_header(self.queue_id, sender, self.recipients, self.received, self.meta)
@@ -223,6 +224,8 @@ class QueueWriter:
             raise QueueError(f"cannot create {self._tmp}: {exc.strerror}") from exc
         self._created = True
         self._fd = fd
+        if self.queue.umask is not None and not self.queue.umask & 0o640:
+            return fd  # the owner of the process set a umask that keeps the mode
         try:
             # The reader (pyqmail-send, group pyqmail through the setgid queue directories)
             # must read the file whatever umask the writer runs with: cron's sendmail as root
@@ -263,8 +266,14 @@ class QueueWriter:
     # The commit in steps, so that ``Queue.commit_batch`` can share one fsync(new/) among
     # many messages; each message still goes write -> fsync -> rename -> fsync(new/).
 
-    def _complete(self) -> None:
-        """Step 1a: the whole file is written, trailer included."""
+    def finish(self) -> None:
+        """Step 1a: write the whole file, trailer included (idempotent).
+
+        ``Queue.commit_batch`` does it too; pyqmail-smtpd calls it in its loop thread so
+        that the commit thread is left only the fsyncs and renames."""
+        if self._completed:
+            return
+        self._completed = True
         trailer = encode_trailer(self.queue_id, self.size)
         if self._held is not None:
             self._held.append(trailer)
@@ -304,15 +313,22 @@ class QueueWriter:
             self.queue_id, self.sender, self.recipients, self.size, self.received, self.meta
         )
 
+    def unpublish(self) -> None:
+        """The rename happened but new/ could not be fsynced: the message is refused, so
+        take it back out of new/ (best effort) rather than deliver it and its retry."""
+        self.abort()
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self.queue.dir_new}/{self.queue_id}")
+
     def commit(self) -> Envelope:
         """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
-        self._complete()
+        self.finish()
         self._sync()
         self._publish()
         try:
-            _fsync_dir(self.queue.dir_new)
+            self.queue.sync_new()
         except OSError as exc:
-            self.abort()
+            self.unpublish()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
         env = self._envelope()
         self.queue.poke()
@@ -340,7 +356,7 @@ class QueueWriter:
 class Queue:
     """A queue directory. Safe for many writer processes and one reader."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, umask: int | None = None) -> None:
         self.root = Path(root)
         self.dir_tmp = str(self.root / "tmp")
         self.dir_new = str(self.root / "new")
@@ -348,6 +364,10 @@ class Queue:
         self._poke_fd: int | None = None
         self._poke_retry = 0.0  # monotonic time before which no reader was listening
         self._poke_lock = threading.Lock()
+        self._new_fd: int | None = None  # new/ stays open for its fsyncs
+        # The process umask when its owner vouches for it (pyqmail-smtpd sets its own);
+        # None: unknown, so every new file gets an fchmod.
+        self.umask = umask
 
     def path(self, sub: str, queue_id: str = "") -> Path:
         return self.root / sub / queue_id if queue_id else self.root / sub
@@ -372,19 +392,22 @@ class Queue:
         """Start streaming one message into tmp/ (see QueueWriter)."""
         return QueueWriter(self, sender, recipients, meta)
 
-    def commit_batch(self, writers: Sequence[QueueWriter]) -> list[Envelope | QueueError]:
+    def commit_batch(
+        self, writers: Sequence[QueueWriter], *, poke: bool = True
+    ) -> list[Envelope | QueueError]:
         """Group commit: commit every writer, sharing one ``fsync(new/)``.
 
         Per message the order is the one of ``QueueWriter.commit`` (file written and
         fsynced, renamed into new/, new/ fsynced); only the directory fsync is done once
         for all messages renamed before it. Returns, per writer in order, its envelope or
-        the QueueError that made it fail (its tmp file is gone then). Pokes the reader once.
+        the QueueError that made it fail (nothing of it is left in tmp/ or new/ then).
+        Pokes the reader once, unless ``poke`` is false (the caller does it).
         """
         failed: dict[int, QueueError] = {}
         renamed: list[int] = []
         for i, w in enumerate(writers):  # every file complete before the first fsync
             try:
-                w._complete()
+                w.finish()
             except QueueError as exc:
                 failed[i] = exc
         for i in range(len(writers)):
@@ -398,15 +421,15 @@ class Queue:
             renamed.append(i)
         if renamed:
             try:
-                _fsync_dir(self.dir_new)
+                self.sync_new()
             except OSError as exc:
-                for i in renamed:
-                    writers[i].abort()
+                for i in renamed:  # answered 451: the client will send it again
+                    writers[i].unpublish()
                     failed[i] = QueueError(
                         f"cannot commit {writers[i].queue_id}: {exc.strerror or exc}"
                     )
                 renamed = []
-            if renamed:
+            if renamed and poke:
                 self.poke()
         done = set(renamed)
         return [w._envelope() if i in done else failed[i] for i, w in enumerate(writers)]
@@ -451,12 +474,22 @@ class Queue:
                 if exc.errno != errno.EPIPE:
                     raise
 
+    def sync_new(self) -> None:
+        """fsync(new/) through a descriptor kept open (one syscall per batch, not three)."""
+        fd = self._new_fd
+        if fd is None:
+            fd = self._new_fd = os.open(self.dir_new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fsync(fd)
+
     def close(self) -> None:
-        """Close the trigger FIFO if a poke left it open."""
+        """Close the trigger FIFO if a poke left it open, and new/ if a commit opened it."""
         with self._poke_lock:
             fd, self._poke_fd = self._poke_fd, None
             if fd is not None:
                 os.close(fd)
+        fd, self._new_fd = self._new_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
         """Read and verify ``<sub>/<id>``."""

@@ -111,6 +111,7 @@ AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a
 AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
+UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
 COMMIT_BATCH = 64  # at most this many messages share one fsync(new/)
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 READ_SIZE = 64 * 1024  # one socket read at most
@@ -617,7 +618,7 @@ class Committer:
                     break
                 batch.append(job)
             results = self._commit([w for w, _ in batch])
-            self.loop.call_soon_threadsafe(self._deliver, [cb for _, cb in batch], results)
+            self.loop.call_soon_threadsafe(self._deliver, batch, results)
 
     @staticmethod
     def _commit(writers: list[QueueWriter]) -> list[CommitResult]:
@@ -628,7 +629,7 @@ class Committer:
         for indexes in by_queue.values():
             group = [writers[i] for i in indexes]
             try:
-                done = group[0].queue.commit_batch(group)
+                done = group[0].queue.commit_batch(group, poke=False)
             except Exception as exc:  # noqa: BLE001 - a bug must still answer every client
                 done = [QueueError(f"commit failed: {exc!r}")] * len(group)
                 for w in group:
@@ -638,8 +639,17 @@ class Committer:
         return results
 
     @staticmethod
-    def _deliver(callbacks: list[CommitCallback], results: list[CommitResult]) -> None:
-        for callback, result in zip(callbacks, results, strict=True):
+    def _deliver(
+        batch: list[tuple[QueueWriter, CommitCallback]], results: list[CommitResult]
+    ) -> None:
+        """On the loop: wake pyqmail-send (from here, not the commit thread, whose every
+        syscall would have to win the GIL back from the loop), then answer the clients."""
+        poked: set[int] = set()
+        for (writer, _), result in zip(batch, results, strict=True):
+            if not isinstance(result, QueueError) and id(writer.queue) not in poked:
+                poked.add(id(writer.queue))
+                writer.queue.poke()
+        for (_, callback), result in zip(batch, results, strict=True):
             callback(result)
 
 
@@ -1098,13 +1108,18 @@ class Session(asyncio.BufferedProtocol):
         self.data_deadline = None
         self.pause("commit")
         self.committing = end
-        if writer is None or self.queue_error is not None or self.message is None:
-            if writer is not None:
-                writer.abort()
-            self._release()
-            self.committed(QueueError(self.queue_error or "no message"))
-            return
-        self.server.committer_for(self.loop).submit(writer, self.committed)
+        if writer is not None and self.queue_error is None and self.message is not None:
+            try:
+                writer.finish()  # on the loop: the commit thread only fsyncs and renames
+            except QueueError as exc:  # the writer removed its tmp file already
+                self.queue_error = str(exc)
+            else:
+                self.server.committer_for(self.loop).submit(writer, self.committed)
+                return
+        if writer is not None:
+            writer.abort()
+        self._release()
+        self.committed(QueueError(self.queue_error or "no message"))
 
     def committed(self, result: CommitResult) -> None:
         """On the loop, once the commit of the current message is done (or failed)."""
@@ -1158,7 +1173,7 @@ class Server:
         self.cfg = cfg
         self.rules = rules
         self.counter = counter
-        self.queue = Queue(cfg.queue_dir)
+        self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.sessions: set[Session] = set()
         self.throttle = AuthThrottle()
         self.users = UsersCache(cfg)
@@ -1198,7 +1213,9 @@ class Server:
             return
         self.cfg, self.rules = cfg, rules
         if Path(cfg.queue_dir) != self.queue.root:
-            self.queue = Queue(cfg.queue_dir)  # the old one's FIFO fd is closed with the process
+            self.queue = Queue(
+                cfg.queue_dir, umask=UMASK
+            )  # the old one's FIFO fd is closed with the process
         self.users = UsersCache(cfg)
         log("reload", root=self.opts.root)
 
@@ -1379,6 +1396,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
+        os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)
         drop_privileges(opts.user)

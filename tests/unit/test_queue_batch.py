@@ -94,3 +94,33 @@ def test_queue_file_group_readable_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
+
+
+def test_a_vouched_umask_skips_the_fchmod_and_keeps_the_mode(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "queue", umask=0o027)
+    q.create()
+    old = os.umask(0o027)
+    try:
+        env = q.enqueue("a@h.test", ["b@h.test"], b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
+
+
+def test_failed_directory_fsync_takes_the_message_back_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 451 must not leave the message in new/ too (the client's retry would duplicate it)."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    writers = _writers(q, [10, 20])
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(q, "sync_new", broken)
+    results = q.commit_batch(writers)
+    assert all(isinstance(r, QueueError) for r in results)
+    assert "Input/output error" in str(results[0])
+    assert os.listdir(q.path("new")) == []
+    assert os.listdir(q.path("tmp")) == []
