@@ -673,6 +673,7 @@ class Session(asyncio.BufferedProtocol):
         self.ip = "?"
         self.port = 0
         self.paused: set[str] = set()
+        self.reading_paused = False  # the transport was told to stop reading (see pause)
         self.tls_info: TLSInfo | None = None
         self.sslobj: ssl.SSLObject | None = None  # TLS over memory BIOs on the raw socket
         self.tls_in = self.tls_out = None  # type: ssl.MemoryBIO | None
@@ -738,6 +739,8 @@ class Session(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.closing:
             return
+        if self.paused:
+            self._stop_reading()  # this much is buffered; no more until we resume
         try:
             if self.sslobj is not None:
                 self.tls_received(data)
@@ -815,14 +818,25 @@ class Session(asyncio.BufferedProtocol):
         self.abort()
 
     def pause(self, reason: str) -> None:
-        if not self.paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+        """Stop reading from the client while we wait (AUTH check, commit, full send buffer).
+
+        Lazily: the transport is only told (an epoll_ctl, twice per message otherwise) if
+        the client actually sends something meanwhile; the core buffers that much anyway
+        (bounded by ``Policy.max_pending``) and answers it once it is ready."""
         self.paused.add(reason)
+
+    def _stop_reading(self) -> None:
+        transport = self.transport
+        if not self.reading_paused and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self.reading_paused = True
 
     def resume(self, reason: str) -> None:
         self.paused.discard(reason)
-        if not self.paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if not self.paused and self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def touch(self) -> None:
         self.deadline = self.loop.time() + self.cfg.timeoutsmtpd

@@ -350,3 +350,29 @@ def test_user_changes_apply_without_restart(
     d.wait_for(r"warning text=.*smtpusers.*keeping\\x20the\\x20users")
     qmail_root.remove_control("smtpusers")
     assert auth("carol@mx.test", "carol-pw") == 535, "no file, no users"
+
+
+def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """RFC 2920: the message may be followed in the same packet by the next transaction;
+    what arrives while the commit is on disk is held and answered in order after the 250."""
+    d = smtpd()
+    c = d.connect()
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
+    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    second = b"MAIL FROM:<t@remote.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
+    c.send(b"Subject: one\r\n\r\nfirst\r\n.\r\n" + second)
+    codes = [c.reply()[0] for _ in range(4)]
+    assert codes == [250, 250, 250, 354]
+    c.send(b"Subject: two\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+    assert c.reply()[0] == 250
+    assert c.reply()[0] == 221
+    c.close()
+    assert sorted(env.sender for env, _ in qmail_root.queued()) == [
+        "s@remote.test",
+        "t@remote.test",
+    ]
