@@ -40,6 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (make bench-e2e): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import fsprobe
 from bench.certs import CertFiles, make_certs
 from bench.procstat import tree_cpu_seconds
 from bench.servers import PostfixServer, PyqmailServer, ServerError
@@ -215,17 +216,25 @@ def run_once(server: E2EServer, certs: CertFiles, args: argparse.Namespace) -> R
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="pyqmail,postfix")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--messages", type=int, default=600, help="messages per run")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--messages", type=int, default=2000, help="messages per run")
     p.add_argument("--sessions", type=int, default=20, help="parallel SMTP senders")
     p.add_argument("--per-session", type=int, default=1, help="messages per SMTP session")
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
     p.add_argument("--starttls", action="store_true", help="senders use STARTTLS")
     p.add_argument("--quick", action="store_true", help="1 round of 200 messages")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=fsprobe.WAIT_LIMIT,
+        help="seconds to wait at most for cheap file creation (bench/fsprobe.py; 0: no wait)",
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.messages = 1, 200
+        args.rounds, args.messages, args.settle = 1, 200, 0.0
+    if args.settle < 0:
+        p.error("--settle must be 0 (no wait) or more")
     args.names = [n.strip() for n in args.servers.split(",") if n.strip()]
     for name in args.names:
         if name not in CLASSES:
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Result]] = {name: [] for name in args.names}
     try:
         certs = make_certs(base / "certs")
+        fs_ms = fsprobe.settle([base], limit=args.settle)
+        print(f"# file creation where the queues are: {fs_ms:.3f} ms CPU (see bench/fsprobe.py)")
         for rnd in range(args.rounds):
             order = args.names[rnd % len(args.names) :] + args.names[: rnd % len(args.names)]
             for name in order:
