@@ -78,6 +78,7 @@ from pyqmail.tls import TLSConfigError, client_context
 PIDFILE = "lock/sendpid"
 CHANSKIP = {"local": 10, "remote": 20}
 CLEAN_TMP_EVERY = 3600.0
+BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
 MAX_SLEEP = 60.0
 
 
@@ -144,6 +145,7 @@ class Msg:
     bounced: bool = False
     has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
+    body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
 
     @property
     def finished(self) -> bool:
@@ -237,6 +239,7 @@ class Manager:
         self.local_pool = ThreadPoolExecutor(1000, "local")
         self.remote_pool = ThreadPoolExecutor(1000, "remote")
         self._last_clean = 0.0
+        self.body_bytes = 0  # held in Msg.body, at most BODY_CACHE
 
     def _p(self, sub: str, queue_id: str) -> str:
         """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
@@ -317,10 +320,10 @@ class Manager:
 
     def pickup(self) -> int:
         """Move verified messages from new/ to mess/ and schedule them."""
-        moved: list[tuple[str, Envelope]] = []
+        moved: list[tuple[str, Envelope, bytes]] = []
         for queue_id in self.queue.ids("new"):
             try:
-                env, _ = self._read("new", queue_id)
+                env, body = self._read("new", queue_id)
             except QueueError as exc:
                 if self.queue.path("new", queue_id).exists():
                     with contextlib.suppress(OSError):
@@ -332,15 +335,19 @@ class Manager:
             except OSError as exc:
                 self.log(f"warning cannot move {queue_id} to mess/: {exc}")
                 continue
-            moved.append((queue_id, env))
+            moved.append((queue_id, env, body))
             self.log(
                 f"new msg {queue_id} from=<{one_line(env.sender)}> "
                 f"rcpts={len(env.recipients)} size={env.size}"
             )
         if moved:
             fsync_dir(self.queue.path("mess"))
-            for queue_id, env in moved:
-                self._load("mess", queue_id, env, fresh=True)
+            for queue_id, env, body in moved:
+                msg = self._load("mess", queue_id, env, fresh=True)
+                with self.lock:  # the first delivery need not read the file again
+                    if msg is not None and self.body_bytes + len(body) <= BODY_CACHE:
+                        msg.body = body
+                        self.body_bytes += len(body)
         return len(moved)
 
     def _push(self, queue_id: str, r: Rcpt) -> None:
@@ -412,7 +419,18 @@ class Manager:
         finally:
             self.wake()
 
+    def _forget(self, queue_id: str) -> None:
+        """Drop a finished message (lock held)."""
+        msg = self.msgs.pop(queue_id)
+        if msg.body is not None:
+            self.body_bytes -= len(msg.body)
+            msg.body = None
+
     def _read_body(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
+        msg = self.msgs.get(queue_id)
+        body = None if msg is None else msg.body
+        if msg is not None and body is not None:
+            return msg.env, body  # verified when it was picked up; queue files never change
         try:
             return self._read("mess", queue_id)
         except QueueError as exc:
@@ -535,6 +553,9 @@ class Manager:
                 r.next_try = nextretry(msg.env.received, now, r.channel)
                 self._push(queue_id, r)
                 wake = True  # the main loop's sleep may now be too long
+                if msg.body is not None:  # it may wait for days: read it again then
+                    self.body_bytes -= len(msg.body)
+                    msg.body = None
             else:
                 r.status = event
                 r.expired = expired
@@ -543,7 +564,7 @@ class Manager:
                         self.to_finish.add(queue_id)
                         wake = True
                     else:
-                        del self.msgs[queue_id]  # clean and stateless: finished right here
+                        self._forget(queue_id)  # clean and stateless: finished right here
                         clean = True
         if clean:
             self._delete_clean(queue_id, msg)
@@ -601,7 +622,7 @@ class Manager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.queue.path("state", queue_id))
             with self.lock:
-                del self.msgs[queue_id]
+                self._forget(queue_id)
             self.log(f"end msg {queue_id}")
 
     def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
