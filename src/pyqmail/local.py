@@ -27,8 +27,8 @@ import contextlib
 import errno
 import itertools
 import os
+import random
 import re
-import secrets
 import socket
 import threading
 import time
@@ -150,7 +150,10 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
     md = os.fspath(maildir).rstrip("/")
     now = time.time()
     sec, usec = int(now), int(now * 1_000_000) % 1_000_000
-    name = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_HOST}"
+    # Unique on this host by time, pid and counter already; the random part only keeps
+    # hosts sharing a Maildir apart, so ``random`` (reseeded in forked children) does,
+    # without a getrandom() syscall per delivery.
+    name = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}R{random.getrandbits(64):016x}.{_HOST}"
     try:
         fd = _create_tmp(md, name)
     except FileNotFoundError:  # first delivery: create the Maildir (if its parent exists)
