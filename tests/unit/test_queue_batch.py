@@ -84,27 +84,34 @@ def test_poke_keeps_the_fifo_open_and_survives_no_reader(queue: Queue) -> None:
     queue.close()
 
 
-def test_queue_file_group_readable_whatever_the_umask(tmp_path: Path) -> None:
-    """cron runs sendmail as root with umask 077; pyqmail-send reads through the group."""
-    q = Queue(tmp_path / "queue")
+@pytest.mark.parametrize(
+    ("vouched", "process_umask", "fchmods"),
+    [
+        (None, 0o077, 1),  # cron runs sendmail as root with umask 077: fixed by fchmod
+        (None, 0o022, 1),  # unknown umask: always fixed
+        (0o027, 0o027, 0),  # pyqmail-smtpd sets its own umask: open()'s mode survives
+    ],
+)
+def test_queue_file_group_readable_whatever_the_umask(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    vouched: int | None,
+    process_umask: int,
+    fchmods: int,
+) -> None:
+    """pyqmail-send reads queue files through the group, so they are 0640."""
+    q = Queue(tmp_path / "queue", umask=vouched)
     q.create()
-    old = os.umask(0o077)
+    calls: list[int] = []
+    real_fchmod = os.fchmod
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: calls.append(mode) or real_fchmod(fd, mode))
+    old = os.umask(process_umask)
     try:
         env = q.enqueue("root@h.test", ["postmaster@h.test"], b"Subject: x\r\n\r\nbody\r\n")
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
-
-
-def test_a_vouched_umask_skips_the_fchmod_and_keeps_the_mode(tmp_path: Path) -> None:
-    q = Queue(tmp_path / "queue", umask=0o027)
-    q.create()
-    old = os.umask(0o027)
-    try:
-        env = q.enqueue("a@h.test", ["b@h.test"], b"Subject: x\r\n\r\nbody\r\n")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
+    assert len(calls) == fchmods
 
 
 def test_failed_directory_fsync_takes_the_message_back_out(
