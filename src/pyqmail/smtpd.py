@@ -648,7 +648,10 @@ class Committer:
         for (writer, _), result in zip(batch, results, strict=True):
             if not isinstance(result, QueueError) and id(writer.queue) not in poked:
                 poked.add(id(writer.queue))
-                writer.queue.poke()
+                try:
+                    writer.queue.poke()
+                except OSError as exc:  # best effort: pyqmail-send also scans new/
+                    log("poke-fail", error=str(exc))
         for (_, callback), result in zip(batch, results, strict=True):
             callback(result)
 

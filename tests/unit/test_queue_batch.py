@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
+from pyqmail.smtpd import Committer
 
 
 @pytest.fixture
@@ -131,3 +132,23 @@ def test_failed_directory_fsync_takes_the_message_back_out(
     assert "Input/output error" in str(results[0])
     assert os.listdir(q.path("new")) == []
     assert os.listdir(q.path("tmp")) == []
+
+
+def test_a_failing_poke_still_answers_every_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The wake-up of pyqmail-send is best effort: its failure must not eat the 250s."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    writers = _writers(q, [10, 20])
+    results = Committer._commit(writers)
+
+    def broken() -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(q, "poke", broken)
+    answered: list[object] = []
+    Committer._deliver([(w, answered.append) for w in writers], results)
+    assert answered == results
+    assert all(isinstance(r, Envelope) for r in results)
+    assert "poke-fail" in capfd.readouterr().out
