@@ -125,11 +125,7 @@ class DirSync:
             covers = self.tickets
         ok = False
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.path)
             ok = True
         finally:
             with self.cond:

@@ -421,7 +421,10 @@ class Manager:
 
     def _forget(self, queue_id: str) -> None:
         """Drop a finished message (lock held)."""
-        msg = self.msgs.pop(queue_id)
+        self._drop_body(self.msgs.pop(queue_id))
+
+    def _drop_body(self, msg: Msg) -> None:
+        """Give back the bytes kept from pickup (lock held)."""
         if msg.body is not None:
             self.body_bytes -= len(msg.body)
             msg.body = None
@@ -553,9 +556,7 @@ class Manager:
                 r.next_try = nextretry(msg.env.received, now, r.channel)
                 self._push(queue_id, r)
                 wake = True  # the main loop's sleep may now be too long
-                if msg.body is not None:  # it may wait for days: read it again then
-                    self.body_bytes -= len(msg.body)
-                    msg.body = None
+                self._drop_body(msg)  # it may wait for days: read it again then
             else:
                 r.status = event
                 r.expired = expired
