@@ -148,8 +148,9 @@ class Session(asyncio.Protocol):
     The generator must cost far less CPU than the servers it measures: it shares their
     cores. Each reply is parsed in ``data_received`` and answered with the next command
     at once; STARTTLS goes through ``loop.start_tls`` (uvloop's when it is installed).
-    ``done`` resolves to True when the session ended (well or with a recorded error) and
-    the worker should start another, False when the budget ran out before it began.
+    ``done`` resolves (to True) when the session ended, well or with a recorded error, and
+    the worker may start another; ``run_session`` returns False itself when the budget ran
+    out before a session began.
     """
 
     def __init__(self, target: Target, budget: Budget, counters: Counters, payload: bytes) -> None:
@@ -276,8 +277,7 @@ class Session(asyncio.Protocol):
         self.ended = True
         if self.transport is not None:
             self.transport.close()
-        if not self.done.done():
-            self.done.set_result(True)
+        self._resolve()
 
     def fail(self, text: str) -> None:
         if self.ended:
