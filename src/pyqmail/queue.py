@@ -24,10 +24,27 @@ The trailer has a fixed length once the id is known, so a reader finds it withou
 searching the message, and the size it records lets the writer stream the message to
 disk as it arrives (bounded memory) and still make a torn file detectable.
 
-Durability protocol of ``enqueue`` (the 250 after DATA is sent only after it returns):
+Segment files. Messages committed together (``Queue.commit_batch``: pyqmail-smtpd's group
+commit under load) that were held in memory go into one file, so that the batch costs one
+create, one fsync and one rename instead of one each per message. A segment is named by its
+own id (made like a queue id; it never equals one) and holds at least two records, each a
+complete message file as above::
+
+    PYQMAIL-SEGMENT 1
+    <record length as 20 decimal digits>    (then LF and the record; repeated)
+    END-SEGMENT <segment id> <record count as 20 decimal digits>\n
+
+A reader verifies every record and the count (``parse_file``); a segment that fails is
+quarantined whole. The messages of a segment keep their own queue ids (logged by
+pyqmail-smtpd, used in ``state/``); pyqmail-send tracks which of them are finished and
+removes the segment when all are (see ``pyqmail.send``). Messages streamed to disk because
+they were large, and those committed alone, are single files as before.
+
+Durability protocol of ``enqueue`` and ``commit_batch`` (the 250 after DATA is sent only
+after it returns), the same for a single message file and a segment:
 
 1. ``tmp/<id>`` is created with O_EXCL, the whole file is written, then ``fsync(file)``;
-2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)``;
+2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)`` (once for a whole batch);
 3. the trigger FIFO is poked (best effort: a reader also scans ``new/`` on start and on ALRM).
 
 A crash before step 2 leaves only a tmp file, which ``clean_tmp`` removes later; it was
@@ -37,7 +54,8 @@ file that fails them: a torn file can only come from a disk lying about fsync, a
 moved to ``bad/`` for the admin, not delivered.
 
 Any OSError during enqueue (ENOSPC, EIO, EDQUOT, ...) removes the tmp file and raises
-``QueueError``; the SMTP layer answers ``451 4.3.0`` and nothing is left in the queue.
+``QueueError``; the SMTP layer answers ``451 4.3.0`` and nothing is left in the queue. A
+failure writing a segment fails every message in it (each client gets its 451).
 
 Addresses never contain CR, LF or NUL (the SMTP core rejects them); ``enqueue`` checks
 again, so nothing can break the line-oriented header.
@@ -58,6 +76,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAGIC = b"PYQMAIL-QUEUE 1\n"
+SEGMENT_MAGIC = b"PYQMAIL-SEGMENT 1\n"
+_SEGMENT_END = b"END-SEGMENT "
+_LENGTH = 21  # a record's length line: 20 digits and LF
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (OSError, ValueError):  # pragma: no cover - Linux has it
+    IOV_MAX = 1024
 SUBDIRS = ("tmp", "new", "mess", "state", "bad", "lock")
 TRIGGER = "lock/trigger"
 POKE_RETRY = 1.0  # seconds between attempts to open the trigger FIFO when nobody listens
@@ -90,6 +115,18 @@ class Envelope:
     size: int
     received: float
     meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One message as read from a queue file: its own file, or a record of a segment.
+
+    ``span`` is (offset, length) of the record in its segment, None for a file of its own;
+    ``Queue.read_stored`` reads just that record again later."""
+
+    env: Envelope
+    body: bytes
+    span: tuple[int, int] | None = None
 
 
 def new_queue_id() -> str:
@@ -173,6 +210,60 @@ def parse_message(data: bytes, origin: str = "<queue file>") -> tuple[Envelope, 
         raise QueueError(f"{origin}: truncated or corrupt (END marker or size mismatch)")
     env = Envelope(fields["id"], fields["from"], tuple(recipients), size, received, meta)
     return env, data[body_start : body_start + size]
+
+
+def encode_segment_trailer(segment_id: str, count: int) -> bytes:
+    return f"END-SEGMENT {segment_id} {count:020d}\n".encode("utf-8", "surrogateescape")
+
+
+def parse_segment(data: bytes, origin: str = "<segment>") -> list[Stored]:
+    """Every record of a complete segment file; raise QueueError if any part is torn."""
+    if not data.startswith(SEGMENT_MAGIC):
+        raise QueueError(f"{origin}: not a pyqmail segment (bad magic)")
+    pos = len(SEGMENT_MAGIC)
+    out: list[Stored] = []
+    while not data.startswith(_SEGMENT_END, pos):
+        head = data[pos : pos + _LENGTH]
+        if len(head) < _LENGTH or head[-1:] != b"\n" or not head[:-1].isdigit():
+            raise QueueError(f"{origin}: record {len(out) + 1}: bad length line at byte {pos}")
+        start = pos + _LENGTH
+        end = start + int(head[:-1])
+        if end > len(data):
+            raise QueueError(f"{origin}: record {len(out) + 1} truncated")
+        env, body = parse_message(data[start:end], f"{origin} record {len(out) + 1}")
+        out.append(Stored(env, body, (start, end - start)))
+        pos = end
+    fields = data[pos:].split(b" ")
+    if (
+        len(fields) != 3
+        or not fields[2].endswith(b"\n")
+        or not fields[2][:-1].isdigit()
+        or int(fields[2][:-1]) != len(out)
+        or len(out) < 2
+    ):
+        raise QueueError(f"{origin}: segment trailer missing, torn or with a wrong count")
+    return out
+
+
+def parse_file(data: bytes, origin: str = "<queue file>") -> list[Stored]:
+    """The messages of a queue file, whichever of the two formats it has."""
+    if data.startswith(SEGMENT_MAGIC):
+        return parse_segment(data, origin)
+    env, body = parse_message(data, origin)
+    return [Stored(env, body)]
+
+
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write every buffer, in IOV_MAX pieces, resuming after short writes."""
+    bufs: list[bytes | memoryview] = list(parts)
+    i = 0
+    while i < len(bufs):
+        done = os.writev(fd, bufs[i : i + IOV_MAX])
+        while i < len(bufs) and done >= len(bufs[i]):
+            done -= len(bufs[i])
+            i += 1
+        if done:
+            bufs[i] = memoryview(bufs[i])[done:]
 
 
 class QueueWriter:
@@ -267,19 +358,26 @@ class QueueWriter:
     # many messages; each message still goes write -> fsync -> rename -> fsync(new/).
 
     def finish(self) -> None:
-        """Step 1a: write the whole file, trailer included (idempotent).
+        """Step 1a: complete the message with its trailer (idempotent).
 
-        ``Queue.commit_batch`` does it too; pyqmail-smtpd calls it in its loop thread so
-        that the commit thread is left only the fsyncs and renames."""
+        A streaming writer writes it to its file; a held one keeps it in memory, for
+        ``commit`` (or ``commit_batch`` with no other held message) to write out in one go,
+        or for ``commit_batch`` to put into a segment with the others. pyqmail-smtpd calls
+        it in its loop thread, so the commit thread is left only the disk work."""
         if self._completed:
             return
         self._completed = True
         trailer = encode_trailer(self.queue_id, self.size)
         if self._held is not None:
             self._held.append(trailer)
-            self.spill()
         else:
             self._write(trailer)
+
+    def record(self) -> list[bytes]:
+        """The complete message file of a finished held writer, as buffers."""
+        if self._held is None or not self._completed:
+            raise QueueError(f"writer for {self.queue_id} is not a finished held message")
+        return self._held
 
     def _sync(self) -> None:
         """Step 1b: fsync and close."""
@@ -323,6 +421,7 @@ class QueueWriter:
     def commit(self) -> Envelope:
         """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
         self.finish()
+        self.spill()
         self._sync()
         self._publish()
         try:
@@ -397,23 +496,37 @@ class Queue:
     ) -> list[Envelope | QueueError]:
         """Group commit: commit every writer, sharing one ``fsync(new/)``.
 
-        Per message the order is the one of ``QueueWriter.commit`` (file written and
-        fsynced, renamed into new/, new/ fsynced); only the directory fsync is done once
-        for all messages renamed before it. Returns, per writer in order, its envelope or
-        the QueueError that made it fail (nothing of it is left in tmp/ or new/ then).
-        Pokes the reader once, unless ``poke`` is false (the caller does it).
+        Writers still held in memory go into one segment file when there are two or more
+        of them (one create, fsync and rename for all); the others are files of their own.
+        Per file the order is the one of ``QueueWriter.commit`` (written and fsynced,
+        renamed into new/, new/ fsynced); the directory fsync is done once for all files
+        renamed before it. Returns, per writer in order, its envelope or the QueueError
+        that made it fail (nothing of it is left in tmp/ or new/ then). Pokes the reader
+        once, unless ``poke`` is false (the caller does it).
         """
         failed: dict[int, QueueError] = {}
         renamed: list[int] = []
-        for i, w in enumerate(writers):  # every file complete before the first fsync
+        for i, w in enumerate(writers):  # every message complete before the first fsync
             try:
                 w.finish()
             except QueueError as exc:
                 failed[i] = exc
+        held = [i for i, w in enumerate(writers) if i not in failed and w.held]
+        segment: str | None = None
+        if len(held) >= 2:
+            try:
+                segment = self._write_segment([writers[i] for i in held])
+            except QueueError as exc:
+                for i in held:
+                    writers[i].abort()
+                    failed[i] = exc
+            else:
+                renamed.extend(held)
         for i in range(len(writers)):
-            if i in failed:
+            if i in failed or (segment is not None and i in held):
                 continue
             try:
+                writers[i].spill()
                 writers[i]._sync_publish()
             except QueueError as exc:
                 failed[i] = exc
@@ -423,6 +536,9 @@ class Queue:
             try:
                 self.sync_new()
             except OSError as exc:
+                if segment is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{self.dir_new}/{segment}")
                 for i in renamed:  # answered 451: the client will send it again
                     writers[i].unpublish()
                     failed[i] = QueueError(
@@ -433,6 +549,37 @@ class Queue:
                 self.poke()
         done = set(renamed)
         return [w._envelope() if i in done else failed[i] for i, w in enumerate(writers)]
+
+    def _write_segment(self, writers: Sequence[QueueWriter]) -> str:
+        """Write finished held messages as one segment: tmp/, fsync, rename into new/.
+
+        Returns the segment id; on failure nothing is left and QueueError says why."""
+        segment_id = new_queue_id()
+        tmp = f"{self.dir_tmp}/{segment_id}"
+        parts = [SEGMENT_MAGIC]
+        for w in writers:
+            record = w.record()
+            parts.append(b"%020d\n" % sum(map(len, record)))
+            parts.extend(record)
+        parts.append(encode_segment_trailer(segment_id, len(writers)))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise QueueError(f"cannot create {tmp}: {exc.strerror}") from exc
+        try:
+            try:
+                if self.umask is None or self.umask & 0o640:
+                    os.fchmod(fd, 0o640)  # see QueueWriter._create
+                _writev_all(fd, parts)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, f"{self.dir_new}/{segment_id}")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise QueueError(f"cannot commit segment {segment_id}: {exc.strerror or exc}") from exc
+        return segment_id
 
     def enqueue(
         self,
@@ -492,13 +639,45 @@ class Queue:
             os.close(fd)
 
     def read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
-        """Read and verify ``<sub>/<id>``."""
-        path = self.path(sub, queue_id)
+        """Read and verify ``<sub>/<id>``, a file holding one message (not a segment)."""
+        stored = self.read_stored(sub, queue_id, None)
+        return stored.env, stored.body
+
+    def load(self, sub: str, name: str) -> list[Stored]:
+        """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
+        path = f"{self.root}/{sub}/{name}"
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as exc:
             raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
-        return parse_message(data, str(path))
+        return parse_file(data, path)
+
+    def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
+        """Read one message again: the whole file ``<sub>/<name>``, or the record of the
+        segment at ``span`` (verified again: header and trailer)."""
+        if span is None:
+            stored = self.load(sub, name)
+            if len(stored) != 1:
+                raise QueueError(f"{self.path(sub, name)} is a segment of {len(stored)} messages")
+            return stored[0]
+        path = f"{self.root}/{sub}/{name}"
+        offset, length = span
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
+        env, body = parse_message(data, f"{path} at byte {offset}")
+        return Stored(env, body, span)
+
+    def messages(self, sub: str) -> list[tuple[str, Stored]]:
+        """Every message in ``sub`` with the name of its file, oldest file first
+        (raises QueueError on the first file that does not verify)."""
+        return [(name, s) for name in self.ids(sub) for s in self.load(sub, name)]
 
     def ids(self, sub: str) -> list[str]:
         """Queue ids in ``sub``, oldest first (ids begin with the time in hex ns)."""

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 
 from pyqmail.delivery import one_line
 from pyqmail.local import header_block
-from pyqmail.queue import Queue, QueueError
-from pyqmail.send import PIDFILE, read_state
+from pyqmail.queue import Queue, QueueError, Stored
+from pyqmail.send import PIDFILE, ended_messages, read_state
 
 
 def _age(seconds: float) -> str:
@@ -56,12 +56,9 @@ def list_queue(queue: Queue, out: TextIO, now: float | None = None) -> int:
     now = time.time() if now is None else now
     total = 0
     for sub in ("mess", "new"):
-        for queue_id in queue.ids(sub):
-            try:
-                env, _ = queue.read(sub, queue_id)
-            except QueueError as exc:
-                out.write(f"{queue_id} ({sub}) unreadable: {exc}\n")
-                continue
+        for stored in _messages(queue, sub, out):
+            env = stored.env
+            queue_id = env.queue_id
             total += 1
             where = "waiting for pickup" if sub == "new" else "in delivery"
             out.write(
@@ -86,21 +83,56 @@ def list_queue(queue: Queue, out: TextIO, now: float | None = None) -> int:
     return 0
 
 
+def _messages(queue: Queue, sub: str, out: TextIO) -> list[Stored]:
+    """The messages of ``sub`` that have not ended (a segment lists its ended ones in
+    ``state/<segment id>``); unreadable files are reported on ``out``."""
+    found: list[Stored] = []
+    for name in queue.ids(sub):
+        try:
+            stored = queue.load(sub, name)
+        except QueueError as exc:
+            out.write(f"{name} ({sub}) unreadable: {exc}\n")
+            continue
+        ended = set()
+        if sub == "mess" and stored[0].span is not None:
+            ended = ended_messages(queue.path("state", name))
+        found.extend(s for s in stored if s.env.queue_id not in ended)
+    return found
+
+
+def _find(queue: Queue, queue_id: str) -> tuple[str, Stored | QueueError] | None:
+    """Where message ``queue_id`` is: a file of its own, or a record of a segment."""
+    for sub in ("mess", "new", "bad"):
+        if queue.path(sub, queue_id).exists():
+            try:
+                return sub, queue.read_stored(sub, queue_id, None)
+            except QueueError as exc:
+                return sub, exc
+    for sub in ("mess", "new", "bad"):
+        for name in queue.ids(sub):
+            try:
+                stored = queue.load(sub, name)
+            except QueueError:
+                continue
+            for s in stored:
+                if s.span is not None and s.env.queue_id == queue_id:
+                    return f"{sub}, segment {name}", s
+    return None
+
+
 def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
     if "/" in queue_id or queue_id.startswith("."):
         out.write(f"invalid queue id {queue_id!r}\n")
         return 2
-    for sub in ("mess", "new", "bad"):
-        if queue.path(sub, queue_id).exists():
-            break
-    else:
+    found = _find(queue, queue_id)
+    if found is None:
         out.write(f"no message {queue_id} in the queue\n")
         return 1
-    try:
-        env, message = queue.read(sub, queue_id)
-    except QueueError as exc:
-        out.write(f"{queue_id}: {exc}\n")
+    sub, stored = found
+    if isinstance(stored, QueueError):
+        out.write(f"{queue_id}: {stored}\n")
         return 1
+    env, message = stored.env, stored.body
     out.write(f"id {env.queue_id} ({sub})\nreceived {time.ctime(env.received)}\n")
     out.write(f"from <{one_line(env.sender)}>\n")
     for index, address in enumerate(env.recipients):

@@ -1,10 +1,11 @@
 """pyqmail-send: the queue manager (qmail-send), driving local and remote delivery.
 
 Pickup protocol (new/ -> mess/): on start, on ALRM, and whenever the trigger FIFO is poked,
-every file in ``new/`` is verified (``parse_message``: header and END trailer; a torn file
-goes to ``bad/``), renamed into ``mess/``, and ``mess/`` is fsynced once per batch before any
-delivery of those messages starts. A crash before the fsync leaves the file in ``new/`` (or
-already in ``mess/``): either way it is picked up again; nothing was delivered yet.
+every file in ``new/`` is verified (``parse_file``: header and END trailer of each message,
+and a segment's record count; a torn file goes to ``bad/``), renamed into ``mess/``, and
+``mess/`` is fsynced once per batch before any delivery of those messages starts. A crash
+before the fsync leaves the file in ``new/`` (or already in ``mess/``): either way it is
+picked up again; nothing was delivered yet.
 
 Delivery state (``state/<id>``, owned by pyqmail-send): one JSON object per line, appended::
 
@@ -25,6 +26,15 @@ error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ign
 When every recipient is done or failed: the DSN is queued if anything failed (see
 ``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
 and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
+
+Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue``): a
+finished message of a segment cannot be unlinked on its own, so its end is recorded instead
+as a line ``{"ev": "end", "id": "<queue id>"}`` appended to ``state/<segment id>``, and on
+start the messages listed there are skipped. That line is written without fsync, exactly
+like the unlink that ends a message of its own: after kill -9 it is in the page cache; a
+power loss can lose it, and then the message is delivered again (a duplicate, never a loss).
+When every message of a segment has ended, ``mess/<segment id>`` is unlinked, ``mess/``
+fsynced, and then the state files of its messages and ``state/<segment id>`` are unlinked.
 The last recipient of a message that failed nowhere gets no ``done`` line: removing
 ``mess/<id>`` records it (a crash in between delivers it again: a duplicate, as for any
 delivered-but-unrecorded recipient). A message that never needed a state file (every
@@ -71,7 +81,7 @@ from typing import Any
 from pyqmail.bounce import Failure, bounce_target, make_dsn
 from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
 from pyqmail.local import LocalDelivery
-from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir, parse_message
+from pyqmail.queue import Envelope, Queue, QueueError, Stored, fsync_dir
 from pyqmail.remote import RemoteDelivery, RemoteSession, Resolver
 from pyqmail.tls import TLSConfigError, client_context
 
@@ -109,6 +119,22 @@ def read_state(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def ended_messages(path: Path) -> set[str]:
+    """The queue ids recorded as ended in a segment's ``state/<segment id>``."""
+    records = read_state(path)
+    return {r["id"] for r in records if r.get("ev") == "end" and isinstance(r.get("id"), str)}
+
+
+def append_end(path: str, queue_id: str) -> None:
+    """Record that a message of a segment has ended (no fsync: see the module docstring)."""
+    line = json.dumps({"ev": "end", "id": queue_id}, separators=(",", ":")).encode() + b"\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
 def append_state(path: Path, record: dict[str, Any], durable: bool = True) -> None:
     line = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
     created = not path.exists()
@@ -142,6 +168,8 @@ class Rcpt:
 class Msg:
     env: Envelope
     rcpts: list[Rcpt]
+    file: str = ""  # its file in mess/: the queue id, or the id of its segment
+    span: tuple[int, int] | None = None  # where in the segment (None: a file of its own)
     bounced: bool = False
     has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -193,6 +221,14 @@ def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now
     return msg
 
 
+@dataclass
+class Segment:
+    """The messages of one segment file in mess/ that have not ended yet."""
+
+    live: set[str]
+    stateful: set[str] = field(default_factory=set)  # ended messages that left state/<id>
+
+
 # -- the manager ------------------------------------------------------------------------
 
 
@@ -232,6 +268,8 @@ class Manager:
         self.busy_local = 0
         self.busy_remote = 0
         self.to_finish: set[str] = set()
+        self.segments: dict[str, Segment] = {}
+        self.segments_done: set[str] = set()  # every message ended: remove the file
         self.stopping = False
         self.flags: set[str] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -244,15 +282,6 @@ class Manager:
     def _p(self, sub: str, queue_id: str) -> str:
         """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
         return f"{self._qroot}/{sub}/{queue_id}"
-
-    def _read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
-        path = self._p(sub, queue_id)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
-        return parse_message(data, path)
 
     def _deliverers(self) -> None:
         self.local = LocalDelivery(self.control, self.queue)
@@ -271,15 +300,48 @@ class Manager:
     # -- loading --------------------------------------------------------------------
     def startup(self) -> None:
         self._clean_tmp()
-        mess = set(self.queue.ids("mess"))
+        keep: set[str] = set()  # state files that belong to something in mess/
+        loaded: list[tuple[str, list[Stored], set[str]]] = []
+        for name in self.queue.ids("mess"):
+            try:
+                stored = self.queue.load("mess", name)
+            except QueueError as exc:
+                self._quarantine("mess", name, exc)
+                continue
+            ended = set()
+            if stored[0].span is not None:
+                ended = ended_messages(Path(self._p("state", name)))
+            keep.add(name)
+            keep.update(s.env.queue_id for s in stored)
+            loaded.append((name, stored, ended))
         for name in self.queue.ids("state"):
-            if name not in mess:
+            if name not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(self.queue.path("state", name))
                 self.log(f"status removed orphan state {name}")
-        for queue_id in sorted(mess):
-            self._load("mess", queue_id)
+        for name, stored, ended in loaded:
+            live = [s for s in stored if s.env.queue_id not in ended]
+            if stored[0].span is not None:
+                segment = Segment({s.env.queue_id for s in live})
+                # an ended message may have left a state file: remove it with the segment
+                segment.stateful = {s.env.queue_id for s in stored} - segment.live
+                self.segments[name] = segment
+                if not live:
+                    self.segments_done.add(name)
+            for s in live:
+                records = read_state(Path(self._p("state", s.env.queue_id)))
+                self._add(name, s, records)
         self.pickup()
+
+    def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
+        if not self.queue.path(sub, name).exists():
+            return  # gone meanwhile (or unreadable for another reason: logged by the caller)
+        with contextlib.suppress(OSError):
+            self.queue.quarantine(sub, name)
+        if sub == "mess":
+            with contextlib.suppress(OSError):
+                os.unlink(self.queue.path("state", name))
+        self.log(f"warning quarantined {name} to bad/: {one_line(str(exc))}")
 
     def _clean_tmp(self) -> None:
         """Remove what crashed writers left in tmp/ (qmail-send does this too)."""
@@ -292,23 +354,12 @@ class Manager:
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
-    def _load(
-        self, sub: str, queue_id: str, env: Envelope | None = None, fresh: bool = False
-    ) -> Msg | None:
-        try:
-            if env is None:
-                env, _ = self._read(sub, queue_id)
-        except QueueError as exc:
-            with contextlib.suppress(OSError):
-                self.queue.quarantine(sub, queue_id)
-            with contextlib.suppress(OSError):
-                os.unlink(self.queue.path("state", queue_id))
-            self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
-            return None
-        now = time.time()
-        # a message just picked up from new/ cannot have a state file yet
-        records = [] if fresh else read_state(Path(self._p("state", queue_id)))
-        msg = load_msg(env, records, self.control, now)
+    def _add(self, name: str, stored: Stored, records: list[dict[str, Any]]) -> Msg:
+        """Schedule one message of ``mess/<name>`` with the progress its records show."""
+        env = stored.env
+        queue_id = env.queue_id
+        msg = load_msg(env, records, self.control, time.time())
+        msg.file, msg.span = name, stored.span
         with self.lock:
             self.msgs[queue_id] = msg
             for r in msg.rcpts:
@@ -319,36 +370,43 @@ class Manager:
         return msg
 
     def pickup(self) -> int:
-        """Move verified messages from new/ to mess/ and schedule them."""
-        moved: list[tuple[str, Envelope, bytes]] = []
-        for queue_id in self.queue.ids("new"):
+        """Move verified files from new/ to mess/ and schedule their messages."""
+        moved: list[tuple[str, list[Stored]]] = []
+        count = 0
+        for name in self.queue.ids("new"):
             try:
-                env, body = self._read("new", queue_id)
+                stored = self.queue.load("new", name)
             except QueueError as exc:
-                if self.queue.path("new", queue_id).exists():
-                    with contextlib.suppress(OSError):
-                        self.queue.quarantine("new", queue_id)
-                    self.log(f"warning quarantined {queue_id} to bad/: {one_line(str(exc))}")
+                self._quarantine("new", name, exc)
                 continue
             try:
-                os.rename(self._p("new", queue_id), self._p("mess", queue_id))
+                os.rename(self._p("new", name), self._p("mess", name))
             except OSError as exc:
-                self.log(f"warning cannot move {queue_id} to mess/: {exc}")
+                self.log(f"warning cannot move {name} to mess/: {exc}")
                 continue
-            moved.append((queue_id, env, body))
-            self.log(
-                f"new msg {queue_id} from=<{one_line(env.sender)}> "
-                f"rcpts={len(env.recipients)} size={env.size}"
-            )
+            moved.append((name, stored))
+            for s in stored:
+                env = s.env
+                count += 1
+                self.log(
+                    f"new msg {env.queue_id} from=<{one_line(env.sender)}> "
+                    f"rcpts={len(env.recipients)} size={env.size}"
+                    + (f" segment={name}" if s.span is not None else "")
+                )
         if moved:
             fsync_dir(self.queue.path("mess"))
-            for queue_id, env, body in moved:
-                msg = self._load("mess", queue_id, env, fresh=True)
-                with self.lock:  # the first delivery need not read the file again
-                    if msg is not None and self.body_bytes + len(body) <= BODY_CACHE:
-                        msg.body = body
-                        self.body_bytes += len(body)
-        return len(moved)
+            for name, stored in moved:
+                if stored[0].span is not None:
+                    with self.lock:
+                        self.segments[name] = Segment({s.env.queue_id for s in stored})
+                for s in stored:
+                    # a message just picked up from new/ cannot have a state file yet
+                    msg = self._add(name, s, [])
+                    with self.lock:  # the first delivery need not read the file again
+                        if self.body_bytes + len(s.body) <= BODY_CACHE:
+                            msg.body = s.body
+                            self.body_bytes += len(s.body)
+        return count
 
     def _push(self, queue_id: str, r: Rcpt) -> None:
         self._seq += 1
@@ -434,10 +492,13 @@ class Manager:
         body = None if msg is None else msg.body
         if msg is not None and body is not None:
             return msg.env, body  # verified when it was picked up; queue files never change
+        if msg is None:
+            return Result.temp(f"message {queue_id} is not in the queue (#4.3.0)", "4.3.0")
         try:
-            return self._read("mess", queue_id)
+            stored = self.queue.read_stored("mess", msg.file, msg.span)
         except QueueError as exc:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
+        return stored.env, stored.body
 
     def _local_worker(self) -> None:
         """Take local jobs until none is ready (one of concurrencylocal workers)."""
@@ -577,10 +638,14 @@ class Manager:
 
         No fsync: if a crash undoes the unlink, the message is delivered again (nothing
         was recorded done), which is the same window qmail has. Runs in the worker, so
-        the main loop never waits on the file system for it.
+        the main loop never waits on the file system for it. A message of a segment is
+        ended by a line in the segment's state file instead (``_end_in_segment``).
         """
         try:
-            os.unlink(self._p("mess", queue_id))
+            if msg.span is not None:
+                self._end_in_segment(queue_id, msg)
+            else:
+                os.unlink(self._p("mess", queue_id))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -593,11 +658,27 @@ class Manager:
             return
         self.log(f"end msg {queue_id}")
 
+    def _end_in_segment(self, queue_id: str, msg: Msg) -> None:
+        """Record the end of a message that lives in a segment (any thread); once every
+        message of the segment has ended, ``finish`` removes the file."""
+        append_end(self._p("state", msg.file), queue_id)
+        with self.lock:
+            segment = self.segments[msg.file]
+            segment.live.discard(queue_id)
+            if msg.has_state:
+                segment.stateful.add(queue_id)
+            if segment.live:
+                return
+            self.segments_done.add(msg.file)
+        self.wake()
+
     def finish(self) -> None:
-        """Bounce and delete messages whose recipients are all done or failed."""
+        """Bounce and delete messages whose recipients are all done or failed; remove
+        segments whose messages have all ended."""
         with self.lock:
             ids, self.to_finish = sorted(self.to_finish), set()
         unlinked: list[str] = []
+        ended: list[str] = []  # messages of segments: their state files stay for now
         for queue_id in ids:
             msg = self.msgs[queue_id]
             failures = [
@@ -610,6 +691,10 @@ class Manager:
                     self.to_finish.add(queue_id)
                 continue
             try:
+                if msg.span is not None:
+                    self._end_in_segment(queue_id, msg)
+                    ended.append(queue_id)
+                    continue
                 os.unlink(self._p("mess", queue_id))
             except FileNotFoundError:
                 pass
@@ -617,7 +702,23 @@ class Manager:
                 self.log(f"warning cannot remove mess/{queue_id}: {exc}")
                 continue
             unlinked.append(queue_id)
-        if unlinked:
+        for queue_id in ended:
+            with self.lock:
+                self._forget(queue_id)
+            self.log(f"end msg {queue_id}")
+        with self.lock:
+            segments, self.segments_done = sorted(self.segments_done), set()
+        removed: list[str] = []
+        for name in segments:
+            try:
+                os.unlink(self._p("mess", name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.log(f"warning cannot remove mess/{name}: {exc}")
+                continue
+            removed.append(name)
+        if unlinked or removed:
             fsync_dir(self.queue.path("mess"))
         for queue_id in unlinked:
             with contextlib.suppress(FileNotFoundError):
@@ -625,6 +726,15 @@ class Manager:
             with self.lock:
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
+        for name in removed:
+            with self.lock:
+                segment = self.segments.pop(name)
+            for queue_id in sorted(segment.stateful):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.queue.path("state", queue_id))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.queue.path("state", name))
+            self.log(f"end segment {name}")
 
     def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
         target = bounce_target(msg.env, self.control)
