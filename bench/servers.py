@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.certs import CertFiles
 from bench.procstat import alive, start_time, tree
+from pyqmail.queue import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CONNECTIONS = 1100
@@ -221,7 +222,7 @@ class PyqmailServer(Server):
         ]
 
     def stored(self) -> int:
-        return len(os.listdir(self.root / "queue" / "new"))
+        return Queue(self.root / "queue").count("new")  # segments hold several messages
 
 
 class PostfixServer(Server):

@@ -105,7 +105,7 @@ class QmailRoot:
 
     def queued(self) -> list[tuple[Envelope, bytes]]:
         q = self.queue
-        return [q.read("new", qid) for qid in q.ids("new")]
+        return [(s.env, s.body) for _, s in q.messages("new")]
 
     def tmp_files(self) -> list[str]:
         return os.listdir(self.path / "queue" / "tmp")

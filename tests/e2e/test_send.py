@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from pyqmail.queue import Queue
+from pyqmail.queue import Queue, QueueWriter
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 
@@ -696,27 +696,45 @@ def test_term_finishes_deliveries_in_flight(host: Host, recorder: Recorder) -> N
 
 
 def _done_in_state(host: Host) -> set[tuple[str, str]]:
+    """(queue id, recipient) recorded done: by a ``done`` line in the message's state file,
+    or, for every recipient, by the ``end`` line of a message in a segment."""
+    envs = {s.env.queue_id: s.env for _, s in host.queue.messages("mess")}
     done = set()
-    for queue_id in host.queue.ids("state"):
-        env, _ = host.queue.read("mess", queue_id)
-        for line in host.queue.path("state", queue_id).read_bytes().split(b"\n")[:-1]:
+    for name in host.queue.ids("state"):
+        for line in host.queue.path("state", name).read_bytes().split(b"\n")[:-1]:
             record = json.loads(line)
             if record.get("ev") == "done":
+                env = envs[name]
                 done.add((env.queue_id, env.recipients[record["rcpt"]]))
+            elif record.get("ev") == "end":
+                env = envs[record["id"]]
+                done |= {(env.queue_id, r) for r in env.recipients}
     return done
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["files", "segments"])
 def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
-    host: Host, recorder: Recorder
+    host: Host, recorder: Recorder, segments: bool
 ) -> None:
     recorder.delay = 0.15
     host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
     host.control("concurrencyremote", "2\n")
     expected = set()
+    writers = []
     for n in range(10):
         rcpts = [f"r{n}-{d}@d{d}.test" for d in range(5)]  # 5 domains: 5 transactions each
+        if segments:  # two segments of five messages, as pyqmail-smtpd's group commit makes
+            w = QueueWriter(host.queue, "me@example.test", rcpts, defer=True)
+            w.write(message(f"batch {n}"))
+            writers.append(w)
+            expected |= {(w.queue_id, r) for r in rcpts}
+            continue
         env = host.queue.enqueue("me@example.test", rcpts, message(f"batch {n}"))
         expected |= {(env.queue_id, r) for r in rcpts}
+    if segments:
+        host.queue.commit_batch(writers[:5])
+        host.queue.commit_batch(writers[5:])
+        assert len(host.queue.ids("new")) == 2
     proc = host.start()
     wait_for(lambda: len(recorder.accepted) >= 12, what="some deliveries")
     proc.kill()
@@ -821,3 +839,69 @@ def test_one_instance_per_queue_and_clear_start_errors(host: Host) -> None:
     if IS_ROOT:
         as_root = subprocess.run(cmd[:3], capture_output=True, text=True, timeout=20, check=False)
         assert as_root.returncode != 0 and "refusing to run as root" in as_root.stderr
+
+
+# -- segments (several messages in one queue file) --------------------------------------
+
+
+def _segment(host: Host, rcpts: list[str]) -> tuple[str, list[str]]:
+    writers = []
+    for n, rcpt in enumerate(rcpts):
+        w = QueueWriter(host.queue, "sender@example.test", [rcpt], defer=True)
+        w.write(message(f"seg {n}"))
+        writers.append(w)
+    host.queue.commit_batch(writers)
+    (name,) = host.queue.ids("new")
+    return name, [w.queue_id for w in writers]
+
+
+def test_segment_is_delivered_and_removed_with_its_state(host: Host, recorder: Recorder) -> None:
+    """Every message of a segment is delivered once, a deferred one stays listed while the
+    others have ended, and the file and all state go when the last one ends."""
+    alice = host.mailbox("alice")
+    recorder.temp_first = 1
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    name, ids = _segment(host, ["alice@example.test", "far@remote.test", "alice@example.test"])
+    host.start()
+    wait_for(lambda: "result=deferred" in host.log() and len(host.maildir(alice)) == 2)
+    wait_for(lambda: host.queue.path("state", name).exists(), what="end lines")
+    assert host.queue.ids("mess") == [name]
+    tool = [BIN / "pyqmail-queue", "--root", str(host.root)]
+    listing = subprocess.run([*tool, "list"], capture_output=True, text=True, check=True).stdout
+    assert ids[1] in listing and ids[0] not in listing and ids[2] not in listing
+    assert "1 message(s) in the queue" in listing
+    shown = subprocess.run([*tool, "show", ids[1]], capture_output=True, text=True, check=True)
+    assert f"(mess, segment {name})" in shown.stdout and "Subject: seg 1" in shown.stdout
+    assert "deferred" in shown.stdout
+    subprocess.run([*tool, "flush"], capture_output=True, check=True)
+    wait_for(host.queue_empty, what="segment removed")
+    assert sorted(parse(m)["subject"] for m in host.maildir(alice)) == ["seg 0", "seg 2"]
+    assert [r for r, _, _ in recorder.accepted] == ["far@remote.test"]
+    assert f"end segment {name}" in host.log()
+
+
+def test_restart_skips_messages_of_a_segment_that_ended(host: Host) -> None:
+    """After a crash, messages recorded ended in state/<segment> are not delivered again;
+    the others are; orphan state of nothing in the queue is removed."""
+    alice = host.mailbox("alice")
+    name, ids = _segment(host, ["alice@example.test"] * 3)
+    os.rename(host.queue.path("new", name), host.queue.path("mess", name))
+    host.queue.path("state", name).write_text(json.dumps({"ev": "end", "id": ids[1]}) + "\n")
+    host.queue.path("state", ids[1]).write_text("")  # an ended message may leave its state
+    host.queue.path("state", "1234.5.6").write_text("")  # belongs to nothing
+    host.start()
+    wait_for(host.queue_empty, what="queue to drain")
+    assert sorted(parse(m)["subject"] for m in host.maildir(alice)) == ["seg 0", "seg 2"]
+    assert "removed orphan state 1234.5.6" in host.log()
+    assert f"removed orphan state {ids[1]}" not in host.log()
+
+
+def test_torn_segment_is_quarantined_whole(host: Host) -> None:
+    alice = host.mailbox("alice")
+    name, _ = _segment(host, ["alice@example.test"] * 2)
+    path = host.queue.path("new", name)
+    path.write_bytes(path.read_bytes()[:-5])
+    host.start()
+    wait_for(lambda: "quarantined" in host.log())
+    assert host.queue.ids("bad") == [name]
+    assert host.maildir(alice) == []

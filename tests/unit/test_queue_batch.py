@@ -30,17 +30,40 @@ def _writers(queue: Queue, sizes: list[int]) -> list[QueueWriter]:
 
 
 def test_batch_commits_every_message_durably_named(queue: Queue) -> None:
-    sizes = [0, 10, 4096, 70_000, 3]
+    """Streaming writers keep their own files; the held ones share one segment."""
+    sizes = [0, 10, 4096, 70_000, 3, 7]
     writers = _writers(queue, sizes)
-    assert [w.held for w in writers] == [False, True, False, True, False]
+    assert [w.held for w in writers] == [False, True, False, True, False, True]
     results = queue.commit_batch(writers)
     assert all(isinstance(r, Envelope) for r in results)
+    assert [r.queue_id for r in results if isinstance(r, Envelope)] == [w.queue_id for w in writers]
     assert os.listdir(queue.path("tmp")) == []
-    assert sorted(queue.ids("new")) == sorted(w.queue_id for w in writers)
+    names = queue.ids("new")
+    streamed = {w.queue_id for w in writers if not w.held}
+    assert streamed < set(names) and len(names) == len(streamed) + 1
+    (segment,) = set(names) - streamed
+    stored = queue.load("new", segment)
+    assert [s.env.queue_id for s in stored] == [w.queue_id for w in writers if w.held]
+    assert all(s.span is not None for s in stored)
+    found = {s.env.queue_id: s for _, s in queue.messages("new")}
     for n, (w, size) in enumerate(zip(writers, sizes, strict=True)):
-        env, body = queue.read("new", w.queue_id)
-        assert env.sender == f"s{n}@a.test"
-        assert body == b"x" * size + b"\r\n"
+        s = found[w.queue_id]
+        assert s.env.sender == f"s{n}@a.test"
+        assert s.body == b"x" * size + b"\r\n"
+        assert s.env.size == size + 2
+        assert queue.read_stored("new", segment if w.held else w.queue_id, s.span) == s
+    with pytest.raises(QueueError, match="is a segment of 3 messages"):
+        queue.read("new", segment)
+
+
+def test_a_lone_held_message_gets_a_file_of_its_own(queue: Queue) -> None:
+    """No segment of one: under no load the file is the plain format, named by its id."""
+    w = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
+    w.write(b"x" * 6 + b"\r\n")
+    (result,) = queue.commit_batch([w])
+    assert isinstance(result, Envelope)
+    assert queue.ids("new") == [w.queue_id]
+    assert queue.read("new", w.queue_id)[1] == b"x" * 6 + b"\r\n"
 
 
 def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
@@ -115,13 +138,14 @@ def test_queue_file_group_readable_whatever_the_umask(
     assert len(calls) == fchmods
 
 
+@pytest.mark.parametrize("sizes", [[10, 20], [10, 20, 30, 40]], ids=["files", "segment"])
 def test_failed_directory_fsync_takes_the_message_back_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]
 ) -> None:
     """A 451 must not leave the message in new/ too (the client's retry would duplicate it)."""
     q = Queue(tmp_path / "queue")
     q.create()
-    writers = _writers(q, [10, 20])
+    writers = _writers(q, sizes)
 
     def broken() -> None:
         raise OSError(5, "Input/output error")

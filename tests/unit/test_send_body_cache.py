@@ -49,11 +49,11 @@ def test_first_delivery_uses_the_pickup_bytes_and_reads_nothing(
     assert m.body_bytes == len(msg.body)
     reads: list[str] = []
 
-    def no_read(sub: str, queue_id: str) -> None:
-        reads.append(queue_id)
+    def no_read(sub: str, name: str, span: object) -> None:
+        reads.append(name)
         raise AssertionError("the queue file was read again")
 
-    monkeypatch.setattr(m, "_read", no_read)
+    monkeypatch.setattr(m.queue, "read_stored", no_read)
     _drain(m)
     assert reads == []
     assert m.body_bytes == 0

@@ -1,0 +1,167 @@
+"""Segment files: several messages committed together in one file (pyqmail.queue)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pyqmail import queue as queuemod
+from pyqmail.queue import (
+    Envelope,
+    Queue,
+    QueueError,
+    QueueWriter,
+    encode_segment_trailer,
+    parse_file,
+    parse_segment,
+)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    q = Queue(tmp_path / "queue")
+    q.create()
+    return q
+
+
+def _held(queue: Queue, bodies: list[bytes]) -> list[QueueWriter]:
+    out = []
+    for n, body in enumerate(bodies):
+        w = QueueWriter(queue, f"s{n}@a.test", [f"r{n}@b.test", "x@c.test"], defer=True)
+        w.write(body)
+        out.append(w)
+    return out
+
+
+def _segment(queue: Queue, bodies: list[bytes]) -> tuple[str, bytes, list[QueueWriter]]:
+    writers = _held(queue, bodies)
+    results = queue.commit_batch(writers)
+    assert all(isinstance(r, Envelope) for r in results)
+    (name,) = queue.ids("new")
+    return name, (queue.root / "new" / name).read_bytes(), writers
+
+
+def test_segment_round_trip(queue: Queue) -> None:
+    bodies = [b"", b"one\r\n", b"END 1 2\r\n" * 50, bytes(range(256)) + b"\r\n"]
+    name, data, writers = _segment(queue, bodies)
+    assert data.startswith(b"PYQMAIL-SEGMENT 1\n")
+    assert data.endswith(encode_segment_trailer(name, 4))
+    stored = parse_file(data, "seg")
+    assert [s.body for s in stored] == bodies
+    assert [s.env.queue_id for s in stored] == [w.queue_id for w in writers]
+    assert [s.env.recipients for s in stored] == [(f"r{n}@b.test", "x@c.test") for n in range(4)]
+    for s in stored:  # each span is exactly one complete message file
+        assert s.span is not None
+        offset, length = s.span
+        assert parse_file(data[offset : offset + length])[0].body == s.body
+
+
+def test_every_truncation_of_a_segment_is_detected(queue: Queue) -> None:
+    _, data, _ = _segment(queue, [b"a\r\n", b"bb\r\n", b"ccc\r\n"])
+    for cut in range(len(data)):
+        with pytest.raises(QueueError):
+            parse_file(data[:cut], "torn")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d[:-2] + b"4\n", "wrong count"),  # the count says 4 records, there are 3
+        (lambda d: d + b"x", "wrong count"),  # bytes after the trailer
+        (lambda d: d.replace(b"\nEND ", b"\nEXD ", 1), "END marker"),  # a record's trailer
+        (lambda d: d.replace(b"\n0000", b"\n0001", 1), "record 1"),  # a length line
+        (lambda d: d.replace(b"SEGMENT 1", b"SEGMENT 2", 1), "bad magic"),
+    ],
+)
+def test_corrupt_segments_are_refused(queue: Queue, change: object, message: str) -> None:
+    _, data, _ = _segment(queue, [b"a\r\n", b"bb\r\n", b"ccc\r\n"])
+    assert callable(change)
+    with pytest.raises(QueueError, match=message):
+        parse_file(change(data), "bad")
+
+
+def test_a_segment_of_one_record_is_refused(queue: Queue) -> None:
+    """commit_batch never writes one; a file that claims to be one is not trusted."""
+    _, data, _ = _segment(queue, [b"a\r\n", b"bb\r\n"])
+    stored = parse_segment(data)
+    first = stored[0].span
+    assert first is not None
+    one = data[: first[0] + first[1]] + encode_segment_trailer("x", 1)
+    with pytest.raises(QueueError, match="wrong count"):
+        parse_segment(one)
+
+
+def test_short_writes_and_iov_max_pieces_still_write_everything(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_writev = os.writev
+    calls = []
+
+    def dribble(fd: int, bufs: list[bytes]) -> int:
+        calls.append(len(bufs))
+        assert len(bufs) <= 3
+        return real_writev(fd, [bytes(memoryview(bufs[0])[:7])])
+
+    monkeypatch.setattr(queuemod, "IOV_MAX", 3)
+    monkeypatch.setattr(os, "writev", dribble)
+    bodies = [b"x" * 100 + b"\r\n", b"y\r\n", b"z" * 30 + b"\r\n"]
+    _, data, _ = _segment(queue, bodies)
+    assert [s.body for s in parse_file(data)] == bodies
+    assert len(calls) > len(data) // 7
+
+
+def test_a_failed_segment_fails_its_messages_and_leaves_nothing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while writing the segment: 451 for each of its messages; a streamed
+    message of the same batch (a file of its own) is still committed."""
+    streamed = queue.writer("a@b.test", ["c@d.test"])
+    streamed.write(b"big\r\n")
+    held = _held(queue, [b"1\r\n", b"2\r\n", b"3\r\n"])
+
+    def full(fd: int, bufs: list[bytes]) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    results = queue.commit_batch([held[0], streamed, held[1], held[2]])
+    assert isinstance(results[1], Envelope)
+    for r in (results[0], results[2], results[3]):
+        assert isinstance(r, QueueError) and "No space left on device" in str(r)
+    assert queue.ids("new") == [streamed.queue_id]
+    assert os.listdir(queue.path("tmp")) == []
+
+
+@pytest.mark.parametrize(("vouched", "process_umask"), [(None, 0o077), (0o027, 0o027)])
+def test_segment_is_group_readable_whatever_the_umask(
+    tmp_path: Path, vouched: int | None, process_umask: int
+) -> None:
+    q = Queue(tmp_path / "queue", umask=vouched)
+    q.create()
+    old = os.umask(process_umask)
+    try:
+        name, _, _ = _segment(q, [b"a\r\n", b"b\r\n"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(q.path("new", name)).st_mode) == 0o640
+
+
+def test_messages_lists_files_and_segments_in_order(queue: Queue) -> None:
+    first = queue.enqueue("a@b.test", ["c@d.test"], b"alone\r\n")
+    queue.commit_batch(_held(queue, [b"1\r\n", b"2\r\n"]))
+    got = queue.messages("new")
+    assert [s.body for _, s in got] == [b"alone\r\n", b"1\r\n", b"2\r\n"]
+    assert got[0][0] == first.queue_id and got[1][0] == got[2][0] != first.queue_id
+
+
+def test_count_reads_segment_trailers(queue: Queue) -> None:
+    queue.enqueue("a@b.test", ["c@d.test"], b"alone\r\n")
+    queue.commit_batch(_held(queue, [b"1\r\n", b"2\r\n", b"3\r\n"]))
+    assert queue.count("new") == 4 == len(queue.messages("new"))
+    name = next(n for n in queue.ids("new") if len(queue.load("new", n)) == 3)
+    path = queue.path("new", name)
+    path.write_bytes(path.read_bytes()[:-1])  # torn: counted as one, never as garbage
+    assert queue.count("new") == 2
