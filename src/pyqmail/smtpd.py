@@ -112,7 +112,7 @@ AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long wi
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
-COMMIT_BATCH = 64  # at most this many messages share one fsync(new/)
+COMMIT_BATCH = 64  # a batch takes no more hand-overs from the loop once this big
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 READ_SIZE = 64 * 1024  # one socket read at most
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
@@ -587,16 +587,28 @@ class Committer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.jobs: queuemod.SimpleQueue[tuple[QueueWriter, CommitCallback] | None] = (
+        self.jobs: queuemod.SimpleQueue[list[tuple[QueueWriter, CommitCallback]] | None] = (
             queuemod.SimpleQueue()
         )
+        self.pending: list[tuple[QueueWriter, CommitCallback]] = []
         self.thread = threading.Thread(target=self._run, name="commit", daemon=True)
         self.thread.start()
 
     def submit(self, writer: QueueWriter, callback: CommitCallback) -> None:
-        self.jobs.put((writer, callback))
+        """Queue a finished message; every message the loop finishes in the same pass over
+        its ready sockets goes to the commit thread together (``_hand_over``), so they share
+        a batch instead of waking the thread, and racing it for the GIL, one by one."""
+        if not self.pending:
+            self.loop.call_soon(self._hand_over)
+        self.pending.append((writer, callback))
+
+    def _hand_over(self) -> None:
+        jobs, self.pending = self.pending, []
+        self.jobs.put(jobs)
 
     def stop(self, timeout: float) -> None:
+        if self.pending:  # on the loop, before its hand-over ran: commit them first
+            self._hand_over()
         self.jobs.put(None)
         self.thread.join(timeout)
 
@@ -607,7 +619,7 @@ class Committer:
             job = jobs.get()
             if job is None:
                 return
-            batch = [job]
+            batch = job
             while len(batch) < COMMIT_BATCH:
                 try:
                     job = jobs.get_nowait()
@@ -616,7 +628,7 @@ class Committer:
                 if job is None:
                     stop = True
                     break
-                batch.append(job)
+                batch.extend(job)
             results = self._commit([w for w, _ in batch])
             self.loop.call_soon_threadsafe(self._deliver, batch, results)
 

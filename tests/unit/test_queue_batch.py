@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -176,3 +177,38 @@ def test_a_failing_poke_still_answers_every_client(
     assert answered == results
     assert all(isinstance(r, Envelope) for r in results)
     assert "poke-fail" in capfd.readouterr().out
+
+
+def test_messages_finished_in_one_loop_pass_share_one_batch(tmp_path: Path) -> None:
+    """The loop hands its finished messages to the commit thread once per pass, so the
+    three become one segment; a message finished in a later pass is a batch of its own."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    held = [QueueWriter(q, "a@b.test", [f"r{n}@c.test"], defer=True) for n in range(4)]
+    for w in held:
+        w.write(b"hi\r\n")
+        w.finish()
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        committer = Committer(loop)
+        answers: list[object] = []
+        done = asyncio.Event()
+
+        def answer(result: object) -> None:
+            answers.append(result)
+            if len(answers) == 4:
+                done.set()
+
+        for w in held[:3]:
+            committer.submit(w, answer)
+        await asyncio.sleep(0.2)
+        committer.submit(held[3], answer)
+        await asyncio.wait_for(done.wait(), 10)
+        committer.stop(5)
+        return answers
+
+    answers = asyncio.run(main())
+    assert all(isinstance(a, Envelope) for a in answers)
+    assert q.count("new") == 4 and len(q.ids("new")) == 2
+    assert sorted(len(q.load("new", n)) for n in q.ids("new")) == [1, 3]
