@@ -1,0 +1,41 @@
+"""pyqmail-smtpd's log lines: one per event, atomic on the pipe, written once per loop pass."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import threading
+
+import pytest
+
+from pyqmail import smtpd
+
+
+def test_log_lines_of_one_loop_pass_go_out_in_whole_line_pipe_buf_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+    monkeypatch.setattr(smtpd, "_write_log", writes.append)
+    buffer = smtpd._LogBuffer()
+    monkeypatch.setattr(smtpd, "_log_buffer", buffer)
+
+    async def main() -> None:
+        buffer.thread = threading.get_ident()
+        for n in range(200):  # ~40 bytes each: more than one PIPE_BUF in all
+            smtpd.log("msg", n=n, pad="x" * 20)
+        assert writes == []  # held until the end of this pass
+        await asyncio.sleep(0)
+        first = len(writes)
+        assert first >= 2
+        threading.Thread(target=smtpd.log, args=("from-thread",)).start()
+        await asyncio.sleep(0.1)
+        assert len(writes) == first + 1 and b"from-thread" in writes[-1]  # not held
+
+    asyncio.run(main())
+    buffer.thread = 0
+    smtpd.log("after", n=1)  # no loop: written at once
+    assert b"after" in writes[-1]
+    for data in writes:
+        assert len(data) <= select.PIPE_BUF and data.endswith(b"\n")
+    lines = b"".join(writes).splitlines()
+    assert [line.split()[2] for line in lines[:200]] == [f"n={n}".encode() for n in range(200)]
