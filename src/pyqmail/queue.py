@@ -27,7 +27,7 @@ disk as it arrives (bounded memory) and still make a torn file detectable.
 Segment files. Messages committed together (``Queue.commit_batch``: pyqmail-smtpd's group
 commit under load) that were held in memory go into one file, so that the batch costs one
 create, one fsync and one rename instead of one each per message. A segment is named by its
-own id (made like a queue id; it never equals one) and holds at least two records, each a
+own id (made like a queue id; it never equals one) and holds one or more records, each a
 complete message file as above::
 
     PYQMAIL-SEGMENT 1
@@ -239,7 +239,7 @@ def parse_segment(data: bytes, origin: str = "<segment>") -> list[Stored]:
         or not fields[2].endswith(b"\n")
         or not fields[2][:-1].isdigit()
         or int(fields[2][:-1]) != len(out)
-        or len(out) < 2
+        or not out
     ):
         raise QueueError(f"{origin}: segment trailer missing, torn or with a wrong count")
     return out
@@ -452,6 +452,104 @@ class QueueWriter:
             self.abort()
 
 
+class SegmentWriter:
+    """One segment file on its way into the queue, filled in steps, then committed.
+
+    pyqmail-smtpd fills it in its loop thread (``add``: one writev per pass, into the page
+    cache) for as long as its commit thread is busy with the previous batch, then ``seal``s
+    it; the commit thread only does ``sync_publish`` (fsync, close, rename into new/) and the
+    shared fsync(new/). Any failure raises QueueError and fails every message in it;
+    ``abort`` leaves nothing behind.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.segment_id = new_queue_id()
+        self.tmp = f"{queue.dir_tmp}/{self.segment_id}"
+        self.writers: list[QueueWriter] = []
+        self._parts: list[bytes] = [SEGMENT_MAGIC]
+        self._published = False
+        try:
+            self._fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+            )
+        except OSError as exc:
+            raise QueueError(f"cannot create {self.tmp}: {exc.strerror}") from exc
+        if queue.umask is None or queue.umask & 0o640:
+            try:
+                os.fchmod(self._fd, 0o640)  # see QueueWriter._create
+            except OSError as exc:
+                self.abort()
+                raise QueueError(f"cannot set the mode of {self.tmp}: {exc.strerror}") from exc
+
+    def _flush(self, parts: list[bytes]) -> None:
+        if self._fd is None:
+            raise QueueError(f"segment {self.segment_id} is already closed")
+        try:
+            _writev_all(self._fd, parts)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot write {self.tmp}: {exc.strerror or exc}") from exc
+
+    def add(self, writers: Sequence[QueueWriter]) -> None:
+        """Append finished held messages (one writev for all of them)."""
+        parts, self._parts = self._parts, []
+        for w in writers:
+            record = w.record()
+            parts.append(b"%020d\n" % sum(map(len, record)))
+            parts.extend(record)
+        self._flush(parts)
+        self.writers.extend(writers)
+
+    def seal(self) -> None:
+        """Write the trailer: no message can be added any more."""
+        if not self.writers:
+            raise QueueError(f"segment {self.segment_id} has no messages")
+        self._flush([encode_segment_trailer(self.segment_id, len(self.writers))])
+
+    def sync_publish(self) -> None:
+        """fsync, close and rename into new/ (the caller fsyncs new/ once for the batch)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise QueueError(f"segment {self.segment_id} is already closed")
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(self.tmp, f"{self.queue.dir_new}/{self.segment_id}")
+        except OSError as exc:
+            self.abort()
+            raise QueueError(
+                f"cannot commit segment {self.segment_id}: {exc.strerror or exc}"
+            ) from exc
+        self._published = True
+
+    def envelopes(self) -> list[Envelope]:
+        """Once published and new/ is fsynced: the envelope of each message, in order."""
+        return [w._envelope() for w in self.writers]
+
+    def unpublish(self) -> None:
+        """new/ could not be fsynced: take the segment back out (see QueueWriter.unpublish)."""
+        if self._published:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self.queue.dir_new}/{self.segment_id}")
+            self._published = False
+        self.abort()
+
+    def abort(self) -> None:
+        """Close and remove the tmp file and drop the messages' bytes (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not self._published:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+        for w in self.writers:
+            w.abort()
+
+
 class Queue:
     """A queue directory. Safe for many writer processes and one reader."""
 
@@ -512,11 +610,17 @@ class Queue:
             except QueueError as exc:
                 failed[i] = exc
         held = [i for i, w in enumerate(writers) if i not in failed and w.held]
-        segment: str | None = None
+        segment: SegmentWriter | None = None
         if len(held) >= 2:
             try:
-                segment = self._write_segment([writers[i] for i in held])
+                segment = SegmentWriter(self)
+                segment.add([writers[i] for i in held])
+                segment.seal()
+                segment.sync_publish()
             except QueueError as exc:
+                if segment is not None:
+                    segment.abort()
+                segment = None
                 for i in held:
                     writers[i].abort()
                     failed[i] = exc
@@ -537,8 +641,7 @@ class Queue:
                 self.sync_new()
             except OSError as exc:
                 if segment is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"{self.dir_new}/{segment}")
+                    segment.unpublish()
                 for i in renamed:  # answered 451: the client will send it again
                     writers[i].unpublish()
                     failed[i] = QueueError(
@@ -549,37 +652,6 @@ class Queue:
                 self.poke()
         done = set(renamed)
         return [w._envelope() if i in done else failed[i] for i, w in enumerate(writers)]
-
-    def _write_segment(self, writers: Sequence[QueueWriter]) -> str:
-        """Write finished held messages as one segment: tmp/, fsync, rename into new/.
-
-        Returns the segment id; on failure nothing is left and QueueError says why."""
-        segment_id = new_queue_id()
-        tmp = f"{self.dir_tmp}/{segment_id}"
-        parts = [SEGMENT_MAGIC]
-        for w in writers:
-            record = w.record()
-            parts.append(b"%020d\n" % sum(map(len, record)))
-            parts.extend(record)
-        parts.append(encode_segment_trailer(segment_id, len(writers)))
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        except OSError as exc:
-            raise QueueError(f"cannot create {tmp}: {exc.strerror}") from exc
-        try:
-            try:
-                if self.umask is None or self.umask & 0o640:
-                    os.fchmod(fd, 0o640)  # see QueueWriter._create
-                _writev_all(fd, parts)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, f"{self.dir_new}/{segment_id}")
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise QueueError(f"cannot commit segment {segment_id}: {exc.strerror or exc}") from exc
-        return segment_id
 
     def enqueue(
         self,

@@ -102,7 +102,7 @@ from pyqmail.protocol import (
     StartTLS,
     TLSInfo,
 )
-from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter
+from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, SegmentWriter
 from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
@@ -113,7 +113,6 @@ AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long wi
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
-COMMIT_BATCH = 64  # a batch takes no more hand-overs from the loop once this big
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 READ_SIZE = 64 * 1024  # one socket read at most
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
@@ -623,103 +622,185 @@ CommitResult = Envelope | QueueError
 CommitCallback = Callable[[CommitResult], None]
 
 
+Job = tuple[QueueWriter, CommitCallback]
+Answer = tuple[CommitCallback, CommitResult]
+
+
+@dataclasses.dataclass
+class Batch:
+    """What the commit thread commits in one go."""
+
+    segments: list[tuple[SegmentWriter, list[CommitCallback]]]  # sealed, held messages
+    files: list[Job]  # messages streamed into files of their own (large ones)
+
+    def callbacks(self) -> list[CommitCallback]:
+        return [cb for _, cbs in self.segments for cb in cbs] + [cb for _, cb in self.files]
+
+    def abort(self) -> None:
+        for segment, _ in self.segments:
+            segment.abort()
+        for writer, _ in self.files:
+            writer.abort()
+
+
 class Committer:
-    """One thread per worker that commits messages in batches (group commit).
+    """Group commit: one thread per worker makes messages durable, a batch at a time.
 
-    Whatever is submitted while a batch is on disk forms the next batch: every message is
-    written (if it was held in memory), then fsynced and renamed into new/, then new/ is
-    fsynced once for the batch (``Queue.commit_batch``), and the loop is woken once to
-    run every message's callback, which sends its 250 (or 451). Under no load a batch is
-    one message, the same as committing it alone.
+    The loop thread does the cheap part. At the end of each pass over its ready sockets
+    (``_hand_over``) it appends the messages that pass finished to the segment file it is
+    filling (``SegmentWriter.add``: one writev into the page cache); while the commit thread
+    is busy with the previous batch, later passes append to the same segment. As soon as
+    the commit thread is free, the loop seals the segment and hands it over (``_start``).
+    The commit thread does only what blocks: fsync and close the segment, rename it into
+    new/, fsync(new/) (once per batch and queue directory), then wakes the loop once to
+    answer every client (``_deliver``: 250, or 451 for all messages of a failed segment).
+    Large messages that were streamed into files of their own ride in the same batch.
 
-    The fsyncs of a batch run one after the other in this one thread. Spreading them over
-    a thread pool saved little wall time on the disks measured (8 files: 1.6 ms instead of
-    2.0 ms) and cost far more CPU than it saved: every hand-off between threads, and every
-    syscall that drops and retakes the GIL while the loop thread holds it, is a futex
-    round trip (strace counted 41 futex calls per message with a pool of 8).
+    Why this split: the loop and the commit thread share the GIL, and every syscall the
+    commit thread makes while the loop runs Python hands the GIL over and back (futex
+    round trips; strace counted 20 per message when the commit thread also created and
+    wrote the files). Fsyncs run one after the other in this one thread: a pool saved
+    little wall time on the disks measured and cost more CPU than it saved.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.jobs: queuemod.SimpleQueue[list[tuple[QueueWriter, CommitCallback]] | None] = (
-            queuemod.SimpleQueue()
-        )
-        self.pending: list[tuple[QueueWriter, CommitCallback]] = []
+        self.jobs: queuemod.SimpleQueue[Batch | None] = queuemod.SimpleQueue()
+        self.pending: list[Job] = []  # finished in this pass
+        self.filling: dict[int, tuple[SegmentWriter, list[CommitCallback]]] = {}  # per queue
+        self.files: list[Job] = []
+        self.busy = False  # a batch is with the commit thread
         self.thread = threading.Thread(target=self._run, name="commit", daemon=True)
         self.thread.start()
 
     def submit(self, writer: QueueWriter, callback: CommitCallback) -> None:
-        """Queue a finished message; every message the loop finishes in the same pass over
-        its ready sockets goes to the commit thread together (``_hand_over``), so they share
-        a batch instead of waking the thread, and racing it for the GIL, one by one."""
+        """Queue a finished message (on the loop); its callback gets the result."""
         if not self.pending:
             self.loop.call_soon(self._hand_over)
         self.pending.append((writer, callback))
 
     def _hand_over(self) -> None:
         jobs, self.pending = self.pending, []
-        self.jobs.put(jobs)
+        held: dict[int, list[Job]] = {}
+        for job in jobs:
+            if job[0].held:
+                held.setdefault(id(job[0].queue), []).append(job)
+            else:
+                self.files.append(job)
+        for key, group in held.items():
+            entry = self.filling.get(key)
+            try:
+                if entry is None:
+                    entry = self.filling[key] = (SegmentWriter(group[0][0].queue), [])
+                entry[0].add([w for w, _ in group])
+            except QueueError as exc:  # the segment removed itself: all its messages fail
+                self.filling.pop(key, None)
+                for w, _ in group:
+                    w.abort()
+                failed = ([] if entry is None else entry[1]) + [cb for _, cb in group]
+                for callback in failed:
+                    callback(exc)
+                continue
+            entry[1].extend(cb for _, cb in group)
+        self._start()
+
+    def _start(self) -> None:
+        """If the commit thread is free, seal what was filled and give it the batch."""
+        if self.busy or not (self.filling or self.files):
+            return
+        filling, self.filling = self.filling, {}
+        batch = Batch([], self.files)
+        self.files = []
+        for segment, callbacks in filling.values():
+            try:
+                segment.seal()
+            except QueueError as exc:
+                for callback in callbacks:
+                    callback(exc)
+                continue
+            batch.segments.append((segment, callbacks))
+        if batch.segments or batch.files:
+            self.busy = True
+            self.jobs.put(batch)
 
     def stop(self, timeout: float) -> None:
-        if self.pending:  # on the loop, before its hand-over ran: commit them first
-            self._hand_over()
+        """At exit, once no session is left: what was not handed over is never answered,
+        so it is dropped (nothing is left in tmp/); a batch in flight completes."""
+        self.pending = []
+        for segment, _ in self.filling.values():
+            segment.abort()
+        for writer, _ in self.files:
+            writer.abort()
+        self.filling, self.files = {}, []
         self.jobs.put(None)
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        jobs = self.jobs
-        stop = False
-        while not stop:
-            job = jobs.get()
-            if job is None:
-                return
-            batch = job
-            while len(batch) < COMMIT_BATCH:
-                try:
-                    job = jobs.get_nowait()
-                except queuemod.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.extend(job)
-            results = self._commit([w for w, _ in batch])
-            self.loop.call_soon_threadsafe(self._deliver, batch, results)
-
-    @staticmethod
-    def _commit(writers: list[QueueWriter]) -> list[CommitResult]:
-        by_queue: dict[int, list[int]] = {}  # a HUP may have changed the queue directory
-        for i, w in enumerate(writers):
-            by_queue.setdefault(id(w.queue), []).append(i)
-        results: list[CommitResult] = [QueueError("not committed")] * len(writers)
-        for indexes in by_queue.values():
-            group = [writers[i] for i in indexes]
+        while (batch := self.jobs.get()) is not None:
             try:
-                done = group[0].queue.commit_batch(group, poke=False)
+                answers, poke = self._commit(batch)
             except Exception as exc:  # noqa: BLE001 - a bug must still answer every client
-                done = [QueueError(f"commit failed: {exc!r}")] * len(group)
-                for w in group:
-                    w.abort()
-            for i, result in zip(indexes, done, strict=True):
-                results[i] = result
-        return results
+                batch.abort()
+                error = QueueError(f"commit failed: {exc!r}")
+                answers, poke = [(cb, error) for cb in batch.callbacks()], []
+            self.loop.call_soon_threadsafe(self._deliver, answers, poke)
 
     @staticmethod
-    def _deliver(
-        batch: list[tuple[QueueWriter, CommitCallback]], results: list[CommitResult]
-    ) -> None:
+    def _commit(batch: Batch) -> tuple[list[Answer], list[Queue]]:
+        """In the commit thread: every file fsynced and renamed, then each queue's new/
+        fsynced once. Returns every client's answer and the queues to poke."""
+        answers: list[Answer] = []
+        # a HUP may have changed the queue directory: group by queue
+        done: dict[int, tuple[Queue, list[tuple[SegmentWriter, list[CommitCallback]]], list[Job]]]
+        done = {}
+        for segment, callbacks in batch.segments:
+            try:
+                segment.sync_publish()
+            except QueueError as exc:
+                answers.extend((cb, exc) for cb in callbacks)
+                continue
+            done.setdefault(id(segment.queue), (segment.queue, [], []))[1].append(
+                (segment, callbacks)
+            )
+        for writer, callback in batch.files:
+            try:
+                writer._sync_publish()
+            except QueueError as exc:
+                answers.append((callback, exc))
+                continue
+            done.setdefault(id(writer.queue), (writer.queue, [], []))[2].append((writer, callback))
+        poke = []
+        for queue, segments, files in done.values():
+            try:
+                queue.sync_new()
+            except OSError as exc:  # answered 451: the clients will send them again
+                error = QueueError(f"cannot commit: fsync of new/: {exc.strerror or exc}")
+                for segment, callbacks in segments:
+                    segment.unpublish()
+                    answers.extend((cb, error) for cb in callbacks)
+                for writer, callback in files:
+                    writer.unpublish()
+                    answers.append((callback, error))
+                continue
+            poke.append(queue)
+            for segment, callbacks in segments:
+                answers.extend(zip(callbacks, segment.envelopes(), strict=True))
+            answers.extend((callback, writer._envelope()) for writer, callback in files)
+        return answers, poke
+
+    def _deliver(self, answers: list[Answer], queues: list[Queue]) -> None:
         """On the loop: wake pyqmail-send (from here, not the commit thread, whose every
-        syscall would have to win the GIL back from the loop), then answer the clients."""
-        poked: set[int] = set()
-        for (writer, _), result in zip(batch, results, strict=True):
-            if not isinstance(result, QueueError) and id(writer.queue) not in poked:
-                poked.add(id(writer.queue))
-                try:
-                    writer.queue.poke()
-                except OSError as exc:  # best effort: pyqmail-send also scans new/
-                    log("poke-fail", error=str(exc))
-        for (_, callback), result in zip(batch, results, strict=True):
+        syscall would have to win the GIL back from the loop), answer the clients, and
+        start the next batch with whatever was filled meanwhile."""
+        self.busy = False
+        for queue in queues:
+            try:
+                queue.poke()
+            except OSError as exc:  # best effort: pyqmail-send also scans new/
+                log("poke-fail", error=str(exc))
+        for callback, result in answers:
             callback(result)
+        self._start()
 
 
 # --- one connection ----------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
-from pyqmail.smtpd import Committer
 
 
 @pytest.fixture
@@ -157,58 +155,3 @@ def test_failed_directory_fsync_takes_the_message_back_out(
     assert "Input/output error" in str(results[0])
     assert os.listdir(q.path("new")) == []
     assert os.listdir(q.path("tmp")) == []
-
-
-def test_a_failing_poke_still_answers_every_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
-) -> None:
-    """The wake-up of pyqmail-send is best effort: its failure must not eat the 250s."""
-    q = Queue(tmp_path / "queue")
-    q.create()
-    writers = _writers(q, [10, 20])
-    results = Committer._commit(writers)
-
-    def broken() -> None:
-        raise OSError(9, "Bad file descriptor")
-
-    monkeypatch.setattr(q, "poke", broken)
-    answered: list[object] = []
-    Committer._deliver([(w, answered.append) for w in writers], results)
-    assert answered == results
-    assert all(isinstance(r, Envelope) for r in results)
-    assert "poke-fail" in capfd.readouterr().out
-
-
-def test_messages_finished_in_one_loop_pass_share_one_batch(tmp_path: Path) -> None:
-    """The loop hands its finished messages to the commit thread once per pass, so the
-    three become one segment; a message finished in a later pass is a batch of its own."""
-    q = Queue(tmp_path / "queue")
-    q.create()
-    held = [QueueWriter(q, "a@b.test", [f"r{n}@c.test"], defer=True) for n in range(4)]
-    for w in held:
-        w.write(b"hi\r\n")
-        w.finish()
-
-    async def main() -> list[object]:
-        loop = asyncio.get_running_loop()
-        committer = Committer(loop)
-        answers: list[object] = []
-        done = asyncio.Event()
-
-        def answer(result: object) -> None:
-            answers.append(result)
-            if len(answers) == 4:
-                done.set()
-
-        for w in held[:3]:
-            committer.submit(w, answer)
-        await asyncio.sleep(0.2)
-        committer.submit(held[3], answer)
-        await asyncio.wait_for(done.wait(), 10)
-        committer.stop(5)
-        return answers
-
-    answers = asyncio.run(main())
-    assert all(isinstance(a, Envelope) for a in answers)
-    assert q.count("new") == 4 and len(q.ids("new")) == 2
-    assert sorted(len(q.load("new", n)) for n in q.ids("new")) == [1, 3]

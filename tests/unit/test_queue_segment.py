@@ -84,15 +84,16 @@ def test_corrupt_segments_are_refused(queue: Queue, change: object, message: str
         parse_file(change(data), "bad")
 
 
-def test_a_segment_of_one_record_is_refused(queue: Queue) -> None:
-    """commit_batch never writes one; a file that claims to be one is not trusted."""
+def test_segments_of_one_record_are_read_but_not_of_none(queue: Queue) -> None:
+    """pyqmail-smtpd writes a segment of one when a loop pass finished one message."""
     _, data, _ = _segment(queue, [b"a\r\n", b"bb\r\n"])
     stored = parse_segment(data)
     first = stored[0].span
     assert first is not None
     one = data[: first[0] + first[1]] + encode_segment_trailer("x", 1)
+    assert [s.body for s in parse_segment(one)] == [b"a\r\n"]
     with pytest.raises(QueueError, match="wrong count"):
-        parse_segment(one)
+        parse_segment(b"PYQMAIL-SEGMENT 1\n" + encode_segment_trailer("x", 0))
 
 
 def test_short_writes_and_iov_max_pieces_still_write_everything(

@@ -1,0 +1,219 @@
+"""pyqmail-smtpd's group commit (smtpd.Committer) on a real event loop and a real queue."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pyqmail import queue as queuemod
+from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter
+from pyqmail.smtpd import Committer
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Queue:
+    queue = Queue(tmp_path / "queue")
+    queue.create()
+    return queue
+
+
+def _writer(q: Queue, n: int, *, size: int = 4, held: bool = True) -> QueueWriter:
+    w = QueueWriter(q, "a@b.test", [f"r{n}@c.test"], defer=held)
+    w.write(b"x" * (size - 2) + b"\r\n")
+    w.finish()
+    return w
+
+
+def _run(
+    body: Callable[[Committer, Callable[[QueueWriter], asyncio.Future[object]]], Awaitable[None]],
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        committer = Committer(loop)
+
+        def submit(w: QueueWriter) -> asyncio.Future[object]:
+            fut: asyncio.Future[object] = loop.create_future()
+            committer.submit(w, fut.set_result)
+            return fut
+
+        try:
+            await body(committer, submit)
+        finally:
+            committer.stop(5)
+
+    asyncio.run(main())
+
+
+def _files(q: Queue) -> list[int]:
+    """Messages per file in new/, oldest file first."""
+    return [len(q.load("new", name)) for name in q.ids("new")]
+
+
+def test_messages_finished_in_one_loop_pass_share_one_segment(q: Queue) -> None:
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        first = [submit(_writer(q, n)) for n in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*first), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+        assert isinstance(await asyncio.wait_for(submit(_writer(q, 3)), 10), Envelope)
+
+    _run(body)
+    assert _files(q) == [3, 1]
+    assert os.listdir(q.path("tmp")) == []
+
+
+def test_passes_while_the_commit_thread_is_busy_fill_one_segment(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first message's fsync is slow; the four finished meanwhile, in two passes,
+    wait in one segment and are committed together as soon as the thread is free."""
+    real_fsync = os.fsync
+    gate = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread().name == "commit" and not gate.is_set():
+            gate.set()
+            time.sleep(0.3)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [submit(_writer(q, 0))]
+        await asyncio.sleep(0.05)
+        assert gate.is_set()
+        futs += [submit(_writer(q, 1)), submit(_writer(q, 2))]
+        await asyncio.sleep(0.05)
+        futs += [submit(_writer(q, 3)), submit(_writer(q, 4))]
+        assert not any(f.done() for f in futs)
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert [r.recipients for r in results if isinstance(r, Envelope)] == [
+            (f"r{n}@c.test",) for n in range(5)
+        ]
+
+    _run(body)
+    assert _files(q) == [1, 4]
+
+
+def test_large_streamed_messages_ride_in_the_same_batch(q: Queue) -> None:
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [submit(_writer(q, 0)), submit(_writer(q, 1, size=100, held=False))]
+        futs.append(submit(_writer(q, 2)))
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+
+    _run(body)
+    assert sorted(_files(q)) == [1, 2]
+    assert q.count("new") == 3
+
+
+def test_disk_full_while_filling_fails_that_segment_only(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_writev = os.writev
+    full = [True]
+
+    def writev(fd: int, bufs: list[bytes]) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", writev)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        results = await asyncio.wait_for(
+            asyncio.gather(submit(_writer(q, 0)), submit(_writer(q, 1))), 10
+        )
+        assert all(isinstance(r, QueueError) and "No space" in str(r) for r in results)
+        assert os.listdir(q.path("tmp")) == [] and q.ids("new") == []
+        full[0] = False
+        assert isinstance(await asyncio.wait_for(submit(_writer(q, 2)), 10), Envelope)
+
+    _run(body)
+    assert _files(q) == [1]
+
+
+def test_failed_fsync_of_new_answers_451_and_leaves_nothing(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(q, "sync_new", broken)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [
+            submit(_writer(q, 0)),
+            submit(_writer(q, 1)),
+            submit(_writer(q, 2, size=100, held=False)),
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert all(isinstance(r, QueueError) and "Input/output" in str(r) for r in results)
+
+    _run(body)
+    assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
+
+
+def test_a_failing_poke_still_answers_every_client(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The wake-up of pyqmail-send is best effort: its failure must not eat the 250s."""
+
+    def broken() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(q, "poke", broken)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [submit(_writer(q, 0)), submit(_writer(q, 1))]
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+
+    _run(body)
+    assert "poke-fail" in capfd.readouterr().out
+
+
+def test_a_bug_in_the_commit_still_answers_every_client(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(self: queuemod.SegmentWriter) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(queuemod.SegmentWriter, "sync_publish", bug)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [submit(_writer(q, 0)), submit(_writer(q, 1))]
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert all(isinstance(r, QueueError) and "boom" in str(r) for r in results)
+
+    _run(body)
+    assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
+
+
+def test_stop_drops_what_was_never_handed_over(q: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At exit nobody is left to answer: messages still being filled leave no tmp file."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.2)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        first = submit(_writer(q, 0))
+        await asyncio.sleep(0.05)  # the first batch is in the commit thread
+        submit(_writer(q, 1))
+        await asyncio.sleep(0)  # handed over to a segment being filled, not committed
+        assert len(os.listdir(q.path("tmp"))) == 2
+        del first
+
+    _run(body)
+    assert os.listdir(q.path("tmp")) == []
+    assert _files(q) == [1]
