@@ -452,6 +452,17 @@ class QueueWriter:
             self.abort()
 
 
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+_TMPFILE: dict[str, bool] = {}  # per tmp/ directory: O_TMPFILE and /proc/self/fd work
+
+
+def _tmpfile_ok(directory: str) -> bool:
+    ok = _TMPFILE.get(directory)
+    if ok is None:
+        ok = _TMPFILE[directory] = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+    return ok
+
+
 class SegmentWriter:
     """One segment file on its way into the queue, filled in steps, then committed.
 
@@ -465,22 +476,41 @@ class SegmentWriter:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.segment_id = new_queue_id()
-        self.tmp = f"{queue.dir_tmp}/{self.segment_id}"
+        self.tmp: str | None = f"{queue.dir_tmp}/{self.segment_id}"
         self.writers: list[QueueWriter] = []
         self._parts: list[bytes] = [SEGMENT_MAGIC]
         self._published = False
-        try:
-            self._fd: int | None = os.open(
-                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
-            )
-        except OSError as exc:
-            raise QueueError(f"cannot create {self.tmp}: {exc.strerror}") from exc
+        self._fd: int | None = None
+        if _tmpfile_ok(queue.dir_tmp):
+            # An unnamed file (O_TMPFILE), linked into new/ once complete: creating it does
+            # not lock tmp/, which another worker's rename(tmp/x, new/x) may hold for as
+            # long as a third process's fsync(new/) holds new/ (ext4 without a journal
+            # holds a directory's lock for its fsync's I/O). Nothing to clean after a crash.
+            try:
+                self._fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640)
+                self.tmp = None
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE:
+                    raise QueueError(
+                        f"cannot create a file in {queue.dir_tmp}: {exc.strerror}"
+                    ) from exc
+                _TMPFILE[queue.dir_tmp] = False
+        if self._fd is None:
+            self.tmp = f"{queue.dir_tmp}/{self.segment_id}"
+            try:
+                self._fd = os.open(
+                    self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+                )
+            except OSError as exc:
+                raise QueueError(f"cannot create {self.tmp}: {exc.strerror}") from exc
         if queue.umask is None or queue.umask & 0o640:
             try:
                 os.fchmod(self._fd, 0o640)  # see QueueWriter._create
             except OSError as exc:
                 self.abort()
-                raise QueueError(f"cannot set the mode of {self.tmp}: {exc.strerror}") from exc
+                raise QueueError(
+                    f"cannot set the mode of a file in {queue.dir_tmp}: {exc.strerror}"
+                ) from exc
 
     def _flush(self, parts: list[bytes]) -> None:
         if self._fd is None:
@@ -489,7 +519,9 @@ class SegmentWriter:
             _writev_all(self._fd, parts)
         except OSError as exc:
             self.abort()
-            raise QueueError(f"cannot write {self.tmp}: {exc.strerror or exc}") from exc
+            raise QueueError(
+                f"cannot write segment {self.segment_id}: {exc.strerror or exc}"
+            ) from exc
 
     def add(self, writers: Sequence[QueueWriter]) -> None:
         """Append finished held messages (one writev for all of them)."""
@@ -512,12 +544,21 @@ class SegmentWriter:
         fd, self._fd = self._fd, None
         if fd is None:
             raise QueueError(f"segment {self.segment_id} is already closed")
+        target = f"{self.queue.dir_new}/{self.segment_id}"
         try:
             try:
                 os.fsync(fd)
+                if self.tmp is None:  # linkat(AT_SYMLINK_FOLLOW) (link() would not follow)
+                    os.link(
+                        f"/proc/self/fd/{fd}",
+                        self.segment_id,
+                        dst_dir_fd=self.queue.new_dir_fd(),
+                        follow_symlinks=True,
+                    )
             finally:
                 os.close(fd)
-            os.rename(self.tmp, f"{self.queue.dir_new}/{self.segment_id}")
+            if self.tmp is not None:
+                os.rename(self.tmp, target)
         except OSError as exc:
             self.abort()
             raise QueueError(
@@ -543,7 +584,7 @@ class SegmentWriter:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if not self._published:
+        if not self._published and self.tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)
         for w in self.writers:
@@ -693,12 +734,16 @@ class Queue:
                 if exc.errno != errno.EPIPE:
                     raise
 
-    def sync_new(self) -> None:
-        """fsync(new/) through a descriptor kept open (one syscall per batch, not three)."""
+    def new_dir_fd(self) -> int:
+        """A descriptor of new/, kept open (for its fsyncs and for linking into it)."""
         fd = self._new_fd
         if fd is None:
             fd = self._new_fd = os.open(self.dir_new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        os.fsync(fd)
+        return fd
+
+    def sync_new(self) -> None:
+        """fsync(new/) through a descriptor kept open (one syscall per batch, not three)."""
+        os.fsync(self.new_dir_fd())
 
     def close(self) -> None:
         """Close the trigger FIFO if a poke left it open, and new/ if a commit opened it."""

@@ -196,8 +196,14 @@ def test_a_bug_in_the_commit_still_answers_every_client(
     assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
 
 
-def test_stop_drops_what_was_never_handed_over(q: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At exit nobody is left to answer: messages still being filled leave no tmp file."""
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named tmp file"])
+def test_stop_drops_what_was_never_handed_over(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    """At exit nobody is left to answer: messages still being filled leave nothing behind.
+    A segment being filled is an unnamed file where the file system allows (nothing in
+    tmp/ at all), else a named one in tmp/."""
+    monkeypatch.setitem(queuemod._TMPFILE, q.dir_tmp, tmpfile)
     real_fsync = os.fsync
 
     def slow_fsync(fd: int) -> None:
@@ -206,13 +212,13 @@ def test_stop_drops_what_was_never_handed_over(q: Queue, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
 
-    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
-        first = submit(_writer(q, 0))
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        submit(_writer(q, 0))
         await asyncio.sleep(0.05)  # the first batch is in the commit thread
         submit(_writer(q, 1))
         await asyncio.sleep(0)  # handed over to a segment being filled, not committed
-        assert len(os.listdir(q.path("tmp"))) == 2
-        del first
+        assert len(c.filling) == 1
+        assert len(os.listdir(q.path("tmp"))) == (0 if tmpfile else 2)  # + the one in fsync
 
     _run(body)
     assert os.listdir(q.path("tmp")) == []
