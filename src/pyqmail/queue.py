@@ -463,61 +463,6 @@ def _tmpfile_ok(directory: str) -> bool:
     return ok
 
 
-@dataclass
-class SegmentFile:
-    """An empty file for a segment, open for writing; made ahead of need by
-    pyqmail-smtpd's commit thread so that its loop never waits for the inode allocator."""
-
-    segment_id: str
-    fd: int
-    tmp: str | None  # its name in tmp/; None: an unnamed file, linked into new/ at the end
-
-    @classmethod
-    def create(cls, queue: Queue) -> SegmentFile:
-        segment_id = new_queue_id()
-        fd = None
-        tmp: str | None = None
-        if _tmpfile_ok(queue.dir_tmp):
-            # An unnamed file (O_TMPFILE), linked into new/ once complete: creating it does
-            # not lock tmp/, which another worker's rename(tmp/x, new/x) may hold for as
-            # long as a third process's fsync(new/) holds new/ (ext4 without a journal
-            # holds a directory's lock for its fsync's I/O). Nothing to clean after a crash.
-            try:
-                fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640)
-            except OSError as exc:
-                if exc.errno not in _NO_TMPFILE:
-                    raise QueueError(
-                        f"cannot create a file in {queue.dir_tmp}: {exc.strerror}"
-                    ) from exc
-                _TMPFILE[queue.dir_tmp] = False
-        if fd is None:
-            tmp = f"{queue.dir_tmp}/{segment_id}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            except OSError as exc:
-                raise QueueError(f"cannot create {tmp}: {exc.strerror}") from exc
-        file = cls(segment_id, fd, tmp)
-        if queue.umask is None or queue.umask & 0o640:
-            try:
-                os.fchmod(fd, 0o640)  # see QueueWriter._create
-            except OSError as exc:
-                file.discard()
-                raise QueueError(
-                    f"cannot set the mode of a file in {queue.dir_tmp}: {exc.strerror}"
-                ) from exc
-        return file
-
-    def discard(self) -> None:
-        """Close it and remove its name, if it has one (idempotent)."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if self.tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-
-
 class SegmentWriter:
     """One segment file on its way into the queue, filled in steps, then committed.
 
@@ -528,17 +473,44 @@ class SegmentWriter:
     ``abort`` leaves nothing behind.
     """
 
-    def __init__(self, queue: Queue, file: SegmentFile | None = None) -> None:
-        """Start a segment in ``file`` (made ahead by the caller) or in a new one."""
-        if file is None:
-            file = SegmentFile.create(queue)
+    def __init__(self, queue: Queue) -> None:
         self.queue = queue
-        self.segment_id = file.segment_id
-        self.tmp = file.tmp
-        self._fd: int | None = file.fd
+        self.segment_id = new_queue_id()
+        self.tmp: str | None = f"{queue.dir_tmp}/{self.segment_id}"
         self.writers: list[QueueWriter] = []
         self._parts: list[bytes] = [SEGMENT_MAGIC]
         self._published = False
+        self._fd: int | None = None
+        if _tmpfile_ok(queue.dir_tmp):
+            # An unnamed file (O_TMPFILE), linked into new/ once complete: creating it does
+            # not lock tmp/, which another worker's rename(tmp/x, new/x) may hold for as
+            # long as a third process's fsync(new/) holds new/ (ext4 without a journal
+            # holds a directory's lock for its fsync's I/O). Nothing to clean after a crash.
+            try:
+                self._fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640)
+                self.tmp = None
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE:
+                    raise QueueError(
+                        f"cannot create a file in {queue.dir_tmp}: {exc.strerror}"
+                    ) from exc
+                _TMPFILE[queue.dir_tmp] = False
+        if self._fd is None:
+            self.tmp = f"{queue.dir_tmp}/{self.segment_id}"
+            try:
+                self._fd = os.open(
+                    self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+                )
+            except OSError as exc:
+                raise QueueError(f"cannot create {self.tmp}: {exc.strerror}") from exc
+        if queue.umask is None or queue.umask & 0o640:
+            try:
+                os.fchmod(self._fd, 0o640)  # see QueueWriter._create
+            except OSError as exc:
+                self.abort()
+                raise QueueError(
+                    f"cannot set the mode of a file in {queue.dir_tmp}: {exc.strerror}"
+                ) from exc
 
     def _flush(self, parts: list[bytes]) -> None:
         if self._fd is None:

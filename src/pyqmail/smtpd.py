@@ -102,7 +102,7 @@ from pyqmail.protocol import (
     StartTLS,
     TLSInfo,
 )
-from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, SegmentFile, SegmentWriter
+from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, SegmentWriter
 from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
@@ -670,8 +670,6 @@ class Committer:
         self.filling: dict[int, tuple[SegmentWriter, list[CommitCallback]]] = {}  # per queue
         self.files: list[Job] = []
         self.busy = False  # a batch is with the commit thread
-        self.spare: dict[int, tuple[Queue, SegmentFile]] = {}  # made by the commit thread
-        self.made: dict[int, SegmentFile] = {}  # made, not yet taken over by the loop
         self.thread = threading.Thread(target=self._run, name="commit", daemon=True)
         self.thread.start()
 
@@ -693,10 +691,7 @@ class Committer:
             entry = self.filling.get(key)
             try:
                 if entry is None:
-                    queue = group[0][0].queue
-                    spare = self.spare.pop(key, None)
-                    segment = SegmentWriter(queue, None if spare is None else spare[1])
-                    entry = self.filling[key] = (segment, [])
+                    entry = self.filling[key] = (SegmentWriter(group[0][0].queue), [])
                 entry[0].add([w for w, _ in group])
             except QueueError as exc:  # the segment removed itself: all its messages fail
                 self.filling.pop(key, None)
@@ -739,12 +734,6 @@ class Committer:
         self.filling, self.files = {}, []
         self.jobs.put(None)
         self.thread.join(timeout)
-        for _, file in self.spare.values():
-            file.discard()
-        for file in list(self.made.values()):  # its _deliver never ran
-            file.discard()
-        self.made = {}
-        self.spare = {}
 
     def _run(self) -> None:
         while (batch := self.jobs.get()) is not None:
@@ -754,13 +743,7 @@ class Committer:
                 batch.abort()
                 error = QueueError(f"commit failed: {exc!r}")
                 answers, poke = [(cb, error) for cb in batch.callbacks()], []
-            spare = []
-            for queue in poke:  # the next segment's file, while the loop answers
-                with contextlib.suppress(QueueError):  # the loop will try, and say why
-                    file = SegmentFile.create(queue)
-                    self.made[id(file)] = file
-                    spare.append((queue, file))
-            self.loop.call_soon_threadsafe(self._deliver, answers, poke, spare)
+            self.loop.call_soon_threadsafe(self._deliver, answers, poke)
 
     @staticmethod
     def _commit(batch: Batch) -> tuple[list[Answer], list[Queue]]:
@@ -805,22 +788,11 @@ class Committer:
             answers.extend((callback, writer._envelope()) for writer, callback in files)
         return answers, poke
 
-    def _deliver(
-        self,
-        answers: list[Answer],
-        queues: list[Queue],
-        spare: list[tuple[Queue, SegmentFile]],
-    ) -> None:
+    def _deliver(self, answers: list[Answer], queues: list[Queue]) -> None:
         """On the loop: wake pyqmail-send (from here, not the commit thread, whose every
         syscall would have to win the GIL back from the loop), answer the clients, and
         start the next batch with whatever was filled meanwhile."""
         self.busy = False
-        for queue, file in spare:  # the queue is kept alive with it: its id stays unique
-            self.made.pop(id(file), None)
-            old = self.spare.pop(id(queue), None)
-            if old is not None:
-                old[1].discard()
-            self.spare[id(queue)] = (queue, file)
         for queue in queues:
             try:
                 queue.poke()
