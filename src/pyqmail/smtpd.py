@@ -651,16 +651,18 @@ class Committer:
     filling (``SegmentWriter.add``: one writev into the page cache); while the commit thread
     is busy with the previous batch, later passes append to the same segment. As soon as
     the commit thread is free, the loop seals the segment and hands it over (``_start``).
-    The commit thread does only what blocks: fsync and close the segment, rename it into
-    new/, fsync(new/) (once per batch and queue directory), then wakes the loop once to
-    answer every client (``_deliver``: 250, or 451 for all messages of a failed segment).
+    The commit thread does only what blocks: fsync and close the segment, link (or rename)
+    it into new/, fsync(new/) (once per batch and queue directory), then wakes the loop once
+    to answer every client (``_deliver``: 250, or 451 for all messages of a failed segment).
     Large messages that were streamed into files of their own ride in the same batch.
 
-    Why this split: the loop and the commit thread share the GIL, and every syscall the
-    commit thread makes while the loop runs Python hands the GIL over and back (futex
-    round trips; strace counted 20 per message when the commit thread also created and
-    wrote the files). Fsyncs run one after the other in this one thread: a pool saved
-    little wall time on the disks measured and cost more CPU than it saved.
+    Why this split: a batch is everything that finished while the previous one was on disk,
+    in one file, so the disk work per message falls as the load rises; and the loop and the
+    commit thread share the GIL, so every syscall the commit thread makes while the loop runs
+    Python is a hand-over of the GIL and back (futex round trips: strace counts 17-20 per
+    message under the plain one-message-per-session load), which is why that thread makes as
+    few as it can. Fsyncs run one after the other in this one thread: a pool saved little
+    wall time on the disks measured and cost more CPU than it saved.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
