@@ -24,9 +24,10 @@ The trailer has a fixed length once the id is known, so a reader finds it withou
 searching the message, and the size it records lets the writer stream the message to
 disk as it arrives (bounded memory) and still make a torn file detectable.
 
-Segment files. Messages committed together (``Queue.commit_batch``: pyqmail-smtpd's group
-commit under load) that were held in memory go into one file, so that the batch costs one
-create, one fsync and one rename instead of one each per message. A segment is named by its
+Segment files. Messages committed together that were held in memory go into one file
+(``SegmentWriter``; pyqmail-smtpd's group commit puts everything that finished while the
+previous batch was on disk into one), so that a batch costs one create, one fsync and one
+rename instead of one each per message. A segment is named by its
 own id (made like a queue id; it never equals one) and holds one or more records, each a
 complete message file as above::
 
@@ -38,7 +39,8 @@ A reader verifies every record and the count (``parse_file``); a segment that fa
 quarantined whole. The messages of a segment keep their own queue ids (logged by
 pyqmail-smtpd, used in ``state/``); pyqmail-send tracks which of them are finished and
 removes the segment when all are (see ``pyqmail.send``). Messages streamed to disk because
-they were large, and those committed alone, are single files as before.
+they were large, and those queued by ``enqueue`` (the sendmail injector, bounces), are
+single files.
 
 Durability protocol of ``enqueue`` and ``commit_batch`` (the 250 after DATA is sent only
 after it returns), the same for a single message file and a segment:
@@ -47,11 +49,14 @@ after it returns), the same for a single message file and a segment:
 2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)`` (once for a whole batch);
 3. the trigger FIFO is poked (best effort: a reader also scans ``new/`` on start and on ALRM).
 
-A crash before step 2 leaves only a tmp file, which ``clean_tmp`` removes later; it was
-never acknowledged. A crash after step 2 leaves a complete message. Readers still check
-the header and the ``END`` trailer (``parse_message``) and never deliver a
-file that fails them: a torn file can only come from a disk lying about fsync, and is
-moved to ``bad/`` for the admin, not delivered.
+A segment is an unnamed file in tmp/ (O_TMPFILE) where the file system allows it, and
+step 2 is then ``linkat`` into ``new/<id>`` instead of the rename (see ``SegmentWriter``).
+
+A crash before step 2 leaves only a tmp file, which ``clean_tmp`` removes later, or an
+unnamed one, which the file system frees; it was never acknowledged. A crash after step 2
+leaves a complete message. Readers still check the header and the ``END`` trailer
+(``parse_message``) and never deliver a file that fails them: a torn file can only come
+from a disk lying about fsync, and is moved to ``bad/`` for the admin, not delivered.
 
 Any OSError during enqueue (ENOSPC, EIO, EDQUOT, ...) removes the tmp file and raises
 ``QueueError``; the SMTP layer answers ``451 4.3.0`` and nothing is left in the queue. A
