@@ -458,6 +458,7 @@ class QueueWriter:
 
 
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+_NO_LINK = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EXDEV, errno.EOPNOTSUPP})
 _TMPFILE: dict[str, bool] = {}  # per tmp/ directory: O_TMPFILE and /proc/self/fd work
 
 
@@ -553,13 +554,8 @@ class SegmentWriter:
         try:
             try:
                 os.fsync(fd)
-                if self.tmp is None:  # linkat(AT_SYMLINK_FOLLOW) (link() would not follow)
-                    os.link(
-                        f"/proc/self/fd/{fd}",
-                        self.segment_id,
-                        dst_dir_fd=self.queue.new_dir_fd(),
-                        follow_symlinks=True,
-                    )
+                if self.tmp is None:
+                    self._link(fd)
             finally:
                 os.close(fd)
             if self.tmp is not None:
@@ -570,6 +566,23 @@ class SegmentWriter:
                 f"cannot commit segment {self.segment_id}: {exc.strerror or exc}"
             ) from exc
         self._published = True
+
+    def _link(self, fd: int) -> None:
+        """Give the unnamed file its name in new/: linkat(AT_SYMLINK_FOLLOW) through
+        /proc/self/fd (os.link without a dir_fd would call link(), which does not follow).
+        Where that is refused (an unusual /proc, a security module), this segment fails
+        (its clients get 451 and send again) and later ones use named tmp files."""
+        try:
+            os.link(
+                f"/proc/self/fd/{fd}",
+                self.segment_id,
+                dst_dir_fd=self.queue.new_dir_fd(),
+                follow_symlinks=True,
+            )
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                _TMPFILE[self.queue.dir_tmp] = False
+            raise
 
     def envelopes(self) -> list[Envelope]:
         """Once published and new/ is fsynced: the envelope of each message, in order."""

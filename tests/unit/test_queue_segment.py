@@ -166,3 +166,26 @@ def test_count_reads_segment_trailers(queue: Queue) -> None:
     path = queue.path("new", name)
     path.write_bytes(path.read_bytes()[:-1])  # torn: counted as one, never as garbage
     assert queue.count("new") == 2
+
+
+def test_a_refused_link_of_an_unnamed_file_falls_back_to_named_files(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If /proc/self/fd cannot be linked from (odd /proc, a security module), that one
+    batch gets its 451 and every later one uses a named tmp file."""
+    monkeypatch.setitem(queuemod._TMPFILE, queue.dir_tmp, True)
+    real_link = os.link
+
+    def refuse(src: str, *args: object, **kwargs: object) -> None:
+        if src.startswith("/proc/self/fd/"):
+            raise OSError(errno.EACCES, "Permission denied")
+        real_link(src, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", refuse)
+    results = queue.commit_batch(_held(queue, [b"1\r\n", b"2\r\n"]))
+    assert all(isinstance(r, QueueError) and "Permission denied" in str(r) for r in results)
+    assert queue.ids("new") == [] and os.listdir(queue.path("tmp")) == []
+    assert queuemod._TMPFILE[queue.dir_tmp] is False
+    results = queue.commit_batch(_held(queue, [b"3\r\n", b"4\r\n"]))
+    assert all(isinstance(r, Envelope) for r in results)
+    assert [s.body for _, s in queue.messages("new")] == [b"3\r\n", b"4\r\n"]
