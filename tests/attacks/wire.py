@@ -96,8 +96,13 @@ class Wire:
             chunk = self.sock.recv(65536)
         except (TimeoutError, ssl.SSLWantReadError):
             return True
+        except ConnectionResetError:  # closed with our bytes unread: a close, not silence
+            self.eof = True
+            return False
         finally:
             self.sock.settimeout(10)
+        if not chunk:
+            self.eof = True
         self.buf += chunk
         return False
 
