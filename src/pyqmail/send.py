@@ -641,15 +641,7 @@ class Manager:
         the main loop never waits on the file system for it. A message of a segment is
         ended by a line in the segment's state file instead (``_end_in_segment``).
         """
-        try:
-            if msg.span is not None:
-                self._end_in_segment(queue_id, msg)
-            else:
-                os.unlink(self._p("mess", queue_id))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.log(f"warning cannot remove mess/{queue_id}: {exc}")
+        if not self._end_message(queue_id, msg):
             with self.lock:  # let finish() retry the careful way
                 msg.has_state = True
                 self.msgs[queue_id] = msg
@@ -657,6 +649,29 @@ class Manager:
             self.wake()
             return
         self.log(f"end msg {queue_id}")
+
+    def _remove_mess(self, name: str) -> bool:
+        """Unlink mess/<name> (a message's file or a segment); False, logged, if it stays."""
+        try:
+            os.unlink(self._p("mess", name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log(f"warning cannot remove mess/{name}: {exc}")
+            return False
+        return True
+
+    def _end_message(self, queue_id: str, msg: Msg) -> bool:
+        """A finished message leaves the queue: its file goes, or, in a segment, its end is
+        recorded. False, logged, if that failed (the message stays and is tried again)."""
+        if msg.span is None:
+            return self._remove_mess(queue_id)
+        try:
+            self._end_in_segment(queue_id, msg)
+        except OSError as exc:
+            self.log(f"warning cannot record the end of {queue_id} in state/{msg.file}: {exc}")
+            return False
+        return True
 
     def _end_in_segment(self, queue_id: str, msg: Msg) -> None:
         """Record the end of a message that lives in a segment (any thread); once every
@@ -690,34 +705,15 @@ class Manager:
                 with self.lock:  # try again at the next loop
                     self.to_finish.add(queue_id)
                 continue
-            try:
-                if msg.span is not None:
-                    self._end_in_segment(queue_id, msg)
-                    ended.append(queue_id)
-                    continue
-                os.unlink(self._p("mess", queue_id))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.log(f"warning cannot remove mess/{queue_id}: {exc}")
-                continue
-            unlinked.append(queue_id)
+            if self._end_message(queue_id, msg):
+                (unlinked if msg.span is None else ended).append(queue_id)
         for queue_id in ended:
             with self.lock:
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
         with self.lock:
             segments, self.segments_done = sorted(self.segments_done), set()
-        removed: list[str] = []
-        for name in segments:
-            try:
-                os.unlink(self._p("mess", name))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.log(f"warning cannot remove mess/{name}: {exc}")
-                continue
-            removed.append(name)
+        removed = [name for name in segments if self._remove_mess(name)]
         if unlinked or removed:
             fsync_dir(self.queue.path("mess"))
         for queue_id in unlinked:

@@ -1,0 +1,69 @@
+"""pyqmail-send and segment files: ending messages, and what happens when that fails."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pyqmail import send
+from pyqmail.queue import Queue, QueueWriter
+from pyqmail.send import Log, Manager
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "qmail"
+    for sub in ("control", "alias", "users"):
+        (root / sub).mkdir(parents=True)
+    Queue(root / "queue").create()
+    (root / "control" / "me").write_text("mx.test\n")
+    (root / "control" / "locals").write_text("mx.test\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (root / "users" / "mailboxes").write_text(f"user:{home}\n")
+    return root
+
+
+def _drain(m: Manager, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (m.msgs or m.segments) and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        time.sleep(0.01)
+    assert not m.msgs and not m.segments, "messages still queued"
+
+
+def test_a_failed_end_record_is_retried_and_the_segment_still_goes(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = Queue(root / "queue")
+    writers = []
+    for n in range(3):
+        w = QueueWriter(q, "a@remote.test", ["user@mx.test"], defer=True)
+        w.write(f"Subject: {n}\r\n\r\nbody\r\n".encode())
+        writers.append(w)
+    q.commit_batch(writers)
+    real_append_end = send.append_end
+    failures = [1]
+
+    def flaky(path: str, queue_id: str) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_append_end(path, queue_id)
+
+    monkeypatch.setattr(send, "append_end", flaky)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 3
+    _drain(m)
+    log = out.getvalue()
+    assert "warning cannot record the end of" in log and "Input/output error" in log
+    assert log.count("end msg ") == 3 and "end segment " in log
+    assert q.ids("mess") == [] and q.ids("state") == []
+    assert len(os.listdir(root.parent / "home" / "Maildir" / "new")) == 3
