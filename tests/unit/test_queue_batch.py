@@ -11,13 +11,6 @@ import pytest
 from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> Queue:
-    q = Queue(tmp_path / "queue")
-    q.create()
-    return q
-
-
 def _writers(queue: Queue, sizes: list[int]) -> list[QueueWriter]:
     """Every other writer held in memory, the others streaming into tmp/."""
     out = []

@@ -21,13 +21,6 @@ from pyqmail.queue import (
 )
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> Queue:
-    q = Queue(tmp_path / "queue")
-    q.create()
-    return q
-
-
 def _held(queue: Queue, bodies: list[bytes]) -> list[QueueWriter]:
     out = []
     for n, body in enumerate(bodies):

@@ -16,17 +16,8 @@ from pyqmail.send import Log, Manager
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    root = tmp_path / "qmail"
-    for sub in ("control", "alias", "users"):
-        (root / sub).mkdir(parents=True)
-    Queue(root / "queue").create()
-    (root / "control" / "me").write_text("mx.test\n")
-    (root / "control" / "locals").write_text("mx.test\n")
-    home = tmp_path / "home"
-    home.mkdir()
-    (root / "users" / "mailboxes").write_text(f"user:{home}\n")
-    return root
+def root(send_root: Path) -> Path:
+    return send_root
 
 
 def _drain(m: Manager, timeout: float = 10.0) -> None:
