@@ -474,15 +474,15 @@ class SegmentWriter:
 
     pyqmail-smtpd fills it in its loop thread (``add``: one writev per pass, into the page
     cache) for as long as its commit thread is busy with the previous batch, then ``seal``s
-    it; the commit thread only does ``sync_publish`` (fsync, close, rename into new/) and the
-    shared fsync(new/). Any failure raises QueueError and fails every message in it;
+    it; the commit thread only does ``sync_publish`` (fsync, close, link or rename into new/)
+    and the shared fsync(new/). Any failure raises QueueError and fails every message in it;
     ``abort`` leaves nothing behind.
     """
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.segment_id = new_queue_id()
-        self.tmp: str | None = f"{queue.dir_tmp}/{self.segment_id}"
+        self.tmp: str | None = None  # its name in tmp/; None while it is an unnamed file
         self.writers: list[QueueWriter] = []
         self._parts: list[bytes] = [SEGMENT_MAGIC]
         self._published = False
@@ -494,7 +494,6 @@ class SegmentWriter:
             # holds a directory's lock for its fsync's I/O). Nothing to clean after a crash.
             try:
                 self._fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640)
-                self.tmp = None
             except OSError as exc:
                 if exc.errno not in _NO_TMPFILE:
                     raise QueueError(
@@ -546,7 +545,7 @@ class SegmentWriter:
         self._flush([encode_segment_trailer(self.segment_id, len(self.writers))])
 
     def sync_publish(self) -> None:
-        """fsync, close and rename into new/ (the caller fsyncs new/ once for the batch)."""
+        """fsync, close, link or rename into new/ (the caller fsyncs new/ once per batch)."""
         fd, self._fd = self._fd, None
         if fd is None:
             raise QueueError(f"segment {self.segment_id} is already closed")
