@@ -199,6 +199,31 @@ def test_loadgen_rejects_bad_arguments(args: list[str], message: str) -> None:
     assert message in proc.stderr
 
 
+def test_workloads_option_matches_whole_words() -> None:
+    from bench import smtpd_load
+
+    base = ["--servers", "pyqmail"]
+    args = smtpd_load.parse_args([*base, "--workloads", "plain 1"])
+    assert [w.name for w in args.workload_list] == ["plain 1 msg/session"]
+    args = smtpd_load.parse_args([*base, "--workloads", "STARTTLS, plain 10"])
+    assert [w.name for w in args.workload_list] == [
+        "plain 10 msg/session",
+        "STARTTLS 1 msg/session",
+        "STARTTLS 10 msg/session",
+    ]
+    assert smtpd_load.parse_args(base).workload_list == list(WORKLOADS)
+
+
+@pytest.mark.parametrize("value", ["plain 2", ",", "tls"])
+def test_workloads_option_rejects_unknown(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import smtpd_load
+
+    with pytest.raises(SystemExit) as exc:
+        smtpd_load.parse_args(["--workloads", value])
+    assert exc.value.code == 2
+    assert "--workloads" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     servers = ["aiosmtpd"]
