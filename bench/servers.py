@@ -170,10 +170,16 @@ class PyqmailServer(Server):
     name = "pyqmail"
 
     def __init__(
-        self, base: Path, certs: CertFiles, workers: str = "auto", user: str = "nobody"
+        self,
+        base: Path,
+        certs: CertFiles,
+        workers: str = "auto",
+        user: str = "nobody",
+        commitdelay: int | None = None,
     ) -> None:
         super().__init__(base, certs)
         self.workers = workers
+        self.commitdelay = commitdelay  # control/commitdelay (ms); None: pyqmail's default
         self.root = self.dir / "qmail"
         # As root, pyqmail-smtpd insists on dropping to an unprivileged user before it
         # reads its configuration; its files then belong to that user.
@@ -190,6 +196,8 @@ class PyqmailServer(Server):
             "locals": "bench.test",
             "maxconn": str(MAX_CONNECTIONS),
         }
+        if self.commitdelay is not None:
+            files["commitdelay"] = str(self.commitdelay)
         for name, text in files.items():
             (control / name).write_text(text + "\n")
         shutil.copyfile(self.certs.combined, control / "servercert.pem")

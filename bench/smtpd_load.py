@@ -256,6 +256,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--user", default="nobody", help="pyqmail-smtpd --user when run as root (default nobody)"
     )
     p.add_argument(
+        "--commitdelay",
+        type=int,
+        help="pyqmail's control/commitdelay in ms (default: not set, pyqmail's default)",
+    )
+    p.add_argument(
         "--servers",
         default="pyqmail,postfix,aiosmtpd",
         help="comma-separated subset of pyqmail,postfix,aiosmtpd",
@@ -337,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.server_names:
             cls = SERVER_CLASSES[name]
             server = (
-                PyqmailServer(base, certs, workers=args.workers, user=args.user)
+                PyqmailServer(
+                    base, certs, workers=args.workers, user=args.user, commitdelay=args.commitdelay
+                )
                 if cls is PyqmailServer
                 else cls(base, certs)
             )

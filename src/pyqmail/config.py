@@ -34,6 +34,9 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``timeouttls``     seconds for a TLS handshake; default 30
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
 ``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10
+``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
+                   (group commit, see ``smtpd.Committer``); 0 = never wait; default 5, at
+                   most 1000
 =================  ===========================================================================
 
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
@@ -109,7 +112,7 @@ def _read_single(path: Path) -> tuple[int, str] | None:
     return lines[0]
 
 
-def _read_int(path: Path, default: int, *, minimum: int = 0) -> int:
+def _read_int(path: Path, default: int, *, minimum: int = 0, maximum: int = _INT_MAX) -> int:
     line = _read_single(path)
     if line is None:
         return default
@@ -117,8 +120,11 @@ def _read_int(path: Path, default: int, *, minimum: int = 0) -> int:
     if not text.strip().isdigit():
         raise ConfigError(f"{_where(path, lineno)}: not a non-negative integer: {text!r}")
     value = int(text.strip())
-    if value < minimum or value > _INT_MAX:
-        raise ConfigError(f"{_where(path, lineno)}: {value} is out of range (min {minimum})")
+    if value < minimum or value > maximum:
+        top = "" if maximum == _INT_MAX else f", max {maximum}"
+        raise ConfigError(
+            f"{_where(path, lineno)}: {value} is out of range (min {minimum}{top})"
+        )
     return value
 
 
@@ -189,6 +195,7 @@ class Config:
     maxconnip: int
     maxconn: int
     maxerrors: int
+    commitdelay: int  # milliseconds
     servercert: Path | None
     clientca: Path | None
     tlsclients: frozenset[str]
@@ -304,6 +311,7 @@ def load(root: str | Path) -> Config:
         maxconnip=_read_int(control / "maxconnip", 50, minimum=1),
         maxconn=_read_int(control / "maxconn", 1000, minimum=1),
         maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
+        commitdelay=_read_int(control / "commitdelay", 5, maximum=1000),
         servercert=servercert,
         clientca=clientca,
         tlsclients=_read_identities(control / "tlsclients"),

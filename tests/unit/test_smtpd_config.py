@@ -32,7 +32,7 @@ def test_defaults_when_files_are_absent(root: Path) -> None:
     assert cfg.locals == frozenset({cfg.me})
     assert (cfg.databytes, cfg.maxrcpt, cfg.timeoutsmtpd) == (0, 0, 1200)
     assert (cfg.maxconnip, cfg.maxconn, cfg.timeouttls, cfg.timeoutterm) == (50, 1000, 30, 10)
-    assert (cfg.maxerrors, cfg.timeoutdata) == (10, 3600)
+    assert (cfg.maxerrors, cfg.timeoutdata, cfg.commitdelay) == (10, 3600, 5)
     assert cfg.server_tls is None and cfg.authdb is None and cfg.validrcptto is None
     assert cfg.valid_recipient() is None
 
@@ -43,13 +43,14 @@ def test_values_are_read(root: Path) -> None:
     write(root, "rcpthosts", "# ours\nexample.org\n\n.example.net\n")
     write(root, "databytes", "1048576\n")
     write(root, "maxrcpt", "100\n")
+    write(root, "commitdelay", "0\n")
     write(root, "tlsclients", "Relay.Test\nuser@example.org\n")
     write(root, "validrcptto", "joe@example.org\n@a.example.net\n")
     cfg = config.load(root)
     assert cfg.me == "mx.example.org"
     assert cfg.greeting == "mx.example.org ESMTP at your service"
     assert cfg.rcpthosts == {"example.org", ".example.net"}
-    assert (cfg.databytes, cfg.maxrcpt) == (1048576, 100)
+    assert (cfg.databytes, cfg.maxrcpt, cfg.commitdelay) == (1048576, 100, 0)
     assert cfg.tlsclients == {"relay.test", "user@example.org"}
     assert isinstance(cfg.server_tls, ssl.SSLContext)
     check = cfg.valid_recipient()
@@ -88,6 +89,8 @@ def test_rcpthosts_matching_is_qmails(root: Path, domain: str, ok: bool) -> None
         ("databytes", "\n", "databytes: file is empty"),
         ("maxconnip", "0\n", "maxconnip:1: 0 is out of range (min 1)"),
         ("maxerrors", "0\n", "maxerrors:1: 0 is out of range (min 1)"),
+        ("commitdelay", "1001\n", "commitdelay:1: 1001 is out of range (min 0, max 1000)"),
+        ("commitdelay", "2.5\n", "commitdelay:1: not a non-negative integer: '2.5'"),
         ("rcpthosts", "good.test\nbad_domain.test\n", "rcpthosts:2: not a valid domain name"),
         ("rcpthosts", "a.test\r\n", "rcpthosts:1: carriage return"),
         ("rcpthosts", "a.test\n\x00\n", "rcpthosts:2: NUL byte"),
