@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import ssl
 import time
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import PKI
 from tests.e2e.conftest import QmailRoot, StartDaemon
-from tests.e2e.helpers import MESSAGE, client_context
+from tests.e2e.helpers import MESSAGE, RawSMTP, client_context
 
 USERS = {"alice@mx.test": "correct horse battery", "bob@mx.test": "s3cret-b0b"}
 
@@ -376,3 +377,44 @@ def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit
         "s@remote.test",
         "t@remote.test",
     ]
+
+
+def _timed_message(c: RawSMTP, n: int) -> float:
+    """Seconds from the end of the message to its 250."""
+    assert c.cmd(f"MAIL FROM:<s{n}@remote.test>")[0] == 250
+    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    started = time.monotonic()
+    c.send(b"Subject: timed\r\n\r\nbody\r\n.\r\n")
+    code, _ = c.reply()
+    assert code == 250
+    return time.monotonic() - started
+
+
+def test_commitdelay_waits_only_while_another_session_could_join(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """control/commitdelay: a message waits for company only while another session of the
+    worker is not itself waiting for a commit, and never longer than the delay."""
+    qmail_root.control("commitdelay", "1000\n")
+    d = smtpd()
+    lone = d.connect()
+    assert lone.reply()[0] == 220
+    assert lone.cmd("EHLO client.test")[0] == 250
+    assert _timed_message(lone, 1) < 0.9, "a lone message must not wait"
+    other = d.connect()  # connected, in no transaction: it could send a message any time
+    assert other.reply()[0] == 220
+    assert other.cmd("EHLO other.test")[0] == 250
+    waited = _timed_message(lone, 2)
+    assert 0.95 <= waited < 10
+    other.cmd("QUIT")
+    other.close()
+    d.wait_for(r"conn ip=127\.0\.0\.1 port=\d+ secs=[\d.]+ msgs=0")
+    assert _timed_message(lone, 3) < 0.9, "alone again: no wait"
+    qmail_root.control("commitdelay", "0\n")  # HUP applies it to the running worker
+    d.send_signal(signal.SIGHUP)
+    d.wait_for(r"pid=\d+ reload ", count=1)
+    other = d.connect()
+    assert other.reply()[0] == 220
+    assert _timed_message(lone, 4) < 0.9, "commitdelay 0: never wait"
+    assert len(qmail_root.queued()) == 4

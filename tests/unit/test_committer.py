@@ -33,10 +33,13 @@ def _writer(q: Queue, n: int, *, size: int = 4, held: bool = True) -> QueueWrite
 
 def _run(
     body: Callable[[Committer, Callable[[QueueWriter], asyncio.Future[object]]], Awaitable[None]],
+    *,
+    delay: float = 0.0,
+    all_waiting: Callable[[], bool] = lambda: True,
 ) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        committer = Committer(loop)
+        committer = Committer(loop, delay=delay, all_waiting=all_waiting)
 
         def submit(w: QueueWriter) -> asyncio.Future[object]:
             fut: asyncio.Future[object] = loop.create_future()
@@ -223,3 +226,114 @@ def test_stop_drops_what_was_never_handed_over(
     _run(body)
     assert os.listdir(q.path("tmp")) == []
     assert _files(q) == [1]
+
+
+# --- waiting for company (control/commitdelay) ------------------------------------------
+
+
+def test_a_batch_waits_for_sessions_still_on_their_way(q: Queue) -> None:
+    """Other sessions are busy: the first message waits; when everyone is waiting for a
+    commit (here: the flag flips and a session ends) the batch goes at once, as one file."""
+    everyone_waiting = [False]
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        first = submit(_writer(q, 0))
+        await asyncio.sleep(0.3)
+        assert not first.done(), "committed although other sessions were on their way"
+        second = submit(_writer(q, 1))
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        everyone_waiting[0] = True
+        c.session_gone()
+        results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+
+    _run(body, delay=60.0, all_waiting=lambda: everyone_waiting[0])
+    assert _files(q) == [2]
+
+
+def test_the_wait_is_bounded_from_the_oldest_message(q: Queue) -> None:
+    """Nobody else ever finishes: the batch goes ``delay`` after its oldest message came;
+    later messages join it without pushing the deadline back."""
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = submit(_writer(q, 0))
+        await asyncio.sleep(0.2)
+        second = submit(_writer(q, 1))
+        await asyncio.sleep(0)
+        assert c.timer is not None
+        assert c.timer.when() == pytest.approx(started + 0.6, abs=0.05)
+        results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+        assert loop.time() - started >= 0.59
+
+    _run(body, delay=0.6, all_waiting=lambda: False)
+    assert _files(q) == [2]
+
+
+@pytest.mark.parametrize(
+    ("delay", "everyone_waiting"),
+    [(60.0, True), (0.0, False)],
+    ids=["every session waiting", "commitdelay 0"],
+)
+def test_no_wait(q: Queue, delay: float, everyone_waiting: bool) -> None:
+    """A lone message (its session is the only one, and it waits) or commitdelay 0: the
+    commit starts in the same loop pass, no timer is set."""
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        fut = submit(_writer(q, 0))
+        await asyncio.sleep(0)
+        assert c.busy and c.timer is None
+        assert isinstance(await asyncio.wait_for(fut, 10), Envelope)
+
+    _run(body, delay=delay, all_waiting=lambda: everyone_waiting)
+    assert _files(q) == [1]
+
+
+def test_a_busy_commit_thread_does_not_restart_the_wait(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait ran out while the thread was still busy: the batch goes as soon as the
+    thread is free, not one more ``delay`` later."""
+    real_fsync = os.fsync
+    gate = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread().name == "commit" and not gate.is_set():
+            gate.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        first = submit(_writer(q, 0))
+        await asyncio.sleep(0.5)  # waited 0.2 s, then went to the (stuck) thread
+        assert c.busy and not first.done()
+        second = submit(_writer(q, 1))
+        await asyncio.sleep(0.5)  # its own wait is over too; the thread is still stuck
+        assert c.timer is None and not second.done()
+        gate.set()
+        await asyncio.wait_for(first, 10)  # answered in _deliver, which starts the next
+        assert c.timer is None, "must not wait a whole delay again"
+        assert c.busy or second.done()
+        await asyncio.wait_for(second, 10)
+
+    _run(body, delay=0.2, all_waiting=lambda: False)
+    assert _files(q) == [1, 1]
+
+
+def test_stop_cancels_the_wait(q: Queue) -> None:
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        fut = submit(_writer(q, 0))
+        await asyncio.sleep(0.05)
+        assert c.timer is not None and not fut.done()
+        c.stop(5)
+        assert c.timer is None
+        await asyncio.sleep(0.1)
+        assert not fut.done(), "nobody is left to answer at exit"
+
+    _run(body, delay=60.0, all_waiting=lambda: False)
+    assert _files(q) == []
+    assert os.listdir(q.path("tmp")) == []
