@@ -12,9 +12,10 @@ verbatim); the benchmark treats errors as a failed run.
 
 Protocol with the parent process (one JSON object per line on stdout):
 ``{"event": "ready"}`` once the loop is up; then the parent writes ``go`` on stdin;
-the final ``{"event": "result", ...}`` carries the counts. In ``--idle`` mode the
-generator reports ``{"event": "holding", ...}`` once every connection got its EHLO
-answered, and closes them when the parent writes ``release``.
+the final ``{"event": "result", ...}`` carries the counts and, per counted message, the
+microseconds from writing its end of DATA to reading its 250 (``latency_us``). In
+``--idle`` mode the generator reports ``{"event": "holding", ...}`` once every connection
+got its EHLO answered, and closes them when the parent writes ``release``.
 
 Run standalone for a quick check::
 
@@ -81,6 +82,7 @@ class Counters:
     sessions: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # end of DATA sent -> its 250
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -165,6 +167,7 @@ class Session(asyncio.Protocol):
         self.expect = 220
         self.what = "greeting"
         self.taken = True  # the budget counted a message we have not had a 250 for
+        self.data_sent = 0.0  # when the message and its end marker were written
         self.ended = False
         self.sent = 0
         self.mail = f"MAIL FROM:<{target.sender}>\r\n".encode()
@@ -236,10 +239,13 @@ class Session(asyncio.Protocol):
             self.send(b"DATA\r\n", 354, "DATA")
         elif what == "DATA":
             self.send(self.payload, 250, "end of DATA")
+            self.data_sent = time.monotonic()
         elif what == "end of DATA":
             self.taken = False
-            if time.monotonic() < self.budget.deadline:
+            now = time.monotonic()
+            if now < self.budget.deadline:
                 self.counters.messages += 1
+                self.counters.latencies.append(now - self.data_sent)
             self.sent += 1
             if self.sent < self.target.per_session and self.budget.take():
                 self.taken = True
@@ -370,6 +376,7 @@ async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
         "elapsed": window,
         "wall": finished - started,
         "cpu": _cpu_seconds() - cpu0,
+        "latency_us": [round(1e6 * s) for s in counters.latencies],
     }
 
 

@@ -77,6 +77,7 @@ class Run:
     gen_cpu: float  # CPU seconds the generator processes used
     seconds: float
     samples: list[str] = field(default_factory=list)
+    latency_us: list[int] = field(default_factory=list)  # end of DATA -> 250, per message
 
 
 class GeneratorError(Exception):
@@ -194,6 +195,7 @@ def run_load(
         gen_cpu=sum(float(r["cpu"]) for r in results),
         seconds=seconds,
         samples=samples,
+        latency_us=[us for r in results for us in r.get("latency_us", [])],
     )
 
 
@@ -238,6 +240,16 @@ def median(values: list[float]) -> float:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 and a == a and b == b else "n/a"  # noqa: PLR0124 (NaN check)
+
+
+def percentiles(us: list[int]) -> str:
+    """p50 / p99 of microsecond samples, in ms."""
+    if not us:
+        return "n/a"
+    ordered = sorted(us)
+    p50 = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, (99 * len(ordered)) // 100)]
+    return f"{p50 / 1000:.2f} / {p99 / 1000:.2f}"
 
 
 def mib(kib: float) -> str:
@@ -464,6 +476,17 @@ def print_table(
         if r.messages and r.gen_cpu > 0
     ]
     print(f"{'(load generator, all runs)':<32}{median(gen):16.2f}  median ms CPU/msg, same cores")
+    print()
+    # What a client waits for its 250 after the end of DATA (pooled over the rounds): the
+    # price of group commit (pyqmail's commitdelay) shows here, next to the peers'.
+    head = f"{'250 after DATA, p50 / p99 (ms)':<32}" + "".join(f"{n:>16}" for n in names)
+    print(head)
+    for w in args.workload_list:
+        line = f"{w.name:<32}"
+        for n in names:
+            pooled = [us for r in runs.get((w.name, n), []) for us in r.latency_us]
+            line += f"{percentiles(pooled):>16}"
+        print(line)
     print()
     print(
         f"{'memory (PSS, MiB)':<32}"

@@ -31,7 +31,7 @@ from bench.servers import (
     ServerError,
     free_port,
 )
-from bench.smtpd_load import WORKLOADS, Workload, measure_idle, run_load, split
+from bench.smtpd_load import WORKLOADS, Workload, measure_idle, percentiles, run_load, split
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_PYQMAIL_SMTPD = importlib.util.find_spec("pyqmail.smtpd") is not None
@@ -107,6 +107,8 @@ def _check_counts(server: Server, certs: CertFiles, workload: Workload, messages
     assert run.messages == messages
     assert server.stored() - before == messages
     assert run.pss_kib > 0
+    assert len(run.latency_us) == messages  # one per acknowledged message
+    assert all(0 < us < 60_000_000 for us in run.latency_us)
 
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
@@ -133,6 +135,20 @@ def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFil
     # Messages acknowledged after the deadline are stored but not counted.
     assert aiosmtpd.stored() - before >= run.messages
     assert 0.45 < run.seconds < 1.5
+    assert len(run.latency_us) == run.messages
+
+
+@pytest.mark.parametrize(
+    ("samples", "text"),
+    [
+        ([], "n/a"),
+        ([1500], "1.50 / 1.50"),
+        (list(range(1000, 101_000, 1000)), "51.00 / 100.00"),  # 100 samples: 1..100 ms
+        ([9000, 1000, 2000], "2.00 / 9.00"),
+    ],
+)
+def test_percentiles(samples: list[int], text: str) -> None:
+    assert percentiles(samples) == text
 
 
 def test_idle_connections_are_held(aiosmtpd: Server) -> None:
