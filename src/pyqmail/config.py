@@ -122,9 +122,7 @@ def _read_int(path: Path, default: int, *, minimum: int = 0, maximum: int = _INT
     value = int(text.strip())
     if value < minimum or value > maximum:
         top = "" if maximum == _INT_MAX else f", max {maximum}"
-        raise ConfigError(
-            f"{_where(path, lineno)}: {value} is out of range (min {minimum}{top})"
-        )
+        raise ConfigError(f"{_where(path, lineno)}: {value} is out of range (min {minimum}{top})")
     return value
 
 
