@@ -407,14 +407,23 @@ def test_commitdelay_waits_only_while_another_session_could_join(
     assert other.cmd("EHLO other.test")[0] == 250
     waited = _timed_message(lone, 2)
     assert 0.95 <= waited < 10
+    # The other session leaves while a message waits for it: the wait ends there.
+    assert lone.cmd("MAIL FROM:<s3@remote.test>")[0] == 250
+    assert lone.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert lone.cmd("DATA")[0] == 354
+    started = time.monotonic()
+    lone.send(b"Subject: timed\r\n\r\nbody\r\n.\r\n")
+    time.sleep(0.2)
     other.cmd("QUIT")
     other.close()
+    assert lone.reply()[0] == 250
+    assert time.monotonic() - started < 0.9, "the session that left was still waited for"
     d.wait_for(r"conn ip=127\.0\.0\.1 port=\d+ secs=[\d.]+ msgs=0")
-    assert _timed_message(lone, 3) < 0.9, "alone again: no wait"
+    assert _timed_message(lone, 4) < 0.9, "alone again: no wait"
     qmail_root.control("commitdelay", "0\n")  # HUP applies it to the running worker
     d.send_signal(signal.SIGHUP)
     d.wait_for(r"pid=\d+ reload ", count=1)
     other = d.connect()
     assert other.reply()[0] == 220
-    assert _timed_message(lone, 4) < 0.9, "commitdelay 0: never wait"
-    assert len(qmail_root.queued()) == 4
+    assert _timed_message(lone, 5) < 0.9, "commitdelay 0: never wait"
+    assert len(qmail_root.queued()) == 5
