@@ -35,8 +35,8 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
 ``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10
 ``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
-                   (group commit, see ``smtpd.Committer``); 0 = never wait; default 5, at
-                   most 1000
+                   (group commit, see ``smtpd.Committer``); 0 = never wait; default 10,
+                   at most 1000
 =================  ===========================================================================
 
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
@@ -309,7 +309,7 @@ def load(root: str | Path) -> Config:
         maxconnip=_read_int(control / "maxconnip", 50, minimum=1),
         maxconn=_read_int(control / "maxconn", 1000, minimum=1),
         maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
-        commitdelay=_read_int(control / "commitdelay", 5, maximum=1000),
+        commitdelay=_read_int(control / "commitdelay", 10, maximum=1000),
         servercert=servercert,
         clientca=clientca,
         tlsclients=_read_identities(control / "tlsclients"),
