@@ -10,11 +10,15 @@ by every server per message and says nothing about them; it only squeezes every 
 towards 1, by an amount that depends on what ran before. So the benchmarks probe the cost in
 their own directory before they start and wait (bounded) until it is back to normal,
 and print the figure either way.
+
+The probe's own files are left in place (the benchmark removes its whole directory at the
+end): deleted, they would be "recently deleted" inodes at the front of the queues' block
+group for the next minutes, and every file creation of the benchmark would step over them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,20 +30,19 @@ WAIT_LIMIT = 300.0  # seconds
 WAIT_STEP = 10.0
 
 
+_PROBES = itertools.count()
+
+
 def create_cost_ms(where: Path, files: int = PROBE_FILES) -> float:
     """CPU milliseconds per empty-file creation directly in ``where`` (a directory of ours:
-    the inode allocator starts from the directory's own block group)."""
-    names = [where / f".fsprobe.{os.getpid()}.{i}" for i in range(files)]
-    try:
-        start = time.thread_time()
-        for name in names:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return 1000 * (time.thread_time() - start) / files
-    finally:
-        # Deleting 200 files is far too few to poison the group (it takes thousands).
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                name.unlink()
+    the inode allocator starts from the directory's own block group). The empty files stay
+    (see the module docstring); ``where`` must be removed by its owner."""
+    probe = next(_PROBES)
+    names = [where / f".fsprobe.{os.getpid()}.{probe}.{i}" for i in range(files)]
+    start = time.thread_time()
+    for name in names:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return 1000 * (time.thread_time() - start) / files
 
 
 def worst_cost_ms(places: Sequence[Path]) -> tuple[float, Path]:

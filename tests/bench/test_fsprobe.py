@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,18 @@ import pytest
 from bench import fsprobe
 
 
-def test_probe_measures_and_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_probe_measures_and_keeps_its_files(tmp_path: Path) -> None:
+    """Deleted, the probe's files would become recently-deleted inodes that every later
+    creation in the benchmark steps over; they stay, empty, with names of their own."""
     (tmp_path / "keep").write_text("x")
     cost = fsprobe.create_cost_ms(tmp_path, files=50)
     assert 0 < cost < 50  # milliseconds per creation: anything sane
-    assert os.listdir(tmp_path) == ["keep"]
+    again = fsprobe.create_cost_ms(tmp_path, files=50)  # a second probe: fresh names
+    assert again > 0
+    probes = [p for p in tmp_path.iterdir() if p.name.startswith(".fsprobe.")]
+    assert len(probes) == 100
+    assert all(p.stat().st_size == 0 for p in probes)
+    assert (tmp_path / "keep").read_text() == "x"
 
 
 def test_worst_place_is_reported(tmp_path: Path) -> None:
