@@ -384,6 +384,12 @@ class QueueWriter:
             raise QueueError(f"writer for {self.queue_id} is not a finished held message")
         return self._held
 
+    def drop_record(self) -> None:
+        """The record is in a segment file now: let its bytes go (the commit that follows
+        needs only the envelope), so messages waiting for their batch hold no body."""
+        if self._held is not None:
+            self._held = []
+
     def _sync(self) -> None:
         """Step 1b: fsync and close."""
         fd, self._fd = self._fd, None
@@ -536,6 +542,8 @@ class SegmentWriter:
             parts.append(b"%020d\n" % sum(map(len, record)))
             parts.extend(record)
         self._flush(parts)
+        for w in writers:
+            w.drop_record()
         self.writers.extend(writers)
 
     def seal(self) -> None:

@@ -15,6 +15,7 @@ from pyqmail.queue import (
     Queue,
     QueueError,
     QueueWriter,
+    SegmentWriter,
     encode_segment_trailer,
     parse_file,
     parse_segment,
@@ -51,6 +52,26 @@ def test_segment_round_trip(queue: Queue) -> None:
         assert s.span is not None
         offset, length = s.span
         assert parse_file(data[offset : offset + length])[0].body == s.body
+
+
+def test_messages_in_a_segment_hold_no_body_while_they_wait(queue: Queue) -> None:
+    """Once written into the segment, a message waiting for its batch's commit keeps only
+    its envelope in memory; the file has every byte."""
+    bodies = [b"a" * 4000 + b"\r\n", b"b" * 100 + b"\r\n"]
+    writers = _held(queue, bodies)
+    for w in writers:
+        w.finish()
+    seg = SegmentWriter(queue)
+    seg.add(writers)
+    assert [sum(map(len, w.record())) for w in writers] == [0, 0]
+    seg.seal()
+    seg.sync_publish()
+    queue.sync_new()
+    envs = seg.envelopes()
+    assert [e.size for e in envs] == [len(b) for b in bodies]
+    assert [e.queue_id for e in envs] == [w.queue_id for w in writers]
+    stored = parse_file((queue.root / "new" / seg.segment_id).read_bytes(), "seg")
+    assert [x.body for x in stored] == bodies
 
 
 def test_every_truncation_of_a_segment_is_detected(queue: Queue) -> None:
