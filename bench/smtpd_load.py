@@ -323,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--idle must be 0 (skip) or more")
     if args.settle < 0:
         p.error("--settle must be 0 (no wait) or more")
+    if args.commitdelay is not None and not 0 <= args.commitdelay <= 1000:
+        p.error("--commitdelay must be 0 to 1000 (milliseconds, as control/commitdelay)")
     return args
 
 

@@ -230,6 +230,17 @@ def test_workloads_option_matches_whole_words() -> None:
     assert smtpd_load.parse_args(base).workload_list == list(WORKLOADS)
 
 
+@pytest.mark.parametrize("value", ["-1", "1001"])
+def test_commitdelay_option_is_checked(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import smtpd_load
+
+    assert smtpd_load.parse_args(["--commitdelay", "10"]).commitdelay == 10
+    with pytest.raises(SystemExit) as exc:
+        smtpd_load.parse_args(["--commitdelay", value])
+    assert exc.value.code == 2
+    assert "--commitdelay must be 0 to 1000" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["plain 2", ",", "tls"])
 def test_workloads_option_rejects_unknown(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from bench import smtpd_load
