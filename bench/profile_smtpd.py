@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.certs import make_certs
 from bench.servers import PyqmailServer
-from bench.smtpd_load import WORKLOADS, Run, run_load
+from bench.smtpd_load import WORKLOADS, Run, run_load, word_prefix
 
 
 def summarize(raw: str, top: int) -> str:
@@ -55,7 +55,9 @@ def summarize(raw: str, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", default="plain 10", help="prefix of a workload name")
+    p.add_argument(
+        "--workload", default="plain 10", help='first words of a workload name ("plain 1")'
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     p.add_argument("--workers", default="auto")
     p.add_argument("--user", default="nobody")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmpdir", help="where the queue goes (default: system temp dir)")
     p.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
     args = p.parse_args(argv)
-    matches = [w for w in WORKLOADS if w.name.lower().startswith(args.workload.lower())]
+    matches = [w for w in WORKLOADS if word_prefix(args.workload.strip().lower(), w.name)]
     if len(matches) != 1:
         p.error(f"--workload {args.workload!r}: matches {[w.name for w in matches]}")
     workload = matches[0]

@@ -297,8 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workload_list = list(WORKLOADS)
     if args.workloads:
         wanted = [w.strip().lower() for w in args.workloads.split(",") if w.strip()]
-        chosen = [w for w in WORKLOADS if any(_word_prefix(x, w.name) for x in wanted)]
-        missing = [x for x in wanted if not any(_word_prefix(x, w.name) for w in WORKLOADS)]
+        chosen = [w for w in WORKLOADS if any(word_prefix(x, w.name) for x in wanted)]
+        missing = [x for x in wanted if not any(word_prefix(x, w.name) for w in WORKLOADS)]
         if missing or not chosen:
             p.error(
                 f"--workloads: {missing or 'empty list'} match no workload of "
@@ -328,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _word_prefix(prefix: str, name: str) -> bool:
+def word_prefix(prefix: str, name: str) -> bool:
     """Whole words: "plain 1" is "plain 1 msg/session", not "plain 10 msg/session"."""
     name = name.lower()
     return name == prefix or name.startswith(prefix + " ")
