@@ -12,8 +12,11 @@ export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-system-deps: ## install the Debian packages the tests and peers need (root)
+system-deps: ## install the Debian packages the tests and peers need (root; a no-op once present)
 	scripts/install-system-deps
+
+check-system-deps: ## prove every external tool the tests run works as they use it (names what is missing)
+	scripts/check-system-deps
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +52,8 @@ molecule: $(STAMP) image ## run one molecule scenario: make molecule SCENARIO=de
 molecule-all: $(STAMP) image ## run every molecule scenario
 	source $(BIN)/activate && molecule test --all
 
-test: lint unit molecule-all ## the whole suite: lint, unit, end-to-end and molecule (CI runs this)
+test: system-deps check-system-deps ## the whole suite: tool check, lint, unit, end-to-end, molecule (CI runs this)
+	$(MAKE) lint unit molecule-all
 
 run: $(STAMP) ## provision this machine with site.yml and leave the mail server up
 	source $(BIN)/activate && ansible-playbook site.yml
@@ -71,4 +75,4 @@ stress: $(STAMP) ## slow attack/testssl tests, fuzz, then the SIGKILL soak (STRE
 	$(BIN)/python -m tests.stress.fuzz --seconds $(FUZZ_SECONDS)
 	$(BIN)/python -m tests.stress.soak --seconds $(STRESS_SECONDS)
 
-.PHONY: help system-deps venv lint unit image molecule molecule-all test run bench bench-e2e fuzz stress
+.PHONY: help system-deps check-system-deps venv lint unit image molecule molecule-all test run bench bench-e2e fuzz stress

@@ -1,6 +1,6 @@
 """pyqmail-sendmail: the sendmail-compatible injector for local programs (cron, monitoring).
 
-``pyqmail-sendmail [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...] < msg``
+``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...] < msg``
 
 - ``-f ADDR`` / ``-r ADDR``: envelope sender (``-f ''`` or ``-f '<>'`` = null sender); default
   ``$MAILUSER``/``$LOGNAME``/``$USER`` (or the uid's name) at ``control/me``.
@@ -54,6 +54,10 @@ class InjectError(Exception):
         self.code = code
 
 
+class ShowUsage(Exception):  # noqa: N818 - a request, not an error
+    """``--help``: print the usage (this module's docstring) and exit 0."""
+
+
 @dataclass
 class Options:
     root: Path = Path(os.environ.get("PYQMAIL_ROOT", "/var/qmail"))
@@ -84,6 +88,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         if arg == "--":
             opts.recipients += args[i + 1 :]
             break
+        if arg == "--help":
+            raise ShowUsage
         if arg == "--root":
             opts.root = Path(value("--root"))
         elif arg.startswith(("-f", "-r")):
@@ -231,6 +237,9 @@ def inject(argv: Sequence[str], stdin: BinaryIO) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         inject(sys.argv[1:] if argv is None else argv, sys.stdin.buffer)
+    except ShowUsage:
+        sys.stdout.write(__doc__ or "")
+        return 0
     except InjectError as exc:
         sys.stderr.write(f"pyqmail-sendmail: {exc}\n")
         return exc.code
