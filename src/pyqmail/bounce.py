@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 from pyqmail.delivery import DOUBLE_BOUNCE_SENDER, Control, Result, one_line
-from pyqmail.local import header_block
+from pyqmail.headers import header_section
 from pyqmail.queue import Envelope
 
 
@@ -106,7 +106,7 @@ def make_dsn(
         diagnostic = r.diagnostic or f"x-pyqmail; {r.detail}"
         status.append(f"Diagnostic-Code: {_ascii(diagnostic)}")
         status.append(f"Last-Attempt-Date: {formatdate(f.when)}")
-    headers = header_block(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    headers = header_section(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     subject = "failure notice" if not target.double else "double bounce: failure notice"
     top = [
         f"From: Mail Delivery System <{author}>",

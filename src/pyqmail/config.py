@@ -15,6 +15,8 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``locals``         domains delivered locally; default ``me`` (read here only to validate it)
 ``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail)
 ``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
+``maxhops``        most ``Received``/``Delivered-To`` lines a message may arrive with (RFC 5321
+                   §6.3; qmail's MAXHOPS); more: ``554 5.4.6``. Default 100, 1..10000
 ``timeoutsmtpd``   seconds a client may take to make progress; default 1200 (qmail)
 ``servercert.pem`` private key, then certificate, then chain (qmail-tls); absent: no TLS
 ``clientca.pem``   CAs whose client certificates may relay; absent: no certificate requested
@@ -55,6 +57,7 @@ from pathlib import Path
 
 from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.headers import DEFAULT_MAXHOPS
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _INT_MAX = 2**63 - 1
@@ -186,6 +189,7 @@ class Config:
     locals: frozenset[str]
     databytes: int
     maxrcpt: int
+    maxhops: int
     timeoutsmtpd: int
     timeouttls: int
     timeoutdata: int
@@ -302,6 +306,7 @@ def load(root: str | Path) -> Config:
         locals=local_domains,
         databytes=_read_int(control / "databytes", 0),
         maxrcpt=_read_int(control / "maxrcpt", 0),
+        maxhops=_read_int(control / "maxhops", DEFAULT_MAXHOPS, minimum=1, maximum=10000),
         timeoutsmtpd=_read_int(control / "timeoutsmtpd", 1200, minimum=1),
         timeouttls=_read_int(control / "timeouttls", 30, minimum=1),
         timeoutdata=_read_int(control / "timeoutdata", 3600, minimum=1),

@@ -17,6 +17,9 @@ Control files read by the delivery side (``<root>/control/``; first line only un
 ``doublebounceto``     where failed bounces go (default ``postmaster``; empty line = drop)
 ``doublebouncehost``   its domain (default ``me``)
 ``helohost``           name sent in EHLO (default ``me``)
+``maxhops``           Received/Delivered-To lines a message may have (default 100, as
+                       pyqmail-smtpd); local delivery bounces a message with more than
+                       ``maxhops`` + 1 (its own Received line is not held against it)
 ``timeoutconnect``     seconds to wait for a TCP connection (default 60)
 ``timeoutremote``      seconds to wait for each SMTP reply (default 1200)
 ``smtproutes``         ``domain:relay[:port]`` lines, see ``Route``
@@ -33,6 +36,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from pyqmail.headers import DEFAULT_MAXHOPS
 
 Kind = Literal["ok", "temp", "perm"]
 DOUBLE_BOUNCE_SENDER = "#@[]"
@@ -183,6 +188,7 @@ class Control:
     doublebounceto: str = "postmaster"
     doublebouncehost: str = ""
     helohost: str = ""
+    maxhops: int = DEFAULT_MAXHOPS
     timeoutconnect: int = 60
     timeoutremote: int = 1200
     routes: dict[str, Route] = field(default_factory=dict)
@@ -248,6 +254,7 @@ class Control:
             doublebounceto=_opt(_first_line(c / "doublebounceto"), "postmaster"),
             doublebouncehost=_first_line(c / "doublebouncehost") or me,
             helohost=_first_line(c / "helohost") or me,
+            maxhops=_number(c / "maxhops", DEFAULT_MAXHOPS, 1, 10000),
             timeoutconnect=_number(c / "timeoutconnect", 60, 1, 3600),
             timeoutremote=_number(c / "timeoutremote", 1200, 1, 86400),
             routes=routes,

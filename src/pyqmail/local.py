@@ -28,7 +28,6 @@ import errno
 import itertools
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -38,37 +37,11 @@ from typing import ClassVar
 
 from pyqmail.delivery import Control, Result, split_address
 from pyqmail.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
+from pyqmail.headers import header_fields
 from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
 
-MAX_HOPS = 100
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-
-
-def header_block(message: bytes) -> bytes:
-    """The header section of a message (without the empty line), CRLF or LF."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        end = message.find(sep)
-        if end >= 0:
-            return message[:end]
-    return message
-
-
-def header_values(message: bytes, name: str) -> list[str]:
-    """Unfolded values of every ``name:`` header (case-insensitive)."""
-    lines = re.split(rb"\r?\n", header_block(message))
-    unfolded: list[bytes] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and unfolded:
-            unfolded[-1] += b" " + line.strip()
-        else:
-            unfolded.append(line)
-    want = name.lower().encode() + b":"
-    return [
-        line[len(want) :].strip().decode("utf-8", "replace")
-        for line in unfolded
-        if line[: len(want)].lower() == want
-    ]
 
 
 def _ensure_maildir(maildir: Path) -> None:
@@ -204,19 +177,31 @@ class LocalDelivery:
         if isinstance(plan, Result):
             return plan
         delivered_to = plan.delivered_to
-        seen = [v.lower() for v in header_values(message, "Delivered-To")]
-        if delivered_to.lower() in seen:
+        looping = self._looping(message, delivered_to)
+        if looping is not None:
+            return looping
+        refused = [i for i in plan.instructions if i.kind == "refused"]
+        if refused:
+            return Result.perm(refused[0].target + " (#5.7.1)", "5.7.1")
+        return self._execute(env, message, plan, delivered_to)
+
+    def _looping(self, message: bytes, delivered_to: str) -> Result | None:
+        """qmail-local's loop check (our own Delivered-To line is already there) and the hop
+        limit: ``maxhops`` plus the Received line this host added when it took the message
+        in (pyqmail-smtpd let ``maxhops`` through). Reads the bounded header section once."""
+        fields = header_fields(message)
+        mine = delivered_to.lower().encode("utf-8", "surrogateescape")
+        if any(name == "delivered-to" and value.lower() == mine for name, value in fields):
             return Result.perm(
                 f"this message is looping: it already has my Delivered-To line "
                 f"({delivered_to}) (#5.4.6)",
                 "5.4.6",
             )
-        if len(seen) + len(header_values(message, "Received")) > MAX_HOPS:
-            return Result.perm(f"too many hops (over {MAX_HOPS}); looping? (#5.4.6)", "5.4.6")
-        refused = [i for i in plan.instructions if i.kind == "refused"]
-        if refused:
-            return Result.perm(refused[0].target + " (#5.7.1)", "5.7.1")
-        return self._execute(env, message, plan, delivered_to)
+        limit = self.control.maxhops + 1
+        hops = sum(1 for name, _ in fields if name in ("received", "delivered-to"))
+        if hops > limit:
+            return Result.perm(f"too many hops ({hops}, over {limit}); looping? (#5.4.6)", "5.4.6")
+        return None
 
     def _execute(self, env: Envelope, message: bytes, plan: Plan, delivered_to: str) -> Result:
         done: list[str] = []

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from pyqmail.headers import HopCounter
 from pyqmail.protocol_address import (
     AddressError,
     Mailbox,
@@ -112,6 +113,9 @@ REPLY_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
+REPLY_TOO_BIG = "552 5.3.4 Error: message exceeds fixed size limit"
+REPLY_NUL = "554 5.6.0 Error: message contains a NUL character"
+REPLY_HOPS = "554 5.4.6 Error: too many hops, this message is looping"
 
 
 class ProtocolUsageError(RuntimeError):
@@ -237,7 +241,8 @@ class SMTPConnection:
         self._line_start = True  # for dot-unstuffing
         self._size = 0
         self._client_size = 0
-        self._oversize = False
+        self._refused: str | None = None  # final reply of a message already aborted
+        self._hops = HopCounter()
         self._headers: bytearray | None = None
         self._headers_done = True
 
@@ -362,7 +367,7 @@ class SMTPConnection:
         if self.state is State.CLOSED:
             return []
         out: list[Event] = []
-        if self.state is State.DATA and not self._oversize:  # oversize already aborted it
+        if self.state is State.DATA and self._refused is None:  # else already aborted
             out.append(MessageAbort("timeout"))
         self._close(out, f"421 4.4.2 {self.policy.hostname} Error: timeout exceeded")
         return out
@@ -378,7 +383,7 @@ class SMTPConnection:
     def connection_lost(self) -> list[Event]:
         """The client went away; aborts a message being received."""
         out: list[Event] = []
-        if self.state is State.DATA and not self._oversize:  # oversize already aborted it
+        if self.state is State.DATA and self._refused is None:  # else already aborted
             out.append(MessageAbort("connection lost"))
         self.state = State.CLOSED
         self._inbuf.clear()
@@ -625,7 +630,8 @@ class SMTPConnection:
         self._line_start = True
         self._size = 0
         self._client_size = 0
-        self._oversize = False
+        self._refused = None
+        self._hops = HopCounter()
         self._headers = bytearray()
         self._headers_done = False
         protocol = self._protocol_name()
@@ -855,7 +861,7 @@ class SMTPConnection:
                 bare = _BARE_CR.search(raw, bare.end()) or bare
             if bare.group() == b"\r" or not self.policy.bare_lf:
                 what = "CR" if bare.group() == b"\r" else "LF"
-                if not self._oversize:
+                if self._refused is None:
                     out.append(MessageAbort(f"bare {what} in message"))
                 self._close(out, f"550 5.5.2 {self.policy.hostname} Error: bare <{what}> received")
                 return False
@@ -871,15 +877,30 @@ class SMTPConnection:
         self._client_size += len(raw)
         if not self._headers_done:
             self._collect_headers(raw)
-        if self._oversize:
+        if self._refused is not None:
             return True
-        if self.policy.databytes and self._client_size > self.policy.databytes:
-            self._oversize = True
-            out.append(MessageAbort("message exceeds databytes"))
+        refusal = self._content_refusal(raw)
+        if refusal is not None:
+            self._refused = refusal[1]
+            out.append(MessageAbort(refusal[0]))
             return True
         self._size += len(raw)
         out.append(MessageData(raw))
         return True
+
+    def _content_refusal(self, raw: bytes) -> tuple[str, str] | None:
+        """(abort reason, reply at end of DATA) once the message cannot be accepted; the
+        rest of it is read and dropped, so the client hears the reason (RFC 5321 §4.1.1.4)."""
+        if self.policy.databytes and self._client_size > self.policy.databytes:
+            return "message exceeds databytes", REPLY_TOO_BIG
+        if b"\0" in raw:  # RFC 5322 §2.2/3.5 and RFC 5321 §4.5.2: no NUL in a message
+            return "NUL character in message", REPLY_NUL
+        hops = self._hops
+        if not hops.done:
+            hops.feed(raw)
+            if hops.hops > self.policy.maxhops:
+                return f"more than {self.policy.maxhops} hops", REPLY_HOPS
+        return None
 
     def _collect_headers(self, raw: bytes) -> None:
         """Keep the header block (bounded) for the Message-ID; stop at the empty line."""
@@ -899,10 +920,10 @@ class SMTPConnection:
     def _finish_message(self, out: list[Event]) -> None:
         self._after_crlf = True
         self._line_start = True
-        if self._oversize:
+        if self._refused is not None:
             self._reset_transaction()
             self.state = State.READY
-            self._error(out, "552 5.3.4 Error: message exceeds fixed size limit")
+            self._error(out, self._refused)
             return
         message_id = _message_id(self._headers or b"")
         self._headers = None

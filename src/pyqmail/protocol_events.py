@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pyqmail.headers import DEFAULT_MAXHOPS
+
 #: SASL mechanisms the core implements.
 KNOWN_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
 
@@ -55,6 +57,9 @@ class Policy:
       accept and store long body lines); ``databytes`` bounds the whole message.
     - ``maxrcpt``: 0 means "no configured limit", but ``hard_max_recipients`` always
       applies so memory stays bounded (RFC 5321 asks servers to take at least 100).
+    - ``maxhops``: a message whose header has more ``Received``/``Delivered-To`` lines is
+      read to its end, dropped and refused with ``554 5.4.6`` (``pyqmail.headers``).
+      Messages containing a NUL byte are refused the same way (``554 5.6.0``).
     - ``max_pending`` bounds input buffered while the core waits for the server
       (AUTH check, queue commit, handshake) and before the greeting.
     """
@@ -73,6 +78,7 @@ class Policy:
     bare_lf: bool = False
     databytes: int = 0
     maxrcpt: int = 0
+    maxhops: int = DEFAULT_MAXHOPS
     rcpthosts: Callable[[str], bool] = _no_domain
     validrcptto: Callable[[str], bool] | None = None
     max_line: int = 4096
@@ -107,7 +113,7 @@ class Policy:
                 raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_line < 512:
             raise ValueError(f"Policy.max_line must be >= 512 (RFC 5321), got {self.max_line}")
-        for name in ("max_errors", "max_auth_failures", "hard_max_recipients"):
+        for name in ("maxhops", "max_errors", "max_auth_failures", "hard_max_recipients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Policy.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pending < self.max_line:

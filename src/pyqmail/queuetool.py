@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from pyqmail.delivery import one_line
-from pyqmail.local import header_block
+from pyqmail.headers import header_section
 from pyqmail.queue import Queue, QueueError, Stored
 from pyqmail.send import PIDFILE, ended_messages, read_state
 
@@ -144,7 +144,7 @@ def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
         when = time.ctime(float(record.get("t", 0)))
         out.write(f"state {when} {record.get('ev')} {' '.join(parts)}\n")
     out.write("\n")
-    text = message if body else header_block(message) + b"\r\n"
+    text = message if body else header_section(message) + b"\r\n"
     out.write(text.replace(b"\r\n", b"\n").decode("utf-8", "replace"))
     return 0
 

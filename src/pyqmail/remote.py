@@ -43,7 +43,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,10 +62,15 @@ from pyqmail.delivery import (
     one_line,
     split_address,
 )
+from pyqmail.ipme import LocalAddresses
 from pyqmail.queue import Envelope
 from pyqmail.tls import TLSConfigError, client_context
 
 MAX_ADDRESSES = 12
+MAX_LINE = 998  # octets of text per line on the wire, CRLF not counted
+MAX_REPLY = 64 * 1024  # bytes of one (multi-line) SMTP reply read before giving up
+MAX_LINE_IN = 8192  # one reply line (smtplib's own limit)
+SMTP_PORTS = frozenset({25, 465, 587})
 UNVERIFIABLE_TTL = 3600.0
 
 
@@ -73,6 +78,41 @@ class DnsError(Exception):
     def __init__(self, message: str, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class LoopError(DnsError):
+    """The destination is this host: delivering there would loop (permanent, 5.4.6)."""
+
+    def __init__(self, domain: str, why: str) -> None:
+        super().__init__(f"mail for {domain} loops back to myself ({why})", permanent=True)
+
+
+@dataclass(frozen=True)
+class Myself:
+    """What identifies this host to remote delivery: its host names (``me``, ``helohost``),
+    its local domains (``locals``) and its addresses (``pyqmail.ipme``)."""
+
+    hostnames: frozenset[str]
+    domains: frozenset[str]
+    is_local: Callable[[str], bool]
+
+    @classmethod
+    def of(cls, control: Control, addresses: LocalAddresses | None = None) -> Myself:
+        hostnames = frozenset(n.lower() for n in (control.me, control.helohost) if n)
+        return cls(hostnames, control.locals, (addresses or LocalAddresses()).is_local)
+
+    def named(self, host: str) -> bool:
+        """An MX or relay name that is one of ours (``me``, ``helohost`` or a local domain)."""
+        name = host.lower().rstrip(".")
+        return name in self.hostnames or name in self.domains
+
+    def greeted_by_me(self, reply: bytes | str) -> bool:
+        """A server whose EHLO/HELO reply starts with our own host name is this host
+        (Postfix's check): it catches what addresses cannot (NAT, port forwards, a relay
+        that routes back to us)."""
+        text = reply.decode("ascii", "replace") if isinstance(reply, bytes) else reply
+        words = text.split(None, 1)
+        return bool(words) and words[0].lower().rstrip(".") in self.hostnames
 
 
 class Resolver(Protocol):
@@ -135,24 +175,23 @@ class Destination:
         )
 
 
-def destinations(domain: str, route: Route, resolver: Resolver) -> list[Destination]:
-    """Hosts to try in order; raises DnsError."""
+def destinations(
+    domain: str, route: Route, resolver: Resolver, myself: Myself | None = None
+) -> list[Destination]:
+    """Hosts to try in order; raises DnsError, or LoopError when they lead back to ``myself``."""
     if route.host:
-        if is_ip_literal(route.host):
-            return [Destination(route.host, route.host, route.port)]
-        addrs = resolver.addresses(route.host)
-        if not addrs:
-            raise DnsError(f"relay {route.host} has no A/AAAA records", permanent=False)
-        return [Destination(route.host, a, route.port) for a in addrs][:MAX_ADDRESSES]
+        return _relay(domain, route, resolver, myself)
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
         literal = literal.removeprefix("IPv6:").removeprefix("ipv6:")
         if not is_ip_literal(literal):
             raise DnsError(f"bad address literal {domain}", permanent=True)
+        if myself is not None and myself.is_local(literal):
+            raise LoopError(domain, f"{literal} is an address of this host")
         return [Destination(literal, literal, 25)]
     records = resolver.mx(domain)
     if records is None:
-        hosts = [domain]
+        hosts = [(0, domain)]
     else:
         if any(host == "" for _, host in records):
             raise DnsError(f"{domain} does not accept mail (null MX, RFC 7505)", permanent=True)
@@ -163,21 +202,71 @@ def destinations(domain: str, route: Route, resolver: Resolver) -> list[Destinat
         for pref in sorted(by_pref):
             group = by_pref[pref]
             random.shuffle(group)
-            hosts += group
-    out: list[Destination] = []
+            hosts += [(pref, host) for host in group]
+    return _mx_addresses(domain, hosts, records is None, resolver, myself)
+
+
+def _relay(
+    domain: str, route: Route, resolver: Resolver, myself: Myself | None
+) -> list[Destination]:
+    """An smtproutes relay. One of our own names or addresses on an SMTP port (25, 465, 587:
+    where pyqmail-smtpd listens) is a loop; another port is a local filter or relay
+    (Postfix's ``[127.0.0.1]:10025`` pattern) and allowed (the EHLO check still applies)."""
+    if is_ip_literal(route.host):
+        addrs = [route.host]
+    else:
+        addrs = resolver.addresses(route.host)
+        if not addrs:
+            raise DnsError(f"relay {route.host} has no A/AAAA records", permanent=False)
+    if myself is not None and route.port in SMTP_PORTS:
+        if myself.named(route.host):
+            raise LoopError(domain, f"relay {route.host} is this host")
+        for addr in addrs:
+            if myself.is_local(addr):
+                raise LoopError(domain, f"relay {route.host} is {addr}, an address of this host")
+    return [Destination(route.host, a, route.port) for a in addrs][:MAX_ADDRESSES]
+
+
+def _mx_addresses(
+    domain: str,
+    hosts: list[tuple[int, str]],
+    implicit: bool,
+    resolver: Resolver,
+    myself: Myself | None,
+) -> list[Destination]:
+    """Addresses of the MX hosts in order, qmail-remote's way: when one of them is this host
+    (by name or address), only the hosts preferred to it are kept (we are their backup);
+    none left is a loop."""
+    out: list[tuple[int, Destination]] = []
     last: DnsError | None = None
-    for host in hosts:
+    for pref, host in hosts:
+        if myself is not None and myself.named(host):
+            return _before_me(domain, out, pref, f"MX {host} is this host")
         try:
-            out += [Destination(host, a, 25) for a in resolver.addresses(host)]
+            addrs = resolver.addresses(host)
         except DnsError as exc:
             last = exc
+            continue
+        mine = [a for a in addrs if myself is not None and myself.is_local(a)]
+        if mine:
+            return _before_me(domain, out, pref, f"MX {host} is {mine[0]}, an address of this host")
+        out += [(pref, Destination(host, a, 25)) for a in addrs]
         if len(out) >= MAX_ADDRESSES:
             break
     if not out:
-        if last is not None and records is None:
+        if last is not None and implicit:
             raise last
         raise DnsError(f"no address found for the mail hosts of {domain}", permanent=False)
-    return out[:MAX_ADDRESSES]
+    return [dest for _, dest in out[:MAX_ADDRESSES]]
+
+
+def _before_me(
+    domain: str, found: list[tuple[int, Destination]], pref: int, why: str
+) -> list[Destination]:
+    better = [dest for p, dest in found if p < pref]
+    if not better:
+        raise LoopError(domain, why)
+    return better[:MAX_ADDRESSES]
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -251,7 +340,41 @@ class _SMTP(smtplib.SMTP):
         self._host = host  # the name STARTTLS verifies (smtplib only sets it in __init__)
         return socket.create_connection((self._address, port), timeout)
 
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's reply reader with a bound on the whole reply, not only on each line: a
+        server sending continuation lines forever is cut off after ``MAX_REPLY`` bytes."""
+        lines: list[bytes] = []
+        total = 0
+        if self.file is None:
+            if self.sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            self.file = self.sock.makefile("rb")
+        while True:
+            try:
+                line = self.file.readline(MAX_LINE_IN + 1)
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"connection lost: {exc}") from None
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("connection closed by the server")
+            total += len(line)
+            if len(line) > MAX_LINE_IN or total > MAX_REPLY:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(
+                    f"reply line over {MAX_LINE_IN} bytes"
+                    if len(line) > MAX_LINE_IN
+                    else f"reply over {MAX_REPLY} bytes"
+                )
+            lines.append(line[4:].strip(b" \t\r\n"))
+            code = line[:3]
+            if not code.isdigit():
+                return -1, b"\n".join(lines)
+            if line[3:4] != b"-":
+                return int(code), b"\n".join(lines)
 
+
+_LOCAL_ADDRESSES = LocalAddresses()
 _unverifiable: dict[tuple[str, int], float] = {}
 _unverifiable_lock = threading.Lock()
 
@@ -286,12 +409,29 @@ def _status_of(code: int, text: str) -> str:
     return "5.0.0" if code >= 500 else "4.0.0"
 
 
+_LONG_LINE = re.compile(rb"^[^\r\n]{%d,}" % (MAX_LINE + 1), re.MULTILINE)
+
+
+def _split_line(match: re.Match[bytes]) -> bytes:
+    """Postfix's ``smtp_line_length_limit``: break a long line with CRLF SPACE every
+    ``MAX_LINE`` octets (the space makes a header line a folded one and keeps a body line
+    from starting with ``.``)."""
+    line = match.group()
+    pieces = [line[:MAX_LINE]]
+    step = MAX_LINE - 1
+    pieces += [line[i : i + step] for i in range(MAX_LINE, len(line), step)]
+    return b"\r\n ".join(pieces)
+
+
 def wire_data(message: bytes) -> bytes:
-    """CRLF everywhere, dot-stuffed, terminated: ready to follow a 354."""
+    """CRLF everywhere, dot-stuffed, no line over ``MAX_LINE`` octets (RFC 5321 §4.5.3.1.6,
+    RFC 5322 §2.1.1), terminated: ready to follow a 354. Each step is one linear pass (the
+    long-line pattern is anchored at line starts, so short lines cost one step each)."""
     data = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     data = re.sub(rb"(?m)^\.", b"..", data)
+    data = _LONG_LINE.sub(_split_line, data)
     return data + b".\r\n"
 
 
@@ -332,10 +472,13 @@ class RemoteSession:
     def _open(self) -> None:
         control = self.delivery.control
         try:
-            dests = destinations(self.domain, self.route, self.delivery.resolver)
+            dests = destinations(
+                self.domain, self.route, self.delivery.resolver, self.delivery.myself
+            )
         except DnsError as exc:
+            status = "5.4.6" if isinstance(exc, LoopError) else "5.1.2"
             raise _FailError(
-                Result.perm(f"{exc} (#5.1.2)", "5.1.2", remote=self.domain)
+                Result.perm(f"{exc} (#{status})", status, remote=self.domain)
                 if exc.permanent
                 else Result.temp(f"{exc} (#4.4.3)", "4.4.3", remote=self.domain)
             ) from None
@@ -430,6 +573,16 @@ class RemoteSession:
         if code != 250:
             raise _FailError(
                 self._result("temp", f"{where} refused EHLO/HELO: {_reply(code, text)}", "4.4.2")
+            )
+        if self.delivery.myself.greeted_by_me(text):
+            reply = _reply(code, text.split(b"\n", 1)[0] if isinstance(text, bytes) else text)
+            raise _FailError(
+                self._result(
+                    "perm",
+                    f"mail for {self.domain} loops back to myself ({where} answered EHLO "
+                    f"with my own name: {reply}) (#5.4.6)",
+                    "5.4.6",
+                )
             )
 
     def _starttls(self, smtp: _SMTP, ctx: ssl.SSLContext, where: str, required: bool) -> None:
@@ -538,7 +691,7 @@ class RemoteSession:
                 self._dirty = False
                 return [res] * len(recipients)
             params.append(f"SIZE={len(message)}")
-        if smtp.has_extn("8bitmime") and any(b > 127 for b in message):
+        if smtp.has_extn("8bitmime") and not message.isascii():
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
@@ -602,6 +755,7 @@ class RemoteDelivery:
         self.control = control
         self.resolver: Resolver = resolver or DnsResolver()
         self.tls = tls or TlsPolicy(control.control)
+        self.myself = Myself.of(control, _LOCAL_ADDRESSES)
 
     def key(self, recipient: str) -> str:
         """Jobs with the same key may share a connection."""

@@ -599,6 +599,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         bare_lf=_env_flag(env, "BARELF") is True,
         databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
         maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
+        maxhops=cfg.maxhops,
         rcpthosts=cfg.rcpthost,
         validrcptto=cfg.valid_recipient(),
         max_errors=cfg.maxerrors,

@@ -24,7 +24,8 @@ from pyqmail.dotqmail import (
     parse_mailboxes,
     resolve,
 )
-from pyqmail.local import header_values, maildir_deliver
+from pyqmail.headers import header_values
+from pyqmail.local import maildir_deliver
 from pyqmail.queue import Envelope
 from pyqmail.remote import DnsError, destinations, needs_smtputf8, wire_data
 from pyqmail.send import append_state, load_msg, nextretry, read_state

@@ -1,0 +1,110 @@
+"""Reading a message's header section: linear in its input, bounded in what it keeps.
+
+Every part of pyqmail that looks into message data goes through this module, so there is
+one place where the rules below hold (a test, ``tests/unit/test_linear_parsers.py``, times
+each parser at N and 2N bytes of pathological input):
+
+- **Hops** (RFC 5321 §6.3). A hop is a ``Received:`` or ``Delivered-To:`` line in the header
+  section, as qmail counts them (qmail-smtpd's ``MAXHOPS``; ``Delivered-To`` is the line each
+  qmail-style local delivery adds, so a loop through ``.qmail`` forwards counts too).
+  ``HopCounter`` counts them while DATA streams in, in constant memory, over the whole header
+  section however long it is; pyqmail-smtpd refuses a message with more than ``maxhops``
+  (``554 5.4.6``) and queues nothing.
+- **Header size** (Postfix's ``header_size_limit``, same default: ``HEADER_SIZE_LIMIT``,
+  100 KiB). Parsers that build values out of header fields (local delivery's loop checks, the
+  header copy in a bounce, the queue tool's header view, ``pyqmail-sendmail -t``) look at the
+  first ``HEADER_SIZE_LIMIT`` bytes only. Nothing is cut from the message itself: it is
+  stored, delivered and relayed unchanged; only what pyqmail reads out of it is bounded.
+- Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
+  (which copies the value again for every continuation line: quadratic).
+"""
+
+from __future__ import annotations
+
+import re
+
+HEADER_SIZE_LIMIT = 100 * 1024
+DEFAULT_MAXHOPS = 100
+
+# A hop line at the start of the header or after a line end (CRLF; the stream is normalized).
+_HOP = re.compile(rb"\n(?:received|delivered-to)[ \t]*:", re.IGNORECASE)
+_HOP_NAME = re.compile(rb"(\n(?:received|delivered-to))[ \t]+", re.IGNORECASE)
+# A partial last line this short may still become a hop line or the header's end.
+_CARRY = len(b"\ndelivered-to:")
+_END = b"\n\r\n"  # a line end, then the empty line
+
+
+class HopCounter:
+    """Counts hop lines in a CRLF stream fed in arbitrary chunks; stops at the empty line.
+
+    Cost: one C-speed regex scan per chunk plus a carried tail of at most ``_CARRY`` bytes
+    (the partial last line, when it may still become a hop line), so a header of any shape
+    (many short lines, one long line, folds) costs O(n) time and O(1) memory.
+    """
+
+    def __init__(self) -> None:
+        self.hops = 0
+        self.done = False
+        self._tail = b"\n"  # the message starts at a line start
+
+    def feed(self, chunk: bytes) -> None:
+        """Count the hop lines ``chunk`` completes; ignore everything after the header."""
+        if self.done or not chunk:
+            return
+        data = self._tail + chunk
+        end = data.find(_END)
+        self.hops += len(_HOP.findall(data if end < 0 else data[: end + 1]))
+        if end >= 0:
+            self.done = True
+            self._tail = b""
+            return
+        partial = data[data.rfind(b"\n") :] if b"\n" in data else b""
+        if _HOP.match(partial):  # counted already
+            self._tail = b""
+        elif len(partial) <= _CARRY:
+            self._tail = partial
+        elif name := _HOP_NAME.fullmatch(partial):  # "Received" + a long run of blanks
+            self._tail = name.group(1) + b" "
+        else:
+            self._tail = b""
+
+
+def header_section(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bytes:
+    """The header section (without the empty line) of a CRLF or LF message, at most ``limit``
+    bytes (cut at a line end when the section is longer)."""
+    head = message[: limit + 4]
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = head.find(sep)
+        if 0 <= end <= limit:
+            return head[:end]
+    if message.startswith((b"\r\n", b"\n")):
+        return b""
+    if len(message) <= limit:
+        return message
+    cut = head.rfind(b"\n", 0, limit)
+    return head[: cut if cut > 0 else limit]
+
+
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
+
+
+def header_fields(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> list[tuple[str, bytes]]:
+    """(lower-case name, unfolded raw value) of every field in the first ``limit`` bytes of
+    the header section, in order. One regex pass; each value is joined once."""
+    out = []
+    for match in _FIELD.finditer(header_section(message, limit)):
+        value = match.group(2)
+        if b"\n" in value:
+            value = b" ".join(part.strip() for part in value.split(b"\n"))
+        out.append((match.group(1).decode("ascii").lower(), value.strip()))
+    return out
+
+
+def header_values(message: bytes, name: str, limit: int = HEADER_SIZE_LIMIT) -> list[str]:
+    """Unfolded values of every ``name:`` field (case-insensitive) within ``limit`` bytes."""
+    want = name.lower()
+    return [
+        value.decode("utf-8", "replace")
+        for field, value in header_fields(message, limit)
+        if field == want
+    ]
