@@ -1,12 +1,14 @@
 """pyqmail-sendmail: the sendmail-compatible injector for local programs (cron, monitoring).
 
-``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...] < msg``
+``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...]``
+(the message on standard input)
 
 - ``-f ADDR`` / ``-r ADDR``: envelope sender (``-f ''`` or ``-f '<>'`` = null sender); default
   ``$MAILUSER``/``$LOGNAME``/``$USER`` (or the uid's name) at ``control/me``.
 - ``-F NAME``: full name for the ``From:`` header added when the message has none.
 - ``-t``: recipients also from ``To:``, ``Cc:``, ``Bcc:``; ``Bcc:`` is removed (command-line
-  recipients are kept too, as Postfix does).
+  recipients are kept too, as Postfix does). Those fields may hold at most
+  ``header_size_limit`` bytes (100 KiB, ``pyqmail.headers``) together; more is refused.
 - ``-i`` / ``-oi``: a line with a single ``.`` does not end the message (otherwise it does).
 - other ``-oX``, ``-odb``/``-odi``, ``-bm``, ``-v``, ``-em``, ``-m``, ``-n``, ``-G``, ``-U`` and
   ``-B``/``-N``/``-R``/``-V``/``-L``/``-O``/``-h`` with their value (Debian's cron runs
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pyqmail.delivery import Control, ControlError
+from pyqmail.headers import HEADER_SIZE_LIMIT
 from pyqmail.queue import Queue, QueueError
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78
@@ -46,6 +49,7 @@ _IGNORED = {"-odb", "-odi", "-odq", "-bm", "-v", "-em", "-ep", "-eq", "-U", "-m"
 _IGNORED_WITH_VALUE = ("-B", "-N", "-R", "-V", "-L", "-O", "-h")
 _ADDRESS = re.compile(r"^[^\s<>()\[\],;:\\\"@]+(?:@[^\s<>()\[\],;:\\\"@]+)?$|^$")
 MAX_MESSAGE = 64 * 1024 * 1024
+_FIELD_NAME = re.compile(rb"[!-9;-~]+:")
 
 
 class InjectError(Exception):
@@ -150,20 +154,38 @@ def normalize(raw: bytes, dots: bool) -> bytes:
 
 def _split_headers(message: bytes) -> tuple[list[bytes], bytes]:
     """Header fields (folded lines kept) and the body, which starts with the empty line."""
-    if not re.match(rb"^[!-9;-~]+:", message):
+    if not _FIELD_NAME.match(message):
         return [], b"\r\n" + message  # no header section: everything is body
     end = message.find(b"\r\n\r\n")
     head, body = (message[:end], message[end + 2 :]) if end >= 0 else (message[:-2], b"\r\n")
-    lines = head.split(b"\r\n")
-    fields: list[bytes] = []
-    for line in lines:
+    fields: list[list[bytes]] = []  # the lines of each field, joined once at the end
+    for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        elif re.match(rb"^[!-9;-~]+:", line):
-            fields.append(line)
+            fields[-1].append(line)
+        elif _FIELD_NAME.match(line):
+            fields.append([line])
         else:
             raise InjectError(f"malformed header line {line[:60]!r}", EX_DATAERR)
-    return fields, body
+    return [b"\r\n".join(lines) for lines in fields], body
+
+
+def _extract(fields: list[bytes]) -> list[str]:
+    """The addresses of To, Cc and Bcc (``-t``), bounded by ``HEADER_SIZE_LIMIT``."""
+    values = [
+        f.split(b":", 1)[1].replace(b"\r\n", b" ").decode("utf-8", "replace")
+        for f in fields
+        if _name(f) in ("to", "cc", "bcc")
+    ]
+    if sum(len(v) for v in values) > HEADER_SIZE_LIMIT:
+        raise InjectError(
+            f"To/Cc/Bcc longer than {HEADER_SIZE_LIMIT} bytes together; give the recipients "
+            "as arguments instead of -t",
+            EX_DATAERR,
+        )
+    try:
+        return [addr for _, addr in getaddresses(values) if addr]
+    except RecursionError:  # the email package recurses into nested comments
+        raise InjectError("To/Cc/Bcc: comments nested too deeply", EX_DATAERR) from None
 
 
 def _name(field_: bytes) -> str:
@@ -187,14 +209,7 @@ def build(
     sender = qualify(check_address(sender.strip("<>") if sender else "", "sender"), me)
     recipients = [qualify(check_address(r.strip("<>"), "recipient"), me) for r in opts.recipients]
     if opts.extract:
-        values = [
-            f.split(b":", 1)[1].replace(b"\r\n", b" ").decode("utf-8", "replace")
-            for f in fields
-            if _name(f) in ("to", "cc", "bcc")
-        ]
-        for _, addr in getaddresses(values):
-            if addr:
-                recipients.append(qualify(check_address(addr, "recipient"), me))
+        recipients += [qualify(check_address(a, "recipient"), me) for a in _extract(fields)]
         fields = [f for f in fields if _name(f) != "bcc"]
     recipients = list(dict.fromkeys(r for r in recipients if r))
     if not recipients:

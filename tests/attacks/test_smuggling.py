@@ -9,7 +9,8 @@ bare-LF tolerance (``BARELF=1`` rule, from 127.0.0.2) and to a strict one (127.0
 The reference: the real end is the first ``<CR><LF>.<CR><LF>`` in the raw stream (the CRLF
 of the DATA command counting as the first two bytes). For every variant:
 
-- the first message is queued iff its content has no bare CR, and no bare LF unless BARELF;
+- the first message is queued iff its content has no bare CR, no NUL (``554 5.6.0``) and no
+  bare LF unless BARELF;
   if queued, its text is exactly the reference (bare LF -> CRLF when tolerated, dot-unstuffed);
 - when the real end comes after the smuggled transaction started, the server never answers
   ``354`` to it and never queues a message from the smuggled sender;
@@ -73,7 +74,7 @@ class Variant:
         content = stream[:end]
         bare_cr = re.search(rb"\r(?!\n)", content) is not None
         bare_lf = re.search(rb"(?<!\r)\n", content) is not None
-        if bare_cr or (bare_lf and not self.bare_lf):
+        if bare_cr or (bare_lf and not self.bare_lf) or b"\0" in content:  # NUL: 554 5.6.0
             return end, None
         normalized = re.sub(rb"(?<!\r)\n", b"\r\n", content)
         lines = normalized.split(b"\r\n")
@@ -122,7 +123,7 @@ def check_all(qmail_root: QmailRoot, smtpd: StartDaemon, max_len: int) -> None:
         if len(first) > 1:
             problems.append(f"{where}: first sender queued {len(first)} times")
         if expected is None and first:
-            problems.append(f"{where}: message with bare CR/LF was queued: {first[0][-80:]!r}")
+            problems.append(f"{where}: message with bare CR/LF or NUL was queued: {first[0][-80:]!r}")
         if expected is not None:
             if not first:
                 problems.append(f"{where}: legitimate message not queued; replies {got}")

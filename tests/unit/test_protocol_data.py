@@ -10,6 +10,8 @@ from pyqmail.protocol import Close, MessageAbort, MessageData, MessageEnd, Polic
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 BARE_LF = f"550 5.5.2 {HOST} Error: bare <LF> received"
 BARE_CR = f"550 5.5.2 {HOST} Error: bare <CR> received"
+NUL = "554 5.6.0 Error: message contains a NUL character"
+HOPS = "554 5.4.6 Error: too many hops, this message is looping"
 
 
 def splits(data: bytes) -> list[list[bytes]]:
@@ -37,9 +39,10 @@ FRAMING = [
     ("stuffed dot line", False, b"a\r\n..\r\n.\r\n", b"a\r\n.\r\n", [QUEUED]),
     ("dot then text", False, b"a\r\n.b\r\n.\r\n", b"a\r\nb\r\n", [QUEUED]),
     ("triple dots", False, b"...\r\n.\r\n", b"..\r\n", [QUEUED]),
-    ("NUL kept", False, b"a\x00b\r\n.\r\n", b"a\x00b\r\n", [QUEUED]),
-    ("dot NUL is not the end", False, b"a\r\n.\x00\r\n.\r\n", b"a\r\n\x00\r\n", [QUEUED]),
-    ("NUL dot is not the end", False, b"a\r\n\x00.\r\n.\r\n", b"a\r\n\x00.\r\n", [QUEUED]),
+    ("NUL refused", False, b"a\x00b\r\n.\r\n", None, [NUL]),
+    ("dot NUL is not the end", False, b"a\r\n.\x00\r\n.\r\n", None, [NUL]),
+    ("NUL dot is not the end", False, b"a\r\n\x00.\r\n.\r\n", None, [NUL]),
+    ("NUL after a tolerated LF", True, b"a\nb\x00\r\n.\r\n", None, [NUL]),
     ("dot space is not the end", False, b"a\r\n. \r\n.\r\n", b"a\r\n \r\n", [QUEUED]),
     ("empty lines", False, b"\r\n\r\nx\r\n\r\n.\r\n", b"\r\n\r\nx\r\n\r\n", [QUEUED]),
     ("8-bit bytes", False, b"\xc3\xa9\xff\r\n.\r\n", b"\xc3\xa9\xff\r\n", [QUEUED]),
@@ -77,7 +80,7 @@ def test_framing_any_split(
         (msg,) = srv.messages
         if body is None:
             assert msg.aborted is not None and msg.end is None, pieces
-            assert srv.closed
+            assert srv.closed == (replies != [NUL])  # a NUL is refused, the session goes on
         else:
             assert msg.body == body, pieces
             assert msg.end is not None and msg.aborted is None
@@ -100,9 +103,11 @@ def test_smuggled_commands_are_never_executed(fake_end: bytes, bare_lf: bool) ->
     srv = feed(policy(bare_lf=bare_lf, reject_unauth_pipelining=False), [data])
     after = srv.lines()[srv.lines().index("354 End data with <CR><LF>.<CR><LF>") + 1 :]
     assert len(srv.messages) == 1
-    assert after in ([QUEUED], [BARE_LF], [BARE_CR])
+    assert after in ([QUEUED], [BARE_LF], [BARE_CR], [NUL])
     if after == [QUEUED]:
         assert b"forged" in srv.messages[0].body  # the "commands" are message content
+    elif after == [NUL]:
+        assert srv.messages[0].end is None and not srv.closed
     else:
         assert srv.closed
 
