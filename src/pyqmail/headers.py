@@ -82,7 +82,9 @@ def header_section(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bytes:
     if len(message) <= limit:
         return message
     cut = head.rfind(b"\n", 0, limit)
-    return head[: cut if cut > 0 else limit]
+    if cut <= 0:
+        return head[:limit]
+    return head[: cut - 1 if head[cut - 1 : cut] == b"\r" else cut]
 
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
