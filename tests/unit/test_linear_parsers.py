@@ -1,0 +1,202 @@
+"""Every parser of message data and peer replies is linear in its input (and bounded).
+
+For each parser and each pathological shape (folded lines, many short header lines, one long
+header line, hop lines, many recipients, nested quotes and comments, long bounces, long
+remote replies, long outgoing lines) the CPU time (``time.process_time``, best of a few runs)
+at 2N must stay within ``RATIO`` times the time at N: a linear parser costs 2x, a quadratic
+one 4x and more. N is about 1 MiB so the times are well above timer noise on a busy 2-core
+machine; ``SLACK`` absorbs the noise of parsers whose work is bounded (constant time).
+
+The check that started this file (``local.header_values`` unfolding with repeated
+``bytes +=``): at N = 1 MiB of folded lines it took seconds and grew 4x per doubling.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+
+import pytest
+from test_protocol_support import in_data, policy
+
+from pyqmail import inject
+from pyqmail.bounce import BounceTarget, Failure, make_dsn
+from pyqmail.delivery import Control, Result
+from pyqmail.headers import HopCounter, header_fields
+from pyqmail.queue import Envelope
+from pyqmail.remote import _SMTP, wire_data
+
+N = 1 << 20
+RATIO = 3.0
+SLACK = 0.02  # seconds
+REPS = 3
+
+
+def cost(fn: Callable[[bytes], object], data: bytes) -> float:
+    best = float("inf")
+    for _ in range(REPS):
+        start = time.process_time()
+        fn(data)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def assert_linear(fn: Callable[[bytes], object], make: Callable[[int], bytes], n: int = N) -> None:
+    small, big = make(n), make(2 * n)
+    fn(small)  # warm caches and imports
+    t1, t2 = cost(fn, small), cost(fn, big)
+    assert t2 <= RATIO * t1 + SLACK, f"{len(small)} bytes: {t1:.4f}s, {len(big)}: {t2:.4f}s"
+
+
+def fill(unit: bytes, n: int, head: bytes = b"", tail: bytes = b"\r\n\r\nbody\r\n") -> bytes:
+    return head + unit * (n // len(unit)) + tail
+
+
+# Pathological header sections (CRLF), each about n bytes.
+HEADERS: dict[str, Callable[[int], bytes]] = {
+    "folded lines": lambda n: fill(b"\r\n x", n, b"Delivered-To: a"),
+    "folded tabs": lambda n: fill(b"\r\n\t", n, b"Received: a"),
+    "many short headers": lambda n: fill(b"X: y\r\n", n, tail=b"\r\nbody\r\n"),
+    "many hop lines": lambda n: fill(b"Received: x\r\n", n, tail=b"\r\nbody\r\n"),
+    "one long header line": lambda n: fill(b"x", n, b"Subject: "),
+    "no empty line": lambda n: fill(b"X: y\r\n", n, tail=b""),
+    "name without colon": lambda n: fill(b"a", n, tail=b""),
+    "message-id everywhere": lambda n: fill(b"Message-ID message-id \r\n ", n, b"X: "),
+    "blank-padded names": lambda n: fill(b" ", n, b"Received", b":x\r\n\r\n"),
+}
+
+
+def smtp_data(message: bytes) -> None:
+    """The sans-I/O DATA reader (framing, unstuffing, hop counter, Message-ID scan)."""
+    conn = in_data(policy(maxhops=10_000)).conn
+    view = memoryview(message.replace(b"\r\n.", b"\r\n.."))
+    for i in range(0, len(view), 65536):
+        conn.receive(bytes(view[i : i + 65536]))
+    conn.receive(b"\r\n.\r\n")
+
+
+def hop_counter(message: bytes) -> None:
+    counter = HopCounter()
+    for i in range(0, len(message), 65536):
+        counter.feed(message[i : i + 65536])
+
+
+@pytest.mark.parametrize("shape", HEADERS)
+@pytest.mark.parametrize(
+    "parser",
+    [
+        pytest.param(smtp_data, id="smtp-data"),
+        pytest.param(hop_counter, id="hop-counter"),
+        pytest.param(lambda m: header_fields(m, limit=len(m)), id="header-fields-unbounded"),
+        pytest.param(header_fields, id="header-fields"),
+        pytest.param(lambda m: inject.build(OPTS, m, "mx.test"), id="sendmail"),
+        pytest.param(wire_data, id="remote-wire-data"),
+    ],
+)
+def test_header_parsers_are_linear(parser: Callable[[bytes], object], shape: str) -> None:
+    assert_linear(_tolerant(parser), HEADERS[shape])
+
+
+def _tolerant(parser: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """sendmail refuses some shapes (malformed header lines): the refusal must be linear too."""
+
+    def run(data: bytes) -> object:
+        try:
+            return parser(data)
+        except inject.InjectError:
+            return None
+
+    return run
+
+
+OPTS = inject.Options(sender="a@mx.test", recipients=["b@mx.test"])
+OPTS_T = inject.Options(sender="a@mx.test", extract=True)
+# -t reads at most HEADER_SIZE_LIMIT (100 KiB) of To/Cc/Bcc: measure inside that bound.
+ADDRESSES: dict[str, Callable[[int], bytes]] = {
+    "many recipients": lambda n: fill(b"r@example.test, ", n, b"To: ", b"\r\n\r\nx\r\n"),
+    "folded recipients": lambda n: fill(b"r@example.test,\r\n ", n, b"Cc: ", b"\r\n\r\nx\r\n"),
+    "nested quotes": lambda n: fill(b'\\"', n, b'To: "', b'" <r@example.test>\r\n\r\nx\r\n'),
+    "many comments": lambda n: fill(b"(c) ", n, b"To: ", b"r@example.test\r\n\r\nx\r\n"),
+    "nested comments": lambda n: fill(b"(", n // 2, b"To: ", b")" * (n // 2) + b"r@x\r\n\r\n"),
+    "angle brackets": lambda n: fill(b"<", n, b"To: ", b"r@example.test>\r\n\r\nx\r\n"),
+}
+
+
+@pytest.mark.parametrize("shape", ADDRESSES)
+def test_sendmail_recipient_extraction_is_linear(shape: str) -> None:
+    assert_linear(_tolerant(lambda m: inject.build(OPTS_T, m, "mx.test")), ADDRESSES[shape], 40_000)
+
+
+def test_sendmail_refuses_recipient_headers_over_the_limit() -> None:
+    with pytest.raises(inject.InjectError, match="longer than 102400 bytes"):
+        inject.build(OPTS_T, ADDRESSES["many recipients"](200_000), "mx.test")
+    with pytest.raises(inject.InjectError, match="nested too deeply"):
+        inject.build(OPTS_T, ADDRESSES["nested comments"](50_000), "mx.test")
+
+
+CONTROL = Control(root=__import__("pathlib").Path("/nonexistent"), me="mx.test", locals=frozenset(), virtualdomains={})
+
+
+def dsn_with_failures(data: bytes) -> bytes:
+    """A bounce for len(data) // 64 recipients (long recipient names, long diagnostics)."""
+    count = len(data) // 64
+    failures = [
+        Failure(f"r{i}@{'x' * 20}.test", Result.perm("550 " + "no " * 10, "5.1.1"), 0.0)
+        for i in range(count)
+    ]
+    env = Envelope("Q1", "s@example.net", tuple(f.recipient for f in failures), 1, 0.0)
+    target = BounceTarget("", "s@example.net", False)
+    return make_dsn(env, data, failures, target=target, control=CONTROL, now=0.0)
+
+
+def dsn_of(data: bytes) -> bytes:
+    env = Envelope("Q1", "s@example.net", ("r@x.test",), 1, 0.0)
+    failure = Failure("r@x.test", Result.perm("x" * len(data), "5.1.1"), 0.0)
+    target = BounceTarget("", "s@example.net", False)
+    return make_dsn(env, data, [failure], target=target, control=CONTROL, now=0.0)
+
+
+@pytest.mark.parametrize("shape", ["folded lines", "many short headers", "no empty line"])
+def test_bounce_of_a_huge_header_is_linear(shape: str) -> None:
+    assert_linear(dsn_of, HEADERS[shape])
+
+
+def test_bounce_with_many_recipients_is_linear() -> None:
+    assert_linear(dsn_with_failures, lambda n: b"X: y\r\n\r\n" + b"b" * n, N // 4)
+
+
+def reply_reader(data: bytes) -> None:
+    smtp = _SMTP("127.0.0.1", "client.test", 5)
+    smtp.file = io.BytesIO(data)  # type: ignore[assignment]
+    try:
+        smtp.getreply()
+    except Exception:  # noqa: BLE001 - cut off over MAX_REPLY: still linear, still bounded
+        pass
+
+
+REPLIES: dict[str, Callable[[int], bytes]] = {
+    "many continuation lines": lambda n: b"250-x\r\n" * (n // 7) + b"250 done\r\n",
+    "long lines": lambda n: b"250-" + b"y" * 8000 + b"\r\n" * (n // 8000) + b"250 ok\r\n",
+    "endless": lambda n: b"250-" + b"z" * 100 + b"\r\n" * (n // 100),
+}
+
+
+@pytest.mark.parametrize("shape", REPLIES)
+def test_remote_reply_reader_is_linear_and_bounded(shape: str) -> None:
+    assert_linear(reply_reader, REPLIES[shape], 24 * 1024)
+    assert_linear(reply_reader, REPLIES[shape], N)  # beyond MAX_REPLY: cut off early
+
+
+BODIES: dict[str, Callable[[int], bytes]] = {
+    "long body line": lambda n: b"S: x\r\n\r\n" + b"b" * n + b"\r\n",
+    "lines just under 999": lambda n: b"S: x\r\n\r\n" + (b"c" * 998 + b"\n") * (n // 999),
+    "dots": lambda n: b"S: x\r\n\r\n" + b".\r\n" * (n // 3),
+    "bare CRs": lambda n: b"S: x\r\n\r\n" + b"\r" * n,
+    "8-bit": lambda n: b"S: x\r\n\r\n" + b"\xff" * n,
+}
+
+
+@pytest.mark.parametrize("shape", BODIES)
+def test_outgoing_message_encoding_is_linear(shape: str) -> None:
+    assert_linear(wire_data, BODIES[shape])
