@@ -144,12 +144,9 @@ def normalize(raw: bytes, dots: bool) -> bytes:
     lines = re.split(rb"\r\n|\r|\n", raw)
     if lines and lines[-1] == b"":
         lines.pop()
-    if dots:
-        for n, line in enumerate(lines):
-            if line == b".":
-                lines = lines[:n]
-                break
-    return b"".join(line + b"\r\n" for line in lines)
+    if dots and b"." in lines:
+        lines = lines[: lines.index(b".")]
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
 
 def _split_headers(message: bytes) -> tuple[list[bytes], bytes]:

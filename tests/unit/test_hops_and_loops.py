@@ -21,11 +21,11 @@ from pyqmail.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
 from pyqmail.local import LocalDelivery
 from pyqmail.queue import Envelope, Queue
 from pyqmail.remote import (
+    _SMTP,
     MAX_REPLY,
     DnsError,
     LoopError,
     Myself,
-    _SMTP,
     destinations,
     wire_data,
 )
@@ -168,7 +168,14 @@ def test_ipme_reads_the_kernel_tables(tmp_path: Path) -> None:
     assert [str(n) for n in parse_fib_trie(FIB)] == ["127.0.0.0/8", "198.51.100.7/32"]
     assert [str(n) for n in parse_if_inet6(INET6)] == ["2001:db8::25/128"]
     ipme = LocalAddresses(tmp_path)
-    for addr in ("198.51.100.7", "127.0.0.9", "2001:db8::25", "::1", "::ffff:198.51.100.7", "0.0.0.0"):
+    for addr in (
+        "198.51.100.7",
+        "127.0.0.9",
+        "2001:db8::25",
+        "::1",
+        "::ffff:198.51.100.7",
+        "0.0.0.0",
+    ):
         assert ipme.is_local(addr), addr
     for addr in ("198.51.100.8", "192.0.2.1", "2001:db8::26", "not an address"):
         assert not ipme.is_local(addr), addr

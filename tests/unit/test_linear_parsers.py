@@ -13,9 +13,12 @@ The check that started this file (``local.header_values`` unfolding with repeate
 
 from __future__ import annotations
 
+import contextlib
 import io
+import smtplib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from test_protocol_support import in_data, policy
@@ -84,18 +87,19 @@ def hop_counter(message: bytes) -> None:
 
 @pytest.mark.parametrize("shape", HEADERS)
 @pytest.mark.parametrize(
-    "parser",
+    ("parser", "n"),
     [
-        pytest.param(smtp_data, id="smtp-data"),
-        pytest.param(hop_counter, id="hop-counter"),
-        pytest.param(lambda m: header_fields(m, limit=len(m)), id="header-fields-unbounded"),
-        pytest.param(header_fields, id="header-fields"),
-        pytest.param(lambda m: inject.build(OPTS, m, "mx.test"), id="sendmail"),
-        pytest.param(wire_data, id="remote-wire-data"),
+        pytest.param(smtp_data, N, id="smtp-data"),
+        pytest.param(hop_counter, N, id="hop-counter"),
+        # Python-level work per header field: a smaller N is already well measurable
+        pytest.param(lambda m: header_fields(m, limit=len(m)), N // 4, id="header-fields-all"),
+        pytest.param(header_fields, N, id="header-fields"),
+        pytest.param(lambda m: inject.build(OPTS, m, "mx.test"), N // 4, id="sendmail"),
+        pytest.param(wire_data, N, id="remote-wire-data"),
     ],
 )
-def test_header_parsers_are_linear(parser: Callable[[bytes], object], shape: str) -> None:
-    assert_linear(_tolerant(parser), HEADERS[shape])
+def test_header_parsers_are_linear(parser: Callable[[bytes], object], n: int, shape: str) -> None:
+    assert_linear(_tolerant(parser), HEADERS[shape], n)
 
 
 def _tolerant(parser: Callable[[bytes], object]) -> Callable[[bytes], object]:
@@ -135,7 +139,7 @@ def test_sendmail_refuses_recipient_headers_over_the_limit() -> None:
         inject.build(OPTS_T, ADDRESSES["nested comments"](50_000), "mx.test")
 
 
-CONTROL = Control(root=__import__("pathlib").Path("/nonexistent"), me="mx.test", locals=frozenset(), virtualdomains={})
+CONTROL = Control(Path("/nonexistent"), me="mx.test", locals=frozenset(), virtualdomains={})
 
 
 def dsn_with_failures(data: bytes) -> bytes:
@@ -159,7 +163,7 @@ def dsn_of(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("shape", ["folded lines", "many short headers", "no empty line"])
 def test_bounce_of_a_huge_header_is_linear(shape: str) -> None:
-    assert_linear(dsn_of, HEADERS[shape])
+    assert_linear(dsn_of, HEADERS[shape], N // 4)
 
 
 def test_bounce_with_many_recipients_is_linear() -> None:
@@ -169,10 +173,8 @@ def test_bounce_with_many_recipients_is_linear() -> None:
 def reply_reader(data: bytes) -> None:
     smtp = _SMTP("127.0.0.1", "client.test", 5)
     smtp.file = io.BytesIO(data)  # type: ignore[assignment]
-    try:
+    with contextlib.suppress(smtplib.SMTPServerDisconnected):  # cut off over MAX_REPLY
         smtp.getreply()
-    except Exception:  # noqa: BLE001 - cut off over MAX_REPLY: still linear, still bounded
-        pass
 
 
 REPLIES: dict[str, Callable[[int], bytes]] = {
