@@ -69,8 +69,10 @@ def parse_if_inet6(text: str) -> list[Network]:
 
 
 def _read(path: Path) -> str | None:
+    """bytes.decode, not read_text: a text file looks its codec up, which imports a module,
+    and pyqmail-send may no longer be able to import anything once it dropped privileges."""
     try:
-        return path.read_text(encoding="ascii", errors="replace")
+        return path.read_bytes().decode("ascii", "replace")
     except OSError:
         return None
 
