@@ -767,6 +767,7 @@ def test_full_chain_through_pyqmail_smtpd_into_a_maildir(
     -> Maildir."""
     d = smtpd(mode="smtp")
     host.control("smtproutes", f"mx.test:127.0.0.1:{d.port}\n")
+    host.control("me", "a.test\n")  # B is mx.test: two hosts never share a name (loop check)
     host.control("locals", "example.test\n")  # mx.test is the other host here
     host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
     host.start()
@@ -806,6 +807,7 @@ def test_client_certificate_makes_pyqmail_smtpd_relay(
     qmail_root.control("tlsclients", "relay.test\n")
     d = smtpd(mode="smtp")
     host.control("smtproutes", f"far.test:127.0.0.1:{d.port}\n")
+    host.control("me", "a.test\n")  # B is mx.test: two hosts never share a name (loop check)
     host.control("tlshosts/127.0.0.1.pem", pki.ca.cert_pem.decode())
     if present:
         host.control("clientcert.pem", (pki.client.key_pem + pki.client.cert_pem).decode())
