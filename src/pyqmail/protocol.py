@@ -32,6 +32,12 @@ once and closes instead of reading to the end: a client that sends bare LF most 
 its data with ``LF . LF`` too and would otherwise hang until the idle timeout, and nothing
 after the offending byte is ever interpreted as a command.
 
+Content refused after reading to the end (the client hears why; nothing is queued):
+more than ``Policy.databytes`` (``552 5.3.4``), a NUL byte (``554 5.6.0``), more than
+``Policy.maxhops`` Received/Delivered-To header lines (``554 5.4.6``, counted as the data
+streams in by ``pyqmail.headers.HopCounter``, in constant memory). Lines of any length are
+accepted (databytes bounds the message); pyqmail-send breaks them at 998 octets on the way out.
+
 Pipelining (RFC 2920, Postfix 3.9 ``smtpd_forbid_unauth_pipelining``): input that arrives
 before the greeting, or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
 EXPN or HELP, or behind any command before EHLO advertised PIPELINING, is a protocol

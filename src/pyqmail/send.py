@@ -81,8 +81,9 @@ from typing import Any
 from pyqmail.bounce import Failure, bounce_target, make_dsn
 from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
 from pyqmail.local import LocalDelivery
+from pyqmail.mx import Resolver
 from pyqmail.queue import Envelope, Queue, QueueError, Stored, fsync_dir
-from pyqmail.remote import RemoteDelivery, RemoteSession, Resolver
+from pyqmail.remote import RemoteDelivery, RemoteSession
 from pyqmail.tls import TLSConfigError, client_context
 
 PIDFILE = "lock/sendpid"

@@ -26,8 +26,9 @@ from pyqmail.dotqmail import (
 )
 from pyqmail.headers import header_values
 from pyqmail.local import maildir_deliver
+from pyqmail.mx import DnsError, destinations
 from pyqmail.queue import Envelope
-from pyqmail.remote import DnsError, destinations, needs_smtputf8, wire_data
+from pyqmail.remote import needs_smtputf8, wire_data
 from pyqmail.send import append_state, load_msg, nextretry, read_state
 
 

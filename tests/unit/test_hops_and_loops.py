@@ -19,16 +19,9 @@ from pyqmail.delivery import Control, ControlError, Route
 from pyqmail.headers import HopCounter, header_section, header_values
 from pyqmail.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
 from pyqmail.local import LocalDelivery
+from pyqmail.mx import DnsError, LoopError, Myself, destinations
 from pyqmail.queue import Envelope, Queue
-from pyqmail.remote import (
-    _SMTP,
-    MAX_REPLY,
-    DnsError,
-    LoopError,
-    Myself,
-    destinations,
-    wire_data,
-)
+from pyqmail.remote import _SMTP, MAX_REPLY, wire_data
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 HOPS = "554 5.4.6 Error: too many hops, this message is looping"

@@ -1,0 +1,228 @@
+"""Where mail for a domain goes (qmail-remote's routing), and never to this host.
+
+An ``smtproutes`` relay if one matches (see ``delivery.Route``), else the MX hosts of the
+domain in preference order (equal preferences shuffled); a domain without MX records is its
+own implicit MX (RFC 5321 §5.1: its A/AAAA records); a null MX (RFC 7505) or a non-existent
+domain bounces; DNS trouble defers. An address literal ``[192.0.2.1]`` is used as is.
+
+Never to this host (``Myself``; qmail-remote's ``ipme`` and Postfix's "mail for X loops back
+to myself", a permanent 5.4.6 failure, so the sender gets a bounce that says so): an address
+literal that is one of this host's addresses (``pyqmail.ipme``: every interface address and
+``127.0.0.0/8``), an MX host named ``me``/``helohost``/one of ``locals`` or resolving to one of
+our addresses (then only the MX hosts preferred to us are tried: we are a backup MX; none
+left is the loop), an smtproutes relay on our names or addresses on an SMTP port (25, 465,
+587; other ports are local filters and allowed), and any server that answers EHLO with our
+own host name (Postfix's check, for NAT and port forwards).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.resolver
+
+from pyqmail.delivery import Control, Route, is_ip_literal
+from pyqmail.ipme import LocalAddresses
+
+MAX_ADDRESSES = 12
+SMTP_PORTS = frozenset({25, 465, 587})
+
+
+class DnsError(Exception):
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class LoopError(DnsError):
+    """The destination is this host: delivering there would loop (permanent, 5.4.6)."""
+
+    def __init__(self, domain: str, why: str) -> None:
+        super().__init__(f"mail for {domain} loops back to myself ({why})", permanent=True)
+
+
+@dataclass(frozen=True)
+class Myself:
+    """What identifies this host to remote delivery: its host names (``me``, ``helohost``),
+    its local domains (``locals``) and its addresses (``pyqmail.ipme``)."""
+
+    hostnames: frozenset[str]
+    domains: frozenset[str]
+    is_local: Callable[[str], bool]
+
+    @classmethod
+    def of(cls, control: Control, addresses: LocalAddresses | None = None) -> Myself:
+        hostnames = frozenset(n.lower() for n in (control.me, control.helohost) if n)
+        return cls(hostnames, control.locals, (addresses or LocalAddresses()).is_local)
+
+    def named(self, host: str) -> bool:
+        """An MX or relay name that is one of ours (``me``, ``helohost`` or a local domain)."""
+        name = host.lower().rstrip(".")
+        return name in self.hostnames or name in self.domains
+
+    def greeted_by_me(self, reply: bytes | str) -> bool:
+        """A server whose EHLO/HELO reply starts with our own host name is this host
+        (Postfix's check): it catches what addresses cannot (NAT, port forwards, a relay
+        that routes back to us)."""
+        text = reply.decode("ascii", "replace") if isinstance(reply, bytes) else reply
+        words = text.split(None, 1)
+        return bool(words) and words[0].lower().rstrip(".") in self.hostnames
+
+
+class Resolver(Protocol):
+    """What remote delivery asks DNS; tests inject a fake one."""
+
+    def mx(self, domain: str) -> list[tuple[int, str]] | None:
+        """MX records (preference, host; ``""`` for the root = null MX), None if none exist."""
+
+    def addresses(self, host: str) -> list[str]:
+        """A then AAAA addresses of ``host``."""
+
+
+class DnsResolver:
+    """dnspython-backed Resolver."""
+
+    def __init__(self, lifetime: float = 30.0) -> None:
+        self._resolver = dns.resolver.Resolver()
+        self._resolver.lifetime = lifetime
+
+    def _query(self, name: str, rdtype: str) -> list[object] | None:
+        try:
+            return list(self._resolver.resolve(name, rdtype))
+        except dns.resolver.NXDOMAIN:
+            raise DnsError(f"{name}: no such domain (NXDOMAIN)", permanent=True) from None
+        except dns.resolver.NoAnswer:
+            return None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DnsError(f"{name}: DNS lookup of {rdtype} failed: {exc}", False) from None
+
+    def mx(self, domain: str) -> list[tuple[int, str]] | None:
+        records = self._query(domain, "MX")
+        if records is None:
+            return None
+        out = []
+        for rec in records:
+            exchange = rec.exchange  # type: ignore[attr-defined]
+            host = "" if exchange == dns.name.root else exchange.to_text(omit_final_dot=True)
+            out.append((int(rec.preference), str(host)))  # type: ignore[attr-defined]
+        return out
+
+    def addresses(self, host: str) -> list[str]:
+        out: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            out += [str(rec.address) for rec in self._query(host, rdtype) or []]  # type: ignore[attr-defined]
+        return out
+
+
+@dataclass(frozen=True)
+class Destination:
+    fqdn: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        addr = f"[{self.address}]" if ":" in self.address else self.address
+        return (
+            f"{self.fqdn}[{addr}]:{self.port}"
+            if self.fqdn != self.address
+            else f"{addr}:{self.port}"
+        )
+
+
+def destinations(
+    domain: str, route: Route, resolver: Resolver, myself: Myself | None = None
+) -> list[Destination]:
+    """Hosts to try in order; raises DnsError, or LoopError when they lead back to ``myself``."""
+    if route.host:
+        return _relay(domain, route, resolver, myself)
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        literal = literal.removeprefix("IPv6:").removeprefix("ipv6:")
+        if not is_ip_literal(literal):
+            raise DnsError(f"bad address literal {domain}", permanent=True)
+        if myself is not None and myself.is_local(literal):
+            raise LoopError(domain, f"{literal} is an address of this host")
+        return [Destination(literal, literal, 25)]
+    records = resolver.mx(domain)
+    if records is None:
+        hosts = [(0, domain)]
+    else:
+        if any(host == "" for _, host in records):
+            raise DnsError(f"{domain} does not accept mail (null MX, RFC 7505)", permanent=True)
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in records:
+            by_pref.setdefault(pref, []).append(host)
+        hosts = []
+        for pref in sorted(by_pref):
+            group = by_pref[pref]
+            random.shuffle(group)
+            hosts += [(pref, host) for host in group]
+    return _mx_addresses(domain, hosts, records is None, resolver, myself)
+
+
+def _relay(
+    domain: str, route: Route, resolver: Resolver, myself: Myself | None
+) -> list[Destination]:
+    """An smtproutes relay. One of our own names or addresses on an SMTP port (25, 465, 587:
+    where pyqmail-smtpd listens) is a loop; another port is a local filter or relay
+    (Postfix's ``[127.0.0.1]:10025`` pattern) and allowed (the EHLO check still applies)."""
+    if is_ip_literal(route.host):
+        addrs = [route.host]
+    else:
+        addrs = resolver.addresses(route.host)
+        if not addrs:
+            raise DnsError(f"relay {route.host} has no A/AAAA records", permanent=False)
+    if myself is not None and route.port in SMTP_PORTS:
+        if myself.named(route.host):
+            raise LoopError(domain, f"relay {route.host} is this host")
+        for addr in addrs:
+            if myself.is_local(addr):
+                raise LoopError(domain, f"relay {route.host} is {addr}, an address of this host")
+    return [Destination(route.host, a, route.port) for a in addrs][:MAX_ADDRESSES]
+
+
+def _mx_addresses(
+    domain: str,
+    hosts: list[tuple[int, str]],
+    implicit: bool,
+    resolver: Resolver,
+    myself: Myself | None,
+) -> list[Destination]:
+    """Addresses of the MX hosts in order, qmail-remote's way: when one of them is this host
+    (by name or address), only the hosts preferred to it are kept (we are their backup);
+    none left is a loop."""
+    out: list[tuple[int, Destination]] = []
+    last: DnsError | None = None
+    for pref, host in hosts:
+        if myself is not None and myself.named(host):
+            return _before_me(domain, out, pref, f"MX {host} is this host")
+        try:
+            addrs = resolver.addresses(host)
+        except DnsError as exc:
+            last = exc
+            continue
+        mine = [a for a in addrs if myself is not None and myself.is_local(a)]
+        if mine:
+            return _before_me(domain, out, pref, f"MX {host} is {mine[0]}, an address of this host")
+        out += [(pref, Destination(host, a, 25)) for a in addrs]
+        if len(out) >= MAX_ADDRESSES:
+            break
+    if not out:
+        if last is not None and implicit:
+            raise last
+        raise DnsError(f"no address found for the mail hosts of {domain}", permanent=False)
+    return [dest for _, dest in out[:MAX_ADDRESSES]]
+
+
+def _before_me(
+    domain: str, found: list[tuple[int, Destination]], pref: int, why: str
+) -> list[Destination]:
+    better = [dest for p, dest in found if p < pref]
+    if not better:
+        raise LoopError(domain, why)
+    return better[:MAX_ADDRESSES]
