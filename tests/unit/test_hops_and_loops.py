@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_delivery import RESOLVER, FakeResolver
-from test_protocol_support import in_data, policy
+from test_protocol_support import in_data, policy, ready
 
 from pyqmail import config
 from pyqmail.delivery import Control, ControlError, Route
@@ -293,3 +293,29 @@ def test_endless_reply_is_cut_off(chatty_server: int) -> None:
             smtp.connect("127.0.0.1", chatty_server)
     finally:
         smtp.close()
+
+
+# -- address literals on receipt ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rcpt", ["loop@[127.0.0.1]", "x%y@[127.0.0.1]", "loop@[IPv6:::1]", "loop@[192.0.2.2]"]
+)
+def test_address_literal_recipients_need_relay_rights(tmp_path: Path, rcpt: str) -> None:
+    """rcpthosts holds domain names only (a literal there is a control-file error), so a
+    literal recipient is relaying: refused to outsiders, and for relay clients remote
+    delivery refuses the literals that are ours (test_destinations_that_loop_back)."""
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test\n")
+    (tmp_path / "control" / "rcpthosts").write_text("[127.0.0.1]\n")
+    with pytest.raises(config.ConfigError, match="not a valid domain name"):
+        config.load(tmp_path)
+    (tmp_path / "control" / "rcpthosts").write_text("mx.test\n")
+    cfg = config.load(tmp_path)
+    outsider = ready(policy(rcpthosts=cfg.rcpthost))
+    assert outsider.cmd("MAIL FROM:<x@[127.0.0.1]>").startswith("250")
+    assert outsider.cmd(f"RCPT TO:<{rcpt}>").startswith("5")
+    relay = ready(policy(rcpthosts=cfg.rcpthost, relay_client=True))
+    assert relay.cmd("MAIL FROM:<x@mx.test>").startswith("250")
+    reply = relay.cmd(f"RCPT TO:<{rcpt}>")
+    assert reply.startswith("553 5.1.3" if "%" in rcpt else "250"), reply  # no %-hack relaying
