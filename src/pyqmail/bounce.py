@@ -9,7 +9,7 @@
 The DSN is multipart/report (RFC 6522): a human-readable part, a message/delivery-status
 part (Reporting-MTA, Arrival-Date; per recipient Final-Recipient, Action, Status,
 Remote-MTA, Diagnostic-Code, Last-Attempt-Date) and the original headers
-(text/rfc822-headers).
+(text/rfc822-headers: at most ``headers.HEADER_SIZE_LIMIT``, 100 KiB, cut at a line end).
 """
 
 from __future__ import annotations

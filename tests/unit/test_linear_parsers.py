@@ -7,8 +7,10 @@ at 2N must stay within ``RATIO`` times the time at N: a linear parser costs 2x, 
 one 4x and more. N is about 1 MiB so the times are well above timer noise on a busy 2-core
 machine; ``SLACK`` absorbs the noise of parsers whose work is bounded (constant time).
 
-The check that started this file (``local.header_values`` unfolding with repeated
-``bytes +=``): at N = 1 MiB of folded lines it took seconds and grew 4x per doubling.
+Checked once against the code before this file (reverted by loading the old modules): the
+old ``local.header_values`` (unfolding with repeated ``bytes +=``) took 0.24 s at 256 KiB of
+folded lines and 1.09 s at 512 KiB (4.6x), the old ``pyqmail-sendmail`` header split 0.36 s
+and 1.58 s (4.3x): both fail ``RATIO``.
 """
 
 from __future__ import annotations
