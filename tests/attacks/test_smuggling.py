@@ -123,7 +123,7 @@ def check_all(qmail_root: QmailRoot, smtpd: StartDaemon, max_len: int) -> None:
         if len(first) > 1:
             problems.append(f"{where}: first sender queued {len(first)} times")
         if expected is None and first:
-            problems.append(f"{where}: message with bare CR/LF or NUL was queued: {first[0][-80:]!r}")
+            problems.append(f"{where}: bare CR/LF or NUL message queued: {first[0][-80:]!r}")
         if expected is not None:
             if not first:
                 problems.append(f"{where}: legitimate message not queued; replies {got}")
