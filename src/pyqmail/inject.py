@@ -1,6 +1,7 @@
 """pyqmail-sendmail: the sendmail-compatible injector for local programs (cron, monitoring).
 
-``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...] < msg``
+``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...]``
+(message on standard input)
 
 - ``-f ADDR`` / ``-r ADDR``: envelope sender (``-f ''`` or ``-f '<>'`` = null sender); default
   ``$MAILUSER``/``$LOGNAME``/``$USER`` (or the uid's name) at ``control/me``.
