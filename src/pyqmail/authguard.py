@@ -248,9 +248,7 @@ class AuthState:
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(
-                "DELETE FROM client WHERE last < ? AND lease_until < ?", (now - WINDOW, now)
-            )
+            db.execute("DELETE FROM client WHERE last < ? AND lease_until < ?", (now - WINDOW, now))
             db.execute(
                 "DELETE FROM account WHERE first < ? AND locked_until < ?",
                 (now - settings.lock_secs, now),
@@ -360,4 +358,3 @@ class AuthGuard:
         if ok:
             return Outcome(ok=True)
         return Outcome(ok=False, reason="locked" if locked else "password", delay=delay)
-

@@ -17,9 +17,10 @@ worker killed while holding it cannot wedge the others, and check-then-add is at
 overshoot by one when two workers accept the same client at once).
 
 Bounded: the capacity is fixed at start, at least twice ``maxconn`` plus one entry per
-worker, and the table counts as full at three quarters (short probe runs). Live entries never exceed the connections held, and those are capped by
-``maxconn``, so an attacker cannot fill the table without first hitting ``maxconn`` (a
-HUP that raises ``maxconn`` past the capacity is the only way). If the table is ever full,
+worker, and the table counts as full at three quarters (short probe runs). Live entries
+never exceed the connections held, and those are capped by ``maxconn``, so an attacker
+cannot fill the table without first hitting ``maxconn`` (a HUP that raises ``maxconn``
+past the capacity is the only way). If the table is ever full,
 a new key is admitted uncounted and ``admit`` says so (the caller logs it): fail open for
 that client, never refuse a stranger because of someone else's entries. The probe order
 comes from ``hash()`` of the key (SipHash with the supervisor's random seed, which every

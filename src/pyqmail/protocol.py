@@ -798,7 +798,9 @@ class SMTPConnection:
         else:
             user, _, digest = text.rpartition(" ")
             if not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
-                self._auth_rejected(out, "501 5.5.2 Error: malformed CRAM-MD5 response", "malformed")
+                self._auth_rejected(
+                    out, "501 5.5.2 Error: malformed CRAM-MD5 response", "malformed"
+                )
                 return
             self._request(
                 out,

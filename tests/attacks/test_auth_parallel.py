@@ -164,7 +164,7 @@ def test_account_lock_same_answer_then_expires(
         ("127.0.3.8", ["AUTH CRAM-MD5"], None),  # offered only with secrets: 504, no AUTH
     ],
 )
-def test_every_failure_is_logged_with_the_client(
+def test_every_failure_is_logged_with_the_client(  # noqa: PLR0917 - fixtures + one case
     users: QmailRoot,
     smtpd: StartDaemon,
     pki: PKI,

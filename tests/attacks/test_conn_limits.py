@@ -11,7 +11,6 @@ import contextlib
 import re
 import socket
 import zlib
-
 from collections.abc import Iterator
 
 import pytest

@@ -35,7 +35,9 @@ def test_penalty_doubles_per_client_and_holds_the_lease(state: AuthState) -> Non
         if verdict == "wait":
             now += wait
             continue
-        delays.append(state.finish("192.0.2.1", f"u{now}", ok=False, locked=False, now=now, settings=S))
+        delays.append(
+            state.finish("192.0.2.1", f"u{now}", ok=False, locked=False, now=now, settings=S)
+        )
         assert state.begin("192.0.2.1", "x", now + 0.1, PID, S)[0] == "wait"
     assert delays[:3] == [1, 2, 4]
     assert state.begin("192.0.2.2", "x", now, PID, S)[0] == "go", "other clients are not slowed"
