@@ -220,17 +220,21 @@ class ConnTable:
         self._lock()
         try:
             _TOTAL.pack_into(self._mm, slot * _TOTAL.size, 0)
-            keep = []
+            keep: dict[tuple[bytes, int], int] = {}
+            occupied = 0
             for i in range(self.capacity):
                 key, slot1, count = self._entry(i)
+                occupied += slot1 != 0
                 if slot1 and slot1 != slot + 1:
-                    keep.append((key, slot1, count))
-            if len(keep) == self._used():
+                    # a worker killed in the middle of a backward shift leaves an entry
+                    # twice (copied, not yet cleared): the same count, kept once
+                    keep[key, slot1] = max(count, keep.get((key, slot1), 0))
+            if len(keep) == occupied:
                 return
             self._mm[self._base :] = bytes(len(self._mm) - self._base)
             _TOTAL.pack_into(self._mm, self.slots * _TOTAL.size, len(keep))
             mask = self.capacity - 1
-            for key, slot1, count in keep:
+            for (key, slot1), count in keep.items():
                 i = self._home(key)
                 while self._entry(i)[1]:
                     i = (i + 1) & mask

@@ -1526,6 +1526,7 @@ class Supervisor:
             if slot is None:
                 continue
             log("worker-exit", worker=pid, slot=slot, status=os.waitstatus_to_exitcode(status))
+            self.counter.reset(slot)  # its connections died with it
             if not terminating:
                 quick = time.monotonic() - self.started.get(slot, 0) < 1.0
                 self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)

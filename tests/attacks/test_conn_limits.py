@@ -8,7 +8,9 @@ log blamed it. Now the count is per exact address (IPv6: per /64) over all worke
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import socket
 import zlib
 from collections.abc import Iterator
@@ -99,3 +101,25 @@ def test_ipv6_client_counted_per_64(qmail_root: QmailRoot, smtpd: StartDaemon) -
     for s in socks:
         s.close()
     tried("conn-limit-collision", 3)
+
+
+def test_connections_of_a_killed_worker_are_released(
+    qmail_root: QmailRoot, smtpd: StartDaemon, wires: list[Wire]
+) -> None:
+    qmail_root.control("maxconnip", "8\n")
+    d = smtpd(workers=2)
+    first, second = sorted(d.worker_pids())
+    held = open_many(wires, d.port, "127.0.6.6", 8)
+    assert one(wires, d.port, "127.0.6.6").reply()[0] == 421
+    os.kill(first, signal.SIGKILL)
+    d.wait_for(rf"worker-exit worker={first} ")
+    died = sum(w.closed_within(3) for w in held)
+    if not died:  # the kernel gave every connection to the other worker (1 in 256)
+        os.kill(second, signal.SIGKILL)
+        d.wait_for(rf"worker-exit worker={second} ")
+        died = sum(w.closed_within(3) for w in held)
+    assert died
+    d.wait_for(r"pid=\d+ ready", count=3, timeout=15)  # a replacement serves
+    open_many(wires, d.port, "127.0.6.6", died)  # the dead worker's share is free again
+    assert one(wires, d.port, "127.0.6.6").reply()[0] == 421, "released more than died"
+    tried("conn-limit-collision", died + 10)

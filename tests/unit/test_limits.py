@@ -127,3 +127,18 @@ def test_shared_with_a_forked_worker() -> None:
     assert table.admit(key, 100, 3).refused == "maxconnip=3"
     table.reset(1)  # the worker is gone: so are its connections
     assert table.held(key) == 1
+
+
+def test_reset_drops_an_entry_left_twice_by_a_killed_worker() -> None:
+    table = ConnTable(2, maxconn=100)
+    key = key_bytes("192.0.2.7")
+    table.slot = 0
+    table.admit(key, 100, 10)
+    table.admit(key, 100, 10)
+    # what a SIGKILL between the copy and the clear of a backward shift leaves behind
+    i = next(i for i in range(table.capacity) if table._entry(i)[1])
+    j = (i + 1) % table.capacity
+    table._put(j, *table._entry(i))
+    assert table.held(key) == 4
+    table.reset(1)
+    assert table.held(key) == 2
