@@ -28,7 +28,11 @@ Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address o
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
 a handshake within ``timeouttls``. A client that stops reading our replies stops being
-read and then times out; closing sockets that cannot flush are aborted.
+read and then times out; closing sockets that cannot flush are aborted. AUTH goes through
+limits every worker of every listener shares (``pyqmail.authguard``, state in
+``<root>/smtpd/authstate.sqlite``): one attempt at a time per client, a penalty delay
+after each failure, a temporary lock of a name after ``authlockfails`` failures, and at
+most ``authconcurrency`` password checks at once per worker.
 
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
@@ -39,7 +43,7 @@ checkpassword read theirs per connection / per AUTH).
 
 Files are read after the privilege drop, so ``--user`` must be able to read
 control/servercert.pem (qmail-tls: owner qmaild, mode 0400), control/smtpusers (0640
-root:pyqmail with the user in group pyqmail) and write the queue.
+root:pyqmail with the user in group pyqmail) and write the queue and ``<root>/smtpd/``.
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
@@ -49,7 +53,8 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
     deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
-    tls-fail, auth-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
+    auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
+    tls-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
