@@ -33,6 +33,14 @@ such clients. ``authlockfails`` 0 turns the account lock off.
 
 Per worker: at most ``authconcurrency`` password checks run at once (scrypt: about 68 ms
 of CPU and 16 MiB each); the rest wait for a turn (bounded by the same ``WAIT_MAX``).
+
+Attempts the protocol core refuses by itself (undecodable or malformed responses, names
+that fail validation, a foreign authorization identity) check no password and so guess
+nothing: they are only logged (``auth-fail``, for fail2ban), not counted here.
+
+Trade-off: clients behind one NAT address share the per-client limits: after one of them
+mistypes a password, the others' next AUTH may wait up to the 4 s penalty (never longer;
+successes carry no penalty).
 """
 
 from __future__ import annotations
@@ -315,21 +323,32 @@ class AuthGuard:
         key = limit_key(ip)
         lock, users = self._local.get(key, (asyncio.Lock(), 0))
         self._local[key] = (lock, users + 1)  # only one session per client here polls
+        deadline = asyncio.get_running_loop().time() + WAIT_MAX
         try:
-            async with lock:
-                return await self._attempt(key, user, verify)
+            async with asyncio.timeout_at(deadline):
+                await lock.acquire()
+        except TimeoutError:
+            self._forget(key)
+            return Outcome(ok=False, reason="busy", temporary=True)
+        try:
+            return await self._attempt(key, user, verify, deadline)
         except (StateError, sqlite3.Error) as exc:
             return Outcome(ok=False, reason=f"state-error:{exc}", temporary=True)
         finally:
-            lock, users = self._local[key]
-            if users == 1:
-                del self._local[key]
-            else:
-                self._local[key] = (lock, users - 1)
+            lock.release()
+            self._forget(key)
 
-    async def _attempt(self, key: str, user: str, verify: Callable[[], bool]) -> Outcome:
+    def _forget(self, key: str) -> None:
+        lock, users = self._local[key]
+        if users == 1:
+            del self._local[key]
+        else:
+            self._local[key] = (lock, users - 1)
+
+    async def _attempt(
+        self, key: str, user: str, verify: Callable[[], bool], deadline: float
+    ) -> Outcome:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_MAX
         settings = self.settings
         while True:
             verdict, wait = await self._db(

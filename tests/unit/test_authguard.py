@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -133,3 +137,62 @@ def test_two_connections_see_one_state(state: AuthState) -> None:
     assert state.begin("k", "a", 1.0, PID, S)[0] == "go"
     assert other.begin("k", "a", 1.1, PID, S)[0] == "wait"
     assert isinstance(other.connect(), sqlite3.Connection)
+
+
+def run_attempts(
+    guards: list[authguard.AuthGuard], ips: list[str], work: float
+) -> tuple[list[authguard.Outcome], dict[str, int]]:
+    """One attempt per ip (round robin over the guards, like workers); returns the outcomes
+    and the most password checks that ever ran at once, overall and for one client."""
+    running: Counter[str] = Counter()
+    peak = {"all": 0, "one": 0}
+    lock = threading.Lock()
+
+    def verify(ip: str) -> bool:
+        with lock:
+            running[ip] += 1
+            peak["all"] = max(peak["all"], sum(running.values()))
+            peak["one"] = max(peak["one"], running[ip])
+        time.sleep(work)
+        with lock:
+            running[ip] -= 1
+        return True  # success: no penalty, so only the lease serialises
+
+    async def main() -> list[authguard.Outcome]:
+        return await asyncio.gather(
+            *(
+                guards[n % len(guards)].attempt(ip, "alice", lambda ip=ip: verify(ip))
+                for n, ip in enumerate(ips)
+            )
+        )
+
+    try:
+        return asyncio.run(main()), peak
+    finally:
+        for guard in guards:
+            guard.shutdown()
+
+
+def test_password_checks_per_worker_are_bounded(tmp_path: Path) -> None:
+    guard = authguard.AuthGuard(tmp_path, Settings(concurrency=2))
+    outcomes, peak = run_attempts([guard], [f"10.0.0.{i}" for i in range(12)], 0.05)
+    assert all(o.ok for o in outcomes)
+    assert peak["all"] == 2, peak
+
+
+def test_one_client_is_checked_one_at_a_time_across_workers(tmp_path: Path) -> None:
+    guards = [authguard.AuthGuard(tmp_path, Settings(concurrency=4)) for _ in range(2)]
+    outcomes, peak = run_attempts(guards, ["10.0.0.1"] * 6, 0.05)
+    assert all(o.ok for o in outcomes)
+    assert peak["one"] == 1, peak
+
+
+def test_waiting_too_long_is_a_temporary_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(authguard, "WAIT_MAX", 0.3)
+    guard = authguard.AuthGuard(tmp_path, Settings(concurrency=1))
+    outcomes, _ = run_attempts([guard], ["10.0.0.1"] * 3, 0.25)
+    assert [o.ok for o in outcomes].count(True) >= 1
+    busy = [o for o in outcomes if not o.ok]
+    assert busy and all(o.temporary and o.reason == "busy" for o in busy)
