@@ -37,6 +37,12 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
                    (group commit, see ``smtpd.Committer``); 0 = never wait; default 10,
                    at most 1000
+``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
+                   name for ``authlocktime`` seconds (``pyqmail.authguard``); 0 = no lock;
+                   default 10, at most 1000
+``authlocktime``   seconds of that window and of the lock (bounded: failures during a lock
+                   do not extend it); default 600, 1 to 86400
+``authconcurrency`` password checks (scrypt) at once per worker; default 2, 1 to 64
 =================  ===========================================================================
 
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
@@ -194,6 +200,9 @@ class Config:
     maxconn: int
     maxerrors: int
     commitdelay: int  # milliseconds
+    authlockfails: int
+    authlocktime: int  # seconds
+    authconcurrency: int
     servercert: Path | None
     clientca: Path | None
     tlsclients: frozenset[str]
@@ -310,6 +319,9 @@ def load(root: str | Path) -> Config:
         maxconn=_read_int(control / "maxconn", 1000, minimum=1),
         maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
         commitdelay=_read_int(control / "commitdelay", 10, maximum=1000),
+        authlockfails=_read_int(control / "authlockfails", 10, maximum=1000),
+        authlocktime=_read_int(control / "authlocktime", 600, minimum=1, maximum=86400),
+        authconcurrency=_read_int(control / "authconcurrency", 2, minimum=1, maximum=64),
         servercert=servercert,
         clientca=clientca,
         tlsclients=_read_identities(control / "tlsclients"),

@@ -61,6 +61,7 @@ from pyqmail.protocol_address import (
 )
 from pyqmail.protocol_events import (
     KNOWN_MECHANISMS,
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -76,6 +77,7 @@ from pyqmail.protocol_events import (
 
 __all__ = [
     "KNOWN_MECHANISMS",
+    "AuthRejected",
     "AuthRequest",
     "Close",
     "Event",
@@ -111,6 +113,7 @@ REPLY_NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
 REPLY_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed"
+REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 
 
@@ -302,12 +305,15 @@ class SMTPConnection:
         self._run(out)
         return _coalesce(out)
 
-    def auth_result(self, user: str | None) -> list[Event]:
-        """The verdict on the last AuthRequest: the canonical user name, or None."""
+    def auth_result(self, user: str | None, *, temporary: bool = False) -> list[Event]:
+        """The verdict on the last AuthRequest: the canonical user name, or None; with
+        ``temporary`` the server could not decide now (busy): 454, not a failure."""
         self._require(State.WAIT_AUTH, "auth_result")
         out: list[Event] = []
         self.state = State.READY
-        if user is not None and _valid_username(user):
+        if temporary:
+            self._reply(out, REPLY_AUTH_TEMPFAIL)
+        elif user is not None and _valid_username(user):
             self.auth_user = user
             self._reply(out, "235 2.7.0 Authentication successful")
         else:
@@ -441,9 +447,11 @@ class SMTPConnection:
             del self._inbuf[: end + 1]
             if self._discarding or len(line) > self.policy.max_line:
                 self._discarding = False
-                self._error(out, "500 5.5.2 Error: line too long")
                 if state is State.AUTH_INPUT:
                     self.state = State.READY
+                    self._auth_rejected(out, "500 5.5.2 Error: line too long", "too-long")
+                else:
+                    self._error(out, "500 5.5.2 Error: line too long")
                 continue
             if line.endswith(b"\r\n"):
                 line = line[:-2]
@@ -750,38 +758,38 @@ class SMTPConnection:
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
-            self._error(out, "501 5.5.2 Error: cannot decode response")
+            self._auth_rejected(out, "501 5.5.2 Error: cannot decode response", "bad-base64")
             return
         if text == "*":
-            self._error(out, "501 5.7.0 Error: authentication aborted")
+            self._auth_rejected(out, "501 5.7.0 Error: authentication aborted", "aborted")
             return
         self._auth_step(text, out)
 
     def _auth_step(self, response: str, out: list[Event]) -> None:
         data = _b64decode(response)
         if data is None:
-            self._error(out, "501 5.5.2 Error: cannot decode response")
+            self._auth_rejected(out, "501 5.5.2 Error: cannot decode response", "bad-base64")
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self._error(out, "501 5.5.2 Error: response is not UTF-8")
+            self._auth_rejected(out, "501 5.5.2 Error: response is not UTF-8", "bad-utf8")
             return
         mech = self._auth_mech
         if mech == "PLAIN":
             parts = text.split("\0")
             if len(parts) != 3:
-                self._error(out, "501 5.5.2 Error: malformed PLAIN response")
+                self._auth_rejected(out, "501 5.5.2 Error: malformed PLAIN response", "malformed")
                 return
             authzid, user, password = parts
             if authzid and authzid != user:
-                self._auth_failed(out)
+                self._auth_rejected(out, REPLY_AUTH_FAILED, "authzid", user)
                 return
             self._request(out, AuthRequest("PLAIN", user, password=password))
         elif mech == "LOGIN":
             if not self._auth_username:
                 if not text:
-                    self._error(out, "501 5.5.2 Error: empty user name")
+                    self._auth_rejected(out, "501 5.5.2 Error: empty user name", "bad-name")
                     return
                 self._auth_username = text
                 self._challenge(out, b"Password:")
@@ -790,7 +798,9 @@ class SMTPConnection:
         else:
             user, _, digest = text.rpartition(" ")
             if not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
-                self._error(out, "501 5.5.2 Error: malformed CRAM-MD5 response")
+                self._auth_rejected(
+                    out, "501 5.5.2 Error: malformed CRAM-MD5 response", "malformed"
+                )
                 return
             self._request(
                 out,
@@ -801,7 +811,8 @@ class SMTPConnection:
 
     def _request(self, out: list[Event], request: AuthRequest) -> None:
         if not _valid_username(request.username):
-            self._auth_failed(out)  # same answer as a wrong password: no user probing
+            # same answer as a wrong password: no user probing
+            self._auth_rejected(out, REPLY_AUTH_FAILED, "bad-name", request.username)
             return
         self.state = State.WAIT_AUTH
         out.append(request)
@@ -809,6 +820,15 @@ class SMTPConnection:
     def _auth_failed(self, out: list[Event]) -> None:
         self._auth_failures += 1
         self._error(out, REPLY_AUTH_FAILED)
+
+    def _auth_rejected(
+        self, out: list[Event], reply: str, reason: str, user: str | None = None
+    ) -> None:
+        """An attempt refused here, not by the server: answered, and reported for the log."""
+        if reply == REPLY_AUTH_FAILED:
+            self._auth_failures += 1
+        self._error(out, reply)
+        out.append(AuthRejected(self._auth_mech, user or self._auth_username or None, reason))
 
     # ----- DATA ------------------------------------------------------------------------
 

@@ -146,6 +146,18 @@ class AuthRequest:
 
 
 @dataclass(frozen=True)
+class AuthRejected:
+    """An AUTH attempt the core answered itself, without an ``AuthRequest`` (undecodable
+    or malformed response, a name that fails validation, a foreign authorization
+    identity, a cancelled exchange): the server only logs it (``auth-fail``), so that
+    every failure leaves a line a fail2ban filter can count. Nothing to answer."""
+
+    mechanism: str
+    username: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class MessageStart:
     """A message begins: open a queue writer. ``MessageData`` chunks follow.
 
@@ -195,5 +207,13 @@ class Close:
 
 
 Event = (
-    Send | StartTLS | AuthRequest | MessageStart | MessageData | MessageEnd | MessageAbort | Close
+    Send
+    | StartTLS
+    | AuthRequest
+    | AuthRejected
+    | MessageStart
+    | MessageData
+    | MessageEnd
+    | MessageAbort
+    | Close
 )

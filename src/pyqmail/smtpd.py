@@ -23,13 +23,16 @@ rule closes the connection at once (logged), ``allow`` passes the rule's environ
 (RELAYCLIENT, SMTPAUTH, FORCETLS, BARELF, DATABYTES, MAXRCPT). The cdb is re-read when its
 file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
 
-Limits: ``maxconn`` per listener and ``maxconnip`` per client address are counted across
-workers in a shared anonymous mapping where each worker writes only its own row (no lock;
-two workers accepting the same address in the same instant may overshoot by one). Over a
+Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address or an IPv6
+/64) are counted exactly across workers in a table they share (``pyqmail.limits``). Over a
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
 a handshake within ``timeouttls``. A client that stops reading our replies stops being
-read and then times out; closing sockets that cannot flush are aborted.
+read and then times out; closing sockets that cannot flush are aborted. AUTH goes through
+limits every worker of every listener shares (``pyqmail.authguard``, state in
+``<root>/smtpd/authstate.sqlite``): one attempt at a time per client, a penalty delay
+after each failure, a temporary lock of a name after ``authlockfails`` failures, and at
+most ``authconcurrency`` password checks at once per worker.
 
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
@@ -40,7 +43,7 @@ checkpassword read theirs per connection / per AUTH).
 
 Files are read after the privilege drop, so ``--user`` must be able to read
 control/servercert.pem (qmail-tls: owner qmaild, mode 0400), control/smtpusers (0640
-root:pyqmail with the user in group pyqmail) and write the queue.
+root:pyqmail with the user in group pyqmail) and write the queue and ``<root>/smtpd/``.
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
@@ -50,7 +53,8 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
     deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
-    tls-fail, auth-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
+    auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
+    tls-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
@@ -67,7 +71,6 @@ import hashlib
 import hmac
 import importlib
 import ipaddress
-import mmap
 import os
 import pwd
 import queue as queuemod
@@ -80,16 +83,18 @@ import sys
 import threading
 import time
 import traceback
-import zlib
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pyqmail import config as configmod
 from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
+from pyqmail.authguard import Settings as AuthSettings
+from pyqmail.limits import ConnTable, key_bytes
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -108,16 +113,12 @@ from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
 LOOPS = ("auto", "asyncio", "uvloop")
-AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
-AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply
-AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 READ_SIZE = 64 * 1024  # one socket read at most
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
-BUCKETS = 4096
 
 
 class UsageError(Exception):
@@ -396,6 +397,11 @@ def check_startup(cfg: configmod.Config, mode: str) -> None:
         Queue(cfg.queue_dir).check()
     except QueueError as exc:
         raise configmod.ConfigError(str(exc)) from exc
+    if cfg.authdb is not None:
+        try:
+            AuthState.check(state_path(cfg.root))
+        except StateError as exc:
+            raise configmod.ConfigError(str(exc)) from exc
     if mode == "smtp" and cfg.server_tls is None:
         log("warning", text="no control/servercert.pem: STARTTLS not offered")
     if mode != "smtp" and cfg.authdb is None:
@@ -405,72 +411,6 @@ def check_startup(cfg: configmod.Config, mode: str) -> None:
 
 
 # --- shared state across workers ---------------------------------------------------------
-
-
-class ConnCounter:
-    """Connections per listener and per client address, summed over worker rows."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._row = BUCKETS + 1  # the last cell of a row is the worker's total
-        self._mm = mmap.mmap(-1, 4 * slots * self._row)  # anonymous + shared across fork
-        self._cells = memoryview(self._mm).cast("i")
-        self.slot = 0
-
-    @staticmethod
-    def bucket(ip: str) -> int:
-        return zlib.crc32(ip.encode()) % BUCKETS
-
-    def total(self) -> int:
-        return sum(self._cells[s * self._row + BUCKETS] for s in range(self.slots))
-
-    def per_ip(self, bucket: int) -> int:
-        return sum(self._cells[s * self._row + bucket] for s in range(self.slots))
-
-    def add(self, bucket: int, delta: int) -> None:
-        base = self.slot * self._row
-        self._cells[base + bucket] += delta
-        self._cells[base + BUCKETS] += delta
-
-    def reset(self, slot: int) -> None:
-        """A worker died: its connections died with it."""
-        base = slot * self._row
-        for i in range(self._row):
-            self._cells[base + i] = 0
-
-
-def limit_key(ip: str) -> str:
-    """What maxconnip counts: the address, or its /64 for IPv6 (one host's usual share)."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    except ValueError:
-        return ip
-
-
-class AuthThrottle:
-    """Failed AUTH per client (see ``limit_key``), as one worker sees them.
-
-    Each failure from the same client within AUTH_FAIL_WINDOW doubles the delay before the
-    535 (1, 2, then 4 s), across sessions, so parallel connections do not multiply an
-    attacker's guesses. It only slows answers: nobody is locked out. Bounded in memory.
-    """
-
-    MAX_CLIENTS = 10_000
-
-    def __init__(self) -> None:
-        self._fails: dict[str, tuple[int, float]] = {}  # insertion order = least recent first
-
-    def failed(self, key: str, now: float) -> float:
-        count, last = self._fails.pop(key, (0, now))
-        if now - last > AUTH_FAIL_WINDOW:
-            count = 0
-        count += 1
-        self._fails[key] = (count, now)
-        if len(self._fails) > self.MAX_CLIENTS:
-            del self._fails[next(iter(self._fails))]
-        return float(min(AUTH_FAIL_DELAY * 2 ** min(count - 1, 16), AUTH_FAIL_MAX_DELAY))
 
 
 class UsersCache:
@@ -615,6 +555,11 @@ def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
         expected = hmac.new(key, (req.challenge or "").encode(), hashlib.md5).hexdigest()
         return secret is not None and hmac.compare_digest(expected, (req.response or "").lower())
     return db.verify(req.username, req.password or "")
+
+
+def auth_settings(cfg: configmod.Config) -> AuthSettings:
+    """The AUTH limits' knobs from the control files."""
+    return AuthSettings(cfg.authlockfails, cfg.authlocktime, cfg.authconcurrency)
 
 
 # --- the group commit ----------------------------------------------------------------------
@@ -890,7 +835,8 @@ class Session(asyncio.BufferedProtocol):
         self.submitted = False  # counted in server.waiting until committed() runs
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
-        self.bucket: int | None = None
+        self.conn_key: bytes | None = None  # set while counted in the ConnTable
+        self.conn_counted = False
         self.closed = False
         self.closing = False
         self.messages = 0
@@ -915,21 +861,18 @@ class Session(asyncio.BufferedProtocol):
             transport.close()
             return
         counter, cfg = self.server.counter, self.cfg
-        bucket = counter.bucket(limit_key(self.ip))
-        reason = None
-        if counter.total() >= cfg.maxconn:
-            reason = f"maxconn={cfg.maxconn}"
-        elif counter.per_ip(bucket) >= cfg.maxconnip:
-            reason = f"maxconnip={cfg.maxconnip}"
-        if reason is not None:
-            log("refuse", ip=self.ip, port=self.port, reason=reason)
+        key = key_bytes(self.ip)
+        admission = counter.admit(key, cfg.maxconn, cfg.maxconnip)
+        if admission.refused is not None:
+            log("refuse", ip=self.ip, port=self.port, reason=admission.refused)
             self.closed = True
             if self.server.mode != "smtps":
                 transport.write(b"421 4.7.0 " + cfg.me.encode() + b" too many connections\r\n")
             transport.close()
             return
-        counter.add(bucket, 1)
-        self.bucket = bucket
+        if not admission.counted:
+            log("warning", ip=self.ip, text="connection table full: this client is not counted")
+        self.conn_key, self.conn_counted = key, admission.counted
         self.server.sessions.add(self)
         self.policy = build_policy(cfg, self.server.mode, self.ip, decision.env)
         self.touch()
@@ -974,14 +917,14 @@ class Session(asyncio.BufferedProtocol):
                 timer.cancel()
         self.timer = self.tls_timer = self.close_timer = None
         self.sslobj = self.tls_in = self.tls_out = None
-        if self.bucket is None:
+        if self.conn_key is None:
             return
         self.closed = True
         if self.conn is not None:
             self.conn.connection_lost()
         self._drop_writer()
-        self.server.counter.add(self.bucket, -1)
-        self.bucket = None
+        self.server.counter.release(self.conn_key, counted=self.conn_counted)
+        self.conn_key = None
         log(
             "conn",
             ip=self.ip,
@@ -1123,6 +1066,8 @@ class Session(asyncio.BufferedProtocol):
             elif isinstance(event, AuthRequest):
                 self.pause("auth")
                 self.spawn(self.authenticate(event))
+            elif isinstance(event, AuthRejected):
+                self.log_auth_fail(event.mechanism, event.username, event.reason)
             elif isinstance(event, StartTLS):
                 self.begin_tls(implicit=False)
             elif isinstance(event, Close):
@@ -1239,27 +1184,39 @@ class Session(asyncio.BufferedProtocol):
     # AUTH ---------------------------------------------------------------------------------
 
     async def authenticate(self, req: AuthRequest) -> None:
-        ok = await self.loop.run_in_executor(
-            self.server.auth_pool, verify_auth, self.server.users.current(), req
+        """Through the shared AUTH limits (``pyqmail.authguard``): one attempt per client
+        at a time over every worker and listener, a penalty delay after a failure, locked
+        names refused without a password check (the same 535, after the same delay)."""
+        db = self.server.users.current()
+        outcome: Outcome = await self.server.guard.attempt(
+            self.ip, req.username, lambda: verify_auth(db, req)
         )
-        if not ok:
-            delay = self.server.throttle.failed(limit_key(self.ip), self.loop.time())
-            log(
-                "auth-fail",
-                ip=self.ip,
-                port=self.port,
-                user=req.username,
-                mech=req.mechanism,
-                delay=f"{delay:g}",
-            )
-            await asyncio.sleep(delay)
+        if not outcome.ok:
+            self.log_auth_fail(req.mechanism, req.username, outcome.reason, outcome.delay)
+            await asyncio.sleep(outcome.delay)
         if self.closed or self.conn is None:
             return
-        if ok:
+        if outcome.ok:
             self.auth_user = req.username
         self.resume("auth")
         self.touch()
-        self.handle(self.conn.auth_result(req.username if ok else None))
+        user = req.username if outcome.ok else None
+        self.handle(self.conn.auth_result(user, temporary=outcome.temporary))
+
+    def log_auth_fail(
+        self, mech: str, user: str | None, reason: str, delay: float | None = None
+    ) -> None:
+        """One ``auth-fail`` line per failed attempt, ``ip=`` first after the event: the
+        fixed prefix the fail2ban filter in files/fail2ban matches."""
+        log(
+            "auth-fail",
+            ip=self.ip,
+            port=self.port,
+            mech=mech or "-",
+            user=user if user is not None else "-",
+            reason=reason,
+            delay=None if delay is None else f"{delay:g}",
+        )
 
     # the queue ----------------------------------------------------------------------------
 
@@ -1389,7 +1346,7 @@ class Server:
         opts: Options,
         cfg: configmod.Config,
         rules: RulesCache,
-        counter: ConnCounter,
+        counter: ConnTable,
     ) -> None:
         self.opts = opts
         self.mode = opts.mode
@@ -1398,9 +1355,8 @@ class Server:
         self.counter = counter
         self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.sessions: set[Session] = set()
-        self.throttle = AuthThrottle()
         self.users = UsersCache(cfg)
-        self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
+        self.guard = AuthGuard(cfg.root, auth_settings(cfg))  # shared with every listener
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
@@ -1449,6 +1405,7 @@ class Server:
                 cfg.queue_dir, umask=UMASK
             )  # the old one's FIFO fd is closed with the process
         self.users = UsersCache(cfg)
+        self.guard.configure(auth_settings(cfg))
         log("reload", root=self.opts.root)
 
     async def serve(self, sock: socket.socket) -> int:
@@ -1481,7 +1438,7 @@ class Server:
         for session in list(self.sessions):
             session.abort()
         await asyncio.sleep(0)
-        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        self.guard.shutdown()
         if self._committer is not None:
             self._committer.stop(CLOSE_GRACE)
         self.queue.close()
@@ -1494,7 +1451,7 @@ def run_worker(
     opts: Options,
     cfg: configmod.Config,
     rules: RulesCache,
-    counter: ConnCounter,
+    counter: ConnTable,
     *,
     parent: int | None = None,
 ) -> int:
@@ -1526,7 +1483,7 @@ class Supervisor:
         socks: list[socket.socket],
         cfg: configmod.Config,
         rules: RulesCache,
-        counter: ConnCounter,
+        counter: ConnTable,
     ) -> None:
         self.opts = opts
         self.socks = socks
@@ -1574,6 +1531,7 @@ class Supervisor:
             if slot is None:
                 continue
             log("worker-exit", worker=pid, slot=slot, status=os.waitstatus_to_exitcode(status))
+            self.counter.reset(slot)  # its connections died with it
             if not terminating:
                 quick = time.monotonic() - self.started.get(slot, 0) < 1.0
                 self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)
@@ -1653,7 +1611,7 @@ def main(argv: list[str] | None = None) -> int:
         uid=os.getuid(),
         loop=opts.loop,
     )
-    counter = ConnCounter(opts.workers)
+    counter = ConnTable(opts.workers, cfg.maxconn)
     if opts.workers == 1:
         return run_worker(socks[0], opts, cfg, rules, counter)
     # The workers share this process's heap copy-on-write. A full collection in a worker

@@ -303,7 +303,9 @@ def test_auth_failures_slow_down_across_sessions(
             took.append(time.monotonic() - t0)
     assert took[0] >= 0.9
     assert took[1] >= 1.9, f"second failure from the same client answered after {took[1]:.2f}s"
-    d.wait_for(r"auth-fail ip=127\.0\.0\.1 port=\d+ user=alice@mx\.test mech=PLAIN delay=2")
+    d.wait_for(
+        r"auth-fail ip=127\.0\.0\.1 port=\d+ mech=PLAIN user=alice@mx\.test reason=password delay=2"
+    )
 
 
 def test_plaintext_sent_after_starttls_in_a_later_packet_is_not_executed(

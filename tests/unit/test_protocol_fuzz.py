@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_protocol_support import TLS, check_password, policy
 
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -117,6 +118,8 @@ class Driver:
         elif isinstance(event, AuthRequest):
             assert not self.in_message
             self.run(lambda: self.conn.auth_result(check_password(event)))
+        elif isinstance(event, AuthRejected):
+            assert not self.in_message and event.reason
         elif isinstance(event, MessageStart):
             assert not self.in_message and event.recipients
             assert all(not set("\r\n\0").intersection(r) for r in (event.sender, *event.recipients))
