@@ -17,7 +17,8 @@
 Line ends become CRLF in the queue; ``Received:``, ``Date:``, ``Message-ID:`` and ``From:``
 are added when missing. The message is committed with ``Queue.enqueue`` (durable) and
 pyqmail-send is woken. The caller needs write access to ``queue/tmp`` and ``queue/new``
-(root, or a member of group ``pyqmail``).
+(root, or a member of group ``pyqmail``). Root's queue file is handed to the queue's owner
+(pyqmail-send), mode 0600, so pyqmail-smtpd cannot read it (``pyqmail.queue``).
 
 Exit codes (sysexits): 0 queued, 64 usage, 65 bad message or address, 75 queue unavailable
 (try again), 78 configuration.
