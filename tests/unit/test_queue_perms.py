@@ -180,3 +180,32 @@ def test_a_group_member_writes_files_the_owner_reads_through_the_group(open_dir:
         (writer, group, 0o640)
     }
     assert os.listdir(q.path("tmp")) == []
+
+
+_QUEUE_TOOL = """
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = pyqmail.queuetool.main(["--root", sys.argv[4], "list"])
+print(json.dumps([code, err.getvalue()]))
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running as another user needs root")
+def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
+    """A member of the group (not the owner) gets a clear refusal, not a traceback."""
+    owner, member, group = spare_ids(3)
+    q = Queue(open_dir / "queue")
+    q.create()
+    q.enqueue("a@b.test", ["c@d.test"], b"x\r\n")
+    chown_tree(q.root, owner, group)
+    code, err = run_as(
+        Ident(member, group, (group,)),
+        _QUEUE_TOOL,
+        str(open_dir),
+        preload="import contextlib, io, pyqmail.queuetool",
+    )
+    assert code == 2
+    assert err == (
+        f"pyqmail-queue: {q.path('mess')}: Permission denied (mess/ and state/ are"
+        " pyqmail-send's: run as root or as its user)\n"
+    )
