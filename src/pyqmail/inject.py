@@ -221,7 +221,7 @@ def inject(argv: Sequence[str], stdin: BinaryIO) -> str:
     """Queue one message; return its queue id or raise InjectError."""
     opts = parse_args(argv)
     try:
-        control = Control.load(opts.root)
+        control = Control.load(opts.root, relay_auth=False)  # the relays' passwords: not ours
     except ControlError as exc:
         raise InjectError(str(exc), EX_CONFIG) from None
     raw = stdin.read(MAX_MESSAGE + 1)

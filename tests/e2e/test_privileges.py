@@ -174,6 +174,10 @@ def site(pki: PKI) -> Iterator[Site]:
     cert.write_bytes(pki.server.key_pem + pki.server.cert_pem + pki.ca.cert_pem)
     cert.chmod(0o400)
     os.chown(cert, smtpd_uid, queue_gid)
+    relay_auth = control / "smtproutes-auth"  # the role: pyqmails:root 0400
+    relay_auth.write_text("127.0.0.1:relayuser:relay-secret\n")
+    relay_auth.chmod(0o400)
+    os.chown(relay_auth, send_uid, 0)
     users = control / "smtpusers"  # the role: root:pyqmaila 0640
     user = authdb.User("alice@mx.test", authdb.hash_password(PASSWORD), None)
     users.write_text(authdb.format_line(user) + "\n")
@@ -275,13 +279,31 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     assert got == ["ok", "EACCES", "EPERM", "EPERM", "EPERM"]
     assert entry.exists()
 
-    # The delivery user never sees a password hash; the verifier does
-    users = site.root / "control" / "smtpusers"
-    assert probe(send, [("read", users, "")]) == ["EACCES"]
-    assert probe(smtpd, [("read", users, "")]) == ["ok"]
+    # The delivery user never sees a password hash; the verifier does. The relays'
+    # password is pyqmail-send's alone (it read it at start).
+    control = site.root / "control"
+    assert probe(send, [("read", control / "smtpusers", "")]) == ["EACCES"]
+    assert probe(
+        smtpd, [("read", control / "smtpusers", ""), ("read", control / "smtproutes-auth", "")]
+    ) == ["ok", "EACCES"]
 
-    # and pyqmail-send still picks up what waited, out of smtpd's reach again
+    # and pyqmail-send still picks up what waited, out of smtpd's reach again; a member of
+    # the group may inject too (it cannot read the relays' password and needs not)
     site.start_send()
+    member = Ident(spare_ids(1, start=62000)[0], send.gid, (send.gid,))
+    injected = subprocess.run(
+        daemon_command(
+            member,
+            "pyqmail.inject",
+            ["--root", str(site.root), "-f", "m@mx.test", "far5@remote.test"],
+        ),
+        input=MSG % b"member",
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert injected.returncode == 0, injected.stderr
     wait_for(lambda: not site.queue.ids("new"), what="pickup")
+    wait_for(lambda: site.log().count("result=deferred") >= 5, what="two more deferrals")
     assert probe(smtpd, [("read", site.q("mess", waiting), "")]) == ["EACCES"]
     assert "warning" not in site.log()

@@ -209,3 +209,28 @@ def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
         f"pyqmail-queue: {q.path('mess')}: Permission denied (mess/ and state/ are"
         " pyqmail-send's: run as root or as its user)\n"
     )
+
+
+def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
+    name = "Write the smarthost credentials (readable by pyqmail-send alone, not pyqmail-smtpd)"
+    args = _task("pyqmail_control", name)["ansible.builtin.template"]
+    assert (args["owner"], args["group"], args["mode"]) == (
+        "{{ pyqmail__send_user }}",
+        "root",
+        "0400",
+    )
+
+
+def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
+    """pyqmail-sendmail loads the control files without smtproutes-auth (a user in group
+    pyqmail may inject but not read it; e2e test_privileges runs that user)."""
+    from pyqmail.delivery import Control, ControlError
+
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "me").write_text("mx.test\n")
+    (control / "smtproutes").write_text(":relay.test\n")
+    (control / "smtproutes-auth").write_bytes(b"\xff not even text\n")
+    with pytest.raises(ControlError, match="smtproutes-auth: cannot read"):
+        Control.load(tmp_path)
+    assert Control.load(tmp_path, relay_auth=False).route("x.test").user == ""
