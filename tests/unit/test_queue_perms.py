@@ -3,7 +3,7 @@
 The layout's modes (``Queue.create`` and the role pyqmail_control must agree), the mode and
 owner each kind of writer gives a queue file (the owner, root for the owner, a member of
 the group), and the AUTH hashes' group (the verifiers', which the delivery user is not in).
-tests/e2e/test_privileges.py runs the daemons under those identities.
+tests/attacks/test_privileges.py runs the daemons under those identities.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
 
 def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
     """pyqmail-sendmail loads the control files without smtproutes-auth (a user in group
-    pyqmail may inject but not read it; e2e test_privileges runs that user)."""
+    pyqmail may inject but not read it; tests/attacks/test_privileges.py runs that user)."""
     from pyqmail.delivery import Control, ControlError
 
     control = tmp_path / "control"

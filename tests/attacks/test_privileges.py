@@ -9,7 +9,8 @@ smtpd user's identity that tries what a compromised pyqmail-smtpd would:
   sessions' included), a state file, a bounce or a message injected by pyqmail-sendmail
   (not even while it waits in new/, which it may list: it must fsync new/), nor remove or
   rename someone else's message in new/;
-- the delivery user cannot read control/smtpusers, while AUTH on pyqmail-smtpd works;
+- the delivery user cannot read control/smtpusers, while AUTH on pyqmail-smtpd works, and
+  pyqmail-smtpd cannot read the relays' passwords (control/smtproutes-auth);
 - and mail still flows: AUTH, queue, pickup, local delivery, bounces.
 """
 
@@ -33,6 +34,7 @@ import pytest
 
 from pyqmail import authdb
 from pyqmail.queue import Queue
+from tests.attacks import tally
 from tests.conftest import PKI
 from tests.e2e.conftest import Daemon
 from tests.e2e.helpers import client_context
@@ -203,6 +205,12 @@ def site(pki: PKI) -> Iterator[Site]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _denied(who: Ident, ops: list[tuple[str, Path | str, Path | str]]) -> list[str]:
+    """Probe as ``who``, counting each attempt as an attack variant of the class."""
+    tally.tried("privileges (queue, secrets)", len(ops))
+    return probe(who, ops)
+
+
 def _smtps(d: Daemon, pki: PKI) -> smtplib.SMTP_SSL:
     return smtplib.SMTP_SSL(d.host, d.port, timeout=15, context=client_context(pki))
 
@@ -258,7 +266,7 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     ops += [("read", site.q("mess", n), "") for n in os.listdir(site.q("mess"))]
     ops += [("stat", site.q("mess", n), "") for n in os.listdir(site.q("mess"))]
     ops += [("read", site.q("state", n), "") for n in state_files]
-    assert probe(smtpd, ops) == ["EACCES"] * len(ops)
+    assert _denied(smtpd, ops) == ["EACCES"] * len(ops)
 
     # ... nor what waits in new/ for the next pickup, though it sees its name there
     site.stop_send()
@@ -266,7 +274,7 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     (waiting,) = site.queue.ids("new")
     entry = site.q("new", waiting)
     assert (os.stat(entry).st_uid, stat.S_IMODE(os.stat(entry).st_mode)) == (send.uid, 0o600)
-    got = probe(
+    got = _denied(
         smtpd,
         [
             ("list", site.q("new"), ""),
@@ -282,8 +290,8 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     # The delivery user never sees a password hash; the verifier does. The relays'
     # password is pyqmail-send's alone (it read it at start).
     control = site.root / "control"
-    assert probe(send, [("read", control / "smtpusers", "")]) == ["EACCES"]
-    assert probe(
+    assert _denied(send, [("read", control / "smtpusers", "")]) == ["EACCES"]
+    assert _denied(
         smtpd, [("read", control / "smtpusers", ""), ("read", control / "smtproutes-auth", "")]
     ) == ["ok", "EACCES"]
 
@@ -305,5 +313,5 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     assert injected.returncode == 0, injected.stderr
     wait_for(lambda: not site.queue.ids("new"), what="pickup")
     wait_for(lambda: site.log().count("result=deferred") >= 5, what="two more deferrals")
-    assert probe(smtpd, [("read", site.q("mess", waiting), "")]) == ["EACCES"]
+    assert _denied(smtpd, [("read", site.q("mess", waiting), "")]) == ["EACCES"]
     assert "warning" not in site.log()
