@@ -234,3 +234,27 @@ def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="smtproutes-auth: cannot read"):
         Control.load(tmp_path)
     assert Control.load(tmp_path, relay_auth=False).route("x.test").user == ""
+
+
+def test_pickup_fsyncs_both_directories_before_scheduling(
+    send_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move out of smtpd's reach is durable: rename, fsync(mess/) and fsync(new/) before
+    any message of the batch is scheduled, so after a power loss a message is either still
+    in new/ (picked up again, nothing delivered yet) or only in mess/."""
+    import io
+
+    from pyqmail import send
+
+    q = Queue(send_root / "queue")
+    for n in range(3):
+        q.enqueue("a@remote.test", [f"user{n}@mx.test"], b"x\r\n")
+    events: list[str] = []
+    real = send.fsync_dir
+    monkeypatch.setattr(send, "fsync_dir", lambda p: events.append(Path(p).name) or real(p))
+    m = send.Manager(send_root, send.Log(io.StringIO()))
+    real_add = m._add
+    monkeypatch.setattr(m, "_add", lambda *a: events.append("schedule") or real_add(*a))
+    assert m.pickup() == 3
+    assert events == ["mess", "new", "schedule", "schedule", "schedule"]
+    assert q.ids("new") == [] and len(q.ids("mess")) == 3
