@@ -43,7 +43,8 @@ checkpassword read theirs per connection / per AUTH).
 
 Files are read after the privilege drop, so ``--user`` must be able to read
 control/servercert.pem (qmail-tls: owner qmaild, mode 0400), control/smtpusers (0640
-root:pyqmail with the user in group pyqmail) and write the queue and ``<root>/smtpd/``.
+root:pyqmaila, the group of the password verifiers) and write the queue's tmp/ and new/ and
+``<root>/smtpd/`` (the shared AUTH failure state).
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
