@@ -198,6 +198,8 @@ def site(pki: PKI) -> Iterator[Site]:
     (base / "users" / "mailboxes").write_text(f"alice:{home}\n")
     s.queue.create()
     chown_tree(base / "queue", send_uid, queue_gid)  # the control role: pyqmails:pyqmail
+    (base / "smtpd").mkdir(mode=0o700)  # the control role: the shared AUTH failure state
+    os.chown(base / "smtpd", smtpd_uid, queue_gid)
     try:
         yield s
     finally:
