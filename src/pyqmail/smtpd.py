@@ -1085,6 +1085,10 @@ class Session(asyncio.BufferedProtocol):
             cfg.knobs, cfg.timeoutsmtpd, self.server.counter.total(), cfg.maxconn
         )
         self.deadline = self.loop.time() + timeout
+        timer = self.timer
+        if timer is not None and timer.when() > self.deadline:  # stress began: fire sooner
+            timer.cancel()
+            self.timer = self.loop.call_at(self.deadline, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None

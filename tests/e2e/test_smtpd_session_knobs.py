@@ -22,9 +22,7 @@ MESSAGE = b"From: alice@mx.test\r\nSubject: knobs\r\n\r\nbody\r\n"
 
 def smtps_client(port: int, pki: PKI, cert_dir: Path | None = None) -> smtplib.SMTP_SSL:
     ctx = client_context(pki, pki.client, cert_dir) if cert_dir else client_context(pki)
-    return smtplib.SMTP_SSL(
-        "127.0.0.1", port, timeout=10, context=ctx, source_address=(OUTSIDE, 0)
-    )
+    return smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=ctx, source_address=(OUTSIDE, 0))
 
 
 def test_465_needs_auth_for_local_mail_from_outside(
