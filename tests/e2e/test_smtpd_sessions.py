@@ -183,9 +183,9 @@ def test_bad_credentials_same_535_and_no_relay(
             s.auth("PLAIN", s.auth_plain)
         assert err.value.smtp_code == 535
         assert err.value.smtp_error.startswith(b"5.7.8")
-        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:  # 465 is submission
             s.sendmail("alice@mx.test", ["x@elsewhere.test"], MESSAGE)
-        assert refused.value.recipients["x@elsewhere.test"][0] == 553
+        assert refused.value.smtp_code == 530
     assert qmail_root.queued() == []
 
 
