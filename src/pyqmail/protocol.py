@@ -178,8 +178,8 @@ _NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "TURN", "EXPN"})
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 _COMMAND_STATES = _ANY | {State.AUTH_INPUT}
 #: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
-#: Policy.max_junk each one counts as an error. Repeated HELO/EHLO and RCPTs that add no
-#: recipient are counted where they happen.
+#: Policy.max_junk each one counts as an error. A repeated HELO/EHLO or RCPT (same
+#: address) is counted where it happens.
 _JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "ETRN", "TURN"})
 
 
@@ -630,8 +630,8 @@ class SMTPConnection:
             self._reply(out, "250 2.1.5 Ok")
             return
         if len(self._recipients) >= limit:
-            # not an error in itself (a long list must not end the session), but junk
-            self._count_junk()
+            # neither an error nor junk: a long list (a pipelining MTA sends every RCPT
+            # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
         self._recipients.append(box.address)

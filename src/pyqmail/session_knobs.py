@@ -9,7 +9,7 @@ swapped with them on HUP. Names follow qmail's style; the semantics follow Postf
                    = no`` — the login name would otherwise travel with relayed mail. The
                    ``with ESMTPA`` keyword still says that the client authenticated.
 ``maxjunk``        junk commands (NOOP, RSET, VRFY, EXPN, HELP, ETRN, TURN, a repeated
-                   HELO/EHLO, a repeated or refused-for-count RCPT) a session may send before
+                   HELO/EHLO, an RCPT repeating an address) a session may send before
                    each further one counts as a protocol error (Postfix
                    ``smtpd_junk_command_limit``); ``maxerrors`` errors then end the session
                    with ``421 4.7.0``. The count restarts when a message is queued ("reset
