@@ -15,7 +15,9 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``locals``         domains delivered locally; default ``me`` (read here only to validate it)
 ``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail)
 ``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
-``timeoutsmtpd``   seconds a client may take to make progress; default 1200 (qmail)
+``timeoutsmtpd``   seconds a client may take to make progress; default 300 (Postfix's
+                   ``smtpd_timeout`` and RFC 5321's minimum; qmail's 1200 let idle clients
+                   hold connections for 20 minutes)
 ``servercert.pem`` private key, then certificate, then chain (qmail-tls); absent: no TLS
 ``clientca.pem``   CAs whose client certificates may relay; absent: no certificate requested
 ``tlsclients``     certificate identities (e-mail, CN or SAN) allowed to relay, one per line
@@ -45,6 +47,9 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``authconcurrency`` password checks (scrypt) at once per worker; default 2, 1 to 64
 =================  ===========================================================================
 
+Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
+``stresspercent``) are read here too and documented in ``pyqmail.session_knobs``.
+
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
 (qmail's control_readfile). Anything malformed raises ``ConfigError`` naming the file and
 line.
@@ -59,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqmail import tls
+from pyqmail import session_knobs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -210,6 +215,7 @@ class Config:
     authdb: AuthDB | None
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
+    knobs: session_knobs.SessionKnobs
 
     @property
     def control(self) -> Path:
@@ -311,7 +317,7 @@ def load(root: str | Path) -> Config:
         locals=local_domains,
         databytes=_read_int(control / "databytes", 0),
         maxrcpt=_read_int(control / "maxrcpt", 0),
-        timeoutsmtpd=_read_int(control / "timeoutsmtpd", 1200, minimum=1),
+        timeoutsmtpd=_read_int(control / "timeoutsmtpd", 300, minimum=1),
         timeouttls=_read_int(control / "timeouttls", 30, minimum=1),
         timeoutdata=_read_int(control / "timeoutdata", 3600, minimum=1),
         timeoutterm=_read_int(control / "timeoutterm", 10),
@@ -329,4 +335,5 @@ def load(root: str | Path) -> Config:
         authdb=authdb,
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
+        knobs=session_knobs.load(control, _read_int),
     )

@@ -33,7 +33,8 @@ its data with ``LF . LF`` too and would otherwise hang until the idle timeout, a
 after the offending byte is ever interpreted as a command.
 
 Pipelining (RFC 2920, Postfix 3.9 ``smtpd_forbid_unauth_pipelining``): input that arrives
-before the greeting, or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
+before the greeting (the server delays ``start`` by its greeting pause, control/greetdelay),
+or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
 EXPN or HELP, or behind any command before EHLO advertised PIPELINING, is a protocol
 synchronization error: ``554 5.5.0`` and close. STARTTLS is the exception: what follows it
 in the same read is discarded (RFC 3207, CVE-2011-0411), and the client gets its 220.
@@ -52,6 +53,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from pyqmail import protocol_helo
 from pyqmail.protocol_address import (
     AddressError,
     Mailbox,
@@ -97,7 +99,7 @@ __all__ = [
 #: Bytes of message header scanned for Message-ID (endless folding cannot cost more).
 MAX_HEADER_SCAN = 64 * 1024
 MAX_MESSAGE_ID = 998
-MAX_HELO = 255
+MAX_HELO = protocol_helo.MAX_HELO
 MAX_USERNAME = 255
 _END = b"\r\n.\r\n"
 # Longest suffix of a chunk that may be the start of _END: held back until more arrives.
@@ -178,6 +180,10 @@ _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HEL
 _NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "TURN", "EXPN"})
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 _COMMAND_STATES = _ANY | {State.AUTH_INPUT}
+#: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
+#: Policy.max_junk each one counts as an error. A repeated HELO/EHLO or RCPT (same
+#: address) is counted where it happens.
+_JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "ETRN", "TURN"})
 
 
 def _printable(text: str, limit: int) -> str:
@@ -223,6 +229,7 @@ class SMTPConnection:
         self._esmtp = False
         self.auth_user: str | None = None
         self._errors = 0
+        self._junk = 0  # junk commands since the last queued message (Policy.max_junk)
         self._auth_failures = 0
         self._shutting_down = False
         # SASL exchange in progress
@@ -328,6 +335,7 @@ class SMTPConnection:
             raise ProtocolUsageError(f"queue id must be printable ASCII: {queue_id!r}")
         out: list[Event] = []
         self._reset_transaction()
+        self._junk = 0  # Postfix: "reset after mail is delivered"
         self.state = State.READY
         self._reply(out, f"250 2.0.0 Ok: queued as {queue_id}")
         self._run(out)
@@ -504,7 +512,18 @@ class SMTPConnection:
         if verb in _NO_ARGS and arg.strip():
             self._error(out, f"501 5.5.4 Syntax: {verb}")
             return
+        if verb in _JUNK:
+            self._count_junk()
         handler(self, arg, out)
+
+    def _count_junk(self) -> None:
+        """One more command that moves no mail; past the limit it is also an error."""
+        self._junk += 1
+        limit = self.policy.max_junk
+        if limit and self._junk > limit:
+            if self._junk == limit + 1:
+                self.policy.notice("junk-limit", f"more than {limit} junk commands")
+            self._errors += 1
 
     def _cmd_helo(self, arg: str, out: list[Event], *, esmtp: bool = False) -> None:
         name = arg.strip(" ")
@@ -512,9 +531,13 @@ class SMTPConnection:
         if not name:
             self._error(out, f"501 5.5.4 Syntax: {verb} hostname")
             return
-        if len(name) > MAX_HELO or not all(" " < c <= "~" for c in name):
+        why = protocol_helo.refusal(name)
+        if why is not None:
+            self.policy.notice("helo-refused", f"{verb} {name[:MAX_HELO]!r}: {why}")
             self._error(out, f"501 5.5.4 Error: invalid {verb} hostname")
             return
+        if self._helo is not None:
+            self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
         self._reset_transaction()
         self._helo = name
         self._esmtp = esmtp
@@ -611,10 +634,12 @@ class SMTPConnection:
             self._error(out, "550 5.1.1 sorry, no mailbox here by that name")
             return
         if box.address in self._recipients:
+            self._count_junk()
             self._reply(out, "250 2.1.5 Ok")
             return
         if len(self._recipients) >= limit:
-            # not counted as an error: a long list must not end the session
+            # neither an error nor junk: a long list (a pipelining MTA sends every RCPT
+            # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
         self._recipients.append(box.address)
@@ -672,7 +697,7 @@ class SMTPConnection:
                 lines.append(f"\t(using {version} with cipher {cipher}{bits})")
             else:
                 lines.append("\t(using TLS)")
-        if self.auth_user:
+        if self.auth_user and p.auth_header:
             lines.append(f"\t(authenticated user: {_printable(self.auth_user, MAX_USERNAME)})")
         lines.append(f"\tby {p.hostname} (pyqmail) with {protocol};")
         lines.append(f"\t{_rfc5322_date(p.clock())}")

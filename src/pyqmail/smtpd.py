@@ -5,9 +5,10 @@ One program, three listener modes (one supervised service each, as in the qmail 
 - ``smtp``: port-25 style. STARTTLS offered when ``control/servercert.pem`` exists, AUTH
   off unless the client's rule sets ``SMTPAUTH=1``; relaying only with ``RELAYCLIENT`` or a
   client certificate that chains to ``clientca.pem`` and is listed in ``tlsclients``.
-- ``smtps``: implicit TLS (port 465), AUTH on unless ``SMTPAUTH=0``.
+- ``smtps``: implicit TLS (port 465), AUTH on unless ``SMTPAUTH=0``; submission (RFC 8314):
+  AUTH required for MAIL unless the client has ``RELAYCLIENT`` or a relay certificate.
 - ``submission``: port 587, STARTTLS required before AUTH/MAIL (``FORCETLS=0`` lifts it)
-  and AUTH required unless the client has ``RELAYCLIENT``.
+  and AUTH required unless the client has ``RELAYCLIENT`` or a relay certificate.
 
 Process model. The parent binds one ``SO_REUSEPORT`` socket per worker (as root if the
 port needs it), drops to ``--user`` (initgroups, setgid, setuid), reads the configuration
@@ -27,12 +28,16 @@ Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address o
 /64) are counted exactly across workers in a table they share (``pyqmail.limits``). Over a
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
-a handshake within ``timeouttls``. A client that stops reading our replies stops being
-read and then times out; closing sockets that cannot flush are aborted. AUTH goes through
-limits every worker of every listener shares (``pyqmail.authguard``, state in
-``<root>/smtpd/authstate.sqlite``): one attempt at a time per client, a penalty delay
-after each failure, a temporary lock of a name after ``authlockfails`` failures, and at
-most ``authconcurrency`` password checks at once per worker.
+a handshake within ``timeouttls``. Under stress (connections over ``stresspercent`` of
+``maxconn``, all workers) progress is due within ``timeoutstress`` instead; junk commands
+past ``maxjunk`` count as errors; the ``smtp`` listener may pause its greeting
+(``greetdelay``) to catch clients that talk first (``pyqmail.session_knobs``). A client
+that stops reading our replies stops being read and then times out; closing sockets that
+cannot flush are aborted. AUTH goes through limits every worker of every listener shares
+(``pyqmail.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
+per client, a penalty delay after each failure, a temporary lock of a name after
+``authlockfails`` failures, and at most ``authconcurrency`` password checks at once per
+worker.
 
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
@@ -53,6 +58,7 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
     ready slot=0 mode=smtp                                    (one per worker, serving)
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
+    pregreet ip=... port=... bytes=N after=SECS   helo-refused ip=... text=...   junk-limit
     deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
     auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
     tls-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
@@ -89,7 +95,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pyqmail import config as configmod
-from pyqmail import tls
+from pyqmail import session_knobs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
 from pyqmail.authguard import Settings as AuthSettings
@@ -535,7 +541,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         starttls_available=mode != "smtps" and cfg.server_tls is not None,
         auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),
         force_tls=force_tls,  # fail closed: FORCETLS without a certificate refuses MAIL
-        auth_required=mode == "submission" and not relay,
+        auth_required=mode != "smtp" and not relay,  # 465 is submission too (RFC 8314)
         relay_client=relay,
         bare_lf=_env_flag(env, "BARELF") is True,
         databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
@@ -543,7 +549,17 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         rcpthosts=cfg.rcpthost,
         validrcptto=cfg.valid_recipient(),
         max_errors=cfg.maxerrors,
+        max_junk=cfg.knobs.max_junk,
+        auth_header=cfg.knobs.auth_header,
+        notice=lambda event, text: log(event, ip=ip, text=text),
     )
+
+
+def greet_delay(cfg: configmod.Config, mode: str, env: Mapping[str, str]) -> int:
+    """Seconds to hold the greeting back: port 25 only, never for relay clients."""
+    if mode != "smtp" or "RELAYCLIENT" in env:
+        return 0
+    return cfg.knobs.greet_delay
 
 
 def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
@@ -828,6 +844,7 @@ class Session(asyncio.BufferedProtocol):
         self.tls_in = self.tls_out = None  # type: ssl.MemoryBIO | None
         self.handshaking: bool | None = None  # None: no TLS; True: implicit, False: STARTTLS
         self.tls_timer: asyncio.TimerHandle | None = None
+        self.greet_timer: asyncio.TimerHandle | None = None  # the greeting pause runs
         self.close_timer: asyncio.TimerHandle | None = None
         self.auth_user: str | None = None
         self.writer: QueueWriter | None = None
@@ -882,6 +899,22 @@ class Session(asyncio.BufferedProtocol):
             self.begin_tls(implicit=True)
         else:
             self.conn = SMTPConnection(self.policy)
+            delay = greet_delay(cfg, self.server.mode, decision.env)
+            if delay:
+                self.greet_timer = self.loop.call_later(delay, self.greet)
+            else:
+                self.handle(self.conn.start())
+
+    def greet(self, early: int = 0) -> None:
+        """The greeting, after the pause; ``early`` bytes came first, so the core refuses."""
+        if self.greet_timer is not None:
+            self.greet_timer.cancel()
+            self.greet_timer = None
+        if early:
+            took = time.monotonic() - self.started
+            log("pregreet", ip=self.ip, port=self.port, bytes=early, after=f"{took:.3f}")
+        if self.conn is not None and not self.conn.closed:
+            self.touch()
             self.handle(self.conn.start())
 
     def data_received(self, data: bytes) -> None:
@@ -896,6 +929,9 @@ class Session(asyncio.BufferedProtocol):
             if self.conn is None:
                 return
             events = self.conn.receive(data)
+            if self.greet_timer is not None:
+                self.greet(len(data))
+                return
             if events:
                 self.touch()
                 self.handle(events)
@@ -913,10 +949,10 @@ class Session(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The timers would keep this session (and its TLS state) alive for seconds.
-        for timer in (self.timer, self.tls_timer, self.close_timer):
+        for timer in (self.timer, self.tls_timer, self.close_timer, self.greet_timer):
             if timer is not None:
                 timer.cancel()
-        self.timer = self.tls_timer = self.close_timer = None
+        self.timer = self.tls_timer = self.close_timer = self.greet_timer = None
         self.sslobj = self.tls_in = self.tls_out = None
         if self.conn_key is None:
             return
@@ -987,7 +1023,16 @@ class Session(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
 
     def touch(self) -> None:
-        self.deadline = self.loop.time() + self.cfg.timeoutsmtpd
+        """Progress: the next is due within the idle timeout (shorter under stress)."""
+        cfg = self.cfg
+        timeout = session_knobs.idle_timeout(
+            cfg.knobs, cfg.timeoutsmtpd, self.server.counter.total(), cfg.maxconn
+        )
+        self.deadline = self.loop.time() + timeout
+        timer = self.timer
+        if timer is not None and timer.when() > self.deadline:  # stress began: fire sooner
+            timer.cancel()
+            self.timer = self.loop.call_at(self.deadline, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None

@@ -92,6 +92,8 @@ def random_policy(rng: random.Random) -> Policy:
         hard_max_recipients=rng.choice([5, 1000]),
         reject_unauth_pipelining=rng.random() < 0.7,
         clock=lambda: 1_700_000_000.0,
+        max_junk=rng.choice([0, 2, 100]),
+        auth_header=rng.random() < 0.5,
     )
 
 

@@ -30,7 +30,7 @@ def test_defaults_when_files_are_absent(root: Path) -> None:
     assert cfg.greeting == cfg.me
     assert cfg.rcpthosts == frozenset()  # no open relay, unlike qmail
     assert cfg.locals == frozenset({cfg.me})
-    assert (cfg.databytes, cfg.maxrcpt, cfg.timeoutsmtpd) == (0, 0, 1200)
+    assert (cfg.databytes, cfg.maxrcpt, cfg.timeoutsmtpd) == (0, 0, 300)
     assert (cfg.maxconnip, cfg.maxconn, cfg.timeouttls, cfg.timeoutterm) == (50, 1000, 30, 10)
     assert (cfg.maxerrors, cfg.timeoutdata, cfg.commitdelay) == (10, 3600, 10)
     assert (cfg.authlockfails, cfg.authlocktime, cfg.authconcurrency) == (10, 600, 2)
