@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_protocol_support import TLS, check_password, policy
 
@@ -384,5 +384,6 @@ def recipient_is_safe(path: str, smtputf8: bool) -> None:
 
 @FAST
 @given(path=address_text, smtputf8=st.booleans())
+@example(path="u@%\u00fc", smtputf8=True)  # the refusal once echoed the raw UTF-8 domain
 def test_recipient_tricks_never_relay(path: str, smtputf8: bool) -> None:
     recipient_is_safe(path, smtputf8)
