@@ -75,10 +75,11 @@ options:
     default: root
   group:
     description:
-      - Group of the file (name or number); it must exist. The daemon's group, so that
-        C(pyqmail-smtpd) can read the file after dropping root.
+      - Group of the file (name or number); it must exist. The group of the password
+        verifiers, so that C(pyqmail-smtpd) can read the file after dropping root and the
+        delivery user (not in that group) cannot.
     type: str
-    default: pyqmail
+    default: pyqmaila
   mode:
     description: Octal mode of the file, such as V('0640').
     type: raw
@@ -367,7 +368,7 @@ def main() -> None:
                 "default": "always",
             },
             "owner": {"type": "str", "default": "root"},
-            "group": {"type": "str", "default": "pyqmail"},
+            "group": {"type": "str", "default": "pyqmaila"},
             "mode": {"type": "raw", "default": "0640"},
         },
         required_if=[("state", "present", ["password"])],

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pki import CA, Issued
+
 IMPOSSIBLE_HERE = "not possible on this kind of machine:"
 
 
@@ -34,8 +36,6 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
         f"{item.nodeid} skipped under CI, which allows no skip for a missing tool or package: "
         f"{reason.removeprefix('Skipped: ')}"
     )
-
-from tests.pki import CA, Issued
 
 
 @dataclass

@@ -18,14 +18,16 @@ CRAM-MD5 trade-off: CRAM-MD5 needs the server to hold the password itself (the H
 key), so a ``cram=`` field is a password-equivalent secret. Anyone who reads the file can
 log in as that user, unlike with the scrypt hash. It is therefore off by default and only
 written for users added with ``--cram-md5`` (Ansible: ``cram_md5: true``); keep the file
-mode 0640 root:pyqmail. Over TLS, PLAIN/LOGIN with the scrypt hash is the better choice.
+mode 0640 root:pyqmaila, the group of the password verifiers (pyqmail-smtpd's user, not
+pyqmail-send's). Over TLS, PLAIN/LOGIN with the scrypt hash is the better choice.
 
 Unknown users cost the same as a wrong password: :meth:`AuthDB.verify` runs scrypt on a
 dummy hash with the default parameters, so response time does not reveal which names exist.
 
 The CLI rewrites the file atomically (temporary file in the same directory, fsync,
 rename, fsync of the directory) keeping the old file's mode and owner; a file it creates
-gets mode 0640 and group ``pyqmail`` when that group exists. It takes no lock:
+gets mode 0640 and group ``pyqmaila`` when that group exists (else ``pyqmail``, a host set up
+before the group of the password verifiers existed). It takes no lock:
 run one writer at a time (Ansible or an admin, not both at once).
 """
 
@@ -67,7 +69,9 @@ __all__ = [
 ]
 
 DEFAULT_PATH = "/var/qmail/control/smtpusers"
-DAEMON_GROUP = "pyqmail"  # group of a file the CLI creates, when it exists
+# The group of a file the CLI creates: the first that exists (the verifiers', then the
+# daemons' group of hosts set up before the verifiers had their own).
+DAEMON_GROUPS = ("pyqmaila", "pyqmail")
 
 # Cost parameters for new hashes: N = 2**14, r = 8 is 16 MiB and about 60 ms per check.
 DEFAULT_LN = 14
@@ -438,11 +442,13 @@ def _read_password(confirm: bool) -> str:
 
 
 def _daemon_gid() -> int | None:
-    """The daemon's group for a new file (it reads the file after dropping root)."""
-    try:
-        return grp.getgrnam(DAEMON_GROUP).gr_gid
-    except KeyError:
-        return None
+    """The verifiers' group for a new file (pyqmail-smtpd reads it after dropping root)."""
+    for name in DAEMON_GROUPS:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+    return None
 
 
 def _load_or_empty(path: str) -> AuthDB:

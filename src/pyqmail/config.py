@@ -17,7 +17,9 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
 ``maxhops``        most ``Received``/``Delivered-To`` lines a message may arrive with (RFC 5321
                    §6.3; qmail's MAXHOPS); more: ``554 5.4.6``. Default 100, 1..10000
-``timeoutsmtpd``   seconds a client may take to make progress; default 1200 (qmail)
+``timeoutsmtpd``   seconds a client may take to make progress; default 300 (Postfix's
+                   ``smtpd_timeout`` and RFC 5321's minimum; qmail's 1200 let idle clients
+                   hold connections for 20 minutes)
 ``servercert.pem`` private key, then certificate, then chain (qmail-tls); absent: no TLS
 ``clientca.pem``   CAs whose client certificates may relay; absent: no certificate requested
 ``tlsclients``     certificate identities (e-mail, CN or SAN) allowed to relay, one per line
@@ -39,7 +41,16 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
                    (group commit, see ``smtpd.Committer``); 0 = never wait; default 10,
                    at most 1000
+``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
+                   name for ``authlocktime`` seconds (``pyqmail.authguard``); 0 = no lock;
+                   default 10, at most 1000
+``authlocktime``   seconds of that window and of the lock (bounded: failures during a lock
+                   do not extend it); default 600, 1 to 86400
+``authconcurrency`` password checks (scrypt) at once per worker; default 2, 1 to 64
 =================  ===========================================================================
+
+Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
+``stresspercent``) are read here too and documented in ``pyqmail.session_knobs``.
 
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
 (qmail's control_readfile). Anything malformed raises ``ConfigError`` naming the file and
@@ -55,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqmail import tls
+from pyqmail import session_knobs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.headers import DEFAULT_MAXHOPS
 
@@ -198,6 +209,9 @@ class Config:
     maxconn: int
     maxerrors: int
     commitdelay: int  # milliseconds
+    authlockfails: int
+    authlocktime: int  # seconds
+    authconcurrency: int
     servercert: Path | None
     clientca: Path | None
     tlsclients: frozenset[str]
@@ -205,6 +219,7 @@ class Config:
     authdb: AuthDB | None
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
+    knobs: session_knobs.SessionKnobs
 
     @property
     def control(self) -> Path:
@@ -307,7 +322,7 @@ def load(root: str | Path) -> Config:
         databytes=_read_int(control / "databytes", 0),
         maxrcpt=_read_int(control / "maxrcpt", 0),
         maxhops=_read_int(control / "maxhops", DEFAULT_MAXHOPS, minimum=1, maximum=10000),
-        timeoutsmtpd=_read_int(control / "timeoutsmtpd", 1200, minimum=1),
+        timeoutsmtpd=_read_int(control / "timeoutsmtpd", 300, minimum=1),
         timeouttls=_read_int(control / "timeouttls", 30, minimum=1),
         timeoutdata=_read_int(control / "timeoutdata", 3600, minimum=1),
         timeoutterm=_read_int(control / "timeoutterm", 10),
@@ -315,6 +330,9 @@ def load(root: str | Path) -> Config:
         maxconn=_read_int(control / "maxconn", 1000, minimum=1),
         maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
         commitdelay=_read_int(control / "commitdelay", 10, maximum=1000),
+        authlockfails=_read_int(control / "authlockfails", 10, maximum=1000),
+        authlocktime=_read_int(control / "authlocktime", 600, minimum=1, maximum=86400),
+        authconcurrency=_read_int(control / "authconcurrency", 2, minimum=1, maximum=64),
         servercert=servercert,
         clientca=clientca,
         tlsclients=_read_identities(control / "tlsclients"),
@@ -322,4 +340,5 @@ def load(root: str | Path) -> Config:
         authdb=authdb,
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
+        knobs=session_knobs.load(control, _read_int),
     )

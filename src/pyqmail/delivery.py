@@ -23,7 +23,8 @@ Control files read by the delivery side (``<root>/control/``; first line only un
 ``timeoutconnect``     seconds to wait for a TCP connection (default 60)
 ``timeoutremote``      seconds to wait for each SMTP reply (default 1200)
 ``smtproutes``         ``domain:relay[:port]`` lines, see ``Route``
-``smtproutes-auth``    ``relay:user:password`` lines (mode 0640 root:pyqmail), see ``Route``
+``smtproutes-auth``    ``relay:user:password`` lines (mode 0400 pyqmails:root: pyqmail-send's
+                       user alone reads it), see ``Route``
 ``clientcert.pem``     private key then certificate (then chain), offered when asked
 ``tlshosts/<fqdn>.pem``  TLS required to that host, its certificate must verify against it
 =====================  ===========================================================
@@ -206,7 +207,10 @@ class Control:
         return self.root / "users" / "mailboxes"
 
     @classmethod
-    def load(cls, root: str | os.PathLike[str]) -> Control:
+    def load(cls, root: str | os.PathLike[str], *, relay_auth: bool = True) -> Control:
+        """Read the control files. ``relay_auth=False`` leaves out ``smtproutes-auth``
+        (the routes then carry no credentials): pyqmail-sendmail runs as users who may
+        not read it and needs no route."""
         root = Path(root)
         c = root / "control"
         me = _first_line(c / "me")
@@ -225,7 +229,7 @@ class Control:
             virtual[key.lower()] = prefix
         routes: dict[str, Route] = {}
         auth: dict[str, tuple[str, str]] = {}
-        for number, line in _lines(c / "smtproutes-auth"):
+        for number, line in _lines(c / "smtproutes-auth") if relay_auth else []:
             origin = f"{c / 'smtproutes-auth'}:{number}"
             host, rest = _bracketed(line, origin)
             user, sep, password = rest.partition(":")

@@ -1,7 +1,7 @@
 """pyqmail-sendmail: the sendmail-compatible injector for local programs (cron, monitoring).
 
 ``pyqmail-sendmail [--help] [--root /var/qmail] [-f sender] [-F name] [-t] [-i|-oi] [rcpt ...]``
-(the message on standard input)
+(message on standard input)
 
 - ``-f ADDR`` / ``-r ADDR``: envelope sender (``-f ''`` or ``-f '<>'`` = null sender); default
   ``$MAILUSER``/``$LOGNAME``/``$USER`` (or the uid's name) at ``control/me``.
@@ -19,7 +19,8 @@
 Line ends become CRLF in the queue; ``Received:``, ``Date:``, ``Message-ID:`` and ``From:``
 are added when missing. The message is committed with ``Queue.enqueue`` (durable) and
 pyqmail-send is woken. The caller needs write access to ``queue/tmp`` and ``queue/new``
-(root, or a member of group ``pyqmail``).
+(root, or a member of group ``pyqmail``). Root's queue file is handed to the queue's owner
+(pyqmail-send), mode 0600, so pyqmail-smtpd cannot read it (``pyqmail.queue``).
 
 Exit codes (sysexits): 0 queued, 64 usage, 65 bad message or address, 75 queue unavailable
 (try again), 78 configuration.
@@ -232,7 +233,7 @@ def inject(argv: Sequence[str], stdin: BinaryIO) -> str:
     """Queue one message; return its queue id or raise InjectError."""
     opts = parse_args(argv)
     try:
-        control = Control.load(opts.root)
+        control = Control.load(opts.root, relay_auth=False)  # the relays' passwords: not ours
     except ControlError as exc:
         raise InjectError(str(exc), EX_CONFIG) from None
     raw = stdin.read(MAX_MESSAGE + 1)

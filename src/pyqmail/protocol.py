@@ -39,7 +39,8 @@ streams in by ``pyqmail.headers.HopCounter``, in constant memory). Lines of any 
 accepted (databytes bounds the message); pyqmail-send breaks them at 998 octets on the way out.
 
 Pipelining (RFC 2920, Postfix 3.9 ``smtpd_forbid_unauth_pipelining``): input that arrives
-before the greeting, or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
+before the greeting (the server delays ``start`` by its greeting pause, control/greetdelay),
+or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
 EXPN or HELP, or behind any command before EHLO advertised PIPELINING, is a protocol
 synchronization error: ``554 5.5.0`` and close. STARTTLS is the exception: what follows it
 in the same read is discarded (RFC 3207, CVE-2011-0411), and the client gets its 220.
@@ -58,6 +59,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from pyqmail import protocol_helo
 from pyqmail.headers import HopCounter
 from pyqmail.protocol_address import (
     AddressError,
@@ -68,6 +70,7 @@ from pyqmail.protocol_address import (
 )
 from pyqmail.protocol_events import (
     KNOWN_MECHANISMS,
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -83,6 +86,7 @@ from pyqmail.protocol_events import (
 
 __all__ = [
     "KNOWN_MECHANISMS",
+    "AuthRejected",
     "AuthRequest",
     "Close",
     "Event",
@@ -102,7 +106,7 @@ __all__ = [
 #: Bytes of message header scanned for Message-ID (endless folding cannot cost more).
 MAX_HEADER_SCAN = 64 * 1024
 MAX_MESSAGE_ID = 998
-MAX_HELO = 255
+MAX_HELO = protocol_helo.MAX_HELO
 MAX_USERNAME = 255
 _END = b"\r\n.\r\n"
 # Longest suffix of a chunk that may be the start of _END: held back until more arrives.
@@ -118,6 +122,7 @@ REPLY_NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
 REPLY_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed"
+REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 REPLY_TOO_BIG = "552 5.3.4 Error: message exceeds fixed size limit"
 REPLY_NUL = "554 5.6.0 Error: message contains a NUL character"
@@ -185,6 +190,10 @@ _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HEL
 _NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "TURN", "EXPN"})
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 _COMMAND_STATES = _ANY | {State.AUTH_INPUT}
+#: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
+#: Policy.max_junk each one counts as an error. A repeated HELO/EHLO or RCPT (same
+#: address) is counted where it happens.
+_JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "ETRN", "TURN"})
 
 
 def _printable(text: str, limit: int) -> str:
@@ -230,6 +239,7 @@ class SMTPConnection:
         self._esmtp = False
         self.auth_user: str | None = None
         self._errors = 0
+        self._junk = 0  # junk commands since the last queued message (Policy.max_junk)
         self._auth_failures = 0
         self._shutting_down = False
         # SASL exchange in progress
@@ -313,12 +323,15 @@ class SMTPConnection:
         self._run(out)
         return _coalesce(out)
 
-    def auth_result(self, user: str | None) -> list[Event]:
-        """The verdict on the last AuthRequest: the canonical user name, or None."""
+    def auth_result(self, user: str | None, *, temporary: bool = False) -> list[Event]:
+        """The verdict on the last AuthRequest: the canonical user name, or None; with
+        ``temporary`` the server could not decide now (busy): 454, not a failure."""
         self._require(State.WAIT_AUTH, "auth_result")
         out: list[Event] = []
         self.state = State.READY
-        if user is not None and _valid_username(user):
+        if temporary:
+            self._reply(out, REPLY_AUTH_TEMPFAIL)
+        elif user is not None and _valid_username(user):
             self.auth_user = user
             self._reply(out, "235 2.7.0 Authentication successful")
         else:
@@ -333,6 +346,7 @@ class SMTPConnection:
             raise ProtocolUsageError(f"queue id must be printable ASCII: {queue_id!r}")
         out: list[Event] = []
         self._reset_transaction()
+        self._junk = 0  # Postfix: "reset after mail is delivered"
         self.state = State.READY
         self._reply(out, f"250 2.0.0 Ok: queued as {queue_id}")
         self._run(out)
@@ -452,9 +466,11 @@ class SMTPConnection:
             del self._inbuf[: end + 1]
             if self._discarding or len(line) > self.policy.max_line:
                 self._discarding = False
-                self._error(out, "500 5.5.2 Error: line too long")
                 if state is State.AUTH_INPUT:
                     self.state = State.READY
+                    self._auth_rejected(out, "500 5.5.2 Error: line too long", "too-long")
+                else:
+                    self._error(out, "500 5.5.2 Error: line too long")
                 continue
             if line.endswith(b"\r\n"):
                 line = line[:-2]
@@ -507,7 +523,18 @@ class SMTPConnection:
         if verb in _NO_ARGS and arg.strip():
             self._error(out, f"501 5.5.4 Syntax: {verb}")
             return
+        if verb in _JUNK:
+            self._count_junk()
         handler(self, arg, out)
+
+    def _count_junk(self) -> None:
+        """One more command that moves no mail; past the limit it is also an error."""
+        self._junk += 1
+        limit = self.policy.max_junk
+        if limit and self._junk > limit:
+            if self._junk == limit + 1:
+                self.policy.notice("junk-limit", f"more than {limit} junk commands")
+            self._errors += 1
 
     def _cmd_helo(self, arg: str, out: list[Event], *, esmtp: bool = False) -> None:
         name = arg.strip(" ")
@@ -515,9 +542,13 @@ class SMTPConnection:
         if not name:
             self._error(out, f"501 5.5.4 Syntax: {verb} hostname")
             return
-        if len(name) > MAX_HELO or not all(" " < c <= "~" for c in name):
+        why = protocol_helo.refusal(name)
+        if why is not None:
+            self.policy.notice("helo-refused", f"{verb} {name[:MAX_HELO]!r}: {why}")
             self._error(out, f"501 5.5.4 Error: invalid {verb} hostname")
             return
+        if self._helo is not None:
+            self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
         self._reset_transaction()
         self._helo = name
         self._esmtp = esmtp
@@ -614,10 +645,12 @@ class SMTPConnection:
             self._error(out, "550 5.1.1 sorry, no mailbox here by that name")
             return
         if box.address in self._recipients:
+            self._count_junk()
             self._reply(out, "250 2.1.5 Ok")
             return
         if len(self._recipients) >= limit:
-            # not counted as an error: a long list must not end the session
+            # neither an error nor junk: a long list (a pipelining MTA sends every RCPT
+            # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
         self._recipients.append(box.address)
@@ -676,7 +709,7 @@ class SMTPConnection:
                 lines.append(f"\t(using {version} with cipher {cipher}{bits})")
             else:
                 lines.append("\t(using TLS)")
-        if self.auth_user:
+        if self.auth_user and p.auth_header:
             lines.append(f"\t(authenticated user: {_printable(self.auth_user, MAX_USERNAME)})")
         lines.append(f"\tby {p.hostname} (pyqmail) with {protocol};")
         lines.append(f"\t{_rfc5322_date(p.clock())}")
@@ -762,38 +795,38 @@ class SMTPConnection:
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
-            self._error(out, "501 5.5.2 Error: cannot decode response")
+            self._auth_rejected(out, "501 5.5.2 Error: cannot decode response", "bad-base64")
             return
         if text == "*":
-            self._error(out, "501 5.7.0 Error: authentication aborted")
+            self._auth_rejected(out, "501 5.7.0 Error: authentication aborted", "aborted")
             return
         self._auth_step(text, out)
 
     def _auth_step(self, response: str, out: list[Event]) -> None:
         data = _b64decode(response)
         if data is None:
-            self._error(out, "501 5.5.2 Error: cannot decode response")
+            self._auth_rejected(out, "501 5.5.2 Error: cannot decode response", "bad-base64")
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self._error(out, "501 5.5.2 Error: response is not UTF-8")
+            self._auth_rejected(out, "501 5.5.2 Error: response is not UTF-8", "bad-utf8")
             return
         mech = self._auth_mech
         if mech == "PLAIN":
             parts = text.split("\0")
             if len(parts) != 3:
-                self._error(out, "501 5.5.2 Error: malformed PLAIN response")
+                self._auth_rejected(out, "501 5.5.2 Error: malformed PLAIN response", "malformed")
                 return
             authzid, user, password = parts
             if authzid and authzid != user:
-                self._auth_failed(out)
+                self._auth_rejected(out, REPLY_AUTH_FAILED, "authzid", user)
                 return
             self._request(out, AuthRequest("PLAIN", user, password=password))
         elif mech == "LOGIN":
             if not self._auth_username:
                 if not text:
-                    self._error(out, "501 5.5.2 Error: empty user name")
+                    self._auth_rejected(out, "501 5.5.2 Error: empty user name", "bad-name")
                     return
                 self._auth_username = text
                 self._challenge(out, b"Password:")
@@ -802,7 +835,9 @@ class SMTPConnection:
         else:
             user, _, digest = text.rpartition(" ")
             if not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
-                self._error(out, "501 5.5.2 Error: malformed CRAM-MD5 response")
+                self._auth_rejected(
+                    out, "501 5.5.2 Error: malformed CRAM-MD5 response", "malformed"
+                )
                 return
             self._request(
                 out,
@@ -813,7 +848,8 @@ class SMTPConnection:
 
     def _request(self, out: list[Event], request: AuthRequest) -> None:
         if not _valid_username(request.username):
-            self._auth_failed(out)  # same answer as a wrong password: no user probing
+            # same answer as a wrong password: no user probing
+            self._auth_rejected(out, REPLY_AUTH_FAILED, "bad-name", request.username)
             return
         self.state = State.WAIT_AUTH
         out.append(request)
@@ -821,6 +857,15 @@ class SMTPConnection:
     def _auth_failed(self, out: list[Event]) -> None:
         self._auth_failures += 1
         self._error(out, REPLY_AUTH_FAILED)
+
+    def _auth_rejected(
+        self, out: list[Event], reply: str, reason: str, user: str | None = None
+    ) -> None:
+        """An attempt refused here, not by the server: answered, and reported for the log."""
+        if reply == REPLY_AUTH_FAILED:
+            self._auth_failures += 1
+        self._error(out, reply)
+        out.append(AuthRejected(self._auth_mech, user or self._auth_username or None, reason))
 
     # ----- DATA ------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ def _no_domain(_domain: str) -> bool:
     return False
 
 
+def _no_notice(_event: str, _text: str) -> None:
+    """Policy.notice default: the caller keeps no log."""
+
+
 @dataclass(frozen=True)
 class TLSInfo:
     """A completed TLS handshake, for the Received header, the log and relay rights.
@@ -62,6 +66,11 @@ class Policy:
       Messages containing a NUL byte are refused the same way (``554 5.6.0``).
     - ``max_pending`` bounds input buffered while the core waits for the server
       (AUTH check, queue commit, handshake) and before the greeting.
+    - ``max_junk``: junk commands (NOOP, RSET, VRFY, ...; ``pyqmail.session_knobs``)
+      allowed before each further one counts towards ``max_errors``; 0 = no limit.
+    - ``auth_header``: name the AUTH login in the Received header.
+    - ``notice(event, text)`` is how the core asks the server to log something the client
+      did that has no reply of its own worth logging (a refused HELO).
     """
 
     hostname: str
@@ -88,6 +97,9 @@ class Policy:
     hard_max_recipients: int = 1000
     reject_unauth_pipelining: bool = True
     clock: Callable[[], float] = time.time
+    max_junk: int = 100
+    auth_header: bool = False
+    notice: Callable[[str, str], None] = _no_notice
 
     def __post_init__(self) -> None:
         for name in ("hostname", "greeting", "client_ip"):
@@ -108,7 +120,7 @@ class Policy:
             )
         if len(set(self.auth_mechanisms)) != len(self.auth_mechanisms):
             raise ValueError(f"Policy.auth_mechanisms repeats a name: {self.auth_mechanisms}")
-        for name in ("databytes", "maxrcpt"):
+        for name in ("databytes", "maxrcpt", "max_junk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_line < 512:
@@ -149,6 +161,18 @@ class AuthRequest:
     password: str | None = field(default=None, repr=False)
     challenge: str | None = None
     response: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AuthRejected:
+    """An AUTH attempt the core answered itself, without an ``AuthRequest`` (undecodable
+    or malformed response, a name that fails validation, a foreign authorization
+    identity, a cancelled exchange): the server only logs it (``auth-fail``), so that
+    every failure leaves a line a fail2ban filter can count. Nothing to answer."""
+
+    mechanism: str
+    username: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -201,5 +225,13 @@ class Close:
 
 
 Event = (
-    Send | StartTLS | AuthRequest | MessageStart | MessageData | MessageEnd | MessageAbort | Close
+    Send
+    | StartTLS
+    | AuthRequest
+    | AuthRejected
+    | MessageStart
+    | MessageData
+    | MessageEnd
+    | MessageAbort
+    | Close
 )

@@ -62,6 +62,30 @@ Any OSError during enqueue (ENOSPC, EIO, EDQUOT, ...) removes the tmp file and r
 ``QueueError``; the SMTP layer answers ``451 4.3.0`` and nothing is left in the queue. A
 failure writing a segment fails every message in it (each client gets its 451).
 
+Permissions: mutually untrusting programs (qmail's model). pyqmail-send's user owns the
+queue; pyqmail-smtpd's user shares only the group ``pyqmail`` with it. The group may put
+files into ``tmp/`` and ``new/``, and never enters the rest (``LAYOUT``)::
+
+    queue/   0750 owner:pyqmail  (the group reaches tmp/, new/ and lock/ through it)
+    tmp/     3730 owner:pyqmail  setgid + sticky, group -wx: create and rename, never list
+    new/     3770 owner:pyqmail  setgid + sticky: the group cannot unlink or rename others'
+                                 files; it can list them, because a writer must fsync new/
+                                 and a directory opens (for fsync too) only with read access
+    mess/ state/ bad/   0700     pyqmail-send's alone: picked-up messages and their progress
+    lock/    0750 owner:pyqmail  trigger FIFO 0620 (the group pokes it), sendpid
+
+A queue file is readable by pyqmail-send and by its writer only (``Queue.file_policy``):
+the queue's owner (bounces) writes it 0600; root (``pyqmail-sendmail`` from cron) writes it
+0600 and hands it to the owner (fchown); anyone else (pyqmail-smtpd) writes it 0640, and
+the owner reads it through the group. So pyqmail-smtpd cannot read a bounce or an injected
+message even by name, and cannot read its own messages once pyqmail-send has moved them
+into ``mess/``: that rests on the directory, not on the file's mode, since the owner of a
+file can always chmod it. (A file pyqmail-smtpd wrote stays open to pyqmail-smtpd through
+any descriptor or hard link it kept: it wrote those bytes itself.) A group member other
+than pyqmail-smtpd that injects mail writes 0640 too, and pyqmail-smtpd could read that
+file for as long as it waits in ``new/`` (until the next pickup); root's and pyqmail-send's
+files it can only see the names of there.
+
 Addresses never contain CR, LF or NUL (the SMTP core rejects them); ``enqueue`` checks
 again, so nothing can break the line-oriented header.
 """
@@ -88,7 +112,20 @@ try:
     IOV_MAX = os.sysconf("SC_IOV_MAX")
 except (OSError, ValueError):  # pragma: no cover - Linux has it
     IOV_MAX = 1024
-SUBDIRS = ("tmp", "new", "mess", "state", "bad", "lock")
+# The mode of each queue directory (see "Permissions" above); the role pyqmail_control
+# creates the same (a unit test compares the two).
+ROOT_MODE = 0o750
+LAYOUT = {
+    "tmp": 0o3730,
+    "new": 0o3770,
+    "mess": 0o700,
+    "state": 0o700,
+    "bad": 0o700,
+    "lock": 0o750,
+}
+SUBDIRS = tuple(LAYOUT)
+SHARED_FILE = 0o640  # written by a member of the group: the owner reads it through the group
+PRIVATE_FILE = 0o600  # written by (or for) the queue's owner
 TRIGGER = "lock/trigger"
 POKE_RETRY = 1.0  # seconds between attempts to open the trigger FIFO when nobody listens
 _FORBIDDEN = frozenset(b"\r\n\x00")
@@ -313,20 +350,16 @@ class QueueWriter:
         return self._held is not None
 
     def _create(self) -> int:
+        mode, owner = self.queue.file_policy()
         try:
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except OSError as exc:
             self._held = None
             raise QueueError(f"cannot create {self._tmp}: {exc.strerror}") from exc
         self._created = True
         self._fd = fd
-        if self.queue.umask is not None and not self.queue.umask & 0o640:
-            return fd  # the owner of the process set a umask that keeps the mode
         try:
-            # The reader (pyqmail-send, group pyqmail through the setgid queue directories)
-            # must read the file whatever umask the writer runs with: cron's sendmail as root
-            # with umask 077 would otherwise queue mail nobody can deliver.
-            os.fchmod(fd, 0o640)
+            self.queue.set_owner_mode(fd, mode, owner)
         except OSError as exc:
             self.abort()
             raise QueueError(f"cannot set the mode of {self._tmp}: {exc.strerror}") from exc
@@ -493,13 +526,14 @@ class SegmentWriter:
         self._parts: list[bytes] = [SEGMENT_MAGIC]
         self._published = False
         self._fd: int | None = None
+        mode, owner = queue.file_policy()
         if _tmpfile_ok(queue.dir_tmp):
             # An unnamed file (O_TMPFILE), linked into new/ once complete: creating it does
             # not lock tmp/, which another worker's rename(tmp/x, new/x) may hold for as
             # long as a third process's fsync(new/) holds new/ (ext4 without a journal
             # holds a directory's lock for its fsync's I/O). Nothing to clean after a crash.
             try:
-                self._fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o640)
+                self._fd = os.open(queue.dir_tmp, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, mode)
             except OSError as exc:
                 if exc.errno not in _NO_TMPFILE:
                     raise QueueError(
@@ -510,18 +544,17 @@ class SegmentWriter:
             self.tmp = f"{queue.dir_tmp}/{self.segment_id}"
             try:
                 self._fd = os.open(
-                    self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+                    self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode
                 )
             except OSError as exc:
                 raise QueueError(f"cannot create {self.tmp}: {exc.strerror}") from exc
-        if queue.umask is None or queue.umask & 0o640:
-            try:
-                os.fchmod(self._fd, 0o640)  # see QueueWriter._create
-            except OSError as exc:
-                self.abort()
-                raise QueueError(
-                    f"cannot set the mode of a file in {queue.dir_tmp}: {exc.strerror}"
-                ) from exc
+        try:
+            queue.set_owner_mode(self._fd, mode, owner)  # see QueueWriter._create
+        except OSError as exc:
+            self.abort()
+            raise QueueError(
+                f"cannot set the mode of a file in {queue.dir_tmp}: {exc.strerror}"
+            ) from exc
 
     def _flush(self, parts: list[bytes]) -> None:
         if self._fd is None:
@@ -631,17 +664,57 @@ class Queue:
         # The process umask when its owner vouches for it (pyqmail-smtpd sets its own);
         # None: unknown, so every new file gets an fchmod.
         self.umask = umask
+        self._policy: tuple[int, int | None] | None = None  # see file_policy
 
     def path(self, sub: str, queue_id: str = "") -> Path:
         return self.root / sub / queue_id if queue_id else self.root / sub
 
-    def create(self, mode: int = 0o750) -> None:
-        """Make the directories and the trigger FIFO (idempotent)."""
-        for sub in SUBDIRS:
-            self.path(sub).mkdir(mode=mode, parents=True, exist_ok=True)
+    def file_policy(self) -> tuple[int, int | None]:
+        """Mode of a new queue file, and the uid to hand it to (None: keep ours).
+
+        Only pyqmail-send, the owner of ``new/``, is to read it besides its writer: the
+        owner writes it 0600; root writes it 0600 for the owner (cron's sendmail); any
+        other writer (pyqmail-smtpd, a member of the group) writes it 0640 and the owner
+        reads it through the group, the directories being setgid. Worked out once."""
+        policy = self._policy
+        if policy is None:
+            euid = os.geteuid()
+            try:
+                owner = os.stat(self.dir_new).st_uid
+            except OSError:
+                owner = -1  # no new/: the commit will fail and say so; nothing to hand over
+            if euid == owner:
+                policy = (PRIVATE_FILE, None)
+            elif euid == 0 and owner >= 0:
+                policy = (PRIVATE_FILE, owner)
+            else:
+                policy = (SHARED_FILE, None)
+            self._policy = policy
+        return policy
+
+    def set_owner_mode(self, fd: int, mode: int, owner: int | None) -> None:
+        """Give a file just created with ``mode`` its owner, and its mode whatever the
+        umask: cron's sendmail as root with umask 077 must still queue mail pyqmail-send can
+        read. No fchmod when the process vouched for a umask that keeps the mode."""
+        if owner is not None:
+            os.fchown(fd, owner, -1)
+        if owner is not None or self.umask is None or self.umask & mode:
+            os.fchmod(fd, mode)
+
+    def create(self) -> None:
+        """Make the directories with the modes of ``LAYOUT`` and the trigger FIFO
+        (idempotent; the modes of existing directories are set again). The caller gives
+        the tree to pyqmail-send's user and the group (the role pyqmail_control does)."""
+        if not self.root.is_dir():
+            self.root.mkdir(mode=ROOT_MODE, parents=True)
+            self.root.chmod(ROOT_MODE)
+        for sub, mode in LAYOUT.items():
+            self.path(sub).mkdir(mode=mode & 0o777, exist_ok=True)
+            self.path(sub).chmod(mode)  # mkdir drops setgid and applies the umask
         trigger = self.root / TRIGGER
         if not trigger.exists():
             os.mkfifo(trigger, 0o620)
+            trigger.chmod(0o620)
 
     def check(self) -> None:
         """Raise QueueError naming the first missing piece of the layout."""

@@ -10,6 +10,9 @@
     sends ALRM to pyqmail-send (pid from ``queue/lock/sendpid``, checked to be locked by a live
     pyqmail-send), which retries every deferred recipient now and rescans ``new/``. Also pokes
     the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
+
+Run it as root or as pyqmail-send's user: ``mess/`` and ``state/`` are theirs alone (see
+"Permissions" in ``pyqmail.queue``).
 """
 
 from __future__ import annotations
@@ -201,11 +204,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueError as exc:
         sys.stderr.write(f"pyqmail-queue: {exc}\n")
         return 2
-    if args.command == "list":
-        return list_queue(queue, sys.stdout)
-    if args.command == "show":
-        return show(queue, args.queue_id, args.body, sys.stdout)
-    return flush(queue, sys.stdout)
+    try:
+        if args.command == "list":
+            return list_queue(queue, sys.stdout)
+        if args.command == "show":
+            return show(queue, args.queue_id, args.body, sys.stdout)
+        return flush(queue, sys.stdout)
+    except PermissionError as exc:
+        sys.stderr.write(
+            f"pyqmail-queue: {exc.filename}: {exc.strerror} (mess/ and state/ are pyqmail-send's:"
+            " run as root or as its user)\n"
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,9 +3,15 @@
 Pickup protocol (new/ -> mess/): on start, on ALRM, and whenever the trigger FIFO is poked,
 every file in ``new/`` is verified (``parse_file``: header and END trailer of each message,
 and a segment's record count; a torn file goes to ``bad/``), renamed into ``mess/``, and
-``mess/`` is fsynced once per batch before any delivery of those messages starts. A crash
-before the fsync leaves the file in ``new/`` (or already in ``mess/``): either way it is
-picked up again; nothing was delivered yet.
+``mess/`` then ``new/`` are fsynced once per batch before any delivery of those messages
+starts. A crash before the fsyncs leaves the file in ``new/`` (or already in ``mess/``):
+either way it is picked up again; nothing was delivered yet. Once both are fsynced the name
+is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
+
+The pickup is also what takes a message away from pyqmail-smtpd: ``mess/`` and ``state/``
+are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue``). A file
+pyqmail-smtpd wrote stays its own (pyqmail-send cannot chown it), but from ``mess/`` on no
+path leads to it.
 
 Delivery state (``state/<id>``, owned by pyqmail-send): one JSON object per line, appended::
 
@@ -396,6 +402,7 @@ class Manager:
                 )
         if moved:
             fsync_dir(self.queue.path("mess"))
+            fsync_dir(self.queue.path("new"))
             for name, stored in moved:
                 if stored[0].span is not None:
                     with self.lock:

@@ -5,9 +5,10 @@ One program, three listener modes (one supervised service each, as in the qmail 
 - ``smtp``: port-25 style. STARTTLS offered when ``control/servercert.pem`` exists, AUTH
   off unless the client's rule sets ``SMTPAUTH=1``; relaying only with ``RELAYCLIENT`` or a
   client certificate that chains to ``clientca.pem`` and is listed in ``tlsclients``.
-- ``smtps``: implicit TLS (port 465), AUTH on unless ``SMTPAUTH=0``.
+- ``smtps``: implicit TLS (port 465), AUTH on unless ``SMTPAUTH=0``; submission (RFC 8314):
+  AUTH required for MAIL unless the client has ``RELAYCLIENT`` or a relay certificate.
 - ``submission``: port 587, STARTTLS required before AUTH/MAIL (``FORCETLS=0`` lifts it)
-  and AUTH required unless the client has ``RELAYCLIENT``.
+  and AUTH required unless the client has ``RELAYCLIENT`` or a relay certificate.
 
 Process model. The parent binds one ``SO_REUSEPORT`` socket per worker (as root if the
 port needs it), drops to ``--user`` (initgroups, setgid, setuid), reads the configuration
@@ -23,13 +24,20 @@ rule closes the connection at once (logged), ``allow`` passes the rule's environ
 (RELAYCLIENT, SMTPAUTH, FORCETLS, BARELF, DATABYTES, MAXRCPT). The cdb is re-read when its
 file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
 
-Limits: ``maxconn`` per listener and ``maxconnip`` per client address are counted across
-workers in a shared anonymous mapping where each worker writes only its own row (no lock;
-two workers accepting the same address in the same instant may overshoot by one). Over a
+Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address or an IPv6
+/64) are counted exactly across workers in a table they share (``pyqmail.limits``). Over a
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
-a handshake within ``timeouttls``. A client that stops reading our replies stops being
-read and then times out; closing sockets that cannot flush are aborted.
+a handshake within ``timeouttls``. Under stress (connections over ``stresspercent`` of
+``maxconn``, all workers) progress is due within ``timeoutstress`` instead; junk commands
+past ``maxjunk`` count as errors; the ``smtp`` listener may pause its greeting
+(``greetdelay``) to catch clients that talk first (``pyqmail.session_knobs``). A client
+that stops reading our replies stops being read and then times out; closing sockets that
+cannot flush are aborted. AUTH goes through limits every worker of every listener shares
+(``pyqmail.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
+per client, a penalty delay after each failure, a temporary lock of a name after
+``authlockfails`` failures, and at most ``authconcurrency`` password checks at once per
+worker.
 
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
@@ -40,7 +48,8 @@ checkpassword read theirs per connection / per AUTH).
 
 Files are read after the privilege drop, so ``--user`` must be able to read
 control/servercert.pem (qmail-tls: owner qmaild, mode 0400), control/smtpusers (0640
-root:pyqmail with the user in group pyqmail) and write the queue.
+root:pyqmaila, the group of the password verifiers) and write the queue's tmp/ and new/ and
+``<root>/smtpd/`` (the shared AUTH failure state).
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
@@ -49,8 +58,10 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
     ready slot=0 mode=smtp                                    (one per worker, serving)
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
+    pregreet ip=... port=... bytes=N after=SECS   helo-refused ip=... text=...   junk-limit
     deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
-    tls-fail, auth-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
+    auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
+    tls-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
@@ -67,7 +78,6 @@ import hashlib
 import hmac
 import importlib
 import ipaddress
-import mmap
 import os
 import pwd
 import queue as queuemod
@@ -80,16 +90,18 @@ import sys
 import threading
 import time
 import traceback
-import zlib
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pyqmail import config as configmod
-from pyqmail import tls
+from pyqmail import session_knobs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
+from pyqmail.authguard import Settings as AuthSettings
+from pyqmail.limits import ConnTable, key_bytes
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -108,16 +120,12 @@ from pyqmail.rules import Decision, Rules, RulesError
 
 MODES = ("smtp", "smtps", "submission")
 LOOPS = ("auto", "asyncio", "uvloop")
-AUTH_FAIL_DELAY = 1.0  # seconds before the first failed AUTH is answered; doubles per failure
-AUTH_FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply
-AUTH_FAIL_WINDOW = 600.0  # a client's failures are forgotten after this long without one
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 READ_SIZE = 64 * 1024  # one socket read at most
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
-BUCKETS = 4096
 
 
 class UsageError(Exception):
@@ -396,6 +404,11 @@ def check_startup(cfg: configmod.Config, mode: str) -> None:
         Queue(cfg.queue_dir).check()
     except QueueError as exc:
         raise configmod.ConfigError(str(exc)) from exc
+    if cfg.authdb is not None:
+        try:
+            AuthState.check(state_path(cfg.root))
+        except StateError as exc:
+            raise configmod.ConfigError(str(exc)) from exc
     if mode == "smtp" and cfg.server_tls is None:
         log("warning", text="no control/servercert.pem: STARTTLS not offered")
     if mode != "smtp" and cfg.authdb is None:
@@ -405,72 +418,6 @@ def check_startup(cfg: configmod.Config, mode: str) -> None:
 
 
 # --- shared state across workers ---------------------------------------------------------
-
-
-class ConnCounter:
-    """Connections per listener and per client address, summed over worker rows."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._row = BUCKETS + 1  # the last cell of a row is the worker's total
-        self._mm = mmap.mmap(-1, 4 * slots * self._row)  # anonymous + shared across fork
-        self._cells = memoryview(self._mm).cast("i")
-        self.slot = 0
-
-    @staticmethod
-    def bucket(ip: str) -> int:
-        return zlib.crc32(ip.encode()) % BUCKETS
-
-    def total(self) -> int:
-        return sum(self._cells[s * self._row + BUCKETS] for s in range(self.slots))
-
-    def per_ip(self, bucket: int) -> int:
-        return sum(self._cells[s * self._row + bucket] for s in range(self.slots))
-
-    def add(self, bucket: int, delta: int) -> None:
-        base = self.slot * self._row
-        self._cells[base + bucket] += delta
-        self._cells[base + BUCKETS] += delta
-
-    def reset(self, slot: int) -> None:
-        """A worker died: its connections died with it."""
-        base = slot * self._row
-        for i in range(self._row):
-            self._cells[base + i] = 0
-
-
-def limit_key(ip: str) -> str:
-    """What maxconnip counts: the address, or its /64 for IPv6 (one host's usual share)."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    except ValueError:
-        return ip
-
-
-class AuthThrottle:
-    """Failed AUTH per client (see ``limit_key``), as one worker sees them.
-
-    Each failure from the same client within AUTH_FAIL_WINDOW doubles the delay before the
-    535 (1, 2, then 4 s), across sessions, so parallel connections do not multiply an
-    attacker's guesses. It only slows answers: nobody is locked out. Bounded in memory.
-    """
-
-    MAX_CLIENTS = 10_000
-
-    def __init__(self) -> None:
-        self._fails: dict[str, tuple[int, float]] = {}  # insertion order = least recent first
-
-    def failed(self, key: str, now: float) -> float:
-        count, last = self._fails.pop(key, (0, now))
-        if now - last > AUTH_FAIL_WINDOW:
-            count = 0
-        count += 1
-        self._fails[key] = (count, now)
-        if len(self._fails) > self.MAX_CLIENTS:
-            del self._fails[next(iter(self._fails))]
-        return float(min(AUTH_FAIL_DELAY * 2 ** min(count - 1, 16), AUTH_FAIL_MAX_DELAY))
 
 
 class UsersCache:
@@ -594,7 +541,7 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         starttls_available=mode != "smtps" and cfg.server_tls is not None,
         auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),
         force_tls=force_tls,  # fail closed: FORCETLS without a certificate refuses MAIL
-        auth_required=mode == "submission" and not relay,
+        auth_required=mode != "smtp" and not relay,  # 465 is submission too (RFC 8314)
         relay_client=relay,
         bare_lf=_env_flag(env, "BARELF") is True,
         databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
@@ -603,7 +550,17 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         rcpthosts=cfg.rcpthost,
         validrcptto=cfg.valid_recipient(),
         max_errors=cfg.maxerrors,
+        max_junk=cfg.knobs.max_junk,
+        auth_header=cfg.knobs.auth_header,
+        notice=lambda event, text: log(event, ip=ip, text=text),
     )
+
+
+def greet_delay(cfg: configmod.Config, mode: str, env: Mapping[str, str]) -> int:
+    """Seconds to hold the greeting back: port 25 only, never for relay clients."""
+    if mode != "smtp" or "RELAYCLIENT" in env:
+        return 0
+    return cfg.knobs.greet_delay
 
 
 def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
@@ -616,6 +573,11 @@ def verify_auth(db: AuthDB | None, req: AuthRequest) -> bool:
         expected = hmac.new(key, (req.challenge or "").encode(), hashlib.md5).hexdigest()
         return secret is not None and hmac.compare_digest(expected, (req.response or "").lower())
     return db.verify(req.username, req.password or "")
+
+
+def auth_settings(cfg: configmod.Config) -> AuthSettings:
+    """The AUTH limits' knobs from the control files."""
+    return AuthSettings(cfg.authlockfails, cfg.authlocktime, cfg.authconcurrency)
 
 
 # --- the group commit ----------------------------------------------------------------------
@@ -883,6 +845,7 @@ class Session(asyncio.BufferedProtocol):
         self.tls_in = self.tls_out = None  # type: ssl.MemoryBIO | None
         self.handshaking: bool | None = None  # None: no TLS; True: implicit, False: STARTTLS
         self.tls_timer: asyncio.TimerHandle | None = None
+        self.greet_timer: asyncio.TimerHandle | None = None  # the greeting pause runs
         self.close_timer: asyncio.TimerHandle | None = None
         self.auth_user: str | None = None
         self.writer: QueueWriter | None = None
@@ -891,7 +854,8 @@ class Session(asyncio.BufferedProtocol):
         self.submitted = False  # counted in server.waiting until committed() runs
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
-        self.bucket: int | None = None
+        self.conn_key: bytes | None = None  # set while counted in the ConnTable
+        self.conn_counted = False
         self.closed = False
         self.closing = False
         self.messages = 0
@@ -916,21 +880,18 @@ class Session(asyncio.BufferedProtocol):
             transport.close()
             return
         counter, cfg = self.server.counter, self.cfg
-        bucket = counter.bucket(limit_key(self.ip))
-        reason = None
-        if counter.total() >= cfg.maxconn:
-            reason = f"maxconn={cfg.maxconn}"
-        elif counter.per_ip(bucket) >= cfg.maxconnip:
-            reason = f"maxconnip={cfg.maxconnip}"
-        if reason is not None:
-            log("refuse", ip=self.ip, port=self.port, reason=reason)
+        key = key_bytes(self.ip)
+        admission = counter.admit(key, cfg.maxconn, cfg.maxconnip)
+        if admission.refused is not None:
+            log("refuse", ip=self.ip, port=self.port, reason=admission.refused)
             self.closed = True
             if self.server.mode != "smtps":
                 transport.write(b"421 4.7.0 " + cfg.me.encode() + b" too many connections\r\n")
             transport.close()
             return
-        counter.add(bucket, 1)
-        self.bucket = bucket
+        if not admission.counted:
+            log("warning", ip=self.ip, text="connection table full: this client is not counted")
+        self.conn_key, self.conn_counted = key, admission.counted
         self.server.sessions.add(self)
         self.policy = build_policy(cfg, self.server.mode, self.ip, decision.env)
         self.touch()
@@ -939,6 +900,22 @@ class Session(asyncio.BufferedProtocol):
             self.begin_tls(implicit=True)
         else:
             self.conn = SMTPConnection(self.policy)
+            delay = greet_delay(cfg, self.server.mode, decision.env)
+            if delay:
+                self.greet_timer = self.loop.call_later(delay, self.greet)
+            else:
+                self.handle(self.conn.start())
+
+    def greet(self, early: int = 0) -> None:
+        """The greeting, after the pause; ``early`` bytes came first, so the core refuses."""
+        if self.greet_timer is not None:
+            self.greet_timer.cancel()
+            self.greet_timer = None
+        if early:
+            took = time.monotonic() - self.started
+            log("pregreet", ip=self.ip, port=self.port, bytes=early, after=f"{took:.3f}")
+        if self.conn is not None and not self.conn.closed:
+            self.touch()
             self.handle(self.conn.start())
 
     def data_received(self, data: bytes) -> None:
@@ -953,6 +930,9 @@ class Session(asyncio.BufferedProtocol):
             if self.conn is None:
                 return
             events = self.conn.receive(data)
+            if self.greet_timer is not None:
+                self.greet(len(data))
+                return
             if events:
                 self.touch()
                 self.handle(events)
@@ -970,19 +950,19 @@ class Session(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The timers would keep this session (and its TLS state) alive for seconds.
-        for timer in (self.timer, self.tls_timer, self.close_timer):
+        for timer in (self.timer, self.tls_timer, self.close_timer, self.greet_timer):
             if timer is not None:
                 timer.cancel()
-        self.timer = self.tls_timer = self.close_timer = None
+        self.timer = self.tls_timer = self.close_timer = self.greet_timer = None
         self.sslobj = self.tls_in = self.tls_out = None
-        if self.bucket is None:
+        if self.conn_key is None:
             return
         self.closed = True
         if self.conn is not None:
             self.conn.connection_lost()
         self._drop_writer()
-        self.server.counter.add(self.bucket, -1)
-        self.bucket = None
+        self.server.counter.release(self.conn_key, counted=self.conn_counted)
+        self.conn_key = None
         log(
             "conn",
             ip=self.ip,
@@ -1044,7 +1024,16 @@ class Session(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
 
     def touch(self) -> None:
-        self.deadline = self.loop.time() + self.cfg.timeoutsmtpd
+        """Progress: the next is due within the idle timeout (shorter under stress)."""
+        cfg = self.cfg
+        timeout = session_knobs.idle_timeout(
+            cfg.knobs, cfg.timeoutsmtpd, self.server.counter.total(), cfg.maxconn
+        )
+        self.deadline = self.loop.time() + timeout
+        timer = self.timer
+        if timer is not None and timer.when() > self.deadline:  # stress began: fire sooner
+            timer.cancel()
+            self.timer = self.loop.call_at(self.deadline, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None
@@ -1124,6 +1113,8 @@ class Session(asyncio.BufferedProtocol):
             elif isinstance(event, AuthRequest):
                 self.pause("auth")
                 self.spawn(self.authenticate(event))
+            elif isinstance(event, AuthRejected):
+                self.log_auth_fail(event.mechanism, event.username, event.reason)
             elif isinstance(event, StartTLS):
                 self.begin_tls(implicit=False)
             elif isinstance(event, Close):
@@ -1240,27 +1231,39 @@ class Session(asyncio.BufferedProtocol):
     # AUTH ---------------------------------------------------------------------------------
 
     async def authenticate(self, req: AuthRequest) -> None:
-        ok = await self.loop.run_in_executor(
-            self.server.auth_pool, verify_auth, self.server.users.current(), req
+        """Through the shared AUTH limits (``pyqmail.authguard``): one attempt per client
+        at a time over every worker and listener, a penalty delay after a failure, locked
+        names refused without a password check (the same 535, after the same delay)."""
+        db = self.server.users.current()
+        outcome: Outcome = await self.server.guard.attempt(
+            self.ip, req.username, lambda: verify_auth(db, req)
         )
-        if not ok:
-            delay = self.server.throttle.failed(limit_key(self.ip), self.loop.time())
-            log(
-                "auth-fail",
-                ip=self.ip,
-                port=self.port,
-                user=req.username,
-                mech=req.mechanism,
-                delay=f"{delay:g}",
-            )
-            await asyncio.sleep(delay)
+        if not outcome.ok:
+            self.log_auth_fail(req.mechanism, req.username, outcome.reason, outcome.delay)
+            await asyncio.sleep(outcome.delay)
         if self.closed or self.conn is None:
             return
-        if ok:
+        if outcome.ok:
             self.auth_user = req.username
         self.resume("auth")
         self.touch()
-        self.handle(self.conn.auth_result(req.username if ok else None))
+        user = req.username if outcome.ok else None
+        self.handle(self.conn.auth_result(user, temporary=outcome.temporary))
+
+    def log_auth_fail(
+        self, mech: str, user: str | None, reason: str, delay: float | None = None
+    ) -> None:
+        """One ``auth-fail`` line per failed attempt, ``ip=`` first after the event: the
+        fixed prefix the fail2ban filter in files/fail2ban matches."""
+        log(
+            "auth-fail",
+            ip=self.ip,
+            port=self.port,
+            mech=mech or "-",
+            user=user if user is not None else "-",
+            reason=reason,
+            delay=None if delay is None else f"{delay:g}",
+        )
 
     # the queue ----------------------------------------------------------------------------
 
@@ -1390,7 +1393,7 @@ class Server:
         opts: Options,
         cfg: configmod.Config,
         rules: RulesCache,
-        counter: ConnCounter,
+        counter: ConnTable,
     ) -> None:
         self.opts = opts
         self.mode = opts.mode
@@ -1399,9 +1402,8 @@ class Server:
         self.counter = counter
         self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.sessions: set[Session] = set()
-        self.throttle = AuthThrottle()
         self.users = UsersCache(cfg)
-        self.auth_pool = ThreadPoolExecutor(2, "auth")  # scrypt: 16 MiB each
+        self.guard = AuthGuard(cfg.root, auth_settings(cfg))  # shared with every listener
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
@@ -1450,6 +1452,7 @@ class Server:
                 cfg.queue_dir, umask=UMASK
             )  # the old one's FIFO fd is closed with the process
         self.users = UsersCache(cfg)
+        self.guard.configure(auth_settings(cfg))
         log("reload", root=self.opts.root)
 
     async def serve(self, sock: socket.socket) -> int:
@@ -1482,7 +1485,7 @@ class Server:
         for session in list(self.sessions):
             session.abort()
         await asyncio.sleep(0)
-        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        self.guard.shutdown()
         if self._committer is not None:
             self._committer.stop(CLOSE_GRACE)
         self.queue.close()
@@ -1495,7 +1498,7 @@ def run_worker(
     opts: Options,
     cfg: configmod.Config,
     rules: RulesCache,
-    counter: ConnCounter,
+    counter: ConnTable,
     *,
     parent: int | None = None,
 ) -> int:
@@ -1527,7 +1530,7 @@ class Supervisor:
         socks: list[socket.socket],
         cfg: configmod.Config,
         rules: RulesCache,
-        counter: ConnCounter,
+        counter: ConnTable,
     ) -> None:
         self.opts = opts
         self.socks = socks
@@ -1575,6 +1578,7 @@ class Supervisor:
             if slot is None:
                 continue
             log("worker-exit", worker=pid, slot=slot, status=os.waitstatus_to_exitcode(status))
+            self.counter.reset(slot)  # its connections died with it
             if not terminating:
                 quick = time.monotonic() - self.started.get(slot, 0) < 1.0
                 self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)
@@ -1654,7 +1658,7 @@ def main(argv: list[str] | None = None) -> int:
         uid=os.getuid(),
         loop=opts.loop,
     )
-    counter = ConnCounter(opts.workers)
+    counter = ConnTable(opts.workers, cfg.maxconn)
     if opts.workers == 1:
         return run_worker(socks[0], opts, cfg, rules, counter)
     # The workers share this process's heap copy-on-write. A full collection in a worker

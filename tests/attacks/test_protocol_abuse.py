@@ -107,7 +107,10 @@ def test_legal_pipelining_answers_in_order(daemon: Daemon, qmail_root: QmailRoot
 
 
 def test_huge_pipelined_burst_memory_flat(daemon: Daemon) -> None:
-    """60k RSETs (360 KB) in one burst, read concurrently: in-order 250s or a 554/421 cut-off."""
+    """60k RSETs (360 KB) in one burst, read concurrently: in-order 250s or a 554/421 cut-off.
+
+    The junk limit (maxjunk 100 + maxerrors 10) cuts it off after 110 replies; the close
+    with RSETs still unread may reach us as a reset that takes the 421 with it."""
     before = rss(daemon.pid)
     count = 60_000
     with Wire(daemon.port) as w:
@@ -115,9 +118,13 @@ def test_huge_pipelined_burst_memory_flat(daemon: Daemon) -> None:
         w.cmd("EHLO burst.test")
         sender = threading.Thread(target=lambda: _send_quietly(w, b"RSET\r\n" * count))
         sender.start()
-        data = b""
+        data, reset = b"", False
         while data.count(b"\r\n") < count:
-            chunk = w.sock.recv(1 << 20)
+            try:
+                chunk = w.sock.recv(1 << 20)
+            except ConnectionResetError:
+                reset = True
+                break
             if not chunk:
                 break
             data += chunk
@@ -127,7 +134,8 @@ def test_huge_pipelined_burst_memory_flat(daemon: Daemon) -> None:
     oks = len(lines) - len([x for x in lines if not x.startswith(b"250 ")])
     assert all(x.startswith(b"250 ") for x in lines[:oks]), "replies out of order"
     rest = lines[oks:]
-    assert oks == count or (rest and rest[0][:3] in (b"421", b"554")), f"{oks} oks then {rest[:2]}"
+    cut = (rest and rest[0][:3] in (b"421", b"554")) or (reset and not rest and oks <= 110)
+    assert oks == count or cut, f"{oks} oks then {rest[:2]}"
     assert peak - before < 30 * MB, f"RSS grew by {(peak - before) // MB} MiB"
     still_serves(daemon)
     tried("pipelining")

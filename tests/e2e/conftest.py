@@ -120,7 +120,7 @@ def qmail_root(pki: PKI) -> Iterator[QmailRoot]:
     root.control("me", "mx.test\n")
     root.control("rcpthosts", "mx.test\nexample.test\n.sub.example.test\n")
     root.servercert()
-    root.queue.create(mode=0o750)
+    root.queue.create()
     if IS_ROOT:
         for path in [base, *base.rglob("*")]:
             root._own(path)

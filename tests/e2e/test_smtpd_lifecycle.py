@@ -436,7 +436,7 @@ def test_disk_full_gives_451_and_leaves_nothing(qmail_root: QmailRoot, smtpd: St
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {mounted.stderr.decode().strip()}")
     try:
-        qmail_root.queue.create(mode=0o750)
+        qmail_root.queue.create()
         nobody = pwd.getpwnam(DROP_USER)
         for path in [queue, *queue.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)

@@ -19,7 +19,7 @@ pyqmail_smtp_user = importlib.import_module("pyqmail_smtp_user")
 
 # passlib's documented hash of "password" with ln=8: old cost parameters.
 OLD_HASH = "$scrypt$ln=8,r=8,p=1$WKs1xljLudd6z9kbY0wpJQ$yCR4iDZYDKv+iEJj6yHY0lv/epnfB6f/w1EbXrsJOuQ"
-# As root: owner root, group daemon (exists on Debian; the default "pyqmail" may not on a
+# As root: owner root, group daemon (exists on Debian; the default "pyqmaila" may not on a
 # test machine). Unprivileged: our own ids, the only ones we may give a file.
 ROOT = os.geteuid() == 0
 UID, GID = (0, 1) if ROOT else (os.geteuid(), os.getegid())
@@ -191,11 +191,11 @@ def test_default_group_must_exist(path: Path) -> None:
         try:
             pyqmail_smtp_user.main()
         except AnsibleFailJson as exc:
-            assert "group 'pyqmail' does not exist" in exc.result["msg"]
-        except AnsibleExitJson:  # the host already has the pyqmail group
+            assert "group 'pyqmaila' does not exist" in exc.result["msg"]
+        except AnsibleExitJson:  # the host already has the group of the password verifiers
             import grp
 
-            grp.getgrnam("pyqmail")
+            grp.getgrnam("pyqmaila")
 
 
 def test_malformed_file_is_refused(path: Path) -> None:

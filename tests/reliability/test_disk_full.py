@@ -45,7 +45,7 @@ class SmallQueue:
         )
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs for the queue: {proc.stderr.strip()}")
-        Queue(self.path).create(mode=0o750)
+        Queue(self.path).create()
         if IS_ROOT:
             pw = pwd.getpwnam(DROP_USER)
             for p in [self.path, *self.path.rglob("*")]:

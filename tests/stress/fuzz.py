@@ -30,6 +30,7 @@ import traceback
 from collections.abc import Callable
 
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -91,6 +92,8 @@ def random_policy(rng: random.Random) -> Policy:
         hard_max_recipients=rng.choice([5, 1000]),
         reject_unauth_pipelining=rng.random() < 0.7,
         clock=lambda: 1_700_000_000.0,
+        max_junk=rng.choice([0, 2, 100]),
+        auth_header=rng.random() < 0.5,
     )
 
 
@@ -131,7 +134,11 @@ class Driver:
             if self.in_message:
                 raise InvariantError("AuthRequest inside a message")
             ok = USERS.get(event.username) == event.password and self.rng.random() < 0.8
-            self.run(lambda: self.conn.auth_result(event.username if ok else None))
+            busy = self.rng.random() < 0.1  # the shared AUTH limits answer 454
+            self.run(lambda: self.conn.auth_result(event.username if ok else None, temporary=busy))
+        elif isinstance(event, AuthRejected):
+            if self.in_message or not event.reason:
+                raise InvariantError(f"bad AuthRejected {event!r}")
         elif isinstance(event, MessageStart):
             if self.in_message or not event.recipients:
                 raise InvariantError(f"bad MessageStart {event!r}")

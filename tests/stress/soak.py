@@ -187,7 +187,7 @@ class Soak:
                 (home / "Maildir" / sub).mkdir(parents=True, mode=0o700)
             lines.append(f"{name}:{home}\n")
         (users / "mailboxes").write_text("".join(lines))
-        Queue(self.root / "queue").create(mode=0o750)
+        Queue(self.root / "queue").create()
         if IS_ROOT:
             pw = pwd.getpwnam(RUN_USER)
             for path in [self.base, *self.base.rglob("*")]:

@@ -10,6 +10,7 @@ import pytest
 from test_protocol_support import HOST, TLS, Server, in_data, policy, ready
 
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     MessageStart,
@@ -686,6 +687,42 @@ def test_auth(name: str, lines: list[str], replies: list[str]) -> None:
     assert got == replies
     assert srv.conn.auth_user == ("bob" if replies[-1].startswith("235") else None)
     assert srv.conn.state is State.READY
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason", "user"),
+    [
+        (["AUTH PLAIN !!!"], "bad-base64", None),
+        (["AUTH PLAIN", "*"], "aborted", None),
+        (["AUTH PLAIN " + b64(b"\0bob\0\xff")], "bad-utf8", None),
+        (["AUTH PLAIN " + b64("no nuls")], "malformed", None),
+        (["AUTH PLAIN " + b64("eve\0bob\0pw")], "authzid", "bob"),
+        (["AUTH PLAIN " + b64("\0bad:name\0pw")], "bad-name", "bad:name"),
+        (["AUTH LOGIN", "="], "bad-name", None),
+        (["AUTH LOGIN", b64("bob"), "x" * 5000], "too-long", "bob"),
+    ],
+)
+def test_auth_refused_by_the_core_is_reported(
+    lines: list[str], reason: str, user: str | None
+) -> None:
+    """Every AUTH failure the server never sees as an AuthRequest still reaches its log."""
+    srv = ready(policy(**AUTH_POLICY))
+    for line in lines:
+        srv.cmd(line)
+    assert srv.auth_rejected == [AuthRejected(lines[0].split()[1], user, reason)]
+    assert not any(isinstance(e, AuthRequest) for e in srv.events)
+    assert srv.conn.state is State.READY
+
+
+def test_auth_temporary_failure_is_454_and_not_counted() -> None:
+    conn = SMTPConnection(policy(**AUTH_POLICY))
+    conn.start()
+    conn.receive(b"EHLO x\r\n")
+    for _ in range(5):
+        conn.receive(("AUTH PLAIN " + b64("\0bob\0pw") + "\r\n").encode())
+        (reply,) = conn.auth_result(None, temporary=True)
+        assert reply == Send(b"454 4.7.0 Temporary authentication failure, try again later\r\n")
+    assert conn.state is State.READY
 
 
 def test_auth_request_keeps_password_out_of_repr() -> None:

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_protocol_support import TLS, check_password, policy
 
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -117,6 +118,8 @@ class Driver:
         elif isinstance(event, AuthRequest):
             assert not self.in_message
             self.run(lambda: self.conn.auth_result(check_password(event)))
+        elif isinstance(event, AuthRejected):
+            assert not self.in_message and event.reason
         elif isinstance(event, MessageStart):
             assert not self.in_message and event.recipients
             assert all(not set("\r\n\0").intersection(r) for r in (event.sender, *event.recipients))
@@ -389,5 +392,6 @@ def recipient_is_safe(path: str, smtputf8: bool) -> None:
 
 @FAST
 @given(path=address_text, smtputf8=st.booleans())
+@example(path="u@%\u00fc", smtputf8=True)  # the refusal once echoed the raw UTF-8 domain
 def test_recipient_tricks_never_relay(path: str, smtputf8: bool) -> None:
     recipient_is_safe(path, smtputf8)

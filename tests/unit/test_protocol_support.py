@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pyqmail.protocol import (
+    AuthRejected,
     AuthRequest,
     Close,
     Event,
@@ -90,6 +91,7 @@ class Server:
         self.messages: list[Message] = []
         self.closed = False
         self.tls_starts = 0
+        self.auth_rejected: list[AuthRejected] = []
         self.fail_queue = fail_queue
         self.queued = 0
         if auto_start:
@@ -108,6 +110,8 @@ class Server:
                 self.handle(self.conn.tls_started(TLS))
             elif isinstance(event, AuthRequest):
                 self.handle(self.conn.auth_result(check_password(event)))
+            elif isinstance(event, AuthRejected):
+                self.auth_rejected.append(event)
             elif isinstance(event, MessageStart):
                 self.messages.append(Message(event, bytearray()))
             elif isinstance(event, MessageData):

@@ -103,19 +103,20 @@ def test_poke_keeps_the_fifo_open_and_survives_no_reader(queue: Queue) -> None:
 @pytest.mark.parametrize(
     ("vouched", "process_umask", "fchmods"),
     [
-        (None, 0o077, 1),  # cron runs sendmail as root with umask 077: fixed by fchmod
+        (None, 0o077, 1),  # cron runs sendmail with umask 077: fixed by fchmod
         (None, 0o022, 1),  # unknown umask: always fixed
         (0o027, 0o027, 0),  # pyqmail-smtpd sets its own umask: open()'s mode survives
     ],
 )
-def test_queue_file_group_readable_whatever_the_umask(
+def test_queue_file_mode_whatever_the_umask(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     vouched: int | None,
     process_umask: int,
     fchmods: int,
 ) -> None:
-    """pyqmail-send reads queue files through the group, so they are 0640."""
+    """The mode ``file_policy`` gives (here the queue's owner writes: 0600; the other writers
+    are in test_queue_perms.py) survives any umask, with no fchmod when one is vouched for."""
     q = Queue(tmp_path / "queue", umask=vouched)
     q.create()
     calls: list[int] = []
@@ -126,7 +127,7 @@ def test_queue_file_group_readable_whatever_the_umask(
         env = q.enqueue("root@h.test", ["postmaster@h.test"], b"Subject: x\r\n\r\nbody\r\n")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(q.path("new", env.queue_id)).st_mode) == 0o600
     assert len(calls) == fchmods
 
 

@@ -151,7 +151,7 @@ def test_a_failed_segment_fails_its_messages_and_leaves_nothing(
 
 
 @pytest.mark.parametrize(("vouched", "process_umask"), [(None, 0o077), (0o027, 0o027)])
-def test_segment_is_group_readable_whatever_the_umask(
+def test_segment_mode_whatever_the_umask(
     tmp_path: Path, vouched: int | None, process_umask: int
 ) -> None:
     q = Queue(tmp_path / "queue", umask=vouched)
@@ -161,7 +161,7 @@ def test_segment_is_group_readable_whatever_the_umask(
         name, _, _ = _segment(q, [b"a\r\n", b"b\r\n"])
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(q.path("new", name)).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(q.path("new", name)).st_mode) == 0o600  # the owner's
 
 
 def test_messages_lists_files_and_segments_in_order(queue: Queue) -> None:

@@ -31,7 +31,7 @@ def files_read(source: Path) -> set[str]:
     return set(_READ.findall(source.read_text()))
 
 
-SMTPD_FILES = files_read(SRC / "config.py")
+SMTPD_FILES = files_read(SRC / "config.py") | files_read(SRC / "session_knobs.py")
 SEND_FILES = files_read(SRC / "delivery.py") | {"clientcert.pem", "tlshosts"}
 
 

@@ -39,7 +39,8 @@ def test_465_is_tls_from_the_first_byte(client: Any) -> None:
         f" -verify_hostname {MX_NAME} -verify_return_error -quiet 2>&1"
     )
     assert out.rc == 0, out.stdout
-    assert "220 " in out.stdout
+    assert f"220 {MX_NAME} ESMTP" in out.stdout, out.stdout
+    assert "ESMTP ESMTP" not in out.stdout, "the role's smtpgreeting repeats what the daemon adds"
 
 
 def test_465_refuses_plaintext(client: Any) -> None:

@@ -11,14 +11,33 @@ from mailcheck import put_file, wait_for
 SENDMAIL = "/opt/pyqmail/bin/pyqmail-sendmail"
 
 
-def test_incoming_queue_dirs_are_setgid_pyqmail(mx: Any) -> None:
-    for sub in ("tmp", "new"):
+AS_SMTPD = "setpriv --reuid pyqmaild --regid pyqmail --init-groups"
+AS_SEND = "setpriv --reuid pyqmails --regid pyqmail --init-groups"
+
+
+def test_queue_layout_keeps_pyqmail_smtpd_out(mx: Any) -> None:
+    """Incoming directories setgid pyqmail and sticky; the rest pyqmail-send's alone."""
+    modes = {"tmp": 0o3730, "new": 0o3770, "mess": 0o700, "state": 0o700, "bad": 0o700}
+    for sub, mode in modes.items():
         f = mx.file(f"/var/qmail/queue/{sub}")
-        assert (f.user, f.group, f.mode) == ("pyqmails", "pyqmail", 0o2770), sub
+        assert (f.user, f.group, f.mode) == ("pyqmails", "pyqmail", mode), sub
+    for sub in ("tmp", "mess", "state", "bad"):
+        out = mx.run(f"{AS_SMTPD} ls /var/qmail/queue/{sub}")
+        assert out.rc != 0 and "Permission denied" in out.stderr, sub
+
+
+def test_only_the_verifier_reads_the_password_hashes(mx: Any) -> None:
+    f = mx.file("/var/qmail/control/smtpusers")
+    assert (f.user, f.group, f.mode) == ("root", "pyqmaila", 0o640)
+    assert "pyqmaila" in mx.user("pyqmaild").groups
+    assert "pyqmaila" not in mx.user("pyqmails").groups
+    assert mx.run(f"{AS_SMTPD} head -c1 /var/qmail/control/smtpusers").rc == 0
+    out = mx.run(f"{AS_SEND} head -c1 /var/qmail/control/smtpusers")
+    assert out.rc != 0 and "Permission denied" in out.stderr
 
 
 def test_message_injected_by_root_is_delivered(mx: Any) -> None:
-    """cron runs sendmail as root: its queue file must get group pyqmail (setgid new/ tmp/)."""
+    """cron runs sendmail as root (umask 022): its queue file goes to pyqmails, 0600."""
     token = uuid.uuid4().hex
     message = f"From: <root@{MX_NAME}>\nSubject: root {token}\n\ntoken {token}\n"
     put_file(mx, f"/tmp/{token}.eml", message.encode())

@@ -1,0 +1,63 @@
+"""Which HELO/EHLO arguments the SMTP core accepts, and why the others are refused.
+
+RFC 5321 section 4.1.1.1: the argument is a domain or an address literal. Real clients are
+sloppier: Windows hosts send bare machine names (``DESKTOP-4711``), some send underscores
+or a trailing dot. Postfix accepts anything by default and quotes it in the Received
+header; pyqmail instead accepts a lenient superset of the RFC syntax whose every accepted
+value is unambiguous in a Received header without quoting:
+
+- a name: dot-separated labels of ASCII letters, digits, ``-`` and ``_`` (1 to 63 each),
+  with one optional trailing dot; a bare word counts (``localhost``);
+- an address literal: ``[192.0.2.1]`` (dotted quad, no leading zeros) or ``[IPv6:...]``
+  (a valid IPv6 address, no zone index).
+
+Everything else is refused with ``501 5.5.4``: comment or header delimiters
+(``( ) ; < > "`` etc.), blanks, control characters, non-ASCII (RFC 6531 keeps EHLO in
+A-labels), empty labels, over-long labels or names, general address literals with other
+tags. ``refusal`` returns a short reason for the log, never the reply text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+MAX_HELO = 255
+_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
+
+
+def _literal_refusal(inner: str) -> str | None:
+    """Why the inside of ``[...]`` is not an IPv4 or IPv6 address literal (None if it is)."""
+    if inner.lower().startswith("ipv6:"):
+        text = inner[5:]
+        if "%" in text:
+            return "IPv6 literal with a zone index"
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            return "invalid IPv6 address literal"
+        return None
+    try:
+        ipaddress.IPv4Address(inner)
+    except ValueError:
+        return "invalid address literal"
+    return None
+
+
+def refusal(name: str) -> str | None:
+    """None if ``name`` (the HELO/EHLO argument, blanks stripped) is acceptable, else why not."""
+    if not name:
+        return "empty"
+    if len(name) > MAX_HELO:
+        return f"longer than {MAX_HELO} characters"
+    if not name.isascii():
+        return "non-ASCII characters"
+    if not name.isprintable() or any(c.isspace() for c in name):
+        return "control characters or blanks"
+    if name.startswith("["):
+        if not name.endswith("]") or len(name) < 3:
+            return "unterminated address literal"
+        return _literal_refusal(name[1:-1])
+    if _NAME.match(name) is None:
+        return "not a host name or address literal"
+    return None

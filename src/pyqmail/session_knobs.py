@@ -1,0 +1,78 @@
+"""Per-session limits of pyqmail-smtpd that have no qmail control file of their own.
+
+Read from ``<root>/control`` with the other control files (``pyqmail.config.load``) and
+swapped with them on HUP. Names follow qmail's style; the semantics follow Postfix:
+
+=================  ===========================================================================
+``authheader``     1: the Received header names the AUTH login (``authenticated user: ...``);
+                   0 (default): it does not, as Postfix's ``smtpd_sasl_authenticated_header
+                   = no`` — the login name would otherwise travel with relayed mail. The
+                   ``with ESMTPA`` keyword still says that the client authenticated.
+``maxjunk``        junk commands (NOOP, RSET, VRFY, EXPN, HELP, ETRN, TURN, a repeated
+                   HELO/EHLO, an RCPT repeating an address) a session may send before
+                   each further one counts as a protocol error (Postfix
+                   ``smtpd_junk_command_limit``); ``maxerrors`` errors then end the session
+                   with ``421 4.7.0``. The count restarts when a message is queued ("reset
+                   after mail is delivered"). Default 100; 0 = no limit
+``greetdelay``     seconds the ``smtp`` listener waits before its 220 greeting (postscreen's
+                   ``greet_wait``); a client that talks in that time gets ``554 5.5.0`` and is
+                   dropped (logged ``pregreet``). Not for RELAYCLIENT clients, not on the
+                   ``smtps``/``submission`` listeners. Default 0 (off, no detection); 1 to 6
+                   on a public MX, at most 60
+``timeoutstress``  the idle timeout (instead of ``timeoutsmtpd``) while the listener is under
+                   stress; default 10, as Postfix's ``smtpd_timeout = ${stress?10}:300``
+``stresspercent``  the listener is under stress while its connections, counted over all its
+                   workers, are at least this percentage of ``maxconn``; default 80, 1 to 100
+=================  ===========================================================================
+
+A session's idle timeout is decided each time it makes progress (``idle_timeout``): a
+client that went idle before the stress began keeps its longer deadline until it next
+talks, like Postfix, whose timeout applies per read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class IntReader(Protocol):
+    """``pyqmail.config``'s single-integer control file reader (passed in: no import cycle)."""
+
+    def __call__(self, path: Path, default: int, *, minimum: int = 0, maximum: int = ...) -> int:
+        """The file's integer, ``default`` if absent; ConfigError naming file and line."""
+
+
+@dataclass(frozen=True)
+class SessionKnobs:
+    """The values of the control files above (defaults: the documented ones)."""
+
+    auth_header: bool = False
+    max_junk: int = 100
+    greet_delay: int = 0
+    timeout_stress: int = 10
+    stress_percent: int = 80
+
+
+def load(control: Path, read_int: IntReader) -> SessionKnobs:
+    """Read the knobs from ``control``; a malformed file raises the reader's ConfigError."""
+    return SessionKnobs(
+        auth_header=read_int(control / "authheader", 0, maximum=1) == 1,
+        max_junk=read_int(control / "maxjunk", 100),
+        greet_delay=read_int(control / "greetdelay", 0, maximum=60),
+        timeout_stress=read_int(control / "timeoutstress", 10, minimum=1),
+        stress_percent=read_int(control / "stresspercent", 80, minimum=1, maximum=100),
+    )
+
+
+def under_stress(knobs: SessionKnobs, connections: int, maxconn: int) -> bool:
+    """True while ``connections`` (the listener's, all workers) reach the stress threshold."""
+    return connections * 100 >= knobs.stress_percent * maxconn
+
+
+def idle_timeout(knobs: SessionKnobs, normal: int, connections: int, maxconn: int) -> int:
+    """Seconds a client may now take to make progress: ``normal``, or less under stress."""
+    if under_stress(knobs, connections, maxconn):
+        return min(normal, knobs.timeout_stress)
+    return normal
