@@ -87,7 +87,8 @@ def header_section(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bytes:
     return head[: cut - 1 if head[cut - 1 : cut] == b"\r" else cut]
 
 
-_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
+# Possessive quantifiers: no backtracking state is kept per continuation line.
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*+(?:\r?\n[ \t].*+)*+)", re.MULTILINE)
 
 
 def header_fields(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> list[tuple[str, bytes]]:
