@@ -93,7 +93,7 @@ def _check_domain(domain: str, code: str, utf8: bool) -> str:
             continue
         if utf8 and label and not label.isascii() and _utf8_label_ok(label):
             continue
-        raise AddressError(f"501 {code} Bad address syntax: bad domain {ascii(domain)}")
+        raise AddressError(f"501 {code} Bad address syntax: bad domain {domain!a}")
     return domain.lower()
 
 
@@ -134,7 +134,7 @@ def parse_mailbox(path: str, code: str, *, utf8: bool, allow_null: bool) -> Mail
             continue
         if not char.isascii() and char.isprintable():
             raise AddressError("553 5.6.7 sorry, non-ASCII address needs SMTPUTF8")
-        raise AddressError(f"501 {code} Bad address syntax: {ascii(char)} not allowed")
+        raise AddressError(f"501 {code} Bad address syntax: {char!a} not allowed")
     if not at:
         if local.lower() == "postmaster":
             return Mailbox("postmaster", "postmaster", "")
