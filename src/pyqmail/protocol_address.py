@@ -1,7 +1,7 @@
 """Strict parsing of envelope paths and ESMTP parameters for the SMTP core.
 
 Strict on purpose: every address trick that once fooled relay checks is refused here,
-before any relay decision is made (see shared/SECURITY.md):
+before any relay decision is made:
 
 - source routes ``<@a,@b:user@dom>`` are accepted and the route ignored (RFC 5321 4.1.1.3
   requires it); only ``user@dom`` is kept and the relay decision is made on ``dom``;
@@ -93,7 +93,7 @@ def _check_domain(domain: str, code: str, utf8: bool) -> str:
             continue
         if utf8 and label and not label.isascii() and _utf8_label_ok(label):
             continue
-        raise AddressError(f"501 {code} Bad address syntax: bad domain {ascii(domain)}")
+        raise AddressError(f"501 {code} Bad address syntax: bad domain {domain!a}")
     return domain.lower()
 
 
@@ -134,7 +134,7 @@ def parse_mailbox(path: str, code: str, *, utf8: bool, allow_null: bool) -> Mail
             continue
         if not char.isascii() and char.isprintable():
             raise AddressError("553 5.6.7 sorry, non-ASCII address needs SMTPUTF8")
-        raise AddressError(f"501 {code} Bad address syntax: {ascii(char)} not allowed")
+        raise AddressError(f"501 {code} Bad address syntax: {char!a} not allowed")
     if not at:
         if local.lower() == "postmaster":
             return Mailbox("postmaster", "postmaster", "")
