@@ -15,7 +15,9 @@ def commit(writers: Sequence[QueueWriter], timeout: float = 30) -> list[Envelope
     """Commit ``writers`` the way pyqmail-smtpd does: each finished on the loop (a failure
     there is that message's answer, as in ``Session``), all submitted in one loop pass to a
     real ``Committer`` (so the held ones share one segment), and every answer awaited.
-    Returns, per writer in order, its envelope or the QueueError that refused it."""
+    Returns, per writer in order, its envelope or the QueueError that refused it. Held
+    writers share a segment only if they share one ``Queue`` object (the committer groups by
+    queue, as a HUP may change it), as every session of a pyqmail-smtpd worker does."""
 
     async def run() -> list[Envelope | QueueError]:
         loop = asyncio.get_running_loop()

@@ -724,10 +724,11 @@ def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
     host.control("concurrencyremote", "2\n")
     expected = set()
     writers = []
+    queue = host.queue  # one Queue, as in pyqmail-smtpd: the group commit groups by queue
     for n in range(10):
         rcpts = [f"r{n}-{d}@d{d}.test" for d in range(5)]  # 5 domains, one smtproute
         if segments:  # two segments of five messages, as pyqmail-smtpd's group commit makes
-            w = QueueWriter(host.queue, "me@example.test", rcpts, defer=True)
+            w = QueueWriter(queue, "me@example.test", rcpts, defer=True)
             w.write(message(f"batch {n}"))
             writers.append(w)
             expected |= {(w.queue_id, r) for r in rcpts}
@@ -849,8 +850,9 @@ def test_one_instance_per_queue_and_clear_start_errors(host: Host) -> None:
 
 def _segment(host: Host, rcpts: list[str]) -> tuple[str, list[str]]:
     writers = []
+    queue = host.queue  # one Queue, as in pyqmail-smtpd: the group commit groups by queue
     for n, rcpt in enumerate(rcpts):
-        w = QueueWriter(host.queue, "sender@example.test", [rcpt], defer=True)
+        w = QueueWriter(queue, "sender@example.test", [rcpt], defer=True)
         w.write(message(f"seg {n}"))
         writers.append(w)
     commit(writers)
