@@ -43,9 +43,11 @@ class Batch:
     files: list[Job]  # messages streamed into files of their own (large ones)
 
     def callbacks(self) -> list[CommitCallback]:
+        """Every client waiting on this batch (each must be answered, even after a bug)."""
         return [cb for _, cbs in self.segments for cb in cbs] + [cb for _, cb in self.files]
 
     def abort(self) -> None:
+        """Leave nothing of the batch in tmp/ or new/ (its clients are answered 451)."""
         for segment, _ in self.segments:
             segment.abort()
         for writer, _ in self.files:
