@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import queue_count
 from bench.certs import CertFiles
 from bench.procstat import alive, start_time, tree
 from pyqmail.queue import Queue
@@ -234,7 +235,7 @@ class PyqmailServer(Server):
         ]
 
     def stored(self) -> int:
-        return Queue(self.root / "queue").count("new")  # segments hold several messages
+        return queue_count.count(Queue(self.root / "queue"), "new")  # segments: several
 
 
 class PostfixServer(Server):

@@ -39,7 +39,7 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
 ``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10
 ``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
-                   (group commit, see ``smtpd.Committer``); 0 = never wait; default 10,
+                   (group commit, see ``queue_commit.Committer``); 0 = never wait; default 10,
                    at most 1000
 ``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
                    name for ``authlocktime`` seconds (``pyqmail.authguard``); 0 = no lock;

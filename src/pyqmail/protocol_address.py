@@ -1,7 +1,7 @@
 """Strict parsing of envelope paths and ESMTP parameters for the SMTP core.
 
 Strict on purpose: every address trick that once fooled relay checks is refused here,
-before any relay decision is made (see shared/SECURITY.md):
+before any relay decision is made:
 
 - source routes ``<@a,@b:user@dom>`` are accepted and the route ignored (RFC 5321 4.1.1.3
   requires it); only ``user@dom`` is kept and the relay decision is made on ``dom``;

@@ -41,11 +41,6 @@ class TLSInfo:
     client_cert_relay: bool = False
     peer: str | None = None
 
-    def describe(self) -> str:
-        """``TLSv1.3 TLS_AES_256_GCM_SHA384 (256 bits)``: for headers and log lines."""
-        text = f"{self.version} {self.cipher}"
-        return f"{text} ({self.bits} bits)" if self.bits else text
-
 
 @dataclass(frozen=True)
 class Policy:

@@ -42,8 +42,9 @@ removes the segment when all are (see ``pyqmail.send``). Messages streamed to di
 they were large, and those queued by ``enqueue`` (the sendmail injector, bounces), are
 single files.
 
-Durability protocol of ``enqueue`` and ``commit_batch`` (the 250 after DATA is sent only
-after it returns), the same for a single message file and a segment:
+Durability protocol of ``enqueue`` and of the group commit (``pyqmail.queue_commit``; the
+250 after DATA is sent only after it returns), the same for a single message file and a
+segment:
 
 1. ``tmp/<id>`` is created with O_EXCL, the whole file is written, then ``fsync(file)``;
 2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)`` (once for a whole batch);
@@ -392,16 +393,17 @@ class QueueWriter:
             self._write(chunk)
         self.size += len(chunk)
 
-    # The commit in steps, so that ``Queue.commit_batch`` can share one fsync(new/) among
-    # many messages; each message still goes write -> fsync -> rename -> fsync(new/).
+    # The commit in public steps, so that the group commit (``pyqmail.queue_commit``) can
+    # share one fsync(new/) among many messages; each message still goes
+    # write -> fsync -> rename -> fsync(new/).
 
     def finish(self) -> None:
         """Step 1a: complete the message with its trailer (idempotent).
 
         A streaming writer writes it to its file; a held one keeps it in memory, for
-        ``commit`` (or ``commit_batch`` with no other held message) to write out in one go,
-        or for ``commit_batch`` to put into a segment with the others. pyqmail-smtpd calls
-        it in its loop thread, so the commit thread is left only the disk work."""
+        ``commit`` to write out in one go, or for the group commit to put into a segment
+        (``SegmentWriter.add``). pyqmail-smtpd calls it in its loop thread, so the commit
+        thread is left only the disk work."""
         if self._completed:
             return
         self._completed = True
@@ -445,11 +447,16 @@ class QueueWriter:
             self.abort()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
 
-    def _sync_publish(self) -> None:
+    def sync_publish(self) -> None:
+        """Steps 1b and 2 of a file of its own: fsync, close, rename into new/ (the caller
+        fsyncs new/ once per batch, then takes the ``envelope``). A failure raises
+        QueueError and leaves nothing in tmp/."""
         self._sync()
         self._publish()
 
-    def _envelope(self) -> Envelope:
+    def envelope(self) -> Envelope:
+        """Once published and new/ is fsynced: the committed message's envelope (from now
+        on leaving the writer does not remove the file)."""
         self._committed = True
         return Envelope(
             self.queue_id, self.sender, self.recipients, self.size, self.received, self.meta
@@ -473,7 +480,7 @@ class QueueWriter:
         except OSError as exc:
             self.unpublish()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
-        env = self._envelope()
+        env = self.envelope()
         self.queue.poke()
         return env
 
@@ -626,7 +633,7 @@ class SegmentWriter:
 
     def envelopes(self) -> list[Envelope]:
         """Once published and new/ is fsynced: the envelope of each message, in order."""
-        return [w._envelope() for w in self.writers]
+        return [w.envelope() for w in self.writers]
 
     def unpublish(self) -> None:
         """new/ could not be fsynced: take the segment back out (see QueueWriter.unpublish)."""
@@ -728,70 +735,6 @@ class Queue:
         """Start streaming one message into tmp/ (see QueueWriter)."""
         return QueueWriter(self, sender, recipients, meta)
 
-    def commit_batch(
-        self, writers: Sequence[QueueWriter], *, poke: bool = True
-    ) -> list[Envelope | QueueError]:
-        """Group commit: commit every writer, sharing one ``fsync(new/)``.
-
-        Writers still held in memory go into one segment file when there are two or more
-        of them (one create, fsync and rename for all); the others are files of their own.
-        Per file the order is the one of ``QueueWriter.commit`` (written and fsynced,
-        renamed into new/, new/ fsynced); the directory fsync is done once for all files
-        renamed before it. Returns, per writer in order, its envelope or the QueueError
-        that made it fail (nothing of it is left in tmp/ or new/ then). Pokes the reader
-        once, unless ``poke`` is false (the caller does it).
-        """
-        failed: dict[int, QueueError] = {}
-        renamed: list[int] = []
-        for i, w in enumerate(writers):  # every message complete before the first fsync
-            try:
-                w.finish()
-            except QueueError as exc:
-                failed[i] = exc
-        held = [i for i, w in enumerate(writers) if i not in failed and w.held]
-        segment: SegmentWriter | None = None
-        if len(held) >= 2:
-            try:
-                segment = SegmentWriter(self)
-                segment.add([writers[i] for i in held])
-                segment.seal()
-                segment.sync_publish()
-            except QueueError as exc:
-                if segment is not None:
-                    segment.abort()
-                segment = None
-                for i in held:
-                    writers[i].abort()
-                    failed[i] = exc
-            else:
-                renamed.extend(held)
-        for i in range(len(writers)):
-            if i in failed or (segment is not None and i in held):
-                continue
-            try:
-                writers[i].spill()
-                writers[i]._sync_publish()
-            except QueueError as exc:
-                failed[i] = exc
-                continue
-            renamed.append(i)
-        if renamed:
-            try:
-                self.sync_new()
-            except OSError as exc:
-                if segment is not None:
-                    segment.unpublish()
-                for i in renamed:  # answered 451: the client will send it again
-                    writers[i].unpublish()
-                    failed[i] = QueueError(
-                        f"cannot commit {writers[i].queue_id}: {exc.strerror or exc}"
-                    )
-                renamed = []
-            if renamed and poke:
-                self.poke()
-        done = set(renamed)
-        return [w._envelope() if i in done else failed[i] for i, w in enumerate(writers)]
-
     def enqueue(
         self,
         sender: str,
@@ -853,11 +796,6 @@ class Queue:
         if fd is not None:
             os.close(fd)
 
-    def read(self, sub: str, queue_id: str) -> tuple[Envelope, bytes]:
-        """Read and verify ``<sub>/<id>``, a file holding one message (not a segment)."""
-        stored = self.read_stored(sub, queue_id, None)
-        return stored.env, stored.body
-
     def load(self, sub: str, name: str) -> list[Stored]:
         """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
         path = f"{self.root}/{sub}/{name}"
@@ -888,32 +826,6 @@ class Queue:
             raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
         env, body = parse_message(data, f"{path} at byte {offset}")
         return Stored(env, body, span)
-
-    def messages(self, sub: str) -> list[tuple[str, Stored]]:
-        """Every message in ``sub`` with the name of its file, oldest file first
-        (raises QueueError on the first file that does not verify)."""
-        return [(name, s) for name in self.ids(sub) for s in self.load(sub, name)]
-
-    def count(self, sub: str) -> int:
-        """How many messages ``sub`` holds, without reading them (a segment's count is in
-        its trailer; a file that is not a complete segment counts as one)."""
-        total = 0
-        for name in self.ids(sub):
-            try:
-                with open(f"{self.root}/{sub}/{name}", "rb") as f:
-                    if f.read(len(SEGMENT_MAGIC)) != SEGMENT_MAGIC:
-                        total += 1
-                        continue
-                    f.seek(-len(encode_segment_trailer(name, 0)), os.SEEK_END)
-                    tail = f.read()
-            except FileNotFoundError:
-                continue
-            except OSError:
-                total += 1
-                continue
-            digits = tail.rpartition(b" ")[2][:-1]
-            total += int(digits) if tail.endswith(b"\n") and digits.isdigit() else 1
-        return total
 
     def ids(self, sub: str) -> list[str]:
         """Queue ids in ``sub``, oldest first (ids begin with the time in hex ns)."""

@@ -1,9 +1,9 @@
 """AUTH brute force and slow/junk clients (TLS handshakes, idle, slow drip) against the daemon.
 
-AUTH (shared/SECURITY.md "AUTH and relay"): wrong password and unknown user get the same
+AUTH: wrong password and unknown user get the same
 ``535 5.7.8`` after the same delay; the session is dropped after a few failures; malformed
 base64 gives 501; a second AUTH 503; an authorization identity cannot impersonate another
-user. Timeouts ("STARTTLS", "Limits"): a client that stalls or sends junk in a handshake,
+user. Timeouts (STARTTLS handshakes, limits): a client that stalls or sends junk in a handshake,
 idles, or drips bytes is dropped after the configured timeout, and nothing is queued.
 """
 

@@ -1,6 +1,6 @@
 """Outbound framing: whatever sits in the queue leaves as CRLF lines, dot-stuffed, one message.
 
-shared/SECURITY.md "Message framing": "Outbound, every line leaves as CRLF and dot-stuffed."
+The promise checked: outbound, every line leaves as CRLF and dot-stuffed.
 Messages are put in the queue directly (as ``pyqmail-sendmail`` may: bare LF line ends, lines
 that are a lone dot, an embedded ``<CRLF>.<CRLF>`` followed by SMTP commands, no final line
 end) and ``pyqmail-send`` delivers them over SMTP to a raw sink on 127.0.0.1 (smtproutes).

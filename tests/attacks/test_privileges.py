@@ -38,6 +38,7 @@ from tests.attacks import tally
 from tests.conftest import PKI
 from tests.e2e.conftest import Daemon
 from tests.e2e.helpers import client_context
+from tests.queue_util import messages
 from tests.runas import IS_ROOT, Ident, chown_tree, daemon_command, probe, spare_ids
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="starting daemons as other users needs root")
@@ -243,7 +244,7 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     # What waits in mess/: one message of each writer, with the modes each writer gives
     smtpd, send = site.smtpd_user, site.send_user
     owners: dict[str, tuple[int, int]] = {}
-    for name, stored in site.queue.messages("mess"):
+    for name, stored in messages(site.queue, "mess"):
         st = os.stat(site.q("mess", name))
         kind = (
             "bounce"

@@ -1,6 +1,6 @@
 """Pipelining abuse, over-long input, absurd parameters and limits against the running daemon.
 
-Classes from shared/SECURITY.md "Pipelining and protocol" and "Limits": commands before the
+Attack classes (pipelining and protocol abuse, limits): commands before the
 greeting or before EHLO, huge pipelined bursts, a client that never reads, over-long
 lines/addresses/parameters, absurd or repeated or unknown ESMTP parameters, databytes,
 maxrcpt, endless header folding, error floods. Invariants: only the documented reply codes,

@@ -1,6 +1,6 @@
 """Open-relay address tricks and CR/LF/NUL injection, against the running daemon.
 
-Relay (shared/SECURITY.md "AUTH and relay"): an unauthenticated client, ``rcpthosts`` =
+Relay: an unauthenticated client, ``rcpthosts`` =
 example.test (+ subdomains of sub.example.test). Every trick that once fooled relay checks
 (source routes, ``%``, ``!``, quoted local parts, address literals, multiple ``@``, trailing
 dots, case, encodings) is sent as ``RCPT TO``. Invariant: refused (5xx), or accepted only as

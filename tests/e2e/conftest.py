@@ -37,6 +37,7 @@ from pyqmail.queue import Envelope, Queue
 from tests.conftest import PKI
 from tests.e2e.helpers import RawSMTP
 from tests.pki import Issued
+from tests.queue_util import messages
 
 DROP_USER = "nobody"
 IS_ROOT = os.geteuid() == 0
@@ -105,7 +106,7 @@ class QmailRoot:
 
     def queued(self) -> list[tuple[Envelope, bytes]]:
         q = self.queue
-        return [(s.env, s.body) for _, s in q.messages("new")]
+        return [(s.env, s.body) for _, s in messages(q, "new")]
 
     def tmp_files(self) -> list[str]:
         return os.listdir(self.path / "queue" / "tmp")

@@ -34,6 +34,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from pyqmail.queue import Queue, QueueWriter
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
+from tests.queue_util import commit, messages
 
 BIN = Path(sys.executable).parent
 USER = getpass.getuser()
@@ -699,8 +700,8 @@ def _done_before_kill(host: Host, expected: set[tuple[str, str]]) -> set[tuple[s
     """(queue id, recipient) that must never be delivered again: recorded done by a ``done``
     line in the message's state file, or ended (every recipient) by the ``end`` line of a
     message in a segment, or belonging to a message that finished and left the queue."""
-    envs = {s.env.queue_id: s.env for _, s in host.queue.messages("mess")}
-    queued = set(envs) | {s.env.queue_id for _, s in host.queue.messages("new")}
+    envs = {s.env.queue_id: s.env for _, s in messages(host.queue, "mess")}
+    queued = set(envs) | {s.env.queue_id for _, s in messages(host.queue, "new")}
     done = {(queue_id, rcpt) for queue_id, rcpt in expected if queue_id not in queued}
     for name in host.queue.ids("state"):
         for line in host.queue.path("state", name).read_bytes().split(b"\n")[:-1]:
@@ -723,10 +724,11 @@ def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
     host.control("concurrencyremote", "2\n")
     expected = set()
     writers = []
+    queue = host.queue  # one Queue, as in pyqmail-smtpd: the group commit groups by queue
     for n in range(10):
         rcpts = [f"r{n}-{d}@d{d}.test" for d in range(5)]  # 5 domains, one smtproute
         if segments:  # two segments of five messages, as pyqmail-smtpd's group commit makes
-            w = QueueWriter(host.queue, "me@example.test", rcpts, defer=True)
+            w = QueueWriter(queue, "me@example.test", rcpts, defer=True)
             w.write(message(f"batch {n}"))
             writers.append(w)
             expected |= {(w.queue_id, r) for r in rcpts}
@@ -734,8 +736,8 @@ def test_kill_9_mid_batch_loses_nothing_and_resends_nothing_done(
         env = host.queue.enqueue("me@example.test", rcpts, message(f"batch {n}"))
         expected |= {(env.queue_id, r) for r in rcpts}
     if segments:
-        host.queue.commit_batch(writers[:5])
-        host.queue.commit_batch(writers[5:])
+        commit(writers[:5])
+        commit(writers[5:])
         assert len(host.queue.ids("new")) == 2
     proc = host.start()
     wait_for(lambda: len(recorder.accepted) >= 12, what="some deliveries")
@@ -850,11 +852,12 @@ def test_one_instance_per_queue_and_clear_start_errors(host: Host) -> None:
 
 def _segment(host: Host, rcpts: list[str]) -> tuple[str, list[str]]:
     writers = []
+    queue = host.queue  # one Queue, as in pyqmail-smtpd: the group commit groups by queue
     for n, rcpt in enumerate(rcpts):
-        w = QueueWriter(host.queue, "sender@example.test", [rcpt], defer=True)
+        w = QueueWriter(queue, "sender@example.test", [rcpt], defer=True)
         w.write(message(f"seg {n}"))
         writers.append(w)
-    host.queue.commit_batch(writers)
+    commit(writers)
     (name,) = host.queue.ids("new")
     return name, [w.queue_id for w in writers]
 

@@ -1,7 +1,8 @@
 """Crash-durability soak: SMTP load + SIGKILLs under real daemontools ``supervise``.
 
-What it proves (shared/SECURITY.md, "Durability"): every message that got ``250`` after DATA
-is delivered at least once, duplicates are only counted, and no delivered file is partial.
+What it proves (the durability promise of ``pyqmail.queue``): every message that got ``250``
+after DATA is delivered at least once, duplicates are only counted, and no delivered file is
+partial.
 
 Set-up, all under one temporary directory and on 127.0.0.1 only:
 

@@ -545,7 +545,8 @@ def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
     queue_id = inject.inject(
         ["--root", str(root), "-f", "a@b", "c@d"], io.BytesIO(b"Subject: q\n\nx\n")
     )
-    env, body = Queue(root / "queue").read("new", queue_id)
+    stored = Queue(root / "queue").read_stored("new", queue_id, None)
+    env, body = stored.env, stored.body
     assert env.recipients == ("c@d",) and b"Subject: q\r\n" in body
     with pytest.raises(inject.InjectError) as info:
         inject.inject(["--root", str(tmp_path / "nothing"), "c@d"], io.BytesIO(b"x\n"))

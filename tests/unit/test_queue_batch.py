@@ -1,4 +1,5 @@
-"""Group commit (Queue.commit_batch), held writers and the cached trigger FIFO."""
+"""Group commit (pyqmail.queue_commit, the path pyqmail-smtpd commits by), held writers
+and the cached trigger FIFO."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
+from tests.queue_util import commit, messages
 
 
 def _writers(queue: Queue, sizes: list[int]) -> list[QueueWriter]:
@@ -26,7 +28,7 @@ def test_batch_commits_every_message_durably_named(queue: Queue) -> None:
     sizes = [0, 10, 4096, 70_000, 3, 7]
     writers = _writers(queue, sizes)
     assert [w.held for w in writers] == [False, True, False, True, False, True]
-    results = queue.commit_batch(writers)
+    results = commit(writers)
     assert all(isinstance(r, Envelope) for r in results)
     assert [r.queue_id for r in results if isinstance(r, Envelope)] == [w.queue_id for w in writers]
     assert os.listdir(queue.path("tmp")) == []
@@ -37,7 +39,7 @@ def test_batch_commits_every_message_durably_named(queue: Queue) -> None:
     stored = queue.load("new", segment)
     assert [s.env.queue_id for s in stored] == [w.queue_id for w in writers if w.held]
     assert all(s.span is not None for s in stored)
-    found = {s.env.queue_id: s for _, s in queue.messages("new")}
+    found = {s.env.queue_id: s for _, s in messages(queue, "new")}
     for n, (w, size) in enumerate(zip(writers, sizes, strict=True)):
         s = found[w.queue_id]
         assert s.env.sender == f"s{n}@a.test"
@@ -45,17 +47,25 @@ def test_batch_commits_every_message_durably_named(queue: Queue) -> None:
         assert s.env.size == size + 2
         assert queue.read_stored("new", segment if w.held else w.queue_id, s.span) == s
     with pytest.raises(QueueError, match="is a segment of 3 messages"):
-        queue.read("new", segment)
+        queue.read_stored("new", segment, None)
 
 
 def test_a_lone_held_message_gets_a_file_of_its_own(queue: Queue) -> None:
-    """No segment of one: under no load the file is the plain format, named by its id."""
+    """Committed alone (``QueueWriter.commit``, as ``enqueue`` does), a held message is the
+    plain format, named by its id. pyqmail-smtpd's group commit puts even a lone held
+    message into a segment (of one record), named by the segment's id."""
     w = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
     w.write(b"x" * 6 + b"\r\n")
-    (result,) = queue.commit_batch([w])
+    result = w.commit()
     assert isinstance(result, Envelope)
     assert queue.ids("new") == [w.queue_id]
-    assert queue.read("new", w.queue_id)[1] == b"x" * 6 + b"\r\n"
+    assert queue.read_stored("new", w.queue_id, None).body == b"x" * 6 + b"\r\n"
+    grouped = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
+    grouped.write(b"y\r\n")
+    (env,) = commit([grouped])
+    assert isinstance(env, Envelope) and env.queue_id == grouped.queue_id
+    (segment,) = set(queue.ids("new")) - {w.queue_id}
+    assert [s.env.queue_id for s in queue.load("new", segment)] == [grouped.queue_id]
 
 
 def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
@@ -74,12 +84,12 @@ def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
 
 def test_failure_of_one_message_fails_only_that_one(queue: Queue) -> None:
     good = queue.writer("a@b.test", ["c@d.test"], None)
-    bad = QueueWriter(queue, "a@b.test", ["c@d.test"], defer=True)
-    bad._tmp = str(queue.root / "missing-dir" / bad.queue_id)  # create fails: ENOENT
-    results = queue.commit_batch([good, bad])
+    bad = queue.writer("a@b.test", ["c@d.test"], None)
+    os.unlink(bad._tmp)  # its file is gone (an admin's clean-up): the rename fails, ENOENT
+    results = commit([good, bad])
     assert isinstance(results[0], Envelope)
     assert isinstance(results[1], QueueError)
-    assert "cannot create" in str(results[1])
+    assert f"cannot commit {bad.queue_id}" in str(results[1])
     assert queue.ids("new") == [good.queue_id]
     assert os.listdir(queue.path("tmp")) == []
 
@@ -144,7 +154,7 @@ def test_failed_directory_fsync_takes_the_message_back_out(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(q, "sync_new", broken)
-    results = q.commit_batch(writers)
+    results = commit(writers)
     assert all(isinstance(r, QueueError) for r in results)
     assert "Input/output error" in str(results[0])
     assert os.listdir(q.path("new")) == []

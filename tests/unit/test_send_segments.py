@@ -13,6 +13,7 @@ import pytest
 from pyqmail import send
 from pyqmail.queue import Queue, QueueWriter
 from pyqmail.send import Log, Manager
+from tests.queue_util import commit
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_a_failed_end_record_is_retried_and_the_segment_still_goes(
         w = QueueWriter(q, "a@remote.test", ["user@mx.test"], defer=True)
         w.write(f"Subject: {n}\r\n\r\nbody\r\n".encode())
         writers.append(w)
-    q.commit_batch(writers)
+    commit(writers)
     real_append_end = send.append_end
     failures = [1]
 
