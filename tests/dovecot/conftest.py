@@ -11,6 +11,8 @@ root (it switches to the mail user); the tests run as root, as ``make test`` doe
 from __future__ import annotations
 
 import grp
+import imaplib
+import poplib
 import pwd
 import shutil
 import signal
@@ -35,6 +37,41 @@ TEMPLATE = REPO / "roles" / "pyqmail_dovecot" / "templates" / "etc" / "dovecot" 
 BIN = Path(sys.executable).parent
 DOMAIN = "mx.test"
 USERNAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_@+"
+
+
+# Clients connect from another loopback address: Dovecot counts a client on the server's own
+# address as a local, secured connection and would offer LOGIN in clear to it.
+CLIENT_IP = "127.0.0.2"
+
+
+class IMAP(imaplib.IMAP4):
+    """imaplib.IMAP4 from CLIENT_IP."""
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+
+
+class IMAPS(imaplib.IMAP4_SSL):
+    """imaplib.IMAP4_SSL from CLIENT_IP."""
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+        return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
+
+
+class POP3(poplib.POP3):
+    """poplib.POP3 from CLIENT_IP."""
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+
+
+class POP3S(poplib.POP3_SSL):
+    """poplib.POP3_SSL from CLIENT_IP."""
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+        return self.context.wrap_socket(raw, server_hostname=self.host)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
@@ -259,4 +296,4 @@ def os_owner(path: Path) -> tuple[str, str, int]:
     return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o7777
 
 
-__all__ = ["DOMAIN", "Dovecot", "MailHost", "StartDovecot", "os_owner", "wait_for"]
+__all__ = ["CLIENT_IP", "DOMAIN", "IMAP", "IMAPS", "POP3", "POP3S", "Dovecot", "MailHost", "StartDovecot", "os_owner", "wait_for"]

@@ -10,13 +10,26 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
+import socket
 import ssl
 import time
+import warnings
 
 import pytest
 
 from tests.conftest import PKI
-from tests.dovecot.conftest import DOMAIN, MailHost, StartDovecot, os_owner, wait_for
+from tests.dovecot.conftest import (
+    CLIENT_IP,
+    DOMAIN,
+    IMAP,
+    IMAPS,
+    POP3,
+    POP3S,
+    MailHost,
+    StartDovecot,
+    os_owner,
+    wait_for,
+)
 from tests.e2e.conftest import DROP_USER, StartDaemon
 from tests.e2e.helpers import client_context
 
@@ -33,7 +46,7 @@ def submit(port: int, ctx: ssl.SSLContext, login: str, password: str, subject: s
 
 
 def imaps(port: int, ctx: ssl.SSLContext) -> imaplib.IMAP4_SSL:
-    return imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx, timeout=20)
+    return IMAPS("127.0.0.1", port, ssl_context=ctx, timeout=20)
 
 
 def deliver(mailhost: MailHost, smtpd: StartDaemon, ctx: ssl.SSLContext, login: str) -> str:
@@ -71,7 +84,7 @@ def test_submitted_mail_is_read_over_imaps_and_pop3s(
         names = b" ".join(x for x in boxes if isinstance(x, bytes))
         for special in (b"\\Sent", b"\\Junk", b"\\Trash"):
             assert special in names
-    pop = poplib.POP3_SSL("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
+    pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
     try:
         pop.user(login)
         pop.pass_(PASSWORD)
@@ -96,7 +109,7 @@ def test_imap_143_refuses_login_before_starttls(
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     dc = dovecot()
-    m = imaplib.IMAP4("127.0.0.1", dc.ports["imap"], timeout=20)
+    m = IMAP("127.0.0.1", dc.ports["imap"], timeout=20)
     try:
         assert "LOGINDISABLED" in m.capabilities
         assert "STARTTLS" in m.capabilities
@@ -118,7 +131,7 @@ def test_pop3_110_refuses_user_before_stls(
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     dc = dovecot()
-    pop = poplib.POP3("127.0.0.1", dc.ports["pop3"], timeout=20)
+    pop = POP3("127.0.0.1", dc.ports["pop3"], timeout=20)
     try:
         assert "STLS" in pop.capa()
         with pytest.raises(poplib.error_proto):
@@ -159,7 +172,7 @@ def test_wrong_password_changed_password_and_removed_mailbox_are_refused(
     # A removed mailbox cannot log in any more, over IMAP or POP3.
     mailhost.remove("alice")
     assert _login_fails(port, ctx, login, "new secret")
-    pop = poplib.POP3_SSL("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
+    pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
     try:
         pop.user(login)
         with pytest.raises(poplib.error_proto):
@@ -216,17 +229,19 @@ def test_tls_profile_is_the_smtp_one(mailhost: MailHost, dovecot: StartDovecot, 
     dc = dovecot()
     for port in (dc.ports["imaps"], dc.ports["pop3s"]):
         old = ssl.create_default_context(cafile=str(pki.ca_file))
-        old.minimum_version = ssl.TLSVersion.TLSv1
-        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the point: an old version
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
         old.set_ciphers("ALL:@SECLEVEL=0")
-        with pytest.raises((ssl.SSLError, OSError)), imaplib.IMAP4_SSL(
+        with pytest.raises((ssl.SSLError, OSError)), IMAPS(
             "127.0.0.1", port, ssl_context=old, timeout=10
         ):
             pass
         cbc = ssl.create_default_context(cafile=str(pki.ca_file))
         cbc.maximum_version = ssl.TLSVersion.TLSv1_2
         cbc.set_ciphers("ECDHE+AES128+SHA:ECDHE+AES256+SHA:AES128-SHA256")
-        with pytest.raises((ssl.SSLError, OSError)), imaplib.IMAP4_SSL(
+        with pytest.raises((ssl.SSLError, OSError)), IMAPS(
             "127.0.0.1", port, ssl_context=cbc, timeout=10
         ):
             pass
@@ -239,9 +254,7 @@ def test_tls_profile_is_the_smtp_one(mailhost: MailHost, dovecot: StartDovecot, 
 
 
 def socket_tls(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    import socket
-
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", port), 10, (CLIENT_IP, 0))
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
