@@ -187,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lookup_only:
         os.environ["AUTHORIZED"] = "2"
     try:
-        os.execv(args.program[0], args.program)
+        # The checkpassword interface: replace this process with the reply program.
+        os.execv(args.program[0], args.program)  # noqa: S606
     except OSError as exc:
         _complain(f"cannot run {args.program[0]}: {exc.strerror}")
     return EXIT_TEMP

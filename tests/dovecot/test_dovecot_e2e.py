@@ -234,15 +234,17 @@ def test_tls_profile_is_the_smtp_one(mailhost: MailHost, dovecot: StartDovecot, 
             old.minimum_version = ssl.TLSVersion.TLSv1
             old.maximum_version = ssl.TLSVersion.TLSv1_1
         old.set_ciphers("ALL:@SECLEVEL=0")
-        with pytest.raises((ssl.SSLError, OSError)), IMAPS(
-            "127.0.0.1", port, ssl_context=old, timeout=10
+        with (
+            pytest.raises((ssl.SSLError, OSError)),
+            IMAPS("127.0.0.1", port, ssl_context=old, timeout=10),
         ):
             pass
         cbc = ssl.create_default_context(cafile=str(pki.ca_file))
         cbc.maximum_version = ssl.TLSVersion.TLSv1_2
         cbc.set_ciphers("ECDHE+AES128+SHA:ECDHE+AES256+SHA:AES128-SHA256")
-        with pytest.raises((ssl.SSLError, OSError)), IMAPS(
-            "127.0.0.1", port, ssl_context=cbc, timeout=10
+        with (
+            pytest.raises((ssl.SSLError, OSError)),
+            IMAPS("127.0.0.1", port, ssl_context=cbc, timeout=10),
         ):
             pass
         good = ssl.create_default_context(cafile=str(pki.ca_file))
