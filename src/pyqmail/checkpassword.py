@@ -33,11 +33,10 @@ never appears in them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail.authdb import AuthDB, AuthDBError
@@ -138,24 +137,49 @@ def _complain(text: str) -> None:
     sys.stderr.write(f"pyqmail-checkpassword: {text}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyqmail-checkpassword",
-        description="checkpassword for Dovecot over pyqmail's users (smtpusers, mailboxes, "
-        "logins). Reads login NUL password NUL timestamp NUL from descriptor 3.",
-    )
-    parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
-    parser.add_argument("--mail-user", default="pyqmails", help="userdb_uid: the delivery user")
-    parser.add_argument("--mail-group", default="pyqmail", help="userdb_gid: its group")
-    parser.add_argument("program", nargs=argparse.REMAINDER, help="checkpassword-reply [args]")
-    return parser
+USAGE = (
+    "usage: pyqmail-checkpassword [--root DIR] [--mail-user USER] [--mail-group GROUP]"
+    " PROGRAM [ARGS...]\n"
+    "Checks login NUL password NUL timestamp NUL from descriptor 3 against pyqmail's users"
+    " (control/smtpusers, users/logins, users/mailboxes) and runs PROGRAM (Dovecot's"
+    " checkpassword-reply) on success."
+)
+_OPTIONS = {"--root": "root", "--mail-user": "mail_user", "--mail-group": "mail_group"}
+
+
+@dataclass
+class Options:
+    """The command line; parsed by hand because argparse alone costs milliseconds per login."""
+
+    root: str = "/var/qmail"
+    mail_user: str = "pyqmails"
+    mail_group: str = "pyqmail"
+    program: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """``--option value`` pairs, then the program and its arguments; ValueError says why not."""
+    opts = Options()
+    args = list(argv)
+    while args and args[0].startswith("--"):
+        flag = args.pop(0)
+        if flag == "--help":
+            raise ValueError(USAGE)
+        if flag not in _OPTIONS or not args:
+            raise ValueError(f"unknown option or missing value: {flag}\n{USAGE}")
+        setattr(opts, _OPTIONS[flag], args.pop(0))
+    if not args:
+        raise ValueError(f"no program to run after a successful login\n{USAGE}")
+    opts.program = args
+    return opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Check one login; exec the reply program on success (does not return then)."""
-    args = _parser().parse_args(argv)
-    if not args.program:
-        _complain("no program to run after a successful login (Dovecot's checkpassword-reply)")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        _complain(str(exc))
         return EXIT_USAGE
     lookup_only = os.environ.get("AUTHORIZED") == "1"
     if lookup_only and os.environ.get("CREDENTIALS_LOOKUP") == "1":

@@ -116,3 +116,23 @@ def test_unreadable_user_database_is_a_temporary_failure(root: Path) -> None:
 def test_bad_logins_file_names_file_and_line(text: str, message: str) -> None:
     with pytest.raises(LoginsError, match=rf"^logins:\d: .*{message}"):
         parse_logins(text, "logins")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--root"], "missing value: --root"),
+        (["--frobnicate", "x", REPLY], "unknown option"),
+        (["--root", "/var/qmail"], "no program to run"),
+    ],
+)
+def test_bad_command_line_exits_2_naming_the_problem(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pyqmail.checkpassword", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "usage: pyqmail-checkpassword" in done.stderr
