@@ -190,9 +190,8 @@ def test_failed_logins_are_delayed_per_client(
     started = time.monotonic()
     assert _login_fails(dc.ports["imaps"], ctx, login, "wrong")
     assert time.monotonic() - started >= 0.9, "a failed login answered without the delay"
-    started = time.monotonic()
+    # The right password still works from that client (after Dovecot's per-IP penalty).
     assert not _login_fails(dc.ports["imaps"], ctx, login, PASSWORD)
-    assert time.monotonic() - started < 5
 
 
 def test_flags_set_over_imap_survive_a_new_delivery(
