@@ -33,11 +33,9 @@ run one writer at a time (Ansible or an admin, not both at once).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
-import getpass
 import grp
 import hashlib
 import hmac
@@ -46,9 +44,12 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = [
     "DEFAULT_PATH",
@@ -403,6 +404,8 @@ def atomic_write(
         st: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
         st = None
+    import tempfile  # noqa: PLC0415 - only writers need it; pyqmail-checkpassword starts per login
+
     fd, tmp = tempfile.mkstemp(prefix=".smtpusers.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -429,6 +432,8 @@ def atomic_write(
 def _read_password(confirm: bool) -> str:
     """From the terminal (asked twice when ``confirm``) or one line of stdin; never argv."""
     if sys.stdin.isatty():
+        import getpass  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
+
         password = getpass.getpass("Password: ")
         if confirm and getpass.getpass("Again: ") != password:
             raise AuthDBError("passwords do not match")
@@ -502,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit codes: 0 done, 1 no such user or wrong password, 2 bad input or unreadable file.
     """
+    import argparse  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
+
     parser = argparse.ArgumentParser(
         prog="pyqmail-users",
         description="Manage the SMTP AUTH users of pyqmail-smtpd. Passwords are read from "

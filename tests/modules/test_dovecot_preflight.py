@@ -1,0 +1,109 @@
+"""The preflight (role pyqmail) refuses bad IMAP/POP3 settings before any play changes anything.
+
+Each case runs the real ``ansible-playbook`` with only the ``pyqmail`` role (the checks every
+play starts with) against this machine in check mode: the error must name the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PLAY = """\
+- name: Preflight only
+  hosts: all
+  gather_facts: true
+  gather_subset: ["!all", network]
+  roles:
+    - role: pyqmail
+"""
+BASE: dict[str, Any] = {
+    "pyqmail__me": "mx.example.test",
+    "pyqmail__listen_ip": "127.0.0.1",
+    "pyqmail_dovecot__enabled": True,
+    "pyqmail_mailboxes__list": [{"name": "alice", "password": "secret"}],
+}
+
+
+def preflight(tmp_path: Path, **extra: Any) -> subprocess.CompletedProcess[str]:
+    play = tmp_path / "preflight.yml"
+    play.write_text(PLAY)
+    variables = tmp_path / "vars.json"
+    variables.write_text(json.dumps({**BASE, **extra}))
+    env = {
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "--check",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-e",
+            f"@{variables}",
+            str(play),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=False,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"pyqmail_dovecot__ports": {"imaps": 587}}, "clash with pyqmail_services__ports"),
+        ({"pyqmail_dovecot__ports": {"imap": 993}}, "pyqmail_dovecot__ports sets one port twice"),
+        (
+            {"pyqmail_dovecot__listeners": ["imaps", "pop3", "pop3"]},
+            "pyqmail_dovecot__ports sets one port twice",
+        ),
+        ({"pyqmail_dovecot__ports": {"imaps": 70000}}, "pyqmail_dovecot__ports: ['imaps']"),
+        ({"pyqmail_dovecot__listeners": ["imap4"]}, "pyqmail_dovecot__listeners has unknown"),
+        ({"pyqmail_dovecot__listen_ip": "0.0.0.0"}, 'pyqmail_dovecot__listen_ip="0.0.0.0"'),
+        (
+            {"pyqmail_mailboxes__list": [{"name": "bob", "login": "bob smith", "password": "x"}]},
+            "pyqmail_mailboxes__list: login(s) ['bob smith'] cannot be IMAP/POP3 logins",
+        ),
+        (
+            {"pyqmail_mailboxes__list": [{"name": "bob/../x", "password": "x"}]},
+            "pyqmail_mailboxes__list: mailbox name(s) ['bob/../x'] cannot be logins or folders",
+        ),
+        ({"pyqmail_mailboxes__folders": ["Sent.2024"]}, "pyqmail_mailboxes__folders"),
+    ],
+)
+def test_bad_imap_settings_fail_naming_the_variable(
+    tmp_path: Path, extra: dict[str, Any], named: str
+) -> None:
+    done = preflight(tmp_path, **extra)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert named in " ".join(out.split()), out
+
+
+def test_good_settings_and_another_address_pass(tmp_path: Path) -> None:
+    # The same port on another address is no clash.
+    done = preflight(
+        tmp_path,
+        pyqmail_dovecot__listen_ip="127.0.0.2",
+        pyqmail_dovecot__ports={"imaps": 465},
+        pyqmail_dovecot__listeners=["imaps", "imap", "pop3s", "pop3"],
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
