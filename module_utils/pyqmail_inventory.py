@@ -182,7 +182,7 @@ CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 RELAY_RE = re.compile(r"[A-Za-z0-9.:-]*\Z")
 WORKERS_RE = re.compile(r"(auto|[1-9][0-9]*)\Z")
 PEM_CERT = "-----BEGIN CERTIFICATE-----"
-WILDCARDS = ("0.0.0.0", "::", "0", "0:0:0:0:0:0:0:0")
+WILDCARDS = ("0.0.0.0", "::", "0", "0:0:0:0:0:0:0:0")  # noqa: S104 - to refuse them
 LISTENERS = ("smtp", "smtps", "submission")
 
 

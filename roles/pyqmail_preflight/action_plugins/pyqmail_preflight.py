@@ -24,7 +24,10 @@ from ansible.plugins.action import ActionBase
 
 # The project's module_utils are importable on the controller as ansible.module_utils.*,
 # the names the modules use on the hosts (the configured path, else the repository's).
-for _path in [*C.DEFAULT_MODULE_UTILS_PATH, str(Path(__file__).resolve().parents[3] / "module_utils")]:
+for _path in [
+    *C.DEFAULT_MODULE_UTILS_PATH,
+    str(Path(__file__).resolve().parents[3] / "module_utils"),
+]:
     if Path(_path).is_dir() and _path not in ansible.module_utils.__path__:
         ansible.module_utils.__path__.append(_path)
 
@@ -59,9 +62,7 @@ class ActionModule(ActionBase):
             role_vars.update(self.load(roles_dir / role / "vars" / "main.yml"))
         return specs, defaults, role_vars
 
-    def values(
-        self, names: list[str], layers: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[str]]:
+    def values(self, names: list[str], layers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """The templated value of each of ``names`` found in ``layers``, and the problems
         of those that cannot be templated (one line each, without the value)."""
         templar = self._templar.copy_with_new_env(available_variables=layers)
