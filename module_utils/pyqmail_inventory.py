@@ -578,22 +578,37 @@ CHECKS: dict[str, Check] = {
 }
 
 
+def _owner(line: str) -> str:
+    """The variable a problem line is about: the text before the first ``:``, ``[`` or ``.``."""
+    return re.split(r"[:.\[]", line, maxsplit=1)[0]
+
+
 def check(
     values: dict[str, Any],
     specs: Mapping[str, Mapping[str, Any]],
     context: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Every problem of ``values`` (declared variable -> value, converted in place), one line
     each. ``context`` adds what the checks may read besides the variables (``groups``,
-    ``inventory_hostname``, role vars such as ``pyqmail_control__managed``)."""
+    ``inventory_hostname``, role vars such as ``pyqmail_control__managed``). ``sources`` maps
+    a variable to its text before templating: a variable whose text names a variable with a
+    problem (the default certificate names contain pyqmail__listen_ip) is not reported as
+    well, so each mistake is reported once, where it was made."""
     problems = validate(values, specs)
-    bad = {line.split(":", 1)[0].split("[", 1)[0].split(".", 1)[0] for line in problems}
+    bad = {_owner(line) for line in problems}
     seen = {**(context or {}), **values}
     for name, run in CHECKS.items():
         if name in values and name not in bad and values[name] is not None:
-            # A check that reads other variables runs only when they passed their specs.
+            # A check reading another variable that failed its spec stops there.
             try:
                 problems.extend(run(name, values[name], seen))
             except (KeyError, TypeError):
-                continue  # another variable it reads is missing or bad: reported there
-    return problems
+                continue
+    culprits = {_owner(line) for line in problems}
+    derived = {
+        name
+        for name, text in (sources or {}).items()
+        if any(re.search(rf"\b{re.escape(other)}\b", text) for other in culprits - {name})
+    }
+    return [line for line in problems if _owner(line) not in derived]

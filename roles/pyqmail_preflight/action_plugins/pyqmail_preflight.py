@@ -95,7 +95,9 @@ class ActionModule(ActionBase):
             **self.values(list(role_vars), layers)[0],
         }
         bad = {line.split(":", 1)[0] for line in problems}
-        problems += check({k: v for k, v in values.items() if k not in bad}, specs, context)
+        sources = {name: str(layers[name]) for name in values}
+        checked = {k: v for k, v in values.items() if k not in bad}
+        problems += check(checked, {k: specs[k] for k in specs if k not in bad}, context, sources)
         if values.get("pyqmail__strict_variables") is not False:
             host = task_vars.get("inventory_hostname")
             hostvars = task_vars.get("hostvars", {})
