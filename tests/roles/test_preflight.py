@@ -401,3 +401,21 @@ def test_good_inventories_pass_the_preflight_and_the_role_specs(tmp_path: Path) 
             failed = [(name, r.get("msg")) for name, r in tasks if r.get("failed")]
             assert not failed, (inventory, host, failed)
             assert sum(name == PREFLIGHT_TASK for name, _ in tasks) == len(out["plays"]), host
+
+
+def test_a_mistake_is_reported_once_where_it_was_made() -> None:
+    """The default certificate names contain pyqmail__listen_ip: a bad listen address is one
+    line, not a second one about a certificate name nobody wrote."""
+    raw = load_role("pyqmail_certificates", "defaults/main.yml")["pyqmail_certificates__names"]
+    values = copy.deepcopy(DEFAULTS)
+    values.update(
+        {
+            "pyqmail__listen_ip": "300.1.1.1",
+            "pyqmail_certificates__names": ["mail.example.org", "300.1.1.1"],
+        }
+    )
+    declared = {k: v for k, v in values.items() if k in SPECS}
+    alone = "pyqmail__listen_ip: '300.1.1.1' is not an IPv4 or IPv6 address"
+    assert len(check(copy.deepcopy(declared), SPECS, CONTEXT)) == 2
+    sources = {"pyqmail_certificates__names": str(raw)}
+    assert check(declared, SPECS, CONTEXT, sources) == [alone]
