@@ -65,7 +65,11 @@ class ActionModule(ActionBase):
     def values(self, names: list[str], layers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """The templated value of each of ``names`` found in ``layers``, and the problems
         of those that cannot be templated (one line each, without the value)."""
-        templar = self._templar.copy_with_new_env(available_variables=layers)
+        try:
+            templar = self._templar.copy_with_new_env(available_variables=layers)
+        except TypeError:  # ansible-core < 2.19: the arguments were Jinja overrides
+            templar = self._templar
+            templar.available_variables = layers
         values: dict[str, Any] = {}
         problems: list[str] = []
         for name in names:
@@ -84,7 +88,10 @@ class ActionModule(ActionBase):
         result: dict[str, Any] = super().run(tmp, task_vars)
         args = self._task.args
         roles = list(args.get("roles") or [])
-        roles_dir = Path(args.get("roles_dir") or Path(self._task._role._role_path).parent)
+        role = self._task._role
+        if not args.get("roles_dir") and role is None:
+            return {**result, "failed": True, "msg": "outside a role, give roles_dir"}
+        roles_dir = Path(args.get("roles_dir") or Path(role._role_path).parent)
         specs, defaults, role_vars = self.role_files(roles_dir, roles)
         # Role defaults are the lowest precedence: what the host's variables set wins.
         layers = {**defaults, **role_vars, **task_vars}
