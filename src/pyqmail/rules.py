@@ -64,9 +64,11 @@ __all__ = [
     "Rule",
     "Rules",
     "RulesError",
+    "address_problem",
     "candidates",
     "check_duplicates",
     "compile_rules",
+    "env_problem",
     "format_source",
     "ip6_fmt",
     "make_rule",
@@ -302,6 +304,19 @@ def _check_value(value: str) -> str | None:
     if any(not c.isprintable() for c in value):
         return "control characters (newline, NUL, tab, ...) cannot appear in a value"
     return None
+
+
+def address_problem(address: str) -> str | None:
+    """Why tcprules/tcpserver would mishandle ``address`` (None if fine), for callers that
+    name the rule their own way (the roles' inventory preflight)."""
+    return _check_address(address)
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why ``name="value"`` cannot be a tcprules variable (None if fine); see ``make_rule``."""
+    if not _VAR_RE.match(name):
+        return f"bad variable name {name!r}: letters, digits and '_', not starting with a digit"
+    return _check_value(value)
 
 
 def make_rule(

@@ -27,6 +27,7 @@ PLAY = """\
 BASE: dict[str, Any] = {
     "pyqmail__me": "mx.example.test",
     "pyqmail__listen_ip": "127.0.0.1",
+    "pyqmail_aliases__postmaster": "admin@mx.example.test",
     "pyqmail_dovecot__enabled": True,
     "pyqmail_mailboxes__list": [{"name": "alice", "password": "secret"}],
 }
@@ -69,24 +70,39 @@ def preflight(tmp_path: Path, **extra: Any) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"pyqmail_dovecot__ports": {"imaps": 587}}, "clash with pyqmail_services__ports"),
-        ({"pyqmail_dovecot__ports": {"imap": 993}}, "pyqmail_dovecot__ports sets one port twice"),
+        (
+            {"pyqmail_dovecot__ports": {"imaps": 587}},
+            "pyqmail_dovecot__ports.imaps: 587 clashes with pyqmail_services__ports.submission",
+        ),
+        (
+            {"pyqmail_dovecot__ports": {"imap": 993}},
+            "pyqmail_dovecot__ports.imap: 993 is also the port of imaps",
+        ),
         (
             {"pyqmail_dovecot__listeners": ["imaps", "pop3", "pop3"]},
-            "pyqmail_dovecot__ports sets one port twice",
+            "pyqmail_dovecot__listeners[2]: 'pop3' is listed twice",
         ),
-        ({"pyqmail_dovecot__ports": {"imaps": 70000}}, "pyqmail_dovecot__ports: ['imaps']"),
-        ({"pyqmail_dovecot__listeners": ["imap4"]}, "pyqmail_dovecot__listeners has unknown"),
-        ({"pyqmail_dovecot__listen_ip": "0.0.0.0"}, 'pyqmail_dovecot__listen_ip="0.0.0.0"'),
+        (
+            {"pyqmail_dovecot__ports": {"imaps": 70000}},
+            "pyqmail_dovecot__ports.imaps: 70000 is not a port number (1-65535)",
+        ),
+        ({"pyqmail_dovecot__listeners": ["imap4"]}, "pyqmail_dovecot__listeners"),
+        (
+            {"pyqmail_dovecot__listen_ip": "0.0.0.0"},
+            "pyqmail_dovecot__listen_ip: '0.0.0.0' listens on every address",
+        ),
         (
             {"pyqmail_mailboxes__list": [{"name": "bob", "login": "bob smith", "password": "x"}]},
-            "pyqmail_mailboxes__list: login(s) ['bob smith'] cannot be IMAP/POP3 logins",
+            "pyqmail_mailboxes__list[0].login:",
         ),
         (
             {"pyqmail_mailboxes__list": [{"name": "bob/../x", "password": "x"}]},
-            "pyqmail_mailboxes__list: mailbox name(s) ['bob/../x'] cannot be logins or folders",
+            "pyqmail_mailboxes__list[0].name: 'bob/../x' is not a mailbox name",
         ),
-        ({"pyqmail_mailboxes__folders": ["Sent.2024"]}, "pyqmail_mailboxes__folders"),
+        (
+            {"pyqmail_mailboxes__folders": ["Sent.2024"]},
+            "pyqmail_mailboxes__folders[0]: 'Sent.2024' is not a folder name",
+        ),
     ],
 )
 def test_bad_imap_settings_fail_naming_the_variable(

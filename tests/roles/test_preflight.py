@@ -1,0 +1,421 @@
+"""The inventory preflight (issue 15): every check runs before the first task that changes a
+host, for site.yml and for each playbook alone, and each error is one line naming the variable
+and the offending element, nothing else.
+
+Two layers:
+- in-process: ``pyqmail_inventory.check`` on the roles' own specs and defaults, one bad value
+  at a time (fast, many cases);
+- through ansible-playbook --check (local connection): one inventory with one host per bad
+  value, run with site.yml and with each playbook; every host must fail in the preflight task
+  with exactly its one line, and no other task may have run for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ansible.module_utils
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# module_utils as the preflight action imports it on the controller: ansible.module_utils.*
+if str(REPO / "module_utils") not in ansible.module_utils.__path__:
+    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
+check = importlib.import_module("ansible.module_utils.pyqmail_inventory").check
+ROLES_DIR = REPO / "roles"
+ROLES: list[str] = yaml.safe_load((ROLES_DIR / "pyqmail" / "vars" / "main.yml").read_text())[
+    "pyqmail__roles"
+]
+PREFLIGHT_TASK = (
+    "pyqmail_preflight : Check the inventory of every pyqmail role (one line per problem)"
+)
+PLAYBOOKS = ["site.yml", *sorted(str(p.relative_to(REPO)) for p in REPO.glob("playbooks/*.yml"))]
+
+# What the templated defaults become on a host (the rest of the defaults are plain values).
+TEMPLATED = {
+    "pyqmail__me": "mail.example.org",
+    "pyqmail__listen_ip": "192.0.2.25",
+    "pyqmail_control__locals": ["mail.example.org"],
+    "pyqmail_control__smtpgreeting": "mail.example.org",
+    "pyqmail_certificates__ca_host": "mail.example.org",
+    "pyqmail_certificates__ca_dir": "/etc/pyqmail/ca",
+    "pyqmail_certificates__ca_common_name": "mail.example.org pyqmail CA",
+    "pyqmail_certificates__names": ["mail.example.org", "192.0.2.25"],
+    "pyqmail_certificates__fetch_dir": "/tmp/artifacts",
+    "pyqmail_install__source_dir": str(REPO),
+    "pyqmail_install__build_python": sys.executable,
+    "pyqmail_mailboxes__login_domain": "mail.example.org",
+    "pyqmail_aliases__postmaster": "admin@example.org",
+}
+CONTEXT = {
+    "groups": {"all": ["mail.example.org"]},
+    "inventory_hostname": "mail.example.org",
+    "pyqmail_control__managed": yaml.safe_load(
+        (ROLES_DIR / "pyqmail_control" / "vars" / "main.yml").read_text()
+    )["pyqmail_control__managed"],
+}
+
+
+def load_role(role: str, part: str) -> dict[str, Any]:
+    path = ROLES_DIR / role / part
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+SPECS: dict[str, Any] = {}
+DEFAULTS: dict[str, Any] = {}
+for _role in ROLES:
+    SPECS.update(load_role(_role, "meta/argument_specs.yml")["argument_specs"]["main"]["options"])
+    DEFAULTS.update(load_role(_role, "defaults/main.yml"))
+DEFAULTS.update(TEMPLATED)
+
+# (variables set on the host, the one line the preflight must print)
+BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "nameless-mailbox": (
+        {"pyqmail_mailboxes__list": [{"password": "s3cret-pw"}]},
+        "pyqmail_mailboxes__list[0]: 'name' is required",
+    ),
+    "negative-databytes": (
+        {"pyqmail_control__databytes": "-5"},
+        "pyqmail_control__databytes: -5 is out of range: must be 0 or more (0 = unlimited)",
+    ),
+    "bad-relay-client": (
+        {"pyqmail_rules__relay_clients": ["127.0.0.1", "999.1.1.1"]},
+        "pyqmail_rules__relay_clients[1]: '999.1.1.1' is not a tcprules address: '999' is not "
+        "a number from 0 to 255 written as tcpserver writes it (no leading zeros) nor a range "
+        "like 10-20",
+    ),
+    "duplicate-mailbox": (
+        {"pyqmail_mailboxes__list": [{"name": "alice"}, {"name": "bob"}, {"name": "Alice"}]},
+        "pyqmail_mailboxes__list[2].name: 'Alice' is listed twice "
+        "(first at pyqmail_mailboxes__list[0])",
+    ),
+    "alias-target-program": (
+        {"pyqmail_aliases__aliases": [{"name": "sales", "targets": ["|/bin/sh"]}]},
+        "pyqmail_aliases__aliases[0].targets[0]: '|/bin/sh' is neither user@domain nor a "
+        "Maildir path ending in /",
+    ),
+    "bad-listen-ip": (
+        {"pyqmail__listen_ip": "300.1.1.1"},
+        "pyqmail__listen_ip: '300.1.1.1' is not an IPv4 or IPv6 address",
+    ),
+    "bad-port": (
+        {"pyqmail_services__ports": {"smtp": 70000}},
+        "pyqmail_services__ports.smtp: 70000 is out of range: must be from 1 to 65535",
+    ),
+    "unknown-variable": (
+        {"pyqmail_control__databyte": 1000},
+        "pyqmail_control__databyte: no pyqmail role declares this variable (a typo?)",
+    ),
+    "not-a-boolean": (
+        {"pyqmail__allow_wildcard": "maybe"},
+        "pyqmail__allow_wildcard: 'maybe' is not a boolean",
+    ),
+    "unknown-key": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "passwd": "x"}]},
+        "pyqmail_mailboxes__list[0]: unknown key 'passwd' "
+        "(known: name, home, password, login, cram_md5, state)",
+    ),
+    "bad-choice": (
+        {"pyqmail_daemontools__init": "sysv"},
+        "pyqmail_daemontools__init: 'sysv' is not one of auto, systemd, detached",
+    ),
+    "password-with-newline": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "password": "s3cret\nline"}]},
+        "pyqmail_mailboxes__list[0].password: password contains NUL, CR or LF",
+    ),
+    "relay-client-also-denied": (
+        {"pyqmail_rules__deny": ["127.0.0.1"]},
+        "pyqmail_rules__relay_clients[0]: address '127.0.0.1' is already used by "
+        "pyqmail_rules__deny[0]; tcpserver would use only that",
+    ),
+    "same-port-twice": (
+        {"pyqmail_services__ports": {"smtps": 587}},
+        "pyqmail_services__ports.submission: 587 is already the port of smtps",
+    ),
+}
+
+# Only in-process (the playbook runs above cover the ansible-side plumbing).
+MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "wildcard": (
+        {"pyqmail__listen_ip": "0.0.0.0"},
+        "pyqmail__listen_ip: '0.0.0.0' listens on every address; set an address of the host, "
+        "or pyqmail__allow_wildcard=true if that is really meant",
+    ),
+    "auth-group": (
+        {"pyqmail__auth_group": "pyqmail"},
+        "pyqmail__auth_group: 'pyqmail' is also pyqmail__group: the delivery user would read "
+        "the AUTH password hashes; name a group of the password verifiers only",
+    ),
+    "host-name": (
+        {"pyqmail__me": "mail_1.example.org"},
+        "pyqmail__me: 'mail_1.example.org' is not a host name (letters, digits, '-' and dots)",
+    ),
+    "greetdelay": (
+        {"pyqmail_control__greetdelay": 61},
+        "pyqmail_control__greetdelay: 61 is out of range: must be from 0 to 60",
+    ),
+    "not-an-int": (
+        {"pyqmail_control__maxrcpt": "lots"},
+        "pyqmail_control__maxrcpt: 'lots' is not an integer",
+    ),
+    "local-domain": (
+        {"pyqmail_control__locals": ["example.org", "exa mple.org"]},
+        "pyqmail_control__locals[1]: 'exa mple.org' is not a domain name",
+    ),
+    "extra-managed": (
+        {"pyqmail_control__extra": {"databytes": "5"}},
+        "pyqmail_control__extra.databytes: written by the role itself; set its own variable "
+        "instead",
+    ),
+    "smtproute-port": (
+        {"pyqmail_control__smtproutes": [{"domain": "", "relay": "mx.example.org", "port": 0}]},
+        "pyqmail_control__smtproutes[0].port: 0 is out of range: must be from 1 to 65535",
+    ),
+    "rule-env-bool": (
+        {"pyqmail_rules__rules": [{"address": "10.", "env": {"RELAYCLIENT": True}}]},
+        "pyqmail_rules__rules[0].env.RELAYCLIENT: True is not a string; give one, e.g. "
+        'RELAYCLIENT: "1"',
+    ),
+    "listener-env-name": (
+        {"pyqmail__listener_env": {"smtp": {"1BAD": "1"}}},
+        "pyqmail__listener_env.smtp.1BAD: bad variable name '1BAD': letters, digits and '_', "
+        "not starting with a digit",
+    ),
+    "alias-twice": (
+        {
+            "pyqmail_aliases__aliases": [
+                {"name": "abuse", "targets": ["a@example.org"]},
+                {"name": "Abuse", "targets": ["b@example.org"]},
+            ]
+        },
+        "pyqmail_aliases__aliases[1].name: 'Abuse' is listed twice "
+        "(first at pyqmail_aliases__aliases[0])",
+    ),
+    "alias-no-target": (
+        {"pyqmail_aliases__aliases": [{"name": "abuse"}]},
+        "pyqmail_aliases__aliases[0].targets: is empty; give a target, or state: absent",
+    ),
+    "mailbox-home": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "home": "var/vmail/alice"}]},
+        "pyqmail_mailboxes__list[0].home: 'var/vmail/alice' is not an absolute path without "
+        "':' or blanks",
+    ),
+    "provided-key-alone": (
+        {"pyqmail_certificates__provided_key": "/etc/ssl/private/mail.key"},
+        "pyqmail_certificates__provided_cert: set pyqmail_certificates__provided_key and "
+        "pyqmail_certificates__provided_cert together, or neither to use the CA",
+    ),
+    "ca-host": (
+        {"pyqmail_certificates__ca_host": "ca.example.org"},
+        "pyqmail_certificates__ca_host: 'ca.example.org' is not a host of the inventory",
+    ),
+    "cert-names": (
+        {"pyqmail_certificates__names": ["mail.example.org", "mail.example.org"]},
+        "pyqmail_certificates__names: names lists 'mail.example.org' twice",
+    ),
+    "renew": (
+        {"pyqmail_certificates__renew_before_days": 400},
+        "pyqmail_certificates__renew_before_days: 400 must be 0 or more and smaller than "
+        "valid_days (397)",
+    ),
+    "workers": (
+        {"pyqmail_services__workers": "0"},
+        "pyqmail_services__workers: '0' is neither auto nor a positive number",
+    ),
+    "timeout": (
+        {"pyqmail_services__timeout": 2},
+        "pyqmail_services__timeout: 2 must be larger than pyqmail_services__wait (2)",
+    ),
+    "null": (
+        {"pyqmail_rules__deny": None},
+        "pyqmail_rules__deny: is null; give a list (or leave it out for the default)",
+    ),
+}
+
+
+def problems_of(overrides: dict[str, Any]) -> list[str]:
+    values = copy.deepcopy(DEFAULTS)
+    values.update(copy.deepcopy(overrides))
+    declared = {k: v for k, v in values.items() if k in SPECS}
+    return list(check(declared, SPECS, CONTEXT))
+
+
+def test_the_defaults_pass() -> None:
+    assert problems_of({}) == []
+
+
+# An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
+DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= set(SPECS)]
+
+
+@pytest.mark.parametrize("case", DECLARED_CASES)
+def test_one_bad_value_is_one_line(case: str) -> None:
+    overrides, expected = {**BAD, **MORE_BAD}[case]
+    assert problems_of(overrides) == [expected]
+
+
+def test_all_problems_at_once_and_no_password() -> None:
+    problems = problems_of(
+        {
+            "pyqmail_control__databytes": -1,
+            "pyqmail_rules__relay_clients": ["10.1.2"],
+            "pyqmail_mailboxes__list": [{"name": "a", "password": "pw\n"}],
+            "pyqmail_aliases__aliases": [{"name": "x", "target": ["a@example.org"]}],
+        }
+    )
+    assert len(problems) == 4, problems
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "pyqmail_aliases__aliases[0]",
+        "pyqmail_control__databytes",
+        "pyqmail_rules__relay_clients[0]",
+        "pyqmail_mailboxes__list[0].password",
+    ]
+    assert not any("pw" in p.split(":", 1)[1] for p in problems)
+
+
+# --- through ansible-playbook ---------------------------------------------------------------
+
+
+def run_playbook(playbook: str, inventory: Path, *extra: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
+            "ANSIBLE_LOCALHOST_WARNING": "false",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            str(inventory),
+            "--check",
+            "--forks",
+            "20",
+            *extra,
+            playbook,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    try:
+        out: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise AssertionError(
+            f"no JSON from ansible-playbook:\n{proc.stdout}\n{proc.stderr}"
+        ) from exc
+    return out
+
+
+def tasks_per_host(out: dict[str, Any]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """host -> [(task name, result)] in the order they ran, over every play."""
+    ran: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for play in out["plays"]:
+        for task in play["tasks"]:
+            for host, result in task["hosts"].items():
+                ran.setdefault(host, []).append((task["task"]["name"], result))
+    return ran
+
+
+def write_inventory(path: Path, hosts: dict[str, dict[str, Any]]) -> Path:
+    inventory = {
+        "all": {
+            "children": {
+                "mailservers": {
+                    "vars": {
+                        "ansible_connection": "local",
+                        "ansible_python_interpreter": sys.executable,
+                        "pyqmail__listen_ip": "127.0.0.1",
+                        "pyqmail_aliases__postmaster": "admin@example.org",
+                    },
+                    "hosts": hosts,
+                }
+            }
+        }
+    }
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+# Each playbook alone gets the cases issue 15 names; site.yml gets every case of BAD.
+CORE = [
+    "nameless-mailbox",
+    "negative-databytes",
+    "bad-relay-client",
+    "duplicate-mailbox",
+    "alias-target-program",
+    "bad-listen-ip",
+    "bad-port",
+    "unknown-variable",
+]
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_playbook_fails_in_the_preflight_with_one_line(playbook: str, tmp_path: Path) -> None:
+    cases = {c: BAD[c] for c in (BAD if playbook == "site.yml" else CORE)}
+    inventory = write_inventory(tmp_path / "hosts.yml", {c: v for c, (v, _) in cases.items()})
+    ran = tasks_per_host(run_playbook(playbook, inventory))
+    for host, (_, expected) in cases.items():
+        names = [name for name, _ in ran[host]]
+        # Gathering facts only reads; the preflight is the first task, and the last one.
+        assert names == ["Gathering Facts", PREFLIGHT_TASK], (host, names)
+        result = ran[host][-1][1]
+        assert result.get("failed"), (host, result)
+        assert result["msg"] == expected, host
+        assert "s3cret" not in json.dumps(result), host
+
+
+def test_good_inventories_pass_the_preflight_and_the_role_specs(tmp_path: Path) -> None:
+    """The embedded and the example inventory pass; with --tags matching nothing only the
+    tasks tagged always run: facts, the preflight and each role's own argument validation."""
+    for inventory in (REPO / "inventory" / "hosts.yml", REPO / "inventory" / "example"):
+        out = run_playbook(
+            "site.yml",
+            inventory,
+            "--tags",
+            "pyqmail-none",
+            "-e",
+            json.dumps(
+                {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                    "pyqmail_certificates__fetch_dir": str(tmp_path),
+                }
+            ),
+        )
+        for host, tasks in tasks_per_host(out).items():
+            failed = [(name, r.get("msg")) for name, r in tasks if r.get("failed")]
+            assert not failed, (inventory, host, failed)
+            assert sum(name == PREFLIGHT_TASK for name, _ in tasks) == len(out["plays"]), host
+
+
+def test_a_mistake_is_reported_once_where_it_was_made() -> None:
+    """The default certificate names contain pyqmail__listen_ip: a bad listen address is one
+    line, not a second one about a certificate name nobody wrote."""
+    raw = load_role("pyqmail_certificates", "defaults/main.yml")["pyqmail_certificates__names"]
+    values = copy.deepcopy(DEFAULTS)
+    values.update(
+        {
+            "pyqmail__listen_ip": "300.1.1.1",
+            "pyqmail_certificates__names": ["mail.example.org", "300.1.1.1"],
+        }
+    )
+    declared = {k: v for k, v in values.items() if k in SPECS}
+    alone = "pyqmail__listen_ip: '300.1.1.1' is not an IPv4 or IPv6 address"
+    assert len(check(copy.deepcopy(declared), SPECS, CONTEXT)) == 2
+    sources = {"pyqmail_certificates__names": str(raw)}
+    assert check(declared, SPECS, CONTEXT, sources) == [alone]
