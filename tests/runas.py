@@ -64,7 +64,14 @@ def _script(before_drop: str, after_drop: str) -> str:
     )
 
 
-_MAIN = _script("main = importlib.import_module(sys.argv[4]).main", "sys.exit(main(sys.argv[5:]))")
+# argparse imports shutil only when it builds a parser (for the terminal width), which main()
+# does after the drop; the test interpreter may live where the dropped ids cannot read (here
+# under /root, mode 0700), so it is imported before. The daemons' own --user drop comes after
+# their argument parsing, and hosts run Debian's /usr/bin/python3, which everyone can read.
+_MAIN = _script(
+    "import shutil\nmain = importlib.import_module(sys.argv[4]).main",
+    "sys.exit(main(sys.argv[5:]))",
+)
 _PROBE = _script(
     "import errno\nops = json.loads(sys.argv[4])",
     r"""

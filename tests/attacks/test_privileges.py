@@ -25,8 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from pyqmail.queue import Queue
 from tests.attacks import tally
 from tests.conftest import PKI
 from tests.e2e.conftest import Daemon
-from tests.e2e.helpers import client_context
+from tests.e2e.helpers import client_context, wait_for
 from tests.queue_util import messages
 from tests.runas import IS_ROOT, Ident, chown_tree, daemon_command, probe, spare_ids
 
@@ -46,15 +45,6 @@ pytestmark = pytest.mark.skipif(not IS_ROOT, reason="starting daemons as other u
 BIN = Path(sys.executable).parent
 PASSWORD = "correct horse battery"
 MSG = b"From: <alice@mx.test>\r\nSubject: %s\r\n\r\nbody\r\n"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 from pyqmail import authdb
 from tests.conftest import IMPOSSIBLE_HERE
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, qmail_root, smtpd  # noqa: F401
+from tests.e2e.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "roles" / "pyqmail_dovecot" / "templates" / "etc" / "dovecot" / "dovecot.conf.j2"
@@ -72,22 +72,6 @@ class POP3S(poplib.POP3_SSL):
     def _create_socket(self, timeout: float) -> socket.socket:
         raw = socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
         return self.context.wrap_socket(raw, server_hostname=self.host)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    """Poll ``predicate`` until true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

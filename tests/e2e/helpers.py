@@ -6,10 +6,29 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import PKI
 from tests.pki import Issued
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a daemon the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 MESSAGE = (
     b"From: Sender <sender@remote.test>\r\n"

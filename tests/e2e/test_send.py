@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -34,25 +34,11 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from pyqmail.queue import Queue, QueueWriter
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
+from tests.e2e.helpers import free_port, wait_for
 from tests.queue_util import commit, messages
 
 BIN = Path(sys.executable).parent
 USER = getpass.getuser()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the mail host under test ----------------------------------------------------------
