@@ -165,26 +165,71 @@ EXEC_CALLS = {
 }
 
 
-def test_no_shell_or_program_execution_in_the_mail_path() -> None:
-    """CVE-2020-7247 class: no module of the daemon or delivery agent starts programs."""
-    package = Path(pyqmail.__file__).parent
+# The programs that handle mail: the listener, the queue manager with its deliveries, and the
+# injector. pyqmail-checkpassword is not one of them: Dovecot runs it, and DJB's checkpassword
+# interface makes it exec the program Dovecot names on its command line after a good login.
+MAIL_PATH_ENTRIES = ("smtpd", "send", "inject", "queuetool", "authdb")
+
+
+def _pyqmail_imports(tree: ast.AST) -> set[str]:
+    """The pyqmail modules a module imports (``from pyqmail import x``, ``pyqmail.x``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pyqmail":
+                found |= {a.name for a in node.names}
+            elif node.module.startswith("pyqmail."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pyqmail.")}
+    return found
+
+
+def _exec_calls(path: Path, tree: ast.AST) -> list[str]:
     found = []
-    for path in sorted(package.glob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names]
-                module = getattr(node, "module", None) or ""
-                if "subprocess" in names or module == "subprocess" or "pty" in names:
-                    found.append(f"{path.name}:{node.lineno} imports subprocess/pty")
-            elif (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)
-                and node.func.attr in EXEC_CALLS.get(node.func.value.id, ())
-            ):
-                found.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names]
+            module = getattr(node, "module", None) or ""
+            if "subprocess" in names or module == "subprocess" or "pty" in names:
+                found.append(f"{path.name}:{node.lineno} imports subprocess/pty")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.attr in EXEC_CALLS.get(node.func.value.id, ())
+        ):
+            found.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}")
+    return found
+
+
+def test_no_shell_or_program_execution_in_the_mail_path() -> None:
+    """CVE-2020-7247 class: no module of the daemons, the deliveries or the injector (nor any
+    pyqmail module they import) starts programs."""
+    package = Path(pyqmail.__file__).parent
+    trees = {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(package.glob("*.py"))}
+    closure, todo = set(), list(MAIL_PATH_ENTRIES)
+    while todo:
+        name = todo.pop()
+        if name in closure or name not in trees:
+            continue
+        closure.add(name)
+        todo.extend(_pyqmail_imports(trees[name]))
+    assert {"smtpd", "send", "local", "remote", "queue"} <= closure
+    assert "checkpassword" not in closure
+    found = [
+        hit for name in sorted(closure) for hit in _exec_calls(package / f"{name}.py", trees[name])
+    ]
     assert not found, "program execution in pyqmail:\n" + "\n".join(found)
+    # Outside the mail path, only checkpassword's interface: exec of its own argv's program.
+    others = [
+        hit
+        for name in sorted(set(trees) - closure)
+        for hit in _exec_calls(package / f"{name}.py", trees[name])
+    ]
+    assert [hit.split(":")[0] + " " + hit.split(" ")[1] for hit in others] == [
+        "checkpassword.py os.execv"
+    ], others
     tried("no-shell")
 
 
