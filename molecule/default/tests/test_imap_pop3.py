@@ -43,7 +43,7 @@ elif p["proto"] == "imaps":
         out["login"] = "ok"
         m.select("INBOX")
         if p.get("flag"):
-            typ, ids = m.search(None, "SUBJECT", p["flag"])
+            typ, ids = m.search(None, "SUBJECT", '"' + p["flag"] + '"')  # a quoted IMAP string
             for num in ids[0].split():
                 m.store(num, "+FLAGS", "(\\Seen \\Flagged)")
         out["messages"] = {}
