@@ -18,8 +18,8 @@ description:
     O(renew_before_days), O(common_name) or O(key_type) changed, or O(force) - and
     RV(reason) says why. The CA key is kept when its type is unchanged (and O(force) is not
     set), so certificates it signed stay valid unless the common name changes.
-  - Writes go to a temporary file in the same directory, then an atomic rename, then
-    owner/group/mode; a change of owner, group or mode alone reports C(changed).
+  - Writes go to a temporary file in the same directory that has the final owner, group and
+    mode before its first byte (a key file is created 0600), then an atomic rename; a change of owner, group or mode alone reports C(changed).
 author:
   - pyqmail maintainers
 requirements:
@@ -161,8 +161,8 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     from ansible.module_utils import pyqmail_crypto as crypto
-    from ansible.module_utils.pyqmail_crypto_io import file_args, read_if_exists
-    from ansible.module_utils.pyqmail_crypto_io import set_attributes, write_file
+    from ansible.module_utils.pyqmail_files import ensure_file, file_args, read_if_exists
+    from ansible.module_utils.pyqmail_files import set_attributes
 
     IMPORT_ERROR = None
 except ImportError:
@@ -282,18 +282,19 @@ class CAModule:
             set_attributes(self.module, args, self.attr_diffs["ca.key"])
         else:
             key = crypto.generate_key(p["key_type"])
-            _, backup = write_file(
+            _, backup = ensure_file(
                 self.module,
                 self.key_path,
                 crypto.key_to_pem(key),
                 p["mode"],
+                secret=True,
                 backup=p["backup"],
                 existing=key_data,
                 diff=self.attr_diffs["ca.key"],
             )
             backups += [backup] if backup else []
         new_cert = crypto.create_ca(p["common_name"], key, p["valid_days"], self.now)
-        _, backup = write_file(
+        _, backup = ensure_file(
             self.module,
             self.cert_path,
             crypto.cert_to_pem(new_cert),

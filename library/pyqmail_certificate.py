@@ -21,8 +21,8 @@ description:
     changed, the CA changed, or O(force) is set - and the result says why in RV(reason).
     The private key is kept across renewals (so DANE C(3 1 1) records stay valid) unless the
     key type changes, the file is unusable or O(force=true).
-  - Writes go to a temporary file in the same directory, then an atomic rename, then
-    owner/group/mode. A change of owner, group or mode alone reports C(changed).
+  - Writes go to a temporary file in the same directory that has the final owner, group and
+    mode before its first byte (a key file is created 0600), then an atomic rename. A change of owner, group or mode alone reports C(changed).
   - No key material ever appears in results, diffs or logs.
 author:
   - pyqmail maintainers
@@ -240,8 +240,8 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     from ansible.module_utils import pyqmail_crypto as crypto
-    from ansible.module_utils.pyqmail_crypto_io import file_args, read_if_exists
-    from ansible.module_utils.pyqmail_crypto_io import set_attributes, write_file
+    from ansible.module_utils.pyqmail_files import ensure_file, file_args, read_if_exists
+    from ansible.module_utils.pyqmail_files import set_attributes
 
     IMPORT_ERROR = None
 except ImportError:
@@ -476,11 +476,12 @@ class CertificateModule:
         )
         chain = [ca_cert] if ca_cert is not None else []
         content = crypto.assemble(key, cert, chain)
-        _, backup_file = write_file(
+        _, backup_file = ensure_file(
             self.module,
             self.path,
             content,
             p["mode"],
+            secret=True,
             backup=p["backup"],
             existing=existing,
             diff=self.attr_diff,
@@ -547,11 +548,12 @@ class CertificateModule:
             reason = f"provided certificate changed: {current.fingerprint} -> {summary.fingerprint}"
         else:
             reason = "provided key or chain changed (or the file was not in qmail's order)"
-        changed, backup_file = write_file(
+        changed, backup_file = ensure_file(
             self.module,
             self.path,
             content,
             p["mode"],
+            secret=True,
             backup=p["backup"],
             existing=existing,
             diff=self.attr_diff,

@@ -19,9 +19,9 @@ description:
     values, unknown actions, two rules for the same address.
   - Idempotent. Both files are compared with what is asked and only a file that differs is
     rewritten - a cdb changed or damaged on disk is rewritten even when the source file is
-    unchanged. Writes go to a temporary file in the same directory and are renamed into
-    place (readers never see a partial file), then owner, group and mode are applied to
-    both files; a change of owner, group or mode alone reports C(changed).
+    unchanged. Writes go to a temporary file in the same directory that has the final owner,
+    group and mode before its first byte, renamed into place (readers never see a partial
+    file); a change of owner, group or mode alone reports C(changed).
   - pyqmail-smtpd re-reads the cdb on C(SIGHUP) (tcpserver on each connection).
 author:
   - pyqmail maintainers
@@ -173,12 +173,11 @@ cdb_backup_file:
   type: str
 """
 
-import errno
 import os
-import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pyqmail_files import ensure_file, read_if_exists
 from ansible.module_utils.pyqmail_rules import (
     Rule,
     RulesError,
@@ -212,16 +211,6 @@ def rules_from_params(items: list[dict[str, Any]]) -> list[Rule]:
         rules.append(make_rule(item["address"], item["action"], env, where))
     check_duplicates(rules)
     return rules
-
-
-def read_if_exists(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
 
 
 class TcpRules:
@@ -281,7 +270,6 @@ class TcpRules:
             return
         if existing != content:
             self.result[flag] = True
-            self.result["changed"] = True
             if text:
                 self.diffs.append(
                     {
@@ -291,32 +279,24 @@ class TcpRules:
                         "after_header": path,
                     }
                 )
-            if not self.module.check_mode:
-                if self.module.params["backup"] and existing is not None:
-                    self.result[backup_key] = self.module.backup_local(path)
-                self.write(path, content)
-        if os.path.exists(path):
-            args = self.module.load_file_common_arguments(self.module.params, path=path)
-            attr_diff: dict[str, Any] = {"before": {}, "after": {}}
-            if self.module.set_fs_attributes_if_different(args, False, diff=attr_diff):
-                self.result["changed"] = True
-                if attr_diff["before"] or attr_diff["after"]:
-                    attr_diff["before_header"] = attr_diff["after_header"] = f"{path} (attributes)"
-                    self.diffs.append(attr_diff)
-
-    def write(self, path: str, content: bytes) -> None:
-        """Temp file in the target's directory, fsync, atomic rename over the target."""
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-        self.module.add_cleanup_file(tmp)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            self.fail(f"cannot write {tmp}: {exc.strerror}")
-        self.module.atomic_move(tmp, path, unsafe_writes=self.module.params["unsafe_writes"])
+        attr_diff: dict[str, Any] = {"before": {}, "after": {}}
+        changed, backup_file = ensure_file(
+            self.module,
+            path,
+            content,
+            self.module.params["mode"],
+            backup=self.module.params["backup"],
+            existing=existing,
+            diff=attr_diff,
+        )
+        if backup_file is not None:
+            self.result[backup_key] = backup_file
+        if changed:
+            self.result["changed"] = True
+        # A new file's attributes are part of its creation, not a change of its own.
+        if existing is not None and (attr_diff["before"] or attr_diff["after"]):
+            attr_diff["before_header"] = attr_diff["after_header"] = f"{path} (attributes)"
+            self.diffs.append(attr_diff)
 
 
 def main() -> None:

@@ -489,30 +489,6 @@ def test_refusals(
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused run wrote something"
 
 
-def test_new_key_file_is_never_readable_by_others(tmp_path: Path) -> None:
-    """Right after the rename (before the chmod) a new file is already 0600, whatever umask."""
-    from unittest import mock
-
-    from ansible.module_utils import basic
-
-    seen: list[tuple[str, int]] = []
-    real_move = basic.AnsibleModule.atomic_move
-
-    def spy(self: Any, src: str, dest: str, *args: Any, **kwargs: Any) -> None:
-        real_move(self, src, dest, *args, **kwargs)
-        seen.append((os.path.basename(dest), mode_of(Path(dest))))
-
-    old_umask = os.umask(0o022)
-    try:
-        with mock.patch.object(basic.AnsibleModule, "atomic_move", spy):
-            ok(call(cert_module, {"path": str(tmp_path / "s.pem"), "names": ["a.test"]}))
-            ok(call(ca_module, {"path": str(tmp_path / "ca"), "common_name": "x"}))
-    finally:
-        os.umask(old_umask)
-    assert seen == [("s.pem", 0o600), ("ca.key", 0o600), ("ca.pem", 0o600)]
-    assert (mode_of(tmp_path / "s.pem"), mode_of(tmp_path / "ca" / "ca.pem")) == (0o400, 0o644)
-
-
 def test_modules_run_under_debian_python3(tmp_path: Path) -> None:
     """What a Debian 12 host runs: /usr/bin/python3 with python3-cryptography 38."""
     python = "/usr/bin/python3"
