@@ -19,7 +19,8 @@ description:
     RV(reason) says why. The CA key is kept when its type is unchanged (and O(force) is not
     set), so certificates it signed stay valid unless the common name changes.
   - Writes go to a temporary file in the same directory that has the final owner, group and
-    mode before its first byte (a key file is created 0600), then an atomic rename; a change of owner, group or mode alone reports C(changed).
+    mode before its first byte (a key file is created 0600), then an atomic rename;
+    a change of owner, group or mode alone reports C(changed).
 author:
   - pyqmail maintainers
 requirements:

@@ -22,7 +22,8 @@ description:
     The private key is kept across renewals (so DANE C(3 1 1) records stay valid) unless the
     key type changes, the file is unusable or O(force=true).
   - Writes go to a temporary file in the same directory that has the final owner, group and
-    mode before its first byte (a key file is created 0600), then an atomic rename. A change of owner, group or mode alone reports C(changed).
+    mode before its first byte (a key file is created 0600), then an atomic rename.
+    A change of owner, group or mode alone reports C(changed).
   - No key material ever appears in results, diffs or logs.
 author:
   - pyqmail maintainers

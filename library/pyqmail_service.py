@@ -181,7 +181,6 @@ pids_seen:
 
 import os
 import stat
-import tempfile
 import traceback
 from typing import Any, NoReturn
 
@@ -198,6 +197,7 @@ try:
         run_script_output,
         wait_for,
     )
+    from ansible.module_utils.pyqmail_files import write_file
 
     IMPORT_ERROR = None
 except ImportError:
@@ -357,19 +357,10 @@ class ServiceModule:
         )
         if self.module.check_mode:
             return
-        directory = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(prefix=".run.", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, SCRIPT_MODE)
-            self.module.atomic_move(tmp, path, keep_dest_attrs=False)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        os.chmod(path, SCRIPT_MODE)  # atomic_move applies the umask to a new file
+            write_file(path, data, SCRIPT_MODE)
+        except OSError as exc:
+            self.fail(f"cannot write {path}: {exc}")
 
     def ensure_files(self) -> None:
         p = self.module.params

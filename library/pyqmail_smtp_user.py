@@ -17,8 +17,8 @@ description:
   - The command line tool C(pyqmail-users) (add, del, list, check) edits the same file.
   - Comments, blank lines and other users in the file are kept as they are. A malformed
     file is refused with its file name and line number; nothing is written then.
-  - Writes go to a temporary file in the same directory that already has the final
-    owner/group/mode, then an atomic rename. A change of owner, group or mode alone reports
+  - Writes go to a temporary file in the same directory that has the final owner/group/mode
+    before its first byte, then an atomic rename. A change of owner, group or mode alone reports
     C(changed).
 author:
   - pyqmail maintainers
@@ -144,7 +144,6 @@ import os
 import pwd
 import re
 import stat
-import tempfile
 import traceback
 from typing import NoReturn
 
@@ -161,6 +160,7 @@ try:
         validate_password,
         verify_password,
     )
+    from ansible.module_utils.pyqmail_files import write_file
 
     IMPORT_ERROR = None
 except ImportError:
@@ -259,38 +259,15 @@ class SmtpUserModule:
         db.set(User(name, hash_password(password), cram))
         return True, " (new password)"
 
-    def write(self, data: bytes, uid: int, gid: int, mode: int, creating: bool) -> None:
-        """Temp file in the same directory with the final attributes, fsync, rename, fsync dir.
-
-        module.atomic_move is used for replacing; it is not used for creating because it
-        then chmods the new file to 0666 & ~umask, leaving the hashes world-readable until
-        the mode is set afterwards.
-        """
+    def write(self, data: bytes, uid: int, gid: int, mode: int) -> None:
+        """The shared writer: the temp file has the final owner/group/mode before any byte."""
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             self.fail(f"the directory {directory} of path does not exist; create it first")
-        fd, tmp = tempfile.mkstemp(prefix=".smtpusers.", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), mode)
-                os.fchown(f.fileno(), uid, gid)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if creating:
-                os.rename(tmp, self.path)
-            else:
-                self.module.atomic_move(tmp, self.path, keep_dest_attrs=False)
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_file(self.path, data, mode, uid, gid, secret=True)
         except OSError as exc:
             self.fail(f"cannot write {self.path}: {exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def attributes(self) -> dict[str, int]:
         """The owner/group/mode now on disk."""
@@ -315,7 +292,7 @@ class SmtpUserModule:
         changed = content_changed or attrs_changed
         if changed and not self.module.check_mode:
             if content_changed:
-                self.write(after_text.encode("utf-8"), uid, gid, mode, creating)
+                self.write(after_text.encode("utf-8"), uid, gid, mode)
             else:
                 try:
                     os.chown(self.path, uid, gid)

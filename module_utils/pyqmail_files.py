@@ -199,7 +199,7 @@ def _resolve_mode(module: Any, mode: Any, current: os.stat_result | None, secret
         return int(text, 8)
     base = current if current is not None else _NewFile(0o666 & ~0o022)
     try:
-        return int(module._symbolic_mode_to_octal(base, text))  # noqa: SLF001 - Ansible's own parser
+        return int(module._symbolic_mode_to_octal(base, text))
     except ValueError as exc:
         module.fail_json(msg=f"mode {text!r} is neither octal nor symbolic: {exc}")
         raise
