@@ -1,0 +1,176 @@
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Filters for what the roles used to compute in Jinja programs inside set_fact.
+
+Why filters: a loop of ``{%- set _ = out.append(...) -%}`` cannot be unit-tested, and a bad
+inventory value surfaces as a Jinja type error far from the variable that holds it. Each
+filter here takes the inventory variables it needs as arguments and raises
+AnsibleFilterError naming the variable and the element (``pyqmail_rules__relay_clients[1]``)
+when one has the wrong shape. Found by site.yml and playbooks/ through ansible.cfg
+(``filter_plugins``), by molecule through ANSIBLE_FILTER_PLUGINS in .config/molecule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+LISTENER_KINDS = ("smtp", "smtps", "submission")
+MAILDIR_SUBDIRS = ("", "/cur", "/new", "/tmp")
+# Daemon names of pyqmail_control__reload_routes -> the handler that reloads them.
+RELOAD_HANDLERS = {"smtpd": "pyqmail reload listeners", "send": "pyqmail reload send"}
+
+
+def _list(value: Any, variable: str) -> list[Any]:
+    """``value`` as a list, or an error naming the inventory variable."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise AnsibleFilterError(f"{variable} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _mapping(value: Any, variable: str) -> Mapping[str, Any]:
+    """``value`` as a mapping (None counts as empty), or an error naming the variable."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise AnsibleFilterError(f"{variable} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    """``value`` when it is a string, or an error naming the element."""
+    if not isinstance(value, str):
+        shown = "null" if value is None else repr(value)
+        raise AnsibleFilterError(f"{where} must be a string, got {shown}")
+    return value
+
+
+def services_wanted(
+    listeners: Any,
+    kinds: Mapping[str, Mapping[str, Any]],
+    port_map: Mapping[str, Any],
+    listener_env: Any,
+    rules_path: str,
+) -> list[dict[str, Any]]:
+    """The supervised services to run: one per wanted listener (in smtp, smtps, submission
+    order), each with its port and the rules cdb it reads (its own when it has its own
+    environment in pyqmail__listener_env), then qmail-send."""
+    wanted = _list(listeners, "pyqmail_services__listeners")
+    for index, kind in enumerate(wanted):
+        if kind not in LISTENER_KINDS:
+            raise AnsibleFilterError(
+                f"pyqmail_services__listeners[{index}] is {kind!r}; "
+                f"choose from {', '.join(LISTENER_KINDS)}"
+            )
+    env = _mapping(listener_env, "pyqmail__listener_env")
+    out: list[dict[str, Any]] = []
+    for kind in LISTENER_KINDS:
+        if kind not in wanted:
+            continue
+        own_rules = len(env.get(kind) or {}) > 0
+        out.append(
+            {
+                "name": kinds[kind]["service"],
+                "kind": kind,
+                "port": port_map[kind],
+                "rules": f"{rules_path}{'-' + kind if own_rules else ''}.cdb",
+            }
+        )
+    out.append({"name": "qmail-send", "kind": "send", "port": 0})
+    return out
+
+
+def rules_collect(deny: Any, relay_clients: Any, rules: Any, default_env: Any) -> list[Any]:
+    """The tcprules list of pyqmail_rules: deny first, then relay clients (RELAYCLIENT set),
+    then the hand-written rules, then the default environment as the catch-all rule."""
+    out: list[Any] = []
+    for index, address in enumerate(_list(deny, "pyqmail_rules__deny")):
+        out.append({"address": _string(address, f"pyqmail_rules__deny[{index}]"), "action": "deny"})
+    for index, address in enumerate(_list(relay_clients, "pyqmail_rules__relay_clients")):
+        out.append(
+            {
+                "address": _string(address, f"pyqmail_rules__relay_clients[{index}]"),
+                "action": "allow",
+                "env": {"RELAYCLIENT": ""},
+            }
+        )
+    for index, rule in enumerate(_list(rules, "pyqmail_rules__rules")):
+        if not isinstance(rule, Mapping):
+            raise AnsibleFilterError(
+                f"pyqmail_rules__rules[{index}] must be a mapping with address and action, "
+                f"got {rule!r}"
+            )
+        out.append(rule)
+    env = _mapping(default_env, "pyqmail_rules__default_env")
+    if env:
+        out.append({"address": "", "action": "allow", "env": dict(env)})
+    return out
+
+
+def rules_for_listener(all_rules: Any, env: Any, listener: str = "") -> list[dict[str, Any]]:
+    """The rules of a listener with its own environment: ``env`` under every allow rule
+    (a rule's own env wins) and a catch-all allow with ``env`` when there is none."""
+    variable = f"pyqmail__listener_env.{listener}" if listener else "pyqmail__listener_env"
+    extra = dict(_mapping(env, variable))
+    out: list[dict[str, Any]] = []
+    for rule in _list(all_rules, "pyqmail_rules__all"):
+        if rule.get("action") == "allow":
+            out.append({**rule, "env": {**extra, **(rule.get("env") or {})}})
+        else:
+            out.append(rule)
+    if not any(rule.get("address") == "" for rule in all_rules):
+        out.append({"address": "", "action": "allow", "env": extra})
+    return out
+
+
+def mailbox_dirs(folders: Any) -> list[str]:
+    """Directories of a mailbox relative to its home: the Maildir and each Maildir++ folder,
+    each with cur/, new/ and tmp/."""
+    out = [""] + [f"/Maildir{sub}" for sub in MAILDIR_SUBDIRS]
+    for index, folder in enumerate(_list(folders, "pyqmail_mailboxes__folders")):
+        name = _string(folder, f"pyqmail_mailboxes__folders[{index}]")
+        out.extend(f"/Maildir/.{name}{sub}" for sub in MAILDIR_SUBDIRS)
+    return out
+
+
+def reload_handlers(names: Any, routes: Any) -> list[str]:
+    """Handlers to notify for changed control files ``names``: the daemons each file's route
+    in pyqmail_control__reload_routes lists; a name without a route (an extra control file the
+    table does not know) reloads both daemons."""
+    table = _mapping(routes, "pyqmail_control__reload_routes")
+    daemons: set[str] = set()
+    for name in [names] if isinstance(names, str) else _list(names, "control file names"):
+        route = table.get(name, list(RELOAD_HANDLERS))
+        for index, daemon in enumerate(_list(route, f"pyqmail_control__reload_routes.{name}")):
+            if daemon not in RELOAD_HANDLERS:
+                raise AnsibleFilterError(
+                    f"pyqmail_control__reload_routes.{name}[{index}] is {daemon!r}; "
+                    f"choose from {', '.join(RELOAD_HANDLERS)}"
+                )
+            daemons.add(daemon)
+    return [handler for daemon, handler in RELOAD_HANDLERS.items() if daemon in daemons]
+
+
+def changed_items(results: Any, key: str = "key") -> list[str]:
+    """The ``item[key]`` of each changed result of a registered loop (skipped ones have none)."""
+    registered = _mapping(results, "registered loop result")
+    return [
+        result["item"][key]
+        for result in registered.get("results", [])
+        if result.get("changed") and not result.get("skipped")
+    ]
+
+
+class FilterModule:
+    """pyqmail's filters (called as pyqmail_<name> in the roles)."""
+
+    def filters(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "pyqmail_services_wanted": services_wanted,
+            "pyqmail_rules_collect": rules_collect,
+            "pyqmail_rules_for_listener": rules_for_listener,
+            "pyqmail_mailbox_dirs": mailbox_dirs,
+            "pyqmail_reload_handlers": reload_handlers,
+            "pyqmail_changed_items": changed_items,
+        }

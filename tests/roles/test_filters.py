@@ -1,0 +1,194 @@
+"""filter_plugins/pyqmail.py: what the roles compute, with the roles' own vars as inputs.
+
+The last tests run the filters through Ansible itself from the repository root (ansible.cfg's
+``filter_plugins``), the way site.yml and playbooks/ find them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ansible.errors import AnsibleFilterError
+
+REPO = Path(__file__).resolve().parents[2]
+_SPEC = importlib.util.spec_from_file_location("pyqmail_filters", REPO / "filter_plugins/pyqmail.py")
+assert _SPEC is not None and _SPEC.loader is not None
+filters: Any = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(filters)
+
+
+def role_vars(role: str, kind: str = "vars") -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "roles" / role / kind / "main.yml").read_text())
+    return data
+
+
+KINDS = role_vars("pyqmail_services")["pyqmail_services__kinds"]
+PORTS = {"smtp": 25, "smtps": 465, "submission": 587}
+ROUTES = role_vars("pyqmail_control")["pyqmail_control__reload_routes"]
+LISTENERS, SEND = "pyqmail reload listeners", "pyqmail reload send"
+
+
+def test_services_wanted_in_fixed_order_with_own_rules() -> None:
+    wanted = filters.services_wanted(
+        ["submission", "smtp"], KINDS, PORTS, {"submission": {"X": "1"}, "smtp": {}}, "/etc/tcp/smtp"
+    )
+    assert wanted == [
+        {"name": "qmail-smtpd", "kind": "smtp", "port": 25, "rules": "/etc/tcp/smtp.cdb"},
+        {
+            "name": "qmail-smtpd-tls",
+            "kind": "submission",
+            "port": 587,
+            "rules": "/etc/tcp/smtp-submission.cdb",
+        },
+        {"name": "qmail-send", "kind": "send", "port": 0},
+    ]
+
+
+def test_services_wanted_defaults_and_none_env() -> None:
+    defaults = role_vars("pyqmail_services", "defaults")
+    wanted = filters.services_wanted(
+        defaults["pyqmail_services__listeners"], KINDS, PORTS, None, "/etc/tcp/smtp"
+    )
+    assert [s["name"] for s in wanted] == [
+        "qmail-smtpd",
+        "qmail-smtpd-ssl",
+        "qmail-smtpd-tls",
+        "qmail-send",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listeners", "env", "message"),
+    [
+        (["smtp", "imap"], {}, "pyqmail_services__listeners[1] is 'imap'; choose from smtp"),
+        ("smtp", {}, "pyqmail_services__listeners must be a list, got str"),
+        (["smtp"], ["x"], "pyqmail__listener_env must be a mapping, got list"),
+    ],
+)
+def test_services_wanted_bad_input(listeners: Any, env: Any, message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        filters.services_wanted(listeners, KINDS, PORTS, env, "/etc/tcp/smtp")
+
+
+def test_rules_collect_order_and_default_env() -> None:
+    rules = filters.rules_collect(
+        ["10.9."],
+        ["127.", "::1"],
+        [{"address": "10.", "action": "allow", "env": {"DATABYTES": "5"}}],
+        {"GREETDELAY": "2"},
+    )
+    assert rules == [
+        {"address": "10.9.", "action": "deny"},
+        {"address": "127.", "action": "allow", "env": {"RELAYCLIENT": ""}},
+        {"address": "::1", "action": "allow", "env": {"RELAYCLIENT": ""}},
+        {"address": "10.", "action": "allow", "env": {"DATABYTES": "5"}},
+        {"address": "", "action": "allow", "env": {"GREETDELAY": "2"}},
+    ]
+    assert filters.rules_collect([], [], [], {}) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([], ["127.", 10], [], {}), "pyqmail_rules__relay_clients[1] must be a string, got 10"),
+        (([None], [], [], {}), "pyqmail_rules__deny[0] must be a string, got null"),
+        (([], [], ["127.:allow"], {}), "pyqmail_rules__rules[0] must be a mapping"),
+        (([], [], [], "X=1"), "pyqmail_rules__default_env must be a mapping, got str"),
+        (("127.", [], [], {}), "pyqmail_rules__deny must be a list, got str"),
+    ],
+)
+def test_rules_collect_bad_input_names_the_variable(args: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(AnsibleFilterError) as info:
+        filters.rules_collect(*args)
+    assert message in str(info.value)
+
+
+def test_rules_for_listener_merges_env_and_adds_catch_all() -> None:
+    rules = filters.rules_collect(["10.9."], ["127."], [], {})
+    out = filters.rules_for_listener(rules, {"AUTHREQUIRED": "1"}, "submission")
+    assert out == [
+        {"address": "10.9.", "action": "deny"},
+        {"address": "127.", "action": "allow", "env": {"AUTHREQUIRED": "1", "RELAYCLIENT": ""}},
+        {"address": "", "action": "allow", "env": {"AUTHREQUIRED": "1"}},
+    ]
+    # a rule's own env wins; an existing catch-all gets the env and no second one is added
+    rules = [{"address": "", "action": "allow", "env": {"AUTHREQUIRED": "0"}}]
+    assert filters.rules_for_listener(rules, {"AUTHREQUIRED": "1", "X": "y"}) == [
+        {"address": "", "action": "allow", "env": {"AUTHREQUIRED": "0", "X": "y"}}
+    ]
+    with pytest.raises(AnsibleFilterError, match=r"pyqmail__listener_env\.smtps must be a mapping"):
+        filters.rules_for_listener(rules, ["AUTHREQUIRED"], "smtps")
+
+
+def test_mailbox_dirs() -> None:
+    base = ["", "/Maildir", "/Maildir/cur", "/Maildir/new", "/Maildir/tmp"]
+    assert filters.mailbox_dirs([]) == base
+    defaults = role_vars("pyqmail_mailboxes", "defaults")["pyqmail_mailboxes__folders"]
+    dirs = filters.mailbox_dirs(defaults)
+    assert dirs[:5] == base
+    assert len(dirs) == 5 + 4 * len(defaults)
+    assert filters.mailbox_dirs(["Sent"])[5:] == [
+        "/Maildir/.Sent",
+        "/Maildir/.Sent/cur",
+        "/Maildir/.Sent/new",
+        "/Maildir/.Sent/tmp",
+    ]
+    with pytest.raises(AnsibleFilterError, match=r"pyqmail_mailboxes__folders\[1\] must be a str"):
+        filters.mailbox_dirs(["Sent", 7])
+
+
+def test_reload_handlers_follow_the_routes_table() -> None:
+    assert filters.reload_handlers(["queuelifetime"], ROUTES) == [SEND]
+    assert filters.reload_handlers(["maxconn", "rcpthosts"], ROUTES) == [LISTENERS]
+    assert filters.reload_handlers(["me"], ROUTES) == [LISTENERS, SEND]
+    assert filters.reload_handlers(["maxconn", "queuelifetime"], ROUTES) == [LISTENERS, SEND]
+    assert filters.reload_handlers(["unknownfile"], ROUTES) == [LISTENERS, SEND]
+    assert filters.reload_handlers("maxconn", ROUTES) == [LISTENERS]
+    assert filters.reload_handlers([], ROUTES) == []
+    assert filters.reload_handlers(["quiet"], {"quiet": []}) == []
+    with pytest.raises(AnsibleFilterError, match=r"reload_routes\.x\[0\] is 'imapd'"):
+        filters.reload_handlers(["x"], {"x": ["imapd"]})
+
+
+def test_changed_items_of_a_registered_loop() -> None:
+    registered = {
+        "changed": True,
+        "results": [
+            {"changed": True, "item": {"key": "maxconn", "value": 3}},
+            {"changed": False, "item": {"key": "queuelifetime", "value": 9}},
+            {"changed": False, "skipped": True, "item": {"key": "x"}},
+        ],
+    }
+    assert filters.changed_items(registered) == ["maxconn"]
+    assert filters.changed_items({"skipped": True, "results": []}) == []
+
+
+def ansible_debug(expression: str, extra: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Evaluate ``expression`` with ``ansible localhost -m debug`` from the repository root."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("ansible")), "localhost", "-c", "local",
+         "-i", "localhost,", "-m", "ansible.builtin.debug", "-a", f"msg={{{{ {expression} }}}}",
+         "-e", json.dumps(extra), "-e", f"ansible_python_interpreter={sys.executable}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_ansible_finds_the_filters_through_ansible_cfg() -> None:
+    proc = ansible_debug("folders | pyqmail_mailbox_dirs | length", {"folders": ["Sent"]})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"msg": 9' in proc.stdout or "msg: 9" in proc.stdout, proc.stdout
+
+
+def test_bad_inventory_value_fails_with_the_variable_name() -> None:
+    proc = ansible_debug(
+        "[] | pyqmail_rules_collect(relay, [], {})", {"relay": ["127.", ["10."]]}
+    )
+    assert proc.returncode != 0
+    assert "pyqmail_rules__relay_clients[1] must be a string, got ['10.']" in proc.stdout + proc.stderr
