@@ -17,7 +17,7 @@ from typing import Any
 from ansible.errors import AnsibleFilterError
 
 LISTENER_KINDS = ("smtp", "smtps", "submission")
-MAILDIR_SUBDIRS = ("", "/cur", "/new", "/tmp")
+MAILDIR_SUBDIRS = ("", "/cur", "/new", "/tmp")  # noqa: S108 - a Maildir's tmp/, not /tmp
 # Daemon names of pyqmail_control__reload_routes -> the handler that reloads them.
 RELOAD_HANDLERS = {"smtpd": "pyqmail reload listeners", "send": "pyqmail reload send"}
 

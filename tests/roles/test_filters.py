@@ -18,7 +18,8 @@ import yaml
 from ansible.errors import AnsibleFilterError
 
 REPO = Path(__file__).resolve().parents[2]
-_SPEC = importlib.util.spec_from_file_location("pyqmail_filters", REPO / "filter_plugins/pyqmail.py")
+FILTERS = REPO / "filter_plugins" / "pyqmail.py"
+_SPEC = importlib.util.spec_from_file_location("pyqmail_filters", FILTERS)
 assert _SPEC is not None and _SPEC.loader is not None
 filters: Any = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(filters)
@@ -37,15 +38,15 @@ LISTENERS, SEND = "pyqmail reload listeners", "pyqmail reload send"
 
 def test_services_wanted_in_fixed_order_with_own_rules() -> None:
     wanted = filters.services_wanted(
-        ["submission", "smtp"], KINDS, PORTS, {"submission": {"X": "1"}, "smtp": {}}, "/etc/tcp/smtp"
+        ["submission", "smtp"], KINDS, PORTS, {"submission": {"X": "1"}, "smtp": {}}, "/etc/tcp/x"
     )
     assert wanted == [
-        {"name": "qmail-smtpd", "kind": "smtp", "port": 25, "rules": "/etc/tcp/smtp.cdb"},
+        {"name": "qmail-smtpd", "kind": "smtp", "port": 25, "rules": "/etc/tcp/x.cdb"},
         {
             "name": "qmail-smtpd-tls",
             "kind": "submission",
             "port": 587,
-            "rules": "/etc/tcp/smtp-submission.cdb",
+            "rules": "/etc/tcp/x-submission.cdb",
         },
         {"name": "qmail-send", "kind": "send", "port": 0},
     ]
@@ -187,8 +188,7 @@ def test_ansible_finds_the_filters_through_ansible_cfg() -> None:
 
 
 def test_bad_inventory_value_fails_with_the_variable_name() -> None:
-    proc = ansible_debug(
-        "[] | pyqmail_rules_collect(relay, [], {})", {"relay": ["127.", ["10."]]}
-    )
+    proc = ansible_debug("[] | pyqmail_rules_collect(relay, [], {})", {"relay": ["127.", ["10."]]})
     assert proc.returncode != 0
-    assert "pyqmail_rules__relay_clients[1] must be a string, got ['10.']" in proc.stdout + proc.stderr
+    message = "pyqmail_rules__relay_clients[1] must be a string, got ['10.']"
+    assert message in proc.stdout + proc.stderr

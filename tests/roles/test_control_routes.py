@@ -1,0 +1,122 @@
+"""pyqmail_control__reload_routes is the one table of which daemon reloads for which control file.
+
+Every control file a role writes or removes is in it, and every such task notifies exactly the
+handlers the table gives (through filter_plugins' pyqmail_reload_handlers). The table itself
+is compared with the daemons' own control-file readers elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+_SPEC = importlib.util.spec_from_file_location(
+    "pyqmail_filters", REPO / "filter_plugins/pyqmail.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+filters: Any = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(filters)
+
+VARS = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
+ROUTES: dict[str, list[str]] = VARS["pyqmail_control__reload_routes"]
+
+
+def tasks(role: str) -> list[dict[str, Any]]:
+    """The tasks of a role's main.yml, blocks flattened."""
+    out: list[dict[str, Any]] = []
+    for task in yaml.safe_load((ROLES / role / "tasks" / "main.yml").read_text()):
+        out.extend(task.get("block", [task]))
+    return out
+
+
+def target(task: dict[str, Any]) -> str:
+    """The dest/path a task writes or removes, '' when it has none."""
+    for value in task.values():
+        if isinstance(value, dict) and ("dest" in value or "path" in value):
+            if value.get("state") == "directory":
+                return ""
+            return str(value.get("dest", value.get("path", "")))
+    return ""
+
+
+def control_files(task: dict[str, Any]) -> list[str] | None:
+    """Names of the control files a task writes/removes; None when its names are inventory data
+    (the extra files), [] when it touches no control file."""
+    path = target(task)
+    loop = task.get("loop", [])
+    if "/control/tlshosts/" in path or (path == "{{ item }}" and "tlshosts" in str(loop)):
+        return ["tlshosts"]
+    if "/control/" not in path:
+        return []
+    name = path.split("/control/", 1)[1]
+    if "{{" not in name:
+        return [name]
+    if name == "{{ item }}":
+        return list(loop)
+    if name == "{{ item.name }}":
+        return [entry["name"] for entry in loop]
+    if name == "{{ item.key }}":
+        return None
+    raise AssertionError(f"{task['name']}: cannot tell which control file {path!r} is")
+
+
+def notified(task: dict[str, Any]) -> list[str]:
+    value = task.get("notify", [])
+    return [value] if isinstance(value, str) else list(value)
+
+
+CONTROL_TASKS = [
+    task for task in tasks("pyqmail_control") if control_files(task) or control_files(task) is None
+]
+
+
+def test_every_managed_file_has_a_route() -> None:
+    missing = [name for name in VARS["pyqmail_control__managed"] if name not in ROUTES]
+    assert missing == [], f"add these to pyqmail_control__reload_routes: {missing}"
+    for name, daemons in ROUTES.items():
+        assert set(daemons) <= {"smtpd", "send"}, name
+        assert len(set(daemons)) == len(daemons), name
+
+
+@pytest.mark.parametrize("task", CONTROL_TASKS, ids=[t["name"] for t in CONTROL_TASKS])
+def test_control_task_notifies_what_the_table_says(task: dict[str, Any]) -> None:
+    names = control_files(task)
+    if names is None:  # extra files: routed by the one routing task
+        assert "notify" not in task, f"{task['name']}: the routing task notifies for it"
+        assert task.get("register"), f"{task['name']}: register it for the routing task"
+        return
+    for name in names:
+        assert name in ROUTES, f"{task['name']}: {name} is not in pyqmail_control__reload_routes"
+    want = filters.reload_handlers(names, ROUTES)
+    for name in names:  # one task, one route: a loop notifies for all its items at once
+        assert filters.reload_handlers([name], ROUTES) == want, (task["name"], name)
+    assert sorted(notified(task)) == sorted(want), task["name"]
+
+
+def test_extra_files_are_routed_through_the_table() -> None:
+    routing = [t for t in tasks("pyqmail_control") if "pyqmail_reload_handlers" in str(t)]
+    assert len(routing) == 1
+    task = routing[0]
+    assert "pyqmail_reload_handlers(pyqmail_control__reload_routes)" in task["notify"]
+    registered = {t["register"] for t in CONTROL_TASKS if control_files(t) is None}
+    for name in registered:
+        assert name in str(task["vars"]), f"the routing task ignores {name}"
+    assert len(registered) == 2  # written and removed
+
+
+@pytest.mark.parametrize("role", ["pyqmail_certificates", "pyqmail_mailboxes"])
+def test_other_roles_control_files_notify_what_the_table_says(role: str) -> None:
+    for task in tasks(role):
+        path = target(task)
+        match = re.search(r"/control/([a-z][a-z0-9.-]*)$", path)
+        if match is None:
+            continue
+        want = filters.reload_handlers([match.group(1)], ROUTES)
+        assert sorted(notified(task)) == sorted(want), f"{role}: {task['name']}"
