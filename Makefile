@@ -40,6 +40,9 @@ lint: $(STAMP) ## ruff, mypy, yamllint, ansible-lint (production profile)
 	$(BIN)/yamllint -s .
 	source $(BIN)/activate && ansible-lint --profile production
 
+docs: $(STAMP) ## README variables table and defaults comments from each role's meta/argument_specs.yml
+	$(BIN)/python scripts/gen-role-docs
+
 unit: $(STAMP) ## daemon, module and end-to-end tests (pytest)
 	$(BIN)/pytest -q -m "not slow"
 
@@ -75,4 +78,4 @@ stress: $(STAMP) ## slow attack/testssl tests, fuzz, then the SIGKILL soak (STRE
 	$(BIN)/python -m tests.stress.fuzz --seconds $(FUZZ_SECONDS)
 	$(BIN)/python -m tests.stress.soak --seconds $(STRESS_SECONDS)
 
-.PHONY: help system-deps check-system-deps venv lint unit image molecule molecule-all test run bench bench-e2e fuzz stress
+.PHONY: help system-deps check-system-deps venv lint docs unit image molecule molecule-all test run bench bench-e2e fuzz stress
