@@ -97,7 +97,5 @@ def test_check_mode_finds_drift_and_make_docs_fixes_it(tmp_path: Path) -> None:
 
 def test_render_defaults_keeps_values_and_other_comments() -> None:
     spec = {"pyqmail_r__a": gen.Variable("pyqmail_r__a", {"description": ["One.", "Two."]})}
-    text = "---\n# header\n\n# old text\npyqmail_r__a: >-\n  {{ x }}\n\n# a note of its own\n\npyqmail_r__b: 1\n"
-    assert gen.render_defaults(text, spec) == (
-        "---\n# header\n\n# One. Two.\npyqmail_r__a: >-\n  {{ x }}\n\n# a note of its own\n\npyqmail_r__b: 1\n"
-    )
+    head, tail = "---\n# header\n\n", "pyqmail_r__a: >-\n  {{ x }}\n\n# a note\n\npyqmail_r__b: 1\n"
+    assert gen.render_defaults(f"{head}# old text\n{tail}", spec) == f"{head}# One. Two.\n{tail}"
