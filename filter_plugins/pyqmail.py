@@ -17,6 +17,7 @@ from typing import Any
 from ansible.errors import AnsibleFilterError
 
 LISTENER_KINDS = ("smtp", "smtps", "submission")
+DOVECOT_KINDS = ("imaps", "imap", "pop3s", "pop3")
 MAILDIR_SUBDIRS = ("", "/cur", "/new", "/tmp")  # noqa: S108 - a Maildir's tmp/, not /tmp
 # Daemon names of pyqmail_control__reload_routes -> the handler that reloads them.
 RELOAD_HANDLERS = {"smtpd": "pyqmail reload listeners", "send": "pyqmail reload send"}
@@ -134,6 +135,30 @@ def mailbox_dirs(folders: Any) -> list[str]:
     return out
 
 
+def dovecot_summary(
+    listeners: Any, kinds: Mapping[str, Mapping[str, Any]], port_map: Mapping[str, Any]
+) -> dict[str, list[str]]:
+    """The Dovecot lines of the run summary: ``ports`` (one per listener, with its label) and
+    ``incoming`` (the mail client settings), in imaps, imap, pop3s, pop3 order."""
+    wanted = _list(listeners, "pyqmail_dovecot__listeners")
+    for index, name in enumerate(wanted):
+        if name not in DOVECOT_KINDS:
+            raise AnsibleFilterError(
+                f"pyqmail_dovecot__listeners[{index}] is {name!r}; "
+                f"choose from {', '.join(DOVECOT_KINDS)}"
+            )
+    ports: list[str] = []
+    incoming: list[str] = []
+    for name in DOVECOT_KINDS:
+        if name not in wanted:
+            continue
+        port, kind = port_map[name], kinds[name]
+        ports.append(f"  port {port}: dovecot ({kind['label']})")
+        security = "SSL/TLS" if name.endswith("s") else "STARTTLS"
+        incoming.append(f"{str(kind['protocol']).upper()} {port} {security}")
+    return {"ports": ports, "incoming": incoming}
+
+
 def reload_handlers(names: Any, routes: Any) -> list[str]:
     """Handlers to notify for changed control files ``names``: the daemons each file's route
     in pyqmail_control__reload_routes lists; a name without a route (an extra control file the
@@ -171,6 +196,7 @@ class FilterModule:
             "pyqmail_rules_collect": rules_collect,
             "pyqmail_rules_for_listener": rules_for_listener,
             "pyqmail_mailbox_dirs": mailbox_dirs,
+            "pyqmail_dovecot_summary": dovecot_summary,
             "pyqmail_reload_handlers": reload_handlers,
             "pyqmail_changed_items": changed_items,
         }

@@ -192,3 +192,20 @@ def test_bad_inventory_value_fails_with_the_variable_name() -> None:
     assert proc.returncode != 0
     message = "pyqmail_rules__relay_clients[1] must be a string, got ['10.']"
     assert message in proc.stdout + proc.stderr
+
+
+def test_dovecot_summary_with_the_roles_kinds() -> None:
+    kinds = role_vars("pyqmail_dovecot")["pyqmail_dovecot__kinds"]
+    ports = {"imaps": 993, "imap": 143, "pop3s": 995, "pop3": 110}
+    summary = filters.dovecot_summary(["pop3s", "imaps", "imap"], kinds, ports)
+    assert summary == {
+        "ports": [
+            "  port 993: dovecot (IMAP, implicit TLS)",
+            "  port 143: dovecot (IMAP, STARTTLS required before login (LOGINDISABLED))",
+            "  port 995: dovecot (POP3, implicit TLS)",
+        ],
+        "incoming": ["IMAP 993 SSL/TLS", "IMAP 143 STARTTLS", "POP3 995 SSL/TLS"],
+    }
+    assert filters.dovecot_summary([], kinds, ports) == {"ports": [], "incoming": []}
+    with pytest.raises(AnsibleFilterError, match=r"pyqmail_dovecot__listeners\[0\] is 'smtp'"):
+        filters.dovecot_summary(["smtp"], kinds, ports)
