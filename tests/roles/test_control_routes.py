@@ -8,7 +8,11 @@ is compared with the daemons' own control-file readers elsewhere.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +124,57 @@ def test_other_roles_control_files_notify_what_the_table_says(role: str) -> None
             continue
         want = filters.reload_handlers([match.group(1)], ROUTES)
         assert sorted(notified(task)) == sorted(want), f"{role}: {task['name']}"
+
+
+def run_extra_tasks(root: Path, extra: dict[str, Any]) -> str:
+    """The role's own extra-file tasks in a play on ``root`` with handlers that only print."""
+    extra_tasks = [t for t in tasks("pyqmail_control") if "extra" in t["name"]]
+    assert len(extra_tasks) == 3
+    handlers = [
+        {"name": f"stub {h}", "ansible.builtin.debug": {"msg": f"HANDLER {h}"}, "listen": h}
+        for h in ("pyqmail reload listeners", "pyqmail reload send")
+    ]
+    play = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "connection": "local",
+            "vars": {
+                "pyqmail__root": str(root),
+                "pyqmail_control__extra": extra,
+                "pyqmail_control__reload_routes": ROUTES,
+            },
+            "tasks": extra_tasks,
+            "handlers": handlers,
+        }
+    ]
+    playbook = root / "play.yml"
+    playbook.write_text(json.dumps(play))
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
+         "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_extra_files_reload_exactly_their_readers(tmp_path: Path) -> None:
+    """Through Ansible: each change notifies the table's daemons; no change, no reload."""
+    (tmp_path / "control").mkdir()
+    out = run_extra_tasks(tmp_path, {"queuelifetime": 600})
+    assert "HANDLER pyqmail reload send" in out
+    assert "HANDLER pyqmail reload listeners" not in out
+    assert (tmp_path / "control" / "queuelifetime").read_text() == "600\n"
+    out = run_extra_tasks(tmp_path, {"queuelifetime": 600, "maxconn": 40})
+    assert "HANDLER pyqmail reload listeners" in out
+    assert "HANDLER pyqmail reload send" not in out, "queuelifetime did not change"
+    out = run_extra_tasks(tmp_path, {"queuelifetime": None, "maxconn": 40})
+    assert "HANDLER pyqmail reload send" in out
+    assert "HANDLER pyqmail reload listeners" not in out
+    assert not (tmp_path / "control" / "queuelifetime").exists()
+    out = run_extra_tasks(tmp_path, {"maxconn": 40, "newknob": "x"})
+    assert "HANDLER pyqmail reload send" in out and "HANDLER pyqmail reload listeners" in out
+    out = run_extra_tasks(tmp_path, {"maxconn": 40, "newknob": "x"})
+    assert "HANDLER" not in out
