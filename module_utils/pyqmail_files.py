@@ -186,18 +186,16 @@ def _resolve_mode(module: Any, mode: Any, current: os.stat_result | None, secret
     """
     if mode is None and current is not None:
         return stat.S_IMODE(current.st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
     if mode is None:
-        if secret:
-            return SECRET_MODE
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return SECRET_MODE if secret else 0o666 & ~umask
     if isinstance(mode, int) and not isinstance(mode, bool):
         return mode
     text = str(mode)
     if re.fullmatch(r"[0-7]{1,5}", text):
         return int(text, 8)
-    base = current if current is not None else _NewFile(0o666 & ~0o022)
+    base = current if current is not None else _NewFile(0o666 & ~umask)
     try:
         return int(module._symbolic_mode_to_octal(base, text))
     except ValueError as exc:

@@ -186,3 +186,33 @@ def test_read_if_exists(tmp_path: Path) -> None:
     assert files.read_if_exists(str(tmp_path / "x")) == b"1"
     with pytest.raises(IsADirectoryError):
         files.read_if_exists(str(tmp_path))
+
+
+tcprules_module: Any = importlib.import_module("pyqmail_tcprules")
+
+
+@pytest.mark.parametrize(
+    ("mode", "before", "after"),
+    [
+        ("u=rw,go=r", None, 0o644),  # symbolic, new file
+        ("g+w", 0o600, 0o620),  # symbolic, relative to the file it replaces
+        ("0640", 0o600, 0o640),
+        (None, 0o604, 0o604),  # no mode: the replaced file's
+        (None, None, 0o644),  # no mode, new file: 0666 less the umask (022 here)
+    ],
+)
+def test_mode_forms(
+    tmp_path: Path, watch: ExposureWatch, mode: str | None, before: int | None, after: int
+) -> None:
+    """Octal, symbolic and absent modes give a rewritten file what Ansible's own would."""
+    path = tmp_path / "smtp"
+    if before is not None:
+        path.write_text("old\n")
+        path.chmod(before)
+    args: dict[str, Any] = {"path": str(path), "rules": [{"address": "127.", "action": "allow"}]}
+    if mode is not None:
+        args["mode"] = mode
+    r = call(tcprules_module, args)
+    assert not r.get("failed"), r.get("msg")
+    assert mode_of(path) == after
+    assert path.read_text().endswith("127.:allow\n")
