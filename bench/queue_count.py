@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pyqmail.queue import SEGMENT_MAGIC, Queue, encode_segment_trailer
+from pyqmail.queue.store import SEGMENT_MAGIC, Queue, encode_segment_trailer
 
 
 def count(queue: Queue, sub: str) -> int:

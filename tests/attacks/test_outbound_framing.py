@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 import pyqmail
-from pyqmail import dotqmail
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
+from pyqmail.send import dotqmail
 from tests.attacks.tally import tried
 
 BIN = Path(sys.executable).parent

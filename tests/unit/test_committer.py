@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import queue as queuemod
-from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter
-from pyqmail.queue_commit import Committer
-from pyqmail.smtpd import log
+from pyqmail.queue import store as queuemod
+from pyqmail.queue.commit import Committer
+from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter
+from pyqmail.smtpd.cli import log
 from tests.queue_util import messages
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import inject
-from pyqmail.bounce import BounceTarget, Failure, bounce_target, make_dsn
-from pyqmail.delivery import Control, ControlError, Result, Route, one_line
-from pyqmail.dotqmail import (
+from pyqmail.headers import header_values
+from pyqmail.queue.store import Envelope
+from pyqmail.send.bounce import BounceTarget, Failure, bounce_target, make_dsn
+from pyqmail.send.delivery import Control, ControlError, Result, Route, one_line
+from pyqmail.send.dotqmail import (
     Instruction,
     MailboxesError,
     Plan,
@@ -24,12 +25,11 @@ from pyqmail.dotqmail import (
     parse_mailboxes,
     resolve,
 )
-from pyqmail.headers import header_values
-from pyqmail.local import maildir_deliver
-from pyqmail.mx import DnsError, destinations
-from pyqmail.queue import Envelope
-from pyqmail.remote import needs_smtputf8, wire_data
-from pyqmail.send import append_state, load_msg, nextretry, read_state
+from pyqmail.send.local import maildir_deliver
+from pyqmail.send.manager import append_state, load_msg, nextretry, read_state
+from pyqmail.send.mx import DnsError, destinations
+from pyqmail.send.remote import needs_smtputf8, wire_data
+from pyqmail.tools import sendmail as inject
 
 
 def make_root(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -538,7 +538,7 @@ def test_inject_null_sender_and_ignored_options() -> None:
 
 
 def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
-    from pyqmail.queue import Queue
+    from pyqmail.queue.store import Queue
 
     root = make_root(tmp_path, {})
     Queue(root / "queue").create()
@@ -557,8 +557,8 @@ def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
 
 
 def test_queue_list_and_show(tmp_path: Path) -> None:
-    from pyqmail import queuetool
-    from pyqmail.queue import Queue
+    from pyqmail.queue.store import Queue
+    from pyqmail.tools import queue as queuetool
 
     q = Queue(tmp_path / "queue")
     q.create()

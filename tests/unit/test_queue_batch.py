@@ -1,4 +1,4 @@
-"""Group commit (pyqmail.queue_commit, the path pyqmail-smtpd commits by), held writers
+"""Group commit (pyqmail.queue.commit, the path pyqmail-smtpd commits by), held writers
 and the cached trigger FIFO."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, parse_message
+from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, parse_message
 from tests.queue_util import commit, messages
 
 

@@ -1,5 +1,5 @@
-"""Segment files: several messages committed together in one file (pyqmail.queue), through
-pyqmail-smtpd's group commit (pyqmail.queue_commit)."""
+"""Segment files: several messages committed together in one file (pyqmail.queue.store), through
+pyqmail-smtpd's group commit (pyqmail.queue.commit)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import queue as queuemod
-from pyqmail.queue import (
+from pyqmail.queue import store as queuemod
+from pyqmail.queue.store import (
     Envelope,
     Queue,
     QueueError,

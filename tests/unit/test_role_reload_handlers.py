@@ -31,8 +31,8 @@ def files_read(source: Path) -> set[str]:
     return set(_READ.findall(source.read_text()))
 
 
-SMTPD_FILES = files_read(SRC / "config.py") | files_read(SRC / "session_knobs.py")
-SEND_FILES = files_read(SRC / "delivery.py") | {"clientcert.pem", "tlshosts"}
+SMTPD_FILES = files_read(SRC / "control" / "smtpd.py") | files_read(SRC / "smtpd" / "knobs.py")
+SEND_FILES = files_read(SRC / "send" / "delivery.py") | {"clientcert.pem", "tlshosts"}
 
 
 def test_sources_name_the_files_we_expect() -> None:

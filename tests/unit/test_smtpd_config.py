@@ -1,4 +1,4 @@
-"""pyqmail.config (control files), pyqmail.tls (contexts) and smtpd's pure helpers."""
+"""pyqmail.control.smtpd (control files), pyqmail.tls (contexts) and smtpd's pure helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import config, smtpd, tls
+from pyqmail import tls
+from pyqmail.control import smtpd as config
+from pyqmail.smtpd import cli as smtpd
 from tests.conftest import PKI
 
 

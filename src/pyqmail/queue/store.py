@@ -38,11 +38,11 @@ complete message file as above::
 A reader verifies every record and the count (``parse_file``); a segment that fails is
 quarantined whole. The messages of a segment keep their own queue ids (logged by
 pyqmail-smtpd, used in ``state/``); pyqmail-send tracks which of them are finished and
-removes the segment when all are (see ``pyqmail.send``). Messages streamed to disk because
+removes the segment when all are (see ``pyqmail.send.manager``). Messages streamed to disk because
 they were large, and those queued by ``enqueue`` (the sendmail injector, bounces), are
 single files.
 
-Durability protocol of ``enqueue`` and of the group commit (``pyqmail.queue_commit``; the
+Durability protocol of ``enqueue`` and of the group commit (``pyqmail.queue.commit``; the
 250 after DATA is sent only after it returns), the same for a single message file and a
 segment:
 
@@ -393,7 +393,7 @@ class QueueWriter:
             self._write(chunk)
         self.size += len(chunk)
 
-    # The commit in public steps, so that the group commit (``pyqmail.queue_commit``) can
+    # The commit in public steps, so that the group commit (``pyqmail.queue.commit``) can
     # share one fsync(new/) among many messages; each message still goes
     # write -> fsync -> rename -> fsync(new/).
 

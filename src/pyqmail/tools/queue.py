@@ -12,7 +12,7 @@
     the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
 
 Run it as root or as pyqmail-send's user: ``mess/`` and ``state/`` are theirs alone (see
-"Permissions" in ``pyqmail.queue``).
+"Permissions" in ``pyqmail.queue.store``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pyqmail.delivery import one_line
 from pyqmail.headers import header_section
-from pyqmail.queue import Queue, QueueError, Stored
-from pyqmail.send import PIDFILE, ended_messages, read_state
+from pyqmail.queue.store import Queue, QueueError, Stored
+from pyqmail.send.delivery import one_line
+from pyqmail.send.manager import PIDFILE, ended_messages, read_state
 
 
 def _age(seconds: float) -> str:

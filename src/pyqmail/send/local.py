@@ -35,10 +35,10 @@ import weakref
 from pathlib import Path
 from typing import ClassVar
 
-from pyqmail.delivery import Control, Result, split_address
-from pyqmail.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 from pyqmail.headers import header_fields
-from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.queue.store import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.send.delivery import Control, Result, split_address
+from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")

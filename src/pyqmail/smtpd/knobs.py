@@ -1,6 +1,6 @@
 """Per-session limits of pyqmail-smtpd that have no qmail control file of their own.
 
-Read from ``<root>/control`` with the other control files (``pyqmail.config.load``) and
+Read from ``<root>/control`` with the other control files (``pyqmail.control.smtpd.load``) and
 swapped with them on HUP. Names follow qmail's style; the semantics follow Postfix:
 
 =================  ===========================================================================
@@ -38,7 +38,7 @@ from typing import Protocol
 
 
 class IntReader(Protocol):
-    """``pyqmail.config``'s single-integer control file reader (passed in: no import cycle)."""
+    """The single-integer control file reader of ``pyqmail.control.smtpd`` (passed in: no cycle)."""
 
     def __call__(self, path: Path, default: int, *, minimum: int = 0, maximum: int = ...) -> int:
         """The file's integer, ``default`` if absent; ConfigError naming file and line."""

@@ -1,4 +1,4 @@
-"""pyqmail-smtpd: the SMTP listener around the sans-I/O core in ``pyqmail.protocol``.
+"""pyqmail-smtpd: the SMTP listener around the sans-I/O core in ``pyqmail.protocol.connection``.
 
 One program, three listener modes (one supervised service each, as in the qmail guides):
 
@@ -25,16 +25,16 @@ rule closes the connection at once (logged), ``allow`` passes the rule's environ
 file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
 
 Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address or an IPv6
-/64) are counted exactly across workers in a table they share (``pyqmail.limits``). Over a
+/64) are counted exactly across workers in a table they share (``pyqmail.smtpd.limits``). Over a
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
 a handshake within ``timeouttls``. Under stress (connections over ``stresspercent`` of
 ``maxconn``, all workers) progress is due within ``timeoutstress`` instead; junk commands
 past ``maxjunk`` count as errors; the ``smtp`` listener may pause its greeting
-(``greetdelay``) to catch clients that talk first (``pyqmail.session_knobs``). A client
+(``greetdelay``) to catch clients that talk first (``pyqmail.smtpd.knobs``). A client
 that stops reading our replies stops being read and then times out; closing sockets that
 cannot flush are aborted. AUTH goes through limits every worker of every listener shares
-(``pyqmail.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
+(``pyqmail.smtpd.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
 per client, a penalty delay after each failure, a temporary lock of a name after
 ``authlockfails`` failures, and at most ``authconcurrency`` password checks at once per
 worker.
@@ -93,13 +93,10 @@ from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pyqmail import config as configmod
-from pyqmail import session_knobs, tls
+from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
-from pyqmail.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
-from pyqmail.authguard import Settings as AuthSettings
-from pyqmail.limits import ConnTable, key_bytes
-from pyqmail.protocol import (
+from pyqmail.control import smtpd as configmod
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,
@@ -114,9 +111,13 @@ from pyqmail.protocol import (
     StartTLS,
     TLSInfo,
 )
-from pyqmail.queue import Queue, QueueError, QueueWriter
-from pyqmail.queue_commit import CommitResult, Committer
+from pyqmail.queue.commit import CommitResult, Committer
+from pyqmail.queue.store import Queue, QueueError, QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
+from pyqmail.smtpd import knobs as session_knobs
+from pyqmail.smtpd.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
+from pyqmail.smtpd.authguard import Settings as AuthSettings
+from pyqmail.smtpd.limits import ConnTable, key_bytes
 
 MODES = ("smtp", "smtps", "submission")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -992,7 +993,7 @@ class Session(asyncio.BufferedProtocol):
     # AUTH ---------------------------------------------------------------------------------
 
     async def authenticate(self, req: AuthRequest) -> None:
-        """Through the shared AUTH limits (``pyqmail.authguard``): one attempt per client
+        """Through the shared AUTH limits (``pyqmail.smtpd.authguard``): one attempt per client
         at a time over every worker and listener, a penalty delay after a failure, locked
         names refused without a password check (the same 535, after the same delay)."""
         db = self.server.users.current()

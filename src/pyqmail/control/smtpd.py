@@ -42,7 +42,7 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
                    (group commit, see ``queue_commit.Committer``); 0 = never wait; default 10,
                    at most 1000
 ``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
-                   name for ``authlocktime`` seconds (``pyqmail.authguard``); 0 = no lock;
+                   name for ``authlocktime`` seconds (``pyqmail.smtpd.authguard``); 0 = no lock;
                    default 10, at most 1000
 ``authlocktime``   seconds of that window and of the lock (bounded: failures during a lock
                    do not extend it); default 600, 1 to 86400
@@ -50,7 +50,7 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 =================  ===========================================================================
 
 Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
-``stresspercent``) are read here too and documented in ``pyqmail.session_knobs``.
+``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``.
 
 Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
 (qmail's control_readfile). Anything malformed raises ``ConfigError`` naming the file and
@@ -66,9 +66,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqmail import session_knobs, tls
+from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.headers import DEFAULT_MAXHOPS
+from pyqmail.smtpd import knobs as session_knobs
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _INT_MAX = 2**63 - 1

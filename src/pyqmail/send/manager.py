@@ -9,7 +9,7 @@ either way it is picked up again; nothing was delivered yet. Once both are fsync
 is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
 
 The pickup is also what takes a message away from pyqmail-smtpd: ``mess/`` and ``state/``
-are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue``). A file
+are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue.store``). A file
 pyqmail-smtpd wrote stays its own (pyqmail-send cannot chown it), but from ``mess/`` on no
 path leads to it.
 
@@ -30,10 +30,11 @@ delivered again (a possible duplicate, never a loss). ``deferred`` lines are adv
 error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ignored.
 
 When every recipient is done or failed: the DSN is queued if anything failed (see
-``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
-and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
+``pyqmail.send.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked,
+``mess/`` fsynced, and only then ``state/<id>`` unlinked (a state file without its message is
+removed on start).
 
-Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue``): a
+Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue.store``): a
 finished message of a segment cannot be unlinked on its own, so its end is recorded instead
 as a line ``{"ev": "end", "id": "<queue id>"}`` appended to ``state/<segment id>``, and on
 start the messages listed there are skipped. That line is written without fsync, exactly
@@ -84,12 +85,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyqmail.bounce import Failure, bounce_target, make_dsn
-from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
-from pyqmail.local import LocalDelivery
-from pyqmail.mx import Resolver
-from pyqmail.queue import Envelope, Queue, QueueError, Stored, fsync_dir
-from pyqmail.remote import RemoteDelivery, RemoteSession
+from pyqmail.queue.store import Envelope, Queue, QueueError, Stored, fsync_dir
+from pyqmail.send.bounce import Failure, bounce_target, make_dsn
+from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
+from pyqmail.send.local import LocalDelivery
+from pyqmail.send.mx import Resolver
+from pyqmail.send.remote import RemoteDelivery, RemoteSession
 from pyqmail.tls import TLSConfigError, client_context
 
 PIDFILE = "lock/sendpid"

@@ -1,6 +1,6 @@
 """The group commit: the one path by which pyqmail-smtpd makes messages durable.
 
-The queue (``pyqmail.queue``) owns the file format and the steps of a commit, as public
+The queue (``pyqmail.queue.store``) owns the file format and the steps of a commit, as public
 methods: ``QueueWriter.finish`` (complete the message), ``SegmentWriter.add`` and ``seal``
 (held messages into one segment file), ``sync_publish`` of either (fsync, close, link or
 rename into new/), ``Queue.sync_new`` (fsync new/), ``unpublish`` (take a message back out
@@ -25,7 +25,7 @@ import queue as queuemod
 import threading
 from collections.abc import Callable
 
-from pyqmail.queue import Envelope, Queue, QueueError, QueueWriter, SegmentWriter
+from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, SegmentWriter
 
 CommitResult = Envelope | QueueError
 CommitCallback = Callable[[CommitResult], None]

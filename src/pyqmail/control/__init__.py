@@ -1,0 +1,1 @@
+"""Control files: how each daemon reads ``<root>/control``."""
