@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, parse_message
+from pyqmail.queue.format import Envelope, QueueError, parse_message
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit, messages
 
 

@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import store as queuemod
-from pyqmail.queue.store import (
+from pyqmail.queue import writer as queuemod
+from pyqmail.queue.format import (
     Envelope,
-    Queue,
     QueueError,
-    QueueWriter,
-    SegmentWriter,
     encode_segment_trailer,
     parse_file,
     parse_segment,
 )
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter, SegmentWriter
 from tests.queue_util import commit, messages
 
 
