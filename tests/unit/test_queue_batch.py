@@ -85,8 +85,8 @@ def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
 
 
 def test_failure_of_one_message_fails_only_that_one(queue: Queue) -> None:
-    good = queue.writer("a@b.test", ["c@d.test"], None)
-    bad = queue.writer("a@b.test", ["c@d.test"], None)
+    good = QueueWriter(queue, "a@b.test", ["c@d.test"], None)
+    bad = QueueWriter(queue, "a@b.test", ["c@d.test"], None)
     os.unlink(bad._tmp)  # its file is gone (an admin's clean-up): the rename fails, ENOENT
     results = commit([good, bad])
     assert isinstance(results[0], Envelope)

@@ -1,4 +1,4 @@
-"""Segment files: several messages committed together in one file (pyqmail.queue.store), through
+"""Segment files: several messages committed together in one file (pyqmail.queue.writer), through
 pyqmail-smtpd's group commit (pyqmail.queue.commit)."""
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_a_failed_segment_fails_its_messages_and_leaves_nothing(
 ) -> None:
     """Disk full while writing the segment: 451 for each of its messages; a streamed
     message of the same batch (a file of its own) is still committed."""
-    streamed = queue.writer("a@b.test", ["c@d.test"])
+    streamed = QueueWriter(queue, "a@b.test", ["c@d.test"])
     streamed.write(b"big\r\n")
     held = _held(queue, [b"1\r\n", b"2\r\n", b"3\r\n"])
 

@@ -14,7 +14,7 @@ it: ``README.md`` in this package)::
     lock/sendpid   pyqmail-send's pid, under its exclusive lock (``PIDFILE``)
 
 The file format is ``pyqmail.queue.format``'s; writing and committing a message is
-``pyqmail.queue.writer``'s (``Queue.writer`` and ``Queue.enqueue`` start one), and the
+``pyqmail.queue.writer``'s (``Queue.enqueue`` uses it for a whole message), and the
 group commit of pyqmail-smtpd is ``pyqmail.queue.commit``'s.
 
 Permissions: mutually untrusting programs (qmail's model). pyqmail-send's user owns the
@@ -158,12 +158,6 @@ class Queue:
             if not self.path(sub).is_dir():
                 raise QueueError(f"queue directory missing: {self.path(sub)}")
 
-    def writer(
-        self, sender: str, recipients: Sequence[str], meta: Mapping[str, str] | None = None
-    ) -> QueueWriter:
-        """Start streaming one message into tmp/ (see QueueWriter)."""
-        return QueueWriter(self, sender, recipients, meta)
-
     def enqueue(
         self,
         sender: str,
@@ -171,8 +165,9 @@ class Queue:
         message: bytes,
         meta: Mapping[str, str] | None = None,
     ) -> Envelope:
-        """Durably commit a whole message at once; return its envelope."""
-        with self.writer(sender, recipients, meta) as w:
+        """Durably commit a whole message at once; return its envelope. (Messages that
+        arrive in pieces are streamed by a ``QueueWriter`` of their own.)"""
+        with QueueWriter(self, sender, recipients, meta) as w:
             w.write(message)
             return w.commit()
 
