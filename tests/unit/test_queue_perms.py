@@ -233,7 +233,7 @@ def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
 def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
     """pyqmail-sendmail loads the control files without smtproutes-auth (a user in group
     pyqmail may inject but not read it; tests/attacks/test_privileges.py runs that user)."""
-    from pyqmail.send.delivery import Control, ControlError
+    from pyqmail.control.send import Control, ControlError
 
     control = tmp_path / "control"
     control.mkdir()

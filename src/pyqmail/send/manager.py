@@ -85,9 +85,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyqmail.control.send import Control, ControlError
 from pyqmail.queue.store import Envelope, Queue, QueueError, Stored, fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
-from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
+from pyqmail.send.delivery import Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery, RemoteSession
