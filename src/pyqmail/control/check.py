@@ -61,17 +61,16 @@ def auth_state_problem(root: Path) -> str | None:
     """Whether this user could open (or create) the shared AUTH state, without doing so."""
     path = state_path(root)
     where = f"{path}: cannot open the AUTH state"
-    if path.exists():
-        if not os.access(path, os.R_OK | os.W_OK):
-            return f"{where}: not readable and writable by uid {os.getuid()}"
-        return None
     parent = path.parent
-    if parent.is_dir():
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return f"{where}: cannot create it in {parent} as uid {os.getuid()}"
+    uid = os.getuid()
+    if not parent.is_dir():
+        if not os.access(parent.parent, os.W_OK | os.X_OK):
+            return f"{where}: cannot create {parent} as uid {uid}"
         return None
-    if not os.access(parent.parent, os.W_OK | os.X_OK):
-        return f"{where}: cannot create {parent} as uid {os.getuid()}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{where}: cannot create files in {parent} as uid {uid}"
+    if os.path.lexists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return f"{where}: not readable and writable by uid {uid}"
     return None
 
 
