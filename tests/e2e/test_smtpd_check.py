@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, smtpd_command
 
-RULES = "127.:allow,RELAYCLIENT=\"\"\n:allow\n"
+RULES = '127.:allow,RELAYCLIENT=""\n:allow\n'
 
 
 def run(root: QmailRoot, *args: str, user: bool = True) -> subprocess.CompletedProcess[str]:
@@ -28,7 +28,9 @@ def run(root: QmailRoot, *args: str, user: bool = True) -> subprocess.CompletedP
 
 
 def check(root: QmailRoot, *args: str, user: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(root, "--check", "--mode", "smtp", "--rules", str(rules_path(root)), *args, user=user)
+    return run(
+        root, "--check", "--mode", "smtp", "--rules", str(rules_path(root)), *args, user=user
+    )
 
 
 def rules_path(root: QmailRoot) -> Path:
@@ -56,7 +58,9 @@ def test_good_configuration_exits_0_with_one_line_and_touches_nothing(good_root:
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"pyqmail-smtpd: configuration of {good_root.path} for --mode smtp OK")
+    assert lines[0].startswith(
+        f"pyqmail-smtpd: configuration of {good_root.path} for --mode smtp OK"
+    )
     assert "me mx.test, 3 rcpthosts, TLS on, AUTH 1 user(s)" in lines[0]
     assert f"rules {rules_path(good_root)}" in lines[0]
     assert tree(good_root) == before  # no AUTH state, no queue file, nothing
