@@ -65,6 +65,9 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
+``--check`` loads the configuration as a start with the same ``--mode``/``--rules``/``--user``
+would (``pyqmail.control.check``), binds and writes nothing, and exits 0 with one OK line or
+111 with those fatal lines, one per problem.
 """
 
 from __future__ import annotations
