@@ -33,9 +33,26 @@ REFUSE_TASK = "Refuse to signal the listeners with a configuration they cannot l
 RELOAD_TASK = "Reload the SMTP listeners (svc -h)"
 
 
+def _supervised(base: Path, name: str) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A real supervise running ``sleep`` as service ``name``, linked into base/service."""
+    service = base / "supervise" / name
+    service.mkdir(parents=True)
+    (service / "run").write_text("#!/bin/sh\nexec sleep 600\n")
+    (service / "run").chmod(0o755)
+    (base / "service").mkdir(exist_ok=True)
+    (base / "service" / name).symlink_to(service)
+    proc = subprocess.Popen(["supervise", str(service)])
+    for _ in range(100):
+        if (service / "supervise" / "ok").exists():
+            break
+        time.sleep(0.05)
+    return service, proc
+
+
 @pytest.fixture
 def host(pki: PKI) -> Iterator[QmailRoot]:
-    """A qmail root, its rules cdb, and a supervised (sleeping) qmail-smtpd service."""
+    """A qmail root, its rules cdbs, and supervised (sleeping) qmail-smtpd and qmail-smtpd-tls
+    services."""
     base = Path(tempfile.mkdtemp(prefix="pyqmail-handler-"))
     base.chmod(0o755)
     root = QmailRoot(base / "qmail", pki)
@@ -45,33 +62,25 @@ def host(pki: PKI) -> Iterator[QmailRoot]:
     root.servercert()
     root.queue.create()
     root.rules(":allow\n")
+    root.write("etc/smtp-submission.cdb", (root.path / "etc" / "smtp.cdb").read_bytes())
     if IS_ROOT:
         for path in [root.path, *root.path.rglob("*")]:
             root._own(path)
-    service = base / "supervise" / "qmail-smtpd"
-    service.mkdir(parents=True)
-    (service / "run").write_text("#!/bin/sh\nexec sleep 600\n")
-    (service / "run").chmod(0o755)
-    (base / "service").mkdir()
-    (base / "service" / "qmail-smtpd").symlink_to(service)
-    supervise = subprocess.Popen(["supervise", str(service)])
+    services = [_supervised(base, name) for name in ("qmail-smtpd", "qmail-smtpd-tls")]
     try:
-        for _ in range(100):
-            if (service / "supervise" / "ok").exists():
-                break
-            time.sleep(0.05)
         yield root
     finally:
-        subprocess.run(["svc", "-dx", str(service)], check=False)
-        try:
-            supervise.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            supervise.kill()
-            supervise.wait()
+        for service, proc in services:
+            subprocess.run(["svc", "-dx", str(service)], check=False)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_play(root: QmailRoot) -> dict[str, list[dict[str, Any]]]:
+def run_play(root: QmailRoot, **more: object) -> dict[str, list[dict[str, Any]]]:
     """Notify ``pyqmail reload listeners``; task name -> its results on localhost."""
     base = root.path.parent
     playbook = base / "play.yml"
@@ -101,6 +110,7 @@ def run_play(root: QmailRoot) -> dict[str, list[dict[str, Any]]]:
         "pyqmail__rules_path": str(root.path / "etc" / "smtp"),
         "pyqmail__smtpd_user": DROP_USER if IS_ROOT else os.environ.get("USER", "root"),
         "ansible_python_interpreter": sys.executable,
+        **more,
     }
     env = dict(os.environ)
     env.update(
@@ -139,11 +149,15 @@ def test_good_configuration_is_checked_then_signalled(host: QmailRoot) -> None:
     ran = run_play(host)
     check = ran[CHECK_TASK][0]
     assert not check.get("failed"), check
-    (result,) = check["results"]
-    assert result["rc"] == 0, result
-    assert "--mode" in result["cmd"] and "smtp" in result["cmd"]
-    assert str(host.path / "etc" / "smtp.cdb") in result["cmd"]
-    assert result["stdout"].startswith("pyqmail-smtpd: configuration of")
+    smtp, submission = check["results"]
+    for result, mode in ((smtp, "smtp"), (submission, "submission")):
+        assert result["rc"] == 0, result
+        assert result["cmd"][result["cmd"].index("--mode") + 1] == mode
+        assert result["cmd"][result["cmd"].index("--rules") + 1] == str(
+            host.path / "etc" / "smtp.cdb"
+        )
+        assert result["stdout"].startswith("pyqmail-smtpd: configuration of")
+        assert f"--mode {mode} OK" in result["stdout"]
     assert ran[REFUSE_TASK][0].get("skipped")
     assert ran[RELOAD_TASK][0].get("changed") and not ran[RELOAD_TASK][0].get("failed")
 
@@ -160,4 +174,19 @@ def test_broken_configuration_fails_with_the_daemons_message_and_signals_nothing
         f"pyqmail-smtpd: fatal: {host.path}/control/databytes:1: not a non-negative integer: 'ten'"
         in refuse["msg"]
     )
+    assert RELOAD_TASK not in ran
+
+
+def test_each_listener_is_checked_with_its_own_rules_cdb(host: QmailRoot) -> None:
+    """A listener with an environment of its own reads <rules>-<kind>.cdb: a corrupt one
+    stops the reload of every listener, naming that file; the other listener's check passed."""
+    own = host.write("etc/smtp-submission.cdb", b"\x00" * 100)
+    ran = run_play(host, pyqmail__listener_env={"submission": {"FORCETLS": "0"}})
+    smtp, submission = ran[CHECK_TASK][0]["results"]
+    assert smtp["rc"] == 0, smtp
+    assert submission["rc"] == 111
+    assert submission["cmd"][submission["cmd"].index("--rules") + 1] == str(own)
+    refuse = ran[REFUSE_TASK][0]
+    assert refuse.get("failed"), refuse
+    assert f"pyqmail-smtpd: fatal: {own}: " in refuse["msg"]
     assert RELOAD_TASK not in ran
