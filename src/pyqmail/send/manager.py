@@ -84,6 +84,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyqmail.control.check import check_send
+from pyqmail.control.send import Control, ControlError
 from pyqmail.queue.format import Envelope, QueueError, Stored
 from pyqmail.queue.state import (
     Attempt,
@@ -96,11 +98,10 @@ from pyqmail.queue.state import (
 )
 from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
-from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
+from pyqmail.send.delivery import Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery, RemoteSession
-from pyqmail.tls import TLSConfigError, client_context
 
 CHANSKIP = {"local": 10, "remote": 20}
 CLEAN_TMP_EVERY = 3600.0
@@ -866,47 +867,6 @@ def lock_pidfile(queue_root: Path) -> int:
     return fd
 
 
-def check_config(root: Path) -> int:
-    """``--check``: load what pyqmail-send reads, touch nothing; 0 = usable, 111 = not.
-
-    The queue layout, the control files (``Control.load``), ``control/clientcert.pem`` and
-    every ``control/tlshosts/*.pem`` pin (each loaded into a TLS context as a delivery
-    would). Every problem is printed on stderr, one line each.
-    """
-    problems: list[str] = []
-    try:
-        Queue(root / "queue").check()
-    except QueueError as exc:
-        problems.append(str(exc))
-    try:
-        control = Control.load(root)
-    except ControlError as exc:
-        problems.append(str(exc))
-        control = None
-    control_dir = root / "control"
-    clientcert = control_dir / "clientcert.pem"
-    tls_files = [clientcert] if clientcert.exists() else []
-    tls_files += sorted((control_dir / "tlshosts").glob("*.pem"))
-    for path in tls_files:
-        try:
-            if path == clientcert:
-                client_context(verify=False, certfile=path)
-            else:
-                client_context(verify=True, cafile=path)
-        except TLSConfigError as exc:
-            problems.append(str(exc))
-    for problem in problems:
-        sys.stderr.write(f"pyqmail-send: {problem}\n")
-    if problems or control is None:
-        return 111
-    sys.stdout.write(
-        f"pyqmail-send: configuration of {root} OK: me {control.me}, "
-        f"{len(control.locals)} local domain(s), {len(control.routes)} route(s), "
-        f"{len(tls_files)} TLS file(s)\n"
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyqmail-send", description="queue manager: local and remote delivery"
@@ -924,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
-        return check_config(root)
+        return check_send(root)  # pyqmail.control.check, beside pyqmail-smtpd's
     drop_privileges(args.user)
     try:
         manager = Manager(root)
