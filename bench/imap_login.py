@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.certs import make_certs  # noqa: E402
 from pyqmail import authdb  # noqa: E402
-from pyqmail.local import maildir_deliver  # noqa: E402
+from pyqmail.send.local import maildir_deliver  # noqa: E402
 
 TEMPLATE = REPO / "roles" / "pyqmail_dovecot" / "templates" / "etc" / "dovecot" / "dovecot.conf.j2"
 MAIL_USER = "nobody"
@@ -136,7 +136,8 @@ def config(root: Path, base: Path, variant: Variant, port: int, users: int) -> P
         dovecot_username_chars=CHARS,
         dovecot_failure_delay=2,
         dovecot_checkpassword=(
-            f"/usr/bin/env PYTHONPATH={REPO / 'src'} /usr/bin/python3 -m pyqmail.checkpassword"
+            f"/usr/bin/env PYTHONPATH={REPO / 'src'} /usr/bin/python3"
+            " -m pyqmail.tools.checkpassword"
             f" --root {root} --mail-user {MAIL_USER} --mail-group {group}"
         ),
         dovecot_users_group=group,

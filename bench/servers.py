@@ -31,7 +31,7 @@ from pathlib import Path
 from bench import queue_count
 from bench.certs import CertFiles
 from bench.procstat import alive, start_time, tree
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CONNECTIONS = 1100
@@ -187,7 +187,7 @@ class PyqmailServer(Server):
         self.user = user if os.geteuid() == 0 else None
 
     def prepare(self) -> None:
-        from pyqmail.queue import Queue
+        from pyqmail.queue.store import Queue
 
         control = self.root / "control"
         control.mkdir(parents=True, exist_ok=True)

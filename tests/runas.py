@@ -120,7 +120,7 @@ def probe(who: Ident, ops: list[tuple[str, Path | str, Path | str]]) -> list[str
     return result
 
 
-def run_as(who: Ident, code: str, *args: str, preload: str = "import pyqmail.queue") -> Any:
+def run_as(who: Ident, code: str, *args: str, preload: str = "import pyqmail.queue.store") -> Any:
     """Run ``code`` (Python that prints JSON; its arguments are ``sys.argv[4:]``) as ``who``,
     after ``preload`` ran as root; return the parsed output."""
     done = subprocess.run(

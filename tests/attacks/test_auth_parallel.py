@@ -2,7 +2,7 @@
 
 Before: the delay was a sleep inside each session and the failure counts were per worker
 and per listener, so 40 parallel connections from one address made 8.7 guesses/s. Now the
-state is shared by every worker and both AUTH listeners (``pyqmail.authguard``): one
+state is shared by every worker and both AUTH listeners (``pyqmail.smtpd.authguard``): one
 attempt per client at a time and a penalty after each failure, a per-account lock, and an
 ``auth-fail`` line for every failure, which files/fail2ban's filter matches.
 """

@@ -1,4 +1,4 @@
-"""Mutually untrusting daemons, as the role sets them up ("Permissions" in pyqmail.queue).
+"""Mutually untrusting daemons, as the role sets them up ("Permissions" in pyqmail.queue.store).
 
 pyqmail-smtpd runs as its own user (group pyqmail, plus pyqmaila to read the AUTH hashes),
 pyqmail-send as the queue's owner (group pyqmail only). Proven with real processes started
@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 from tests.attacks import tally
 from tests.conftest import PKI
 from tests.e2e.conftest import Daemon
@@ -70,7 +70,7 @@ class Site:
         self.send_log = self.root / f"send-{len(self.procs)}.log"
         with self.send_log.open("wb") as out:
             proc = subprocess.Popen(
-                daemon_command(self.send_user, "pyqmail.send", ["--root", str(self.root)]),
+                daemon_command(self.send_user, "pyqmail.send.manager", ["--root", str(self.root)]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -93,7 +93,7 @@ class Site:
         """pyqmail-smtpd (smtps: AUTH on) as the smtpd user, as after its --user drop."""
         args = daemon_command(
             self.smtpd_user,
-            "pyqmail.smtpd",
+            "pyqmail.smtpd.cli",
             [
                 *("--root", str(self.root), "--listen", "127.0.0.1:0"),
                 *("--mode", "smtps", "--workers", "1"),
@@ -295,7 +295,7 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     injected = subprocess.run(
         daemon_command(
             member,
-            "pyqmail.inject",
+            "pyqmail.tools.sendmail",
             ["--root", str(site.root), "-f", "m@mx.test", "far5@remote.test"],
         ),
         input=MSG % b"member",

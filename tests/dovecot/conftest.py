@@ -204,7 +204,7 @@ def render_config(
     # runs on a host): the test venv's interpreter lives under /root, which the auth process
     # (user dovecot) cannot enter. Dovecot splits these arguments at spaces.
     checkpassword = (
-        f"/usr/bin/env PYTHONPATH={REPO / 'src'} /usr/bin/python3 -m pyqmail.checkpassword"
+        f"/usr/bin/env PYTHONPATH={REPO / 'src'} /usr/bin/python3 -m pyqmail.tools.checkpassword"
         f" --root {mailhost.root} "
         f"--mail-user {mail_user.pw_name} --mail-group {mail_group.gr_name}"
     )

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb, rules
-from pyqmail.queue import Envelope, Queue
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.store import Queue
 from tests.conftest import PKI
 from tests.e2e.helpers import RawSMTP
 from tests.pki import Issued
@@ -47,7 +48,7 @@ SMTPD = Path(sys.executable).parent / "pyqmail-smtpd"
 def smtpd_command() -> list[str]:
     if SMTPD.exists():
         return [str(SMTPD)]
-    return [sys.executable, "-m", "pyqmail.smtpd"]
+    return [sys.executable, "-m", "pyqmail.smtpd.cli"]
 
 
 @dataclass

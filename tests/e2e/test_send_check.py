@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 from tests.conftest import PKI
 
-SEND = [sys.executable, "-c", "import sys; from pyqmail.send import main; sys.exit(main())"]
+SEND = [sys.executable, "-c", "import sys; from pyqmail.send.manager import main; sys.exit(main())"]
 
 
 def make_root(tmp_path: Path, pki: PKI) -> Path:

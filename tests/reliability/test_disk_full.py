@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 from tests.attacks.wire import Wire
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 from tests.e2e.helpers import MESSAGE

@@ -1,4 +1,4 @@
-"""Grey-box mutation fuzzer for the sans-I/O SMTP core (``pyqmail.protocol``), on demand.
+"""Grey-box mutation fuzzer for the sans-I/O SMTP core (``pyqmail.protocol.connection``), on demand.
 
 D1's hypothesis properties (tests/unit/test_protocol_fuzz.py) shrink failures; this runs
 for minutes with a growing corpus instead. Each iteration builds an input from SMTP tokens
@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from pyqmail.protocol import (
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,

@@ -1,6 +1,6 @@
 """Crash-durability soak: SMTP load + SIGKILLs under real daemontools ``supervise``.
 
-What it proves (the durability promise of ``pyqmail.queue``): every message that got ``250``
+What it proves (the durability promise of ``pyqmail.queue.writer``): every message that got ``250``
 after DATA is delivered at least once, duplicates are only counted, and no delivered file is
 partial.
 
@@ -49,7 +49,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 from tests.pki import CA
 
 BIN = Path(sys.executable).parent

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import Queue
+from pyqmail.queue.store import Queue
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""pyqmail.authguard.AuthState: the SQLite state every worker and listener shares."""
+"""pyqmail.smtpd.authguard.AuthState: the SQLite state every worker and listener shares."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import authguard
-from pyqmail.authguard import AuthState, Settings
+from pyqmail.smtpd import authguard
+from pyqmail.smtpd.authguard import AuthState, Settings
 
 S = Settings(lock_fails=3, lock_secs=60, concurrency=2)
 PID = os.getpid()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb
-from pyqmail.checkpassword import LoginsError, parse_logins
+from pyqmail.tools.checkpassword import LoginsError, parse_logins
 
 REPLY = "/usr/lib/dovecot/checkpassword-reply"
 
@@ -36,7 +36,7 @@ def run(root: Path, request: bytes, env: dict[str, str] | None = None) -> tuple[
     rep_r, rep_w = os.pipe()
     os.write(req_w, request)
     os.close(req_w)
-    argv = [sys.executable, "-m", "pyqmail.checkpassword", "--root", str(root)]
+    argv = [sys.executable, "-m", "pyqmail.tools.checkpassword", "--root", str(root)]
     argv += ["--mail-user", "pyqmails", "--mail-group", "pyqmail", REPLY]
     script = (
         "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4);"
@@ -128,7 +128,7 @@ def test_bad_logins_file_names_file_and_line(text: str, message: str) -> None:
 )
 def test_bad_command_line_exits_2_naming_the_problem(argv: list[str], message: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pyqmail.checkpassword", *argv],
+        [sys.executable, "-m", "pyqmail.tools.checkpassword", *argv],
         capture_output=True,
         text=True,
         check=False,

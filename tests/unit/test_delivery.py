@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import inject
-from pyqmail.bounce import BounceTarget, Failure, bounce_target, make_dsn
-from pyqmail.delivery import Control, ControlError, Result, Route, one_line
-from pyqmail.dotqmail import (
+from pyqmail.control.send import Control, ControlError, Route
+from pyqmail.headers import header_values
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.state import Attempt, append_state, read_state
+from pyqmail.send.bounce import BounceTarget, Failure, bounce_target, make_dsn
+from pyqmail.send.delivery import Result, one_line
+from pyqmail.send.dotqmail import (
     Instruction,
     MailboxesError,
     Plan,
@@ -24,12 +27,11 @@ from pyqmail.dotqmail import (
     parse_mailboxes,
     resolve,
 )
-from pyqmail.headers import header_values
-from pyqmail.local import maildir_deliver
-from pyqmail.mx import DnsError, destinations
-from pyqmail.queue import Envelope
-from pyqmail.remote import needs_smtputf8, wire_data
-from pyqmail.send import append_state, load_msg, nextretry, read_state
+from pyqmail.send.local import maildir_deliver
+from pyqmail.send.manager import load_msg, nextretry
+from pyqmail.send.mx import DnsError, destinations
+from pyqmail.send.remote import needs_smtputf8, wire_data
+from pyqmail.tools import sendmail as inject
 
 
 def make_root(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -49,8 +51,9 @@ def make_root(tmp_path: Path, files: dict[str, str]) -> Path:
     ("files", "error"),
     [
         ({"me": ""}, "control/me: missing or empty"),
-        ({"concurrencyremote": "lots\n"}, "concurrencyremote: expected a whole number"),
-        ({"concurrencylocal": "0\n"}, "concurrencylocal: 0 is out of range"),
+        # one reader for both daemons (pyqmail.control.table): pyqmail-smtpd's wording
+        ({"concurrencyremote": "lots\n"}, "concurrencyremote:1: not a non-negative integer"),
+        ({"concurrencylocal": "0\n"}, "concurrencylocal:1: 0 is out of range"),
         ({"smtproutes": "example.com\n"}, "smtproutes:1: expected domain:relay[:port]"),
         ({"smtproutes": "# c\nexample.com:relay:99999\n"}, "smtproutes:2: port 99999 out of range"),
         ({"smtproutes": "x:relay:http\n"}, "port must be a number, got 'http'"),
@@ -368,12 +371,13 @@ def test_nextretry_is_qmails_schedule() -> None:
 def test_state_file_roundtrip_and_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "state" / "id"
     path.parent.mkdir()
-    append_state(path, {"ev": "done", "rcpt": 0, "t": 5.0, "detail": "ok"})
-    append_state(path, {"ev": "deferred", "rcpt": 1, "t": 5.0, "detail": "451"}, durable=False)
+    append_state(path, Attempt("done", 0, 5.0, "ok"))
+    append_state(path, Attempt("deferred", 1, 5.0, "451"), durable=False)
     with path.open("ab") as f:
         f.write(b'{"ev":"done","rcpt":1')  # torn by a crash: ignored
     records = read_state(path)
-    assert [r["ev"] for r in records] == ["done", "deferred"]
+    assert [r.event for r in records if isinstance(r, Attempt)] == ["done", "deferred"]
+    assert len(records) == 2
     control = Control(tmp_path, "mx.test", frozenset({"mx.test"}), {})
     env = Envelope("id", "s@x", ("a@mx.test", "b@remote.test", "c@remote.test"), 1, 0.0)
     msg = load_msg(env, records, control, now=10.0)
@@ -538,7 +542,7 @@ def test_inject_null_sender_and_ignored_options() -> None:
 
 
 def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
-    from pyqmail.queue import Queue
+    from pyqmail.queue.store import Queue
 
     root = make_root(tmp_path, {})
     Queue(root / "queue").create()
@@ -557,8 +561,8 @@ def test_inject_end_to_end_into_a_queue(tmp_path: Path) -> None:
 
 
 def test_queue_list_and_show(tmp_path: Path) -> None:
-    from pyqmail import queuetool
-    from pyqmail.queue import Queue
+    from pyqmail.queue.store import Queue
+    from pyqmail.tools import queue as queuetool
 
     q = Queue(tmp_path / "queue")
     q.create()
@@ -567,10 +571,10 @@ def test_queue_list_and_show(tmp_path: Path) -> None:
     )
     os.rename(q.path("new", env.queue_id), q.path("mess", env.queue_id))
     state = q.path("state", env.queue_id)
-    append_state(state, {"ev": "deferred", "rcpt": 0, "t": 1.0, "detail": "451 later"})
-    append_state(state, {"ev": "done", "rcpt": 0, "t": 2.0, "detail": "250 ok"})
-    append_state(state, {"ev": "failed", "rcpt": 1, "t": 2.0, "detail": "550 no such user"})
-    append_state(state, {"ev": "deferred", "rcpt": 2, "t": 2.0, "detail": "connection refused"})
+    append_state(state, Attempt("deferred", 0, 1.0, "451 later"))
+    append_state(state, Attempt("done", 0, 2.0, "250 ok"))
+    append_state(state, Attempt("failed", 1, 2.0, "550 no such user"))
+    append_state(state, Attempt("deferred", 2, 2.0, "connection refused"))
     waiting = q.enqueue("", ["e@r.test"], b"x\r\n")
     out = io.StringIO()
     # +0.5 s: the queue file keeps the time to the microsecond, so exactly +90 may read 89.99.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import local
-from pyqmail.local import DirSync, maildir_deliver
+from pyqmail.send import local
+from pyqmail.send.local import DirSync, maildir_deliver
 
 
 def test_every_sync_waits_for_an_fsync_that_started_after_it(

@@ -14,14 +14,15 @@ import pytest
 from test_delivery import RESOLVER, FakeResolver
 from test_protocol_support import in_data, policy, ready
 
-from pyqmail import config
-from pyqmail.delivery import Control, ControlError, Route
+from pyqmail.control import smtpd as config
+from pyqmail.control.send import Control, ControlError, Route
 from pyqmail.headers import HopCounter, header_section, header_values
-from pyqmail.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
-from pyqmail.local import LocalDelivery
-from pyqmail.mx import DnsError, LoopError, Myself, destinations
-from pyqmail.queue import Envelope, Queue
-from pyqmail.remote import _SMTP, MAX_REPLY, wire_data
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.store import Queue
+from pyqmail.send.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
+from pyqmail.send.local import LocalDelivery
+from pyqmail.send.mx import DnsError, LoopError, Myself, destinations
+from pyqmail.send.remote import _SMTP, MAX_REPLY, wire_data
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 HOPS = "554 5.4.6 Error: too many hops, this message is looping"

@@ -1,4 +1,4 @@
-"""pyqmail.limits.ConnTable: exact per-client connection counts shared by forked workers."""
+"""pyqmail.smtpd.limits.ConnTable: exact per-client connection counts shared by forked workers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from pyqmail.limits import ConnTable, key_bytes, limit_key
+from pyqmail.smtpd.limits import ConnTable, key_bytes, limit_key
 
 A, B = "127.0.11.243", "127.0.0.77"  # the issue's pair: one bucket under crc32 % 4096
 

@@ -9,7 +9,7 @@ import hmac
 import pytest
 from test_protocol_support import HOST, TLS, Server, in_data, policy, ready
 
-from pyqmail.protocol import (
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,

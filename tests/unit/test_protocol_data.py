@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from test_protocol_support import HOST, TLS, Server, in_data, policy, ready
 
-from pyqmail.protocol import Close, MessageAbort, MessageData, MessageEnd, Policy, Send, State
+from pyqmail.protocol.connection import (
+    Close,
+    MessageAbort,
+    MessageData,
+    MessageEnd,
+    Policy,
+    Send,
+    State,
+)
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 BARE_LF = f"550 5.5.2 {HOST} Error: bare <LF> received"

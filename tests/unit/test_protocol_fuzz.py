@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_protocol_support import TLS, check_password, policy
 
-from pyqmail.protocol import (
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,

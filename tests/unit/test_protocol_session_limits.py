@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_protocol_support import Server, policy, ready
 
-from pyqmail import protocol_helo
+from pyqmail.protocol import helo as protocol_helo
 
 ACCEPTED_HELO = [
     "mx.example.net",

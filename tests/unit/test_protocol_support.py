@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from pyqmail.protocol import (
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,

@@ -1,4 +1,5 @@
-"""Who may read what in the queue ("Permissions" in pyqmail.queue), and the roles that set it up.
+"""Who may read what in the queue ("Permissions" in pyqmail.queue.store), and the roles that set
+it up.
 
 The layout's modes (``Queue.create`` and the role pyqmail_control must agree), the mode and
 owner each kind of writer gives a queue file (the owner, root for the owner, a member of
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pyqmail.queue import LAYOUT, ROOT_MODE, TRIGGER, Queue, QueueWriter
+from pyqmail.queue.store import LAYOUT, ROOT_MODE, TRIGGER, Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit
 from tests.runas import IS_ROOT, Ident, chown_tree, run_as, spare_ids
 
@@ -70,7 +72,9 @@ def test_create_sets_every_mode_whatever_the_umask(tmp_path: Path) -> None:
 def test_role_creates_the_layout_of_the_code() -> None:
     queue_dir = _task("pyqmail_control", "Create the queue directory")["ansible.builtin.file"]
     assert int(queue_dir["mode"], 8) == ROOT_MODE
-    subdirs = _task("pyqmail_control", "Create the queue subdirectories (pyqmail.queue layout)")
+    subdirs = _task(
+        "pyqmail_control", "Create the queue subdirectories (pyqmail.queue.store layout)"
+    )
     assert {i["name"]: int(i["mode"], 8) for i in subdirs["loop"]} == LAYOUT
     args = subdirs["ansible.builtin.file"]
     assert (args["owner"], args["group"]) == ("{{ pyqmail__send_user }}", "{{ pyqmail__group }}")
@@ -143,13 +147,14 @@ def test_root_hands_its_files_to_the_owner(tmp_path: Path) -> None:
 
 
 _GROUP_WRITER = """
-import pyqmail.queue as qm
+import pyqmail.queue.store as qm
+import pyqmail.queue.writer as qw
 q = qm.Queue(sys.argv[4])
 os.umask(0o077)
 q.enqueue("a@b.test", ["c@d.test"], b"alone\\r\\n")
 held = []
 for n in range(2):
-    w = qm.QueueWriter(q, "a@b.test", [f"r{n}@d.test"], defer=True)
+    w = qw.QueueWriter(q, "a@b.test", [f"r{n}@d.test"], defer=True)
     w.write(b"x\\r\\n")
     held.append(w)
 print(json.dumps([type(r).__name__ for r in tests.queue_util.commit(held)]))
@@ -177,7 +182,7 @@ def test_a_group_member_writes_files_the_owner_reads_through_the_group(open_dir:
         Ident(writer, writer, (group,)),
         _GROUP_WRITER,
         str(q.root),
-        preload="import pyqmail.queue, tests.queue_util",  # pyqmail-smtpd's commit path
+        preload="import pyqmail.queue.store, tests.queue_util",  # pyqmail-smtpd's commit path
     )
     assert got == ["Envelope", "Envelope"]
     files = _queue_files(q)
@@ -191,7 +196,7 @@ def test_a_group_member_writes_files_the_owner_reads_through_the_group(open_dir:
 _QUEUE_TOOL = """
 err = io.StringIO()
 with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    code = pyqmail.queuetool.main(["--root", sys.argv[4], "list"])
+    code = pyqmail.tools.queue.main(["--root", sys.argv[4], "list"])
 print(json.dumps([code, err.getvalue()]))
 """
 
@@ -208,7 +213,8 @@ def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
         Ident(member, group, (group,)),
         _QUEUE_TOOL,
         str(open_dir),
-        preload="import contextlib, io, pyqmail.queuetool",
+        # argparse imports locale and shutil late; the python may be root's alone
+        preload="import contextlib, io, locale, shutil, pyqmail.tools.queue",
     )
     assert code == 2
     assert err == (
@@ -230,14 +236,15 @@ def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
 def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
     """pyqmail-sendmail loads the control files without smtproutes-auth (a user in group
     pyqmail may inject but not read it; tests/attacks/test_privileges.py runs that user)."""
-    from pyqmail.delivery import Control, ControlError
+    from pyqmail.control.send import Control, ControlError
 
     control = tmp_path / "control"
     control.mkdir()
     (control / "me").write_text("mx.test\n")
     (control / "smtproutes").write_text(":relay.test\n")
     (control / "smtproutes-auth").write_bytes(b"\xff not even text\n")
-    with pytest.raises(ControlError, match="smtproutes-auth: cannot read"):
+    # the one reader's wording (pyqmail.control.reader), as pyqmail-smtpd always said it
+    with pytest.raises(ControlError, match="smtproutes-auth:1: not valid UTF-8"):
         Control.load(tmp_path)
     assert Control.load(tmp_path, relay_auth=False).route("x.test").user == ""
 
@@ -250,7 +257,7 @@ def test_pickup_fsyncs_both_directories_before_scheduling(
     in new/ (picked up again, nothing delivered yet) or only in mess/."""
     import io
 
-    from pyqmail import send
+    from pyqmail.send import manager as send
 
     q = Queue(send_root / "queue")
     for n in range(3):

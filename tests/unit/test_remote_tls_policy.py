@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pyqmail.remote import TlsPolicy
+from pyqmail.send.remote import TlsPolicy
 from tests.conftest import PKI
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pyqmail.session_knobs import SessionKnobs
+from pyqmail.smtpd.knobs import SessionKnobs
 
 ROLE = Path(__file__).resolve().parents[2] / "roles" / "pyqmail_control"
 KNOBS = {

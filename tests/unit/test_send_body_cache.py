@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import send
-from pyqmail.queue import Queue
-from pyqmail.send import Log, Manager
+from pyqmail.queue.store import Queue
+from pyqmail.send import manager as send
+from pyqmail.send.manager import Log, Manager
 
 
 @pytest.fixture

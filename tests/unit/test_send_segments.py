@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import send
-from pyqmail.queue import Queue, QueueWriter
-from pyqmail.send import Log, Manager
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
+from pyqmail.send import manager as send
+from pyqmail.send.manager import Log, Manager
 from tests.queue_util import commit
 
 

@@ -1,4 +1,4 @@
-"""pyqmail.config (control files), pyqmail.tls (contexts) and smtpd's pure helpers."""
+"""pyqmail.control.smtpd (control files), pyqmail.tls (contexts) and smtpd's pure helpers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail import config, smtpd, tls
+from pyqmail import tls
+from pyqmail.control import smtpd as config
+from pyqmail.smtpd import cli as smtpd
 from tests.conftest import PKI
 
 
 @pytest.fixture
 def root(tmp_path: Path, pki: PKI) -> Path:
     (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test\n")  # required (pyqmail.control.table)
     pki.ca.write_servercert(tmp_path / "control" / "servercert.pem", pki.server)
     return tmp_path
 

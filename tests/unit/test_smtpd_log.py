@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pyqmail import smtpd
+from pyqmail.smtpd import cli as smtpd
 
 
 def test_log_lines_of_one_loop_pass_go_out_in_whole_line_pipe_buf_writes(

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from pyqmail import smtpd
+from pyqmail.smtpd import cli as smtpd
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 

@@ -35,10 +35,12 @@ import weakref
 from pathlib import Path
 from typing import ClassVar
 
-from pyqmail.delivery import Control, Result, split_address
-from pyqmail.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
+from pyqmail.control.send import Control
 from pyqmail.headers import header_fields
-from pyqmail.queue import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.queue.format import Envelope, QueueError
+from pyqmail.queue.store import Queue, fsync_dir
+from pyqmail.send.delivery import Result, split_address
+from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")

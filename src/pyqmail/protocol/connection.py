@@ -11,7 +11,7 @@ every decision about what the client said. Use::
     handle(conn.message_failed(reply))    # ... or when the commit failed (451 4.3.0)
     handle(conn.tls_started(info))        # after StartTLS and a good handshake
 
-``handle`` acts on the events in order (``pyqmail.protocol_events``): write ``Send``, run the
+``handle`` acts on the events in order (``pyqmail.protocol.events``): write ``Send``, run the
 handshake on ``StartTLS``, verify on ``AuthRequest``, stream ``MessageStart``/``MessageData``/
 ``MessageEnd`` into the queue, drop it on ``MessageAbort``, close on ``Close``. While the core
 waits (AuthRequest, MessageEnd, StartTLS) the server should stop reading (``paused``);
@@ -59,16 +59,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from pyqmail import protocol_helo
 from pyqmail.headers import HopCounter
-from pyqmail.protocol_address import (
+from pyqmail.protocol import helo as protocol_helo
+from pyqmail.protocol.address import (
     AddressError,
     Mailbox,
     parse_mailbox,
     parse_params,
     split_path,
 )
-from pyqmail.protocol_events import (
+from pyqmail.protocol.events import (
     KNOWN_MECHANISMS,
     AuthRejected,
     AuthRequest,

@@ -20,7 +20,7 @@ Line ends become CRLF in the queue; ``Received:``, ``Date:``, ``Message-ID:`` an
 are added when missing. The message is committed with ``Queue.enqueue`` (durable) and
 pyqmail-send is woken. The caller needs write access to ``queue/tmp`` and ``queue/new``
 (root, or a member of group ``pyqmail``). Root's queue file is handed to the queue's owner
-(pyqmail-send), mode 0600, so pyqmail-smtpd cannot read it (``pyqmail.queue``).
+(pyqmail-send), mode 0600, so pyqmail-smtpd cannot read it (``pyqmail.queue.store``).
 
 Exit codes (sysexits): 0 queued, 64 usage, 65 bad message or address, 75 queue unavailable
 (try again), 78 configuration.
@@ -40,9 +40,10 @@ from email.utils import formatdate, getaddresses
 from pathlib import Path
 from typing import BinaryIO
 
-from pyqmail.delivery import Control, ControlError
+from pyqmail.control.send import Control, ControlError
 from pyqmail.headers import HEADER_SIZE_LIMIT
-from pyqmail.queue import Queue, QueueError
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78
 _IGNORED = {"-odb", "-odi", "-odq", "-bm", "-v", "-em", "-ep", "-eq", "-U", "-m", "-n", "-G"}

@@ -1,10 +1,12 @@
-"""What every part of pyqmail-send shares: control files, delivery outcomes, addresses.
+"""The qmail root's control files, as pyqmail-send (and pyqmail-sendmail) read them.
 
-Control files read by the delivery side (``<root>/control/``; first line only unless noted,
-``#`` lines and blank lines ignored in the multi-line files):
+``Control.load(root)`` reads ``<root>/control/*`` through ``pyqmail.control.reader`` and
+``pyqmail.control.table`` (the same reader and table as pyqmail-smtpd's
+``pyqmail.control.smtpd``): first line only unless noted, ``#`` lines and blank lines
+ignored, a malformed file is a ``ControlError`` naming file and line.
 
 =====================  ===========================================================
-``me``                 this host's name (required)
+``me``                 this host's name (required, a host name; see the table)
 ``locals``             domains delivered locally, one per line (default: ``me``)
 ``virtualdomains``     ``domain:prefix``, ``.suffix:prefix`` or ``user@domain:prefix``:
                        ``local@domain`` is delivered as the local address
@@ -32,59 +34,16 @@ Control files read by the delivery side (``<root>/control/``; first line only un
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from pyqmail.control import table
+from pyqmail.control.reader import ControlError, Line
 from pyqmail.headers import DEFAULT_MAXHOPS
+from pyqmail.send.delivery import split_address
 
-Kind = Literal["ok", "temp", "perm"]
-DOUBLE_BOUNCE_SENDER = "#@[]"
-
-
-class ControlError(Exception):
-    """A control file is unreadable or malformed; the message names file and line."""
-
-
-@dataclass(frozen=True)
-class Result:
-    """The outcome of one delivery attempt to one recipient."""
-
-    kind: Kind
-    detail: str
-    status: str = ""  # RFC 3463 enhanced status, e.g. 5.1.1
-    remote: str = "local"  # host that answered, for the log and the DSN Remote-MTA
-    diagnostic: str = ""  # DSN Diagnostic-Code, e.g. "smtp; 550 5.1.1 unknown user"
-    tls: str = "-"
-    verified: str = "-"
-
-    @classmethod
-    def ok(cls, detail: str, **kw: str) -> Result:
-        return cls("ok", detail, kw.pop("status", "2.0.0"), **kw)
-
-    @classmethod
-    def temp(cls, detail: str, status: str = "4.0.0", **kw: str) -> Result:
-        return cls("temp", detail, status, **kw)
-
-    @classmethod
-    def perm(cls, detail: str, status: str = "5.0.0", **kw: str) -> Result:
-        return cls("perm", detail, status, **kw)
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """Make remote-controlled text safe for a log line or a header: no control characters."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
-    return " ".join(cleaned.split())[:limit]
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """``local@domain`` -> (local, lowercased domain); no ``@`` -> (address, "")."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, domain.lower()
+__all__ = ["Control", "ControlError", "Route", "parse_port"]
 
 
 @dataclass(frozen=True)
@@ -124,45 +83,6 @@ def _bracketed(text: str, origin: str) -> tuple[str, str]:
     return host, rest
 
 
-def _lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ControlError(f"{path}: cannot read: {exc}") from exc
-    out = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            out.append((number, line))
-    return out
-
-
-def _first_line(path: Path) -> str | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ControlError(f"{path}: cannot read: {exc}") from exc
-    lines = text.splitlines()
-    return lines[0].strip() if lines else ""
-
-
-def _number(path: Path, default: int, low: int, high: int) -> int:
-    value = _first_line(path)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ControlError(f"{path}: expected a whole number, got {value!r}") from None
-    if not low <= number <= high:
-        raise ControlError(f"{path}: {number} is out of range {low}..{high}")
-    return number
-
-
 def parse_port(text: str, origin: str) -> int:
     try:
         port = int(text)
@@ -171,6 +91,45 @@ def parse_port(text: str, origin: str) -> int:
     if not 0 < port < 65536:
         raise ControlError(f"{origin}: port {port} out of range 1..65535")
     return port
+
+
+def _virtualdomains(lines: list[Line]) -> dict[str, str]:
+    """``key:prefix`` lines -> {lower-cased key: prefix}."""
+    virtual: dict[str, str] = {}
+    for line in lines:
+        text = line.text.strip()
+        key, sep, prefix = text.rpartition(":")
+        if not sep or not key:
+            raise ControlError(f"{line.where}: expected domain:prefix, got {text!r}")
+        virtual[key.lower()] = prefix
+    return virtual
+
+
+def _relay_auth(lines: list[Line]) -> dict[str, tuple[str, str]]:
+    """``relay:user:password`` lines -> {lower-cased relay: (user, password)}."""
+    auth: dict[str, tuple[str, str]] = {}
+    for line in lines:
+        host, rest = _bracketed(line.text.strip(), line.where)
+        user, sep, password = rest.partition(":")
+        if not host or not user or not sep or not password:
+            raise ControlError(f"{line.where}: expected relay:user:password")
+        auth[host.lower()] = (user, password)
+    return auth
+
+
+def _routes(lines: list[Line], auth: dict[str, tuple[str, str]]) -> dict[str, Route]:
+    """``domain:relay[:port]`` lines -> {lower-cased domain: Route with its credentials}."""
+    routes: dict[str, Route] = {}
+    for line in lines:
+        text = line.text.strip()
+        domain, sep, rest = text.partition(":")
+        if not sep:
+            raise ControlError(f"{line.where}: expected domain:relay[:port], got {text!r}")
+        host, port_text = _bracketed(rest, line.where)
+        port = parse_port(port_text, line.where) if port_text else 25
+        user, password = auth.get(host.lower(), ("", ""))
+        routes[domain.lower()] = Route(host, port, user, password)
+    return routes
 
 
 @dataclass
@@ -213,55 +172,25 @@ class Control:
         not read it and needs no route."""
         root = Path(root)
         c = root / "control"
-        me = _first_line(c / "me")
-        if not me:
-            raise ControlError(f"{c / 'me'}: missing or empty; it must name this host")
-        local_domains = frozenset(line.lower() for _, line in _lines(c / "locals")) or frozenset(
-            {me.lower()}
-        )
-        virtual: dict[str, str] = {}
-        for number, line in _lines(c / "virtualdomains"):
-            key, sep, prefix = line.rpartition(":")
-            if not sep or not key:
-                raise ControlError(
-                    f"{c / 'virtualdomains'}:{number}: expected domain:prefix, got {line!r}"
-                )
-            virtual[key.lower()] = prefix
-        routes: dict[str, Route] = {}
-        auth: dict[str, tuple[str, str]] = {}
-        for number, line in _lines(c / "smtproutes-auth") if relay_auth else []:
-            origin = f"{c / 'smtproutes-auth'}:{number}"
-            host, rest = _bracketed(line, origin)
-            user, sep, password = rest.partition(":")
-            if not host or not user or not sep or not password:
-                raise ControlError(f"{origin}: expected relay:user:password")
-            auth[host.lower()] = (user, password)
-        for number, line in _lines(c / "smtproutes"):
-            origin = f"{c / 'smtproutes'}:{number}"
-            domain, sep, rest = line.partition(":")
-            if not sep:
-                raise ControlError(f"{origin}: expected domain:relay[:port], got {line!r}")
-            host, port_text = _bracketed(rest, origin)
-            port = parse_port(port_text, origin) if port_text else 25
-            user, password = auth.get(host.lower(), ("", ""))
-            routes[domain.lower()] = Route(host, port, user, password)
+        me = table.ME.read(c)
+        auth = _relay_auth(table.SMTPROUTES_AUTH.read(c)) if relay_auth else {}
         return cls(
             root=root,
             me=me,
-            locals=local_domains,
-            virtualdomains=virtual,
-            concurrencylocal=_number(c / "concurrencylocal", 10, 1, 1000),
-            concurrencyremote=_number(c / "concurrencyremote", 20, 1, 1000),
-            queuelifetime=_number(c / "queuelifetime", 604800, 0, 10**9),
-            bouncefrom=_first_line(c / "bouncefrom") or "MAILER-DAEMON",
-            bouncehost=_first_line(c / "bouncehost") or me,
-            doublebounceto=_opt(_first_line(c / "doublebounceto"), "postmaster"),
-            doublebouncehost=_first_line(c / "doublebouncehost") or me,
-            helohost=_first_line(c / "helohost") or me,
-            maxhops=_number(c / "maxhops", DEFAULT_MAXHOPS, 1, 10000),
-            timeoutconnect=_number(c / "timeoutconnect", 60, 1, 3600),
-            timeoutremote=_number(c / "timeoutremote", 1200, 1, 86400),
-            routes=routes,
+            locals=table.LOCALS.read(c) or frozenset({me}),
+            virtualdomains=_virtualdomains(table.VIRTUALDOMAINS.read(c)),
+            concurrencylocal=table.CONCURRENCYLOCAL.read(c),
+            concurrencyremote=table.CONCURRENCYREMOTE.read(c),
+            queuelifetime=table.QUEUELIFETIME.read(c),
+            bouncefrom=table.BOUNCEFROM.read(c, me),
+            bouncehost=table.BOUNCEHOST.read(c, me),
+            doublebounceto=table.DOUBLEBOUNCETO.read(c, me),
+            doublebouncehost=table.DOUBLEBOUNCEHOST.read(c, me),
+            helohost=table.HELOHOST.read(c, me),
+            maxhops=table.MAXHOPS.read(c),
+            timeoutconnect=table.TIMEOUTCONNECT.read(c),
+            timeoutremote=table.TIMEOUTREMOTE.read(c),
+            routes=_routes(table.SMTPROUTES.read(c), auth),
         )
 
     def route(self, domain: str) -> Route:
@@ -293,16 +222,3 @@ class Control:
         if not prefix:
             return None
         return f"{prefix}-{local}"
-
-
-def _opt(value: str | None, default: str) -> str:
-    """doublebounceto: absent -> default; present but empty -> '' (drop double bounces)."""
-    return default if value is None else value
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

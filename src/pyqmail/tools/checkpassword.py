@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail.authdb import AuthDB, AuthDBError
-from pyqmail.dotqmail import MailboxesError, parse_mailboxes
+from pyqmail.send.dotqmail import MailboxesError, parse_mailboxes
 
 __all__ = ["LoginsError", "main", "parse_logins", "resolve"]
 

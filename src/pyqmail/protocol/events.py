@@ -1,9 +1,9 @@
-"""What the sans-I/O SMTP core (``pyqmail.protocol``) takes in and gives out.
+"""What the sans-I/O SMTP core (``pyqmail.protocol.connection``) takes in and gives out.
 
 ``Policy`` is everything the server layer knows about one connection before the first byte
 (control files, the tcprules environment, the listener mode). ``TLSInfo`` describes a
 finished handshake. The event classes are what ``SMTPConnection`` methods return; the
-server acts on them in order (see ``pyqmail.protocol`` for the contract of each).
+server acts on them in order (see ``pyqmail.protocol.connection`` for the contract of each).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Policy:
       Messages containing a NUL byte are refused the same way (``554 5.6.0``).
     - ``max_pending`` bounds input buffered while the core waits for the server
       (AUTH check, queue commit, handshake) and before the greeting.
-    - ``max_junk``: junk commands (NOOP, RSET, VRFY, ...; ``pyqmail.session_knobs``)
+    - ``max_junk``: junk commands (NOOP, RSET, VRFY, ...; ``pyqmail.smtpd.knobs``)
       allowed before each further one counts towards ``max_errors``; 0 = no limit.
     - ``auth_header``: name the AUTH login in the Received header.
     - ``notice(event, text)`` is how the core asks the server to log something the client

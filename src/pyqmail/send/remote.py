@@ -1,6 +1,6 @@
 """Remote delivery (qmail-remote with the qmail-tls patch): routes, MX, SMTP, STARTTLS.
 
-Where mail goes and the refusal of every destination that is this host: ``pyqmail.mx``.
+Where mail goes and the refusal of every destination that is this host: ``pyqmail.send.mx``.
 
 TLS, per remote host name (``fqdn``: the MX or relay name):
 
@@ -44,16 +44,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyqmail.delivery import (
+from pyqmail.control.send import Control
+from pyqmail.queue.format import Envelope
+from pyqmail.send.delivery import (
     DOUBLE_BOUNCE_SENDER,
-    Control,
     Kind,
     Result,
     one_line,
     split_address,
 )
-from pyqmail.ipme import LocalAddresses
-from pyqmail.mx import (
+from pyqmail.send.ipme import LocalAddresses
+from pyqmail.send.mx import (
     Destination,
     DnsError,
     DnsResolver,
@@ -62,7 +63,6 @@ from pyqmail.mx import (
     Resolver,
     destinations,
 )
-from pyqmail.queue import Envelope
 from pyqmail.tls import TLSConfigError, client_context
 
 MAX_LINE = 998  # octets of text per line on the wire, CRLF not counted

@@ -9,7 +9,7 @@ either way it is picked up again; nothing was delivered yet. Once both are fsync
 is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
 
 The pickup is also what takes a message away from pyqmail-smtpd: ``mess/`` and ``state/``
-are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue``). A file
+are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue.store``). A file
 pyqmail-smtpd wrote stays its own (pyqmail-send cannot chown it), but from ``mess/`` on no
 path leads to it.
 
@@ -30,10 +30,11 @@ delivered again (a possible duplicate, never a loss). ``deferred`` lines are adv
 error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ignored.
 
 When every recipient is done or failed: the DSN is queued if anything failed (see
-``pyqmail.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked, ``mess/`` fsynced,
-and only then ``state/<id>`` unlinked (a state file without its message is removed on start).
+``pyqmail.send.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked,
+``mess/`` fsynced, and only then ``state/<id>`` unlinked (a state file without its message is
+removed on start).
 
-Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue``): a
+Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue.store``): a
 finished message of a segment cannot be unlinked on its own, so its end is recorded instead
 as a line ``{"ev": "end", "id": "<queue id>"}`` appended to ``state/<segment id>``, and on
 start the messages listed there are skipped. That line is written without fsync, exactly
@@ -68,7 +69,6 @@ import contextlib
 import errno
 import fcntl
 import heapq
-import json
 import math
 import os
 import pwd
@@ -84,15 +84,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyqmail.bounce import Failure, bounce_target, make_dsn
-from pyqmail.delivery import Control, ControlError, Result, one_line, split_address
-from pyqmail.local import LocalDelivery
-from pyqmail.mx import Resolver
-from pyqmail.queue import Envelope, Queue, QueueError, Stored, fsync_dir
-from pyqmail.remote import RemoteDelivery, RemoteSession
-from pyqmail.tls import TLSConfigError, client_context
+from pyqmail.control.check import check_send
+from pyqmail.control.send import Control, ControlError
+from pyqmail.queue.format import Envelope, QueueError, Stored
+from pyqmail.queue.state import (
+    Attempt,
+    Bounced,
+    Record,
+    append_end,
+    append_state,
+    ended_messages,
+    read_state,
+)
+from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
+from pyqmail.send.bounce import Failure, bounce_target, make_dsn
+from pyqmail.send.delivery import Result, one_line, split_address
+from pyqmail.send.local import LocalDelivery
+from pyqmail.send.mx import Resolver
+from pyqmail.send.remote import RemoteDelivery, RemoteSession
 
-PIDFILE = "lock/sendpid"
 CHANSKIP = {"local": 10, "remote": 20}
 CLEAN_TMP_EVERY = 3600.0
 BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
@@ -104,56 +114,6 @@ def nextretry(birth: float, last: float, channel: str) -> float:
     n = math.isqrt(int(last - birth)) if last > birth else 0
     n += CHANSKIP[channel]
     return birth + n * n
-
-
-# -- state files ------------------------------------------------------------------------
-
-
-def read_state(path: Path) -> list[dict[str, Any]]:
-    """The records of a state file (complete lines only); [] if it does not exist."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in data.split(b"\n")[:-1]:  # the part after the last LF is torn or empty
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def ended_messages(path: Path) -> set[str]:
-    """The queue ids recorded as ended in a segment's ``state/<segment id>``."""
-    records = read_state(path)
-    return {r["id"] for r in records if r.get("ev") == "end" and isinstance(r.get("id"), str)}
-
-
-def append_end(path: str, queue_id: str) -> None:
-    """Record that a message of a segment has ended (no fsync: see the module docstring)."""
-    line = json.dumps({"ev": "end", "id": queue_id}, separators=(",", ":")).encode() + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def append_state(path: Path, record: dict[str, Any], durable: bool = True) -> None:
-    line = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, line)
-        if durable or created:
-            os.fdatasync(fd) if not created else os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
 
 
 # -- in-memory model --------------------------------------------------------------------
@@ -187,18 +147,18 @@ class Msg:
         return all(r.status in ("done", "failed") for r in self.rcpts)
 
 
-def _result_from(record: dict[str, Any]) -> Result:
-    kind = {"done": "ok", "failed": "perm"}.get(str(record.get("ev")), "temp")
+def _result_from(record: Attempt) -> Result:
+    kind = {"done": "ok", "failed": "perm"}.get(record.event, "temp")
     return Result(
         kind,  # type: ignore[arg-type]
-        str(record.get("detail", "")),
-        str(record.get("status", "")),
-        str(record.get("remote", "local")),
-        str(record.get("diag", "")),
+        record.detail,
+        record.status,
+        record.remote,
+        record.diag,
     )
 
 
-def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now: float) -> Msg:
+def load_msg(env: Envelope, records: list[Record], control: Control, now: float) -> Msg:
     """Rebuild a message's delivery state from its state file records."""
     rcpts = [
         Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
@@ -206,24 +166,22 @@ def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now
     ]
     msg = Msg(env, rcpts, has_state=bool(records))
     for record in records:
-        ev = record.get("ev")
-        if ev == "bounced":
+        if isinstance(record, Bounced):
             msg.bounced = True
             continue
-        index = record.get("rcpt")
-        if not isinstance(index, int) or not 0 <= index < len(rcpts):
+        if not isinstance(record, Attempt) or not 0 <= record.rcpt < len(rcpts):
             continue
-        r = rcpts[index]
+        r = rcpts[record.rcpt]
         if r.status in ("done", "failed"):
             continue
         r.result = _result_from(record)
-        r.last_try = float(record.get("t", 0.0))
-        if ev == "done":
+        r.last_try = record.time
+        if record.event == "done":
             r.status = "done"
-        elif ev == "failed":
+        elif record.event == "failed":
             r.status = "failed"
-            r.expired = bool(record.get("expired", False))
-        elif ev == "deferred":
+            r.expired = record.expired
+        elif record.event == "deferred":
             r.next_try = max(now, nextretry(env.received, r.last_try, r.channel))
     return msg
 
@@ -361,7 +319,7 @@ class Manager:
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
-    def _add(self, name: str, stored: Stored, records: list[dict[str, Any]]) -> Msg:
+    def _add(self, name: str, stored: Stored, records: list[Record]) -> Msg:
         """Schedule one message of ``mess/<name>`` with the progress its records show."""
         env = stored.env
         queue_id = env.queue_id
@@ -586,12 +544,16 @@ class Manager:
         event = {"ok": "done", "perm": "failed", "temp": "deferred"}[result.kind]
         if expired:
             event = "failed"
-        record: dict[str, Any] = {"ev": event, "rcpt": index, "t": round(now, 3)}
-        record["detail"] = one_line(result.detail, 1000)
-        if event != "done":
-            record |= {"status": result.status, "remote": result.remote, "diag": result.diagnostic}
-        if event == "failed":
-            record["expired"] = expired
+        record = Attempt(
+            event,  # type: ignore[arg-type]
+            index,
+            round(now, 3),
+            one_line(result.detail, 1000),
+            result.status,
+            result.remote,
+            result.diagnostic,
+            expired,
+        )
         with self.lock:  # the last recipient of a clean message needs no record: see finish()
             last = event == "done" and all(o.status == "done" for o in msg.rcpts if o is not r)
         state_error = ""
@@ -770,7 +732,7 @@ class Manager:
             with msg.lock:
                 append_state(
                     self.queue.path("state", queue_id),
-                    {"ev": "bounced", "t": round(time.time(), 3), "bounce": bounce_id},
+                    Bounced(round(time.time(), 3), bounce_id),
                 )
         except OSError as exc:
             self.log(f"warning cannot record bounce of {queue_id}: {exc}")
@@ -905,47 +867,6 @@ def lock_pidfile(queue_root: Path) -> int:
     return fd
 
 
-def check_config(root: Path) -> int:
-    """``--check``: load what pyqmail-send reads, touch nothing; 0 = usable, 111 = not.
-
-    The queue layout, the control files (``Control.load``), ``control/clientcert.pem`` and
-    every ``control/tlshosts/*.pem`` pin (each loaded into a TLS context as a delivery
-    would). Every problem is printed on stderr, one line each.
-    """
-    problems: list[str] = []
-    try:
-        Queue(root / "queue").check()
-    except QueueError as exc:
-        problems.append(str(exc))
-    try:
-        control = Control.load(root)
-    except ControlError as exc:
-        problems.append(str(exc))
-        control = None
-    control_dir = root / "control"
-    clientcert = control_dir / "clientcert.pem"
-    tls_files = [clientcert] if clientcert.exists() else []
-    tls_files += sorted((control_dir / "tlshosts").glob("*.pem"))
-    for path in tls_files:
-        try:
-            if path == clientcert:
-                client_context(verify=False, certfile=path)
-            else:
-                client_context(verify=True, cafile=path)
-        except TLSConfigError as exc:
-            problems.append(str(exc))
-    for problem in problems:
-        sys.stderr.write(f"pyqmail-send: {problem}\n")
-    if problems or control is None:
-        return 111
-    sys.stdout.write(
-        f"pyqmail-send: configuration of {root} OK: me {control.me}, "
-        f"{len(control.locals)} local domain(s), {len(control.routes)} route(s), "
-        f"{len(tls_files)} TLS file(s)\n"
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyqmail-send", description="queue manager: local and remote delivery"
@@ -963,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
-        return check_config(root)
+        return check_send(root)  # pyqmail.control.check, beside pyqmail-smtpd's
     drop_privileges(args.user)
     try:
         manager = Manager(root)

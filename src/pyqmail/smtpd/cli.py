@@ -1,4 +1,4 @@
-"""pyqmail-smtpd: the SMTP listener around the sans-I/O core in ``pyqmail.protocol``.
+"""pyqmail-smtpd: the SMTP listener around the sans-I/O core in ``pyqmail.protocol.connection``.
 
 One program, three listener modes (one supervised service each, as in the qmail guides):
 
@@ -25,16 +25,16 @@ rule closes the connection at once (logged), ``allow`` passes the rule's environ
 file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
 
 Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address or an IPv6
-/64) are counted exactly across workers in a table they share (``pyqmail.limits``). Over a
+/64) are counted exactly across workers in a table they share (``pyqmail.smtpd.limits``). Over a
 limit: ``421 4.7.0`` and close. A client must make progress (complete a command or a
 chunk of message) within ``timeoutsmtpd``; a DATA phase must end within ``timeoutdata``;
 a handshake within ``timeouttls``. Under stress (connections over ``stresspercent`` of
 ``maxconn``, all workers) progress is due within ``timeoutstress`` instead; junk commands
 past ``maxjunk`` count as errors; the ``smtp`` listener may pause its greeting
-(``greetdelay``) to catch clients that talk first (``pyqmail.session_knobs``). A client
+(``greetdelay``) to catch clients that talk first (``pyqmail.smtpd.knobs``). A client
 that stops reading our replies stops being read and then times out; closing sockets that
 cannot flush are aborted. AUTH goes through limits every worker of every listener shares
-(``pyqmail.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
+(``pyqmail.smtpd.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
 per client, a penalty delay after each failure, a temporary lock of a name after
 ``authlockfails`` failures, and at most ``authconcurrency`` password checks at once per
 worker.
@@ -65,6 +65,9 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
+``--check`` loads the configuration as a start with the same ``--mode``/``--rules``/``--user``
+would (``pyqmail.control.check``), binds and writes nothing, and exits 0 with one OK line or
+111 with those fatal lines, one per problem.
 """
 
 from __future__ import annotations
@@ -93,13 +96,11 @@ from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pyqmail import config as configmod
-from pyqmail import session_knobs, tls
+from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
-from pyqmail.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
-from pyqmail.authguard import Settings as AuthSettings
-from pyqmail.limits import ConnTable, key_bytes
-from pyqmail.protocol import (
+from pyqmail.control import check as control_check
+from pyqmail.control import smtpd as configmod
+from pyqmail.protocol.connection import (
     AuthRejected,
     AuthRequest,
     Close,
@@ -114,9 +115,15 @@ from pyqmail.protocol import (
     StartTLS,
     TLSInfo,
 )
-from pyqmail.queue import Queue, QueueError, QueueWriter
-from pyqmail.queue_commit import CommitResult, Committer
+from pyqmail.queue.commit import CommitResult, Committer
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
+from pyqmail.smtpd import knobs as session_knobs
+from pyqmail.smtpd.authguard import AuthGuard, AuthState, Outcome, StateError, state_path
+from pyqmail.smtpd.authguard import Settings as AuthSettings
+from pyqmail.smtpd.limits import ConnTable, key_bytes
 
 MODES = ("smtp", "smtps", "submission")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -238,6 +245,7 @@ class Options:
     user: str | None
     workers: int
     loop: str = "asyncio"  # "asyncio" or "uvloop" (resolved from --loop)
+    check: bool = False  # --check: load the configuration, report, exit (pyqmail.control.check)
 
 
 def parse_listen(text: str, allow_wildcard: bool) -> tuple[str, int]:
@@ -288,7 +296,7 @@ def parse_args(argv: list[str] | None) -> Options:
         prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
-    parser.add_argument("--listen", required=True, help="IP:PORT to listen on")
+    parser.add_argument("--listen", help="IP:PORT to listen on (required unless --check)")
     parser.add_argument("--mode", choices=MODES, default="smtp", help="listener mode")
     parser.add_argument("--rules", help="tcprules cdb with per-client policy")
     parser.add_argument("--user", help="unprivileged user to run as (required when root)")
@@ -302,8 +310,16 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--allow-wildcard", action="store_true", help="permit listening on 0.0.0.0 or ::"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the configuration as the daemon would for --mode/--rules (as --user when "
+        "given), bind nothing, then exit: 0 = usable, 111 = not (reasons on stderr)",
+    )
     ns = parser.parse_args(argv)
-    host, port = parse_listen(ns.listen, ns.allow_wildcard)
+    if ns.listen is None and not ns.check:
+        parser.error("the following arguments are required: --listen")
+    host, port = ("", 0) if ns.listen is None else parse_listen(ns.listen, ns.allow_wildcard)
     return Options(
         root=Path(ns.root),
         host=host,
@@ -313,6 +329,7 @@ def parse_args(argv: list[str] | None) -> Options:
         user=ns.user,
         workers=parse_workers(ns.workers),
         loop=resolve_loop(ns.loop),
+        check=ns.check,
     )
 
 
@@ -395,26 +412,18 @@ def load_config(root: Path) -> configmod.Config:
 
 
 def check_startup(cfg: configmod.Config, mode: str) -> None:
-    """Refuse modes that cannot work with this configuration; warn about odd ones."""
-    if mode in ("smtps", "submission") and cfg.server_tls is None:
-        raise configmod.ConfigError(
-            f"{cfg.control / 'servercert.pem'}: missing, and --mode {mode} needs TLS"
-        )
-    try:
-        Queue(cfg.queue_dir).check()
-    except QueueError as exc:
-        raise configmod.ConfigError(str(exc)) from exc
+    """Refuse modes that cannot work with this configuration; warn about odd ones (the
+    conditions are ``pyqmail.control.check``'s, shared with ``--check``)."""
+    problems = control_check.startup_problems(cfg, mode)
+    if problems:
+        raise configmod.ConfigError(problems[0])
     if cfg.authdb is not None:
         try:
             AuthState.check(state_path(cfg.root))
         except StateError as exc:
             raise configmod.ConfigError(str(exc)) from exc
-    if mode == "smtp" and cfg.server_tls is None:
-        log("warning", text="no control/servercert.pem: STARTTLS not offered")
-    if mode != "smtp" and cfg.authdb is None:
-        log("warning", text="no control/smtpusers: AUTH not offered")
-    if not cfg.rcpthosts:
-        log("warning", text="control/rcpthosts empty or missing: only relay clients may send")
+    for warning in control_check.startup_warnings(cfg, mode):
+        log("warning", text=warning)
 
 
 # --- shared state across workers ---------------------------------------------------------
@@ -992,7 +1001,7 @@ class Session(asyncio.BufferedProtocol):
     # AUTH ---------------------------------------------------------------------------------
 
     async def authenticate(self, req: AuthRequest) -> None:
-        """Through the shared AUTH limits (``pyqmail.authguard``): one attempt per client
+        """Through the shared AUTH limits (``pyqmail.smtpd.authguard``): one attempt per client
         at a time over every worker and listener, a penalty delay after a failure, locked
         names refused without a password check (the same 535, after the same delay)."""
         db = self.server.users.current()
@@ -1400,6 +1409,10 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
+        if opts.check:
+            if opts.user is not None:
+                drop_privileges(opts.user)  # the files must be readable by the daemon's user
+            return control_check.check_smtpd(opts.root, opts.mode, opts.rules)
         os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from pyqmail.limits import limit_key
+from pyqmail.smtpd.limits import limit_key
 
 FAIL_DELAY = 1.0  # seconds of penalty after a client's first failure; doubles per failure
 FAIL_MAX_DELAY = 4.0  # well below the 10 s an impatient client waits for a reply

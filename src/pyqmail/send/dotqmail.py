@@ -37,7 +37,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqmail.delivery import Result
+from pyqmail.send.delivery import Result
 
 _BAD_NAME_CHARS = frozenset(":/@\x00") | frozenset(" \t\r\n")
 

@@ -1,13 +1,13 @@
 """Where mail for a domain goes (qmail-remote's routing), and never to this host.
 
-An ``smtproutes`` relay if one matches (see ``delivery.Route``), else the MX hosts of the
+An ``smtproutes`` relay if one matches (``control.send.Route``), else the MX hosts of the
 domain in preference order (equal preferences shuffled); a domain without MX records is its
 own implicit MX (RFC 5321 §5.1: its A/AAAA records); a null MX (RFC 7505) or a non-existent
 domain bounces; DNS trouble defers. An address literal ``[192.0.2.1]`` is used as is.
 
 Never to this host (``Myself``; qmail-remote's ``ipme`` and Postfix's "mail for X loops back
 to myself", a permanent 5.4.6 failure, so the sender gets a bounce that says so): an address
-literal that is one of this host's addresses (``pyqmail.ipme``: every interface address and
+literal that is one of this host's addresses (``pyqmail.send.ipme``: every interface address and
 ``127.0.0.0/8``), an MX host named ``me``/``helohost``/one of ``locals`` or resolving to one of
 our addresses (then only the MX hosts preferred to us are tried: we are a backup MX; none
 left is the loop), an smtproutes relay on our names or addresses on an SMTP port (25, 465,
@@ -26,8 +26,9 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from pyqmail.delivery import Control, Route, is_ip_literal
-from pyqmail.ipme import LocalAddresses
+from pyqmail.control.send import Control, Route
+from pyqmail.send.delivery import is_ip_literal
+from pyqmail.send.ipme import LocalAddresses
 
 MAX_ADDRESSES = 12
 SMTP_PORTS = frozenset({25, 465, 587})
@@ -49,7 +50,7 @@ class LoopError(DnsError):
 @dataclass(frozen=True)
 class Myself:
     """What identifies this host to remote delivery: its host names (``me``, ``helohost``),
-    its local domains (``locals``) and its addresses (``pyqmail.ipme``)."""
+    its local domains (``locals``) and its addresses (``pyqmail.send.ipme``)."""
 
     hostnames: frozenset[str]
     domains: frozenset[str]

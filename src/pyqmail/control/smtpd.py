@@ -1,0 +1,228 @@
+"""The qmail root's control files, as pyqmail-smtpd reads them.
+
+``load(root)`` reads ``<root>/control/*`` once and returns an immutable ``Config``; the
+daemon swaps the whole object on HUP, so a session sees one consistent configuration and
+a bad new one is reported while the old one stays in force.
+
+Files and defaults (qmail's names and defaults where qmail has the file):
+
+=================  ===========================================================================
+``me``             this host's name; required (as by pyqmail-send: ``pyqmail.control.table``)
+``smtpgreeting``   text after ``220 ``; default ``me``
+``rcpthosts``      domains we accept mail for, one per line; ``.example.com`` matches every
+                   subdomain (not ``example.com`` itself), as qmail. Absent: NO domain — qmail
+                   accepts every recipient without it (an open relay); pyqmail refuses to be one
+``locals``         domains delivered locally; default ``me`` (read here only to validate it)
+``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail)
+``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
+``maxhops``        most ``Received``/``Delivered-To`` lines a message may arrive with (RFC 5321
+                   §6.3; qmail's MAXHOPS); more: ``554 5.4.6``. Default 100, 1..10000
+``timeoutsmtpd``   seconds a client may take to make progress; default 300 (Postfix's
+                   ``smtpd_timeout`` and RFC 5321's minimum; qmail's 1200 let idle clients
+                   hold connections for 20 minutes)
+``servercert.pem`` private key, then certificate, then chain (qmail-tls); absent: no TLS
+``clientca.pem``   CAs whose client certificates may relay; absent: no certificate requested
+``tlsclients``     certificate identities (e-mail, CN or SAN) allowed to relay, one per line
+``validrcptto``    valid local recipients (``user@domain`` or ``@domain``), one per line;
+                   absent: every recipient in rcpthosts is accepted
+``smtpusers``      the SMTP AUTH user database (``pyqmail.authdb``); absent at start: no AUTH.
+                   pyqmail-smtpd re-reads it when it changes (no HUP needed)
+=================  ===========================================================================
+
+pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
+
+=================  ===========================================================================
+``maxconnip``      simultaneous connections from one IPv4 address or IPv6 /64; default 50
+``maxconn``        simultaneous connections per listener; default 1000
+``maxerrors``      protocol errors before a session is dropped with 421; default 10
+``timeouttls``     seconds for a TLS handshake; default 30
+``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
+``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10
+``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
+                   (group commit, see ``queue_commit.Committer``); 0 = never wait; default 10,
+                   at most 1000
+``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
+                   name for ``authlocktime`` seconds (``pyqmail.smtpd.authguard``); 0 = no lock;
+                   default 10, at most 1000
+``authlocktime``   seconds of that window and of the lock (bounded: failures during a lock
+                   do not extend it); default 600, 1 to 86400
+``authconcurrency`` password checks (scrypt) at once per worker; default 2, 1 to 64
+=================  ===========================================================================
+
+Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
+``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``.
+
+Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
+``#`` and blank lines ignored, trailing blanks stripped) and parsed as
+``pyqmail.control.table`` says, the same table pyqmail-send's reader uses. Anything
+malformed raises ``ControlError`` (alias ``ConfigError``) naming the file and line.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqmail import tls
+from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.control import table
+from pyqmail.control.parsers import is_domain
+from pyqmail.control.reader import ControlError
+from pyqmail.smtpd import knobs as session_knobs
+
+ConfigError = ControlError  # the one error type of every control-file reader (old name)
+
+__all__ = ["Config", "ConfigError", "ControlError", "domain_of", "is_domain", "load"]
+
+
+def domain_of(address: str) -> str:
+    """The domain part of an address, lower case; empty if it has none."""
+    _local, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""
+
+
+@dataclass(frozen=True, eq=False)
+class Config:
+    """One consistent snapshot of the control directory."""
+
+    root: Path
+    me: str
+    greeting: str
+    rcpthosts: frozenset[str]
+    locals: frozenset[str]
+    databytes: int
+    maxrcpt: int
+    maxhops: int
+    timeoutsmtpd: int
+    timeouttls: int
+    timeoutdata: int
+    timeoutterm: int
+    maxconnip: int
+    maxconn: int
+    maxerrors: int
+    commitdelay: int  # milliseconds
+    authlockfails: int
+    authlocktime: int  # seconds
+    authconcurrency: int
+    servercert: Path | None
+    clientca: Path | None
+    tlsclients: frozenset[str]
+    validrcptto: frozenset[str] | None
+    authdb: AuthDB | None
+    cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
+    server_tls: ssl.SSLContext | None
+    knobs: session_knobs.SessionKnobs
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.root / "queue"
+
+    def rcpthost(self, domain: str) -> bool:
+        """qmail's rcpthosts rule: the exact domain, or ``.suffix`` for any subdomain."""
+        domain = domain.lower()
+        if domain in self.rcpthosts:
+            return True
+        dot = domain.find(".")
+        while dot >= 0:
+            if domain[dot:] in self.rcpthosts:
+                return True
+            dot = domain.find(".", dot + 1)
+        return False
+
+    def address_in_rcpthosts(self, address: str) -> bool:
+        """An address without a domain is ours (qmail); otherwise the domain decides."""
+        domain = domain_of(address)
+        return True if not domain else self.rcpthost(domain)
+
+    def valid_recipient(self) -> Callable[[str], bool] | None:
+        """The validrcptto check for the protocol core, or None when the file is absent."""
+        valid = self.validrcptto
+        if valid is None:
+            return None
+
+        def check(address: str) -> bool:
+            addr = address.lower()
+            domain = domain_of(addr)
+            if not domain or not self.rcpthost(domain):
+                return True  # relayed mail is the relay rule's business, not validrcptto's
+            return addr in valid or "@" + domain in valid
+
+        return check
+
+
+def _tls(control: Path) -> tuple[Path | None, Path | None, ssl.SSLContext | None]:
+    """servercert.pem (and clientca.pem) into the server TLS context; none without a cert."""
+    servercert_path = control / table.SERVERCERT.name
+    clientca_path = control / table.CLIENTCA.name
+    servercert = servercert_path if servercert_path.exists() else None
+    clientca = clientca_path if clientca_path.exists() else None
+    if servercert is None:
+        if clientca is not None:
+            raise ConfigError(f"{clientca}: clientca.pem present but servercert.pem missing")
+        return None, None, None
+    try:
+        return servercert, clientca, tls.server_context(servercert, clientca)
+    except tls.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _authdb(control: Path) -> AuthDB | None:
+    """control/smtpusers, or None (no AUTH) when it does not exist."""
+    users_path = control / table.SMTPUSERS.name
+    if not users_path.exists():
+        return None
+    try:
+        return AuthDB.load(str(users_path))
+    except AuthDBError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise ConfigError(f"{users_path}: cannot read: {exc.strerror}") from exc
+
+
+def load(root: str | Path) -> Config:
+    """Read and check every control file; raise ConfigError naming the first bad one."""
+    root = Path(root)
+    c = root / "control"
+    if not c.is_dir():
+        raise ConfigError(f"{c}: control directory does not exist")
+    me = table.ME.read(c)
+    greeting = table.SMTPGREETING.read(c, me)
+    rcpthosts = table.RCPTHOSTS.read(c) or frozenset()
+    local_domains = table.LOCALS.read(c) or frozenset({me})
+    servercert, clientca, server_tls = _tls(c)
+    authdb = _authdb(c)
+    return Config(
+        root=root,
+        me=me,
+        greeting=greeting,
+        rcpthosts=rcpthosts,
+        locals=local_domains,
+        databytes=table.DATABYTES.read(c),
+        maxrcpt=table.MAXRCPT.read(c),
+        maxhops=table.MAXHOPS.read(c),
+        timeoutsmtpd=table.TIMEOUTSMTPD.read(c),
+        timeouttls=table.TIMEOUTTLS.read(c),
+        timeoutdata=table.TIMEOUTDATA.read(c),
+        timeoutterm=table.TIMEOUTTERM.read(c),
+        maxconnip=table.MAXCONNIP.read(c),
+        maxconn=table.MAXCONN.read(c),
+        maxerrors=table.MAXERRORS.read(c),
+        commitdelay=table.COMMITDELAY.read(c),
+        authlockfails=table.AUTHLOCKFAILS.read(c),
+        authlocktime=table.AUTHLOCKTIME.read(c),
+        authconcurrency=table.AUTHCONCURRENCY.read(c),
+        servercert=servercert,
+        clientca=clientca,
+        tlsclients=table.TLSCLIENTS.read(c) or frozenset(),
+        validrcptto=table.VALIDRCPTTO.read(c),
+        authdb=authdb,
+        cram_md5=authdb is not None and any(user.cram for user in authdb),
+        server_tls=server_tls,
+        knobs=session_knobs.load(c),
+    )

@@ -1,0 +1,1 @@
+"""The sans-I/O SMTP core: states, events, addresses, HELO rules."""

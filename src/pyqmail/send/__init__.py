@@ -1,0 +1,1 @@
+"""pyqmail-send: the queue manager and its local and remote deliveries."""

@@ -1,0 +1,1 @@
+"""pyqmail-smtpd: the listener daemon (CLI, supervisor, sessions, limits, policy)."""

@@ -1,0 +1,1 @@
+"""Command-line tools: sendmail, the queue tool, checkpassword."""
