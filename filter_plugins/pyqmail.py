@@ -82,6 +82,61 @@ def services_wanted(
     return out
 
 
+def services_svstat_argv(
+    wanted: Any, service_dir: str, dovecot: Mapping[str, Any] | None = None
+) -> list[str]:
+    """``svstat`` with each wanted service and its log service (and Dovecot's when it runs)."""
+    argv = ["svstat"]
+    for service in _list(wanted, "pyqmail_services__wanted"):
+        path = f"{service_dir}/{service['name']}"
+        argv += [path, f"{path}/log"]
+    if dovecot:
+        argv += [dovecot["service"], f"{dovecot['service']}/log"]
+    return argv
+
+
+def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
+    """The lines of the run summary: listeners, Dovecot, mail client settings, svstat, CA.
+
+    ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
+    {}), svstat (the registered result), config_dir and fetched (the CA copy on the controller,
+    or "").
+    """
+    services = _list(wanted, "pyqmail_services__wanted")
+    kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
+    out = [f"host: {facts['host']} (me: {me})", f"listen address: {facts['listen_ip']}"]
+    out += [
+        f"  port {s['port']}: {s['name']} ({kinds[s['kind']]['label']})"
+        for s in services
+        if s["port"]
+    ]
+    if dc:
+        out.append(f"IMAP/POP3 listen address: {dc['listen']}")
+        out.extend(dc["ports"])
+    out.append(
+        f"mail client settings (server {me}; user name = the mailbox login;"
+        ' password = its SMTP AUTH password, "normal password" over TLS):'
+    )
+    outgoing = [
+        f"SMTP {s['port']} {'STARTTLS' if s['kind'] == 'submission' else 'SSL/TLS'}"
+        for s in services
+        if s["kind"] in ("submission", "smtps")
+    ]
+    out.append("  outgoing: " + (", ".join(outgoing) or "none (no submission or smtps listener)"))
+    incoming = ", ".join(dc.get("incoming") or [])
+    out.append("  incoming: " + (incoming or "none (pyqmail_dovecot__enabled is false)"))
+    if dc.get("autoconfig"):
+        out.append(f"  Thunderbird autoconfig: {dc['autoconfig']} on the controller")
+    out.append("services (svstat):")
+    result = facts.get("svstat") or {}
+    lines = list(result.get("stdout_lines") or []) + list(result.get("stderr_lines") or [])
+    out += [f"  {line}" for line in lines]
+    out.append(f"CA certificate for mail clients: {facts['config_dir']}/ca.pem on the host")
+    if facts.get("fetched"):
+        out.append(f"  and {facts['fetched']} on the controller")
+    return out
+
+
 def rules_collect(deny: Any, relay_clients: Any, rules: Any, default_env: Any) -> list[Any]:
     """The tcprules list of pyqmail_rules: deny first, then relay clients (RELAYCLIENT set),
     then the hand-written rules, then the default environment as the catch-all rule."""
@@ -193,6 +248,8 @@ class FilterModule:
     def filters(self) -> dict[str, Callable[..., Any]]:
         return {
             "pyqmail_services_wanted": services_wanted,
+            "pyqmail_services_svstat_argv": services_svstat_argv,
+            "pyqmail_services_summary": services_summary,
             "pyqmail_rules_collect": rules_collect,
             "pyqmail_rules_for_listener": rules_for_listener,
             "pyqmail_mailbox_dirs": mailbox_dirs,

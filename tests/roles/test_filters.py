@@ -209,3 +209,57 @@ def test_dovecot_summary_with_the_roles_kinds() -> None:
     assert filters.dovecot_summary([], kinds, ports) == {"ports": [], "incoming": []}
     with pytest.raises(AnsibleFilterError, match=r"pyqmail_dovecot__listeners\[0\] is 'smtp'"):
         filters.dovecot_summary(["smtp"], kinds, ports)
+
+
+def test_services_svstat_argv_and_summary() -> None:
+    wanted = filters.services_wanted(["smtp", "submission"], KINDS, PORTS, {}, "/etc/tcp/smtp")
+    dovecot = {
+        "service": "/etc/service/dovecot",
+        "listen": "127.0.0.1",
+        "ports": ["  port 993: dovecot (IMAP, implicit TLS)"],
+        "incoming": ["IMAP 993 SSL/TLS"],
+        "autoconfig": "",
+    }
+    assert filters.services_svstat_argv(wanted, "/etc/service", {}) == [
+        "svstat",
+        "/etc/service/qmail-smtpd",
+        "/etc/service/qmail-smtpd/log",
+        "/etc/service/qmail-smtpd-tls",
+        "/etc/service/qmail-smtpd-tls/log",
+        "/etc/service/qmail-send",
+        "/etc/service/qmail-send/log",
+    ]
+    assert filters.services_svstat_argv(wanted, "/s", dovecot)[-2:] == [
+        "/etc/service/dovecot",
+        "/etc/service/dovecot/log",
+    ]
+    facts = {
+        "kinds": KINDS,
+        "host": "mx1",
+        "me": "mx1.example.org",
+        "listen_ip": "192.0.2.25",
+        "dovecot": {},
+        "svstat": {"stdout_lines": ["/etc/service/qmail-smtpd: up (pid 7) 9 seconds"]},
+        "config_dir": "/etc/pyqmail",
+        "fetched": "",
+    }
+    lines = filters.services_summary(wanted, facts)
+    assert lines[:4] == [
+        "host: mx1 (me: mx1.example.org)",
+        "listen address: 192.0.2.25",
+        "  port 25: qmail-smtpd (SMTP, STARTTLS offered, no AUTH)",
+        "  port 587: qmail-smtpd-tls (submission, STARTTLS then AUTH)",
+    ]
+    assert "  outgoing: SMTP 587 STARTTLS" in lines
+    assert "  incoming: none (pyqmail_dovecot__enabled is false)" in lines
+    assert lines[-2:] == [
+        "  /etc/service/qmail-smtpd: up (pid 7) 9 seconds",
+        "CA certificate for mail clients: /etc/pyqmail/ca.pem on the host",
+    ]
+    lines = filters.services_summary(
+        wanted[-1:], {**facts, "dovecot": dovecot, "fetched": "/ctl/ca.pem", "svstat": None}
+    )
+    assert "IMAP/POP3 listen address: 127.0.0.1" in lines
+    assert "  outgoing: none (no submission or smtps listener)" in lines
+    assert "  incoming: IMAP 993 SSL/TLS" in lines
+    assert lines[-1] == "  and /ctl/ca.pem on the controller"
