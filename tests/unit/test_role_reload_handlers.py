@@ -76,7 +76,7 @@ def module_args(task: dict[str, Any]) -> dict[str, Any]:
 
 def _templated_targets(name: str, loop: Any) -> list[str]:
     """The files a looping task writes: ``{{ item }}``, ``{{ item.name }}``, ``{{ item.file }}``
-    or the extra files (``{{ item.key }}``, grouped by the route lists they select)."""
+    or the extra files (``{{ item.key }}``, reloaded by one routing task)."""
     loop_text = str(loop)
     if name == "{{ item }}":
         return list(loop)
@@ -85,16 +85,12 @@ def _templated_targets(name: str, loop: Any) -> list[str]:
     if name in ("{{ item.file }}", "{{ item.item.file }}"):
         return ["servercert.pem" if "'server'" in loop_text else "clientcert.pem"]
     if name == "{{ item.key }}":
-        if "selectattr('key', 'in', pyqmail_control__send_only)" in loop_text:
-            return ["extra:send"]
-        if "selectattr('key', 'in', pyqmail_control__listeners_only)" in loop_text:
-            return ["extra:smtpd"]
-        return ["extra:other"]
+        return ["extra"]  # no notify: one task routes them through pyqmail_reload_handlers
     raise AssertionError(f"cannot tell which control file {name!r} is")
 
 
 def control_targets(task: dict[str, Any]) -> list[str]:
-    """The control files (or ``extra:<group>``) a task writes or removes; [] for others."""
+    """The control files (or ``extra``) a task writes or removes; [] for others."""
     args = module_args(task)
     target = str(args.get("dest", args.get("path", "")))
     loop = task.get("loop", "")
@@ -110,9 +106,8 @@ def control_targets(task: dict[str, Any]) -> list[str]:
 
 def expected(target: str) -> set[str]:
     """Handlers for a file, or for a group of extra files (selected by their route)."""
-    if target.startswith("extra:"):
-        group = target.split(":", 1)[1]
-        return {"send": {SEND}, "smtpd": {LISTENERS}, "other": {SEND, LISTENERS}}[group]
+    if target == "extra":
+        return set()  # one routing task notifies (tests/roles/test_control_routes.py)
     return handlers(target)
 
 
@@ -128,8 +123,8 @@ def test_every_control_file_task_is_covered() -> None:
     names = {t for _, _, targets, _ in CASES for t in targets}
     for required in ("me", "smtproutes", "smtproutes-auth", "concurrencyremote", "tlshosts"):
         assert required in names
-    assert {"servercert.pem", "clientcert.pem", "smtpusers", "extra:send"} <= names
-    for name in names - {"extra:send", "extra:smtpd", "extra:other"}:
+    assert {"servercert.pem", "clientcert.pem", "smtpusers", "extra"} <= names
+    for name in names - {"extra"}:
         assert name in ROUTES, f"the role writes control/{name}, which has no route"
 
 
@@ -141,16 +136,8 @@ def test_task_notifies_the_daemons_that_read_its_files(
 ) -> None:
     notified = {notify} if isinstance(notify, str) else set(notify)
     want = set().union(*(expected(t) for t in targets))
-    assert want, f"{role}: {task}: no daemon reads {targets}?"
+    assert want or targets == ["extra"], f"{role}: {task}: no daemon reads {targets}?"
     assert notified == want, f"{role}: {task} writes {targets}: notifies {notified}, want {want}"
-
-
-def test_extra_file_groups_are_selected_from_the_routes() -> None:
-    """The groups the extra-file tasks select by are computed from the routes, not listed."""
-    for group, daemon in (("send_only", "send"), ("listeners_only", "smtpd")):
-        text = VARS[f"pyqmail_control__{group}"]
-        assert "pyqmail_control__reload_routes" in text, group
-        assert f"['{daemon}']" in text, group
 
 
 def _listens(handler: dict[str, Any]) -> set[str]:
