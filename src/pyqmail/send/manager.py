@@ -78,6 +78,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,7 +91,8 @@ from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
-from pyqmail.send.remote import RemoteDelivery, RemoteSession
+from pyqmail.send.remote import RemoteDelivery
+from pyqmail.send.spawn import Children, stop_children
 from pyqmail.tls import TLSConfigError, client_context
 
 PIDFILE = "lock/sendpid"
@@ -257,7 +259,10 @@ class Manager:
         root: Path,
         log: Log | None = None,
         resolver: Resolver | None = None,
+        children: Children | None = None,
     ) -> None:
+        """``children``: the delivery children's spawners, forked by ``main`` before it
+        dropped privileges; started here (same uid) when not given."""
         self.root = root
         self.queue = Queue(root / "queue")
         self.queue.check()
@@ -279,6 +284,7 @@ class Manager:
         self.segments: dict[str, Segment] = {}
         self.segments_done: set[str] = set()  # every message ended: remove the file
         self.stopping = False
+        self.status = 0  # exit status of run()
         self.flags: set[str] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # threads are made on demand; the limits are enforced by busy_* so HUP can change them
@@ -286,6 +292,9 @@ class Manager:
         self.remote_pool = ThreadPoolExecutor(1000, "remote")
         self._last_clean = 0.0
         self.body_bytes = 0  # held in Msg.body, at most BODY_CACHE
+        self.children = children or Children.start(resolver)
+        self.children.connect(self.control, self.log, self.wake)
+        weakref.finalize(self, stop_children, self.children)
 
     def _p(self, sub: str, queue_id: str) -> str:
         """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
@@ -529,7 +538,7 @@ class Manager:
             result = read
         else:
             try:
-                result = self.local.deliver(read[0], read[1], rcpt.address)
+                result = self.children.local(read[0], read[1], rcpt.address, self.local)
             except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
                 result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
         self._complete(queue_id, index, result)
@@ -542,7 +551,9 @@ class Manager:
             return jobs.popleft()
 
     def _remote_worker(self, key: str) -> None:
-        session: RemoteSession | None = None
+        """Take jobs for one destination until none is ready, over one connection that the
+        remote child keeps (and reopens when it broke)."""
+        session = self.children.session()
         try:
             while (job := self._take_remote(key)) is not None:
                 queue_id, indexes = job
@@ -552,22 +563,11 @@ class Manager:
                 if isinstance(read, Result):
                     results = [read] * len(indexes)
                 else:
-                    if session is None or session.broken is not None:
-                        if session is not None:
-                            session.close()
-                        session = self.remote.session(split_address(addresses[0])[1])
-                    try:
-                        results = session.deliver(read[0], read[1], addresses)
-                    except Exception as exc:  # noqa: BLE001 - a bug defers, never loses mail
-                        session.close()
-                        session = None
-                        error = Result.temp(f"remote delivery error: {exc}", "4.0.0", remote=key)
-                        results = [error] * len(indexes)
+                    results = session.deliver(key, read[0], read[1], addresses)
                 for i, result in zip(indexes, results, strict=True):
                     self._complete(queue_id, i, result)
         finally:
-            if session is not None:
-                session.close()
+            session.close()
             with self.lock:
                 self.busy_remote -= 1
                 self.remote_workers[key] -= 1
@@ -790,6 +790,11 @@ class Manager:
 
     def _handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
+        if self.children.lost and not self.stopping:
+            self.stopping = True
+            self.status = 111
+            kinds = ", ".join(self.children.lost)
+            self.log(f"error {kinds} spawner lost: finishing deliveries in flight, then exiting")
         if "term" in flags and not self.stopping:
             self.stopping = True
             self.log("status TERM: finishing deliveries in flight, then exiting")
@@ -797,6 +802,7 @@ class Manager:
             try:
                 self.control = Control.load(self.root)
                 self._deliverers()
+                self.children.configure(self.control)
                 self.log("status HUP: control files reloaded")
             except ControlError as exc:
                 self.log(f"warning HUP: keeping the old control files: {exc}")
@@ -834,7 +840,7 @@ class Manager:
                     if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:
                         self._clean_tmp()
                 timeout = 1.0 if self.stopping else self._sleep_time()
-                if self.flags:
+                if self.flags or (self.children.lost and not self.stopping):
                     timeout = 0.0
                 ready, _, _ = select.select([fifo, self._wake_r], [], [], timeout)
                 if self._wake_r in ready:
@@ -846,10 +852,11 @@ class Manager:
         finally:
             self.local_pool.shutdown(wait=True)
             self.remote_pool.shutdown(wait=True)
+            self.children.close()
             os.close(fifo)
             os.close(keep)
         self.log("status pyqmail-send exiting")
-        return 0
+        return self.status
 
 
 def _drain(fd: int) -> None:
