@@ -72,7 +72,6 @@ import heapq
 import json
 import math
 import os
-import pwd
 import select
 import signal
 import sys
@@ -86,6 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyqmail.privs import Identity, PrivilegeError, become, resolve
 from pyqmail.queue.store import Envelope, Queue, QueueError, Stored, fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
@@ -877,19 +877,37 @@ def drop_privileges(user: str | None) -> None:
                 "to insist)"
             )
         return
+    who = _identity(user, "--user")
+    if os.geteuid() == 0 and who.uid == 0:
+        sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
+        return
     try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise SystemExit(f"pyqmail-send: --user {user}: no such user") from None
-    if os.geteuid() == 0:
-        if pw.pw_uid == 0:
-            sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
-            return
-        os.setgroups(os.getgrouplist(user, pw.pw_gid))
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-    elif os.geteuid() != pw.pw_uid:
-        raise SystemExit(f"pyqmail-send: --user {user} needs root; running as uid {os.geteuid()}")
+        become(who)
+    except PrivilegeError as exc:
+        raise SystemExit(f"pyqmail-send: {exc}") from None
+
+
+def _identity(spec: str, option: str) -> Identity:
+    """``spec`` resolved (a name or uid:gid); exits naming the option when it is unknown."""
+    try:
+        who = resolve(spec, option)
+    except PrivilegeError as exc:
+        raise SystemExit(f"pyqmail-send: {exc}") from None
+    if os.geteuid() != 0 and who.uid != os.geteuid():
+        raise SystemExit(f"pyqmail-send: {option} {spec} needs root; running as uid {os.geteuid()}")
+    return who
+
+
+def child_users(args: argparse.Namespace) -> dict[str, Identity | None]:
+    """Who the remote and local delivery children run as: their options, else ``--user``
+    (None: stay as started, when no user is named and we are not root)."""
+    default = args.user
+    users: dict[str, Identity | None] = {}
+    for kind, given in (("remote", args.remote_user), ("local", args.local_user)):
+        spec = given or default
+        option = f"--{kind}-user" if given else "--user"
+        users[kind] = None if spec is None else _identity(spec, option)
+    return users
 
 
 def lock_pidfile(queue_root: Path) -> int:
@@ -959,7 +977,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="pyqmail-send", description="queue manager: local and remote delivery"
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
-    parser.add_argument("--user", help="user to deliver as when started as root (pyqmails)")
+    parser.add_argument("--user", help="user of the queue manager when started as root (pyqmails)")
+    parser.add_argument(
+        "--remote-user",
+        help="user of the remote delivery child (pyqmailr; default: --user); NAME or UID:GID",
+    )
+    parser.add_argument(
+        "--local-user",
+        help="user of the local delivery child, owner of the mailboxes (pyqmailv; default: "
+        "--user); NAME or UID:GID",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -972,17 +999,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
         return check_config(root)
-    drop_privileges(args.user)
+    if args.user is None and os.geteuid() == 0:
+        drop_privileges(None)  # refuses
+    children = Children.start(None, child_users(args))  # forked while still root
     try:
-        manager = Manager(root)
-    except (ControlError, QueueError) as exc:
-        sys.stderr.write(f"pyqmail-send: {exc}\n")
-        return 111
-    pid_fd = lock_pidfile(manager.queue.root)
-    try:
-        return manager.run()
+        drop_privileges(args.user)
+        try:
+            manager = Manager(root, children=children)
+        except (ControlError, QueueError) as exc:
+            sys.stderr.write(f"pyqmail-send: {exc}\n")
+            return 111
+        pid_fd = lock_pidfile(manager.queue.root)
+        try:
+            return manager.run()
+        finally:
+            os.close(pid_fd)
     finally:
-        os.close(pid_fd)
+        children.close()
 
 
 if __name__ == "__main__":
