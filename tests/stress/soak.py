@@ -14,7 +14,9 @@ Set-up, all under one temporary directory and on 127.0.0.1 only:
   id, the body size and its SHA-256; a ledger keeps every message acknowledged with ``250``;
 - a killer sending SIGKILL at random moments to: one smtpd worker (its parent respawns it),
   the smtpd parent alone (supervise restarts it; the orphaned workers must stop by
-  themselves), the whole smtpd (parent and workers), or pyqmail-send.
+  themselves), the whole smtpd (parent and workers), pyqmail-send (its spawners and delivery
+  children die with it), or one of pyqmail-send's delivery children (remote or local: its
+  jobs in flight are deferred, its spawner starts another).
 
 At the end: load stops, the queue drains (ALRM via ``svc -a``), then every Maildir file is
 checked: id known, size and hash equal to what was sent (a partial or torn delivery fails),
@@ -286,11 +288,16 @@ class Soak:
         return True
 
     def killer(self) -> None:
-        kinds = ["smtpd-worker", "smtpd-parent", "smtpd-all", "send"]
+        kinds = ["smtpd-worker", "smtpd-parent", "smtpd-all", "send", "send-child"]
         while not self.stop_load.wait(self.rng.uniform(0.3, 2.5)):
             kind = self.rng.choice(kinds)
             if kind == "send":
                 pids = [p] if (p := self.service_pid("send")) else []
+            elif kind == "send-child":  # a delivery child (its spawner starts another)
+                manager = self.service_pid("send")
+                spawners = self.children(manager) if manager else []
+                kids = [k for s in spawners for k in self.children(s) if self.ours(k)]
+                pids = [self.rng.choice(kids)] if kids else []
             else:
                 parent = self.service_pid("smtpd")
                 if parent is None:
