@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pyqmail.queue.store import SEGMENT_MAGIC, Queue, encode_segment_trailer
+from pyqmail.queue.format import SEGMENT_MAGIC, encode_segment_trailer
+from pyqmail.queue.store import Queue
 
 
 def count(queue: Queue, sub: str) -> int:

@@ -7,7 +7,9 @@ import asyncio
 from collections.abc import Sequence
 
 from pyqmail.queue.commit import CommitResult, Committer
-from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, Stored
+from pyqmail.queue.format import Envelope, QueueError, Stored
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from pyqmail.smtpd.cli import log
 
 

@@ -168,21 +168,40 @@ EXEC_CALLS = {
 # The programs that handle mail: the listener, the queue manager with its deliveries, and the
 # injector. pyqmail-checkpassword is not one of them: Dovecot runs it, and DJB's checkpassword
 # interface makes it exec the program Dovecot names on its command line after a good login.
-MAIL_PATH_ENTRIES = ("smtpd", "send", "inject", "queuetool", "authdb")
+MAIL_PATH_ENTRIES = ("smtpd.cli", "send.manager", "tools.sendmail", "tools.queue", "authdb")
 
 
-def _pyqmail_imports(tree: ast.AST) -> set[str]:
-    """The pyqmail modules a module imports (``from pyqmail import x``, ``pyqmail.x``)."""
+def _modules(package: Path) -> dict[str, Path]:
+    """Every module of the package by dotted name under pyqmail (``send.remote``; a
+    subpackage's ``__init__`` is the subpackage's own name)."""
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def _pyqmail_imports(tree: ast.AST, known: set[str]) -> set[str]:
+    """The pyqmail modules a module imports (``from pyqmail.a import b`` is ``a.b`` when that
+    is a module, else ``a``; each enclosing package's ``__init__`` is imported too)."""
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "pyqmail":
-                found |= {a.name for a in node.names}
-            elif node.module.startswith("pyqmail."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyqmail"):
+            base = node.module.removeprefix("pyqmail").lstrip(".")
+            for alias in node.names:
+                sub = f"{base}.{alias.name}" if base else alias.name
+                found.add(sub if sub in known else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pyqmail.")}
-    return found
+            found |= {
+                a.name.removeprefix("pyqmail.") for a in node.names if a.name.startswith("pyqmail.")
+            }
+    parents = {
+        ".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 1)
+    }
+    return (found | parents) & known
 
 
 def _exec_calls(path: Path, tree: ast.AST) -> list[str]:
@@ -206,26 +225,24 @@ def _exec_calls(path: Path, tree: ast.AST) -> list[str]:
 def test_no_shell_or_program_execution_in_the_mail_path() -> None:
     """CVE-2020-7247 class: no module of the daemons, the deliveries or the injector (nor any
     pyqmail module they import) starts programs."""
-    package = Path(pyqmail.__file__).parent
-    trees = {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(package.glob("*.py"))}
+    paths = _modules(Path(pyqmail.__file__).parent)
+    trees = {name: ast.parse(path.read_text(), str(path)) for name, path in paths.items()}
     closure, todo = set(), list(MAIL_PATH_ENTRIES)
     while todo:
         name = todo.pop()
         if name in closure or name not in trees:
             continue
         closure.add(name)
-        todo.extend(_pyqmail_imports(trees[name]))
-    assert {"smtpd", "send", "local", "remote", "queue"} <= closure
-    assert "checkpassword" not in closure
-    found = [
-        hit for name in sorted(closure) for hit in _exec_calls(package / f"{name}.py", trees[name])
-    ]
+        todo.extend(_pyqmail_imports(trees[name], set(trees)))
+    assert {"smtpd.cli", "send.manager", "send.local", "send.remote", "queue.store"} <= closure
+    assert "tools.checkpassword" not in closure
+    found = [hit for name in sorted(closure) for hit in _exec_calls(paths[name], trees[name])]
     assert not found, "program execution in pyqmail:\n" + "\n".join(found)
     # Outside the mail path, only checkpassword's interface: exec of its own argv's program.
     others = [
         hit
         for name in sorted(set(trees) - closure)
-        for hit in _exec_calls(package / f"{name}.py", trees[name])
+        for hit in _exec_calls(paths[name], trees[name])
     ]
     assert [hit.split(":")[0] + " " + hit.split(" ")[1] for hit in others] == [
         "checkpassword.py os.execv"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.queue_count import count
-from pyqmail.queue.store import Queue, QueueWriter
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit, messages
 
 

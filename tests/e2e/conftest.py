@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb, rules
-from pyqmail.queue.store import Envelope, Queue
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.store import Queue
 from tests.conftest import PKI
 from tests.e2e.helpers import RawSMTP
 from tests.pki import Issued

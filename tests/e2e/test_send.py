@@ -31,7 +31,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from pyqmail.queue.store import Queue, QueueWriter
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 from tests.e2e.helpers import free_port, wait_for

@@ -1,6 +1,6 @@
 """Crash-durability soak: SMTP load + SIGKILLs under real daemontools ``supervise``.
 
-What it proves (the durability promise of ``pyqmail.queue.store``): every message that got ``250``
+What it proves (the durability promise of ``pyqmail.queue.writer``): every message that got ``250``
 after DATA is delivered at least once, duplicates are only counted, and no delivered file is
 partial.
 

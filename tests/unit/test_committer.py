@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import store as queuemod
+from pyqmail.queue import writer as queuemod
 from pyqmail.queue.commit import Committer
-from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter
+from pyqmail.queue.format import Envelope, QueueError
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from pyqmail.smtpd.cli import log
 from tests.queue_util import messages
 

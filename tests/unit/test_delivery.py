@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pyqmail.headers import header_values
-from pyqmail.queue.store import Envelope
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.state import Attempt, append_state, read_state
 from pyqmail.send.bounce import BounceTarget, Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Control, ControlError, Result, Route, one_line
 from pyqmail.send.dotqmail import (
@@ -26,7 +27,7 @@ from pyqmail.send.dotqmail import (
     resolve,
 )
 from pyqmail.send.local import maildir_deliver
-from pyqmail.send.manager import append_state, load_msg, nextretry, read_state
+from pyqmail.send.manager import load_msg, nextretry
 from pyqmail.send.mx import DnsError, destinations
 from pyqmail.send.remote import needs_smtputf8, wire_data
 from pyqmail.tools import sendmail as inject
@@ -368,12 +369,13 @@ def test_nextretry_is_qmails_schedule() -> None:
 def test_state_file_roundtrip_and_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "state" / "id"
     path.parent.mkdir()
-    append_state(path, {"ev": "done", "rcpt": 0, "t": 5.0, "detail": "ok"})
-    append_state(path, {"ev": "deferred", "rcpt": 1, "t": 5.0, "detail": "451"}, durable=False)
+    append_state(path, Attempt("done", 0, 5.0, "ok"))
+    append_state(path, Attempt("deferred", 1, 5.0, "451"), durable=False)
     with path.open("ab") as f:
         f.write(b'{"ev":"done","rcpt":1')  # torn by a crash: ignored
     records = read_state(path)
-    assert [r["ev"] for r in records] == ["done", "deferred"]
+    assert [r.event for r in records if isinstance(r, Attempt)] == ["done", "deferred"]
+    assert len(records) == 2
     control = Control(tmp_path, "mx.test", frozenset({"mx.test"}), {})
     env = Envelope("id", "s@x", ("a@mx.test", "b@remote.test", "c@remote.test"), 1, 0.0)
     msg = load_msg(env, records, control, now=10.0)
@@ -567,10 +569,10 @@ def test_queue_list_and_show(tmp_path: Path) -> None:
     )
     os.rename(q.path("new", env.queue_id), q.path("mess", env.queue_id))
     state = q.path("state", env.queue_id)
-    append_state(state, {"ev": "deferred", "rcpt": 0, "t": 1.0, "detail": "451 later"})
-    append_state(state, {"ev": "done", "rcpt": 0, "t": 2.0, "detail": "250 ok"})
-    append_state(state, {"ev": "failed", "rcpt": 1, "t": 2.0, "detail": "550 no such user"})
-    append_state(state, {"ev": "deferred", "rcpt": 2, "t": 2.0, "detail": "connection refused"})
+    append_state(state, Attempt("deferred", 0, 1.0, "451 later"))
+    append_state(state, Attempt("done", 0, 2.0, "250 ok"))
+    append_state(state, Attempt("failed", 1, 2.0, "550 no such user"))
+    append_state(state, Attempt("deferred", 2, 2.0, "connection refused"))
     waiting = q.enqueue("", ["e@r.test"], b"x\r\n")
     out = io.StringIO()
     # +0.5 s: the queue file keeps the time to the microsecond, so exactly +90 may read 89.99.

@@ -27,7 +27,7 @@ import pytest
 from test_protocol_support import in_data, policy
 
 from pyqmail.headers import HopCounter, header_fields
-from pyqmail.queue.store import Envelope
+from pyqmail.queue.format import Envelope
 from pyqmail.send.bounce import BounceTarget, Failure, make_dsn
 from pyqmail.send.delivery import Control, Result
 from pyqmail.send.remote import _SMTP, wire_data

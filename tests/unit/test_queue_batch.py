@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, parse_message
+from pyqmail.queue.format import Envelope, QueueError, parse_message
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit, messages
 
 
@@ -83,8 +85,8 @@ def test_held_writer_touches_no_disk_until_commit(queue: Queue) -> None:
 
 
 def test_failure_of_one_message_fails_only_that_one(queue: Queue) -> None:
-    good = queue.writer("a@b.test", ["c@d.test"], None)
-    bad = queue.writer("a@b.test", ["c@d.test"], None)
+    good = QueueWriter(queue, "a@b.test", ["c@d.test"], None)
+    bad = QueueWriter(queue, "a@b.test", ["c@d.test"], None)
     os.unlink(bad._tmp)  # its file is gone (an admin's clean-up): the rename fails, ENOENT
     results = commit([good, bad])
     assert isinstance(results[0], Envelope)

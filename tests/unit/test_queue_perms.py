@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pyqmail.queue.store import LAYOUT, ROOT_MODE, TRIGGER, Queue, QueueWriter
+from pyqmail.queue.store import LAYOUT, ROOT_MODE, TRIGGER, Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit
 from tests.runas import IS_ROOT, Ident, chown_tree, run_as, spare_ids
 
@@ -147,12 +148,13 @@ def test_root_hands_its_files_to_the_owner(tmp_path: Path) -> None:
 
 _GROUP_WRITER = """
 import pyqmail.queue.store as qm
+import pyqmail.queue.writer as qw
 q = qm.Queue(sys.argv[4])
 os.umask(0o077)
 q.enqueue("a@b.test", ["c@d.test"], b"alone\\r\\n")
 held = []
 for n in range(2):
-    w = qm.QueueWriter(q, "a@b.test", [f"r{n}@d.test"], defer=True)
+    w = qw.QueueWriter(q, "a@b.test", [f"r{n}@d.test"], defer=True)
     w.write(b"x\\r\\n")
     held.append(w)
 print(json.dumps([type(r).__name__ for r in tests.queue_util.commit(held)]))
@@ -211,7 +213,8 @@ def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
         Ident(member, group, (group,)),
         _QUEUE_TOOL,
         str(open_dir),
-        preload="import contextlib, io, pyqmail.tools.queue",
+        # argparse imports locale and shutil late; the python may be root's alone
+        preload="import contextlib, io, locale, shutil, pyqmail.tools.queue",
     )
     assert code == 2
     assert err == (

@@ -1,4 +1,4 @@
-"""Segment files: several messages committed together in one file (pyqmail.queue.store), through
+"""Segment files: several messages committed together in one file (pyqmail.queue.writer), through
 pyqmail-smtpd's group commit (pyqmail.queue.commit)."""
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import store as queuemod
-from pyqmail.queue.store import (
+from pyqmail.queue import writer as queuemod
+from pyqmail.queue.format import (
     Envelope,
-    Queue,
     QueueError,
-    QueueWriter,
-    SegmentWriter,
     encode_segment_trailer,
     parse_file,
     parse_segment,
 )
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter, SegmentWriter
 from tests.queue_util import commit, messages
 
 
@@ -136,7 +135,7 @@ def test_a_failed_segment_fails_its_messages_and_leaves_nothing(
 ) -> None:
     """Disk full while writing the segment: 451 for each of its messages; a streamed
     message of the same batch (a file of its own) is still committed."""
-    streamed = queue.writer("a@b.test", ["c@d.test"])
+    streamed = QueueWriter(queue, "a@b.test", ["c@d.test"])
     streamed.write(b"big\r\n")
     held = _held(queue, [b"1\r\n", b"2\r\n", b"3\r\n"])
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue.store import Queue, QueueWriter
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from pyqmail.send import manager as send
 from pyqmail.send.manager import Log, Manager
 from tests.queue_util import commit

@@ -1,10 +1,10 @@
 """The group commit: the one path by which pyqmail-smtpd makes messages durable.
 
-The queue (``pyqmail.queue.store``) owns the file format and the steps of a commit, as public
-methods: ``QueueWriter.finish`` (complete the message), ``SegmentWriter.add`` and ``seal``
-(held messages into one segment file), ``sync_publish`` of either (fsync, close, link or
-rename into new/), ``Queue.sync_new`` (fsync new/), ``unpublish`` (take a message back out
-when that fsync fails) and ``envelope``/``envelopes`` (the committed messages). This module
+The writers (``pyqmail.queue.writer``) own the steps of a commit, as public methods:
+``QueueWriter.finish`` (complete the message), ``SegmentWriter.add`` and ``seal`` (held
+messages into one segment file), ``sync_publish`` of either (fsync, close, link or rename
+into new/), ``Queue.sync_new`` (fsync new/), ``unpublish`` (take a message back out when
+that fsync fails) and ``envelope``/``envelopes`` (the committed messages). This module
 puts them in order for a batch (``commit_batch``) and runs batches in a thread of their
 own next to the event loop (``Committer``).
 
@@ -25,7 +25,9 @@ import queue as queuemod
 import threading
 from collections.abc import Callable
 
-from pyqmail.queue.store import Envelope, Queue, QueueError, QueueWriter, SegmentWriter
+from pyqmail.queue.format import Envelope, QueueError
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter, SegmentWriter
 
 CommitResult = Envelope | QueueError
 CommitCallback = Callable[[CommitResult], None]

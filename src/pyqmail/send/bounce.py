@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 from pyqmail.headers import header_section
-from pyqmail.queue.store import Envelope
+from pyqmail.queue.format import Envelope
 from pyqmail.send.delivery import DOUBLE_BOUNCE_SENDER, Control, Result, one_line
 
 

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from pyqmail.headers import header_fields
-from pyqmail.queue.store import Envelope, Queue, QueueError, fsync_dir
+from pyqmail.queue.format import Envelope, QueueError
+from pyqmail.queue.store import Queue, fsync_dir
 from pyqmail.send.delivery import Control, Result, split_address
 from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 

@@ -69,7 +69,6 @@ import contextlib
 import errno
 import fcntl
 import heapq
-import json
 import math
 import os
 import select
@@ -86,7 +85,17 @@ from pathlib import Path
 from typing import Any
 
 from pyqmail.privs import Identity, PrivilegeError, become, resolve
-from pyqmail.queue.store import Envelope, Queue, QueueError, Stored, fsync_dir
+from pyqmail.queue.format import Envelope, QueueError, Stored
+from pyqmail.queue.state import (
+    Attempt,
+    Bounced,
+    Record,
+    append_end,
+    append_state,
+    ended_messages,
+    read_state,
+)
+from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Control, ControlError, Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
@@ -95,7 +104,6 @@ from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.spawn import Children, stop_children
 from pyqmail.tls import TLSConfigError, client_context
 
-PIDFILE = "lock/sendpid"
 CHANSKIP = {"local": 10, "remote": 20}
 CLEAN_TMP_EVERY = 3600.0
 BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
@@ -107,56 +115,6 @@ def nextretry(birth: float, last: float, channel: str) -> float:
     n = math.isqrt(int(last - birth)) if last > birth else 0
     n += CHANSKIP[channel]
     return birth + n * n
-
-
-# -- state files ------------------------------------------------------------------------
-
-
-def read_state(path: Path) -> list[dict[str, Any]]:
-    """The records of a state file (complete lines only); [] if it does not exist."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in data.split(b"\n")[:-1]:  # the part after the last LF is torn or empty
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def ended_messages(path: Path) -> set[str]:
-    """The queue ids recorded as ended in a segment's ``state/<segment id>``."""
-    records = read_state(path)
-    return {r["id"] for r in records if r.get("ev") == "end" and isinstance(r.get("id"), str)}
-
-
-def append_end(path: str, queue_id: str) -> None:
-    """Record that a message of a segment has ended (no fsync: see the module docstring)."""
-    line = json.dumps({"ev": "end", "id": queue_id}, separators=(",", ":")).encode() + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def append_state(path: Path, record: dict[str, Any], durable: bool = True) -> None:
-    line = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, line)
-        if durable or created:
-            os.fdatasync(fd) if not created else os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
 
 
 # -- in-memory model --------------------------------------------------------------------
@@ -190,18 +148,18 @@ class Msg:
         return all(r.status in ("done", "failed") for r in self.rcpts)
 
 
-def _result_from(record: dict[str, Any]) -> Result:
-    kind = {"done": "ok", "failed": "perm"}.get(str(record.get("ev")), "temp")
+def _result_from(record: Attempt) -> Result:
+    kind = {"done": "ok", "failed": "perm"}.get(record.event, "temp")
     return Result(
         kind,  # type: ignore[arg-type]
-        str(record.get("detail", "")),
-        str(record.get("status", "")),
-        str(record.get("remote", "local")),
-        str(record.get("diag", "")),
+        record.detail,
+        record.status,
+        record.remote,
+        record.diag,
     )
 
 
-def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now: float) -> Msg:
+def load_msg(env: Envelope, records: list[Record], control: Control, now: float) -> Msg:
     """Rebuild a message's delivery state from its state file records."""
     rcpts = [
         Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
@@ -209,24 +167,22 @@ def load_msg(env: Envelope, records: list[dict[str, Any]], control: Control, now
     ]
     msg = Msg(env, rcpts, has_state=bool(records))
     for record in records:
-        ev = record.get("ev")
-        if ev == "bounced":
+        if isinstance(record, Bounced):
             msg.bounced = True
             continue
-        index = record.get("rcpt")
-        if not isinstance(index, int) or not 0 <= index < len(rcpts):
+        if not isinstance(record, Attempt) or not 0 <= record.rcpt < len(rcpts):
             continue
-        r = rcpts[index]
+        r = rcpts[record.rcpt]
         if r.status in ("done", "failed"):
             continue
         r.result = _result_from(record)
-        r.last_try = float(record.get("t", 0.0))
-        if ev == "done":
+        r.last_try = record.time
+        if record.event == "done":
             r.status = "done"
-        elif ev == "failed":
+        elif record.event == "failed":
             r.status = "failed"
-            r.expired = bool(record.get("expired", False))
-        elif ev == "deferred":
+            r.expired = record.expired
+        elif record.event == "deferred":
             r.next_try = max(now, nextretry(env.received, r.last_try, r.channel))
     return msg
 
@@ -371,7 +327,7 @@ class Manager:
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
-    def _add(self, name: str, stored: Stored, records: list[dict[str, Any]]) -> Msg:
+    def _add(self, name: str, stored: Stored, records: list[Record]) -> Msg:
         """Schedule one message of ``mess/<name>`` with the progress its records show."""
         env = stored.env
         queue_id = env.queue_id
@@ -587,12 +543,16 @@ class Manager:
         event = {"ok": "done", "perm": "failed", "temp": "deferred"}[result.kind]
         if expired:
             event = "failed"
-        record: dict[str, Any] = {"ev": event, "rcpt": index, "t": round(now, 3)}
-        record["detail"] = one_line(result.detail, 1000)
-        if event != "done":
-            record |= {"status": result.status, "remote": result.remote, "diag": result.diagnostic}
-        if event == "failed":
-            record["expired"] = expired
+        record = Attempt(
+            event,  # type: ignore[arg-type]
+            index,
+            round(now, 3),
+            one_line(result.detail, 1000),
+            result.status,
+            result.remote,
+            result.diagnostic,
+            expired,
+        )
         with self.lock:  # the last recipient of a clean message needs no record: see finish()
             last = event == "done" and all(o.status == "done" for o in msg.rcpts if o is not r)
         state_error = ""
@@ -771,7 +731,7 @@ class Manager:
             with msg.lock:
                 append_state(
                     self.queue.path("state", queue_id),
-                    {"ev": "bounced", "t": round(time.time(), 3), "bounce": bounce_id},
+                    Bounced(round(time.time(), 3), bounce_id),
                 )
         except OSError as exc:
             self.log(f"warning cannot record bounce of {queue_id}: {exc}")

@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyqmail.queue.store import Envelope
+from pyqmail.queue.format import Envelope
 from pyqmail.send.delivery import (
     DOUBLE_BOUNCE_SENDER,
     Control,

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyqmail.privs import Identity, become
-from pyqmail.queue.store import Envelope
+from pyqmail.queue.format import Envelope
 from pyqmail.send import child
 from pyqmail.send.child import MAX_REPLY, ChannelClosedError, recv_frame, send_frame
 from pyqmail.send.delivery import Control, Result, split_address

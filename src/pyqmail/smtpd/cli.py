@@ -112,7 +112,9 @@ from pyqmail.protocol.connection import (
     TLSInfo,
 )
 from pyqmail.queue.commit import CommitResult, Committer
-from pyqmail.queue.store import Queue, QueueError, QueueWriter
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from pyqmail.rules import Decision, Rules, RulesError
 from pyqmail.smtpd import knobs as session_knobs
 from pyqmail.smtpd.authguard import AuthGuard, AuthState, Outcome, StateError, state_path

@@ -12,7 +12,8 @@
     the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
 
 Run it as root or as pyqmail-send's user: ``mess/`` and ``state/`` are theirs alone (see
-"Permissions" in ``pyqmail.queue.store``).
+"Permissions" in ``pyqmail.queue.store``). It reads the queue through ``pyqmail.queue``
+alone (files, state records), never through the daemon's code.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 from pyqmail.headers import header_section
-from pyqmail.queue.store import Queue, QueueError, Stored
+from pyqmail.queue.format import QueueError, Stored
+from pyqmail.queue.state import Attempt, Ended, Record, ended_messages, read_state
+from pyqmail.queue.store import PIDFILE, Queue
 from pyqmail.send.delivery import one_line
-from pyqmail.send.manager import PIDFILE, ended_messages, read_state
 
 
 def _age(seconds: float) -> str:
@@ -42,16 +44,16 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def recipient_status(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """Per recipient: the final record if any, else the last deferral, else pending."""
-    status: list[dict[str, Any]] = [{"ev": "pending"} for _ in range(count)]
+def recipient_status(records: list[Record], count: int) -> list[Attempt | None]:
+    """Per recipient: the final attempt if any, else the last deferral, else None (pending)."""
+    status: list[Attempt | None] = [None] * count
     for record in records:
-        index = record.get("rcpt")
-        if not isinstance(index, int) or not 0 <= index < count:
+        if not isinstance(record, Attempt) or not 0 <= record.rcpt < count:
             continue
-        if status[index].get("ev") in ("done", "failed"):
+        last = status[record.rcpt]
+        if last is not None and last.event in ("done", "failed"):
             continue
-        status[index] = record
+        status[record.rcpt] = record
     return status
 
 
@@ -72,15 +74,11 @@ def list_queue(queue: Queue, out: TextIO, now: float | None = None) -> int:
             for address, st in zip(
                 env.recipients, recipient_status(records, len(env.recipients)), strict=True
             ):
-                ev = st.get("ev", "pending")
-                label = {"deferred": "deferred", "done": "done", "failed": "failed"}.get(
-                    ev, "pending"
-                )
-                line = f"  {label:8} <{one_line(address)}>"
-                if "t" in st:
-                    line += f"  last try {_age(now - float(st['t']))} ago"
-                if ev != "pending" and st.get("detail"):
-                    line += f"  {one_line(str(st['detail']))}"
+                line = f"  {'pending' if st is None else st.event:8} <{one_line(address)}>"
+                if st is not None:
+                    line += f"  last try {_age(now - st.time)} ago"
+                    if st.detail:
+                        line += f"  {one_line(st.detail)}"
                 out.write(line + "\n")
     out.write(f"{total} message(s) in the queue\n")
     return 0
@@ -143,9 +141,10 @@ def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
     for key, value in env.meta.items():
         out.write(f"meta {key} {one_line(value)}\n")
     for record in read_state(queue.path("state", queue_id)):
-        parts = [f"{k}={one_line(str(v))}" for k, v in record.items() if k not in ("ev", "t")]
-        when = time.ctime(float(record.get("t", 0)))
-        out.write(f"state {when} {record.get('ev')} {' '.join(parts)}\n")
+        fields = record.to_json()
+        parts = [f"{k}={one_line(str(v))}" for k, v in fields.items() if k not in ("ev", "t")]
+        when = time.ctime(0 if isinstance(record, Ended) else record.time)
+        out.write(f"state {when} {fields['ev']} {' '.join(parts)}\n")
     out.write("\n")
     text = message if body else header_section(message) + b"\r\n"
     out.write(text.replace(b"\r\n", b"\n").decode("utf-8", "replace"))

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pyqmail.headers import HEADER_SIZE_LIMIT
-from pyqmail.queue.store import Queue, QueueError
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
 from pyqmail.send.delivery import Control, ControlError
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78

@@ -1,0 +1,211 @@
+"""Delivery state records: what pyqmail-send has done with the messages in ``mess/``.
+
+``state/<id>`` belongs to pyqmail-send (``state/`` is its alone, see "Permissions" in
+``pyqmail.queue.store``) and holds one JSON object per line, appended, never rewritten::
+
+    {"ev":"done","rcpt":0,"t":1700000000.0,"detail":"..."}
+    {"ev":"failed","rcpt":1,"t":...,"detail":"...","status":"5.1.1","remote":"...",
+     "diag":"smtp; 550 ...","expired":false}
+    {"ev":"deferred","rcpt":2,"t":...,"detail":"...","status":"4.4.1","remote":"...",
+     "diag":"..."}
+    {"ev":"bounced","t":...,"bounce":"<queue id of the DSN, or empty when dropped>"}
+    {"ev":"end","id":"<queue id>"}       (only in state/<segment id>)
+
+Each kind of line is one record type (``Attempt``, ``Bounced``, ``Ended``) with ``to_json``
+and ``from_json``, so the writer (pyqmail-send) and the readers (pyqmail-send on start,
+pyqmail-queue) share one definition and the queue tool need not import the daemon. ``rcpt``
+indexes the ``to`` lines of the queue file; ``t`` is unix seconds.
+
+Reading is lenient the way a crash requires: a missing file means nothing has happened yet,
+a torn last line (no LF) is ignored, and so is any line that is not a record of a known
+kind (not JSON, an unknown ``ev``, a ``rcpt`` that is not an integer, a ``t`` that is not a
+number). What a record means for delivery, and when each is written, is pyqmail-send's
+(``pyqmail.send.manager``); how the files fit the queue's states: ``README.md`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pyqmail.queue.store import fsync_dir
+
+Event = Literal["done", "failed", "deferred"]
+_EVENTS: dict[str, Event] = {"done": "done", "failed": "failed", "deferred": "deferred"}
+STATE_FILE = 0o640  # in state/, which only pyqmail-send enters
+
+
+def _number(value: object) -> float | None:
+    """A JSON number (or a numeric string, as ``float`` takes it); None if it is neither."""
+    if not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _text(obj: Mapping[str, Any], key: str, default: str = "") -> str:
+    return str(obj.get(key, default))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of delivering to one recipient: ``done`` and ``failed`` are final (qmail's
+    DONE: never tried again), ``deferred`` is advisory (the last error and the retry
+    schedule). ``status``, ``remote`` and ``diag`` are written for failures only, and
+    ``expired`` (a temporary failure past queuelifetime) for ``failed`` only."""
+
+    event: Event
+    rcpt: int  # index among the message's recipients
+    time: float
+    detail: str = ""
+    status: str = ""  # RFC 3463 enhanced status, e.g. 5.1.1
+    remote: str = "local"  # the host that answered
+    diag: str = ""  # DSN Diagnostic-Code, e.g. "smtp; 550 5.1.1 unknown user"
+    expired: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        """The line's object, its keys in the order pyqmail has always written them."""
+        obj: dict[str, object] = {
+            "ev": self.event,
+            "rcpt": self.rcpt,
+            "t": self.time,
+            "detail": self.detail,
+        }
+        if self.event != "done":
+            obj |= {"status": self.status, "remote": self.remote, "diag": self.diag}
+        if self.event == "failed":
+            obj["expired"] = self.expired
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Attempt | None:
+        """The attempt a line records, or None if it is not a valid one."""
+        ev = obj.get("ev")
+        event = _EVENTS.get(ev) if isinstance(ev, str) else None
+        rcpt = obj.get("rcpt")
+        when = _number(obj.get("t", 0.0))
+        if event is None or not isinstance(rcpt, int) or when is None:
+            return None
+        return cls(
+            event,
+            rcpt,
+            when,
+            _text(obj, "detail"),
+            _text(obj, "status"),
+            _text(obj, "remote", "local"),
+            _text(obj, "diag"),
+            bool(obj.get("expired", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Bounced:
+    """The failed recipients were reported: the DSN went into the queue as ``bounce``, or
+    was dropped (empty: a failed double bounce, as qmail drops it)."""
+
+    time: float
+    bounce: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """The line's object."""
+        return {"ev": "bounced", "t": self.time, "bounce": self.bounce}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Bounced:
+        """Any ``bounced`` line counts (the bounce was made), whatever else it holds."""
+        return cls(_number(obj.get("t", 0.0)) or 0.0, _text(obj, "bounce"))
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A message of a segment has left the queue (in ``state/<segment id>``: the segment
+    file stays until every message in it has ended)."""
+
+    queue_id: str
+
+    def to_json(self) -> dict[str, object]:
+        """The line's object."""
+        return {"ev": "end", "id": self.queue_id}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Ended | None:
+        """The ended message, or None if the line names none."""
+        queue_id = obj.get("id")
+        return cls(queue_id) if isinstance(queue_id, str) else None
+
+
+Record = Attempt | Bounced | Ended
+
+
+def from_json(obj: object) -> Record | None:
+    """The record of one decoded line, or None if it is no record of a known kind."""
+    if not isinstance(obj, dict):
+        return None
+    ev = obj.get("ev")
+    if ev == "bounced":
+        return Bounced.from_json(obj)
+    if ev == "end":
+        return Ended.from_json(obj)
+    return Attempt.from_json(obj)
+
+
+def encode(record: Record) -> bytes:
+    """One line of a state file (ASCII: anything else is escaped)."""
+    return json.dumps(record.to_json(), ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+def read_state(path: Path) -> list[Record]:
+    """The records of a state file (complete lines only); [] if it does not exist."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n")[:-1]:  # the part after the last LF is torn or empty
+        try:
+            record = from_json(json.loads(line))
+        except ValueError:
+            continue
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def ended_messages(path: Path) -> set[str]:
+    """The queue ids recorded as ended in a segment's ``state/<segment id>``."""
+    return {r.queue_id for r in read_state(path) if isinstance(r, Ended)}
+
+
+def append_end(path: str | os.PathLike[str], queue_id: str) -> None:
+    """Record that a message of a segment has ended. No fsync, exactly like the unlink that
+    ends a message of its own: a power loss can lose it, and the message is delivered
+    again (a duplicate, never a loss)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
+    try:
+        os.write(fd, encode(Ended(queue_id)))
+    finally:
+        os.close(fd)
+
+
+def append_state(path: Path, record: Attempt | Bounced, durable: bool = True) -> None:
+    """Append a record; ``durable``: fdatasync it before returning (the first record of a
+    file is always made durable, with its name in ``state/``). A final record is appended
+    only after what it records is itself durable, so after a crash a recipient recorded
+    done is never delivered again."""
+    line = encode(record)
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
+    try:
+        os.write(fd, line)
+        if durable or created:
+            os.fdatasync(fd) if not created else os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)

@@ -1,0 +1,125 @@
+"""Delivery state records (pyqmail.queue.state): typed, the same bytes on disk as before,
+and readable by the queue tool without the daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyqmail.queue.state import (
+    Attempt,
+    Bounced,
+    Ended,
+    append_end,
+    append_state,
+    encode,
+    ended_messages,
+    from_json,
+    read_state,
+)
+
+# A state file exactly as pyqmail-send wrote it before the records were typed (made by the
+# dict-based append_state/append_end of commit 161151a): a queue from then must still read.
+OLD_FILE = (
+    b'{"ev":"deferred","rcpt":2,"t":1700000000.5,"detail":"451 4.4.1 try later",'
+    b'"status":"4.4.1","remote":"mx.remote.test","diag":"smtp; 451 4.4.1 try later"}\n'
+    b'{"ev":"done","rcpt":0,"t":1700000001.25,"detail":"delivered to Maildir caf\\u00e9"}\n'
+    b'{"ev":"failed","rcpt":1,"t":1700000002.0,"detail":"550 5.1.1 no such user",'
+    b'"status":"5.1.1","remote":"mx.remote.test","diag":"smtp; 550 5.1.1 no such user",'
+    b'"expired":false}\n'
+    b'{"ev":"bounced","t":1700000003.125,"bounce":"18a.1f.2abc"}\n'
+    b'{"ev":"end","id":"17f.2a.1def"}\n'
+)
+OLD_RECORDS = [
+    Attempt(
+        "deferred",
+        2,
+        1700000000.5,
+        "451 4.4.1 try later",
+        "4.4.1",
+        "mx.remote.test",
+        "smtp; 451 4.4.1 try later",
+    ),
+    Attempt("done", 0, 1700000001.25, "delivered to Maildir caf\u00e9"),
+    Attempt(
+        "failed",
+        1,
+        1700000002.0,
+        "550 5.1.1 no such user",
+        "5.1.1",
+        "mx.remote.test",
+        "smtp; 550 5.1.1 no such user",
+    ),
+    Bounced(1700000003.125, "18a.1f.2abc"),
+    Ended("17f.2a.1def"),
+]
+
+
+def test_an_old_state_file_reads_as_typed_records(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(OLD_FILE + b'{"ev":"done","rcpt":3')  # torn by a crash: ignored
+    assert read_state(path) == OLD_RECORDS
+    assert ended_messages(path) == {"17f.2a.1def"}
+
+
+def test_records_are_written_byte_for_byte_as_before(tmp_path: Path) -> None:
+    """The same bytes as the dict-based writer: a queue written now reads with older code."""
+    assert b"".join(encode(r) for r in OLD_RECORDS) == OLD_FILE
+    path = tmp_path / "state"
+    for record in OLD_RECORDS[:4]:
+        assert not isinstance(record, Ended)
+        append_state(path, record, durable=False)
+    append_end(path, "17f.2a.1def")
+    assert path.read_bytes() == OLD_FILE
+
+
+def test_a_done_record_writes_no_failure_fields() -> None:
+    """``status``/``remote``/``diag`` belong to failures, ``expired`` to ``failed`` only."""
+    done = Attempt("done", 0, 1.0, "ok", "2.0.0", "mx.test", "smtp; 250 ok", expired=True)
+    assert encode(done) == b'{"ev":"done","rcpt":0,"t":1.0,"detail":"ok"}\n'
+    deferred = Attempt("deferred", 0, 1.0, "451", "4.0.0", "mx.test", "d", expired=True)
+    assert b"expired" not in encode(deferred)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"ev":"done"}',  # no recipient
+        b'{"ev":"done","rcpt":"0","t":1}',  # recipient not an integer
+        b'{"ev":"done","rcpt":0,"t":"soon"}',  # time not a number
+        b'{"ev":["done"],"rcpt":0,"t":1}',
+        b'{"ev":"vanished","rcpt":0,"t":1}',
+        b'{"ev":"end","id":7}',
+        b"\xff\xfe",
+    ],
+)
+def test_a_line_that_is_no_record_is_skipped(tmp_path: Path, line: bytes) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(line + b"\n" + OLD_FILE)
+    assert read_state(path) == OLD_RECORDS
+
+
+def test_lenient_fields_read_as_the_daemon_always_read_them() -> None:
+    """A missing field takes the default the dict-based reader gave it."""
+    assert from_json({"ev": "failed", "rcpt": 0}) == Attempt("failed", 0, 0.0, remote="local")
+    assert from_json({"ev": "bounced"}) == Bounced(0.0, "")
+    assert from_json({"ev": "deferred", "rcpt": 1, "t": "2.5"}) == Attempt("deferred", 1, 2.5)
+
+
+def test_a_missing_state_file_is_no_records(tmp_path: Path) -> None:
+    assert read_state(tmp_path / "missing") == []
+    assert ended_messages(tmp_path / "missing") == set()
+
+
+def test_the_queue_tool_does_not_load_the_daemon() -> None:
+    """pyqmail-queue reads state files through pyqmail.queue, not pyqmail-send's manager."""
+    code = "import sys, pyqmail.tools.queue; print('pyqmail.send.manager' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == "False\n"
