@@ -118,3 +118,38 @@ def test_an_answer_the_manager_cannot_trust_is_refused(raw: object, error: str) 
 def test_a_forward_without_recipients_is_refused() -> None:
     with pytest.raises(ValueError, match="without recipients"):
         parse_forward({"to": [], "delivered_to": "x", "done": [], "source": "y"})
+
+
+def test_hup_gives_the_children_the_new_control_files(send_root: Path) -> None:
+    """The local child checks the hop limit with the manager's control files, so a new
+    ``maxhops`` reaches it after HUP (it never reads control/ itself)."""
+    q = Queue(send_root / "queue")
+    hops = b"Received: from a\r\nReceived: from b\r\nReceived: from c\r\n"
+    out = io.StringIO()
+    m = Manager(send_root, Log(out))
+    q.enqueue("a@remote.test", ["user@mx.test"], hops + b"Subject: 1\r\n\r\nbody\r\n")
+    m.pickup()
+    _drain(m)
+    assert "result=done" in out.getvalue()
+    (send_root / "control" / "maxhops").write_text("1\n")
+    m.flags.add("hup")
+    m._handle_flags()
+    assert "control files reloaded" in out.getvalue()
+    q.enqueue("a@remote.test", ["user@mx.test"], hops + b"Subject: 2\r\n\r\nbody\r\n")
+    m.pickup()
+    _drain(m)
+    assert "too many hops (3, over 2)" in out.getvalue()
+    m.children.close()
+
+
+def test_a_lost_spawner_stops_the_manager_with_111(send_root: Path) -> None:
+    out = io.StringIO()
+    m = Manager(send_root, Log(out))
+    spawner = m.children.links["remote"].spawner.pid
+    os.kill(spawner, signal.SIGKILL)
+    wait_for(lambda: m.children.lost == ["remote"], 10, "the manager to notice")
+    m._handle_flags()
+    assert m.stopping
+    assert m.status == 111
+    assert f"error remote spawner {spawner} is gone" in out.getvalue()
+    m.children.close()
