@@ -349,10 +349,10 @@ class Link:
             call = self.calls[number] = _Call()
         try:
             self._send(sock, {**request, "id": number})
-        except OSError:
+        except (OSError, pickle.PicklingError, TypeError) as exc:
             with self.cond:
                 self.calls.pop(number, None)
-            raise ChildLostError(f"{self.kind} delivery child unreachable") from None
+            raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
         call.done.wait()
         if call.reply is None:
             raise ChildLostError(f"{self.kind} delivery child {self.pid} died")
