@@ -52,6 +52,23 @@ def resolve(spec: str, option: str) -> Identity:
     return Identity(spec, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(spec, pw.pw_gid)))
 
 
+def drop(user: str | None, *, allow_root: bool, refusal: str) -> Identity | None:
+    """A daemon's ``--user``: as root, become ``user`` for good (refused with ``refusal``
+    when None, and when it is root unless ``allow_root``); otherwise ``user``, when given,
+    must be who we are.
+    Returns who we became (None: nothing named). Groups: the user's groups from the group
+    database (``initgroups``), for pyqmail-smtpd and pyqmail-send alike."""
+    if user is None:
+        if os.geteuid() == 0:
+            raise PrivilegeError(refusal)
+        return None
+    who = resolve(user, "--user")
+    if who.uid == 0 and not allow_root:
+        raise PrivilegeError(f"--user {user} is root; name an unprivileged user")
+    become(who)
+    return who
+
+
 def become(who: Identity) -> None:
     """As root: become ``who`` for good (groups, gid, uid; root stays root). Otherwise the
     process must already run as ``who``'s uid."""

@@ -80,7 +80,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pyqmail.privs import Identity, PrivilegeError, become, resolve
+from pyqmail.privs import Identity, PrivilegeError, drop, resolve
 from pyqmail.queue.format import QueueError, Stored
 from pyqmail.queue.state import (
     Record,
@@ -381,21 +381,16 @@ def _drain(fd: int) -> None:
 
 def drop_privileges(user: str | None) -> None:
     """Become ``user`` (when root); refuse to handle mail as root unless asked explicitly."""
-    if user is None:
-        if os.geteuid() == 0:
-            raise SystemExit(
-                "pyqmail-send: refusing to run as root; pass --user pyqmails (or --user root "
-                "to insist)"
-            )
-        return
-    who = _identity(user, "--user")
-    if os.geteuid() == 0 and who.uid == 0:
-        sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
-        return
     try:
-        become(who)
+        who = drop(
+            user,
+            allow_root=True,
+            refusal="refusing to run as root; pass --user pyqmails (or --user root to insist)",
+        )
     except PrivilegeError as exc:
         raise SystemExit(f"pyqmail-send: {exc}") from None
+    if who is not None and who.uid == 0 and os.geteuid() == 0:
+        sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
 
 
 def _identity(spec: str, option: str) -> Identity:
