@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from pyqmail.privs import Identity, become
 from pyqmail.queue.format import Envelope
@@ -128,9 +128,7 @@ def _spawner(
         if pid == 0:
             ctl.close()
             mine.close()
-            _pdeathsig(me)
-            child.serve(theirs, kind, resolver)
-            os._exit(0)
+            _child(theirs, kind, resolver, me)
         theirs.close()
         try:
             socket.send_fds(ctl, [str(pid).encode()], [mine.fileno()])
@@ -142,6 +140,17 @@ def _spawner(
             return
         if time.monotonic() - started < RESPAWN_PAUSE:
             time.sleep(RESPAWN_PAUSE)
+
+
+def _child(sock: socket.socket, kind: str, resolver: Resolver | None, spawner: int) -> NoReturn:
+    """A delivery child's life (in the process the spawner forked): serve, then leave."""
+    try:
+        _pdeathsig(spawner)
+        child.serve(sock, kind, resolver)
+    except BaseException as exc:  # noqa: BLE001 - report, then leave without cleanup
+        _say(f"{kind} delivery child failed: {type(exc).__name__}: {exc}")
+        os._exit(111)
+    os._exit(0)
 
 
 def _wait_child(ctl: socket.socket, pid: int) -> bool:
