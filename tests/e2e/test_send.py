@@ -596,6 +596,21 @@ def test_permanent_failure_bounces_with_rfc3464(host: Host, recorder: Recorder) 
     assert dsn["Auto-Submitted"] == "auto-replied"
 
 
+def test_a_dotqmail_with_many_maildirs_is_delivered(host: Host) -> None:
+    """A ``.qmail`` with 40 Maildir lines: the local delivery child's result names every one
+    (over 4000 characters); the manager cuts the fields of a child's answer
+    (``pyqmail.send.child.MAX_DETAIL``) instead of refusing it, which would defer the
+    message for ever."""
+    boxes = [f"./Maildir-{n:02d}-{'long-folder-name-' * 3}/" for n in range(40)]
+    home = host.mailbox("many", {".qmail": "".join(f"{b}\n" for b in boxes)})
+    host.start()
+    host.sendmail(["-f", "someone@example.test", "many@example.test"], message("many"))
+    wait_for(host.queue_empty, 60)
+    for box in boxes:
+        assert len(host.maildir(home, box.strip("./"))) == 1
+    assert "result=done" in host.log()
+
+
 def test_null_sender_failure_gets_no_bounce_only_a_double_bounce(
     host: Host, recorder: Recorder
 ) -> None:

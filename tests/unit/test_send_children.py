@@ -105,7 +105,7 @@ def test_forwards_are_queued_by_the_manager(send_root: Path) -> None:
                 "kind": "ok",
                 "verified": 1,
             },
-            "not a short string",
+            "not a string",
         ),
         ("ok", "unexpected fields"),
     ],
@@ -153,3 +153,10 @@ def test_a_lost_spawner_stops_the_manager_with_111(send_root: Path) -> None:
     assert m.status == 111
     assert f"error remote spawner {spawner} is gone" in out.getvalue()
     m.children.close()
+
+
+def test_a_long_detail_is_cut_not_refused() -> None:
+    """A server may answer with 64 KiB of text: the result stays usable, its fields cut."""
+    raw = {**dict.fromkeys(("status", "remote", "diagnostic", "tls", "verified"), "")}
+    raw |= {"kind": "perm", "detail": "x" * 100_000}
+    assert parse_result(raw).detail == "x" * 4000

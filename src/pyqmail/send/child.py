@@ -38,7 +38,8 @@ from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery, RemoteSession
 
 HEADER = struct.Struct("!I")
-MAX_REPLY = 1 << 20  # bytes of one answer the manager accepts from a child
+MAX_REPLY = 64 << 20  # bytes of one answer the manager accepts from a child
+MAX_DETAIL = 4000  # characters of one result field (a server's reply may be 64 KiB)
 
 
 class ChannelClosedError(Exception):
@@ -70,8 +71,9 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
 
 
 def result_fields(result: Result) -> dict[str, str]:
-    """A Result as the JSON the manager parses back (``spawn.parse_result``)."""
-    return {k: str(v) for k, v in asdict(result).items()}
+    """A Result as the JSON the manager parses back (``spawn.parse_result``); each field cut
+    to ``MAX_DETAIL`` so that an answer for many recipients stays far below ``MAX_REPLY``."""
+    return {k: str(v)[:MAX_DETAIL] for k, v in asdict(result).items()}
 
 
 class Child:

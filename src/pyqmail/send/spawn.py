@@ -62,7 +62,13 @@ from typing import Any, NoReturn
 from pyqmail.privs import Identity, become
 from pyqmail.queue.format import Envelope
 from pyqmail.send import child
-from pyqmail.send.child import MAX_REPLY, ChannelClosedError, recv_frame, send_frame
+from pyqmail.send.child import (
+    MAX_DETAIL,
+    MAX_REPLY,
+    ChannelClosedError,
+    recv_frame,
+    send_frame,
+)
 from pyqmail.send.delivery import Control, Result, split_address
 from pyqmail.send.local import Forward, LocalDelivery
 from pyqmail.send.mx import Resolver
@@ -71,7 +77,6 @@ KINDS = ("remote", "local")
 CHILD_WAIT = 10.0  # seconds a job waits for a child that is being restarted
 RESPAWN_PAUSE = 1.0  # a child that lived less than this is not restarted sooner
 PR_SET_PDEATHSIG = 1
-MAX_DETAIL = 4000
 _RESULT_KEYS = ("kind", "detail", "status", "remote", "diagnostic", "tls", "verified")
 
 
@@ -205,11 +210,11 @@ def parse_result(raw: object) -> Result:
     if not isinstance(raw, dict) or set(raw) != set(_RESULT_KEYS):
         raise ValueError("result with unexpected fields")
     values = [raw[k] for k in _RESULT_KEYS]
-    if not all(isinstance(v, str) and len(v) <= MAX_DETAIL for v in values):
-        raise ValueError("result field is not a short string")
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError("result field is not a string")
     if values[0] not in ("ok", "temp", "perm"):
         raise ValueError(f"result kind {values[0]!r}")
-    return Result(*values)
+    return Result(*(v[:MAX_DETAIL] for v in values))
 
 
 def parse_forward(raw: object) -> Forward:
@@ -220,9 +225,12 @@ def parse_forward(raw: object) -> Forward:
     strings = [raw["delivered_to"], raw["source"]]
     if not (isinstance(to, list) and isinstance(done, list)) or not to:
         raise ValueError("forward without recipients")
-    if not all(isinstance(s, str) and len(s) <= MAX_DETAIL for s in [*to, *done, *strings]):
-        raise ValueError("forward field is not a short string")
-    return Forward(tuple(to), raw["delivered_to"], tuple(done), raw["source"])
+    if not all(isinstance(s, str) for s in [*to, *done, *strings]):
+        raise ValueError("forward field is not a string")
+    if any(len(s) > MAX_DETAIL for s in [*to, raw["delivered_to"]]):
+        raise ValueError("forward address too long")
+    done = [d[:MAX_DETAIL] for d in done]
+    return Forward(tuple(to), raw["delivered_to"], tuple(done), raw["source"][:MAX_DETAIL])
 
 
 @dataclass
