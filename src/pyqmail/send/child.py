@@ -10,9 +10,9 @@ a pickle (the manager is the more privileged side; the child trusts it) of a dic
 - ``{"op": "config", "control": Control}``: use these control files from now on (first
   frame, and again after a HUP);
 - ``{"op": "local", "id": n, "env": Envelope, "message": bytes, "rcpt": address}``;
-- ``{"op": "remote", "id": n, "sid": s, "domain": d, "env": Envelope, "message": bytes,
-  "rcpts": [address, ...]}``: ``sid`` names the connection the manager's worker keeps for
-  one destination (opened, or reopened when broken, for the job's domain);
+- ``{"op": "remote", "id": n, "sid": s, "key": k, "domain": d, "env": Envelope, "message":
+  bytes, "rcpts": [address, ...]}``: ``sid`` names the connection the manager's worker
+  keeps for one destination ``k`` (opened, or reopened when broken, for the job's domain);
 - ``{"op": "close", "sid": s}``: QUIT that connection.
 
 Child -> manager: JSON (the manager trusts nothing the child says: ``pyqmail.send.spawn``

@@ -54,6 +54,12 @@ temporary failure becomes permanent (bounce, Status 4.4.7). At most ``concurrenc
 local deliveries and ``concurrencyremote`` SMTP connections run at once; a remote worker
 keeps its connection and takes the next ready job for the same destination.
 
+Processes: the deliveries run in two child processes, remote and local, each under its
+own user (``--remote-user``, ``--local-user``); this process sends them each message's bytes
+and records what they answer. See ``pyqmail.send.spawn``. The code is in three modules:
+this one (start-up, pickup, signals, the loop, the command line), ``pyqmail.send.scheduler``
+(the in-memory model, retries, slots) and ``pyqmail.send.finisher`` (outcomes, ends, bounces).
+
 Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
 control files, TERM stops starting deliveries, waits for those in flight, exits 0.
 ``--check`` loads the configuration (control files, clientcert.pem, tlshosts pins, queue
