@@ -250,6 +250,16 @@ class Soak:
             return None
         return int(out.split("(pid ", 1)[1].split(")", 1)[0])
 
+    def service_uptime(self, name: str) -> int:
+        """Seconds the service has been up (svstat), 0 when it is not up."""
+        out = subprocess.run(
+            ["svstat", str(self.services / name)], capture_output=True, text=True, check=False
+        ).stdout
+        if ": up (pid " not in out:
+            return 0
+        words = out.split(")", 1)[1].split()
+        return int(words[0]) if words and words[0].isdigit() else 0
+
     def ours(self, pid: int) -> bool:
         """A process running with our temporary root on its command line."""
         try:
@@ -378,7 +388,8 @@ class Soak:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             subprocess.run(["svc", "-u", str(self.services / "send")], check=False)
-            subprocess.run(["svc", "-a", str(self.services / "send")], check=False)
+            if self.service_uptime("send") >= 2:  # an ALRM while Python starts up kills it
+                subprocess.run(["svc", "-a", str(self.services / "send")], check=False)
             if not queue.ids("new") and not queue.ids("mess") and not queue.ids("state"):
                 self.result.drained = True
                 break

@@ -484,6 +484,24 @@ def check_config(root: Path) -> int:
     return 0
 
 
+def _early_signals() -> set[str]:
+    """Keep ALRM and HUP that arrive while pyqmail-send starts, before ``Manager.run`` puts
+    its own handlers in place, instead of dying of them (their default action): ``svc -a``
+    or ``svc -h`` may come at any moment, and a start-up under load takes a while (a
+    supervised restart loop of such deaths once left a queue undrained under the soak's
+    ALRMs). Returns the set the handler fills ("alrm", "hup")."""
+    flags: set[str] = set()
+    names = {int(signal.SIGALRM): "alrm", int(signal.SIGHUP): "hup"}
+
+    def keep(signum: int, frame: object) -> None:
+        del frame
+        flags.add(names[signum])
+
+    for signum in names:
+        signal.signal(signum, keep)
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyqmail-send", description="queue manager: local and remote delivery"
@@ -511,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
         return check_config(root)
+    early = _early_signals()
     if args.user is None and os.geteuid() == 0:
         drop_privileges(None)  # refuses
     children = Children.start(None, child_users(args))  # forked while still root
@@ -521,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ControlError, QueueError) as exc:
             sys.stderr.write(f"pyqmail-send: {exc}\n")
             return 111
+        manager.flags = early  # the loop acts on what came while starting
         pid_fd = lock_pidfile(manager.queue.root)
         try:
             return manager.run()
