@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.control.send import Control, ControlError, Route
 from pyqmail.headers import header_values
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.state import Attempt, append_state, read_state
 from pyqmail.send.bounce import BounceTarget, Failure, bounce_target, make_dsn
-from pyqmail.send.delivery import Control, ControlError, Result, Route, one_line
+from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.dotqmail import (
     Instruction,
     MailboxesError,
@@ -50,8 +51,9 @@ def make_root(tmp_path: Path, files: dict[str, str]) -> Path:
     ("files", "error"),
     [
         ({"me": ""}, "control/me: missing or empty"),
-        ({"concurrencyremote": "lots\n"}, "concurrencyremote: expected a whole number"),
-        ({"concurrencylocal": "0\n"}, "concurrencylocal: 0 is out of range"),
+        # one reader for both daemons (pyqmail.control.table): pyqmail-smtpd's wording
+        ({"concurrencyremote": "lots\n"}, "concurrencyremote:1: not a non-negative integer"),
+        ({"concurrencylocal": "0\n"}, "concurrencylocal:1: 0 is out of range"),
         ({"smtproutes": "example.com\n"}, "smtproutes:1: expected domain:relay[:port]"),
         ({"smtproutes": "# c\nexample.com:relay:99999\n"}, "smtproutes:2: port 99999 out of range"),
         ({"smtproutes": "x:relay:http\n"}, "port must be a number, got 'http'"),

@@ -15,10 +15,10 @@ from test_delivery import RESOLVER, FakeResolver
 from test_protocol_support import in_data, policy, ready
 
 from pyqmail.control import smtpd as config
+from pyqmail.control.send import Control, ControlError, Route
 from pyqmail.headers import HopCounter, header_section, header_values
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.store import Queue
-from pyqmail.send.delivery import Control, ControlError, Route
 from pyqmail.send.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import DnsError, LoopError, Myself, destinations

@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 from test_protocol_support import in_data, policy
 
+from pyqmail.control.send import Control
 from pyqmail.headers import HopCounter, header_fields
 from pyqmail.queue.format import Envelope
 from pyqmail.send.bounce import BounceTarget, Failure, make_dsn
-from pyqmail.send.delivery import Control, Result
+from pyqmail.send.delivery import Result
 from pyqmail.send.remote import _SMTP, wire_data
 from pyqmail.tools import sendmail as inject
 

@@ -236,14 +236,15 @@ def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
 def test_the_injector_does_not_need_the_relay_passwords(tmp_path: Path) -> None:
     """pyqmail-sendmail loads the control files without smtproutes-auth (a user in group
     pyqmail may inject but not read it; tests/attacks/test_privileges.py runs that user)."""
-    from pyqmail.send.delivery import Control, ControlError
+    from pyqmail.control.send import Control, ControlError
 
     control = tmp_path / "control"
     control.mkdir()
     (control / "me").write_text("mx.test\n")
     (control / "smtproutes").write_text(":relay.test\n")
     (control / "smtproutes-auth").write_bytes(b"\xff not even text\n")
-    with pytest.raises(ControlError, match="smtproutes-auth: cannot read"):
+    # the one reader's wording (pyqmail.control.reader), as pyqmail-smtpd always said it
+    with pytest.raises(ControlError, match="smtproutes-auth:1: not valid UTF-8"):
         Control.load(tmp_path)
     assert Control.load(tmp_path, relay_auth=False).route("x.test").user == ""
 

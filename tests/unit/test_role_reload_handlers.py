@@ -1,45 +1,62 @@
-"""Every role task that writes or removes a control file notifies exactly the daemons that
-read it: ``pyqmail reload listeners`` (pyqmail-smtpd) and/or ``pyqmail reload send``.
+"""Every control file the roles write reloads exactly the daemons that read it.
 
-Which daemon reads which file is taken from the daemon's own sources (``config.py`` for
-pyqmail-smtpd, ``delivery.py`` Control.load for pyqmail-send), so a control file added to
-either side without a matching notify in the roles fails here. ``clientcert.pem`` and the
-``tlshosts/`` pins are read by pyqmail-send per attempt (remote.py); the roles reload it for
-them too (harmless). The handlers themselves are exercised for real by ``make run`` and the
-molecule scenarios.
+Which daemon reads which file is the daemons' own table (``pyqmail.control.table``, the
+one both readers are built on), not a scan of their sources. The role routes a change
+through ``pyqmail_control__reload_routes`` (``roles/pyqmail_control/vars/main.yml``,
+``{<control file>: [smtpd|send, ...]}``); its tasks notify ``pyqmail reload listeners``
+(every pyqmail-smtpd) and/or ``pyqmail reload send``. ``clientcert.pem`` and the
+``tlshosts/`` pins are read by pyqmail-send per attempt; the role reloads it for them too
+(harmless). The handlers themselves are exercised for real by ``make run`` and the molecule
+scenarios; ``pyqmail-smtpd --check`` and ``pyqmail-send --check`` (which they run) by
+tests/e2e/test_smtpd_check.py and tests/e2e/test_send_check.py.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from pyqmail.control import table
+
 REPO = Path(__file__).resolve().parents[2]
-SRC = REPO / "src" / "pyqmail"
 ROLES = REPO / "roles"
 LISTENERS = "pyqmail reload listeners"
 SEND = "pyqmail reload send"
+HANDLER = {table.SMTPD: LISTENERS, table.SEND: SEND}
 
-_READ = re.compile(r'\b(?:c|control) / "([a-z][a-z0-9.-]*)"')
-
-
-def files_read(source: Path) -> set[str]:
-    return set(_READ.findall(source.read_text()))
-
-
-SMTPD_FILES = files_read(SRC / "control" / "smtpd.py") | files_read(SRC / "smtpd" / "knobs.py")
-SEND_FILES = files_read(SRC / "send" / "delivery.py") | {"clientcert.pem", "tlshosts"}
+VARS = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
+ROUTES: dict[str, list[str]] = VARS["pyqmail_control__reload_routes"]
+SMTPD_FILES = {name for name, entry in table.TABLE.items() if table.SMTPD in entry.readers}
+SEND_FILES = {name for name, entry in table.TABLE.items() if table.SEND in entry.readers}
 
 
-def test_sources_name_the_files_we_expect() -> None:
-    """Guard the regex: both sides still read their well-known files."""
+def test_the_table_names_the_files_we_expect() -> None:
+    """Guard the table: both sides still read their well-known files."""
     assert {"rcpthosts", "databytes", "servercert.pem", "smtpusers", "me"} <= SMTPD_FILES
     assert {"smtproutes", "smtproutes-auth", "concurrencyremote", "queuelifetime"} <= SEND_FILES
     assert "smtproutes" not in SMTPD_FILES
+
+
+def test_routes_cover_every_control_file_of_the_table() -> None:
+    assert set(ROUTES) == set(table.TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+def test_route_is_the_tables_readers(name: str) -> None:
+    routed = ROUTES[name]
+    assert len(routed) == len(set(routed)), f"{name}: {routed} names a daemon twice"
+    assert set(routed) == table.readers(name), (
+        f"{name}: the role reloads {routed}, the daemons' table says {sorted(table.readers(name))}"
+    )
+
+
+def handlers(name: str) -> set[str]:
+    """The handlers a change to ``name`` must notify; a name no daemon reads: both."""
+    routed = ROUTES.get(name, [table.SMTPD, table.SEND])
+    return {HANDLER[daemon] for daemon in routed}
 
 
 def tasks(role: str) -> list[dict[str, Any]]:
@@ -57,21 +74,10 @@ def module_args(task: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def control_targets(task: dict[str, Any]) -> list[str]:
-    """The control files (or ``extra:<group>``) a task writes or removes; [] for others."""
-    args = module_args(task)
-    target = str(args.get("dest", args.get("path", "")))
-    loop = task.get("loop", "")
+def _templated_targets(name: str, loop: Any) -> list[str]:
+    """The files a looping task writes: ``{{ item }}``, ``{{ item.name }}``, ``{{ item.file }}``
+    or the extra files (``{{ item.key }}``, grouped by the route lists they select)."""
     loop_text = str(loop)
-    if args.get("state") == "directory" or (
-        "/control/" not in target and not (target == "{{ item }}" and "tlshosts" in loop_text)
-    ):
-        return []
-    if "tlshosts" in target or target == "{{ item }}":
-        return ["tlshosts"]
-    name = target.split("/control/", 1)[1]
-    if "{{" not in name:
-        return [name]
     if name == "{{ item }}":
         return list(loop)
     if name == "{{ item.name }}":
@@ -82,21 +88,32 @@ def control_targets(task: dict[str, Any]) -> list[str]:
         if "selectattr('key', 'in', pyqmail_control__send_only)" in loop_text:
             return ["extra:send"]
         if "selectattr('key', 'in', pyqmail_control__listeners_only)" in loop_text:
-            return ["extra:listeners"]
+            return ["extra:smtpd"]
         return ["extra:other"]
-    raise AssertionError(f"cannot tell which control file {target!r} is")
+    raise AssertionError(f"cannot tell which control file {name!r} is")
 
 
-def expected(name: str) -> set[str]:
-    if name.startswith("extra:"):
-        group = name.split(":", 1)[1]
-        return {"send": {SEND}, "listeners": {LISTENERS}, "other": {SEND, LISTENERS}}[group]
-    readers = set()
-    if name in SMTPD_FILES or name == "clientca.pem":
-        readers.add(LISTENERS)
-    if name in SEND_FILES:
-        readers.add(SEND)
-    return readers
+def control_targets(task: dict[str, Any]) -> list[str]:
+    """The control files (or ``extra:<group>``) a task writes or removes; [] for others."""
+    args = module_args(task)
+    target = str(args.get("dest", args.get("path", "")))
+    loop = task.get("loop", "")
+    if args.get("state") == "directory" or (
+        "/control/" not in target and not (target == "{{ item }}" and "tlshosts" in str(loop))
+    ):
+        return []
+    if "tlshosts" in target or target == "{{ item }}":
+        return ["tlshosts"]
+    name = target.split("/control/", 1)[1]
+    return [name] if "{{" not in name else _templated_targets(name, loop)
+
+
+def expected(target: str) -> set[str]:
+    """Handlers for a file, or for a group of extra files (selected by their route)."""
+    if target.startswith("extra:"):
+        group = target.split(":", 1)[1]
+        return {"send": {SEND}, "smtpd": {LISTENERS}, "other": {SEND, LISTENERS}}[group]
+    return handlers(target)
 
 
 CASES = [
@@ -112,6 +129,8 @@ def test_every_control_file_task_is_covered() -> None:
     for required in ("me", "smtproutes", "smtproutes-auth", "concurrencyremote", "tlshosts"):
         assert required in names
     assert {"servercert.pem", "clientcert.pem", "smtpusers", "extra:send"} <= names
+    for name in names - {"extra:send", "extra:smtpd", "extra:other"}:
+        assert name in ROUTES, f"the role writes control/{name}, which has no route"
 
 
 @pytest.mark.parametrize(
@@ -126,23 +145,31 @@ def test_task_notifies_the_daemons_that_read_its_files(
     assert notified == want, f"{role}: {task} writes {targets}: notifies {notified}, want {want}"
 
 
-def test_extra_file_groups_match_the_sources() -> None:
-    data = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
-    for name in data["pyqmail_control__send_only"]:
-        assert name in SEND_FILES and name not in SMTPD_FILES, name
-    for name in data["pyqmail_control__listeners_only"]:
-        assert name in SMTPD_FILES and name not in SEND_FILES, name
+def test_extra_file_groups_are_selected_from_the_routes() -> None:
+    """The groups the extra-file tasks select by are computed from the routes, not listed."""
+    for group, daemon in (("send_only", "send"), ("listeners_only", "smtpd")):
+        text = VARS[f"pyqmail_control__{group}"]
+        assert "pyqmail_control__reload_routes" in text, group
+        assert f"['{daemon}']" in text, group
+
+
+def _listens(handler: dict[str, Any]) -> set[str]:
+    value = handler.get("listen", [])
+    return {value} if isinstance(value, str) else set(value)
+
+
+def _kind(handler: dict[str, Any]) -> str:
+    return next(k for k in handler if "." in k or k == "pyqmail_service")
+
+
+HANDLERS: list[dict[str, Any]] = yaml.safe_load(
+    (ROLES / "pyqmail" / "handlers" / "main.yml").read_text()
+)
 
 
 def test_send_handlers_validate_before_signalling() -> None:
-    handlers = yaml.safe_load((ROLES / "pyqmail" / "handlers" / "main.yml").read_text())
-
-    def listens(h: dict[str, Any]) -> set[str]:
-        value = h.get("listen", [])
-        return {value} if isinstance(value, str) else set(value)
-
-    send = [h for h in handlers if SEND in listens(h)]
-    kinds = [next(k for k in h if "." in k or k == "pyqmail_service") for h in send]
+    send = [h for h in HANDLERS if SEND in _listens(h)]
+    kinds = [_kind(h) for h in send]
     assert kinds == [
         "ansible.builtin.stat",
         "ansible.builtin.command",
@@ -153,6 +180,38 @@ def test_send_handlers_validate_before_signalling() -> None:
     assert send[3]["pyqmail_service"]["state"] == "reloaded"
     assert send[3]["pyqmail_service"]["name"] == "qmail-send"
     # the listeners' reload never signals qmail-send, and send's reload runs before a restart
-    order = [h["name"] for h in handlers]
-    restart = next(i for i, h in enumerate(handlers) if "svc -t" in h["name"])
+    order = [h["name"] for h in HANDLERS]
+    restart = next(i for i, h in enumerate(HANDLERS) if "svc -t" in h["name"])
     assert order.index(send[3]["name"]) < restart
+
+
+def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None:
+    """pyqmail-smtpd --check per listener, as the daemon's user, then the fail, then svc -h:
+    no inline Python that loads the configuration its own way."""
+    listeners = [h for h in HANDLERS if LISTENERS in _listens(h)]
+    kinds = [_kind(h) for h in listeners]
+    assert kinds[:4] == [
+        "ansible.builtin.find",
+        "ansible.builtin.command",
+        "ansible.builtin.fail",
+        "ansible.builtin.command",
+    ]
+    argv = listeners[1]["ansible.builtin.command"]["argv"]
+    assert argv[0] == "{{ pyqmail__venv }}/bin/pyqmail-smtpd"
+    assert "--check" in argv
+    for option in ("--root", "--mode", "--rules", "--user"):
+        assert option in argv, option
+    assert "-c" not in argv
+    assert "svc" in listeners[3]["ansible.builtin.command"]["argv"]
+    restart = next(h for h in HANDLERS if "svc -t" in h["name"])
+    assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[1])
+    assert HANDLERS.index(listeners[2]) < HANDLERS.index(restart)
+
+
+def test_listener_modes_are_the_services_kinds() -> None:
+    """The handler's service -> --mode map is the one the run scripts are written from."""
+    modes = yaml.safe_load((ROLES / "pyqmail" / "vars" / "main.yml").read_text())
+    kinds = yaml.safe_load((ROLES / "pyqmail_services" / "vars" / "main.yml").read_text())
+    assert modes["pyqmail__listener_modes"] == {
+        kind["service"]: kind["mode"] for kind in kinds["pyqmail_services__kinds"].values()
+    }

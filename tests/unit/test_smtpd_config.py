@@ -16,6 +16,7 @@ from tests.conftest import PKI
 @pytest.fixture
 def root(tmp_path: Path, pki: PKI) -> Path:
     (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test\n")  # required (pyqmail.control.table)
     pki.ca.write_servercert(tmp_path / "control" / "servercert.pem", pki.server)
     return tmp_path
 

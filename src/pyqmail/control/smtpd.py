@@ -7,7 +7,7 @@ a bad new one is reported while the old one stays in force.
 Files and defaults (qmail's names and defaults where qmail has the file):
 
 =================  ===========================================================================
-``me``             this host's name; default: the machine's FQDN (qmail's install default)
+``me``             this host's name; required (as by pyqmail-send: ``pyqmail.control.table``)
 ``smtpgreeting``   text after ``220 ``; default ``me``
 ``rcpthosts``      domains we accept mail for, one per line; ``.example.com`` matches every
                    subdomain (not ``example.com`` itself), as qmail. Absent: NO domain — qmail
@@ -52,15 +52,14 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
 ``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``.
 
-Lines starting with ``#`` and blank lines are ignored; trailing blanks are stripped
-(qmail's control_readfile). Anything malformed raises ``ConfigError`` naming the file and
-line.
+Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
+``#`` and blank lines ignored, trailing blanks stripped) and parsed as
+``pyqmail.control.table`` says, the same table pyqmail-send's reader uses. Anything
+malformed raises ``ControlError`` (alias ``ConfigError``) naming the file and line.
 """
 
 from __future__ import annotations
 
-import re
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,120 +67,14 @@ from pathlib import Path
 
 from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
-from pyqmail.headers import DEFAULT_MAXHOPS
+from pyqmail.control import table
+from pyqmail.control.parsers import is_domain
+from pyqmail.control.reader import ControlError
 from pyqmail.smtpd import knobs as session_knobs
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-_INT_MAX = 2**63 - 1
+ConfigError = ControlError  # the one error type of every control-file reader (old name)
 
-
-class ConfigError(Exception):
-    """A control file is missing, unreadable or malformed; the message names file and line."""
-
-
-def _where(path: Path, lineno: int | None) -> str:
-    return f"{path}:{lineno}" if lineno else str(path)
-
-
-def is_domain(name: str) -> bool:
-    """A DNS host name in lower case: dot-separated LDH labels, at most 253 characters."""
-    if not name or len(name) > 253 or name.endswith("."):
-        return False
-    return all(_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _read_lines(path: Path) -> list[tuple[int, str]] | None:
-    """(line number, text) of the meaningful lines, or None if the file does not exist."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        lineno = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{lineno}: not valid UTF-8") from exc
-    lines = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if "\r" in line:
-            raise ConfigError(f"{path}:{lineno}: carriage return in line (DOS line ends?)")
-        if "\x00" in line:
-            raise ConfigError(f"{path}:{lineno}: NUL byte in line")
-        stripped = line.rstrip(" \t")
-        if stripped and not stripped.startswith("#"):
-            lines.append((lineno, stripped))
-    return lines
-
-
-def _read_single(path: Path) -> tuple[int, str] | None:
-    """The one line of a single-value file (qmail's control_readline)."""
-    lines = _read_lines(path)
-    if lines is None:
-        return None
-    if not lines:
-        raise ConfigError(f"{path}: file is empty")
-    if len(lines) > 1:
-        raise ConfigError(f"{path}:{lines[1][0]}: only one line expected")
-    return lines[0]
-
-
-def _read_int(path: Path, default: int, *, minimum: int = 0, maximum: int = _INT_MAX) -> int:
-    line = _read_single(path)
-    if line is None:
-        return default
-    lineno, text = line
-    if not text.strip().isdigit():
-        raise ConfigError(f"{_where(path, lineno)}: not a non-negative integer: {text!r}")
-    value = int(text.strip())
-    if value < minimum or value > maximum:
-        top = "" if maximum == _INT_MAX else f", max {maximum}"
-        raise ConfigError(f"{_where(path, lineno)}: {value} is out of range (min {minimum}{top})")
-    return value
-
-
-def _read_domains(path: Path, *, wildcard: bool) -> frozenset[str] | None:
-    lines = _read_lines(path)
-    if lines is None:
-        return None
-    domains = set()
-    for lineno, text in lines:
-        name = text.strip().lower()
-        bare = name[1:] if wildcard and name.startswith(".") else name
-        if not is_domain(bare):
-            raise ConfigError(f"{_where(path, lineno)}: not a valid domain name: {text!r}")
-        domains.add(name)
-    return frozenset(domains)
-
-
-def _read_validrcptto(path: Path) -> frozenset[str] | None:
-    lines = _read_lines(path)
-    if lines is None:
-        return None
-    entries = set()
-    for lineno, text in lines:
-        entry = text.strip().lower()
-        local, at, domain = entry.rpartition("@")
-        if not at or not is_domain(domain) or any(c.isspace() for c in local):
-            raise ConfigError(
-                f"{_where(path, lineno)}: expected user@domain or @domain, got {text!r}"
-            )
-        entries.add(entry)
-    return frozenset(entries)
-
-
-def _read_identities(path: Path) -> frozenset[str]:
-    lines = _read_lines(path)
-    if lines is None:
-        return frozenset()
-    identities = set()
-    for lineno, text in lines:
-        ident = text.strip()
-        if not ident or any(c.isspace() or not c.isprintable() for c in ident):
-            raise ConfigError(f"{_where(path, lineno)}: not a certificate identity: {text!r}")
-        identities.add(ident.lower())
-    return frozenset(identities)
+__all__ = ["Config", "ConfigError", "ControlError", "domain_of", "is_domain", "load"]
 
 
 def domain_of(address: str) -> str:
@@ -263,83 +156,73 @@ class Config:
         return check
 
 
-def default_me() -> str:
-    name = socket.getfqdn().lower()
-    return name if is_domain(name) else "localhost"
+def _tls(control: Path) -> tuple[Path | None, Path | None, ssl.SSLContext | None]:
+    """servercert.pem (and clientca.pem) into the server TLS context; none without a cert."""
+    servercert_path = control / table.SERVERCERT.name
+    clientca_path = control / table.CLIENTCA.name
+    servercert = servercert_path if servercert_path.exists() else None
+    clientca = clientca_path if clientca_path.exists() else None
+    if servercert is None:
+        if clientca is not None:
+            raise ConfigError(f"{clientca}: clientca.pem present but servercert.pem missing")
+        return None, None, None
+    try:
+        return servercert, clientca, tls.server_context(servercert, clientca)
+    except tls.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _authdb(control: Path) -> AuthDB | None:
+    """control/smtpusers, or None (no AUTH) when it does not exist."""
+    users_path = control / table.SMTPUSERS.name
+    if not users_path.exists():
+        return None
+    try:
+        return AuthDB.load(str(users_path))
+    except AuthDBError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise ConfigError(f"{users_path}: cannot read: {exc.strerror}") from exc
 
 
 def load(root: str | Path) -> Config:
     """Read and check every control file; raise ConfigError naming the first bad one."""
     root = Path(root)
-    control = root / "control"
-    if not control.is_dir():
-        raise ConfigError(f"{control}: control directory does not exist")
-
-    me_line = _read_single(control / "me")
-    if me_line is None:
-        me = default_me()
-    else:
-        me = me_line[1].strip().lower()
-        if not is_domain(me):
-            raise ConfigError(f"{control / 'me'}:{me_line[0]}: not a valid host name: {me!r}")
-
-    greeting_line = _read_single(control / "smtpgreeting")
-    greeting = me if greeting_line is None else greeting_line[1]
-    if not greeting.isprintable():
-        raise ConfigError(f"{control / 'smtpgreeting'}: contains control characters")
-
-    rcpthosts = _read_domains(control / "rcpthosts", wildcard=True) or frozenset()
-    local_domains = _read_domains(control / "locals", wildcard=False) or frozenset({me})
-
-    servercert_path = control / "servercert.pem"
-    clientca_path = control / "clientca.pem"
-    servercert = servercert_path if servercert_path.exists() else None
-    clientca = clientca_path if clientca_path.exists() else None
-    server_tls = None
-    if servercert is not None:
-        try:
-            server_tls = tls.server_context(servercert, clientca)
-        except tls.TLSConfigError as exc:
-            raise ConfigError(str(exc)) from exc
-    elif clientca is not None:
-        raise ConfigError(f"{clientca}: clientca.pem present but servercert.pem missing")
-
-    authdb = None
-    users_path = control / "smtpusers"
-    if users_path.exists():
-        try:
-            authdb = AuthDB.load(str(users_path))
-        except AuthDBError as exc:
-            raise ConfigError(str(exc)) from exc
-        except OSError as exc:
-            raise ConfigError(f"{users_path}: cannot read: {exc.strerror}") from exc
-
+    c = root / "control"
+    if not c.is_dir():
+        raise ConfigError(f"{c}: control directory does not exist")
+    me = table.ME.read(c)
+    greeting = table.SMTPGREETING.read(c, me)
+    rcpthosts = table.RCPTHOSTS.read(c) or frozenset()
+    local_domains = table.LOCALS.read(c) or frozenset({me})
+    servercert, clientca, server_tls = _tls(c)
+    authdb = _authdb(c)
     return Config(
         root=root,
         me=me,
         greeting=greeting,
         rcpthosts=rcpthosts,
         locals=local_domains,
-        databytes=_read_int(control / "databytes", 0),
-        maxrcpt=_read_int(control / "maxrcpt", 0),
-        maxhops=_read_int(control / "maxhops", DEFAULT_MAXHOPS, minimum=1, maximum=10000),
-        timeoutsmtpd=_read_int(control / "timeoutsmtpd", 300, minimum=1),
-        timeouttls=_read_int(control / "timeouttls", 30, minimum=1),
-        timeoutdata=_read_int(control / "timeoutdata", 3600, minimum=1),
-        timeoutterm=_read_int(control / "timeoutterm", 10),
-        maxconnip=_read_int(control / "maxconnip", 50, minimum=1),
-        maxconn=_read_int(control / "maxconn", 1000, minimum=1),
-        maxerrors=_read_int(control / "maxerrors", 10, minimum=1),
-        commitdelay=_read_int(control / "commitdelay", 10, maximum=1000),
-        authlockfails=_read_int(control / "authlockfails", 10, maximum=1000),
-        authlocktime=_read_int(control / "authlocktime", 600, minimum=1, maximum=86400),
-        authconcurrency=_read_int(control / "authconcurrency", 2, minimum=1, maximum=64),
+        databytes=table.DATABYTES.read(c),
+        maxrcpt=table.MAXRCPT.read(c),
+        maxhops=table.MAXHOPS.read(c),
+        timeoutsmtpd=table.TIMEOUTSMTPD.read(c),
+        timeouttls=table.TIMEOUTTLS.read(c),
+        timeoutdata=table.TIMEOUTDATA.read(c),
+        timeoutterm=table.TIMEOUTTERM.read(c),
+        maxconnip=table.MAXCONNIP.read(c),
+        maxconn=table.MAXCONN.read(c),
+        maxerrors=table.MAXERRORS.read(c),
+        commitdelay=table.COMMITDELAY.read(c),
+        authlockfails=table.AUTHLOCKFAILS.read(c),
+        authlocktime=table.AUTHLOCKTIME.read(c),
+        authconcurrency=table.AUTHCONCURRENCY.read(c),
         servercert=servercert,
         clientca=clientca,
-        tlsclients=_read_identities(control / "tlsclients"),
-        validrcptto=_read_validrcptto(control / "validrcptto"),
+        tlsclients=table.TLSCLIENTS.read(c) or frozenset(),
+        validrcptto=table.VALIDRCPTTO.read(c),
         authdb=authdb,
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
-        knobs=session_knobs.load(control, _read_int),
+        knobs=session_knobs.load(c),
     )

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
+from pyqmail.control.send import Control
 from pyqmail.headers import header_section
 from pyqmail.queue.format import Envelope
-from pyqmail.send.delivery import DOUBLE_BOUNCE_SENDER, Control, Result, one_line
+from pyqmail.send.delivery import DOUBLE_BOUNCE_SENDER, Result, one_line
 
 
 @dataclass(frozen=True)

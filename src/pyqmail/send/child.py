@@ -32,7 +32,8 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from pyqmail.send.delivery import Control, Result
+from pyqmail.control.send import Control
+from pyqmail.send.delivery import Result
 from pyqmail.send.local import Forward, LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery, RemoteSession

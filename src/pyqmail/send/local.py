@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from pyqmail.control.send import Control
 from pyqmail.headers import header_fields
 from pyqmail.queue.format import Envelope, QueueError
 from pyqmail.queue.store import Queue, fsync_dir
-from pyqmail.send.delivery import Control, Result, split_address
+from pyqmail.send.delivery import Result, split_address
 from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
 _counter = itertools.count()

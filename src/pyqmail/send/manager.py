@@ -86,6 +86,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pyqmail.control.check import check_send
+from pyqmail.control.send import Control, ControlError
 from pyqmail.privs import Identity, PrivilegeError, drop, resolve
 from pyqmail.queue.format import QueueError, Stored
 from pyqmail.queue.state import (
@@ -94,14 +96,13 @@ from pyqmail.queue.state import (
     read_state,
 )
 from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
-from pyqmail.send.delivery import Control, ControlError, one_line
+from pyqmail.send.delivery import one_line
 from pyqmail.send.finisher import Finisher
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.scheduler import Msg, Segment, load_msg, nextretry
 from pyqmail.send.spawn import Children, stop_children
-from pyqmail.tls import TLSConfigError, client_context
 
 __all__ = ["Log", "Manager", "load_msg", "main", "nextretry"]
 
@@ -443,47 +444,6 @@ def lock_pidfile(queue_root: Path) -> int:
     return fd
 
 
-def check_config(root: Path) -> int:
-    """``--check``: load what pyqmail-send reads, touch nothing; 0 = usable, 111 = not.
-
-    The queue layout, the control files (``Control.load``), ``control/clientcert.pem`` and
-    every ``control/tlshosts/*.pem`` pin (each loaded into a TLS context as a delivery
-    would). Every problem is printed on stderr, one line each.
-    """
-    problems: list[str] = []
-    try:
-        Queue(root / "queue").check()
-    except QueueError as exc:
-        problems.append(str(exc))
-    try:
-        control = Control.load(root)
-    except ControlError as exc:
-        problems.append(str(exc))
-        control = None
-    control_dir = root / "control"
-    clientcert = control_dir / "clientcert.pem"
-    tls_files = [clientcert] if clientcert.exists() else []
-    tls_files += sorted((control_dir / "tlshosts").glob("*.pem"))
-    for path in tls_files:
-        try:
-            if path == clientcert:
-                client_context(verify=False, certfile=path)
-            else:
-                client_context(verify=True, cafile=path)
-        except TLSConfigError as exc:
-            problems.append(str(exc))
-    for problem in problems:
-        sys.stderr.write(f"pyqmail-send: {problem}\n")
-    if problems or control is None:
-        return 111
-    sys.stdout.write(
-        f"pyqmail-send: configuration of {root} OK: me {control.me}, "
-        f"{len(control.locals)} local domain(s), {len(control.routes)} route(s), "
-        f"{len(tls_files)} TLS file(s)\n"
-    )
-    return 0
-
-
 def _early_signals() -> set[str]:
     """Keep ALRM and HUP that arrive while pyqmail-send starts, before ``Manager.run`` puts
     its own handlers in place, instead of dying of them (their default action): ``svc -a``
@@ -528,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
-        return check_config(root)
+        return check_send(root)  # pyqmail.control.check, beside pyqmail-smtpd's
     early = _early_signals()
     if args.user is None and os.geteuid() == 0:
         drop_privileges(None)  # refuses

@@ -1,6 +1,6 @@
 """Where mail for a domain goes (qmail-remote's routing), and never to this host.
 
-An ``smtproutes`` relay if one matches (see ``delivery.Route``), else the MX hosts of the
+An ``smtproutes`` relay if one matches (``control.send.Route``), else the MX hosts of the
 domain in preference order (equal preferences shuffled); a domain without MX records is its
 own implicit MX (RFC 5321 §5.1: its A/AAAA records); a null MX (RFC 7505) or a non-existent
 domain bounces; DNS trouble defers. An address literal ``[192.0.2.1]`` is used as is.
@@ -26,7 +26,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from pyqmail.send.delivery import Control, Route, is_ip_literal
+from pyqmail.control.send import Control, Route
+from pyqmail.send.delivery import is_ip_literal
 from pyqmail.send.ipme import LocalAddresses
 
 MAX_ADDRESSES = 12

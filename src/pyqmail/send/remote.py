@@ -44,10 +44,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyqmail.control.send import Control
 from pyqmail.queue.format import Envelope
 from pyqmail.send.delivery import (
     DOUBLE_BOUNCE_SENDER,
-    Control,
     Kind,
     Result,
     one_line,

@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyqmail.control.send import Control
 from pyqmail.queue.format import Envelope, QueueError
 from pyqmail.queue.state import Attempt, Bounced, Record
 from pyqmail.queue.store import Queue
-from pyqmail.send.delivery import Control, Result, one_line, split_address
+from pyqmail.send.delivery import Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.spawn import Children

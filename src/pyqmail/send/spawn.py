@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from pyqmail.control.send import Control
 from pyqmail.privs import Identity, become
 from pyqmail.queue.format import Envelope
 from pyqmail.send import child
@@ -69,7 +70,7 @@ from pyqmail.send.child import (
     recv_frame,
     send_frame,
 )
-from pyqmail.send.delivery import Control, Result, split_address
+from pyqmail.send.delivery import Result, split_address
 from pyqmail.send.local import Forward, LocalDelivery
 from pyqmail.send.mx import Resolver
 

@@ -65,6 +65,9 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
 
 Exit status: 0 after TERM; 111 (qmail's "temporary failure") for a bad command line or
 configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr.
+``--check`` loads the configuration as a start with the same ``--mode``/``--rules``/``--user``
+would (``pyqmail.control.check``), binds and writes nothing, and exits 0 with one OK line or
+111 with those fatal lines, one per problem.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ from typing import Any, NoReturn
 
 from pyqmail import privs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.protocol.connection import (
     AuthRejected,
@@ -240,6 +244,7 @@ class Options:
     user: str | None
     workers: int
     loop: str = "asyncio"  # "asyncio" or "uvloop" (resolved from --loop)
+    check: bool = False  # --check: load the configuration, report, exit (pyqmail.control.check)
 
 
 def parse_listen(text: str, allow_wildcard: bool) -> tuple[str, int]:
@@ -290,7 +295,7 @@ def parse_args(argv: list[str] | None) -> Options:
         prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
-    parser.add_argument("--listen", required=True, help="IP:PORT to listen on")
+    parser.add_argument("--listen", help="IP:PORT to listen on (required unless --check)")
     parser.add_argument("--mode", choices=MODES, default="smtp", help="listener mode")
     parser.add_argument("--rules", help="tcprules cdb with per-client policy")
     parser.add_argument("--user", help="unprivileged user to run as (required when root)")
@@ -304,8 +309,16 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--allow-wildcard", action="store_true", help="permit listening on 0.0.0.0 or ::"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load the configuration as the daemon would for --mode/--rules (as --user when "
+        "given), bind nothing, then exit: 0 = usable, 111 = not (reasons on stderr)",
+    )
     ns = parser.parse_args(argv)
-    host, port = parse_listen(ns.listen, ns.allow_wildcard)
+    if ns.listen is None and not ns.check:
+        parser.error("the following arguments are required: --listen")
+    host, port = ("", 0) if ns.listen is None else parse_listen(ns.listen, ns.allow_wildcard)
     return Options(
         root=Path(ns.root),
         host=host,
@@ -315,6 +328,7 @@ def parse_args(argv: list[str] | None) -> Options:
         user=ns.user,
         workers=parse_workers(ns.workers),
         loop=resolve_loop(ns.loop),
+        check=ns.check,
     )
 
 
@@ -379,26 +393,18 @@ def load_config(root: Path) -> configmod.Config:
 
 
 def check_startup(cfg: configmod.Config, mode: str) -> None:
-    """Refuse modes that cannot work with this configuration; warn about odd ones."""
-    if mode in ("smtps", "submission") and cfg.server_tls is None:
-        raise configmod.ConfigError(
-            f"{cfg.control / 'servercert.pem'}: missing, and --mode {mode} needs TLS"
-        )
-    try:
-        Queue(cfg.queue_dir).check()
-    except QueueError as exc:
-        raise configmod.ConfigError(str(exc)) from exc
+    """Refuse modes that cannot work with this configuration; warn about odd ones (the
+    conditions are ``pyqmail.control.check``'s, shared with ``--check``)."""
+    problems = control_check.startup_problems(cfg, mode)
+    if problems:
+        raise configmod.ConfigError(problems[0])
     if cfg.authdb is not None:
         try:
             AuthState.check(state_path(cfg.root))
         except StateError as exc:
             raise configmod.ConfigError(str(exc)) from exc
-    if mode == "smtp" and cfg.server_tls is None:
-        log("warning", text="no control/servercert.pem: STARTTLS not offered")
-    if mode != "smtp" and cfg.authdb is None:
-        log("warning", text="no control/smtpusers: AUTH not offered")
-    if not cfg.rcpthosts:
-        log("warning", text="control/rcpthosts empty or missing: only relay clients may send")
+    for warning in control_check.startup_warnings(cfg, mode):
+        log("warning", text=warning)
 
 
 # --- shared state across workers ---------------------------------------------------------
@@ -1384,6 +1390,10 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
+        if opts.check:
+            if opts.user is not None:
+                drop_privileges(opts.user)  # the files must be readable by the daemon's user
+            return control_check.check_smtpd(opts.root, opts.mode, opts.rules)
         os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)

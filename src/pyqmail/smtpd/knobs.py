@@ -34,14 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-
-class IntReader(Protocol):
-    """The single-integer control file reader of ``pyqmail.control.smtpd`` (passed in: no cycle)."""
-
-    def __call__(self, path: Path, default: int, *, minimum: int = 0, maximum: int = ...) -> int:
-        """The file's integer, ``default`` if absent; ConfigError naming file and line."""
+from pyqmail.control import table
 
 
 @dataclass(frozen=True)
@@ -55,14 +49,14 @@ class SessionKnobs:
     stress_percent: int = 80
 
 
-def load(control: Path, read_int: IntReader) -> SessionKnobs:
-    """Read the knobs from ``control``; a malformed file raises the reader's ConfigError."""
+def load(control: Path) -> SessionKnobs:
+    """Read the knobs from ``control`` as ``pyqmail.control.table`` says (ControlError if bad)."""
     return SessionKnobs(
-        auth_header=read_int(control / "authheader", 0, maximum=1) == 1,
-        max_junk=read_int(control / "maxjunk", 100),
-        greet_delay=read_int(control / "greetdelay", 0, maximum=60),
-        timeout_stress=read_int(control / "timeoutstress", 10, minimum=1),
-        stress_percent=read_int(control / "stresspercent", 80, minimum=1, maximum=100),
+        auth_header=table.AUTHHEADER.read(control) == 1,
+        max_junk=table.MAXJUNK.read(control),
+        greet_delay=table.GREETDELAY.read(control),
+        timeout_stress=table.TIMEOUTSTRESS.read(control),
+        stress_percent=table.STRESSPERCENT.read(control),
     )
 
 

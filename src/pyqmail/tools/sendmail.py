@@ -40,10 +40,10 @@ from email.utils import formatdate, getaddresses
 from pathlib import Path
 from typing import BinaryIO
 
+from pyqmail.control.send import Control, ControlError
 from pyqmail.headers import HEADER_SIZE_LIMIT
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
-from pyqmail.send.delivery import Control, ControlError
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78
 _IGNORED = {"-odb", "-odi", "-odq", "-bm", "-v", "-em", "-ep", "-eq", "-U", "-m", "-n", "-G"}
