@@ -85,6 +85,10 @@ for op, path, other in ops:
                 f.read(1)
         elif op == "stat":
             os.stat(path)
+        elif op == "write":
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        elif op == "create":
+            os.close(os.open(os.path.join(path, other), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         elif op == "unlink":
             os.unlink(path)
         elif op == "rename":
@@ -106,7 +110,8 @@ def daemon_command(who: Ident, module: str, args: list[str]) -> list[str]:
 
 def probe(who: Ident, ops: list[tuple[str, Path | str, Path | str]]) -> list[str]:
     """Try each (operation, path, second path) as ``who``; per operation "ok" or the errno
-    name (EACCES, EPERM, ...). Operations: list, read, stat, unlink, rename."""
+    name (EACCES, EPERM, ...). Operations: list, read, stat, unlink, rename, write (open an
+    existing file for writing), create (a new file named by the second path in the first)."""
     encoded = json.dumps([(op, str(a), str(b)) for op, a, b in ops])
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, *who.argv(), encoded],

@@ -596,6 +596,21 @@ def test_permanent_failure_bounces_with_rfc3464(host: Host, recorder: Recorder) 
     assert dsn["Auto-Submitted"] == "auto-replied"
 
 
+def test_a_dotqmail_with_many_maildirs_is_delivered(host: Host) -> None:
+    """A ``.qmail`` with 40 Maildir lines: the local delivery child's result names every one
+    (over 4000 characters); the manager cuts the fields of a child's answer
+    (``pyqmail.send.child.MAX_DETAIL``) instead of refusing it, which would defer the
+    message for ever."""
+    boxes = [f"./Maildir-{n:02d}-{'long-folder-name-' * 3}/" for n in range(40)]
+    home = host.mailbox("many", {".qmail": "".join(f"{b}\n" for b in boxes)})
+    host.start()
+    host.sendmail(["-f", "someone@example.test", "many@example.test"], message("many"))
+    wait_for(host.queue_empty, 60)
+    for box in boxes:
+        assert len(host.maildir(home, box.strip("./"))) == 1
+    assert "result=done" in host.log()
+
+
 def test_null_sender_failure_gets_no_bounce_only_a_double_bounce(
     host: Host, recorder: Recorder
 ) -> None:
@@ -900,3 +915,39 @@ def test_torn_segment_is_quarantined_whole(host: Host) -> None:
     wait_for(lambda: "quarantined" in host.log())
     assert host.queue.ids("bad") == [name]
     assert host.maildir(alice) == []
+
+
+def _has_children(pid: int) -> bool:
+    """Whether the main thread of ``pid`` forked a process (quick: no scan of /proc)."""
+    try:
+        return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return False
+
+
+def test_alrm_and_hup_while_starting_are_kept_not_fatal(host: Host) -> None:
+    """``svc -a``/``svc -h`` may come while pyqmail-send starts (the soak's drain sends ALRM
+    twice a second to a pyqmail-send supervise just restarted): from the moment its
+    spawners exist (main() is running) until it says "started", a stream of ALRM and HUP
+    is kept for the loop; before, either signal's default action killed it."""
+    log = host.root / "send-early.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [BIN / "pyqmail-send", "--root", str(host.root), "--user", host.user],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    host.procs.append(proc)
+    host.logs.append(log)
+    deadline = time.monotonic() + 20
+    while not _has_children(proc.pid):
+        assert time.monotonic() < deadline, "no spawners"
+        time.sleep(0.0002)
+    sent = 0
+    while "started" not in host.log() and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGHUP if sent % 2 else signal.SIGALRM)
+        sent += 1
+        time.sleep(0.001)
+    assert proc.poll() is None, f"pyqmail-send died while starting: {proc.returncode}"
+    assert sent > 0
+    wait_for(lambda: "status ALRM" in host.log() and "status HUP" in host.log())

@@ -14,7 +14,9 @@ Set-up, all under one temporary directory and on 127.0.0.1 only:
   id, the body size and its SHA-256; a ledger keeps every message acknowledged with ``250``;
 - a killer sending SIGKILL at random moments to: one smtpd worker (its parent respawns it),
   the smtpd parent alone (supervise restarts it; the orphaned workers must stop by
-  themselves), the whole smtpd (parent and workers), or pyqmail-send.
+  themselves), the whole smtpd (parent and workers), pyqmail-send (its spawners and delivery
+  children die with it), or one of pyqmail-send's delivery children (remote or local: its
+  jobs in flight are deferred, its spawner starts another).
 
 At the end: load stops, the queue drains (ALRM via ``svc -a``), then every Maildir file is
 checked: id known, size and hash equal to what was sent (a partial or torn delivery fails),
@@ -248,6 +250,16 @@ class Soak:
             return None
         return int(out.split("(pid ", 1)[1].split(")", 1)[0])
 
+    def service_uptime(self, name: str) -> int:
+        """Seconds the service has been up (svstat), 0 when it is not up."""
+        out = subprocess.run(
+            ["svstat", str(self.services / name)], capture_output=True, text=True, check=False
+        ).stdout
+        if ": up (pid " not in out:
+            return 0
+        words = out.split(")", 1)[1].split()
+        return int(words[0]) if words and words[0].isdigit() else 0
+
     def ours(self, pid: int) -> bool:
         """A process running with our temporary root on its command line."""
         try:
@@ -286,11 +298,16 @@ class Soak:
         return True
 
     def killer(self) -> None:
-        kinds = ["smtpd-worker", "smtpd-parent", "smtpd-all", "send"]
+        kinds = ["smtpd-worker", "smtpd-parent", "smtpd-all", "send", "send-child"]
         while not self.stop_load.wait(self.rng.uniform(0.3, 2.5)):
             kind = self.rng.choice(kinds)
             if kind == "send":
                 pids = [p] if (p := self.service_pid("send")) else []
+            elif kind == "send-child":  # a delivery child (its spawner starts another)
+                manager = self.service_pid("send")
+                spawners = self.children(manager) if manager else []
+                kids = [k for s in spawners for k in self.children(s) if self.ours(k)]
+                pids = [self.rng.choice(kids)] if kids else []
             else:
                 parent = self.service_pid("smtpd")
                 if parent is None:
@@ -371,7 +388,8 @@ class Soak:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             subprocess.run(["svc", "-u", str(self.services / "send")], check=False)
-            subprocess.run(["svc", "-a", str(self.services / "send")], check=False)
+            if self.service_uptime("send") >= 2:  # an ALRM while Python starts up kills it
+                subprocess.run(["svc", "-a", str(self.services / "send")], check=False)
             if not queue.ids("new") and not queue.ids("mess") and not queue.ids("state"):
                 self.result.drained = True
                 break

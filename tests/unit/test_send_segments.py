@@ -12,7 +12,7 @@ import pytest
 
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.send import manager as send
+from pyqmail.send import finisher
 from pyqmail.send.manager import Log, Manager
 from tests.queue_util import commit
 
@@ -41,7 +41,7 @@ def test_a_failed_end_record_is_retried_and_the_segment_still_goes(
         w.write(f"Subject: {n}\r\n\r\nbody\r\n".encode())
         writers.append(w)
     commit(writers)
-    real_append_end = send.append_end
+    real_append_end = finisher.append_end
     failures = [1]
 
     def flaky(path: str, queue_id: str) -> None:
@@ -50,7 +50,7 @@ def test_a_failed_end_record_is_retried_and_the_segment_still_goes(
             raise OSError(errno.EIO, "Input/output error")
         real_append_end(path, queue_id)
 
-    monkeypatch.setattr(send, "append_end", flaky)
+    monkeypatch.setattr(finisher, "append_end", flaky)  # the finisher records ends
     out = io.StringIO()
     m = Manager(root, Log(out))
     assert m.pickup() == 3

@@ -25,7 +25,7 @@ ignored, a malformed file is a ``ControlError`` naming file and line.
 ``timeoutconnect``     seconds to wait for a TCP connection (default 60)
 ``timeoutremote``      seconds to wait for each SMTP reply (default 1200)
 ``smtproutes``         ``domain:relay[:port]`` lines, see ``Route``
-``smtproutes-auth``    ``relay:user:password`` lines (mode 0400 pyqmails:root: pyqmail-send's
+``smtproutes-auth``    ``relay:user:password`` lines (mode 0400 pyqmails:root: the manager's
                        user alone reads it), see ``Route``
 ``clientcert.pem``     private key then certificate (then chain), offered when asked
 ``tlshosts/<fqdn>.pem``  TLS required to that host, its certificate must verify against it

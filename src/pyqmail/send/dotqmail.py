@@ -1,7 +1,8 @@
 """qmail's local addressing: the mailboxes file and ``.qmail`` files.
 
 Mailboxes (``<root>/users/mailboxes``) replace qmail's ``users/assign``. Mailboxes are
-virtual: every one is owned by the delivery user (``pyqmails``), none is a Unix account.
+virtual: every one is owned by the mailbox user (``pyqmailv``, the local delivery child's
+user), none is a Unix account.
 One mailbox per line, ``#`` comments and blank lines allowed::
 
     name:homedir

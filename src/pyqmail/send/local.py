@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -153,10 +154,34 @@ def _return_path(sender: str) -> str:
     return f"<{sender}>"
 
 
-class LocalDelivery:
-    """Delivers one recipient of one queued message according to its ``.qmail`` file."""
+def _failed(exc: Exception, done: list[str]) -> Result:
+    """A temporary failure that says what was delivered before it."""
+    partial = f" after {'; '.join(done)}" if done else ""
+    return Result.temp(f"local delivery failed: {exc}{partial} (#4.3.0)", "4.3.0")
 
-    def __init__(self, control: Control, queue: Queue) -> None:
+
+@dataclass(frozen=True)
+class Forward:
+    """What a local delivery leaves to the queue's owner: re-queue the message to
+    ``recipients`` with a ``Delivered-To: delivered_to`` line prepended. ``done`` lists what
+    was delivered before (Maildirs), ``source`` the ``.qmail`` file or mailbox that said so.
+
+    The local delivery child cannot write the queue (``pyqmail.send.spawn``): it returns
+    this, and the manager calls ``LocalDelivery.forward``."""
+
+    recipients: tuple[str, ...]
+    delivered_to: str
+    done: tuple[str, ...]
+    source: str
+
+
+class LocalDelivery:
+    """Delivers one recipient of one queued message according to its ``.qmail`` file.
+
+    ``queue`` is needed for forwards only (``forward``); the local delivery child has none.
+    """
+
+    def __init__(self, control: Control, queue: Queue | None) -> None:
         self.control = control
         self.queue = queue
         self.mailboxes = Mailboxes(control.mailboxes_file)
@@ -175,6 +200,12 @@ class LocalDelivery:
         )
 
     def deliver(self, env: Envelope, message: bytes, recipient: str) -> Result:
+        """Deliver everything, forwards included (needs ``queue``)."""
+        step = self.deliver_mailboxes(env, message, recipient)
+        return step if isinstance(step, Result) else self.forward(env, message, step)
+
+    def deliver_mailboxes(self, env: Envelope, message: bytes, recipient: str) -> Result | Forward:
+        """Everything but the queue: the Maildirs, then what is left to forward (if any)."""
         plan = self.plan(recipient)
         if isinstance(plan, Result):
             return plan
@@ -205,7 +236,9 @@ class LocalDelivery:
             return Result.perm(f"too many hops ({hops}, over {limit}); looping? (#5.4.6)", "5.4.6")
         return None
 
-    def _execute(self, env: Envelope, message: bytes, plan: Plan, delivered_to: str) -> Result:
+    def _execute(
+        self, env: Envelope, message: bytes, plan: Plan, delivered_to: str
+    ) -> Result | Forward:
         done: list[str] = []
         forwards = [i.target for i in plan.instructions if i.kind == "forward"]
         maildirs = [i for i in plan.instructions if i.kind == "maildir"]
@@ -217,19 +250,29 @@ class LocalDelivery:
                 data = head + message.replace(b"\r\n", b"\n")
                 for ins in maildirs:
                     done.append(f"maildir {ins.target}{self._maildir(ins, data)}")
-            if forwards:
-                prefix = f"Delivered-To: {delivered_to}\r\n".encode("utf-8", "surrogateescape")
-                fwd = self.queue.enqueue(
-                    env.sender,
-                    forwards,
-                    prefix + message,
-                    {"forwarded_for": delivered_to, "origin": env.queue_id},
-                )
-                done.append(f"forwarded to {', '.join(forwards)} as {fwd.queue_id}")
-        except (OSError, QueueError) as exc:
-            partial = f" after {'; '.join(done)}" if done else ""
-            return Result.temp(f"local delivery failed: {exc}{partial} (#4.3.0)", "4.3.0")
+        except OSError as exc:
+            return _failed(exc, done)
+        if forwards:
+            return Forward(tuple(forwards), delivered_to, tuple(done), plan.source)
         return Result.ok(f"{'; '.join(done)} via {plan.source}")
+
+    def forward(self, env: Envelope, message: bytes, fwd: Forward) -> Result:
+        """Re-queue the message to the forwarding addresses (one new message, durable)."""
+        done = list(fwd.done)
+        if self.queue is None:
+            return _failed(QueueError("no queue to forward through"), done)
+        prefix = f"Delivered-To: {fwd.delivered_to}\r\n".encode("utf-8", "surrogateescape")
+        try:
+            queued = self.queue.enqueue(
+                env.sender,
+                list(fwd.recipients),
+                prefix + message,
+                {"forwarded_for": fwd.delivered_to, "origin": env.queue_id},
+            )
+        except (OSError, QueueError) as exc:
+            return _failed(exc, done)
+        done.append(f"forwarded to {', '.join(fwd.recipients)} as {queued.queue_id}")
+        return Result.ok(f"{'; '.join(done)} via {fwd.source}")
 
     @staticmethod
     def _maildir(ins: Instruction, data: bytes) -> str:

@@ -54,6 +54,12 @@ temporary failure becomes permanent (bounce, Status 4.4.7). At most ``concurrenc
 local deliveries and ``concurrencyremote`` SMTP connections run at once; a remote worker
 keeps its connection and takes the next ready job for the same destination.
 
+Processes: the deliveries run in two child processes, remote and local, each under its
+own user (``--remote-user``, ``--local-user``); this process sends them each message's bytes
+and records what they answer. See ``pyqmail.send.spawn``. The code is in three modules:
+this one (start-up, pickup, signals, the loop, the command line), ``pyqmail.send.scheduler``
+(the in-memory model, retries, slots) and ``pyqmail.send.finisher`` (outcomes, ends, bounces).
+
 Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
 control files, TERM stops starting deliveries, waits for those in flight, exits 0.
 ``--check`` loads the configuration (control files, clientcert.pem, tlshosts pins, queue
@@ -68,130 +74,41 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import heapq
-import math
 import os
-import pwd
 import select
 import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyqmail.control.check import check_send
 from pyqmail.control.send import Control, ControlError
-from pyqmail.queue.format import Envelope, QueueError, Stored
+from pyqmail.privs import Identity, PrivilegeError, drop, resolve
+from pyqmail.queue.format import QueueError, Stored
 from pyqmail.queue.state import (
-    Attempt,
-    Bounced,
     Record,
-    append_end,
-    append_state,
     ended_messages,
     read_state,
 )
 from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
-from pyqmail.send.bounce import Failure, bounce_target, make_dsn
-from pyqmail.send.delivery import Result, one_line, split_address
+from pyqmail.send.delivery import one_line
+from pyqmail.send.finisher import Finisher
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
-from pyqmail.send.remote import RemoteDelivery, RemoteSession
+from pyqmail.send.remote import RemoteDelivery
+from pyqmail.send.scheduler import Msg, Segment, load_msg, nextretry
+from pyqmail.send.spawn import Children, stop_children
 
-CHANSKIP = {"local": 10, "remote": 20}
+__all__ = ["Log", "Manager", "load_msg", "main", "nextretry"]
+
 CLEAN_TMP_EVERY = 3600.0
 BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
 MAX_SLEEP = 60.0
-
-
-def nextretry(birth: float, last: float, channel: str) -> float:
-    """qmail-send's retry schedule."""
-    n = math.isqrt(int(last - birth)) if last > birth else 0
-    n += CHANSKIP[channel]
-    return birth + n * n
-
-
-# -- in-memory model --------------------------------------------------------------------
-
-
-@dataclass
-class Rcpt:
-    index: int
-    address: str
-    channel: str  # "local" | "remote"
-    status: str = "pending"  # pending | busy | done | failed
-    next_try: float = 0.0
-    last_try: float = 0.0
-    result: Result | None = None
-    expired: bool = False
-
-
-@dataclass
-class Msg:
-    env: Envelope
-    rcpts: list[Rcpt]
-    file: str = ""  # its file in mess/: the queue id, or the id of its segment
-    span: tuple[int, int] | None = None  # where in the segment (None: a file of its own)
-    bounced: bool = False
-    has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
-
-    @property
-    def finished(self) -> bool:
-        return all(r.status in ("done", "failed") for r in self.rcpts)
-
-
-def _result_from(record: Attempt) -> Result:
-    kind = {"done": "ok", "failed": "perm"}.get(record.event, "temp")
-    return Result(
-        kind,  # type: ignore[arg-type]
-        record.detail,
-        record.status,
-        record.remote,
-        record.diag,
-    )
-
-
-def load_msg(env: Envelope, records: list[Record], control: Control, now: float) -> Msg:
-    """Rebuild a message's delivery state from its state file records."""
-    rcpts = [
-        Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
-        for i, a in enumerate(env.recipients)
-    ]
-    msg = Msg(env, rcpts, has_state=bool(records))
-    for record in records:
-        if isinstance(record, Bounced):
-            msg.bounced = True
-            continue
-        if not isinstance(record, Attempt) or not 0 <= record.rcpt < len(rcpts):
-            continue
-        r = rcpts[record.rcpt]
-        if r.status in ("done", "failed"):
-            continue
-        r.result = _result_from(record)
-        r.last_try = record.time
-        if record.event == "done":
-            r.status = "done"
-        elif record.event == "failed":
-            r.status = "failed"
-            r.expired = record.expired
-        elif record.event == "deferred":
-            r.next_try = max(now, nextretry(env.received, r.last_try, r.channel))
-    return msg
-
-
-@dataclass
-class Segment:
-    """The messages of one segment file in mess/ that have not ended yet."""
-
-    live: set[str]
-    stateful: set[str] = field(default_factory=set)  # ended messages that left state/<id>
 
 
 # -- the manager ------------------------------------------------------------------------
@@ -208,13 +125,19 @@ class Log:
             self.stream.flush()
 
 
-class Manager:
+class Manager(Finisher):
+    """The queue manager: start-up, pickup, signals and the main loop (this module's
+    docstring); scheduling in ``Scheduler``, completion in ``Finisher``."""
+
     def __init__(
         self,
         root: Path,
         log: Log | None = None,
         resolver: Resolver | None = None,
+        children: Children | None = None,
     ) -> None:
+        """``children``: the delivery children's spawners, forked by ``main`` before it
+        dropped privileges; started here (same uid) when not given."""
         self.root = root
         self.queue = Queue(root / "queue")
         self.queue.check()
@@ -236,6 +159,7 @@ class Manager:
         self.segments: dict[str, Segment] = {}
         self.segments_done: set[str] = set()  # every message ended: remove the file
         self.stopping = False
+        self.status = 0  # exit status of run()
         self.flags: set[str] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # threads are made on demand; the limits are enforced by busy_* so HUP can change them
@@ -243,10 +167,9 @@ class Manager:
         self.remote_pool = ThreadPoolExecutor(1000, "remote")
         self._last_clean = 0.0
         self.body_bytes = 0  # held in Msg.body, at most BODY_CACHE
-
-    def _p(self, sub: str, queue_id: str) -> str:
-        """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
-        return f"{self._qroot}/{sub}/{queue_id}"
+        self.children = children or Children.start(resolver)
+        self.children.connect(self.control, self.log, self.wake)
+        weakref.finalize(self, stop_children, self.children)
 
     def _deliverers(self) -> None:
         self.local = LocalDelivery(self.control, self.queue)
@@ -374,372 +297,6 @@ class Manager:
                             self.body_bytes += len(s.body)
         return count
 
-    def _push(self, queue_id: str, r: Rcpt) -> None:
-        self._seq += 1
-        heapq.heappush(self.heap, (r.next_try, self._seq, queue_id, r.index))
-
-    # -- dispatch -------------------------------------------------------------------
-    def retry_all(self) -> None:
-        now = time.time()
-        with self.lock:
-            for queue_id, msg in self.msgs.items():
-                for r in msg.rcpts:
-                    if r.status == "pending" and r.next_try > now:
-                        r.next_try = now
-                        self._push(queue_id, r)
-
-    def _collect_due(self, now: float) -> None:
-        """Move due recipients from the heap to the ready queues (lock held)."""
-        while self.heap and self.heap[0][0] <= now:
-            when, _, queue_id, index = heapq.heappop(self.heap)
-            msg = self.msgs.get(queue_id)
-            if msg is None:
-                continue
-            r = msg.rcpts[index]
-            if r.status != "pending" or r.next_try != when:
-                continue
-            r.status = "busy"
-            if r.channel == "local":
-                self.ready_local.append((queue_id, index))
-                continue
-            key = self.remote.key(r.address)
-            batch = [index]
-            for other in msg.rcpts:  # same message, same destination: one transaction
-                if (
-                    other.status == "pending"
-                    and other.channel == "remote"
-                    and self.remote.key(other.address) == key
-                    and split_address(other.address)[1] == split_address(r.address)[1]
-                ):
-                    other.status = "busy"
-                    batch.append(other.index)
-            self.ready_remote.setdefault(key, deque()).append((queue_id, batch))
-
-    def dispatch(self) -> None:
-        if self.stopping:
-            return
-        with self.lock:
-            self._collect_due(time.time())
-            idle = self.control.concurrencylocal - self.busy_local
-            for _ in range(min(idle, len(self.ready_local))):
-                self.busy_local += 1
-                self.local_pool.submit(self._guard, self._local_worker)
-            for key, jobs in self.ready_remote.items():
-                while (
-                    jobs
-                    and self.busy_remote < self.control.concurrencyremote
-                    and len(jobs) > self.remote_workers.get(key, 0)
-                ):
-                    self.busy_remote += 1
-                    self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
-                    self.remote_pool.submit(self._guard, self._remote_worker, key)
-
-    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:  # a bug must not silently eat a delivery slot
-            self.log(f"error delivery worker crashed: {type(exc).__name__}: {one_line(str(exc))}")
-            raise
-        finally:
-            self.wake()
-
-    def _forget(self, queue_id: str) -> None:
-        """Drop a finished message (lock held)."""
-        self._drop_body(self.msgs.pop(queue_id))
-
-    def _drop_body(self, msg: Msg) -> None:
-        """Give back the bytes kept from pickup (lock held)."""
-        if msg.body is not None:
-            self.body_bytes -= len(msg.body)
-            msg.body = None
-
-    def _read_body(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
-        msg = self.msgs.get(queue_id)
-        body = None if msg is None else msg.body
-        if msg is not None and body is not None:
-            return msg.env, body  # verified when it was picked up; queue files never change
-        if msg is None:
-            return Result.temp(f"message {queue_id} is not in the queue (#4.3.0)", "4.3.0")
-        try:
-            stored = self.queue.read_stored("mess", msg.file, msg.span)
-        except QueueError as exc:
-            return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
-        return stored.env, stored.body
-
-    def _local_worker(self) -> None:
-        """Take local jobs until none is ready (one of concurrencylocal workers)."""
-        try:
-            while True:
-                with self.lock:
-                    if self.stopping or not self.ready_local:
-                        return
-                    queue_id, index = self.ready_local.popleft()
-                self._local_job(queue_id, index)
-        finally:
-            with self.lock:
-                self.busy_local -= 1
-
-    def _local_job(self, queue_id: str, index: int) -> None:
-        rcpt = self.msgs[queue_id].rcpts[index]
-        read = self._read_body(queue_id)
-        if isinstance(read, Result):
-            result = read
-        else:
-            try:
-                result = self.local.deliver(read[0], read[1], rcpt.address)
-            except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
-                result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
-        self._complete(queue_id, index, result)
-
-    def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
-        with self.lock:
-            jobs = self.ready_remote.get(key)
-            if self.stopping or not jobs:
-                return None
-            return jobs.popleft()
-
-    def _remote_worker(self, key: str) -> None:
-        session: RemoteSession | None = None
-        try:
-            while (job := self._take_remote(key)) is not None:
-                queue_id, indexes = job
-                msg = self.msgs[queue_id]
-                addresses = [msg.rcpts[i].address for i in indexes]
-                read = self._read_body(queue_id)
-                if isinstance(read, Result):
-                    results = [read] * len(indexes)
-                else:
-                    if session is None or session.broken is not None:
-                        if session is not None:
-                            session.close()
-                        session = self.remote.session(split_address(addresses[0])[1])
-                    try:
-                        results = session.deliver(read[0], read[1], addresses)
-                    except Exception as exc:  # noqa: BLE001 - a bug defers, never loses mail
-                        session.close()
-                        session = None
-                        error = Result.temp(f"remote delivery error: {exc}", "4.0.0", remote=key)
-                        results = [error] * len(indexes)
-                for i, result in zip(indexes, results, strict=True):
-                    self._complete(queue_id, i, result)
-        finally:
-            if session is not None:
-                session.close()
-            with self.lock:
-                self.busy_remote -= 1
-                self.remote_workers[key] -= 1
-                if not self.remote_workers[key]:
-                    del self.remote_workers[key]
-                    if not self.ready_remote.get(key, True):
-                        del self.ready_remote[key]
-
-    # -- completion -----------------------------------------------------------------
-    def _complete(self, queue_id: str, index: int, result: Result) -> None:
-        msg = self.msgs[queue_id]
-        r = msg.rcpts[index]
-        now = time.time()
-        expired = False
-        if result.kind == "temp" and now >= msg.env.received + self.control.queuelifetime:
-            expired = True
-        event = {"ok": "done", "perm": "failed", "temp": "deferred"}[result.kind]
-        if expired:
-            event = "failed"
-        record = Attempt(
-            event,  # type: ignore[arg-type]
-            index,
-            round(now, 3),
-            one_line(result.detail, 1000),
-            result.status,
-            result.remote,
-            result.diagnostic,
-            expired,
-        )
-        with self.lock:  # the last recipient of a clean message needs no record: see finish()
-            last = event == "done" and all(o.status == "done" for o in msg.rcpts if o is not r)
-        state_error = ""
-        if not last:
-            with msg.lock:
-                msg.has_state = True
-                try:
-                    append_state(
-                        Path(self._p("state", queue_id)), record, durable=event != "deferred"
-                    )
-                except OSError as exc:
-                    state_error = str(exc)
-        self.log(
-            f"delivery {queue_id} {index} to=<{one_line(r.address)}> "
-            f"result={'expired' if expired else event} host={one_line(result.remote)} "
-            f"tls={result.tls} verified={result.verified} detail={one_line(result.detail)}"
-        )
-        clean = wake = False
-        with self.lock:
-            r.last_try = now
-            r.result = result
-            if state_error:
-                # not recorded: treat as not done (a duplicate later beats a loss)
-                self.log(f"warning cannot record state of {queue_id}: {state_error}")
-                r.status = "pending"
-                r.next_try = nextretry(msg.env.received, now, r.channel)
-                self._push(queue_id, r)
-                wake = True
-            elif event == "deferred":
-                r.status = "pending"
-                r.next_try = nextretry(msg.env.received, now, r.channel)
-                self._push(queue_id, r)
-                wake = True  # the main loop's sleep may now be too long
-                self._drop_body(msg)  # it may wait for days: read it again then
-            else:
-                r.status = event
-                r.expired = expired
-                if msg.finished:
-                    if msg.has_state or any(o.status == "failed" for o in msg.rcpts):
-                        self.to_finish.add(queue_id)
-                        wake = True
-                    else:
-                        self._forget(queue_id)  # clean and stateless: finished right here
-                        clean = True
-        if clean:
-            self._delete_clean(queue_id, msg)
-        if wake:
-            self.wake()
-
-    def _delete_clean(self, queue_id: str, msg: Msg) -> None:
-        """Remove a message delivered everywhere that has no state file.
-
-        No fsync: if a crash undoes the unlink, the message is delivered again (nothing
-        was recorded done), which is the same window qmail has. Runs in the worker, so
-        the main loop never waits on the file system for it. A message of a segment is
-        ended by a line in the segment's state file instead (``_end_in_segment``).
-        """
-        if not self._end_message(queue_id, msg):
-            with self.lock:  # let finish() retry the careful way
-                msg.has_state = True
-                self.msgs[queue_id] = msg
-                self.to_finish.add(queue_id)
-            self.wake()
-            return
-        self.log(f"end msg {queue_id}")
-
-    def _remove_mess(self, name: str) -> bool:
-        """Unlink mess/<name> (a message's file or a segment); False, logged, if it stays."""
-        try:
-            os.unlink(self._p("mess", name))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.log(f"warning cannot remove mess/{name}: {exc}")
-            return False
-        return True
-
-    def _end_message(self, queue_id: str, msg: Msg) -> bool:
-        """A finished message leaves the queue: its file goes, or, in a segment, its end is
-        recorded. False, logged, if that failed (the message stays and is tried again)."""
-        if msg.span is None:
-            return self._remove_mess(queue_id)
-        try:
-            self._end_in_segment(queue_id, msg)
-        except OSError as exc:
-            self.log(f"warning cannot record the end of {queue_id} in state/{msg.file}: {exc}")
-            return False
-        return True
-
-    def _end_in_segment(self, queue_id: str, msg: Msg) -> None:
-        """Record the end of a message that lives in a segment (any thread); once every
-        message of the segment has ended, ``finish`` removes the file."""
-        append_end(self._p("state", msg.file), queue_id)
-        with self.lock:
-            segment = self.segments[msg.file]
-            segment.live.discard(queue_id)
-            if msg.has_state:
-                segment.stateful.add(queue_id)
-            if segment.live:
-                return
-            self.segments_done.add(msg.file)
-        self.wake()
-
-    def finish(self) -> None:
-        """Bounce and delete messages whose recipients are all done or failed; remove
-        segments whose messages have all ended."""
-        with self.lock:
-            ids, self.to_finish = sorted(self.to_finish), set()
-        unlinked: list[str] = []
-        ended: list[str] = []  # messages of segments: their state files stay for now
-        for queue_id in ids:
-            msg = self.msgs[queue_id]
-            failures = [
-                Failure(r.address, r.result or Result.perm("failed"), r.last_try, r.expired)
-                for r in msg.rcpts
-                if r.status == "failed"
-            ]
-            if failures and not msg.bounced and not self._bounce(queue_id, msg, failures):
-                with self.lock:  # try again at the next loop
-                    self.to_finish.add(queue_id)
-                continue
-            if self._end_message(queue_id, msg):
-                (unlinked if msg.span is None else ended).append(queue_id)
-        for queue_id in ended:
-            with self.lock:
-                self._forget(queue_id)
-            self.log(f"end msg {queue_id}")
-        with self.lock:
-            segments, self.segments_done = sorted(self.segments_done), set()
-        removed = [name for name in segments if self._remove_mess(name)]
-        if unlinked or removed:
-            fsync_dir(self.queue.path("mess"))
-        for queue_id in unlinked:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue.path("state", queue_id))
-            with self.lock:
-                self._forget(queue_id)
-            self.log(f"end msg {queue_id}")
-        for name in removed:
-            with self.lock:
-                segment = self.segments.pop(name)
-            for queue_id in sorted(segment.stateful):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.queue.path("state", queue_id))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue.path("state", name))
-            self.log(f"end segment {name}")
-
-    def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
-        target = bounce_target(msg.env, self.control)
-        bounce_id = ""
-        if target is None:
-            why = (
-                "a failed double bounce"
-                if msg.env.sender
-                else "doublebounceto is empty: double bounce"
-            )
-            self.log(f"bounce msg {queue_id} dropped: {why} (qmail drops these)")
-        else:
-            read = self._read_body(queue_id)
-            if isinstance(read, Result):
-                self.log(f"warning cannot bounce {queue_id}: {read.detail}")
-                return False
-            dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
-            try:
-                bounce_env = self.queue.enqueue(
-                    target.sender, [target.recipient], dsn, {"bounce_of": queue_id}
-                )
-            except QueueError as exc:
-                self.log(f"warning cannot queue bounce for {queue_id}: {exc}")
-                return False
-            bounce_id = bounce_env.queue_id
-            kind = "double bounce" if target.double else "bounce"
-            self.log(f"bounce msg {queue_id} {kind} qp {bounce_id} to=<{target.recipient}>")
-        try:
-            with msg.lock:
-                append_state(
-                    self.queue.path("state", queue_id),
-                    Bounced(round(time.time(), 3), bounce_id),
-                )
-        except OSError as exc:
-            self.log(f"warning cannot record bounce of {queue_id}: {exc}")
-            return False
-        msg.bounced = True
-        return True
-
     # -- main loop ------------------------------------------------------------------
     def _sleep_time(self) -> float:
         with self.lock:
@@ -751,6 +308,11 @@ class Manager:
 
     def _handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
+        if self.children.lost and not self.stopping:
+            self.stopping = True
+            self.status = 111
+            kinds = ", ".join(self.children.lost)
+            self.log(f"error {kinds} spawner lost: finishing deliveries in flight, then exiting")
         if "term" in flags and not self.stopping:
             self.stopping = True
             self.log("status TERM: finishing deliveries in flight, then exiting")
@@ -758,6 +320,7 @@ class Manager:
             try:
                 self.control = Control.load(self.root)
                 self._deliverers()
+                self.children.configure(self.control)
                 self.log("status HUP: control files reloaded")
             except ControlError as exc:
                 self.log(f"warning HUP: keeping the old control files: {exc}")
@@ -795,7 +358,7 @@ class Manager:
                     if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:
                         self._clean_tmp()
                 timeout = 1.0 if self.stopping else self._sleep_time()
-                if self.flags:
+                if self.flags or (self.children.lost and not self.stopping):
                     timeout = 0.0
                 ready, _, _ = select.select([fifo, self._wake_r], [], [], timeout)
                 if self._wake_r in ready:
@@ -807,10 +370,11 @@ class Manager:
         finally:
             self.local_pool.shutdown(wait=True)
             self.remote_pool.shutdown(wait=True)
+            self.children.close()
             os.close(fifo)
             os.close(keep)
         self.log("status pyqmail-send exiting")
-        return 0
+        return self.status
 
 
 def _drain(fd: int) -> None:
@@ -824,26 +388,39 @@ def _drain(fd: int) -> None:
 
 def drop_privileges(user: str | None) -> None:
     """Become ``user`` (when root); refuse to handle mail as root unless asked explicitly."""
-    if user is None:
-        if os.geteuid() == 0:
-            raise SystemExit(
-                "pyqmail-send: refusing to run as root; pass --user pyqmails (or --user root "
-                "to insist)"
-            )
-        return
     try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise SystemExit(f"pyqmail-send: --user {user}: no such user") from None
-    if os.geteuid() == 0:
-        if pw.pw_uid == 0:
-            sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
-            return
-        os.setgroups(os.getgrouplist(user, pw.pw_gid))
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-    elif os.geteuid() != pw.pw_uid:
-        raise SystemExit(f"pyqmail-send: --user {user} needs root; running as uid {os.geteuid()}")
+        who = drop(
+            user,
+            allow_root=True,
+            refusal="refusing to run as root; pass --user pyqmails (or --user root to insist)",
+        )
+    except PrivilegeError as exc:
+        raise SystemExit(f"pyqmail-send: {exc}") from None
+    if who is not None and who.uid == 0 and os.geteuid() == 0:
+        sys.stderr.write("pyqmail-send: warning: delivering mail as root (--user root)\n")
+
+
+def _identity(spec: str, option: str) -> Identity:
+    """``spec`` resolved (a name or uid:gid); exits naming the option when it is unknown."""
+    try:
+        who = resolve(spec, option)
+    except PrivilegeError as exc:
+        raise SystemExit(f"pyqmail-send: {exc}") from None
+    if os.geteuid() != 0 and who.uid != os.geteuid():
+        raise SystemExit(f"pyqmail-send: {option} {spec} needs root; running as uid {os.geteuid()}")
+    return who
+
+
+def child_users(args: argparse.Namespace) -> dict[str, Identity | None]:
+    """Who the remote and local delivery children run as: their options, else ``--user``
+    (None: stay as started, when no user is named and we are not root)."""
+    default = args.user
+    users: dict[str, Identity | None] = {}
+    for kind, given in (("remote", args.remote_user), ("local", args.local_user)):
+        spec = given or default
+        option = f"--{kind}-user" if given else "--user"
+        users[kind] = None if spec is None else _identity(spec, option)
+    return users
 
 
 def lock_pidfile(queue_root: Path) -> int:
@@ -867,12 +444,39 @@ def lock_pidfile(queue_root: Path) -> int:
     return fd
 
 
+def _early_signals() -> set[str]:
+    """Keep ALRM and HUP that arrive while pyqmail-send starts, before ``Manager.run`` puts
+    its own handlers in place, instead of dying of them (their default action): ``svc -a``
+    or ``svc -h`` may come at any moment, and a start-up under load takes a while (a
+    supervised restart loop of such deaths once left a queue undrained under the soak's
+    ALRMs). Returns the set the handler fills ("alrm", "hup")."""
+    flags: set[str] = set()
+    names = {int(signal.SIGALRM): "alrm", int(signal.SIGHUP): "hup"}
+
+    def keep(signum: int, frame: object) -> None:
+        del frame
+        flags.add(names[signum])
+
+    for signum in names:
+        signal.signal(signum, keep)
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyqmail-send", description="queue manager: local and remote delivery"
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
-    parser.add_argument("--user", help="user to deliver as when started as root (pyqmails)")
+    parser.add_argument("--user", help="user of the queue manager when started as root (pyqmails)")
+    parser.add_argument(
+        "--remote-user",
+        help="user of the remote delivery child (pyqmailr; default: --user); NAME or UID:GID",
+    )
+    parser.add_argument(
+        "--local-user",
+        help="user of the local delivery child, owner of the mailboxes (pyqmailv; default: "
+        "--user); NAME or UID:GID",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -885,17 +489,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.user is not None:
             drop_privileges(args.user)  # the files must be readable by the delivery user
         return check_send(root)  # pyqmail.control.check, beside pyqmail-smtpd's
-    drop_privileges(args.user)
+    early = _early_signals()
+    if args.user is None and os.geteuid() == 0:
+        drop_privileges(None)  # refuses
+    children = Children.start(None, child_users(args))  # forked while still root
     try:
-        manager = Manager(root)
-    except (ControlError, QueueError) as exc:
-        sys.stderr.write(f"pyqmail-send: {exc}\n")
-        return 111
-    pid_fd = lock_pidfile(manager.queue.root)
-    try:
-        return manager.run()
+        drop_privileges(args.user)
+        try:
+            manager = Manager(root, children=children)
+        except (ControlError, QueueError) as exc:
+            sys.stderr.write(f"pyqmail-send: {exc}\n")
+            return 111
+        manager.flags = early  # the loop acts on what came while starting
+        pid_fd = lock_pidfile(manager.queue.root)
+        try:
+            return manager.run()
+        finally:
+            os.close(pid_fd)
     finally:
-        os.close(pid_fd)
+        children.close()
 
 
 if __name__ == "__main__":

@@ -82,7 +82,6 @@ import hmac
 import importlib
 import ipaddress
 import os
-import pwd
 import resource
 import select
 import signal
@@ -96,7 +95,7 @@ from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pyqmail import tls
+from pyqmail import privs, tls
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
@@ -361,32 +360,14 @@ def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
 
 def drop_privileges(user: str | None) -> None:
     """As root: become ``user`` (its groups too) for good. Otherwise: stay as we are."""
-    if os.geteuid() != 0:
-        if user is not None:
-            try:
-                wanted = pwd.getpwnam(user).pw_uid
-            except KeyError:
-                raise UsageError(f"--user {user!r}: no such user") from None
-            if wanted != os.geteuid():
-                raise UsageError(f"--user {user!r}: only root can switch users")
-        return
-    if user is None:
-        raise UsageError("refusing to serve as root: pass --user (e.g. --user pyqmaild)")
     try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise UsageError(f"--user {user!r}: no such user") from None
-    if pw.pw_uid == 0:
-        raise UsageError(f"--user {user!r} is root; name an unprivileged user")
-    os.setgroups([])
-    os.initgroups(user, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise UsageError("privileges could not be dropped (setuid(0) still works)")
+        privs.drop(
+            user,
+            allow_root=False,
+            refusal="refusing to serve as root: pass --user (e.g. --user pyqmaild)",
+        )
+    except privs.PrivilegeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def raise_fd_limit() -> None:

@@ -1,0 +1,306 @@
+"""pyqmail-send's scheduling: which recipient is tried when, and by how many workers at once.
+
+The in-memory model of the queue (``Msg``, ``Rcpt``, ``Segment``, rebuilt from the state
+records by ``load_msg``), qmail's retry schedule (``nextretry``), and ``Scheduler``: the due
+recipients go from the heap to the ready queues, at most ``concurrencylocal`` local and
+``concurrencyremote`` remote workers take them (a remote worker keeps one connection per
+destination), and each outcome goes to ``Finisher._complete``. The protocol it serves is
+described in ``pyqmail.send.manager``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyqmail.control.send import Control
+from pyqmail.queue.format import Envelope, QueueError
+from pyqmail.queue.state import Attempt, Bounced, Record
+from pyqmail.queue.store import Queue
+from pyqmail.send.delivery import Result, one_line, split_address
+from pyqmail.send.local import LocalDelivery
+from pyqmail.send.remote import RemoteDelivery
+from pyqmail.send.spawn import Children
+
+CHANSKIP = {"local": 10, "remote": 20}
+
+
+def nextretry(birth: float, last: float, channel: str) -> float:
+    """qmail-send's retry schedule."""
+    n = math.isqrt(int(last - birth)) if last > birth else 0
+    n += CHANSKIP[channel]
+    return birth + n * n
+
+
+# -- in-memory model --------------------------------------------------------------------
+
+
+@dataclass
+class Rcpt:
+    index: int
+    address: str
+    channel: str  # "local" | "remote"
+    status: str = "pending"  # pending | busy | done | failed
+    next_try: float = 0.0
+    last_try: float = 0.0
+    result: Result | None = None
+    expired: bool = False
+
+
+@dataclass
+class Msg:
+    env: Envelope
+    rcpts: list[Rcpt]
+    file: str = ""  # its file in mess/: the queue id, or the id of its segment
+    span: tuple[int, int] | None = None  # where in the segment (None: a file of its own)
+    bounced: bool = False
+    has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status in ("done", "failed") for r in self.rcpts)
+
+
+def _result_from(record: Attempt) -> Result:
+    kind = {"done": "ok", "failed": "perm"}.get(record.event, "temp")
+    return Result(
+        kind,  # type: ignore[arg-type]
+        record.detail,
+        record.status,
+        record.remote,
+        record.diag,
+    )
+
+
+def load_msg(env: Envelope, records: list[Record], control: Control, now: float) -> Msg:
+    """Rebuild a message's delivery state from its state file records."""
+    rcpts = [
+        Rcpt(i, a, "local" if control.is_local(a) is not None else "remote", next_try=now)
+        for i, a in enumerate(env.recipients)
+    ]
+    msg = Msg(env, rcpts, has_state=bool(records))
+    for record in records:
+        if isinstance(record, Bounced):
+            msg.bounced = True
+            continue
+        if not isinstance(record, Attempt) or not 0 <= record.rcpt < len(rcpts):
+            continue
+        r = rcpts[record.rcpt]
+        if r.status in ("done", "failed"):
+            continue
+        r.result = _result_from(record)
+        r.last_try = record.time
+        if record.event == "done":
+            r.status = "done"
+        elif record.event == "failed":
+            r.status = "failed"
+            r.expired = record.expired
+        elif record.event == "deferred":
+            r.next_try = max(now, nextretry(env.received, r.last_try, r.channel))
+    return msg
+
+
+@dataclass
+class Segment:
+    """The messages of one segment file in mess/ that have not ended yet."""
+
+    live: set[str]
+    stateful: set[str] = field(default_factory=set)  # ended messages that left state/<id>
+
+
+class Scheduler:
+    """Retries and slots; the attributes are the manager's (``Manager.__init__``)."""
+
+    queue: Queue
+    _qroot: str
+    log: Callable[[str], None]
+    control: Control
+    local: LocalDelivery
+    remote: RemoteDelivery
+    children: Children
+    lock: threading.Lock
+    msgs: dict[str, Msg]
+    heap: list[tuple[float, int, str, int]]
+    _seq: int
+    ready_local: deque[tuple[str, int]]
+    ready_remote: dict[str, deque[tuple[str, list[int]]]]
+    remote_workers: dict[str, int]
+    busy_local: int
+    busy_remote: int
+    to_finish: set[str]
+    segments: dict[str, Segment]
+    segments_done: set[str]
+    stopping: bool
+    local_pool: ThreadPoolExecutor
+    remote_pool: ThreadPoolExecutor
+    body_bytes: int
+
+    def wake(self) -> None:
+        """Wake the main loop (``Manager.wake``)."""
+        raise NotImplementedError
+
+    def _complete(self, queue_id: str, index: int, result: Result) -> None:
+        """Record one outcome (``Finisher._complete``)."""
+        raise NotImplementedError
+
+    def _p(self, sub: str, queue_id: str) -> str:
+        """``<queue>/<sub>/<id>`` as a string: pathlib costs more than the syscall here."""
+        return f"{self._qroot}/{sub}/{queue_id}"
+
+    def _push(self, queue_id: str, r: Rcpt) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (r.next_try, self._seq, queue_id, r.index))
+
+    def retry_all(self) -> None:
+        now = time.time()
+        with self.lock:
+            for queue_id, msg in self.msgs.items():
+                for r in msg.rcpts:
+                    if r.status == "pending" and r.next_try > now:
+                        r.next_try = now
+                        self._push(queue_id, r)
+
+    def _collect_due(self, now: float) -> None:
+        """Move due recipients from the heap to the ready queues (lock held)."""
+        while self.heap and self.heap[0][0] <= now:
+            when, _, queue_id, index = heapq.heappop(self.heap)
+            msg = self.msgs.get(queue_id)
+            if msg is None:
+                continue
+            r = msg.rcpts[index]
+            if r.status != "pending" or r.next_try != when:
+                continue
+            r.status = "busy"
+            if r.channel == "local":
+                self.ready_local.append((queue_id, index))
+                continue
+            key = self.remote.key(r.address)
+            batch = [index]
+            for other in msg.rcpts:  # same message, same destination: one transaction
+                if (
+                    other.status == "pending"
+                    and other.channel == "remote"
+                    and self.remote.key(other.address) == key
+                    and split_address(other.address)[1] == split_address(r.address)[1]
+                ):
+                    other.status = "busy"
+                    batch.append(other.index)
+            self.ready_remote.setdefault(key, deque()).append((queue_id, batch))
+
+    def dispatch(self) -> None:
+        if self.stopping:
+            return
+        with self.lock:
+            self._collect_due(time.time())
+            idle = self.control.concurrencylocal - self.busy_local
+            for _ in range(min(idle, len(self.ready_local))):
+                self.busy_local += 1
+                self.local_pool.submit(self._guard, self._local_worker)
+            for key, jobs in self.ready_remote.items():
+                while (
+                    jobs
+                    and self.busy_remote < self.control.concurrencyremote
+                    and len(jobs) > self.remote_workers.get(key, 0)
+                ):
+                    self.busy_remote += 1
+                    self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
+                    self.remote_pool.submit(self._guard, self._remote_worker, key)
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # a bug must not silently eat a delivery slot
+            self.log(f"error delivery worker crashed: {type(exc).__name__}: {one_line(str(exc))}")
+            raise
+        finally:
+            self.wake()
+
+    def _forget(self, queue_id: str) -> None:
+        """Drop a finished message (lock held)."""
+        self._drop_body(self.msgs.pop(queue_id))
+
+    def _drop_body(self, msg: Msg) -> None:
+        """Give back the bytes kept from pickup (lock held)."""
+        if msg.body is not None:
+            self.body_bytes -= len(msg.body)
+            msg.body = None
+
+    def _read_body(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
+        msg = self.msgs.get(queue_id)
+        body = None if msg is None else msg.body
+        if msg is not None and body is not None:
+            return msg.env, body  # verified when it was picked up; queue files never change
+        if msg is None:
+            return Result.temp(f"message {queue_id} is not in the queue (#4.3.0)", "4.3.0")
+        try:
+            stored = self.queue.read_stored("mess", msg.file, msg.span)
+        except QueueError as exc:
+            return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
+        return stored.env, stored.body
+
+    def _local_worker(self) -> None:
+        """Take local jobs until none is ready (one of concurrencylocal workers)."""
+        try:
+            while True:
+                with self.lock:
+                    if self.stopping or not self.ready_local:
+                        return
+                    queue_id, index = self.ready_local.popleft()
+                self._local_job(queue_id, index)
+        finally:
+            with self.lock:
+                self.busy_local -= 1
+
+    def _local_job(self, queue_id: str, index: int) -> None:
+        rcpt = self.msgs[queue_id].rcpts[index]
+        read = self._read_body(queue_id)
+        if isinstance(read, Result):
+            result = read
+        else:
+            try:
+                result = self.children.local(read[0], read[1], rcpt.address, self.local)
+            except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
+                result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
+        self._complete(queue_id, index, result)
+
+    def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
+        with self.lock:
+            jobs = self.ready_remote.get(key)
+            if self.stopping or not jobs:
+                return None
+            return jobs.popleft()
+
+    def _remote_worker(self, key: str) -> None:
+        """Take jobs for one destination until none is ready, over one connection that the
+        remote child keeps (and reopens when it broke)."""
+        session = self.children.session()
+        try:
+            while (job := self._take_remote(key)) is not None:
+                queue_id, indexes = job
+                msg = self.msgs[queue_id]
+                addresses = [msg.rcpts[i].address for i in indexes]
+                read = self._read_body(queue_id)
+                if isinstance(read, Result):
+                    results = [read] * len(indexes)
+                else:
+                    results = session.deliver(key, read[0], read[1], addresses)
+                for i, result in zip(indexes, results, strict=True):
+                    self._complete(queue_id, i, result)
+        finally:
+            session.close()
+            with self.lock:
+                self.busy_remote -= 1
+                self.remote_workers[key] -= 1
+                if not self.remote_workers[key]:
+                    del self.remote_workers[key]
+                    if not self.ready_remote.get(key, True):
+                        del self.ready_remote[key]
