@@ -1,4 +1,4 @@
-"""pyqmail-smtpd's log lines: one per event, atomic on the pipe, written once per loop pass."""
+"""pyqmail.log: one line per event, atomic on the pipe, written once per loop pass."""
 
 from __future__ import annotations
 
@@ -8,32 +8,32 @@ import threading
 
 import pytest
 
-from pyqmail.smtpd import cli as smtpd
+from pyqmail import log as logmod
 
 
 def test_log_lines_of_one_loop_pass_go_out_in_whole_line_pipe_buf_writes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     writes: list[bytes] = []
-    monkeypatch.setattr(smtpd, "_write_log", writes.append)
-    buffer = smtpd._LogBuffer()
-    monkeypatch.setattr(smtpd, "_log_buffer", buffer)
+    monkeypatch.setattr(logmod, "_write_log", writes.append)
+    buffer = logmod._LogBuffer()
+    monkeypatch.setattr(logmod, "_log_buffer", buffer)
 
     async def main() -> None:
         buffer.thread = threading.get_ident()
         for n in range(200):  # ~40 bytes each: more than one PIPE_BUF in all
-            smtpd.log("msg", n=n, pad="x" * 20)
+            logmod.log("msg", n=n, pad="x" * 20)
         assert writes == []  # held until the end of this pass
         await asyncio.sleep(0)
         first = len(writes)
         assert first >= 2
-        threading.Thread(target=smtpd.log, args=("from-thread",)).start()
+        threading.Thread(target=logmod.log, args=("from-thread",)).start()
         await asyncio.sleep(0.1)
         assert len(writes) == first + 1 and b"from-thread" in writes[-1]  # not held
 
     asyncio.run(main())
     buffer.thread = 0
-    smtpd.log("after", n=1)  # no loop: written at once
+    logmod.log("after", n=1)  # no loop: written at once
     assert b"after" in writes[-1]
     for data in writes:
         assert len(data) <= select.PIPE_BUF and data.endswith(b"\n")
