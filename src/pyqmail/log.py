@@ -110,7 +110,13 @@ def log(event: str, **fields: object) -> None:
     Fields whose value is None are left out, so callers can pass optional ones as they are."""
     parts = [_PID, event]
     parts.extend(f"{key}={clean(value)}" for key, value in fields.items() if value is not None)
-    line = " ".join(parts)
+    emit(" ".join(parts))
+
+
+def emit(line: str) -> None:
+    """A line already formatted (and cleaned by its caller), written like ``log``'s:
+    whole, at most MAX_LINE characters, from any thread. For a daemon whose lines keep
+    another format (pyqmail-send's qmail-send wording) but share the pipe's rules."""
     if len(line) > MAX_LINE:
         line = line[: MAX_LINE - 10] + "...(cut)"
     _log_buffer.add(line.encode("utf-8", "backslashreplace") + b"\n")
