@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from pyqmail.log import log
 from pyqmail.queue.commit import CommitResult, Committer
 from pyqmail.queue.format import Envelope, QueueError, Stored
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.smtpd.cli import log
 
 
 def commit(writers: Sequence[QueueWriter], timeout: float = 30) -> list[Envelope | QueueError]:

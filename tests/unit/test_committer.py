@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.log import log
 from pyqmail.queue import writer as queuemod
 from pyqmail.queue.commit import Committer
 from pyqmail.queue.format import Envelope, QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.smtpd.cli import log
 from tests.queue_util import messages
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from pyqmail import tls
+from pyqmail.authdb import AuthDB
 from pyqmail.control import smtpd as config
 from pyqmail.smtpd import cli as smtpd
+from pyqmail.smtpd.policy import build_policy
 from tests.conftest import PKI
 
 
@@ -258,8 +260,8 @@ def test_build_policy(
 ) -> None:
     (root / "control" / "smtpusers").write_text("")
     cfg = config.load(root)
-    cfg = config.Config(**{**cfg.__dict__, "authdb": smtpd.AuthDB()})
-    policy = smtpd.build_policy(cfg, mode, "192.0.2.1", env)
+    cfg = config.Config(**{**cfg.__dict__, "authdb": AuthDB()})
+    policy = build_policy(cfg, mode, "192.0.2.1", env)
     got = {
         "auth": bool(policy.auth_mechanisms),
         "force_tls": policy.force_tls,

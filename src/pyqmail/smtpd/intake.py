@@ -1,0 +1,145 @@
+"""One session's message on its way into the queue: from MessageStart to a durable commit.
+
+Why its own module: memory is the one resource a client's message data can exhaust, so the
+rule for it stays in one place. Small messages stay in memory and reach the disk in one go in
+the group commit's thread (``pyqmail.queue.commit``); past ``SPOOL_LIMIT``, or when the
+worker's sessions together hold ``WORKER_SPOOL_LIMIT``, the message streams into its tmp file
+instead (bounded memory whatever the number of clients). The session only forwards the
+core's events and answers the client once the commit is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from pyqmail.protocol.connection import MessageEnd, MessageStart
+from pyqmail.queue.commit import CommitResult
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
+
+SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
+WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
+
+Done = Callable[[CommitResult], None]
+
+
+class SpoolBudget:
+    """Bytes of messages held in memory by all sessions of one worker (one loop thread)."""
+
+    def __init__(self, limit: int = WORKER_SPOOL_LIMIT) -> None:
+        self.held = 0
+        self.limit = limit
+
+    def fits(self, size: int) -> bool:
+        """``size`` more bytes stay within the worker's limit."""
+        return self.held + size <= self.limit
+
+
+class Spool(Protocol):
+    """What an intake needs from its worker: the queue of now, the memory budget, and the
+    group commit."""
+
+    @property
+    def queue(self) -> Queue:
+        """The queue new messages go to (a HUP may change it)."""
+
+    @property
+    def budget(self) -> SpoolBudget:
+        """The worker's memory budget for held messages."""
+
+    def submit(self, writer: QueueWriter, done: Done) -> None:
+        """Hand a finished message to the group commit; ``done`` gets the result."""
+
+
+class Intake:
+    """The current message of one session: its queue writer and the bytes it holds."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.writer: QueueWriter | None = None
+        self.held = 0  # bytes of the current message held in memory (counted in the budget)
+        self.committing: MessageEnd | None = None
+        self.queue_error: str | None = None
+        self.message: MessageStart | None = None
+
+    def start(self, event: MessageStart, ip: str) -> None:
+        """A new message: its envelope and the trace data the Received header needs. A
+        queue that cannot take it is remembered and answered at the end of DATA."""
+        self.message = event
+        self.queue_error = None
+        meta = {"client": ip, "helo": event.helo, "protocol": event.protocol}
+        if event.auth_user:
+            meta["auth"] = event.auth_user
+        if event.tls is not None:
+            meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
+        self.drop()
+        try:
+            self.writer = QueueWriter(
+                self.spool.queue, event.sender, event.recipients, meta, defer=True
+            )
+        except QueueError as exc:
+            self.queue_error = str(exc)
+
+    def _release(self) -> None:
+        self.spool.budget.held -= self.held
+        self.held = 0
+
+    def drop(self) -> None:
+        """Forget the current message (aborted, or the connection is gone)."""
+        self._release()
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def data(self, chunk: bytes) -> None:
+        """Small messages stay in memory and reach the disk in one go in the commit
+        thread; past SPOOL_LIMIT (or the worker's WORKER_SPOOL_LIMIT) the message streams
+        into its tmp file (bounded memory)."""
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            if writer.held:
+                size = self.held + len(chunk)
+                budget = self.spool.budget
+                if size <= SPOOL_LIMIT and budget.fits(len(chunk)):
+                    writer.write(chunk)
+                    self.held = size
+                    budget.held += len(chunk)
+                    return
+                self._release()
+                writer.spill()
+            writer.write(chunk)
+        except QueueError as exc:  # the writer removed its tmp file already
+            self.queue_error = str(exc)
+            self.drop()
+
+    def commit(self, end: MessageEnd, done: Done) -> None:
+        """Hand the message to the commit thread; ``done`` answers when it is durable
+        (or at once with a QueueError when there is nothing to commit)."""
+        writer, self.writer = self.writer, None
+        self.committing = end
+        if writer is not None and self.queue_error is None and self.message is not None:
+            try:
+                writer.finish()  # on the loop: the commit thread only fsyncs and renames
+            except QueueError as exc:  # the writer removed its tmp file already
+                self.queue_error = str(exc)
+            else:
+                self.spool.submit(writer, done)
+                return
+        if writer is not None:
+            writer.abort()
+        self._release()
+        done(QueueError(self.queue_error or "no message"))
+
+    def finished(self, result: CommitResult) -> tuple[MessageEnd | None, str | None]:
+        """After the commit: the MessageEnd it was for, and the error to log (None when
+        the message is in the queue)."""
+        self._release()
+        end, self.committing = self.committing, None
+        if isinstance(result, QueueError):
+            self.queue_error = self.queue_error or str(result)
+            return end, self.queue_error
+        return end, None

@@ -1,0 +1,171 @@
+"""Per-client policy of pyqmail-smtpd: the rules and users caches, and the core's Policy.
+
+Why its own module: what a client may do (relay, AUTH, STARTTLS required, message size) is
+decided once per connection from three inputs, and this is where they meet: the listener
+mode, the tcprules entry that matched the client's address (``RulesCache``, re-read when
+the cdb changes, as tcpserver opens it per connection) and the control files. The users
+database (``UsersCache``) is re-read when control/smtpusers changes, as qmail's
+checkpassword reads its file per AUTH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.control import smtpd as configmod
+from pyqmail.log import log
+from pyqmail.protocol.connection import Policy
+from pyqmail.rules import Decision, Rules, RulesError
+
+
+class UsersCache:
+    """control/smtpusers as of now: a changed file is re-read at the next AUTH, so a new
+    password or a removed user takes effect at once, as with qmail's checkpassword. A
+    broken new file keeps the users loaded before (and is logged). Whether AUTH is offered
+    at all is decided at start and on HUP."""
+
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.path = cfg.control / "smtpusers"
+        self.db = cfg.authdb
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def current(self) -> AuthDB | None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self.db
+        self._stamp = stamp
+        if stamp is None:  # the file was removed: nobody may log in any more
+            self.db = AuthDB() if self.db is not None else None
+            return self.db
+        try:
+            self.db = AuthDB.load(str(self.path))
+        except AuthDBError as exc:
+            log("warning", text=f"{exc}; keeping the users loaded before")
+        return self.db
+
+
+class RulesCache:
+    """The rules cdb, re-read when the file changes (tcpserver reads it per connection)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._rules: Rules | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        if path is not None:
+            self._rules, self._stamp = self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[Rules, tuple[int, int, int]]:
+        try:
+            st = path.stat()
+            return Rules.load(path), (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise configmod.ConfigError(f"{path}: cannot read rules: {exc.strerror}") from exc
+        except RulesError as exc:
+            raise configmod.ConfigError(f"{path}: {exc}") from exc
+
+    def refresh(self) -> None:
+        """Re-read if changed; a broken new file keeps the old rules (and is logged)."""
+        if self.path is None:
+            return
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            log("warning", text=f"{self.path}: {exc.strerror}; keeping the loaded rules")
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == self._stamp:
+            return
+        try:
+            self._rules, self._stamp = self._read(self.path)
+        except configmod.ConfigError as exc:
+            self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # log once per change
+            log("warning", text=f"{exc}; keeping the loaded rules")
+
+    def lookup(self, ip: str) -> Decision:
+        """The rule for ``ip`` as of now; without a cdb every client is allowed, as is."""
+        self.refresh()
+        if self._rules is None:
+            return Decision(True, {}, None)
+        return self._rules.lookup(ip)
+
+
+# --- per-connection policy ---------------------------------------------------------------
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A rule's ``NAME=1`` switch: True, False (any other value) or None (not set)."""
+    value = env.get(name)
+    return None if value is None else value.strip() == "1"
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, ip: str) -> int:
+    """A rule's number; a malformed one is logged and the control file's value used."""
+    value = env.get(name)
+    if value is None:
+        return default
+    if value.strip().isdigit():
+        return int(value.strip())
+    log("warning", ip=ip, text=f"rule sets {name}={value!r}, not a number; using {default}")
+    return default
+
+
+def auth_mechanisms(cfg: configmod.Config) -> tuple[str, ...]:
+    """PLAIN and LOGIN with a user database; CRAM-MD5 too once any user has its secret."""
+    if cfg.authdb is None:
+        return ()
+    return ("PLAIN", "LOGIN", "CRAM-MD5") if cfg.cram_md5 else ("PLAIN", "LOGIN")
+
+
+def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, str]) -> Policy:
+    """The listener mode and the client's rule environment, as the core's Policy."""
+    relay = "RELAYCLIENT" in env
+    smtpauth = _env_flag(env, "SMTPAUTH")
+    forcetls = _env_flag(env, "FORCETLS")
+    if mode == "smtp":
+        auth_on = smtpauth is True
+        force_tls = forcetls is True
+    else:
+        auth_on = smtpauth is not False
+        force_tls = mode == "submission" and forcetls is not False
+    return Policy(
+        hostname=cfg.me,
+        greeting=f"{cfg.greeting} ESMTP",  # qmail's 220 line
+        client_ip=ip,
+        tls_active=mode == "smtps",
+        starttls_available=mode != "smtps" and cfg.server_tls is not None,
+        auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),
+        force_tls=force_tls,  # fail closed: FORCETLS without a certificate refuses MAIL
+        auth_required=mode != "smtp" and not relay,  # 465 is submission too (RFC 8314)
+        relay_client=relay,
+        bare_lf=_env_flag(env, "BARELF") is True,
+        databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
+        maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
+        maxhops=cfg.maxhops,
+        rcpthosts=cfg.rcpthost,
+        validrcptto=cfg.valid_recipient(),
+        max_errors=cfg.maxerrors,
+        max_junk=cfg.knobs.max_junk,
+        auth_header=cfg.knobs.auth_header,
+        notice=lambda event, text: log(event, ip=ip, text=text),
+    )
+
+
+def greet_delay(cfg: configmod.Config, mode: str, env: Mapping[str, str]) -> int:
+    """Seconds to hold the greeting back: port 25 only, never for relay clients."""
+    if mode != "smtp" or "RELAYCLIENT" in env:
+        return 0
+    return cfg.knobs.greet_delay
+
+
+Loader = Callable[[], tuple[configmod.Config, RulesCache]]
+"""Loads the configuration and the rules the way the daemon does at start (``cli.load``);
+the supervisor and the workers call it again on HUP. Raises ``configmod.ConfigError``."""

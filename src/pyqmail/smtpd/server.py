@@ -1,0 +1,215 @@
+"""One pyqmail-smtpd worker: an event loop serving one listening socket.
+
+Why a module of its own: the worker owns what its sessions share (the configuration of
+now, the rules, the connection table, the AUTH check, the queue and its group commit, one
+receive buffer) and its life (start, HUP, TERM), and hands each session only the narrow
+``session.SessionContext`` view of it. The supervisor that forks workers is ``prefork``;
+with ``--workers 1`` the one process runs a worker directly.
+
+TERM: stop accepting, let sessions finish for ``timeoutterm`` seconds, then tell the rest
+``421`` and exit 0. HUP: re-read the configuration (``policy.Loader``) for new connections;
+sessions in progress keep the configuration they started with, and a bad new configuration
+is logged and the old one stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+from pyqmail import log as logmod
+from pyqmail.control import smtpd as configmod
+from pyqmail.log import log
+from pyqmail.queue.commit import CommitResult, Committer
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
+from pyqmail.rules import Decision
+from pyqmail.smtpd.auth import Authenticator
+from pyqmail.smtpd.intake import Done, SpoolBudget
+from pyqmail.smtpd.limits import Admission, ConnTable
+from pyqmail.smtpd.policy import Loader, RulesCache
+from pyqmail.smtpd.session import CLOSE_GRACE, Session
+
+UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
+READ_SIZE = 64 * 1024  # one socket read at most
+
+
+class Server:
+    """One worker process: an asyncio loop serving one listening socket. It provides
+    ``SessionContext`` to its sessions (checked by mypy where ``Session(self)`` is made)."""
+
+    def __init__(
+        self,
+        mode: str,
+        cfg: configmod.Config,
+        rules: RulesCache,
+        counter: ConnTable,
+        load: Loader,
+    ) -> None:
+        self.mode = mode
+        self.cfg = cfg
+        self.rules = rules
+        self.counter = counter
+        self.load = load
+        self.queue = Queue(cfg.queue_dir, umask=UMASK)
+        self.sessions: set[Session] = set()
+        self.auth = Authenticator(cfg)
+        self.stopping: asyncio.Event | None = None
+        self.parent: int | None = None  # the supervisor's pid, in a forked worker
+        self.idle: asyncio.Event | None = None
+        self.budget = SpoolBudget()  # bytes of messages held in memory by all sessions
+        self.read_buffer = memoryview(bytearray(READ_SIZE))  # every session's reads
+        self._committer: Committer | None = None
+        self.waiting = 0  # sessions whose message is with the committer
+
+    # SessionContext -----------------------------------------------------------------------
+
+    def lookup(self, ip: str) -> Decision:
+        """The client's tcprules entry (the cdb is re-read when it changes)."""
+        return self.rules.lookup(ip)
+
+    def admit(self, key: bytes, cfg: configmod.Config) -> Admission:
+        """Count a connection in the table every worker shares."""
+        return self.counter.admit(key, cfg.maxconn, cfg.maxconnip)
+
+    def release(self, key: bytes, *, counted: bool) -> None:
+        """Uncount a connection."""
+        self.counter.release(key, counted=counted)
+
+    def connections(self) -> int:
+        """The listener's connections over all workers."""
+        return self.counter.total()
+
+    def joined(self, session: Session) -> None:
+        """A session to wait for at TERM."""
+        self.sessions.add(session)
+
+    def left(self, session: Session) -> None:
+        """A session is over: the committer may stop waiting for it to add a message."""
+        self.sessions.discard(session)
+        if self._committer is not None:
+            self._committer.session_gone()
+        if not self.sessions and self.idle is not None:
+            self.idle.set()
+
+    def submit(self, writer: QueueWriter, done: Done) -> None:
+        """To the group commit; the session counts as waiting until ``done`` runs, so the
+        committer knows when no session could add a message to its batch."""
+        self.waiting += 1
+
+        def committed(result: CommitResult) -> None:
+            self.waiting -= 1
+            done(result)
+
+        self.committer().submit(writer, committed)
+
+    # the worker ---------------------------------------------------------------------------
+
+    def committer(self) -> Committer:
+        """The group commit, started with the first message (its thread costs nothing
+        until then)."""
+        if self._committer is None:
+            self._committer = Committer(
+                asyncio.get_running_loop(),
+                delay=self.cfg.commitdelay / 1000,
+                all_waiting=lambda: self.waiting >= len(self.sessions),
+                log=log,
+            )
+        return self._committer
+
+    def _watch_parent(self) -> None:
+        """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed."""
+        if os.getppid() != self.parent and self.stopping is not None:
+            log("orphaned", text="supervisor gone; stopping")
+            self.stopping.set()
+            return
+        asyncio.get_running_loop().call_later(1.0, self._watch_parent)
+
+    def reload(self) -> None:
+        """HUP: the new configuration for new sessions, or the old one if the new is bad."""
+        try:
+            cfg, rules = self.load()
+        except configmod.ConfigError as exc:
+            log("reload-fail", error=str(exc), text="keeping the old configuration")
+            return
+        self.cfg, self.rules = cfg, rules
+        if self._committer is not None:
+            self._committer.delay = cfg.commitdelay / 1000
+        if Path(cfg.queue_dir) != self.queue.root:
+            # the old one's FIFO fd is closed with the process
+            self.queue = Queue(cfg.queue_dir, umask=UMASK)
+        self.auth.reload(cfg)
+        log("reload", root=cfg.root)
+
+    async def serve(self, sock: socket.socket) -> int:
+        """Serve until TERM, then wind down (see the module's docstring); exit status 0."""
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.idle = asyncio.Event()
+        stopping = self.stopping
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+        log("ready", slot=self.counter.slot, mode=self.mode)
+        if self.parent is not None:
+            self._watch_parent()
+        await stopping.wait()
+        server.close()
+        log("stopping", sessions=len(self.sessions), grace=self.cfg.timeoutterm)
+        await self._wind_down()
+        self.auth.shutdown()
+        if self._committer is not None:
+            self._committer.stop(CLOSE_GRACE)
+        self.queue.close()
+        log("stopped")
+        return 0
+
+    async def _wind_down(self) -> None:
+        """421 at the next command boundary; after ``timeoutterm``, 421 now; after
+        CLOSE_GRACE more, abort whatever is left."""
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            await self._until_idle(self.cfg.timeoutterm)
+        for session in list(self.sessions):
+            session.force_shutdown()
+        if self.sessions:
+            await self._until_idle(CLOSE_GRACE + 1)
+        for session in list(self.sessions):
+            session.abort()
+        await asyncio.sleep(0)
+
+    async def _until_idle(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the last session to end."""
+        assert self.idle is not None  # noqa: S101 - set in serve
+        self.idle.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), timeout)
+
+
+def run_worker(
+    sock: socket.socket,
+    cfg: configmod.Config,
+    rules: RulesCache,
+    counter: ConnTable,
+    parent: int | None = None,
+    *,
+    mode: str,
+    loop: str,
+    load: Loader,
+) -> int:
+    """One worker's life on its own event loop (``loop``: asyncio or uvloop); its log
+    lines go out once per pass of that loop."""
+    server = Server(mode, cfg, rules, counter, load)
+    server.parent = parent
+    factory = None
+    if loop == "uvloop":
+        factory = importlib.import_module("uvloop").new_event_loop
+    with logmod.loop_thread(), asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(server.serve(sock))

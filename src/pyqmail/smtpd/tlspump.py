@@ -1,0 +1,127 @@
+"""TLS for one pyqmail-smtpd session, pumped through memory BIOs on the raw transport.
+
+Why memory BIOs and not a second asyncio transport (``loop.start_tls``): the session keeps
+one transport from the first byte to the last, so STARTTLS and implicit TLS (port 465)
+take the same path, nothing the client pipelined after STARTTLS can slip past the switch
+(the core drops it; every byte read after it is handshake input), and the same code runs
+on asyncio's loop and uvloop's alike. The pump only moves bytes: the session decides what
+a finished handshake, a failure or the client's close_notify means for the SMTP dialogue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable, Iterable
+
+from pyqmail import tls
+from pyqmail.protocol.connection import TLSInfo
+
+TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
+
+
+class TLSFailedError(Exception):
+    """The handshake or the record layer failed; the text is what the log says."""
+
+
+class TLSClosedError(Exception):
+    """The client sent close_notify: the TLS session, and so the SMTP session, is over."""
+
+
+def _why(exc: BaseException) -> TLSFailedError:
+    """OpenSSL's text, or the exception's class when it has none."""
+    return TLSFailedError(str(exc) or type(exc).__name__)
+
+
+class TLSPump:
+    """One server-side TLS session over two memory BIOs. ``write`` sends ciphertext to
+    the client (the transport's ``write``); ``timer`` is the handshake's deadline, owned
+    here so that whoever ends the pump also ends the timer."""
+
+    def __init__(
+        self, ctx: ssl.SSLContext, write: Callable[[bytes], None], *, implicit: bool
+    ) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.implicit = implicit  # port 465: the SMTP dialogue starts after the handshake
+        self.handshaking = True
+        self.timer: asyncio.TimerHandle | None = None
+        self._write = write
+
+    def flush(self) -> None:
+        """Whatever OpenSSL wrote (handshake records, alerts, tickets, data) to the client."""
+        if self.outgoing.pending:
+            self._write(self.outgoing.read())
+
+    def send(self, data: bytes) -> None:
+        """Plaintext to the client, encrypted."""
+        self.sslobj.write(data)
+        self.flush()
+
+    def feed(self, data: bytes) -> None:
+        """Ciphertext from the client, for ``handshake`` and ``read``."""
+        self.incoming.write(data)
+
+    def handshake(self) -> bool:
+        """One step of the handshake: True once it is complete (the deadline is then
+        cancelled), False while it needs more input; TLSFailedError if it failed."""
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self.flush()
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            raise _why(exc) from exc
+        self.flush()
+        self.handshaking = False
+        self.cancel_timer()
+        return True
+
+    def read(self) -> bytes | None:
+        """The next plaintext (b"" at the end), None until more ciphertext comes;
+        TLSClosedError after the client's close_notify, TLSFailedError on a broken record."""
+        try:
+            return self.sslobj.read(TLS_READ)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLZeroReturnError as exc:
+            raise TLSClosedError from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise _why(exc) from exc
+
+    def info(self, tlsclients: Iterable[str]) -> TLSInfo:
+        """The finished session as the core sees it; a client certificate listed in
+        ``tlsclients`` (control/tlsclients) makes the client a relay client."""
+        session = tls.describe(self.sslobj)
+        relay_ident = tls.client_cert_relay(session, tlsclients)
+        peer = session.peer_identities[0] if session.peer_identities else None
+        return TLSInfo(
+            version=session.version,
+            cipher=session.cipher,
+            bits=session.bits,
+            client_cert_relay=relay_ident is not None,
+            peer=relay_ident or peer,
+        )
+
+    def unwrap(self) -> None:
+        """Our close_notify; we do not wait for the client's."""
+        with contextlib.suppress(ssl.SSLError):
+            self.sslobj.unwrap()
+        self.flush()
+
+    def cancel_timer(self) -> None:
+        """No more handshake deadline (done, failed, or the connection is gone)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def drop(self) -> None:
+        """The connection is gone: nothing more is written, the deadline is cancelled."""
+        self.cancel_timer()
+        self._write = _discard
+
+
+def _discard(data: bytes) -> None:
+    """Where a dropped pump's output goes."""
