@@ -1,4 +1,4 @@
-"""SMTP AUTH user database: ``/var/qmail/control/smtpusers`` and the ``pyqmail-users`` tool.
+"""SMTP AUTH user database: ``/var/qmail/control/smtpusers`` (its tool: ``pyqmail.tools.users``).
 
 Standard library only: the same file is imported by the daemon and, through the
 ``module_utils/pyqmail_authdb.py`` symlink, by the ``pyqmail_smtp_user`` Ansible module.
@@ -24,11 +24,11 @@ pyqmail-send's). Over TLS, PLAIN/LOGIN with the scrypt hash is the better choice
 Unknown users cost the same as a wrong password: :meth:`AuthDB.verify` runs scrypt on a
 dummy hash with the default parameters, so response time does not reveal which names exist.
 
-The CLI rewrites the file atomically (temporary file in the same directory, fsync,
-rename, fsync of the directory) keeping the old file's mode and owner; a file it creates
-gets mode 0640 and group ``pyqmaila`` when that group exists (else ``pyqmail``, a host set up
-before the group of the password verifiers existed). It takes no lock:
-run one writer at a time (Ansible or an admin, not both at once).
+The tool (``pyqmail-users``) rewrites the file atomically with :func:`atomic_write`
+(temporary file in the same directory, fsync, rename, fsync of the directory) keeping the old
+file's mode and owner; a file it creates gets mode 0640 and group ``pyqmaila`` when that group
+exists (else ``pyqmail``, a host set up before the group of the password verifiers existed).
+It takes no lock: run one writer at a time (Ansible or an admin, not both at once).
 """
 
 from __future__ import annotations
@@ -36,20 +36,18 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import grp
 import hashlib
 import hmac
 import os
 import re
 import secrets
 import stat
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import argparse
+    pass
 
 __all__ = [
     "DEFAULT_PATH",
@@ -60,7 +58,6 @@ __all__ = [
     "atomic_write",
     "format_line",
     "hash_password",
-    "main",
     "needs_rehash",
     "parse_hash",
     "parse_line",
@@ -427,116 +424,3 @@ def atomic_write(
         os.fsync(dfd)
     finally:
         os.close(dfd)
-
-
-def _read_password(confirm: bool) -> str:
-    """From the terminal (asked twice when ``confirm``) or one line of stdin; never argv."""
-    if sys.stdin.isatty():
-        import getpass  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
-
-        password = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Again: ") != password:
-            raise AuthDBError("passwords do not match")
-    else:
-        password = sys.stdin.read()
-        if password.endswith("\n"):
-            password = password[:-1]
-        if password.endswith("\r"):
-            password = password[:-1]
-    return validate_password(password)
-
-
-def _daemon_gid() -> int | None:
-    """The verifiers' group for a new file (pyqmail-smtpd reads it after dropping root)."""
-    for name in DAEMON_GROUPS:
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            continue
-    return None
-
-
-def _load_or_empty(path: str) -> AuthDB:
-    if not os.path.exists(path):
-        return AuthDB(path=path)
-    return AuthDB.load(path)
-
-
-def _say(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def _complain(text: str) -> None:
-    sys.stderr.write(f"pyqmail-users: {text}\n")
-
-
-def _run(args: argparse.Namespace) -> int:
-    path: str = args.file
-    if args.command == "add":
-        name = validate_name(args.name)
-        db = _load_or_empty(path)
-        password = _read_password(confirm=True)
-        existed = name in db
-        cram = password if args.cram_md5 else None
-        db.set(User(name=name, hash=hash_password(password), cram=cram))
-        atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
-        _say(f"{'updated' if existed else 'added'} {name}")
-        return 0
-    if args.command == "del":
-        db = AuthDB.load(path)
-        if not db.remove(args.name):
-            _complain(f"{path}: no user {args.name!r}")
-            return 1
-        atomic_write(path, db.dump().encode("utf-8"))
-        _say(f"deleted {args.name}")
-        return 0
-    if args.command == "list":
-        for user in _load_or_empty(path):
-            _say(user.name + ("\tcram-md5" if user.cram is not None else ""))
-        return 0
-    db = AuthDB.load(path)  # check
-    if db.verify(args.name, _read_password(confirm=False)):
-        _say("ok")
-        return 0
-    _complain("unknown user or wrong password")
-    return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``pyqmail-users``: add, del, list and check SMTP AUTH users.
-
-    Exit codes: 0 done, 1 no such user or wrong password, 2 bad input or unreadable file.
-    """
-    import argparse  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
-
-    parser = argparse.ArgumentParser(
-        prog="pyqmail-users",
-        description="Manage the SMTP AUTH users of pyqmail-smtpd. Passwords are read from "
-        "the terminal or from stdin, never from the command line.",
-    )
-    parser.add_argument("--file", default=DEFAULT_PATH, help=f"default {DEFAULT_PATH}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("add", help="add a user or set a new password")
-    add.add_argument(
-        "--cram-md5",
-        action="store_true",
-        help="also store a CRAM-MD5 secret (password-equivalent; off by default)",
-    )
-    add.add_argument("name")
-    delete = sub.add_parser("del", help="remove a user")
-    delete.add_argument("name")
-    sub.add_parser("list", help="print user names (and whether CRAM-MD5 is on)")
-    check = sub.add_parser("check", help="exit 0 if the password read matches")
-    check.add_argument("name")
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except AuthDBError as exc:
-        _complain(str(exc))
-    except OSError as exc:
-        _complain(f"{exc.filename or args.file}: {exc.strerror}")
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,6 +15,7 @@ import pytest
 
 from pyqmail import authdb
 from pyqmail.authdb import AuthDB, AuthDBError, User
+from pyqmail.tools import users as users_tool
 
 # Known answers from passlib's documentation (passlib.hash.scrypt, password "password").
 PASSLIB_LN8 = (
@@ -269,7 +270,7 @@ def test_atomic_write_keeps_mode_and_owner(tmp_path: Path) -> None:
 # The CLI, as an admin runs it: a real subprocess with the password on stdin.
 def users(path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pyqmail.authdb", "--file", str(path), *args],
+        [sys.executable, "-m", "pyqmail.tools.users", "--file", str(path), *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -337,6 +338,6 @@ def test_cli_in_process(
 ) -> None:
     path = tmp_path / "smtpusers"
     monkeypatch.setattr(sys, "stdin", io.StringIO("pw\n"))
-    assert authdb.main(["--file", str(path), "add", "carol"]) == 0
+    assert users_tool.main(["--file", str(path), "add", "carol"]) == 0
     assert capsys.readouterr().out == "added carol\n"
     assert AuthDB.load(str(path)).verify("carol", "pw")

@@ -1,1 +1,1 @@
-"""Command-line tools: sendmail, the queue tool, checkpassword."""
+"""Command-line tools: sendmail, the queue tool, the users tool, checkpassword."""
