@@ -168,40 +168,6 @@ def parse_params(text: str) -> list[tuple[str, str | None]]:
     return result
 
 
-def mail_params(text: str, databytes: int) -> dict[str, str]:
-    """The MAIL FROM parameters the core offers (SIZE, BODY, SMTPUTF8, AUTH), checked;
-    anything else is refused rather than ignored, so no extension is half honoured."""
-    params: dict[str, str] = {}
-    for key, value in parse_params(text):
-        if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 15:
-                raise AddressError("555 5.5.4 Bad SIZE parameter")
-            if databytes and int(value) > databytes:
-                raise AddressError("552 5.3.4 Message size exceeds fixed limit")
-        elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                raise AddressError("555 5.5.4 Unsupported BODY parameter")
-            params[key] = value.upper()
-            continue
-        elif key == "SMTPUTF8":
-            if value is not None:
-                raise AddressError("555 5.5.4 SMTPUTF8 takes no value")
-        elif key == "AUTH":
-            if value is None or len(value) > 500:
-                raise AddressError("555 5.5.4 Bad AUTH parameter")
-        else:
-            raise AddressError(f"555 5.5.4 Unsupported option: {key[:40]}")
-        params[key] = value or ""
-    return params
-
-
-def rcpt_params(text: str) -> None:
-    """RCPT TO takes no parameters: no RCPT extension (DSN) is offered."""
-    params = parse_params(text)
-    if params:
-        raise AddressError(f"555 5.5.4 Unsupported option: {params[0][0][:40]}")
-
-
 def _printable(text: str, limit: int = 40) -> str:
     clean = "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])
     return clean + ("..." if len(text) > limit else "")

@@ -43,15 +43,9 @@ from collections.abc import Callable
 
 from pyqmail.protocol import helo as protocol_helo
 from pyqmail.protocol import sasl
-from pyqmail.protocol.address import (
-    AddressError,
-    Mailbox,
-    mail_params,
-    parse_mailbox,
-    rcpt_params,
-    split_path,
-)
+from pyqmail.protocol.address import AddressError
 from pyqmail.protocol.data import Broken, DataReader
+from pyqmail.protocol.envelope import Transaction, parse_mail, parse_rcpt
 from pyqmail.protocol.events import (
     KNOWN_MECHANISMS,
     AuthRejected,
@@ -152,11 +146,7 @@ class SMTPConnection:
         # the readers chosen by state: set on entering AUTH_INPUT / DATA, dropped on leaving
         self._sasl: sasl.Exchange | None = None
         self._data: DataReader | None = None
-        # transaction
-        self._sender: Mailbox | None = None
-        self._params: dict[str, str] = {}
-        self._recipients: list[str] = []
-        self._rcpt_attempted = False
+        self._tx: Transaction | None = None
 
     # ----- public properties -----------------------------------------------------------
 
@@ -350,10 +340,7 @@ class SMTPConnection:
         return f"421 4.3.2 {self.policy.hostname} Service shutting down, closing channel"
 
     def _reset_transaction(self) -> None:
-        self._sender = None
-        self._params = {}
-        self._recipients = []
-        self._rcpt_attempted = False
+        self._tx = None
 
     def _run(self, out: list[Event]) -> None:
         """Process buffered input until it runs out or the core must wait; the state
@@ -446,7 +433,8 @@ class SMTPConnection:
                 self._close(out, REPLY_SYNC)
                 return
         if self._state not in ALLOWED[verb]:
-            if verb == "DATA" and self._state is State.MAIL and self._rcpt_attempted:
+            tx = self._tx
+            if verb == "DATA" and self._state is State.MAIL and tx and tx.rcpt_attempted:
                 self._error(out, "554 5.5.1 Error: no valid recipients")
             else:
                 self._error(out, OUT_OF_SEQUENCE[verb, self._state])
@@ -484,24 +472,13 @@ class SMTPConnection:
         self._helo = name
         self._esmtp = esmtp
         self._enter(State.READY)
-        if not esmtp:
+        if esmtp:
+            out.append(Send(protocol_helo.ehlo_reply(self.policy, tls_active=self._tls_active)))
+        else:
             self._reply(out, f"250 {self.policy.hostname}")
-            return
-        lines = [self.policy.hostname, "PIPELINING"]
-        lines.append(f"SIZE {self.policy.databytes}" if self.policy.databytes else "SIZE")
-        if self.policy.starttls_available and not self._tls_active:
-            lines.append("STARTTLS")
-        if self._auth_offered():
-            lines.append("AUTH " + " ".join(self.policy.auth_mechanisms))
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
-        text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        out.append(Send(text.encode("ascii", "replace")))
 
     def _cmd_ehlo(self, arg: str, out: list[Event]) -> None:
         self._cmd_helo(arg, out, esmtp=True)
-
-    def _auth_offered(self) -> bool:
-        return bool(self.policy.auth_mechanisms) and (self._tls_active or not self.policy.force_tls)
 
     def _may_relay(self) -> bool:
         return self.policy.relay_client or self.auth_user is not None or self._client_cert_relay
@@ -514,73 +491,51 @@ class SMTPConnection:
             self._error(out, "530 5.7.0 Authentication required")
             return
         try:
-            path, ptext = split_path(arg, "FROM:", "5.1.7")
-            params = mail_params(ptext, self.policy.databytes)
-            sender = parse_mailbox(path, "5.1.7", utf8="SMTPUTF8" in params, allow_null=True)
+            self._tx = parse_mail(arg, self.policy.databytes)
         except AddressError as exc:
             self._error(out, exc.reply)
             return
-        self._sender = sender
-        self._params = params
-        self._recipients = []
-        self._rcpt_attempted = False
         self._enter(State.MAIL)
         self._reply(out, "250 2.1.0 Ok")
 
     def _cmd_rcpt(self, arg: str, out: list[Event]) -> None:
-        self._rcpt_attempted = True
+        tx = self._tx
+        assert tx is not None  # noqa: S101 - RCPT runs only in MAIL/RCPT (states.ALLOWED)
+        tx.rcpt_attempted = True
         limit = self.policy.maxrcpt or self.policy.hard_max_recipients
         limit = min(limit, self.policy.hard_max_recipients)
         try:
-            path, ptext = split_path(arg, "TO:", "5.1.3")
-            rcpt_params(ptext)
-            box = parse_mailbox(path, "5.1.3", utf8="SMTPUTF8" in self._params, allow_null=False)
+            box = parse_rcpt(arg, self.policy, utf8=tx.utf8, may_relay=self._may_relay())
         except AddressError as exc:
             self._error(out, exc.reply)
             return
-        if box.domain == "":  # bare <postmaster>, RFC 5321 4.5.1
-            box = Mailbox(f"postmaster@{self.policy.hostname.lower()}", "postmaster", "")
-        elif "%" in box.local or "!" in box.local:
-            self._error(out, "553 5.1.3 sorry, '%' and '!' are not accepted in recipients")
-            return
-        local_domain = box.domain == "" or self.policy.rcpthosts(box.domain)
-        if not local_domain and not self._may_relay():
-            self._error(out, "553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts")
-            return
-        check = self.policy.validrcptto
-        if local_domain and box.domain and check is not None and not check(box.address):
-            self._error(out, "550 5.1.1 sorry, no mailbox here by that name")
-            return
-        if box.address in self._recipients:
+        if box.address in tx.recipients:
             self._count_junk()
             self._reply(out, "250 2.1.5 Ok")
             return
-        if len(self._recipients) >= limit:
+        if len(tx.recipients) >= limit:
             # neither an error nor junk: a long list (a pipelining MTA sends every RCPT
             # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
-        self._recipients.append(box.address)
+        tx.recipients.append(box.address)
         self._enter(State.RCPT)
         self._reply(out, "250 2.1.5 Ok")
 
     def _cmd_data(self, _arg: str, out: list[Event]) -> None:
         """354, then MessageStart and the Received header; the DATA reader takes over."""
-        sender = self._sender
-        if sender is None:  # unreachable by the state table; keeps mypy honest
+        tx = self._tx
+        if tx is None:  # unreachable by the state table; keeps mypy honest
             self._error(out, REPLY_NEED_MAIL)
             return
         tls_active = self._tls_active
         protocol = protocol_name(
-            esmtp=self._esmtp,
-            utf8="SMTPUTF8" in self._params,
-            tls=tls_active,
-            auth=bool(self.auth_user),
+            esmtp=self._esmtp, utf8=tx.utf8, tls=tls_active, auth=bool(self.auth_user)
         )
         start = MessageStart(
-            sender=sender.address,
-            recipients=tuple(self._recipients),
-            params=dict(self._params),
+            sender=tx.sender.address,
+            recipients=tuple(tx.recipients),
+            params=dict(tx.params),
             helo=self._helo or "",
             auth_user=self.auth_user,
             tls=self._tls if tls_active else None,

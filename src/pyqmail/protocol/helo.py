@@ -15,12 +15,16 @@ Everything else is refused with ``501 5.5.4``: comment or header delimiters
 (``( ) ; < > "`` etc.), blanks, control characters, non-ASCII (RFC 6531 keeps EHLO in
 A-labels), empty labels, over-long labels or names, general address literals with other
 tags. ``refusal`` returns a short reason for the log, never the reply text.
+
+``ehlo_reply`` is the answer to an accepted EHLO: the extensions this session may use.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+
+from pyqmail.protocol.events import Policy
 
 MAX_HELO = 255
 _NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
@@ -61,3 +65,17 @@ def refusal(name: str) -> str | None:
     if _NAME.match(name) is None:
         return "not a host name or address literal"
     return None
+
+
+def ehlo_reply(policy: Policy, *, tls_active: bool) -> bytes:
+    """The multi-line 250 to EHLO. STARTTLS only before TLS; AUTH only where it may be
+    used (after TLS when ``force_tls``), so no client is invited to send a password in clear."""
+    lines = [policy.hostname, "PIPELINING"]
+    lines.append(f"SIZE {policy.databytes}" if policy.databytes else "SIZE")
+    if policy.starttls_available and not tls_active:
+        lines.append("STARTTLS")
+    if policy.auth_mechanisms and (tls_active or not policy.force_tls):
+        lines.append("AUTH " + " ".join(policy.auth_mechanisms))
+    lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+    text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+    return text.encode("ascii", "replace")
