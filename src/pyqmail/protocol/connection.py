@@ -61,6 +61,7 @@ from pyqmail.protocol.events import (
     StartTLS,
     TLSInfo,
 )
+from pyqmail.protocol.lines import InputBuffer, LineError
 from pyqmail.protocol.received import protocol_name, received_header
 from pyqmail.protocol.states import (
     ALLOWED,
@@ -105,8 +106,6 @@ REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Error: line too long"
-#: What ``_take_line`` returns for an over-long line (every real line ends with LF).
-_DROPPED = b""
 
 #: RFC 2920 section 3.1 (+ HELO, HELP): must be the last command of a pipelined group.
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HELP", "TURN"})
@@ -129,10 +128,8 @@ class SMTPConnection:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self._inbuf = bytearray()
+        self._inbuf = InputBuffer(policy.max_line)
         self._pregreet = False
-        self._discarding = False  # inside an over-long line, until its LF
-        self._last_crlf = True  # the last command line ended with CRLF, not a bare LF
         self._tls: TLSInfo | None = policy.tls_info
         self._tls_active = policy.tls_active
         self._client_cert_relay = bool(policy.tls_info and policy.tls_info.client_cert_relay)
@@ -350,58 +347,33 @@ class SMTPConnection:
             if mode is Input.DATA:
                 if not self._inbuf:
                     return
-                chunk = bytes(self._inbuf)
-                self._inbuf.clear()
-                rest = self._feed_data(chunk, out)
+                rest = self._feed_data(self._inbuf.take(), out)
                 if rest is not None:
                     self._inbuf += rest
                 continue
             if mode is not Input.COMMAND and mode is not Input.SASL:
                 return
-            if self._shutting_down and not self._discarding:
+            if self._shutting_down and not self._inbuf.discarding:
                 self._close(out, self._shutdown_reply())
                 return
-            line = self._take_line()
+            line = self._inbuf.next_line(bare_lf=self.policy.bare_lf)
             if line is None:
                 return
-            if line is _DROPPED:
-                if mode is Input.SASL:
-                    step = self._exchange().rejected(REPLY_LINE_TOO_LONG, "too-long")
-                    self._sasl_step(self._exchange(), step, out)
-                else:
-                    self._error(out, REPLY_LINE_TOO_LONG)
-                continue
-            if line.endswith(b"\r\n"):
-                line = line[:-2]
-                self._last_crlf = True
-            elif self.policy.bare_lf:
-                line = line[:-1]
-                self._last_crlf = False
-            else:
+            if line is LineError.BARE_LF:
                 self._close(out, f"550 5.5.2 {self.policy.hostname} Error: bare <LF> received")
                 return
             if mode is Input.SASL:
                 exchange = self._exchange()
-                self._sasl_step(exchange, exchange.respond(line), out)
+                step: sasl.Step
+                if line is LineError.TOO_LONG:
+                    step = exchange.rejected(REPLY_LINE_TOO_LONG, "too-long")
+                else:
+                    step = exchange.respond(line)
+                self._sasl_step(exchange, step, out)
+            elif line is LineError.TOO_LONG:
+                self._error(out, REPLY_LINE_TOO_LONG)
             else:
                 self._command(line, out)
-
-    def _take_line(self) -> bytes | None:
-        """The next line with its line end; None until its LF arrives; ``_DROPPED`` for a
-        line over ``Policy.max_line``, dropped up to its LF (answered once, never executed:
-        the part after the limit must not be read as a command)."""
-        end = self._inbuf.find(b"\n")
-        if end < 0:
-            if len(self._inbuf) > self.policy.max_line:
-                self._inbuf.clear()
-                self._discarding = True
-            return None
-        line = bytes(self._inbuf[: end + 1])
-        del self._inbuf[: end + 1]
-        if self._discarding or len(line) > self.policy.max_line:
-            self._discarding = False
-            return _DROPPED
-        return line
 
     # ----- commands --------------------------------------------------------------------
 
@@ -551,7 +523,7 @@ class SMTPConnection:
         )
         self._enter(State.DATA)
         # DATA's own CRLF starts the end marker
-        self._data = DataReader(self.policy, after_crlf=self._last_crlf, size=len(header))
+        self._data = DataReader(self.policy, after_crlf=self._inbuf.last_crlf, size=len(header))
         self._reply(out, "354 End data with <CR><LF>.<CR><LF>")
         out.extend((start, MessageData(header)))
 

@@ -1,0 +1,72 @@
+"""The client's input not yet consumed, and the command-line framing read from it.
+
+After h11's ``ReceiveBuffer``: one bounded buffer per connection. In the command states the
+connection takes lines from it (``next_line``); in DATA it hands everything to the DATA
+reader (``take``); while the core waits for the server it only holds input, up to
+``Policy.max_pending`` (the connection checks that bound, it knows the state).
+
+A command line ends with CRLF. A line longer than ``Policy.max_line`` is dropped up to its
+LF and reported once (``TOO_LONG``): the part after the limit must never be read as a
+command. A LF without CR is refused (``BARE_LF``; the connection closes) unless the policy
+normalizes bare LF, like Postfix 3.9's ``smtpd_forbid_bare_newline``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class LineError(enum.Enum):
+    """Why ``next_line`` returned no line although one ended."""
+
+    TOO_LONG = "too-long"  # over max_line, dropped
+    BARE_LF = "bare-lf"  # ended with LF alone and the policy refuses that
+
+
+class InputBuffer:
+    """Bytes the client sent that the core has not consumed yet."""
+
+    def __init__(self, max_line: int) -> None:
+        self._buf = bytearray()
+        self._max_line = max_line
+        self.discarding = False  # inside an over-long line, until its LF
+        self.last_crlf = True  # the last line ended with CRLF, not a bare LF
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def __iadd__(self, data: bytes) -> InputBuffer:
+        self._buf += data
+        return self
+
+    def clear(self) -> None:
+        """Forget everything buffered (STARTTLS, close, the handshake)."""
+        self._buf.clear()
+
+    def take(self) -> bytes:
+        """Everything buffered, removed from the buffer."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def next_line(self, *, bare_lf: bool) -> bytes | LineError | None:
+        """The next line without its line end, a ``LineError``, or None until a LF."""
+        buf = self._buf
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > self._max_line:
+                buf.clear()
+                self.discarding = True
+            return None
+        line = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        if self.discarding or len(line) > self._max_line:
+            self.discarding = False
+            return LineError.TOO_LONG
+        if line.endswith(b"\r\n"):
+            self.last_crlf = True
+            return line[:-2]
+        if bare_lf:
+            self.last_crlf = False
+            return line[:-1]
+        return LineError.BARE_LF
