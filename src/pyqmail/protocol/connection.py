@@ -60,6 +60,7 @@ from pyqmail.protocol.events import (
     Send,
     StartTLS,
     TLSInfo,
+    coalesce,
 )
 from pyqmail.protocol.lines import InputBuffer, LineError
 from pyqmail.protocol.received import protocol_name, received_header
@@ -199,7 +200,7 @@ class SMTPConnection:
         self._enter(State.GREETED)
         self._reply(out, f"220 {self.policy.greeting}")
         self._run(out)
-        return _coalesce(out)
+        return coalesce(out)
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes read from the client; returns what to do about them."""
@@ -217,12 +218,12 @@ class SMTPConnection:
         if mode is Input.DATA and not self._inbuf:
             rest = self._feed_data(data, out)
             if rest is None:
-                return _coalesce(out)
+                return coalesce(out)
             self._inbuf += rest
         else:
             self._inbuf += data
         self._run(out)
-        return _coalesce(out)
+        return coalesce(out)
 
     def auth_result(self, user: str | None, *, temporary: bool = False) -> list[Event]:
         """The verdict on the last AuthRequest: the canonical user name, or None; with
@@ -239,7 +240,7 @@ class SMTPConnection:
             self._auth_failures += 1
             self._error(out, sasl.REPLY_AUTH_FAILED)
         self._run(out)
-        return _coalesce(out)
+        return coalesce(out)
 
     def message_queued(self, queue_id: str) -> list[Event]:
         """The message after the last MessageEnd is on stable storage."""
@@ -252,7 +253,7 @@ class SMTPConnection:
         self._enter(State.READY)
         self._reply(out, f"250 2.0.0 Ok: queued as {queue_id}")
         self._run(out)
-        return _coalesce(out)
+        return coalesce(out)
 
     def message_failed(self, reply: str = REPLY_QUEUE_FAILED) -> list[Event]:
         """The commit failed: nothing was queued. ``reply`` is one 4xx/5xx reply line."""
@@ -264,7 +265,7 @@ class SMTPConnection:
         self._enter(State.READY)
         self._reply(out, reply)
         self._run(out)
-        return _coalesce(out)
+        return coalesce(out)
 
     def tls_started(self, info: TLSInfo) -> list[Event]:
         """The handshake after StartTLS succeeded: forget everything (RFC 3207 4.2)."""
@@ -597,18 +598,10 @@ class SMTPConnection:
         if self.auth_user is not None:
             self._error(out, "503 5.5.1 Error: already authenticated")
             return
-        words = arg.split(" ")
-        mech = words[0].upper()
-        if not mech or len(words) > 2:
-            self._error(out, "501 5.5.4 Syntax: AUTH mechanism [initial-response]")
-            return
-        if mech not in self.policy.auth_mechanisms:
-            self._error(out, "504 5.5.4 Error: unsupported authentication mechanism")
-            return
-        initial = words[1] if len(words) == 2 else None
-        exchange = sasl.EXCHANGES[mech](self.policy)
-        if initial is not None and not exchange.takes_initial:
-            self._error(out, f"501 5.5.4 Error: {mech} takes no initial response")
+        try:
+            exchange, initial = sasl.open_exchange(arg, self.policy)
+        except sasl.AuthCommandError as exc:
+            self._error(out, exc.reply)
             return
         self._sasl_step(exchange, exchange.begin(initial), out)
 
@@ -634,20 +627,6 @@ class SMTPConnection:
                 self._auth_failures += 1
             self._error(out, step.reply)
             out.append(step.event)
-
-
-def _coalesce(events: list[Event]) -> list[Event]:
-    """Merge adjacent Sends so a pipelined group's replies leave in one write."""
-    if len(events) < 2:
-        return events
-    merged: list[Event] = []
-    for event in events:
-        last = merged[-1] if merged else None
-        if isinstance(event, Send) and isinstance(last, Send):
-            merged[-1] = Send(last.data + event.data)
-        else:
-            merged.append(event)
-    return merged
 
 
 _Handler = Callable[[SMTPConnection, str, list[Event]], None]

@@ -29,6 +29,14 @@ _BAD_BASE64 = "501 5.5.2 Error: cannot decode response"
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}")
 
 
+class AuthCommandError(ValueError):
+    """The AUTH command itself is refused; carries the complete reply line."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge:
     """Send ``334 <base64 of text>``; the client's next line goes to the same exchange."""
@@ -191,3 +199,19 @@ class CramMD5(Exchange):
 
 #: The exchange class for each mechanism (``events.KNOWN_MECHANISMS`` names the same set).
 EXCHANGES: dict[str, type[Exchange]] = {cls.mechanism: cls for cls in (Plain, Login, CramMD5)}
+
+
+def open_exchange(arg: str, policy: Policy) -> tuple[Exchange, str | None]:
+    """AUTH's argument (``mechanism [initial-response]``) -> the exchange and the initial
+    response; AuthCommandError for bad syntax or a mechanism this session does not offer."""
+    words = arg.split(" ")
+    mech = words[0].upper()
+    if not mech or len(words) > 2:
+        raise AuthCommandError("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+    if mech not in policy.auth_mechanisms:
+        raise AuthCommandError("504 5.5.4 Error: unsupported authentication mechanism")
+    initial = words[1] if len(words) == 2 else None
+    exchange = EXCHANGES[mech](policy)
+    if initial is not None and not exchange.takes_initial:
+        raise AuthCommandError(f"501 5.5.4 Error: {mech} takes no initial response")
+    return exchange, initial
