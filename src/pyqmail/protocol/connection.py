@@ -18,22 +18,9 @@ waits (AuthRequest, MessageEnd, StartTLS) the server should stop reading (``paus
 input that still arrives is buffered up to ``Policy.max_pending`` (plaintext after STARTTLS
 is discarded instead).
 
-Where things live: the states, the transition table and which command may run in which state
-are in ``states`` (its two written rules say why); every state change goes through
-``SMTPConnection._enter``. Input is read by the framing the state chooses (``states.INPUT``):
-command lines here, SASL lines by the exchange in progress (``sasl``), message content by the
-DATA reader (``data``, which documents the framing and content limits). The Received header
-is built in ``received``, paths and parameters parsed in ``address``, HELO names judged in
-``helo``.
-
-Pipelining (RFC 2920, Postfix 3.9 ``smtpd_forbid_unauth_pipelining``): input that arrives
-before the greeting (the server delays ``start`` by its greeting pause, control/greetdelay),
-or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
-EXPN or HELP, or behind any command before EHLO advertised PIPELINING, is a protocol
-synchronization error: ``554 5.5.0`` and close. STARTTLS is the exception: what follows it
-in the same read is discarded (RFC 3207, CVE-2011-0411), and the client gets its 220.
-Because this check looks at what one ``receive`` call delivered together, replies depend on
-how input is split only when ``Policy.reject_unauth_pipelining`` is on.
+The states, the transition table and which command and reader run in which state are in
+``states``; every state change goes through ``SMTPConnection._enter``. The package docstring
+says which module owns each other part (DATA reader, SASL, Received header, envelope).
 """
 
 from __future__ import annotations
@@ -62,7 +49,7 @@ from pyqmail.protocol.events import (
     TLSInfo,
     coalesce,
 )
-from pyqmail.protocol.lines import InputBuffer, LineError
+from pyqmail.protocol.lines import InputBuffer, LineError, out_of_sync
 from pyqmail.protocol.received import protocol_name, received_header
 from pyqmail.protocol.states import (
     ALLOWED,
@@ -108,8 +95,6 @@ REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again lat
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Error: line too long"
 
-#: RFC 2920 section 3.1 (+ HELO, HELP): must be the last command of a pipelined group.
-_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HELP", "TURN"})
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 #: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
 #: Policy.max_junk each one counts as an error. A repeated HELO/EHLO or RCPT (same
@@ -248,7 +233,7 @@ class SMTPConnection:
         if not _QUEUE_ID.match(queue_id):
             raise ProtocolUsageError(f"queue id must be printable ASCII: {queue_id!r}")
         out: list[Event] = []
-        self._reset_transaction()
+        self._tx = None
         self._junk = 0  # Postfix: "reset after mail is delivered"
         self._enter(State.READY)
         self._reply(out, f"250 2.0.0 Ok: queued as {queue_id}")
@@ -261,7 +246,7 @@ class SMTPConnection:
         if not _REPLY.match(reply) or reply[0] not in "45":
             raise ProtocolUsageError(f"not a 4xx/5xx SMTP reply line: {reply!r}")
         out: list[Event] = []
-        self._reset_transaction()
+        self._tx = None
         self._enter(State.READY)
         self._reply(out, reply)
         self._run(out)
@@ -277,7 +262,7 @@ class SMTPConnection:
         self._helo = None
         self._esmtp = False
         self.auth_user = None
-        self._reset_transaction()
+        self._tx = None
         self._enter(State.GREETED)
         return []
 
@@ -336,9 +321,6 @@ class SMTPConnection:
 
     def _shutdown_reply(self) -> str:
         return f"421 4.3.2 {self.policy.hostname} Service shutting down, closing channel"
-
-    def _reset_transaction(self) -> None:
-        self._tx = None
 
     def _run(self, out: list[Event]) -> None:
         """Process buffered input until it runs out or the core must wait; the state
@@ -399,12 +381,11 @@ class SMTPConnection:
         if handler is None:
             self._error(out, "502 5.5.2 Error: command not recognized")
             return
-        if self.policy.reject_unauth_pipelining and self._inbuf and verb != "QUIT":
-            if verb == "STARTTLS":
-                pass  # its pipelined tail is discarded below, never executed
-            elif verb in _LAST_IN_GROUP or not self._esmtp:
-                self._close(out, REPLY_SYNC)
-                return
+        if self.policy.reject_unauth_pipelining and out_of_sync(
+            verb, buffered=bool(self._inbuf), esmtp=self._esmtp
+        ):
+            self._close(out, REPLY_SYNC)
+            return
         if self._state not in ALLOWED[verb]:
             tx = self._tx
             if verb == "DATA" and self._state is State.MAIL and tx and tx.rcpt_attempted:
@@ -441,7 +422,7 @@ class SMTPConnection:
             return
         if self._helo is not None:
             self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
-        self._reset_transaction()
+        self._tx = None
         self._helo = name
         self._esmtp = esmtp
         self._enter(State.READY)
@@ -540,7 +521,7 @@ class SMTPConnection:
             self._close(out, step.reply)
             return None
         if reader.refused is not None:
-            self._reset_transaction()
+            self._tx = None
             self._enter(State.READY)
             self._error(out, reader.refused)
         else:
@@ -550,7 +531,7 @@ class SMTPConnection:
         return step.rest
 
     def _cmd_rset(self, _arg: str, out: list[Event]) -> None:
-        self._reset_transaction()
+        self._tx = None
         if self._state in (State.MAIL, State.RCPT):
             self._enter(State.READY)
         self._reply(out, "250 2.0.0 Ok")
@@ -630,21 +611,12 @@ class SMTPConnection:
 
 
 _Handler = Callable[[SMTPConnection, str, list[Event]], None]
+#: Commands the core knows but does not implement (they get 502 in the states they may run).
+_NOT_IMPLEMENTED = frozenset({"EXPN", "BDAT", "ETRN", "TURN"})
+#: Every command in the state table has its handler, ``_cmd_<verb>``.
 _HANDLERS: dict[str, _Handler] = {
-    "HELO": SMTPConnection._cmd_helo,
-    "EHLO": SMTPConnection._cmd_ehlo,
-    "MAIL": SMTPConnection._cmd_mail,
-    "RCPT": SMTPConnection._cmd_rcpt,
-    "DATA": SMTPConnection._cmd_data,
-    "RSET": SMTPConnection._cmd_rset,
-    "NOOP": SMTPConnection._cmd_noop,
-    "QUIT": SMTPConnection._cmd_quit,
-    "VRFY": SMTPConnection._cmd_vrfy,
-    "HELP": SMTPConnection._cmd_help,
-    "STARTTLS": SMTPConnection._cmd_starttls,
-    "AUTH": SMTPConnection._cmd_auth,
-    "EXPN": SMTPConnection._cmd_not_implemented,
-    "BDAT": SMTPConnection._cmd_not_implemented,
-    "ETRN": SMTPConnection._cmd_not_implemented,
-    "TURN": SMTPConnection._cmd_not_implemented,
+    verb: SMTPConnection._cmd_not_implemented
+    if verb in _NOT_IMPLEMENTED
+    else getattr(SMTPConnection, f"_cmd_{verb.lower()}")
+    for verb in ALLOWED
 }

@@ -9,11 +9,32 @@ A command line ends with CRLF. A line longer than ``Policy.max_line`` is dropped
 LF and reported once (``TOO_LONG``): the part after the limit must never be read as a
 command. A LF without CR is refused (``BARE_LF``; the connection closes) unless the policy
 normalizes bare LF, like Postfix 3.9's ``smtpd_forbid_bare_newline``.
+
+Pipelining (RFC 2920, Postfix 3.9 ``smtpd_forbid_unauth_pipelining``): input that arrives
+before the greeting (the server delays ``start`` by its greeting pause, control/greetdelay),
+or more input already buffered behind HELO, EHLO, DATA, NOOP, VRFY,
+EXPN or HELP, or behind any command before EHLO advertised PIPELINING, is a protocol
+synchronization error: ``554 5.5.0`` and close. STARTTLS is the exception: what follows it
+in the same read is discarded (RFC 3207, CVE-2011-0411), and the client gets its 220.
+Because this check looks at what one ``receive`` call delivered together, replies depend on
+how input is split only when ``Policy.reject_unauth_pipelining`` is on.
 """
 
 from __future__ import annotations
 
 import enum
+
+#: RFC 2920 section 3.1 (+ HELO, HELP): must be the last command of a pipelined group.
+_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HELP", "TURN"})
+
+
+def out_of_sync(verb: str, *, buffered: bool, esmtp: bool) -> bool:
+    """A pipelining violation: ``verb`` has input behind it although it must end its group,
+    or the client pipelines before EHLO advertised PIPELINING. QUIT never is (the session
+    ends anyway); STARTTLS never is (its pipelined tail is discarded, never executed)."""
+    if not buffered or verb in ("QUIT", "STARTTLS"):
+        return False
+    return verb in _LAST_IN_GROUP or not esmtp
 
 
 class LineError(enum.Enum):
