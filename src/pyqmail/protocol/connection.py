@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pyqmail.protocol import helo as protocol_helo
 from pyqmail.protocol import sasl
 from pyqmail.protocol.address import AddressError
+from pyqmail.protocol.client import Client
 from pyqmail.protocol.data import Broken, DataReader
 from pyqmail.protocol.envelope import Transaction, parse_mail, parse_rcpt
 from pyqmail.protocol.events import (
@@ -116,12 +117,7 @@ class SMTPConnection:
         self.policy = policy
         self._inbuf = InputBuffer(policy.max_line)
         self._pregreet = False
-        self._tls: TLSInfo | None = policy.tls_info
-        self._tls_active = policy.tls_active
-        self._client_cert_relay = bool(policy.tls_info and policy.tls_info.client_cert_relay)
-        self._helo: str | None = None
-        self._esmtp = False
-        self.auth_user: str | None = None
+        self._client = Client.connected(policy)
         self._errors = 0
         self._junk = 0  # junk commands since the last queued message (Policy.max_junk)
         self._auth_failures = 0
@@ -151,12 +147,17 @@ class SMTPConnection:
     @property
     def helo(self) -> str | None:
         """The HELO/EHLO name of the current TLS state (None before it, and after STARTTLS)."""
-        return self._helo
+        return self._client.helo
 
     @property
     def tls(self) -> TLSInfo | None:
         """The handshake the session runs under, if the server reported one."""
-        return self._tls
+        return self._client.tls
+
+    @property
+    def auth_user(self) -> str | None:
+        """The AUTH login of the current TLS state, if any."""
+        return self._client.auth_user
 
     # ----- the state -------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class SMTPConnection:
         if temporary:
             self._reply(out, REPLY_AUTH_TEMPFAIL)
         elif user is not None and sasl.valid_username(user):
-            self.auth_user = user
+            self._client.auth_user = user
             self._reply(out, "235 2.7.0 Authentication successful")
         else:
             self._auth_failures += 1
@@ -256,12 +257,7 @@ class SMTPConnection:
         """The handshake after StartTLS succeeded: forget everything (RFC 3207 4.2)."""
         self._require(State.WAIT_TLS, "tls_started")
         self._inbuf.clear()
-        self._tls = info
-        self._tls_active = True
-        self._client_cert_relay = info.client_cert_relay
-        self._helo = None
-        self._esmtp = False
-        self.auth_user = None
+        self._client = Client.after_starttls(info)
         self._tx = None
         self._enter(State.GREETED)
         return []
@@ -382,7 +378,7 @@ class SMTPConnection:
             self._error(out, "502 5.5.2 Error: command not recognized")
             return
         if self.policy.reject_unauth_pipelining and out_of_sync(
-            verb, buffered=bool(self._inbuf), esmtp=self._esmtp
+            verb, buffered=bool(self._inbuf), esmtp=self._client.esmtp
         ):
             self._close(out, REPLY_SYNC)
             return
@@ -420,28 +416,27 @@ class SMTPConnection:
             self.policy.notice("helo-refused", f"{verb} {name[: protocol_helo.MAX_HELO]!r}: {why}")
             self._error(out, f"501 5.5.4 Error: invalid {verb} hostname")
             return
-        if self._helo is not None:
+        if self._client.helo is not None:
             self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
         self._tx = None
-        self._helo = name
-        self._esmtp = esmtp
+        self._client.helo = name
+        self._client.esmtp = esmtp
         self._enter(State.READY)
         if esmtp:
-            out.append(Send(protocol_helo.ehlo_reply(self.policy, tls_active=self._tls_active)))
+            out.append(
+                Send(protocol_helo.ehlo_reply(self.policy, tls_active=self._client.tls_active))
+            )
         else:
             self._reply(out, f"250 {self.policy.hostname}")
 
     def _cmd_ehlo(self, arg: str, out: list[Event]) -> None:
         self._cmd_helo(arg, out, esmtp=True)
 
-    def _may_relay(self) -> bool:
-        return self.policy.relay_client or self.auth_user is not None or self._client_cert_relay
-
     def _cmd_mail(self, arg: str, out: list[Event]) -> None:
-        if self.policy.force_tls and not self._tls_active:
+        if self.policy.force_tls and not self._client.tls_active:
             self._error(out, REPLY_NEED_TLS)
             return
-        if self.policy.auth_required and not self._may_relay():
+        if self.policy.auth_required and not self._client.may_relay(self.policy):
             self._error(out, "530 5.7.0 Authentication required")
             return
         try:
@@ -459,7 +454,9 @@ class SMTPConnection:
         limit = self.policy.maxrcpt or self.policy.hard_max_recipients
         limit = min(limit, self.policy.hard_max_recipients)
         try:
-            box = parse_rcpt(arg, self.policy, utf8=tx.utf8, may_relay=self._may_relay())
+            box = parse_rcpt(
+                arg, self.policy, utf8=tx.utf8, may_relay=self._client.may_relay(self.policy)
+            )
         except AddressError as exc:
             self._error(out, exc.reply)
             return
@@ -482,27 +479,18 @@ class SMTPConnection:
         if tx is None:  # unreachable by the state table; keeps mypy honest
             self._error(out, REPLY_NEED_MAIL)
             return
-        tls_active = self._tls_active
-        protocol = protocol_name(
-            esmtp=self._esmtp, utf8=tx.utf8, tls=tls_active, auth=bool(self.auth_user)
-        )
+        client = self._client
+        protocol = protocol_name(client, utf8=tx.utf8)
         start = MessageStart(
             sender=tx.sender.address,
             recipients=tuple(tx.recipients),
             params=dict(tx.params),
-            helo=self._helo or "",
-            auth_user=self.auth_user,
-            tls=self._tls if tls_active else None,
+            helo=client.helo or "",
+            auth_user=client.auth_user,
+            tls=client.tls if client.tls_active else None,
             protocol=protocol,
         )
-        header = received_header(
-            self.policy,
-            helo=self._helo or "",
-            tls_active=tls_active,
-            tls=self._tls,
-            auth_user=self.auth_user,
-            protocol=protocol,
-        )
+        header = received_header(self.policy, client, protocol)
         self._enter(State.DATA)
         # DATA's own CRLF starts the end marker
         self._data = DataReader(self.policy, after_crlf=self._inbuf.last_crlf, size=len(header))
@@ -555,7 +543,7 @@ class SMTPConnection:
         self._error(out, "502 5.5.1 Error: command not implemented")
 
     def _cmd_starttls(self, _arg: str, out: list[Event]) -> None:
-        if self._tls_active:
+        if self._client.tls_active:
             self._error(out, "503 5.5.1 Error: TLS already active")
             return
         if not self.policy.starttls_available:
@@ -573,10 +561,10 @@ class SMTPConnection:
         if not self.policy.auth_mechanisms:
             self._error(out, "503 5.5.1 Error: authentication not enabled")
             return
-        if self.policy.force_tls and not self._tls_active:
+        if self.policy.force_tls and not self._client.tls_active:
             self._error(out, REPLY_NEED_TLS)
             return
-        if self.auth_user is not None:
+        if self._client.auth_user is not None:
             self._error(out, "503 5.5.1 Error: already authenticated")
             return
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from pyqmail.protocol.client import Client
 from pyqmail.protocol.events import Policy, TLSInfo
 from pyqmail.protocol.helo import MAX_HELO
 from pyqmail.protocol.sasl import MAX_USERNAME
@@ -19,31 +20,25 @@ from pyqmail.protocol.sasl import MAX_USERNAME
 _date_cache: tuple[int, str] = (-1, "")
 
 
-def protocol_name(*, esmtp: bool, utf8: bool, tls: bool, auth: bool) -> str:
-    """The RFC 3848 / 6531 ``with`` keyword of a session."""
-    if not esmtp:
+def protocol_name(client: Client, *, utf8: bool) -> str:
+    """The RFC 3848 / 6531 ``with`` keyword of a session (``utf8``: the transaction's)."""
+    if not client.esmtp:
         return "SMTP"
     name = "UTF8SMTP" if utf8 else "ESMTP"
-    return name + ("S" if tls else "") + ("A" if auth else "")
+    return name + ("S" if client.tls_active else "") + ("A" if client.auth_user else "")
 
 
-def received_header(
-    policy: Policy,
-    *,
-    helo: str,
-    tls_active: bool,
-    tls: TLSInfo | None,
-    auth_user: str | None,
-    protocol: str,
-) -> bytes:
+def received_header(policy: Policy, client: Client, protocol: str) -> bytes:
     """The header, CRLF-terminated. A TLS session whose details the server did not pass
     (``Policy.tls_active`` without ``tls_info``) is noted as ``(using TLS)``."""
     host = _printable(policy.client_host, 255) if policy.client_host else "unknown"
-    lines = [f"Received: from {_printable(helo, MAX_HELO)} ({host} [{policy.client_ip}])"]
-    if tls_active:
+    helo = _printable(client.helo or "", MAX_HELO)
+    lines = [f"Received: from {helo} ({host} [{policy.client_ip}])"]
+    if client.tls_active:
+        tls = client.tls
         lines.append(tls_comment(tls) if tls is not None else "\t(using TLS)")
-    if auth_user and policy.auth_header:
-        lines.append(f"\t(authenticated user: {_printable(auth_user, MAX_USERNAME)})")
+    if client.auth_user and policy.auth_header:
+        lines.append(f"\t(authenticated user: {_printable(client.auth_user, MAX_USERNAME)})")
     lines.append(f"\tby {policy.hostname} (pyqmail) with {protocol};")
     lines.append(f"\t{_rfc5322_date(policy.clock())}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
