@@ -90,6 +90,7 @@ __all__ = [
 _REPLY = re.compile(r"[2345]\d\d(?: [\x20-\x7e]*)?\Z")
 _QUEUE_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
 
+REPLY_HELP = "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
 REPLY_SYNC = "554 5.5.0 Error: SMTP protocol synchronization"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
@@ -342,7 +343,8 @@ class SMTPConnection:
                 self._close(out, f"550 5.5.2 {self.policy.hostname} Error: bare <LF> received")
                 return
             if mode is Input.SASL:
-                exchange = self._exchange()
+                exchange = self._sasl
+                assert exchange is not None  # noqa: S101 - set on entering AUTH_INPUT
                 step: sasl.Step
                 if line is LineError.TOO_LONG:
                     step = exchange.rejected(REPLY_LINE_TOO_LONG, "too-long")
@@ -406,15 +408,10 @@ class SMTPConnection:
             self._errors += 1
 
     def _cmd_helo(self, arg: str, out: list[Event], *, esmtp: bool = False) -> None:
-        name = arg.strip(" ")
-        verb = "EHLO" if esmtp else "HELO"
-        if not name:
-            self._error(out, f"501 5.5.4 Syntax: {verb} hostname")
-            return
-        why = protocol_helo.refusal(name)
-        if why is not None:
-            self.policy.notice("helo-refused", f"{verb} {name[: protocol_helo.MAX_HELO]!r}: {why}")
-            self._error(out, f"501 5.5.4 Error: invalid {verb} hostname")
+        try:
+            name = protocol_helo.parse_helo(arg, self.policy, esmtp=esmtp)
+        except protocol_helo.HeloError as exc:
+            self._error(out, exc.reply)
             return
         if self._client.helo is not None:
             self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
@@ -513,9 +510,8 @@ class SMTPConnection:
             self._enter(State.READY)
             self._error(out, reader.refused)
         else:
-            end: MessageEnd = reader.end()
             self._enter(State.WAIT_QUEUE)
-            out.append(end)
+            out.append(reader.end())
         return step.rest
 
     def _cmd_rset(self, _arg: str, out: list[Event]) -> None:
@@ -534,10 +530,7 @@ class SMTPConnection:
         self._reply(out, "252 2.0.0 Send some mail, I'll try my best")
 
     def _cmd_help(self, _arg: str, out: list[Event]) -> None:
-        self._reply(
-            out,
-            "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-        )
+        self._reply(out, REPLY_HELP)
 
     def _cmd_not_implemented(self, _arg: str, out: list[Event]) -> None:
         self._error(out, "502 5.5.1 Error: command not implemented")
@@ -573,12 +566,6 @@ class SMTPConnection:
             self._error(out, exc.reply)
             return
         self._sasl_step(exchange, exchange.begin(initial), out)
-
-    def _exchange(self) -> sasl.Exchange:
-        """The SASL exchange in progress (there is one whenever the state is AUTH_INPUT)."""
-        exchange = self._sasl
-        assert exchange is not None  # noqa: S101 - set on entering AUTH_INPUT
-        return exchange
 
     def _sasl_step(self, exchange: sasl.Exchange, step: sasl.Step, out: list[Event]) -> None:
         """Turn what the exchange decided into a state change, a reply and events."""

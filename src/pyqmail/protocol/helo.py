@@ -16,6 +16,7 @@ Everything else is refused with ``501 5.5.4``: comment or header delimiters
 A-labels), empty labels, over-long labels or names, general address literals with other
 tags. ``refusal`` returns a short reason for the log, never the reply text.
 
+``parse_helo`` applies this to the command and logs a refusal through ``Policy.notice``;
 ``ehlo_reply`` is the answer to an accepted EHLO: the extensions this session may use.
 """
 
@@ -28,6 +29,14 @@ from pyqmail.protocol.events import Policy
 
 MAX_HELO = 255
 _NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
+
+
+class HeloError(ValueError):
+    """A HELO/EHLO argument refused; carries the complete reply line."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 def _literal_refusal(inner: str) -> str | None:
@@ -65,6 +74,20 @@ def refusal(name: str) -> str | None:
     if _NAME.match(name) is None:
         return "not a host name or address literal"
     return None
+
+
+def parse_helo(arg: str, policy: Policy, *, esmtp: bool) -> str:
+    """The name HELO/EHLO gave (blanks around it stripped), or HeloError. A refused name
+    is logged (``helo-refused``) with the reason; the client only hears ``501``."""
+    name = arg.strip(" ")
+    verb = "EHLO" if esmtp else "HELO"
+    if not name:
+        raise HeloError(f"501 5.5.4 Syntax: {verb} hostname")
+    why = refusal(name)
+    if why is not None:
+        policy.notice("helo-refused", f"{verb} {name[:MAX_HELO]!r}: {why}")
+        raise HeloError(f"501 5.5.4 Error: invalid {verb} hostname")
+    return name
 
 
 def ehlo_reply(policy: Policy, *, tls_active: bool) -> bytes:
