@@ -20,7 +20,9 @@ is discarded instead).
 
 The states, the transition table and which command and reader run in which state are in
 ``states``; every state change goes through ``SMTPConnection._enter``. The package docstring
-says which module owns each other part (DATA reader, SASL, Received header, envelope).
+says which module owns each other part: input framing and pipelining rules (``lines``), the
+DATA reader (``data``), SASL (``sasl``), MAIL/RCPT decisions (``envelope``), the client's
+identity (``client``), the Received header (``received``).
 """
 
 from __future__ import annotations
