@@ -30,6 +30,7 @@ from pyqmail.protocol import (
 )
 from pyqmail.protocol import sasl as protocol_sasl
 from pyqmail.protocol.states import INITIAL, INPUT, TRANSITIONS
+from tests.core_buffers import held_bytes
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "pyqmail" / "protocol"
 STATE_ATTRIBUTES = frozenset({"state", "_state"})
@@ -274,3 +275,18 @@ def test_closing_twice_stays_inside_the_table(
     assert call(conn) == []
     assert conn.connection_lost() == []
     assert conn.closed
+
+
+def test_the_memory_measure_sees_every_buffer() -> None:
+    """tests/core_buffers.held_bytes replaces the removed ``buffered`` property: it must see
+    the input buffer, the DATA reader's held-back end-marker prefix and its header copy."""
+    conn = SMTPConnection(policy())
+    conn.start()
+    conn.receive(b"x" * 100)  # a command line without its end
+    assert held_bytes(conn) == 100
+    conn = SMTPConnection(policy())
+    conn.start()
+    _feed(conn, *TX, "DATA")
+    assert held_bytes(conn) == 0
+    conn.receive(b"Subject: x\r\n")  # held: the CRLF (may start the end marker) + header copy
+    assert held_bytes(conn) == len(b"\r\n") + len(b"Subject: x")
