@@ -181,14 +181,23 @@ def _state_writes(tree: ast.AST) -> Iterator[str | None]:
             targets = node.targets
         elif isinstance(node, ast.AugAssign | ast.AnnAssign):
             targets = [node.target]
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+        elif isinstance(node, ast.Call) and (
+            getattr(node.func, "id", None) == "setattr"
+            or getattr(node.func, "attr", None) == "__setattr__"
+        ):
             yield f"setattr in {owner.get(node)}"  # any setattr in the core is suspect
         for target in targets:
-            if any(
-                isinstance(sub, ast.Attribute) and sub.attr in STATE_ATTRIBUTES
-                for sub in ast.walk(target)
-            ):
+            if any(_names_state(sub) for sub in ast.walk(target)):
                 yield owner.get(node)
+
+
+def _names_state(node: ast.AST) -> bool:
+    """``x.state``/``x._state``, or a subscript with that key (``vars(x)["_state"]``)."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in STATE_ATTRIBUTES
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        return node.slice.value in STATE_ATTRIBUTES
+    return False
 
 
 def test_only_enter_assigns_the_state() -> None:
