@@ -2,13 +2,19 @@
 
 Found by walking the connection's objects (the connection, its readers, anything else of
 ``pyqmail.protocol``) and adding up every ``bytes``/``bytearray`` they hold, so a buffer
-added to the core later is counted without anyone remembering to count it. Objects of other
-packages (``pyqmail.headers.HopCounter``, constant memory by its own tests) are not entered.
+added to the core later is counted without anyone remembering to count it. Not entered:
+objects of other packages (``pyqmail.headers.HopCounter``, constant memory by its own
+tests), enum members, and the server's settings (``Policy``, ``TLSInfo``: frozen, given).
 """
 
 from __future__ import annotations
 
+import enum
+
+from pyqmail.protocol import Policy, TLSInfo
+
 _PACKAGE = "pyqmail.protocol"
+_NOT_ENTERED = (enum.Enum, Policy, TLSInfo)
 
 
 def held_bytes(root: object) -> int:
@@ -24,7 +30,9 @@ def held_bytes(root: object) -> int:
         for value in _attributes(obj):
             if isinstance(value, bytes | bytearray | memoryview):
                 total += len(value)
-            elif type(value).__module__.startswith(_PACKAGE):
+            elif type(value).__module__.startswith(_PACKAGE) and not isinstance(
+                value, _NOT_ENTERED
+            ):
                 stack.append(value)
     return total
 
