@@ -381,8 +381,10 @@ class SMTPConnection:
         if handler is None:
             self._error(out, "502 5.5.2 Error: command not recognized")
             return
-        if self.policy.reject_unauth_pipelining and out_of_sync(
-            verb, buffered=bool(self._inbuf), esmtp=self._client.esmtp
+        if (
+            self.policy.reject_unauth_pipelining
+            and self._inbuf
+            and out_of_sync(verb, esmtp=self._client.esmtp)
         ):
             self._close(out, REPLY_SYNC)
             return
@@ -491,7 +493,6 @@ class SMTPConnection:
         )
         header = received_header(self.policy, client, protocol)
         self._enter(State.DATA)
-        # DATA's own CRLF starts the end marker
         self._data = DataReader(self.policy, after_crlf=self._inbuf.last_crlf, size=len(header))
         self._reply(out, "354 End data with <CR><LF>.<CR><LF>")
         out.extend((start, MessageData(header)))

@@ -28,11 +28,11 @@ import enum
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN", "HELP", "TURN"})
 
 
-def out_of_sync(verb: str, *, buffered: bool, esmtp: bool) -> bool:
-    """A pipelining violation: ``verb`` has input behind it although it must end its group,
-    or the client pipelines before EHLO advertised PIPELINING. QUIT never is (the session
-    ends anyway); STARTTLS never is (its pipelined tail is discarded, never executed)."""
-    if not buffered or verb in ("QUIT", "STARTTLS"):
+def out_of_sync(verb: str, *, esmtp: bool) -> bool:
+    """Whether input already buffered behind ``verb`` is a pipelining violation: ``verb``
+    must end its group, or the client pipelines before EHLO advertised PIPELINING. Never for
+    QUIT (the session ends anyway) or STARTTLS (its tail is discarded, never executed)."""
+    if verb in ("QUIT", "STARTTLS"):
         return False
     return verb in _LAST_IN_GROUP or not esmtp
 

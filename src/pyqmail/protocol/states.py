@@ -43,6 +43,10 @@ class State(enum.Enum):
     WAIT_TLS = "wait-tls"  # StartTLS out, waiting for tls_started
     CLOSED = "closed"
 
+    # Members are singletons compared by identity, so hashing by identity is consistent;
+    # it runs in C, where Enum's own __hash__ is Python code run on every table lookup.
+    __hash__ = object.__hash__
+
 
 #: Every connection starts here.
 INITIAL = State.CONNECTED
@@ -115,6 +119,8 @@ class Input(enum.Enum):
     COMMAND = "command"  # CRLF lines, each one command
     SASL = "sasl"  # CRLF lines, each one SASL response to the exchange in progress
     DATA = "data"  # message content up to <CR><LF>.<CR><LF>, by the DATA reader
+
+    __hash__ = object.__hash__  # as State's
 
 
 #: The framing chosen by state.
