@@ -172,9 +172,8 @@ class SMTPConnection:
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"SMTP core: no transition {old.value} -> {new.value}")
         self._state = new
-        if new is not State.DATA:
+        if old is not new:  # a reader lives in one state; it is set right after entering it
             self._data = None
-        if new is not State.AUTH_INPUT:
             self._sasl = None
 
     # ----- server entry points ---------------------------------------------------------
@@ -338,7 +337,7 @@ class SMTPConnection:
             if self._shutting_down and not self._inbuf.discarding:
                 self._close(out, self._shutdown_reply())
                 return
-            line = self._inbuf.next_line(bare_lf=self.policy.bare_lf)
+            line = self._inbuf.next_line(bare_lf=self.policy.bare_lf) if self._inbuf else None
             if line is None:
                 return
             if line is LineError.BARE_LF:

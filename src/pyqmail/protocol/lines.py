@@ -44,43 +44,35 @@ class LineError(enum.Enum):
     BARE_LF = "bare-lf"  # ended with LF alone and the policy refuses that
 
 
-class InputBuffer:
-    """Bytes the client sent that the core has not consumed yet."""
+class InputBuffer(bytearray):
+    """Bytes the client sent that the core has not consumed yet.
+
+    A ``bytearray`` itself, so appending, measuring and clearing it (several times per
+    command) stay C calls; only the framing is Python.
+    """
 
     def __init__(self, max_line: int) -> None:
-        self._buf = bytearray()
+        super().__init__()
         self._max_line = max_line
         self.discarding = False  # inside an over-long line, until its LF
         self.last_crlf = True  # the last line ended with CRLF, not a bare LF
 
-    def __len__(self) -> int:
-        return len(self._buf)
-
-    def __iadd__(self, data: bytes) -> InputBuffer:
-        self._buf += data
-        return self
-
-    def clear(self) -> None:
-        """Forget everything buffered (STARTTLS, close, the handshake)."""
-        self._buf.clear()
-
     def take(self) -> bytes:
         """Everything buffered, removed from the buffer."""
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = bytes(self)
+        self.clear()
         return data
 
     def next_line(self, *, bare_lf: bool) -> bytes | LineError | None:
         """The next line without its line end, a ``LineError``, or None until a LF."""
-        buf = self._buf
-        end = buf.find(b"\n")
+        end = self.find(b"\n")
         if end < 0:
-            if len(buf) > self._max_line:
-                buf.clear()
+            if len(self) > self._max_line:
+                self.clear()
                 self.discarding = True
             return None
-        line = bytes(buf[: end + 1])
-        del buf[: end + 1]
+        line = bytes(self[: end + 1])
+        del self[: end + 1]
         if self.discarding or len(line) > self._max_line:
             self.discarding = False
             return LineError.TOO_LONG
