@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pyqmail.protocol.connection import MessageAbort, Policy, SMTPConnection
+from pyqmail.protocol import MessageAbort, Policy, SMTPConnection
 from tests.stress.fuzz import fuzz
 
 

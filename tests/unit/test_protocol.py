@@ -9,7 +9,7 @@ import hmac
 import pytest
 from test_protocol_support import HOST, TLS, Server, in_data, policy, ready
 
-from pyqmail.protocol.connection import (
+from pyqmail.protocol import (
     AuthRejected,
     AuthRequest,
     Close,
@@ -22,6 +22,7 @@ from pyqmail.protocol.connection import (
     State,
     TLSInfo,
 )
+from tests.core_buffers import held_bytes
 
 
 def b64(text: str | bytes) -> str:
@@ -398,12 +399,27 @@ def test_relay_decision(
     assert srv.cmd(f"RCPT TO:<u@{domain}>") == reply
 
 
-def test_client_cert_relay_granted_by_server_call() -> None:
-    srv = ready()
-    srv.cmd("MAIL FROM:<a@example.net>")
-    assert srv.cmd("RCPT TO:<u@elsewhere.test>") == DENY
-    srv.conn.set_client_cert_relay(True)
-    assert srv.cmd("RCPT TO:<u@elsewhere.test>") == "250 2.1.5 Ok"
+def test_client_cert_relay_granted_by_the_starttls_handshake() -> None:
+    """The server grants relaying for a listed client certificate through the TLSInfo it
+    passes to tls_started: denied before the handshake, allowed after it."""
+    pol = policy(starttls_available=True)
+    conn = SMTPConnection(pol)
+    conn.start()
+
+    def cmd(line: str) -> bytes:
+        return b"".join(
+            e.data for e in conn.receive(line.encode() + b"\r\n") if isinstance(e, Send)
+        )
+
+    cmd("EHLO client.example.net")
+    cmd("MAIL FROM:<a@example.net>")
+    assert cmd("RCPT TO:<u@elsewhere.test>") == f"{DENY}\r\n".encode()
+    cmd("RSET")
+    assert cmd("STARTTLS") == b"220 2.0.0 Ready to start TLS\r\n"
+    conn.tls_started(TLSInfo("TLSv1.3", "X", client_cert_relay=True))
+    cmd("EHLO client.example.net")
+    cmd("MAIL FROM:<a@example.net>")
+    assert cmd("RCPT TO:<u@elsewhere.test>") == b"250 2.1.5 Ok\r\n"
 
 
 def test_validrcptto_refuses_unknown_local_users_only() -> None:
@@ -498,7 +514,7 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert conn.receive(b"DATA\r\n") == []  # late plaintext before the handshake: discarded too
     assert conn.tls_started(TLS) == []
     assert conn.state is State.GREETED
-    assert conn.buffered == 0
+    assert held_bytes(conn) == 0
     assert conn.receive(b"MAIL FROM:<a@example.net>\r\n") == [
         Send(b"503 5.5.1 Error: send HELO/EHLO first\r\n")
     ]
@@ -831,7 +847,7 @@ def test_too_many_errors_closes_with_421() -> None:
 def test_command_line_too_long() -> None:
     srv = ready()
     assert srv.send("NOOP " + "x" * 5000 + "\r\n") == ["500 5.5.2 Error: line too long"]
-    assert srv.conn.buffered < 4096 + 1
+    assert held_bytes(srv.conn) < 4096 + 1
     assert srv.cmd("NOOP") == "250 2.0.0 Ok"
 
 
@@ -846,7 +862,7 @@ def test_long_line_in_pieces_stays_bounded() -> None:
     srv = ready()
     for _ in range(100):
         assert srv.send("y" * 1000) == []
-        assert srv.conn.buffered <= 4096
+        assert held_bytes(srv.conn) <= 4096
     assert srv.send("\r\n") == ["500 5.5.2 Error: line too long"]
 
 
@@ -953,7 +969,7 @@ def test_pending_input_is_bounded_while_waiting() -> None:
     assert conn.receive(b"NOOP\r\n" * 1000) == []
     events = conn.receive(b"NOOP\r\n" * 500)
     assert events == [Send(b"421 4.7.0 Error: too much pipelined input\r\n"), Close()]
-    assert conn.buffered == 0
+    assert held_bytes(conn) == 0
 
 
 def test_shutdown_when_idle_and_mid_transaction() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_protocol_support import HOST, TLS, Server, in_data, policy, ready
 
-from pyqmail.protocol.connection import (
+from pyqmail.protocol import (
     Close,
     MessageAbort,
     MessageData,
@@ -14,6 +14,7 @@ from pyqmail.protocol.connection import (
     Send,
     State,
 )
+from tests.core_buffers import held_bytes
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 BARE_LF = f"550 5.5.2 {HOST} Error: bare <LF> received"
@@ -126,7 +127,7 @@ def test_end_marker_split_across_reads_keeps_nothing_extra() -> None:
     events = conn.receive(b"line\r")
     assert events == [MessageData(b"line")]  # a trailing CR may start the end marker: held back
     srv.handle(events)
-    assert conn.buffered <= 4 + 64 * 1024
+    assert held_bytes(conn) <= 4 + 64 * 1024
     srv.handle(conn.receive(b"\n."))
     srv.handle(conn.receive(b"\r"))
     srv.handle(conn.receive(b"\n"))
@@ -141,7 +142,7 @@ def test_data_path_emits_one_chunk_per_read() -> None:
     assert len(chunks) == 1
     # the final CRLF may begin the end marker: it is held until the next read
     assert chunks[0].chunk == (b"a\r\n.b\r\nc\r\n" * 100)[:-2]
-    assert conn.buffered <= 64 * 1024 + 2
+    assert held_bytes(conn) <= 64 * 1024 + 2
 
 
 # ----- size limit ----------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_databytes_exceeded_reads_to_end_then_552() -> None:
     before = len(srv.events)
     for _ in range(1000):  # 1 MB more: nothing buffered, nothing forwarded
         srv.send(b"y" * 998 + b"\r\n")
-        assert conn.buffered < 64 * 1024 + 8
+        assert held_bytes(conn) < 64 * 1024 + 8
     new = srv.events[before:]
     assert [type(e) for e in new] == [MessageAbort]
     assert srv.send(b".\r\n") == ["552 5.3.4 Error: message exceeds fixed size limit"]
@@ -252,7 +253,7 @@ def test_message_id_extraction(content: bytes, message_id: str | None) -> None:
     srv = in_data()
     for i in range(0, len(content), 8192):
         srv.send(content[i : i + 8192])
-        assert srv.conn.buffered <= 64 * 1024 + 8
+        assert held_bytes(srv.conn) <= 64 * 1024 + 8
     srv.send(b"\r\n.\r\n")
     end = srv.messages[0].end
     assert end is not None

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_protocol_support import TLS, check_password, policy
 
-from pyqmail.protocol.connection import (
+from pyqmail.protocol import (
     AuthRejected,
     AuthRequest,
     Close,
@@ -30,6 +30,7 @@ from pyqmail.protocol.connection import (
     SMTPConnection,
     StartTLS,
 )
+from tests.core_buffers import held_bytes
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -102,7 +103,7 @@ class Driver:
         for event in events:
             self.check(event)
         bound = self.pol.max_pending + self.pol.max_line + 64 * 1024 + 8
-        assert self.conn.buffered <= bound
+        assert held_bytes(self.conn) <= bound
 
     def check(self, event: Event) -> None:
         assert not self.closed, f"{event!r} after Close"

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from pyqmail.protocol.connection import (
+from pyqmail.protocol import (
     AuthRejected,
     AuthRequest,
     Close,

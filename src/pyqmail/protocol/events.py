@@ -230,3 +230,17 @@ Event = (
     | MessageAbort
     | Close
 )
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge adjacent Sends so a pipelined group's replies leave in one write."""
+    if len(events) < 2:
+        return events
+    merged: list[Event] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, Send) and isinstance(last, Send):
+            merged[-1] = Send(last.data + event.data)
+        else:
+            merged.append(event)
+    return merged

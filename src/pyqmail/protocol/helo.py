@@ -15,6 +15,9 @@ Everything else is refused with ``501 5.5.4``: comment or header delimiters
 (``( ) ; < > "`` etc.), blanks, control characters, non-ASCII (RFC 6531 keeps EHLO in
 A-labels), empty labels, over-long labels or names, general address literals with other
 tags. ``refusal`` returns a short reason for the log, never the reply text.
+
+``parse_helo`` applies this to the command and logs a refusal through ``Policy.notice``;
+``ehlo_reply`` is the answer to an accepted EHLO: the extensions this session may use.
 """
 
 from __future__ import annotations
@@ -22,8 +25,18 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from pyqmail.protocol.events import Policy
+
 MAX_HELO = 255
 _NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
+
+
+class HeloError(ValueError):
+    """A HELO/EHLO argument refused; carries the complete reply line."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 def _literal_refusal(inner: str) -> str | None:
@@ -61,3 +74,31 @@ def refusal(name: str) -> str | None:
     if _NAME.match(name) is None:
         return "not a host name or address literal"
     return None
+
+
+def parse_helo(arg: str, policy: Policy, *, esmtp: bool) -> str:
+    """The name HELO/EHLO gave (blanks around it stripped), or HeloError. A refused name
+    is logged (``helo-refused``) with the reason; the client only hears ``501``."""
+    name = arg.strip(" ")
+    verb = "EHLO" if esmtp else "HELO"
+    if not name:
+        raise HeloError(f"501 5.5.4 Syntax: {verb} hostname")
+    why = refusal(name)
+    if why is not None:
+        policy.notice("helo-refused", f"{verb} {name[:MAX_HELO]!r}: {why}")
+        raise HeloError(f"501 5.5.4 Error: invalid {verb} hostname")
+    return name
+
+
+def ehlo_reply(policy: Policy, *, tls_active: bool) -> bytes:
+    """The multi-line 250 to EHLO. STARTTLS only before TLS; AUTH only where it may be
+    used (after TLS when ``force_tls``), so no client is invited to send a password in clear."""
+    lines = [policy.hostname, "PIPELINING"]
+    lines.append(f"SIZE {policy.databytes}" if policy.databytes else "SIZE")
+    if policy.starttls_available and not tls_active:
+        lines.append("STARTTLS")
+    if policy.auth_mechanisms and (tls_active or not policy.force_tls):
+        lines.append("AUTH " + " ".join(policy.auth_mechanisms))
+    lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+    text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
+    return text.encode("ascii", "replace")
