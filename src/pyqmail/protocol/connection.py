@@ -37,14 +37,11 @@ from pyqmail.protocol.client import Client
 from pyqmail.protocol.data import Broken, DataReader
 from pyqmail.protocol.envelope import Transaction, parse_mail, parse_rcpt
 from pyqmail.protocol.events import (
-    KNOWN_MECHANISMS,
-    AuthRejected,
     AuthRequest,
     Close,
     Event,
     MessageAbort,
     MessageData,
-    MessageEnd,
     MessageStart,
     Policy,
     Send,
@@ -68,26 +65,7 @@ from pyqmail.protocol.states import (
     TransitionError,
 )
 
-# The events are re-exported so that existing importers of this module (the smtpd server)
-# keep working; new code imports them from ``pyqmail.protocol``.
-__all__ = [
-    "KNOWN_MECHANISMS",
-    "AuthRejected",
-    "AuthRequest",
-    "Close",
-    "Event",
-    "MessageAbort",
-    "MessageData",
-    "MessageEnd",
-    "MessageStart",
-    "Policy",
-    "ProtocolUsageError",
-    "SMTPConnection",
-    "Send",
-    "StartTLS",
-    "State",
-    "TLSInfo",
-]
+__all__ = ["ProtocolUsageError", "SMTPConnection"]
 
 _REPLY = re.compile(r"[2345]\d\d(?: [\x20-\x7e]*)?\Z")
 _QUEUE_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")

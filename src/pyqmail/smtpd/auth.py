@@ -15,7 +15,7 @@ import hmac
 from pyqmail.authdb import AuthDB
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
-from pyqmail.protocol.connection import AuthRequest
+from pyqmail.protocol import AuthRequest
 from pyqmail.smtpd.authguard import AuthGuard, Outcome
 from pyqmail.smtpd.authguard import Settings as AuthSettings
 from pyqmail.smtpd.policy import UsersCache

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from pyqmail.protocol.connection import MessageEnd, MessageStart
+from pyqmail.protocol import MessageEnd, MessageStart
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue

@@ -16,7 +16,7 @@ from pathlib import Path
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
-from pyqmail.protocol.connection import Policy
+from pyqmail.protocol import Policy
 from pyqmail.rules import Decision, Rules, RulesError
 
 

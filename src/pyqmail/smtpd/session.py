@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
-from pyqmail.protocol.connection import (
+from pyqmail.protocol import (
     AuthRejected,
     AuthRequest,
     Close,

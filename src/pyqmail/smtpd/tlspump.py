@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable, Iterable
 
 from pyqmail import tls
-from pyqmail.protocol.connection import TLSInfo
+from pyqmail.protocol import TLSInfo
 
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
 
