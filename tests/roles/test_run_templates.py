@@ -36,6 +36,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, s
         "pyqmail_services__listen_host": "127.0.0.1",
         "pyqmail__smtpd_user": "pyqmaild",
         "pyqmail__send_user": "pyqmails",
+        "pyqmail__remote_user": "pyqmailr",
+        "pyqmail__mailbox_user": "pyqmailv",
         "pyqmail__log_user": "pyqmaill",
         "pyqmail__venv": "/opt/pyqmail",
         "pyqmail__root": "/var/qmail",
@@ -113,4 +115,6 @@ def test_log_run_scripts(rendered: dict[str, tuple[str, str]]) -> None:
             f"# {name} log: timestamped, rotated by size, written as pyqmaill."
         )
         assert log.endswith(f"multilog t s1000000 n10 /var/log/qmail/{name}\n")
-    assert "pyqmail-send --root /var/qmail --user pyqmails" in rendered["qmail-send"][0]
+    send = rendered["qmail-send"][0]
+    assert "pyqmail-send --root /var/qmail --user pyqmails" in send
+    assert "--remote-user pyqmailr --local-user pyqmailv" in send
