@@ -175,9 +175,9 @@ def test_flags_set_over_imap_survive_a_new_delivery(mx: Any, client: Any) -> Non
     assert "\\Seen" in seen["messages"][f"Subject: {first}"]
     assert "\\Flagged" in seen["messages"][f"Subject: {first}"]
     assert "\\Seen" not in seen["messages"][f"Subject: {second}"]
-    # What Dovecot wrote belongs to the delivery user, as what pyqmail-send wrote.
+    # What Dovecot wrote belongs to the mailbox owner, as what pyqmail-send's local child wrote.
     owners = mx.check_output("stat -c '%U:%G' /var/vmail/alice/Maildir/cur/* | sort -u")
-    assert owners.split() == ["pyqmails:pyqmail"], owners
+    assert owners.split() == ["pyqmailv:pyqmailv"], owners
 
 
 def test_993_and_995_same_certificate_and_tls_profile_as_smtp(client: Any) -> None:

@@ -101,4 +101,4 @@ def test_mail_to_postmaster_lands_in_alias_target_maildir(mx: Any, client: Any) 
     assert "Received: from" in content
     assert "Delivered-To:" in content
     owner = mx.file(path.splitlines()[0]).user
-    assert owner == "pyqmails"
+    assert owner == "pyqmailv"  # the mailbox owner: the local delivery child runs as it

@@ -29,6 +29,33 @@ def test_services_run_as_unprivileged_users(mx: Any) -> None:
     assert len(workers) <= 3, owners
 
 
+def test_pyqmail_send_runs_as_three_users(mx: Any) -> None:
+    """Privilege separation: the queue manager, the remote and the local delivery processes
+    each run as their own user, none as root."""
+    lines = mx.check_output("ps -eo user:20,args | grep 'bin/pyqmail-send' | grep -v grep")
+    assert {line.split()[0] for line in lines.splitlines()} == {
+        "pyqmails",
+        "pyqmailr",
+        "pyqmailv",
+    }, lines
+
+
+def test_the_remote_delivery_user_cannot_touch_the_queue_or_the_mailboxes(mx: Any) -> None:
+    """What a compromised SMTP client process could do: nothing to the queue, a mailbox or
+    the control files (it reads only the client certificate it offers)."""
+    as_remote = "setpriv --reuid pyqmailr --regid pyqmailr --init-groups"
+    for target in (
+        "/var/qmail/queue/mess/probe",
+        "/var/qmail/queue/new/probe",
+        "/var/qmail/queue/tmp/probe",
+        "/var/vmail/alice/Maildir/new/probe",
+        "/var/qmail/control/probe",
+    ):
+        r = mx.run(f"{as_remote} sh -c 'echo x > {target}'")
+        assert r.rc != 0 and "Permission denied" in r.stderr, (target, r.stdout, r.stderr)
+    assert mx.run(f"{as_remote} cat /var/qmail/control/smtpusers").rc != 0
+
+
 def test_servercert_key_then_cert_owner_mode(mx: Any) -> None:
     cert = mx.file("/var/qmail/control/servercert.pem")
     assert cert.user == "pyqmaild"

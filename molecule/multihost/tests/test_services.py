@@ -71,7 +71,8 @@ def test_mx2_trusts_mx1_client_certificates(mx1: Any, mx2: Any) -> None:
 def test_mx1_client_certificate_names_it_and_chains_to_its_ca(mx1: Any) -> None:
     path = f"{CONTROL}/clientcert.pem"
     cert = mx1.file(path)
-    assert cert.user == "pyqmails" and cert.mode == 0o400
+    # The manager owns it; the remote delivery child (group pyqmailr) offers it.
+    assert (cert.user, cert.group, cert.mode) == ("pyqmails", "pyqmailr", 0o440)
     markers = [ln for ln in cert.content_string.splitlines() if ln.startswith("-----BEGIN")]
     assert markers[0].endswith("PRIVATE KEY-----") and markers[1] == "-----BEGIN CERTIFICATE-----"
     verify = mx1.run(f"openssl verify -purpose sslclient -CAfile {CA_PATH} {path}")
