@@ -164,7 +164,7 @@ def _wait_child(ctl: socket.socket, pid: int) -> bool:
     pidfd = os.pidfd_open(pid)
     try:
         ready, _, _ = select.select([ctl.fileno(), pidfd], [], [])
-        if pidfd in ready:
+        if ctl.fileno() not in ready:  # the manager first: no new child once it is going
             os.waitpid(pid, 0)
             return True
         # the manager is gone or stopping: the child's socket is closed too, it ends soon
@@ -296,6 +296,9 @@ class Link:
             if not fds:
                 break
             sock = socket.socket(fileno=fds[0])
+            if self.closing:  # a child started as we stopped: let it end at once
+                sock.close()
+                break
             self.pid = int(data) if data.isdigit() else 0
             try:
                 self._serve(sock)
@@ -390,11 +393,13 @@ class Link:
             self.closing = True
             sock = self.sock
             self.cond.notify_all()
+        # The spawner's socket first: a spawner that saw its child end before it saw the
+        # manager go would fork a new child nobody closes (the manager then waited for it).
+        with contextlib.suppress(OSError):
+            self.spawner.ctl.shutdown(socket.SHUT_RDWR)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.spawner.ctl.shutdown(socket.SHUT_RDWR)
         self.thread.join(10) if self.thread.is_alive() else None
         self.spawner.ctl.close()
 
