@@ -183,7 +183,7 @@ def test_password_checks_per_worker_are_bounded(tmp_path: Path) -> None:
 def test_one_client_is_checked_one_at_a_time_across_workers(tmp_path: Path) -> None:
     guards = [authguard.AuthGuard(tmp_path, Settings(concurrency=4)) for _ in range(2)]
     outcomes, peak = run_attempts(guards, ["10.0.0.1"] * 6, 0.05)
-    assert all(o.ok for o in outcomes)
+    assert all(o.ok for o in outcomes), outcomes
     assert peak["one"] == 1, peak
 
 

@@ -66,6 +66,34 @@ POLL = 0.2  # seconds between looks at a lease held elsewhere
 MAX_ROWS = 50_000  # per table; the oldest rows not in force go first
 PRUNE_EVERY = 200  # finished attempts per process between prunes
 BUSY_TIMEOUT_MS = 2000
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """WAL mode and the schema, retried while another process holds the lock.
+
+    Switching to WAL takes the database's exclusive lock and SQLite answers "database is
+    locked" at once instead of calling the busy handler when another connection holds it: the
+    workers of a listener that start together and see their first AUTH together would give
+    a client 454 for nothing. So the set-up waits for its turn, as long as a busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: consistent after a crash
+            db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) in (
+                sqlite3.SQLITE_BUSY,
+                sqlite3.SQLITE_LOCKED,
+            )
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
 STATE_FILE = "smtpd/authstate.sqlite"
 
 T = TypeVar("T")
@@ -151,9 +179,7 @@ class AuthState:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"{self.path}: cannot open the AUTH state: {exc}") from exc
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: consistent after a crash
-            db.executescript(_SCHEMA)
+            _set_up(db)
         except sqlite3.DatabaseError as exc:
             db.close()
             if isinstance(exc, sqlite3.OperationalError):
