@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ import ansible.module_utils
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.roles.playbook import REPO, ansible_env
+
 # module_utils as the preflight action imports it on the controller: ansible.module_utils.*
 if str(REPO / "module_utils") not in ansible.module_utils.__path__:
     ansible.module_utils.__path__.append(str(REPO / "module_utils"))
@@ -285,15 +285,7 @@ def test_all_problems_at_once_and_no_password() -> None:
 
 
 def run_playbook(playbook: str, inventory: Path, *extra: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
-            "ANSIBLE_LOCALHOST_WARNING": "false",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
+    env = ansible_env()
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-playbook")),

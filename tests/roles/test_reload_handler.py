@@ -23,8 +23,8 @@ import pytest
 
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot
+from tests.roles.playbook import REPO, ansible_env
 
-REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parents[1]
 CHECK_TASK = (
     "Validate the daemon and its configuration before signalling it (pyqmail-smtpd --check)"
@@ -112,15 +112,7 @@ def run_play(root: QmailRoot, **more: object) -> dict[str, list[dict[str, Any]]]
         "ansible_python_interpreter": sys.executable,
         **more,
     }
-    env = dict(os.environ)
-    env.update(
-        {
-            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
-            "ANSIBLE_LOCALHOST_WARNING": "false",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
+    env = ansible_env()
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-playbook")),
