@@ -2,7 +2,8 @@
 
 It has one stream socket to the manager (``pyqmail.send.spawn`` made it) and nothing of the
 queue: the manager sends it the control files' contents and each job with the message's
-bytes; it answers each job with the outcome. Many jobs run at once, one thread each.
+bytes; it answers each job with the outcome. Many jobs run at once, one thread each
+(threads are kept for the next job).
 
 Frames (both directions): a 4-byte big-endian length, then the payload. Manager -> child:
 a pickle (the manager is the more privileged side; the child trusts it) of a dict:
@@ -26,9 +27,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -47,28 +50,67 @@ class ChannelClosedError(Exception):
     """The other end closed the socket (or sent a frame that is cut short)."""
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    """Exactly ``size`` bytes, or ChannelClosedError at EOF."""
-    parts: list[bytes] = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
+class FrameReader:
+    """Reads frames from a stream socket through one buffer.
+
+    A frame is a length and a payload; reading them with two ``recv`` calls each cost two
+    system calls per job and per answer. Through a buffer, the frames the other side wrote
+    while this side was busy arrive with one ``recv``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb", buffering=1 << 16)
+
+    def _exact(self, size: int) -> bytes:
+        data: bytes | None = self.file.read(size)
+        if data is None or len(data) < size:
             raise ChannelClosedError
-        parts.append(chunk)
-        size -= len(chunk)
-    return b"".join(parts)
+        return data
 
+    def read(self, limit: int | None = None) -> bytes:
+        """One frame's payload; ChannelClosedError at EOF or when it exceeds ``limit``."""
+        (size,) = HEADER.unpack(self._exact(HEADER.size))
+        if limit is not None and size > limit:
+            raise ChannelClosedError
+        return self._exact(size)
 
-def recv_frame(sock: socket.socket, limit: int | None = None) -> bytes:
-    """One frame's payload; ChannelClosedError at EOF or when it exceeds ``limit``."""
-    (size,) = HEADER.unpack(recv_exact(sock, HEADER.size))
-    if limit is not None and size > limit:
-        raise ChannelClosedError
-    return recv_exact(sock, size)
+    def close(self) -> None:
+        """Drop the buffer's hold on the socket (until then ``sock.close()`` keeps the
+        descriptor open)."""
+        self.file.close()
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(HEADER.pack(len(payload)) + payload)
+
+
+class _Workers:
+    """The child's threads: each job runs in one, and a thread that finished a job waits
+    for the next instead of ending (starting a thread per job cost more than a local
+    delivery's own work). A job that finds no idle thread starts one, so as many jobs run
+    at once as the manager sends: its concurrency limits bound the threads."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.jobs: queue.SimpleQueue[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]]
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def submit(self, worker: Callable[[dict[str, Any]], None], request: dict[str, Any]) -> None:
+        with self.lock:
+            start = self.idle == 0
+            if not start:
+                self.idle -= 1
+        if start:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        self.jobs.put((worker, request))
+
+    def _run(self) -> None:
+        while True:
+            worker, request = self.jobs.get()
+            worker(request)
+            with self.lock:
+                self.idle += 1
 
 
 def result_fields(result: Result) -> dict[str, str]:
@@ -89,20 +131,23 @@ class Child:
         self.local: LocalDelivery | None = None
         self.remote: RemoteDelivery | None = None
         self.sessions: dict[int, RemoteSession] = {}
+        self.workers = _Workers(f"{kind}-job")
 
     def serve(self) -> None:
         """Until the manager closes the channel: take each frame, start its job."""
+        reader = FrameReader(self.sock)
         while True:
             try:
-                request: dict[str, Any] = pickle.loads(recv_frame(self.sock))  # noqa: S301 - from the manager
+                request: dict[str, Any] = pickle.loads(reader.read())  # noqa: S301 - from the manager
             except (ChannelClosedError, OSError):
+                reader.close()
                 return
             op = request["op"]
             if op == "config":
                 self._configure(request["control"])
                 continue
             worker = {"local": self._local, "remote": self._remote, "close": self._close}[op]
-            threading.Thread(target=worker, args=(request,), daemon=True).start()
+            self.workers.submit(worker, request)
 
     def _configure(self, control: Control) -> None:
         with self.lock:

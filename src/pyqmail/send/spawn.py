@@ -67,7 +67,7 @@ from pyqmail.send.child import (
     MAX_DETAIL,
     MAX_REPLY,
     ChannelClosedError,
-    recv_frame,
+    FrameReader,
     send_frame,
 )
 from pyqmail.send.delivery import Result, split_address
@@ -323,9 +323,10 @@ class Link:
             self.sock = sock
             self.cond.notify_all()
         self.log(f"status {self.kind} delivery child started, pid {self.pid}")
+        reader = FrameReader(sock)
         try:
             while True:
-                self._answered(json.loads(recv_frame(sock, MAX_REPLY)))
+                self._answered(json.loads(reader.read(MAX_REPLY)))
         except (ChannelClosedError, OSError, ValueError) as exc:
             why = f": {exc}" if isinstance(exc, ValueError) else ""
             with self.cond:
@@ -336,6 +337,8 @@ class Link:
                     f"warning {self.kind} delivery child {self.pid} ended{why}; "
                     f"{lost} job(s) in flight deferred"
                 )
+        finally:
+            reader.close()
 
     def _answered(self, reply: object) -> None:
         """Hand an answer to the call waiting for it; ValueError if none is."""
