@@ -27,7 +27,7 @@ from pyqmail.queue.store import Queue
 from pyqmail.send.delivery import Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.remote import RemoteDelivery
-from pyqmail.send.spawn import Children
+from pyqmail.send.spawn import ChildLostError, Children
 
 CHANSKIP = {"local": 10, "remote": 20}
 
@@ -202,9 +202,8 @@ class Scheduler:
         with self.lock:
             self._collect_due(time.time())
             idle = self.control.concurrencylocal - self.busy_local
-            for _ in range(min(idle, len(self.ready_local))):
-                self.busy_local += 1
-                self.local_pool.submit(self._guard, self._local_worker)
+            local = [self.ready_local.popleft() for _ in range(min(idle, len(self.ready_local)))]
+            self.busy_local += len(local)
             for key, jobs in self.ready_remote.items():
                 while (
                     jobs
@@ -214,6 +213,8 @@ class Scheduler:
                     self.busy_remote += 1
                     self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
                     self.remote_pool.submit(self._guard, self._remote_worker, key)
+        for queue_id, index in local:
+            self._start_local(queue_id, index)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -247,20 +248,58 @@ class Scheduler:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
         return stored.env, stored.body
 
-    def _local_worker(self) -> None:
-        """Take local jobs until none is ready (one of concurrencylocal workers)."""
-        try:
-            while True:
-                with self.lock:
-                    if self.stopping or not self.ready_local:
-                        return
-                    queue_id, index = self.ready_local.popleft()
-                self._local_job(queue_id, index)
-        finally:
-            with self.lock:
-                self.busy_local -= 1
+    def _start_local(self, queue_id: str, index: int) -> None:
+        """Run one local job in its slot (``busy_local`` counts it already).
 
-    def _local_job(self, queue_id: str, index: int) -> None:
+        The job goes to the local child without a thread waiting for it; the answer comes
+        back in the link's thread (``_local_done``), which starts the next ready job in the
+        same slot. Only when no child runs does a pool thread wait for one (``_local_wait``).
+        """
+        job: tuple[str, int] | None = (queue_id, index)
+        while job is not None:
+            queue_id, index = job
+            rcpt = self.msgs[queue_id].rcpts[index]
+            read = self._read_body(queue_id)
+            if not isinstance(read, Result):
+                env, body = read
+                try:
+                    self.children.local_async(
+                        env, body, rcpt.address, self.local, self._on_local(queue_id, index)
+                    )
+                except ChildLostError:
+                    self.local_pool.submit(self._guard, self._local_wait, queue_id, index)
+                return
+            self._complete(queue_id, index, read)
+            job = self._next_local()
+        self.wake()
+
+    def _on_local(self, queue_id: str, index: int) -> Callable[[Result], None]:
+        """The callback that takes one local job's outcome."""
+        return lambda result: self._local_done(queue_id, index, result)
+
+    def _local_done(self, queue_id: str, index: int, result: Result) -> None:
+        """A local job's outcome (the link's thread): record it, go on with the next ready
+        job in the same slot; the main loop is woken only when the slot is given back."""
+        try:
+            self._complete(queue_id, index, result)
+        finally:
+            job = self._next_local()
+            if job is None:
+                self.wake()
+            else:
+                self._start_local(*job)
+
+    def _next_local(self) -> tuple[str, int] | None:
+        """The next ready local job for a slot that just ended, or None (slot given back)."""
+        with self.lock:
+            if not self.stopping and self.ready_local:
+                return self.ready_local.popleft()
+            self.busy_local -= 1
+            return None
+
+    def _local_wait(self, queue_id: str, index: int) -> None:
+        """A local job while no child runs: wait for one (``Children.local``) in a pool
+        thread; then the slot goes on like any other."""
         rcpt = self.msgs[queue_id].rcpts[index]
         read = self._read_body(queue_id)
         if isinstance(read, Result):
@@ -270,7 +309,7 @@ class Scheduler:
                 result = self.children.local(read[0], read[1], rcpt.address, self.local)
             except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
                 result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
-        self._complete(queue_id, index, result)
+        self._local_done(queue_id, index, result)
 
     def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
         with self.lock:

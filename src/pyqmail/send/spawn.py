@@ -55,6 +55,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -236,8 +237,29 @@ def parse_forward(raw: object) -> Forward:
 
 @dataclass
 class _Call:
+    """A job sent to a child: its answer (None: the child was lost) goes to ``then`` in
+    the link's thread, or, for a caller that waits, to ``reply`` and ``done``."""
+
     done: threading.Event = field(default_factory=threading.Event)
     reply: dict[str, Any] | None = None
+    then: Callable[[dict[str, Any] | None], None] | None = None
+
+    def answer(self, reply: dict[str, Any] | None) -> None:
+        self.reply = reply
+        if self.then is None:
+            self.done.set()
+            return
+        try:
+            self.then(reply)
+        except Exception:  # noqa: BLE001 - the link's thread must keep reading answers
+            traceback.print_exc()
+
+
+def _fail(calls: list[_Call]) -> int:
+    """Answer calls whose child was lost (no lock held: an answer may start a new job)."""
+    for call in calls:
+        call.answer(None)
+    return len(calls)
 
 
 class Link:
@@ -306,7 +328,8 @@ class Link:
                 sock.close()
         with self.cond:
             self.lost = True
-            self._fail_calls()
+            calls = self._take_calls()
+        _fail(calls)
         if not self.closing:
             self.log(f"error {self.kind} spawner {self.spawner.pid} is gone")
             self.on_lost(self.kind)
@@ -331,7 +354,8 @@ class Link:
             why = f": {exc}" if isinstance(exc, ValueError) else ""
             with self.cond:
                 self.sock = None
-                lost = self._fail_calls()
+                calls = self._take_calls()
+            lost = _fail(calls)
             if not self.closing:
                 self.log(
                     f"warning {self.kind} delivery child {self.pid} ended{why}; "
@@ -347,15 +371,32 @@ class Link:
             call = self.calls.pop(number, None) if isinstance(number, int) else None
         if call is None or not isinstance(reply, dict):
             raise ValueError("answer to no question")
-        call.reply = reply
-        call.done.set()
+        call.answer(reply)
 
-    def _fail_calls(self) -> int:
-        """Wake every waiting call without an answer (cond held); how many there were."""
+    def _take_calls(self) -> list[_Call]:
+        """Every call still waiting for an answer, forgotten here (cond held)."""
         calls, self.calls = self.calls, {}
-        for call in calls.values():
-            call.done.set()
-        return len(calls)
+        return list(calls.values())
+
+    def submit(
+        self, request: dict[str, Any], then: Callable[[dict[str, Any] | None], None]
+    ) -> None:
+        """Send a job without waiting: ``then`` gets the answer in the link's thread (None if
+        the child is lost first). No thread waits per job, so a local delivery costs the
+        manager one frame out and one in. ChildLostError, at once, when no child runs now
+        (the caller then waits for one with ``call``)."""
+        with self.cond:
+            sock = self.sock
+            if sock is None:
+                raise ChildLostError(f"no {self.kind} delivery child")
+            number = next(self.ids)
+            self.calls[number] = _Call(then=then)
+        try:
+            self._send(sock, {**request, "id": number})
+        except (OSError, pickle.PicklingError, TypeError) as exc:
+            with self.cond:
+                self.calls.pop(number, None)
+            raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send a job to the child and wait for its answer; ChildLostError if none comes."""
@@ -418,6 +459,23 @@ def _wait_pid(pid: int, timeout: float) -> None:
         if done or time.monotonic() > deadline:
             return
         time.sleep(0.02)
+
+
+def _local_result(
+    reply: dict[str, Any] | None, env: Envelope, message: bytes, forwarder: LocalDelivery
+) -> Result:
+    """A local child's answer as a Result (a forward is queued here, by the manager)."""
+    try:
+        if reply is None:
+            raise ChildLostError("local delivery child died")  # noqa: TRY301
+        if "forward" in reply:
+            return forwarder.forward(env, message, parse_forward(reply["forward"]))
+        raw = reply.get("results")
+        if not isinstance(raw, list) or len(raw) != 1:
+            raise ValueError("wrong number of results")  # noqa: TRY301
+        return parse_result(raw[0])
+    except (ChildLostError, ValueError) as exc:
+        return Result.temp(f"local delivery child: {exc} (#4.3.0)", "4.3.0")
 
 
 class RemoteHandle:
@@ -493,18 +551,29 @@ class Children:
     def local(
         self, env: Envelope, message: bytes, recipient: str, forwarder: LocalDelivery
     ) -> Result:
-        """Deliver to a local recipient in the local child; forwards are queued here."""
+        """Deliver to a local recipient in the local child, waiting for it (up to
+        CHILD_WAIT for a child being restarted); forwards are queued here."""
         request = {"op": "local", "env": env, "message": message, "rcpt": recipient}
         try:
-            reply = self.links["local"].call(request)
-            if "forward" in reply:
-                return forwarder.forward(env, message, parse_forward(reply["forward"]))
-            raw = reply.get("results")
-            if not isinstance(raw, list) or len(raw) != 1:
-                raise ValueError("wrong number of results")  # noqa: TRY301
-            return parse_result(raw[0])
-        except (ChildLostError, ValueError) as exc:
+            reply: dict[str, Any] | None = self.links["local"].call(request)
+        except ChildLostError as exc:
             return Result.temp(f"local delivery child: {exc} (#4.3.0)", "4.3.0")
+        return _local_result(reply, env, message, forwarder)
+
+    def local_async(
+        self,
+        env: Envelope,
+        message: bytes,
+        recipient: str,
+        forwarder: LocalDelivery,
+        then: Callable[[Result], None],
+    ) -> None:
+        """Send a local delivery to the child; ``then`` gets its Result in the link's
+        thread. ChildLostError at once when no child runs (then use ``local``)."""
+        request = {"op": "local", "env": env, "message": message, "rcpt": recipient}
+        self.links["local"].submit(
+            request, lambda reply: then(_local_result(reply, env, message, forwarder))
+        )
 
     def session(self) -> RemoteHandle:
         return RemoteHandle(self, next(self.sids))
