@@ -156,3 +156,11 @@ def test_hosts_that_disagree_on_a_domain_setting_fail() -> None:
     )
     with pytest.raises(AnsibleFilterError, match=r"dmarc_policy: the hosts serving example.org"):
         filters.dns_zone(hosts, "mx1.example.org")
+
+
+def test_hosts_left_out_of_the_run_are_named() -> None:
+    """With --limit, the records of the hosts left out are missing: the file says which."""
+    hosts = example_hosts()[:1]
+    text = filters.dns_zone(hosts, "mx1.example.org", ["mx1.example.org", "mx2.example.org"])
+    assert "; not in this run (its MX/SPF/DKIM are missing here): mx2.example.org" in text
+    assert records(text)["example.org.", "MX"] == ["10 mx1.example.org."]
