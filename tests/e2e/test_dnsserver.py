@@ -68,3 +68,22 @@ def test_split_zones_puts_each_owner_in_its_deepest_zone() -> None:
     assert "PTR" in out["2.0.192.in-addr.arpa."]
     with pytest.raises(ValueError, match="in none of the zones"):
         split_zones(text, ["example.org."])
+
+
+def test_a_port_taken_before_knot_binds_it_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free port can be taken between the probe and knot's bind (parallel tests): knot
+    exits with 'address already in use' and the server starts again on another port."""
+    import socket
+
+    from tests import dnsserver
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        ports = iter([taken, dnsserver.free_port()])
+        monkeypatch.setattr(dnsserver, "free_port", lambda host="127.0.0.1": next(ports))
+        with DnsServer({"example.org.": "@ A 192.0.2.1\n"}) as dns_:
+            assert dns_.port != taken
+            assert [r.to_text() for r in dns_.resolver().resolve("example.org.", "A")] == [
+                "192.0.2.1"
+            ]
