@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -24,6 +25,7 @@ import pytest
 
 from pyqmail.queue.state import signatures
 from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
 from tests.conftest import PKI
 from tests.dkim_util import (
     KeyPair,
@@ -38,6 +40,7 @@ from tests.dnsserver import DnsServer
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 from tests.e2e.helpers import client_context, wait_for
 from tests.e2e.test_send import BIN, USER, Host, Recorder
+from tests.queue_util import commit
 
 DOMAIN = "example.test"
 
@@ -260,3 +263,78 @@ def test_a_retry_sends_the_recorded_signature_even_after_a_restart_and_a_key_cha
     assert host.log().count("dkim msg") == 1  # signed at pickup, once
     sent = b"".join(header_signatures(data))
     assert all(f"s={k.selector};".encode() not in sent for k in new_keys)
+
+
+def _segment(host: Host, parts: list[tuple[str, str | None]]) -> tuple[str, list[str]]:
+    """One segment file in new/ as pyqmail-smtpd's group commit makes it: (recipient,
+    origin) per message, every message from alice@example.test."""
+    writers = []
+    queue = host.queue
+    for n, (rcpt, origin) in enumerate(parts):
+        meta = {} if origin is None else {"origin": origin}
+        w = QueueWriter(queue, f"alice@{DOMAIN}", [rcpt], meta, defer=True)
+        w.write(message(f"seg{n}"))
+        writers.append(w)
+    commit(writers)
+    (name,) = host.queue.ids("new")
+    return name, [w.queue_id for w in writers]
+
+
+def test_messages_of_a_segment_share_one_signature_file_and_keep_it_across_a_restart(
+    host: Host, recorder: Recorder, signing: Signing
+) -> None:
+    recorder.temp_first = 1
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.control("dkimkeys", signing.dkimkeys)
+    name, ids = _segment(
+        host, [("a@remote.test", "auth"), ("b@remote.test", None), ("c@remote.test", "auth")]
+    )
+    host.start()
+    wait_for(lambda: "result=deferred" in host.log(), what="one deferred delivery")
+    recorded = signatures(host.queue.path("state", name))
+    assert sorted(recorded) == sorted([ids[0], ids[2]])  # in state/<segment>, not state/<id>
+    host.stop()
+    host.start()
+    wait_for(lambda: host.log().count("pyqmail-send started") == 2, what="the restart")
+    tool = [BIN / "pyqmail-queue", "--root", str(host.root)]
+    subprocess.run([*tool, "flush"], capture_output=True, check=True)
+    wait_for(host.queue_empty, what="the segment to end")
+    for n, queue_id in ((0, ids[0]), (2, ids[2])):
+        data = accepted(recorder, f"seg{n}")
+        assert data.startswith(recorded[queue_id])
+        signing.assert_signed(data)
+    assert b"DKIM-Signature" not in accepted(recorder, "seg1")
+    assert host.log().count("dkim msg") == 2
+
+
+def test_hup_loads_new_keys_and_keeps_the_old_ones_when_the_file_is_bad(
+    host: Host, recorder: Recorder, signing: Signing
+) -> None:
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    proc = host.start()
+    host.sendmail(["-f", f"alice@{DOMAIN}", "a@remote.test"], message("before"))
+    wait_for(host.queue_empty, what="the first message")
+    host.control("dkimkeys", signing.dkimkeys)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "HUP: control files reloaded" in host.log(), what="the reload")
+    host.sendmail(["-f", f"alice@{DOMAIN}", "b@remote.test"], message("after"))
+    wait_for(host.queue_empty, what="the second message")
+    host.control("dkimkeys", signing.dkimkeys + f"{DOMAIN}:bad:rsa-sha256:relative.key\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the old control files" in host.log(), what="the refused reload")
+    assert "dkimkeys:3: key file must be an absolute path" in host.log()
+    host.sendmail(["-f", f"alice@{DOMAIN}", "c@remote.test"], message("kept"))
+    wait_for(host.queue_empty, what="the third message")
+    assert b"DKIM-Signature" not in accepted(recorder, "before")
+    signing.assert_signed(accepted(recorder, "after"))
+    signing.assert_signed(accepted(recorder, "kept"))
+    host.stop()
+    result = subprocess.run(
+        [BIN / "pyqmail-send", "--root", str(host.root), "--user", host.user],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 111
+    assert "dkimkeys:3: key file must be an absolute path, got 'relative.key'" in result.stderr
