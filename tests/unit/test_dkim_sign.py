@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.policy import decide
 from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign
+from pyqmail.protocol.events import MessageStart, TLSInfo
 from pyqmail.queue.format import Envelope
+from pyqmail.smtpd.intake import message_origin
 from tests.dkim_util import (
     KeyPair,
     dkimpy_verify,
@@ -234,3 +236,21 @@ def test_debians_python_and_cryptography_38_sign_the_same(
     assert result.stdout == sign(message, loaded(tmp_path, keys), WHEN)  # same bytes here
     for index in range(2):
         assert dkimpy_verify(result.stdout + message, index, dns.host, dns.port)
+
+
+@pytest.mark.parametrize(
+    ("auth_user", "relay_client", "cert_relay", "origin"),
+    [
+        ("alice@example.org", False, False, "auth"),
+        ("alice@example.org", True, True, "auth"),  # the login says more than the address
+        (None, True, False, "relay"),  # tcprules RELAYCLIENT
+        (None, False, True, "relay"),  # a certificate listed in tlsclients
+        (None, False, False, None),  # inbound, or a backup MX relaying for others
+    ],
+)
+def test_origin_written_by_pyqmail_smtpd(
+    auth_user: str | None, relay_client: bool, cert_relay: bool, origin: str | None
+) -> None:
+    tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256, client_cert_relay=cert_relay)
+    event = MessageStart("a@example.org", ("b@example.net",), {}, "h", auth_user, tls, "ESMTPS")
+    assert message_origin(event, relay_client) == origin
