@@ -64,6 +64,7 @@ class Msg:
     has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
     body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
+    dkim: bytes = b""  # DKIM-Signature fields made at pickup, put in front of every copy
 
     @property
     def finished(self) -> bool:
@@ -248,6 +249,17 @@ class Scheduler:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
         return stored.env, stored.body
 
+    def _outgoing(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
+        """The message as every delivery sends it: the DKIM-Signature fields recorded at
+        pickup (``pyqmail.queue.state.Signed``), then the queued bytes. Local copies carry
+        them too: a Maildir holds what a remote recipient gets, and a ``.qmail`` forward
+        leaves with a signature that still verifies."""
+        read = self._read_body(queue_id)
+        msg = self.msgs.get(queue_id)
+        if isinstance(read, Result) or msg is None or not msg.dkim:
+            return read
+        return read[0], msg.dkim + read[1]
+
     def _start_local(self, queue_id: str, index: int) -> None:
         """Run one local job in its slot (``busy_local`` counts it already).
 
@@ -259,7 +271,7 @@ class Scheduler:
         while job is not None:
             queue_id, index = job
             rcpt = self.msgs[queue_id].rcpts[index]
-            read = self._read_body(queue_id)
+            read = self._outgoing(queue_id)
             if not isinstance(read, Result):
                 env, body = read
                 try:
@@ -301,7 +313,7 @@ class Scheduler:
         """A local job while no child runs: wait for one (``Children.local``) in a pool
         thread; then the slot goes on like any other."""
         rcpt = self.msgs[queue_id].rcpts[index]
-        read = self._read_body(queue_id)
+        read = self._outgoing(queue_id)
         if isinstance(read, Result):
             result = read
         else:
@@ -327,7 +339,7 @@ class Scheduler:
                 queue_id, indexes = job
                 msg = self.msgs[queue_id]
                 addresses = [msg.rcpts[i].address for i in indexes]
-                read = self._read_body(queue_id)
+                read = self._outgoing(queue_id)
                 if isinstance(read, Result):
                     results = [read] * len(indexes)
                 else:
