@@ -295,7 +295,7 @@ class DkimKeyModule:
 
     def now(self) -> dt.datetime:
         if self.params["now"] is None:
-            return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            return dt.datetime.now(dt.UTC).replace(microsecond=0)
         try:
             return dkim.parse_time(self.params["now"], "now")
         except dkim.DkimError as exc:
@@ -320,9 +320,7 @@ class DkimKeyModule:
             problems.append(f"selector_prefix: {dkim.prefix_problem(p['selector_prefix'])}")
         if dkim.rsa_bits_problem(p["rsa_bits"]):
             problems.append(f"rsa_bits: {dkim.rsa_bits_problem(p['rsa_bits'])}")
-        rotation = dkim.rotation_problem(
-            p["rotate_days"], p["prepublish_days"], p["retire_days"]
-        )
+        rotation = dkim.rotation_problem(p["rotate_days"], p["prepublish_days"], p["retire_days"])
         if rotation:
             problems.append(rotation)
         if os.path.exists(self.path) and not os.path.isdir(self.path):

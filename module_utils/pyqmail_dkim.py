@@ -118,7 +118,7 @@ def is_local(domain: str, locals_: Iterable[str], virtual: Iterable[str]) -> boo
 
 def iso(when: dt.datetime) -> str:
     """UTC timestamp as the state file stores it."""
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str, what: str) -> dt.datetime:
@@ -128,8 +128,8 @@ def parse_time(text: str, what: str) -> dt.datetime:
     except (TypeError, ValueError, AttributeError) as exc:
         raise DkimError(f"{what}: {text!r} is not an ISO 8601 time") from exc
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc).replace(microsecond=0)
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).replace(microsecond=0)
 
 
 @dataclass
@@ -292,7 +292,7 @@ def _stop_rotation(result: Plan, now: dt.datetime) -> None:
             result.rescheduled.append(key.selector)
 
 
-def plan(  # noqa: PLR0913 - the schedule's inputs, all named
+def plan(
     state: State,
     now: dt.datetime,
     *,
@@ -311,10 +311,10 @@ def plan(  # noqa: PLR0913 - the schedule's inputs, all named
         _stop_rotation(result, now)
     # Retire the generations whose time is over; forget those no longer published.
     for key in keys:
-        if key.published_until is None and key.signs_until is not None:
-            if parse_time(key.signs_until, key.selector) <= now:
-                key.published_until = iso(now + dt.timedelta(days=retire_days))
-                result.retired.append(key.selector)
+        over = key.signs_until is not None and parse_time(key.signs_until, key.selector) <= now
+        if key.published_until is None and over:
+            key.published_until = iso(now + dt.timedelta(days=retire_days))
+            result.retired.append(key.selector)
     for key in list(keys):
         if key.published_until is not None and parse_time(key.published_until, "") <= now:
             result.removed.append(key)
