@@ -115,9 +115,7 @@ def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
         assert mode_of(key.parent) == 0o750
         assert (key.parent.stat().st_uid, key.parent.stat().st_gid) == (0, gid)
     assert seen == {
-        (d, a)
-        for d in ("example.org", "mx.example.org")
-        for a in ("rsa-sha256", "ed25519-sha256")
+        (d, a) for d in ("example.org", "mx.example.org") for a in ("rsa-sha256", "ed25519-sha256")
     }
     assert mode_of(control / "dkimkeys") == 0o644
     assert {(r["domain"], r["algorithm"]) for r in published} == seen
