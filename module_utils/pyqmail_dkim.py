@@ -280,14 +280,16 @@ def _schedule_next(
 
 
 def _stop_rotation(result: Plan, now: dt.datetime) -> None:
-    """Rotation off: the signing generation signs forever; a pre-published one goes."""
-    for key in list(result.state.keys):
-        if key.published_until is not None:
-            continue
-        if parse_time(key.signs_from, key.selector) > now:
+    """Rotation off: the generation that started last signs forever (even past its planned
+    end: its successor was never made); a pre-published one that never signed goes."""
+    live = [key for key in result.state.keys if key.published_until is None]
+    started = [key for key in live if parse_time(key.signs_from, key.selector) <= now]
+    latest = max((key.signs_from for key in started), key=lambda t: parse_time(t, t), default="")
+    for key in live:
+        if key not in started:
             result.removed.append(key)
             result.state.keys.remove(key)
-        elif key.signs_until is not None and parse_time(key.signs_until, key.selector) > now:
+        elif key.signs_from == latest and key.signs_until is not None:
             key.signs_until = None
             result.rescheduled.append(key.selector)
 

@@ -235,6 +235,17 @@ def test_turning_rotation_on_then_off(keydir: Path) -> None:
     assert all(k["signs_until"] is None for k in off["keys"])
 
 
+def test_rotation_off_after_a_missed_switch_keeps_the_published_pair(keydir: Path) -> None:
+    """Rotation on, no run past the planned end, then off: the pair that is in DNS signs on;
+    no unpublished pair is made to sign at once."""
+    keydir.parent.mkdir()
+    rot = {"rotate_days": 30, "prepublish_days": 7, "retire_days": 10}
+    ok(call(args(keydir, now=when(0), **rot)))
+    off = run_twice(args(keydir, now=when(50)))
+    assert off["generated"] == off["retired"] == off["removed"] == []
+    assert signing(off) == published(off) == {"s20261202-rsa", "s20261202-ed25519"}
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
