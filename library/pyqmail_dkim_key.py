@@ -285,10 +285,16 @@ class DkimKeyModule:
         self.domain: str = module.params["domain"]
         self.path: str = module.params["path"]
         self.state_path = os.path.join(self.path, STATE_FILE)
-        self.attr_diff: dict[str, dict[str, object]] = {"before": {}, "after": {}}
+        # owner/group/mode differences per file name, for --diff
+        self.attr_diffs: dict[str, dict[str, dict[str, object]]] = {}
 
     def fail(self, msg: str) -> None:
         self.module.fail_json(msg=msg, domain=self.domain, path=self.path)
+
+    def attr_diff(self, path: str) -> dict[str, dict[str, object]]:
+        """The owner/group/mode diff of one file (by its name; the directory as '.')."""
+        name = "." if path == self.path else os.path.basename(path)
+        return self.attr_diffs.setdefault(name, {"before": {}, "after": {}})
 
     def keyfile(self, selector: str) -> str:
         return os.path.join(self.path, f"{selector}.key")
@@ -412,7 +418,8 @@ class DkimKeyModule:
         for key in result.state.keys:
             if key not in result.generated:
                 args = file_args(self.module, self.keyfile(key.selector), p["mode"])
-                changed = set_attributes(self.module, args, self.attr_diff) or changed
+                diff = self.attr_diff(args["path"])
+                changed = set_attributes(self.module, args, diff) or changed
         text = json.dumps(result.state.as_json(), indent=1, sort_keys=True) + "\n"
         changed = self.write(self.state_path, text.encode(), existing=state_data) or changed
         for key in result.removed:
@@ -427,8 +434,8 @@ class DkimKeyModule:
         changed = False
         if not os.path.isdir(self.path):
             changed = True
-            self.attr_diff["before"]["state"] = "absent"
-            self.attr_diff["after"]["state"] = "directory"
+            self.attr_diff(self.path)["before"]["state"] = "absent"
+            self.attr_diff(self.path)["after"]["state"] = "directory"
             if self.module.check_mode:
                 return True
             try:
@@ -436,7 +443,7 @@ class DkimKeyModule:
             except OSError as exc:
                 self.fail(f"cannot create {self.path}: {exc} (its parent must exist)")
         args = file_args(self.module, self.path, self.params["dir_mode"])
-        return set_attributes(self.module, args, self.attr_diff) or changed
+        return set_attributes(self.module, args, self.attr_diff(self.path)) or changed
 
     def write(self, path: str, data: bytes, *, secret: bool = False, existing: Any = None) -> bool:
         if self.module.check_mode and not os.path.isdir(self.path):
@@ -448,7 +455,7 @@ class DkimKeyModule:
             self.params["mode"],
             secret=secret,
             existing=existing,
-            diff=self.attr_diff,
+            diff=self.attr_diff(path),
         )
         return changed
 
@@ -489,20 +496,23 @@ class DkimKeyModule:
             out["diff"] = {
                 "before_header": self.state_path,
                 "after_header": self.state_path,
-                "before": self.summary(before, self.attr_diff["before"]),
-                "after": self.summary(result.state, self.attr_diff["after"]),
+                "before": self.summary(before, self.attr_diffs, "before"),
+                "after": self.summary(result.state, self.attr_diffs, "after"),
             }
         self.module.exit_json(**out)
 
     @staticmethod
-    def summary(state: dkim.State, attrs: dict[str, object]) -> str:
+    def summary(
+        state: dkim.State, attrs: dict[str, dict[str, dict[str, object]]], side: str
+    ) -> str:
         """One line per selector with its dates, then owner/group/mode lines; no key."""
         lines = [
             f"{key.selector} {key.algorithm} signs_from={key.signs_from} "
             f"signs_until={key.signs_until or '-'} published_until={key.published_until or '-'}"
             for key in state.keys
         ]
-        lines += [f"{name}: {value}" for name, value in attrs.items()]
+        for name, diff in sorted(attrs.items()):
+            lines += [f"{name} {attr}: {value}" for attr, value in diff[side].items()]
         return "".join(line + "\n" for line in lines)
 
 

@@ -135,7 +135,7 @@ def test_check_mode_writes_nothing_and_plans_empty_records(keydir: Path) -> None
     assert not keydir.exists()
     assert [record["txt"] for record in result["records"]] == ["", ""]
     assert "s20261202-rsa" in result["diff"]["after"]
-    assert result["diff"]["before"] == "state: absent\n"
+    assert result["diff"]["before"] == ". state: absent\n"
 
 
 def test_a_mode_change_is_repaired_and_reported(keydir: Path) -> None:
@@ -146,7 +146,7 @@ def test_a_mode_change_is_repaired_and_reported(keydir: Path) -> None:
     result = ok(call(args(keydir, now=when(0)), check=True))
     assert result["changed"]
     assert mode_of(key) == 0o644
-    assert "0640" in result["diff"]["after"]
+    assert "s20261202-rsa.key mode: 0640" in result["diff"]["after"]
     assert ok(call(args(keydir, now=when(0))))["changed"]
     assert mode_of(key) == 0o640
 
