@@ -33,11 +33,20 @@ def test_mx1_signs_with_both_algorithms(mx1: Any) -> None:
         assert (directory.user, directory.group, directory.mode) == ("root", "pyqmails", 0o750)
 
 
+# Each daemon's user with its primary group and its groups from /etc/group, as it runs.
+AS = {
+    "pyqmails": "setpriv --reuid pyqmails --regid pyqmail --init-groups",
+    "pyqmaild": "setpriv --reuid pyqmaild --regid pyqmail --init-groups",
+    "pyqmailr": "setpriv --reuid pyqmailr --regid pyqmailr --init-groups",
+    "pyqmailv": "setpriv --reuid pyqmailv --regid pyqmailv --init-groups",
+}
+
+
 def test_only_the_signer_reads_the_keys(mx1: Any) -> None:
     keyfile = signing_lines(mx1)[0][3]
-    assert "pyqmails" in mx1.check_output("id -nG pyqmails").split()
+    assert "pyqmails" in mx1.user("pyqmails").groups
     for user in ("pyqmaild", "pyqmailr", "pyqmailv"):
-        assert "pyqmails" not in mx1.check_output(f"id -nG {user}").split(), user
-        denied = mx1.run(f"runuser -u {user} -- cat {keyfile}")
+        assert "pyqmails" not in mx1.user(user).groups, user
+        denied = mx1.run(f"{AS[user]} head -c1 {keyfile}")
         assert denied.rc != 0 and "Permission denied" in denied.stderr, user
-    assert mx1.run(f"runuser -u pyqmails -- cat {keyfile}").rc == 0
+    assert mx1.run(f"{AS['pyqmails']} head -c1 {keyfile}").rc == 0
