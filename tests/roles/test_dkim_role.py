@@ -23,7 +23,9 @@ from tests.roles.playbook import REPO, ansible_env
 GROUP = "daemon"
 
 
-def run_role(base: Path, **more: object) -> tuple[dict[str, list[dict[str, Any]]], Any]:
+def run_role(
+    base: Path, *, check: bool = False, **more: object
+) -> tuple[dict[str, list[dict[str, Any]]], Any]:
     """Run the role's tasks; (task name -> results, the fact pyqmail_dkim__published)."""
     playbook = base / "play.yml"
     templates = base / "templates"  # where imported tasks find the role's templates
@@ -67,6 +69,7 @@ def run_role(base: Path, **more: object) -> tuple[dict[str, list[dict[str, Any]]
             "localhost,",
             "-e",
             json.dumps(extra),
+            *(["--check"] if check else []),
             str(playbook),
         ],
         cwd=REPO,
@@ -133,6 +136,15 @@ def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
     assert none == []
     assert len(list((control / "dkim").glob("*/*.key"))) == 4
     assert not [name for name, rs in off.items() for r in rs if r.get("failed")]
+
+
+def test_check_mode_changes_nothing_and_publishes_only_existing_keys(tmp_path: Path) -> None:
+    (tmp_path / "qmail" / "control").mkdir(parents=True)
+    ran, published = run_role(tmp_path, check=True)
+    assert not [name for name, rs in ran.items() for r in rs if r.get("failed")]
+    assert published == []
+    assert not (tmp_path / "qmail" / "control" / "dkim").exists()
+    assert not (tmp_path / "qmail" / "control" / "dkimkeys").exists()
 
 
 def test_a_domain_that_is_not_local_fails(tmp_path: Path) -> None:
