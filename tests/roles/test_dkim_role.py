@@ -140,8 +140,19 @@ def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
 
 def test_check_mode_changes_nothing_and_publishes_only_existing_keys(tmp_path: Path) -> None:
     (tmp_path / "qmail" / "control").mkdir(parents=True)
-    ran, published = run_role(tmp_path, check=True)
+    ran, published = run_role(
+        tmp_path,
+        check=True,
+        # A virtual domain is local too (control/virtualdomains, domain:prefix lines).
+        pyqmail_control__extra={"virtualdomains": "# shops\nshop.example:alice\nx@y.example:b"},
+        pyqmail_dkim__domains=["example.org", "shop.example"],
+    )
     assert not [name for name, rs in ran.items() for r in rs if r.get("failed")]
+    keys = ran["Keep the DKIM keys of each signing domain (rotation state in state.json)"][0]
+    assert [r["item"] for r in keys["results"] if r.get("changed")] == [
+        "example.org",
+        "shop.example",
+    ]
     assert published == []
     assert not (tmp_path / "qmail" / "control" / "dkim").exists()
     assert not (tmp_path / "qmail" / "control" / "dkimkeys").exists()
