@@ -532,72 +532,6 @@ def check_timeout(name: str, value: int, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: {value} must be larger than pyqmail_services__wait ({wait})"
 
 
-def _dovecot_on(values: Mapping[str, Any]) -> bool:
-    return bool(values.get("pyqmail_dovecot__enabled"))
-
-
-def check_dovecot_ports(name: str, value: Mapping[str, int], values: Mapping[str, Any]) -> Problems:
-    """Dovecot's listeners: each on its own port in 1-65535, none taken by an SMTP listener
-    on the same address (a wildcard on either side is the same address)."""
-    if not _dovecot_on(values):
-        return
-    used: dict[int, str] = {}
-    for listener in values["pyqmail_dovecot__listeners"]:
-        port = value[listener]
-        if not 1 <= port <= 65535:
-            yield f"{name}.{listener}: {port} is not a port number (1-65535)"
-        elif port in used and used[port] != listener:
-            yield f"{name}.{listener}: {port} is also the port of {used[port]}"
-        used.setdefault(port, listener)
-    ip, smtp_ip = values["pyqmail_dovecot__listen_ip"], values["pyqmail__listen_ip"]
-    if ip != smtp_ip and ip not in WILDCARDS and smtp_ip not in WILDCARDS:
-        return
-    smtp_ports = values["pyqmail_services__ports"]
-    for smtp in values["pyqmail_services__listeners"]:
-        port = smtp_ports.get(smtp)
-        if port in used:
-            yield (
-                f"{name}.{used[port]}: {port} clashes with pyqmail_services__ports.{smtp} on "
-                f"{ip} (pyqmail_dovecot__listen_ip); give Dovecot another port or address"
-            )
-
-
-def check_dovecot_ip(name: str, value: str, values: Mapping[str, Any]) -> Problems:
-    """Dovecot's address: as the SMTP listeners' (one address, a wildcard only when asked)."""
-    if _dovecot_on(values):
-        yield from check_listen_ip(name, value, values)
-
-
-def check_imap_logins(
-    name: str, value: list[dict[str, Any]], values: Mapping[str, Any]
-) -> Problems:
-    """With Dovecot on, every login must be one Dovecot accepts (auth_username_chars)."""
-    if not _dovecot_on(values):
-        return
-    for index, box in enumerate(value):
-        login = box.get("login") or box["name"]
-        if box["state"] != "absent" and not IMAP_LOGIN_RE.match(login):
-            yield (
-                f"{name}[{index}].login: {login!r} cannot be an IMAP/POP3 login "
-                "(letters, digits and . _ @ + -, at most 255)"
-            )
-
-
-def check_mailbox_rows(
-    name: str, value: list[dict[str, Any]], values: Mapping[str, Any]
-) -> Problems:
-    """pyqmail_mailboxes__list: the mailbox rules, then Dovecot's login rule when it is on."""
-    yield from check_mailboxes(name, value, values)
-    yield from check_imap_logins(name, value, values)
-
-
-def check_folder(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
-    """A Maildir++ folder created in every mailbox (.Sent, .Junk, ...)."""
-    del values
-    if not FOLDER_RE.match(str(value)):
-        yield f"{name}: {value!r} is not a folder name (letters, digits, _ and -, at most 64)"
-
-
 def _dkim_on(values: Mapping[str, Any]) -> bool:
     return bool(values.get("pyqmail_dkim__enabled"))
 
@@ -670,6 +604,72 @@ def check_dkim_group(name: str, value: str, values: Mapping[str, Any]) -> Proble
         )
 
 
+def _dovecot_on(values: Mapping[str, Any]) -> bool:
+    return bool(values.get("pyqmail_dovecot__enabled"))
+
+
+def check_dovecot_ports(name: str, value: Mapping[str, int], values: Mapping[str, Any]) -> Problems:
+    """Dovecot's listeners: each on its own port in 1-65535, none taken by an SMTP listener
+    on the same address (a wildcard on either side is the same address)."""
+    if not _dovecot_on(values):
+        return
+    used: dict[int, str] = {}
+    for listener in values["pyqmail_dovecot__listeners"]:
+        port = value[listener]
+        if not 1 <= port <= 65535:
+            yield f"{name}.{listener}: {port} is not a port number (1-65535)"
+        elif port in used and used[port] != listener:
+            yield f"{name}.{listener}: {port} is also the port of {used[port]}"
+        used.setdefault(port, listener)
+    ip, smtp_ip = values["pyqmail_dovecot__listen_ip"], values["pyqmail__listen_ip"]
+    if ip != smtp_ip and ip not in WILDCARDS and smtp_ip not in WILDCARDS:
+        return
+    smtp_ports = values["pyqmail_services__ports"]
+    for smtp in values["pyqmail_services__listeners"]:
+        port = smtp_ports.get(smtp)
+        if port in used:
+            yield (
+                f"{name}.{used[port]}: {port} clashes with pyqmail_services__ports.{smtp} on "
+                f"{ip} (pyqmail_dovecot__listen_ip); give Dovecot another port or address"
+            )
+
+
+def check_dovecot_ip(name: str, value: str, values: Mapping[str, Any]) -> Problems:
+    """Dovecot's address: as the SMTP listeners' (one address, a wildcard only when asked)."""
+    if _dovecot_on(values):
+        yield from check_listen_ip(name, value, values)
+
+
+def check_imap_logins(
+    name: str, value: list[dict[str, Any]], values: Mapping[str, Any]
+) -> Problems:
+    """With Dovecot on, every login must be one Dovecot accepts (auth_username_chars)."""
+    if not _dovecot_on(values):
+        return
+    for index, box in enumerate(value):
+        login = box.get("login") or box["name"]
+        if box["state"] != "absent" and not IMAP_LOGIN_RE.match(login):
+            yield (
+                f"{name}[{index}].login: {login!r} cannot be an IMAP/POP3 login "
+                "(letters, digits and . _ @ + -, at most 255)"
+            )
+
+
+def check_mailbox_rows(
+    name: str, value: list[dict[str, Any]], values: Mapping[str, Any]
+) -> Problems:
+    """pyqmail_mailboxes__list: the mailbox rules, then Dovecot's login rule when it is on."""
+    yield from check_mailboxes(name, value, values)
+    yield from check_imap_logins(name, value, values)
+
+
+def check_folder(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """A Maildir++ folder created in every mailbox (.Sent, .Junk, ...)."""
+    del values
+    if not FOLDER_RE.match(str(value)):
+        yield f"{name}: {value!r} is not a folder name (letters, digits, _ and -, at most 64)"
+
+
 # One row per variable that needs more than its spec. A new role adds its rows here.
 CHECKS: dict[str, Check] = {
     # pyqmail
@@ -710,6 +710,12 @@ CHECKS: dict[str, Check] = {
     "pyqmail_mailboxes__list": check_mailbox_rows,
     "pyqmail_mailboxes__folders": each(check_folder),
     "pyqmail_mailboxes__login_domain": domain,
+    # pyqmail_dkim
+    "pyqmail_dkim__domains": check_dkim_domains,
+    "pyqmail_dkim__selector_prefix": check_dkim_prefix,
+    "pyqmail_dkim__rsa_bits": check_dkim_bits,
+    "pyqmail_dkim__rotate_days": check_dkim_rotation,
+    "pyqmail_dkim__group": check_dkim_group,
     # pyqmail_certificates
     "pyqmail_certificates__ca_host": check_ca_host,
     "pyqmail_certificates__ca_common_name": check_ca_common_name,
@@ -730,12 +736,6 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dovecot__listeners": check_listeners,
     "pyqmail_dovecot__ports": check_dovecot_ports,
     "pyqmail_dovecot__listen_ip": check_dovecot_ip,
-    # pyqmail_dkim
-    "pyqmail_dkim__domains": check_dkim_domains,
-    "pyqmail_dkim__selector_prefix": check_dkim_prefix,
-    "pyqmail_dkim__rsa_bits": check_dkim_bits,
-    "pyqmail_dkim__rotate_days": check_dkim_rotation,
-    "pyqmail_dkim__group": check_dkim_group,
 }
 
 
