@@ -299,6 +299,15 @@ def test_the_defaults_pass() -> None:
     assert problems_of({}) == []
 
 
+def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:
+    virtual = {"pyqmail_control__extra": {"virtualdomains": "shop.example:alice\n.example.net:bob"}}
+    assert (
+        problems_of({**virtual, "pyqmail_dkim__domains": ["shop.example", "a.example.net"]}) == []
+    )
+    off = {"pyqmail_dkim__enabled": False, "pyqmail_dkim__domains": ["bank.example"]}
+    assert problems_of(off) == []
+
+
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
 DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= set(SPECS)]
 
@@ -307,15 +316,6 @@ DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= se
 def test_one_bad_value_is_one_line(case: str) -> None:
     overrides, expected = {**BAD, **MORE_BAD}[case]
     assert problems_of(overrides) == [expected]
-
-
-def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:
-    virtual = {"pyqmail_control__extra": {"virtualdomains": "shop.example:alice\n.example.net:bob"}}
-    assert (
-        problems_of({**virtual, "pyqmail_dkim__domains": ["shop.example", "a.example.net"]}) == []
-    )
-    off = {"pyqmail_dkim__enabled": False, "pyqmail_dkim__domains": ["bank.example"]}
-    assert problems_of(off) == []
 
 
 def test_all_problems_at_once_and_no_password() -> None:
