@@ -56,6 +56,15 @@ except ImportError:  # pragma: no cover - the controller without the pyqmail pac
         make_rule,
     )
 
+from ansible.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    domain_problem,
+    is_local,
+    prefix_problem,
+    rotation_problem,
+    rsa_bits_problem,
+    virtual_keys,
+)
+
 __all__ = ["CHECKS", "check", "unknown", "validate"]
 
 Problems = Iterator[str]
@@ -523,6 +532,78 @@ def check_timeout(name: str, value: int, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: {value} must be larger than pyqmail_services__wait ({wait})"
 
 
+def _dkim_on(values: Mapping[str, Any]) -> bool:
+    return bool(values.get("pyqmail_dkim__enabled"))
+
+
+def check_dkim_domains(name: str, value: list[str], values: Mapping[str, Any]) -> Problems:
+    """Signing domains: DNS names, each once, each delivered here (locals or virtualdomains)."""
+    if not _dkim_on(values):
+        return
+    local = values.get("pyqmail_control__locals") or []
+    # A bad local domain is reported there; whether ours are local is then unknown.
+    known = not any(True for _ in check_locals("", local, values))
+    virtual = virtual_keys(
+        str((values.get("pyqmail_control__extra") or {}).get("virtualdomains") or "")
+    )
+    seen: dict[str, str] = {}
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        problem = domain_problem(item)
+        if problem:
+            yield f"{where}: {problem}"
+            continue
+        first = seen.setdefault(item, where)
+        if first != where:
+            yield f"{where}: {item!r} is listed twice (first at {first})"
+        elif known and not is_local(item, local, virtual):
+            yield (
+                f"{where}: {item!r} is not a local domain (pyqmail_control__locals or "
+                "pyqmail_control__extra.virtualdomains); a host signs only its own domains"
+            )
+
+
+def check_dkim_prefix(name: str, value: str, values: Mapping[str, Any]) -> Problems:
+    """The selector prefix: selectors must be DNS labels."""
+    del values
+    problem = prefix_problem(value)
+    if problem:
+        yield f"{name}: {problem}"
+
+
+def check_dkim_bits(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """RFC 8301: sign with 2048 bits or more."""
+    del values
+    problem = rsa_bits_problem(value)
+    if problem:
+        yield f"{name}: {problem}"
+
+
+def check_dkim_rotation(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """The rotation period and its pre-publication and retirement days fit together."""
+    del name
+    problem = rotation_problem(
+        value, values["pyqmail_dkim__prepublish_days"], values["pyqmail_dkim__retire_days"]
+    )
+    if problem:
+        yield f"pyqmail_dkim__{problem}"
+
+
+def check_dkim_group(name: str, value: str, values: Mapping[str, Any]) -> Problems:
+    """The keys' group must not be one pyqmail-smtpd or a delivery child is in."""
+    shared = {
+        values.get("pyqmail__group"): "pyqmail__group",
+        values.get("pyqmail__auth_group"): "pyqmail__auth_group",
+        values.get("pyqmail__remote_user"): "pyqmail__remote_user",
+        values.get("pyqmail__mailbox_user"): "pyqmail__mailbox_user",
+    }
+    if value in shared:
+        yield (
+            f"{name}: {value!r} is also {shared[value]}: other daemons would read the DKIM "
+            "keys; name a group of pyqmail-send's manager alone"
+        )
+
+
 def _dovecot_on(values: Mapping[str, Any]) -> bool:
     return bool(values.get("pyqmail_dovecot__enabled"))
 
@@ -652,6 +733,12 @@ CHECKS: dict[str, Check] = {
     "pyqmail_mailboxes__list": check_mailbox_rows,
     "pyqmail_mailboxes__folders": each(check_folder),
     "pyqmail_mailboxes__login_domain": domain,
+    # pyqmail_dkim
+    "pyqmail_dkim__domains": check_dkim_domains,
+    "pyqmail_dkim__selector_prefix": check_dkim_prefix,
+    "pyqmail_dkim__rsa_bits": check_dkim_bits,
+    "pyqmail_dkim__rotate_days": check_dkim_rotation,
+    "pyqmail_dkim__group": check_dkim_group,
     # pyqmail_certificates
     "pyqmail_certificates__ca_host": check_ca_host,
     "pyqmail_certificates__ca_common_name": check_ca_common_name,

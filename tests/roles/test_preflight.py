@@ -54,6 +54,8 @@ TEMPLATED = {
     "pyqmail_install__build_python": sys.executable,
     "pyqmail_mailboxes__login_domain": "mail.example.org",
     "pyqmail_aliases__postmaster": "admin@example.org",
+    "pyqmail_dkim__domains": ["mail.example.org"],
+    "pyqmail_dkim__group": "pyqmails",
 }
 CONTEXT = {
     "groups": {"all": ["mail.example.org"]},
@@ -135,6 +137,11 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_rules__deny": ["127.0.0.1"]},
         "pyqmail_rules__relay_clients[0]: address '127.0.0.1' is already used by "
         "pyqmail_rules__deny[0]; tcpserver would use only that",
+    ),
+    "dkim-rotation-absurd": (
+        {"pyqmail_dkim__rotate_days": 5000},
+        "pyqmail_dkim__rotate_days: 5000 is out of range: 0 (no rotation) or from "
+        "prepublish_days + 1 (8) to 3650",
     ),
     "same-port-twice": (
         {"pyqmail_services__ports": {"smtps": 587}},
@@ -234,6 +241,46 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_services__timeout": 2},
         "pyqmail_services__timeout: 2 must be larger than pyqmail_services__wait (2)",
     ),
+    "dkim-domain": (
+        {"pyqmail_dkim__domains": ["mail.example.org", "exa_mple.org"]},
+        "pyqmail_dkim__domains[1]: 'exa_mple.org' is not a DNS domain name (lower-case labels "
+        "of letters, digits and '-', at least two, separated by dots)",
+    ),
+    "dkim-not-local": (
+        {"pyqmail_dkim__domains": ["mail.example.org", "bank.example"]},
+        "pyqmail_dkim__domains[1]: 'bank.example' is not a local domain "
+        "(pyqmail_control__locals or pyqmail_control__extra.virtualdomains); a host signs only "
+        "its own domains",
+    ),
+    "dkim-twice": (
+        {"pyqmail_dkim__domains": ["mail.example.org", "mail.example.org"]},
+        "pyqmail_dkim__domains[1]: 'mail.example.org' is listed twice "
+        "(first at pyqmail_dkim__domains[0])",
+    ),
+    "dkim-prefix": (
+        {"pyqmail_dkim__selector_prefix": "dkim.2026"},
+        "pyqmail_dkim__selector_prefix: 'dkim.2026' is not a selector prefix: 1 to 30 "
+        "characters, a lower-case letter first, then letters, digits or '-' (the selector must "
+        "be one DNS label)",
+    ),
+    "dkim-bits": (
+        {"pyqmail_dkim__rsa_bits": 1024},
+        "pyqmail_dkim__rsa_bits: 1024 is out of range: a multiple of 8 from 2048 to 4096",
+    ),
+    "dkim-rotation-short": (
+        {"pyqmail_dkim__rotate_days": 7},
+        "pyqmail_dkim__rotate_days: 7 is out of range: 0 (no rotation) or from "
+        "prepublish_days + 1 (8) to 3650",
+    ),
+    "dkim-prepublish": (
+        {"pyqmail_dkim__prepublish_days": 0},
+        "pyqmail_dkim__prepublish_days: 0 is out of range: must be from 1 to 365",
+    ),
+    "dkim-group": (
+        {"pyqmail_dkim__group": "pyqmail"},
+        "pyqmail_dkim__group: 'pyqmail' is also pyqmail__group: other daemons would read the "
+        "DKIM keys; name a group of pyqmail-send's manager alone",
+    ),
     "null": (
         {"pyqmail_rules__deny": None},
         "pyqmail_rules__deny: is null; give a list (or leave it out for the default)",
@@ -250,6 +297,15 @@ def problems_of(overrides: dict[str, Any]) -> list[str]:
 
 def test_the_defaults_pass() -> None:
     assert problems_of({}) == []
+
+
+def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:
+    virtual = {"pyqmail_control__extra": {"virtualdomains": "shop.example:alice\n.example.net:bob"}}
+    assert (
+        problems_of({**virtual, "pyqmail_dkim__domains": ["shop.example", "a.example.net"]}) == []
+    )
+    off = {"pyqmail_dkim__enabled": False, "pyqmail_dkim__domains": ["bank.example"]}
+    assert problems_of(off) == []
 
 
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.

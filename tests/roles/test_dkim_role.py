@@ -1,0 +1,169 @@
+"""The role pyqmail_dkim's tasks, run for real by ansible-playbook (local connection).
+
+The play imports the role's tasks with its defaults and the role pyqmail's handlers into a
+qmail root in a temporary directory. It checks control/dkimkeys (Contract A: only the keys
+that sign now, ``domain:selector:algorithm:keyfile``), the key files' owner and mode, the fact
+pyqmail_dkim__published (Contract B), that a second run changes nothing, and that turning DKIM
+off removes control/dkimkeys and keeps the keys. The group and user tasks are left out
+(pyqmail__check_fresh): they would change this machine's accounts.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.roles.playbook import REPO, ansible_env
+
+GROUP = "daemon"
+
+
+def run_role(
+    base: Path, *, check: bool = False, **more: object
+) -> tuple[dict[str, list[dict[str, Any]]], Any]:
+    """Run the role's tasks; (task name -> results, the fact pyqmail_dkim__published)."""
+    playbook = base / "play.yml"
+    templates = base / "templates"  # where imported tasks find the role's templates
+    if not templates.exists():
+        templates.symlink_to(REPO / "roles" / "pyqmail_dkim" / "templates")
+    playbook.write_text(
+        f"""---
+- name: The role pyqmail_dkim's tasks
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files:
+    - {REPO}/roles/pyqmail/defaults/main.yml
+    - {REPO}/roles/pyqmail/vars/main.yml
+    - {REPO}/roles/pyqmail_dkim/defaults/main.yml
+  tasks:
+    - name: The role's tasks
+      ansible.builtin.import_tasks: {REPO}/roles/pyqmail_dkim/tasks/main.yml
+    - name: Show the published records
+      ansible.builtin.debug:
+        var: pyqmail_dkim__published
+  handlers:
+    - name: The role pyqmail's handlers
+      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
+"""
+    )
+    extra = {
+        "pyqmail__root": str(base / "qmail"),
+        "pyqmail__service_dir": str(base / "service"),
+        "pyqmail__me": "mx.example.org",
+        "pyqmail__check_fresh": True,
+        "pyqmail_control__locals": ["example.org", "mx.example.org", "localhost"],
+        "pyqmail_dkim__group": GROUP,
+        "ansible_python_interpreter": sys.executable,
+        **more,
+    }
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            "localhost,",
+            "-e",
+            json.dumps(extra),
+            *(["--check"] if check else []),
+            str(playbook),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        timeout=300,
+        check=False,
+    )
+    out = json.loads(proc.stdout)
+    ran: dict[str, list[dict[str, Any]]] = {}
+    for play in out["plays"]:
+        for task in play["tasks"]:
+            ran.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
+    published = ran.get("Show the published records", [{}])[0].get("pyqmail_dkim__published")
+    return ran, published
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
+    (tmp_path / "qmail" / "control").mkdir(parents=True)
+    ran, published = run_role(tmp_path)
+    failed = {name: r for name, rs in ran.items() for r in rs if r.get("failed")}
+    assert not failed, failed
+    control = tmp_path / "qmail" / "control"
+    lines = [
+        line
+        for line in (control / "dkimkeys").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    # The default domains: the local ones but localhost; both algorithms each.
+    assert len(lines) == 4, lines
+    gid = grp.getgrnam(GROUP).gr_gid
+    seen = set()
+    for line in lines:
+        domain, selector, algorithm, keyfile = line.split(":")
+        seen.add((domain, algorithm))
+        assert selector.endswith("-rsa" if algorithm == "rsa-sha256" else "-ed25519")
+        key = Path(keyfile)
+        assert key == control / "dkim" / domain / f"{selector}.key"
+        assert mode_of(key) == 0o640
+        assert (key.stat().st_uid, key.stat().st_gid) == (0, gid)
+        assert mode_of(key.parent) == 0o750
+        assert (key.parent.stat().st_uid, key.parent.stat().st_gid) == (0, gid)
+    assert seen == {
+        (d, a) for d in ("example.org", "mx.example.org") for a in ("rsa-sha256", "ed25519-sha256")
+    }
+    assert mode_of(control / "dkimkeys") == 0o644
+    assert {(r["domain"], r["algorithm"]) for r in published} == seen
+    assert all(r["txt"].startswith("v=DKIM1; k=") for r in published)
+    assert set(published[0]) == {"domain", "selector", "algorithm", "txt"}
+    assert "PRIVATE KEY" not in json.dumps(ran)
+
+    again, published_again = run_role(tmp_path)
+    changed = [name for name, rs in again.items() for r in rs if r.get("changed")]
+    assert changed == [], changed
+    assert published_again == published
+
+    off, none = run_role(tmp_path, pyqmail_dkim__enabled=False)
+    assert not (control / "dkimkeys").exists()
+    assert none == []
+    assert len(list((control / "dkim").glob("*/*.key"))) == 4
+    assert not [name for name, rs in off.items() for r in rs if r.get("failed")]
+
+
+def test_check_mode_changes_nothing_and_publishes_only_existing_keys(tmp_path: Path) -> None:
+    (tmp_path / "qmail" / "control").mkdir(parents=True)
+    ran, published = run_role(
+        tmp_path,
+        check=True,
+        # A virtual domain is local too (control/virtualdomains, domain:prefix lines).
+        pyqmail_control__extra={"virtualdomains": "# shops\nshop.example:alice\nx@y.example:b"},
+        pyqmail_dkim__domains=["example.org", "shop.example"],
+    )
+    assert not [name for name, rs in ran.items() for r in rs if r.get("failed")]
+    keys = ran["Keep the DKIM keys of each signing domain (rotation state in state.json)"][0]
+    assert [r["item"] for r in keys["results"] if r.get("changed")] == [
+        "example.org",
+        "shop.example",
+    ]
+    assert published == []
+    assert not (tmp_path / "qmail" / "control" / "dkim").exists()
+    assert not (tmp_path / "qmail" / "control" / "dkimkeys").exists()
+
+
+def test_a_domain_that_is_not_local_fails(tmp_path: Path) -> None:
+    (tmp_path / "qmail" / "control").mkdir(parents=True)
+    ran, _ = run_role(tmp_path, pyqmail_dkim__domains=["bank.example"])
+    result = ran["Keep the DKIM keys of each signing domain (rotation state in state.json)"][0]
+    assert result.get("failed")
+    messages = [r.get("msg", "") for r in result["results"]]
+    assert "domain: 'bank.example' is not a local domain of this host" in messages[0]
+    assert not (tmp_path / "qmail" / "control" / "dkim" / "bank.example").exists()
+    assert not (tmp_path / "qmail" / "control" / "dkimkeys").exists()
