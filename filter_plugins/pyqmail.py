@@ -137,7 +137,8 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
         out.append(f"  and {facts['fetched']} on the controller")
     dns = facts.get("dns") or {}
     if dns:
-        out.append(f"DNS records to publish ({dns['path']} on the controller; check them with")
+        where = "on the controller" if dns.get("written", True) else "not written in check mode"
+        out.append(f"DNS records to publish ({dns['path']} {where}; check them with")
         out.append(f"  pyqmail-dns check {dns['path']}):")
         out += [f"  {line}" for line in dns["lines"]]
     return out

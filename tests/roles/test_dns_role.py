@@ -75,6 +75,8 @@ def test_summary_prints_the_zone_and_the_check_command() -> None:
         "  h. 3600 IN A 192.0.2.1",
     ]
     assert "DNS records" not in "\n".join(main.services_summary([], {**facts, "dns": {}}))
+    checked = main.services_summary([], {**facts, "dns": {**facts["dns"], "written": False}})
+    assert checked[-4].startswith("DNS records to publish (/a/h/dns.zone not written in check mode")
 
 
 def host_vars(root: Path, **more: Any) -> dict[str, Any]:
