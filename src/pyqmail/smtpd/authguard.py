@@ -107,7 +107,10 @@ CREATE TABLE IF NOT EXISTS account (
     name TEXT PRIMARY KEY, fails INTEGER NOT NULL, first REAL NOT NULL,
     locked_until REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS account_first ON account (first);
-"""
+CREATE TABLE IF NOT EXISTS sent (
+    login TEXT NOT NULL, minute INTEGER NOT NULL, messages INTEGER NOT NULL,
+    recipients INTEGER NOT NULL, PRIMARY KEY (login, minute)) WITHOUT ROWID;
+"""  # sent: the sending limits' counts (pyqmail.smtpd.sendlimits)
 
 
 class StateError(Exception):
