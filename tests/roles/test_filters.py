@@ -17,6 +17,8 @@ import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
 
+from pyqmail.smtpd.senders import load_map
+
 REPO = Path(__file__).resolve().parents[2]
 FILTERS = REPO / "filter_plugins" / "pyqmail.py"
 _SPEC = importlib.util.spec_from_file_location("pyqmail_filters", FILTERS)
@@ -312,8 +314,6 @@ def test_senders_map_bad_input_names_the_variable() -> None:
 
 def test_the_role_template_writes_a_map_the_daemon_loads(tmp_path: Path) -> None:
     """The pyqmail_mailboxes template, rendered by Ansible, read by pyqmail-smtpd's loader."""
-    from pyqmail.smtpd.senders import load_map  # noqa: PLC0415 - the daemon side
-
     dest = tmp_path / "senders"
     extra = {
         "pyqmail_mailboxes__present": SENDER_BOXES[:4],

@@ -284,10 +284,14 @@ def test_one_bad_value_is_one_line(case: str) -> None:
 )
 def test_a_senders_entry_is_an_address_or_at_domain(entry: str, good: bool) -> None:
     problems = problems_of({"pyqmail_mailboxes__list": [{"name": "a", "senders": [entry]}]})
-    assert problems == ([] if good else [
-        f"pyqmail_mailboxes__list[0].senders[0]: {entry!r} is neither an address "
-        "(user@domain) nor @domain"
-    ])
+    assert problems == (
+        []
+        if good
+        else [
+            f"pyqmail_mailboxes__list[0].senders[0]: {entry!r} is neither an address "
+            "(user@domain) nor @domain"
+        ]
+    )
 
 
 def test_all_problems_at_once_and_no_password() -> None:
