@@ -99,8 +99,8 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     """The lines of the run summary: listeners, Dovecot, mail client settings, svstat, CA.
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
-    {}), svstat (the registered result), config_dir and fetched (the CA copy on the controller,
-    or "").
+    {}), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
+    or "") and sendmail (``sendmail_summary``'s lines, or []).
     """
     services = _list(wanted, "pyqmail_services__wanted")
     kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
@@ -134,6 +134,9 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     out.append(f"CA certificate for mail clients: {facts['config_dir']}/ca.pem on the host")
     if facts.get("fetched"):
         out.append(f"  and {facts['fetched']} on the controller")
+    if facts.get("sendmail"):
+        out.append("the host's own mail (cron, system programs):")
+        out += [f"  {line}" for line in facts["sendmail"]]
     return out
 
 
@@ -260,6 +263,58 @@ def senders_map(  # noqa: PLR0917 - the inventory variables the map is made of
     return lines
 
 
+def sendmail_state(dpkg: Any, stats: Any, target: str) -> list[dict[str, Any]]:
+    """Per sendmail path, from ``dpkg-query --search`` and ``stat`` (registered loops):
+    ``package`` that owns it ('' = none), ``ours`` (our link to ``target``), ``free`` (ours,
+    or absent and no package's: the role may link it)."""
+    out = []
+    for found, seen in zip(
+        _list(dpkg, "dpkg-query results"), _list(stats, "stat results"), strict=True
+    ):
+        owners = [
+            line.split(": ", 1)[0]
+            for line in found.get("stdout_lines") or []
+            if found.get("rc") == 0 and ": " in line and not line.startswith("diversion ")
+        ]
+        stat = seen.get("stat") or {}
+        ours = bool(stat.get("islnk")) and stat.get("lnk_source") == target
+        package = owners[0] if owners else ""
+        exists = bool(stat.get("exists"))
+        out.append(
+            {
+                "path": found["item"],
+                "package": package,
+                "exists": exists,
+                "ours": ours,
+                "free": not package and (ours or not exists),
+            }
+        )
+    return out
+
+
+def sendmail_summary(state: Any, enabled: Any, target: str) -> list[str]:
+    """The summary's lines about the host's own mail: where each sendmail path leads, and a
+    WARNING for a path another MTA package (or someone else) owns."""
+    out = []
+    for entry in _list(state, "pyqmail_install__sendmail_state"):
+        path, package = entry["path"], entry["package"]
+        if package:
+            out.append(
+                f"WARNING: {path} belongs to the package {package}: cron and system mail"
+                f" go through {package}, not pyqmail (remove it to send them through pyqmail)"
+            )
+        elif not enabled:
+            out.append(f"{path}: not managed (pyqmail_install__sendmail is false)")
+        elif entry["free"]:
+            out.append(f"{path} -> {target} (pyqmail-sendmail)")
+        else:
+            out.append(
+                f"WARNING: {path} exists, belongs to no package and is not pyqmail's:"
+                " left alone; cron and system mail do not go through pyqmail"
+            )
+    return out
+
+
 def dovecot_summary(
     listeners: Any, kinds: Mapping[str, Mapping[str, Any]], port_map: Mapping[str, Any]
 ) -> dict[str, list[str]]:
@@ -324,6 +379,8 @@ class FilterModule:
             "pyqmail_rules_for_listener": rules_for_listener,
             "pyqmail_mailbox_dirs": mailbox_dirs,
             "pyqmail_senders_map": senders_map,
+            "pyqmail_sendmail_state": sendmail_state,
+            "pyqmail_sendmail_summary": sendmail_summary,
             "pyqmail_dovecot_summary": dovecot_summary,
             "pyqmail_reload_handlers": reload_handlers,
             "pyqmail_changed_items": changed_items,
