@@ -30,7 +30,9 @@ The rules (every refusal is logged ``sender-refused`` with the login and the add
   ``<``, a bare word, an empty group) is refused the same way: a receiver's display of it is
   anybody's guess. A message without From is the envelope rule's business (accepted when
   the envelope sender was owned), except with the null sender (refused: nothing would tie
-  the message to the login).
+  the message to the login). From fields longer than 4 KiB together, or a header section
+  longer than ``header_size_limit`` (100 KiB, ``pyqmail.headers``: a From after it would go
+  unseen), are refused too. ``Sender:`` and ``Resent-From:`` are not checked.
 - Sessions that did not authenticate (relay clients by IP or by client certificate, inbound
   mail) are not held to the map: their rules are unchanged. An authenticated relay client
   is held to it like any other login.
@@ -41,19 +43,17 @@ worker's sessions.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from dataclasses import dataclass, field
-from email.errors import ObsoleteHeaderDefect
 from pathlib import Path
 
 from pyqmail.control.reader import ControlError, read_lines
-from pyqmail.headers import HEADER_SIZE_LIMIT, header_values
+from pyqmail.headers import HEADER_SIZE_LIMIT, header_values, mailbox_addresses
 from pyqmail.log import log
 from pyqmail.smtpd.sendlimits import SendLimits, Settings
 
 SENDERS_FILE = "users/senders"
-MAX_FROM = 16 * 1024  # bytes of From fields read; longer is refused as unreadable
+MAX_FROM = 4096  # characters of From fields read; more is refused as unreadable
 _END = b"\r\n\r\n"
 _LABEL = re.compile(r"(?!-)(?:[^\W_]|-){1,63}(?<!-)")  # a domain label (UTF-8 letters too)
 
@@ -141,18 +141,16 @@ class SendersCache:
 
 def from_addresses(head: bytes) -> list[str] | None:
     """Every address of every From field of a header section; None when a From field cannot
-    be read without a defect (or is too long); [] when there is no From field."""
+    be read unambiguously, names nobody (an empty group) or is too long; [] without From."""
     values = header_values(head, "from")
     if sum(len(v) for v in values) > MAX_FROM:
         return None
     out: list[str] = []
     for value in values:
-        header = email.policy.default.header_factory("from", value)
-        defects = [d for d in header.defects if not isinstance(d, ObsoleteHeaderDefect)]
-        addresses = getattr(header, "addresses", ())
-        if defects or not addresses:
+        addresses = mailbox_addresses(value)
+        if not addresses:
             return None
-        out.extend(a.addr_spec for a in addresses)
+        out.extend(addresses)
     return out
 
 
@@ -164,6 +162,7 @@ class HeadWatch:
         self.login, self.sender, self.senders, self.ip = login, sender, senders, ip
         self.head = bytearray()
         self.done = False
+        self.complete = False  # the empty line after the header section was seen
 
     def feed(self, chunk: bytes) -> None:
         """Keep the bytes up to the empty line (or the limit); ignore the body."""
@@ -174,12 +173,14 @@ class HeadWatch:
         end = self.head.find(_END, start)
         if end >= 0:
             del self.head[end + 2 :]
-            self.done = True
+            self.done = self.complete = True
         elif len(self.head) >= HEADER_SIZE_LIMIT:
             self.done = True
 
     def refusal(self) -> str | None:
         """The 550 reply when the header From is not the login's, else None (logged)."""
+        if not self.complete and self.done:  # a From past the limit would go unseen
+            return self._refuse("(header too long)", "550 5.7.1 header section too long")
         addresses = from_addresses(bytes(self.head))
         if addresses is None:
             return self._refuse("(unreadable)", "550 5.7.1 header From not understood")
