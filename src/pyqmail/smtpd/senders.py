@@ -15,9 +15,10 @@ the aliases that deliver to them and each mailbox's ``senders`` list), one line 
 ``@domain`` owns every address of that domain. ``#`` comments and blank lines are ignored;
 addresses compare case-insensitively. pyqmail-smtpd re-reads the file when it changes (as
 the users file), so no HUP is needed; a broken new file keeps the map loaded before (and is
-logged). **No file: no sender rules** (the daemon as before; the role always writes it, and
-removes it only when ``pyqmail_mailboxes__senders_enforced`` is false). A login the file does
-not list owns nothing.
+logged); a broken file at start stops the daemon (``pyqmail.control.check``, also on HUP
+and ``--check``). **No file: no sender rules** (the daemon as before; the role always writes
+it, and removes it only when ``pyqmail_mailboxes__senders_enforced`` is false). A login the
+file does not list owns nothing.
 
 The rules (every refusal is logged ``sender-refused`` with the login and the address):
 
@@ -114,7 +115,11 @@ class SendersCache:
         self._stamp: tuple[int, int, int] | None = None
         self.map: SenderMap | None = None
         self._stamp = self._stat()
-        self.map = load_map(self.path) if self._stamp is not None else None
+        try:
+            self.map = load_map(self.path) if self._stamp is not None else None
+        except ControlError as exc:  # broken since the start-up check: fail closed
+            log("warning", text=f"{exc}; no login owns any address until it is fixed")
+            self.map = SenderMap()
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
