@@ -15,6 +15,10 @@ each parser at N and 2N bytes of pathological input):
   header copy in a bounce, the queue tool's header view, ``pyqmail-sendmail -t``) look at the
   first ``HEADER_SIZE_LIMIT`` bytes only. Nothing is cut from the message itself: it is
   stored, delivered and relayed unchanged; only what pyqmail reads out of it is bounded.
+- **Address fields**: ``mailbox_addresses`` reads the addresses of a From field (for the
+  sender rules of ``pyqmail.smtpd.senders``) with one tokenizing regex pass and a counter for
+  nested comments, never the standard library's recursive, super-linear parser; what it
+  cannot read unambiguously is None (refused), never guessed.
 - Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
   (which copies the value again for every continuation line: quadratic).
 """
