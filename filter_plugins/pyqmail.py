@@ -101,7 +101,8 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
     {}), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
-    or "") and dns (pyqmail_dns__summary: path and lines of the zone, or {}).
+    or ""), dns (pyqmail_dns__summary: path and lines of the zone, or {}) and sendmail
+    (``sendmail_summary``'s lines, or []).
     """
     services = _list(wanted, "pyqmail_services__wanted")
     kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
@@ -141,6 +142,9 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
         out.append(f"DNS records to publish ({dns['path']} {where}; check them with")
         out.append(f"  pyqmail-dns check {dns['path']}):")
         out += [f"  {line}" for line in dns["lines"]]
+    if facts.get("sendmail"):
+        out.append("the host's own mail (cron, system programs):")
+        out += [f"  {line}" for line in facts["sendmail"]]
     return out
 
 
@@ -194,6 +198,128 @@ def mailbox_dirs(folders: Any) -> list[str]:
     for index, folder in enumerate(_list(folders, "pyqmail_mailboxes__folders")):
         name = _string(folder, f"pyqmail_mailboxes__folders[{index}]")
         out.extend(f"/Maildir/.{name}{sub}" for sub in MAILDIR_SUBDIRS)
+    return out
+
+
+def _present(items: list[Any]) -> list[Mapping[str, Any]]:
+    """The entries of a role's list that are not ``state: absent``."""
+    return [item for item in items if (item or {}).get("state", "present") != "absent"]
+
+
+def _alias_owners(
+    aliases: list[Mapping[str, Any]], boxes: Mapping[str, str], locals_: set[str]
+) -> dict[str, set[str]]:
+    """Alias name -> the mailboxes it delivers to, through forwards to a local address (a
+    mailbox, or another alias: followed to the end) or a mailbox's Maildir path."""
+    targets: dict[str, list[str]] = {}
+    for index, alias in enumerate(aliases):
+        name = _string(alias.get("name"), f"pyqmail_aliases__aliases[{index}].name").lower()
+        where = f"pyqmail_aliases__aliases[{index}].targets"
+        targets[name] = [_string(t, where) for t in _list(alias.get("targets") or [], where)]
+    maildirs = {home.rstrip("/") + "/Maildir/": name for name, home in boxes.items()}
+
+    def resolve(name: str, seen: frozenset[str]) -> set[str]:
+        owners: set[str] = set()
+        for target in targets.get(name, []):
+            local, _, domain = target.lower().rpartition("@")
+            if target in maildirs:
+                owners.add(maildirs[target])
+            elif domain in locals_ and local in boxes:
+                owners.add(local)
+            elif domain in locals_ and local in targets and local not in seen:
+                owners |= resolve(local, seen | {local})
+        return owners
+
+    return {name: resolve(name, frozenset({name})) for name in targets if name not in boxes}
+
+
+def senders_map(  # noqa: PLR0917 - the inventory variables the map is made of
+    mailboxes: Any,
+    login_domain: str,
+    home_base: str,
+    locals_: Any,
+    aliases: Any,
+    postmaster: Any = None,
+) -> list[str]:
+    """users/senders, one ``login: address ...`` line per AUTH login (a mailbox with a
+    password): its mailbox address in every local domain, every alias that delivers to it
+    in every local domain (root, postmaster and mailer-daemon when pyqmail_aliases__postmaster
+    is its address), then its own ``senders`` entries (``@domain`` = anyone there)."""
+    domains = [d.lower() for d in _list(locals_, "pyqmail_control__locals")]
+    boxes_list = _present(_list(mailboxes, "pyqmail_mailboxes__list"))
+    boxes: dict[str, str] = {}
+    for box in boxes_list:
+        name = str(box["name"]).lower()
+        boxes[name] = str(box.get("home") or f"{home_base}/{name}")
+    # the role writes .qmail-root, -postmaster and -mailer-daemon first; a listed alias of
+    # the same name replaces that file, and its entry here replaces theirs
+    special = ("root", "postmaster", "mailer-daemon")
+    alias_list = [{"name": n, "targets": [postmaster]} for n in special] if postmaster else []
+    alias_list += _present(_list(aliases or [], "pyqmail_aliases__aliases"))
+    owners = _alias_owners(alias_list, boxes, set(domains))
+    lines = []
+    for index, box in enumerate(boxes_list):
+        if box.get("password") is None:
+            continue
+        name = str(box["name"]).lower()
+        login = box.get("login") or f"{name}@{login_domain}"
+        parts = [name, *sorted(alias for alias, who in owners.items() if name in who)]
+        owned = [f"{part}@{domain}" for part in parts for domain in domains]
+        where = f"pyqmail_mailboxes__list[{index}].senders"
+        extra = [_string(e, where).lower() for e in _list(box.get("senders") or [], where)]
+        lines.append(f"{login}: {' '.join(dict.fromkeys(owned + extra))}")
+    return lines
+
+
+def sendmail_state(dpkg: Any, stats: Any, target: str) -> list[dict[str, Any]]:
+    """Per sendmail path, from ``dpkg-query --search`` and ``stat`` (registered loops):
+    ``package`` that owns it ('' = none), ``ours`` (our link to ``target``), ``free`` (ours,
+    or absent and no package's: the role may link it)."""
+    out = []
+    for found, seen in zip(
+        _list(dpkg, "dpkg-query results"), _list(stats, "stat results"), strict=True
+    ):
+        owners = [
+            line.split(": ", 1)[0]
+            for line in found.get("stdout_lines") or []
+            if found.get("rc") == 0 and ": " in line and not line.startswith("diversion ")
+        ]
+        stat = seen.get("stat") or {}
+        ours = bool(stat.get("islnk")) and stat.get("lnk_source") == target
+        package = owners[0] if owners else ""
+        exists = bool(stat.get("exists"))
+        out.append(
+            {
+                "path": found["item"],
+                "package": package,
+                "exists": exists,
+                "ours": ours,
+                "free": not package and (ours or not exists),
+            }
+        )
+    return out
+
+
+def sendmail_summary(state: Any, enabled: Any, target: str) -> list[str]:
+    """The summary's lines about the host's own mail: where each sendmail path leads, and a
+    WARNING for a path another MTA package (or someone else) owns."""
+    out = []
+    for entry in _list(state, "pyqmail_install__sendmail_state"):
+        path, package = entry["path"], entry["package"]
+        if package:
+            out.append(
+                f"WARNING: {path} belongs to the package {package}: cron and system mail"
+                f" go through {package}, not pyqmail (remove it to send them through pyqmail)"
+            )
+        elif not enabled:
+            out.append(f"{path}: not managed (pyqmail_install__sendmail is false)")
+        elif entry["free"]:
+            out.append(f"{path} -> {target} (pyqmail-sendmail)")
+        else:
+            out.append(
+                f"WARNING: {path} exists, belongs to no package and is not pyqmail's:"
+                " left alone; cron and system mail do not go through pyqmail"
+            )
     return out
 
 
@@ -260,6 +386,9 @@ class FilterModule:
             "pyqmail_rules_collect": rules_collect,
             "pyqmail_rules_for_listener": rules_for_listener,
             "pyqmail_mailbox_dirs": mailbox_dirs,
+            "pyqmail_senders_map": senders_map,
+            "pyqmail_sendmail_state": sendmail_state,
+            "pyqmail_sendmail_summary": sendmail_summary,
             "pyqmail_dovecot_summary": dovecot_summary,
             "pyqmail_reload_handlers": reload_handlers,
             "pyqmail_changed_items": changed_items,

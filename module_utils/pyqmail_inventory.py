@@ -185,6 +185,7 @@ HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 LOCAL_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
 MAILBOX_RE = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}\Z")
 ADDRESS_RE = re.compile(r"[^@\s:|&#/]+@[A-Za-z0-9.-]+\Z")
+SENDER_LOCAL_RE = re.compile(r"[^@\s:|&#/\\\"<>(),;]{1,64}\Z")
 MAILDIR_RE = re.compile(r"/\S*/\Z")
 HOME_RE = re.compile(r"/[^:\s]+\Z")
 CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
@@ -428,6 +429,20 @@ def check_mailboxes(name: str, value: list[dict[str, Any]], values: Mapping[str,
                 validate_password(box["password"])
             except AuthDBError as exc:
                 yield f"{where}.password: {exc}"  # the message never shows the password
+        for number, entry in enumerate(box.get("senders") or []):
+            if not sender_entry(entry):
+                yield (
+                    f"{where}.senders[{number}]: {entry!r} is neither an address "
+                    "(user@domain) nor @domain"
+                )
+
+
+def sender_entry(entry: str) -> bool:
+    """An entry of a mailbox's ``senders``: user@domain or @domain (pyqmail.smtpd.senders)."""
+    local, at, domain_part = entry.rpartition("@")
+    if not at or (local and not SENDER_LOCAL_RE.match(local)):
+        return False
+    return bool(DOMAIN_RE.match(domain_part.lower()))
 
 
 def check_provided(name: str, value: str, values: Mapping[str, Any]) -> Problems:
@@ -711,6 +726,8 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__greetdelay": in_range(0, 60),
     "pyqmail_control__timeoutstress": in_range(1, 1000000),
     "pyqmail_control__stresspercent": in_range(1, 100),
+    "pyqmail_control__authmsgsperhour": in_range(0, 10**6, " (0 = no limit)"),
+    "pyqmail_control__authrcptsperhour": in_range(0, 10**7, " (0 = no limit)"),
     "pyqmail_control__validrcptto": each(check_validrcptto),
     "pyqmail_control__tlsclients": each(one_line),
     "pyqmail_control__smtproutes": check_smtproutes,

@@ -15,6 +15,10 @@ each parser at N and 2N bytes of pathological input):
   header copy in a bounce, the queue tool's header view, ``pyqmail-sendmail -t``) look at the
   first ``HEADER_SIZE_LIMIT`` bytes only. Nothing is cut from the message itself: it is
   stored, delivered and relayed unchanged; only what pyqmail reads out of it is bounded.
+- **Address fields**: ``mailbox_addresses`` reads the addresses of a From field (for the
+  sender rules of ``pyqmail.smtpd.senders``) with one tokenizing regex pass and a counter for
+  nested comments, never the standard library's recursive, super-linear parser; what it
+  cannot read unambiguously is None (refused), never guessed.
 - Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
   (which copies the value again for every continuation line: quadratic).
 """
@@ -111,3 +115,131 @@ def header_values(message: bytes, name: str, limit: int = HEADER_SIZE_LIMIT) -> 
         for field, value in header_fields(message, limit)
         if field == want
     ]
+
+
+# --- the addresses of an address field (From) --------------------------------------------
+# One regex pass over the field (possessive quantifiers: no backtracking), comments skipped by
+# a counter (no recursion, whatever their nesting): linear where the standard library's
+# email.headerregistry took 0.27 s for 1 KiB of "a a a ..." and recursed out on nested comments.
+
+_ADDR_TOKEN = re.compile(
+    r"""(?P<ws>[ \t\r\n]++)
+    |(?P<qs>"(?:[^"\\]|\\.)*+")
+    |(?P<lit>\[(?:[^\[\]\\]|\\.)*+\])
+    |(?P<atom>[^\s()<>\[\]:;@\\,".]++)
+    |(?P<special>[<>:;@,.])
+    |(?P<comment>\()""",
+    re.VERBOSE | re.DOTALL,
+)
+_WORDS = frozenset({"atom", "qs"})
+Token = tuple[str, str]
+
+
+def _skip_comment(value: str, pos: int) -> int | None:
+    """The position after the comment that opens at ``pos``; None if it never closes."""
+    depth, i, end = 0, pos, len(value)
+    while i < end:
+        c = value[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _address_tokens(value: str) -> list[Token] | None:
+    """The field's tokens without blanks and comments; None at anything unbalanced or stray."""
+    tokens: list[Token] = []
+    pos = 0
+    while pos < len(value):
+        match = _ADDR_TOKEN.match(value, pos)
+        if match is None:
+            return None
+        kind = match.lastgroup or ""
+        if kind == "comment":
+            after = _skip_comment(value, pos)
+            if after is None:
+                return None
+            pos = after
+            continue
+        if kind != "ws":
+            tokens.append((kind, match.group()))
+        pos = match.end()
+    return tokens
+
+
+def _addr_spec(tokens: list[Token]) -> str | None:
+    """local@domain from its tokens (a quoted local part unquoted), or None."""
+    texts = [text for _, text in tokens]
+    if texts.count("@") != 1:
+        return None
+    at = texts.index("@")
+    local, domain = tokens[:at], tokens[at + 1 :]
+    parts: list[str] = []
+    for i, (kind, text) in enumerate(local):
+        dotted = kind == "special" and text == "."
+        if not dotted and kind not in _WORDS:
+            return None
+        if i and (dotted == (local[i - 1][1] == ".")):
+            return None  # two words, or two dots, in a row
+        parts.append(re.sub(r"\\(.)", r"\1", text[1:-1]) if kind == "qs" else text)
+    if len(domain) == 1 and domain[0][0] == "lit":
+        host = domain[0][1]
+    elif all(k == "atom" or t == "." for k, t in domain) and domain:
+        host = "".join(t for _, t in domain)
+    else:
+        return None
+    if not parts or not host.strip(".") or ".." in host:
+        return None
+    return "".join(parts) + "@" + host
+
+
+def _mailbox(tokens: list[Token]) -> str | None:
+    """``display-name <addr-spec>`` or a bare addr-spec; None when it is anything else (an
+    address-like display name, a source route, a second angle address)."""
+    texts = [text for kind, text in tokens if kind == "special"]
+    if "<" not in texts:
+        return _addr_spec(tokens)
+    if texts.count("<") != 1 or texts.count(">") != 1 or tokens[-1] != ("special", ">"):
+        return None
+    start = tokens.index(("special", "<"))
+    if any(k not in _WORDS and t != "." for k, t in tokens[:start]):
+        return None  # a display name is words (and the dots of obsolete syntax) only
+    return _addr_spec(tokens[start + 1 : -1])
+
+
+def mailbox_addresses(value: str) -> list[str] | None:
+    """The addresses of an address-list field value (RFC 5322 3.4: mailboxes and groups), in
+    order; None when any part cannot be read unambiguously. Linear in ``len(value)``."""
+    tokens = _address_tokens(value)
+    if tokens is None:
+        return None
+    out: list[str] = []
+    current: list[Token] = []
+    group = angle = False
+    for token in [*tokens, ("special", ",")]:
+        text = token[1] if token[0] == "special" else ""
+        angle = (angle or text == "<") and text != ">"
+        if text == ":" and not angle and not group:
+            if any(k not in _WORDS and t != "." for k, t in current) or not current:
+                return None
+            group, current = True, []
+        elif text in (",", ";") and not angle:
+            if text == ";" and not group:
+                return None
+            if current:
+                address = _mailbox(current)
+                if address is None:
+                    return None
+                out.append(address)
+            current = []
+            group = group and text != ";"
+        else:
+            current.append(token)
+    return None if group or angle or current else out

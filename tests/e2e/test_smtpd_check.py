@@ -61,7 +61,7 @@ def test_good_configuration_exits_0_with_one_line_and_touches_nothing(good_root:
     assert lines[0].startswith(
         f"pyqmail-smtpd: configuration of {good_root.path} for --mode smtp OK"
     )
-    assert "me mx.test, 3 rcpthosts, TLS on, AUTH 1 user(s)" in lines[0]
+    assert "me mx.test, 3 rcpthosts, TLS on, AUTH 1 user(s), senders off" in lines[0]
     assert f"rules {rules_path(good_root)}" in lines[0]
     assert tree(good_root) == before  # no AUTH state, no queue file, nothing
     assert not (good_root.path / "smtpd").exists()
@@ -111,6 +111,10 @@ def _servercert_for_root_only(root: QmailRoot) -> None:
     os.chown(root.path / "control" / "servercert.pem", 0, 0)  # mode 0400: root alone
 
 
+def _bad_senders(root: QmailRoot) -> None:
+    root.write("users/senders", "joe: joe@mx.test bob\n")
+
+
 BROKEN = [
     ("databytes", _control("databytes", b"ten\n"), "control/databytes:1: not a non-negative"),
     ("me", _remove_me, "control/me: missing or empty; it must name this host"),
@@ -118,6 +122,7 @@ BROKEN = [
     ("rules", _corrupt_rules, "etc/smtp.cdb: "),
     ("servercert", _control("servercert.pem", b"not a pem\n", 0o400), "servercert.pem: "),
     ("queue", _missing_queue_dir, "queue directory missing"),
+    ("senders", _bad_senders, "users/senders:1: 'bob' is neither an address nor @domain"),
 ]
 if IS_ROOT:
     BROKEN.append(("unreadable-servercert", _servercert_for_root_only, "servercert.pem: "))

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
 
+from pyqmail.smtpd.senders import load_map
+
 REPO = Path(__file__).resolve().parents[2]
 FILTERS = REPO / "filter_plugins" / "pyqmail.py"
 _SPEC = importlib.util.spec_from_file_location("pyqmail_filters", FILTERS)
@@ -263,3 +265,75 @@ def test_services_svstat_argv_and_summary() -> None:
     assert "  outgoing: none (no submission or smtps listener)" in lines
     assert "  incoming: IMAP 993 SSL/TLS" in lines
     assert lines[-1] == "  and /ctl/ca.pem on the controller"
+
+
+SENDER_BOXES = [
+    {"name": "alice", "password": "a-pw-1234"},
+    {"name": "Bob", "password": "b-pw-1234", "login": "bob", "senders": ["@Example.COM"]},
+    {"name": "carol", "password": "c-pw-1234", "home": "/srv/mail/carol"},
+    {"name": "nopass"},  # no AUTH login: not in the map
+    {"name": "gone", "password": "g-pw-1234", "state": "absent"},
+]
+SENDER_ALIASES = [
+    {"name": "sales", "targets": ["alice@example.org", "bob@example.net"]},  # both deliver
+    {"name": "team", "targets": ["sales@example.org"]},  # through another alias
+    {"name": "archive", "targets": ["/srv/mail/carol/Maildir/"]},  # carol's Maildir
+    {"name": "outside", "targets": ["alice@elsewhere.example"]},  # not a local address
+    {"name": "loop1", "targets": ["loop2@example.org"]},
+    {"name": "loop2", "targets": ["loop1@example.org"]},
+    {"name": "alice", "targets": ["bob@example.org"]},  # a mailbox wins over an alias
+    {"name": "old", "targets": ["alice@example.org"], "state": "absent"},
+]
+
+
+def test_senders_map_from_mailboxes_aliases_and_senders() -> None:
+    lines = filters.senders_map(
+        SENDER_BOXES,
+        "example.org",
+        "/var/vmail",
+        ["example.org", "Example.NET"],
+        SENDER_ALIASES,
+        "carol@example.org",
+    )
+    assert lines == [
+        "alice@example.org: alice@example.org alice@example.net sales@example.org"
+        " sales@example.net team@example.org team@example.net",
+        "bob: bob@example.org bob@example.net sales@example.org sales@example.net"
+        " team@example.org team@example.net @example.com",
+        "carol@example.org: carol@example.org carol@example.net archive@example.org"
+        " archive@example.net mailer-daemon@example.org mailer-daemon@example.net"
+        " postmaster@example.org postmaster@example.net root@example.org root@example.net",
+    ]
+
+
+def test_senders_map_bad_input_names_the_variable() -> None:
+    with pytest.raises(AnsibleFilterError, match=r"pyqmail_mailboxes__list\[0\]\.senders"):
+        filters.senders_map([{"name": "a", "password": "x", "senders": "@x.org"}], "x.org",
+                            "/v", ["x.org"], [])  # fmt: skip
+
+
+def test_the_role_template_writes_a_map_the_daemon_loads(tmp_path: Path) -> None:
+    """The pyqmail_mailboxes template, rendered by Ansible, read by pyqmail-smtpd's loader."""
+    dest = tmp_path / "senders"
+    extra = {
+        "pyqmail_mailboxes__present": SENDER_BOXES[:4],
+        "pyqmail_mailboxes__login_domain": "example.org",
+        "pyqmail_mailboxes__home_base": "/var/vmail",
+        "pyqmail_control__locals": ["example.org"],
+        "pyqmail_aliases__aliases": SENDER_ALIASES,
+        "pyqmail__me": "mx.example.org",
+    }
+    template = REPO / "roles/pyqmail_mailboxes/templates/var/qmail/users/senders.j2"
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible")), "localhost", "-c", "local",
+         "-i", "localhost,", "-m", "ansible.builtin.template", "-a", f"src={template} dest={dest}",
+         "-e", json.dumps(extra), "-e", f"ansible_python_interpreter={sys.executable}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    senders = load_map(dest)
+    assert senders is not None
+    assert senders.owns("alice@example.org", "Sales@Example.org")
+    assert senders.owns("bob", "anyone@example.com")
+    assert not senders.owns("alice@example.org", "bob@example.org")
+    assert not senders.owns("carol@example.org", "root@example.org")  # no postmaster given

@@ -123,7 +123,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "unknown-key": (
         {"pyqmail_mailboxes__list": [{"name": "alice", "passwd": "x"}]},
         "pyqmail_mailboxes__list[0]: unknown key 'passwd' "
-        "(known: name, home, password, login, cram_md5, state)",
+        "(known: name, home, password, login, cram_md5, senders, state)",
     ),
     "bad-choice": (
         {"pyqmail_daemontools__init": "sysv"},
@@ -209,6 +209,11 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
     "alias-no-target": (
         {"pyqmail_aliases__aliases": [{"name": "abuse"}]},
         "pyqmail_aliases__aliases[0].targets: is empty; give a target, or state: absent",
+    ),
+    "mailbox-senders": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "senders": ["@example.com", "bob"]}]},
+        "pyqmail_mailboxes__list[0].senders[1]: 'bob' is neither an address (user@domain) "
+        "nor @domain",
     ),
     "mailbox-home": (
         {"pyqmail_mailboxes__list": [{"name": "alice", "home": "var/vmail/alice"}]},
@@ -316,6 +321,33 @@ DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= se
 def test_one_bad_value_is_one_line(case: str) -> None:
     overrides, expected = {**BAD, **MORE_BAD}[case]
     assert problems_of(overrides) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("entry", "good"),
+    [
+        ("alice@example.net", True),
+        ("@example.com", True),
+        ("First.Last+tag@Example.COM", True),
+        ("bob", False),
+        ("b@c@example.com", False),
+        ("@exa mple.com", False),
+        ("x@", False),
+        ("@", False),
+        ("<x@example.com>", False),
+        ("x@example.com,y@example.com", False),
+    ],
+)
+def test_a_senders_entry_is_an_address_or_at_domain(entry: str, good: bool) -> None:
+    problems = problems_of({"pyqmail_mailboxes__list": [{"name": "a", "senders": [entry]}]})
+    assert problems == (
+        []
+        if good
+        else [
+            f"pyqmail_mailboxes__list[0].senders[0]: {entry!r} is neither an address "
+            "(user@domain) nor @domain"
+        ]
+    )
 
 
 def test_all_problems_at_once_and_no_password() -> None:

@@ -18,6 +18,8 @@ KNOBS = {
     "greetdelay": "greet_delay",
     "timeoutstress": "timeout_stress",
     "stresspercent": "stress_percent",
+    "authmsgsperhour": "auth_msgs_per_hour",
+    "authrcptsperhour": "auth_rcpts_per_hour",
 }
 
 

@@ -102,3 +102,22 @@ def test_mail_to_postmaster_lands_in_alias_target_maildir(mx: Any, client: Any) 
     assert "Delivered-To:" in content
     owner = mx.file(path.splitlines()[0]).user
     assert owner == "pyqmailv"  # the mailbox owner: the local delivery child runs as it
+
+
+def test_submission_holds_alice_to_her_addresses(client: Any) -> None:
+    """Issue 16: alice may not send as admin nor as a foreign domain (553 5.7.1 at MAIL)."""
+    for sender in (f"admin@{MX_NAME}", "ceo@bank.example"):
+        out = smtp_session(
+            client,
+            host=MX_NAME,
+            port=587,
+            cafile=CA,
+            starttls=True,
+            user=USER,
+            password=PASSWORD,
+            sender=sender,
+            rcpts=["someone@elsewhere.example"],
+            send=False,
+        )
+        assert out["auth"] == "ok"
+        assert out["mail"][0] == 553, out

@@ -56,3 +56,27 @@ def test_send_check_accepts_the_provisioned_configuration(mx: Any) -> None:
     out = mx.run("/opt/pyqmail/bin/pyqmail-send --check --root /var/qmail --user pyqmails")
     assert out.rc == 0, out.stderr
     assert f"me {MX_NAME}" in out.stdout
+
+
+def test_usr_sbin_sendmail_is_pyqmail_and_delivers(mx: Any) -> None:
+    """No other MTA in the image: the role links /usr/sbin/sendmail (and /usr/lib/sendmail)
+    to its pyqmail-sendmail wrapper; cron's call reaches the postmaster's mailbox."""
+    for path in ("/usr/sbin/sendmail", "/usr/lib/sendmail"):
+        link = mx.file(path)
+        assert link.is_symlink and link.linked_to == "/opt/pyqmail/bin/sendmail", path
+    token = uuid.uuid4().hex
+    put_file(mx, f"/tmp/{token}.eml", f"Subject: cron {token}\n\ntoken {token}\n".encode())
+    mx.check_output(
+        f"/usr/sbin/sendmail -FCronDaemon -i -B8BITMIME -oem postmaster < /tmp/{token}.eml"
+    )
+
+    def delivered() -> str:
+        return str(mx.run(f"grep -rl {token} /var/vmail/admin/Maildir/new/").stdout.strip())
+
+    assert wait_for(delivered, timeout=30)
+
+
+def test_senders_map_is_for_the_verifier_only(mx: Any) -> None:
+    f = mx.file("/var/qmail/users/senders")
+    assert (f.user, f.group, f.mode) == ("root", "pyqmaila", 0o640)
+    assert f"alice@{MX_NAME}: alice@{MX_NAME}" in f.content_string

@@ -28,6 +28,7 @@ from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.rules import Rules, RulesError
 from pyqmail.smtpd.authguard import state_path
+from pyqmail.smtpd.senders import SENDERS_FILE, load_map
 
 TLS_MODES = ("smtps", "submission")
 
@@ -43,6 +44,10 @@ def startup_problems(cfg: smtpd_control.Config, mode: str) -> list[str]:
     try:
         Queue(cfg.queue_dir).check()
     except QueueError as exc:
+        problems.append(str(exc))
+    try:
+        load_map(cfg.root / SENDERS_FILE)  # the sender rules (pyqmail.smtpd.senders)
+    except ControlError as exc:
         problems.append(str(exc))
     return problems
 
@@ -113,10 +118,12 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
     if problems or cfg is None:
         return problems, ""
     users = "off" if cfg.authdb is None else f"{len(cfg.authdb)} user(s)"
+    senders = load_map(root / SENDERS_FILE)
+    held = "off" if senders is None else f"{len(senders.owned)} login(s)"
     summary = (
         f"configuration of {root} for --mode {mode} OK: me {cfg.me}, "
         f"{len(cfg.rcpthosts)} rcpthosts, TLS {'on' if cfg.server_tls else 'off'}, "
-        f"AUTH {users}, {rules_text}"
+        f"AUTH {users}, senders {held}, {rules_text}"
     )
     warnings = startup_warnings(cfg, mode)
     return [], summary + "".join(f"; warning: {w}" for w in warnings)

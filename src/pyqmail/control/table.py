@@ -184,6 +184,12 @@ MAXJUNK: Final = _smtpd_number("maxjunk", 100, "junk commands before errors")
 GREETDELAY: Final = _smtpd_number("greetdelay", 0, "seconds before the greeting", 0, 60)
 TIMEOUTSTRESS: Final = _smtpd_number("timeoutstress", 10, "idle seconds under stress", 1)
 STRESSPERCENT: Final = _smtpd_number("stresspercent", 80, "stress threshold (%)", 1, 100)
+AUTHMSGSPERHOUR: Final = _smtpd_number(
+    "authmsgsperhour", 200, "messages per AUTH login and hour, 0 = no limit", 0, 10**6
+)
+AUTHRCPTSPERHOUR: Final = _smtpd_number(
+    "authrcptsperhour", 1000, "recipients per AUTH login and hour, 0 = no limit", 0, 10**7
+)
 
 # pyqmail-send (pyqmail.control.send)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)

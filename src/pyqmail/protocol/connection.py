@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 from pyqmail.protocol import helo as protocol_helo
 from pyqmail.protocol import sasl
@@ -66,6 +67,8 @@ from pyqmail.protocol.states import (
 )
 
 __all__ = ["ProtocolUsageError", "SMTPConnection"]
+
+T = TypeVar("T")
 
 _REPLY = re.compile(r"[2345]\d\d(?: [\x20-\x7e]*)?\Z")
 _QUEUE_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
@@ -418,10 +421,13 @@ class SMTPConnection:
             self._error(out, "530 5.7.0 Authentication required")
             return
         try:
-            self._tx = parse_mail(arg, self.policy.databytes)
+            tx = parse_mail(arg, self.policy.databytes)
         except AddressError as exc:
             self._error(out, exc.reply)
             return
+        if self._held(out, self.policy.sender_check, tx.sender.address):
+            return
+        self._tx = tx
         self._enter(State.MAIL)
         self._reply(out, "250 2.1.0 Ok")
 
@@ -447,9 +453,21 @@ class SMTPConnection:
             # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
+        if self._held(out, self.policy.rcpt_check, len(tx.recipients) + 1):
+            return
         tx.recipients.append(box.address)
         self._enter(State.RCPT)
         self._reply(out, "250 2.1.5 Ok")
+
+    def _held(self, out: list[Event], check: Callable[[str, T], str | None] | None, arg: T) -> bool:
+        """The server's check of an authenticated session's MAIL or RCPT (Policy); True if
+        it refused: a 5xx counts as an error, a 4xx does not (a pipelining client sends
+        every RCPT before it reads the first 450)."""
+        login = self._client.auth_user
+        reply = None if check is None or login is None else check(login, arg)
+        if reply is not None:
+            (self._reply if reply.startswith("4") else self._error)(out, reply)
+        return reply is not None
 
     def _cmd_data(self, _arg: str, out: list[Event]) -> None:
         """354, then MessageStart and the Received header; the DATA reader takes over."""

@@ -66,6 +66,10 @@ class Policy:
     - ``auth_header``: name the AUTH login in the Received header.
     - ``notice(event, text)`` is how the core asks the server to log something the client
       did that has no reply of its own worth logging (a refused HELO).
+    - ``sender_check(login, sender)`` and ``rcpt_check(login, count)``: for an authenticated
+      session only, after MAIL's (RCPT's) own checks passed: a reply line refuses the
+      command (``pyqmail.smtpd.senders``: the login's addresses, its sending limits; a 4xx
+      is not counted as an error), None lets it through. ``count`` includes this recipient.
     """
 
     hostname: str
@@ -95,6 +99,8 @@ class Policy:
     max_junk: int = 100
     auth_header: bool = False
     notice: Callable[[str, str], None] = _no_notice
+    sender_check: Callable[[str, str], str | None] | None = None
+    rcpt_check: Callable[[str, int], str | None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("hostname", "greeting", "client_ip"):

@@ -38,6 +38,9 @@ Attempts the protocol core refuses by itself (undecodable or malformed responses
 that fail validation, a foreign authorization identity) check no password and so guess
 nothing: they are only logged (``auth-fail``, for fail2ban), not counted here.
 
+The same file holds the sending limits' counts per login and minute (table ``sent``,
+``pyqmail.smtpd.sendlimits``), so both share one set-up, one start-up check and one place.
+
 Trade-off: clients behind one NAT address share the per-client limits: after one of them
 mistypes a password, the others' next AUTH may wait up to the 4 s penalty (never longer;
 successes carry no penalty).
@@ -107,7 +110,10 @@ CREATE TABLE IF NOT EXISTS account (
     name TEXT PRIMARY KEY, fails INTEGER NOT NULL, first REAL NOT NULL,
     locked_until REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS account_first ON account (first);
-"""
+CREATE TABLE IF NOT EXISTS sent (
+    login TEXT NOT NULL, minute INTEGER NOT NULL, messages INTEGER NOT NULL,
+    recipients INTEGER NOT NULL, PRIMARY KEY (login, minute)) WITHOUT ROWID;
+"""  # sent: the sending limits' counts (pyqmail.smtpd.sendlimits)
 
 
 class StateError(Exception):

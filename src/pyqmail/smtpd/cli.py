@@ -77,6 +77,7 @@ Where each part lives (this module: the command line, the start-up and its check
 - ``tlspump``: TLS over memory BIOs; ``intake``: a message on its way into the queue;
 - ``policy``: the rules and users caches and the per-client Policy; ``auth``: the AUTH check;
 - ``limits``, ``authguard``, ``knobs``: connection limits, AUTH limits, session knobs;
+- ``senders``, ``sendlimits``: the addresses an AUTH login owns, its messages per hour;
 - ``pyqmail.log``: the key=value log lines.
 """
 

@@ -18,6 +18,7 @@ from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
+from pyqmail.smtpd.senders import HeadWatch
 
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
@@ -75,6 +76,7 @@ class Intake:
         self.committing: MessageEnd | None = None
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
+        self.watch: HeadWatch | None = None  # the header From of an AUTH login's message
 
     def start(self, event: MessageStart, ip: str, relay_client: bool = False) -> None:
         """A new message: its envelope and the trace data the Received header needs. A
@@ -114,6 +116,8 @@ class Intake:
         """Small messages stay in memory and reach the disk in one go in the commit
         thread; past SPOOL_LIMIT (or the worker's WORKER_SPOOL_LIMIT) the message streams
         into its tmp file (bounded memory)."""
+        if self.watch is not None:
+            self.watch.feed(chunk)
         writer = self.writer
         if writer is None:
             return

@@ -23,6 +23,11 @@ swapped with them on HUP. Names follow qmail's style; the semantics follow Postf
                    stress; default 10, as Postfix's ``smtpd_timeout = ${stress?10}:300``
 ``stresspercent``  the listener is under stress while its connections, counted over all its
                    workers, are at least this percentage of ``maxconn``; default 80, 1 to 100
+``authmsgsperhour`` messages one AUTH login may have queued in the last hour, over every
+                   worker and listener (``pyqmail.smtpd.sendlimits``); more: ``450 4.7.1`` at
+                   MAIL. Default 200; 0 = no limit
+``authrcptsperhour`` recipients of those messages; more: ``450 4.7.1`` at RCPT. Default 1000;
+                   0 = no limit
 =================  ===========================================================================
 
 A session's idle timeout is decided each time it makes progress (``idle_timeout``): a
@@ -47,6 +52,8 @@ class SessionKnobs:
     greet_delay: int = 0
     timeout_stress: int = 10
     stress_percent: int = 80
+    auth_msgs_per_hour: int = 200
+    auth_rcpts_per_hour: int = 1000
 
 
 def load(control: Path) -> SessionKnobs:
@@ -57,6 +64,8 @@ def load(control: Path) -> SessionKnobs:
         greet_delay=table.GREETDELAY.read(control),
         timeout_stress=table.TIMEOUTSTRESS.read(control),
         stress_percent=table.STRESSPERCENT.read(control),
+        auth_msgs_per_hour=table.AUTHMSGSPERHOUR.read(control),
+        auth_rcpts_per_hour=table.AUTHRCPTSPERHOUR.read(control),
     )
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
 from pyqmail.protocol import Policy
 from pyqmail.rules import Decision, Rules, RulesError
+
+if TYPE_CHECKING:
+    from pyqmail.smtpd.senders import SenderRules
 
 
 class UsersCache:
@@ -125,8 +129,15 @@ def auth_mechanisms(cfg: configmod.Config) -> tuple[str, ...]:
     return ("PLAIN", "LOGIN", "CRAM-MD5") if cfg.cram_md5 else ("PLAIN", "LOGIN")
 
 
-def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, str]) -> Policy:
-    """The listener mode and the client's rule environment, as the core's Policy."""
+def build_policy(
+    cfg: configmod.Config,
+    mode: str,
+    ip: str,
+    env: Mapping[str, str],
+    senders: SenderRules | None = None,
+) -> Policy:
+    """The listener mode and the client's rule environment, as the core's Policy;
+    ``senders`` holds authenticated sessions to their addresses and sending limits."""
     relay = "RELAYCLIENT" in env
     smtpauth = _env_flag(env, "SMTPAUTH")
     forcetls = _env_flag(env, "FORCETLS")
@@ -156,6 +167,8 @@ def build_policy(cfg: configmod.Config, mode: str, ip: str, env: Mapping[str, st
         max_junk=cfg.knobs.max_junk,
         auth_header=cfg.knobs.auth_header,
         notice=lambda event, text: log(event, ip=ip, text=text),
+        sender_check=None if senders is None else lambda login, addr: senders.mail(login, addr, ip),
+        rcpt_check=None if senders is None else lambda login, n: senders.rcpt(login, n, ip),
     )
 
 

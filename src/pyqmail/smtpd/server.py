@@ -33,6 +33,8 @@ from pyqmail.smtpd.auth import Authenticator
 from pyqmail.smtpd.intake import Done, SpoolBudget
 from pyqmail.smtpd.limits import Admission, ConnTable
 from pyqmail.smtpd.policy import Loader, RulesCache
+from pyqmail.smtpd.senders import SenderRules
+from pyqmail.smtpd.sendlimits import Settings as LimitSettings
 from pyqmail.smtpd.session import CLOSE_GRACE, Session
 
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
@@ -59,6 +61,7 @@ class Server:
         self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.sessions: set[Session] = set()
         self.auth = Authenticator(cfg)
+        self.senders = SenderRules(cfg.root, limit_settings(cfg))
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
@@ -144,6 +147,7 @@ class Server:
             # the old one's FIFO fd is closed with the process
             self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.auth.reload(cfg)
+        self.senders.reload(cfg.root, limit_settings(cfg))
         log("reload", root=cfg.root)
 
     async def serve(self, sock: socket.socket) -> int:
@@ -166,6 +170,7 @@ class Server:
         self.auth.shutdown()
         if self._committer is not None:
             self._committer.stop(CLOSE_GRACE)
+        self.senders.shutdown()  # after the last commit: its message is counted
         self.queue.close()
         log("stopped")
         return 0
@@ -191,6 +196,11 @@ class Server:
         self.idle.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), timeout)
+
+
+def limit_settings(cfg: configmod.Config) -> LimitSettings:
+    """The sending limits per AUTH login, from the control files (``knobs``)."""
+    return LimitSettings(cfg.knobs.auth_msgs_per_hour, cfg.knobs.auth_rcpts_per_hour)
 
 
 def run_worker(

@@ -45,6 +45,7 @@ from pyqmail.smtpd.auth import Authenticator, log_auth_fail
 from pyqmail.smtpd.intake import Intake, Spool
 from pyqmail.smtpd.limits import Admission, key_bytes
 from pyqmail.smtpd.policy import build_policy, greet_delay
+from pyqmail.smtpd.senders import SenderRules
 from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
@@ -71,6 +72,10 @@ class SessionContext(Spool, Protocol):
     @property
     def auth(self) -> Authenticator:
         """The worker's AUTH check."""
+
+    @property
+    def senders(self) -> SenderRules:
+        """The worker's sender rules and sending limits (``pyqmail.smtpd.senders``)."""
 
     def lookup(self, ip: str) -> Decision:
         """The tcprules entry for a client."""
@@ -145,7 +150,7 @@ class Session(asyncio.BufferedProtocol):
         if not self._admit(transport):
             return
         cfg, mode = self.cfg, self.ctx.mode
-        self.policy = build_policy(cfg, mode, self.ip, decision.env)
+        self.policy = build_policy(cfg, mode, self.ip, decision.env, self.ctx.senders)
         self.touch()
         self.timer = self.loop.call_at(self.deadline, self.on_timer)
         if mode == "smtps":
@@ -533,6 +538,7 @@ class Session(asyncio.BufferedProtocol):
             self.timer = self.loop.call_at(self.data_deadline, self.on_timer)
         relay_client = self.policy is not None and self.policy.relay_client
         self.intake.start(event, self.ip, relay_client)
+        self.intake.watch = self.ctx.senders.watch(event.auth_user, event.sender, self.ip)
 
     def message_abort(self, reason: str) -> None:
         """The core gave up on the message (too big, too many hops, ...)."""
@@ -543,6 +549,12 @@ class Session(asyncio.BufferedProtocol):
     def commit(self, end: MessageEnd) -> None:
         """Hand the message to the commit thread; ``committed`` answers when it is durable."""
         self.data_deadline = None
+        watch = self.intake.watch
+        refusal = watch.refusal() if watch is not None else None
+        if refusal is not None and self.conn is not None:  # a header From not the login's
+            self.intake.drop()
+            self.handle(self.conn.message_failed(refusal))
+            return
         self.pause("commit")
         self.intake.commit(end, self.committed)
 
@@ -556,6 +568,8 @@ class Session(asyncio.BufferedProtocol):
         else:
             queue_id = result.queue_id
             self.messages += 1
+            if msg is not None:
+                self.ctx.senders.accepted(msg.auth_user, len(msg.recipients))
             if msg is not None and end is not None:
                 log(
                     "msg",
