@@ -1,0 +1,135 @@
+"""Smoke tests of ``make bench-e2e``'s outbound signed row: counts and signatures, not timings.
+
+The sink must count every message relayed to it and call a message signed only when it
+carries both signatures of the signing domain; the row, run with a handful of messages,
+must show both servers' messages arriving signed (Postfix through its OpenDKIM milters,
+pyqmail through pyqmail-send's signer), verified by dkimpy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.dkim_sink import dkim_signatures, verdict
+from bench.e2e_outbound import Sink
+
+REPO = Path(__file__).resolve().parents[2]
+HAVE_POSTFIX = Path("/usr/lib/postfix/sbin/master").exists() and os.geteuid() == 0
+
+RSA_SIG = (
+    b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=bench.test;\r\n\ts=r; b=AAAA\r\n"
+)
+ED_SIG = (
+    b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed;\r\n d=bench.test; s=e; b=BB\r\n"
+)
+BODY = b"From: <a@bench.test>\r\nTo: <u@sink.test>\r\nSubject: s\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (RSA_SIG + ED_SIG + BODY, "ok"),
+        (ED_SIG + RSA_SIG + BODY, "ok"),
+        (BODY, "no DKIM-Signature"),
+        (RSA_SIG + BODY, "signatures: rsa-sha256 d=bench.test"),
+        (RSA_SIG + RSA_SIG + BODY, "signatures: rsa-sha256 d=bench.test, rsa-sha256 d=bench.test"),
+        (
+            RSA_SIG.replace(b"d=bench.test", b"d=other.test") + ED_SIG + BODY,
+            "signatures: ed25519-sha256 d=bench.test, rsa-sha256 d=other.test",
+        ),
+        # A DKIM-Signature in the body is not a signature.
+        (BODY + RSA_SIG + ED_SIG, "no DKIM-Signature"),
+    ],
+)
+def test_verdict(message: bytes, expected: str) -> None:
+    assert verdict(message, "bench.test", ("rsa-sha256", "ed25519-sha256")) == expected
+
+
+def test_folded_signature_tags_are_joined() -> None:
+    (sig,) = dkim_signatures(ED_SIG + BODY)
+    assert sig["a"] == "ed25519-sha256"
+    assert sig["d"] == "bench.test"
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_sink_counts_and_checks_what_it_receives(sink: Sink) -> None:
+    with smtplib.SMTP("127.0.0.1", sink.port, timeout=10) as smtp:
+        assert "pipelining" in smtp.ehlo()[1].decode().lower()
+        for message in (RSA_SIG + ED_SIG + BODY, BODY, RSA_SIG + BODY):
+            smtp.sendmail("a@bench.test", ["u@sink.test"], message)
+        assert sink.count() == 3
+        smtp.rset()
+        assert smtp.docmd("DATA")[0] == 503
+    report = sink.report()
+    assert report["messages"] == 3
+    assert report["signed"] == 1
+    assert report["verdicts"] == {
+        "ok": 1,
+        "no DKIM-Signature": 1,
+        "signatures: rsa-sha256 d=bench.test": 1,
+    }
+    # The first message is kept as it was sent (dot-unstuffed), for the verification.
+    assert report["first"].encode("latin-1") == RSA_SIG + ED_SIG + BODY
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rows", "outbound"], "--rows: expected some of inbound, dkim"),
+        (["--rows", ","], "--rows: expected some of inbound, dkim"),
+    ],
+)
+def test_rows_option_is_checked(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import e2e_throughput
+
+    assert e2e_throughput.parse_args(["--rows", "dkim"]).row_list == ["dkim"]
+    assert e2e_throughput.parse_args([]).row_list == ["inbound", "dkim"]
+    with pytest.raises(SystemExit) as exc:
+        e2e_throughput.parse_args(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.needs_root
+def test_outbound_row_signs_on_both_servers() -> None:
+    """The row with 16 messages per server: every one reaches the sink with an rsa-sha256
+    and an ed25519-sha256 signature, the first one verifies, and a ratio is printed."""
+    if not HAVE_POSTFIX:
+        pytest.skip("needs root and Debian's postfix package")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(REPO / "bench" / "e2e_throughput.py"), "--rows", "dkim"),
+            *("--messages", "16", "--sessions", "4", "--rounds", "1", "--settle", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for name in ("pyqmail", "postfix"):
+        assert re.search(
+            rf"^round 1 {name} .* msg/s delivered .* signed: 2 signatures each$", out, re.M
+        ), out
+        assert re.search(rf"^  {name} .* first message: dkimpy pass$", out, re.M), out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"dkim outbound ratio vs postfix\+opendkim: \d+\.\d\d", last), out
