@@ -23,6 +23,7 @@ from pyqmail import tls
 from pyqmail.control import send as send_control
 from pyqmail.control import smtpd as smtpd_control
 from pyqmail.control.reader import ControlError
+from pyqmail.dkim import keys as dkim_keys
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.rules import Rules, RulesError
@@ -156,7 +157,8 @@ def check_send(root: Path) -> int:
 
     The queue layout, the control files (``Control.load``), ``control/clientcert.pem`` and
     every ``control/tlshosts/*.pem`` pin (each loaded into a TLS context as a delivery
-    would). Every problem is printed on stderr, one line each.
+    would), and ``control/dkimkeys`` with every key file it names (``pyqmail.dkim.keys``).
+    Every problem is printed on stderr, one line each.
     """
     problems: list[str] = []
     try:
@@ -170,6 +172,11 @@ def check_send(root: Path) -> int:
         problems.append(str(exc))
     tls_files, tls_problems = _send_tls_files(root / "control")
     problems += tls_problems
+    signing: dict[str, list[dkim_keys.Key]] = {}
+    try:
+        signing = dkim_keys.load(root / "control")  # as the daemon: the key files too
+    except ControlError as exc:
+        problems.append(str(exc))
     for problem in problems:
         sys.stderr.write(f"pyqmail-send: {problem}\n")
     if problems or control is None:
@@ -177,6 +184,7 @@ def check_send(root: Path) -> int:
     sys.stdout.write(
         f"pyqmail-send: configuration of {root} OK: me {control.me}, "
         f"{len(control.locals)} local domain(s), {len(control.routes)} route(s), "
-        f"{len(tls_files)} TLS file(s)\n"
+        f"{len(tls_files)} TLS file(s), "
+        f"{sum(map(len, signing.values()))} DKIM key(s) for {len(signing)} domain(s)\n"
     )
     return 0

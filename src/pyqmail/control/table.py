@@ -203,6 +203,7 @@ SMTPROUTES: Final = Lines("smtproutes", _SEND, "(none)", "pyqmail.control.send.R
 SMTPROUTES_AUTH: Final = Lines("smtproutes-auth", _SEND, "(none)", "pyqmail.control.send.Route")
 CLIENTCERT: Final = Loaded("clientcert.pem", _SEND, "(none)", "pyqmail.send.remote")
 TLSHOSTS: Final = Loaded("tlshosts", _SEND, "(none)", "pyqmail.send.remote (<fqdn>.pem pins)")
+DKIMKEYS: Final = Lines("dkimkeys", _SEND, "(none)", "pyqmail.dkim.keys")
 
 TABLE: Final[dict[str, ControlFile]] = {
     entry.name: entry

@@ -10,9 +10,16 @@
      "diag":"..."}
     {"ev":"bounced","t":...,"bounce":"<queue id of the DSN, or empty when dropped>"}
     {"ev":"end","id":"<queue id>"}       (only in state/<segment id>)
+    {"ev":"dkim","id":"<queue id>","h":"DKIM-Signature: ...\r\n..."}
 
-Each kind of line is one record type (``Attempt``, ``Bounced``, ``Ended``) with ``to_json``
-and ``from_json``, so the writer (pyqmail-send) and the readers (pyqmail-send on start,
+``dkim`` (``Signed``) holds the DKIM-Signature fields pyqmail-send made for a message when it
+picked it up: every delivery puts them in front of the message, so a retry and a restart
+send the same bytes and nothing is signed twice. It is written, and synced, before the
+queue file enters ``mess/``, in ``state/<file in mess/>``: the message's own state file, or
+for a message of a segment the segment's (one file and one sync for all its messages).
+
+Each kind of line is one record type (``Attempt``, ``Bounced``, ``Ended``, ``Signed``) with
+``to_json`` and ``from_json``, so the writer (pyqmail-send) and the readers (pyqmail-send on start,
 pyqmail-queue) share one definition and the queue tool need not import the daemon. ``rcpt``
 indexes the ``to`` lines of the queue file; ``t`` is unix seconds.
 
@@ -140,7 +147,29 @@ class Ended:
         return cls(queue_id) if isinstance(queue_id, str) else None
 
 
-Record = Attempt | Bounced | Ended
+@dataclass(frozen=True)
+class Signed:
+    """The DKIM-Signature fields made for message ``queue_id`` at pickup (ASCII, CRLF)."""
+
+    queue_id: str
+    headers: bytes
+
+    def to_json(self) -> dict[str, object]:
+        """The line's object."""
+        return {"ev": "dkim", "id": self.queue_id, "h": self.headers.decode("ascii")}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Signed | None:
+        """The signature fields, or None if the line is not a whole record of them."""
+        queue_id, headers = obj.get("id"), obj.get("h")
+        if not isinstance(queue_id, str) or not isinstance(headers, str):
+            return None
+        if not headers.isascii() or not headers.endswith("\r\n"):
+            return None
+        return cls(queue_id, headers.encode("ascii"))
+
+
+Record = Attempt | Bounced | Ended | Signed
 
 
 def from_json(obj: object) -> Record | None:
@@ -152,6 +181,8 @@ def from_json(obj: object) -> Record | None:
         return Bounced.from_json(obj)
     if ev == "end":
         return Ended.from_json(obj)
+    if ev == "dkim":
+        return Signed.from_json(obj)
     return Attempt.from_json(obj)
 
 
@@ -180,6 +211,26 @@ def read_state(path: Path) -> list[Record]:
 def ended_messages(path: Path) -> set[str]:
     """The queue ids recorded as ended in a segment's ``state/<segment id>``."""
     return {r.queue_id for r in read_state(path) if isinstance(r, Ended)}
+
+
+def signatures(path: Path) -> dict[str, bytes]:
+    """Queue id -> the DKIM-Signature fields recorded for it in ``path`` (``Signed``)."""
+    return {r.queue_id: r.headers for r in read_state(path) if isinstance(r, Signed)}
+
+
+def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
+    """Start a state file with the signatures of the messages of one queue file, and
+    fdatasync it; the caller syncs ``state/`` once for the whole pickup batch. A file of
+    that name can only be a leftover of an earlier pickup that did not complete (the
+    queue file is still in ``new/``): it is replaced."""
+    data = b"".join(encode(r) for r in records)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, STATE_FILE)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write to {os.fspath(path)}")
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_end(path: str | os.PathLike[str], queue_id: str) -> None:

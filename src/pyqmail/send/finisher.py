@@ -209,7 +209,11 @@ class Finisher(Scheduler):
             dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
             try:
                 bounce_env = self.queue.enqueue(
-                    target.sender, [target.recipient], dsn, {"bounce_of": queue_id}
+                    # origin: signed like submitted mail when bouncehost is a signing domain
+                    target.sender,
+                    [target.recipient],
+                    dsn,
+                    {"bounce_of": queue_id, "origin": "bounce"},
                 )
             except QueueError as exc:
                 self.log(f"warning cannot queue bounce for {queue_id}: {exc}")

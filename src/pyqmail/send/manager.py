@@ -88,12 +88,18 @@ from typing import Any
 
 from pyqmail.control.check import check_send
 from pyqmail.control.send import Control, ControlError
+from pyqmail.dkim import keys as dkim_keys
+from pyqmail.dkim.keys import Key
+from pyqmail.dkim.policy import Decision, decide
 from pyqmail.privs import Identity, PrivilegeError, drop, resolve
 from pyqmail.queue.format import QueueError, Stored
 from pyqmail.queue.state import (
     Record,
+    Signed,
     ended_messages,
     read_state,
+    signatures,
+    write_signed,
 )
 from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
 from pyqmail.send.delivery import one_line
@@ -144,6 +150,7 @@ class Manager(Finisher):
         self._qroot = str(self.queue.root)
         self.log = log or Log()
         self.control = Control.load(root)
+        self.dkim: dict[str, list[Key]] = dkim_keys.load(self.control.control)
         self.resolver = resolver
         self._deliverers()
         self.lock = threading.Lock()
@@ -196,12 +203,17 @@ class Manager(Finisher):
             except QueueError as exc:
                 self._quarantine("mess", name, exc)
                 continue
-            ended = set()
+            ended: set[str] = set()
             if stored[0].span is not None:
                 ended = ended_messages(Path(self._p("state", name)))
             keep.add(name)
             keep.update(s.env.queue_id for s in stored)
             loaded.append((name, stored, ended))
+        self._resume(loaded, keep)
+
+    def _resume(self, loaded: list[tuple[str, list[Stored], set[str]]], keep: set[str]) -> None:
+        """Remove orphan state files, then schedule what ``mess/`` holds with the progress
+        (and the DKIM signatures) its state files recorded."""
         for name in self.queue.ids("state"):
             if name not in keep:
                 with contextlib.suppress(OSError):
@@ -216,9 +228,12 @@ class Manager(Finisher):
                 self.segments[name] = segment
                 if not live:
                     self.segments_done.add(name)
+            signed = signatures(Path(self._p("state", name))) if stored[0].span else {}
             for s in live:
                 records = read_state(Path(self._p("state", s.env.queue_id)))
-                self._add(name, s, records)
+                if stored[0].span is None:
+                    signed = {r.queue_id: r.headers for r in records if isinstance(r, Signed)}
+                self._add(name, s, records, signed.get(s.env.queue_id, b""))
         self.pickup()
 
     def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
@@ -242,12 +257,12 @@ class Manager(Finisher):
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
-    def _add(self, name: str, stored: Stored, records: list[Record]) -> Msg:
+    def _add(self, name: str, stored: Stored, records: list[Record], dkim: bytes = b"") -> Msg:
         """Schedule one message of ``mess/<name>`` with the progress its records show."""
         env = stored.env
         queue_id = env.queue_id
         msg = load_msg(env, records, self.control, time.time())
-        msg.file, msg.span = name, stored.span
+        msg.file, msg.span, msg.dkim = name, stored.span, dkim
         with self.lock:
             self.msgs[queue_id] = msg
             for r in msg.rcpts:
@@ -258,15 +273,20 @@ class Manager(Finisher):
         return msg
 
     def pickup(self) -> int:
-        """Move verified files from new/ to mess/ and schedule their messages."""
-        moved: list[tuple[str, list[Stored]]] = []
-        count = 0
+        """Move verified files from new/ to mess/ and schedule their messages; sign those
+        that are signed first (``_sign``: the signatures are durable before the rename)."""
+        loaded: list[tuple[str, list[Stored]]] = []
         for name in self.queue.ids("new"):
             try:
-                stored = self.queue.load("new", name)
+                loaded.append((name, self.queue.load("new", name)))
             except QueueError as exc:
                 self._quarantine("new", name, exc)
-                continue
+        signed, notes = self._sign(loaded)
+        moved: list[tuple[str, list[Stored]]] = []
+        count = 0
+        for name, stored in loaded:
+            if name not in signed:
+                continue  # its signatures could not be recorded: stays in new/
             try:
                 os.rename(self._p("new", name), self._p("mess", name))
             except OSError as exc:
@@ -281,21 +301,72 @@ class Manager(Finisher):
                     f"rcpts={len(env.recipients)} size={env.size}"
                     + (f" segment={name}" if s.span is not None else "")
                 )
+                if env.queue_id in notes:
+                    self.log(f"dkim msg {env.queue_id} {notes[env.queue_id]}")
         if moved:
             fsync_dir(self.queue.path("mess"))
             fsync_dir(self.queue.path("new"))
             for name, stored in moved:
-                if stored[0].span is not None:
-                    with self.lock:
-                        self.segments[name] = Segment({s.env.queue_id for s in stored})
-                for s in stored:
-                    # a message just picked up from new/ cannot have a state file yet
-                    msg = self._add(name, s, [])
-                    with self.lock:  # the first delivery need not read the file again
-                        if self.body_bytes + len(s.body) <= BODY_CACHE:
-                            msg.body = s.body
-                            self.body_bytes += len(s.body)
+                self._schedule_new(name, stored, signed[name])
         return count
+
+    def _schedule_new(self, name: str, stored: list[Stored], signed: dict[str, bytes]) -> None:
+        """Schedule the messages of a file just moved into mess/: no state file yet but the
+        signatures' (``state/<name>``, a record of the message itself when alone)."""
+        if stored[0].span is not None:
+            with self.lock:
+                self.segments[name] = Segment({s.env.queue_id for s in stored})
+        for s in stored:
+            dkim = signed.get(s.env.queue_id, b"")
+            records: list[Record] = []
+            if dkim and s.span is None:
+                records.append(Signed(s.env.queue_id, dkim))  # state/<id> exists
+            msg = self._add(name, s, records, dkim)
+            with self.lock:  # the first delivery need not read the file again
+                if self.body_bytes + len(s.body) <= BODY_CACHE:
+                    msg.body = s.body
+                    self.body_bytes += len(s.body)
+
+    def _decide(self, stored: Stored) -> Decision:
+        """``pyqmail.dkim.policy.decide``; a failure of it sends the message unsigned."""
+        try:
+            return decide(stored.env, stored.body, self.dkim)
+        except Exception as exc:  # noqa: BLE001 - a signing bug must not stop the queue
+            return Decision(note=f"not signed: error {type(exc).__name__}: {exc}")
+
+    def _sign(
+        self, loaded: list[tuple[str, list[Stored]]]
+    ) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
+        """Sign, once, what is signed (``pyqmail.dkim.policy``), and make the signatures
+        durable before the files enter ``mess/``: one ``state/<file>`` per queue file that
+        holds a signed message (one fdatasync each: a segment's messages share theirs),
+        then one fsync of ``state/`` for the batch. Unsigned mail costs no I/O. Returns
+        (file -> {queue id: signature fields} for every file that may move on, queue id
+        -> log note); a file whose signatures could not be written stays in ``new/``
+        for the next pickup."""
+        signed: dict[str, dict[str, bytes]] = {}
+        notes: dict[str, str] = {}
+        wrote = False
+        for name, stored in loaded:
+            made: dict[str, bytes] = {}
+            if self.dkim:
+                for s in stored:
+                    decision = self._decide(s)
+                    if decision.note:
+                        notes[s.env.queue_id] = decision.note
+                    if decision.headers:
+                        made[s.env.queue_id] = decision.headers
+            if made:
+                try:
+                    write_signed(self._p("state", name), [Signed(q, h) for q, h in made.items()])
+                except OSError as exc:
+                    self.log(f"warning cannot record the DKIM signatures of {name}: {exc}")
+                    continue
+                wrote = True
+            signed[name] = made
+        if wrote:
+            fsync_dir(self.queue.path("state"))
+        return signed, notes
 
     # -- main loop ------------------------------------------------------------------
     def _sleep_time(self) -> float:
@@ -318,7 +389,9 @@ class Manager(Finisher):
             self.log("status TERM: finishing deliveries in flight, then exiting")
         if "hup" in flags:
             try:
-                self.control = Control.load(self.root)
+                control = Control.load(self.root)
+                self.dkim = dkim_keys.load(control.control)
+                self.control = control
                 self._deliverers()
                 self.children.configure(self.control)
                 self.log("status HUP: control files reloaded")

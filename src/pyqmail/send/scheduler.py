@@ -64,6 +64,7 @@ class Msg:
     has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
     body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
+    dkim: bytes = b""  # DKIM-Signature fields made at pickup, put in front of every copy
 
     @property
     def finished(self) -> bool:
@@ -247,6 +248,17 @@ class Scheduler:
             return Result.temp(f"cannot read queued message: {exc} (#4.3.0)", "4.3.0")
         return stored.env, stored.body
 
+    def _outgoing(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
+        """The message as every delivery sends it: the DKIM-Signature fields recorded at
+        pickup (``pyqmail.queue.state.Signed``), then the queued bytes. Local copies carry
+        them too: a Maildir holds what a remote recipient gets, and a ``.qmail`` forward
+        leaves with a signature that still verifies."""
+        read = self._read_body(queue_id)
+        msg = self.msgs.get(queue_id)
+        if isinstance(read, Result) or msg is None or not msg.dkim:
+            return read
+        return read[0], msg.dkim + read[1]
+
     def _local_worker(self) -> None:
         """Take local jobs until none is ready (one of concurrencylocal workers)."""
         try:
@@ -262,7 +274,7 @@ class Scheduler:
 
     def _local_job(self, queue_id: str, index: int) -> None:
         rcpt = self.msgs[queue_id].rcpts[index]
-        read = self._read_body(queue_id)
+        read = self._outgoing(queue_id)
         if isinstance(read, Result):
             result = read
         else:
@@ -288,7 +300,7 @@ class Scheduler:
                 queue_id, indexes = job
                 msg = self.msgs[queue_id]
                 addresses = [msg.rcpts[i].address for i in indexes]
-                read = self._read_body(queue_id)
+                read = self._outgoing(queue_id)
                 if isinstance(read, Result):
                     results = [read] * len(indexes)
                 else:

@@ -53,6 +53,18 @@ class Spool(Protocol):
         """Hand a finished message to the group commit; ``done`` gets the result."""
 
 
+def message_origin(event: MessageStart, relay_client: bool) -> str | None:
+    """Queue meta ``origin``: who submitted the message, for pyqmail-send's DKIM signer
+    (``pyqmail.dkim.policy``). ``auth`` for an AUTH login, ``relay`` for a relay client by
+    IP (tcprules RELAYCLIENT) or by a certificate listed in tlsclients; None for everyone
+    else: inbound mail, and mail a backup MX relays for others, is never signed."""
+    if event.auth_user:
+        return "auth"
+    if relay_client or (event.tls is not None and event.tls.client_cert_relay):
+        return "relay"
+    return None
+
+
 class Intake:
     """The current message of one session: its queue writer and the bytes it holds."""
 
@@ -64,14 +76,19 @@ class Intake:
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
 
-    def start(self, event: MessageStart, ip: str) -> None:
+    def start(self, event: MessageStart, ip: str, relay_client: bool = False) -> None:
         """A new message: its envelope and the trace data the Received header needs. A
-        queue that cannot take it is remembered and answered at the end of DATA."""
+        queue that cannot take it is remembered and answered at the end of DATA.
+        ``relay_client``: the client's rules say RELAYCLIENT (its certificate counts too,
+        from ``event.tls``); with AUTH it decides ``origin`` (``message_origin``)."""
         self.message = event
         self.queue_error = None
         meta = {"client": ip, "helo": event.helo, "protocol": event.protocol}
         if event.auth_user:
             meta["auth"] = event.auth_user
+        origin = message_origin(event, relay_client)
+        if origin is not None:
+            meta["origin"] = origin
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
         self.drop()

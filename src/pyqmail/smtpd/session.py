@@ -531,7 +531,8 @@ class Session(asyncio.BufferedProtocol):
         if self.timer is not None and self.timer.when() > self.data_deadline:
             self.timer.cancel()
             self.timer = self.loop.call_at(self.data_deadline, self.on_timer)
-        self.intake.start(event, self.ip)
+        relay_client = self.policy is not None and self.policy.relay_client
+        self.intake.start(event, self.ip, relay_client)
 
     def message_abort(self, reason: str) -> None:
         """The core gave up on the message (too big, too many hops, ...)."""

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from pyqmail.headers import header_section
 from pyqmail.queue.format import QueueError, Stored
-from pyqmail.queue.state import Attempt, Ended, Record, ended_messages, read_state
+from pyqmail.queue.state import Attempt, Ended, Record, Signed, ended_messages, read_state
 from pyqmail.queue.store import PIDFILE, Queue
 from pyqmail.send.delivery import one_line
 
@@ -143,7 +143,7 @@ def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
     for record in read_state(queue.path("state", queue_id)):
         fields = record.to_json()
         parts = [f"{k}={one_line(str(v))}" for k, v in fields.items() if k not in ("ev", "t")]
-        when = time.ctime(0 if isinstance(record, Ended) else record.time)
+        when = time.ctime(0 if isinstance(record, Ended | Signed) else record.time)
         out.write(f"state {when} {fields['ev']} {' '.join(parts)}\n")
     out.write("\n")
     text = message if body else header_section(message) + b"\r\n"

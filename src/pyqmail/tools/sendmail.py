@@ -241,7 +241,7 @@ def inject(argv: Sequence[str], stdin: BinaryIO) -> str:
     if len(raw) > MAX_MESSAGE:
         raise InjectError(f"message larger than {MAX_MESSAGE} bytes", EX_DATAERR)
     sender, recipients, message = build(opts, raw, control.me)
-    meta = {"injected_by_uid": str(os.getuid())}
+    meta = {"injected_by_uid": str(os.getuid()), "origin": "local"}  # signed (pyqmail.dkim)
     try:
         return Queue(opts.root / "queue").enqueue(sender, recipients, message, meta).queue_id
     except QueueError as exc:

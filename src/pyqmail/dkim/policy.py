@@ -1,0 +1,71 @@
+"""Which queued messages pyqmail-send signs, and with which keys.
+
+Signed: a message whose envelope says it was submitted here (queue meta ``origin``:
+``auth`` for SMTP AUTH, ``relay`` for a relay client by IP or certificate, ``local`` for
+pyqmail-sendmail, ``bounce`` for pyqmail-send's own DSNs) and whose one From header names a
+signing domain (a domain of ``control/dkimkeys``; exactly that domain, lower-cased). Never
+signed: inbound mail and mail relayed for others (a backup MX), which carry no ``origin``;
+a message with no From header or several (RFC 5322 allows one; signing one of them would
+vouch for a message whose author a reader cannot tell), or a From naming several mailboxes
+or none. Those are logged with the reason; a message from a domain without keys is logged
+too (an admin wondering why mail is unsigned finds the answer in the log).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import Final
+
+from pyqmail.dkim import sign
+from pyqmail.dkim.keys import Key
+from pyqmail.queue.format import Envelope
+
+ORIGINS: Final = frozenset({"auth", "relay", "local", "bounce"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to put in front of the message (empty: nothing), and the reason for the log
+    (empty: nothing to say, e.g. inbound mail)."""
+
+    headers: bytes = b""
+    note: str = ""
+
+
+def _unfold(field: bytes) -> str:
+    value = field.split(b":", 1)[1] if b":" in field else b""
+    return value.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
+
+
+def from_domain(fields: Sequence[sign.Field]) -> tuple[str | None, str]:
+    """The domain of the message's one author (From), or None and why there is none."""
+    froms = [text for name, text in fields if name.strip(b" \t").lower() == b"from"]
+    if len(froms) != 1:
+        return None, "no From header" if not froms else f"{len(froms)} From headers"
+    mailboxes = [a for _, a in getaddresses([_unfold(froms[0])]) if a]
+    if len(mailboxes) != 1:
+        return None, f"the From header names {len(mailboxes)} mailboxes"
+    local, at, domain = mailboxes[0].rpartition("@")
+    if not at or not local or not domain:
+        return None, f"the From address {mailboxes[0]!r} has no domain"
+    return domain.lower().rstrip("."), ""
+
+
+def decide(env: Envelope, message: bytes, keys: Mapping[str, Sequence[Key]]) -> Decision:
+    """Sign or not, and the signatures. Cheap for what is not signed: inbound mail (no
+    ``origin``) costs one dict lookup, no parsing."""
+    origin = env.meta.get("origin")
+    if origin not in ORIGINS or not keys:
+        return Decision()
+    fields, _ = sign.split_message(message)
+    domain, why = from_domain(fields)
+    if domain is None:
+        return Decision(note=f"not signed: {why}")
+    domain_keys = keys.get(domain)
+    if not domain_keys:
+        return Decision(note=f"not signed: From domain {domain} has no DKIM key")
+    headers = sign.sign(message, domain_keys, int(env.received))
+    selectors = ",".join(k.selector for k in domain_keys)
+    return Decision(headers, f"signed d={domain} s={selectors} origin={origin}")
