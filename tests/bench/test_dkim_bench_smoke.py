@@ -8,6 +8,7 @@ pyqmail through pyqmail-send's signer), verified by dkimpy.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import smtplib
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.dkim_sink import dkim_signatures, verdict
 from bench.e2e_outbound import Sink
@@ -110,14 +113,14 @@ def test_rows_option_is_checked(
 
 @pytest.mark.needs_root
 def test_outbound_row_signs_on_both_servers() -> None:
-    """The row with 16 messages per server: every one reaches the sink with an rsa-sha256
+    """The row with 8 messages per server: every one reaches the sink with an rsa-sha256
     and an ed25519-sha256 signature, the first one verifies, and a ratio is printed."""
     if not HAVE_POSTFIX:
         pytest.skip("needs root and Debian's postfix package")
     proc = subprocess.run(
         [
             *(sys.executable, str(REPO / "bench" / "e2e_throughput.py"), "--rows", "dkim"),
-            *("--messages", "16", "--sessions", "4", "--rounds", "1", "--settle", "0"),
+            *("--messages", "8", "--sessions", "4", "--rounds", "1", "--settle", "0"),
         ],
         capture_output=True,
         text=True,
@@ -133,3 +136,71 @@ def test_outbound_row_signs_on_both_servers() -> None:
         assert re.search(rf"^  {name} .* first message: dkimpy pass$", out, re.M), out
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"dkim outbound ratio vs postfix\+opendkim: \d+\.\d\d", last), out
+
+
+def test_first_message_verification_catches_an_altered_message(tmp_path: Path) -> None:
+    """verify_first (dkimpy, against the keys' TXT records) passes a message signed with
+    both keys and fails it once its body changed after signing."""
+    import dkim
+
+    from bench.dkim_peer import make_keys
+    from bench.e2e_outbound import verify_first
+
+    keys = make_keys(tmp_path, "bench.test")
+    message = BODY
+    for key in keys:
+        pem = key.path.read_bytes()
+        private = serialization.load_pem_private_key(pem, password=None)
+        if isinstance(private, ed25519.Ed25519PrivateKey):  # dkimpy: the base64 raw seed
+            raw = private.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+            pem = base64.b64encode(raw)
+        sig = dkim.sign(
+            message,
+            key.selector.encode(),
+            b"bench.test",
+            pem,
+            canonicalize=(b"relaxed", b"relaxed"),
+            signature_algorithm=key.algorithm.encode(),
+            include_headers=[b"from", b"to", b"subject"],
+        )
+        message = sig + message
+    assert len(dkim_signatures(message)) == 2
+    assert verify_first(message.decode("latin-1"), keys) == "pass"
+    altered = message.replace(b"body\r\n", b"b0dy\r\n")
+    assert verify_first(altered.decode("latin-1"), keys).startswith("fail")
+    other = make_keys(tmp_path / "other", "bench.test")
+    assert verify_first(message.decode("latin-1"), other).startswith("fail")
+
+
+def test_a_server_that_does_not_sign_gets_no_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Messages at the sink without both signatures make the server "not signing yet":
+    no rate and no ratio are printed for it, whatever its speed."""
+    from bench import e2e_outbound, e2e_throughput
+    from bench.dkim_peer import make_keys
+
+    keys = make_keys(tmp_path, "bench.test")
+    report = {"messages": 3, "signed": 1, "verdicts": {"ok": 1, "no DKIM-Signature": 2}}
+    wrong = e2e_outbound._check_signed({**report, "first": ""}, 3, keys)
+    assert wrong == "1 of 3 messages carry both signatures (no DKIM-Signature: 2, ok: 1)"
+    assert "2 messages at the sink for 3 sent" in e2e_outbound._check_signed(
+        {**report, "messages": 2, "first": ""}, 3, keys
+    )
+    fast = e2e_throughput.Result(9999.0, 9999.0, 0.1, 0.1, 0.1)
+    row = e2e_outbound.Row(
+        runs={"pyqmail": [fast], "postfix": [e2e_throughput.Result(100.0, 100.0, 1, 1, 1)]},
+        not_signing={"pyqmail": wrong},
+        verified={"postfix": "pass"},
+    )
+    e2e_outbound.print_summary(row, e2e_throughput.parse_args(["--rows", "dkim"]))
+    out = capsys.readouterr().out
+    assert "9999" not in out
+    assert f"pyqmail  not signing yet: {wrong}" in out
+    assert out.strip().splitlines()[-1] == (
+        "dkim outbound ratio vs postfix+opendkim: n/a (pyqmail not signing yet)"
+    )
