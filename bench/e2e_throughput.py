@@ -16,11 +16,18 @@ file is fsynced before the queue entry is removed.
 
 Both run as ``nobody`` for delivery when started as root; Postfix needs root. The servers
 alternate within each round and the order rotates between rounds (this VM's CPU speed
-swings); the summary uses the median rate over rounds. The last line is
+swings); the summary uses the median rate over rounds. That row's ratio line is
 ``e2e ratio vs postfix: X.XX`` (pyqmail median / Postfix median).
 
-    python bench/e2e_throughput.py                 # 3 rounds of 600 messages
+Then the outbound row (``bench/e2e_outbound.py``, ``--rows dkim``): the same client
+submits mail from the signing domain for a remote one, each server signs it with an RSA and
+an Ed25519 DKIM key (pyqmail-send; Postfix through OpenDKIM) and relays it to a sink that
+checks both signatures; the last line is ``dkim outbound ratio vs postfix+opendkim: X.XX``,
+or ``n/a (pyqmail not signing yet)`` when pyqmail's messages arrive unsigned.
+
+    python bench/e2e_throughput.py                 # both rows, 5 rounds of 2,000 messages
     python bench/e2e_throughput.py --quick         # 1 round of 200
+    python bench/e2e_throughput.py --rows dkim     # the outbound signed row only
 """
 
 from __future__ import annotations
