@@ -139,8 +139,10 @@ def opendkim_verify(message: bytes, domains: list[str], host: str, port: int, wo
     workdir.mkdir(parents=True, exist_ok=True)
     unbound = workdir / "unbound.conf"
     stubs = "".join(f'stub-zone:\n    name: "{d}"\n    stub-addr: {host}@{port}\n' for d in domains)
+    # unbound answers special-use names (test., invalid., RFC 6761) itself unless told not to
+    tlds = "".join(f'    local-zone: "{d.rsplit(".", 1)[-1]}." nodefault\n' for d in domains)
     unbound.write_text(
-        'server:\n    do-not-query-localhost: no\n    module-config: "iterator"\n' + stubs
+        'server:\n    do-not-query-localhost: no\n    module-config: "iterator"\n' + tlds + stubs
     )
     conf = workdir / "opendkim.conf"
     conf.write_text(f"Mode v\nSyslog no\nDNSTimeout 5\nResolverConfiguration {unbound}\n")

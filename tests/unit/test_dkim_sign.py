@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dkim.canonicalization import Relaxed
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.policy import decide
@@ -171,3 +174,29 @@ def test_which_messages_are_signed(  # noqa: PLR0917 - one argument per table co
     assert note in decision.note if note else decision.note == ""
     if signed:
         assert f"t={WHEN};".encode() in decision.headers  # the queue's time, whole seconds
+
+
+BODY_PIECES = [b" ", b"\t", b"a", b"b c", b"\r\n", b"  ", b"\r\n\r\n", b"\t \t", b"\xc3\xa4"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(BODY_PIECES), max_size=16), st.booleans())
+def test_body_canonicalization_is_dkimpys(pieces: list[bytes], final_crlf: bool) -> None:
+    """Our relaxed body equals dkimpy's for any mix of blanks, lines and empty lines; a body
+    without a final CRLF is compared as the wire carries it (DATA adds the CRLF)."""
+    body = b"".join(pieces)
+    wire = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+    if final_crlf and body and not body.endswith(b"\r\n"):
+        body = wire
+    assert relaxed_body(body) == Relaxed.canonicalize_body(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"Subject", b"X-Thing", b"TO"]),
+    st.lists(st.sampled_from([b" ", b"\t", b"v", b"w x", b"\r\n ", b"\r\n\t", b";"]), max_size=10),
+)
+def test_header_canonicalization_is_dkimpys(name: bytes, pieces: list[bytes]) -> None:
+    value = b"".join(pieces)
+    [(got_name, got_value)] = Relaxed.canonicalize_headers([[name, value + b"\r\n"]])
+    assert relaxed_header(name + b":" + value + b"\r\n") == got_name + b":" + got_value

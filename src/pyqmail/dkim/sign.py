@@ -36,8 +36,6 @@ SIGNED: Final = (
     "content-transfer-encoding", "content-id", "content-description",
 )  # fmt: skip
 _WSP_RUN = re.compile(rb"[ \t]+")
-_TRAILING_WSP = re.compile(rb"[ \t]+(?=\r\n)")
-_TRAILING_CRLFS = re.compile(rb"(?:\r\n)+\Z")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 B64_LINE: Final = 72
 
@@ -77,11 +75,24 @@ def relaxed_header(field: bytes) -> bytes:
 
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 3.4.4: WSP runs to one SP, none at a line's end, no empty lines at the end;
-    a non-empty body ends in CRLF, an empty one is empty."""
-    if body and not body.endswith(b"\r\n"):
+    a non-empty body ends in CRLF, an empty one is empty.
+
+    ``bytes.replace`` rather than regular expressions: a regex substitution per blank made
+    this the most expensive part of a signature (1.8 ms for 4 KiB, more than the RSA
+    operation; ``bench/dkim_sign.py``); these passes run in C, each halves every run."""
+    if not body:
+        return b""
+    if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    body = _TRAILING_WSP.sub(b"", _WSP_RUN.sub(b" ", body))
-    return _TRAILING_CRLFS.sub(b"\r\n", body) if body.strip(b"\r\n") else b""
+    if b"\t" in body:
+        body = body.replace(b"\t", b" ")
+    while b"  " in body:
+        body = body.replace(b"  ", b" ")
+    body = body.replace(b" \r\n", b"\r\n")
+    end = len(body)
+    while end >= 4 and body[end - 4 : end] == b"\r\n\r\n":
+        end -= 2
+    return b"" if body[:end] == b"\r\n" else body[:end]
 
 
 def body_hash(body: bytes) -> str:
