@@ -204,3 +204,16 @@ def test_a_server_that_does_not_sign_gets_no_figure(
     assert out.strip().splitlines()[-1] == (
         "dkim outbound ratio vs postfix+opendkim: n/a (pyqmail not signing yet)"
     )
+
+
+@pytest.mark.parametrize("size", [512, 4096, 4097])
+def test_submitted_message_has_the_sender_and_exact_size(size: int) -> None:
+    from bench.loadgen import make_message
+
+    msg = make_message(size, "loadgen@bench.test", "user@sink.test")
+    assert len(msg) == size
+    head = msg.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"From: Load Generator <loadgen@bench.test>" in head
+    assert b"To: <user@sink.test>" in head
+    assert any(line.startswith(b"Date: ") for line in head)
+    assert not any(line.startswith(b"Date: ") for line in make_message(size).split(b"\r\n"))
