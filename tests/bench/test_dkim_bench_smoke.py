@@ -186,11 +186,17 @@ def test_a_server_that_does_not_sign_gets_no_figure(
 
     keys = make_keys(tmp_path, "bench.test")
     report = {"messages": 3, "signed": 1, "verdicts": {"ok": 1, "no DKIM-Signature": 2}}
-    wrong = e2e_outbound._check_signed({**report, "first": ""}, 3, keys)
+    wrong, _ = e2e_outbound._check_signed({**report, "first": ""}, 3, keys)
     assert wrong == "1 of 3 messages carry both signatures (no DKIM-Signature: 2, ok: 1)"
-    assert "2 messages at the sink for 3 sent" in e2e_outbound._check_signed(
-        {**report, "messages": 2, "first": ""}, 3, keys
+    assert (
+        "2 messages at the sink for 3 sent"
+        in e2e_outbound._check_signed({**report, "messages": 2, "first": ""}, 3, keys)[0]
     )
+    unsigned = BODY.decode("latin-1")
+    wrong, verdict = e2e_outbound._check_signed(
+        {"messages": 1, "signed": 1, "verdicts": {"ok": 1}, "first": unsigned}, 1, keys
+    )
+    assert (wrong, verdict) == ("the signatures do not verify (fail: no signature)", verdict)
     fast = e2e_throughput.Result(9999.0, 9999.0, 0.1, 0.1, 0.1)
     row = e2e_outbound.Row(
         runs={"pyqmail": [fast], "postfix": [e2e_throughput.Result(100.0, 100.0, 1, 1, 1)]},
