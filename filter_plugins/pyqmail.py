@@ -96,11 +96,12 @@ def services_svstat_argv(
 
 
 def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
-    """The lines of the run summary: listeners, Dovecot, mail client settings, svstat, CA.
+    """The lines of the run summary: listeners, Dovecot, mail client settings, svstat, CA,
+    the DNS records to publish.
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
-    {}), svstat (the registered result), config_dir and fetched (the CA copy on the controller,
-    or "").
+    {}), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
+    or "") and dns (pyqmail_dns__summary: path and lines of the zone, or {}).
     """
     services = _list(wanted, "pyqmail_services__wanted")
     kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
@@ -134,6 +135,11 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     out.append(f"CA certificate for mail clients: {facts['config_dir']}/ca.pem on the host")
     if facts.get("fetched"):
         out.append(f"  and {facts['fetched']} on the controller")
+    dns = facts.get("dns") or {}
+    if dns:
+        out.append(f"DNS records to publish ({dns['path']} on the controller; check them with")
+        out.append(f"  pyqmail-dns check {dns['path']}):")
+        out += [f"  {line}" for line in dns["lines"]]
     return out
 
 

@@ -589,6 +589,29 @@ def check_folder(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: {value!r} is not a folder name (letters, digits, _ and -, at most 64)"
 
 
+def report_address(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """pyqmail_dns: a DMARC/TLS-RPT report address (user@domain, mailto: allowed; "" = default)."""
+    del values
+    text = str(value).removeprefix("mailto:")
+    if text and not ADDRESS_RE.match(text):
+        yield f"{name}: {shown(value)} is not a mail address (user@domain)"
+
+
+def ip_of(version: int) -> Check:
+    """An IPv4 or IPv6 address (pyqmail_dns__ipv4 / pyqmail_dns__ipv6)."""
+
+    def check(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+        del values
+        try:
+            ok = ipaddress.ip_address(str(value)).version == version
+        except ValueError:
+            ok = False
+        if not ok:
+            yield f"{name}: {shown(value)} is not an IPv{version} address"
+
+    return check
+
+
 # One row per variable that needs more than its spec. A new role adds its rows here.
 CHECKS: dict[str, Check] = {
     # pyqmail
@@ -649,6 +672,15 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dovecot__listeners": check_listeners,
     "pyqmail_dovecot__ports": check_dovecot_ports,
     "pyqmail_dovecot__listen_ip": check_dovecot_ip,
+    # pyqmail_dns
+    "pyqmail_dns__mx_priority": in_range(0, 65535),
+    "pyqmail_dns__backup_mx_priority": in_range(0, 65535),
+    "pyqmail_dns__ttl": in_range(60, 604800),
+    "pyqmail_dns__mta_sts_max_age": in_range(86400, 31557600),
+    "pyqmail_dns__dmarc_rua": report_address,
+    "pyqmail_dns__tlsrpt_rua": report_address,
+    "pyqmail_dns__ipv4": each(ip_of(4)),
+    "pyqmail_dns__ipv6": each(ip_of(6)),
 }
 
 

@@ -29,6 +29,9 @@ ignored, a malformed file is a ``ControlError`` naming file and line.
                        user alone reads it), see ``Route``
 ``clientcert.pem``     private key then certificate (then chain), offered when asked
 ``tlshosts/<fqdn>.pem``  TLS required to that host, its certificate must verify against it
+``dkimkeys``           ``domain:selector:algorithm:keyfile``: the DKIM keys that sign now;
+                       read, with the key files, by the manager alone (``pyqmail.dkim.keys``),
+                       not part of ``Control`` (which the delivery children receive)
 =====================  ===========================================================
 """
 

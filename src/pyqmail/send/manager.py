@@ -8,6 +8,13 @@ starts. A crash before the fsyncs leaves the file in ``new/`` (or already in ``m
 either way it is picked up again; nothing was delivered yet. Once both are fsynced the name
 is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
 
+DKIM (``pyqmail.dkim``): before the rename, every message the policy signs gets its
+DKIM-Signature fields, written to ``state/<file>`` and synced (``pyqmail.dkim.pickup``: one
+fdatasync per queue file holding signed messages, one fsync of ``state/`` per batch, nothing
+for unsigned mail). Every delivery puts them in front of the message; a retry or a restart
+reuses them. The keys are loaded here (``self.dkim``), at start and on HUP, and never leave
+this process.
+
 The pickup is also what takes a message away from pyqmail-smtpd: ``mess/`` and ``state/``
 are pyqmail-send's alone (mode 0700; see "Permissions" in ``pyqmail.queue.store``). A file
 pyqmail-smtpd wrote stays its own (pyqmail-send cannot chown it), but from ``mess/`` on no
@@ -90,7 +97,7 @@ from pyqmail.control.check import check_send
 from pyqmail.control.send import Control, ControlError
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.keys import Key
-from pyqmail.dkim.policy import Decision, decide
+from pyqmail.dkim.pickup import sign_batch
 from pyqmail.privs import Identity, PrivilegeError, drop, resolve
 from pyqmail.queue.format import QueueError, Stored
 from pyqmail.queue.state import (
@@ -99,7 +106,6 @@ from pyqmail.queue.state import (
     ended_messages,
     read_state,
     signatures,
-    write_signed,
 )
 from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
 from pyqmail.send.delivery import one_line
@@ -274,14 +280,15 @@ class Manager(Finisher):
 
     def pickup(self) -> int:
         """Move verified files from new/ to mess/ and schedule their messages; sign those
-        that are signed first (``_sign``: the signatures are durable before the rename)."""
+        that are signed first (``sign_batch``: the signatures are durable before the
+        rename)."""
         loaded: list[tuple[str, list[Stored]]] = []
         for name in self.queue.ids("new"):
             try:
                 loaded.append((name, self.queue.load("new", name)))
             except QueueError as exc:
                 self._quarantine("new", name, exc)
-        signed, notes = self._sign(loaded)
+        signed, notes = sign_batch(loaded, self.dkim, self.queue.path("state"), self.log)
         moved: list[tuple[str, list[Stored]]] = []
         count = 0
         for name, stored in loaded:
@@ -326,47 +333,6 @@ class Manager(Finisher):
                 if self.body_bytes + len(s.body) <= BODY_CACHE:
                     msg.body = s.body
                     self.body_bytes += len(s.body)
-
-    def _decide(self, stored: Stored) -> Decision:
-        """``pyqmail.dkim.policy.decide``; a failure of it sends the message unsigned."""
-        try:
-            return decide(stored.env, stored.body, self.dkim)
-        except Exception as exc:  # noqa: BLE001 - a signing bug must not stop the queue
-            return Decision(note=f"not signed: error {type(exc).__name__}: {exc}")
-
-    def _sign(
-        self, loaded: list[tuple[str, list[Stored]]]
-    ) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
-        """Sign, once, what is signed (``pyqmail.dkim.policy``), and make the signatures
-        durable before the files enter ``mess/``: one ``state/<file>`` per queue file that
-        holds a signed message (one fdatasync each: a segment's messages share theirs),
-        then one fsync of ``state/`` for the batch. Unsigned mail costs no I/O. Returns
-        (file -> {queue id: signature fields} for every file that may move on, queue id
-        -> log note); a file whose signatures could not be written stays in ``new/``
-        for the next pickup."""
-        signed: dict[str, dict[str, bytes]] = {}
-        notes: dict[str, str] = {}
-        wrote = False
-        for name, stored in loaded:
-            made: dict[str, bytes] = {}
-            if self.dkim:
-                for s in stored:
-                    decision = self._decide(s)
-                    if decision.note:
-                        notes[s.env.queue_id] = decision.note
-                    if decision.headers:
-                        made[s.env.queue_id] = decision.headers
-            if made:
-                try:
-                    write_signed(self._p("state", name), [Signed(q, h) for q, h in made.items()])
-                except OSError as exc:
-                    self.log(f"warning cannot record the DKIM signatures of {name}: {exc}")
-                    continue
-                wrote = True
-            signed[name] = made
-        if wrote:
-            fsync_dir(self.queue.path("state"))
-        return signed, notes
 
     # -- main loop ------------------------------------------------------------------
     def _sleep_time(self) -> float:

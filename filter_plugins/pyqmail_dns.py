@@ -1,0 +1,351 @@
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Filters of the role pyqmail_dns: the DNS records a host's mail needs, as a zone file.
+
+Why Python and not Jinja: the records of a domain come from several hosts (every MX host of
+the domain, every sending host in its SPF, every host's DKIM selectors), must be the same in
+every host's file, and each bad value must fail naming its variable. Pure functions; the role
+hands each host's own settings (``pyqmail_dns_host``) and then all hosts' (``pyqmail_dns_zone``).
+
+The zone file has fully qualified owners (one file may span several zones: the mail domains,
+the host's own zone and the reverse zones), explicit TTLs, and the records only a provider can
+set (PTR) as records in the reverse name, marked by a comment. ``pyqmail-dns check`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+V = "pyqmail_dns__"
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?"
+DOMAIN_RE = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
+ADDRESS_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
+SELECTOR_RE = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
+HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
+CHOICES = {
+    "spf_all": ("-all", "~all"),
+    "dmarc_policy": ("none", "quarantine", "reject"),
+    "mta_sts_mode": ("none", "testing", "enforce"),
+}
+RANGES = {
+    "mx_priority": (0, 65535),
+    "backup_mx_priority": (0, 65535),
+    "ttl": (60, 604800),
+    "mta_sts_max_age": (86400, 31557600),
+}
+# Settings of a domain, not of a host: every host that serves the domain must agree.
+DOMAIN_SETTINGS = (
+    "ttl",
+    "spf_all",
+    "dmarc_policy",
+    "dmarc_rua",
+    "tlsrpt_rua",
+    "mta_sts_mode",
+    "mta_sts_max_age",
+)
+
+
+def _fail(message: str) -> AnsibleFilterError:
+    return AnsibleFilterError(message)
+
+
+def _domain(value: Any, where: str) -> str:
+    """A domain name, lower case, without a trailing dot."""
+    text = str(value).lower().rstrip(".") if isinstance(value, str) else ""
+    if not DOMAIN_RE.match(text) or len(text) > 253:
+        raise _fail(f"{where}: {value!r} is not a domain name")
+    return text
+
+
+def _int(value: Any, key: str) -> int:
+    """An integer setting within its range, or an error naming ``pyqmail_dns__<key>``."""
+    low, high = RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _fail(f"{V}{key}: {value!r} is not an integer")
+    try:
+        number = int(value)
+    except ValueError:
+        raise _fail(f"{V}{key}: {value!r} is not an integer") from None
+    if not low <= number <= high:
+        raise _fail(f"{V}{key}: {number} is out of range: must be from {low} to {high}")
+    return number
+
+
+def _choice(value: Any, key: str) -> str:
+    if value not in CHOICES[key]:
+        raise _fail(f"{V}{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    return str(value)
+
+
+def _address(value: Any, key: str) -> str:
+    """A report address (``user@domain``; ``mailto:`` accepted); "" = the default."""
+    text = str(value).removeprefix("mailto:") if isinstance(value, str) else None
+    if text is None or (text and not ADDRESS_RE.match(text)):
+        raise _fail(f"{V}{key}: {value!r} is not a mail address (user@domain)")
+    return text
+
+
+def _addresses(value: Any, key: str, version: int) -> list[str]:
+    """A list of IPv4 (``version`` 4) or IPv6 addresses, as ipaddress prints them."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise _fail(f"{V}{key}: must be a list of IPv{version} addresses")
+    out = []
+    for index, item in enumerate(value):
+        try:
+            address = ipaddress.ip_address(str(item))
+        except ValueError:
+            address = None
+        if address is None or address.version != version:
+            raise _fail(f"{V}{key}[{index}]: {item!r} is not an IPv{version} address")
+        out.append(str(address))
+    return out
+
+
+def host_addresses(
+    listen_ip: Any, default_ipv4: Any, default_ipv6: Any, ipv4: Any, ipv6: Any
+) -> dict[str, list[str]]:
+    """The host's public addresses: pyqmail_dns__ipv4/ipv6 when set, else the listen address
+    (pyqmail__listen_ip, what the listeners bind to) when it is not a wildcard, else the
+    address of the default route from the facts (a host listening on all addresses)."""
+    out = {"ipv4": _addresses(ipv4, "ipv4", 4), "ipv6": _addresses(ipv6, "ipv6", 6)}
+    if out["ipv4"] or out["ipv6"]:
+        return out
+    try:
+        listen = ipaddress.ip_address(str(listen_ip).strip("[]"))
+    except ValueError:
+        listen = None
+    if listen is not None and not listen.is_unspecified:
+        out[f"ipv{listen.version}"] = [str(listen)]
+        return out
+    for key, fact in (("ipv4", default_ipv4), ("ipv6", default_ipv6)):
+        address = (fact or {}).get("address") if isinstance(fact, Mapping) else None
+        if address:
+            out[key] = [str(ipaddress.ip_address(address))]
+    return out
+
+
+def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list[dict[str, str]]:
+    """The published DKIM selectors (the pyqmail_dkim role's fact), checked."""
+    if published is None or published == "":
+        return []
+    if isinstance(published, (str, Mapping)) or not isinstance(published, Sequence):
+        raise _fail(f"{where}: must be a list of {{domain, selector, txt}}")
+    out = []
+    for index, item in enumerate(published):
+        at = f"{where}[{index}]"
+        if not isinstance(item, Mapping):
+            raise _fail(f"{at}: must be a dict with domain, selector and txt")
+        selector = str(item.get("selector", "")).lower()
+        if not SELECTOR_RE.match(selector):
+            raise _fail(f"{at}.selector: {item.get('selector')!r} is not a DNS label")
+        txt = item.get("txt")
+        if not isinstance(txt, str) or not txt.startswith("v=DKIM1"):
+            raise _fail(f"{at}.txt: must be the record text, starting with v=DKIM1")
+        out.append(
+            {
+                "domain": _domain(item.get("domain"), f"{at}.domain"),
+                "selector": selector,
+                "txt": txt,
+            }
+        )
+    return out
+
+
+def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """One host's part of the records, checked: its name, addresses, domains it receives for,
+    whether it sends, its DKIM selectors, TLSA data and its settings of the domain records.
+
+    ``settings`` keys: host, me, ipv4, ipv6 (from host_addresses), locals, relay_domains,
+    receives (listens on port 25), sends, dkim, tlsa (hex or ""), and the pyqmail_dns__
+    settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
+    tlsrpt_rua, mta_sts_mode, mta_sts_max_age.
+    """
+    s = settings
+    tlsa = str(s.get("tlsa") or "").lower()
+    if tlsa and not HEX64_RE.match(tlsa):
+        raise _fail(f"TLSA data of {s['host']}: {tlsa!r} is not a SHA-256 in hex")
+    out: dict[str, Any] = {
+        "host": str(s["host"]),
+        "me": _domain(s["me"], "pyqmail__me"),
+        "ipv4": _addresses(s.get("ipv4") or [], "ipv4", 4),
+        "ipv6": _addresses(s.get("ipv6") or [], "ipv6", 6),
+        "locals": sorted({_domain(d, "pyqmail_control__locals") for d in s.get("locals") or []}),
+        "relay_domains": sorted(
+            {_domain(d, "pyqmail_control__relay_domains") for d in s.get("relay_domains") or []}
+        ),
+        "receives": bool(s.get("receives")),
+        "sends": bool(s.get("sends", True)),
+        "dkim": dkim_records(s.get("dkim")),
+        "tlsa": tlsa,
+    }
+    for key in RANGES:
+        out[key] = _int(s.get(key), key)
+    for key in CHOICES:
+        out[key] = _choice(s.get(key), key)
+    out["dmarc_rua"] = _address(s.get("dmarc_rua", ""), "dmarc_rua")
+    out["tlsrpt_rua"] = _address(s.get("tlsrpt_rua", ""), "tlsrpt_rua")
+    return out
+
+
+def txt_rdata(text: str) -> str:
+    """TXT record data: quoted character strings of at most 255 bytes each (RFC 1035 3.3.14)."""
+    raw = text.encode()
+    chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+    return " ".join(
+        '"' + c.decode("ascii", "replace").replace("\\", "\\\\").replace('"', '\\"') + '"'
+        for c in chunks
+    )
+
+
+def _domain_setting(hosts: list[dict[str, Any]], domain: str, key: str) -> Any:
+    """A domain-wide setting of the hosts serving ``domain``: they must agree."""
+    seen = {h["host"]: h[key] for h in hosts}
+    values = set(seen.values())
+    if len(values) > 1:
+        shown = ", ".join(f"{host}: {value!r}" for host, value in sorted(seen.items()))
+        raise _fail(
+            f"{V}{key}: the hosts serving {domain} disagree ({shown}); set it once "
+            "for them all (group_vars)"
+        )
+    return values.pop()
+
+
+def mta_sts_policy(mode: str, mx: list[str], max_age: int) -> str:
+    """The MTA-STS policy file (RFC 8461 3.2) for the domain's MX hosts."""
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx), f"max_age: {max_age}"]
+    return "".join(f"{line}\r\n" for line in lines)
+
+
+def _mx_set(hosts: list[dict[str, Any]], domain: str) -> list[tuple[int, str]]:
+    """(priority, host name) of every host that receives ``domain`` on port 25."""
+    out = set()
+    for h in hosts:
+        if not h["receives"]:
+            continue
+        if domain in h["locals"]:
+            out.add((h["mx_priority"], h["me"]))
+        elif domain in h["relay_domains"]:
+            out.add((h["backup_mx_priority"], h["me"]))
+    return sorted(out)
+
+
+def _spf(hosts: list[dict[str, Any]], qualifier: str) -> str:
+    senders = sorted(
+        {f"ip{v}:{a}" for h in hosts if h["sends"] for v in (4, 6) for a in h[f"ipv{v}"]}
+    )
+    return " ".join(["v=spf1", *senders, qualifier])
+
+
+def _rr(owner: str, ttl: int, rtype: str, data: str) -> str:
+    return f"{owner}. {ttl} IN {rtype} {data}"
+
+
+def _serves(host: dict[str, Any], domain: str) -> bool:
+    """Whether ``host`` receives or signs mail of ``domain`` (its settings count for it)."""
+    return domain in host["locals"] + host["relay_domains"] or any(
+        d["domain"] == domain for d in host["dkim"]
+    )
+
+
+def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
+    """The records of one mail domain, the same whichever host's file they are in."""
+    serving = [h for h in hosts if _serves(h, domain)]
+    setting = {key: _domain_setting(serving, domain, key) for key in DOMAIN_SETTINGS}
+    ttl = setting["ttl"]
+    out = [f"; --- {domain}"]
+    mx = _mx_set(hosts, domain)
+    out += [_rr(domain, ttl, "MX", f"{prio} {name}.") for prio, name in mx]
+    if not mx:
+        out.append(f"; no host of this run receives mail for {domain} on port 25: no MX")
+    out.append(_rr(domain, ttl, "TXT", txt_rdata(_spf(hosts, setting["spf_all"]))))
+    dkim = sorted(
+        {(d["selector"], d["txt"]) for h in hosts for d in h["dkim"] if d["domain"] == domain}
+    )
+    for selector, txt in dkim:
+        out.append(_rr(f"{selector}._domainkey.{domain}", ttl, "TXT", txt_rdata(txt)))
+    rua = setting["dmarc_rua"] or f"postmaster@{domain}"
+    dmarc = f"v=DMARC1; p={setting['dmarc_policy']}; rua=mailto:{rua}"
+    out.append(_rr(f"_dmarc.{domain}", ttl, "TXT", txt_rdata(dmarc)))
+    rua_domain = rua.rpartition("@")[2].lower()
+    if rua_domain != domain:
+        out.append(f"; {rua_domain} accepts DMARC reports for {domain} (RFC 7489 7.1):")
+        out.append(_rr(f"{domain}._report._dmarc.{rua_domain}", ttl, "TXT", '"v=DMARC1"'))
+    if mx:
+        policy = mta_sts_policy(
+            setting["mta_sts_mode"], [m for _, m in mx], setting["mta_sts_max_age"]
+        )
+        sts_id = hashlib.sha256(policy.encode()).hexdigest()[:20]
+        out.append(f"; MTA-STS: serve this at https://mta-sts.{domain}/.well-known/mta-sts.txt")
+        out += [f";   {line}" for line in policy.splitlines()]
+        out.append(_rr(f"_mta-sts.{domain}", ttl, "TXT", txt_rdata(f"v=STSv1; id={sts_id}")))
+    tlsrpt = setting["tlsrpt_rua"] or rua
+    out.append(
+        _rr(f"_smtp._tls.{domain}", ttl, "TXT", txt_rdata(f"v=TLSRPTv1; rua=mailto:{tlsrpt}"))
+    )
+    return out
+
+
+def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
+    """The records of the host itself: A/AAAA, SPF of its name, TLSA, and the PTR."""
+    name, ttl = me["me"], me["ttl"]
+    out = [f"; --- {name} (this host)"]
+    addresses = [("A", a) for a in me["ipv4"]] + [("AAAA", a) for a in me["ipv6"]]
+    if not addresses:
+        out.append(f"; no address known for {name}: set {V}ipv4 / {V}ipv6")
+    for rtype, address in addresses:
+        if not ipaddress.ip_address(address).is_global:
+            out.append(f"; {address} is not a public address: set {V}ipv4 / {V}ipv6")
+        out.append(_rr(name, ttl, rtype, address))
+    if name not in domains and me["sends"]:
+        out.append("; SPF of the host name (the HELO name and bounces):")
+        out.append(_rr(name, ttl, "TXT", txt_rdata(_spf([me], me["spf_all"]))))
+    if me["receives"] and me["tlsa"]:
+        out.append("; DANE: needs DNSSEC on this zone; the key is kept across renewals")
+        out.append(_rr(f"_25._tcp.{name}", ttl, "TLSA", f"3 1 1 {me['tlsa']}"))
+    elif me["receives"]:
+        out.append(f"; no TLSA: control/servercert.pem not there yet on {me['host']}")
+    if addresses:
+        out.append("; PTR: set by the provider of each address (its reverse zone, not yours):")
+    for _, address in addresses:
+        out.append(_rr(ipaddress.ip_address(address).reverse_pointer, ttl, "PTR", f"{name}."))
+    return out
+
+
+def dns_zone(hosts: Any, host: str, all_hosts: Any = None) -> str:
+    """The zone file of ``host``: the records of every mail domain it serves or signs for
+    (computed over ``hosts``, the checked dns_host of every host of the run) and its own."""
+    if isinstance(hosts, (str, Mapping)) or not isinstance(hosts, Sequence):
+        raise _fail("pyqmail_dns_zone: hosts must be a list of pyqmail_dns_host results")
+    hosts = sorted(hosts, key=lambda h: h["host"])
+    me = next((h for h in hosts if h["host"] == host), None)
+    if me is None:
+        raise _fail(f"pyqmail_dns_zone: {host} is not among the hosts")
+    domains = sorted({*me["locals"], *me["relay_domains"], *(d["domain"] for d in me["dkim"])})
+    names = [h["host"] for h in hosts]
+    out = [
+        f"; DNS records to publish for {host} (pyqmail_dns, written by ansible-playbook site.yml)",
+        f"; computed over the hosts of this run: {', '.join(names)}",
+    ]
+    missing = sorted(set(all_hosts or []) - set(names))
+    if missing:
+        out.append(f"; not in this run (its MX/SPF/DKIM are missing here): {', '.join(missing)}")
+    for domain in domains:
+        out += domain_records(hosts, domain)
+    out += host_records(me, domains)
+    return "\n".join(out) + "\n"
+
+
+class FilterModule:
+    """The pyqmail_dns role's filters."""
+
+    def filters(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "pyqmail_dns_addresses": host_addresses,
+            "pyqmail_dns_host": dns_host,
+            "pyqmail_dns_zone": dns_zone,
+        }

@@ -1,0 +1,63 @@
+"""Signing a pickup batch: pyqmail-send's ``new/`` → ``mess/`` step, where DKIM happens once.
+
+``sign_batch`` decides for every message of the batch (``pyqmail.dkim.policy``), and makes
+the signatures durable before the manager renames the files into ``mess/``: one
+``state/<file>`` per queue file that holds a signed message (a ``Signed`` record per
+message, one fdatasync per file: a segment's messages share theirs), then one fsync of
+``state/`` for the whole batch. Unsigned mail costs no I/O at all. Why here and in this
+order: ``src/pyqmail/queue/README.md`` ("DKIM").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from pyqmail.dkim.keys import Key
+from pyqmail.dkim.policy import Decision, decide
+from pyqmail.queue.format import Stored
+from pyqmail.queue.state import Signed, write_signed
+from pyqmail.queue.store import fsync_dir
+
+Batch = Sequence[tuple[str, Sequence[Stored]]]  # (file name in new/, its messages)
+
+
+def _decide(stored: Stored, keys: Mapping[str, Sequence[Key]]) -> Decision:
+    """``pyqmail.dkim.policy.decide``; a failure of it sends the message unsigned."""
+    try:
+        return decide(stored.env, stored.body, keys)
+    except Exception as exc:  # noqa: BLE001 - a signing bug must not stop the queue
+        return Decision(note=f"not signed: error {type(exc).__name__}: {exc}")
+
+
+def sign_batch(
+    loaded: Batch,
+    keys: Mapping[str, Sequence[Key]],
+    state_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
+    """(file -> {queue id: DKIM-Signature fields} for every file that may move on to
+    ``mess/``, queue id -> note for the log). A file whose signatures could not be
+    written is left out, logged: it stays in ``new/`` for the next pickup."""
+    signed: dict[str, dict[str, bytes]] = {}
+    notes: dict[str, str] = {}
+    wrote = False
+    for name, stored in loaded:
+        made: dict[str, bytes] = {}
+        for s in stored if keys else ():
+            decision = _decide(s, keys)
+            if decision.note:
+                notes[s.env.queue_id] = decision.note
+            if decision.headers:
+                made[s.env.queue_id] = decision.headers
+        if made:
+            try:
+                write_signed(state_dir / name, [Signed(q, h) for q, h in made.items()])
+            except OSError as exc:
+                log(f"warning cannot record the DKIM signatures of {name}: {exc}")
+                continue
+            wrote = True
+        signed[name] = made
+    if wrote:
+        fsync_dir(state_dir)
+    return signed, notes

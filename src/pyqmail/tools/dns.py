@@ -1,0 +1,201 @@
+"""``pyqmail-dns check``: are the records of a zone file (the role's dns.zone) published?
+
+The role pyqmail_dns writes ``artifacts/<host>/dns.zone`` on the controller: the records the
+host's mail needs. This command resolves each owner and type of that file and prints one line
+per record that is missing or different, naming the owner, the type, what the file expects and
+what DNS answered; exit 1 when there is any, 0 and ``all N records published`` otherwise.
+
+How records are compared:
+
+- TXT by their text (the character strings joined, as SPF, DKIM and DMARC read them). Other
+  TXT records at the same name are left alone (a domain has verification TXTs); a published
+  TXT with the same ``v=`` tag as an expected one (another SPF, another DKIM key) makes the
+  expected one ``DIFFERENT``.
+- Every other type (MX, A, AAAA, TLSA, PTR) as a set: each expected record must be there, and
+  one published that the file does not have is ``EXTRA`` (an MX to another host takes mail).
+- TTLs are not compared. DNSSEC (which TLSA needs) is not validated here.
+
+``--nameserver``/``--port`` ask one server (tests start knot on loopback); by default the
+system resolver (/etc/resolv.conf) answers, as remote mail servers would see it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdatatype
+import dns.resolver
+import dns.zone
+
+if TYPE_CHECKING:
+    import argparse
+
+EXIT_PUBLISHED, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The records of one owner and type in the zone file."""
+
+    owner: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    rdatas: tuple[dns.rdata.Rdata, ...]
+
+
+class ZoneFileError(Exception):
+    """The zone file cannot be read or parsed (exit 2)."""
+
+
+def read_zone(path: str) -> list[Expected]:
+    """The records of ``path`` grouped by owner and type, in file order of owners.
+
+    The file's owners are fully qualified (it spans several zones), so it is parsed with the
+    root as origin and without the SOA/NS a real zone must have.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ZoneFileError(f"{path}: {exc.strerror}") from exc
+    try:
+        zone = dns.zone.from_text(text, origin=dns.name.root, relativize=False, check_origin=False)
+    except dns.exception.DNSException as exc:
+        raise ZoneFileError(f"{path}: not a zone file: {exc}") from exc
+    out = [
+        Expected(name, rdataset.rdtype, tuple(rdataset))
+        for name, node in zone.nodes.items()
+        for rdataset in node.rdatasets
+    ]
+    if not out:
+        raise ZoneFileError(f"{path}: no records")
+    return out
+
+
+def make_resolver(nameserver: str | None, port: int, timeout: float) -> dns.resolver.Resolver:
+    """The system resolver, or one that asks only ``nameserver``:``port``."""
+    if nameserver is None:
+        resolver = dns.resolver.Resolver()
+    else:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [nameserver]
+    resolver.port = port
+    resolver.timeout = resolver.lifetime = timeout
+    return resolver
+
+
+def lookup(resolver: dns.resolver.Resolver, want: Expected) -> list[dns.rdata.Rdata]:
+    """What DNS answers for the owner and type: [] for no such name or no such record."""
+    try:
+        answer = resolver.resolve(want.owner, want.rdtype, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return []
+    return list(answer.rrset) if answer.rrset is not None else []
+
+
+def _txt(rdata: dns.rdata.Rdata) -> str:
+    """A TXT record's text: its character strings joined."""
+    return b"".join(rdata.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+
+
+def _tag(text: str) -> str:
+    """The ``v=`` tag a TXT record starts with (v=spf1, v=DKIM1, ...), or ""."""
+    head = text.split(";", 1)[0].split(" ", 1)[0].strip().lower()
+    return head if head.startswith("v=") else ""
+
+
+def _line(kind: str, want: Expected, expected: str, found: str) -> str:
+    rtype = dns.rdatatype.to_text(want.rdtype)
+    return f"{kind} {want.owner} {rtype}: expected {expected}, found {found}"
+
+
+def compare_txt(want: Expected, found: list[dns.rdata.Rdata]) -> list[str]:
+    """One line per expected TXT that is not published with exactly its text."""
+    texts = [_txt(r) for r in found]
+    out = []
+    for rdata in want.rdatas:
+        text = _txt(rdata)
+        if text in texts:
+            continue
+        same_tag = [t for t in texts if _tag(text) and _tag(t) == _tag(text)]
+        if same_tag:
+            out.append(_line("DIFFERENT", want, repr(text), " | ".join(map(repr, same_tag))))
+        else:
+            shown = " | ".join(map(repr, texts)) or "nothing"
+            out.append(_line("MISSING", want, repr(text), shown))
+    return out
+
+
+def compare_set(want: Expected, found: list[dns.rdata.Rdata]) -> list[str]:
+    """One line per expected record not published and per published one not expected."""
+    shown = " | ".join(r.to_text() for r in found) or "nothing"
+    out = [_line("MISSING", want, r.to_text(), shown) for r in want.rdatas if r not in found]
+    out += [
+        _line("EXTRA", want, "not this record (not in the zone file)", r.to_text())
+        for r in found
+        if r not in want.rdatas
+    ]
+    return out
+
+
+def check(records: list[Expected], resolver: dns.resolver.Resolver) -> list[str]:
+    """Every problem, one line each, in the zone file's order."""
+    problems: list[str] = []
+    for want in records:
+        try:
+            found = lookup(resolver, want)
+        except dns.exception.DNSException as exc:
+            rtype = dns.rdatatype.to_text(want.rdtype)
+            problems.append(f"ERROR {want.owner} {rtype}: no answer: {exc}")
+            continue
+        compare = compare_txt if want.rdtype == dns.rdatatype.TXT else compare_set
+        problems += compare(want, found)
+    return problems
+
+
+def _run(args: argparse.Namespace) -> int:
+    records = read_zone(args.zonefile)
+    resolver = make_resolver(args.nameserver, args.port, args.timeout)
+    problems = check(records, resolver)
+    count = sum(len(r.rdatas) for r in records)
+    for line in problems:
+        sys.stdout.write(line + "\n")
+    if problems:
+        sys.stdout.write(f"{len(problems)} problem(s) in {count} records of {args.zonefile}\n")
+        return EXIT_PROBLEMS
+    sys.stdout.write(f"all {count} records published\n")
+    return EXIT_PUBLISHED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pyqmail-dns check ZONEFILE``: exit 0 all published, 1 problems, 2 bad input."""
+    import argparse  # noqa: PLC0415 - CLI only
+
+    parser = argparse.ArgumentParser(
+        prog="pyqmail-dns",
+        description="Check that the records of a zone file (artifacts/<host>/dns.zone, "
+        "written by the role pyqmail_dns) are published in DNS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="resolve every record of the file; exit 1 if any differs")
+    chk.add_argument("zonefile", help="the zone file, e.g. artifacts/mx1.example.org/dns.zone")
+    chk.add_argument("--nameserver", help="ask this server only (default: the system resolver)")
+    chk.add_argument("--port", type=int, default=53, help="port of the name server (default 53)")
+    chk.add_argument("--timeout", type=float, default=5.0, help="seconds per query (default 5)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}: must be from 1 to 65535")
+    try:
+        return _run(args)
+    except ZoneFileError as exc:
+        sys.stderr.write(f"pyqmail-dns: {exc}\n")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""``pyqmail-dns check`` against a real knot serving the zone the role writes (tests/dnszone).
+
+The zone file is split into the zones an operator would publish it in (example.org and the
+reverse zones), served by knotd on loopback, and the command runs as a process: all published
+-> exit 0; a missing DKIM key, a different SPF, a missing MX -> exit 1, one line each.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.dnsserver import DnsServer, split_zones
+from tests.dnszone import zone
+
+BIN = Path(sys.executable).parent
+ORIGINS = ["example.org.", "2.0.192.in-addr.arpa.", "8.b.d.0.1.0.0.2.ip6.arpa."]
+
+
+def run_check(path: Path, dns: DnsServer) -> subprocess.CompletedProcess[str]:
+    argv = [str(BIN / "pyqmail-dns"), "check", str(path)]
+    argv += ["--nameserver", dns.host, "--port", str(dns.port), "--timeout", "2"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def served(text: str, drop: tuple[str, ...] = (), add: str = "") -> dict[str, str]:
+    """The zones of ``text`` without the lines starting with ``drop``, plus ``add``."""
+    kept = "".join(f"{line}\n" for line in text.splitlines() if not line.startswith(drop))
+    return split_zones(kept + add, ORIGINS)
+
+
+def test_all_published_exits_0(tmp_path: Path) -> None:
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    with DnsServer(served(text)) as dns:
+        result = run_check(path, dns)
+    count = sum(1 for line in text.splitlines() if line and not line.startswith(";"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == f"all {count} records published\n"
+
+
+def test_missing_dkim_different_spf_missing_mx_exit_1(tmp_path: Path) -> None:
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    spf = 'example.org. 3600 IN TXT "v=spf1'
+    zones = served(
+        text,
+        drop=("s2026a-ed._domainkey.", spf, "example.org. 3600 IN MX 20 "),
+        add='example.org. 3600 IN TXT "v=spf1 ip4:203.0.113.9 -all"\n'
+        'example.org. 3600 IN TXT "google-site-verification=abc"\n',
+    )
+    with DnsServer(zones) as dns:
+        result = run_check(path, dns)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("3 problem(s) in ")
+    assert (
+        "MISSING example.org. MX: expected 20 mx2.example.org., found 10 mx1.example.org." in lines
+    )
+    assert (
+        "DIFFERENT example.org. TXT: expected 'v=spf1 ip4:192.0.2.25 ip4:192.0.2.26 "
+        "ip4:192.0.2.30 ip6:2001:db8::25 -all', found 'v=spf1 ip4:203.0.113.9 -all'" in lines
+    )
+    assert (
+        "MISSING s2026a-ed._domainkey.example.org. TXT: expected "
+        "'v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=', found nothing"
+        in lines
+    )
+
+
+def test_an_extra_mx_and_a_missing_ptr_are_reported(tmp_path: Path) -> None:
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    zones = served(
+        text, drop=("25.2.0.192.in-addr.arpa.",), add="example.org. 3600 IN MX 5 mx.evil.test.\n"
+    )
+    with DnsServer(zones) as dns:
+        result = run_check(path, dns)
+    assert result.returncode == 1
+    assert (
+        "EXTRA example.org. MX: expected not this record (not in the zone file), "
+        "found 5 mx.evil.test." in result.stdout.splitlines()
+    )
+    assert "MISSING 25.2.0.192.in-addr.arpa. PTR: expected mx1.example.org., found nothing" in (
+        result.stdout
+    )
+
+
+def test_a_bad_zone_file_exits_2_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "dns.zone"
+    path.write_text("example.org. 3600 IN MX ten mx1.example.org.\n")
+    result = subprocess.run(
+        [str(BIN / "pyqmail-dns"), "check", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"pyqmail-dns: {path}: not a zone file:")
+    missing = subprocess.run(
+        [str(BIN / "pyqmail-dns"), "check", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2 and "No such file" in missing.stderr

@@ -1,0 +1,155 @@
+"""The role pyqmail_dns through ansible-playbook, its preflight checks, and the summary lines.
+
+One run of playbooks/dns.yml on two inventory hosts (local connection, each its own qmail
+root): mx1 with a servercert.pem and example.org local, mx2 backup MX for example.org with
+another priority. Both files must have one MX set for example.org; mx1's TLSA must be the
+SHA-256 of its certificate's key as openssl computes it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.dnszone import ED_TXT
+from tests.modules.test_tlsa_module import openssl_311, servercert
+from tests.roles.playbook import REPO, ansible_env
+from tests.roles.test_preflight import problems_of
+
+DKIM = [
+    {"domain": "example.org", "selector": "s1-ed", "algorithm": "ed25519-sha256", "txt": ED_TXT}
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"pyqmail_dns__dmarc_policy": "strict"},
+            "pyqmail_dns__dmarc_policy: 'strict' is not one of none, quarantine, reject",
+        ),
+        ({"pyqmail_dns__spf_all": "+all"}, "pyqmail_dns__spf_all: '+all' is not one of -all, ~all"),
+        (
+            {"pyqmail_dns__dmarc_rua": "postmaster"},
+            "pyqmail_dns__dmarc_rua: 'postmaster' is not a mail address (user@domain)",
+        ),
+        (
+            {"pyqmail_dns__mx_priority": 65536},
+            "pyqmail_dns__mx_priority: 65536 is out of range: must be from 0 to 65535",
+        ),
+        (
+            {"pyqmail_dns__ipv6": ["192.0.2.1"]},
+            "pyqmail_dns__ipv6[0]: '192.0.2.1' is not an IPv6 address",
+        ),
+    ],
+)
+def test_preflight_names_the_bad_variable(overrides: dict[str, Any], expected: str) -> None:
+    assert problems_of(overrides) == [expected]
+
+
+def test_summary_prints_the_zone_and_the_check_command() -> None:
+    spec = __import__("importlib.util").util.spec_from_file_location(
+        "pyqmail_filters", REPO / "filter_plugins" / "pyqmail.py"
+    )
+    main = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    facts = {
+        "kinds": {},
+        "host": "h",
+        "me": "h",
+        "listen_ip": "192.0.2.1",
+        "config_dir": "/etc",
+        "dns": {"path": "/a/h/dns.zone", "lines": ["; x", "h. 3600 IN A 192.0.2.1"]},
+    }
+    lines = main.services_summary([], facts)
+    assert lines[-4:] == [
+        "DNS records to publish (/a/h/dns.zone on the controller; check them with",
+        "  pyqmail-dns check /a/h/dns.zone):",
+        "  ; x",
+        "  h. 3600 IN A 192.0.2.1",
+    ]
+    assert "DNS records" not in "\n".join(main.services_summary([], {**facts, "dns": {}}))
+
+
+def host_vars(root: Path, **more: Any) -> dict[str, Any]:
+    return {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "pyqmail__root": str(root),
+        "pyqmail_aliases__postmaster": "admin@example.org",
+        # pyqmail_dkim__published is a fact of the role pyqmail_dkim in a real run; here the
+        # inventory gives it, which the preflight would call a typo.
+        "pyqmail__strict_variables": False,
+        **more,
+    }
+
+
+def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
+    mx1_root, mx2_root, artifacts = tmp_path / "mx1", tmp_path / "mx2", tmp_path / "artifacts"
+    (mx1_root / "control").mkdir(parents=True)
+    mx2_root.mkdir()
+    cert = servercert(mx1_root / "control" / "servercert.pem")
+    hosts = {
+        "mx1.example.org": host_vars(
+            mx1_root,
+            pyqmail__me="mx1.example.org",
+            pyqmail__listen_ip="192.0.2.25",
+            pyqmail_control__locals=["example.org"],
+            pyqmail_dkim__published=DKIM,
+        ),
+        "mx2.example.org": host_vars(
+            mx2_root,
+            pyqmail__me="mx2.example.org",
+            pyqmail__listen_ip="192.0.2.26",
+            pyqmail_control__relay_domains=["example.org"],
+            pyqmail_dns__backup_mx_priority=30,
+        ),
+    }
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"mailservers": {"hosts": hosts}}}}))
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            str(inventory),
+            "-e",
+            f"pyqmail_dns__zone_dir={artifacts}",
+            "playbooks/dns.yml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    mx1 = (artifacts / "mx1.example.org" / "dns.zone").read_text()
+    mx2 = (artifacts / "mx2.example.org" / "dns.zone").read_text()
+    mx = [
+        "example.org. 3600 IN MX 10 mx1.example.org.",
+        "example.org. 3600 IN MX 30 mx2.example.org.",
+    ]
+    for text in (mx1, mx2):
+        assert [
+            line for line in text.splitlines() if line.startswith("example.org. 3600 IN MX")
+        ] == mx
+        assert 'example.org. 3600 IN TXT "v=spf1 ip4:192.0.2.25 ip4:192.0.2.26 -all"' in text
+        assert f's1-ed._domainkey.example.org. 3600 IN TXT "{ED_TXT}"' in text
+    assert f"_25._tcp.mx1.example.org. 3600 IN TLSA 3 1 1 {openssl_311(cert)}" in mx1
+    assert "; no TLSA: control/servercert.pem not there yet on mx2.example.org" in mx2
+    assert "PRIVATE" not in proc.stdout
+    summary = [
+        t["hosts"]["mx1.example.org"]["ansible_facts"]["pyqmail_dns__summary"]
+        for play in out["plays"]
+        for t in play["tasks"]
+        if t["task"]["name"].endswith("Hand the records to the summary")
+    ]
+    assert summary[0]["lines"] == mx1.splitlines()

@@ -1,0 +1,158 @@
+"""The zone the role pyqmail_dns writes (filter_plugins/pyqmail_dns.py): records, consistency
+across hosts, and a clear error naming the variable for each bad value."""
+
+from __future__ import annotations
+
+import re
+
+import dns.name
+import dns.rdatatype
+import dns.zone
+import pytest
+from ansible.errors import AnsibleFilterError
+
+from tests.dnszone import ED_TXT, RSA_TXT, TLSA, example_hosts, filters, settings, zone
+
+
+def records(text: str) -> dict[tuple[str, str], list[str]]:
+    """(owner, type) -> record data, parsed by dnspython (owners must be absolute)."""
+    parsed = dns.zone.from_text(text, origin=dns.name.root, relativize=False, check_origin=False)
+    out: dict[tuple[str, str], list[str]] = {}
+    for owner, _ttl, rdata in parsed.iterate_rdatas():
+        key = (owner.to_text(), dns.rdatatype.to_text(rdata.rdtype))
+        value = b"".join(rdata.strings).decode() if key[1] == "TXT" else rdata.to_text()
+        out.setdefault(key, []).append(value)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def block(text: str, domain: str) -> list[str]:
+    """The lines of one domain's section."""
+    lines = text.splitlines()
+    start = lines.index(f"; --- {domain}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("; --- ")), None)
+    return lines[start:end]
+
+
+def test_mx1_has_every_record_of_its_domains_and_itself() -> None:
+    got = records(zone())
+    assert got["example.org.", "MX"] == ["10 mx1.example.org.", "20 mx2.example.org."]
+    assert got["example.org.", "TXT"] == [
+        "v=spf1 ip4:192.0.2.25 ip4:192.0.2.26 ip4:192.0.2.30 ip6:2001:db8::25 -all"
+    ]
+    assert got["s2026a-rsa._domainkey.example.org.", "TXT"] == [RSA_TXT]
+    assert got["s2026a-ed._domainkey.example.org.", "TXT"] == [ED_TXT]
+    assert got["_dmarc.example.org.", "TXT"] == [
+        "v=DMARC1; p=none; rua=mailto:postmaster@example.org"
+    ]
+    assert got["_smtp._tls.example.org.", "TXT"] == [
+        "v=TLSRPTv1; rua=mailto:postmaster@example.org"
+    ]
+    assert got["_mta-sts.example.org.", "TXT"][0].startswith("v=STSv1; id=")
+    assert got["mx1.example.org.", "A"] == ["192.0.2.25"]
+    assert got["mx1.example.org.", "AAAA"] == ["2001:db8::25"]
+    assert got["_25._tcp.mx1.example.org.", "TLSA"] == [f"3 1 1 {TLSA}"]
+    assert got["25.2.0.192.in-addr.arpa.", "PTR"] == ["mx1.example.org."]
+    assert (
+        "5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+        "PTR",
+    ) in got
+
+
+def test_long_dkim_txt_is_split_into_255_byte_strings() -> None:
+    line = next(x for x in zone().splitlines() if x.startswith("s2026a-rsa."))
+    strings = line.split(" TXT ", 1)[1].split('" "')
+    assert len(RSA_TXT) > 255 and len(strings) == 2
+    assert len(strings[0].lstrip('"')) == 255
+
+
+def test_every_host_has_the_same_records_for_a_shared_domain() -> None:
+    """mx1 (primary) and mx2 (backup) publish one and the same set for example.org."""
+    assert block(zone("mx1.example.org"), "example.org") == block(
+        zone("mx2.example.org"), "example.org"
+    )
+    assert "; --- example.org" not in zone("submit.example.org")
+
+
+def test_priorities_come_from_the_inventory_of_each_host() -> None:
+    got = records(zone("mx2.example.org", mx_priority=5))
+    assert got["example.org.", "MX"] == ["20 mx2.example.org.", "5 mx1.example.org."]
+
+
+def test_no_mx_and_no_tlsa_for_a_host_without_port_25() -> None:
+    text = zone("submit.example.org")
+    got = records(text)
+    assert ("submit.example.org.", "MX") not in got
+    assert not any(t == "TLSA" for _, t in got)
+    assert "no host of this run receives mail for submit.example.org" in text
+
+
+def test_policy_variables_and_an_outside_report_address() -> None:
+    common = {"spf_all": "~all", "dmarc_policy": "reject", "dmarc_rua": "dmarc@reports.example.net"}
+    text = zone(common=common)
+    got = records(text)
+    assert got["example.org.", "TXT"][0].endswith(" ~all")
+    assert got["_dmarc.example.org.", "TXT"] == [
+        "v=DMARC1; p=reject; rua=mailto:dmarc@reports.example.net"
+    ]
+    # RFC 7489 7.1: the report domain says it accepts reports for example.org.
+    assert got["example.org._report._dmarc.reports.example.net.", "TXT"] == ["v=DMARC1"]
+    assert got["_smtp._tls.example.org.", "TXT"] == [
+        "v=TLSRPTv1; rua=mailto:dmarc@reports.example.net"
+    ]
+
+
+def test_mta_sts_id_changes_with_the_policy_only() -> None:
+    def sts_id(common: dict[str, object] | None = None, **mx1: object) -> str:
+        return records(zone("mx1.example.org", common, **mx1))["_mta-sts.example.org.", "TXT"][0]
+
+    assert sts_id() == sts_id()
+    assert sts_id() == sts_id(mx_priority=5)  # the policy lists the MX hosts, not priorities
+    assert sts_id() != sts_id({"mta_sts_mode": "enforce"})
+    assert sts_id() != sts_id({"mta_sts_max_age": 86400})
+    assert sts_id() != sts_id(receives=False)  # mx1 leaves the MX set
+
+
+def test_addresses_from_the_listen_ip_else_the_facts() -> None:
+    facts4, facts6 = {"address": "198.51.100.7"}, {"address": "2001:db8::7"}
+    assert filters.host_addresses("192.0.2.25", facts4, facts6, [], []) == {
+        "ipv4": ["192.0.2.25"],
+        "ipv6": [],
+    }
+    assert filters.host_addresses("0.0.0.0", facts4, facts6, [], []) == {
+        "ipv4": ["198.51.100.7"],
+        "ipv6": ["2001:db8::7"],
+    }
+    assert filters.host_addresses("::", facts4, {}, [], ["2001:db8::1"]) == {
+        "ipv4": [],
+        "ipv6": ["2001:db8::1"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"dmarc_policy": "strict"}, "pyqmail_dns__dmarc_policy: 'strict' is not one of none"),
+        ({"spf_all": "+all"}, "pyqmail_dns__spf_all: '+all' is not one of -all, ~all"),
+        ({"dmarc_rua": "postmaster"}, "pyqmail_dns__dmarc_rua: 'postmaster' is not a mail address"),
+        ({"tlsrpt_rua": "a b@x"}, "pyqmail_dns__tlsrpt_rua: 'a b@x' is not a mail address"),
+        ({"mx_priority": 70000}, "pyqmail_dns__mx_priority: 70000 is out of range: must be from 0"),
+        ({"backup_mx_priority": -1}, "pyqmail_dns__backup_mx_priority: -1 is out of range"),
+        ({"ipv4": ["2001:db8::1"]}, "pyqmail_dns__ipv4[0]: '2001:db8::1' is not an IPv4 address"),
+        (
+            {"dkim": [{"domain": "example.org", "selector": "bad sel", "txt": ED_TXT}]},
+            "pyqmail_dkim__published[0].selector: 'bad sel' is not a DNS label",
+        ),
+    ],
+)
+def test_bad_input_names_the_variable(over: dict[str, object], message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        filters.dns_host(settings("mx1.example.org", **over))
+
+
+def test_hosts_that_disagree_on_a_domain_setting_fail() -> None:
+    hosts = example_hosts()
+    hosts[1] = filters.dns_host(
+        {**settings("mx2.example.org"), "relay_domains": ["example.org"], "dmarc_policy": "reject"}
+    )
+    with pytest.raises(AnsibleFilterError, match=r"dmarc_policy: the hosts serving example.org"):
+        filters.dns_zone(hosts, "mx1.example.org")
