@@ -10,6 +10,7 @@ knotd (``tests.dnsserver``); dkimpy and OpenDKIM check what arrived
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue.state import signatures
+from pyqmail.queue.state import Signed, signatures
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
 from tests.conftest import PKI
@@ -338,3 +339,21 @@ def test_hup_loads_new_keys_and_keeps_the_old_ones_when_the_file_is_bad(
     )
     assert result.returncode == 111
     assert "dkimkeys:3: key file must be an absolute path, got 'relative.key'" in result.stderr
+
+
+def test_signatures_of_a_pickup_that_never_completed_are_not_used(
+    host: Host, recorder: Recorder, signing: Signing
+) -> None:
+    """A crash between writing the signatures and the rename into mess/ leaves the file in
+    new/ and a state file for it: start-up removes that as an orphan, the pickup signs
+    again (nothing was delivered), and the stale record is never sent."""
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.control("dkimkeys", signing.dkimkeys)
+    name, (queue_id,) = _segment(host, [("a@remote.test", "auth")])
+    stale = Signed(queue_id, b"DKIM-Signature: v=1; stale\r\n")
+    host.queue.path("state", name).write_bytes(json.dumps(stale.to_json()).encode() + b"\n")
+    host.start()
+    wait_for(host.queue_empty, what="the delivery")
+    data = accepted(recorder, "seg0")
+    assert b"stale" not in data
+    signing.assert_signed(data)

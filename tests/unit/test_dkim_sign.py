@@ -8,6 +8,7 @@ CRLF, 8-bit bytes), and messages altered after signing, which must fail.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from hypothesis import strategies as st
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.policy import decide
 from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign
+from pyqmail.protocol.events import MessageStart, TLSInfo
 from pyqmail.queue.format import Envelope
+from pyqmail.smtpd.intake import message_origin
 from tests.dkim_util import (
     KeyPair,
     dkimpy_verify,
@@ -32,6 +35,7 @@ from tests.dkim_util import (
 from tests.dnsserver import DnsServer
 
 DOMAIN = "example.org"
+SRC = Path(__file__).resolve().parents[2] / "src"
 WHEN = 1_790_000_000
 
 MESSAGES = {
@@ -200,3 +204,53 @@ def test_header_canonicalization_is_dkimpys(name: bytes, pieces: list[bytes]) ->
     value = b"".join(pieces)
     [(got_name, got_value)] = Relaxed.canonicalize_headers([[name, value + b"\r\n"]])
     assert relaxed_header(name + b":" + value + b"\r\n") == got_name + b":" + got_value
+
+
+def test_debians_python_and_cryptography_38_sign_the_same(
+    keys: list[KeyPair], dns: DnsServer, tmp_path: Path
+) -> None:
+    """Hosts run pyqmail-send with Debian's /usr/bin/python3 and python3-cryptography 38:
+    the signer works there too, and the result verifies."""
+    (tmp_path / "dkimkeys").write_text("".join(k.line + "\n" for k in keys))
+    message = MESSAGES["folded and blanks"]
+    script = (
+        "import sys; from pathlib import Path; from pyqmail.dkim import keys, sign\n"
+        f"ks = keys.load(Path({str(tmp_path)!r}))[{DOMAIN!r}]\n"
+        f"sys.stdout.buffer.write(sign.sign(sys.stdin.buffer.read(), ks, {WHEN}))\n"
+    )
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", script],
+        input=message,
+        capture_output=True,
+        env={"PYTHONPATH": str(SRC)},
+        timeout=60,
+        check=True,
+    )
+    version = subprocess.run(
+        ["/usr/bin/python3", "-c", "import cryptography; print(cryptography.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert version.startswith("38."), version
+    assert result.stdout == sign(message, loaded(tmp_path, keys), WHEN)  # same bytes here
+    for index in range(2):
+        assert dkimpy_verify(result.stdout + message, index, dns.host, dns.port)
+
+
+@pytest.mark.parametrize(
+    ("auth_user", "relay_client", "cert_relay", "origin"),
+    [
+        ("alice@example.org", False, False, "auth"),
+        ("alice@example.org", True, True, "auth"),  # the login says more than the address
+        (None, True, False, "relay"),  # tcprules RELAYCLIENT
+        (None, False, True, "relay"),  # a certificate listed in tlsclients
+        (None, False, False, None),  # inbound, or a backup MX relaying for others
+    ],
+)
+def test_origin_written_by_pyqmail_smtpd(
+    auth_user: str | None, relay_client: bool, cert_relay: bool, origin: str | None
+) -> None:
+    tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256, client_cert_relay=cert_relay)
+    event = MessageStart("a@example.org", ("b@example.net",), {}, "h", auth_user, tls, "ESMTPS")
+    assert message_origin(event, relay_client) == origin
