@@ -3,8 +3,10 @@ in ``pyqmail-send --check`` (which the roles' reload handlers run before a HUP).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +33,23 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def made_keys(tmp_path_factory: pytest.TempPathFactory) -> list[KeyPair]:
+    """Generated once (RSA-2048 takes a while), copied for each test, which may chmod them."""
+    return make_keys(tmp_path_factory.mktemp("keys"), "example.org")
+
+
 @pytest.fixture
-def keys(tmp_path: Path) -> list[KeyPair]:
-    return make_keys(tmp_path / "keys" / "example.org", "example.org")
+def keys(tmp_path: Path, made_keys: list[KeyPair]) -> list[KeyPair]:
+    directory = tmp_path / "keys" / "example.org"
+    directory.mkdir(parents=True)
+    copies = []
+    for k in made_keys:
+        path = directory / k.path.name
+        shutil.copyfile(k.path, path)
+        path.chmod(0o640)
+        copies.append(dataclasses.replace(k, path=path))
+    return copies
 
 
 def write(root: Path, *lines: str) -> Path:
