@@ -16,16 +16,24 @@ file is fsynced before the queue entry is removed.
 
 Both run as ``nobody`` for delivery when started as root; Postfix needs root. The servers
 alternate within each round and the order rotates between rounds (this VM's CPU speed
-swings); the summary uses the median rate over rounds. The last line is
+swings); the summary uses the median rate over rounds. That row's ratio line is
 ``e2e ratio vs postfix: X.XX`` (pyqmail median / Postfix median).
 
-    python bench/e2e_throughput.py                 # 3 rounds of 600 messages
+Then the outbound row (``bench/e2e_outbound.py``, ``--rows dkim``): the same client
+submits mail from the signing domain for a remote one, each server signs it with an RSA and
+an Ed25519 DKIM key (pyqmail-send; Postfix through OpenDKIM) and relays it to a sink that
+checks both signatures; the last line is ``dkim outbound ratio vs postfix+opendkim: X.XX``,
+or ``n/a (pyqmail not signing yet)`` when pyqmail's messages arrive unsigned.
+
+    python bench/e2e_throughput.py                 # both rows, 5 rounds of 2,000 messages
     python bench/e2e_throughput.py --quick         # 1 round of 200
+    python bench/e2e_throughput.py --rows dkim     # the outbound signed row only
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pwd
 import shutil
@@ -34,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +56,7 @@ from bench.servers import PostfixServer, PyqmailServer, ServerError
 from bench.smtpd_load import Generators, split
 
 MAILBOX = "user"
+ROWS = ("inbound", "dkim")
 
 
 class PyqmailE2E(PyqmailServer):
@@ -166,12 +176,15 @@ class Result:
     delivery_cpu_ms: float
 
 
-def run_once(server: E2EServer, certs: CertFiles, args: argparse.Namespace) -> Result:
+def run_once(
+    server: E2EServer, certs: CertFiles, args: argparse.Namespace, extra: Sequence[str] = ()
+) -> Result:
+    """One timed run; ``extra`` goes to every load generator (the outbound row's addresses)."""
     argv_per_proc = []
     shares = split(args.sessions, args.generators)
     for n, share in zip(split(args.messages, len(shares)), shares, strict=True):
         argv = ["--port", str(server.port), "--sessions", str(share)]
-        argv += ["--per-session", str(args.per_session), "--messages", str(n)]
+        argv += ["--per-session", str(args.per_session), "--messages", str(n), *extra]
         if args.starttls:
             argv += ["--starttls", "--cafile", str(certs.ca)]
         argv_per_proc.append(argv)
@@ -213,6 +226,17 @@ def run_once(server: E2EServer, certs: CertFiles, args: argparse.Namespace) -> R
     )
 
 
+def run_line(rnd: int, name: str, res: Result) -> str:
+    """One run's line: rates, duration, server CPU per message (and delivery's, if known)."""
+    delivery = res.delivery_cpu_ms
+    return (
+        f"round {rnd + 1} {name:8} {res.rate:7.1f} msg/s delivered "
+        f"({res.accepted_rate:7.1f} accepted)  {res.seconds:5.2f} s  "
+        f"server CPU {res.cpu_per_msg_ms:5.2f} ms/msg"
+        + ("" if math.isnan(delivery) else f" (delivery {delivery:4.2f})")
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="pyqmail,postfix")
@@ -223,6 +247,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generators", type=int, default=2, help="load generator processes")
     p.add_argument("--starttls", action="store_true", help="senders use STARTTLS")
     p.add_argument("--quick", action="store_true", help="1 round of 200 messages")
+    p.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help="which rows: inbound (SMTP in -> Maildir), dkim (outbound, signed; "
+        "bench/e2e_outbound.py); default both",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
         "--settle",
@@ -241,40 +271,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--servers: unknown server {name!r} (known: {', '.join(CLASSES)})")
     if args.messages < args.sessions:
         p.error("--messages must be at least --sessions")
+    args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not args.row_list or any(r not in ROWS for r in args.row_list):
+        p.error(f"--rows: expected some of {', '.join(ROWS)}, got {args.rows!r}")
     return args
+
+
+def run_inbound(args: argparse.Namespace, base: Path, certs: CertFiles) -> dict[str, list[Result]]:
+    """The inbound row: ``args.rounds`` rounds, servers alternating, order rotating."""
+    results: dict[str, list[Result]] = {name: [] for name in args.names}
+    for rnd in range(args.rounds):
+        order = args.names[rnd % len(args.names) :] + args.names[: rnd % len(args.names)]
+        for name in order:
+            server = CLASSES[name](base / f"r{rnd}", certs)
+            server.start()
+            try:
+                res = run_once(server, certs, args)
+            finally:
+                server.stop()
+            results[name].append(res)
+            print(run_line(rnd, name, res), flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from bench import e2e_outbound  # it builds on this module's servers
+
     base = Path(tempfile.mkdtemp(prefix="pyqmail-e2e-bench-"))
     base.chmod(0o755)
-    results: dict[str, list[Result]] = {name: [] for name in args.names}
+    results: dict[str, list[Result]] = {}
+    outbound = None
     try:
         certs = make_certs(base / "certs")
         fs_ms = fsprobe.settle([base], limit=args.settle)
         print(f"# file creation where the queues are: {fs_ms:.3f} ms CPU (see bench/fsprobe.py)")
-        for rnd in range(args.rounds):
-            order = args.names[rnd % len(args.names) :] + args.names[: rnd % len(args.names)]
-            for name in order:
-                server = CLASSES[name](base / f"r{rnd}", certs)
-                server.start()
-                try:
-                    res = run_once(server, certs, args)
-                finally:
-                    server.stop()
-                results[name].append(res)
-                print(
-                    f"round {rnd + 1} {name:8} {res.rate:7.1f} msg/s delivered "
-                    f"({res.accepted_rate:7.1f} accepted)  {res.seconds:5.2f} s  "
-                    f"server CPU {res.cpu_per_msg_ms:5.2f} ms/msg"
-                    + (
-                        f" (delivery {res.delivery_cpu_ms:4.2f})"
-                        if res.delivery_cpu_ms == res.delivery_cpu_ms
-                        else ""
-                    ),
-                    flush=True,
-                )
-    except ServerError as exc:
+        if "inbound" in args.row_list:
+            results = run_inbound(args, base, certs)
+        if "dkim" in args.row_list:
+            outbound = e2e_outbound.run_row(args, base, certs)
+    except (ServerError, e2e_outbound.DkimPeerError) as exc:
         print(f"e2e benchmark failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -282,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
+    if results:
+        print_inbound(results, args)
+    if outbound is not None:
+        e2e_outbound.print_summary(outbound, args)
+    return 0
+
+
+def print_inbound(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
+    """The inbound row's medians and its ratio line."""
     print(
         f"\n{args.messages} messages x {args.rounds} rounds, {args.sessions} senders, "
         f"{args.per_session} msg/session, {'STARTTLS' if args.starttls else 'plain'}; medians:"
@@ -293,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:8} {medians[name]:7.1f} msg/s end to end, {cpu:5.2f} ms CPU/msg")
     if "pyqmail" in medians and "postfix" in medians and medians["postfix"] > 0:
         print(f"e2e ratio vs postfix: {medians['pyqmail'] / medians['postfix']:.2f}")
-    return 0
 
 
 if __name__ == "__main__":

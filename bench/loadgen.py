@@ -38,6 +38,8 @@ from typing import Any
 
 MESSAGE_SIZE = 4096
 RECIPIENT_DOMAIN = "bench.test"
+DEFAULT_SENDER = "loadgen@client.test"
+DEFAULT_RECIPIENT = f"user@{RECIPIENT_DOMAIN}"
 MAX_KEPT_ERRORS = 5
 
 
@@ -45,16 +47,22 @@ class ReplyError(Exception):
     """The server answered with a code the dialogue did not expect."""
 
 
-def make_message(size: int = MESSAGE_SIZE) -> bytes:
+def make_message(
+    size: int = MESSAGE_SIZE, sender: str | None = None, recipient: str | None = None
+) -> bytes:
     """A plausible RFC 5322 message of exactly ``size`` bytes, CRLF line ends.
 
     The message never contains a line starting with a dot, so it goes on the wire as is
-    (no dot-stuffing) and the end-of-data marker is simply appended.
+    (no dot-stuffing) and the end-of-data marker is simply appended. With ``sender`` it is
+    a submission, as a mail client writes it: From that address, and a Date header.
     """
     head = (
-        b"From: Load Generator <loadgen@client.test>\r\n"
-        b"To: <user@" + RECIPIENT_DOMAIN.encode() + b">\r\n"
-        b"Subject: pyqmail benchmark message\r\n"
+        b"From: Load Generator <" + (sender or DEFAULT_SENDER).encode() + b">\r\n"
+        b"To: <"
+        + (recipient or DEFAULT_RECIPIENT).encode()
+        + b">\r\n"
+        + (b"Date: Wed, 02 Dec 2026 07:00:00 +0000\r\n" if sender else b"")
+        + b"Subject: pyqmail benchmark message\r\n"
         b"Message-ID: <bench@client.test>\r\n"
         b"MIME-Version: 1.0\r\n"
         b"Content-Type: text/plain; charset=us-ascii\r\n"
@@ -140,8 +148,8 @@ class Target:
     per_session: int
     tls_context: ssl.SSLContext | None
     server_name: str
-    sender: str = "loadgen@client.test"
-    recipient: str = f"user@{RECIPIENT_DOMAIN}"
+    sender: str = DEFAULT_SENDER
+    recipient: str = DEFAULT_RECIPIENT
 
 
 class Session(asyncio.Protocol):
@@ -355,7 +363,7 @@ def _cpu_seconds() -> float:
 async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
     counters = Counters()
     budget = Budget(args.messages, args.duration)
-    message = make_message(args.size)
+    message = make_message(args.size, args.sender, args.recipient)
     if args.wait_go:
         _emit({"event": "ready"})
         await _wait_for("go")
@@ -457,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cafile", help="CA to verify the server certificate against")
     p.add_argument("--server-name", default="localhost", help="name to verify (SNI)")
     p.add_argument("--size", type=int, default=MESSAGE_SIZE, help="message size in bytes")
+    p.add_argument("--sender", help=f"MAIL FROM and header From (default {DEFAULT_SENDER})")
+    p.add_argument("--recipient", help=f"RCPT TO and header To (default {DEFAULT_RECIPIENT})")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--messages", type=int, help="stop after this many messages in total")
     mode.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -496,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         per_session=args.per_session,
         tls_context=ctx,
         server_name=args.server_name,
+        sender=args.sender or DEFAULT_SENDER,
+        recipient=args.recipient or DEFAULT_RECIPIENT,
     )
     runner = idle if args.idle is not None else load
     result = run_loop(runner(args, target), args.loop)
