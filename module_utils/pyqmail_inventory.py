@@ -395,8 +395,8 @@ def check_rcptcatchall(name: str, value: list[str], values: Mapping[str, Any]) -
     for index, item in enumerate(value):
         where = f"{name}[{index}]"
         problem = domain_problem(item)
-        if problem or str(item).startswith("."):
-            yield f"{where}: {problem or f'{item!r} is not a domain name'}"
+        if problem:
+            yield f"{where}: {problem}"
         elif known and not is_local(item, local, virtual):
             yield (
                 f"{where}: {item!r} is not a local domain (pyqmail_control__locals or "
