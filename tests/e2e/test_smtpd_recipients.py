@@ -174,6 +174,9 @@ def test_a_bad_rcptcatchall_stops_the_daemon_naming_it(qmail_root: QmailRoot) ->
     qmail_root.control("rcptcatchall", "not a domain\n")
     with pytest.raises(config.ConfigError, match=r"rcptcatchall:1: not a valid domain name"):
         config.load(Path(qmail_root.path))
+    qmail_root.control("rcptcatchall", "example.test\n")  # in rcpthosts, but relayed
+    with pytest.raises(config.ConfigError, match=r"rcptcatchall: example\.test is not a local"):
+        config.load(Path(qmail_root.path))
     qmail_root.control("rcptcatchall", "mx.test\n")
     qmail_root.control("rcptcheck", "2\n")
     with pytest.raises(config.ConfigError, match=r"rcptcheck"):

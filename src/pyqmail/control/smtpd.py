@@ -198,7 +198,14 @@ def _recipients(root: Path, me: str, local_domains: frozenset[str]) -> LocalReci
         return None
     virtual = send_control.virtualdomains(table.VIRTUALDOMAINS.read(c))
     delivery = send_control.Control(root=root, me=me, locals=local_domains, virtualdomains=virtual)
-    return LocalRecipients(root, delivery, table.RCPTCATCHALL.read(c) or frozenset())
+    catchall = table.RCPTCATCHALL.read(c) or frozenset()
+    for domain in sorted(catchall):
+        if delivery.is_local(f"postmaster@{domain}") is None:
+            raise ConfigError(
+                f"{c / table.RCPTCATCHALL.name}: {domain} is not a local domain (locals or "
+                "virtualdomains); a catch-all there would accept what the next hop refuses"
+            )
+    return LocalRecipients(root, delivery, catchall)
 
 
 def load(root: str | Path) -> Config:
