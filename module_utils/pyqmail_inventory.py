@@ -276,9 +276,16 @@ def tcprules_env(name: str, env: Mapping[str, Any]) -> Problems:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             yield f'{name}.{var}: {shown(value)} is not a string; give one, e.g. {var}: "1"'
             continue
-        problem = env_problem(str(var), str(value))
+        problem = env_problem(str(var), str(value)) or knob_problem(str(var), str(value))
         if problem:
             yield f"{name}.{var}: {problem}"
+
+
+def knob_problem(var: str, value: str) -> str:
+    """A per-client knob pyqmail-smtpd reads as a number (src/pyqmail/checks/greet.py)."""
+    if var == "GREETDELAY" and not (value.isdigit() and value.isascii() and int(value) <= 60):
+        return f"{value!r} is not a greeting pause in seconds, 0 to 60"
+    return ""
 
 
 def check_listener_env(name: str, value: Mapping[str, Any], values: Mapping[str, Any]) -> Problems:
@@ -375,6 +382,26 @@ def check_validrcptto(name: str, value: Any, values: Mapping[str, Any]) -> Probl
     del values
     if "@" not in value or re.search(r"\s", value):
         yield f"{name}: {value!r} is not user@domain or @domain"
+
+
+def check_rcptcatchall(name: str, value: list[str], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__rcptcatchall: domain names delivered here (locals or virtualdomains);
+    a catch-all for a domain that is relayed would accept what the next hop refuses."""
+    local = values.get("pyqmail_control__locals") or []
+    known = not any(True for _ in check_locals("", local, values))
+    virtual = virtual_keys(
+        str((values.get("pyqmail_control__extra") or {}).get("virtualdomains") or "")
+    )
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        problem = domain_problem(item)
+        if problem:
+            yield f"{where}: {problem}"
+        elif known and not is_local(item, local, virtual):
+            yield (
+                f"{where}: {item!r} is not a local domain (pyqmail_control__locals or "
+                "pyqmail_control__extra.virtualdomains)"
+            )
 
 
 def alias_target(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
@@ -729,6 +756,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__authmsgsperhour": in_range(0, 10**6, " (0 = no limit)"),
     "pyqmail_control__authrcptsperhour": in_range(0, 10**7, " (0 = no limit)"),
     "pyqmail_control__validrcptto": each(check_validrcptto),
+    "pyqmail_control__rcptcatchall": check_rcptcatchall,
     "pyqmail_control__tlsclients": each(one_line),
     "pyqmail_control__smtproutes": check_smtproutes,
     "pyqmail_control__tlshosts": check_tlshosts,

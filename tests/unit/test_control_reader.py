@@ -137,7 +137,7 @@ def test_table_covers_what_the_readers_read() -> None:
     """Every entry names at least one daemon; the files both read are the documented ones."""
     assert all(entry.readers <= table.BOTH and entry.readers for entry in table.TABLE.values())
     both = {name for name, entry in table.TABLE.items() if entry.readers == table.BOTH}
-    assert both == {"me", "locals", "maxhops"}
+    assert both == {"me", "locals", "maxhops", "virtualdomains"}  # smtpd: which rcpt is local
     assert table.readers("smtproutes") == {"send"}
     assert table.readers("databytes") == {"smtpd"}
     assert table.readers("no-such-file") == frozenset()

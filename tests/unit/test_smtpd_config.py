@@ -40,7 +40,9 @@ def test_defaults_when_files_are_absent(root: Path) -> None:
     assert (cfg.maxerrors, cfg.timeoutdata, cfg.commitdelay) == (10, 3600, 10)
     assert (cfg.authlockfails, cfg.authlocktime, cfg.authconcurrency) == (10, 600, 2)
     assert cfg.server_tls is None and cfg.authdb is None and cfg.validrcptto is None
-    assert cfg.valid_recipient() is None
+    check = cfg.valid_recipient()  # rcptcheck is on by default (pyqmail.checks.recipients)
+    assert check is not None and cfg.recipients is not None
+    assert check("anyone@mx.test") == ""  # ... but this root has no local addressing yet
 
 
 def test_values_are_read(root: Path) -> None:
@@ -61,11 +63,11 @@ def test_values_are_read(root: Path) -> None:
     assert isinstance(cfg.server_tls, ssl.SSLContext)
     check = cfg.valid_recipient()
     assert check is not None
-    assert check("Joe@Example.org")
-    assert not check("jane@example.org")
-    assert check("anyone@a.example.net")
-    assert not check("anyone@b.example.net")
-    assert check("someone@elsewhere.test"), "relayed mail is not validrcptto's business"
+    assert check("Joe@Example.org") == ""  # "": accepted; otherwise the refusal's reason
+    assert check("jane@example.org") == "not-in-validrcptto"
+    assert check("anyone@a.example.net") == ""
+    assert check("anyone@b.example.net") == "not-in-validrcptto"
+    assert check("someone@elsewhere.test") == "", "relayed mail is not validrcptto's business"
 
 
 @pytest.mark.parametrize(

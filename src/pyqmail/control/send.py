@@ -108,6 +108,9 @@ def _virtualdomains(lines: list[Line]) -> dict[str, str]:
     return virtual
 
 
+virtualdomains = _virtualdomains  # pyqmail-smtpd reads the file too (pyqmail.checks.recipients)
+
+
 def _relay_auth(lines: list[Line]) -> dict[str, tuple[str, str]]:
     """``relay:user:password`` lines -> {lower-cased relay: (user, password)}."""
     auth: dict[str, tuple[str, str]] = {}

@@ -23,8 +23,16 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``servercert.pem`` private key, then certificate, then chain (qmail-tls); absent: no TLS
 ``clientca.pem``   CAs whose client certificates may relay; absent: no certificate requested
 ``tlsclients``     certificate identities (e-mail, CN or SAN) allowed to relay, one per line
-``validrcptto``    valid local recipients (``user@domain`` or ``@domain``), one per line;
-                   absent: every recipient in rcpthosts is accepted
+``validrcptto``    valid recipients (``user@domain`` or ``@domain``), one per line, accepted
+                   besides the local addresses below; alone (``rcptcheck`` 0) the whole list
+                   for every rcpthosts domain. Absent: no list
+``rcptcheck``      1 (default): refuse a recipient local delivery would not find with ``550
+                   5.1.1`` at RCPT (``pyqmail.checks.recipients``: ``locals`` and
+                   ``virtualdomains``, ``users/mailboxes``, ``alias/.qmail-*``); 0: accept it
+                   (and bounce it later)
+``rcptcatchall``   local domains that accept every local part at RCPT (opt-in catch-all)
+``virtualdomains`` read as pyqmail-send reads it (``pyqmail.control.send``), to tell which
+                   recipients are local
 ``smtpusers``      the SMTP AUTH user database (``pyqmail.authdb``); absent at start: no AUTH.
                    pyqmail-smtpd re-reads it when it changes (no HUP needed)
 =================  ===========================================================================
@@ -67,6 +75,9 @@ from pathlib import Path
 
 from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.checks import recipients
+from pyqmail.checks.recipients import LocalRecipients
+from pyqmail.control import send as send_control
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
@@ -110,6 +121,7 @@ class Config:
     clientca: Path | None
     tlsclients: frozenset[str]
     validrcptto: frozenset[str] | None
+    recipients: LocalRecipients | None  # None: rcptcheck 0
     authdb: AuthDB | None
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
@@ -140,20 +152,13 @@ class Config:
         domain = domain_of(address)
         return True if not domain else self.rcpthost(domain)
 
-    def valid_recipient(self) -> Callable[[str], bool] | None:
-        """The validrcptto check for the protocol core, or None when the file is absent."""
-        valid = self.validrcptto
-        if valid is None:
+    def valid_recipient(self) -> Callable[[str], str] | None:
+        """The recipient check (``pyqmail.checks.recipients.judge``): the refusal's reason
+        or "" for an address; None when neither ``rcptcheck`` nor ``validrcptto`` is on."""
+        valid, local = self.validrcptto, self.recipients
+        if valid is None and local is None:
             return None
-
-        def check(address: str) -> bool:
-            addr = address.lower()
-            domain = domain_of(addr)
-            if not domain or not self.rcpthost(domain):
-                return True  # relayed mail is the relay rule's business, not validrcptto's
-            return addr in valid or "@" + domain in valid
-
-        return check
+        return lambda address: recipients.judge(address, self.rcpthost, valid, local)
 
 
 def _tls(control: Path) -> tuple[Path | None, Path | None, ssl.SSLContext | None]:
@@ -183,6 +188,24 @@ def _authdb(control: Path) -> AuthDB | None:
         raise ConfigError(str(exc)) from exc
     except OSError as exc:
         raise ConfigError(f"{users_path}: cannot read: {exc.strerror}") from exc
+
+
+def _recipients(root: Path, me: str, local_domains: frozenset[str]) -> LocalRecipients | None:
+    """The local recipient check, as ``rcptcheck``, ``rcptcatchall`` and ``virtualdomains``
+    say; a malformed ``virtualdomains`` fails here as it fails pyqmail-send."""
+    c = root / "control"
+    if table.RCPTCHECK.read(c) == 0:
+        return None
+    virtual = send_control.virtualdomains(table.VIRTUALDOMAINS.read(c))
+    delivery = send_control.Control(root=root, me=me, locals=local_domains, virtualdomains=virtual)
+    catchall = table.RCPTCATCHALL.read(c) or frozenset()
+    for domain in sorted(catchall):
+        if delivery.is_local(f"postmaster@{domain}") is None:
+            raise ConfigError(
+                f"{c / table.RCPTCATCHALL.name}: {domain} is not a local domain (locals or "
+                "virtualdomains); a catch-all there would accept what the next hop refuses"
+            )
+    return LocalRecipients(root, delivery, catchall)
 
 
 def load(root: str | Path) -> Config:
@@ -221,6 +244,7 @@ def load(root: str | Path) -> Config:
         clientca=clientca,
         tlsclients=table.TLSCLIENTS.read(c) or frozenset(),
         validrcptto=table.VALIDRCPTTO.read(c),
+        recipients=_recipients(root, me, local_domains),
         authdb=authdb,
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,

@@ -174,6 +174,10 @@ TLSCLIENTS: Final = LineSet("tlsclients", _SMTPD, "(none)", "identities that may
 VALIDRCPTTO: Final = LineSet(
     "validrcptto", _SMTPD, "(none)", "valid local recipients", parsers.recipients
 )
+RCPTCHECK: Final = _smtpd_number("rcptcheck", 1, "refuse unknown local recipients", 0, 1)
+RCPTCATCHALL: Final = Domains(
+    "rcptcatchall", _SMTPD, "(none)", "local domains accepting every local part"
+)
 SERVERCERT: Final = Loaded("servercert.pem", _SMTPD, "(none)", "pyqmail.tls.server_context")
 CLIENTCA: Final = Loaded("clientca.pem", _SMTPD, "(none)", "pyqmail.tls.server_context")
 SMTPUSERS: Final = Loaded("smtpusers", _SMTPD, "(none)", "pyqmail.authdb.AuthDB")
@@ -191,7 +195,8 @@ AUTHRCPTSPERHOUR: Final = _smtpd_number(
     "authrcptsperhour", 1000, "recipients per AUTH login and hour, 0 = no limit", 0, 10**7
 )
 
-# pyqmail-send (pyqmail.control.send)
+# pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too
+# (pyqmail.checks.recipients: which recipients are local)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)
 CONCURRENCYREMOTE: Final = _send_number("concurrencyremote", 20, "remote deliveries", 1, 1000)
 QUEUELIFETIME: Final = _send_number("queuelifetime", 604800, "seconds in the queue", 0, 10**9)
@@ -204,7 +209,7 @@ DOUBLEBOUNCETO: Final = Text(
 )
 DOUBLEBOUNCEHOST: Final = Text("doublebouncehost", _SEND, "me", "its domain")
 HELOHOST: Final = Text("helohost", _SEND, "me", "name sent in EHLO")
-VIRTUALDOMAINS: Final = Lines("virtualdomains", _SEND, "(none)", "pyqmail.control.send")
+VIRTUALDOMAINS: Final = Lines("virtualdomains", BOTH, "(none)", "pyqmail.control.send")
 SMTPROUTES: Final = Lines("smtproutes", _SEND, "(none)", "pyqmail.control.send.Route")
 SMTPROUTES_AUTH: Final = Lines("smtproutes-auth", _SEND, "(none)", "pyqmail.control.send.Route")
 CLIENTCERT: Final = Loaded("clientcert.pem", _SEND, "(none)", "pyqmail.send.remote")

@@ -4,7 +4,8 @@ which recipients this client may send to.
 ``address`` judges the syntax of a path; this module makes the decisions about it: which
 ESMTP parameters are honoured (SIZE, BODY, SMTPUTF8, AUTH on MAIL; none on RCPT: no DSN is
 offered), and, for each recipient, the relay decision (``rcpthosts``, or a client allowed to
-relay), the local mailbox check (``validrcptto``) and the recipient tricks refused outright
+relay), the local mailbox check (``Policy.validrcptto``: ``pyqmail.checks.recipients``, and the
+``validrcptto`` control file) and the recipient tricks refused outright
 (``%`` and ``!`` route mail elsewhere). Every refusal is an ``AddressError`` carrying its
 complete reply, so the connection answers them all the same way. The inbound checks that
 come later (SPF, blocklists) belong between these decisions and the queue.

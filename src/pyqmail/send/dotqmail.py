@@ -154,7 +154,7 @@ def check_file(path: Path, home: Path | None = None) -> list[str]:
     return problems
 
 
-def _ext_candidates(ext: str) -> list[str]:
+def ext_candidates(ext: str) -> list[str]:
     """qmail-local's search: ``.qmail-a-b-c``, ``-a-b-default``, ``-a-default``, ``-default``."""
     names = [f".qmail-{ext}"]
     parts = ext.split("-")
@@ -205,7 +205,7 @@ def resolve(
         while (cut := key.rfind("-", 0, cut)) > 0:
             if key[:cut] in mailboxes:
                 home = mailboxes[key[:cut]]
-                found = _read_plan(home, _ext_candidates(ext_key[cut + 1 :]), me)
+                found = _read_plan(home, ext_candidates(ext_key[cut + 1 :]), me)
                 if found is None:
                     return Result.perm(
                         f"no mailbox here by the name {local!r}: {home} has no .qmail for "
@@ -213,7 +213,7 @@ def resolve(
                         "5.1.1",
                     )
                 return Plan(found[1], str(found[0]), delivered_to)
-        found = _read_plan(alias_dir, _ext_candidates(ext_key), me)
+        found = _read_plan(alias_dir, ext_candidates(ext_key), me)
     except _DeferError as exc:
         return Result.temp(str(exc), "4.7.0")
     except OSError as exc:

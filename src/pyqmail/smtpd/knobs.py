@@ -16,9 +16,10 @@ swapped with them on HUP. Names follow qmail's style; the semantics follow Postf
                    after mail is delivered"). Default 100; 0 = no limit
 ``greetdelay``     seconds the ``smtp`` listener waits before its 220 greeting (postscreen's
                    ``greet_wait``); a client that talks in that time gets ``554 5.5.0`` and is
-                   dropped (logged ``pregreet``). Not for RELAYCLIENT clients, not on the
-                   ``smtps``/``submission`` listeners. Default 0 (off, no detection); 1 to 6
-                   on a public MX, at most 60
+                   dropped (logged ``pregreet``). Not for RELAYCLIENT clients nor those
+                   with ``RBLSMTPD=""``, not on the ``smtps``/``submission`` listeners; a
+                   rule's ``GREETDELAY`` sets one client's pause (``pyqmail.checks.greet``).
+                   Default 0 (off, no detection); 1 to 6 on a public MX, at most 60
 ``timeoutstress``  the idle timeout (instead of ``timeoutsmtpd``) while the listener is under
                    stress; default 10, as Postfix's ``smtpd_timeout = ${stress?10}:300``
 ``stresspercent``  the listener is under stress while its connections, counted over all its

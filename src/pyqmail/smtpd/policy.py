@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.checks import greet
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
 from pyqmail.protocol import Policy
@@ -162,7 +163,7 @@ def build_policy(
         maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
         maxhops=cfg.maxhops,
         rcpthosts=cfg.rcpthost,
-        validrcptto=cfg.valid_recipient(),
+        validrcptto=_rcpt_check(cfg, ip),
         max_errors=cfg.maxerrors,
         max_junk=cfg.knobs.max_junk,
         auth_header=cfg.knobs.auth_header,
@@ -172,11 +173,26 @@ def build_policy(
     )
 
 
+def _rcpt_check(cfg: configmod.Config, ip: str) -> Callable[[str], bool] | None:
+    """The core's recipient check; each refusal logs ``rcpt-refused`` with its reason."""
+    judge = cfg.valid_recipient()
+    if judge is None:
+        return None
+
+    def check(address: str) -> bool:
+        reason = judge(address)
+        if reason:
+            log("rcpt-refused", ip=ip, rcpt=address, status="5.1.1", reason=reason)
+        return not reason
+
+    return check
+
+
 def greet_delay(cfg: configmod.Config, mode: str, env: Mapping[str, str]) -> int:
-    """Seconds to hold the greeting back: port 25 only, never for relay clients."""
-    if mode != "smtp" or "RELAYCLIENT" in env:
-        return 0
-    return cfg.knobs.greet_delay
+    """Seconds to hold the greeting back (``pyqmail.checks.greet``)."""
+    if greet.bad_value(env.get("GREETDELAY")):
+        log("warning", text=f"rule sets GREETDELAY={env['GREETDELAY']!r}, not 0..60; ignored")
+    return greet.pause(mode, env, cfg.knobs.greet_delay)
 
 
 Loader = Callable[[], tuple[configmod.Config, RulesCache]]
