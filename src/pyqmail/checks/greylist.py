@@ -107,11 +107,17 @@ class Greylist:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             try:
                 _set_up(db)
-            except sqlite3.Error:
+            except sqlite3.DatabaseError as exc:
                 db.close()
-                raise
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise
+                self._set_aside()  # not a database (any more): start afresh, as authguard
+                return self.connect()
             self._db = db
         return self._db
+
+    def _set_aside(self) -> None:
+        self.path.rename(self.path.with_name(f"{self.path.name}.broken-{int(time.time())}"))
 
     def close(self) -> None:
         if self._db is not None:
