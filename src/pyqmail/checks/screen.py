@@ -103,7 +103,7 @@ class Screen:
             result = await self.checks.lookup.check(self.ip, self.settings.dnsbl)
             self.allowed = result.allowed is not None
             self.lists = dnsbl.verdict(result, self.settings.dnsbl, self.ip)
-            if result.hits or result.failed:
+            if result.hits or result.failed or result.allowed:
                 log("dnsbl", ip=self.ip, action=self.lists.action, **pairs(self.lists.log))
         finally:
             self.task = None
