@@ -7,15 +7,17 @@ through ``control/dnsresolver``. Clients connect from the loopback address each 
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.dnsserver import DnsServer
-from tests.e2e.conftest import QmailRoot, StartDaemon
+from tests.e2e.conftest import QmailRoot, StartDaemon, smtpd_command
 
 LISTED, CLEAN = "127.0.0.9", "127.0.0.7"
 ZONES = {
@@ -168,3 +170,28 @@ def test_greylisting_skips_relay_clients_and_allow_listed_hosts(
         s.ehlo("known.test")
         assert s.mail("a@b.test")[0] == 250
         assert s.rcpt("u@mx.test")[0] == 250
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"dnsbl": "bl.test\nnot a zone\n"}, r"control/dnsbl:2: not a DNS list zone"),
+        (
+            {"greylistdelay": "600\n", "greylistlifetime": "300\n"},
+            r"control/greylistdelay: 600 seconds is not shorter than .*control/greylistlifetime",
+        ),
+        ({"dnsresolver": "resolver.example\n"}, r"control/dnsresolver:1: not an IP address"),
+    ],
+)
+def test_bad_files_stop_the_check_and_the_daemon_naming_the_file(
+    qmail_root: QmailRoot, smtpd: StartDaemon, files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        qmail_root.control(name, text)
+    argv = [*smtpd_command(), "--root", str(qmail_root.path), "--check", "--mode", "smtp"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 111
+    assert re.search(message, result.stderr), result.stderr
+    d = smtpd(expect_ready=False)
+    assert d.wait_exit() != 0
+    assert re.search(message, d.output), d.output

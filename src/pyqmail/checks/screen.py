@@ -105,6 +105,8 @@ class Screen:
             self.lists = dnsbl.verdict(result, self.settings.dnsbl, self.ip)
             if result.hits or result.failed or result.allowed:
                 log("dnsbl", ip=self.ip, action=self.lists.action, **pairs(self.lists.log))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hold the greeting
+            log("error", ip=self.ip, text="blocklist lookups failed", error=repr(exc))
         finally:
             self.task = None
             for callback in self._waiting:
