@@ -195,3 +195,13 @@ def test_bad_files_stop_the_check_and_the_daemon_naming_the_file(
     d = smtpd(expect_ready=False)
     assert d.wait_exit() != 0
     assert re.search(message, d.output), d.output
+
+
+def test_the_check_says_which_lists_and_greylisting_are_in_force(qmail_root: QmailRoot) -> None:
+    qmail_root.control("dnsbl", "bl.test=2\nweak.test\n")
+    qmail_root.control("dnswl", "wl.test\n")
+    qmail_root.control("greylistdelay", "300\n")
+    argv = [*smtpd_command(), "--root", str(qmail_root.path), "--check", "--mode", "smtp"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "2 blocklist(s), 1 allow list(s), greylist 300s" in result.stdout

@@ -123,10 +123,17 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
     summary = (
         f"configuration of {root} for --mode {mode} OK: me {cfg.me}, "
         f"{len(cfg.rcpthosts)} rcpthosts, TLS {'on' if cfg.server_tls else 'off'}, "
-        f"AUTH {users}, senders {held}, {rules_text}"
+        f"AUTH {users}, senders {held}, {rules_text}, {_checks_text(cfg)}"
     )
     warnings = startup_warnings(cfg, mode)
     return [], summary + "".join(f"; warning: {w}" for w in warnings)
+
+
+def _checks_text(cfg: smtpd_control.Config) -> str:
+    """The blocklists and greylisting in force (``pyqmail.checks``), for the OK line."""
+    lists, grey = cfg.screen.dnsbl, cfg.screen.greylist
+    greylist = f"greylist {grey.delay}s" if grey.active else "greylist off"
+    return f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}"
 
 
 def check_smtpd(root: Path, mode: str, rules: Path | None) -> int:
