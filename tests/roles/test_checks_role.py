@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import grp
+import json
+import os
+import pwd
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +65,40 @@ def test_what_the_role_writes_for_its_defaults_loads(tmp_path: Path) -> None:
     settings = load_screen(tmp_path)
     assert not settings.dnsbl.active
     assert not settings.greylist.active
+
+
+def test_ansible_writes_files_the_daemon_reads_back(tmp_path: Path) -> None:
+    """The role's own task, run by ansible-playbook into a scratch root (owner: this user)."""
+    task = next(t for t in load("tasks/main.yml") if t["name"].startswith("Write the blocklist"))
+    task = {**task, "ansible.builtin.copy": {**task["ansible.builtin.copy"]}}
+    task.pop("notify")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    task["ansible.builtin.copy"].update(owner=user, group=group)
+    (tmp_path / "control").mkdir()
+    variables = {
+        **load("defaults/main.yml"),
+        "pyqmail__root": str(tmp_path),
+        "pyqmail_control__dnsbl": ["bl.example=2", "zen.example"],
+        "pyqmail_control__dnswl": ["wl.example"],
+        "pyqmail_control__dnsresolver": ["127.0.0.1@5353", "::1"],
+        "pyqmail_control__dnsbltempfail": True,
+        "pyqmail_control__greylistdelay": 300,
+    }
+    play = [{"hosts": "localhost", "gather_facts": False, "connection": "local", "tasks": [task]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
+         "-e", f"@{tmp_path / 'vars.json'}", "-e", f"ansible_python_interpreter={sys.executable}",
+         str(tmp_path / "play.yml")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ROLE.parents[1] / "ansible.cfg")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    settings = load_screen(tmp_path / "control")
+    assert settings.dnsbl.lists == (("bl.example", 2), ("zen.example", 1))
+    assert settings.dnsbl.allow == ("wl.example",)
+    assert settings.dnsbl.nameservers == (("127.0.0.1", 5353), ("::1", 53))
+    assert settings.dnsbl.tempfail
+    assert (settings.greylist.delay, settings.greylist.lifetime) == (300, 2_592_000)
