@@ -20,8 +20,10 @@ from tests.dnsserver import DnsServer
 from tests.e2e.conftest import QmailRoot, StartDaemon, smtpd_command
 
 LISTED, CLEAN = "127.0.0.9", "127.0.0.7"
+V6_LOOPBACK = ".".join("1" + "0" * 31)  # ::1, reversed nibbles
 ZONES = {
-    "bl.test.": '9.0.0.127 300 A 127.0.0.2\n9.0.0.127 300 TXT "see https://bl.test/9"\n',
+    "bl.test.": '9.0.0.127 300 A 127.0.0.2\n9.0.0.127 300 TXT "see https://bl.test/9"\n'
+    f"{V6_LOOPBACK} 300 A 127.0.0.3\n",
     "wl.test.": "10.0.0.127 300 A 127.0.0.2\n",
 }
 MESSAGE = b"From: a@b.test\r\nSubject: checks\r\n\r\nbody\r\n"
@@ -65,6 +67,18 @@ def test_a_listed_client_is_refused_at_mail_naming_the_list(
         assert s.rcpt("u@mx.test")[0] == 250
         assert s.data(MESSAGE)[0] == 250
     assert len(qmail_root.queued()) == 1
+
+
+def test_an_ipv6_client_is_looked_up_by_its_nibbles(
+    qmail_root: QmailRoot, smtpd: StartDaemon, dns: DnsServer
+) -> None:
+    lists(qmail_root, dns)
+    d = smtpd(listen="[::1]:0")
+    with smtplib.SMTP("::1", d.port, timeout=10) as s:
+        s.ehlo("v6.test")
+        code, text = s.mail("a@b.test")
+    assert (code, text) == (554, b"5.7.1 Service unavailable; client [::1] blocked using bl.test")
+    d.wait_for(r"refuse ip=::1 code=554 dnsbl=bl\.test:127\.0\.0\.3 ")
 
 
 def test_allow_list_relay_clients_and_rblsmtpd_rules(
