@@ -18,8 +18,8 @@ core asks only for clients that may not relay), clients on a ``dnswl`` allow lis
 clients whose tcprules entry sets ``RBLSMTPD`` empty (a known host, ``checks.dnsbl``).
 
 State: ``<root>/smtpd/greylist.sqlite``, beside the AUTH state (``smtpd.authguard``) and set
-up the same way: WAL mode, a busy timeout, the set-up retried while another worker holds
-the lock, so every worker of every listener shares it and it survives restarts. The call is
+up by the same ``set_up``: WAL mode, a busy timeout, the set-up retried while another worker
+holds the lock, so every worker of every listener shares it and it survives restarts. The call is
 made on the worker's loop (one indexed read and at most one small write, no fsync with
 ``synchronous=NORMAL``); the busy timeout is short (``BUSY_TIMEOUT_MS``), and any database
 problem lets the recipient through (logged ``greylist=error``): greylisting never blocks
@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyqmail.checks.verdict import Verdict
+from pyqmail.smtpd.authguard import set_up
 
 STATE_FILE = "smtpd/greylist.sqlite"
 BUSY_TIMEOUT_MS = 250
+SET_UP_WAIT = 2.0  # seconds the first connection of a worker may wait to set the file up
 PRUNE_EVERY = 500  # decisions per process between prunes
 MAX_ROWS = 1_000_000
 
@@ -71,27 +73,6 @@ def network(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
-def _set_up(db: sqlite3.Connection) -> None:
-    """WAL and the schema, retried while another process holds the lock (as
-    ``smtpd.authguard._set_up``: SQLite answers "database is locked" at once there)."""
-    deadline = time.monotonic() + 2.0
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-        except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorcode", None) in (
-                sqlite3.SQLITE_BUSY,
-                sqlite3.SQLITE_LOCKED,
-            )
-            if not busy or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-        else:
-            return
-
-
 class Greylist:
     """One process's connection to the shared state (opened at the first decision)."""
 
@@ -106,7 +87,7 @@ class Greylist:
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             try:
-                _set_up(db)
+                set_up(db, _SCHEMA, SET_UP_WAIT)
             except sqlite3.DatabaseError as exc:
                 db.close()
                 if isinstance(exc, sqlite3.OperationalError):
