@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pyqmail import tls
+from pyqmail.checks.greylist import STATE_FILE as GREYLIST_FILE
 from pyqmail.control import send as send_control
 from pyqmail.control import smtpd as smtpd_control
 from pyqmail.control.reader import ControlError
@@ -66,8 +67,12 @@ def startup_warnings(cfg: smtpd_control.Config, mode: str) -> list[str]:
 
 def auth_state_problem(root: Path) -> str | None:
     """Whether this user could open (or create) the shared AUTH state, without doing so."""
-    path = state_path(root)
-    where = f"{path}: cannot open the AUTH state"
+    return state_problem(state_path(root), "the AUTH state")
+
+
+def state_problem(path: Path, what: str) -> str | None:
+    """Whether this user could open (or create) the SQLite file ``path``, without doing so."""
+    where = f"{path}: cannot open {what}"
     parent = path.parent
     uid = os.getuid()
     if not parent.is_dir():
@@ -102,6 +107,9 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
     if cfg is not None:
         problems += startup_problems(cfg, mode)
         if cfg.authdb is not None and (state := auth_state_problem(root)) is not None:
+            problems.append(state)
+        grey = root / GREYLIST_FILE
+        if cfg.screen.greylist.active and (state := state_problem(grey, "the greylist")):
             problems.append(state)
     else:
         try:
