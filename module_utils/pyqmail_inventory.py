@@ -388,19 +388,6 @@ def dns_list(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: weight {shown(weight)} of {zone} must be from 1 to 100"
 
 
-def name_server(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
-    """control/dnsresolver: an IP address, optionally ``@port``."""
-    del values
-    host, at, port = str(value).partition("@")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        yield f"{name}: {shown(value)} is not an IP address (optionally @port)"
-        return
-    if at and not (port.isdigit() and 0 < int(port) < 65536):
-        yield f"{name}: port {shown(port)} is not from 1 to 65535"
-
-
 def check_greylistdelay(name: str, value: int, values: Mapping[str, Any]) -> Problems:
     """0 to 86400, and shorter than pyqmail_control__greylistlifetime when on."""
     yield from in_range(0, 86400, " (0 = off)")(name, value, values)
@@ -774,7 +761,6 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__tlsclients": each(one_line),
     "pyqmail_control__dnsbl": each(dns_list),
     "pyqmail_control__dnswl": each(dns_list),
-    "pyqmail_control__dnsresolver": each(name_server),
     "pyqmail_control__dnsblthreshold": in_range(1, 1000),
     "pyqmail_control__dnsbltimeout": in_range(1, 60),
     "pyqmail_control__greylistdelay": check_greylistdelay,

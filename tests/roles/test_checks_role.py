@@ -25,7 +25,7 @@ NUMBERS = {
     "greylistdelay": table.GREYLISTDELAY,
     "greylistlifetime": table.GREYLISTLIFETIME,
 }
-FILES = ["dnsbl", "dnswl", "dnsresolver", *NUMBERS, "dnsbltempfail"]
+FILES = ["dnsbl", "dnswl", *NUMBERS, "dnsbltempfail"]
 
 
 def load(relpath: str) -> Any:
@@ -39,11 +39,7 @@ def test_numbers_default_as_the_daemon(name: str, entry: table.Number) -> None:
 
 def test_lists_default_to_none_and_tempfail_off() -> None:
     defaults = load("defaults/main.yml")
-    assert [defaults[f"pyqmail_control__{n}"] for n in ("dnsbl", "dnswl", "dnsresolver")] == [
-        [],
-        [],
-        [],
-    ]
+    assert [defaults[f"pyqmail_control__{n}"] for n in ("dnsbl", "dnswl")] == [[], []]
     assert defaults["pyqmail_control__dnsbltempfail"] is False
     assert table.DNSBLTEMPFAIL.value == 0
 
@@ -57,7 +53,7 @@ def test_the_role_writes_and_routes_every_file() -> None:
 
 def test_what_the_role_writes_for_its_defaults_loads(tmp_path: Path) -> None:
     """The list files hold only their comment line: no lists, no greylisting."""
-    for name in ("dnsbl", "dnswl", "dnsresolver"):
+    for name in ("dnsbl", "dnswl"):
         (tmp_path / name).write_text(f"# pyqmail_control__{name}\n")
     for name, entry in NUMBERS.items():
         (tmp_path / name).write_text(f"{entry.value}\n")
@@ -81,7 +77,6 @@ def test_ansible_writes_files_the_daemon_reads_back(tmp_path: Path) -> None:
         "pyqmail__root": str(tmp_path),
         "pyqmail_control__dnsbl": ["bl.example=2", "zen.example"],
         "pyqmail_control__dnswl": ["wl.example"],
-        "pyqmail_control__dnsresolver": ["127.0.0.1@5353", "::1"],
         "pyqmail_control__dnsbltempfail": True,
         "pyqmail_control__greylistdelay": 300,
     }
@@ -99,6 +94,5 @@ def test_ansible_writes_files_the_daemon_reads_back(tmp_path: Path) -> None:
     settings = load_screen(tmp_path / "control")
     assert settings.dnsbl.lists == (("bl.example", 2), ("zen.example", 1))
     assert settings.dnsbl.allow == ("wl.example",)
-    assert settings.dnsbl.nameservers == (("127.0.0.1", 5353), ("::1", 53))
     assert settings.dnsbl.tempfail
     assert (settings.greylist.delay, settings.greylist.lifetime) == (300, 2_592_000)

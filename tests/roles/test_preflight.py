@@ -182,10 +182,6 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_control__dnswl": ["wl.example=2"]},
         "pyqmail_control__dnswl[0]: 'wl.example=2' is not a DNS list zone (a domain name)",
     ),
-    "dnsresolver": (
-        {"pyqmail_control__dnsresolver": ["ns1.example"]},
-        "pyqmail_control__dnsresolver[0]: 'ns1.example' is not an IP address (optionally @port)",
-    ),
     "greylist-delay-over-lifetime": (
         {"pyqmail_control__greylistdelay": 3600, "pyqmail_control__greylistlifetime": 600},
         "pyqmail_control__greylistdelay: 3600 seconds is not shorter than"

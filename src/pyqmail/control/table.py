@@ -194,7 +194,6 @@ AUTHRCPTSPERHOUR: Final = _smtpd_number(
 # pyqmail-smtpd's blocklists and greylisting (pyqmail.checks.dnsbl, pyqmail.checks.greylist)
 DNSBL: Final = Lines("dnsbl", _SMTPD, "(none)", "pyqmail.checks.dnsbl: zone[=weight] lines")
 DNSWL: Final = Lines("dnswl", _SMTPD, "(none)", "pyqmail.checks.dnsbl: allow list zones")
-DNSRESOLVER: Final = Lines("dnsresolver", _SMTPD, "(system)", "name servers: host[@port] lines")
 DNSBLTHRESHOLD: Final = _smtpd_number("dnsblthreshold", 1, "list weights that refuse", 1, 1000)
 DNSBLTIMEOUT: Final = _smtpd_number("dnsbltimeout", 5, "seconds for a client's lookups", 1, 60)
 DNSBLTEMPFAIL: Final = _smtpd_number("dnsbltempfail", 0, "1: 451 when a list fails", 0, 1)
