@@ -1,8 +1,4 @@
-"""The one answer every inbound check gives: accept, defer (4xx) or refuse (5xx).
-
-Why a type of its own: the session turns any check's answer into a reply and a log line
-the same way, whichever check (blocklists, greylisting, ...) gave it.
-"""
+"""The answer every inbound check gives, one shape for all of them."""
 
 from __future__ import annotations
 
