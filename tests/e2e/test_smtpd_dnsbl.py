@@ -219,3 +219,22 @@ def test_the_check_says_which_lists_and_greylisting_are_in_force(qmail_root: Qma
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "2 blocklist(s), 1 allow list(s), greylist 300s" in result.stdout
+
+
+def test_a_client_that_talks_while_the_lookups_run_is_still_a_pregreeter(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """The greeting waits for the lists; input before it is refused as before (554 5.5.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        qmail_root.control("dnsbl", "bl.test\n")
+        qmail_root.control("dnsresolver", f"127.0.0.1@{silent.getsockname()[1]}\n")
+        qmail_root.control("dnsbltimeout", "1\n")
+        d = smtpd()
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+            sock.sendall(b"EHLO early.test\r\nMAIL FROM:<a@b.test>\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+    assert data.startswith(b"554 5.5.0"), data
+    assert b"220 " not in data
