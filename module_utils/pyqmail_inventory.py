@@ -377,6 +377,35 @@ def check_extra(name: str, value: Mapping[str, Any], values: Mapping[str, Any]) 
             yield f"{name}.{key}: written by the role itself; set its own variable instead"
 
 
+def dns_list(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """A DNS list zone (control/dnsbl, control/dnswl): a domain with a dot, no trailing dot;
+    for dnsbl an optional ``=weight`` from 1 to 100 (pyqmail.checks.dnsbl)."""
+    del values
+    zone, eq, weight = str(value).partition("=")
+    zone = zone.strip().lower()
+    if (
+        not DOMAIN_RE.match(zone)
+        or "." not in zone
+        or (eq and name.startswith("pyqmail_control__dnswl"))
+    ):
+        yield f"{name}: {shown(value)} is not a DNS list zone (a domain name" + (
+            ")" if name.startswith("pyqmail_control__dnswl") else ", optionally =weight)"
+        )
+    elif eq and not (weight.isdigit() and 1 <= int(weight) <= 100):
+        yield f"{name}: weight {shown(weight)} of {zone} must be from 1 to 100"
+
+
+def check_greylistdelay(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """0 to 86400, and shorter than pyqmail_control__greylistlifetime when on."""
+    yield from in_range(0, 86400, " (0 = off)")(name, value, values)
+    lifetime = values.get("pyqmail_control__greylistlifetime")
+    if 0 < value <= 86400 and isinstance(lifetime, int) and value >= lifetime:
+        yield (
+            f"{name}: {value} seconds is not shorter than pyqmail_control__greylistlifetime"
+            f" ({lifetime}): a deferred sender would be forgotten before it may pass"
+        )
+
+
 def check_validrcptto(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
     """One valid recipient: user@domain or @domain, one line."""
     del values
@@ -758,6 +787,12 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__validrcptto": each(check_validrcptto),
     "pyqmail_control__rcptcatchall": check_rcptcatchall,
     "pyqmail_control__tlsclients": each(one_line),
+    "pyqmail_control__dnsbl": each(dns_list),
+    "pyqmail_control__dnswl": each(dns_list),
+    "pyqmail_control__dnsblthreshold": in_range(1, 1000),
+    "pyqmail_control__dnsbltimeout": in_range(1, 60),
+    "pyqmail_control__greylistdelay": check_greylistdelay,
+    "pyqmail_control__greylistlifetime": in_range(60, 31_536_000),
     "pyqmail_control__smtproutes": check_smtproutes,
     "pyqmail_control__tlshosts": check_tlshosts,
     "pyqmail_control__concurrencyremote": in_range(1),

@@ -189,3 +189,18 @@ def test_auth_state_directory_must_be_writable_by_the_user(good_root: QmailRoot)
     assert result.returncode == 111
     assert f"{state_dir}/authstate.sqlite: cannot open the AUTH state" in result.stderr
     assert list(state_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_greylist_state_directory_must_be_writable_by_the_user(good_root: QmailRoot) -> None:
+    good_root.remove_control("smtpusers")  # no AUTH: only the greylist needs the directory
+    good_root.control("greylistdelay", "300\n")
+    state_dir = good_root.path / "smtpd"
+    state_dir.mkdir(mode=0o700)
+    result = check(good_root)
+    assert result.returncode == 111
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"pyqmail-smtpd: fatal: {state_dir}/greylist.sqlite: cannot open the greylist:"
+        f" cannot create files in {state_dir} as uid "
+    ), line

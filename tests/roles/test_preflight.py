@@ -169,6 +169,25 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_control__greetdelay": 61},
         "pyqmail_control__greetdelay: 61 is out of range: must be from 0 to 60",
     ),
+    "dnsbl-not-a-domain": (
+        {"pyqmail_control__dnsbl": ["zen.spamhaus.org", "not a zone"]},
+        "pyqmail_control__dnsbl[1]: 'not a zone' is not a DNS list zone (a domain name,"
+        " optionally =weight)",
+    ),
+    "dnsbl-weight": (
+        {"pyqmail_control__dnsbl": ["bl.example=0"]},
+        "pyqmail_control__dnsbl[0]: weight '0' of bl.example must be from 1 to 100",
+    ),
+    "dnswl-weight": (
+        {"pyqmail_control__dnswl": ["wl.example=2"]},
+        "pyqmail_control__dnswl[0]: 'wl.example=2' is not a DNS list zone (a domain name)",
+    ),
+    "greylist-delay-over-lifetime": (
+        {"pyqmail_control__greylistdelay": 3600, "pyqmail_control__greylistlifetime": 600},
+        "pyqmail_control__greylistdelay: 3600 seconds is not shorter than"
+        " pyqmail_control__greylistlifetime (600): a deferred sender would be forgotten before"
+        " it may pass",
+    ),
     "not-an-int": (
         {"pyqmail_control__maxrcpt": "lots"},
         "pyqmail_control__maxrcpt: 'lots' is not an integer",

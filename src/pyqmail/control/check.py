@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pyqmail import tls
+from pyqmail.checks.greylist import STATE_FILE as GREYLIST_FILE
 from pyqmail.control import send as send_control
 from pyqmail.control import smtpd as smtpd_control
 from pyqmail.control.reader import ControlError
@@ -66,8 +67,12 @@ def startup_warnings(cfg: smtpd_control.Config, mode: str) -> list[str]:
 
 def auth_state_problem(root: Path) -> str | None:
     """Whether this user could open (or create) the shared AUTH state, without doing so."""
-    path = state_path(root)
-    where = f"{path}: cannot open the AUTH state"
+    return state_problem(state_path(root), "the AUTH state")
+
+
+def state_problem(path: Path, what: str) -> str | None:
+    """Whether this user could open (or create) the SQLite file ``path``, without doing so."""
+    where = f"{path}: cannot open {what}"
     parent = path.parent
     uid = os.getuid()
     if not parent.is_dir():
@@ -103,6 +108,9 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
         problems += startup_problems(cfg, mode)
         if cfg.authdb is not None and (state := auth_state_problem(root)) is not None:
             problems.append(state)
+        grey = root / GREYLIST_FILE
+        if cfg.screen.greylist.active and (state := state_problem(grey, "the greylist")):
+            problems.append(state)
     else:
         try:
             Queue(root / "queue").check()
@@ -123,10 +131,17 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
     summary = (
         f"configuration of {root} for --mode {mode} OK: me {cfg.me}, "
         f"{len(cfg.rcpthosts)} rcpthosts, TLS {'on' if cfg.server_tls else 'off'}, "
-        f"AUTH {users}, senders {held}, {rules_text}"
+        f"AUTH {users}, senders {held}, {rules_text}, {_checks_text(cfg)}"
     )
     warnings = startup_warnings(cfg, mode)
     return [], summary + "".join(f"; warning: {w}" for w in warnings)
+
+
+def _checks_text(cfg: smtpd_control.Config) -> str:
+    """The blocklists and greylisting in force (``pyqmail.checks``), for the OK line."""
+    lists, grey = cfg.screen.dnsbl, cfg.screen.greylist
+    greylist = f"greylist {grey.delay}s" if grey.active else "greylist off"
+    return f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}"
 
 
 def check_smtpd(root: Path, mode: str, rules: Path | None) -> int:

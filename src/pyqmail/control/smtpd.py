@@ -58,7 +58,10 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 =================  ===========================================================================
 
 Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
-``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``.
+``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``; so are the
+blocklists and greylisting (``dnsbl``, ``dnswl``, ``dnsresolver``, ``dnsblthreshold``,
+``dnsbltimeout``, ``dnsbltempfail``, ``greylistdelay``, ``greylistlifetime``), documented
+in ``pyqmail.checks.dnsbl`` and ``pyqmail.checks.greylist``.
 
 Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
 ``#`` and blank lines ignored, trailing blanks stripped) and parsed as
@@ -78,6 +81,7 @@ from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.checks import recipients
 from pyqmail.checks.recipients import LocalRecipients
 from pyqmail.control import send as send_control
+from pyqmail.checks import screen as checks_screen
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
@@ -126,6 +130,7 @@ class Config:
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
     knobs: session_knobs.SessionKnobs
+    screen: checks_screen.Settings  # blocklists and greylisting (pyqmail.checks)
 
     @property
     def control(self) -> Path:
@@ -249,4 +254,5 @@ def load(root: str | Path) -> Config:
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
         knobs=session_knobs.load(c),
+        screen=checks_screen.load(c),
     )

@@ -195,6 +195,17 @@ AUTHRCPTSPERHOUR: Final = _smtpd_number(
     "authrcptsperhour", 1000, "recipients per AUTH login and hour, 0 = no limit", 0, 10**7
 )
 
+# pyqmail-smtpd's blocklists and greylisting (pyqmail.checks.dnsbl, pyqmail.checks.greylist)
+DNSBL: Final = Lines("dnsbl", _SMTPD, "(none)", "pyqmail.checks.dnsbl: zone[=weight] lines")
+DNSWL: Final = Lines("dnswl", _SMTPD, "(none)", "pyqmail.checks.dnsbl: allow list zones")
+DNSBLTHRESHOLD: Final = _smtpd_number("dnsblthreshold", 1, "list weights that refuse", 1, 1000)
+DNSBLTIMEOUT: Final = _smtpd_number("dnsbltimeout", 5, "seconds for a client's lookups", 1, 60)
+DNSBLTEMPFAIL: Final = _smtpd_number("dnsbltempfail", 0, "1: 451 when a list fails", 0, 1)
+GREYLISTDELAY: Final = _smtpd_number("greylistdelay", 0, "greylist seconds, 0 = off", 0, 86400)
+GREYLISTLIFETIME: Final = _smtpd_number(
+    "greylistlifetime", 2_592_000, "seconds a triplet is kept", 60, 31_536_000
+)
+
 # pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too
 # (pyqmail.checks.recipients: which recipients are local)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)

@@ -425,7 +425,7 @@ class SMTPConnection:
         except AddressError as exc:
             self._error(out, exc.reply)
             return
-        if self._held(out, self.policy.sender_check, tx.sender.address):
+        if self._held(out, self.policy.sender_check, tx.sender.address, (tx.sender.address, None)):
             return
         self._tx = tx
         self._enter(State.MAIL)
@@ -453,18 +453,23 @@ class SMTPConnection:
             # before it reads a 452) must not end the session before its DATA
             self._reply(out, "452 4.5.3 Error: too many recipients")
             return
-        if self._held(out, self.policy.rcpt_check, len(tx.recipients) + 1):
+        if self._held(
+            out, self.policy.rcpt_check, len(tx.recipients) + 1, (tx.sender.address, box.address)
+        ):
             return
         tx.recipients.append(box.address)
         self._enter(State.RCPT)
         self._reply(out, "250 2.1.5 Ok")
 
-    def _held(self, out: list[Event], check: Callable[[str, T], str | None] | None, arg: T) -> bool:
-        """The server's check of an authenticated session's MAIL or RCPT (Policy); True if
-        it refused: a 5xx counts as an error, a 4xx does not (a pipelining client sends
-        every RCPT before it reads the first 450)."""
-        login = self._client.auth_user
+    def _held(self, out: list[Event], check: Callable[[str, T], str | None] | None, arg: T,
+              screen: tuple[str, str | None]) -> bool:  # fmt: skip
+        """The server's check of an authenticated session's MAIL or RCPT, then Policy.screen
+        for a client that may not relay; True if refused: a 5xx counts as an error, a 4xx
+        does not (a pipelining client sends every RCPT before it reads the first 450)."""
+        login, policy = self._client.auth_user, self.policy
         reply = None if check is None or login is None else check(login, arg)
+        if reply is None and policy.screen and not self._client.may_relay(policy):
+            reply = policy.screen(*screen)
         if reply is not None:
             (self._reply if reply.startswith("4") else self._error)(out, reply)
         return reply is not None

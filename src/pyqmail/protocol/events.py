@@ -70,6 +70,9 @@ class Policy:
       session only, after MAIL's (RCPT's) own checks passed: a reply line refuses the
       command (``pyqmail.smtpd.senders``: the login's addresses, its sending limits; a 4xx
       is not counted as an error), None lets it through. ``count`` includes this recipient.
+    - ``screen(sender, recipient)``: for a client that may not relay, after MAIL's
+      (``recipient`` None) and RCPT's own checks: a reply line refuses the command
+      (``pyqmail.checks.screen``: blocklists, greylisting), counted as ``sender_check``'s.
     """
 
     hostname: str
@@ -101,6 +104,7 @@ class Policy:
     notice: Callable[[str, str], None] = _no_notice
     sender_check: Callable[[str, str], str | None] | None = None
     rcpt_check: Callable[[str, int], str | None] | None = None
+    screen: Callable[[str, str | None], str | None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("hostname", "greeting", "client_ip"):

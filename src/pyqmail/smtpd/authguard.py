@@ -72,19 +72,25 @@ BUSY_TIMEOUT_MS = 2000
 
 
 def _set_up(db: sqlite3.Connection) -> None:
-    """WAL mode and the schema, retried while another process holds the lock.
+    """This file's WAL mode and schema (``set_up``)."""
+    set_up(db, _SCHEMA, BUSY_TIMEOUT_MS / 1000)
+
+
+def set_up(db: sqlite3.Connection, schema: str, wait: float) -> None:
+    """WAL mode and ``schema``, retried for ``wait`` seconds while another process holds
+    the lock (the greylist's database, ``pyqmail.checks.greylist``, is set up the same way).
 
     Switching to WAL takes the database's exclusive lock and SQLite answers "database is
     locked" at once instead of calling the busy handler when another connection holds it: the
     workers of a listener that start together and see their first AUTH together would give
     a client 454 for nothing. So the set-up waits for its turn, as long as a busy timeout.
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + wait
     while True:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: consistent after a crash
-            db.executescript(_SCHEMA)
+            db.executescript(schema)
         except sqlite3.OperationalError as exc:
             busy = getattr(exc, "sqlite_errorcode", None) in (
                 sqlite3.SQLITE_BUSY,

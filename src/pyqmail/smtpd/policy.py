@@ -136,9 +136,12 @@ def build_policy(
     ip: str,
     env: Mapping[str, str],
     senders: SenderRules | None = None,
+    *,
+    screen: Callable[[str, str | None], str | None] | None = None,
 ) -> Policy:
     """The listener mode and the client's rule environment, as the core's Policy;
-    ``senders`` holds authenticated sessions to their addresses and sending limits."""
+    ``senders`` holds authenticated sessions to their addresses and sending limits,
+    ``screen`` the other clients to the blocklists and greylisting (``pyqmail.checks``)."""
     relay = "RELAYCLIENT" in env
     smtpauth = _env_flag(env, "SMTPAUTH")
     forcetls = _env_flag(env, "FORCETLS")
@@ -170,6 +173,7 @@ def build_policy(
         notice=lambda event, text: log(event, ip=ip, text=text),
         sender_check=None if senders is None else lambda login, addr: senders.mail(login, addr, ip),
         rcpt_check=None if senders is None else lambda login, n: senders.rcpt(login, n, ip),
+        screen=screen,
     )
 
 

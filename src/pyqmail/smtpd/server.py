@@ -23,6 +23,7 @@ import socket
 from pathlib import Path
 
 from pyqmail import log as logmod
+from pyqmail.checks.screen import Checks
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
 from pyqmail.queue.commit import CommitResult, Committer
@@ -62,6 +63,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.auth = Authenticator(cfg)
         self.senders = SenderRules(cfg.root, limit_settings(cfg))
+        self.checks = Checks(cfg.root, cfg.screen)  # blocklist cache, greylist state
         self.stopping: asyncio.Event | None = None
         self.parent: int | None = None  # the supervisor's pid, in a forked worker
         self.idle: asyncio.Event | None = None
@@ -148,6 +150,7 @@ class Server:
             self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.auth.reload(cfg)
         self.senders.reload(cfg.root, limit_settings(cfg))
+        self.checks.reload(cfg.root, cfg.screen)
         log("reload", root=cfg.root)
 
     async def serve(self, sock: socket.socket) -> int:
@@ -171,6 +174,7 @@ class Server:
         if self._committer is not None:
             self._committer.stop(CLOSE_GRACE)
         self.senders.shutdown()  # after the last commit: its message is counted
+        self.checks.shutdown()
         self.queue.close()
         log("stopped")
         return 0

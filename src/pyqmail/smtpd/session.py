@@ -7,9 +7,9 @@ what only the owner of the socket can do: admit or refuse the connection, feed w
 to the core, carry out the events it returns, stop reading while we wait (AUTH, commit, a
 client that does not read), and the timers (greeting pause, idle, DATA, handshake).
 
-A session sees its worker only through ``SessionContext``: the few things it needs (the
-configuration of now, the rules, the connection table, the AUTH check, the queue), so a
-reader can tell what a session can touch without reading the server.
+A session sees its worker only through ``SessionContext`` (``context``): the few things it
+needs (the configuration of now, the rules, the connection table, the AUTH check, the
+queue), so a reader can tell what a session can touch without reading the server.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Coroutine, Iterable
-from typing import Any, Protocol
+from typing import Any
 
-from pyqmail.control import smtpd as configmod
+from pyqmail.checks.screen import Screen
 from pyqmail.log import log
 from pyqmail.protocol import (
     AuthRejected,
@@ -39,61 +39,17 @@ from pyqmail.protocol import (
 )
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
-from pyqmail.rules import Decision
 from pyqmail.smtpd import knobs as session_knobs
-from pyqmail.smtpd.auth import Authenticator, log_auth_fail
-from pyqmail.smtpd.intake import Intake, Spool
-from pyqmail.smtpd.limits import Admission, key_bytes
+from pyqmail.smtpd.auth import log_auth_fail
+from pyqmail.smtpd.context import SessionContext
+from pyqmail.smtpd.intake import Intake
+from pyqmail.smtpd.limits import key_bytes
 from pyqmail.smtpd.policy import build_policy, greet_delay
-from pyqmail.smtpd.senders import SenderRules
 from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 
-
-class SessionContext(Spool, Protocol):
-    """What a session may use of its worker (``server.Server`` provides it). Properties
-    are read when needed, so a HUP's new rules, users and queue reach sessions in
-    progress exactly where they did before; the configuration a session started with
-    stays its own (``Session.cfg``)."""
-
-    @property
-    def mode(self) -> str:
-        """The listener mode: smtp, smtps or submission."""
-
-    @property
-    def cfg(self) -> configmod.Config:
-        """The configuration as of now (a new session keeps it for its whole life)."""
-
-    @property
-    def read_buffer(self) -> memoryview:
-        """The worker's one receive buffer (every session reads into it, one at a time)."""
-
-    @property
-    def auth(self) -> Authenticator:
-        """The worker's AUTH check."""
-
-    @property
-    def senders(self) -> SenderRules:
-        """The worker's sender rules and sending limits (``pyqmail.smtpd.senders``)."""
-
-    def lookup(self, ip: str) -> Decision:
-        """The tcprules entry for a client."""
-
-    def admit(self, key: bytes, cfg: configmod.Config) -> Admission:
-        """Count a new connection against maxconn and maxconnip (all workers)."""
-
-    def release(self, key: bytes, *, counted: bool) -> None:
-        """Uncount a connection that ``admit`` let in."""
-
-    def connections(self) -> int:
-        """The listener's connections now, over all workers (for the stress timeout)."""
-
-    def joined(self, session: Session) -> None:
-        """An admitted session: the worker waits for it when it stops."""
-
-    def left(self, session: Session) -> None:
-        """A session is over."""
+__all__ = ["CLOSE_GRACE", "Session", "SessionContext"]
 
 
 class Session(asyncio.BufferedProtocol):
@@ -110,6 +66,7 @@ class Session(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.conn: SMTPConnection | None = None
         self.policy: Policy | None = None
+        self.screen: Screen | None = None  # blocklists and greylisting (pyqmail.checks)
         self.ip = "?"
         self.port = 0
         self.paused: set[str] = set()
@@ -150,7 +107,10 @@ class Session(asyncio.BufferedProtocol):
         if not self._admit(transport):
             return
         cfg, mode = self.cfg, self.ctx.mode
-        self.policy = build_policy(cfg, mode, self.ip, decision.env, self.ctx.senders)
+        self.screen = self.ctx.checks.screen(cfg.screen, mode, self.ip, decision.env)
+        self.policy = build_policy(
+            cfg, mode, self.ip, decision.env, self.ctx.senders, screen=self.screen.envelope
+        )
         self.touch()
         self.timer = self.loop.call_at(self.deadline, self.on_timer)
         if mode == "smtps":
@@ -158,7 +118,7 @@ class Session(asyncio.BufferedProtocol):
         else:
             self.conn = SMTPConnection(self.policy)
             delay = greet_delay(cfg, mode, decision.env)
-            if delay:
+            if delay or self.screen.task is not None:  # the greeting waits for the lookups
                 self.greet_timer = self.loop.call_later(delay, self.greet)
             else:
                 self.handle(self.conn.start())
@@ -189,6 +149,8 @@ class Session(asyncio.BufferedProtocol):
         if early:
             took = time.monotonic() - self.started
             log("pregreet", ip=self.ip, port=self.port, bytes=early, after=f"{took:.3f}")
+        elif self.screen is not None and self.screen.wait(self.greet):
+            return  # the blocklist lookups run (bounded by dnsbltimeout)
         if self.conn is not None and not self.conn.closed:
             self.touch()
             self.handle(self.conn.start())
@@ -581,6 +543,7 @@ class Session(asyncio.BufferedProtocol):
                     auth=msg.auth_user,
                     **{"from": f"<{msg.sender}>"},
                     to=",".join(f"<{r}>" for r in msg.recipients),
+                    **(self.screen.fields() if self.screen is not None else {}),
                 )
         if self.closed or self.conn is None:
             return

@@ -1,0 +1,114 @@
+"""Greylisting (``pyqmail.checks.greylist``): the triplet's life, in the real SQLite file.
+
+Across a restart (a new process's connection to the same file) and across two processes
+deciding on the same triplets at once: the state is the file's, not a process's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pyqmail.checks.greylist import Greylist, Settings, network
+
+GREY = Settings(delay=300, lifetime=3600)
+T0 = 1_000_000.0
+
+
+def test_networks_are_slash_24_and_slash_64() -> None:
+    assert network("192.0.2.77") == "192.0.2.0/24"
+    assert network("::ffff:192.0.2.77") == "192.0.2.0/24"
+    assert network("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+
+
+def test_new_early_pass_known_and_expired(tmp_path: Path) -> None:
+    grey = Greylist(tmp_path)
+    new = grey.check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0)
+    assert (new.action, new.code, new.log) == ("defer", 451, "greylist=new greylist_wait=300")
+    assert new.text == "Greylisted, please try again in 300 seconds"
+    early = grey.check("192.0.2.99", "A@B.test", "U@mx.test", GREY, T0 + 100)  # same /24, case
+    assert (early.action, early.log) == ("defer", "greylist=early greylist_wait=200")
+    other = grey.check("192.0.3.7", "a@b.test", "u@mx.test", GREY, T0 + 100)  # another /24
+    assert other.log.startswith("greylist=new")
+    passed = grey.check("192.0.2.8", "a@b.test", "u@mx.test", GREY, T0 + 300)
+    assert (passed.action, passed.log) == ("accept", "greylist=pass")
+    known = grey.check("192.0.2.8", "a@b.test", "u@mx.test", GREY, T0 + 3000)
+    assert known.log == "greylist=known"
+    # unseen for longer than the lifetime: forgotten, new again
+    again = grey.check("192.0.2.8", "a@b.test", "u@mx.test", GREY, T0 + 3000 + 3601)
+    assert again.log.startswith("greylist=new")
+    grey.close()
+
+
+def test_the_state_survives_a_restart(tmp_path: Path) -> None:
+    first = Greylist(tmp_path)
+    assert first.check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0).action == "defer"
+    first.close()
+    code = (
+        "import sys; from pathlib import Path;"
+        "from pyqmail.checks.greylist import Greylist, Settings;"
+        "v = Greylist(Path(sys.argv[1])).check('192.0.2.7', 'a@b.test', 'u@mx.test',"
+        " Settings(300, 3600), float(sys.argv[2])); print(v.log)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(T0 + 301)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "greylist=pass"
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from pyqmail.checks.greylist import Greylist, Settings
+grey = Greylist(Path(sys.argv[1]))
+sys.stdin.readline()  # start together
+logs = [grey.check('192.0.2.7', f's{i}@b.test', 'u@mx.test', Settings(300, 3600), 1e6).log
+        for i in range(200)]
+print(sum(log.startswith('greylist=new') for log in logs))
+"""
+
+
+def test_two_processes_share_the_triplets(tmp_path: Path) -> None:
+    """200 new triplets decided by two processes at once: each is new exactly once, no
+    'database is locked' on the way (set-up and writes wait for their turn)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = [proc.communicate(timeout=60) for proc in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+    assert sum(int(out) for out, _ in results) == 200
+    grey = Greylist(tmp_path)
+    assert grey.check("192.0.2.7", "s0@b.test", "u@mx.test", GREY, T0 + 1).log.startswith(
+        "greylist=early"
+    )
+
+
+def test_a_file_that_is_not_a_database_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "smtpd").mkdir()
+    (tmp_path / "smtpd" / "greylist.sqlite").write_bytes(b"not a database at all" * 100)
+    verdict = Greylist(tmp_path).check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0)
+    assert verdict.log.startswith("greylist=new")
+    assert len(list((tmp_path / "smtpd").glob("greylist.sqlite.broken-*"))) == 1
+
+
+def test_a_database_it_cannot_open_lets_mail_through(tmp_path: Path) -> None:
+    (tmp_path / "smtpd").write_text("a file where the directory should be")
+    verdict = Greylist(tmp_path).check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0)
+    assert verdict.action == "accept"
+    assert verdict.log.startswith("greylist=error:")
