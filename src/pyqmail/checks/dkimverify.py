@@ -52,30 +52,41 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
     return {m.group(1).lower(): m.group(2).strip() for m in _TAG.finditer(value)}
 
 
-def _dnsfunc(res: dns.resolver.Resolver, deadline: float):  # type: ignore[no-untyped-def]
-    """dkimpy's key lookup: TXT through ``res`` within the deadline; an over-long record is
-    refused unparsed (b"": dkimpy's "missing public key")."""
+class _KeyLookup:
+    """dkimpy's key lookup: TXT through the resolver within the deadline. A missing key or
+    an over-long record (refused unparsed) is remembered in ``problem``: permerror, not
+    fail (RFC 8601 2.7.1)."""
 
-    def lookup(name: bytes, timeout: float = 5) -> bytes:
-        left = deadline - time.monotonic()
+    def __init__(self, res: dns.resolver.Resolver, deadline: float) -> None:
+        self.res = res
+        self.deadline = deadline
+        self.problem = ""
+
+    def __call__(self, name: bytes, timeout: float = 5) -> bytes:
+        """The key record of ``name`` (b"" when there is no usable one)."""
+        left = self.deadline - time.monotonic()
         if left <= 0:
             raise _DnsTempError("time budget spent")
         try:
-            answer = res.resolve(
+            answer = self.res.resolve(
                 name.decode("ascii", "replace"), "TXT", search=False, lifetime=min(left, timeout)
             )
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            self.problem = "no key"
             return b""
         except dns.exception.DNSException as exc:
             raise _DnsTempError(f"{type(exc).__name__}") from None
         records = [b"".join(r.strings) for r in answer]
-        record = records[0] if len(records) == 1 else b""
-        return b"" if len(record) > MAX_KEY_RECORD else record
+        if len(records) != 1:
+            self.problem = "not one key record"
+            return b""
+        if len(records[0]) > MAX_KEY_RECORD:
+            self.problem = f"key record over {MAX_KEY_RECORD} bytes"
+            return b""
+        return records[0]
 
-    return lookup
 
-
-def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: object) -> DkimResult:
+def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: _KeyLookup) -> DkimResult:
     """The result of signature ``index`` (its tags already parsed)."""
     base = {
         "domain": tags.get(b"d", b"").decode("ascii", "replace").lower(),
@@ -85,6 +96,7 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: object
     }
     if b"l" in tags:
         return DkimResult("policy", reason="l= not trusted", **base)
+    lookup.problem = ""
     try:
         ok = signer.verify(idx=index, dnsfunc=lookup)
     except _DnsTempError as exc:
@@ -93,6 +105,8 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: object
         return DkimResult("fail", reason=str(exc)[:80], **base)
     except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
         return DkimResult("permerror", reason=f"{type(exc).__name__}: {exc}"[:80], **base)
+    if not ok and lookup.problem:
+        return DkimResult("permerror", reason=lookup.problem, **base)
     return DkimResult("pass" if ok else "fail", **base)
 
 
@@ -106,7 +120,7 @@ def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> 
     if not fields:
         return []
     deadline = time.monotonic() + budget
-    lookup = _dnsfunc(res, deadline)
+    lookup = _KeyLookup(res, deadline)
     results = []
     for index, field in enumerate(fields):
         tags = _tags(field)
