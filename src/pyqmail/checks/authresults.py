@@ -21,6 +21,7 @@ from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.dmarc import DmarcResult
 from pyqmail.checks.spf import SpfResult
 from pyqmail.checks.verdict import Verdict
+from pyqmail.control.parsers import is_domain
 
 ACTIONS = ("reject", "quarantine", "none")
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n")
@@ -73,17 +74,16 @@ def _results(r: Results) -> list[authres.AuthenticationResult]:
     if r.helo.result != "none":
         out.append(authres.SPFAuthenticationResult(result=r.helo.result, smtp_helo=r.helo.domain))
     for d in r.dkim:
-        props = [authres.AuthenticationResultProperty("header", "b", d.b)] if d.b else None
-        out.append(
-            authres.DKIMAuthenticationResult(
-                result=d.result,
-                reason=d.reason or None,
-                properties=props,
-                header_d=d.domain or None,
-                header_s=d.selector or None,
-                header_a=d.algorithm or None,
-            )
+        result = authres.DKIMAuthenticationResult(
+            result=d.result,
+            reason=d.reason or None,
+            header_d=d.domain or None,
+            header_s=d.selector or None,
+            header_a=d.algorithm or None,
         )
+        if d.b:
+            result.properties.append(authres.AuthenticationResultProperty("header", "b", d.b))
+        out.append(result)
     if not r.dkim:
         out.append(authres.DKIMAuthenticationResult(result="none"))
     dm = r.dmarc
@@ -98,10 +98,10 @@ def _results(r: Results) -> list[authres.AuthenticationResult]:
 
 def header(authserv_id: str, results: Results) -> bytes:
     """The Authentication-Results field, folded one result a line, CRLF-terminated."""
-    field = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=_results(results))
-    value = str(field).split(":", 1)[1].strip()
-    parts = [p.strip() for p in value.split("; ")]
-    return ("Authentication-Results: " + ";\r\n\t".join(parts) + "\r\n").encode("utf-8", "replace")
+    if not is_domain(authserv_id):
+        raise ValueError(f"authserv-id {authserv_id!r} is not a host name")
+    lines = [f"Authentication-Results: {authserv_id}", *(str(x) for x in _results(results))]
+    return (";\r\n\t".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def decide(

@@ -11,6 +11,8 @@ share of failing mail only; the rest gets the next weaker one (6.6.4).
 
 from __future__ import annotations
 
+import encodings.idna  # publicsuffix2's codecs, imported before the daemon
+import encodings.punycode  # noqa: F401 - drops privileges (it may not read them afterwards)
 import functools
 import random
 import re

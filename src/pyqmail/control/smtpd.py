@@ -50,7 +50,9 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 =================  ===========================================================================
 
 Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
-``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``.
+``stresspercent``) are read here too and documented in ``pyqmail.smtpd.knobs``; so are the
+inbound authentication checks' files (``authchecks``, ``authservid``, ``dmarcreject``,
+``dmarcquarantine``, ``authtimeout``, ``dnsresolver``: ``pyqmail.checks.settings``).
 
 Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
 ``#`` and blank lines ignored, trailing blanks stripped) and parsed as
@@ -62,11 +64,12 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
+from pyqmail.checks import settings as auth_settings
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
@@ -114,6 +117,7 @@ class Config:
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
     knobs: session_knobs.SessionKnobs
+    auth: auth_settings.AuthSettings = field(default_factory=auth_settings.AuthSettings)
 
     @property
     def control(self) -> Path:
@@ -225,4 +229,5 @@ def load(root: str | Path) -> Config:
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
         knobs=session_knobs.load(c),
+        auth=auth_settings.load(c, me),
     )

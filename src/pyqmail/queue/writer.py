@@ -157,6 +157,24 @@ class QueueWriter:
     # share one fsync(new/) among many messages; each message still goes
     # write -> fsync -> rename -> fsync(new/).
 
+    def replace_held(self, message: bytes, meta: Mapping[str, str]) -> None:
+        """A held message's bytes and meta, replaced before ``finish`` (the inbound checks
+        put their header on top and may add meta; ``pyqmail.checks.inbound``)."""
+        if self._held is None or self._completed:
+            raise QueueError(f"writer for {self.queue_id} is not an unfinished held message")
+        self.meta = dict(meta)
+        header = encode_header(
+            self.queue_id, self.sender, self.recipients, self.received, self.meta
+        )
+        self._held = [header, message]
+        self.size = len(message)
+
+    def held_message(self) -> bytes:
+        """The message bytes of an unfinished held writer (its queue header left out)."""
+        if self._held is None or self._completed:
+            raise QueueError(f"writer for {self.queue_id} is not an unfinished held message")
+        return b"".join(self._held[1:])
+
     def finish(self) -> None:
         """Step 1a: complete the message with its trailer (idempotent).
 
