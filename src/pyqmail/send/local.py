@@ -280,5 +280,7 @@ class LocalDelivery:
         """Into the Maildir, or its Maildir++ folder ``.Junk`` for a quarantined message
         (created on first use, as IMAP servers read it: Dovecot's Junk folder)."""
         if junk:
-            return ".Junk/new/" + maildir_deliver(ins.target.rstrip("/") + "/.Junk", data)
+            maildir = ins.target.rstrip("/")
+            _ensure_maildir(Path(maildir))  # the folder's parent: the mailbox's own Maildir
+            return ".Junk/new/" + maildir_deliver(maildir + "/.Junk", data)
         return "new/" + maildir_deliver(ins.target, data)
