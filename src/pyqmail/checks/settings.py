@@ -27,7 +27,8 @@ import dns.resolver
 from pyqmail.checks.authresults import ACTIONS
 from pyqmail.checks.dmarc import org_domain
 from pyqmail.checks.resolver import make_resolver, parse_servers
-from pyqmail.control.parsers import integer, is_domain
+from pyqmail.control import table
+from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError, Line, read_line, read_lines
 
 
@@ -57,25 +58,23 @@ def _action(line: Line | None, default: str) -> str:
 
 def load(control: Path, me: str) -> AuthSettings:
     """The settings in ``control`` (``me`` is the default authserv-id)."""
-    enabled = read_line(control / "authchecks")
-    ident = read_line(control / "authservid")
+    ident = read_line(control / table.AUTHSERVID.name)
     if ident is not None and not is_domain(ident.text):
         raise ControlError(f"{ident.where}: {ident.text!r} is not a host name")
-    timeout = read_line(control / "authtimeout")
-    lines = read_lines(control / "dnsresolver") or []
+    lines = read_lines(control / table.DNSRESOLVER.name) or []
     try:
         servers = tuple(parse_servers([ln.text for ln in lines], str(control / "dnsresolver")))
     except ValueError as exc:
         raise ControlError(str(exc)) from None
-    seconds = integer(timeout, 1, 60) if timeout is not None else 10
-    on = bool(integer(enabled, 0, 1)) if enabled is not None else False
+    seconds = table.AUTHTIMEOUT.read(control)
+    on = bool(table.AUTHCHECKS.read(control))
     if on:  # the public suffix list (and the codecs it needs) before the privilege drop
         org_domain("warm.example")
     return AuthSettings(
         enabled=on,
         authserv_id=ident.text if ident is not None else me,
-        on_reject=_action(read_line(control / "dmarcreject"), "reject"),
-        on_quarantine=_action(read_line(control / "dmarcquarantine"), "quarantine"),
+        on_reject=_action(read_line(control / table.DMARCREJECT.name), "reject"),
+        on_quarantine=_action(read_line(control / table.DMARCQUARANTINE.name), "quarantine"),
         timeout=seconds,
         servers=servers,
         resolver=make_resolver(list(servers), timeout=min(seconds, 5)) if on else None,

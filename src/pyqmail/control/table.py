@@ -191,6 +191,14 @@ AUTHRCPTSPERHOUR: Final = _smtpd_number(
     "authrcptsperhour", 1000, "recipients per AUTH login and hour, 0 = no limit", 0, 10**7
 )
 
+# pyqmail-smtpd's inbound authentication checks (pyqmail.checks.settings)
+AUTHCHECKS: Final = _smtpd_number("authchecks", 0, "SPF/DKIM/DMARC on inbound mail", 0, 1)
+AUTHTIMEOUT: Final = _smtpd_number("authtimeout", 10, "seconds for a message's checks", 1, 60)
+AUTHSERVID: Final = Lines("authservid", _SMTPD, "me", "pyqmail.checks.settings")
+DMARCREJECT: Final = Lines("dmarcreject", _SMTPD, "reject", "pyqmail.checks.settings")
+DMARCQUARANTINE: Final = Lines("dmarcquarantine", _SMTPD, "quarantine", "pyqmail.checks.settings")
+DNSRESOLVER: Final = Lines("dnsresolver", _SMTPD, "(system)", "pyqmail.checks.settings")
+
 # pyqmail-send (pyqmail.control.send)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)
 CONCURRENCYREMOTE: Final = _send_number("concurrencyremote", 20, "remote deliveries", 1, 1000)
