@@ -106,12 +106,18 @@ def _record(res: dns.resolver.Resolver, name: str) -> dict[str, str] | str | Non
 
 def _authenticated(
     tags: dict[str, str], domain: str, spf: SpfResult, dkim: list[DkimResult]
-) -> bool:
-    """Whether an aligned SPF or DKIM pass authenticates the From domain."""
+) -> str:
+    """ "pass" when an aligned SPF or DKIM pass authenticates the From domain; else
+    "temperror" when an aligned identifier could not be checked for a temporary reason (a
+    DNS timeout must not turn into a DMARC failure and a refusal); else "fail"."""
     adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
-    if any(d.result == "pass" and aligned(d.domain, domain, adkim) for d in dkim):
-        return True
-    return spf.result == "pass" and aligned(spf.domain, domain, aspf)
+    dkim_aligned = [d.result for d in dkim if aligned(d.domain, domain, adkim)]
+    spf_aligned = spf.result if aligned(spf.domain, domain, aspf) else "none"
+    if "pass" in dkim_aligned or spf_aligned == "pass":
+        return "pass"
+    if "temperror" in dkim_aligned or spf_aligned == "temperror":
+        return "temperror"
+    return "fail"
 
 
 def _policy(tags: dict[str, str], subdomain: bool, roll: int) -> tuple[str, str]:
@@ -149,6 +155,7 @@ def check(
         return DmarcResult("none", domain, reason="no DMARC record")
     draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
     policy, published = _policy(tags, subdomain, draw)
-    if _authenticated(tags, domain, spf, dkim):
-        return DmarcResult("pass", domain, "none", published)
-    return DmarcResult("fail", domain, policy, published)
+    verdict = _authenticated(tags, domain, spf, dkim)
+    if verdict == "fail":
+        return DmarcResult("fail", domain, policy, published)
+    return DmarcResult(verdict, domain, "none", published)
