@@ -116,3 +116,23 @@ def test_actions_are_configurable(
     assert send(d, "bounce@client.test", message("ceo@bank.test"))[0] == 250
     [(env, _)] = qmail_root.queued()
     assert env.meta.get("junk") == "1"
+
+
+def test_a_large_message_is_checked_and_rewritten_too(
+    daemon, qmail_root: QmailRoot, keys: list[KeyPair], tmp_path: Path
+) -> None:
+    """Past the 64 KiB held in memory the message streams to its tmp file; the checks read it
+    back and the queued copy still has our header on top and no forged one."""
+    big = message(f"alice@{SIGNER}").replace(
+        b"the figures.", b"the figures.\r\n" + (b"x" * 76 + b"\r\n") * 4000
+    )
+    signed = dkimsign(keys[0], big, tmp_path)
+    code, _ = send(daemon, "bounce@client.test", FORGED.encode() + signed)
+    assert code == 250
+    [(_env, body)] = qmail_root.queued()
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("Authentication-Results: mx.test;"), head
+    assert len(re.findall(r"(?im)^authentication-results:\s*mx\.test;", head)) == 1
+    assert f"dkim=pass header.d={SIGNER}" in head
+    assert len(body) > 300_000
+    assert qmail_root.tmp_files() == []

@@ -69,6 +69,14 @@ def message_origin(event: MessageStart, relay_client: bool) -> str | None:
     return None
 
 
+def _rewrite(old: QueueWriter, message: bytes, meta: dict[str, str]) -> QueueWriter:
+    """A spilled message written anew with the checks' header (blocking: a worker thread;
+    the old writer is aborted by the caller, on the loop, where ``drop`` may abort it too)."""
+    fresh = QueueWriter(old.queue, old.sender, old.recipients, meta)
+    fresh.write(message)
+    return fresh
+
+
 class Intake:
     """The current message of one session: its queue writer and the bytes it holds."""
 
@@ -167,7 +175,7 @@ class Intake:
         writer, self.writer = self.writer, None
         self.committing = end
         if writer is not None and self.queue_error is None and self.message is not None:
-            if self.auth is not None and writer.held:
+            if self.auth is not None:
                 self.checking = writer
                 task = asyncio.get_running_loop().create_task(self._check(writer, done))
                 self.tasks.add(task)
@@ -194,27 +202,49 @@ class Intake:
 
     async def _check(self, writer: QueueWriter, done: Done) -> None:
         """SPF, DKIM and DMARC (``pyqmail.checks.inbound``), then the commit of the message
-        with our Authentication-Results on top, or the refusal."""
-        assert self.auth is not None and self.message is not None  # noqa: S101 - commit's test
-        msg = self.message
-        outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, writer.held_message())
-        if self.checking is not writer:  # the session went away meanwhile (drop aborted it)
+        with our Authentication-Results on top, or the refusal (``refusal``)."""
+        try:
+            ready = await self._checked(writer)
+        except QueueError as exc:
+            self.checking = None
+            self.queue_error = self.queue_error or str(exc)
+            writer.abort()
+            self._release()
+            done(QueueError(str(exc)))
             return
-        self.checking = None
+        if ready is not None:  # None: the session went away meanwhile (drop aborted it)
+            self.checking = None
+            self._submit(ready, done)
+
+    async def _checked(self, writer: QueueWriter) -> QueueWriter | None:
+        """The writer to commit after the checks. A message that spilled to its tmp file is
+        read back and rewritten into a new one in a worker thread. QueueError: refused, or
+        the queue failed."""
+        assert self.auth is not None and self.message is not None  # noqa: S101 - commit's test
+        loop = asyncio.get_running_loop()
+        msg = self.message
+        data = await loop.run_in_executor(None, writer.message_bytes)
+        outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
+        if self.checking is not writer:
+            return None
         verdict = outcome.verdict
         self.fields = dict(kv.split("=", 1) for kv in verdict.log.split() if "=" in kv)
         if verdict.action != "accept":
-            writer.abort()
-            self._release()
             self.refusal = f"{verdict.code} {verdict.text}"
-            done(QueueError(verdict.text))
-            return
+            raise QueueError(verdict.text)
         meta = dict(writer.meta, junk="1") if outcome.junk else writer.meta
-        grown = len(outcome.message) - writer.size
-        writer.replace_held(outcome.message, meta)
-        self.held += grown
-        self.spool.budget.held += grown
-        self._submit(writer, done)
+        if writer.held:
+            grown = len(outcome.message) - writer.size
+            writer.replace_held(outcome.message, meta)
+            self.held += grown
+            self.spool.budget.held += grown
+            return writer
+        fresh = await loop.run_in_executor(None, _rewrite, writer, outcome.message, meta)
+        writer.abort()
+        if self.checking is not writer:
+            fresh.abort()
+            return None
+        return fresh
 
     def finished(self, result: CommitResult) -> tuple[MessageEnd | None, str | None]:
         """After the commit: the MessageEnd it was for, and the error to log (None when
