@@ -136,3 +136,16 @@ def test_a_large_message_is_checked_and_rewritten_too(
     assert f"dkim=pass header.d={SIGNER}" in head
     assert len(body) > 300_000
     assert qmail_root.tmp_files() == []
+
+
+def test_relay_clients_are_not_checked(
+    qmail_root: QmailRoot, smtpd: StartDaemon, dns_server: DnsServer
+) -> None:
+    """A relay client's own mail (origin relay) is signed later, never checked here."""
+    qmail_root.control("authchecks", "1\n")
+    qmail_root.control("dnsresolver", f"{dns_server.host}@{dns_server.port}\n")
+    d = smtpd(rules_cdb=qmail_root.rules('127.0.0.1:allow,RELAYCLIENT=""\n'))
+    assert send(d, "ceo@bank.test", message("ceo@bank.test"))[0] == 250
+    [(env, body)] = qmail_root.queued()
+    assert env.meta.get("origin") == "relay"
+    assert b"Authentication-Results" not in body
