@@ -189,4 +189,4 @@ def test_decide_actions():
     assert decide(fail_reject, on_reject="none")[1] is False
     assert decide(fail_quarantine, on_quarantine="reject")[0].code == 550
     assert decide(DmarcResult("pass", "bank.test", "none", "reject"))[0].action == "accept"
-    assert "dmarc=fail" in verdict.log and "dmarc_action=reject" in verdict.log
+    assert "dmarc_policy=reject" in verdict.log and "dmarc_action=reject" in verdict.log

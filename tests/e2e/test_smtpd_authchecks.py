@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests.checks.test_dkimverify import dkimsign
 from tests.dkim_util import KeyPair, make_keys, zone
-from tests.dnsserver import DnsServer
+from tests.dnsserver import DnsServer, free_port
 from tests.e2e.conftest import QmailRoot, StartDaemon
 
 SIGNER = "signer.test"
@@ -149,3 +150,35 @@ def test_relay_clients_are_not_checked(
     [(env, body)] = qmail_root.queued()
     assert env.meta.get("origin") == "relay"
     assert b"Authentication-Results" not in body
+
+
+def test_a_dead_dns_server_costs_the_budget_and_blocks_no_one(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """DNS that never answers: the message is accepted after about authtimeout seconds with
+    temperror results; meanwhile the worker's loop serves other clients at once."""
+    qmail_root.control("authchecks", "1\n")
+    qmail_root.control("dnsresolver", f"127.0.0.1@{free_port()}\n")
+    qmail_root.control("authtimeout", "2\n")
+    d = smtpd()
+    with smtplib.SMTP(d.host, d.port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("bounce@client.test")
+        s.rcpt("u@mx.test")
+        s.putcmd("data")
+        assert s.getreply()[0] == 354
+        start = time.monotonic()
+        s.send(message("ceo@bank.test").replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        time.sleep(0.3)
+        other = d.connect()  # the loop is free while the checks wait on DNS
+        assert other.reply()[0] == 220
+        assert time.monotonic() - start < 1.5
+        other.close()
+        code, _ = s.getreply()
+        elapsed = time.monotonic() - start
+    assert code == 250
+    assert 1.5 < elapsed < 6, elapsed
+    [(_env, body)] = qmail_root.queued()
+    head = body.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"Authentication-Results: mx.test;")
+    assert b"dmarc=temperror" in head

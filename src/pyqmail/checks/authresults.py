@@ -113,7 +113,7 @@ def decide(
     action = {"reject": on_reject, "quarantine": on_quarantine}.get(
         dmarc.policy if dmarc.result == "fail" else "none", "none"
     )
-    log = f"dmarc={dmarc.result} dmarc_policy={dmarc.policy} dmarc_action={action}"
+    log = f"dmarc_policy={dmarc.policy} dmarc_action={action}"
     if action == "reject":
         text = f"5.7.1 DMARC policy of {dmarc.header_from} rejects this message"
         return Verdict("refuse", 550, text, log), False
