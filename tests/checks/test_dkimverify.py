@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pyqmail.checks.dkimverify import verify
 from pyqmail.checks.resolver import make_resolver
-from tests.dkim_util import KeyPair, make_keys, zone
+from tests.dkim_util import KeyPair, make_keys, opendkim_verify, zone
 from tests.dnsserver import DnsServer
 
 DOMAIN = "signer.test"
@@ -127,6 +127,15 @@ def test_signed_passes_altered_fails(keys, resolver, tmp_path, signer, algorithm
     assert [r.result for r in verify(body, resolver)] == ["fail"]
     header = signed.replace(b"quarterly figures", b"quarterly figures (urgent)")
     assert [r.result for r in verify(header, resolver)] == ["fail"]
+    # OpenDKIM's verifier (opendkim -t, its key from the same knotd) agrees on all three
+    host, port = resolver.nameservers[0], resolver.port
+    for name, msg, word in [
+        ("signed", signed, "succeeded"),
+        ("body", body, "failed"),
+        ("header", header, "failed"),
+    ]:
+        report = opendkim_verify(msg, [DOMAIN], host, port, tmp_path / f"verify-{name}")
+        assert word in report, (name, report)
 
 
 def test_a_failing_signature_does_not_hide_a_passing_one(keys, resolver, tmp_path):
