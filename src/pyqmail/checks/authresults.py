@@ -12,11 +12,12 @@ mailbox's Junk folder, carried to pyqmail-send by the queue meta ``junk``) or ac
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import authres
 from authres.dmarc import DMARCAuthenticationResult
 
+from pyqmail.checks.arcverify import ArcResult
 from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.dmarc import DmarcResult
 from pyqmail.checks.spf import SpfResult
@@ -36,6 +37,7 @@ class Results:
     mailfrom: SpfResult
     dkim: list[DkimResult]
     dmarc: DmarcResult
+    arc: ArcResult = field(default_factory=lambda: ArcResult("none"))
 
 
 def _authserv_id(value: bytes) -> bytes:
@@ -86,6 +88,12 @@ def _results(r: Results) -> list[authres.AuthenticationResult]:
         out.append(result)
     if not r.dkim:
         out.append(authres.DKIMAuthenticationResult(result="none"))
+    if r.arc.result != "none":
+        out.append(
+            authres.AuthenticationResult(
+                method="arc", result=r.arc.result, result_comment=r.arc.reason or None
+            )
+        )
     dm = r.dmarc
     comment = f"p={dm.published} dis={dm.policy}" if dm.published else None
     out.append(

@@ -25,13 +25,13 @@ import dns.resolver
 
 MAX_SIGNATURES = 8
 MAX_KEY_RECORD = 2048  # bytes of a DKIM key TXT record (8192-bit RSA: about 1.4 KB)
-_QUIET = logging.getLogger("pyqmail.checks.dkimpy")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
+QUIET = logging.getLogger("pyqmail.checks.dkimpy")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
 _TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)", re.IGNORECASE)
 
 
-class _DnsTempError(Exception):
+class KeyLookupTempError(Exception):
     """A key lookup that timed out or failed: temperror, not fail (RFC 6376 6.1.2)."""
 
 
@@ -52,7 +52,7 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
     return {m.group(1).lower(): m.group(2).strip() for m in _TAG.finditer(value)}
 
 
-class _KeyLookup:
+class KeyLookup:
     """dkimpy's key lookup: TXT through the resolver within the deadline. A missing key or
     an over-long record (refused unparsed) is remembered in ``problem``: permerror, not
     fail (RFC 8601 2.7.1)."""
@@ -66,7 +66,7 @@ class _KeyLookup:
         """The key record of ``name`` (b"" when there is no usable one)."""
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise _DnsTempError("time budget spent")
+            raise KeyLookupTempError("time budget spent")
         try:
             answer = self.res.resolve(
                 name.decode("ascii", "replace"), "TXT", search=False, lifetime=min(left, timeout)
@@ -75,7 +75,7 @@ class _KeyLookup:
             self.problem = "no key"
             return b""
         except dns.exception.DNSException as exc:
-            raise _DnsTempError(f"{type(exc).__name__}") from None
+            raise KeyLookupTempError(f"{type(exc).__name__}") from None
         records = [b"".join(r.strings) for r in answer]
         if len(records) != 1:
             self.problem = "not one key record"
@@ -86,7 +86,7 @@ class _KeyLookup:
         return records[0]
 
 
-def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: _KeyLookup) -> DkimResult:
+def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLookup) -> DkimResult:
     """The result of signature ``index`` (its tags already parsed)."""
     base = {
         "domain": tags.get(b"d", b"").decode("ascii", "replace").lower(),
@@ -99,7 +99,7 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: _KeyLo
     lookup.problem = ""
     try:
         ok = signer.verify(idx=index, dnsfunc=lookup)
-    except _DnsTempError as exc:
+    except KeyLookupTempError as exc:
         return DkimResult("temperror", reason=f"key lookup: {exc}", **base)
     except dkim.ValidationError as exc:
         return DkimResult("fail", reason=str(exc)[:80], **base)
@@ -113,14 +113,14 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: _KeyLo
 def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> list[DkimResult]:
     """The result of each DKIM signature of ``message`` (top first); [] when unsigned."""
     try:
-        signer = dkim.DKIM(message, logger=_QUIET, minkey=1024, timeout=max(int(budget), 1))
+        signer = dkim.DKIM(message, logger=QUIET, minkey=1024, timeout=max(int(budget), 1))
     except dkim.DKIMException as exc:
         return [DkimResult("permerror", reason=f"message: {exc}"[:80])]
     fields = [v for n, v in signer.headers if n.lower() == b"dkim-signature"]
     if not fields:
         return []
     deadline = time.monotonic() + budget
-    lookup = _KeyLookup(res, deadline)
+    lookup = KeyLookup(res, deadline)
     results = []
     for index, field in enumerate(fields):
         tags = _tags(field)

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from pyqmail.checks import dkimverify, dmarc, spf
+from pyqmail.checks import arcverify, dkimverify, dmarc, spf
 from pyqmail.checks.authresults import Results, decide, header, strip_ours
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
@@ -49,7 +49,7 @@ def _summary(r: Results, removed: int) -> str:
     dkim = ",".join(f"{d.result}:{d.domain or '-'}" for d in r.dkim) or "none"
     return (
         f"spf={r.mailfrom.result} spf_helo={r.helo.result} dkim={dkim} "
-        f"dmarc={r.dmarc.result} ar_removed={removed}"
+        f"dmarc={r.dmarc.result} arc={r.arc.result} ar_removed={removed}"
     )
 
 
@@ -62,7 +62,8 @@ def check(settings: AuthSettings, ip: str, helo: str, sender: str, message: byte
     dkim_r = dkimverify.verify(message, res, budget=max((deadline - time.monotonic()) / 2, 0.1))
     head, rest = _split(message)
     dmarc_r = dmarc.check(res, head, mail_r, dkim_r)
-    results = Results(helo_r, mail_r, dkim_r, dmarc_r)
+    arc_r = arcverify.verify(message, res, budget=max(deadline - time.monotonic(), 0.1))
+    results = Results(helo_r, mail_r, dkim_r, dmarc_r, arc_r)
     stripped, removed = strip_ours(head, settings.authserv_id)
     verdict, junk = decide(dmarc_r, settings.on_reject, settings.on_quarantine)
     log = f"{_summary(results, removed)} {verdict.log}"
