@@ -70,6 +70,13 @@ def load(control: Path, me: str) -> AuthSettings:
     on = bool(table.AUTHCHECKS.read(control))
     if on:  # the public suffix list (and the codecs it needs) before the privilege drop
         org_domain("warm.example")
+    try:
+        resolver = make_resolver(list(servers), timeout=min(seconds, 5)) if on else None
+    except dns.resolver.NoResolverConfiguration:
+        raise ControlError(
+            f"{control / 'authchecks'}: checks on, but no DNS server: /etc/resolv.conf names "
+            f"none and {control / 'dnsresolver'} is absent"
+        ) from None
     return AuthSettings(
         enabled=on,
         authserv_id=ident.text if ident is not None else me,
@@ -77,5 +84,5 @@ def load(control: Path, me: str) -> AuthSettings:
         on_quarantine=_action(read_line(control / table.DMARCQUARANTINE.name), "quarantine"),
         timeout=seconds,
         servers=servers,
-        resolver=make_resolver(list(servers), timeout=min(seconds, 5)) if on else None,
+        resolver=resolver,
     )
