@@ -227,6 +227,25 @@ def domain(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: {shown(value)} is not a domain name"
 
 
+def dns_server(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """A DNS server of control/dnsresolver: an IP address, optionally @port (1-65535)."""
+    del values
+    host, _, port = str(value).partition("@")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        yield f"{name}: {shown(value)} is not an IP address (host or host@port)"
+        return
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        yield f"{name}: {shown(value)} has no port from 1 to 65535 after the @"
+
+
+def check_authservid(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """The Authentication-Results authserv-id: a host name, or "" for pyqmail__me."""
+    if value:
+        yield from domain(name, value, values)
+
+
 def one_line(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
     """Text written as one line of a control file: a line break would add another entry."""
     del values
@@ -800,6 +819,9 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__authlockfails": in_range(0, 1000),
     "pyqmail_control__authlocktime": in_range(1, 86400),
     "pyqmail_control__authconcurrency": in_range(1, 64),
+    "pyqmail_control__authservid": check_authservid,
+    "pyqmail_control__authtimeout": in_range(1, 60),
+    "pyqmail_control__dnsresolver": each(dns_server),
     "pyqmail_control__extra": check_extra,
     # pyqmail_rules
     "pyqmail_rules__relay_clients": each(check_address),

@@ -123,6 +123,16 @@ BROKEN = [
     ("servercert", _control("servercert.pem", b"not a pem\n", 0o400), "servercert.pem: "),
     ("queue", _missing_queue_dir, "queue directory missing"),
     ("senders", _bad_senders, "users/senders:1: 'bob' is neither an address nor @domain"),
+    (
+        "dmarcreject",
+        _control("dmarcreject", b"bounce\n"),
+        "control/dmarcreject:1: 'bounce' is not a DMARC action",
+    ),
+    (
+        "dnsresolver",
+        _control("dnsresolver", b"ns1.example.org\n"),
+        "control/dnsresolver: 'ns1.example.org' is not an IP address",
+    ),
 ]
 if IS_ROOT:
     BROKEN.append(("unreadable-servercert", _servercert_for_root_only, "servercert.pem: "))

@@ -165,6 +165,27 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail__me": "mail_1.example.org"},
         "pyqmail__me: 'mail_1.example.org' is not a host name (letters, digits, '-' and dots)",
     ),
+    "dmarc-action": (
+        {"pyqmail_control__dmarcreject": "bounce"},
+        "pyqmail_control__dmarcreject: 'bounce' is not one of reject, quarantine, none",
+    ),
+    "authtimeout": (
+        {"pyqmail_control__authtimeout": 0},
+        "pyqmail_control__authtimeout: 0 is out of range: must be from 1 to 60",
+    ),
+    "dnsresolver": (
+        {"pyqmail_control__dnsresolver": ["127.0.0.1@5353", "ns1.example.org"]},
+        "pyqmail_control__dnsresolver[1]: 'ns1.example.org' is not an IP address (host or "
+        "host@port)",
+    ),
+    "dnsresolver-port": (
+        {"pyqmail_control__dnsresolver": ["::1@70000"]},
+        "pyqmail_control__dnsresolver[0]: '::1@70000' has no port from 1 to 65535 after the @",
+    ),
+    "authservid": (
+        {"pyqmail_control__authservid": "mx one"},
+        "pyqmail_control__authservid: 'mx one' is not a domain name",
+    ),
     "greetdelay": (
         {"pyqmail_control__greetdelay": 61},
         "pyqmail_control__greetdelay: 61 is out of range: must be from 0 to 60",

@@ -1,10 +1,11 @@
-"""Checks on inbound mail, between the session's envelope events and the queue.
+"""Checks on inbound mail: verdicts between the session's envelope events and the queue.
 
-Each check answers with a ``verdict.Verdict`` (accept, defer or refuse) and the key=value
-pairs its log line gets. ``smtpd/session.py`` calls them with the envelope, ``smtpd/intake.py``
-with the message; the checks themselves know no sockets.
+Each module owns one check and answers with a ``Verdict`` (``verdict.py``): accept, defer
+(4xx) or refuse (5xx), with the reply and the key=value pairs for the log line. The message
+authentication checks (``spf``, ``dkimverify``, ``dmarc``) only compute results; what they
+mean for the message (refuse, quarantine, a header) is decided by ``authresults``.
 
-Modules: ``recipients`` (unknown local recipients at RCPT), ``greet`` (the greeting pause on
-port 25), ``dnsbl`` and ``greylist`` (blocklists, greylisting; ``screen`` ties them to a
-session).
+The other modules: ``recipients`` (unknown local recipients at RCPT), ``greet`` (the
+greeting pause on port 25), ``dnsbl`` and ``greylist`` (blocklists, greylisting; ``screen``
+ties them to a session).
 """

@@ -62,6 +62,8 @@ Session limits (``authheader``, ``maxjunk``, ``greetdelay``, ``timeoutstress``,
 blocklists and greylisting (``dnsbl``, ``dnswl``, ``dnsresolver``, ``dnsblthreshold``,
 ``dnsbltimeout``, ``dnsbltempfail``, ``greylistdelay``, ``greylistlifetime``), documented
 in ``pyqmail.checks.dnsbl`` and ``pyqmail.checks.greylist``.
+inbound authentication checks' files (``authchecks``, ``authservid``, ``dmarcreject``,
+``dmarcquarantine``, ``authtimeout``, ``dnsresolver``: ``pyqmail.checks.settings``).
 
 Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
 ``#`` and blank lines ignored, trailing blanks stripped) and parsed as
@@ -73,7 +75,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyqmail import tls
@@ -82,6 +84,7 @@ from pyqmail.checks import recipients
 from pyqmail.checks import screen as checks_screen
 from pyqmail.checks.recipients import LocalRecipients
 from pyqmail.control import send as send_control
+from pyqmail.checks import settings as auth_settings
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
@@ -131,6 +134,7 @@ class Config:
     server_tls: ssl.SSLContext | None
     knobs: session_knobs.SessionKnobs
     screen: checks_screen.Settings  # blocklists and greylisting (pyqmail.checks)
+    auth: auth_settings.AuthSettings = field(default_factory=auth_settings.AuthSettings)
 
     @property
     def control(self) -> Path:
@@ -255,4 +259,5 @@ def load(root: str | Path) -> Config:
         server_tls=server_tls,
         knobs=session_knobs.load(c),
         screen=checks_screen.load(c),
+        auth=auth_settings.load(c, me),
     )

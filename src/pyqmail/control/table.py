@@ -206,6 +206,14 @@ GREYLISTLIFETIME: Final = _smtpd_number(
     "greylistlifetime", 2_592_000, "seconds a triplet is kept", 60, 31_536_000
 )
 
+# pyqmail-smtpd's inbound authentication checks (pyqmail.checks.settings)
+AUTHCHECKS: Final = _smtpd_number("authchecks", 0, "SPF/DKIM/DMARC on inbound mail", 0, 1)
+AUTHTIMEOUT: Final = _smtpd_number("authtimeout", 10, "seconds for a message's checks", 1, 60)
+AUTHSERVID: Final = Lines("authservid", _SMTPD, "me", "pyqmail.checks.settings")
+DMARCREJECT: Final = Lines("dmarcreject", _SMTPD, "reject", "pyqmail.checks.settings")
+DMARCQUARANTINE: Final = Lines("dmarcquarantine", _SMTPD, "quarantine", "pyqmail.checks.settings")
+DNSRESOLVER: Final = Lines("dnsresolver", _SMTPD, "(system)", "pyqmail.checks.settings")
+
 # pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too
 # (pyqmail.checks.recipients: which recipients are local)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)

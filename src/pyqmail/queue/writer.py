@@ -102,6 +102,7 @@ class QueueWriter:
         header = encode_header(self.queue_id, sender, self.recipients, self.received, self.meta)
         self._tmp = f"{queue.dir_tmp}/{self.queue_id}"
         self._held: list[bytes] | None = [header]
+        self._header_size = len(header)
         if not defer:
             self.spill()
 
@@ -156,6 +157,32 @@ class QueueWriter:
     # The commit in public steps, so that the group commit (``pyqmail.queue.commit``) can
     # share one fsync(new/) among many messages; each message still goes
     # write -> fsync -> rename -> fsync(new/).
+
+    def replace_held(self, message: bytes, meta: Mapping[str, str]) -> None:
+        """A held message's bytes and meta, replaced before ``finish`` (the inbound checks
+        put their header on top and may add meta; ``pyqmail.checks.inbound``)."""
+        if self._held is None or self._completed:
+            raise QueueError(f"writer for {self.queue_id} is not an unfinished held message")
+        self.meta = dict(meta)
+        header = encode_header(
+            self.queue_id, self.sender, self.recipients, self.received, self.meta
+        )
+        self._held = [header, message]
+        self.size = len(message)
+
+    def message_bytes(self) -> bytes:
+        """The message so far, without the queue header: held, or read back from the tmp
+        file of a spilled writer (blocking: the inbound checks read it in a worker thread)."""
+        if self._completed:
+            raise QueueError(f"writer for {self.queue_id} is finished")
+        if self._held is not None:
+            return b"".join(self._held[1:])
+        try:
+            with open(self._tmp, "rb") as file:
+                file.seek(self._header_size)
+                return file.read()
+        except OSError as exc:
+            raise QueueError(f"cannot read {self._tmp}: {exc.strerror}") from exc
 
     def finish(self) -> None:
         """Step 1a: complete the message with its trailer (idempotent).

@@ -248,8 +248,9 @@ class LocalDelivery:
                     f"Return-Path: {_return_path(env.sender)}\nDelivered-To: {delivered_to}\n"
                 ).encode("utf-8", "surrogateescape")
                 data = head + message.replace(b"\r\n", b"\n")
+                junk = env.meta.get("junk") == "1"  # DMARC quarantine (pyqmail.checks)
                 for ins in maildirs:
-                    done.append(f"maildir {ins.target}{self._maildir(ins, data)}")
+                    done.append(f"maildir {ins.target}{self._maildir(ins, data, junk)}")
         except OSError as exc:
             return _failed(exc, done)
         if forwards:
@@ -275,5 +276,11 @@ class LocalDelivery:
         return Result.ok(f"{'; '.join(done)} via {fwd.source}")
 
     @staticmethod
-    def _maildir(ins: Instruction, data: bytes) -> str:
+    def _maildir(ins: Instruction, data: bytes, junk: bool = False) -> str:
+        """Into the Maildir, or its Maildir++ folder ``.Junk`` for a quarantined message
+        (created on first use, as IMAP servers read it: Dovecot's Junk folder)."""
+        if junk:
+            maildir = ins.target.rstrip("/")
+            _ensure_maildir(Path(maildir))  # the folder's parent: the mailbox's own Maildir
+            return ".Junk/new/" + maildir_deliver(maildir + "/.Junk", data)
         return "new/" + maildir_deliver(ins.target, data)

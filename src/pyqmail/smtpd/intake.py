@@ -10,9 +10,12 @@ core's events and answers the client once the commit is done.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
+from pyqmail.checks import inbound
+from pyqmail.checks.settings import AuthSettings
 from pyqmail.protocol import MessageEnd, MessageStart
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
@@ -66,6 +69,14 @@ def message_origin(event: MessageStart, relay_client: bool) -> str | None:
     return None
 
 
+def _rewrite(old: QueueWriter, message: bytes, meta: dict[str, str]) -> QueueWriter:
+    """A spilled message written anew with the checks' header (blocking: a worker thread;
+    the old writer is aborted by the caller, on the loop, where ``drop`` may abort it too)."""
+    fresh = QueueWriter(old.queue, old.sender, old.recipients, meta)
+    fresh.write(message)
+    return fresh
+
+
 class Intake:
     """The current message of one session: its queue writer and the bytes it holds."""
 
@@ -77,20 +88,37 @@ class Intake:
         self.queue_error: str | None = None
         self.message: MessageStart | None = None
         self.watch: HeadWatch | None = None  # the header From of an AUTH login's message
+        self.auth: AuthSettings | None = None  # the inbound checks, when they apply
+        self.ip = ""
+        self.checking: QueueWriter | None = None  # the writer the checks work on
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.refusal: str | None = None  # the checks' reply, when they refuse the message
+        self.fields: dict[str, str] = {}  # the checks' key=value pairs for the log line
 
-    def start(self, event: MessageStart, ip: str, relay_client: bool = False) -> None:
+    def start(
+        self,
+        event: MessageStart,
+        ip: str,
+        relay_client: bool = False,
+        auth: AuthSettings | None = None,
+    ) -> None:
         """A new message: its envelope and the trace data the Received header needs. A
         queue that cannot take it is remembered and answered at the end of DATA.
         ``relay_client``: the client's rules say RELAYCLIENT (its certificate counts too,
-        from ``event.tls``); with AUTH it decides ``origin`` (``message_origin``)."""
+        from ``event.tls``); with AUTH it decides ``origin`` (``message_origin``). ``auth``:
+        the inbound checks' settings; they run on mail with no ``origin`` (inbound)."""
         self.message = event
         self.queue_error = None
+        self.refusal = None
+        self.fields = {}
+        self.ip = ip
         meta = {"client": ip, "helo": event.helo, "protocol": event.protocol}
         if event.auth_user:
             meta["auth"] = event.auth_user
         origin = message_origin(event, relay_client)
         if origin is not None:
             meta["origin"] = origin
+        self.auth = auth if auth is not None and auth.enabled and origin is None else None
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
         self.drop()
@@ -108,6 +136,9 @@ class Intake:
     def drop(self) -> None:
         """Forget the current message (aborted, or the connection is gone)."""
         self._release()
+        if self.checking is not None:  # the checks' result will find no one waiting
+            self.checking.abort()
+            self.checking = None
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -139,21 +170,81 @@ class Intake:
 
     def commit(self, end: MessageEnd, done: Done) -> None:
         """Hand the message to the commit thread; ``done`` answers when it is durable
-        (or at once with a QueueError when there is nothing to commit)."""
+        (or at once with a QueueError when there is nothing to commit). Inbound mail held
+        in memory goes through the checks first (``_check``)."""
         writer, self.writer = self.writer, None
         self.committing = end
         if writer is not None and self.queue_error is None and self.message is not None:
-            try:
-                writer.finish()  # on the loop: the commit thread only fsyncs and renames
-            except QueueError as exc:  # the writer removed its tmp file already
-                self.queue_error = str(exc)
+            if self.auth is not None:
+                self.checking = writer
+                task = asyncio.get_running_loop().create_task(self._check(writer, done))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             else:
-                self.spool.submit(writer, done)
-                return
+                self._submit(writer, done)
+            return
         if writer is not None:
             writer.abort()
         self._release()
         done(QueueError(self.queue_error or "no message"))
+
+    def _submit(self, writer: QueueWriter, done: Done) -> None:
+        """Finish the message on the loop (the commit thread only fsyncs and renames)."""
+        try:
+            writer.finish()
+        except QueueError as exc:  # the writer removed its tmp file already
+            self.queue_error = str(exc)
+            writer.abort()
+            self._release()
+            done(QueueError(self.queue_error))
+            return
+        self.spool.submit(writer, done)
+
+    async def _check(self, writer: QueueWriter, done: Done) -> None:
+        """SPF, DKIM and DMARC (``pyqmail.checks.inbound``), then the commit of the message
+        with our Authentication-Results on top, or the refusal (``refusal``)."""
+        try:
+            ready = await self._checked(writer)
+        except QueueError as exc:
+            self.checking = None
+            self.queue_error = self.queue_error or str(exc)
+            writer.abort()
+            self._release()
+            done(QueueError(str(exc)))
+            return
+        if ready is not None:  # None: the session went away meanwhile (drop aborted it)
+            self.checking = None
+            self._submit(ready, done)
+
+    async def _checked(self, writer: QueueWriter) -> QueueWriter | None:
+        """The writer to commit after the checks. A message that spilled to its tmp file is
+        read back and rewritten into a new one in a worker thread. QueueError: refused, or
+        the queue failed."""
+        assert self.auth is not None and self.message is not None  # noqa: S101 - commit's test
+        loop = asyncio.get_running_loop()
+        msg = self.message
+        data = await loop.run_in_executor(None, writer.message_bytes)
+        outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
+        if self.checking is not writer:
+            return None
+        verdict = outcome.verdict
+        self.fields = dict(kv.split("=", 1) for kv in verdict.log.split() if "=" in kv)
+        if verdict.action != "accept":
+            self.refusal = f"{verdict.code} {verdict.text}"
+            raise QueueError(verdict.text)
+        meta = dict(writer.meta, junk="1") if outcome.junk else writer.meta
+        if writer.held:
+            grown = len(outcome.message) - writer.size
+            writer.replace_held(outcome.message, meta)
+            self.held += grown
+            self.spool.budget.held += grown
+            return writer
+        fresh = await loop.run_in_executor(None, _rewrite, writer, outcome.message, meta)
+        writer.abort()
+        if self.checking is not writer:
+            fresh.abort()
+            return None
+        return fresh
 
     def finished(self, result: CommitResult) -> tuple[MessageEnd | None, str | None]:
         """After the commit: the MessageEnd it was for, and the error to log (None when

@@ -499,7 +499,7 @@ class Session(asyncio.BufferedProtocol):
             self.timer.cancel()
             self.timer = self.loop.call_at(self.data_deadline, self.on_timer)
         relay_client = self.policy is not None and self.policy.relay_client
-        self.intake.start(event, self.ip, relay_client)
+        self.intake.start(event, self.ip, relay_client, self.cfg.auth)
         self.intake.watch = self.ctx.senders.watch(event.auth_user, event.sender, self.ip)
 
     def message_abort(self, reason: str) -> None:
@@ -525,7 +525,8 @@ class Session(asyncio.BufferedProtocol):
         end, error = self.intake.finished(result)
         msg = self.intake.message
         if isinstance(result, QueueError):
-            log("queue-fail", ip=self.ip, port=self.port, error=error)
+            event = "refused" if self.intake.refusal else "queue-fail"
+            log(event, ip=self.ip, port=self.port, error=error, **self.intake.fields)
             queue_id = None
         else:
             queue_id = result.queue_id
@@ -544,12 +545,14 @@ class Session(asyncio.BufferedProtocol):
                     **{"from": f"<{msg.sender}>"},
                     to=",".join(f"<{r}>" for r in msg.recipients),
                     **(self.screen.fields() if self.screen is not None else {}),
+                    **self.intake.fields,
                 )
         if self.closed or self.conn is None:
             return
         self.resume("commit")
         self.touch()
         if queue_id is None:
-            self.handle(self.conn.message_failed("451 4.3.0 queue write failed, try again later"))
+            reply = self.intake.refusal or "451 4.3.0 queue write failed, try again later"
+            self.handle(self.conn.message_failed(reply))
         else:
             self.handle(self.conn.message_queued(queue_id))

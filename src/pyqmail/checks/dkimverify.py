@@ -1,0 +1,133 @@
+"""DKIM verification (RFC 6376; Ed25519: RFC 8463) of every signature of a message.
+
+Through dkimpy (python3-dkim), with our own key lookup: the resolver of the daemon
+(``control/dnsresolver``), each lookup within the time left of the check's budget. Each
+signature gets its own result, so a failing one never hides a passing one (RFC 6376 6.1).
+
+Bounded work whatever the sender writes (RFC 8301, and the issue's fuzz cases):
+- at most ``MAX_SIGNATURES`` signatures are verified; the rest are ``policy`` results;
+- a key record longer than ``MAX_KEY_RECORD`` (far past an 8192-bit RSA key) is refused
+  before it is parsed, an RSA key under 1024 bits fails (dkimpy's ``minkey``);
+- a signature with ``l=`` is never trusted (``policy``: appended text would ride on it);
+- the whole verification stops at the deadline; what is left is ``temperror``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import dkim
+import dns.exception
+import dns.resolver
+
+MAX_SIGNATURES = 8
+MAX_KEY_RECORD = 2048  # bytes of a DKIM key TXT record (8192-bit RSA: about 1.4 KB)
+QUIET = logging.getLogger("pyqmail.checks.dkimpy")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+_TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)", re.IGNORECASE)
+
+
+class KeyLookupTempError(Exception):
+    """A key lookup that timed out or failed: temperror, not fail (RFC 6376 6.1.2)."""
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    """One signature's result (RFC 8601 dkim= values) and its d=, s=, a= and b= start."""
+
+    result: str  # pass, fail, neutral, policy, temperror, permerror
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    b: str = ""  # the first 8 characters of b= (RFC 6008 header.b)
+    reason: str = ""
+
+
+def _tags(value: bytes) -> dict[bytes, bytes]:
+    """The tag=value pairs of a DKIM-Signature, whitespace kept out of the names."""
+    return {m.group(1).lower(): m.group(2).strip() for m in _TAG.finditer(value)}
+
+
+class KeyLookup:
+    """dkimpy's key lookup: TXT through the resolver within the deadline. A missing key or
+    an over-long record (refused unparsed) is remembered in ``problem``: permerror, not
+    fail (RFC 8601 2.7.1)."""
+
+    def __init__(self, res: dns.resolver.Resolver, deadline: float) -> None:
+        self.res = res
+        self.deadline = deadline
+        self.problem = ""
+
+    def __call__(self, name: bytes, timeout: float = 5) -> bytes:
+        """The key record of ``name`` (b"" when there is no usable one)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise KeyLookupTempError("time budget spent")
+        try:
+            answer = self.res.resolve(
+                name.decode("ascii", "replace"), "TXT", search=False, lifetime=min(left, timeout)
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            self.problem = "no key"
+            return b""
+        except dns.exception.DNSException as exc:
+            raise KeyLookupTempError(f"{type(exc).__name__}") from None
+        records = [b"".join(r.strings) for r in answer]
+        if len(records) != 1:
+            self.problem = "not one key record"
+            return b""
+        if len(records[0]) > MAX_KEY_RECORD:
+            self.problem = f"key record over {MAX_KEY_RECORD} bytes"
+            return b""
+        return records[0]
+
+
+def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLookup) -> DkimResult:
+    """The result of signature ``index`` (its tags already parsed)."""
+    base = {
+        "domain": tags.get(b"d", b"").decode("ascii", "replace").lower(),
+        "selector": tags.get(b"s", b"").decode("ascii", "replace"),
+        "algorithm": tags.get(b"a", b"").decode("ascii", "replace"),
+        "b": re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace"),
+    }
+    if b"l" in tags:
+        return DkimResult("policy", reason="l= not trusted", **base)
+    lookup.problem = ""
+    try:
+        ok = signer.verify(idx=index, dnsfunc=lookup)
+    except KeyLookupTempError as exc:
+        return DkimResult("temperror", reason=f"key lookup: {exc}", **base)
+    except dkim.ValidationError as exc:
+        return DkimResult("fail", reason=str(exc)[:80], **base)
+    except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
+        return DkimResult("permerror", reason=f"{type(exc).__name__}: {exc}"[:80], **base)
+    if not ok and lookup.problem:
+        return DkimResult("permerror", reason=lookup.problem, **base)
+    return DkimResult("pass" if ok else "fail", **base)
+
+
+def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> list[DkimResult]:
+    """The result of each DKIM signature of ``message`` (top first); [] when unsigned."""
+    try:
+        signer = dkim.DKIM(message, logger=QUIET, minkey=1024, timeout=max(int(budget), 1))
+    except dkim.DKIMException as exc:
+        return [DkimResult("permerror", reason=f"message: {exc}"[:80])]
+    fields = [v for n, v in signer.headers if n.lower() == b"dkim-signature"]
+    if not fields:
+        return []
+    deadline = time.monotonic() + budget
+    lookup = KeyLookup(res, deadline)
+    results = []
+    for index, field in enumerate(fields):
+        tags = _tags(field)
+        if index >= MAX_SIGNATURES:
+            results.append(DkimResult("policy", reason=f"over {MAX_SIGNATURES} signatures"))
+        elif time.monotonic() >= deadline:
+            results.append(DkimResult("temperror", reason="time budget spent"))
+        else:
+            results.append(_one(signer, index, tags, lookup))
+    return results

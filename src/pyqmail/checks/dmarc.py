@@ -1,0 +1,161 @@
+"""DMARC (RFC 7489): the header From domain's policy, applied to the SPF and DKIM results.
+
+Alignment (3.1) is relaxed (same organisational domain) or strict (same domain) per
+identifier (``adkim``, ``aspf``); the organisational domain comes from the public suffix
+list (publicsuffix2, python3-publicsuffix2; a name under no listed suffix follows the
+list's default rule ``*``: its last label is the suffix). The record is looked up at
+``_dmarc.<From domain>``, else at ``_dmarc.<organisational domain>`` where ``sp`` (when
+given) is the policy for subdomains (6.6.3). ``pct`` below 100 applies the policy to that
+share of failing mail only; the rest gets the next weaker one (6.6.4).
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # publicsuffix2's codecs, imported before the daemon
+import encodings.punycode  # noqa: F401 - drops privileges (it may not read them afterwards)
+import functools
+import random
+import re
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+import dns.resolver
+import publicsuffix2
+
+from pyqmail.checks.dkimverify import DkimResult
+from pyqmail.checks.resolver import txt
+from pyqmail.checks.spf import SpfResult
+
+POLICIES = ("none", "quarantine", "reject")
+_WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+_TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    """``result`` (pass, fail, none, temperror, permerror); ``policy``: what the domain asks
+    for this message (after pct and sp); ``published``: its p= (or sp=) as written."""
+
+    result: str
+    header_from: str = ""
+    policy: str = "none"
+    published: str = ""
+    reason: str = ""
+
+
+@functools.cache
+def _psl() -> publicsuffix2.PublicSuffixList:
+    """The public suffix list, parsed once per process."""
+    return publicsuffix2.PublicSuffixList()
+
+
+def org_domain(domain: str) -> str:
+    """The organisational domain (RFC 7489 3.2): one label more than the public suffix."""
+    domain = domain.lower().rstrip(".")
+    labels = domain.split(".")
+    suffix = _psl().get_tld(domain, strict=True) or labels[-1]
+    count = suffix.count(".") + 2
+    return ".".join(labels[-count:]) if len(labels) >= count else domain
+
+
+def aligned(identifier: str, from_domain: str, mode: str) -> bool:
+    """Whether an authenticated domain aligns with the From domain (strict or relaxed)."""
+    a, b = identifier.lower().rstrip("."), from_domain.lower().rstrip(".")
+    if mode == "s":
+        return a == b
+    return bool(a) and org_domain(a) == org_domain(b)
+
+
+def from_domain(head: bytes) -> str | None:
+    """The one domain of the header From (RFC 7489 6.6.1); None when there is no From, more
+    than one, or a From with no single domain (DMARC cannot be applied: permerror)."""
+    values = re.findall(rb"(?im)^from[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)", head)
+    if len(values) != 1:
+        return None
+    text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "replace"))
+    domains = {addr.rpartition("@")[2].lower() for _, addr in getaddresses([text]) if "@" in addr}
+    return domains.pop() if len(domains) == 1 else None
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """A DMARC record's tags; ValueError when it is not one (no v=DMARC1 first)."""
+    tags = {}
+    for part in text.split(";"):
+        m = _TAG.match(part)
+        if m:
+            tags[m.group(1).lower()] = m.group(2)
+    if not text.lstrip().startswith("v=DMARC1") or tags.get("v") != "DMARC1":
+        raise ValueError("not a DMARC record")
+    return tags
+
+
+def _record(res: dns.resolver.Resolver, name: str) -> dict[str, str] | str | None:
+    """The DMARC record at _dmarc.``name``: its tags, None when there is none (or more than
+    one, RFC 7489 6.6.3), "temperror" when the lookup failed."""
+    records = txt(res, f"_dmarc.{name}.")
+    if records is None:
+        return "temperror"
+    found = []
+    for raw in records:
+        try:
+            found.append(parse_record(raw.decode("utf-8", "replace")))
+        except ValueError:
+            continue
+    return found[0] if len(found) == 1 else None
+
+
+def _authenticated(
+    tags: dict[str, str], domain: str, spf: SpfResult, dkim: list[DkimResult]
+) -> str:
+    """ "pass" when an aligned SPF or DKIM pass authenticates the From domain; else
+    "temperror" when an aligned identifier could not be checked for a temporary reason (a
+    DNS timeout must not turn into a DMARC failure and a refusal); else "fail"."""
+    adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
+    dkim_aligned = [d.result for d in dkim if aligned(d.domain, domain, adkim)]
+    spf_aligned = spf.result if aligned(spf.domain, domain, aspf) else "none"
+    if "pass" in dkim_aligned or spf_aligned == "pass":
+        return "pass"
+    if "temperror" in dkim_aligned or spf_aligned == "temperror":
+        return "temperror"
+    return "fail"
+
+
+def _policy(tags: dict[str, str], subdomain: bool, roll: int) -> tuple[str, str]:
+    """(the policy for this message, the one published) after sp= and pct=."""
+    published = tags.get("p", "").lower()
+    if subdomain and tags.get("sp", "").lower() in POLICIES:
+        published = tags["sp"].lower()
+    if published not in POLICIES:
+        published = "none"  # 6.6.3: an invalid p= with a valid record is treated as none
+    pct_text = tags.get("pct", "100")
+    pct = int(pct_text) if pct_text.isdigit() else 100
+    return (published if roll < min(pct, 100) else _WEAKER[published]), published
+
+
+def check(
+    res: dns.resolver.Resolver,
+    head: bytes,
+    spf: SpfResult,
+    dkim: list[DkimResult],
+    roll: int | None = None,
+) -> DmarcResult:
+    """The DMARC result of a message whose header section is ``head``. ``roll`` (0-99) is
+    the pct draw; random unless given (tests)."""
+    domain = from_domain(head)
+    if domain is None:
+        return DmarcResult("permerror", reason="no single header From domain")
+    org = org_domain(domain)
+    tags = _record(res, domain)
+    subdomain = False
+    if tags is None and org != domain:
+        tags, subdomain = _record(res, org), True
+    if tags == "temperror":
+        return DmarcResult("temperror", domain, reason="DMARC record lookup failed")
+    if not isinstance(tags, dict):
+        return DmarcResult("none", domain, reason="no DMARC record")
+    draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
+    policy, published = _policy(tags, subdomain, draw)
+    verdict = _authenticated(tags, domain, spf, dkim)
+    if verdict == "fail":
+        return DmarcResult("fail", domain, policy, published)
+    return DmarcResult(verdict, domain, "none", published)

@@ -1,0 +1,66 @@
+"""The DNS resolver the inbound checks ask: the system's, or ``control/dnsresolver``.
+
+Why a control file: a test (or a host with a local validating resolver on another port)
+must be able to point the checks at one server without touching /etc/resolv.conf. Each
+line of ``control/dnsresolver`` is ``host`` or ``host@port`` (IPv4 or IPv6 address);
+without the file the system's resolver configuration is used. Every lookup is bounded by
+``timeout`` seconds in all (dnspython's ``lifetime``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import dns.exception
+import dns.resolver
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def parse_servers(lines: list[str], source: str = "control/dnsresolver") -> list[tuple[str, int]]:
+    """``host[@port]`` lines to (address, port) pairs; a clear error naming ``source``."""
+    servers = []
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        host, _, port_text = line.partition("@")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ValueError(f"{source}: {host!r} is not an IP address") from None
+        port = 53
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"{source}: port {port_text!r} of {host} is not 1-65535")
+            port = int(port_text)
+        servers.append((address, port))
+    return servers
+
+
+def make_resolver(
+    servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT
+) -> dns.resolver.Resolver:
+    """A resolver asking ``servers`` (the system's when empty), each lookup within
+    ``timeout`` seconds."""
+    if servers:
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = [host for host, _ in servers]
+        res.port = servers[0][1]
+        res.nameserver_ports = dict(servers)
+    else:
+        res = dns.resolver.Resolver()
+    res.timeout = res.lifetime = timeout
+    return res
+
+
+def txt(res: dns.resolver.Resolver, name: str) -> list[bytes] | None:
+    """The TXT records of ``name``, each joined from its strings; [] when there are none,
+    None when the lookup failed (timeout, SERVFAIL: a temporary error)."""
+    try:
+        answer = res.resolve(name, "TXT", search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException:
+        return None
+    return [b"".join(rdata.strings) for rdata in answer]

@@ -1,0 +1,129 @@
+"""SPF (RFC 7208) on the envelope sender and the HELO name, through pyspf (python3-spf).
+
+Why at the end of DATA and not at MAIL: no SPF result refuses mail on its own here (DMARC,
+which needs the DKIM results of the message too, decides), so both identities are checked
+in the same worker thread and time budget as DKIM and DMARC, and the SMTP dialogue never
+waits on DNS before DATA.
+
+pyspf looks names up through its module-level ``DNSLookup``; it is replaced once by
+``_lookup``, which asks the resolver of the calling thread (``_local``): the checks run in
+a thread pool, each job with the resolver of its daemon (``control/dnsresolver``), and the
+deadline of the whole evaluation bounds every lookup. The 10-lookup and 2-void-lookup
+limits are pyspf's (RFC 7208 4.6.4).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import spf
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    """One identity's result: ``result`` is one of RESULTS; ``domain`` the domain checked."""
+
+    identity: str  # "mailfrom" or "helo"
+    result: str
+    domain: str
+    reason: str = ""
+
+
+def _answer_rows(name: str, qtype: str, answer: Any) -> list[tuple[tuple[str, str], Any]]:
+    """dnspython's answer in the (name, type), value rows pyspf's cache takes."""
+    rows: list[tuple[tuple[str, str], Any]] = []
+    for rdata in answer:
+        if qtype in ("A", "AAAA"):
+            rows.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            rows.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            rows.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            rows.append(((name, qtype), list(rdata.strings)))
+    return rows
+
+
+def _lookup(
+    name: str, qtype: str, strict: object = True, timeout: float = 20
+) -> list[tuple[tuple[str, str], Any]]:
+    """pyspf's DNS hook: the thread's resolver, within what is left of its deadline."""
+    del strict
+    res: dns.resolver.Resolver = _local.resolver
+    left = _local.deadline - time.monotonic()
+    if left <= 0:
+        raise spf.TempError("DNS: the SPF time budget is spent")
+    try:
+        answer = res.resolve(name, qtype, search=False, lifetime=min(left, timeout))
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException as exc:
+        raise spf.TempError(f"DNS {type(exc).__name__}: {exc}") from None
+    return _answer_rows(name, qtype, answer)
+
+
+spf.DNSLookup = _lookup
+
+
+def domain_of(address: str) -> str:
+    """The domain part of a mailbox, lower case ('' when there is none)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def _is_fqdn(helo: str) -> bool:
+    """Whether the HELO name can have an SPF record: a dotted name, not an address literal."""
+    if not helo or helo.startswith("[") or "." not in helo.strip("."):
+        return False
+    try:
+        ipaddress.ip_address(helo)
+    except ValueError:
+        return True
+    return False
+
+
+def _run(ip: str, sender: str, helo: str, budget: float) -> tuple[str, str]:
+    """One pyspf evaluation (result, explanation); an unexpected library error is a
+    temperror, never a crash of the session."""
+    q = spf.query(i=ip, s=sender, h=helo, querytime=budget)
+    try:
+        result, _code, reason = q.check()
+    except (spf.TempError, dns.exception.DNSException) as exc:
+        return "temperror", str(exc)
+    except Exception as exc:  # noqa: BLE001 - pyspf raises assorted errors on odd input
+        return "permerror", f"{type(exc).__name__}: {exc}"
+    return (str(result) if result in RESULTS else "permerror"), str(reason)
+
+
+def check(
+    res: dns.resolver.Resolver, ip: str, sender: str, helo: str, budget: float = 10.0
+) -> tuple[SpfResult, SpfResult]:
+    """The HELO and MAIL FROM results (RFC 7208 2.3/2.4) for a client at ``ip``, within
+    ``budget`` seconds in all. A null sender is checked as postmaster@HELO (section 2.4)."""
+    _local.resolver = res
+    _local.deadline = time.monotonic() + budget
+    try:
+        if _is_fqdn(helo):
+            result, why = _run(ip, "", helo, budget)
+            helo_result = SpfResult("helo", result, helo.lower().rstrip("."), why)
+        else:
+            helo_result = SpfResult("helo", "none", helo.lower(), "HELO is not a domain name")
+        if not sender:
+            mail = SpfResult("mailfrom", helo_result.result, helo_result.domain, "null sender")
+        elif not domain_of(sender):
+            mail = SpfResult("mailfrom", "none", "", "sender has no domain")
+        else:
+            left = max(_local.deadline - time.monotonic(), 0.001)
+            result, why = _run(ip, sender, helo, left)
+            mail = SpfResult("mailfrom", result, domain_of(sender), why)
+    finally:
+        _local.resolver = None
+    return helo_result, mail

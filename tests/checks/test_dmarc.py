@@ -1,0 +1,192 @@
+"""DMARC (pyqmail.checks.dmarc) against records served by a real knotd: alignment relaxed
+and strict, p, sp, pct, the organisational domain from the public suffix list, and the
+action each configured verdict gives (pyqmail.checks.authresults.decide)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyqmail.checks.authresults import decide
+from pyqmail.checks.dkimverify import DkimResult
+from pyqmail.checks.dmarc import DmarcResult, check, org_domain
+from pyqmail.checks.resolver import make_resolver
+from pyqmail.checks.spf import SpfResult
+from tests.dnsserver import DnsServer, free_port
+
+ZONES = {
+    "bank.test.": '_dmarc TXT "v=DMARC1; p=reject; sp=quarantine"\n',
+    "strict.test.": '_dmarc TXT "v=DMARC1; p=reject; adkim=s; aspf=s"\n',
+    "pct.test.": '_dmarc TXT "v=DMARC1; p=reject; pct=30"\n',
+    "two.test.": '_dmarc TXT "v=DMARC1; p=reject"\n_dmarc TXT "v=DMARC1; p=none"\n',
+    "badp.test.": '_dmarc TXT "v=DMARC1; p=bogus"\n',
+    "nodmarc.test.": '_dmarc TXT "v=spf1 -all"\n',
+    "own.bank.test.": '_dmarc TXT "v=DMARC1; p=none"\n',
+    "example.co.uk.": '_dmarc TXT "v=DMARC1; p=quarantine"\n',
+    "plain.test.": "@ A 192.0.2.1\n",
+}
+NO_SPF = SpfResult("mailfrom", "fail", "elsewhere.example")
+
+
+def head(from_: str) -> bytes:
+    return f"From: Someone <{from_}>\r\nSubject: x\r\n".encode()
+
+
+def dkim_pass(domain: str) -> list[DkimResult]:
+    return [DkimResult("pass", domain, "s1", "rsa-sha256")]
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    with DnsServer(ZONES) as server:
+        yield make_resolver([(server.host, server.port)], timeout=2.0)
+
+
+CASES = [
+    # (case, From, SPF, DKIM, roll, (result, policy))
+    ("aligned dkim", "a@bank.test", NO_SPF, dkim_pass("bank.test"), 0, ("pass", "none")),
+    (
+        "relaxed dkim subdomain",
+        "a@bank.test",
+        NO_SPF,
+        dkim_pass("mail.bank.test"),
+        0,
+        ("pass", "none"),
+    ),
+    (
+        "aligned spf",
+        "a@bank.test",
+        SpfResult("mailfrom", "pass", "bounce.bank.test"),
+        [],
+        0,
+        ("pass", "none"),
+    ),
+    ("unaligned dkim", "a@bank.test", NO_SPF, dkim_pass("evil.test"), 0, ("fail", "reject")),
+    ("dkim fail", "a@bank.test", NO_SPF, [DkimResult("fail", "bank.test")], 0, ("fail", "reject")),
+    (
+        "spf softfail",
+        "a@bank.test",
+        SpfResult("mailfrom", "softfail", "bank.test"),
+        [],
+        0,
+        ("fail", "reject"),
+    ),
+    (
+        "failing + passing dkim",
+        "a@bank.test",
+        NO_SPF,
+        [DkimResult("fail", "bank.test"), *dkim_pass("bank.test")],
+        0,
+        ("pass", "none"),
+    ),
+    (
+        "dkim temperror",
+        "a@bank.test",
+        NO_SPF,
+        [DkimResult("temperror", "bank.test")],
+        0,
+        ("temperror", "none"),
+    ),
+    (
+        "spf temperror",
+        "a@bank.test",
+        SpfResult("mailfrom", "temperror", "bank.test"),
+        [],
+        0,
+        ("temperror", "none"),
+    ),
+    (
+        "unaligned temperror",
+        "a@bank.test",
+        NO_SPF,
+        [DkimResult("temperror", "evil.test")],
+        0,
+        ("fail", "reject"),
+    ),
+    (
+        "strict dkim subdomain",
+        "a@strict.test",
+        NO_SPF,
+        dkim_pass("mail.strict.test"),
+        0,
+        ("fail", "reject"),
+    ),
+    (
+        "strict spf subdomain",
+        "a@strict.test",
+        SpfResult("mailfrom", "pass", "b.strict.test"),
+        [],
+        0,
+        ("fail", "reject"),
+    ),
+    ("strict exact", "a@strict.test", NO_SPF, dkim_pass("strict.test"), 0, ("pass", "none")),
+    ("sp for a subdomain", "a@x.bank.test", NO_SPF, [], 0, ("fail", "quarantine")),
+    ("own record of a subdomain", "a@own.bank.test", NO_SPF, [], 0, ("fail", "none")),
+    ("pct sampled in", "a@pct.test", NO_SPF, [], 29, ("fail", "reject")),
+    ("pct sampled out", "a@pct.test", NO_SPF, [], 30, ("fail", "quarantine")),
+    ("two records", "a@two.test", NO_SPF, [], 0, ("none", "none")),
+    ("invalid p", "a@badp.test", NO_SPF, [], 0, ("fail", "none")),
+    ("not a DMARC record", "a@nodmarc.test", NO_SPF, [], 0, ("none", "none")),
+    ("no record", "a@mail.plain.test", NO_SPF, [], 0, ("none", "none")),
+    ("psl org domain", "a@mail.example.co.uk", NO_SPF, [], 0, ("fail", "quarantine")),
+    (
+        "psl aligned",
+        "a@mail.example.co.uk",
+        NO_SPF,
+        dkim_pass("example.co.uk"),
+        0,
+        ("pass", "none"),
+    ),
+    (
+        "psl: co.uk is no org domain",
+        "a@example.co.uk",
+        NO_SPF,
+        dkim_pass("other.co.uk"),
+        0,
+        ("fail", "quarantine"),
+    ),
+]
+
+
+@pytest.mark.parametrize("row", CASES, ids=[c[0] for c in CASES])
+def test_dmarc(resolver, row):
+    case, from_, spf, dkim, roll, want = row
+    result = check(resolver, head(from_), spf, dkim, roll=roll)
+    assert (result.result, result.policy) == want, f"{case}: {result}"
+
+
+def test_org_domain():
+    assert org_domain("a.b.mail.example.co.uk") == "example.co.uk"
+    assert org_domain("x.y.bank.test") == "bank.test"  # no listed suffix: the rule "*"
+    assert org_domain("Example.COM.") == "example.com"
+
+
+@pytest.mark.parametrize(
+    "from_header",
+    [
+        b"Subject: no from\r\n",
+        b"From: a@x.test\r\nFrom: b@y.test\r\n",
+        b"From: a@x.test, b@y.test\r\n",
+        b"From: undisclosed\r\n",
+    ],
+)
+def test_no_single_from_domain_is_permerror(resolver, from_header):
+    assert check(resolver, from_header, NO_SPF, []).result == "permerror"
+
+
+def test_dead_server_is_temperror():
+    res = make_resolver([("127.0.0.1", free_port())], timeout=0.5)
+    assert check(res, head("a@bank.test"), NO_SPF, []).result == "temperror"
+
+
+def test_decide_actions():
+    fail_reject = DmarcResult("fail", "bank.test", "reject", "reject")
+    fail_quarantine = DmarcResult("fail", "bank.test", "quarantine", "quarantine")
+    verdict, junk = decide(fail_reject)
+    assert (verdict.action, verdict.code, junk) == ("refuse", 550, False)
+    assert verdict.text.startswith("5.7.1 ") and "bank.test" in verdict.text
+    assert decide(fail_quarantine)[0].action == "accept" and decide(fail_quarantine)[1]
+    assert decide(fail_reject, on_reject="quarantine")[1] is True
+    assert decide(fail_reject, on_reject="none")[1] is False
+    assert decide(fail_quarantine, on_quarantine="reject")[0].code == 550
+    assert decide(DmarcResult("pass", "bank.test", "none", "reject"))[0].action == "accept"
+    assert "dmarc_policy=reject" in verdict.log and "dmarc_action=reject" in verdict.log
