@@ -82,9 +82,9 @@ from pyqmail import tls
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.checks import recipients
 from pyqmail.checks import screen as checks_screen
+from pyqmail.checks import settings as auth_settings
 from pyqmail.checks.recipients import LocalRecipients
 from pyqmail.control import send as send_control
-from pyqmail.checks import settings as auth_settings
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
