@@ -52,6 +52,7 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
+from pyqmail.checks.resolver import parse_servers
 from pyqmail.checks.verdict import Verdict
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError, Line, read_lines
@@ -111,22 +112,14 @@ def parse_allow(lines: list[Line]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_zone(line, line.text) for line in lines))
 
 
-def parse_nameservers(lines: list[Line]) -> tuple[tuple[str, int], ...]:
-    """``dnsresolver``: ``host[@port]`` per line, host an IP address."""
-    out = []
-    for line in lines:
-        host, at, port_text = line.text.strip().partition("@")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ControlError(f"{line.where}: not an IP address: {host!r}") from None
-        port = 53
-        if at:
-            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-                raise ControlError(f"{line.where}: not a port (1 to 65535): {port_text!r}")
-            port = int(port_text)
-        out.append((host, port))
-    return tuple(out)
+def parse_nameservers(lines: list[Line], source: str) -> tuple[tuple[str, int], ...]:
+    """``dnsresolver``: ``host[@port]`` per line, host an IP address. The one parser of
+    that file is ``pyqmail.checks.resolver.parse_servers`` (the authentication checks read
+    it too); its error becomes a ControlError here."""
+    try:
+        return tuple(parse_servers([line.text for line in lines], source))
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
 
 
 def load(control: Path, *, threshold: int, timeout: int, tempfail: bool) -> Settings:
@@ -137,7 +130,9 @@ def load(control: Path, *, threshold: int, timeout: int, tempfail: bool) -> Sett
         threshold=threshold,
         timeout=timeout,
         tempfail=tempfail,
-        nameservers=parse_nameservers(read_lines(control / "dnsresolver") or []),
+        nameservers=parse_nameservers(
+            read_lines(control / "dnsresolver") or [], str(control / "dnsresolver")
+        ),
     )
 
 

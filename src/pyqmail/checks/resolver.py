@@ -32,7 +32,7 @@ def parse_servers(lines: list[str], source: str = "control/dnsresolver") -> list
         port = 53
         if port_text:
             if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-                raise ValueError(f"{source}: port {port_text!r} of {host} is not 1-65535")
+                raise ValueError(f"{source}: port {port_text!r} of {host} is not a port (1-65535)")
             port = int(port_text)
         servers.append((address, port))
     return servers
