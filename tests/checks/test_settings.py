@@ -54,7 +54,11 @@ def test_values(tmp_path: Path) -> None:
         ("authtimeout", "0", "authtimeout:1: 0 is out of range (min 1, max 60)"),
         ("authservid", "mx one", "authservid:1: 'mx one' is not a host name"),
         ("dnsresolver", "ns1.example.org", "dnsresolver: 'ns1.example.org' is not an IP address"),
-        ("dnsresolver", "127.0.0.1@0", "dnsresolver: port '0' of 127.0.0.1 is not a port (1-65535)"),
+        (
+            "dnsresolver",
+            "127.0.0.1@0",
+            "dnsresolver: port '0' of 127.0.0.1 is not a port (1-65535)",
+        ),
     ],
 )
 def test_bad_values_name_the_file(tmp_path: Path, name: str, text: str, error: str) -> None:

@@ -194,7 +194,10 @@ def test_greylisting_skips_relay_clients_and_allow_listed_hosts(
             {"greylistdelay": "600\n", "greylistlifetime": "300\n"},
             r"control/greylistdelay: 600 seconds is not shorter than .*control/greylistlifetime",
         ),
-        ({"dnsresolver": "resolver.example\n"}, r"control/dnsresolver:1: not an IP address"),
+        (
+            {"dnsresolver": "resolver.example\n"},
+            r"control/dnsresolver: 'resolver.example' is not an IP address",
+        ),
     ],
 )
 def test_bad_files_stop_the_check_and_the_daemon_naming_the_file(
