@@ -103,3 +103,14 @@ def read_line(path: Path) -> Line | None:
     if len(lines) > 1:
         raise ControlError(f"{path}:{lines[1].lineno}: only one line expected")
     return lines[0]
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file the daemon re-reads while running is replaced or edited
+    (inode, size, mtime), or None when it cannot be looked at: the users files compare it
+    on every use and read the file again only when it moved."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.checks import greet
 from pyqmail.control import smtpd as configmod
+from pyqmail.control.reader import file_stamp
 from pyqmail.log import log
 from pyqmail.protocol import Policy
 from pyqmail.rules import Decision, Rules, RulesError
@@ -34,17 +35,10 @@ class UsersCache:
     def __init__(self, cfg: configmod.Config) -> None:
         self.path = cfg.control / "smtpusers"
         self.db = cfg.authdb
-        self._stamp = self._stat()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._stamp = file_stamp(self.path)
 
     def current(self) -> AuthDB | None:
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return self.db
         self._stamp = stamp

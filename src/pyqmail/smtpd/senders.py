@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyqmail.control.reader import ControlError, read_lines
+from pyqmail.control.reader import ControlError, file_stamp, read_lines
 from pyqmail.headers import HEADER_SIZE_LIMIT, header_values, mailbox_addresses
 from pyqmail.log import log
 from pyqmail.smtpd.sendlimits import SendLimits, Settings
@@ -112,25 +112,17 @@ class SendersCache:
 
     def __init__(self, root: Path) -> None:
         self.path = root / SENDERS_FILE
-        self._stamp: tuple[int, int, int] | None = None
         self.map: SenderMap | None = None
-        self._stamp = self._stat()
+        self._stamp = file_stamp(self.path)
         try:
             self.map = load_map(self.path) if self._stamp is not None else None
         except ControlError as exc:  # broken since the start-up check: fail closed
             log("warning", text=f"{exc}; no login owns any address until it is fixed")
             self.map = SenderMap()
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
     def current(self) -> SenderMap | None:
         """The map in force (None: no sender rules)."""
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return self.map
         self._stamp = stamp
