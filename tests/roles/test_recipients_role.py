@@ -73,6 +73,7 @@ def run_roles(root: QmailRoot, **more: Any) -> None:
         "pyqmail_control__relay_domains": [],
         "pyqmail_aliases__postmaster": "alice@mx.test",
         "pyqmail_mailboxes__list": [{"name": "alice"}],
+        "pyqmail_control__dnsresolver": ["127.0.0.1"],  # the checks (on by default) ask no one else
         "ansible_python_interpreter": sys.executable,
         **more,
     }
