@@ -167,6 +167,8 @@ def test_org_domain():
         b"From: a@x.test\r\nFrom: b@y.test\r\n",
         b"From: a@x.test, b@y.test\r\n",
         b"From: undisclosed\r\n",
+        b"From: a@bank.test <b@y.test>\r\n",  # which one would a mail client show?
+        b"From: <a@bank.test> <b@y.test>\r\n",
     ],
 )
 def test_no_single_from_domain_is_permerror(resolver, from_header):

@@ -163,6 +163,12 @@ def _env(origin: str | None) -> Envelope:
             "not signed: From domain example.com has no DKIM key",
         ),
         ("auth", b"From: sub@mail.example.org\r\n\r\nx\r\n", False, "mail.example.org has no"),
+        (  # an address as display name: a reader may see the one that was not signed for
+            "auth",
+            b"From: ceo@example.org <x@example.com>\r\n\r\nx\r\n",
+            False,
+            "not signed: the From header cannot be read unambiguously",
+        ),
     ],
 )
 def test_which_messages_are_signed(  # noqa: PLR0917 - one argument per table column

@@ -17,7 +17,6 @@ import functools
 import random
 import re
 from dataclasses import dataclass
-from email.utils import getaddresses
 
 import dns.resolver
 import publicsuffix2
@@ -25,6 +24,7 @@ import publicsuffix2
 from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.resolver import txt
 from pyqmail.checks.spf import SpfResult
+from pyqmail.headers import mailbox_addresses
 
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -68,12 +68,15 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
 
 def from_domain(head: bytes) -> str | None:
     """The one domain of the header From (RFC 7489 6.6.1); None when there is no From, more
-    than one, or a From with no single domain (DMARC cannot be applied: permerror)."""
+    than one, or a From with no single domain (DMARC cannot be applied: permerror). An
+    address list pyqmail cannot read unambiguously (``a@bank.test <b@evil.test>``) has no
+    domain: a mail client might show the one DMARC did not check."""
     values = re.findall(rb"(?im)^from[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)", head)
     if len(values) != 1:
         return None
     text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "replace"))
-    domains = {addr.rpartition("@")[2].lower() for _, addr in getaddresses([text]) if "@" in addr}
+    addresses = mailbox_addresses(text) or []  # the reading pyqmail's sender rules use
+    domains = {addr.rpartition("@")[2].lower().rstrip(".") for addr in addresses}
     return domains.pop() if len(domains) == 1 else None
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Final
 
 from pyqmail.dkim import sign
 from pyqmail.dkim.keys import Key
+from pyqmail.headers import mailbox_addresses
 from pyqmail.queue.format import Envelope
 
 ORIGINS: Final = frozenset({"auth", "relay", "local", "bounce"})
@@ -44,7 +44,9 @@ def from_domain(fields: Sequence[sign.Field]) -> tuple[str | None, str]:
     froms = [text for name, text in fields if name.strip(b" \t").lower() == b"from"]
     if len(froms) != 1:
         return None, "no From header" if not froms else f"{len(froms)} From headers"
-    mailboxes = [a for _, a in getaddresses([_unfold(froms[0])]) if a]
+    mailboxes = mailbox_addresses(_unfold(froms[0]))
+    if mailboxes is None:  # the reading the sender rules and DMARC use, so all three agree
+        return None, "the From header cannot be read unambiguously"
     if len(mailboxes) != 1:
         return None, f"the From header names {len(mailboxes)} mailboxes"
     local, at, domain = mailboxes[0].rpartition("@")
