@@ -125,7 +125,7 @@ def signed_message(key: DkimKey) -> bytes:
 
     def sign(size: int) -> bytes:
         msg = make_message(size, sender=SENDER, recipient="user@bench.test")
-        sig = dkim.sign(
+        sig: bytes = dkim.sign(
             msg,
             SELECTOR.encode(),
             SENDER_DOMAIN.encode(),
@@ -449,6 +449,10 @@ class ChecksWorld:
             server.start()
             self.servers["postfix"] = server
         return self.servers
+
+    @property
+    def dns_address(self) -> str:
+        return "" if self.dns is None else f"{self.dns.host}@{self.dns.port}"
 
     def loadgen_args(self) -> list[str]:
         """The generator's arguments for this row."""
