@@ -121,6 +121,12 @@ class Server:
             raise ServerError(f"{self.name} is not running")
         return self.proc.pid
 
+    @property
+    def pids(self) -> list[int]:
+        """The roots whose process trees are the server: its own, and helpers it talks to
+        that are not its children (the checks row's milters, bench/checks_peer.py)."""
+        return [self.pid]
+
     def start(self, timeout: float = 20) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prepare()

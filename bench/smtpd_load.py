@@ -177,12 +177,12 @@ def run_load(
     gens = Generators(argv_per_proc)
     try:
         gens.expect("ready", timeout=30)
-        cpu0 = tree_cpu_seconds(server.pid)
-        with PssSampler(server.pid) as pss:
+        cpu0 = tree_cpu_seconds(server.pids)
+        with PssSampler(server.pids) as pss:
             gens.tell("go")
             limit = (duration or 0) + 60 + (messages or 0) / 10
             results = gens.expect("result", timeout=limit)
-        server_cpu = tree_cpu_seconds(server.pid) - cpu0
+        server_cpu = tree_cpu_seconds(server.pids) - cpu0
         gens.wait()
     finally:
         gens.kill()
