@@ -3,16 +3,17 @@
 What both servers check, for every message, against one knotd (``tests/dnsserver.py``, the
 server the tests use) serving:
 
-- ``sender.test``: SPF ``v=spf1 ip4:127.0.0.7 -all``, the DKIM key ``bench._domainkey``
+- ``sender.example``: SPF ``v=spf1 ip4:127.0.0.7 -all``, the DKIM key ``bench._domainkey``
   (RSA-2048) and DMARC ``p=reject``; ``client.test``: SPF for the HELO name
-  ``loadgen.client.test``; ``bl.test``: a DNS blocklist (RFC 5782) listing only its test entry
-  127.0.0.2.
+  ``loadgen.client.test`` (bench/loadgen.py's); ``bl.example``: a DNS blocklist (RFC 5782)
+  listing only its test entry 127.0.0.2.
 - The load generator connects from 127.0.0.7 (not a relay client of either server), sends
-  ``MAIL FROM:<alice@sender.test>`` and one DKIM-signed (dkimpy, rsa-sha256, relaxed/relaxed)
-  message of 4,096 bytes, From ``alice@sender.test``.
+  ``MAIL FROM:<alice@sender.example>`` and one DKIM-signed (dkimpy, rsa-sha256, relaxed/relaxed)
+  message of 4,096 bytes, From ``alice@sender.example``. (Not under ``test.``: OpenDKIM's
+  libunbound answers that special-use name itself.)
 
-pyqmail: control ``authchecks`` 1, ``dnsbl`` bl.test, ``dnsresolver`` the knotd. Postfix:
-``reject_rbl_client bl.test`` and ``check_policy_service`` policyd-spf (Debian's
+pyqmail: control ``authchecks`` 1, ``dnsbl`` bl.example, ``dnsresolver`` the knotd. Postfix:
+``reject_rbl_client bl.example`` and ``check_policy_service`` policyd-spf (Debian's
 postfix-policyd-spf-python, a ``spawn`` service of the private master) in
 ``smtpd_recipient_restrictions``, then the milters OpenDKIM (verifying) and OpenDMARC.
 
@@ -52,10 +53,10 @@ from bench.loadgen import make_message
 from bench.servers import PostfixServer, PyqmailServer, Server
 from tests.dnsserver import DnsServer
 
-SENDER_DOMAIN = "sender.test"
+SENDER_DOMAIN = "sender.example"
 SENDER = f"alice@{SENDER_DOMAIN}"
 HELO_DOMAIN = "client.test"  # the load generator says EHLO loadgen.client.test
-BLOCKLIST = "bl.test"
+BLOCKLIST = "bl.example"
 CLIENT_IP = "127.0.0.7"  # SPF allows it; on no list; not in either server's relay set
 LISTED_IP = "127.0.0.2"  # RFC 5782's test entry: on the list
 SELECTOR = "bench"
@@ -246,23 +247,9 @@ class OpenDkimVerifier(Milter):
             f"AuthservID {AUTHSERV_ID}",
             "InternalHosts 127.0.0.1",
             "DNSTimeout 5",
-            f"ResolverConfiguration {self.unbound_conf()}",
+            f"Nameservers {self.resolv.read_text().split()[1]}",  # the knotd (libunbound)
             "UMask 002",
         ]
-
-    def unbound_conf(self) -> Path:
-        """OpenDKIM resolves with libunbound, which ignores resolv.conf: a stub zone for
-        the sender's domain at the knotd (the names under test. are special to unbound
-        unless told otherwise; tests/dkim_util.py does the same)."""
-        host = self.resolv.read_text().split()[1]
-        path = self.dir / "unbound.conf"
-        path.write_text(
-            'server:\n    do-not-query-localhost: no\n    module-config: "iterator"\n'
-            '    local-zone: "test." nodefault\n'
-            f'stub-zone:\n    name: "{SENDER_DOMAIN}"\n    stub-addr: {host}@53\n'
-        )
-        path.chmod(0o644)
-        return path
 
 
 class OpenDmarc(Milter):
@@ -325,7 +312,7 @@ def master_cf_extra(conf: Path) -> str:
 def _listed_probe(port: int) -> str:
     """MAIL and RCPT from the listed client: the first refusal, or '' if none."""
     with smtplib.SMTP("127.0.0.1", port, source_address=(LISTED_IP, 0), timeout=20) as s:
-        s.ehlo("loadgen.client.test")
+        s.ehlo(f"loadgen.{HELO_DOMAIN}")
         code, text = s.mail(SENDER)
         if code >= 400:
             return f"{code} {text.decode(errors='replace')}"
@@ -402,7 +389,8 @@ class ChecksPostfix(PostfixServer):
         self.milters = milters
 
     def main_cf(self, spool: Path, data: Path) -> str:
-        return super().main_cf(spool, data) + main_cf_extra(self.milters)
+        base = super().main_cf(spool, data).replace("mynetworks = 127.0.0.0/8\n", "")
+        return base + main_cf_extra(self.milters)
 
     def master_cf(self) -> str:
         return super().master_cf() + master_cf_extra(
