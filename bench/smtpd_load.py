@@ -300,8 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     p.add_argument(
         "--workloads",
-        help="comma-separated prefixes of workload names (default: all four; "
-        "the min ratio line needs all four)",
+        help="comma-separated prefixes of workload names (default: all five; "
+        "the min ratio line needs all five)",
     )
     args = p.parse_args(argv)
     args.workload_list = list(WORKLOADS)
