@@ -460,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed |= held != args.idle
         for server in servers:
             print(f"# {server.name} queued {server.stored()} messages in all")
+        for name, server in checked.items():
+            print(f"# {name} with every check on queued {server.stored()} messages in all")
         if checked:
             world.verify()
             print(f"# checks row verified: {CHECKS_PROOF}")
