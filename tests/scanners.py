@@ -1,0 +1,214 @@
+"""Real content scanners for tests: Debian's ``rspamd`` and ``clamd`` on loopback.
+
+``Rspamd(workdir)`` runs rspamd in the foreground (``-f``) with Debian's top-level
+configuration (``/etc/rspamd/rspamd.conf``) and a local configuration directory of its own
+(``--var LOCAL_CONFDIR``): ``local.d`` is the one the ``pyqmail_scanners`` role installs
+(``roles/pyqmail_scanners/files/rspamd/local.d``: SPF, DKIM, DMARC, ARC off, the header
+fields on), plus what only tests want (``TEST_OPTIONS``); ``override.d`` binds its workers
+to free loopback ports and logs to the console. Its database and run directories are its
+own, never /var/lib/rspamd or /run/rspamd. Start-up is about a second: hyperscan is off
+(its compile takes ~20 s) and the list of top-level domains is a small one (the full one
+takes ~15 s to compile).
+
+``Clamd(workdir)`` runs clamd in the foreground with a signature database the test writes:
+one ``.hdb`` line with EICAR's MD5 (freshclam never runs: it cannot reach its mirrors here).
+
+Both stop by their PID on exit (``stop``), and can be stopped in the middle of a test to
+prove what a missing scanner gets.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE_LOCAL_D = REPO / "roles" / "pyqmail_scanners" / "files" / "rspamd" / "local.d"
+RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
+CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
+RSPAMD_USER = "_rspamd"
+
+# The test strings, kept encoded so that no scanner flags this source file itself.
+GTUBE = base64.b64decode(
+    b"WEpTKkM0SkRCUUFETjEuTlNCTjMqMklETkVOKkdUVUJFLVNUQU5EQVJELUFOVEktVUJFLVRFU1QtRU1BSUwqQy4zNFg="
+)
+EICAR = base64.b64decode(
+    b"WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
+)
+# rspamd's test patterns (option enable_test_patterns): GTUBE with Y for "add header".
+GTUBE_ADD_HEADER = b"Y" + GTUBE[1:]
+
+TEST_OPTIONS = """\
+# tests/scanners.py: only for tests (never in the role's configuration)
+disable_hyperscan = true;
+enable_test_patterns = true;
+url_tld = "{tld}";
+dns {{
+  nameserver = ["127.0.0.1:{dns_port}"];
+  timeout = 0.3s;
+  retransmits = 1;
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate: object, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within 60 s:\n{log.read_text()[-3000:]}")
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
+        s.sendall(b"GET /ping HTTP/1.0\r\n\r\n")
+        return b"pong" in s.recv(4096)
+    return False
+
+
+class _Process:
+    """A daemon started by a test and stopped by its PID."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    dir: Path
+
+    def stop(self) -> None:
+        """TERM, then KILL; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Rspamd(_Process):
+    """rspamd's normal worker on 127.0.0.1:``port`` (and its proxy on ``proxy_port``)."""
+
+    def __init__(self, dns_port: int = 1) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
+        self.dir.chmod(0o755)
+        self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
+        self.dns_port = dns_port
+        self.log = self.dir / "rspamd.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _configure(self) -> None:
+        conf = self.dir / "conf"
+        shutil.copytree(ROLE_LOCAL_D, conf / "local.d")
+        (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
+        (conf / "local.d" / "options.inc").write_text(
+            TEST_OPTIONS.format(tld=self.dir / "tld.dat", dns_port=self.dns_port)
+        )
+        over = conf / "override.d"
+        over.mkdir()
+        for worker, port in (
+            ("normal", self.port),
+            ("proxy", self.proxy_port),
+            ("controller", self.controller_port),
+        ):
+            (over / f"worker-{worker}.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\n')
+        (over / "logging.inc").write_text('type = "console";\nlevel = "error";\n')
+        for sub in ("db", "run"):
+            (self.dir / sub).mkdir()
+            if os.geteuid() == 0:
+                pw = pwd.getpwnam(RSPAMD_USER)
+                os.chown(self.dir / sub, pw.pw_uid, pw.pw_gid)
+        for path in [conf, *conf.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+    def command(self) -> list[str]:
+        user = ["-u", RSPAMD_USER, "-g", RSPAMD_USER] if os.geteuid() == 0 else []
+        variables = {
+            "CONFDIR": "/etc/rspamd",
+            "LOCAL_CONFDIR": str(self.dir / "conf"),
+            "DBDIR": str(self.dir / "db"),
+            "RUNDIR": str(self.dir / "run"),
+            "LOGDIR": str(self.dir),
+        }
+        vars_args = [a for k, v in variables.items() for a in ("--var", f"{k}={v}")]
+        return [RSPAMD, "-f", *user, "-c", "/etc/rspamd/rspamd.conf", *vars_args]
+
+    def start(self) -> Rspamd:
+        if not (self.dir / "conf").exists():
+            self._configure()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        _wait(lambda: _accepts(self.port), self.proc, self.log, "rspamd")
+        return self
+
+    def __enter__(self) -> Rspamd:
+        return self.start()
+
+
+def eicar_database(directory: Path) -> Path:
+    """A signature database of one line: EICAR's MD5, its size and a name (``.hdb``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    db = directory / "pyqmail-test.hdb"
+    db.write_text(f"{hashlib.md5(EICAR).hexdigest()}:{len(EICAR)}:Eicar-Test-Signature\n")  # noqa: S324 - clamd's format
+    return db
+
+
+class Clamd(_Process):
+    """clamd on a Unix socket (``socket``) and 127.0.0.1:``port``."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-clamd-"))
+        self.dir.chmod(0o755)
+        self.socket = self.dir / "clamd.sock"
+        self.port = free_port()
+        self.log = self.dir / "clamd.log"
+
+    def start(self) -> Clamd:
+        eicar_database(self.dir / "db")
+        conf = self.dir / "clamd.conf"
+        conf.write_text(
+            f"LocalSocket {self.socket}\nLocalSocketMode 666\nTCPSocket {self.port}\n"
+            f"TCPAddr 127.0.0.1\nDatabaseDirectory {self.dir / 'db'}\nForeground yes\n"
+            f"PidFile {self.dir / 'clamd.pid'}\n"
+        )
+        self.socket.unlink(missing_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [CLAMD, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        _wait(self.socket.exists, self.proc, self.log, "clamd")
+        return self
+
+    def __enter__(self) -> Clamd:
+        return self.start()
