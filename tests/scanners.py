@@ -62,6 +62,18 @@ dns {{
 """
 
 
+def with_attachment(payload: bytes) -> bytes:
+    """A MIME message carrying ``payload`` as a base64 attachment (as viruses travel)."""
+    return (
+        b"From: Alice <alice@client.test>\r\nTo: <u@mx.test>\r\nSubject: notes\r\n"
+        b"Message-ID: <2@client.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b1\r\n"
+        b"Content-Type: application/octet-stream; name=notes.txt\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(payload) + b"\r\n--b1--\r\n"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

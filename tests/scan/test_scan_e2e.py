@@ -7,7 +7,6 @@ who is scanned per client through the tcprules environment (``SCAN``)."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import smtplib
 import socket
@@ -23,7 +22,7 @@ from pyqmail.control.send import Control
 from pyqmail.send.local import LocalDelivery
 from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
 from tests.e2e.helpers import wait_for
-from tests.scanners import EICAR, GTUBE, GTUBE_ADD_HEADER, Clamd, Rspamd
+from tests.scanners import EICAR, GTUBE, GTUBE_ADD_HEADER, Clamd, Rspamd, with_attachment
 
 RCPT = "u@mx.test"
 
@@ -35,18 +34,6 @@ def message(body: bytes, subject: str = "lunch") -> bytes:
         + b"\r\nMessage-ID: <1@client.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n\r\n"
         + body
         + b"\r\n"
-    )
-
-
-def with_attachment(payload: bytes) -> bytes:
-    """A MIME message carrying ``payload`` as a base64 attachment (as viruses travel)."""
-    return (
-        b"From: Alice <alice@client.test>\r\nTo: <u@mx.test>\r\nSubject: notes\r\n"
-        b"Message-ID: <2@client.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n"
-        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
-        b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b1\r\n"
-        b"Content-Type: application/octet-stream; name=notes.txt\r\n"
-        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(payload) + b"\r\n--b1--\r\n"
     )
 
 
