@@ -15,6 +15,10 @@ one ``.hdb`` line with EICAR's MD5 (freshclam never runs: it cannot reach its mi
 
 Both stop by their PID on exit (``stop``), and can be stopped in the middle of a test to
 prove what a missing scanner gets.
+
+``FakeScanner(reply)`` is no scanner: a loopback server that accepts and never answers
+(``reply`` None), or reads the request and sends ``reply`` (garbage, a hostile answer, or
+one byte at a time with ``trickle``); what a broken scanner does, for the failure tests.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -224,3 +229,55 @@ class Clamd(_Process):
 
     def __enter__(self) -> Clamd:
         return self.start()
+
+
+class FakeScanner:
+    """A loopback server that accepts and then hangs, or answers ``reply`` once it read
+    the request (the tests' stand-in for a broken scanner, not for rspamd)."""
+
+    def __init__(self, reply: bytes | None, trickle: float = 0.0) -> None:
+        self.reply = reply
+        self.trickle = trickle  # seconds between the reply's bytes (a slowloris scanner)
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+                if self.reply is not None:
+                    threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Read the request (up to its body's length), then send the reply."""
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536) or b"\r\n\r\n"
+            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            length = next(
+                (int(v) for k, _, v in (ln.partition(": ") for ln in head.split("\r\n"))
+                 if k.lower() == "content-length"), 0,
+            )  # fmt: skip
+            while len(data) < len(head) + 4 + length:
+                data += conn.recv(65536) or b" " * length
+            self.requests.append(data)
+            assert self.reply is not None
+            if self.trickle:
+                for i in range(len(self.reply)):
+                    conn.sendall(self.reply[i : i + 1])
+                    time.sleep(self.trickle)
+            else:
+                conn.sendall(self.reply)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()

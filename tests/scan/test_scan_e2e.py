@@ -11,7 +11,6 @@ import contextlib
 import smtplib
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,15 @@ from pyqmail.control.send import Control
 from pyqmail.send.local import LocalDelivery
 from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
 from tests.e2e.helpers import wait_for
-from tests.scanners import EICAR, GTUBE, GTUBE_ADD_HEADER, Clamd, Rspamd, with_attachment
+from tests.scanners import (
+    EICAR,
+    GTUBE,
+    GTUBE_ADD_HEADER,
+    Clamd,
+    FakeScanner,
+    Rspamd,
+    with_attachment,
+)
 
 RCPT = "u@mx.test"
 
@@ -186,36 +193,6 @@ def test_scanner_stopped_with_svc_d_gives_451_and_nothing_queued(
     subprocess.run(["svc", "-u", str(service)], check=True)
     wait_for(lambda: _accepts(r.port), 60, "rspamd back")
     assert send(d, message(b"after"))[0] == 250
-
-
-class FakeScanner:
-    """A loopback server that accepts and then hangs, or answers ``reply`` once it read
-    the request (the tests' stand-in for a broken scanner, not for rspamd)."""
-
-    def __init__(self, reply: bytes | None) -> None:
-        self.reply = reply
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)
-                if self.reply is not None:
-                    conn.settimeout(5)
-                    with contextlib.suppress(OSError):
-                        conn.recv(1 << 20)
-                        conn.sendall(self.reply)
-                        conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture
