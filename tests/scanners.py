@@ -131,7 +131,8 @@ class _Process:
 class Rspamd(_Process):
     """rspamd's normal worker on 127.0.0.1:``port`` (and its proxy on ``proxy_port``)."""
 
-    def __init__(self, dns_port: int = 1) -> None:
+    def __init__(self, dns_port: int = 1, *, fast_start: bool = True) -> None:
+        self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -146,17 +147,26 @@ class Rspamd(_Process):
         conf = self.dir / "conf"
         shutil.copytree(ROLE_LOCAL_D, conf / "local.d")
         (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
-        (conf / "local.d" / "options.inc").write_text(
-            TEST_OPTIONS.format(tld=self.dir / "tld.dat", dns_port=self.dns_port)
-        )
+        options = TEST_OPTIONS.format(tld=self.dir / "tld.dat", dns_port=self.dns_port)
+        if not self.fast_start:
+            options = "\n".join(
+                ln
+                for ln in options.splitlines()
+                if not ln.startswith(("disable_hyperscan", "url_tld"))
+            )
+        (conf / "local.d" / "options.inc").write_text(options + "\n")
         over = conf / "override.d"
         over.mkdir()
-        for worker, port in (
-            ("normal", self.port),
-            ("proxy", self.proxy_port),
-            ("controller", self.controller_port),
-        ):
+        for worker, port in (("normal", self.port), ("controller", self.controller_port)):
             (over / f"worker-{worker}.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\n')
+        # The proxy in milter mode (Postfix's way, bench/scan_load.py) passes each message to
+        # the same normal worker pyqmail-smtpd asks.
+        (over / "worker-proxy.inc").write_text(
+            f'bind_socket = "127.0.0.1:{self.proxy_port}";\nmilter = yes;\ntimeout = 120s;\n'
+            f'upstream "local" {{\n  default = yes;\n  hosts = "127.0.0.1:{self.port}";\n}}\n'
+            'count = 1;\nspam_header = "X-Spam";\ndiscard_on_reject = false;\n'
+            'quarantine_on_reject = false;\nreject_message = "Spam message rejected";\n'
+        )
         (over / "logging.inc").write_text('type = "console";\nlevel = "error";\n')
         for sub in ("db", "run"):
             (self.dir / sub).mkdir()
