@@ -19,7 +19,7 @@ import pytest
 
 from pyqmail.control.send import Control
 from pyqmail.send.local import LocalDelivery
-from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
+from tests.e2e.conftest import DROP_USER, IS_ROOT, Daemon, QmailRoot, StartDaemon, smtpd_command
 from tests.e2e.helpers import wait_for
 from tests.scanners import (
     EICAR,
@@ -288,3 +288,27 @@ def test_who_is_scanned_per_client_and_listener(
         rspamd_on.control("scanclients", scanclients)
     d = smtpd(rules_cdb=rspamd_on.rules(rule + "\n"))
     assert send(d, message(GTUBE))[0] == code
+
+
+def _check(root: QmailRoot) -> subprocess.CompletedProcess[str]:
+    argv = [*smtpd_command(), "--root", str(root.path), "--check", "--mode", "smtp"]
+    if IS_ROOT:
+        argv += ["--user", DROP_USER]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_check_names_the_scanners_and_a_bad_file(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
+    """pyqmail-smtpd --check (what the role's reload handler runs) shows the scanners; a bad
+    scanning file stops both --check and the daemon with the same line naming it."""
+    qmail_root.control("rspamd", "127.0.0.1:11333\n")
+    good = _check(qmail_root)
+    assert good.returncode == 0, good.stderr
+    assert "rspamd 127.0.0.1:11333, clamd off" in good.stdout
+    qmail_root.control("rspamdactions", "reject=bounce\n")
+    bad = _check(qmail_root)
+    assert bad.returncode == 111
+    wanted = f"{qmail_root.path}/control/rspamdactions:1: 'bounce' is not a reply"
+    assert wanted in bad.stderr, bad.stderr
+    d = smtpd(expect_ready=False)
+    assert d.wait_exit() != 0
+    assert wanted in d.output

@@ -144,8 +144,7 @@ def _checks_text(cfg: smtpd_control.Config) -> str:
     scan = cfg.scan
     scanners = f"rspamd {scan.rspamd or 'off'}, clamd {scan.clamd or 'off'}"
     return (
-        f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}, "
-        f"{scanners}"
+        f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}, {scanners}"
     )
 
 
