@@ -2,9 +2,10 @@
 
 ``Rspamd(workdir)`` runs rspamd in the foreground (``-f``) with Debian's top-level
 configuration (``/etc/rspamd/rspamd.conf``) and a local configuration directory of its own
-(``--var LOCAL_CONFDIR``): ``local.d`` is the one the ``pyqmail_scanners`` role installs
-(``roles/pyqmail_scanners/files/rspamd/local.d``: SPF, DKIM, DMARC, ARC off, the header
-fields on), plus what only tests want (``TEST_OPTIONS``); ``override.d`` binds its workers
+(``--var LOCAL_CONFDIR``): ``local.d`` is what the ``pyqmail_scanners`` role installs
+(``roles/pyqmail_scanners/files/rspamd/local.d``, and its template that turns SPF, DKIM,
+DMARC and ARC off while pyqmail-smtpd computes them), plus what only tests want
+(``TEST_OPTIONS``); ``override.d`` binds its workers
 to free loopback ports and logs to the console. Its database and run directories are its
 own, never /var/lib/rspamd or /run/rspamd. Start-up is about a second: hyperscan is off
 (its compile takes ~20 s) and the list of top-level domains is a small one (the full one
@@ -38,8 +39,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import jinja2
+
 REPO = Path(__file__).resolve().parents[1]
-ROLE_LOCAL_D = REPO / "roles" / "pyqmail_scanners" / "files" / "rspamd" / "local.d"
+ROLE = REPO / "roles" / "pyqmail_scanners"
+ROLE_LOCAL_D = ROLE / "files" / "rspamd" / "local.d"
+AUTH_MODULE = ROLE / "templates" / "etc" / "rspamd" / "local.d" / "auth-module.conf.j2"
+AUTH_MODULES = ("spf", "dkim", "dmarc", "arc")
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
 RSPAMD_USER = "_rspamd"
@@ -76,6 +82,18 @@ def with_attachment(payload: bytes) -> bytes:
         b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b1\r\n"
         b"Content-Type: application/octet-stream; name=notes.txt\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(payload) + b"\r\n--b1--\r\n"
+    )
+
+
+def auth_module_conf(*, pyqmail_checks: bool) -> str:
+    """The role's local.d file of rspamd's SPF, DKIM, DMARC and ARC modules, rendered as
+    Ansible renders it (trim_blocks, its ``bool`` filter): off while pyqmail-smtpd's own
+    checks are on."""
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, autoescape=False)  # noqa: S701 - not HTML
+    env.filters["bool"] = lambda v: str(v).strip().lower() in ("1", "true", "yes", "on")
+    template = env.from_string(AUTH_MODULE.read_text())
+    return template.render(
+        ansible_managed="tests/scanners.py", pyqmail_scanners__pyqmail_checks=pyqmail_checks
     )
 
 
@@ -146,6 +164,8 @@ class Rspamd(_Process):
     def _configure(self) -> None:
         conf = self.dir / "conf"
         shutil.copytree(ROLE_LOCAL_D, conf / "local.d")
+        for module in AUTH_MODULES:
+            (conf / "local.d" / f"{module}.conf").write_text(auth_module_conf(pyqmail_checks=True))
         (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
         options = TEST_OPTIONS.format(tld=self.dir / "tld.dat", dns_port=self.dns_port)
         if not self.fast_start:

@@ -35,7 +35,14 @@ from pyqmail.scan import clamd, rspamd
 from pyqmail.scan.settings import DEFAULT_ACTIONS, load, parse_address
 from tests.roles.playbook import REPO, ansible_env
 from tests.roles.test_preflight import problems_of
-from tests.scanners import EICAR, GTUBE, eicar_database, free_port, with_attachment
+from tests.scanners import (
+    EICAR,
+    GTUBE,
+    auth_module_conf,
+    eicar_database,
+    free_port,
+    with_attachment,
+)
 
 ROLE = REPO / "roles" / "pyqmail_scanners"
 ENV = rspamd.Envelope("192.0.2.1", "client.test", "a@client.test", ("u@mx.test",))
@@ -148,6 +155,9 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
         "pyqmail_scanners__clamd_config": str(base / "clamd.conf"),
         "pyqmail_scanners__clamav_database_dir": str(base / "clamdb"),
         "ansible_python_interpreter": sys.executable,
+        # The tasks are imported, not run as a role: where the role's lookups find the
+        # other roles' defaults (pyqmail_control__authchecks).
+        "role_path": str(ROLE),
         **more,
     }
     (base / "qmail" / "control").mkdir(parents=True, exist_ok=True)
@@ -246,6 +256,14 @@ def test_clamav_without_a_database_is_one_clear_error(host: Path) -> None:
     assert "holds no signature database" in problem, problem
     assert "pyqmail_scanners__clamav_database_dir" in problem
     assert not (host / "qmail" / "control" / "clamd").exists()
+
+
+def test_rspamd_computes_spf_dkim_dmarc_only_when_pyqmail_does_not() -> None:
+    """One side owns each check: the role's template for rspamd's spf, dkim, dmarc and arc
+    modules (pyqmail_scanners__pyqmail_checks follows pyqmail_control__authchecks)."""
+    assert "\nenabled = false;\n" in auth_module_conf(pyqmail_checks=True)
+    assert "\nenabled = true;\n" in auth_module_conf(pyqmail_checks=False)
+    assert "enabled = false" not in auth_module_conf(pyqmail_checks=False)
 
 
 BAD: dict[str, tuple[dict[str, Any], str]] = {

@@ -312,3 +312,34 @@ def test_check_names_the_scanners_and_a_bad_file(qmail_root: QmailRoot, smtpd: S
     d = smtpd(expect_ready=False)
     assert d.wait_exit() != 0
     assert wanted in d.output
+
+
+@pytest.mark.parametrize("with_rspamd", [False, True], ids=["clamd alone", "clamd and rspamd"])
+def test_a_large_message_is_scanned_from_its_tmp_file(
+    qmail_root: QmailRoot,
+    smtpd: StartDaemon,
+    mailbox: Path,
+    clamd_server: Clamd,
+    rspamd_server: Rspamd,
+    *,
+    with_rspamd: bool,
+) -> None:
+    """Past the 64 KiB held in memory the message streams to its tmp file; the scanners read
+    it back, a virus in it is refused, and a clean one is queued whole (with rspamd's fields
+    on top when rspamd is asked, as it was written when only clamd is)."""
+    qmail_root.control("clamd", f"{clamd_server.socket}\n")
+    if with_rspamd:
+        qmail_root.control("rspamd", f"{rspamd_server.address}\n")
+    d = smtpd()
+    filler = b"".join(
+        b"line %05d of a long report, nothing to see here\r\n" % i for i in range(4000)
+    )
+    infected = with_attachment(EICAR).replace(b"see attached\r\n", b"see attached\r\n" + filler)
+    assert len(infected) > 150_000
+    assert send(d, infected)[0] == 554
+    clean = message(filler)
+    assert send(d, clean)[0] == 250
+    [(_, queued)] = qmail_root.queued()
+    assert queued.endswith(filler + b"\r\n")
+    assert queued.startswith(b"X-Spam") == with_rspamd, queued[:200]
+    assert qmail_root.tmp_files() == []

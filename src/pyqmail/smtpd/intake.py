@@ -232,7 +232,7 @@ class Intake:
         assert self.message is not None  # noqa: S101 - commit's test
         loop = asyncio.get_running_loop()
         msg = self.message
-        data = await loop.run_in_executor(None, writer.message_bytes)
+        data = original = await loop.run_in_executor(None, writer.message_bytes)
         junk = False
         if self.auth is not None:
             outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
@@ -249,6 +249,8 @@ class Intake:
                 return None
             self._judge(scanned.verdict)
             data, junk = scanned.message, junk or scanned.junk
+        if data is original and not junk:
+            return writer  # nothing to add (clamd alone, say): committed as it was written
         meta = dict(writer.meta, junk="1") if junk else writer.meta
         if writer.held:
             grown = len(data) - writer.size
