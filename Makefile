@@ -63,6 +63,7 @@ run: $(STAMP) ## provision this machine with site.yml and leave the mail server 
 
 bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 	$(BIN)/python bench/smtpd_load.py
+	$(BIN)/python bench/scan_load.py
 
 bench-e2e: $(STAMP) ## end-to-end throughput vs a private Postfix (root): SMTP in -> Maildir, and DKIM-signed outbound vs Postfix + OpenDKIM
 	$(BIN)/python bench/e2e_throughput.py

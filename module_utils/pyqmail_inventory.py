@@ -64,6 +64,15 @@ from ansible.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,i
     rsa_bits_problem,
     virtual_keys,
 )
+from ansible.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    check_clamd_max_size,
+    check_scanner_address,
+    check_thresholds,
+    scan_problem,
+)
+from ansible.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    check_timeout as check_scan_timeout,
+)
 
 __all__ = ["CHECKS", "check", "unknown", "validate"]
 
@@ -304,6 +313,8 @@ def knob_problem(var: str, value: str) -> str:
     """A per-client knob pyqmail-smtpd reads as a number (src/pyqmail/checks/greet.py)."""
     if var == "GREETDELAY" and not (value.isdigit() and value.isascii() and int(value) <= 60):
         return f"{value!r} is not a greeting pause in seconds, 0 to 60"
+    if var == "SCAN":
+        return scan_problem(value)
     return ""
 
 
@@ -861,6 +872,12 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dovecot__listeners": check_listeners,
     "pyqmail_dovecot__ports": check_dovecot_ports,
     "pyqmail_dovecot__listen_ip": check_dovecot_ip,
+    # pyqmail_scanners (module_utils/pyqmail_scanners.py)
+    "pyqmail_scanners__rspamd_listen": check_scanner_address,
+    "pyqmail_scanners__clamd_listen": check_scanner_address,
+    "pyqmail_scanners__thresholds": check_thresholds,
+    "pyqmail_scanners__timeout": check_scan_timeout,
+    "pyqmail_scanners__clamd_max_size": check_clamd_max_size,
     # pyqmail_dns
     "pyqmail_dns__mx_priority": in_range(0, 65535),
     "pyqmail_dns__backup_mx_priority": in_range(0, 65535),

@@ -141,7 +141,11 @@ def _checks_text(cfg: smtpd_control.Config) -> str:
     """The blocklists and greylisting in force (``pyqmail.checks``), for the OK line."""
     lists, grey = cfg.screen.dnsbl, cfg.screen.greylist
     greylist = f"greylist {grey.delay}s" if grey.active else "greylist off"
-    return f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}"
+    scan = cfg.scan
+    scanners = f"rspamd {scan.rspamd or 'off'}, clamd {scan.clamd or 'off'}"
+    return (
+        f"{len(lists.lists)} blocklist(s), {len(lists.allow)} allow list(s), {greylist}, {scanners}"
+    )
 
 
 def check_smtpd(root: Path, mode: str, rules: Path | None) -> int:

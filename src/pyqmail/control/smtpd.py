@@ -64,6 +64,8 @@ blocklists and greylisting (``dnsbl``, ``dnswl``, ``dnsresolver``, ``dnsblthresh
 in ``pyqmail.checks.dnsbl`` and ``pyqmail.checks.greylist``.
 inbound authentication checks' files (``authchecks``, ``authservid``, ``dmarcreject``,
 ``dmarcquarantine``, ``authtimeout``, ``dnsresolver``: ``pyqmail.checks.settings``).
+The content scanners' files (``rspamd``, ``clamd``, ``scantimeout``, ``scantempfail``,
+``scanclients``, ``rspamdactions``) are documented in ``pyqmail.scan.settings``.
 
 Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
 ``#`` and blank lines ignored, trailing blanks stripped) and parsed as
@@ -88,6 +90,7 @@ from pyqmail.control import send as send_control
 from pyqmail.control import table
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError
+from pyqmail.scan import settings as scan_settings
 from pyqmail.smtpd import knobs as session_knobs
 
 ConfigError = ControlError  # the one error type of every control-file reader (old name)
@@ -135,6 +138,7 @@ class Config:
     knobs: session_knobs.SessionKnobs
     screen: checks_screen.Settings  # blocklists and greylisting (pyqmail.checks)
     auth: auth_settings.AuthSettings = field(default_factory=auth_settings.AuthSettings)
+    scan: scan_settings.ScanSettings = field(default_factory=scan_settings.ScanSettings)
 
     @property
     def control(self) -> Path:
@@ -260,4 +264,5 @@ def load(root: str | Path) -> Config:
         knobs=session_knobs.load(c),
         screen=checks_screen.load(c),
         auth=auth_settings.load(c, me),
+        scan=scan_settings.load(c),
     )

@@ -214,6 +214,14 @@ DMARCREJECT: Final = Lines("dmarcreject", _SMTPD, "reject", "pyqmail.checks.sett
 DMARCQUARANTINE: Final = Lines("dmarcquarantine", _SMTPD, "quarantine", "pyqmail.checks.settings")
 DNSRESOLVER: Final = Lines("dnsresolver", _SMTPD, "(system)", "pyqmail.checks.settings")
 
+# pyqmail-smtpd's content scanners (pyqmail.scan.settings)
+RSPAMD: Final = Lines("rspamd", _SMTPD, "(none)", "pyqmail.scan.settings: rspamd's address")
+CLAMD: Final = Lines("clamd", _SMTPD, "(none)", "pyqmail.scan.settings: clamd's address")
+SCANTIMEOUT: Final = _smtpd_number("scantimeout", 20, "seconds for a message's scans", 1, 300)
+SCANTEMPFAIL: Final = _smtpd_number("scantempfail", 1, "1: 451 when a scanner fails", 0, 1)
+SCANCLIENTS: Final = Lines("scanclients", _SMTPD, "inbound", "pyqmail.scan.settings")
+RSPAMDACTIONS: Final = Lines("rspamdactions", _SMTPD, "(defaults)", "pyqmail.scan.settings")
+
 # pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too
 # (pyqmail.checks.recipients: which recipients are local)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)

@@ -11,16 +11,19 @@ core's events and answers the client once the commit is done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pyqmail.checks import inbound
 from pyqmail.checks.settings import AuthSettings
+from pyqmail.checks.verdict import Verdict
 from pyqmail.protocol import MessageEnd, MessageStart
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
+from pyqmail.scan import rspamd, stage
+from pyqmail.scan.settings import ScanSettings, applies
 from pyqmail.smtpd.senders import HeadWatch
 
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
@@ -89,6 +92,7 @@ class Intake:
         self.message: MessageStart | None = None
         self.watch: HeadWatch | None = None  # the header From of an AUTH login's message
         self.auth: AuthSettings | None = None  # the inbound checks, when they apply
+        self.scan: ScanSettings | None = None  # the scanners, when they apply
         self.ip = ""
         self.checking: QueueWriter | None = None  # the writer the checks work on
         self.tasks: set[asyncio.Task[None]] = set()
@@ -101,12 +105,15 @@ class Intake:
         ip: str,
         relay_client: bool = False,
         auth: AuthSettings | None = None,
+        scan: tuple[ScanSettings, Mapping[str, str]] | None = None,
     ) -> None:
         """A new message: its envelope and the trace data the Received header needs. A
         queue that cannot take it is remembered and answered at the end of DATA.
         ``relay_client``: the client's rules say RELAYCLIENT (its certificate counts too,
         from ``event.tls``); with AUTH it decides ``origin`` (``message_origin``). ``auth``:
-        the inbound checks' settings; they run on mail with no ``origin`` (inbound)."""
+        the inbound checks' settings; they run on mail with no ``origin`` (inbound).
+        ``scan``: the scanners' settings and the client's tcprules environment, which
+        decide together whether this message is scanned (``pyqmail.scan.settings``)."""
         self.message = event
         self.queue_error = None
         self.refusal = None
@@ -119,6 +126,7 @@ class Intake:
         if origin is not None:
             meta["origin"] = origin
         self.auth = auth if auth is not None and auth.enabled and origin is None else None
+        self.scan = scan[0] if scan is not None and applies(scan[0], origin, scan[1]) else None
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
         self.drop()
@@ -175,7 +183,7 @@ class Intake:
         writer, self.writer = self.writer, None
         self.committing = end
         if writer is not None and self.queue_error is None and self.message is not None:
-            if self.auth is not None:
+            if self.auth is not None or self.scan is not None:
                 self.checking = writer
                 task = asyncio.get_running_loop().create_task(self._check(writer, done))
                 self.tasks.add(task)
@@ -201,8 +209,9 @@ class Intake:
         self.spool.submit(writer, done)
 
     async def _check(self, writer: QueueWriter, done: Done) -> None:
-        """SPF, DKIM and DMARC (``pyqmail.checks.inbound``), then the commit of the message
-        with our Authentication-Results on top, or the refusal (``refusal``)."""
+        """SPF, DKIM and DMARC (``pyqmail.checks.inbound``) and the scanners
+        (``pyqmail.scan.stage``), then the commit of the message with our
+        Authentication-Results and the scanners' fields on top, or the refusal."""
         try:
             ready = await self._checked(writer)
         except QueueError as exc:
@@ -217,34 +226,52 @@ class Intake:
             self._submit(ready, done)
 
     async def _checked(self, writer: QueueWriter) -> QueueWriter | None:
-        """The writer to commit after the checks. A message that spilled to its tmp file is
-        read back and rewritten into a new one in a worker thread. QueueError: refused, or
-        the queue failed."""
-        assert self.auth is not None and self.message is not None  # noqa: S101 - commit's test
+        """The writer to commit after the checks and scans. A message that spilled to its
+        tmp file is read back and rewritten into a new one in a worker thread. QueueError:
+        refused, or the queue failed."""
+        assert self.message is not None  # noqa: S101 - commit's test
         loop = asyncio.get_running_loop()
         msg = self.message
-        data = await loop.run_in_executor(None, writer.message_bytes)
-        outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
-        if self.checking is not writer:
-            return None
-        verdict = outcome.verdict
-        self.fields = dict(kv.split("=", 1) for kv in verdict.log.split() if "=" in kv)
-        if verdict.action != "accept":
-            self.refusal = f"{verdict.code} {verdict.text}"
-            raise QueueError(verdict.text)
-        meta = dict(writer.meta, junk="1") if outcome.junk else writer.meta
+        data = original = await loop.run_in_executor(None, writer.message_bytes)
+        junk = False
+        if self.auth is not None:
+            outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
+            if self.checking is not writer:
+                return None
+            self._judge(outcome.verdict)
+            data, junk = outcome.message, outcome.junk
+        if self.scan is not None:
+            env = rspamd.Envelope(
+                self.ip, msg.helo, msg.sender, msg.recipients, msg.auth_user, writer.queue_id
+            )
+            scanned = await stage.run(self.scan, env, data)
+            if self.checking is not writer:
+                return None
+            self._judge(scanned.verdict)
+            data, junk = scanned.message, junk or scanned.junk
+        if data is original and not junk:
+            return writer  # nothing to add (clamd alone, say): committed as it was written
+        meta = dict(writer.meta, junk="1") if junk else writer.meta
         if writer.held:
-            grown = len(outcome.message) - writer.size
-            writer.replace_held(outcome.message, meta)
+            grown = len(data) - writer.size
+            writer.replace_held(data, meta)
             self.held += grown
             self.spool.budget.held += grown
             return writer
-        fresh = await loop.run_in_executor(None, _rewrite, writer, outcome.message, meta)
+        fresh = await loop.run_in_executor(None, _rewrite, writer, data, meta)
         writer.abort()
         if self.checking is not writer:
             fresh.abort()
             return None
         return fresh
+
+    def _judge(self, verdict: Verdict) -> None:
+        """A check's or scan's key=value pairs into the log line; QueueError (and the
+        reply in ``refusal``) when it does not accept the message."""
+        self.fields.update(kv.partition("=")[::2] for kv in verdict.log.split() if "=" in kv)
+        if verdict.action != "accept":
+            self.refusal = f"{verdict.code} {verdict.text}"
+            raise QueueError(verdict.text)
 
     def finished(self, result: CommitResult) -> tuple[MessageEnd | None, str | None]:
         """After the commit: the MessageEnd it was for, and the error to log (None when

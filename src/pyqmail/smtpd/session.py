@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any
 
 from pyqmail.checks.screen import Screen
@@ -67,6 +67,7 @@ class Session(asyncio.BufferedProtocol):
         self.conn: SMTPConnection | None = None
         self.policy: Policy | None = None
         self.screen: Screen | None = None  # blocklists and greylisting (pyqmail.checks)
+        self.env: Mapping[str, str] = {}  # the client's tcprules environment
         self.ip = "?"
         self.port = 0
         self.paused: set[str] = set()
@@ -106,7 +107,7 @@ class Session(asyncio.BufferedProtocol):
             return
         if not self._admit(transport):
             return
-        cfg, mode = self.cfg, self.ctx.mode
+        cfg, mode, self.env = self.cfg, self.ctx.mode, decision.env
         self.screen = self.ctx.checks.screen(cfg.screen, mode, self.ip, decision.env)
         self.policy = build_policy(
             cfg, mode, self.ip, decision.env, self.ctx.senders, screen=self.screen.envelope
@@ -499,7 +500,7 @@ class Session(asyncio.BufferedProtocol):
             self.timer.cancel()
             self.timer = self.loop.call_at(self.data_deadline, self.on_timer)
         relay_client = self.policy is not None and self.policy.relay_client
-        self.intake.start(event, self.ip, relay_client, self.cfg.auth)
+        self.intake.start(event, self.ip, relay_client, self.cfg.auth, (self.cfg.scan, self.env))
         self.intake.watch = self.ctx.senders.watch(event.auth_user, event.sender, self.ip)
 
     def message_abort(self, reason: str) -> None:

@@ -1,0 +1,213 @@
+"""rspamd's HTTP scan protocol: ``POST /checkv2`` to its normal worker, one connection a
+message.
+
+Why asyncio streams and no HTTP library: the exchange is one request with the whole message
+as its body and ``Connection: close``, and one reply with a ``Content-Length`` and a JSON
+body; that is a few lines, and it keeps every read bounded (the head at most ``MAX_HEAD``
+bytes, the body ``MAX_BODY``), which a scanner answering garbage must not get around.
+
+The envelope goes along as rspamd's request headers (its protocol page): ``Ip``, ``Helo``,
+``From`` (the envelope sender; left out for the null sender), ``Rcpt`` once per recipient,
+``User`` (the AUTH login) and ``Queue-Id``, so its rules see what an MTA in milter mode
+would tell it. A value is cleaned of control characters first (no header injection
+through a HELO name).
+
+From the reply we take ``action`` (one of ``settings.ACTIONS``), ``score`` and
+``required_score``, and rspamd's header edits (``milter.add_headers``, ``milter.remove_headers``,
+what its ``milter_headers`` module asks for: ``X-Spam``, ``X-Spamd-Result``, ...); those are
+checked here (a header name of field characters, a value without empty lines, at most
+``MAX_FIELDS`` fields and ``MAX_ADDED`` bytes) before ``stage`` puts them in the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+
+from pyqmail.scan import wire
+from pyqmail.scan.settings import ACTIONS, Address
+from pyqmail.scan.wire import ScanError
+
+MAX_HEAD = 16 * 1024  # the reply's status line and header fields
+MAX_BODY = 1024 * 1024  # its JSON (every symbol with its options fits many times over)
+MAX_FIELDS = 32  # header fields rspamd may add to one message
+MAX_ADDED = 32 * 1024  # their bytes together
+
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext, a sane length
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What rspamd is told about the message besides its bytes."""
+
+    ip: str
+    helo: str
+    sender: str
+    recipients: tuple[str, ...]
+    user: str | None = None
+    queue_id: str = ""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """rspamd's verdict and the header edits it asks for."""
+
+    action: str
+    score: float
+    required: float
+    add: tuple[tuple[str, str], ...] = ()  # (name, value) in the order they go on top
+    remove: tuple[tuple[str, int], ...] = ()  # (name, index): milter's, 0 = every one
+
+
+def _value(text: str) -> str:
+    """A request header value: no CR, LF or other control character."""
+    return _CONTROL.sub("?", text.replace("\t", " "))
+
+
+def request(env: Envelope, size: int) -> bytes:
+    """The request head for a message of ``size`` bytes."""
+    lines = [
+        "POST /checkv2 HTTP/1.1",
+        "Host: localhost",
+        "Connection: close",
+        f"Content-Length: {size}",
+        f"Ip: {_value(env.ip)}",
+        f"Helo: {_value(env.helo)}",
+    ]
+    if env.sender:
+        lines.append(f"From: {_value(env.sender)}")
+    lines += [f"Rcpt: {_value(r)}" for r in env.recipients]
+    if env.user:
+        lines.append(f"User: {_value(env.user)}")
+    if env.queue_id:
+        lines.append(f"Queue-Id: {_value(env.queue_id)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace")
+
+
+async def check(address: Address, env: Envelope, message: bytes) -> Reply:
+    """Ask rspamd about ``message``; ``ScanError`` when it cannot be asked or answers
+    garbage (the caller bounds the time)."""
+    reader, writer = await wire.connect(address, MAX_HEAD)
+    try:
+        writer.write(request(env, len(message)))
+        writer.write(message)
+        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise ScanError("head-too-long") from None
+        except asyncio.IncompleteReadError:
+            raise ScanError("eof") from None
+        length = _content_length(head)
+        if length is None:
+            body = await wire.read_to_end(reader, MAX_BODY)
+        elif length > MAX_BODY:
+            raise ScanError("reply-too-long")
+        else:
+            try:
+                body = await reader.readexactly(length)
+            except EOFError:
+                raise ScanError("short-body") from None
+    except OSError as exc:
+        raise ScanError(f"io:{exc.errno}") from None
+    finally:
+        wire.close(writer)
+    return parse(body)
+
+
+def _content_length(head: bytes) -> int | None:
+    """The status must be 200; the Content-Length, if any (chunked is not rspamd's way)."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or not status[0].startswith("HTTP/1.") or not status[1].isdigit():
+        raise ScanError("not-http")
+    if status[1] != "200":
+        raise ScanError(f"http-{status[1]}")
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if name == "transfer-encoding" and value.lower() != "identity":
+            raise ScanError("chunked")
+        if name == "content-length":
+            if not value.isdigit() or len(value) > 12:
+                raise ScanError("bad-content-length")
+            length = int(value)
+    return length
+
+
+def parse(body: bytes) -> Reply:
+    """The JSON reply; anything but an object with a known action and numeric scores is
+    garbage (``ScanError``)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ScanError("not-json") from None
+    if not isinstance(data, dict):
+        raise ScanError("not-an-object")
+    action, score, required = data.get("action"), data.get("score"), data.get("required_score")
+    if action not in ACTIONS:
+        raise ScanError("no-action" if "error" not in data else "rspamd-error")
+    if not isinstance(score, int | float) or not isinstance(required, int | float):
+        raise ScanError("no-score")
+    if isinstance(score, bool) or isinstance(required, bool):
+        raise ScanError("no-score")
+    milter = data.get("milter")
+    milter = milter if isinstance(milter, dict) else {}
+    return Reply(
+        str(action),
+        float(score),
+        float(required),
+        _added(milter.get("add_headers")),
+        _removed(milter.get("remove_headers")),
+    )
+
+
+def _added(spec: object) -> tuple[tuple[str, str], ...]:
+    """``{name: value | {"value": v, "order": n} | [those]}`` as checked (name, value)
+    pairs, in rspamd's order (then by name)."""
+    if not isinstance(spec, dict):
+        return ()
+    found: list[tuple[int, str, str]] = []
+    for name, entry in spec.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise ScanError("bad-header-name")
+        for item in entry if isinstance(entry, list) else [entry]:
+            value, order = (
+                (item.get("value"), item.get("order", 0)) if isinstance(item, dict) else (item, 0)
+            )
+            if not isinstance(value, str) or not isinstance(order, int):
+                raise ScanError("bad-header-value")
+            found.append((order, name, fold(value)))
+    found.sort(key=lambda x: (x[0], x[1]))
+    if len(found) > MAX_FIELDS or sum(len(n) + len(v) for _, n, v in found) > MAX_ADDED:
+        raise ScanError("too-many-headers")
+    return tuple((name, value) for _, name, value in found)
+
+
+def fold(value: str) -> str:
+    """A header value rspamd folded with LF or CRLF: CRLF line ends, every continuation
+    line starting with white space, no empty line (it would end the header section), no
+    other control character."""
+    lines = [_CONTROL.sub("", line) for line in re.split(r"\r?\n", value)]
+    kept = [lines[0].strip()] + [ln for ln in lines[1:] if ln.strip()]
+    return "\r\n".join(
+        ln if i == 0 or ln[:1] in (" ", "\t") else "\t" + ln for i, ln in enumerate(kept)
+    )
+
+
+def _removed(spec: object) -> tuple[tuple[str, int], ...]:
+    """``{name: index}``: which incoming fields rspamd wants gone (a forged ``X-Spam``)."""
+    if not isinstance(spec, dict):
+        return ()
+    out = []
+    for name, index in spec.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise ScanError("bad-header-name")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ScanError("bad-header-index")
+        out.append((name, index))
+    return tuple(out[:MAX_FIELDS])

@@ -1,0 +1,163 @@
+"""The scanning stage of one message: every scanner at once, within ``scantimeout``, and
+what their answers mean for the message.
+
+Why here: ``smtpd/intake.py`` only calls ``run`` with the message it is about to queue and
+gets one answer back, in the shape the inbound checks use (``checks.verdict.Verdict``):
+
+- a virus (clamd) is refused, ``554 5.7.1``, whatever rspamd said;
+- rspamd's action becomes the reply ``rspamdactions`` names: ``refuse`` (``554 5.7.1``),
+  ``defer`` (``451 4.7.1``), ``junk`` (accepted with the queue meta ``junk``, which local
+  delivery turns into the Maildir++ folder ``.Junk``, as a DMARC quarantine) or ``accept``;
+  on accept and junk rspamd's header edits are made (its ``X-Spam``, ``X-Spamd-Result``
+  fields on top, forged incoming ones removed);
+- a scanner that is down, still busy when the time is up, or answers garbage: ``451 4.7.1``
+  (``scantempfail`` 1, the default), or accepted unscanned (0). A definite refusal from the
+  other scanner still wins.
+
+The log line gets ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
+score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time)
+and ``scan_error`` (``<scanner>:<why>`` for each failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyqmail.checks.verdict import Verdict
+from pyqmail.scan import clamd, rspamd
+from pyqmail.scan.settings import ScanSettings
+from pyqmail.scan.wire import ScanError
+
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+_RANK = {"accept": 0, "junk": 1, "defer": 2, "refuse": 3}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict (its ``log`` holds the key=value pairs), the Junk flag, the message."""
+
+    verdict: Verdict
+    junk: bool
+    message: bytes
+
+
+@dataclass
+class _Answers:
+    """What each scanner said, or why it said nothing."""
+
+    spam: rspamd.Reply | None = None
+    virus: str | None = None
+    errors: tuple[str, ...] = ()
+
+
+async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> _Answers:
+    """Both scanners at once; whatever is not done at ``scantimeout`` is cancelled."""
+    jobs: dict[str, asyncio.Task[Any]] = {}
+    if settings.rspamd is not None:
+        jobs["rspamd"] = asyncio.create_task(rspamd.check(settings.rspamd, env, message))
+    if settings.clamd is not None:
+        jobs["clamd"] = asyncio.create_task(clamd.scan(settings.clamd, message))
+    await asyncio.wait(jobs.values(), timeout=settings.timeout)
+    answers = _Answers()
+    errors = []
+    for name, job in jobs.items():
+        if not job.done():
+            job.cancel()
+            errors.append(f"{name}:timeout")
+        elif isinstance(job.exception(), ScanError):
+            errors.append(f"{name}:{job.exception()}")
+        elif job.exception() is not None:  # a bug here must not hang or kill the session
+            errors.append(f"{name}:{type(job.exception()).__name__}")
+        elif name == "rspamd":
+            answers.spam = job.result()
+        else:
+            answers.virus = job.result()
+    answers.errors = tuple(errors)
+    return answers
+
+
+def _reply(settings: ScanSettings, answers: _Answers) -> tuple[str, str]:
+    """The reply (accept, junk, defer, refuse) and the SMTP text for defer and refuse."""
+    if answers.virus is not None:
+        return "refuse", f"5.7.1 virus found: {answers.virus}"
+    chosen = "accept"
+    if answers.spam is not None:
+        chosen = settings.actions.get(answers.spam.action, "accept")
+    if answers.errors and _RANK[chosen] < _RANK["refuse"] and settings.tempfail:
+        return "defer", "4.7.1 message scanner unavailable, try again later"
+    if chosen == "refuse":
+        return chosen, "5.7.1 message refused as spam"
+    if chosen == "defer":
+        return chosen, "4.7.1 message deferred by the spam filter, try again later"
+    return chosen, ""
+
+
+def _fields(answers: _Answers, reply: str, secs: float, virus_scanned: bool) -> str:
+    """The key=value pairs of the log line (values without blanks)."""
+    out = [f"scan={reply}"]
+    if answers.spam is not None:
+        s = answers.spam
+        out += [f"spam={s.action.replace(' ', '_')}", f"spam_score={s.score:.2f}/{s.required:.2f}"]
+    if virus_scanned and not any(e.startswith("clamd:") for e in answers.errors):
+        out.append(f"virus={answers.virus or 'clean'}")
+    if answers.errors:
+        out.append("scan_error=" + ",".join(answers.errors))
+    out.append(f"scan_secs={secs:.3f}")
+    return " ".join(out)
+
+
+async def run(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> Outcome:
+    """Scan ``message`` (see the module's docstring); never longer than ``scantimeout``."""
+    started = time.monotonic()
+    answers = await _ask(settings, env, message)
+    reply, text = _reply(settings, answers)
+    log = _fields(answers, reply, time.monotonic() - started, settings.clamd is not None)
+    if reply == "refuse":
+        return Outcome(Verdict("refuse", 554, text, log), False, message)
+    if reply == "defer":
+        return Outcome(Verdict("defer", 451, text, log), False, message)
+    if answers.spam is not None:
+        message = edit(message, answers.spam.add, answers.spam.remove)
+    return Outcome(Verdict("accept", 250, "", log), reply == "junk", message)
+
+
+def _fields_of(head: bytes) -> list[bytes]:
+    """The header section as whole fields (each with its continuation lines)."""
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _name(field: bytes) -> bytes:
+    return field.split(b":", 1)[0].strip().lower()
+
+
+def edit(
+    message: bytes, add: tuple[tuple[str, str], ...], remove: tuple[tuple[str, int], ...]
+) -> bytes:
+    """The message with the fields in ``remove`` gone (milter's index: 0 every one, n the
+    n-th, -n the n-th from the end) and those in ``add`` on top, CRLF-terminated."""
+    m = _END_OF_HEAD.search(message)
+    cut = len(message) if m is None else m.start() + len(m.group(0)) // 2
+    fields = _fields_of(message[:cut])
+    drop: set[int] = set()
+    for name, index in remove:
+        wanted = name.lower().encode()
+        places = [i for i, f in enumerate(fields) if _name(f) == wanted]
+        if index == 0:
+            drop.update(places)
+        elif 0 < index <= len(places):
+            drop.add(places[index - 1])
+        elif 0 < -index <= len(places):
+            drop.add(places[index])
+    top = b"".join(f"{name}: {value}\r\n".encode("utf-8", "replace") for name, value in add)
+    kept = b"".join(f for i, f in enumerate(fields) if i not in drop)
+    return top + kept + message[cut:]

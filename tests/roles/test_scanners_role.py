@@ -1,0 +1,352 @@
+"""The role pyqmail_scanners run for real by ansible-playbook (local connection) against our own
+svscan on a temporary service directory: rspamd and clamd come up under supervise with their
+log services (svstat ``up``), answer on the addresses the role wrote into the listeners'
+control files (GTUBE rejected, EICAR found, by pyqmail's own clients), a second run changes
+nothing, and turning them off unlinks them and removes their control files. A host without a
+ClamAV database gets one clear error. Only paths of this test are touched: the play runs the
+role's tasks with the qmail root, the service directory, rspamd's configuration directory
+(``rspamd.conf`` linked to Debian's), its database and run directories and clamd's
+configuration, database and socket all in a temporary directory.
+
+The preflight's checks of the role's variables are at the end (in process, one line each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyqmail.scan import clamd, rspamd
+from pyqmail.scan.settings import DEFAULT_ACTIONS, load, parse_address
+from tests.roles.playbook import REPO, ansible_env
+from tests.roles.test_preflight import problems_of
+from tests.scanners import (
+    EICAR,
+    GTUBE,
+    auth_module_conf,
+    eicar_database,
+    free_port,
+    with_attachment,
+)
+
+ROLE = REPO / "roles" / "pyqmail_scanners"
+ENV = rspamd.Envelope("192.0.2.1", "client.test", "a@client.test", ("u@mx.test",))
+
+
+def chown(path: Path, user: str) -> None:
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+@pytest.fixture
+def host() -> Iterator[Path]:
+    """A scratch host: svscan on <base>/service, rspamd's and clamd's directories."""
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-scanners-role-"))
+    base.chmod(0o755)
+    service = base / "service"
+    service.mkdir()
+    conf = base / "rspamd"
+    (conf / "local.d").mkdir(parents=True)
+    (conf / "override.d").mkdir()
+    (conf / "rspamd.conf").symlink_to("/etc/rspamd/rspamd.conf")
+    (base / "tld.dat").write_text("com\norg\ntest\n")
+    # What only a test wants (start-up in a second, no DNS); the role does not manage these.
+    (conf / "local.d" / "options.inc").write_text(
+        f'disable_hyperscan = true;\nurl_tld = "{base / "tld.dat"}";\n'
+        'dns { nameserver = ["127.0.0.1:1"]; timeout = 0.3s; retransmits = 1; }\n'
+    )
+    for worker in ("controller", "proxy"):
+        (conf / "override.d" / f"worker-{worker}.inc").write_text(
+            f'bind_socket = "127.0.0.1:{free_port()}";\n'
+        )
+    (base / "rspamd-db").mkdir()
+    chown(base / "rspamd-db", "_rspamd")
+    eicar_database(base / "clamdb")
+    (base / "clamd-run").mkdir()
+    chown(base / "clamd-run", "clamav")
+    for path in [conf, *conf.rglob("*"), base / "clamdb", *(base / "clamdb").iterdir()]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    with (base / "svscan.log").open("wb") as log:
+        svscan = subprocess.Popen(
+            ["svscan", str(service)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield base
+    finally:
+        svscan.terminate()
+        svscan.wait(timeout=10)
+        supervise = base / "qmail" / "supervise"
+        dirs = [d for d in supervise.glob("*") if (d / "supervise").is_dir()]
+        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
+        if dirs:
+            subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(
+                subprocess.run(["svok", str(d)], check=False).returncode == 0 for d in dirs
+            ):
+                time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svscan.pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
+    """The role's tasks and handlers (with the role pyqmail's handlers), as the role runs them;
+    task name -> results on localhost. Fails the test if the play fails, unless asked."""
+    playbook = base / "play.yml"
+    for part in ("templates", "files"):
+        if not (base / part).exists():
+            (base / part).symlink_to(ROLE / part)
+    playbook.write_text(
+        f"""---
+- name: The role pyqmail_scanners's tasks
+  hosts: localhost
+  connection: local
+  gather_facts: true
+  gather_subset: ["!all"]
+  vars_files:
+    - {REPO}/roles/pyqmail/defaults/main.yml
+    - {REPO}/roles/pyqmail/vars/main.yml
+    - {ROLE}/defaults/main.yml
+    - {ROLE}/vars/main.yml
+  tasks:
+    - name: The role's tasks
+      ansible.builtin.import_tasks: {ROLE}/tasks/main.yml
+  handlers:
+    - name: The role's handlers
+      ansible.builtin.import_tasks: {ROLE}/handlers/main.yml
+    - name: The role pyqmail's handlers
+      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
+"""
+    )
+    extra = {
+        "pyqmail__root": str(base / "qmail"),
+        "pyqmail__service_dir": str(base / "service"),
+        "pyqmail__log_dir": str(base / "log"),
+        "pyqmail__log_user": "nobody",
+        "pyqmail__check_fresh": False,
+        "pyqmail_scanners__rspamd_enabled": True,
+        "pyqmail_scanners__clamav_enabled": True,
+        "pyqmail_scanners__rspamd_listen": f"127.0.0.1:{free_port()}",
+        "pyqmail_scanners__clamd_listen": str(base / "clamd-run" / "clamd.sock"),
+        "pyqmail_scanners__rspamd_confdir": str(base / "rspamd"),
+        "pyqmail_scanners__rspamd_rundir": str(base / "rspamd-run"),
+        "pyqmail_scanners__rspamd_dbdir": str(base / "rspamd-db"),
+        "pyqmail_scanners__clamd_config": str(base / "clamd.conf"),
+        "pyqmail_scanners__clamav_database_dir": str(base / "clamdb"),
+        "ansible_python_interpreter": sys.executable,
+        # The tasks are imported, not run as a role: where the role's lookups find the
+        # other roles' defaults (pyqmail_control__authchecks).
+        "role_path": str(ROLE),
+        **more,
+    }
+    (base / "qmail" / "control").mkdir(parents=True, exist_ok=True)
+    (base / "qmail" / "supervise").mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            "localhost,",
+            "-e",
+            json.dumps(extra),
+            str(playbook),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        timeout=600,
+        check=False,
+    )
+    out = json.loads(proc.stdout)
+    ran: dict[str, list[dict[str, Any]]] = {}
+    for play in out["plays"]:
+        for task in play["tasks"]:
+            ran.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
+    ran["_stats"] = [out["stats"]["localhost"]]
+    return ran
+
+
+def svstat(path: Path) -> str:
+    done = subprocess.run(["svstat", str(path)], capture_output=True, text=True, check=False)
+    return done.stdout
+
+
+def failures(ran: dict[str, list[dict[str, Any]]]) -> list[str]:
+    return [
+        f"{name}: {result.get('msg')}"
+        for name, results in ran.items()
+        for result in results
+        if result.get("failed")
+    ]
+
+
+def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) -> None:
+    ran = run_role(host)
+    assert not failures(ran), failures(ran)
+    service = host / "service"
+    for name in ("rspamd", "rspamd/log", "clamd", "clamd/log"):
+        assert ": up (pid " in svstat(service / name), svstat(service / name)
+    control = host / "qmail" / "control"
+    settings = load(control)
+    assert settings.rspamd is not None and settings.clamd is not None
+    assert str(settings.clamd) == str(host / "clamd-run" / "clamd.sock")
+    assert (settings.timeout, settings.tempfail, settings.clients) == (20, True, {"inbound"})
+    assert dict(settings.actions) == dict(DEFAULT_ACTIONS)
+    conf = host / "rspamd"
+    for module in ("spf", "dkim", "dmarc", "arc", "dkim_signing"):
+        assert "enabled = false;" in (conf / "local.d" / f"{module}.conf").read_text()
+    assert "reject = 15.0;" in (conf / "local.d" / "actions.conf").read_text()
+    assert "rewrite_subject = null;" in (conf / "local.d" / "actions.conf").read_text()
+
+    gtube = b"From: <a@client.test>\r\nTo: <u@mx.test>\r\nSubject: x\r\n\r\n" + GTUBE + b"\r\n"
+    spam = asyncio.run(rspamd.check(settings.rspamd, ENV, gtube))
+    assert spam.action == "reject"
+    virus = asyncio.run(clamd.scan(settings.clamd, with_attachment(EICAR)))
+    assert virus == "Eicar-Test-Signature.UNOFFICIAL"
+    assert (host / "log" / "rspamd" / "current").exists()
+
+    again = run_role(host, pyqmail_scanners__rspamd_listen=str(settings.rspamd))
+    assert again["_stats"][0]["changed"] == 0, [
+        name for name, results in again.items() for r in results if r.get("changed")
+    ]
+
+    off = run_role(
+        host,
+        pyqmail_scanners__rspamd_enabled=False,
+        pyqmail_scanners__clamav_enabled=False,
+    )
+    assert not failures(off), failures(off)
+    assert not (control / "rspamd").exists()
+    assert not (control / "clamd").exists()
+    assert not (service / "rspamd").exists()
+    assert not (service / "clamd").exists()
+    assert not load(control).enabled
+
+
+def test_clamav_without_a_database_is_one_clear_error(host: Path) -> None:
+    empty = host / "empty-db"
+    empty.mkdir()
+    ran = run_role(
+        host,
+        pyqmail_scanners__rspamd_enabled=False,
+        pyqmail_scanners__clamav_database_dir=str(empty),
+    )
+    [problem] = failures(ran)
+    assert "holds no signature database" in problem, problem
+    assert "pyqmail_scanners__clamav_database_dir" in problem
+    assert not (host / "qmail" / "control" / "clamd").exists()
+
+
+def test_rspamd_computes_spf_dkim_dmarc_only_when_pyqmail_does_not() -> None:
+    """One side owns each check: the role's template for rspamd's spf, dkim, dmarc and arc
+    modules (pyqmail_scanners__pyqmail_checks follows pyqmail_control__authchecks)."""
+    assert "\nenabled = false;\n" in auth_module_conf(pyqmail_checks=True)
+    assert "\nenabled = true;\n" in auth_module_conf(pyqmail_checks=False)
+    assert "enabled = false" not in auth_module_conf(pyqmail_checks=False)
+
+
+BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "rspamd-not-loopback": (
+        {"pyqmail_scanners__rspamd_listen": "192.0.2.7:11333"},
+        "pyqmail_scanners__rspamd_listen: '192.0.2.7:11333' is not a loopback address: the role"
+        " runs the scanner on this host, listening on loopback or a Unix socket only"
+        " (127.0.0.1:port, [::1]:port or /socket/path)",
+    ),
+    "rspamd-host-name": (
+        {"pyqmail_scanners__rspamd_listen": "localhost:11333"},
+        "pyqmail_scanners__rspamd_listen: 'localhost:11333' is not an address: give a loopback"
+        " ip:port, [ipv6]:port or /socket/path",
+    ),
+    "clamd-no-port": (
+        {"pyqmail_scanners__clamd_listen": "127.0.0.1:"},
+        "pyqmail_scanners__clamd_listen: '127.0.0.1:' has no port from 1 to 65535 after the"
+        " last ':' ('')",
+    ),
+    "threshold-not-a-number": (
+        {"pyqmail_scanners__thresholds": {"reject": "high", "add_header": 6}},
+        "pyqmail_scanners__thresholds.reject: 'high' is not a score (a number such as 6 or 7.5,"
+        " or null)",
+    ),
+    "thresholds-out-of-order": (
+        {"pyqmail_scanners__thresholds": {"reject": 5, "add_header": 6, "greylist": 4}},
+        "pyqmail_scanners__thresholds.reject: 5 is not above add_header (6); the thresholds must"
+        " grow from greylist to reject",
+    ),
+    "threshold-unknown-action": (
+        {"pyqmail_scanners__thresholds": {"reject": 15, "discard": 20}},
+        "pyqmail_scanners__thresholds: unknown key 'discard' (known: reject, add_header,"
+        " rewrite_subject, greylist)",
+    ),
+    "action-unknown": (
+        {"pyqmail_scanners__actions": {"reject": "refuse", "quarantine": "junk"}},
+        "pyqmail_scanners__actions: unknown key 'quarantine' (known: reject, soft_reject,"
+        " rewrite_subject, add_header, greylist, no_action)",
+    ),
+    "action-reply-unknown": (
+        {"pyqmail_scanners__actions": {"reject": "bounce"}},
+        "pyqmail_scanners__actions.reject: 'bounce' is not one of refuse, defer, junk, accept",
+    ),
+    "timeout": (
+        {"pyqmail_scanners__timeout": 0},
+        "pyqmail_scanners__timeout: 0 is out of range: must be from 1 to 300",
+    ),
+    "clients": (
+        {"pyqmail_scanners__clients": ["inbound", "everyone"]},
+        "pyqmail_scanners__clients[1]: 'everyone' is not one of inbound, relay, auth",
+    ),
+    "clamd-smaller-than-databytes": (
+        {
+            "pyqmail_scanners__clamav_enabled": True,
+            "pyqmail_scanners__clamd_max_size": 10_000_000,
+            "pyqmail_control__databytes": 20_000_000,
+        },
+        "pyqmail_scanners__clamd_max_size: 10000000 is smaller than pyqmail_control__databytes"
+        " (20000000): clamd would refuse the largest messages the listeners take, and they"
+        " would get 451",
+    ),
+    "scan-env": (
+        {"pyqmail__listener_env": {"submission": {"SCAN": "yes"}}},
+        "pyqmail__listener_env.submission.SCAN: 'yes' is not '', 0 (not scanned) or 1 (scanned)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_one_bad_value_is_one_clear_line(case: str) -> None:
+    overrides, line = BAD[case]
+    assert problems_of(copy.deepcopy(overrides)) == [line]
+
+
+def test_the_defaults_and_good_values_pass() -> None:
+    assert problems_of({}) == []
+    good = {
+        "pyqmail_scanners__rspamd_enabled": True,
+        "pyqmail_scanners__clamav_enabled": True,
+        "pyqmail_scanners__rspamd_listen": "[::1]:11333",
+        "pyqmail_scanners__clamd_listen": "127.0.0.1:3310",
+        "pyqmail_scanners__thresholds": {"reject": "20.5", "add_header": 7, "greylist": None},
+        "pyqmail__listener_env": {"submission": {"SCAN": "1"}, "smtp": {"SCAN": ""}},
+    }
+    assert problems_of(good) == []
+    assert parse_address(good["pyqmail_scanners__rspamd_listen"], "x").port == 11333
