@@ -221,7 +221,7 @@ def _alias_owners(
     def resolve(name: str, seen: frozenset[str]) -> set[str]:
         owners: set[str] = set()
         for target in targets.get(name, []):
-            local, _, domain = target.lower().rpartition("@")
+            local, _at, domain = target.lower().rpartition("@")
             if target in maildirs:
                 owners.add(maildirs[target])
             elif domain in locals_ and local in boxes:
