@@ -250,9 +250,9 @@ def test_services_svstat_argv_and_summary() -> None:
         "config_dir": "/etc/pyqmail",
         "fetched": "",
     }
-    lines = filters.services_summary(wanted, facts)
+    lines = filters.services_summary(wanted, {**facts, "version": "pyqmail-smtpd 1.2.3\n"})
     assert lines[:4] == [
-        "host: mx1 (me: mx1.example.org)",
+        "host: mx1 (me: mx1.example.org, pyqmail 1.2.3)",
         "listen address: 192.0.2.25",
         "  port 25: qmail-smtpd (SMTP, STARTTLS offered, no AUTH)",
         "  port 587: qmail-smtpd-tls (submission, STARTTLS then AUTH)",
@@ -267,6 +267,7 @@ def test_services_svstat_argv_and_summary() -> None:
         wanted[-1:], {**facts, "dovecot": dovecot, "fetched": "/ctl/ca.pem", "svstat": None}
     )
     assert "IMAP/POP3 listen address: 127.0.0.1" in lines
+    assert lines[0] == "host: mx1 (me: mx1.example.org)"  # no version: pyqmail-smtpd missing
     assert "  outgoing: none (no submission or smtps listener)" in lines
     assert "  incoming: IMAP 993 SSL/TLS" in lines
     assert lines[-1] == "  and /ctl/ca.pem on the controller"
