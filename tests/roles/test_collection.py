@@ -171,3 +171,19 @@ def test_installed_offline_ansible_doc_reads_it(built: dict[str, Path], tmp_path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(proc.stdout)) == [f"pyqmail.mail.{m}" for m in MODULES]
+
+
+def test_consumer_playbook_resolves_from_the_installed_collection_only(tmp_path: Path) -> None:
+    """molecule/consumer/consumer.sh up to the run itself (CONSUMER_DRY_RUN=1): the tarball
+    installed offline into a directory outside the repository, a site.yml and an inventory
+    that use fully qualified names only, and every task resolved from that copy."""
+    proc = subprocess.run(
+        [str(REPO / "molecule/consumer/consumer.sh"), str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "CONSUMER_DRY_RUN": "1", "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Installing 'pyqmail.mail:{VERSION}'" in proc.stdout
+    for role in ("pyqmail_preflight", "pyqmail_install", "pyqmail_services"):
+        assert f"pyqmail.mail.{role} : " in proc.stdout, role
+    assert str(REPO) not in proc.stdout + proc.stderr
