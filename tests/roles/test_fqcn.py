@@ -106,6 +106,27 @@ def test_every_name_is_fully_qualified(path: Path) -> None:
     assert problems(path) == []
 
 
+def filter_files() -> list[Path]:
+    """Templates and role variables: Jinja that may call a filter, but holds no task."""
+    found = [
+        *REPO.glob("roles/*/templates/**/*.j2"),
+        *REPO.glob("roles/*/defaults/*.yml"),
+        *REPO.glob("roles/*/vars/*.yml"),
+        *REPO.glob("inventory/**/*.yml"),
+    ]
+    return sorted(p for p in found if p.is_file())
+
+
+@pytest.mark.parametrize("path", filter_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_templates_and_variables_call_filters_by_fqcn(path: Path) -> None:
+    rel = path.relative_to(REPO)
+    found = [
+        f"{rel}: filter {m} is used without pyqmail.mail."
+        for m in SHORT_FILTER.findall(path.read_text())
+    ]
+    assert found == []
+
+
 def test_the_check_finds_short_names(tmp_path: Path) -> None:
     """The check itself: short module, filter and role names are each reported."""
     tasks = tmp_path / "roles" / "x" / "tasks"
