@@ -56,6 +56,43 @@ def test_ansible_doc_renders_every_module_by_its_fqcn() -> None:
         assert data["return"] is not None, name
 
 
+def filter_names() -> list[str]:
+    """Every filter the collection's filter plugins define."""
+    names: list[str] = []
+    for path in sorted((REPO / "filter_plugins").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"filters_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module: Any = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        names += module.FilterModule().filters()
+    return sorted(names)
+
+
+def test_ansible_doc_renders_every_filter_and_role() -> None:
+    """Each filter has its documentation beside it (filter_plugins/<name>.yml); each role
+    its argument specs."""
+    names = [f"pyqmail.mail.{f}" for f in filter_names()]
+    proc = subprocess.run(
+        [str(BIN / "ansible-doc"), "-t", "filter", "--json", *names],
+        capture_output=True, text=True, env=ansible_env(), timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    docs = json.loads(proc.stdout)
+    assert sorted(docs) == names
+    for name, data in docs.items():
+        assert data["doc"]["name"] == name.rsplit(".", 1)[1]
+        assert name in data["examples"], name
+    yml = sorted(p.stem for p in (REPO / "filter_plugins").glob("*.yml"))
+    assert yml == filter_names(), "a filter without documentation, or documentation without it"
+    proc = subprocess.run(
+        [str(BIN / "ansible-doc"), "-t", "role", "-l", "--json", "pyqmail.mail"],
+        capture_output=True, text=True, env=ansible_env(), timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    roles = sorted(p.name for p in (REPO / "roles").iterdir() if (p / "meta").is_dir())
+    assert sorted(json.loads(proc.stdout)) == [f"pyqmail.mail.{r}" for r in roles]
+
+
 def test_version_agrees_everywhere() -> None:
     import pyqmail
 
