@@ -23,7 +23,9 @@ mkdir -p "$play"
 case $play in "$repo"/*) echo "consumer.sh: $play is inside the repository" >&2; exit 1 ;; esac
 cd "$play"
 clean=(env -i "HOME=$HOME" "PATH=$bin:/usr/sbin:/usr/bin:/sbin:/bin" "LANG=C.UTF-8"
-       "CONTAINERS_CONF=${CONTAINERS_CONF:-}" "ANSIBLE_CONFIG=$play/ansible.cfg")
+       "ANSIBLE_CONFIG=$play/ansible.cfg")
+# podman (the connection plugin runs it) keeps the network settings make molecule gives it
+[[ -n ${CONTAINERS_CONF:-} ]] && clean+=("CONTAINERS_CONF=$CONTAINERS_CONF")
 
 cat > ansible.cfg <<'CFG'
 [defaults]
