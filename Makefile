@@ -6,6 +6,13 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make run's lean environment: ansible-core only (requirements-run.txt); the roles use nothing
+# beyond ansible.builtin and this checkout's own collection pyqmail.mail (collections/).
+RUN_VENV ?= .venv-run
+RUN_STAMP := $(RUN_VENV)/.installed
+# ansible-test sanity's controller: ansible-core only (ansible-test makes a venv per test).
+SANITY_VENV ?= .venv-sanity
+SANITY_STAMP := $(SANITY_VENV)/.installed
 SCENARIO ?= default
 export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 
@@ -18,7 +25,7 @@ system-deps: ## install the Debian packages the tests and peers need (root; a no
 check-system-deps: ## prove every external tool the tests run works as they use it (names what is missing)
 	scripts/check-system-deps
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt requirements-run.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
@@ -33,12 +40,37 @@ $(STAMP): requirements-dev.txt pyproject.toml
 
 venv: $(STAMP) ## create the virtualenv with every Python dependency
 
+$(RUN_STAMP): requirements-run.txt
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install -q --upgrade pip
+	$(RUN_VENV)/bin/pip install -q -r requirements-run.txt
+	touch $@
+
+$(SANITY_STAMP): requirements-run.txt
+	$(PYTHON) -m venv $(SANITY_VENV)
+	$(SANITY_VENV)/bin/pip install -q -r requirements-run.txt
+	touch $@
+
 lint: $(STAMP) ## ruff, mypy, yamllint, ansible-lint (production profile)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/yamllint -s .
 	source $(BIN)/activate && ansible-lint --profile production
+
+collection: $(STAMP) ## build the collection pyqmail.mail: dist/pyqmail-mail-<version>.tar.gz (daemon wheel inside)
+	BIN=$(BIN) scripts/build-collection
+
+collection-sanity: $(STAMP) $(SANITY_STAMP) ## ansible-test sanity on the built collection (no ignore file)
+	BIN=$(SANITY_VENV)/bin scripts/collection-sanity
+
+changelog-lint: $(STAMP) ## the changelog fragments and changelogs/changelog.yaml are valid
+	$(BIN)/antsibull-changelog lint
+
+release: $(STAMP) ## dist/: the collection tarball and the daemon wheel, one version (galaxy.yml), changelog released
+	$(BIN)/python scripts/version --released
+	$(BIN)/antsibull-changelog lint
+	BIN=$(BIN) scripts/build-collection
 
 docs: $(STAMP) ## README variables table and defaults comments from each role's meta/argument_specs.yml
 	$(BIN)/python scripts/gen-role-docs
@@ -55,11 +87,11 @@ molecule: $(STAMP) image ## run one molecule scenario: make molecule SCENARIO=de
 molecule-all: $(STAMP) image ## run every molecule scenario
 	source $(BIN)/activate && molecule test --all
 
-test: system-deps check-system-deps ## the whole suite: tool check, lint, unit, end-to-end, molecule (CI runs this)
-	$(MAKE) lint unit molecule-all
+test: system-deps check-system-deps ## the whole suite: tool check, lint, collection sanity, unit, end-to-end, molecule (CI runs this)
+	$(MAKE) lint changelog-lint collection-sanity unit molecule-all
 
-run: $(STAMP) ## provision this machine with site.yml and leave the mail server up
-	source $(BIN)/activate && ansible-playbook site.yml
+run: $(RUN_STAMP) ## provision this machine with site.yml and leave the mail server up (ansible-core only)
+	source $(RUN_VENV)/bin/activate && ansible-playbook site.yml
 
 bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 	$(BIN)/python bench/smtpd_load.py
@@ -79,4 +111,4 @@ stress: $(STAMP) ## slow attack/testssl tests, fuzz, then the SIGKILL soak (STRE
 	$(BIN)/python -m tests.stress.fuzz --seconds $(FUZZ_SECONDS)
 	$(BIN)/python -m tests.stress.soak --seconds $(STRESS_SECONDS)
 
-.PHONY: help system-deps check-system-deps venv lint docs unit image molecule molecule-all test run bench bench-e2e fuzz stress
+.PHONY: help system-deps check-system-deps venv collection collection-sanity changelog-lint release lint docs unit image molecule molecule-all test run bench bench-e2e fuzz stress

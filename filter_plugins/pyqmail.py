@@ -101,12 +101,15 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
     {}), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
-    or ""), dns (pyqmail_dns__summary: path and lines of the zone, or {}) and sendmail
-    (``sendmail_summary``'s lines, or []).
+    or ""), dns (pyqmail_dns__summary: path and lines of the zone, or {}), sendmail
+    (``sendmail_summary``'s lines, or []) and version (what ``pyqmail-smtpd --version`` printed
+    on the host, or "": the version of the daemon and of the collection pyqmail.mail).
     """
     services = _list(wanted, "pyqmail_services__wanted")
     kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
-    out = [f"host: {facts['host']} (me: {me})", f"listen address: {facts['listen_ip']}"]
+    version = str(facts.get("version") or "").strip().replace("pyqmail-smtpd ", "pyqmail ", 1)
+    host = f"host: {facts['host']} (me: {me}{', ' + version if version else ''})"
+    out = [host, f"listen address: {facts['listen_ip']}"]
     out += [
         f"  port {s['port']}: {s['name']} ({kinds[s['kind']]['label']})"
         for s in services
@@ -221,7 +224,7 @@ def _alias_owners(
     def resolve(name: str, seen: frozenset[str]) -> set[str]:
         owners: set[str] = set()
         for target in targets.get(name, []):
-            local, _, domain = target.lower().rpartition("@")
+            local, _at, domain = target.lower().rpartition("@")
             if target in maildirs:
                 owners.add(maildirs[target])
             elif domain in locals_ and local in boxes:

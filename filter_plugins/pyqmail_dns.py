@@ -277,7 +277,7 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
         out.append(_rr(f"{domain}._report._dmarc.{rua_domain}", ttl, "TXT", '"v=DMARC1"'))
     if mx:
         policy = mta_sts_policy(
-            setting["mta_sts_mode"], [m for _, m in mx], setting["mta_sts_max_age"]
+            setting["mta_sts_mode"], [m for _preference, m in mx], setting["mta_sts_max_age"]
         )
         sts_id = hashlib.sha256(policy.encode()).hexdigest()[:20]
         out.append(f"; MTA-STS: serve this at https://mta-sts.{domain}/.well-known/mta-sts.txt")
@@ -311,7 +311,7 @@ def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
         out.append(f"; no TLSA: control/servercert.pem not there yet on {me['host']}")
     if addresses:
         out.append("; PTR: set by the provider of each address (its reverse zone, not yours):")
-    for _, address in addresses:
+    for _family, address in addresses:
         out.append(_rr(ipaddress.ip_address(address).reverse_pointer, ttl, "PTR", f"{name}."))
     return out
 

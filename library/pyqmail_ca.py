@@ -9,8 +9,9 @@ module: pyqmail_ca
 short_description: A local certificate authority for pyqmail's server and client certificates
 description:
   - Keeps a small CA in a directory on the managed host - C(ca.key) (private, mode 0600) and
-    C(ca.pem) (its self-signed certificate, mode 0644) - that M(pyqmail_certificate) uses
-    through its O(pyqmail_certificate#module:ca_path) option to sign C(servercert.pem) and
+    C(ca.pem) (its self-signed certificate, mode 0644) - that
+    M(pyqmail.mail.pyqmail_certificate) uses through its
+    O(pyqmail.mail.pyqmail_certificate#module:ca_path) option to sign C(servercert.pem) and
     C(clientcert.pem) on the same host. The CA key never leaves the host; only the public
     certificate is returned (RV(ca_cert)), for C(clientca.pem) or a client's trust store.
   - The CA may sign leaf certificates only (basicConstraints CA, pathlen 0).
@@ -22,7 +23,7 @@ description:
     mode before its first byte (a key file is created 0600), then an atomic rename;
     a change of owner, group or mode alone reports C(changed).
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 requirements:
   - cryptography >= 38 (Debian 12 package C(python3-cryptography)) on the managed host
 extends_documentation_fragment:
@@ -88,18 +89,18 @@ options:
     type: bool
     default: false
 seealso:
-  - module: pyqmail_certificate
+  - module: pyqmail.mail.pyqmail_certificate
 """
 
 EXAMPLES = r"""
 - name: Local CA (ca.key stays on this host)
-  pyqmail_ca:
+  pyqmail.mail.pyqmail_ca:
     path: /etc/pyqmail/ca
     common_name: "{{ inventory_hostname }} pyqmail CA"
   register: pyqmail_ca_result
 
 - name: Server certificate signed by it
-  pyqmail_certificate:
+  pyqmail.mail.pyqmail_certificate:
     path: /var/qmail/control/servercert.pem
     names: [mx.example.org]
     ca_path: /etc/pyqmail/ca
@@ -161,11 +162,15 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ansible.module_utils import pyqmail_crypto as crypto
-    from ansible.module_utils.pyqmail_files import ensure_file, file_args, read_if_exists
-    from ansible.module_utils.pyqmail_files import set_attributes
+    from ansible_collections.pyqmail.mail.plugins.module_utils import pyqmail_crypto as crypto
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
+        ensure_file,
+        file_args,
+        read_if_exists,
+    )
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import set_attributes
 
-    IMPORT_ERROR = None
+    IMPORT_ERROR = crypto.CRYPTOGRAPHY_IMPORT_ERROR  # the module_utils import needs no cryptography
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
@@ -283,7 +288,7 @@ class CAModule:
             set_attributes(self.module, args, self.attr_diffs["ca.key"])
         else:
             key = crypto.generate_key(p["key_type"])
-            _, backup = ensure_file(
+            _changed, backup = ensure_file(
                 self.module,
                 self.key_path,
                 crypto.key_to_pem(key),
@@ -295,7 +300,7 @@ class CAModule:
             )
             backups += [backup] if backup else []
         new_cert = crypto.create_ca(p["common_name"], key, p["valid_days"], self.now)
-        _, backup = ensure_file(
+        _changed, backup = ensure_file(
             self.module,
             self.cert_path,
             crypto.cert_to_pem(new_cert),

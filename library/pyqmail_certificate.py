@@ -12,7 +12,8 @@ description:
     which qmail-smtpd, qmail-remote, pyqmail-smtpd and Postfix's C(smtpd_tls_chain_files)
     read.
   - Either B(generates) the key and certificate (self-signed, or signed on the host by the
-    local CA that M(pyqmail_ca) keeps in O(ca_path); the CA key never leaves that host), or
+    local CA that M(pyqmail.mail.pyqmail_ca) keeps in O(ca_path); the CA key never leaves that
+    host), or
     B(assembles) files the user already has (for example from an ACME client) after checking
     that the key matches the certificate, the chain is in order and each link is signed by the
     next, nothing is expired or not yet valid, and the certificate is for TLS O(purpose)s.
@@ -26,7 +27,7 @@ description:
     A change of owner, group or mode alone reports C(changed).
   - No key material ever appears in results, diffs or logs.
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 requirements:
   - cryptography >= 38 (Debian 12 package C(python3-cryptography)) on the managed host
 extends_documentation_fragment:
@@ -75,8 +76,8 @@ options:
     choices: [ec256, ec384, rsa2048, rsa3072, rsa4096]
   ca_path:
     description:
-      - Directory of a CA created by M(pyqmail_ca) on the same host (C(ca.key), C(ca.pem)).
-        The certificate is signed there and C(ca.pem) is appended as the chain.
+      - Directory of a CA created by M(pyqmail.mail.pyqmail_ca) on the same host (C(ca.key),
+        C(ca.pem)). The certificate is signed there and C(ca.pem) is appended as the chain.
       - Omit to make a self-signed certificate.
     type: path
   provided_key:
@@ -128,21 +129,22 @@ notes:
   - For several hosts, give each host its own CA (or provided files); a certificate is signed
     on the host that holds the CA key, which never travels.
   - C(clientca.pem) (the CAs whose client certificates may relay) holds only public
-    certificates; write it with M(ansible.builtin.copy) from the RV(pyqmail_ca#module:ca_cert)
-    result of one or more M(pyqmail_ca) tasks (see EXAMPLES).
+    certificates; write it with M(ansible.builtin.copy) from the
+    RV(pyqmail.mail.pyqmail_ca#module:ca_cert) result of one or more
+    M(pyqmail.mail.pyqmail_ca) tasks (see EXAMPLES).
 seealso:
-  - module: pyqmail_ca
+  - module: pyqmail.mail.pyqmail_ca
 """
 
 EXAMPLES = r"""
 - name: Local CA on the mail host (ca.key never leaves it)
-  pyqmail_ca:
+  pyqmail.mail.pyqmail_ca:
     path: /etc/pyqmail/ca
     common_name: "{{ inventory_hostname }} pyqmail CA"
   register: pyqmail_ca_result
 
 - name: Server certificate for qmail-smtpd, signed by the local CA
-  pyqmail_certificate:
+  pyqmail.mail.pyqmail_certificate:
     path: /var/qmail/control/servercert.pem
     names: [mx.example.org, mail.example.org, 192.0.2.25]
     ca_path: /etc/pyqmail/ca
@@ -156,7 +158,7 @@ EXAMPLES = r"""
     msg: "{{ servercert.reason }}; valid until {{ servercert.not_after }}"
 
 - name: Client certificate for outbound delivery (qmail-remote's clientcert.pem)
-  pyqmail_certificate:
+  pyqmail.mail.pyqmail_certificate:
     path: /var/qmail/control/clientcert.pem
     purpose: client
     names: [mx.example.org]
@@ -173,13 +175,13 @@ EXAMPLES = r"""
     mode: '0644'
 
 - name: Self-signed certificate (no CA)
-  pyqmail_certificate:
+  pyqmail.mail.pyqmail_certificate:
     path: /var/qmail/control/servercert.pem
     names: [mx.example.org]
     key_type: ec384
 
 - name: Certificate from an ACME client, assembled in qmail's order after checks
-  pyqmail_certificate:
+  pyqmail.mail.pyqmail_certificate:
     path: /var/qmail/control/servercert.pem
     provided_key: /etc/letsencrypt/live/mx.example.org/privkey.pem
     provided_cert: /etc/letsencrypt/live/mx.example.org/cert.pem
@@ -240,11 +242,15 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ansible.module_utils import pyqmail_crypto as crypto
-    from ansible.module_utils.pyqmail_files import ensure_file, file_args, read_if_exists
-    from ansible.module_utils.pyqmail_files import set_attributes
+    from ansible_collections.pyqmail.mail.plugins.module_utils import pyqmail_crypto as crypto
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
+        ensure_file,
+        file_args,
+        read_if_exists,
+    )
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import set_attributes
 
-    IMPORT_ERROR = None
+    IMPORT_ERROR = crypto.CRYPTOGRAPHY_IMPORT_ERROR  # the module_utils import needs no cryptography
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
@@ -477,7 +483,7 @@ class CertificateModule:
         )
         chain = [ca_cert] if ca_cert is not None else []
         content = crypto.assemble(key, cert, chain)
-        _, backup_file = ensure_file(
+        _changed, backup_file = ensure_file(
             self.module,
             self.path,
             content,

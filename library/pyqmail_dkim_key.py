@@ -36,7 +36,7 @@ description:
   - Writes go to a temporary file in the same directory that has the final owner, group and
     mode before its first byte (a key file is created 0600), then an atomic rename.
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 requirements:
   - cryptography >= 38 (Debian 12 package C(python3-cryptography)) on the managed host
 extends_documentation_fragment:
@@ -129,7 +129,7 @@ seealso:
 
 EXAMPLES = r"""
 - name: DKIM keys of example.org, rotated every 90 days
-  pyqmail_dkim_key:
+  pyqmail.mail.pyqmail_dkim_key:
     domain: example.org
     path: /var/qmail/control/dkim/example.org
     local_domains: [example.org, mx1.example.org]
@@ -217,9 +217,13 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ansible.module_utils import pyqmail_dkim as dkim
-    from ansible.module_utils.pyqmail_files import ensure_file, file_args, read_if_exists
-    from ansible.module_utils.pyqmail_files import set_attributes
+    from ansible_collections.pyqmail.mail.plugins.module_utils import pyqmail_dkim as dkim
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
+        ensure_file,
+        file_args,
+        read_if_exists,
+    )
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import set_attributes
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -448,7 +452,7 @@ class DkimKeyModule:
     def write(self, path: str, data: bytes, *, secret: bool = False, existing: Any = None) -> bool:
         if self.module.check_mode and not os.path.isdir(self.path):
             return existing != data
-        changed, _ = ensure_file(
+        changed, _backup = ensure_file(
             self.module,
             path,
             data,

@@ -29,7 +29,7 @@ description:
   - Runs C(svc) and C(svstat) with C(LC_ALL=C) and finds them in C(/command) (djb's layout)
     as well as the usual directories.
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -99,7 +99,7 @@ options:
 
 EXAMPLES = r"""
 - name: qmail-smtpd on port 25, logged by multilog
-  pyqmail_service:
+  pyqmail.mail.pyqmail_service:
     name: qmail-smtpd
     src: /var/qmail/supervise/qmail-smtpd
     run: |
@@ -111,13 +111,13 @@ EXAMPLES = r"""
     state: up
 
 - name: Restart after a configuration change (in a handler)
-  pyqmail_service:
+  pyqmail.mail.pyqmail_service:
     name: qmail-smtpd
     src: /var/qmail/supervise/qmail-smtpd
     state: restarted
 
 - name: Stop and remove a service
-  pyqmail_service:
+  pyqmail.mail.pyqmail_service:
     name: qmail-smtpd-ssl
     state: absent
 """
@@ -187,7 +187,7 @@ from typing import Any, NoReturn
 from ansible.module_utils.basic import AnsibleModule
 
 try:
-    from ansible.module_utils.pyqmail_daemontools import (
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_daemontools import (
         SVC_OPTIONS,
         Status,
         SvstatError,
@@ -197,7 +197,7 @@ try:
         run_script_output,
         wait_for,
     )
-    from ansible.module_utils.pyqmail_files import write_file
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import write_file
 
     IMPORT_ERROR = None
 except ImportError:
@@ -278,7 +278,7 @@ class ServiceModule:
         for option in options:
             if option not in SVC_OPTIONS:
                 self.fail(f"internal error: unknown svc option {option}")
-        rc, _, err = self.module.run_command(
+        rc, _out, err = self.module.run_command(
             [self.svc, *options, path], environ_update={"LC_ALL": "C"}, check_rc=False
         )
         if rc != 0:

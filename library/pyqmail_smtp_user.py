@@ -21,7 +21,7 @@ description:
     before its first byte, then an atomic rename. A change of owner, group or mode alone reports
     C(changed).
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -88,24 +88,24 @@ options:
 
 EXAMPLES = r"""
 - name: A submission user
-  pyqmail_smtp_user:
+  pyqmail.mail.pyqmail_smtp_user:
     name: alice@example.org
     password: "{{ vault_alice_password }}"
 
 - name: Set the initial password only; the user changes it later with pyqmail-users
-  pyqmail_smtp_user:
+  pyqmail.mail.pyqmail_smtp_user:
     name: bob@example.org
     password: "{{ initial_password }}"
     update_password: on_create
 
 - name: An old client that only speaks CRAM-MD5 (stores a password-equivalent secret)
-  pyqmail_smtp_user:
+  pyqmail.mail.pyqmail_smtp_user:
     name: printer@example.org
     password: "{{ vault_printer_password }}"
     cram_md5: true
 
 - name: Remove a user
-  pyqmail_smtp_user:
+  pyqmail.mail.pyqmail_smtp_user:
     name: carol@example.org
     state: absent
 """
@@ -150,7 +150,7 @@ from typing import NoReturn
 from ansible.module_utils.basic import AnsibleModule
 
 try:
-    from ansible.module_utils.pyqmail_authdb import (
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_authdb import (
         AuthDB,
         AuthDBError,
         User,
@@ -160,7 +160,7 @@ try:
         validate_password,
         verify_password,
     )
-    from ansible.module_utils.pyqmail_files import write_file
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import write_file
 
     IMPORT_ERROR = None
 except ImportError:

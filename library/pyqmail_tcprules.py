@@ -24,7 +24,7 @@ description:
     file); a change of owner, group or mode alone reports C(changed).
   - pyqmail-smtpd re-reads the cdb on C(SIGHUP) (tcpserver on each connection).
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.files
@@ -105,7 +105,7 @@ seealso:
 
 EXAMPLES = r"""
 - name: Relay for localhost and the office LAN; everyone else may only deliver here
-  pyqmail_tcprules:
+  pyqmail.mail.pyqmail_tcprules:
     path: /etc/tcp/smtp
     owner: root
     group: root
@@ -177,8 +177,11 @@ import os
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.pyqmail_files import ensure_file, read_if_exists
-from ansible.module_utils.pyqmail_rules import (
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
+    ensure_file,
+    read_if_exists,
+)
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_rules import (
     Rule,
     RulesError,
     check_duplicates,

@@ -17,7 +17,7 @@ description:
   - Changes nothing. A missing file is not an error (C(exists=false)), so the task works in
     check mode on a host where the certificate is not made yet.
 author:
-  - pyqmail maintainers
+  - pyqmail maintainers (@pyqmail)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:
@@ -40,7 +40,7 @@ requirements:
 
 EXAMPLES = r"""
 - name: Read the TLSA data of the server certificate
-  pyqmail_tlsa:
+  pyqmail.mail.pyqmail_tlsa:
     path: /var/qmail/control/servercert.pem
   register: tlsa
 
@@ -78,9 +78,9 @@ from ansible.module_utils.basic import AnsibleModule
 try:
     from cryptography.hazmat.primitives import serialization
 
-    from ansible.module_utils import pyqmail_crypto as crypto
+    from ansible_collections.pyqmail.mail.plugins.module_utils import pyqmail_crypto as crypto
 
-    IMPORT_ERROR = None
+    IMPORT_ERROR = crypto.CRYPTOGRAPHY_IMPORT_ERROR  # the module_utils import needs no cryptography
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 

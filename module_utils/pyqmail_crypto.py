@@ -20,20 +20,31 @@ import datetime as dt
 import hashlib
 import ipaddress
 import re
+import traceback
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+# Without cryptography this file still imports (ansible-test's import test loads every
+# module_utils file where only the standard library is installed); the modules that use it
+# report CRYPTOGRAPHY_IMPORT_ERROR through missing_required_lib before calling anything here.
+try:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError:  # pragma: no cover - exercised by ansible-test sanity's import test
+    CRYPTOGRAPHY_IMPORT_ERROR: str | None = traceback.format_exc()
+else:
+    CRYPTOGRAPHY_IMPORT_ERROR = None
 
-PrivateKey = (
-    rsa.RSAPrivateKey
-    | ec.EllipticCurvePrivateKey
-    | ed25519.Ed25519PrivateKey
-    | ed448.Ed448PrivateKey
-)
+if CRYPTOGRAPHY_IMPORT_ERROR is None:
+    PrivateKey = (
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey
+    )
+    _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 PURPOSES = ("server", "client")
@@ -42,7 +53,6 @@ SELF_SIGNED = "self-signed"
 CLOCK_SKEW = dt.timedelta(minutes=5)
 MIN_RSA_BITS = 2048  # Mozilla intermediate
 
-_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----\r?\n?", re.DOTALL)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
@@ -333,7 +343,7 @@ def check_name(name: object, purpose: str) -> str:
                 f"{name!r}: email addresses belong in client certificates (purpose: client)",
                 "names",
             )
-        local, _, domain = name.rpartition("@")
+        local, _at, domain = name.rpartition("@")
         if not _LOCAL_PART.match(local) or ".." in local:
             raise CryptoError(f"{name!r} is not a valid email address", "names")
         return f"{local}@{_check_dns(domain, wildcard=False)}".lower()
@@ -525,7 +535,7 @@ def load_bundle(data: bytes) -> Bundle:
             "qmail needs the key, then the certificate, then the chain",
             "path",
         )
-    if sum(1 for label, _ in blocks if label.endswith("PRIVATE KEY")) != 1:
+    if sum(1 for label, _body in blocks if label.endswith("PRIVATE KEY")) != 1:
         raise CryptoError("holds more than one private key", "path")
     key = load_private_key(blocks[0][1], "path")
     certs = load_certificates(data, "path")

@@ -303,9 +303,9 @@ def run_script_output(service: str, timeout: float = 3.0, lines: int = 20) -> li
         start_new_session=True,
     )
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, _stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out, _stderr = proc.communicate()
     return out.decode("utf-8", errors="replace").splitlines()[-lines:]

@@ -99,7 +99,7 @@ def virtual_keys(text: str) -> list[str]:
     """The domain keys of a control/virtualdomains text (``domain:prefix`` lines)."""
     keys = []
     for line in text.splitlines():
-        key, sep, _ = line.strip().rpartition(":")
+        key, sep, _value = line.strip().rpartition(":")
         if sep and key and not line.lstrip().startswith("#") and "@" not in key:
             keys.append(key.lower())
     return keys

@@ -44,19 +44,19 @@ try:
     from pyqmail.authdb import AuthDBError, validate_name, validate_password
     from pyqmail.rules import RulesError, address_problem, env_problem, make_rule
 except ImportError:  # pragma: no cover - the controller without the pyqmail package
-    from ansible.module_utils.pyqmail_authdb import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_authdb import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
         AuthDBError,
         validate_name,
         validate_password,
     )
-    from ansible.module_utils.pyqmail_rules import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_rules import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
         RulesError,
         address_problem,
         env_problem,
         make_rule,
     )
 
-from ansible.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     domain_problem,
     is_local,
     prefix_problem,
@@ -239,7 +239,7 @@ def domain(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
 def dns_server(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
     """A DNS server of control/dnsresolver: an IP address, optionally @port (1-65535)."""
     del values
-    host, _, port = str(value).partition("@")
+    host, _at, port = str(value).partition("@")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -447,7 +447,7 @@ def check_rcptcatchall(name: str, value: list[str], values: Mapping[str, Any]) -
     """pyqmail_control__rcptcatchall: domain names delivered here (locals or virtualdomains);
     a catch-all for a domain that is relayed would accept what the next hop refuses."""
     local = values.get("pyqmail_control__locals") or []
-    known = not any(True for _ in check_locals("", local, values))
+    known = not any(True for _problem in check_locals("", local, values))
     virtual = virtual_keys(
         str((values.get("pyqmail_control__extra") or {}).get("virtualdomains") or "")
     )
@@ -561,7 +561,7 @@ def check_cert_names(name: str, value: list[str], values: Mapping[str, Any]) -> 
     """The server certificate's names, as pyqmail_certificate checks them."""
     del values
     # cryptography is imported only here: every other check works without it.
-    from ansible.module_utils.pyqmail_crypto import (  # noqa: PLC0415
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_crypto import (  # noqa: PLC0415
         CryptoError,
         check_names,
     )
@@ -643,7 +643,7 @@ def check_dkim_domains(name: str, value: list[str], values: Mapping[str, Any]) -
         return
     local = values.get("pyqmail_control__locals") or []
     # A bad local domain is reported there; whether ours are local is then unknown.
-    known = not any(True for _ in check_locals("", local, values))
+    known = not any(True for _problem in check_locals("", local, values))
     virtual = virtual_keys(
         str((values.get("pyqmail_control__extra") or {}).get("virtualdomains") or "")
     )

@@ -22,7 +22,7 @@ and checks every offset up front, so a truncated or corrupt file fails at ``open
 ``CDBError`` rather than with a wrong answer later.
 
 This module imports only the standard library: it is also loaded by Ansible modules as
-``ansible.module_utils.pyqmail_cdb`` (a symlink to this file).
+the collection's ``plugins/module_utils/pyqmail_cdb`` (a symlink to this file).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def cdb_hash(key: bytes) -> int:
 def make(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Build a cdb holding ``pairs`` in order (duplicate keys are kept, as cdbmake does)."""
     records: list[bytes] = []
-    slots: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+    slots: list[list[tuple[int, int]]] = [[] for _slot in range(256)]
     pos = HEADER_SIZE
     for key, data in pairs:
         if not isinstance(key, bytes) or not isinstance(data, bytes):
@@ -119,7 +119,7 @@ class CDB:
 
     def _check_records(self) -> int:
         """Walk the records between the header and the first hash table."""
-        end = min(tpos for tpos, _ in self._tables)
+        end = min(tpos for tpos, _tlen in self._tables)
         pos, count = HEADER_SIZE, 0
         while pos < end:
             if pos + 8 > end:
@@ -129,7 +129,7 @@ class CDB:
             if pos > end:
                 raise self._fail(f"record {count} runs past the hash tables (truncated?)")
             count += 1
-        slots = sum(tlen for _, tlen in self._tables)
+        slots = sum(tlen for _tpos, tlen in self._tables)
         if slots != 2 * count:
             raise self._fail(f"{count} records but {slots} hash slots (expected {2 * count})")
         return count
@@ -139,7 +139,7 @@ class CDB:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, data) record in file order, duplicates included."""
-        end = min(tpos for tpos, _ in self._tables)
+        end = min(tpos for tpos, _tlen in self._tables)
         pos = HEADER_SIZE
         while pos < end:
             klen, dlen = _PAIR.unpack_from(self._data, pos)

@@ -35,9 +35,9 @@ upper-case host names, duplicate addresses that shadow each other) is a ``RulesE
 naming the rule. Values may not contain double quotes or control characters, so every
 rule has exactly one source line.
 
-Imports: the standard library and ``pyqmail.cdb`` only. Ansible loads this file as
-``ansible.module_utils.pyqmail_rules`` (a symlink), where the ``pyqmail`` package may
-not be installed, so the cdb code is imported from ``ansible.module_utils.pyqmail_cdb``
+Imports: the standard library and ``pyqmail.cdb`` only. Ansible loads this file as the
+collection's ``plugins/module_utils/pyqmail_rules`` (a symlink), where the ``pyqmail`` package
+may not be installed, so the cdb code is imported from the collection's ``pyqmail_cdb``
 (a symlink to the same file) when ``pyqmail.cdb`` is not importable; Ansible's payload
 builder sees that import and ships the file with the module.
 """
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 try:
     from pyqmail.cdb import CDB, CDBError, make
 except ImportError:  # pragma: no cover - exercised through ansible-playbook
-    from ansible.module_utils.pyqmail_cdb import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_cdb import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
         CDB,
         CDBError,
         make,
@@ -278,7 +278,7 @@ def _check_address(address: str) -> str | None:
     if '"' in address or "," in address:
         return "the address contains a quote or a comma"
     if "@" in address:
-        info, _, rest = address.partition("@")
+        info, _at, rest = address.partition("@")
         if not _INFO_RE.match(info):
             return f"{info!r} is not a TCPREMOTEINFO user name (letters, digits, . _ + -)"
         if rest.startswith("="):
@@ -481,7 +481,7 @@ def _decide(data: bytes, key: str) -> Decision:
         if entry.startswith(b"D"):
             return Decision(False, {}, key)
         if entry.startswith(b"+") and b"=" in entry:
-            name, _, value = entry[1:].partition(b"=")
+            name, _eq, value = entry[1:].partition(b"=")
             env[name.decode(errors="surrogateescape")] = value.decode(errors="surrogateescape")
     return Decision(True, env, key)
 

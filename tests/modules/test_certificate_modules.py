@@ -26,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from tests.collection import fqcn, module_utils
 from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
 
-crypto: Any = importlib.import_module("ansible.module_utils.pyqmail_crypto")
+crypto: Any = module_utils("pyqmail_crypto")
 cert_module: Any = importlib.import_module("pyqmail_certificate")
 ca_module: Any = importlib.import_module("pyqmail_ca")
 
@@ -498,10 +499,12 @@ def test_modules_run_under_debian_python3(tmp_path: Path) -> None:
     target = tmp_path / "servercert.pem"
     ca = tmp_path / "ca"
     tasks = [
-        {"pyqmail_ca": {"path": str(ca), "common_name": "debian CA"}},
-        {"pyqmail_certificate": {"path": str(target), "names": ["localhost"], "ca_path": str(ca)},
+        {"pyqmail.mail.pyqmail_ca": {"path": str(ca), "common_name": "debian CA"}},
+        {"pyqmail.mail.pyqmail_certificate": {"path": str(target), "names": ["localhost"],
+                                              "ca_path": str(ca)},
          "register": "r"},
-        {"pyqmail_certificate": {"path": str(target), "names": ["localhost"], "ca_path": str(ca)},
+        {"pyqmail.mail.pyqmail_certificate": {"path": str(target), "names": ["localhost"],
+                                              "ca_path": str(ca)},
          "register": "again"},
         {"ansible.builtin.assert": {"that": ["r is changed", "again is not changed"]}},
     ]  # fmt: skip
@@ -512,8 +515,6 @@ def test_modules_run_under_debian_python3(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(repo / "ansible.cfg"),
-        "ANSIBLE_LIBRARY": str(repo / "library"),
-        "ANSIBLE_MODULE_UTILS": str(repo / "module_utils"),
         "ANSIBLE_LOCALHOST_WARNING": "false",
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
     }
@@ -545,11 +546,12 @@ def test_ansible_doc_renders(name: str) -> None:
     repo = Path(__file__).resolve().parents[2]
     doc = Path(sys.executable).with_name("ansible-doc")
     proc = subprocess.run(
-        [str(doc), "--json", "-M", str(repo / "library"), name],
+        [str(doc), "--json", fqcn(name)],
         capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, "ANSIBLE_CONFIG": str(repo / "ansible.cfg")},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)[name]
+    data = json.loads(proc.stdout)[fqcn(name)]
     attributes = data["doc"]["attributes"]
     assert attributes["check_mode"]["support"] == "full"
     assert attributes["diff_mode"]["support"] == "full"

@@ -353,11 +353,12 @@ def test_ansible_doc_renders() -> None:
     repo = Path(__file__).resolve().parents[2]
     doc = Path(sys.executable).with_name("ansible-doc")
     proc = subprocess.run(
-        [str(doc), "--json", "-M", str(repo / "library"), "pyqmail_dkim_key"],
-        capture_output=True, text=True, check=False, timeout=120, env={**os.environ},
+        [str(doc), "--json", "pyqmail.mail.pyqmail_dkim_key"],
+        capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, "ANSIBLE_CONFIG": str(repo / "ansible.cfg")},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)["pyqmail_dkim_key"]
+    data = json.loads(proc.stdout)["pyqmail.mail.pyqmail_dkim_key"]
     assert data["doc"]["attributes"]["check_mode"]["support"] == "full"
     assert data["doc"]["attributes"]["diff_mode"]["support"] == "full"
     assert {"records", "signing", "keys"} <= set(data["return"])

@@ -22,7 +22,7 @@ PLAY = """\
   gather_facts: true
   gather_subset: ["!all", network]
   roles:
-    - role: pyqmail
+    - role: pyqmail.mail.pyqmail
 """
 BASE: dict[str, Any] = {
     "pyqmail__me": "mx.example.test",
@@ -40,7 +40,6 @@ def preflight(tmp_path: Path, **extra: Any) -> subprocess.CompletedProcess[str]:
     variables.write_text(json.dumps({**BASE, **extra}))
     env = {
         **os.environ,
-        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
         "ANSIBLE_NOCOLOR": "1",
     }

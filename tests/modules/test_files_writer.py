@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from tests.collection import module_utils
 from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, set_module_args
 
-files: Any = importlib.import_module("ansible.module_utils.pyqmail_files")
+files: Any = module_utils("pyqmail_files")
 cert_module: Any = importlib.import_module("pyqmail_certificate")
 ca_module: Any = importlib.import_module("pyqmail_ca")
 smtp_user_module: Any = importlib.import_module("pyqmail_smtp_user")

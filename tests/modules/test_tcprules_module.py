@@ -12,7 +12,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import ansible.module_utils
 import pytest
 
 from pyqmail.rules import Decision, Rules, compile_rules, make_rule
@@ -40,10 +39,7 @@ EXPECTED_RULES = [
 
 @pytest.fixture(scope="module")
 def module() -> ModuleType:
-    """library/pyqmail_tcprules.py, importing module_utils/ as Ansible would."""
-    utils_dir = str(REPO / "module_utils")
-    if utils_dir not in ansible.module_utils.__path__:
-        ansible.module_utils.__path__.append(utils_dir)
+    """library/pyqmail_tcprules.py, importing module_utils/ by the collection's names."""
     return importlib.import_module("pyqmail_tcprules")
 
 
@@ -295,7 +291,7 @@ def test_through_ansible_playbook(tmp_path: Path) -> None:
 
 def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     """With /usr/bin/python3 (no pyqmail package), rules.py must fall back to
-    ansible.module_utils.pyqmail_cdb, which Ansible ships only if it saw that import."""
+    the collection's module_utils pyqmail_cdb, which Ansible ships only if it saw that import."""
     interpreter = "/usr/bin/python3"
     probe = subprocess.run([interpreter, "-c", "import pyqmail"], capture_output=True, check=False)
     if probe.returncode == 0:
@@ -308,7 +304,7 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
             "connection": "local",
             "tasks": [
                 {
-                    "pyqmail_tcprules": {"path": str(path), "rules": RULES},
+                    "pyqmail.mail.pyqmail_tcprules": {"path": str(path), "rules": RULES},
                     "register": "r",
                     "ignore_errors": True,
                 }
@@ -320,8 +316,6 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_LIBRARY": str(REPO / "library"),
-        "ANSIBLE_MODULE_UTILS": str(REPO / "module_utils"),
         "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
         "ANSIBLE_LOCALHOST_WARNING": "false",
         "PYTHONWARNINGS": "ignore",
@@ -350,9 +344,7 @@ def test_ansible_doc_renders() -> None:
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-doc")),
-            "-M",
-            str(REPO / "library"),
-            "pyqmail_tcprules",
+            "pyqmail.mail.pyqmail_tcprules",
         ],
         capture_output=True,
         text=True,

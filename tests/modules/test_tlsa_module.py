@@ -84,9 +84,7 @@ def test_ansible_doc_renders() -> None:
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-doc")),
-            "-M",
-            str(REPO / "library"),
-            "pyqmail_tlsa",
+            "pyqmail.mail.pyqmail_tlsa",
         ],
         capture_output=True,
         text=True,

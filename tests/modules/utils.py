@@ -4,7 +4,8 @@ Two ways to test a module in library/:
 - in-process: ``with set_module_args({...}):`` then call ``module.main()`` and catch
   ``AnsibleExitJson`` / ``AnsibleFailJson`` (exit_json/fail_json are patched to raise);
 - through Ansible for real: ``run_module("pyqmail_tcprules", {...}, check=True, diff=True)``
-  runs ``ansible-playbook`` against localhost (connection local) and returns the task result.
+  runs ``ansible-playbook`` against localhost (connection local) with the task as
+  ``pyqmail.mail.pyqmail_tcprules`` (the checkout is that collection) and returns its result.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import ansible.module_utils
 from ansible.module_utils import basic
 from ansible.module_utils.common.text.converters import to_bytes
 
+from tests.collection import fqcn
+
 REPO = Path(__file__).resolve().parents[2]
+# In-process runs import a module by its file name; its module_utils imports
+# (ansible_collections.pyqmail.mail.plugins.module_utils.*) resolve through tests.collection.
 sys.path.insert(0, str(REPO / "library"))
-# In-process runs import the project's module_utils the way Ansible ships them to a host:
-# as ansible.module_utils.pyqmail_* (AnsiballZ bundles them; here the package path grows).
-if str(REPO / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
 
 
 class AnsibleExitJson(Exception):  # noqa: N818 - the name community.general uses
@@ -82,10 +82,13 @@ def run_module(
     diff: bool = False,
     become_user: str | None = None,
 ) -> dict[str, Any]:
-    """Run one module task through ansible-playbook on localhost; return its result dict."""
+    """Run one module task through ansible-playbook on localhost; return its result dict.
+
+    ``module`` may be short (``pyqmail_tcprules``): the task always uses the fully qualified
+    name, the only one this checkout's ansible.cfg resolves."""
     task: dict[str, Any] = {
         "name": "under test",
-        module: args,
+        fqcn(module): args,
         "register": "r",
         "ignore_errors": True,
     }
@@ -101,8 +104,6 @@ def run_module(
     env.update(
         {
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-            "ANSIBLE_LIBRARY": str(REPO / "library"),
-            "ANSIBLE_MODULE_UTILS": str(REPO / "module_utils"),
             "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
             "ANSIBLE_LOCALHOST_WARNING": "false",
             "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",

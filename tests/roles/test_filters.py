@@ -1,7 +1,7 @@
 """filter_plugins/pyqmail.py: what the roles compute, with the roles' own vars as inputs.
 
-The last tests run the filters through Ansible itself from the repository root (ansible.cfg's
-``filter_plugins``), the way site.yml and playbooks/ find them.
+The last tests run the filters through Ansible itself from the repository root, by their fully
+qualified names (pyqmail.mail.*, ansible.cfg's collections_path), the way the roles use them.
 """
 
 from __future__ import annotations
@@ -184,13 +184,18 @@ def ansible_debug(expression: str, extra: dict[str, Any]) -> subprocess.Complete
 
 
 def test_ansible_finds_the_filters_through_ansible_cfg() -> None:
-    proc = ansible_debug("folders | pyqmail_mailbox_dirs | length", {"folders": ["Sent"]})
+    """By their fully qualified names: the checkout is the collection pyqmail.mail."""
+    proc = ansible_debug(
+        "folders | pyqmail.mail.pyqmail_mailbox_dirs | length", {"folders": ["Sent"]}
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"msg": 9' in proc.stdout or "msg: 9" in proc.stdout, proc.stdout
 
 
 def test_bad_inventory_value_fails_with_the_variable_name() -> None:
-    proc = ansible_debug("[] | pyqmail_rules_collect(relay, [], {})", {"relay": ["127.", ["10."]]})
+    proc = ansible_debug(
+        "[] | pyqmail.mail.pyqmail_rules_collect(relay, [], {})", {"relay": ["127.", ["10."]]}
+    )
     assert proc.returncode != 0
     message = "pyqmail_rules__relay_clients[1] must be a string, got ['10.']"
     assert message in proc.stdout + proc.stderr
@@ -245,9 +250,9 @@ def test_services_svstat_argv_and_summary() -> None:
         "config_dir": "/etc/pyqmail",
         "fetched": "",
     }
-    lines = filters.services_summary(wanted, facts)
+    lines = filters.services_summary(wanted, {**facts, "version": "pyqmail-smtpd 1.2.3\n"})
     assert lines[:4] == [
-        "host: mx1 (me: mx1.example.org)",
+        "host: mx1 (me: mx1.example.org, pyqmail 1.2.3)",
         "listen address: 192.0.2.25",
         "  port 25: qmail-smtpd (SMTP, STARTTLS offered, no AUTH)",
         "  port 587: qmail-smtpd-tls (submission, STARTTLS then AUTH)",
@@ -262,6 +267,7 @@ def test_services_svstat_argv_and_summary() -> None:
         wanted[-1:], {**facts, "dovecot": dovecot, "fetched": "/ctl/ca.pem", "svstat": None}
     )
     assert "IMAP/POP3 listen address: 127.0.0.1" in lines
+    assert lines[0] == "host: mx1 (me: mx1.example.org)"  # no version: pyqmail-smtpd missing
     assert "  outgoing: none (no submission or smtps listener)" in lines
     assert "  incoming: IMAP 993 SSL/TLS" in lines
     assert lines[-1] == "  and /ctl/ca.pem on the controller"

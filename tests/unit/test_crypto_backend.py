@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib
 import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import ansible.module_utils
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.collection import module_utils
+
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(REPO / "module_utils"))
-crypto: Any = importlib.import_module("ansible.module_utils.pyqmail_crypto")
+crypto: Any = module_utils("pyqmail_crypto")
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

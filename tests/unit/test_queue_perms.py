@@ -84,7 +84,9 @@ def test_role_gives_the_hashes_to_the_verifiers_only() -> None:
     """control/smtpusers is root:<auth group> 0640; only pyqmail-smtpd's user is in it."""
     common = _defaults("pyqmail")
     assert common["pyqmail__auth_group"] != common["pyqmail__group"]
-    smtp_users = _task("pyqmail_mailboxes", "Manage the SMTP AUTH users")["pyqmail_smtp_user"]
+    smtp_users = _task("pyqmail_mailboxes", "Manage the SMTP AUTH users")[
+        "pyqmail.mail.pyqmail_smtp_user"
+    ]
     assert (smtp_users["owner"], smtp_users["group"], smtp_users["mode"]) == (
         "root",
         "{{ pyqmail__auth_group }}",

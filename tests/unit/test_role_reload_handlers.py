@@ -146,7 +146,7 @@ def _listens(handler: dict[str, Any]) -> set[str]:
 
 
 def _kind(handler: dict[str, Any]) -> str:
-    return next(k for k in handler if "." in k or k == "pyqmail_service")
+    return next(k for k in handler if "." in k)
 
 
 HANDLERS: list[dict[str, Any]] = yaml.safe_load(
@@ -161,11 +161,11 @@ def test_send_handlers_validate_before_signalling() -> None:
         "ansible.builtin.stat",
         "ansible.builtin.command",
         "ansible.builtin.fail",
-        "pyqmail_service",
+        "pyqmail.mail.pyqmail_service",
     ]
     assert "--check" in send[1]["ansible.builtin.command"]["argv"]
-    assert send[3]["pyqmail_service"]["state"] == "reloaded"
-    assert send[3]["pyqmail_service"]["name"] == "qmail-send"
+    assert send[3]["pyqmail.mail.pyqmail_service"]["state"] == "reloaded"
+    assert send[3]["pyqmail.mail.pyqmail_service"]["name"] == "qmail-send"
     # the listeners' reload never signals qmail-send, and send's reload runs before a restart
     order = [h["name"] for h in HANDLERS]
     restart = next(i for i, h in enumerate(HANDLERS) if "svc -t" in h["name"])

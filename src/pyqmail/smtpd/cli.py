@@ -96,7 +96,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pyqmail import privs
+from pyqmail import __version__, privs
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
@@ -178,6 +178,12 @@ def resolve_loop(choice: str) -> str:
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version (of the daemon and of the collection pyqmail.mail) and exit",
     )
     parser.add_argument("--root", default="/var/qmail", help="qmail root (default /var/qmail)")
     parser.add_argument("--listen", help="IP:PORT to listen on (required unless --check)")

@@ -1,4 +1,4 @@
-"""Action pyqmail_preflight: check the inventory of every pyqmail role before anything changes.
+"""Action pyqmail.mail.pyqmail_preflight: check the inventory of every pyqmail role first.
 
 Runs on the controller and changes nothing (check mode or not). For the host at hand it
 collects the value of every variable the roles in ``roles`` declare in their
@@ -17,21 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ansible.module_utils
-from ansible import constants as C  # noqa: N812 - Ansible's own idiom
 from ansible.errors import AnsibleError
 from ansible.plugins.action import ActionBase
-
-# The project's module_utils are importable on the controller as ansible.module_utils.*,
-# the names the modules use on the hosts (the configured path, else the repository's).
-for _path in [
-    *C.DEFAULT_MODULE_UTILS_PATH,
-    str(Path(__file__).resolve().parents[3] / "module_utils"),
-]:
-    if Path(_path).is_dir() and _path not in ansible.module_utils.__path__:
-        ansible.module_utils.__path__.append(_path)
-
-from ansible.module_utils.pyqmail_inventory import check, unknown  # noqa: E402
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_inventory import (
+    check,
+    unknown,
+)
 
 
 class ActionModule(ActionBase):

@@ -1,0 +1,100 @@
+"""The role pyqmail_install with the wheel a collection ships (issue 20): an installed
+collection has no daemon sources, so the role installs pyqmail_install__wheel (by default the
+wheel in its files/, which scripts/build-collection puts there) instead of building one. Run
+through ansible-playbook on this machine with the role's wheel tasks, a scratch venv and wheel
+directory; the installed daemon has the collection's version.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.roles.playbook import REPO, ansible_env
+
+TASKS = REPO / "roles" / "pyqmail_install" / "tasks" / "wheel.yml"
+VERSION = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The daemon wheel, built as scripts/build-collection builds it."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+         "--disable-pip-version-check", "--wheel-dir", str(out), str(REPO)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    (built,) = out.glob("pyqmail-*-py3-none-any.whl")
+    assert built.name == f"pyqmail-{VERSION}-py3-none-any.whl"
+    return built
+
+
+def run(tmp: Path, given: str) -> subprocess.CompletedProcess[str]:
+    """The role's wheel tasks with ``pyqmail_install__wheel: given``; a handler stands in for
+    the pyqmail role's restart."""
+    playbook = tmp / "play.yml"
+    playbook.write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        f"    - ansible.builtin.import_tasks: {TASKS}\n"
+        "  handlers:\n    - name: pyqmail restart daemons\n"
+        "      ansible.builtin.debug: {msg: restart}\n"
+    )
+    extra = {
+        "pyqmail__venv": str(tmp / "venv"),
+        "pyqmail__check_fresh": False,
+        "pyqmail_install__wheel": given,
+        "pyqmail_install__wheel_dir": str(tmp / "cache"),
+        "ansible_python_interpreter": sys.executable,
+    }
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
+         str(playbook), "-e", json.dumps(extra)],
+        cwd=REPO, env=ansible_env(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def stats(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    result: dict[str, Any] = json.loads(proc.stdout)["stats"]["localhost"]
+    return result
+
+
+def test_the_given_wheel_is_installed_once(tmp_path: Path, wheel: Path) -> None:
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
+    first = stats(run(tmp_path, str(wheel)))
+    assert first["changed"] >= 2, first  # copy, install, stamp
+    assert (tmp_path / "cache" / wheel.name).read_bytes() == wheel.read_bytes()
+    # The scratch venv lacks the daemon's Debian dependencies: ask the installed metadata.
+    python = tmp_path / "venv" / "bin" / "python"
+    code = "import importlib.metadata as m; print(m.version('pyqmail'))"
+    version = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == VERSION
+    assert (tmp_path / "venv" / "bin" / "pyqmail-smtpd").is_file()
+    assert stats(run(tmp_path, str(wheel)))["changed"] == 0
+
+
+def test_a_missing_wheel_is_named(tmp_path: Path) -> None:
+    proc = run(tmp_path, str(tmp_path / "pyqmail-9.9.9-py3-none-any.whl"))
+    assert proc.returncode != 0
+    assert (
+        f"pyqmail_install__wheel: {tmp_path}/pyqmail-9.9.9-py3-none-any.whl is missing on the "
+        "controller" in proc.stdout
+    ), proc.stdout[-3000:]
+
+
+def test_a_wheel_that_is_not_pyqmails_is_named(tmp_path: Path) -> None:
+    other = tmp_path / "other-1.0-py3-none-any.whl"
+    other.write_bytes(b"PK")
+    proc = run(tmp_path, str(other))
+    assert proc.returncode != 0
+    assert f"{other} is not a pyqmail-<version>-py3-none-any.whl" in proc.stdout, proc.stdout[
+        -3000:
+    ]
