@@ -64,13 +64,13 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (
     rsa_bits_problem,
     virtual_keys,
 )
-from ansible.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     check_clamd_max_size,
     check_scanner_address,
     check_thresholds,
     scan_problem,
 )
-from ansible.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     check_timeout as check_scan_timeout,
 )
 
