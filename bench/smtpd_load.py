@@ -30,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fsprobe
+from bench import fsprobe, resume
 from bench.certs import CertFiles, make_certs
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
@@ -54,6 +54,7 @@ class Workload:
     name: str
     starttls: bool
     per_session: int
+    resume: bool = False  # clients resume their TLS sessions (bench/resume.py)
 
 
 WORKLOADS = (
@@ -61,6 +62,7 @@ WORKLOADS = (
     Workload("plain 10 msg/session", starttls=False, per_session=10),
     Workload("STARTTLS 1 msg/session", starttls=True, per_session=1),
     Workload("STARTTLS 10 msg/session", starttls=True, per_session=10),
+    Workload("resumed STARTTLS 1 msg/session", starttls=True, per_session=1, resume=True),
 )
 
 
@@ -78,6 +80,8 @@ class Run:
     seconds: float
     samples: list[str] = field(default_factory=list)
     latency_us: list[int] = field(default_factory=list)  # end of DATA -> 250, per message
+    handshakes: int = 0  # TLS handshakes (client side)
+    resumed: int = 0  # of which resumed
 
 
 class GeneratorError(Exception):
@@ -164,6 +168,7 @@ def run_load(
         argv += ["--per-session", str(workload.per_session)]
         if workload.starttls:
             argv += ["--starttls", "--cafile", str(certs.ca)]
+            argv += ["--resume"] if workload.resume else []
         if msg_shares is not None:
             argv += ["--messages", str(msg_shares[i])]
         else:
@@ -185,6 +190,7 @@ def run_load(
     seconds = max(float(r["elapsed"]) for r in results)
     count = sum(int(r["messages"]) for r in results)
     samples = [s for r in results for s in r["error_samples"]]
+    handshakes, resumed = resume.share(results)
     return Run(
         rate=count / seconds if seconds > 0 else 0.0,
         messages=count,
@@ -196,6 +202,8 @@ def run_load(
         seconds=seconds,
         samples=samples,
         latency_us=[us for r in results for us in r.get("latency_us", [])],
+        handshakes=handshakes,
+        resumed=resumed,
     )
 
 
@@ -433,6 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def resume_rows(
+    workloads: list[Workload], names: list[str], runs: dict[tuple[str, str], list[Run]]
+) -> list[tuple[str, str, int, int]]:
+    """(workload, server, handshakes, resumed) of the resuming workloads, over the rounds."""
+    return [
+        (w.name, n, sum(r.handshakes for r in rs), sum(r.resumed for r in rs))
+        for w in workloads
+        if w.resume
+        for n in names
+        if (rs := runs.get((w.name, n), []))
+    ]
+
+
 def print_table(
     args: argparse.Namespace,
     names: list[str],
@@ -489,6 +510,8 @@ def print_table(
             pooled = [us for r in runs.get((w.name, n), []) for us in r.latency_us]
             line += f"{percentiles(pooled):>16}"
         print(line)
+    for text in resume.share_lines(resume_rows(args.workload_list, names, runs)):
+        print(text)
     print()
     print(
         f"{'memory (PSS, MiB)':<32}"
