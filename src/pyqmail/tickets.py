@@ -17,21 +17,24 @@ Python context:
 - time is cut into periods of ``lifetime`` seconds; the secret of period n+1 is the
   SHA-256 of period n's (a one-way ratchet), so every process, forked at any time, derives
   the same keys for the same period with no communication, and the keys of a period cannot
-  be computed back from a later one;
+  be computed back from a later one (every process ratchets, the supervisor included, and
+  keeps only the current and the previous period's);
 - a ticket is issued under the current period's key and accepted under it or the previous
   one (then re-issued under the current one); anything older means a full handshake. The
   session timeout (the ticket's lifetime hint) is ``lifetime``, so every ticket stays
   decryptable for its whole life.
 
-The ``ctypes`` parts, and why they are acceptable: the ``SSL_CTX *`` is read from the
-first field after the object header of CPython's ``_ssl._SSLContext`` (its layout since
-Python 3.x began), and it is checked before use: OpenSSL must report the context's
-options and verify mode exactly as Python does, otherwise ``TicketError`` is raised and
-the caller serves without tickets (logged). The callback is OpenSSL's HMAC one
+The ``ctypes`` parts, and why they are acceptable: the ``SSL_CTX *`` is read from the first
+field after the object header of CPython's ``_ssl._SSLContext`` (``PySSLContext`` starts
+with it in every CPython 3 release), and it is checked before use: OpenSSL must report the
+context's options and verify mode exactly as Python does, otherwise ``TicketError`` is
+raised and the caller serves without tickets (logged). The callback is OpenSSL's HMAC one
 (deprecated in OpenSSL 3.0, still built in Debian's): its AES-256-CBC + HMAC-SHA256 ticket
-encryption is the format OpenSSL itself uses. The alternative, a parent that re-creates
-the context and hands it to the workers, cannot reach a running worker (an ``SSL_CTX``
-does not cross processes), and a context made before the fork never rotates.
+encryption is the format OpenSSL itself uses. The alternative, a parent that re-creates the
+context and hands it to the workers, cannot reach a running worker (an ``SSL_CTX`` does not
+cross processes), and a context made before the fork never rotates. OpenSSL's static
+keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``) hold one key only: a rotation would void every
+ticket at once.
 
 A ticket's session carries the client certificate verified at the full handshake; the
 session id context is a digest of ``clientca.pem`` (``session_context``), so a changed
@@ -104,8 +107,10 @@ class TicketKeys:
     def _now(self) -> int:
         return int(self.clock() // self.lifetime)
 
-    def _advance(self) -> None:
-        """Ratchet forward to the current period; keep one previous key, forget older."""
+    def advance(self) -> None:
+        """Ratchet forward to the current period; keep one previous key, forget older
+        (as far as Python forgets: the old bytes are freed, not wiped). The supervisor
+        calls it too, so that no process keeps the start's secret for its whole life."""
         now = self._now()
         if now <= self._period:
             return
@@ -119,13 +124,13 @@ class TicketKeys:
 
     def for_issue(self) -> _Keys:
         """The key new tickets are sealed with."""
-        self._advance()
+        self.advance()
         return self._current
 
     def for_name(self, name: bytes) -> tuple[_Keys | None, bool]:
         """The key a ticket names (None if too old or unknown), and whether it is the
         current one (a ticket under the previous key is re-issued)."""
-        self._advance()
+        self.advance()
         if hmac.compare_digest(name, self._current.name):
             return self._current, True
         if self._previous is not None and hmac.compare_digest(name, self._previous.name):
@@ -241,7 +246,8 @@ def session_context(clientca: bytes | None) -> bytes:
 
 def enable(ctx: ssl.SSLContext, keys: TicketKeys, sid_context: bytes) -> None:
     """Session tickets under ``keys`` on a server context, no server-side session cache;
-    TicketError (context unchanged) if this interpreter or OpenSSL cannot do it."""
+    TicketError if this interpreter or OpenSSL cannot do it (tickets then stay off: they
+    are enabled last, after every OpenSSL call succeeded)."""
     lib = _libssl()
     ptr = _ctx_pointer(ctx, lib)
     callback = _callback(keys, lib)

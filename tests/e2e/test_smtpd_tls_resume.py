@@ -4,6 +4,7 @@ resumes too (``-sess_out``/``-sess_in``, "Reused")."""
 
 from __future__ import annotations
 
+import os
 import signal
 import ssl
 from pathlib import Path
@@ -120,3 +121,23 @@ def test_client_certificate_relay_survives_resumption_not_a_new_clientca(
     d.wait_for(r"pid=\d+ reload ", count=2)
     for _ in range(4):
         assert relays(d, ctx, ticket) == (False, 250)
+
+
+def test_ticket_resumes_on_a_replacement_worker(smtpd: StartDaemon, pki: PKI) -> None:
+    """A worker forked later (here: the replacement of a killed one) derives the same keys
+    from the supervisor's state."""
+    d = smtpd(workers=2)
+    ctx = client_context(pki)
+    _, ticket, issuer = session(d, ctx)
+    assert ticket is not None
+    os.kill(issuer, signal.SIGKILL)
+    d.wait_for(rf"worker-exit worker={issuer} ")
+    d.wait_for(r"pid=\d+ ready", count=3)
+    pids: set[int] = set()
+    for _ in range(TRIES):
+        resumed, _, pid = session(d, ctx, ticket)
+        assert resumed, f"not resumed on worker {pid}"
+        pids.add(pid)
+        if len(pids) == 2:
+            break
+    assert issuer not in pids and len(pids) == 2
