@@ -157,6 +157,7 @@ class Target:
     server_name: str
     sender: str = DEFAULT_SENDER
     recipient: str = DEFAULT_RECIPIENT
+    source: str | None = None  # the local address to connect from (127.0.0.x)
 
 
 class Session(asyncio.Protocol):
@@ -336,7 +337,12 @@ async def run_session(target: Target, budget: Budget, counters: Counters, payloa
     loop = asyncio.get_running_loop()
     session = Session(target, budget, counters, payload)
     try:
-        await loop.create_connection(lambda: session, target.host, target.port)
+        await loop.create_connection(
+            lambda: session,
+            target.host,
+            target.port,
+            local_addr=(target.source, 0) if target.source else None,
+        )
     except OSError as exc:
         session.fail(f"connect: {type(exc).__name__}: {exc}")
     return await session.done
@@ -382,7 +388,11 @@ def _cpu_seconds() -> float:
 async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
     counters = Counters()
     budget = Budget(args.messages, args.duration)
-    message = make_message(args.size, args.sender, args.recipient)
+    message = (
+        read_message(args.message_file)
+        if args.message_file
+        else make_message(args.size, args.sender, args.recipient)
+    )
     if args.wait_go:
         _emit({"event": "ready"})
         await _wait_for("go")
@@ -407,6 +417,16 @@ async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
         "handshakes": counters.handshakes,
         "resumed": counters.resumed,
     }
+
+
+def read_message(path: str) -> bytes:
+    """A prepared message (the checks row's DKIM-signed one), sent as is: CRLF lines, no
+    line starting with a dot, ending with CRLF."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.endswith(b"\r\n") or b"\n." in data or data.startswith(b"."):
+        raise SystemExit(f"loadgen: --message-file {path}: needs CRLF lines, none with a dot")
+    return data
 
 
 async def _open_idle(
@@ -489,6 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=MESSAGE_SIZE, help="message size in bytes")
     p.add_argument("--sender", help=f"MAIL FROM and header From (default {DEFAULT_SENDER})")
     p.add_argument("--recipient", help=f"RCPT TO and header To (default {DEFAULT_RECIPIENT})")
+    p.add_argument("--message-file", help="send this message as is (MAIL FROM: --sender)")
+    p.add_argument("--source", help="local address to connect from (default: any)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--messages", type=int, help="stop after this many messages in total")
     mode.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -531,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         server_name=args.server_name,
         sender=args.sender or DEFAULT_SENDER,
         recipient=args.recipient or DEFAULT_RECIPIENT,
+        source=args.source,
     )
     runner = idle if args.idle is not None else load
     result = run_loop(runner(args, target), args.loop)

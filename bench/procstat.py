@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -47,10 +48,11 @@ def _children_by_scan(pid: int) -> list[int]:
 _HAVE_CHILDREN_FILE = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
 
 
-def tree(root: int) -> list[int]:
-    """``root`` and all its descendants that are alive now."""
+def tree(root: int | Sequence[int]) -> list[int]:
+    """``root`` (one PID or several) and all its descendants that are alive now."""
     find = _children if _HAVE_CHILDREN_FILE else _children_by_scan
-    pids, todo = [], [root]
+    pids: list[int] = []
+    todo = [root] if isinstance(root, int) else list(root)
     while todo:
         pid = todo.pop()
         pids.append(pid)
@@ -70,7 +72,7 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def tree_pss_kib(root: int) -> tuple[int, int]:
+def tree_pss_kib(root: int | Sequence[int]) -> tuple[int, int]:
     """(summed PSS in KiB, number of processes) of the tree under ``root``."""
     pids = tree(root)
     return sum(pss_kib(p) for p in pids), len(pids)
@@ -94,7 +96,7 @@ def alive(pid: int, started: int | None) -> bool:
     return started is not None and int(fields[19]) == started and fields[0] != "Z"
 
 
-def tree_cpu_seconds(root: int) -> float:
+def tree_cpu_seconds(root: int | Sequence[int]) -> float:
     """CPU time (user + system) of the tree, including reaped children of its members."""
     total = 0
     for pid in tree(root):
@@ -108,7 +110,7 @@ def tree_cpu_seconds(root: int) -> float:
 class PssSampler:
     """Samples a tree's summed PSS in a background thread; ``peak`` is the maximum seen."""
 
-    def __init__(self, root: int, interval: float = 0.25) -> None:
+    def __init__(self, root: int | Sequence[int], interval: float = 0.25) -> None:
         self.root = root
         self.interval = interval
         self.peak_kib = 0

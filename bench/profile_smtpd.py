@@ -7,6 +7,7 @@ was running) and "total" (it was on the stack). The raw collapsed stacks are kep
 flame graphs (``--raw FILE``).
 
     python bench/profile_smtpd.py --workload "STARTTLS 10" --duration 10
+    python bench/profile_smtpd.py --workload "port 25" --duration 10   # the checks row
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.certs import make_certs
-from bench.servers import PyqmailServer
+from bench.checks_peer import ChecksWorld
+from bench.servers import PyqmailServer, Server
 from bench.smtpd_load import WORKLOADS, Run, run_load, word_prefix
 
 
@@ -81,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="pyqmail-profile.", dir=args.tmpdir))
     base.chmod(0o755)
     raw = args.raw or base / "stacks.txt"
-    server = PyqmailServer(base, make_certs(base / "tls"), workers=args.workers, user=args.user)
+    certs = make_certs(base / "tls")
+    world = ChecksWorld(base, certs, {"workers": args.workers, "user": args.user})
+    extra = world.loadgen_args() if workload.checks else None
+    server: Server = PyqmailServer(base, certs, workers=args.workers, user=args.user)
     try:
-        server.start()
-        run_load(server, server.certs, workload, sessions=args.sessions, processes=2, messages=200)
+        if workload.checks:  # the checking pyqmail, its knotd and signed message
+            server = world.start(["pyqmail"])["pyqmail"]
+        else:
+            server.start()
+        load = {"sessions": args.sessions, "processes": 2, "extra": extra}
+        run_load(server, certs, workload, messages=200, **load)
         cmd = [pyspy, "record", "-p", str(server.pid), "--subprocesses", "--nonblocking"]
         cmd += ["-f", "raw", "-o", str(raw), "-d", str(int(args.duration) + 1), "-r", "200"]
         if args.native:
@@ -96,14 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         result: list[Run] = []
         loader = threading.Thread(
             target=lambda: result.append(
-                run_load(
-                    server,
-                    server.certs,
-                    workload,
-                    sessions=args.sessions,
-                    processes=2,
-                    duration=args.duration,
-                )
+                run_load(server, certs, workload, duration=args.duration, **load)
             )
         )
         loader.start()
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize(raw.read_text(), args.top))
     finally:
         server.stop()
+        world.stop()
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

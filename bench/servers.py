@@ -96,8 +96,10 @@ class Server:
 
     name = "server"
 
-    def __init__(self, base: Path, certs: CertFiles, port: int | None = None) -> None:
-        self.dir = base / self.name
+    def __init__(
+        self, base: Path, certs: CertFiles, port: int | None = None, tag: str = ""
+    ) -> None:
+        self.dir = base / (self.name + tag)  # tag: a second instance beside the first
         self.certs = certs
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,6 +120,12 @@ class Server:
         if self.proc is None:
             raise ServerError(f"{self.name} is not running")
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The roots whose process trees are the server: its own, and helpers it talks to
+        that are not its children (the checks row's milters, bench/checks_peer.py)."""
+        return [self.pid]
 
     def start(self, timeout: float = 20) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -177,9 +185,13 @@ class PyqmailServer(Server):
         workers: str = "auto",
         user: str = "nobody",
         commitdelay: int | None = None,
+        *,
+        tag: str = "",
+        control: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(base, certs)
+        super().__init__(base, certs, tag=tag)
         self.workers = workers
+        self.control = control or {}  # more control files (the checks row's)
         self.commitdelay = commitdelay  # control/commitdelay (ms); None: pyqmail's default
         self.root = self.dir / "qmail"
         # As root, pyqmail-smtpd insists on dropping to an unprivileged user before it
@@ -203,6 +215,7 @@ class PyqmailServer(Server):
         }
         if self.commitdelay is not None:
             files["commitdelay"] = str(self.commitdelay)
+        files.update(self.control)
         for name, text in files.items():
             (control / name).write_text(text + "\n")
         shutil.copyfile(self.certs.combined, control / "servercert.pem")

@@ -30,8 +30,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fsprobe, resume
+from bench import checks_peer, fsprobe, resume
 from bench.certs import CertFiles, make_certs
+from bench.checks_peer import ChecksPeerError, ChecksWorld
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
     AiosmtpdServer,
@@ -54,6 +55,7 @@ class Workload:
     name: str
     starttls: bool
     per_session: int
+    checks: bool = False  # SPF, DKIM, DMARC, a blocklist: bench/checks_peer.py's servers
     resume: bool = False  # clients resume their TLS sessions (bench/resume.py)
 
 
@@ -62,6 +64,7 @@ WORKLOADS = (
     Workload("plain 10 msg/session", starttls=False, per_session=10),
     Workload("STARTTLS 1 msg/session", starttls=True, per_session=1),
     Workload("STARTTLS 10 msg/session", starttls=True, per_session=10),
+    Workload("port 25 with every check on", starttls=False, per_session=1, checks=True),
     Workload("resumed STARTTLS 1 msg/session", starttls=True, per_session=1, resume=True),
 )
 
@@ -158,6 +161,7 @@ def run_load(
     processes: int,
     duration: float | None = None,
     messages: int | None = None,
+    extra: list[str] | None = None,
 ) -> Run:
     """Drive ``workload`` against ``server`` with ``processes`` generators; measure it."""
     argv_per_proc = []
@@ -169,6 +173,7 @@ def run_load(
         if workload.starttls:
             argv += ["--starttls", "--cafile", str(certs.ca)]
             argv += ["--resume"] if workload.resume else []
+        argv += extra or []
         if msg_shares is not None:
             argv += ["--messages", str(msg_shares[i])]
         else:
@@ -177,12 +182,12 @@ def run_load(
     gens = Generators(argv_per_proc)
     try:
         gens.expect("ready", timeout=30)
-        cpu0 = tree_cpu_seconds(server.pid)
-        with PssSampler(server.pid) as pss:
+        cpu0 = tree_cpu_seconds(server.pids)
+        with PssSampler(server.pids) as pss:
             gens.tell("go")
             limit = (duration or 0) + 60 + (messages or 0) / 10
             results = gens.expect("result", timeout=limit)
-        server_cpu = tree_cpu_seconds(server.pid) - cpu0
+        server_cpu = tree_cpu_seconds(server.pids) - cpu0
         gens.wait()
     finally:
         gens.kill()
@@ -260,6 +265,11 @@ def percentiles(us: list[int]) -> str:
     return f"{p50 / 1000:.2f} / {p99 / 1000:.2f}"
 
 
+def num(value: float, digits: int) -> str:
+    """A 16-wide table cell; "-" where the server did not run the row (NaN)."""
+    return f"{value:16.{digits}f}" if value == value else f"{'-':>16}"  # noqa: PLR0124
+
+
 def mib(kib: float) -> str:
     return f"{kib / 1024:.1f}" if kib == kib else "n/a"  # noqa: PLR0124 (NaN check)
 
@@ -298,8 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     p.add_argument(
         "--workloads",
-        help="comma-separated prefixes of workload names (default: all four; "
-        "the min ratio line needs all four)",
+        help="comma-separated prefixes of workload names (default: all six; "
+        "the min ratio line needs all six)",
     )
     args = p.parse_args(argv)
     args.workload_list = list(WORKLOADS)
@@ -342,6 +352,28 @@ def word_prefix(prefix: str, name: str) -> bool:
     return name == prefix or name.startswith(prefix + " ")
 
 
+CHECKS = next(w for w in WORKLOADS if w.checks)
+CHECKS_PROOF = (
+    "pyqmail's queued messages carry spf=pass dkim=pass dmarc=pass; Postfix's held ones "
+    "policyd-spf's Received-SPF: Pass and OpenDKIM's and OpenDMARC's pass; both refuse "
+    f"the client on {checks_peer.BLOCKLIST}"
+)
+
+
+def start_checks(args: argparse.Namespace, world: ChecksWorld) -> dict[str, Server]:
+    """The checking pyqmail and Postfix (bench/checks_peer.py), when the row is chosen."""
+    if not any(w.checks for w in args.workload_list):
+        return {}
+    checked = world.start(args.server_names)
+    for name, server in checked.items():
+        print(
+            f"# started {name} with every check on, on 127.0.0.1:{server.port} "
+            f"(pid {server.pid}); DNS {world.dns_address}",
+            flush=True,
+        )
+    return checked
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -352,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue under it
     certs = make_certs(base / "tls")
     servers: list[Server] = []
+    world = ChecksWorld(base, certs, {"workers": args.workers, "user": args.user})
     runs: dict[tuple[str, str], list[Run]] = {}
     failed = False
     print(f"# pyqmail receive benchmark; {os.cpu_count()} CPUs, load average {load_avg()}")
@@ -373,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             servers.append(server)
             print(f"# started {name} on 127.0.0.1:{server.port} (pid {server.pid})", flush=True)
+        checked = start_checks(args, world)
         fs_ms = fsprobe.settle([base, *(s.dir for s in servers)], limit=args.settle)
         print(f"# file creation where the queues are: {fs_ms:.3f} ms CPU (see bench/fsprobe.py)")
         for server in servers:  # warm up: spawn workers/processes, fill caches
@@ -385,23 +419,37 @@ def main(argv: list[str] | None = None) -> int:
                     processes=args.generators,
                     messages=args.warmup,
                 )
+        for server in checked.values():
+            run_load(
+                server,
+                certs,
+                CHECKS,
+                sessions=args.sessions,
+                processes=args.generators,
+                messages=args.warmup,
+                extra=world.loadgen_args(),
+            )
         for rnd in range(args.rounds):
             order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
             for workload in args.workload_list:
-                for server in order:
+                for plain in order:
+                    target = checked.get(plain.name) if workload.checks else plain
+                    if target is None:  # aiosmtpd checks nothing: "-" in the table
+                        continue
                     run = run_load(
-                        server,
+                        target,
                         certs,
                         workload,
                         sessions=args.sessions,
                         processes=args.generators,
                         duration=args.duration,
+                        extra=world.loadgen_args() if workload.checks else None,
                     )
-                    runs.setdefault((workload.name, server.name), []).append(run)
+                    runs.setdefault((workload.name, target.name), []).append(run)
                     flag = f"  ERRORS {run.errors}: {run.samples[:2]}" if run.errors else ""
                     failed |= bool(run.errors)
                     print(
-                        f"# round {rnd + 1} {workload.name:<24} {server.name:<8} "
+                        f"# round {rnd + 1} {workload.name:<24} {target.name:<8} "
                         f"{run.rate:7.1f} msg/s  PSS {mib(run.pss_kib):>6} MiB "
                         f"({run.procs} procs)  server CPU {run.server_cpu:5.2f}s  "
                         f"generator CPU {run.gen_cpu:5.2f}s{flag}",
@@ -420,12 +468,18 @@ def main(argv: list[str] | None = None) -> int:
                 failed |= held != args.idle
         for server in servers:
             print(f"# {server.name} queued {server.stored()} messages in all")
-    except (ServerError, subprocess.SubprocessError, OSError) as exc:
+        for name, server in checked.items():
+            print(f"# {name} with every check on queued {server.stored()} messages in all")
+        if checked:
+            world.verify()
+            print(f"# checks row verified: {CHECKS_PROOF}")
+    except (ServerError, ChecksPeerError, subprocess.SubprocessError, OSError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 2
     finally:
         for server in servers:
             server.stop()
+        world.stop()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -475,7 +529,7 @@ def print_table(
     print(head + "".join(f"{short[p]:>8}" for p in peers))
     ratios_pf: list[float] = []
     for w in args.workload_list:
-        line = f"{w.name:<32}" + "".join(f"{med(w.name, n, 'rate'):16.1f}" for n in names)
+        line = f"{w.name:<32}" + "".join(num(med(w.name, n, "rate"), 1) for n in names)
         for p in peers:
             a, b = med(w.name, "pyqmail", "rate"), med(w.name, p, "rate")
             line += f"{ratio(a, b):>8}"
@@ -489,7 +543,7 @@ def print_table(
     head = f"{'server CPU per message (ms)':<32}" + "".join(f"{n:>16}" for n in names)
     print(head + "".join(f"{cpu_short[p]:>8}" for p in peers))
     for w in args.workload_list:
-        line = f"{w.name:<32}" + "".join(f"{cpu_ms(w.name, n):16.2f}" for n in names)
+        line = f"{w.name:<32}" + "".join(num(cpu_ms(w.name, n), 2) for n in names)
         line += "".join(f"{ratio(cpu_ms(w.name, p), cpu_ms(w.name, 'pyqmail')):>8}" for p in peers)
         print(line)
     gen = [

@@ -107,11 +107,12 @@ def split_zones(text: str, origins: list[str]) -> dict[str, str]:
 class DnsServer:
     """knotd serving ``zones`` (zone name -> zone text) on ``host``:``port`` until exit."""
 
-    def __init__(self, zones: dict[str, str], host: str = "127.0.0.1") -> None:
+    def __init__(self, zones: dict[str, str], host: str = "127.0.0.1", port: int = 0) -> None:
         if not zones:
             raise ValueError("DnsServer: no zone to serve")
         self.zones = {_origin(name): text for name, text in zones.items()}
         self.host = host
+        self.want_port = port  # 0: a free high port (bench/checks_peer.py needs 53)
         self.port = 0
         self.dir = Path()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -169,7 +170,7 @@ class DnsServer:
         """knotd on a fresh port and directory, until it serves every zone (else stopped)."""
         self._tmp = tempfile.TemporaryDirectory(prefix="knot-")
         self.dir = Path(self._tmp.name)
-        self.port = free_port(self.host)
+        self.port = self.want_port or free_port(self.host)
         conf = self._write()
         with (self.dir / "knotd.log").open("wb") as log:
             self.proc = subprocess.Popen(

@@ -21,6 +21,7 @@ import pytest
 
 from bench import loadgen
 from bench.certs import CertFiles, make_certs
+from bench.checks_peer import ChecksWorld
 from bench.procstat import alive, start_time, tree, tree_pss_kib
 from bench.servers import (
     AiosmtpdServer,
@@ -34,6 +35,7 @@ from bench.smtpd_load import WORKLOADS, Workload, measure_idle, percentiles, run
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_POSTFIX = Path("/usr/lib/postfix/sbin/master").exists() and os.geteuid() == 0
+PLAIN_WORKLOADS = [w for w in WORKLOADS if not w.checks]  # the checks row: its own test
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +109,51 @@ def _check_counts(server: Server, certs: CertFiles, workload: Workload, messages
     assert all(0 < us < 60_000_000 for us in run.latency_us)
 
 
-@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+@pytest.mark.parametrize("workload", PLAIN_WORKLOADS, ids=lambda w: w.name)
 def test_counts_against_aiosmtpd(aiosmtpd: Server, certs: CertFiles, workload: Workload) -> None:
     _check_counts(aiosmtpd, certs, workload, messages=23)
 
 
-@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+@pytest.mark.parametrize("workload", PLAIN_WORKLOADS, ids=lambda w: w.name)
 def test_counts_against_pyqmail(pyqmail: Server, certs: CertFiles, workload: Workload) -> None:
     _check_counts(pyqmail, certs, workload, messages=23)
 
 
 @pytest.mark.needs_root
-@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+@pytest.mark.parametrize("workload", PLAIN_WORKLOADS, ids=lambda w: w.name)
 def test_counts_against_postfix(postfix: Server, certs: CertFiles, workload: Workload) -> None:
     _check_counts(postfix, certs, workload, messages=23)
+
+
+def test_checks_row_counts_and_both_sides_check(certs: CertFiles) -> None:
+    """The "port 25 with every check on" row, 6 messages per server: all accepted and queued,
+    and the proof of the checks (Authentication-Results passes, the blocklist refusal)
+    holds for pyqmail and, as root, for Postfix with policyd-spf, OpenDKIM and OpenDMARC."""
+    (workload,) = [w for w in WORKLOADS if w.checks]
+    base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-test."))
+    base.chmod(0o755)
+    world = ChecksWorld(base, certs, {"workers": "1"})
+    try:
+        names = ["pyqmail", "postfix"] if HAVE_POSTFIX else ["pyqmail"]
+        checked = world.start(names)
+        assert sorted(checked) == sorted(names)
+        for server in checked.values():
+            run = run_load(
+                server,
+                certs,
+                workload,
+                sessions=3,
+                processes=1,
+                messages=6,
+                extra=world.loadgen_args(),
+            )
+            assert run.errors == 0, run.samples
+            assert run.messages == 6
+            assert server.stored() == 6
+        world.verify()
+    finally:
+        world.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFiles) -> None:
