@@ -36,6 +36,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import resume
+
 MESSAGE_SIZE = 4096
 RECIPIENT_DOMAIN = "bench.test"
 DEFAULT_SENDER = "loadgen@client.test"
@@ -91,6 +96,8 @@ class Counters:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # end of DATA sent -> its 250
+    handshakes: int = 0  # TLS handshakes that completed
+    resumed: int = 0  # of which resumed a session (bench/resume.py)
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -241,6 +248,7 @@ class Session(asyncio.Protocol):
             self.what = "TLS handshake"
             self.loop.create_task(self.upgrade())
         elif what == "EHLO after STARTTLS":
+            self.tls_done()
             self.begin()
         elif what == "MAIL":
             self.send(self.rcpt, 250, "RCPT")
@@ -263,6 +271,17 @@ class Session(asyncio.Protocol):
                 self.send(b"QUIT\r\n", 221, "QUIT")
         elif what == "QUIT":
             self.finish()
+
+    def tls_done(self) -> None:
+        """Count the handshake (resumed?) and, when resuming, keep its session: the
+        first reply after the handshake has brought the TLS 1.3 tickets with it."""
+        assert self.transport is not None
+        sslobj = self.transport.get_extra_info("ssl_object")
+        self.counters.handshakes += 1
+        self.counters.resumed += bool(sslobj.session_reused)
+        ctx = self.target.tls_context
+        if isinstance(ctx, resume.ResumingContext):
+            ctx.remember(sslobj)
 
     def begin(self) -> None:
         self.counters.sessions += 1
@@ -395,6 +414,8 @@ async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
         "wall": finished - started,
         "cpu": _cpu_seconds() - cpu0,
         "latency_us": [round(1e6 * s) for s in counters.latencies],
+        "handshakes": counters.handshakes,
+        "resumed": counters.resumed,
     }
 
 
@@ -483,6 +504,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-session", type=int, default=1, help="messages per session")
     p.add_argument("--starttls", action="store_true", help="STARTTLS before MAIL")
     p.add_argument("--cafile", help="CA to verify the server certificate against")
+    p.add_argument("--resume", action="store_true", help="resume TLS sessions (bench/resume.py)")
     p.add_argument("--server-name", default="localhost", help="name to verify (SNI)")
     p.add_argument("--size", type=int, default=MESSAGE_SIZE, help="message size in bytes")
     p.add_argument("--sender", help=f"MAIL FROM and header From (default {DEFAULT_SENDER})")
@@ -510,6 +532,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--size must be at least 512 bytes (the headers alone take ~250)")
     if args.starttls and not args.cafile:
         p.error("--starttls needs --cafile (the server certificate is verified)")
+    if args.resume and not args.starttls:
+        p.error("--resume needs --starttls")
     if args.cafile and not os.path.isfile(args.cafile):
         p.error(f"--cafile {args.cafile}: no such file")
     return args
@@ -519,8 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = None
     if args.starttls:
-        ctx = ssl.create_default_context(cafile=args.cafile)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx = resume.client_context(args.cafile, resume=args.resume)
     target = Target(
         host=args.host,
         port=args.port,

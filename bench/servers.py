@@ -320,6 +320,9 @@ smtpd_tls_security_level = may
 smtpd_tls_chain_files = {self.certs.combined}
 smtpd_tls_loglevel = 0
 tls_random_source = dev:/dev/urandom
+# TLS session resumption (the resumed workload, bench/resume.py): tickets are on by default
+# (tls_session_ticket_cipher, keys from tlsmgr); the cache serves clients without tickets.
+smtpd_tls_session_cache_database = btree:{data}/smtpd_scache
 maillog_file = {self.dir / "maillog"}
 maillog_file_prefixes = {self.dir}
 """

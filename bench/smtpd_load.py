@@ -30,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import checks_peer, fsprobe
+from bench import checks_peer, fsprobe, resume
 from bench.certs import CertFiles, make_certs
 from bench.checks_peer import ChecksPeerError, ChecksWorld
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
@@ -56,6 +56,7 @@ class Workload:
     starttls: bool
     per_session: int
     checks: bool = False  # SPF, DKIM, DMARC, a blocklist: bench/checks_peer.py's servers
+    resume: bool = False  # clients resume their TLS sessions (bench/resume.py)
 
 
 WORKLOADS = (
@@ -64,6 +65,7 @@ WORKLOADS = (
     Workload("STARTTLS 1 msg/session", starttls=True, per_session=1),
     Workload("STARTTLS 10 msg/session", starttls=True, per_session=10),
     Workload("port 25 with every check on", starttls=False, per_session=1, checks=True),
+    Workload("resumed STARTTLS 1 msg/session", starttls=True, per_session=1, resume=True),
 )
 
 
@@ -81,6 +83,8 @@ class Run:
     seconds: float
     samples: list[str] = field(default_factory=list)
     latency_us: list[int] = field(default_factory=list)  # end of DATA -> 250, per message
+    handshakes: int = 0  # TLS handshakes (client side)
+    resumed: int = 0  # of which resumed
 
 
 class GeneratorError(Exception):
@@ -168,6 +172,7 @@ def run_load(
         argv += ["--per-session", str(workload.per_session)]
         if workload.starttls:
             argv += ["--starttls", "--cafile", str(certs.ca)]
+            argv += ["--resume"] if workload.resume else []
         argv += extra or []
         if msg_shares is not None:
             argv += ["--messages", str(msg_shares[i])]
@@ -190,6 +195,7 @@ def run_load(
     seconds = max(float(r["elapsed"]) for r in results)
     count = sum(int(r["messages"]) for r in results)
     samples = [s for r in results for s in r["error_samples"]]
+    handshakes, resumed = resume.share(results)
     return Run(
         rate=count / seconds if seconds > 0 else 0.0,
         messages=count,
@@ -201,6 +207,8 @@ def run_load(
         seconds=seconds,
         samples=samples,
         latency_us=[us for r in results for us in r.get("latency_us", [])],
+        handshakes=handshakes,
+        resumed=resumed,
     )
 
 
@@ -300,8 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     p.add_argument(
         "--workloads",
-        help="comma-separated prefixes of workload names (default: all five; "
-        "the min ratio line needs all five)",
+        help="comma-separated prefixes of workload names (default: all six; "
+        "the min ratio line needs all six)",
     )
     args = p.parse_args(argv)
     args.workload_list = list(WORKLOADS)
@@ -487,6 +495,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def resume_rows(
+    workloads: list[Workload], names: list[str], runs: dict[tuple[str, str], list[Run]]
+) -> list[tuple[str, str, int, int]]:
+    """(workload, server, handshakes, resumed) of the resuming workloads, over the rounds."""
+    return [
+        (w.name, n, sum(r.handshakes for r in rs), sum(r.resumed for r in rs))
+        for w in workloads
+        if w.resume
+        for n in names
+        if (rs := runs.get((w.name, n), []))
+    ]
+
+
 def print_table(
     args: argparse.Namespace,
     names: list[str],
@@ -543,6 +564,8 @@ def print_table(
             pooled = [us for r in runs.get((w.name, n), []) for us in r.latency_us]
             line += f"{percentiles(pooled):>16}"
         print(line)
+    for text in resume.share_lines(resume_rows(args.workload_list, names, runs)):
+        print(text)
     print()
     print(
         f"{'memory (PSS, MiB)':<32}"

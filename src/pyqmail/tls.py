@@ -3,7 +3,9 @@
 - TLS 1.2 and 1.3 only (RFC 8996: no SSLv3, TLS 1.0, 1.1).
 - TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 only. Python's
   default list still has CBC suites, so the list is explicit. TLS 1.3 suites are all AEAD.
-- No compression (CRIME), no renegotiation, no session tickets.
+- No compression (CRIME), no renegotiation, no session tickets: pyqmail-smtpd turns tickets
+  on with keys its workers share and rotate (``pyqmail.tickets``), which OpenSSL's own
+  per-context keys cannot be.
 - Cipher order: Mozilla's intermediate profile leaves it to the client (every suite is
   strong), but testssl.sh — the project's acceptance check — rates a server without its own
   order HIGH. So the server order (the list below) is enforced, with OpenSSL's

@@ -42,7 +42,10 @@ worker.
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
 for new connections; sessions in progress keep the configuration they started with. A
-bad new configuration is logged and the old one stays in force. Two files need no HUP:
+bad new configuration is logged and the old one stays in force. TLS sessions resume
+across workers and HUPs (``pyqmail.tickets``: ticket keys drawn by the supervisor before the
+fork, rotated hourly, only in memory; a restart makes every client do a full handshake once).
+Two files need no HUP:
 the rules cdb and control/smtpusers are re-read when they change (tcpserver and
 checkpassword read theirs per connection / per AUTH).
 
@@ -96,7 +99,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pyqmail import __version__, privs
+from pyqmail import __version__, privs, tickets
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
@@ -270,16 +273,27 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
 
 
-def load_config(root: Path) -> configmod.Config:
+def load_config(root: Path, keys: tickets.TicketKeys | None = None) -> configmod.Config:
     """The configuration, with the server TLS context set up for many workers.
 
-    No TLS 1.3 session tickets (``num_tickets = 0``): tickets are off by policy anyway
-    (OP_NO_TICKET leaves OpenSSL's stateful ones), each worker would keep every session in
-    its own cache for 300 s (about 2.6 KiB each: megabytes under load), and a client
-    coming back lands on any worker, which cannot resume another's session."""
+    TLS session tickets (``pyqmail.tickets``) under ``keys``, the ones every worker of
+    this listener shares (drawn once by the supervisor before the fork, so a HUP, which
+    builds a new context in each worker, keeps them); no server-side session cache. With
+    no ``keys``, or if this interpreter cannot install them (logged), no tickets at all
+    (``num_tickets = 0``: OP_NO_TICKET alone leaves OpenSSL's stateful TLS 1.3 tickets,
+    a per-worker cache of every session that another worker could not resume)."""
     cfg = configmod.load(root)
-    if cfg.server_tls is not None:
-        cfg.server_tls.num_tickets = 0
+    if cfg.server_tls is None:
+        return cfg
+    cfg.server_tls.num_tickets = 0
+    if keys is not None:
+        try:
+            clientca = cfg.clientca.read_bytes() if cfg.clientca is not None else None
+            tickets.enable(cfg.server_tls, keys, tickets.session_context(clientca))
+        except OSError as exc:
+            raise configmod.ConfigError(f"{cfg.clientca}: cannot read: {exc.strerror}") from exc
+        except tickets.TicketError as exc:
+            log("warning", text=f"no TLS session tickets: {exc}")
     return cfg
 
 
@@ -298,11 +312,13 @@ def check_startup(cfg: configmod.Config, mode: str) -> None:
         log("warning", text=warning)
 
 
-def load(opts: Options) -> tuple[configmod.Config, RulesCache]:
+def load(
+    opts: Options, keys: tickets.TicketKeys | None = None
+) -> tuple[configmod.Config, RulesCache]:
     """The configuration and the rules, checked for ``opts.mode``: at start, and again
     on HUP in the supervisor and every worker (the same checks each time, so a HUP never
     puts in force what a start would have refused)."""
-    cfg = load_config(opts.root)
+    cfg = load_config(opts.root, keys)
     check_startup(cfg, opts.mode)
     return cfg, RulesCache(opts.rules)
 
@@ -323,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)
         drop_privileges(opts.user)
-        cfg = load_config(opts.root)
+        keys = tickets.TicketKeys()  # before the fork: every worker shares them
+        cfg = load_config(opts.root, keys)
         check_startup(cfg, opts.mode)
         rules = RulesCache(opts.rules)
     except (UsageError, configmod.ConfigError) as exc:
@@ -340,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         loop=opts.loop,
     )
     counter = ConnTable(opts.workers, cfg.maxconn)
-    reload = functools.partial(load, opts)
+    reload = functools.partial(load, opts, keys)
     work = functools.partial(run_worker, mode=opts.mode, loop=opts.loop, load=reload)
     if opts.workers == 1:
         return work(socks[0], cfg, rules, counter)
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     # one into that worker; frozen objects are never collected, so those pages stay shared
     # (the gc.freeze recipe in Python's documentation; 0.9 MiB less PSS after 20 s of load).
     gc.freeze()
-    return Supervisor(socks, cfg, rules, counter, load=reload, work=work).run()
+    return Supervisor(socks, cfg, rules, counter, load=reload, work=work, tick=keys.advance).run()
 
 
 if __name__ == "__main__":

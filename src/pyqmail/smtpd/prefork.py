@@ -57,6 +57,7 @@ class Supervisor:
         *,
         load: Loader,
         work: WorkerMain,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         self.socks = socks
         self.cfg = cfg
@@ -64,6 +65,7 @@ class Supervisor:
         self.counter = counter
         self.load = load
         self.work = work
+        self.tick = tick  # run twice a second (the TLS ticket keys' ratchet, cli.py)
         self.pid = os.getpid()
         self.workers: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> time
@@ -132,6 +134,8 @@ class Supervisor:
         while True:
             info = signal.sigtimedwait(self.SIGNALS, 0.5)
             signo = info.si_signo if info is not None else None
+            if self.tick is not None:
+                self.tick()
             if signo in (signal.SIGTERM, signal.SIGINT) and not terminating:
                 terminating = True
                 kill_at = time.monotonic() + self.cfg.timeoutterm + CLOSE_GRACE + 5

@@ -1,0 +1,184 @@
+"""TLS session tickets (pyqmail.tickets): real OpenSSL handshakes over memory BIOs.
+
+Two server contexts stand for two workers (or one worker before and after a HUP): each is
+built on its own, so they share nothing but the ``TicketKeys`` object's keys. The clock is
+the keys' own (``clock=``), so rotations happen without waiting hours; OpenSSL's own
+session timeout still runs on the real clock.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from pyqmail import tickets, tls
+from tests.conftest import PKI
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def handshake(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> tuple[bool, ssl.SSLSession | None]:
+    """One connection: handshake, one byte each way (TLS 1.3 tickets come after the
+    handshake), close. Returns (resumed, the session to resume next time)."""
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+
+    def pump() -> None:
+        if c_out.pending:
+            s_in.write(c_out.read())
+        if s_out.pending:
+            c_in.write(s_out.read())
+
+    done = {"c": False, "s": False}
+    for _ in range(20):
+        for name, obj in (("c", client), ("s", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+            pump()
+        if all(done.values()):
+            break
+    assert all(done.values()), "handshake did not finish"
+    server.write(b"x")
+    pump()
+    assert client.read(1) == b"x"
+    client.write(b"y")
+    pump()
+    assert server.read(1) == b"y"
+    return client.session_reused, client.session
+
+
+@pytest.fixture
+def servercert(pki: PKI, tmp_path: Path) -> Path:
+    return pki.ca.write_servercert(tmp_path / "servercert.pem", pki.server)
+
+
+def worker(servercert: Path, keys: tickets.TicketKeys) -> ssl.SSLContext:
+    """A server context as a worker builds it, tickets on."""
+    ctx = tls.server_context(servercert)
+    tickets.enable(ctx, keys, tickets.session_context(None))
+    return ctx
+
+
+def client(pki: PKI, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki.ca_file)
+    ctx.maximum_version = version
+    return ctx
+
+
+VERSIONS = [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.3", "tls1.2"])
+def test_a_ticket_from_one_worker_resumes_on_another(
+    servercert: Path, pki: PKI, version: ssl.TLSVersion
+) -> None:
+    keys = tickets.TicketKeys()
+    one, two = worker(servercert, keys), worker(servercert, keys)
+    cli = client(pki, version)
+    resumed, session = handshake(one, cli)
+    assert not resumed
+    assert session is not None and session.has_ticket
+    resumed, _ = handshake(two, cli, session)
+    assert resumed
+    assert two.session_stats()["hits"] == 1
+
+
+def test_without_shared_keys_no_resumption(servercert: Path, pki: PKI) -> None:
+    """The control: two workers with keys of their own (two starts) do not resume."""
+    one = worker(servercert, tickets.TicketKeys())
+    two = worker(servercert, tickets.TicketKeys())
+    cli = client(pki, ssl.TLSVersion.TLSv1_3)
+    _, session = handshake(one, cli)
+    resumed, _ = handshake(two, cli, session)
+    assert not resumed
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.3", "tls1.2"])
+def test_previous_key_resumes_older_falls_back(
+    servercert: Path, pki: PKI, version: ssl.TLSVersion
+) -> None:
+    clock = Clock()
+    keys = tickets.TicketKeys(lifetime=3600, clock=clock)
+    ctx = worker(servercert, keys)
+    cli = client(pki, version)
+    _, session = handshake(ctx, cli)
+    clock.now += 3600  # one rotation: the previous key still opens the ticket
+    resumed, renewed = handshake(ctx, cli, session)
+    assert resumed
+    clock.now += 3600  # the first ticket's key is now two periods old
+    resumed, _ = handshake(ctx, cli, session)
+    assert not resumed
+    if version == ssl.TLSVersion.TLSv1_3:
+        # the ticket re-issued under the newer key still resumes
+        resumed, _ = handshake(ctx, cli, renewed)
+        assert resumed
+
+
+def test_a_worker_forked_later_derives_the_same_keys(servercert: Path, pki: PKI) -> None:
+    """Keys are a function of the secret and the period: a copy that ratchets later (a
+    worker forked hours after the supervisor started) agrees with one that ratcheted early."""
+    import copy
+
+    clock = Clock()
+    keys = tickets.TicketKeys(lifetime=60, clock=clock)
+    later = copy.copy(keys)  # what fork gives a worker: the same state, the same clock
+    early = worker(servercert, keys)
+    clock.now += 60
+    keys.for_issue()  # ratchets one period now
+    clock.now += 60 * 5
+    cli = client(pki, ssl.TLSVersion.TLSv1_3)
+    _, session = handshake(early, cli)  # issued at period +6
+    resumed, _ = handshake(worker(servercert, later), cli, session)  # ratchets 6 at once
+    assert resumed
+
+
+def test_no_server_side_session_cache(servercert: Path, pki: PKI) -> None:
+    """Memory: many full and resumed handshakes leave the server's cache empty."""
+    ctx = worker(servercert, tickets.TicketKeys())
+    cli = client(pki, ssl.TLSVersion.TLSv1_2)
+    cli13 = client(pki, ssl.TLSVersion.TLSv1_3)
+    for _ in range(20):
+        _, session = handshake(ctx, cli)
+        handshake(ctx, cli, session)
+        _, session = handshake(ctx, cli13)
+        handshake(ctx, cli13, session)
+    assert tickets.cached_sessions(ctx) == 0
+    assert ctx.session_stats()["hits"] == 40
+
+
+def test_changed_clientca_means_full_handshake(servercert: Path, pki: PKI) -> None:
+    """A session carries the client certificate verified at its full handshake: under
+    another clientca.pem (a HUP) it must not resume."""
+    keys = tickets.TicketKeys()
+    before = tls.server_context(servercert, pki.ca_file)
+    tickets.enable(before, keys, tickets.session_context(pki.ca_file.read_bytes()))
+    after = tls.server_context(servercert, pki.ca_file)
+    tickets.enable(after, keys, tickets.session_context(pki.ca_file.read_bytes() + b"\n"))
+    cli = client(pki, ssl.TLSVersion.TLSv1_3)
+    _, session = handshake(before, cli)
+    assert handshake(before, cli, session)[0]
+    assert not handshake(after, cli, session)[0]
+
+
+def test_ticket_lifetime_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1 second"):
+        tickets.TicketKeys(lifetime=0)
