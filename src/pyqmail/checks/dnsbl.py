@@ -49,10 +49,9 @@ from pathlib import Path
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.resolver
 
-from pyqmail.checks.resolver import parse_servers
+from pyqmail.checks.resolver import parse_servers, point_at
 from pyqmail.checks.verdict import Verdict
 from pyqmail.control.parsers import is_domain
 from pyqmail.control.reader import ControlError, Line, read_lines
@@ -201,7 +200,7 @@ class Lookup:
     def _make(servers: tuple[tuple[str, int], ...]) -> dns.asyncresolver.Resolver:
         if servers:
             resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+            point_at(resolver, servers)
         else:
             try:
                 resolver = dns.asyncresolver.Resolver()

@@ -10,6 +10,7 @@ without the file the system's resolver configuration is used. Every lookup is bo
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 import dns.exception
 import dns.resolver
@@ -39,6 +40,17 @@ def parse_servers(lines: list[str], source: str = "control/dnsresolver") -> list
     return servers
 
 
+def point_at(res: dns.resolver.BaseResolver, servers: Sequence[tuple[str, int]]) -> None:
+    """Make ``res`` (synchronous or asyncio) ask exactly ``servers``.
+
+    Addresses as strings plus a port map: the one form that both Debian 12's dnspython 2.3,
+    which hosts run the daemon with, and later releases accept (``dns.nameserver`` objects
+    only exist from 2.4 on; a daemon importing them does not start on a host)."""
+    res.nameservers = [host for host, _ in servers]
+    res.port = servers[0][1]
+    res.nameserver_ports = dict(servers)
+
+
 def make_resolver(
     servers: list[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT
 ) -> dns.resolver.Resolver:
@@ -46,9 +58,7 @@ def make_resolver(
     ``timeout`` seconds."""
     if servers:
         res = dns.resolver.Resolver(configure=False)
-        res.nameservers = [host for host, _ in servers]
-        res.port = servers[0][1]
-        res.nameserver_ports = dict(servers)
+        point_at(res, servers)
     else:
         res = dns.resolver.Resolver()
     res.timeout = res.lifetime = timeout

@@ -1,0 +1,83 @@
+"""The daemon on the Python a host runs it with: Debian 12's /usr/bin/python3 and its
+packages (python3-dnspython 2.3, python3-cryptography 38, ...), not this virtualenv's newer
+pip releases.
+
+Why: the tests import pyqmail from the virtualenv, so a call that only a newer library has
+passes every other test and still stops the daemon on every host (``dns.nameserver``, new in
+dnspython 2.4, did exactly that in the molecule hosts). Here every module is imported, and
+the DNS lookups of the inbound checks run, under Debian's interpreter.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dnsserver import DnsServer
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+IMPORT_ALL = """
+import importlib, pkgutil, pyqmail
+bad = []
+for info in pkgutil.walk_packages(pyqmail.__path__, "pyqmail."):
+    try:
+        importlib.import_module(info.name)
+    except Exception as exc:
+        bad.append(f"{info.name}: {exc!r}")
+print("\\n".join(bad))
+"""
+
+LOOKUPS = """
+import asyncio, sys
+import dns.version
+from pyqmail.checks import dnsbl
+from pyqmail.checks.resolver import make_resolver, txt
+host, port = sys.argv[1], int(sys.argv[2])
+settings = dnsbl.Settings(lists=(("bl.example", 1),), nameservers=((host, port),), timeout=3)
+result = asyncio.run(dnsbl.Lookup(settings).check("127.0.0.9", settings))
+print(dns.version.version)
+print(result.log())
+print(txt(make_resolver([(host, port)], timeout=3), "sender.example"))
+"""
+
+ZONES = {
+    "bl.example.": "9.0.0.127 300 A 127.0.0.2\n",
+    "sender.example.": '@ 300 TXT "v=spf1 -all"\n',
+}
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    with DnsServer(ZONES) as server:
+        yield server
+
+
+def debian_python(script: str, *args: str) -> str:
+    """``script`` run by Debian's interpreter, isolated from this virtualenv, with pyqmail
+    from the checkout."""
+    proc = subprocess.run(
+        [DEBIAN_PYTHON, "-c", f"import sys; sys.path.insert(0, {str(SRC)!r})\n{script}", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_every_module_imports_with_debians_packages() -> None:
+    assert debian_python(IMPORT_ALL).strip() == ""
+
+
+def test_the_inbound_checks_ask_the_named_server_with_debians_dnspython(dns: DnsServer) -> None:
+    version, log, records = debian_python(LOOKUPS, dns.host, str(dns.port)).splitlines()
+    assert version.startswith("2.3."), version  # Debian 12's, not the virtualenv's
+    assert log == "dnsbl=bl.example:127.0.0.2 dnsbl_score=1"
+    assert records == "[b'v=spf1 -all']"
