@@ -125,15 +125,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate: object, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + 60
+def _wait(
+    predicate: object, proc: subprocess.Popen[bytes], log: Path, what: str, limit: float = 60
+) -> None:
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if callable(predicate) and predicate():
             return
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up within 60 s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{what} did not come up within {limit:g} s:\n{log.read_text()[-3000:]}")
 
 
 def _accepts(port: int) -> bool:
@@ -171,8 +173,18 @@ class _Process:
 class Rspamd(_Process):
     """rspamd's normal worker on 127.0.0.1:``port`` (and its proxy on ``proxy_port``)."""
 
-    def __init__(self, dns_port: int = 1, *, fast_start: bool = True) -> None:
+    def __init__(
+        self,
+        dns_port: int = 1,
+        *,
+        fast_start: bool = True,
+        normal_workers: int | None = None,
+        start_timeout: float = 60,
+    ) -> None:
         self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
+        # None: rspamd's default (one normal worker per core beyond two, at least one).
+        self.normal_workers = normal_workers
+        self.start_timeout = start_timeout  # hyperscan's first compile on a busy host: minutes
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -204,6 +216,9 @@ class Rspamd(_Process):
         (over / "options.inc").write_text(test_options + "\n")
         for worker, port in (("normal", self.port), ("controller", self.controller_port)):
             (over / f"worker-{worker}.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\n')
+        if self.normal_workers is not None:
+            with (over / "worker-normal.inc").open("a") as normal:
+                normal.write(f"count = {self.normal_workers};\n")
         # The proxy in milter mode (Postfix's way, bench/scan_load.py) passes each message to
         # the same normal worker pyqmail-smtpd asks.
         (over / "worker-proxy.inc").write_text(
@@ -240,7 +255,7 @@ class Rspamd(_Process):
             self.proc = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        _wait(lambda: _accepts(self.port), self.proc, self.log, "rspamd")
+        _wait(lambda: _accepts(self.port), self.proc, self.log, "rspamd", self.start_timeout)
         return self
 
     def __enter__(self) -> Rspamd:
