@@ -165,6 +165,12 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+def _cpu_ms(runs: list[Run]) -> float:
+    """The server tree's CPU milliseconds per accepted message, over the runs."""
+    messages = sum(r.messages for r in runs)
+    return 1000 * sum(r.server_cpu for r in runs) / messages if messages else float("nan")
+
+
 def _p50_ms(runs: list[Run]) -> float:
     pooled = [us for r in runs for us in r.latency_us]
     return statistics.median(pooled) / 1000 if pooled else float("nan")
@@ -196,6 +202,14 @@ def report(
             scanned = _p50_ms(runs.get((w.name, f"{side}+rspamd"), []))
             share = (scanned - alone) / scanned if scanned > 0 else float("nan")
             line += f"  {side} {alone:.2f} -> {scanned:.2f} ({share:.0%})"
+        print(line)
+    print("\nthe MTA's own CPU per message (ms): without rspamd -> with (the scan's client side)")
+    for w in SCAN_WORKLOADS:
+        line = f"{w.name:<24}"
+        for side in ("pyqmail", "postfix"):
+            alone = _cpu_ms(runs.get((w.name, side), []))
+            scanned = _cpu_ms(runs.get((w.name, f"{side}+rspamd"), []))
+            line += f"  {side} {alone:.2f} -> {scanned:.2f}"
         print(line)
     for side in ("pyqmail+rspamd", "postfix+rspamd"):
         cpu = median(rspamd_cpu.get(side, []))
