@@ -56,7 +56,7 @@ import sys, urllib.request
 print(urllib.request.urlopen(f"http://{sys.argv[1]}/ping", timeout=1).read().decode())
 """
 
-_INET = re.compile(r'inet_(?:addr|pton)\((?:AF_INET6?, )?"([^"]+)"\)')
+_INET = re.compile(r'inet_(?:addr|pton)\((?:AF_INET6?, )?"([^"]+)"')
 
 
 def destinations(trace: Path) -> set[str]:
