@@ -46,6 +46,33 @@ def address_problem(text: str) -> str:
     return ""
 
 
+def nameserver_problem(text: str) -> str:
+    """What is wrong with one of rspamd's DNS servers ("" = fine): an IP address and port
+    (192.0.2.53:53, [2001:db8::53]:53), any address (a site's resolver may be another host),
+    never a name (rspamd would need DNS to find its DNS server)."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ip = ipaddress.ip_address(host) if sep else None
+    except ValueError:
+        ip = None
+    if ip is None or (ip.version == 6) != bracketed:
+        return "is not an IP address and port: give ip:port or [ipv6]:port (127.0.0.1:53)"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"has no port from 1 to 65535 after the last ':' ({port!r})"
+    return ""
+
+
+def check_dns_servers(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """pyqmail_scanners__rspamd_dns_servers: each entry an ip:port rspamd can use."""
+    del values
+    for index, entry in enumerate(value):
+        problem = nameserver_problem(str(entry))
+        if problem:
+            yield f"{name}[{index}]: {str(entry)!r} {problem}"
+
+
 def check_scanner_address(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
     """pyqmail_scanners__rspamd_listen and __clamd_listen."""
     del values

@@ -3,10 +3,13 @@
 ``Rspamd(workdir)`` runs rspamd in the foreground (``-f``) with Debian's top-level
 configuration (``/etc/rspamd/rspamd.conf``) and a local configuration directory of its own
 (``--var LOCAL_CONFDIR``): ``local.d`` is what the ``pyqmail_scanners`` role installs
-(``roles/pyqmail_scanners/files/rspamd/local.d``, and its template that turns SPF, DKIM,
-DMARC and ARC off while pyqmail-smtpd computes them), plus what only tests want
-(``TEST_OPTIONS``); ``override.d`` binds its workers
-to free loopback ports and logs to the console. Its database and run directories are its
+(``roles/pyqmail_scanners/files/rspamd/local.d``, and its templates that turn SPF, DKIM,
+DMARC and ARC off while pyqmail-smtpd computes them and set the DNS servers), and
+``rspamd.conf.local.override`` the role's offline switch (``pyqmail_scanners__rspamd_offline``,
+as the molecule scenario sets it: the modules that reach other hosts off, DNS to a loopback
+port where nothing answers), so that a test's rspamd talks to loopback only; ``override.d``
+holds what only tests want (``TEST_OPTIONS``), binds its workers to free loopback ports and
+logs to the console. Its database and run directories are its
 own, never /var/lib/rspamd or /run/rspamd. Start-up is about a second: hyperscan is off
 (its compile takes ~20 s) and the list of top-level domains is a small one (the full one
 takes ~15 s to compile).
@@ -40,12 +43,16 @@ from pathlib import Path
 from types import TracebackType
 
 import jinja2
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = REPO / "roles" / "pyqmail_scanners"
 ROLE_LOCAL_D = ROLE / "files" / "rspamd" / "local.d"
 AUTH_MODULE = ROLE / "templates" / "etc" / "rspamd" / "local.d" / "auth-module.conf.j2"
 AUTH_MODULES = ("spf", "dkim", "dmarc", "arc")
+OPTIONS = ROLE / "templates" / "etc" / "rspamd" / "local.d" / "options.inc.j2"
+OFFLINE = ROLE / "templates" / "etc" / "rspamd" / "rspamd.conf.local.override.j2"
+ROLE_VARS = ROLE / "vars" / "main.yml"
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
 RSPAMD_USER = "_rspamd"
@@ -65,11 +72,6 @@ TEST_OPTIONS = """\
 disable_hyperscan = true;
 enable_test_patterns = true;
 url_tld = "{tld}";
-dns {{
-  nameserver = ["127.0.0.1:{dns_port}"];
-  timeout = 0.3s;
-  retransmits = 1;
-}}
 """
 
 
@@ -85,16 +87,36 @@ def with_attachment(payload: bytes) -> bytes:
     )
 
 
-def auth_module_conf(*, pyqmail_checks: bool) -> str:
-    """The role's local.d file of rspamd's SPF, DKIM, DMARC and ARC modules, rendered as
-    Ansible renders it (trim_blocks, its ``bool`` filter): off while pyqmail-smtpd's own
-    checks are on."""
+def render(template: Path, **variables: object) -> str:
+    """One of the role's templates rendered as Ansible renders it (trim_blocks, its ``bool``
+    filter)."""
     env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, autoescape=False)  # noqa: S701 - not HTML
     env.filters["bool"] = lambda v: str(v).strip().lower() in ("1", "true", "yes", "on")
-    template = env.from_string(AUTH_MODULE.read_text())
-    return template.render(
-        ansible_managed="tests/scanners.py", pyqmail_scanners__pyqmail_checks=pyqmail_checks
+    return env.from_string(template.read_text()).render(
+        ansible_managed="tests/scanners.py", **variables
     )
+
+
+def auth_module_conf(*, pyqmail_checks: bool) -> str:
+    """The role's local.d file of rspamd's SPF, DKIM, DMARC and ARC modules: off while
+    pyqmail-smtpd's own checks are on."""
+    return render(AUTH_MODULE, pyqmail_scanners__pyqmail_checks=pyqmail_checks)
+
+
+def network_modules() -> list[str]:
+    """The role's list of rspamd's modules that reach other hosts (vars/main.yml)."""
+    return list(yaml.safe_load(ROLE_VARS.read_text())["pyqmail_scanners__rspamd_network_modules"])
+
+
+def dns_conf(servers: list[str], *, offline: bool) -> tuple[str, str]:
+    """The role's ``local.d/options.inc`` and ``rspamd.conf.local.override`` for these DNS
+    servers and offline switch."""
+    variables = {
+        "pyqmail_scanners__rspamd_dns_servers": servers,
+        "pyqmail_scanners__rspamd_offline": offline,
+        "pyqmail_scanners__rspamd_network_modules": network_modules(),
+    }
+    return render(OPTIONS, **variables), render(OFFLINE, **variables)
 
 
 def free_port() -> int:
@@ -103,15 +125,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate: object, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    deadline = time.monotonic() + 60
+def _wait(
+    predicate: object, proc: subprocess.Popen[bytes], log: Path, what: str, limit: float = 60
+) -> None:
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if callable(predicate) and predicate():
             return
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up within 60 s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{what} did not come up within {limit:g} s:\n{log.read_text()[-3000:]}")
 
 
 def _accepts(port: int) -> bool:
@@ -149,8 +173,18 @@ class _Process:
 class Rspamd(_Process):
     """rspamd's normal worker on 127.0.0.1:``port`` (and its proxy on ``proxy_port``)."""
 
-    def __init__(self, dns_port: int = 1, *, fast_start: bool = True) -> None:
+    def __init__(
+        self,
+        dns_port: int = 1,
+        *,
+        fast_start: bool = True,
+        normal_workers: int | None = None,
+        start_timeout: float = 60,
+    ) -> None:
         self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
+        # None: rspamd's default (one normal worker per core beyond two, at least one).
+        self.normal_workers = normal_workers
+        self.start_timeout = start_timeout  # hyperscan's first compile on a busy host: minutes
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -167,18 +201,24 @@ class Rspamd(_Process):
         for module in AUTH_MODULES:
             (conf / "local.d" / f"{module}.conf").write_text(auth_module_conf(pyqmail_checks=True))
         (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
-        options = TEST_OPTIONS.format(tld=self.dir / "tld.dat", dns_port=self.dns_port)
+        options, offline = dns_conf([f"127.0.0.1:{self.dns_port}"], offline=True)
+        (conf / "local.d" / "options.inc").write_text(options)
+        (conf / "rspamd.conf.local.override").write_text(offline)
+        test_options = TEST_OPTIONS.format(tld=self.dir / "tld.dat")
         if not self.fast_start:
-            options = "\n".join(
+            test_options = "\n".join(
                 ln
-                for ln in options.splitlines()
+                for ln in test_options.splitlines()
                 if not ln.startswith(("disable_hyperscan", "url_tld"))
             )
-        (conf / "local.d" / "options.inc").write_text(options + "\n")
         over = conf / "override.d"
         over.mkdir()
+        (over / "options.inc").write_text(test_options + "\n")
         for worker, port in (("normal", self.port), ("controller", self.controller_port)):
             (over / f"worker-{worker}.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\n')
+        if self.normal_workers is not None:
+            with (over / "worker-normal.inc").open("a") as normal:
+                normal.write(f"count = {self.normal_workers};\n")
         # The proxy in milter mode (Postfix's way, bench/scan_load.py) passes each message to
         # the same normal worker pyqmail-smtpd asks.
         (over / "worker-proxy.inc").write_text(
@@ -215,7 +255,7 @@ class Rspamd(_Process):
             self.proc = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
-        _wait(lambda: _accepts(self.port), self.proc, self.log, "rspamd")
+        _wait(lambda: _accepts(self.port), self.proc, self.log, "rspamd", self.start_timeout)
         return self
 
     def __enter__(self) -> Rspamd:

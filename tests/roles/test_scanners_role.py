@@ -65,10 +65,10 @@ def host() -> Iterator[Path]:
     (conf / "override.d").mkdir()
     (conf / "rspamd.conf").symlink_to("/etc/rspamd/rspamd.conf")
     (base / "tld.dat").write_text("com\norg\ntest\n")
-    # What only a test wants (start-up in a second, no DNS); the role does not manage these.
-    (conf / "local.d" / "options.inc").write_text(
+    # What only a test wants (start-up in a second); the role does not manage these. DNS and
+    # the modules that reach other hosts are the role's (run_role: offline, as molecule).
+    (conf / "override.d" / "options.inc").write_text(
         f'disable_hyperscan = true;\nurl_tld = "{base / "tld.dat"}";\n'
-        'dns { nameserver = ["127.0.0.1:1"]; timeout = 0.3s; retransmits = 1; }\n'
     )
     for worker in ("controller", "proxy"):
         (conf / "override.d" / f"worker-{worker}.inc").write_text(
@@ -154,6 +154,8 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
         "pyqmail_scanners__rspamd_dbdir": str(base / "rspamd-db"),
         "pyqmail_scanners__clamd_config": str(base / "clamd.conf"),
         "pyqmail_scanners__clamav_database_dir": str(base / "clamdb"),
+        "pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:1"],
+        "pyqmail_scanners__rspamd_offline": True,
         "ansible_python_interpreter": sys.executable,
         # The tasks are imported, not run as a role: where the role's lookups find the
         # other roles' defaults (pyqmail_control__authchecks).
@@ -218,6 +220,10 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
         assert "enabled = false;" in (conf / "local.d" / f"{module}.conf").read_text()
     assert "reject = 15.0;" in (conf / "local.d" / "actions.conf").read_text()
     assert "rewrite_subject = null;" in (conf / "local.d" / "actions.conf").read_text()
+    assert 'nameserver = ["127.0.0.1:1"];' in (conf / "local.d" / "options.inc").read_text()
+    offline = (conf / "rspamd.conf.local.override").read_text()
+    assert "fuzzy_check { enabled = false; }" in offline
+    assert "rbl { enabled = false; }" in offline
 
     gtube = b"From: <a@client.test>\r\nTo: <u@mx.test>\r\nSubject: x\r\n\r\n" + GTUBE + b"\r\n"
     spam = asyncio.run(rspamd.check(settings.rspamd, ENV, gtube))
@@ -307,6 +313,26 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_scanners__actions": {"reject": "bounce"}},
         "pyqmail_scanners__actions.reject: 'bounce' is not one of refuse, defer, junk, accept",
     ),
+    "dns-server-name": (
+        {"pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:53", "resolver.example:53"]},
+        "pyqmail_scanners__rspamd_dns_servers[1]: 'resolver.example:53' is not an IP address and"
+        " port: give ip:port or [ipv6]:port (127.0.0.1:53)",
+    ),
+    "dns-server-no-port": (
+        {"pyqmail_scanners__rspamd_dns_servers": ["192.0.2.53"]},
+        "pyqmail_scanners__rspamd_dns_servers[0]: '192.0.2.53' is not an IP address and port:"
+        " give ip:port or [ipv6]:port (127.0.0.1:53)",
+    ),
+    "dns-server-ipv6-unbracketed": (
+        {"pyqmail_scanners__rspamd_dns_servers": ["::1:53"]},
+        "pyqmail_scanners__rspamd_dns_servers[0]: '::1:53' is not an IP address and port: give"
+        " ip:port or [ipv6]:port (127.0.0.1:53)",
+    ),
+    "dns-server-port": (
+        {"pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:65536"]},
+        "pyqmail_scanners__rspamd_dns_servers[0]: '127.0.0.1:65536' has no port from 1 to 65535"
+        " after the last ':' ('65536')",
+    ),
     "timeout": (
         {"pyqmail_scanners__timeout": 0},
         "pyqmail_scanners__timeout: 0 is out of range: must be from 1 to 300",
@@ -347,6 +373,8 @@ def test_the_defaults_and_good_values_pass() -> None:
         "pyqmail_scanners__clamd_listen": "127.0.0.1:3310",
         "pyqmail_scanners__thresholds": {"reject": "20.5", "add_header": 7, "greylist": None},
         "pyqmail__listener_env": {"submission": {"SCAN": "1"}, "smtp": {"SCAN": ""}},
+        "pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:1", "192.0.2.53:53", "[::1]:53"],
+        "pyqmail_scanners__rspamd_offline": True,
     }
     assert problems_of(good) == []
     assert parse_address(good["pyqmail_scanners__rspamd_listen"], "x").port == 11333

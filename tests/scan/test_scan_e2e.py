@@ -104,10 +104,16 @@ def test_add_header_action_lands_in_junk(
     rspamd_on: QmailRoot, smtpd: StartDaemon, mailbox: Path
 ) -> None:
     d = smtpd()
-    code, _ = send(d, message(GTUBE_ADD_HEADER, "offer"))
+    forged = b"X-Spam: No\r\nX-Spam-Status: No, score=-100\r\n"
+    code, _ = send(d, forged + message(GTUBE_ADD_HEADER, "offer"))
     assert code == 250
     [(env, body)] = rspamd_on.queued()
     assert env.meta.get("junk") == "1"
+    # rspamd skips its rules for a test pattern and sends no fields: pyqmail's own say why.
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("X-Spam: Yes\r\nX-Spam-Status: Yes, score=6.00, required=15.00,"
+                           " action=add_header\r\n"), head  # fmt: skip
+    assert "X-Spam: No" not in head and "score=-100" not in head, head
     d.wait_for(r"msg qid=\S+ .*scan=junk spam=add_header")
     local = LocalDelivery(Control.load(rspamd_on.path), rspamd_on.queue)
     assert local.deliver(env, body, RCPT).kind == "ok"

@@ -174,6 +174,20 @@ def test_edit_removes_as_milter_says_and_adds_on_top() -> None:
     assert stage.edit(msg, (), (("X-Spam", 9),)) == msg
 
 
+def test_junk_without_rspamds_fields_gets_pyqmails_own() -> None:
+    bare = rspamd.Reply("add header", 7.5, 15.0, (("X-Spamd-Bar", "+++"),), (("X-Other", 0),))
+    add, remove = stage.junk_fields(bare)
+    assert add == (
+        ("X-Spam", "Yes"),
+        ("X-Spam-Status", "Yes, score=7.50, required=15.00, action=add_header"),
+        ("X-Spamd-Bar", "+++"),
+    )
+    assert remove == (("X-Other", 0), ("X-Spam", 0), ("X-Spam-Status", 0))
+    # rspamd's own X-Spam: its fields as they are, nothing of pyqmail's.
+    full = rspamd.Reply("add header", 7.5, 15.0, (("X-Spam", "Yes"),), (("X-Spam", 0),))
+    assert stage.junk_fields(full) == (full.add, full.remove)
+
+
 @pytest.mark.parametrize(
     ("answer", "result"),
     [

@@ -9,7 +9,8 @@ gets one answer back, in the shape the inbound checks use (``checks.verdict.Verd
   ``defer`` (``451 4.7.1``), ``junk`` (accepted with the queue meta ``junk``, which local
   delivery turns into the Maildir++ folder ``.Junk``, as a DMARC quarantine) or ``accept``;
   on accept and junk rspamd's header edits are made (its ``X-Spam``, ``X-Spamd-Result``
-  fields on top, forged incoming ones removed);
+  fields on top, forged incoming ones removed); a Junk verdict without rspamd's ``X-Spam``
+  gets pyqmail's own ``X-Spam: Yes`` and ``X-Spam-Status`` (``junk_fields``);
 - a scanner that is down, still busy when the time is up, or answers garbage: ``451 4.7.1``
   (``scantempfail`` 1, the default), or accepted unscanned (0). A definite refusal from the
   other scanner still wins.
@@ -121,8 +122,31 @@ async def run(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> O
     if reply == "defer":
         return Outcome(Verdict("defer", 451, text, log), False, message)
     if answers.spam is not None:
-        message = edit(message, answers.spam.add, answers.spam.remove)
+        add, remove = answers.spam.add, answers.spam.remove
+        if reply == "junk":
+            add, remove = junk_fields(answers.spam)
+        message = edit(message, add, remove)
     return Outcome(Verdict("accept", 250, "", log), reply == "junk", message)
+
+
+def junk_fields(
+    spam: rspamd.Reply,
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    """rspamd's header edits for a message going to Junk, with pyqmail's own ``X-Spam: Yes``
+    and ``X-Spam-Status`` (score, threshold, action) when rspamd sent no ``X-Spam``: it sends
+    no fields at all when it skipped its rules (GTUBE's test patterns, a settings rule), and
+    a mail filter must still see why the message is in Junk. Incoming fields of those names
+    go first, so a sender cannot forge them."""
+    if any(name.lower() == "x-spam" for name, _ in spam.add):
+        return spam.add, spam.remove
+    status = (
+        f"Yes, score={spam.score:.2f}, required={spam.required:.2f}, "
+        f"action={spam.action.replace(' ', '_')}"
+    )
+    own = (("X-Spam", "Yes"), ("X-Spam-Status", status))
+    mine = {name.lower() for name, _ in own}
+    added = tuple((n, v) for n, v in spam.add if n.lower() not in mine)
+    return own + added, (*spam.remove, ("X-Spam", 0), ("X-Spam-Status", 0))
 
 
 def _fields_of(head: bytes) -> list[bytes]:

@@ -232,7 +232,9 @@ class Intake:
         assert self.message is not None  # noqa: S101 - commit's test
         loop = asyncio.get_running_loop()
         msg = self.message
-        data = original = await loop.run_in_executor(None, writer.message_bytes)
+        # Held in memory: no worker thread (its hand-off costs more than the join).
+        reader = writer.message_bytes
+        data = original = reader() if writer.held else await loop.run_in_executor(None, reader)
         junk = False
         if self.auth is not None:
             outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
