@@ -46,7 +46,12 @@ settings = dnsbl.Settings(lists=(("bl.example", 1),), nameservers=((host, port),
 result = asyncio.run(dnsbl.Lookup(settings).check("127.0.0.9", settings))
 print(dns.version.version)
 print(result.log())
-print(txt(make_resolver([(host, port)], timeout=3), "sender.example"))
+res = make_resolver([(host, port)], timeout=3)
+print(txt(res, "sender.example"))
+from pyqmail.checks import spf
+from pyqmail.checks.dmarc import org_domain
+helo, mail = spf.check(res, "127.0.0.7", "a@sender.example", "client.example", budget=3)
+print(mail.result, org_domain("mx.sender.example.co.uk"))
 """
 
 ZONES = {
@@ -81,10 +86,11 @@ def test_every_module_imports_with_debians_packages() -> None:
 
 
 def test_the_inbound_checks_ask_the_named_server_with_debians_dnspython(dns: DnsServer) -> None:
-    version, log, records = debian_python(LOOKUPS, dns.host, str(dns.port)).splitlines()
+    version, log, records, spf = debian_python(LOOKUPS, dns.host, str(dns.port)).splitlines()
     assert version.startswith("2.3."), version  # Debian 12's, not the virtualenv's
     assert log == "dnsbl=bl.example:127.0.0.2 dnsbl_score=1"
     assert records == "[b'v=spf1 -all']"
+    assert spf == "fail example.co.uk"  # pyspf and the public suffix list, Debian's
 
 
 # Each dependency of the wheel (pyproject.toml) and the Debian package that supplies it on a
