@@ -84,8 +84,8 @@ image: ## build (or reuse) the Debian 12 base image molecule's hosts start from
 molecule: $(STAMP) image ## run one molecule scenario: make molecule SCENARIO=default
 	source $(BIN)/activate && molecule test -s $(SCENARIO)
 
-molecule-all: $(STAMP) image ## run every molecule scenario
-	source $(BIN)/activate && molecule test --all
+molecule-all: $(STAMP) image ## run every molecule scenario, side by side (MOLECULE_JOBS=1: one after another)
+	source $(BIN)/activate && scripts/molecule-all
 
 test: system-deps check-system-deps ## the whole suite: tool check, lint, collection sanity, unit, end-to-end, molecule (CI runs this)
 	$(MAKE) lint changelog-lint collection-sanity unit molecule-all
