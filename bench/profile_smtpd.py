@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.certs import make_certs
 from bench.checks_peer import ChecksWorld
-from bench.servers import PyqmailServer, Server
 from bench.scan_load import PyqmailScanned
+from bench.servers import PyqmailServer, Server
 from bench.smtpd_load import WORKLOADS, Run, run_load, word_prefix
 from tests.scanners import Rspamd
 
