@@ -8,6 +8,7 @@ flame graphs (``--raw FILE``).
 
     python bench/profile_smtpd.py --workload "STARTTLS 10" --duration 10
     python bench/profile_smtpd.py --workload "port 25" --duration 10   # the checks row
+    python bench/profile_smtpd.py --workload "plain 1" --rspamd          # the rspamd row
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.certs import make_certs
 from bench.checks_peer import ChecksWorld
+from bench.scan_load import PyqmailScanned
 from bench.servers import PyqmailServer, Server
 from bench.smtpd_load import WORKLOADS, Run, run_load, word_prefix
+from tests.scanners import Rspamd
 
 
 def summarize(raw: str, top: int) -> str:
@@ -71,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--tmpdir", help="where the queue goes (default: system temp dir)")
     p.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
+    p.add_argument(
+        "--rspamd",
+        type=int,
+        metavar="WORKERS",
+        nargs="?",
+        const=2,
+        help="scan with a real rspamd of WORKERS normal workers (bench/scan_load.py's row)",
+    )
     args = p.parse_args(argv)
     matches = [w for w in WORKLOADS if word_prefix(args.workload.strip().lower(), w.name)]
     if len(matches) != 1:
@@ -87,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     world = ChecksWorld(base, certs, {"workers": args.workers, "user": args.user})
     extra = world.loadgen_args() if workload.checks else None
     server: Server = PyqmailServer(base, certs, workers=args.workers, user=args.user)
+    scanner = Rspamd(fast_start=False, normal_workers=args.rspamd, start_timeout=600)
     try:
+        if args.rspamd is not None:
+            scanner.start()
+            server = PyqmailScanned(base, certs, scanner.address)
+            server.workers = args.workers
         if workload.checks:  # the checking pyqmail, its knotd and signed message
             server = world.start(["pyqmail"])["pyqmail"]
         else:
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         world.stop()
+        scanner.__exit__(None, None, None)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

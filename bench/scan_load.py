@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     if run.messages:
                         per = 1000 * (after - before) / run.messages
                         rspamd_cpu.setdefault(server.name, []).append(per)
+                        rspamd_cpu.setdefault(f"{workload.name}/{server.name}", []).append(per)
                     print(f"# round {rnd + 1} {workload.name:<22} {server.name:<15} "
                           f"{run.rate:7.1f} msg/s  errors {run.errors}  "
                           f"load {load_average()}", flush=True)  # fmt: skip
@@ -214,6 +215,17 @@ def report(
     for side in ("pyqmail+rspamd", "postfix+rspamd"):
         cpu = median(rspamd_cpu.get(side, []))
         print(f"rspamd CPU per message serving {side:<15} {cpu:6.2f} ms")
+    print("\nthe scan's share of a message's CPU, MTA + rspamd (ms): (MTA's rise + rspamd) of all")
+    for w in SCAN_WORKLOADS:
+        line = f"{w.name:<24}"
+        for side in ("pyqmail", "postfix"):
+            alone = _cpu_ms(runs.get((w.name, side), []))
+            scanned = _cpu_ms(runs.get((w.name, f"{side}+rspamd"), []))
+            scanner = median(rspamd_cpu.get(f"{w.name}/{side}+rspamd", []))
+            total = scanned + scanner
+            share = (scanned - alone + scanner) / total if total > 0 else float("nan")
+            line += f"  {side} {scanned - alone + scanner:.2f} of {total:.2f} ms ({share:.0%})"
+        print(line)
     if scan_secs:
         us = [int(s * 1e6) for s in scan_secs]
         print(f"pyqmail-smtpd's logged scan_secs: p50 / p99 {percentiles(us)} ms")

@@ -163,10 +163,12 @@ class QueueWriter:
         put their header on top and may add meta; ``pyqmail.checks.inbound``)."""
         if self._held is None or self._completed:
             raise QueueError(f"writer for {self.queue_id} is not an unfinished held message")
-        self.meta = dict(meta)
-        header = encode_header(
-            self.queue_id, self.sender, self.recipients, self.received, self.meta
-        )
+        header = self._held[0]
+        if meta != self.meta:  # the same meta (a scan's header edits alone): the same header
+            self.meta = dict(meta)
+            header = encode_header(
+                self.queue_id, self.sender, self.recipients, self.received, self.meta
+            )
         self._held = [header, message]
         self.size = len(message)
 

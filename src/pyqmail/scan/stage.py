@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,29 +57,52 @@ class _Answers:
 
 
 async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> _Answers:
-    """Both scanners at once; whatever is not done at ``scantimeout`` is cancelled."""
-    jobs: dict[str, asyncio.Task[Any]] = {}
+    """Both scanners at once; whatever is not done at ``scantimeout`` is cancelled. A single
+    scanner is awaited in this task under the time bound: no second task, no ``wait``."""
+    jobs: dict[str, Coroutine[Any, Any, Any]] = {}
     if settings.rspamd is not None:
-        jobs["rspamd"] = asyncio.create_task(rspamd.check(settings.rspamd, env, message))
+        jobs["rspamd"] = rspamd.check(settings.rspamd, env, message)
     if settings.clamd is not None:
-        jobs["clamd"] = asyncio.create_task(clamd.scan(settings.clamd, message))
-    await asyncio.wait(jobs.values(), timeout=settings.timeout)
+        jobs["clamd"] = clamd.scan(settings.clamd, message)
     answers = _Answers()
+    if len(jobs) == 1:
+        ((name, job),) = jobs.items()
+        try:
+            async with asyncio.timeout(settings.timeout):
+                _settle(answers, name, await job)
+        except TimeoutError:
+            answers.errors = (f"{name}:timeout",)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hang or kill the session
+            answers.errors = (_why(name, exc),)
+        return answers
+    tasks = {name: asyncio.create_task(job) for name, job in jobs.items()}
+    await asyncio.wait(tasks.values(), timeout=settings.timeout)
     errors = []
-    for name, job in jobs.items():
-        if not job.done():
-            job.cancel()
+    for name, task in tasks.items():
+        if not task.done():
+            task.cancel()
             errors.append(f"{name}:timeout")
-        elif isinstance(job.exception(), ScanError):
-            errors.append(f"{name}:{job.exception()}")
-        elif job.exception() is not None:  # a bug here must not hang or kill the session
-            errors.append(f"{name}:{type(job.exception()).__name__}")
-        elif name == "rspamd":
-            answers.spam = job.result()
+        elif task.exception() is not None:
+            errors.append(_why(name, task.exception()))
         else:
-            answers.virus = job.result()
+            _settle(answers, name, task.result())
     answers.errors = tuple(errors)
     return answers
+
+
+def _why(name: str, exc: BaseException | None) -> str:
+    """``<scanner>:<why>`` for the log: a ScanError's text, else the exception's class."""
+    if isinstance(exc, ScanError):
+        return f"{name}:{exc}"
+    return f"{name}:{type(exc).__name__}"
+
+
+def _settle(answers: _Answers, name: str, result: Any) -> None:
+    """A scanner's answer into ``answers``."""
+    if name == "rspamd":
+        answers.spam = result
+    else:
+        answers.virus = result
 
 
 def _reply(settings: ScanSettings, answers: _Answers) -> tuple[str, str]:
