@@ -153,8 +153,9 @@ class ControlFiles:
 
     def fail(self, msg: str) -> None:
         """Fail naming what already changed (a partial run is visible)."""
-        self.module.fail_json(msg=msg, changed=bool(self.changed_files),
-                              changed_files=self.changed_files)
+        self.module.fail_json(
+            msg=msg, changed=bool(self.changed_files), changed_files=self.changed_files
+        )
 
     def run(self) -> None:
         """Check every entry first, then apply them in order."""
@@ -191,8 +192,14 @@ class ControlFiles:
         if os.path.isdir(target) and not os.path.islink(target):
             self.fail(f"{target} is a directory; state absent removes files only")
         self.changed_files.append(name)
-        self.diffs.append({"before_header": target, "after_header": "(absent)",
-                           "before": f"{name}: present\n", "after": f"{name}: absent\n"})
+        self.diffs.append(
+            {
+                "before_header": target,
+                "after_header": "(absent)",
+                "before": f"{name}: present\n",
+                "after": f"{name}: absent\n",
+            }
+        )
         if not self.module.check_mode:
             try:
                 os.unlink(target)
@@ -208,19 +215,25 @@ class ControlFiles:
             return
         attr_diff: dict[str, Any] = {"before": {}, "after": {}}
         changed, _backup = ensure_file(
-            self.module, target, content, self.module.params["mode"],
-            existing=existing, diff=attr_diff,
+            self.module,
+            target,
+            content,
+            self.module.params["mode"],
+            existing=existing,
+            diff=attr_diff,
         )
         if not changed:
             return
         self.changed_files.append(name)
         if existing != content:
-            self.diffs.append({
-                "before": "" if existing is None else existing.decode(errors="replace"),
-                "after": content.decode(errors="replace"),
-                "before_header": target if existing is not None else "(absent)",
-                "after_header": target,
-            })
+            self.diffs.append(
+                {
+                    "before": "" if existing is None else existing.decode(errors="replace"),
+                    "after": content.decode(errors="replace"),
+                    "before_header": target if existing is not None else "(absent)",
+                    "after_header": target,
+                }
+            )
         if existing is not None and (attr_diff["before"] or attr_diff["after"]):
             attr_diff["before_header"] = attr_diff["after_header"] = f"{target} (attributes)"
             self.diffs.append(attr_diff)
@@ -238,8 +251,11 @@ def main() -> None:
                 "options": {
                     "name": {"type": "str", "required": True},
                     "content": {"type": "str"},
-                    "state": {"type": "str", "choices": ["present", "absent"],
-                              "default": "present"},
+                    "state": {
+                        "type": "str",
+                        "choices": ["present", "absent"],
+                        "default": "present",
+                    },
                 },
             },
         },
