@@ -136,8 +136,13 @@ class Directories:
         args = self.module.load_file_common_arguments(params, path=path)
         if os.path.dirname(path) in self.planned:  # check mode: the parent is not made yet
             self.planned.add(path)
-            self.record(path, {"before": {"path": path, "state": "absent"},
-                               "after": {"path": path, "state": "directory"}})
+            self.record(
+                path,
+                {
+                    "before": {"path": path, "state": "absent"},
+                    "after": {"path": path, "state": "directory"},
+                },
+            )
             return
         if os.path.lexists(path) and not os.path.isdir(path):
             self.fail(f"{path} exists and is not a directory")
