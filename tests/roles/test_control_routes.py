@@ -114,7 +114,7 @@ def test_extra_files_are_routed_through_the_table() -> None:
     assert "pyqmail_reload_handlers(pyqmail_control__reload_routes)" in task["notify"]
     registered = {t["register"] for t in CONTROL_TASKS if control_files(t) is None}
     for name in registered:
-        assert name in str(task["notify"]), f"the routing task ignores {name}"
+        assert name in str(task["vars"]), f"the routing task ignores {name}"
     assert len(registered) == 1  # written and removed in one pyqmail_control_files call
 
 
