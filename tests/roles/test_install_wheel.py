@@ -8,6 +8,7 @@ directory; the installed daemon has the collection's version.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,9 +38,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def run(tmp: Path, given: str) -> subprocess.CompletedProcess[str]:
-    """The role's wheel tasks with ``pyqmail_install__wheel: given``; a handler stands in for
-    the pyqmail role's restart."""
+def run(tmp: Path, given: str, **more: Any) -> subprocess.CompletedProcess[str]:
+    """The role's wheel tasks with ``pyqmail_install__wheel: given`` (and ``more`` variables);
+    a handler stands in for the pyqmail role's restart."""
     playbook = tmp / "play.yml"
     playbook.write_text(
         "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
@@ -53,6 +54,7 @@ def run(tmp: Path, given: str) -> subprocess.CompletedProcess[str]:
         "pyqmail_install__wheel": given,
         "pyqmail_install__wheel_dir": str(tmp / "cache"),
         "ansible_python_interpreter": sys.executable,
+        **more,
     }
     return subprocess.run(
         [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
@@ -98,3 +100,43 @@ def test_a_wheel_that_is_not_pyqmails_is_named(tmp_path: Path) -> None:
     assert f"{other} is not a pyqmail-<version>-py3-none-any.whl" in proc.stdout, proc.stdout[
         -3000:
     ]
+
+
+def build_task(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The result of the task that runs pip wheel."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for task in json.loads(proc.stdout)["plays"][0]["tasks"]:
+        if task["task"]["name"].startswith("Build the wheel on the controller (pure Python"):
+            result: dict[str, Any] = task["hosts"]["localhost"]
+            return result
+    raise AssertionError("no pip wheel task in the output")
+
+
+def test_the_wheel_is_built_once_per_source_checksum(tmp_path: Path) -> None:
+    """Issue 20: an unchanged source tree reuses the wheel built before (no pip wheel, about
+    5 s); a changed source file builds again."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(
+        REPO / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
+    more = {  # the role's defaults for a build (only its tasks run here)
+        "pyqmail_install__source_dir": str(source),
+        "pyqmail_install__build_python": sys.executable,
+        "pyqmail_install__build_isolation": True,
+    }
+    first = run(tmp_path, "", **more)
+    assert "skipped" not in build_task(first)
+    stamp = (source / ".cache" / "wheel" / "stamp").read_text().split()
+    assert len(stamp) == 3 and stamp[1] == f"pyqmail-{VERSION}-py3-none-any.whl", stamp
+    second = run(tmp_path, "", **more)
+    assert build_task(second).get("skipped") is True
+    assert stats(second)["changed"] == 0
+    with (source / "src" / "pyqmail" / "log.py").open("a") as handle:
+        handle.write("# changed\n")
+    third = run(tmp_path, "", **more)
+    assert "skipped" not in build_task(third)
+    assert (source / ".cache" / "wheel" / "stamp").read_text().split()[0] != stamp[0]

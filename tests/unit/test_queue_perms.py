@@ -75,8 +75,10 @@ def test_role_creates_the_layout_of_the_code() -> None:
     subdirs = _task(
         "pyqmail_control", "Create the queue subdirectories (pyqmail.queue.store layout)"
     )
-    assert {i["name"]: int(i["mode"], 8) for i in subdirs["loop"]} == LAYOUT
-    args = subdirs["ansible.builtin.file"]
+    args = subdirs["pyqmail.mail.pyqmail_directories"]
+    made = {i["path"].rsplit("/", 1)[1]: int(i["mode"], 8) for i in args["paths"]}
+    assert made == LAYOUT
+    assert all(i["path"].startswith("{{ pyqmail__root }}/queue/") for i in args["paths"])
     assert (args["owner"], args["group"]) == ("{{ pyqmail__send_user }}", "{{ pyqmail__group }}")
 
 

@@ -91,6 +91,11 @@ def _templated_targets(name: str, loop: Any) -> list[str]:
 
 def control_targets(task: dict[str, Any]) -> list[str]:
     """The control files (or ``extra``) a task writes or removes; [] for others."""
+    files_args = task.get("pyqmail.mail.pyqmail_control_files")
+    if files_args is not None:  # a set of files in one call: the listed names, or the extra ones
+        return [entry["name"] for entry in files_args.get("files", [])] + (
+            ["extra"] if "values" in files_args else []
+        )
     args = module_args(task)
     target = str(args.get("dest", args.get("path", "")))
     loop = task.get("loop", "")

@@ -1,0 +1,205 @@
+#!/usr/bin/python
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: pyqmail_directories
+short_description: Create a set of directories with their owner, group and mode in one call
+description:
+  - Makes each path of O(paths) a directory with the owner, group and mode given for it or for
+    all (the file options below). Missing parents are created too, with the same owner, group
+    and mode, as C(ansible.builtin.file) with C(state=directory) does.
+  - One module run for a whole set of directories (a Maildir and its folders, the supervise
+    directories of every service), instead of one C(ansible.builtin.file) per directory -
+    each of those is a round trip to the host.
+  - Paths are handled in the order given. A path that exists and is not a directory (or a
+    symlink to one) is an error.
+author:
+  - pyqmail maintainers (@pyqmail)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.files
+attributes:
+  check_mode:
+    support: full
+    details: Nothing is created or changed; RV(changed_paths) lists what would be.
+  diff_mode:
+    support: full
+    details: Each created directory, and each owner, group or mode change.
+  platform:
+    platforms: posix
+options:
+  paths:
+    description: The directories, each a path or a dict with its own owner, group or mode.
+    type: list
+    elements: raw
+    required: true
+"""
+
+EXAMPLES = r"""
+- name: A Maildir with its folders
+  pyqmail.mail.pyqmail_directories:
+    owner: pyqmailv
+    group: pyqmailv
+    mode: "0700"
+    paths:
+      - /home/vmail/admin
+      - /home/vmail/admin/Maildir
+      - /home/vmail/admin/Maildir/cur
+      - /home/vmail/admin/Maildir/new
+      - /home/vmail/admin/Maildir/tmp
+
+- name: The queue layout, one mode each
+  pyqmail.mail.pyqmail_directories:
+    owner: pyqmails
+    group: pyqmail
+    paths:
+      - {path: /var/qmail/queue/tmp, mode: "03730"}
+      - {path: /var/qmail/queue/mess, mode: "0700"}
+"""
+
+RETURN = r"""
+changed_paths:
+  description: The directories created or changed (in check mode - that would be), in the
+    order of O(paths).
+  returned: always
+  type: list
+  elements: str
+  sample: [/home/vmail/admin/Maildir/.Sent]
+"""
+
+import os
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
+ENTRY_KEYS = {"path", "owner", "group", "mode"}
+
+
+def entries(paths: list[Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """``paths`` as dicts, or the first problem (naming the entry)."""
+    out: list[dict[str, Any]] = []
+    for index, item in enumerate(paths):
+        where = f"paths entry {index + 1}"
+        entry = {"path": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict):
+            return out, f"{where}: give a path or a dict with path (and owner, group, mode)"
+        unknown = sorted(set(entry) - ENTRY_KEYS)
+        if unknown:
+            return out, f"{where}: unknown keys {unknown}; use {sorted(ENTRY_KEYS)}"
+        path = entry.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return out, f"{where}: path {path!r} is not an absolute path"
+        out.append(entry)
+    return out, None
+
+
+class Directories:
+    """Create each directory and set its attributes; collect what changed."""
+
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.changed_paths: list[str] = []
+        self.diffs: list[dict[str, Any]] = []
+        self.planned: set[str] = set()  # created in check mode (their children are new too)
+
+    def run(self) -> None:
+        """Check every entry first, then apply them in order."""
+        items, problem = entries(self.module.params["paths"])
+        if problem:
+            self.module.fail_json(msg=problem, changed=False, changed_paths=[])
+        for entry in items:
+            self.ensure(entry)
+        result: dict[str, Any] = {
+            "changed": bool(self.changed_paths),
+            "changed_paths": self.changed_paths,
+        }
+        if self.module._diff:
+            result["diff"] = self.diffs
+        self.module.exit_json(**result)
+
+    def fail(self, msg: str) -> None:
+        """Fail naming what already changed."""
+        self.module.fail_json(
+            msg=msg, changed=bool(self.changed_paths), changed_paths=self.changed_paths
+        )
+
+    def ensure(self, entry: dict[str, Any]) -> None:
+        """One directory: create when missing, then owner/group/mode as asked."""
+        path = os.path.normpath(entry["path"])
+        params = {**self.module.params, "path": path}
+        for key in ("owner", "group", "mode"):
+            if entry.get(key) is not None:
+                params[key] = entry[key]
+        args = self.module.load_file_common_arguments(params, path=path)
+        if os.path.dirname(path) in self.planned:  # check mode: the parent is not made yet
+            self.planned.add(path)
+            self.record(
+                path,
+                {
+                    "before": {"path": path, "state": "absent"},
+                    "after": {"path": path, "state": "directory"},
+                },
+            )
+            return
+        if os.path.lexists(path) and not os.path.isdir(path):
+            self.fail(f"{path} exists and is not a directory")
+        diff: dict[str, Any] = {"before": {"path": path}, "after": {"path": path}}
+        if os.path.lexists(path):
+            if self.module.set_fs_attributes_if_different(args, False, diff=diff):
+                self.record(path, diff)
+            return
+        diff["before"]["state"], diff["after"]["state"] = "absent", "directory"
+        if self.module.check_mode:
+            self.planned.add(path)
+            self.record(path, diff)
+            return
+        for new in self.missing(path):  # as ansible.builtin.file: parents get the same attributes
+            new_args = {**args, "path": new}
+            self.create(new, closed=args.get("mode") is not None)
+            new_diff: dict[str, Any] = {
+                "before": {"path": new, "state": "absent"},
+                "after": {"path": new, "state": "directory"},
+            }
+            self.module.set_fs_attributes_if_different(new_args, True, diff=new_diff)
+            self.record(new, new_diff)
+
+    @staticmethod
+    def missing(path: str) -> list[str]:
+        """``path`` and its missing ancestors, outermost first."""
+        out = []
+        while not os.path.lexists(path):
+            out.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        return out[::-1]
+
+    def create(self, path: str, *, closed: bool) -> None:
+        """mkdir; ``closed``: 0700 until the asked mode is set, else the umask's default."""
+        try:
+            os.mkdir(path, 0o700 if closed else 0o777)
+        except OSError as exc:
+            self.fail(f"cannot create {path}: {exc.strerror}")
+
+    def record(self, path: str, diff: dict[str, Any]) -> None:
+        """Note a changed path and its diff."""
+        self.changed_paths.append(path)
+        diff["before_header"] = diff["after_header"] = path
+        self.diffs.append(diff)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={"paths": {"type": "list", "elements": "raw", "required": True}},
+        add_file_common_args=True,
+        supports_check_mode=True,
+    )
+    Directories(module).run()
+
+
+if __name__ == "__main__":
+    main()
