@@ -187,12 +187,15 @@ def test_tarball_holds_real_files_and_the_wheel(built: dict[str, Path]) -> None:
 def test_installed_offline_ansible_doc_reads_it(built: dict[str, Path], tmp_path: Path) -> None:
     """ansible-galaxy installs the tarball from the file alone; the installed copy documents
     every module by its fully qualified name without this checkout's ansible.cfg."""
+    target = tmp_path / "collections"
+    # Only the target counts as installed: a copy in ~/.ansible/collections (a developer's
+    # machine) would otherwise make ansible-galaxy answer "Nothing to do".
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")} | {
         "ANSIBLE_CONFIG": str(tmp_path / "none.cfg"),
         "ANSIBLE_GALAXY_SERVER_LIST": "",
+        "ANSIBLE_COLLECTIONS_PATH": str(target),
     }
     (tmp_path / "none.cfg").write_text("[defaults]\n")
-    target = tmp_path / "collections"
     proc = subprocess.run(
         [str(BIN / "ansible-galaxy"), "collection", "install", "--offline", "-p", str(target),
          str(built["tarball"])],
@@ -204,7 +207,7 @@ def test_installed_offline_ansible_doc_reads_it(built: dict[str, Path], tmp_path
     proc = subprocess.run(
         [str(BIN / "ansible-doc"), "--json", *(f"pyqmail.mail.{m}" for m in MODULES)],
         capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
-        env={**env, "ANSIBLE_COLLECTIONS_PATH": str(target)},
+        env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(proc.stdout)) == [f"pyqmail.mail.{m}" for m in MODULES]
