@@ -14,6 +14,8 @@ RUN_STAMP := $(RUN_VENV)/.installed
 SANITY_VENV ?= .venv-sanity
 SANITY_STAMP := $(SANITY_VENV)/.installed
 SCENARIO ?= default
+# pytest-xdist workers for make unit; a test file runs whole on one worker (--dist loadfile)
+TEST_WORKERS ?= auto
 export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 
 help: ## list the targets
@@ -75,8 +77,8 @@ release: $(STAMP) ## dist/: the collection tarball and the daemon wheel, one ver
 docs: $(STAMP) ## README variables table and defaults comments from each role's meta/argument_specs.yml
 	$(BIN)/python scripts/gen-role-docs
 
-unit: $(STAMP) ## daemon, module and end-to-end tests (pytest)
-	$(BIN)/pytest -q -m "not slow"
+unit: $(STAMP) ## daemon, module and end-to-end tests (pytest, one worker per core: TEST_WORKERS=1 for one)
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 image: ## build (or reuse) the Debian 12 base image molecule's hosts start from
 	scripts/build-base-image

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attacks.tally import TRIED
 from tests.pki import CA, Issued
 
 IMPOSSIBLE_HERE = "not possible on this kind of machine:"
@@ -36,6 +37,30 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
         f"{item.nodeid} skipped under CI, which allows no skip for a missing tool or package: "
         f"{reason.removeprefix('Skipped: ')}"
     )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its attack counts to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["attacks_tried"] = dict(TRIED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """pytest-xdist's controller: add up what each worker tried (see pytest_sessionfinish)."""
+    for cls, count in getattr(node, "workeroutput", {}).get("attacks_tried", {}).items():
+        TRIED[cls] += count
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many variants of each attack class the run sent (tests/attacks/tally.py)."""
+    if not TRIED:
+        return
+    terminalreporter.section("attacks tried (variants sent to a running pyqmail-smtpd)")
+    for cls, count in sorted(TRIED.items()):
+        terminalreporter.write_line(f"{cls:<28} {count}")
+    terminalreporter.write_line(f"{'total':<28} {sum(TRIED.values())}")
 
 
 @dataclass
