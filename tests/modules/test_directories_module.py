@@ -13,24 +13,19 @@ from typing import Any
 
 import pytest
 
-from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
+from tests.modules.utils import fail_in_process, run_in_process, run_module
 
 dirs_module: Any = importlib.import_module("pyqmail_directories")
 
 
 def run(args: dict[str, Any], *, check: bool = False, diff: bool = False) -> dict[str, Any]:
     """Run the module in-process; the result of exit_json (fail_json raises)."""
-    args = {"_ansible_check_mode": check, "_ansible_diff": diff, **args}
-    with set_module_args(args), pytest.raises(AnsibleExitJson) as exc:
-        dirs_module.main()
-    return exc.value.result
+    return run_in_process(dirs_module, args, check=check, diff=diff)
 
 
 def fail(args: dict[str, Any]) -> str:
     """Run the module in-process expecting a failure; its message."""
-    with set_module_args(args), pytest.raises(AnsibleFailJson) as exc:
-        dirs_module.main()
-    return str(exc.value.result["msg"])
+    return fail_in_process(dirs_module, args)
 
 
 def mode_of(path: Path) -> int:

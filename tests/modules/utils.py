@@ -138,3 +138,24 @@ def run_module(
         ) from exc
     result: dict[str, Any] = out["plays"][0]["tasks"][0]["hosts"]["localhost"]
     return result
+
+
+def run_in_process(
+    module: Any, args: dict[str, Any], *, check: bool = False, diff: bool = False
+) -> dict[str, Any]:
+    """Run an imported module's main() in-process; the result of exit_json (fail_json raises)."""
+    import pytest
+
+    args = {"_ansible_check_mode": check, "_ansible_diff": diff, **args}
+    with set_module_args(args), pytest.raises(AnsibleExitJson) as exc:
+        module.main()
+    return exc.value.result
+
+
+def fail_in_process(module: Any, args: dict[str, Any]) -> str:
+    """Run an imported module's main() in-process expecting fail_json; its message."""
+    import pytest
+
+    with set_module_args(args), pytest.raises(AnsibleFailJson) as exc:
+        module.main()
+    return str(exc.value.result["msg"])
