@@ -169,11 +169,11 @@ def _open_fds() -> set[tuple[str, str]]:
     count: garbage from earlier tests in the same worker may be closed meanwhile, which
     lowers a count; a socket left open is an entry that was not there before."""
     gc.collect()  # close what earlier tests left to the collector now, not during the test
-    fds = {}
+    fds = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(FileNotFoundError):  # the listing's own fd, closed by now
-            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
-    return set(fds.items())
+            fds.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+    return fds
 
 
 def test_timed_out_and_failed_scans_leave_no_socket_behind(peer: Callable[..., Peer]) -> None:
