@@ -153,5 +153,7 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
         for play in out["plays"]
         for t in play["tasks"]
         if t["task"]["name"].endswith("Hand the records to the summary")
+        # Mitogen's strategy (ansible.cfg) may report a task once per host
+        and "mx1.example.org" in t["hosts"]
     ]
     assert summary[0]["lines"] == mx1.splitlines()
