@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# make run's lean environment: ansible-core only (requirements-run.txt); the roles use nothing
+# make run's lean environment: ansible-core and Mitogen (requirements-run.txt); the roles use nothing
 # beyond ansible.builtin and this checkout's own collection pyqmail.mail (collections/).
 RUN_VENV ?= .venv-run
 RUN_STAMP := $(RUN_VENV)/.installed
@@ -92,7 +92,7 @@ molecule-all: $(STAMP) image ## run every molecule scenario, side by side (MOLEC
 test: system-deps check-system-deps ## the whole suite: tool check, lint, collection sanity, unit, end-to-end, molecule (CI runs this)
 	$(MAKE) lint changelog-lint collection-sanity unit molecule-all
 
-run: $(RUN_STAMP) ## provision this machine with site.yml and leave the mail server up (ansible-core only)
+run: $(RUN_STAMP) ## provision this machine with site.yml and leave the mail server up (ansible-core and Mitogen only)
 	source $(RUN_VENV)/bin/activate && ansible-playbook site.yml
 
 bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
