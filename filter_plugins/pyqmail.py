@@ -83,15 +83,21 @@ def services_wanted(
 
 
 def services_svstat_argv(
-    wanted: Any, service_dir: str, dovecot: Mapping[str, Any] | None = None
+    wanted: Any,
+    service_dir: str,
+    dovecot: Mapping[str, Any] | None = None,
+    scanners: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """``svstat`` with each wanted service and its log service (and Dovecot's when it runs)."""
+    """``svstat`` with each wanted service and its log service (and Dovecot's and the
+    scanners' when they run: every supervised service of the host)."""
     argv = ["svstat"]
     for service in _list(wanted, "pyqmail_services__wanted"):
         path = f"{service_dir}/{service['name']}"
         argv += [path, f"{path}/log"]
     if dovecot:
         argv += [dovecot["service"], f"{dovecot['service']}/log"]
+    for path in (scanners or {}).get("services") or []:
+        argv += [path, f"{path}/log"]
     return argv
 
 
@@ -100,7 +106,8 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     the DNS records to publish.
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
-    {}), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
+    {}), scanners (pyqmail_scanners__summary or {}: its ``lines`` say which scanner listens
+    where), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
     or ""), dns (pyqmail_dns__summary: path and lines of the zone, or {}), sendmail
     (``sendmail_summary``'s lines, or []) and version (what ``pyqmail-smtpd --version`` printed
     on the host, or "": the version of the daemon and of the collection pyqmail.mail).
@@ -132,6 +139,9 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     out.append("  incoming: " + (incoming or "none (pyqmail_dovecot__enabled is false)"))
     if dc.get("autoconfig"):
         out.append(f"  Thunderbird autoconfig: {dc['autoconfig']} on the controller")
+    scanning = (facts.get("scanners") or {}).get("lines") or []
+    out.append("scanning before the 250:" if scanning else "scanning before the 250: none")
+    out += [f"  {line}" for line in scanning]
     out.append("services (svstat):")
     result = facts.get("svstat") or {}
     lines = list(result.get("stdout_lines") or []) + list(result.get("stderr_lines") or [])

@@ -240,6 +240,21 @@ def test_services_svstat_argv_and_summary() -> None:
         "/etc/service/dovecot",
         "/etc/service/dovecot/log",
     ]
+    scanners = {
+        "services": ["/etc/service/rspamd", "/etc/service/clamd"],
+        "lines": ["rspamd (spam) at 127.0.0.1:11333", "clamd (viruses) at /run/clamd.ctl"],
+    }
+    assert filters.services_svstat_argv(wanted, "/s", dovecot, scanners)[-6:] == [
+        "/etc/service/dovecot",
+        "/etc/service/dovecot/log",
+        "/etc/service/rspamd",
+        "/etc/service/rspamd/log",
+        "/etc/service/clamd",
+        "/etc/service/clamd/log",
+    ]
+    assert filters.services_svstat_argv(wanted, "/s", {}, {"services": [], "lines": []}) == (
+        filters.services_svstat_argv(wanted, "/s")
+    )
     facts = {
         "kinds": KINDS,
         "host": "mx1",
@@ -259,6 +274,13 @@ def test_services_svstat_argv_and_summary() -> None:
     ]
     assert "  outgoing: SMTP 587 STARTTLS" in lines
     assert "  incoming: none (pyqmail_dovecot__enabled is false)" in lines
+    assert "scanning before the 250: none" in lines
+    scanned = filters.services_summary(wanted, {**facts, "scanners": scanners})
+    at = scanned.index("scanning before the 250:")
+    assert scanned[at + 1 : at + 3] == [
+        "  rspamd (spam) at 127.0.0.1:11333",
+        "  clamd (viruses) at /run/clamd.ctl",
+    ]
     assert lines[-2:] == [
         "  /etc/service/qmail-smtpd: up (pid 7) 9 seconds",
         "CA certificate for mail clients: /etc/pyqmail/ca.pem on the host",
