@@ -102,15 +102,16 @@ def services_svstat_argv(
 
 
 def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
-    """The lines of the run summary: listeners, Dovecot, mail client settings, svstat, CA,
-    the DNS records to publish.
+    """The lines of the run summary: listeners, Dovecot, mail client settings, scanners,
+    svstat, CA, the DNS records to publish.
 
     ``facts``: kinds (pyqmail_services__kinds), host, me, listen_ip, dovecot (its summary or
-    {}), scanners (pyqmail_scanners__summary or {}: its ``lines`` say which scanner listens
-    where), svstat (the registered result), config_dir, fetched (the CA copy on the controller,
-    or ""), dns (pyqmail_dns__summary: path and lines of the zone, or {}), sendmail
-    (``sendmail_summary``'s lines, or []) and version (what ``pyqmail-smtpd --version`` printed
-    on the host, or "": the version of the daemon and of the collection pyqmail.mail).
+    {}), scanners (pyqmail_scanners__summary: its ``lines`` say which scanner listens where;
+    None when the scanners' play did not run, and the summary says nothing of them), svstat
+    (the registered result), config_dir, fetched (the CA copy on the controller, or ""), dns
+    (pyqmail_dns__summary: path and lines of the zone, or {}), sendmail (``sendmail_summary``'s
+    lines, or []) and version (what ``pyqmail-smtpd --version`` printed on the host, or "": the
+    version of the daemon and of the collection pyqmail.mail).
     """
     services = _list(wanted, "pyqmail_services__wanted")
     kinds, me, dc = facts["kinds"], facts["me"], facts.get("dovecot") or {}
@@ -139,9 +140,10 @@ def services_summary(wanted: Any, facts: Mapping[str, Any]) -> list[str]:
     out.append("  incoming: " + (incoming or "none (pyqmail_dovecot__enabled is false)"))
     if dc.get("autoconfig"):
         out.append(f"  Thunderbird autoconfig: {dc['autoconfig']} on the controller")
-    scanning = (facts.get("scanners") or {}).get("lines") or []
-    out.append("scanning before the 250:" if scanning else "scanning before the 250: none")
-    out += [f"  {line}" for line in scanning]
+    if facts.get("scanners") is not None:
+        scanning = facts["scanners"].get("lines") or []
+        out.append("scanning before the 250:" if scanning else "scanning before the 250: none")
+        out += [f"  {line}" for line in scanning]
     out.append("services (svstat):")
     result = facts.get("svstat") or {}
     lines = list(result.get("stdout_lines") or []) + list(result.get("stderr_lines") or [])
