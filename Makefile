@@ -99,8 +99,9 @@ bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 	$(BIN)/python bench/smtpd_load.py
 	$(BIN)/python bench/scan_load.py
 
-bench-e2e: $(STAMP) ## end-to-end throughput vs a private Postfix (root): SMTP in -> Maildir, and DKIM-signed outbound vs Postfix + OpenDKIM
+bench-e2e: $(STAMP) ## end-to-end throughput vs a private Postfix (root): SMTP in -> Maildir (plain, then STARTTLS), and DKIM-signed outbound vs Postfix + OpenDKIM
 	$(BIN)/python bench/e2e_throughput.py
+	$(BIN)/python bench/e2e_throughput.py --rows inbound --starttls
 
 STRESS_SECONDS ?= 300
 FUZZ_SECONDS ?= 300
