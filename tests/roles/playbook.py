@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,15 +17,3 @@ def ansible_env() -> dict[str, str]:
         "ANSIBLE_LOCALHOST_WARNING": "false",
         "PYTHONWARNINGS": "ignore",
     }
-
-
-def debian_packages() -> list[str]:
-    """The installed Debian packages, as roles/pyqmail/tasks/host.yml notes them in
-    pyqmail__debian_packages (for tests that import a role's tasks without that role)."""
-    done = subprocess.run(
-        ["dpkg-query", "--show", "--showformat", "${db:Status-Abbrev} ${Package}\n"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return [line.split()[-1] for line in done.stdout.splitlines() if line[1:2] == "i"]
