@@ -35,6 +35,7 @@ PREFLIGHT_TASK = (
     "pyqmail.mail.pyqmail_preflight : "
     "Check the inventory of every pyqmail role (one line per problem)"
 )
+HOST_CHECK_TASK = "pyqmail.mail.pyqmail : Check the target runs Debian"
 # site.yml runs the collection's playbooks/site.yml (pyqmail.mail.site): not tested twice.
 PLAYBOOKS = [
     "site.yml",
@@ -522,6 +523,8 @@ def test_good_inventories_pass_the_preflight_and_the_role_specs(tmp_path: Path) 
         for host, tasks in tasks_per_host(out).items():
             failed = [(name, r.get("msg")) for name, r in tasks if r.get("failed")]
             assert not failed, (inventory, host, failed)
+            # The role pyqmail's host checks (tasks/host.yml) run once per run, not per play.
+            assert [name for name, _ in tasks].count(HOST_CHECK_TASK) == 1, (inventory, host)
         # In every play (each role depends on it; done once, skipped after), before any
         # other task of a pyqmail role.
         for play in out["plays"]:
