@@ -40,9 +40,13 @@ class Result:
 
 
 def one_line(text: str, limit: int = 400) -> str:
-    """Make remote-controlled text safe for a log line or a header: no control characters."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
-    return " ".join(cleaned.split())[:limit]
+    """Make remote-controlled text safe for a log line or a header: no control characters.
+
+    Called several times per delivery (the manager's log lines and state records); text
+    that is already printable, nearly all of it, skips the per-character pass."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(text.split())[:limit]
 
 
 def split_address(address: str) -> tuple[str, str]:
