@@ -22,17 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from math import nan
+from dataclasses import asdict, dataclass, field
+from math import isnan, nan
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (make bench): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import checks_peer, fsprobe, resume
+from bench import checks_peer, floor, fsprobe, resume
 from bench.certs import CertFiles, make_certs
 from bench.checks_peer import ChecksPeerError, ChecksWorld
+from bench.floor import Floor
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
     AiosmtpdServer,
@@ -307,6 +308,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="do not measure the floor (bench/floor.py: loopback TCP, handshake, fsyncs)",
+    )
+    p.add_argument(
         "--workloads",
         help="comma-separated prefixes of workload names (default: all six; "
         "the min ratio line needs all six)",
@@ -409,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         checked = start_checks(args, world)
         fs_ms = fsprobe.settle([base, *(s.dir for s in servers)], limit=args.settle)
         print(f"# file creation where the queues are: {fs_ms:.3f} ms CPU (see bench/fsprobe.py)")
+        lowest = None if args.no_floor else measure_floor(base, certs)
         for server in servers:  # warm up: spawn workers/processes, fill caches
             for workload in (WORKLOADS[0], WORKLOADS[2]):
                 run_load(
@@ -483,16 +490,109 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    print_table(args, [s.name for s in servers], runs, idle)
+    print_table(args, [s.name for s in servers], runs, idle, lowest)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {f"{w} | {s}": [r.__dict__ for r in rs] for (w, s), rs in runs.items()}
-                | {f"idle | {s}": v.__dict__ for s, v in idle.items()},
+                | {f"idle | {s}": v.__dict__ for s, v in idle.items()}
+                | ({"floor": asdict(lowest)} if lowest is not None else {}),
                 indent=1,
             )
         )
     return 1 if failed else 0
+
+
+def measure_floor(base: Path, certs: CertFiles) -> Floor | None:
+    """The floor (bench/floor.py), measured once with the servers idle, in the benchmark's
+    directory (the queues' file system), its files kept until the directory goes (see
+    bench/fsprobe.py); printed as ``# floor:`` lines. A failure costs the floor section
+    only, not the run."""
+    try:
+        lowest = floor.measure(base, certs, keep=True)
+    except (OSError, ValueError) as exc:
+        print(f"# floor: not measured: {exc}", flush=True)
+        return None
+    for line in floor.describe(lowest):
+        print(f"# {line}", flush=True)
+    return lowest
+
+
+def floor_lines(
+    workloads: list[Workload],
+    names: list[str],
+    runs: dict[tuple[str, str], list[Run]],
+    lowest: Floor,
+    cores: int,
+) -> list[str]:
+    """The table's floor section: per workload the server CPU floor per message, pyqmail's
+    and Postfix's measured CPU per message and their distance from it; then the ceiling
+    the floor implies here (a server at its floor, the generator's measured CPU per
+    message of that workload, both on ``cores``) next to 2.0 x Postfix's msg/s."""
+
+    def server_ms(workload: str, server: str) -> float:
+        if server not in names:
+            return nan
+        rs = runs.get((workload, server), [])
+        return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
+
+    def gen_ms(workload: str) -> float:
+        values = [
+            1000 * r.gen_cpu / r.messages
+            for n in names
+            for r in runs.get((workload, n), [])
+            if r.messages and r.gen_cpu > 0
+        ]
+        return median(values)
+
+    def cell(value: float, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if isnan(value) else f"{value:{width}.{digits}f}"
+
+    def rate(workload: str, server: str) -> float:
+        if server not in names:
+            return nan
+        return median([r.rate for r in runs.get((workload, server), [])])
+
+    def label(w: Workload) -> str:
+        return w.name + (" (*)" if w.checks else "")
+
+    lines = [
+        f"{'floor: server CPU per message (ms)':<40}{'floor':>8}{'pyqmail':>10}{'pyq/floor':>11}"
+        f"{'postfix':>9}{'pfx/floor':>11}"
+    ]
+    floors = {
+        w.name: floor.server_cpu_floor(lowest, w.starttls, w.per_session, w.resume)
+        for w in workloads
+    }
+    for w in workloads:
+        low = floors[w.name]
+        pyq, pfx = server_ms(w.name, "pyqmail"), server_ms(w.name, "postfix")
+        lines.append(
+            f"{label(w):<40}{cell(low, 8, 3)}{cell(pyq, 10, 2)}{ratio(pyq, low):>11}"
+            f"{cell(pfx, 9, 2)}{ratio(pfx, low):>11}"
+        )
+    if any(w.checks for w in workloads):
+        lines.append("(*) counted as plain 1 msg/session: its checks are work, not a floor")
+    lines.append(
+        f"commit, per batch not per message: CPU {lowest.commit_cpu_ms:.3f} ms, wall p50 "
+        f"{lowest.commit_p50_ms:.2f} / p90 {lowest.commit_p90_ms:.2f} ms"
+    )
+    lines.append(
+        f"250 after DATA floor (ms): pyqmail 2 fsyncs {floor.latency_floor(lowest, 2):.2f}, "
+        f"postfix 1 fsync {floor.latency_floor(lowest, 1):.2f} (p50)"
+    )
+    lines.append(
+        f"{f'ceiling here (msg/s, {cores} cores)':<40}{'gen ms':>8}{'at floor':>10}"
+        f"{'2.0 x pfx':>11}{'pyqmail':>9}"
+    )
+    for w in workloads:
+        gen = gen_ms(w.name)
+        top = nan if isnan(gen) else floor.ceiling(floors[w.name], gen, cores)
+        goal, pyq = 2.0 * rate(w.name, "postfix"), rate(w.name, "pyqmail")
+        lines.append(
+            f"{label(w):<40}{cell(gen, 8, 3)}{cell(top, 10, 0)}{cell(goal, 11, 1)}{cell(pyq, 9, 1)}"
+        )
+    return lines
 
 
 def resume_rows(
@@ -513,6 +613,7 @@ def print_table(
     names: list[str],
     runs: dict[tuple[str, str], list[Run]],
     idle: dict[str, Idle],
+    lowest: Floor | None = None,
 ) -> None:
     def med(workload: str, server: str, attr: str) -> float:
         return median([getattr(r, attr) for r in runs.get((workload, server), [])])
@@ -554,6 +655,10 @@ def print_table(
     ]
     print(f"{'(load generator, all runs)':<32}{median(gen):16.2f}  median ms CPU/msg, same cores")
     print()
+    if lowest is not None:
+        for text in floor_lines(args.workload_list, names, runs, lowest, os.cpu_count() or 1):
+            print(text)
+        print()
     # What a client waits for its 250 after the end of DATA (pooled over the rounds): the
     # price of group commit (pyqmail's commitdelay) shows here, next to the peers'.
     head = f"{'250 after DATA, p50 / p99 (ms)':<32}" + "".join(f"{n:>16}" for n in names)

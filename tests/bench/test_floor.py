@@ -1,0 +1,106 @@
+"""The floor the receive benchmark measures each run (bench/floor.py): that every part is
+measured, and that the per-workload floor follows the count its docstring gives."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import floor
+from bench.certs import make_certs
+from bench.floor import Floor
+from bench.smtpd_load import WORKLOADS, Run, floor_lines, parse_args
+
+# Round figures, so the counts can be checked by hand.
+MADE = Floor(
+    connect_ms=0.2,
+    round_trip_ms=0.02,
+    body_ms=0.04,
+    handshake_ms=0.4,
+    resumed_ms=0.3,
+    commit_p50_ms=1.0,
+    commit_p90_ms=2.0,
+    commit_cpu_ms=0.3,
+    fsync_p50_ms=0.5,
+    tickets="made up",
+)
+
+
+def test_measure_reports_every_part(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "tls")
+    measured = floor.measure(tmp_path, certs)
+    for field in dataclasses.fields(Floor):
+        value = getattr(measured, field.name)
+        if field.type == "float":
+            assert math.isfinite(value), (field.name, value)  # resumed too: it did resume
+            assert value > 0, (field.name, value)
+    assert measured.commit_p90_ms >= measured.commit_p50_ms
+    assert "ticket keys" in measured.tickets
+    assert [p.name for p in tmp_path.iterdir()] == ["tls"]  # the commit files are gone
+    shapes = {(w.starttls, w.per_session, w.resume) for w in WORKLOADS}
+    cost = {s: floor.server_cpu_floor(measured, *s) for s in shapes}
+    assert cost[(True, 1, False)] > cost[(False, 1, False)] > cost[(False, 10, False)]
+    assert cost[(True, 1, False)] > cost[(True, 10, False)]
+    assert len(floor.describe(measured)) == 4
+
+
+def test_server_cpu_floor_follows_its_count() -> None:
+    # per session: half of (connection + 2.5 round trips); per message: half of
+    # (3 round trips + the body)
+    assert floor.server_cpu_floor(MADE, False, 1) == pytest.approx(0.5 * 0.25 + 0.5 * 0.1)
+    assert floor.server_cpu_floor(MADE, False, 10) == pytest.approx(0.125 / 10 + 0.05)
+    # STARTTLS: 4 more round trips per session and the server's handshake
+    tls_session = 0.5 * (0.2 + 6.5 * 0.02)
+    assert floor.server_cpu_floor(MADE, True, 1) == pytest.approx(tls_session + 0.4 + 0.05)
+    assert floor.server_cpu_floor(MADE, True, 10) == pytest.approx((tls_session + 0.4) / 10 + 0.05)
+    assert floor.server_cpu_floor(MADE, True, 1, True) == pytest.approx(tls_session + 0.3 + 0.05)
+    no_resume = dataclasses.replace(MADE, resumed_ms=math.nan)
+    assert math.isnan(floor.server_cpu_floor(no_resume, True, 1, True))
+
+
+def test_latency_floor_and_ceiling() -> None:
+    assert floor.latency_floor(MADE) == pytest.approx(1.0 + 0.01)  # 2 fsyncs + half a trip
+    assert floor.latency_floor(MADE, 1) == pytest.approx(0.5 + 0.01)
+    assert floor.ceiling(0.2, 0.3, 2) == pytest.approx(4000.0)
+
+
+def _run(rate: float, server_cpu: float) -> Run:
+    return Run(
+        rate=rate,
+        messages=1000,
+        errors=0,
+        pss_kib=0,
+        procs=1,
+        server_cpu=server_cpu,
+        gen_cpu=0.3,
+        seconds=1.0,
+    )
+
+
+def test_table_section() -> None:
+    plain1 = WORKLOADS[0]
+    runs = {
+        (plain1.name, "pyqmail"): [_run(2000, 0.5)],
+        (plain1.name, "postfix"): [_run(1000, 1.0)],
+    }
+    lines = floor_lines([plain1, WORKLOADS[4]], ["pyqmail", "postfix"], runs, MADE, cores=2)
+    assert lines[0].startswith("floor: server CPU per message (ms)")
+    cells = lines[1].split()
+    # floor 0.175, pyqmail 0.50 (2.86 x), postfix 1.00 (5.71 x)
+    assert cells[-5:] == ["0.175", "0.50", "2.86", "1.00", "5.71"]
+    assert "(*)" in lines[2]  # the checks row, not run: dashes
+    assert lines[2].split()[-4:] == ["-", "n/a", "-", "n/a"]
+    assert any(
+        line.startswith("250 after DATA floor (ms): pyqmail 2 fsyncs 1.01") for line in lines
+    )
+    ceiling = next(line for line in lines if line.startswith(plain1.name) and "0.300" in line)
+    # 2 cores / (0.175 + 0.3 ms) = 4211 msg/s, against 2.0 x 1000
+    assert ceiling.split()[-4:] == ["0.300", "4211", "2000.0", "2000.0"]
+
+
+def test_no_floor_option() -> None:
+    assert parse_args([]).no_floor is False
+    assert parse_args(["--no-floor"]).no_floor is True
