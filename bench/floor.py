@@ -78,9 +78,11 @@ _RUNS = itertools.count()
 class Floor:
     """The parts that cannot go faster here, in milliseconds (NaN: not available)."""
 
-    connect_ms: float  # CPU, both ends: socket, connect, accept, close of both
-    round_trip_ms: float  # CPU, both ends: a ~20-byte request and a ~20-byte reply
-    body_ms: float  # CPU, both ends: 4,096 bytes one way, a ~20-byte reply back
+    # Loopback, CPU of both ends, each in its process, both pinned to one core (the least
+    # a wake-up costs: no interrupt to another core):
+    connect_ms: float  # socket, connect, accept, close of both
+    round_trip_ms: float  # a ~20-byte request and a ~20-byte reply
+    body_ms: float  # 4,096 bytes one way, a ~20-byte reply back
     handshake_ms: float  # server CPU of a full TLS 1.3 handshake, ticket included
     resumed_ms: float  # server CPU of a resumed one (NaN if the session did not resume)
     commit_p50_ms: float  # wall: create, write, fsync, rename into new/, fsync new/
@@ -88,6 +90,9 @@ class Floor:
     commit_cpu_ms: float  # CPU of one such commit (median)
     fsync_p50_ms: float  # wall: create, write, fsync the file only (Postfix's queue file)
     tickets: str  # whose ticket keys the handshake figures used
+    # The same round trip with the ends on two cores (each wake-up an interrupt to the
+    # other core: what a server pays when its client runs beside it); NaN on one core.
+    round_trip_cross_ms: float = math.nan
 
 
 # --- loopback TCP -------------------------------------------------------------------------
@@ -126,17 +131,22 @@ def _read_exactly(sock: socket.socket, size: int) -> None:
         size -= len(got)
 
 
-def _two_processes(server: Callable[[], None], client: Callable[[], None], count: int) -> float:
+def _two_processes(
+    server: Callable[[], None], client: Callable[[], None], count: int, cpus: tuple[int, int]
+) -> float:
     """Both ends' CPU (ms) per operation, each end in its own process, as a server and
     its client are: every reply wakes a peer asleep in its read, and on this VM that
     wake-up (the scheduler, an interrupt to the other core) costs more than the bytes.
     The client is a forked child running ``client`` once per batch and sending its own
-    CPU seconds per batch back; the figure is the median of the two ends' sums."""
+    CPU seconds per batch back; the figure is the median of the two ends' sums. ``cpus``:
+    the cores the server end and the client end are pinned to (the same one, or two)."""
     rfd, wfd = os.pipe()
+    before = os.sched_getaffinity(0)
     pid = os.fork()
     if pid == 0:  # the client: its batches, its CPU per batch to the parent, then out
         status = 1
         try:
+            os.sched_setaffinity(0, {cpus[1]})
             os.close(rfd)
             os.write(wfd, json.dumps(_batches(client)).encode())
             status = 0
@@ -144,8 +154,10 @@ def _two_processes(server: Callable[[], None], client: Callable[[], None], count
             os._exit(status)
     os.close(wfd)
     try:
+        os.sched_setaffinity(0, {cpus[0]})
         mine = _batches(server)
     finally:
+        os.sched_setaffinity(0, before)
         with os.fdopen(rfd, "rb") as pipe:
             raw = pipe.read()
         _, status = os.waitpid(pid, 0)
@@ -155,7 +167,7 @@ def _two_processes(server: Callable[[], None], client: Callable[[], None], count
     return statistics.median(1000 * (a + b) / count for a, b in zip(mine, theirs, strict=True))
 
 
-def loopback_connect_ms(lst: socket.socket) -> float:
+def loopback_connect_ms(lst: socket.socket, cpus: tuple[int, int]) -> float:
     """Both ends' CPU per connection: socket, connect, accept, and both closes (the
     server's first, as after QUIT's 221; the client reads its end of file, then closes).
     No data: the dialogue is counted apart."""
@@ -172,10 +184,10 @@ def loopback_connect_ms(lst: socket.socket) -> float:
             sock.recv(1)
             sock.close()
 
-    return _two_processes(server, client, CONNECTIONS)
+    return _two_processes(server, client, CONNECTIONS, cpus)
 
 
-def loopback_exchange_ms(lst: socket.socket, request: bytes) -> float:
+def loopback_exchange_ms(lst: socket.socket, request: bytes, cpus: tuple[int, int]) -> float:
     """Both ends' CPU per exchange on one connection: ``request`` one way, read fully,
     then REPLY back, read fully (the benchmark's client waits for every reply)."""
     address = lst.getsockname()
@@ -197,7 +209,7 @@ def loopback_exchange_ms(lst: socket.socket, request: bytes) -> float:
             _read_exactly(conns[0], len(REPLY))
 
     try:
-        return _two_processes(server, client, count)
+        return _two_processes(server, client, count, cpus)
     finally:
         for conn in conns:
             conn.close()
@@ -353,11 +365,16 @@ def measure(workdir: Path, certs: CertFiles, *, keep: bool = False) -> Floor:
     the queues' file system), removed afterwards unless ``keep``. The benchmark keeps
     them: deleted files make the next file creations in their block group dearer for a
     minute or two (see bench/fsprobe.py), and its whole directory goes at the end."""
+    cores = sorted(os.sched_getaffinity(0))
+    same = (cores[0], cores[0])
     lst = _listener()
     try:
-        connect = loopback_connect_ms(lst)
-        round_trip = loopback_exchange_ms(lst, REQUEST)
-        body = loopback_exchange_ms(lst, b"x" * BODY)
+        connect = loopback_connect_ms(lst, same)
+        round_trip = loopback_exchange_ms(lst, REQUEST, same)
+        body = loopback_exchange_ms(lst, b"x" * BODY, same)
+        cross = (
+            loopback_exchange_ms(lst, REQUEST, (cores[0], cores[1])) if len(cores) > 1 else math.nan
+        )
     finally:
         lst.close()
     full, resumed, whose = handshake_ms(certs)
@@ -379,6 +396,7 @@ def measure(workdir: Path, certs: CertFiles, *, keep: bool = False) -> Floor:
         commit_cpu_ms=statistics.median(cpu),
         fsync_p50_ms=statistics.median(one),
         tickets=whose,
+        round_trip_cross_ms=cross,
     )
 
 
@@ -436,7 +454,8 @@ def describe(floor: Floor) -> list[str]:
     return [
         f"floor: loopback TCP, CPU of both ends: connection {floor.connect_ms:.3f} ms, "
         f"round trip {floor.round_trip_ms:.4f} ms, {BODY}-byte body + reply "
-        f"{floor.body_ms:.4f} ms (medians of {BATCHES} batches)",
+        f"{floor.body_ms:.4f} ms (two processes on one core, medians of {BATCHES} batches); "
+        f"round trip across two cores {floor.round_trip_cross_ms:.4f} ms",
         f"floor: TLS 1.3 handshake, server CPU: full {floor.handshake_ms:.3f} ms, resumed "
         + (f"{floor.resumed_ms:.3f} ms" if math.isfinite(floor.resumed_ms) else "n/a")
         + f" (ECDSA P-256, {floor.tickets}; medians of {HANDSHAKES})",
