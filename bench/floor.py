@@ -449,6 +449,13 @@ def ceiling(floor_ms: float, generator_ms: float, cores: int) -> float:
     return 1000 * cores / total if total > 0 else math.nan
 
 
+def cpu_budget(rate: float, generator_ms: float, cores: int) -> float:
+    """The server CPU per message (ms) that leaves room for ``rate`` msg/s when the load
+    generator, at ``generator_ms`` per message, shares the same ``cores`` and no core is
+    ever idle: the most a server may spend to reach that rate here (less in practice)."""
+    return 1000 * cores / rate - generator_ms if rate > 0 else math.nan
+
+
 def describe(floor: Floor) -> list[str]:
     """The parts, one line each, for the benchmark's ``# floor:`` lines."""
     return [

@@ -583,15 +583,21 @@ def floor_lines(
     )
     lines.append(
         f"{f'ceiling here (msg/s, {cores} cores)':<40}{'gen ms':>8}{'at floor':>10}"
-        f"{'2.0 x pfx':>11}{'pyqmail':>9}"
+        f"{'2.0 x pfx':>11}{'pyqmail':>9}{'budget ms':>11}{'pyq ms':>8}"
     )
     for w in workloads:
         gen = gen_ms(w.name)
         top = nan if isnan(gen) else floor.ceiling(floors[w.name], gen, cores)
         goal, pyq = 2.0 * rate(w.name, "postfix"), rate(w.name, "pyqmail")
+        budget = nan if isnan(gen) or isnan(goal) else floor.cpu_budget(goal, gen, cores)
         lines.append(
             f"{label(w):<40}{cell(gen, 8, 3)}{cell(top, 10, 0)}{cell(goal, 11, 1)}{cell(pyq, 9, 1)}"
+            f"{cell(budget, 11, 2)}{cell(server_ms(w.name, 'pyqmail'), 8, 2)}"
         )
+    lines.append(
+        "budget ms: the server CPU per message that leaves room for 2.0 x pfx beside the"
+        " generator, no core idle"
+    )
     return lines
 
 

@@ -70,6 +70,9 @@ def test_latency_floor_and_ceiling() -> None:
     assert floor.latency_floor(MADE) == pytest.approx(1.0 + 0.01)  # 2 fsyncs + half a trip
     assert floor.latency_floor(MADE, 1) == pytest.approx(0.5 + 0.01)
     assert floor.ceiling(0.2, 0.3, 2) == pytest.approx(4000.0)
+    # 2,000 msg/s on 2 cores is 1 ms of CPU per message, 0.3 of it the generator's
+    assert floor.cpu_budget(2000, 0.3, 2) == pytest.approx(0.7)
+    assert math.isnan(floor.cpu_budget(0, 0.3, 2))
 
 
 def _run(rate: float, server_cpu: float) -> Run:
@@ -102,8 +105,9 @@ def test_table_section() -> None:
         line.startswith("250 after DATA floor (ms): pyqmail 2 fsyncs 1.01") for line in lines
     )
     ceiling = next(line for line in lines if line.startswith(plain1.name) and "0.300" in line)
-    # 2 cores / (0.175 + 0.3 ms) = 4211 msg/s, against 2.0 x 1000
-    assert ceiling.split()[-4:] == ["0.300", "4211", "2000.0", "2000.0"]
+    # 2 cores / (0.175 + 0.3 ms) = 4211 msg/s, against 2.0 x 1000; the budget for that is
+    # 2 cores / 2000 msg/s - 0.3 = 0.70 ms, pyqmail spends 0.50
+    assert ceiling.split()[-6:] == ["0.300", "4211", "2000.0", "2000.0", "0.70", "0.50"]
 
 
 def test_no_floor_option() -> None:
