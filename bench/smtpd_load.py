@@ -496,11 +496,16 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {f"{w} | {s}": [r.__dict__ for r in rs] for (w, s), rs in runs.items()}
                 | {f"idle | {s}": v.__dict__ for s, v in idle.items()}
-                | ({"floor": asdict(lowest)} if lowest is not None else {}),
+                | ({"floor": _finite(asdict(lowest))} if lowest is not None else {}),
                 indent=1,
             )
         )
     return 1 if failed else 0
+
+
+def _finite(figures: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a figure not available) as null: bare NaN is not JSON."""
+    return {k: None if isinstance(v, float) and isnan(v) else v for k, v in figures.items()}
 
 
 def measure_floor(base: Path, certs: CertFiles) -> Floor | None:
@@ -662,7 +667,9 @@ def print_table(
     print(f"{'(load generator, all runs)':<32}{median(gen):16.2f}  median ms CPU/msg, same cores")
     print()
     if lowest is not None:
-        for text in floor_lines(args.workload_list, names, runs, lowest, os.cpu_count() or 1):
+        for text in floor_lines(
+            args.workload_list, names, runs, lowest, len(os.sched_getaffinity(0))
+        ):
             print(text)
         print()
     # What a client waits for its 250 after the end of DATA (pooled over the rounds): the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,42 @@ def test_table_section() -> None:
 def test_no_floor_option() -> None:
     assert parse_args([]).no_floor is False
     assert parse_args(["--no-floor"]).no_floor is True
+
+
+@pytest.mark.parametrize("failing", ["client", "server"])
+def test_a_failed_loopback_end_is_an_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A client that dies before it connects would leave the server end in accept() for
+    ever, a server end that fails would leave the client in recv(): the deadline and the
+    kill turn either into an error the benchmark survives (it prints the floor as not
+    measured), with the child reaped."""
+    monkeypatch.setattr(floor, "LOOPBACK_DEADLINE", 3.0)
+    core = min(os.sched_getaffinity(0))
+    nowhere = 4095  # no such core: sched_setaffinity fails in that end
+    cpus = (core, nowhere) if failing == "client" else (nowhere, core)
+    before = os.sched_getaffinity(0)
+    lst = floor._listener()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError):  # TimeoutError, or the failed pinning
+            floor.loopback_exchange_ms(lst, floor.REQUEST, cpus)
+    finally:
+        lst.close()
+    assert time.monotonic() - started < 10
+    assert os.sched_getaffinity(0) == before
+    assert _children() == set()  # the client was reaped
+
+
+def _children() -> set[int]:
+    """This process's child processes, zombies included (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == os.getpid():
+                found.add(int(entry.name))
+    return found
