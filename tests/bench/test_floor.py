@@ -128,7 +128,7 @@ def test_a_failed_loopback_end_is_an_error_not_a_hang(
     core = min(os.sched_getaffinity(0))
     nowhere = 4095  # no such core: sched_setaffinity fails in that end
     cpus = (core, nowhere) if failing == "client" else (nowhere, core)
-    before = os.sched_getaffinity(0)
+    before, children = os.sched_getaffinity(0), _children()  # a worker may have others
     lst = floor._listener()
     started = time.monotonic()
     try:
@@ -138,7 +138,7 @@ def test_a_failed_loopback_end_is_an_error_not_a_hang(
         lst.close()
     assert time.monotonic() - started < 10
     assert os.sched_getaffinity(0) == before
-    assert _children() == set()  # the client was reaped
+    assert _children() <= children  # the client was reaped
 
 
 def _children() -> set[int]:
