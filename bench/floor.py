@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.certs import CertFiles, make_certs
 from pyqmail import tickets, tls
+from pyqmail.queue.store import fsync_dir
 
 BATCHES = 5  # timed batches per loopback figure (after one untimed): the median is kept
 CONNECTIONS = 200  # per batch
@@ -360,15 +361,6 @@ def _create(path: Path, body: bytes) -> int:
     return fd
 
 
-def _fsync_dir(path: Path) -> None:
-    """As pyqmail's ``fsync_dir``: open the directory, fsync, close."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commits(where: Path) -> tuple[list[float], list[float], list[float]]:
     """Wall ms and CPU ms of COMMITS commits as pyqmail makes one (a file into tmp/,
     fsync, rename into new/, fsync new/), then wall ms of COMMITS single fsyncs
@@ -385,7 +377,7 @@ def commits(where: Path) -> tuple[list[float], list[float], list[float]]:
         os.fsync(fd)
         os.close(fd)
         os.rename(tmp / str(i), new / str(i))
-        _fsync_dir(new)
+        fsync_dir(new)
         wall.append(1000 * (time.perf_counter() - w0))
         cpu.append(1000 * (time.thread_time() - c0))
     for i in range(COMMITS):

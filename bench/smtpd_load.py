@@ -266,9 +266,22 @@ def percentiles(us: list[int]) -> str:
     return f"{p50 / 1000:.2f} / {p99 / 1000:.2f}"
 
 
-def num(value: float, digits: int) -> str:
-    """A 16-wide table cell; "-" where the server did not run the row (NaN)."""
-    return f"{value:16.{digits}f}" if value == value else f"{'-':>16}"  # noqa: PLR0124
+def num(value: float, digits: int, width: int = 16) -> str:
+    """A table cell; "-" where the server did not run the row (NaN)."""
+    return f"{value:{width}.{digits}f}" if value == value else f"{'-':>{width}}"  # noqa: PLR0124
+
+
+def run_median(
+    runs: dict[tuple[str, str], list[Run]], workload: str, server: str, attr: str
+) -> float:
+    """The median of one figure of a server's runs of a workload (NaN: none ran)."""
+    return median([getattr(r, attr) for r in runs.get((workload, server), [])])
+
+
+def cpu_per_message(runs: dict[tuple[str, str], list[Run]], workload: str, server: str) -> float:
+    """The median server CPU ms per message of a server's runs of a workload."""
+    rs = runs.get((workload, server), [])
+    return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
 
 
 def mib(kib: float) -> str:
@@ -535,12 +548,6 @@ def floor_lines(
     the floor implies here (a server at its floor, the generator's measured CPU per
     message of that workload, both on ``cores``) next to 2.0 x Postfix's msg/s."""
 
-    def server_ms(workload: str, server: str) -> float:
-        if server not in names:
-            return nan
-        rs = runs.get((workload, server), [])
-        return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
-
     def gen_ms(workload: str) -> float:
         values = [
             1000 * r.gen_cpu / r.messages
@@ -549,14 +556,6 @@ def floor_lines(
             if r.messages and r.gen_cpu > 0
         ]
         return median(values)
-
-    def cell(value: float, width: int, digits: int) -> str:
-        return f"{'-':>{width}}" if isnan(value) else f"{value:{width}.{digits}f}"
-
-    def rate(workload: str, server: str) -> float:
-        if server not in names:
-            return nan
-        return median([r.rate for r in runs.get((workload, server), [])])
 
     def label(w: Workload) -> str:
         return w.name + (" (*)" if w.checks else "")
@@ -571,10 +570,13 @@ def floor_lines(
     }
     for w in workloads:
         low = floors[w.name]
-        pyq, pfx = server_ms(w.name, "pyqmail"), server_ms(w.name, "postfix")
+        pyq, pfx = (
+            cpu_per_message(runs, w.name, "pyqmail"),
+            cpu_per_message(runs, w.name, "postfix"),
+        )
         lines.append(
-            f"{label(w):<40}{cell(low, 8, 3)}{cell(pyq, 10, 2)}{ratio(pyq, low):>11}"
-            f"{cell(pfx, 9, 2)}{ratio(pfx, low):>11}"
+            f"{label(w):<40}{num(low, 3, 8)}{num(pyq, 2, 10)}{ratio(pyq, low):>11}"
+            f"{num(pfx, 2, 9)}{ratio(pfx, low):>11}"
         )
     if any(w.checks for w in workloads):
         lines.append("(*) counted as plain 1 msg/session: its checks are work, not a floor")
@@ -593,11 +595,14 @@ def floor_lines(
     for w in workloads:
         gen = gen_ms(w.name)
         top = nan if isnan(gen) else floor.ceiling(floors[w.name], gen, cores)
-        goal, pyq = 2.0 * rate(w.name, "postfix"), rate(w.name, "pyqmail")
+        goal, pyq = (
+            2.0 * run_median(runs, w.name, "postfix", "rate"),
+            run_median(runs, w.name, "pyqmail", "rate"),
+        )
         budget = nan if isnan(gen) or isnan(goal) else floor.cpu_budget(goal, gen, cores)
         lines.append(
-            f"{label(w):<40}{cell(gen, 8, 3)}{cell(top, 10, 0)}{cell(goal, 11, 1)}{cell(pyq, 9, 1)}"
-            f"{cell(budget, 11, 2)}{cell(server_ms(w.name, 'pyqmail'), 8, 2)}"
+            f"{label(w):<40}{num(gen, 3, 8)}{num(top, 0, 10)}{num(goal, 1, 11)}{num(pyq, 1, 9)}"
+            f"{num(budget, 2, 11)}{num(cpu_per_message(runs, w.name, 'pyqmail'), 2, 8)}"
         )
     lines.append(
         "budget ms: the server CPU per message that leaves room for 2.0 x pfx beside the"
@@ -627,11 +632,10 @@ def print_table(
     lowest: Floor | None = None,
 ) -> None:
     def med(workload: str, server: str, attr: str) -> float:
-        return median([getattr(r, attr) for r in runs.get((workload, server), [])])
+        return run_median(runs, workload, server, attr)
 
     def cpu_ms(workload: str, server: str) -> float:
-        rs = runs.get((workload, server), [])
-        return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
+        return cpu_per_message(runs, workload, server)
 
     peers = [n for n in ("postfix", "aiosmtpd") if n in names and "pyqmail" in names]
     short = {"postfix": "pyq/pfx", "aiosmtpd": "pyq/aio"}
