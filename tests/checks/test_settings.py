@@ -53,11 +53,11 @@ def test_values(tmp_path: Path) -> None:
         ("authchecks", "yes", "authchecks:1: not a non-negative integer"),
         ("authtimeout", "0", "authtimeout:1: 0 is out of range (min 1, max 60)"),
         ("authservid", "mx one", "authservid:1: 'mx one' is not a host name"),
-        ("dnsresolver", "ns1.example.org", "dnsresolver: 'ns1.example.org' is not an IP address"),
+        ("dnsresolver", "ns1.example.org", "dnsresolver:1: 'ns1.example.org' is not an IP address"),
         (
             "dnsresolver",
             "127.0.0.1@0",
-            "dnsresolver: port '0' of 127.0.0.1 is not a port (1-65535)",
+            "dnsresolver:1: port '0' of 127.0.0.1 is not a port (1-65535)",
         ),
     ],
 )

@@ -131,7 +131,7 @@ BROKEN = [
     (
         "dnsresolver",
         _control("dnsresolver", b"ns1.example.org\n"),
-        "control/dnsresolver: 'ns1.example.org' is not an IP address",
+        "control/dnsresolver:1: 'ns1.example.org' is not an IP address",
     ),
 ]
 if IS_ROOT:

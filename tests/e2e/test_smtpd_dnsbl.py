@@ -196,7 +196,7 @@ def test_greylisting_skips_relay_clients_and_allow_listed_hosts(
         ),
         (
             {"dnsresolver": "resolver.example\n"},
-            r"control/dnsresolver: 'resolver.example' is not an IP address",
+            r"control/dnsresolver:1: 'resolver.example' is not an IP address",
         ),
     ],
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.checks import dnsbl
+from pyqmail.checks import dnsbl, listlookup
 from pyqmail.checks.screen import load as load_screen
 from pyqmail.control.reader import ControlError, Line
 from tests.dnsserver import DnsServer
@@ -48,9 +48,9 @@ def line_of(text: str) -> Line:
     return Line(Path("control/dnsbl"), 1, text)
 
 
-def check(s: dnsbl.Settings, ip: str, lookup: dnsbl.Lookup | None = None) -> dnsbl.Result:
+def check(s: dnsbl.Settings, ip: str, lookup: listlookup.Lookup | None = None) -> dnsbl.Result:
     async def run() -> dnsbl.Result:
-        return await (lookup or dnsbl.Lookup(s)).check(ip, s)
+        return await (lookup or listlookup.Lookup(s)).check(ip, s)
 
     return asyncio.run(run())
 
@@ -141,7 +141,7 @@ def test_answers_are_cached_for_their_ttl(dns: DnsServer) -> None:
     """The second look needs no server: knotd is stopped between them."""
     with DnsServer({"bl.test.": ZONES["bl.test."]}) as own:
         s = settings(own, "bl.test", timeout=1)
-        lookup = dnsbl.Lookup(s)
+        lookup = listlookup.Lookup(s)
 
         async def twice() -> tuple[dnsbl.Result, dnsbl.Result, dnsbl.Result]:
             first = await lookup.check(LISTED, s)

@@ -39,11 +39,11 @@ print("\\n".join(bad))
 LOOKUPS = """
 import asyncio, sys
 import dns.version
-from pyqmail.checks import dnsbl
+from pyqmail.checks import dnsbl, listlookup
 from pyqmail.checks.resolver import make_resolver, txt
 host, port = sys.argv[1], int(sys.argv[2])
 settings = dnsbl.Settings(lists=(("bl.example", 1),), nameservers=((host, port),), timeout=3)
-result = asyncio.run(dnsbl.Lookup(settings).check("127.0.0.9", settings))
+result = asyncio.run(listlookup.Lookup(settings).check("127.0.0.9", settings))
 print(dns.version.version)
 print(result.log())
 res = make_resolver([(host, port)], timeout=3)

@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from pyqmail.checks import libraries
+from pyqmail.control.reader import ControlError
+
 
 def test_the_receiver_does_not_load_the_signing_stack() -> None:
     """DKIM signing (pyqmail.dkim.keys, pyqmail.dkim.sign) is pyqmail-send's; their
@@ -38,3 +43,65 @@ def test_the_send_check_still_loads_the_keys(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.stdout == "False True\n"
+
+
+CHECK_LIBRARIES = ("dns", "dkim", "spf", "publicsuffix2", "authres", "nacl")
+PRELOAD = (
+    "import sys, pathlib, pyqmail.smtpd.cli, pyqmail.smtpd.server\n"
+    "from pyqmail.checks import libraries\n"
+    "print(','.join(libraries.preload(pathlib.Path(sys.argv[1]))))\n"
+    "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2:])))\n"
+    "print('dns.asyncresolver' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("files", "groups", "loaded", "asyncresolver"),
+    [
+        ((), "", [], False),
+        (
+            ("authchecks",),
+            "auth",
+            ["authres", "dkim", "dns", "nacl", "publicsuffix2", "spf"],
+            False,
+        ),
+        (("dnsbl",), "lists", ["dns"], True),
+        (("dnswl",), "lists", ["dns"], True),
+        (("dnsbl", "authchecks"), "auth,lists", sorted(CHECK_LIBRARIES), True),
+    ],
+)
+def test_the_checks_libraries_are_loaded_only_when_their_files_exist(
+    tmp_path: Path, files: tuple[str, ...], groups: str, loaded: list[str], asyncresolver: bool
+) -> None:
+    """pyqmail.checks.libraries: pyqmail-smtpd's own modules import none of them; the
+    start-up's preload imports a group when one of its control files exists (its value
+    is not read: that happens after the privilege drop)."""
+    for name in files:
+        (tmp_path / name).write_text("0\n")
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD, str(tmp_path), *CHECK_LIBRARIES],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines() == [groups, str(loaded), str(asyncresolver)]
+
+
+def test_a_group_that_cannot_be_imported_is_a_control_error_naming_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a HUP that turns checks on gets when the daemon's user cannot import them."""
+    (tmp_path / "brokenchecks.py").write_text("raise ImportError('cannot read the codecs')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(libraries.GROUPS, "lists", ("brokenchecks",))
+    with pytest.raises(ControlError) as exc:
+        libraries.require("lists", tmp_path / "control" / "dnsbl")
+    assert str(exc.value) == (
+        f"{tmp_path}/control/dnsbl: turns on checks whose libraries cannot be loaded "
+        "(brokenchecks: cannot read the codecs); pyqmail-smtpd loads them before dropping "
+        "privileges when this file exists at start: restart it"
+    )
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "dnsbl").write_text("bl.test\n")
+    assert libraries.preload(tmp_path / "control") == []  # reported later, by require

@@ -24,7 +24,6 @@ from pyqmail.checks.spf import SpfResult
 from pyqmail.checks.verdict import Verdict
 from pyqmail.control.parsers import is_domain
 
-ACTIONS = ("reject", "quarantine", "none")
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n")
 _COMMENT = re.compile(rb"\((?:[^()\\]|\\.)*\)")
 
@@ -116,7 +115,7 @@ def decide(
     dmarc: DmarcResult, on_reject: str = "reject", on_quarantine: str = "quarantine"
 ) -> tuple[Verdict, bool]:
     """The verdict for the message and whether it goes to Junk. ``on_reject`` and
-    ``on_quarantine`` (one of ACTIONS) are what a failing p=reject and p=quarantine
+    ``on_quarantine`` (one of ``settings.ACTIONS``) are what a failing p=reject and p=quarantine
     domain get here (control/dmarcreject, control/dmarcquarantine)."""
     action = {"reject": on_reject, "quarantine": on_quarantine}.get(
         dmarc.policy if dmarc.result == "fail" else "none", "none"

@@ -18,12 +18,13 @@ Control files (each line read by ``pyqmail.control.reader``; ``#`` and blank lin
                    IP address; port default 53). Absent: the system's (``/etc/resolv.conf``)
 =================  ===========================================================================
 
-How it runs: on the ``smtp`` listener, when the connection is admitted, every list and
-allow list is asked at once (dnspython's asyncio resolver; ``A`` under the list's zone for
-the reversed IPv4 octets or IPv6 nibbles, then ``TXT`` for the lists that answered), all
-within ``dnsbltimeout``; answers are cached by the worker for their TTL (negative ones by
-the zone's SOA, as dnspython does). The 220 greeting waits for the lookups (as rblsmtpd
-runs before qmail-smtpd greets): a client cannot send MAIL before the verdict exists.
+How it runs: on the ``smtp`` listener, when the connection is admitted, every list and allow
+list is asked at once (``pyqmail.checks.listlookup``, dnspython's asyncio resolver; ``A``
+under the list's zone for the reversed IPv4 octets or IPv6 nibbles, then ``TXT`` for the
+lists that answered), all within ``dnsbltimeout``; answers are cached by the worker for
+their TTL (negative ones by the zone's SOA, as dnspython does). The 220 greeting waits for
+the lookups (as rblsmtpd runs before qmail-smtpd greets): a client cannot send MAIL before
+the verdict exists.
 
 Where the refusal comes: at MAIL, as rblsmtpd (which greets, accepts HELO and refuses
 every MAIL): ``554 5.7.1 Service unavailable; client [ip] blocked using <list>[; <TXT>]``,
@@ -40,23 +41,15 @@ with ``-`` (the ``-`` dropped).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.resolver
-
-from pyqmail.checks.resolver import parse_servers, point_at
 from pyqmail.checks.verdict import Verdict
-from pyqmail.control.parsers import is_domain
+from pyqmail.control.parsers import is_domain, nameservers
 from pyqmail.control.reader import ControlError, Line, read_lines
 
-CACHE_SIZE = 20_000  # answers per worker (dnspython's LRU cache, each kept for its TTL)
 TXT_MAX = 200  # characters of a list's TXT record in a reply
 WEIGHT_MAX = 100
 
@@ -111,16 +104,6 @@ def parse_allow(lines: list[Line]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_zone(line, line.text) for line in lines))
 
 
-def parse_nameservers(lines: list[Line], source: str) -> tuple[tuple[str, int], ...]:
-    """``dnsresolver``: ``host[@port]`` per line, host an IP address. The one parser of
-    that file is ``pyqmail.checks.resolver.parse_servers`` (the authentication checks read
-    it too); its error becomes a ControlError here."""
-    try:
-        return tuple(parse_servers([line.text for line in lines], source))
-    except ValueError as exc:
-        raise ControlError(str(exc)) from None
-
-
 def load(control: Path, *, threshold: int, timeout: int, tempfail: bool) -> Settings:
     """Read ``dnsbl``, ``dnswl`` and ``dnsresolver`` (the numbers come from the table)."""
     return Settings(
@@ -129,9 +112,7 @@ def load(control: Path, *, threshold: int, timeout: int, tempfail: bool) -> Sett
         threshold=threshold,
         timeout=timeout,
         tempfail=tempfail,
-        nameservers=parse_nameservers(
-            read_lines(control / "dnsresolver") or [], str(control / "dnsresolver")
-        ),
+        nameservers=nameservers(read_lines(control / "dnsresolver") or []),
     )
 
 
@@ -184,87 +165,10 @@ def verdict(result: Result, settings: Settings, ip: str) -> Verdict:
     return Verdict("accept", 250, "", log)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """A list's TXT text (or RBLSMTPD's) fit for a reply line: ASCII, bounded."""
     clean = "".join(c if " " <= c <= "~" else "?" for c in text)
     return clean[:TXT_MAX]
-
-
-class Lookup:
-    """One worker's resolver and answer cache, set up from ``Settings.nameservers``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.nameservers = settings.nameservers
-        self.resolver = self._make(settings.nameservers)
-
-    @staticmethod
-    def _make(servers: tuple[tuple[str, int], ...]) -> dns.asyncresolver.Resolver:
-        if servers:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            point_at(resolver, servers)
-        else:
-            try:
-                resolver = dns.asyncresolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:  # no resolv.conf: a local resolver
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = ["127.0.0.1"]
-        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
-        resolver.retry_servfail = False
-        return resolver
-
-    def configure(self, settings: Settings) -> None:
-        """HUP: other name servers mean another resolver (and a fresh cache)."""
-        if settings.nameservers != self.nameservers:
-            self.nameservers = settings.nameservers
-            self.resolver = self._make(settings.nameservers)
-
-    async def _ask(self, qname: str, rdtype: str, timeout: float) -> list[str] | None:
-        """The answers; [] for "not listed" (NXDOMAIN, no data); None: no useful answer."""
-        try:
-            answer = await self.resolver.resolve(
-                dns.name.from_text(qname), rdtype, lifetime=timeout, search=False
-            )
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except (dns.exception.DNSException, OSError, ValueError):
-            return None
-        if rdtype == "TXT":
-            return ["".join(s.decode("ascii", "replace") for s in r.strings) for r in answer]
-        return [r.to_text() for r in answer]
-
-    async def _listed(self, ip: str, zone: str, timeout: float) -> str | bool | None:
-        """The A answer in 127.0.0.0/8 if listed, False if not, None if it failed."""
-        answers = await self._ask(query_name(ip, zone), "A", timeout)
-        if answers is None:
-            return None
-        if not answers:
-            return False
-        good = [a for a in answers if a.startswith("127.") and not a.startswith("127.255.255.")]
-        return good[0] if good else None  # outside 127/8 or a list's error code: garbage
-
-    async def check(self, ip: str, settings: Settings) -> Result:
-        """Ask every list and allow list at once, within ``settings.timeout`` in all."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.timeout
-        zones = [zone for zone, _ in settings.lists] + list(settings.allow)
-        tasks = [asyncio.ensure_future(self._listed(ip, z, settings.timeout)) for z in zones]
-        done, pending = await asyncio.wait(tasks, timeout=settings.timeout)
-        for task in pending:
-            task.cancel()
-        status = {z: (t.result() if t in done else None) for z, t in zip(zones, tasks, strict=True)}
-        allowed = next((z for z in settings.allow if isinstance(status[z], str)), None)
-        weights = dict(settings.lists)
-        hit_zones = [z for z, _ in settings.lists if isinstance(status[z], str)]
-        failed = tuple(z for z in zones if status[z] is None)
-        texts: dict[str, str] = {}
-        if hit_zones and allowed is None:
-            left = max(deadline - loop.time(), 0.1)
-            txts = await asyncio.gather(
-                *(self._ask(query_name(ip, z), "TXT", left) for z in hit_zones)
-            )
-            texts = {z: _printable(t[0]) if t else "" for z, t in zip(hit_zones, txts, strict=True)}
-        hits = tuple((z, str(status[z]), texts.get(z, "")) for z in hit_zones)
-        score = sum(weights[z] for z in hit_zones)
-        return Result(hits, allowed, failed, score, weights)
 
 
 def rblsmtpd(env: Mapping[str, str]) -> Verdict | None:
@@ -276,5 +180,5 @@ def rblsmtpd(env: Mapping[str, str]) -> Verdict | None:
     if not text:
         return Verdict("accept", 250, "", "rblsmtpd=skip")
     if text.startswith("-"):
-        return Verdict("refuse", 553, _printable(text[1:]), "rblsmtpd=553")
-    return Verdict("defer", 451, _printable(text), "rblsmtpd=451")
+        return Verdict("refuse", 553, printable(text[1:]), "rblsmtpd=553")
+    return Verdict("defer", 451, printable(text), "rblsmtpd=451")

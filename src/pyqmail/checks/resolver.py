@@ -2,14 +2,14 @@
 
 Why a control file: a test (or a host with a local validating resolver on another port)
 must be able to point the checks at one server without touching /etc/resolv.conf. Each
-line of ``control/dnsresolver`` is ``host`` or ``host@port`` (IPv4 or IPv6 address);
-without the file the system's resolver configuration is used. Every lookup is bounded by
+line of ``control/dnsresolver`` is ``host`` or ``host@port`` (IPv4 or IPv6 address; parsed
+by ``pyqmail.control.parsers.nameservers``); without the file the system's resolver
+configuration is used. Every lookup is bounded by
 ``timeout`` seconds in all (dnspython's ``lifetime``); answers are cached for their TTL.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 
 import dns.exception
@@ -17,27 +17,6 @@ import dns.resolver
 
 DEFAULT_TIMEOUT = 5.0
 CACHE_SIZE = 20_000  # answers per process
-
-
-def parse_servers(lines: list[str], source: str = "control/dnsresolver") -> list[tuple[str, int]]:
-    """``host[@port]`` lines to (address, port) pairs; a clear error naming ``source``."""
-    servers = []
-    for raw in lines:
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        host, _, port_text = line.partition("@")
-        try:
-            address = str(ipaddress.ip_address(host))
-        except ValueError:
-            raise ValueError(f"{source}: {host!r} is not an IP address") from None
-        port = 53
-        if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-                raise ValueError(f"{source}: port {port_text!r} of {host} is not a port (1-65535)")
-            port = int(port_text)
-        servers.append((address, port))
-    return servers
 
 
 def point_at(res: dns.resolver.BaseResolver, servers: Sequence[tuple[str, int]]) -> None:

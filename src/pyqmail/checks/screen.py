@@ -5,8 +5,10 @@ its greeting until ``Screen.wait`` says the lookups are done, hands ``Screen.env
 the core (``Policy.screen``) and adds ``Screen.fields`` to the message's log line. What is
 decided, and when, is here; the lists themselves are ``dnsbl``, the triplets ``greylist``.
 
-``Checks`` is one worker's share: the resolver with its cache and the greylist database,
-kept across sessions and reconfigured on HUP.
+``Checks`` is one worker's share: the lists' resolver with its cache (``listlookup``, made
+when lists are first configured: dnspython is loaded only then, see
+``pyqmail.checks.libraries``) and the greylist database, kept across sessions and
+reconfigured on HUP.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyqmail.checks import dnsbl, greylist
+from pyqmail.checks import dnsbl, greylist, libraries
 from pyqmail.checks.verdict import Verdict
 from pyqmail.control import table
 from pyqmail.control.reader import ControlError
 from pyqmail.log import log
+
+if TYPE_CHECKING:
+    from pyqmail.checks.listlookup import Lookup
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,10 @@ class Settings:
     greylist: greylist.Settings
 
 
-def load(control: Path) -> Settings:
-    """Read and check every file (``ControlError`` naming the file, before anything runs)."""
+def load(control: Path, *, lookups: bool = True) -> Settings:
+    """Read and check every file (``ControlError`` naming the file, before anything runs).
+    ``lookups`` False: the lists are checked but none is asked (a listener that never
+    screens a client: ``pyqmail.control.smtpd.load``'s ``inbound``)."""
     grey = greylist.Settings(
         table.GREYLISTDELAY.read(control), table.GREYLISTLIFETIME.read(control)
     )
@@ -48,6 +56,10 @@ def load(control: Path) -> Settings:
         timeout=table.DNSBLTIMEOUT.read(control),
         tempfail=table.DNSBLTEMPFAIL.read(control) == 1,
     )
+    if not lookups:
+        return Settings(dnsbl.Settings(), grey)
+    if lists.active:
+        libraries.require("lists", control / ("dnsbl" if lists.lists else "dnswl"))
     return Settings(lists, grey)
 
 
@@ -61,12 +73,24 @@ class Checks:
 
     def __init__(self, root: Path, settings: Settings) -> None:
         self.root = root
-        self.lookup = dnsbl.Lookup(settings.dnsbl)
+        self.lookup: Lookup | None = None
+        self._configure(settings.dnsbl)
         self.greylist = greylist.Greylist(root)
+
+    def _configure(self, lists: dnsbl.Settings) -> None:
+        """The resolver for ``lists``: made when there are lists to ask, kept when a HUP
+        removes them (a session that started before still asks them)."""
+        if self.lookup is not None:
+            self.lookup.configure(lists)
+        elif lists.active:
+            # loaded by the configuration (pyqmail.checks.libraries), not here
+            from pyqmail.checks.listlookup import Lookup  # noqa: PLC0415
+
+            self.lookup = Lookup(lists)
 
     def reload(self, root: Path, settings: Settings) -> None:
         """HUP: new name servers, or a new root, for sessions from now on."""
-        self.lookup.configure(settings.dnsbl)
+        self._configure(settings.dnsbl)
         if root != self.root:
             self.greylist.close()
             self.root, self.greylist = root, greylist.Greylist(root)
@@ -100,7 +124,9 @@ class Screen:
     async def _lookups(self) -> None:
         """Ask the lists, keep the verdict, log a hit or a failure, wake the greeting."""
         try:
-            result = await self.checks.lookup.check(self.ip, self.settings.dnsbl)
+            lookup = self.checks.lookup
+            assert lookup is not None  # noqa: S101 - made by the configuration that has lists
+            result = await lookup.check(self.ip, self.settings.dnsbl)
             self.allowed = result.allowed is not None
             self.lists = dnsbl.verdict(result, self.settings.dnsbl, self.ip)
             if result.hits or result.failed or result.allowed:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dns.resolver
-
-from pyqmail.checks.authresults import ACTIONS
-from pyqmail.checks.dmarc import org_domain
-from pyqmail.checks.resolver import make_resolver, parse_servers
+from pyqmail.checks import libraries
 from pyqmail.control import table
-from pyqmail.control.parsers import is_domain
+from pyqmail.control.parsers import is_domain, nameservers
 from pyqmail.control.reader import ControlError, Line, read_line, read_lines
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+ACTIONS = ("reject", "quarantine", "none")  # what a DMARC failure can get
 
 
 @dataclass(frozen=True)
@@ -56,27 +58,15 @@ def _action(line: Line | None, default: str) -> str:
     return line.text
 
 
-def load(control: Path, me: str) -> AuthSettings:
-    """The settings in ``control`` (``me`` is the default authserv-id)."""
+def load(control: Path, me: str, *, inbound: bool = True) -> AuthSettings:
+    """The settings in ``control`` (``me`` is the default authserv-id). ``inbound`` False:
+    checked, but off (a listener whose mail all comes from logins and relay clients)."""
     ident = read_line(control / table.AUTHSERVID.name)
     if ident is not None and not is_domain(ident.text):
         raise ControlError(f"{ident.where}: {ident.text!r} is not a host name")
-    lines = read_lines(control / table.DNSRESOLVER.name) or []
-    try:
-        servers = tuple(parse_servers([ln.text for ln in lines], str(control / "dnsresolver")))
-    except ValueError as exc:
-        raise ControlError(str(exc)) from None
+    servers = nameservers(read_lines(control / table.DNSRESOLVER.name) or [])
     seconds = table.AUTHTIMEOUT.read(control)
-    on = bool(table.AUTHCHECKS.read(control))
-    if on:  # the public suffix list (and the codecs it needs) before the privilege drop
-        org_domain("warm.example")
-    try:
-        resolver = make_resolver(list(servers), timeout=min(seconds, 5)) if on else None
-    except dns.resolver.NoResolverConfiguration:
-        raise ControlError(
-            f"{control / 'authchecks'}: checks on, but no DNS server: /etc/resolv.conf names "
-            f"none and {control / 'dnsresolver'} is absent"
-        ) from None
+    on = bool(table.AUTHCHECKS.read(control)) and inbound
     return AuthSettings(
         enabled=on,
         authserv_id=ident.text if ident is not None else me,
@@ -84,5 +74,27 @@ def load(control: Path, me: str) -> AuthSettings:
         on_quarantine=_action(read_line(control / table.DMARCQUARANTINE.name), "quarantine"),
         timeout=seconds,
         servers=servers,
-        resolver=resolver,
+        resolver=_resolver(control, servers, seconds) if on else None,
     )
+
+
+def _resolver(
+    control: Path, servers: tuple[tuple[str, int], ...], seconds: int
+) -> dns.resolver.Resolver:
+    """The checks' resolver, once their libraries are loaded (``pyqmail.checks.libraries``;
+    a ControlError naming ``authchecks`` if they cannot be), with the public suffix list
+    parsed now: once per process, in the supervisor before it forks its workers."""
+    libraries.require("auth", control / "authchecks")
+    import dns.resolver  # noqa: PLC0415 - in sys.modules: loaded by require
+
+    from pyqmail.checks.dmarc import org_domain  # noqa: PLC0415 - the same
+    from pyqmail.checks.resolver import make_resolver  # noqa: PLC0415 - the same
+
+    org_domain("warm.example")
+    try:
+        return make_resolver(list(servers), timeout=min(seconds, 5))
+    except dns.resolver.NoResolverConfiguration:
+        raise ControlError(
+            f"{control / 'authchecks'}: checks on, but no DNS server: /etc/resolv.conf names "
+            f"none and {control / 'dnsresolver'} is absent"
+        ) from None

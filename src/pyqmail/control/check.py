@@ -100,7 +100,7 @@ def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], 
     problems: list[str] = []
     cfg = None
     try:
-        cfg = smtpd_control.load(root)
+        cfg = smtpd_control.load(root, inbound=smtpd_control.inbound(mode))
     except ControlError as exc:
         problems.append(str(exc))
     if cfg is not None:

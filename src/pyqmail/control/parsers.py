@@ -7,6 +7,7 @@ binds each control file to one of these.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from pyqmail.control.reader import ControlError, Line
@@ -43,6 +44,28 @@ def host_name(line: Line) -> str:
     if not is_domain(name):
         raise ControlError(f"{line.where}: not a valid host name: {name!r}")
     return name
+
+
+def nameservers(lines: list[Line]) -> tuple[tuple[str, int], ...]:
+    """``dnsresolver``: ``host`` or ``host@port`` per line, the host an IPv4 or IPv6 address
+    (port 53 when absent). The one parser of that file: the blocklists and the
+    authentication checks both ask the servers it names."""
+    servers = []
+    for line in lines:
+        host, _, port_text = line.text.strip().partition("@")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ControlError(f"{line.where}: {host!r} is not an IP address") from None
+        port = 53
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ControlError(
+                    f"{line.where}: port {port_text!r} of {host} is not a port (1-65535)"
+                )
+            port = int(port_text)
+        servers.append((address, port))
+    return tuple(servers)
 
 
 def printable(line: Line) -> str:

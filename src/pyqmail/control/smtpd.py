@@ -221,8 +221,20 @@ def _recipients(root: Path, me: str, local_domains: frozenset[str]) -> LocalReci
     return LocalRecipients(root, delivery, catchall)
 
 
-def load(root: str | Path) -> Config:
-    """Read and check every control file; raise ConfigError naming the first bad one."""
+def inbound(mode: str) -> bool:
+    """Whether a pyqmail-smtpd listener in ``mode`` takes mail from clients that neither
+    log in nor relay: only ``smtp`` (smtps and submission want one of the two at MAIL),
+    so only it runs the blocklists and the authentication checks."""
+    return mode == "smtp"
+
+
+def load(root: str | Path, *, inbound: bool = True) -> Config:
+    """Read and check every control file; raise ConfigError naming the first bad one.
+
+    ``inbound`` False: for a listener that takes mail only from logins and relay clients
+    (smtps and submission, where MAIL needs one: RFC 8314), on which the blocklists and
+    the authentication checks never run. Their files are read and checked all the same,
+    but the checks stay off, so their libraries are not loaded (``pyqmail.checks.libraries``)."""
     root = Path(root)
     c = root / "control"
     if not c.is_dir():
@@ -262,7 +274,7 @@ def load(root: str | Path) -> Config:
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
         knobs=session_knobs.load(c),
-        screen=checks_screen.load(c),
-        auth=auth_settings.load(c, me),
+        screen=checks_screen.load(c, lookups=inbound),
+        auth=auth_settings.load(c, me, inbound=inbound),
         scan=scan_settings.load(c),
     )

@@ -10,11 +10,16 @@ once per scanned message, through a bare non-blocking socket and the loop's ``so
 (``open_socket``, ``recv``, ``close_socket``): no transport, protocol or stream objects and
 fewer trips through the loop, which measurably cut pyqmail-smtpd's CPU per scanned message
 (bench/README.md, "Port 25 with rspamd").
+
+The socket module encodes a host name with the ``idna`` codec, which Python imports on
+first use: imported here, with the daemon, because pyqmail-smtpd connects after dropping
+privileges, when the interpreter's files may be unreadable (a Python under /root).
 """
 
 from __future__ import annotations
 
 import asyncio
+import encodings.idna  # noqa: F401 - the codec a host name to connect to goes through
 import socket
 
 from pyqmail.scan.settings import Address

@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from pyqmail.checks import inbound
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
 from pyqmail.protocol import MessageEnd, MessageStart
@@ -237,6 +236,9 @@ class Intake:
         data = original = reader() if writer.held else await loop.run_in_executor(None, reader)
         junk = False
         if self.auth is not None:
+            # loaded with the configuration that turned the checks on (pyqmail.checks.libraries)
+            from pyqmail.checks import inbound  # noqa: PLC0415
+
             outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
             if self.checking is not writer:
                 return None

@@ -1,0 +1,71 @@
+"""The inbound checks' libraries: loaded by a pyqmail-smtpd whose control files use them.
+
+Why: dnspython, dkimpy (with PyNaCl), pyspf, publicsuffix2 and authres, with the standard
+modules they pull in (``importlib.metadata``, ``email``, ``zipfile``, ...), are some 9 MB of
+memory in each pyqmail-smtpd process: a quarter of a listener that never asks the DNS
+(checks off, or a listener whose clients all relay or log in).
+
+When: pyqmail-smtpd reads its control files only after dropping privileges, and the daemon's
+user cannot always read the interpreter's own library directory (a Python built under
+/root, say), so what it imports later may fail. ``preload`` therefore runs as root, before
+the drop, and imports each group whose control file *exists* (existence only: nothing is
+read as root; ``authchecks`` holding 0 still loads the group). Loading the configuration
+then ``require``s the group a file turns on: already there, or imported now (a HUP that
+turns the checks on), or a ``ControlError`` naming the file when it cannot be imported; a
+start refuses it, a HUP keeps the configuration in force.
+
+=========  ==================================  ===========================================
+group      control files                       modules (and with them the libraries)
+=========  ==================================  ===========================================
+``auth``   ``authchecks``                      ``pyqmail.checks.inbound``: SPF, DKIM, ARC,
+                                               DMARC, Authentication-Results
+``lists``  ``dnsbl``, ``dnswl``                ``pyqmail.checks.listlookup``: the lists'
+                                               DNS queries (dnspython's asyncio resolver)
+=========  ==================================  ===========================================
+
+The modules that run a group's checks import its modules inside the function that needs
+them, after ``require`` (they are in ``sys.modules`` by then).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from pyqmail.control.reader import ControlError
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "auth": ("pyqmail.checks.inbound",),
+    "lists": ("pyqmail.checks.listlookup",),
+}
+FILES: dict[str, str] = {"authchecks": "auth", "dnsbl": "lists", "dnswl": "lists"}
+
+
+def preload(control: Path) -> list[str]:
+    """As root, before the privilege drop: import the groups whose files exist in
+    ``control``. Returns the groups loaded; one that fails here is reported, naming its
+    file, when the configuration ``require``s it."""
+    loaded = []
+    for name, group in FILES.items():
+        if group in loaded or not (control / name).exists():
+            continue
+        try:
+            require(group, control / name)
+        except ControlError:
+            continue
+        loaded.append(group)
+    return loaded
+
+
+def require(group: str, where: Path) -> None:
+    """Import ``group``'s modules (a no-op when loaded); ControlError naming ``where``, the
+    file that turns the group on, if they cannot be imported."""
+    for module in GROUPS[group]:
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError) as exc:
+            raise ControlError(
+                f"{where}: turns on checks whose libraries cannot be loaded ({module}: "
+                f"{exc}); pyqmail-smtpd loads them before dropping privileges when this "
+                "file exists at start: restart it"
+            ) from None
