@@ -94,14 +94,22 @@ class SendSite:
             found.setdefault(_ids(pid)["Uid"][0], []).append(pid)
         return found
 
-    def worker(self, who: Ident) -> int:
-        """The delivery child (not the spawner) running as ``who``."""
+    def find_worker(self, who: Ident) -> int | None:
+        """The delivery child (not the spawner) running as ``who``; None while there is
+        none (a replacement that is not forked yet, or has not dropped to ``who`` yet)."""
         assert self.proc is not None
         for spawner in _kids(self.proc.pid):
             kids = _kids(spawner)
             if kids and _ids(kids[0])["Uid"][0] == who.uid:
                 return kids[0]
-        raise AssertionError(f"no child runs as uid {who.uid}")
+        return None
+
+    def worker(self, who: Ident) -> int:
+        """The delivery child running as ``who`` (there must be one)."""
+        found = self.find_worker(who)
+        if found is None:
+            raise AssertionError(f"no child runs as uid {who.uid}")
+        return found
 
     def maildir(self) -> list[Path]:
         return sorted((self.root / "homes" / "alice" / "Maildir" / "new").iterdir())
@@ -239,7 +247,7 @@ def _kill_with_a_job_in_flight(site: SendSite, who: Ident, rcpt: str, subject: b
     time.sleep(1.0)  # the job is in the stopped child's socket
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: f"child {worker} ended" in site.log(), 20, "the manager to notice")
-    wait_for(lambda: site.worker(who) != worker, 20, "a new child")
+    wait_for(lambda: site.find_worker(who) not in (None, worker), 20, "a new child")
     return worker
 
 
