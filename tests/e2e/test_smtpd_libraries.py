@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.procstat import tree  # the supervisor and its workers
 from tests.conftest import PKI
 from tests.dnsserver import DnsServer
 from tests.e2e.conftest import QmailRoot, StartDaemon
@@ -30,12 +31,6 @@ ZONES = {"bl.test.": "9.0.0.127 300 A 127.0.0.2\n"}
 def dns() -> Iterator[DnsServer]:
     with DnsServer(ZONES) as server:
         yield server
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its children (the supervisor and its workers)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(int(c) for c in children)]
 
 
 def maps_sodium(pid: int) -> bool:
