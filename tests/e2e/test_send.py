@@ -959,14 +959,15 @@ def test_alrm_and_hup_while_starting_are_kept_not_fatal(host: Host) -> None:
     twice a second to a pyqmail-send supervise just restarted): from the moment its
     spawners exist (main() is running) until it says "started", a stream of ALRM and HUP
     is kept for the loop; before, either signal's default action killed it. A start that
-    finished before the first signal could be sent proves nothing: it is stopped and tried
-    again (a CI run under load saw it once)."""
+    finished before both signals could be sent (ALRM goes first, HUP second) proves
+    nothing about the one not sent: it is stopped and tried again (a CI run under load saw
+    it once with no signal, a quiet machine once with ALRM only)."""
     for attempt in range(5):
         proc, sent = _signal_while_starting(host, attempt)
         assert proc.poll() is None, f"pyqmail-send died while starting: {proc.returncode}"
-        if sent:
+        if sent >= 2:
             break
         proc.terminate()
         proc.wait(30)
-    assert sent > 0, "pyqmail-send said started before any signal, 5 times"
+    assert sent >= 2, "pyqmail-send said started before both ALRM and HUP were sent, 5 times"
     wait_for(lambda: "status ALRM" in host.log() and "status HUP" in host.log())
