@@ -97,6 +97,7 @@ run: $(RUN_STAMP) ## provision this machine with site.yml and leave the mail ser
 
 bench: $(STAMP) ## receive-side load benchmark against Postfix and aiosmtpd
 	$(BIN)/python bench/smtpd_load.py
+	$(BIN)/python bench/fixed_rate.py
 	$(BIN)/python bench/scan_load.py
 
 bench-e2e: $(STAMP) ## end-to-end throughput vs a private Postfix (root): SMTP in -> Maildir (plain, then STARTTLS), and DKIM-signed outbound vs Postfix + OpenDKIM

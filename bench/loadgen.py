@@ -46,6 +46,7 @@ RECIPIENT_DOMAIN = "bench.test"
 DEFAULT_SENDER = "loadgen@client.test"
 DEFAULT_RECIPIENT = f"user@{RECIPIENT_DOMAIN}"
 MAX_KEPT_ERRORS = 5
+LATE_AFTER = 0.005  # seconds: a paced session started later than this was held up (--rate)
 
 
 class ReplyError(Exception):
@@ -96,6 +97,8 @@ class Counters:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # end of DATA sent -> its 250
+    session_times: list[float] = field(default_factory=list)  # connect -> 221, whole sessions
+    late: int = 0  # paced sessions (--rate) that started over LATE_AFTER past their time
     handshakes: int = 0  # TLS handshakes that completed
     resumed: int = 0  # of which resumed a session (bench/resume.py)
 
@@ -121,16 +124,37 @@ async def _reply(reader: asyncio.StreamReader, expected: int, what: str) -> None
 
 
 class Budget:
-    """Messages still to send: a total (count mode) or a deadline (duration mode)."""
+    """Messages still to send: a total (count mode) or a deadline (duration mode); with a
+    ``rate``, when the next session may start (``pace``)."""
 
-    def __init__(self, messages: int | None, duration: float | None) -> None:
+    def __init__(
+        self, messages: int | None, duration: float | None, rate: float | None = None
+    ) -> None:
         self.left = messages
         self.duration = duration
         self.deadline = float("inf")
+        self.rate = rate
+        self.next_start = 0.0  # monotonic time the next paced session is due
 
     def start(self) -> None:
+        self.next_start = time.monotonic()
         if self.duration is not None:
-            self.deadline = time.monotonic() + self.duration
+            self.deadline = self.next_start + self.duration
+
+    async def pace(self, counters: Counters) -> None:
+        """Open loop (``--rate``): sessions start on a fixed schedule, one every 1/rate
+        seconds, whatever the server's speed, so two servers are compared at the same
+        offered load (a closed loop lets the faster server's clients queue more work on
+        it). A session that starts late because every one of ``--sessions`` was busy is
+        counted: then the server could not keep up and the run is not open loop."""
+        if self.rate is None:
+            return
+        due, self.next_start = self.next_start, self.next_start + 1 / self.rate
+        wait = due - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif wait < -LATE_AFTER:
+            counters.late += 1
 
     def take(self) -> bool:
         if time.monotonic() >= self.deadline:
@@ -184,6 +208,7 @@ class Session(asyncio.Protocol):
         self.what = "greeting"
         self.taken = True  # the budget counted a message we have not had a 250 for
         self.data_sent = 0.0  # when the message and its end marker were written
+        self.began = time.monotonic()  # the connect, for the whole session's time
         self.ended = False
         self.sent = 0
         self.mail = f"MAIL FROM:<{target.sender}>\r\n".encode()
@@ -270,6 +295,9 @@ class Session(asyncio.Protocol):
             else:
                 self.send(b"QUIT\r\n", 221, "QUIT")
         elif what == "QUIT":
+            now = time.monotonic()
+            if now < self.budget.deadline:
+                self.counters.session_times.append(now - self.began)
             self.finish()
 
     def tls_done(self) -> None:
@@ -332,6 +360,7 @@ class Session(asyncio.Protocol):
 
 async def run_session(target: Target, budget: Budget, counters: Counters, payload: bytes) -> bool:
     """One SMTP session of up to ``per_session`` messages; False when the budget ran out."""
+    await budget.pace(counters)
     if not budget.take():
         return False
     loop = asyncio.get_running_loop()
@@ -391,7 +420,7 @@ def _cpu_seconds() -> float:
 
 async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
     counters = Counters()
-    budget = Budget(args.messages, args.duration)
+    budget = Budget(args.messages, args.duration, args.rate)
     message = (
         read_message(args.message_file)
         if args.message_file
@@ -418,6 +447,8 @@ async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
         "wall": finished - started,
         "cpu": _cpu_seconds() - cpu0,
         "latency_us": [round(1e6 * s) for s in counters.latencies],
+        "session_us": [round(1e6 * s) for s in counters.session_times],
+        "late": counters.late,
         "handshakes": counters.handshakes,
         "resumed": counters.resumed,
     }
@@ -515,6 +546,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipient", help=f"RCPT TO and header To (default {DEFAULT_RECIPIENT})")
     p.add_argument("--message-file", help="send this message as is (MAIL FROM: --sender)")
     p.add_argument("--source", help="local address to connect from (default: any)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="start this many sessions per second (open loop, at most --sessions at once)",
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--messages", type=int, help="stop after this many messages in total")
     mode.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -532,6 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("sessions", "per_session", "size", "idle_sources", "connect_concurrency"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate is not None and not args.rate > 0:
+        p.error("--rate must be a positive number of sessions per second")
     if args.size < 512:
         p.error("--size must be at least 512 bytes (the headers alone take ~250)")
     if args.starttls and not args.cafile:

@@ -86,6 +86,8 @@ class Run:
     latency_us: list[int] = field(default_factory=list)  # end of DATA -> 250, per message
     handshakes: int = 0  # TLS handshakes (client side)
     resumed: int = 0  # of which resumed
+    session_us: list[int] = field(default_factory=list)  # connect -> 221, per session
+    late: int = 0  # paced sessions that started late (bench/fixed_rate.py)
 
 
 class GeneratorError(Exception):
@@ -210,6 +212,8 @@ def run_load(
         latency_us=[us for r in results for us in r.get("latency_us", [])],
         handshakes=handshakes,
         resumed=resumed,
+        session_us=[us for r in results for us in r.get("session_us", [])],
+        late=sum(int(r.get("late", 0)) for r in results),
     )
 
 

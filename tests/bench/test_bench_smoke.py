@@ -167,6 +167,68 @@ def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFil
     assert len(run.latency_us) == run.messages
 
 
+def test_rate_mode_starts_sessions_on_schedule(aiosmtpd: Server, certs: CertFiles) -> None:
+    """``--rate``: 40 sessions per second for 1 s start about 40 sessions, however fast the
+    server is (closed loop, the same 4 sessions do hundreds), none of them late; every
+    session's time (connect to 221) is recorded beside each message's 250."""
+    run = run_load(
+        aiosmtpd,
+        certs,
+        WORKLOADS[0],
+        sessions=4,
+        processes=1,
+        duration=1.0,
+        extra=["--rate", "40"],
+    )
+    assert run.errors == 0, run.samples
+    assert 36 <= run.messages <= 41, run.messages
+    assert run.late == 0
+    assert len(run.session_us) == len(run.latency_us) == run.messages
+    assert all(s > d for s, d in zip(sorted(run.session_us), sorted(run.latency_us), strict=True))
+
+
+def test_rate_mode_counts_sessions_held_up(aiosmtpd: Server, certs: CertFiles) -> None:
+    """One session slot and a rate no server can follow on this machine (every session is
+    a connect, 5 commands and a 4 KiB message): the late starts are counted, so a run that
+    was not open loop says so."""
+    run = run_load(
+        aiosmtpd,
+        certs,
+        WORKLOADS[0],
+        sessions=1,
+        processes=1,
+        duration=0.5,
+        extra=["--rate", "100000"],
+    )
+    assert run.errors == 0, run.samples
+    assert run.late > run.messages // 2 > 0
+
+
+def test_fixed_rate_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import fixed_rate
+
+    assert [w.name for w in fixed_rate.parse_args([]).workload_list] == [
+        w.name for w in WORKLOADS if not w.checks
+    ]
+    for argv, message in (
+        (["--share", "0"], "--share must be above 0"),
+        (["--share", "1.5"], "--share must be above 0"),
+        (["--workloads", "port 25"], "match none of"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            fixed_rate.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_fixed_rate_quantiles() -> None:
+    from bench.fixed_rate import quantiles
+
+    assert quantiles([9000, 1000, 2000]) == (2.0, 9.0)
+    p50, p99 = quantiles([])
+    assert p50 != p50 and p99 != p99  # noqa: PLR0124 - NaN: no samples
+
+
 @pytest.mark.parametrize(
     ("samples", "text"),
     [
@@ -236,6 +298,7 @@ def test_untrusted_certificate_is_an_error(
         (["--port", "25", "--messages", "1", "--starttls"], "--starttls needs --cafile"),
         (["--port", "25"], "one of the arguments"),
         (["--port", "25", "--messages", "1", "--cafile", "/nonexistent"], "no such file"),
+        (["--port", "25", "--duration", "1", "--rate", "0"], "--rate must be a positive"),
     ],
 )
 def test_loadgen_rejects_bad_arguments(args: list[str], message: str) -> None:
