@@ -92,6 +92,12 @@ class PyqmailE2E(PyqmailServer):
                 raise ServerError(f"pyqmail-send did not start; see {self.dir / 'send.log'}")
             time.sleep(0.05)
 
+    def deferrals(self) -> list[str]:
+        """pyqmail-send's "result=deferred" lines of this run: a deferred local delivery
+        waits for qmail's first retry (100 s), so a round that took that long says why."""
+        log = (self.dir / "send.log").read_text(errors="replace")
+        return [line for line in log.splitlines() if "result=deferred" in line]
+
     def delivered(self) -> int:
         new = self.home / "Maildir" / "new"
         return len(os.listdir(new)) if new.is_dir() else 0
@@ -287,10 +293,16 @@ def run_inbound(args: argparse.Namespace, base: Path, certs: CertFiles) -> dict[
             server.start()
             try:
                 res = run_once(server, certs, args)
+                deferred = server.deferrals() if isinstance(server, PyqmailE2E) else []
             finally:
                 server.stop()
             results[name].append(res)
             print(run_line(rnd, name, res), flush=True)
+            if deferred:
+                print(
+                    f"# round {rnd + 1} {name}: {len(deferred)} deferred, the first: {deferred[0]}",
+                    flush=True,
+                )
     return results
 
 

@@ -386,3 +386,17 @@ def test_stop_leaves_no_process_behind(cls: type[Server], certs: CertFiles) -> N
             _ = server.pid
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_e2e_names_the_deferrals_of_a_round(tmp_path: Path, certs: CertFiles) -> None:
+    """A round that waited for qmail's first retry says which delivery was deferred."""
+    from bench.e2e_throughput import PyqmailE2E
+
+    server = PyqmailE2E(tmp_path, certs)
+    server.dir.mkdir(parents=True)
+    (server.dir / "send.log").write_text(
+        "delivery 1 0 to=<a@x> result=done host= tls= verified= detail=ok\n"
+        "delivery 2 0 to=<b@x> result=deferred host= tls= verified= detail=disk full\n"
+    )
+    [line] = server.deferrals()
+    assert "to=<b@x>" in line and "disk full" in line
