@@ -299,8 +299,10 @@ def test_lifecycle_in_process(dt: Daemontools) -> None:
 
 
 def test_crashing_service_fails_with_its_log(dt: Daemontools) -> None:
+    """``wait`` is 4 s: a run script that exits at once can still take 2 s to get there on
+    a loaded machine (CI's parallel tests), and then it looked up for the whole wait."""
     name = "crash"
-    args = base(dt, name, run=CRASH, log_run=LOG_RUN, wait=2, timeout=7)
+    args = base(dt, name, run=CRASH, log_run=LOG_RUN, wait=4, timeout=12)
     r = module_fails(args)
     assert "keeps restarting" in r["msg"], r["msg"]
     assert "fatal: unable to bind 192.0.2.1:25" in r["msg"]
