@@ -69,8 +69,12 @@ def _script(before_drop: str, after_drop: str) -> str:
 # under /root, mode 0700), so it is imported before. The daemons' own --user drop comes after
 # their argument parsing, and hosts run Debian's /usr/bin/python3, which everyone can read.
 _MAIN = _script(
-    "import shutil\nmain = importlib.import_module(sys.argv[4]).main",
-    "sys.exit(main(sys.argv[5:]))",
+    "import shutil\n"
+    "main = importlib.import_module(sys.argv[4]).main\n"
+    "for name in sys.argv[5].split(','):\n"
+    "    if name:\n"
+    "        importlib.import_module(name)",
+    "sys.exit(main(sys.argv[6:]))",
 )
 _PROBE = _script(
     "import errno\nops = json.loads(sys.argv[4])",
@@ -103,9 +107,13 @@ print(json.dumps(out))
 )
 
 
-def daemon_command(who: Ident, module: str, args: list[str]) -> list[str]:
-    """Run ``module.main(args)`` as ``who`` (start it as root)."""
-    return [sys.executable, "-c", _MAIN, *who.argv(), module, *args]
+def daemon_command(
+    who: Ident, module: str, args: list[str], preload: tuple[str, ...] = ()
+) -> list[str]:
+    """Run ``module.main(args)`` as ``who`` (start it as root); ``preload``: modules the
+    program imports only after it parsed its arguments (pyqmail.smtpd.start), imported
+    as root with ``module`` (for the same reason as shutil, below)."""
+    return [sys.executable, "-c", _MAIN, *who.argv(), module, ",".join(preload), *args]
 
 
 def probe(who: Ident, ops: list[tuple[str, Path | str, Path | str]]) -> list[str]:

@@ -9,16 +9,25 @@ newlines, whatever the client sent.
 
 Lines logged in an event loop's thread are written together at the end of the loop's pass
 (``loop_thread``): one write per pass under load instead of one per line.
+
+This module imports no event loop: pyqmail-smtpd's supervisor logs through it and must stay
+small (``pyqmail.smtpd.prefork``); the loop's thread hands in its ``get_running_loop``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+TYPE_CHECKING = False  # typing costs pyqmail-smtpd's supervisor 1.6 MiB (prefork)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _Loop(Protocol):
+        def call_soon(self, callback: Callable[[], object]) -> object: ...
 
 MAX_LINE = 4000  # longer lines are cut (a whole line must fit one atomic pipe write)
 
@@ -62,14 +71,20 @@ class _LogBuffer:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.thread = 0  # the thread whose running loop flushes ``lines``
+        self.running_loop: Callable[[], _Loop] | None = None  # that thread's get_running_loop
+
+    def hold(self, running_loop: Callable[[], _Loop] | None) -> None:
+        """The calling thread's lines wait for the end of its loop's pass (None: no more)."""
+        self.thread = threading.get_ident() if running_loop is not None else 0
+        self.running_loop = running_loop
 
     def add(self, line: bytes) -> None:
-        if threading.get_ident() == self.thread:
+        if threading.get_ident() == self.thread and self.running_loop is not None:
             if self.lines:
                 self.lines.append(line)
                 return
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                self.running_loop().call_soon(self.flush)
             except RuntimeError:  # the loop has stopped: write it now
                 pass
             else:
@@ -123,12 +138,13 @@ def emit(line: str) -> None:
 
 
 @contextlib.contextmanager
-def loop_thread() -> Iterator[None]:
-    """While the calling thread runs its event loop: hold its lines until the end of each
-    pass (see ``_LogBuffer``); on the way out, write whatever is still held."""
-    _log_buffer.thread = threading.get_ident()
+def loop_thread(running_loop: Callable[[], _Loop]) -> Iterator[None]:
+    """While the calling thread runs its event loop (``running_loop``: its
+    ``asyncio.get_running_loop``): hold its lines until the end of each pass (see
+    ``_LogBuffer``); on the way out, write whatever is still held."""
+    _log_buffer.hold(running_loop)
     try:
         yield
     finally:
-        _log_buffer.thread = 0
+        _log_buffer.hold(None)
         _log_buffer.flush()

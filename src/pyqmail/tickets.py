@@ -12,8 +12,9 @@ builds its own context (every HUP) would not, and nothing would ever rotate. Pyt
 (``SSL_CTX_set_tlsext_ticket_key_cb``) through ``ctypes``, on the ``SSL_CTX`` behind the
 Python context:
 
-- the supervisor draws one random 32-byte secret at start (``TicketKeys()``, before the
-  fork; it lives only in memory, so a restart invalidates every ticket);
+- the supervisor draws one random 32-byte secret at start (``TicketKeys()``, in
+  ``pyqmail.ticketkeys``, before the first fork; it lives only in memory, so a restart
+  invalidates every ticket);
 - time is cut into periods of ``lifetime`` seconds; the secret of period n+1 is the
   SHA-256 of period n's (a one-way ratchet), so every process, forked at any time, derives
   the same keys for the same period with no communication, and the keys of a period cannot
@@ -45,18 +46,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import hmac
-import os
 import ssl
 import sys
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-LIFETIME = 3600  # seconds a ticket is good for, and the key rotation period (Postfix's cache)
+from pyqmail.ticketkeys import LIFETIME, NAME_LENGTH, SECRET_LENGTH, TicketKeys
+
+__all__ = ["LIFETIME", "NUM_TICKETS", "TicketError", "TicketKeys", "enable", "session_context"]
+
 NUM_TICKETS = 1  # TLS 1.3 tickets per full handshake: an MTA holds one connection per peer
-_NAME = 16  # key name length in the ticket (OpenSSL's TLSEXT_KEYNAME_LENGTH)
-_SECRET = 32
 
 _CTRL_SESS_NUMBER = 20
 _CTRL_SET_SESS_CACHE_MODE = 44
@@ -76,66 +74,6 @@ _CALLBACK = ctypes.CFUNCTYPE(
 
 class TicketError(Exception):
     """The ticket machinery cannot be installed on this interpreter or OpenSSL."""
-
-
-class _Keys:
-    """One period's key: its name in tickets, the HMAC key and the AES-256 key."""
-
-    def __init__(self, secret: bytes) -> None:
-        def derive(label: bytes) -> bytes:
-            return hmac.digest(secret, b"pyqmail ticket " + label, "sha256")
-
-        self.name = derive(b"name")[:_NAME]
-        self.hmac_key = derive(b"hmac")
-        self.aes_key = derive(b"aes")
-
-
-class TicketKeys:
-    """The ratchet of ticket keys one listener's processes share (see the module's
-    docstring); ``clock`` is the wall clock (every process must agree on the period)."""
-
-    def __init__(self, lifetime: int = LIFETIME, clock: Callable[[], float] = time.time) -> None:
-        if lifetime < 1:
-            raise ValueError(f"ticket lifetime {lifetime}: must be at least 1 second")
-        self.lifetime = lifetime
-        self.clock = clock
-        self._period = self._now()
-        self._secret = os.urandom(_SECRET)
-        self._current = _Keys(self._secret)
-        self._previous: _Keys | None = None
-
-    def _now(self) -> int:
-        return int(self.clock() // self.lifetime)
-
-    def advance(self) -> None:
-        """Ratchet forward to the current period; keep one previous key, forget older
-        (as far as Python forgets: the old bytes are freed, not wiped). The supervisor
-        calls it too, so that no process keeps the start's secret for its whole life."""
-        now = self._now()
-        if now <= self._period:
-            return
-        previous = self._secret
-        while self._period < now:
-            previous = self._secret
-            self._secret = hashlib.sha256(b"pyqmail ticket ratchet" + previous).digest()
-            self._period += 1
-        self._previous = _Keys(previous)  # period now-1's, however far we jumped
-        self._current = _Keys(self._secret)
-
-    def for_issue(self) -> _Keys:
-        """The key new tickets are sealed with."""
-        self.advance()
-        return self._current
-
-    def for_name(self, name: bytes) -> tuple[_Keys | None, bool]:
-        """The key a ticket names (None if too old or unknown), and whether it is the
-        current one (a ticket under the previous key is re-issued)."""
-        self.advance()
-        if hmac.compare_digest(name, self._current.name):
-            return self._current, True
-        if self._previous is not None and hmac.compare_digest(name, self._previous.name):
-            return self._previous, False
-        return None, False
 
 
 class _LibSSL:
@@ -215,16 +153,16 @@ def _callback(keys: TicketKeys, lib: _LibSSL) -> object:
         key = keys.for_issue()
         if lib.rand_bytes(iv, 16) != 1:
             return 0
-        ctypes.memmove(name, key.name, _NAME)
+        ctypes.memmove(name, key.name, NAME_LENGTH)
         if lib.encrypt_init(cctx, lib.aes_256_cbc(), None, key.aes_key, iv) != 1:
             return 0
-        return int(lib.hmac_init(hctx, key.hmac_key, _SECRET, lib.sha256(), None) == 1)
+        return int(lib.hmac_init(hctx, key.hmac_key, SECRET_LENGTH, lib.sha256(), None) == 1)
 
     def opened(name: _UBytes, iv: _UBytes, cctx: int, hctx: int) -> int:
-        key, current = keys.for_name(ctypes.string_at(name, _NAME))
+        key, current = keys.for_name(ctypes.string_at(name, NAME_LENGTH))
         if key is None:
             return 0
-        if lib.hmac_init(hctx, key.hmac_key, _SECRET, lib.sha256(), None) != 1:
+        if lib.hmac_init(hctx, key.hmac_key, SECRET_LENGTH, lib.sha256(), None) != 1:
             return 0
         if lib.decrypt_init(cctx, lib.aes_256_cbc(), None, key.aes_key, iv) != 1:
             return 0

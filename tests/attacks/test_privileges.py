@@ -98,6 +98,7 @@ class Site:
                 *("--root", str(self.root), "--listen", "127.0.0.1:0"),
                 *("--mode", "smtps", "--workers", "1"),
             ],
+            preload=("pyqmail.smtpd.start",),
         )
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

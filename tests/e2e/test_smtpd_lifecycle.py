@@ -152,10 +152,33 @@ def test_privileges_dropped_before_serving(smtpd: StartDaemon) -> None:
     d = smtpd(workers=2)
     nobody = pwd.getpwnam(DROP_USER)
     d.wait_for(rf"start listen=\S+ mode=smtp workers=2 uid={nobody.pw_uid}")
-    for pid in [d.pid, *d.worker_pids()]:
+    workers = d.worker_pids()
+    assert len(workers) == 2 and d.pid not in workers
+    for pid in workers:
         assert _status(pid, "Uid") == [nobody.pw_uid] * 4, f"pid {pid} kept another uid"
         assert _status(pid, "Gid") == [nobody.pw_gid] * 4, f"pid {pid} kept another gid"
         assert 0 not in _status(pid, "Groups"), f"pid {pid} kept group root"
+    # The supervisor keeps root, as Postfix's master does: only it can fork the spawner of a
+    # replacement, which imports the daemon before its drop (pyqmail.smtpd.prefork).
+    assert _status(d.pid, "Uid") == [0] * 4
+
+
+def test_the_supervisor_is_small_and_its_workers_its_children(smtpd: StartDaemon) -> None:
+    """The supervisor is the program exec'd afresh after the bind (pyqmail.smtpd.entry): it
+    has loaded neither OpenSSL's Python module nor an event loop nor the configuration's
+    modules, and it is the parent of the workers its spawners forked (a child subreaper);
+    its command line still ends with the daemon's own arguments."""
+    d = smtpd(workers=2)
+    workers = d.worker_pids()
+    maps = Path(f"/proc/{d.pid}/maps").read_text()
+    for module in ("_ssl.", "_asyncio.", "libssl.so"):
+        assert module not in maps, f"the supervisor loaded {module}"
+    for pid in workers:
+        assert "_ssl." in Path(f"/proc/{pid}/maps").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[1]) == d.pid, f"worker {pid}'s parent is {stat[1]}, not the supervisor"
+    cmdline = Path(f"/proc/{d.pid}/cmdline").read_bytes().split(b"\0")
+    assert any(arg.startswith(b"--supervise=") for arg in cmdline), cmdline
 
 
 def _alive(pid: int) -> bool:
@@ -201,6 +224,29 @@ def test_worker_crash_is_replaced(smtpd: StartDaemon) -> None:
     for _ in range(6):
         with smtplib.SMTP(d.host, d.port, timeout=10) as s:
             assert s.noop()[0] == 250
+    assert d.stop() == 0
+
+
+def test_a_replacement_waits_for_a_configuration_that_loads(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """A dead worker's replacement reads the configuration on disk (pyqmail.smtpd.prefork):
+    while that is broken its spawner fails, says why, and is tried again later each time;
+    the other worker serves meanwhile, and once the file is good the slot is filled."""
+    d = smtpd(workers=2)
+    victim = sorted(d.worker_pids())[0]
+    qmail_root.control("databytes", "lots\n")
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for(r"spawn-fail slots=\d error=\S*control/databytes:1:", timeout=30)
+    d.wait_for(r"respawn-fail slot=\d retry=1s", timeout=30)
+    d.wait_for(r"respawn-fail slot=\d retry=2s", timeout=30)
+    for _ in range(4):
+        with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+            assert s.noop()[0] == 250
+    qmail_root.control("databytes", "100\n")
+    d.wait_for(r"pid=\d+ ready", count=3, timeout=30)
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        assert s.noop()[0] == 250
     assert d.stop() == 0
 
 

@@ -20,7 +20,7 @@ def test_log_lines_of_one_loop_pass_go_out_in_whole_line_pipe_buf_writes(
     monkeypatch.setattr(logmod, "_log_buffer", buffer)
 
     async def main() -> None:
-        buffer.thread = threading.get_ident()
+        buffer.hold(asyncio.get_running_loop)
         for n in range(200):  # ~40 bytes each: more than one PIPE_BUF in all
             logmod.log("msg", n=n, pad="x" * 20)
         assert writes == []  # held until the end of this pass
@@ -32,7 +32,7 @@ def test_log_lines_of_one_loop_pass_go_out_in_whole_line_pipe_buf_writes(
         assert len(writes) == first + 1 and b"from-thread" in writes[-1]  # not held
 
     asyncio.run(main())
-    buffer.thread = 0
+    buffer.hold(None)
     logmod.log("after", n=1)  # no loop: written at once
     assert b"after" in writes[-1]
     for data in writes:

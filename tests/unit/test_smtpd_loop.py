@@ -48,4 +48,5 @@ def test_loop_flag_parsed() -> None:
     opts = smtpd.parse_args(["--listen", "127.0.0.1:0", "--loop", "asyncio"])
     assert opts.loop == "asyncio"
     auto = smtpd.parse_args(["--listen", "127.0.0.1:0"])
-    assert auto.loop == ("uvloop" if HAVE_UVLOOP else "asyncio")
+    assert auto.loop == "auto"  # resolved where the daemon is imported, not in the supervisor
+    assert smtpd.resolve_loop(auto.loop) == ("uvloop" if HAVE_UVLOOP else "asyncio")

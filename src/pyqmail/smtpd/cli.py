@@ -93,8 +93,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
-import gc
 import importlib
 import ipaddress
 import os
@@ -102,17 +100,11 @@ import resource
 import socket
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
-from pyqmail import __version__, privs, tickets
-from pyqmail.checks import libraries
-from pyqmail.control import check as control_check
-from pyqmail.control import smtpd as configmod
-from pyqmail.log import log
-from pyqmail.smtpd.authguard import AuthState, StateError, state_path
-from pyqmail.smtpd.limits import ConnTable
-from pyqmail.smtpd.policy import RulesCache
-from pyqmail.smtpd.prefork import Supervisor
-from pyqmail.smtpd.server import UMASK, run_worker
+from pyqmail import __version__
+from pyqmail.smtpd import entry
 
 MODES = ("smtp", "smtps", "submission")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -136,7 +128,7 @@ class Options:
     rules: Path | None
     user: str | None
     workers: int
-    loop: str = "asyncio"  # "asyncio" or "uvloop" (resolved from --loop)
+    loop: str = "auto"  # --loop: resolved (``resolve_loop``) where the daemon is imported
     check: bool = False  # --check: load the configuration, report, exit (pyqmail.control.check)
 
 
@@ -226,7 +218,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rules=Path(ns.rules) if ns.rules else None,
         user=ns.user,
         workers=parse_workers(ns.workers),
-        loop=resolve_loop(ns.loop),
+        loop=ns.loop,
         check=ns.check,
     )
 
@@ -257,18 +249,6 @@ def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
-def drop_privileges(user: str | None) -> None:
-    """As root: become ``user`` (its groups too) for good. Otherwise: stay as we are."""
-    try:
-        privs.drop(
-            user,
-            allow_root=False,
-            refusal="refusing to serve as root: pass --user (e.g. --user pyqmaild)",
-        )
-    except privs.PrivilegeError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def raise_fd_limit() -> None:
     """Idle connections are cheap; running out of descriptors is not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -278,107 +258,55 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
 
 
-def load_config(
-    root: Path, keys: tickets.TicketKeys | None = None, mode: str = "smtp"
-) -> configmod.Config:
-    """The configuration, with the server TLS context set up for many workers.
-
-    TLS session tickets (``pyqmail.tickets``) under ``keys``, the ones every worker of
-    this listener shares (drawn once by the supervisor before the fork, so a HUP, which
-    builds a new context in each worker, keeps them); no server-side session cache. With
-    no ``keys``, or if this interpreter cannot install them (logged), no tickets at all
-    (``num_tickets = 0``: OP_NO_TICKET alone leaves OpenSSL's stateful TLS 1.3 tickets,
-    a per-worker cache of every session that another worker could not resume)."""
-    cfg = configmod.load(root, inbound=configmod.inbound(mode))
-    if cfg.server_tls is None:
-        return cfg
-    cfg.server_tls.num_tickets = 0
-    if keys is not None:
-        try:
-            clientca = cfg.clientca.read_bytes() if cfg.clientca is not None else None
-            tickets.enable(cfg.server_tls, keys, tickets.session_context(clientca))
-        except OSError as exc:
-            raise configmod.ConfigError(f"{cfg.clientca}: cannot read: {exc.strerror}") from exc
-        except tickets.TicketError as exc:
-            log("warning", text=f"no TLS session tickets: {exc}")
-    return cfg
-
-
-def check_startup(cfg: configmod.Config, mode: str) -> None:
-    """Refuse modes that cannot work with this configuration; warn about odd ones (the
-    conditions are ``pyqmail.control.check``'s, shared with ``--check``)."""
-    problems = control_check.startup_problems(cfg, mode)
-    if problems:
-        raise configmod.ConfigError(problems[0])
-    if cfg.authdb is not None:
-        try:
-            AuthState.check(state_path(cfg.root))
-        except StateError as exc:
-            raise configmod.ConfigError(str(exc)) from exc
-    for warning in control_check.startup_warnings(cfg, mode):
-        log("warning", text=warning)
-
-
-def load(
-    opts: Options, keys: tickets.TicketKeys | None = None
-) -> tuple[configmod.Config, RulesCache]:
-    """The configuration and the rules, checked for ``opts.mode``: at start, and again
-    on HUP in the supervisor and every worker (the same checks each time, so a HUP never
-    puts in force what a start would have refused)."""
-    cfg = load_config(opts.root, keys, opts.mode)
-    check_startup(cfg, opts.mode)
-    return cfg, RulesCache(opts.rules)
-
-
 # --- entry point -------------------------------------------------------------------------
 
 
+def _start() -> ModuleType:
+    """``pyqmail.smtpd.start``, imported only by a process that serves or checks (and by
+    spawners): never by the supervisor, which must stay small (``prefork``)."""
+    return importlib.import_module("pyqmail.smtpd.start")
+
+
+def exec_supervisor(socks: list[socket.socket], args: list[str]) -> NoReturn:
+    """Become the supervisor (``entry``, ``prefork``): the same program, a fresh
+    interpreter that imports none of the daemon, the sockets inherited by number."""
+    fds = [sock.detach() for sock in socks]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    flag = entry.SUPERVISE + ",".join(map(str, fds))
+    script = Path(sys.argv[0])
+    if script.name == "pyqmail-smtpd" and os.access(script, os.X_OK):
+        # its own program again, its name kept in ps; argv is its own command line
+        os.execv(script, [str(script), flag, *args])  # noqa: S606
+    os.execv(sys.executable, [sys.executable, "-m", "pyqmail.smtpd.entry", flag, *args])  # noqa: S606
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Start-up in the order that keeps root's part small: parse, load the checks'
-    libraries the control files need (``pyqmail.checks.libraries``: by their existence),
-    bind (as root if the port needs it), drop privileges, only then read the
-    configuration; then serve."""
+    """Parse, bind (as root if the port needs it); then ``--workers 1`` serves in this
+    process, and more are forked by spawners under the supervisor this process becomes
+    (``prefork``). Privileges drop, and files are read, in whichever process imports
+    ``start``."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        opts = parse_args(argv)
-        # what the checks use, while the interpreter's files are certainly readable
-        preloaded = libraries.preload(opts.root / "control") if configmod.inbound(opts.mode) else []
+        opts = parse_args(args)
         if opts.check:
-            if opts.user is not None:
-                drop_privileges(opts.user)  # the files must be readable by the daemon's user
-            return control_check.check_smtpd(opts.root, opts.mode, opts.rules)
-        os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
+            return int(_start().check(opts))
         raise_fd_limit()
         socks = bind_sockets(opts.host, opts.port, opts.workers)
-        drop_privileges(opts.user)
-        keys = tickets.TicketKeys()  # before the fork: every worker shares them
-        cfg = load_config(opts.root, keys, opts.mode)
-        check_startup(cfg, opts.mode)
-        rules = RulesCache(opts.rules)
-    except (UsageError, configmod.ConfigError) as exc:
+    except UsageError as exc:
         sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
         return 111
-    host, port = socks[0].getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log(
-        "start",
-        listen=where,
-        mode=opts.mode,
-        workers=opts.workers,
-        uid=os.getuid(),
-        loop=opts.loop,
-        libraries=",".join(preloaded) or None,
-    )
-    counter = ConnTable(opts.workers, cfg.maxconn)
-    reload = functools.partial(load, opts, keys)
-    work = functools.partial(run_worker, mode=opts.mode, loop=opts.loop, load=reload)
     if opts.workers == 1:
-        return work(socks[0], cfg, rules, counter)
-    # The workers share this process's heap copy-on-write. A full collection in a worker
-    # writes to the header of every tracked object it finds, copying every page that holds
-    # one into that worker; frozen objects are never collected, so those pages stay shared
-    # (the gc.freeze recipe in Python's documentation; 0.9 MiB less PSS after 20 s of load).
-    gc.freeze()
-    return Supervisor(socks, cfg, rules, counter, load=reload, work=work, tick=keys.advance).run()
+        return int(_start().serve_alone(opts, socks[0], listen_name(socks[0])))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    exec_supervisor(socks, args)
+
+
+def listen_name(sock: socket.socket) -> str:
+    """``IP:PORT`` (``[IPv6]:PORT``) as bound: the real port when ``--listen`` said 0."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ shared a limit: 127.0.0.77 was refused while 127.0.11.243 held 50 connections, a
 attacker with an IPv6 /48 could pick /64s in the bucket of any peer and lock it out. This
 table counts the exact 16-byte key.
 
-Layout: one shared anonymous mapping (inherited by every worker ``fork`` makes), a header
+Layout: one shared mapping of a memfd (inherited by every worker ``fork`` makes; the
+supervisor maps the same memfd, ``attach``, to reset a dead worker's row), a header
 with each worker's total, then an open-addressing table (linear probing, backward-shift
 deletion: no tombstones to fill it up) of ``(key, worker slot, count)`` entries. One entry
 per key *and worker*, so a worker that dies is forgotten exactly (``reset``: the
@@ -81,17 +82,36 @@ class Admission:
 class ConnTable:
     """Exact connection counts shared by the workers of one listener (see module doc)."""
 
-    def __init__(self, slots: int, maxconn: int) -> None:
-        self.slots = slots
+    def __init__(self, slots: int, maxconn: int, fd: int | None = None) -> None:
+        """A new table for ``maxconn``, in the memfd ``fd`` (the supervisor's, which maps
+        it with ``attach`` once this process said the capacity) or in a memfd of its own."""
         capacity = _MIN_CAPACITY
         while capacity < 2 * (maxconn + slots):
             capacity *= 2
+        if fd is None:
+            fd = os.memfd_create("pyqmail-conns", os.MFD_CLOEXEC)
+        os.ftruncate(fd, self._size(slots, capacity))
+        self._map(fd, slots, capacity)
+
+    @classmethod
+    def attach(cls, fd: int, slots: int, capacity: int) -> ConnTable:
+        """The table another process made in ``fd`` with this capacity."""
+        table = cls.__new__(cls)
+        table._map(fd, slots, capacity)
+        return table
+
+    @staticmethod
+    def _size(slots: int, capacity: int) -> int:
+        return _TOTAL.size * (slots + 1) + _ENTRY.size * capacity
+
+    def _map(self, fd: int, slots: int, capacity: int) -> None:
+        if capacity < _MIN_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"connection table capacity {capacity}: not a power of two")
+        self.slots = slots
         self.capacity = capacity
         self._base = _TOTAL.size * (slots + 1)  # each worker's total, then the entries in use
-        size = self._base + _ENTRY.size * capacity
-        self._fd = os.memfd_create("pyqmail-conns", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, size)
-        self._mm = mmap.mmap(self._fd, size)  # MAP_SHARED: every forked worker sees it
+        self._fd = fd
+        self._mm = mmap.mmap(fd, self._size(slots, capacity))  # MAP_SHARED: forks see it
         self.slot = 0  # this process's row; set in each worker after the fork
 
     # locking ------------------------------------------------------------------------------

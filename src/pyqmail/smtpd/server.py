@@ -65,7 +65,7 @@ class Server:
         self.senders = SenderRules(cfg.root, limit_settings(cfg))
         self.checks = Checks(cfg.root, cfg.screen)  # blocklist cache, greylist state
         self.stopping: asyncio.Event | None = None
-        self.parent: int | None = None  # the supervisor's pid, in a forked worker
+        self.parents: frozenset[int] = frozenset()  # a forked worker's: see _watch_parent
         self.idle: asyncio.Event | None = None
         self.budget = SpoolBudget()  # bytes of messages held in memory by all sessions
         self.read_buffer = memoryview(bytearray(READ_SIZE))  # every session's reads
@@ -128,8 +128,10 @@ class Server:
         return self._committer
 
     def _watch_parent(self) -> None:
-        """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed."""
-        if os.getppid() != self.parent and self.stopping is not None:
+        """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed.
+        Its parent is the spawner that forked it until that exits (moments later), then
+        the supervisor, a child subreaper (``prefork``); then nobody else's."""
+        if os.getppid() not in self.parents and self.stopping is not None:
             log("orphaned", text="supervisor gone; stopping")
             self.stopping.set()
             return
@@ -164,7 +166,7 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
         log("ready", slot=self.counter.slot, mode=self.mode)
-        if self.parent is not None:
+        if self.parents:
             self._watch_parent()
         await stopping.wait()
         server.close()
@@ -221,9 +223,13 @@ def run_worker(
     """One worker's life on its own event loop (``loop``: asyncio or uvloop); its log
     lines go out once per pass of that loop."""
     server = Server(mode, cfg, rules, counter, load)
-    server.parent = parent
+    if parent is not None:
+        server.parents = frozenset({parent, os.getppid()})
     factory = None
     if loop == "uvloop":
         factory = importlib.import_module("uvloop").new_event_loop
-    with logmod.loop_thread(), asyncio.Runner(loop_factory=factory) as runner:
+    with (
+        logmod.loop_thread(asyncio.get_running_loop),
+        asyncio.Runner(loop_factory=factory) as runner,
+    ):
         return runner.run(server.serve(sock))

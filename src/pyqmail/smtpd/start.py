@@ -1,0 +1,234 @@
+"""pyqmail-smtpd's start-up after the bind: import the daemon, drop privileges, read and check
+the configuration, then serve (one worker: this process) or fork workers (a spawner).
+
+Why apart from ``cli``: the supervisor (``prefork``) must not import what is here (the
+configuration, ``ssl``, the event loop, the checks' libraries: ``prefork`` says why), so
+``cli`` imports this module only in a process that will serve or spawn: a spawner forked by
+the supervisor, the single process of ``--workers 1``, or ``--check``.
+
+The order keeps root's part small: the checks' libraries the control files ask for are
+imported while the interpreter's files are surely readable (``pyqmail.checks.libraries``:
+by their existence), then privileges drop to ``--user``, and only then is any file read.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from pyqmail import privs, tickets
+from pyqmail.checks import libraries
+from pyqmail.control import check as control_check
+from pyqmail.control import smtpd as configmod
+from pyqmail.log import log
+from pyqmail.smtpd.authguard import AuthState, StateError, state_path
+from pyqmail.smtpd.cli import Options, UsageError, listen_name, parse_args, resolve_loop
+from pyqmail.smtpd.limits import ConnTable
+from pyqmail.smtpd.policy import Loader, RulesCache
+from pyqmail.smtpd.prefork import Spawn
+from pyqmail.smtpd.server import UMASK, run_worker
+from pyqmail.smtpd.session import CLOSE_GRACE
+from pyqmail.ticketkeys import TicketKeys
+
+KILL_MARGIN = 5  # seconds past timeoutterm and the close grace before TERM becomes KILL
+
+
+def drop_privileges(user: str | None) -> None:
+    """As root: become ``user`` (its groups too) for good. Otherwise: stay as we are."""
+    try:
+        privs.drop(
+            user,
+            allow_root=False,
+            refusal="refusing to serve as root: pass --user (e.g. --user pyqmaild)",
+        )
+    except privs.PrivilegeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def load_config(root: Path, keys: TicketKeys | None = None, mode: str = "smtp") -> configmod.Config:
+    """The configuration, with the server TLS context set up for many workers.
+
+    TLS session tickets (``pyqmail.tickets``) under ``keys``, the ones every worker of
+    this listener shares (drawn once by the supervisor before any fork, so a HUP, which
+    builds a new context in each worker, keeps them); no server-side session cache. With
+    no ``keys``, or if this interpreter cannot install them (logged), no tickets at all
+    (``num_tickets = 0``: OP_NO_TICKET alone leaves OpenSSL's stateful TLS 1.3 tickets,
+    a per-worker cache of every session that another worker could not resume)."""
+    cfg = configmod.load(root, inbound=configmod.inbound(mode))
+    if cfg.server_tls is None:
+        return cfg
+    cfg.server_tls.num_tickets = 0
+    if keys is not None:
+        try:
+            clientca = cfg.clientca.read_bytes() if cfg.clientca is not None else None
+            tickets.enable(cfg.server_tls, keys, tickets.session_context(clientca))
+        except OSError as exc:
+            raise configmod.ConfigError(f"{cfg.clientca}: cannot read: {exc.strerror}") from exc
+        except tickets.TicketError as exc:
+            log("warning", text=f"no TLS session tickets: {exc}")
+    return cfg
+
+
+def check_startup(cfg: configmod.Config, mode: str) -> None:
+    """Refuse modes that cannot work with this configuration; warn about odd ones (the
+    conditions are ``pyqmail.control.check``'s, shared with ``--check``)."""
+    problems = control_check.startup_problems(cfg, mode)
+    if problems:
+        raise configmod.ConfigError(problems[0])
+    if cfg.authdb is not None:
+        try:
+            AuthState.check(state_path(cfg.root))
+        except StateError as exc:
+            raise configmod.ConfigError(str(exc)) from exc
+    for warning in control_check.startup_warnings(cfg, mode):
+        log("warning", text=warning)
+
+
+def load(opts: Options, keys: TicketKeys | None = None) -> tuple[configmod.Config, RulesCache]:
+    """The configuration and the rules, checked for ``opts.mode``: at start, in the
+    spawner a HUP forks, and again in every worker (the same checks each time, so a HUP
+    never puts in force what a start would have refused)."""
+    cfg = load_config(opts.root, keys, opts.mode)
+    check_startup(cfg, opts.mode)
+    return cfg, RulesCache(opts.rules)
+
+
+def _prepare(opts: Options) -> tuple[list[str], str]:
+    """Root's part, then the drop: the checks' libraries and the event loop are imported
+    (the groups loaded and the loop resolved are returned); files are read after this."""
+    preloaded = libraries.preload(opts.root / "control") if configmod.inbound(opts.mode) else []
+    loop = resolve_loop(opts.loop)
+    drop_privileges(opts.user)
+    os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
+    return preloaded, loop
+
+
+def _log_start(opts: Options, workers: int, loop: str, preloaded: list[str], where: str) -> None:
+    log(
+        "start",
+        listen=where,
+        mode=opts.mode,
+        workers=workers,
+        uid=os.getuid(),
+        loop=loop,
+        libraries=",".join(preloaded) or None,
+    )
+
+
+def serve_alone(opts: Options, sock: socket.socket, where: str) -> int:
+    """``--workers 1``: this process serves; exit status 0, 111 on a bad configuration."""
+    try:
+        preloaded, loop = _prepare(opts)
+        keys = TicketKeys()
+        cfg, rules = load(opts, keys)
+    except (UsageError, configmod.ConfigError) as exc:
+        sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
+        return 111
+    _log_start(opts, 1, loop, preloaded, where)
+    counter = ConnTable(1, cfg.maxconn)
+    reload: Loader = lambda: load(opts, keys)  # noqa: E731 - the worker's HUP
+    return run_worker(sock, cfg, rules, counter, mode=opts.mode, loop=loop, load=reload)
+
+
+def spawner(args: list[str], spawn: Spawn) -> NoReturn:
+    """A spawner's life (``prefork``): read the command line again, prepare, read the
+    configuration, fork the workers of ``spawn.slots`` (each reported at once), report
+    ``ok``, exit. Never returns."""
+    code = 111
+    try:
+        code = _spawn(args, spawn)
+    except BaseException:  # noqa: BLE001 - a spawner must never return into the supervisor's code
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _spawn(args: list[str], spawn: Spawn) -> int:
+    socks = [socket.socket(fileno=fd) for fd in spawn.fds]
+    try:
+        opts = parse_args(args)
+        preloaded, loop = _prepare(opts)
+        cfg, rules = load(opts, spawn.keys)
+    except (UsageError, configmod.ConfigError) as exc:
+        if spawn.purpose == "start":
+            sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
+        elif spawn.purpose == "check":
+            log("reload-fail", error=str(exc), text="keeping the old configuration")
+        else:
+            log("spawn-fail", slots=",".join(map(str, spawn.slots)), error=str(exc))
+        return 111
+    if spawn.capacity:
+        table = ConnTable.attach(spawn.table_fd, len(socks), spawn.capacity)
+    else:
+        table = ConnTable(len(socks), cfg.maxconn, fd=spawn.table_fd)
+    if spawn.purpose == "start":
+        _log_start(opts, len(socks), loop, preloaded, listen_name(socks[0]))
+    # The workers share this process's heap copy-on-write. A full collection in a worker
+    # writes to the header of every tracked object it finds, copying every page that holds
+    # one into that worker; frozen objects are never collected, so those pages stay shared
+    # (the gc.freeze recipe in Python's documentation; 0.9 MiB less PSS after 20 s of load).
+    gc.freeze()
+    for slot in spawn.slots:
+        table.reset(slot)  # the worker it replaces took its connections with it
+        pid = os.fork()
+        if pid == 0:
+            _worker(opts, spawn, slot, socks=socks, table=table, cfg=cfg, rules=rules, loop=loop)
+        spawn.worker_forked(slot, pid)
+    spawn.ok(cfg.timeoutterm + CLOSE_GRACE + KILL_MARGIN, table.capacity)
+    return 0
+
+
+def _worker(
+    opts: Options,
+    spawn: Spawn,
+    slot: int,
+    *,
+    socks: list[socket.socket],
+    table: ConnTable,
+    cfg: configmod.Config,
+    rules: RulesCache,
+    loop: str,
+) -> NoReturn:
+    """One forked worker: its socket only, signals unblocked, serve, exit."""
+    code = 1
+    try:
+        os.close(spawn.report)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for i, other in enumerate(socks):
+            if i != slot:
+                other.close()
+        table.slot = slot
+        reload: Loader = lambda: load(opts, spawn.keys)  # noqa: E731 - the worker's HUP
+        code = run_worker(
+            socks[slot],
+            cfg,
+            rules,
+            table,
+            spawn.supervisor,
+            mode=opts.mode,
+            loop=loop,
+            load=reload,
+        )
+    except BaseException:  # noqa: BLE001 - a worker must never return into the spawner's code
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def check(opts: Options) -> int:
+    """``--check``: the configuration as a start would load it, as ``--user``; 0 or 111."""
+    try:
+        if configmod.inbound(opts.mode):
+            libraries.preload(opts.root / "control")
+        if opts.user is not None:
+            drop_privileges(opts.user)  # the files must be readable by the daemon's user
+    except UsageError as exc:
+        sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
+        return 111
+    return control_check.check_smtpd(opts.root, opts.mode, opts.rules)
