@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     class _Loop(Protocol):
         def call_soon(self, callback: Callable[[], object]) -> object: ...
 
+
 MAX_LINE = 4000  # longer lines are cut (a whole line must fit one atomic pipe write)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_a_listener_without_checks_loads_none_of_their_libraries(
     assert len(qmail_root.queued()) == 1
 
 
-def test_checks_files_load_them_in_every_process_before_the_drop(
+def test_checks_files_load_them_in_every_worker_before_the_drop(
     qmail_root: QmailRoot, smtpd: StartDaemon, dns: DnsServer
 ) -> None:
     qmail_root.control("authchecks", "1\n")
@@ -61,7 +62,14 @@ def test_checks_files_load_them_in_every_process_before_the_drop(
     d.wait_for(
         r"pid=\d+ start listen=\S+ mode=smtp workers=2 uid=\d+ loop=\S+ libraries=auth,lists"
     )
-    assert all(maps_sodium(pid) for pid in tree(d.proc.pid))
+    workers = d.worker_pids()
+    assert len(workers) == 2 and all(maps_sodium(pid) for pid in workers)
+    # the supervisor imports none of the daemon (pyqmail.smtpd.prefork): its spawner did
+    assert not maps_sodium(d.proc.pid)
+    deadline = time.monotonic() + 10  # the spawner exits just after its workers' "ready"
+    while set(tree(d.proc.pid)) != {d.proc.pid, *workers} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(tree(d.proc.pid)) == {d.proc.pid, *workers}
     with smtplib.SMTP(d.host, d.port, timeout=10, source_address=(LISTED, 0)) as s:
         s.ehlo("listed.test")
         assert s.mail("a@b.test")[0] == 554  # the lists are asked (dnspython, as nobody)

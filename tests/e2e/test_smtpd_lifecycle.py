@@ -232,21 +232,26 @@ def test_a_replacement_waits_for_a_configuration_that_loads(
 ) -> None:
     """A dead worker's replacement reads the configuration on disk (pyqmail.smtpd.prefork):
     while that is broken its spawner fails, says why, and is tried again later each time;
-    the other worker serves meanwhile, and once the file is good the slot is filled."""
+    the slot's socket is closed meanwhile, so every connection reaches the other worker at
+    once (none waits in a backlog nobody accepts from), and once the file is good the slot
+    is filled again, on a new socket of the same port."""
     d = smtpd(workers=2)
     victim = sorted(d.worker_pids())[0]
     qmail_root.control("databytes", "lots\n")
     os.kill(victim, signal.SIGKILL)
     d.wait_for(r"spawn-fail slots=\d error=\S*control/databytes:1:", timeout=30)
-    d.wait_for(r"respawn-fail slot=\d retry=1s", timeout=30)
+    d.wait_for(r"respawn-fail slot=\d retry=1s text=its\\x20socket\\x20closed", timeout=30)
     d.wait_for(r"respawn-fail slot=\d retry=2s", timeout=30)
-    for _ in range(4):
-        with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+    for _ in range(8):
+        with smtplib.SMTP(d.host, d.port, timeout=5) as s:
             assert s.noop()[0] == 250
     qmail_root.control("databytes", "100\n")
     d.wait_for(r"pid=\d+ ready", count=3, timeout=30)
-    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
-        assert s.noop()[0] == 250
+    for _ in range(24):
+        with smtplib.SMTP(d.host, d.port, timeout=5) as s:
+            assert s.noop()[0] == 250
+    served = {int(m.group(1)) for m in d.wait_for(r"pid=(\d+) conn ip=", count=32)}
+    assert served == d.worker_pids() - {victim}, "both slots serve again"
     assert d.stop() == 0
 
 

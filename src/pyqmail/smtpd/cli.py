@@ -10,14 +10,17 @@ One program, three listener modes (one supervised service each, as in the qmail 
 - ``submission``: port 587, STARTTLS required before AUTH/MAIL (``FORCETLS=0`` lifts it)
   and AUTH required unless the client has ``RELAYCLIENT`` or a relay certificate.
 
-Process model. The parent binds one ``SO_REUSEPORT`` socket per worker (as root if the
-port needs it), drops to ``--user`` (initgroups, setgid, setuid), reads the configuration
-and only then forks the workers: nothing ever reads a client byte as root. The kernel
-spreads connections over the workers' sockets; each worker runs one asyncio loop (uvloop's
-when it is installed, see ``--loop``). The
-parent keeps every socket open, so a crashed worker's pending connections wait for its
-replacement rather than being reset. The parent forwards TERM and HUP; with
-``--workers 1`` the single process serves directly.
+Process model. This process binds one ``SO_REUSEPORT`` socket per worker (as root if the
+port needs it) and, with more than one worker, ``exec``s the supervisor (``prefork``): the
+same program with ``--supervise=FD,FD`` before the same arguments, a small process that keeps
+every socket open (a crashed worker's pending connections wait for its replacement rather
+than being reset), keeps the user it was started as, and forks a short-lived spawner per
+generation of workers. The spawner imports the daemon, drops to ``--user`` (initgroups,
+setgid, setuid), reads the configuration and only then forks the workers: nothing ever
+reads a file or a client byte as root. The kernel spreads connections over the workers'
+sockets; each worker runs one asyncio loop (uvloop's when it is installed, see
+``--loop``). The supervisor forwards TERM and HUP; with ``--workers 1`` this process drops
+its privileges and serves directly.
 
 Per-client policy comes from the tcprules cdb exactly as tcpserver applies it: a ``deny``
 rule closes the connection at once (logged), ``allow`` passes the rule's environment
@@ -43,7 +46,7 @@ Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds,
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates
 for new connections; sessions in progress keep the configuration they started with. A
 bad new configuration is logged and the old one stays in force. TLS sessions resume
-across workers and HUPs (``pyqmail.tickets``: ticket keys drawn by the supervisor before the
+across workers and HUPs (``pyqmail.tickets``: ticket keys drawn by the supervisor before any
 fork, rotated hourly, only in memory; a restart makes every client do a full handshake once).
 Two files need no HUP:
 the rules cdb and control/smtpusers are re-read when they change (tcpserver and
@@ -76,9 +79,12 @@ configuration, with ``pyqmail-smtpd: fatal: <file>:<line>: <problem>`` on stderr
 would (``pyqmail.control.check``), binds and writes nothing, and exits 0 with one OK line or
 111 with those fatal lines, one per problem.
 
-Where each part lives (this module: the command line, the start-up and its checks):
+Where each part lives (this module: the command line and the bind):
 
-- ``prefork``: the supervisor (forks workers, replaces dead ones, forwards TERM and HUP);
+- ``entry``: the program's entry point (this module, or the supervisor for ``--supervise``);
+- ``prefork``: the supervisor (spawners fork workers; replaces dead ones; TERM and HUP);
+- ``start``: the start-up after the bind (privilege drop, configuration and its checks,
+  the spawner's forks);
 - ``server``: one worker (its loop, listener, reload and wind-down; the sessions' context);
 - ``session``: one connection (socket bytes <-> the core's events, timers);
 - ``tlspump``: TLS over memory BIOs; ``intake``: a message on its way into the queue;

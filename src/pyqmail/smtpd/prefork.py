@@ -97,7 +97,7 @@ class Spawn:
     ) -> None:
         self.purpose = purpose
         self.slots = slots
-        self.fds = fds  # the listening sockets, one per slot
+        self.fds = fds  # the listening sockets, one per slot; -1: none (the spawner binds one)
         self.keys = keys
         self.table_fd = table_fd
         self.capacity = capacity  # 0 until the first spawner sized the table
@@ -136,7 +136,7 @@ class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, fds: list[int], spawner: Spawner) -> None:
-        self.fds = fds  # the listening sockets, one per slot
+        self.fds = fds  # the listening sockets, one per slot; -1 once closed (_respawn)
         self.spawner = spawner
         self.keys = TicketKeys()  # before every fork: all workers share them
         self.pid = os.getpid()
@@ -252,10 +252,14 @@ class Supervisor:
                 continue
             self._respawn()
 
-    def _close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def _close(self, slots: Iterable[int] | None = None) -> None:
+        """Close the sockets of ``slots`` (all by default): the kernel stops giving them
+        connections, and those waiting in their backlogs are reset."""
+        for slot in range(len(self.fds)) if slots is None else slots:
+            if self.fds[slot] >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.fds[slot])
+                self.fds[slot] = -1
 
     def reload(self) -> None:
         """HUP: the workers get it only if a spawner found the configuration good (it
@@ -285,8 +289,11 @@ class Supervisor:
                 self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)
 
     def _respawn(self) -> None:
-        """One spawner for the replacements that are due; a slot it did not fill (it
-        failed: it said why) waits longer each time."""
+        """One spawner for the replacements that are due. A slot it did not fill (it failed
+        and said why) waits longer each time, and its socket is closed meanwhile: its
+        connections would wait for a worker that may not come for a minute, while the
+        other sockets of the group take them at once (a later spawner, still root before
+        its drop, binds the slot a new socket, which then lives with its worker only)."""
         now = time.monotonic()
         due = sorted(slot for slot, when in self.respawn_at.items() if now >= when)
         if not due:
@@ -299,10 +306,11 @@ class Supervisor:
                 del self.respawn_at[slot]
                 self.retry.pop(slot, None)
                 continue
+            self._close([slot])
             wait = self.retry.get(slot, 1.0)
             self.respawn_at[slot] = time.monotonic() + wait
             self.retry[slot] = min(wait * 2, RETRY_MAX)
-            log("respawn-fail", slot=slot, retry=f"{wait:g}s")
+            log("respawn-fail", slot=slot, retry=f"{wait:g}s", text="its socket closed")
 
 
 def supervise(fds_text: str, args: list[str]) -> int:

@@ -3,8 +3,8 @@
 Why a module of its own: the worker owns what its sessions share (the configuration of
 now, the rules, the connection table, the AUTH check, the queue and its group commit, one
 receive buffer) and its life (start, HUP, TERM), and hands each session only the narrow
-``session.SessionContext`` view of it. The supervisor that forks workers is ``prefork``;
-with ``--workers 1`` the one process runs a worker directly.
+``session.SessionContext`` view of it. The supervisor is ``prefork``, the spawner that
+forks the workers ``start``; with ``--workers 1`` the one process runs a worker directly.
 
 TERM: stop accepting, let sessions finish for ``timeoutterm`` seconds, then tell the rest
 ``421`` and exit 0. HUP: re-read the configuration (``policy.Loader``) for new connections;

@@ -28,7 +28,14 @@ from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
 from pyqmail.smtpd.authguard import AuthState, StateError, state_path
-from pyqmail.smtpd.cli import Options, UsageError, listen_name, parse_args, resolve_loop
+from pyqmail.smtpd.cli import (
+    Options,
+    UsageError,
+    bind_sockets,
+    listen_name,
+    parse_args,
+    resolve_loop,
+)
 from pyqmail.smtpd.limits import ConnTable
 from pyqmail.smtpd.policy import Loader, RulesCache
 from pyqmail.smtpd.prefork import Spawn
@@ -149,10 +156,21 @@ def spawner(args: list[str], spawn: Spawn) -> NoReturn:
         os._exit(code)
 
 
+def _sockets(opts: Options, spawn: Spawn) -> list[socket.socket | None]:
+    """The supervisor's sockets; a slot to fork whose socket it closed (its replacement had
+    failed: ``prefork``) gets a new one in the group, bound while we are still root."""
+    socks = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spawn.fds]
+    port = next((s.getsockname()[1] for s in socks if s is not None), opts.port)
+    for slot in spawn.slots:
+        if socks[slot] is None:
+            socks[slot] = bind_sockets(opts.host, port, 1)[0]
+    return socks
+
+
 def _spawn(args: list[str], spawn: Spawn) -> int:
-    socks = [socket.socket(fileno=fd) for fd in spawn.fds]
     try:
         opts = parse_args(args)
+        socks = _sockets(opts, spawn)
         preloaded, loop = _prepare(opts)
         cfg, rules = load(opts, spawn.keys)
     except (UsageError, configmod.ConfigError) as exc:
@@ -168,7 +186,7 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
     else:
         table = ConnTable(len(socks), cfg.maxconn, fd=spawn.table_fd)
     if spawn.purpose == "start":
-        _log_start(opts, len(socks), loop, preloaded, listen_name(socks[0]))
+        _log_start(opts, len(socks), loop, preloaded, listen_name(_first(socks)))
     # The workers share this process's heap copy-on-write. A full collection in a worker
     # writes to the header of every tracked object it finds, copying every page that holds
     # one into that worker; frozen objects are never collected, so those pages stay shared
@@ -184,12 +202,16 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
     return 0
 
 
+def _first(socks: list[socket.socket | None]) -> socket.socket:
+    return next(sock for sock in socks if sock is not None)
+
+
 def _worker(
     opts: Options,
     spawn: Spawn,
     slot: int,
     *,
-    socks: list[socket.socket],
+    socks: list[socket.socket | None],
     table: ConnTable,
     cfg: configmod.Config,
     rules: RulesCache,
@@ -201,12 +223,12 @@ def _worker(
         os.close(spawn.report)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for i, other in enumerate(socks):
-            if i != slot:
+            if i != slot and other is not None:
                 other.close()
         table.slot = slot
         reload: Loader = lambda: load(opts, spawn.keys)  # noqa: E731 - the worker's HUP
         code = run_worker(
-            socks[slot],
+            _first(socks[slot : slot + 1]),
             cfg,
             rules,
             table,
