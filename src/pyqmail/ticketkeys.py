@@ -1,8 +1,13 @@
-"""The TLS session ticket keys one listener's processes share: a ratchet, in memory only.
+"""The secret behind the TLS session ticket keys one listener's processes share: a ratchet,
+in memory only.
 
 Why a module of its own: pyqmail-smtpd's supervisor draws the secret and ratchets it, and
-the supervisor must stay small (``pyqmail.smtpd.prefork``: it imports neither ``ssl`` nor
-``ctypes``); installing the keys in OpenSSL is ``pyqmail.tickets``'s, in the workers.
+the supervisor must stay small (``pyqmail.smtpd.prefork``): this module imports neither
+``ssl`` nor ``hashlib``/``hmac``, whose OpenSSL cost the supervisor 1.7 MiB of PSS (the
+pages of libcrypto it touched at load, which no worker shares). The ratchet's SHA-256 is
+CPython's own (``_sha256``, ``_sha2`` from 3.12; ``hashlib``'s only where neither exists):
+the same function, the same bytes. Deriving the keys from a secret, and installing them in
+OpenSSL, is ``pyqmail.tickets``'s, in the workers.
 
 - One random 32-byte secret is drawn at start (``TicketKeys()``); it lives only in memory,
   so a restart invalidates every ticket.
@@ -11,37 +16,43 @@ the supervisor must stay small (``pyqmail.smtpd.prefork``: it imports neither ``
   derives the same keys for the same period with no communication, and the keys of a
   period cannot be computed back from a later one (every process ratchets, the
   supervisor included, and keeps only the current and the previous period's).
-- Each period's secret gives three keys (HMAC-SHA256 with a label each): the key name
-  written in tickets, the HMAC key and the AES-256 key of OpenSSL's ticket format.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import contextlib
+import importlib
 import os
 import time
 from collections.abc import Callable
 
+TYPE_CHECKING = False  # typing costs the supervisor 1.6 MiB (prefork)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _Hash(Protocol):
+        def digest(self) -> bytes: ...
+
+
 LIFETIME = 3600  # seconds a ticket is good for, and the key rotation period (Postfix's cache)
-NAME_LENGTH = 16  # key name length in the ticket (OpenSSL's TLSEXT_KEYNAME_LENGTH)
 SECRET_LENGTH = 32
 
 
-class _Keys:
-    """One period's key: its name in tickets, the HMAC key and the AES-256 key."""
+def _sha256_function() -> Callable[[bytes], _Hash]:
+    """SHA-256 without OpenSSL where CPython has its own (see the module's docstring)."""
+    for name in ("_sha256", "_sha2"):
+        with contextlib.suppress(ImportError):
+            function: Callable[[bytes], _Hash] = importlib.import_module(name).sha256
+            return function
+    fallback: Callable[[bytes], _Hash] = importlib.import_module("hashlib").sha256
+    return fallback
 
-    def __init__(self, secret: bytes) -> None:
-        def derive(label: bytes) -> bytes:
-            return hmac.digest(secret, b"pyqmail ticket " + label, "sha256")
 
-        self.name = derive(b"name")[:NAME_LENGTH]
-        self.hmac_key = derive(b"hmac")
-        self.aes_key = derive(b"aes")
+_sha256 = _sha256_function()
 
 
 class TicketKeys:
-    """The ratchet of ticket keys one listener's processes share (see the module's
+    """The ratchet of the ticket secret one listener's processes share (see the module's
     docstring); ``clock`` is the wall clock (every process must agree on the period)."""
 
     def __init__(self, lifetime: int = LIFETIME, clock: Callable[[], float] = time.time) -> None:
@@ -51,14 +62,13 @@ class TicketKeys:
         self.clock = clock
         self._period = self._now()
         self._secret = os.urandom(SECRET_LENGTH)
-        self._current = _Keys(self._secret)
-        self._previous: _Keys | None = None
+        self._previous: bytes | None = None
 
     def _now(self) -> int:
         return int(self.clock() // self.lifetime)
 
     def advance(self) -> None:
-        """Ratchet forward to the current period; keep one previous key, forget older
+        """Ratchet forward to the current period; keep one previous secret, forget older
         (as far as Python forgets: the old bytes are freed, not wiped). The supervisor
         calls it too, so that no process keeps the start's secret for its whole life."""
         now = self._now()
@@ -67,22 +77,11 @@ class TicketKeys:
         previous = self._secret
         while self._period < now:
             previous = self._secret
-            self._secret = hashlib.sha256(b"pyqmail ticket ratchet" + previous).digest()
+            self._secret = _sha256(b"pyqmail ticket ratchet" + previous).digest()
             self._period += 1
-        self._previous = _Keys(previous)  # period now-1's, however far we jumped
-        self._current = _Keys(self._secret)
+        self._previous = previous  # period now-1's, however far we jumped
 
-    def for_issue(self) -> _Keys:
-        """The key new tickets are sealed with."""
+    def secrets(self) -> tuple[bytes, bytes | None]:
+        """The current period's secret and the previous one's (None right after start)."""
         self.advance()
-        return self._current
-
-    def for_name(self, name: bytes) -> tuple[_Keys | None, bool]:
-        """The key a ticket names (None if too old or unknown), and whether it is the
-        current one (a ticket under the previous key is re-issued)."""
-        self.advance()
-        if hmac.compare_digest(name, self._current.name):
-            return self._current, True
-        if self._previous is not None and hmac.compare_digest(name, self._previous.name):
-            return self._previous, False
-        return None, False
+        return self._secret, self._previous

@@ -45,16 +45,19 @@ CA file makes tickets issued under the old one fall back to a full handshake.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import hmac
 import ssl
 import sys
 from typing import TYPE_CHECKING
 
-from pyqmail.ticketkeys import LIFETIME, NAME_LENGTH, SECRET_LENGTH, TicketKeys
+from pyqmail.ticketkeys import LIFETIME, SECRET_LENGTH, TicketKeys
 
 __all__ = ["LIFETIME", "NUM_TICKETS", "TicketError", "TicketKeys", "enable", "session_context"]
 
 NUM_TICKETS = 1  # TLS 1.3 tickets per full handshake: an MTA holds one connection per peer
+NAME_LENGTH = 16  # key name length in the ticket (OpenSSL's TLSEXT_KEYNAME_LENGTH)
 
 _CTRL_SESS_NUMBER = 20
 _CTRL_SET_SESS_CACHE_MODE = 44
@@ -74,6 +77,42 @@ _CALLBACK = ctypes.CFUNCTYPE(
 
 class TicketError(Exception):
     """The ticket machinery cannot be installed on this interpreter or OpenSSL."""
+
+
+class _Keys:
+    """One period's key, derived from its secret (``pyqmail.ticketkeys``): its name in
+    tickets, the HMAC key and the AES-256 key of OpenSSL's ticket format."""
+
+    def __init__(self, secret: bytes) -> None:
+        def derive(label: bytes) -> bytes:
+            return hmac.digest(secret, b"pyqmail ticket " + label, "sha256")
+
+        self.name = derive(b"name")[:NAME_LENGTH]
+        self.hmac_key = derive(b"hmac")
+        self.aes_key = derive(b"aes")
+
+
+@functools.lru_cache(maxsize=4)
+def _derived(secret: bytes) -> _Keys:
+    """The keys of a secret, derived once per period (a few at most are alive)."""
+    return _Keys(secret)
+
+
+def for_issue(keys: TicketKeys) -> _Keys:
+    """The key new tickets are sealed with."""
+    current, _ = keys.secrets()
+    return _derived(current)
+
+
+def for_name(keys: TicketKeys, name: bytes) -> tuple[_Keys | None, bool]:
+    """The key a ticket names (None if too old or unknown), and whether it is the current
+    one (a ticket under the previous key is re-issued)."""
+    current, previous = keys.secrets()
+    if hmac.compare_digest(name, _derived(current).name):
+        return _derived(current), True
+    if previous is not None and hmac.compare_digest(name, _derived(previous).name):
+        return _derived(previous), False
+    return None, False
 
 
 class _LibSSL:
@@ -150,7 +189,7 @@ def _callback(keys: TicketKeys, lib: _LibSSL) -> object:
     an exception must not cross into OpenSSL, and a missing ticket only costs speed)."""
 
     def sealed(name: _UBytes, iv: _UBytes, cctx: int, hctx: int) -> int:
-        key = keys.for_issue()
+        key = for_issue(keys)
         if lib.rand_bytes(iv, 16) != 1:
             return 0
         ctypes.memmove(name, key.name, NAME_LENGTH)
@@ -159,7 +198,7 @@ def _callback(keys: TicketKeys, lib: _LibSSL) -> object:
         return int(lib.hmac_init(hctx, key.hmac_key, SECRET_LENGTH, lib.sha256(), None) == 1)
 
     def opened(name: _UBytes, iv: _UBytes, cctx: int, hctx: int) -> int:
-        key, current = keys.for_name(ctypes.string_at(name, NAME_LENGTH))
+        key, current = for_name(keys, ctypes.string_at(name, NAME_LENGTH))
         if key is None:
             return 0
         if lib.hmac_init(hctx, key.hmac_key, SECRET_LENGTH, lib.sha256(), None) != 1:
