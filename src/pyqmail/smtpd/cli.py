@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(_start().serve_alone(opts, socks[0], listen_name(socks[0])))
     sys.stdout.flush()
     sys.stderr.flush()
-    exec_supervisor(socks, args)
+    try:
+        exec_supervisor(socks, args)
+    except OSError as exc:
+        sys.stderr.write(f"pyqmail-smtpd: fatal: cannot start the supervisor: {exc}\n")
+        return 111
 
 
 def listen_name(sock: socket.socket) -> str:

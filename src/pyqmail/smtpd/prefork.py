@@ -222,7 +222,6 @@ class Supervisor:
     def run(self) -> int:
         """Until TERM and the last worker's exit: 0; 111 if the first workers cannot start."""
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        become_subreaper()
         try:
             self.spawn("start", list(range(len(self.fds))))
         except SpawnError:
@@ -326,6 +325,11 @@ def supervise(fds_text: str, args: list[str]) -> int:
         return 111
     for fd in fds:
         os.set_inheritable(fd, False)  # no program we might start needs them
+    try:
+        become_subreaper()
+    except OSError as exc:
+        os.write(2, f"pyqmail-smtpd: fatal: cannot supervise the workers: {exc}\n".encode())
+        return 111
     return Supervisor(fds, lambda spawn: spawn_daemon(spawn, args)).run()
 
 
