@@ -92,9 +92,10 @@ class _Keys:
         self.aes_key = derive(b"aes")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _derived(secret: bytes) -> _Keys:
-    """The keys of a secret, derived once per period (a few at most are alive)."""
+    """The keys of a secret, derived once per period: the current and the previous
+    period's only (an older one falls out as a new period's is derived)."""
     return _Keys(secret)
 
 

@@ -20,7 +20,7 @@ import pytest
 from bench.procstat import tree  # the supervisor and its workers
 from tests.conftest import PKI
 from tests.dnsserver import DnsServer
-from tests.e2e.conftest import QmailRoot, StartDaemon
+from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
 from tests.e2e.helpers import client_context
 
 SODIUM = "_sodium"  # nacl/_sodium.abi3.so (Debian: libsodium.so), dkimpy's ed25519
@@ -38,13 +38,23 @@ def maps_sodium(pid: int) -> bool:
     return SODIUM in Path(f"/proc/{pid}/maps").read_text()
 
 
+def settled_tree(d: Daemon) -> tuple[set[int], set[int]]:
+    """(the supervisor and its two workers, the workers) once the spawner that forked the
+    workers has exited: it logs the start line and is in the tree until just after it."""
+    workers = {int(m.group(1)) for m in d.wait_for(r"pid=(\d+) ready", count=2)}
+    deadline = time.monotonic() + 10
+    while set(tree(d.proc.pid)) != {d.proc.pid, *workers} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return set(tree(d.proc.pid)), workers
+
+
 def test_a_listener_without_checks_loads_none_of_their_libraries(
     qmail_root: QmailRoot, smtpd: StartDaemon
 ) -> None:
     d = smtpd(workers=2)
     start = d.wait_for(r"pid=\d+ start listen=.*")[0].group(0)
     assert "libraries=" not in start
-    pids = tree(d.proc.pid)
+    pids, _ = settled_tree(d)
     assert len(pids) == 3
     assert not any(maps_sodium(pid) for pid in pids)
     with smtplib.SMTP(d.host, d.port, timeout=10) as s:  # and it serves
@@ -62,14 +72,11 @@ def test_checks_files_load_them_in_every_worker_before_the_drop(
     d.wait_for(
         r"pid=\d+ start listen=\S+ mode=smtp workers=2 uid=\d+ loop=\S+ libraries=auth,lists"
     )
-    workers = d.worker_pids()
-    assert len(workers) == 2 and all(maps_sodium(pid) for pid in workers)
+    pids, workers = settled_tree(d)
+    assert pids == {d.proc.pid, *workers}
+    assert all(maps_sodium(pid) for pid in workers)
     # the supervisor imports none of the daemon (pyqmail.smtpd.prefork): its spawner did
     assert not maps_sodium(d.proc.pid)
-    deadline = time.monotonic() + 10  # the spawner exits just after its workers' "ready"
-    while set(tree(d.proc.pid)) != {d.proc.pid, *workers} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert set(tree(d.proc.pid)) == {d.proc.pid, *workers}
     with smtplib.SMTP(d.host, d.port, timeout=10, source_address=(LISTED, 0)) as s:
         s.ehlo("listed.test")
         assert s.mail("a@b.test")[0] == 554  # the lists are asked (dnspython, as nobody)

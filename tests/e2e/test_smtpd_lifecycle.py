@@ -246,12 +246,13 @@ def test_a_replacement_waits_for_a_configuration_that_loads(
     qmail_root.control("databytes", "lots\n")
     os.kill(victim, signal.SIGKILL)
     d.wait_for(r"spawn-fail slots=\d error=\S*control/databytes:1:", timeout=30)
-    d.wait_for(r"respawn-fail slot=\d retry=1s text=its\\x20socket\\x20closed", timeout=30)
-    d.wait_for(r"respawn-fail slot=\d retry=2s", timeout=30)
+    tries = d.wait_for(r"respawn-fail slot=\d retry=(\d+)s text=its\\x20socket\\x20closed", count=2)
+    assert int(tries[1].group(1)) == 2 * int(tries[0].group(1))  # waiting longer each time
     for _ in range(8):
         with smtplib.SMTP(d.host, d.port, timeout=5) as s:
             assert s.noop()[0] == 250
     qmail_root.control("databytes", "100\n")
+    d.send_signal(signal.SIGHUP)  # a good HUP: the waiting replacement is tried at once
     d.wait_for(r"pid=\d+ ready", count=3, timeout=30)
     for _ in range(24):
         with smtplib.SMTP(d.host, d.port, timeout=5) as s:

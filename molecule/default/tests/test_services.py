@@ -21,13 +21,22 @@ def test_all_services_up_and_not_restarting(mx: Any) -> None:
 
 
 def test_services_run_as_unprivileged_users(mx: Any) -> None:
-    owners = mx.check_output("ps -eo user:20,args | grep -E 'pyqmail-(smtpd|send)' | grep -v grep")
+    owners = mx.check_output(
+        "ps -eo user:20,ppid,args | grep -E 'pyqmail-(smtpd|send)' | grep -v grep"
+    )
     users = {line.split()[0] for line in owners.splitlines()}
     assert "pyqmaild" in users and "pyqmails" in users, owners
     # Root keeps only each listener's supervisor (it holds the sockets and forks the spawners,
-    # which import the daemon before their drop: pyqmail.smtpd.prefork); it reads no mail.
-    roots = [ln for ln in owners.splitlines() if ln.split()[0] == "root"]
-    assert all("pyqmail-smtpd --supervise=" in ln for ln in roots), owners
+    # which import the daemon before their drop: pyqmail.smtpd.prefork), the process that
+    # daemontools' supervise started; it reads no mail. Its workers are its forks (same
+    # name and command line) and must run as pyqmaild.
+    table = mx.check_output("ps -eo user:20,ppid,comm,args --no-headers")
+    for line in table.splitlines():
+        user, ppid, comm, args = line.split(None, 3)
+        if user == "root" and comm in ("pyqmail-smtpd", "pyqmail-send"):
+            parent = mx.check_output(f"ps -o comm= -p {ppid}").strip()
+            assert parent == "supervise", f"a root process not started by supervise: {line}"
+            assert "pyqmail-smtpd --supervise=" in args, line
 
 
 def test_pyqmail_send_runs_as_three_users(mx: Any) -> None:

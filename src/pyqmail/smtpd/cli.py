@@ -283,7 +283,8 @@ def exec_supervisor(socks: list[socket.socket], args: list[str]) -> NoReturn:
     script = Path(sys.argv[0])
     if script.name == "pyqmail-smtpd" and os.access(script, os.X_OK):
         # its own program again, its name kept in ps; argv is its own command line
-        os.execv(script, [str(script), flag, *args])  # noqa: S606
+        with contextlib.suppress(OSError):  # a broken script: the interpreter, below
+            os.execv(script, [str(script), flag, *args])  # noqa: S606
     os.execv(sys.executable, [sys.executable, "-m", "pyqmail.smtpd.entry", flag, *args])  # noqa: S606
 
 

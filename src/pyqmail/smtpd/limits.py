@@ -7,12 +7,13 @@ shared a limit: 127.0.0.77 was refused while 127.0.11.243 held 50 connections, a
 attacker with an IPv6 /48 could pick /64s in the bucket of any peer and lock it out. This
 table counts the exact 16-byte key.
 
-Layout: one shared mapping of a memfd (inherited by every worker ``fork`` makes; the
-supervisor maps the same memfd, ``attach``, to reset a dead worker's row), a header
+Layout: one shared mapping of a memfd that pyqmail-smtpd's supervisor creates and keeps
+(the first spawner sizes and maps it, every later one maps it again with ``attach``; the
+workers inherit the mapping by ``fork``), a header
 with each worker's total, then an open-addressing table (linear probing, backward-shift
 deletion: no tombstones to fill it up) of ``(key, worker slot, count)`` entries. One entry
-per key *and worker*, so a worker that dies is forgotten exactly (``reset``: the
-supervisor drops that slot's entries before it forks the replacement). Every operation
+per key *and worker*, so a worker that dies is forgotten exactly (``reset``: the spawner
+of its replacement drops that slot's entries first thing, before it reads any file). Every operation
 takes an ``fcntl`` lock on a memfd: the kernel releases it when its holder dies, so a
 worker killed while holding it cannot wedge the others, and check-then-add is atomic (no
 overshoot by one when two workers accept the same client at once).
@@ -83,8 +84,9 @@ class ConnTable:
     """Exact connection counts shared by the workers of one listener (see module doc)."""
 
     def __init__(self, slots: int, maxconn: int, fd: int | None = None) -> None:
-        """A new table for ``maxconn``, in the memfd ``fd`` (the supervisor's, which maps
-        it with ``attach`` once this process said the capacity) or in a memfd of its own."""
+        """A new table for ``maxconn``, in the memfd ``fd`` (the supervisor's: later
+        spawners map it with ``attach`` and the capacity this one reported) or in a memfd
+        of its own."""
         capacity = _MIN_CAPACITY
         while capacity < 2 * (maxconn + slots):
             capacity *= 2
@@ -235,7 +237,7 @@ class ConnTable:
         _TOTAL.pack_into(self._mm, self.slots * _TOTAL.size, self._used() + delta)
 
     def reset(self, slot: int) -> None:
-        """A worker died (the supervisor, before forking its replacement): its connections
+        """A worker died (the spawner of its replacement, first thing): its connections
         died with it. Rebuilds the table without that worker's entries."""
         self._lock()
         try:

@@ -30,18 +30,24 @@ Workers, under another user, cannot signal it.
 
 A spawner's report, one line per event on a pipe: ``worker <slot> <pid>`` after each fork,
 then ``ok <kill_after> <capacity>`` (the TERM backstop in seconds, the size of the shared
-connection table); a spawner that fails writes no ``ok`` and has said why itself (on stderr
-at start, as a log line later). The connection table (``pyqmail.smtpd.limits.ConnTable``)
-lives in a memfd the supervisor creates before the first spawner, which sizes it from
-``maxconn``; every later spawner maps it with the capacity reported, and a replacement's
-spawner first drops the dead worker's entries (its connections died with it).
+connection table); a spawner that fails writes no ``ok`` and says why itself (on stderr at
+start, as a log line later; a traceback if it crashed; ``spawn-timeout`` from here if it
+hangs). A TERM that arrives while a spawner works cuts the wait short. The connection
+table (``pyqmail.smtpd.limits.ConnTable``) lives in a memfd the supervisor creates before
+the first spawner, which sizes it from ``maxconn``; every later spawner maps it with the
+capacity reported, and a replacement's spawner first drops the dead workers' entries.
+A spawner refuses to import a daemon whose files changed since the supervisor started (an
+upgrade without a restart would run new code on the supervisor's old modules): it logs
+``spawn-fail`` (or ``reload-fail`` on HUP), and the fix is a restart.
 
 Replacements. A dead worker is replaced by a spawner that reads the configuration on disk
 (the supervisor holds none): what a HUP would have put in force. A worker that dies within
 a second of its start is replaced after a second (no fork loop); a spawner that fails (a
 configuration broken since) is retried after 1, 2, 4 ... 60 seconds while the other workers
-serve. A replacement shares no pages with the survivors (its spawner imported the daemon
-afresh): about 10 MiB more until the next restart.
+serve, and the slot's socket is closed meanwhile (its connections go to the other workers;
+the next spawner binds a new one). A worker that keeps dying within a second waits the
+same growing time. A replacement shares no pages with the survivors (its spawner imported
+the daemon afresh): about 10 MiB more until the next restart.
 
 Signals (blocked, taken with ``sigtimedwait``, so no handler runs in the middle of a
 fork). TERM: close the sockets, pass TERM on, kill workers still there after their grace.
@@ -57,6 +63,7 @@ import importlib
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -71,6 +78,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TIMEOUT = 60.0  # seconds a spawner may take to import, read the configuration and fork
 RETRY_MAX = 60.0  # the longest wait between two failed replacements of a worker
 DEFAULT_KILL_AFTER = 60.0  # TERM backstop until a spawner reported the configured one
+QUICK_DEATH = 1.0  # seconds: a worker dead sooner is replaced after a growing wait
 
 
 class SpawnError(Exception):
@@ -94,6 +102,7 @@ class Spawn:
         capacity: int,
         supervisor: int,
         report: int,
+        code: tuple[tuple[str, int, int, int], ...] = (),
     ) -> None:
         self.purpose = purpose
         self.slots = slots
@@ -103,6 +112,7 @@ class Spawn:
         self.capacity = capacity  # 0 until the first spawner sized the table
         self.supervisor = supervisor
         self.report = report  # the pipe's write end
+        self.code = code  # the supervisor's code_identity()
 
     def worker_forked(self, slot: int, pid: int) -> None:
         os.write(self.report, f"worker {slot} {pid}\n".encode())
@@ -147,14 +157,24 @@ class Supervisor:
         self.started: dict[int, float] = {}  # slot -> time
         self.respawn_at: dict[int, float] = {}  # slot -> when
         self.retry: dict[int, float] = {}  # slot -> the wait after its next failed spawner
+        self.code = code_identity()
 
     # spawners ---------------------------------------------------------------------------
 
     def spawn(self, purpose: str, slots: list[int]) -> None:
         """Fork a spawner for ``slots`` and read its report; SpawnError if it failed (the
-        workers it reported are ours anyway)."""
-        read, write = os.pipe()
-        pid = os.fork()
+        workers it reported are ours anyway). A TERM that arrives meanwhile cuts the wait
+        short (the spawner gets a few seconds, then SIGKILL)."""
+        try:
+            read, write = os.pipe()
+        except OSError as exc:
+            raise SpawnError(f"no pipe for a spawner: {exc}") from exc
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read)
+            os.close(write)
+            raise SpawnError(f"cannot fork a spawner: {exc}") from exc
         if pid == 0:
             os.close(read)
             self.spawner(
@@ -167,24 +187,31 @@ class Supervisor:
                     capacity=self.capacity,
                     supervisor=self.pid,
                     report=write,
+                    code=self.code,
                 )
             )
         os.close(write)
         try:
-            lines = self._report(read)
+            lines = self._report(read, purpose)
         finally:
             os.close(read)
             self._collect(pid)
-        self._take(lines)
+        self._take(lines, purpose, slots)
 
-    def _report(self, fd: int) -> list[str]:
-        """The spawner's lines, up to its ``ok`` (or the end of the pipe, or the timeout)."""
+    def _report(self, fd: int, purpose: str) -> list[str]:
+        """The spawner's lines, up to its ``ok`` (or the end of the pipe, the timeout, or
+        a pending TERM)."""
         deadline = time.monotonic() + SPAWN_TIMEOUT
         data = b""
         while not data.endswith(b"\n") or not data.splitlines()[-1].startswith(b"ok "):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0:
+                log("spawn-timeout", purpose=purpose, seconds=f"{SPAWN_TIMEOUT:g}")
                 break
+            if signal.sigpending() & {signal.SIGTERM, signal.SIGINT}:
+                break
+            if not select.select([fd], [], [], min(left, 0.5))[0]:
+                continue
             chunk = os.read(fd, 4096)
             if not chunk:
                 break
@@ -202,20 +229,38 @@ class Supervisor:
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 
-    def _take(self, lines: list[str]) -> None:
-        """Record the reported workers and the table's capacity; SpawnError without ``ok``."""
+    def _take(self, lines: list[str], purpose: str, slots: list[int]) -> None:
+        """Record the reported workers (only for the slots asked) and the table's capacity;
+        SpawnError without ``ok``. The TERM backstop follows a start or a HUP's check; a
+        replacement may only raise it (the running workers have not read its files)."""
         ok = None
         for line in lines:
-            word, *rest = line.split()
-            if word == "worker" and len(rest) == 2:
-                slot, pid = int(rest[0]), int(rest[1])
-                self.workers[pid] = slot
-                self.started[slot] = time.monotonic()
-            elif word == "ok" and len(rest) == 2:
-                ok = (float(rest[0]), int(rest[1]))
+            word, *rest = line.split() or [""]
+            try:
+                if word == "worker" and len(rest) == 2 and int(rest[0]) in slots:
+                    slot, pid = int(rest[0]), int(rest[1])
+                    self.workers[pid] = slot
+                    self.started[slot] = time.monotonic()
+                elif word == "ok" and len(rest) == 2:
+                    ok = (float(rest[0]), int(rest[1]))
+            except ValueError:
+                continue
         if ok is None:
             raise SpawnError("the spawner failed")
-        self.kill_after, self.capacity = ok
+        kill_after, self.capacity = ok
+        if purpose == "replace":
+            kill_after = max(kill_after, self.kill_after)
+        self.kill_after = kill_after
+
+    def _children(self) -> list[int]:
+        """Every child we have, reported or not (a worker whose spawner died before its
+        report line is still ours to stop)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                text = f.read()
+        except OSError:
+            return list(self.workers)
+        return [int(pid) for pid in text.split()]
 
     # the life ------------------------------------------------------------------------------
 
@@ -224,9 +269,10 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
         try:
             self.spawn("start", list(range(len(self.fds))))
-        except SpawnError:
+        except SpawnError as exc:
             self._close()
-            _signal_all(self.workers, signal.SIGKILL)
+            _signal_all(self._children(), signal.SIGKILL)
+            os.write(2, f"pyqmail-smtpd: fatal: no worker started ({exc})\n".encode())
             return 111
         terminating = False
         kill_at = 0.0
@@ -238,7 +284,7 @@ class Supervisor:
                 terminating = True
                 kill_at = time.monotonic() + self.kill_after
                 self._close()
-                _signal_all(self.workers, signal.SIGTERM)
+                _signal_all(self._children(), signal.SIGTERM)
             elif signo == signal.SIGHUP and not terminating:
                 self.reload()
             self.reap(terminating)
@@ -247,7 +293,7 @@ class Supervisor:
                     log("stopped")
                     return 0
                 if time.monotonic() > kill_at:
-                    _signal_all(self.workers, signal.SIGKILL)
+                    _signal_all(self._children(), signal.SIGKILL)
                 continue
             self._respawn()
 
@@ -262,16 +308,22 @@ class Supervisor:
 
     def reload(self) -> None:
         """HUP: the workers get it only if a spawner found the configuration good (it
-        logged ``reload-fail`` otherwise)."""
+        logged ``reload-fail`` otherwise); then replacements that were waiting (their
+        configuration was broken, say) are tried at once."""
         try:
             self.spawn("check", [])
         except SpawnError:
             return
         _signal_all(self.workers, signal.SIGHUP)
+        for slot in self.respawn_at:
+            self.respawn_at[slot] = time.monotonic()
+        self.retry.clear()
 
     def reap(self, terminating: bool) -> None:
-        """Collect dead workers; unless we are stopping, schedule their replacements."""
-        while self.workers:
+        """Collect dead workers (and any other child); unless we are stopping, schedule
+        the replacements. A worker that dies within a second of its start waits like a
+        failed spawner, longer each time (a spawner imports the whole daemon: no loop)."""
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -283,16 +335,23 @@ class Supervisor:
             if slot is None:
                 continue
             log("worker-exit", worker=pid, slot=slot, status=os.waitstatus_to_exitcode(status))
-            if not terminating:
-                quick = time.monotonic() - self.started.get(slot, 0) < 1.0
-                self.respawn_at[slot] = time.monotonic() + (1.0 if quick else 0.0)
+            if terminating:
+                continue
+            if time.monotonic() - self.started.get(slot, 0) < QUICK_DEATH:
+                wait = self.retry.get(slot, 1.0)
+                self.retry[slot] = min(wait * 2, RETRY_MAX)
+            else:
+                wait = 0.0
+                self.retry.pop(slot, None)
+            self.respawn_at[slot] = time.monotonic() + wait
 
     def _respawn(self) -> None:
         """One spawner for the replacements that are due. A slot it did not fill (it failed
         and said why) waits longer each time, and its socket is closed meanwhile: its
         connections would wait for a worker that may not come for a minute, while the
-        other sockets of the group take them at once (a later spawner, still root before
-        its drop, binds the slot a new socket, which then lives with its worker only)."""
+        other sockets of the group take them at once. A later spawner, still root before
+        its drop, binds that slot a new socket, which then lives with its worker only: a
+        crash of that worker resets its pending connections, as a restart would."""
         now = time.monotonic()
         due = sorted(slot for slot, when in self.respawn_at.items() if now >= when)
         if not due:
@@ -303,13 +362,29 @@ class Supervisor:
         for slot in due:
             if slot in serving:
                 del self.respawn_at[slot]
-                self.retry.pop(slot, None)
                 continue
             self._close([slot])
             wait = self.retry.get(slot, 1.0)
             self.respawn_at[slot] = time.monotonic() + wait
             self.retry[slot] = min(wait * 2, RETRY_MAX)
             log("respawn-fail", slot=slot, retry=f"{wait:g}s", text="its socket closed")
+
+
+def code_identity() -> tuple[tuple[str, int, int, int], ...]:
+    """The files of the pyqmail modules this process has loaded (path, inode, size, mtime):
+    a spawner that finds them changed on disk would import a newer daemon on top of
+    the supervisor's older modules (an upgrade without a restart)."""
+    found = []
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.split(".")[0] == "pyqmail" and path:
+            try:
+                st = os.stat(path)
+            except OSError:
+                found.append((path, 0, 0, 0))
+            else:
+                found.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(found)
 
 
 def supervise(fds_text: str, args: list[str]) -> int:
@@ -335,10 +410,27 @@ def supervise(fds_text: str, args: list[str]) -> int:
 
 def spawn_daemon(spawn: Spawn, args: list[str]) -> NoReturn:
     """A spawner's life, in the supervisor's fork: the daemon is imported here, never in the
-    supervisor (``pyqmail.smtpd.start.spawner`` exits; ``os._exit`` if it cannot even be
-    imported)."""
+    supervisor (``pyqmail.smtpd.start.spawner`` exits). It refuses to import a daemon
+    whose files changed since the supervisor started (``code_identity``: restart it)."""
     try:
-        start = importlib.import_module("pyqmail.smtpd.start")
-        start.spawner(args, spawn)
+        if code_identity() != spawn.code:
+            _spawn_refused(
+                spawn,
+                "pyqmail's files changed since this supervisor started "
+                "(an upgrade?): restart pyqmail-smtpd",
+            )
+        else:
+            start = importlib.import_module("pyqmail.smtpd.start")
+            start.spawner(args, spawn)
+    except BaseException:  # noqa: BLE001 - say why, never return into the supervisor's code
+        importlib.import_module("traceback").print_exc()
     finally:
         os._exit(111)
+
+
+def _spawn_refused(spawn: Spawn, why: str) -> None:
+    """A spawner that will not fork says so as its purpose's failure line."""
+    if spawn.purpose == "check":
+        log("reload-fail", error=why, text="keeping the old configuration")
+    else:
+        log("spawn-fail", slots=",".join(map(str, spawn.slots)) or None, error=why)

@@ -168,6 +168,13 @@ def _sockets(opts: Options, spawn: Spawn) -> list[socket.socket | None]:
 
 
 def _spawn(args: list[str], spawn: Spawn) -> int:
+    table = None
+    if spawn.capacity:
+        table = ConnTable.attach(spawn.table_fd, len(spawn.fds), spawn.capacity)
+        # a replacement: the dead workers' connections died with them; uncount them
+        # before anything that can fail (a broken configuration must not leave them held)
+        for slot in spawn.slots:
+            table.reset(slot)
     try:
         opts = parse_args(args)
         socks = _sockets(opts, spawn)
@@ -181,9 +188,7 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
         else:
             log("spawn-fail", slots=",".join(map(str, spawn.slots)), error=str(exc))
         return 111
-    if spawn.capacity:
-        table = ConnTable.attach(spawn.table_fd, len(socks), spawn.capacity)
-    else:
+    if table is None:  # the first spawner sizes the table
         table = ConnTable(len(socks), cfg.maxconn, fd=spawn.table_fd)
     if spawn.purpose == "start":
         _log_start(opts, len(socks), loop, preloaded, listen_name(_first(socks)))
@@ -193,7 +198,6 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
     # (the gc.freeze recipe in Python's documentation; 0.9 MiB less PSS after 20 s of load).
     gc.freeze()
     for slot in spawn.slots:
-        table.reset(slot)  # the worker it replaces took its connections with it
         pid = os.fork()
         if pid == 0:
             _worker(opts, spawn, slot, socks=socks, table=table, cfg=cfg, rules=rules, loop=loop)
