@@ -20,7 +20,10 @@ setgid, setuid), reads the configuration and only then forks the workers: nothin
 reads a file or a client byte as root. The kernel spreads connections over the workers'
 sockets; each worker runs one asyncio loop (uvloop's when it is installed, see
 ``--loop``). The supervisor forwards TERM and HUP; with ``--workers 1`` this process drops
-its privileges and serves directly.
+its privileges and serves directly. In ``ps`` the spawners and workers show the
+supervisor's command line (``pyqmail-smtpd --supervise=...``): they are its forks; their
+user tells them apart (root: the supervisor, or a spawner before its drop; ``--user``: a
+worker).
 
 Per-client policy comes from the tcprules cdb exactly as tcpserver applies it: a ``deny``
 rule closes the connection at once (logged), ``allow`` passes the rule's environment
