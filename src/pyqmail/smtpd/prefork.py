@@ -120,6 +120,16 @@ class Spawn:
     def ok(self, kill_after: float, capacity: int) -> None:
         os.write(self.report, f"ok {kill_after:g} {capacity}\n".encode())
 
+    def fail(self, why: str) -> None:
+        """Say why no ``ok`` comes, as this purpose's failure: a fatal line on stderr at
+        start, ``reload-fail`` for a HUP's check, ``spawn-fail`` for a replacement."""
+        if self.purpose == "start":
+            os.write(2, f"pyqmail-smtpd: fatal: {why}\n".encode())
+        elif self.purpose == "check":
+            log("reload-fail", error=why, text="keeping the old configuration")
+        else:
+            log("spawn-fail", slots=",".join(map(str, self.slots)), error=why)
+
 
 Spawner = Callable[[Spawn], "NoReturn"]
 """A spawner's life (``spawn_daemon``: imports ``pyqmail.smtpd.start``, runs its ``spawner``)."""
@@ -338,12 +348,17 @@ class Supervisor:
             if terminating:
                 continue
             if time.monotonic() - self.started.get(slot, 0) < QUICK_DEATH:
-                wait = self.retry.get(slot, 1.0)
-                self.retry[slot] = min(wait * 2, RETRY_MAX)
+                self._back_off(slot)
             else:
-                wait = 0.0
                 self.retry.pop(slot, None)
-            self.respawn_at[slot] = time.monotonic() + wait
+                self.respawn_at[slot] = time.monotonic()
+
+    def _back_off(self, slot: int) -> float:
+        """Replace ``slot`` later: 1 s, then twice as long each time, at most RETRY_MAX."""
+        wait = self.retry.get(slot, 1.0)
+        self.retry[slot] = min(wait * 2, RETRY_MAX)
+        self.respawn_at[slot] = time.monotonic() + wait
+        return wait
 
     def _respawn(self) -> None:
         """One spawner for the replacements that are due. A slot it did not fill (it failed
@@ -364,9 +379,7 @@ class Supervisor:
                 del self.respawn_at[slot]
                 continue
             self._close([slot])
-            wait = self.retry.get(slot, 1.0)
-            self.respawn_at[slot] = time.monotonic() + wait
-            self.retry[slot] = min(wait * 2, RETRY_MAX)
+            wait = self._back_off(slot)
             log("respawn-fail", slot=slot, retry=f"{wait:g}s", text="its socket closed")
 
 
@@ -410,27 +423,19 @@ def supervise(fds_text: str, args: list[str]) -> int:
 
 def spawn_daemon(spawn: Spawn, args: list[str]) -> NoReturn:
     """A spawner's life, in the supervisor's fork: the daemon is imported here, never in the
-    supervisor (``pyqmail.smtpd.start.spawner`` exits). It refuses to import a daemon
-    whose files changed since the supervisor started (``code_identity``: restart it)."""
+    supervisor (``pyqmail.smtpd.start.spawner`` says what became of it). It refuses to
+    import a daemon whose files changed since the supervisor started (``code_identity``:
+    restart it). The one way out is ``os._exit``, whatever happened."""
+    code = 111
     try:
         if code_identity() != spawn.code:
-            _spawn_refused(
-                spawn,
+            spawn.fail(
                 "pyqmail's files changed since this supervisor started "
-                "(an upgrade?): restart pyqmail-smtpd",
+                "(an upgrade?): restart pyqmail-smtpd"
             )
         else:
-            start = importlib.import_module("pyqmail.smtpd.start")
-            start.spawner(args, spawn)
+            code = importlib.import_module("pyqmail.smtpd.start").spawner(args, spawn)
     except BaseException:  # noqa: BLE001 - say why, never return into the supervisor's code
         importlib.import_module("traceback").print_exc()
     finally:
-        os._exit(111)
-
-
-def _spawn_refused(spawn: Spawn, why: str) -> None:
-    """A spawner that will not fork says so as its purpose's failure line."""
-    if spawn.purpose == "check":
-        log("reload-fail", error=why, text="keeping the old configuration")
-    else:
-        log("spawn-fail", slots=",".join(map(str, spawn.slots)) or None, error=why)
+        os._exit(code)

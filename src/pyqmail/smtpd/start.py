@@ -143,31 +143,11 @@ def serve_alone(opts: Options, sock: socket.socket, where: str) -> int:
     return run_worker(sock, cfg, rules, counter, mode=opts.mode, loop=loop, load=reload)
 
 
-def spawner(args: list[str], spawn: Spawn) -> NoReturn:
-    """A spawner's life (``prefork``): read the command line again, prepare, read the
-    configuration, fork the workers of ``spawn.slots`` (each reported at once), report
-    ``ok``, exit. Never returns."""
-    code = 111
-    try:
-        code = _spawn(args, spawn)
-    except BaseException:  # noqa: BLE001 - a spawner must never return into the supervisor's code
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _sockets(opts: Options, spawn: Spawn) -> list[socket.socket | None]:
-    """The supervisor's sockets; a slot to fork whose socket it closed (its replacement had
-    failed: ``prefork``) gets a new one in the group, bound while we are still root."""
-    socks = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spawn.fds]
-    port = next((s.getsockname()[1] for s in socks if s is not None), opts.port)
-    for slot in spawn.slots:
-        if socks[slot] is None:
-            socks[slot] = bind_sockets(opts.host, port, 1)[0]
-    return socks
-
-
-def _spawn(args: list[str], spawn: Spawn) -> int:
+def spawner(args: list[str], spawn: Spawn) -> int:
+    """A spawner's work (``prefork.spawn_daemon`` runs it and exits with its status): read
+    the command line again, prepare, read the configuration, fork the workers of
+    ``spawn.slots`` (each reported at once), report ``ok``; 111 if it could not (said
+    by ``spawn.fail``)."""
     table = None
     if spawn.capacity:
         table = ConnTable.attach(spawn.table_fd, len(spawn.fds), spawn.capacity)
@@ -181,17 +161,13 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
         preloaded, loop = _prepare(opts)
         cfg, rules = load(opts, spawn.keys)
     except (UsageError, configmod.ConfigError) as exc:
-        if spawn.purpose == "start":
-            sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
-        elif spawn.purpose == "check":
-            log("reload-fail", error=str(exc), text="keeping the old configuration")
-        else:
-            log("spawn-fail", slots=",".join(map(str, spawn.slots)), error=str(exc))
+        spawn.fail(str(exc))
         return 111
     if table is None:  # the first spawner sizes the table
-        table = ConnTable(len(socks), cfg.maxconn, fd=spawn.table_fd)
+        table = ConnTable(len(spawn.fds), cfg.maxconn, fd=spawn.table_fd)
     if spawn.purpose == "start":
-        _log_start(opts, len(socks), loop, preloaded, listen_name(_first(socks)))
+        where = listen_name(next(iter(socks.values())))
+        _log_start(opts, len(spawn.fds), loop, preloaded, where)
     # The workers share this process's heap copy-on-write. A full collection in a worker
     # writes to the header of every tracked object it finds, copying every page that holds
     # one into that worker; frozen objects are never collected, so those pages stay shared
@@ -206,8 +182,16 @@ def _spawn(args: list[str], spawn: Spawn) -> int:
     return 0
 
 
-def _first(socks: list[socket.socket | None]) -> socket.socket:
-    return next(sock for sock in socks if sock is not None)
+def _sockets(opts: Options, spawn: Spawn) -> dict[int, socket.socket]:
+    """The open listening sockets by slot: the supervisor's, and for a slot to fork whose
+    socket it closed (its replacement had failed: ``prefork``) a new one in the group,
+    bound on the group's port while we are still root."""
+    socks = {slot: socket.socket(fileno=fd) for slot, fd in enumerate(spawn.fds) if fd >= 0}
+    port = next((sock.getsockname()[1] for sock in socks.values()), opts.port)
+    for slot in spawn.slots:
+        if slot not in socks:
+            socks[slot] = bind_sockets(opts.host, port, 1)[0]
+    return socks
 
 
 def _worker(
@@ -215,7 +199,7 @@ def _worker(
     spawn: Spawn,
     slot: int,
     *,
-    socks: list[socket.socket | None],
+    socks: dict[int, socket.socket],
     table: ConnTable,
     cfg: configmod.Config,
     rules: RulesCache,
@@ -226,13 +210,13 @@ def _worker(
     try:
         os.close(spawn.report)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        for i, other in enumerate(socks):
-            if i != slot and other is not None:
+        for other_slot, other in socks.items():
+            if other_slot != slot:
                 other.close()
         table.slot = slot
         reload: Loader = lambda: load(opts, spawn.keys)  # noqa: E731 - the worker's HUP
         code = run_worker(
-            _first(socks[slot : slot + 1]),
+            socks[slot],
             cfg,
             rules,
             table,
