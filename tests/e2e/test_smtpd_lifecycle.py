@@ -48,6 +48,20 @@ def test_bad_command_lines(qmail_root: QmailRoot, argv: list[str], message: str)
     assert message in proc.stderr
 
 
+@pytest.mark.parametrize("fds", ["999", "x", ""])
+def test_a_supervise_flag_without_its_sockets_is_a_clear_error(
+    qmail_root: QmailRoot, fds: str
+) -> None:
+    """``--supervise=FD,...`` is what the daemon passes itself when it becomes its own
+    supervisor (pyqmail.smtpd.entry); by hand, with descriptors that are not open, it
+    names them and exits 111 rather than supervising nothing."""
+    proc = run_smtpd(
+        [f"--supervise={fds}", "--root", str(qmail_root.path), "--listen", "127.0.0.1:0"]
+    )
+    assert proc.returncode == 111
+    assert f"pyqmail-smtpd: fatal: --supervise={fds}: " in proc.stderr
+
+
 def test_unknown_mode_is_a_usage_error(qmail_root: QmailRoot) -> None:
     proc = run_smtpd(["--root", str(qmail_root.path), "--listen", "127.0.0.1:0", "--mode", "x"])
     assert proc.returncode == 2
