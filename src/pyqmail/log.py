@@ -10,20 +10,21 @@ newlines, whatever the client sent.
 Lines logged in an event loop's thread are written together at the end of the loop's pass
 (``loop_thread``): one write per pass under load instead of one per line.
 
-This module imports no event loop: pyqmail-smtpd's supervisor logs through it and must stay
-small (``pyqmail.smtpd.prefork``); the loop's thread hands in its ``get_running_loop``.
+This module imports no event loop, and only modules that a bare interpreter has already
+loaded or that cost it nothing (``_thread``, not ``threading``; no ``contextlib``):
+pyqmail-smtpd's supervisor logs through it and must stay small (``pyqmail.smtpd.prefork``);
+the loop's thread hands in its ``get_running_loop``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
 import select
-import threading
-from collections.abc import Callable, Iterator
 
 TYPE_CHECKING = False  # typing costs pyqmail-smtpd's supervisor 1.6 MiB (prefork)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Protocol
 
     class _Loop(Protocol):
@@ -76,11 +77,11 @@ class _LogBuffer:
 
     def hold(self, running_loop: Callable[[], _Loop] | None) -> None:
         """The calling thread's lines wait for the end of its loop's pass (None: no more)."""
-        self.thread = threading.get_ident() if running_loop is not None else 0
+        self.thread = _thread.get_ident() if running_loop is not None else 0
         self.running_loop = running_loop
 
     def add(self, line: bytes) -> None:
-        if threading.get_ident() == self.thread and self.running_loop is not None:
+        if _thread.get_ident() == self.thread and self.running_loop is not None:
             if self.lines:
                 self.lines.append(line)
                 return
@@ -113,8 +114,10 @@ class _LogBuffer:
 
 def _write_log(data: bytes) -> None:
     """Whole lines to fd 1; a reader that went away must not take the daemon with it."""
-    with contextlib.suppress(BrokenPipeError, BlockingIOError):
+    try:
         os.write(1, data)
+    except (BrokenPipeError, BlockingIOError):
+        pass
 
 
 _log_buffer = _LogBuffer()
@@ -138,14 +141,22 @@ def emit(line: str) -> None:
     _log_buffer.add(line.encode("utf-8", "backslashreplace") + b"\n")
 
 
-@contextlib.contextmanager
-def loop_thread(running_loop: Callable[[], _Loop]) -> Iterator[None]:
-    """While the calling thread runs its event loop (``running_loop``: its
-    ``asyncio.get_running_loop``): hold its lines until the end of each pass (see
-    ``_LogBuffer``); on the way out, write whatever is still held."""
-    _log_buffer.hold(running_loop)
-    try:
-        yield
-    finally:
+class _LoopThread:
+    """``loop_thread``'s context (a class: ``contextlib`` would cost the supervisor)."""
+
+    def __init__(self, running_loop: Callable[[], _Loop]) -> None:
+        self.running_loop = running_loop
+
+    def __enter__(self) -> None:
+        _log_buffer.hold(self.running_loop)
+
+    def __exit__(self, *exc_info: object) -> None:
         _log_buffer.hold(None)
         _log_buffer.flush()
+
+
+def loop_thread(running_loop: Callable[[], _Loop]) -> _LoopThread:
+    """While the calling thread runs its event loop (``running_loop``: its
+    ``asyncio.get_running_loop``), in a ``with``: hold its lines until the end of each pass
+    (see ``_LogBuffer``); on the way out, write whatever is still held."""
+    return _LoopThread(running_loop)

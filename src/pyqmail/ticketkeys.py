@@ -20,14 +20,13 @@ OpenSSL, is ``pyqmail.tickets``'s, in the workers.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import time
-from collections.abc import Callable
 
 TYPE_CHECKING = False  # typing costs the supervisor 1.6 MiB (prefork)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Protocol
 
     class _Hash(Protocol):
@@ -41,9 +40,11 @@ SECRET_LENGTH = 32
 def _sha256_function() -> Callable[[bytes], _Hash]:
     """SHA-256 without OpenSSL where CPython has its own (see the module's docstring)."""
     for name in ("_sha256", "_sha2"):
-        with contextlib.suppress(ImportError):
+        try:
             function: Callable[[bytes], _Hash] = importlib.import_module(name).sha256
-            return function
+        except ImportError:
+            continue
+        return function
     fallback: Callable[[bytes], _Hash] = importlib.import_module("hashlib").sha256
     return fallback
 

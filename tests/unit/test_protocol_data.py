@@ -222,6 +222,25 @@ def test_received_header_tls_auth_and_odd_helo() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "when",
+    [0, 951782400, 951868799.9, 1078012800, 1703980800 - 1, 1704067199, 4107542400, 1795000000],
+)
+def test_received_date_is_the_standard_librarys(when: float) -> None:
+    """The header's date, formatted without ``email.utils``, is exactly its text: every day
+    and month name, the end of a leap year's February, a year's last second, 2100."""
+    from datetime import UTC, datetime
+    from email.utils import format_datetime
+
+    from pyqmail.protocol.received import _rfc5322_date
+
+    expected = format_datetime(datetime.fromtimestamp(int(when), UTC))
+    assert _rfc5322_date(when) == expected
+    for day in range(7 * 12):  # each weekday with each month, at one time of day
+        second = int(when) + day * 32 * 86400 + 3723
+        assert _rfc5322_date(second) == format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def test_helo_protocol_is_smtp() -> None:
     srv = ready(helo="HELO client")
     srv.cmd("MAIL FROM:<>")

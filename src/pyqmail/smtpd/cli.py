@@ -184,9 +184,26 @@ def resolve_loop(choice: str) -> str:
     return "uvloop"
 
 
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's own formatter, as wide as the terminal, found as ``shutil`` would find it
+    (``COLUMNS``, then stdout's terminal, else 80) but without importing it: argparse
+    imports ``shutil`` (and with it zlib, bz2 and lzma) for nothing else, in every spawner
+    that reads the command line again, and the workers it forks keep it (0.3 MiB)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)
+
+
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="pyqmail-smtpd", description="qmail-style SMTP listener (see module docstring)"
+        prog="pyqmail-smtpd",
+        description="qmail-style SMTP listener (see module docstring)",
+        formatter_class=_help_formatter,
     )
     parser.add_argument(
         "--version",
