@@ -163,6 +163,14 @@ def snapshot(path: Path) -> dict[str, tuple[int, bytes | str]]:
     return out
 
 
+def _read(path: Path) -> str:
+    """A log file's text so far ("" before multilog created it)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def prepare_loop(dt: Daemontools, name: str) -> None:
     """The loop script is a second file the run script execs; the module writes run/log_run."""
     src = dt.supervise / name
@@ -227,7 +235,14 @@ def test_lifecycle_in_process(dt: Daemontools) -> None:
     assert r["pid"] == dt.pid(name)
     pid = r["pid"]
 
-    # reloaded: HUP reaches the script (it writes a marker) and the pid stays
+    # reloaded: HUP reaches the script (it writes a marker) and the pid stays. First wait
+    # for its "starting" line, logged after its trap is set: on a loaded machine a script
+    # up for a second had not always run its first lines (a HUP then killed it).
+    current = src / "log" / "main" / "current"
+    deadline = time.monotonic() + 10
+    while f"starting, pid {pid}" not in _read(current) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"starting, pid {pid}" in _read(current)
     marker = dt.supervise / "hup-marker"
     r = module({**args, "state": "reloaded"})
     assert (r["changed"], r["actions"], r["pid"]) == (True, ["svc -h"], pid)
