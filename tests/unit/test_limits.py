@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import zlib
@@ -60,6 +61,39 @@ def test_total_limit() -> None:
 )
 def test_limit_key_groups_ipv6_by_64(ip: str, key: str) -> None:
     assert limit_key(ip) == key
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "192.0.2.7",
+        "0.0.0.0",
+        "255.255.255.255",
+        "::ffff:192.0.2.7",
+        "2001:db8:1:2:3:4:5:6",
+        "2001:db8::1%eth0",
+        "::1",
+        "fe80::1",
+        "?",
+        "",
+        "1.2.3",
+        "01.2.3.4",
+        "192.0.2.7\x00",
+        "unix:/run/x",
+    ],
+)
+def test_key_bytes_are_ipaddress_packed_form(ip: str) -> None:
+    """The 16-byte key is what ``ipaddress`` packs: the IPv4 address mapped into IPv6, or
+    the /64's network address; all zero for what is no address."""
+    key = limit_key(ip)
+    try:
+        if "/" in key:
+            expected = ipaddress.IPv6Network(key).network_address.packed
+        else:
+            expected = ipaddress.IPv6Address(f"::ffff:{ipaddress.IPv4Address(key)}").packed
+    except ValueError:
+        expected = bytes(16)
+    assert key_bytes(ip) == expected
 
 
 def test_ipv6_one_key_per_64_distinct_64s_apart() -> None:

@@ -58,16 +58,22 @@ class LocalRecipients:
     catchall: frozenset[str] = frozenset()
     mailboxes: Mailboxes = field(init=False)
 
+    _paths: tuple[str, str] = field(init=False)  # the mailboxes file, the alias directory
+
     def __post_init__(self) -> None:
         self.mailboxes = Mailboxes(self.root / "users" / "mailboxes")
+        self._paths = (str(self.mailboxes.path), str(self.alias_dir))
 
     @property
     def alias_dir(self) -> Path:
         return self.root / "alias"
 
     def active(self) -> bool:
-        """False on a root without local addressing (no mailboxes file, no alias dir)."""
-        return self.mailboxes.path.exists() or self.alias_dir.is_dir()
+        """False on a root without local addressing (no mailboxes file, no alias dir).
+        Asked at every RCPT: ``os.path`` on strings made once (pathlib's two stats
+        rebuilt both paths' text each time)."""
+        mailboxes, alias_dir = self._paths
+        return os.path.exists(mailboxes) or os.path.isdir(alias_dir)
 
     def lookup(self, address: str) -> Answer:
         """Would local delivery find ``address``? ``not-local`` answers are known=True."""

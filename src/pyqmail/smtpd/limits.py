@@ -35,12 +35,14 @@ import fcntl
 import ipaddress
 import mmap
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
 _ENTRY = struct.Struct("=16sii")  # key, slot + 1 (0: empty), count
 _TOTAL = struct.Struct("=i")
 _MIN_CAPACITY = 1024
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4 addresses mapped into IPv6
 
 
 def limit_key(ip: str) -> str:
@@ -61,11 +63,11 @@ def key_bytes(ip: str) -> bytes:
     (``::ffff:a.b.c.d``), or the IPv6 /64 with its host half zero. Anything else (a
     Unix socket's peer, "?") gets one key of its own, all zero."""
     key = limit_key(ip)
-    try:
+    try:  # once per connection: inet_pton takes 0.2 µs, ipaddress's two parses took 7
         if "/" in key:
-            return ipaddress.IPv6Network(key).network_address.packed
-        return ipaddress.IPv6Address(f"::ffff:{ipaddress.IPv4Address(key)}").packed
-    except ValueError:
+            return socket.inet_pton(socket.AF_INET6, key.partition("/")[0])
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, key)
+    except (OSError, ValueError):  # not an address; ValueError: a NUL in it
         return bytes(16)
 
 
@@ -112,6 +114,7 @@ class ConnTable:
         self.slots = slots
         self.capacity = capacity
         self._base = _TOTAL.size * (slots + 1)  # each worker's total, then the entries in use
+        self._totals = struct.Struct(f"={slots}i")  # every worker's total in one read
         self._fd = fd
         self._mm = mmap.mmap(fd, self._size(slots, capacity))  # MAP_SHARED: forks see it
         self.slot = 0  # this process's row; set in each worker after the fork
@@ -175,7 +178,7 @@ class ConnTable:
 
     def total(self) -> int:
         """Connections of the whole listener (every worker's own count, summed)."""
-        return sum(_TOTAL.unpack_from(self._mm, s * _TOTAL.size)[0] for s in range(self.slots))
+        return sum(self._totals.unpack_from(self._mm, 0))  # read at each command: one call
 
     def held(self, key: bytes) -> int:
         """Connections of one client over all workers."""
