@@ -5,6 +5,7 @@ resumes too (``-sess_out``/``-sess_in``, "Reused")."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import ssl
 from pathlib import Path
@@ -63,6 +64,27 @@ def test_ticket_resumes_after_hup_on_either_worker(smtpd: StartDaemon, pki: PKI)
     d.send_signal(signal.SIGHUP)
     d.wait_for(r"pid=\d+ reload ", count=2)
     resumed_elsewhere(d, ctx, ticket, issuer)
+
+
+def test_tls13_tickets_leave_with_the_first_reply(smtpd: StartDaemon, pki: PKI) -> None:
+    """After a TLS 1.3 handshake the client speaks first, and the server's session tickets
+    wait for its first reply (one write instead of two): nothing reaches the client's
+    socket before its EHLO; with the EHLO's reply come tickets that resume."""
+    d = smtpd(workers=1)
+    ctx = client_context(pki)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with d.connect() as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        assert isinstance(c.sock, ssl.SSLSocket) and c.sock.version() == "TLSv1.3"
+        assert select.select([c.sock], [], [], 0.5)[0] == [], "the server wrote before EHLO"
+        assert c.cmd("EHLO client.test")[0] == 250
+        ticket = c.sock.session
+        assert c.cmd("QUIT")[0] == 221
+    assert ticket is not None and ticket.has_ticket
+    assert session(d, ctx, ticket)[0], "the ticket that came with the EHLO reply did not resume"
 
 
 def test_tls12_ticket_resumes(smtpd: StartDaemon, pki: PKI) -> None:

@@ -348,7 +348,13 @@ class Session(asyncio.BufferedProtocol):
     # the core's events ------------------------------------------------------------------
 
     def handle(self, events: Iterable[Event]) -> None:
-        """Carry out the core's events, in order, until the session starts closing."""
+        """Carry out the core's events, in order, until the session starts closing; over
+        TLS, the replies then leave in one write (``TLSPump.send``)."""
+        self._carry_out(events)
+        if self.tls is not None:
+            self.tls.flush_replies()
+
+    def _carry_out(self, events: Iterable[Event]) -> None:
         for event in events:
             if self.closed or self.closing or self.transport is None:
                 return
@@ -450,7 +456,8 @@ class Session(asyncio.BufferedProtocol):
             if events:
                 self.touch()
                 self.handle(events)
-        pump.flush()  # session tickets, key updates
+        # What OpenSSL wrote for no reply (TLS 1.3's session tickets, a KeyUpdate's answer)
+        # waits for the next reply: the client waits for neither.
 
     def tls_done(self, pump: TLSPump) -> None:
         """The handshake is complete: greet (port 465) or tell the core (STARTTLS)."""

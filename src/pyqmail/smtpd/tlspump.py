@@ -48,17 +48,29 @@ class TLSPump:
         self.implicit = implicit  # port 465: the SMTP dialogue starts after the handshake
         self.handshaking = True
         self.timer: asyncio.TimerHandle | None = None
+        self.due = False  # replies encrypted since the last flush
         self._write = write
 
     def flush(self) -> None:
-        """Whatever OpenSSL wrote (handshake records, alerts, tickets, data) to the client."""
+        """Whatever OpenSSL wrote (handshake records, alerts, tickets, data) to the client,
+        now, in one write."""
+        self.due = False
         if self.outgoing.pending:
             self._write(self.outgoing.read())
 
     def send(self, data: bytes) -> None:
-        """Plaintext to the client, encrypted."""
+        """Plaintext to the client, encrypted; it goes out at the next ``flush``. The
+        session flushes once per batch of replies (``flush_replies``), so a reply and
+        what OpenSSL wrote before it (TLS 1.3's session tickets) or after it (the
+        close_notify that follows a 221) leave in one write: on loopback each write
+        costs about as much CPU as a command's whole handling (``bench/README.md``)."""
         self.sslobj.write(data)
-        self.flush()
+        self.due = True
+
+    def flush_replies(self) -> None:
+        """``flush`` if replies were sent since the last one."""
+        if self.due:
+            self.flush()
 
     def feed(self, data: bytes) -> None:
         """Ciphertext from the client, for ``handshake`` and ``read``."""
@@ -74,7 +86,11 @@ class TLSPump:
             return False
         except (ssl.SSLError, OSError) as exc:
             raise _why(exc) from exc
-        self.flush()
+        if self.sslobj.version() != "TLSv1.3":
+            # TLS 1.2's last flight (the server's Finished), which the client waits for.
+            # TLS 1.3's client waits for nothing: what the server writes now are session
+            # tickets, and they go out with the first reply.
+            self.flush()
         self.handshaking = False
         self.cancel_timer()
         return True
