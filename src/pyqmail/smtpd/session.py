@@ -456,8 +456,7 @@ class Session(asyncio.BufferedProtocol):
             if events:
                 self.touch()
                 self.handle(events)
-        # What OpenSSL wrote for no reply (TLS 1.3's session tickets, a KeyUpdate's answer)
-        # waits for the next reply: the client waits for neither.
+        pump.flush_unless_held()
 
     def tls_done(self, pump: TLSPump) -> None:
         """The handshake is complete: greet (port 465) or tell the core (STARTTLS)."""

@@ -49,14 +49,22 @@ class TLSPump:
         self.handshaking = True
         self.timer: asyncio.TimerHandle | None = None
         self.due = False  # replies encrypted since the last flush
+        self.held = False  # TLS 1.3's session tickets, waiting for the first reply
         self._write = write
 
     def flush(self) -> None:
         """Whatever OpenSSL wrote (handshake records, alerts, tickets, data) to the client,
         now, in one write."""
-        self.due = False
+        self.due = self.held = False
         if self.outgoing.pending:
             self._write(self.outgoing.read())
+
+    def flush_unless_held(self) -> None:
+        """After reading: ``flush`` what OpenSSL wrote meanwhile (an alert, the answer to
+        a renegotiation or a KeyUpdate, which a client may wait for), unless all of it is
+        the tickets of a TLS 1.3 handshake just finished, which wait for the first reply."""
+        if not self.held:
+            self.flush()
 
     def send(self, data: bytes) -> None:
         """Plaintext to the client, encrypted; it goes out at the next ``flush``. The
@@ -86,11 +94,12 @@ class TLSPump:
             return False
         except (ssl.SSLError, OSError) as exc:
             raise _why(exc) from exc
-        if self.sslobj.version() != "TLSv1.3":
-            # TLS 1.2's last flight (the server's Finished), which the client waits for.
-            # TLS 1.3's client waits for nothing: what the server writes now are session
-            # tickets, and they go out with the first reply.
-            self.flush()
+        if self.sslobj.version() == "TLSv1.3":
+            # The client waits for nothing now: what the server wrote are session tickets,
+            # and they go out with the first reply.
+            self.held = True
+        else:
+            self.flush()  # TLS 1.2's last flight (the server's Finished): the client waits
         self.handshaking = False
         self.cancel_timer()
         return True
