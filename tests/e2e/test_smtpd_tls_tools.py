@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,35 @@ def test_tls12_aead_is_accepted(smtpd: StartDaemon, pki: PKI) -> None:
     assert code == 0, out
     assert "Protocol  : TLSv1.2" in out or "TLSv1.2" in out
     assert "ECDHE-ECDSA-AES256-GCM-SHA384" in out or "GCM" in out or "CHACHA20" in out
+
+
+def test_tls12_renegotiation_is_refused_at_once(smtpd: StartDaemon, pki: PKI) -> None:
+    """s_client's R (a client-initiated renegotiation) gets OpenSSL's no_renegotiation alert
+    at once: what the server writes while reading leaves without waiting for a reply
+    (``TLSPump.flush_unless_held``); the client would otherwise wait for its idle timeout."""
+    d = smtpd()
+    cmd = ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{d.host}:{d.port}"]
+    cmd += ["-tls1_2", *trust(pki)]
+    with subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        out = b""
+        try:
+            for expected, write in ((b"Verify return code: 0", b"R\n"), (b"no renegotiation", b"")):
+                deadline = time.monotonic() + 10
+                while expected not in out and time.monotonic() < deadline:
+                    if select.select([proc.stdout], [], [], 0.2)[0]:
+                        chunk = proc.stdout.read1(65536)
+                        if not chunk:
+                            break
+                        out += chunk
+                assert expected in out, out.decode(errors="replace")[-2000:]
+                if write:
+                    proc.stdin.write(write)
+                    proc.stdin.flush()
+        finally:
+            proc.kill()
 
 
 def test_swaks_auth_on_submission_after_starttls(
