@@ -322,6 +322,45 @@ def test_term_grace_is_bounded(qmail_root: QmailRoot, smtpd: StartDaemon) -> Non
     assert qmail_root.tmp_files() == []
 
 
+def _over_tls(c: RawSMTP, pki: PKI) -> None:
+    """Greeting, EHLO, STARTTLS and the handshake: the session continues over TLS."""
+    assert c.reply()[0] == 220
+    c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS")[0] == 220
+    c.sock = client_context(pki).wrap_socket(c.sock, server_hostname="localhost")
+    assert c.cmd("EHLO client.test")[0] == 250
+
+
+def test_term_grace_421_reaches_a_tls_client(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
+) -> None:
+    """The 421 at the end of the TERM grace is written outside a batch of replies
+    (``force_shutdown``): it must still leave, encrypted, before the close."""
+    qmail_root.control("timeoutterm", "1\n")
+    d = smtpd()
+    c = d.connect()
+    _over_tls(c, pki)
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd("RCPT TO:<user@example.test>")
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: never finished\r\n\r\n")
+    d.send_signal(signal.SIGTERM)
+    code, lines = c.reply()
+    assert code == 421 and lines[0].startswith("421 4.3.2"), lines
+    assert d.wait_exit(30) == 0
+    assert qmail_root.queued() == []
+
+
+def test_idle_tls_client_gets_its_421(qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI) -> None:
+    qmail_root.control("timeoutsmtpd", "1\n")
+    d = smtpd()
+    c = d.connect()
+    _over_tls(c, pki)
+    code, lines = c.reply()
+    assert code == 421 and "4.4.2" in lines[0], lines
+    d.wait_for(r"timeout ip=127\.0\.0\.1 port=\d+ phase=idle")
+
+
 def test_hup_swaps_certificate_without_dropping_connections(
     qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI
 ) -> None:

@@ -27,6 +27,40 @@ def test_the_receiver_does_not_load_the_signing_stack() -> None:
     assert done.stdout == "[]\n"
 
 
+def test_a_spawner_loads_neither_email_nor_shutil() -> None:
+    """What a spawner imports, the workers keep: the daemon, the event loop and the command
+    line read again bring in no ``email`` package (the Received date is pyqmail's) and no
+    ``shutil`` with its compressors (argparse's only use, the terminal width, is cli's)."""
+    code = (
+        "import sys, pyqmail.smtpd.start as start, pyqmail.smtpd.cli as cli\n"
+        "start.parse_args(['--listen', '127.0.0.1:0']); cli.resolve_loop('auto')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('email', 'shutil', 'lzma', 'bz2', 'calendar')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(("columns", "width"), [("60", 58), ("0", 78), ("-3", 78), ("x", 78)])
+def test_help_is_as_wide_as_columns_says(
+    monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    """``--help`` without shutil: COLUMNS when it is a positive number, else the terminal's
+    width, else 80 (what shutil.get_terminal_size would give). Here stdout is no terminal."""
+    import os
+
+    from pyqmail.smtpd import cli
+
+    def no_terminal(fd: int = 1) -> os.terminal_size:
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(os, "get_terminal_size", no_terminal)
+    monkeypatch.setenv("COLUMNS", columns)
+    assert cli._help_formatter("pyqmail-smtpd")._width == width
+
+
 def test_the_send_check_still_loads_the_keys(tmp_path: Path) -> None:
     """pyqmail-send --check imports the key loader when it runs (not at import)."""
     code = (

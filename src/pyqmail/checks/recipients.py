@@ -71,7 +71,9 @@ class LocalRecipients:
     def active(self) -> bool:
         """False on a root without local addressing (no mailboxes file, no alias dir).
         Asked at every RCPT: ``os.path`` on strings made once (pathlib's two stats
-        rebuilt both paths' text each time)."""
+        rebuilt both paths' text each time). A path it cannot stat counts as absent, so
+        a root whose files the daemon cannot see accepts, as an unreadable mailboxes
+        file does (``mailboxes-unreadable``): never refuse mail on our own error."""
         mailboxes, alias_dir = self._paths
         return os.path.exists(mailboxes) or os.path.isdir(alias_dir)
 

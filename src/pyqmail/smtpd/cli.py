@@ -190,13 +190,15 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
     imports ``shutil`` (and with it zlib, bz2 and lzma) for nothing else, in every spawner
     that reads the command line again, and the workers it forks keep it (0.3 MiB)."""
     try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
         try:
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
         except (AttributeError, ValueError, OSError):
-            columns = 80
-    return argparse.HelpFormatter(prog, width=columns - 2)
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns if columns > 0 else 80) - 2)
 
 
 def parse_args(argv: list[str] | None) -> Options:

@@ -311,8 +311,11 @@ class Session(asyncio.BufferedProtocol):
         if self.closing or self.transport is None:
             return
         self.closing = True
-        if self.tls is not None and not self.tls.handshaking and not self.transport.is_closing():
-            self.tls.unwrap()
+        if self.tls is not None and not self.tls.handshaking:
+            if not self.transport.is_closing():
+                self.tls.unwrap()  # our close_notify, with any reply still to be written
+            else:
+                self.tls.flush_replies()  # a reply sent outside ``handle`` (force_shutdown)
         self.transport.close()
         self.close_timer = self.loop.call_later(CLOSE_GRACE, self.abort)
 

@@ -60,9 +60,10 @@ class TLSPump:
             self._write(self.outgoing.read())
 
     def flush_unless_held(self) -> None:
-        """After reading: ``flush`` what OpenSSL wrote meanwhile (an alert, the answer to
-        a renegotiation or a KeyUpdate, which a client may wait for), unless all of it is
-        the tickets of a TLS 1.3 handshake just finished, which wait for the first reply."""
+        """After reading: ``flush`` what OpenSSL wrote meanwhile (an alert, the refusal of a
+        renegotiation, which a client may wait for), except between a TLS 1.3 handshake
+        and the first reply: then everything (the session tickets, the answer to a
+        KeyUpdate, neither of which a client waits for) leaves with that reply."""
         if not self.held:
             self.flush()
 
