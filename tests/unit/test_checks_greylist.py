@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pyqmail.checks.greylist import Greylist, Settings, network
+from tests.interpreter import fresh_stdout
 
 GREY = Settings(delay=300, lifetime=3600)
 T0 = 1_000_000.0
@@ -51,13 +52,7 @@ def test_the_state_survives_a_restart(tmp_path: Path) -> None:
         "v = Greylist(Path(sys.argv[1])).check('192.0.2.7', 'a@b.test', 'u@mx.test',"
         " Settings(300, 3600), float(sys.argv[2])); print(v.log)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path), str(T0 + 301)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    assert out.stdout.strip() == "greylist=pass"
+    assert fresh_stdout(code, str(tmp_path), str(T0 + 301)).strip() == "greylist=pass"
 
 
 WORKER = """

@@ -3,8 +3,6 @@ and readable by the queue tool without the daemon."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from pyqmail.queue.state import (
     from_json,
     read_state,
 )
+from tests.interpreter import fresh_stdout
 
 # A state file exactly as pyqmail-send wrote it before the records were typed (made by the
 # dict-based append_state/append_end of commit 161151a): a queue from then must still read.
@@ -119,7 +118,5 @@ def test_a_missing_state_file_is_no_records(tmp_path: Path) -> None:
 def test_the_queue_tool_does_not_load_the_daemon() -> None:
     """pyqmail-queue reads state files through pyqmail.queue, not pyqmail-send's manager."""
     code = "import sys, pyqmail.tools.queue; print('pyqmail.send.manager' in sys.modules)"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "False\n"
+    out = fresh_stdout(code)
+    assert out == "False\n"

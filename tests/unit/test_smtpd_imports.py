@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pyqmail.checks import libraries
 from pyqmail.control.reader import ControlError
+from tests.interpreter import fresh_stdout
 
 
 def test_the_receiver_does_not_load_the_signing_stack() -> None:
@@ -21,10 +20,8 @@ def test_the_receiver_does_not_load_the_signing_stack() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography' "
         "or m == 'pyqmail.dkim' or m.startswith('pyqmail.dkim.')))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "[]\n"
+    out = fresh_stdout(code)
+    assert out == "[]\n"
 
 
 def test_a_spawner_loads_neither_email_nor_shutil() -> None:
@@ -37,10 +34,8 @@ def test_a_spawner_loads_neither_email_nor_shutil() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('email', 'shutil', 'lzma', 'bz2', 'calendar')))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout == "[]\n"
+    out = fresh_stdout(code)
+    assert out == "[]\n"
 
 
 @pytest.mark.parametrize(("columns", "width"), [("60", 58), ("0", 78), ("-3", 78), ("x", 78)])
@@ -69,14 +64,8 @@ def test_the_send_check_still_loads_the_keys(tmp_path: Path) -> None:
         "with contextlib.redirect_stderr(io.StringIO()): c.check_send(pathlib.Path(sys.argv[1]))\n"
         "print(before, 'pyqmail.dkim.keys' in sys.modules)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert done.stdout == "False True\n"
+    out = fresh_stdout(code, str(tmp_path))
+    assert out == "False True\n"
 
 
 CHECK_LIBRARIES = ("dns", "dkim", "spf", "publicsuffix2", "authres", "nacl")
@@ -112,14 +101,8 @@ def test_the_checks_libraries_are_loaded_only_when_their_files_exist(
     is not read: that happens after the privilege drop)."""
     for name in files:
         (tmp_path / name).write_text("0\n")
-    done = subprocess.run(
-        [sys.executable, "-c", PRELOAD, str(tmp_path), *CHECK_LIBRARIES],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert done.stdout.splitlines() == [groups, str(loaded), str(asyncresolver)]
+    out = fresh_stdout(PRELOAD, str(tmp_path), *CHECK_LIBRARIES)
+    assert out.splitlines() == [groups, str(loaded), str(asyncresolver)]
 
 
 def test_a_group_that_cannot_be_imported_is_a_control_error_naming_its_file(

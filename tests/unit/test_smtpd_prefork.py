@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.smtpd import prefork
+from tests.interpreter import fresh_stdout
 
 
 def test_the_supervisor_imports_none_of_the_daemon() -> None:
@@ -25,10 +25,8 @@ def test_the_supervisor_imports_none_of_the_daemon() -> None:
         "print(sorted(heavy & set(sys.modules)))\n"
         "print(sorted(m for m in sys.modules if m.startswith('pyqmail')))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    heavy, ours = done.stdout.splitlines()
+    out = fresh_stdout(code)
+    heavy, ours = out.splitlines()
     assert heavy == "[]"
     assert ours == str(
         sorted(
@@ -61,10 +59,8 @@ def test_become_subreaper_adopts_the_orphans_of_a_child() -> None:
         "print(os.getpid(), os.read(read, 100).decode())\n"
         "os.wait()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    pid, grandchild_parent = done.stdout.split()
+    out = fresh_stdout(code)
+    pid, grandchild_parent = out.split()
     assert grandchild_parent == pid
 
 
