@@ -25,11 +25,10 @@ records (``verify_first``).
 from __future__ import annotations
 
 import argparse
-import json
-import select
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from bench.certs import CertFiles
 from bench.dkim_peer import DkimKey, DkimPeerError, OpenDkim, copy_keys, make_keys
 from bench.dkim_sink import dkim_signatures
 from bench.e2e_throughput import PostfixE2E, PyqmailE2E, Result, run_line, run_once
+from bench.lines import LineReader
 from bench.procstat import tree_cpu_seconds
 from bench.servers import ServerError
 from pyqmail import rules
@@ -62,21 +62,22 @@ class Sink:
             text=True,
             bufsize=1,
         )
+        assert self.proc.stdout is not None
+        self.reader = LineReader(self.proc.stdout.fileno())
         self.port = int(self._ask(None, "ready", timeout)["port"])
 
     def _ask(self, word: str | None, event: str, timeout: float = 10) -> dict[str, Any]:
         proc = self.proc
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
         if word is not None:
             proc.stdin.write(word + "\n")
             proc.stdin.flush()
+        deadline = time.monotonic() + timeout
         while True:
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
-            line = proc.stdout.readline() if ready else ""
-            if not line:
+            msg = self.reader.json(max(deadline - time.monotonic(), 0))
+            if msg is None:
                 self.stop()
                 raise ServerError(f"the sink gave no {event!r} within {timeout}s")
-            msg: dict[str, Any] = json.loads(line)
             if msg.get("event") == event:
                 return msg
 

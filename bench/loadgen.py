@@ -395,9 +395,9 @@ def raise_nofile(wanted: int) -> int:
 
 
 def _emit(obj: dict[str, object]) -> None:
-    """One JSON line to the parent. The result line of a long run (one latency per
-    message) outgrows the pipe: a non-blocking stdout would cut it at 64 KiB (seen at
-    30,000 messages), so the write blocks until the parent has read it all."""
+    """One JSON line to the parent (read by ``bench.lines.LineReader``). The result line
+    of a long run (one latency per message) outgrows the pipe, so the write blocks until
+    the parent has read it all (stdout may have been left non-blocking)."""
     os.set_blocking(sys.stdout.fileno(), True)
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from bench import checks_peer, floor, fsprobe, resume
 from bench.certs import CertFiles, make_certs
 from bench.checks_peer import ChecksPeerError, ChecksWorld
 from bench.floor import Floor
+from bench.lines import LineReader
 from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
     AiosmtpdServer,
@@ -108,20 +108,17 @@ class Generators:
             )
             for argv in argv_per_proc
         ]
+        self.readers = [LineReader(p.stdout.fileno()) for p in self.procs if p.stdout]
 
     def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
         """The next JSON line of every generator, which must be ``event``."""
         out = []
         deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            assert proc.stdout is not None
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
-            line = proc.stdout.readline() if ready else ""
-            if not line:
+        for reader in self.readers:
+            msg = reader.json(max(deadline - time.monotonic(), 0))
+            if msg is None:
                 self.kill()
                 raise GeneratorError(f"load generator gave no {event!r} within {timeout}s")
-            msg = json.loads(line)
             if msg.get("event") != event:
                 self.kill()
                 raise GeneratorError(f"load generator said {msg!r}, expected {event!r}")

@@ -1,0 +1,87 @@
+"""The benchmarks' reader of their helpers' JSON lines (bench/lines.py), on real pipes
+written by real child processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from bench.lines import LineReader
+
+Start = Callable[[str], tuple[subprocess.Popen[bytes], LineReader]]
+
+
+@pytest.fixture
+def helper() -> Iterator[Start]:
+    """Starts ``python -c CODE`` with its stdout on a pipe and a reader on it; killed after."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(code: str) -> tuple[subprocess.Popen[bytes], LineReader]:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None
+        return proc, LineReader(proc.stdout.fileno())
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_line_larger_than_the_pipe_written_in_pauses_comes_whole(helper: Start) -> None:
+    """A load generator's result line (one latency per message) is several times the
+    pipe's 64 KiB and its writer blocks while the reader is elsewhere."""
+    code = (
+        "import json, sys, time\n"
+        "line = json.dumps({'event': 'result', 'latency_us': list(range(60000))}) + '\\n'\n"
+        "for i in range(0, len(line), 50000):\n"
+        "    sys.stdout.buffer.write(line[i:i + 50000].encode()); sys.stdout.flush()\n"
+        "    time.sleep(0.05)\n"
+    )
+    _, reader = helper(code)
+    time.sleep(0.3)  # the writer fills the pipe and blocks first
+    msg = reader.json(10)
+    assert msg is not None
+    assert msg["latency_us"] == list(range(60000))
+    assert reader.line(2) is None  # then the pipe ends: no more lines
+
+
+def test_two_lines_that_arrive_together_are_both_read_at_once(helper: Start) -> None:
+    """select() on the pipe cannot see the second line once the first read took both;
+    the reader answers it from its buffer, without waiting."""
+    code = (
+        "import sys, time\n"
+        'sys.stdout.write(\'{"a": 1}\\n{"b": 2}\\n\'); sys.stdout.flush(); time.sleep(30)\n'
+    )
+    _, reader = helper(code)
+    assert reader.json(10) == {"a": 1}
+    start = time.monotonic()
+    assert reader.json(5) == {"b": 2}
+    assert time.monotonic() - start < 1
+
+
+def test_a_line_cut_by_the_writers_death_is_not_a_line(helper: Start) -> None:
+    code = 'import os, sys; sys.stdout.write(\'{"event": "res\'); sys.stdout.flush(); os._exit(0)'
+    proc, reader = helper(code)
+    proc.wait(10)
+    assert reader.line(5) is None
+
+
+def test_no_line_within_the_timeout_is_none(helper: Start) -> None:
+    _, reader = helper("import time; time.sleep(30)")
+    start = time.monotonic()
+    assert reader.json(0.3) is None
+    assert 0.25 < time.monotonic() - start < 3
+
+
+def test_a_line_that_is_not_json_raises(helper: Start) -> None:
+    _, reader = helper("print('not json')")
+    with pytest.raises(json.JSONDecodeError):
+        reader.json(10)
