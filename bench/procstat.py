@@ -9,9 +9,11 @@ copy-on-write pages once per process.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -105,6 +107,54 @@ def tree_cpu_seconds(root: int | Sequence[int]) -> float:
             # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
             total += sum(int(v) for v in fields[11:15])
     return total / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """The whole machine's CPU time so far, by kind (/proc/stat's first line, in ticks).
+
+    A server's tree CPU (``tree_cpu_seconds``) leaves out what the kernel does in interrupt
+    context: on loopback TCP the receive side of every segment runs as a softirq, charged
+    to no process (with the kernel's irq time accounting), and on this VM that was 10-13 %
+    of both cores under the plain load. Read before and after a run, these say how much of
+    the machine was idle and how much went to interrupts while it ran."""
+
+    busy: int  # user, nice, system, steal: processes (servers, generators, the benchmark)
+    idle: int  # idle and iowait
+    irq: int  # irq and softirq
+
+    @classmethod
+    def now(cls) -> MachineTimes:
+        """The current counters; all zero where /proc/stat cannot be read."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return cls(0, 0, 0)
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return cls(user + nice + system + steal, idle + iowait, irq + softirq)
+
+    def since(self, earlier: MachineTimes) -> MachineShare:
+        """What the machine did with its CPU time since ``earlier``."""
+        return MachineShare(
+            (self.busy - earlier.busy) / CLOCK_TICKS,
+            (self.idle - earlier.idle) / CLOCK_TICKS,
+            (self.irq - earlier.irq) / CLOCK_TICKS,
+        )
+
+
+@dataclass(frozen=True)
+class MachineShare:
+    """CPU seconds of every core together over a time span, by kind (see MachineTimes)."""
+
+    busy: float = 0.0
+    idle: float = 0.0
+    irq: float = 0.0
+
+    def share(self, part: float) -> float:
+        """``part`` (one of the fields) as a share of the whole span; NaN when empty."""
+        total = self.busy + self.idle + self.irq
+        return part / total if total > 0 else math.nan
 
 
 class PssSampler:

@@ -34,7 +34,7 @@ from bench.certs import CertFiles, make_certs
 from bench.checks_peer import ChecksPeerError, ChecksWorld
 from bench.floor import Floor
 from bench.lines import LineReader
-from bench.procstat import PssSampler, tree_cpu_seconds, tree_pss_kib
+from bench.procstat import MachineShare, MachineTimes, PssSampler, tree_cpu_seconds, tree_pss_kib
 from bench.servers import (
     AiosmtpdServer,
     PostfixServer,
@@ -88,6 +88,7 @@ class Run:
     resumed: int = 0  # of which resumed
     session_us: list[int] = field(default_factory=list)  # connect -> 221, per session
     late: int = 0  # paced sessions that started late (bench/fixed_rate.py)
+    machine: MachineShare = field(default_factory=MachineShare)  # every core, during the run
 
 
 class GeneratorError(Exception):
@@ -183,10 +184,12 @@ def run_load(
     try:
         gens.expect("ready", timeout=30)
         cpu0 = tree_cpu_seconds(server.pids)
+        machine0 = MachineTimes.now()
         with PssSampler(server.pids) as pss:
             gens.tell("go")
             limit = (duration or 0) + 60 + (messages or 0) / 10
             results = gens.expect("result", timeout=limit)
+        machine = MachineTimes.now().since(machine0)
         server_cpu = tree_cpu_seconds(server.pids) - cpu0
         gens.wait()
     finally:
@@ -211,6 +214,7 @@ def run_load(
         resumed=resumed,
         session_us=[us for r in results for us in r.get("session_us", [])],
         late=sum(int(r.get("late", 0)) for r in results),
+        machine=machine,
     )
 
 
@@ -283,6 +287,25 @@ def cpu_per_message(runs: dict[tuple[str, str], list[Run]], workload: str, serve
     """The median server CPU ms per message of a server's runs of a workload."""
     rs = runs.get((workload, server), [])
     return median([1000 * r.server_cpu / r.messages for r in rs if r.messages])
+
+
+def irq_per_message(runs: dict[tuple[str, str], list[Run]], workload: str, server: str) -> float:
+    """The median ms of interrupt work per message (all cores) during a server's runs of a
+    workload: loopback TCP's receive side, which no process's CPU time counts."""
+    rs = runs.get((workload, server), [])
+    return median([1000 * r.machine.irq / r.messages for r in rs if r.messages and r.machine.irq])
+
+
+def machine_share(
+    runs: dict[tuple[str, str], list[Run]], workload: str, server: str, part: str
+) -> float:
+    """The median share of the machine's CPU time that was ``part`` ("idle" or "irq")."""
+    rs = runs.get((workload, server), [])
+    return median([r.machine.share(getattr(r.machine, part)) for r in rs])
+
+
+def percent(share: float) -> str:
+    return "n/a" if isnan(share) else f"{100 * share:.0f}%"
 
 
 def mib(kib: float) -> str:
@@ -473,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"# round {rnd + 1} {workload.name:<24} {target.name:<8} "
                         f"{run.rate:7.1f} msg/s  PSS {mib(run.pss_kib):>6} MiB "
                         f"({run.procs} procs)  server CPU {run.server_cpu:5.2f}s  "
-                        f"generator CPU {run.gen_cpu:5.2f}s{flag}",
+                        f"generator CPU {run.gen_cpu:5.2f}s  machine: idle "
+                        f"{percent(run.machine.share(run.machine.idle))}, irq "
+                        f"{percent(run.machine.share(run.machine.irq))}{flag}",
                         flush=True,
                     )
         idle: dict[str, Idle] = {}
@@ -591,7 +616,8 @@ def floor_lines(
     )
     lines.append(
         f"{f'ceiling here (msg/s, {cores} cores)':<40}{'gen ms':>8}{'at floor':>10}"
-        f"{'2.0 x pfx':>11}{'pyqmail':>9}{'budget ms':>11}{'pyq ms':>8}"
+        f"{'2.0 x pfx':>11}{'pyqmail':>9}{'budget ms':>11}{'irq ms':>8}{'net ms':>8}"
+        f"{'pyq ms':>8}"
     )
     for w in workloads:
         gen = gen_ms(w.name)
@@ -601,13 +627,16 @@ def floor_lines(
             run_median(runs, w.name, "pyqmail", "rate"),
         )
         budget = nan if isnan(gen) or isnan(goal) else floor.cpu_budget(goal, gen, cores)
+        irq = irq_per_message(runs, w.name, "pyqmail")
         lines.append(
             f"{label(w):<40}{num(gen, 3, 8)}{num(top, 0, 10)}{num(goal, 1, 11)}{num(pyq, 1, 9)}"
-            f"{num(budget, 2, 11)}{num(cpu_per_message(runs, w.name, 'pyqmail'), 2, 8)}"
+            f"{num(budget, 2, 11)}{num(irq, 2, 8)}{num(budget - irq, 2, 8)}"
+            f"{num(cpu_per_message(runs, w.name, 'pyqmail'), 2, 8)}"
         )
     lines.append(
         "budget ms: the server CPU per message that leaves room for 2.0 x pfx beside the"
-        " generator, no core idle"
+        " generator, no core idle; irq ms: interrupt work per message in pyqmail's runs"
+        " (loopback receive, charged to no process); net ms: budget - irq"
     )
     return lines
 
@@ -670,6 +699,17 @@ def print_table(
         if r.messages and r.gen_cpu > 0
     ]
     print(f"{'(load generator, all runs)':<32}{median(gen):16.2f}  median ms CPU/msg, same cores")
+    print()
+    # Process CPU times leave out interrupt work and say nothing of idle cores: the
+    # machine's own counters, over each run (medians), fill both in.
+    head = f"{'machine: idle % / irq %':<32}" + "".join(f"{n:>16}" for n in names)
+    print(head)
+    for w in args.workload_list:
+        cells = []
+        for n in names:
+            idle_, irq_ = (machine_share(runs, w.name, n, part) for part in ("idle", "irq"))
+            cells.append(f"{percent(idle_)} / {percent(irq_)}".rjust(16))
+        print(f"{w.name:<32}" + "".join(cells))
     print()
     if lowest is not None:
         for text in floor_lines(
