@@ -117,11 +117,13 @@ class MachineTimes:
     context: on loopback TCP the receive side of every segment runs as a softirq, charged
     to no process (with the kernel's irq time accounting), and on this VM that was 10-13 %
     of both cores under the plain load. Read before and after a run, these say how much of
-    the machine was idle and how much went to interrupts while it ran."""
+    the machine was idle and how much went to interrupts while it ran. They count every
+    CPU of the machine, whatever this process's affinity (the benchmark runs unpinned)."""
 
-    busy: int  # user, nice, system, steal: processes (servers, generators, the benchmark)
+    busy: int  # user, nice, system: processes (servers, generators, the benchmark itself)
     idle: int  # idle and iowait
     irq: int  # irq and softirq
+    steal: int  # taken by the hypervisor from this VM
 
     @classmethod
     def now(cls) -> MachineTimes:
@@ -130,9 +132,9 @@ class MachineTimes:
             with open("/proc/stat") as f:
                 fields = [int(x) for x in f.readline().split()[1:9]]
         except (OSError, ValueError):
-            return cls(0, 0, 0)
+            return cls(0, 0, 0, 0)
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return cls(user + nice + system + steal, idle + iowait, irq + softirq)
+        return cls(user + nice + system, idle + iowait, irq + softirq, steal)
 
     def since(self, earlier: MachineTimes) -> MachineShare:
         """What the machine did with its CPU time since ``earlier``."""
@@ -140,21 +142,33 @@ class MachineTimes:
             (self.busy - earlier.busy) / CLOCK_TICKS,
             (self.idle - earlier.idle) / CLOCK_TICKS,
             (self.irq - earlier.irq) / CLOCK_TICKS,
+            (self.steal - earlier.steal) / CLOCK_TICKS,
         )
 
 
 @dataclass(frozen=True)
 class MachineShare:
-    """CPU seconds of every core together over a time span, by kind (see MachineTimes)."""
+    """CPU seconds of every core together over a time span, by kind (see MachineTimes).
+    All zero: not measured (no /proc/stat)."""
 
     busy: float = 0.0
     idle: float = 0.0
     irq: float = 0.0
+    steal: float = 0.0
 
-    def share(self, part: float) -> float:
-        """``part`` (one of the fields) as a share of the whole span; NaN when empty."""
-        total = self.busy + self.idle + self.irq
-        return part / total if total > 0 else math.nan
+    @property
+    def total(self) -> float:
+        return self.busy + self.idle + self.irq + self.steal
+
+    @property
+    def idle_share(self) -> float:
+        """Idle (with iowait) as a share of the span; NaN when not measured."""
+        return self.idle / self.total if self.total > 0 else math.nan
+
+    @property
+    def irq_share(self) -> float:
+        """Interrupts and softirqs as a share of the span; NaN when not measured."""
+        return self.irq / self.total if self.total > 0 else math.nan
 
 
 class PssSampler:

@@ -109,7 +109,10 @@ class Generators:
             )
             for argv in argv_per_proc
         ]
-        self.readers = [LineReader(p.stdout.fileno()) for p in self.procs if p.stdout]
+        self.readers = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            self.readers.append(LineReader(proc.stdout.fileno()))
 
     def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
         """The next JSON line of every generator, which must be ``event``."""
@@ -293,15 +296,19 @@ def irq_per_message(runs: dict[tuple[str, str], list[Run]], workload: str, serve
     """The median ms of interrupt work per message (all cores) during a server's runs of a
     workload: loopback TCP's receive side, which no process's CPU time counts."""
     rs = runs.get((workload, server), [])
-    return median([1000 * r.machine.irq / r.messages for r in rs if r.messages and r.machine.irq])
+    return median([1000 * r.machine.irq / r.messages for r in rs if r.messages and r.machine.total])
 
 
-def machine_share(
-    runs: dict[tuple[str, str], list[Run]], workload: str, server: str, part: str
-) -> float:
-    """The median share of the machine's CPU time that was ``part`` ("idle" or "irq")."""
+def machine_cell(runs: dict[tuple[str, str], list[Run]], workload: str, server: str) -> str:
+    """ "idle % / irq %" of a server's runs of a workload (medians over the runs measured;
+    "-" when the server did not run it, n/a when /proc/stat could not be read)."""
     rs = runs.get((workload, server), [])
-    return median([r.machine.share(getattr(r.machine, part)) for r in rs])
+    if not rs:
+        return "-"
+    measured = [r.machine for r in rs if r.machine.total > 0]
+    idle_ = median([m.idle_share for m in measured])
+    irq_ = median([m.irq_share for m in measured])
+    return f"{percent(idle_)} / {percent(irq_)}"
 
 
 def percent(share: float) -> str:
@@ -497,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{run.rate:7.1f} msg/s  PSS {mib(run.pss_kib):>6} MiB "
                         f"({run.procs} procs)  server CPU {run.server_cpu:5.2f}s  "
                         f"generator CPU {run.gen_cpu:5.2f}s  machine: idle "
-                        f"{percent(run.machine.share(run.machine.idle))}, irq "
-                        f"{percent(run.machine.share(run.machine.irq))}{flag}",
+                        f"{percent(run.machine.idle_share)}, irq "
+                        f"{percent(run.machine.irq_share)}{flag}",
                         flush=True,
                     )
         idle: dict[str, Idle] = {}
@@ -533,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {f"{w} | {s}": [r.__dict__ for r in rs] for (w, s), rs in runs.items()}
+                {f"{w} | {s}": [asdict(r) for r in rs] for (w, s), rs in runs.items()}
                 | {f"idle | {s}": v.__dict__ for s, v in idle.items()}
                 | ({"floor": _finite(asdict(lowest))} if lowest is not None else {}),
                 indent=1,
@@ -705,11 +712,7 @@ def print_table(
     head = f"{'machine: idle % / irq %':<32}" + "".join(f"{n:>16}" for n in names)
     print(head)
     for w in args.workload_list:
-        cells = []
-        for n in names:
-            idle_, irq_ = (machine_share(runs, w.name, n, part) for part in ("idle", "irq"))
-            cells.append(f"{percent(idle_)} / {percent(irq_)}".rjust(16))
-        print(f"{w.name:<32}" + "".join(cells))
+        print(f"{w.name:<32}" + "".join(machine_cell(runs, w.name, n).rjust(16) for n in names))
     print()
     if lowest is not None:
         for text in floor_lines(
