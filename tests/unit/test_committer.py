@@ -28,6 +28,13 @@ def q(tmp_path: Path) -> Queue:
     return queue
 
 
+@pytest.fixture(params=[True, False], ids=["on the loop", "in the commit thread"])
+def everyone_waits(request: pytest.FixtureRequest) -> bool:
+    """Where the batches are committed: every session waits for them (the loop commits),
+    or some session is still on its way (the commit thread does; ``delay`` 0 here)."""
+    return bool(request.param)
+
+
 def _writer(q: Queue, n: int, *, size: int = 4, held: bool = True) -> QueueWriter:
     w = QueueWriter(q, "a@b.test", [f"r{n}@c.test"], defer=held)
     w.write(b"x" * (size - 2) + b"\r\n")
@@ -58,19 +65,34 @@ def _run(
     asyncio.run(main())
 
 
+def _fsync_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of every fsync from now on (the loop runs in this one)."""
+    names: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        names.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return names
+
+
 def _files(q: Queue) -> list[int]:
     """Messages per file in new/, oldest file first."""
     return [len(q.load("new", name)) for name in q.ids("new")]
 
 
-def test_messages_finished_in_one_loop_pass_share_one_segment(q: Queue) -> None:
+def test_messages_finished_in_one_loop_pass_share_one_segment(
+    q: Queue, everyone_waits: bool
+) -> None:
     async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
         first = [submit(_writer(q, n)) for n in range(3)]
         results = await asyncio.wait_for(asyncio.gather(*first), 10)
         assert all(isinstance(r, Envelope) for r in results)
         assert isinstance(await asyncio.wait_for(submit(_writer(q, 3)), 10), Envelope)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert _files(q) == [3, 1]
     assert os.listdir(q.path("tmp")) == []
 
@@ -104,24 +126,24 @@ def test_passes_while_the_commit_thread_is_busy_fill_one_segment(
             (f"r{n}@c.test",) for n in range(5)
         ]
 
-    _run(body)
+    _run(body, all_waiting=lambda: False)  # the slow fsync is the thread's
     assert _files(q) == [1, 4]
 
 
-def test_large_streamed_messages_ride_in_the_same_batch(q: Queue) -> None:
+def test_large_streamed_messages_ride_in_the_same_batch(q: Queue, everyone_waits: bool) -> None:
     async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
         futs = [submit(_writer(q, 0)), submit(_writer(q, 1, size=100, held=False))]
         futs.append(submit(_writer(q, 2)))
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         assert all(isinstance(r, Envelope) for r in results)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert sorted(_files(q)) == [1, 2]
     assert len(messages(q, "new")) == 3
 
 
 def test_disk_full_while_filling_fails_that_segment_only(
-    q: Queue, monkeypatch: pytest.MonkeyPatch
+    q: Queue, monkeypatch: pytest.MonkeyPatch, everyone_waits: bool
 ) -> None:
     real_writev = os.writev
     full = [True]
@@ -142,12 +164,12 @@ def test_disk_full_while_filling_fails_that_segment_only(
         full[0] = False
         assert isinstance(await asyncio.wait_for(submit(_writer(q, 2)), 10), Envelope)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert _files(q) == [1]
 
 
 def test_failed_fsync_of_new_answers_451_and_leaves_nothing(
-    q: Queue, monkeypatch: pytest.MonkeyPatch
+    q: Queue, monkeypatch: pytest.MonkeyPatch, everyone_waits: bool
 ) -> None:
     def broken() -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -163,12 +185,15 @@ def test_failed_fsync_of_new_answers_451_and_leaves_nothing(
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         assert all(isinstance(r, QueueError) and "Input/output" in str(r) for r in results)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
 
 
 def test_a_failing_poke_still_answers_every_client(
-    q: Queue, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    q: Queue,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    everyone_waits: bool,
 ) -> None:
     """The wake-up of pyqmail-send is best effort: its failure must not eat the 250s."""
 
@@ -182,12 +207,12 @@ def test_a_failing_poke_still_answers_every_client(
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         assert all(isinstance(r, Envelope) for r in results)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert "poke-fail" in capfd.readouterr().out
 
 
 def test_a_bug_in_the_commit_still_answers_every_client(
-    q: Queue, monkeypatch: pytest.MonkeyPatch
+    q: Queue, monkeypatch: pytest.MonkeyPatch, everyone_waits: bool
 ) -> None:
     def bug(self: queuemod.SegmentWriter) -> None:
         raise RuntimeError("boom")
@@ -199,7 +224,7 @@ def test_a_bug_in_the_commit_still_answers_every_client(
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         assert all(isinstance(r, QueueError) and "boom" in str(r) for r in results)
 
-    _run(body)
+    _run(body, all_waiting=lambda: everyone_waits)
     assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
 
 
@@ -227,7 +252,7 @@ def test_stop_drops_what_was_never_handed_over(
         assert len(c.filling) == 1
         assert len(os.listdir(q.path("tmp"))) == (0 if tmpfile else 2)  # + the one in fsync
 
-    _run(body)
+    _run(body, all_waiting=lambda: False)  # the slow fsync is the thread's
     assert os.listdir(q.path("tmp")) == []
     assert _files(q) == [1]
 
@@ -277,14 +302,26 @@ def test_the_wait_is_bounded_from_the_oldest_message(q: Queue) -> None:
     assert _files(q) == [2]
 
 
-@pytest.mark.parametrize(
-    ("delay", "everyone_waiting"),
-    [(60.0, True), (0.0, False)],
-    ids=["every session waiting", "commitdelay 0"],
-)
-def test_no_wait(q: Queue, delay: float, everyone_waiting: bool) -> None:
-    """A lone message (its session is the only one, and it waits) or commitdelay 0: the
-    commit starts in the same loop pass, no timer is set."""
+def test_no_wait_when_every_session_waits(q: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone message (its session is the only one, and it waits): committed in the same
+    loop pass, by the loop itself (nothing else could run meanwhile), no timer set."""
+    fsyncs = _fsync_threads(monkeypatch)
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        fut = submit(_writer(q, 0))
+        await asyncio.sleep(0)
+        assert fut.done() and not c.busy and c.timer is None
+        assert isinstance(fut.result(), Envelope)
+
+    _run(body, delay=60.0, all_waiting=lambda: True)
+    assert _files(q) == [1]
+    assert fsyncs and set(fsyncs) == {threading.current_thread().name}
+
+
+def test_no_wait_with_commitdelay_0(q: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """commitdelay 0 while other sessions are on their way: the batch goes to the commit
+    thread in the same loop pass, and the loop goes on serving them meanwhile."""
+    fsyncs = _fsync_threads(monkeypatch)
 
     async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
         fut = submit(_writer(q, 0))
@@ -292,8 +329,29 @@ def test_no_wait(q: Queue, delay: float, everyone_waiting: bool) -> None:
         assert c.busy and c.timer is None
         assert isinstance(await asyncio.wait_for(fut, 10), Envelope)
 
-    _run(body, delay=delay, all_waiting=lambda: everyone_waiting)
+    _run(body, delay=0.0, all_waiting=lambda: False)
     assert _files(q) == [1]
+    assert fsyncs and set(fsyncs) == {"commit"}
+
+
+def test_a_batch_goes_to_the_loop_once_everyone_waits(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions on their way: the first batch goes to the commit thread; when the last
+    session is waiting too, the next batch is committed on the loop."""
+    fsyncs = _fsync_threads(monkeypatch)
+    everyone_waiting = [False]
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        assert isinstance(await asyncio.wait_for(submit(_writer(q, 0)), 10), Envelope)
+        assert set(fsyncs) == {"commit"}
+        fsyncs.clear()
+        everyone_waiting[0] = True
+        assert isinstance(await asyncio.wait_for(submit(_writer(q, 1)), 10), Envelope)
+        assert fsyncs and set(fsyncs) == {threading.current_thread().name}
+
+    _run(body, all_waiting=lambda: everyone_waiting[0])
+    assert _files(q) == [1, 1]
 
 
 def test_a_busy_commit_thread_does_not_restart_the_wait(
