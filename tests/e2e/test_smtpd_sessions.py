@@ -429,3 +429,37 @@ def test_commitdelay_waits_only_while_another_session_could_join(
     assert other.reply()[0] == 220
     assert _timed_message(lone, 5) < 0.9, "commitdelay 0: never wait"
     assert len(qmail_root.queued()) == 5
+
+
+def test_a_session_gone_with_its_message_in_commit_no_longer_counts_as_waiting(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """A client that hangs up right after its end of data leaves its message with the group
+    commit. It is not a session waiting for that commit any more: the batch goes on
+    waiting for the session still in a transaction (counted as waiting, it made the
+    batch go at once, on the loop, while that session was mid-transaction)."""
+    qmail_root.control("commitdelay", "1000\n")
+    d = smtpd()
+    busy = d.connect()
+    assert busy.reply()[0] == 220
+    assert busy.cmd("EHLO busy.test")[0] == 250
+    assert busy.cmd("MAIL FROM:<busy@remote.test>")[0] == 250
+    gone = d.connect()
+    assert gone.reply()[0] == 220
+    assert gone.cmd("EHLO gone.test")[0] == 250
+    assert gone.cmd("MAIL FROM:<gone@remote.test>")[0] == 250
+    assert gone.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert gone.cmd("DATA")[0] == 354
+    gone.send(b"Subject: gone\r\n\r\nbody\r\n.\r\n")
+    gone.close()
+    d.wait_for(r"conn ip=127\.0\.0\.1 port=\d+ secs=[\d.]+ msgs=\d+")
+    time.sleep(0.3)  # the batch's wait (1 s from the message) is not over
+    assert qmail_root.queued() == [], "committed while a session was mid-transaction"
+    assert busy.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert busy.cmd("DATA")[0] == 354
+    busy.send(b"Subject: busy\r\n\r\nbody\r\n.\r\n")
+    assert busy.reply()[0] == 250
+    assert sorted(env.sender for env, _ in qmail_root.queued()) == [
+        "busy@remote.test",
+        "gone@remote.test",
+    ]

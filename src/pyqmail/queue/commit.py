@@ -120,9 +120,11 @@ class Committer:
     back and forth around each of the thread's syscalls), 7-14 % of the worker's CPU per
     message on the plain rows of ``bench/smtpd_load.py`` (bench/README.md). What waits
     meanwhile is only what was not there yet: a connection that arrives during the fsyncs
-    is accepted after them, about a millisecond later on the disks measured. A disk
-    that stalls for seconds stalls the worker's loop too; every session of it is waiting
-    for that commit either way, as a Postfix smtpd waits for its cleanup.
+    is accepted after them (half a millisecond later at the median on the disk measured).
+    A disk that stalls for seconds stalls the worker's loop too; every session of it is
+    waiting for that commit either way, as a Postfix smtpd waits for its cleanup. (A
+    session that has left does not count as waiting, even with its message in the batch:
+    ``Server.left``.)
 
     Waiting for company (``delay``, from control/commitdelay): when no batch is in flight but
     other sessions of this worker are still on their way to the end of a message, the batch

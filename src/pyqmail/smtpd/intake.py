@@ -2,7 +2,7 @@
 
 Why its own module: memory is the one resource a client's message data can exhaust, so the
 rule for it stays in one place. Small messages stay in memory and reach the disk in one go in
-the group commit's thread (``pyqmail.queue.commit``); past ``SPOOL_LIMIT``, or when the
+the group commit (``pyqmail.queue.commit``); past ``SPOOL_LIMIT``, or when the
 worker's sessions together hold ``WORKER_SPOOL_LIMIT``, the message streams into its tmp file
 instead (bounded memory whatever the number of clients). The session only forwards the
 core's events and answers the client once the commit is done.
@@ -55,8 +55,9 @@ class Spool(Protocol):
     def budget(self) -> SpoolBudget:
         """The worker's memory budget for held messages."""
 
-    def submit(self, writer: QueueWriter, done: Done) -> None:
-        """Hand a finished message to the group commit; ``done`` gets the result."""
+    def submit(self, writer: QueueWriter, done: Done, owner: object) -> None:
+        """Hand a finished message to the group commit; ``done`` gets the result. ``owner``
+        (the intake) counts as waiting for a commit until then, or until its session ends."""
 
 
 def message_origin(event: MessageStart, relay_client: bool) -> str | None:
@@ -151,8 +152,8 @@ class Intake:
             self.writer = None
 
     def data(self, chunk: bytes) -> None:
-        """Small messages stay in memory and reach the disk in one go in the commit
-        thread; past SPOOL_LIMIT (or the worker's WORKER_SPOOL_LIMIT) the message streams
+        """Small messages stay in memory and reach the disk in one go in the group
+        commit; past SPOOL_LIMIT (or the worker's WORKER_SPOOL_LIMIT) the message streams
         into its tmp file (bounded memory)."""
         if self.watch is not None:
             self.watch.feed(chunk)
@@ -176,7 +177,7 @@ class Intake:
             self.drop()
 
     def commit(self, end: MessageEnd, done: Done) -> None:
-        """Hand the message to the commit thread; ``done`` answers when it is durable
+        """Hand the message to the group commit; ``done`` answers when it is durable
         (or at once with a QueueError when there is nothing to commit). Inbound mail held
         in memory goes through the checks first (``_check``)."""
         writer, self.writer = self.writer, None
@@ -196,7 +197,7 @@ class Intake:
         done(QueueError(self.queue_error or "no message"))
 
     def _submit(self, writer: QueueWriter, done: Done) -> None:
-        """Finish the message on the loop (the commit thread only fsyncs and renames)."""
+        """Finish the message on the loop (the group commit only fsyncs and renames)."""
         try:
             writer.finish()
         except QueueError as exc:  # the writer removed its tmp file already
@@ -205,7 +206,7 @@ class Intake:
             self._release()
             done(QueueError(self.queue_error))
             return
-        self.spool.submit(writer, done)
+        self.spool.submit(writer, done, self)
 
     async def _check(self, writer: QueueWriter, done: Done) -> None:
         """SPF, DKIM and DMARC (``pyqmail.checks.inbound``) and the scanners

@@ -70,7 +70,7 @@ class Server:
         self.budget = SpoolBudget()  # bytes of messages held in memory by all sessions
         self.read_buffer = memoryview(bytearray(READ_SIZE))  # every session's reads
         self._committer: Committer | None = None
-        self.waiting = 0  # sessions whose message is with the committer
+        self.waiting: set[object] = set()  # the live sessions' intakes with a message in commit
 
     # SessionContext -----------------------------------------------------------------------
 
@@ -97,18 +97,21 @@ class Server:
     def left(self, session: Session) -> None:
         """A session is over: the committer may stop waiting for it to add a message."""
         self.sessions.discard(session)
+        self.waiting.discard(session.intake)  # its message may still be in commit: not it
         if self._committer is not None:
             self._committer.session_gone()
         if not self.sessions and self.idle is not None:
             self.idle.set()
 
-    def submit(self, writer: QueueWriter, done: Done) -> None:
-        """To the group commit; the session counts as waiting until ``done`` runs, so the
-        committer knows when no session could add a message to its batch."""
-        self.waiting += 1
+    def submit(self, writer: QueueWriter, done: Done, owner: object) -> None:
+        """To the group commit; ``owner``'s session counts as waiting until ``done`` runs or
+        it leaves, so the committer knows when no live session could add a message to its
+        batch (a session that left counted still would let the loop commit on it while
+        the others are mid-transaction)."""
+        self.waiting.add(owner)
 
         def committed(result: CommitResult) -> None:
-            self.waiting -= 1
+            self.waiting.discard(owner)
             done(result)
 
         self.committer().submit(writer, committed)
@@ -122,7 +125,7 @@ class Server:
             self._committer = Committer(
                 asyncio.get_running_loop(),
                 delay=self.cfg.commitdelay / 1000,
-                all_waiting=lambda: self.waiting >= len(self.sessions),
+                all_waiting=lambda: len(self.waiting) >= len(self.sessions),
                 log=log,
             )
         return self._committer

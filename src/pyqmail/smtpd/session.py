@@ -519,7 +519,7 @@ class Session(asyncio.BufferedProtocol):
         log("abort", ip=self.ip, port=self.port, reason=reason)
 
     def commit(self, end: MessageEnd) -> None:
-        """Hand the message to the commit thread; ``committed`` answers when it is durable."""
+        """Hand the message to the group commit; ``committed`` answers when it is durable."""
         self.data_deadline = None
         watch = self.intake.watch
         refusal = watch.refusal() if watch is not None else None
