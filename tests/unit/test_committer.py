@@ -228,6 +228,27 @@ def test_a_bug_in_the_commit_still_answers_every_client(
     assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
 
 
+def test_a_failing_answer_does_not_mute_the_others(
+    q: Queue, capfd: pytest.CaptureFixture[str], everyone_waits: bool
+) -> None:
+    """One session's answer raises (a bug in it): logged, and the rest of the batch is
+    still answered; on the loop the answers run inside whoever started the commit."""
+
+    def broken(_: object) -> None:
+        raise RuntimeError("session bug")
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        first = submit(_writer(q, 0))
+        c.submit(_writer(q, 1), broken)
+        last = submit(_writer(q, 2))
+        results = await asyncio.wait_for(asyncio.gather(first, last), 10)
+        assert all(isinstance(r, Envelope) for r in results)
+
+    _run(body, all_waiting=lambda: everyone_waits)
+    assert "commit-answer-fail" in capfd.readouterr().out
+    assert _files(q) == [3]
+
+
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named tmp file"])
 def test_stop_drops_what_was_never_handed_over(
     q: Queue, monkeypatch: pytest.MonkeyPatch, tmpfile: bool

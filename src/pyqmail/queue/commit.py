@@ -281,7 +281,10 @@ class Committer:
     def _deliver(self, answers: list[Answer], queues: list[Queue]) -> None:
         """On the loop: wake pyqmail-send (from here, not the commit thread, whose every
         syscall would have to win the GIL back from the loop), answer the clients, and
-        start the next batch with whatever was filled meanwhile."""
+        start the next batch with whatever was filled meanwhile. A client's answer that
+        fails (a bug in its session) is logged and the others are still answered: they run
+        inside whatever called ``_start``, a session's end included, not a loop callback of
+        their own."""
         self.busy = False
         for queue in queues:
             try:
@@ -289,5 +292,8 @@ class Committer:
             except OSError as exc:  # best effort: pyqmail-send also scans new/
                 self.log("poke-fail", error=str(exc))
         for callback, result in answers:
-            callback(result)
+            try:
+                callback(result)
+            except Exception as exc:  # noqa: BLE001 - one session's bug must not mute the rest
+                self.log("commit-answer-fail", error=repr(exc))
         self._start()
