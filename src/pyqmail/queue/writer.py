@@ -308,10 +308,11 @@ class SegmentWriter:
     """One segment file on its way into the queue, filled in steps, then committed.
 
     pyqmail-smtpd fills it in its loop thread (``add``: one writev per pass, into the page
-    cache) for as long as its commit thread is busy with the previous batch, then ``seal``s
-    it; the commit thread only does ``sync_publish`` (fsync, close, link or rename into new/)
-    and the shared fsync(new/). Any failure raises QueueError and fails every message in it;
-    ``abort`` leaves nothing behind.
+    cache) for as long as the previous batch is being committed, then ``seal``s it; the
+    commit (its thread, or the loop when every session waits: ``pyqmail.queue.commit``)
+    only does ``sync_publish`` (fsync, close, link or rename into new/) and the shared
+    fsync(new/). Any failure raises QueueError and fails every message in it; ``abort``
+    leaves nothing behind.
     """
 
     def __init__(self, queue: Queue) -> None:
