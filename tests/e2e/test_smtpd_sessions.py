@@ -355,6 +355,13 @@ def test_user_changes_apply_without_restart(
     assert auth("carol@mx.test", "carol-pw") == 535, "no file, no users"
 
 
+def _up_to_data(c: RawSMTP, sender: str) -> None:
+    """MAIL from ``sender``, RCPT to user@example.test and DATA, each accepted."""
+    assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+
+
 def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit(
     qmail_root: QmailRoot, smtpd: StartDaemon
 ) -> None:
@@ -364,9 +371,7 @@ def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit
     c = d.connect()
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
-    assert c.cmd("MAIL FROM:<s@remote.test>")[0] == 250
-    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
-    assert c.cmd("DATA")[0] == 354
+    _up_to_data(c, "s@remote.test")
     second = b"MAIL FROM:<t@remote.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
     c.send(b"Subject: one\r\n\r\nfirst\r\n.\r\n" + second)
     codes = [c.reply()[0] for _ in range(4)]
@@ -383,9 +388,7 @@ def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit
 
 def _timed_message(c: RawSMTP, n: int) -> float:
     """Seconds from the end of the message to its 250."""
-    assert c.cmd(f"MAIL FROM:<s{n}@remote.test>")[0] == 250
-    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
-    assert c.cmd("DATA")[0] == 354
+    _up_to_data(c, f"s{n}@remote.test")
     started = time.monotonic()
     c.send(b"Subject: timed\r\n\r\nbody\r\n.\r\n")
     code, _ = c.reply()
@@ -447,9 +450,7 @@ def test_a_session_gone_with_its_message_in_commit_no_longer_counts_as_waiting(
     gone = d.connect()
     assert gone.reply()[0] == 220
     assert gone.cmd("EHLO gone.test")[0] == 250
-    assert gone.cmd("MAIL FROM:<gone@remote.test>")[0] == 250
-    assert gone.cmd("RCPT TO:<user@example.test>")[0] == 250
-    assert gone.cmd("DATA")[0] == 354
+    _up_to_data(gone, "gone@remote.test")
     gone.send(b"Subject: gone\r\n\r\nbody\r\n.\r\n")
     gone.close()
     d.wait_for(r"conn ip=127\.0\.0\.1 port=\d+ secs=[\d.]+ msgs=\d+")
