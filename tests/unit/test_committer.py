@@ -228,6 +228,33 @@ def test_a_bug_in_the_commit_still_answers_every_client(
     assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
 
 
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named tmp file"])
+def test_a_bug_after_linking_into_new_takes_the_messages_back_out(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, everyone_waits: bool, tmpfile: bool
+) -> None:
+    """The segment and the large message are already in new/ when the commit breaks (a
+    bug, not an OSError, in the fsync of new/): their clients get 451, so nothing of them
+    may stay in new/ to be delivered and then sent again."""
+    monkeypatch.setitem(queuemod._TMPFILE, q.dir_tmp, tmpfile)
+    in_new: list[int] = []
+
+    def bug() -> None:
+        in_new.append(len(q.ids("new")))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(q, "sync_new", bug)
+
+    async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        futs = [submit(_writer(q, 0)), submit(_writer(q, 1, size=100, held=False))]
+        futs.append(submit(_writer(q, 2)))
+        results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert all(isinstance(r, QueueError) and "boom" in str(r) for r in results)
+
+    _run(body, all_waiting=lambda: everyone_waits)
+    assert in_new == [2]  # the segment of two and the message of its own were linked
+    assert q.ids("new") == [] and os.listdir(q.path("tmp")) == []
+
+
 def test_a_failing_answer_does_not_mute_the_others(
     q: Queue, capfd: pytest.CaptureFixture[str], everyone_waits: bool
 ) -> None:

@@ -50,11 +50,13 @@ class Batch:
         return [cb for _, cbs in self.segments for cb in cbs] + [cb for _, cb in self.files]
 
     def abort(self) -> None:
-        """Leave nothing of the batch in tmp/ or new/ (its clients are answered 451)."""
+        """Leave nothing of the batch in tmp/ or new/ (its clients are answered 451): a
+        bug may strike after some of its files were linked into new/, and a message left
+        there would be delivered and then sent again by its client."""
         for segment, _ in self.segments:
-            segment.abort()
+            segment.unpublish()
         for writer, _ in self.files:
-            writer.abort()
+            writer.unpublish()
 
 
 def commit_batch(batch: Batch) -> tuple[list[Answer], list[Queue]]:

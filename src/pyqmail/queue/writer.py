@@ -98,6 +98,7 @@ class QueueWriter:
         self._committed = False
         self._completed = False
         self._created = False
+        self._published = False  # renamed into new/ (not yet durable: new/ is fsynced after)
         self._fd: int | None = None
         header = encode_header(self.queue_id, sender, self.recipients, self.received, self.meta)
         self._tmp = f"{queue.dir_tmp}/{self.queue_id}"
@@ -235,6 +236,7 @@ class QueueWriter:
         except OSError as exc:
             self.abort()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
+        self._published = True
 
     def sync_publish(self) -> None:
         """Steps 1b and 2 of a file of its own: fsync, close, rename into new/ (the caller
@@ -252,11 +254,14 @@ class QueueWriter:
         )
 
     def unpublish(self) -> None:
-        """The rename happened but new/ could not be fsynced: the message is refused, so
-        take it back out of new/ (best effort) rather than deliver it and its retry."""
+        """The message is refused after all (new/ could not be fsynced, or the commit
+        failed later): take it back out of new/ if it got there (best effort), and out of
+        tmp/, rather than deliver it and its retry."""
         self.abort()
-        with contextlib.suppress(OSError):
-            os.unlink(f"{self.queue.dir_new}/{self.queue_id}")
+        if self._published:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self.queue.dir_new}/{self.queue_id}")
+            self._published = False
 
     def commit(self) -> Envelope:
         """Trailer, fsync, rename into new/, fsync new/, poke the reader. Then reply 250."""
@@ -426,7 +431,7 @@ class SegmentWriter:
         return [w.envelope() for w in self.writers]
 
     def unpublish(self) -> None:
-        """new/ could not be fsynced: take the segment back out (see QueueWriter.unpublish)."""
+        """Refused after all: take the segment back out of new/ (see QueueWriter.unpublish)."""
         if self._published:
             with contextlib.suppress(OSError):
                 os.unlink(f"{self.queue.dir_new}/{self.segment_id}")
