@@ -276,6 +276,65 @@ def test_a_failing_answer_does_not_mute_the_others(
     assert _files(q) == [3]
 
 
+def test_a_failing_answer_to_a_failed_segment_does_not_mute_the_others(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Disk full while the loop fills the segment: its clients are answered 451 there, in
+    ``_hand_over``; one of them raising must not leave the others unanswered nor stop the
+    large message of the same pass from being committed."""
+    real_writev = os.writev
+
+    def full(fd: int, bufs: list[bytes]) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def broken(_: object) -> None:
+        raise RuntimeError("session bug")
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        monkeypatch.setattr(os, "writev", full)
+        c.submit(_writer(q, 0), broken)
+        other = submit(_writer(q, 1))
+        large = submit(_writer(q, 2, size=100, held=False))
+        result = await asyncio.wait_for(other, 5)
+        assert isinstance(result, QueueError) and "No space" in str(result)
+        monkeypatch.setattr(os, "writev", real_writev)
+        assert isinstance(await asyncio.wait_for(large, 5), Envelope)
+
+    _run(body, all_waiting=lambda: False)
+    assert "commit-answer-fail" in capfd.readouterr().out
+    assert _files(q) == [1] and os.listdir(q.path("tmp")) == []
+
+
+def test_a_failing_answer_to_a_segment_that_cannot_be_sealed_does_not_drop_the_batch(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The segment's trailer cannot be written: its clients are answered 451 in
+    ``_start``; one of them raising must not drop the rest of the batch (the other
+    client's answer, the large message's commit, its tmp file and fd)."""
+    real_seal = queuemod.SegmentWriter.seal
+
+    def seal(self: queuemod.SegmentWriter) -> None:
+        self.abort()
+        raise QueueError(f"cannot write segment {self.segment_id}: No space left on device")
+
+    def broken(_: object) -> None:
+        raise RuntimeError("session bug")
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        monkeypatch.setattr(queuemod.SegmentWriter, "seal", seal)
+        c.submit(_writer(q, 0), broken)
+        other = submit(_writer(q, 1))
+        large = submit(_writer(q, 2, size=100, held=False))
+        result = await asyncio.wait_for(other, 5)
+        assert isinstance(result, QueueError) and "No space" in str(result)
+        assert isinstance(await asyncio.wait_for(large, 5), Envelope)
+        monkeypatch.setattr(queuemod.SegmentWriter, "seal", real_seal)
+
+    _run(body, all_waiting=lambda: False)
+    assert "commit-answer-fail" in capfd.readouterr().out
+    assert _files(q) == [1] and os.listdir(q.path("tmp")) == []
+
+
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named tmp file"])
 def test_stop_drops_what_was_never_handed_over(
     q: Queue, monkeypatch: pytest.MonkeyPatch, tmpfile: bool

@@ -112,6 +112,25 @@ def test_poke_keeps_the_fifo_open_and_survives_no_reader(queue: Queue) -> None:
     queue.close()
 
 
+def test_a_queue_nobody_holds_closes_its_descriptors(tmp_path: Path) -> None:
+    """A HUP that moves pyqmail-smtpd to another queue directory drops the old Queue:
+    its new/ and FIFO descriptors must go with it, not stay open for the worker's life."""
+    queue = Queue(tmp_path / "moved")
+    queue.create()
+    fifo = str(queue.root / "lock" / "trigger")
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        queue.poke()
+        held = [queue.new_dir_fd(), queue._poke_fd]
+        assert all(fd is not None and os.fstat(fd) for fd in held)
+        del queue
+        for fd in held:
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(fd)  # type: ignore[arg-type]
+    finally:
+        os.close(rfd)
+
+
 @pytest.mark.parametrize(
     ("vouched", "process_umask", "fchmods"),
     [

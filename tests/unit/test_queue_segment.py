@@ -194,3 +194,33 @@ def test_a_refused_link_of_an_unnamed_file_falls_back_to_named_files(
     results = commit(_held(queue, [b"3\r\n", b"4\r\n"]))
     assert all(isinstance(r, Envelope) for r in results)
     assert [s.body for _, s in messages(queue, "new")] == [b"3\r\n", b"4\r\n"]
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named tmp file"])
+def test_a_close_that_fails_after_the_fsync_leaves_nothing_in_new(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    """The segment's fd fails to close (EIO: an NFS server) after its fsync, and, for an
+    unnamed file, after its link into new/: its messages get 451, so the segment must not
+    stay in new/ (it would be delivered, then sent again)."""
+    monkeypatch.setitem(queuemod._TMPFILE, queue.dir_tmp, tmpfile)
+    held = _held(queue, [b"1\r\n", b"2\r\n"])
+    for w in held:
+        w.finish()
+    segment = SegmentWriter(queue)
+    segment.add(held)
+    segment.seal()
+    linked: list[bool] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        linked.append(bool(queue.ids("new")))
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(QueueError, match="Input/output error"):
+        segment.sync_publish()
+    monkeypatch.setattr(os, "close", real_close)
+    assert linked == [tmpfile]  # an unnamed file was in new/ when its close failed
+    assert queue.ids("new") == [] and os.listdir(queue.path("tmp")) == []

@@ -202,7 +202,7 @@ class Committer:
                     w.abort()
                 failed = ([] if entry is None else entry[1]) + [cb for _, cb in group]
                 for callback in failed:
-                    callback(exc)
+                    self._answer(callback, exc)
                 continue
             entry[1].extend(cb for _, cb in group)
         self._start()
@@ -232,7 +232,7 @@ class Committer:
                 segment.seal()
             except QueueError as exc:
                 for callback in callbacks:
-                    callback(exc)
+                    self._answer(callback, exc)
                 continue
             batch.segments.append((segment, callbacks))
         if batch.segments or batch.files:
@@ -283,10 +283,7 @@ class Committer:
     def _deliver(self, answers: list[Answer], queues: list[Queue]) -> None:
         """On the loop: wake pyqmail-send (from here, not the commit thread, whose every
         syscall would have to win the GIL back from the loop), answer the clients, and
-        start the next batch with whatever was filled meanwhile. A client's answer that
-        fails (a bug in its session) is logged and the others are still answered: they run
-        inside whatever called ``_start``, a session's end included, not a loop callback of
-        their own."""
+        start the next batch with whatever was filled meanwhile."""
         self.busy = False
         for queue in queues:
             try:
@@ -294,8 +291,16 @@ class Committer:
             except OSError as exc:  # best effort: pyqmail-send also scans new/
                 self.log("poke-fail", error=str(exc))
         for callback, result in answers:
-            try:
-                callback(result)
-            except Exception as exc:  # noqa: BLE001 - one session's bug must not mute the rest
-                self.log("commit-answer-fail", error=repr(exc))
+            self._answer(callback, result)
         self._start()
+
+    def _answer(self, callback: CommitCallback, result: CommitResult) -> None:
+        """Every answer goes through here: one that fails (a bug in its session) is logged
+        and the others are still given. They run inside whatever handed the messages over
+        or started the commit, a session's end included, not a loop callback of their own,
+        so an exception would otherwise leave the rest of the batch unanswered (and, in
+        ``_start``, the batch itself dropped)."""
+        try:
+            callback(result)
+        except Exception as exc:  # noqa: BLE001 - one session's bug must not mute the rest
+            self.log("commit-answer-fail", error=repr(exc))

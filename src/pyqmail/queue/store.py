@@ -220,6 +220,14 @@ class Queue:
         if fd is not None:
             os.close(fd)
 
+    def __del__(self) -> None:
+        """A queue nobody holds any more closes its descriptors: a HUP that moves a
+        pyqmail-smtpd worker to another queue directory drops the old ``Queue`` once its
+        last message is committed, and would otherwise leak its new/ and FIFO descriptors
+        for the worker's life. Nothing can use them then (every user holds the object)."""
+        with contextlib.suppress(Exception):  # at interpreter exit, whatever is left
+            self.close()
+
     def load(self, sub: str, name: str) -> list[Stored]:
         """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
         path = f"{self.root}/{sub}/{name}"

@@ -398,16 +398,19 @@ class SegmentWriter:
                 os.fsync(fd)
                 if self.tmp is None:
                     self._link(fd)
+                    self._published = True
             finally:
                 os.close(fd)
             if self.tmp is not None:
                 os.rename(self.tmp, target)
+                self._published = True
         except OSError as exc:
-            self.abort()
+            # A close that fails after the link (EIO, an NFS server) fails the segment
+            # too: its clients get 451, so it must not stay in new/ to be delivered.
+            self.unpublish()
             raise QueueError(
                 f"cannot commit segment {self.segment_id}: {exc.strerror or exc}"
             ) from exc
-        self._published = True
 
     def _link(self, fd: int) -> None:
         """Give the unnamed file its name in new/: linkat(AT_SYMLINK_FOLLOW) through

@@ -151,7 +151,8 @@ class Server:
         if self._committer is not None:
             self._committer.delay = cfg.commitdelay / 1000
         if Path(cfg.queue_dir) != self.queue.root:
-            # the old one's FIFO fd is closed with the process
+            # the old one closes its descriptors when its last message is committed
+            # (``Queue.__del__``): sessions in progress and the commit still hold it
             self.queue = Queue(cfg.queue_dir, umask=UMASK)
         self.auth.reload(cfg)
         self.senders.reload(cfg.root, limit_settings(cfg))
