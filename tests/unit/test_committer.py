@@ -506,3 +506,30 @@ def test_stop_cancels_the_wait(q: Queue) -> None:
     _run(body, delay=60.0, all_waiting=lambda: False)
     assert _files(q) == []
     assert os.listdir(q.path("tmp")) == []
+
+
+def test_stop_says_when_a_commit_is_still_on_the_disk(
+    q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled fsync outlasts the grace: ``stop`` says so, and the worker then leaves the
+    queue's descriptors open (the thread may still link through new/'s); once the disk
+    answers, the batch completes and the next ``stop`` says it is done."""
+    stalled, entered = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        entered.set()
+        stalled.wait(10)
+        real_fsync(fd)
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        monkeypatch.setattr(os, "fsync", fsync)
+        fut = submit(_writer(q, 0))
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert c.stop(0.1) is False
+        stalled.set()
+        assert isinstance(await asyncio.wait_for(fut, 10), Envelope)
+        assert c.stop(5) is True
+
+    _run(body, all_waiting=lambda: False)
+    assert _files(q) == [1]

@@ -251,9 +251,11 @@ class Committer:
         if self.timer is not None:
             self._start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> bool:
         """At exit, once no session is left: what was not handed over is never answered,
-        so it is dropped (nothing is left in tmp/); a batch in flight completes."""
+        so it is dropped (nothing is left in tmp/); a batch in flight completes. False if
+        the commit thread is still in it after ``timeout`` (a stalled disk): the caller
+        must then leave the queue's descriptors open, which that thread may still use."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -265,6 +267,7 @@ class Committer:
         self.filling, self.files = {}, []
         self.jobs.put(None)
         self.thread.join(timeout)
+        return not self.thread.is_alive()
 
     def _run(self) -> None:
         while (batch := self.jobs.get()) is not None:

@@ -177,11 +177,11 @@ class Server:
         log("stopping", sessions=len(self.sessions), grace=self.cfg.timeoutterm)
         await self._wind_down()
         self.auth.shutdown()
-        if self._committer is not None:
-            self._committer.stop(CLOSE_GRACE)
+        committed = self._committer is None or self._committer.stop(CLOSE_GRACE)
         self.senders.shutdown()  # after the last commit: its message is counted
         self.checks.shutdown()
-        self.queue.close()
+        if committed:  # a commit still in its fsync keeps new/'s descriptor until the exit
+            self.queue.close()
         log("stopped")
         return 0
 
