@@ -16,6 +16,14 @@ The durability order, per batch (the 250 after DATA is sent only after it):
 3. new/ fsynced, once per queue directory for the whole batch;
 4. the reader poked (best effort), then every client answered: 250 with its queue id,
    or 451 when any step of its file failed (nothing of it is left in tmp/ or new/ then).
+
+One gap is known and accepted: a file is in new/ from its link until the fsync of new/,
+and pyqmail-send, woken meanwhile by another worker's commit, may move it to mess/ then.
+If that fsync then fails (an I/O error: a failing disk) or the commit raises (a bug), the
+file cannot be taken back: its client gets 451 and the message is delivered too, so the
+client's retry makes a duplicate. Never a loss; closing the gap would need a mark that
+pyqmail-send waits for, written and fsynced after new/'s fsync (Postfix's incoming queue
+files get theirs before their one fsync): a third fsync for every batch, for a failing disk.
 """
 
 from __future__ import annotations
