@@ -22,8 +22,9 @@ and pyqmail-send, woken meanwhile by another worker's commit, may move it to mes
 If that fsync then fails (an I/O error: a failing disk) or the commit raises (a bug), the
 file cannot be taken back: its client gets 451 and the message is delivered too, so the
 client's retry makes a duplicate. Never a loss; closing the gap would need a mark that
-pyqmail-send waits for, written and fsynced after new/'s fsync (Postfix's incoming queue
-files get theirs before their one fsync): a third fsync for every batch, for a failing disk.
+pyqmail-send waits for, written and fsynced after new/'s fsync (Postfix's queue manager
+skips a queue file until its mode says it is ready): a third fsync for every batch, for a
+failing disk.
 """
 
 from __future__ import annotations
