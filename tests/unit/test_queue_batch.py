@@ -180,3 +180,23 @@ def test_failed_directory_fsync_takes_the_message_back_out(
     assert "Input/output error" in str(results[0])
     assert os.listdir(q.path("new")) == []
     assert os.listdir(q.path("tmp")) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_name_in_new_that_is_no_regular_file_is_refused_not_opened(
+    queue: Queue, tmp_path: Path, kind: str
+) -> None:
+    """Every member of the queue's group may put a name into new/: a FIFO there must not
+    block the reader's open forever (all delivery would stop), a symlink must not make it
+    read another file. Both are refused as unreadable queue files (the manager sets them
+    aside in bad/)."""
+    path = queue.path("new", "18ee4a00000000a0.1.x")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"not a queue file")
+        path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(QueueError, match=r"cannot read .*(not a regular file|symbolic links)"):
+        queue.load("new", path.name)
+    with pytest.raises(QueueError, match="cannot read"):
+        queue.read_stored("new", path.name, (0, 10))

@@ -75,6 +75,24 @@ def test_records_are_written_byte_for_byte_as_before(tmp_path: Path) -> None:
     assert path.read_bytes() == OLD_FILE
 
 
+@pytest.mark.parametrize(
+    "tail", [b'{"ev":"deferred","rcpt":0', b"\0" * 37], ids=["torn record", "NULs"]
+)
+def test_a_record_after_a_crash_tail_is_still_read(tmp_path: Path, tail: bytes) -> None:
+    """A power loss left the file ending in a torn record or in NULs (its size reached the
+    disk, its last block did not): what is appended after it starts a line of its own,
+    or the ``done`` record, made durable, would be read back as garbage and the recipient
+    delivered again."""
+    path = tmp_path / "state"
+    path.write_bytes(OLD_FILE + tail)
+    done = Attempt("done", 0, 1700000004.0, "delivered to Maildir")
+    bounced = Bounced(1700000005.0, "18a.1f.2abd")
+    append_state(path, done)
+    append_end(path, "17f.2b.0000")
+    append_state(path, bounced)
+    assert read_state(path) == [*OLD_RECORDS, done, Ended("17f.2b.0000"), bounced]
+
+
 def test_a_done_record_writes_no_failure_fields() -> None:
     """``status``/``remote``/``diag`` belong to failures, ``expired`` to ``failed`` only."""
     done = Attempt("done", 0, 1.0, "ok", "2.0.0", "mx.test", "smtp; 250 ok", expired=True)

@@ -233,13 +233,24 @@ def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
         os.close(fd)
 
 
+def _append_line(fd: int, line: bytes) -> None:
+    """Append one record on a line of its own. After a power loss a state file may end in
+    a torn record or in NULs (its size reached the disk, its last block did not); a record
+    appended right after them would be read back as part of that garbage and dropped, a
+    ``done`` among them (then delivered again)."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        line = b"\n" + line
+    os.write(fd, line)
+
+
 def append_end(path: str | os.PathLike[str], queue_id: str) -> None:
     """Record that a message of a segment has ended. No fsync, exactly like the unlink that
     ends a message of its own: a power loss can lose it, and the message is delivered
     again (a duplicate, never a loss)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
     try:
-        os.write(fd, encode(Ended(queue_id)))
+        _append_line(fd, encode(Ended(queue_id)))
     finally:
         os.close(fd)
 
@@ -251,9 +262,9 @@ def append_state(path: Path, record: Attempt | Bounced, durable: bool = True) ->
     done is never delivered again."""
     line = encode(record)
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
     try:
-        os.write(fd, line)
+        _append_line(fd, line)
         if durable or created:
             os.fdatasync(fd) if not created else os.fsync(fd)
     finally:

@@ -85,6 +85,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _open_regular(path: str) -> int:
+    """A queue file opened for reading, refused (OSError) unless it is a regular file:
+    every member of the queue's group may put a name into new/, and a FIFO there would
+    block the reader's open forever (no delivery at all), a symlink would make it read
+    some other file. O_NONBLOCK changes nothing for a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 class Queue:
     """A queue directory. Safe for many writer processes and one reader."""
 
@@ -232,10 +244,10 @@ class Queue:
         """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
         path = f"{self.root}/{sub}/{name}"
         try:
-            with open(path, "rb") as f:
+            with open(_open_regular(path), "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
+            raise QueueError(f"cannot read {path}: {exc.strerror or exc}") from exc
         return parse_file(data, path)
 
     def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
@@ -249,7 +261,7 @@ class Queue:
         path = f"{self.root}/{sub}/{name}"
         offset, length = span
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path)
             try:
                 data = os.pread(fd, length, offset)
             finally:
