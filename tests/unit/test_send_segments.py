@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
 from pyqmail.send import finisher
@@ -20,6 +21,12 @@ from tests.queue_util import commit
 @pytest.fixture
 def root(send_root: Path) -> Path:
     return send_root
+
+
+def _message(q: Queue, sender: str, recipient: str) -> QueueWriter:
+    w = QueueWriter(q, sender, [recipient], defer=True)
+    w.write(b"Subject: s\r\n\r\nbody\r\n")
+    return w
 
 
 def _drain(m: Manager, timeout: float = 10.0) -> None:
@@ -60,3 +67,39 @@ def test_a_failed_end_record_is_retried_and_the_segment_still_goes(
     assert log.count("end msg ") == 3 and "end segment " in log
     assert q.ids("mess") == [] and q.ids("state") == []
     assert len(os.listdir(root.parent / "home" / "Maildir" / "new")) == 3
+
+
+def test_a_bounce_that_cannot_be_queued_waits_before_it_is_tried_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is full when a bounce is due: the message is tried again after
+    ``BOUNCE_RETRY``, not at every pass of the main loop (which then spun at full speed,
+    a warning per pass); meanwhile the loop may sleep, and then the bounce goes."""
+    q = Queue(root / "queue")
+    commit([_message(q, "a@remote.test", "nobody-here@mx.test")])
+    real_enqueue = Queue.enqueue
+    full = [True]
+
+    def enqueue(self: Queue, *args: object, **kwargs: object) -> object:
+        if full[0]:
+            raise QueueError("cannot create a file in tmp/: No space left on device")
+        return real_enqueue(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Queue, "enqueue", enqueue)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1
+    deadline = time.monotonic() + 10
+    while not m.bounce_later and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        time.sleep(0.01)
+    for _ in range(50):  # passes of the main loop: none of them tries the bounce again
+        m.finish()
+    assert out.getvalue().count("warning cannot queue bounce") == 1
+    assert finisher.BOUNCE_RETRY - 1 < m._sleep_time() <= finisher.BOUNCE_RETRY
+    full[0] = False
+    m.bounce_retry_at = time.time()  # the wait is over
+    _drain(m)
+    assert out.getvalue().count("warning cannot queue bounce") == 1
+    assert " bounce qp " in out.getvalue()

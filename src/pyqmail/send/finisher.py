@@ -19,6 +19,8 @@ from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.scheduler import Msg, Scheduler, nextretry
 
+BOUNCE_RETRY = 15.0  # seconds before a bounce that could not be queued is tried again
+
 
 class Finisher(Scheduler):
     """Completion and bounces; the attributes are the manager's (``Manager.__init__``)."""
@@ -150,7 +152,11 @@ class Finisher(Scheduler):
         """Bounce and delete messages whose recipients are all done or failed; remove
         segments whose messages have all ended."""
         with self.lock:
-            ids, self.to_finish = sorted(self.to_finish), set()
+            due = self.to_finish
+            if self.bounce_later and time.time() >= self.bounce_retry_at:
+                due |= self.bounce_later
+                self.bounce_later = set()
+            ids, self.to_finish = sorted(due), set()
         unlinked: list[str] = []
         ended: list[str] = []  # messages of segments: their state files stay for now
         for queue_id in ids:
@@ -161,8 +167,11 @@ class Finisher(Scheduler):
                 if r.status == "failed"
             ]
             if failures and not msg.bounced and not self._bounce(queue_id, msg, failures):
-                with self.lock:  # try again at the next loop
-                    self.to_finish.add(queue_id)
+                # Tried again in BOUNCE_RETRY seconds, not at the next pass of the loop: a
+                # full disk would otherwise spin it at full speed, a warning per pass.
+                with self.lock:
+                    self.bounce_later.add(queue_id)
+                    self.bounce_retry_at = time.time() + BOUNCE_RETRY
                 continue
             if self._end_message(queue_id, msg):
                 (unlinked if msg.span is None else ended).append(queue_id)

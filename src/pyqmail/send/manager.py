@@ -169,6 +169,8 @@ class Manager(Finisher):
         self.busy_local = 0
         self.busy_remote = 0
         self.to_finish: set[str] = set()
+        self.bounce_later: set[str] = set()  # a bounce could not be queued: tried again at
+        self.bounce_retry_at = 0.0  # this time (``Finisher.finish``)
         self.segments: dict[str, Segment] = {}
         self.segments_done: set[str] = set()  # every message ended: remove the file
         self.stopping = False
@@ -339,9 +341,12 @@ class Manager(Finisher):
         with self.lock:
             if self.to_finish:
                 return 0.0
-            if not self.heap:
+            due = [self.heap[0][0]] if self.heap else []
+            if self.bounce_later:
+                due.append(self.bounce_retry_at)
+            if not due:
                 return MAX_SLEEP
-            return max(0.0, min(MAX_SLEEP, self.heap[0][0] - time.time()))
+            return max(0.0, min(MAX_SLEEP, min(due) - time.time()))
 
     def _handle_flags(self) -> None:
         flags, self.flags = self.flags, set()

@@ -138,6 +138,8 @@ class Scheduler:
     busy_local: int
     busy_remote: int
     to_finish: set[str]
+    bounce_later: set[str]
+    bounce_retry_at: float
     segments: dict[str, Segment]
     segments_done: set[str]
     stopping: bool
