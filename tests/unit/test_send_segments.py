@@ -13,7 +13,7 @@ import pytest
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.send import finisher
+from pyqmail.send import finisher, manager
 from pyqmail.send.manager import Log, Manager
 from tests.queue_util import commit
 
@@ -23,8 +23,9 @@ def root(send_root: Path) -> Path:
     return send_root
 
 
-def _message(q: Queue, sender: str, recipient: str) -> QueueWriter:
-    w = QueueWriter(q, sender, [recipient], defer=True)
+def _message(q: Queue, sender: str, recipient: str, *, defer: bool = True) -> QueueWriter:
+    """One message; ``defer`` (held in memory) makes ``commit`` put it in a segment."""
+    w = QueueWriter(q, sender, [recipient], defer=defer)
     w.write(b"Subject: s\r\n\r\nbody\r\n")
     return w
 
@@ -103,3 +104,33 @@ def test_a_bounce_that_cannot_be_queued_waits_before_it_is_tried_again(
     _drain(m)
     assert out.getvalue().count("warning cannot queue bounce") == 1
     assert " bounce qp " in out.getvalue()
+
+
+def test_a_state_file_that_cannot_be_read_at_start_leaves_its_message_alone(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start a message's state file exists but cannot be read (EIO, or EACCES after a
+    wrong chown): pyqmail-send neither stops (it did, at every start) nor delivers that
+    message again from scratch; it leaves it in mess/ with its state and serves the rest."""
+    q = Queue(root / "queue")
+    commit([_message(q, "a@remote.test", "user@mx.test", defer=False)])
+    commit([_message(q, "b@remote.test", "user@mx.test", defer=False)])
+    first, second = q.ids("new")  # files of their own, named by their queue ids
+    assert Manager(root, Log(io.StringIO())).pickup() == 2  # into mess/; then a "crash"
+    (q.root / "state" / first).write_bytes(b"")  # a state file of its own (progress)
+    real_read_state = manager.read_state
+
+    def read_state(path: Path) -> list[object]:
+        if path.name == first:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read_state(path)  # type: ignore[return-value]
+
+    monkeypatch.setattr(manager, "read_state", read_state)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    assert f"warning cannot read the state of {first}: Input/output error" in out.getvalue()
+    assert list(m.msgs) == [second]
+    _drain(m)
+    assert q.ids("mess") == [first] and q.ids("state") == [first]
+    assert len(os.listdir(root.parent / "home" / "Maildir" / "new")) == 1

@@ -211,13 +211,27 @@ class Manager(Finisher):
             except QueueError as exc:
                 self._quarantine("mess", name, exc)
                 continue
-            ended: set[str] = set()
-            if stored[0].span is not None:
-                ended = ended_messages(Path(self._p("state", name)))
-            keep.add(name)
+            keep.add(name)  # its state stays whatever happens next
             keep.update(s.env.queue_id for s in stored)
+            ended: set[str] = set()
+            try:
+                if stored[0].span is not None:
+                    ended = ended_messages(Path(self._p("state", name)))
+            except OSError as exc:
+                self._unreadable_state(name, exc)
+                continue
             loaded.append((name, stored, ended))
         self._resume(loaded, keep)
+
+    def _unreadable_state(self, name: str, exc: OSError) -> None:
+        """A state file that exists but cannot be read (EACCES after a wrong chown, EIO):
+        its message stays in mess/, unscheduled until the next start, rather than be
+        delivered again to the recipients it records as done, or stop pyqmail-send at
+        every start."""
+        self.log(
+            f"warning cannot read the state of {name}: {exc.strerror or exc};"
+            " left in mess/ until pyqmail-send starts again"
+        )
 
     def _resume(self, loaded: list[tuple[str, list[Stored], set[str]]], keep: set[str]) -> None:
         """Remove orphan state files, then schedule what ``mess/`` holds with the progress
@@ -229,6 +243,11 @@ class Manager(Finisher):
                 self.log(f"status removed orphan state {name}")
         for name, stored, ended in loaded:
             live = [s for s in stored if s.env.queue_id not in ended]
+            try:
+                signed = signatures(Path(self._p("state", name))) if stored[0].span else {}
+            except OSError as exc:
+                self._unreadable_state(name, exc)
+                continue
             if stored[0].span is not None:
                 segment = Segment({s.env.queue_id for s in live})
                 # an ended message may have left a state file: remove it with the segment
@@ -236,9 +255,12 @@ class Manager(Finisher):
                 self.segments[name] = segment
                 if not live:
                     self.segments_done.add(name)
-            signed = signatures(Path(self._p("state", name))) if stored[0].span else {}
             for s in live:
-                records = read_state(Path(self._p("state", s.env.queue_id)))
+                try:
+                    records = read_state(Path(self._p("state", s.env.queue_id)))
+                except OSError as exc:
+                    self._unreadable_state(s.env.queue_id, exc)
+                    continue
                 if stored[0].span is None:
                     signed = {r.queue_id: r.headers for r in records if isinstance(r, Signed)}
                 self._add(name, s, records, signed.get(s.env.queue_id, b""))
