@@ -3,13 +3,15 @@ and the cached trigger FIFO."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 
-from pyqmail.queue.format import Envelope, QueueError, parse_message
+from pyqmail.queue.format import Envelope, QueueError, QueueUnreadableError, parse_message
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
 from tests.queue_util import commit, messages
@@ -188,15 +190,57 @@ def test_a_name_in_new_that_is_no_regular_file_is_refused_not_opened(
 ) -> None:
     """Every member of the queue's group may put a name into new/: a FIFO there must not
     block the reader's open forever (all delivery would stop), a symlink must not make it
-    read another file. Both are refused as unreadable queue files (the manager sets them
-    aside in bad/)."""
+    read another file. Both are refused as files that fail verification (the manager sets
+    them aside in bad/), not as files that cannot be read now (it would read them again)."""
     path = queue.path("new", "18ee4a00000000a0.1.x")
     if kind == "fifo":
         os.mkfifo(path)
     else:
         (tmp_path / "elsewhere").write_bytes(b"not a queue file")
         path.symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(QueueError, match=r"cannot read .*(not a regular file|symbolic links)"):
-        queue.load("new", path.name)
-    with pytest.raises(QueueError, match="cannot read"):
-        queue.read_stored("new", path.name, (0, 10))
+    for read in (
+        lambda: queue.load("new", path.name),
+        lambda: queue.read_stored("new", path.name, (0, 10)),
+    ):
+        with pytest.raises(QueueError, match=r"is not a regular file") as refused:
+            read()
+        assert not isinstance(refused.value, QueueUnreadableError)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO, errno.EMFILE])
+def test_a_file_that_cannot_be_read_now_is_told_from_a_bad_one(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """EACCES (a wrong chown), EIO or EMFILE say nothing about the file: the reader gets a
+    QueueUnreadableError with the errno (and leaves the file where it is), not the
+    QueueError of a file that fails verification (which goes to bad/)."""
+    w = QueueWriter(queue, "a@example.test", ["b@example.test"])
+    w.write(b"Subject: s\r\n\r\nbody\r\n")
+    env = w.commit()
+    real_open = os.open
+
+    def failing_open(path: str, *args: int, **kwargs: int) -> int:
+        if str(path).endswith(env.queue_id):
+            raise OSError(code, os.strerror(code))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    for read in (
+        lambda: queue.load("new", env.queue_id),
+        lambda: queue.read_stored("new", env.queue_id, (0, 10)),
+    ):
+        with pytest.raises(QueueUnreadableError, match=os.strerror(code)) as failed:
+            read()
+        assert failed.value.errno == code
+
+
+def test_a_single_message_file_under_another_name_is_refused(queue: Queue) -> None:
+    """A file of one message is named after its queue id: its state file and its end (the
+    unlink of mess/<id>) go by that id, so a copy or a renamed file would be delivered
+    again at every start. It is refused, naming the id to rename it to."""
+    w = QueueWriter(queue, "a@example.test", ["b@example.test"])
+    w.write(b"Subject: s\r\n\r\nbody\r\n")
+    env = w.commit()
+    os.rename(queue.path("new", env.queue_id), queue.path("new", "18ee4a00000000a0.7.copy"))
+    with pytest.raises(QueueError, match=f"holds message {re.escape(env.queue_id)}"):
+        queue.load("new", "18ee4a00000000a0.7.copy")

@@ -264,14 +264,15 @@ def test_pickup_fsyncs_both_directories_before_scheduling(
     in new/ (picked up again, nothing delivered yet) or only in mess/."""
     import io
 
+    from pyqmail.send import loader
     from pyqmail.send import manager as send
 
     q = Queue(send_root / "queue")
     for n in range(3):
         q.enqueue("a@remote.test", [f"user{n}@mx.test"], b"x\r\n")
     events: list[str] = []
-    real = send.fsync_dir
-    monkeypatch.setattr(send, "fsync_dir", lambda p: events.append(Path(p).name) or real(p))
+    real = loader.fsync_dir
+    monkeypatch.setattr(loader, "fsync_dir", lambda p: events.append(Path(p).name) or real(p))
     m = send.Manager(send_root, send.Log(io.StringIO()))
     real_add = m._add
     monkeypatch.setattr(m, "_add", lambda *a: events.append("schedule") or real_add(*a))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.queue.store import Queue
-from pyqmail.send import manager as send
+from pyqmail.send import loader as send
 from pyqmail.send.manager import Log, Manager
 
 

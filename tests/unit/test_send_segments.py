@@ -13,7 +13,7 @@ import pytest
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.send import finisher, manager
+from pyqmail.send import finisher
 from pyqmail.send.manager import Log, Manager
 from tests.queue_util import commit
 
@@ -74,7 +74,7 @@ def test_a_bounce_that_cannot_be_queued_waits_before_it_is_tried_again(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The queue is full when a bounce is due: the message is tried again after
-    ``BOUNCE_RETRY``, not at every pass of the main loop (which then spun at full speed,
+    ``FINISH_RETRY``, not at every pass of the main loop (which then spun at full speed,
     a warning per pass); meanwhile the loop may sleep, and then the bounce goes."""
     q = Queue(root / "queue")
     commit([_message(q, "a@remote.test", "nobody-here@mx.test")])
@@ -91,46 +91,16 @@ def test_a_bounce_that_cannot_be_queued_waits_before_it_is_tried_again(
     m = Manager(root, Log(out))
     assert m.pickup() == 1
     deadline = time.monotonic() + 10
-    while not m.bounce_later and time.monotonic() < deadline:
+    while not m.finish_later and time.monotonic() < deadline:
         m.dispatch()
         m.finish()
         time.sleep(0.01)
     for _ in range(50):  # passes of the main loop: none of them tries the bounce again
         m.finish()
     assert out.getvalue().count("warning cannot queue bounce") == 1
-    assert finisher.BOUNCE_RETRY - 1 < m._sleep_time() <= finisher.BOUNCE_RETRY
+    assert finisher.FINISH_RETRY - 1 < m._sleep_time() <= finisher.FINISH_RETRY
     full[0] = False
-    m.bounce_retry_at = time.time()  # the wait is over
+    m.finish_retry_at = time.time()  # the wait is over
     _drain(m)
     assert out.getvalue().count("warning cannot queue bounce") == 1
     assert " bounce qp " in out.getvalue()
-
-
-def test_a_state_file_that_cannot_be_read_at_start_leaves_its_message_alone(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """At start a message's state file exists but cannot be read (EIO, or EACCES after a
-    wrong chown): pyqmail-send neither stops (it did, at every start) nor delivers that
-    message again from scratch; it leaves it in mess/ with its state and serves the rest."""
-    q = Queue(root / "queue")
-    commit([_message(q, "a@remote.test", "user@mx.test", defer=False)])
-    commit([_message(q, "b@remote.test", "user@mx.test", defer=False)])
-    first, second = q.ids("new")  # files of their own, named by their queue ids
-    assert Manager(root, Log(io.StringIO())).pickup() == 2  # into mess/; then a "crash"
-    (q.root / "state" / first).write_bytes(b"")  # a state file of its own (progress)
-    real_read_state = manager.read_state
-
-    def read_state(path: Path) -> list[object]:
-        if path.name == first:
-            raise OSError(errno.EIO, "Input/output error")
-        return real_read_state(path)  # type: ignore[return-value]
-
-    monkeypatch.setattr(manager, "read_state", read_state)
-    out = io.StringIO()
-    m = Manager(root, Log(out))
-    m.startup()
-    assert f"warning cannot read the state of {first}: Input/output error" in out.getvalue()
-    assert list(m.msgs) == [second]
-    _drain(m)
-    assert q.ids("mess") == [first] and q.ids("state") == [first]
-    assert len(os.listdir(root.parent / "home" / "Maildir" / "new")) == 1

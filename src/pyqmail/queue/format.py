@@ -69,6 +69,17 @@ class QueueError(Exception):
     """The queue could not take or give a message; nothing half-written was left."""
 
 
+class QueueUnreadableError(QueueError):
+    """A queue file could not be read now (EMFILE, EIO, EACCES after a wrong chown): not
+    proof that the file is bad, so the reader leaves it where it is and reads it again
+    later, rather than set it aside in ``bad/`` as it does a file that fails
+    verification."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What the queue knows about one message besides its bytes."""

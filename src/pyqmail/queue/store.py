@@ -53,7 +53,15 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pyqmail.queue.format import Envelope, QueueError, Stored, id_order, parse_file, parse_message
+from pyqmail.queue.format import (
+    Envelope,
+    QueueError,
+    QueueUnreadableError,
+    Stored,
+    id_order,
+    parse_file,
+    parse_message,
+)
 from pyqmail.queue.writer import QueueWriter
 
 # The mode of each queue directory (see "Permissions" above); the role pyqmail_control
@@ -86,15 +94,30 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def _open_regular(path: str) -> int:
-    """A queue file opened for reading, refused (OSError) unless it is a regular file:
-    every member of the queue's group may put a name into new/, and a FIFO there would
-    block the reader's open forever (no delivery at all), a symlink would make it read
-    some other file. O_NONBLOCK changes nothing for a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    """A queue file opened for reading. Anything but a regular file is refused with a
+    QueueError (it fails verification): every member of the queue's group may put a name
+    into new/, and a FIFO there would block the reader's open forever (no delivery at all),
+    a symlink would make it read some other file. O_NONBLOCK changes nothing for a regular
+    file. Any other failure is a QueueUnreadableError (``_unreadable``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a socket
+            raise QueueError(f"{path} is not a regular file") from exc
+        raise _unreadable(path, exc) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", path)
+        raise _unreadable(path, exc) from exc
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise QueueError(f"{path} is not a regular file")
     return fd
+
+
+def _unreadable(path: str, exc: OSError) -> QueueUnreadableError:
+    return QueueUnreadableError(f"cannot read {path}: {exc.strerror or exc}", exc.errno)
 
 
 class Queue:
@@ -243,12 +266,21 @@ class Queue:
     def load(self, sub: str, name: str) -> list[Stored]:
         """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
         path = f"{self.root}/{sub}/{name}"
-        try:
-            with open(_open_regular(path), "rb") as f:
+        with open(_open_regular(path), "rb") as f:
+            try:
                 data = f.read()
-        except OSError as exc:
-            raise QueueError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        return parse_file(data, path)
+            except OSError as exc:
+                raise _unreadable(path, exc) from exc
+        stored = parse_file(data, path)
+        if len(stored) == 1 and stored[0].span is None and stored[0].env.queue_id != name:
+            # a copy or a renamed file: its state file (state/<id>) and its end (the
+            # unlink of mess/<id>) would not be this file's, so it would come back at
+            # every start
+            raise QueueError(
+                f"{path} holds message {stored[0].env.queue_id}: a queue file is named after"
+                " its message (rename it to that id to queue it again)"
+            )
+        return stored
 
     def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
         """Read one message again: the whole file ``<sub>/<name>``, or the record of the
@@ -260,14 +292,13 @@ class Queue:
             return stored[0]
         path = f"{self.root}/{sub}/{name}"
         offset, length = span
+        fd = _open_regular(path)
         try:
-            fd = _open_regular(path)
-            try:
-                data = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
+            data = os.pread(fd, length, offset)
         except OSError as exc:
-            raise QueueError(f"cannot read {path}: {exc.strerror}") from exc
+            raise _unreadable(path, exc) from exc
+        finally:
+            os.close(fd)
         env, body = parse_message(data, f"{path} at byte {offset}")
         return Stored(env, body, span)
 

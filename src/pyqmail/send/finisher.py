@@ -19,7 +19,10 @@ from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.scheduler import Msg, Scheduler, nextretry
 
-BOUNCE_RETRY = 15.0  # seconds before a bounce that could not be queued is tried again
+# seconds before a bounce that could not be queued, or an end that could not be recorded
+# (a full disk, EIO), is tried again: not at every pass of the main loop, which would spin
+# at full speed with a warning per pass
+FINISH_RETRY = 15.0
 
 
 class Finisher(Scheduler):
@@ -126,7 +129,7 @@ class Finisher(Scheduler):
         """A finished message leaves the queue: its file goes, or, in a segment, its end is
         recorded. False, logged, if that failed (the message stays and is tried again)."""
         if msg.span is None:
-            return self._remove_mess(queue_id)
+            return self._remove_mess(msg.file)  # named by its queue id (``Queue.load``)
         try:
             self._end_in_segment(queue_id, msg)
         except OSError as exc:
@@ -150,12 +153,14 @@ class Finisher(Scheduler):
 
     def finish(self) -> None:
         """Bounce and delete messages whose recipients are all done or failed; remove
-        segments whose messages have all ended."""
+        segments whose messages have all ended. What fails is tried again in
+        ``FINISH_RETRY`` seconds (``_later``)."""
         with self.lock:
+            retry = time.time() >= self.finish_retry_at
             due = self.to_finish
-            if self.bounce_later and time.time() >= self.bounce_retry_at:
-                due |= self.bounce_later
-                self.bounce_later = set()
+            if retry:
+                due |= self.finish_later
+                self.finish_later = set()
             ids, self.to_finish = sorted(due), set()
         unlinked: list[str] = []
         ended: list[str] = []  # messages of segments: their state files stay for now
@@ -167,21 +172,38 @@ class Finisher(Scheduler):
                 if r.status == "failed"
             ]
             if failures and not msg.bounced and not self._bounce(queue_id, msg, failures):
-                # Tried again in BOUNCE_RETRY seconds, not at the next pass of the loop: a
-                # full disk would otherwise spin it at full speed, a warning per pass.
-                with self.lock:
-                    self.bounce_later.add(queue_id)
-                    self.bounce_retry_at = time.time() + BOUNCE_RETRY
-                continue
-            if self._end_message(queue_id, msg):
+                self._later(self.finish_later, queue_id)
+            elif self._end_message(queue_id, msg):
                 (unlinked if msg.span is None else ended).append(queue_id)
+            else:
+                self._later(self.finish_later, queue_id)
         for queue_id in ended:
             with self.lock:
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
+        with self.lock:  # after the ends above, which may have completed segments
+            names = self.segments_done
+            if retry:
+                names |= self.segments_later
+                self.segments_later = set()
+            segments, self.segments_done = sorted(names), set()
+        removed = []
+        for name in segments:
+            if self._remove_mess(name):
+                removed.append(name)
+            else:
+                self._later(self.segments_later, name)
+        self._forget_removed(unlinked, removed)
+
+    def _later(self, later: set[str], name: str) -> None:
+        """Try this message's (or segment's) end again in ``FINISH_RETRY`` seconds."""
         with self.lock:
-            segments, self.segments_done = sorted(self.segments_done), set()
-        removed = [name for name in segments if self._remove_mess(name)]
+            later.add(name)
+            self.finish_retry_at = time.time() + FINISH_RETRY
+
+    def _forget_removed(self, unlinked: list[str], removed: list[str]) -> None:
+        """After the unlinks of messages and segments from mess/: fsync mess/, then remove
+        their state files (a state file without its message is removed at start)."""
         if unlinked or removed:
             fsync_dir(self.queue.path("mess"))
         for queue_id in unlinked:

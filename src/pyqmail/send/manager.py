@@ -8,6 +8,12 @@ starts. A crash before the fsyncs leaves the file in ``new/`` (or already in ``m
 either way it is picked up again; nothing was delivered yet. Once both are fsynced the name
 is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
 
+Failing to read is not failing verification: a file of ``new/`` or ``mess/`` that cannot be
+read now (EIO, EMFILE, EACCES after a wrong chown: ``QueueUnreadableError``), or whose state
+files cannot, stays where it is with its state and is read again every ``UNREAD_RETRY``
+seconds (``_hold``, ``_unread_new``, ``_read_again``); only a file that fails verification
+(torn, not a regular file, a single message not named by its id) goes to ``bad/``.
+
 DKIM (``pyqmail.dkim``): before the rename, every message the policy signs gets its
 DKIM-Signature fields, written to ``state/<file>`` and synced (``pyqmail.dkim.pickup``: one
 fdatasync per queue file holding signed messages, one fsync of ``state/`` per batch, nothing
@@ -63,9 +69,10 @@ keeps its connection and takes the next ready job for the same destination.
 
 Processes: the deliveries run in two child processes, remote and local, each under its
 own user (``--remote-user``, ``--local-user``); this process sends them each message's bytes
-and records what they answer. See ``pyqmail.send.spawn``. The code is in three modules:
-this one (start-up, pickup, signals, the loop, the command line), ``pyqmail.send.scheduler``
-(the in-memory model, retries, slots) and ``pyqmail.send.finisher`` (outcomes, ends, bounces).
+and records what they answer. See ``pyqmail.send.spawn``. The code is in four modules:
+this one (signals, the loop, the command line), ``pyqmail.send.loader`` (start-up, pickup,
+reading again what could not be read), ``pyqmail.send.scheduler`` (the in-memory model,
+retries, slots) and ``pyqmail.send.finisher`` (outcomes, ends, bounces).
 
 Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
 control files, TERM stops starting deliveries, waits for those in flight, exits 0.
@@ -97,19 +104,10 @@ from pyqmail.control.check import check_send
 from pyqmail.control.send import Control, ControlError
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.keys import Key
-from pyqmail.dkim.pickup import sign_batch
 from pyqmail.privs import Identity, PrivilegeError, drop, resolve
-from pyqmail.queue.format import QueueError, Stored
-from pyqmail.queue.state import (
-    Record,
-    Signed,
-    ended_messages,
-    read_state,
-    signatures,
-)
-from pyqmail.queue.store import PIDFILE, Queue, fsync_dir
-from pyqmail.send.delivery import one_line
-from pyqmail.send.finisher import Finisher
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import PIDFILE, Queue
+from pyqmail.send.loader import Loader
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery
@@ -119,7 +117,6 @@ from pyqmail.send.spawn import Children, stop_children
 __all__ = ["Log", "Manager", "load_msg", "main", "nextretry"]
 
 CLEAN_TMP_EVERY = 3600.0
-BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
 MAX_SLEEP = 60.0
 
 
@@ -137,9 +134,9 @@ class Log:
             self.stream.flush()
 
 
-class Manager(Finisher):
-    """The queue manager: start-up, pickup, signals and the main loop (this module's
-    docstring); scheduling in ``Scheduler``, completion in ``Finisher``."""
+class Manager(Loader):
+    """The queue manager: signals and the main loop (this module's docstring); start-up
+    and pickup in ``Loader``, scheduling in ``Scheduler``, completion in ``Finisher``."""
 
     def __init__(
         self,
@@ -169,10 +166,14 @@ class Manager(Finisher):
         self.busy_local = 0
         self.busy_remote = 0
         self.to_finish: set[str] = set()
-        self.bounce_later: set[str] = set()  # a bounce could not be queued: tried again at
-        self.bounce_retry_at = 0.0  # this time (``Finisher.finish``)
+        self.finish_later: set[str] = set()  # a bounce or an end failed, and a segment's
+        self.segments_later: set[str] = set()  # unlink: tried again at finish_retry_at
+        self.finish_retry_at = 0.0  # (``Finisher.finish``)
         self.segments: dict[str, Segment] = {}
         self.segments_done: set[str] = set()  # every message ended: remove the file
+        self.unread: set[str] = set()  # files of mess/ not read yet (``_hold``), and
+        self.new_unread = False  # of new/: read again at unread_at (``_read_again``)
+        self.unread_at = 0.0
         self.stopping = False
         self.status = 0  # exit status of run()
         self.flags: set[str] = set()
@@ -200,82 +201,6 @@ class Manager(Finisher):
         names = {int(signal.SIGALRM): "alrm", int(signal.SIGHUP): "hup"}
         self.flags.add(names.get(signum, "term"))
 
-    # -- loading --------------------------------------------------------------------
-    def startup(self) -> None:
-        self._clean_tmp()
-        keep: set[str] = set()  # state files that belong to something in mess/
-        loaded: list[tuple[str, list[Stored], set[str]]] = []
-        for name in self.queue.ids("mess"):
-            try:
-                stored = self.queue.load("mess", name)
-            except QueueError as exc:
-                self._quarantine("mess", name, exc)
-                continue
-            keep.add(name)  # its state stays whatever happens next
-            keep.update(s.env.queue_id for s in stored)
-            ended: set[str] = set()
-            try:
-                if stored[0].span is not None:
-                    ended = ended_messages(Path(self._p("state", name)))
-            except OSError as exc:
-                self._unreadable_state(name, exc)
-                continue
-            loaded.append((name, stored, ended))
-        self._resume(loaded, keep)
-
-    def _unreadable_state(self, name: str, exc: OSError) -> None:
-        """A state file that exists but cannot be read (EACCES after a wrong chown, EIO):
-        its message stays in mess/, unscheduled until the next start, rather than be
-        delivered again to the recipients it records as done, or stop pyqmail-send at
-        every start."""
-        self.log(
-            f"warning cannot read the state of {name}: {exc.strerror or exc};"
-            " left in mess/ until pyqmail-send starts again"
-        )
-
-    def _resume(self, loaded: list[tuple[str, list[Stored], set[str]]], keep: set[str]) -> None:
-        """Remove orphan state files, then schedule what ``mess/`` holds with the progress
-        (and the DKIM signatures) its state files recorded."""
-        for name in self.queue.ids("state"):
-            if name not in keep:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.queue.path("state", name))
-                self.log(f"status removed orphan state {name}")
-        for name, stored, ended in loaded:
-            live = [s for s in stored if s.env.queue_id not in ended]
-            try:
-                signed = signatures(Path(self._p("state", name))) if stored[0].span else {}
-            except OSError as exc:
-                self._unreadable_state(name, exc)
-                continue
-            if stored[0].span is not None:
-                segment = Segment({s.env.queue_id for s in live})
-                # an ended message may have left a state file: remove it with the segment
-                segment.stateful = {s.env.queue_id for s in stored} - segment.live
-                self.segments[name] = segment
-                if not live:
-                    self.segments_done.add(name)
-            for s in live:
-                try:
-                    records = read_state(Path(self._p("state", s.env.queue_id)))
-                except OSError as exc:
-                    self._unreadable_state(s.env.queue_id, exc)
-                    continue
-                if stored[0].span is None:
-                    signed = {r.queue_id: r.headers for r in records if isinstance(r, Signed)}
-                self._add(name, s, records, signed.get(s.env.queue_id, b""))
-        self.pickup()
-
-    def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
-        if not self.queue.path(sub, name).exists():
-            return  # gone meanwhile (or unreadable for another reason: logged by the caller)
-        with contextlib.suppress(OSError):
-            self.queue.quarantine(sub, name)
-        if sub == "mess":
-            with contextlib.suppress(OSError):
-                os.unlink(self.queue.path("state", name))
-        self.log(f"warning quarantined {name} to bad/: {one_line(str(exc))}")
-
     def _clean_tmp(self) -> None:
         """Remove what crashed writers left in tmp/ (qmail-send does this too)."""
         self._last_clean = time.monotonic()
@@ -287,85 +212,16 @@ class Manager(Finisher):
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
-    def _add(self, name: str, stored: Stored, records: list[Record], dkim: bytes = b"") -> Msg:
-        """Schedule one message of ``mess/<name>`` with the progress its records show."""
-        env = stored.env
-        queue_id = env.queue_id
-        msg = load_msg(env, records, self.control, time.time())
-        msg.file, msg.span, msg.dkim = name, stored.span, dkim
-        with self.lock:
-            self.msgs[queue_id] = msg
-            for r in msg.rcpts:
-                if r.status == "pending":
-                    self._push(queue_id, r)
-            if msg.finished:
-                self.to_finish.add(queue_id)
-        return msg
-
-    def pickup(self) -> int:
-        """Move verified files from new/ to mess/ and schedule their messages; sign those
-        that are signed first (``sign_batch``: the signatures are durable before the
-        rename)."""
-        loaded: list[tuple[str, list[Stored]]] = []
-        for name in self.queue.ids("new"):
-            try:
-                loaded.append((name, self.queue.load("new", name)))
-            except QueueError as exc:
-                self._quarantine("new", name, exc)
-        signed, notes = sign_batch(loaded, self.dkim, self.queue.path("state"), self.log)
-        moved: list[tuple[str, list[Stored]]] = []
-        count = 0
-        for name, stored in loaded:
-            if name not in signed:
-                continue  # its signatures could not be recorded: stays in new/
-            try:
-                os.rename(self._p("new", name), self._p("mess", name))
-            except OSError as exc:
-                self.log(f"warning cannot move {name} to mess/: {exc}")
-                continue
-            moved.append((name, stored))
-            for s in stored:
-                env = s.env
-                count += 1
-                self.log(
-                    f"new msg {env.queue_id} from=<{one_line(env.sender)}> "
-                    f"rcpts={len(env.recipients)} size={env.size}"
-                    + (f" segment={name}" if s.span is not None else "")
-                )
-                if env.queue_id in notes:
-                    self.log(f"dkim msg {env.queue_id} {notes[env.queue_id]}")
-        if moved:
-            fsync_dir(self.queue.path("mess"))
-            fsync_dir(self.queue.path("new"))
-            for name, stored in moved:
-                self._schedule_new(name, stored, signed[name])
-        return count
-
-    def _schedule_new(self, name: str, stored: list[Stored], signed: dict[str, bytes]) -> None:
-        """Schedule the messages of a file just moved into mess/: no state file yet but the
-        signatures' (``state/<name>``, a record of the message itself when alone)."""
-        if stored[0].span is not None:
-            with self.lock:
-                self.segments[name] = Segment({s.env.queue_id for s in stored})
-        for s in stored:
-            dkim = signed.get(s.env.queue_id, b"")
-            records: list[Record] = []
-            if dkim and s.span is None:
-                records.append(Signed(s.env.queue_id, dkim))  # state/<id> exists
-            msg = self._add(name, s, records, dkim)
-            with self.lock:  # the first delivery need not read the file again
-                if self.body_bytes + len(s.body) <= BODY_CACHE:
-                    msg.body = s.body
-                    self.body_bytes += len(s.body)
-
     # -- main loop ------------------------------------------------------------------
     def _sleep_time(self) -> float:
         with self.lock:
             if self.to_finish:
                 return 0.0
             due = [self.heap[0][0]] if self.heap else []
-            if self.bounce_later:
-                due.append(self.bounce_retry_at)
+            if self.finish_later or self.segments_later:
+                due.append(self.finish_retry_at)
+            if self.unread or self.new_unread:
+                due.append(self.unread_at)
             if not due:
                 return MAX_SLEEP
             return max(0.0, min(MAX_SLEEP, min(due) - time.time()))
@@ -419,6 +275,7 @@ class Manager(Finisher):
                         self.finish()
                         break
                 else:
+                    self._read_again()
                     self.finish()
                     self.dispatch()
                     if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:

@@ -138,10 +138,11 @@ class Scheduler:
     busy_local: int
     busy_remote: int
     to_finish: set[str]
-    bounce_later: set[str]
-    bounce_retry_at: float
+    finish_later: set[str]
     segments: dict[str, Segment]
     segments_done: set[str]
+    segments_later: set[str]
+    finish_retry_at: float
     stopping: bool
     local_pool: ThreadPoolExecutor
     remote_pool: ThreadPoolExecutor

@@ -1,0 +1,226 @@
+"""pyqmail-send's reading of the queue: the start-up (``mess/`` and its state files), the
+pickup (``new/`` -> ``mess/``), and reading again what could not be read.
+
+The protocols are in ``pyqmail.send.manager``'s docstring. What this module adds to them:
+a file is scheduled whole or not at all (a segment whose one state file cannot be read is
+held with all its messages, so reading it again cannot schedule a message twice), and a
+file that cannot be read now is held, not set aside (``_hold``, ``_unread_new``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from pathlib import Path
+
+from pyqmail.dkim.keys import Key
+from pyqmail.dkim.pickup import sign_batch
+from pyqmail.queue.format import QueueError, QueueUnreadableError, Stored, id_order
+from pyqmail.queue.state import Ended, Record, Signed, read_state
+from pyqmail.queue.store import fsync_dir
+from pyqmail.send.delivery import one_line
+from pyqmail.send.finisher import Finisher
+from pyqmail.send.scheduler import Msg, Segment, load_msg
+
+BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
+UNREAD_RETRY = 60.0  # seconds before a queue file that could not be read is read again
+# a file of mess/ read at start: its name, its messages, the state files read (by name)
+Loaded = tuple[str, list[Stored], dict[str, list[Record]]]
+
+
+class Loader(Finisher):
+    """Start-up and pickup; the attributes are the manager's (``Manager.__init__``)."""
+
+    dkim: dict[str, list[Key]]
+    unread: set[str]
+    new_unread: bool
+    unread_at: float
+
+    def _clean_tmp(self) -> None:
+        """Remove what crashed writers left in tmp/ (``Manager._clean_tmp``)."""
+        raise NotImplementedError
+
+    def startup(self) -> None:
+        self._clean_tmp()
+        loaded = [item for name in self.queue.ids("mess") if (item := self._read_mess(name))]
+        self._remove_orphans(loaded)
+        for item in loaded:
+            self._resume(*item)
+        self.pickup()
+
+    def _read_mess(self, name: str) -> Loaded | None:
+        """``mess/<name>`` and the state files of its messages that have not ended, all
+        read or none: None when the file went to bad/ (it failed verification) or could
+        not be read now (``_hold``: read again later, its state files kept)."""
+        try:
+            stored = self.queue.load("mess", name)
+        except QueueUnreadableError as exc:
+            self._hold(name, str(exc))
+            return None
+        except QueueError as exc:
+            self._quarantine("mess", name, exc)
+            return None
+        states: dict[str, list[Record]] = {}
+        try:
+            # a segment's own state file (its ends and signatures), or the message's
+            states[name] = read_state(Path(self._p("state", name)))
+            ended = {r.queue_id for r in states[name] if isinstance(r, Ended)}
+            for s in stored:
+                if s.span is not None and s.env.queue_id not in ended:
+                    states[s.env.queue_id] = read_state(Path(self._p("state", s.env.queue_id)))
+        except OSError as exc:
+            where = exc.filename or f"the state of {name}"
+            self._hold(name, f"cannot read {where}: {exc.strerror or exc}")
+            return None
+        return name, stored, states
+
+    def _hold(self, name: str, why: str) -> None:
+        """A file of mess/ that cannot be read now, or whose state cannot (EACCES after a
+        wrong chown, EIO, EMFILE): it stays in mess/ with its state, unscheduled, and is
+        read again in ``UNREAD_RETRY`` seconds. Not delivered from scratch, which would
+        repeat the recipients its state records as done; not set aside in bad/, which is
+        for files that fail verification."""
+        self.log(f"warning {one_line(why)}; mess/{name} is read again in {UNREAD_RETRY:.0f} s")
+        with self.lock:
+            self.unread.add(name)
+            self.unread_at = time.time() + UNREAD_RETRY
+
+    def _remove_orphans(self, loaded: list[Loaded]) -> None:
+        """Remove the state files whose message is gone from mess/ (a crash after the
+        unlink of mess/<id>). Skipped while a file of mess/ could not be read: which
+        state files are its messages' is not known then."""
+        if self.unread:
+            return
+        keep = {name for name, _, _ in loaded}
+        keep.update(s.env.queue_id for _, stored, _ in loaded for s in stored)
+        for name in self.queue.ids("state"):
+            if name not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.queue.path("state", name))
+                self.log(f"status removed orphan state {name}")
+
+    def _resume(self, name: str, stored: list[Stored], states: dict[str, list[Record]]) -> None:
+        """Schedule the messages of ``mess/<name>`` that have not ended, with the progress
+        (and the DKIM signatures) their state files recorded."""
+        own = states[name]
+        signed = {r.queue_id: r.headers for r in own if isinstance(r, Signed)}
+        live = [s for s in stored if s.env.queue_id in states]  # alone: its id is ``name``
+        if stored[0].span is not None:
+            segment = Segment({s.env.queue_id for s in live})
+            # an ended message may have left a state file: remove it with the segment
+            segment.stateful = {s.env.queue_id for s in stored} - segment.live
+            with self.lock:
+                self.segments[name] = segment
+                if not live:
+                    self.segments_done.add(name)
+        for s in live:
+            self._add(name, s, states[s.env.queue_id], signed.get(s.env.queue_id, b""))
+
+    def _read_again(self) -> None:
+        """Read again, once ``unread_at`` is past, what could not be read: files of mess/
+        (``_hold``) and of new/ (``pickup``)."""
+        with self.lock:
+            if not (self.unread or self.new_unread) or time.time() < self.unread_at:
+                return
+            names, self.unread = sorted(self.unread, key=id_order), set()
+            self.new_unread = False
+        for name in names:
+            item = self._read_mess(name)
+            if item is not None:
+                self._resume(*item)
+        self.pickup()
+
+    def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
+        if not self.queue.path(sub, name).exists():
+            return  # gone meanwhile (or unreadable for another reason: logged by the caller)
+        with contextlib.suppress(OSError):
+            self.queue.quarantine(sub, name)
+        if sub == "mess":
+            with contextlib.suppress(OSError):
+                os.unlink(self.queue.path("state", name))
+        self.log(f"warning quarantined {name} to bad/: {one_line(str(exc))}")
+
+    def _add(self, name: str, stored: Stored, records: list[Record], dkim: bytes = b"") -> Msg:
+        """Schedule one message of ``mess/<name>`` with the progress its records show."""
+        env = stored.env
+        queue_id = env.queue_id
+        msg = load_msg(env, records, self.control, time.time())
+        msg.file, msg.span, msg.dkim = name, stored.span, dkim
+        with self.lock:
+            self.msgs[queue_id] = msg
+            for r in msg.rcpts:
+                if r.status == "pending":
+                    self._push(queue_id, r)
+            if msg.finished:
+                self.to_finish.add(queue_id)
+        return msg
+
+    def pickup(self) -> int:
+        """Move verified files from new/ to mess/ and schedule their messages; sign those
+        that are signed first (``sign_batch``: the signatures are durable before the
+        rename)."""
+        loaded: list[tuple[str, list[Stored]]] = []
+        for name in self.queue.ids("new"):
+            try:
+                loaded.append((name, self.queue.load("new", name)))
+            except QueueUnreadableError as exc:
+                if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to read again
+                    self._unread_new(name, str(exc))
+            except QueueError as exc:
+                self._quarantine("new", name, exc)
+        signed, notes = sign_batch(loaded, self.dkim, self.queue.path("state"), self.log)
+        moved: list[tuple[str, list[Stored]]] = []
+        count = 0
+        for name, stored in loaded:
+            if name not in signed:
+                continue  # its signatures could not be recorded: stays in new/
+            try:
+                os.rename(self._p("new", name), self._p("mess", name))
+            except OSError as exc:
+                self.log(f"warning cannot move {name} to mess/: {exc}")
+                continue
+            moved.append((name, stored))
+            for s in stored:
+                env = s.env
+                count += 1
+                self.log(
+                    f"new msg {env.queue_id} from=<{one_line(env.sender)}> "
+                    f"rcpts={len(env.recipients)} size={env.size}"
+                    + (f" segment={name}" if s.span is not None else "")
+                )
+                if env.queue_id in notes:
+                    self.log(f"dkim msg {env.queue_id} {notes[env.queue_id]}")
+        if moved:
+            fsync_dir(self.queue.path("mess"))
+            fsync_dir(self.queue.path("new"))
+            for name, stored in moved:
+                self._schedule_new(name, stored, signed[name])
+        return count
+
+    def _unread_new(self, name: str, why: str) -> None:
+        """A file of new/ that cannot be read now stays there and is read again in
+        ``UNREAD_RETRY`` seconds (``_read_again``) rather than wait for the next commit's
+        poke."""
+        self.log(f"warning {one_line(why)}; new/{name} is read again in {UNREAD_RETRY:.0f} s")
+        with self.lock:
+            self.new_unread = True
+            self.unread_at = time.time() + UNREAD_RETRY
+
+    def _schedule_new(self, name: str, stored: list[Stored], signed: dict[str, bytes]) -> None:
+        """Schedule the messages of a file just moved into mess/: no state file yet but the
+        signatures' (``state/<name>``, a record of the message itself when alone)."""
+        if stored[0].span is not None:
+            with self.lock:
+                self.segments[name] = Segment({s.env.queue_id for s in stored})
+        for s in stored:
+            dkim = signed.get(s.env.queue_id, b"")
+            records: list[Record] = []
+            if dkim and s.span is None:
+                records.append(Signed(s.env.queue_id, dkim))  # state/<id> exists
+            msg = self._add(name, s, records, dkim)
+            with self.lock:  # the first delivery need not read the file again
+                if self.body_bytes + len(s.body) <= BODY_CACHE:
+                    msg.body = s.body
+                    self.body_bytes += len(s.body)

@@ -1,0 +1,261 @@
+"""pyqmail-send and queue files it cannot read now (EIO, EACCES after a wrong chown,
+EMFILE): such a file is neither set aside in bad/ (that is for files that fail
+verification) nor delivered from scratch; it stays where it is and is read again after
+``UNREAD_RETRY``. And a message whose end cannot be recorded is ended again after
+``FINISH_RETRY``, not left in memory until a restart."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyqmail.queue import store
+from pyqmail.queue.state import Attempt, append_state
+from pyqmail.queue.store import Queue
+from pyqmail.queue.writer import QueueWriter
+from pyqmail.send import finisher, loader
+from pyqmail.send.loader import UNREAD_RETRY
+from pyqmail.send.manager import Log, Manager
+from tests.queue_util import commit
+
+
+@pytest.fixture
+def root(send_root: Path) -> Path:
+    return send_root
+
+
+def _message(q: Queue, recipients: int = 1, *, defer: bool = False) -> QueueWriter:
+    """One message to user@mx.test (``recipients`` times); ``defer`` (held in memory)
+    makes ``commit`` put it in a segment."""
+    w = QueueWriter(q, "a@remote.test", ["user@mx.test"] * recipients, defer=defer)
+    w.write(b"Subject: s\r\n\r\nbody\r\n")
+    return w
+
+
+def _drain(m: Manager, timeout: float = 10.0) -> None:
+    """Run the main loop's passes (without its sleep) until nothing is in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m._read_again()
+        m.dispatch()
+        m.finish()
+        with m.lock:
+            busy = m.busy_local or m.busy_remote or m.to_finish or m.segments_done
+        if not busy:
+            return
+        time.sleep(0.01)
+    raise AssertionError("deliveries still in flight")
+
+
+def _delivered(root: Path) -> int:
+    maildir = root.parent / "home" / "Maildir" / "new"
+    return len(os.listdir(maildir)) if maildir.exists() else 0
+
+
+def _failing(
+    monkeypatch: pytest.MonkeyPatch, module: object, name: str, broken: set[str]
+) -> Callable[[], None]:
+    """Make ``module.name(path, ...)`` raise EIO for paths whose last part is in
+    ``broken``; returns a function that mends it."""
+    real = getattr(module, name)
+
+    def failing(path: object, *args: object, **kwargs: object) -> object:
+        if os.path.basename(os.fspath(path)) in broken:  # type: ignore[arg-type]
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    return broken.clear
+
+
+def _picked_up(root: Path, q: Queue) -> None:
+    """Move what new/ holds into mess/, as a pyqmail-send that then crashed would."""
+    Manager(root, Log(io.StringIO())).pickup()
+
+
+def test_a_state_file_that_cannot_be_read_at_start_is_read_again_later(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start a message's state file exists but cannot be read: pyqmail-send neither
+    stops (it did, at every start) nor delivers that message again from scratch (which
+    would repeat the recipients it records as done); it serves the rest, keeps the
+    message and its state, and reads them again after UNREAD_RETRY."""
+    q = Queue(root / "queue")
+    commit([_message(q, 2)])
+    commit([_message(q)])
+    first, second = q.ids("new")  # files of their own, named by their queue ids
+    _picked_up(root, q)
+    append_state(q.root / "state" / first, Attempt("done", 0, time.time(), "delivered"))
+    mend = _failing(monkeypatch, loader, "read_state", {first})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    assert f"warning cannot read the state of {first}: Input/output error" in out.getvalue()
+    assert f"mess/{first} is read again in {UNREAD_RETRY:.0f} s" in out.getvalue()
+    assert list(m.msgs) == [second]
+    _drain(m)
+    assert q.ids("mess") == [first] and q.ids("state") == [first]
+    assert _delivered(root) == 1
+    assert UNREAD_RETRY - 1 < m._sleep_time() <= UNREAD_RETRY  # the loop wakes for it
+    mend()
+    _drain(m)
+    assert _delivered(root) == 1, "read again before UNREAD_RETRY"
+    m.unread_at = time.time()  # the wait is over
+    _drain(m)
+    assert q.ids("mess") == [] and q.ids("state") == []
+    assert _delivered(root) == 2  # first's recipient 0 is not delivered again
+
+
+def test_a_segment_is_read_whole_or_not_at_all(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One message's state file in a segment cannot be read: none of the segment's
+    messages is scheduled (a retry of the file must not schedule the others twice), and
+    no state file is removed as an orphan meanwhile (whose they are is not known)."""
+    q = Queue(root / "queue")
+    commit([_message(q, defer=True), _message(q, defer=True)])
+    (segment,) = q.ids("new")
+    _picked_up(root, q)
+    ids = sorted(s.env.queue_id for s in q.load("mess", segment))
+    broken = q.root / "state" / ids[1]
+    append_state(broken, Attempt("deferred", 0, time.time(), "try later"), durable=False)
+    orphan = q.root / "state" / "18ee4a00000000a0.9.gone"
+    orphan.write_bytes(b"")
+    mend = _failing(monkeypatch, loader, "read_state", {ids[1]})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    assert f"mess/{segment} is read again" in out.getvalue()
+    assert m.msgs == {} and m.segments == {}
+    assert orphan.exists() and broken.exists()
+    mend()
+    m.unread_at = time.time()
+    _drain(m)
+    assert sorted(m.msgs) == [ids[1]]  # deferred: waits for its retry, the other is done
+    assert _delivered(root) == 1
+
+
+def test_a_queue_file_that_cannot_be_read_at_start_stays_in_mess(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO on a file of mess/ at start: it is not set aside in bad/ with its state file
+    unlinked (it was, as if it failed verification), but read again later."""
+    q = Queue(root / "queue")
+    commit([_message(q, 2)])
+    (name,) = q.ids("new")
+    _picked_up(root, q)
+    append_state(q.root / "state" / name, Attempt("done", 0, time.time(), "delivered"))
+    mend = _failing(monkeypatch, store.os, "open", {name})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    mend()
+    assert "Input/output error" in out.getvalue() and "quarantined" not in out.getvalue()
+    assert q.ids("mess") == [name] and q.ids("state") == [name] and q.ids("bad") == []
+    m.unread_at = time.time()
+    _drain(m)
+    assert q.ids("mess") == [] and q.ids("state") == []
+    assert _delivered(root) == 1  # recipient 0 is not delivered again
+
+
+def test_a_file_of_new_that_cannot_be_read_is_read_again_without_a_poke(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO on a file of new/ at pickup: it stays in new/ (not in bad/) and is picked up
+    after UNREAD_RETRY, even if no commit pokes the trigger meanwhile."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    mend = _failing(monkeypatch, store.os, "open", {name})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 0
+    mend()
+    assert f"new/{name} is read again in" in out.getvalue()
+    assert q.ids("new") == [name] and q.ids("bad") == []
+    assert UNREAD_RETRY - 1 < m._sleep_time() <= UNREAD_RETRY
+    m.unread_at = time.time()
+    _drain(m)
+    assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 1
+
+
+def test_a_copy_under_another_name_goes_to_bad(root: Path) -> None:
+    """A single-message file whose name is not its queue id (an admin's copy, or a file
+    brought back from bad/ under another name) was delivered again at every start, since
+    its end unlinked mess/<id>, not the file. It fails verification now."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    os.link(q.path("new", name), q.path("new", "18ee4a00000000a0.8.copy"))
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1
+    assert f"quarantined 18ee4a00000000a0.8.copy to bad/: {q.path('new')}" in out.getvalue()
+    assert f"holds message {name}" in out.getvalue()
+    _drain(m)
+    assert q.ids("bad") == ["18ee4a00000000a0.8.copy"] and _delivered(root) == 1
+
+
+def _passes_until(m: Manager, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not done() and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        time.sleep(0.01)
+    for _ in range(50):  # passes of the main loop: none of them may try again
+        m.finish()
+
+
+def test_an_end_that_cannot_be_recorded_is_tried_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unlink of mess/<id> fails, at the worker's try and at finish()'s: the message
+    stays queued and is ended after FINISH_RETRY, neither kept in memory until a restart
+    (it was) nor tried at every pass of the loop."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    mend = _failing(monkeypatch, finisher.os, "unlink", {name})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1
+    _passes_until(m, lambda: bool(m.finish_later))
+    assert out.getvalue().count(f"warning cannot remove mess/{name}") == 2
+    assert finisher.FINISH_RETRY - 1 < m._sleep_time() <= finisher.FINISH_RETRY
+    mend()
+    m.finish_retry_at = time.time()  # the wait is over
+    _drain(m)
+    assert q.ids("mess") == [] and m.msgs == {} and _delivered(root) == 1
+
+
+def test_a_segment_whose_end_or_unlink_fails_is_tried_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a segment, first the end line of its message cannot be appended, then the
+    segment cannot be unlinked: each is tried again after FINISH_RETRY, and the segment
+    goes in the end."""
+    q = Queue(root / "queue")
+    commit([_message(q, defer=True)])
+    (segment,) = q.ids("new")
+    mend_end = _failing(monkeypatch, finisher, "append_end", {segment})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1
+    _passes_until(m, lambda: bool(m.finish_later))
+    assert out.getvalue().count("warning cannot record the end of") == 2
+    mend_end()
+    mend_unlink = _failing(monkeypatch, finisher.os, "unlink", {segment})
+    m.finish_retry_at = time.time()
+    _passes_until(m, lambda: bool(m.segments_later))
+    assert m.msgs == {} and list(m.segments) == [segment]  # the message ended; the file stays
+    assert out.getvalue().count(f"warning cannot remove mess/{segment}") == 1
+    assert finisher.FINISH_RETRY - 1 < m._sleep_time() <= finisher.FINISH_RETRY
+    mend_unlink()
+    m.finish_retry_at = time.time()
+    _drain(m)
+    assert q.ids("mess") == [] and q.ids("state") == [] and m.segments == {}
+    assert _delivered(root) == 1
