@@ -4,6 +4,7 @@ and the cached trigger FIFO."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import stat
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.queue import store
 from pyqmail.queue.format import Envelope, QueueError, QueueUnreadableError, parse_message
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
@@ -225,13 +227,41 @@ def test_a_file_that_cannot_be_read_now_is_told_from_a_bad_one(
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", failing_open)
+    _refused_as_unreadable(queue, env.queue_id, code)
+
+
+def _refused_as_unreadable(queue: Queue, name: str, code: int) -> None:
     for read in (
-        lambda: queue.load("new", env.queue_id),
-        lambda: queue.read_stored("new", env.queue_id, (0, 10)),
+        lambda: queue.load("new", name),
+        lambda: queue.read_stored("new", name, (0, 10)),
     ):
         with pytest.raises(QueueUnreadableError, match=os.strerror(code)) as failed:
             read()
         assert failed.value.errno == code
+
+
+def test_an_error_reading_an_open_queue_file_is_no_verdict_either(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO comes from a read of the disk more often than from the open: the same
+    QueueUnreadableError, for the whole file and for a message read again at its span."""
+    w = QueueWriter(queue, "a@example.test", ["b@example.test"])
+    w.write(b"Subject: s\r\n\r\nbody\r\n")
+    env = w.commit()
+    real_pread = os.pread
+
+    class FailingFile(io.FileIO):
+        def read(self, size: int = -1) -> bytes:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def failing_pread(fd: int, *args: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(env.queue_id):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_pread(fd, *args)
+
+    monkeypatch.setattr(store, "open", lambda fd, mode: FailingFile(fd, "r"), raising=False)
+    monkeypatch.setattr(os, "pread", failing_pread)
+    _refused_as_unreadable(queue, env.queue_id, errno.EIO)
 
 
 def test_a_single_message_file_under_another_name_is_refused(queue: Queue) -> None:
@@ -242,5 +272,20 @@ def test_a_single_message_file_under_another_name_is_refused(queue: Queue) -> No
     w.write(b"Subject: s\r\n\r\nbody\r\n")
     env = w.commit()
     os.rename(queue.path("new", env.queue_id), queue.path("new", "18ee4a00000000a0.7.copy"))
-    with pytest.raises(QueueError, match=f"holds message {re.escape(env.queue_id)}"):
+    named = f"holds {re.escape(env.queue_id)}: a queue file is named by its id"
+    with pytest.raises(QueueError, match=named):
+        queue.load("new", "18ee4a00000000a0.7.copy")
+
+
+def test_a_segment_under_another_name_is_refused(queue: Queue) -> None:
+    """A segment's trailer records its id: a copy under another name would schedule its
+    messages a second time under the same queue ids (and its end lines go by the id)."""
+    writers = [QueueWriter(queue, "a@example.test", ["b@example.test"], defer=True)]
+    writers[0].write(b"Subject: s\r\n\r\nbody\r\n")
+    commit(writers)
+    (segment,) = queue.ids("new")
+    assert len(queue.load("new", segment)) == 1
+    os.link(queue.path("new", segment), queue.path("new", "18ee4a00000000a0.7.copy"))
+    named = f"holds {re.escape(segment)}: a queue file is named by its id"
+    with pytest.raises(QueueError, match=named):
         queue.load("new", "18ee4a00000000a0.7.copy")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import store
 from pyqmail.queue.state import Attempt, append_state
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
@@ -62,16 +61,24 @@ def _failing(
     monkeypatch: pytest.MonkeyPatch, module: object, name: str, broken: set[str]
 ) -> Callable[[], None]:
     """Make ``module.name(path, ...)`` raise EIO for paths whose last part is in
-    ``broken``; returns a function that mends it."""
+    ``broken`` (``os`` itself for ``os.open``, ``os.unlink``: for the whole process, but
+    only for those names); returns a function that mends it."""
     real = getattr(module, name)
 
     def failing(path: object, *args: object, **kwargs: object) -> object:
         if os.path.basename(os.fspath(path)) in broken:  # type: ignore[arg-type]
-            raise OSError(errno.EIO, "Input/output error")
+            raise OSError(errno.EIO, "Input/output error", os.fspath(path))  # type: ignore[arg-type]
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(module, name, failing)
     return broken.clear
+
+
+def _time_has_come(*later: dict[str, float]) -> None:
+    """Everything waiting in these ``name -> time`` maps is due now (no 60 s sleeps)."""
+    for waiting in later:
+        for name in waiting:
+            waiting[name] = 0.0
 
 
 def _picked_up(root: Path, q: Queue) -> None:
@@ -96,7 +103,7 @@ def test_a_state_file_that_cannot_be_read_at_start_is_read_again_later(
     out = io.StringIO()
     m = Manager(root, Log(out))
     m.startup()
-    assert f"warning cannot read the state of {first}: Input/output error" in out.getvalue()
+    assert f"warning cannot read {q.root}/state/{first}: Input/output error" in out.getvalue()
     assert f"mess/{first} is read again in {UNREAD_RETRY:.0f} s" in out.getvalue()
     assert list(m.msgs) == [second]
     _drain(m)
@@ -106,7 +113,7 @@ def test_a_state_file_that_cannot_be_read_at_start_is_read_again_later(
     mend()
     _drain(m)
     assert _delivered(root) == 1, "read again before UNREAD_RETRY"
-    m.unread_at = time.time()  # the wait is over
+    _time_has_come(m.unread)  # the wait is over
     _drain(m)
     assert q.ids("mess") == [] and q.ids("state") == []
     assert _delivered(root) == 2  # first's recipient 0 is not delivered again
@@ -133,7 +140,7 @@ def test_a_segment_is_read_whole_or_not_at_all(root: Path, monkeypatch: pytest.M
     assert m.msgs == {} and m.segments == {}
     assert orphan.exists() and broken.exists()
     mend()
-    m.unread_at = time.time()
+    _time_has_come(m.unread)
     _drain(m)
     assert sorted(m.msgs) == [ids[1]]  # deferred: waits for its retry, the other is done
     assert _delivered(root) == 1
@@ -149,14 +156,14 @@ def test_a_queue_file_that_cannot_be_read_at_start_stays_in_mess(
     (name,) = q.ids("new")
     _picked_up(root, q)
     append_state(q.root / "state" / name, Attempt("done", 0, time.time(), "delivered"))
-    mend = _failing(monkeypatch, store.os, "open", {name})
+    mend = _failing(monkeypatch, os, "open", {name})
     out = io.StringIO()
     m = Manager(root, Log(out))
     m.startup()
     mend()
     assert "Input/output error" in out.getvalue() and "quarantined" not in out.getvalue()
     assert q.ids("mess") == [name] and q.ids("state") == [name] and q.ids("bad") == []
-    m.unread_at = time.time()
+    _time_has_come(m.unread)
     _drain(m)
     assert q.ids("mess") == [] and q.ids("state") == []
     assert _delivered(root) == 1  # recipient 0 is not delivered again
@@ -170,7 +177,7 @@ def test_a_file_of_new_that_cannot_be_read_is_read_again_without_a_poke(
     q = Queue(root / "queue")
     commit([_message(q)])
     (name,) = q.ids("new")
-    mend = _failing(monkeypatch, store.os, "open", {name})
+    mend = _failing(monkeypatch, os, "open", {name})
     out = io.StringIO()
     m = Manager(root, Log(out))
     assert m.pickup() == 0
@@ -178,7 +185,7 @@ def test_a_file_of_new_that_cannot_be_read_is_read_again_without_a_poke(
     assert f"new/{name} is read again in" in out.getvalue()
     assert q.ids("new") == [name] and q.ids("bad") == []
     assert UNREAD_RETRY - 1 < m._sleep_time() <= UNREAD_RETRY
-    m.unread_at = time.time()
+    _time_has_come(m.new_held)
     _drain(m)
     assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 1
 
@@ -195,7 +202,7 @@ def test_a_copy_under_another_name_goes_to_bad(root: Path) -> None:
     m = Manager(root, Log(out))
     assert m.pickup() == 1
     assert f"quarantined 18ee4a00000000a0.8.copy to bad/: {q.path('new')}" in out.getvalue()
-    assert f"holds message {name}" in out.getvalue()
+    assert f"holds {name}: a queue file is named by its id" in out.getvalue()
     _drain(m)
     assert q.ids("bad") == ["18ee4a00000000a0.8.copy"] and _delivered(root) == 1
 
@@ -219,7 +226,7 @@ def test_an_end_that_cannot_be_recorded_is_tried_again(
     q = Queue(root / "queue")
     commit([_message(q)])
     (name,) = q.ids("new")
-    mend = _failing(monkeypatch, finisher.os, "unlink", {name})
+    mend = _failing(monkeypatch, os, "unlink", {name})
     out = io.StringIO()
     m = Manager(root, Log(out))
     assert m.pickup() == 1
@@ -227,7 +234,7 @@ def test_an_end_that_cannot_be_recorded_is_tried_again(
     assert out.getvalue().count(f"warning cannot remove mess/{name}") == 2
     assert finisher.FINISH_RETRY - 1 < m._sleep_time() <= finisher.FINISH_RETRY
     mend()
-    m.finish_retry_at = time.time()  # the wait is over
+    _time_has_come(m.finish_later)  # the wait is over
     _drain(m)
     assert q.ids("mess") == [] and m.msgs == {} and _delivered(root) == 1
 
@@ -248,14 +255,116 @@ def test_a_segment_whose_end_or_unlink_fails_is_tried_again(
     _passes_until(m, lambda: bool(m.finish_later))
     assert out.getvalue().count("warning cannot record the end of") == 2
     mend_end()
-    mend_unlink = _failing(monkeypatch, finisher.os, "unlink", {segment})
-    m.finish_retry_at = time.time()
+    mend_unlink = _failing(monkeypatch, os, "unlink", {segment})
+    _time_has_come(m.finish_later)
     _passes_until(m, lambda: bool(m.segments_later))
     assert m.msgs == {} and list(m.segments) == [segment]  # the message ended; the file stays
     assert out.getvalue().count(f"warning cannot remove mess/{segment}") == 1
     assert finisher.FINISH_RETRY - 1 < m._sleep_time() <= finisher.FINISH_RETRY
     mend_unlink()
-    m.finish_retry_at = time.time()
+    _time_has_come(m.segments_later)
     _drain(m)
     assert q.ids("mess") == [] and q.ids("state") == [] and m.segments == {}
     assert _delivered(root) == 1
+
+
+def test_a_file_of_new_that_keeps_failing_puts_off_nothing_else(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of new/ that stays unreadable (a member of the queue's group can leave one
+    of mode 0 there) is read once a minute, whatever the pokes, with one warning each
+    time; and a held file of mess/ is still read again on its own time (one shared
+    deadline, moved by every failing pickup, once kept it waiting for good)."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (held,) = q.ids("new")
+    _picked_up(root, q)
+    mend_state = _failing(monkeypatch, loader, "read_state", {held})
+    commit([_message(q)])
+    (stuck,) = q.ids("new")
+    _failing(monkeypatch, os, "open", {stuck})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    assert list(m.unread) == [held] and list(m.new_held) == [stuck]
+    for _ in range(20):  # commits poke the trigger: each is a pickup
+        commit([_message(q)])
+        m.pickup()
+    assert out.getvalue().count(f"new/{stuck} is read again") == 1
+    assert len(m.msgs) == 20
+    mend_state()
+    _time_has_come(m.unread)
+    _drain(m)
+    assert held not in q.ids("mess") and _delivered(root) == 21
+    assert q.ids("new") == [stuck] and q.ids("bad") == []
+
+
+def test_a_held_file_that_is_taken_away_is_let_go(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin removes (or sets aside) a file of mess/ that was held: it is dropped,
+    with one line, not read again (and warned about) every minute until a restart."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    _picked_up(root, q)
+    _failing(monkeypatch, loader, "read_state", {name})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.startup()
+    assert list(m.unread) == [name]
+    os.rename(q.path("mess", name), q.path("bad", name))
+    _time_has_come(m.unread)
+    m._read_again()
+    assert m.unread == {} and f"warning mess/{name} is gone" in out.getvalue()
+    assert m._sleep_time() > UNREAD_RETRY - 1 or m._sleep_time() == 60.0
+
+
+def test_an_end_whose_fsync_of_mess_fails_keeps_the_state_and_comes_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync(mess/) fails after the unlink of a finished message's file: its state file
+    must stay (the unlink may not be durable) and pyqmail-send must not stop (the
+    OSError escaped the main loop); the end is tried again, fsync and all."""
+    q = Queue(root / "queue")
+    commit([_message(q, 2)])
+    (name,) = q.ids("new")
+    real_fsync_dir = finisher.fsync_dir
+    fails = [1]
+
+    def fsync_dir(path: object) -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finisher, "fsync_dir", fsync_dir)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1  # two recipients: the first one's done record makes state/<id>
+    _passes_until(m, lambda: bool(m.finish_later))
+    assert "warning cannot sync mess/" in out.getvalue()
+    assert q.ids("mess") == [] and q.ids("state") == [name] and list(m.msgs) == [name]
+    _time_has_come(m.finish_later)
+    _drain(m)
+    assert q.ids("state") == [] and m.msgs == {} and _delivered(root) == 2
+
+
+def test_a_file_of_new_that_cannot_be_moved_is_picked_up_again_on_its_own(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename of a file from new/ into mess/ fails: the file waits UNREAD_RETRY and is
+    then picked up, with no commit to poke the trigger (it waited for the next one)."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    mend = _failing(monkeypatch, os, "rename", {name})
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 0
+    assert f"cannot move {name} to mess/" in out.getvalue() and list(m.new_held) == [name]
+    mend()
+    assert m.pickup() == 0  # a poke a moment later: not yet
+    _time_has_come(m.new_held)
+    _drain(m)
+    assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 1

@@ -183,8 +183,9 @@ def encode_segment_trailer(segment_id: str, count: int) -> bytes:
     return f"END-SEGMENT {segment_id} {count:020d}\n".encode("utf-8", "surrogateescape")
 
 
-def parse_segment(data: bytes, origin: str = "<segment>") -> list[Stored]:
-    """Every record of a complete segment file; raise QueueError if any part is torn."""
+def parse_segment(data: bytes, origin: str = "<segment>", name: str | None = None) -> list[Stored]:
+    """Every record of a complete segment file; raise QueueError if any part is torn, or
+    if ``name`` (the file's name) is given and is not the id its trailer records."""
     if not data.startswith(SEGMENT_MAGIC):
         raise QueueError(f"{origin}: not a pyqmail segment (bad magic)")
     pos = len(SEGMENT_MAGIC)
@@ -209,14 +210,30 @@ def parse_segment(data: bytes, origin: str = "<segment>") -> list[Stored]:
         or not out
     ):
         raise QueueError(f"{origin}: segment trailer missing, torn or with a wrong count")
+    if name is not None and fields[1] != name.encode(errors="replace"):
+        raise _misnamed(origin, fields[1].decode(errors="replace"))
     return out
 
 
-def parse_file(data: bytes, origin: str = "<queue file>") -> list[Stored]:
-    """The messages of a queue file, whichever of the two formats it has."""
+def _misnamed(origin: str, queue_id: str) -> QueueError:
+    """A queue file not named by its id: a copy, or a file brought back from bad/ under
+    another name. Its state files and its end (the unlink of mess/<id>, the end lines of
+    state/<segment id>) go by the id, so it would be delivered again at every start."""
+    return QueueError(
+        f"{origin} holds {queue_id}: a queue file is named by its id"
+        " (rename it to that id to queue it again)"
+    )
+
+
+def parse_file(data: bytes, origin: str = "<queue file>", name: str | None = None) -> list[Stored]:
+    """The messages of a queue file, whichever of the two formats it has; with ``name``
+    (the file's name), a file not named by its id (the message's, or the segment's) fails
+    verification too."""
     if data.startswith(SEGMENT_MAGIC):
-        return parse_segment(data, origin)
+        return parse_segment(data, origin, name)
     env, body = parse_message(data, origin)
+    if name is not None and env.queue_id != name:
+        raise _misnamed(origin, env.queue_id)
     return [Stored(env, body)]
 
 

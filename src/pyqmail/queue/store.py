@@ -264,23 +264,16 @@ class Queue:
             self.close()
 
     def load(self, sub: str, name: str) -> list[Stored]:
-        """Read and verify ``<sub>/<name>``: its one message, or every one of a segment."""
+        """Read and verify ``<sub>/<name>``: its one message, or every one of a segment; a
+        file not named by its id fails verification (``parse_file``)."""
         path = f"{self.root}/{sub}/{name}"
-        with open(_open_regular(path), "rb") as f:
-            try:
+        fd = _open_regular(path)
+        try:
+            with open(fd, "rb") as f:
                 data = f.read()
-            except OSError as exc:
-                raise _unreadable(path, exc) from exc
-        stored = parse_file(data, path)
-        if len(stored) == 1 and stored[0].span is None and stored[0].env.queue_id != name:
-            # a copy or a renamed file: its state file (state/<id>) and its end (the
-            # unlink of mess/<id>) would not be this file's, so it would come back at
-            # every start
-            raise QueueError(
-                f"{path} holds message {stored[0].env.queue_id}: a queue file is named after"
-                " its message (rename it to that id to queue it again)"
-            )
-        return stored
+        except OSError as exc:  # the read, or the close
+            raise _unreadable(path, exc) from exc
+        return parse_file(data, path, name)
 
     def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
         """Read one message again: the whole file ``<sub>/<name>``, or the record of the

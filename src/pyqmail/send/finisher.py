@@ -7,7 +7,6 @@ describes, ``_bounce`` queues the DSN (``pyqmail.send.bounce``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,14 @@ from pyqmail.send.scheduler import Msg, Scheduler, nextretry
 # (a full disk, EIO), is tried again: not at every pass of the main loop, which would spin
 # at full speed with a warning per pass
 FINISH_RETRY = 15.0
+
+
+def _due(later: dict[str, float], now: float) -> set[str]:
+    """Take out of ``later`` the names whose time has come."""
+    names = {name for name, at in later.items() if at <= now}
+    for name in names:
+        del later[name]
+    return names
 
 
 class Finisher(Scheduler):
@@ -155,13 +162,9 @@ class Finisher(Scheduler):
         """Bounce and delete messages whose recipients are all done or failed; remove
         segments whose messages have all ended. What fails is tried again in
         ``FINISH_RETRY`` seconds (``_later``)."""
+        now = time.time()
         with self.lock:
-            retry = time.time() >= self.finish_retry_at
-            due = self.to_finish
-            if retry:
-                due |= self.finish_later
-                self.finish_later = set()
-            ids, self.to_finish = sorted(due), set()
+            ids, self.to_finish = sorted(self.to_finish.union(_due(self.finish_later, now))), set()
         unlinked: list[str] = []
         ended: list[str] = []  # messages of segments: their state files stay for now
         for queue_id in ids:
@@ -182,10 +185,7 @@ class Finisher(Scheduler):
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
         with self.lock:  # after the ends above, which may have completed segments
-            names = self.segments_done
-            if retry:
-                names |= self.segments_later
-                self.segments_later = set()
+            names = self.segments_done.union(_due(self.segments_later, now))
             segments, self.segments_done = sorted(names), set()
         removed = []
         for name in segments:
@@ -195,20 +195,28 @@ class Finisher(Scheduler):
                 self._later(self.segments_later, name)
         self._forget_removed(unlinked, removed)
 
-    def _later(self, later: set[str], name: str) -> None:
+    def _later(self, later: dict[str, float], name: str) -> None:
         """Try this message's (or segment's) end again in ``FINISH_RETRY`` seconds."""
         with self.lock:
-            later.add(name)
-            self.finish_retry_at = time.time() + FINISH_RETRY
+            later[name] = time.time() + FINISH_RETRY
 
     def _forget_removed(self, unlinked: list[str], removed: list[str]) -> None:
         """After the unlinks of messages and segments from mess/: fsync mess/, then remove
-        their state files (a state file without its message is removed at start)."""
+        their state files (a state file without its message is removed at start). If the
+        fsync fails, the state files stay and the ends are tried again (the unlinks then
+        find nothing to do, and the fsync comes again)."""
         if unlinked or removed:
-            fsync_dir(self.queue.path("mess"))
+            try:
+                fsync_dir(self.queue.path("mess"))
+            except OSError as exc:
+                self.log(f"warning cannot sync mess/: {exc}; ends tried again")
+                for queue_id in unlinked:
+                    self._later(self.finish_later, queue_id)
+                for name in removed:
+                    self._later(self.segments_later, name)
+                return
         for queue_id in unlinked:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue.path("state", queue_id))
+            self._unlink_state(queue_id)
             with self.lock:
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
@@ -216,11 +224,19 @@ class Finisher(Scheduler):
             with self.lock:
                 segment = self.segments.pop(name)
             for queue_id in sorted(segment.stateful):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.queue.path("state", queue_id))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue.path("state", name))
+                self._unlink_state(queue_id)
+            self._unlink_state(name)
             self.log(f"end segment {name}")
+
+    def _unlink_state(self, name: str) -> None:
+        """Remove state/<name> of an ended message or segment; if that fails, it is an
+        orphan that the next start removes (logged, not fatal)."""
+        try:
+            os.unlink(self.queue.path("state", name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log(f"warning cannot remove state/{name}: {exc}")
 
     def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
         target = bounce_target(msg.env, self.control)

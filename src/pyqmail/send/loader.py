@@ -4,7 +4,7 @@ pickup (``new/`` -> ``mess/``), and reading again what could not be read.
 The protocols are in ``pyqmail.send.manager``'s docstring. What this module adds to them:
 a file is scheduled whole or not at all (a segment whose one state file cannot be read is
 held with all its messages, so reading it again cannot schedule a message twice), and a
-file that cannot be read now is held, not set aside (``_hold``, ``_unread_new``).
+file that cannot be read now is held, not set aside (``_hold``, ``_hold_new``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ class Loader(Finisher):
     """Start-up and pickup; the attributes are the manager's (``Manager.__init__``)."""
 
     dkim: dict[str, list[Key]]
-    unread: set[str]
-    new_unread: bool
-    unread_at: float
+    unread: dict[str, float]
+    new_held: dict[str, float]
 
     def _clean_tmp(self) -> None:
         """Remove what crashed writers left in tmp/ (``Manager._clean_tmp``)."""
@@ -57,7 +56,10 @@ class Loader(Finisher):
         try:
             stored = self.queue.load("mess", name)
         except QueueUnreadableError as exc:
-            self._hold(name, str(exc))
+            if exc.errno == errno.ENOENT:  # the admin took it away: its state files stay
+                self.log(f"warning mess/{name} is gone; its state files stay until a start")
+            else:
+                self._hold(name, str(exc))
             return None
         except QueueError as exc:
             self._quarantine("mess", name, exc)
@@ -84,13 +86,13 @@ class Loader(Finisher):
         for files that fail verification."""
         self.log(f"warning {one_line(why)}; mess/{name} is read again in {UNREAD_RETRY:.0f} s")
         with self.lock:
-            self.unread.add(name)
-            self.unread_at = time.time() + UNREAD_RETRY
+            self.unread[name] = time.time() + UNREAD_RETRY
 
     def _remove_orphans(self, loaded: list[Loaded]) -> None:
         """Remove the state files whose message is gone from mess/ (a crash after the
         unlink of mess/<id>). Skipped while a file of mess/ could not be read: which
-        state files are its messages' is not known then."""
+        state files are its messages' is not known then; they go at the next start at
+        which every file of mess/ is read."""
         if self.unread:
             return
         keep = {name for name, _, _ in loaded}
@@ -119,22 +121,25 @@ class Loader(Finisher):
             self._add(name, s, states[s.env.queue_id], signed.get(s.env.queue_id, b""))
 
     def _read_again(self) -> None:
-        """Read again, once ``unread_at`` is past, what could not be read: files of mess/
-        (``_hold``) and of new/ (``pickup``)."""
+        """Read again what could not be read once its time has come: files of mess/
+        (``_hold``) and of new/ (``_hold_new``; then a pickup). Each name has its own
+        time, so a file that keeps failing does not put off the others."""
+        now = time.time()
         with self.lock:
-            if not (self.unread or self.new_unread) or time.time() < self.unread_at:
-                return
-            names, self.unread = sorted(self.unread, key=id_order), set()
-            self.new_unread = False
+            names = sorted((n for n, at in self.unread.items() if at <= now), key=id_order)
+            for name in names:
+                del self.unread[name]
+            new_due = any(at <= now for at in self.new_held.values())
         for name in names:
             item = self._read_mess(name)
             if item is not None:
                 self._resume(*item)
-        self.pickup()
+        if new_due:
+            self.pickup()
 
     def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
         if not self.queue.path(sub, name).exists():
-            return  # gone meanwhile (or unreadable for another reason: logged by the caller)
+            return  # gone meanwhile
         with contextlib.suppress(OSError):
             self.queue.quarantine(sub, name)
         if sub == "mess":
@@ -162,24 +167,32 @@ class Loader(Finisher):
         that are signed first (``sign_batch``: the signatures are durable before the
         rename)."""
         loaded: list[tuple[str, list[Stored]]] = []
+        now = time.time()
+        with self.lock:  # names gone from new/ are dropped here
+            held, self.new_held = self.new_held, {}
         for name in self.queue.ids("new"):
+            if held.get(name, 0.0) > now:  # not readable a moment ago: not every poke
+                with self.lock:
+                    self.new_held[name] = held[name]
+                continue
             try:
                 loaded.append((name, self.queue.load("new", name)))
             except QueueUnreadableError as exc:
                 if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to read again
-                    self._unread_new(name, str(exc))
+                    self._hold_new(name, str(exc))
             except QueueError as exc:
                 self._quarantine("new", name, exc)
         signed, notes = sign_batch(loaded, self.dkim, self.queue.path("state"), self.log)
         moved: list[tuple[str, list[Stored]]] = []
         count = 0
         for name, stored in loaded:
-            if name not in signed:
-                continue  # its signatures could not be recorded: stays in new/
+            if name not in signed:  # its signatures could not be recorded (logged)
+                self._hold_new(name)
+                continue
             try:
                 os.rename(self._p("new", name), self._p("mess", name))
             except OSError as exc:
-                self.log(f"warning cannot move {name} to mess/: {exc}")
+                self._hold_new(name, f"cannot move {name} to mess/: {exc}")
                 continue
             moved.append((name, stored))
             for s in stored:
@@ -199,14 +212,16 @@ class Loader(Finisher):
                 self._schedule_new(name, stored, signed[name])
         return count
 
-    def _unread_new(self, name: str, why: str) -> None:
-        """A file of new/ that cannot be read now stays there and is read again in
-        ``UNREAD_RETRY`` seconds (``_read_again``) rather than wait for the next commit's
-        poke."""
-        self.log(f"warning {one_line(why)}; new/{name} is read again in {UNREAD_RETRY:.0f} s")
+    def _hold_new(self, name: str, why: str = "") -> None:
+        """A file of new/ that cannot be read, signed or moved now stays there and is
+        picked up again in ``UNREAD_RETRY`` seconds (``_read_again``), whether or not a
+        commit pokes the trigger meanwhile, and not sooner: a file that a member of the
+        queue's group made unreadable (mode 0) costs one read and one warning a minute,
+        not one per commit. ``why`` is logged when given (``sign_batch`` logs its own)."""
+        if why:
+            self.log(f"warning {one_line(why)}; new/{name} is read again in {UNREAD_RETRY:.0f} s")
         with self.lock:
-            self.new_unread = True
-            self.unread_at = time.time() + UNREAD_RETRY
+            self.new_held[name] = time.time() + UNREAD_RETRY
 
     def _schedule_new(self, name: str, stored: list[Stored], signed: dict[str, bytes]) -> None:
         """Schedule the messages of a file just moved into mess/: no state file yet but the

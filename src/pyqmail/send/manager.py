@@ -11,7 +11,7 @@ is gone from ``new/`` for good, so a message cannot come back there after it was
 Failing to read is not failing verification: a file of ``new/`` or ``mess/`` that cannot be
 read now (EIO, EMFILE, EACCES after a wrong chown: ``QueueUnreadableError``), or whose state
 files cannot, stays where it is with its state and is read again every ``UNREAD_RETRY``
-seconds (``_hold``, ``_unread_new``, ``_read_again``); only a file that fails verification
+seconds (``_hold``, ``_hold_new``, ``_read_again``); only a file that fails verification
 (torn, not a regular file, a single message not named by its id) goes to ``bad/``.
 
 DKIM (``pyqmail.dkim``): before the rename, every message the policy signs gets its
@@ -45,7 +45,7 @@ error and retry schedule for ``pyqmail-queue``); a torn last line (no LF) is ign
 When every recipient is done or failed: the DSN is queued if anything failed (see
 ``pyqmail.send.bounce``) and ``bounced`` recorded; then ``mess/<id>`` is unlinked,
 ``mess/`` fsynced, and only then ``state/<id>`` unlinked (a state file without its message is
-removed on start).
+removed on start, unless a file of ``mess/`` cannot be read then: see above).
 
 Segments (several messages in one file ``mess/<segment id>``, see ``pyqmail.queue.store``): a
 finished message of a segment cannot be unlinked on its own, so its end is recorded instead
@@ -166,14 +166,14 @@ class Manager(Loader):
         self.busy_local = 0
         self.busy_remote = 0
         self.to_finish: set[str] = set()
-        self.finish_later: set[str] = set()  # a bounce or an end failed, and a segment's
-        self.segments_later: set[str] = set()  # unlink: tried again at finish_retry_at
-        self.finish_retry_at = 0.0  # (``Finisher.finish``)
+        # a bounce or an end that failed, a segment's unlink: name -> when it is tried
+        self.finish_later: dict[str, float] = {}  # again (``Finisher.finish``)
+        self.segments_later: dict[str, float] = {}
         self.segments: dict[str, Segment] = {}
         self.segments_done: set[str] = set()  # every message ended: remove the file
-        self.unread: set[str] = set()  # files of mess/ not read yet (``_hold``), and
-        self.new_unread = False  # of new/: read again at unread_at (``_read_again``)
-        self.unread_at = 0.0
+        # files of mess/ and new/ that could not be read: name -> when they are read
+        self.unread: dict[str, float] = {}  # again (``Loader._read_again``)
+        self.new_held: dict[str, float] = {}
         self.stopping = False
         self.status = 0  # exit status of run()
         self.flags: set[str] = set()
@@ -218,10 +218,8 @@ class Manager(Loader):
             if self.to_finish:
                 return 0.0
             due = [self.heap[0][0]] if self.heap else []
-            if self.finish_later or self.segments_later:
-                due.append(self.finish_retry_at)
-            if self.unread or self.new_unread:
-                due.append(self.unread_at)
+            for later in (self.finish_later, self.segments_later, self.unread, self.new_held):
+                due.extend(later.values())
             if not due:
                 return MAX_SLEEP
             return max(0.0, min(MAX_SLEEP, min(due) - time.time()))

@@ -138,11 +138,10 @@ class Scheduler:
     busy_local: int
     busy_remote: int
     to_finish: set[str]
-    finish_later: set[str]
+    finish_later: dict[str, float]
     segments: dict[str, Segment]
     segments_done: set[str]
-    segments_later: set[str]
-    finish_retry_at: float
+    segments_later: dict[str, float]
     stopping: bool
     local_pool: ThreadPoolExecutor
     remote_pool: ThreadPoolExecutor
