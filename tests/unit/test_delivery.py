@@ -598,3 +598,19 @@ def test_queue_list_and_show(tmp_path: Path) -> None:
     assert queuetool.show(q, "nope", False, io.StringIO()) == 1
     assert queuetool.sender_pid(q) is None
     assert waiting.queue_id in text
+
+
+def test_queue_show_finds_a_message_set_aside_for_its_name(tmp_path: Path) -> None:
+    """A file not named by its id fails verification and goes to bad/ under that name:
+    ``show <id>`` still finds its message there (it said "no message")."""
+    from pyqmail.queue.store import Queue
+    from pyqmail.tools import queue as queuetool
+
+    q = Queue(tmp_path / "queue")
+    q.create()
+    env = q.enqueue("s@x.test", ["a@r.test"], b"Subject: misnamed\r\n\r\nb\r\n")
+    os.rename(q.path("new", env.queue_id), q.path("bad", "18ee4a00000000a0.7.copy"))
+    shown = io.StringIO()
+    assert queuetool.show(q, env.queue_id, False, shown) == 0
+    assert "bad, file 18ee4a00000000a0.7.copy" in shown.getvalue()
+    assert "Subject: misnamed" in shown.getvalue()

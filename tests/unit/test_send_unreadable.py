@@ -287,10 +287,12 @@ def test_a_file_of_new_that_keeps_failing_puts_off_nothing_else(
     m = Manager(root, Log(out))
     m.startup()
     assert list(m.unread) == [held] and list(m.new_held) == [stuck]
+    times = dict(m.unread), dict(m.new_held)
     for _ in range(20):  # commits poke the trigger: each is a pickup
         commit([_message(q)])
         m.pickup()
     assert out.getvalue().count(f"new/{stuck} is read again") == 1
+    assert (m.unread, m.new_held) == times  # nobody's time was moved
     assert len(m.msgs) == 20
     mend_state()
     _time_has_come(m.unread)
@@ -368,3 +370,26 @@ def test_a_file_of_new_that_cannot_be_moved_is_picked_up_again_on_its_own(
     _time_has_come(m.new_held)
     _drain(m)
     assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 1
+
+
+def test_alrm_reads_everything_held_at_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin mends what made files unreadable and runs ``pyqmail-queue flush``: the
+    ALRM it sends reads every held file of new/ and mess/ now, not a minute later."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (held,) = q.ids("new")
+    _picked_up(root, q)
+    mend_state = _failing(monkeypatch, loader, "read_state", {held})
+    commit([_message(q)])
+    (stuck,) = q.ids("new")
+    mend_open = _failing(monkeypatch, os, "open", {stuck})
+    m = Manager(root, Log(io.StringIO()))
+    m.startup()
+    assert list(m.unread) == [held] and list(m.new_held) == [stuck]
+    mend_state()
+    mend_open()
+    m.flags.add("alrm")
+    m._handle_flags()
+    assert m.unread == {} and m.new_held == {} and sorted(m.msgs) == sorted([held, stuck])
+    _drain(m)
+    assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 2

@@ -263,9 +263,10 @@ class Queue:
         with contextlib.suppress(Exception):  # at interpreter exit, whatever is left
             self.close()
 
-    def load(self, sub: str, name: str) -> list[Stored]:
+    def load(self, sub: str, name: str, *, named: bool = True) -> list[Stored]:
         """Read and verify ``<sub>/<name>``: its one message, or every one of a segment; a
-        file not named by its id fails verification (``parse_file``)."""
+        file not named by its id fails verification (``parse_file``) unless ``named`` is
+        False (looking into bad/, where such files go)."""
         path = f"{self.root}/{sub}/{name}"
         fd = _open_regular(path)
         try:
@@ -273,7 +274,7 @@ class Queue:
                 data = f.read()
         except OSError as exc:  # the read, or the close
             raise _unreadable(path, exc) from exc
-        return parse_file(data, path, name)
+        return parse_file(data, path, name if named else None)
 
     def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
         """Read one message again: the whole file ``<sub>/<name>``, or the record of the

@@ -120,16 +120,19 @@ class Loader(Finisher):
         for s in live:
             self._add(name, s, states[s.env.queue_id], signed.get(s.env.queue_id, b""))
 
-    def _read_again(self) -> None:
+    def _read_again(self, *, now_all: bool = False) -> None:
         """Read again what could not be read once its time has come: files of mess/
         (``_hold``) and of new/ (``_hold_new``; then a pickup). Each name has its own
-        time, so a file that keeps failing does not put off the others."""
-        now = time.time()
+        time, so a file that keeps failing does not put off the others. ``now_all``
+        (ALRM, ``pyqmail-queue flush``): everything now, and a pickup whatever is held."""
+        now = float("inf") if now_all else time.time()
         with self.lock:
             names = sorted((n for n, at in self.unread.items() if at <= now), key=id_order)
             for name in names:
                 del self.unread[name]
-            new_due = any(at <= now for at in self.new_held.values())
+            if now_all:
+                self.new_held = {}
+            new_due = now_all or any(at <= now for at in self.new_held.values())
         for name in names:
             item = self._read_mess(name)
             if item is not None:

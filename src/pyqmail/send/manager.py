@@ -12,7 +12,8 @@ Failing to read is not failing verification: a file of ``new/`` or ``mess/`` tha
 read now (EIO, EMFILE, EACCES after a wrong chown: ``QueueUnreadableError``), or whose state
 files cannot, stays where it is with its state and is read again every ``UNREAD_RETRY``
 seconds (``_hold``, ``_hold_new``, ``_read_again``); only a file that fails verification
-(torn, not a regular file, a single message not named by its id) goes to ``bad/``.
+(torn, not a regular file, not named by its id) goes to ``bad/``. ALRM reads everything
+held again at once.
 
 DKIM (``pyqmail.dkim``): before the rename, every message the policy signs gets its
 DKIM-Signature fields, written to ``state/<file>`` and synced (``pyqmail.dkim.pickup``: one
@@ -74,8 +75,9 @@ this one (signals, the loop, the command line), ``pyqmail.send.loader`` (start-u
 reading again what could not be read), ``pyqmail.send.scheduler`` (the in-memory model,
 retries, slots) and ``pyqmail.send.finisher`` (outcomes, ends, bounces).
 
-Signals: ALRM retries every deferred recipient now (and rescans ``new/``), HUP reloads the
-control files, TERM stops starting deliveries, waits for those in flight, exits 0.
+Signals: ALRM retries every deferred recipient now (and rescans ``new/``, reading again what
+could not be read), HUP reloads the control files, TERM stops starting deliveries, waits
+for those in flight, exits 0.
 ``--check`` loads the configuration (control files, clientcert.pem, tlshosts pins, queue
 layout) and exits 0 or 111 without touching the queue (used before ``svc -h``/``svc -t``).
 The process holds an exclusive lock on ``<queue>/lock/sendpid`` (which holds its pid);
@@ -246,7 +248,7 @@ class Manager(Loader):
                 self.log(f"warning HUP: keeping the old control files: {exc}")
         if "alrm" in flags:
             self.log("status ALRM: retrying every deferred recipient now")
-            self.pickup()
+            self._read_again(now_all=True)  # new/, and whatever could not be read
             self.retry_all()
 
     def run(self) -> int:

@@ -8,7 +8,8 @@
     the envelope, the delivery records of ``state/ID`` and the message headers (or all of it).
 ``pyqmail-queue [--root /var/qmail] flush``
     sends ALRM to pyqmail-send (pid from ``queue/lock/sendpid``, checked to be locked by a live
-    pyqmail-send), which retries every deferred recipient now and rescans ``new/``. Also pokes
+    pyqmail-send), which retries every deferred recipient now, rescans ``new/`` and reads
+    again any queue file it could not read. Also pokes
     the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
 
 Run it as root or as pyqmail-send's user: ``mess/`` and ``state/`` are theirs alone (see
@@ -111,13 +112,17 @@ def _find(queue: Queue, queue_id: str) -> tuple[str, Stored | QueueError] | None
                 return sub, exc
     for sub in ("mess", "new", "bad"):
         for name in queue.ids(sub):
-            try:
-                stored = queue.load(sub, name)
+            try:  # bad/ holds files set aside for not being named by their ids, too
+                stored = queue.load(sub, name, named=sub != "bad")
             except QueueError:
                 continue
             for s in stored:
-                if s.span is not None and s.env.queue_id == queue_id:
+                if s.env.queue_id != queue_id:
+                    continue
+                if s.span is not None:
                     return f"{sub}, segment {name}", s
+                if sub == "bad":
+                    return f"{sub}, file {name}", s
     return None
 
 
