@@ -57,10 +57,10 @@ def test_a_worker_trims_once_after_sessions_end_and_not_at_rest(
 
     session = Session()
     srv.sessions, srv.waiting, srv._committer, srv.idle = {session}, set(), None, None
-    srv._ended = False
+    srv._ended, srv.parents = False, frozenset()
 
     async def run() -> None:
-        srv._trim_heap()  # as serve() starts it
+        srv._tick()  # as serve() starts it
         assert trims == []
         srv.left(session)  # type: ignore[arg-type]
         await asyncio.sleep(1.2)

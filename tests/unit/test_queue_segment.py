@@ -212,11 +212,13 @@ def test_a_close_that_fails_after_the_fsync_leaves_nothing_in_new(
     segment.seal()
     linked: list[bool] = []
     real_close = os.close
+    mine = segment._fd  # os.close is the process's: another test's garbage may close too
 
     def close(fd: int) -> None:
         real_close(fd)
-        linked.append(bool(queue.ids("new")))
-        raise OSError(errno.EIO, "Input/output error")
+        if fd == mine:
+            linked.append(bool(queue.ids("new")))
+            raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "close", close)
     with pytest.raises(QueueError, match="Input/output error"):

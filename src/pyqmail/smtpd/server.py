@@ -66,13 +66,13 @@ class Server:
         self.senders = SenderRules(cfg.root, limit_settings(cfg))
         self.checks = Checks(cfg.root, cfg.screen)  # blocklist cache, greylist state
         self.stopping: asyncio.Event | None = None
-        self.parents: frozenset[int] = frozenset()  # a forked worker's: see _watch_parent
+        self.parents: frozenset[int] = frozenset()  # a forked worker's: see _orphaned
         self.idle: asyncio.Event | None = None
         self.budget = SpoolBudget()  # bytes of messages held in memory by all sessions
         self.read_buffer = memoryview(bytearray(READ_SIZE))  # every session's reads
         self._committer: Committer | None = None
         self.waiting: set[object] = set()  # the live sessions' intakes with a message in commit
-        self._ended = False  # a session ended since the last ``_trim_heap``
+        self._ended = False  # a session ended since the last ``_tick``
 
     # SessionContext -----------------------------------------------------------------------
 
@@ -133,25 +133,32 @@ class Server:
             )
         return self._committer
 
-    def _watch_parent(self) -> None:
+    def _tick(self) -> None:
+        """The worker's one timer, once a second: ``_orphaned`` and ``_trim_heap``."""
+        if self._orphaned():
+            return
+        self._trim_heap()
+        asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def _orphaned(self) -> bool:
         """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed.
         Its parent is the spawner that forked it until that exits (moments later), then
-        the supervisor, a child subreaper (``prefork``); then nobody else's."""
-        if os.getppid() not in self.parents and self.stopping is not None:
+        the supervisor, a child subreaper (``prefork``); then nobody else's. Only a
+        forked worker has ``parents``."""
+        if self.parents and os.getppid() not in self.parents and self.stopping is not None:
             log("orphaned", text="supervisor gone; stopping")
             self.stopping.set()
-            return
-        asyncio.get_running_loop().call_later(1.0, self._watch_parent)
+            return True
+        return False
 
     def _trim_heap(self) -> None:
-        """Once a second, if a session ended meanwhile: give the heap's free pages back
+        """If a session ended since the last tick: give the heap's free pages back
         (``pyqmail.heap``), so that a worker at rest after a burst holds what it uses,
         not what the burst used. Under load that is one ``malloc_trim`` a second (about
         1 µs when there is little to give back); at rest, none."""
         if self._ended:
             self._ended = False
             heap.trim()
-        asyncio.get_running_loop().call_later(1.0, self._trim_heap)
 
     def reload(self) -> None:
         """HUP: the new configuration for new sessions, or the old one if the new is bad."""
@@ -183,9 +190,7 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
         log("ready", slot=self.counter.slot, mode=self.mode)
-        if self.parents:
-            self._watch_parent()
-        self._trim_heap()
+        self._tick()
         await stopping.wait()
         server.close()
         log("stopping", sessions=len(self.sessions), grace=self.cfg.timeoutterm)
