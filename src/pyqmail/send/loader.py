@@ -42,6 +42,8 @@ class Loader(Finisher):
         raise NotImplementedError
 
     def startup(self) -> None:
+        """Read mess/ (each file whole, with its state files), remove the orphan state
+        files, schedule what is left to deliver, then pick up new/."""
         self._clean_tmp()
         loaded = [item for name in self.queue.ids("mess") if (item := self._read_mess(name))]
         self._remove_orphans(loaded)
