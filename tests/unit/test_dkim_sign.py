@@ -260,3 +260,32 @@ def test_origin_written_by_pyqmail_smtpd(
     tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256, client_cert_relay=cert_relay)
     event = MessageStart("a@example.org", ("b@example.net",), {}, "h", auth_user, tls, "ESMTPS")
     assert message_origin(event, relay_client) == origin
+
+
+def test_a_pickup_whose_signatures_cannot_be_synced_leaves_the_file_in_new(
+    keys: list[KeyPair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state/'s fsync fails after the signatures were written: the signed file must not
+    move on to mess/ (its signatures are not durable; a restart would deliver it unsigned
+    or signed anew), nor stop pyqmail-send (the OSError escaped the main loop); an
+    unsigned file of the same batch goes on."""
+    from pyqmail.dkim import pickup
+    from pyqmail.queue.format import Stored
+
+    def failing_fsync_dir(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pickup, "fsync_dir", failing_fsync_dir)
+    state = tmp_path / "state"
+    state.mkdir()
+    signable = Stored(_env("auth"), MESSAGES["plain"])
+    inbound = Stored(_env(None), MESSAGES["plain"])
+    logged: list[str] = []
+    signed, _ = pickup.sign_batch(
+        [("f1", [signable]), ("f2", [inbound])],
+        {DOMAIN: loaded(tmp_path, keys)},
+        state,
+        logged.append,
+    )
+    assert signed == {"f2": {}}
+    assert any("cannot sync" in line and "stay in new/" in line for line in logged)

@@ -393,3 +393,35 @@ def test_alrm_reads_everything_held_at_once(root: Path, monkeypatch: pytest.Monk
     assert m.unread == {} and m.new_held == {} and sorted(m.msgs) == sorted([held, stuck])
     _drain(m)
     assert q.ids("new") == [] and q.ids("mess") == [] and _delivered(root) == 2
+
+
+def test_a_pickup_whose_fsyncs_fail_holds_what_it_moved(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync(mess/) fails after the renames of a pickup: nothing it moved is delivered
+    before the move is durable, and pyqmail-send does not stop (the OSError escaped the
+    main loop). The files are held in mess/ and scheduled once mess/ and new/ sync."""
+    q = Queue(root / "queue")
+    commit([_message(q)])
+    (name,) = q.ids("new")
+    real_fsync_dir = loader.fsync_dir
+    failing = [True]
+
+    def fsync_dir(path: object) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "fsync_dir", fsync_dir)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    m.pickup()
+    assert "cannot sync mess/ and new/ after the pickup" in out.getvalue()
+    assert q.ids("mess") == [name] and m.msgs == {} and list(m.unread) == [name]
+    _time_has_come(m.unread)
+    m._read_again()  # still failing: held again, not scheduled
+    assert m.msgs == {} and list(m.unread) == [name]
+    failing[0] = False
+    _time_has_come(m.unread)
+    _drain(m)
+    assert q.ids("mess") == [] and _delivered(root) == 1

@@ -38,7 +38,8 @@ def sign_batch(
 ) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
     """(file -> {queue id: DKIM-Signature fields} for every file that may move on to
     ``mess/``, queue id -> note for the log). A file whose signatures could not be
-    written is left out, logged: it stays in ``new/`` for the next pickup."""
+    written, or synced (``state/``'s fsync), is left out, logged: it stays in ``new/``
+    and the manager picks it up again later (``Loader._hold_new``)."""
     signed: dict[str, dict[str, bytes]] = {}
     notes: dict[str, str] = {}
     wrote = False
@@ -59,5 +60,9 @@ def sign_batch(
             wrote = True
         signed[name] = made
     if wrote:
-        fsync_dir(state_dir)
+        try:
+            fsync_dir(state_dir)
+        except OSError as exc:  # not durable: the files just signed wait in new/
+            log(f"warning cannot sync {state_dir}: {exc}; the files signed stay in new/")
+            signed = {name: made for name, made in signed.items() if not made}
     return signed, notes

@@ -135,12 +135,27 @@ class Loader(Finisher):
             if now_all:
                 self.new_held = {}
             new_due = now_all or any(at <= now for at in self.new_held.values())
+        if names and not self._synced(names):
+            names = []
         for name in names:
             item = self._read_mess(name)
             if item is not None:
                 self._resume(*item)
         if new_due:
             self.pickup()
+
+    def _synced(self, names: list[str]) -> bool:
+        """fsync mess/ and new/ before files held in mess/ are scheduled: a pickup whose
+        fsyncs failed held them, and their move must be durable before any delivery, as
+        after any pickup. False (held again, logged) if that fails again."""
+        try:
+            fsync_dir(self.queue.path("mess"))
+            fsync_dir(self.queue.path("new"))
+        except OSError as exc:
+            for name in names:
+                self._hold(name, f"cannot sync mess/ and new/: {exc}")
+            return False
+        return True
 
     def _quarantine(self, sub: str, name: str, exc: QueueError) -> None:
         if not self.queue.path(sub, name).exists():
@@ -211,8 +226,13 @@ class Loader(Finisher):
                 if env.queue_id in notes:
                     self.log(f"dkim msg {env.queue_id} {notes[env.queue_id]}")
         if moved:
-            fsync_dir(self.queue.path("mess"))
-            fsync_dir(self.queue.path("new"))
+            try:
+                fsync_dir(self.queue.path("mess"))
+                fsync_dir(self.queue.path("new"))
+            except OSError as exc:  # the move may not be durable: not delivered yet
+                for name, _ in moved:
+                    self._hold(name, f"cannot sync mess/ and new/ after the pickup: {exc}")
+                return count
             for name, stored in moved:
                 self._schedule_new(name, stored, signed[name])
         return count
