@@ -13,7 +13,8 @@ read now (EIO, EMFILE, EACCES after a wrong chown: ``QueueUnreadableError``), or
 files cannot, stays where it is with its state and is read again every ``UNREAD_RETRY``
 seconds (``_hold``, ``_hold_new``, ``_read_again``); only a file that fails verification
 (torn, not a regular file, not named by its id) goes to ``bad/``. ALRM reads everything
-held again at once.
+held again at once. A pickup whose fsyncs fail holds the same way what it moved (scheduled
+once ``mess/`` and ``new/`` sync) and leaves in ``new/`` what it signed.
 
 DKIM (``pyqmail.dkim``): before the rename, every message the policy signs gets its
 DKIM-Signature fields, written to ``state/<file>`` and synced (``pyqmail.dkim.pickup``: one
