@@ -18,6 +18,9 @@ from __future__ import annotations
 import ctypes
 
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+if _malloc_trim is not None:
+    _malloc_trim.argtypes = [ctypes.c_size_t]  # int malloc_trim(size_t pad)
+    _malloc_trim.restype = ctypes.c_int
 
 
 def trim() -> bool:

@@ -147,7 +147,11 @@ class Loader(Finisher):
     def _synced(self, names: list[str]) -> bool:
         """fsync mess/ and new/ before files held in mess/ are scheduled: a pickup whose
         fsyncs failed held them, and their move must be durable before any delivery, as
-        after any pickup. False (held again, logged) if that fails again."""
+        after any pickup. False (held again, logged) if that fails again. (On Linux a
+        later fsync that succeeds does not prove that the failed one's changes reached the
+        disk; a journaled file system usually turns read-only on such an error, so the
+        retry keeps failing there. At worst a power loss then brings a delivered message
+        back into new/: a duplicate, as for any move not yet durable.)"""
         try:
             fsync_dir(self.queue.path("mess"))
             fsync_dir(self.queue.path("new"))

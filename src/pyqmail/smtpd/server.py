@@ -134,11 +134,13 @@ class Server:
         return self._committer
 
     def _tick(self) -> None:
-        """The worker's one timer, once a second: ``_orphaned`` and ``_trim_heap``."""
+        """The worker's one timer, once a second: ``_orphaned`` and ``_trim_heap``. The
+        next tick is set first, so that nothing here can end the orphan watch."""
+        handle = asyncio.get_running_loop().call_later(1.0, self._tick)
         if self._orphaned():
+            handle.cancel()
             return
         self._trim_heap()
-        asyncio.get_running_loop().call_later(1.0, self._tick)
 
     def _orphaned(self) -> bool:
         """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed.
