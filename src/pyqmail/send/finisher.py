@@ -16,20 +16,12 @@ from pyqmail.queue.state import Attempt, Bounced, append_end, append_state
 from pyqmail.queue.store import fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Result, one_line
-from pyqmail.send.scheduler import Msg, Scheduler, nextretry
+from pyqmail.send.scheduler import Msg, Scheduler, nextretry, take_due
 
 # seconds before a bounce that could not be queued, or an end that could not be recorded
 # (a full disk, EIO), is tried again: not at every pass of the main loop, which would spin
 # at full speed with a warning per pass
 FINISH_RETRY = 15.0
-
-
-def _due(later: dict[str, float], now: float) -> set[str]:
-    """Take out of ``later`` the names whose time has come."""
-    names = {name for name, at in later.items() if at <= now}
-    for name in names:
-        del later[name]
-    return names
 
 
 class Finisher(Scheduler):
@@ -164,7 +156,8 @@ class Finisher(Scheduler):
         ``FINISH_RETRY`` seconds (``_later``)."""
         now = time.time()
         with self.lock:
-            ids, self.to_finish = sorted(self.to_finish.union(_due(self.finish_later, now))), set()
+            due = self.to_finish.union(take_due(self.finish_later, now))
+            ids, self.to_finish = sorted(due), set()
         unlinked: list[str] = []
         ended: list[str] = []  # messages of segments: their state files stay for now
         for queue_id in ids:
@@ -185,7 +178,7 @@ class Finisher(Scheduler):
                 self._forget(queue_id)
             self.log(f"end msg {queue_id}")
         with self.lock:  # after the ends above, which may have completed segments
-            names = self.segments_done.union(_due(self.segments_later, now))
+            names = self.segments_done.union(take_due(self.segments_later, now))
             segments, self.segments_done = sorted(names), set()
         removed = []
         for name in segments:

@@ -22,7 +22,7 @@ from pyqmail.queue.state import Ended, Record, Signed, read_state
 from pyqmail.queue.store import fsync_dir
 from pyqmail.send.delivery import one_line
 from pyqmail.send.finisher import Finisher
-from pyqmail.send.scheduler import Msg, Segment, load_msg
+from pyqmail.send.scheduler import Msg, Segment, load_msg, take_due
 
 BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
 UNREAD_RETRY = 60.0  # seconds before a queue file that could not be read is read again
@@ -129,9 +129,7 @@ class Loader(Finisher):
         (ALRM, ``pyqmail-queue flush``): everything now, and a pickup whatever is held."""
         now = float("inf") if now_all else time.time()
         with self.lock:
-            names = sorted((n for n, at in self.unread.items() if at <= now), key=id_order)
-            for name in names:
-                del self.unread[name]
+            names = sorted(take_due(self.unread, now), key=id_order)
             if now_all:
                 self.new_held = {}
             new_due = now_all or any(at <= now for at in self.new_held.values())
@@ -144,10 +142,11 @@ class Loader(Finisher):
         if new_due:
             self.pickup()
 
-    def _synced(self, names: list[str]) -> bool:
-        """fsync mess/ and new/ before files held in mess/ are scheduled: a pickup whose
-        fsyncs failed held them, and their move must be durable before any delivery, as
-        after any pickup. False (held again, logged) if that fails again. (On Linux a
+    def _synced(self, names: list[str], when: str = "") -> bool:
+        """fsync mess/ and new/ before the files ``names`` moved into mess/ are scheduled:
+        after a pickup, and before files that a pickup whose fsyncs failed held are
+        scheduled (their move must be durable before any delivery). False, and the files
+        held (logged, ``when`` saying after what), if that fails. (On Linux a
         later fsync that succeeds does not prove that the failed one's changes reached the
         disk; a journaled file system usually turns read-only on such an error, so the
         retry keeps failing there. At worst a power loss then brings a delivered message
@@ -157,7 +156,7 @@ class Loader(Finisher):
             fsync_dir(self.queue.path("new"))
         except OSError as exc:
             for name in names:
-                self._hold(name, f"cannot sync mess/ and new/: {exc}")
+                self._hold(name, f"cannot sync mess/ and new/{when}: {exc}")
             return False
         return True
 
@@ -230,13 +229,8 @@ class Loader(Finisher):
                 if env.queue_id in notes:
                     self.log(f"dkim msg {env.queue_id} {notes[env.queue_id]}")
         if moved:
-            try:
-                fsync_dir(self.queue.path("mess"))
-                fsync_dir(self.queue.path("new"))
-            except OSError as exc:  # the move may not be durable: not delivered yet
-                for name, _ in moved:
-                    self._hold(name, f"cannot sync mess/ and new/ after the pickup: {exc}")
-                return count
+            if not self._synced([name for name, _ in moved], " after the pickup"):
+                return count  # the move may not be durable: nothing delivered yet
             for name, stored in moved:
                 self._schedule_new(name, stored, signed[name])
         return count

@@ -71,6 +71,15 @@ class Msg:
         return all(r.status in ("done", "failed") for r in self.rcpts)
 
 
+def take_due(later: dict[str, float], now: float) -> set[str]:
+    """Take out of ``later`` (name -> when it is tried again: ends that failed, files that
+    could not be read) the names whose time has come."""
+    names = {name for name, at in later.items() if at <= now}
+    for name in names:
+        del later[name]
+    return names
+
+
 def _result_from(record: Attempt) -> Result:
     kind = {"done": "ok", "failed": "perm"}.get(record.event, "temp")
     return Result(
