@@ -37,6 +37,20 @@ def _message(q: Queue, recipients: int = 1, *, defer: bool = False) -> QueueWrit
     return w
 
 
+def _queued(q: Queue, recipients: int = 1, *, defer: bool = False) -> str:
+    """Commit one message (``_message``); the name of the file it made in new/."""
+    before = set(q.ids("new"))
+    commit([_message(q, recipients, defer=defer)])
+    (name,) = set(q.ids("new")) - before
+    return name
+
+
+def _manager(root: Path) -> tuple[Manager, io.StringIO]:
+    """A queue manager on ``root`` (its delivery children started) and its log."""
+    out = io.StringIO()
+    return Manager(root, Log(out)), out
+
+
 def _drain(m: Manager, timeout: float = 10.0) -> None:
     """Run the main loop's passes (without its sleep) until nothing is in flight."""
     deadline = time.monotonic() + timeout
@@ -100,8 +114,7 @@ def test_a_state_file_that_cannot_be_read_at_start_is_read_again_later(
     _picked_up(root, q)
     append_state(q.root / "state" / first, Attempt("done", 0, time.time(), "delivered"))
     mend = _failing(monkeypatch, loader, "read_state", {first})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.startup()
     assert f"warning cannot read {q.root}/state/{first}: Input/output error" in out.getvalue()
     assert f"mess/{first} is read again in {UNREAD_RETRY:.0f} s" in out.getvalue()
@@ -133,8 +146,7 @@ def test_a_segment_is_read_whole_or_not_at_all(root: Path, monkeypatch: pytest.M
     orphan = q.root / "state" / "18ee4a00000000a0.9.gone"
     orphan.write_bytes(b"")
     mend = _failing(monkeypatch, loader, "read_state", {ids[1]})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.startup()
     assert f"mess/{segment} is read again" in out.getvalue()
     assert m.msgs == {} and m.segments == {}
@@ -152,13 +164,11 @@ def test_a_queue_file_that_cannot_be_read_at_start_stays_in_mess(
     """EIO on a file of mess/ at start: it is not set aside in bad/ with its state file
     unlinked (it was, as if it failed verification), but read again later."""
     q = Queue(root / "queue")
-    commit([_message(q, 2)])
-    (name,) = q.ids("new")
+    name = _queued(q, 2)
     _picked_up(root, q)
     append_state(q.root / "state" / name, Attempt("done", 0, time.time(), "delivered"))
     mend = _failing(monkeypatch, os, "open", {name})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.startup()
     mend()
     assert "Input/output error" in out.getvalue() and "quarantined" not in out.getvalue()
@@ -175,11 +185,9 @@ def test_a_file_of_new_that_cannot_be_read_is_read_again_without_a_poke(
     """EIO on a file of new/ at pickup: it stays in new/ (not in bad/) and is picked up
     after UNREAD_RETRY, even if no commit pokes the trigger meanwhile."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     mend = _failing(monkeypatch, os, "open", {name})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 0
     mend()
     assert f"new/{name} is read again in" in out.getvalue()
@@ -195,11 +203,9 @@ def test_a_copy_under_another_name_goes_to_bad(root: Path) -> None:
     brought back from bad/ under another name) was delivered again at every start, since
     its end unlinked mess/<id>, not the file. It fails verification now."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     os.link(q.path("new", name), q.path("new", "18ee4a00000000a0.8.copy"))
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 1
     assert f"quarantined 18ee4a00000000a0.8.copy to bad/: {q.path('new')}" in out.getvalue()
     assert f"holds {name}: a queue file is named by its id" in out.getvalue()
@@ -224,11 +230,9 @@ def test_an_end_that_cannot_be_recorded_is_tried_again(
     stays queued and is ended after FINISH_RETRY, neither kept in memory until a restart
     (it was) nor tried at every pass of the loop."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     mend = _failing(monkeypatch, os, "unlink", {name})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 1
     _passes_until(m, lambda: bool(m.finish_later))
     assert out.getvalue().count(f"warning cannot remove mess/{name}") == 2
@@ -246,11 +250,9 @@ def test_a_segment_whose_end_or_unlink_fails_is_tried_again(
     segment cannot be unlinked: each is tried again after FINISH_RETRY, and the segment
     goes in the end."""
     q = Queue(root / "queue")
-    commit([_message(q, defer=True)])
-    (segment,) = q.ids("new")
+    segment = _queued(q, defer=True)
     mend_end = _failing(monkeypatch, finisher, "append_end", {segment})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 1
     _passes_until(m, lambda: bool(m.finish_later))
     assert out.getvalue().count("warning cannot record the end of") == 2
@@ -276,15 +278,12 @@ def test_a_file_of_new_that_keeps_failing_puts_off_nothing_else(
     time; and a held file of mess/ is still read again on its own time (one shared
     deadline, moved by every failing pickup, once kept it waiting for good)."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (held,) = q.ids("new")
+    held = _queued(q)
     _picked_up(root, q)
     mend_state = _failing(monkeypatch, loader, "read_state", {held})
-    commit([_message(q)])
-    (stuck,) = q.ids("new")
+    stuck = _queued(q)
     _failing(monkeypatch, os, "open", {stuck})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.startup()
     assert list(m.unread) == [held] and list(m.new_held) == [stuck]
     times = dict(m.unread), dict(m.new_held)
@@ -307,12 +306,10 @@ def test_a_held_file_that_is_taken_away_is_let_go(
     """The admin removes (or sets aside) a file of mess/ that was held: it is dropped,
     with one line, not read again (and warned about) every minute until a restart."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     _picked_up(root, q)
     _failing(monkeypatch, loader, "read_state", {name})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.startup()
     assert list(m.unread) == [name]
     os.rename(q.path("mess", name), q.path("bad", name))
@@ -329,8 +326,7 @@ def test_an_end_whose_fsync_of_mess_fails_keeps_the_state_and_comes_again(
     must stay (the unlink may not be durable) and pyqmail-send must not stop (the
     OSError escaped the main loop); the end is tried again, fsync and all."""
     q = Queue(root / "queue")
-    commit([_message(q, 2)])
-    (name,) = q.ids("new")
+    name = _queued(q, 2)
     real_fsync_dir = finisher.fsync_dir
     fails = [1]
 
@@ -341,8 +337,7 @@ def test_an_end_whose_fsync_of_mess_fails_keeps_the_state_and_comes_again(
         real_fsync_dir(path)  # type: ignore[arg-type]
 
     monkeypatch.setattr(finisher, "fsync_dir", fsync_dir)
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 1  # two recipients: the first one's done record makes state/<id>
     _passes_until(m, lambda: bool(m.finish_later))
     assert "warning cannot sync mess/" in out.getvalue()
@@ -358,11 +353,9 @@ def test_a_file_of_new_that_cannot_be_moved_is_picked_up_again_on_its_own(
     """The rename of a file from new/ into mess/ fails: the file waits UNREAD_RETRY and is
     then picked up, with no commit to poke the trigger (it waited for the next one)."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     mend = _failing(monkeypatch, os, "rename", {name})
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     assert m.pickup() == 0
     assert f"cannot move {name} to mess/" in out.getvalue() and list(m.new_held) == [name]
     mend()
@@ -376,12 +369,10 @@ def test_alrm_reads_everything_held_at_once(root: Path, monkeypatch: pytest.Monk
     """The admin mends what made files unreadable and runs ``pyqmail-queue flush``: the
     ALRM it sends reads every held file of new/ and mess/ now, not a minute later."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (held,) = q.ids("new")
+    held = _queued(q)
     _picked_up(root, q)
     mend_state = _failing(monkeypatch, loader, "read_state", {held})
-    commit([_message(q)])
-    (stuck,) = q.ids("new")
+    stuck = _queued(q)
     mend_open = _failing(monkeypatch, os, "open", {stuck})
     m = Manager(root, Log(io.StringIO()))
     m.startup()
@@ -402,8 +393,7 @@ def test_a_pickup_whose_fsyncs_fail_holds_what_it_moved(
     before the move is durable, and pyqmail-send does not stop (the OSError escaped the
     main loop). The files are held in mess/ and scheduled once mess/ and new/ sync."""
     q = Queue(root / "queue")
-    commit([_message(q)])
-    (name,) = q.ids("new")
+    name = _queued(q)
     real_fsync_dir = loader.fsync_dir
     failing = [True]
 
@@ -413,8 +403,7 @@ def test_a_pickup_whose_fsyncs_fail_holds_what_it_moved(
         real_fsync_dir(path)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loader, "fsync_dir", fsync_dir)
-    out = io.StringIO()
-    m = Manager(root, Log(out))
+    m, out = _manager(root)
     m.pickup()
     assert "cannot sync mess/ and new/ after the pickup" in out.getvalue()
     assert q.ids("mess") == [name] and m.msgs == {} and list(m.unread) == [name]
