@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.lines import write_line
 
 DEFAULT_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 MAX_LINE = 4096
@@ -196,27 +201,22 @@ class SinkSession(asyncio.Protocol):
             self.write(b"502 5.5.2 command not implemented\r\n")
 
 
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def serve(args: argparse.Namespace) -> None:
     tally = Tally(args.domain.lower(), tuple(args.algorithms.split(",")))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SinkSession(tally), "127.0.0.1", args.port, backlog=1024, reuse_address=True
     )
-    emit({"event": "ready", "port": server.sockets[0].getsockname()[1]})
+    write_line({"event": "ready", "port": server.sockets[0].getsockname()[1]})
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
             break
         word = line.strip()
         if word == "count":
-            emit({"event": "count", "messages": tally.messages})
+            write_line({"event": "count", "messages": tally.messages})
         elif word == "report":
-            emit(tally.report())
+            write_line(tally.report())
     server.close()
 
 

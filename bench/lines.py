@@ -6,11 +6,14 @@ wrapper's ``readline()``, which went wrong two ways: ``select()`` cannot see a l
 sitting in the wrapper's buffer (two lines that arrived together: the second waits for the
 timeout), and a generator's result line, which carries one latency per message (about 200 KB
 for 30,000 messages), came back cut at a multiple of 64 KiB, the pipe's size, so a
-30,000-message ``bench/e2e_throughput.py`` round failed on its JSON, although the generator
-wrote it whole in one ``write``; ``os.read`` on the same pipe gave it whole. The cause was
-not found (the same reads of a line that size from a test child are whole). This reader
-keeps its own buffer over ``os.read``: it asks ``select()`` only when the buffer holds no
-whole line, and a line is either whole or not returned at all.
+30,000-message ``bench/e2e_throughput.py`` round failed on its JSON. This reader keeps its
+own buffer over ``os.read``: it asks ``select()`` only when the buffer holds no whole line,
+and a line is either whole or not returned at all. The cut itself was the writer's (found
+later, December 2026): once a uvloop loop has been closed, a write to a full pipe returns
+after 64 KiB, and ``sys.stdout.write`` under ``PYTHONUNBUFFERED`` dropped the rest without
+a word; the helpers now write their lines with ``os.write`` to the last byte
+(``write_line``), and a line that still ends early is named as such by
+``Generators.expect`` (how many bytes came after the last whole line).
 """
 
 from __future__ import annotations
@@ -18,8 +21,26 @@ from __future__ import annotations
 import json
 import os
 import select
+import sys
 import time
 from typing import Any
+
+
+def write_line(obj: dict[str, Any]) -> None:
+    """One JSON line to the parent on stdout, written to the last byte (a helper's side).
+
+    A line can outgrow the pipe (a generator's result), so the write blocks until the
+    parent has read it. After a uvloop loop has been closed (the generator's run is over),
+    such a blocked write returns early, after the first 64 KiB, although the pipe is
+    blocking and no signal is caught; and with ``PYTHONUNBUFFERED`` set,
+    ``sys.stdout.write`` drops the rest of a short write without a word. So ``os.write``
+    is called until every byte is out."""
+    sys.stdout.flush()
+    fd = sys.stdout.fileno()
+    os.set_blocking(fd, True)  # stdout may have been left non-blocking
+    view = memoryview((json.dumps(obj) + "\n").encode())
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class LineReader:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import ssl
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import resume
+from bench.lines import write_line
 
 MESSAGE_SIZE = 4096
 RECIPIENT_DOMAIN = "bench.test"
@@ -394,15 +394,6 @@ def raise_nofile(wanted: int) -> int:
     return soft
 
 
-def _emit(obj: dict[str, object]) -> None:
-    """One JSON line to the parent (read by ``bench.lines.LineReader``). The result line
-    of a long run (one latency per message) outgrows the pipe, so the write blocks until
-    the parent has read it all (stdout may have been left non-blocking)."""
-    os.set_blocking(sys.stdout.fileno(), True)
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def _wait_for(word: str) -> None:
     loop = asyncio.get_running_loop()
     while True:
@@ -427,7 +418,7 @@ async def load(args: argparse.Namespace, target: Target) -> dict[str, object]:
         else make_message(args.size, args.sender, args.recipient)
     )
     if args.wait_go:
-        _emit({"event": "ready"})
+        write_line({"event": "ready"})
         await _wait_for("go")
     cpu0 = _cpu_seconds()
     started = time.monotonic()
@@ -489,13 +480,13 @@ async def idle(args: argparse.Namespace, target: Target) -> dict[str, object]:
     sem = asyncio.Semaphore(args.connect_concurrency)
     sources = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(args.idle_sources)]
     if args.wait_go:
-        _emit({"event": "ready"})
+        write_line({"event": "ready"})
         await _wait_for("go")
     started = time.monotonic()
     writers = await asyncio.gather(
         *(_open_idle(target, sources[i % len(sources)], sem, counters) for i in range(args.idle))
     )
-    _emit(
+    write_line(
         {
             "event": "holding",
             "connections": counters.sessions,
@@ -599,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner = idle if args.idle is not None else load
     result = run_loop(runner(args, target), args.loop)
-    _emit(result)
+    write_line(result)
     return 0 if not result["errors"] else 1
 
 

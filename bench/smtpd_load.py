@@ -13,6 +13,7 @@ swings hit every server alike; the table reports medians over rounds. Then it ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -121,13 +122,36 @@ class Generators:
         for reader in self.readers:
             msg = reader.json(max(deadline - time.monotonic(), 0))
             if msg is None:
+                ended = reader.eof
+                states = self.states(wait=1.0 if ended else 0.0)
                 self.kill()
-                raise GeneratorError(f"load generator gave no {event!r} within {timeout}s")
+                why = (
+                    f"its output ended, {len(reader.buffer)} bytes after its last whole line"
+                    if ended
+                    else f"nothing within {timeout}s"
+                )
+                raise GeneratorError(f"load generator gave no {event!r}: {why} ({states})")
             if msg.get("event") != event:
                 self.kill()
                 raise GeneratorError(f"load generator said {msg!r}, expected {event!r}")
             out.append(msg)
         return out
+
+    def states(self, wait: float) -> str:
+        """Each generator's state, for an error: running, its exit status or its signal
+        (``wait``: seconds to give one whose output just ended to exit)."""
+        out = []
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+            code = proc.poll()
+            if code is None:
+                out.append(f"{proc.pid} running")
+            elif code < 0:
+                out.append(f"{proc.pid} killed by signal {-code}")
+            else:
+                out.append(f"{proc.pid} exited {code}")
+        return ", ".join(out)
 
     def tell(self, word: str) -> None:
         for proc in self.procs:

@@ -4,16 +4,20 @@ written by real child processes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from bench.lines import LineReader
 
-Start = Callable[[str], tuple[subprocess.Popen[bytes], LineReader]]
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+Start = Callable[..., tuple[subprocess.Popen[bytes], LineReader]]
 
 
 @pytest.fixture
@@ -21,8 +25,10 @@ def helper() -> Iterator[Start]:
     """Starts ``python -c CODE`` with its stdout on a pipe and a reader on it; killed after."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(code: str) -> tuple[subprocess.Popen[bytes], LineReader]:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    def start(
+        code: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], LineReader]:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
         procs.append(proc)
         assert proc.stdout is not None
         return proc, LineReader(proc.stdout.fileno())
@@ -56,6 +62,30 @@ def test_a_line_larger_than_the_pipe_written_in_pauses_comes_whole(helper: Start
     assert reader.line(20) is None  # then the pipe ends: no more lines, and no waiting
     assert reader.eof
     assert time.monotonic() - start < 10
+
+
+def test_a_generators_result_line_comes_whole_after_its_uvloop_loop_closed(
+    helper: Start,
+) -> None:
+    """The cause of the cut lines: once a uvloop loop has been closed, a write to a full
+    pipe returns after 64 KiB, and ``sys.stdout.write`` under ``PYTHONUNBUFFERED`` dropped
+    the rest (a 30,000-message round of bench/e2e_throughput.py failed with "its output
+    ended, 65536 bytes after its last whole line"). The generators' ``write_line`` runs
+    here as it does at the end of a run: after ``uvloop.run``, with the parent reading
+    late."""
+    code = (
+        "import asyncio, os, sys, uvloop\n"
+        f"sys.path.insert(0, {str(BENCH.parent)!r})\n"
+        "from bench.lines import write_line\n"
+        "uvloop.run(asyncio.sleep(0))\n"
+        "write_line({'event': 'result', 'latency_us': list(range(60000))})\n"
+    )
+    proc, reader = helper(code, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    time.sleep(0.5)  # the writer fills the pipe and blocks first
+    msg = reader.json(10)
+    assert msg is not None, f"the line was cut: {len(reader.buffer)} bytes, then the end"
+    assert msg["latency_us"] == list(range(60000))
+    assert proc.wait(10) == 0
 
 
 def test_two_lines_that_arrive_together_are_both_read_at_once(helper: Start) -> None:
