@@ -136,9 +136,16 @@ class Queue:
         # None: unknown, so every new file gets an fchmod.
         self.umask = umask
         self._policy: tuple[int, int | None] | None = None  # see file_policy
+        self._dirs: dict[str, Path] = {}  # see path
 
     def path(self, sub: str, queue_id: str = "") -> Path:
-        return self.root / sub / queue_id if queue_id else self.root / sub
+        """``<root>/<sub>[/<queue_id>]``. The directories' Paths are made once: pyqmail-send
+        asks for mess/, new/ and state/ at every pickup and every batch of ends, and a Path
+        built afresh parses and formats itself again each time."""
+        base = self._dirs.get(sub)
+        if base is None:
+            base = self._dirs[sub] = self.root / sub
+        return base / queue_id if queue_id else base
 
     def file_policy(self) -> tuple[int, int | None]:
         """Mode of a new queue file, and the uid to hand it to (None: keep ours).

@@ -57,7 +57,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pyqmail.control.send import Control
@@ -240,14 +240,15 @@ class _Call:
     """A job sent to a child: its answer (None: the child was lost) goes to ``then`` in
     the link's thread, or, for a caller that waits, to ``reply`` and ``done``."""
 
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # only a caller that waits has one (``Link.call``)
     reply: dict[str, Any] | None = None
     then: Callable[[dict[str, Any] | None], None] | None = None
 
     def answer(self, reply: dict[str, Any] | None) -> None:
         self.reply = reply
         if self.then is None:
-            self.done.set()
+            if self.done is not None:
+                self.done.set()
             return
         try:
             self.then(reply)
@@ -411,14 +412,15 @@ class Link:
             if sock is None:
                 raise ChildLostError(f"no {self.kind} delivery child")
             number = next(self.ids)
-            call = self.calls[number] = _Call()
+            done = threading.Event()
+            call = self.calls[number] = _Call(done=done)
         try:
             self._send(sock, {**request, "id": number})
         except (OSError, pickle.PicklingError, TypeError) as exc:
             with self.cond:
                 self.calls.pop(number, None)
             raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
-        call.done.wait()
+        done.wait()
         if call.reply is None:
             raise ChildLostError(f"{self.kind} delivery child {self.pid} died")
         return call.reply
