@@ -3,6 +3,7 @@ and readable by the queue tool without the daemon."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,48 @@ def test_the_queue_tool_does_not_load_the_daemon() -> None:
     code = "import sys, pyqmail.tools.queue; print('pyqmail.send.manager' in sys.modules)"
     out = fresh_stdout(code)
     assert out == "False\n"
+
+
+# A child whose file size limit lets only part of the next record in: the write stops
+# short at the limit, as it does on a disk that fills up (SIGXFSZ is ignored by Python, so
+# the next write fails with EFBIG instead of killing the process).
+SHORT_WRITE = """
+import os, resource, sys
+from pathlib import Path
+from pyqmail.queue.state import Bounced, Signed, append_end, append_state, write_signed
+path = Path(sys.argv[1])
+kind = sys.argv[2]
+size = path.stat().st_size if path.exists() else 0
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 20, resource.RLIM_INFINITY))
+try:
+    if kind == "end":
+        append_end(path, "18a.1f.2abc")
+    elif kind == "signed":
+        write_signed(path, [Signed("18a.1f.2abc", b"DKIM-Signature: " + b"x" * 200)])
+    else:
+        append_state(path, Bounced(1700000003.125, "18a.1f.2abc"))
+except OSError as exc:
+    print("error", exc.errno)
+else:
+    print("written")
+"""
+
+
+@pytest.mark.parametrize("kind", ["end", "state", "signed"])
+def test_a_record_cut_short_by_a_full_disk_is_an_error_not_a_record(
+    tmp_path: Path, kind: str
+) -> None:
+    """A write that stops short (the disk, or the file size limit, is full) used to count
+    as the record: a segment's end then read back as torn, and its message was delivered
+    again after a restart although pyqmail-send had taken it as ended. Now the rest is
+    written too, and the error that stops it reaches the caller, which tries again later
+    (ends) or treats the recipient as not done."""
+    path = tmp_path / "state"
+    path.write_bytes(encode(Ended("17f.2a.1def")))
+    before = read_state(path)
+    out = fresh_stdout(SHORT_WRITE, str(path), kind)
+    assert out == f"error {errno.EFBIG}\n"
+    if kind != "signed":  # the file holds the old records and a torn tail, no new record
+        assert read_state(path) == before
+        append_end(path, "18a.1f.2abc")  # with room again, the next record is whole
+        assert ended_messages(path) == {"17f.2a.1def", "18a.1f.2abc"}

@@ -226,8 +226,7 @@ def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
     data = b"".join(encode(r) for r in records)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, STATE_FILE)
     try:
-        if os.write(fd, data) != len(data):
-            raise OSError(f"short write to {os.fspath(path)}")
+        _write_all(fd, data)
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -241,7 +240,20 @@ def _append_line(fd: int, line: bytes) -> None:
     size = os.fstat(fd).st_size
     if size and os.pread(fd, 1, size - 1) != b"\n":
         line = b"\n" + line
-    os.write(fd, line)
+    _write_all(fd, line)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Every byte, or an OSError. A write to a file that is filling its disk (or its
+    RLIMIT_FSIZE) can stop short; the write of the rest then fails with the reason
+    (ENOSPC, EFBIG), so the caller learns that the record is not there instead of
+    counting a torn one as written."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(f"no byte written of the {len(view)} left")
+        view = view[written:]
 
 
 def append_end(path: str | os.PathLike[str], queue_id: str) -> None:
