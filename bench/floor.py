@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench.certs import CertFiles, make_certs
 from pyqmail import tickets, tls
-from pyqmail.queue.store import fsync_dir
+from pyqmail.queue.dirsync import fsync_dir
 
 BATCHES = 5  # timed batches per loopback figure (after one untimed): the median is kept
 CONNECTIONS = 200  # per batch

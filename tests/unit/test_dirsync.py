@@ -1,16 +1,24 @@
-"""DirSync: the group commit of a Maildir's new/ fsync among concurrent deliveries."""
+"""DirSync: the group fsync of a directory (a Maildir's new/, the queue's new/) among the
+threads that link into it, and what a failed one means for each of them."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pyqmail.queue import store
+from pyqmail.queue.dirsync import DirSync
+from pyqmail.queue.format import QueueError
+from pyqmail.queue.store import Queue
 from pyqmail.send import local
-from pyqmail.send.local import DirSync, maildir_deliver
+from pyqmail.send.local import maildir_deliver
 
 
 def test_every_sync_waits_for_an_fsync_that_started_after_it(
@@ -58,7 +66,72 @@ def test_every_sync_waits_for_an_fsync_that_started_after_it(
     assert len(fsyncs) < 40, "40 calls from 8 threads must share fsyncs"
 
 
-def test_a_failed_fsync_is_raised_and_the_next_caller_runs_its_own(
+def _waiters(d: DirSync, count: int) -> None:
+    """Until ``count`` threads wait in ``d`` (CPython's Condition keeps its waiters)."""
+    deadline = time.monotonic() + 10
+    while len(d.cond._waiters) < count:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the threads never waited"
+        time.sleep(0.005)
+
+
+def _fails_second(first_done: threading.Event) -> Callable[[], None]:
+    """An fsync whose first call blocks until ``first_done`` and succeeds, whose second
+    call fails with EIO, and whose later calls succeed: what Linux does once a failed
+    fsync has reported its error (the lost changes are not written again)."""
+    calls = [0]
+
+    def fsync() -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            assert first_done.wait(10)
+        elif calls[0] == 2:
+            raise OSError(errno.EIO, "Input/output error")
+
+    return fsync
+
+
+def test_a_failed_fsync_fails_every_call_it_was_for_and_none_of_them_tries_again(
+    tmp_path: Path,
+) -> None:
+    """Two deliveries whose links a failed fsync was to make durable: both fail. Before,
+    only the thread that ran it did; the other ran an fsync of its own, which Linux
+    answers with 0 after the error was reported once, and its mail counted as delivered
+    though a power loss could take its link away."""
+    release = threading.Event()
+    d, fsync = DirSync(str(tmp_path)), _fails_second(release)
+    outcome: dict[str, str] = {}
+
+    def call(who: str) -> None:
+        try:
+            d.sync(fsync=fsync)
+            outcome[who] = "synced"
+        except OSError as exc:
+            outcome[who] = f"errno {exc.errno}"
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    _waiters_or_running(d)
+    pair = [threading.Thread(target=call, args=(who,)) for who in ("a", "b")]
+    for t in pair:
+        t.start()
+    _waiters(d, 2)  # both joined the run that waits for the first fsync to end
+    release.set()
+    for t in [first, *pair]:
+        t.join(10)
+    assert outcome == {"first": "synced", "a": f"errno {errno.EIO}", "b": f"errno {errno.EIO}"}
+    assert (d.fsyncs, d.failures) == (2, 1)
+    d.sync(fsync=fsync)  # a later call is a new run
+    assert (d.fsyncs, d.failures) == (3, 1)
+
+
+def _waiters_or_running(d: DirSync) -> None:
+    deadline = time.monotonic() + 10
+    while not d.running:
+        assert time.monotonic() < deadline, "the first fsync never started"
+        time.sleep(0.005)
+
+
+def test_a_failed_fsync_alone_is_raised_and_the_next_call_runs_a_new_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = DirSync(str(tmp_path))
@@ -74,9 +147,175 @@ def test_a_failed_fsync_is_raised_and_the_next_caller_runs_its_own(
     monkeypatch.setattr(local.os, "fsync", flaky)
     with pytest.raises(OSError, match="Input/output error"):
         d.sync()
-    assert d.synced == 0 and not d.running
+    assert not d.running and d.failures == 1
     d.sync()
-    assert d.synced == 2 and len(calls) == 2
+    assert d.fsyncs == 2 and len(calls) == 2
+
+
+def test_queue_commits_that_a_failed_fsync_of_new_was_for_are_all_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyqmail-send commits a forward (the local link's thread) and a bounce (its main
+    loop) through one Queue, whose new/ descriptor stays open. When the fsync of new/
+    that was to make two commits durable fails, both are refused and taken back out of
+    new/; before, the second ran its own fsync on the same descriptor, got 0, and its
+    message counted as queued."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    release = threading.Event()
+    fsync_new = _fails_second(release)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if fd == q.new_dir_fd():
+            fsync_new()
+        else:
+            real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    outcome: dict[str, str] = {}
+
+    def commit(who: str) -> None:
+        try:
+            q.enqueue("a@example.test", ["b@example.test"], f"Subject: {who}\n\nbody\n".encode())
+            outcome[who] = "queued"
+        except QueueError as exc:
+            outcome[who] = str(exc)
+
+    first = threading.Thread(target=commit, args=("first",))
+    first.start()
+    _waiters_or_running(q._new_sync)
+    pair = [threading.Thread(target=commit, args=(who,)) for who in ("forward", "bounce")]
+    for t in pair:
+        t.start()
+    _waiters(q._new_sync, 2)
+    release.set()
+    for t in [first, *pair]:
+        t.join(10)
+    assert outcome["first"] == "queued"
+    assert "Input/output error" in outcome["forward"]
+    assert "Input/output error" in outcome["bounce"]
+    assert len(q.ids("new")) == 1  # the first message only: the other two were taken back
+
+
+def test_a_failure_between_a_link_and_its_sync_fails_that_sync(tmp_path: Path) -> None:
+    """The entry was made before another caller's fsync, which failed; its own sync then
+    runs an fsync that succeeds (Linux: the error was reported once), and must fail all
+    the same: the ticket, taken before the link, says a failure came after it."""
+    calls = [0]
+
+    def fsync() -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    d = DirSync(str(tmp_path))
+    ticket = d.ticket()  # before our link
+    with pytest.raises(OSError):
+        d.sync(None, fsync)  # someone else's commit: its fsync fails
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        d.sync(ticket, fsync)
+    assert failed.value.errno == errno.EIO
+    assert calls[0] == 2  # our own fsync ran and succeeded: it is not believed
+    d.sync(d.ticket(), fsync)  # a link made after the failure: synced as usual
+
+
+def test_a_forward_renamed_before_a_bounces_failed_fsync_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyqmail-send: the forward (the local link's thread) is renamed into new/, then the
+    bounce (the main loop) fsyncs new/ and that fails, then the forward fsyncs new/ on the
+    same kept descriptor, which Linux answers with 0. The forward is refused and taken
+    back out of new/; before, it counted as queued and its recipient as done."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    renamed, bounced = threading.Event(), threading.Event()
+    real_sync_new = q.sync_new
+    forward_thread: list[int] = []
+
+    def sync_new(ticket: int | None = None) -> None:
+        if threading.get_ident() in forward_thread:
+            renamed.set()  # the forward's file is in new/ now
+            assert bounced.wait(10)
+        real_sync_new(ticket)
+
+    monkeypatch.setattr(q, "sync_new", sync_new)
+    failed_once = [False]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if fd == q.new_dir_fd() and not failed_once[0]:
+            failed_once[0] = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    outcome: dict[str, str] = {}
+
+    def forward() -> None:
+        forward_thread.append(threading.get_ident())
+        try:
+            q.enqueue("a@example.test", ["c@example.test"], b"Subject: fwd\n\nbody\n")
+            outcome["forward"] = "queued"
+        except QueueError as exc:
+            outcome["forward"] = str(exc)
+
+    t = threading.Thread(target=forward)
+    t.start()
+    assert renamed.wait(10)
+    with pytest.raises(QueueError, match="Input/output error"):
+        q.enqueue("", ["a@example.test"], b"Subject: bounce\n\nbody\n")
+    bounced.set()
+    t.join(10)
+    assert "Input/output error" in outcome["forward"]
+    assert q.ids("new") == []
+
+
+def test_a_maildir_delivery_linked_before_a_failed_fsync_of_new_is_not_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivery A links its file into new/; delivery B's fsync of new/ fails; A's own
+    fsync then succeeds. A must fail (pyqmail-send defers it: at worst a duplicate), not
+    report a delivery that a power loss could take away."""
+    md = tmp_path / "Maildir"
+    maildir_deliver(md, b"Subject: first\n\nbody\n")  # creates the Maildir
+    linked, failed = threading.Event(), threading.Event()
+    a_thread: list[int] = []
+    real_unlink, real_fsync = os.unlink, os.fsync
+    dir_failures = [0]
+
+    def unlink(path: str) -> None:  # A's tmp name goes right after its link
+        real_unlink(path)
+        if threading.get_ident() in a_thread:
+            linked.set()
+            assert failed.wait(10)
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and not dir_failures[0]:
+            dir_failures[0] += 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(local.os, "unlink", unlink)
+    outcome: dict[str, str] = {}
+
+    def deliver_a() -> None:
+        a_thread.append(threading.get_ident())
+        try:
+            maildir_deliver(md, b"Subject: a\n\nbody\n")
+            outcome["a"] = "delivered"
+        except OSError as exc:
+            outcome["a"] = f"errno {exc.errno}"
+
+    t = threading.Thread(target=deliver_a)
+    t.start()
+    assert linked.wait(10)
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        maildir_deliver(md, b"Subject: b\n\nbody\n")
+    failed.set()
+    t.join(10)
+    assert outcome == {"a": f"errno {errno.EIO}"}
 
 
 def test_a_missing_directory_raises(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pyqmail.dkim.keys import Key
 from pyqmail.dkim.policy import Decision, decide
+from pyqmail.queue.dirsync import fsync_dir
 from pyqmail.queue.format import Stored
 from pyqmail.queue.state import Signed, write_signed
-from pyqmail.queue.store import fsync_dir
 
 Batch = Sequence[tuple[str, Sequence[Stored]]]  # (file name in new/, its messages)
 

@@ -54,6 +54,12 @@ class Batch:
     segments: list[tuple[SegmentWriter, list[CommitCallback]]]  # sealed, held messages
     files: list[Job]  # messages streamed into files of their own (large ones)
 
+    def queues(self) -> list[Queue]:
+        """The queues the batch goes into (one, unless a HUP changed the directory)."""
+        found = {id(s.queue): s.queue for s, _ in self.segments}
+        found.update((id(w.queue), w.queue) for w, _ in self.files)
+        return list(found.values())
+
     def callbacks(self) -> list[CommitCallback]:
         """Every client waiting on this batch (each must be answered, even after a bug)."""
         return [cb for _, cbs in self.segments for cb in cbs] + [cb for _, cb in self.files]
@@ -77,6 +83,8 @@ def commit_batch(batch: Batch) -> tuple[list[Answer], list[Queue]]:
     answers: list[Answer] = []
     done: dict[int, tuple[Queue, list[tuple[SegmentWriter, list[CommitCallback]]], list[Job]]]
     done = {}
+    # before any link or rename: an fsync of new/ that fails after it fails the batch
+    tickets = {id(q): q.new_ticket() for q in batch.queues()}
     for segment, callbacks in batch.segments:
         try:
             segment.sync_publish()
@@ -94,7 +102,7 @@ def commit_batch(batch: Batch) -> tuple[list[Answer], list[Queue]]:
     poke = []
     for queue, segments, files in done.values():
         try:
-            queue.sync_new()
+            queue.sync_new(tickets[id(queue)])
         except OSError as exc:  # answered 451: the clients will send them again
             error = QueueError(f"cannot commit: fsync of new/: {exc.strerror or exc}")
             for segment, callbacks in segments:

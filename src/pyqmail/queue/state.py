@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pyqmail.queue.store import fsync_dir
+from pyqmail.queue.dirsync import fsync_dir
 
 Event = Literal["done", "failed", "deferred"]
 _EVENTS: dict[str, Event] = {"done": "done", "failed": "failed", "deferred": "deferred"}

@@ -53,6 +53,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pyqmail.queue.dirsync import DirSync, fsync_dir
 from pyqmail.queue.format import (
     Envelope,
     QueueError,
@@ -81,16 +82,6 @@ PRIVATE_FILE = 0o600  # written by (or for) the queue's owner
 TRIGGER = "lock/trigger"
 POKE_RETRY = 1.0  # seconds between attempts to open the trigger FIFO when nobody listens
 PIDFILE = "lock/sendpid"  # pyqmail-send's pid, locked while it runs (pyqmail-queue flush)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory, making the renames and unlinks in it durable (the queue's own,
-    and the delivery side's: Maildir, state files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_regular(path: str) -> int:
@@ -132,6 +123,7 @@ class Queue:
         self._poke_retry = 0.0  # monotonic time before which no reader was listening
         self._poke_lock = threading.Lock()
         self._new_fd: int | None = None  # new/ stays open for its fsyncs
+        self._new_sync = DirSync(self.dir_new)  # see sync_new
         # The process umask when its owner vouches for it (pyqmail-smtpd sets its own);
         # None: unknown, so every new file gets an fchmod.
         self.umask = umask
@@ -248,8 +240,17 @@ class Queue:
             fd = self._new_fd = os.open(self.dir_new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return fd
 
-    def sync_new(self) -> None:
-        """fsync(new/) through a descriptor kept open (one syscall per batch, not three)."""
+    def new_ticket(self) -> int:
+        """Taken before a rename or link into new/, for ``sync_new``."""
+        return self._new_sync.ticket()
+
+    def sync_new(self, ticket: int | None = None) -> None:
+        """fsync(new/) through a descriptor kept open (one syscall per batch, not three),
+        shared by the threads that commit at once; OSError if it fails, or if one failed
+        since ``ticket`` (``pyqmail.queue.dirsync`` says why no commit may try again)."""
+        self._new_sync.sync(ticket, self._fsync_new)
+
+    def _fsync_new(self) -> None:
         os.fsync(self.new_dir_fd())
 
     def close(self) -> None:

@@ -230,8 +230,11 @@ class QueueWriter:
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
 
     def _publish(self) -> None:
-        """Step 2: rename into new/ (its fsync follows, once per batch)."""
+        """Step 2: rename into new/ (its fsync follows, once per batch). new/'s kept
+        descriptor is opened first: a descriptor opened after a failed fsync of new/ had
+        reported its error would not see it (``pyqmail.queue.dirsync``)."""
         try:
+            self.queue.new_dir_fd()
             os.rename(self._tmp, f"{self.queue.dir_new}/{self.queue_id}")
         except OSError as exc:
             self.abort()
@@ -268,9 +271,10 @@ class QueueWriter:
         self.finish()
         self.spill()
         self._sync()
+        ticket = self.queue.new_ticket()
         self._publish()
         try:
-            self.queue.sync_new()
+            self.queue.sync_new(ticket)
         except OSError as exc:
             self.unpublish()
             raise QueueError(f"cannot commit {self.queue_id}: {exc.strerror or exc}") from exc
@@ -395,6 +399,7 @@ class SegmentWriter:
         target = f"{self.queue.dir_new}/{self.segment_id}"
         try:
             try:
+                self.queue.new_dir_fd()  # before the link or rename: see _publish
                 os.fsync(fd)
                 if self.tmp is None:
                     self._link(fd)

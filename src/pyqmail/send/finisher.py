@@ -11,9 +11,9 @@ import os
 import time
 from pathlib import Path
 
+from pyqmail.queue.dirsync import fsync_dir
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.state import Attempt, Bounced, append_end, append_state
-from pyqmail.queue.store import fsync_dir
 from pyqmail.send.bounce import Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.scheduler import Msg, Scheduler, nextretry, take_due

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pyqmail.dkim.keys import Key
 from pyqmail.dkim.pickup import sign_batch
+from pyqmail.queue.dirsync import fsync_dir
 from pyqmail.queue.format import QueueError, QueueUnreadableError, Stored, id_order
 from pyqmail.queue.state import Ended, Record, Signed, read_state
-from pyqmail.queue.store import fsync_dir
 from pyqmail.send.delivery import one_line
 from pyqmail.send.finisher import Finisher
 from pyqmail.send.scheduler import Msg, Segment, load_msg, take_due

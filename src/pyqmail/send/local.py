@@ -6,9 +6,10 @@ Maildir durability protocol (``maildir_deliver``), as in qmail-local and the Mai
    and host name), write ``Return-Path`` + ``Delivered-To`` + the message with LF line ends;
 2. ``fsync(file)``, ``link(tmp/<unique>, new/<unique>)``, ``unlink(tmp/<unique>)``;
 3. ``fsync(new/)``, shared by the deliveries that run at once into the same Maildir
-   (``DirSync``: an fsync started after a delivery's link covers it, so a thread whose
-   link an in-flight fsync may have missed waits for it, then one of the waiting threads
-   runs the next fsync for all of them). Only then is the recipient reported done (and
+   (``pyqmail.queue.dirsync.DirSync``: an fsync started after a delivery's link covers
+   it, so a thread whose link an in-flight fsync may have missed waits for it, then one of
+   the waiting threads runs the next fsync for all of them; if it fails, every delivery it
+   was for is deferred). Only then is the recipient reported done (and
    recorded in the queue state by pyqmail-send). A crash before 3 at worst leaves a
    stale tmp file that mail readers ignore and clean up; a crash after 3 but before the
    state is written delivers the message again on restart (a duplicate, never a loss).
@@ -29,17 +30,15 @@ import itertools
 import os
 import random
 import socket
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from pyqmail.control.send import Control
 from pyqmail.headers import header_fields
+from pyqmail.queue.dirsync import DirSync, fsync_dir
 from pyqmail.queue.format import Envelope, QueueError
-from pyqmail.queue.store import Queue, fsync_dir
+from pyqmail.queue.store import Queue
 from pyqmail.send.delivery import Result, split_address
 from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
@@ -57,59 +56,6 @@ def _ensure_maildir(maildir: Path) -> None:
             os.mkdir(maildir / sub, 0o700)
     fsync_dir(maildir)
     fsync_dir(maildir.parent)
-
-
-class DirSync:
-    """Group commit of one directory's fsync among the threads that link files into it.
-
-    ``sync()`` returns once an fsync of the directory that *started after the call*
-    has completed: each caller takes a ticket; a completed fsync covers every ticket
-    taken before it started. At most one fsync runs at a time; callers whose ticket it
-    does not cover wait for it and then one of them starts the next, covering them all.
-    An fsync error is raised in the thread that ran it; the others run their own.
-    """
-
-    _registry: ClassVar[weakref.WeakValueDictionary[str, DirSync]] = weakref.WeakValueDictionary()
-    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.cond = threading.Condition()
-        self.tickets = 0  # taken by callers, after their link/rename into the directory
-        self.synced = 0  # every ticket up to this one is covered by a completed fsync
-        self.running = False
-        self.fsyncs = 0  # how many fsyncs this object ran (for tests and curiosity)
-
-    @classmethod
-    def of(cls, path: str) -> DirSync:
-        """The shared object for ``path`` (kept while some thread uses it)."""
-        with cls._registry_lock:
-            obj = cls._registry.get(path)
-            if obj is None:
-                obj = cls._registry[path] = cls(path)
-            return obj
-
-    def sync(self) -> None:
-        with self.cond:
-            self.tickets += 1
-            mine = self.tickets
-            while self.synced < mine and self.running:
-                self.cond.wait()
-            if self.synced >= mine:
-                return
-            self.running = True
-            covers = self.tickets
-        ok = False
-        try:
-            fsync_dir(self.path)
-            ok = True
-        finally:
-            with self.cond:
-                self.running = False
-                self.fsyncs += 1
-                if ok:
-                    self.synced = max(self.synced, covers)
-                self.cond.notify_all()
 
 
 def _create_tmp(maildir: str, name: str) -> int:
@@ -132,6 +78,8 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
         _ensure_maildir(Path(md))
         fd = _create_tmp(md, name)
     tmp = os.path.join(md, "tmp", name)
+    new = DirSync.of(os.path.join(md, "new"))
+    ticket = new.ticket()  # before the link: an fsync of new/ failing after it fails us
     try:
         try:
             view = memoryview(data)
@@ -146,7 +94,7 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
             os.unlink(tmp)
         raise
     os.unlink(tmp)
-    DirSync.of(os.path.join(md, "new")).sync()
+    new.sync(ticket)
     return name
 
 
