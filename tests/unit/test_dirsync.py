@@ -4,6 +4,7 @@ threads that link into it, and what a failed one means for each of them."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
 import threading
@@ -316,6 +317,64 @@ def test_a_maildir_delivery_linked_before_a_failed_fsync_of_new_is_not_delivered
     failed.set()
     t.join(10)
     assert outcome == {"a": f"errno {errno.EIO}"}
+
+
+def test_a_queue_whose_fsync_of_new_failed_is_still_freed_with_its_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure a DirSync keeps for later callers must not keep its traceback: its
+    frames hold the queue (through the fsync it ran), so after one failed fsync the old
+    Queue of a HUP would keep new/ open until the cyclic collector ran."""
+    q = Queue(tmp_path / "queue")
+    q.create()
+    held = q.new_dir_fd()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if fd == held:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    try:
+        q.enqueue("a@example.test", ["b@example.test"], b"Subject: x\n\nbody\n")
+    except QueueError:
+        pass
+    else:
+        pytest.fail("the commit did not fail")
+    gc.disable()
+    try:
+        del q
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(held)
+    finally:
+        gc.enable()
+
+
+def test_the_fsyncs_go_through_a_descriptor_opened_at_the_first_ticket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opened before the link, so that it reports a failure of another process's fsync
+    of the same directory (an IMAP server's, another delivery agent's) that happened
+    after the link; closed when the last caller lets the DirSync go."""
+    d = DirSync.of(str(tmp_path))
+    ticket = d.ticket()
+    fd = d.fd
+    assert fd is not None and os.path.samestat(os.fstat(fd), os.stat(tmp_path))
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(n: int) -> None:
+        synced.append(n)
+        real_fsync(n)
+
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    d.sync(ticket)
+    assert synced == [fd]
+    del d
+    gc.collect()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
 
 
 def test_a_missing_directory_raises(tmp_path: Path) -> None:

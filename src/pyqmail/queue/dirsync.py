@@ -61,6 +61,7 @@ class DirSync:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fd: int | None = None  # opened by the first ``ticket(open_fd=True)``: see there
         self.cond = threading.Condition()
         self.waiting: _Run | None = None  # the run that calls join: not started yet
         self.running = False  # a run's fsync is in flight
@@ -77,19 +78,29 @@ class DirSync:
                 obj = cls._registry[path] = cls(path)
             return obj
 
-    def ticket(self) -> int:
+    def ticket(self, *, open_fd: bool = True) -> int:
         """Taken before a link or rename into the directory, for ``sync``: the failed
-        fsyncs so far."""
+        fsyncs so far. It also opens the descriptor the fsyncs go through (``open_fd``;
+        the queue passes False and fsyncs through its own, opened the same way), so that
+        it exists before the link: a descriptor opened after another process's fsync of
+        the directory had failed and reported it would not report that failure."""
         with self.cond:
+            if open_fd and self.fd is None:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             return self.failures
+
+    def __del__(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def sync(self, ticket: int | None = None, fsync: Callable[[], None] | None = None) -> None:
         """Return once an fsync that started after this call has completed; OSError if
         it failed, or if another one failed since ``ticket`` (None: taken now). See the
         module docstring: no second try. ``fsync`` does the work if this thread runs it
-        (the queue's: through its kept descriptor); by default the directory is opened
-        and fsynced (``fsync_dir``). Passed per call, not kept: a queue that kept a DirSync
-        holding its own method would never be freed by reference counting."""
+        (the queue's: through its kept descriptor); by default it goes through the
+        descriptor ``ticket`` opened. Passed per call, not kept: a queue that kept a
+        DirSync holding its own method would never be freed by reference counting."""
         with self.cond:
             if ticket is None:
                 ticket = self.failures
@@ -102,12 +113,21 @@ class DirSync:
                 self.running = True
                 self.waiting = None
         if not run.done:
-            self._run(run, fsync or (lambda: fsync_dir(self.path)))
+            self._run(run, fsync or self._fsync)
         error = run.error
         if error is None and run.failures > ticket:
             error = self.last_error
         if error is not None:  # a fresh exception per caller: each thread has its traceback
             raise OSError(error.errno, error.strerror or str(error), self.path)
+
+    def _fsync(self) -> None:
+        """Through the descriptor ``ticket`` opened, or one opened now (a caller that
+        took no ticket)."""
+        fd = self.fd
+        if fd is None:
+            fsync_dir(self.path)
+        else:
+            os.fsync(fd)
 
     def _run(self, run: _Run, fsync: Callable[[], None]) -> None:
         # anything but a clean return fails the run (an exception that is no OSError
@@ -117,7 +137,9 @@ class DirSync:
             fsync()
             error = None
         except OSError as exc:
-            error = exc
+            # kept without its traceback, whose frames (the batch, the message, the queue
+            # itself through ``fsync``) would otherwise live as long as this object
+            error = OSError(exc.errno, exc.strerror or str(exc))
         finally:
             with self.cond:
                 run.error = error

@@ -124,6 +124,7 @@ class Queue:
         self._poke_lock = threading.Lock()
         self._new_fd: int | None = None  # new/ stays open for its fsyncs
         self._new_sync = DirSync(self.dir_new)  # see sync_new
+        self._new_fd_lock = threading.Lock()
         # The process umask when its owner vouches for it (pyqmail-smtpd sets its own);
         # None: unknown, so every new file gets an fchmod.
         self.umask = umask
@@ -237,12 +238,16 @@ class Queue:
         """A descriptor of new/, kept open (for its fsyncs and for linking into it)."""
         fd = self._new_fd
         if fd is None:
-            fd = self._new_fd = os.open(self.dir_new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            with self._new_fd_lock:  # two threads' first commits must not open two
+                fd = self._new_fd
+                if fd is None:
+                    fd = os.open(self.dir_new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    self._new_fd = fd
         return fd
 
     def new_ticket(self) -> int:
         """Taken before a rename or link into new/, for ``sync_new``."""
-        return self._new_sync.ticket()
+        return self._new_sync.ticket(open_fd=False)  # new_dir_fd is the one
 
     def sync_new(self, ticket: int | None = None) -> None:
         """fsync(new/) through a descriptor kept open (one syscall per batch, not three),

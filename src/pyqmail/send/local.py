@@ -78,8 +78,6 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
         _ensure_maildir(Path(md))
         fd = _create_tmp(md, name)
     tmp = os.path.join(md, "tmp", name)
-    new = DirSync.of(os.path.join(md, "new"))
-    ticket = new.ticket()  # before the link: an fsync of new/ failing after it fails us
     try:
         try:
             view = memoryview(data)
@@ -88,6 +86,8 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
+        new = DirSync.of(os.path.join(md, "new"))
+        ticket = new.ticket()  # before the link: an fsync of new/ failing after it fails us
         os.link(tmp, os.path.join(md, "new", name))
     except BaseException:
         with contextlib.suppress(OSError):
