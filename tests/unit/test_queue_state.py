@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.queue import state
 from pyqmail.queue.state import (
     Attempt,
     Bounced,
@@ -184,3 +185,29 @@ def test_a_record_cut_short_by_a_full_disk_is_an_error_not_a_record(
         assert read_state(path) == before
         append_end(path, "18a.1f.2abc")  # with room again, the next record is whole
         assert ended_messages(path) == {"17f.2a.1def", "18a.1f.2abc"}
+
+
+def test_a_state_file_whose_directory_sync_failed_is_created_and_synced_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first record creates the file and syncs state/. When that sync fails, the
+    caller is told (it keeps the recipient pending) and the file goes; before, the next
+    record found the file, appended to it without syncing state/ again, and the file's
+    name might never reach the disk (all its recipients delivered again after a crash)."""
+    calls: list[str] = []
+
+    def fsync_dir(path: str) -> None:
+        calls.append(str(path))
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(state, "fsync_dir", fsync_dir)
+    path = tmp_path / "state"
+    path.mkdir()
+    record = tmp_path / "state" / "18a.1f.2abc"
+    with pytest.raises(OSError, match="Input/output error"):
+        append_state(record, Bounced(1700000003.125, "18b.1f.2abc"))
+    assert not record.exists()
+    append_state(record, Bounced(1700000004.125, "18c.1f.2abc"))
+    assert calls == [str(path), str(path)]
+    assert read_state(record) == [Bounced(1700000004.125, "18c.1f.2abc")]

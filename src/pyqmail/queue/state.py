@@ -32,6 +32,7 @@ number). What a record means for delivery, and when each is written, is pyqmail-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -271,15 +272,26 @@ def append_state(path: Path, record: Attempt | Bounced, durable: bool = True) ->
     """Append a record; ``durable``: fdatasync it before returning (the first record of a
     file is always made durable, with its name in ``state/``). A final record is appended
     only after what it records is itself durable, so after a crash a recipient recorded
-    done is never delivered again."""
+    done is never delivered again.
+
+    A file this call created is unlinked again when it cannot be made durable: the next
+    call then creates it anew and syncs ``state/`` again. Kept, it would be found and
+    appended to without that sync, whose earlier failure Linux reports only once (a later
+    fsync succeeds without writing the lost entry: ``pyqmail.queue.dirsync``)."""
     line = encode(record)
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
     try:
-        _append_line(fd, line)
-        if durable or created:
-            os.fdatasync(fd) if not created else os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
+        try:
+            _append_line(fd, line)
+            if durable or created:
+                os.fdatasync(fd) if not created else os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(path.parent)
+    except OSError:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
