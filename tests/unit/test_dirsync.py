@@ -91,6 +91,21 @@ def _fails_second(first_done: threading.Event) -> Callable[[], None]:
     return fsync
 
 
+def _fails_once(matches: Callable[[int], bool]) -> Callable[[int], None]:
+    """An ``os.fsync`` that fails with EIO the first time it is given a descriptor that
+    ``matches``, and is the real one otherwise."""
+    real_fsync = os.fsync
+    failed = [False]
+
+    def fsync(fd: int) -> None:
+        if not failed[0] and matches(fd):
+            failed[0] = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    return fsync
+
+
 def test_a_failed_fsync_fails_every_call_it_was_for_and_none_of_them_tries_again(
     tmp_path: Path,
 ) -> None:
@@ -241,16 +256,7 @@ def test_a_forward_renamed_before_a_bounces_failed_fsync_is_refused(
         real_sync_new(ticket)
 
     monkeypatch.setattr(q, "sync_new", sync_new)
-    failed_once = [False]
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if fd == q.new_dir_fd() and not failed_once[0]:
-            failed_once[0] = True
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store.os, "fsync", _fails_once(lambda fd: fd == q.new_dir_fd()))
     outcome: dict[str, str] = {}
 
     def forward() -> None:
@@ -282,20 +288,13 @@ def test_a_maildir_delivery_linked_before_a_failed_fsync_of_new_is_not_delivered
     maildir_deliver(md, b"Subject: first\n\nbody\n")  # creates the Maildir
     linked, failed = threading.Event(), threading.Event()
     a_thread: list[int] = []
-    real_unlink, real_fsync = os.unlink, os.fsync
-    dir_failures = [0]
+    real_unlink = os.unlink
 
     def unlink(path: str) -> None:  # A's tmp name goes right after its link
         real_unlink(path)
         if threading.get_ident() in a_thread:
             linked.set()
             assert failed.wait(10)
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and not dir_failures[0]:
-            dir_failures[0] += 1
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
 
     monkeypatch.setattr(local.os, "unlink", unlink)
     outcome: dict[str, str] = {}
@@ -311,7 +310,9 @@ def test_a_maildir_delivery_linked_before_a_failed_fsync_of_new_is_not_delivered
     t = threading.Thread(target=deliver_a)
     t.start()
     assert linked.wait(10)
-    monkeypatch.setattr(local.os, "fsync", fsync)
+    monkeypatch.setattr(
+        local.os, "fsync", _fails_once(lambda fd: stat.S_ISDIR(os.fstat(fd).st_mode))
+    )
     with pytest.raises(OSError, match="Input/output error"):
         maildir_deliver(md, b"Subject: b\n\nbody\n")
     failed.set()
