@@ -22,6 +22,7 @@ from pyqmail.dkim.policy import decide
 from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign
 from pyqmail.protocol.events import MessageStart, TLSInfo
 from pyqmail.queue.format import Envelope
+from pyqmail.queue.state import signatures as recorded_signatures
 from pyqmail.smtpd.intake import message_origin
 from tests.dkim_util import (
     KeyPair,
@@ -289,3 +290,44 @@ def test_a_pickup_whose_signatures_cannot_be_synced_leaves_the_file_in_new(
     )
     assert signed == {"f2": {}}
     assert any("cannot sync" in line and "stay in new/" in line for line in logged)
+    # Unlinked, so the next pickup creates it anew and its fsync of state/ has the name
+    # to write (a rewrite in place would leave that fsync nothing to do, and Linux answers
+    # it with success once the failure was reported).
+    assert not (state / "f1").exists()
+    monkeypatch.undo()
+    signed, _ = pickup.sign_batch(
+        [("f1", [signable])], {DOMAIN: loaded(tmp_path, keys)}, state, logged.append
+    )
+    assert list(signed["f1"]) == [signable.env.queue_id]
+    assert recorded_signatures(state / "f1") == signed["f1"]
+
+
+def test_signatures_that_cannot_be_written_whole_leave_no_state_file(
+    keys: list[KeyPair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fdatasync of a state file fails: the file is removed (none is left holding
+    records that never reached the disk), the queue file stays in new/, and the other
+    files of the batch go on."""
+    import os
+
+    from pyqmail.dkim import pickup
+    from pyqmail.queue.format import Stored
+
+    real = os.fdatasync
+    state = tmp_path / "state"
+    state.mkdir()
+
+    def fdatasync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/state/f1"):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    logged: list[str] = []
+    one, two = Stored(_env("auth"), MESSAGES["plain"]), Stored(_env("auth"), MESSAGES["plain"])
+    signed, _ = pickup.sign_batch(
+        [("f1", [one]), ("f2", [two])], {DOMAIN: loaded(tmp_path, keys)}, state, logged.append
+    )
+    assert list(signed) == ["f2"]
+    assert sorted(p.name for p in state.iterdir()) == ["f2"]
+    assert any("cannot record the DKIM signatures of f1" in line for line in logged)

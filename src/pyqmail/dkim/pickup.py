@@ -6,10 +6,17 @@ the signatures durable before the manager renames the files into ``mess/``: one
 message, one fdatasync per file: a segment's messages share theirs), then one fsync of
 ``state/`` for the whole batch. Unsigned mail costs no I/O at all. Why here and in this
 order: ``src/pyqmail/queue/README.md`` ("DKIM").
+
+When that fsync fails, the state files of the batch are unlinked again: the next pickup
+creates them anew, so its own fsync of ``state/`` has their names to write. Kept, they
+would only be truncated and rewritten, and that fsync, which Linux answers with success
+once an earlier failure has been reported (``pyqmail.queue.dirsync``), would be believed
+for names that may never reach the disk: after a crash the messages would go out unsigned.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -64,5 +71,19 @@ def sign_batch(
             fsync_dir(state_dir)
         except OSError as exc:  # not durable: the files just signed wait in new/
             log(f"warning cannot sync {state_dir}: {exc}; the files signed stay in new/")
+            _unlink_signed(state_dir, [name for name, made in signed.items() if made], log)
             signed = {name: made for name, made in signed.items() if not made}
     return signed, notes
+
+
+def _unlink_signed(state_dir: Path, names: Sequence[str], log: Callable[[str], None]) -> None:
+    """Remove the state files written by a batch whose ``state/`` fsync failed (why: the
+    module's docstring). One that cannot be removed is logged; its file waits in ``new/``
+    all the same."""
+    for name in names:
+        try:
+            os.unlink(state_dir / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log(f"warning cannot remove {state_dir / name} after the failed sync: {exc}")

@@ -223,14 +223,20 @@ def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
     """Start a state file with the signatures of the messages of one queue file, and
     fdatasync it; the caller syncs ``state/`` once for the whole pickup batch. A file of
     that name can only be a leftover of an earlier pickup that did not complete (the
-    queue file is still in ``new/``): it is replaced."""
+    queue file is still in ``new/``): it is replaced. A file that could not be written
+    and synced whole is unlinked again, so none is left holding part of its records."""
     data = b"".join(encode(r) for r in records)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, STATE_FILE)
     try:
-        _write_all(fd, data)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+        try:
+            _write_all(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _append_line(fd: int, line: bytes) -> None:
