@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.queue import writeall
 from pyqmail.queue import writer as queuemod
 from pyqmail.queue.format import (
     Envelope,
@@ -122,7 +123,7 @@ def test_short_writes_and_iov_max_pieces_still_write_everything(
         assert len(bufs) <= 3
         return real_writev(fd, [bytes(memoryview(bufs[0])[:7])])
 
-    monkeypatch.setattr(queuemod, "IOV_MAX", 3)
+    monkeypatch.setattr(writeall, "IOV_MAX", 3)
     monkeypatch.setattr(os, "writev", dribble)
     bodies = [b"x" * 100 + b"\r\n", b"y\r\n", b"z" * 30 + b"\r\n"]
     _, data, _ = _segment(queue, bodies)

@@ -185,6 +185,8 @@ def test_a_record_cut_short_by_a_full_disk_is_an_error_not_a_record(
         assert read_state(path) == before
         append_end(path, "18a.1f.2abc")  # with room again, the next record is whole
         assert ended_messages(path) == {"17f.2a.1def", "18a.1f.2abc"}
+    else:  # a state file the pickup could not write whole is not left behind
+        assert not path.exists()
 
 
 def test_a_state_file_whose_directory_sync_failed_is_created_and_synced_again(

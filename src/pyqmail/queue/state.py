@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyqmail.queue.dirsync import fsync_dir
+from pyqmail.queue.writeall import write_all
 
 Event = Literal["done", "failed", "deferred"]
 _EVENTS: dict[str, Event] = {"done": "done", "failed": "failed", "deferred": "deferred"}
@@ -229,7 +230,7 @@ def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, STATE_FILE)
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fdatasync(fd)
         finally:
             os.close(fd)
@@ -247,20 +248,7 @@ def _append_line(fd: int, line: bytes) -> None:
     size = os.fstat(fd).st_size
     if size and os.pread(fd, 1, size - 1) != b"\n":
         line = b"\n" + line
-    _write_all(fd, line)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Every byte, or an OSError. A write to a file that is filling its disk (or its
-    RLIMIT_FSIZE) can stop short; the write of the rest then fails with the reason
-    (ENOSPC, EFBIG), so the caller learns that the record is not there instead of
-    counting a torn one as written."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if not written:
-            raise OSError(f"no byte written of the {len(view)} left")
-        view = view[written:]
+    write_all(fd, line)
 
 
 def append_end(path: str | os.PathLike[str], queue_id: str) -> None:

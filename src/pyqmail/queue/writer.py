@@ -46,27 +46,10 @@ from pyqmail.queue.format import (
     encode_trailer,
     new_queue_id,
 )
+from pyqmail.queue.writeall import write_all, writev_all
 
 if TYPE_CHECKING:  # the Queue creates writers; a writer only uses the Queue it is given
     from pyqmail.queue.store import Queue
-
-try:
-    IOV_MAX = os.sysconf("SC_IOV_MAX")
-except (OSError, ValueError):  # pragma: no cover - Linux has it
-    IOV_MAX = 1024
-
-
-def _writev_all(fd: int, parts: list[bytes]) -> None:
-    """Write every buffer, in IOV_MAX pieces, resuming after short writes."""
-    bufs: list[bytes | memoryview] = list(parts)
-    i = 0
-    while i < len(bufs):
-        done = os.writev(fd, bufs[i : i + IOV_MAX])
-        while i < len(bufs) and done >= len(bufs[i]):
-            done -= len(bufs[i])
-            i += 1
-        if done:
-            bufs[i] = memoryview(bufs[i])[done:]
 
 
 class QueueWriter:
@@ -140,12 +123,10 @@ class QueueWriter:
         if self._fd is None:
             raise QueueError(f"writer for {self.queue_id} is already closed")
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
         except OSError as exc:
             self.abort()
-            raise QueueError(f"cannot write {self._tmp}: {exc.strerror}") from exc
+            raise QueueError(f"cannot write {self._tmp}: {exc.strerror or exc}") from exc
 
     def write(self, chunk: bytes) -> None:
         """Append message bytes (CRLF line ends, already un-dot-stuffed)."""
@@ -366,7 +347,7 @@ class SegmentWriter:
         if self._fd is None:
             raise QueueError(f"segment {self.segment_id} is already closed")
         try:
-            _writev_all(self._fd, parts)
+            writev_all(self._fd, parts)
         except OSError as exc:
             self.abort()
             raise QueueError(

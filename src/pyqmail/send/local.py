@@ -39,6 +39,7 @@ from pyqmail.headers import header_fields
 from pyqmail.queue.dirsync import DirSync, fsync_dir
 from pyqmail.queue.format import Envelope, QueueError
 from pyqmail.queue.store import Queue
+from pyqmail.queue.writeall import write_all
 from pyqmail.send.delivery import Result, split_address
 from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
@@ -80,9 +81,7 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
     tmp = os.path.join(md, "tmp", name)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
