@@ -171,7 +171,7 @@ def test_disk_full_while_filling_fails_that_segment_only(
 def test_failed_fsync_of_new_answers_451_and_leaves_nothing(
     q: Queue, monkeypatch: pytest.MonkeyPatch, everyone_waits: bool
 ) -> None:
-    def broken(ticket: int | None = None) -> None:
+    def broken(ticket: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(q, "sync_new", broken)
@@ -238,7 +238,7 @@ def test_a_bug_after_linking_into_new_takes_the_messages_back_out(
     monkeypatch.setitem(queuemod._TMPFILE, q.dir_tmp, tmpfile)
     in_new: list[int] = []
 
-    def bug(ticket: int | None = None) -> None:
+    def bug(ticket: int) -> None:
         in_new.append(len(q.ids("new")))
         raise RuntimeError("boom")
 

@@ -46,7 +46,7 @@ def test_every_sync_waits_for_an_fsync_that_started_after_it(
     def worker() -> None:
         for _ in range(5):
             t0 = time.monotonic()
-            d.sync()
+            d.sync(d.ticket())
             asked.setdefault(threading.get_ident(), []).append((t0, time.monotonic()))
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
@@ -119,7 +119,7 @@ def test_a_failed_fsync_fails_every_call_it_was_for_and_none_of_them_tries_again
 
     def call(who: str) -> None:
         try:
-            d.sync(fsync=fsync)
+            d.sync(d.ticket(open_fd=False), fsync)
             outcome[who] = "synced"
         except OSError as exc:
             outcome[who] = f"errno {exc.errno}"
@@ -136,7 +136,7 @@ def test_a_failed_fsync_fails_every_call_it_was_for_and_none_of_them_tries_again
         t.join(10)
     assert outcome == {"first": "synced", "a": f"errno {errno.EIO}", "b": f"errno {errno.EIO}"}
     assert (d.fsyncs, d.failures) == (2, 1)
-    d.sync(fsync=fsync)  # a later call is a new run
+    d.sync(d.ticket(open_fd=False), fsync)  # a later call is a new run
     assert (d.fsyncs, d.failures) == (3, 1)
 
 
@@ -162,9 +162,9 @@ def test_a_failed_fsync_alone_is_raised_and_the_next_call_runs_a_new_one(
 
     monkeypatch.setattr(local.os, "fsync", flaky)
     with pytest.raises(OSError, match="Input/output error"):
-        d.sync()
+        d.sync(d.ticket())
     assert not d.running and d.failures == 1
-    d.sync()
+    d.sync(d.ticket())
     assert d.fsyncs == 2 and len(calls) == 2
 
 
@@ -228,7 +228,7 @@ def test_a_failure_between_a_link_and_its_sync_fails_that_sync(tmp_path: Path) -
     d = DirSync(str(tmp_path))
     ticket = d.ticket()  # before our link
     with pytest.raises(OSError):
-        d.sync(None, fsync)  # someone else's commit: its fsync fails
+        d.sync(d.ticket(), fsync)  # someone else's commit: its fsync fails
     with pytest.raises(OSError, match="Input/output error") as failed:
         d.sync(ticket, fsync)
     assert failed.value.errno == errno.EIO
@@ -249,7 +249,7 @@ def test_a_forward_renamed_before_a_bounces_failed_fsync_is_refused(
     real_sync_new = q.sync_new
     forward_thread: list[int] = []
 
-    def sync_new(ticket: int | None = None) -> None:
+    def sync_new(ticket: int) -> None:
         if threading.get_ident() in forward_thread:
             renamed.set()  # the forward's file is in new/ now
             assert bounced.wait(10)
@@ -380,7 +380,7 @@ def test_the_fsyncs_go_through_a_descriptor_opened_at_the_first_ticket(
 
 def test_a_missing_directory_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        DirSync(str(tmp_path / "gone")).sync()
+        DirSync(str(tmp_path / "gone")).ticket()
 
 
 def test_one_object_per_directory_while_in_use(tmp_path: Path) -> None:

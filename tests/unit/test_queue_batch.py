@@ -175,7 +175,7 @@ def test_failed_directory_fsync_takes_the_message_back_out(
     q.create()
     writers = _writers(q, sizes)
 
-    def broken(ticket: int | None = None) -> None:
+    def broken(ticket: int) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(q, "sync_new", broken)

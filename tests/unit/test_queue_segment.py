@@ -68,7 +68,7 @@ def test_messages_in_a_segment_hold_no_body_while_they_wait(queue: Queue) -> Non
     assert [sum(map(len, w.record())) for w in writers] == [0, 0]
     seg.seal()
     seg.sync_publish()
-    queue.sync_new()
+    queue.sync_new(queue.new_ticket())
     envs = seg.envelopes()
     assert [e.size for e in envs] == [len(b) for b in bodies]
     assert [e.queue_id for e in envs] == [w.queue_id for w in writers]

@@ -94,16 +94,16 @@ class DirSync:
         if fd is not None:
             os.close(fd)
 
-    def sync(self, ticket: int | None = None, fsync: Callable[[], None] | None = None) -> None:
+    def sync(self, ticket: int, fsync: Callable[[], None] | None = None) -> None:
         """Return once an fsync that started after this call has completed; OSError if
-        it failed, or if another one failed since ``ticket`` (None: taken now). See the
+        it failed, or if another one failed since ``ticket`` (taken before the link or
+        rename this fsync is to make durable: no default, a ticket taken here would not
+        see a failure between the two). See the
         module docstring: no second try. ``fsync`` does the work if this thread runs it
         (the queue's: through its kept descriptor); by default it goes through the
         descriptor ``ticket`` opened. Passed per call, not kept: a queue that kept a
         DirSync holding its own method would never be freed by reference counting."""
         with self.cond:
-            if ticket is None:
-                ticket = self.failures
             run = self.waiting
             if run is None:
                 run = self.waiting = _Run()
@@ -121,8 +121,8 @@ class DirSync:
             raise OSError(error.errno, error.strerror or str(error), self.path)
 
     def _fsync(self) -> None:
-        """Through the descriptor ``ticket`` opened, or one opened now (a caller that
-        took no ticket)."""
+        """Through the descriptor ``ticket`` opened, or one opened now (the tickets
+        were taken with ``open_fd=False`` and no ``fsync`` was given)."""
         fd = self.fd
         if fd is None:
             fsync_dir(self.path)

@@ -249,7 +249,7 @@ class Queue:
         """Taken before a rename or link into new/, for ``sync_new``."""
         return self._new_sync.ticket(open_fd=False)  # new_dir_fd is the one
 
-    def sync_new(self, ticket: int | None = None) -> None:
+    def sync_new(self, ticket: int) -> None:
         """fsync(new/) through a descriptor kept open (one syscall per batch, not three),
         shared by the threads that commit at once; OSError if it fails, or if one failed
         since ``ticket`` (``pyqmail.queue.dirsync`` says why no commit may try again)."""
