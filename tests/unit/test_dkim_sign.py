@@ -8,6 +8,7 @@ CRLF, 8-bit bytes), and messages altered after signing, which must fail.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,12 +274,9 @@ def test_a_pickup_whose_signatures_cannot_be_synced_leaves_the_file_in_new(
     from pyqmail.dkim import pickup
     from pyqmail.queue.format import Stored
 
-    def failing_fsync_dir(path: object) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(pickup, "fsync_dir", failing_fsync_dir)
     state = tmp_path / "state"
     state.mkdir()
+    _fsync_of_state_fails(monkeypatch, state)
     signable = Stored(_env("auth"), MESSAGES["plain"])
     inbound = Stored(_env(None), MESSAGES["plain"])
     logged: list[str] = []
@@ -300,6 +298,85 @@ def test_a_pickup_whose_signatures_cannot_be_synced_leaves_the_file_in_new(
     )
     assert list(signed["f1"]) == [signable.env.queue_id]
     assert recorded_signatures(state / "f1") == signed["f1"]
+
+
+def _fsync_of_state_fails(monkeypatch: pytest.MonkeyPatch, state: Path, times: int = 99) -> None:
+    """Every fsync of the directory ``state`` fails with EIO (the first ``times``)."""
+    import os
+
+    real, left = os.fsync, [times]
+
+    def fsync(fd: int) -> None:
+        if left[0] and os.readlink(f"/proc/self/fd/{fd}") == str(state):
+            left[0] -= 1
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_fsync_of_state_in_a_delivery_thread_fails_the_pickup_too(
+    keys: list[KeyPair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery's first state record (another thread of pyqmail-send) runs the fsync of
+    state/ after the pickup wrote its signatures, and that fsync fails; Linux reports the
+    failure once, so the pickup's own fsync then succeeds. The pickup must not believe it:
+    its state file's name may be lost, and after a crash the message would go out unsigned.
+    Both share state/'s DirSync, and the pickup's ticket sees the failure."""
+    from pyqmail.dkim import pickup
+    from pyqmail.queue.format import Stored
+    from pyqmail.queue.state import Attempt, append_state
+
+    state = tmp_path / "state"
+    state.mkdir()
+    real_write_signed = pickup.write_signed
+    delivery: list[str] = []
+
+    def write_signed(path: Path, records: list[object]) -> None:
+        real_write_signed(path, records)  # type: ignore[arg-type]
+        _fsync_of_state_fails(monkeypatch, state, times=1)
+        try:  # meanwhile, in a delivery thread: the one failure Linux reports
+            append_state(state / "d1", Attempt("deferred", 0, WHEN, "x"))
+        except OSError as exc:
+            delivery.append(str(exc))
+
+    monkeypatch.setattr(pickup, "write_signed", write_signed)
+    logged: list[str] = []
+    signed, _ = pickup.sign_batch(
+        [("f1", [Stored(_env("auth"), MESSAGES["plain"])])],
+        {DOMAIN: loaded(tmp_path, keys)},
+        state,
+        logged.append,
+    )
+    assert delivery and "Input/output error" in delivery[0]
+    assert signed == {}  # f1 waits in new/
+    assert sorted(p.name for p in state.iterdir()) == []  # both files unlinked again
+    assert any("cannot sync" in line for line in logged)
+
+
+def test_a_leftover_state_file_is_created_anew_not_rewritten(
+    keys: list[KeyPair], tmp_path: Path
+) -> None:
+    """A state file left by an earlier pickup (its file still in new/) is replaced by a new
+    file, whose name state/'s fsync then writes."""
+    from pyqmail.dkim import pickup
+    from pyqmail.queue.format import Stored
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "f1").write_bytes(b"leftover\n")
+    before = (state / "f1").stat().st_ino
+    keep = state / "keep"  # holds the old inode, so the new file cannot reuse its number
+    os.link(state / "f1", keep)
+    signed, _ = pickup.sign_batch(
+        [("f1", [Stored(_env("auth"), MESSAGES["plain"])])],
+        {DOMAIN: loaded(tmp_path, keys)},
+        state,
+        lambda line: None,
+    )
+    assert (state / "f1").stat().st_ino != before
+    assert recorded_signatures(state / "f1") == signed["f1"]
+    assert keep.read_bytes() == b"leftover\n"
 
 
 def test_signatures_that_cannot_be_written_whole_leave_no_state_file(

@@ -4,11 +4,11 @@ and readable by the queue tool without the daemon."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
 
-from pyqmail.queue import state
 from pyqmail.queue.state import (
     Attempt,
     Bounced,
@@ -197,13 +197,17 @@ def test_a_state_file_whose_directory_sync_failed_is_created_and_synced_again(
     record found the file, appended to it without syncing state/ again, and the file's
     name might never reach the disk (all its recipients delivered again after a crash)."""
     calls: list[str] = []
+    real_fsync = os.fsync
 
-    def fsync_dir(path: str) -> None:
-        calls.append(str(path))
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(target):
+            calls.append(target)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
 
-    monkeypatch.setattr(state, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
     path = tmp_path / "state"
     path.mkdir()
     record = tmp_path / "state" / "18a.1f.2abc"

@@ -27,6 +27,7 @@ def test_short_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert (tmp_path / "f").read_bytes() == b"0123456789" * 7
 
 
+@pytest.mark.timeout(20)  # the regression this guards against is a loop for ever
 @pytest.mark.parametrize("call", ["write", "writev"])
 def test_a_write_of_nothing_is_an_error_not_a_spin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
@@ -42,6 +43,26 @@ def test_a_write_of_nothing_is_an_error_not_a_spin(
                 writeall.writev_all(fd, [b"x" * 4, b"", b"y" * 8])
     finally:
         os.close(fd)
+
+
+def test_a_view_of_wider_items_is_counted_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write of a view whose items are 4 bytes wide still resumes at the right
+    byte (counted in items, the rest was dropped)."""
+    import array
+
+    real = os.write
+    monkeypatch.setattr(
+        os, "write", lambda fd, data: real(fd, bytes(memoryview(data).cast("B")[:5]))
+    )
+    data = array.array("I", range(4))
+    fd = _file(tmp_path)
+    try:
+        writeall.write_all(fd, memoryview(data))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == data.tobytes()
 
 
 def test_empty_buffers_write_nothing_and_succeed(tmp_path: Path) -> None:

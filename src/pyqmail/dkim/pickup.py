@@ -7,11 +7,14 @@ message, one fdatasync per file: a segment's messages share theirs), then one fs
 ``state/`` for the whole batch. Unsigned mail costs no I/O at all. Why here and in this
 order: ``src/pyqmail/queue/README.md`` ("DKIM").
 
-When that fsync fails, the state files of the batch are unlinked again: the next pickup
-creates them anew, so its own fsync of ``state/`` has their names to write. Kept, they
-would only be truncated and rewritten, and that fsync, which Linux answers with success
-once an earlier failure has been reported (``pyqmail.queue.dirsync``), would be believed
-for names that may never reach the disk: after a crash the messages would go out unsigned.
+That fsync is ``state/``'s shared one (``pyqmail.queue.dirsync.DirSync``, with the
+delivery threads that create state files), and its ticket is taken before the first state
+file is written: when it fails, or another thread's fails meanwhile, the batch's state
+files are unlinked again and their files wait in ``new/``. The next pickup creates them
+anew (``write_signed`` never rewrites one in place), so its own fsync has their names to
+write; Linux answers a later fsync with success once a failure has been reported, and
+believed for names that may never reach the disk, it would send the messages unsigned
+after a crash.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pyqmail.dkim.keys import Key
 from pyqmail.dkim.policy import Decision, decide
-from pyqmail.queue.dirsync import fsync_dir
+from pyqmail.queue.dirsync import DirSync
 from pyqmail.queue.format import Stored
 from pyqmail.queue.state import Signed, write_signed
 
@@ -49,7 +52,8 @@ def sign_batch(
     and the manager picks it up again later (``Loader._hold_new``)."""
     signed: dict[str, dict[str, bytes]] = {}
     notes: dict[str, str] = {}
-    wrote = False
+    sync = DirSync.of(str(state_dir))
+    ticket: int | None = None  # taken before the first state file: see the docstring
     for name, stored in loaded:
         made: dict[str, bytes] = {}
         for s in stored if keys else ():
@@ -59,16 +63,17 @@ def sign_batch(
             if decision.headers:
                 made[s.env.queue_id] = decision.headers
         if made:
+            if ticket is None:
+                ticket = sync.ticket()
             try:
                 write_signed(state_dir / name, [Signed(q, h) for q, h in made.items()])
             except OSError as exc:
                 log(f"warning cannot record the DKIM signatures of {name}: {exc}")
                 continue
-            wrote = True
         signed[name] = made
-    if wrote:
+    if ticket is not None:
         try:
-            fsync_dir(state_dir)
+            sync.sync(ticket)
         except OSError as exc:  # not durable: the files just signed wait in new/
             log(f"warning cannot sync {state_dir}: {exc}; the files signed stay in new/")
             _unlink_signed(state_dir, [name for name, made in signed.items() if made], log)
@@ -79,7 +84,8 @@ def sign_batch(
 def _unlink_signed(state_dir: Path, names: Sequence[str], log: Callable[[str], None]) -> None:
     """Remove the state files written by a batch whose ``state/`` fsync failed (why: the
     module's docstring). One that cannot be removed is logged; its file waits in ``new/``
-    all the same."""
+    all the same, and the next pickup's ``write_signed`` tries the unlink again before it
+    writes (failing, the file waits again)."""
     for name in names:
         try:
             os.unlink(state_dir / name)

@@ -1,9 +1,11 @@
 """One directory's fsync shared by the threads that link or rename files into it, with a
 failure reaching every thread whose entry it was to make durable.
 
-Used for a Maildir's new/ (``pyqmail.send.local``) and the queue's new/ (``Queue.sync_new``:
+Used for a Maildir's new/ (``pyqmail.send.local``), the queue's new/ (``Queue.sync_new``:
 in pyqmail-send a forward, committed in the local link's thread, and a bounce, committed by
-the main loop, both sync it).
+the main loop, both sync it) and the queue's state/ (a delivery's first record,
+``pyqmail.queue.state.append_state``, and the DKIM pickup's signatures,
+``pyqmail.dkim.pickup``, made by different threads of pyqmail-send).
 
 The rule: ``sync()`` returns once an fsync of the directory that *started after the call*
 has completed. Calls wait in a *run*: the first call while no run is waiting opens one,

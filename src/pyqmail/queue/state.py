@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pyqmail.queue.dirsync import fsync_dir
+from pyqmail.queue.dirsync import DirSync
 from pyqmail.queue.writeall import write_all
 
 Event = Literal["done", "failed", "deferred"]
@@ -224,10 +224,15 @@ def write_signed(path: str | os.PathLike[str], records: list[Signed]) -> None:
     """Start a state file with the signatures of the messages of one queue file, and
     fdatasync it; the caller syncs ``state/`` once for the whole pickup batch. A file of
     that name can only be a leftover of an earlier pickup that did not complete (the
-    queue file is still in ``new/``): it is replaced. A file that could not be written
-    and synced whole is unlinked again, so none is left holding part of its records."""
+    queue file is still in ``new/``): it is unlinked and created anew, so that the
+    caller's fsync of ``state/`` always has this name to write (a file rewritten in place
+    would leave it nothing to write, and an earlier failure of that fsync unseen:
+    ``pyqmail.queue.dirsync``). A file that could not be written and synced whole is
+    unlinked again, so none is left holding part of its records."""
     data = b"".join(encode(r) for r in records)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, STATE_FILE)
+    with contextlib.suppress(FileNotFoundError):  # created anew, never rewritten in place
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STATE_FILE)
     try:
         try:
             write_all(fd, data)
@@ -271,9 +276,14 @@ def append_state(path: Path, record: Attempt | Bounced, durable: bool = True) ->
     A file this call created is unlinked again when it cannot be made durable: the next
     call then creates it anew and syncs ``state/`` again. Kept, it would be found and
     appended to without that sync, whose earlier failure Linux reports only once (a later
-    fsync succeeds without writing the lost entry: ``pyqmail.queue.dirsync``)."""
+    fsync succeeds without writing the lost entry: ``pyqmail.queue.dirsync``). That sync
+    is shared with the other threads that create state files (``DirSync``): one that
+    failed in another thread after this file was created fails this call too."""
     line = encode(record)
     created = not path.exists()
+    if created:  # before the create: a failed fsync of state/ after it fails this call
+        state_dir = DirSync.of(str(path.parent))
+        ticket = state_dir.ticket()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, STATE_FILE)
     try:
         try:
@@ -283,7 +293,7 @@ def append_state(path: Path, record: Attempt | Bounced, durable: bool = True) ->
         finally:
             os.close(fd)
         if created:
-            fsync_dir(path.parent)
+            state_dir.sync(ticket)
     except OSError:
         if created:
             with contextlib.suppress(OSError):

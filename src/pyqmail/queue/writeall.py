@@ -25,7 +25,7 @@ def _nothing_written(left: int) -> OSError:
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write ``data`` whole to ``fd``, resuming after short writes."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # counted in bytes, as os.write counts
     while view:
         written = os.write(fd, view)
         if not written:
@@ -46,4 +46,4 @@ def writev_all(fd: int, parts: Sequence[bytes]) -> None:
             done -= len(bufs[i])
             i += 1
         if done:
-            bufs[i] = memoryview(bufs[i])[done:]
+            bufs[i] = memoryview(bufs[i]).cast("B")[done:]
