@@ -354,6 +354,36 @@ def test_a_failed_fsync_of_state_in_a_delivery_thread_fails_the_pickup_too(
     assert any("cannot sync" in line for line in logged)
 
 
+def test_state_that_cannot_be_opened_for_its_sync_leaves_the_file_in_new(
+    keys: list[KeyPair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The descriptor state/'s fsync goes through cannot be opened (EMFILE): the pickup logs
+    it and the signed file waits in new/; pyqmail-send goes on (it stopped)."""
+    from pyqmail.dkim import pickup
+    from pyqmail.queue.format import Stored
+
+    state = tmp_path / "state"
+    state.mkdir()
+    real_open = os.open
+
+    def no_descriptor_for_state(path: object, flags: int, *args: int) -> int:
+        if str(path) == str(state) and flags & os.O_DIRECTORY:
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_descriptor_for_state)
+    logged: list[str] = []
+    signed, _ = pickup.sign_batch(
+        [("f1", [Stored(_env("auth"), MESSAGES["plain"])]), ("f2", [Stored(_env(None), b"x")])],
+        {DOMAIN: loaded(tmp_path, keys)},
+        state,
+        logged.append,
+    )
+    assert signed == {"f2": {}}
+    assert not (state / "f1").exists()
+    assert any("cannot record the DKIM signatures of f1" in line for line in logged)
+
+
 def test_a_leftover_state_file_is_created_anew_not_rewritten(
     keys: list[KeyPair], tmp_path: Path
 ) -> None:

@@ -217,3 +217,33 @@ def test_a_state_file_whose_directory_sync_failed_is_created_and_synced_again(
     append_state(record, Bounced(1700000004.125, "18c.1f.2abc"))
     assert calls == [str(path), str(path)]
     assert read_state(record) == [Bounced(1700000004.125, "18c.1f.2abc")]
+
+
+def test_a_failed_fsync_of_state_in_another_thread_after_the_create_fails_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first record's file is created; before its own fsync of state/, another thread's
+    fsync of state/ fails (the DKIM pickup's, say), and Linux reports that failure to it
+    alone: this record's own fsync then succeeds without writing the name. The record is
+    not durable, so the call must fail (its ticket was taken before the create)."""
+    from pyqmail.queue.dirsync import DirSync
+
+    path = tmp_path / "state"
+    path.mkdir()
+    record = path / "18a.1f.2abc"
+    real_fsync = os.fsync
+
+    def other_thread_fails() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(record):  # between create and sync
+            shared = DirSync.of(str(path))
+            with pytest.raises(OSError):
+                shared.sync(shared.ticket(), other_thread_fails)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        append_state(record, Bounced(1700000003.125, "18b.1f.2abc"))
+    assert not record.exists()

@@ -63,9 +63,9 @@ def sign_batch(
             if decision.headers:
                 made[s.env.queue_id] = decision.headers
         if made:
-            if ticket is None:
-                ticket = sync.ticket()
             try:
+                if ticket is None:  # opens state/ (EMFILE, EIO: this file waits in new/)
+                    ticket = sync.ticket()
                 write_signed(state_dir / name, [Signed(q, h) for q, h in made.items()])
             except OSError as exc:
                 log(f"warning cannot record the DKIM signatures of {name}: {exc}")
