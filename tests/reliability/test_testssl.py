@@ -7,8 +7,18 @@ The test CA is passed with ``--add-ca`` so chain-of-trust findings mean what the
 
 Quick (``make test``, about 30 s): protocols and forward secrecy (ciphers offered) on smtps.
 Slow (``-m slow``/``make stress``): protocols, ciphers, forward secrecy, server defaults and
-every vulnerability check (-U) on all three listeners; the server defaults must show TLS
-session resumption by ticket (INFO findings).
+every vulnerability check (-U) on all three listeners; every listener must resume a TLS
+session by ticket, shown by ``openssl s_client -sess_out``/``-sess_in`` in an SMTP dialogue
+(``resumes_with_s_client``) and by testssl's own check where it can tell.
+
+testssl checks resumption with an ``s_client`` whose standard input is /dev/null: it
+closes the connection as soon as its handshake is done. A TLS 1.3 server sends its session
+tickets only after the client's Finished (OpenSSL's), and pyqmail sends them with its
+first reply (``tests/e2e/test_smtpd_tls_resume.py``): on smtps, the 220 that follows the
+handshake at once. Whether that arrives before s_client has read its EOF is a race, which
+this machine's slower kernel loses (seen in session 24: no session saved in 20 of 20
+tries; testssl then says "check failed because of connect problem"). That finding is
+accepted only beside a resumption that s_client, kept in the dialogue, shows.
 """
 
 from __future__ import annotations
@@ -151,6 +161,34 @@ def test_testssl_full_on_all_listeners(listeners: dict[str, int], pki: PKI, tmp_
         total += judge(f"full {mode}", findings)
         # Session tickets (pyqmail.tickets): testssl reports them as INFO, with their
         # lifetime ("valid for 3600 seconds only (<daily)"); no session-ID cache.
+        assert resumes_with_s_client(port, mode != "smtps", pki.ca_file, tmp_path / mode), mode
         resumption = {f["id"]: f.get("finding", "") for f in findings}
-        assert resumption.get("sessionresumption_ticket") == "supported", (mode, resumption)
+        ticket = resumption.get("sessionresumption_ticket")
+        assert ticket in ("supported", TESTSSL_RACE), (mode, resumption)
+        if ticket != "supported":
+            print(f"testssl {mode}: {ticket!r} (its s_client left before the ticket came)")
     print(f"testssl full: {time.monotonic() - start:.0f}s, totals {dict(total)}")
+
+
+TESTSSL_RACE = "check failed because of connect problem"
+
+
+def resumes_with_s_client(port: int, starttls: bool, ca: Path, work: Path) -> bool:
+    """A first ``openssl s_client`` saves the session (its EHLO's reply brings the tickets),
+    a second one offers it and must report "Reused"."""
+    work.mkdir()
+    sess = work / "session.pem"
+    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof"]
+    base += ["-CAfile", str(ca), "-verify_return_error", "-servername", "localhost"]
+    base += ["-starttls", "smtp"] if starttls else []
+    dialogue = b"EHLO client.test\r\nQUIT\r\n"
+    outputs = []
+    for flag in ("-sess_out", "-sess_in"):
+        proc = subprocess.run(
+            [*base, flag, str(sess)], input=dialogue, capture_output=True, timeout=30, check=False
+        )
+        outputs.append((proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")))
+    (code1, out1), (code2, out2) = outputs
+    assert code1 == 0 and sess.exists(), out1
+    assert code2 == 0, out2
+    return "Reused, TLSv1.3" in out2
