@@ -302,8 +302,6 @@ def test_a_pickup_whose_signatures_cannot_be_synced_leaves_the_file_in_new(
 
 def _fsync_of_state_fails(monkeypatch: pytest.MonkeyPatch, state: Path, times: int = 99) -> None:
     """Every fsync of the directory ``state`` fails with EIO (the first ``times``)."""
-    import os
-
     real, left = os.fsync, [times]
 
     def fsync(fd: int) -> None:
@@ -358,7 +356,7 @@ def test_state_that_cannot_be_opened_for_its_sync_leaves_the_file_in_new(
     keys: list[KeyPair], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The descriptor state/'s fsync goes through cannot be opened (EMFILE): the pickup logs
-    it and the signed file waits in new/; pyqmail-send goes on (it stopped)."""
+    it and the signed file waits in new/; pyqmail-send goes on (the error used to stop it)."""
     from pyqmail.dkim import pickup
     from pyqmail.queue.format import Stored
 
@@ -415,8 +413,6 @@ def test_signatures_that_cannot_be_written_whole_leave_no_state_file(
     """The fdatasync of a state file fails: the file is removed (none is left holding
     records that never reached the disk), the queue file stays in new/, and the other
     files of the batch go on."""
-    import os
-
     from pyqmail.dkim import pickup
     from pyqmail.queue.format import Stored
 

@@ -52,7 +52,7 @@ def sign_batch(
     and the manager picks it up again later (``Loader._hold_new``)."""
     signed: dict[str, dict[str, bytes]] = {}
     notes: dict[str, str] = {}
-    sync = DirSync.of(str(state_dir))
+    sync = DirSync.of(str(state_dir)) if keys else None  # no keys: nothing is signed
     ticket: int | None = None  # taken before the first state file: see the docstring
     for name, stored in loaded:
         made: dict[str, bytes] = {}
@@ -62,7 +62,7 @@ def sign_batch(
                 notes[s.env.queue_id] = decision.note
             if decision.headers:
                 made[s.env.queue_id] = decision.headers
-        if made:
+        if made and sync is not None:
             try:
                 if ticket is None:  # opens state/ (EMFILE, EIO: this file waits in new/)
                     ticket = sync.ticket()
@@ -71,7 +71,7 @@ def sign_batch(
                 log(f"warning cannot record the DKIM signatures of {name}: {exc}")
                 continue
         signed[name] = made
-    if ticket is not None:
+    if sync is not None and ticket is not None:
         try:
             sync.sync(ticket)
         except OSError as exc:  # not durable: the files just signed wait in new/
