@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commitdelay", type=int, help="pyqmail's control/commitdelay in ms")
     p.add_argument(
         "--workloads",
-        default="plain 1,plain 10,STARTTLS 1,STARTTLS 10,resumed",
+        default="plain 1,plain 10,STARTTLS 1,STARTTLS 10,resumed,pipelined",
         help="comma-separated prefixes of smtpd_load.py's workload names (not the checks row)",
     )
     args = p.parse_args(argv)

@@ -75,6 +75,7 @@ REPLY = b"250 2.1.5 Ok here\r\n"  # ~20 bytes, as its replies
 # The count server_cpu_floor uses (see its docstring), in loopback round trips.
 SESSION_ROUND_TRIPS = 2.5  # greeting (one way: half), EHLO, QUIT
 MESSAGE_ROUND_TRIPS = 3.0  # MAIL, RCPT, DATA; then the body and its 250 (a body figure)
+PIPELINED_ROUND_TRIPS = 1.0  # MAIL, RCPT and DATA in one write, their replies in one
 STARTTLS_ROUND_TRIPS = 4.0  # STARTTLS, the handshake's two, the second EHLO
 SERVER_SHARE = 0.5  # of a both-ends loopback figure, the server's part
 
@@ -441,16 +442,17 @@ def measure(workdir: Path, certs: CertFiles, *, keep: bool = False) -> Floor:
 
 
 def server_cpu_floor(
-    floor: Floor, starttls: bool, per_session: int, resumed: bool = False
+    floor: Floor, starttls: bool, per_session: int, resumed: bool = False, pipelined: bool = False
 ) -> float:
     """The server CPU per message (ms) of the unavoidable parts here, for one workload:
     a floor for the handshake (measured on the server's side alone), an estimate for the
     loopback share (see below).
 
-    The count follows the benchmark's client, which does not pipeline (each command
-    waits for its reply): per session a connection (``connect_ms``), the greeting (one
-    way: half a round trip), EHLO and QUIT (a round trip each); per message MAIL, RCPT
-    and DATA (a round trip each) and the body with its 250 (``body_ms``). With STARTTLS,
+    The count follows the benchmark's client, where each command waits for its reply:
+    per session a connection (``connect_ms``), the greeting (one way: half a round trip),
+    EHLO and QUIT (a round trip each); per message MAIL, RCPT and DATA (a round trip
+    each, or one for the three when ``pipelined``) and the body with its 250
+    (``body_ms``). With STARTTLS,
     per session also STARTTLS, the handshake's two round trips (its flights are larger
     than a command, so this is still a floor) and the second EHLO, plus the server's
     handshake CPU (full, or resumed: NaN when resumption was not measured). A session's
@@ -468,7 +470,8 @@ def server_cpu_floor(
     session = SERVER_SHARE * (floor.connect_ms + session_rt * floor.round_trip_ms)
     if starttls:
         session += floor.resumed_ms if resumed else floor.handshake_ms
-    message = SERVER_SHARE * (MESSAGE_ROUND_TRIPS * floor.round_trip_ms + floor.body_ms)
+    message_rt = PIPELINED_ROUND_TRIPS if pipelined else MESSAGE_ROUND_TRIPS
+    message = SERVER_SHARE * (message_rt * floor.round_trip_ms + floor.body_ms)
     return session / max(per_session, 1) + message
 
 
@@ -540,7 +543,7 @@ def main() -> int:
     print()
     print(f"{'server CPU floor per message (ms)':<38}{'floor':>8}")
     for w in WORKLOADS:
-        cost = server_cpu_floor(floor, w.starttls, w.per_session, w.resume)
+        cost = server_cpu_floor(floor, w.starttls, w.per_session, w.resume, w.pipelining)
         mark = " (*)" if w.checks else ""
         print(f"{w.name + mark:<38}{cost:8.3f}")
     print("(*) counted as plain 1 msg/session: its checks are work, not a floor")

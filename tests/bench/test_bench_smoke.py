@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,6 +267,55 @@ def _loadgen(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def _scripted_server(sock: socket.socket, reads: list[bytes]) -> None:
+    """One SMTP session that answers as a server must, keeping every read as it came:
+    what the client wrote together arrives together on loopback."""
+    conn, _ = sock.accept()
+    with conn:
+        conn.sendall(b"220 scripted\r\n")
+        pending = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            reads.append(data)
+            pending += data
+            replies = b""
+            while b"\r\n" in pending:
+                line, pending = pending.split(b"\r\n", 1)
+                if line.startswith(b"EHLO"):
+                    replies += b"250-scripted\r\n250 PIPELINING\r\n"
+                elif line.startswith((b"MAIL", b"RCPT")):
+                    replies += b"250 ok\r\n"
+                elif line == b"DATA":
+                    replies += b"354 go\r\n"
+                elif line == b".":
+                    replies += b"250 queued\r\n"
+                elif line == b"QUIT":
+                    conn.sendall(replies + b"221 bye\r\n")
+                    return
+            if replies:
+                conn.sendall(replies)
+
+
+def test_pipelining_sends_mail_rcpt_and_data_in_one_write() -> None:
+    """``--pipelining``: the three commands reach the server in one read (one write), and
+    the three replies that come back together are each checked."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        reads: list[bytes] = []
+        server = threading.Thread(target=_scripted_server, args=(sock, reads))
+        server.start()
+        port = str(sock.getsockname()[1])
+        proc = _loadgen("--port", port, "--sessions", "1", "--messages", "1", "--pipelining")
+        server.join(10)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"messages": 1' in proc.stdout
+    assert b"MAIL FROM:<" in reads[1] and b"RCPT TO:<" in reads[1]
+    assert reads[1].endswith(b"DATA\r\n"), reads
 
 
 def test_refused_connections_are_errors_not_messages() -> None:

@@ -47,10 +47,12 @@ def test_measure_reports_every_part(tmp_path: Path) -> None:
     assert os.sched_getaffinity(0) == cores  # the pinning for the loopback figures is undone
     assert "ticket keys" in measured.tickets
     assert [p.name for p in tmp_path.iterdir()] == ["tls"]  # the commit files are gone
-    shapes = {(w.starttls, w.per_session, w.resume) for w in WORKLOADS}
+    shapes = {(w.starttls, w.per_session, w.resume, w.pipelining) for w in WORKLOADS}
     cost = {s: floor.server_cpu_floor(measured, *s) for s in shapes}
-    assert cost[(True, 1, False)] > cost[(False, 1, False)] > cost[(False, 10, False)]
-    assert cost[(True, 1, False)] > cost[(True, 10, False)]
+    assert cost[(True, 1, False, False)] > cost[(False, 1, False, False)]
+    assert cost[(False, 1, False, False)] > cost[(False, 10, False, False)]
+    assert cost[(True, 1, False, False)] > cost[(True, 10, False, False)]
+    assert cost[(False, 1, False, False)] > cost[(False, 1, False, True)]
     assert len(floor.describe(measured)) == 4
 
 
@@ -64,6 +66,8 @@ def test_server_cpu_floor_follows_its_count() -> None:
     assert floor.server_cpu_floor(MADE, True, 1) == pytest.approx(tls_session + 0.4 + 0.05)
     assert floor.server_cpu_floor(MADE, True, 10) == pytest.approx((tls_session + 0.4) / 10 + 0.05)
     assert floor.server_cpu_floor(MADE, True, 1, True) == pytest.approx(tls_session + 0.3 + 0.05)
+    # pipelined: MAIL, RCPT and DATA are one round trip, not three
+    assert floor.server_cpu_floor(MADE, False, 1, pipelined=True) == pytest.approx(0.125 + 0.03)
     no_resume = dataclasses.replace(MADE, resumed_ms=math.nan)
     assert math.isnan(floor.server_cpu_floor(no_resume, True, 1, True))
 

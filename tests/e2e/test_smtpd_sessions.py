@@ -386,6 +386,32 @@ def test_commands_pipelined_behind_the_end_of_data_are_answered_after_the_commit
     ]
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+def test_pipelined_mail_rcpt_data_are_answered_in_one_segment(
+    qmail_root: QmailRoot, smtpd: StartDaemon, pki: PKI, tls: bool
+) -> None:
+    """RFC 2920 as MTAs use it: MAIL, RCPT and DATA in one packet get their three replies
+    in one write (one TCP segment on loopback, counted by the client's kernel), not one
+    write per reply; the message is then taken as usual."""
+    d = smtpd()
+    c = d.connect()
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    if tls:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls(client_context(pki))
+        assert c.cmd("EHLO client.test")[0] == 250
+    before = c.data_segments_in()
+    c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
+    assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+    assert c.data_segments_in() - before == 1, "three replies, three writes"
+    c.send(b"Subject: pipelined\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+    assert [env.sender for env, _ in qmail_root.queued()] == ["s@remote.test"]
+
+
 def _timed_message(c: RawSMTP, n: int) -> float:
     """Seconds from the end of the message to its 250."""
     _up_to_data(c, f"s{n}@remote.test")
