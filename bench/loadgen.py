@@ -5,7 +5,8 @@ this. One process runs ``--sessions`` concurrent sessions on one asyncio loop; t
 benchmark starts several such processes so the generator is never the bottleneck.
 
 The dialogue is plain RFC 5321: each command waits for its reply, or with
-``--pipelining`` MAIL, RCPT and DATA go in one write (RFC 2920, as MTAs send them), and
+``--pipelining`` MAIL, RCPT and DATA go in one write when the server offers PIPELINING
+(RFC 2920, as MTAs send them), and
 every reply code is checked (220 greeting, 250 EHLO, 220 STARTTLS, 250 MAIL/RCPT, 354 DATA,
 250 after the message, 221 QUIT). A message counts only once its 250 after DATA arrived.
 Any other reply ends that session and is recorded as an error (the first few are kept
@@ -214,6 +215,8 @@ class Session(asyncio.Protocol):
         self.ended = False
         self.sent = 0
         self.mail = f"MAIL FROM:<{target.sender}>\r\n".encode()
+        self.offered = False  # the latest EHLO reply listed PIPELINING
+        self.pipelined = False  # the message in flight went as one MAIL, RCPT, DATA write
         self.rcpt = f"RCPT TO:<{target.recipient}>\r\n".encode()
 
     # transport callbacks
@@ -232,6 +235,8 @@ class Session(asyncio.Protocol):
                 self.buf = b""
                 self.fail(f"{self.what}: malformed reply line {line[:80]!r}")
                 return
+            if self.expect == 250 and self.what.startswith("EHLO"):
+                self.offered = self.offered or line[4:].strip().upper() == b"PIPELINING"
             if line[3:4] == b"-":
                 continue
             if not line[:3].isdigit() or int(line[:3]) != self.expect:
@@ -266,6 +271,7 @@ class Session(asyncio.Protocol):
         what = self.what
         if what == "greeting":
             self.send(b"EHLO loadgen.client.test\r\n", 250, "EHLO")
+            self.offered = False
         elif what == "EHLO":
             if self.target.starttls:
                 self.send(b"STARTTLS\r\n", 220, "STARTTLS")
@@ -278,12 +284,12 @@ class Session(asyncio.Protocol):
             self.tls_done()
             self.begin()
         elif what == "MAIL":
-            if self.target.pipelining:  # RCPT went with it
+            if self.pipelined:  # RCPT went with it
                 self.expect, self.what = 250, "RCPT"
             else:
                 self.send(self.rcpt, 250, "RCPT")
         elif what == "RCPT":
-            if self.target.pipelining:  # and so did DATA
+            if self.pipelined:  # and so did DATA
                 self.expect, self.what = 354, "DATA"
             else:
                 self.send(b"DATA\r\n", 354, "DATA")
@@ -324,10 +330,11 @@ class Session(asyncio.Protocol):
         self.start_message()
 
     def start_message(self) -> None:
-        """MAIL, then RCPT and DATA one reply at a time; with ``pipelining`` (RFC 2920, as
-        Postfix's and Exim's clients do) the three in one write, their replies read in
-        order (``reply``)."""
-        if self.target.pipelining:
+        """MAIL, then RCPT and DATA one reply at a time; with ``pipelining`` the three in
+        one write, their replies read in order (``reply``), if the server's EHLO reply
+        offered PIPELINING (RFC 2920), as Postfix's and Exim's clients do it."""
+        self.pipelined = self.target.pipelining and self.offered
+        if self.pipelined:
             self.send(self.mail + self.rcpt + b"DATA\r\n", 250, "MAIL")
         else:
             self.send(self.mail, 250, "MAIL")
@@ -350,6 +357,7 @@ class Session(asyncio.Protocol):
             self.fail("TLS handshake: connection closed")
             return
         self.transport = transport
+        self.offered = False  # what the server offered before TLS no longer counts
         self.send(b"EHLO loadgen.client.test\r\n", 250, "EHLO after STARTTLS")
 
     def finish(self) -> None:

@@ -269,9 +269,10 @@ def _loadgen(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _scripted_server(sock: socket.socket, reads: list[bytes]) -> None:
-    """One SMTP session that answers as a server must, keeping every read as it came:
-    what the client wrote together arrives together on loopback."""
+def _scripted_server(sock: socket.socket, reads: list[bytes], offer: bool) -> None:
+    """One SMTP session that answers as a server must (offering PIPELINING or not),
+    keeping every read as it came: what the client wrote together arrives together on
+    loopback."""
     conn, _ = sock.accept()
     with conn:
         conn.sendall(b"220 scripted\r\n")
@@ -286,7 +287,7 @@ def _scripted_server(sock: socket.socket, reads: list[bytes]) -> None:
             while b"\r\n" in pending:
                 line, pending = pending.split(b"\r\n", 1)
                 if line.startswith(b"EHLO"):
-                    replies += b"250-scripted\r\n250 PIPELINING\r\n"
+                    replies += b"250-scripted\r\n250 PIPELINING\r\n" if offer else b"250 x\r\n"
                 elif line.startswith((b"MAIL", b"RCPT")):
                     replies += b"250 ok\r\n"
                 elif line == b"DATA":
@@ -300,22 +301,27 @@ def _scripted_server(sock: socket.socket, reads: list[bytes]) -> None:
                 conn.sendall(replies)
 
 
-def test_pipelining_sends_mail_rcpt_and_data_in_one_write() -> None:
+@pytest.mark.parametrize("offer", [True, False], ids=["offered", "not-offered"])
+def test_pipelining_sends_mail_rcpt_and_data_in_one_write(offer: bool) -> None:
     """``--pipelining``: the three commands reach the server in one read (one write), and
-    the three replies that come back together are each checked."""
+    the three replies that come back together are each checked; a server whose EHLO
+    reply does not offer PIPELINING gets MAIL alone, as an MTA would send it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         reads: list[bytes] = []
-        server = threading.Thread(target=_scripted_server, args=(sock, reads))
+        server = threading.Thread(target=_scripted_server, args=(sock, reads, offer))
         server.start()
         port = str(sock.getsockname()[1])
         proc = _loadgen("--port", port, "--sessions", "1", "--messages", "1", "--pipelining")
         server.join(10)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"messages": 1' in proc.stdout
-    assert b"MAIL FROM:<" in reads[1] and b"RCPT TO:<" in reads[1]
-    assert reads[1].endswith(b"DATA\r\n"), reads
+    if offer:
+        assert b"MAIL FROM:<" in reads[1] and b"RCPT TO:<" in reads[1]
+        assert reads[1].endswith(b"DATA\r\n"), reads
+    else:
+        assert reads[1].startswith(b"MAIL FROM:<") and reads[1].count(b"\r\n") == 1, reads
 
 
 def test_refused_connections_are_errors_not_messages() -> None:
