@@ -6,11 +6,11 @@ benchmark starts several such processes so the generator is never the bottleneck
 
 The dialogue is plain RFC 5321: each command waits for its reply, or with
 ``--pipelining`` MAIL, RCPT and DATA go in one write when the server offers PIPELINING
-(RFC 2920, as MTAs send them), and
-every reply code is checked (220 greeting, 250 EHLO, 220 STARTTLS, 250 MAIL/RCPT, 354 DATA,
-250 after the message, 221 QUIT). A message counts only once its 250 after DATA arrived.
-Any other reply ends that session and is recorded as an error (the first few are kept
-verbatim); the benchmark treats errors as a failed run.
+(RFC 2920, as MTAs send them), and every reply code is checked (220 greeting, 250 EHLO,
+220 STARTTLS, 250 MAIL/RCPT, 354 DATA, 250 after the message, 221 QUIT). A message counts
+only once its 250 after DATA arrived. Any other reply ends that session and is recorded
+as an error (the first few are kept verbatim); the benchmark treats errors as a failed
+run.
 
 Protocol with the parent process (one JSON object per line on stdout):
 ``{"event": "ready"}`` once the loop is up; then the parent writes ``go`` on stdin;
@@ -235,7 +235,7 @@ class Session(asyncio.Protocol):
                 self.buf = b""
                 self.fail(f"{self.what}: malformed reply line {line[:80]!r}")
                 return
-            if self.expect == 250 and self.what.startswith("EHLO"):
+            if self.target.pipelining and self.expect == 250 and self.what.startswith("EHLO"):
                 self.offered = self.offered or line[4:].strip().upper() == b"PIPELINING"
             if line[3:4] == b"-":
                 continue
@@ -271,7 +271,6 @@ class Session(asyncio.Protocol):
         what = self.what
         if what == "greeting":
             self.send(b"EHLO loadgen.client.test\r\n", 250, "EHLO")
-            self.offered = False
         elif what == "EHLO":
             if self.target.starttls:
                 self.send(b"STARTTLS\r\n", 220, "STARTTLS")
