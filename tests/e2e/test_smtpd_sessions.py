@@ -271,6 +271,32 @@ def test_starttls_refused_inside_tls_and_with_argument(smtpd: StartDaemon, pki: 
     c.close()
 
 
+@pytest.mark.parametrize("mode", ["starttls", "smtps"])
+def test_close_notify_from_the_client_ends_the_session(
+    smtpd: StartDaemon, pki: PKI, mode: str
+) -> None:
+    """A client that says goodbye in TLS (close_notify) but keeps its TCP connection
+    open: the server answers with its own close_notify and closes at once, not at the
+    idle timeout (``control/timeoutsmtpd``, 300 s by default)."""
+    d = smtpd(mode="smtp" if mode == "starttls" else "smtps")
+    c = d.connect()
+    if mode == "starttls":
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls(client_context(pki))
+    else:
+        c.starttls(client_context(pki))
+        assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    tls_sock = c.sock
+    assert isinstance(tls_sock, ssl.SSLSocket)
+    tls_sock.settimeout(5)
+    plain = tls_sock.unwrap()  # our close_notify, then the server's (TimeoutError without)
+    assert plain.recv(1) == b"", "the server kept the connection open"
+    plain.close()
+
+
 @pytest.mark.parametrize("lines", [10, 900, 5000])  # in memory, around, beyond SPOOL_LIMIT
 def test_message_sizes_are_stored_byte_exact(
     qmail_root: QmailRoot, smtpd: StartDaemon, lines: int

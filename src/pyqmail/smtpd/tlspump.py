@@ -106,8 +106,13 @@ class TLSPump:
         return True
 
     def read(self) -> bytes | None:
-        """The next plaintext (b"" at the end), None until more ciphertext comes;
-        TLSClosedError after the client's close_notify, TLSFailedError on a broken record.
+        """The next plaintext, None until more ciphertext comes; TLSClosedError after the
+        client's close_notify, TLSFailedError on a broken record.
+
+        CPython's ``SSLObject.read`` answers the close_notify with b"" (it raises
+        SSLZeroReturnError only when our side has shut down too); that is turned into
+        TLSClosedError here, so the session ends when the client says goodbye, not at the
+        idle timeout of a client that keeps its TCP connection open.
 
         With no ciphertext left in the BIO and no plaintext left in OpenSSL (SSL_pending)
         the answer is None without asking OpenSSL, which could only raise SSLWantReadError:
@@ -118,13 +123,16 @@ class TLSPump:
         if not self.incoming.pending and not self.sslobj.pending():
             return None
         try:
-            return self.sslobj.read(TLS_READ)
+            data = self.sslobj.read(TLS_READ)
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLZeroReturnError as exc:
             raise TLSClosedError from exc
         except (ssl.SSLError, OSError) as exc:
             raise _why(exc) from exc
+        if not data:
+            raise TLSClosedError
+        return data
 
     def info(self, tlsclients: Iterable[str]) -> TLSInfo:
         """The finished session as the core sees it; a client certificate listed in
