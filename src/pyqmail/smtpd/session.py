@@ -453,7 +453,7 @@ class Session(asyncio.BufferedProtocol):
             except TLSFailedError as exc:
                 self.tls_failed(str(exc))
                 return
-            if not chunk or self.conn is None:
+            if chunk is None or self.conn is None:  # the close_notify raised above
                 break
             events = self.conn.receive(chunk)
             if events:
