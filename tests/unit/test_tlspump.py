@@ -5,7 +5,8 @@ holds anything; these tests pin what that shortcut must never change: records th
 arrive together are all read, so is the first record that comes with the client's
 Finished, a record cut in two is read once its second half is in, plaintext OpenSSL
 still holds is read. The client's close_notify ends the session (TLSClosedError, never
-None or b""), a broken record fails. TLS 1.3 and 1.2 alike.
+None or b""), a broken record fails. TLS 1.3 and 1.2 alike. And the pump asks for an
+immediate ACK exactly when a STARTTLS handshake ends with nothing written to the client.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ class Wire:
     """A pump and a client joined by hand: the client's ciphertext goes to ``pump.feed``
     only when a test says so."""
 
-    def __init__(self, servercert: Path, ca: Path, version: ssl.TLSVersion) -> None:
+    def __init__(
+        self, servercert: Path, ca: Path, version: ssl.TLSVersion, *, implicit: bool = True
+    ) -> None:
         self.sent: list[bytes] = []
-        self.pump = TLSPump(tls.server_context(servercert), self.sent.append, implicit=True)
+        self.acks: list[None] = []  # the pump's calls of ``ack``
+        self.pump = TLSPump(
+            tls.server_context(servercert),
+            self.sent.append,
+            implicit=implicit,
+            ack=lambda: self.acks.append(None),
+        )
         ctx = tls.client_context(cafile=ca)
         ctx.maximum_version = version
         self.c_in, self.c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -145,3 +154,23 @@ def test_a_broken_record_fails(wire: Wire) -> None:
     wire.pump.feed(bytes(data))
     with pytest.raises(TLSFailedError):
         wire.pump.read()
+
+
+@pytest.mark.parametrize(
+    ("version", "implicit", "acks"),
+    [
+        (ssl.TLSVersion.TLSv1_3, False, 1),  # the tickets wait: nothing carries the ACK
+        (ssl.TLSVersion.TLSv1_3, True, 0),  # port 465: the greeting follows at once
+        (ssl.TLSVersion.TLSv1_2, False, 0),  # a full TLS 1.2 handshake: our Finished is last
+    ],
+    ids=["tls13-starttls", "tls13-implicit", "tls12-full-starttls"],
+)
+def test_ack_only_when_a_starttls_handshake_writes_nothing(
+    pki: PKI, tmp_path: Path, version: ssl.TLSVersion, implicit: bool, acks: int
+) -> None:
+    """The resumed TLS 1.2 case (the client's Finished last, ack asked) runs against the
+    daemon: ``test_a_nagle_client_is_not_kept_waiting_after_the_handshake``."""
+    cert = pki.ca.write_servercert(tmp_path / "servercert.pem", pki.server)
+    wire = Wire(cert, pki.ca_file, version, implicit=implicit)
+    wire.handshake()
+    assert len(wire.acks) == acks

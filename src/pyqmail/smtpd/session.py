@@ -45,7 +45,7 @@ from pyqmail.smtpd.context import SessionContext
 from pyqmail.smtpd.intake import Intake
 from pyqmail.smtpd.limits import key_bytes
 from pyqmail.smtpd.policy import build_policy, greet_delay
-from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump
+from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump, quick_ack
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 
@@ -407,7 +407,9 @@ class Session(asyncio.BufferedProtocol):
         if ctx is None or self.transport is None:
             self.abort()
             return
-        self.tls = TLSPump(ctx, self.transport.write, implicit=implicit)
+        self.tls = TLSPump(
+            ctx, self.transport.write, implicit=implicit, ack=quick_ack(self.transport)
+        )
         self.tls.timer = self.loop.call_later(self.cfg.timeouttls, self.tls_timeout)
 
     def tls_timeout(self) -> None:

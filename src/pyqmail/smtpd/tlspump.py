@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Callable, Iterable
 
@@ -36,11 +37,17 @@ def _why(exc: BaseException) -> TLSFailedError:
 
 class TLSPump:
     """One server-side TLS session over two memory BIOs. ``write`` sends ciphertext to
-    the client (the transport's ``write``); ``timer`` is the handshake's deadline, owned
-    here so that whoever ends the pump also ends the timer."""
+    the client (the transport's ``write``); ``ack`` acknowledges what the client sent at
+    once (``quick_ack``); ``timer`` is the handshake's deadline, owned here so that
+    whoever ends the pump also ends the timer."""
 
     def __init__(
-        self, ctx: ssl.SSLContext, write: Callable[[bytes], None], *, implicit: bool
+        self,
+        ctx: ssl.SSLContext,
+        write: Callable[[bytes], None],
+        *,
+        implicit: bool,
+        ack: Callable[[], None] | None = None,
     ) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -51,13 +58,16 @@ class TLSPump:
         self.due = False  # replies encrypted since the last flush
         self.held = False  # TLS 1.3's session tickets, waiting for the first reply
         self._write = write
+        self._ack = ack or _nothing
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Whatever OpenSSL wrote (handshake records, alerts, tickets, data) to the client,
-        now, in one write."""
+        now, in one write; False when there was nothing."""
         self.due = self.held = False
-        if self.outgoing.pending:
-            self._write(self.outgoing.read())
+        if not self.outgoing.pending:
+            return False
+        self._write(self.outgoing.read())
+        return True
 
     def flush_unless_held(self) -> None:
         """After reading: ``flush`` what OpenSSL wrote meanwhile (an alert, the refusal of a
@@ -99,8 +109,14 @@ class TLSPump:
             # The client waits for nothing now: what the server wrote are session tickets,
             # and they go out with the first reply.
             self.held = True
+            wrote = False
         else:
-            self.flush()  # TLS 1.2's last flight (the server's Finished): the client waits
+            wrote = self.flush()  # TLS 1.2's last flight (the server's Finished), if any
+        if not (wrote or self.implicit):
+            # After STARTTLS the client speaks first, and nothing of ours carries the ACK
+            # of its Finished: a client with Nagle's algorithm on (smtplib, and any that
+            # does not set TCP_NODELAY) holds its EHLO until our delayed ACK, 40 ms or more.
+            self._ack()
         self.handshaking = False
         self.cancel_timer()
         return True
@@ -168,3 +184,26 @@ class TLSPump:
 
 def _discard(data: bytes) -> None:
     """Where a dropped pump's output goes."""
+
+
+def _nothing() -> None:
+    """No ``ack`` (a pump without a TCP socket under it: the unit tests' memory wire)."""
+
+
+def quick_ack(transport: asyncio.BaseTransport) -> Callable[[], None]:
+    """``ack`` for a pump on ``transport``: send the ACK that the kernel is delaying, now.
+
+    Linux's TCP_QUICKACK sends it when one is pending (``__tcp_sock_set_quickack``), and
+    with an even value puts the socket back in delayed-ACK mode once it did, so only this
+    ACK is hastened. A transport with no socket, or a kernel without the option, gets
+    nothing: the client then waits for the delayed ACK."""
+
+    def ack() -> None:
+        sock = transport.get_extra_info("socket")
+        option = getattr(socket, "TCP_QUICKACK", None)
+        if sock is None or option is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, 2)
+
+    return ack
