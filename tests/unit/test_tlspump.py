@@ -156,21 +156,24 @@ def test_a_broken_record_fails(wire: Wire) -> None:
         wire.pump.read()
 
 
-@pytest.mark.parametrize(
-    ("version", "implicit", "acks"),
-    [
-        (ssl.TLSVersion.TLSv1_3, False, 1),  # the tickets wait: nothing carries the ACK
-        (ssl.TLSVersion.TLSv1_3, True, 0),  # port 465: the greeting follows at once
-        (ssl.TLSVersion.TLSv1_2, False, 0),  # a full TLS 1.2 handshake: our Finished is last
-    ],
-    ids=["tls13-starttls", "tls13-implicit", "tls12-full-starttls"],
-)
+# (client's maximum version, implicit TLS?, what the client sends with its Finished, acks)
+ACK_CASES = {
+    "tls13-starttls": (ssl.TLSVersion.TLSv1_3, False, b"", 1),  # nothing carries the ACK
+    "tls13-ehlo-with-finished": (ssl.TLSVersion.TLSv1_3, False, b"EHLO c.test\r\n", 0),
+    "tls13-implicit": (ssl.TLSVersion.TLSv1_3, True, b"", 0),  # the greeting follows at once
+    "tls12-full": (ssl.TLSVersion.TLSv1_2, False, b"", 0),  # our Finished ends the handshake
+}
+
+
+@pytest.mark.parametrize("case", ACK_CASES.values(), ids=ACK_CASES.keys())
 def test_ack_only_when_a_starttls_handshake_writes_nothing(
-    pki: PKI, tmp_path: Path, version: ssl.TLSVersion, implicit: bool, acks: int
+    pki: PKI, tmp_path: Path, case: tuple[ssl.TLSVersion, bool, bytes, int]
 ) -> None:
     """The resumed TLS 1.2 case (the client's Finished last, ack asked) runs against the
-    daemon: ``test_a_nagle_client_is_not_kept_waiting_after_the_handshake``."""
+    daemon: ``test_a_nagle_client_is_not_kept_waiting_after_the_handshake``. An EHLO that
+    comes with the Finished is answered at once, and the answer carries the ACK."""
+    version, implicit, first, acks = case
     cert = pki.ca.write_servercert(tmp_path / "servercert.pem", pki.server)
     wire = Wire(cert, pki.ca_file, version, implicit=implicit)
-    wire.handshake()
+    wire.handshake(first)
     assert len(wire.acks) == acks

@@ -112,10 +112,11 @@ class TLSPump:
             wrote = False
         else:
             wrote = self.flush()  # TLS 1.2's last flight (the server's Finished), if any
-        if not (wrote or self.implicit):
+        if not (wrote or self.implicit or self.incoming.pending):
             # After STARTTLS the client speaks first, and nothing of ours carries the ACK
             # of its Finished: a client with Nagle's algorithm on (smtplib, and any that
             # does not set TCP_NODELAY) holds its EHLO until our delayed ACK, 40 ms or more.
+            # (An EHLO that came with the Finished is answered now: the answer carries it.)
             self._ack()
         self.handshaking = False
         self.cancel_timer()
