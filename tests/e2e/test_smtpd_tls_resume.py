@@ -11,7 +11,6 @@ import select
 import signal
 import socket
 import ssl
-import statistics
 import time
 from pathlib import Path
 
@@ -127,8 +126,10 @@ def test_a_nagle_client_is_not_kept_waiting_after_the_handshake(
     assert ticket is not None
     waits13 = [ehlo_wait(d, tls13, None) for _ in range(5)]
     waits12 = [ehlo_wait(d, tls12, ticket) for _ in range(5)]
-    assert statistics.median(waits13) < 0.030, waits13
-    assert statistics.median(waits12) < 0.030, waits12
+    # Without the ACK every wait is 40 ms or more (Linux's shortest delayed ACK); with it
+    # a loopback round trip. The fastest of five tells them apart on a loaded machine too.
+    assert min(waits13) < 0.030, waits13
+    assert min(waits12) < 0.030, waits12
 
 
 def test_tls12_ticket_resumes(smtpd: StartDaemon, pki: PKI) -> None:

@@ -20,6 +20,7 @@ from pyqmail import tls
 from pyqmail.protocol import TLSInfo
 
 TLS_READ = 17 * 1024  # one TLS record's plaintext at most (16 KiB) per SSLObject.read
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class TLSFailedError(Exception):
@@ -112,14 +113,14 @@ class TLSPump:
             wrote = False
         else:
             wrote = self.flush()  # TLS 1.2's last flight (the server's Finished), if any
+        self.handshaking = False
+        self.cancel_timer()
         if not (wrote or self.implicit or self.incoming.pending):
             # After STARTTLS the client speaks first, and nothing of ours carries the ACK
             # of its Finished: a client with Nagle's algorithm on (smtplib, and any that
             # does not set TCP_NODELAY) holds its EHLO until our delayed ACK, 40 ms or more.
             # (An EHLO that came with the Finished is answered now: the answer carries it.)
             self._ack()
-        self.handshaking = False
-        self.cancel_timer()
         return True
 
     def read(self) -> bytes | None:
@@ -195,16 +196,17 @@ def quick_ack(transport: asyncio.BaseTransport) -> Callable[[], None]:
     """``ack`` for a pump on ``transport``: send the ACK that the kernel is delaying, now.
 
     Linux's TCP_QUICKACK sends it when one is pending (``__tcp_sock_set_quickack``), and
-    with an even value puts the socket back in delayed-ACK mode once it did, so only this
-    ACK is hastened. A transport with no socket, or a kernel without the option, gets
-    nothing: the client then waits for the delayed ACK."""
+    with an even value puts the socket back in delayed-ACK mode once it did. With none
+    pending the socket stays in quick-ACK mode until our next reply (one pure ACK more at
+    worst). A closed transport (uvloop's socket then raises ValueError), a transport with
+    no socket, or a kernel without the option get nothing: the client waits for the
+    delayed ACK."""
 
     def ack() -> None:
         sock = transport.get_extra_info("socket")
-        option = getattr(socket, "TCP_QUICKACK", None)
-        if sock is None or option is None:
+        if sock is None or _TCP_QUICKACK is None or transport.is_closing():
             return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, 2)
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 2)
 
     return ack
