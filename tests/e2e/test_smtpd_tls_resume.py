@@ -16,9 +16,21 @@ from pathlib import Path
 
 from tests.conftest import PKI
 from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
-from tests.e2e.helpers import client_context, openssl
+from tests.e2e.helpers import RawSMTP, client_context, openssl
 
 TRIES = 40  # connections until the kernel's SO_REUSEPORT hash picks the other worker
+
+
+def starttls(
+    c: RawSMTP, ctx: ssl.SSLContext, resume: ssl.SSLSession | None = None, helo: str = "client.test"
+) -> ssl.SSLSocket:
+    """Greeting, EHLO, STARTTLS and the handshake (resuming ``resume`` when given) on ``c``;
+    the TLS socket, which ``c`` now speaks through."""
+    assert c.reply()[0] == 220
+    assert c.cmd(f"EHLO {helo}")[0] == 250
+    assert c.cmd("STARTTLS")[0] == 220
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=resume)
+    return c.sock
 
 
 def session(
@@ -26,14 +38,10 @@ def session(
 ) -> tuple[bool, ssl.SSLSession | None, int]:
     """One STARTTLS session: (resumed?, the session to resume next, the worker's pid)."""
     with d.connect() as c:
-        assert c.reply()[0] == 220
-        assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("STARTTLS")[0] == 220
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=resume)
+        tls_sock = starttls(c, ctx, resume)
         assert c.cmd("EHLO client.test")[0] == 250  # TLS 1.3 tickets have arrived by now
-        assert isinstance(c.sock, ssl.SSLSocket)
-        resumed, next_session = c.sock.session_reused, c.sock.session
-        port = c.sock.getsockname()[1]
+        resumed, next_session = tls_sock.session_reused, tls_sock.session
+        port = tls_sock.getsockname()[1]
         assert c.cmd("QUIT")[0] == 221
     m = d.wait_for(rf"pid=(\d+) conn ip=127\.0\.0\.1 port={port} ")[0]
     return resumed, next_session, int(m.group(1))
@@ -78,14 +86,11 @@ def test_tls13_tickets_leave_with_the_first_reply(smtpd: StartDaemon, pki: PKI) 
     ctx = client_context(pki)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     with d.connect() as c:
-        assert c.reply()[0] == 220
+        tls_sock = starttls(c, ctx)
+        assert tls_sock.version() == "TLSv1.3"
+        assert select.select([tls_sock], [], [], 0.5)[0] == [], "the server wrote before EHLO"
         assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("STARTTLS")[0] == 220
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
-        assert isinstance(c.sock, ssl.SSLSocket) and c.sock.version() == "TLSv1.3"
-        assert select.select([c.sock], [], [], 0.5)[0] == [], "the server wrote before EHLO"
-        assert c.cmd("EHLO client.test")[0] == 250
-        ticket = c.sock.session
+        ticket = tls_sock.session
         assert c.cmd("QUIT")[0] == 221
     assert ticket is not None and ticket.has_ticket
     assert session(d, ctx, ticket)[0], "the ticket that came with the EHLO reply did not resume"
@@ -96,12 +101,7 @@ def ehlo_wait(d: Daemon, ctx: ssl.SSLContext, resume: ssl.SSLSession | None) -> 
     client with Nagle's algorithm on (RawSMTP does not set TCP_NODELAY, nor does smtplib)."""
     with d.connect() as c:
         assert c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-        assert c.reply()[0] == 220
-        assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("STARTTLS")[0] == 220
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=resume)
-        assert isinstance(c.sock, ssl.SSLSocket)
-        assert c.sock.session_reused == (resume is not None)
+        assert starttls(c, ctx, resume).session_reused == (resume is not None)
         start = time.monotonic()
         assert c.cmd("EHLO client.test")[0] == 250
         wait = time.monotonic() - start
@@ -158,15 +158,11 @@ def test_openssl_s_client_reuses_the_session(smtpd: StartDaemon, pki: PKI, tmp_p
 def relays(d: Daemon, ctx: ssl.SSLContext, resume: ssl.SSLSession) -> tuple[bool, int]:
     """Resume, then ask to relay: (resumed?, the RCPT reply code)."""
     with d.connect() as c:
-        assert c.reply()[0] == 220
-        assert c.cmd("EHLO relay.test")[0] == 250
-        assert c.cmd("STARTTLS")[0] == 220
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=resume)
-        assert isinstance(c.sock, ssl.SSLSocket)
+        tls_sock = starttls(c, ctx, resume, helo="relay.test")
         assert c.cmd("EHLO relay.test")[0] == 250
         assert c.cmd("MAIL FROM:<app@relay.test>")[0] == 250
         code = c.cmd("RCPT TO:<someone@elsewhere.test>")[0]
-        return c.sock.session_reused, code
+        return tls_sock.session_reused, code
 
 
 def test_client_certificate_relay_survives_resumption_not_a_new_clientca(
