@@ -18,9 +18,10 @@ description:
     answer before it controls the service. When the link pointed to another directory, the
     supervise processes of that directory are stopped (C(svc -dx)) after the switch.
   - After starting, restarting or reloading, it waits until C(svstat) reports the service up
-    with the same pid for O(wait) seconds. A service that keeps restarting makes the task
-    fail with the last lines of its log (C(log/main/current) of multilog, or else what
-    C(./run) prints when run once for at most 3 seconds).
+    with the same pid for O(wait) seconds (surely: svstat counts whole seconds, so the
+    module also counts how long it has seen that pid itself). A service that keeps
+    restarting makes the task fail with the last lines of its log (C(log/main/current) of
+    multilog, or else what C(./run) prints when run once for at most 3 seconds).
   - When the service has a log service (C(log/run) exists), that one must then be up with
     the same pid for O(wait) seconds too (C(svc -u) when it is down). A log service that
     keeps restarting (log directory missing or not writable, bad C(log/run)) fails the task

@@ -188,19 +188,20 @@ def wait_for(
 
     Goals: ``supervised`` (supervise/ok answers: svscan may take 5 s to notice a new
     link), ``unsupervised`` (supervise exited after ``svc -dx``), ``down``, and ``up``: up
-    with a pid other than ``old_pid`` (the pid before ``svc -t``) whose uptime reached
-    ``stable`` seconds. Uptime is supervise's own count for the current pid, so a service
-    that keeps crashing never reaches it.
+    with a pid other than ``old_pid`` (the pid before ``svc -t``) that has surely run for
+    ``stable`` seconds (see ``_Uptime``), so a service that keeps crashing never reaches it.
     """
     if goal not in ("supervised", "unsupervised", "up", "down"):
         raise ValueError(f"unknown goal {goal!r}")
     deadline = clock() + timeout
     pids: list[int] = []
+    uptime = _Uptime(clock)
     while True:
         status = read()
         pid = status.pid if status.up else None
         if pid is not None and pid != old_pid and (not pids or pids[-1] != pid):
             pids.append(pid)
+        surely_up = uptime.at_least(status)
         if goal == "unsupervised" and not status.supervised:
             return WaitResult(True, status, "unsupervised", tuple(pids))
         if status.supervised:
@@ -208,12 +209,7 @@ def wait_for(
                 return WaitResult(True, status, "supervised", tuple(pids))
             if goal == "down" and not status.up:
                 return WaitResult(True, status, "down", tuple(pids))
-            if (
-                goal == "up"
-                and status.up
-                and status.pid != old_pid
-                and (status.seconds or 0) >= stable
-            ):
+            if goal == "up" and status.up and status.pid != old_pid and surely_up >= stable:
                 return WaitResult(True, status, "up", tuple(pids))
         if clock() >= deadline:
             return WaitResult(
@@ -223,6 +219,36 @@ def wait_for(
                 tuple(pids),
             )
         sleep(interval)
+
+
+class _Uptime:
+    """How long the current pid has surely run, from svstat's count and the caller's clock.
+
+    svstat counts whole seconds (the start's and now's TAI seconds, fractions dropped:
+    daemontools' svstat.c), so "2 seconds" may mean a pid that has run 1.01 s. supervise
+    restarts a crashing ./run one second after its last start, so a restart loop shows
+    pids up for just over 1 s, now and then as "2 seconds": read as it stands, that passes
+    ``stable=2`` for a service that never stays up. What is sure: a pid shown at N seconds
+    has run more than N - 1, and it has run at least as long again as it has been seen with
+    the same pid since.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.pid: int | None = None
+        self.first_seen = 0.0
+        self.shown_then = 0
+
+    def at_least(self, status: Status) -> float:
+        """Seconds the pid in ``status`` has surely been up; 0 when it is not up."""
+        if not status.up or status.pid is None:
+            self.pid = None
+            return 0.0
+        shown = status.seconds or 0
+        if status.pid != self.pid:
+            self.pid, self.first_seen, self.shown_then = status.pid, self.clock(), shown
+        seen_for = self.clock() - self.first_seen
+        return max(0.0, shown - 1, self.shown_then - 1 + seen_for, seen_for)
 
 
 def _why(

@@ -325,6 +325,28 @@ def test_keeps_restarting_counts_pids() -> None:
     assert "6 different pids in 5 s, never up for 2 s" in result.reason
 
 
+def test_a_restart_loop_shown_at_two_seconds_is_not_stable_for_two() -> None:
+    """svstat drops the fractions: a pid up 1.01 s across two second marks shows "2 seconds".
+
+    supervise restarts a crashing ./run a second after its last start, so each pid of a
+    restart loop is seen up for about a second; read as it stands, that "2" passed
+    ``stable=2`` (the CI failure of test_restart_looping_log_service_fails_with_its_problem).
+    """
+    lines: list[str] = []
+    for pid in range(100, 106):
+        lines += [f"up (pid {pid}) 0 seconds", f"up (pid {pid}) 2 seconds"]
+    result, _ = run_wait(lines, "up", stable=2, timeout=10)
+    assert not result.ok
+    assert "keeps restarting" in result.reason
+    # the same pid seen on for long enough is stable, whatever svstat's rounding
+    steady = ["up (pid 7) 0 seconds", "up (pid 7) 2 seconds", "up (pid 7) 2 seconds"]
+    result, reads = run_wait(steady, "up", stable=2, timeout=10)
+    assert (result.ok, reads) == (True, 3)
+    # a pid shown at 3 seconds has run more than 2: no waiting
+    result, reads = run_wait(["up (pid 8) 3 seconds"], "up", stable=2, timeout=10)
+    assert (result.ok, reads) == (True, 1)
+
+
 def test_wait_rejects_unknown_goal() -> None:
     with pytest.raises(ValueError, match="unknown goal"):
         dt.wait_for(lambda: st("down 1 seconds"), "running", timeout=1)
