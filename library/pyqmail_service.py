@@ -19,7 +19,8 @@ description:
     supervise processes of that directory are stopped (C(svc -dx)) after the switch.
   - After starting, restarting or reloading, it waits until C(svstat) reports the service up
     with the same pid for O(wait) seconds (surely: svstat counts whole seconds, so the
-    module also counts how long it has seen that pid itself). A service that keeps
+    module also counts how long it has seen that pid itself; after C(svc -h) only the
+    latter counts, since the pid stays). A service that keeps
     restarting makes the task fail with the last lines of its log (C(log/main/current) of
     multilog, or else what C(./run) prints when run once for at most 3 seconds).
   - When the service has a log service (C(log/run) exists), that one must then be up with
@@ -494,9 +495,17 @@ class ServiceModule:
                 stable=p["wait"],
                 timeout=p["timeout"],
                 old_pid=old_pid,
+                watched=self.state == "reloaded",  # the pid stays: watch it survive svc -h
             )
         if not result.ok:
             self.fail_with_log(result.reason, result.status, result.pids)
+        if self.state == "reloaded" and current.up and result.status.pid != current.pid:
+            self.fail_with_log(
+                f"{self.directory} did not survive svc -h: pid {current.pid} ended and "
+                f"supervise started pid {result.status.pid}; does ./run handle HUP?",
+                result.status,
+                result.pids,
+            )
         if self.state != "down":
             self.check_log_service()
         self.finish(result.status)

@@ -180,6 +180,7 @@ def wait_for(
     stable: float = 0.0,
     timeout: float,
     old_pid: int | None = None,
+    watched: bool = False,
     interval: float = 0.25,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -190,12 +191,14 @@ def wait_for(
     link), ``unsupervised`` (supervise exited after ``svc -dx``), ``down``, and ``up``: up
     with a pid other than ``old_pid`` (the pid before ``svc -t``) that has surely run for
     ``stable`` seconds (see ``_Uptime``), so a service that keeps crashing never reaches it.
+    ``watched`` counts only the time this call has seen the pid up: after ``svc -h`` the
+    pid stays, and its uptime before the signal says nothing about surviving it.
     """
     if goal not in ("supervised", "unsupervised", "up", "down"):
         raise ValueError(f"unknown goal {goal!r}")
     deadline = clock() + timeout
     pids: list[int] = []
-    uptime = _Uptime(clock)
+    uptime = _Uptime(clock, before=not watched)
     while True:
         status = read()
         pid = status.pid if status.up else None
@@ -230,11 +233,12 @@ class _Uptime:
     pids up for just over 1 s, now and then as "2 seconds": read as it stands, that passes
     ``stable=2`` for a service that never stays up. What is sure: a pid shown at N seconds
     has run more than N - 1, and it has run at least as long again as it has been seen with
-    the same pid since.
+    the same pid since. With ``before=False`` only the latter counts.
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], *, before: bool = True) -> None:
         self.clock = clock
+        self.before = before
         self.pid: int | None = None
         self.first_seen = 0.0
         self.shown_then = 0
@@ -248,6 +252,8 @@ class _Uptime:
         if status.pid != self.pid:
             self.pid, self.first_seen, self.shown_then = status.pid, self.clock(), shown
         seen_for = self.clock() - self.first_seen
+        if not self.before:
+            return seen_for
         return max(0.0, shown - 1, self.shown_then - 1 + seen_for, seen_for)
 
 

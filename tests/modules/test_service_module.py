@@ -360,6 +360,21 @@ def test_restart_looping_log_service_fails_with_its_problem(dt: Daemontools) -> 
     module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
 
 
+def test_reload_of_a_service_that_dies_on_hup_fails(dt: Daemontools) -> None:
+    """svc -h keeps the pid, so its uptime says nothing; the module watches the pid itself.
+
+    ``sleep`` has no HUP handler: the signal ends it and supervise starts a new one that
+    stays up. The reload must fail (it was a restart), not pass on the old uptime.
+    """
+    name = "hupdies"
+    args = base(dt, name, run="#!/bin/sh\nexec sleep 1000\n", wait=1, timeout=10)
+    pid = module(args)["pid"]
+    r = module_fails({**args, "state": "reloaded"})
+    assert f"did not survive svc -h: pid {pid} ended" in r["msg"], r["msg"]
+    assert r["pid"] != pid and r["state"] == "up"
+    module({"name": name, "service_dir": str(dt.service_dir), "state": "absent"})
+
+
 def test_crashing_service_without_log_shows_run_output(dt: Daemontools) -> None:
     name = "crash-nolog"
     args = base(dt, name, run=CRASH, wait=2, timeout=7)
