@@ -18,9 +18,9 @@ description:
     answer before it controls the service. When the link pointed to another directory, the
     supervise processes of that directory are stopped (C(svc -dx)) after the switch.
   - After starting, restarting or reloading, it waits until C(svstat) reports the service up
-    with the same pid for O(wait) seconds (surely: svstat counts whole seconds, so the
-    module also counts how long it has seen that pid itself; after C(svc -h) only the
-    latter counts, since the pid stays). A service that keeps
+    with the same pid for O(wait) seconds. C(svstat) counts whole seconds, so the module
+    also counts how long it has seen that pid itself, and after C(svc -h) (the pid stays)
+    only that counts; a pid the HUP ended fails the task. A service that keeps
     restarting makes the task fail with the last lines of its log (C(log/main/current) of
     multilog, or else what C(./run) prints when run once for at most 3 seconds).
   - When the service has a log service (C(log/run) exists), that one must then be up with
