@@ -481,6 +481,8 @@ class ServiceModule:
         if not supervised.ok:
             self.fail(supervised.reason)
         current = supervised.status
+        if self.state == "reloaded" and current.up:
+            current = self.settled()
         options = plan_svc(self.state, current)
         old_pid = current.pid if self.state == "restarted" and current.up else None
         if options:
@@ -509,6 +511,21 @@ class ServiceModule:
         if self.state != "down":
             self.check_log_service()
         self.finish(result.status)
+
+    def settled(self) -> Status:
+        """The service up for O(wait) seconds, before ``svc -h`` is sent to it.
+
+        supervise passes ``svc -h`` on about a second after it starts ``./run``, perhaps
+        before a slow start has its HUP handler: that HUP would end a healthy service (a
+        reload right after a start or restart). A service up for long returns at once.
+        """
+        p = self.module.params
+        result = wait_for(
+            lambda: self.status(self.directory), "up", stable=p["wait"], timeout=p["timeout"]
+        )
+        if not result.ok:
+            self.fail_with_log(result.reason, result.status, result.pids)
+        return result.status
 
     def check_log_service(self) -> None:
         """The log service (``<src>/log``) must be up and stay up too.

@@ -242,6 +242,7 @@ class _Uptime:
         self.pid: int | None = None
         self.first_seen = 0.0
         self.shown_then = 0
+        self.shown_last = 0
 
     def at_least(self, status: Status) -> float:
         """Seconds the pid in ``status`` has surely been up; 0 when it is not up."""
@@ -249,8 +250,9 @@ class _Uptime:
             self.pid = None
             return 0.0
         shown = status.seconds or 0
-        if status.pid != self.pid:
+        if status.pid != self.pid or shown < self.shown_last:  # a count going back: a new process
             self.pid, self.first_seen, self.shown_then = status.pid, self.clock(), shown
+        self.shown_last = shown
         seen_for = self.clock() - self.first_seen
         if not self.before:
             return seen_for

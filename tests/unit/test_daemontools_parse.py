@@ -334,7 +334,7 @@ def test_a_restart_loop_shown_at_two_seconds_is_not_stable_for_two() -> None:
     """
     lines: list[str] = []
     for pid in range(100, 106):
-        lines += [f"up (pid {pid}) 0 seconds", f"up (pid {pid}) 2 seconds"]
+        lines += [f"up (pid {pid}) 1 seconds", f"up (pid {pid}) 2 seconds"]
     result, _ = run_wait(lines, "up", stable=2, timeout=10)
     assert not result.ok
     assert "keeps restarting" in result.reason
@@ -345,6 +345,21 @@ def test_a_restart_loop_shown_at_two_seconds_is_not_stable_for_two() -> None:
     # a pid shown at 3 seconds has run more than 2: no waiting
     result, reads = run_wait(["up (pid 8) 3 seconds"], "up", stable=2, timeout=10)
     assert (result.ok, reads) == (True, 1)
+
+
+def test_watched_counts_only_what_it_saw() -> None:
+    """After svc -h the pid stays: its uptime from before says nothing about the signal."""
+    result, reads = run_wait(["up (pid 5) 999 seconds"], "up", stable=2, timeout=10)
+    assert (result.ok, reads) == (True, 1)
+    result, reads = run_wait(["up (pid 5) 999 seconds"], "up", stable=2, timeout=10, watched=True)
+    assert (result.ok, reads) == (True, 3)
+
+
+def test_a_pid_number_used_again_counts_afresh() -> None:
+    """The same pid with a smaller count is a new process (pids wrap): no credit carried."""
+    lines = ["up (pid 5) 3 seconds", "up (pid 5) 0 seconds", "up (pid 5) 1 seconds"]
+    result, reads = run_wait(lines + ["up (pid 5) 1 seconds"], "up", stable=5, timeout=10)
+    assert (result.ok, reads) == (True, 7)  # 5 s seen since the count went back
 
 
 def test_wait_rejects_unknown_goal() -> None:
