@@ -171,19 +171,23 @@ def test_duration_mode_counts_only_acknowledged(aiosmtpd: Server, certs: CertFil
 
 def test_rate_mode_starts_sessions_on_schedule(aiosmtpd: Server, certs: CertFiles) -> None:
     """``--rate``: 40 sessions per second for 1 s start about 40 sessions, however fast the
-    server is (closed loop, the same 4 sessions do hundreds), none of them late; every
-    session's time (connect to 221) is recorded beside each message's 250."""
+    server is (closed loop, the same 8 sessions do hundreds), none of them late; every
+    session's time (connect to 221) is recorded beside each message's 250.
+
+    8 slots give a session 200 ms before the next start on its slot is late, and sessions
+    still in flight at the end are not counted (30, not 36, at 250 ms each): room for a
+    loaded machine (CI's parallel tests) that still tells the open loop from a closed one."""
     run = run_load(
         aiosmtpd,
         certs,
         WORKLOADS[0],
-        sessions=4,
+        sessions=8,
         processes=1,
         duration=1.0,
         extra=["--rate", "40"],
     )
     assert run.errors == 0, run.samples
-    assert 36 <= run.messages <= 41, run.messages
+    assert 30 <= run.messages <= 41, run.messages
     assert run.late == 0
     assert len(run.session_us) == len(run.latency_us) == run.messages
     assert all(s > d for s, d in zip(sorted(run.session_us), sorted(run.latency_us), strict=True))

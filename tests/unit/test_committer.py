@@ -101,26 +101,30 @@ def test_passes_while_the_commit_thread_is_busy_fill_one_segment(
     q: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first message's fsync is slow; the four finished meanwhile, in two passes,
-    wait in one segment and are committed together as soon as the thread is free."""
+    wait in one segment and are committed together as soon as the thread is free.
+
+    The slow fsync is held by the test, not slept (a sleep of 0.3 s, and 50 ms for the
+    thread to get there, were guesses about a loaded machine's scheduling)."""
     real_fsync = os.fsync
-    gate = threading.Event()
+    gate, release = threading.Event(), threading.Event()
 
     def slow_fsync(fd: int) -> None:
         if threading.current_thread().name == "commit" and not gate.is_set():
             gate.set()
-            time.sleep(0.3)
+            release.wait(10)
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
 
     async def body(_: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
         futs = [submit(_writer(q, 0))]
-        await asyncio.sleep(0.05)
-        assert gate.is_set()
+        assert await asyncio.to_thread(gate.wait, 10), "the commit thread never reached fsync"
         futs += [submit(_writer(q, 1)), submit(_writer(q, 2))]
         await asyncio.sleep(0.05)
         futs += [submit(_writer(q, 3)), submit(_writer(q, 4))]
+        await asyncio.sleep(0)
         assert not any(f.done() for f in futs)
+        release.set()
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         assert [r.recipients for r in results if isinstance(r, Envelope)] == [
             (f"r{n}@c.test",) for n in range(5)
