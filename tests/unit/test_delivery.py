@@ -16,6 +16,7 @@ from pyqmail.control.send import Control, ControlError, Route
 from pyqmail.headers import header_values
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.state import Attempt, append_state, read_state
+from pyqmail.send import local
 from pyqmail.send.bounce import BounceTarget, Failure, bounce_target, make_dsn
 from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.dotqmail import (
@@ -258,6 +259,55 @@ def test_maildir_deliver(tmp_path: Path) -> None:
     assert not list((maildir / "tmp").iterdir())
     assert (maildir / "cur").is_dir()
     assert maildir_deliver(maildir, b"x") != name
+
+
+def _synced_after(events: list[tuple[str, str]], made: str, synced: str) -> bool:
+    """``synced`` was fsynced after ``made`` was created, in ``events``."""
+    made_at = events.index(("mkdir", made))
+    return ("fsync", synced) in events[made_at + 1 :]
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_a_delivery_during_the_maildirs_creation_finds_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    """The first jobs for a new mailbox run at once in the child's threads. One that comes
+    between two steps of another's creation of the Maildir (after its ``step``-th mkdir)
+    must deliver, with ``new/`` and the Maildir durable first: with ``tmp/`` made before
+    ``new/`` it wrote its file and found nowhere to link it (a deferral, 100 s)."""
+    maildir = tmp_path / "Maildir"
+    events: list[tuple[str, str]] = []
+    real_mkdir, real_fsync_dir = os.mkdir, local.fsync_dir
+    calls, nested = 0, False
+    seen: list[list[tuple[str, str]]] = []
+
+    def fsync_dir(path: str | os.PathLike[str]) -> None:
+        events.append(("fsync", os.fspath(path)))
+        real_fsync_dir(path)
+
+    def mkdir(path: str | os.PathLike[str], mode: int = 0o777) -> None:
+        nonlocal calls, nested
+        real_mkdir(path, mode)
+        events.append(("mkdir", os.fspath(path)))
+        if nested:
+            return
+        calls += 1
+        if calls == step + 1:  # another thread's delivery, between this step and the next
+            nested = True
+            name = local.maildir_deliver(maildir, b"the other thread")
+            seen.append(list(events))
+            assert (maildir / "new" / name).read_bytes() == b"the other thread"
+            nested = False
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
+    name = local.maildir_deliver(maildir, b"the first")
+    assert (maildir / "new" / name).read_bytes() == b"the first"
+    assert len(seen) == 1, "the other delivery ran"
+    md, new = os.fspath(maildir), os.fspath(maildir / "new")
+    assert _synced_after(seen[0], new, md), "new/ not durable when the other delivered"
+    assert _synced_after(seen[0], md, os.fspath(tmp_path)), "the Maildir not durable"
+    assert sorted(p.name for p in maildir.iterdir()) == ["cur", "new", "tmp"]
 
 
 def test_maildir_deliver_refuses_missing_home(tmp_path: Path) -> None:

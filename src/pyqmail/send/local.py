@@ -48,15 +48,27 @@ _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
 def _ensure_maildir(maildir: Path) -> None:
+    """Create the Maildir, ``tmp/`` last, once ``new/`` and the Maildir itself are durable.
+
+    The child's threads deliver at once: the first jobs for a new mailbox all come here,
+    and the others use the Maildir as soon as ``tmp/`` exists. Made ``tmp/`` first, a
+    delivery could write its file there and then find no ``new/`` to link it into (a
+    deferral, found as a 100 s round of ``bench/e2e_throughput.py``), or link it before
+    the fsyncs that make ``new/`` durable had run. This order leaves neither window; every
+    caller runs the mkdirs (each may find it done) and the fsyncs itself.
+    """
     if (maildir / "new").is_dir() and (maildir / "tmp").is_dir():
         return
     if not maildir.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "home directory does not exist", str(maildir.parent))
-    for sub in ("", "tmp", "new", "cur"):
+    for sub in ("", "cur", "new"):
         with contextlib.suppress(FileExistsError):
             os.mkdir(maildir / sub, 0o700)
     fsync_dir(maildir)
     fsync_dir(maildir.parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(maildir / "tmp", 0o700)
+    fsync_dir(maildir)
 
 
 def _create_tmp(maildir: str, name: str) -> int:
