@@ -310,6 +310,26 @@ def test_a_delivery_during_the_maildirs_creation_finds_it_whole(
     assert sorted(p.name for p in maildir.iterdir()) == ["cur", "new", "tmp"]
 
 
+def test_a_maildir_with_tmp_but_no_new_is_made_whole(tmp_path: Path) -> None:
+    """tmp/ alone (made by hand, or half made by an older version): the file written there
+    must not be deferred on every retry for want of new/."""
+    maildir = tmp_path / "Maildir"
+    (maildir / "tmp").mkdir(parents=True)
+    name = maildir_deliver(maildir, b"x")
+    assert (maildir / "new" / name).read_bytes() == b"x"
+    assert (maildir / "cur").is_dir()
+    assert not list((maildir / "tmp").iterdir())
+
+
+def test_a_file_in_place_of_new_is_named(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    (maildir / "new").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        maildir_deliver(maildir, b"x")
+    assert not (maildir / "tmp").exists() or not list((maildir / "tmp").iterdir())
+
+
 def test_maildir_deliver_refuses_missing_home(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         maildir_deliver(tmp_path / "nohome" / "Maildir", b"x")

@@ -18,8 +18,10 @@ Forwards are re-queued as one new message (``Queue.enqueue``, itself durable) to
 forwarding addresses of the ``.qmail`` file, with the same envelope sender and a
 ``Delivered-To`` line prepended so that a loop is detected when it comes back.
 
-A missing Maildir is created (``tmp``, ``new``, ``cur``, mode 0700) when its parent directory
-exists; otherwise delivery is deferred so that a not-yet-provisioned home loses nothing.
+A missing Maildir is created (mode 0700: ``cur`` and ``new``, synced, then ``tmp``, so that
+a delivery that can use ``tmp`` finds ``new`` durable; a ``tmp`` without ``new`` is made
+whole) when its parent directory exists; otherwise delivery is deferred so that a
+not-yet-provisioned home loses nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def _ensure_maildir(maildir: Path) -> None:
     for sub in ("", "cur", "new"):
         with contextlib.suppress(FileExistsError):
             os.mkdir(maildir / sub, 0o700)
+    if not (maildir / "new").is_dir():  # a file in its place: say so, before tmp/
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(maildir / "new"))
     fsync_dir(maildir)
     fsync_dir(maildir.parent)
     with contextlib.suppress(FileExistsError):
@@ -98,7 +102,11 @@ def maildir_deliver(maildir: str | os.PathLike[str], data: bytes) -> str:
         finally:
             os.close(fd)
         new = DirSync.of(os.path.join(md, "new"))
-        ticket = new.ticket()  # before the link: an fsync of new/ failing after it fails us
+        try:
+            ticket = new.ticket()  # before the link: an fsync of new/ failing after it fails us
+        except FileNotFoundError:  # tmp/ without new/ (made by hand, or half made before)
+            _ensure_maildir(Path(md))
+            ticket = new.ticket()
         os.link(tmp, os.path.join(md, "new", name))
     except BaseException:
         with contextlib.suppress(OSError):
