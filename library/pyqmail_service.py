@@ -193,6 +193,7 @@ try:
         SVC_OPTIONS,
         Status,
         SvstatError,
+        WaitResult,
         log_tail,
         parse_svstat_line,
         plan_svc,
@@ -482,7 +483,10 @@ class ServiceModule:
             self.fail(supervised.reason)
         current = supervised.status
         if self.state == "reloaded" and current.up:
-            current = self.settled()
+            # supervise passes svc -h on about a second after it starts ./run, perhaps
+            # before a slow start has its HUP handler: a HUP then would end a healthy
+            # service (a reload right after a start). An old pid passes at once.
+            current = self.wait_up().status
         options = plan_svc(self.state, current)
         old_pid = current.pid if self.state == "restarted" and current.up else None
         if options:
@@ -490,17 +494,10 @@ class ServiceModule:
             self.did("svc " + " ".join(options))
         if self.state == "down":
             result = wait_for(lambda: self.status(self.directory), "down", timeout=p["timeout"])
-        else:
-            result = wait_for(
-                lambda: self.status(self.directory),
-                "up",
-                stable=p["wait"],
-                timeout=p["timeout"],
-                old_pid=old_pid,
-                watched=self.state == "reloaded",  # the pid stays: watch it survive svc -h
-            )
-        if not result.ok:
-            self.fail_with_log(result.reason, result.status, result.pids)
+            if not result.ok:
+                self.fail_with_log(result.reason, result.status, result.pids)
+        else:  # after svc -h the pid stays: watch it survive the signal
+            result = self.wait_up(old_pid=old_pid, watched=self.state == "reloaded")
         if self.state == "reloaded" and current.up and result.status.pid != current.pid:
             self.fail_with_log(
                 f"{self.directory} did not survive svc -h: pid {current.pid} ended and "
@@ -512,20 +509,21 @@ class ServiceModule:
             self.check_log_service()
         self.finish(result.status)
 
-    def settled(self) -> Status:
-        """The service up for O(wait) seconds, before ``svc -h`` is sent to it.
-
-        supervise passes ``svc -h`` on about a second after it starts ``./run``, perhaps
-        before a slow start has its HUP handler: that HUP would end a healthy service (a
-        reload right after a start or restart). A service up for long returns at once.
-        """
+    def wait_up(self, *, old_pid: int | None = None, watched: bool = False) -> WaitResult:
+        """The service up with one pid for O(wait) seconds (``wait_for``'s goal ``up``), or
+        the task fails with the end of its log."""
         p = self.module.params
         result = wait_for(
-            lambda: self.status(self.directory), "up", stable=p["wait"], timeout=p["timeout"]
+            lambda: self.status(self.directory),
+            "up",
+            stable=p["wait"],
+            timeout=p["timeout"],
+            old_pid=old_pid,
+            watched=watched,
         )
         if not result.ok:
             self.fail_with_log(result.reason, result.status, result.pids)
-        return result.status
+        return result
 
     def check_log_service(self) -> None:
         """The log service (``<src>/log``) must be up and stay up too.

@@ -256,7 +256,7 @@ class _Uptime:
         seen_for = self.clock() - self.first_seen
         if not self.before:
             return seen_for
-        return max(0.0, shown - 1, self.shown_then - 1 + seen_for, seen_for)
+        return max(shown - 1, max(self.shown_then - 1, 0) + seen_for)
 
 
 def _why(
