@@ -365,6 +365,7 @@ RESOLVER = FakeResolver(
         "nullmx.test": [(0, "")],
         "noaddr.test": [(10, "nowhere.test")],
         "flaky.test": None,
+        "hostless.test": None,  # no MX, and no A/AAAA either
     },
     {
         "primary.test": ["192.0.2.1", "2001:db8::1"],
@@ -396,6 +397,7 @@ def test_destinations(domain: str, route: Route, expected: list[str]) -> None:
         ("nullmx.test", True, "null MX"),
         ("missing.test", True, "NXDOMAIN"),
         ("noaddr.test", False, "no address found"),
+        ("hostless.test", True, "no MX and no A/AAAA records"),  # qmail's perm_nomx
         ("[999.1.1.1]", True, "bad address literal"),
     ],
 )
@@ -403,6 +405,7 @@ def test_destination_errors(domain: str, permanent: bool, text: str) -> None:
     with pytest.raises(DnsError, match=text) as info:
         destinations(domain, Route(), RESOLVER)
     assert info.value.permanent is permanent
+    assert info.value.status == ("5.4.4" if domain == "hostless.test" else "")
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,35 @@ def test_destinations_that_loop_back(domain: str, route: Route, why: str) -> Non
     assert isinstance(info.value, DnsError) and info.value.permanent
 
 
+class _PrimaryLookupFails:
+    """MX 10 primary.test, 20 mx.test (us); primary.test's address lookup fails."""
+
+    def __init__(self, permanent: bool) -> None:
+        self.permanent = permanent
+
+    def mx(self, domain: str) -> list[tuple[int, str]] | None:
+        return [(10, "primary.test"), (20, "mx.test")]
+
+    def addresses(self, host: str) -> list[str]:
+        if host == "primary.test":
+            what = "no such domain (NXDOMAIN)" if self.permanent else "SERVFAIL"
+            raise DnsError(f"primary.test: {what}", permanent=self.permanent)
+        return ["192.0.2.200"]
+
+
+def test_a_backup_mx_defers_while_the_primary_cannot_be_looked_up() -> None:
+    """A passing DNS fault on the primary must not bounce the mail its backup holds."""
+    with pytest.raises(DnsError, match=r"backup MX.*SERVFAIL") as info:
+        destinations("backup-of.test", Route(), _PrimaryLookupFails(False), ME)
+    assert not isinstance(info.value, LoopError) and not info.value.permanent
+
+
+def test_a_backup_mx_whose_primary_does_not_exist_is_a_loop() -> None:
+    with pytest.raises(LoopError, match=re.escape("MX mx.test is this host")) as info:
+        destinations("backup-of.test", Route(), _PrimaryLookupFails(True), ME)
+    assert info.value.permanent
+
+
 def test_greeting_with_my_own_name_is_me() -> None:
     assert ME.greeted_by_me(b"MX.test Hello there\n8BITMIME")
     assert ME.greeted_by_me("mx.test.")

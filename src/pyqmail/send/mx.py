@@ -2,17 +2,21 @@
 
 An ``smtproutes`` relay if one matches (``control.send.Route``), else the MX hosts of the
 domain in preference order (equal preferences shuffled); a domain without MX records is its
-own implicit MX (RFC 5321 §5.1: its A/AAAA records); a null MX (RFC 7505) or a non-existent
-domain bounces; DNS trouble defers. An address literal ``[192.0.2.1]`` is used as is.
+own implicit MX (RFC 5321 §5.1: its A/AAAA records; none at all bounces, 5.4.4, as
+qmail-remote's "couldn't find a mail exchanger or IP address" and Postfix do); a null MX
+(RFC 7505) or a non-existent domain bounces; DNS trouble defers. An address literal
+``[192.0.2.1]`` is used as is.
 
 Never to this host (``Myself``; qmail-remote's ``ipme`` and Postfix's "mail for X loops back
 to myself", a permanent 5.4.6 failure, so the sender gets a bounce that says so): an address
 literal that is one of this host's addresses (``pyqmail.send.ipme``: every interface address and
 ``127.0.0.0/8``), an MX host named ``me``/``helohost``/one of ``locals`` or resolving to one of
 our addresses (then only the MX hosts preferred to us are tried: we are a backup MX; none
-left is the loop), an smtproutes relay on our names or addresses on an SMTP port (25, 465,
-587; other ports are local filters and allowed), and any server that answers EHLO with our
-own host name (Postfix's check, for NAT and port forwards).
+left is the loop, unless a preferred host's lookup failed for now: then we defer, as
+Postfix does, since a backup MX holds mail exactly while the primary is in trouble), an
+smtproutes relay on our names or addresses on an SMTP port (25, 465, 587; other ports are
+local filters and allowed), and any server that answers EHLO with our own host name
+(Postfix's check, for NAT and port forwards).
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ SMTP_PORTS = frozenset({25, 465, 587})
 
 
 class DnsError(Exception):
-    def __init__(self, message: str, permanent: bool) -> None:
+    """No destination for a domain: ``permanent`` bounces, else the message is deferred;
+    ``status`` is the enhanced code a bounce names when not remote delivery's default."""
+
+    def __init__(self, message: str, permanent: bool, status: str = "") -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.status = status
 
 
 class LoopError(DnsError):
@@ -198,32 +206,53 @@ def _mx_addresses(
     (by name or address), only the hosts preferred to it are kept (we are their backup);
     none left is a loop."""
     out: list[tuple[int, Destination]] = []
-    last: DnsError | None = None
+    failed: list[tuple[int, DnsError]] = []  # hosts whose lookup failed, with their preference
     for pref, host in hosts:
         if myself is not None and myself.named(host):
-            return _before_me(domain, out, pref, f"MX {host} is this host")
+            return _before_me(domain, out, failed, pref, f"MX {host} is this host")
         try:
             addrs = resolver.addresses(host)
         except DnsError as exc:
-            last = exc
+            failed.append((pref, exc))
             continue
         mine = [a for a in addrs if myself is not None and myself.is_local(a)]
         if mine:
-            return _before_me(domain, out, pref, f"MX {host} is {mine[0]}, an address of this host")
+            why = f"MX {host} is {mine[0]}, an address of this host"
+            return _before_me(domain, out, failed, pref, why)
         out += [(pref, Destination(host, a, 25)) for a in addrs]
         if len(out) >= MAX_ADDRESSES:
             break
     if not out:
-        if last is not None and implicit:
-            raise last
+        if failed and implicit:
+            raise failed[-1][1]
+        if implicit:
+            raise DnsError(
+                f"{domain} has no MX and no A/AAAA records: no mail host (RFC 5321 5.1)",
+                permanent=True,
+                status="5.4.4",
+            )
         raise DnsError(f"no address found for the mail hosts of {domain}", permanent=False)
     return [dest for _, dest in out[:MAX_ADDRESSES]]
 
 
 def _before_me(
-    domain: str, found: list[tuple[int, Destination]], pref: int, why: str
+    domain: str,
+    found: list[tuple[int, Destination]],
+    failed: list[tuple[int, DnsError]],
+    pref: int,
+    why: str,
 ) -> list[Destination]:
+    """The hosts preferred to this one (MX ``pref``): we are their backup. None is a loop,
+    unless one of them could not be looked up for now: that defers (Postfix's "unable to
+    find primary relay"), since bouncing would lose mail over a passing DNS fault."""
     better = [dest for p, dest in found if p < pref]
-    if not better:
-        raise LoopError(domain, why)
-    return better[:MAX_ADDRESSES]
+    if better:
+        return better[:MAX_ADDRESSES]
+    unknown = [exc for p, exc in failed if p < pref and not exc.permanent]
+    if unknown:
+        raise DnsError(
+            f"mail for {domain}: this host is a backup MX and the hosts preferred to it "
+            f"could not be looked up ({unknown[0]})",
+            permanent=False,
+        )
+    raise LoopError(domain, why)

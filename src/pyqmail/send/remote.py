@@ -278,7 +278,7 @@ class RemoteSession:
                 self.domain, self.route, self.delivery.resolver, self.delivery.myself
             )
         except DnsError as exc:
-            status = "5.4.6" if isinstance(exc, LoopError) else "5.1.2"
+            status = exc.status or ("5.4.6" if isinstance(exc, LoopError) else "5.1.2")
             raise _FailError(
                 Result.perm(f"{exc} (#{status})", status, remote=self.domain)
                 if exc.permanent
