@@ -520,14 +520,23 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     ]
 
 
-def test_starttls_resets_helo_auth_and_envelope() -> None:
+def test_starttls_resets_helo_and_auth_is_never_in_clear_where_tls_is_offered() -> None:
+    """Postfix's smtpd_tls_auth_only: where STARTTLS is offered, AUTH waits for it (not
+    even announced before), whatever FORCETLS says; inside TLS it works."""
     srv = ready(policy(starttls_available=True, auth_mechanisms=("PLAIN",)))
-    assert srv.cmd("AUTH PLAIN " + b64("\0bob\0hunter2")).startswith("235")
-    assert srv.conn.auth_user == "bob"
-    assert srv.cmd("STARTTLS").startswith("220")
+    assert not any("AUTH" in line for line in srv.send("EHLO client.example\r\n"))
+    reply = srv.cmd("AUTH PLAIN " + b64("\0bob\0hunter2"))
+    assert reply == "530 5.7.0 Must issue a STARTTLS command first"
     assert srv.conn.auth_user is None
+    assert srv.cmd("STARTTLS").startswith("220")
     assert srv.conn.helo is None
     assert srv.conn.tls == TLS
+
+
+def test_auth_in_clear_only_on_a_listener_without_tls() -> None:
+    srv = ready(policy(starttls_available=False, auth_mechanisms=("PLAIN",)))
+    assert "250-AUTH PLAIN" in srv.send("EHLO client.example\r\n")
+    assert srv.cmd("AUTH PLAIN " + b64("\0bob\0hunter2")).startswith("235")
 
 
 STARTTLS_CASES = [

@@ -94,7 +94,8 @@ def _sessions(taken: set[Edge]) -> Iterator[SMTPConnection]:
         else:
             conn.timeout()
         yield conn
-    yield from _auth_sessions(pol, taken)
+    # AUTH in clear: only on a listener without TLS (``Policy.auth_needs_tls``)
+    yield from _auth_sessions(policy(auth_mechanisms=("PLAIN", "LOGIN"), databytes=10), taken)
     for handshake in (True, False):
         conn = _greeted(pol, taken, "EHLO c.example", "STARTTLS")
         if handshake:

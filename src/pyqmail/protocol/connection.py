@@ -557,7 +557,7 @@ class SMTPConnection:
         if not self.policy.auth_mechanisms:
             self._error(out, "503 5.5.1 Error: authentication not enabled")
             return
-        if self.policy.force_tls and not self._client.tls_active:
+        if self.policy.auth_needs_tls and not self._client.tls_active:
             self._error(out, REPLY_NEED_TLS)
             return
         if self._client.auth_user is not None:

@@ -106,6 +106,14 @@ class Policy:
     rcpt_check: Callable[[str, int], str | None] | None = None
     screen: Callable[[str, str | None], str | None] | None = None
 
+    @property
+    def auth_needs_tls(self) -> bool:
+        """AUTH only inside TLS whenever TLS can be had (``force_tls``, or STARTTLS offered):
+        a password is never invited in clear where it could have been protected, whatever
+        the listener (Postfix's ``smtpd_tls_auth_only``). A listener with no certificate
+        keeps AUTH in clear, as its configuration asks."""
+        return self.force_tls or self.starttls_available
+
     def __post_init__(self) -> None:
         for name in ("hostname", "greeting", "client_ip"):
             value = getattr(self, name)

@@ -92,12 +92,13 @@ def parse_helo(arg: str, policy: Policy, *, esmtp: bool) -> str:
 
 def ehlo_reply(policy: Policy, *, tls_active: bool) -> bytes:
     """The multi-line 250 to EHLO. STARTTLS only before TLS; AUTH only where it may be
-    used (after TLS when ``force_tls``), so no client is invited to send a password in clear."""
+    used (after TLS when TLS can be had: ``Policy.auth_needs_tls``), so no client is
+    invited to send a password in clear."""
     lines = [policy.hostname, "PIPELINING"]
     lines.append(f"SIZE {policy.databytes}" if policy.databytes else "SIZE")
     if policy.starttls_available and not tls_active:
         lines.append("STARTTLS")
-    if policy.auth_mechanisms and (tls_active or not policy.force_tls):
+    if policy.auth_mechanisms and (tls_active or not policy.auth_needs_tls):
         lines.append("AUTH " + " ".join(policy.auth_mechanisms))
     lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
     text = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n"
