@@ -7,15 +7,20 @@ failure and another child takes over; an answer the manager cannot trust is refu
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pyqmail.queue.store import Queue
+from pyqmail.send import spawn
 from pyqmail.send.manager import Log, Manager
 from pyqmail.send.spawn import parse_forward, parse_result
 from tests.e2e.helpers import wait_for
@@ -160,3 +165,60 @@ def test_a_long_detail_is_cut_not_refused() -> None:
     raw = {**dict.fromkeys(("status", "remote", "diagnostic", "tls", "verified"), "")}
     raw |= {"kind": "perm", "detail": "x" * 100_000}
     assert parse_result(raw).detail == "x" * 4000
+
+
+def _dying_during_send(link: spawn.Link, *, taken: bool) -> None:
+    """Make the next send to ``link``'s child fail with EPIPE; with ``taken``, the child
+    dies first and the link's thread fails the calls in flight (as ``_serve`` does on EOF)."""
+    real_send = link._send
+
+    def send(sock: socket.socket, request: dict[str, Any]) -> None:
+        link._send = real_send  # type: ignore[method-assign]
+        if taken:
+            with link.cond:
+                calls = link._take_calls()
+            # the link's thread, not this one, answers them
+            reader = threading.Thread(target=spawn._fail, args=(calls,))
+            reader.start()
+            reader.join()
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    link._send = send  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_a_job_whose_send_fails_has_exactly_one_outcome(taken: bool) -> None:
+    ours, child = socket.socketpair()
+    ctl, spawner = socket.socketpair()
+    link = spawn.Link(spawn.Spawner("local", 0, ctl), print, lambda kind: None)
+    link.sock = ours
+    _dying_during_send(link, taken=taken)
+    answers: list[object] = []
+    raised = False
+    try:
+        link.submit({"op": "local"}, answers.append)
+    except spawn.ChildLostError:
+        raised = True
+    finally:
+        for sock in (ours, child, ctl, spawner):
+            sock.close()
+    # the link's thread answered None (the caller must not run the job again), or the
+    # caller got ChildLostError and the callback never runs
+    assert (raised, answers) == ((False, [None]) if taken else (True, []))
+    assert not link.calls
+
+
+def test_a_child_dying_during_a_send_keeps_the_slot_count(send_root: Path) -> None:
+    q = Queue(send_root / "queue")
+    m = Manager(send_root, Log(io.StringIO()))
+    link = m.children.links["local"]
+    wait_for(lambda: link.sock is not None, 10, "the local child")
+    env = q.enqueue("a@remote.test", ["user@mx.test"], b"Subject: hi\r\n\r\nbody\r\n")
+    m.pickup()
+    _dying_during_send(link, taken=True)
+    m.dispatch()
+    m.local_pool.shutdown(wait=True)  # a second run of the job (the bug) is over
+    assert m.busy_local == 0
+    assert m.msgs[env.queue_id].rcpts[0].status == "pending"  # deferred once, not delivered
+    assert not list((send_root.parent / "home" / "Maildir" / "new").glob("*"))
+    m.children.close()

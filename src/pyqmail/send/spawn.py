@@ -382,10 +382,12 @@ class Link:
     def submit(
         self, request: dict[str, Any], then: Callable[[dict[str, Any] | None], None]
     ) -> None:
-        """Send a job without waiting: ``then`` gets the answer in the link's thread (None if
-        the child is lost first). No thread waits per job, so a local delivery costs the
-        manager one frame out and one in. ChildLostError, at once, when no child runs now
-        (the caller then waits for one with ``call``)."""
+        """Send a job without waiting (no thread waits per job): ``then`` gets the answer in
+        the link's thread, None if the child is lost first. ChildLostError, at once, when no
+        child runs now (the caller waits for one with ``call``; ``then`` is not called). One
+        outcome a job: whoever takes the call from ``calls`` answers it, so a send to a child
+        that died meanwhile (the link's thread failed the call) raises nothing, else the
+        caller would run the job again though its deferral had already freed the slot."""
         with self.cond:
             sock = self.sock
             if sock is None:
@@ -396,7 +398,8 @@ class Link:
             self._send(sock, {**request, "id": number})
         except (OSError, pickle.PicklingError, TypeError) as exc:
             with self.cond:
-                self.calls.pop(number, None)
+                if self.calls.pop(number, None) is None:
+                    return  # the link's thread took the call: it answers it (None)
             raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
