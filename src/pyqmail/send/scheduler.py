@@ -173,13 +173,20 @@ class Scheduler:
         heapq.heappush(self.heap, (r.next_try, self._seq, queue_id, r.index))
 
     def retry_all(self) -> None:
+        """ALRM: every deferred recipient is due now. The heap is built again, one entry a
+        pending recipient, rather than pushed to: a push left the recipient's old entry in
+        the heap until its time came (hours), so a flush every minute over many deferred
+        recipients piled up millions of stale entries."""
         now = time.time()
         with self.lock:
+            self.heap = []
             for queue_id, msg in self.msgs.items():
                 for r in msg.rcpts:
-                    if r.status == "pending" and r.next_try > now:
-                        r.next_try = now
-                        self._push(queue_id, r)
+                    if r.status == "pending":
+                        r.next_try = min(r.next_try, now)
+                        self._seq += 1
+                        self.heap.append((r.next_try, self._seq, queue_id, r.index))
+            heapq.heapify(self.heap)
 
     def _collect_due(self, now: float) -> None:
         """Move due recipients from the heap to the ready queues (lock held)."""
