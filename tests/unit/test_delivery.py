@@ -248,6 +248,19 @@ def test_resolve_defers_on_writable_dotqmail(tree: tuple[dict[str, Path], Path])
     assert isinstance(plan, Result) and plan.kind == "temp"
 
 
+@pytest.mark.parametrize("local", ["alice", "alice-x", "alice-x-y"])
+def test_resolve_defers_when_the_home_is_missing(tmp_path: Path, local: str) -> None:
+    """Like qmail-local, which cannot chdir there: a home not yet made bounces nothing."""
+    boxes = {"alice": Path("/nonexistent")}
+    plan = resolve(local, f"{local}@mx.test", boxes, tmp_path, "mx.test")
+    if isinstance(plan, Plan):  # no extension: the default Maildir, whose delivery defers
+        with pytest.raises(FileNotFoundError, match="home directory does not exist"):
+            maildir_deliver(plan.instructions[0].target, b"x")
+        return
+    assert (plan.kind, plan.status) == ("temp", "4.3.0")
+    assert "/nonexistent" in plan.detail
+
+
 # -- Maildir and headers ----------------------------------------------------------------
 
 

@@ -206,6 +206,13 @@ def resolve(
             if key[:cut] in mailboxes:
                 home = mailboxes[key[:cut]]
                 found = _read_plan(home, ext_candidates(ext_key[cut + 1 :]), me)
+                if found is None and not home.is_dir():
+                    # no .qmail-ext found because there is no home yet: qmail-local defers
+                    # when it cannot chdir there, as the mailbox without extension does
+                    return Result.temp(
+                        f"home directory {home} of mailbox {key[:cut]!r} does not exist (#4.3.0)",
+                        "4.3.0",
+                    )
                 if found is None:
                     return Result.perm(
                         f"no mailbox here by the name {local!r}: {home} has no .qmail for "
