@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pyqmail.dkim.keys import Key
@@ -25,8 +26,12 @@ from pyqmail.send.finisher import Finisher
 from pyqmail.send.scheduler import Msg, Segment, load_msg, take_due
 
 BODY_CACHE = 16 * 1024 * 1024  # bytes of messages kept from pickup for their first delivery
+# bytes of new/ read before they are signed, moved and scheduled (``pickup``): with
+# BODY_CACHE, what a pickup holds of message bodies, whatever the size of new/
+PICKUP_BATCH = 16 * 1024 * 1024
 UNREAD_RETRY = 60.0  # seconds before a queue file that could not be read is read again
-# a file of mess/ read at start: its name, its messages, the state files read (by name)
+# a file of mess/ read at start: its name, its messages (their bodies dropped: ``_read_mess``),
+# the state files read (by name)
 Loaded = tuple[str, list[Stored], dict[str, list[Record]]]
 
 
@@ -43,7 +48,10 @@ class Loader(Finisher):
 
     def startup(self) -> None:
         """Read mess/ (each file whole, with its state files), remove the orphan state
-        files, schedule what is left to deliver, then pick up new/."""
+        files, schedule what is left to deliver, then pick up new/. Every file of mess/ is
+        read before any state file is removed (``_remove_orphans`` needs every live queue
+        id), but only its envelopes and spans are kept: a backlog of days does not have
+        to fit in memory."""
         self._clean_tmp()
         loaded = [item for name in self.queue.ids("mess") if (item := self._read_mess(name))]
         self._remove_orphans(loaded)
@@ -54,7 +62,10 @@ class Loader(Finisher):
     def _read_mess(self, name: str) -> Loaded | None:
         """``mess/<name>`` and the state files of its messages that have not ended, all
         read or none: None when the file went to bad/ (it failed verification) or could
-        not be read now (``_hold``: read again later, its state files kept)."""
+        not be read now (``_hold``: read again later, its state files kept). The file is
+        verified whole, then its bodies are dropped: scheduling needs the envelopes and
+        spans, and a delivery reads its message again (``Queue.read_stored``), so the
+        start-up holds one file's bytes at a time, not the whole of mess/."""
         try:
             stored = self.queue.load("mess", name)
         except QueueUnreadableError as exc:
@@ -66,6 +77,7 @@ class Loader(Finisher):
         except QueueError as exc:
             self._quarantine("mess", name, exc)
             return None
+        stored = [replace(s, body=b"") for s in stored]
         states: dict[str, list[Record]] = {}
         try:
             # a segment's own state file (its ends and signatures), or the message's
@@ -186,10 +198,13 @@ class Loader(Finisher):
         return msg
 
     def pickup(self) -> int:
-        """Move verified files from new/ to mess/ and schedule their messages; sign those
-        that are signed first (``sign_batch``: the signatures are durable before the
-        rename)."""
-        loaded: list[tuple[str, list[Stored]]] = []
+        """Move verified files from new/ to mess/ and schedule their messages, in batches
+        of at most ``PICKUP_BATCH`` bytes of bodies (a file larger than that makes a batch
+        alone): pyqmail-smtpd may have queued days of mail while pyqmail-send was stopped,
+        and new/ read whole would not fit in memory. Each batch goes through every step
+        of the protocol (``_move_batch``) before the next one is read."""
+        batch: list[tuple[str, list[Stored]]] = []
+        size = count = 0
         now = time.time()
         with self.lock:  # names gone from new/ are dropped here
             held, self.new_held = self.new_held, {}
@@ -199,12 +214,30 @@ class Loader(Finisher):
                     self.new_held[name] = held[name]
                 continue
             try:
-                loaded.append((name, self.queue.load("new", name)))
+                stored = self.queue.load("new", name)
             except QueueUnreadableError as exc:
                 if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to read again
                     self._hold_new(name, str(exc))
+                continue
             except QueueError as exc:
                 self._quarantine("new", name, exc)
+                continue
+            more = sum(len(s.body) for s in stored)
+            if batch and size + more > PICKUP_BATCH:
+                count += self._move_batch(batch)
+                batch, size = [], 0
+            batch.append((name, stored))
+            size += more
+        if batch:
+            count += self._move_batch(batch)
+        return count
+
+    def _move_batch(self, loaded: list[tuple[str, list[Stored]]]) -> int:
+        """Sign the files ``loaded`` from new/ (``sign_batch``: the signatures are durable
+        before the rename), rename them into mess/, sync mess/ and new/, and only then
+        schedule their messages; the number of messages moved. A file that could not be
+        signed or moved stays in new/ (``_hold_new``); if the sync fails, the files moved
+        are held (``_synced``) and scheduled once it succeeds."""
         signed, notes = sign_batch(loaded, self.dkim, self.queue.path("state"), self.log)
         moved: list[tuple[str, list[Stored]]] = []
         count = 0

@@ -4,9 +4,11 @@ Pickup protocol (new/ -> mess/): on start, on ALRM, and whenever the trigger FIF
 every file in ``new/`` is verified (``parse_file``: header and END trailer of each message,
 and a segment's record count; a torn file goes to ``bad/``), renamed into ``mess/``, and
 ``mess/`` then ``new/`` are fsynced once per batch before any delivery of those messages
-starts. A crash before the fsyncs leaves the file in ``new/`` (or already in ``mess/``):
-either way it is picked up again; nothing was delivered yet. Once both are fsynced the name
-is gone from ``new/`` for good, so a message cannot come back there after it was delivered.
+starts (a batch: at most ``PICKUP_BATCH`` bytes, or one larger file, so that a backlog
+is not read into memory at once). A crash before the fsyncs leaves the file in ``new/``
+(or already in ``mess/``): either way it is picked up again; nothing was delivered yet.
+Once both are fsynced the name is gone from ``new/`` for good, so a message cannot come
+back there after it was delivered.
 
 Failing to read is not failing verification: a file of ``new/`` or ``mess/`` that cannot be
 read now (EIO, EMFILE, EACCES after a wrong chown: ``QueueUnreadableError``), or whose state
