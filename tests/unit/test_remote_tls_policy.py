@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pyqmail.send.remote import TlsPolicy
+from pyqmail.send.tlspolicy import TlsPolicy
 from tests.conftest import PKI
 
 

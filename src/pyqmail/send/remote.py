@@ -19,9 +19,9 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
 - AUTH (``smtproutes-auth``) is only ever sent after STARTTLS with a verified or pinned
   certificate; otherwise the delivery is deferred.
 
-Every context comes from ``TlsPolicy``, built with ``pyqmail.tls.client_context`` (Mozilla
-intermediate: TLS 1.2+, AEAD suites only). A broken ``clientcert.pem`` or pin file defers
-delivery with a message naming the file.
+Every context comes from ``TlsPolicy`` (``pyqmail.send.tlspolicy``), built with
+``pyqmail.tls.client_context`` (Mozilla intermediate: TLS 1.2+, AEAD suites only). A broken
+``clientcert.pem`` or pin file defers delivery with a message naming the file.
 
 On the wire: lines end in CRLF (bare CR or LF in a queued message are normalized), lines
 starting with ``.`` are dot-stuffed, lines longer than 998 octets are broken with CRLF + space
@@ -63,72 +63,13 @@ from pyqmail.send.mx import (
     Resolver,
     destinations,
 )
-from pyqmail.tls import TLSConfigError, client_context
+from pyqmail.send.tlspolicy import TlsPolicy
+from pyqmail.tls import TLSConfigError
 
 MAX_LINE = 998  # octets of text per line on the wire, CRLF not counted
 MAX_REPLY = 64 * 1024  # bytes of one (multi-line) SMTP reply read before giving up
 MAX_LINE_IN = 8192  # one reply line (smtplib's own limit)
 UNVERIFIABLE_TTL = 3600.0
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """Identity of a file's current content for cache keys: inode, size, mtime; None if absent."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class TlsPolicy:
-    """Every client TLS context pyqmail-send uses, built from the control directory.
-
-    Contexts are cached (loading CA stores is slow) under a key that includes the identity of
-    the files they were built from, so a renewed ``clientcert.pem`` or a changed
-    ``tlshosts/<fqdn>.pem`` takes effect at the next delivery attempt, as qmail-remote reads
-    them per attempt, without a HUP.
-    """
-
-    def __init__(self, control_dir: Path) -> None:
-        self.control_dir = control_dir
-        self._clientcert_path = control_dir / "clientcert.pem"
-        self._cache: dict[tuple[object, ...], ssl.SSLContext] = {}
-        self._lock = threading.Lock()
-
-    def _cached(self, kind: str, pin: Path | None = None) -> ssl.SSLContext:
-        """The context for ``kind`` ("verify", "none" or "pin"); raises TLSConfigError."""
-        cert_stamp = _file_stamp(self._clientcert_path)
-        cert = self._clientcert_path if cert_stamp is not None else None
-        key = (kind, str(pin), _file_stamp(pin) if pin else None, cert_stamp)
-        with self._lock:
-            ctx = self._cache.get(key)
-            if ctx is None:
-                if kind == "verify":
-                    ctx = client_context(verify=True, certfile=cert)
-                elif kind == "none":
-                    ctx = client_context(verify=False, certfile=cert)
-                else:
-                    ctx = client_context(verify=True, cafile=str(pin), certfile=cert)
-                # Drop contexts built from older versions of the same files.
-                for old in [k for k in self._cache if k[:2] == key[:2]]:
-                    del self._cache[old]
-                self._cache[key] = ctx
-            return ctx
-
-    def pin(self, fqdn: str) -> Path | None:
-        if "/" in fqdn or fqdn.startswith("."):
-            return None
-        path = self.control_dir / "tlshosts" / f"{fqdn.lower()}.pem"
-        return path if path.exists() else None
-
-    def verifying(self) -> ssl.SSLContext:
-        return self._cached("verify")
-
-    def unverified(self) -> ssl.SSLContext:
-        return self._cached("none")
-
-    def pinned(self, pin: Path) -> ssl.SSLContext:
-        return self._cached("pin", pin)
 
 
 class _SMTP(smtplib.SMTP):
