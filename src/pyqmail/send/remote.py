@@ -30,7 +30,9 @@ starting with ``.`` are dot-stuffed, lines longer than 998 octets are broken wit
 (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address is not ASCII; a
 server without SMTPUTF8 gets no such message (permanent failure, 5.6.7). One connection
 carries every job for the same destination the queue manager hands it
-(``RemoteSession.deliver`` may be called repeatedly). 4xx -> temporary, 5xx -> permanent.
+(``RemoteSession.deliver`` may be called repeatedly); RSET checks it before each further
+job (a failure costs one new connection), and a 421 at any stage ends it (RFC 5321 3.8).
+4xx -> temporary, 5xx -> permanent; a 5xx at RCPT stays permanent whatever follows.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class RemoteSession:
         self.tls = "none"
         self.verified = "-"
         self.broken: Result | None = None
-        self._dirty = False
+        self._used = False  # the connection has carried no transaction yet
 
     # -- connection ---------------------------------------------------------------------
     def _result(self, kind: Kind, detail: str, status: str, diagnostic: str = "") -> Result:
@@ -271,6 +273,8 @@ class RemoteSession:
         if smtp.sock is not None:
             smtp.sock.settimeout(control.timeoutremote)
         if code != 220:
+            if code == 421:
+                smtp.close()  # the server is closing the channel (RFC 5321 section 3.8): no QUIT
             raise _FailError(self._result("temp", f"{where} greeted {_reply(code, text)}", "4.4.2"))
         self._hello(smtp, where)
         offers_tls = smtp.has_extn("starttls")
@@ -307,13 +311,15 @@ class RemoteSession:
     def _hello(self, smtp: _SMTP, where: str) -> None:
         try:
             code, text = smtp.ehlo()
-            if code != 250:
+            if code not in (250, 421):  # after a 421 the server is gone: no HELO
                 code, text = smtp.helo()
         except (OSError, smtplib.SMTPException) as exc:
             raise _FailError(
                 self._result("temp", f"{where}: lost during EHLO: {exc}", "4.4.2")
             ) from None
         if code != 250:
+            if code == 421:
+                smtp.close()  # no QUIT either
             raise _FailError(
                 self._result("temp", f"{where} refused EHLO/HELO: {_reply(code, text)}", "4.4.2")
             )
@@ -385,7 +391,15 @@ class RemoteSession:
 
     # -- transactions -------------------------------------------------------------------
     def deliver(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
-        """Send one message to ``recipients`` (all in ``self.domain``); one Result each."""
+        """Send one message to ``recipients`` (all in ``self.domain``); one Result each.
+
+        A reused connection is checked with RSET first (as Postfix does before reusing one): a
+        server may drop an idle client or refuse more messages on one connection, and that
+        must cost a reconnection, not the job (which would wait a whole retry cycle without
+        ever having been attempted)."""
+        if self.smtp is not None and self._used and not self._reset(self.smtp):
+            _close(self.smtp)
+            self._drop()
         if self.broken is None and self.smtp is None:
             try:
                 self._open()
@@ -394,76 +408,123 @@ class RemoteSession:
         if self.smtp is None:
             broken = self.broken or self._result("temp", "not connected", "4.4.1")
             return [broken] * len(recipients)
+        self._used = True
+        return self._transaction(self.smtp, env, message, recipients)
+
+    def _reset(self, smtp: _SMTP) -> bool:
+        """RSET on a reused connection: False when it is refused or the connection is gone."""
         try:
-            return self._transaction(self.smtp, env, message, recipients)
-        except (OSError, smtplib.SMTPException) as exc:
-            self.broken = self._result("temp", f"connection to {self.dest} lost: {exc}", "4.4.2")
-            _close(self.smtp)
-            self.smtp = None
-            return [self.broken] * len(recipients)
+            code, _ = self._cmd(smtp, "RSET")
+        except (OSError, smtplib.SMTPException):
+            return False
+        return code == 250
+
+    def _drop(self) -> None:
+        """Forget the connection (already closed); the next job opens a new one."""
+        if self.smtp is not None:
+            self.smtp.close()
+        self.smtp = None
+        self._used = False
 
     def _cmd(self, smtp: _SMTP, line: str) -> tuple[int, str]:
         smtp.putcmd(line)
         code, text = smtp.getreply()
         return code, _reply(code, text)
 
-    def _transaction(
+    def _refusal(
         self, smtp: _SMTP, env: Envelope, message: bytes, recipients: Sequence[str]
-    ) -> list[Result]:
-        if self._dirty:
-            self._cmd(smtp, "RSET")
-        self._dirty = True
+    ) -> Result | list[str]:
+        """A permanent refusal known before MAIL (SMTPUTF8, SIZE), or MAIL's parameters."""
         utf8 = needs_smtputf8(env, recipients)
         if utf8 and not smtp.has_extn("smtputf8"):
-            res = self._result(
+            return self._result(
                 "perm",
                 f"{self.dest} does not support SMTPUTF8, which this message needs (#5.6.7)",
                 "5.6.7",
             )
-            self._dirty = False
-            return [res] * len(recipients)
         params = []
         if smtp.has_extn("size"):
             limit = smtp.esmtp_features.get("size", "").strip()
             if limit.isdigit() and 0 < int(limit) < len(message):
-                res = self._result(
+                return self._result(
                     "perm",
                     f"message too big for {self.dest} (limit {limit} bytes) (#5.3.4)",
                     "5.3.4",
                 )
-                self._dirty = False
-                return [res] * len(recipients)
             params.append(f"SIZE={len(message)}")
         if smtp.has_extn("8bitmime") and not message.isascii():
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
         smtp.command_encoding = "utf-8" if utf8 else "ascii"
+        return params
+
+    def _transaction(
+        self, smtp: _SMTP, env: Envelope, message: bytes, recipients: Sequence[str]
+    ) -> list[Result]:
+        """One message; a recipient refused with 5xx at RCPT stays refused (permanent) whatever
+        happens to the connection afterwards, as in qmail-remote."""
+        params = self._refusal(smtp, env, message, recipients)
+        if isinstance(params, Result):
+            return [params] * len(recipients)
+        results: list[Result | None] = []
+        try:
+            final = self._exchange(smtp, env, message, recipients, params=params, results=results)
+        except (OSError, smtplib.SMTPException) as exc:
+            self.broken = self._result("temp", f"connection to {self.dest} lost: {exc}", "4.4.2")
+            _close(smtp)
+            self._drop()
+            final = self.broken
+        if final is None:  # every recipient refused at RCPT
+            return [r for r in results if r is not None]
+        rest = [final] * (len(recipients) - len(results))
+        return [final if r is None else r for r in results] + rest
+
+    def _exchange(
+        self,
+        smtp: _SMTP,
+        env: Envelope,
+        message: bytes,
+        recipients: Sequence[str],
+        *,
+        params: list[str],
+        results: list[Result | None],
+    ) -> Result | None:
+        """MAIL, RCPT (one entry in ``results`` per recipient answered: None if accepted), DATA.
+
+        Returns the result of the recipients accepted and of those never asked (after a 421),
+        or None when every recipient was refused."""
         sender = "" if env.sender == DOUBLE_BOUNCE_SENDER else env.sender
         code, text = self._cmd(smtp, f"MAIL FROM:<{sender}>{''.join(' ' + p for p in params)}")
         if code != 250:
-            return [self._answer(code, text, "MAIL FROM")] * len(recipients)
-        results: list[Result | None] = []
+            return self._answer(code, text, "MAIL FROM")
         for rcpt in recipients:
             code, text = self._cmd(smtp, f"RCPT TO:<{rcpt}>")
-            results.append(None if code in (250, 251) else self._answer(code, text, "RCPT TO"))
+            if code in (250, 251):
+                results.append(None)
+                continue
+            answer = self._answer(code, text, "RCPT TO")
+            if self.smtp is None:  # 421: this recipient and the rest wait for a new connection
+                return answer
+            results.append(answer)
         if all(r is not None for r in results):
-            return [r for r in results if r is not None]
+            return None
         code, text = self._cmd(smtp, "DATA")
         if code != 354:
-            final = self._answer(code, text, "DATA")
-        else:
-            smtp.send(wire_data(message))
-            code, reply = smtp.getreply()
-            text = _reply(code, reply)
-            if code == 250:
-                self._dirty = False
-                final = self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
-            else:
-                final = self._answer(code, text, "end of DATA")
-        return [final if r is None else r for r in results]
+            return self._answer(code, text, "DATA")
+        smtp.send(wire_data(message))
+        code, reply = smtp.getreply()
+        text = _reply(code, reply)
+        if code != 250:
+            return self._answer(code, text, "end of DATA")
+        return self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
 
     def _answer(self, code: int, text: str, stage: str) -> Result:
+        """The result of a refusal. A 421 also ends the session: the server is closing the
+        channel (RFC 5321 section 3.8), so the connection is dropped without QUIT and the
+        next job opens a new one instead of failing on the closed socket."""
+        if code == 421:
+            self._drop()
         detail = f"{self.dest} said at {stage}: {text}"
         kind: Kind = "perm" if 500 <= code < 600 else "temp"
         return self._result(kind, detail, _status_of(code, text), f"smtp; {text}")
