@@ -117,6 +117,21 @@ def test_tables_are_bounded(state: AuthState, monkeypatch: pytest.MonkeyPatch) -
     assert state.rows() == (50, 50)
 
 
+def test_the_cap_evicts_a_lock_in_force_last(
+    state: AuthState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spraying new account names must not free a locked account by crowding it out."""
+    monkeypatch.setattr(authguard, "MAX_ROWS", 50)
+    for i in range(S.lock_fails):  # alice, the oldest row, locked
+        fail(state, f"10.9.0.{i}", "alice", 1000.0 + i)
+    assert state.begin("10.9.1.1", "alice", 1010.0, PID, S)[0] != "go"
+    for i in range(120):  # within the lock's 60 s
+        fail(state, f"10.0.{i // 250}.{i % 250}", f"user{i}", 1010.0 + i / 4)
+    state.prune(1041.0, S)
+    assert state.rows()[1] == 50
+    assert state.begin("10.9.1.2", "alice", 1041.0, PID, S)[0] != "go", "the lock was evicted"
+
+
 def test_a_broken_file_is_set_aside(tmp_path: Path) -> None:
     path = tmp_path / "authstate.sqlite"
     path.write_bytes(b"this is not a database" * 100)

@@ -299,14 +299,18 @@ class AuthState:
                 "DELETE FROM account WHERE first < ? AND locked_until < ?",
                 (now - settings.lock_secs, now),
             )
-            for table, order in (("client", "last"), ("account", "first")):
+            # the rows in force (a lease, a lock) go last: a flood of new names must not
+            # evict the lock on the account it was meant to free
+            for table, pk, order, until in (
+                ("client", "key", "last", "lease_until"),
+                ("account", "name", "first", "locked_until"),
+            ):
                 (count,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
                 if count > MAX_ROWS:
-                    pk = "key" if table == "client" else "name"
                     db.execute(
                         f"DELETE FROM {table} WHERE {pk} IN"  # noqa: S608 - fixed names
-                        f" (SELECT {pk} FROM {table} ORDER BY {order} LIMIT ?)",
-                        (count - MAX_ROWS,),
+                        f" (SELECT {pk} FROM {table} ORDER BY {until} > ?, {order} LIMIT ?)",
+                        (now, count - MAX_ROWS),
                     )
         finally:
             db.execute("COMMIT")
