@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -59,6 +60,15 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
                 return port
     raise RuntimeError(f"no port free for both UDP and TCP on {host}")
+
+
+@contextlib.contextmanager
+def silent_server(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
+    """A DNS server that never answers: a bound UDP socket nobody reads. (A free port may
+    not do: the kernel can answer a query there with ICMP port unreachable at once.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((host, 0))
+        yield host, int(udp.getsockname()[1])
 
 
 def _origin(name: str) -> str:

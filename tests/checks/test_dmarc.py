@@ -4,6 +4,8 @@ action each configured verdict gives (pyqmail.checks.authresults.decide)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pyqmail.checks.authresults import decide
@@ -11,7 +13,7 @@ from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.dmarc import DmarcResult, check, org_domain
 from pyqmail.checks.resolver import make_resolver
 from pyqmail.checks.spf import SpfResult
-from tests.dnsserver import DnsServer, free_port
+from tests.dnsserver import DnsServer, free_port, silent_server
 
 ZONES = {
     "bank.test.": '_dmarc TXT "v=DMARC1; p=reject; sp=quarantine"\n',
@@ -178,6 +180,18 @@ def test_no_single_from_domain_is_permerror(resolver, from_header):
 def test_dead_server_is_temperror():
     res = make_resolver([("127.0.0.1", free_port())], timeout=0.5)
     assert check(res, head("a@bank.test"), NO_SPF, []).result == "temperror"
+
+
+def test_dns_that_never_answers_costs_the_budget_not_the_lifetime():
+    """The record lookups are bounded by the check's budget, not by the resolver's lifetime
+    (5 s): the budget is what the message's checks have left."""
+    with silent_server() as server:
+        res = make_resolver([server], timeout=5.0)
+        start = time.monotonic()
+        result = check(res, head("ceo@mail.bank.test"), NO_SPF, [], budget=1.0)
+        elapsed = time.monotonic() - start
+    assert result.result == "temperror"
+    assert elapsed < 1.5, elapsed
 
 
 def test_decide_actions():

@@ -7,6 +7,10 @@ list's default rule ``*``: its last label is the suffix). The record is looked u
 ``_dmarc.<From domain>``, else at ``_dmarc.<organisational domain>`` where ``sp`` (when
 given) is the policy for subdomains (6.6.3). ``pct`` below 100 applies the policy to that
 share of failing mail only; the rest gets the next weaker one (6.6.4).
+
+Both record lookups share the check's ``budget`` (``deadline``): DNS that never answers
+costs the message what is left of its checks' time, not the resolver's lifetime twice, so
+one message's checks cannot hold their thread past ``authtimeout``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import encodings.punycode  # noqa: F401 - drops privileges (it may not read them
 import functools
 import random
 import re
+import time
 from dataclasses import dataclass
 
 import dns.resolver
@@ -92,10 +97,10 @@ def parse_record(text: str) -> dict[str, str]:
     return tags
 
 
-def _record(res: dns.resolver.Resolver, name: str) -> dict[str, str] | str | None:
+def _record(res: dns.resolver.Resolver, name: str, deadline: float) -> dict[str, str] | str | None:
     """The DMARC record at _dmarc.``name``: its tags, None when there is none (or more than
-    one, RFC 7489 6.6.3), "temperror" when the lookup failed."""
-    records = txt(res, f"_dmarc.{name}.")
+    one, RFC 7489 6.6.3), "temperror" when the lookup failed or ``deadline`` came first."""
+    records = txt(res, f"_dmarc.{name}.", lifetime=deadline - time.monotonic())
     if records is None:
         return "temperror"
     found = []
@@ -140,18 +145,21 @@ def check(
     head: bytes,
     spf: SpfResult,
     dkim: list[DkimResult],
+    *,
     roll: int | None = None,
+    budget: float = 10.0,
 ) -> DmarcResult:
-    """The DMARC result of a message whose header section is ``head``. ``roll`` (0-99) is
-    the pct draw; random unless given (tests)."""
+    """The DMARC result of a message whose header section is ``head``, its lookups within
+    ``budget`` seconds in all. ``roll`` (0-99) is the pct draw; random unless given (tests)."""
+    deadline = time.monotonic() + budget
     domain = from_domain(head)
     if domain is None:
         return DmarcResult("permerror", reason="no single header From domain")
     org = org_domain(domain)
-    tags = _record(res, domain)
+    tags = _record(res, domain, deadline)
     subdomain = False
     if tags is None and org != domain:
-        tags, subdomain = _record(res, org), True
+        tags, subdomain = _record(res, org, deadline), True
     if tags == "temperror":
         return DmarcResult("temperror", domain, reason="DMARC record lookup failed")
     if not isinstance(tags, dict):

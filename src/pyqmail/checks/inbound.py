@@ -1,10 +1,17 @@
 """All the authentication checks of one inbound message, at the end of DATA.
 
 Why here: DMARC needs the SPF result and every DKIM result together, and DKIM needs the
-whole message; so SPF (envelope sender and HELO), DKIM and DMARC run in one job, in a worker
-thread (``check``: the DNS lookups block; dnspython's resolver, each lookup bounded), before
-the message is committed, within ``authtimeout`` seconds in all (``run`` stops waiting then:
+whole message; so SPF (envelope sender and HELO), DKIM and DMARC run in one job, in one of
+the checks' own threads (``check``: the DNS lookups block; dnspython's resolver, every lookup
+within what is left of the job's deadline), before the message is committed, within
+``authtimeout`` seconds in all from the moment the job starts (``run`` stops waiting then:
 whatever the thread still does is thrown away and the message gets temperror results).
+
+A job that cannot start because the worker's check threads are all taken (by clients whose
+DNS never answers, say: ``pyqmail.checks.checkpool``) is not a temperror: waiting
+``authtimeout`` seconds for a thread, it gets ``451 4.3.0`` (``busy``) and the client tries
+again later. Accepting it unchecked would let anyone switch DMARC off by keeping the
+threads busy.
 
 The result is the message as it is queued: our one Authentication-Results field on top,
 every incoming one that claims our authserv-id removed, and the verdict (refuse for a
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 
 from pyqmail.checks import arcverify, dkimverify, dmarc, spf
 from pyqmail.checks.authresults import Results, decide, header, strip_ours
+from pyqmail.checks.checkpool import BusyError, CheckPool
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
 
@@ -61,7 +69,7 @@ def check(settings: AuthSettings, ip: str, helo: str, sender: str, message: byte
     helo_r, mail_r = spf.check(res, ip, sender, helo, budget=settings.timeout / 3)
     dkim_r = dkimverify.verify(message, res, budget=max((deadline - time.monotonic()) / 2, 0.1))
     head, rest = _split(message)
-    dmarc_r = dmarc.check(res, head, mail_r, dkim_r)
+    dmarc_r = dmarc.check(res, head, mail_r, dkim_r, budget=max(deadline - time.monotonic(), 0.1))
     arc_r = arcverify.verify(message, res, budget=max(deadline - time.monotonic(), 0.1))
     results = Results(helo_r, mail_r, dkim_r, dmarc_r, arc_r)
     stripped, removed = strip_ours(head, settings.authserv_id)
@@ -88,10 +96,21 @@ def unanswered(settings: AuthSettings, message: bytes, why: str = "timeout") -> 
     )
 
 
-async def run(settings: AuthSettings, ip: str, helo: str, sender: str, message: bytes) -> Outcome:
-    """``check`` in the loop's thread pool, never longer than the time budget (+1 s)."""
-    loop = asyncio.get_running_loop()
-    job = loop.run_in_executor(None, check, settings, ip, helo, sender, message)
+def busy(message: bytes, why: str) -> Outcome:
+    """The outcome when no check thread came free in time: deferred, nothing checked."""
+    text = "4.3.0 message checks busy, try again later"
+    return Outcome(Verdict("defer", 451, text, f"auth_error={why}"), False, message)
+
+
+async def run(
+    settings: AuthSettings, ip: str, helo: str, sender: str, message: bytes, *, pool: CheckPool
+) -> Outcome:
+    """``check`` in one of ``pool``'s threads, never longer than the time budget (+1 s) once
+    it started; ``busy`` when it could not start within the budget."""
+    try:
+        job = await pool.start(ip, settings.timeout, check, settings, ip, helo, sender, message)
+    except BusyError as exc:
+        return busy(message, str(exc))
     try:
         return await asyncio.wait_for(job, settings.timeout + 1)
     except TimeoutError:

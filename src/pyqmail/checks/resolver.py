@@ -48,11 +48,17 @@ def make_resolver(
     return res
 
 
-def txt(res: dns.resolver.Resolver, name: str) -> list[bytes] | None:
+def txt(res: dns.resolver.Resolver, name: str, lifetime: float | None = None) -> list[bytes] | None:
     """The TXT records of ``name``, each joined from its strings; [] when there are none,
-    None when the lookup failed (timeout, SERVFAIL: a temporary error)."""
+    None when the lookup failed (timeout, SERVFAIL: a temporary error). ``lifetime``: what
+    is left of the caller's deadline (none left: None without asking); the lookup takes no
+    longer than that nor than the resolver's own lifetime."""
+    if lifetime is not None:
+        if lifetime <= 0:
+            return None
+        lifetime = min(lifetime, res.lifetime)
     try:
-        answer = res.resolve(name, "TXT", search=False)
+        answer = res.resolve(name, "TXT", search=False, lifetime=lifetime)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException:

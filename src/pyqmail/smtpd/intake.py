@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
@@ -24,6 +24,9 @@ from pyqmail.queue.writer import QueueWriter
 from pyqmail.scan import rspamd, stage
 from pyqmail.scan.settings import ScanSettings, applies
 from pyqmail.smtpd.senders import HeadWatch
+
+if TYPE_CHECKING:
+    from pyqmail.checks.checkpool import CheckPool
 
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
@@ -44,8 +47,8 @@ class SpoolBudget:
 
 
 class Spool(Protocol):
-    """What an intake needs from its worker: the queue of now, the memory budget, and the
-    group commit."""
+    """What an intake needs from its worker: the queue of now, the memory budget, the
+    inbound checks' threads, and the group commit."""
 
     @property
     def queue(self) -> Queue:
@@ -54,6 +57,10 @@ class Spool(Protocol):
     @property
     def budget(self) -> SpoolBudget:
         """The worker's memory budget for held messages."""
+
+    @property
+    def checkpool(self) -> CheckPool:
+        """The worker's threads for the inbound checks (``pyqmail.checks.checkpool``)."""
 
     def submit(self, writer: QueueWriter, done: Done, owner: object) -> None:
         """Hand a finished message to the group commit; ``done`` gets the result. ``owner``
@@ -240,7 +247,9 @@ class Intake:
             # loaded with the configuration that turned the checks on (pyqmail.checks.libraries)
             from pyqmail.checks import inbound  # noqa: PLC0415
 
-            outcome = await inbound.run(self.auth, self.ip, msg.helo, msg.sender, data)
+            outcome = await inbound.run(
+                self.auth, self.ip, msg.helo, msg.sender, data, pool=self.spool.checkpool
+            )
             if self.checking is not writer:
                 return None
             self._judge(outcome.verdict)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pyqmail import heap
 from pyqmail import log as logmod
+from pyqmail.checks.checkpool import CheckPool
 from pyqmail.checks.screen import Checks
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
@@ -65,6 +66,7 @@ class Server:
         self.auth = Authenticator(cfg)
         self.senders = SenderRules(cfg.root, limit_settings(cfg))
         self.checks = Checks(cfg.root, cfg.screen)  # blocklist cache, greylist state
+        self.checkpool = CheckPool()  # the inbound checks' threads (none until a check)
         self.stopping: asyncio.Event | None = None
         self.parents: frozenset[int] = frozenset()  # a forked worker's: see _orphaned
         self.idle: asyncio.Event | None = None
@@ -201,6 +203,7 @@ class Server:
         committed = self._committer is None or self._committer.stop(CLOSE_GRACE)
         self.senders.shutdown()  # after the last commit: its message is counted
         self.checks.shutdown()
+        self.checkpool.shutdown()
         if committed:  # a commit still in its fsync keeps new/'s descriptor until the exit
             self.queue.close()
         log("stopped")
