@@ -86,3 +86,42 @@ def test_forged_fields_of_ours_removed_others_kept():
 @pytest.mark.parametrize("authserv_id", ["mx.example.org", "MX.EXAMPLE.ORG", "mx.example.org."])
 def test_authserv_id_compared_as_a_domain(authserv_id):
     assert strip_ours(HEAD, authserv_id)[1] == 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"(((((a))))) mx.example.org; dmarc=pass",  # deeper than the old 4-level unfolding
+        b"(" * 40 + b"a" + b")" * 40 + b" mx.example.org; dmarc=pass",
+        b"(a \\) b) mx.example.org; dmarc=pass",  # a quoted-pair ")" does not end it
+        b"(a \\( (b) \\\\) mx.example.org; dmarc=pass",
+        b"((a) mx.example.org; dmarc=pass",  # unbalanced: the id cannot be told
+        b"(a mx.example.org; dmarc=pass",
+        b"(a\\) mx.example.org; dmarc=pass",
+        b'"mx.example.org"; dmarc=pass',  # a quoted-string value
+        b'"mx.exam\\ple.org" (x); dmarc=pass',
+        b'"mx.example.org; dmarc=pass',  # unclosed quote
+        b"; dmarc=pass",  # no id at all
+        b"(c) )mx.example.org; dmarc=pass",  # an id authres would not read: not kept either
+        b"mx.example.org(c); dmarc=pass",
+    ],
+)
+def test_forged_field_with_tricky_comments_removed(value: bytes) -> None:
+    """RFC 8601 5: whatever comes before the id, a field a parser may read as ours goes;
+    one whose id cannot be told for sure goes too (fail closed)."""
+    head = b"Authentication-Results: " + value + b"\r\nSubject: hi\r\n"
+    assert strip_ours(head, "mx.example.org") == (b"Subject: hi\r\n", 1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"(((((a))))) other.example; dmarc=pass",
+        b"(a \\) mx.example.org) other.example; dmarc=pass",  # ours only inside a comment
+        b'"other.example" (mx.example.org); dmarc=pass',
+        b"other.example (unclosed; dmarc=pass",  # the id is read before the bad comment
+    ],
+)
+def test_other_hosts_fields_kept_whatever_their_comments(value: bytes) -> None:
+    head = b"Authentication-Results: " + value + b"\r\nSubject: hi\r\n"
+    assert strip_ours(head, "mx.example.org") == (head, 0)

@@ -4,7 +4,8 @@
 with the server's authserv-id (``control/me`` unless configured); values are quoted by
 authres (python3-authres). ``strip_ours`` removes every incoming field that claims our
 authserv-id (RFC 8601 5: a sender must not be able to forge our verdicts), whatever its
-case or the comments before the id; other hosts' fields stay. ``decide`` maps the DMARC
+case or the comments before the id, and every field whose authserv-id cannot be read for
+sure (fail closed); other hosts' fields stay. ``decide`` maps the DMARC
 result to the configured action: refuse (550 5.7.1), quarantine (the message goes to the
 mailbox's Junk folder, carried to pyqmail-send by the queue meta ``junk``) or accept.
 """
@@ -25,7 +26,9 @@ from pyqmail.checks.verdict import Verdict
 from pyqmail.control.parsers import is_domain
 
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:(.*(?:\r?\n[ \t].*)*)\r?\n")
-_COMMENT = re.compile(rb"\((?:[^()\\]|\\.)*\)")
+_TOKEN = re.compile(rb"[^\x00-\x20\x7f()<>@,;:\\\"/\[\]?=]+")  # RFC 2045 token (and UTF-8)
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.S)
+_ID_END = re.compile(rb"[\s;(]|\Z")  # what may follow the id: folding, ";", a comment
 
 
 @dataclass(frozen=True)
@@ -39,23 +42,59 @@ class Results:
     arc: ArcResult = field(default_factory=lambda: ArcResult("none"))
 
 
-def _authserv_id(value: bytes) -> bytes:
-    """The authserv-id a field value starts with (comments and folding skipped)."""
-    text = value
-    for _ in range(4):  # nested comments, bounded
-        text = _COMMENT.sub(b" ", text)
-    return re.split(rb"[\s;]+", text.strip(), maxsplit=1)[0].lower().rstrip(b".")
+def _skip_comment(value: bytes, i: int) -> int | None:
+    """The index after the comment that opens at ``value[i]`` (any depth, quoted-pairs
+    skipped, RFC 5322 3.2.2); None when it never closes."""
+    depth = 0
+    while i < len(value):
+        c = value[i]
+        if c == 0x5C:  # backslash: the next byte is quoted, whatever it is
+            i += 2
+            continue
+        depth += (c == 0x28) - (c == 0x29)
+        i += 1
+        if depth == 0:
+            return i
+    return None
+
+
+def _authserv_id(value: bytes) -> bytes | None:
+    """The authserv-id a field value starts with (comments and folding skipped); None when
+    it cannot be told for sure (an unclosed comment or quote, an empty or odd id), so the
+    caller strips the field: a parser more lenient than this one must not find ours in a
+    field this one kept."""
+    i = 0
+    while i < len(value):
+        if value[i : i + 1].isspace():
+            i += 1
+        elif value[i] == 0x28:  # (
+            end = _skip_comment(value, i)
+            if end is None:
+                return None
+            i = end
+        else:
+            break
+    if value[i : i + 1] == b'"':  # a quoted-string value (RFC 8601 2.2: value)
+        m = _QUOTED.match(value, i)
+        ident = None if m is None else re.sub(rb"\\(.)", rb"\1", m.group(1), flags=re.S)
+    else:
+        m = _TOKEN.match(value, i)
+        ident = m.group(0) if m else None
+    if not ident or m is None or not _ID_END.match(value, m.end()):
+        return None
+    return ident.lower().rstrip(b".")
 
 
 def strip_ours(head: bytes, authserv_id: str) -> tuple[bytes, int]:
     """``head`` (a header section) without the Authentication-Results fields that claim
-    ``authserv_id``; and how many went."""
+    ``authserv_id``, or may claim it for a reader less strict than ``_authserv_id``; and
+    how many went."""
     ours = authserv_id.lower().rstrip(".").encode()
     removed = 0
 
     def drop(m: re.Match[bytes]) -> bytes:
         nonlocal removed
-        if _authserv_id(m.group(1)) == ours:
+        if _authserv_id(m.group(1)) in (ours, None):
             removed += 1
             return b""
         return m.group(0)
