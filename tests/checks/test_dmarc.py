@@ -4,6 +4,7 @@ action each configured verdict gives (pyqmail.checks.authresults.decide)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from pyqmail.checks.resolver import make_resolver
 from pyqmail.checks.spf import SpfResult
 from tests.dnsserver import DnsServer, free_port, silent_server
 
+SMTP_REPLY = re.compile(r"[45]\d\d [\x20-\x7e]+")  # what SMTPConnection.message_failed takes
 ZONES = {
     "bank.test.": '_dmarc TXT "v=DMARC1; p=reject; sp=quarantine"\n',
     "strict.test.": '_dmarc TXT "v=DMARC1; p=reject; adkim=s; aspf=s"\n',
@@ -206,3 +208,21 @@ def test_decide_actions():
     assert decide(fail_quarantine, on_quarantine="reject")[0].code == 550
     assert decide(DmarcResult("pass", "bank.test", "none", "reject"))[0].action == "accept"
     assert "dmarc_policy=reject" in verdict.log and "dmarc_action=reject" in verdict.log
+
+
+@pytest.mark.parametrize(
+    ("domain", "shown"),
+    [
+        ("bücher.example", "xn--bcher-kva.example"),  # an internationalised name: A-labels
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("b\x00d.example", "the header From domain"),  # no printable form
+        ("a" * 64 + ".example", "the header From domain"),  # no IDNA form either
+        ("bad\ufffd.example", "the header From domain"),  # a From that was not UTF-8
+    ],
+)
+def test_refusal_text_is_printable_ascii(domain: str, shown: str) -> None:
+    """A reply line is printable ASCII (RFC 5321 4.2): the core refuses any other, and a
+    refusal that is never sent leaves the client waiting for the idle timeout."""
+    verdict, _ = decide(DmarcResult("fail", domain, "reject", "reject"))
+    assert verdict.text == f"5.7.1 DMARC policy of {shown} rejects this message"
+    assert SMTP_REPLY.fullmatch(f"{verdict.code} {verdict.text}")

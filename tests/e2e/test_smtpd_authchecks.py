@@ -33,6 +33,7 @@ def dns_server(keys: list[KeyPair]) -> Iterator[DnsServer]:
         f"{SIGNER}.": zone(keys) + '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 -all"\n',
         "bank.test.": '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 -all"\n',
         "junk.test.": '_dmarc TXT "v=DMARC1; p=quarantine"\n@ TXT "v=spf1 -all"\n',
+        "xn--bcher-kva.example.": '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 -all"\n',
         "client.test.": spf,
     }
     with DnsServer(zones) as server:
@@ -95,6 +96,18 @@ def test_dmarc_reject_is_refused(daemon, qmail_root: QmailRoot) -> None:
     code, text = send(daemon, "bounce@client.test", message("ceo@bank.test"))
     assert code == 550
     assert text.startswith(b"5.7.1 DMARC policy of bank.test"), text
+    assert qmail_root.queued() == []
+    daemon.wait_for(r"refused ip=127\.0\.0\.1 .*dmarc=fail .*dmarc_action=reject")
+
+
+def test_dmarc_reject_of_an_internationalised_domain_is_answered(
+    daemon, qmail_root: QmailRoot
+) -> None:
+    """The refusal names the A-label form: a reply line is ASCII, and the non-ASCII one
+    was never sent (the client waited for the idle timeout's 421, then retried for days)."""
+    code, text = send(daemon, "bounce@client.test", message("ceo@bücher.example"))
+    assert code == 550
+    assert text == b"5.7.1 DMARC policy of xn--bcher-kva.example rejects this message"
     assert qmail_root.queued() == []
     daemon.wait_for(r"refused ip=127\.0\.0\.1 .*dmarc=fail .*dmarc_action=reject")
 

@@ -29,6 +29,7 @@ _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:(.*(?:\r?\n[ \t].*)*)\
 _TOKEN = re.compile(rb"[^\x00-\x20\x7f()<>@,;:\\\"/\[\]?=]+")  # RFC 2045 token (and UTF-8)
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.S)
 _ID_END = re.compile(rb"[\s;(]|\Z")  # what may follow the id: folding, ";", a comment
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,17 @@ def header(authserv_id: str, results: Results) -> bytes:
     return (";\r\n\t".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
+def _reply_domain(domain: str) -> str:
+    """``domain`` fit for a reply line, which is printable ASCII (RFC 5321 4.2; the core
+    refuses anything else): an internationalised name as its A-labels (IDNA), a name that
+    has none as a phrase."""
+    try:
+        ace = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "the header From domain"
+    return ace if _PRINTABLE.fullmatch(ace) else "the header From domain"
+
+
 def decide(
     dmarc: DmarcResult, on_reject: str = "reject", on_quarantine: str = "quarantine"
 ) -> tuple[Verdict, bool]:
@@ -161,6 +173,6 @@ def decide(
     )
     log = f"dmarc_policy={dmarc.policy} dmarc_action={action}"
     if action == "reject":
-        text = f"5.7.1 DMARC policy of {dmarc.header_from} rejects this message"
+        text = f"5.7.1 DMARC policy of {_reply_domain(dmarc.header_from)} rejects this message"
         return Verdict("refuse", 550, text, log), False
     return Verdict("accept", 250, "", log), action == "quarantine"

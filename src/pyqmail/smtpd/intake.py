@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
+from pyqmail.log import log
 from pyqmail.protocol import MessageEnd, MessageStart
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
@@ -218,10 +219,13 @@ class Intake:
     async def _check(self, writer: QueueWriter, done: Done) -> None:
         """SPF, DKIM and DMARC (``pyqmail.checks.inbound``) and the scanners
         (``pyqmail.scan.stage``), then the commit of the message with our
-        Authentication-Results and the scanners' fields on top, or the refusal."""
+        Authentication-Results and the scanners' fields on top, or the refusal. Whatever
+        goes wrong, ``done`` hears of it: nothing else would answer the client."""
         try:
             ready = await self._checked(writer)
-        except QueueError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug too must answer the client (451)
+            if not isinstance(exc, QueueError):
+                log("error", ip=self.ip, error=repr(exc))
             self.checking = None
             self.queue_error = self.queue_error or str(exc)
             writer.abort()

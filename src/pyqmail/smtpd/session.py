@@ -32,6 +32,7 @@ from pyqmail.protocol import (
     MessageEnd,
     MessageStart,
     Policy,
+    ProtocolUsageError,
     Send,
     SMTPConnection,
     StartTLS,
@@ -48,6 +49,7 @@ from pyqmail.smtpd.policy import build_policy, greet_delay
 from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump, quick_ack
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
+TEMPFAIL = "451 4.3.0 queue write failed, try again later"
 
 __all__ = ["CLOSE_GRACE", "Session", "SessionContext"]
 
@@ -564,7 +566,12 @@ class Session(asyncio.BufferedProtocol):
         self.resume("commit")
         self.touch()
         if queue_id is None:
-            reply = self.intake.refusal or "451 4.3.0 queue write failed, try again later"
-            self.handle(self.conn.message_failed(reply))
+            reply = self.intake.refusal or TEMPFAIL
+            try:
+                events = self.conn.message_failed(reply)
+            except ProtocolUsageError as exc:  # a check's text the core will not send
+                log("error", ip=self.ip, port=self.port, error=repr(exc))
+                events = self.conn.message_failed(TEMPFAIL)  # an answer, not the idle 421
+            self.handle(events)
         else:
             self.handle(self.conn.message_queued(queue_id))
