@@ -36,6 +36,7 @@ from pyqmail.protocol import (
     Send,
     SMTPConnection,
     StartTLS,
+    State,
     TLSInfo,
 )
 from pyqmail.queue.commit import CommitResult
@@ -174,9 +175,7 @@ class Session(asyncio.BufferedProtocol):
             if self.greet_timer is not None:
                 self.greet(len(data))
                 return
-            if events:
-                self.touch()
-                self.handle(events)
+            self.received(events)
         except Exception as exc:  # noqa: BLE001 - one broken session must not stop the loop
             self.fail(exc)
 
@@ -389,6 +388,19 @@ class Session(asyncio.BufferedProtocol):
             elif isinstance(event, Close):
                 self.close()
 
+    def received(self, events: list[Event]) -> None:
+        """Carry out what the client's bytes led to. Bytes read as DATA are progress even
+        when they lead to nothing: a refused message is read and dropped to its end, so
+        the client hears why, not the idle timeout's 421 (the DATA deadline bounds it)."""
+        conn = self.conn
+        assert conn is not None  # noqa: S101 - only called with the core's events
+        if events or conn.state is State.DATA:
+            self.touch()
+        if events:
+            self.handle(events)
+        if conn.state is not State.DATA:  # the DATA deadline ends with the DATA
+            self.data_deadline = None
+
     def send(self, data: bytes) -> None:
         """Write to the client: through TLS once it is up."""
         if self.transport is None:
@@ -459,10 +471,7 @@ class Session(asyncio.BufferedProtocol):
                 return
             if chunk is None or self.conn is None:  # the close_notify raised above
                 break
-            events = self.conn.receive(chunk)
-            if events:
-                self.touch()
-                self.handle(events)
+            self.received(self.conn.receive(chunk))
         pump.flush_unless_held()
 
     def tls_done(self, pump: TLSPump) -> None:
@@ -517,8 +526,8 @@ class Session(asyncio.BufferedProtocol):
         self.intake.watch = self.ctx.senders.watch(event.auth_user, event.sender, self.ip)
 
     def message_abort(self, reason: str) -> None:
-        """The core gave up on the message (too big, too many hops, ...)."""
-        self.data_deadline = None
+        """The core gave up on the message (too big, too many hops, ...); its DATA deadline
+        holds while the rest is read and dropped (``received``)."""
         self.intake.drop()
         log("abort", ip=self.ip, port=self.port, reason=reason)
 
