@@ -13,6 +13,7 @@ import pytest
 from test_protocol_support import policy
 
 from pyqmail.checks import inbound
+from pyqmail.checks.checkpool import CheckPool
 from pyqmail.checks.verdict import Verdict
 from pyqmail.protocol import SMTPConnection
 from pyqmail.queue.store import Queue
@@ -39,6 +40,7 @@ class Context:
         )
         self.queue = queue
         self.budget = SpoolBudget()
+        self.checkpool = CheckPool()
         self.senders = SimpleNamespace(watch=lambda *_: None)
 
     def submit(self, writer: QueueWriter, done: Any, owner: object) -> None:
@@ -86,7 +88,7 @@ def test_a_refusal_the_core_will_not_send_becomes_451(
 ) -> None:
     text = "5.7.1 DMARC policy of bücher.example rejects this message"
 
-    async def refuse(*_: object) -> inbound.Outcome:
+    async def refuse(*_: object, **__: object) -> inbound.Outcome:
         return inbound.Outcome(Verdict("refuse", 550, text, "dmarc=fail"), False, b"")
 
     monkeypatch.setattr(inbound, "run", refuse)
@@ -98,7 +100,7 @@ def test_a_refusal_the_core_will_not_send_becomes_451(
 def test_a_check_that_breaks_is_answered_451(
     monkeypatch: pytest.MonkeyPatch, queue: Queue, logged: list[tuple[str, dict[str, object]]]
 ) -> None:
-    async def broken(*_: object) -> inbound.Outcome:
+    async def broken(*_: object, **__: object) -> inbound.Outcome:
         raise RuntimeError("a bug in a check")
 
     monkeypatch.setattr(inbound, "run", broken)

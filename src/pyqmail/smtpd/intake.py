@@ -4,14 +4,18 @@ Why its own module: memory is the one resource a client's message data can exhau
 rule for it stays in one place. Small messages stay in memory and reach the disk in one go in
 the group commit (``pyqmail.queue.commit``); past ``SPOOL_LIMIT``, or when the
 worker's sessions together hold ``WORKER_SPOOL_LIMIT``, the message streams into its tmp file
-instead (bounded memory whatever the number of clients). The session only forwards the
-core's events and answers the client once the commit is done.
+instead (bounded memory whatever the number of clients). A spilled message the checks or
+scanners need whole is read back in turn, within ``READ_BACK_LIMIT`` per worker
+(``SpoolBudget.read_back``). The session only forwards the core's events and answers the
+client once the commit is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pyqmail.checks.settings import AuthSettings
@@ -31,20 +35,74 @@ if TYPE_CHECKING:
 
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
+READ_BACK_LIMIT = 32 * 1024 * 1024  # bytes of spilled messages a worker checks at once
+READ_BACK_WAIT = 120.0  # seconds a spilled message waits for its turn, then 451
+BUSY = "451 4.3.0 too many large messages being checked, try again later"
 
 Done = Callable[[CommitResult], None]
 
 
 class SpoolBudget:
-    """Bytes of messages held in memory by all sessions of one worker (one loop thread)."""
+    """Bytes of messages in memory over all sessions of one worker (one loop thread): those
+    held until their commit (``held``, within ``limit``), and spilled ones read back for
+    the checks and scans (``reading``, within ``read_limit``: ``read_back``)."""
 
-    def __init__(self, limit: int = WORKER_SPOOL_LIMIT) -> None:
+    def __init__(self, limit: int = WORKER_SPOOL_LIMIT, read_limit: int = READ_BACK_LIMIT) -> None:
         self.held = 0
         self.limit = limit
+        self.reading = 0
+        self.read_limit = read_limit
+        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()  # waiting to read back
 
     def fits(self, size: int) -> bool:
         """``size`` more bytes stay within the worker's limit."""
         return self.held + size <= self.limit
+
+    @contextlib.asynccontextmanager
+    async def read_back(self, size: int, wait: float | None = None) -> AsyncIterator[None]:
+        """Room for a spilled message of ``size`` bytes read back into memory: the checks
+        need it whole and copy it two or three times over (the DKIM canonical forms, the
+        message with our header, the scanner's request), and a message may be as large as
+        ``databytes``, so without a bound fifty clients' 25 MiB messages would take
+        gigabytes. In turn, first come first served, while the worker's total stays within
+        ``read_limit`` (a larger message goes alone). ``SpoolBusyError`` after ``wait``
+        seconds in line (``READ_BACK_WAIT``): the client is told to try again later."""
+        wait = READ_BACK_WAIT if wait is None else wait
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append((size, turn))
+        self._grant()
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), wait)
+        except BaseException as exc:
+            if turn.done():  # granted as the wait ended: give it back
+                self.reading -= size
+            else:
+                self._line.remove((size, turn))
+            self._grant()
+            if isinstance(exc, TimeoutError):
+                raise SpoolBusyError(
+                    f"no room to check a {size}-byte message in {wait:.0f} s"
+                ) from None
+            raise
+        try:
+            yield
+        finally:
+            self.reading -= size
+            self._grant()
+
+    def _grant(self) -> None:
+        """Let in the first in line while they fit (or when nothing else is read back)."""
+        while self._line:
+            size, turn = self._line[0]
+            if self.reading and self.reading + size > self.read_limit:
+                return
+            self._line.popleft()
+            self.reading += size
+            turn.set_result(None)
+
+
+class SpoolBusyError(QueueError):
+    """A spilled message waited too long for room to be checked (``SpoolBudget.read_back``)."""
 
 
 class Spool(Protocol):
@@ -238,14 +296,26 @@ class Intake:
 
     async def _checked(self, writer: QueueWriter) -> QueueWriter | None:
         """The writer to commit after the checks and scans. A message that spilled to its
-        tmp file is read back and rewritten into a new one in a worker thread. QueueError:
-        refused, or the queue failed."""
+        tmp file is read back (in its turn: ``SpoolBudget.read_back``) and rewritten into a
+        new one in a worker thread. QueueError: refused, or the queue failed."""
+        if writer.held:  # no worker thread: its hand-off costs more than the join
+            return await self._checks(writer, writer.message_bytes())
+        try:
+            async with self.spool.budget.read_back(writer.size):
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(None, writer.message_bytes)
+                return await self._checks(writer, data)
+        except SpoolBusyError:
+            self.refusal = BUSY
+            self.fields["check_error"] = "busy"
+            raise
+
+    async def _checks(self, writer: QueueWriter, data: bytes) -> QueueWriter | None:
+        """``_checked`` once the message is in memory (``data``)."""
         assert self.message is not None  # noqa: S101 - commit's test
         loop = asyncio.get_running_loop()
         msg = self.message
-        # Held in memory: no worker thread (its hand-off costs more than the join).
-        reader = writer.message_bytes
-        data = original = reader() if writer.held else await loop.run_in_executor(None, reader)
+        original = data
         junk = False
         if self.auth is not None:
             # loaded with the configuration that turned the checks on (pyqmail.checks.libraries)
