@@ -93,10 +93,12 @@ class ScriptedServer:
                     return
                 while rfile.readline() not in (b".\r\n", b""):
                     pass
+                end = self.script(n, "END")
+                if end is None or end.startswith("250"):
+                    with self.lock:  # before the reply: the client may look at once
+                        self.accepted.append(rcpts)
                 if not self._reply(conn, rfile, n, "END", "250 2.0.0 accepted"):
                     return
-                with self.lock:
-                    self.accepted.append(rcpts)
                 rcpts = []
                 if self.idle_close:
                     return
