@@ -10,17 +10,30 @@ Bounded work whatever the sender writes (RFC 8301, and the issue's fuzz cases):
   before it is parsed, an RSA key under 1024 bits fails (dkimpy's ``minkey``);
 - a signature with ``l=`` is never trusted (``policy``: appended text would ride on it);
 - the whole verification stops at the deadline; what is left is ``temperror``.
+
+What DMARC relies on: the d= and s= reported are the ones dkimpy verified (read by its own
+tag parser: tag names are case-sensitive and a duplicate tag invalidates the signature,
+RFC 6376 3.2, so an ``D=`` cannot stand in for ``d=``). A ``temperror`` names its d= only
+when that domain's DNS failed (timeout, SERVFAIL): a key name that is no DNS name
+(``s=a..b``, a 64-byte label, ``d=bank.example.`` with its trailing dot) is ``permerror``
+(RFC 6376 6.1.1), and a lookup cut short because the signatures before it spent the budget
+is a ``temperror`` without a domain. Otherwise a signature in someone else's name, failing
+for a reason its author chose, would align as a temperror and turn that domain's DMARC
+reject into an accept.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 
 import dkim
+import dkim.util
 import dns.exception
+import dns.name
 import dns.resolver
 
 MAX_SIGNATURES = 8
@@ -28,11 +41,15 @@ MAX_KEY_RECORD = 2048  # bytes of a DKIM key TXT record (8192-bit RSA: about 1.4
 QUIET = logging.getLogger("pyqmail.checks.dkimpy")
 QUIET.addHandler(logging.NullHandler())
 QUIET.propagate = False
-_TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)", re.IGNORECASE)
 
 
 class KeyLookupTempError(Exception):
-    """A key lookup that timed out or failed: temperror, not fail (RFC 6376 6.1.2)."""
+    """A key lookup that timed out or failed: temperror, not fail (RFC 6376 6.1.2).
+    ``spent``: the time budget ended it, not the key's DNS (other signatures used it up)."""
+
+    def __init__(self, text: str, spent: bool = False) -> None:
+        super().__init__(text)
+        self.spent = spent
 
 
 @dataclass(frozen=True)
@@ -47,33 +64,51 @@ class DkimResult:
     reason: str = ""
 
 
-def _tags(value: bytes) -> dict[bytes, bytes]:
-    """The tag=value pairs of a DKIM-Signature, whitespace kept out of the names."""
-    return {m.group(1).lower(): m.group(2).strip() for m in _TAG.finditer(value)}
+def _tags(value: bytes) -> dict[bytes, bytes] | None:
+    """The tag=value pairs of a DKIM-Signature exactly as dkimpy reads them (its parser:
+    ``D=`` is not ``d=``, RFC 6376 3.2); None when dkimpy refuses the list (a duplicate
+    tag, a part that is no tag=value), so no d= of a signature it never verified is
+    reported."""
+    try:
+        tags: dict[bytes, bytes] = dkim.util.parse_tag_value(value)
+    except dkim.util.InvalidTagValueList:
+        return None
+    return tags
 
 
 class KeyLookup:
-    """dkimpy's key lookup: TXT through the resolver within the deadline. A missing key or
-    an over-long record (refused unparsed) is remembered in ``problem``: permerror, not
-    fail (RFC 8601 2.7.1)."""
+    """dkimpy's key lookup: TXT through the resolver within the deadline, each lookup at
+    most ``each`` seconds. A missing key, a key name that is no DNS name (an empty or
+    over-long label, non-ASCII: RFC 6376 6.1.1 makes such a signature unusable, not
+    retryable) or an over-long record (refused unparsed) is remembered in ``problem``:
+    permerror, not fail (RFC 8601 2.7.1). Only DNS that does not answer is temporary."""
 
-    def __init__(self, res: dns.resolver.Resolver, deadline: float) -> None:
+    def __init__(self, res: dns.resolver.Resolver, deadline: float, each: float = math.inf):
         self.res = res
         self.deadline = deadline
+        self.each = each
         self.problem = ""
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes:
         """The key record of ``name`` (b"" when there is no usable one)."""
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise KeyLookupTempError("time budget spent")
+            raise KeyLookupTempError("time budget spent", spent=True)
         try:
-            answer = self.res.resolve(
-                name.decode("ascii", "replace"), "TXT", search=False, lifetime=min(left, timeout)
-            )
+            qname = dns.name.from_text(name.decode("ascii"))
+        except (UnicodeDecodeError, dns.exception.DNSException) as exc:
+            self.problem = f"key name is no DNS name ({type(exc).__name__})"
+            return b""
+        lifetime = min(timeout, self.each)
+        try:
+            answer = self.res.resolve(qname, "TXT", search=False, lifetime=min(left, lifetime))
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             self.problem = "no key"
             return b""
+        except dns.exception.Timeout:
+            if left < lifetime:  # cut short: the signatures before this one spent the time
+                raise KeyLookupTempError("time budget spent", spent=True) from None
+            raise KeyLookupTempError("Timeout") from None
         except dns.exception.DNSException as exc:
             raise KeyLookupTempError(f"{type(exc).__name__}") from None
         records = [b"".join(r.strings) for r in answer]
@@ -87,7 +122,7 @@ class KeyLookup:
 
 
 def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLookup) -> DkimResult:
-    """The result of signature ``index`` (its tags already parsed)."""
+    """The result of signature ``index`` (its tags already parsed, as dkimpy parses them)."""
     base = {
         "domain": tags.get(b"d", b"").decode("ascii", "replace").lower(),
         "selector": tags.get(b"s", b"").decode("ascii", "replace"),
@@ -100,18 +135,24 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLoo
     try:
         ok = signer.verify(idx=index, dnsfunc=lookup)
     except KeyLookupTempError as exc:
+        if exc.spent:  # no d=: a timeout the signer arranged must not align (see above)
+            return DkimResult("temperror", reason="time budget spent")
         return DkimResult("temperror", reason=f"key lookup: {exc}", **base)
     except dkim.ValidationError as exc:
         return DkimResult("fail", reason=str(exc)[:80], **base)
     except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
         return DkimResult("permerror", reason=f"{type(exc).__name__}: {exc}"[:80], **base)
+    if (signer.domain, signer.selector) != (tags.get(b"d"), tags.get(b"s")):
+        return DkimResult("permerror", reason="dkimpy verified another d= or s=")
     if not ok and lookup.problem:
         return DkimResult("permerror", reason=lookup.problem, **base)
     return DkimResult("pass" if ok else "fail", **base)
 
 
 def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> list[DkimResult]:
-    """The result of each DKIM signature of ``message`` (top first); [] when unsigned."""
+    """The result of each DKIM signature of ``message`` (top first); [] when unsigned. A key
+    lookup takes at most half the budget, so one signature's silent DNS leaves another the
+    time its own lookup needs."""
     try:
         signer = dkim.DKIM(message, logger=QUIET, minkey=1024, timeout=max(int(budget), 1))
     except dkim.DKIMException as exc:
@@ -120,12 +161,14 @@ def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> 
     if not fields:
         return []
     deadline = time.monotonic() + budget
-    lookup = KeyLookup(res, deadline)
+    lookup = KeyLookup(res, deadline, each=budget / 2)
     results = []
     for index, field in enumerate(fields):
         tags = _tags(field)
         if index >= MAX_SIGNATURES:
             results.append(DkimResult("policy", reason=f"over {MAX_SIGNATURES} signatures"))
+        elif tags is None:
+            results.append(DkimResult("permerror", reason="tag list dkimpy refuses"))
         elif time.monotonic() >= deadline:
             results.append(DkimResult("temperror", reason="time budget spent"))
         else:
