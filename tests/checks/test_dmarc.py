@@ -11,7 +11,7 @@ import pytest
 
 from pyqmail.checks.authresults import decide
 from pyqmail.checks.dkimverify import DkimResult
-from pyqmail.checks.dmarc import DmarcResult, check, org_domain
+from pyqmail.checks.dmarc import DmarcResult, _authenticated, check, org_domain
 from pyqmail.checks.resolver import make_resolver
 from pyqmail.checks.spf import SpfResult
 from tests.dnsserver import DnsServer, free_port, silent_server
@@ -27,6 +27,9 @@ ZONES = {
     "own.bank.test.": '_dmarc TXT "v=DMARC1; p=none"\n',
     "example.co.uk.": '_dmarc TXT "v=DMARC1; p=quarantine"\n',
     "plain.test.": "@ A 192.0.2.1\n",
+    "twice.bank.test.": '_dmarc TXT "v=DMARC1; p=none"\n_dmarc TXT "v=DMARC1; p=none; pct=5"\n',
+    "pctsup.test.": '_dmarc TXT "v=DMARC1; p=reject; pct=\\194\\178"\n',  # pct=² (UTF-8)
+    "xn--bcher-kva.test.": '_dmarc TXT "v=DMARC1; p=reject; adkim=s"\n',  # bücher.test
 }
 NO_SPF = SpfResult("mailfrom", "fail", "elsewhere.example")
 
@@ -91,6 +94,14 @@ CASES = [
         ("temperror", "none"),
     ),
     (
+        "dkim fail + temperror",
+        "a@bank.test",
+        NO_SPF,
+        [DkimResult("fail", "bank.test"), DkimResult("temperror", "bank.test")],
+        0,
+        ("temperror", "none"),
+    ),
+    (
         "spf temperror",
         "a@bank.test",
         SpfResult("mailfrom", "temperror", "bank.test"),
@@ -128,6 +139,19 @@ CASES = [
     ("pct sampled in", "a@pct.test", NO_SPF, [], 29, ("fail", "reject")),
     ("pct sampled out", "a@pct.test", NO_SPF, [], 30, ("fail", "quarantine")),
     ("two records", "a@two.test", NO_SPF, [], 0, ("none", "none")),
+    # 6.6.3: more than one record stops DMARC; no org domain lookup (bank.test: sp=quarantine)
+    ("two records at a subdomain", "a@twice.bank.test", NO_SPF, [], 0, ("none", "none")),
+    ("pct not ASCII digits: 100", "a@pctsup.test", NO_SPF, [], 99, ("fail", "reject")),
+    ("idn aligned", "a@bücher.test", NO_SPF, dkim_pass("xn--bcher-kva.test"), 0, ("pass", "none")),
+    (
+        "idn spf aligned",
+        "a@bücher.test",
+        SpfResult("mailfrom", "pass", "bücher.test"),
+        [],
+        0,
+        ("pass", "none"),
+    ),
+    ("idn unaligned", "a@bücher.test", NO_SPF, dkim_pass("evil.test"), 0, ("fail", "reject")),
     ("invalid p", "a@badp.test", NO_SPF, [], 0, ("fail", "none")),
     ("not a DMARC record", "a@nodmarc.test", NO_SPF, [], 0, ("none", "none")),
     ("no record", "a@mail.plain.test", NO_SPF, [], 0, ("none", "none")),
@@ -177,6 +201,25 @@ def test_org_domain():
 )
 def test_no_single_from_domain_is_permerror(resolver, from_header):
     assert check(resolver, from_header, NO_SPF, []).result == "permerror"
+
+
+@pytest.mark.parametrize("domain", ["bank..test", "x" * 64 + ".test", "\ufffd.test"])
+def test_from_domain_without_a_labels_is_permerror(resolver, domain):
+    """No DMARC record can be asked for (the lookup of such a name fails at once, which was a
+    temperror: an accept for mail that DMARC could not be applied to)."""
+    assert check(resolver, head(f"a@{domain}"), NO_SPF, []).result == "permerror"
+
+
+def test_org_domain_of_an_idn_from_domain():
+    """RFC 8616 4: a relaxed d= of the organisational domain aligns with an IDN From."""
+    assert (
+        _authenticated({}, "mail.bücher.example", NO_SPF, dkim_pass("xn--bcher-kva.example"))
+        == "pass"
+    )
+    assert (
+        _authenticated({}, "bücher.example", NO_SPF, dkim_pass("mail.xn--bcher-kva.example"))
+        == "pass"
+    )
 
 
 def test_dead_server_is_temperror():

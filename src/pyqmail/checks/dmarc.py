@@ -4,9 +4,17 @@ Alignment (3.1) is relaxed (same organisational domain) or strict (same domain) 
 identifier (``adkim``, ``aspf``); the organisational domain comes from the public suffix
 list (publicsuffix2, python3-publicsuffix2; a name under no listed suffix follows the
 list's default rule ``*``: its last label is the suffix). The record is looked up at
-``_dmarc.<From domain>``, else at ``_dmarc.<organisational domain>`` where ``sp`` (when
-given) is the policy for subdomains (6.6.3). ``pct`` below 100 applies the policy to that
+``_dmarc.<From domain>``; only when there is none there, at ``_dmarc.<organisational
+domain>``, where ``sp`` (when given) is the policy for subdomains; more than one record at
+either name stops DMARC: no policy (6.6.3). ``pct`` below 100 applies the policy to that
 share of failing mail only; the rest gets the next weaker one (6.6.4).
+
+Domains are compared, looked up and cut to their organisational domain as A-labels (RFC
+8616 4: a From of ``bücher.example`` is signed as ``d=xn--bcher-kva.example``). The
+conversion is Python's ``idna`` codec (IDNA 2003: the ``idna`` package of IDNA 2008 is not
+a dependency): it maps a few characters IDNA 2008 keeps (``straße.de`` becomes
+``strasse.de``), so such a From domain is looked up and aligned as the name IDNA 2003
+gives. A From domain that has no A-label form (an empty or over-long label) is a permerror.
 
 Both record lookups share the check's ``budget`` (``deadline``): DNS that never answers
 costs the message what is left of its checks' time, not the resolver's lifetime twice, so
@@ -63,12 +71,25 @@ def org_domain(domain: str) -> str:
     return ".".join(labels[-count:]) if len(labels) >= count else domain
 
 
+def ace(domain: str) -> str | None:
+    """``domain`` in lower-case A-labels (IDNA), without a trailing dot; None when it has
+    no such form."""
+    try:
+        name = domain.rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return name or None
+
+
 def aligned(identifier: str, from_domain: str, mode: str) -> bool:
-    """Whether an authenticated domain aligns with the From domain (strict or relaxed)."""
-    a, b = identifier.lower().rstrip("."), from_domain.lower().rstrip(".")
+    """Whether an authenticated domain aligns with the From domain (strict or relaxed),
+    both compared as A-labels (RFC 8616 4)."""
+    a, b = ace(identifier), ace(from_domain)
+    if a is None or b is None:
+        return False
     if mode == "s":
         return a == b
-    return bool(a) and org_domain(a) == org_domain(b)
+    return org_domain(a) == org_domain(b)
 
 
 def from_domain(head: bytes) -> str | None:
@@ -98,8 +119,9 @@ def parse_record(text: str) -> dict[str, str]:
 
 
 def _record(res: dns.resolver.Resolver, name: str, deadline: float) -> dict[str, str] | str | None:
-    """The DMARC record at _dmarc.``name``: its tags, None when there is none (or more than
-    one, RFC 7489 6.6.3), "temperror" when the lookup failed or ``deadline`` came first."""
+    """The DMARC record at _dmarc.``name``: its tags, None when there is none, "several"
+    when there is more than one (RFC 7489 6.6.3: no policy, and no looking further up),
+    "temperror" when the lookup failed or ``deadline`` came first."""
     records = txt(res, f"_dmarc.{name}.", lifetime=deadline - time.monotonic())
     if records is None:
         return "temperror"
@@ -109,15 +131,19 @@ def _record(res: dns.resolver.Resolver, name: str, deadline: float) -> dict[str,
             found.append(parse_record(raw.decode("utf-8", "replace")))
         except ValueError:
             continue
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:
+        return "several"
+    return found[0] if found else None
 
 
 def _authenticated(
     tags: dict[str, str], domain: str, spf: SpfResult, dkim: list[DkimResult]
 ) -> str:
-    """ "pass" when an aligned SPF or DKIM pass authenticates the From domain; else
-    "temperror" when an aligned identifier could not be checked for a temporary reason (a
-    DNS timeout must not turn into a DMARC failure and a refusal); else "fail"."""
+    """ "pass" when an aligned SPF or DKIM pass authenticates the From domain (any one is
+    enough, RFC 7489 6.6.2); else "temperror" when an aligned identifier could not be
+    checked for a temporary reason, even next to an aligned fail (a DNS timeout must not
+    turn into a DMARC failure and a refusal); else "fail". A DKIM temperror names its d=
+    only when that domain's DNS failed (``dkimverify``), so a signer cannot make one."""
     adkim, aspf = tags.get("adkim", "r").lower(), tags.get("aspf", "r").lower()
     dkim_aligned = [d.result for d in dkim if aligned(d.domain, domain, adkim)]
     spf_aligned = spf.result if aligned(spf.domain, domain, aspf) else "none"
@@ -135,8 +161,8 @@ def _policy(tags: dict[str, str], subdomain: bool, roll: int) -> tuple[str, str]
         published = tags["sp"].lower()
     if published not in POLICIES:
         published = "none"  # 6.6.3: an invalid p= with a valid record is treated as none
-    pct_text = tags.get("pct", "100")
-    pct = int(pct_text) if pct_text.isdigit() else 100
+    pct_text = tags.get("pct", "100")  # not ASCII digits (pct=²): the default (6.3)
+    pct = int(pct_text) if re.fullmatch(r"[0-9]+", pct_text, re.ASCII) else 100
     return (published if roll < min(pct, 100) else _WEAKER[published]), published
 
 
@@ -155,13 +181,18 @@ def check(
     domain = from_domain(head)
     if domain is None:
         return DmarcResult("permerror", reason="no single header From domain")
-    org = org_domain(domain)
-    tags = _record(res, domain, deadline)
+    name = ace(domain)
+    if name is None:
+        return DmarcResult("permerror", reason="header From domain has no A-labels")
+    org = org_domain(name)
+    tags = _record(res, name, deadline)
     subdomain = False
-    if tags is None and org != domain:
+    if tags is None and org != name:
         tags, subdomain = _record(res, org, deadline), True
     if tags == "temperror":
         return DmarcResult("temperror", domain, reason="DMARC record lookup failed")
+    if tags == "several":
+        return DmarcResult("none", domain, reason="more than one DMARC record")
     if not isinstance(tags, dict):
         return DmarcResult("none", domain, reason="no DMARC record")
     draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
