@@ -8,8 +8,9 @@
                        (``550 5.7.1``, the default), ``quarantine`` (the Junk folder) or
                        ``none`` (delivered, the header says it)
 ``dmarcquarantine``    the same for ``p=quarantine``; default ``quarantine``
-``authtimeout``        seconds all the checks of one message may take (DNS included); what is
-                       left unanswered then is a temperror; default 10, 1 to 60
+``authtimeout``        seconds all the checks of one message may take (DNS included): DNS
+                       unanswered then is a temperror, work past it before DMARC's verdict a
+                       451 (``pyqmail.checks.inbound``); default 10, 1 to 60
 ``dnsresolver``        ``host`` or ``host@port`` lines: the DNS servers the checks ask;
                        absent: the system's (/etc/resolv.conf)
 =====================  ======================================================================
