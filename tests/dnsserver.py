@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,40 @@ def silent_server(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((host, 0))
         yield host, int(udp.getsockname()[1])
+
+
+@contextlib.contextmanager
+def silent_for(
+    upstream: tuple[str, int], suffix: str, host: str = "127.0.0.1"
+) -> Iterator[tuple[str, int]]:
+    """A DNS server that passes queries on to ``upstream`` (a ``DnsServer``) but never
+    answers those for names under ``suffix``: one sender-chosen name whose DNS hangs
+    while every other name answers, as a resolver in production sees it."""
+    origin = dns.name.from_text(suffix)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((host, 0))
+        udp.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    wire, client = udp.recvfrom(65535)
+                except TimeoutError:
+                    continue
+                query = dns.message.from_wire(wire)
+                if query.question and query.question[0].name.is_subdomain(origin):
+                    continue  # dropped: the client waits for its timeout
+                answer = dns.query.udp(query, upstream[0], port=upstream[1], timeout=2.0)
+                udp.sendto(answer.to_wire(), client)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield host, int(udp.getsockname()[1])
+        finally:
+            stop.set()
+            thread.join(2)
 
 
 def _origin(name: str) -> str:

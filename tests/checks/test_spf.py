@@ -17,7 +17,7 @@ import pytest
 
 from pyqmail.checks import spf
 from pyqmail.checks.resolver import make_resolver
-from tests.dnsserver import DnsServer, free_port
+from tests.dnsserver import DnsServer, free_port, silent_for
 
 SPFQUERY = "/usr/bin/spfquery"
 
@@ -144,3 +144,15 @@ def test_dead_server_is_temperror_within_budget():
     helo_result, mail = spf.check(res, "192.0.2.1", "a@plain.t.test", "mx.t.test", budget=1.5)
     assert time.monotonic() - start < 3.0
     assert (helo_result.result, mail.result) == ("temperror", "temperror")
+
+
+def test_a_helo_whose_dns_hangs_leaves_the_mail_from_check_its_time(dns_server):
+    """The client names its HELO: DNS for it that never answers must not turn the SPF
+    check of the domain it forges into a temperror (DMARC would accept on it)."""
+    with silent_for((dns_server.host, dns_server.port), "hang.test.") as (host, port):
+        res = make_resolver([(host, port)], timeout=5.0)
+        start = time.monotonic()
+        helo_result, mail = spf.check(res, "198.51.100.9", "ceo@plain.t.test", "mx.hang.test", 2.0)
+    assert helo_result.result == "temperror"
+    assert mail.result == "fail", mail  # plain.t.test allows 192.0.2.0/24 only
+    assert time.monotonic() - start < 3.5
