@@ -216,6 +216,33 @@ def test_sendmail_mail_is_signed_and_local_copies_carry_the_same_signature(
     assert "origin=local" in host.log()
 
 
+def test_long_lines_are_signed_as_sent_and_every_copy_verifies(
+    host: Host, recorder: Recorder, signing: Signing
+) -> None:
+    """A cron job's one-line HTML (1,500 octets) under a To: of 1,200 octets, through
+    pyqmail-sendmail: the remote copy (lines broken at 998 octets on the wire) and the
+    Maildir copy carry the same bytes, and both verify."""
+    host.control("locals", "mx.test\n")
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.control("dkimkeys", signing.dkimkeys)
+    home = host.mailbox("user")
+    host.start()
+    to = ",".join(f"u{i:04d}@remote.test" for i in range(80)).encode()
+    long = message("cron").replace(b"To: friend@remote.test", b"To: " + to)
+    long = long.replace(b"Hello,", b"<html>" + b"<p>x</p>" * 186)
+    done = host.sendmail(["-f", f"alice@{DOMAIN}", "friend@remote.test", "user@mx.test"], long)
+    assert done.returncode == 0, done.stderr
+    wait_for(host.queue_empty, what="both deliveries")
+    remote = accepted(recorder, "cron")
+    assert max(len(line) for line in remote.split(b"\r\n")) <= 998
+    signing.assert_signed(remote)
+    [local] = host.maildir(home)
+    local = local.replace(b"\n", b"\r\n")
+    assert local.endswith(remote)  # Return-Path and Delivered-To in front of the same bytes
+    for index in range(len(signing.keys)):
+        assert dkimpy_verify(local, index, signing.dns.host, signing.dns.port)
+
+
 def test_bounce_from_a_signing_domain_is_signed(
     host: Host, recorder: Recorder, signing: Signing
 ) -> None:

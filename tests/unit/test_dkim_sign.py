@@ -24,7 +24,9 @@ from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign
 from pyqmail.protocol.events import MessageStart, TLSInfo
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.state import signatures as recorded_signatures
+from pyqmail.send.remote import wire_data
 from pyqmail.smtpd.intake import message_origin
+from pyqmail.wirelines import MAX_LINE, wire_lines
 from tests.dkim_util import (
     KeyPair,
     dkimpy_verify,
@@ -107,6 +109,51 @@ def test_a_message_altered_after_signing_fails(
         alone = one_signature(altered, index)
         report = opendkim_verify(alone, [DOMAIN], dns.host, dns.port, tmp_path / f"o{index}")
         assert "failed" in report, report
+
+
+_TOP = b"From: cron@example.org\r\nSubject: report\r\n"
+LONG_LINES = {  # a line of every kind remote delivery breaks at 998 octets
+    "body line of 1,500 octets": _TOP + b"\r\n<html>" + b"<p>x</p>" * 186 + b"\r\n",
+    "To: of 1,200 octets": (
+        _TOP + b"To: " + b",".join(b"u%04d@example.net" % i for i in range(71)) + b"\r\n\r\nhi\r\n"
+    ),
+    "body line of 998 octets starting with a dot": _TOP + b"\r\n." + b"d" * 997 + b"\r\n",
+    "bare LF, 3,000 octets": _TOP.replace(b"\r\n", b"\n") + b"\n" + b"y" * 3000 + b"\n",
+    "h= of 1,300 octets": _TOP + b"Content-Description: x\r\n" * 64 + b"\r\nhi\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(LONG_LINES))
+def test_a_message_with_long_lines_verifies_as_remote_delivery_sends_it(
+    shape: str, keys: list[KeyPair], dns: DnsServer, tmp_path: Path
+) -> None:
+    """Lines over 998 octets are broken on the wire (CRLF SPACE): the signature covers the
+    broken form, so the copy a receiver gets verifies, with either key (pyqmail signs
+    relaxed/relaxed only). What the scheduler hands remote delivery (``wire_lines`` of the
+    queued bytes) and the queued bytes themselves leave as the same bytes."""
+    message = LONG_LINES[shape]
+    head = sign(message, loaded(tmp_path, keys), WHEN)
+    assert wire_data(head + wire_lines(message)) == wire_data(head + message)
+    wire = wire_data(head + message)
+    assert max(len(line) for line in wire.split(b"\r\n")) <= MAX_LINE
+    received = wire.removesuffix(b".\r\n").replace(b"\r\n..", b"\r\n.")  # unstuffed
+    assert received == head + wire_lines(message)
+    for index, key in enumerate(keys):
+        assert dkimpy_verify(received, index, dns.host, dns.port), (shape, key.algorithm)
+        alone = one_signature(received, index)
+        report = opendkim_verify(alone, [DOMAIN], dns.host, dns.port, tmp_path / f"o{index}")
+        assert f"s={key.selector}" in report and report.endswith("succeeded"), report
+
+
+def test_wire_lines_is_idempotent_and_breaks_a_dotted_line_one_octet_earlier() -> None:
+    """Applied again (a signed message's copy reaching remote delivery), nothing changes;
+    a line starting with "." stays within 998 octets once dot-stuffed."""
+    for message in LONG_LINES.values():
+        once = wire_lines(message)
+        assert wire_lines(once) == once
+    dotted = wire_lines(b"." + b"d" * 997 + b"\r\n")
+    assert dotted == b"." + b"d" * 996 + b"\r\n d\r\n"
+    assert wire_lines(b"e" * 998 + b"\r\n") == b"e" * 998 + b"\r\n"
 
 
 def test_signature_fields_are_as_documented(keys: list[KeyPair], tmp_path: Path) -> None:

@@ -13,6 +13,12 @@ Sender, MIME-Version and the Content-* fields that say how the body is read; eac
 as it occurs (the bottom-most instances first, as 5.4.2 says), and From once more than it
 occurs ("over-signed": a From added later breaks the signature). No ``l=``: the whole body
 is signed. ``t=`` is the time the message entered the queue; no ``x=``.
+
+What is signed is the message as it leaves (``pyqmail.wirelines.wire_lines``: lines over
+998 octets broken with CRLF SPACE), not as it was queued: remote delivery breaks them, and
+a signature over the unbroken lines would fail at every receiver. Every copy of a signed
+message is sent in that form (``pyqmail.send.scheduler``). The signature's own lines stay
+short too (``h=`` folded at its colons), so breaking them never changes what it covers.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pyqmail.dkim.keys import Key
+from pyqmail.wirelines import wire_lines
 
 SIGNED: Final = (
     "from", "reply-to", "subject", "date", "to", "cc", "resent-date", "resent-from",
@@ -127,9 +134,22 @@ def header_input(fields: Sequence[Field], names: Iterable[str]) -> bytes:
     return b"".join(out)
 
 
+def _fold_names(names: Sequence[str]) -> str:
+    """``h=``'s value folded after a colon when a line would pass ``B64_LINE`` characters
+    (RFC 6376 allows FWS there): a message with many signed fields would otherwise give a
+    line over 998 octets, which delivery breaks inside a name."""
+    lines = [""]
+    for index, name in enumerate(names):
+        piece = name + (":" if index < len(names) - 1 else "")
+        if lines[-1] and len(lines[-1]) + len(piece) > B64_LINE:
+            lines.append("")
+        lines[-1] += piece
+    return "\r\n\t".join(lines)
+
+
 def _tags(key: Key, when: int, names: list[str], bh: str) -> bytes:
     """The DKIM-Signature field up to ``b=`` (empty), folded at its tags."""
-    h = ":".join(names)
+    h = _fold_names(names)
     return (
         f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n"
         f"\ts={key.selector}; t={when};\r\n"
@@ -156,8 +176,9 @@ def _fold_b64(value: str) -> bytes:
 
 def sign(message: bytes, keys: Sequence[Key], when: int) -> bytes:
     """One ``DKIM-Signature`` field per key (in ``keys`` order), each with its CRLF, to put
-    in front of ``message`` (CRLF line ends, as queued)."""
-    fields, body = split_message(message)
+    in front of ``wire_lines(message)``, the form every delivery sends (``message`` as
+    queued: CRLF line ends, lines of any length)."""
+    fields, body = split_message(wire_lines(message))
     names = signed_names(fields)
     signed = header_input(fields, names)
     bh = body_hash(body)

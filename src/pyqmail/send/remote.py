@@ -25,7 +25,8 @@ Every context comes from ``TlsPolicy`` (``pyqmail.send.tlspolicy``), built with
 
 On the wire: lines end in CRLF (bare CR or LF in a queued message are normalized), lines
 starting with ``.`` are dot-stuffed, lines longer than 998 octets are broken with CRLF + space
-(Postfix's ``smtp_line_length_limit``), server replies are read up to 64 KiB (``MAX_REPLY``),
+(Postfix's ``smtp_line_length_limit``; ``pyqmail.wirelines``, which the DKIM signer applies
+too), server replies are read up to 64 KiB (``MAX_REPLY``),
 ``BODY=8BITMIME`` is declared when the message has 8-bit bytes and the server offers it
 (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address is not ASCII; a
 server without SMTPUTF8 gets no such message (permanent failure, 5.6.7). One connection
@@ -67,8 +68,8 @@ from pyqmail.send.mx import (
 )
 from pyqmail.send.tlspolicy import TlsPolicy
 from pyqmail.tls import TLSConfigError
+from pyqmail.wirelines import wire_lines
 
-MAX_LINE = 998  # octets of text per line on the wire, CRLF not counted
 MAX_REPLY = 64 * 1024  # bytes of one (multi-line) SMTP reply read before giving up
 MAX_LINE_IN = 8192  # one reply line (smtplib's own limit)
 UNVERIFIABLE_TTL = 3600.0
@@ -154,29 +155,12 @@ def _status_of(code: int, text: str) -> str:
     return "5.0.0" if code >= 500 else "4.0.0"
 
 
-_LONG_LINE = re.compile(rb"^[^\r\n]{%d,}" % (MAX_LINE + 1), re.MULTILINE)
-
-
-def _split_line(match: re.Match[bytes]) -> bytes:
-    """Postfix's ``smtp_line_length_limit``: break a long line with CRLF SPACE every
-    ``MAX_LINE`` octets (the space makes a header line a folded one and keeps a body line
-    from starting with ``.``)."""
-    line = match.group()
-    pieces = [line[:MAX_LINE]]
-    step = MAX_LINE - 1
-    pieces += [line[i : i + step] for i in range(MAX_LINE, len(line), step)]
-    return b"\r\n ".join(pieces)
-
-
 def wire_data(message: bytes) -> bytes:
-    """CRLF everywhere, dot-stuffed, no line over ``MAX_LINE`` octets (RFC 5321 §4.5.3.1.6,
-    RFC 5322 §2.1.1), terminated: ready to follow a 354. Each step is one linear pass in C
-    (the long-line pattern is anchored at line starts, so short lines cost one step each)."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
+    """``pyqmail.wirelines.wire_lines`` (CRLF everywhere, no line over 998 octets:
+    RFC 5321 4.5.3.1.6, RFC 5322 2.1.1; the bytes a DKIM signature made here covers),
+    dot-stuffed, terminated: ready to follow a 354."""
+    data = wire_lines(message)
     data = (b"." if data.startswith(b".") else b"") + data.replace(b"\n.", b"\n..")
-    data = _LONG_LINE.sub(_split_line, data)
     return data + b".\r\n"
 
 

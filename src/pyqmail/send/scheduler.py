@@ -28,6 +28,7 @@ from pyqmail.send.delivery import Result, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.spawn import ChildLostError, Children
+from pyqmail.wirelines import wire_lines
 
 CHANSKIP = {"local": 10, "remote": 20}
 
@@ -269,14 +270,15 @@ class Scheduler:
 
     def _outgoing(self, queue_id: str) -> tuple[Envelope, bytes] | Result:
         """The message as every delivery sends it: the DKIM-Signature fields recorded at
-        pickup (``pyqmail.queue.state.Signed``), then the queued bytes. Local copies carry
-        them too: a Maildir holds what a remote recipient gets, and a ``.qmail`` forward
-        leaves with a signature that still verifies."""
+        pickup (``pyqmail.queue.state.Signed``), then the queued bytes in the form they were
+        signed in (``pyqmail.wirelines``: long lines broken, as remote delivery would). Local
+        copies carry them too: a Maildir holds what a remote recipient gets, and a
+        ``.qmail`` forward leaves with a signature that still verifies."""
         read = self._read_body(queue_id)
         msg = self.msgs.get(queue_id)
         if isinstance(read, Result) or msg is None or not msg.dkim:
             return read
-        return read[0], msg.dkim + read[1]
+        return read[0], msg.dkim + wire_lines(read[1])
 
     def _start_local(self, queue_id: str, index: int) -> None:
         """Run one local job in its slot (``busy_local`` counts it already).
