@@ -235,6 +235,30 @@ def test_which_messages_are_signed(  # noqa: PLR0917 - one argument per table co
         assert f"t={WHEN};".encode() in decision.headers  # the queue's time, whole seconds
 
 
+IDN = "xn--bcher-kva.example"  # bücher.example
+
+
+def test_an_internationalised_from_domain_is_signed_by_its_a_label_keys(
+    tmp_path: Path,
+) -> None:
+    """RFC 8616 4: ``control/dkimkeys`` names the A-label (it takes nothing else); mail
+    from the U-label is signed, d= the A-label, and verifies. A name Python's IDNA 2003
+    codec would map to another (straße to strasse) is not signed."""
+    idn_keys = make_keys(tmp_path / "keys", IDN)
+    (tmp_path / "dkimkeys").write_text("".join(k.line + "\n" for k in idn_keys))
+    keys = dkim_keys.load(tmp_path)
+    message = "From: Jörg <joerg@Bücher.example>\r\nSubject: x\r\n\r\nx\r\n".encode()
+    decision = decide(_env("auth"), message, keys)
+    assert decision.note == f"signed d={IDN} s=sa-rsa,sa-ed origin=auth"
+    assert f"d={IDN};".encode() in decision.headers
+    with DnsServer({f"{IDN}.": zone(idn_keys)}) as server:
+        for index in range(len(idn_keys)):
+            assert dkimpy_verify(decision.headers + message, index, server.host, server.port)
+    strasse = {"strasse.example": keys[IDN]}
+    mapped = decide(_env("auth"), "From: a@straße.example\r\n\r\nx\r\n".encode(), strasse)
+    assert not mapped.headers and "no unambiguous A-label" in mapped.note
+
+
 BODY_PIECES = [b" ", b"\t", b"a", b"b c", b"\r\n", b"  ", b"\r\n\r\n", b"\t \t", b"\xc3\xa4"]
 
 

@@ -3,7 +3,8 @@
 Signed: a message whose envelope says it was submitted here (queue meta ``origin``:
 ``auth`` for SMTP AUTH, ``relay`` for a relay client by IP or certificate, ``local`` for
 pyqmail-sendmail, ``bounce`` for pyqmail-send's own DSNs) and whose one From header names a
-signing domain (a domain of ``control/dkimkeys``; exactly that domain, lower-cased). Never
+signing domain (a domain of ``control/dkimkeys``; exactly that domain, lower-cased; an
+internationalised one compared, and written in ``d=``, as its A-labels: RFC 8616 4). Never
 signed: inbound mail and mail relayed for others (a backup MX), which carry no ``origin``;
 a message with no From header or several (RFC 5322 allows one; signing one of them would
 vouch for a message whose author a reader cannot tell), or a From naming several mailboxes
@@ -13,6 +14,7 @@ too (an admin wondering why mail is unsigned finds the answer in the log).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -55,6 +57,26 @@ def from_domain(fields: Sequence[sign.Field]) -> tuple[str | None, str]:
     return domain.lower().rstrip("."), ""
 
 
+def a_label(domain: str) -> str | None:
+    """``domain`` as ``control/dkimkeys`` names it (LDH only): an internationalised name as
+    its A-labels, so mail from bücher.example is signed by xn--bcher-kva.example's keys
+    (RFC 8616 4). None when the name has none to be sure of.
+
+    Python's ``idna`` codec (IDNA 2003; the ``idna`` package is not a dependency) maps some
+    names to others (straße to strasse, where IDNA 2008 keeps the ß): a name that does not
+    come back from its A-labels unchanged is not signed rather than signed for another
+    domain."""
+    if domain.isascii():
+        return domain
+    name = unicodedata.normalize("NFC", domain)
+    try:
+        ace = name.encode("idna").decode("ascii")
+        back = ace.encode("ascii").decode("idna")
+    except UnicodeError:
+        return None
+    return ace if back == name else None
+
+
 def decide(env: Envelope, message: bytes, keys: Mapping[str, Sequence[Key]]) -> Decision:
     """Sign or not, and the signatures. Cheap for what is not signed: inbound mail (no
     ``origin``) costs one dict lookup, no parsing."""
@@ -65,9 +87,12 @@ def decide(env: Envelope, message: bytes, keys: Mapping[str, Sequence[Key]]) -> 
     domain, why = from_domain(fields)
     if domain is None:
         return Decision(note=f"not signed: {why}")
-    domain_keys = keys.get(domain)
+    ace = a_label(domain)
+    if ace is None:
+        return Decision(note=f"not signed: From domain {domain} has no unambiguous A-label")
+    domain_keys = keys.get(ace)
     if not domain_keys:
-        return Decision(note=f"not signed: From domain {domain} has no DKIM key")
+        return Decision(note=f"not signed: From domain {ace} has no DKIM key")
     headers = sign.sign(message, domain_keys, int(env.received))
     selectors = ",".join(k.selector for k in domain_keys)
-    return Decision(headers, f"signed d={domain} s={selectors} origin={origin}")
+    return Decision(headers, f"signed d={ace} s={selectors} origin={origin}")
