@@ -700,3 +700,31 @@ def test_queue_show_finds_a_message_set_aside_for_its_name(tmp_path: Path) -> No
     assert queuetool.show(q, env.queue_id, False, shown) == 0
     assert "bad, file 18ee4a00000000a0.7.copy" in shown.getvalue()
     assert "Subject: misnamed" in shown.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_queue_show_makes_control_characters_visible_on_a_terminal_only(
+    tmp_path: Path,
+) -> None:
+    """An OSC 52 sequence in a Subject (it writes the clipboard of the terminal that prints
+    it) reaches a terminal as ^[ text, as less shows it; a C1 control (U+009B, CSI) and a
+    bare CR too. Into a pipe the text is unchanged."""
+    from pyqmail.queue.store import Queue
+    from pyqmail.tools import queue as queuetool
+
+    q = Queue(tmp_path / "queue")
+    q.create()
+    subject = b"Subject: \x1b]52;c;cm0gLXJmIH4=\x07 \xc2\x9b2J\tend\r\n"
+    env = q.enqueue("s@x.test", ["a@r.test"], subject + b"\r\nbare\rcr\x7f\r\n")
+    terminal = _Terminal()
+    assert queuetool.show(q, env.queue_id, True, terminal) == 0
+    shown = terminal.getvalue()
+    assert "Subject: ^[]52;c;cm0gLXJmIH4=^G <U+009B>2J\tend\n\nbare^Mcr^?\n" in shown
+    assert not any(ch in shown for ch in "\x1b\x07\x9b\r\x7f")
+    piped = io.StringIO()
+    assert queuetool.show(q, env.queue_id, True, piped) == 0
+    assert "Subject: \x1b]52;c;cm0gLXJmIH4=\x07 \x9b2J\tend\n\nbare\rcr\x7f\n" in piped.getvalue()

@@ -6,6 +6,11 @@
     time of the last attempt and its last error.
 ``pyqmail-queue [--root /var/qmail] show ID [--body]``
     the envelope, the delivery records of ``state/ID`` and the message headers (or all of it).
+    On a terminal the message's control characters are shown as ``less`` shows them (``^[``
+    for ESC, ``<U+009B>`` for a C1 control; TAB and line ends kept): a queued message is
+    anyone's text, and escape sequences in it (OSC 52 writes the clipboard, others retitle
+    the window or remap keys) would otherwise reach root's terminal. Into a pipe or a file
+    the text goes unchanged, for scripts.
 ``pyqmail-queue [--root /var/qmail] flush``
     sends ALRM to pyqmail-send (pid from ``queue/lock/sendpid``, checked to be locked by a live
     pyqmail-send), which retries every deferred recipient now, rescans ``new/`` and reads
@@ -23,6 +28,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import signal
 import sys
 import time
@@ -126,6 +132,24 @@ def _find(queue: Queue, queue_id: str) -> tuple[str, Stored | QueueError] | None
     return None
 
 
+# C0 controls but TAB and LF (a CR of CRLF is gone before this), DEL, and the C1 controls
+# (U+0080-U+009F: a UTF-8 terminal may take U+009B for CSI).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _caret(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20 or code == 0x7F:
+        return "^" + chr(code ^ 0x40)
+    return f"<U+{code:04X}>"
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters made visible the way ``less`` does: what
+    ``show`` writes to a terminal (why: the module's docstring)."""
+    return _CONTROL.sub(_caret, text)
+
+
 def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
     if "/" in queue_id or queue_id.startswith("."):
         out.write(f"invalid queue id {queue_id!r}\n")
@@ -151,8 +175,9 @@ def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
         when = time.ctime(0 if isinstance(record, Ended | Signed) else record.time)
         out.write(f"state {when} {fields['ev']} {' '.join(parts)}\n")
     out.write("\n")
-    text = message if body else header_section(message) + b"\r\n"
-    out.write(text.replace(b"\r\n", b"\n").decode("utf-8", "replace"))
+    raw = message if body else header_section(message) + b"\r\n"
+    text = raw.replace(b"\r\n", b"\n").decode("utf-8", "replace")
+    out.write(visible(text) if out.isatty() else text)
     return 0
 
 
@@ -197,7 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", default=os.environ.get("PYQMAIL_ROOT", "/var/qmail"))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list queued messages and their recipients' status")
-    show_p = sub.add_parser("show", help="show one message: envelope, delivery log, headers")
+    show_p = sub.add_parser(
+        "show",
+        help="show one message: envelope, delivery log, headers",
+        description="Show one message: envelope, delivery log, headers (or all of it). On a"
+        " terminal the message's control characters are shown as less shows them (^[ for"
+        " ESC, <U+009B> for a C1 control), so escape sequences in a message cannot act on"
+        " the terminal; into a pipe or a file the text is written unchanged.",
+    )
     show_p.add_argument("queue_id")
     show_p.add_argument("--body", action="store_true", help="print the whole message")
     sub.add_parser("flush", help="make pyqmail-send retry every deferred delivery now")
