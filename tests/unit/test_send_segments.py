@@ -104,3 +104,36 @@ def test_a_bounce_that_cannot_be_queued_waits_before_it_is_tried_again(
     _drain(m)
     assert out.getvalue().count("warning cannot queue bounce") == 1
     assert " bounce qp " in out.getvalue()
+
+
+def test_a_bounce_whose_record_fails_is_queued_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DSN is queued, then its ``bounced`` record cannot be written (EIO, a full
+    disk): the retry after ``FINISH_RETRY`` only writes the record, where it queued one
+    more DSN each time."""
+    q = Queue(root / "queue")
+    commit([_message(q, "a@remote.test", "nobody-here@mx.test")])
+    real_append_state = finisher.append_state
+    failures = [2]
+
+    def flaky(path: Path, record: object, durable: bool = True) -> None:
+        if isinstance(record, finisher.Bounced) and failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append_state(path, record, durable)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finisher, "append_state", flaky)
+    out = io.StringIO()
+    m = Manager(root, Log(out))
+    assert m.pickup() == 1
+    deadline = time.monotonic() + 10
+    while m.msgs and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        m.finish_later = dict.fromkeys(m.finish_later, 0.0)  # no waiting for the retry
+        time.sleep(0.01)
+    assert not m.msgs and failures == [0]
+    log = out.getvalue()
+    assert log.count("warning cannot record bounce of") == 2
+    assert log.count(" bounce qp ") == 1 and len(q.ids("new")) == 1  # one DSN, not three

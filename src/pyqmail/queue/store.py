@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from pyqmail.queue.dirsync import DirSync, fsync_dir
 from pyqmail.queue.format import (
@@ -82,6 +83,14 @@ PRIVATE_FILE = 0o600  # written by (or for) the queue's owner
 TRIGGER = "lock/trigger"
 POKE_RETRY = 1.0  # seconds between attempts to open the trigger FIFO when nobody listens
 PIDFILE = "lock/sendpid"  # pyqmail-send's pid, locked while it runs (pyqmail-queue flush)
+# The largest queue file ``Queue.load`` reads: it reads a file whole (pickup, start-up, every
+# delivery), so a larger one could never be delivered anyway, and any member of the group
+# can put a file into new/: unbounded, a sparse file of a terabyte there made pyqmail-send
+# die of MemoryError at every start. databytes is unlimited by default (qmail's), so no
+# control file bounds what the queue takes; 2 GiB is far past what any MTA on the way
+# accepts (typically 25-150 MB), and a file larger than it fails verification (bad/).
+MAX_QUEUE_FILE = 2 * 1024 * 1024 * 1024
+PIECE = 16 * 1024 * 1024  # bytes read at once from a queue file that grows as it is read
 
 
 def _open_regular(path: str) -> int:
@@ -109,6 +118,24 @@ def _open_regular(path: str) -> int:
 
 def _unreadable(path: str, exc: OSError) -> QueueUnreadableError:
     return QueueUnreadableError(f"cannot read {path}: {exc.strerror or exc}", exc.errno)
+
+
+def _read_bounded(f: BinaryIO, size: int) -> bytes | None:
+    """The file's bytes, or None if it holds more than ``MAX_QUEUE_FILE``, found without
+    reading past that bound: a larger ``size`` (its fstat) is not read at all, and one
+    that grows while it is read (its writer may keep it open) is read on in pieces only
+    up to the bound (one read of ``size + 1`` bytes in the usual case)."""
+    if size > MAX_QUEUE_FILE:
+        return None
+    parts = [f.read(size + 1)]
+    total = len(parts[0])
+    while size < total <= MAX_QUEUE_FILE:  # it grew
+        more = f.read(min(PIECE, MAX_QUEUE_FILE + 1 - total))
+        if not more:
+            break
+        parts.append(more)
+        total += len(more)
+    return b"".join(parts) if total <= MAX_QUEUE_FILE else None
 
 
 class Queue:
@@ -284,10 +311,12 @@ class Queue:
         fd = _open_regular(path)
         try:
             with open(fd, "rb") as f:
-                data = f.read()
-        except OSError as exc:  # the read, or the close
+                data = _read_bounded(f, os.fstat(fd).st_size)
+            if data is not None:
+                return parse_file(data, path, name if named else None)
+        except OSError as exc:  # the fstat, the read, or the close
             raise _unreadable(path, exc) from exc
-        return parse_file(data, path, name if named else None)
+        raise QueueError(f"{path} is larger than {MAX_QUEUE_FILE} bytes (MAX_QUEUE_FILE)")
 
     def read_stored(self, sub: str, name: str, span: tuple[int, int] | None) -> Stored:
         """Read one message again: the whole file ``<sub>/<name>``, or the record of the
@@ -318,11 +347,32 @@ class Queue:
         return sorted((n for n in names if not n.startswith(".")), key=id_order)
 
     def quarantine(self, sub: str, queue_id: str) -> Path:
-        """Move a file that failed verification to ``bad/`` for the admin."""
-        target = self.path("bad", queue_id)
-        os.rename(self.path(sub, queue_id), target)
-        fsync_dir(self.path("bad"))
-        return target
+        """Move a file that failed verification to ``bad/`` for the admin, under its name,
+        or ``<name>.<n>`` if that is taken: a rename replaces its target, and a file of
+        that name set aside before (an impostor named after a file already there, or the
+        same name set aside twice) would be lost. The name is reserved first with an
+        empty file made ``O_EXCL`` (race-free whoever else writes bad/), then the rename
+        replaces that placeholder only; a crash in between leaves an empty file in bad/.
+        (``link`` + ``unlink`` would not do: with fs.protected_hardlinks the queue's owner
+        cannot link a file pyqmail-smtpd wrote 0640, which it can only read.)"""
+        source = self.path(sub, queue_id)
+        for n in range(1000):
+            target = self.path("bad", queue_id if not n else f"{queue_id}.{n}")
+            try:
+                os.close(
+                    os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                )
+            except FileExistsError:
+                continue
+            try:
+                os.rename(source, target)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                raise
+            fsync_dir(self.path("bad"))
+            return target
+        raise OSError(errno.EEXIST, f"no free name for {queue_id} in bad/")
 
     def clean_tmp(self, older_than: float = 36 * 3600) -> list[str]:
         """Remove tmp files older than ``older_than`` seconds (crashed writers), as qmail does."""

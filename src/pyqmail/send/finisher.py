@@ -232,8 +232,33 @@ class Finisher(Scheduler):
             self.log(f"warning cannot remove state/{name}: {exc}")
 
     def _bounce(self, queue_id: str, msg: Msg, failures: list[Failure]) -> bool:
+        """Queue the DSN, then record it (``bounced``); False, logged, if either failed
+        (``finish`` tries again later). The DSN's id is kept on the message once it is
+        queued: a retry after a failed record only writes the record, where it queued
+        one more DSN each time. (A crash between the enqueue and the record queues it
+        again at the next start: qmail's window too, a duplicate bounce, never a lost
+        one.)"""
+        if msg.bounce_id is None:
+            bounce_id = self._queue_dsn(queue_id, msg, failures)
+            if bounce_id is None:
+                return False
+            msg.bounce_id = bounce_id
+        try:
+            with msg.lock:
+                append_state(
+                    self.queue.path("state", queue_id),
+                    Bounced(round(time.time(), 3), msg.bounce_id),
+                )
+        except OSError as exc:
+            self.log(f"warning cannot record bounce of {queue_id}: {exc}")
+            return False
+        msg.bounced = True
+        return True
+
+    def _queue_dsn(self, queue_id: str, msg: Msg, failures: list[Failure]) -> str | None:
+        """Queue the DSN of ``msg``: its queue id, "" when it is dropped (a failed double
+        bounce), None, logged, if it could not be queued now."""
         target = bounce_target(msg.env, self.control)
-        bounce_id = ""
         if target is None:
             why = (
                 "a failed double bounce"
@@ -241,34 +266,23 @@ class Finisher(Scheduler):
                 else "doublebounceto is empty: double bounce"
             )
             self.log(f"bounce msg {queue_id} dropped: {why} (qmail drops these)")
-        else:
-            read = self._read_body(queue_id)
-            if isinstance(read, Result):
-                self.log(f"warning cannot bounce {queue_id}: {read.detail}")
-                return False
-            dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
-            try:
-                bounce_env = self.queue.enqueue(
-                    # origin: signed like submitted mail when bouncehost is a signing domain
-                    target.sender,
-                    [target.recipient],
-                    dsn,
-                    {"bounce_of": queue_id, "origin": "bounce"},
-                )
-            except QueueError as exc:
-                self.log(f"warning cannot queue bounce for {queue_id}: {exc}")
-                return False
-            bounce_id = bounce_env.queue_id
-            kind = "double bounce" if target.double else "bounce"
-            self.log(f"bounce msg {queue_id} {kind} qp {bounce_id} to=<{target.recipient}>")
+            return ""
+        read = self._read_body(queue_id)
+        if isinstance(read, Result):
+            self.log(f"warning cannot bounce {queue_id}: {read.detail}")
+            return None
+        dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
         try:
-            with msg.lock:
-                append_state(
-                    self.queue.path("state", queue_id),
-                    Bounced(round(time.time(), 3), bounce_id),
-                )
-        except OSError as exc:
-            self.log(f"warning cannot record bounce of {queue_id}: {exc}")
-            return False
-        msg.bounced = True
-        return True
+            bounce_env = self.queue.enqueue(
+                # origin: signed like submitted mail when bouncehost is a signing domain
+                target.sender,
+                [target.recipient],
+                dsn,
+                {"bounce_of": queue_id, "origin": "bounce"},
+            )
+        except QueueError as exc:
+            self.log(f"warning cannot queue bounce for {queue_id}: {exc}")
+            return None
+        kind = "double bounce" if target.double else "bounce"
+        self.log(f"bounce msg {queue_id} {kind} qp {bounce_env.queue_id} to=<{target.recipient}>")
+        return bounce_env.queue_id

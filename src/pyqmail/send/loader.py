@@ -182,13 +182,20 @@ class Loader(Finisher):
                 os.unlink(self.queue.path("state", name))
         self.log(f"warning quarantined {name} to bad/: {one_line(str(exc))}")
 
-    def _add(self, name: str, stored: Stored, records: list[Record], dkim: bytes = b"") -> Msg:
-        """Schedule one message of ``mess/<name>`` with the progress its records show."""
+    def _add(
+        self, name: str, stored: Stored, records: list[Record], dkim: bytes = b""
+    ) -> Msg | None:
+        """Schedule one message of ``mess/<name>`` with the progress its records show;
+        None, logged, if its queue id is scheduled already (a message of a segment that
+        was held unread, whose ids ``_unused`` could not know: kept, never replaced)."""
         env = stored.env
         queue_id = env.queue_id
         msg = load_msg(env, records, self.control, time.time())
         msg.file, msg.span, msg.dkim = name, stored.span, dkim
         with self.lock:
+            if queue_id in self.msgs:  # not replaced: see ``_unused``
+                self.log(f"warning {queue_id} of mess/{name} is already queued: not scheduled")
+                return None
             self.msgs[queue_id] = msg
             for r in msg.rcpts:
                 if r.status == "pending":
@@ -208,6 +215,7 @@ class Loader(Finisher):
         now = time.time()
         with self.lock:  # names gone from new/ are dropped here
             held, self.new_held = self.new_held, {}
+        claimed: set[str] = set()  # the names and ids of the files this pickup takes
         for name in self.queue.ids("new"):
             if held.get(name, 0.0) > now:  # not readable a moment ago: not every poke
                 with self.lock:
@@ -215,6 +223,7 @@ class Loader(Finisher):
                 continue
             try:
                 stored = self.queue.load("new", name)
+                self._unused(name, stored, claimed)
             except QueueUnreadableError as exc:
                 if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to read again
                     self._hold_new(name, str(exc))
@@ -231,6 +240,39 @@ class Loader(Finisher):
         if batch:
             count += self._move_batch(batch)
         return count
+
+    def _unused(self, name: str, stored: list[Stored], claimed: set[str]) -> None:
+        """Raise QueueError (the file goes to bad/) if the file ``new/<name>`` would take a
+        name or a queue id already in use: ``mess/<name>``, a message or segment that this
+        process schedules or holds, or a file taken earlier in this pickup; else add its
+        ids to ``claimed``. Any member of the queue's group can list new/ and write a
+        valid file carrying an id seen there: renamed over ``mess/<id>``, it replaced an
+        acknowledged message (its signing unlinked the original's state file first), and
+        its messages replaced the original's in ``msgs`` (an IndexError in the main loop
+        for one with fewer recipients). So this runs before the file is signed. The check
+        of ``mess/`` cannot race: pyqmail-send alone creates names there (mode 0700), in
+        this thread (the pickup), so no name can appear between this check and the rename;
+        one that goes meanwhile (an end) at worst sets aside a file that was harmless."""
+        ids = {s.env.queue_id for s in stored}
+        if len(ids) < len(stored):
+            raise QueueError(f"new/{name} holds one queue id twice")
+        ids.add(name)  # a single message's name is its id (``Queue.load``)
+        if os.path.lexists(self._p("mess", name)):
+            raise QueueError(f"new/{name}: mess/{name} exists (a queue id already in use)")
+        with self.lock:
+            ended = {q for segment in self.segments.values() for q in segment.stateful}
+            used = [
+                q
+                for q in sorted(ids)
+                if q in claimed
+                or q in self.msgs
+                or q in self.segments
+                or q in self.unread
+                or q in ended
+            ]
+        if used:
+            raise QueueError(f"new/{name} holds {used[0]}, a queue id already in use")
+        claimed.update(ids)
 
     def _move_batch(self, loaded: list[tuple[str, list[Stored]]]) -> int:
         """Sign the files ``loaded`` from new/ (``sign_batch``: the signatures are durable
@@ -291,6 +333,8 @@ class Loader(Finisher):
             if dkim and s.span is None:
                 records.append(Signed(s.env.queue_id, dkim))  # state/<id> exists
             msg = self._add(name, s, records, dkim)
+            if msg is None:
+                continue
             with self.lock:  # the first delivery need not read the file again
                 if self.body_bytes + len(s.body) <= BODY_CACHE:
                     msg.body = s.body

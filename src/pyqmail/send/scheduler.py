@@ -62,6 +62,7 @@ class Msg:
     file: str = ""  # its file in mess/: the queue id, or the id of its segment
     span: tuple[int, int] | None = None  # where in the segment (None: a file of its own)
     bounced: bool = False
+    bounce_id: str | None = None  # the DSN queued, its record not yet written (``_bounce``)
     has_state: bool = False  # state/<id> exists (or may): deleting needs the careful order
     lock: threading.Lock = field(default_factory=threading.Lock)
     body: bytes | None = None  # kept from the pickup read (BODY_CACHE bounds them all)
