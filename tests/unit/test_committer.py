@@ -368,6 +368,21 @@ def test_stop_drops_what_was_never_handed_over(
     assert _files(q) == [1]
 
 
+def test_stop_aborts_what_was_submitted_but_not_handed_over(q: Queue) -> None:
+    """A message streamed into a file of its own and submitted in the loop pass that
+    stops the worker (its hand-over not run yet) is never answered: ``stop`` removes its
+    tmp file, which was dropped with the job and left in tmp/ for 36 hours."""
+
+    async def body(c: Committer, submit: Callable[[QueueWriter], asyncio.Future[object]]) -> None:
+        submit(_writer(q, 0, size=100, held=False))
+        submit(_writer(q, 1))
+        assert len(c.pending) == 2 and len(os.listdir(q.path("tmp"))) == 1
+        assert c.stop(5) is True
+
+    _run(body)
+    assert os.listdir(q.path("tmp")) == [] and q.ids("new") == []
+
+
 # --- waiting for company (control/commitdelay) ------------------------------------------
 
 

@@ -269,13 +269,18 @@ class Committer:
             self._start()
 
     def stop(self, timeout: float) -> bool:
-        """At exit, once no session is left: what was not handed over is never answered,
-        so it is dropped (nothing is left in tmp/); a batch in flight completes. False if
-        the commit thread is still in it after ``timeout`` (a stalled disk): the caller
-        must then leave the queue's descriptors open, which that thread may still use."""
+        """At exit, once no session is left: what was not committed is never answered,
+        so it is dropped, its writers aborted (nothing is left in tmp/: a message streamed
+        into a file of its own would stay there 36 hours, until pyqmail-send's clean-up;
+        nobody was told 250 for it, so nothing acknowledged is lost); a batch in flight
+        completes. False if the commit thread is still in it after ``timeout`` (a stalled
+        disk): the caller must then leave the queue's descriptors open, which that thread
+        may still use."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        for writer, _ in self.pending:  # submitted, not yet handed over (``_hand_over``)
+            writer.abort()
         self.pending = []
         for segment, _ in self.filling.values():
             segment.abort()
