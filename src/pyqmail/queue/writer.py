@@ -7,7 +7,8 @@ and sends the 250 after DATA only after it):
 
 1. ``tmp/<id>`` is created with O_EXCL, the whole file is written, then ``fsync(file)``;
 2. ``rename(tmp/<id>, new/<id>)``, then ``fsync(new/)`` (once for a whole batch);
-3. the trigger FIFO is poked (best effort: a reader also scans ``new/`` on start and on ALRM).
+3. the trigger FIFO is poked (best effort: a reader also scans ``new/`` on start, on ALRM
+   and once a minute).
 
 A segment is an unnamed file in tmp/ (O_TMPFILE) where the file system allows it, and
 step 2 is then ``linkat`` into ``new/<id>`` instead of the rename (see ``SegmentWriter``).

@@ -1,8 +1,9 @@
 """pyqmail-send: the queue manager (qmail-send), driving local and remote delivery.
 
-Pickup protocol (new/ -> mess/): on start, on ALRM, and whenever the trigger FIFO is poked,
-every file in ``new/`` is verified (``parse_file``: header and END trailer of each message,
-and a segment's record count; a torn file goes to ``bad/``), renamed into ``mess/``, and
+Pickup protocol (new/ -> mess/): on start, on ALRM, whenever the trigger FIFO is poked, and
+every ``RESCAN_NEW`` seconds in any case (``_rescan_new``), every file in ``new/`` is
+verified (``parse_file``: header and END trailer of each message, and a segment's record
+count; a torn file goes to ``bad/``), renamed into ``mess/``, and
 ``mess/`` then ``new/`` are fsynced once per batch before any delivery of those messages
 starts (a batch: at most ``PICKUP_BATCH`` bytes, or one larger file, so that a backlog
 is not read into memory at once). A crash before the fsyncs leaves the file in ``new/``
@@ -83,8 +84,9 @@ could not be read), HUP reloads the control files, TERM stops starting deliverie
 for those in flight, exits 0.
 ``--check`` loads the configuration (control files, clientcert.pem, tlshosts pins, queue
 layout) and exits 0 or 111 without touching the queue (used before ``svc -h``/``svc -t``).
-The process holds an exclusive lock on ``<queue>/lock/sendpid`` (which holds its pid);
-``pyqmail-queue flush`` sends ALRM to that pid.
+The process holds an exclusive POSIX record lock on ``<queue>/lock/sendpid`` (which holds
+its pid: ``lock_pidfile``); ``pyqmail-queue flush`` asks the kernel which process holds
+that lock and sends it ALRM.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ __all__ = ["Log", "Manager", "load_msg", "main", "nextretry"]
 
 CLEAN_TMP_EVERY = 3600.0
 MAX_SLEEP = 60.0
+# seconds between scans of new/ that no poke asked for: the safety net under the trigger
+# FIFO, whose pokes are best effort (a writer that cannot open it, an admin who made it
+# anew, a bug) and were once lost at every start (``Queue.poke``). A scan of an empty
+# new/ is one listdir, so once a minute costs nothing; a message whose poke was lost
+# waits at most that long. (qmail-send scans todo/ every 25 minutes for the same reason.)
+RESCAN_NEW = 60.0
 
 
 # -- the manager ------------------------------------------------------------------------
@@ -187,6 +195,7 @@ class Manager(Loader):
         self.local_pool = ThreadPoolExecutor(1000, "local")
         self.remote_pool = ThreadPoolExecutor(1000, "remote")
         self._last_clean = 0.0
+        self._next_rescan = time.monotonic() + RESCAN_NEW  # see _rescan_new
         self.body_bytes = 0  # held in Msg.body, at most BODY_CACHE
         self.children = children or Children.start(resolver)
         self.children.connect(self.control, self.log, self.wake)
@@ -217,8 +226,21 @@ class Manager(Loader):
         if removed:
             self.log(f"status cleaned {len(removed)} stale tmp files")
 
+    def _rescan_new(self) -> None:
+        """Pick up new/ every ``RESCAN_NEW`` seconds, poked or not: a message committed
+        while no poke reached us would otherwise wait in new/ for the next commit's poke
+        or an ALRM, hours on a quiet host."""
+        now = time.monotonic()
+        if now < self._next_rescan:
+            return
+        self._next_rescan = now + RESCAN_NEW
+        self.pickup()
+
     # -- main loop ------------------------------------------------------------------
     def _sleep_time(self) -> float:
+        """Seconds until something is due: a retry, a file to read or end again, the
+        next scan of new/ (``_rescan_new``); at most MAX_SLEEP."""
+        rescan = max(0.0, min(MAX_SLEEP, self._next_rescan - time.monotonic()))
         with self.lock:
             if self.to_finish:
                 return 0.0
@@ -226,8 +248,8 @@ class Manager(Loader):
             for later in (self.finish_later, self.segments_later, self.unread, self.new_held):
                 due.extend(later.values())
             if not due:
-                return MAX_SLEEP
-            return max(0.0, min(MAX_SLEEP, min(due) - time.time()))
+                return rescan
+            return max(0.0, min(rescan, min(due) - time.time()))
 
     def _handle_flags(self) -> None:
         flags, self.flags = self.flags, set()
@@ -256,7 +278,7 @@ class Manager(Loader):
 
     def run(self) -> int:
         trigger = self.queue.root / "lock" / "trigger"
-        try:
+        try:  # before the start-up scan: a message committed after it is poked to us
             fifo = os.open(trigger, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             keep = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no EOF spin
         except OSError as exc:
@@ -268,6 +290,7 @@ class Manager(Loader):
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.log(f"status pyqmail-send started, pid {os.getpid()}, root {self.root}")
         self.startup()
+        self._next_rescan = time.monotonic() + RESCAN_NEW
         try:
             while True:
                 self._handle_flags()
@@ -279,6 +302,7 @@ class Manager(Loader):
                         break
                 else:
                     self._read_again()
+                    self._rescan_new()
                     self.finish()
                     self.dispatch()
                     if time.monotonic() - self._last_clean > CLEAN_TMP_EVERY:
@@ -350,16 +374,27 @@ def child_users(args: argparse.Namespace) -> dict[str, Identity | None]:
 
 
 def lock_pidfile(queue_root: Path) -> int:
-    """Exclusive lock on lock/sendpid holding our pid; exits if another instance runs."""
+    """Exclusive lock on lock/sendpid, which then holds our pid; exits if another instance
+    runs.
+
+    A POSIX record lock (``lockf``: fcntl F_SETLK), not flock, because the kernel tells
+    who holds one (F_GETLK gives the holder's pid): ``pyqmail-queue flush`` signals that
+    pid, never the one in the file, which is the previous instance's until we write ours
+    (a pid perhaps reused by an unrelated process, which ALRM's default action kills), and
+    takes no lock of its own to find out (its shared flock once made a pyqmail-send that
+    started at that moment exit, "another pyqmail-send is running"). So nothing but
+    another pyqmail-send holds this lock, and there is nothing to wait for. Such a lock is
+    released when this process closes any descriptor of the file: nothing else here opens
+    it. It is not inherited by a fork (the delivery children are forked before, anyway)."""
     path = queue_root / PIDFILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise SystemExit(f"pyqmail-send: cannot open {path}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
             other = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise SystemExit(
                 f"pyqmail-send: another pyqmail-send is running on {queue_root} (pid {other})"

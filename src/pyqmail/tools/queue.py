@@ -12,10 +12,10 @@
     the window or remap keys) would otherwise reach root's terminal. Into a pipe or a file
     the text goes unchanged, for scripts.
 ``pyqmail-queue [--root /var/qmail] flush``
-    sends ALRM to pyqmail-send (pid from ``queue/lock/sendpid``, checked to be locked by a live
-    pyqmail-send), which retries every deferred recipient now, rescans ``new/`` and reads
-    again any queue file it could not read. Also pokes
-    the trigger FIFO. Exit 1 with a message when pyqmail-send is not running.
+    sends ALRM to pyqmail-send (the process the kernel says holds the lock on
+    ``queue/lock/sendpid``), which retries every deferred recipient now, rescans ``new/``
+    and reads again any queue file it could not read. Also pokes the trigger FIFO. Exit 1
+    with a message when pyqmail-send is not running.
 
 Run it as root or as pyqmail-send's user: ``mess/`` and ``state/`` are theirs alone (see
 "Permissions" in ``pyqmail.queue.store``). It reads the queue through ``pyqmail.queue``
@@ -30,6 +30,7 @@ import fcntl
 import os
 import re
 import signal
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -181,36 +182,65 @@ def show(queue: Queue, queue_id: str, body: bool, out: TextIO) -> int:
     return 0
 
 
+# struct flock (Linux, 64-bit file offsets): l_type, l_whence, l_start, l_len, l_pid
+_FLOCK = "hhqqi4x"
+
+
 def sender_pid(queue: Queue) -> int | None:
-    """The pid of the running pyqmail-send, or None (its pidfile lock is free)."""
+    """The pid of the process holding pyqmail-send's lock on lock/sendpid, as the kernel
+    gives it (F_GETLK; ``pyqmail.send.manager.lock_pidfile`` says why this lock); None
+    when nobody holds it, 0 when the holder is in a pid namespace this one cannot see.
+    Not the pid written in the file: until a starting pyqmail-send writes its own, that is
+    the previous instance's. Takes no lock: a shared one taken here once made a
+    pyqmail-send starting at that moment exit."""
     path = queue.root / PIDFILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
     finally:
         os.close(fd)
+    kind, _, _, _, pid = struct.unpack(_FLOCK, answer)
+    return None if kind == fcntl.F_UNLCK else max(pid, 0)
+
+
+def _alarm(queue: Queue, pid: int) -> bool:
+    """SIGALRM to ``pid`` if it still holds pyqmail-send's lock; False if it does not.
+    The process is pinned first (a pidfd), then the lock asked about again: a pid that
+    was reused since ``sender_pid`` answered is never signalled (ALRM would kill it)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:  # a kernel without pidfds (before 5.3): ask again, then kill
+        if exc.errno != errno.ENOSYS or sender_pid(queue) != pid:
+            raise
+        os.kill(pid, signal.SIGALRM)
+        return True
+    try:
+        if sender_pid(queue) != pid:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGALRM)
+    finally:
+        os.close(pidfd)
+    return True
 
 
 def flush(queue: Queue, out: TextIO) -> int:
     pid = sender_pid(queue)
-    if pid is None:
-        out.write(f"pyqmail-send is not running on {queue.root} (no lock on {PIDFILE})\n")
+    if pid == 0:
+        out.write("pyqmail-send runs in another pid namespace: run flush in its own\n")
         return 1
     try:
-        os.kill(pid, signal.SIGALRM)
+        sent = pid is not None and _alarm(queue, pid)
     except OSError as exc:
         out.write(f"cannot signal pyqmail-send (pid {pid}): {exc.strerror}\n")
+        return 1
+    if not sent:
+        out.write(f"pyqmail-send is not running on {queue.root} (no lock on {PIDFILE})\n")
         return 1
     queue.poke()
     out.write(f"sent ALRM to pyqmail-send (pid {pid}): retrying every deferred delivery now\n")
