@@ -13,7 +13,8 @@ Files and defaults (qmail's names and defaults where qmail has the file):
                    subdomain (not ``example.com`` itself), as qmail. Absent: NO domain — qmail
                    accepts every recipient without it (an open relay); pyqmail refuses to be one
 ``locals``         domains delivered locally; default ``me`` (read here only to validate it)
-``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail)
+``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail); either
+                   way no more than the queue holds (``queue.store.MAX_MESSAGE``, 2 GiB)
 ``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
 ``maxhops``        most ``Received``/``Delivered-To`` lines a message may arrive with (RFC 5321
                    §6.3; qmail's MAXHOPS); more: ``554 5.4.6``. Default 100, 1..10000

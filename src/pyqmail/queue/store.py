@@ -89,6 +89,10 @@ PIDFILE = "lock/sendpid"  # pyqmail-send's pid, locked while it runs (pyqmail-qu
 # control file bounds what the queue takes; 2 GiB is far past what any MTA on the way
 # accepts (typically 25-150 MB), and a file larger than it fails verification (bad/).
 MAX_QUEUE_FILE = 2 * 1024 * 1024 * 1024
+# The largest message pyqmail-smtpd accepts whatever databytes says (0, unlimited, included):
+# the queue file's limit less room for the envelope (1,000 recipients) and the header, so
+# nothing it acknowledges can fail verification for its size (552 at the limit instead).
+MAX_MESSAGE = MAX_QUEUE_FILE - 1024 * 1024
 PIECE = 16 * 1024 * 1024  # bytes read at once from a queue file that grows as it is read
 
 

@@ -20,6 +20,7 @@ from pyqmail.control import smtpd as configmod
 from pyqmail.control.reader import file_stamp
 from pyqmail.log import log
 from pyqmail.protocol import Policy
+from pyqmail.queue.store import MAX_MESSAGE
 from pyqmail.rules import Decision, Rules, RulesError
 
 if TYPE_CHECKING:
@@ -117,6 +118,13 @@ def _env_int(env: Mapping[str, str], name: str, default: int, ip: str) -> int:
     return default
 
 
+def _databytes(limit: int) -> int:
+    """databytes (0: unlimited, as in qmail) within what the queue can hold and deliver
+    (``MAX_MESSAGE``): a larger message gets 552 instead of a 250 for a file that pickup
+    would set aside as too large."""
+    return min(limit, MAX_MESSAGE) if limit > 0 else MAX_MESSAGE
+
+
 def auth_mechanisms(cfg: configmod.Config) -> tuple[str, ...]:
     """PLAIN and LOGIN with a user database; CRAM-MD5 too once any user has its secret."""
     if cfg.authdb is None:
@@ -156,7 +164,7 @@ def build_policy(
         auth_required=mode != "smtp" and not relay,  # 465 is submission too (RFC 8314)
         relay_client=relay,
         bare_lf=_env_flag(env, "BARELF") is True,
-        databytes=_env_int(env, "DATABYTES", cfg.databytes, ip),
+        databytes=_databytes(_env_int(env, "DATABYTES", cfg.databytes, ip)),
         maxrcpt=_env_int(env, "MAXRCPT", cfg.maxrcpt, ip),
         maxhops=cfg.maxhops,
         rcpthosts=cfg.rcpthost,
