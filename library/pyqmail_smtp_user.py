@@ -15,7 +15,8 @@ description:
     line is left alone and the task reports no change (a new salt every run would report a
     change every run). A hash made with older cost parameters is upgraded once.
   - The command line tool C(pyqmail-users) (add, del, list, check) edits the same file.
-  - Comments, blank lines and other users in the file are kept as they are. A malformed
+  - Comments, blank lines and other users in the file are kept as they are, unless O(keep)
+    lists the only users the file may hold. A malformed
     file is refused with its file name and line number; nothing is written then.
   - Writes go to a temporary file in the same directory that has the final owner/group/mode
     before its first byte, then an atomic rename. A change of owner, group or mode alone reports
@@ -42,8 +43,18 @@ options:
     description:
       - User name, usually an email address. 1-255 characters, no C(:), whitespace or
         control characters, not starting with C(#).
+      - Required unless O(keep) is given.
     type: str
-    required: true
+  keep:
+    description:
+      - The only user names the file may hold; every other user is removed (comments and
+        blank lines stay). For a role that owns the file - a user taken out of its list, or
+        renamed, or left without a password, would otherwise keep its line and so its
+        password, and go on passing SMTP AUTH (and relaying).
+      - Mutually exclusive with O(name); the other user options are then not used. A missing
+        file is not created.
+    type: list
+    elements: str
   password:
     description:
       - The password (not logged). Required with O(state=present). Must not be empty or
@@ -108,6 +119,10 @@ EXAMPLES = r"""
   pyqmail.mail.pyqmail_smtp_user:
     name: carol@example.org
     state: absent
+
+- name: Remove every user but these two (the inventory owns the file)
+  pyqmail.mail.pyqmail_smtp_user:
+    keep: [alice@example.org, bob@example.org]
 """
 
 RETURN = r"""
@@ -133,6 +148,11 @@ cram_md5:
   description: Whether the user has a CRAM-MD5 secret after the task.
   returned: always
   type: bool
+removed:
+  description: The users removed because O(keep) does not list them (names only).
+  returned: always
+  type: list
+  elements: str
 users:
   description: Number of users in the file after the task.
   returned: always
@@ -181,11 +201,14 @@ class SmtpUserModule:
 
     def check_arguments(self) -> tuple[int, int, int]:
         p = self.params
-        try:
-            validate_name(p["name"])
-        except AuthDBError as exc:
-            self.fail(f"option name: {exc}")
-        if p["state"] == "present":
+        if p["keep"] is None:
+            try:
+                validate_name(p["name"])
+            except AuthDBError as exc:
+                self.fail(f"option name: {exc}")
+        if p["state"] == "present" and p["keep"] is None:
+            if p["password"] is None:  # not required_if: keep needs no password
+                self.fail("state is present but all of the following are missing: password")
             try:
                 validate_password(p["password"])
             except AuthDBError as exc:
@@ -231,6 +254,12 @@ class SmtpUserModule:
     def decide(self, db: AuthDB) -> tuple[bool, str]:
         """Apply the asked state to ``db``; return (password_changed, note for the diff)."""
         p = self.params
+        if p["keep"] is not None:
+            keep = set(p["keep"])
+            for user in list(db):
+                if user.name not in keep:
+                    db.remove(user.name)
+            return False, ""
         name: str = p["name"]
         current = db.get(name)
         if p["state"] == "absent":
@@ -283,9 +312,12 @@ class SmtpUserModule:
         before_text = db.dump()
         before = self.summary(db, "")
         existed = p["name"] in db
+        names = [user.name for user in db]
         password_changed, note = self.decide(db)
         after_text = db.dump()
-        content_changed = after_text != before_text or (creating and p["state"] == "present")
+        content_changed = after_text != before_text or (
+            creating and p["state"] == "present" and p["keep"] is None
+        )
         wanted = {"uid": uid, "gid": gid, "mode": mode}
         now = None if creating else self.attributes()
         attrs_changed = now is not None and now != wanted
@@ -306,6 +338,7 @@ class SmtpUserModule:
             "existed": existed,
             "password_changed": password_changed,
             "cram_md5": db.cram_secret(p["name"]) is not None,
+            "removed": [name for name in names if name not in db],
             "users": len(db),
         }
         if self.module._diff:
@@ -335,7 +368,8 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "path": {"type": "path", "default": "/var/qmail/control/smtpusers"},
-            "name": {"type": "str", "required": True},
+            "name": {"type": "str"},
+            "keep": {"type": "list", "elements": "str", "no_log": False},
             "password": {"type": "str", "no_log": True},
             "cram_md5": {"type": "bool", "default": False},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
@@ -348,7 +382,8 @@ def main() -> None:
             "group": {"type": "str", "default": "pyqmaila"},
             "mode": {"type": "raw", "default": "0640"},
         },
-        required_if=[("state", "present", ["password"])],
+        required_one_of=[("name", "keep")],
+        mutually_exclusive=[("name", "keep")],
         supports_check_mode=True,
     )
     if IMPORT_ERROR is not None:

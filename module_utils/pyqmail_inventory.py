@@ -388,6 +388,31 @@ def check_smtproutes(name: str, value: list[dict[str, Any]], values: Mapping[str
         if not RELAY_RE.match(route["relay"]):
             yield f"{where}.relay: {route['relay']!r} is not a host name or IP address"
         yield from in_range(1, 65535)(f"{where}.port", route["port"], values)
+        yield from route_auth_problems(where, route)
+
+
+def route_auth_problems(where: str, route: Mapping[str, Any]) -> Problems:
+    """The credentials of one route, as pyqmail-send reads control/smtproutes-auth
+    (``relay:user:password``, one line, stripped): what it would refuse at its next start, or
+    read otherwise than written, is refused here. The password is never shown."""
+    user, password = route.get("user") or "", route.get("password") or ""
+    if not user and not password:
+        return
+    if user and not password:
+        yield f"{where}.password: is missing; user {user!r} needs a password at the relay"
+    if password and not user:
+        yield f"{where}.user: is missing; a password is only sent with a user"
+    if not route["relay"]:
+        yield f"{where}.relay: is empty (MX lookup); credentials need a named relay host"
+    if re.search(r"[:\x00-\x1f\x7f]", user):
+        yield (
+            f"{where}.user: {user!r} has a ':' or a control character such as a line break "
+            "(smtproutes-auth is relay:user:password, one line)"
+        )
+    if "\n" in password or "\r" in password or "\0" in password:
+        yield f"{where}.password: has a line break or NUL (smtproutes-auth is one line per relay)"
+    elif password != password.strip():
+        yield f"{where}.password: starts or ends with whitespace, which pyqmail-send strips"
 
 
 def check_tlshosts(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
@@ -472,7 +497,9 @@ def alias_target(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
 
 
 def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
-    """pyqmail_aliases__aliases: local-part names, each once, with targets unless absent."""
+    """pyqmail_aliases__aliases: local-part names, each once, with targets unless absent; root,
+    postmaster and mailer-daemon may be given targets (replacing pyqmail_aliases__postmaster)
+    but not removed, or the role would write and remove the same file on every run."""
     seen: dict[str, str] = {}
     for index, alias in enumerate(value):
         where = f"{name}[{index}]"
@@ -483,6 +510,12 @@ def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, A
         if first != where:
             yield f"{where}.name: {alias_name!r} is listed twice (first at {first})"
         if alias["state"] == "absent":
+            if alias_name.lower() in ("root", "postmaster", "mailer-daemon"):
+                yield (
+                    f"{where}.state: {alias_name!r} cannot be absent: root, postmaster and "
+                    "mailer-daemon always forward, to pyqmail_aliases__postmaster or to the "
+                    "targets given here"
+                )
             continue
         if not alias["targets"]:
             yield f"{where}.targets: is empty; give a target, or state: absent"

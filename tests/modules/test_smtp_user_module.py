@@ -148,6 +148,38 @@ def test_absent_on_missing_file_creates_nothing(path: Path) -> None:
     assert not path.exists()
 
 
+def test_keep_removes_every_other_user(path: Path) -> None:
+    """The role owns the file: a login taken out of its list loses its line, in check mode
+    only in the result and the diff (names only), then for real, then nothing to do."""
+    alice, bob = hash_password("a"), hash_password("b")
+    content = f"# header\nalice@example.org:{alice}\nbob@example.org:{bob}\n"
+    path.write_text(content)
+    path.chmod(0o640)
+    os.chown(path, UID, GID)
+    args = {"path": str(path), "keep": ["bob@example.org"]}
+    r = run(args, check=True, diff=True)
+    assert (r["changed"], r["removed"]) == (True, ["alice@example.org"])
+    assert r["diff"]["before"].startswith("alice@example.org\nbob@example.org\n")
+    assert r["diff"]["after"].startswith("bob@example.org\n")
+    assert alice not in json.dumps(r)
+    assert path.read_text() == content
+    r = run(args)
+    assert (r["changed"], r["users"]) == (True, 1)
+    assert path.read_text() == f"# header\nbob@example.org:{bob}\n"
+    assert AuthDB.load(str(path)).verify("alice@example.org", "a") is False
+    assert run(args)["changed"] is False
+    assert run({"path": str(path), "keep": []})["removed"] == ["bob@example.org"]
+    assert path.read_text() == "# header\n"
+
+
+def test_keep_on_missing_file_creates_nothing(path: Path) -> None:
+    for check in (True, False):
+        assert run({"path": str(path), "keep": ["a@example.org"]}, check=check)["changed"] is False
+    assert not path.exists()
+    assert "mutually exclusive" in fail({"path": str(path), "name": "a", "keep": []})
+    assert "one of the following is required: name, keep" in fail({"path": str(path)})
+
+
 @pytest.mark.skipif(not ROOT, reason="changing a file's group to root needs root")
 def test_owner_group_mode_only_change(path: Path) -> None:
     args = {"path": str(path), "name": "carol", "password": "pw"}

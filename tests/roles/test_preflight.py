@@ -229,6 +229,70 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_control__smtproutes": [{"domain": "", "relay": "mx.example.org", "port": 0}]},
         "pyqmail_control__smtproutes[0].port: 0 is out of range: must be from 1 to 65535",
     ),
+    "alias-postmaster-absent": (
+        {"pyqmail_aliases__aliases": [{"name": "Postmaster", "state": "absent"}]},
+        "pyqmail_aliases__aliases[0].state: 'Postmaster' cannot be absent: root, postmaster and "
+        "mailer-daemon always forward, to pyqmail_aliases__postmaster or to the targets given "
+        "here",
+    ),
+    "smtproute-user-no-password": (
+        {"pyqmail_control__smtproutes": [{"domain": "", "relay": "mx.example.org", "user": "u"}]},
+        "pyqmail_control__smtproutes[0].password: is missing; user 'u' needs a password at "
+        "the relay",
+    ),
+    "smtproute-password-no-user": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "mx.example.org", "password": "s3cret-pw"}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].user: is missing; a password is only sent with a user",
+    ),
+    "smtproute-auth-empty-relay": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "", "user": "u", "password": "s3cret-pw"}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].relay: is empty (MX lookup); credentials need a named "
+        "relay host",
+    ),
+    "smtproute-user-colon": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "mx.example.org", "user": "a:b", "password": "s3cret-pw"}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].user: 'a:b' has a ':' or a control character such as a "
+        "line break (smtproutes-auth is relay:user:password, one line)",
+    ),
+    "smtproute-user-newline": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "mx.example.org", "user": "a\nb", "password": "s3cret-pw"}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].user: 'a\\nb' has a ':' or a control character such as "
+        "a line break (smtproutes-auth is relay:user:password, one line)",
+    ),
+    "smtproute-password-newline": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "mx.example.org", "user": "u", "password": "s3cret\npw"}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].password: has a line break or NUL (smtproutes-auth is "
+        "one line per relay)",
+    ),
+    "smtproute-password-spaces": (
+        {
+            "pyqmail_control__smtproutes": [
+                {"domain": "", "relay": "mx.example.org", "user": "u", "password": "s3cret-pw "}
+            ]
+        },
+        "pyqmail_control__smtproutes[0].password: starts or ends with whitespace, which "
+        "pyqmail-send strips",
+    ),
     "rule-env-bool": (
         {"pyqmail_rules__rules": [{"address": "10.", "env": {"RELAYCLIENT": True}}]},
         "pyqmail_rules__rules[0].env.RELAYCLIENT: True is not a string; give one, e.g. "

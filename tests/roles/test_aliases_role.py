@@ -1,0 +1,64 @@
+"""pyqmail_aliases: one source of truth per alias file. A listed alias named root, postmaster
+or mailer-daemon replaces the pyqmail_aliases__postmaster default (written once, not twice
+per run); an alias deleted from the list loses its file, but a file the role did not write
+(no marker line) stays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.roles.playbook import changed_tasks, run_role_tasks
+
+
+def play(tmp_path: Path, aliases: list[dict[str, Any]], *args: str) -> dict[str, Any]:
+    return run_role_tasks(
+        ("pyqmail_aliases",),
+        tmp_path / "play",
+        {
+            "pyqmail__root": str(tmp_path / "qmail"),
+            "pyqmail__service_dir": str(tmp_path / "service"),
+            "pyqmail_aliases__postmaster": "admin@example.org",
+            "pyqmail_aliases__aliases": aliases,
+        },
+        *args,
+    )
+
+
+def deliveries(tmp_path: Path) -> dict[str, list[str]]:
+    """file name -> its delivery lines (comments left out)."""
+    return {
+        path.name: [line for line in path.read_text().splitlines() if not line.startswith("#")]
+        for path in sorted((tmp_path / "qmail" / "alias").glob(".qmail-*"))
+    }
+
+
+def test_a_listed_root_alias_replaces_the_default_and_is_idempotent(tmp_path: Path) -> None:
+    aliases = [
+        {"name": "root", "targets": ["ops@example.org"]},
+        {"name": "help.desk", "targets": ["alice@example.org", "/var/vmail/help/Maildir/"]},
+    ]
+    play(tmp_path, aliases)
+    assert deliveries(tmp_path) == {
+        ".qmail-help:desk": ["&alice@example.org", "/var/vmail/help/Maildir/"],
+        ".qmail-mailer-daemon": ["&admin@example.org"],
+        ".qmail-postmaster": ["&admin@example.org"],
+        ".qmail-root": ["&ops@example.org"],
+    }
+    assert changed_tasks(play(tmp_path, aliases)) == []
+
+
+def test_an_alias_left_out_of_the_list_is_removed_a_hand_made_one_stays(tmp_path: Path) -> None:
+    play(tmp_path, [{"name": "help", "targets": ["alice@example.org"]}])
+    alias = tmp_path / "qmail" / "alias"
+    (alias / ".qmail-sales").write_text("&bob@example.org\n")  # by hand
+    play(tmp_path, [], "--check")
+    assert (alias / ".qmail-help").exists()  # check mode changes nothing
+    play(tmp_path, [])
+    assert deliveries(tmp_path) == {
+        ".qmail-mailer-daemon": ["&admin@example.org"],
+        ".qmail-postmaster": ["&admin@example.org"],
+        ".qmail-root": ["&admin@example.org"],
+        ".qmail-sales": ["&bob@example.org"],
+    }
+    assert changed_tasks(play(tmp_path, [])) == []
