@@ -29,7 +29,8 @@ attributes:
     details: Nothing is written or removed; RV(changed_files) lists what would change.
   diff_mode:
     support: full
-    details: Before/after of each changed file's content, and of its owner, group and mode.
+    details: Before/after of each changed file's content (with O(secret), only that it
+      changed), and of its owner, group and mode.
   platform:
     platforms: posix
 options:
@@ -66,6 +67,16 @@ options:
         file. Applied after O(files).
     type: dict
     default: {}
+  secret:
+    description:
+      - The files hold secrets (relay passwords, private keys). Each is created 0600 and only
+        then given its owner, group and mode (no other account can open it at any moment,
+        whatever O(mode) says), and the diff says that the content changed without showing
+        it. Use it, never C(ansible.builtin.copy) or C(ansible.builtin.template), for a file
+        others must not read - those create a new file 0666 less the umask and set its mode
+        only after, long enough for a local user to open it and keep the handle.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -83,6 +94,18 @@ EXAMPLES = r"""
       - name: tlsclients
         state: absent
   notify: pyqmail reload listeners
+
+- name: The relay passwords, readable by pyqmail-send's user alone
+  pyqmail.mail.pyqmail_control_files:
+    path: /var/qmail/control
+    owner: pyqmails
+    group: root
+    mode: "0400"
+    secret: true
+    files:
+      - name: smtproutes-auth
+        content: "{{ lookup('ansible.builtin.template', 'var/qmail/control/smtproutes-auth.j2') }}"
+  no_log: true
 
 - name: One-value files; null removes the file
   pyqmail.mail.pyqmail_control_files:
@@ -214,11 +237,13 @@ class ControlFiles:
             self.fail(f"cannot read {target}: {exc.strerror}")
             return
         attr_diff: dict[str, Any] = {"before": {}, "after": {}}
+        secret = self.module.params["secret"]
         changed, _backup = ensure_file(
             self.module,
             target,
             content,
             self.module.params["mode"],
+            secret=secret,
             existing=existing,
             diff=attr_diff,
         )
@@ -226,10 +251,15 @@ class ControlFiles:
             return
         self.changed_files.append(name)
         if existing != content:
+            before = "" if existing is None else existing.decode(errors="replace")
+            after = content.decode(errors="replace")
+            if secret:  # a diff is printed by --diff even where no_log hides the result
+                before = "" if existing is None else f"{name}: (secret content)\n"
+                after = f"{name}: (secret content, changed)\n"
             self.diffs.append(
                 {
-                    "before": "" if existing is None else existing.decode(errors="replace"),
-                    "after": content.decode(errors="replace"),
+                    "before": before,
+                    "after": after,
                     "before_header": target if existing is not None else "(absent)",
                     "after_header": target,
                 }
@@ -244,6 +274,7 @@ def main() -> None:
         argument_spec={
             "path": {"type": "path", "required": True},
             "values": {"type": "dict", "default": {}},
+            "secret": {"type": "bool", "default": False},
             "files": {
                 "type": "list",
                 "elements": "dict",

@@ -26,6 +26,7 @@ preflight refuses exactly what a module would refuse later.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -524,7 +525,6 @@ def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, A
 
 def check_mailboxes(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
     """pyqmail_mailboxes__list: names (case-insensitive, each once), homes, AUTH logins."""
-    del values
     seen: dict[str, str] = {}
     for index, box in enumerate(value):
         where = f"{name}[{index}]"
@@ -537,8 +537,8 @@ def check_mailboxes(name: str, value: list[dict[str, Any]], values: Mapping[str,
         first = seen.setdefault(box_name.lower(), where)
         if first != where:
             yield f"{where}.name: {box_name!r} is listed twice (first at {first})"
-        if box.get("home") is not None and not HOME_RE.match(box["home"]):
-            yield f"{where}.home: {box['home']!r} is not an absolute path without ':' or blanks"
+        if box.get("home") is not None:
+            yield from check_home(f"{where}.home", box["home"], values)
         if box.get("login"):
             try:
                 validate_name(box["login"])
@@ -555,6 +555,22 @@ def check_mailboxes(name: str, value: list[dict[str, Any]], values: Mapping[str,
                     f"{where}.senders[{number}]: {entry!r} is neither an address "
                     "(user@domain) nor @domain"
                 )
+
+
+def check_home(where: str, home: str, values: Mapping[str, Any]) -> Problems:
+    """A mailbox home lies inside pyqmail_mailboxes__home_base: the role makes it the delivery
+    user's, mode 0700, so a home such as /home/alice or /var would be taken from its owner."""
+    if not HOME_RE.match(home):
+        yield f"{where}: {home!r} is not an absolute path without ':' or blanks"
+        return
+    base = posixpath.normpath(values["pyqmail_mailboxes__home_base"])
+    inside = posixpath.normpath(home).startswith(base.rstrip("/") + "/")
+    if not inside:
+        yield (
+            f"{where}: {home!r} is not inside pyqmail_mailboxes__home_base ({base}); the role "
+            "makes a home the delivery user's with mode 0700, which would take an existing "
+            "directory (a user's home, a system path) from its owner"
+        )
 
 
 def sender_entry(entry: str) -> bool:
@@ -611,6 +627,25 @@ def check_renew(name: str, value: int, values: Mapping[str, Any]) -> Problems:
     valid = values["pyqmail_certificates__valid_days"]
     if not 0 <= value < valid:
         yield f"{name}: {value} must be 0 or more and smaller than valid_days ({valid})"
+
+
+def check_ca_renew(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """pyqmail_ca's renewal margin: below the CA's validity (or every run re-makes the CA, as
+    pyqmail_ca refuses), and not below the certificates' own margin (pyqmail_certificate
+    refuses to issue from a CA that expires within it, and the CA would not be renewed yet)."""
+    valid = values["pyqmail_certificates__ca_valid_days"]
+    leaf = values["pyqmail_certificates__renew_before_days"]
+    if not 0 <= value < valid:
+        yield (
+            f"{name}: {value} must be 0 or more and smaller than "
+            f"pyqmail_certificates__ca_valid_days ({valid}), or every run would re-make the CA"
+        )
+    elif value < leaf < values["pyqmail_certificates__valid_days"]:  # else: leaf's own problem
+        yield (
+            f"{name}: {value} must be at least pyqmail_certificates__renew_before_days ({leaf}): "
+            f"certificates are not issued from a CA expiring within {leaf} days, and the CA is "
+            f"renewed only {value} days before it expires"
+        )
 
 
 def check_pem_list(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
@@ -890,6 +925,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_certificates__ca_host": check_ca_host,
     "pyqmail_certificates__ca_common_name": check_ca_common_name,
     "pyqmail_certificates__ca_valid_days": in_range(1),
+    "pyqmail_certificates__ca_renew_before_days": check_ca_renew,
     "pyqmail_certificates__names": check_cert_names,
     "pyqmail_certificates__valid_days": in_range(1),
     "pyqmail_certificates__renew_before_days": check_renew,

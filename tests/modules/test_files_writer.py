@@ -27,6 +27,7 @@ files: Any = module_utils("pyqmail_files")
 cert_module: Any = importlib.import_module("pyqmail_certificate")
 ca_module: Any = importlib.import_module("pyqmail_ca")
 smtp_user_module: Any = importlib.import_module("pyqmail_smtp_user")
+control_module: Any = importlib.import_module("pyqmail_control_files")
 
 
 class ExposureWatch:
@@ -150,6 +151,47 @@ def test_smtp_user_hashes_never_readable_by_others(tmp_path: Path, watch: Exposu
     assert not r.get("failed"), r.get("msg")
     assert watch.exposed == [], f"the hashes were readable by others: {watch.exposed}"
     assert mode_of(path) == 0o640
+
+
+@pytest.mark.parametrize("before", [None, 0o644])
+def test_control_files_secret_is_never_looser_than_0600_nor_in_the_diff(
+    tmp_path: Path, watch: ExposureWatch, before: int | None
+) -> None:
+    """The roles write smtproutes-auth and a remote CA's key files with pyqmail_control_files
+    and ``secret: true`` (ansible.builtin.copy/template made them 0644 first, then 0400): every
+    file holding the secret is 0600 or closer from its creation, over an old 0644 file too,
+    and the diff says it changed without the content."""
+    if before is not None:
+        (tmp_path / "smtproutes-auth").write_text("old\n")
+        (tmp_path / "smtproutes-auth").chmod(before)
+    created: list[int] = []
+
+    def look(_tmp: str, fd: int) -> None:
+        created.append(stat.S_IMODE(os.fstat(fd).st_mode))
+
+    content = "relay.test:alice:s3cr3t-pw\n"
+    args = {
+        "path": str(tmp_path),
+        "mode": "0400",
+        "secret": True,
+        "files": [{"name": "smtproutes-auth", "content": content}],
+    }
+    watch.marker, watch.directory = b"s3cr3t-pw", tmp_path
+    files.after_create = look
+    try:
+        r = call(control_module, args)
+    finally:
+        files.after_create = None
+        watch.directory = None
+    assert not r.get("failed"), r.get("msg")
+    assert r["changed_files"] == ["smtproutes-auth"]
+    assert watch.events > 5, "the audit hook saw nothing: the test proves nothing"
+    assert watch.exposed == [], f"the secret was readable by others: {watch.exposed}"
+    assert created == [0o600], "the temp file was not created closed"
+    assert mode_of(tmp_path / "smtproutes-auth") == 0o400
+    assert (tmp_path / "smtproutes-auth").read_text() == content
+    assert "s3cr3t-pw" not in repr(r["diff"])
+    assert call(control_module, args)["changed"] is False
 
 
 def test_secret_temp_file_is_0600_and_empty_when_created(tmp_path: Path) -> None:

@@ -327,6 +327,31 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         "pyqmail_mailboxes__list[0].home: 'var/vmail/alice' is not an absolute path without "
         "':' or blanks",
     ),
+    "mailbox-home-outside": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "home": "/home/alice"}]},
+        "pyqmail_mailboxes__list[0].home: '/home/alice' is not inside "
+        "pyqmail_mailboxes__home_base (/var/vmail); the role makes a home the delivery user's "
+        "with mode 0700, which would take an existing directory (a user's home, a system path) "
+        "from its owner",
+    ),
+    "mailbox-home-dotdot": (
+        {"pyqmail_mailboxes__list": [{"name": "alice", "home": "/var/vmail/../../var"}]},
+        "pyqmail_mailboxes__list[0].home: '/var/vmail/../../var' is not inside "
+        "pyqmail_mailboxes__home_base (/var/vmail); the role makes a home the delivery user's "
+        "with mode 0700, which would take an existing directory (a user's home, a system path) "
+        "from its owner",
+    ),
+    "ca-valid-short": (
+        {"pyqmail_certificates__ca_valid_days": 60},
+        "pyqmail_certificates__ca_renew_before_days: 90 must be 0 or more and smaller than "
+        "pyqmail_certificates__ca_valid_days (60), or every run would re-make the CA",
+    ),
+    "ca-renew-below-certificates": (
+        {"pyqmail_certificates__renew_before_days": 120},
+        "pyqmail_certificates__ca_renew_before_days: 90 must be at least "
+        "pyqmail_certificates__renew_before_days (120): certificates are not issued from a CA "
+        "expiring within 120 days, and the CA is renewed only 90 days before it expires",
+    ),
     "provided-key-alone": (
         {"pyqmail_certificates__provided_key": "/etc/ssl/private/mail.key"},
         "pyqmail_certificates__provided_cert: set pyqmail_certificates__provided_key and "
@@ -409,6 +434,20 @@ def problems_of(overrides: dict[str, Any]) -> list[str]:
 
 def test_the_defaults_pass() -> None:
     assert problems_of({}) == []
+
+
+def test_homes_inside_the_base_and_consistent_ca_margins_pass() -> None:
+    boxes = [{"name": "a", "home": "/var/vmail/a"}, {"name": "b", "home": "/var/vmail/x/../b/"}]
+    assert problems_of({"pyqmail_mailboxes__list": boxes}) == []
+    assert problems_of({"pyqmail_mailboxes__list": [{"name": "a", "home": "/srv/m/a"}],
+                        "pyqmail_mailboxes__home_base": "/srv/m/"}) == []  # fmt: skip
+    margins = {
+        "pyqmail_certificates__ca_valid_days": 60,
+        "pyqmail_certificates__ca_renew_before_days": 30,
+        "pyqmail_certificates__valid_days": 30,
+        "pyqmail_certificates__renew_before_days": 10,
+    }
+    assert problems_of(margins) == []
 
 
 def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:

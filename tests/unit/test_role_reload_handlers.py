@@ -93,9 +93,13 @@ def control_targets(task: dict[str, Any]) -> list[str]:
     """The control files (or ``extra``) a task writes or removes; [] for others."""
     files_args = task.get("pyqmail.mail.pyqmail_control_files")
     if files_args is not None:  # a set of files in one call: the listed names, or the extra ones
-        return [entry["name"] for entry in files_args.get("files", [])] + (
-            ["extra"] if "values" in files_args else []
-        )
+        loop = task.get("loop", "")
+        names = [entry["name"] for entry in files_args.get("files", [])]
+        return [
+            target
+            for name in names
+            for target in (_templated_targets(name, loop) if "{{" in name else [name])
+        ] + (["extra"] if "values" in files_args else [])
     args = module_args(task)
     target = str(args.get("dest", args.get("path", "")))
     loop = task.get("loop", "")
@@ -207,3 +211,26 @@ def test_listener_modes_are_the_services_kinds() -> None:
     assert modes["pyqmail__listener_modes"] == {
         kind["service"]: kind["mode"] for kind in kinds["pyqmail_services__kinds"].values()
     }
+
+
+RESTART_SEND = "pyqmail restart send"
+
+
+def test_dkim_group_restarts_pyqmail_send_alone() -> None:
+    """pyqmail-send's manager reads a new group (the DKIM keys') only at start; the listeners
+    never read the keys, so enabling DKIM must not svc -t them (it was "restart daemons")."""
+    dkim = yaml.safe_load((ROLES / "pyqmail_dkim" / "tasks" / "main.yml").read_text())
+    grouping = next(t for t in dkim if "ansible.builtin.user" in t)
+    assert grouping["notify"] == RESTART_SEND
+    restart = [h for h in HANDLERS if RESTART_SEND in _listens(h)]
+    assert [_kind(h) for h in restart] == [
+        "ansible.builtin.stat",
+        "ansible.builtin.command",
+        "ansible.builtin.fail",
+        "pyqmail.mail.pyqmail_service",
+    ]
+    assert "--check" in restart[1]["ansible.builtin.command"]["argv"]
+    service = restart[3]["pyqmail.mail.pyqmail_service"]
+    assert (service["name"], service["state"]) == ("qmail-send", "restarted")
+    assert "smtpd" not in yaml.safe_dump(restart)
+    assert all(HANDLERS.index(restart[i]) < HANDLERS.index(restart[3]) for i in range(3))
