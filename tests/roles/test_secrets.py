@@ -42,6 +42,12 @@ WRITERS = {"ansible.builtin.copy", "ansible.builtin.template"}
 NOT_PRINTED = {
     # its vars keep box.home only; no_log would hide the module's own errors
     ("pyqmail_mailboxes", "Create the mailbox homes and Maildirs"),
+    # its vars keep the logins of the boxes that have a password (only tested for presence)
+    (
+        "pyqmail_mailboxes",
+        "Remove the SMTP AUTH users the list no longer declares (deleted, renamed, without a "
+        "password)",
+    ),
 }
 # Restrictive files written with copy/template, each with why (checked to exist).
 PLAIN_WRITE = {

@@ -232,11 +232,12 @@ def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
 
 def test_role_gives_the_relay_passwords_to_pyqmail_send_alone() -> None:
     name = "Write the smarthost credentials (readable by pyqmail-send alone, not pyqmail-smtpd)"
-    args = _task("pyqmail_control", name)["ansible.builtin.template"]
-    assert (args["owner"], args["group"], args["mode"]) == (
+    args = _task("pyqmail_control", name)["pyqmail.mail.pyqmail_control_files"]
+    assert (args["owner"], args["group"], args["mode"], args["secret"]) == (
         "{{ pyqmail__send_user }}",
         "root",
         "0400",
+        True,  # created 0600, never readable by others on its way to 0400
     )
 
 
