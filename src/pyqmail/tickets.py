@@ -39,7 +39,10 @@ ticket at once.
 
 A ticket's session carries the client certificate verified at the full handshake; the
 session id context is a digest of ``clientca.pem`` (``session_context``), so a changed
-CA file makes tickets issued under the old one fall back to a full handshake.
+CA file makes tickets issued under the old one fall back to a full handshake. A TLS 1.3
+ticket re-issued on resumption is a copy with its time reset (OpenSSL 3.0), so chained
+resumptions have no total age; ``pyqmail.tls.describe`` therefore drops the identity of a
+resumed session whose certificate is no longer valid.
 """
 
 from __future__ import annotations

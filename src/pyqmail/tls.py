@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,13 +208,37 @@ def cert_identities(peercert: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def valid_now(peercert: dict[str, Any], now: float) -> bool:
+    """Whether ``now`` lies within the certificate's notBefore and notAfter (a certificate
+    without them, or with dates Python cannot read, is not)."""
+    try:
+        not_before = ssl.cert_time_to_seconds(str(peercert["notBefore"]))
+        not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
+    except (KeyError, ValueError):
+        return False
+    return not_before <= now <= not_after
+
+
 def describe(sslobj: ssl.SSLObject | ssl.SSLSocket) -> Session:
+    """The session as the logs and the relay decision see it.
+
+    A resumed session carries the client certificate of the full handshake, verified then
+    and never again: OpenSSL 3.0 re-issues a TLS 1.3 ticket on resumption (every rotation:
+    ``pyqmail.tickets``) as a copy of the session, certificate included, with its time
+    reset to now, so a client that reconnects often enough keeps its certificate's identity
+    for ever, past the certificate's notAfter. The original time is lost in the copy, so
+    the session's total age cannot be bounded here; the certificate's own dates can be
+    checked: on a resumed session whose certificate is not valid now, the client has no
+    identity (no relay by certificate; a full handshake would have failed)."""
     name, version, bits = sslobj.cipher() or ("unknown", "unknown", 0)
+    peercert = sslobj.getpeercert()
+    if peercert and sslobj.session_reused and not valid_now(peercert, time.time()):
+        peercert = None
     return Session(
         version=sslobj.version() or version,
         cipher=name,
         bits=int(bits),
-        peer_identities=cert_identities(sslobj.getpeercert()),
+        peer_identities=cert_identities(peercert),
     )
 
 

@@ -8,7 +8,9 @@ session timeout still runs on the real clock.
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +33,15 @@ def handshake(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
     session: ssl.SSLSession | None = None,
+    servers: list[ssl.SSLObject] | None = None,
 ) -> tuple[bool, ssl.SSLSession | None]:
     """One connection: handshake, one byte each way (TLS 1.3 tickets come after the
-    handshake), close. Returns (resumed, the session to resume next time)."""
+    handshake), close. Returns (resumed, the session to resume next time); the server's
+    end is appended to ``servers``."""
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    if servers is not None:
+        servers.append(server)
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
 
     def pump() -> None:
@@ -177,6 +183,43 @@ def test_changed_clientca_means_full_handshake(servercert: Path, pki: PKI) -> No
     _, session = handshake(before, cli)
     assert handshake(before, cli, session)[0]
     assert not handshake(after, cli, session)[0]
+
+
+def test_relay_by_certificate_ends_with_the_certificate_across_resumptions(
+    servercert: Path, pki: PKI, tmp_path: Path
+) -> None:
+    """A TLS 1.3 ticket re-issued on resumption (each rotation) is a copy of the session,
+    client certificate included, with its time reset: chained resumptions would carry the
+    identity past the certificate's notAfter. A resumed session whose certificate has
+    expired has no identity (pyqmail.tls.describe)."""
+    leaf = pki.ca.issue(["relay.test"], client=True, days=3 / 86400)  # 3 seconds
+    clientcert = tmp_path / "clientcert.pem"
+    clientcert.write_bytes(leaf.key_pem + leaf.cert_pem)
+    clock = Clock()
+    keys = tickets.TicketKeys(lifetime=3600, clock=clock)
+    ctx = tls.server_context(servercert, pki.ca_file)
+    tickets.enable(ctx, keys, tickets.session_context(pki.ca_file.read_bytes()))
+    cli = client(pki, ssl.TLSVersion.TLSv1_3)
+    cli.load_cert_chain(clientcert)
+    servers: list[ssl.SSLObject] = []
+
+    def relay() -> str | None:
+        return tls.client_cert_relay(tls.describe(servers[-1]), {"relay.test"})
+
+    resumed, session = handshake(ctx, cli, servers=servers)
+    assert not resumed and relay() == "relay.test"
+    clock.now += 3600  # the ticket is under the previous key now: re-issued on resumption
+    resumed, session = handshake(ctx, cli, session, servers)
+    assert resumed and relay() == "relay.test", "valid certificate: relay after resumption"
+    assert session is not None and session.time >= int(time.time()) - 1  # a fresh copy
+    expired = leaf.cert.not_valid_after_utc.timestamp() + 1.5
+    time.sleep(max(0.0, expired - time.time()))
+    assert dt.datetime.now(dt.UTC) > leaf.cert.not_valid_after_utc
+    clock.now += 3600
+    resumed, _ = handshake(ctx, cli, session, servers)
+    assert resumed, "the ticket still resumes (OpenSSL does not check the certificate)"
+    assert relay() is None
+    assert tls.describe(servers[-1]).peer_identities == ()
 
 
 def test_ticket_lifetime_must_be_positive() -> None:
