@@ -19,7 +19,8 @@ Python context:
   SHA-256 of period n's (a one-way ratchet), so every process, forked at any time, derives
   the same keys for the same period with no communication, and the keys of a period cannot
   be computed back from a later one (every process ratchets, the supervisor included, and
-  keeps only the current and the previous period's);
+  keeps only the current and the previous period's: a worker ratchets, and drops the keys
+  derived from older secrets, at each once-a-second tick too, handshakes or not);
 - a ticket is issued under the current period's key and accepted under it or the previous
   one (then re-issued under the current one); anything older means a full handshake. The
   session timeout (the ticket's lifetime hint) is ``lifetime``, so every ticket stays
@@ -48,7 +49,6 @@ resumed session whose certificate is no longer valid.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import hmac
 import ssl
@@ -57,7 +57,15 @@ from typing import TYPE_CHECKING
 
 from pyqmail.ticketkeys import LIFETIME, SECRET_LENGTH, TicketKeys
 
-__all__ = ["LIFETIME", "NUM_TICKETS", "TicketError", "TicketKeys", "enable", "session_context"]
+__all__ = [
+    "LIFETIME",
+    "NUM_TICKETS",
+    "TicketError",
+    "TicketKeys",
+    "enable",
+    "forget",
+    "session_context",
+]
 
 NUM_TICKETS = 1  # TLS 1.3 tickets per full handshake: an MTA holds one connection per peer
 NAME_LENGTH = 16  # key name length in the ticket (OpenSSL's TLSEXT_KEYNAME_LENGTH)
@@ -95,23 +103,40 @@ class _Keys:
         self.aes_key = derive(b"aes")
 
 
-@functools.lru_cache(maxsize=2)
+_derived_keys: dict[bytes, _Keys] = {}  # by secret: the current and the previous period's
+
+
 def _derived(secret: bytes) -> _Keys:
-    """The keys of a secret, derived once per period: the current and the previous
-    period's only (an older one falls out as a new period's is derived)."""
-    return _Keys(secret)
+    """The keys of a secret, derived once per period (``forget`` drops older ones)."""
+    found = _derived_keys.get(secret)
+    if found is None:
+        found = _derived_keys[secret] = _Keys(secret)
+    return found
+
+
+def forget(keys: TicketKeys) -> tuple[bytes, bytes | None]:
+    """Ratchet ``keys`` to the current period and drop the derived keys of older ones;
+    the secrets kept are returned. Why the worker's tick calls it (``pyqmail.smtpd.server``),
+    not only the ticket callback: a worker that sees no handshake for days would keep the
+    secret of the last period it used (in ``keys`` and, as the cache's key, here), and from
+    it one ratchets forward to every later key, opening the TLS 1.2 tickets (master
+    secrets) every other worker issued since. It is cheap: a division and a small dict."""
+    current, previous = keys.secrets()
+    for secret in [s for s in _derived_keys if s not in (current, previous)]:
+        del _derived_keys[secret]
+    return current, previous
 
 
 def for_issue(keys: TicketKeys) -> _Keys:
     """The key new tickets are sealed with."""
-    current, _ = keys.secrets()
+    current, _ = forget(keys)
     return _derived(current)
 
 
 def for_name(keys: TicketKeys, name: bytes) -> tuple[_Keys | None, bool]:
     """The key a ticket names (None if too old or unknown), and whether it is the current
     one (a ticket under the previous key is re-issued)."""
-    current, previous = keys.secrets()
+    current, previous = forget(keys)
     if hmac.compare_digest(name, _derived(current).name):
         return _derived(current), True
     if previous is not None and hmac.compare_digest(name, _derived(previous).name):

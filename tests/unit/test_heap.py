@@ -57,7 +57,7 @@ def test_a_worker_trims_once_after_sessions_end_and_not_at_rest(
 
     session = Session()
     srv.sessions, srv.waiting, srv._committer, srv.idle = {session}, set(), None, None
-    srv._ended, srv.parents = False, frozenset()
+    srv._ended, srv.parents, srv.keys = False, frozenset(), None
 
     async def run() -> None:
         srv._tick()  # as serve() starts it

@@ -8,6 +8,7 @@ session timeout still runs on the real clock.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ssl
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import tickets, tls
+from pyqmail.smtpd import server as servermod
 from tests.conftest import PKI
 
 
@@ -220,6 +222,30 @@ def test_relay_by_certificate_ends_with_the_certificate_across_resumptions(
     assert resumed, "the ticket still resumes (OpenSSL does not check the certificate)"
     assert relay() is None
     assert tls.describe(servers[-1]).peer_identities == ()
+
+
+def test_an_idle_worker_keeps_no_secret_older_than_the_previous_period() -> None:
+    """The worker's once-a-second tick ratchets its keys and drops the keys derived from
+    older secrets: a worker that sees no handshake for days must not hold the secret of
+    the last period it used (from which every later key follows)."""
+    clock = Clock()
+    keys = tickets.TicketKeys(lifetime=60, clock=clock)
+    used = tickets.for_issue(keys)  # the last handshake this worker sees
+    old_secret, _ = keys.secrets()
+    srv = servermod.Server.__new__(servermod.Server)
+    srv.keys, srv._ended, srv.parents = keys, False, frozenset()
+    clock.now += 60 * 3  # three periods without a handshake
+
+    async def tick() -> None:
+        srv._tick()
+        await asyncio.sleep(0)
+
+    asyncio.run(tick())
+    held = (keys._secret, keys._previous)
+    assert old_secret not in held, "the idle worker still holds an old secret"
+    assert held[1] is not None
+    derived = [k.aes_key for k in tickets._derived_keys.values()]
+    assert used.aes_key not in derived, "its derived key is still cached"
 
 
 def test_ticket_lifetime_must_be_positive() -> None:

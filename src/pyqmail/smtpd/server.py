@@ -22,7 +22,7 @@ import signal
 import socket
 from pathlib import Path
 
-from pyqmail import heap
+from pyqmail import heap, tickets
 from pyqmail import log as logmod
 from pyqmail.checks.checkpool import CheckPool
 from pyqmail.checks.screen import Checks
@@ -39,6 +39,7 @@ from pyqmail.smtpd.policy import Loader, RulesCache
 from pyqmail.smtpd.senders import SenderRules
 from pyqmail.smtpd.sendlimits import Settings as LimitSettings
 from pyqmail.smtpd.session import CLOSE_GRACE, Session
+from pyqmail.ticketkeys import TicketKeys
 
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
 READ_SIZE = 64 * 1024  # one socket read at most
@@ -55,6 +56,8 @@ class Server:
         rules: RulesCache,
         counter: ConnTable,
         load: Loader,
+        *,
+        keys: TicketKeys | None = None,
     ) -> None:
         self.mode = mode
         self.cfg = cfg
@@ -75,6 +78,7 @@ class Server:
         self._committer: Committer | None = None
         self.waiting: set[object] = set()  # the live sessions' intakes with a message in commit
         self._ended = False  # a session ended since the last ``_tick``
+        self.keys = keys  # the TLS ticket secret, ratcheted at each ``_tick``
 
     # SessionContext -----------------------------------------------------------------------
 
@@ -136,13 +140,17 @@ class Server:
         return self._committer
 
     def _tick(self) -> None:
-        """The worker's one timer, once a second: ``_orphaned`` and ``_trim_heap``. The
-        next tick is set first, so that nothing here can end the orphan watch."""
+        """The worker's one timer, once a second: ``_orphaned``, ``_trim_heap`` and the
+        ticket keys' ratchet (``tickets.forget``: an idle worker must not keep an old
+        secret). The next tick is set first, so that nothing here can end the orphan
+        watch."""
         handle = asyncio.get_running_loop().call_later(1.0, self._tick)
         if self._orphaned():
             handle.cancel()
             return
         self._trim_heap()
+        if self.keys is not None:
+            tickets.forget(self.keys)
 
     def _orphaned(self) -> bool:
         """A worker whose supervisor died (kill -9) stops, so a restart is not shadowed.
@@ -247,10 +255,11 @@ def run_worker(
     mode: str,
     loop: str,
     load: Loader,
+    keys: TicketKeys | None = None,
 ) -> int:
     """One worker's life on its own event loop (``loop``: asyncio or uvloop); its log
-    lines go out once per pass of that loop."""
-    server = Server(mode, cfg, rules, counter, load)
+    lines go out once per pass of that loop; ``keys``: its TLS ticket secret."""
+    server = Server(mode, cfg, rules, counter, load, keys=keys)
     if parent is not None:
         server.parents = frozenset({parent, os.getppid()})
     factory = None

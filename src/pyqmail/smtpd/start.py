@@ -140,7 +140,7 @@ def serve_alone(opts: Options, sock: socket.socket, where: str) -> int:
     _log_start(opts, 1, loop, preloaded, where)
     counter = ConnTable(1, cfg.maxconn)
     reload: Loader = lambda: load(opts, keys)  # noqa: E731 - the worker's HUP
-    return run_worker(sock, cfg, rules, counter, mode=opts.mode, loop=loop, load=reload)
+    return run_worker(sock, cfg, rules, counter, mode=opts.mode, loop=loop, load=reload, keys=keys)
 
 
 def spawner(args: list[str], spawn: Spawn) -> int:
@@ -224,6 +224,7 @@ def _worker(
             mode=opts.mode,
             loop=loop,
             load=reload,
+            keys=spawn.keys,
         )
     except BaseException:  # noqa: BLE001 - a worker must never return into the spawner's code
         traceback.print_exc()
