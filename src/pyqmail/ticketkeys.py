@@ -16,6 +16,11 @@ OpenSSL, is ``pyqmail.tickets``'s, in the workers.
   derives the same keys for the same period with no communication, and the keys of a
   period cannot be computed back from a later one (every process ratchets, the
   supervisor included, and keeps only the current and the previous period's).
+- The time is CLOCK_BOOTTIME's, not the wall clock's: the ratchet only goes forward, so
+  a wall clock stepped back (NTP, by hours) would keep one key in use until it caught up
+  again. CLOCK_BOOTTIME never steps back, counts a suspend (CLOCK_MONOTONIC does not), and
+  is the same clock for every process of the machine, so the supervisor and the workers
+  it forks still agree on the period; nothing else has to (a restart draws a new secret).
 """
 
 from __future__ import annotations
@@ -52,11 +57,17 @@ def _sha256_function() -> Callable[[bytes], _Hash]:
 _sha256 = _sha256_function()
 
 
+def steady() -> float:
+    """The ratchet's clock: CLOCK_BOOTTIME (see the module's docstring)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class TicketKeys:
     """The ratchet of the ticket secret one listener's processes share (see the module's
-    docstring); ``clock`` is the wall clock (every process must agree on the period)."""
+    docstring); ``clock``: seconds that never step back, on which every process of the
+    listener agrees (the tests pass their own)."""
 
-    def __init__(self, lifetime: int = LIFETIME, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, lifetime: int = LIFETIME, clock: Callable[[], float] = steady) -> None:
         if lifetime < 1:
             raise ValueError(f"ticket lifetime {lifetime}: must be at least 1 second")
         self.lifetime = lifetime

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.util
 import ssl
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.conftest import PKI
 
 
 class Clock:
-    """A wall clock the test moves."""
+    """A clock the test moves."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0
@@ -246,6 +247,28 @@ def test_an_idle_worker_keeps_no_secret_older_than_the_previous_period() -> None
     assert held[1] is not None
     derived = [k.aes_key for k in tickets._derived_keys.values()]
     assert used.aes_key not in derived, "its derived key is still cached"
+
+
+def test_a_wall_clock_stepped_back_does_not_stop_the_rotation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ratchet's default clock: after the wall clock steps back 8 hours (NTP), the key
+    still changes within two lifetimes. A fresh copy of pyqmail.ticketkeys is loaded
+    while the time module's clocks are the test's, so its default clock is one of them."""
+    elapsed, wall_offset = [0.0], [0.0]
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0 + elapsed[0] + wall_offset[0])
+    monkeypatch.setattr(time, "monotonic", lambda: 5_000.0 + elapsed[0])
+    monkeypatch.setattr(time, "clock_gettime", lambda _clock: 5_000.0 + elapsed[0])
+    spec = importlib.util.find_spec("pyqmail.ticketkeys")
+    assert spec is not None and spec.loader is not None
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    keys = copy.TicketKeys(lifetime=3600)
+    first, _ = keys.secrets()
+    wall_offset[0] = -8 * 3600
+    while keys.secrets()[0] == first:
+        elapsed[0] += 15 * 60
+        assert elapsed[0] <= 2 * 3600, "the key did not change within two lifetimes"
 
 
 def test_ticket_lifetime_must_be_positive() -> None:
