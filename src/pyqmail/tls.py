@@ -48,6 +48,7 @@ TLS12_CIPHERS = ":".join(
 GROUPS = ("X25519", "prime256v1", "secp384r1")
 OP_PRIORITIZE_CHACHA = 1 << 21  # SSL_OP_PRIORITIZE_CHACHA (OpenSSL 1.1.1+); not in ``ssl``
 
+_CLIENTCA = "_pyqmail_clientca"  # the context's attribute: clientca.pem's bytes
 _PEM_BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$")
 
 
@@ -66,12 +67,16 @@ def _harden(ctx: ssl.SSLContext) -> None:
         set_groups(":".join(GROUPS))
 
 
-def _pem_blocks(path: Path) -> list[tuple[int, str]]:
-    """(line number, block type) of each PEM block; TLSConfigError if unreadable."""
+def _read(path: Path) -> bytes:
+    """The file's bytes; TLSConfigError if unreadable."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise TLSConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def _pem_blocks(data: bytes) -> list[tuple[int, str]]:
+    """(line number, block type) of each PEM block of a file's bytes."""
     blocks = []
     for lineno, line in enumerate(data.split(b"\n"), start=1):
         m = _PEM_BEGIN.match(line)
@@ -84,7 +89,7 @@ def _pem_blocks(path: Path) -> list[tuple[int, str]]:
 
 def _check_servercert_layout(path: Path) -> None:
     """qmail-tls's servercert.pem: private key, then certificate, then chain."""
-    blocks = _pem_blocks(path)
+    blocks = _pem_blocks(_read(path))
     keys = [(n, kind) for n, kind in blocks if kind.endswith("PRIVATE KEY")]
     certs = [n for n, kind in blocks if kind == "CERTIFICATE"]
     if not keys:
@@ -128,16 +133,34 @@ def server_context(certfile: Path, clientca: Path | None = None) -> ssl.SSLConte
     except OSError as exc:
         raise TLSConfigError(f"{certfile}: cannot read: {exc.strerror}") from exc
     if clientca is not None:
-        if not any(kind == "CERTIFICATE" for _, kind in _pem_blocks(clientca)):
-            raise TLSConfigError(f"{clientca}: no CA certificate in it")
-        try:
-            ctx.load_verify_locations(cafile=clientca)
-        except ssl.SSLError as exc:
-            raise TLSConfigError(f"{clientca}: {_explain(exc)}") from exc
-        ctx.verify_mode = ssl.CERT_OPTIONAL
+        _trust_clientca(ctx, clientca)
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _trust_clientca(ctx: ssl.SSLContext, clientca: Path) -> None:
+    """Ask for client certificates and trust clientca.pem's CAs alone. The file is read
+    once, here: the CAs loaded and the bytes ``loaded_clientca`` gives the session id
+    context (``pyqmail.tickets.session_context``) are the same, even if the file is
+    replaced meanwhile; read twice, a worker could trust the old CAs while its tickets
+    resume on workers that loaded the new ones (a HUP meant to drop a CA would not void
+    them). ``cadata`` takes ASCII only: bytes outside it (in comments) are left out."""
+    data = _read(clientca)
+    if not any(kind == "CERTIFICATE" for _, kind in _pem_blocks(data)):
+        raise TLSConfigError(f"{clientca}: no CA certificate in it")
+    try:
+        ctx.load_verify_locations(cadata=data.decode("ascii", "ignore"))
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"{clientca}: {_explain(exc)}") from exc
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    vars(ctx)[_CLIENTCA] = data
+
+
+def loaded_clientca(ctx: ssl.SSLContext) -> bytes | None:
+    """The bytes of clientca.pem whose CAs ``ctx`` trusts (None: no client certificates)."""
+    data = vars(ctx).get(_CLIENTCA)
+    return data if isinstance(data, bytes) else None
 
 
 def client_context(

@@ -19,6 +19,7 @@ import pytest
 
 from pyqmail import tickets, tls
 from pyqmail.smtpd import server as servermod
+from pyqmail.smtpd import start
 from tests.conftest import PKI
 
 
@@ -269,6 +270,44 @@ def test_a_wall_clock_stepped_back_does_not_stop_the_rotation(
     while keys.secrets()[0] == first:
         elapsed[0] += 15 * 60
         assert elapsed[0] <= 2 * 3600, "the key did not change within two lifetimes"
+
+
+def test_the_session_context_comes_from_the_clientca_bytes_trusted(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clientca.pem replaced between the load of its CAs and the digest of the session id
+    context: the digest is still that of the CAs the worker trusts (one read), so its
+    tickets do not resume on workers that loaded the new file."""
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "me").write_text("mx.test\n")
+    pki.ca.write_servercert(control / "servercert.pem", pki.server)
+    trusted = pki.ca.cert_pem
+    (control / "clientca.pem").write_bytes(trusted)
+    real_context = tls.server_context
+
+    def then_replaced(certfile: Path, clientca: Path | None = None) -> ssl.SSLContext:
+        ctx = real_context(certfile, clientca)
+        (control / "clientca.pem").write_bytes(trusted + pki.other_ca.cert_pem)
+        return ctx
+
+    contexts: list[bytes] = []
+    monkeypatch.setattr(tls, "server_context", then_replaced)
+    monkeypatch.setattr(tickets, "enable", lambda _ctx, _keys, sid: contexts.append(sid))
+    start.load_config(tmp_path, tickets.TicketKeys())
+    assert contexts == [tickets.session_context(trusted)]
+
+
+def test_clientca_comments_outside_ascii_are_no_error(
+    servercert: Path, pki: PKI, tmp_path: Path
+) -> None:
+    """clientca.pem is loaded from its bytes (``cadata``, ASCII only): a comment in
+    UTF-8 does not stop it, and the CAs in it are trusted."""
+    clientca = tmp_path / "clientca.pem"
+    clientca.write_bytes("# CA de l'équipe\n".encode() + pki.ca.cert_pem)
+    ctx = tls.server_context(servercert, clientca)
+    assert ctx.cert_store_stats()["x509_ca"] == 1
+    assert tls.loaded_clientca(ctx) == clientca.read_bytes()
 
 
 def test_ticket_lifetime_must_be_positive() -> None:

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from pyqmail import privs, tickets
+from pyqmail import privs, tickets, tls
 from pyqmail.checks import libraries
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
@@ -73,10 +73,9 @@ def load_config(root: Path, keys: TicketKeys | None = None, mode: str = "smtp") 
     cfg.server_tls.num_tickets = 0
     if keys is not None:
         try:
-            clientca = cfg.clientca.read_bytes() if cfg.clientca is not None else None
+            # the bytes the context's CAs came from, not a second read of the file
+            clientca = tls.loaded_clientca(cfg.server_tls)
             tickets.enable(cfg.server_tls, keys, tickets.session_context(clientca))
-        except OSError as exc:
-            raise configmod.ConfigError(f"{cfg.clientca}: cannot read: {exc.strerror}") from exc
         except tickets.TicketError as exc:
             log("warning", text=f"no TLS session tickets: {exc}")
     return cfg
