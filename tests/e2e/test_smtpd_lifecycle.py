@@ -276,6 +276,24 @@ def test_a_replacement_waits_for_a_configuration_that_loads(
     assert d.stop() == 0
 
 
+def test_a_worker_that_dies_at_once_leaves_no_socket_unserved(smtpd: StartDaemon) -> None:
+    """A replacement that dies within a second waits 1, 2, 4, 8 ... seconds for its own
+    replacement (pyqmail.smtpd.prefork); its slot's socket is closed meanwhile, so no
+    connection waits out that time in a backlog nobody accepts from (SO_REUSEPORT would
+    give that socket its share): every connection is greeted by the other worker at once."""
+    d = smtpd(workers=2)
+    victim = min(d.worker_pids())
+    os.kill(victim, signal.SIGKILL)  # an old worker: replaced at once
+    for killed in range(4):  # each replacement killed as soon as it is ready
+        ready = d.wait_for(r"pid=(\d+) ready", count=3 + killed, timeout=30)
+        os.kill(int(ready[-1].group(1)), signal.SIGKILL)
+    d.wait_for(r"worker-exit worker=\d+ slot=\d status=-9", count=5)
+    for _ in range(8):
+        with smtplib.SMTP(d.host, d.port, timeout=5) as s:
+            assert s.noop()[0] == 250
+    assert d.stop() == 0
+
+
 def _open_data(c: RawSMTP) -> None:
     """Greeting, EHLO and a one-recipient envelope, up to the 354 of DATA."""
     c.reply()

@@ -46,8 +46,9 @@ a second of its start is replaced after a second (no fork loop); a spawner that 
 configuration broken since) is retried after 1, 2, 4 ... 60 seconds while the other workers
 serve, and the slot's socket is closed meanwhile (its connections go to the other workers;
 the next spawner binds a new one). A worker that keeps dying within a second waits the
-same growing time. A replacement shares no pages with the survivors (its spawner imported
-the daemon afresh): about 10 MiB more until the next restart.
+same growing time, its socket closed too. A replacement shares no pages with the
+survivors (its spawner imported the daemon afresh): about 10 MiB more until the next
+restart.
 
 Signals (blocked, taken with ``sigtimedwait``, so no handler runs in the middle of a
 fork). TERM: close the sockets, pass TERM on, kill workers still there after their grace.
@@ -360,7 +361,10 @@ class Supervisor:
     def reap(self, terminating: bool) -> None:
         """Collect dead workers (and any other child); unless we are stopping, schedule
         the replacements. A worker that dies within a second of its start waits like a
-        failed spawner, longer each time (a spawner imports the whole daemon: no loop)."""
+        failed spawner, longer each time (a spawner imports the whole daemon: no loop),
+        and its slot's socket is closed meanwhile, for the reason ``_respawn`` gives: with
+        ``SO_REUSEPORT`` the kernel would go on queueing a share of the new connections
+        on it for up to RETRY_MAX seconds, with nobody to greet them."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -376,7 +380,9 @@ class Supervisor:
             if terminating:
                 continue
             if time.monotonic() - self.started.get(slot, 0) < QUICK_DEATH:
-                self._back_off(slot)
+                self._close([slot])
+                wait = self._back_off(slot)
+                log("respawn-later", slot=slot, retry=f"{wait:g}s", text="its socket closed")
             else:
                 self.retry.pop(slot, None)
                 self.respawn_at[slot] = time.monotonic()
