@@ -27,6 +27,7 @@ certificate should simply not have ``clientca.pem``.
 
 from __future__ import annotations
 
+import datetime
 import re
 import ssl
 import time
@@ -48,6 +49,7 @@ TLS12_CIPHERS = ":".join(
 GROUPS = ("X25519", "prime256v1", "secp384r1")
 OP_PRIORITIZE_CHACHA = 1 << 21  # SSL_OP_PRIORITIZE_CHACHA (OpenSSL 1.1.1+); not in ``ssl``
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _CLIENTCA = "_pyqmail_clientca"  # the context's attribute: clientca.pem's bytes
 _PEM_BEGIN = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$")
 
@@ -231,12 +233,33 @@ def cert_identities(peercert: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def _cert_time(value: str) -> float:
+    """Seconds since the epoch of a date as ``getpeercert`` gives it (OpenSSL's
+    ``ASN1_TIME_print``: ``Jan  5 09:34:43 2026 GMT``); ValueError if it is not one.
+    Not ``ssl.cert_time_to_seconds``: it imports ``calendar`` and ``_strptime`` at its
+    first call, in a worker that has dropped to a user who may not read them."""
+    month, day, clock, year, zone = value.split()
+    hours, minutes, seconds = clock.split(":")
+    if zone != "GMT" or month not in _MONTHS:
+        raise ValueError(f"not a certificate date: {value!r}")
+    start = datetime.datetime(
+        int(year),
+        _MONTHS.index(month) + 1,
+        int(day),
+        int(hours),
+        int(minutes),
+        0,
+        tzinfo=datetime.UTC,
+    )
+    return start.timestamp() + float(seconds)
+
+
 def valid_now(peercert: dict[str, Any], now: float) -> bool:
     """Whether ``now`` lies within the certificate's notBefore and notAfter (a certificate
-    without them, or with dates Python cannot read, is not)."""
+    without them, or with dates that cannot be read, is not)."""
     try:
-        not_before = ssl.cert_time_to_seconds(str(peercert["notBefore"]))
-        not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
+        not_before = _cert_time(str(peercert["notBefore"]))
+        not_after = _cert_time(str(peercert["notAfter"]))
     except (KeyError, ValueError):
         return False
     return not_before <= now <= not_after

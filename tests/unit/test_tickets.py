@@ -226,6 +226,18 @@ def test_relay_by_certificate_ends_with_the_certificate_across_resumptions(
     assert tls.describe(servers[-1]).peer_identities == ()
 
 
+def test_certificate_dates_as_getpeercert_gives_them() -> None:
+    """tls.valid_now reads the dates itself (ssl.cert_time_to_seconds imports modules a
+    worker that dropped privileges may not read): the same seconds, and no date no trust."""
+    cert = {"notBefore": "Jan  5 09:34:43 2026 GMT", "notAfter": "Dec 31 23:59:59 2026 GMT"}
+    start = ssl.cert_time_to_seconds(cert["notBefore"])
+    end = ssl.cert_time_to_seconds(cert["notAfter"])
+    assert tls.valid_now(cert, start) and tls.valid_now(cert, end)
+    assert not tls.valid_now(cert, start - 1) and not tls.valid_now(cert, end + 1)
+    assert not tls.valid_now({"notAfter": cert["notAfter"]}, start)
+    assert not tls.valid_now({**cert, "notAfter": "Foo 31 23:59:59 2026 GMT"}, start)
+
+
 def test_an_idle_worker_keeps_no_secret_older_than_the_previous_period() -> None:
     """The worker's once-a-second tick ratchets its keys and drops the keys derived from
     older secrets: a worker that sees no handshake for days must not hold the secret of
