@@ -216,6 +216,8 @@ class Loader(Finisher):
         with self.lock:  # names gone from new/ are dropped here
             held, self.new_held = self.new_held, {}
         claimed: set[str] = set()  # the names and ids of the files this pickup takes
+        with self.lock:  # once a pickup, not once a file: a backlog of files times ended ids
+            ended = {q for segment in self.segments.values() for q in segment.stateful}
         for name in self.queue.ids("new"):
             if held.get(name, 0.0) > now:  # not readable a moment ago: not every poke
                 with self.lock:
@@ -223,7 +225,7 @@ class Loader(Finisher):
                 continue
             try:
                 stored = self.queue.load("new", name)
-                self._unused(name, stored, claimed)
+                self._unused(name, stored, claimed, ended)
             except QueueUnreadableError as exc:
                 if exc.errno != errno.ENOENT:  # gone meanwhile: nothing to read again
                     self._hold_new(name, str(exc))
@@ -241,11 +243,13 @@ class Loader(Finisher):
             count += self._move_batch(batch)
         return count
 
-    def _unused(self, name: str, stored: list[Stored], claimed: set[str]) -> None:
+    def _unused(self, name: str, stored: list[Stored], claimed: set[str], ended: set[str]) -> None:
         """Raise QueueError (the file goes to bad/) if the file ``new/<name>`` would take a
         name or a queue id already in use: ``mess/<name>``, a message or segment that this
-        process schedules or holds, or a file taken earlier in this pickup; else add its
-        ids to ``claimed``. Any member of the queue's group can list new/ and write a
+        process schedules or holds, an ended message of a live segment (``ended``, taken
+        once per pickup: segments are forgotten on this thread only, and a message that
+        ends meanwhile is still in ``msgs``), or a file taken earlier in this pickup; else
+        add its ids to ``claimed``. Any member of the queue's group can list new/ and write a
         valid file carrying an id seen there: renamed over ``mess/<id>``, it replaced an
         acknowledged message (its signing unlinked the original's state file first), and
         its messages replaced the original's in ``msgs`` (an IndexError in the main loop
@@ -260,7 +264,6 @@ class Loader(Finisher):
         if os.path.lexists(self._p("mess", name)):
             raise QueueError(f"new/{name}: mess/{name} exists (a queue id already in use)")
         with self.lock:
-            ended = {q for segment in self.segments.values() for q in segment.stateful}
             used = [
                 q
                 for q in sorted(ids)
