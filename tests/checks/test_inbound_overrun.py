@@ -140,6 +140,23 @@ def test_a_dmarc_temperror_after_the_deadline_is_the_overrun_not_dns(monkeypatch
     assert elapsed < 1.9, elapsed  # the job's own answer, not run's timeout
 
 
+def test_a_dmarc_temperror_after_work_that_ended_just_in_time_is_the_overrun(monkeypatch):
+    """DKIM's work ended just before the deadline, leaving DMARC's lookup less than DNS
+    alone would have: its temperror is the work's doing too (was: accepted)."""
+    real = dkimverify.verify
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(1.0)  # after SPF's 2/3 s of dead DNS: ends some 0.3 s before the 2 s
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dkimverify, "verify", slow)
+    with silent_server() as server:
+        res = make_resolver([server], timeout=2.0)
+        settings = AuthSettings(enabled=True, authserv_id="mx.test", timeout=2, resolver=res)
+        outcome, _ = run(settings, spoof("bank.test"))
+    assert (outcome.verdict.code, outcome.verdict.log) == (451, "auth_error=overrun")
+
+
 def test_a_failing_step_after_dmarc_keeps_its_verdict(settings, monkeypatch):
     """ARC raising (a library's bug a message may trigger) after DMARC failed the From:
     still 550 (was: 250, dmarc=temperror); before DMARC it is deferred like an overrun."""
