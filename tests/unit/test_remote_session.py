@@ -213,12 +213,51 @@ def test_an_idle_connection_the_server_closed_costs_a_reconnection_not_the_job(
 
 
 def test_a_refused_rset_also_reconnects(serve: Serve) -> None:
-    server, session = serve(lambda n, verb: "503 5.5.1 no" if verb == "RSET" else None)
+    """RSET follows a transaction that did not end with a 250 (here: its recipient refused);
+    a refused RSET costs a new connection, not the job."""
+
+    def script(n: int, verb: str) -> str | None:
+        if verb == "RSET":
+            return "503 5.5.1 no"
+        return "550 5.1.1 no such user" if verb == "RCPT TO:<nobody@remote.test>" else None
+
+    server, session = serve(script)
+    (refused,) = session.deliver(envelope("nobody@remote.test"), MESSAGE, ["nobody@remote.test"])
+    assert refused.kind == "perm"
+    (result,) = session.deliver(envelope("b@remote.test"), MESSAGE, ["b@remote.test"])
+    assert result.kind == "ok", result.detail
+    assert len(server.commands) == 2
+    assert verbs(server.commands[0])[-2:] == ["RSET", "QUIT"]
+
+
+def test_message_after_message_on_one_connection_pays_no_rset(serve: Serve) -> None:
+    server, session = serve(lambda n, verb: None)
+    for rcpt in ("a@remote.test", "b@remote.test", "c@remote.test"):
+        (result,) = session.deliver(envelope(rcpt), MESSAGE, [rcpt])
+        assert result.kind == "ok", result.detail
+    assert len(server.commands) == 1
+    assert "RSET" not in verbs(server.commands[0])
+    assert verbs(server.commands[0]).count("MAIL") == 3
+
+
+def test_a_421_at_mail_of_a_reused_connection_sends_the_job_on_a_new_one(serve: Serve) -> None:
+    """Exim's smtp_accept_max_per_connection: the second MAIL of a connection gets 421;
+    that message goes on a new connection at once (the channel is closing, RFC 5321 3.8)."""
+
+    def script(n: int, verb: str) -> str | None:
+        if n == 0 and verb == "MAIL":
+            script.mails += 1  # type: ignore[attr-defined]
+            if script.mails == 2:  # type: ignore[attr-defined]
+                return "421 4.7.0 too many messages on one connection"
+        return None
+
+    script.mails = 0  # type: ignore[attr-defined]
+    server, session = serve(script)
     for rcpt in ("a@remote.test", "b@remote.test"):
         (result,) = session.deliver(envelope(rcpt), MESSAGE, [rcpt])
         assert result.kind == "ok", result.detail
+    assert server.accepted == [["a@remote.test"], ["b@remote.test"]]
     assert len(server.commands) == 2
-    assert verbs(server.commands[0])[-2:] == ["RSET", "QUIT"]
 
 
 def test_a_5xx_at_rcpt_stays_permanent_when_the_connection_drops_in_data(serve: Serve) -> None:

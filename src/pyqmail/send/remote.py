@@ -184,7 +184,8 @@ class RemoteSession:
         self.tls = "none"
         self.verified = "-"
         self.broken: Result | None = None
-        self._used = False  # the connection has carried no transaction yet
+        self._used = False  # the connection has carried a transaction: a reused one
+        self._dirty = False  # its last transaction did not end with a 250: RSET first
 
     # -- connection ---------------------------------------------------------------------
     def _result(self, kind: Kind, detail: str, status: str, diagnostic: str = "") -> Result:
@@ -377,13 +378,25 @@ class RemoteSession:
     def deliver(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
         """Send one message to ``recipients`` (all in ``self.domain``); one Result each.
 
-        A reused connection is checked with RSET first (as Postfix does before reusing one): a
-        server may drop an idle client or refuse more messages on one connection, and that
+        A server may drop an idle client or refuse more messages on one connection, and that
         must cost a reconnection, not the job (which would wait a whole retry cycle without
-        ever having been attempted)."""
-        if self.smtp is not None and self._used and not self._reset(self.smtp):
+        ever having been attempted): on a reused connection, a MAIL that finds it closed or
+        gets 421 is tried once more on a new one (``_StaleError``). RSET only follows a
+        transaction that did not end with a 250 (a refused RSET costs a reconnection too),
+        so a connection that carries message after message pays no extra round trip."""
+        if self.smtp is not None and self._dirty and not self._reset(self.smtp):
             _close(self.smtp)
             self._drop()
+        try:
+            return self._attempt(env, message, recipients)
+        except _StaleError:
+            if self.smtp is not None:
+                _close(self.smtp)
+            self._drop()
+            return self._attempt(env, message, recipients)
+
+    def _attempt(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
+        """The message on the connection there is, or on a new one."""
         if self.broken is None and self.smtp is None:
             try:
                 self._open()
@@ -392,8 +405,8 @@ class RemoteSession:
         if self.smtp is None:
             broken = self.broken or self._result("temp", "not connected", "4.4.1")
             return [broken] * len(recipients)
-        self._used = True
-        return self._transaction(self.smtp, env, message, recipients)
+        reused, self._used, self._dirty = self._used, True, True
+        return self._transaction(self.smtp, env, message, recipients, reused=reused)
 
     def _reset(self, smtp: _SMTP) -> bool:
         """RSET on a reused connection: False when it is refused or the connection is gone."""
@@ -408,7 +421,7 @@ class RemoteSession:
         if self.smtp is not None:
             self.smtp.close()
         self.smtp = None
-        self._used = False
+        self._used = self._dirty = False
 
     def _cmd(self, smtp: _SMTP, line: str) -> tuple[int, str]:
         smtp.putcmd(line)
@@ -444,7 +457,13 @@ class RemoteSession:
         return params
 
     def _transaction(
-        self, smtp: _SMTP, env: Envelope, message: bytes, recipients: Sequence[str]
+        self,
+        smtp: _SMTP,
+        env: Envelope,
+        message: bytes,
+        recipients: Sequence[str],
+        *,
+        reused: bool = False,
     ) -> list[Result]:
         """One message; a recipient refused with 5xx at RCPT stays refused (permanent) whatever
         happens to the connection afterwards, as in qmail-remote."""
@@ -453,7 +472,9 @@ class RemoteSession:
             return [params] * len(recipients)
         results: list[Result | None] = []
         try:
-            final = self._exchange(smtp, env, message, recipients, params=params, results=results)
+            final = self._exchange(
+                smtp, env, message, recipients, params=params, results=results, reused=reused
+            )
         except (OSError, smtplib.SMTPException) as exc:
             self.broken = self._result("temp", f"connection to {self.dest} lost: {exc}", "4.4.2")
             _close(smtp)
@@ -473,13 +494,23 @@ class RemoteSession:
         *,
         params: list[str],
         results: list[Result | None],
+        reused: bool,
     ) -> Result | None:
         """MAIL, RCPT (one entry in ``results`` per recipient answered: None if accepted), DATA.
 
         Returns the result of the recipients accepted and of those never asked (after a 421),
-        or None when every recipient was refused."""
+        or None when every recipient was refused. ``_StaleError`` when a reused connection
+        turns out closed (or closing: 421) at MAIL, before this message was attempted."""
         sender = "" if env.sender == DOUBLE_BOUNCE_SENDER else env.sender
-        code, text = self._cmd(smtp, f"MAIL FROM:<{sender}>{''.join(' ' + p for p in params)}")
+        mail = f"MAIL FROM:<{sender}>{''.join(' ' + p for p in params)}"
+        try:
+            code, text = self._cmd(smtp, mail)
+        except (OSError, smtplib.SMTPException) as exc:
+            if reused:
+                raise _StaleError(str(exc)) from None
+            raise
+        if code == 421 and reused:
+            raise _StaleError(text)
         if code != 250:
             return self._answer(code, text, "MAIL FROM")
         for rcpt in recipients:
@@ -501,6 +532,7 @@ class RemoteSession:
         text = _reply(code, reply)
         if code != 250:
             return self._answer(code, text, "end of DATA")
+        self._dirty = False
         return self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
 
     def _answer(self, code: int, text: str, stage: str) -> Result:
@@ -517,6 +549,10 @@ class RemoteSession:
         if self.smtp is not None:
             _close(self.smtp)
             self.smtp = None
+
+
+class _StaleError(Exception):
+    """A reused connection was found closed at MAIL: the message goes on a new one."""
 
 
 class _RetryError(_FailError):
