@@ -30,7 +30,7 @@ async def _reader(
 
 
 def test_messages_are_read_back_in_turn_within_the_limit() -> None:
-    async def go() -> list[str]:
+    async def go() -> None:
         budget, log = SpoolBudget(read_limit=1000), []
         holds = {name: asyncio.Event() for name in "abc"}
         tasks = [
@@ -38,15 +38,43 @@ def test_messages_are_read_back_in_turn_within_the_limit() -> None:
             for name, size in (("a", 600), ("b", 600), ("c", 100))
         ]
         await asyncio.sleep(0.01)
-        assert log == ["a in at 600"], "b does not fit beside a; c does not overtake b"
+        assert log == ["a in at 700", "c in at 700"], "b does not fit beside a; c does"
         holds["a"].set()
         await asyncio.sleep(0.01)
-        assert log == ["a in at 600", "a out", "b in at 700", "c in at 700"]  # in together
+        assert log[2:] == ["a out", "b in at 700"]
         holds["b"].set()
         holds["c"].set()
         await asyncio.gather(*tasks)
         assert budget.reading == 0
-        return log
+
+    asyncio.run(go())
+
+
+def test_a_first_in_line_that_waited_its_head_start_is_not_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Others that fit pass a large first in line for HEAD_START only: then they wait
+    until it is in, so a stream of small messages cannot starve it."""
+    monkeypatch.setattr(intake, "HEAD_START", 0.05)
+
+    async def go() -> None:
+        budget, log = SpoolBudget(read_limit=1000), []
+        hold = {name: asyncio.Event() for name in ("a", "big", "early", "late")}
+        a = asyncio.create_task(_reader(budget, "a", 600, log, hold["a"]))
+        big = asyncio.create_task(_reader(budget, "big", 600, log, hold["big"]))
+        early = asyncio.create_task(_reader(budget, "early", 100, log, hold["early"]))
+        await asyncio.sleep(0.1)  # big's head start is over
+        late = asyncio.create_task(_reader(budget, "late", 100, log, hold["late"]))
+        await asyncio.sleep(0.01)
+        assert log == ["a in at 700", "early in at 700"], "late waits behind big"
+        for name in ("a", "early"):
+            hold[name].set()
+        await asyncio.sleep(0.01)
+        assert log[2:4] == ["a out", "early out"] and "big in" in log[4]
+        hold["big"].set()
+        hold["late"].set()
+        await asyncio.gather(a, big, early, late)
+        assert budget.reading == 0
 
     asyncio.run(go())
 

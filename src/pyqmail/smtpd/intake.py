@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +36,7 @@ SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the com
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
 READ_BACK_LIMIT = 32 * 1024 * 1024  # bytes of spilled messages a worker checks at once
 READ_BACK_WAIT = 120.0  # seconds a spilled message waits for its turn, then 451
+HEAD_START = 5.0  # seconds others that fit may pass a first in line that does not
 BUSY = "451 4.3.0 too many large messages being checked, try again later"
 
 Done = Callable[[CommitResult], None]
@@ -52,7 +52,9 @@ class SpoolBudget:
         self.limit = limit
         self.reading = 0
         self.read_limit = read_limit
-        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()  # waiting to read back
+        self._line: list[tuple[int, asyncio.Future[None]]] = []  # waiting to read back
+        self._head: asyncio.Future[None] | None = None  # the first in line, since _head_since
+        self._head_since = 0.0
 
     def fits(self, size: int) -> bool:
         """``size`` more bytes stay within the worker's limit."""
@@ -65,8 +67,10 @@ class SpoolBudget:
         message with our header, the scanner's request), and a message may be as large as
         ``databytes``, so without a bound fifty clients' 25 MiB messages would take
         gigabytes. In turn, first come first served, while the worker's total stays within
-        ``read_limit`` (a larger message goes alone). ``SpoolBusyError`` after ``wait``
-        seconds in line (``READ_BACK_WAIT``): the client is told to try again later."""
+        ``read_limit`` (a larger message goes alone); one that fits may pass a first in
+        line that does not, for ``HEAD_START`` seconds of that one's wait (then the others
+        wait until it is in: it is not starved). ``SpoolBusyError`` after ``wait`` seconds
+        in line (``READ_BACK_WAIT``): the client is told to try again later."""
         wait = READ_BACK_WAIT if wait is None else wait
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._line.append((size, turn))
@@ -91,14 +95,23 @@ class SpoolBudget:
             self._grant()
 
     def _grant(self) -> None:
-        """Let in the first in line while they fit (or when nothing else is read back)."""
-        while self._line:
-            size, turn = self._line[0]
-            if self.reading and self.reading + size > self.read_limit:
-                return
-            self._line.popleft()
-            self.reading += size
-            turn.set_result(None)
+        """Let in those in line that fit, in order (one when nothing else is read back);
+        past a first in line that does not fit only while it has waited less than
+        ``HEAD_START``."""
+        now = asyncio.get_running_loop().time()
+        i = 0
+        while i < len(self._line):
+            size, turn = self._line[i]
+            if i == 0 and turn is not self._head:
+                self._head, self._head_since = turn, now
+            if not self.reading or self.reading + size <= self.read_limit:
+                del self._line[i]
+                self.reading += size
+                turn.set_result(None)
+                continue
+            if i == 0 and now - self._head_since >= HEAD_START:
+                return  # the first in line has waited long enough: the rest wait for it
+            i += 1
 
 
 class SpoolBusyError(QueueError):
