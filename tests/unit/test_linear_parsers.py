@@ -37,6 +37,7 @@ from pyqmail.tools import sendmail as inject
 N = 1 << 20
 RATIO = 3.0
 SLACK = 0.02  # seconds
+TRIES = 3  # pairs of measurements (``assert_linear``)
 REPS = 3
 
 
@@ -57,10 +58,18 @@ def cost(fn: Callable[[bytes], object], data: bytes) -> float:
 
 
 def assert_linear(fn: Callable[[bytes], object], make: Callable[[int], bytes], n: int = N) -> None:
+    """Up to ``TRIES`` pairs of measurements, the first within ``RATIO`` passes: a busy
+    machine can slow one of a pair (seen in CI: 3.5x for a parser measured at 2.0x alone),
+    a quadratic parser is over ``RATIO`` every time."""
     small, big = make(n), make(2 * n)
     fn(small)  # warm caches and imports
-    t1, t2 = cost(fn, small), cost(fn, big)
-    assert t2 <= RATIO * t1 + SLACK, f"{len(small)} bytes: {t1:.4f}s, {len(big)}: {t2:.4f}s"
+    seen = []
+    for _ in range(TRIES):
+        t1, t2 = cost(fn, small), cost(fn, big)
+        if t2 <= RATIO * t1 + SLACK:
+            return
+        seen.append(f"{t1:.4f}s, {t2:.4f}s")
+    raise AssertionError(f"{len(small)} and {len(big)} bytes took {'; '.join(seen)}")
 
 
 def fill(unit: bytes, n: int, head: bytes = b"", tail: bytes = b"\r\n\r\nbody\r\n") -> bytes:
