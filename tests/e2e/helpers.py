@@ -148,3 +148,12 @@ def openssl(args: list[str], stdin: bytes = b"quit\r\n", timeout: float = 20) ->
         check=False,
     )
     return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")
+
+
+def open_data(c: RawSMTP) -> None:
+    """Greeting, EHLO and a one-recipient envelope, up to the 354 of DATA."""
+    c.reply()
+    c.cmd("EHLO client.test")
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd("RCPT TO:<user@example.test>")
+    assert c.cmd("DATA")[0] == 354

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon, smtpd_command
-from tests.e2e.helpers import MESSAGE, RawSMTP, client_context
+from tests.e2e.helpers import MESSAGE, RawSMTP, client_context, open_data
 
 
 def run_smtpd(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -294,20 +294,11 @@ def test_a_worker_that_dies_at_once_leaves_no_socket_unserved(smtpd: StartDaemon
     assert d.stop() == 0
 
 
-def _open_data(c: RawSMTP) -> None:
-    """Greeting, EHLO and a one-recipient envelope, up to the 354 of DATA."""
-    c.reply()
-    c.cmd("EHLO client.test")
-    c.cmd("MAIL FROM:<s@remote.test>")
-    c.cmd("RCPT TO:<user@example.test>")
-    assert c.cmd("DATA")[0] == 354
-
-
 def test_term_lets_a_message_in_flight_finish(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
     qmail_root.control("timeoutterm", "20\n")
     d = smtpd()
     c = d.connect()
-    _open_data(c)
+    open_data(c)
     c.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
     t0 = time.monotonic()
     d.send_signal(signal.SIGTERM)
@@ -329,7 +320,7 @@ def test_term_grace_is_bounded(qmail_root: QmailRoot, smtpd: StartDaemon) -> Non
     qmail_root.control("timeoutterm", "1\n")
     d = smtpd()
     c = d.connect()
-    _open_data(c)
+    open_data(c)
     c.send(b"Subject: never finished\r\n\r\n")
     t0 = time.monotonic()
     d.send_signal(signal.SIGTERM)
@@ -503,11 +494,7 @@ def test_data_phase_has_a_total_deadline(qmail_root: QmailRoot, smtpd: StartDaem
     qmail_root.control("timeoutdata", "2\n")
     d = smtpd()
     c = d.connect()
-    c.reply()
-    c.cmd("EHLO client.test")
-    c.cmd("MAIL FROM:<s@remote.test>")
-    c.cmd("RCPT TO:<user@example.test>")
-    c.cmd("DATA")
+    open_data(c)
     t0 = time.monotonic()
     with pytest.raises((ConnectionError, OSError)):
         for _ in range(80):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import QmailRoot, StartDaemon
+from tests.e2e.helpers import open_data
 
 
 @pytest.mark.parametrize(
@@ -26,11 +27,7 @@ def test_a_refused_message_is_read_to_its_end_and_answered(
     qmail_root.control("databytes", databytes + "\n")
     d = smtpd()
     c = d.connect()
-    c.reply()
-    c.cmd("EHLO client.test")
-    c.cmd("MAIL FROM:<s@remote.test>")
-    c.cmd("RCPT TO:<user@example.test>")
-    assert c.cmd("DATA")[0] == 354
+    open_data(c)
     c.send(first)
     for _ in range(15):  # 3 s, three idle timeouts
         time.sleep(0.2)
@@ -48,11 +45,7 @@ def test_a_refused_message_dripped_still_meets_the_data_deadline(
     qmail_root.control("databytes", "10\n")
     d = smtpd()
     c = d.connect()
-    c.reply()
-    c.cmd("EHLO client.test")
-    c.cmd("MAIL FROM:<s@remote.test>")
-    c.cmd("RCPT TO:<user@example.test>")
-    c.cmd("DATA")
+    open_data(c)
     t0 = time.monotonic()
     with pytest.raises((ConnectionError, OSError)):
         for _ in range(80):
