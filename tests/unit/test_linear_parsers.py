@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from test_protocol_support import in_data, policy
 
+from pyqmail.checks.authresults import strip_ours
 from pyqmail.control.send import Control
 from pyqmail.headers import HopCounter, header_fields, mailbox_addresses
 from pyqmail.queue.format import Envelope
@@ -241,3 +242,24 @@ FROM_VALUES: dict[str, Callable[[int], bytes]] = {
 @pytest.mark.parametrize("shape", FROM_VALUES)
 def test_from_address_parser_is_linear(shape: str) -> None:
     assert_linear(lambda m: mailbox_addresses(m.decode()), FROM_VALUES[shape], 200_000)
+
+
+# An incoming Authentication-Results field whose authserv-id hides behind comments: how
+# strip_ours (pyqmail.checks.authresults) tells ours from others' at any depth. The header
+# section is bounded by header_size_limit; the reader must not need that bound.
+AUTH_RESULTS: dict[str, Callable[[int], bytes]] = {
+    "nested comments": lambda n: (
+        b"Authentication-Results: "
+        + b"(" * (n // 2)
+        + b")" * (n // 2)
+        + b" mx.test; dmarc=pass\r\n"
+    ),
+    "unclosed comments": lambda n: fill(b"(", n, b"Authentication-Results: ", b"\r\n"),
+    "quoted pairs": lambda n: fill(b"\\)", n, b"Authentication-Results: (", b") x; spf=pass\r\n"),
+    "many fields": lambda n: fill(b"Authentication-Results: (a) other.test; spf=pass\r\n", n),
+}
+
+
+@pytest.mark.parametrize("shape", AUTH_RESULTS)
+def test_authentication_results_stripping_is_linear(shape: str) -> None:
+    assert_linear(lambda m: strip_ours(m, "mx.test"), AUTH_RESULTS[shape], 200_000)
