@@ -532,8 +532,8 @@ class Session(asyncio.BufferedProtocol):
         log("abort", ip=self.ip, port=self.port, reason=reason)
 
     def commit(self, end: MessageEnd) -> None:
-        """Hand the message to the group commit; ``committed`` answers when it is durable."""
-        self.data_deadline = None
+        """Hand the message to the group commit; ``committed`` answers when it is durable.
+        (Its DATA deadline is cleared by ``received``, which this runs inside of.)"""
         watch = self.intake.watch
         refusal = watch.refusal() if watch is not None else None
         if refusal is not None and self.conn is not None:  # a header From not the login's
