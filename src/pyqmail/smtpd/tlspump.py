@@ -58,6 +58,7 @@ class TLSPump:
         self.timer: asyncio.TimerHandle | None = None
         self.due = False  # replies encrypted since the last flush
         self.held = False  # TLS 1.3's session tickets, waiting for the first reply
+        self.ack_due = False  # a STARTTLS handshake ended and nothing of ours has left since
         self._write = write
         self._ack = ack or _nothing
 
@@ -68,15 +69,27 @@ class TLSPump:
         if not self.outgoing.pending:
             return False
         self._write(self.outgoing.read())
+        self.ack_due = False  # this write carries the ACK
         return True
 
     def flush_unless_held(self) -> None:
         """After reading: ``flush`` what OpenSSL wrote meanwhile (an alert, the refusal of a
         renegotiation, which a client may wait for), except between a TLS 1.3 handshake
         and the first reply: then everything (the session tickets, the answer to a
-        KeyUpdate, neither of which a client waits for) leaves with that reply."""
+        KeyUpdate, neither of which a client waits for) leaves with that reply.
+
+        A STARTTLS handshake that ended in this read with nothing written since gets its
+        ACK now: after STARTTLS the client speaks first, and nothing of ours carried the
+        ACK of its Finished, so a client with Nagle's algorithm on (smtplib, and any that
+        does not set TCP_NODELAY) would hold its EHLO until our delayed ACK, 40 ms or
+        more. Decided here, at the end of the read, not when the handshake ends: what came
+        with the Finished (an EHLO, half a command line, a KeyUpdate) may or may not be
+        answered in this read, and only a write tells."""
         if not self.held:
             self.flush()
+        if self.ack_due:
+            self.ack_due = False
+            self._ack()
 
     def send(self, data: bytes) -> None:
         """Plaintext to the client, encrypted; it goes out at the next ``flush``. The
@@ -115,12 +128,7 @@ class TLSPump:
             wrote = self.flush()  # TLS 1.2's last flight (the server's Finished), if any
         self.handshaking = False
         self.cancel_timer()
-        if not (wrote or self.implicit or self.incoming.pending):
-            # After STARTTLS the client speaks first, and nothing of ours carries the ACK
-            # of its Finished: a client with Nagle's algorithm on (smtplib, and any that
-            # does not set TCP_NODELAY) holds its EHLO until our delayed ACK, 40 ms or more.
-            # (An EHLO that came with the Finished is answered now: the answer carries it.)
-            self._ack()
+        self.ack_due = not (wrote or self.implicit)  # port 465: the greeting follows at once
         return True
 
     def read(self) -> bytes | None:
