@@ -23,6 +23,7 @@ from pyqmail.send.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import DnsError, LoopError, Myself, destinations
 from pyqmail.send.remote import _SMTP, MAX_REPLY, wire_data
+from pyqmail.wirelines import wire_lines
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 HOPS = "554 5.4.6 Error: too many hops, this message is looping"
@@ -291,6 +292,21 @@ def test_wire_lines_never_exceed_998_octets(length: int) -> None:
     # undo: each continuation is CRLF SPACE; the content is intact
     unfolded = wire[: -len(b".\r\n")].replace(b"\r\n ", b"").replace(b"\r\n..", b"\r\n.")
     assert unfolded == message.replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("length", [996, 997, 998, 999])
+@pytest.mark.parametrize("lead", [b"", b"."])
+def test_wire_lines_breaks_exactly_the_lines_too_long_once_dot_stuffed(
+    length: int, lead: bytes
+) -> None:
+    """The shortcut for messages with no long line agrees with the rule at its edge: a
+    line of 998 octets stays unless it starts with a dot (999 once stuffed)."""
+    line = lead + b"x" * (length - len(lead))
+    wire = wire_lines(b"Subject: s\r\n\r\n" + line + b"\r\n")
+    broken = length > 998 or (length == 998 and lead == b".")
+    assert (line + b"\r\n" not in wire) is broken
+    stuffed = [b"." + x if x.startswith(b".") else x for x in wire.split(b"\r\n")]
+    assert max(map(len, stuffed)) <= 998
 
 
 @pytest.fixture
