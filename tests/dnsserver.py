@@ -74,12 +74,14 @@ def silent_server(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
 
 @contextlib.contextmanager
 def silent_for(
-    upstream: tuple[str, int], suffix: str, host: str = "127.0.0.1"
+    upstream: tuple[str, int], suffix: str, host: str = "127.0.0.1", rdtype: str | None = None
 ) -> Iterator[tuple[str, int]]:
     """A DNS server that passes queries on to ``upstream`` (a ``DnsServer``) but never
-    answers those for names under ``suffix``: one sender-chosen name whose DNS hangs
-    while every other name answers, as a resolver in production sees it."""
+    answers those for names under ``suffix`` (only those of type ``rdtype`` when given:
+    the A query of a name hangs while its ``_dmarc`` TXT answers): one sender-chosen name
+    whose DNS hangs while every other name answers, as a resolver in production sees it."""
     origin = dns.name.from_text(suffix)
+    only = None if rdtype is None else dns.rdatatype.from_text(rdtype)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((host, 0))
         udp.settimeout(0.2)
@@ -92,7 +94,12 @@ def silent_for(
                 except TimeoutError:
                     continue
                 query = dns.message.from_wire(wire)
-                if query.question and query.question[0].name.is_subdomain(origin):
+                question = query.question[0] if query.question else None
+                if (
+                    question is not None
+                    and question.name.is_subdomain(origin)
+                    and only in (None, question.rdtype)
+                ):
                     continue  # dropped: the client waits for its timeout
                 answer = dns.query.udp(query, upstream[0], port=upstream[1], timeout=2.0)
                 udp.sendto(answer.to_wire(), client)

@@ -1,6 +1,7 @@
 """DMARC (pyqmail.checks.dmarc) against records served by a real knotd: alignment relaxed
-and strict, p, sp, pct, the organisational domain from the public suffix list, and the
-action each configured verdict gives (pyqmail.checks.authresults.decide)."""
+and strict, p, sp, np (RFC 9091: subdomains that do not exist), pct, the organisational
+domain from the public suffix list, and the action each configured verdict gives
+(pyqmail.checks.authresults.decide)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import time
 
 import pytest
 
-from pyqmail.checks.authresults import decide
+from pyqmail.checks.authresults import Results, decide, header
 from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.dmarc import DmarcResult, _authenticated, check, org_domain
-from pyqmail.checks.resolver import make_resolver
+from pyqmail.checks.resolver import exists, make_resolver
 from pyqmail.checks.spf import SpfResult
-from tests.dnsserver import DnsServer, free_port, silent_server
+from tests.dnsserver import DnsServer, free_port, silent_for, silent_server
 
 SMTP_REPLY = re.compile(r"[45]\d\d [\x20-\x7e]+")  # what SMTPConnection.message_failed takes
 ZONES = {
@@ -30,6 +31,16 @@ ZONES = {
     "twice.bank.test.": '_dmarc TXT "v=DMARC1; p=none"\n_dmarc TXT "v=DMARC1; p=none; pct=5"\n',
     "pctsup.test.": '_dmarc TXT "v=DMARC1; p=reject; pct=\\194\\178"\n',  # pct=² (UTF-8)
     "xn--bcher-kva.test.": '_dmarc TXT "v=DMARC1; p=reject; adkim=s"\n',  # bücher.test
+    # np= (RFC 9091): www has an address, mail only an MX, deep is an empty non-terminal
+    # (x.deep has an address), alias a CNAME to a name that does not exist: all exist.
+    "np.test.": (
+        '_dmarc TXT "v=DMARC1; p=none; sp=none; np=reject"\n'
+        "www A 192.0.2.1\nmail MX 10 mx.example.\nx.deep A 192.0.2.2\nalias CNAME gone\n"
+    ),
+    "badnp.test.": '_dmarc TXT "v=DMARC1; p=none; sp=quarantine; np=rejected"\n',
+    "nponly.test.": '_dmarc TXT "v=DMARC1; p=none; np=reject"\n',
+    "npsame.test.": '_dmarc TXT "v=DMARC1; p=none; sp=reject; np=reject"\n',
+    "nppct.test.": '_dmarc TXT "v=DMARC1; p=none; sp=none; np=reject; pct=50"\n',
 }
 NO_SPF = SpfResult("mailfrom", "fail", "elsewhere.example")
 
@@ -43,9 +54,14 @@ def dkim_pass(domain: str) -> list[DkimResult]:
 
 
 @pytest.fixture(scope="module")
-def resolver():
+def dns_server():
     with DnsServer(ZONES) as server:
-        yield make_resolver([(server.host, server.port)], timeout=2.0)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def resolver(dns_server):
+    return make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
 
 
 CASES = [
@@ -182,6 +198,94 @@ def test_dmarc(resolver, row):
     assert (result.result, result.policy) == want, f"{case}: {result}"
 
 
+NP_CASES = [
+    # (case, From, DKIM, roll, (result, policy, tag, published))
+    ("non-existent subdomain: np", "a@ghost.np.test", [], 0, ("fail", "reject", "np", "reject")),
+    ("deeper non-existent: np", "a@a.b.ghost.np.test", [], 0, ("fail", "reject", "np", "reject")),
+    ("subdomain with an A: sp", "a@www.np.test", [], 0, ("fail", "none", "sp", "none")),
+    ("subdomain with an MX only: sp", "a@mail.np.test", [], 0, ("fail", "none", "sp", "none")),
+    ("empty non-terminal exists: sp", "a@deep.np.test", [], 0, ("fail", "none", "sp", "none")),
+    ("CNAME to nowhere exists: sp", "a@alias.np.test", [], 0, ("fail", "none", "sp", "none")),
+    ("the org domain itself: p", "a@np.test", [], 0, ("fail", "none", "p", "none")),
+    ("passes", "a@ghost.np.test", dkim_pass("np.test"), 0, ("pass", "none", "sp", "none")),
+    ("invalid np: sp", "a@ghost.badnp.test", [], 0, ("fail", "quarantine", "sp", "quarantine")),
+    ("no np: sp", "a@ghost.bank.test", [], 0, ("fail", "quarantine", "sp", "quarantine")),
+    ("np without sp", "a@ghost.nponly.test", [], 0, ("fail", "reject", "np", "reject")),
+    ("np, pct sampled in", "a@ghost.nppct.test", [], 49, ("fail", "reject", "np", "reject")),
+    ("np, pct sampled out", "a@ghost.nppct.test", [], 50, ("fail", "quarantine", "np", "reject")),
+]
+
+
+@pytest.mark.parametrize("row", NP_CASES, ids=[c[0] for c in NP_CASES])
+def test_np(resolver, row):
+    """RFC 9091 np=: the policy for a subdomain that does not exist (NXDOMAIN), only when
+    the record came from the organisational domain and the message fails."""
+    case, from_, dkim, roll, want = row
+    r = check(resolver, head(from_), NO_SPF, dkim, roll=roll)
+    assert (r.result, r.policy) == want[:2], f"{case}: {r}"
+    assert (r.tag, r.published) == want[2:], f"{case}: {r}"
+
+
+def test_np_in_the_header_and_log(resolver):
+    """The Authentication-Results comment and the log line name the tag applied."""
+    r = check(resolver, head("a@ghost.np.test"), NO_SPF, [], roll=0)
+    field = header("mx.example.org", Results(NO_SPF, NO_SPF, [], r)).decode()
+    assert "dmarc=fail (np=reject dis=reject) header.from=ghost.np.test" in field
+    verdict, _ = decide(r)
+    assert "dmarc_policy=reject dmarc_tag=np dmarc_action=reject" in verdict.log
+    assert verdict.code == 550
+
+
+@pytest.mark.parametrize(
+    ("rdtype", "want"),
+    [("A", ("fail", "none", "sp")), ("MX", ("fail", "reject", "np"))],
+)
+def test_np_existence_lookup_that_hangs_gives_sp_within_the_budget(dns_server, rdtype, want):
+    """The existence lookup shares the check's budget; when it does not answer, sp= applies
+    as it did before np= was read: no stronger verdict (np=) on a DNS failure, no weaker.
+    The same proxy that drops only MX queries lets the A query through: np= applies."""
+    upstream = (dns_server.host, dns_server.port)
+    with silent_for(upstream, "ghost.np.test.", rdtype=rdtype) as server:
+        res = make_resolver([server], timeout=5.0)
+        start = time.monotonic()
+        r = check(res, head("a@ghost.np.test"), NO_SPF, [], roll=0, budget=1.0)
+        elapsed = time.monotonic() - start
+    assert (r.result, r.policy) == want[:2], r
+    assert r.tag == want[2], r
+    assert elapsed < 1.5, elapsed
+
+
+@pytest.mark.parametrize(
+    ("from_", "dkim", "want"),
+    [
+        ("a@ghost.np.test", dkim_pass("np.test"), "pass"),  # passes: no policy applies
+        ("a@ghost.bank.test", [], "fail"),  # no np=
+        ("a@ghost.badnp.test", [], "fail"),  # np= invalid
+        ("a@ghost.npsame.test", [], "fail"),  # np= the same as sp=: nothing to decide
+        ("a@np.test", [], "fail"),  # the org domain's own record: p=
+    ],
+)
+def test_no_existence_lookup_when_it_cannot_matter(dns_server, from_, dkim, want):
+    """Every A query of the From domain hangs: a check that asked would take its budget."""
+    upstream = (dns_server.host, dns_server.port)
+    with silent_for(upstream, from_.partition("@")[2] + ".", rdtype="A") as server:
+        res = make_resolver([server], timeout=5.0)
+        start = time.monotonic()
+        r = check(res, head(from_), NO_SPF, dkim, roll=0, budget=2.0)
+        elapsed = time.monotonic() - start
+    assert r.result == want, r
+    assert elapsed < 1.0, elapsed
+
+
+def test_exists_says_none_when_dns_fails(resolver):
+    """A failed existence lookup is neither yes nor no (dmarc then keeps sp=/p=)."""
+    dead = make_resolver([("127.0.0.1", free_port())], timeout=0.5)
+    assert exists(dead, "ghost.np.test.") is None
+    assert exists(resolver, "ghost.np.test.", lifetime=0) is None  # no time left: not asked
+    assert exists(resolver, "ghost.np.test.") is False
+    assert exists(resolver, "www.np.test.") is True
+
+
 def test_org_domain():
     assert org_domain("a.b.mail.example.co.uk") == "example.co.uk"
     assert org_domain("x.y.bank.test") == "bank.test"  # no listed suffix: the rule "*"
@@ -251,6 +355,8 @@ def test_decide_actions():
     assert decide(fail_quarantine, on_quarantine="reject")[0].code == 550
     assert decide(DmarcResult("pass", "bank.test", "none", "reject"))[0].action == "accept"
     assert "dmarc_policy=reject" in verdict.log and "dmarc_action=reject" in verdict.log
+    assert "dmarc_tag=p" in verdict.log
+    assert "dmarc_tag=-" in decide(DmarcResult("none", "bank.test"))[0].log  # no record
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,8 @@ def _results(r: Results) -> list[authres.AuthenticationResult]:
             )
         )
     dm = r.dmarc
-    comment = f"p={dm.published} dis={dm.policy}" if dm.published else None
+    # The tag the policy came from: p=, or sp=/np= for a subdomain (np=: it does not exist)
+    comment = f"{dm.tag}={dm.published} dis={dm.policy}" if dm.published else None
     out.append(
         DMARCAuthenticationResult(
             result=dm.result, result_comment=comment, header_from=dm.header_from or None
@@ -171,7 +172,8 @@ def decide(
     action = {"reject": on_reject, "quarantine": on_quarantine}.get(
         dmarc.policy if dmarc.result == "fail" else "none", "none"
     )
-    log = f"dmarc_policy={dmarc.policy} dmarc_action={action}"
+    tag = dmarc.tag if dmarc.published else "-"
+    log = f"dmarc_policy={dmarc.policy} dmarc_tag={tag} dmarc_action={action}"
     if action == "reject":
         text = f"5.7.1 DMARC policy of {_reply_domain(dmarc.header_from)} rejects this message"
         return Verdict("refuse", 550, text, log), False

@@ -9,6 +9,25 @@ domain>``, where ``sp`` (when given) is the policy for subdomains; more than one
 either name stops DMARC: no policy (6.6.3). ``pct`` below 100 applies the policy to that
 share of failing mail only; the rest gets the next weaker one (6.6.4).
 
+``np`` (RFC 9091 3.2, kept by DMARCbis): a failing message whose From domain is a subdomain
+with no record of its own and does not exist gets the organisational domain's ``np`` (when
+valid), else its ``sp``, else ``p``. Does not exist: an A query for it is answered
+NXDOMAIN. That is DMARCbis's definition (RFC 8020, as Stalwart's mail-auth reads it), not
+RFC 9091 2.1's broader NXDOMAIN-or-NODATA for A, AAAA and MX, which DMARCbis dropped: a
+subdomain that sends mail with only SPF and DKIM records (no address, no MX) exists and is
+its owner's, and the broader test cost three lookups. So a name without an A record, an
+empty non-terminal, a wildcard's match and a CNAME to nowhere exist (``resolver.exists``);
+so does every name of a zone signed with compact denial (RFC 9824 answers NODATA, never
+NXDOMAIN): there ``np`` never applies, a limit of DMARCbis's definition itself.
+
+The lookup is made only when it can change the outcome (the record came from the
+organisational domain, the verdict is fail, ``np`` is valid and differs from what
+``sp``/``p`` give); when it fails (timeout, SERVFAIL, no budget left) ``sp``/``p`` apply,
+as before ``np`` was read, so a DNS failure makes the verdict neither weaker nor stronger.
+``DmarcResult.tag`` names the tag applied (``np=reject`` in the Authentication-Results
+comment). Public suffix domains' own records (``_dmarc.<suffix>``, the rest of RFC 9091)
+are not looked up.
+
 Domains are compared, looked up and cut to their organisational domain as A-labels (RFC
 8616 4: a From of ``bücher.example`` is signed as ``d=xn--bcher-kva.example``). The
 conversion is Python's ``idna`` codec (IDNA 2003: the ``idna`` package of IDNA 2008 is not
@@ -16,9 +35,10 @@ a dependency): it maps a few characters IDNA 2008 keeps (``straße.de`` becomes
 ``strasse.de``), so such a From domain is looked up and aligned as the name IDNA 2003
 gives. A From domain that has no A-label form (an empty or over-long label) is a permerror.
 
-Both record lookups share the check's ``budget`` (``deadline``): DNS that never answers
-costs the message what is left of its checks' time, not the resolver's lifetime twice, so
-one message's checks cannot hold their thread past ``authtimeout``.
+The record lookups and the existence lookup share the check's ``budget`` (``deadline``):
+DNS that never answers costs the message what is left of its checks' time, not the
+resolver's lifetime for each lookup, so one message's checks cannot hold their thread past
+``authtimeout``.
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ import dns.resolver
 import publicsuffix2
 
 from pyqmail.checks.dkimverify import DkimResult
-from pyqmail.checks.resolver import txt
+from pyqmail.checks.resolver import exists, txt
 from pyqmail.checks.spf import SpfResult
 from pyqmail.headers import mailbox_addresses
 
@@ -47,13 +67,15 @@ _TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
 @dataclass(frozen=True)
 class DmarcResult:
     """``result`` (pass, fail, none, temperror, permerror); ``policy``: what the domain asks
-    for this message (after pct and sp); ``published``: its p= (or sp=) as written."""
+    for this message (after pct, sp and np); ``published``: the policy of the record's tag
+    that applies, as written (none for an invalid p=); ``tag``: that tag, p, sp or np."""
 
     result: str
     header_from: str = ""
     policy: str = "none"
     published: str = ""
     reason: str = ""
+    tag: str = "p"
 
 
 @functools.cache
@@ -154,16 +176,35 @@ def _authenticated(
     return "fail"
 
 
-def _policy(tags: dict[str, str], subdomain: bool, roll: int) -> tuple[str, str]:
-    """(the policy for this message, the one published) after sp= and pct=."""
-    published = tags.get("p", "").lower()
+def _published(tags: dict[str, str], subdomain: bool, nonexistent: bool) -> tuple[str, str]:
+    """(the tag that applies, its policy): np= for a subdomain that does not exist, sp= for
+    a subdomain, p= else; an absent or invalid np= or sp= gives way to the next."""
+    if subdomain and nonexistent and tags.get("np", "").lower() in POLICIES:
+        return "np", tags["np"].lower()
     if subdomain and tags.get("sp", "").lower() in POLICIES:
-        published = tags["sp"].lower()
-    if published not in POLICIES:
-        published = "none"  # 6.6.3: an invalid p= with a valid record is treated as none
+        return "sp", tags["sp"].lower()
+    published = tags.get("p", "").lower()
+    # 6.6.3: an invalid p= with a valid record is treated as none
+    return "p", published if published in POLICIES else "none"
+
+
+def _sampled(tags: dict[str, str], published: str, roll: int) -> str:
+    """The policy for this message after pct=: ``published`` for ``roll`` (0-99) below
+    pct, the next weaker one above (6.6.4)."""
     pct_text = tags.get("pct", "100")  # not ASCII digits (pct=²): the default (6.3)
     pct = int(pct_text) if re.fullmatch(r"[0-9]+", pct_text, re.ASCII) else 100
-    return (published if roll < min(pct, 100) else _WEAKER[published]), published
+    return published if roll < min(pct, 100) else _WEAKER[published]
+
+
+def _nonexistent(
+    res: dns.resolver.Resolver, name: str, tags: dict[str, str], deadline: float
+) -> bool:
+    """Whether np= applies to a failing message from ``name``, a subdomain with no record
+    of its own: np= is valid and asks for something else than sp=/p= (else no lookup), and
+    ``name`` does not exist. A failed lookup is False: sp=/p=, as before np= was read."""
+    if _published(tags, True, True)[1] == _published(tags, True, False)[1]:
+        return False
+    return exists(res, f"{name}.", lifetime=deadline - time.monotonic()) is False
 
 
 def check(
@@ -195,9 +236,11 @@ def check(
         return DmarcResult("none", domain, reason="more than one DMARC record")
     if not isinstance(tags, dict):
         return DmarcResult("none", domain, reason="no DMARC record")
-    draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
-    policy, published = _policy(tags, subdomain, draw)
     verdict = _authenticated(tags, domain, spf, dkim)
-    if verdict == "fail":
-        return DmarcResult("fail", domain, policy, published)
-    return DmarcResult(verdict, domain, "none", published)
+    if verdict != "fail":
+        tag, published = _published(tags, subdomain, nonexistent=False)
+        return DmarcResult(verdict, domain, "none", published, tag=tag)
+    nonexistent = subdomain and _nonexistent(res, name, tags, deadline)
+    tag, published = _published(tags, subdomain, nonexistent)
+    draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
+    return DmarcResult("fail", domain, _sampled(tags, published, draw), published, tag=tag)

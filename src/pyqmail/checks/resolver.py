@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import dns.exception
+import dns.name
 import dns.resolver
 
 DEFAULT_TIMEOUT = 5.0
@@ -48,19 +49,44 @@ def make_resolver(
     return res
 
 
+def _bounded(res: dns.resolver.Resolver, lifetime: float | None) -> float | None:
+    """What one lookup may take: what is left of the caller's deadline (``lifetime``),
+    capped by the resolver's own lifetime; None: the resolver's own (no caller's deadline).
+    Raises dns.exception.Timeout when nothing is left (the lookup is not even sent)."""
+    if lifetime is None:
+        return None
+    if lifetime <= 0:
+        raise dns.exception.Timeout
+    return min(lifetime, res.lifetime)
+
+
 def txt(res: dns.resolver.Resolver, name: str, lifetime: float | None = None) -> list[bytes] | None:
     """The TXT records of ``name``, each joined from its strings; [] when there are none,
     None when the lookup failed (timeout, SERVFAIL: a temporary error). ``lifetime``: what
     is left of the caller's deadline (none left: None without asking); the lookup takes no
     longer than that nor than the resolver's own lifetime."""
-    if lifetime is not None:
-        if lifetime <= 0:
-            return None
-        lifetime = min(lifetime, res.lifetime)
     try:
-        answer = res.resolve(name, "TXT", search=False, lifetime=lifetime)
+        answer = res.resolve(name, "TXT", search=False, lifetime=_bounded(res, lifetime))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException:
         return None
     return [b"".join(rdata.strings) for rdata in answer]
+
+
+def exists(res: dns.resolver.Resolver, name: str, lifetime: float | None = None) -> bool | None:
+    """Whether ``name`` exists in DNS: False only when an A query for it is answered
+    NXDOMAIN (RFC 8020: nothing there, nor under it); a name with no address (NODATA), an
+    empty non-terminal, a wildcard's match and an alias (CNAME) whose target does not exist
+    do exist. None when the lookup failed (timeout, SERVFAIL) or ``lifetime`` (what is
+    left of the caller's deadline, as for ``txt``) ran out."""
+    try:
+        res.resolve(
+            name, "A", search=False, lifetime=_bounded(res, lifetime), raise_on_no_answer=False
+        )
+    except dns.resolver.NXDOMAIN as exc:
+        # RFC 6604 3: the code speaks of the last name of a CNAME chain; the first is there.
+        return bool(exc.canonical_name != dns.name.from_text(name))
+    except dns.exception.DNSException:
+        return None
+    return True
