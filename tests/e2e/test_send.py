@@ -31,8 +31,11 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
+from pyqmail.control.send import Control
+from pyqmail.queue.format import Envelope as QueuedEnvelope
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
+from pyqmail.send.remote import RemoteDelivery
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 from tests.e2e.helpers import free_port, wait_for
@@ -180,6 +183,7 @@ class Recorder:
     starttls_reply: str = ""  # e.g. "454 4.7.0 TLS not available": offered but refused
     cleartext: bytearray = field(default_factory=bytearray)
     accepted: list[tuple[str, str, bytes]] = field(default_factory=list)  # (rcpt, sender, data)
+    tls_waits: list[float] = field(default_factory=list)  # end of handshake -> next command in
     connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -236,7 +240,12 @@ class Recorder:
 
         send("220 recorder ESMTP")
         sender, rcpts = "", []
+        handshake_end: float | None = None
         while (cmd := line()) is not None:
+            if handshake_end is not None:
+                with self.lock:
+                    self.tls_waits.append(time.monotonic() - handshake_end)
+                handshake_end = None
             verb = cmd[:4].upper()
             if verb in (b"EHLO", b"HELO"):
                 ext = ["250-recorder", "250-8BITMIME", "250-SIZE 10000000"]
@@ -255,6 +264,7 @@ class Recorder:
                 send("220 go ahead")
                 buf = b""
                 conn = self.tls.wrap_socket(raw_conn, server_side=True)
+                handshake_end = time.monotonic()
                 wrapped.append(conn)
                 secure = True
             elif verb == b"AUTH":
@@ -554,6 +564,42 @@ def test_tlshosts_correct_pin_delivers(host: Host, pki: PKI, recorder: Recorder)
     assert [r for r, _, _ in recorder.accepted] == ["x@pinned.test"]
     assert b"SECRET" not in bytes(recorder.cleartext)
     assert "verified=yes" in host.log()
+
+
+def test_ehlo_after_starttls_does_not_wait_for_the_servers_delayed_ack(
+    tmp_path: Path, pki: PKI, server_ctx: ssl.SSLContext, recorder: Recorder
+) -> None:
+    """A TLS 1.3 server that sends no session tickets (OpenSSL's num_tickets = 0; or one
+    that holds them until its first reply, as pyqmail-smtpd does) writes nothing after
+    reading our Finished, so nothing carries its ACK, and with Nagle's algorithm on our
+    EHLO waited for the server's delayed ACK: 40 ms or more on Linux, every connection
+    (the Recorder neither sets TCP_NODELAY nor writes before it has read). The delivery
+    socket has TCP_NODELAY, so the EHLO follows the handshake at loopback speed.
+    In process (``RemoteDelivery``, as pyqmail-send's workers use it): five connections,
+    each measured by the server from the end of its handshake to the EHLO's arrival."""
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    server_ctx.num_tickets = 0
+    control = tmp_path / "sender" / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "me").write_text("mx.test\n")
+    (control / "smtproutes").write_text(f"remote.test:127.0.0.1:{recorder.port}\n")
+    (control / "tlshosts" / "127.0.0.1.pem").write_bytes(pki.ca.cert_pem)
+    delivery = RemoteDelivery(Control.load(control.parent))
+    body = message("nagle")
+    env = QueuedEnvelope("id", "me@mx.test", ("a@remote.test",), len(body), 0.0)
+    for _ in range(5):
+        session = delivery.session("remote.test")
+        try:
+            (result,) = session.deliver(env, body, ["a@remote.test"])
+            assert (result.kind, result.tls, result.verified) == ("ok", "TLSv1.3", "yes"), result
+            assert session.smtp is not None and session.smtp.sock is not None
+            assert session.smtp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            session.close()
+    assert len(recorder.tls_waits) == 5
+    # Without TCP_NODELAY every wait is 40 ms or more (Linux's shortest delayed ACK), with
+    # it a loopback round trip; the fastest of five tells them apart on a loaded machine.
+    assert min(recorder.tls_waits) < 0.030, recorder.tls_waits
 
 
 def test_auth_to_smarthost_only_over_tls(
