@@ -377,6 +377,7 @@ RESOLVER = FakeResolver(
         "implicit.test": None,
         "nullmx.test": [(0, "")],
         "noaddr.test": [(10, "nowhere.test")],
+        "halfbroken.test": [(10, "nowhere.test"), (20, "broken.test")],
         "flaky.test": None,
         "hostless.test": None,  # no MX, and no A/AAAA either
     },
@@ -409,7 +410,8 @@ def test_destinations(domain: str, route: Route, expected: list[str]) -> None:
     [
         ("nullmx.test", True, "null MX"),
         ("missing.test", True, "NXDOMAIN"),
-        ("noaddr.test", False, "no address found"),
+        ("noaddr.test", True, "none of the mail hosts of noaddr.test has an address"),
+        ("halfbroken.test", False, "no address found for the mail hosts.*timeout"),
         ("hostless.test", True, "no MX and no A/AAAA records"),  # qmail's perm_nomx
         ("[999.1.1.1]", True, "bad address literal"),
     ],
@@ -418,7 +420,8 @@ def test_destination_errors(domain: str, permanent: bool, text: str) -> None:
     with pytest.raises(DnsError, match=text) as info:
         destinations(domain, Route(), RESOLVER)
     assert info.value.permanent is permanent
-    assert info.value.status == ("5.4.4" if domain == "hostless.test" else "")
+    no_host = domain in ("hostless.test", "noaddr.test")
+    assert info.value.status == ("5.4.4" if no_host else "")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 An ``smtproutes`` relay if one matches (``control.send.Route``), else the MX hosts of the
 domain in preference order (equal preferences shuffled); a domain without MX records is its
 own implicit MX (RFC 5321 §5.1: its A/AAAA records; none at all bounces, 5.4.4, as
-qmail-remote's "couldn't find a mail exchanger or IP address" and Postfix do); a null MX
+qmail-remote's "couldn't find a mail exchanger or IP address" and Postfix do, and so do MX
+hosts of which none has an address, unless a lookup failed for now); a null MX
 (RFC 7505) or a non-existent domain bounces; DNS trouble defers. An address literal
 ``[192.0.2.1]`` is used as is.
 
@@ -96,8 +97,12 @@ class Resolver(Protocol):
 class DnsResolver:
     """dnspython-backed Resolver."""
 
-    def __init__(self, lifetime: float = 30.0) -> None:
-        self._resolver = dns.resolver.Resolver()
+    def __init__(
+        self, lifetime: float = 30.0, resolver: dns.resolver.Resolver | None = None
+    ) -> None:
+        """``resolver``: dnspython's, from /etc/resolv.conf unless given (the tests' asks
+        their DNS server on loopback)."""
+        self._resolver = resolver or dns.resolver.Resolver()
         self._resolver.lifetime = lifetime
 
     def _query(self, name: str, rdtype: str) -> list[object] | None:
@@ -223,16 +228,35 @@ def _mx_addresses(
         if len(out) >= MAX_ADDRESSES:
             break
     if not out:
-        if failed and implicit:
-            raise failed[-1][1]
-        if implicit:
-            raise DnsError(
-                f"{domain} has no MX and no A/AAAA records: no mail host (RFC 5321 5.1)",
-                permanent=True,
-                status="5.4.4",
-            )
-        raise DnsError(f"no address found for the mail hosts of {domain}", permanent=False)
+        _no_addresses(domain, implicit, failed)
     return [dest for _, dest in out[:MAX_ADDRESSES]]
+
+
+def _no_addresses(domain: str, implicit: bool, failed: list[tuple[int, DnsError]]) -> None:
+    """Raise why no mail host of ``domain`` has an address. A lookup that failed for now
+    defers; when every host is known to have none (its name does not exist, or it has no
+    A/AAAA records) the mail bounces at once, 5.4.4, as qmail-remote (perm_nomx: its
+    ``dns_mxip`` skips hard failures and is soft only when one was soft), Postfix ("Host
+    or domain name not found") and Exim ("all relevant MX records point to non-existent
+    hosts") do: a mistyped MX target would otherwise hold the mail for the whole queue
+    lifetime before the sender hears of it."""
+    if failed and implicit:
+        raise failed[-1][1]
+    if implicit:
+        raise DnsError(
+            f"{domain} has no MX and no A/AAAA records: no mail host (RFC 5321 5.1)",
+            permanent=True,
+            status="5.4.4",
+        )
+    soft = [exc for _, exc in failed if not exc.permanent]
+    if soft:
+        raise DnsError(f"no address found for the mail hosts of {domain}: {soft[0]}", False)
+    why = f" ({failed[0][1]})" if failed else ""
+    raise DnsError(
+        f"none of the mail hosts of {domain} has an address{why} (RFC 5321 5.1)",
+        permanent=True,
+        status="5.4.4",
+    )
 
 
 def _before_me(
