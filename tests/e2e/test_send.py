@@ -181,6 +181,7 @@ class Recorder:
     rcpt_reply: dict[str, str] = field(default_factory=dict)
     temp_first: int = 0  # answer 451 at end of DATA this many times first
     starttls_reply: str = ""  # e.g. "454 4.7.0 TLS not available": offered but refused
+    implicit: bool = False  # TLS from the first byte (port 465's way), with ``tls``
     cleartext: bytearray = field(default_factory=bytearray)
     accepted: list[tuple[str, str, bytes]] = field(default_factory=list)  # (rcpt, sender, data)
     tls_waits: list[float] = field(default_factory=list)  # end of handshake -> next command in
@@ -221,6 +222,10 @@ class Recorder:
         conn: socket.socket = raw_conn
         secure = False
         buf = b""
+        if self.implicit and self.tls is not None:
+            conn = self.tls.wrap_socket(raw_conn, server_side=True)
+            wrapped.append(conn)
+            secure = True
 
         def send(text: str) -> None:
             conn.sendall(text.encode() + b"\r\n")

@@ -22,7 +22,8 @@ from pyqmail.queue.store import Queue
 from pyqmail.send.ipme import LocalAddresses, parse_fib_trie, parse_if_inet6
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import DnsError, LoopError, Myself, destinations
-from pyqmail.send.remote import _SMTP, MAX_REPLY, wire_data
+from pyqmail.send.remote import wire_data
+from pyqmail.send.smtpclient import MAX_REPLY, SMTPClient
 from pyqmail.wirelines import wire_lines
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
@@ -333,7 +334,7 @@ def chatty_server() -> Iterator[int]:
 
 
 def test_endless_reply_is_cut_off(chatty_server: int) -> None:
-    smtp = _SMTP("127.0.0.1", "client.test", 10)
+    smtp = SMTPClient("127.0.0.1", "client.test", 10)
     try:
         with pytest.raises(Exception, match=f"reply over {MAX_REPLY} bytes"):
             smtp.connect("127.0.0.1", chatty_server)

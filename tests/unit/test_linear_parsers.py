@@ -32,7 +32,8 @@ from pyqmail.headers import HopCounter, header_fields, mailbox_addresses
 from pyqmail.queue.format import Envelope
 from pyqmail.send.bounce import BounceTarget, Failure, make_dsn
 from pyqmail.send.delivery import Result
-from pyqmail.send.remote import _SMTP, wire_data
+from pyqmail.send.remote import wire_data
+from pyqmail.send.smtpclient import SMTPClient
 from pyqmail.tools import sendmail as inject
 
 N = 1 << 20
@@ -192,7 +193,7 @@ def test_bounce_with_many_recipients_is_linear() -> None:
 
 
 def reply_reader(data: bytes) -> None:
-    smtp = _SMTP("127.0.0.1", "client.test", 5)
+    smtp = SMTPClient("127.0.0.1", "client.test", 5)
     smtp.file = io.BytesIO(data)  # type: ignore[assignment]
     with contextlib.suppress(smtplib.SMTPServerDisconnected):  # cut off over MAX_REPLY
         smtp.getreply()

@@ -58,8 +58,9 @@ class Route:
     IPv6 relays are bracketed: ``example.com:[2001:db8::1]:587``.
     ``smtproutes-auth`` lines are ``relay:user:password`` (the password is the rest of the
     line, so it may contain ``:``); the credentials are used for that relay only, and only
-    after STARTTLS succeeded with a certificate that verified (system CAs, or the relay's
-    ``tlshosts/<relay>.pem`` pin); otherwise the delivery is deferred.
+    over TLS (STARTTLS, or from the first byte on port 465) with a certificate that
+    verified (system CAs, or the relay's ``tlshosts/<relay>.pem`` pin); otherwise the
+    delivery is deferred.
     """
 
     host: str = ""

@@ -16,7 +16,9 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
   Postfix's ``may`` level); the log says ``tls=none``.
 - ``control/clientcert.pem`` (key, then certificate, then chain) is offered when the server
   asks for a client certificate.
-- AUTH (``smtproutes-auth``) is only ever sent after STARTTLS with a verified or pinned
+- a relay on port 465 gets TLS from the first byte (``pyqmail.send.smtpclient``), with the
+  same verification rules and no cleartext fallback.
+- AUTH (``smtproutes-auth``) is only ever sent over TLS with a verified or pinned
   certificate; otherwise the delivery is deferred.
 
 Every context comes from ``TlsPolicy`` (``pyqmail.send.tlspolicy``), built with
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 import ssl
 import threading
 import time
@@ -66,65 +67,12 @@ from pyqmail.send.mx import (
     Resolver,
     destinations,
 )
+from pyqmail.send.smtpclient import IMPLICIT_TLS_PORT, SMTPClient
 from pyqmail.send.tlspolicy import TlsPolicy
 from pyqmail.tls import TLSConfigError
 from pyqmail.wirelines import wire_lines
 
-MAX_REPLY = 64 * 1024  # bytes of one (multi-line) SMTP reply read before giving up
-MAX_LINE_IN = 8192  # one reply line (smtplib's own limit)
 UNVERIFIABLE_TTL = 3600.0
-
-
-class _SMTP(smtplib.SMTP):
-    """smtplib connecting to a chosen address while TLS checks the host name."""
-
-    def __init__(self, address: str, helo: str, timeout: float) -> None:
-        self._address = address
-        super().__init__(local_hostname=helo, timeout=timeout)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        """With TCP_NODELAY: our Finished ends a TLS 1.3 handshake, and a server writing nothing
-        then (no session tickets, or tickets held for its first reply) sends nothing that
-        carries its ACK, so Nagle would hold our EHLO until the server's delayed ACK (40+ ms
-        on Linux). Nagle has nothing else to do here: no PIPELINING, each command waits for
-        its reply, and the message goes in one ``sendall``."""
-        self._host = host  # the name STARTTLS verifies (smtplib only sets it in __init__)
-        sock = socket.create_connection((self._address, port), timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def getreply(self) -> tuple[int, bytes]:
-        """smtplib's reply reader with a bound on the whole reply, not only on each line: a
-        server sending continuation lines forever is cut off after ``MAX_REPLY`` bytes."""
-        lines: list[bytes] = []
-        total = 0
-        if self.file is None:
-            if self.sock is None:
-                raise smtplib.SMTPServerDisconnected("not connected")
-            self.file = self.sock.makefile("rb")
-        while True:
-            try:
-                line = self.file.readline(MAX_LINE_IN + 1)
-            except OSError as exc:
-                self.close()
-                raise smtplib.SMTPServerDisconnected(f"connection lost: {exc}") from None
-            if not line:
-                self.close()
-                raise smtplib.SMTPServerDisconnected("connection closed by the server")
-            total += len(line)
-            if len(line) > MAX_LINE_IN or total > MAX_REPLY:
-                self.close()
-                raise smtplib.SMTPServerDisconnected(
-                    f"reply line over {MAX_LINE_IN} bytes"
-                    if len(line) > MAX_LINE_IN
-                    else f"reply over {MAX_REPLY} bytes"
-                )
-            lines.append(line[4:].strip(b" \t\r\n"))
-            code = line[:3]
-            if not code.isdigit():
-                return -1, b"\n".join(lines)
-            if line[3:4] != b"-":
-                return int(code), b"\n".join(lines)
 
 
 _LOCAL_ADDRESSES = LocalAddresses()
@@ -186,7 +134,7 @@ class RemoteSession:
         self.delivery = delivery
         self.domain = domain
         self.route = delivery.control.route(domain)
-        self.smtp: _SMTP | None = None
+        self.smtp: SMTPClient | None = None
         self.dest: Destination | None = None
         self.tls = "none"
         self.verified = "-"
@@ -226,6 +174,8 @@ class RemoteSession:
             modes = ["pinned"] if pin else ["verify", "none", "plain"]
             if not pin and _known_unverifiable(dest):
                 modes = ["none", "plain"]
+            if dest.port == IMPLICIT_TLS_PORT:
+                modes = [m for m in modes if m != "plain"]  # no cleartext on that port
             for mode in modes:
                 try:
                     self._connect(dest, mode, pin, control)
@@ -241,7 +191,11 @@ class RemoteSession:
     def _connect(self, dest: Destination, mode: str, pin: Path | None, control: Control) -> None:
         """Connect and negotiate; _RetryError = try the next TLS mode, _FailError = next host."""
         self.tls, self.verified = "none", "-"
-        smtp = _SMTP(dest.address, control.helohost, control.timeoutconnect)
+        try:
+            implicit = self._implicit_context(dest, mode, pin)
+        except TLSConfigError as exc:
+            raise _FailError(self._result("temp", f"TLS set-up: {exc} (#4.7.5)", "4.7.5")) from None
+        smtp = SMTPClient(dest.address, control.helohost, control.timeoutconnect, implicit)
         try:
             self._negotiate(smtp, dest, mode, pin, control)
         except TLSConfigError as exc:
@@ -252,16 +206,22 @@ class RemoteSession:
             raise
         self.smtp = smtp
 
+    def _implicit_context(
+        self, dest: Destination, mode: str, pin: Path | None
+    ) -> ssl.SSLContext | None:
+        """The context of TLS from the first byte (port 465), None elsewhere."""
+        if dest.port != IMPLICIT_TLS_PORT:
+            return None
+        tls = self.delivery.tls
+        if pin is not None:
+            return tls.pinned(pin)
+        return tls.verifying() if mode == "verify" else tls.unverified()
+
     def _negotiate(
-        self, smtp: _SMTP, dest: Destination, mode: str, pin: Path | None, control: Control
+        self, smtp: SMTPClient, dest: Destination, mode: str, pin: Path | None, control: Control
     ) -> None:
         where = str(dest)
-        try:
-            code, text = smtp.connect(dest.fqdn, dest.port)
-        except (OSError, smtplib.SMTPException) as exc:
-            raise _FailError(
-                self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
-            ) from None
+        code, text = self._greeting(smtp, dest, pin)
         if smtp.sock is not None:
             smtp.sock.settimeout(control.timeoutremote)
         if code != 220:
@@ -270,7 +230,10 @@ class RemoteSession:
             raise _FailError(self._result("temp", f"{where} greeted {_reply(code, text)}", "4.4.2"))
         self._hello(smtp, where)
         offers_tls = smtp.has_extn("starttls")
-        if pin is not None:
+        if isinstance(smtp.sock, ssl.SSLSocket):  # port 465: TLS is up already
+            self.tls = smtp.sock.version() or "TLS"
+            self.verified = "no" if mode == "none" else "yes"
+        elif pin is not None:
             if not offers_tls:
                 raise _FailError(
                     self._result(
@@ -300,7 +263,35 @@ class RemoteSession:
         if self.route.user:
             self._auth(smtp, where)
 
-    def _hello(self, smtp: _SMTP, where: str) -> None:
+    def _greeting(self, smtp: SMTPClient, dest: Destination, pin: Path | None) -> tuple[int, bytes]:
+        """Connect (and, on port 465, shake hands) and read the greeting. A handshake that
+        fails tries the next mode, as a failed STARTTLS does, except on a pinned relay."""
+        where = str(dest)
+        try:
+            return smtp.connect(dest.fqdn, dest.port)
+        except ssl.SSLCertVerificationError as exc:
+            if pin is not None:
+                raise _FailError(
+                    self._result(
+                        "temp",
+                        f"TLS required for {where} but it failed: {exc}; nothing sent",
+                        "4.7.5",
+                    )
+                ) from None
+            _mark_unverifiable(dest)
+            raise _RetryError(
+                self._result("temp", f"{where}: certificate not verified: {exc}", "4.7.5")
+            ) from None
+        except ssl.SSLError as exc:
+            raise _FailError(
+                self._result("temp", f"{where}: TLS handshake failed: {exc}", "4.7.5")
+            ) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _FailError(
+                self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
+            ) from None
+
+    def _hello(self, smtp: SMTPClient, where: str) -> None:
         try:
             code, text = smtp.ehlo()
             if code not in (250, 421):  # after a 421 the server is gone: no HELO
@@ -326,7 +317,7 @@ class RemoteSession:
                 )
             )
 
-    def _starttls(self, smtp: _SMTP, ctx: ssl.SSLContext, where: str, required: bool) -> None:
+    def _starttls(self, smtp: SMTPClient, ctx: ssl.SSLContext, where: str, required: bool) -> None:
         text: bytes | str
         try:
             code, text = smtp.starttls(context=ctx)
@@ -356,7 +347,7 @@ class RemoteSession:
         self.tls = sock.version() or "TLS" if isinstance(sock, ssl.SSLSocket) else "none"
         self._hello(smtp, where)
 
-    def _auth(self, smtp: _SMTP, where: str) -> None:
+    def _auth(self, smtp: SMTPClient, where: str) -> None:
         if self.verified != "yes":
             raise _FailError(
                 self._result(
@@ -415,7 +406,7 @@ class RemoteSession:
         reused, self._used, self._dirty = self._used, True, True
         return self._transaction(self.smtp, env, message, recipients, reused=reused)
 
-    def _reset(self, smtp: _SMTP) -> bool:
+    def _reset(self, smtp: SMTPClient) -> bool:
         """RSET on a reused connection: False when it is refused or the connection is gone."""
         try:
             code, _ = self._cmd(smtp, "RSET")
@@ -430,13 +421,13 @@ class RemoteSession:
         self.smtp = None
         self._used = self._dirty = False
 
-    def _cmd(self, smtp: _SMTP, line: str) -> tuple[int, str]:
+    def _cmd(self, smtp: SMTPClient, line: str) -> tuple[int, str]:
         smtp.putcmd(line)
         code, text = smtp.getreply()
         return code, _reply(code, text)
 
     def _refusal(
-        self, smtp: _SMTP, env: Envelope, message: bytes, recipients: Sequence[str]
+        self, smtp: SMTPClient, env: Envelope, message: bytes, recipients: Sequence[str]
     ) -> Result | list[str]:
         """A permanent refusal known before MAIL (SMTPUTF8, SIZE), or MAIL's parameters."""
         utf8 = needs_smtputf8(env, recipients)
@@ -465,7 +456,7 @@ class RemoteSession:
 
     def _transaction(
         self,
-        smtp: _SMTP,
+        smtp: SMTPClient,
         env: Envelope,
         message: bytes,
         recipients: Sequence[str],
@@ -494,7 +485,7 @@ class RemoteSession:
 
     def _exchange(
         self,
-        smtp: _SMTP,
+        smtp: SMTPClient,
         env: Envelope,
         message: bytes,
         recipients: Sequence[str],
@@ -566,7 +557,7 @@ class _RetryError(_FailError):
     pass
 
 
-def _close(smtp: _SMTP) -> None:
+def _close(smtp: SMTPClient) -> None:
     try:
         if smtp.sock is not None:
             smtp.sock.settimeout(5)
