@@ -16,6 +16,8 @@ description:
     each of those is a round trip to the host.
   - Paths are handled in the order given. A path that exists and is not a directory (or a
     symlink to one) is an error.
+  - With O(foreign_owner=fail), a path that exists and belongs to a user other than root and
+    O(owner) is an error, found before anything is created or changed.
 author:
   - pyqmail maintainers (@pyqmail)
 extends_documentation_fragment:
@@ -36,6 +38,23 @@ options:
     type: list
     elements: raw
     required: true
+  foreign_owner:
+    description:
+      - What to do with a path that exists and belongs to a user other than root and the
+        owner asked for it (O(owner), or the entry's own). The path itself and, for a
+        symlink, the directory it names are looked at.
+      - V(change) gives it to the owner asked for, as C(ansible.builtin.file) does. Right for
+        the directories a role owns outright (its queue, its log directories), which may
+        still carry the user of an earlier installation.
+      - V(fail) refuses, before any path of the set is created or changed, with an error that
+        names the path, its owner and the owner asked for. Right for paths built from names
+        an administrator types under a base directory (mailbox homes), where an existing
+        directory of that name can be another user's home.
+      - A path owned by root or already by the owner asked for is changed as asked either
+        way, so a second run re-asserts what the first made.
+    type: str
+    choices: [change, fail]
+    default: change
 """
 
 EXAMPLES = r"""
@@ -44,6 +63,7 @@ EXAMPLES = r"""
     owner: pyqmailv
     group: pyqmailv
     mode: "0700"
+    foreign_owner: fail  # /home/vmail/admin belonging to a login user is theirs, not a mailbox
     paths:
       - /home/vmail/admin
       - /home/vmail/admin/Maildir
@@ -71,6 +91,7 @@ changed_paths:
 """
 
 import os
+import pwd
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -96,6 +117,57 @@ def entries(paths: list[Any]) -> tuple[list[dict[str, Any]], str | None]:
     return out, None
 
 
+def uid_of(owner: Any) -> int | None:
+    """A user name or number as a uid, as Ansible's chown reads it; None for a name this
+    host does not know (every existing directory but root's is then someone else's)."""
+    try:
+        return int(owner)
+    except ValueError:
+        pass
+    try:
+        return pwd.getpwnam(str(owner)).pw_uid
+    except KeyError:
+        return None
+
+
+def user_named(uid: int) -> str:
+    """``alice (uid 1000)``, or ``uid 1000`` for a number no user has."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_owner(path: str, owner: Any) -> str | None:
+    """The refusal if ``path`` exists and belongs to neither root nor ``owner``, else None.
+
+    Why: a mailbox home is ``<base>/<name>``; with a base such as /home, the home of mailbox
+    alice is the login user alice's home, and giving it to the delivery user (mode 0700)
+    takes it from her. Postfix's virtual(8) (virtual_minimum_uid) and Dovecot
+    (first_valid_uid) refuse to act as a system user for the same reason. Root is let
+    through: the module makes a directory as root and then chowns it, so root is what an
+    interrupted earlier run leaves, as is a directory an administrator made for the role.
+    The owner asked for is let through so a second run re-asserts mode and group. The link
+    and the directory it names are both looked at: a mode change follows the link.
+    """
+    if owner is None:
+        return None
+    asked = uid_of(owner)
+    for look in (os.lstat, os.stat):
+        try:
+            uid = look(path).st_uid
+        except OSError:  # missing, or a dangling link (then "not a directory" names it)
+            return None
+        if uid not in (0, asked):
+            allowed = f"{owner} (the owner asked for)" + (" or root" if asked != 0 else "")
+            return (
+                f"{path} belongs to {user_named(uid)}, not to {allowed}: foreign_owner=fail "
+                f"refuses to give another user's directory to {owner}; move it away, or chown "
+                f"it to {owner} if it is meant to be this one"
+            )
+    return None
+
+
 class Directories:
     """Create each directory and set its attributes; collect what changed."""
 
@@ -108,6 +180,8 @@ class Directories:
     def run(self) -> None:
         """Check every entry first, then apply them in order."""
         items, problem = entries(self.module.params["paths"])
+        if not problem and self.module.params["foreign_owner"] == "fail":
+            problem = self.first_foreign(items)
         if problem:
             self.module.fail_json(msg=problem, changed=False, changed_paths=[])
         for entry in items:
@@ -119,6 +193,18 @@ class Directories:
         if self.module._diff:
             result["diff"] = self.diffs
         self.module.exit_json(**result)
+
+    def first_foreign(self, items: list[dict[str, Any]]) -> str | None:
+        """The first path of the set that belongs to another user (all checked before any
+        change: a refused set leaves the host as it was, in check mode too)."""
+        for entry in items:
+            owner = (
+                entry["owner"] if entry.get("owner") is not None else self.module.params["owner"]
+            )
+            problem = foreign_owner(os.path.normpath(entry["path"]), owner)
+            if problem:
+                return problem
+        return None
 
     def fail(self, msg: str) -> None:
         """Fail naming what already changed."""
@@ -194,7 +280,10 @@ class Directories:
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec={"paths": {"type": "list", "elements": "raw", "required": True}},
+        argument_spec={
+            "paths": {"type": "list", "elements": "raw", "required": True},
+            "foreign_owner": {"type": "str", "choices": ["change", "fail"], "default": "change"},
+        },
         add_file_common_args=True,
         supports_check_mode=True,
     )

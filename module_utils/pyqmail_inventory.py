@@ -199,6 +199,7 @@ ADDRESS_RE = re.compile(r"[^@\s:|&#/]+@[A-Za-z0-9.-]+\Z")
 SENDER_LOCAL_RE = re.compile(r"[^@\s:|&#/\\\"<>(),;]{1,64}\Z")
 MAILDIR_RE = re.compile(r"/\S*/\Z")
 HOME_RE = re.compile(r"/[^:\s]+\Z")
+HOME_BASE_RE = re.compile(r"/[^:\s]*\Z")  # "/" too: check_home_base names it
 CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 RELAY_RE = re.compile(r"[A-Za-z0-9.:-]*\Z")
 WORKERS_RE = re.compile(r"(auto|[1-9][0-9]*)\Z")
@@ -207,6 +208,16 @@ WILDCARDS = ("0.0.0.0", "::", "0", "0:0:0:0:0:0:0:0")  # noqa: S104 - to refuse 
 LISTENERS = ("smtp", "smtps", "submission")
 FOLDER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # a Maildir++ folder: no dots, no slashes
 IMAP_LOGIN_RE = re.compile(r"[A-Za-z0-9._@+-]{1,255}\Z")  # Dovecot's auth_username_chars
+# Directories other software and other users share (the Filesystem Hierarchy Standard's), refused
+# as pyqmail_mailboxes__home_base: see check_home_base.
+SHARED_DIRS = frozenset(
+    """
+    / /bin /boot /dev /etc /home /lib /lib32 /lib64 /libx32 /media /mnt /opt /proc /root /run
+    /sbin /srv /sys /tmp /usr /usr/bin /usr/include /usr/lib /usr/libexec /usr/local /usr/sbin
+    /usr/share /usr/src /var /var/backups /var/cache /var/lib /var/local /var/lock /var/log
+    /var/mail /var/opt /var/run /var/spool /var/spool/mail /var/tmp /var/www
+    """.split()  # noqa: SIM905 - four lines of paths, not 43 lines of quoted strings
+)
 
 
 def in_range(low: int, high: int | None = None, note: str = "") -> Check:
@@ -573,6 +584,52 @@ def check_home(where: str, home: str, values: Mapping[str, Any]) -> Problems:
         )
 
 
+def plain_path(path: str) -> str:
+    """``path`` without ``.``, ``..``, doubled or trailing slashes: ``//home/`` is /home."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def overlap(one: str, other: str) -> bool:
+    """One of the two (plain) paths is the other or lies inside it."""
+    return (one + "/").startswith(other.rstrip("/") + "/") or (other + "/").startswith(
+        one.rstrip("/") + "/"
+    )
+
+
+def check_home_base(name: str, value: str, values: Mapping[str, Any]) -> Problems:
+    """pyqmail_mailboxes__home_base is a directory of the mailboxes alone.
+
+    Why: the role makes <home_base> root's, mode 0755, and each <home_base>/<mailbox name>
+    the delivery user's, mode 0700. A shared directory as the base is taken from the system
+    (/tmp loses its sticky 1777, /var/mail its group mail) and a mailbox named like an entry
+    in it takes that entry: alice under /home is the login user alice's home, ssh under /etc
+    is sshd's configuration. pyqmail's own tree (pyqmail__root) holds the queue and control/
+    (a mailbox "queue"). The module refuses a home that belongs to another user
+    (pyqmail_directories foreign_owner), but root's directories pass it (the module makes a
+    directory as root before it chowns it), and the controller cannot see the host: this
+    check names the variable before any task runs.
+    """
+    if not HOME_BASE_RE.match(value):
+        yield f"{name}: {value!r} is not an absolute path without ':' or blanks"
+        return
+    base = plain_path(value)
+    if base in SHARED_DIRS:
+        yield (
+            f"{name}: {value!r} is a directory the system and its users share; the role would "
+            "make it root's with mode 0755 and each <home_base>/<mailbox name> the delivery "
+            "user's with mode 0700 (/home/alice, /etc/ssh): give a directory of the mailboxes "
+            "alone, such as /var/vmail"
+        )
+        return
+    root = values.get("pyqmail__root")
+    if isinstance(root, str) and root.startswith("/") and overlap(base, plain_path(root)):
+        yield (
+            f"{name}: {value!r} overlaps pyqmail__root ({root}); a mailbox would take a "
+            "directory of pyqmail's own (queue, control, users): give a directory of the "
+            "mailboxes alone, such as /var/vmail"
+        )
+
+
 def sender_entry(entry: str) -> bool:
     """An entry of a mailbox's ``senders``: user@domain or @domain (pyqmail.smtpd.senders)."""
     local, at, domain_part = entry.rpartition("@")
@@ -915,6 +972,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_mailboxes__list": check_mailbox_rows,
     "pyqmail_mailboxes__folders": each(check_folder),
     "pyqmail_mailboxes__login_domain": domain,
+    "pyqmail_mailboxes__home_base": check_home_base,
     # pyqmail_dkim
     "pyqmail_dkim__domains": check_dkim_domains,
     "pyqmail_dkim__selector_prefix": check_dkim_prefix,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pwd
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.modules.utils import fail_in_process, run_in_process, run_module
+from tests.runas import IS_ROOT, spare_ids
 
 dirs_module: Any = importlib.import_module("pyqmail_directories")
 
@@ -109,3 +111,90 @@ def test_through_ansible_check_then_real(tmp_path: Path) -> None:
     assert made["changed_paths"] == args["paths"]
     again = run_module("pyqmail_directories", args, check=True)
     assert again["changed"] is False
+
+
+# --- foreign_owner: a directory that belongs to another user is not taken ------------------
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="giving a directory to another uid needs root")
+
+
+def owned(path: Path, uid: int, mode: int = 0o755) -> Path:
+    """``path`` made as a directory of ``uid`` with ``mode``."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, uid)
+    os.chmod(path, mode)
+    return path
+
+
+@needs_root
+def test_a_home_of_another_user_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    """home_base /home: mailbox alice's home is the login user alice's; it keeps its owner
+    and mode, and no other path of the set is made (all are checked first)."""
+    vmail, alice = spare_ids(2)
+    home = owned(tmp_path / "home" / "alice", alice)
+    paths = [str(tmp_path / "home" / "bob"), str(home), str(home / "Maildir")]
+    args = {"paths": paths, "owner": str(vmail), "mode": "0700", "foreign_owner": "fail"}
+    for check in (True, False):
+        msg = fail({**args, "_ansible_check_mode": check})
+        assert msg == (
+            f"{home} belongs to uid {alice}, not to {vmail} (the owner asked for) or root: "
+            f"foreign_owner=fail refuses to give another user's directory to {vmail}; move it "
+            f"away, or chown it to {vmail} if it is meant to be this one"
+        )
+        assert (home.stat().st_uid, mode_of(home)) == (alice, 0o755)
+        assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["alice"]
+
+
+@needs_root
+def test_a_user_is_named_by_name_and_an_entry_owner_counts(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    home = owned(tmp_path / "alice", nobody)
+    (vmail,) = spare_ids(1)
+    entry = {"path": str(home), "owner": str(vmail)}
+    msg = fail({"paths": [entry], "owner": "nobody", "foreign_owner": "fail"})
+    assert msg.startswith(f"{home} belongs to nobody (uid {nobody}), not to {vmail} "), msg
+
+
+@needs_root
+def test_a_link_to_another_users_directory_is_refused(tmp_path: Path) -> None:
+    """A base that links to /home: the link is root's, the directory it names is not."""
+    vmail, alice = spare_ids(2)
+    target = owned(tmp_path / "home" / "alice", alice)
+    (tmp_path / "vmail").mkdir()
+    (tmp_path / "vmail" / "alice").symlink_to(target)
+    args = {"paths": [str(tmp_path / "vmail" / "alice")], "owner": str(vmail), "mode": "0700"}
+    msg = fail({**args, "foreign_owner": "fail"})
+    assert msg.startswith(f"{tmp_path}/vmail/alice belongs to uid {alice}, "), msg
+    assert (target.stat().st_uid, mode_of(target)) == (alice, 0o755)
+
+
+@needs_root
+def test_homes_of_root_and_of_the_owner_are_still_made_right(tmp_path: Path) -> None:
+    """Idempotence: a home an earlier run made (the delivery user's, its mode since changed)
+    is re-asserted; root's (a mkdir whose chown never came, or made by the administrator)
+    is given to the delivery user."""
+    (vmail,) = spare_ids(1)
+    ours = owned(tmp_path / "vmail" / "alice", vmail, 0o755)
+    roots = owned(tmp_path / "vmail" / "bob", 0, 0o755)
+    args = {"paths": [str(ours), str(roots)], "owner": str(vmail), "group": str(vmail)}
+    result = run({**args, "mode": "0700", "foreign_owner": "fail"})
+    assert result["changed_paths"] == [str(ours), str(roots)]
+    for home in (ours, roots):
+        assert (home.stat().st_uid, home.stat().st_gid, mode_of(home)) == (vmail, vmail, 0o700)
+    again = run({**args, "mode": "0700", "foreign_owner": "fail"})
+    assert again == {"changed": False, "changed_paths": []}
+
+
+@needs_root
+def test_without_foreign_owner_fail_any_owner_is_changed_as_before(tmp_path: Path) -> None:
+    """The default (change) is ansible.builtin.file's: the roles' own directories (queue,
+    logs) may still carry the user of an earlier installation."""
+    vmail, old = spare_ids(2)
+    log = owned(tmp_path / "log", old)
+    assert run({"paths": [str(log)], "owner": str(vmail)})["changed_paths"] == [str(log)]
+    assert log.stat().st_uid == vmail
+
+
+def test_foreign_owner_takes_change_or_fail() -> None:
+    msg = fail({"paths": ["/nonexistent"], "foreign_owner": "take"})
+    assert "foreign_owner" in msg and "change, fail" in msg, msg

@@ -24,11 +24,12 @@ def ansible_env() -> dict[str, str]:
 
 
 def run_role_tasks(
-    roles: tuple[str, ...], base: Path, extra: dict[str, Any], *args: str
+    roles: tuple[str, ...], base: Path, extra: dict[str, Any], *args: str, must_pass: bool = True
 ) -> dict[str, Any]:
     """Run the tasks of ``roles`` (with their defaults and the role pyqmail's handlers) on
     localhost in ``base``; ``extra`` are the extra vars, ``args`` more ansible-playbook options
-    (``--check``, ``--diff``). Returns the JSON callback's output; a failed run fails the test.
+    (``--check``, ``--diff``). Returns the JSON callback's output; a failed run fails the test
+    unless ``must_pass`` is false (a test of what a role refuses reads the failed task).
     """
     base.mkdir(parents=True, exist_ok=True)
     tasks = "\n".join(
@@ -78,9 +79,19 @@ def run_role_tasks(
         timeout=300,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 or not must_pass, proc.stdout[-4000:] + proc.stderr[-2000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
+
+
+def task_result(out: dict[str, Any], name: str, host: str = "localhost") -> dict[str, Any]:
+    """The result of the task called ``name`` on ``host`` (the first, if it ran twice)."""
+    for play in out["plays"]:
+        for task in play["tasks"]:
+            if task["task"]["name"] == name and host in task["hosts"]:
+                result: dict[str, Any] = task["hosts"][host]
+                return result
+    raise AssertionError(f"no task {name!r} ran on {host}")
 
 
 def changed_tasks(out: dict[str, Any]) -> list[str]:

@@ -4,18 +4,26 @@ no longer passes SMTP AUTH; the run after that changes nothing."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from pyqmail.authdb import AuthDB
-from tests.roles.playbook import changed_tasks, run_role_tasks
+import pytest
 
+from pyqmail.authdb import AuthDB
+from tests.roles.playbook import changed_tasks, run_role_tasks, task_result
+from tests.runas import IS_ROOT, spare_ids
+
+HOMES = "Create the mailbox homes and Maildirs"
 PRUNE = (
     "Remove the SMTP AUTH users the list no longer declares (deleted, renamed, without a password)"
 )
 
 
-def play(tmp_path: Path, boxes: list[dict[str, Any]], *args: str) -> dict[str, Any]:
+def play(
+    tmp_path: Path, boxes: list[dict[str, Any]], *args: str, must_pass: bool = True
+) -> dict[str, Any]:
     root = tmp_path / "qmail"
     for sub in ("control", "users"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -36,6 +44,7 @@ def play(tmp_path: Path, boxes: list[dict[str, Any]], *args: str) -> dict[str, A
             "pyqmail_mailboxes__list": boxes,
         },
         *args,
+        must_pass=must_pass,
     )
 
 
@@ -64,3 +73,35 @@ def test_undeclared_logins_leave_smtpusers(tmp_path: Path) -> None:
         assert users(tmp_path) == expected, boxes
         assert PRUNE in changed_tasks(out)  # check mode told
         assert changed_tasks(play(tmp_path, boxes)) == [], boxes
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a directory of another uid needs root")
+def test_a_home_that_belongs_to_another_user_is_not_taken(tmp_path: Path) -> None:
+    """<home_base>/alice exists and is another user's (home_base /home, or a base linked
+    there): the run fails naming it, her directory keeps its owner and mode, and no other
+    home is made (the module checks the whole set first). The delivery user here is root."""
+    (alice,) = spare_ids(1)
+    home = tmp_path / "vmail" / "alice"
+    home.mkdir(parents=True)
+    os.chown(home, alice, alice)
+    home.chmod(0o751)
+    out = play(tmp_path, [{"name": "bob"}, {"name": "alice"}], must_pass=False)
+    result = task_result(out, HOMES)
+    assert result.get("failed"), result
+    assert result["msg"].startswith(
+        f"{home} belongs to uid {alice}, not to root (the owner asked for): foreign_owner=fail "
+    ), result["msg"]
+    assert (home.stat().st_uid, stat.S_IMODE(home.stat().st_mode)) == (alice, 0o751)
+    assert sorted(p.name for p in home.parent.iterdir()) == ["alice"]
+
+
+def test_homes_made_by_an_earlier_run_are_kept_and_corrected(tmp_path: Path) -> None:
+    """The delivery user's own homes pass: a second run changes nothing, and a home whose
+    mode was loosened since is set back to 0700."""
+    boxes = [{"name": "alice"}]
+    play(tmp_path, boxes)
+    home = tmp_path / "vmail" / "alice"
+    home.chmod(0o755)
+    assert changed_tasks(play(tmp_path, boxes)) == [HOMES]
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert changed_tasks(play(tmp_path, boxes)) == []

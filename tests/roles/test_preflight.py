@@ -81,6 +81,12 @@ for _role in ROLES:
     DEFAULTS.update(load_role(_role, "defaults/main.yml"))
 DEFAULTS.update(TEMPLATED)
 
+HOME_BASE_SHARED = (
+    "is a directory the system and its users share; the role would make it root's with mode "
+    "0755 and each <home_base>/<mailbox name> the delivery user's with mode 0700 (/home/alice, "
+    "/etc/ssh): give a directory of the mailboxes alone, such as /var/vmail"
+)
+
 # (variables set on the host, the one line the preflight must print)
 BAD: dict[str, tuple[dict[str, Any], str]] = {
     "nameless-mailbox": (
@@ -150,10 +156,48 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_services__ports": {"smtps": 587}},
         "pyqmail_services__ports.submission: 587 is already the port of smtps",
     ),
+    "home-base-shared": (  # mailbox alice would get the login user alice's home
+        {"pyqmail_mailboxes__home_base": "/home", "pyqmail_mailboxes__list": [{"name": "alice"}]},
+        f"pyqmail_mailboxes__home_base: '/home' {HOME_BASE_SHARED}",
+    ),
 }
 
 # Only in-process (the playbook runs above cover the ansible-side plumbing).
 MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "home-base-shared-spelled-otherwise": (
+        {"pyqmail_mailboxes__home_base": "//usr/../etc/"},
+        f"pyqmail_mailboxes__home_base: '//usr/../etc/' {HOME_BASE_SHARED}",
+    ),
+    "home-base-root": (
+        {"pyqmail_mailboxes__home_base": "/"},
+        f"pyqmail_mailboxes__home_base: '/' {HOME_BASE_SHARED}",
+    ),
+    "home-base-mail-spool": (
+        {"pyqmail_mailboxes__home_base": "/var/mail/"},
+        f"pyqmail_mailboxes__home_base: '/var/mail/' {HOME_BASE_SHARED}",
+    ),
+    "home-base-qmail-root": (
+        {"pyqmail_mailboxes__home_base": "/var/qmail"},
+        "pyqmail_mailboxes__home_base: '/var/qmail' overlaps pyqmail__root (/var/qmail); a "
+        "mailbox would take a directory of pyqmail's own (queue, control, users): give a "
+        "directory of the mailboxes alone, such as /var/vmail",
+    ),
+    "home-base-inside-qmail-root": (
+        {"pyqmail_mailboxes__home_base": "/var/qmail/queue"},
+        "pyqmail_mailboxes__home_base: '/var/qmail/queue' overlaps pyqmail__root (/var/qmail); "
+        "a mailbox would take a directory of pyqmail's own (queue, control, users): give a "
+        "directory of the mailboxes alone, such as /var/vmail",
+    ),
+    "home-base-around-qmail-root": (
+        {"pyqmail__root": "/srv/mail/qmail", "pyqmail_mailboxes__home_base": "/srv/mail"},
+        "pyqmail_mailboxes__home_base: '/srv/mail' overlaps pyqmail__root (/srv/mail/qmail); "
+        "a mailbox would take a directory of pyqmail's own (queue, control, users): give a "
+        "directory of the mailboxes alone, such as /var/vmail",
+    ),
+    "home-base-colon": (
+        {"pyqmail_mailboxes__home_base": "/var/v:mail"},
+        "pyqmail_mailboxes__home_base: '/var/v:mail' is not an absolute path without ':' or blanks",
+    ),
     "wildcard": (
         {"pyqmail__listen_ip": "0.0.0.0"},
         "pyqmail__listen_ip: '0.0.0.0' listens on every address; set an address of the host, "
@@ -441,6 +485,8 @@ def test_homes_inside_the_base_and_consistent_ca_margins_pass() -> None:
     assert problems_of({"pyqmail_mailboxes__list": boxes}) == []
     assert problems_of({"pyqmail_mailboxes__list": [{"name": "a", "home": "/srv/m/a"}],
                         "pyqmail_mailboxes__home_base": "/srv/m/"}) == []  # fmt: skip
+    for base in ("/home/vmail", "/srv/mail", "/var/qmailbox", "/var/lib/vmail"):
+        assert problems_of({"pyqmail_mailboxes__home_base": base}) == [], base
     margins = {
         "pyqmail_certificates__ca_valid_days": 60,
         "pyqmail_certificates__ca_renew_before_days": 30,
