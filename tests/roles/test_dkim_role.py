@@ -13,12 +13,10 @@ from __future__ import annotations
 import grp
 import json
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import results_by_task, run_role_tasks
 
 GROUP = "daemon"
 
@@ -27,63 +25,28 @@ def run_role(
     base: Path, *, check: bool = False, **more: object
 ) -> tuple[dict[str, list[dict[str, Any]]], Any]:
     """Run the role's tasks; (task name -> results, the fact pyqmail_dkim__published)."""
-    playbook = base / "play.yml"
-    templates = base / "templates"  # where imported tasks find the role's templates
-    if not templates.exists():
-        templates.symlink_to(REPO / "roles" / "pyqmail_dkim" / "templates")
-    playbook.write_text(
-        f"""---
-- name: The role pyqmail_dkim's tasks
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  vars_files:
-    - {REPO}/roles/pyqmail/defaults/main.yml
-    - {REPO}/roles/pyqmail/vars/main.yml
-    - {REPO}/roles/pyqmail_dkim/defaults/main.yml
-  tasks:
-    - name: The role's tasks
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail_dkim/tasks/main.yml
-    - name: Show the published records
-      ansible.builtin.debug:
-        var: pyqmail_dkim__published
-  handlers:
-    - name: The role pyqmail's handlers
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
-"""
-    )
-    extra = {
-        "pyqmail__root": str(base / "qmail"),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__me": "mx.example.org",
-        "pyqmail__check_fresh": True,
-        "pyqmail_control__locals": ["example.org", "mx.example.org", "localhost"],
-        "pyqmail_dkim__group": GROUP,
-        "ansible_python_interpreter": sys.executable,
-        **more,
-    }
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-e",
-            json.dumps(extra),
-            *(["--check"] if check else []),
-            str(playbook),
+    out = run_role_tasks(
+        ("pyqmail_dkim",),
+        base,
+        {
+            "pyqmail__root": str(base / "qmail"),
+            "pyqmail__service_dir": str(base / "service"),
+            "pyqmail__me": "mx.example.org",
+            "pyqmail__check_fresh": True,
+            "pyqmail_control__locals": ["example.org", "mx.example.org", "localhost"],
+            "pyqmail_dkim__group": GROUP,
+            **more,
+        },
+        *(["--check"] if check else []),
+        must_pass=False,
+        after=[
+            {
+                "name": "Show the published records",
+                "ansible.builtin.debug": {"var": "pyqmail_dkim__published"},
+            }
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        timeout=300,
-        check=False,
     )
-    out = json.loads(proc.stdout)
-    ran: dict[str, list[dict[str, Any]]] = {}
-    for play in out["plays"]:
-        for task in play["tasks"]:
-            ran.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
+    ran = results_by_task(out)
     published = ran.get("Show the published records", [{}])[0].get("pyqmail_dkim__published")
     return ran, published
 

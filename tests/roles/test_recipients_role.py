@@ -10,16 +10,12 @@ handlers would send (SIGHUP), each is accepted. The account and queue tasks are 
 
 from __future__ import annotations
 
-import json
 import signal
 import smtplib
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon, qmail_root, smtpd
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import run_role_tasks
 
 __all__ = ["qmail_root", "smtpd"]  # the e2e harness's fixtures
 
@@ -30,70 +26,23 @@ ROLES = ("pyqmail_control", "pyqmail_aliases", "pyqmail_mailboxes")
 def run_roles(root: QmailRoot, **more: Any) -> None:
     """The three roles' tasks with their defaults and the role pyqmail's handlers."""
     base = root.path.parent / f"{root.path.name}-play"
-    base.mkdir(exist_ok=True)
-    play = base / "play.yml"
-    tasks = "\n".join(
-        f"    - name: The role {role}'s tasks\n"
-        f"      ansible.builtin.include_tasks: {REPO}/roles/{role}/tasks/main.yml"
-        for role in ROLES
+    run_role_tasks(
+        ROLES,
+        base,
+        {
+            "pyqmail__root": str(root.path),
+            "pyqmail__service_dir": str(base / "service"),
+            "pyqmail__me": "mx.test",
+            "pyqmail__check_fresh": True,
+            "pyqmail_control__locals": ["mx.test", "example.org"],
+            "pyqmail_control__relay_domains": [],
+            "pyqmail_aliases__postmaster": "alice@mx.test",
+            "pyqmail_mailboxes__list": [{"name": "alice"}],
+            # the checks (on by default) ask no one else
+            "pyqmail_control__dnsresolver": ["127.0.0.1"],
+            **more,
+        },
     )
-    defaults = "\n".join(f"    - {REPO}/roles/{role}/defaults/main.yml" for role in ROLES)
-    play.write_text(
-        f"""---
-- name: The roles that write the valid recipients
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  vars_files:
-    - {REPO}/roles/pyqmail/defaults/main.yml
-    - {REPO}/roles/pyqmail/vars/main.yml
-    - {REPO}/roles/pyqmail_control/vars/main.yml
-{defaults}
-  tasks:
-{tasks}
-  handlers:
-    - name: The role pyqmail's handlers
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
-"""
-    )
-    for role in ROLES:  # where included tasks find each role's templates
-        link = base / "templates"
-        link.mkdir(exist_ok=True)
-        for sub in (REPO / "roles" / role / "templates" / "var" / "qmail").iterdir():
-            target = link / "var" / "qmail" / sub.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                target.symlink_to(sub)
-    extra = {
-        "pyqmail__root": str(root.path),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__me": "mx.test",
-        "pyqmail__check_fresh": True,
-        "pyqmail_control__locals": ["mx.test", "example.org"],
-        "pyqmail_control__relay_domains": [],
-        "pyqmail_aliases__postmaster": "alice@mx.test",
-        "pyqmail_mailboxes__list": [{"name": "alice"}],
-        "pyqmail_control__dnsresolver": ["127.0.0.1"],  # the checks (on by default) ask no one else
-        "ansible_python_interpreter": sys.executable,
-        **more,
-    }
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-e",
-            json.dumps(extra),
-            str(play),
-        ],
-        cwd=base,
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def rcpt(d: Daemon, address: str) -> int:

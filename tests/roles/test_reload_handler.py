@@ -8,7 +8,6 @@ fails with the daemon's own message and nothing is signalled.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import results_by_task, run_role_tasks
 
 VENV = Path(sys.executable).parents[1]
 CHECK_TASK = (
@@ -83,58 +82,28 @@ def host(pki: PKI) -> Iterator[QmailRoot]:
 def run_play(root: QmailRoot, **more: object) -> dict[str, list[dict[str, Any]]]:
     """Notify ``pyqmail reload listeners``; task name -> its results on localhost."""
     base = root.path.parent
-    playbook = base / "play.yml"
-    playbook.write_text(
-        f"""---
-- name: Reload the listeners through the role's handlers
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  vars_files:
-    - {REPO}/roles/pyqmail/defaults/main.yml
-    - {REPO}/roles/pyqmail/vars/main.yml
-  tasks:
-    - name: Pretend a control file changed
-      ansible.builtin.command: "true"
-      changed_when: true
-      notify: pyqmail reload listeners
-  handlers:
-    - name: The role pyqmail's handlers
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
-"""
-    )
-    extra = {
-        "pyqmail__root": str(root.path),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__venv": str(VENV),
-        "pyqmail__rules_path": str(root.path / "etc" / "smtp"),
-        "pyqmail__smtpd_user": DROP_USER if IS_ROOT else os.environ.get("USER", "root"),
-        "ansible_python_interpreter": sys.executable,
-        **more,
-    }
-    env = ansible_env()
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-e",
-            json.dumps(extra),
-            str(playbook),
+    out = run_role_tasks(
+        (),
+        base,
+        {
+            "pyqmail__root": str(root.path),
+            "pyqmail__service_dir": str(base / "service"),
+            "pyqmail__venv": str(VENV),
+            "pyqmail__rules_path": str(root.path / "etc" / "smtp"),
+            "pyqmail__smtpd_user": DROP_USER if IS_ROOT else os.environ.get("USER", "root"),
+            **more,
+        },
+        must_pass=False,
+        before=[
+            {
+                "name": "Pretend a control file changed",
+                "ansible.builtin.command": "true",
+                "changed_when": True,
+                "notify": "pyqmail reload listeners",
+            }
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
     )
-    out = json.loads(proc.stdout)
-    ran: dict[str, list[dict[str, Any]]] = {}
-    for play in out["plays"]:
-        for task in play["tasks"]:
-            ran.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
-    return ran
+    return results_by_task(out)
 
 
 def test_good_configuration_is_checked_then_signalled(host: QmailRoot) -> None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ import pytest
 
 from pyqmail.scan import clamd, rspamd
 from pyqmail.scan.settings import DEFAULT_ACTIONS, load, parse_address
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import REPO, results_by_task, run_role_tasks
 from tests.roles.test_preflight import problems_of
 from tests.scanners import (
     EICAR,
@@ -113,34 +111,6 @@ def host() -> Iterator[Path]:
 def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
     """The role's tasks and handlers (with the role pyqmail's handlers), as the role runs them;
     task name -> results on localhost. Fails the test if the play fails, unless asked."""
-    playbook = base / "play.yml"
-    for part in ("templates", "files"):
-        if not (base / part).exists():
-            (base / part).symlink_to(ROLE / part)
-    playbook.write_text(
-        f"""---
-- name: The role pyqmail_scanners's tasks
-  hosts: localhost
-  connection: local
-  gather_facts: true
-  gather_subset: ["!all"]
-  vars_files:
-    - {REPO}/roles/pyqmail/defaults/main.yml
-    - {REPO}/roles/pyqmail/vars/main.yml
-    - {ROLE}/defaults/main.yml
-    - {ROLE}/vars/main.yml
-  tasks:
-    - name: What the role pyqmail notes once per run (pyqmail__debian_packages), as it does
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/tasks/host.yml
-    - name: The role's tasks
-      ansible.builtin.import_tasks: {ROLE}/tasks/main.yml
-  handlers:
-    - name: The role's handlers
-      ansible.builtin.import_tasks: {ROLE}/handlers/main.yml
-    - name: The role pyqmail's handlers
-      ansible.builtin.import_tasks: {REPO}/roles/pyqmail/handlers/main.yml
-"""
-    )
     extra = {
         "pyqmail__root": str(base / "qmail"),
         "pyqmail__service_dir": str(base / "service"),
@@ -158,35 +128,31 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
         "pyqmail_scanners__clamav_database_dir": str(base / "clamdb"),
         "pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:1"],
         "pyqmail_scanners__rspamd_offline": True,
-        "ansible_python_interpreter": sys.executable,
-        # The tasks are imported, not run as a role: where the role's lookups find the
+        # The tasks are included, not run as a role: where the role's lookups find the
         # other roles' defaults (pyqmail_control__authchecks).
         "role_path": str(ROLE),
         **more,
     }
     (base / "qmail" / "control").mkdir(parents=True, exist_ok=True)
     (base / "qmail" / "supervise").mkdir(exist_ok=True)
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-e",
-            json.dumps(extra),
-            str(playbook),
+    out = run_role_tasks(
+        ("pyqmail_scanners",),
+        base,
+        extra,
+        must_pass=False,
+        before=[
+            {
+                "name": "What the role pyqmail notes once per run (pyqmail__debian_packages), "
+                "as it does",
+                "ansible.builtin.import_tasks": str(
+                    REPO / "roles" / "pyqmail" / "tasks" / "host.yml"
+                ),
+            }
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
+        gather_subset=["!all"],
         timeout=600,
-        check=False,
     )
-    out = json.loads(proc.stdout)
-    ran: dict[str, list[dict[str, Any]]] = {}
-    for play in out["plays"]:
-        for task in play["tasks"]:
-            ran.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
+    ran = results_by_task(out)
     ran["_stats"] = [out["stats"]["localhost"]]
     return ran
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import REPO, ansible_playbook
 
 ROLES = REPO / "roles"
 LOOP_KEYS = ("loop", "with_items", "with_list", "with_dict", "with_nested", "with_subelements")
@@ -220,18 +218,15 @@ def test_mailbox_passwords_are_not_printed(tmp_path: Path, verbosity: str) -> No
             {"name": "alice", "password": PASSWORD, "senders": ["@example.org"]},
             {"name": "bob"},
         ],
-        "ansible_python_interpreter": sys.executable,
     }
     if user is None:
         extra["pyqmail__check_fresh"] = True  # no chown to another user without root
     else:
         extra |= {"pyqmail__mailbox_user": user, "pyqmail__auth_group": user}
-    env = {**ansible_env(), "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default"}
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("ansible-playbook")), verbosity, "-i", "localhost,",
-         "-e", json.dumps(extra), str(playbook)],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
+    # The default callback: what an operator reads at -v, where the passwords were printed.
+    proc = ansible_playbook(
+        playbook, extra, verbosity, cwd=REPO, callback="ansible.builtin.default"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "alice/Maildir/.Sent" in proc.stdout, "the folder loop did not run"
     assert "pyqmail_mailboxes__present" in proc.stdout or "censored" in proc.stdout
