@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import importlib
 import json
 import os
@@ -225,9 +226,9 @@ def test_default_group_must_exist(path: Path) -> None:
         except AnsibleFailJson as exc:
             assert "group 'pyqmaila' does not exist" in exc.result["msg"]
         except AnsibleExitJson:  # the host already has the group of the password verifiers
-            import grp
-
-            grp.getgrnam("pyqmaila")
+            assert path.stat().st_gid == grp.getgrnam("pyqmaila").gr_gid
+        else:
+            pytest.fail("pyqmail_smtp_user.main() returned without exit_json or fail_json")
 
 
 def test_malformed_file_is_refused(path: Path) -> None:
