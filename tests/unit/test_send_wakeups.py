@@ -39,7 +39,7 @@ def test_new_is_scanned_without_a_poke(send_root: Path, monkeypatch: pytest.Monk
     for a second after a poke found no reader) is picked up by the scan of new/ that
     pyqmail-send makes every RESCAN_NEW seconds; it used to wait for another commit's
     poke or an ALRM."""
-    monkeypatch.setattr(manager, "RESCAN_NEW", 0.2, raising=False)
+    monkeypatch.setattr(manager, "RESCAN_NEW", 0.2)
     monkeypatch.setattr(manager, "MAX_SLEEP", 0.2)
     out = io.StringIO()
     m = Manager(send_root, Log(out))
