@@ -438,6 +438,7 @@ def test_stop_leaves_no_process_behind(cls: type[Server], certs: CertFiles) -> N
         server = cls(base, certs)
         server.start()
         procs = [(pid, start_time(pid)) for pid in tree(server.pid)]
+        assert procs, f"no process found under {cls.name}'s pid {server.pid}: nothing to check"
         assert all(started is not None for _, started in procs)
         server.stop()
         assert server.proc is None
