@@ -34,13 +34,15 @@ import pytest
 from pyqmail import authdb
 from pyqmail.queue.store import Queue
 from tests.attacks import tally
-from tests.conftest import PKI
+from tests.conftest import IMPOSSIBLE_HERE, PKI
 from tests.e2e.conftest import Daemon
 from tests.e2e.helpers import client_context, wait_for
 from tests.queue_util import messages
 from tests.runas import IS_ROOT, Ident, chown_tree, daemon_command, probe, spare_ids
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="starting daemons as other users needs root")
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} starting daemons as other users needs root"
+)
 
 BIN = Path(sys.executable).parent
 PASSWORD = "correct horse battery"

@@ -31,11 +31,14 @@ import pytest
 
 from pyqmail.queue.store import Queue
 from tests.attacks import tally
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.e2e.helpers import wait_for
 from tests.e2e.test_send import Recorder
 from tests.runas import IS_ROOT, Ident, chown_tree, probe, spare_ids
 
-pytestmark = pytest.mark.skipif(not IS_ROOT, reason="starting pyqmail-send as root needs root")
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} starting pyqmail-send as root needs root"
+)
 
 BIN = Path(sys.executable).parent
 MSG = b"From: <alice@mx.test>\r\nSubject: %s\r\n\r\nbody\r\n"

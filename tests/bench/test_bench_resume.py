@@ -13,7 +13,7 @@ import pytest
 from bench.certs import CertFiles, make_certs
 from bench.servers import AiosmtpdServer, PostfixServer, PyqmailServer, Server
 from bench.smtpd_load import WORKLOADS, run_load
-from tests.bench.test_bench_smoke import HAVE_POSTFIX, _loadgen, _world_reachable
+from tests.bench.test_bench_smoke import HAVE_POSTFIX, NO_POSTFIX, _loadgen, _world_reachable
 
 RESUMED = next(w for w in WORKLOADS if w.resume)
 FULL = next(w for w in WORKLOADS if w.starttls and not w.resume and w.per_session == 1)
@@ -28,7 +28,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
 @pytest.fixture(scope="module", params=["pyqmail", "postfix", "aiosmtpd"])
 def server(request: pytest.FixtureRequest, certs: CertFiles) -> Iterator[Server]:
     if request.param == "postfix" and not HAVE_POSTFIX:
-        pytest.skip("needs root and Debian's postfix package")
+        pytest.skip(NO_POSTFIX)
     cls = {"pyqmail": PyqmailServer, "postfix": PostfixServer, "aiosmtpd": AiosmtpdServer}
     yield from _world_reachable(cls[request.param], certs)
 

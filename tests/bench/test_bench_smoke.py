@@ -34,9 +34,15 @@ from bench.servers import (
     free_port,
 )
 from bench.smtpd_load import WORKLOADS, Workload, measure_idle, percentiles, run_load, split
+from tests.conftest import IMPOSSIBLE_HERE
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_POSTFIX = Path("/usr/lib/postfix/sbin/master").exists() and os.geteuid() == 0
+NO_POSTFIX = (  # the skip reason: a missing package can be installed, root cannot be had
+    "needs Debian's postfix package"
+    if os.geteuid() == 0
+    else f"{IMPOSSIBLE_HERE} Postfix's master needs root"
+)
 PLAIN_WORKLOADS = [w for w in WORKLOADS if not w.checks]  # the checks row: its own test
 
 
@@ -77,7 +83,7 @@ def pyqmail(certs: CertFiles) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def postfix(certs: CertFiles) -> Iterator[Server]:
     if not HAVE_POSTFIX:
-        pytest.skip("needs root and Debian's postfix package")
+        pytest.skip(NO_POSTFIX)
     yield from _world_reachable(PostfixServer, certs)
 
 
@@ -431,7 +437,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cls", [AiosmtpdServer, PostfixServer], ids=lambda c: c.name)
 def test_stop_leaves_no_process_behind(cls: type[Server], certs: CertFiles) -> None:
     if cls is PostfixServer and not HAVE_POSTFIX:
-        pytest.skip("needs root and Debian's postfix package")
+        pytest.skip(NO_POSTFIX)
     base = Path(tempfile.mkdtemp(prefix="pyqmail-bench-test."))
     try:
         base.chmod(0o755)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.dkim_sink import dkim_signatures, verdict
 from bench.e2e_outbound import Sink
+from tests.bench.test_bench_smoke import NO_POSTFIX
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_POSTFIX = Path("/usr/lib/postfix/sbin/master").exists() and os.geteuid() == 0
@@ -116,7 +117,7 @@ def test_outbound_row_signs_on_both_servers() -> None:
     """The row with 8 messages per server: every one reaches the sink with an rsa-sha256
     and an ed25519-sha256 signature, the first one verifies, and a ratio is printed."""
     if not HAVE_POSTFIX:
-        pytest.skip("needs root and Debian's postfix package")
+        pytest.skip(NO_POSTFIX)
     proc = subprocess.run(
         [
             *(sys.executable, str(REPO / "bench" / "e2e_throughput.py"), "--rows", "dkim"),

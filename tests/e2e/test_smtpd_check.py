@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, smtpd_command
 
 RULES = '127.:allow,RELAYCLIENT=""\n:allow\n'
@@ -181,7 +182,7 @@ def test_tls_modes_need_the_certificate(good_root: QmailRoot) -> None:
     assert "servercert.pem: missing, and --mode submission needs TLS" in result.stderr
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} switching users needs root")
 def test_check_runs_as_the_daemons_user(good_root: QmailRoot) -> None:
     """A file only root can read passes as root and fails as --user, as the daemon would."""
     _servercert_for_root_only(good_root)
@@ -191,7 +192,7 @@ def test_check_runs_as_the_daemons_user(good_root: QmailRoot) -> None:
     assert "servercert.pem" in as_user.stderr
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} switching users needs root")
 def test_auth_state_directory_must_be_writable_by_the_user(good_root: QmailRoot) -> None:
     state_dir = good_root.path / "smtpd"
     state_dir.mkdir(mode=0o700)  # root's: the daemon's user cannot create its state there
@@ -201,7 +202,7 @@ def test_auth_state_directory_must_be_writable_by_the_user(good_root: QmailRoot)
     assert list(state_dir.iterdir()) == []
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} switching users needs root")
 def test_greylist_state_directory_must_be_writable_by_the_user(good_root: QmailRoot) -> None:
     good_root.remove_control("smtpusers")  # no AUTH: only the greylist needs the directory
     good_root.control("greylistdelay", "300\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PKI
+from tests.conftest import IMPOSSIBLE_HERE, PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon, smtpd_command
 from tests.e2e.helpers import MESSAGE, RawSMTP, client_context, open_data
 
@@ -125,7 +125,9 @@ def test_missing_rules_cdb_is_fatal(qmail_root: QmailRoot) -> None:
     assert "/nonexistent/x.cdb: cannot read rules" in proc.stderr
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="only root can be asked to drop privileges")
+@pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} only root can be asked to drop privileges"
+)
 def test_root_without_user_is_refused(qmail_root: QmailRoot) -> None:
     proc = subprocess.run(
         [*smtpd_command(), "--root", str(qmail_root.path), "--listen", "127.0.0.1:0"],
@@ -161,7 +163,7 @@ def test_two_workers_both_serve(qmail_root: QmailRoot, smtpd: StartDaemon) -> No
     assert serving == workers, f"connections were served by {serving}, workers are {workers}"
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="privilege drop needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} privilege drop needs root")
 def test_privileges_dropped_before_serving(smtpd: StartDaemon) -> None:
     d = smtpd(workers=2)
     nobody = pwd.getpwnam(DROP_USER)
@@ -222,11 +224,11 @@ def test_workers_stop_when_the_supervisor_is_killed(smtpd: StartDaemon) -> None:
 
 def test_ipv6_loopback(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        pytest.skip(f"{IMPOSSIBLE_HERE} no IPv6 in this Python")
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError as exc:
-        pytest.skip(f"no ::1 here: {exc}")
+        pytest.skip(f"{IMPOSSIBLE_HERE} no ::1 here: {exc}")
     d = smtpd(listen="[::1]:0")
     assert d.host == "::1"
     with smtplib.SMTP(d.host, d.port, timeout=10) as s:
@@ -541,7 +543,7 @@ def test_file_size_limit_gives_451_and_leaves_nothing(
     assert code == 250, "small messages still go through"
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} mounting a tmpfs needs root")
 def test_disk_full_gives_451_and_leaves_nothing(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
     queue = qmail_root.path / "queue"
     mounted = subprocess.run(
@@ -550,7 +552,7 @@ def test_disk_full_gives_451_and_leaves_nothing(qmail_root: QmailRoot, smtpd: St
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.decode().strip()}")
+        pytest.skip(f"{IMPOSSIBLE_HERE} cannot mount tmpfs: {mounted.stderr.decode().strip()}")
     try:
         qmail_root.queue.create()
         nobody = pwd.getpwnam(DROP_USER)

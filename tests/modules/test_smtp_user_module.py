@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pyqmail.authdb import AuthDB, hash_password
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
 
 # library/ is on sys.path once tests.modules.utils is imported
@@ -181,7 +182,9 @@ def test_keep_on_missing_file_creates_nothing(path: Path) -> None:
     assert "one of the following is required: name, keep" in fail({"path": str(path)})
 
 
-@pytest.mark.skipif(not ROOT, reason="changing a file's group to root needs root")
+@pytest.mark.skipif(
+    not ROOT, reason=f"{IMPOSSIBLE_HERE} changing a file's group to root needs root"
+)
 def test_owner_group_mode_only_change(path: Path) -> None:
     args = {"path": str(path), "name": "carol", "password": "pw"}
     run(args)

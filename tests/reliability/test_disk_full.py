@@ -25,6 +25,7 @@ import pytest
 
 from pyqmail.queue.store import Queue
 from tests.attacks.wire import Wire
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, StartDaemon
 from tests.e2e.helpers import MESSAGE
 
@@ -44,7 +45,9 @@ class SmallQueue:
             check=False,
         )
         if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs for the queue: {proc.stderr.strip()}")
+            pytest.skip(
+                f"{IMPOSSIBLE_HERE} cannot mount a tmpfs for the queue: {proc.stderr.strip()}"
+            )
         Queue(self.path).create()
         if IS_ROOT:
             pw = pwd.getpwnam(DROP_USER)
@@ -85,7 +88,7 @@ class SmallQueue:
 @pytest.fixture
 def small_queue(qmail_root: QmailRoot) -> Iterator[SmallQueue]:
     if not IS_ROOT:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip(f"{IMPOSSIBLE_HERE} mounting a tmpfs needs root")
     q = SmallQueue(qmail_root.path / "queue")
     yield q
     q.umount()

@@ -22,6 +22,7 @@ import yaml
 
 from pyqmail.queue.store import LAYOUT, ROOT_MODE, TRIGGER, Queue
 from pyqmail.queue.writer import QueueWriter
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.queue_util import commit
 from tests.runas import IS_ROOT, Ident, chown_tree, run_as, spare_ids
 
@@ -137,7 +138,9 @@ def test_the_owner_writes_private_files(tmp_path: Path) -> None:
     assert {(st.st_uid, stat.S_IMODE(st.st_mode)) for st in files} == {(os.geteuid(), 0o600)}
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="handing a file to another user needs root")
+@pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} handing a file to another user needs root"
+)
 def test_root_hands_its_files_to_the_owner(tmp_path: Path) -> None:
     """cron's sendmail as root: the file belongs to pyqmail-send, 0600, never root's 0640."""
     owner, group = spare_ids(2)
@@ -177,7 +180,7 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="writing as another user needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} writing as another user needs root")
 def test_a_group_member_writes_files_the_owner_reads_through_the_group(open_dir: Path) -> None:
     """pyqmail-smtpd: 0640 in the queue's group (setgid tmp/), whatever its umask; its
     segments too (an unnamed tmp file linked into new/)."""
@@ -208,7 +211,7 @@ print(json.dumps([code, err.getvalue()]))
 """
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="running as another user needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} running as another user needs root")
 def test_queue_tool_says_who_may_run_it(open_dir: Path) -> None:
     """A member of the group (not the owner) gets a clear refusal, not a traceback."""
     owner, member, group = spare_ids(3)
