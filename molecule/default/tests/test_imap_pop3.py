@@ -182,8 +182,21 @@ def test_flags_set_over_imap_survive_a_new_delivery(mx: Any, client: Any) -> Non
     assert owners.split() == ["pyqmailv:pyqmailv"], owners
 
 
+def served_certificate(client: Any, port: int, starttls: str = "") -> str:
+    """The SHA-256 fingerprint of the certificate ``port`` serves (after STARTTLS if given)."""
+    return str(
+        client.check_output(
+            f"echo | openssl s_client -connect {MX_NAME}:{port} -servername {MX_NAME}"
+            f" {starttls} 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        )
+    )
+
+
 def test_993_and_995_same_certificate_and_tls_profile_as_smtp(client: Any) -> None:
+    smtp = served_certificate(client, 25, "-starttls smtp")
+    assert smtp.startswith("sha256 Fingerprint="), smtp
     for port in (993, 995):
+        assert served_certificate(client, port) == smtp, f"{port} serves another than 25"
         base = f"openssl s_client -connect {MX_NAME}:{port} -CAfile {CA}"
         ok = client.run(
             f"echo | {base} -verify_hostname {MX_NAME} -verify_return_error -brief 2>&1"
