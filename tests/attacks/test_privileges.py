@@ -194,6 +194,9 @@ def site(pki: PKI) -> Iterator[Site]:
     chown_tree(base / "queue", send_uid, queue_gid)  # the control role: pyqmails:pyqmail
     (base / "smtpd").mkdir(mode=0o700)  # the control role: the shared AUTH failure state
     os.chown(base / "smtpd", smtpd_uid, queue_gid)
+    (base / "auth").mkdir()  # the control role: the login locks IMAP shares, root:pyqmaila
+    os.chown(base / "auth", 0, auth_gid)
+    (base / "auth").chmod(0o2770)
     try:
         yield s
     finally:
@@ -290,6 +293,13 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     assert _denied(
         smtpd, [("read", control / "smtpusers", ""), ("read", control / "smtproutes-auth", "")]
     ) == ["ok", "EACCES"]
+    # The login locks (which names were guessed) are the verifiers' alone, too.
+    locks = site.root / "auth" / "accounts.sqlite"
+    assert _denied(send, [("list", site.root / "auth", ""), ("read", locks, "")]) == [
+        "EACCES",
+        "EACCES",
+    ]
+    assert _denied(smtpd, [("write", locks, "")]) == ["ok"]
 
     # and pyqmail-send still picks up what waited, out of smtpd's reach again; a member of
     # the group may inject too (it cannot read the relays' password and needs not)
@@ -311,3 +321,25 @@ def test_smtpd_cannot_read_the_queue_and_delivery_cannot_read_the_hashes(
     wait_for(lambda: site.log().count("result=deferred") >= 5, what="two more deferrals")
     assert _denied(smtpd, [("read", site.q("mess", waiting), "")]) == ["EACCES"]
     assert "warning" not in site.log()
+
+
+def test_an_upgraded_smtpd_starts_before_the_role_made_the_login_locks(
+    site: Site, pki: PKI
+) -> None:
+    """An upgrade restarts pyqmail-smtpd before the pyqmail_control role has made <root>/auth
+    (root's /var/qmail: the daemon cannot): it starts and warns, AUTH alone answers 454 and
+    works once the role made the directory; a temporary refusal, never a password checked
+    without the lock."""
+    shutil.rmtree(site.root / "auth")
+    d = site.start_smtpd()
+    d.wait_for(r"warning text=\S+/auth/accounts\.sqlite:\\x20cannot\\x20open\\x20the\\x20login")
+    with _smtps(d, pki) as s:
+        s.ehlo("laptop.test")
+        good = base64.b64encode(f"\0alice@mx.test\0{PASSWORD}".encode()).decode()
+        assert s.docmd("AUTH", f"PLAIN {good}")[0] == 454
+    (site.root / "auth").mkdir()  # what the role does next, in the same run
+    os.chown(site.root / "auth", 0, site.smtpd_user.groups[1])
+    (site.root / "auth").chmod(0o2770)
+    with _smtps(d, pki) as s:
+        s.ehlo("laptop.test")
+        assert s.docmd("AUTH", f"PLAIN {good}")[0] == 235

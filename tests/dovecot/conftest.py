@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grp
 import imaplib
+import os
 import poplib
 import pwd
 import shutil
@@ -27,12 +28,16 @@ from pathlib import Path
 import jinja2
 import pytest
 
+import pyqmail
 from pyqmail import authdb
 from tests.conftest import IMPOSSIBLE_HERE
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, qmail_root, smtpd  # noqa: F401
 from tests.e2e.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+# The sources of the pyqmail this test process imported (PYTHONPATH): the checker Dovecot
+# runs is the same code, not whatever the checkout or an installed copy holds.
+SOURCES = Path(pyqmail.__file__).resolve().parents[1]
 TEMPLATE = REPO / "roles" / "pyqmail_dovecot" / "templates" / "etc" / "dovecot" / "dovecot.conf.j2"
 BIN = Path(sys.executable).parent
 DOMAIN = "mx.test"
@@ -162,6 +167,13 @@ def mailhost(qmail_root: QmailRoot) -> Iterator[MailHost]:  # noqa: F811 - the i
     for sub in ("users", "homes"):
         (qmail_root.path / sub).mkdir(exist_ok=True)
         qmail_root._own(qmail_root.path / sub)
+    # What the password verifiers share (the login locks, the checker's slots), as the
+    # pyqmail_control role makes it: root, the auth group (here the drop user's, which
+    # the template gives Dovecot's auth process), 2770.
+    shared = qmail_root.path / "auth"
+    shared.mkdir()
+    os.chown(shared, 0, pwd.getpwnam(DROP_USER).pw_gid)
+    shared.chmod(0o2770)
     host = MailHost(qmail_root)
     yield host
     host.stop()
@@ -200,11 +212,12 @@ def render_config(
     """The role's dovecot.conf template, filled in for the test host."""
     mail_user = pwd.getpwnam(DROP_USER)
     mail_group = grp.getgrgid(mail_user.pw_gid)
-    # Debian's Python with this checkout's src/ (what /opt/pyqmail/bin/pyqmail-checkpassword
-    # runs on a host): the test venv's interpreter lives under /root, which the auth process
-    # (user dovecot) cannot enter. Dovecot splits these arguments at spaces.
+    # Debian's Python with the imported pyqmail's sources (what
+    # /opt/pyqmail/bin/pyqmail-checkpassword runs on a host): the test venv's interpreter lives
+    # under /root, which the auth process (user dovecot) cannot enter. Dovecot splits these
+    # arguments at spaces.
     checkpassword = (
-        f"/usr/bin/env PYTHONPATH={REPO / 'src'} /usr/bin/python3 -m pyqmail.tools.checkpassword"
+        f"/usr/bin/env PYTHONPATH={SOURCES} /usr/bin/python3 -m pyqmail.tools.checkpassword"
         f" --root {mailhost.root} "
         f"--mail-user {mail_user.pw_name} --mail-group {mail_group.gr_name}"
     )

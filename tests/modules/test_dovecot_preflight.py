@@ -102,6 +102,11 @@ def preflight(tmp_path: Path, **extra: Any) -> subprocess.CompletedProcess[str]:
             {"pyqmail_mailboxes__folders": ["Sent.2024"]},
             "pyqmail_mailboxes__folders[0]: 'Sent.2024' is not a folder name",
         ),
+        (
+            {"pyqmail_dovecot__checkpassword_concurrency": 2000},
+            "pyqmail_dovecot__checkpassword_concurrency: 2000 is out of range: must be from 0"
+            " to 1024 (0 = twice the CPUs)",
+        ),
     ],
 )
 def test_bad_imap_settings_fail_naming_the_variable(

@@ -110,10 +110,14 @@ def test_lock_off_with_zero(state: AuthState) -> None:
 
 
 def test_tables_are_bounded(state: AuthState, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyqmail import authlock  # the login locks' own file (a module of this change)
+
     monkeypatch.setattr(authguard, "MAX_ROWS", 50)
+    monkeypatch.setattr(authlock, "MAX_ROWS", 50)
     for i in range(120):
         fail(state, f"10.0.{i // 250}.{i % 250}", f"user{i}", 1000.0 + i)
-    state.prune(1121.0, S)
+    state.prune(1121.0)
+    state.accounts.prune(1121.0, S.rule)
     assert state.rows() == (50, 50)
 
 
@@ -121,23 +125,36 @@ def test_the_cap_evicts_a_lock_in_force_last(
     state: AuthState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Spraying new account names must not free a locked account by crowding it out."""
-    monkeypatch.setattr(authguard, "MAX_ROWS", 50)
+    from pyqmail import authlock
+
+    monkeypatch.setattr(authlock, "MAX_ROWS", 50)
     for i in range(S.lock_fails):  # alice, the oldest row, locked
         fail(state, f"10.9.0.{i}", "alice", 1000.0 + i)
     assert state.begin("10.9.1.1", "alice", 1010.0, PID, S)[0] != "go"
     for i in range(120):  # within the lock's 60 s
         fail(state, f"10.0.{i // 250}.{i % 250}", f"user{i}", 1010.0 + i / 4)
-    state.prune(1041.0, S)
+    state.accounts.prune(1041.0, S.rule)
     assert state.rows()[1] == 50
     assert state.begin("10.9.1.2", "alice", 1041.0, PID, S)[0] != "go", "the lock was evicted"
 
 
+def test_a_failure_that_began_before_the_lock_does_not_lift_it(state: AuthState) -> None:
+    """Many clients guessing one name at once: the check that ends after another one locked
+    the name was not refused as locked (it began before), and must not unlock it either."""
+    began = [state.begin(f"10.8.0.{i}", "alice", 100.0, PID, S) for i in range(S.lock_fails + 1)]
+    assert all(verdict == "go" for verdict, _ in began)
+    for i in range(S.lock_fails + 1):  # the last one finishes after the lock was set
+        state.finish(f"10.8.0.{i}", "alice", ok=False, locked=False, now=101.0 + i, settings=S)
+    assert state.begin("10.8.1.1", "alice", 110.0, PID, S)[0] == "locked"
+
+
 def test_a_broken_file_is_set_aside(tmp_path: Path) -> None:
-    path = tmp_path / "authstate.sqlite"
+    path = tmp_path / "smtpd" / "authstate.sqlite"  # the layout: the login locks in ../auth
+    path.parent.mkdir()
     path.write_bytes(b"this is not a database" * 100)
     state = AuthState(path)
     assert state.begin("k", "a", 1.0, PID, S)[0] == "go"
-    assert list(tmp_path.glob("authstate.sqlite.broken-*"))
+    assert list(path.parent.glob("authstate.sqlite.broken-*"))
 
 
 def test_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:

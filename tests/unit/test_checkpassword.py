@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb
-from pyqmail.tools.checkpassword import LoginsError, parse_logins
+from pyqmail.tools.checklogin import LoginsError, parse_logins
 
 REPLY = "/usr/lib/dovecot/checkpassword-reply"
 

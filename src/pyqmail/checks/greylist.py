@@ -18,12 +18,12 @@ core asks only for clients that may not relay), clients on a ``dnswl`` allow lis
 clients whose tcprules entry sets ``RBLSMTPD`` empty (a known host, ``checks.dnsbl``).
 
 State: ``<root>/smtpd/greylist.sqlite``, beside the AUTH state (``smtpd.authguard``) and set
-up by the same ``set_up``: WAL mode, a busy timeout, the set-up retried while another worker
-holds the lock, so every worker of every listener shares it and it survives restarts. The call is
-made on the worker's loop (one indexed read and at most one small write, no fsync with
-``synchronous=NORMAL``); the busy timeout is short (``BUSY_TIMEOUT_MS``), and any database
-problem lets the recipient through (logged ``greylist=error``): greylisting never blocks
-mail because of itself.
+up by the same ``set_up`` (``pyqmail.authlock``): WAL mode, a busy timeout, the set-up retried
+while another worker holds the lock, so every worker of every listener shares it and it
+survives restarts. The call is made on the worker's loop (one indexed read and at most one
+small write, no fsync with ``synchronous=NORMAL``); the busy timeout is short
+(``BUSY_TIMEOUT_MS``), and any database problem lets the recipient through (logged
+``greylist=error``): greylisting never blocks mail because of itself.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyqmail.authlock import set_up
 from pyqmail.checks.verdict import Verdict
-from pyqmail.smtpd.authguard import set_up
 
 STATE_FILE = "smtpd/greylist.sqlite"
 BUSY_TIMEOUT_MS = 250

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pyqmail import tls
+from pyqmail.authlock import lock_path
 from pyqmail.checks.greylist import STATE_FILE as GREYLIST_FILE
 from pyqmail.control import send as send_control
 from pyqmail.control import smtpd as smtpd_control
@@ -61,12 +62,22 @@ def startup_warnings(cfg: smtpd_control.Config, mode: str) -> list[str]:
         warnings.append("no control/smtpusers: AUTH not offered")
     if not cfg.rcpthosts:
         warnings.append("control/rcpthosts empty or missing: only relay clients may send")
+    if cfg.authdb is not None and (locks := login_locks_problem(cfg.root)) is not None:
+        # a warning, not a refusal: an upgraded daemon restarts before the pyqmail_control
+        # role has made <root>/auth, and AUTH alone waits for it (454), not all of SMTP
+        warnings.append(f"{locks}; until it can, AUTH answers 454")
     return warnings
 
 
 def auth_state_problem(root: Path) -> str | None:
     """Whether this user could open (or create) the shared AUTH state, without doing so."""
     return state_problem(state_path(root), "the AUTH state")
+
+
+def login_locks_problem(root: Path) -> str | None:
+    """Whether this user could open (or create) the login locks IMAP/POP3 share
+    (``pyqmail.authlock``), without doing so."""
+    return state_problem(lock_path(root), "the login locks")
 
 
 def state_problem(path: Path, what: str) -> str | None:

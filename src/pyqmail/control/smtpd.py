@@ -50,9 +50,10 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 ``commitdelay``    milliseconds a finished message may wait for others to share its fsyncs
                    (group commit, see ``queue_commit.Committer``); 0 = never wait; default 10,
                    at most 1000
-``authlockfails``  failed AUTH for one account name within ``authlocktime`` that lock the
-                   name for ``authlocktime`` seconds (``pyqmail.smtpd.authguard``); 0 = no lock;
-                   default 10, at most 1000
+``authlockfails``  failed logins for one account name within ``authlocktime`` that lock the
+                   name for ``authlocktime`` seconds (``pyqmail.authlock``: SMTP AUTH, IMAP and
+                   POP3 together; pyqmail-checkpassword reads both files at each login); 0 = no
+                   lock; default 10, at most 1000
 ``authlocktime``   seconds of that window and of the lock (bounded: failures during a lock
                    do not extend it); default 600, 1 to 86400
 ``authconcurrency`` password checks (scrypt) at once per worker; default 2, 1 to 64

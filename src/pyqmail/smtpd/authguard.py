@@ -21,15 +21,17 @@ What is enforced, per client (an IPv4 address or an IPv6 /64, ``limits.limit_key
   connection or listener, waits it out: one guess per about 4 s per client, whatever its
   number of connections. The failing attempt also waits it out before its 535.
 
-Per account (the name as given; unknown names alike, so a lock reveals nothing):
-``authlockfails`` failures within ``authlocktime`` seconds lock the name for
-``authlocktime`` seconds. During a lock no password is checked and every attempt, the
-right password included, gets the same 535 after the same delay: no oracle. The lock is
-bounded: failures during it neither count nor extend it, it ends ``authlocktime`` seconds
-after it began (clamped to that even if the clock jumps), and a successful login clears
-the count. An attacker can lock a name again afterwards only with ``authlockfails`` new
-failures, each paced by the per-client delay above; fail2ban (``files/fail2ban``) bans
-such clients. ``authlockfails`` 0 turns the account lock off.
+Per account (the name as given; unknown names alike, so a lock reveals nothing): the
+login lock of ``pyqmail.authlock``, in its own file (``<root>/auth/accounts.sqlite``)
+because IMAP and POP3 logins (``pyqmail-checkpassword`` under Dovecot) count and obey the
+same lock: ``authlockfails`` failures within ``authlocktime`` seconds, over SMTP AUTH and
+IMAP/POP3 together, lock the name for ``authlocktime`` seconds. During a lock no password
+is checked and every attempt, the right password included, gets the same 535 after the
+same delay: no oracle. The lock is bounded (``pyqmail.authlock``): failures during it
+neither count nor extend it, it ends ``authlocktime`` seconds after it began, and a
+successful login clears the count. An attacker can lock a name again afterwards only with
+``authlockfails`` new failures, each paced by the per-client delay above; fail2ban
+(``files/fail2ban``) bans such clients. ``authlockfails`` 0 turns the account lock off.
 
 Per worker: at most ``authconcurrency`` password checks run at once (scrypt: about 68 ms
 of CPU and 16 MiB each); the rest wait for a turn (bounded by the same ``WAIT_MAX``).
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from pyqmail.authlock import AccountLocks, Rule, StateError, set_up
 from pyqmail.smtpd.limits import limit_key
 
 FAIL_DELAY = 1.0  # seconds of penalty after a client's first failure; doubles per failure
@@ -72,35 +75,8 @@ BUSY_TIMEOUT_MS = 2000
 
 
 def _set_up(db: sqlite3.Connection) -> None:
-    """This file's WAL mode and schema (``set_up``)."""
+    """This file's WAL mode and schema (``authlock.set_up``)."""
     set_up(db, _SCHEMA, BUSY_TIMEOUT_MS / 1000)
-
-
-def set_up(db: sqlite3.Connection, schema: str, wait: float) -> None:
-    """WAL mode and ``schema``, retried for ``wait`` seconds while another process holds
-    the lock (the greylist's database, ``pyqmail.checks.greylist``, is set up the same way).
-
-    Switching to WAL takes the database's exclusive lock and SQLite answers "database is
-    locked" at once instead of calling the busy handler when another connection holds it: the
-    workers of a listener that start together and see their first AUTH together would give
-    a client 454 for nothing. So the set-up waits for its turn, as long as a busy timeout.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: consistent after a crash
-            db.executescript(schema)
-        except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorcode", None) in (
-                sqlite3.SQLITE_BUSY,
-                sqlite3.SQLITE_LOCKED,
-            )
-            if not busy or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-        else:
-            return
 
 
 STATE_FILE = "smtpd/authstate.sqlite"
@@ -112,18 +88,12 @@ CREATE TABLE IF NOT EXISTS client (
     key TEXT PRIMARY KEY, fails INTEGER NOT NULL, last REAL NOT NULL,
     lease_pid INTEGER NOT NULL, lease_until REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_last ON client (last);
-CREATE TABLE IF NOT EXISTS account (
-    name TEXT PRIMARY KEY, fails INTEGER NOT NULL, first REAL NOT NULL,
-    locked_until REAL NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS account_first ON account (first);
+DROP TABLE IF EXISTS account;
 CREATE TABLE IF NOT EXISTS sent (
     login TEXT NOT NULL, minute INTEGER NOT NULL, messages INTEGER NOT NULL,
     recipients INTEGER NOT NULL, PRIMARY KEY (login, minute)) WITHOUT ROWID;
-"""  # sent: the sending limits' counts (pyqmail.smtpd.sendlimits)
-
-
-class StateError(Exception):
-    """The shared state cannot be opened or used; the message names the file."""
+"""  # sent: the sending limits' counts (pyqmail.smtpd.sendlimits); account: moved to
+# pyqmail.authlock (its own file, shared with pyqmail-checkpassword), dropped here
 
 
 @dataclass(frozen=True)
@@ -133,6 +103,11 @@ class Settings:
     lock_fails: int = 10  # authlockfails; 0: no account lock
     lock_secs: int = 600  # authlocktime
     concurrency: int = 2  # authconcurrency: password checks at once per worker
+
+    @property
+    def rule(self) -> Rule:
+        """The account lock's part, the one ``pyqmail-checkpassword`` applies too."""
+        return Rule(self.lock_fails, self.lock_secs)
 
 
 @dataclass(frozen=True)
@@ -166,10 +141,13 @@ def penalty(fails: int) -> float:
 
 
 class AuthState:
-    """The SQLite file. One connection per process, used from one thread at a time."""
+    """The SQLite file, and the login locks (``pyqmail.authlock``) of the root this file is
+    in (``<root>/smtpd/authstate.sqlite``). One connection per process, used from one
+    thread at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.accounts = AccountLocks(path.parent.parent)
         self._db: sqlite3.Connection | None = None
         self._finished = 0
 
@@ -209,6 +187,7 @@ class AuthState:
             raise StateError(f"{self.path}: broken and cannot be moved aside: {exc}") from exc
 
     def close(self) -> None:
+        self.accounts.close()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -233,10 +212,13 @@ class AuthState:
                 " SET lease_pid=excluded.lease_pid, lease_until=excluded.lease_until",
                 (key, now, pid, now + VERIFY_LEASE),
             )
-            acc = db.execute("SELECT locked_until FROM account WHERE name=?", (user,)).fetchone()
         finally:
             db.execute("COMMIT")
-        locked = acc is not None and min(float(acc[0]), now + settings.lock_secs) > now
+        try:
+            locked = self.accounts.locked(user, now, settings.rule)
+        except (StateError, sqlite3.Error):
+            self.release(key)
+            raise
         return ("locked" if locked else "go"), 0.0
 
     def finish(
@@ -249,78 +231,58 @@ class AuthState:
         try:
             if ok:
                 db.execute("UPDATE client SET lease_pid=0, lease_until=0 WHERE key=?", (key,))
-                db.execute("DELETE FROM account WHERE name=?", (user,))
-                return 0.0
-            row = db.execute("SELECT fails, last FROM client WHERE key=?", (key,)).fetchone()
-            fails = (int(row[0]) if row is not None and now - float(row[1]) <= WINDOW else 0) + 1
-            delay = penalty(fails)
-            db.execute(
-                "INSERT INTO client VALUES (?, ?, ?, 0, ?) ON CONFLICT (key) DO UPDATE"
-                " SET fails=excluded.fails, last=excluded.last, lease_pid=0,"
-                " lease_until=excluded.lease_until",
-                (key, fails, now, now + delay),
-            )
-            if settings.lock_fails and not locked:
-                self._count_account(db, user, now, settings)
+                delay = 0.0
+            else:
+                delay = self._fail(db, key, now)
         finally:
             db.execute("COMMIT")
             self._finished += 1
+        if not locked:
+            self.accounts.record(user, ok=ok, now=now, rule=settings.rule)
         if self._finished % PRUNE_EVERY == 0:
-            self.prune(now, settings)
+            self.prune(now)
         return delay
 
     @staticmethod
-    def _count_account(db: sqlite3.Connection, user: str, now: float, settings: Settings) -> None:
-        row = db.execute("SELECT fails, first FROM account WHERE name=?", (user,)).fetchone()
-        if row is None or now - float(row[1]) > settings.lock_secs:
-            fails, first = 1, now
-        else:
-            fails, first = int(row[0]) + 1, float(row[1])
-        locked_until = 0.0
-        if fails >= settings.lock_fails:
-            fails, first, locked_until = 0, now, now + settings.lock_secs
+    def _fail(db: sqlite3.Connection, key: str, now: float) -> float:
+        """The client's failure count and penalty lease (inside the caller's transaction)."""
+        row = db.execute("SELECT fails, last FROM client WHERE key=?", (key,)).fetchone()
+        fails = (int(row[0]) if row is not None and now - float(row[1]) <= WINDOW else 0) + 1
+        delay = penalty(fails)
         db.execute(
-            "INSERT INTO account VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE"
-            " SET fails=excluded.fails, first=excluded.first, locked_until=excluded.locked_until",
-            (user, fails, first, locked_until),
+            "INSERT INTO client VALUES (?, ?, ?, 0, ?) ON CONFLICT (key) DO UPDATE"
+            " SET fails=excluded.fails, last=excluded.last, lease_pid=0,"
+            " lease_until=excluded.lease_until",
+            (key, fails, now, now + delay),
         )
+        return delay
 
     def release(self, key: str) -> None:
         """Give the lease back without a verdict (the attempt could not be made)."""
         self.connect().execute("UPDATE client SET lease_pid=0, lease_until=0 WHERE key=?", (key,))
 
-    def prune(self, now: float, settings: Settings) -> None:
-        """Forget what no longer matters, then cap each table at MAX_ROWS rows."""
+    def prune(self, now: float) -> None:
+        """Forget clients that no longer matter, then cap the table at MAX_ROWS rows (the
+        login locks prune themselves: ``AccountLocks.record``)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM client WHERE last < ? AND lease_until < ?", (now - WINDOW, now))
-            db.execute(
-                "DELETE FROM account WHERE first < ? AND locked_until < ?",
-                (now - settings.lock_secs, now),
-            )
-            # the rows in force (a lease, a lock) go last: a flood of new names must not
-            # evict the lock on the account it was meant to free
-            for table, pk, order, until in (
-                ("client", "key", "last", "lease_until"),
-                ("account", "name", "first", "locked_until"),
-            ):
-                (count,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
-                if count > MAX_ROWS:
-                    db.execute(
-                        f"DELETE FROM {table} WHERE {pk} IN"  # noqa: S608 - fixed names
-                        f" (SELECT {pk} FROM {table} ORDER BY {until} > ?, {order} LIMIT ?)",
-                        (now, count - MAX_ROWS),
-                    )
+            (count,) = db.execute("SELECT count(*) FROM client").fetchone()
+            if count > MAX_ROWS:
+                # the leases in force go last
+                db.execute(
+                    "DELETE FROM client WHERE key IN (SELECT key FROM client"
+                    " ORDER BY lease_until > ?, last LIMIT ?)",
+                    (now, count - MAX_ROWS),
+                )
         finally:
             db.execute("COMMIT")
 
     def rows(self) -> tuple[int, int]:
-        """(client rows, account rows): for tests and curious admins."""
-        db = self.connect()
-        clients = db.execute("SELECT count(*) FROM client").fetchone()[0]
-        accounts = db.execute("SELECT count(*) FROM account").fetchone()[0]
-        return int(clients), int(accounts)
+        """(client rows, login lock rows): for tests and curious admins."""
+        clients = self.connect().execute("SELECT count(*) FROM client").fetchone()[0]
+        return int(clients), self.accounts.rows()
 
 
 def _held(row: tuple[int, float] | None, now: float) -> bool:

@@ -42,8 +42,8 @@ that stops reading our replies stops being read and then times out; closing sock
 cannot flush are aborted. AUTH goes through limits every worker of every listener shares
 (``pyqmail.smtpd.authguard``, state in ``<root>/smtpd/authstate.sqlite``): one attempt at a time
 per client, a penalty delay after each failure, a temporary lock of a name after
-``authlockfails`` failures, and at most ``authconcurrency`` password checks at once per
-worker.
+``authlockfails`` failures (``pyqmail.authlock``, ``<root>/auth/accounts.sqlite``: IMAP and
+POP3 logins share it), and at most ``authconcurrency`` password checks at once per worker.
 
 Signals: TERM stops accepting, lets sessions finish for ``timeoutterm`` seconds, then
 tells the rest ``421`` and exits 0. HUP re-reads control files, rules and certificates

@@ -33,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyqmail.authlock import StateError
 from pyqmail.log import log
-from pyqmail.smtpd.authguard import AuthState, StateError, state_path
+from pyqmail.smtpd.authguard import AuthState, state_path
 
 WINDOW = 60  # minutes in the window (one hour)
 PRUNE_EVERY = 500  # messages recorded per worker between prunes of rows out of the window

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from pyqmail import privs, tickets, tls
+from pyqmail.authlock import StateError
 from pyqmail.checks import libraries
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
-from pyqmail.smtpd.authguard import AuthState, StateError, state_path
+from pyqmail.smtpd.authguard import AuthState, state_path
 from pyqmail.smtpd.cli import (
     Options,
     UsageError,

@@ -1,117 +1,47 @@
 """``pyqmail-checkpassword``: Dovecot's IMAP/POP3 logins checked against pyqmail's own users.
 
-One source of users: the SMTP AUTH database (``control/smtpusers``, scrypt hashes, see
-:mod:`pyqmail.authdb`) holds the passwords, ``users/mailboxes`` the mailboxes local delivery
-writes to, and ``users/logins`` says which login reads which mailbox::
-
-    login:mailbox
-
-(one per line, ``#`` comments allowed; written by the ``pyqmail_mailboxes`` role from
-``pyqmail_mailboxes__list``, the same login names as SMTP AUTH). Every file is read at each
-login, so a changed password or a removed mailbox counts at the very next login; nothing is
-cached.
-
 The program speaks DJB's checkpassword interface (https://cr.yp.to/checkpwd/interface.html)
 with Dovecot's extensions, as ``passdb { driver = checkpassword }`` and
 ``userdb { driver = checkpassword }`` run it::
 
-    pyqmail-checkpassword [--root R] [--mail-user U] [--mail-group G] PROG [ARGS...]
+    pyqmail-checkpassword [--root R] [--mail-user U] [--mail-group G] [--concurrency N]
+                          PROG [ARGS...]
 
-It reads ``login NUL password NUL timestamp NUL`` (at most 512 bytes) from descriptor 3. On
+It reads ``login NUL password NUL timestamp NUL`` (at most 512 bytes) from descriptor 3,
+takes one of N password check slots (``pyqmail.tools.loginslots``: at most N checkers work at
+once, default twice the CPUs; none free within 5 s: exit 111), then checks the login
+(``pyqmail.tools.checklogin``: the login lock SMTP AUTH shares, the scrypt hash of
+``control/smtpusers``, the mailbox through ``users/logins`` and ``users/mailboxes``). On
 success it sets ``USER``, ``HOME`` (the mailbox home) and ``userdb_uid``/``userdb_gid`` (the
 delivery user and group, so Dovecot opens the Maildir as the user that delivers into it) and
-executes PROG (Dovecot's ``checkpassword-reply``). Exit 1 = wrong password or unknown login,
-111 = temporary failure (a file cannot be read), 2 = called wrongly. With ``AUTHORIZED=1``
-(Dovecot's userdb lookup, no password involved) an unknown login exits 3 and a known one sets
-``AUTHORIZED=2``. ``CREDENTIALS_LOOKUP`` (a mechanism that needs the plain password, such as
-CRAM-MD5) is refused: the hashes cannot give it; Dovecot is configured for PLAIN and LOGIN only.
+executes PROG (Dovecot's ``checkpassword-reply``). Exit 1 = wrong password, unknown or locked
+login, 111 = temporary failure (a file cannot be read, no slot in time), 2 = called wrongly.
+With ``AUTHORIZED=1`` (Dovecot's userdb lookup, no password involved) an unknown login exits 3
+and a known one sets ``AUTHORIZED=2``. ``CREDENTIALS_LOOKUP`` (a mechanism that needs the
+plain password, such as CRAM-MD5) is refused: the hashes cannot give it; Dovecot is
+configured for PLAIN and LOGIN only.
 
-Unknown logins cost one scrypt like a wrong password (:meth:`AuthDB.verify`), so timing does not
-tell which logins exist. Messages go to stderr, which Dovecot writes to its log; the password
-never appears in them.
+This module imports only what the wait for a slot needs (``os``, ``sys``, ``fcntl``, not even
+``typing``): under a login flood the waiting checkers are many and each should cost little
+(about 7 MB of private memory, against 35 MB for one that checks a password). Messages go
+to stderr, which Dovecot writes to its log; the password never appears in them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from pyqmail.authdb import AuthDB, AuthDBError
-from pyqmail.send.dotqmail import MailboxesError, parse_mailboxes
+from pyqmail import authdir
+from pyqmail.tools import loginslots
 
-__all__ = ["LoginsError", "main", "parse_logins", "resolve"]
+__all__ = ["main", "parse_args"]
 
 MAX_REQUEST = 512  # the checkpassword interface's limit (Dovecot sends at most this)
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_UNKNOWN = 3  # Dovecot's "user unknown" for userdb lookups
 EXIT_TEMP = 111
-_BAD_LOGIN_CHARS = frozenset(":\x00\t\r\n ")
-
-
-class LoginsError(ValueError):
-    """``users/logins`` is malformed; the message names file and line."""
-
-
-@dataclass(frozen=True)
-class Account:
-    """What a successful login gets: its mailbox and where that mailbox lives."""
-
-    login: str
-    mailbox: str
-    home: Path
-
-
-def parse_logins(text: str, origin: str) -> dict[str, str]:
-    """``login:mailbox`` lines -> {login: mailbox}; a bad or repeated line names its place."""
-    logins: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        login, sep, mailbox = line.rpartition(":")
-        where = f"{origin}:{number}"
-        if not sep or not login or not mailbox:
-            raise LoginsError(f"{where}: expected login:mailbox, got {line!r}")
-        if _BAD_LOGIN_CHARS.intersection(login):
-            raise LoginsError(f"{where}: login {login!r} has a forbidden character")
-        if login in logins:
-            raise LoginsError(f"{where}: login {login!r} is listed twice")
-        logins[login] = mailbox.lower()
-    return logins
-
-
-def _read(path: Path) -> str:
-    """A whole file, or '' when it does not exist (no logins yet is not an error)."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ""
-
-
-def resolve(root: Path, login: str, password: bytes | None) -> Account | None:
-    """The account ``login`` opens with ``password`` (None = no password check), else None.
-
-    Raises OSError, AuthDBError, MailboxesError or LoginsError when a file is unusable:
-    that is a temporary failure, never a wrong password.
-    """
-    logins = parse_logins(_read(root / "users" / "logins"), str(root / "users" / "logins"))
-    boxes = parse_mailboxes(_read(root / "users" / "mailboxes"), str(root / "users" / "mailboxes"))
-    mailbox = logins.get(login)
-    home = boxes.get(mailbox) if mailbox is not None else None
-    if password is not None:
-        users = AuthDB.load(str(root / "control" / "smtpusers"))
-        # verify() runs scrypt even for an unknown login: equal cost, nothing to time.
-        if not users.verify(login, password):
-            return None
-    elif login not in AuthDB.load(str(root / "control" / "smtpusers")):
-        return None
-    if mailbox is None or home is None:
-        return None
-    return Account(login=login, mailbox=mailbox, home=home)
 
 
 def _read_request(fd: int) -> tuple[str, bytes] | None:
@@ -139,25 +69,38 @@ def _complain(text: str) -> None:
 
 USAGE = (
     "usage: pyqmail-checkpassword [--root DIR] [--mail-user USER] [--mail-group GROUP]"
-    " PROGRAM [ARGS...]\n"
+    " [--concurrency N] PROGRAM [ARGS...]\n"
     "Checks login NUL password NUL timestamp NUL from descriptor 3 against pyqmail's users"
-    " (control/smtpusers, users/logins, users/mailboxes) and runs PROGRAM (Dovecot's"
-    " checkpassword-reply) on success."
+    " (control/smtpusers, users/logins, users/mailboxes, the login locks in auth/) and runs"
+    " PROGRAM (Dovecot's checkpassword-reply) on success; at most N checks at once (default"
+    " twice the CPUs)."
 )
-_OPTIONS = {"--root": "root", "--mail-user": "mail_user", "--mail-group": "mail_group"}
+_OPTIONS = {
+    "--root": "root",
+    "--mail-user": "mail_user",
+    "--mail-group": "mail_group",
+    "--concurrency": "concurrency",
+}
 
 
-@dataclass
 class Options:
-    """The command line; parsed by hand because argparse alone costs milliseconds per login."""
+    """The command line; parsed by hand because argparse (and even dataclasses) cost
+    milliseconds and megabytes per login."""
 
-    root: str = "/var/qmail"
-    mail_user: str = "pyqmails"
-    mail_group: str = "pyqmail"
-    program: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.root = "/var/qmail"
+        self.mail_user = "pyqmails"
+        self.mail_group = "pyqmail"
+        self.concurrency = ""  # "": loginslots.default_slots()
+        self.program: list[str] = []
+
+    @property
+    def slots(self) -> int:
+        """``--concurrency`` as a number; 0 when not given (then: the default)."""
+        return loginslots.parse_slots(self.concurrency) if self.concurrency else 0
 
 
-def parse_args(argv: Sequence[str]) -> Options:
+def parse_args(argv: list[str]) -> Options:
     """``--option value`` pairs, then the program and its arguments; ValueError says why not."""
     opts = Options()
     args = list(argv)
@@ -168,13 +111,53 @@ def parse_args(argv: Sequence[str]) -> Options:
         if flag not in _OPTIONS or not args:
             raise ValueError(f"unknown option or missing value: {flag}\n{USAGE}")
         setattr(opts, _OPTIONS[flag], args.pop(0))
+    if opts.concurrency:  # checked now: a bad value is a usage error, not a 111 per login
+        loginslots.parse_slots(opts.concurrency)
     if not args:
         raise ValueError(f"no program to run after a successful login\n{USAGE}")
     opts.program = args
     return opts
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _take_slot(opts: Options) -> str | None:
+    """Hold a slot until exit or exec; None, or the reason for a temporary failure."""
+    try:
+        loginslots.take(opts.root, opts.slots or loginslots.default_slots())
+    except loginslots.BusyError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot take a password check slot: {exc} ({authdir.problem(opts.root)})"
+    return None
+
+
+def _check(opts: Options, login: str, password: bytes | None) -> int | dict[str, str]:
+    """The login checked (after the slot: the heavy imports are made here): an exit status,
+    or the environment of the reply program."""
+    from pathlib import Path  # noqa: PLC0415 - after the slot: a waiting checker stays small
+
+    from pyqmail.tools import checklogin  # noqa: PLC0415 - the same
+
+    try:
+        account = checklogin.resolve(Path(opts.root), login, password)
+    except checklogin.LockedError:
+        where = os.environ.get("TCPREMOTEIP", "-")
+        _complain(f"login {login!r} from {where} is locked: refused, no password checked")
+        return EXIT_FAIL
+    except checklogin.UNUSABLE as exc:
+        _complain(f"temporary failure: {exc}")
+        return EXIT_TEMP
+    if account is None:
+        return EXIT_UNKNOWN if password is None else EXIT_FAIL
+    return {
+        "USER": account.login,
+        "HOME": str(account.home),
+        "userdb_uid": opts.mail_user,
+        "userdb_gid": opts.mail_group,
+        "EXTRA": "userdb_uid userdb_gid",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     """Check one login; exec the reply program on success (does not return then)."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -193,21 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if request is None:
         _complain("malformed request on descriptor 3")
         return EXIT_FAIL
-    login, password = request
-    try:
-        account = resolve(Path(args.root), login, None if lookup_only else password)
-    except (OSError, AuthDBError, MailboxesError, LoginsError) as exc:
-        _complain(f"temporary failure: {exc}")
+    busy = _take_slot(args)
+    if busy is not None:
+        _complain(busy)
         return EXIT_TEMP
-    if account is None:
-        return EXIT_UNKNOWN if lookup_only else EXIT_FAIL
-    os.environ.update(
-        USER=account.login,
-        HOME=str(account.home),
-        userdb_uid=args.mail_user,
-        userdb_gid=args.mail_group,
-        EXTRA="userdb_uid userdb_gid",
-    )
+    login, password = request
+    outcome = _check(args, login, None if lookup_only else password)
+    if isinstance(outcome, int):
+        return outcome
+    os.environ.update(outcome)
     if lookup_only:
         os.environ["AUTHORIZED"] = "2"
     try:

@@ -1,0 +1,159 @@
+"""One login lock for SMTP AUTH and IMAP/POP3, with a real Dovecot and a real pyqmail-smtpd.
+
+A botnet guesses one login, each address once: over submission (pyqmail-smtpd, STARTTLS and
+AUTH) until the login is locked, then the right password over IMAPS and POP3S is refused
+(Dovecot ran pyqmail-checkpassword, which found the lock); and the other way round. Each
+guess comes from its own loopback address, so neither side's per-client delays play a part:
+only the shared per-login lock can refuse the right password.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PKI
+from tests.dovecot.conftest import MailHost, StartDovecot, os_owner, wait_for
+from tests.e2e.conftest import StartDaemon
+from tests.e2e.helpers import client_context
+
+PASSWORD = "correct horse battery staple"
+FAILS = 3
+FILTER = Path(__file__).parents[2] / "files" / "fail2ban" / "filter.d" / "pyqmail-dovecot.conf"
+
+
+class IMAPSFrom(imaplib.IMAP4_SSL):
+    """IMAPS from a loopback address of our choosing (one per guessing bot)."""
+
+    source = "127.0.0.2"
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout, (self.source, 0))
+        return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
+
+
+def imap_login(port: int, ctx: ssl.SSLContext, source: str, login: str, password: str) -> str:
+    """ "OK", or the error Dovecot answered LOGIN with."""
+    IMAPSFrom.source = source
+    with IMAPSFrom("127.0.0.1", port, ssl_context=ctx, timeout=30) as m:
+        try:
+            m.login(login, password)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        m.logout()
+        return "OK"
+
+
+def smtp_auth(port: int, ctx: ssl.SSLContext, source: str, login: str, password: str) -> int:
+    """The reply code of AUTH on submission (after STARTTLS), from ``source``."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as s:
+        s.starttls(context=ctx)
+        try:
+            s.login(login, password)
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code
+        return 235
+
+
+@pytest.fixture
+def ctx(pki: PKI) -> ssl.SSLContext:
+    return client_context(pki)
+
+
+def test_a_login_locked_over_smtp_auth_is_refused_over_imap_and_pop3(
+    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+) -> None:
+    login = mailhost.add("alice", PASSWORD)
+    mailhost.qroot.control("authlockfails", f"{FAILS}\n")
+    sub = smtpd(mode="submission")
+    dc = dovecot(dovecot_failure_delay=0)
+    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    for n in range(FAILS):
+        assert smtp_auth(sub.port, ctx, f"127.0.1.{n + 1}", login, "guess") == 535
+    refused = imap_login(dc.ports["imaps"], ctx, "127.0.0.3", login, PASSWORD)
+    assert "AUTHENTICATIONFAILED" in refused, refused
+    pop = poplib.POP3_SSL("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=30)
+    try:
+        pop.user(login)
+        with pytest.raises(poplib.error_proto, match="ERR"):
+            pop.pass_(PASSWORD)
+    finally:
+        pop.close()
+    assert "is locked: refused, no password checked" in dc.output()
+
+
+def test_imap_failures_lock_the_login_for_smtp_auth(
+    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+) -> None:
+    login = mailhost.add("alice", PASSWORD)
+    mailhost.qroot.control("authlockfails", f"{FAILS}\n")
+    sub = smtpd(mode="submission")
+    dc = dovecot(dovecot_failure_delay=0)
+    for n in range(FAILS):
+        refused = imap_login(dc.ports["imaps"], ctx, f"127.0.2.{n + 1}", login, "guess")
+        assert "AUTHENTICATIONFAILED" in refused, refused
+    assert smtp_auth(sub.port, ctx, "127.0.0.4", login, PASSWORD) == 535
+    sub.wait_for(r"auth-fail ip=127\.0\.0\.4 .* reason=locked")
+
+
+def test_the_lock_and_the_slots_belong_to_the_verifiers_alone(
+    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+) -> None:
+    """What the checker made under Dovecot (as ``dovecot``, extra group the auth group) in
+    auth/: the lock file and the slots, the auth group's, 0660, in the role's 2770."""
+    login = mailhost.add("alice", PASSWORD)
+    dc = dovecot(dovecot_failure_delay=0)
+    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, "guess") != "OK"
+    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    shared = mailhost.root / "auth"
+    group = os_owner(shared)[1]
+    assert os_owner(shared) == ("root", group, 0o2770)
+    made = sorted(p.name for p in shared.iterdir())
+    assert "accounts.sqlite" in made and any(name.startswith("login-slot.") for name in made)
+    for path in shared.iterdir():
+        assert os_owner(path)[1:] == (group, 0o660), path
+
+
+def test_fail2ban_filter_matches_each_failed_check_and_its_client(
+    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext, tmp_path: Path
+) -> None:
+    """Wrong password, locked login and unknown login count, each for the address it came
+    from; a name built to look like another client, and a good login, do not."""
+    regex = shutil.which("fail2ban-regex")
+    assert regex, "fail2ban-regex missing: run scripts/install-system-deps (package fail2ban)"
+    login = mailhost.add("alice", PASSWORD)
+    mailhost.qroot.control("authlockfails", "2\n")
+    dc = dovecot(dovecot_failure_delay=0)
+    port = dc.ports["imaps"]
+    assert imap_login(port, ctx, "127.0.3.1", login, "guess") != "OK"
+    assert imap_login(port, ctx, "127.0.3.2", login, "guess") != "OK"  # now locked
+    assert imap_login(port, ctx, "127.0.3.3", login, PASSWORD) != "OK"  # refused: locked
+    assert imap_login(port, ctx, "127.0.3.4", "nobody@mx.test", PASSWORD) != "OK"
+    assert imap_login(port, ctx, "127.0.3.5", "x,10.9.9.9,<a>): Login", "pw") != "OK"
+    mailhost.qroot.control("authlockfails", "0\n")
+    assert imap_login(port, ctx, "127.0.3.6", mailhost.add("bob", "bobs pw"), "bobs pw") == "OK"
+    wait_for(lambda: dc.output().count("Login failed") >= 4, 10, "Dovecot's auth lines")
+    log = tmp_path / "current"  # as multilog t writes it: daemontools' own tai64n
+    log.write_text(
+        subprocess.run(
+            ["tai64n"], input=dc.output(), capture_output=True, text=True, check=True
+        ).stdout
+    )
+    out = subprocess.run(
+        [regex, "--out", "ip", str(log), str(FILTER)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["127.0.3.1", "127.0.3.2", "127.0.3.3", "127.0.3.4"], (
+        out.stdout + dc.output()
+    )
