@@ -103,16 +103,17 @@ class MailHost:
         self.qroot._own(home.parent)
         login = f"{name}@{DOMAIN}"
         self._edit("users/mailboxes", name, f"{name}:{home}")
-        self._edit("users/logins", login, f"{login}:{name}")
+        self._edit("users/logins", login, f"{login}:{name}", 0o640)  # the role's mode
         self.password(login, password)
         return login
 
-    def _edit(self, relpath: str, key: str, line: str | None) -> None:
+    def _edit(self, relpath: str, key: str, line: str | None, mode: int = 0o644) -> None:
         """Replace (or with None remove) the line of ``key`` in a name:value file."""
         path = self.root / relpath
         old = path.read_text().splitlines() if path.exists() else []
         kept = [x for x in old if x.rpartition(":")[0] != key and x.partition(":")[0] != key]
-        self.qroot.write(relpath, "".join(f"{x}\n" for x in [*kept, *([line] if line else [])]))
+        text = "".join(f"{x}\n" for x in [*kept, *([line] if line else [])])
+        self.qroot.write(relpath, text, mode)
 
     def password(self, login: str, password: str) -> None:
         """Set the password of ``login`` in control/smtpusers (as pyqmail_smtp_user does)."""
@@ -125,7 +126,7 @@ class MailHost:
         """What the role does for ``state: absent``: mailbox line, login and AUTH user go."""
         login = f"{name}@{DOMAIN}"
         self._edit("users/mailboxes", name, None)
-        self._edit("users/logins", login, None)
+        self._edit("users/logins", login, None, 0o640)
         db = authdb.AuthDB.load(str(self.root / "control" / "smtpusers"))
         db.remove(login)
         self.qroot.control("smtpusers", db.dump(), 0o640)

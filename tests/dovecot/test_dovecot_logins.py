@@ -15,6 +15,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def test_the_lock_and_the_slots_belong_to_the_verifiers_alone(
     assert "accounts.sqlite" in made and any(name.startswith("login-slot.") for name in made)
     for path in shared.iterdir():
         assert os_owner(path)[1:] == (group, 0o660), path
+
+
+def test_logins_and_userdb_lookups_are_not_for_everyone(
+    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+) -> None:
+    """users/logins 0640 (the role's mode) is still read by the checker under Dovecot; the
+    userdb socket (each lookup says whether a login exists) is Dovecot's and root's, 0600."""
+    login = mailhost.add("alice", PASSWORD)
+    dc = dovecot(dovecot_failure_delay=0)
+    assert os_owner(mailhost.root / "users" / "logins")[2] == 0o640
+    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    userdb = dc.base_dir / "run" / "auth-userdb"
+    assert stat.S_ISSOCK(userdb.stat().st_mode)
+    assert os_owner(userdb)[0::2] == ("dovecot", 0o600)
 
 
 def test_fail2ban_filter_matches_each_failed_check_and_its_client(

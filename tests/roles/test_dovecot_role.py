@@ -112,3 +112,10 @@ def test_checkpassword_concurrency_reaches_the_checker(tmp_path: Path) -> None:
     assert args(tmp_path / "default") == [default] * 2  # the checker's own default
     six = args(tmp_path / "six", pyqmail_dovecot__checkpassword_concurrency=6)
     assert six == [f"{default} --concurrency 6"] * 2
+
+
+def test_written_configuration_keeps_userdb_lookups_private(tmp_path: Path) -> None:
+    auth = _block(written(tmp_path), "service auth {")
+    assert "extra_groups = nogroup" in auth
+    userdb = _block(auth, "unix_listener auth-userdb {", "}")
+    assert "mode = 0600" in userdb, auth

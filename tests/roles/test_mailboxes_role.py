@@ -4,6 +4,7 @@ no longer passes SMTP AUTH; the run after that changes nothing."""
 
 from __future__ import annotations
 
+import grp
 import os
 import stat
 from pathlib import Path
@@ -22,7 +23,11 @@ PRUNE = (
 
 
 def play(
-    tmp_path: Path, boxes: list[dict[str, Any]], *args: str, must_pass: bool = True
+    tmp_path: Path,
+    boxes: list[dict[str, Any]],
+    *args: str,
+    must_pass: bool = True,
+    auth_group: str = "root",
 ) -> dict[str, Any]:
     root = tmp_path / "qmail"
     for sub in ("control", "users"):
@@ -35,7 +40,7 @@ def play(
             "pyqmail__service_dir": str(tmp_path / "service"),
             "pyqmail__check_fresh": False,
             "pyqmail__mailbox_user": "root",
-            "pyqmail__auth_group": "root",
+            "pyqmail__auth_group": auth_group,
             "pyqmail_mailboxes__home_base": str(tmp_path / "vmail"),
             "pyqmail_mailboxes__login_domain": "example.org",
             "pyqmail_control__locals": ["example.org"],
@@ -105,3 +110,16 @@ def test_homes_made_by_an_earlier_run_are_kept_and_corrected(tmp_path: Path) -> 
     assert changed_tasks(play(tmp_path, boxes)) == [HOMES]
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert changed_tasks(play(tmp_path, boxes)) == []
+
+
+def test_logins_are_the_password_verifiers_alone(tmp_path: Path) -> None:
+    """users/logins says which logins exist: root:<auth group> 0640 like control/smtpusers
+    and users/senders, read by pyqmail-checkpassword through Dovecot's extra_groups."""
+    play(tmp_path, [{"name": "alice", "password": "alice-pw-1"}], auth_group="nogroup")
+    for path in ("users/logins", "control/smtpusers"):
+        st = os.stat(tmp_path / "qmail" / path)
+        assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)) == (
+            0,
+            "nogroup",
+            0o640,
+        ), path
