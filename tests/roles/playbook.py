@@ -40,12 +40,15 @@ def ansible_playbook(
     cwd: Path,
     callback: str = JSON_CALLBACK,
     timeout: int = 300,
+    wrapper: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``playbook`` on localhost with this interpreter; ``extra`` are the extra vars,
-    ``args`` more options (``--check``, ``-vvv``). The exit status is the caller's to judge."""
+    ``args`` more options (``--check``, ``-vvv``); ``wrapper`` runs the command (``unshare``
+    into a mount namespace of the test's). The exit status is the caller's to judge."""
     extra = {"ansible_python_interpreter": sys.executable, **extra}
     return subprocess.run(
         [
+            *(wrapper or []),
             str(Path(sys.executable).with_name("ansible-playbook")),
             "-i",
             "localhost,",

@@ -16,16 +16,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.roles.playbook import REPO, ansible_env
+from tests.roles.playbook import ROLES, ansible_playbook, link_tree, task_result
 
-ROLE = REPO / "roles" / "pyqmail_dovecot"
+ROLE = ROLES / "pyqmail_dovecot"
 RC = [f"rc{level}.d" for level in "0123456S"]
 INIT = """#!/bin/sh
 ### BEGIN INIT INFO
@@ -40,59 +38,31 @@ exit 0
 """
 
 
-def playbook(tmp: Path, tasks: str, extra: dict[str, Any], wrap: list[str] | None = None) -> Any:
-    """One run of the role's ``tasks`` file on localhost; the JSON callback's output."""
-    templates = tmp / "templates"  # the role's templates, where a play outside the role looks
-    if not templates.exists():
-        templates.symlink_to(ROLE / "templates")
-    (tmp / "play.yml").write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "hosts": "localhost",
-                    "connection": "local",
-                    "gather_facts": False,
-                    "vars_files": [
-                        str(REPO / "roles" / "pyqmail" / "defaults" / "main.yml"),
-                        str(REPO / "roles" / "pyqmail" / "vars" / "main.yml"),
-                        str(ROLE / "defaults" / "main.yml"),
-                        str(ROLE / "vars" / "main.yml"),
-                    ],
-                    "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / tasks)}],
-                    "handlers": [
-                        {
-                            "ansible.builtin.import_tasks": str(
-                                REPO / "roles" / "pyqmail" / "handlers" / "main.yml"
-                            )
-                        }
-                    ],
-                }
-            ]
-        )
-    )
-    extra = {"ansible_python_interpreter": sys.executable, **extra}
-    (tmp / "extra.json").write_text(json.dumps(extra))
-    ansible = str(Path(sys.executable).with_name("ansible-playbook"))
-    argv = [ansible, "-i", "localhost,", "-e", f"@{tmp / 'extra.json'}", str(tmp / "play.yml")]
-    proc = subprocess.run(
-        [*(wrap or []), *argv],
-        cwd=tmp,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def playbook(tmp: Path, tasks: str, extra: dict[str, Any], wrapper: list[str] | None = None) -> Any:
+    """One run of the role's ``tasks`` file on localhost, with the role's defaults and vars
+    (not its main.yml: no packages, no services); the JSON callback's output."""
+    link_tree(ROLE / "templates", tmp / "templates")
+    play = {
+        "name": f"The role pyqmail_dovecot's {tasks}",
+        "hosts": "localhost",
+        "connection": "local",
+        "gather_facts": False,
+        "vars_files": [
+            str(ROLES / role / part / "main.yml")
+            for role, part in (
+                ("pyqmail", "defaults"),
+                ("pyqmail", "vars"),
+                ("pyqmail_dovecot", "defaults"),
+                ("pyqmail_dovecot", "vars"),
+            )
+        ],
+        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / tasks)}],
+        "handlers": [{"ansible.builtin.import_tasks": str(ROLES / "pyqmail/handlers/main.yml")}],
+    }
+    (tmp / "play.yml").write_text(json.dumps([play]))
+    proc = ansible_playbook(tmp / "play.yml", extra, cwd=tmp, wrapper=wrapper)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return json.loads(proc.stdout)
-
-
-def task_results(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        task["task"]["name"]: task["hosts"]["localhost"]
-        for play in out["plays"]
-        for task in play["tasks"]
-    }
 
 
 DISABLE = "Keep the packaged Dovecot from starting at boot (no systemd)"
@@ -136,14 +106,14 @@ def test_packaged_init_script_is_disabled_without_systemd_once(tmp_path: Path, e
     subprocess.run([*ns, "update-rc.d", "dovecot", "defaults"], check=True, timeout=60)
     assert links(etc) == ["K0", "K1", "K6", "S2", "S3", "S4", "S5"]  # as the package leaves it
     extra = {"ansible_facts": {"service_mgr": "sysvinit"}}
-    first = task_results(playbook(tmp_path, "packaged.yml", extra, ns))
-    assert first[DISABLE].get("changed") is True, first[DISABLE]
+    first = task_result(playbook(tmp_path, "packaged.yml", extra, ns), DISABLE)
+    assert first.get("changed") is True, first
     assert links(etc) == ["K0", "K1", "K2", "K3", "K4", "K5", "K6"], "still starts at boot"
-    again = task_results(playbook(tmp_path, "packaged.yml", extra, ns))
-    assert again[DISABLE].get("changed") is False, again[DISABLE]
+    again = task_result(playbook(tmp_path, "packaged.yml", extra, ns), DISABLE)
+    assert again.get("changed") is False, again
     (etc / "init.d" / "dovecot").unlink()  # no such script (dovecot-core never installed)
-    gone = task_results(playbook(tmp_path, "packaged.yml", extra, ns))
-    assert gone[DISABLE].get("skipped") is True, gone[DISABLE]
+    gone = task_result(playbook(tmp_path, "packaged.yml", extra, ns), DISABLE)
+    assert gone.get("skipped") is True, gone
 
 
 def written(tmp_path: Path, **variables: object) -> str:
