@@ -7,6 +7,7 @@ import random
 import re
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pyqmail.send.local import LocalDelivery
 from pyqmail.send.mx import DnsError, LoopError, Myself, destinations
 from pyqmail.send.remote import wire_data
 from pyqmail.send.smtpclient import MAX_REPLY, SMTPClient
-from pyqmail.wirelines import wire_lines
+from pyqmail.wirelines import SHORTCUT_MAX, wire_lines
 
 QUEUED = "250 2.0.0 Ok: queued as Q1"
 HOPS = "554 5.4.6 Error: too many hops, this message is looping"
@@ -308,6 +309,20 @@ def test_wire_lines_breaks_exactly_the_lines_too_long_once_dot_stuffed(
     assert (line + b"\r\n" not in wire) is broken
     stuffed = [b"." + x if x.startswith(b".") else x for x in wire.split(b"\r\n")]
     assert max(map(len, stuffed)) <= 998
+
+
+def test_wire_lines_of_a_large_message_allocates_no_copy_per_line() -> None:
+    """The shortcut's split makes an object per line (some 14 times a message of 2-octet
+    lines); past ``SHORTCUT_MAX`` the regex, which allocates nothing when nothing is
+    broken, does the work alone."""
+    message = b"ab\r\n" * ((SHORTCUT_MAX + 4) // 4)
+    tracemalloc.start()
+    try:
+        assert wire_lines(message) is message
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(message) // 4, peak
 
 
 @pytest.fixture
