@@ -10,14 +10,16 @@ is a member, Dovecot's auth process gets it as ``extra_groups``. So the director
 every new file that group whoever creates it, and nobody else may even look in (the locks
 say which names were guessed). Files in it are ``0660``.
 
-The ``pyqmail_control`` role creates it. A verifier that runs before the role did (an
-upgrade restarts pyqmail-smtpd before the role's first run with this directory) creates it
-the same way, with the hashes' group, so that the other verifier can use what it creates.
+The ``pyqmail_install`` role creates it, before it installs a new daemon (whose restart
+and whose checker need it). pyqmail-smtpd started as root creates it too, the same way,
+before it drops privileges (an installation by hand); a verifier not running as root cannot
+(``<root>`` is root's) and says so (``problem``).
 This module imports nothing heavy: the checker calls it before its slot is taken.
 """
 
 from __future__ import annotations
 
+import grp  # the standard library's C module: cheap; imported before any privilege drop
 import os
 
 AUTH_DIR = "auth"
@@ -69,7 +71,22 @@ def open_file(path: str, flags: int) -> int:
 
 def problem(root: str | os.PathLike[str]) -> str:
     """What a verifier that cannot use the directory logs, naming what it must be."""
+    path = os.path.join(root, AUTH_DIR)
+    if not os.path.isdir(path):
+        return (
+            f"{path} does not exist: the pyqmail_install role makes it, as does pyqmail-smtpd "
+            "started as root (root, the group of control/smtpusers, mode 2770)"
+        )
+    gid = verifiers_group(root)
     return (
-        f"{os.path.join(root, AUTH_DIR)} must be group {verifiers_group(root)}"
-        f" (that of {HASHES_FILE}), mode 2770, and uid {os.getuid()} a member of it"
+        f"{path} must be group {_group_name(gid)} (that of {HASHES_FILE}), mode 2770, and "
+        f"uid {os.getuid()} a member of it"
     )
+
+
+def _group_name(gid: int) -> str:
+    """``pyqmaila (gid 998)``, or ``gid 998`` for a number no group has."""
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"

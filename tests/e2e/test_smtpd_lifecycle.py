@@ -8,6 +8,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -177,6 +178,21 @@ def test_privileges_dropped_before_serving(smtpd: StartDaemon) -> None:
     # The supervisor keeps root, as Postfix's master does: only it can fork the spawner of a
     # replacement, which imports the daemon before its drop (pyqmail.smtpd.prefork).
     assert _status(d.pid, "Uid") == [0] * 4
+
+
+@pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} creating it in root's <root> needs root"
+)
+def test_root_makes_the_login_locks_directory_before_its_drop(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """No role made <root>/auth (an installation by hand, or a daemon restarted before the
+    role's run): root makes it before the drop, as pyqmail.authdir says; the user it drops
+    to could not (<root> is root's)."""
+    auth = qmail_root.path / "auth"
+    assert not auth.exists()
+    smtpd().wait_for(r"start listen=")
+    assert auth.is_dir() and stat.S_IMODE(auth.stat().st_mode) == 0o2770
 
 
 def _parent(pid: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.modules.utils import fail_in_process, run_in_process, run_module
 from tests.runas import IS_ROOT, spare_ids
 
@@ -115,7 +116,9 @@ def test_through_ansible_check_then_real(tmp_path: Path) -> None:
 
 # --- foreign_owner: a directory that belongs to another user is not taken ------------------
 
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="giving a directory to another uid needs root")
+needs_root = pytest.mark.skipif(
+    not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} giving a directory to another uid needs root"
+)
 
 
 def owned(path: Path, uid: int, mode: int = 0o755) -> Path:

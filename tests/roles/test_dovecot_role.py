@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.roles.playbook import ROLES, ansible_playbook, link_tree, task_result
 
 ROLE = ROLES / "pyqmail_dovecot"
@@ -71,8 +72,10 @@ DISABLE = "Keep the packaged Dovecot from starting at boot (no systemd)"
 @pytest.fixture
 def etc(tmp_path: Path) -> Path:
     """Copies of /etc/init.d and /etc/rc?.d, with a dovecot init script and no links yet."""
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("update-rc.d"):
-        pytest.skip("a private mount namespace needs root, unshare and update-rc.d")
+    if os.geteuid() != 0:
+        pytest.skip(f"{IMPOSSIBLE_HERE} a private mount namespace needs root")
+    if not shutil.which("unshare") or not shutil.which("update-rc.d"):
+        pytest.skip("a private mount namespace needs unshare and update-rc.d")
     etc = tmp_path / "etc"
     for sub in ["init.d", *RC]:
         src = Path("/etc") / sub

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pyqmail.authdb import AuthDB
+from tests.conftest import IMPOSSIBLE_HERE
 from tests.roles.playbook import changed_tasks, run_role_tasks, task_result
 from tests.runas import IS_ROOT, spare_ids
 
@@ -80,7 +81,7 @@ def test_undeclared_logins_leave_smtpusers(tmp_path: Path) -> None:
         assert changed_tasks(play(tmp_path, boxes)) == [], boxes
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="a directory of another uid needs root")
+@pytest.mark.skipif(not IS_ROOT, reason=f"{IMPOSSIBLE_HERE} a directory of another uid needs root")
 def test_a_home_that_belongs_to_another_user_is_not_taken(tmp_path: Path) -> None:
     """<home_base>/alice exists and is another user's (home_base /home, or a base linked
     there): the run fails naming it, her directory keeps its owner and mode, and no other

@@ -13,6 +13,7 @@ by their existence), then privileges drop to ``--user``, and only then is any fi
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -22,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from pyqmail import privs, tickets, tls
+from pyqmail import authdir, privs, tickets, tls
 from pyqmail.authlock import StateError
 from pyqmail.checks import libraries
 from pyqmail.control import check as control_check
@@ -111,6 +112,11 @@ def _prepare(opts: Options) -> tuple[list[str], str]:
     (the groups loaded and the loop resolved are returned); files are read after this."""
     preloaded = libraries.preload(opts.root / "control") if configmod.inbound(opts.mode) else []
     loop = resolve_loop(opts.loop)
+    if os.geteuid() == 0:
+        # The login locks' directory (pyqmail.authdir), if no role made it: only root may
+        # create it in <root>. A failure is named by the start-up warning (control.check).
+        with contextlib.suppress(OSError):
+            authdir.make_dir(opts.root)
     drop_privileges(opts.user)
     os.umask(UMASK)  # ours, whatever started us: queue files need no fchmod then
     return preloaded, loop
