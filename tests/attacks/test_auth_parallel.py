@@ -4,7 +4,8 @@ Before: the delay was a sleep inside each session and the failure counts were pe
 and per listener, so 40 parallel connections from one address made 8.7 guesses/s. Now the
 state is shared by every worker and both AUTH listeners (``pyqmail.smtpd.authguard``): one
 attempt per client at a time and a penalty after each failure, a per-account lock, and an
-``auth-fail`` line for every failure, which files/fail2ban's filter matches.
+``auth-fail`` line for every failure, which files/fail2ban's filter matches (all but those on a
+locked name, which test no password: tests/unit/test_fail2ban_files.py).
 """
 
 from __future__ import annotations

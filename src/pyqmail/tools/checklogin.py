@@ -15,9 +15,10 @@ cached.
 A password check obeys and feeds the login lock SMTP AUTH uses (:mod:`pyqmail.authlock`,
 ``control/authlockfails`` and ``control/authlocktime`` read at each login too): a locked
 login is refused before its password is checked (``LockedError``, known and unknown names alike,
-so a lock tells nothing), a wrong password counts towards the lock whichever protocol it came
-over, a right one clears the count. Unknown logins cost one scrypt like a wrong password
-(:meth:`AuthDB.verify`), so timing does not tell which logins exist.
+so a lock tells nothing; the program exits 111 for it, a temporary failure), a wrong password
+counts towards the lock whichever protocol it came over, a right one clears the count. Unknown
+logins cost one scrypt like a wrong password (:meth:`AuthDB.verify`), so timing does not tell
+which logins exist.
 
 Separate from the program (``pyqmail.tools.checkpassword``) because this is the heavy part:
 it is imported only once the program holds a slot (``pyqmail.tools.loginslots``).

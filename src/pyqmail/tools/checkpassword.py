@@ -14,8 +14,10 @@ once, default twice the CPUs; none free within 5 s: exit 111), then checks the l
 ``control/smtpusers``, the mailbox through ``users/logins`` and ``users/mailboxes``). On
 success it sets ``USER``, ``HOME`` (the mailbox home) and ``userdb_uid``/``userdb_gid`` (the
 delivery user and group, so Dovecot opens the Maildir as the user that delivers into it) and
-executes PROG (Dovecot's ``checkpassword-reply``). Exit 1 = wrong password, unknown or locked
-login, 111 = temporary failure (a file cannot be read, no slot in time), 2 = called wrongly.
+executes PROG (Dovecot's ``checkpassword-reply``). Exit 1 = wrong password or unknown login,
+111 = temporary failure (a locked login, known or unknown alike: no password was checked, so
+the attempt tested nothing, and Dovecot's "Child ... exited with status 111" is not the line
+fail2ban counts; a file cannot be read; no slot in time), 2 = called wrongly.
 With ``AUTHORIZED=1`` (Dovecot's userdb lookup, no password involved) an unknown login exits 3
 and a known one sets ``AUTHORIZED=2``. ``CREDENTIALS_LOOKUP`` (a mechanism that needs the
 plain password, such as CRAM-MD5) is refused: the hashes cannot give it; Dovecot is
@@ -142,7 +144,10 @@ def _check(opts: Options, login: str, password: bytes | None) -> int | dict[str,
     except checklogin.LockedError:
         where = os.environ.get("TCPREMOTEIP", "-")
         _complain(f"login {login!r} from {where} is locked: refused, no password checked")
-        return EXIT_FAIL
+        # 111, not 1: a locked login is a temporary failure (the client retries later, it
+        # does not ask its user for another password), and it tested no password, so it
+        # must not count for fail2ban: Dovecot logs 1 as "Login failed", 111 as an error.
+        return EXIT_TEMP
     except checklogin.UNUSABLE as exc:
         _complain(f"temporary failure: {exc}")
         return EXIT_TEMP
