@@ -1000,7 +1000,8 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dovecot__listeners": check_listeners,
     "pyqmail_dovecot__ports": check_dovecot_ports,
     "pyqmail_dovecot__listen_ip": check_dovecot_ip,
-    "pyqmail_dovecot__checkpassword_concurrency": in_range(0, 1024, " (0 = twice the CPUs)"),
+    # at most pyqmail.tools.loginslots.MAX_SLOTS: a checker holds one descriptor per slot
+    "pyqmail_dovecot__checkpassword_concurrency": in_range(0, 256, " (0 = twice the CPUs)"),
     # pyqmail_scanners (module_utils/pyqmail_scanners.py)
     "pyqmail_scanners__rspamd_listen": check_scanner_address,
     "pyqmail_scanners__clamd_listen": check_scanner_address,

@@ -103,9 +103,9 @@ def preflight(tmp_path: Path, **extra: Any) -> subprocess.CompletedProcess[str]:
             "pyqmail_mailboxes__folders[0]: 'Sent.2024' is not a folder name",
         ),
         (
-            {"pyqmail_dovecot__checkpassword_concurrency": 2000},
-            "pyqmail_dovecot__checkpassword_concurrency: 2000 is out of range: must be from 0"
-            " to 1024 (0 = twice the CPUs)",
+            {"pyqmail_dovecot__checkpassword_concurrency": 257},
+            "pyqmail_dovecot__checkpassword_concurrency: 257 is out of range: must be from 0"
+            " to 256 (0 = twice the CPUs)",
         ),
     ],
 )

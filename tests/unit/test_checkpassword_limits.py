@@ -21,6 +21,7 @@ import pytest
 from pyqmail import authdb
 from pyqmail.smtpd import authguard
 from pyqmail.smtpd.authguard import Settings
+from pyqmail.tools import loginslots
 
 REPLY = "/usr/lib/dovecot/checkpassword-reply"
 LOGIN = "alice@mx.test"
@@ -28,10 +29,15 @@ FAILS = 3  # control/authlockfails here
 
 # The checker's main() with AuthDB.verify wrapped: "start"/"end" lines with the time (one
 # clock for every process) around each check, which sleeps HOLD seconds first; CPU pins the
-# checker to one CPU (its default slot count is then 2); WAIT replaces the slot wait.
+# checker to one CPU (its default slot count is then 2); WAIT replaces the slot wait;
+# PROBE_NOFILE in the environment sets the soft limit of open files (ulimit -n).
 PROBE = """
 import os, sys, time
 log, hold, cpu, wait = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+if os.environ.get("PROBE_NOFILE"):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(os.environ["PROBE_NOFILE"]), hard))
 os.dup2(int(sys.argv[5]), 3)
 os.dup2(int(sys.argv[6]), 4)
 if cpu:
@@ -87,7 +93,12 @@ class Checker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             # ORIG_UID: Dovecot sets it; checkpassword-reply refuses to answer without it.
-            env={**os.environ, "ORIG_UID": str(os.getuid()), "TCPREMOTEIP": "192.0.2.7"},
+            env={
+                **os.environ,
+                "ORIG_UID": str(os.getuid()),
+                "TCPREMOTEIP": "192.0.2.7",
+                "PROBE_NOFILE": kw.get("nofile", ""),
+            },
         )
         os.close(req_r)
         self._rep_r = rep_r
@@ -202,8 +213,26 @@ def test_a_checker_without_a_slot_in_time_is_a_temporary_failure(root: Path) -> 
     assert checks_started(root) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "many", "1025"])
+@pytest.mark.parametrize("value", ["0", "many", "257", "1024"])
 def test_a_bad_concurrency_is_a_usage_error(root: Path, value: str) -> None:
     status, _, err = Checker(root, b"x\0y\0\0", "--concurrency", value).wait()
     assert status == 2
-    assert f"--concurrency {value}: expected a whole number from 1 to 1024" in err
+    assert f"--concurrency {value}: expected a whole number from 1 to 256" in err
+
+
+def test_the_most_slots_allowed_fit_the_usual_open_file_limit(root: Path) -> None:
+    """A checker opens every slot file while it looks for a free one: with the most slots
+    ``--concurrency`` takes and ``ulimit -n 1024`` (the usual soft limit) a login still works
+    (at 1024 slots every login failed with EMFILE)."""
+    request = f"{LOGIN}\0secret\0\0".encode()
+    most = str(loginslots.MAX_SLOTS)
+    status, reply, err = Checker(root, request, "--concurrency", most, nofile="1024").wait()
+    assert (status, err) == (0, "")
+    assert "userdb_home=/var/vmail/alice" in reply, reply
+
+
+def test_the_default_slots_stay_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(600)))
+    assert loginslots.default_slots() == 256
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert loginslots.default_slots() == 4

@@ -14,10 +14,14 @@ hold it. The slot is taken before anything heavy is imported: a waiting checker 
 6 MB of private memory, a checking one 35 MB.
 
 N: ``--concurrency`` (the role's ``pyqmail_dovecot__checkpassword_concurrency``), by default
-twice the CPUs this process may run on. A checker that gets no slot within ``WAIT`` seconds
-exits 111, the checkpassword temporary failure: Dovecot answers the client "temporary
-authentication failure" and the client tries again later. A flood then costs N checking
-processes, plus waiting ones (at most Dovecot's login limit, each for ``WAIT`` seconds).
+twice the CPUs this process may run on, at most ``MAX_SLOTS`` (256). A waiting checker holds a
+descriptor on every slot file, so N must stay well under the descriptors a process may open
+(often 1024: ``ulimit -n``), or every login fails with EMFILE; 256 checkers at once is also
+already about 9 GB of scrypt, beyond any sensible setting. A checker that gets no slot within
+``WAIT`` seconds exits 111, the checkpassword temporary failure: Dovecot answers the client
+"temporary authentication failure" and the client tries again later. A flood then costs N
+checking processes, plus waiting ones (at most Dovecot's login limit, each for ``WAIT``
+seconds).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pyqmail import authdir
 
 WAIT = 5.0  # seconds a checker waits for a slot before its 111
 POLL = 0.05  # seconds between looks at the slots
-MAX_SLOTS = 1024
+MAX_SLOTS = 256  # each waiting checker opens them all: well under a 1024 fd limit
 SLOT_NAME = "login-slot."
 
 
@@ -39,8 +43,9 @@ class BusyError(Exception):
 
 
 def default_slots() -> int:
-    """Twice the CPUs this process may run on (its affinity, not the machine's count)."""
-    return 2 * len(os.sched_getaffinity(0))
+    """Twice the CPUs this process may run on (its affinity, not the machine's count), at most
+    ``MAX_SLOTS``."""
+    return min(2 * len(os.sched_getaffinity(0)), MAX_SLOTS)
 
 
 def parse_slots(text: str) -> int:
