@@ -53,6 +53,10 @@ PLAIN_WRITE = {
     # parallel work on this file is merged
     ("pyqmail_mailboxes", "Write the senders map (each login and the addresses it may send as; "
      "read by pyqmail-smtpd)"),
+    # logins and the mailbox each names, not credentials: 0640 hides the list of logins from
+    # other local users (a new file is 0644 for a moment, as before this session's change)
+    ("pyqmail_mailboxes", "Write the logins (login:mailbox; IMAP/POP3 logins read the mailbox "
+     "their SMTP AUTH login names)"),
 }  # fmt: skip
 
 
