@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,42 @@ CREATE TABLE IF NOT EXISTS counter (
 
 class StateError(Exception):
     """A shared AUTH state file cannot be opened or used; the message names the file."""
+
+
+def open_db(
+    path: Path,
+    schema: str,
+    what: str,
+    prepare: Callable[[], None],
+    problem: Callable[[], str] | None = None,
+) -> sqlite3.Connection:
+    """Open the SQLite state file ``path`` (``what`` it holds, for the errors) after
+    ``prepare`` (its directory, its mode) and ``set_up`` with ``schema``. A file that is not
+    a database (any more) is moved aside and started afresh: it holds counts, not mail.
+    StateError when it cannot be opened or used; ``problem`` says what it must be."""
+    try:
+        prepare()
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        hint = f" ({problem()})" if problem is not None else ""
+        raise StateError(f"{path}: cannot open {what}: {exc}{hint}") from exc
+    try:
+        set_up(db, schema, BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise StateError(f"{path}: cannot use {what}: {exc}") from exc
+        _set_aside(path)
+        return open_db(path, schema, what, prepare, problem)
+    return db
+
+
+def _set_aside(path: Path) -> None:
+    broken = path.with_name(f"{path.name}.broken-{int(time.time())}")
+    try:
+        path.rename(broken)
+    except OSError as exc:
+        raise StateError(f"{path}: broken and cannot be moved aside: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -105,34 +142,17 @@ class AccountLocks:
 
     def connect(self) -> sqlite3.Connection:
         """Open (creating the directory and file when missing); StateError if it cannot."""
-        if self._db is not None:
-            return self._db
-        try:
-            authdir.make_dir(self.root)
-            # created 0660 here: SQLite would create it 0644 less the umask
-            os.close(authdir.open_file(str(self.path), os.O_RDWR))
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise StateError(
-                f"{self.path}: cannot open the login locks: {exc} ({authdir.problem(self.root)})"
-            ) from exc
-        try:
-            set_up(db, _SCHEMA, BUSY_TIMEOUT_MS / 1000)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            if isinstance(exc, sqlite3.OperationalError):
-                raise StateError(f"{self.path}: cannot use the login locks: {exc}") from exc
-            self._set_aside()  # not a database (any more): start afresh
-            return self.connect()
-        self._db = db
-        return db
+        if self._db is None:
+            self._db = open_db(self.path, _SCHEMA, "the login locks", self._prepare, self._problem)
+        return self._db
 
-    def _set_aside(self) -> None:
-        broken = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
-        try:
-            self.path.rename(broken)
-        except OSError as exc:
-            raise StateError(f"{self.path}: broken and cannot be moved aside: {exc}") from exc
+    def _prepare(self) -> None:
+        authdir.make_dir(self.root)
+        # created 0660 here: SQLite would create it 0644 less the umask
+        os.close(authdir.open_file(str(self.path), os.O_RDWR))
+
+    def _problem(self) -> str:
+        return authdir.problem(self.root)
 
     def close(self) -> None:
         if self._db is not None:

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from pyqmail.authlock import AccountLocks, Rule, StateError, set_up
+from pyqmail.authlock import AccountLocks, Rule, StateError, open_db
 from pyqmail.smtpd.limits import limit_key
 
 FAIL_DELAY = 1.0  # seconds of penalty after a client's first failure; doubles per failure
@@ -71,12 +71,6 @@ WAIT_MAX = 20.0  # seconds an attempt may wait for its turn before 454
 POLL = 0.2  # seconds between looks at a lease held elsewhere
 MAX_ROWS = 50_000  # per table; the oldest rows not in force go first
 PRUNE_EVERY = 200  # finished attempts per process between prunes
-BUSY_TIMEOUT_MS = 2000
-
-
-def _set_up(db: sqlite3.Connection) -> None:
-    """This file's WAL mode and schema (``authlock.set_up``)."""
-    set_up(db, _SCHEMA, BUSY_TIMEOUT_MS / 1000)
 
 
 STATE_FILE = "smtpd/authstate.sqlite"
@@ -161,30 +155,12 @@ class AuthState:
             state.close()
 
     def connect(self) -> sqlite3.Connection:
-        if self._db is not None:
-            return self._db
-        try:
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise StateError(f"{self.path}: cannot open the AUTH state: {exc}") from exc
-        try:
-            _set_up(db)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            if isinstance(exc, sqlite3.OperationalError):
-                raise StateError(f"{self.path}: cannot use the AUTH state: {exc}") from exc
-            self._set_aside()  # not a database (any more): start afresh
-            return self.connect()
-        self._db = db
-        return db
+        if self._db is None:
+            self._db = open_db(self.path, _SCHEMA, "the AUTH state", self._prepare)
+        return self._db
 
-    def _set_aside(self) -> None:
-        broken = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
-        try:
-            self.path.rename(broken)
-        except OSError as exc:
-            raise StateError(f"{self.path}: broken and cannot be moved aside: {exc}") from exc
+    def _prepare(self) -> None:
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
 
     def close(self) -> None:
         self.accounts.close()
