@@ -271,13 +271,7 @@ class RemoteSession:
             return smtp.connect(dest.fqdn, dest.port)
         except ssl.SSLCertVerificationError as exc:
             if pin is not None:
-                raise _FailError(
-                    self._result(
-                        "temp",
-                        f"TLS required for {where} but it failed: {exc}; nothing sent",
-                        "4.7.5",
-                    )
-                ) from None
+                raise self._tls_failed(where, exc) from None
             _mark_unverifiable(dest)
             raise _RetryError(
                 self._result("temp", f"{where}: certificate not verified: {exc}", "4.7.5")
@@ -290,6 +284,14 @@ class RemoteSession:
             raise _FailError(
                 self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
             ) from None
+
+    def _tls_failed(self, where: str, exc: BaseException) -> _FailError:
+        """A required TLS (pinned relay, port 465 or STARTTLS) whose handshake failed."""
+        return _FailError(
+            self._result(
+                "temp", f"TLS required for {where} but it failed: {exc}; nothing sent", "4.7.5"
+            )
+        )
 
     def _hello(self, smtp: SMTPClient, where: str) -> None:
         try:
@@ -325,13 +327,7 @@ class RemoteSession:
             code, text = exc.smtp_code, exc.smtp_error
         except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
             if required:
-                raise _FailError(
-                    self._result(
-                        "temp",
-                        f"TLS required for {where} but it failed: {exc}; nothing sent",
-                        "4.7.5",
-                    )
-                ) from None
+                raise self._tls_failed(where, exc) from None
             raise
         if code != 220:
             if required:
