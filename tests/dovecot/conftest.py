@@ -208,11 +208,18 @@ class Dovecot:
 
 
 def render_config(
-    mailhost: MailHost, base_dir: Path, ports: dict[str, int], **extra: object
+    mailhost: MailHost,
+    base_dir: Path,
+    ports: dict[str, int],
+    mail_user_name: str = DROP_USER,
+    **extra: object,
 ) -> str:
-    """The role's dovecot.conf template, filled in for the test host."""
-    mail_user = pwd.getpwnam(DROP_USER)
+    """The role's dovecot.conf template, filled in for the test host; the mailboxes belong to
+    ``mail_user_name`` and its primary group (a test that runs the mailbox role needs a user
+    whose group has its name, as the role's delivery user has)."""
+    mail_user = pwd.getpwnam(mail_user_name)
     mail_group = grp.getgrgid(mail_user.pw_gid)
+    users_group = grp.getgrgid(pwd.getpwnam(DROP_USER).pw_gid)  # the auth/ directory's
     # Debian's Python with the imported pyqmail's sources (what
     # /opt/pyqmail/bin/pyqmail-checkpassword runs on a host): the test venv's interpreter lives
     # under /root, which the auth process (user dovecot) cannot enter. Dovecot splits these
@@ -234,7 +241,7 @@ def render_config(
         "dovecot_username_chars": USERNAME_CHARS,
         "dovecot_failure_delay": 1,
         "dovecot_checkpassword": checkpassword,
-        "dovecot_users_group": mail_group.gr_name,
+        "dovecot_users_group": users_group.gr_name,
         "dovecot_mail_user": mail_user.pw_name,
         "dovecot_mail_group": mail_group.gr_name,
         "dovecot_mail_uid": mail_user.pw_uid,
@@ -258,10 +265,10 @@ def dovecot(mailhost: MailHost) -> Iterator[StartDovecot]:
     base = Path(tempfile.mkdtemp(prefix="pyqmail-dovecot-"))
     base.chmod(0o755)
 
-    def start(**extra: object) -> Dovecot:
+    def start(mail_user_name: str = DROP_USER, **extra: object) -> Dovecot:
         ports = {name: free_port() for name in ("imap", "imaps", "pop3", "pop3s")}
         config = base / "dovecot.conf"
-        config.write_text(render_config(mailhost, base, ports, **extra))
+        config.write_text(render_config(mailhost, base, ports, mail_user_name, **extra))
         log = base / "dovecot.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(

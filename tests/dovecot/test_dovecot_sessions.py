@@ -1,0 +1,191 @@
+"""A new password or a removed login ends the IMAP/POP3 sessions already open.
+
+Dovecot checks a password once, at login: a client that logged in before the admin changed a
+stolen password (or removed the mailbox) goes on reading mail over its open connection, IDLE
+keeps one open for days. The pyqmail_mailboxes role, run for real on a host whose Dovecot is
+running (the role's own configuration template), ends those sessions with ``doveadm kick`` and
+leaves everyone else's open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import imaplib
+import poplib
+import pwd
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PKI
+from tests.dovecot.conftest import DOMAIN, IMAPS, POP3S, MailHost, StartDovecot
+from tests.e2e.conftest import DROP_USER
+from tests.e2e.helpers import client_context
+from tests.roles.playbook import results_by_task, run_role_tasks
+
+KICK = "End the sessions (doveadm kick)"
+# The role's delivery user owns the homes as user and group of one name; Debian's "mail"
+# (uid 8, group mail) is one such system user, and Dovecot opens the mailboxes as it.
+MAIL_USER = "mail"
+
+
+@pytest.fixture
+def ctx(pki: PKI) -> ssl.SSLContext:
+    return client_context(pki)
+
+
+@pytest.fixture
+def closing() -> Iterator[list[imaplib.IMAP4 | poplib.POP3]]:
+    """Sessions the test opened; each closed at the end, kicked or not."""
+    sessions: list[imaplib.IMAP4 | poplib.POP3] = []
+    yield sessions
+    for session in sessions:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error, poplib.error_proto):
+            if isinstance(session, imaplib.IMAP4):
+                session.shutdown()
+            else:
+                session.close()
+
+
+def run_role(
+    mailhost: MailHost, config: Path, boxes: list[dict[str, Any]], play: Path
+) -> dict[str, Any]:
+    """The pyqmail_mailboxes role on the test host: its files, its Dovecot configuration."""
+    group = grp.getgrgid(pwd.getpwnam(DROP_USER).pw_gid).gr_name
+    return run_role_tasks(
+        ("pyqmail_mailboxes",),
+        play,
+        {
+            "pyqmail__root": str(mailhost.root),
+            "pyqmail__service_dir": str(play / "service"),
+            "pyqmail__check_fresh": False,
+            "pyqmail__mailbox_user": MAIL_USER,
+            "pyqmail__auth_group": group,
+            "pyqmail__dovecot_config": str(config),
+            "pyqmail_mailboxes__home_base": str(mailhost.root / "homes"),
+            "pyqmail_mailboxes__login_domain": DOMAIN,
+            "pyqmail_control__locals": [DOMAIN],
+            "pyqmail_aliases__aliases": [],
+            "pyqmail_aliases__postmaster": f"alice@{DOMAIN}",
+            "pyqmail_mailboxes__list": boxes,
+        },
+    )
+
+
+def kicked(out: dict[str, Any]) -> list[tuple[str, bool]]:
+    """(login, changed) of each doveadm kick the run made."""
+    runs = results_by_task(out).get(KICK, [])
+    return [(item["item"], item["changed"]) for run in runs for item in run.get("results", [])]
+
+
+def imap_session(
+    sessions: list[imaplib.IMAP4 | poplib.POP3],
+    port: int,
+    ctx: ssl.SSLContext,
+    login: str,
+    password: str,
+) -> imaplib.IMAP4:
+    """A logged-in IMAPS session with INBOX selected (a mail client's, left open)."""
+    m = IMAPS("127.0.0.1", port, ssl_context=ctx, timeout=20)
+    sessions.append(m)
+    m.login(login, password)
+    m.select("INBOX")
+    return m
+
+
+def imap_open(m: imaplib.IMAP4) -> bool:
+    """Whether the session still answers (a kicked one says BYE or is closed)."""
+    try:
+        return m.noop()[0] == "OK"
+    except (imaplib.IMAP4.abort, OSError):
+        return False
+
+
+def pop_open(p: poplib.POP3) -> bool:
+    try:
+        return p.noop().startswith(b"+OK")
+    except (poplib.error_proto, OSError):
+        return False
+
+
+def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
+    mailhost: MailHost,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    tmp_path: Path,
+    closing: list[imaplib.IMAP4 | poplib.POP3],
+) -> None:
+    alice = {"name": "alice", "password": "alice-old-password"}
+    bob = {"name": "bob", "password": "bob-password"}
+    carol = {"name": "carol", "password": "carol-password"}
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    out = run_role(mailhost, dc.config, [alice, bob, carol], tmp_path / "play")
+    assert kicked(out) == []  # new logins: nobody's session to end
+
+    port = dc.ports["imaps"]
+    a_imap = imap_session(closing, port, ctx, f"alice@{DOMAIN}", alice["password"])
+    a_pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
+    closing.append(a_pop)
+    a_pop.user(f"alice@{DOMAIN}")
+    assert a_pop.pass_(alice["password"]).startswith(b"+OK")
+    b_imap = imap_session(closing, port, ctx, f"bob@{DOMAIN}", bob["password"])
+    c_imap = imap_session(closing, port, ctx, f"carol@{DOMAIN}", carol["password"])
+
+    # Alice's password is changed (it was stolen): her IMAP and POP3 sessions end.
+    alice_new = {**alice, "password": "alice-new-password"}
+    out = run_role(mailhost, dc.config, [alice_new, bob, carol], tmp_path / "play")
+    assert not imap_open(a_imap), "alice's IMAP session outlived her password"
+    assert not pop_open(a_pop), "alice's POP3 session outlived her password"
+    assert imap_open(b_imap) and imap_open(c_imap)
+    assert kicked(out) == [(f"alice@{DOMAIN}", True)]
+
+    # Bob's mailbox goes (state: absent) and Carol's entry is deleted: both sessions end,
+    # Alice's new one (new password) stays.
+    a_imap = imap_session(closing, port, ctx, f"alice@{DOMAIN}", alice_new["password"])
+    out = run_role(mailhost, dc.config, [alice_new, {**bob, "state": "absent"}], tmp_path / "play")
+    assert not imap_open(b_imap) and not imap_open(c_imap)
+    assert imap_open(a_imap)
+    assert kicked(out) == [(f"bob@{DOMAIN}", True), (f"carol@{DOMAIN}", True)]
+
+    # Nothing changed: nobody is kicked, and a login already gone has no session to end.
+    out = run_role(mailhost, dc.config, [alice_new], tmp_path / "play")
+    assert kicked(out) == []
+    assert imap_open(a_imap)
+    a_imap.logout()
+
+
+def test_a_password_changed_while_dovecot_is_down_passes(
+    mailhost: MailHost, dovecot: StartDovecot, tmp_path: Path
+) -> None:
+    """No Dovecot running (stopped by the admin, or not yet started): no session is open,
+    so the run goes on; doveadm's answer is read, not taken for a failure."""
+    alice = {"name": "alice", "password": "alice-old-password"}
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    run_role(mailhost, dc.config, [alice], tmp_path / "play")
+    dc.stop()
+    out = run_role(mailhost, dc.config, [{**alice, "password": "alice-new"}], tmp_path / "play")
+    assert kicked(out) == [(f"alice@{DOMAIN}", False)]
+
+
+def test_logins_with_doveadm_wildcards_are_not_kicked(
+    mailhost: MailHost,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    tmp_path: Path,
+    closing: list[imaplib.IMAP4 | poplib.POP3],
+) -> None:
+    """A login 'a*' (SMTP AUTH allows it, Dovecot never lets it in) would be a wildcard to
+    doveadm kick: removing it must not end alice's session."""
+    alice = {"name": "alice", "password": "alice-password"}
+    star = {"name": "star", "login": f"a*@{DOMAIN}", "password": "star-password"}
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    run_role(mailhost, dc.config, [alice, star], tmp_path / "play")
+    a_imap = imap_session(closing, dc.ports["imaps"], ctx, f"alice@{DOMAIN}", alice["password"])
+    out = run_role(mailhost, dc.config, [alice], tmp_path / "play")
+    assert kicked(out) == []
+    assert imap_open(a_imap)
+    a_imap.logout()
