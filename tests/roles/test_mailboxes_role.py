@@ -18,6 +18,7 @@ from tests.roles.playbook import changed_tasks, run_role_tasks, task_result
 from tests.runas import IS_ROOT, spare_ids
 
 HOMES = "Create the mailbox homes and Maildirs"
+WRITE = "Write the logins and the senders map (pyqmail__auth_group only)"
 PRUNE = (
     "Remove the SMTP AUTH users the list no longer declares (deleted, renamed, without a password)"
 )
@@ -29,6 +30,7 @@ def play(
     *args: str,
     must_pass: bool = True,
     auth_group: str = "root",
+    **more: Any,
 ) -> dict[str, Any]:
     root = tmp_path / "qmail"
     for sub in ("control", "users"):
@@ -48,6 +50,7 @@ def play(
             "pyqmail_aliases__aliases": [],
             "pyqmail_aliases__postmaster": "alice@example.org",
             "pyqmail_mailboxes__list": boxes,
+            **more,
         },
         *args,
         must_pass=must_pass,
@@ -117,10 +120,26 @@ def test_logins_are_the_password_verifiers_alone(tmp_path: Path) -> None:
     """users/logins says which logins exist: root:<auth group> 0640 like control/smtpusers
     and users/senders, read by pyqmail-checkpassword through Dovecot's extra_groups."""
     play(tmp_path, [{"name": "alice", "password": "alice-pw-1"}], auth_group="nogroup")
-    for path in ("users/logins", "control/smtpusers"):
+    for path in ("users/logins", "users/senders", "control/smtpusers"):
         st = os.stat(tmp_path / "qmail" / path)
         assert (st.st_uid, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)) == (
             0,
             "nogroup",
             0o640,
         ), path
+
+
+def test_the_senders_map_goes_when_not_enforced_and_comes_back(tmp_path: Path) -> None:
+    """pyqmail_mailboxes__senders_enforced false: no users/senders (authenticated users may
+    send as anyone); true again: the map is back, and a second run changes nothing."""
+    boxes = [{"name": "alice", "password": "alice-pw-1"}]
+    senders = tmp_path / "qmail" / "users" / "senders"
+    play(tmp_path, boxes)
+    assert "alice@example.org" in senders.read_text()
+    play(tmp_path, boxes, pyqmail_mailboxes__senders_enforced=False)
+    assert not senders.exists()
+    logins = (tmp_path / "qmail" / "users" / "logins").read_text().splitlines()
+    assert [line for line in logins if not line.startswith("#")] == ["alice@example.org:alice"]
+    play(tmp_path, boxes)
+    assert "alice@example.org" in senders.read_text()
+    assert WRITE not in changed_tasks(play(tmp_path, boxes))

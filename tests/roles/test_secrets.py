@@ -53,17 +53,8 @@ NOT_SECRET_FACTS = {
     # the login names of the hidden pyqmail_smtp_user results (name, removed), never an item
     ("pyqmail_mailboxes", "pyqmail_mailboxes__kick"),
 }
-# Restrictive files written with copy/template, each with why (checked to exist).
-PLAIN_WRITE = {
-    # logins and their addresses, not credentials; to move to pyqmail_control_files once the
-    # parallel work on this file is merged
-    ("pyqmail_mailboxes", "Write the senders map (each login and the addresses it may send as; "
-     "read by pyqmail-smtpd)"),
-    # logins and the mailbox each names, not credentials: 0640 hides the list of logins from
-    # other local users (a new file is 0644 for a moment, as before this session's change)
-    ("pyqmail_mailboxes", "Write the logins (login:mailbox; IMAP/POP3 logins read the mailbox "
-     "their SMTP AUTH login names)"),
-}  # fmt: skip
+# Restrictive files written with copy/template, each with why (checked to exist): none now.
+PLAIN_WRITE: set[tuple[str, str]] = set()
 
 
 def task_files() -> Iterator[tuple[str, Path]]:
