@@ -46,6 +46,10 @@ from pyqmail.send.delivery import Result, split_address
 from pyqmail.send.dotqmail import Instruction, Mailboxes, MailboxesError, Plan, resolve
 
 _counter = itertools.count()
+# The Maildir++ folder a quarantined message goes to: the name Dovecot's configuration marks
+# \Junk (roles/pyqmail_dovecot) and the mailbox role creates in every mailbox; a test holds
+# the three together (tests/roles/test_junk_folder.py).
+JUNK_FOLDER = "Junk"
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
@@ -249,5 +253,6 @@ class LocalDelivery:
         if junk:
             maildir = ins.target.rstrip("/")
             _ensure_maildir(Path(maildir))  # the folder's parent: the mailbox's own Maildir
-            return ".Junk/new/" + maildir_deliver(maildir + "/.Junk", data)
+            folder = f".{JUNK_FOLDER}"
+            return f"{folder}/new/" + maildir_deliver(f"{maildir}/{folder}", data)
         return "new/" + maildir_deliver(ins.target, data)
