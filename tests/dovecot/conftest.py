@@ -6,10 +6,13 @@ it. ``dovecot`` starts ``dovecot -F`` with the role's own template
 (roles/pyqmail_dovecot/templates/etc/dovecot/dovecot.conf.j2) rendered for this host: kernel
 chosen ports on 127.0.0.1, its own base_dir, never the system configuration. Dovecot needs
 root (it switches to the mail user); the tests run as root, as ``make test`` does.
+``clients`` opens the IMAPS and POP3S sessions a test makes to it (from CLIENT_IP, or from an
+address of the test's choosing) and closes whatever is left open when the test ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import imaplib
 import os
@@ -18,21 +21,23 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
 
 import pyqmail
 from pyqmail import authdb
-from tests.conftest import IMPOSSIBLE_HERE
+from tests.conftest import IMPOSSIBLE_HERE, PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, qmail_root, smtpd  # noqa: F401
-from tests.e2e.helpers import free_port, wait_for
+from tests.e2e.helpers import client_context, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 # The sources of the pyqmail this test process imported (PYTHONPATH): the checker Dovecot
@@ -47,6 +52,7 @@ USERNAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 # Clients connect from another loopback address: Dovecot counts a client on the server's own
 # address as a local, secured connection and would offer LOGIN in clear to it.
 CLIENT_IP = "127.0.0.2"
+TIMEOUT = 30  # seconds a client waits for Dovecot (a loaded machine, a checker starting)
 
 
 class IMAP(imaplib.IMAP4):
@@ -57,10 +63,15 @@ class IMAP(imaplib.IMAP4):
 
 
 class IMAPS(imaplib.IMAP4_SSL):
-    """imaplib.IMAP4_SSL from CLIENT_IP."""
+    """imaplib.IMAP4_SSL from ``source``: CLIENT_IP, or another loopback address (one per
+    guessing bot in the login-lock tests)."""
+
+    def __init__(self, host: str, port: int, *, source: str = CLIENT_IP, **kwargs: Any) -> None:
+        self.source = source  # before connecting: imaplib connects in __init__
+        super().__init__(host, port, **kwargs)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        raw = socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+        raw = socket.create_connection((self.host, self.port), timeout, (self.source, 0))
         return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
 
 
@@ -72,11 +83,66 @@ class POP3(poplib.POP3):
 
 
 class POP3S(poplib.POP3_SSL):
-    """poplib.POP3_SSL from CLIENT_IP."""
+    """poplib.POP3_SSL from ``source`` (CLIENT_IP unless told)."""
+
+    def __init__(self, host: str, port: int, *, source: str = CLIENT_IP, **kwargs: Any) -> None:
+        self.source = source  # before connecting: poplib connects in __init__
+        super().__init__(host, port, **kwargs)
 
     def _create_socket(self, timeout: float) -> socket.socket:
-        raw = socket.create_connection((self.host, self.port), timeout, (CLIENT_IP, 0))
+        raw = socket.create_connection((self.host, self.port), timeout, (self.source, 0))
         return self.context.wrap_socket(raw, server_hostname=self.host)
+
+
+@dataclass
+class Clients:
+    """The IMAPS and POP3S sessions of one test, each closed when the test ends (logged out,
+    kicked or left half-way): an open socket is a ResourceWarning, and warnings are errors."""
+
+    ctx: ssl.SSLContext
+    sessions: list[imaplib.IMAP4 | poplib.POP3] = field(default_factory=list)
+
+    def imaps(self, port: int, *, source: str = CLIENT_IP) -> IMAPS:
+        m = IMAPS("127.0.0.1", port, ssl_context=self.ctx, timeout=TIMEOUT, source=source)
+        self.sessions.append(m)
+        return m
+
+    def pop3s(self, port: int, *, source: str = CLIENT_IP) -> POP3S:
+        pop = POP3S("127.0.0.1", port, context=self.ctx, timeout=TIMEOUT, source=source)
+        self.sessions.append(pop)
+        return pop
+
+    def imap_login(self, port: int, login: str, password: str, *, source: str = CLIENT_IP) -> str:
+        """ "OK", or the error Dovecot answered LOGIN with; the session is ended either way."""
+        with self.imaps(port, source=source) as m:
+            try:
+                m.login(login, password)
+            except imaplib.IMAP4.error as exc:
+                return str(exc)
+            m.logout()
+            return "OK"
+
+    def close(self) -> None:
+        for session in self.sessions:
+            # one logged out or kicked is closed already: its error here is no finding
+            with contextlib.suppress(OSError, imaplib.IMAP4.error, poplib.error_proto):
+                if isinstance(session, imaplib.IMAP4):
+                    session.shutdown()
+                else:
+                    session.close()
+
+
+@pytest.fixture
+def ctx(pki: PKI) -> ssl.SSLContext:
+    """A client's TLS context: trusts the test CA, as a mail client trusts the public ones."""
+    return client_context(pki)
+
+
+@pytest.fixture
+def clients(ctx: ssl.SSLContext) -> Iterator[Clients]:
+    opened = Clients(ctx)
+    yield opened
+    opened.close()
 
 
 @dataclass
@@ -313,6 +379,7 @@ __all__ = [
     "IMAPS",
     "POP3",
     "POP3S",
+    "Clients",
     "Dovecot",
     "MailHost",
     "StartDovecot",

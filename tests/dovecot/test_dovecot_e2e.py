@@ -24,14 +24,13 @@ from tests.dovecot.conftest import (
     IMAP,
     IMAPS,
     POP3,
-    POP3S,
+    Clients,
     MailHost,
     StartDovecot,
     os_owner,
     wait_for,
 )
 from tests.e2e.conftest import DROP_USER, StartDaemon
-from tests.e2e.helpers import client_context
 
 PASSWORD = "correct horse battery staple"
 
@@ -45,10 +44,6 @@ def submit(port: int, ctx: ssl.SSLContext, login: str, password: str, subject: s
         s.sendmail(login, [login], body.encode())
 
 
-def imaps(port: int, ctx: ssl.SSLContext) -> imaplib.IMAP4_SSL:
-    return IMAPS("127.0.0.1", port, ssl_context=ctx, timeout=20)
-
-
 def deliver(mailhost: MailHost, smtpd: StartDaemon, ctx: ssl.SSLContext, login: str) -> str:
     """Submit one message on 587-style submission and wait until it is in Maildir/new."""
     d = smtpd(mode="submission")
@@ -59,19 +54,18 @@ def deliver(mailhost: MailHost, smtpd: StartDaemon, ctx: ssl.SSLContext, login: 
     return subject
 
 
-@pytest.fixture
-def ctx(pki: PKI) -> ssl.SSLContext:
-    return client_context(pki)
-
-
 def test_submitted_mail_is_read_over_imaps_and_pop3s(
-    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost,
+    smtpd: StartDaemon,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    clients: Clients,
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     mailhost.start_send()
     dc = dovecot()
     subject = deliver(mailhost, smtpd, ctx, login)
-    with imaps(dc.ports["imaps"], ctx) as m:
+    with clients.imaps(dc.ports["imaps"]) as m:
         m.login(login, PASSWORD)
         typ, data = m.select("INBOX")
         assert typ == "OK" and int(data[0] or b"0") == 1
@@ -84,16 +78,14 @@ def test_submitted_mail_is_read_over_imaps_and_pop3s(
         names = b" ".join(x for x in boxes if isinstance(x, bytes))
         for special in (b"\\Sent", b"\\Junk", b"\\Trash"):
             assert special in names
-    pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
-    try:
-        pop.user(login)
-        pop.pass_(PASSWORD)
-        count, _ = pop.stat()
-        assert count == 1
-        lines = pop.retr(1)[1]
-        assert f"Subject: {subject}".encode() in lines
-    finally:
-        pop.quit()
+    pop = clients.pop3s(dc.ports["pop3s"])
+    pop.user(login)
+    pop.pass_(PASSWORD)
+    count, _ = pop.stat()
+    assert count == 1
+    lines = pop.retr(1)[1]
+    assert f"Subject: {subject}".encode() in lines
+    pop.quit()
     # Dovecot worked as the delivery user: what it created has the Maildir's owner and modes.
     maildir = mailhost.home("alice") / "Maildir"
     for path in [maildir / "cur", *maildir.glob("dovecot*"), *(maildir / "cur").iterdir()]:
@@ -144,72 +136,68 @@ def test_pop3_110_refuses_user_before_stls(
         pop.quit()
 
 
-def _login_fails(port: int, ctx: ssl.SSLContext, login: str, password: str) -> bool:
-    with imaps(port, ctx) as m:
-        try:
-            m.login(login, password)
-        except imaplib.IMAP4.error as exc:
-            return "AUTHENTICATIONFAILED" in str(exc) or "failed" in str(exc).lower()
-        m.logout()
-        return False
+def refused(answer: str) -> bool:
+    """Whether LOGIN was answered as a failed authentication (wrong password, no such login)."""
+    return "AUTHENTICATIONFAILED" in answer or "failed" in answer.lower()
 
 
 def test_wrong_password_changed_password_and_removed_mailbox_are_refused(
-    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     other = mailhost.add("bob", "bobs password")
     dc = dovecot(dovecot_failure_delay=0)
     port = dc.ports["imaps"]
-    assert _login_fails(port, ctx, login, "wrong")
-    assert _login_fails(port, ctx, f"nobody@{DOMAIN}", PASSWORD)
-    assert _login_fails(port, ctx, other, PASSWORD)  # another account's password
-    assert not _login_fails(port, ctx, login, PASSWORD)
+    assert refused(clients.imap_login(port, login, "wrong"))
+    assert refused(clients.imap_login(port, f"nobody@{DOMAIN}", PASSWORD))
+    assert refused(clients.imap_login(port, other, PASSWORD))  # another account's password
+    assert clients.imap_login(port, login, PASSWORD) == "OK"
     # A new password counts at the next login (nothing is cached).
     mailhost.password(login, "new secret")
-    assert _login_fails(port, ctx, login, PASSWORD)
-    assert not _login_fails(port, ctx, login, "new secret")
+    assert refused(clients.imap_login(port, login, PASSWORD))
+    assert clients.imap_login(port, login, "new secret") == "OK"
     # A removed mailbox cannot log in any more, over IMAP or POP3.
     mailhost.remove("alice")
-    assert _login_fails(port, ctx, login, "new secret")
-    pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
-    try:
-        pop.user(login)
-        with pytest.raises(poplib.error_proto):
-            pop.pass_("new secret")
-    finally:
-        pop.close()
-    assert not _login_fails(port, ctx, other, "bobs password")
+    assert refused(clients.imap_login(port, login, "new secret"))
+    pop = clients.pop3s(dc.ports["pop3s"])
+    pop.user(login)
+    with pytest.raises(poplib.error_proto):
+        pop.pass_("new secret")
+    assert clients.imap_login(port, other, "bobs password") == "OK"
 
 
 def test_failed_logins_are_delayed_per_client(
-    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     # Dovecot checks its delayed failures every 500 ms against a clock of whole seconds
     # (ioloop_time): with auth_failure_delay N the answer comes after more than N - 1 s.
     dc = dovecot(dovecot_failure_delay=2)
     started = time.monotonic()
-    assert _login_fails(dc.ports["imaps"], ctx, login, "wrong")
+    assert refused(clients.imap_login(dc.ports["imaps"], login, "wrong"))
     assert time.monotonic() - started >= 1.0, "a failed login answered without the delay"
     # The right password still works from that client (after Dovecot's per-IP penalty).
-    assert not _login_fails(dc.ports["imaps"], ctx, login, PASSWORD)
+    assert clients.imap_login(dc.ports["imaps"], login, PASSWORD) == "OK"
 
 
 def test_flags_set_over_imap_survive_a_new_delivery(
-    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost,
+    smtpd: StartDaemon,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    clients: Clients,
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     mailhost.start_send()
     dc = dovecot()
     first = deliver(mailhost, smtpd, ctx, login)
-    with imaps(dc.ports["imaps"], ctx) as m:
+    with clients.imaps(dc.ports["imaps"]) as m:
         m.login(login, PASSWORD)
         m.select("INBOX")
         assert m.store("1", "+FLAGS", "(\\Seen \\Flagged)")[0] == "OK"
         m.logout()
     second = deliver(mailhost, smtpd, ctx, login)
-    with imaps(dc.ports["imaps"], ctx) as m:
+    with clients.imaps(dc.ports["imaps"]) as m:
         m.login(login, PASSWORD)
         typ, data = m.select("INBOX")
         assert int(data[0] or b"0") == 2

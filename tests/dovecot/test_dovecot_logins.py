@@ -9,12 +9,10 @@ only the shared per-login lock can refuse the right password.
 
 from __future__ import annotations
 
-import imaplib
 import poplib
 import re
 import shutil
 import smtplib
-import socket
 import ssl
 import stat
 import subprocess
@@ -22,36 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PKI
-from tests.dovecot.conftest import MailHost, StartDovecot, os_owner, wait_for
+from tests.dovecot.conftest import Clients, MailHost, StartDovecot, os_owner, wait_for
 from tests.e2e.conftest import StartDaemon
-from tests.e2e.helpers import client_context
 
 PASSWORD = "correct horse battery staple"
 FAILS = 3
 FILTER = Path(__file__).parents[2] / "files" / "fail2ban" / "filter.d" / "pyqmail-dovecot.conf"
-
-
-class IMAPSFrom(imaplib.IMAP4_SSL):
-    """IMAPS from a loopback address of our choosing (one per guessing bot)."""
-
-    source = "127.0.0.2"
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        raw = socket.create_connection((self.host, self.port), timeout, (self.source, 0))
-        return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
-
-
-def imap_login(port: int, ctx: ssl.SSLContext, source: str, login: str, password: str) -> str:
-    """ "OK", or the error Dovecot answered LOGIN with."""
-    IMAPSFrom.source = source
-    with IMAPSFrom("127.0.0.1", port, ssl_context=ctx, timeout=30) as m:
-        try:
-            m.login(login, password)
-        except imaplib.IMAP4.error as exc:
-            return str(exc)
-        m.logout()
-        return "OK"
 
 
 def smtp_auth(port: int, ctx: ssl.SSLContext, source: str, login: str, password: str) -> int:
@@ -65,58 +39,58 @@ def smtp_auth(port: int, ctx: ssl.SSLContext, source: str, login: str, password:
         return 235
 
 
-@pytest.fixture
-def ctx(pki: PKI) -> ssl.SSLContext:
-    return client_context(pki)
-
-
 def test_a_login_locked_over_smtp_auth_is_refused_over_imap_and_pop3(
-    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost,
+    smtpd: StartDaemon,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    clients: Clients,
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     mailhost.qroot.control("authlockfails", f"{FAILS}\n")
     sub = smtpd(mode="submission")
     dc = dovecot(dovecot_failure_delay=0)
-    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    assert clients.imap_login(dc.ports["imaps"], login, PASSWORD, source="127.0.0.2") == "OK"
     for n in range(FAILS):
         assert smtp_auth(sub.port, ctx, f"127.0.1.{n + 1}", login, "guess") == 535
     # a temporary failure (the checker's 111): the user's clients retry later instead of
     # asking for another password, and the attempt is not one fail2ban counts
-    refused = imap_login(dc.ports["imaps"], ctx, "127.0.0.3", login, PASSWORD)
+    refused = clients.imap_login(dc.ports["imaps"], login, PASSWORD, source="127.0.0.3")
     assert "[UNAVAILABLE] Temporary authentication failure" in refused, refused
-    pop = poplib.POP3_SSL("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=30)
-    try:
-        pop.user(login)
-        with pytest.raises(poplib.error_proto, match=r"ERR \[SYS/TEMP\] Temporary"):
-            pop.pass_(PASSWORD)
-    finally:
-        pop.close()
+    pop = clients.pop3s(dc.ports["pop3s"], source="127.0.0.1")  # its own address too
+    pop.user(login)
+    with pytest.raises(poplib.error_proto, match=r"ERR \[SYS/TEMP\] Temporary"):
+        pop.pass_(PASSWORD)
     assert "is locked: refused, no password checked" in dc.output()
 
 
 def test_imap_failures_lock_the_login_for_smtp_auth(
-    mailhost: MailHost, smtpd: StartDaemon, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost,
+    smtpd: StartDaemon,
+    dovecot: StartDovecot,
+    ctx: ssl.SSLContext,
+    clients: Clients,
 ) -> None:
     login = mailhost.add("alice", PASSWORD)
     mailhost.qroot.control("authlockfails", f"{FAILS}\n")
     sub = smtpd(mode="submission")
     dc = dovecot(dovecot_failure_delay=0)
     for n in range(FAILS):
-        refused = imap_login(dc.ports["imaps"], ctx, f"127.0.2.{n + 1}", login, "guess")
+        refused = clients.imap_login(dc.ports["imaps"], login, "guess", source=f"127.0.2.{n + 1}")
         assert "AUTHENTICATIONFAILED" in refused, refused
     assert smtp_auth(sub.port, ctx, "127.0.0.4", login, PASSWORD) == 535
     sub.wait_for(r"auth-fail ip=127\.0\.0\.4 .* reason=locked")
 
 
 def test_the_lock_and_the_slots_belong_to_the_verifiers_alone(
-    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients
 ) -> None:
     """What the checker made under Dovecot (as ``dovecot``, extra group the auth group) in
     auth/: the lock file and the slots, the auth group's, 0660, in the role's 2770."""
     login = mailhost.add("alice", PASSWORD)
     dc = dovecot(dovecot_failure_delay=0)
-    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, "guess") != "OK"
-    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    assert clients.imap_login(dc.ports["imaps"], login, "guess", source="127.0.0.2") != "OK"
+    assert clients.imap_login(dc.ports["imaps"], login, PASSWORD, source="127.0.0.2") == "OK"
     shared = mailhost.root / "auth"
     group = os_owner(shared)[1]
     assert os_owner(shared) == ("root", group, 0o2770)
@@ -127,21 +101,21 @@ def test_the_lock_and_the_slots_belong_to_the_verifiers_alone(
 
 
 def test_logins_and_userdb_lookups_are_not_for_everyone(
-    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients
 ) -> None:
     """users/logins 0640 (the role's mode) is still read by the checker under Dovecot; the
     userdb socket (each lookup says whether a login exists) is Dovecot's and root's, 0600."""
     login = mailhost.add("alice", PASSWORD)
     dc = dovecot(dovecot_failure_delay=0)
     assert os_owner(mailhost.root / "users" / "logins")[2] == 0o640
-    assert imap_login(dc.ports["imaps"], ctx, "127.0.0.2", login, PASSWORD) == "OK"
+    assert clients.imap_login(dc.ports["imaps"], login, PASSWORD, source="127.0.0.2") == "OK"
     userdb = dc.base_dir / "run" / "auth-userdb"
     assert stat.S_ISSOCK(userdb.stat().st_mode)
     assert os_owner(userdb)[0::2] == ("dovecot", 0o600)
 
 
 def test_fail2ban_filter_matches_each_failed_check_and_its_client(
-    mailhost: MailHost, dovecot: StartDovecot, ctx: ssl.SSLContext, tmp_path: Path
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients, tmp_path: Path
 ) -> None:
     """Wrong password and unknown login count, each for the address it came from; a locked
     login (refused without a password check, here with the right password: its own user's clients), a name
@@ -152,14 +126,15 @@ def test_fail2ban_filter_matches_each_failed_check_and_its_client(
     mailhost.qroot.control("authlockfails", "2\n")
     dc = dovecot(dovecot_failure_delay=0)
     port = dc.ports["imaps"]
-    assert imap_login(port, ctx, "127.0.3.1", login, "guess") != "OK"
-    assert imap_login(port, ctx, "127.0.3.2", login, "guess") != "OK"  # now locked
-    refused = imap_login(port, ctx, "127.0.3.3", login, PASSWORD)  # refused: locked
+    assert clients.imap_login(port, login, "guess", source="127.0.3.1") != "OK"
+    assert clients.imap_login(port, login, "guess", source="127.0.3.2") != "OK"  # now locked
+    refused = clients.imap_login(port, login, PASSWORD, source="127.0.3.3")  # refused: locked
     assert "[UNAVAILABLE]" in refused, refused
-    assert imap_login(port, ctx, "127.0.3.4", "nobody@mx.test", PASSWORD) != "OK"
-    assert imap_login(port, ctx, "127.0.3.5", "x,10.9.9.9,<a>): Login", "pw") != "OK"
+    assert clients.imap_login(port, "nobody@mx.test", PASSWORD, source="127.0.3.4") != "OK"
+    assert clients.imap_login(port, "x,10.9.9.9,<a>): Login", "pw", source="127.0.3.5") != "OK"
     mailhost.qroot.control("authlockfails", "0\n")
-    assert imap_login(port, ctx, "127.0.3.6", mailhost.add("bob", "bobs pw"), "bobs pw") == "OK"
+    bob = mailhost.add("bob", "bobs pw")
+    assert clients.imap_login(port, bob, "bobs pw", source="127.0.3.6") == "OK"
     wait_for(lambda: dc.output().count("Login failed") >= 3, 10, "Dovecot's auth lines")
     # what Dovecot 2.3 logs for the checker's 111 (db-checkpassword.c), for the locked login
     assert re.search(

@@ -9,46 +9,21 @@ leaves everyone else's open.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import imaplib
 import poplib
 import pwd
-import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import PKI
-from tests.dovecot.conftest import DOMAIN, IMAPS, POP3S, MailHost, StartDovecot
+from tests.dovecot.conftest import DOMAIN, Clients, MailHost, StartDovecot
 from tests.e2e.conftest import DROP_USER
-from tests.e2e.helpers import client_context
 from tests.roles.playbook import results_by_task, run_role_tasks
 
 KICK = "End the sessions (doveadm kick)"
 # The role's delivery user owns the homes as user and group of one name; Debian's "mail"
 # (uid 8, group mail) is one such system user, and Dovecot opens the mailboxes as it.
 MAIL_USER = "mail"
-
-
-@pytest.fixture
-def ctx(pki: PKI) -> ssl.SSLContext:
-    return client_context(pki)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[imaplib.IMAP4 | poplib.POP3]]:
-    """Sessions the test opened; each closed at the end, kicked or not."""
-    sessions: list[imaplib.IMAP4 | poplib.POP3] = []
-    yield sessions
-    for session in sessions:
-        with contextlib.suppress(OSError, imaplib.IMAP4.error, poplib.error_proto):
-            if isinstance(session, imaplib.IMAP4):
-                session.shutdown()
-            else:
-                session.close()
 
 
 def run_role(
@@ -82,16 +57,9 @@ def kicked(out: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(item["item"], item["changed"]) for run in runs for item in run.get("results", [])]
 
 
-def imap_session(
-    sessions: list[imaplib.IMAP4 | poplib.POP3],
-    port: int,
-    ctx: ssl.SSLContext,
-    login: str,
-    password: str,
-) -> imaplib.IMAP4:
+def imap_session(clients: Clients, port: int, login: str, password: str) -> imaplib.IMAP4:
     """A logged-in IMAPS session with INBOX selected (a mail client's, left open)."""
-    m = IMAPS("127.0.0.1", port, ssl_context=ctx, timeout=20)
-    sessions.append(m)
+    m = clients.imaps(port)
     m.login(login, password)
     m.select("INBOX")
     return m
@@ -115,9 +83,8 @@ def pop_open(p: poplib.POP3) -> bool:
 def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     mailhost: MailHost,
     dovecot: StartDovecot,
-    ctx: ssl.SSLContext,
     tmp_path: Path,
-    closing: list[imaplib.IMAP4 | poplib.POP3],
+    clients: Clients,
 ) -> None:
     alice = {"name": "alice", "password": "alice-old-password"}
     bob = {"name": "bob", "password": "bob-password"}
@@ -127,13 +94,12 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     assert kicked(out) == []  # new logins: nobody's session to end
 
     port = dc.ports["imaps"]
-    a_imap = imap_session(closing, port, ctx, f"alice@{DOMAIN}", alice["password"])
-    a_pop = POP3S("127.0.0.1", dc.ports["pop3s"], context=ctx, timeout=20)
-    closing.append(a_pop)
+    a_imap = imap_session(clients, port, f"alice@{DOMAIN}", alice["password"])
+    a_pop = clients.pop3s(dc.ports["pop3s"])
     a_pop.user(f"alice@{DOMAIN}")
     assert a_pop.pass_(alice["password"]).startswith(b"+OK")
-    b_imap = imap_session(closing, port, ctx, f"bob@{DOMAIN}", bob["password"])
-    c_imap = imap_session(closing, port, ctx, f"carol@{DOMAIN}", carol["password"])
+    b_imap = imap_session(clients, port, f"bob@{DOMAIN}", bob["password"])
+    c_imap = imap_session(clients, port, f"carol@{DOMAIN}", carol["password"])
 
     # Alice's password is changed (it was stolen): her IMAP and POP3 sessions end.
     alice_new = {**alice, "password": "alice-new-password"}
@@ -145,7 +111,7 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
 
     # Bob's mailbox goes (state: absent) and Carol's entry is deleted: both sessions end,
     # Alice's new one (new password) stays.
-    a_imap = imap_session(closing, port, ctx, f"alice@{DOMAIN}", alice_new["password"])
+    a_imap = imap_session(clients, port, f"alice@{DOMAIN}", alice_new["password"])
     out = run_role(mailhost, dc.config, [alice_new, {**bob, "state": "absent"}], tmp_path / "play")
     assert not imap_open(b_imap) and not imap_open(c_imap)
     assert imap_open(a_imap)
@@ -174,9 +140,8 @@ def test_a_password_changed_while_dovecot_is_down_passes(
 def test_logins_with_doveadm_wildcards_are_not_kicked(
     mailhost: MailHost,
     dovecot: StartDovecot,
-    ctx: ssl.SSLContext,
     tmp_path: Path,
-    closing: list[imaplib.IMAP4 | poplib.POP3],
+    clients: Clients,
 ) -> None:
     """A login 'a*' (SMTP AUTH allows it, Dovecot never lets it in) would be a wildcard to
     doveadm kick: removing it must not end alice's session."""
@@ -184,7 +149,7 @@ def test_logins_with_doveadm_wildcards_are_not_kicked(
     star = {"name": "star", "login": f"a*@{DOMAIN}", "password": "star-password"}
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
     run_role(mailhost, dc.config, [alice, star], tmp_path / "play")
-    a_imap = imap_session(closing, dc.ports["imaps"], ctx, f"alice@{DOMAIN}", alice["password"])
+    a_imap = imap_session(clients, dc.ports["imaps"], f"alice@{DOMAIN}", alice["password"])
     out = run_role(mailhost, dc.config, [alice], tmp_path / "play")
     assert kicked(out) == []
     assert imap_open(a_imap)
