@@ -118,8 +118,8 @@ def test_fail2ban_filter_matches_each_failed_check_and_its_client(
     mailhost: MailHost, dovecot: StartDovecot, clients: Clients, tmp_path: Path
 ) -> None:
     """Wrong password and unknown login count, each for the address it came from; a locked
-    login (refused without a password check, here with the right password: its own user's clients), a name
-    built to look like another client, and a good login, do not."""
+    login (refused without a password check, here with the right password: its own user's
+    clients), a name built to look like another client, and a good login, do not."""
     regex = shutil.which("fail2ban-regex")
     assert regex, "fail2ban-regex missing: run scripts/install-system-deps (package fail2ban)"
     login = mailhost.add("alice", PASSWORD)

@@ -104,8 +104,9 @@ SMTPD_LINES = [
 
 
 def test_the_smtpd_filter_counts_failed_checks_but_not_a_locked_name(tmp_path: Path) -> None:
-    """A locked name is refused without its password being checked, most often its own user's clients retrying the
-    right password while a botnet holds the lock: fail2ban must not ban them for it."""
+    """A locked name is refused without its password being checked, most often its own
+    user's clients retrying the right password while a botnet holds the lock: fail2ban must
+    not ban them for it."""
     lines = [line for _, line in SMTPD_LINES]
     assert banned(tmp_path, "pyqmail-smtpd", lines) == [ip for ip, _ in SMTPD_LINES if ip]
 
