@@ -1,5 +1,5 @@
-"""The packaged services daemontools runs instead (Dovecot) kept from starting at boot on a host
-without systemd.
+"""The packaged services daemontools runs instead (Dovecot, rspamd, clamd) kept from starting at
+boot on a host without systemd.
 
 Each role's own tasks about its packaged service (those of its task file whose names say
 "packaged": the include of the role pyqmail's ``tasks/packaged.yml`` with that service's units,
@@ -61,6 +61,22 @@ SERVICES = {
         "/run/dovecot",
         "pyqmail_dovecot__installed",
         "Dovecot",
+    ),
+    "rspamd": Packaged(
+        "pyqmail_scanners",
+        "rspamd.yml",
+        "rspamd",
+        "/run/rspamd",
+        "pyqmail_scanners__rspamd_installed",
+        "rspamd",
+    ),
+    "clamd": Packaged(
+        "pyqmail_scanners",
+        "clamav.yml",
+        "clamav-daemon",
+        "/run/clamav",
+        "pyqmail_scanners__clamav_installed",
+        "clamd",
     ),
 }
 

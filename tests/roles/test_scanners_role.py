@@ -128,6 +128,10 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
         "pyqmail_scanners__clamav_database_dir": str(base / "clamdb"),
         "pyqmail_scanners__rspamd_dns_servers": ["127.0.0.1:1"],
         "pyqmail_scanners__rspamd_offline": True,
+        # No packaged init scripts there: this machine's boot links stay as they are (the
+        # role disables them on a host without systemd: test_packaged_services.py).
+        "pyqmail_scanners__rspamd_init_script": str(base / "init.d" / "rspamd"),
+        "pyqmail_scanners__clamd_init_script": str(base / "init.d" / "clamav-daemon"),
         # The tasks are included, not run as a role: where the role's lookups find the
         # other roles' defaults (pyqmail_control__authchecks).
         "role_path": str(ROLE),
