@@ -13,14 +13,17 @@ import grp
 import imaplib
 import poplib
 import pwd
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from tests.dovecot.conftest import DOMAIN, Clients, MailHost, StartDovecot
 from tests.e2e.conftest import DROP_USER
-from tests.roles.playbook import results_by_task, run_role_tasks
+from tests.roles.playbook import run_role_tasks, task_result
 
-KICK = "End the sessions (doveadm kick)"
+KICK = "End the sessions (pyqmail-users kick)"
+ENDED = "ended the IMAP/POP3 sessions of "
 # The role's delivery user owns the homes as user and group of one name; Debian's "mail"
 # (uid 8, group mail) is one such system user, and Dovecot opens the mailboxes as it.
 MAIL_USER = "mail"
@@ -41,6 +44,7 @@ def run_role(
             "pyqmail__mailbox_user": MAIL_USER,
             "pyqmail__auth_group": group,
             "pyqmail__dovecot_config": str(config),
+            "pyqmail__venv": sys.prefix,  # pyqmail-users of this checkout (an editable install)
             "pyqmail_mailboxes__home_base": str(mailhost.root / "homes"),
             "pyqmail_mailboxes__login_domain": DOMAIN,
             "pyqmail_control__locals": [DOMAIN],
@@ -51,10 +55,13 @@ def run_role(
     )
 
 
-def kicked(out: dict[str, Any]) -> list[tuple[str, bool]]:
-    """(login, changed) of each doveadm kick the run made."""
-    runs = results_by_task(out).get(KICK, [])
-    return [(item["item"], item["changed"]) for run in runs for item in run.get("results", [])]
+def kicked(out: dict[str, Any]) -> tuple[list[str], bool]:
+    """What pyqmail-users kick said (one line per login), and whether the task changed
+    anything; ([], False) when it did not run (no login to end)."""
+    result = task_result(out, KICK)
+    if result.get("skipped"):
+        return [], False
+    return result["stdout"].splitlines(), result["changed"]
 
 
 def imap_session(clients: Clients, port: int, login: str, password: str) -> imaplib.IMAP4:
@@ -91,7 +98,7 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     carol = {"name": "carol", "password": "carol-password"}
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
     out = run_role(mailhost, dc.config, [alice, bob, carol], tmp_path / "play")
-    assert kicked(out) == []  # new logins: nobody's session to end
+    assert kicked(out) == ([], False)  # new logins: nobody's session to end
 
     port = dc.ports["imaps"]
     a_imap = imap_session(clients, port, f"alice@{DOMAIN}", alice["password"])
@@ -107,7 +114,7 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     assert not imap_open(a_imap), "alice's IMAP session outlived her password"
     assert not pop_open(a_pop), "alice's POP3 session outlived her password"
     assert imap_open(b_imap) and imap_open(c_imap)
-    assert kicked(out) == [(f"alice@{DOMAIN}", True)]
+    assert kicked(out) == ([f"{ENDED}alice@{DOMAIN}"], True)
 
     # Bob's mailbox goes (state: absent) and Carol's entry is deleted: both sessions end,
     # Alice's new one (new password) stays.
@@ -115,11 +122,11 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     out = run_role(mailhost, dc.config, [alice_new, {**bob, "state": "absent"}], tmp_path / "play")
     assert not imap_open(b_imap) and not imap_open(c_imap)
     assert imap_open(a_imap)
-    assert kicked(out) == [(f"bob@{DOMAIN}", True), (f"carol@{DOMAIN}", True)]
+    assert kicked(out) == ([f"{ENDED}bob@{DOMAIN}", f"{ENDED}carol@{DOMAIN}"], True)
 
     # Nothing changed: nobody is kicked, and a login already gone has no session to end.
     out = run_role(mailhost, dc.config, [alice_new], tmp_path / "play")
-    assert kicked(out) == []
+    assert kicked(out) == ([], False)
     assert imap_open(a_imap)
     a_imap.logout()
 
@@ -134,7 +141,7 @@ def test_a_password_changed_while_dovecot_is_down_passes(
     run_role(mailhost, dc.config, [alice], tmp_path / "play")
     dc.stop()
     out = run_role(mailhost, dc.config, [{**alice, "password": "alice-new"}], tmp_path / "play")
-    assert kicked(out) == [(f"alice@{DOMAIN}", False)]
+    assert kicked(out) == (["Dovecot is not running: no IMAP/POP3 session is open"], False)
 
 
 def test_logins_with_doveadm_wildcards_are_not_kicked(
@@ -151,6 +158,60 @@ def test_logins_with_doveadm_wildcards_are_not_kicked(
     run_role(mailhost, dc.config, [alice, star], tmp_path / "play")
     a_imap = imap_session(clients, dc.ports["imaps"], f"alice@{DOMAIN}", alice["password"])
     out = run_role(mailhost, dc.config, [alice], tmp_path / "play")
-    assert kicked(out) == []
     assert imap_open(a_imap)
+    assert kicked(out) == ([f"left out a*@{DOMAIN}: '*' and '?' are doveadm wildcards"], False)
     a_imap.logout()
+
+
+def users_cli(
+    mailhost: MailHost, config: Path, *args: str, password: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """pyqmail-users on the test host's control/smtpusers and the given Dovecot."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("pyqmail-users")),
+            "--file",
+            str(mailhost.root / "control" / "smtpusers"),
+            "--dovecot-config",
+            str(config),
+            *args,
+        ],
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_pyqmail_users_ends_the_sessions_of_a_changed_or_deleted_user(
+    mailhost: MailHost, dovecot: StartDovecot, clients: Clients, tmp_path: Path
+) -> None:
+    """The same for a password changed by hand: ``pyqmail-users add`` of an existing user and
+    ``del`` end that login's sessions; a Dovecot that cannot answer is an error (exit 3) that
+    names the login, after the file's change (which stays)."""
+    alice = mailhost.add("alice", "alice-old")
+    bob = mailhost.add("bob", "bob-password")
+    dc = dovecot(dovecot_failure_delay=0)
+    port = dc.ports["imaps"]
+    a_imap = imap_session(clients, port, alice, "alice-old")
+    b_imap = imap_session(clients, port, bob, "bob-password")
+
+    proc = users_cli(mailhost, dc.config, "add", alice, password="alice-new\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"updated {alice}", f"{ENDED}{alice}"]
+    assert not imap_open(a_imap)
+    assert imap_open(b_imap)
+
+    proc = users_cli(mailhost, dc.config, "del", bob)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"deleted {bob}", f"{ENDED}{bob}"]
+    assert not imap_open(b_imap)
+
+    broken = tmp_path / "broken.conf"
+    broken.write_text("this is not a dovecot configuration {\n")
+    proc = users_cli(mailhost, broken, "add", alice, password="alice-newer\n")
+    assert proc.returncode == 3
+    assert proc.stdout.splitlines() == [f"updated {alice}"]
+    assert f"doveadm kick {alice} exited" in proc.stderr
+    assert f"doveadm -c {broken} kick LOGIN" in proc.stderr

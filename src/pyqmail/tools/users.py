@@ -1,7 +1,9 @@
 """``pyqmail-users``: add, delete, list and check the SMTP AUTH users in ``control/smtpusers``.
 
 The file format, the hashes and the atomic rewrite belong to ``pyqmail.authdb`` (which the
-daemon and the Ansible module import too); this is only the command line around them.
+daemon and the Ansible module import too); this is only the command line around them. A new
+password for an existing user, or a deleted user, also ends that login's open IMAP/POP3
+sessions (``pyqmail.tools.dovecotkick``; ``kick`` does only that, for the mailbox role).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pyqmail.authdb import (
     validate_name,
     validate_password,
 )
+from pyqmail.tools.dovecotkick import DEFAULT_CONFIG, KickError, kick
 
 if TYPE_CHECKING:
     import argparse
@@ -69,8 +72,23 @@ def _complain(text: str) -> None:
     sys.stderr.write(f"pyqmail-users: {text}\n")
 
 
+def _end_sessions(logins: list[str], config: str) -> int:
+    """End the IMAP/POP3 sessions of ``logins``; 0, or 3 when that failed (the file's change
+    is done and stays: the message says which sessions may still be open)."""
+    try:
+        done = kick(logins, config)
+    except KickError as exc:
+        _complain(f"{exc}; end them by hand: doveadm -c {config} kick LOGIN")
+        return 3
+    for line in done.lines():
+        _say(line)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     path: str = args.file
+    if args.command == "kick":
+        return _end_sessions(args.names, args.dovecot_config)
     if args.command == "add":
         name = validate_name(args.name)
         db = _load_or_empty(path)
@@ -80,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         db.set(User(name=name, hash=hash_password(password), cram=cram))
         atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
         _say(f"{'updated' if existed else 'added'} {name}")
-        return 0
+        return _end_sessions([name], args.dovecot_config) if existed else 0
     if args.command == "del":
         db = AuthDB.load(path)
         if not db.remove(args.name):
@@ -88,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         atomic_write(path, db.dump().encode("utf-8"))
         _say(f"deleted {args.name}")
-        return 0
+        return _end_sessions([args.name], args.dovecot_config)
     if args.command == "list":
         for user in _load_or_empty(path):
             _say(user.name + ("\tcram-md5" if user.cram is not None else ""))
@@ -104,7 +122,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``pyqmail-users``: add, del, list and check SMTP AUTH users.
 
-    Exit codes: 0 done, 1 no such user or wrong password, 2 bad input or unreadable file.
+    Exit codes: 0 done, 1 no such user or wrong password, 2 bad input or unreadable file,
+    3 the file was changed but the login's IMAP/POP3 sessions could not be ended.
     """
     import argparse  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
 
@@ -114,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the terminal or from stdin, never from the command line.",
     )
     parser.add_argument("--file", default=DEFAULT_PATH, help=f"default {DEFAULT_PATH}")
+    parser.add_argument(
+        "--dovecot-config",
+        default=DEFAULT_CONFIG,
+        help="the Dovecot whose sessions of a changed or deleted user end "
+        f"(default {DEFAULT_CONFIG}; no such file: none)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="add a user or set a new password")
     add.add_argument(
@@ -127,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="print user names (and whether CRAM-MD5 is on)")
     check = sub.add_parser("check", help="exit 0 if the password read matches")
     check.add_argument("name")
+    end = sub.add_parser("kick", help="end the open IMAP/POP3 sessions of these logins")
+    end.add_argument("names", nargs="+", metavar="name")
     args = parser.parse_args(argv)
     try:
         return _run(args)
