@@ -165,7 +165,9 @@ def test_tarball_holds_real_files_and_the_wheel(built: dict[str, Path]) -> None:
     assert manifest["collection_info"]["version"] == VERSION
     for module in MODULES:
         assert members[f"plugins/modules/{module}.py"].isfile()
-    for name in ("pyqmail_rules", "pyqmail_cdb", "pyqmail_authdb", "pyqmail_inventory"):
+    for name in (
+        "pyqmail_rules", "pyqmail_cdb", "pyqmail_authdb", "pyqmail_inventory", "pyqmail_svstat",
+    ):  # fmt: skip
         assert members[f"plugins/module_utils/{name}.py"].isfile()
     for part in (
         "plugins/filter/pyqmail.py",

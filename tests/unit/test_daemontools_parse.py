@@ -1,4 +1,5 @@
-"""svstat parsing, svc planning and the wait loop of module_utils/pyqmail_daemontools.py.
+"""svstat parsing, svc planning and the wait loop of module_utils/pyqmail_daemontools.py
+(its svstat parser is src/pyqmail/svstat.py, re-exported there).
 
 The svstat lines are what Debian's daemontools 0.76 printed on this machine.
 """
