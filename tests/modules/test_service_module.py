@@ -525,7 +525,10 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     module_utils pyqmail_svstat (a link to src/pyqmail/svstat.py), which Ansible ships only
     if it saw the fallback import in pyqmail_daemontools."""
     interpreter = "/usr/bin/python3"
-    probe = subprocess.run([interpreter, "-c", "import pyqmail"], capture_output=True, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tests' src/ too
+    probe = subprocess.run(
+        [interpreter, "-c", "import pyqmail"], capture_output=True, env=env, check=False
+    )
     if probe.returncode == 0:
         pytest.skip(f"{interpreter} can import pyqmail; the fallback import is not exercised")
     service_dir = tmp_path / "service"
@@ -537,7 +540,7 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     playbook = tmp_path / "play.yml"
     playbook.write_text(json.dumps(play))
     env = {
-        **os.environ,
+        **env,
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
         "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
         "ANSIBLE_LOCALHOST_WARNING": "false",
