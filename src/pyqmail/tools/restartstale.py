@@ -1,0 +1,197 @@
+"""``pyqmail-restart-stale``: restart the supervised services that still run code a package
+upgrade deleted (a security update of Dovecot, rspamd, ClamAV, libssl3, python3.11, libc, ...).
+
+Why: daemontools runs every daemon of the mail server (pyqmail-smtpd, pyqmail-send, Dovecot,
+rspamd, clamd), and the Debian packages' own services are masked or disabled so that they do
+not fight the supervised ones. So an upgrade's postinst restarts nothing that runs: without
+this, the supervised daemons keep the old, vulnerable code mapped until someone restarts them.
+The role pyqmail_install's apt hook (``/etc/apt/apt.conf.d/85pyqmail-restart-stale``) runs
+this after every dpkg run, as Debian's needrestart does from ``99needrestart``.
+
+What: every directory svscan supervises in the service directory (dot names skipped, as
+svscan does), and its ``log/`` (multilog maps libc too), as ``svstat`` reports it; for each one
+up, its pid and every process forked from it are looked at with needrestart's rules
+(``pyqmail.procmaps``), and ``svc -t`` restarts the service when one of them runs or maps a
+deleted executable file. A service with none is never touched; one that is down or not
+supervised is left alone (it will start from the new files). svstat is asked again just before
+``svc -t``: a service whose pid changed meanwhile has restarted already.
+
+Output: one line per service restarted (``--dry-run``: that would be), naming the process and
+the file, e.g.::
+
+    restarted /etc/service/dovecot: pid 812 (imap-login) maps /usr/lib/libssl.so.3, deleted
+
+Exit status: 0 when every service was looked at (and those that needed it restarted); 1 when
+some could not be (a process's maps unreadable: run as root; a paused service; svc failed), the
+others still handled; 2 when nothing was done: no service directory, no ``svstat`` or ``svc``,
+svstat's output not understood.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyqmail.procmaps import Stale, StaleError, process_tree, stale_code
+from pyqmail.svstat import Status, SvstatError, parse_svstat
+
+PROG = "pyqmail-restart-stale"
+SERVICE_DIR = "/etc/service"  # pyqmail__service_dir's default (Debian's daemontools-run)
+BIN_DIRS = ("/command", "/usr/local/bin", "/usr/bin", "/bin")  # djb's layout, then Debian's
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_DONE = 0, 1, 2
+
+
+class RestartError(Exception):
+    """Nothing could be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A service up with a pid, and the first of its processes that runs deleted code."""
+
+    status: Status
+    stale: Stale
+
+
+def program(name: str) -> str:
+    """The path of daemontools' ``name`` ($PATH, then BIN_DIRS: apt's hooks run with a short
+    $PATH, and djb's own install puts it in /command)."""
+    search = os.pathsep.join(p for p in (os.environ.get("PATH", ""), *BIN_DIRS) if p)
+    found = shutil.which(name, path=search)
+    if found is None:
+        raise RestartError(f"{name} not found in $PATH or {', '.join(BIN_DIRS)} (daemontools)")
+    return found
+
+
+def service_dirs(service_dir: str) -> list[str]:
+    """The directories svscan supervises for ``service_dir``: each service and its log/."""
+    try:
+        names = sorted(os.listdir(service_dir))
+    except OSError as exc:
+        raise RestartError(
+            f"cannot list the service directory {service_dir}: {exc.strerror}"
+        ) from exc
+    dirs: list[str] = []
+    for name in names:
+        path = os.path.join(service_dir, name)
+        if name.startswith(".") or not os.path.isdir(path):
+            continue
+        dirs.append(path)
+        if os.path.isdir(os.path.join(path, "log")):
+            dirs.append(os.path.join(path, "log"))
+    return dirs
+
+
+def svstat(svstat_program: str, dirs: Sequence[str]) -> list[Status]:
+    """svstat of ``dirs``, parsed (``pyqmail.svstat``); RestartError when it is not understood."""
+    if not dirs:
+        return []
+    proc = subprocess.run(
+        [svstat_program, *dirs],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LC_ALL": "C"},
+        check=False,
+    )
+    try:
+        return parse_svstat(proc.stdout, dirs)
+    except SvstatError as exc:
+        said = f" ({proc.stderr.strip()})" if proc.stderr.strip() else ""
+        raise RestartError(f"{svstat_program}: {exc}{said}") from exc
+
+
+def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
+    """The services up whose processes run deleted code, and the problems of those that could
+    not be looked at (a paused one counts: it keeps its old code)."""
+    found: list[Finding] = []
+    problems: list[str] = []
+    for status in statuses:
+        if not status.up or status.pid is None:
+            continue
+        try:
+            stale = stale_code(process_tree(status.pid))
+        except StaleError as exc:
+            problems.append(f"{status.path}: {exc}; not restarted (run as root)")
+            continue
+        if stale is None:
+            continue
+        if status.paused:
+            problems.append(f"{status.path}: {stale}; not restarted: paused (svc -c, then again)")
+            continue
+        found.append(Finding(status, stale))
+    return found, problems
+
+
+def restart(svc: str, svstat_program: str, findings: Sequence[Finding]) -> list[str]:
+    """``svc -t`` each service still up with the pid it was found with; prints a line for each,
+    returns the problems."""
+    problems: list[str] = []
+    now = {s.path: s for s in svstat(svstat_program, [f.status.path for f in findings])}
+    for finding in findings:
+        path = finding.status.path
+        current = now[path]
+        if not current.up or current.pid != finding.status.pid:
+            continue  # restarted (or stopped) meanwhile: its new process has the new files
+        proc = subprocess.run(
+            [svc, "-t", path],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LC_ALL": "C"},
+            check=False,
+        )
+        # svc warns on stderr and may still exit 0 ("unable to control ...").
+        if proc.returncode != 0 or proc.stderr.strip():
+            said = proc.stderr.strip() or f"exit {proc.returncode}"
+            problems.append(f"{path}: {finding.stale}; svc -t failed: {said}")
+            continue
+        sys.stdout.write(f"restarted {path}: {finding.stale}\n")
+    return problems
+
+
+def run(service_dir: str, *, dry_run: bool) -> int:
+    """Look at every service of ``service_dir``, restart (or list) those that need it."""
+    svstat_program = program("svstat")
+    svc = program("svc")
+    if not os.path.isdir(service_dir):
+        raise RestartError(f"no service directory {service_dir} (--service-dir)")
+    findings, problems = find_stale(svstat(svstat_program, service_dirs(service_dir)))
+    if dry_run:
+        for finding in findings:
+            sys.stdout.write(f"would restart {finding.status.path}: {finding.stale}\n")
+    elif findings:
+        problems += restart(svc, svstat_program, findings)
+    for problem in problems:
+        sys.stderr.write(f"{PROG}: {problem}\n")
+    return EXIT_SOME_FAILED if problems else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415 - CLI only
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Restart (svc -t) the supervised services whose processes still run or "
+        "map an executable file a package upgrade deleted.",
+    )
+    parser.add_argument(
+        "--service-dir",
+        default=SERVICE_DIR,
+        help=f"the directory svscan scans (pyqmail__service_dir; default {SERVICE_DIR})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list what would be restarted, restart nothing"
+    )
+    args = parser.parse_args(argv)
+    try:
+        return run(args.service_dir, dry_run=args.dry_run)
+    except RestartError as exc:
+        sys.stderr.write(f"{PROG}: {exc}; nothing restarted\n")
+    return EXIT_NOTHING_DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
