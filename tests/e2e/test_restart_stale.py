@@ -7,6 +7,10 @@ log service) and is never touched. The test replaces the program of the first tw
 does (a new file renamed over the old one) and runs the tool as apt's hook would: both are
 restarted (new pids), ``unchanged`` and its log keep theirs, ``--dry-run`` restarts nothing.
 
+The last test runs the real pyqmail-smtpd under supervise with a copy of libssl.so.3
+(LD_LIBRARY_PATH): its supervisor never maps libssl, its workers do; deleting the copy gets
+the service restarted through a worker's mapping.
+
 svscan is stopped by PID at the end, after ``svc -dx`` of every service; anything still
 running in the temporary tree is then killed by PID.
 """
@@ -19,14 +23,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pyqmail.procmaps import process_tree
+from tests.e2e.conftest import smtpd_command
 
 pytestmark = pytest.mark.skipif(
     shutil.which("svscan") is None, reason="daemontools not installed (scripts/install-system-deps)"
@@ -68,10 +74,10 @@ class Daemontools:
     def worker(self, master: int, timeout: float = 10) -> int:
         """The one process the master forked."""
         deadline = time.monotonic() + timeout
-        while len(tree := process_tree(master)) < 2:
+        while not (children := _children(master)):
             assert time.monotonic() < deadline, f"master {master} forked no worker"
             time.sleep(0.1)
-        return tree[1]
+        return children[0]
 
     def tool(self, *args: str, service_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -79,6 +85,15 @@ class Daemontools:
              str(service_dir or self.service_dir), *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
+
+
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` as the kernel lists them (not the code under test's walk)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return sorted(found)
 
 
 def _processes_under(root: Path) -> list[int]:
@@ -106,6 +121,38 @@ def _service(root: Path, name: str, run: str, *, log: bool = False) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def svscan(root: Path, service_dir: Path) -> Iterator[Daemontools]:
+    """Our own svscan on ``service_dir``; at the end svc -dx of every service it started,
+    then svscan's process group and anything still running under ``root``, by PID."""
+    with (root / "svscan.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["svscan", str(service_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: ours alone to stop
+        )
+    try:
+        yield Daemontools(root, service_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        dirs = [d for d in service_dir.iterdir() if (d / "supervise").is_dir()]
+        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
+        subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            subprocess.run(["svok", str(d)], check=False).returncode == 0 for d in dirs
+        ):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _processes_under(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def dt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemontools]:
     root = tmp_path_factory.mktemp("restart-stale")
@@ -114,31 +161,8 @@ def dt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemontools]:
     for name in SERVICES:
         run = MASTER_RUN if name == "master" else RUN
         (service_dir / name).symlink_to(_service(root, name, run, log=name == "unchanged"))
-    with (root / "svscan.log").open("wb") as log:
-        svscan = subprocess.Popen(
-            ["svscan", str(service_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: ours alone to stop
-        )
-    dirs = [service_dir / n for n in SERVICES] + [service_dir / "unchanged" / "log"]
-    try:
-        yield Daemontools(root, service_dir)
-    finally:
-        svscan.terminate()
-        svscan.wait(timeout=10)
-        subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-            subprocess.run(["svok", str(d)], check=False).returncode == 0 for d in dirs
-        ):
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(svscan.pid, signal.SIGKILL)
-        for pid in _processes_under(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    with svscan(root, service_dir) as daemontools:
+        yield daemontools
 
 
 def replace(path: Path) -> None:
@@ -197,3 +221,76 @@ def test_no_service_directory_is_an_error(dt: Daemontools) -> None:
         f"pyqmail-restart-stale: no service directory {missing} (--service-dir); "
         "nothing restarted\n"
     )
+
+
+def _libssl() -> Path:
+    """The libssl3 this interpreter's ``_ssl`` module loads."""
+    import _ssl
+
+    out = subprocess.run(["ldd", _ssl.__file__], capture_output=True, text=True, check=True)
+    for line in out.stdout.splitlines():
+        if line.split()[0] == "libssl.so.3" and "=>" in line:
+            return Path(line.split("=>")[1].split()[0]).resolve()
+    pytest.skip("_ssl does not link libssl.so.3")
+
+
+def _maps(pid: int, path: Path) -> bool:
+    try:
+        return f" {path} " in Path(f"/proc/{pid}/maps").read_text().replace("\n", " \n")
+    except OSError:
+        return False
+
+
+def test_pyqmail_smtpd_is_restarted_when_only_its_workers_map_the_replaced_libssl(
+    tmp_path: Path, qmail_root: Any
+) -> None:
+    """The real daemon: its supervisor (the supervised pid) never imports ``ssl``, its workers
+    do. A libssl.so.3 copied outside the temporary trees (LD_LIBRARY_PATH) stands in for
+    Debian's; deleting it is the upgrade. Only the process tree finds it."""
+    code_dir = Path(tempfile.mkdtemp(prefix="pyqmail-libssl-", dir=_cache_dir()))
+    try:
+        code_dir.chmod(0o755)
+        shutil.copy(_libssl(), code_dir / "libssl.so.3")
+        service_dir = tmp_path / "service"
+        service_dir.mkdir()
+        src = Path(__import__("pyqmail").__file__).parents[1]
+        argv = [*smtpd_command(), "--root", str(qmail_root.path), "--listen", "127.0.0.1:0",
+                "--mode", "smtp", "--workers", "2"]  # fmt: skip
+        if os.geteuid() == 0:
+            argv += ["--user", "nobody"]
+        sv = tmp_path / "supervise" / "qmail-smtpd"
+        sv.mkdir(parents=True)
+        (sv / "run").write_text(
+            "#!/bin/sh\nexec 2>&1\n"
+            f"PYTHONPATH={src} LD_LIBRARY_PATH={code_dir} exec {' '.join(argv)}\n"
+        )
+        (sv / "run").chmod(0o755)
+        (service_dir / "qmail-smtpd").symlink_to(sv)
+        lib = code_dir / "libssl.so.3"
+        with svscan(tmp_path, service_dir) as daemontools:
+            supervisor = daemontools.wait_up("qmail-smtpd", timeout=30)
+            deadline = time.monotonic() + 30
+            while not [p for p in _children(supervisor) if _maps(p, lib)]:
+                assert time.monotonic() < deadline, "no worker mapped the copied libssl.so.3"
+                time.sleep(0.2)
+            assert not _maps(supervisor, lib)  # the supervisor alone would show nothing
+
+            assert daemontools.tool().stdout == ""
+            lib.unlink()
+            done = daemontools.tool()
+            assert (done.returncode, done.stderr) == (0, "")
+            line, *more = done.stdout.splitlines()
+            assert not more
+            assert line.startswith(f"restarted {service_dir}/qmail-smtpd: pid ")
+            assert line.endswith(f" maps {lib}, deleted")
+            assert f"pid {supervisor} " not in line  # a worker's
+            daemontools.wait_up("qmail-smtpd", other_than=supervisor, timeout=30)
+    finally:
+        shutil.rmtree(code_dir)
+
+
+def _cache_dir() -> Path:
+    """Outside /tmp, /var/tmp and /run, whose deleted files do not count."""
+    base = Path.home() / ".cache"
+    base.mkdir(exist_ok=True)
+    return base
