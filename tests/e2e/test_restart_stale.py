@@ -79,9 +79,11 @@ class Daemontools:
             time.sleep(0.1)
         return children[0]
 
-    def tool(self, *args: str, service_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def tool(
+        self, *args: str, service_dir: Path | None = None, wrapper: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "pyqmail.tools.restartstale", "--service-dir",
+            [*wrapper, sys.executable, "-m", "pyqmail.tools.restartstale", "--service-dir",
              str(service_dir or self.service_dir), *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -210,6 +212,26 @@ def test_restarts_only_the_services_running_replaced_code(dt: Daemontools) -> No
     time.sleep(0.5)  # the master's new worker
     again = dt.tool()
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_unreadable_processes_are_reported_and_not_restarted(dt: Daemontools) -> None:
+    """Root without CAP_SYS_PTRACE (a container's default) cannot read the maps of processes
+    that have more: each service says so, exit 1, and nothing is restarted on a guess."""
+    pids = {name: dt.wait_up(name) for name in SERVICES}
+    proc = dt.tool(wrapper=("setpriv", "--bounding-set", "-sys_ptrace", "--"))
+    assert (proc.returncode, proc.stdout) == (1, "")
+    problems = proc.stderr.splitlines()
+    assert len(problems) == len(SERVICES) + 1  # and unchanged/log
+    for line in problems:
+        assert line.startswith(f"pyqmail-restart-stale: {dt.service_dir}/")
+        assert ": cannot read /proc/" in line
+        assert line.endswith("; not restarted (reading other processes' maps needs root with "
+                             "CAP_SYS_PTRACE, which a container may not grant)")  # fmt: skip
+    time.sleep(1.5)
+    assert {name: dt.pid(name) for name in SERVICES} == pids
 
 
 def test_no_service_directory_is_an_error(dt: Daemontools) -> None:

@@ -22,8 +22,9 @@ the file, e.g.::
     restarted /etc/service/dovecot: pid 812 (imap-login) maps /usr/lib/libssl.so.3, deleted
 
 Exit status: 0 when every service was looked at (and those that needed it restarted); 1 when
-some could not be (a process's maps unreadable: run as root; a paused service; svc failed), the
-others still handled; 2 when nothing was done: no service directory, no ``svstat`` or ``svc``,
+some could not be (a process's maps unreadable: not root, or root without ``CAP_SYS_PTRACE`` as
+in a Docker or Podman container by default; a paused service; svc failed), the others still
+handled; 2 when nothing was done: no service directory, no ``svstat`` or ``svc``,
 svstat's output not understood.
 """
 
@@ -115,7 +116,10 @@ def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
         try:
             stale = stale_code(process_tree(status.pid))
         except StaleError as exc:
-            problems.append(f"{status.path}: {exc}; not restarted (run as root)")
+            problems.append(
+                f"{status.path}: {exc}; not restarted (reading other processes' maps needs"
+                " root with CAP_SYS_PTRACE, which a container may not grant)"
+            )
             continue
         if stale is None:
             continue
