@@ -293,7 +293,10 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     """With /usr/bin/python3 (no pyqmail package), rules.py must fall back to
     the collection's module_utils pyqmail_cdb, which Ansible ships only if it saw that import."""
     interpreter = "/usr/bin/python3"
-    probe = subprocess.run([interpreter, "-c", "import pyqmail"], capture_output=True, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tests' src/ too
+    probe = subprocess.run(
+        [interpreter, "-c", "import pyqmail"], capture_output=True, env=env, check=False
+    )
     if probe.returncode == 0:
         pytest.skip(f"{interpreter} can import pyqmail; the fallback import is not exercised")
     path = tmp_path / "smtp"
@@ -314,7 +317,7 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     playbook = tmp_path / "play.yml"
     playbook.write_text(json.dumps(play))
     env = {
-        **os.environ,
+        **env,
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
         "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
         "ANSIBLE_LOCALHOST_WARNING": "false",
