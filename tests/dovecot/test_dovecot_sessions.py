@@ -96,8 +96,9 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     alice = {"name": "alice", "password": "alice-old-password"}
     bob = {"name": "bob", "password": "bob-password"}
     carol = {"name": "carol", "password": "carol-password"}
+    aaron = {"name": "aaron", "password": "aaron-password"}  # never logged in over IMAP/POP3
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
-    out = run_role(mailhost, dc.config, [alice, bob, carol], tmp_path / "play")
+    out = run_role(mailhost, dc.config, [aaron, alice, bob, carol], tmp_path / "play")
     assert kicked(out) == ([], False)  # new logins: nobody's session to end
 
     port = dc.ports["imaps"]
@@ -108,24 +109,31 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     b_imap = imap_session(clients, port, f"bob@{DOMAIN}", bob["password"])
     c_imap = imap_session(clients, port, f"carol@{DOMAIN}", carol["password"])
 
-    # Alice's password is changed (it was stolen): her IMAP and POP3 sessions end.
+    # Alice's password is changed (it was stolen): her IMAP and POP3 sessions end. Aaron's
+    # changes too, and he has no session (doveadm: "no users kicked"), which is no error and
+    # does not keep Alice's, after his in the list, from ending.
     alice_new = {**alice, "password": "alice-new-password"}
-    out = run_role(mailhost, dc.config, [alice_new, bob, carol], tmp_path / "play")
+    aaron_new = {**aaron, "password": "aaron-new-password"}
+    out = run_role(mailhost, dc.config, [aaron_new, alice_new, bob, carol], tmp_path / "play")
     assert not imap_open(a_imap), "alice's IMAP session outlived her password"
     assert not pop_open(a_pop), "alice's POP3 session outlived her password"
     assert imap_open(b_imap) and imap_open(c_imap)
-    assert kicked(out) == ([f"{ENDED}alice@{DOMAIN}"], True)
+    assert kicked(out) == (
+        [f"{ENDED}alice@{DOMAIN}", f"no IMAP/POP3 session of aaron@{DOMAIN}"],
+        True,
+    )
 
     # Bob's mailbox goes (state: absent) and Carol's entry is deleted: both sessions end,
     # Alice's new one (new password) stays.
     a_imap = imap_session(clients, port, f"alice@{DOMAIN}", alice_new["password"])
-    out = run_role(mailhost, dc.config, [alice_new, {**bob, "state": "absent"}], tmp_path / "play")
+    boxes = [aaron_new, alice_new, {**bob, "state": "absent"}]
+    out = run_role(mailhost, dc.config, boxes, tmp_path / "play")
     assert not imap_open(b_imap) and not imap_open(c_imap)
     assert imap_open(a_imap)
     assert kicked(out) == ([f"{ENDED}bob@{DOMAIN}", f"{ENDED}carol@{DOMAIN}"], True)
 
     # Nothing changed: nobody is kicked, and a login already gone has no session to end.
-    out = run_role(mailhost, dc.config, [alice_new], tmp_path / "play")
+    out = run_role(mailhost, dc.config, [aaron_new, alice_new], tmp_path / "play")
     assert kicked(out) == ([], False)
     assert imap_open(a_imap)
     a_imap.logout()
@@ -151,15 +159,23 @@ def test_logins_with_doveadm_wildcards_are_not_kicked(
     clients: Clients,
 ) -> None:
     """A login 'a*' (SMTP AUTH allows it, Dovecot never lets it in) would be a wildcard to
-    doveadm kick: removing it must not end alice's session."""
+    doveadm kick, one like an address a network: removing them must not end alice's session
+    (which comes from 127.0.0.2)."""
     alice = {"name": "alice", "password": "alice-password"}
     star = {"name": "star", "login": f"a*@{DOMAIN}", "password": "star-password"}
+    net = {"name": "net", "login": "127.0.0.0/8", "password": "net-password"}
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
-    run_role(mailhost, dc.config, [alice, star], tmp_path / "play")
+    run_role(mailhost, dc.config, [alice, star, net], tmp_path / "play")
     a_imap = imap_session(clients, dc.ports["imaps"], f"alice@{DOMAIN}", alice["password"])
     out = run_role(mailhost, dc.config, [alice], tmp_path / "play")
     assert imap_open(a_imap)
-    assert kicked(out) == ([f"left out a*@{DOMAIN}: '*' and '?' are doveadm wildcards"], False)
+    assert kicked(out) == (
+        [
+            "left out 127.0.0.0/8: doveadm would read it as a mask",
+            f"left out a*@{DOMAIN}: doveadm would read it as a mask",
+        ],
+        False,
+    )
     a_imap.logout()
 
 

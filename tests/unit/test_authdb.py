@@ -267,10 +267,21 @@ def test_atomic_write_keeps_mode_and_owner(tmp_path: Path) -> None:
         assert path.stat().st_gid == 12345
 
 
-# The CLI, as an admin runs it: a real subprocess with the password on stdin.
+# The CLI, as an admin runs it: a real subprocess with the password on stdin. No Dovecot here
+# (a machine after `make run` has one): its sessions are tests/dovecot/test_dovecot_sessions.py's.
 def users(path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    no_dovecot = str(path.parent / "no-dovecot.conf")
     return subprocess.run(
-        [sys.executable, "-m", "pyqmail.tools.users", "--file", str(path), *args],
+        [
+            sys.executable,
+            "-m",
+            "pyqmail.tools.users",
+            "--file",
+            str(path),
+            "--dovecot-config",
+            no_dovecot,
+            *args,
+        ],
         input=stdin,
         capture_output=True,
         text=True,

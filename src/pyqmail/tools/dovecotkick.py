@@ -6,18 +6,26 @@ reading mail over its open connection for as long as it keeps it (IDLE: days). `
 kick`` ends them; this module runs it and reads its answer, for ``pyqmail-users`` and for the
 ``pyqmail_mailboxes`` role (which calls ``pyqmail-users kick``).
 
-``doveadm kick`` exits 0 when it ended sessions, 67 (``EX_NOUSER``) when the login had none,
-and 75 with "net_connect_unix(.../anvil) failed" when no Dovecot listens on that
-configuration's anvil socket: then no session is open either. Anything else is an error, said
-with doveadm's own words: a session the admin meant to end may still be open.
+``doveadm kick`` (Dovecot 2.3, ``doveadm-kick.c``) exits 0 and prints "kicked connections
+from the following users" when it ended sessions; 68 (``DOVEADM_EX_NOTFOUND``, which is
+``EX_NOHOST``) with "no users kicked" when the login had none; 75 with
+"net_connect_unix(.../anvil) failed" when no Dovecot listens on that configuration's anvil
+socket, so no session is open either. Anything else, and an exit 0 that ended nothing (its
+warning that a process serving other users too would need ``-f``), is an error said with
+doveadm's own words: a session the admin meant to end may still be open. Every login is
+tried; the error names each one whose sessions were not confirmed gone.
 
-A login with ``*`` or ``?`` is not passed on: doveadm reads them as wildcards (it would end
-other users' sessions), and Dovecot's ``auth_username_chars`` never lets such a login in, so
-it has no session.
+doveadm reads its argument as a mask: a login with ``*`` or ``?`` (wildcards) or one that
+parses as an IP address or network (``who_parse_args``) would end other users' sessions, so
+such a login is left out, and said; Dovecot's ``auth_username_chars`` never lets ``*`` or
+``?`` in, and pyqmail's logins are addresses. The login goes after ``--`` (one starting with
+``-`` is not an option). The match is case-insensitive: kicking ``Alice@example.org`` ends
+``alice@example.org``'s sessions too, the same mailbox's login as Dovecot knows it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -26,21 +34,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 DEFAULT_CONFIG = "/etc/dovecot/pyqmail.conf"  # roles/pyqmail: pyqmail__dovecot_config
-EX_NOUSER = 67
+EX_NOTFOUND = 68  # doveadm.h: DOVEADM_EX_NOTFOUND = EX_NOHOST
 EX_TEMPFAIL = 75
+ENDED = "kicked connections from"
 _NOT_RUNNING = re.compile(r"net_connect_unix\(.*/anvil\) failed: (No such file|Connection refused)")
 TIMEOUT = 30.0
 
 
 class KickError(Exception):
-    """doveadm could not say that a login's sessions are gone."""
+    """doveadm could not say that some login's sessions are gone (each one named)."""
 
 
 @dataclass
 class Kicked:
     """What one round of kicks did: the logins whose sessions ended, the ones that had
-    none, the ones left out (wildcards), whether Dovecot is set up here (its configuration
-    file exists) and whether it was running."""
+    none, the ones left out (masks), whether Dovecot is set up here (its configuration file
+    exists) and whether it was running."""
 
     ended: list[str] = field(default_factory=list)
     had_none: list[str] = field(default_factory=list)
@@ -55,7 +64,7 @@ class Kicked:
             return []
         out = [f"ended the IMAP/POP3 sessions of {login}" for login in self.ended]
         out += [f"no IMAP/POP3 session of {login}" for login in self.had_none]
-        out += [f"left out {login}: '*' and '?' are doveadm wildcards" for login in self.skipped]
+        out += [f"left out {login}: doveadm would read it as a mask" for login in self.skipped]
         if not self.running:
             out.append("Dovecot is not running: no IMAP/POP3 session is open")
         return out
@@ -64,46 +73,65 @@ class Kicked:
 def kick(logins: Iterable[str], config: str = DEFAULT_CONFIG) -> Kicked:
     """End the sessions of each of ``logins`` on the Dovecot of ``config``.
 
-    No configuration file there: Dovecot was never set up, nothing to end. Raises
-    ``KickError`` naming the login and doveadm's answer on anything unexpected.
+    No configuration file there: Dovecot was never set up, nothing to end. Every login is
+    tried; then ``KickError`` names each one doveadm did not answer for as expected.
     """
     done = Kicked()
     wanted = list(dict.fromkeys(logins))  # in order, once each
-    done.skipped = [login for login in wanted if "*" in login or "?" in login]
+    done.skipped = [login for login in wanted if is_mask(login)]
     if not os.path.exists(config):
         done.configured = done.running = False
         return done
     doveadm = shutil.which("doveadm")
     if doveadm is None:
         raise KickError(f"{config} exists but doveadm is not on PATH: cannot end sessions")
+    failed: list[str] = []
     for login in wanted:
         if login in done.skipped:
             continue
-        if not _kick_one(doveadm, config, login, done):
-            break  # Dovecot is not running: nobody has a session
+        try:
+            if not _kick_one(doveadm, config, login, done):
+                break  # Dovecot is not running: nobody has a session
+        except KickError as exc:
+            failed.append(str(exc))  # the others are still tried
+    if failed:
+        raise KickError("; ".join(failed))
     return done
+
+
+def is_mask(login: str) -> bool:
+    """Whether doveadm kick would read ``login`` as more than one user's name: a wildcard,
+    or an IP address or network (``10.0.0.1``, ``0.0.0.0/0``)."""
+    if "*" in login or "?" in login:
+        return True
+    try:
+        ipaddress.ip_network(login, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _kick_one(doveadm: str, config: str, login: str, done: Kicked) -> bool:
     """One ``doveadm kick``; False when it found no Dovecot running."""
     try:
         proc = subprocess.run(
-            [doveadm, "-c", config, "kick", login],
+            [doveadm, "-c", config, "kick", "--", login],
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
             check=False,
+            env={**os.environ, "LC_ALL": "C"},
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise KickError(f"doveadm kick {login}: {exc}") from exc
-    if proc.returncode == 0:
+    if proc.returncode == 0 and ENDED in proc.stdout:
         done.ended.append(login)
         return True
-    if proc.returncode == EX_NOUSER:
+    if proc.returncode == EX_NOTFOUND:
         done.had_none.append(login)
         return True
     if proc.returncode == EX_TEMPFAIL and _NOT_RUNNING.search(proc.stderr):
         done.running = False
         return False
-    answer = (proc.stderr or proc.stdout).strip() or "no output"
+    answer = " ".join((proc.stderr + proc.stdout).split()) or "no output"
     raise KickError(f"doveadm kick {login} exited {proc.returncode}: {answer}")
