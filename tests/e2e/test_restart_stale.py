@@ -234,6 +234,28 @@ def test_unreadable_processes_are_reported_and_not_restarted(dt: Daemontools) ->
     assert {name: dt.pid(name) for name in SERVICES} == pids
 
 
+def test_a_program_removed_not_replaced_is_reported_not_restarted(tmp_path: Path) -> None:
+    """apt purge of a package whose daemon still runs supervised: its program is gone, not
+    replaced. A restart would start nothing new (supervise would retry a missing program
+    every second): the service is named with the file, exit 1, and it keeps running."""
+    service_dir = tmp_path / "service"
+    service_dir.mkdir()
+    (service_dir / "purged").symlink_to(_service(tmp_path, "purged", RUN))
+    with svscan(tmp_path, service_dir) as daemontools:
+        pid = daemontools.wait_up("purged")
+        prog = tmp_path / "supervise" / "purged" / "prog"
+        prog.unlink()
+        proc = daemontools.tool()
+        assert (proc.returncode, proc.stdout) == (1, "")
+        assert proc.stderr == (
+            f"pyqmail-restart-stale: {service_dir}/purged: pid {pid} (prog) runs {prog}, "
+            f"deleted; not restarted: nothing new is at {prog} (removed, not upgraded: a "
+            "restart would not start a new version; unlink the service if its package is gone)\n"
+        )
+        time.sleep(1.5)  # a restart would have happened by now
+        assert daemontools.pid("purged") == pid
+
+
 def test_no_service_directory_is_an_error(dt: Daemontools) -> None:
     missing = dt.root / "no-such-dir"
     proc = dt.tool(service_dir=missing)
@@ -298,7 +320,7 @@ def test_pyqmail_smtpd_is_restarted_when_only_its_workers_map_the_replaced_libss
             assert not _maps(supervisor, lib)  # the supervisor alone would show nothing
 
             assert daemontools.tool().stdout == ""
-            lib.unlink()
+            replace(lib)  # the upgrade: a new libssl.so.3 renamed over the old one
             done = daemontools.tool()
             assert (done.returncode, done.stderr) == (0, "")
             line, *more = done.stdout.splitlines()

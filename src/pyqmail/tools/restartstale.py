@@ -12,7 +12,9 @@ What: every directory svscan supervises in the service directory (dot names skip
 svscan does), and its ``log/`` (multilog maps libc too), as ``svstat`` reports it; for each one
 up, its pid and every process forked from it are looked at with needrestart's rules
 (``pyqmail.procmaps``), and ``svc -t`` restarts the service when one of them runs or maps a
-deleted executable file. A service with none is never touched; one that is down or not
+deleted executable file that a new one has replaced (a file removed and not replaced, as by
+``apt purge``, is reported instead: the restart would start nothing new, or fail over and
+over). A service with none is never touched; one that is down or not
 supervised is left alone (it will start from the new files). svstat is asked again just before
 ``svc -t``: a service whose pid changed meanwhile has restarted already.
 
@@ -122,6 +124,13 @@ def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
             )
             continue
         if stale is None:
+            continue
+        if not os.path.exists(stale.path):
+            problems.append(
+                f"{status.path}: {stale}; not restarted: nothing new is at {stale.path} (removed,"
+                " not upgraded: a restart would not start a new version; unlink the service if"
+                " its package is gone)"
+            )
             continue
         if status.paused:
             problems.append(f"{status.path}: {stale}; not restarted: paused (svc -c, then again)")
