@@ -44,6 +44,8 @@ def play(
             "pyqmail__check_fresh": False,
             "pyqmail__mailbox_user": "root",
             "pyqmail__auth_group": auth_group,
+            # Not this machine's Dovecot (after `make run`): tests/dovecot has a Dovecot's.
+            "pyqmail__dovecot_config": str(tmp_path / "no-dovecot.conf"),
             "pyqmail_mailboxes__home_base": str(tmp_path / "vmail"),
             "pyqmail_mailboxes__login_domain": "example.org",
             "pyqmail_control__locals": ["example.org"],

@@ -92,6 +92,8 @@ def _templated_targets(name: str, loop: Any) -> list[str]:
 def control_targets(task: dict[str, Any]) -> list[str]:
     """The control files (or ``extra``) a task writes or removes; [] for others."""
     files_args = task.get("pyqmail.mail.pyqmail_control_files")
+    if files_args is not None and not str(files_args.get("path", "")).endswith("/control"):
+        return []  # the module writes elsewhere too (users/logins, users/senders)
     if files_args is not None:  # a set of files in one call: the listed names, or the extra ones
         loop = task.get("loop", "")
         names = [entry["name"] for entry in files_args.get("files", [])]
