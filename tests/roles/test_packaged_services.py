@@ -180,3 +180,35 @@ def test_packaged_init_script_is_disabled_without_systemd_once(
     (etc / "init.d" / service.script).unlink()  # no such script (the package never installed)
     gone = disable_result(playbook(tmp_path, service, extra, ns), service)
     assert gone.get("skipped") is True, gone
+
+
+def _role_includes() -> list[tuple[Path, dict[str, Any]]]:
+    """Every include_role of the role pyqmail in any role's task files: (file, its args)."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    for path in sorted(ROLES.glob("*/tasks/*.yml")):
+        todo = list(yaml.safe_load(path.read_text()) or [])
+        while todo:
+            task = todo.pop()
+            for key in ("block", "rescue", "always"):
+                todo.extend(task.get(key) or [])
+            args = task.get("ansible.builtin.include_role")
+            if args and args.get("name") == "pyqmail.mail.pyqmail":
+                found.append((path, args))
+    return found
+
+
+def test_the_shared_tasks_bring_no_second_copy_of_the_handlers() -> None:
+    """An include_role appends the included role's handlers to the play again, after the
+    including role's own, and notifications reach the last copy: the role pyqmail's reloads
+    would then run after, not before, e.g. pyqmail_dovecot's restart, against the order its
+    handlers file keeps. Each include names a handlers file without handlers."""
+    includes = _role_includes()
+    assert {path.parent.parent.name for path, _ in includes} >= {
+        "pyqmail_dovecot",
+        "pyqmail_scanners",
+    }
+    for path, args in includes:
+        name = args.get("handlers_from")
+        assert name, f"{path}: include_role of pyqmail.mail.pyqmail without handlers_from"
+        handlers = yaml.safe_load((ROLES / "pyqmail" / "handlers" / f"{name}.yml").read_text())
+        assert handlers == [], f"{path}: handlers_from {name} holds handlers"
