@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import smtpd_command
+from tests.svscan import own_svscan
 
 pytestmark = pytest.mark.skipif(
     shutil.which("svscan") is None, reason="daemontools not installed (scripts/install-system-deps)"
@@ -98,18 +98,6 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def _processes_under(root: Path) -> list[int]:
-    """Pids whose working directory is inside ``root`` (services started by our svscan)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                cwd = os.readlink(f"/proc/{entry}/cwd")
-                if cwd == str(root) or cwd.startswith(f"{root}/"):
-                    pids.append(int(entry))
-    return pids
-
-
 def _service(root: Path, name: str, run: str, *, log: bool = False) -> Path:
     path = root / "supervise" / name
     path.mkdir(parents=True)
@@ -127,32 +115,8 @@ def _service(root: Path, name: str, run: str, *, log: bool = False) -> Path:
 def svscan(root: Path, service_dir: Path) -> Iterator[Daemontools]:
     """Our own svscan on ``service_dir``; at the end svc -dx of every service it started,
     then svscan's process group and anything still running under ``root``, by PID."""
-    with (root / "svscan.log").open("wb") as log:
-        proc = subprocess.Popen(
-            ["svscan", str(service_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: ours alone to stop
-        )
-    try:
+    with own_svscan(service_dir, service_dir, root / "svscan.log", stragglers_under=root):
         yield Daemontools(root, service_dir)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        dirs = [d for d in service_dir.iterdir() if (d / "supervise").is_dir()]
-        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
-        subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-            subprocess.run(["svok", str(d)], check=False).returncode == 0 for d in dirs
-        ):
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _processes_under(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from tests.modules.utils import (
     run_module,
     set_module_args,
 )
+from tests.svscan import own_svscan
 
 # library/ is on sys.path once tests.modules.utils is imported
 pyqmail_service = importlib.import_module("pyqmail_service")
@@ -73,19 +73,6 @@ class Daemontools:
         return int(out.split("(pid ")[1].split(")")[0])
 
 
-def _processes_under(root: Path) -> list[int]:
-    """Pids whose working directory is inside ``root`` (services started by our svscan)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-            if cwd == str(root) or cwd.startswith(f"{root}/"):
-                pids.append(int(entry))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def dt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemontools]:
     root = tmp_path_factory.mktemp("daemontools")
@@ -93,37 +80,8 @@ def dt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemontools]:
     supervise = root / "supervise"
     service_dir.mkdir()
     supervise.mkdir()
-    with (root / "svscan.log").open("wb") as log:
-        svscan = subprocess.Popen(
-            ["svscan", str(service_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: ours alone to stop
-        )
-    try:
+    with own_svscan(service_dir, supervise, root / "svscan.log", stragglers_under=root) as svscan:
         yield Daemontools(root, service_dir, supervise, svscan)
-    finally:
-        # 1. svscan first, so it does not restart the supervise processes stopped below
-        svscan.terminate()
-        svscan.wait(timeout=10)
-        # 2. every service and log service we may have started: down and exit
-        dirs = [d for d in supervise.iterdir() if (d / "supervise").is_dir()]
-        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
-        if dirs:
-            subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            ok = [d for d in dirs if subprocess.run(["svok", str(d)], check=False).returncode == 0]
-            if not ok:
-                break
-            time.sleep(0.1)
-        # 3. the rest of svscan's process group (supervise), then stragglers, by PID
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(svscan.pid, signal.SIGKILL)
-        for pid in _processes_under(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def module(args: dict[str, Any], *, check: bool = False, diff: bool = False) -> dict[str, Any]:

@@ -14,15 +14,12 @@ The preflight's checks of the role's variables are at the end (in process, one l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from tests.scanners import (
     free_port,
     with_attachment,
 )
+from tests.svscan import own_svscan
 
 ROLE = REPO / "roles" / "pyqmail_scanners"
 ENV = rspamd.Envelope("192.0.2.1", "client.test", "a@client.test", ("u@mx.test",))
@@ -80,31 +78,10 @@ def host() -> Iterator[Path]:
     for path in [conf, *conf.rglob("*"), base / "clamdb", *(base / "clamdb").iterdir()]:
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)
-    with (base / "svscan.log").open("wb") as log:
-        svscan = subprocess.Popen(
-            ["svscan", str(service)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     try:
-        yield base
+        with own_svscan(service, base / "qmail" / "supervise", base / "svscan.log", settle=15):
+            yield base
     finally:
-        svscan.terminate()
-        svscan.wait(timeout=10)
-        supervise = base / "qmail" / "supervise"
-        dirs = [d for d in supervise.glob("*") if (d / "supervise").is_dir()]
-        dirs += [d / "log" for d in dirs if (d / "log" / "supervise").is_dir()]
-        if dirs:
-            subprocess.run(["svc", "-dx", *map(str, dirs)], check=False, capture_output=True)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(
-                subprocess.run(["svok", str(d)], check=False).returncode == 0 for d in dirs
-            ):
-                time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(svscan.pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
 
 
