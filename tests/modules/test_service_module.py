@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from typing import Any
 import pytest
 
 from tests.modules.utils import (
-    REPO,
     AnsibleExitJson,
     AnsibleFailJson,
     run_module,
     set_module_args,
+    skip_where_system_python_has_pyqmail,
 )
 from tests.svscan import own_svscan
 
@@ -482,33 +481,10 @@ def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     """With /usr/bin/python3 (no pyqmail package) the svstat parser comes from the collection's
     module_utils pyqmail_svstat (a link to src/pyqmail/svstat.py), which Ansible ships only
     if it saw the fallback import in pyqmail_daemontools."""
-    interpreter = "/usr/bin/python3"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tests' src/ too
-    probe = subprocess.run(
-        [interpreter, "-c", "import pyqmail"], capture_output=True, env=env, check=False
-    )
-    if probe.returncode == 0:
-        pytest.skip(f"{interpreter} can import pyqmail; the fallback import is not exercised")
+    skip_where_system_python_has_pyqmail()
     service_dir = tmp_path / "service"
     service_dir.mkdir()
     task = {"name": "lonely", "src": str(tmp_path / "sv"), "service_dir": str(service_dir),
             "run": RUN, "state": "present"}  # fmt: skip
-    play = [{"hosts": "localhost", "gather_facts": False, "connection": "local",
-             "tasks": [{"pyqmail.mail.pyqmail_service": task, "register": "r"}]}]  # fmt: skip
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(json.dumps(play))
-    env = {
-        **env,
-        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "PYTHONWARNINGS": "ignore",
-    }
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
-         "-e", f"ansible_python_interpreter={interpreter}", str(playbook)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    result = run_module("pyqmail_service", task, system_python=True)
     assert (result["changed"], result["state"]) == (True, "unsupervised"), result

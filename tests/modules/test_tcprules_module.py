@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from tests.modules.utils import (
     AnsibleFailJson,
     run_module,
     set_module_args,
+    skip_where_system_python_has_pyqmail,
 )
 
 RULES: list[dict[str, Any]] = [
@@ -292,53 +292,9 @@ def test_through_ansible_playbook(tmp_path: Path) -> None:
 def test_runs_where_pyqmail_is_not_installed(tmp_path: Path) -> None:
     """With /usr/bin/python3 (no pyqmail package), rules.py must fall back to
     the collection's module_utils pyqmail_cdb, which Ansible ships only if it saw that import."""
-    interpreter = "/usr/bin/python3"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tests' src/ too
-    probe = subprocess.run(
-        [interpreter, "-c", "import pyqmail"], capture_output=True, env=env, check=False
-    )
-    if probe.returncode == 0:
-        pytest.skip(f"{interpreter} can import pyqmail; the fallback import is not exercised")
+    skip_where_system_python_has_pyqmail()
     path = tmp_path / "smtp"
-    play = [
-        {
-            "hosts": "localhost",
-            "gather_facts": False,
-            "connection": "local",
-            "tasks": [
-                {
-                    "pyqmail.mail.pyqmail_tcprules": {"path": str(path), "rules": RULES},
-                    "register": "r",
-                    "ignore_errors": True,
-                }
-            ],
-        }
-    ]
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(json.dumps(play))
-    env = {
-        **env,
-        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "PYTHONWARNINGS": "ignore",
-    }
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-e",
-            f"ansible_python_interpreter={interpreter}",
-            str(playbook),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    result = run_module("pyqmail_tcprules", {"path": str(path), "rules": RULES}, system_python=True)
     assert result["changed"] is True, result
     assert (tmp_path / "smtp.cdb").read_bytes() == compile_rules(EXPECTED_RULES)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
 from ansible.module_utils import basic
 from ansible.module_utils.common.text.converters import to_bytes
 
@@ -81,11 +82,14 @@ def run_module(
     check: bool = False,
     diff: bool = False,
     become_user: str | None = None,
+    system_python: bool = False,
 ) -> dict[str, Any]:
     """Run one module task through ansible-playbook on localhost; return its result dict.
 
     ``module`` may be short (``pyqmail_tcprules``): the task always uses the fully qualified
-    name, the only one this checkout's ansible.cfg resolves."""
+    name, the only one this checkout's ansible.cfg resolves. ``system_python``: under Debian's
+    python3 with no pyqmail package (the tests' ``PYTHONPATH`` dropped), as on a managed host;
+    see ``skip_where_system_python_has_pyqmail``."""
     task: dict[str, Any] = {
         "name": "under test",
         fqcn(module): args,
@@ -100,7 +104,7 @@ def run_module(
             "tasks": [task, {"ansible.builtin.debug": {"var": "r"}}],
         }
     ]
-    env = dict(os.environ)
+    env = _without_pythonpath() if system_python else dict(os.environ)
     env.update(
         {
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
@@ -117,7 +121,7 @@ def run_module(
         "-i",
         "localhost,",
         "-e",
-        f"ansible_python_interpreter={sys.executable}",
+        f"ansible_python_interpreter={SYSTEM_PYTHON if system_python else sys.executable}",
         str(playbook),
     ]
     if check:
@@ -138,6 +142,27 @@ def run_module(
         ) from exc
     result: dict[str, Any] = out["plays"][0]["tasks"][0]["hosts"]["localhost"]
     return result
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _without_pythonpath() -> dict[str, str]:
+    """This process's environment without ``PYTHONPATH`` (which holds the tests' src/)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def skip_where_system_python_has_pyqmail() -> None:
+    """The fallback-import tests (a module whose pyqmail import must fall back to the
+    collection's module_utils copy) mean nothing where Debian's python3 imports pyqmail."""
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import pyqmail"],
+        capture_output=True,
+        env=_without_pythonpath(),
+        check=False,
+    )
+    if probe.returncode == 0:
+        pytest.skip(f"{SYSTEM_PYTHON} can import pyqmail; the fallback import is not exercised")
 
 
 def run_in_process(
