@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Stale", "StaleError", "deleted_code", "process_tree", "stale_code"]
+__all__ = ["Stale", "StaleError", "children_map", "deleted_code", "process_tree", "stale_code"]
 
 DELETED = " (deleted)"
 PROC = "/proc"
@@ -95,11 +95,20 @@ def deleted_code(line: str) -> str | None:
     return None if _NOT_PACKAGED.search(path) else path
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every process forked from it, parents first; [] when ``pid`` is gone."""
+def children_map() -> dict[int, list[int]]:
+    """Every process's children, from one pass over ``/proc`` (a caller looking at several
+    trees reads it once)."""
     children: dict[int, list[int]] = {}
     for child, parent in _parents():
         children.setdefault(parent, []).append(child)
+    return children
+
+
+def process_tree(pid: int, children: Mapping[int, list[int]] | None = None) -> list[int]:
+    """``pid`` and every process forked from it, parents first; [] when ``pid`` is gone.
+    ``children``: a ``children_map()`` already read, else one is read now."""
+    if children is None:
+        children = children_map()
     if not os.path.isdir(os.path.join(PROC, str(pid))):
         return []
     tree, seen = [pid], {pid}

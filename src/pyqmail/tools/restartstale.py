@@ -39,7 +39,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pyqmail.procmaps import Stale, StaleError, process_tree, stale_code
+from pyqmail.procmaps import Stale, StaleError, children_map, process_tree, stale_code
 from pyqmail.svstat import Status, SvstatError, parse_svstat
 
 PROG = "pyqmail-restart-stale"
@@ -112,11 +112,12 @@ def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
     not be looked at (a paused one counts: it keeps its old code)."""
     found: list[Finding] = []
     problems: list[str] = []
+    children = children_map()  # one pass over /proc for every service's tree
     for status in statuses:
         if not status.up or status.pid is None:
             continue
         try:
-            stale = stale_code(process_tree(status.pid))
+            stale = stale_code(process_tree(status.pid, children))
         except StaleError as exc:
             problems.append(
                 f"{status.path}: {exc}; not restarted (reading other processes' maps needs"
