@@ -190,6 +190,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 try:
     from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_daemontools import (
+        DAEMONTOOLS_DIRS,
         SVC_OPTIONS,
         Status,
         SvstatError,
@@ -206,7 +207,6 @@ try:
 except ImportError:
     IMPORT_ERROR = traceback.format_exc()
 
-BIN_DIRS = ["/command", "/usr/local/bin", "/usr/bin", "/bin"]
 SCRIPT_MODE = 0o755
 LOG_LINES = 20
 UP_STATES = ("up", "restarted", "reloaded")
@@ -244,8 +244,8 @@ class ServiceModule:
         self.diffs: list[dict[str, str]] = []
         self.changed = False
         self.before = ""
-        self.svc = module.get_bin_path("svc", required=True, opt_dirs=BIN_DIRS)
-        self.svstat = module.get_bin_path("svstat", required=True, opt_dirs=BIN_DIRS)
+        self.svc = module.get_bin_path("svc", required=True, opt_dirs=list(DAEMONTOOLS_DIRS))
+        self.svstat = module.get_bin_path("svstat", required=True, opt_dirs=list(DAEMONTOOLS_DIRS))
 
     # ---- helpers -------------------------------------------------------------------------
 

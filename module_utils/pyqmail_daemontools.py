@@ -18,11 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 try:
-    from pyqmail.svstat import Status, SvstatError, parse_svstat, parse_svstat_line
+    from pyqmail.svstat import (
+        DAEMONTOOLS_DIRS,
+        Status,
+        SvstatError,
+        parse_svstat,
+        parse_svstat_line,
+    )
 except ImportError:  # pragma: no cover - exercised through ansible-playbook
     # The host's Python may not have the daemon package: the collection's copy (a link to
     # the same file); Ansible's payload builder sees this import and ships it.
     from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_svstat import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+        DAEMONTOOLS_DIRS,
         Status,
         SvstatError,
         parse_svstat,
@@ -30,6 +37,7 @@ except ImportError:  # pragma: no cover - exercised through ansible-playbook
     )
 
 __all__ = [
+    "DAEMONTOOLS_DIRS",
     "SVC_OPTIONS",
     "Status",
     "SvstatError",

@@ -26,7 +26,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Status", "SvstatError", "parse_svstat", "parse_svstat_line"]
+__all__ = ["DAEMONTOOLS_DIRS", "Status", "SvstatError", "parse_svstat", "parse_svstat_line"]
+
+# Where svc and svstat are looked for after $PATH: djb's own layout, then Debian's (apt's
+# hooks and Ansible's modules may run with a short $PATH).
+DAEMONTOOLS_DIRS = ("/command", "/usr/local/bin", "/usr/bin", "/bin")
 
 _UP = re.compile(r"up \(pid (?P<pid>[0-9]+)\) (?P<seconds>[0-9]+) seconds(?P<flags>.*)")
 _DOWN = re.compile(r"down (?P<seconds>[0-9]+) seconds(?P<flags>.*)")

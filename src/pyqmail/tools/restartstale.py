@@ -40,11 +40,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyqmail.procmaps import Stale, StaleError, children_map, process_tree, stale_code
-from pyqmail.svstat import Status, SvstatError, parse_svstat
+from pyqmail.svstat import DAEMONTOOLS_DIRS, Status, SvstatError, parse_svstat
 
 PROG = "pyqmail-restart-stale"
 SERVICE_DIR = "/etc/service"  # pyqmail__service_dir's default (Debian's daemontools-run)
-BIN_DIRS = ("/command", "/usr/local/bin", "/usr/bin", "/bin")  # djb's layout, then Debian's
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_DONE = 0, 1, 2
 
 
@@ -61,12 +60,13 @@ class Finding:
 
 
 def program(name: str) -> str:
-    """The path of daemontools' ``name`` ($PATH, then BIN_DIRS: apt's hooks run with a short
-    $PATH, and djb's own install puts it in /command)."""
-    search = os.pathsep.join(p for p in (os.environ.get("PATH", ""), *BIN_DIRS) if p)
+    """The path of daemontools' ``name``: $PATH, then ``DAEMONTOOLS_DIRS`` (apt's hooks run with
+    a short $PATH, and djb's own install puts it in /command)."""
+    search = os.pathsep.join(p for p in (os.environ.get("PATH", ""), *DAEMONTOOLS_DIRS) if p)
     found = shutil.which(name, path=search)
     if found is None:
-        raise RestartError(f"{name} not found in $PATH or {', '.join(BIN_DIRS)} (daemontools)")
+        dirs = ", ".join(DAEMONTOOLS_DIRS)
+        raise RestartError(f"{name} not found in $PATH or {dirs} (daemontools)")
     return found
 
 
