@@ -403,7 +403,7 @@ def atomic_write(
         st = None
     import tempfile  # noqa: PLC0415 - only writers need it; pyqmail-checkpassword starts per login
 
-    fd, tmp = tempfile.mkstemp(prefix=".smtpusers.", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) if st else default_mode)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grp
 import imaplib
+import os
 import poplib
 import pwd
 import subprocess
@@ -30,7 +31,12 @@ MAIL_USER = "mail"
 
 
 def run_role(
-    mailhost: MailHost, config: Path, boxes: list[dict[str, Any]], play: Path
+    mailhost: MailHost,
+    config: Path,
+    boxes: list[dict[str, Any]],
+    play: Path,
+    *,
+    must_pass: bool = True,
 ) -> dict[str, Any]:
     """The pyqmail_mailboxes role on the test host: its files, its Dovecot configuration."""
     group = grp.getgrgid(pwd.getpwnam(DROP_USER).pw_gid).gr_name
@@ -52,6 +58,7 @@ def run_role(
             "pyqmail_aliases__postmaster": f"alice@{DOMAIN}",
             "pyqmail_mailboxes__list": boxes,
         },
+        must_pass=must_pass,
     )
 
 
@@ -137,6 +144,77 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     assert kicked(out) == ([], False)
     assert imap_open(a_imap)
     a_imap.logout()
+
+
+def test_a_login_moved_to_another_mailbox_ends_its_sessions(
+    mailhost: MailHost,
+    dovecot: StartDovecot,
+    tmp_path: Path,
+    clients: Clients,
+) -> None:
+    """The login sales@ moves from bob's mailbox to carol's, with the same password: the
+    session it has open reads bob's mailbox, and must end so that its next login opens
+    carol's. Bob's own login (same mailbox as before) keeps its session."""
+    sales = f"sales@{DOMAIN}"
+    bob = {"name": "bob", "password": "bob-password"}
+    carol = {"name": "carol"}  # no login of her own
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    play = tmp_path / "play"
+    shared = {"login": sales, "password": "sales-password"}
+    run_role(mailhost, dc.config, [{**bob, **shared}, carol, {**bob, "name": "bob2"}], play)
+    old = imap_session(clients, dc.ports["imaps"], sales, "sales-password")
+    b_imap = imap_session(clients, dc.ports["imaps"], f"bob2@{DOMAIN}", bob["password"])
+
+    out = run_role(mailhost, dc.config, [bob, {**carol, **shared}, {**bob, "name": "bob2"}], play)
+    assert not imap_open(old), "sales@ still reads bob's mailbox after moving to carol's"
+    assert imap_open(b_imap)
+    assert kicked(out) == ([f"{ENDED}{sales}"], True)
+    assert (mailhost.root / "users" / "logins").read_text().splitlines()[-2:] == [
+        f"{sales}:carol",
+        f"bob2@{DOMAIN}:bob2",
+    ]
+    b_imap.logout()
+
+
+def test_a_kick_that_failed_is_tried_again_by_the_next_run(
+    mailhost: MailHost,
+    dovecot: StartDovecot,
+    tmp_path: Path,
+    clients: Clients,
+) -> None:
+    """doveadm cannot answer (here: its configuration file broken after Dovecot started), so
+    the run that changed alice's password fails naming her; the admin mends it and runs the
+    play again, which changes nothing, yet must end her session: the login was kept in
+    control/smtpusers.kick, and goes from it once her session is gone."""
+    alice = {"name": "alice", "password": "alice-old-password"}
+    bob = {"name": "bob", "password": "bob-password"}
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    play = tmp_path / "play"
+    run_role(mailhost, dc.config, [alice, bob], play)
+    a_imap = imap_session(clients, dc.ports["imaps"], f"alice@{DOMAIN}", alice["password"])
+    b_imap = imap_session(clients, dc.ports["imaps"], f"bob@{DOMAIN}", bob["password"])
+    pending = mailhost.root / "control" / "smtpusers.kick"
+
+    good = dc.config.read_text()
+    dc.config.write_text("this is not a dovecot configuration {\n")
+    boxes = [{**alice, "password": "alice-new-password"}, bob]
+    out = run_role(mailhost, dc.config, boxes, play, must_pass=False)
+    failed = task_result(out, KICK)
+    assert failed.get("failed"), failed
+    assert f"doveadm kick alice@{DOMAIN} exited" in failed["stderr"]
+    assert imap_open(a_imap)  # (the failure: her session is still open)
+    assert pending.read_text().splitlines()[1:] == [f"alice@{DOMAIN}"]
+    assert (pending.stat().st_mode & 0o777, pending.stat().st_uid) == (0o600, os.geteuid())
+
+    dc.config.write_text(good)
+    out = run_role(mailhost, dc.config, boxes, play)
+    assert kicked(out) == ([f"{ENDED}alice@{DOMAIN}"], True)
+    assert not imap_open(a_imap), "alice's session outlived the run that failed to end it"
+    assert imap_open(b_imap)
+    assert not pending.exists()
+    out = run_role(mailhost, dc.config, boxes, play)
+    assert kicked(out) == ([], False)  # nothing pending any more: the task does not run
+    b_imap.logout()
 
 
 def test_a_password_changed_while_dovecot_is_down_passes(
@@ -226,8 +304,20 @@ def test_pyqmail_users_ends_the_sessions_of_a_changed_or_deleted_user(
 
     broken = tmp_path / "broken.conf"
     broken.write_text("this is not a dovecot configuration {\n")
+    a_imap = imap_session(clients, port, alice, "alice-new")
     proc = users_cli(mailhost, broken, "add", alice, password="alice-newer\n")
     assert proc.returncode == 3
     assert proc.stdout.splitlines() == [f"updated {alice}"]
     assert f"doveadm kick {alice} exited" in proc.stderr
     assert f"doveadm -c {broken} kick LOGIN" in proc.stderr
+    pending = mailhost.root / "control" / "smtpusers.kick"
+    assert f"kept in {pending} for the next pyqmail-users kick" in proc.stderr
+    assert pending.read_text().splitlines()[1:] == [alice]
+    assert imap_open(a_imap)
+
+    # The next pyqmail-users run, whatever it does, tries the pending login again: here
+    # `kick` with no login of its own; her session ends and the file goes.
+    proc = users_cli(mailhost, dc.config, "kick")
+    assert (proc.returncode, proc.stdout.splitlines()) == (0, [f"{ENDED}{alice}"]), proc.stderr
+    assert not imap_open(a_imap)
+    assert not pending.exists()

@@ -52,6 +52,8 @@ NOT_PRINTED = {
 NOT_SECRET_FACTS = {
     # the login names of the hidden pyqmail_smtp_user results (name, removed), never an item
     ("pyqmail_mailboxes", "pyqmail_mailboxes__kick"),
+    # users/logins' text: each login and its mailbox's name (logins.j2), never a password
+    ("pyqmail_mailboxes", "pyqmail_mailboxes__logins_map"),
 }
 # Restrictive files written with copy/template, each with why (checked to exist): none now.
 PLAIN_WRITE: set[tuple[str, str]] = set()

@@ -21,6 +21,14 @@ such a login is left out, and said; Dovecot's ``auth_username_chars`` never lets
 ``?`` in, and pyqmail's logins are addresses. The login goes after ``--`` (one starting with
 ``-`` is not an option). The match is case-insensitive: kicking ``Alice@example.org`` ends
 ``alice@example.org``'s sessions too, the same mailbox's login as Dovecot knows it.
+
+A kick that fails is not forgotten: the logins whose sessions must still end are kept in
+``control/smtpusers.kick`` (``pending_path``), written before the change they come from where
+the change is ``pyqmail-users``' own, and rewritten with the logins not confirmed after each
+round (removed once every one is). Every later ``pyqmail-users kick``, ``add`` or ``del``, and
+so every later run of the mailbox role, tries them again: re-running a play that failed here
+ends the sessions, although nothing changes in that run. A run that changes a password and
+dies before its kick (a few tasks of the same play) is the one case left.
 """
 
 from __future__ import annotations
@@ -33,16 +41,25 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pyqmail.authdb import atomic_write, validate_name
+
 DEFAULT_CONFIG = "/etc/dovecot/pyqmail.conf"  # roles/pyqmail: pyqmail__dovecot_config
 EX_NOTFOUND = 68  # doveadm.h: DOVEADM_EX_NOTFOUND = EX_NOHOST
 EX_TEMPFAIL = 75
 ENDED = "kicked connections from"
 _NOT_RUNNING = re.compile(r"net_connect_unix\(.*/anvil\) failed: (No such file|Connection refused)")
 TIMEOUT = 30.0
+PENDING_SUFFIX = ".kick"  # control/smtpusers.kick: the logins whose sessions must still end
+_PENDING_HEADER = "# logins whose IMAP/POP3 sessions must still end (pyqmail-users kick)\n"
 
 
 class KickError(Exception):
-    """doveadm could not say that some login's sessions are gone (each one named)."""
+    """doveadm could not say that some login's sessions are gone (each one named, and
+    listed in ``logins``)."""
+
+    def __init__(self, message: str, logins: list[str]) -> None:
+        super().__init__(message)
+        self.logins = logins
 
 
 @dataclass
@@ -84,8 +101,9 @@ def kick(logins: Iterable[str], config: str = DEFAULT_CONFIG) -> Kicked:
         return done
     doveadm = shutil.which("doveadm")
     if doveadm is None:
-        raise KickError(f"{config} exists but doveadm is not on PATH: cannot end sessions")
-    failed: list[str] = []
+        left = [login for login in wanted if login not in done.skipped]
+        raise KickError(f"{config} exists but doveadm is not on PATH: cannot end sessions", left)
+    failed: list[KickError] = []
     for login in wanted:
         if login in done.skipped:
             continue
@@ -93,10 +111,77 @@ def kick(logins: Iterable[str], config: str = DEFAULT_CONFIG) -> Kicked:
             if not _kick_one(doveadm, config, login, done):
                 break  # Dovecot is not running: nobody has a session
         except KickError as exc:
-            failed.append(str(exc))  # the others are still tried
+            failed.append(exc)  # the others are still tried
     if failed:
-        raise KickError("; ".join(failed))
+        raise KickError("; ".join(map(str, failed)), [x for exc in failed for x in exc.logins])
     return done
+
+
+def pending_path(smtpusers: str) -> str:
+    """Where the logins whose sessions must still end are kept: beside ``control/smtpusers``,
+    whose changes they come from, root's alone (0600)."""
+    return smtpusers + PENDING_SUFFIX
+
+
+def read_pending(path: str) -> list[str]:
+    """The logins a failed or interrupted kick left; none without the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def remember(path: str, logins: Iterable[str], config: str = DEFAULT_CONFIG) -> None:
+    """Add ``logins`` to the pending file, durably, before the change that makes their
+    sessions stale: a crash between the change and the kick leaves them to the next round.
+    Nothing where Dovecot is not set up (no session can be open). A login that could not
+    be one line of the file (whitespace, a control character, ':') raises AuthDBError."""
+    wanted = [validate_name(login) for login in dict.fromkeys(logins)]
+    if not os.path.exists(config):
+        return
+    known = read_pending(path)
+    new = [login for login in wanted if login not in known]
+    if new:
+        _write_pending(path, known + new)
+
+
+def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
+    """Kick ``logins`` and every login still pending from an earlier round; the pending file
+    then keeps exactly those not confirmed (``KickError``), and goes when none is left.
+    Where Dovecot is not set up, nothing can be open: the file goes too."""
+    remember(pending, logins, config)
+    wanted = read_pending(pending) if os.path.exists(config) else list(dict.fromkeys(logins))
+    if not wanted:
+        _forget_pending(pending)  # (a file with no login left: nothing to ask doveadm)
+        return Kicked(configured=os.path.exists(config))
+    try:
+        done = kick(wanted, config)
+    except KickError as exc:
+        _write_pending(pending, exc.logins)
+        raise
+    _forget_pending(pending)
+    return done
+
+
+def _write_pending(path: str, logins: list[str]) -> None:
+    """The pending file, replaced atomically and fsynced (root's alone: it names logins)."""
+    text = _PENDING_HEADER + "".join(login + "\n" for login in logins)
+    atomic_write(path, text.encode("utf-8"), default_mode=0o600)
+
+
+def _forget_pending(path: str) -> None:
+    """Every pending login confirmed: the file goes, and its removal is made durable."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_mask(login: str) -> bool:
@@ -123,7 +208,7 @@ def _kick_one(doveadm: str, config: str, login: str, done: Kicked) -> bool:
             env={**os.environ, "LC_ALL": "C"},
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KickError(f"doveadm kick {login}: {exc}") from exc
+        raise KickError(f"doveadm kick {login}: {exc}", [login]) from exc
     if proc.returncode == 0 and ENDED in proc.stdout:
         done.ended.append(login)
         return True
@@ -134,4 +219,4 @@ def _kick_one(doveadm: str, config: str, login: str, done: Kicked) -> bool:
         done.running = False
         return False
     answer = " ".join((proc.stderr + proc.stdout).split()) or "no output"
-    raise KickError(f"doveadm kick {login} exited {proc.returncode}: {answer}")
+    raise KickError(f"doveadm kick {login} exited {proc.returncode}: {answer}", [login])

@@ -4,6 +4,9 @@ The file format, the hashes and the atomic rewrite belong to ``pyqmail.authdb`` 
 daemon and the Ansible module import too); this is only the command line around them. A new
 password for an existing user, or a deleted user, also ends that login's open IMAP/POP3
 sessions (``pyqmail.tools.dovecotkick``; ``kick`` does only that, for the mailbox role).
+Logins whose sessions could not be confirmed ended stay in ``control/smtpusers.kick`` and
+are tried again by every later ``add``, ``del`` and ``kick`` (``kick`` with no login: only
+those).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from pyqmail.authdb import (
     validate_name,
     validate_password,
 )
-from pyqmail.tools.dovecotkick import DEFAULT_CONFIG, KickError, kick
+from pyqmail.tools.dovecotkick import (
+    DEFAULT_CONFIG,
+    KickError,
+    end_sessions,
+    pending_path,
+    remember,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -72,13 +81,17 @@ def _complain(text: str) -> None:
     sys.stderr.write(f"pyqmail-users: {text}\n")
 
 
-def _end_sessions(logins: list[str], config: str) -> int:
-    """End the IMAP/POP3 sessions of ``logins``; 0, or 3 when that failed (the file's change
-    is done and stays: the message says which sessions may still be open)."""
+def _end_sessions(logins: list[str], config: str, pending: str) -> int:
+    """End the IMAP/POP3 sessions of ``logins`` and of those still pending; 0, or 3 when
+    that failed (the file's change is done and stays: the message says which sessions may
+    still be open, and they stay pending for the next run)."""
     try:
-        done = kick(logins, config)
+        done = end_sessions(logins, config, pending)
     except KickError as exc:
-        _complain(f"{exc}; end them by hand: doveadm -c {config} kick LOGIN")
+        _complain(
+            f"{exc}; kept in {pending} for the next pyqmail-users kick (or end them by hand: "
+            f"doveadm -c {config} kick LOGIN)"
+        )
         return 3
     for line in done.lines():
         _say(line)
@@ -87,8 +100,10 @@ def _end_sessions(logins: list[str], config: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     path: str = args.file
+    config: str = args.dovecot_config
+    pending = pending_path(path)
     if args.command == "kick":
-        return _end_sessions(args.names, args.dovecot_config)
+        return _end_sessions(args.names, config, pending)
     if args.command == "add":
         name = validate_name(args.name)
         db = _load_or_empty(path)
@@ -96,17 +111,20 @@ def _run(args: argparse.Namespace) -> int:
         existed = name in db
         cram = password if args.cram_md5 else None
         db.set(User(name=name, hash=hash_password(password), cram=cram))
+        if existed:  # before the change: a crash after it still leaves the kick to do
+            remember(pending, [name], config)
         atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
         _say(f"{'updated' if existed else 'added'} {name}")
-        return _end_sessions([name], args.dovecot_config) if existed else 0
+        return _end_sessions([name] if existed else [], config, pending)
     if args.command == "del":
         db = AuthDB.load(path)
         if not db.remove(args.name):
             _complain(f"{path}: no user {args.name!r}")
             return 1
+        remember(pending, [args.name], config)
         atomic_write(path, db.dump().encode("utf-8"))
         _say(f"deleted {args.name}")
-        return _end_sessions([args.name], args.dovecot_config)
+        return _end_sessions([args.name], config, pending)
     if args.command == "list":
         for user in _load_or_empty(path):
             _say(user.name + ("\tcram-md5" if user.cram is not None else ""))
@@ -152,8 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="print user names (and whether CRAM-MD5 is on)")
     check = sub.add_parser("check", help="exit 0 if the password read matches")
     check.add_argument("name")
-    end = sub.add_parser("kick", help="end the open IMAP/POP3 sessions of these logins")
-    end.add_argument("names", nargs="+", metavar="name")
+    end = sub.add_parser(
+        "kick",
+        help="end the open IMAP/POP3 sessions of these logins, and of those an earlier "
+        "failed kick left in FILE.kick (no login: only those)",
+    )
+    end.add_argument("names", nargs="*", metavar="name")
     args = parser.parse_args(argv)
     try:
         return _run(args)
