@@ -80,6 +80,16 @@ options:
     type: str
     choices: [always, on_create]
     default: always
+  record_kicks:
+    description:
+      - Before a change that replaces an existing user's hash or removes users, add their
+        names to C(PATH.kick) (root's, V(0600)) - the logins whose open IMAP/POP3 sessions must
+        still end. C(pyqmail-users kick) ends them and empties the file; recorded first, they
+        are ended even when the play dies or fails between this task and the kick.
+      - For a host whose Dovecot logs in through this file (the role pyqmail_mailboxes sets it
+        where Dovecot's configuration exists). Nothing is recorded in check mode.
+    type: bool
+    default: false
   owner:
     description: Owner of the file (name or number); it must exist.
     type: str
@@ -174,7 +184,9 @@ try:
         AuthDB,
         AuthDBError,
         User,
+        add_kicks,
         hash_password,
+        kicks_path,
         needs_rehash,
         validate_name,
         validate_password,
@@ -288,6 +300,16 @@ class SmtpUserModule:
         db.set(User(name, hash_password(password), cram))
         return True, " (new password)"
 
+    def record_kicks(self, stale: list[str]) -> None:
+        """Before the write: the logins whose sessions the change makes stale, in PATH.kick
+        (``record_kicks``), so that a play that dies before its kick still ends them."""
+        if not (self.params["record_kicks"] and stale):
+            return
+        try:
+            add_kicks(kicks_path(self.path), stale)
+        except (OSError, AuthDBError) as exc:
+            self.fail(f"cannot record the logins whose sessions must end: {exc}")
+
     def write(self, data: bytes, uid: int, gid: int, mode: int) -> None:
         """The shared writer: the temp file has the final owner/group/mode before any byte."""
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -322,8 +344,12 @@ class SmtpUserModule:
         now = None if creating else self.attributes()
         attrs_changed = now is not None and now != wanted
         changed = content_changed or attrs_changed
+        stale = [name for name in names if name not in db]
+        if password_changed and existed:
+            stale.append(p["name"])
         if changed and not self.module.check_mode:
             if content_changed:
+                self.record_kicks(stale)
                 self.write(after_text.encode("utf-8"), uid, gid, mode)
             else:
                 try:
@@ -381,6 +407,7 @@ def main() -> None:
             "owner": {"type": "str", "default": "root"},
             "group": {"type": "str", "default": "pyqmaila"},
             "mode": {"type": "raw", "default": "0640"},
+            "record_kicks": {"type": "bool", "default": False},
         },
         required_one_of=[("name", "keep")],
         mutually_exclusive=[("name", "keep")],

@@ -42,7 +42,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,15 +55,19 @@ __all__ = [
     "AuthDBError",
     "ScryptParams",
     "User",
+    "add_kicks",
     "atomic_write",
     "format_line",
     "hash_password",
+    "kicks_path",
     "needs_rehash",
     "parse_hash",
     "parse_line",
+    "read_kicks",
     "validate_name",
     "validate_password",
     "verify_password",
+    "write_kicks",
 ]
 
 DEFAULT_PATH = "/var/qmail/control/smtpusers"
@@ -88,6 +92,8 @@ _HASH_RE = re.compile(
 )
 _SCHEME_RE = re.compile(r"\$([A-Za-z0-9_-]+)\$")
 CRAM_PREFIX = "cram="
+KICKS_SUFFIX = ".kick"  # control/smtpusers.kick: the logins whose IMAP/POP3 sessions must end
+_KICKS_HEADER = "# logins whose IMAP/POP3 sessions must still end (pyqmail-users kick)\n"
 
 
 class AuthDBError(ValueError):
@@ -420,6 +426,57 @@ def atomic_write(
             os.unlink(tmp)
         raise
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# The logins whose open IMAP/POP3 sessions must still end after a change of this file (a new
+# hash, a removed user): recorded by whoever changes it (pyqmail-users, the pyqmail_smtp_user
+# module) before the change, and emptied by pyqmail-users kick once Dovecot confirms
+# (``pyqmail.tools.dovecotkick``). Here, beside the file, because the module and the tool
+# both write it.
+
+
+def kicks_path(path: str) -> str:
+    """Where the logins whose sessions must still end are kept: beside ``path``
+    (``control/smtpusers.kick``), root's alone (0600: it names logins)."""
+    return path + KICKS_SUFFIX
+
+
+def read_kicks(path: str) -> list[str]:
+    """The logins recorded in the file ``path`` (none without it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def add_kicks(path: str, logins: Iterable[str]) -> None:
+    """Add ``logins`` to the file ``path``, durably (each once); AuthDBError for a login
+    that could not be one line of it (a newline would make two logins of one)."""
+    wanted = [validate_name(login) for login in dict.fromkeys(logins)]
+    known = read_kicks(path)
+    new = [login for login in wanted if login not in known]
+    if new:
+        write_kicks(path, known + new)
+
+
+def write_kicks(path: str, logins: list[str]) -> None:
+    """The file ``path`` with exactly ``logins``, replaced atomically; none: the file goes,
+    and its removal is made durable too."""
+    if logins:
+        text = _KICKS_HEADER + "".join(login + "\n" for login in logins)
+        atomic_write(path, text.encode("utf-8"), default_mode=0o600)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:

@@ -37,6 +37,7 @@ def run_role(
     play: Path,
     *,
     must_pass: bool = True,
+    venv: str = sys.prefix,  # pyqmail-users of this checkout (an editable install)
 ) -> dict[str, Any]:
     """The pyqmail_mailboxes role on the test host: its files, its Dovecot configuration."""
     group = grp.getgrgid(pwd.getpwnam(DROP_USER).pw_gid).gr_name
@@ -50,7 +51,7 @@ def run_role(
             "pyqmail__mailbox_user": MAIL_USER,
             "pyqmail__auth_group": group,
             "pyqmail__dovecot_config": str(config),
-            "pyqmail__venv": sys.prefix,  # pyqmail-users of this checkout (an editable install)
+            "pyqmail__venv": venv,
             "pyqmail_mailboxes__home_base": str(mailhost.root / "homes"),
             "pyqmail_mailboxes__login_domain": DOMAIN,
             "pyqmail_control__locals": [DOMAIN],
@@ -185,7 +186,8 @@ def test_a_kick_that_failed_is_tried_again_by_the_next_run(
     """doveadm cannot answer (here: its configuration file broken after Dovecot started), so
     the run that changed alice's password fails naming her; the admin mends it and runs the
     play again, which changes nothing, yet must end her session: the login was kept in
-    control/smtpusers.kick, and goes from it once her session is gone."""
+    control/smtpusers.kick, and goes from it once her session is gone. The same for a run
+    that dies between the new hash and the kick."""
     alice = {"name": "alice", "password": "alice-old-password"}
     bob = {"name": "bob", "password": "bob-password"}
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
@@ -214,7 +216,18 @@ def test_a_kick_that_failed_is_tried_again_by_the_next_run(
     assert not pending.exists()
     out = run_role(mailhost, dc.config, boxes, play)
     assert kicked(out) == ([], False)  # nothing pending any more: the task does not run
-    b_imap.logout()
+
+    # The run dies before its kick (here: no pyqmail-users where the role looks for it): bob's
+    # new hash is written, and the module recorded his login before writing it.
+    boxes = [boxes[0], {**bob, "password": "bob-new-password"}]
+    out = run_role(mailhost, dc.config, boxes, play, must_pass=False, venv=str(tmp_path / "none"))
+    assert task_result(out, KICK).get("failed")
+    assert imap_open(b_imap)
+    assert pending.read_text().splitlines()[1:] == [f"bob@{DOMAIN}"]
+    out = run_role(mailhost, dc.config, boxes, play)
+    assert kicked(out) == ([f"{ENDED}bob@{DOMAIN}"], True)
+    assert not imap_open(b_imap), "bob's session outlived a run that died before its kick"
+    assert not pending.exists()
 
 
 def test_a_password_changed_while_dovecot_is_down_passes(

@@ -174,6 +174,29 @@ def test_keep_removes_every_other_user(path: Path) -> None:
     assert path.read_text() == "# header\n"
 
 
+def test_record_kicks_lists_the_stale_logins_before_the_write(path: Path) -> None:
+    """record_kicks: the logins whose open IMAP/POP3 sessions a change makes stale (a hash
+    replaced, a user removed) go to PATH.kick, root's alone; a new user, an unchanged
+    password, check mode and the option off record nothing."""
+    kicks = Path(f"{path}.kick")
+    alice = {"path": str(path), "name": "alice@example.org", "password": "a", "record_kicks": True}
+    run(alice)
+    run({**alice, "name": "bob@example.org"})
+    assert not kicks.exists()  # new users: nobody had a session
+    assert run(alice)["changed"] is False
+    run({**alice, "password": "a2"}, check=True)
+    assert not kicks.exists()
+    run({**alice, "password": "a2", "record_kicks": False})
+    assert not kicks.exists()
+    run({**alice, "password": "a3"})
+    assert kicks.read_text().splitlines()[1:] == ["alice@example.org"]
+    assert stat.S_IMODE(kicks.stat().st_mode) == 0o600
+    run({"path": str(path), "keep": ["alice@example.org"], "record_kicks": True})
+    run({**alice, "state": "absent"})
+    assert kicks.read_text().splitlines()[1:] == ["alice@example.org", "bob@example.org"]
+    assert AuthDB.load(str(path)).verify("bob@example.org", "a") is False
+
+
 def test_keep_on_missing_file_creates_nothing(path: Path) -> None:
     for check in (True, False):
         assert run({"path": str(path), "keep": ["a@example.org"]}, check=check)["changed"] is False

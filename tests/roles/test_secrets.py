@@ -50,10 +50,10 @@ NOT_PRINTED = {
 # Facts set from a secret holder that keep no secret, each with why (checked to exist): they
 # are not secret holders, and the set_fact that makes them is not a reader.
 NOT_SECRET_FACTS = {
-    # the login names of the hidden pyqmail_smtp_user results (name, removed), never an item
-    ("pyqmail_mailboxes", "pyqmail_mailboxes__kick"),
-    # users/logins' text: each login and its mailbox's name (logins.j2), never a password
+    # users/logins' text: each login and its mailbox's name (logins.j2), never a password,
+    # and the logins whose line of it changed
     ("pyqmail_mailboxes", "pyqmail_mailboxes__logins_map"),
+    ("pyqmail_mailboxes", "pyqmail_mailboxes__kick"),
 }
 # Restrictive files written with copy/template, each with why (checked to exist): none now.
 PLAIN_WRITE: set[tuple[str, str]] = set()

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.authdb import AuthDBError
-from pyqmail.tools.dovecotkick import end_sessions, pending_path, read_pending, remember
+from pyqmail.authdb import AuthDBError, kicks_path, read_kicks
+from pyqmail.tools.dovecotkick import end_sessions, remember
 
 
 def test_the_pending_file_sits_beside_smtpusers() -> None:
-    assert pending_path("/var/qmail/control/smtpusers") == "/var/qmail/control/smtpusers.kick"
+    assert kicks_path("/var/qmail/control/smtpusers") == "/var/qmail/control/smtpusers.kick"
 
 
 def test_remember_adds_each_login_once_root_alone(tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_remember_adds_each_login_once_root_alone(tmp_path: Path) -> None:
     pending = tmp_path / "smtpusers.kick"
     remember(str(pending), ["alice@example.org", "bob@example.org"], str(config))
     remember(str(pending), ["bob@example.org", "carol@example.org"], str(config))
-    assert read_pending(str(pending)) == [f"{n}@example.org" for n in ("alice", "bob", "carol")]
+    assert read_kicks(str(pending)) == [f"{n}@example.org" for n in ("alice", "bob", "carol")]
     assert stat.S_IMODE(pending.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dovecot.conf", "smtpusers.kick"]
 

@@ -23,12 +23,13 @@ such a login is left out, and said; Dovecot's ``auth_username_chars`` never lets
 ``alice@example.org``'s sessions too, the same mailbox's login as Dovecot knows it.
 
 A kick that fails is not forgotten: the logins whose sessions must still end are kept in
-``control/smtpusers.kick`` (``pending_path``), written before the change they come from where
-the change is ``pyqmail-users``' own, and rewritten with the logins not confirmed after each
-round (removed once every one is). Every later ``pyqmail-users kick``, ``add`` or ``del``, and
-so every later run of the mailbox role, tries them again: re-running a play that failed here
-ends the sessions, although nothing changes in that run. A run that changes a password and
-dies before its kick (a few tasks of the same play) is the one case left.
+``control/smtpusers.kick`` (``pyqmail.authdb.kicks_path``), recorded before the change they
+come from by whoever changes ``control/smtpusers`` (``pyqmail-users``, the
+``pyqmail_smtp_user`` module where Dovecot is set up), and rewritten with the logins not
+confirmed after each round (removed once every one is). Every later ``pyqmail-users kick``,
+``add`` or ``del``, and so every later run of the mailbox role, tries them again: re-running
+a play that failed here, or died before its kick, ends the sessions although nothing changes
+in that run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyqmail.authdb import atomic_write, validate_name
+from pyqmail.authdb import add_kicks, read_kicks, validate_name, write_kicks
 
 DEFAULT_CONFIG = "/etc/dovecot/pyqmail.conf"  # roles/pyqmail: pyqmail__dovecot_config
 EX_NOTFOUND = 68  # doveadm.h: DOVEADM_EX_NOTFOUND = EX_NOHOST
@@ -49,8 +50,6 @@ EX_TEMPFAIL = 75
 ENDED = "kicked connections from"
 _NOT_RUNNING = re.compile(r"net_connect_unix\(.*/anvil\) failed: (No such file|Connection refused)")
 TIMEOUT = 30.0
-PENDING_SUFFIX = ".kick"  # control/smtpusers.kick: the logins whose sessions must still end
-_PENDING_HEADER = "# logins whose IMAP/POP3 sessions must still end (pyqmail-users kick)\n"
 
 
 class KickError(Exception):
@@ -75,13 +74,14 @@ class Kicked:
     running: bool = True
 
     def lines(self) -> list[str]:
-        """One line per login, for the command's output (the role reads "ended"); nothing
-        where Dovecot is not set up (a host without IMAP/POP3)."""
+        """One line per login, for the command's output (the role reads "ended"), sorted in
+        each kind (the logins come in the order they were recorded); nothing where Dovecot is
+        not set up (a host without IMAP/POP3)."""
         if not self.configured:
             return []
-        out = [f"ended the IMAP/POP3 sessions of {login}" for login in self.ended]
-        out += [f"no IMAP/POP3 session of {login}" for login in self.had_none]
-        out += [f"left out {login}: doveadm would read it as a mask" for login in self.skipped]
+        out = [f"ended the IMAP/POP3 sessions of {login}" for login in sorted(self.ended)]
+        out += [f"no IMAP/POP3 session of {login}" for login in sorted(self.had_none)]
+        out += [f"left out {x}: doveadm would read it as a mask" for x in sorted(self.skipped)]
         if not self.running:
             out.append("Dovecot is not running: no IMAP/POP3 session is open")
         return out
@@ -117,71 +117,33 @@ def kick(logins: Iterable[str], config: str = DEFAULT_CONFIG) -> Kicked:
     return done
 
 
-def pending_path(smtpusers: str) -> str:
-    """Where the logins whose sessions must still end are kept: beside ``control/smtpusers``,
-    whose changes they come from, root's alone (0600)."""
-    return smtpusers + PENDING_SUFFIX
-
-
-def read_pending(path: str) -> list[str]:
-    """The logins a failed or interrupted kick left; none without the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
-
-
 def remember(path: str, logins: Iterable[str], config: str = DEFAULT_CONFIG) -> None:
-    """Add ``logins`` to the pending file, durably, before the change that makes their
-    sessions stale: a crash between the change and the kick leaves them to the next round.
-    Nothing where Dovecot is not set up (no session can be open). A login that could not
-    be one line of the file (whitespace, a control character, ':') raises AuthDBError."""
-    wanted = [validate_name(login) for login in dict.fromkeys(logins)]
-    if not os.path.exists(config):
-        return
-    known = read_pending(path)
-    new = [login for login in wanted if login not in known]
-    if new:
-        _write_pending(path, known + new)
+    """Add ``logins`` to the pending file ``path`` (``authdb.kicks_path``), durably, before
+    the change that makes their sessions stale: a crash between the change and the kick
+    leaves them to the next round. Nothing where Dovecot is not set up (no session can be
+    open). A login that could not be one line of the file raises AuthDBError."""
+    wanted = [validate_name(login) for login in logins]
+    if os.path.exists(config):
+        add_kicks(path, wanted)
 
 
 def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
     """Kick ``logins`` and every login still pending from an earlier round; the pending file
     then keeps exactly those not confirmed (``KickError``), and goes when none is left.
     Where Dovecot is not set up, nothing can be open: the file goes too."""
+    logins = list(logins)
     remember(pending, logins, config)
-    wanted = read_pending(pending) if os.path.exists(config) else list(dict.fromkeys(logins))
+    wanted = read_kicks(pending) if os.path.exists(config) else list(dict.fromkeys(logins))
     if not wanted:
-        _forget_pending(pending)  # (a file with no login left: nothing to ask doveadm)
+        write_kicks(pending, [])  # (a file with no login left: nothing to ask doveadm)
         return Kicked(configured=os.path.exists(config))
     try:
         done = kick(wanted, config)
     except KickError as exc:
-        _write_pending(pending, exc.logins)
+        write_kicks(pending, exc.logins)
         raise
-    _forget_pending(pending)
+    write_kicks(pending, [])
     return done
-
-
-def _write_pending(path: str, logins: list[str]) -> None:
-    """The pending file, replaced atomically and fsynced (root's alone: it names logins)."""
-    text = _PENDING_HEADER + "".join(login + "\n" for login in logins)
-    atomic_write(path, text.encode("utf-8"), default_mode=0o600)
-
-
-def _forget_pending(path: str) -> None:
-    """Every pending login confirmed: the file goes, and its removal is made durable."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_mask(login: str) -> bool:

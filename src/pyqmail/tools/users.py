@@ -25,16 +25,11 @@ from pyqmail.authdb import (
     User,
     atomic_write,
     hash_password,
+    kicks_path,
     validate_name,
     validate_password,
 )
-from pyqmail.tools.dovecotkick import (
-    DEFAULT_CONFIG,
-    KickError,
-    end_sessions,
-    pending_path,
-    remember,
-)
+from pyqmail.tools.dovecotkick import DEFAULT_CONFIG, KickError, end_sessions, remember
 
 if TYPE_CHECKING:
     import argparse
@@ -101,7 +96,7 @@ def _end_sessions(logins: list[str], config: str, pending: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     path: str = args.file
     config: str = args.dovecot_config
-    pending = pending_path(path)
+    pending = kicks_path(path)
     if args.command == "kick":
         return _end_sessions(args.names, config, pending)
     if args.command == "add":
