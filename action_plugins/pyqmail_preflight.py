@@ -7,6 +7,11 @@ the inventory (and play, extra) variables, else the role's ``defaults/main.yml``
 with the host's variables. It hands them to ``module_utils/pyqmail_inventory.py`` and fails
 with one line per problem, each naming the variable and the element, all at once.
 
+What only the host can say is asked there, by commands that only read, when a check needs
+it: with ``pyqmail_dovecot__enabled``, which Dovecot the host has or would get
+(``module_utils/pyqmail_dovecot.py``: dpkg-query, apt-cache policy, /etc/os-release). They run
+as the connecting user, without become (reading needs no root), in check mode too.
+
 Why an action and not a task per role: a role's own argument validation runs when the role
 starts, after the roles before it have changed the host, and prints its whole spec; and a
 play that runs only some roles (playbooks/daemontools.yml) would never check the others.
@@ -14,6 +19,7 @@ play that runs only some roles (playbooks/daemontools.yml) would never check the
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,7 @@ class ActionModule(ActionBase):
     """Collect the values of every declared pyqmail variable and check them."""
 
     TRANSFERS_FILES = False
-    _requires_connection = False
-    _VALID_ARGS = frozenset(("roles", "roles_dir"))
+    _VALID_ARGS = frozenset(("roles", "roles_dir", "root"))
 
     def load(self, path: Path) -> Any:
         """A YAML file of a role, loaded as Ansible loads role files (templates trusted)."""
@@ -73,6 +78,12 @@ class ActionModule(ActionBase):
                 problems.append(f"{name}: cannot be evaluated: {first[0] if first else exc}")
         return values, problems
 
+    def host_run(self, argv: list[str]) -> str:
+        """What a command that only reads prints on the host; the readers judge its output,
+        not its status (dpkg-query exits 1 for a package it does not know)."""
+        result = self._low_level_execute_command(shlex.join(argv), sudoable=False)
+        return str(result.get("stdout") or "")
+
     def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fail with every problem of this host's pyqmail variables, or report ok."""
         task_vars = task_vars or {}
@@ -90,6 +101,8 @@ class ActionModule(ActionBase):
         context = {
             "groups": task_vars.get("groups", {}),
             "inventory_hostname": task_vars.get("inventory_hostname"),
+            "host_run": self.host_run,
+            "host_root": str(args.get("root") or "/"),
             **self.values(list(role_vars), layers)[0],
         }
         bad = {line.split(":", 1)[0] for line in problems}

@@ -16,6 +16,14 @@ description:
     every variable that the roles in O(roles) declare in their C(meta/argument_specs.yml), as
     those roles would see it (inventory, play and extra variables, else the role's defaults),
     and checks them all at once.
+  - What only the host can say is read there, by commands that only read (as the connecting
+    user, without become, in check mode too). With C(pyqmail_dovecot__enabled), a Dovecot that
+    is or would be 2.4 or later is refused (2.4 reads no 2.3 configuration and has no
+    checkpassword passdb). Read are the installed C(dovecot-core) (C(dpkg-query)), else the
+    candidate of the package lists already there (C(apt-cache policy) in the C locale, no
+    update, no cache file written), else the Debian release (C(VERSION_ID) of
+    C(/etc/os-release), 13 and later ship 2.4). The role C(pyqmail.mail.pyqmail_dovecot) checks
+    again after its apt update.
   - Fails with one line per problem, each naming the variable and the offending element.
   - Unless C(pyqmail__strict_variables=false), a host variable that starts like a pyqmail
     variable but is not declared by any of the roles is reported too (a typo).
@@ -51,6 +59,13 @@ options:
       - Directory holding those roles. Defaults to the directory of the role that runs the
         task; required outside a role.
     type: path
+  root:
+    description:
+      - Directory on the host under which those files are read (dpkg's database, apt's
+        configuration and lists, C(etc/os-release)), for tests that write a host's files into
+        one. The host's own files by default.
+    type: path
+    default: /
 """
 
 EXAMPLES = r"""

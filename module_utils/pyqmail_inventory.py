@@ -16,7 +16,9 @@ Three stages:
    the defaults of sub-options filled in) go to stage 3.
 3. ``CHECKS``: one table, variable name -> function, for what a spec cannot say: ranges,
    addresses, duplicates, relations between variables. A new role adds its rows here; a
-   variable without a row is checked by its spec alone.
+   variable without a row is checked by its spec alone. One row asks the host:
+   ``pyqmail_dovecot__enabled`` (``pyqmail_dovecot``: which Dovecot it has or would get),
+   through the command runner the action gives as ``host_run``; without one it is skipped.
 
 The address, password and certificate-name rules are the ones the modules apply
 (``pyqmail_rules``, ``pyqmail_authdb``, ``pyqmail_crypto``), imported, not copied, so the
@@ -64,6 +66,9 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (
     rotation_problem,
     rsa_bits_problem,
     virtual_keys,
+)
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dovecot import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    check_dovecot_version,
 )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     check_clamd_max_size,
@@ -996,7 +1001,8 @@ CHECKS: dict[str, Check] = {
     "pyqmail_services__softlimit": check_softlimit,
     "pyqmail_services__wait": in_range(0),
     "pyqmail_services__timeout": check_timeout,
-    # pyqmail_dovecot
+    # pyqmail_dovecot (the version on the host: module_utils/pyqmail_dovecot.py)
+    "pyqmail_dovecot__enabled": check_dovecot_version,
     "pyqmail_dovecot__listeners": check_listeners,
     "pyqmail_dovecot__ports": check_dovecot_ports,
     "pyqmail_dovecot__listen_ip": check_dovecot_ip,
@@ -1034,7 +1040,8 @@ def check(
 ) -> list[str]:
     """Every problem of ``values`` (declared variable -> value, converted in place), one line
     each. ``context`` adds what the checks may read besides the variables (``groups``,
-    ``inventory_hostname``, role vars such as ``pyqmail_control__managed``). ``sources`` maps
+    ``inventory_hostname``, role vars such as ``pyqmail_control__managed``, and the action's
+    ``host_run`` and ``host_root`` for what only the host can say). ``sources`` maps
     a variable to its text before templating: a variable whose text names a variable with a
     problem (the default certificate names contain pyqmail__listen_ip) is not reported as
     well, so each mistake is reported once, where it was made."""
