@@ -63,25 +63,33 @@ def open_db(
     what: str,
     prepare: Callable[[], None],
     problem: Callable[[], str] | None = None,
+    *,
+    busy_ms: int = BUSY_TIMEOUT_MS,
+    set_up_wait: float = BUSY_TIMEOUT_MS / 1000,
 ) -> sqlite3.Connection:
     """Open the SQLite state file ``path`` (``what`` it holds, for the errors) after
-    ``prepare`` (its directory, its mode) and ``set_up`` with ``schema``. A file that is not
-    a database (any more) is moved aside and started afresh: it holds counts, not mail.
-    StateError when it cannot be opened or used; ``problem`` says what it must be."""
+    ``prepare`` (its directory, its mode) and ``set_up`` with ``schema``, waiting at most
+    ``busy_ms`` for another process's lock on each statement and ``set_up_wait`` seconds to
+    set it up. A file that is not a database (any more) is moved aside and started afresh:
+    every state opened here holds counts, not mail (the AUTH state, the login locks, the
+    greylist). StateError when it cannot be opened or used; ``problem`` says what it must
+    be."""
     try:
         prepare()
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        db = sqlite3.connect(path, timeout=busy_ms / 1000, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         hint = f" ({problem()})" if problem is not None else ""
         raise StateError(f"{path}: cannot open {what}: {exc}{hint}") from exc
     try:
-        set_up(db, schema, BUSY_TIMEOUT_MS / 1000)
+        set_up(db, schema, set_up_wait)
     except sqlite3.DatabaseError as exc:
         db.close()
         if isinstance(exc, sqlite3.OperationalError):
             raise StateError(f"{path}: cannot use {what}: {exc}") from exc
         _set_aside(path)
-        return open_db(path, schema, what, prepare, problem)
+        return open_db(
+            path, schema, what, prepare, problem, busy_ms=busy_ms, set_up_wait=set_up_wait
+        )
     return db
 
 

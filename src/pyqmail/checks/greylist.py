@@ -17,8 +17,8 @@ made at RCPT, per recipient. Who skips it: relay clients and authenticated sessi
 core asks only for clients that may not relay), clients on a ``dnswl`` allow list and
 clients whose tcprules entry sets ``RBLSMTPD`` empty (a known host, ``checks.dnsbl``).
 
-State: ``<root>/smtpd/greylist.sqlite``, beside the AUTH state (``smtpd.authguard``) and set
-up by the same ``set_up`` (``pyqmail.authlock``): WAL mode, a busy timeout, the set-up retried
+State: ``<root>/smtpd/greylist.sqlite``, beside the AUTH state (``smtpd.authguard``) and
+opened by the same ``open_db`` (``pyqmail.authlock``): WAL mode, a busy timeout, the set-up retried
 while another worker holds the lock, so every worker of every listener shares it and it
 survives restarts. The call is made on the worker's loop (one indexed read and at most one
 small write, no fsync with ``synchronous=NORMAL``); the busy timeout is short
@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqmail.authlock import set_up
+from pyqmail.authlock import StateError, open_db
 from pyqmail.checks.verdict import Verdict
 
 STATE_FILE = "smtpd/greylist.sqlite"
@@ -82,23 +81,22 @@ class Greylist:
         self._decisions = 0
 
     def connect(self) -> sqlite3.Connection:
-        """Open (and create) the database; ``sqlite3.Error``/``OSError`` if it cannot."""
+        """Open (and create) the database, as every shared state of pyqmail-smtpd is opened
+        (``authlock.open_db``: a file that is no database is set aside and started afresh);
+        ``StateError`` or ``sqlite3.Error`` if it cannot."""
         if self._db is None:
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            try:
-                set_up(db, _SCHEMA, SET_UP_WAIT)
-            except sqlite3.DatabaseError as exc:
-                db.close()
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise
-                self._set_aside()  # not a database (any more): start afresh, as authguard
-                return self.connect()
-            self._db = db
+            self._db = open_db(
+                self.path,
+                _SCHEMA,
+                "the greylist",
+                self._prepare,
+                busy_ms=BUSY_TIMEOUT_MS,
+                set_up_wait=SET_UP_WAIT,
+            )
         return self._db
 
-    def _set_aside(self) -> None:
-        self.path.rename(self.path.with_name(f"{self.path.name}.broken-{int(time.time())}"))
+    def _prepare(self) -> None:
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
 
     def close(self) -> None:
         if self._db is not None:
@@ -109,7 +107,7 @@ class Greylist:
         """Decide for one recipient; never raises for a database problem (accept, logged)."""
         try:
             return self._decide(network(ip), sender.lower(), rcpt.lower(), settings, now)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StateError) as exc:
             self.close()
             return Verdict("accept", 250, "", f"greylist=error:{type(exc).__name__}")
 
