@@ -26,6 +26,23 @@ HOME_URL="https://www.debian.org/"
 SUPPORT_URL="https://www.debian.org/support"
 BUG_REPORT_URL="https://bugs.debian.org/"
 """
+# The three ways a Debian 13 host tells its Dovecot (write_host's arguments), each with what
+# the preflight says it read.
+DEBIAN_13_HOSTS = [
+    (
+        {"installed": TRIXIE_DOVECOT},
+        f"has Dovecot {TRIXIE_DOVECOT} (installed: dpkg-query dovecot-core)",
+    ),
+    (
+        {"candidate": TRIXIE_DOVECOT},
+        f"would install Dovecot {TRIXIE_DOVECOT} (the candidate of apt-cache policy dovecot-core)",
+    ),
+    (
+        {},
+        "runs Debian 13, whose Dovecot is 2.4 (the release in /etc/os-release: dovecot-core "
+        "is neither installed nor in the package lists)",
+    ),
+]
 
 
 def architecture() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.collection import module_utils
-from tests.debianroot import TRIXIE_DOVECOT, TRIXIE_OS_RELEASE, tree, write_host
+from tests.debianroot import DEBIAN_13_HOSTS, TRIXIE_DOVECOT, TRIXIE_OS_RELEASE, tree, write_host
 
 dovecot: Any = module_utils("pyqmail_dovecot")
 
@@ -212,21 +212,7 @@ def test_the_check_reads_the_host_only_when_dovecot_is_on() -> None:
     assert line.startswith("pyqmail_dovecot__enabled: h runs Debian 13, whose Dovecot is 2.4")
 
 
-@pytest.mark.parametrize(
-    ("host", "said"),
-    [
-        (
-            {"installed": TRIXIE_DOVECOT},
-            f"has Dovecot {TRIXIE_DOVECOT} (installed: dpkg-query dovecot-core)",
-        ),
-        (
-            {"candidate": TRIXIE_DOVECOT},
-            f"would install Dovecot {TRIXIE_DOVECOT} (the candidate of apt-cache policy "
-            "dovecot-core)",
-        ),
-        ({}, "runs Debian 13, whose Dovecot is 2.4"),
-    ],
-)
+@pytest.mark.parametrize(("host", "said"), DEBIAN_13_HOSTS)
 def test_the_real_tools_read_a_debian_13_host_and_write_nothing(
     tmp_path: Path, host: dict[str, str], said: str
 ) -> None:
