@@ -6,6 +6,7 @@ supervised pid itself maps nothing replaced), ``unchanged`` runs it too (with a 
 log service) and is never touched. The test replaces the program of the first two as dpkg
 does (a new file renamed over the old one) and runs the tool as apt's hook would: both are
 restarted (new pids), ``unchanged`` and its log keep theirs, ``--dry-run`` restarts nothing.
+Services with a ``conftest`` beside ``run`` are restarted only when it passes.
 
 The last test runs the real pyqmail-smtpd under supervise with a copy of libssl.so.3
 (LD_LIBRARY_PATH): its supervisor never maps libssl, its workers do; deleting the copy gets
@@ -218,6 +219,71 @@ def test_a_program_removed_not_replaced_is_reported_not_restarted(tmp_path: Path
         )
         time.sleep(1.5)  # a restart would have happened by now
         assert daemontools.pid("purged") == pid
+
+
+# A conftest that refuses, as doveconf 2.4 refuses a 2.3 configuration: exit status, stderr.
+REFUSING = """#!/bin/sh
+echo "doveconf: Fatal: Error in configuration file pyqmail.conf line 1: Unknown setting" >&2
+echo "a second line, counted" >&2
+exit 89
+"""
+# One that passes only in its service directory, beside its run script (as root, there).
+ACCEPTING = "#!/bin/sh\ntest -f ./run && test -x ./prog\n"
+
+
+def test_a_service_whose_conftest_refuses_is_reported_not_restarted(tmp_path: Path) -> None:
+    """Three services whose program an upgrade replaced: ``refuses`` has a conftest that fails
+    (the new program would not take the running configuration): it keeps its pid, is named
+    with the check's exit status and first line, exit 1. ``accepts`` (conftest passes) and
+    ``unchecked`` (none, as before conftests) are restarted. ``--dry-run`` runs the checks too
+    and restarts nothing."""
+    service_dir = tmp_path / "service"
+    service_dir.mkdir()
+    names = ("accepts", "refuses", "unchecked")
+    for name in names:
+        (service_dir / name).symlink_to(_service(tmp_path, name, RUN))
+    for name, script in (("accepts", ACCEPTING), ("refuses", REFUSING)):
+        conftest = tmp_path / "supervise" / name / "conftest"
+        conftest.write_text(script)
+        conftest.chmod(0o755)
+    with svscan(tmp_path, service_dir) as daemontools:
+        pids = {name: daemontools.wait_up(name) for name in names}
+        for name in names:
+            replace(tmp_path / "supervise" / name / "prog")
+        prog = tmp_path / "supervise" / "refuses" / "prog"
+        refused = (
+            f"pyqmail-restart-stale: {service_dir}/refuses: pid {pids['refuses']} (prog) runs "
+            f"{prog}, deleted; not restarted: ./conftest failed (exit 89): doveconf: Fatal: Error"
+            " in configuration file pyqmail.conf line 1: Unknown setting (+1 more line); it keeps"
+            " running the old code\n"
+        )
+
+        dry = daemontools.tool("--dry-run")
+        assert (dry.returncode, dry.stderr) == (1, refused)
+        assert [line.split(":")[0] for line in dry.stdout.splitlines()] == [
+            f"would restart {service_dir}/accepts",
+            f"would restart {service_dir}/unchecked",
+        ]
+        time.sleep(1.5)  # a restart would have happened by now
+        assert {name: daemontools.pid(name) for name in names} == pids
+
+        done = daemontools.tool()
+        assert (done.returncode, done.stderr) == (1, refused)
+        assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
+            f"restarted {service_dir}/accepts",
+            f"restarted {service_dir}/unchecked",
+        ]
+        for name in ("accepts", "unchecked"):
+            daemontools.wait_up(name, other_than=pids[name])
+        time.sleep(1.5)  # a restart of refuses would have happened by now
+        assert daemontools.pid("refuses") == pids["refuses"]
+
+        # Its configuration fixed (the conftest passes now), the next run restarts it.
+        (tmp_path / "supervise" / "refuses" / "conftest").write_text(ACCEPTING)
+        fixed = daemontools.tool()
+        assert (fixed.returncode, fixed.stderr) == (0, "")
+        assert fixed.stdout.startswith(f"restarted {service_dir}/refuses: ")
+        daemontools.wait_up("refuses", other_than=pids["refuses"])
 
 
 def test_no_service_directory_is_an_error(dt: Daemontools) -> None:

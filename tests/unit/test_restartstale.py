@@ -1,14 +1,17 @@
 """pyqmail-restart-stale's parts that need no running service: finding daemontools' programs,
-the directories svscan supervises, and svstat output it does not understand. The services
-themselves are in tests/e2e/test_restart_stale.py."""
+the directories svscan supervises, svstat output it does not understand, and what a service's
+conftest answers (real scripts). The services themselves are in
+tests/e2e/test_restart_stale.py."""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from pyqmail.tools.restartstale import RestartError, program, service_dirs, svstat
+from pyqmail.tools.restartstale import RestartError, conftest, program, service_dirs, svstat
 
 
 def test_a_missing_program_is_named() -> None:
@@ -36,3 +39,61 @@ def test_svstat_output_not_understood_is_an_error(tmp_path: Path) -> None:
     """``echo`` stands in for an svstat that prints something else: nothing is guessed."""
     with pytest.raises(RestartError, match=r"cannot parse svstat line|does not start with"):
         svstat("/bin/echo", [str(tmp_path / "x")])
+
+
+def _conftest(tmp_path: Path, script: str, mode: int = 0o755) -> str:
+    (tmp_path / "conftest").write_text(script)
+    (tmp_path / "conftest").chmod(mode)
+    return str(tmp_path)
+
+
+def test_no_conftest_is_no_objection(tmp_path: Path) -> None:
+    assert conftest(str(tmp_path)) is None
+
+
+def test_a_conftest_that_passes_is_no_objection(tmp_path: Path) -> None:
+    assert conftest(_conftest(tmp_path, "#!/bin/sh\necho syntax OK\n")) is None
+
+
+def test_a_failed_conftest_says_its_status_and_first_line(tmp_path: Path) -> None:
+    """stderr's first line and how many more; stdout's when stderr has none (a checker that
+    reports there)."""
+    path = _conftest(tmp_path, "#!/bin/sh\necho '' >&2\necho '  bad line 3  ' >&2\nexit 3\n")
+    assert conftest(path) == "./conftest failed (exit 3): bad line 3"
+    _conftest(tmp_path, "#!/bin/sh\necho 'syntax OK'\necho warning >&2\necho error >&2\nexit 1\n")
+    assert conftest(path) == "./conftest failed (exit 1): warning (+1 more line)"
+    _conftest(tmp_path, "#!/bin/sh\nprintf 'a\\nb\\nc\\n' >&2\nexit 1\n")
+    assert conftest(path) == "./conftest failed (exit 1): a (+2 more lines)"
+    _conftest(tmp_path, "#!/bin/sh\necho 'syntax error'\nexit 1\n")
+    assert conftest(path) == "./conftest failed (exit 1): syntax error"
+    _conftest(tmp_path, "#!/bin/sh\nexit 1\n")
+    assert conftest(path) == "./conftest failed (exit 1)"
+    _conftest(tmp_path, "#!/bin/sh\nkill -ABRT $$\n")
+    assert conftest(path) == f"./conftest failed (killed by signal {signal.SIGABRT.value})"
+
+
+def test_a_conftest_that_cannot_run_is_an_objection(tmp_path: Path) -> None:
+    """Not executable: the restart would go ahead unchecked, so it does not."""
+    path = _conftest(tmp_path, "#!/bin/sh\nexit 0\n", mode=0o644)  # no x bit: not even root
+    assert conftest(path) == "cannot run ./conftest: Permission denied"
+
+
+def test_a_conftest_that_hangs_is_killed_with_what_it_started(tmp_path: Path) -> None:
+    """The check and its children (its process group) are killed at the timeout, nothing else
+    is waited for."""
+    path = _conftest(tmp_path, "#!/bin/sh\nsleep 300 &\necho $! > child\nexec sleep 300\n")
+    started = time.monotonic()
+    assert conftest(path, timeout=1) == "./conftest still running after 1 s, killed"
+    assert time.monotonic() - started < 10
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, f"the check's child {child} still runs"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -18,6 +18,21 @@ over). A service with none is never touched; one that is down or not
 supervised is left alone (it will start from the new files). svstat is asked again just before
 ``svc -t``: a service whose pid changed meanwhile has restarted already.
 
+Before ``svc -t``, a service directory's ``conftest`` (beside ``run``) is run, as root, in that
+directory, within ``CONFTEST_TIMEOUT``: it exits 0 when the program installed now accepts the
+configuration the service runs with (the roles write one for each of their services:
+``pyqmail-smtpd --check`` and ``pyqmail-send --check``, which their reload handlers run too,
+``doveconf -n``, the handler's as well, ``rspamadm configtest``, and ``clamd --version``, which
+parses the configuration first). Any other exit and the service is not restarted, but reported
+with the check's exit status and first line of output: an upgrade that brings a program refusing
+the running configuration (Dovecot 2.3 to 2.4) would otherwise turn a working daemon into one
+supervise restarts, failing, every second. ``--dry-run`` runs the checks too. A directory
+without a ``conftest`` (a log service, one a role wrote none for, another package's) is
+restarted as before. Why that name: no supervision suite has one for this (runit's
+``./check``, which ``sv`` runs, answers whether a service that runs is ready, a different
+question); ``conftest`` is the "configtest" of ``apachectl``, ``rspamadm`` and the init
+scripts, in a name as short as ``run`` and ``finish``.
+
 Output: one line per service restarted (``--dry-run``: that would be), naming the process and
 the file, e.g.::
 
@@ -25,15 +40,16 @@ the file, e.g.::
 
 Exit status: 0 when every service was looked at (and those that needed it restarted); 1 when
 some could not be (a process's maps unreadable: not root, or root without ``CAP_SYS_PTRACE`` as
-in a Docker or Podman container by default; a paused service; svc failed), the others still
-handled; 2 when nothing was done: no service directory, no ``svstat`` or ``svc``,
-svstat's output not understood.
+in a Docker or Podman container by default; a paused service; its conftest failed; svc
+failed), the others still handled; 2 when nothing was done: no service directory, no
+``svstat`` or ``svc``, svstat's output not understood.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -45,6 +61,8 @@ from pyqmail.svstat import DAEMONTOOLS_DIRS, Status, SvstatError, parse_svstat
 PROG = "pyqmail-restart-stale"
 SERVICE_DIR = "/etc/service"  # pyqmail__service_dir's default (Debian's daemontools-run)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_DONE = 0, 1, 2
+CONFTEST = "conftest"  # beside run: exits 0 when the installed program takes the configuration
+CONFTEST_TIMEOUT = 60  # seconds: rspamadm configtest loads every Lua module, a few seconds
 
 
 class RestartError(Exception):
@@ -140,6 +158,64 @@ def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
     return found, problems
 
 
+def conftest(path: str, timeout: float = CONFTEST_TIMEOUT) -> str | None:
+    """Why the service at ``path`` must not be restarted, as its ``./conftest`` says; None when
+    it passed, or there is none. Its own process group, so that at ``timeout`` the check and
+    whatever it started are killed, never more."""
+    if not os.path.lexists(os.path.join(path, CONFTEST)):
+        return None
+    try:
+        proc = subprocess.Popen(
+            [f"./{CONFTEST}"],
+            cwd=path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return f"cannot run ./{CONFTEST}: {exc.strerror}"
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"./{CONFTEST} still running after {timeout:g} s, killed"
+    if proc.returncode == 0:
+        return None
+    # stderr's lines, stdout's when it has none: the first one on the report's line, and how
+    # many more there are to see by running ./conftest (rspamadm warns before its error).
+    lines = [line.strip() for line in err.splitlines() if line.strip()] or [
+        line.strip() for line in out.splitlines() if line.strip()
+    ]
+    status = (
+        f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    )
+    said = f": {lines[0][:300]}" if lines else ""
+    more = (
+        f" (+{len(lines) - 1} more line{'s' if len(lines) > 2 else ''})" if len(lines) > 1 else ""
+    )
+    return f"./{CONFTEST} failed ({status}){said}{more}"
+
+
+def checked(findings: Sequence[Finding]) -> tuple[list[Finding], list[str]]:
+    """The findings whose conftest passed (or that have none), and one problem per other."""
+    passed: list[Finding] = []
+    problems: list[str] = []
+    for finding in findings:
+        refused = conftest(finding.status.path)
+        if refused is None:
+            passed.append(finding)
+        else:
+            problems.append(
+                f"{finding.status.path}: {finding.stale}; not restarted: {refused}; it keeps"
+                " running the old code"
+            )
+    return passed, problems
+
+
 def restart(svc: str, svstat_program: str, findings: Sequence[Finding]) -> list[str]:
     """``svc -t`` each service still up with the pid it was found with; prints a line for each,
     returns the problems."""
@@ -173,6 +249,8 @@ def run(service_dir: str, *, dry_run: bool) -> int:
     if not os.path.isdir(service_dir):
         raise RestartError(f"no service directory {service_dir} (--service-dir)")
     findings, problems = find_stale(svstat(svstat_program, service_dirs(service_dir)))
+    findings, refused = checked(findings)
+    problems += refused
     if dry_run:
         for finding in findings:
             sys.stdout.write(f"would restart {finding.status.path}: {finding.stale}\n")
@@ -189,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Restart (svc -t) the supervised services whose processes still run or "
-        "map an executable file a package upgrade deleted.",
+        "map an executable file a package upgrade deleted, unless the service's ./conftest "
+        "says the program installed now refuses its configuration.",
     )
     parser.add_argument(
         "--service-dir",
@@ -197,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"the directory svscan scans (pyqmail__service_dir; default {SERVICE_DIR})",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="list what would be restarted, restart nothing"
+        "--dry-run",
+        action="store_true",
+        help="list what would be restarted (the conftests run), restart nothing",
     )
     args = parser.parse_args(argv)
     try:
