@@ -78,7 +78,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, s
 def test_one_template_per_concept() -> None:
     assert sorted(str(p.relative_to(SUPERVISE)) for p in SUPERVISE.rglob("*.j2")) == [
         "any/log/run.j2",
+        "listener/conftest.j2",
         "listener/run.j2",
+        "qmail-send/conftest.j2",
         "qmail-send/run.j2",
     ]
 

@@ -1,7 +1,8 @@
 """The role pyqmail_scanners run for real by ansible-playbook (local connection) against our own
 svscan on a temporary service directory: rspamd and clamd come up under supervise with their
-log services (svstat ``up``), answer on the addresses the role wrote into the listeners'
-control files (GTUBE rejected, EICAR found, by pyqmail's own clients), a second run changes
+log services (svstat ``up``) and a ``conftest`` that passes, answer on the addresses the role
+wrote into the listeners' control files (GTUBE rejected, EICAR found, by pyqmail's own
+clients), a second run changes
 nothing, and turning them off unlinks them and removes their control files. A host without a
 ClamAV database gets one clear error. Only paths of this test are touched: the play runs the
 role's tasks with the qmail root, the service directory, rspamd's configuration directory
@@ -158,6 +159,11 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     service = host / "service"
     for name in ("rspamd", "rspamd/log", "clamd", "clamd/log"):
         assert ": up (pid " in svstat(service / name), svstat(service / name)
+    for name in ("rspamd", "clamd"):  # what the upgrade hook runs first: the running config is OK
+        check = subprocess.run(
+            ["./conftest"], cwd=service / name, capture_output=True, text=True, check=False
+        )
+        assert check.returncode == 0, (name, check.stderr)  # rspamadm warns, on stderr
     control = host / "qmail" / "control"
     settings = load(control)
     assert settings.rspamd is not None and settings.clamd is not None

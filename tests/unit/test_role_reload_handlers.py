@@ -163,6 +163,17 @@ def _kind(handler: dict[str, Any]) -> str:
 HANDLERS: list[dict[str, Any]] = yaml.safe_load(
     (ROLES / "pyqmail" / "handlers" / "main.yml").read_text()
 )
+PYQMAIL_VARS: dict[str, Any] = yaml.safe_load((ROLES / "pyqmail" / "vars" / "main.yml").read_text())
+
+
+def _check(handler: dict[str, Any]) -> str:
+    """The command a validating handler runs, as written: the shared variable it names (the
+    one the services' conftest scripts run too, tests/roles/test_conftests.py) looked up."""
+    argv = handler["ansible.builtin.command"]["argv"]
+    assert isinstance(argv, str), f"{handler['name']}: argv written out, not the shared command"
+    name = argv.removeprefix("{{ ").removesuffix(" }}")
+    assert name.endswith("_conftest"), argv
+    return str(PYQMAIL_VARS[name])
 
 
 def test_send_handlers_validate_before_signalling() -> None:
@@ -174,7 +185,7 @@ def test_send_handlers_validate_before_signalling() -> None:
         "ansible.builtin.fail",
         "pyqmail.mail.pyqmail_service",
     ]
-    assert "--check" in send[1]["ansible.builtin.command"]["argv"]
+    assert "'--check'" in _check(send[1])
     assert send[3]["pyqmail.mail.pyqmail_service"]["state"] == "reloaded"
     assert send[3]["pyqmail.mail.pyqmail_service"]["name"] == "qmail-send"
     # the listeners' reload never signals qmail-send, and send's reload runs before a restart
@@ -194,12 +205,11 @@ def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None
         "ansible.builtin.fail",
         "ansible.builtin.command",
     ]
-    argv = listeners[1]["ansible.builtin.command"]["argv"]
-    assert argv[0] == "{{ pyqmail__venv }}/bin/pyqmail-smtpd"
-    assert "--check" in argv
+    argv = _check(listeners[1])
+    assert argv.startswith("{{ [pyqmail__venv ~ '/bin/pyqmail-smtpd', '--check', ")
     for option in ("--root", "--mode", "--rules", "--user"):
-        assert option in argv, option
-    assert "-c" not in argv
+        assert f"'{option}'" in argv, option
+    assert "'-c'" not in argv
     assert "svc" in listeners[3]["ansible.builtin.command"]["argv"]
     restart = next(h for h in HANDLERS if "svc -t" in h["name"])
     assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[1])
@@ -231,7 +241,7 @@ def test_dkim_group_restarts_pyqmail_send_alone() -> None:
         "ansible.builtin.fail",
         "pyqmail.mail.pyqmail_service",
     ]
-    assert "--check" in restart[1]["ansible.builtin.command"]["argv"]
+    assert "'--check'" in _check(restart[1])
     service = restart[3]["pyqmail.mail.pyqmail_service"]
     assert (service["name"], service["state"]) == ("qmail-send", "restarted")
     assert "smtpd" not in yaml.safe_dump(restart)
