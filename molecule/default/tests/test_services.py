@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mailcheck import CA_PATH, all_service_paths, svstat
+from mailcheck import CA_PATH, SERVICE_DIR, all_service_paths, svstat
 
 
 def test_all_services_up_and_not_restarting(mx: Any) -> None:
@@ -18,6 +18,19 @@ def test_all_services_up_and_not_restarting(mx: Any) -> None:
         assert second[path]["state"] == "up", f"{path}: {second[path]}"
         assert second[path]["pid"] == first[path]["pid"], f"{path} restarted between two svstat"
         assert second[path]["seconds"] >= 3, f"{path} up only {second[path]['seconds']} s"
+
+
+def test_every_service_carries_a_conftest_that_passes(mx: Any) -> None:
+    """pyqmail-restart-stale restarts a service after a package upgrade only when its
+    ./conftest passes: each one the roles wrote must pass on the host as set up (a conftest
+    that fails here would keep every upgraded daemon on its old code for good)."""
+    linked = mx.check_output(f"readlink -f {SERVICE_DIR}/*").split()
+    ours = [path for path in linked if path.startswith("/var/qmail/supervise/")]
+    names = {path.rsplit("/", 1)[1] for path in ours}
+    assert names >= {"qmail-smtpd", "qmail-send", "dovecot"}, linked
+    for path in ours:
+        result = mx.run(f"cd {path} && ./conftest")
+        assert result.rc == 0, f"{path}/conftest exited {result.rc}: {result.stderr}{result.stdout}"
 
 
 def test_services_run_as_unprivileged_users(mx: Any) -> None:
