@@ -10,7 +10,9 @@ with one line per problem, each naming the variable and the element, all at once
 What only the host can say is asked there, by commands that only read, when a check needs
 it: with ``pyqmail_dovecot__enabled``, which Dovecot the host has or would get
 (``module_utils/pyqmail_dovecot.py``: dpkg-query, apt-cache policy, /etc/os-release). They run
-as the connecting user, without become (reading needs no root), in check mode too.
+without asking for become (reading needs no root; under this checkout's Mitogen strategy they
+run as the play's become user all the same, which changes nothing: they write nothing), in
+check mode too.
 
 Why an action and not a task per role: a role's own argument validation runs when the role
 starts, after the roles before it have changed the host, and prints its whole spec; and a

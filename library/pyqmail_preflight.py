@@ -16,8 +16,8 @@ description:
     every variable that the roles in O(roles) declare in their C(meta/argument_specs.yml), as
     those roles would see it (inventory, play and extra variables, else the role's defaults),
     and checks them all at once.
-  - What only the host can say is read there, by commands that only read (as the connecting
-    user, without become, in check mode too). With C(pyqmail_dovecot__enabled), a Dovecot that
+  - What only the host can say is read there, by commands that only read (without asking for
+    become, in check mode too). With C(pyqmail_dovecot__enabled), a Dovecot that
     is or would be 2.4 or later is refused (2.4 reads no 2.3 configuration and has no
     checkpassword passdb). Read are the installed C(dovecot-core) (C(dpkg-query)), else the
     candidate of the package lists already there (C(apt-cache policy) in the C locale, no

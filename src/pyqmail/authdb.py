@@ -57,6 +57,7 @@ __all__ = [
     "User",
     "add_kicks",
     "atomic_write",
+    "drop_kicks",
     "format_line",
     "hash_password",
     "kicks_path",
@@ -67,7 +68,6 @@ __all__ = [
     "validate_name",
     "validate_password",
     "verify_password",
-    "write_kicks",
 ]
 
 DEFAULT_PATH = "/var/qmail/control/smtpusers"
@@ -441,33 +441,69 @@ def atomic_write(
 
 def kicks_path(path: str) -> str:
     """Where the logins whose sessions must still end are kept: beside ``path``
-    (``control/smtpusers.kick``), root's alone (0600: it names logins)."""
+    (``control/smtpusers.kick``), created root's alone (0600: it names logins)."""
     return path + KICKS_SUFFIX
 
 
-def read_kicks(path: str) -> list[str]:
-    """The logins recorded in the file ``path`` (none without it)."""
+@contextlib.contextmanager
+def kicks_locked(path: str) -> Iterator[None]:
+    """Each change of the file ``path`` (read, then replace) under an exclusive lock of
+    ``path.lock``: the module, pyqmail-users and a role's kick may change it at once, and
+    an update made between another's read and its write would be lost."""
+    import fcntl  # noqa: PLC0415 - writers only; pyqmail-checkpassword starts per login
+
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_kicks(path: str) -> list[str]:
+    """The logins recorded in the file ``path`` (none without it). A line that is no valid
+    login (an edit by hand, bytes that are not UTF-8) is left out: it would reach doveadm
+    as something else, and is dropped at the file's next change."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return []
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
+    logins = []
+    for raw in data.split(b"\n"):
+        try:
+            line = raw.decode("utf-8")
+            if line and not line.startswith("#"):
+                logins.append(validate_name(line))
+        except (UnicodeDecodeError, AuthDBError):
+            continue
+    return logins
 
 
 def add_kicks(path: str, logins: Iterable[str]) -> None:
     """Add ``logins`` to the file ``path``, durably (each once); AuthDBError for a login
     that could not be one line of it (a newline would make two logins of one)."""
     wanted = [validate_name(login) for login in dict.fromkeys(logins)]
-    known = read_kicks(path)
-    new = [login for login in wanted if login not in known]
-    if new:
-        write_kicks(path, known + new)
+    if not wanted:
+        return
+    with kicks_locked(path):
+        known = read_kicks(path)
+        new = [login for login in wanted if login not in known]
+        if new:
+            _write_kicks(path, known + new)
 
 
-def write_kicks(path: str, logins: list[str]) -> None:
+def drop_kicks(path: str, done: Iterable[str]) -> None:
+    """Take the logins ``done`` (their sessions confirmed gone) out of the file ``path``,
+    keeping any another writer added meanwhile; the file goes when none is left."""
+    gone = set(done)
+    with kicks_locked(path):
+        _write_kicks(path, [login for login in read_kicks(path) if login not in gone])
+
+
+def _write_kicks(path: str, logins: list[str]) -> None:
     """The file ``path`` with exactly ``logins``, replaced atomically; none: the file goes,
-    and its removal is made durable too."""
+    and its removal is made durable too (under ``kicks_locked``)."""
     if logins:
         text = _KICKS_HEADER + "".join(login + "\n" for login in logins)
         atomic_write(path, text.encode("utf-8"), default_mode=0o600)

@@ -38,6 +38,7 @@ def run_role(
     *,
     must_pass: bool = True,
     venv: str = sys.prefix,  # pyqmail-users of this checkout (an editable install)
+    **more: Any,  # more of the role's variables
 ) -> dict[str, Any]:
     """The pyqmail_mailboxes role on the test host: its files, its Dovecot configuration."""
     group = grp.getgrgid(pwd.getpwnam(DROP_USER).pw_gid).gr_name
@@ -58,17 +59,18 @@ def run_role(
             "pyqmail_aliases__aliases": [],
             "pyqmail_aliases__postmaster": f"alice@{DOMAIN}",
             "pyqmail_mailboxes__list": boxes,
+            **more,
         },
         must_pass=must_pass,
     )
 
 
-def kicked(out: dict[str, Any]) -> tuple[list[str], bool]:
+def kicked(out: dict[str, Any]) -> tuple[list[str], bool] | None:
     """What pyqmail-users kick said (one line per login), and whether the task changed
-    anything; ([], False) when it did not run (no login to end)."""
+    anything; None when it did not run (no login recorded whose sessions must end)."""
     result = task_result(out, KICK)
     if result.get("skipped"):
-        return [], False
+        return None
     return result["stdout"].splitlines(), result["changed"]
 
 
@@ -107,7 +109,7 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
     aaron = {"name": "aaron", "password": "aaron-password"}  # never logged in over IMAP/POP3
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
     out = run_role(mailhost, dc.config, [aaron, alice, bob, carol], tmp_path / "play")
-    assert kicked(out) == ([], False)  # new logins: nobody's session to end
+    assert kicked(out) is None  # new logins: nobody's session to end
 
     port = dc.ports["imaps"]
     a_imap = imap_session(clients, port, f"alice@{DOMAIN}", alice["password"])
@@ -142,7 +144,7 @@ def test_a_new_password_or_a_removed_login_ends_its_open_sessions(
 
     # Nothing changed: nobody is kicked, and a login already gone has no session to end.
     out = run_role(mailhost, dc.config, [aaron_new, alice_new], tmp_path / "play")
-    assert kicked(out) == ([], False)
+    assert kicked(out) is None
     assert imap_open(a_imap)
     a_imap.logout()
 
@@ -175,6 +177,43 @@ def test_a_login_moved_to_another_mailbox_ends_its_sessions(
         f"bob2@{DOMAIN}:bob2",
     ]
     b_imap.logout()
+
+
+def test_a_move_is_recorded_before_the_map_changes(
+    mailhost: MailHost,
+    dovecot: StartDovecot,
+    tmp_path: Path,
+    clients: Clients,
+) -> None:
+    """The run that moves sales@ to carol's mailbox writes users/logins, then fails on
+    another mailbox (update_password on_create refuses dave's new CRAM-MD5 secret) before
+    its kick. The next run finds the map as it wants it, yet must end sales@'s session on
+    bob's mailbox: the move was recorded before the map was written."""
+    sales = f"sales@{DOMAIN}"
+    shared = {"login": sales, "password": "sales-password"}
+    dave = {"name": "dave", "password": "dave-password"}
+    dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
+    play = tmp_path / "play"
+    run_role(mailhost, dc.config, [{"name": "bob", **shared}, {"name": "carol"}, dave], play)
+    old = imap_session(clients, dc.ports["imaps"], sales, "sales-password")
+
+    moved = [{"name": "bob"}, {"name": "carol", **shared}]
+    bad_dave = {**dave, "password": "other", "cram_md5": True}
+    out = run_role(
+        mailhost,
+        dc.config,
+        [*moved, bad_dave],
+        play,
+        must_pass=False,
+        pyqmail_mailboxes__update_password="on_create",
+    )
+    assert task_result(out, "Manage the SMTP AUTH users").get("failed")
+    assert f"{sales}:carol" in (mailhost.root / "users" / "logins").read_text().splitlines()
+    assert imap_open(old)
+
+    out = run_role(mailhost, dc.config, [*moved, dave], play)
+    assert kicked(out) == ([f"{ENDED}{sales}"], True)
+    assert not imap_open(old), "sales@ still reads bob's mailbox: its move was never recorded"
 
 
 def test_a_kick_that_failed_is_tried_again_by_the_next_run(
@@ -215,7 +254,7 @@ def test_a_kick_that_failed_is_tried_again_by_the_next_run(
     assert imap_open(b_imap)
     assert not pending.exists()
     out = run_role(mailhost, dc.config, boxes, play)
-    assert kicked(out) == ([], False)  # nothing pending any more: the task does not run
+    assert kicked(out) is None  # nothing pending any more: the task does not run
 
     # The run dies before its kick (here: no pyqmail-users where the role looks for it): bob's
     # new hash is written, and the module recorded his login before writing it.
@@ -250,19 +289,22 @@ def test_logins_with_doveadm_wildcards_are_not_kicked(
     clients: Clients,
 ) -> None:
     """A login 'a*' (SMTP AUTH allows it, Dovecot never lets it in) would be a wildcard to
-    doveadm kick, one like an address a network: removing them must not end alice's session
-    (which comes from 127.0.0.2)."""
+    doveadm kick, one like an address a network, and '127.2' the address 127.0.0.2 (Dovecot
+    parses with inet_aton): removing them must not end alice's session (which comes from
+    127.0.0.2)."""
     alice = {"name": "alice", "password": "alice-password"}
     star = {"name": "star", "login": f"a*@{DOMAIN}", "password": "star-password"}
     net = {"name": "net", "login": "127.0.0.0/8", "password": "net-password"}
+    short = {"name": "short", "login": "127.2", "password": "short-password"}  # 127.0.0.2
     dc = dovecot(dovecot_failure_delay=0, mail_user_name=MAIL_USER)
-    run_role(mailhost, dc.config, [alice, star, net], tmp_path / "play")
+    run_role(mailhost, dc.config, [alice, star, net, short], tmp_path / "play")
     a_imap = imap_session(clients, dc.ports["imaps"], f"alice@{DOMAIN}", alice["password"])
     out = run_role(mailhost, dc.config, [alice], tmp_path / "play")
     assert imap_open(a_imap)
     assert kicked(out) == (
         [
             "left out 127.0.0.0/8: doveadm would read it as a mask",
+            "left out 127.2: doveadm would read it as a mask",
             f"left out a*@{DOMAIN}: doveadm would read it as a mask",
         ],
         False,

@@ -53,7 +53,7 @@ NOT_SECRET_FACTS = {
     # users/logins' text: each login and its mailbox's name (logins.j2), never a password,
     # and the logins whose line of it changed
     ("pyqmail_mailboxes", "pyqmail_mailboxes__logins_map"),
-    ("pyqmail_mailboxes", "pyqmail_mailboxes__kick"),
+    ("pyqmail_mailboxes", "pyqmail_mailboxes__moved"),
 }
 # Restrictive files written with copy/template, each with why (checked to exist): none now.
 PLAIN_WRITE: set[tuple[str, str]] = set()

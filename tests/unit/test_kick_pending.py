@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.authdb import AuthDBError, kicks_path, read_kicks
-from pyqmail.tools.dovecotkick import end_sessions, remember
+from pyqmail.authdb import AuthDBError, add_kicks, kicks_path, read_kicks
+from pyqmail.tools import dovecotkick
+from pyqmail.tools.dovecotkick import Kicked, KickError, end_sessions, is_mask, remember
 
 
 def test_the_pending_file_sits_beside_smtpusers() -> None:
@@ -29,7 +30,9 @@ def test_remember_adds_each_login_once_root_alone(tmp_path: Path) -> None:
     remember(str(pending), ["bob@example.org", "carol@example.org"], str(config))
     assert read_kicks(str(pending)) == [f"{n}@example.org" for n in ("alice", "bob", "carol")]
     assert stat.S_IMODE(pending.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dovecot.conf", "smtpusers.kick"]
+    names = sorted(p.name for p in tmp_path.iterdir())  # (the lock file stays, as flock's do)
+    assert names == ["dovecot.conf", "smtpusers.kick", "smtpusers.kick.lock"]
+    assert stat.S_IMODE((tmp_path / "smtpusers.kick.lock").stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("login", ["a\nb@example.org", "a b", "x:y", "", "#comment"])
@@ -55,3 +58,75 @@ def test_nothing_is_kept_or_left_where_dovecot_is_not_set_up(tmp_path: Path) -> 
     assert (done.configured, done.lines()) == (False, [])
     assert not pending.exists()
     assert not os.path.exists(absent)
+
+
+def test_lines_that_are_no_login_are_left_out(tmp_path: Path) -> None:
+    """A hand edit, CRLF, bytes that are not UTF-8: never passed to doveadm as a login."""
+    pending = tmp_path / "smtpusers.kick"
+    pending.write_bytes(b"# header\nalice@example.org\na b\nx\r\n\xff\xfe\nbob@example.org\n")
+    assert read_kicks(str(pending)) == ["alice@example.org", "bob@example.org"]
+
+
+@pytest.mark.parametrize(
+    "login",
+    [
+        "a*@example.org",
+        "?",
+        "127.0.0.2",
+        "127.2",
+        "0x7f.1",
+        "017.0.0.1",
+        "4711",
+        "0/0",
+        "10.1/8",
+        "::1",
+        "[::1]",
+        "2001:db8::/32",
+    ],
+)
+def test_what_doveadm_reads_as_an_address_or_a_wildcard_is_a_mask(login: str) -> None:
+    """Dovecot parses IPv4 with inet_aton: short, hex, octal and bare-number forms too."""
+    assert is_mask(login)
+
+
+@pytest.mark.parametrize("login", ["alice@example.org", "bob", "127.0.0.1.example.org", "a:b@c"])
+def test_an_ordinary_login_is_no_mask(login: str) -> None:
+    assert not is_mask(login)
+
+
+def test_only_the_confirmed_logins_leave_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bookkeeping around doveadm (whose answers tests/dovecot reads for real): a login
+    whose kick failed stays, one confirmed goes, and one another writer recorded during the
+    kicks (the module, another pyqmail-users) is kept for the next round, not overwritten."""
+    config = tmp_path / "dovecot.conf"
+    config.write_text("")
+    pending = tmp_path / "smtpusers.kick"
+    add_kicks(str(pending), ["alice@example.org", "bob@example.org"])
+
+    def kick(logins: list[str], cfg: str) -> Kicked:
+        assert (logins, cfg) == (["alice@example.org", "bob@example.org"], str(config))
+        add_kicks(str(pending), ["late@example.org"])  # meanwhile
+        raise KickError("doveadm kick bob@example.org exited 75", ["bob@example.org"])
+
+    monkeypatch.setattr(dovecotkick, "kick", kick)
+    with pytest.raises(KickError):
+        end_sessions([], str(config), str(pending))
+    assert read_kicks(str(pending)) == ["bob@example.org", "late@example.org"]
+
+
+def test_no_doveadm_means_no_dovecot_and_no_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dovecot's package removed, its configuration file left: nothing can be open, so the
+    pending logins are confirmed rather than failing every later run."""
+    config = tmp_path / "dovecot.conf"
+    config.write_text("")
+    pending = tmp_path / "smtpusers.kick"
+    add_kicks(str(pending), ["alice@example.org"])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(dovecotkick, "DOVEADM_DIRS", str(tmp_path))
+    done = end_sessions([], str(config), str(pending))
+    assert done.lines() == ["Dovecot is not installed (no doveadm): no IMAP/POP3 session is open"]
+    assert not pending.exists()

@@ -16,9 +16,10 @@ doveadm's own words: a session the admin meant to end may still be open. Every l
 tried; the error names each one whose sessions were not confirmed gone.
 
 doveadm reads its argument as a mask: a login with ``*`` or ``?`` (wildcards) or one that
-parses as an IP address or network (``who_parse_args``) would end other users' sessions, so
-such a login is left out, and said; Dovecot's ``auth_username_chars`` never lets ``*`` or
-``?`` in, and pyqmail's logins are addresses. The login goes after ``--`` (one starting with
+parses as an IP address or network (``who_parse_args``, with ``inet_aton``'s lenient forms:
+``127.1``, ``4711``) would end other users' sessions, so such a login is left out, and said;
+Dovecot's ``auth_username_chars`` never lets ``*`` or ``?`` in, and pyqmail's logins are
+addresses. The login goes after ``--`` (one starting with
 ``-`` is not an option). The match is case-insensitive: kicking ``Alice@example.org`` ends
 ``alice@example.org``'s sessions too, the same mailbox's login as Dovecot knows it.
 
@@ -34,15 +35,15 @@ in that run.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyqmail.authdb import add_kicks, read_kicks, validate_name, write_kicks
+from pyqmail.authdb import add_kicks, drop_kicks, read_kicks, validate_name
 
 DEFAULT_CONFIG = "/etc/dovecot/pyqmail.conf"  # roles/pyqmail: pyqmail__dovecot_config
 EX_NOTFOUND = 68  # doveadm.h: DOVEADM_EX_NOTFOUND = EX_NOHOST
@@ -50,6 +51,7 @@ EX_TEMPFAIL = 75
 ENDED = "kicked connections from"
 _NOT_RUNNING = re.compile(r"net_connect_unix\(.*/anvil\) failed: (No such file|Connection refused)")
 TIMEOUT = 30.0
+DOVEADM_DIRS = "/usr/bin:/usr/sbin:/usr/local/bin"  # after $PATH (an apt hook's PATH may be bare)
 
 
 class KickError(Exception):
@@ -65,12 +67,13 @@ class KickError(Exception):
 class Kicked:
     """What one round of kicks did: the logins whose sessions ended, the ones that had
     none, the ones left out (masks), whether Dovecot is set up here (its configuration file
-    exists) and whether it was running."""
+    exists), installed (doveadm is there) and running."""
 
     ended: list[str] = field(default_factory=list)
     had_none: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     configured: bool = True
+    installed: bool = True
     running: bool = True
 
     def lines(self) -> list[str]:
@@ -82,7 +85,9 @@ class Kicked:
         out = [f"ended the IMAP/POP3 sessions of {login}" for login in sorted(self.ended)]
         out += [f"no IMAP/POP3 session of {login}" for login in sorted(self.had_none)]
         out += [f"left out {x}: doveadm would read it as a mask" for x in sorted(self.skipped)]
-        if not self.running:
+        if not self.installed:
+            out.append("Dovecot is not installed (no doveadm): no IMAP/POP3 session is open")
+        elif not self.running:
             out.append("Dovecot is not running: no IMAP/POP3 session is open")
         return out
 
@@ -99,10 +104,10 @@ def kick(logins: Iterable[str], config: str = DEFAULT_CONFIG) -> Kicked:
     if not os.path.exists(config):
         done.configured = done.running = False
         return done
-    doveadm = shutil.which("doveadm")
-    if doveadm is None:
-        left = [login for login in wanted if login not in done.skipped]
-        raise KickError(f"{config} exists but doveadm is not on PATH: cannot end sessions", left)
+    doveadm = shutil.which("doveadm") or shutil.which("doveadm", path=DOVEADM_DIRS)
+    if doveadm is None:  # the package is gone (its configuration file stays): nothing runs
+        done.installed = done.running = False
+        return done
     failed: list[KickError] = []
     for login in wanted:
         if login in done.skipped:
@@ -128,34 +133,45 @@ def remember(path: str, logins: Iterable[str], config: str = DEFAULT_CONFIG) -> 
 
 
 def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
-    """Kick ``logins`` and every login still pending from an earlier round; the pending file
-    then keeps exactly those not confirmed (``KickError``), and goes when none is left.
-    Where Dovecot is not set up, nothing can be open: the file goes too."""
+    """Kick ``logins`` and every login still pending from an earlier round, then take out
+    of the pending file those confirmed (all but ``KickError``'s): what another writer added
+    meanwhile stays for the next round. Where Dovecot is not set up, nothing can be open:
+    every login read is confirmed. The file is not locked during the kicks (up to
+    ``TIMEOUT`` each), only while it is read and while it is rewritten."""
     logins = list(logins)
     remember(pending, logins, config)
     wanted = read_kicks(pending) if os.path.exists(config) else list(dict.fromkeys(logins))
-    if not wanted:
-        write_kicks(pending, [])  # (a file with no login left: nothing to ask doveadm)
-        return Kicked(configured=os.path.exists(config))
     try:
-        done = kick(wanted, config)
+        done = kick(wanted, config) if wanted else Kicked(configured=os.path.exists(config))
     except KickError as exc:
-        write_kicks(pending, exc.logins)
+        drop_kicks(pending, [login for login in wanted if login not in exc.logins])
         raise
-    write_kicks(pending, [])
+    drop_kicks(pending, read_kicks(pending) if not done.configured else wanted)
     return done
 
 
 def is_mask(login: str) -> bool:
-    """Whether doveadm kick would read ``login`` as more than one user's name: a wildcard,
-    or an IP address or network (``10.0.0.1``, ``0.0.0.0/0``)."""
+    """Whether doveadm kick would read ``login`` as something else than one user's name: a
+    wildcard, or what Dovecot's ``net_parse_range`` takes for an address or a network. That
+    parser reads IPv4 with ``inet_aton``, which also takes ``127.1``, ``0x7f.1``, ``017.0.0.1``
+    and a bare number (``4711``, ``0/0``: every client), not only ``10.0.0.1`` and
+    ``10.0.0.0/8``; IPv6 with ``inet_pton``, brackets allowed."""
     if "*" in login or "?" in login:
         return True
+    address = login.split("/", 1)[0]
     try:
-        ipaddress.ip_network(login, strict=False)
-    except ValueError:
-        return False
-    return True
+        socket.inet_aton(address)
+    except OSError:
+        pass
+    else:
+        return True
+    if ":" in address:
+        try:
+            socket.inet_pton(socket.AF_INET6, address.strip("[]"))
+        except OSError:
+            return False
+        return True
+    return False
 
 
 def _kick_one(doveadm: str, config: str, login: str, done: Kicked) -> bool:

@@ -76,6 +76,16 @@ def _complain(text: str) -> None:
     sys.stderr.write(f"pyqmail-users: {text}\n")
 
 
+def _record(logins: list[str], config: str, pending: str) -> None:
+    """Before a change: ``logins`` to the pending file. A file that cannot be written is
+    said and does not stop the change (a stolen password must still be replaceable); the
+    kick after it then fails the same way, exit 3."""
+    try:
+        remember(pending, logins, config)
+    except (OSError, AuthDBError) as exc:
+        _complain(f"{pending}: cannot record the logins whose sessions must end: {exc}")
+
+
 def _end_sessions(logins: list[str], config: str, pending: str) -> int:
     """End the IMAP/POP3 sessions of ``logins`` and of those still pending; 0, or 3 when
     that failed (the file's change is done and stays: the message says which sessions may
@@ -88,6 +98,12 @@ def _end_sessions(logins: list[str], config: str, pending: str) -> int:
             f"doveadm -c {config} kick LOGIN)"
         )
         return 3
+    except (OSError, AuthDBError) as exc:
+        _complain(
+            f"{pending}: {exc}; the sessions of {', '.join(logins) or 'the logins pending'} "
+            f"may still be open (end them by hand: doveadm -c {config} kick LOGIN)"
+        )
+        return 3
     for line in done.lines():
         _say(line)
     return 0
@@ -97,6 +113,9 @@ def _run(args: argparse.Namespace) -> int:
     path: str = args.file
     config: str = args.dovecot_config
     pending = kicks_path(path)
+    if args.command == "kick" and args.record_only:
+        remember(pending, args.names, config)
+        return 0
     if args.command == "kick":
         return _end_sessions(args.names, config, pending)
     if args.command == "add":
@@ -107,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         cram = password if args.cram_md5 else None
         db.set(User(name=name, hash=hash_password(password), cram=cram))
         if existed:  # before the change: a crash after it still leaves the kick to do
-            remember(pending, [name], config)
+            _record([name], config, pending)
         atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
         _say(f"{'updated' if existed else 'added'} {name}")
         return _end_sessions([name] if existed else [], config, pending)
@@ -116,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         if not db.remove(args.name):
             _complain(f"{path}: no user {args.name!r}")
             return 1
-        remember(pending, [args.name], config)
+        _record([args.name], config, pending)
         atomic_write(path, db.dump().encode("utf-8"))
         _say(f"deleted {args.name}")
         return _end_sessions([args.name], config, pending)
@@ -136,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``pyqmail-users``: add, del, list and check SMTP AUTH users.
 
     Exit codes: 0 done, 1 no such user or wrong password, 2 bad input or unreadable file,
-    3 the file was changed but the login's IMAP/POP3 sessions could not be ended.
+    3 the file was changed (or not: ``kick``) but IMAP/POP3 sessions meant to end could not
+    be confirmed ended: this login's, or those of an earlier change still pending (then
+    even after ``add`` of a new user); they stay pending.
     """
     import argparse  # noqa: PLC0415 - CLI only, kept out of the per-login import cost
 
@@ -169,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kick",
         help="end the open IMAP/POP3 sessions of these logins, and of those an earlier "
         "failed kick left in FILE.kick (no login: only those)",
+    )
+    end.add_argument(
+        "--record-only",
+        action="store_true",
+        help="only record the logins in FILE.kick, for the next kick (the mailbox role, "
+        "before it moves logins to other mailboxes)",
     )
     end.add_argument("names", nargs="*", metavar="name")
     args = parser.parse_args(argv)
