@@ -85,8 +85,9 @@ options:
       - Before a change that replaces an existing user's hash or removes users, add their
         names to C(PATH.kick) (created root's, V(0600); changed under a lock of
         C(PATH.kick.lock)) - the logins whose open IMAP/POP3 sessions must still end.
-        C(pyqmail-users kick) ends them and empties the file; recorded first, they are ended
-        even when the play dies or fails between this task and the kick.
+        C(pyqmail-users kick) ends them and removes from the file those Dovecot confirmed;
+        recorded first, they are ended even when the play dies or fails between this task and
+        the kick.
       - For a host whose Dovecot logs in through this file (the role pyqmail_mailboxes sets it
         where Dovecot's configuration exists). Nothing is recorded in check mode.
     type: bool

@@ -58,6 +58,31 @@ def test_nothing_is_kept_or_left_where_dovecot_is_not_set_up(tmp_path: Path) -> 
     assert (done.configured, done.lines()) == (False, [])
     assert not pending.exists()
     assert not os.path.exists(absent)
+    (tmp_path / "smtpusers.kick.lock").unlink()
+    end_sessions(["bob@example.org"], absent, str(pending))
+    assert list(tmp_path.iterdir()) == []  # nothing recorded: not even a lock file
+
+
+def test_a_login_given_is_kicked_even_when_the_file_lost_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pending file that cannot be written (here: a directory in its place) does not keep
+    the logins given from their kick; and a concurrent kick that took a login out of the file
+    before this one read it does not either: the logins given are always kicked."""
+    config = tmp_path / "dovecot.conf"
+    config.write_text("")
+    pending = tmp_path / "smtpusers.kick"
+    pending.mkdir()
+    asked: list[list[str]] = []
+
+    def kick(logins: list[str], cfg: str) -> Kicked:
+        asked.append(logins)
+        return Kicked(ended=list(logins))
+
+    monkeypatch.setattr(dovecotkick, "kick", kick)
+    done = end_sessions(["alice@example.org"], str(config), str(pending))
+    assert asked == [["alice@example.org"]]
+    assert done.lines() == ["ended the IMAP/POP3 sessions of alice@example.org"]
 
 
 def test_lines_that_are_no_login_are_left_out(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ in that run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -138,16 +139,30 @@ def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
     meanwhile stays for the next round. Where Dovecot is not set up, nothing can be open:
     every login read is confirmed. The file is not locked during the kicks (up to
     ``TIMEOUT`` each), only while it is read and while it is rewritten."""
-    logins = list(logins)
-    remember(pending, logins, config)
-    wanted = read_kicks(pending) if os.path.exists(config) else list(dict.fromkeys(logins))
+    logins = [validate_name(login) for login in logins]
+    try:
+        remember(pending, logins, config)
+        recorded = read_kicks(pending) if os.path.exists(config) else []
+    except OSError:  # a file that cannot be written or read: ``logins`` are still kicked now
+        recorded = []
+    wanted = list(dict.fromkeys([*logins, *recorded]))
     try:
         done = kick(wanted, config) if wanted else Kicked(configured=os.path.exists(config))
     except KickError as exc:
-        drop_kicks(pending, [login for login in wanted if login not in exc.logins])
+        with contextlib.suppress(OSError):  # the error names them all the same
+            _keep(pending, [login for login in wanted if login not in exc.logins], exc.logins)
         raise
-    drop_kicks(pending, read_kicks(pending) if not done.configured else wanted)
+    with contextlib.suppress(OSError):  # they are gone; a stale line only kicks again
+        _keep(pending, wanted if done.configured else read_kicks(pending), [])
     return done
+
+
+def _keep(pending: str, confirmed: list[str], failed: list[str]) -> None:
+    """After a round: the confirmed logins out of the pending file (with no file, no lock
+    file is made), the failed ones in (recorded again if recording failed before)."""
+    if os.path.exists(pending):
+        drop_kicks(pending, confirmed)
+    add_kicks(pending, failed)
 
 
 def is_mask(login: str) -> bool:

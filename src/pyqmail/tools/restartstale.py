@@ -24,9 +24,12 @@ configuration the service runs with (the roles write one for each of their servi
 ``pyqmail-smtpd --check`` and ``pyqmail-send --check``, which their reload handlers run too,
 ``doveconf -n``, the handler's as well, ``rspamadm configtest``, and ``clamd --version``, which
 parses the configuration first). Any other exit and the service is not restarted, but reported
-with the check's exit status and first line of output: an upgrade that brings a program refusing
-the running configuration (Dovecot 2.3 to 2.4) would otherwise turn a working daemon into one
-supervise restarts, failing, every second. ``--dry-run`` runs the checks too. A directory
+with the check's exit status and first line of output, on stderr and to syslog: a restart into
+a program that refuses the running configuration would leave supervise restarting it,
+failing, every second. What stays is the old program, not always a working service: a
+daemon that starts the upgraded files for new processes (Dovecot's master starts
+``imap-login`` and ``imap`` for each login; 2.4's stop at the version mismatch) serves its
+open sessions only. ``--dry-run`` runs the checks too. A directory
 without a ``conftest`` (a log service, one a role wrote none for, another package's) is
 restarted as before. Why that name: no supervision suite has one for this (runit's
 ``./check``, which ``sv`` runs, answers whether a service that runs is ready, a different
@@ -63,6 +66,7 @@ SERVICE_DIR = "/etc/service"  # pyqmail__service_dir's default (Debian's daemont
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_DONE = 0, 1, 2
 CONFTEST = "conftest"  # beside run: exits 0 when the installed program takes the configuration
 CONFTEST_TIMEOUT = 60  # seconds: rspamadm configtest loads every Lua module, a few seconds
+KILLED_WAIT = 5.0  # seconds for the pipes of a killed conftest to close
 
 
 class RestartError(Exception):
@@ -181,7 +185,13 @@ def conftest(path: str, timeout: float = CONFTEST_TIMEOUT) -> str | None:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        try:  # a child that left the group (setsid) may still hold the pipes: not for long
+            proc.communicate(timeout=KILLED_WAIT)
+        except subprocess.TimeoutExpired:
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            proc.wait()
         return f"./{CONFTEST} still running after {timeout:g} s, killed"
     if proc.returncode == 0:
         return None
@@ -258,7 +268,23 @@ def run(service_dir: str, *, dry_run: bool) -> int:
         problems += restart(svc, svstat_program, findings)
     for problem in problems:
         sys.stderr.write(f"{PROG}: {problem}\n")
+    _to_syslog(problems)
     return EXIT_SOME_FAILED if problems else EXIT_OK
+
+
+def _to_syslog(problems: list[str]) -> None:
+    """Each problem to syslog too (daemon.warning): run by apt's hook during an unattended
+    upgrade, stderr reaches only dpkg's log, and a service left on its old code (a refused
+    conftest, unreadable maps) must be seen where the admin's monitoring looks. Without a
+    syslog daemon (a container) the lines go nowhere, as logger's would."""
+    if not problems:
+        return
+    import syslog  # noqa: PLC0415 - only when there is something to say
+
+    syslog.openlog(PROG, 0, syslog.LOG_DAEMON)
+    for problem in problems:
+        syslog.syslog(syslog.LOG_WARNING, problem)
+    syslog.closelog()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
