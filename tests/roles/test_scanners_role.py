@@ -192,6 +192,29 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
         name for name, results in again.items() for r in results if r.get("changed")
     ]
 
+    # An admin's own module file in local.d (phishing.conf) that rspamd cannot read, then a
+    # run that changes a threshold (a restart): the handler's check refuses, naming rspamd's
+    # error, and the running rspamd keeps its pid instead of being restarted into one that
+    # cannot start.
+    before = svstat(service / "rspamd")
+    (conf / "local.d" / "phishing.conf").write_text("this is { not rspamd configuration\n")
+    (conf / "local.d" / "phishing.conf").chmod(0o644)
+    broken = run_role(
+        host,
+        pyqmail_scanners__rspamd_listen=str(settings.rspamd),
+        pyqmail_scanners__thresholds={"reject": 16, "add_header": 6, "greylist": 4},
+    )
+    [problem] = failures(broken)
+    assert problem.startswith("Refuse to restart rspamd into a configuration"), problem
+    assert "rspamd not restarted, it keeps running as it was" in problem
+    assert "phishing.conf" in problem, problem
+    assert "Restart rspamd (svc -t)" not in broken
+    assert (
+        svstat(service / "rspamd").split("(pid ")[1].split(")")[0]
+        == (before.split("(pid ")[1].split(")")[0])
+    )
+    (conf / "local.d" / "phishing.conf").unlink()
+
     off = run_role(
         host,
         pyqmail_scanners__rspamd_enabled=False,
