@@ -64,10 +64,16 @@ class Daemontools:
         return int(out.split("(pid ")[1].split(")")[0]) if ": up (pid " in out else None
 
     def wait_up(self, name: str, other_than: int | None = None, timeout: float = 10) -> int:
+        """The service's pid once it is up and, for a run script that ends in ``exec``, has
+        exec'd its program: svstat says up from the fork, while the pid may still be
+        /bin/sh reading ``run`` (under load, long enough for the tool to look at the shell
+        instead of the program)."""
+        run = (self.service_dir / name / "run").read_text().strip().splitlines()
+        execs = run[-1].startswith("exec ")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid = self.pid(name)
-            if pid is not None and pid != other_than:
+            if pid is not None and pid != other_than and not (execs and _in_run_script(pid)):
                 return pid
             time.sleep(0.1)
         raise AssertionError(f"{name} not up with a pid other than {other_than} in {timeout} s")
@@ -88,6 +94,15 @@ class Daemontools:
              str(service_dir or self.service_dir), *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
+
+
+def _in_run_script(pid: int) -> bool:
+    """Whether ``pid`` still runs the shell of its ``run`` script (not yet exec'd)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return True  # gone or not yet readable: not ready either
+    return Path(exe).name in {"sh", "dash", "bash"}
 
 
 def _children(pid: int) -> list[int]:
