@@ -130,6 +130,24 @@ def qmail_root(pki: PKI) -> Iterator[QmailRoot]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def listeners_root(path: Path, pki: PKI) -> QmailRoot:
+    """A qmail root at ``path`` that pyqmail-smtpd (every listener's mode, the submission
+    listener's own rules cdb too) and pyqmail-send load: control files, a queue, the rules
+    cdbs; owned as the daemons need when root. For the role tests that run their --check."""
+    root = QmailRoot(path, pki)
+    (root.path / "control").mkdir(parents=True)
+    root.control("me", "mx.test\n")
+    root.control("rcpthosts", "mx.test\n")
+    root.servercert()
+    root.queue.create()
+    root.rules(":allow\n")
+    root.write("etc/smtp-submission.cdb", (root.path / "etc" / "smtp.cdb").read_bytes())
+    if IS_ROOT:
+        for owned in [root.path, *root.path.rglob("*")]:
+            root._own(owned)
+    return root
+
+
 @dataclass
 class Daemon:
     """A running pyqmail-smtpd; its output is collected line by line."""

@@ -31,8 +31,9 @@ import yaml
 
 from pyqmail.tools.restartstale import conftest
 from tests.conftest import PKI
-from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot
+from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, listeners_root
 from tests.roles.playbook import ROLES, ansible_playbook, link_tree, results_by_task, run_role_tasks
+from tests.roles.test_dovecot_role import TEST_HOST_VARS
 
 VENV = Path(sys.executable).parents[1]  # its pyqmail-smtpd and pyqmail-send: this checkout's
 SERVICES = ("qmail-smtpd", "qmail-smtpd-ssl", "qmail-smtpd-tls", "qmail-send")
@@ -140,18 +141,7 @@ def base() -> Iterator[Path]:
 def qmail(base: Path, pki: PKI) -> QmailRoot:
     """A qmail root both daemons load: control files, a queue, the rules cdbs (the
     submission listener's own one too)."""
-    root = QmailRoot(base / "qmail", pki)
-    (root.path / "control").mkdir(parents=True)
-    root.control("me", "mx.test\n")
-    root.control("rcpthosts", "mx.test\n")
-    root.servercert()
-    root.queue.create()
-    root.rules(":allow\n")
-    root.write("etc/smtp-submission.cdb", (root.path / "etc" / "smtp.cdb").read_bytes())
-    if IS_ROOT:
-        for path in [root.path, *root.path.rglob("*")]:
-            root._own(path)
-    return root
+    return listeners_root(base / "qmail", pki)
 
 
 def test_the_listeners_and_pyqmail_send_check_their_own_configuration(qmail: QmailRoot) -> None:
@@ -246,12 +236,7 @@ def test_dovecots_conftest_reads_the_configuration_the_role_wrote(base: Path) ->
         "pyqmail__root": str(root),
         "pyqmail__dovecot_config": str(config),
         "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__me": "mx.test",
-        "pyqmail__mailbox_user": "daemon",  # a user with a group of its name
-        "pyqmail__auth_group": "nogroup",
-        "pyqmail_dovecot__listen_ip": "127.0.0.1",
-        "pyqmail_dovecot__protocols": ["imap", "pop3"],
-        "pyqmail_dovecot__listen_ports": {"imaps": 993, "pop3s": 995},
+        **TEST_HOST_VARS,
     }
     play(base, "pyqmail_dovecot", tasks, extra)
     service = root / "supervise" / "dovecot"

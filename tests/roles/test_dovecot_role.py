@@ -15,6 +15,16 @@ from typing import Any
 from tests.roles.playbook import ROLES, ansible_playbook, link_tree
 
 ROLE = ROLES / "pyqmail_dovecot"
+# The role's settings a test host needs beyond its paths: users and a group that exist on
+# any Debian machine, and listeners on loopback.
+TEST_HOST_VARS: dict[str, Any] = {
+    "pyqmail__me": "mx.test",
+    "pyqmail__mailbox_user": "daemon",  # a user with a group of its name
+    "pyqmail__auth_group": "nogroup",
+    "pyqmail_dovecot__listen_ip": "127.0.0.1",
+    "pyqmail_dovecot__protocols": ["imap", "pop3"],
+    "pyqmail_dovecot__listen_ports": {"imaps": 993, "pop3s": 995},
+}
 
 
 def playbook(tmp: Path, tasks: str, extra: dict[str, Any]) -> Any:
@@ -55,12 +65,7 @@ def written(tmp_path: Path, **variables: object) -> str:
         "pyqmail__dovecot_config": str(config),
         "pyqmail__service_dir": str(tmp_path / "service"),
         "pyqmail__check_fresh": False,
-        "pyqmail__me": "mx.test",
-        "pyqmail__mailbox_user": "daemon",  # a user with a group of its name
-        "pyqmail__auth_group": "nogroup",
-        "pyqmail_dovecot__listen_ip": "127.0.0.1",
-        "pyqmail_dovecot__protocols": ["imap", "pop3"],
-        "pyqmail_dovecot__listen_ports": {"imaps": 993, "pop3s": 995},
+        **TEST_HOST_VARS,
         **variables,
     }
     playbook(tmp_path, "config.yml", extra)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PKI
-from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot
+from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, listeners_root
 from tests.roles.playbook import results_by_task, run_role_tasks
 
 VENV = Path(sys.executable).parents[1]
@@ -54,17 +54,7 @@ def host(pki: PKI) -> Iterator[QmailRoot]:
     services."""
     base = Path(tempfile.mkdtemp(prefix="pyqmail-handler-"))
     base.chmod(0o755)
-    root = QmailRoot(base / "qmail", pki)
-    (root.path / "control").mkdir(parents=True)
-    root.control("me", "mx.test\n")
-    root.control("rcpthosts", "mx.test\n")
-    root.servercert()
-    root.queue.create()
-    root.rules(":allow\n")
-    root.write("etc/smtp-submission.cdb", (root.path / "etc" / "smtp.cdb").read_bytes())
-    if IS_ROOT:
-        for path in [root.path, *root.path.rglob("*")]:
-            root._own(path)
+    root = listeners_root(base / "qmail", pki)
     services = [_supervised(base, name) for name in ("qmail-smtpd", "qmail-smtpd-tls")]
     try:
         yield root

@@ -139,7 +139,7 @@ def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
     meanwhile stays for the next round. Where Dovecot is not set up, nothing can be open:
     every login read is confirmed. The file is not locked during the kicks (up to
     ``TIMEOUT`` each), only while it is read and while it is rewritten."""
-    logins = [validate_name(login) for login in logins]
+    logins = list(logins)  # (checked by remember, which refuses one that is no login)
     try:
         remember(pending, logins, config)
         recorded = read_kicks(pending) if os.path.exists(config) else []
