@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -461,7 +462,8 @@ def kicks_locked(path: str) -> Iterator[None]:
 
 
 def read_kicks(path: str) -> list[str]:
-    """The logins recorded in the file ``path`` (none without it). A line that is no valid
+    """The logins recorded in the file ``path``, a line each, in order (a login recorded
+    again since a round began is there twice; none without the file). A line that is no valid
     login (an edit by hand, bytes that are not UTF-8) is left out: it would reach doveadm
     as something else, and is dropped at the file's next change."""
     try:
@@ -480,25 +482,39 @@ def read_kicks(path: str) -> list[str]:
     return logins
 
 
-def add_kicks(path: str, logins: Iterable[str]) -> None:
-    """Add ``logins`` to the file ``path``, durably (each once); AuthDBError for a login
-    that could not be one line of it (a newline would make two logins of one)."""
+def add_kicks(path: str, logins: Iterable[str], *, again: bool = True) -> None:
+    """Record ``logins`` in the file ``path``, durably; AuthDBError for a login that could
+    not be one line of it (a newline would make two logins of one).
+
+    ``again`` (a writer before its change): a login already there is recorded once more, a
+    line of its own. A round of kicks under way read the file before this change and takes
+    out only the lines it read (``drop_kicks``): this one stays for the next round, whose
+    kick comes after the change. Without ``again`` (a round putting back the logins it could
+    not end), only a login not there yet is added."""
     wanted = [validate_name(login) for login in dict.fromkeys(logins)]
     if not wanted:
         return
     with kicks_locked(path):
         known = read_kicks(path)
-        new = [login for login in wanted if login not in known]
+        new = wanted if again else [login for login in wanted if login not in known]
         if new:
             _write_kicks(path, known + new)
 
 
 def drop_kicks(path: str, done: Iterable[str]) -> None:
-    """Take the logins ``done`` (their sessions confirmed gone) out of the file ``path``,
-    keeping any another writer added meanwhile; the file goes when none is left."""
-    gone = set(done)
+    """Take the lines ``done`` (logins whose sessions a round confirmed gone, each as many
+    times as that round read it) out of the file ``path``. What another writer recorded
+    meanwhile stays, once per login (the next round ends it after every such change); the
+    file goes when nothing is left."""
+    read = Counter(done)
     with kicks_locked(path):
-        _write_kicks(path, [login for login in read_kicks(path) if login not in gone])
+        left = []
+        for login in read_kicks(path):
+            if read[login] > 0:
+                read[login] -= 1
+            else:
+                left.append(login)
+        _write_kicks(path, list(dict.fromkeys(left)))
 
 
 def _write_kicks(path: str, logins: list[str]) -> None:

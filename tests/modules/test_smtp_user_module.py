@@ -176,8 +176,9 @@ def test_keep_removes_every_other_user(path: Path) -> None:
 
 def test_record_kicks_lists_the_stale_logins_before_the_write(path: Path) -> None:
     """record_kicks: the logins whose open IMAP/POP3 sessions a change makes stale (a hash
-    replaced, a user removed) go to PATH.kick, root's alone; a new user, an unchanged
-    password, check mode and the option off record nothing."""
+    replaced, a user removed) go to PATH.kick, root's alone, a line per change (alice's new
+    password, then her removal: twice); a new user, an unchanged password, check mode and
+    the option off record nothing."""
     kicks = Path(f"{path}.kick")
     alice = {"path": str(path), "name": "alice@example.org", "password": "a", "record_kicks": True}
     run(alice)
@@ -193,7 +194,8 @@ def test_record_kicks_lists_the_stale_logins_before_the_write(path: Path) -> Non
     assert stat.S_IMODE(kicks.stat().st_mode) == 0o600
     run({"path": str(path), "keep": ["alice@example.org"], "record_kicks": True})
     run({**alice, "state": "absent"})
-    assert kicks.read_text().splitlines()[1:] == ["alice@example.org", "bob@example.org"]
+    lines = ["alice@example.org", "bob@example.org", "alice@example.org"]
+    assert kicks.read_text().splitlines()[1:] == lines
     assert AuthDB.load(str(path)).verify("bob@example.org", "a") is False
 
 

@@ -22,13 +22,18 @@ def test_the_pending_file_sits_beside_smtpusers() -> None:
     assert kicks_path("/var/qmail/control/smtpusers") == "/var/qmail/control/smtpusers.kick"
 
 
-def test_remember_adds_each_login_once_root_alone(tmp_path: Path) -> None:
+def test_remember_records_each_change_root_alone(tmp_path: Path) -> None:
+    """A login changed twice is recorded twice (a round may have read the first line
+    before the second change); the same login twice in one call is one change."""
     config = tmp_path / "dovecot.conf"
     config.write_text("")
     pending = tmp_path / "smtpusers.kick"
-    remember(str(pending), ["alice@example.org", "bob@example.org"], str(config))
+    remember(
+        str(pending), ["alice@example.org", "bob@example.org", "alice@example.org"], str(config)
+    )
     remember(str(pending), ["bob@example.org", "carol@example.org"], str(config))
-    assert read_kicks(str(pending)) == [f"{n}@example.org" for n in ("alice", "bob", "carol")]
+    names = ("alice", "bob", "bob", "carol")
+    assert read_kicks(str(pending)) == [f"{n}@example.org" for n in names]
     assert stat.S_IMODE(pending.stat().st_mode) == 0o600
     names = sorted(p.name for p in tmp_path.iterdir())  # (the lock file stays, as flock's do)
     assert names == ["dovecot.conf", "smtpusers.kick", "smtpusers.kick.lock"]
@@ -139,6 +144,36 @@ def test_only_the_confirmed_logins_leave_the_file(
     with pytest.raises(KickError):
         end_sessions([], str(config), str(pending))
     assert read_kicks(str(pending)) == ["bob@example.org", "late@example.org"]
+
+
+def test_a_login_recorded_again_during_the_round_stays_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's password replaced while a round kicks her (the module, another
+    pyqmail-users): a session opened with the old password between that kick and the change
+    is still open, so the round must not take the second record out with its own. The
+    round's read and confirmed lines go; the next round kicks her again, once, and the file
+    goes. A failed login put back is not doubled."""
+    config = tmp_path / "dovecot.conf"
+    config.write_text("")
+    pending = tmp_path / "smtpusers.kick"
+    add_kicks(str(pending), ["alice@example.org", "bob@example.org"])
+    asked: list[list[str]] = []
+
+    def kick(logins: list[str], cfg: str) -> Kicked:
+        asked.append(logins)
+        if len(asked) == 1:
+            add_kicks(str(pending), ["alice@example.org", "bob@example.org"])  # meanwhile
+            raise KickError("doveadm kick bob@example.org exited 75", ["bob@example.org"])
+        return Kicked(ended=list(logins))
+
+    monkeypatch.setattr(dovecotkick, "kick", kick)
+    with pytest.raises(KickError):
+        end_sessions([], str(config), str(pending))
+    assert read_kicks(str(pending)) == ["bob@example.org", "alice@example.org"]
+    end_sessions([], str(config), str(pending))
+    assert asked[1] == ["bob@example.org", "alice@example.org"]
+    assert not pending.exists()
 
 
 def test_no_doveadm_means_no_dovecot_and_no_session(

@@ -26,8 +26,10 @@ addresses. The login goes after ``--`` (one starting with
 A kick that fails is not forgotten: the logins whose sessions must still end are kept in
 ``control/smtpusers.kick`` (``pyqmail.authdb.kicks_path``), recorded before the change they
 come from by whoever changes ``control/smtpusers`` (``pyqmail-users``, the
-``pyqmail_smtp_user`` module where Dovecot is set up), and rewritten with the logins not
-confirmed after each round (removed once every one is). Every later ``pyqmail-users kick``,
+``pyqmail_smtp_user`` module where Dovecot is set up), and rewritten after each round
+without the lines it read for the logins confirmed (removed once nothing is left). A
+login recorded again while a round is under way has a second line, which that round does
+not take out: its kick may have come before that change. Every later ``pyqmail-users kick``,
 ``add`` or ``del``, and so every later run of the mailbox role, tries them again: re-running
 a play that failed here, or died before its kick, ends the sessions although nothing changes
 in that run.
@@ -135,10 +137,11 @@ def remember(path: str, logins: Iterable[str], config: str = DEFAULT_CONFIG) -> 
 
 def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
     """Kick ``logins`` and every login still pending from an earlier round, then take out
-    of the pending file those confirmed (all but ``KickError``'s): what another writer added
-    meanwhile stays for the next round. Where Dovecot is not set up, nothing can be open:
-    every login read is confirmed. The file is not locked during the kicks (up to
-    ``TIMEOUT`` each), only while it is read and while it is rewritten."""
+    of the pending file the lines read for those confirmed (all but ``KickError``'s): what
+    another writer recorded meanwhile, a login already there included, stays for the next
+    round. Where Dovecot is not set up, nothing can be open: every line read is confirmed.
+    The file is not locked during the kicks (up to ``TIMEOUT`` each), only while it is read
+    and while it is rewritten."""
     logins = list(logins)  # (checked by remember, which refuses one that is no login)
     try:
         remember(pending, logins, config)
@@ -150,19 +153,20 @@ def end_sessions(logins: Iterable[str], config: str, pending: str) -> Kicked:
         done = kick(wanted, config) if wanted else Kicked(configured=os.path.exists(config))
     except KickError as exc:
         with contextlib.suppress(OSError):  # the error names them all the same
-            _keep(pending, [login for login in wanted if login not in exc.logins], exc.logins)
+            _keep(pending, [login for login in recorded if login not in exc.logins], exc.logins)
         raise
     with contextlib.suppress(OSError):  # they are gone; a stale line only kicks again
-        _keep(pending, wanted if done.configured else read_kicks(pending), [])
+        _keep(pending, recorded if done.configured else read_kicks(pending), [])
     return done
 
 
 def _keep(pending: str, confirmed: list[str], failed: list[str]) -> None:
-    """After a round: the confirmed logins out of the pending file (with no file, no lock
-    file is made), the failed ones in (recorded again if recording failed before)."""
+    """After a round: the lines read for the confirmed logins out of the pending file (with
+    no file, no lock file is made), the failed ones in where they are not (recorded again
+    if recording failed before)."""
     if os.path.exists(pending):
         drop_kicks(pending, confirmed)
-    add_kicks(pending, failed)
+    add_kicks(pending, failed, again=False)
 
 
 def is_mask(login: str) -> bool:
