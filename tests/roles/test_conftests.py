@@ -91,9 +91,13 @@ def run_conftest(service: Path) -> subprocess.CompletedProcess[str]:
 
 
 def exec_argv(service: Path) -> list[str]:
-    """The command the conftest execs (its last line), without its redirection."""
+    """The command the conftest execs (its last line), without its redirection and the run
+    script's address-space limit (``softlimit -a N``) before it."""
     words = shlex.split((service / "conftest").read_text().splitlines()[-1])
     assert words[0] == "exec"
+    if words[1] == "softlimit":
+        assert words[2] == "-a", words
+        words = words[3:]
     return [word for word in words[1:] if word != ">/dev/null"]
 
 
@@ -144,18 +148,10 @@ def qmail(base: Path, pki: PKI) -> QmailRoot:
     return listeners_root(base / "qmail", pki)
 
 
-def test_the_listeners_and_pyqmail_send_check_their_own_configuration(qmail: QmailRoot) -> None:
-    """pyqmail_services: one conftest per service, the handlers' own --check with the
-    listener's --mode and rules cdb; a broken control file fails each with the daemon's line."""
+def services_extra(qmail: QmailRoot) -> dict[str, Any]:
+    """pyqmail_services' variables for ``qmail``, its three listeners, this checkout's daemons."""
     user = DROP_USER if IS_ROOT else os.environ.get("USER", "root")
-    tasks = role_tasks(
-        "pyqmail_services",
-        "main.yml",
-        "List the services to run",
-        "Create the supervise directories",
-        "Write the checks of the installed daemon against the configuration (conftest)",
-    )
-    extra: dict[str, Any] = {
+    return {
         "pyqmail__root": str(qmail.path),
         "pyqmail__venv": str(VENV),
         "pyqmail__rules_path": str(qmail.path / "etc" / "smtp"),
@@ -164,11 +160,27 @@ def test_the_listeners_and_pyqmail_send_check_their_own_configuration(qmail: Qma
         "pyqmail__listener_env": {"submission": {"FORCETLS": "0"}},
         "pyqmail_services__listeners": ["smtp", "smtps", "submission"],
     }
+
+
+SERVICES_TASKS = (
+    "List the services to run",
+    "Create the supervise directories",
+    "Write the checks of the installed daemon against the configuration (conftest)",
+)
+
+
+def test_the_listeners_and_pyqmail_send_check_their_own_configuration(qmail: QmailRoot) -> None:
+    """pyqmail_services: one conftest per service, the handlers' own --check with the
+    listener's --mode and rules cdb, under the run script's address-space limit; a broken
+    control file fails each with the daemon's line."""
+    tasks = role_tasks("pyqmail_services", "main.yml", *SERVICES_TASKS)
+    extra = services_extra(qmail)
     play(qmail.path.parent, "pyqmail_services", tasks, extra)
     supervise = qmail.path / "supervise"
     assert sorted(p.name for p in supervise.iterdir()) == sorted(SERVICES)
     for name in SERVICES:
         assert_written(supervise / name)
+        assert "exec softlimit -a 1073741824 " in (supervise / name / "conftest").read_text()
         done = run_conftest(supervise / name)
         assert (done.returncode, done.stderr) == (0, ""), (name, done.stdout)
         assert " OK" in done.stdout, done.stdout
@@ -213,6 +225,27 @@ def test_the_listeners_and_pyqmail_send_check_their_own_configuration(qmail: Qma
     assert check["cmd"] == exec_argv(supervise / "qmail-send")
     refusal = ran["Refuse to signal pyqmail-send with a configuration it cannot load"]
     assert refused.split(": ", 1)[1] in refusal["msg"]
+
+
+def test_a_daemon_that_cannot_start_within_the_run_scripts_limit_fails_its_conftest(
+    qmail: QmailRoot,
+) -> None:
+    """The conftest starts the daemon under the run script's own ``softlimit -a``: with a
+    limit the interpreter cannot load its modules in (12 MB here), every check fails, as the
+    service would after the restart; with no limit (0) none is written."""
+    tasks = role_tasks("pyqmail_services", "main.yml", *SERVICES_TASKS)
+    extra = {**services_extra(qmail), "pyqmail_services__softlimit": 12_000_000}
+    play(qmail.path.parent, "pyqmail_services", tasks, extra)
+    supervise = qmail.path / "supervise"
+    for name in SERVICES:
+        done = run_conftest(supervise / name)
+        assert done.returncode != 0, (name, done.stdout, done.stderr)
+    extra["pyqmail_services__softlimit"] = 0
+    play(qmail.path.parent, "pyqmail_services", tasks, extra)
+    for name in SERVICES:
+        assert "softlimit" not in exec_argv(supervise / name)
+        assert "exec softlimit" not in (supervise / name / "conftest").read_text()
+        assert run_conftest(supervise / name).returncode == 0, name
 
 
 @pytest.mark.skipif(shutil.which("doveconf") is None, reason="Dovecot not installed")
