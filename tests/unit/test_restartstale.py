@@ -55,13 +55,34 @@ def test_a_conftest_that_passes_is_no_objection(tmp_path: Path) -> None:
     assert conftest(_conftest(tmp_path, "#!/bin/sh\necho syntax OK\n")) is None
 
 
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("cfg; deprecated option used\nfailed to load config: ucl parser error", "failed to load"),
+        ("WARNING: old option\nERROR: Parse error at line 3", "ERROR: Parse error"),
+        ('Traceback (most recent call last):\n  File "x", line 1\nMemoryError', "MemoryError"),
+        ("a warning\nanother one", "a warning"),
+    ],
+)
+def test_the_report_gives_the_line_that_names_the_error(
+    tmp_path: Path, output: str, reason: str
+) -> None:
+    """A checker that warns before its error (rspamadm, clamd, a Python traceback): the
+    report's line is the error, the first line when none names one."""
+    script = f"#!/bin/sh\ncat >&2 <<'EOF'\n{output}\nEOF\nexit 1\n"
+    said = conftest(_conftest(tmp_path, script))
+    assert said is not None
+    assert said.startswith(f"./conftest failed (exit 1): {reason}"), said
+    assert said.endswith(" more line)" if output.count("\n") == 1 else " more lines)"), said
+
+
 def test_a_failed_conftest_says_its_status_and_first_line(tmp_path: Path) -> None:
     """stderr's first line and how many more; stdout's when stderr has none (a checker that
     reports there)."""
     path = _conftest(tmp_path, "#!/bin/sh\necho '' >&2\necho '  bad line 3  ' >&2\nexit 3\n")
     assert conftest(path) == "./conftest failed (exit 3): bad line 3"
     _conftest(tmp_path, "#!/bin/sh\necho 'syntax OK'\necho warning >&2\necho error >&2\nexit 1\n")
-    assert conftest(path) == "./conftest failed (exit 1): warning (+1 more line)"
+    assert conftest(path) == "./conftest failed (exit 1): error (+1 more line)"
     _conftest(tmp_path, "#!/bin/sh\nprintf 'a\\nb\\nc\\n' >&2\nexit 1\n")
     assert conftest(path) == "./conftest failed (exit 1): a (+2 more lines)"
     _conftest(tmp_path, "#!/bin/sh\necho 'syntax error'\nexit 1\n")

@@ -51,6 +51,7 @@ failed), the others still handled; 2 when nothing was done: no service directory
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,9 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_DONE = 0, 1, 2
 CONFTEST = "conftest"  # beside run: exits 0 when the installed program takes the configuration
 CONFTEST_TIMEOUT = 60  # seconds: rspamadm configtest loads every Lua module, a few seconds
 KILLED_WAIT = 5.0  # seconds for the pipes of a killed conftest to close
+# A line of a failed check that names its error: doveconf's "Fatal:", clamd's "ERROR:",
+# pyqmail's "fatal:", rspamadm's "failed to load config", a Python exception's last line.
+_ERROR = re.compile(r"(?i:\b(error|fatal|failed|critical)\b)|\w+Error\b")
 
 
 class RestartError(Exception):
@@ -162,6 +166,14 @@ def find_stale(statuses: Sequence[Status]) -> tuple[list[Finding], list[str]]:
     return found, problems
 
 
+def _reason(lines: list[str]) -> str:
+    """The line of a failed check's output that goes on the report (stderr's lines, stdout's
+    when it has none; the count of the others follows it, to see by running ./conftest): the
+    first that names an error, else the first. A checker may warn before its error (rspamadm
+    about a deprecated option), and the warning alone would send the admin the wrong way."""
+    return next((line for line in lines if _ERROR.search(line)), lines[0])
+
+
 def conftest(path: str, timeout: float = CONFTEST_TIMEOUT) -> str | None:
     """Why the service at ``path`` must not be restarted, as its ``./conftest`` says; None when
     it passed, or there is none. Its own process group, so that at ``timeout`` the check and
@@ -195,15 +207,13 @@ def conftest(path: str, timeout: float = CONFTEST_TIMEOUT) -> str | None:
         return f"./{CONFTEST} still running after {timeout:g} s, killed"
     if proc.returncode == 0:
         return None
-    # stderr's lines, stdout's when it has none: the first one on the report's line, and how
-    # many more there are to see by running ./conftest (rspamadm warns before its error).
     lines = [line.strip() for line in err.splitlines() if line.strip()] or [
         line.strip() for line in out.splitlines() if line.strip()
     ]
     status = (
         f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
     )
-    said = f": {lines[0][:300]}" if lines else ""
+    said = f": {_reason(lines)[:300]}" if lines else ""
     more = (
         f" (+{len(lines) - 1} more line{'s' if len(lines) > 2 else ''})" if len(lines) > 1 else ""
     )
