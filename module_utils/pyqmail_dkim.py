@@ -2,8 +2,9 @@
 """DKIM selectors and their rotation: the rules and the schedule, without any key material.
 
 Shared by the module ``library/pyqmail_dkim_key.py`` (on the host) and the inventory checks
-(``module_utils/pyqmail_inventory.py``, on the controller), so the preflight refuses exactly
-what the module would refuse later. Nothing here imports ``cryptography``.
+(the rows of ``module_utils/pyqmail_inventory.py`` in ``pyqmail_signing.py`` and
+``pyqmail_control.py``, on the controller), so the preflight refuses exactly what the module
+would refuse later. Nothing here imports ``cryptography``.
 
 The schedule (everything in UTC; a *generation* is one RSA and one Ed25519 key made together,
 sharing their dates):

@@ -1,0 +1,171 @@
+"""The preflight checks of the control files (rows of CHECKS in ``pyqmail_inventory``: the role
+``pyqmail_control``'s variables).
+
+Why its own module: these are the values pyqmail-smtpd and pyqmail-send read from control/,
+checked for what they would refuse or read otherwise than written: the local and relay
+domains, the routes and their credentials (``control/smtproutes-auth``), the pinned TLS
+certificates, the DNS lists and resolvers, the greylisting times, the valid recipients and
+catch-alls (domains delivered here: ``pyqmail_dkim``'s ``is_local``; ``check_locals`` is the
+DKIM rows' too), and the extra files the role does not write itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    DOMAIN_RE,
+    PEM_CERT,
+    Problems,
+    domain,
+    each,
+    in_range,
+    shown,
+)
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    domain_problem,
+    is_local,
+    virtual_keys,
+)
+
+CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
+RELAY_RE = re.compile(r"[A-Za-z0-9.:-]*\Z")
+
+
+def dns_server(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """A DNS server of control/dnsresolver: an IP address, optionally @port (1-65535)."""
+    del values
+    host, _at, port = str(value).partition("@")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        yield f"{name}: {shown(value)} is not an IP address (host or host@port)"
+        return
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        yield f"{name}: {shown(value)} has no port from 1 to 65535 after the @"
+
+
+def check_authservid(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """The Authentication-Results authserv-id: a host name, or "" for pyqmail__me."""
+    if value:
+        yield from domain(name, value, values)
+
+
+def check_locals(name: str, value: list[str], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__locals: at least one local domain, each a domain name."""
+    if not value:
+        yield f"{name}: is empty; name at least one local domain"
+    yield from each(domain)(name, value, values)
+
+
+def check_smtproutes(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__smtproutes: domain ('' = all others), relay host and port."""
+    for index, route in enumerate(value):
+        where = f"{name}[{index}]"
+        if route["domain"]:
+            yield from domain(f"{where}.domain", route["domain"], values)
+        if not RELAY_RE.match(route["relay"]):
+            yield f"{where}.relay: {route['relay']!r} is not a host name or IP address"
+        yield from in_range(1, 65535)(f"{where}.port", route["port"], values)
+        yield from route_auth_problems(where, route)
+
+
+def route_auth_problems(where: str, route: Mapping[str, Any]) -> Problems:
+    """The credentials of one route, as pyqmail-send reads control/smtproutes-auth
+    (``relay:user:password``, one line, stripped): what it would refuse at its next start, or
+    read otherwise than written, is refused here. The password is never shown."""
+    user, password = route.get("user") or "", route.get("password") or ""
+    if not user and not password:
+        return
+    if user and not password:
+        yield f"{where}.password: is missing; user {user!r} needs a password at the relay"
+    if password and not user:
+        yield f"{where}.user: is missing; a password is only sent with a user"
+    if not route["relay"]:
+        yield f"{where}.relay: is empty (MX lookup); credentials need a named relay host"
+    if re.search(r"[:\x00-\x1f\x7f]", user):
+        yield (
+            f"{where}.user: {user!r} has a ':' or a control character such as a line break "
+            "(smtproutes-auth is relay:user:password, one line)"
+        )
+    if "\n" in password or "\r" in password or "\0" in password:
+        yield f"{where}.password: has a line break or NUL (smtproutes-auth is one line per relay)"
+    elif password != password.strip():
+        yield f"{where}.password: starts or ends with whitespace, which pyqmail-send strips"
+
+
+def check_tlshosts(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__tlshosts: an FQDN and a PEM certificate each."""
+    for index, pin in enumerate(value):
+        yield from domain(f"{name}[{index}].name", pin["name"], values)
+        if PEM_CERT not in pin["pem"]:
+            yield f"{name}[{index}].pem: is not a PEM certificate ({PEM_CERT} missing)"
+
+
+def check_extra(name: str, value: Mapping[str, Any], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__extra: plain names of control files the role does not write itself."""
+    managed = values.get("pyqmail_control__managed") or []
+    for key in value:
+        if not CONTROL_NAME_RE.match(str(key)):
+            yield f"{name}.{key}: not a control file name (lower-case letters, digits and '-')"
+        elif key in managed:
+            yield f"{name}.{key}: written by the role itself; set its own variable instead"
+
+
+def dns_list(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """A DNS list zone (control/dnsbl, control/dnswl): a domain with a dot, no trailing dot;
+    for dnsbl an optional ``=weight`` from 1 to 100 (pyqmail.checks.dnsbl)."""
+    del values
+    zone, eq, weight = str(value).partition("=")
+    zone = zone.strip().lower()
+    if (
+        not DOMAIN_RE.match(zone)
+        or "." not in zone
+        or (eq and name.startswith("pyqmail_control__dnswl"))
+    ):
+        yield f"{name}: {shown(value)} is not a DNS list zone (a domain name" + (
+            ")" if name.startswith("pyqmail_control__dnswl") else ", optionally =weight)"
+        )
+    elif eq and not (weight.isdigit() and 1 <= int(weight) <= 100):
+        yield f"{name}: weight {shown(weight)} of {zone} must be from 1 to 100"
+
+
+def check_greylistdelay(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """0 to 86400, and shorter than pyqmail_control__greylistlifetime when on."""
+    yield from in_range(0, 86400, " (0 = off)")(name, value, values)
+    lifetime = values.get("pyqmail_control__greylistlifetime")
+    if 0 < value <= 86400 and isinstance(lifetime, int) and value >= lifetime:
+        yield (
+            f"{name}: {value} seconds is not shorter than pyqmail_control__greylistlifetime"
+            f" ({lifetime}): a deferred sender would be forgotten before it may pass"
+        )
+
+
+def check_validrcptto(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """One valid recipient: user@domain or @domain, one line."""
+    del values
+    if "@" not in value or re.search(r"\s", value):
+        yield f"{name}: {value!r} is not user@domain or @domain"
+
+
+def check_rcptcatchall(name: str, value: list[str], values: Mapping[str, Any]) -> Problems:
+    """pyqmail_control__rcptcatchall: domain names delivered here (locals or virtualdomains);
+    a catch-all for a domain that is relayed would accept what the next hop refuses."""
+    local = values.get("pyqmail_control__locals") or []
+    known = not any(True for _problem in check_locals("", local, values))
+    virtual = virtual_keys(
+        str((values.get("pyqmail_control__extra") or {}).get("virtualdomains") or "")
+    )
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        problem = domain_problem(item)
+        if problem:
+            yield f"{where}: {problem}"
+        elif known and not is_local(item, local, virtual):
+            yield (
+                f"{where}: {item!r} is not a local domain (pyqmail_control__locals or "
+                "pyqmail_control__extra.virtualdomains)"
+            )
