@@ -420,8 +420,9 @@ def test_destination_errors(domain: str, permanent: bool, text: str) -> None:
     with pytest.raises(DnsError, match=text) as info:
         destinations(domain, Route(), RESOLVER)
     assert info.value.permanent is permanent
-    no_host = domain in ("hostless.test", "noaddr.test")
-    assert info.value.status == ("5.4.4" if no_host else "")
+    # 5.4.4: no mail host (RFC 3463); 5.1.10: null MX (RFC 7505 section 4.2)
+    status = {"hostless.test": "5.4.4", "noaddr.test": "5.4.4", "nullmx.test": "5.1.10"}
+    assert info.value.status == status.get(domain, "")
 
 
 @pytest.mark.parametrize(

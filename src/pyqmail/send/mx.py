@@ -5,7 +5,9 @@ domain in preference order (equal preferences shuffled); a domain without MX rec
 own implicit MX (RFC 5321 §5.1: its A/AAAA records; none at all bounces, 5.4.4, as
 qmail-remote's "couldn't find a mail exchanger or IP address" and Postfix do, and so do MX
 hosts of which none has an address, unless a lookup failed for now); a null MX
-(RFC 7505) or a non-existent domain bounces; DNS trouble defers. An address literal
+(RFC 7505) bounces with 5.1.10 ("recipient address has null MX", RFC 7505 section 4.2), a
+non-existent domain with 5.1.2; DNS trouble defers. A host's addresses are its A and AAAA
+records together: one type failing while the other answers uses what answered. An address literal
 ``[192.0.2.1]`` is used as is.
 
 Never to this host (``Myself``; qmail-remote's ``ipme`` and Postfix's "mail for X loops back
@@ -127,9 +129,24 @@ class DnsResolver:
         return out
 
     def addresses(self, host: str) -> list[str]:
+        """A then AAAA. One type that answers is enough (Postfix's ``dns_lookup_x`` returns
+        what any type found): a broken AAAA (a server that drops those queries, a
+        SERVFAIL) must not throw away good A records and defer the mail, nor a broken A
+        the AAAA. With neither found, a failed lookup is the error (temporary: the other
+        type may have records tomorrow); an NXDOMAIN for A at once, as it holds for every type."""
         out: list[str] = []
+        failed: DnsError | None = None
         for rdtype in ("A", "AAAA"):
-            out += [str(rec.address) for rec in self._query(host, rdtype) or []]  # type: ignore[attr-defined]
+            try:
+                records = self._query(host, rdtype) or []
+            except DnsError as exc:
+                if exc.permanent and not out and failed is None:
+                    raise  # NXDOMAIN, the first answer: the name does not exist
+                failed = failed or exc
+                continue
+            out += [str(rec.address) for rec in records]  # type: ignore[attr-defined]
+        if not out and failed is not None:
+            raise failed
         return out
 
 
@@ -167,7 +184,11 @@ def destinations(
         hosts = [(0, domain)]
     else:
         if any(host == "" for _, host in records):
-            raise DnsError(f"{domain} does not accept mail (null MX, RFC 7505)", permanent=True)
+            raise DnsError(
+                f"{domain} does not accept mail (null MX, RFC 7505)",
+                permanent=True,
+                status="5.1.10",
+            )
         by_pref: dict[int, list[str]] = {}
         for pref, host in records:
             by_pref.setdefault(pref, []).append(host)
