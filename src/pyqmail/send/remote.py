@@ -1,6 +1,10 @@
 """Remote delivery (qmail-remote with the qmail-tls patch): routes, MX, SMTP, STARTTLS.
 
-Where mail goes and the refusal of every destination that is this host: ``pyqmail.send.mx``.
+Where mail goes and the refusal of every destination that is this host: ``pyqmail.send.mx``;
+opening the connection (the addresses in order, TLS and its fallbacks, EHLO, AUTH):
+``pyqmail.send.remoteopen``; what is remembered about addresses (recent connection
+failures, failed STARTTLS handshakes, certificates that did not verify):
+``pyqmail.send.peers``; the clock on every wait: ``pyqmail.send.smtpclient``.
 
 TLS, per remote host name (``fqdn``: the MX or relay name):
 
@@ -12,14 +16,18 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
   verify, the message is still sent encrypted over a second connection without verification,
   and the log says ``verified=no`` (the address is remembered for an hour, so later
   deliveries skip the failing first attempt). When STARTTLS is refused or the handshake
-  itself fails, the message goes in clear over a fresh connection (opportunistic TLS, as in
-  Postfix's ``may`` level); the log says ``tls=none``.
+  itself fails (within ``min(timeoutremote, 300 s)``), the message goes in clear over a
+  fresh connection (opportunistic TLS, as in Postfix's ``may`` level); the log says
+  ``tls=none``. A failed handshake is remembered for an hour too: the next messages to
+  that address go in clear at once instead of waiting for the same stall.
 - ``control/clientcert.pem`` (key, then certificate, then chain) is offered when the server
   asks for a client certificate.
 - a relay on port 465 gets TLS from the first byte (``pyqmail.send.smtpclient``), with the
   same verification rules and no cleartext fallback.
 - AUTH (``smtproutes-auth``) is only ever sent over TLS with a verified or pinned
   certificate; otherwise the delivery is deferred.
+- Other domains' DANE (TLSA) and MTA-STS policies are not looked up or enforced: outbound
+  TLS is opportunistic, and required only where a ``tlshosts`` pin says so.
 
 Every context comes from ``TlsPolicy`` (``pyqmail.send.tlspolicy``), built with
 ``pyqmail.tls.client_context`` (Mozilla intermediate: TLS 1.2+, AEAD suites only). A broken
@@ -28,79 +36,43 @@ Every context comes from ``TlsPolicy`` (``pyqmail.send.tlspolicy``), built with
 On the wire: lines end in CRLF (bare CR or LF in a queued message are normalized), lines
 starting with ``.`` are dot-stuffed, lines longer than 998 octets are broken with CRLF + space
 (Postfix's ``smtp_line_length_limit``; ``pyqmail.wirelines``, which the DKIM signer applies
-too), server replies are read up to 64 KiB (``MAX_REPLY``),
-``BODY=8BITMIME`` is declared when the message has 8-bit bytes and the server offers it
-(otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address is not ASCII; a
-server without SMTPUTF8 gets no such message (permanent failure, 5.6.7). One connection
-carries every job for the same destination the queue manager hands it
+too), server replies are read up to 64 KiB (``MAX_REPLY``) and each within
+``timeoutremote``, ``BODY=8BITMIME`` is declared when the message has 8-bit bytes and the
+server offers it (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address
+is not ASCII; a server without SMTPUTF8 gets no such message (permanent failure, 5.6.7).
+One connection carries every job for the same destination the queue manager hands it
 (``RemoteSession.deliver`` may be called repeatedly); RSET checks it before each further
 job (a failure costs one new connection), and a 421 at any stage ends it (RFC 5321 3.8).
-4xx -> temporary, 5xx -> permanent; a 5xx at RCPT stays permanent whatever follows.
+4xx -> temporary, 5xx -> permanent; a 5xx at RCPT stays permanent whatever follows, but a
+552 at RCPT is temporary (RFC 5321 4.5.3.1.10), and the recipients refused with 452 or 552
+there go in a further transaction on the same connection at once.
 """
 
 from __future__ import annotations
 
 import re
 import smtplib
-import ssl
-import threading
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from pyqmail.control.send import Control
 from pyqmail.queue.format import Envelope
-from pyqmail.send.delivery import (
-    DOUBLE_BOUNCE_SENDER,
-    Kind,
-    Result,
-    one_line,
-    split_address,
-)
+from pyqmail.send.delivery import DOUBLE_BOUNCE_SENDER, Kind, Result, split_address
 from pyqmail.send.ipme import LocalAddresses
-from pyqmail.send.mx import (
-    Destination,
-    DnsError,
-    DnsResolver,
-    LoopError,
-    Myself,
-    Resolver,
-    destinations,
+from pyqmail.send.mx import Destination, DnsResolver, Myself, Resolver
+from pyqmail.send.peers import PeerMemory
+from pyqmail.send.remoteopen import Opener, OpenError, close_quietly, reply_text
+from pyqmail.send.smtpclient import (
+    IMPLICIT_TLS_PORT,
+    SMTPClient,
+    SMTPTimeoutError,
+    delivery_deadline,
 )
-from pyqmail.send.smtpclient import IMPLICIT_TLS_PORT, SMTPClient
 from pyqmail.send.tlspolicy import TlsPolicy
-from pyqmail.tls import TLSConfigError
 from pyqmail.wirelines import wire_lines
 
-UNVERIFIABLE_TTL = 3600.0
-
-
+_RFC_552 = "RFC 5321 4.5.3.1.10"
 _LOCAL_ADDRESSES = LocalAddresses()
-_unverifiable: dict[tuple[str, int], float] = {}
-_unverifiable_lock = threading.Lock()
-
-
-def _known_unverifiable(dest: Destination) -> bool:
-    with _unverifiable_lock:
-        until = _unverifiable.get((dest.address, dest.port), 0.0)
-        return until > time.monotonic()
-
-
-def _mark_unverifiable(dest: Destination) -> None:
-    with _unverifiable_lock:
-        _unverifiable[(dest.address, dest.port)] = time.monotonic() + UNVERIFIABLE_TTL
-
-
-class _FailError(Exception):
-    def __init__(self, result: Result) -> None:
-        super().__init__(result.detail)
-        self.result = result
-
-
-def _reply(code: int, text: bytes | str) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return one_line(f"{code} {text}")
+_PEERS = PeerMemory()  # one per delivery child, shared by its threads and its sessions
 
 
 def _status_of(code: int, text: str) -> str:
@@ -141,8 +113,8 @@ class RemoteSession:
         self.broken: Result | None = None
         self._used = False  # the connection has carried a transaction: a reused one
         self._dirty = False  # its last transaction did not end with a 250: RSET first
+        self._budget = 0.0  # seconds the current transaction may take (deliver sets it)
 
-    # -- connection ---------------------------------------------------------------------
     def _result(self, kind: Kind, detail: str, status: str, diagnostic: str = "") -> Result:
         return Result(
             kind,
@@ -155,218 +127,19 @@ class RemoteSession:
         )
 
     def _open(self) -> None:
-        control = self.delivery.control
-        try:
-            dests = destinations(
-                self.domain, self.route, self.delivery.resolver, self.delivery.myself
-            )
-        except DnsError as exc:
-            status = exc.status or ("5.4.6" if isinstance(exc, LoopError) else "5.1.2")
-            raise _FailError(
-                Result.perm(f"{exc} (#{status})", status, remote=self.domain)
-                if exc.permanent
-                else Result.temp(f"{exc} (#4.4.3)", "4.4.3", remote=self.domain)
-            ) from None
-        last = Result.temp(f"no usable mail host for {self.domain} (#4.4.1)", "4.4.1")
-        for dest in dests:
-            self.dest = dest
-            pin = self.delivery.tls.pin(dest.fqdn)
-            modes = ["pinned"] if pin else ["verify", "none", "plain"]
-            if not pin and _known_unverifiable(dest):
-                modes = ["none", "plain"]
-            if dest.port == IMPLICIT_TLS_PORT:
-                modes = [m for m in modes if m != "plain"]  # no cleartext on that port
-            for mode in modes:
-                try:
-                    self._connect(dest, mode, pin, control)
-                except _RetryError as exc:
-                    last = exc.result
-                    continue
-                except _FailError as exc:
-                    last = exc.result
-                    break
-                return
-        raise _FailError(last)
-
-    def _connect(self, dest: Destination, mode: str, pin: Path | None, control: Control) -> None:
-        """Connect and negotiate; _RetryError = try the next TLS mode, _FailError = next host."""
-        self.tls, self.verified = "none", "-"
-        try:
-            implicit = self._implicit_context(dest, mode, pin)
-        except TLSConfigError as exc:
-            raise _FailError(self._result("temp", f"TLS set-up: {exc} (#4.7.5)", "4.7.5")) from None
-        smtp = SMTPClient(dest.address, control.helohost, control.timeoutconnect, implicit)
-        try:
-            self._negotiate(smtp, dest, mode, pin, control)
-        except TLSConfigError as exc:
-            _close(smtp)
-            raise _FailError(self._result("temp", f"TLS set-up: {exc} (#4.7.5)", "4.7.5")) from None
-        except BaseException:
-            _close(smtp)
-            raise
-        self.smtp = smtp
-
-    def _implicit_context(
-        self, dest: Destination, mode: str, pin: Path | None
-    ) -> ssl.SSLContext | None:
-        """The context of TLS from the first byte (port 465), None elsewhere."""
-        if dest.port != IMPLICIT_TLS_PORT:
-            return None
-        tls = self.delivery.tls
-        if pin is not None:
-            return tls.pinned(pin)
-        return tls.verifying() if mode == "verify" else tls.unverified()
-
-    def _negotiate(
-        self, smtp: SMTPClient, dest: Destination, mode: str, pin: Path | None, control: Control
-    ) -> None:
-        where = str(dest)
-        code, text = self._greeting(smtp, dest, pin)
-        if smtp.sock is not None:
-            smtp.sock.settimeout(control.timeoutremote)
-        if code != 220:
-            if code == 421:
-                smtp.close()  # the server is closing the channel (RFC 5321 section 3.8): no QUIT
-            raise _FailError(self._result("temp", f"{where} greeted {_reply(code, text)}", "4.4.2"))
-        self._hello(smtp, where)
-        offers_tls = smtp.has_extn("starttls")
-        if isinstance(smtp.sock, ssl.SSLSocket):  # port 465: TLS is up already
-            self.tls = smtp.sock.version() or "TLS"
-            self.verified = "no" if mode == "none" else "yes"
-        elif pin is not None:
-            if not offers_tls:
-                raise _FailError(
-                    self._result(
-                        "temp",
-                        f"TLS required for {dest.fqdn} (tlshosts) but {where} does not "
-                        "offer STARTTLS; nothing sent",
-                        "4.7.5",
-                    )
-                )
-            self._starttls(smtp, self.delivery.tls.pinned(pin), where, required=True)
-            self.verified = "yes"
-        elif mode in ("verify", "none") and offers_tls:
-            tls = self.delivery.tls
-            ctx = tls.verifying() if mode == "verify" else tls.unverified()
-            try:
-                self._starttls(smtp, ctx, where, required=False)
-            except ssl.SSLCertVerificationError as exc:
-                _mark_unverifiable(dest)
-                raise _RetryError(
-                    self._result("temp", f"{where}: certificate not verified: {exc}", "4.7.5")
-                ) from None
-            except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
-                raise _RetryError(
-                    self._result("temp", f"{where}: TLS handshake failed: {exc}", "4.7.5")
-                ) from None
-            self.verified = "yes" if mode == "verify" else "no"
-        if self.route.user:
-            self._auth(smtp, where)
-
-    def _greeting(self, smtp: SMTPClient, dest: Destination, pin: Path | None) -> tuple[int, bytes]:
-        """Connect (and, on port 465, shake hands) and read the greeting. A handshake that
-        fails tries the next mode, as a failed STARTTLS does, except on a pinned relay."""
-        where = str(dest)
-        try:
-            return smtp.connect(dest.fqdn, dest.port)
-        except ssl.SSLCertVerificationError as exc:
-            if pin is not None:
-                raise self._tls_failed(where, exc) from None
-            _mark_unverifiable(dest)
-            raise _RetryError(
-                self._result("temp", f"{where}: certificate not verified: {exc}", "4.7.5")
-            ) from None
-        except ssl.SSLError as exc:
-            raise _FailError(
-                self._result("temp", f"{where}: TLS handshake failed: {exc}", "4.7.5")
-            ) from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise _FailError(
-                self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
-            ) from None
-
-    def _tls_failed(self, where: str, exc: BaseException) -> _FailError:
-        """A required TLS (pinned relay, port 465 or STARTTLS) whose handshake failed."""
-        return _FailError(
-            self._result(
-                "temp", f"TLS required for {where} but it failed: {exc}; nothing sent", "4.7.5"
-            )
+        """A new connection (``pyqmail.send.remoteopen``); OpenError when there is none."""
+        opener = Opener(
+            self.delivery,
+            self.domain,
+            self.route,
+            implicit_port=IMPLICIT_TLS_PORT,  # looked up now: the tests move it
+            budget=self._budget,
         )
-
-    def _hello(self, smtp: SMTPClient, where: str) -> None:
         try:
-            code, text = smtp.ehlo()
-            if code not in (250, 421):  # after a 421 the server is gone: no HELO
-                code, text = smtp.helo()
-        except (OSError, smtplib.SMTPException) as exc:
-            raise _FailError(
-                self._result("temp", f"{where}: lost during EHLO: {exc}", "4.4.2")
-            ) from None
-        if code != 250:
-            if code == 421:
-                smtp.close()  # no QUIT either
-            raise _FailError(
-                self._result("temp", f"{where} refused EHLO/HELO: {_reply(code, text)}", "4.4.2")
-            )
-        if self.delivery.myself.greeted_by_me(text):
-            reply = _reply(code, text.split(b"\n", 1)[0] if isinstance(text, bytes) else text)
-            raise _FailError(
-                self._result(
-                    "perm",
-                    f"mail for {self.domain} loops back to myself ({where} answered EHLO "
-                    f"with my own name: {reply}) (#5.4.6)",
-                    "5.4.6",
-                )
-            )
-
-    def _starttls(self, smtp: SMTPClient, ctx: ssl.SSLContext, where: str, required: bool) -> None:
-        text: bytes | str
-        try:
-            code, text = smtp.starttls(context=ctx)
-        except smtplib.SMTPResponseException as exc:  # smtplib raises on a non-220 reply
-            code, text = exc.smtp_code, exc.smtp_error
-        except (ssl.SSLError, OSError, smtplib.SMTPException) as exc:
-            if required:
-                raise self._tls_failed(where, exc) from None
-            raise
-        if code != 220:
-            if required:
-                raise _FailError(
-                    self._result(
-                        "temp",
-                        f"TLS required for {where}, STARTTLS refused: {_reply(code, text)}",
-                        "4.7.5",
-                    )
-                )
-            raise smtplib.SMTPException(f"STARTTLS refused: {_reply(code, text)}")
-        sock = smtp.sock
-        self.tls = sock.version() or "TLS" if isinstance(sock, ssl.SSLSocket) else "none"
-        self._hello(smtp, where)
-
-    def _auth(self, smtp: SMTPClient, where: str) -> None:
-        if self.verified != "yes":
-            raise _FailError(
-                self._result(
-                    "temp",
-                    f"AUTH to {where} refused: credentials are only sent over TLS with a "
-                    "verified or pinned certificate",
-                    "4.7.5",
-                )
-            )
-        try:
-            smtp.login(self.route.user, self.route.password)
-        except smtplib.SMTPAuthenticationError as exc:
-            raise _FailError(
-                self._result(
-                    "temp",
-                    f"{where} rejected AUTH: {_reply(exc.smtp_code, exc.smtp_error)}",
-                    "4.7.8",
-                )
-            ) from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise _FailError(
-                self._result("temp", f"AUTH to {where} failed: {exc}", "4.7.8")
-            ) from None
+            opened = opener.open()
+        finally:
+            self.dest, self.tls, self.verified = opener.dest, opener.tls, opener.verified
+        self.smtp = opened.smtp
 
     # -- transactions -------------------------------------------------------------------
     def deliver(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
@@ -377,30 +150,70 @@ class RemoteSession:
         ever having been attempted): on a reused connection, a MAIL that finds it closed or
         gets 421 is tried once more on a new one (``_StaleError``). RSET only follows a
         transaction that did not end with a 250 (a refused RSET costs a reconnection too),
-        so a connection that carries message after message pays no extra round trip."""
-        if self.smtp is not None and self._dirty and not self._reset(self.smtp):
-            _close(self.smtp)
-            self._drop()
+        so a connection that carries message after message pays no extra round trip.
+
+        Each transaction (with the set-up of the connection it opens) has a deadline,
+        ``smtpclient.delivery_deadline``: no server holds a worker for longer."""
+        self._budget = delivery_deadline(self.delivery.control.timeoutremote, len(message))
+        if self.smtp is not None:
+            self.smtp.set_deadline(self._budget)
         try:
-            return self._attempt(env, message, recipients)
-        except _StaleError:
+            if self.smtp is not None and self._dirty and not self._reset(self.smtp):
+                close_quietly(self.smtp)
+                self._drop()
+            try:
+                return self._attempt(env, message, recipients)
+            except _StaleError:
+                if self.smtp is not None:
+                    close_quietly(self.smtp)
+                self._drop()
+                return self._attempt(env, message, recipients)
+        finally:
             if self.smtp is not None:
-                _close(self.smtp)
-            self._drop()
-            return self._attempt(env, message, recipients)
+                self.smtp.set_deadline(None)  # an idle connection waits for nothing
 
     def _attempt(self, env: Envelope, message: bytes, recipients: Sequence[str]) -> list[Result]:
         """The message on the connection there is, or on a new one."""
         if self.broken is None and self.smtp is None:
             try:
                 self._open()
-            except _FailError as exc:
+            except OpenError as exc:
                 self.broken = exc.result
         if self.smtp is None:
             broken = self.broken or self._result("temp", "not connected", "4.4.1")
             return [broken] * len(recipients)
         reused, self._used, self._dirty = self._used, True, True
-        return self._transaction(self.smtp, env, message, recipients, reused=reused)
+        overflow: list[int] = []
+        results = self._transaction(
+            self.smtp, env, message, recipients, reused=reused, overflow=overflow
+        )
+        return self._more(env, message, recipients, results, overflow)
+
+    def _more(
+        self,
+        env: Envelope,
+        message: bytes,
+        recipients: Sequence[str],
+        results: list[Result],
+        overflow: list[int],
+    ) -> list[Result]:
+        """The recipients refused for their number (452, or 552 taken as 452: RFC 5321
+        4.5.3.1.10, "too many recipients") in a further transaction on the same connection,
+        at once, as RFC 5321 3.3 suggests, not a retry round later; again while a
+        transaction ends with 250 (so each carries at least one recipient: this ends)."""
+        while overflow and self.smtp is not None and not self._dirty:
+            self.smtp.set_deadline(self._budget)
+            self._dirty = True
+            more: list[int] = []
+            batch = [recipients[i] for i in overflow]
+            for i, result in zip(
+                overflow,
+                self._transaction(self.smtp, env, message, batch, overflow=more),
+                strict=True,
+            ):
+                results[i] = result
+            overflow = [overflow[j] for j in more]
+        return results
 
     def _reset(self, smtp: SMTPClient) -> bool:
         """RSET on a reused connection: False when it is refused or the connection is gone."""
@@ -420,7 +233,7 @@ class RemoteSession:
     def _cmd(self, smtp: SMTPClient, line: str) -> tuple[int, str]:
         smtp.putcmd(line)
         code, text = smtp.getreply()
-        return code, _reply(code, text)
+        return code, reply_text(code, text)
 
     def _refusal(
         self, smtp: SMTPClient, env: Envelope, message: bytes, recipients: Sequence[str]
@@ -458,9 +271,11 @@ class RemoteSession:
         recipients: Sequence[str],
         *,
         reused: bool = False,
+        overflow: list[int],
     ) -> list[Result]:
         """One message; a recipient refused with 5xx at RCPT stays refused (permanent) whatever
-        happens to the connection afterwards, as in qmail-remote."""
+        happens to the connection afterwards, as in qmail-remote. ``overflow`` gets the
+        indexes of the recipients refused for their number."""
         params = self._refusal(smtp, env, message, recipients)
         if isinstance(params, Result):
             return [params] * len(recipients)
@@ -470,10 +285,15 @@ class RemoteSession:
                 smtp, env, message, recipients, params=params, results=results, reused=reused
             )
         except (OSError, smtplib.SMTPException) as exc:
-            self.broken = self._result("temp", f"connection to {self.dest} lost: {exc}", "4.4.2")
-            _close(smtp)
+            if isinstance(exc, SMTPTimeoutError):  # the text says what was waited for
+                why = f"{self.dest}: {exc}"
+            else:
+                why = f"connection to {self.dest} lost: {exc}"
+            self.broken = self._result("temp", why, "4.4.2")
+            close_quietly(smtp)
             self._drop()
             final = self.broken
+        overflow += [i for i, r in enumerate(results) if r is not None and _too_many(r)]
         if final is None:  # every recipient refused at RCPT
             return [r for r in results if r is not None]
         rest = [final] * (len(recipients) - len(results))
@@ -507,73 +327,85 @@ class RemoteSession:
             raise _StaleError(text)
         if code != 250:
             return self._answer(code, text, "MAIL FROM")
+        closing = self._recipients(smtp, recipients, results)
+        if closing is not None:
+            return closing
+        if all(r is not None for r in results):
+            return None
+        code, text = self._cmd(smtp, "DATA")
+        if code != 354:
+            return self._answer(code, text, "DATA")
+        smtp.send_data(wire_data(message))
+        code, reply = smtp.getreply()
+        text = reply_text(code, reply)
+        if code != 250:
+            return self._answer(code, text, "end of DATA")
+        self._dirty = False
+        return self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
+
+    def _recipients(
+        self, smtp: SMTPClient, recipients: Sequence[str], results: list[Result | None]
+    ) -> Result | None:
+        """RCPT for each recipient (its entry in ``results``: None if accepted); the answer
+        of a 421, which leaves this recipient and the rest for a new connection."""
         for rcpt in recipients:
             code, text = self._cmd(smtp, f"RCPT TO:<{rcpt}>")
             if code in (250, 251):
                 results.append(None)
                 continue
             answer = self._answer(code, text, "RCPT TO")
-            if self.smtp is None:  # 421: this recipient and the rest wait for a new connection
+            if self.smtp is None:
                 return answer
             results.append(answer)
-        if all(r is not None for r in results):
-            return None
-        code, text = self._cmd(smtp, "DATA")
-        if code != 354:
-            return self._answer(code, text, "DATA")
-        smtp.send(wire_data(message))
-        code, reply = smtp.getreply()
-        text = _reply(code, reply)
-        if code != 250:
-            return self._answer(code, text, "end of DATA")
-        self._dirty = False
-        return self._result("ok", f"{self.dest} accepted: {text}", "2.0.0", text)
+        return None
 
     def _answer(self, code: int, text: str, stage: str) -> Result:
         """The result of a refusal. A 421 also ends the session: the server is closing the
         channel (RFC 5321 section 3.8), so the connection is dropped without QUIT and the
-        next job opens a new one instead of failing on the closed socket."""
+        next job opens a new one instead of failing on the closed socket. A 552 at RCPT is
+        temporary (RFC 5321 4.5.3.1.10: what old servers answer for too many recipients)."""
         if code == 421:
             self._drop()
         detail = f"{self.dest} said at {stage}: {text}"
         kind: Kind = "perm" if 500 <= code < 600 else "temp"
-        return self._result(kind, detail, _status_of(code, text), f"smtp; {text}")
+        status = _status_of(code, text)
+        if code == 552 and stage == "RCPT TO":
+            kind, status = "temp", "4" + status[1:]
+            detail += f" (552 at RCPT is temporary: too many recipients, {_RFC_552})"
+        return self._result(kind, detail, status, f"smtp; {text}")
 
     def close(self) -> None:
         if self.smtp is not None:
-            _close(self.smtp)
+            close_quietly(self.smtp)
             self.smtp = None
+
+
+def _too_many(result: Result) -> bool:
+    """A recipient refused for the number of recipients (452, or 552 at RCPT)."""
+    return result.kind == "temp" and result.diagnostic.startswith(("smtp; 452", "smtp; 552"))
 
 
 class _StaleError(Exception):
     """A reused connection was found closed at MAIL: the message goes on a new one."""
 
 
-class _RetryError(_FailError):
-    pass
-
-
-def _close(smtp: SMTPClient) -> None:
-    try:
-        if smtp.sock is not None:
-            smtp.sock.settimeout(5)
-            smtp.quit()
-    except (OSError, smtplib.SMTPException):
-        pass
-    finally:
-        smtp.close()
-
-
 class RemoteDelivery:
     """Factory of sessions; one per worker per destination key."""
 
     def __init__(
-        self, control: Control, resolver: Resolver | None = None, tls: TlsPolicy | None = None
+        self,
+        control: Control,
+        resolver: Resolver | None = None,
+        tls: TlsPolicy | None = None,
+        peers: PeerMemory | None = None,
     ) -> None:
+        """``peers``: the memory of troubled addresses; by default the process's own, which
+        survives a HUP (a new RemoteDelivery) and is shared by every session."""
         self.control = control
         self.resolver: Resolver = resolver or DnsResolver()
         self.tls = tls or TlsPolicy(control.control)
         self.myself = Myself.of(control, _LOCAL_ADDRESSES)
+        self.peers = peers or _PEERS
 
     def key(self, recipient: str) -> str:
         """Jobs with the same key may share a connection."""
