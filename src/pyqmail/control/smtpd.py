@@ -43,7 +43,9 @@ pyqmail's own knobs (no qmail equivalent; the names follow qmail's style):
 =================  ===========================================================================
 ``maxconnip``      simultaneous connections from one IPv4 address or IPv6 /64; default 50
 ``maxconn``        simultaneous connections per listener; default 1000
-``maxerrors``      protocol errors before a session is dropped with 421; default 10
+``maxerrors``      protocol errors before a session is dropped with 421; default 10 (what
+                   counts, junk and deferred RCPTs past their margins included:
+                   ``pyqmail.protocol.tally``)
 ``timeouttls``     seconds for a TLS handshake; default 30
 ``timeoutdata``    seconds for a whole DATA phase (slow-drip defence); default 3600
 ``timeoutterm``    seconds sessions get to finish after TERM before ``421``; default 10

@@ -12,6 +12,7 @@ One module per concept:
 - ``sasl``: the AUTH exchanges, one class per mechanism;
 - ``envelope``: MAIL/RCPT parameters, the relay and mailbox decisions, the transaction;
 - ``client``: what the client established in the current TLS state;
+- ``tally``: errors, junk, deferrals and RCPTs past the limit, and when they end a session;
 - ``received``: the Received header; ``address``: path syntax; ``helo``: HELO/EHLO names.
 
 The names below are the core's public interface. The submodules import each other, never

@@ -65,6 +65,7 @@ from pyqmail.protocol.states import (
     State,
     TransitionError,
 )
+from pyqmail.protocol.tally import Tally
 
 __all__ = ["ProtocolUsageError", "SMTPConnection"]
 
@@ -79,11 +80,12 @@ REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Error: line too long"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 #: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
-#: Policy.max_junk each one counts as an error. A repeated HELO/EHLO or RCPT (same
-#: address) is counted where it happens.
+#: Policy.max_junk each one counts as an error (``tally``). A repeated HELO/EHLO or RCPT
+#: (same address) is counted where it happens.
 _JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "ETRN", "TURN"})
 
 
@@ -102,9 +104,7 @@ class SMTPConnection:
         self._inbuf = InputBuffer(policy.max_line)
         self._pregreet = False
         self._client = Client.connected(policy)
-        self._errors = 0
-        self._junk = 0  # junk commands since the last queued message (Policy.max_junk)
-        self._auth_failures = 0
+        self._tally = Tally(policy)  # errors, failed logins, junk, deferrals
         self._shutting_down = False
         # the readers chosen by state: set on entering AUTH_INPUT / DATA, dropped on leaving
         self._sasl: sasl.Exchange | None = None
@@ -206,7 +206,7 @@ class SMTPConnection:
             self._client.auth_user = user
             self._reply(out, "235 2.7.0 Authentication successful")
         else:
-            self._auth_failures += 1
+            self._tally.auth_failures += 1
             self._error(out, sasl.REPLY_AUTH_FAILED)
         self._run(out)
         return coalesce(out)
@@ -218,7 +218,7 @@ class SMTPConnection:
             raise ProtocolUsageError(f"queue id must be printable ASCII: {queue_id!r}")
         out: list[Event] = []
         self._tx = None
-        self._junk = 0  # Postfix: "reset after mail is delivered"
+        self._tally.delivered()  # Postfix: "reset after mail is delivered"
         self._enter(State.READY)
         self._reply(out, f"250 2.0.0 Ok: queued as {queue_id}")
         self._run(out)
@@ -283,7 +283,7 @@ class SMTPConnection:
 
     def _error(self, out: list[Event], line: str) -> None:
         """A reply that counts towards ``Policy.max_errors``."""
-        self._errors += 1
+        self._tally.errors += 1
         self._reply(out, line)
 
     def _close(self, out: list[Event], line: str) -> None:
@@ -342,9 +342,7 @@ class SMTPConnection:
 
     def _command(self, raw: bytes, out: list[Event]) -> None:
         """Decode one command line, check it may run now, and run its handler."""
-        if self._errors >= self.policy.max_errors or (
-            self._auth_failures >= self.policy.max_auth_failures
-        ):
+        if self._tally.exhausted:
             self._close(out, f"421 4.7.0 {self.policy.hostname} Error: too many errors")
             return
         if b"\r" in raw or b"\0" in raw:
@@ -379,17 +377,8 @@ class SMTPConnection:
             self._error(out, f"501 5.5.4 Syntax: {verb}")
             return
         if verb in _JUNK:
-            self._count_junk()
+            self._tally.junk_command()
         handler(self, arg, out)
-
-    def _count_junk(self) -> None:
-        """One more command that moves no mail; past the limit it is also an error."""
-        self._junk += 1
-        limit = self.policy.max_junk
-        if limit and self._junk > limit:
-            if self._junk == limit + 1:
-                self.policy.notice("junk-limit", f"more than {limit} junk commands")
-            self._errors += 1
 
     def _cmd_helo(self, arg: str, out: list[Event], *, esmtp: bool = False) -> None:
         try:
@@ -398,7 +387,7 @@ class SMTPConnection:
             self._error(out, exc.reply)
             return
         if self._client.helo is not None:
-            self._count_junk()  # a second HELO/EHLO in the same TLS state moves no mail
+            self._tally.junk_command()  # a second HELO/EHLO in the same TLS state moves no mail
         self._tx = None
         self._client.helo = name
         self._client.esmtp = esmtp
@@ -432,11 +421,17 @@ class SMTPConnection:
         self._reply(out, "250 2.1.0 Ok")
 
     def _cmd_rcpt(self, arg: str, out: list[Event]) -> None:
+        """Past the recipient limit 452 at once, before any check (none of them is asked
+        about a recipient the transaction cannot take); else the recipient's checks."""
         tx = self._tx
         assert tx is not None  # noqa: S101 - RCPT runs only in MAIL/RCPT (states.ALLOWED)
         tx.rcpt_attempted = True
-        limit = self.policy.maxrcpt or self.policy.hard_max_recipients
-        limit = min(limit, self.policy.hard_max_recipients)
+        hard = self.policy.hard_max_recipients
+        if tx.taken >= min(self.policy.maxrcpt or hard, hard):
+            tx.overshoot += 1
+            self._tally.overshoot(tx.overshoot)
+            self._reply(out, REPLY_TOO_MANY_RCPTS)
+            return
         try:
             box = parse_rcpt(
                 arg, self.policy, utf8=tx.utf8, may_relay=self._client.may_relay(self.policy)
@@ -445,34 +440,36 @@ class SMTPConnection:
             self._error(out, exc.reply)
             return
         if box.address in tx.recipients:
-            self._count_junk()
+            self._tally.junk_command()
             self._reply(out, "250 2.1.5 Ok")
             return
-        if len(tx.recipients) >= limit:
-            # neither an error nor junk: a long list (a pipelining MTA sends every RCPT
-            # before it reads a 452) must not end the session before its DATA
-            self._reply(out, "452 4.5.3 Error: too many recipients")
-            return
-        if self._held(
-            out, self.policy.rcpt_check, len(tx.recipients) + 1, (tx.sender.address, box.address)
-        ):
+        screen = (tx.sender.address, box.address)
+        held = self._held(out, self.policy.rcpt_check, len(tx.recipients) + 1, screen)
+        if held is not None:
+            tx.deferred += held.startswith("4")  # it takes a place as an accepted one does
             return
         tx.recipients.append(box.address)
         self._enter(State.RCPT)
         self._reply(out, "250 2.1.5 Ok")
 
     def _held(self, out: list[Event], check: Callable[[str, T], str | None] | None, arg: T,
-              screen: tuple[str, str | None]) -> bool:  # fmt: skip
+              screen: tuple[str, str | None]) -> str | None:  # fmt: skip
         """The server's check of an authenticated session's MAIL or RCPT, then Policy.screen
-        for a client that may not relay; True if refused: a 5xx counts as an error, a 4xx
-        does not (a pipelining client sends every RCPT before it reads the first 450)."""
+        for a client that may not relay; the refusal sent, or None: a 5xx counts as an
+        error, a 4xx only past ``Policy.max_deferred`` (a pipelining client sends every RCPT
+        before it reads the first 450: the first ones are free)."""
         login, policy = self._client.auth_user, self.policy
         reply = None if check is None or login is None else check(login, arg)
         if reply is None and policy.screen and not self._client.may_relay(policy):
             reply = policy.screen(*screen)
-        if reply is not None:
-            (self._reply if reply.startswith("4") else self._error)(out, reply)
-        return reply is not None
+        if reply is None:
+            return None
+        if reply.startswith("4"):
+            self._tally.deferral()
+            self._reply(out, reply)
+        else:
+            self._error(out, reply)
+        return reply
 
     def _cmd_data(self, _arg: str, out: list[Event]) -> None:
         """354, then MessageStart and the Received header; the DATA reader takes over."""
@@ -583,7 +580,7 @@ class SMTPConnection:
             if self._state is State.AUTH_INPUT:
                 self._enter(State.READY)
             if step.reply == sasl.REPLY_AUTH_FAILED:
-                self._auth_failures += 1
+                self._tally.auth_failures += 1
             self._error(out, step.reply)
             out.append(step.event)
 

@@ -34,6 +34,17 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
     #: Some RCPT was tried, even if refused: DATA then says "no valid recipients".
     rcpt_attempted: bool = False
+    #: RCPTs a check deferred (4xx: greylisting, a sending limit). They take a place under
+    #: the recipient limit as accepted ones do (Postfix), so a transaction consults those
+    #: checks at most that many times, however many RCPTs the client sends.
+    deferred: int = 0
+    #: RCPTs answered 452 because the limit was reached (``pyqmail.protocol.tally``).
+    overshoot: int = 0
+
+    @property
+    def taken(self) -> int:
+        """The places used under the recipient limit: accepted and deferred recipients."""
+        return len(self.recipients) + self.deferred
 
     @property
     def utf8(self) -> bool:

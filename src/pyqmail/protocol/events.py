@@ -63,13 +63,19 @@ class Policy:
       (AUTH check, queue commit, handshake) and before the greeting.
     - ``max_junk``: junk commands (NOOP, RSET, VRFY, ...; ``pyqmail.smtpd.knobs``)
       allowed before each further one counts towards ``max_errors``; 0 = no limit.
+    - ``max_deferred``: MAIL/RCPT commands a check answered with a 4xx (greylisting, a
+      sending limit) allowed before each further one counts towards ``max_errors``;
+      ``max_rcpt_overshoot``: RCPTs per transaction answered ``452`` (past the recipient
+      limit) allowed before each further one does (``pyqmail.protocol.tally``). A deferred
+      RCPT counts towards the recipient limit as an accepted one does.
     - ``auth_header``: name the AUTH login in the Received header.
     - ``notice(event, text)`` is how the core asks the server to log something the client
       did that has no reply of its own worth logging (a refused HELO).
     - ``sender_check(login, sender)`` and ``rcpt_check(login, count)``: for an authenticated
       session only, after MAIL's (RCPT's) own checks passed: a reply line refuses the
       command (``pyqmail.smtpd.senders``: the login's addresses, its sending limits; a 4xx
-      is not counted as an error), None lets it through. ``count`` includes this recipient.
+      is an error only past ``max_deferred``), None lets it through. ``count`` includes
+      this recipient.
     - ``screen(sender, recipient)``: for a client that may not relay, after MAIL's
       (``recipient`` None) and RCPT's own checks: a reply line refuses the command
       (``pyqmail.checks.screen``: blocklists, greylisting), counted as ``sender_check``'s.
@@ -100,6 +106,8 @@ class Policy:
     reject_unauth_pipelining: bool = True
     clock: Callable[[], float] = time.time
     max_junk: int = 100
+    max_deferred: int = 10
+    max_rcpt_overshoot: int = 1000
     auth_header: bool = False
     notice: Callable[[str, str], None] = _no_notice
     sender_check: Callable[[str, str], str | None] | None = None
@@ -133,7 +141,7 @@ class Policy:
             )
         if len(set(self.auth_mechanisms)) != len(self.auth_mechanisms):
             raise ValueError(f"Policy.auth_mechanisms repeats a name: {self.auth_mechanisms}")
-        for name in ("databytes", "maxrcpt", "max_junk"):
+        for name in ("databytes", "maxrcpt", "max_junk", "max_deferred", "max_rcpt_overshoot"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_line < 512:
