@@ -21,6 +21,12 @@ therefore asks, at RCPT, the question local delivery would ask (``pyqmail.send.d
 4. a domain listed in ``control/rcptcatchall`` accepts every local part (a per-domain
    catch-all, opt-in); ``control/validrcptto`` entries are accepted too.
 
+``postmaster`` (any case) is accepted in every ``rcpthosts`` domain whatever the lists say:
+RFC 5321 4.5.1 requires it of every domain we take mail for. A local domain delivers it to
+``alias/.qmail-postmaster`` (the pyqmail_aliases role always writes it); a virtual domain
+to its own ``prefix-postmaster`` when delivery finds one, else to that same local
+postmaster (``pyqmail.send.local``).
+
 Nothing needs regenerating or a reload: ``users/mailboxes`` is re-read when its mtime
 changes and the alias files are looked up per RCPT (a few ``stat`` calls). A qmail root
 with neither ``users/mailboxes`` nor ``alias/`` has no local addressing to consult (a
@@ -128,11 +134,14 @@ def judge(
     ``validrcptto`` (when present) lists extra valid addresses and ``@domain`` entries;
     on its own, as before this module, it is the whole list for every rcpthosts domain.
     ``local`` (None: ``rcptcheck`` 0) judges the domains delivered here; a relayed
-    rcpthosts domain is left to ``validrcptto``, or accepted without it."""
+    rcpthosts domain is left to ``validrcptto``, or accepted without it. ``postmaster``
+    is accepted in every rcpthosts domain."""
     addr = address.lower()
-    domain = addr.rpartition("@")[2]
+    name, _, domain = addr.rpartition("@")
     if not domain or not rcpthost(domain):
         return ""  # relayed mail is the relay rule's business
+    if name == "postmaster":
+        return ""  # RFC 5321 4.5.1: every domain we accept mail for has one
     if validrcptto is not None and (addr in validrcptto or "@" + domain in validrcptto):
         return ""
     answer = local.lookup(addr) if local is not None else Answer(True, "not-local")

@@ -12,7 +12,8 @@ Files and defaults (qmail's names and defaults where qmail has the file):
 ``rcpthosts``      domains we accept mail for, one per line; ``.example.com`` matches every
                    subdomain (not ``example.com`` itself), as qmail. Absent: NO domain — qmail
                    accepts every recipient without it (an open relay); pyqmail refuses to be one
-``locals``         domains delivered locally; default ``me`` (read here only to validate it)
+``locals``         domains delivered locally; default ``me`` (read here to validate it and
+                   to deliver a bare ``RCPT TO:<postmaster>`` to one of them)
 ``databytes``      maximum message size in bytes, 0 = unlimited; default 0 (qmail); either
                    way no more than the queue holds (``queue.store.MAX_MESSAGE``, 2 GiB)
 ``maxrcpt``        maximum recipients per message, 0 = unlimited; default 0 (qmail-maxrcpt)
@@ -163,6 +164,13 @@ class Config:
                 return True
             dot = domain.find(".", dot + 1)
         return False
+
+    @property
+    def postmaster_domain(self) -> str:
+        """The domain of a bare ``RCPT TO:<postmaster>``: ``me`` when it is delivered
+        here, else the first of ``locals`` (sorted: the file's order is not kept), so that
+        pyqmail-send delivers it locally instead of finding it "loops back to myself"."""
+        return self.me if self.me in self.locals else min(self.locals)
 
     def address_in_rcpthosts(self, address: str) -> bool:
         """An address without a domain is ours (qmail); otherwise the domain decides."""

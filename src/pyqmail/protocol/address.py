@@ -11,12 +11,26 @@ before any relay decision is made:
 - CR, LF, NUL, other control characters, spaces and ``<>`` never get through;
 - address literals must be real IP addresses; domains are LDH labels (plus UTF-8 when
   the transaction declared SMTPUTF8) and are lowercased.
+
+A recipient's domain in U-labels (``bücher.example``, SMTPUTF8) is the same domain as its
+A-labels (``xn--bcher-kva.example``, RFC 5890), and every list it is compared with
+(``rcpthosts``, ``locals``, ``virtualdomains``, ``validrcptto``, ``smtproutes``) holds
+LDH names: ``a_labels`` turns it into A-labels once, at RCPT, and the envelope carries
+that form, so the checks and pyqmail-send's delivery all see the name the lists use. The
+local part is never converted (only its owner knows what it means). The conversion is
+Python's IDNA 2003 codec after NFC (the ``idna`` package of IDNA 2008 is not a
+dependency); a label that does not come back from its A-label unchanged (``ß``, which
+IDNA 2003 maps to ``ss`` where IDNA 2008 keeps it; full-width letters) is refused rather
+than taken for another domain.
 """
 
 from __future__ import annotations
 
+import encodings.idna
+import encodings.punycode  # the codec ToASCII looks up: loaded before the privilege drop
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets, brackets included.
@@ -30,6 +44,9 @@ _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _ROUTE = re.compile(r"@[^,:@]+(?:,@[^,:@]+)*:")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+#: What IDNA reads as a label separator besides ".": inside a label they would make one
+#: label of what a resolver takes for two.
+_IDNA_DOTS = frozenset("\u3002\uff0e\uff61")
 
 
 class AddressError(ValueError):
@@ -42,7 +59,8 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True)
 class Mailbox:
-    """``address`` is ``local@domain`` (domain lowercased), or ``""`` for the null path."""
+    """``address`` is ``local@domain`` (domain lowercased; a recipient's in A-labels:
+    ``a_labels``), or ``""`` for the null path."""
 
     address: str
     local: str
@@ -95,6 +113,34 @@ def _check_domain(domain: str, code: str, utf8: bool) -> str:
             continue
         raise AddressError(f"501 {code} Bad address syntax: bad domain {domain!a}")
     return domain.lower()
+
+
+def a_labels(box: Mailbox, code: str) -> Mailbox:
+    """``box`` with its domain's U-labels as A-labels (lower case); an ASCII domain as it
+    is. AddressError naming the label that has no A-label to be sure of."""
+    if box.domain.isascii():
+        return box
+    labels = []
+    for label in box.domain.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        name = unicodedata.normalize("NFC", label.lower())
+        try:
+            ace = encodings.idna.ToASCII(name).decode("ascii")
+            back = encodings.idna.ToUnicode(ace)
+        except UnicodeError:
+            ace = back = ""
+        if back != name or not _LABEL.match(ace) or not _IDNA_DOTS.isdisjoint(name):
+            raise AddressError(
+                f"553 {code} sorry, the domain label {label!a} has no IDNA A-label form"
+            )
+        labels.append(ace.lower())
+    domain = ".".join(labels)
+    address = f"{box.local}@{domain}"
+    if len(domain) > 253 or len(address) > MAX_ADDRESS:
+        raise AddressError(f"501 {code} Bad address syntax: domain {domain} too long")
+    return Mailbox(address, box.local, domain)
 
 
 def _utf8_label_ok(label: str) -> bool:

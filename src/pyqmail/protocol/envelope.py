@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pyqmail.protocol.address import (
     AddressError,
     Mailbox,
+    a_labels,
     parse_mailbox,
     parse_params,
     split_path,
@@ -61,20 +62,24 @@ def parse_mail(arg: str, databytes: int) -> Transaction:
 
 
 def parse_rcpt(arg: str, policy: Policy, *, utf8: bool, may_relay: bool) -> Mailbox:
-    """RCPT's argument -> the recipient to add; AddressError if refused. A bare
-    ``<postmaster>`` (RFC 5321 4.5.1) is this host's postmaster."""
+    """RCPT's argument -> the recipient to add (its domain in A-labels); AddressError if
+    refused. A bare ``<postmaster>`` (RFC 5321 4.5.1) is this host's postmaster, always
+    accepted: ``postmaster@`` a domain delivered here (``Policy.postmaster_domain``), so
+    that delivery finds it local."""
     path, ptext = split_path(arg, "TO:", "5.1.3")
     rcpt_params(ptext)
     box = parse_mailbox(path, "5.1.3", utf8=utf8, allow_null=False)
     if box.domain == "":
-        box = Mailbox(f"postmaster@{policy.hostname.lower()}", "postmaster", "")
-    elif "%" in box.local or "!" in box.local:
+        domain = policy.postmaster_domain or policy.hostname.lower()
+        return Mailbox(f"postmaster@{domain}", "postmaster", domain)
+    if "%" in box.local or "!" in box.local:
         raise AddressError("553 5.1.3 sorry, '%' and '!' are not accepted in recipients")
-    local_domain = box.domain == "" or policy.rcpthosts(box.domain)
+    box = a_labels(box, "5.1.3")
+    local_domain = policy.rcpthosts(box.domain)
     if not local_domain and not may_relay:
         raise AddressError("553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts")
     check = policy.validrcptto
-    if local_domain and box.domain and check is not None and not check(box.address):
+    if local_domain and check is not None and not check(box.address):
         raise AddressError("550 5.1.1 sorry, no mailbox here by that name")
     return box
 

@@ -68,6 +68,8 @@ class Policy:
       ``max_rcpt_overshoot``: RCPTs per transaction answered ``452`` (past the recipient
       limit) allowed before each further one does (``pyqmail.protocol.tally``). A deferred
       RCPT counts towards the recipient limit as an accepted one does.
+    - ``postmaster_domain``: where a bare ``RCPT TO:<postmaster>`` goes (RFC 5321 4.5.1):
+      a domain delivered here (the server's ``locals``); empty: ``hostname``.
     - ``auth_header``: name the AUTH login in the Received header.
     - ``notice(event, text)`` is how the core asks the server to log something the client
       did that has no reply of its own worth logging (a refused HELO).
@@ -108,6 +110,7 @@ class Policy:
     max_junk: int = 100
     max_deferred: int = 10
     max_rcpt_overshoot: int = 1000
+    postmaster_domain: str = ""
     auth_header: bool = False
     notice: Callable[[str, str], None] = _no_notice
     sender_check: Callable[[str, str], str | None] | None = None
@@ -141,6 +144,11 @@ class Policy:
             )
         if len(set(self.auth_mechanisms)) != len(self.auth_mechanisms):
             raise ValueError(f"Policy.auth_mechanisms repeats a name: {self.auth_mechanisms}")
+        if not all("!" <= c <= "~" for c in self.postmaster_domain):
+            raise ValueError(
+                "Policy.postmaster_domain must be printable ASCII without blanks: "
+                f"{self.postmaster_domain!r}"
+            )
         for name in ("databytes", "maxrcpt", "max_junk", "max_deferred", "max_rcpt_overshoot"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")

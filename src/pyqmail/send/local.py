@@ -158,17 +158,25 @@ class LocalDelivery:
         self.mailboxes = Mailboxes(control.mailboxes_file)
 
     def plan(self, recipient: str) -> Plan | Result:
+        """Where ``recipient`` goes. ``postmaster`` of a virtual domain that has none of
+        its own (its ``prefix-postmaster`` unknown) is the local postmaster: pyqmail-smtpd
+        accepts postmaster in every domain (RFC 5321 4.5.1), and a bounce would go to a
+        sender who wrote to the one address that must always work."""
         local = self.control.is_local(recipient)
         if local is None:
             return Result.perm(f"{recipient} is not a local address (#5.1.2)", "5.1.2")
-        domain = split_address(recipient)[1] or self.control.me.lower()
+        name, domain = split_address(recipient)
+        domain = domain or self.control.me.lower()
         try:
             boxes = self.mailboxes.get()
         except (MailboxesError, OSError, UnicodeDecodeError) as exc:
             return Result.temp(f"mailboxes file unusable: {exc} (#4.3.0)", "4.3.0")
-        return resolve(
-            local, f"{local.lower()}@{domain}", boxes, self.control.alias_dir, self.control.me
-        )
+        alias_dir, me = self.control.alias_dir, self.control.me
+        found = resolve(local, f"{local.lower()}@{domain}", boxes, alias_dir, me)
+        virtual_postmaster = name.lower() == "postmaster" and local.lower() != "postmaster"
+        if virtual_postmaster and isinstance(found, Result) and found.status == "5.1.1":
+            return resolve("postmaster", f"postmaster@{domain}", boxes, alias_dir, me)
+        return found
 
     def deliver(self, env: Envelope, message: bytes, recipient: str) -> Result:
         """Deliver everything, forwards included (needs ``queue``)."""

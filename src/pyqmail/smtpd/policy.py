@@ -171,6 +171,7 @@ def build_policy(
         validrcptto=_rcpt_check(cfg, ip),
         max_errors=cfg.maxerrors,
         max_junk=cfg.knobs.max_junk,
+        postmaster_domain=cfg.postmaster_domain,
         auth_header=cfg.knobs.auth_header,
         notice=lambda event, text: log(event, ip=ip, text=text),
         sender_check=None if senders is None else lambda login, addr: senders.mail(login, addr, ip),
