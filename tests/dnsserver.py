@@ -13,6 +13,10 @@ A zone text may use names relative to its zone (``$ORIGIN`` is the zone) and may
 SOA and NS records: a zone without a SOA gets a made-up SOA and NS so that knot loads it. knot
 refuses a zone with a syntax error; that refusal is raised with knot's log, not a timeout.
 
+``silent_server()`` never answers; ``silent_for(upstream, suffix)`` passes queries on but
+never answers those under ``suffix``; ``recording(upstream)`` passes every query on and
+keeps a log of them.
+
 ``split_zones(text, origins)`` puts the records of a multi-zone file (such as the
 ``dns.zone`` the pyqmail_dns role writes, whose owners are fully qualified and span several
 zones) into the zone each owner belongs to.
@@ -28,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +43,7 @@ import dns.query
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import dns.zone
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
@@ -82,6 +87,35 @@ def silent_for(
     whose DNS hangs while every other name answers, as a resolver in production sees it."""
     origin = dns.name.from_text(suffix)
     only = None if rdtype is None else dns.rdatatype.from_text(rdtype)
+
+    def drop(question: dns.rrset.RRset) -> bool:
+        return question.name.is_subdomain(origin) and only in (None, question.rdtype)
+
+    with _proxy(upstream, host, drop, []) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def recording(
+    upstream: tuple[str, int], host: str = "127.0.0.1"
+) -> Iterator[tuple[tuple[str, int], list[tuple[str, str]]]]:
+    """A DNS server that passes every query on to ``upstream`` and notes it first: its
+    address and the query log, ``(name, type)`` per query in arrival order (``name``
+    absolute, as asked): what a test reads to tell whether a daemon asked DNS at all."""
+    seen: list[tuple[str, str]] = []
+    with _proxy(upstream, host, lambda _question: False, seen) as address:
+        yield address, seen
+
+
+@contextlib.contextmanager
+def _proxy(
+    upstream: tuple[str, int],
+    host: str,
+    drop: Callable[[dns.rrset.RRset], bool],
+    seen: list[tuple[str, str]],
+) -> Iterator[tuple[str, int]]:
+    """A UDP DNS server on ``host`` passing queries on to ``upstream``, each noted in
+    ``seen``; those ``drop`` says of get no answer (the client waits for its timeout)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((host, 0))
         udp.settimeout(0.2)
@@ -95,12 +129,10 @@ def silent_for(
                     continue
                 query = dns.message.from_wire(wire)
                 question = query.question[0] if query.question else None
-                if (
-                    question is not None
-                    and question.name.is_subdomain(origin)
-                    and only in (None, question.rdtype)
-                ):
-                    continue  # dropped: the client waits for its timeout
+                if question is not None:
+                    seen.append((question.name.to_text(), dns.rdatatype.to_text(question.rdtype)))
+                if question is not None and drop(question):
+                    continue
                 answer = dns.query.udp(query, upstream[0], port=upstream[1], timeout=2.0)
                 udp.sendto(answer.to_wire(), client)
 

@@ -12,7 +12,10 @@ Addresses:
 
 - ``1.2.3.4`` exact IPv4 address; ``1.2.3.`` ``10.`` prefixes ending in a dot;
 - ``1.2.3.37-53`` and ``10.2-3.``: ranges, expanded by tcprules into one key per number;
-- ``=mx.example.com`` a host name, ``=.example.com`` a domain suffix, ``=`` any named host;
+- ``=mx.example.com`` a host name, ``=.example.com`` a domain suffix, ``=`` any named host:
+  the client's TCPREMOTEHOST, which pyqmail-smtpd finds as tcpserver -p does (the PTR
+  name, only if its A/AAAA records include the client's address: forward-confirmed), and
+  only for a cdb that has such a key (``Rules.names``); no confirmed name, no ``=`` match;
 - ``joe@1.2.3.4`` / ``joe@=host``: TCPREMOTEINFO (ident) forms;
 - the empty address: the default rule;
 - IPv6 (Debian's ucspi-tcp-ipv6): ``::1`` exact, ``2001:db8:`` prefixes ending in a colon,
@@ -84,6 +87,8 @@ _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HOST_RE = re.compile(
     r"\.?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\Z"
 )
+MAX_HOST = 253  # characters of a DNS name in text, without the trailing dot (RFC 1035)
+MAX_LABEL = 63
 _INFO_RE = re.compile(r"[A-Za-z0-9._+-]+\Z")
 _IPV6_CHARS_RE = re.compile(r"[0-9a-fA-F:.]+\Z")
 
@@ -255,16 +260,29 @@ def _check_ipv6(address: str) -> str | None:
 
 
 def _check_host(host: str) -> str | None:
+    """Why ``=host`` can never match a client's name (None if it can). The name compared is
+    the forward-confirmed name of the client's PTR record (pyqmail-smtpd's tcpserver -p,
+    ``pyqmail.smtpd.remotehost``): lower case, without the root's trailing dot, so a rule
+    in another spelling would silently never match; it is refused naming the spelling."""
     if host == "":
         return None
-    if host != host.lower():
-        return "tcpserver sees host names in lower case; write this one in lower case"
-    if host.endswith("."):
-        return "host names have no trailing dot in TCPREMOTEHOST"
+    fixed = host.lower().removesuffix(".")
+    if host.endswith(".") and fixed:
+        return f"host names have no trailing dot in TCPREMOTEHOST: write ={fixed}"
+    if host != fixed:
+        return f"tcpserver sees host names in lower case: write ={fixed}"
     if not _HOST_RE.match(host):
         return (
             f"={host} is not a host name (letters, digits, '-', '_' and dots) "
             "nor a domain suffix starting with '.'"
+        )
+    labels = host.removeprefix(".").split(".")
+    if len(host.removeprefix(".")) > MAX_HOST or any(len(label) > MAX_LABEL for label in labels):
+        return f"a DNS name has at most {MAX_HOST} characters, {MAX_LABEL} between two dots"
+    if labels[-1].isdigit():
+        return (
+            "no host name ends in a number (a PTR name that does is never used): for an IP "
+            "address or prefix, write it without '='"
         )
     return None
 
@@ -487,10 +505,16 @@ def _decide(data: bytes, key: str) -> Decision:
 
 
 class Rules:
-    """A compiled rules cdb, looked up the way tcpserver does."""
+    """A compiled rules cdb, looked up the way tcpserver does.
+
+    ``names``: whether any key is a host name (``=host``, ``=.domain``, ``=``), found once
+    per load. Only then does a client's host name matter, so only then is it looked up
+    (a PTR and a forward query per client, before the greeting): every other cdb costs
+    nothing more per connection than tcpserver -H."""
 
     def __init__(self, db: CDB) -> None:
         self.db = db
+        self.names = any(key.startswith(b"=") for key, _data in db.items())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Rules:
@@ -510,6 +534,12 @@ class Rules:
     @classmethod
     def from_rules(cls, rules: Sequence[Rule]) -> Rules:
         return cls.from_bytes(compile_rules(rules))
+
+    def name_matters(self, ip: str) -> bool:
+        """Whether the client's host name can change its decision: the cdb has host-name
+        keys and no key for the client's exact address, the one key tcpserver tries before
+        ``=host`` (a relay client listed by address is never kept waiting for DNS)."""
+        return self.names and self.db.get(tcpremoteip(ip).encode()) is None
 
     def lookup(self, ip: str, hostname: str | None = None, info: str | None = None) -> Decision:
         """tcpserver's decision for a client at ``ip`` (any notation; IPv4-mapped IPv6 is

@@ -101,8 +101,14 @@ INVALID = [
     ("10.4-2.:allow", "range 4-2 is empty"),
     ("10.2-300.:allow", "'2-300' is not a number"),
     ("1-2.3-4.:allow", "only one range"),
-    ("=MX.example.com:allow", "lower case"),
-    ("=mx.example.com.:allow", "trailing dot"),
+    ("=MX.example.com:allow", "lower case: write =mx.example.com"),
+    ("=mx.example.com.:allow", "trailing dot in TCPREMOTEHOST: write =mx.example.com"),
+    ("=MX.Example.COM.:allow", "write =mx.example.com"),
+    ("=10.1.2.3:allow", "no host name ends in a number"),
+    ("=.10:allow", "no host name ends in a number"),
+    ("joe@=10.1.2.3:allow", "no host name ends in a number"),
+    ("=" + "a" * 64 + ".example:allow", "63 between two dots"),
+    ("=" + "a." * 127 + "example:allow", "at most 253 characters"),
     ("=mx..example:allow", "not a host name"),
     ("=-mx.example:allow", "not a host name"),
     ("=a b:allow", "whitespace"),
@@ -386,3 +392,29 @@ def test_load_corrupt_and_missing(tmp_path) -> None:
         Rules.load(bad)
     with pytest.raises(FileNotFoundError):
         Rules.load(tmp_path / "missing.cdb")
+
+
+@pytest.mark.parametrize(
+    ("source", "names"),
+    [
+        ("", False),
+        ("127.0.0.1:allow\n1.2.3.:deny\n:allow\n", False),
+        ("joe@=mx.example.com:deny\n", False),  # needs an ident, which pyqmail never asks
+        ("=mx.example.com:deny\n", True),
+        ("10.:allow\n=.example.com:allow\n", True),
+        ("=:allow\n", True),
+    ],
+)
+def test_names_says_whether_any_rule_names_a_host(source: str, names: bool) -> None:
+    """Found once per load: only such a cdb makes pyqmail-smtpd look client names up."""
+    assert Rules.from_rules(parse(source)).names is names
+
+
+def test_the_name_matters_unless_the_exact_address_has_a_rule() -> None:
+    """tcpserver tries the exact address before ``=host``; every other key after it."""
+    rules = Rules.from_rules(parse('127.0.0.1:allow,RELAYCLIENT=""\n127.:deny\n=x.test:deny\n'))
+    assert rules.name_matters("127.0.0.1") is False
+    assert rules.name_matters("::ffff:127.0.0.1") is False
+    assert rules.name_matters("127.0.0.2") is True
+    assert rules.name_matters("::1") is True
+    assert Rules.from_rules(parse("127.:deny\n")).name_matters("127.0.0.2") is False

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail import rules
 from pyqmail.checks import libraries
 from pyqmail.control.reader import ControlError
 from tests.interpreter import fresh_stdout
@@ -105,6 +106,33 @@ def test_the_checks_libraries_are_loaded_only_when_their_files_exist(
     assert out.splitlines() == [groups, str(loaded), str(asyncresolver)]
 
 
+PRELOAD_RULES = (
+    "import sys, pathlib, pyqmail.smtpd.cli, pyqmail.smtpd.server\n"
+    "from pyqmail.checks import libraries\n"
+    "print(libraries.preload_rules(pathlib.Path(sys.argv[1])))\n"
+    "print('dns' in sys.modules, 'pyqmail.smtpd.remotehost' in sys.modules)"
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "out"),
+    [
+        ('127.0.0.1:allow,RELAYCLIENT=""\n10.:deny\n:allow\n', "[]\nFalse False"),
+        ('=relay.example.org:allow,RELAYCLIENT=""\n:allow\n', "['hosts']\nTrue True"),
+        ("=.example.org:deny\n", "['hosts']\nTrue True"),
+    ],
+)
+def test_dnspython_is_loaded_for_a_rules_cdb_with_host_names_only(
+    tmp_path: Path, source: str, out: str
+) -> None:
+    """The ``hosts`` group: a cdb whose rules name no host costs no DNS library; one with
+    an ``=`` key loads the client-name lookup before the privilege drop."""
+    cdb = tmp_path / "smtp.cdb"
+    cdb.write_bytes(rules.compile_rules(rules.parse(source)))
+    assert fresh_stdout(PRELOAD_RULES, str(cdb)) == out + "\n"
+    assert fresh_stdout(PRELOAD_RULES, str(tmp_path / "absent.cdb")) == "[]\nFalse False\n"
+
+
 def test_a_group_that_cannot_be_imported_is_a_control_error_naming_its_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,3 +150,28 @@ def test_a_group_that_cannot_be_imported_is_a_control_error_naming_its_file(
     (tmp_path / "control").mkdir()
     (tmp_path / "control" / "dnsbl").write_text("bl.test\n")
     assert libraries.preload(tmp_path / "control") == []  # reported later, by require
+
+
+def test_host_rules_whose_lookup_cannot_be_imported_are_a_control_error_naming_the_cdb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cdb gaining =host rules while the daemon runs, where its user cannot import
+    dnspython: ``load_rules`` (the rules cache's, a start's and --check's) refuses it,
+    naming the cdb, so the rules loaded before stay rather than rules whose = entries
+    could never match."""
+    from pyqmail.control.check import load_rules
+
+    (tmp_path / "brokenhosts.py").write_text("raise ImportError('cannot read the codecs')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(libraries.GROUPS, "hosts", ("brokenhosts",))
+    cdb = tmp_path / "smtp.cdb"
+    cdb.write_bytes(rules.compile_rules(rules.parse("10.:deny\n")))
+    assert load_rules(cdb).names is False  # no = key: nothing to import
+    cdb.write_bytes(rules.compile_rules(rules.parse("=spam.example:deny\n")))
+    with pytest.raises(ControlError) as exc:
+        load_rules(cdb)
+    assert str(exc.value) == (
+        f"{cdb}: turns on host-name rules (=host) whose libraries cannot be loaded "
+        "(brokenhosts: cannot read the codecs); pyqmail-smtpd loads them before dropping "
+        "privileges when this cdb has them at start: restart it"
+    )

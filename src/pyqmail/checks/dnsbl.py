@@ -10,12 +10,15 @@ Control files (each line read by ``pyqmail.control.reader``; ``#`` and blank lin
 ``dnsblthreshold`` the sum of the weights of the lists a client is on that refuses it;
                    default 1 (any one list refuses it, as rblsmtpd), 1 to 1000
 ``dnsbltimeout``   seconds every lookup of one client has together; default 5, 1 to 60. A
-                   list that has not answered by then counts as not answering
+                   list that has not answered by then counts as not answering. It also
+                   bounds the client's host-name lookup for tcprules ``=host`` rules
+                   (``pyqmail.smtpd.remotehost``, on every listener), which comes first
 ``dnsbltempfail``  1: a list that did not answer (timeout, SERVFAIL, refusal, an answer
                    outside 127.0.0.0/8) gives ``451 4.7.1`` instead of letting the mail
                    through; default 0 (a failing lookup never blocks mail)
 ``dnsresolver``    the name servers pyqmail-smtpd's checks ask, ``host[@port]`` per line (an
-                   IP address; port default 53). Absent: the system's (``/etc/resolv.conf``)
+                   IP address; port default 53). Absent: the system's (``/etc/resolv.conf``).
+                   The host names of ``=host`` rules are asked there too
 =================  ===========================================================================
 
 How it runs: on the ``smtp`` listener, when the connection is admitted, every list and allow

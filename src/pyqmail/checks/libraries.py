@@ -1,4 +1,5 @@
-"""The inbound checks' libraries: loaded by a pyqmail-smtpd whose control files use them.
+"""The inbound checks' libraries: loaded by a pyqmail-smtpd whose control files use them
+(and dnspython for a rules cdb with host names).
 
 Why: dnspython, dkimpy (with PyNaCl), pyspf, publicsuffix2 and authres, with the standard
 modules they pull in (``importlib.metadata``, ``email``, ``zipfile``, ...), are some 9 MB of
@@ -21,7 +22,17 @@ group      control files                       modules (and with them the librar
                                                DMARC, Authentication-Results
 ``lists``  ``dnsbl``, ``dnswl``                ``pyqmail.checks.listlookup``: the lists'
                                                DNS queries (dnspython's asyncio resolver)
+``hosts``  the ``--rules`` cdb, when it has    ``pyqmail.smtpd.remotehost``: the client's
+           a host-name key (``=host``)         forward-confirmed PTR name (dnspython too)
 =========  ==================================  ===========================================
+
+The ``hosts`` group is the one exception to "existence only": its trigger is what the rules
+cdb holds, so ``preload_rules`` opens it as root and looks at its keys (``Rules.names``),
+nothing more; the daemon reads it again after the drop for its rules. The cdb is root's
+own configuration (tcprules and the ``pyqmail_tcprules`` module write it as root, 0644)
+and the reader is the bounded pure-Python one of ``pyqmail.cdb``. Loading dnspython for
+every listener with a rules file instead would cost every host without ``=`` rules the
+memory this module exists to save.
 
 The modules that run a group's checks import its modules inside the function that needs
 them, after ``require`` (they are in ``sys.modules`` by then).
@@ -37,6 +48,7 @@ from pyqmail.control.reader import ControlError
 GROUPS: dict[str, tuple[str, ...]] = {
     "auth": ("pyqmail.checks.inbound",),
     "lists": ("pyqmail.checks.listlookup",),
+    "hosts": ("pyqmail.smtpd.remotehost",),
 }
 FILES: dict[str, str] = {"authchecks": "auth", "dnsbl": "lists", "dnswl": "lists"}
 
@@ -57,6 +69,23 @@ def preload(control: Path) -> list[str]:
     return loaded
 
 
+def preload_rules(rules: Path | None) -> list[str]:
+    """As root, before the privilege drop: import the ``hosts`` group if the rules cdb has
+    a host-name key (see above). ``["hosts"]`` if loaded; a cdb that cannot be read or
+    imports that fail are reported when the configuration is loaded."""
+    if rules is None:
+        return []
+    from pyqmail.rules import Rules, RulesError  # noqa: PLC0415 - only with a rules cdb
+
+    try:
+        if not Rules.load(rules).names:
+            return []
+        require("hosts", rules)
+    except (OSError, RulesError, ControlError):
+        return []
+    return ["hosts"]
+
+
 def require(group: str, where: Path) -> None:
     """Import ``group``'s modules (a no-op when loaded); ControlError naming ``where``, the
     file that turns the group on, if they cannot be imported."""
@@ -64,8 +93,11 @@ def require(group: str, where: Path) -> None:
         try:
             importlib.import_module(module)
         except (ImportError, OSError) as exc:
+            what, when = ("checks", "this file exists")
+            if group == "hosts":
+                what, when = ("host-name rules (=host)", "this cdb has them")
             raise ControlError(
-                f"{where}: turns on checks whose libraries cannot be loaded ({module}: "
-                f"{exc}); pyqmail-smtpd loads them before dropping privileges when this "
-                "file exists at start: restart it"
+                f"{where}: turns on {what} whose libraries cannot be loaded ({module}: "
+                f"{exc}); pyqmail-smtpd loads them before dropping privileges when {when} "
+                "at start: restart it"
             ) from None

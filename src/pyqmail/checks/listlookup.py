@@ -22,33 +22,37 @@ from pyqmail.checks.resolver import point_at
 CACHE_SIZE = 20_000  # answers per worker (dnspython's LRU cache, each kept for its TTL)
 
 
+def async_resolver(servers: tuple[tuple[str, int], ...]) -> dns.asyncresolver.Resolver:
+    """A worker's asyncio resolver asking ``servers`` (``control/dnsresolver``; none: the
+    system's, or a resolver on 127.0.0.1 without /etc/resolv.conf), its answers cached for
+    their TTL. The lists' lookups and the client's host name (``pyqmail.smtpd.remotehost``)
+    use one each."""
+    if servers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        point_at(resolver, servers)
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:  # no resolv.conf: a local resolver
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = ["127.0.0.1"]
+    resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
+    resolver.retry_servfail = False
+    return resolver
+
+
 class Lookup:
     """One worker's resolver and answer cache, set up from ``Settings.nameservers``."""
 
     def __init__(self, settings: dnsbl.Settings) -> None:
         self.nameservers = settings.nameservers
-        self.resolver = self._make(settings.nameservers)
-
-    @staticmethod
-    def _make(servers: tuple[tuple[str, int], ...]) -> dns.asyncresolver.Resolver:
-        if servers:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            point_at(resolver, servers)
-        else:
-            try:
-                resolver = dns.asyncresolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:  # no resolv.conf: a local resolver
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = ["127.0.0.1"]
-        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
-        resolver.retry_servfail = False
-        return resolver
+        self.resolver = async_resolver(settings.nameservers)
 
     def configure(self, settings: dnsbl.Settings) -> None:
         """HUP: other name servers mean another resolver (and a fresh cache)."""
         if settings.nameservers != self.nameservers:
             self.nameservers = settings.nameservers
-            self.resolver = self._make(settings.nameservers)
+            self.resolver = async_resolver(settings.nameservers)
 
     async def _ask(self, qname: str, rdtype: str, timeout: float) -> list[str] | None:
         """The answers; [] for "not listed" (NXDOMAIN, no data); None: no useful answer."""

@@ -56,8 +56,8 @@ def load(control: Path, *, lookups: bool = True) -> Settings:
         timeout=table.DNSBLTIMEOUT.read(control),
         tempfail=table.DNSBLTEMPFAIL.read(control) == 1,
     )
-    if not lookups:
-        return Settings(dnsbl.Settings(), grey)
+    if not lookups:  # no lists; the resolver settings serve the host names of =host rules
+        return Settings(dnsbl.Settings(timeout=lists.timeout, nameservers=lists.nameservers), grey)
     if lists.active:
         libraries.require("lists", control / ("dnsbl" if lists.lists else "dnswl"))
     return Settings(lists, grey)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pyqmail import tls
 from pyqmail.authlock import lock_path
+from pyqmail.checks import libraries
 from pyqmail.checks.greylist import STATE_FILE as GREYLIST_FILE
 from pyqmail.control import send as send_control
 from pyqmail.control import smtpd as smtpd_control
@@ -97,13 +98,18 @@ def state_problem(path: Path, what: str) -> str | None:
 
 
 def load_rules(path: Path) -> Rules:
-    """The tcprules cdb, with the daemon's messages (``RulesCache`` in pyqmail.smtpd)."""
+    """The tcprules cdb, as pyqmail-smtpd loads it (``RulesCache`` in pyqmail.smtpd) and
+    with its messages: a cdb with host-name rules needs the ``hosts`` libraries
+    (``pyqmail.checks.libraries``), or its ``=`` rules could never match."""
     try:
-        return Rules.load(path)
+        rules = Rules.load(path)
     except OSError as exc:
         raise ControlError(f"{path}: cannot read rules: {exc.strerror}") from exc
     except RulesError as exc:
         raise ControlError(f"{path}: {exc}") from exc
+    if rules.names:
+        libraries.require("hosts", path)
+    return rules
 
 
 def smtpd_report(root: Path, mode: str, rules: Path | None) -> tuple[list[str], str]:

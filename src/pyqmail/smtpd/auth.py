@@ -9,6 +9,7 @@ here, in one place a reviewer can read without the socket code around it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 
@@ -57,6 +58,22 @@ class Authenticator:
         names refused without a password check (the same 535, after the same delay)."""
         db = self.users.current()
         return await self.guard.attempt(ip, req.username, lambda: verify_auth(db, req))
+
+    async def verdict(self, ip: str, port: int, req: AuthRequest) -> Outcome:
+        """``check``, and for a failure its ``auth-fail`` line and then its penalty delay:
+        what a session waits for before it answers the client."""
+        outcome = await self.check(ip, req)
+        if not outcome.ok:
+            log_auth_fail(
+                ip,
+                port,
+                mech=req.mechanism,
+                user=req.username,
+                reason=outcome.reason,
+                delay=outcome.delay,
+            )
+            await asyncio.sleep(outcome.delay)
+        return outcome
 
     def shutdown(self) -> None:
         """The worker stops: no new password checks, the state file closed."""

@@ -28,7 +28,12 @@ worker).
 Per-client policy comes from the tcprules cdb exactly as tcpserver applies it: a ``deny``
 rule closes the connection at once (logged), ``allow`` passes the rule's environment
 (RELAYCLIENT, SMTPAUTH, FORCETLS, BARELF, DATABYTES, MAXRCPT). The cdb is re-read when its
-file changes, as tcpserver opens it per connection; no reverse DNS is done (``-H``).
+file changes, as tcpserver opens it per connection. A cdb with host-name rules (``=host``,
+``=.domain``, ``=``) has the client's name looked up first, as tcpserver -p does
+(``pyqmail.smtpd.remotehost``: the PTR name, only if its A/AAAA records include the
+client's address; within ``dnsbltimeout``; the connection is counted meanwhile and its
+greeting waits); no name, no ``=`` match. Any other cdb makes no DNS query (``-H``), and
+the Received header says ``unknown`` for the client's name.
 
 Limits: ``maxconn`` per listener and ``maxconnip`` per client (an IPv4 address or an IPv6
 /64) are counted exactly across workers in a table they share (``pyqmail.smtpd.limits``). Over a
@@ -61,18 +66,21 @@ root:pyqmaila, the group of the password verifiers) and write the queue's tmp/ a
 ``<root>/smtpd/`` (the shared AUTH failure state). Before the drop, root only looks whether
 control/authchecks, control/dnsbl or control/dnswl exist, to import the checks' libraries
 while it surely can (``pyqmail.checks.libraries``; without those files a listener never
-loads them, some 9 MB less per process).
+loads them, some 9 MB less per process); and whether the rules cdb has ``=host`` keys, to
+import dnspython for the client names they need.
 
 Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value ...``
 (values with blanks or control characters are escaped as ``\\xNN``)::
 
-    start listen=127.0.0.1:2525 mode=smtp workers=2 uid=105 loop=uvloop [libraries=auth,lists]
+    start listen=127.0.0.1:2525 mode=smtp workers=2 uid=105 loop=uvloop [libraries=auth,lists,hosts]
                                      (real port if :0; the checks' libraries loaded at start)
     ready slot=0 mode=smtp                                    (one per worker, serving)
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
-    conn ip=... port=... secs=... msgs=N [tls=...] [auth=...]  (one per finished connection)
+    conn ip=... port=... secs=... msgs=N [tls=...] [auth=...] [host=NAME]  (one per finished
+                                     connection; host: its confirmed name, for =host rules)
     pregreet ip=... port=... bytes=N after=SECS   helo-refused ip=... text=...   junk-limit
-    deny ip=... port=... rule=KEY        refuse ip=... port=... reason=maxconnip=50
+    deny ip=... port=... rule=KEY [host=NAME]   refuse ip=... port=... reason=maxconnip=50
+    host-fail ip=... error=LifetimeTimeout    (the name of a client could not be looked up)
     auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
     tls-fail, timeout, abort, queue-fail, reload, reload-fail, worker-exit, stopped
 

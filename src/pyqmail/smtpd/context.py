@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pyqmail.checks.screen import Checks
 from pyqmail.control import smtpd as configmod
-from pyqmail.rules import Decision
+from pyqmail.rules import Rules
 from pyqmail.smtpd.auth import Authenticator
 from pyqmail.smtpd.intake import Spool
 from pyqmail.smtpd.limits import Admission
@@ -50,8 +50,12 @@ class SessionContext(Spool, Protocol):
     def checks(self) -> Checks:
         """The worker's blocklist resolver and greylist (``pyqmail.checks.screen``)."""
 
-    def lookup(self, ip: str) -> Decision:
-        """The tcprules entry for a client."""
+    def rules_now(self) -> Rules | None:
+        """The tcprules cdb as of now (None: none; every client is allowed as it is)."""
+
+    async def remote_host(self, ip: str) -> str | None:
+        """The client's forward-confirmed host name (None: none, or DNS failed); asked
+        only when ``Rules.names``: the cdb has ``=host`` rules."""
 
     def admit(self, key: bytes, cfg: configmod.Config) -> Admission:
         """Count a new connection against maxconn and maxconnip (all workers)."""

@@ -383,3 +383,35 @@ class Intake:
             self.queue_error = self.queue_error or str(result)
             return end, self.queue_error
         return end, None
+
+    def log_result(
+        self,
+        result: CommitResult,
+        end: MessageEnd | None,
+        error: str | None,
+        *,
+        port: int,
+        tls: str | None,
+        checks: Mapping[str, str],
+    ) -> None:
+        """The message's log line once its commit is done (``finished``): ``msg`` when it
+        is queued (``checks``: the session's blocklist and greylist fields), else
+        ``refused`` (a check refused it) or ``queue-fail``."""
+        msg = self.message
+        if isinstance(result, QueueError):
+            event = "refused" if self.refusal else "queue-fail"
+            log(event, ip=self.ip, port=port, error=error, **self.fields)
+        elif msg is not None and end is not None:
+            log(
+                "msg",
+                qid=result.queue_id,
+                mid=end.message_id or "-",
+                size=end.size,
+                ip=self.ip,
+                tls=tls,
+                auth=msg.auth_user,
+                **{"from": f"<{msg.sender}>"},
+                to=",".join(f"<{r}>" for r in msg.recipients),
+                **checks,
+                **self.fields,
+            )

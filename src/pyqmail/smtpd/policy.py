@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 from pyqmail.authdb import AuthDB, AuthDBError
 from pyqmail.checks import greet
 from pyqmail.control import smtpd as configmod
+from pyqmail.control.check import load_rules
 from pyqmail.control.reader import file_stamp
 from pyqmail.log import log
 from pyqmail.protocol import Policy
 from pyqmail.queue.store import MAX_MESSAGE
-from pyqmail.rules import Decision, Rules, RulesError
+from pyqmail.rules import Rules
 
 if TYPE_CHECKING:
     from pyqmail.smtpd.senders import SenderRules
@@ -65,13 +66,13 @@ class RulesCache:
 
     @staticmethod
     def _read(path: Path) -> tuple[Rules, tuple[int, int, int]]:
+        """The rules and the stamp they were read at; ``ConfigError`` as ``--check`` says it
+        (a cdb with host-name rules whose libraries cannot be loaded is one)."""
         try:
             st = path.stat()
-            return Rules.load(path), (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError as exc:
             raise configmod.ConfigError(f"{path}: cannot read rules: {exc.strerror}") from exc
-        except RulesError as exc:
-            raise configmod.ConfigError(f"{path}: {exc}") from exc
+        return load_rules(path), (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def refresh(self) -> None:
         """Re-read if changed; a broken new file keeps the old rules (and is logged)."""
@@ -90,12 +91,10 @@ class RulesCache:
             self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # log once per change
             log("warning", text=f"{exc}; keeping the loaded rules")
 
-    def lookup(self, ip: str) -> Decision:
-        """The rule for ``ip`` as of now; without a cdb every client is allowed, as is."""
+    def current(self) -> Rules | None:
+        """The rules as of now (None: no cdb, every client is allowed as it is)."""
         self.refresh()
-        if self._rules is None:
-            return Decision(True, {}, None)
-        return self._rules.lookup(ip)
+        return self._rules
 
 
 # --- per-connection policy ---------------------------------------------------------------
@@ -140,10 +139,13 @@ def build_policy(
     senders: SenderRules | None = None,
     *,
     screen: Callable[[str, str | None], str | None] | None = None,
+    host: str | None = None,
 ) -> Policy:
     """The listener mode and the client's rule environment, as the core's Policy;
     ``senders`` holds authenticated sessions to their addresses and sending limits,
-    ``screen`` the other clients to the blocklists and greylisting (``pyqmail.checks``)."""
+    ``screen`` the other clients to the blocklists and greylisting (``pyqmail.checks``);
+    ``host``: the client's forward-confirmed name, for the Received header (looked up only
+    for a rules cdb with host names: ``pyqmail.smtpd.remotehost``)."""
     relay = "RELAYCLIENT" in env
     smtpauth = _env_flag(env, "SMTPAUTH")
     forcetls = _env_flag(env, "FORCETLS")
@@ -157,6 +159,7 @@ def build_policy(
         hostname=cfg.me,
         greeting=f"{cfg.greeting} ESMTP",  # qmail's 220 line
         client_ip=ip,
+        client_host=host,
         tls_active=mode == "smtps",
         starttls_available=mode != "smtps" and cfg.server_tls is not None,
         auth_mechanisms=auth_mechanisms(cfg) if auth_on else (),

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyqmail import heap, tickets
 from pyqmail import log as logmod
@@ -31,7 +32,7 @@ from pyqmail.log import log
 from pyqmail.queue.commit import CommitResult, Committer
 from pyqmail.queue.store import Queue
 from pyqmail.queue.writer import QueueWriter
-from pyqmail.rules import Decision
+from pyqmail.rules import Rules
 from pyqmail.smtpd.auth import Authenticator
 from pyqmail.smtpd.intake import Done, SpoolBudget
 from pyqmail.smtpd.limits import Admission, ConnTable
@@ -40,6 +41,9 @@ from pyqmail.smtpd.senders import SenderRules
 from pyqmail.smtpd.sendlimits import Settings as LimitSettings
 from pyqmail.smtpd.session import CLOSE_GRACE, Session
 from pyqmail.ticketkeys import TicketKeys
+
+if TYPE_CHECKING:
+    from pyqmail.smtpd.remotehost import HostNames
 
 UMASK = 0o027  # set at start; queue files are created 0640 (group pyqmail reads them)
 READ_SIZE = 64 * 1024  # one socket read at most
@@ -79,12 +83,24 @@ class Server:
         self.waiting: set[object] = set()  # the live sessions' intakes with a message in commit
         self._ended = False  # a session ended since the last ``_tick``
         self.keys = keys  # the TLS ticket secret, ratcheted at each ``_tick``
+        self.hostnames: HostNames | None = None  # made for the first cdb with =host rules
 
     # SessionContext -----------------------------------------------------------------------
 
-    def lookup(self, ip: str) -> Decision:
-        """The client's tcprules entry (the cdb is re-read when it changes)."""
-        return self.rules.lookup(ip)
+    def rules_now(self) -> Rules | None:
+        """The tcprules cdb as of now (re-read when it changes); None: no cdb."""
+        return self.rules.current()
+
+    async def remote_host(self, ip: str) -> str | None:
+        """The client's forward-confirmed host name, within ``dnsbltimeout``; None if it has
+        none or DNS failed (``pyqmail.smtpd.remotehost``, loaded with the cdb that needs it:
+        ``pyqmail.checks.libraries``)."""
+        dnsbl = self.cfg.screen.dnsbl
+        if self.hostnames is None:
+            from pyqmail.smtpd.remotehost import HostNames  # noqa: PLC0415 - see above
+
+            self.hostnames = HostNames(dnsbl.nameservers)
+        return await self.hostnames.name(ip, dnsbl.timeout)
 
     def admit(self, key: bytes, cfg: configmod.Config) -> Admission:
         """Count a connection in the table every worker shares."""
@@ -189,6 +205,8 @@ class Server:
         self.auth.reload(cfg)
         self.senders.reload(cfg.root, limit_settings(cfg))
         self.checks.reload(cfg.root, cfg.screen)
+        if self.hostnames is not None:
+            self.hostnames.configure(cfg.screen.dnsbl.nameservers)
         log("reload", root=cfg.root)
 
     async def serve(self, sock: socket.socket) -> int:

@@ -41,6 +41,7 @@ from pyqmail.protocol import (
 )
 from pyqmail.queue.commit import CommitResult
 from pyqmail.queue.format import QueueError
+from pyqmail.rules import Decision, Rules
 from pyqmail.smtpd import knobs as session_knobs
 from pyqmail.smtpd.auth import log_auth_fail
 from pyqmail.smtpd.context import SessionContext
@@ -51,6 +52,7 @@ from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump, quick
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 TEMPFAIL = "451 4.3.0 queue write failed, try again later"
+ALLOWED = Decision(True, {}, None)  # no cdb: every client, as it is (tcpserver without -x)
 
 __all__ = ["CLOSE_GRACE", "Session", "SessionContext"]
 
@@ -73,6 +75,8 @@ class Session(asyncio.BufferedProtocol):
         self.env: Mapping[str, str] = {}  # the client's tcprules environment
         self.ip = "?"
         self.port = 0
+        self.host: str | None = None  # forward-confirmed, looked up only for =host rules
+        self.early = b""  # what came while the name was looked up (``named``)
         self.paused: set[str] = set()
         self.reading_paused = False  # the transport was told to stop reading (see pause)
         self.tls: TLSPump | None = None  # TLS over memory BIOs on the raw socket
@@ -96,24 +100,55 @@ class Session(asyncio.BufferedProtocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         """Admit the client (rules, then connection limits), then greet it: at once, after
-        the greeting pause, or after the handshake on the smtps listener."""
+        the greeting pause, or after the handshake on the smtps listener. Where ``=host``
+        rules can decide, the client's name comes first: the connection is counted while
+        it is looked up (``named``), and what the client sends meanwhile (one read: the
+        lazy pause then stops reading) is kept in ``early``; elsewhere no DNS query."""
         # A stream transport (asyncio's, or another loop's that is not a subclass).
         transport: asyncio.Transport = base  # type: ignore[assignment]
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.ip, self.port = str(peer[0]), int(peer[1])
-        decision = self.ctx.lookup(self.ip)
-        if not decision.allow:
-            log("deny", ip=self.ip, port=self.port, rule=decision.key)
-            self.closed = True
-            transport.close()
+        rules = self.ctx.rules_now()
+        if rules is not None and rules.name_matters(self.ip):
+            if self._admit(transport):
+                self.pause("name")  # not pause_reading: uvloop reads after connection_made
+                self.spawn(self.named(rules))
             return
-        if not self._admit(transport):
+        decision = rules.lookup(self.ip) if rules is not None else ALLOWED
+        if not self._denied(decision) and self._admit(transport):
+            self.open(decision)
+
+    async def named(self, rules: Rules) -> None:
+        """tcpserver's TCPREMOTEHOST (``pyqmail.smtpd.remotehost``), then the rules."""
+        self.host = await self.ctx.remote_host(self.ip)
+        if self.closed or self.closing:
             return
+        self.resume("name")
+        decision = rules.lookup(self.ip, self.host)
+        if not self._denied(decision):
+            self.open(decision)
+            if self.early:  # a ClientHello (smtps), or a client that talks first
+                self.data_received(self.early)
+                self.early = b""
+
+    def _denied(self, decision: Decision) -> bool:
+        """A deny rule: logged and closed without a word, as tcpserver. (A client counted
+        while its name was looked up is uncounted by ``connection_lost``, which logs its
+        ``conn`` line.)"""
+        if decision.allow or self.transport is None:
+            return False
+        log("deny", ip=self.ip, port=self.port, rule=decision.key, host=self.host)
+        self.closed = True
+        self.transport.close()
+        return True
+
+    def open(self, decision: Decision) -> None:
+        """An admitted client's policy, checks and timers; then the greeting (or TLS)."""
         cfg, mode, self.env = self.cfg, self.ctx.mode, decision.env
-        self.screen = self.ctx.checks.screen(cfg.screen, mode, self.ip, decision.env)
+        screen = self.screen = self.ctx.checks.screen(cfg.screen, mode, self.ip, self.env)
         self.policy = build_policy(
-            cfg, mode, self.ip, decision.env, self.ctx.senders, screen=self.screen.envelope
+            cfg, mode, self.ip, self.env, self.ctx.senders, screen=screen.envelope, host=self.host
         )
         self.touch()
         self.timer = self.loop.call_at(self.deadline, self.on_timer)
@@ -169,7 +204,8 @@ class Session(asyncio.BufferedProtocol):
             if self.tls is not None:
                 self.tls_received(data)
                 return
-            if self.conn is None:
+            if self.conn is None:  # its name is being looked up (``named``)
+                self.early += data
                 return
             events = self.conn.receive(data)
             if self.greet_timer is not None:
@@ -214,6 +250,7 @@ class Session(asyncio.BufferedProtocol):
             msgs=self.messages,
             tls=self._tls_text(),
             auth=self.auth_user,
+            host=self.host,
             error=str(exc) if exc else None,
         )
         self.ctx.left(self)
@@ -491,19 +528,9 @@ class Session(asyncio.BufferedProtocol):
     # AUTH ---------------------------------------------------------------------------------
 
     async def authenticate(self, req: AuthRequest) -> None:
-        """The check runs off the loop (``auth.Authenticator``); a failure is logged and
-        answered after the penalty delay, and reading resumes once there is an answer."""
-        outcome = await self.ctx.auth.check(self.ip, req)
-        if not outcome.ok:
-            log_auth_fail(
-                self.ip,
-                self.port,
-                mech=req.mechanism,
-                user=req.username,
-                reason=outcome.reason,
-                delay=outcome.delay,
-            )
-            await asyncio.sleep(outcome.delay)
+        """The check runs off the loop (``auth.Authenticator.verdict``); a failure is logged
+        and answered after the penalty delay, and reading resumes once there is an answer."""
+        outcome = await self.ctx.auth.verdict(self.ip, self.port, req)
         if self.closed or self.conn is None:
             return
         if outcome.ok:
@@ -546,30 +573,16 @@ class Session(asyncio.BufferedProtocol):
     def committed(self, result: CommitResult) -> None:
         """On the loop, once the commit of the current message is done (or failed)."""
         end, error = self.intake.finished(result)
+        checks = self.screen.fields() if self.screen is not None else {}
+        self.intake.log_result(
+            result, end, error, port=self.port, tls=self._tls_text(), checks=checks
+        )
+        queue_id = None if isinstance(result, QueueError) else result.queue_id
         msg = self.intake.message
-        if isinstance(result, QueueError):
-            event = "refused" if self.intake.refusal else "queue-fail"
-            log(event, ip=self.ip, port=self.port, error=error, **self.intake.fields)
-            queue_id = None
-        else:
-            queue_id = result.queue_id
+        if queue_id is not None:
             self.messages += 1
             if msg is not None:
                 self.ctx.senders.accepted(msg.auth_user, len(msg.recipients))
-            if msg is not None and end is not None:
-                log(
-                    "msg",
-                    qid=queue_id,
-                    mid=end.message_id or "-",
-                    size=end.size,
-                    ip=self.ip,
-                    tls=self._tls_text(),
-                    auth=msg.auth_user,
-                    **{"from": f"<{msg.sender}>"},
-                    to=",".join(f"<{r}>" for r in msg.recipients),
-                    **(self.screen.fields() if self.screen is not None else {}),
-                    **self.intake.fields,
-                )
         if self.closed or self.conn is None:
             return
         self.resume("commit")

@@ -8,7 +8,8 @@ the supervisor, the single process of ``--workers 1``, or ``--check``.
 
 The order keeps root's part small: the checks' libraries the control files ask for are
 imported while the interpreter's files are surely readable (``pyqmail.checks.libraries``:
-by their existence), then privileges drop to ``--user``, and only then is any file read.
+by their existence; dnspython also for a rules cdb with ``=host`` keys, the one file root
+opens), then privileges drop to ``--user``, and only then is any file read.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _prepare(opts: Options) -> tuple[list[str], str]:
     """Root's part, then the drop: the checks' libraries and the event loop are imported
     (the groups loaded and the loop resolved are returned); files are read after this."""
     preloaded = libraries.preload(opts.root / "control") if configmod.inbound(opts.mode) else []
+    preloaded += libraries.preload_rules(opts.rules)  # a cdb with =host rules: dnspython
     loop = resolve_loop(opts.loop)
     if os.geteuid() == 0:
         # The login locks' directory (pyqmail.authdir), if no role made it: only root may
@@ -243,6 +245,7 @@ def check(opts: Options) -> int:
     try:
         if configmod.inbound(opts.mode):
             libraries.preload(opts.root / "control")
+        libraries.preload_rules(opts.rules)
         if opts.user is not None:
             drop_privileges(opts.user)  # the files must be readable by the daemon's user
     except UsageError as exc:
