@@ -69,7 +69,8 @@ def test_an_unverified_relay_is_encrypted_but_gets_no_credentials(
     tmp_path: Path, implicit: Recorder
 ) -> None:
     """The test CA is not trusted: tried again without verification (``verified=no``),
-    as with STARTTLS; then the credentials stay home and the delivery is deferred."""
+    as with STARTTLS; on a route with AUTH there is no such second try (credentials need
+    a verified certificate): the delivery is deferred at once and says why."""
     result = _deliver(tmp_path, implicit.port)
     assert (result.kind, result.tls, result.verified) == ("ok", "TLSv1.3", "no"), result
     refused = _deliver(tmp_path / "auth", implicit.port, auth=True)

@@ -111,8 +111,8 @@ def test_a_resting_address_is_skipped_for_the_next_one_of_the_host(tmp_path: Pat
 
 def test_refusals_go_last_timeouts_rest_and_the_back_off_grows() -> None:
     """The memory itself, on a clock the test moves: a refused address is tried after the
-    others, a timed-out one not at all until its back-off ends (60 s, doubling, at most an
-    hour); a greeting clears the record."""
+    others, a timed-out one not at all until its back-off ends (60 s, doubling with each
+    failed probe, at most an hour); a greeting clears the record."""
     now = [1000.0]
     peers = PeerMemory(clock=lambda: now[0])
     refused, dead, fine = (Destination("h", f"192.0.2.{i}", 25) for i in (1, 2, 3))
@@ -126,6 +126,8 @@ def test_refusals_go_last_timeouts_rest_and_the_back_off_grows() -> None:
         peers.connect_failed(dead, timed_out=True)
         assert peers.resting(dead) == backoff
     for _ in range(20):
+        now[0] += peers.resting(dead)
+        assert peers.order([dead]) == ([dead], [])
         peers.connect_failed(dead, timed_out=True)
     assert peers.resting(dead) == BACKOFF_MAX
     peers.connected(dead)

@@ -6,17 +6,26 @@ Keyed by (address, port): a name can have many addresses, and one of them can be
 
 - Connection failures (qmail's ``tcpto``). An address whose TCP connection timed out, or
   that accepted and then sent no greeting within ``timeoutremote``, costs a whole wait at
-  each try; it is not tried again for a back-off period (60 s, doubling with each further
-  failure in a row up to an hour), so the next messages to it, from any worker, are
-  deferred at once ("not tried: ...") instead of holding a worker for the same wait. An
-  address that refused the connection costs nothing to try: it is only tried after the
-  other addresses of the host list. A greeting clears the record.
+  each try; it rests for a back-off period (60 s, doubling with each further failure, up to
+  an hour), during which the next messages to it, from any worker, are deferred at once
+  ("not tried: ...") instead of holding a worker for the same wait. Only a failure of a
+  try that began after the previous rest ended doubles the rest: the other workers whose
+  tries were already under way when the address went down fail too, in the same outage,
+  and twenty of them must not make one outage an hour's rest (qmail's tcpto counts a
+  failure only when the previous one is older than the rest it caused). When a rest ends
+  one probe goes through, and the other workers keep skipping the address until that
+  probe greets (the record is cleared) or fails (the next, doubled rest), or until as long
+  as the rest was has passed without an answer (the next probe). An address that refused
+  the connection costs nothing to try: it is only tried after the other addresses of the
+  host list for a minute, and a refusal neither starts nor doubles a rest.
 - A STARTTLS whose handshake failed (not a certificate: a stall, a reset, a protocol
   error). The next message to that address goes straight to what the TLS policy allows
-  without it (plaintext when opportunistic; a ``tlshosts`` pin never gets plaintext and
-  ignores this record), for ``TLS_FAILED_TTL``.
+  without it (plaintext when opportunistic), for ``TLS_FAILED_TTL``. A ``tlshosts`` pin
+  and an AUTH route (``smtproutes-auth``) ignore this record: neither may use plaintext,
+  so for them it would only defer mail without trying (``pyqmail.send.remoteopen``).
 - A certificate that did not verify: the next message goes straight to TLS without
-  verification, for ``UNVERIFIABLE_TTL``.
+  verification, for ``UNVERIFIABLE_TTL`` (again not for an AUTH route, which needs a
+  verified certificate).
 """
 
 from __future__ import annotations
@@ -49,9 +58,15 @@ P = TypeVar("P", bound=Peer)
 
 @dataclass
 class _Failures:
-    count: int  # failures in a row
-    until: float  # monotonic time the back-off ends
-    timed_out: bool  # the last one cost a whole wait (not a refusal)
+    count: int  # rests so far (each failure after a rest ended doubles the next); 0: none
+    rest_until: float = 0.0  # monotonic time the current rest ends (0.0: never rested)
+    refused_until: float = 0.0  # refused recently: tried after the others until then
+    probe_until: float = 0.0  # a probe is under way: the others skip it until then
+
+
+def _rest(count: int) -> float:
+    """Seconds an address rests after the ``count``-th rest-starting failure."""
+    return min(BACKOFF_FIRST * float(2 ** min(count - 1, 16)), BACKOFF_MAX)
 
 
 class PeerMemory:
@@ -90,18 +105,37 @@ class PeerMemory:
             return table.get((peer.address, peer.port), 0.0) > self._clock()
 
     # -- connections (tcpto) ------------------------------------------------------------
-    def connect_failed(self, peer: Peer, timed_out: bool) -> None:
+    def now(self) -> float:
+        """The memory's clock: what a caller passes as ``started`` to ``connect_failed``."""
+        return self._clock()
+
+    def connect_failed(self, peer: Peer, timed_out: bool, started: float | None = None) -> None:
         """``peer`` could not be reached: its connection timed out or it sent no greeting
-        (``timed_out``), or it refused."""
+        (``timed_out``), or it refused. ``started``: when that try began (``now()``;
+        default: now), so that a try under way before a rest ended does not double it."""
         now = self._clock()
         key = (peer.address, peer.port)
         with self._lock:
             if len(self._failures) >= MAX_ENTRIES:
-                for old in [k for k, f in self._failures.items() if f.until <= now]:
-                    del self._failures[old]
-            count = self._failures[key].count + 1 if key in self._failures else 1
-            rest = min(BACKOFF_FIRST * 2 ** min(count - 1, 16), BACKOFF_MAX)
-            self._failures[key] = _Failures(count, now + rest, timed_out)
+                self._sweep(now)
+            record = self._failures.setdefault(key, _Failures(0))
+            record.probe_until = 0.0  # a probe that failed is over
+            if not timed_out:
+                record.refused_until = now + BACKOFF_FIRST
+                return
+            if record.count == 0:
+                record.count = 1
+            elif record.rest_until > now:
+                return  # another try of the same outage: the rest stands as it is
+            elif (now if started is None else started) >= record.rest_until:
+                record.count += 1  # tried again after the rest (the probe): still down
+            record.rest_until = now + _rest(record.count)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the records that no longer change anything (the table is full)."""
+        for key, f in list(self._failures.items()):
+            if max(f.rest_until, f.refused_until, f.probe_until) <= now:
+                del self._failures[key]
 
     def connected(self, peer: Peer) -> None:
         """``peer`` greeted: it is reachable again."""
@@ -109,16 +143,20 @@ class PeerMemory:
             self._failures.pop((peer.address, peer.port), None)
 
     def resting(self, peer: Peer) -> float:
-        """Seconds ``peer`` is still not tried for (0: try it); refusals never rest."""
+        """Seconds ``peer`` is still not tried for (0: try it); refusals never rest. While
+        a probe is under way, the seconds until another may go."""
+        now = self._clock()
         with self._lock:
             record = self._failures.get((peer.address, peer.port))
-            if record is None or not record.timed_out:
+            if record is None:
                 return 0.0
-            return max(0.0, record.until - self._clock())
+            return max(0.0, record.rest_until - now, record.probe_until - now)
 
     def order(self, peers: Sequence[P]) -> tuple[list[P], list[P]]:
         """``peers`` to try, in order, and those left out: an address resting after a
-        timeout is left out; one that refused in its back-off goes after the others."""
+        timeout is left out, and so is one whose rest ended while another worker probes it
+        (the first caller after a rest gets it, and becomes that probe); one that refused
+        in the last minute goes after the others."""
         now = self._clock()
         fresh: list[P] = []
         later: list[P] = []
@@ -126,10 +164,13 @@ class PeerMemory:
         with self._lock:
             for peer in peers:
                 record = self._failures.get((peer.address, peer.port))
-                if record is None or record.until <= now:
+                if record is None:
                     fresh.append(peer)
-                elif record.timed_out:
+                    continue
+                if record.rest_until > now or record.probe_until > now:
                     skipped.append(peer)
-                else:
-                    later.append(peer)
+                    continue
+                if record.count:  # the rest is over: this caller probes it
+                    record.probe_until = now + _rest(record.count)
+                (later if record.refused_until > now else fresh).append(peer)
         return fresh + later, skipped

@@ -25,7 +25,9 @@ TLS, per remote host name (``fqdn``: the MX or relay name):
 - a relay on port 465 gets TLS from the first byte (``pyqmail.send.smtpclient``), with the
   same verification rules and no cleartext fallback.
 - AUTH (``smtproutes-auth``) is only ever sent over TLS with a verified or pinned
-  certificate; otherwise the delivery is deferred.
+  certificate; otherwise the delivery is deferred. On such a route any TLS failure defers
+  (never plaintext), and the failures remembered for the address are ignored: each
+  message tries verified TLS again (``pyqmail.send.remoteopen``).
 - Other domains' DANE (TLSA) and MTA-STS policies are not looked up or enforced: outbound
   TLS is opportunistic, and required only where a ``tlshosts`` pin says so.
 
@@ -152,9 +154,14 @@ class RemoteSession:
         transaction that did not end with a 250 (a refused RSET costs a reconnection too),
         so a connection that carries message after message pays no extra round trip.
 
-        Each transaction (with the set-up of the connection it opens) has a deadline,
-        ``smtpclient.delivery_deadline``: no server holds a worker for longer."""
-        self._budget = delivery_deadline(self.delivery.control.timeoutremote, len(message))
+        Each transaction (with the set-up of the connection it opens) has a deadline up to
+        the message's last byte, ``smtpclient.delivery_deadline`` for its recipients; the
+        reply to the end of DATA gets its own ``timeoutremote`` beyond it. The deadline
+        starts again for each address tried (and each TLS fallback's connection), for the
+        new connection after a stale one, and for each further 452/552 transaction
+        (``_more``): README's "Outbound delivery: TLS and time limits" sums it up."""
+        timeout = self.delivery.control.timeoutremote
+        self._budget = delivery_deadline(timeout, len(message), len(recipients))
         if self.smtp is not None:
             self.smtp.set_deadline(self._budget)
         try:
@@ -201,11 +208,12 @@ class RemoteSession:
         4.5.3.1.10, "too many recipients") in a further transaction on the same connection,
         at once, as RFC 5321 3.3 suggests, not a retry round later; again while a
         transaction ends with 250 (so each carries at least one recipient: this ends)."""
+        timeout = self.delivery.control.timeoutremote
         while overflow and self.smtp is not None and not self._dirty:
-            self.smtp.set_deadline(self._budget)
+            batch = [recipients[i] for i in overflow]
+            self.smtp.set_deadline(delivery_deadline(timeout, len(message), len(batch)))
             self._dirty = True
             more: list[int] = []
-            batch = [recipients[i] for i in overflow]
             for i, result in zip(
                 overflow,
                 self._transaction(self.smtp, env, message, batch, overflow=more),

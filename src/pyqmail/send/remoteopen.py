@@ -17,13 +17,19 @@ at ``verify`` and falls back, each time on a new connection:
 A handshake may take ``min(timeoutremote, 300 s)`` (``pyqmail.send.smtpclient``). A pinned
 host never falls back and never gets plaintext: a failure defers the mail. Port 465 has no
 ``plain``: TLS from the first byte, ``verify`` then ``none``.
+
+A route with AUTH (``smtproutes-auth``) has ``verify`` only, and ignores what is remembered
+about the address: credentials go only over TLS with a verified certificate, so on such a
+route a TLS failure of any kind (no STARTTLS, refused, stalled, a certificate that does not
+verify) defers the mail, never sends it in clear or unverified, and the next message tries
+verified TLS again.
 """
 
 from __future__ import annotations
 
 import smtplib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,14 +161,31 @@ class Opener:
                 return self._connect(dest, mode, pin)
             except _RetryError as exc:
                 if exc.then not in modes:
-                    raise OpenError(exc.result) from None
+                    raise OpenError(self._no_fallback(exc.result)) from None
                 mode = exc.then
 
+    def _no_fallback(self, result: Result) -> Result:
+        """A TLS failure the route allows no fallback from; on an AUTH route the detail
+        says why (a pin says so in its own words already)."""
+        if not self.route.user:
+            return result
+        why = (
+            "; no fallback on a route with AUTH: credentials are only sent over TLS with a "
+            "verified or pinned certificate"
+        )
+        return replace(result, detail=result.detail + why)
+
     def _modes(self, dest: Destination, pin: Path | None) -> list[str]:
-        """The TLS modes ``dest`` may be tried in, the first one first."""
+        """The TLS modes ``dest`` may be tried in, the first one first. An AUTH route gets
+        ``verify`` alone, whatever the address's memories say: AUTH goes only over
+        verified TLS (``_auth``), so unverified TLS or plaintext could only end in a
+        deferral, and starting there because of an earlier failure (a stalled handshake
+        an hour ago) would defer every message of that hour without trying TLS again."""
         peers = self.delivery.peers
         if pin is not None:
             return ["pinned"]
+        if self.route.user:
+            return ["verify"]
         if dest.port == self.implicit_port:  # no cleartext on that port
             return ["none"] if peers.unverifiable(dest) else ["verify", "none"]
         if peers.tls_failed(dest):
@@ -242,10 +265,11 @@ class Opener:
         address that cannot be reached, or sends no greeting, is remembered (tcpto)."""
         where = str(dest)
         peers = self.delivery.peers
+        started = peers.now()
         try:
             reply = smtp.connect(dest.fqdn, dest.port)
         except ConnectError as exc:
-            peers.connect_failed(dest, timed_out=exc.timed_out)
+            peers.connect_failed(dest, timed_out=exc.timed_out, started=started)
             raise OpenError(
                 self._result("temp", f"cannot connect to {where}: {exc}", "4.4.1")
             ) from None
@@ -259,7 +283,7 @@ class Opener:
             if exc.what != GREETING:  # the handshake on port 465
                 detail = f"{where}: TLS handshake failed: {exc}"
                 raise OpenError(self._result("temp", detail, "4.7.5")) from None
-            peers.connect_failed(dest, timed_out=True)
+            peers.connect_failed(dest, timed_out=True, started=started)
             raise OpenError(self._result("temp", f"{where}: {exc}", "4.4.1")) from None
         except ssl.SSLError as exc:
             detail = f"{where}: TLS handshake failed: {exc}"

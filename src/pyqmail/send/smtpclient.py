@@ -23,9 +23,14 @@ reply may be 64 KiB. Here every wait has a wall clock, as Postfix's
 - the message after DATA: each write makes progress within ``timeoutremote`` (a slow link
   is not a dead one), and the whole of it is written within ``timeoutremote`` plus its
   size at ``MIN_DATA_RATE`` bytes a second (Postfix's ``smtp_min_data_rate``, 500);
-- over all of it, ``deadline``, which remote delivery sets per delivery
-  (``delivery_deadline``): a server that answers every command just in time, or a
-  transaction with many recipients to a tarpit, still ends.
+- over all of it up to the message's last byte, ``deadline``, which remote delivery sets
+  per transaction (``delivery_deadline``): a server that answers every command just in
+  time, or a transaction with many recipients to a tarpit, still ends;
+- the reply to the end of DATA: ``timeoutremote`` plus what is still unsent at
+  ``MIN_DATA_RATE``, never cut short by ``deadline``. Once the server has the final dot it
+  may already have stored the message (RFC 5321 4.5.3.2.6 gives this reply 10 minutes,
+  and 6.1 warns about exactly this); giving up on its 250 defers a delivered message,
+  which the retry delivers again, every retry.
 
 A wait that runs out closes the connection and raises ``SMTPTimeoutError``, whose text
 says what was waited for and which limit ended it.
@@ -52,25 +57,36 @@ IMPLICIT_TLS_PORT = 465
 TLS_HANDSHAKE_MAX = 300.0  # seconds a TLS handshake may take at most (smtp_starttls_timeout)
 MIN_DATA_RATE = 500  # bytes a second the message must at least be taken at (smtp_min_data_rate)
 DEADLINE_REPLIES = 4  # full timeoutremote waits a delivery may spend beyond its message
+RCPT_SHARE = 20  # each recipient beyond the first adds timeoutremote / RCPT_SHARE
 QUIT_WAIT = 5.0  # seconds the QUIT reply is waited for: nothing depends on it
 WRITE_CHUNK = 256 * 1024  # bytes handed to one send(): each makes progress or times out
 GREETING = "the greeting"  # the names of two waits remote delivery tells apart
 TLS_HANDSHAKE = "the TLS handshake"
 
 
-def delivery_deadline(timeoutremote: float, size: int) -> float:
-    """Seconds one delivery may take on one connection, from the greeting (or, on a
-    reused connection, from its MAIL) to the reply at the end of DATA.
+def delivery_deadline(timeoutremote: float, size: int, recipients: int = 1) -> float:
+    """Seconds one transaction may take on one connection until the message's last byte
+    is written: from before the TCP connection (or, on a reused connection, from its MAIL
+    or RSET). The reply to the end of DATA is waited for beyond it (``send_data``).
 
-    ``DEADLINE_REPLIES`` whole ``timeoutremote`` waits, plus the message at
+    ``DEADLINE_REPLIES`` whole ``timeoutremote`` waits, plus ``timeoutremote /
+    RCPT_SHARE`` for each recipient beyond the first, plus the message at
     ``MIN_DATA_RATE``. An honest server answers almost every command at once and takes
-    long at one or two places at most (a greeting pause, the STARTTLS handshake, a
-    content scan before its final reply), each within ``timeoutremote``; four of them
-    leave room for all three. What it bounds is the rest: a tarpit that answers each
-    command just before ``timeoutremote``, many recipients times a slow reply, a server
-    taking a big message at a trickle. With the default ``timeoutremote`` (1200 s), a
-    delivery of 1 MB may take 80 minutes plus 35, never more."""
-    return DEADLINE_REPLIES * timeoutremote + size / MIN_DATA_RATE
+    long at a few places at most (a greeting pause, the STARTTLS handshake, a content
+    scan), each within ``timeoutremote``; four of them leave room for all of them. Each
+    recipient may cost some seconds more: a callout verifying it (Exim's callout timeout
+    is 30 s), a tarpit's or a greylister's delay. A twentieth of ``timeoutremote`` each
+    (60 s at the default 1200 s) covers those, so a slow transaction with many recipients
+    is not cut at every retry until it bounces; a whole ``timeoutremote`` each would let a
+    tarpit hold a worker 20 minutes a recipient, which is what the deadline is there to
+    stop, and a share (not a fixed number of seconds) keeps the bound meaningful when
+    ``timeoutremote`` is set low. What it bounds: a tarpit that answers each command just
+    before ``timeoutremote``, many recipients times a slow reply, a server taking a big
+    message at a trickle. With the default ``timeoutremote``, a transaction of 1 MB to 10
+    recipients may take 80 + 9 + 35 minutes until its last byte is written, and the final
+    reply 20 minutes more."""
+    extra = max(0, recipients - 1) * timeoutremote / RCPT_SHARE
+    return DEADLINE_REPLIES * timeoutremote + extra + size / MIN_DATA_RATE
 
 
 class SMTPTimeoutError(smtplib.SMTPServerDisconnected):
@@ -252,9 +268,16 @@ class SMTPClient(smtplib.SMTP):
         The last write ends when the kernel has taken the bytes, not the server: a send
         buffer of some megabytes may still be on its way over a slow link, and the server
         answers only after it has read them. The reply may take ``reply_timeout`` after
-        that: the wait is ``reply_timeout`` plus what is still unsent at ``MIN_DATA_RATE``."""
+        that: the wait is ``reply_timeout`` plus what is still unsent at ``MIN_DATA_RATE``.
+
+        That wait is not cut short by the delivery's ``deadline``, which ends here: the
+        server may have stored the message as soon as it read the final dot, and a reply
+        given up on defers a delivered message, whose retry duplicates it (RFC 5321 6.1;
+        4.5.3.2.6 gives this reply 10 minutes). The deadline's purpose, bounding a tarpit,
+        is served: everything before the last byte was under it."""
         self._arm("the server to take the message", self.reply_timeout + len(data) / MIN_DATA_RATE)
         self._write(data, "message")
+        self.set_deadline(None)
         unsent = _unsent(self.sock)
         self._arm("the reply to the end of DATA", self.reply_timeout + unsent / MIN_DATA_RATE)
 
