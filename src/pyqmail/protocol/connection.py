@@ -65,7 +65,7 @@ from pyqmail.protocol.states import (
     State,
     TransitionError,
 )
-from pyqmail.protocol.tally import Tally
+from pyqmail.protocol.tally import REPLY_TOO_MANY_RCPTS, Tally
 
 __all__ = ["ProtocolUsageError", "SMTPConnection"]
 
@@ -80,7 +80,6 @@ REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_QUEUE_FAILED = "451 4.3.0 Error: queue file write error"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Error: line too long"
-REPLY_TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 
 _NO_ARGS = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 #: Commands that move no mail (Postfix's junk commands, plus HELP, EXPN and TURN): past
@@ -421,16 +420,19 @@ class SMTPConnection:
         self._reply(out, "250 2.1.0 Ok")
 
     def _cmd_rcpt(self, arg: str, out: list[Event]) -> None:
-        """Past the recipient limit 452 at once, before any check (none of them is asked
-        about a recipient the transaction cannot take); else the recipient's checks."""
+        """Past the recipient limit, or the session's deferred RCPTs (``tally``), 452 at
+        once, before any check (none is asked about a recipient that cannot be taken now);
+        else the recipient's checks."""
         tx = self._tx
         assert tx is not None  # noqa: S101 - RCPT runs only in MAIL/RCPT (states.ALLOWED)
         tx.rcpt_attempted = True
         hard = self.policy.hard_max_recipients
-        if tx.taken >= min(self.policy.maxrcpt or hard, hard):
+        limit = min(self.policy.maxrcpt or hard, hard)
+        refusal = REPLY_TOO_MANY_RCPTS if tx.taken >= limit else self._tally.rcpt_refusal()
+        if refusal is not None:
             tx.overshoot += 1
             self._tally.overshoot(tx.overshoot)
-            self._reply(out, REPLY_TOO_MANY_RCPTS)
+            self._reply(out, refusal)
             return
         try:
             box = parse_rcpt(
@@ -456,8 +458,7 @@ class SMTPConnection:
               screen: tuple[str, str | None]) -> str | None:  # fmt: skip
         """The server's check of an authenticated session's MAIL or RCPT, then Policy.screen
         for a client that may not relay; the refusal sent, or None: a 5xx counts as an
-        error, a 4xx only past ``Policy.max_deferred`` (a pipelining client sends every RCPT
-        before it reads the first 450: the first ones are free)."""
+        error; a 4xx at MAIL only past ``Policy.max_deferred``, at RCPT never (``tally``)."""
         login, policy = self._client.auth_user, self.policy
         reply = None if check is None or login is None else check(login, arg)
         if reply is None and policy.screen and not self._client.may_relay(policy):
@@ -465,7 +466,7 @@ class SMTPConnection:
         if reply is None:
             return None
         if reply.startswith("4"):
-            self._tally.deferral()
+            self._tally.deferral(rcpt=screen[1] is not None)
             self._reply(out, reply)
         else:
             self._error(out, reply)

@@ -63,11 +63,13 @@ class Policy:
       (AUTH check, queue commit, handshake) and before the greeting.
     - ``max_junk``: junk commands (NOOP, RSET, VRFY, ...; ``pyqmail.smtpd.knobs``)
       allowed before each further one counts towards ``max_errors``; 0 = no limit.
-    - ``max_deferred``: MAIL/RCPT commands a check answered with a 4xx (greylisting, a
-      sending limit) allowed before each further one counts towards ``max_errors``;
-      ``max_rcpt_overshoot``: RCPTs per transaction answered ``452`` (past the recipient
-      limit) allowed before each further one does (``pyqmail.protocol.tally``). A deferred
-      RCPT counts towards the recipient limit as an accepted one does.
+    - ``max_deferred``: MAIL commands a check answered with a 4xx (greylisting, a sending
+      limit) allowed before each further one counts towards ``max_errors``;
+      ``max_deferred_rcpt``: RCPTs a check deferred in a session (until a message is
+      queued) before every further RCPT gets ``452`` unchecked; ``max_rcpt_overshoot``:
+      RCPTs per transaction answered that ``452`` or one past the recipient limit allowed
+      before each further one counts towards ``max_errors`` (``pyqmail.protocol.tally``).
+      A deferred RCPT counts towards the recipient limit as an accepted one does.
     - ``postmaster_domain``: where a bare ``RCPT TO:<postmaster>`` goes (RFC 5321 4.5.1):
       a domain delivered here (the server's ``locals``); empty: ``hostname``.
     - ``auth_header``: name the AUTH login in the Received header.
@@ -109,6 +111,7 @@ class Policy:
     clock: Callable[[], float] = time.time
     max_junk: int = 100
     max_deferred: int = 10
+    max_deferred_rcpt: int = 100
     max_rcpt_overshoot: int = 1000
     postmaster_domain: str = ""
     auth_header: bool = False
@@ -154,7 +157,8 @@ class Policy:
                 raise ValueError(f"Policy.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_line < 512:
             raise ValueError(f"Policy.max_line must be >= 512 (RFC 5321), got {self.max_line}")
-        for name in ("maxhops", "max_errors", "max_auth_failures", "hard_max_recipients"):
+        at_least_one = ("maxhops", "max_errors", "max_auth_failures", "hard_max_recipients")
+        for name in (*at_least_one, "max_deferred_rcpt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Policy.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pending < self.max_line:

@@ -8,16 +8,24 @@ cannot go on for ever yet never cost an honest client its session:
 
 - junk commands (NOOP, RSET, VRFY, ..., a repeated HELO or RCPT): past ``Policy.max_junk``
   (``maxjunk``; Postfix ``smtpd_junk_command_limit``);
-- deferred MAIL and RCPT commands (a 4xx from greylisting or from a login's sending
-  limit): past ``Policy.max_deferred``. Postfix counts each as an error from the first,
-  which with its ``smtpd_hard_error_limit`` of 20 ends a session after 20 of them; a
-  margin of 10 before ``maxerrors``' 10 gives the same. Without it a client could make
-  pyqmail-smtpd write a greylist triplet (and a log line) for each of an endless stream of
-  RCPTs;
-- RCPTs past the transaction's recipient limit (``452 4.5.3``): past
+- deferred MAIL commands (a 4xx from greylisting or from a login's sending limit): past
+  ``Policy.max_deferred`` (10). No accepted recipient is at stake at MAIL, so these end the
+  session as Postfix's ``smtpd_hard_error_limit`` does;
+- RCPTs answered ``452 4.5.3`` without being looked at: past
   ``Policy.max_rcpt_overshoot`` per transaction (Postfix
   ``smtpd_recipient_overshoot_limit``, 1000). A pipelining MTA sends every RCPT before it
-  reads the first 452, so a long list must still reach DATA.
+  reads the first 452, so a long list must still reach DATA. Two things give these 452s:
+  the transaction's recipient limit, and the session's deferred RCPTs.
+
+Deferred RCPTs (a 4xx from greylisting or a sending limit) are never errors: an error would
+end the session before DATA and lose the recipients the transaction had already accepted
+(a 100-recipient list to a greylisting server got 421 on five attempts in a row). Their
+limit is what they cost the server instead: once a session has had
+``Policy.max_deferred_rcpt`` (100) of them, every further RCPT gets ``452 4.5.3`` at once,
+without greylisting, the sending limits or the recipient check being asked (no triplet
+written, no log line), and counts as an overshoot. The client can still go on to DATA with
+the recipients accepted; a list of N new recipients thus has 100 of them greylisted per
+attempt and is delivered, attempt after attempt, to those that passed.
 
 The junk and deferral counts start again when a message is queued (Postfix: "reset after
 mail is delivered"); the errors do not. Each margin's first excess is reported once
@@ -30,6 +38,11 @@ from dataclasses import dataclass
 
 from pyqmail.protocol.events import Policy
 
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
+REPLY_TOO_MANY_DEFERRED = (
+    "452 4.5.3 Error: too many recipients deferred in this session, try the rest later"
+)
+
 
 @dataclass
 class Tally:
@@ -39,7 +52,9 @@ class Tally:
     errors: int = 0
     auth_failures: int = 0
     junk: int = 0  # since the last queued message
-    deferred: int = 0  # since the last queued message
+    deferred_mail: int = 0  # since the last queued message
+    deferred_rcpt: int = 0  # since the last queued message
+    _rcpt_stop_noted: bool = False
 
     @property
     def exhausted(self) -> bool:
@@ -53,20 +68,34 @@ class Tally:
         if self.policy.max_junk:
             self._past(self.junk, self.policy.max_junk, "junk-limit", "junk commands")
 
-    def deferral(self) -> None:
+    def deferral(self, *, rcpt: bool) -> None:
         """One more MAIL or RCPT answered with a 4xx by a check (greylisting, a limit)."""
-        self.deferred += 1
-        self._past(self.deferred, self.policy.max_deferred, "defer-limit", "deferred MAIL/RCPT")
+        if rcpt:
+            self.deferred_rcpt += 1
+            return
+        self.deferred_mail += 1
+        self._past(self.deferred_mail, self.policy.max_deferred, "defer-limit", "deferred MAILs")
+
+    def rcpt_refusal(self) -> str | None:
+        """The 452 for a RCPT that must not be looked at now, or None: the transaction's
+        recipient limit is the core's to check; this is the session's deferral limit."""
+        limit = self.policy.max_deferred_rcpt
+        if self.deferred_rcpt < limit:
+            return None
+        if not self._rcpt_stop_noted:
+            self._rcpt_stop_noted = True
+            self.policy.notice("rcpt-defer-limit", f"{limit} deferred RCPTs, further ones 452")
+        return REPLY_TOO_MANY_DEFERRED
 
     def overshoot(self, count: int) -> None:
-        """The transaction's ``count``-th RCPT past its recipient limit (answered 452)."""
+        """The transaction's ``count``-th RCPT answered 452 unseen (limit or deferrals)."""
         limit = self.policy.max_rcpt_overshoot
-        self._past(count, limit, "rcpt-overshoot", "RCPTs past the recipient limit")
+        self._past(count, limit, "rcpt-overshoot", "RCPTs answered 452 in one transaction")
 
     def delivered(self) -> None:
         """A message was queued: the client moves mail, its junk and deferrals start again."""
-        self.junk = 0
-        self.deferred = 0
+        self.junk = self.deferred_mail = self.deferred_rcpt = 0
+        self._rcpt_stop_noted = False
 
     def _past(self, count: int, limit: int, event: str, what: str) -> None:
         """Past ``limit`` each one is an error; the first time, the server logs it."""
