@@ -5,6 +5,10 @@
   mx1.example.org`` it went to remote delivery and bounced "loops back to myself";
 - ``postmaster@<our domain>`` could be refused at RCPT (``validrcptto`` without the
   address, a virtual domain without a ``prefix-postmaster``);
+- then (review round 2) that pass was too wide: under a ``.example.com`` rcpthosts wildcard,
+  with ``validrcptto``, ``postmaster@<anything>.example.com`` was accepted and, not being
+  delivered anywhere, bounced "loops back to myself" to a possibly forged sender. The pass
+  is now for the domains delivered here (locals, virtualdomains) only;
 - under SMTPUTF8 a U-label domain (``bücher.example``) was compared as a raw string with
   the A-labels of ``rcpthosts`` (553 where ``xn--bcher-kva.example`` got 250).
 """
@@ -90,18 +94,61 @@ def ours(domain: str) -> bool:
 
 
 @pytest.mark.parametrize("address", ["postmaster@example.test", "PostMaster@Example.TEST"])
-def test_postmaster_is_accepted_with_validrcptto_alone(address: str) -> None:
-    assert judge(address, ours, frozenset({"alice@example.test"}), None) == ""
-    assert judge("bob@example.test", ours, frozenset({"alice@example.test"}), None) != ""
-    assert judge("postmaster@evil.test", ours, frozenset(), None) == ""  # the relay rule's
+def test_postmaster_is_accepted_with_validrcptto_alone(tmp_path: Path, address: str) -> None:
+    delivery = Control(tmp_path, "mx.test", frozenset({"example.test"}), {})
+    valid = frozenset({"alice@example.test"})
+    assert judge(address, ours, valid, None, delivery) == ""
+    assert judge("bob@example.test", ours, valid, None, delivery) != ""
+    assert judge("postmaster@evil.test", ours, frozenset(), None, delivery) == ""  # relay rule's
 
 
-def test_postmaster_is_accepted_in_every_rcpthosts_domain(tmp_path: Path) -> None:
+def test_postmaster_is_accepted_in_every_domain_delivered_here(tmp_path: Path) -> None:
     local = recipients_root(tmp_path)
-    for address in ("postmaster@example.test", "postmaster@virt.test", "postmaster@relay.test"):
-        assert judge(address, ours, None, local) == "", address
-        assert judge(address, ours, frozenset({"@other.test"}), local) == "", address
-    assert judge("nobody@virt.test", ours, None, local) == "unknown-recipient"
+    for address in ("postmaster@example.test", "postmaster@virt.test"):
+        assert judge(address, ours, None, local, local.delivery) == "", address
+        assert judge(address, ours, frozenset({"@other.test"}), local, local.delivery) == ""
+    assert judge("nobody@virt.test", ours, None, local, local.delivery) == "unknown-recipient"
+
+
+def test_a_relayed_domains_postmaster_follows_validrcptto(tmp_path: Path) -> None:
+    """relay.test is in rcpthosts but delivered elsewhere (backup MX): its postmaster is
+    accepted as any of its addresses is, not because of its name."""
+    local = recipients_root(tmp_path)
+    other = frozenset({"@other.test"})
+    assert judge("postmaster@relay.test", ours, None, local, local.delivery) == ""
+    assert judge("postmaster@relay.test", ours, other, local, local.delivery) != ""
+    listed = frozenset({"postmaster@relay.test"})
+    assert judge("postmaster@relay.test", ours, listed, local, local.delivery) == ""
+
+
+@pytest.mark.parametrize("rcptcheck", ["1", "0"])
+def test_postmaster_under_an_rcpthosts_wildcard_is_no_pass_for_undelivered_names(
+    tmp_path: Path, rcptcheck: str
+) -> None:
+    """The review's case through the configuration pyqmail-smtpd loads: rcpthosts
+    ``.example.com``, validrcptto present; a made-up subdomain's postmaster is refused at
+    RCPT (no bounce to a forged sender later), the delivered domains' are accepted."""
+    c = tmp_path / "control"
+    c.mkdir()
+    (c / "me").write_text("mx.example.com\n")
+    (c / "rcpthosts").write_text("example.com\n.example.com\nvirt.test\n")
+    (c / "locals").write_text("example.com\nmx.example.com\n")
+    (c / "virtualdomains").write_text("virt.test:virt\n.lists.example.com:lists\n")
+    (c / "validrcptto").write_text("alice@example.com\n")
+    (c / "rcptcheck").write_text(f"{rcptcheck}\n")
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "alias" / ".qmail-postmaster").write_text("alice\n")
+    check = config.load(tmp_path).valid_recipient()
+    assert check is not None
+    for address in ("postmaster@anything.example.com", "Postmaster@Forged.Example.COM"):
+        assert check(address) == "not-in-validrcptto", address
+    for address in (
+        "postmaster@example.com",
+        "postmaster@mx.example.com",
+        "postmaster@virt.test",
+        "PostMaster@a.lists.example.com",
+    ):
+        assert check(address) == "", address
 
 
 def test_a_virtual_domains_postmaster_goes_to_its_own_else_to_the_local_one(

@@ -21,11 +21,15 @@ therefore asks, at RCPT, the question local delivery would ask (``pyqmail.send.d
 4. a domain listed in ``control/rcptcatchall`` accepts every local part (a per-domain
    catch-all, opt-in); ``control/validrcptto`` entries are accepted too.
 
-``postmaster`` (any case) is accepted in every ``rcpthosts`` domain whatever the lists say:
-RFC 5321 4.5.1 requires it of every domain we take mail for. A local domain delivers it to
+``postmaster`` (any case) is accepted in every domain delivered here (``locals`` and
+``virtualdomains``, as ``Control.is_local`` decides) whatever the lists say: RFC 5321 4.5.1
+requires it of every domain we deliver. A local domain delivers it to
 ``alias/.qmail-postmaster`` (the pyqmail_aliases role always writes it); a virtual domain
 to its own ``prefix-postmaster`` when delivery finds one, else to that same local
-postmaster (``pyqmail.send.local``).
+postmaster (``pyqmail.send.local``). A relayed ``rcpthosts`` domain gets no such pass: its
+postmaster is judged like any address (``validrcptto``), since under a ``.example.com``
+wildcard ``postmaster@<anything>.example.com`` would otherwise be accepted and, if nobody
+delivers that name, bounced "loops back to myself" to a possibly forged sender.
 
 Nothing needs regenerating or a reload: ``users/mailboxes`` is re-read when its mtime
 changes and the alias files are looked up per RCPT (a few ``stat`` calls). A qmail root
@@ -128,6 +132,7 @@ def judge(
     rcpthost: Callable[[str], bool],
     validrcptto: frozenset[str] | None,
     local: LocalRecipients | None,
+    delivery: Control,
 ) -> str:
     """Why RCPT must refuse ``address`` (a reason for the log line), or "" to accept.
 
@@ -135,13 +140,13 @@ def judge(
     on its own, as before this module, it is the whole list for every rcpthosts domain.
     ``local`` (None: ``rcptcheck`` 0) judges the domains delivered here; a relayed
     rcpthosts domain is left to ``validrcptto``, or accepted without it. ``postmaster``
-    is accepted in every rcpthosts domain."""
+    is accepted in every domain ``delivery`` (locals, virtualdomains) delivers here."""
     addr = address.lower()
     name, _, domain = addr.rpartition("@")
     if not domain or not rcpthost(domain):
         return ""  # relayed mail is the relay rule's business
-    if name == "postmaster":
-        return ""  # RFC 5321 4.5.1: every domain we accept mail for has one
+    if name == "postmaster" and delivery.is_local(addr) is not None:
+        return ""  # RFC 5321 4.5.1: every domain we deliver has one
     if validrcptto is not None and (addr in validrcptto or "@" + domain in validrcptto):
         return ""
     answer = local.lookup(addr) if local is not None else Answer(True, "not-local")

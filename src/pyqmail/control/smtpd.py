@@ -137,6 +137,7 @@ class Config:
     tlsclients: frozenset[str]
     validrcptto: frozenset[str] | None
     recipients: LocalRecipients | None  # None: rcptcheck 0
+    delivery: send_control.Control  # locals and virtualdomains, as pyqmail-send reads them
     authdb: AuthDB | None
     cram_md5: bool  # some user has a CRAM-MD5 secret: offer the mechanism
     server_tls: ssl.SSLContext | None
@@ -183,7 +184,8 @@ class Config:
         valid, local = self.validrcptto, self.recipients
         if valid is None and local is None:
             return None
-        return lambda address: recipients.judge(address, self.rcpthost, valid, local)
+        delivery = self.delivery
+        return lambda address: recipients.judge(address, self.rcpthost, valid, local, delivery)
 
 
 def _tls(control: Path) -> tuple[Path | None, Path | None, ssl.SSLContext | None]:
@@ -215,14 +217,18 @@ def _authdb(control: Path) -> AuthDB | None:
         raise ConfigError(f"{users_path}: cannot read: {exc.strerror}") from exc
 
 
-def _recipients(root: Path, me: str, local_domains: frozenset[str]) -> LocalRecipients | None:
-    """The local recipient check, as ``rcptcheck``, ``rcptcatchall`` and ``virtualdomains``
-    say; a malformed ``virtualdomains`` fails here as it fails pyqmail-send."""
+def _delivery(root: Path, me: str, local_domains: frozenset[str]) -> send_control.Control:
+    """Which recipients are delivered here (``locals``, ``virtualdomains``), as pyqmail-send
+    decides; a malformed ``virtualdomains`` fails here as it fails pyqmail-send."""
+    virtual = send_control.virtualdomains(table.VIRTUALDOMAINS.read(root / "control"))
+    return send_control.Control(root=root, me=me, locals=local_domains, virtualdomains=virtual)
+
+
+def _recipients(root: Path, delivery: send_control.Control) -> LocalRecipients | None:
+    """The local recipient check, as ``rcptcheck`` and ``rcptcatchall`` say."""
     c = root / "control"
     if table.RCPTCHECK.read(c) == 0:
         return None
-    virtual = send_control.virtualdomains(table.VIRTUALDOMAINS.read(c))
-    delivery = send_control.Control(root=root, me=me, locals=local_domains, virtualdomains=virtual)
     catchall = table.RCPTCATCHALL.read(c) or frozenset()
     for domain in sorted(catchall):
         if delivery.is_local(f"postmaster@{domain}") is None:
@@ -255,6 +261,7 @@ def load(root: str | Path, *, inbound: bool = True) -> Config:
     greeting = table.SMTPGREETING.read(c, me)
     rcpthosts = table.RCPTHOSTS.read(c) or frozenset()
     local_domains = table.LOCALS.read(c) or frozenset({me})
+    delivery = _delivery(root, me, local_domains)
     servercert, clientca, server_tls = _tls(c)
     authdb = _authdb(c)
     return Config(
@@ -281,7 +288,8 @@ def load(root: str | Path, *, inbound: bool = True) -> Config:
         clientca=clientca,
         tlsclients=table.TLSCLIENTS.read(c) or frozenset(),
         validrcptto=table.VALIDRCPTTO.read(c),
-        recipients=_recipients(root, me, local_domains),
+        recipients=_recipients(root, delivery),
+        delivery=delivery,
         authdb=authdb,
         cram_md5=authdb is not None and any(user.cram for user in authdb),
         server_tls=server_tls,
