@@ -237,3 +237,27 @@ def test_only_a_cdb_with_host_rules_makes_dns_queries(
         with client(named.host, named.port, LIAR) as s:
             assert s.ehlo("liar.test")[0] == 250
         assert queries == []
+
+
+def test_a_client_that_talks_while_its_name_is_looked_up_is_a_pregreeter(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """No greeting pause, no blocklist: the greeting waits only for the name (here a DNS
+    server that never answers, 1 s). What the client sent meanwhile came before any
+    greeting and gets 554 5.5.0 as during a greeting pause; it was replayed after the 220
+    as if it had waited (the review's finding)."""
+    rules = '=trusted.hosts.test:allow,RELAYCLIENT=""\n:allow\n'
+    with silent_server() as silent:
+        resolver(qmail_root, silent, seconds=1)
+        d = smtpd(rules_cdb=qmail_root.rules(rules))
+        source = ("127.0.0.10", 0)
+        with socket.create_connection((d.host, d.port), 10, source_address=source) as sock:
+            sock.sendall(b"EHLO early.test\r\nMAIL FROM:<a@b.test>\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        assert data.startswith(b"554 5.5.0"), data
+        assert b"220 " not in data
+        d.wait_for(r"pregreet ip=127\.0\.0\.10 port=\d+ bytes=39 ")
+        with client(d.host, d.port, "127.0.0.10") as s:  # one that waits is served
+            assert s.ehlo("patient.test")[0] == 250

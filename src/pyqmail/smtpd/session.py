@@ -48,7 +48,7 @@ from pyqmail.smtpd.context import SessionContext
 from pyqmail.smtpd.intake import Intake
 from pyqmail.smtpd.limits import key_bytes
 from pyqmail.smtpd.policy import build_policy, greet_delay
-from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump, quick_ack
+from pyqmail.smtpd.tlspump import TLSClosedError, TLSFailedError, TLSPump, quick_ack, tls_text
 
 CLOSE_GRACE = 5.0  # seconds a closing socket gets to flush before it is aborted
 TEMPFAIL = "451 4.3.0 queue write failed, try again later"
@@ -128,9 +128,6 @@ class Session(asyncio.BufferedProtocol):
         decision = rules.lookup(self.ip, self.host)
         if not self._denied(decision):
             self.open(decision)
-            if self.early:  # a ClientHello (smtps), or a client that talks first
-                self.data_received(self.early)
-                self.early = b""
 
     def _denied(self, decision: Decision) -> bool:
         """A deny rule: logged and closed without a word, as tcpserver. (A client counted
@@ -144,8 +141,11 @@ class Session(asyncio.BufferedProtocol):
         return True
 
     def open(self, decision: Decision) -> None:
-        """An admitted client's policy, checks and timers; then the greeting (or TLS)."""
+        """An admitted client's policy, checks and timers; then the greeting (or TLS). What
+        it sent while its name was looked up (``early``) came before any greeting: on smtps
+        a ClientHello, else a pregreeter the core refuses, as during the greeting pause."""
         cfg, mode, self.env = self.cfg, self.ctx.mode, decision.env
+        early, self.early = self.early, b""
         screen = self.screen = self.ctx.checks.screen(cfg.screen, mode, self.ip, self.env)
         self.policy = build_policy(
             cfg, mode, self.ip, self.env, self.ctx.senders, screen=screen.envelope, host=self.host
@@ -154,13 +154,18 @@ class Session(asyncio.BufferedProtocol):
         self.timer = self.loop.call_at(self.deadline, self.on_timer)
         if mode == "smtps":
             self.begin_tls(implicit=True)
+            if early:
+                self.data_received(early)
+            return
+        self.conn = SMTPConnection(self.policy)
+        delay = greet_delay(cfg, mode, decision.env)
+        if early:
+            self.handle(self.conn.receive(early))  # held, marked as before the greeting
+            self.greet(len(early))
+        elif delay or self.screen.task is not None:  # the greeting waits for the lookups
+            self.greet_timer = self.loop.call_later(delay, self.greet)
         else:
-            self.conn = SMTPConnection(self.policy)
-            delay = greet_delay(cfg, mode, decision.env)
-            if delay or self.screen.task is not None:  # the greeting waits for the lookups
-                self.greet_timer = self.loop.call_later(delay, self.greet)
-            else:
-                self.handle(self.conn.start())
+            self.handle(self.conn.start())
 
     def _admit(self, transport: asyncio.Transport) -> bool:
         """Count the connection (maxconn, maxconnip); over a limit: 421 and close."""
@@ -248,7 +253,7 @@ class Session(asyncio.BufferedProtocol):
             port=self.port,
             secs=f"{time.monotonic() - self.started:.3f}",
             msgs=self.messages,
-            tls=self._tls_text(),
+            tls=tls_text(self.tls_info),
             auth=self.auth_user,
             host=self.host,
             error=str(exc) if exc else None,
@@ -262,10 +267,6 @@ class Session(asyncio.BufferedProtocol):
         self.resume("write")
 
     # helpers ------------------------------------------------------------------------------
-
-    def _tls_text(self) -> str | None:
-        info = self.tls_info
-        return None if info is None else f"{info.version}:{info.cipher}:{info.bits}"
 
     def _handshaking(self) -> bool:
         return self.tls is not None and self.tls.handshaking
@@ -575,7 +576,7 @@ class Session(asyncio.BufferedProtocol):
         end, error = self.intake.finished(result)
         checks = self.screen.fields() if self.screen is not None else {}
         self.intake.log_result(
-            result, end, error, port=self.port, tls=self._tls_text(), checks=checks
+            result, end, error, port=self.port, tls=tls_text(self.tls_info), checks=checks
         )
         queue_id = None if isinstance(result, QueueError) else result.queue_id
         msg = self.intake.message

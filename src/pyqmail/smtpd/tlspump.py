@@ -200,6 +200,11 @@ def _nothing() -> None:
     """No ``ack`` (a pump without a TCP socket under it: the unit tests' memory wire)."""
 
 
+def tls_text(info: TLSInfo | None) -> str | None:
+    """A session's TLS as its log lines name it (``version:cipher:bits``); None: plaintext."""
+    return None if info is None else f"{info.version}:{info.cipher}:{info.bits}"
+
+
 def quick_ack(transport: asyncio.BaseTransport) -> Callable[[], None]:
     """``ack`` for a pump on ``transport``: send the ACK that the kernel is delaying, now.
 
