@@ -78,7 +78,9 @@ Logs go to stdout (multilog), one line per event: ``pid=<pid> <event> key=value 
     msg qid=... mid=<...> size=N ip=... [tls=TLSv1.3:SUITE:BITS] [auth=USER] from=<..> to=<..>,<..>
     conn ip=... port=... secs=... msgs=N [tls=...] [auth=...] [host=NAME]  (one per finished
                                      connection; host: its confirmed name, for =host rules)
-    pregreet ip=... port=... bytes=N after=SECS   helo-refused ip=... text=...   junk-limit
+    pregreet ip=... port=... bytes=N after=SECS   helo-refused ip=... text=...
+    junk-limit, defer-limit, rcpt-defer-limit, rcpt-overshoot  (a session's first excess of
+                                     each margin: pyqmail.protocol.tally)
     deny ip=... port=... rule=KEY [host=NAME]   refuse ip=... port=... reason=maxconnip=50
     host-fail ip=... error=LifetimeTimeout    (the name of a client could not be looked up)
     auth-fail ip=... port=... mech=M user=U reason=R [delay=S]  (every failed AUTH; fail2ban)
