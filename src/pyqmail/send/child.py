@@ -24,6 +24,8 @@ delivery that forwards, ``{"id": n, "forward": {"to": [...], "delivered_to": ...
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import pickle
@@ -36,7 +38,7 @@ from dataclasses import fields
 from typing import Any
 
 from pyqmail.control.send import Control
-from pyqmail.send.delivery import Result
+from pyqmail.send.delivery import Result, named
 from pyqmail.send.local import Forward, LocalDelivery
 from pyqmail.send.mx import Resolver
 from pyqmail.send.remote import RemoteDelivery, RemoteSession
@@ -150,7 +152,33 @@ class Child:
                 self._configure(request["control"])
                 continue
             worker = {"local": self._local, "remote": self._remote, "close": self._close}[op]
-            self.workers.submit(worker, request)
+            self.workers.submit(functools.partial(self._job, worker), request)
+
+    def _job(self, worker: Callable[[dict[str, Any]], None], request: dict[str, Any]) -> None:
+        """Run one job. A job that raises is answered all the same, as a temporary failure
+        naming the exception: the manager's worker waits for the answer (``Link.call``)
+        with its recipients busy, and without one it would wait until this child died.
+        When not even that answer can be made, the child dies now, which the manager
+        answers for every job in flight (deferred)."""
+        try:
+            worker(request)
+        except Exception as exc:  # noqa: BLE001 - every job is answered
+            if request.get("op") == "close":
+                return
+            try:
+                self._failed(request, exc)
+            except BaseException:  # noqa: BLE001 - the manager must not wait forever
+                with contextlib.suppress(OSError):
+                    os.write(2, f"pyqmail-send: {self.kind} job failed: {named(exc)}\n".encode())
+                os._exit(111)
+
+    def _failed(self, request: dict[str, Any], exc: Exception) -> None:
+        """Answer a job that raised: a temporary failure for each of its recipients (none
+        when the request does not even say which: the manager defers such an answer)."""
+        rcpts = request.get("rcpts")
+        count = 1 if request.get("op") == "local" else len(rcpts) if isinstance(rcpts, list) else 0
+        error = Result.temp(f"{self.kind} delivery child error: {named(exc)} (#4.3.0)", "4.3.0")
+        self._answer({"id": request.get("id"), "results": [result_fields(error)] * count})
 
     def _configure(self, control: Control) -> None:
         with self.lock:

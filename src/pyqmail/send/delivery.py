@@ -49,6 +49,13 @@ def one_line(text: str, limit: int = 400) -> str:
     return " ".join(text.split())[:limit]
 
 
+def named(exc: BaseException) -> str:
+    """An exception as a log line or a deferral names it: its class, then its message (a
+    ``MemoryError`` has none)."""
+    text = one_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def split_address(address: str) -> tuple[str, str]:
     """``local@domain`` -> (local, lowercased domain); no ``@`` -> (address, "")."""
     local, at, domain = address.rpartition("@")

@@ -6,6 +6,10 @@ recipients go from the heap to the ready queues, at most ``concurrencylocal`` lo
 ``concurrencyremote`` remote workers take them (a remote worker keeps one connection per
 destination), and each outcome goes to ``Finisher._complete``. The protocol it serves is
 described in ``pyqmail.send.manager``.
+
+A job that raises (a bug, ``MemoryError`` under the run script's ``softlimit``) ends as a
+temporary failure naming the exception, and its slot is given back (``_job_failed``,
+``_settle``): recipients never stay busy until pyqmail-send restarts.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from pyqmail.control.send import Control
 from pyqmail.queue.format import Envelope, QueueError
 from pyqmail.queue.state import Attempt, Bounced, Record
 from pyqmail.queue.store import Queue
-from pyqmail.send.delivery import Result, one_line, split_address
+from pyqmail.send.delivery import Result, named, one_line, split_address
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.remote import RemoteDelivery
-from pyqmail.send.spawn import ChildLostError, Children
+from pyqmail.send.spawn import ChildLostError, Children, RemoteHandle
 from pyqmail.wirelines import wire_lines
 
 CHANSKIP = {"local": 10, "remote": 20}
@@ -226,24 +230,58 @@ class Scheduler:
             local = [self.ready_local.popleft() for _ in range(min(idle, len(self.ready_local)))]
             self.busy_local += len(local)
             for key, jobs in self.ready_remote.items():
-                while (
-                    jobs
-                    and self.busy_remote < self.control.concurrencyremote
-                    and len(jobs) > self.remote_workers.get(key, 0)
-                ):
-                    self.busy_remote += 1
-                    self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
-                    self.remote_pool.submit(self._guard, self._remote_worker, key)
+                self._start_remote(key, jobs)
         for queue_id, index in local:
             self._start_local(queue_id, index)
+
+    def _start_remote(self, key: str, jobs: deque[tuple[str, list[int]]]) -> None:
+        """Start workers for one destination's ready jobs (lock held): not more than it has
+        jobs waiting."""
+        while (
+            jobs
+            and self.busy_remote < self.control.concurrencyremote
+            and len(jobs) > self.remote_workers.get(key, 0)
+        ):
+            self.busy_remote += 1
+            self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
+            try:
+                self.remote_pool.submit(self._guard, self._remote_worker, key)
+            except RuntimeError as exc:  # no thread to be had: the jobs wait for the next pass
+                self.log(f"warning cannot start a remote worker for {one_line(key)}: {exc}")
+                self._remote_slot_free(key)
+                return
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
         except Exception as exc:  # a bug must not silently eat a delivery slot
-            self.log(f"error delivery worker crashed: {type(exc).__name__}: {one_line(str(exc))}")
+            self.log(f"error delivery worker crashed: {named(exc)}")
             raise
         finally:
+            self.wake()
+
+    def _job_failed(self, kind: str, queue_id: str, exc: Exception, remote: str) -> Result:
+        """The outcome of a job that raised (a bug, or ``MemoryError`` under the run
+        script's ``softlimit``): a temporary failure naming the exception, logged. The
+        recipients are retried on their schedule, expire and bounce like any other
+        deferral, instead of staying busy until pyqmail-send restarts."""
+        self.log(f"error {kind} delivery of {queue_id} failed: {named(exc)}")
+        return Result.temp(f"{kind} delivery error: {named(exc)} (#4.3.0)", "4.3.0", remote=remote)
+
+    def _settle(self, queue_id: str, index: int, result: Result) -> None:
+        """``_complete``, and if even that raises, the recipient is put back to be retried
+        on its schedule (not recorded: a duplicate later beats a loss)."""
+        try:
+            self._complete(queue_id, index, result)
+        except Exception as exc:  # noqa: BLE001 - the recipient must leave "busy"
+            self.log(f"error cannot record the outcome of {queue_id} {index}: {named(exc)}")
+            with self.lock:
+                msg = self.msgs.get(queue_id)
+                r = None if msg is None else msg.rcpts[index]
+                if msg is not None and r is not None and r.status == "busy":
+                    r.status = "pending"
+                    r.next_try = nextretry(msg.env.received, time.time(), r.channel)
+                    self._push(queue_id, r)
             self.wake()
 
     def _forget(self, queue_id: str) -> None:
@@ -291,20 +329,31 @@ class Scheduler:
         job: tuple[str, int] | None = (queue_id, index)
         while job is not None:
             queue_id, index = job
-            rcpt = self.msgs[queue_id].rcpts[index]
-            read = self._outgoing(queue_id)
-            if not isinstance(read, Result):
-                env, body = read
-                try:
-                    self.children.local_async(
-                        env, body, rcpt.address, self.local, self._on_local(queue_id, index)
-                    )
-                except ChildLostError:
-                    self.local_pool.submit(self._guard, self._local_wait, queue_id, index)
+            try:
+                ended = self._send_local(queue_id, index)
+            except Exception as exc:  # noqa: BLE001 - a job's failure, not the slot's
+                ended = self._job_failed("local", queue_id, exc, "local")
+            if ended is None:
                 return
-            self._complete(queue_id, index, read)
+            self._settle(queue_id, index, ended)
             job = self._next_local()
         self.wake()
+
+    def _send_local(self, queue_id: str, index: int) -> Result | None:
+        """Hand one local job to the child (or to a pool thread that waits for one): None;
+        or the Result it ended with here (its message could not be read)."""
+        rcpt = self.msgs[queue_id].rcpts[index]
+        read = self._outgoing(queue_id)
+        if isinstance(read, Result):
+            return read
+        env, body = read
+        try:
+            self.children.local_async(
+                env, body, rcpt.address, self.local, self._on_local(queue_id, index)
+            )
+        except ChildLostError:
+            self.local_pool.submit(self._guard, self._local_wait, queue_id, index)
+        return None
 
     def _on_local(self, queue_id: str, index: int) -> Callable[[Result], None]:
         """The callback that takes one local job's outcome."""
@@ -314,7 +363,7 @@ class Scheduler:
         """A local job's outcome (the link's thread): record it, go on with the next ready
         job in the same slot; the main loop is woken only when the slot is given back."""
         try:
-            self._complete(queue_id, index, result)
+            self._settle(queue_id, index, result)
         finally:
             job = self._next_local()
             if job is None:
@@ -333,15 +382,15 @@ class Scheduler:
     def _local_wait(self, queue_id: str, index: int) -> None:
         """A local job while no child runs: wait for one (``Children.local``) in a pool
         thread; then the slot goes on like any other."""
-        rcpt = self.msgs[queue_id].rcpts[index]
-        read = self._outgoing(queue_id)
-        if isinstance(read, Result):
-            result = read
-        else:
-            try:
+        try:
+            rcpt = self.msgs[queue_id].rcpts[index]
+            read = self._outgoing(queue_id)
+            if isinstance(read, Result):
+                result = read
+            else:
                 result = self.children.local(read[0], read[1], rcpt.address, self.local)
-            except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
-                result = Result.temp(f"local delivery error: {exc} (#4.3.0)", "4.3.0")
+        except Exception as exc:  # noqa: BLE001 - a bug defers, it never loses mail
+            result = self._job_failed("local", queue_id, exc, "local")
         self._local_done(queue_id, index, result)
 
     def _take_remote(self, key: str) -> tuple[str, list[int]] | None:
@@ -353,26 +402,40 @@ class Scheduler:
 
     def _remote_worker(self, key: str) -> None:
         """Take jobs for one destination until none is ready, over one connection that the
-        remote child keeps (and reopens when it broke)."""
+        remote child keeps (and reopens when it broke). The slot is given back whatever
+        happens to a job."""
         session = self.children.session()
         try:
             while (job := self._take_remote(key)) is not None:
-                queue_id, indexes = job
-                msg = self.msgs[queue_id]
-                addresses = [msg.rcpts[i].address for i in indexes]
-                read = self._outgoing(queue_id)
-                if isinstance(read, Result):
-                    results = [read] * len(indexes)
-                else:
-                    results = session.deliver(key, read[0], read[1], addresses)
-                for i, result in zip(indexes, results, strict=True):
-                    self._complete(queue_id, i, result)
+                self._remote_job(session, key, *job)
         finally:
-            session.close()
-            with self.lock:
-                self.busy_remote -= 1
-                self.remote_workers[key] -= 1
-                if not self.remote_workers[key]:
-                    del self.remote_workers[key]
-                    if not self.ready_remote.get(key, True):
-                        del self.ready_remote[key]
+            try:
+                session.close()
+            finally:
+                with self.lock:
+                    self._remote_slot_free(key)
+
+    def _remote_job(
+        self, session: RemoteHandle, key: str, queue_id: str, indexes: list[int]
+    ) -> None:
+        """One message to one destination."""
+        try:
+            read = self._outgoing(queue_id)
+            if isinstance(read, Result):
+                results = [read] * len(indexes)
+            else:
+                addresses = [self.msgs[queue_id].rcpts[i].address for i in indexes]
+                results = session.deliver(key, read[0], read[1], addresses)
+        except Exception as exc:  # noqa: BLE001 - a job's failure, not the slot's
+            results = [self._job_failed("remote", queue_id, exc, key)] * len(indexes)
+        for i, result in zip(indexes, results, strict=True):
+            self._settle(queue_id, i, result)
+
+    def _remote_slot_free(self, key: str) -> None:
+        """A remote worker of ``key`` ended (lock held)."""
+        self.busy_remote -= 1
+        self.remote_workers[key] -= 1
+        if not self.remote_workers[key]:
+            del self.remote_workers[key]
+            if not self.ready_remote.get(key, True):
+                del self.ready_remote[key]

@@ -71,7 +71,7 @@ from pyqmail.send.child import (
     FrameReader,
     send_frame,
 )
-from pyqmail.send.delivery import Result, split_address
+from pyqmail.send.delivery import Result, named, split_address
 from pyqmail.send.local import Forward, LocalDelivery
 from pyqmail.send.mx import Resolver
 
@@ -384,7 +384,7 @@ class Link:
     ) -> None:
         """Send a job without waiting (no thread waits per job): ``then`` gets the answer in
         the link's thread, None if the child is lost first. ChildLostError, at once, when no
-        child runs now (the caller waits for one with ``call``; ``then`` is not called). One
+        child runs now or the job could not be sent (``call`` then; ``then`` is not run). One
         outcome a job: whoever takes the call from ``calls`` answers it, so a send to a child
         that died meanwhile (the link's thread failed the call) raises nothing, else the
         caller would run the job again though its deferral had already freed the slot."""
@@ -396,11 +396,11 @@ class Link:
             self.calls[number] = _Call(then=then)
         try:
             self._send(sock, {**request, "id": number})
-        except (OSError, pickle.PicklingError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - MemoryError too: not sent, the call taken back
             with self.cond:
                 if self.calls.pop(number, None) is None:
                     return  # the link's thread took the call: it answers it (None)
-            raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
+            raise ChildLostError(f"{self.kind} delivery child unreachable: {named(exc)}") from None
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send a job to the child and wait for its answer; ChildLostError if none comes."""
@@ -419,10 +419,10 @@ class Link:
             call = self.calls[number] = _Call(done=done)
         try:
             self._send(sock, {**request, "id": number})
-        except (OSError, pickle.PicklingError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - as in ``submit``: a call left would leak
             with self.cond:
                 self.calls.pop(number, None)
-            raise ChildLostError(f"{self.kind} delivery child unreachable: {exc}") from None
+            raise ChildLostError(f"{self.kind} delivery child unreachable: {named(exc)}") from None
         done.wait()
         if call.reply is None:
             raise ChildLostError(f"{self.kind} delivery child {self.pid} died")
