@@ -10,7 +10,8 @@ has seen all of them).
 - pyqmail: the client is a relay client (tcprules ``127.0.0.1:allow,RELAYCLIENT=""``, so
   the envelope's ``origin`` is ``relay``: a message pyqmail signs), ``control/dkimkeys``
   names the two keys, ``control/smtproutes`` sends ``sink.test`` to the sink; pyqmail-send
-  signs at pickup and delivers (``concurrencyremote`` 20, its default).
+  signs at pickup and delivers (``concurrencyremote`` 20, its default, and
+  ``concurrencydestination`` 20: every message goes to the one sink).
 - Postfix: the private instance of ``bench/servers.py`` relaying for ``mynetworks``
   (127.0.0.0/8) to ``relayhost = [127.0.0.1]:<sink>`` through smtp(8) (Postfix's default 20
   parallel deliveries), signing with the same keys through two private OpenDKIM milters,
@@ -115,6 +116,8 @@ class PyqmailOutbound(PyqmailE2E):
         control = self.root / "control"
         control.mkdir(parents=True, exist_ok=True)
         (control / "smtproutes").write_text(f"{SINK_DOMAIN}:127.0.0.1:{self.sink.port}\n")
+        # every message has the one destination: all 20 workers to it, as Postfix's limit
+        (control / "concurrencydestination").write_text("20\n")
         super().prepare()  # control files, queue; chowns the whole root to the user
         # After the chown: the keys stay 0600, readable by pyqmail-send's user only.
         copies = copy_keys(self.keys, control / "dkim" / SIGNING_DOMAIN, self.user)

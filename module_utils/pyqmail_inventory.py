@@ -306,6 +306,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__smtproutes": check_smtproutes,
     "pyqmail_control__tlshosts": check_tlshosts,
     "pyqmail_control__concurrencyremote": in_range(1),
+    "pyqmail_control__concurrencydestination": in_range(1, 1000),
     "pyqmail_control__concurrencylocal": in_range(1),
     "pyqmail_control__authlockfails": in_range(0, 1000),
     "pyqmail_control__authlocktime": in_range(1, 86400),

@@ -13,6 +13,9 @@ ignored, a malformed file is a ``ControlError`` naming file and line.
                        ``prefix-local`` (qmail semantics; an empty prefix is an exception)
 ``concurrencylocal``   parallel local deliveries (default 10)
 ``concurrencyremote``  parallel remote SMTP connections (default 20)
+``concurrencydestination``  of them, at most this many to one destination: a recipient
+                       domain (its MX hosts) or one ``smtproutes`` relay (default 5, see
+                       ``pyqmail.send.scheduler``; above ``concurrencyremote`` it is that)
 ``queuelifetime``      seconds before a temporary failure becomes permanent (default 604800)
 ``bouncefrom``         local part of the bounce author (default ``MAILER-DAEMON``)
 ``bouncehost``         its domain (default ``me``)
@@ -149,6 +152,7 @@ class Control:
     virtualdomains: dict[str, str]
     concurrencylocal: int = 10
     concurrencyremote: int = 20
+    concurrencydestination: int = 5
     queuelifetime: int = 604800
     bouncefrom: str = "MAILER-DAEMON"
     bouncehost: str = ""
@@ -188,6 +192,7 @@ class Control:
             virtualdomains=_virtualdomains(table.VIRTUALDOMAINS.read(c)),
             concurrencylocal=table.CONCURRENCYLOCAL.read(c),
             concurrencyremote=table.CONCURRENCYREMOTE.read(c),
+            concurrencydestination=table.CONCURRENCYDESTINATION.read(c),
             queuelifetime=table.QUEUELIFETIME.read(c),
             bouncefrom=table.BOUNCEFROM.read(c, me),
             bouncehost=table.BOUNCEHOST.read(c, me),

@@ -226,6 +226,9 @@ RSPAMDACTIONS: Final = Lines("rspamdactions", _SMTPD, "(defaults)", "pyqmail.sca
 # (pyqmail.checks.recipients: which recipients are local)
 CONCURRENCYLOCAL: Final = _send_number("concurrencylocal", 10, "local deliveries", 1, 1000)
 CONCURRENCYREMOTE: Final = _send_number("concurrencyremote", 20, "remote deliveries", 1, 1000)
+CONCURRENCYDESTINATION: Final = _send_number(
+    "concurrencydestination", 5, "remote deliveries to one destination", 1, 1000
+)
 QUEUELIFETIME: Final = _send_number("queuelifetime", 604800, "seconds in the queue", 0, 10**9)
 TIMEOUTCONNECT: Final = _send_number("timeoutconnect", 60, "seconds to connect", 1, 3600)
 TIMEOUTREMOTE: Final = _send_number("timeoutremote", 1200, "seconds per reply", 1, 86400)

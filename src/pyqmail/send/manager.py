@@ -69,8 +69,10 @@ that finished it, without an fsync: a crash that undoes the unlink only causes d
 Scheduling: each recipient is retried on qmail's schedule, ``birth + (sqrt(last - birth) +
 c)^2`` seconds with c = 10 (local) or 20 (remote), until ``queuelifetime``; after that a
 temporary failure becomes permanent (bounce, Status 4.4.7). At most ``concurrencylocal``
-local deliveries and ``concurrencyremote`` SMTP connections run at once; a remote worker
-keeps its connection and takes the next ready job for the same destination.
+local deliveries and ``concurrencyremote`` SMTP connections run at once, at most
+``concurrencydestination`` of them to one destination; a remote worker keeps its
+connection and takes the next ready job for the same destination (``pyqmail.send.scheduler``:
+a destination with no connection to be had defers its other ready jobs at once).
 
 Processes: the deliveries run in two child processes, remote and local, each under its
 own user (``--remote-user``, ``--local-user``); this process sends them each message's bytes

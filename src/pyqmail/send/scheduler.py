@@ -7,6 +7,19 @@ recipients go from the heap to the ready queues, at most ``concurrencylocal`` lo
 destination), and each outcome goes to ``Finisher._complete``. The protocol it serves is
 described in ``pyqmail.send.manager``.
 
+One destination (the key ``RemoteDelivery.key`` gives: a recipient domain's MX hosts, or
+an ``smtproutes`` relay) gets at most ``concurrencydestination`` of the remote workers,
+5 unless set: the concurrency Postfix starts every destination at
+(``initial_destination_concurrency``), a quarter of ``concurrencyremote``'s 20, so that
+a destination that is dead or slow (a job there may hold its worker for ``timeoutconnect``
+per address, minutes) leaves at least three quarters of the slots to the rest; a worker
+keeps its connection for the next job, so five connections carry a busy destination's
+mail without a handshake each, and large receivers limit the connections they take from
+one client anyway. A host that relays everything through one smarthost has one
+destination: raise it there. When a delivery finds no connection to be had at all
+(``unreachable``), the jobs already waiting for that destination get the same temporary
+failure at once instead of each paying the timeouts again (``_take_unreachable``).
+
 A job that raises (a bug, ``MemoryError`` under the run script's ``softlimit``) ends as a
 temporary failure naming the exception, and its slot is given back (``_job_failed``,
 ``_settle``): recipients never stay busy until pyqmail-send restarts.
@@ -42,6 +55,14 @@ def nextretry(birth: float, last: float, channel: str) -> float:
     n = math.isqrt(int(last - birth)) if last > birth else 0
     n += CHANSKIP[channel]
     return birth + n * n
+
+
+def unreachable(result: Result) -> bool:
+    """A remote delivery that made no connection to its destination at all: every
+    address refused, timed out or silent until ``timeoutconnect`` (``pyqmail.send.remote``
+    gives all of them ``#4.4.1``, RFC 3463's "no answer from host") and no SMTP reply
+    (``diagnostic``: a server's own ``451 4.4.1`` is a reply, not this)."""
+    return result.kind == "temp" and result.status == "4.4.1" and not result.diagnostic
 
 
 # -- in-memory model --------------------------------------------------------------------
@@ -236,11 +257,15 @@ class Scheduler:
 
     def _start_remote(self, key: str, jobs: deque[tuple[str, list[int]]]) -> None:
         """Start workers for one destination's ready jobs (lock held): not more than it has
-        jobs waiting."""
+        jobs waiting, nor than ``concurrencydestination``, so that a destination that is
+        dead or slow (each job paying ``timeoutconnect`` per address) leaves the other
+        slots of ``concurrencyremote`` to the others."""
+        cap = self.control.concurrencydestination
         while (
             jobs
             and self.busy_remote < self.control.concurrencyremote
             and len(jobs) > self.remote_workers.get(key, 0)
+            and self.remote_workers.get(key, 0) < cap
         ):
             self.busy_remote += 1
             self.remote_workers[key] = self.remote_workers.get(key, 0) + 1
@@ -418,7 +443,8 @@ class Scheduler:
     def _remote_job(
         self, session: RemoteHandle, key: str, queue_id: str, indexes: list[int]
     ) -> None:
-        """One message to one destination."""
+        """One message to one destination; when no connection could be made there, the
+        jobs waiting for that destination are deferred with the same failure (below)."""
         try:
             read = self._outgoing(queue_id)
             if isinstance(read, Result):
@@ -428,8 +454,36 @@ class Scheduler:
                 results = session.deliver(key, read[0], read[1], addresses)
         except Exception as exc:  # noqa: BLE001 - a job's failure, not the slot's
             results = [self._job_failed("remote", queue_id, exc, key)] * len(indexes)
-        for i, result in zip(indexes, results, strict=True):
-            self._settle(queue_id, i, result)
+        waiting: list[tuple[str, list[int]]] = []
+        try:
+            waiting = self._take_unreachable(key, results)
+        finally:
+            for i, result in zip(indexes, results, strict=True):
+                self._settle(queue_id, i, result)
+        for other, others in waiting:
+            for i in others:
+                self._settle(other, i, results[0])
+
+    def _take_unreachable(self, key: str, results: list[Result]) -> list[tuple[str, list[int]]]:
+        """The jobs ready for ``key`` when its delivery found no connection to be had
+        (``unreachable``), taken from the ready queue: each would pay the same timeouts
+        on every address again, holding a slot for minutes, and fail the same way. They
+        get that failure instead, as Postfix defers a dead destination's queue. Only the
+        jobs ready now: one that becomes due later is tried (``remote.py`` may know the
+        addresses to be down by then and fail it at once)."""
+        if not results or not all(unreachable(r) for r in results):
+            return []
+        with self.lock:
+            jobs = self.ready_remote.get(key)
+            waiting = list(jobs) if jobs else []
+            if jobs:
+                jobs.clear()
+        if waiting:
+            self.log(
+                f"status no connection to {one_line(key)}: {len(waiting)} more job(s) "
+                f"deferred without an attempt: {one_line(results[0].detail)}"
+            )
+        return waiting
 
     def _remote_slot_free(self, key: str) -> None:
         """A remote worker of ``key`` ended (lock held)."""
