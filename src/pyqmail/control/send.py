@@ -26,7 +26,10 @@ ignored, a malformed file is a ``ControlError`` naming file and line.
                        pyqmail-smtpd); local delivery bounces a message with more than
                        ``maxhops`` + 1 (its own Received line is not held against it)
 ``timeoutconnect``     seconds to wait for a TCP connection (default 60)
-``timeoutremote``      seconds to wait for each SMTP reply (default 1200)
+``timeoutremote``      seconds for each whole SMTP reply, the greeting's included, and for
+                       each write of the message to make progress; the STARTTLS handshake
+                       gets it capped at 300 (default 1200). A delivery's own deadline is
+                       derived from it (``pyqmail.send.smtpclient``)
 ``smtproutes``         ``domain:relay[:port]`` lines, see ``Route``
 ``smtproutes-auth``    ``relay:user:password`` lines (mode 0400 pyqmails:root: the manager's
                        user alone reads it), see ``Route``
