@@ -7,16 +7,16 @@ recipients go from the heap to the ready queues, at most ``concurrencylocal`` lo
 destination), and each outcome goes to ``Finisher._complete``. The protocol it serves is
 described in ``pyqmail.send.manager``.
 
-One destination (the key ``RemoteDelivery.key`` gives: a recipient domain's MX hosts, or
-an ``smtproutes`` relay) gets at most ``concurrencydestination`` of the remote workers,
-5 unless set: the concurrency Postfix starts every destination at
-(``initial_destination_concurrency``), a quarter of ``concurrencyremote``'s 20, so that
-a destination that is dead or slow (a job there may hold its worker for ``timeoutconnect``
-per address, minutes) leaves at least three quarters of the slots to the rest; a worker
-keeps its connection for the next job, so five connections carry a busy destination's
-mail without a handshake each, and large receivers limit the connections they take from
-one client anyway. A host that relays everything through one smarthost has one
-destination: raise it there. When a delivery finds no connection to be had at all
+One destination (the key ``RemoteDelivery.key`` gives: a recipient domain's MX hosts, or an
+``smtproutes`` relay) gets at most ``concurrencydestination`` of the remote workers, 5
+unless set: the concurrency Postfix starts every destination at
+(``initial_destination_concurrency``), a quarter of ``concurrencyremote``'s 20, so that a
+destination that is dead or slow (a job there may hold its worker for ``timeoutconnect``, or
+``timeoutremote`` for a greeting, per address) leaves at least three quarters of the slots
+to the rest; a worker keeps its connection for the next job, so five connections carry a
+busy destination's mail without a handshake each, and large receivers limit the connections
+they take from one client anyway. A host that relays everything through one smarthost has
+one destination: raise it there. When a delivery finds no connection to be had at all
 (``unreachable``), the jobs already waiting for that destination get the same temporary
 failure at once instead of each paying the timeouts again (``_take_unreachable``).
 
@@ -59,9 +59,10 @@ def nextretry(birth: float, last: float, channel: str) -> float:
 
 def unreachable(result: Result) -> bool:
     """A remote delivery that made no connection to its destination at all: every
-    address refused, timed out or silent until ``timeoutconnect`` (``pyqmail.send.remote``
-    gives all of them ``#4.4.1``, RFC 3463's "no answer from host") and no SMTP reply
-    (``diagnostic``: a server's own ``451 4.4.1`` is a reply, not this)."""
+    address refused, timed out connecting, sent no greeting in ``timeoutremote``, or rests
+    after such a timeout (tcpto, ``pyqmail.send.peers``: "not tried"). Remote delivery
+    (``pyqmail.send.remoteopen``) gives all of them ``#4.4.1``, RFC 3463's "no answer from
+    host", and no SMTP reply (``diagnostic``: a server's own ``451 4.4.1`` is a reply)."""
     return result.kind == "temp" and result.status == "4.4.1" and not result.diagnostic
 
 
@@ -258,7 +259,7 @@ class Scheduler:
     def _start_remote(self, key: str, jobs: deque[tuple[str, list[int]]]) -> None:
         """Start workers for one destination's ready jobs (lock held): not more than it has
         jobs waiting, nor than ``concurrencydestination``, so that a destination that is
-        dead or slow (each job paying ``timeoutconnect`` per address) leaves the other
+        dead or slow (each job paying a whole wait per address) leaves the other
         slots of ``concurrencyremote`` to the others."""
         cap = self.control.concurrencydestination
         while (
@@ -469,8 +470,9 @@ class Scheduler:
         (``unreachable``), taken from the ready queue: each would pay the same timeouts
         on every address again, holding a slot for minutes, and fail the same way. They
         get that failure instead, as Postfix defers a dead destination's queue. Only the
-        jobs ready now: one that becomes due later is tried (``remote.py`` may know the
-        addresses to be down by then and fail it at once)."""
+        jobs ready now: one that becomes due later goes to remote delivery, whose memory
+        of silent addresses (tcpto) fails it at once while they rest, and tries them
+        again when they have."""
         if not results or not all(unreachable(r) for r in results):
             return []
         with self.lock:
