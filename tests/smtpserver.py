@@ -16,6 +16,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pyqmail.queue.format import Envelope
+
+if TYPE_CHECKING:
+    from pyqmail.send.delivery import Result
+    from pyqmail.send.remote import RemoteDelivery
 
 Hook = Callable[["Conversation", str], bool]
 
@@ -151,3 +158,17 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def deliver_once(delivery: RemoteDelivery, message: bytes) -> tuple[Result, float]:
+    """``message`` from me@mx.test to a@remote.test in a session of its own (as the next job
+    of another worker of the delivery child), closed after it: its one result, and the
+    seconds it took."""
+    session = delivery.session("remote.test")
+    env = Envelope("id", "me@mx.test", ("a@remote.test",), len(message), 0.0)
+    start = time.monotonic()
+    try:
+        (result,) = session.deliver(env, message, ["a@remote.test"])
+    finally:
+        session.close()
+    return result, time.monotonic() - start

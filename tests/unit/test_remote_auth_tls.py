@@ -11,19 +11,16 @@ was refused, so the relay's mail waited an hour after the relay had recovered.
 from __future__ import annotations
 
 import ssl
-import time
 from pathlib import Path
 
 import pytest
 
 from pyqmail.control.send import Control
-from pyqmail.queue.format import Envelope
-from pyqmail.send.delivery import Result
 from pyqmail.send.mx import Destination
 from pyqmail.send.peers import PeerMemory
 from pyqmail.send.remote import RemoteDelivery
 from tests.conftest import PKI
-from tests.smtpserver import Conversation, SmtpServer, standard
+from tests.smtpserver import Conversation, SmtpServer, deliver_once, standard
 
 MESSAGE = b"Subject: hi\r\n\r\nSECRET-BODY\r\n"
 EXTENSIONS = ("STARTTLS", "AUTH PLAIN", "8BITMIME")
@@ -69,17 +66,6 @@ def _delivery(tmp_path: Path, port: int, peers: PeerMemory) -> RemoteDelivery:
     return RemoteDelivery(Control.load(tmp_path), peers=peers)
 
 
-def _deliver(delivery: RemoteDelivery) -> tuple[Result, float]:
-    session = delivery.session("remote.test")
-    env = Envelope("id", "me@mx.test", ("a@remote.test",), len(MESSAGE), 0.0)
-    start = time.monotonic()
-    try:
-        (result,) = session.deliver(env, MESSAGE, ["a@remote.test"])
-    finally:
-        session.close()
-    return result, time.monotonic() - start
-
-
 @pytest.fixture
 def trusted(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> PKI:
     """The client's system CA store is the test CA."""
@@ -93,14 +79,14 @@ def test_a_stalled_handshake_defers_without_plaintext_and_is_not_remembered(
     """The reviewer's scenario: the first handshake stalls, then the relay works."""
     with _relay(_server_context(trusted, tmp_path), stalled={0}) as relay:
         delivery = _delivery(tmp_path, relay.port, PeerMemory())
-        first, took = _deliver(delivery)
+        first, took = deliver_once(delivery, MESSAGE)
         assert first.kind == "temp", first
         assert "TLS handshake failed" in first.detail, first
         assert "timed out after 1 s waiting for the TLS handshake" in first.detail
         assert "no fallback on a route with AUTH" in first.detail
         assert took < 2.5
         assert len(relay.conversations) == 1  # no plaintext connection after it
-        second, _ = _deliver(delivery)
+        second, _ = deliver_once(delivery, MESSAGE)
         assert (second.kind, second.verified) == ("ok", "yes"), second
         relay.wait_closed()
     assert relay.conversations[0].verbs() == ["EHLO", "STARTTLS"]
@@ -123,7 +109,7 @@ def test_an_auth_route_ignores_the_tls_memories_of_its_address(
         peers.mark_tls_failed(dest)
         peers.mark_unverifiable(dest)
         delivery = _delivery(tmp_path, relay.port, peers)
-        result, _ = _deliver(delivery)
+        result, _ = deliver_once(delivery, MESSAGE)
         assert (result.kind, result.verified) == ("ok", "yes"), result
         relay.wait_closed()
     assert len(relay.conversations) == 1

@@ -10,20 +10,17 @@ once. A ``tlshosts`` pin never gets plaintext, however the handshake fails.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.control.send import Control
-from pyqmail.queue.format import Envelope
-from pyqmail.send.delivery import Result
 from pyqmail.send.peers import PeerMemory
 from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.smtpclient import SMTPClient
 from tests.conftest import PKI
-from tests.smtpserver import Conversation, SmtpServer, standard
+from tests.smtpserver import Conversation, SmtpServer, deliver_once, standard
 
 MESSAGE = b"Subject: hi\r\n\r\nSECRET-BODY\r\n"
 
@@ -63,23 +60,11 @@ def _delivery(tmp_path: Path, port: int, pin: bytes | None = None) -> RemoteDeli
     return RemoteDelivery(Control.load(tmp_path), peers=PeerMemory())
 
 
-def _deliver(delivery: RemoteDelivery) -> tuple[Result, float]:
-    """One message in a session of its own (as the next job of another worker)."""
-    session = delivery.session("remote.test")
-    env = Envelope("id", "me@mx.test", ("a@remote.test",), len(MESSAGE), 0.0)
-    start = time.monotonic()
-    try:
-        (result,) = session.deliver(env, MESSAGE, ["a@remote.test"])
-    finally:
-        session.close()
-    return result, time.monotonic() - start
-
-
 def test_a_stalled_handshake_costs_one_wait_and_is_remembered(
     tmp_path: Path, server: SmtpServer
 ) -> None:
     delivery = _delivery(tmp_path, server.port)
-    result, took = _deliver(delivery)
+    result, took = deliver_once(delivery, MESSAGE)
     assert (result.kind, result.tls) == ("ok", "none"), result
     # The stalled connection, then plaintext: no second handshake without verification.
     assert len(server.conversations) == 2
@@ -89,7 +74,7 @@ def test_a_stalled_handshake_costs_one_wait_and_is_remembered(
     assert server.conversations[0].lines[-1] == "STARTTLS"
     assert server.conversations[0].held.startswith(b"\x16\x03")  # a TLS handshake record
     assert b"QUIT" not in server.conversations[0].held
-    result, took = _deliver(delivery)
+    result, took = deliver_once(delivery, MESSAGE)
     assert (result.kind, result.tls) == ("ok", "none"), result
     assert len(server.conversations) == 3
     assert "STARTTLS" not in server.conversations[2].verbs()  # straight to plaintext
@@ -108,7 +93,7 @@ def test_a_pinned_host_that_stalls_the_handshake_never_gets_plaintext(
 ) -> None:
     delivery = _delivery(tmp_path, server.port, pin=pki.ca.cert_pem)
     for attempt in (1, 2):
-        result, took = _deliver(delivery)
+        result, took = deliver_once(delivery, MESSAGE)
         assert result.kind == "temp" and "TLS required" in result.detail, result
         assert "timed out after 1 s waiting for the TLS handshake" in result.detail
         assert took < 2.5
@@ -127,7 +112,7 @@ def test_a_refused_starttls_goes_to_plaintext_on_one_new_connection(tmp_path: Pa
     with SmtpServer(talk) as server:
         delivery = _delivery(tmp_path, server.port)
         for attempt in (1, 2):
-            result, _ = _deliver(delivery)
+            result, _ = deliver_once(delivery, MESSAGE)
             assert (result.kind, result.tls) == ("ok", "none"), result
             assert len(server.conversations) == 2 * attempt
             assert "STARTTLS" in server.conversations[-2].verbs()

@@ -10,20 +10,17 @@ name has 127.0.0.1 (silent) and 127.0.0.2 (a working server) on one port.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyqmail.control.send import Control
-from pyqmail.queue.format import Envelope
-from pyqmail.send.delivery import Result
 from pyqmail.send.mx import Destination, DnsResolver
 from pyqmail.send.peers import BACKOFF_FIRST, BACKOFF_MAX, PeerMemory
 from pyqmail.send.remote import RemoteDelivery
 from tests.dnsserver import DnsServer
-from tests.smtpserver import SmtpServer, standard
+from tests.smtpserver import SmtpServer, deliver_once, standard
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -38,18 +35,6 @@ def _control(tmp_path: Path, route: str) -> Control:
     return Control.load(tmp_path)
 
 
-def _deliver(delivery: RemoteDelivery) -> tuple[Result, float]:
-    """One message in a session of its own: the next job of another worker of the child."""
-    session = delivery.session("remote.test")
-    env = Envelope("id", "me@mx.test", ("a@remote.test",), len(MESSAGE), 0.0)
-    start = time.monotonic()
-    try:
-        (result,) = session.deliver(env, MESSAGE, ["a@remote.test"])
-    finally:
-        session.close()
-    return result, time.monotonic() - start
-
-
 @pytest.fixture
 def silent() -> Iterator[SmtpServer]:
     """Accepts, and never greets (dead.py of the review)."""
@@ -61,11 +46,11 @@ def test_an_address_that_never_greets_is_not_tried_again_for_a_while(
     tmp_path: Path, silent: SmtpServer
 ) -> None:
     delivery = RemoteDelivery(_control(tmp_path, f"127.0.0.1:{silent.port}"), peers=PeerMemory())
-    first, took = _deliver(delivery)
+    first, took = deliver_once(delivery, MESSAGE)
     assert first.kind == "temp" and "no greeting within 1 s" in first.detail, first
     assert took >= 0.9
     for _ in range(2):
-        again, took = _deliver(delivery)
+        again, took = deliver_once(delivery, MESSAGE)
         assert again.kind == "temp" and again.status == "4.4.1"
         assert "not tried" in again.detail and "tcpto" in again.detail, again
         assert took < 0.2
@@ -100,7 +85,7 @@ def test_a_resting_address_is_skipped_for_the_next_one_of_the_host(tmp_path: Pat
         resolver = DnsResolver(lifetime=2.0, resolver=dns.resolver())
         control = _control(tmp_path, f"relay.tcpto.test:{port}")
         delivery = RemoteDelivery(control, resolver=resolver, peers=PeerMemory())
-        results = [_deliver(delivery) for _ in range(3)]
+        results = [deliver_once(delivery, MESSAGE) for _ in range(3)]
         alive.wait_closed()
     assert [r.kind for r, _ in results] == ["ok"] * 3, results
     assert results[0][1] >= 0.9  # the silent address's greeting wait, once
