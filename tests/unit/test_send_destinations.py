@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.scheduler import unreachable
 from tests.e2e.helpers import wait_for
 from tests.e2e.test_send import Recorder
+from tests.unit.test_send_job_failures import run_manager
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 
@@ -91,16 +92,6 @@ def _routes(root: Path, tarpit: Tarpit, recorder: Recorder, **files: str) -> Non
         (control / name).write_text(f"{value}\n")
 
 
-def _run(m: Manager, done: Callable[[], bool], timeout: float, what: str) -> None:
-    """pyqmail-send's main loop, as far as delivery goes, until ``done``."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        m.dispatch()
-        m.finish()
-        time.sleep(0.02)
-
-
 def _idle(m: Manager) -> bool:
     with m.lock:
         return (m.busy_remote, m.remote_workers, m.ready_remote) == (0, {}, {})
@@ -133,7 +124,7 @@ def test_a_dead_destination_leaves_workers_to_the_others(
     m = Manager(send_root, Log(io.StringIO()))
     try:
         assert m.pickup() == 7
-        _run(m, lambda: bool(recorder.accepted), 15, "the message to alive.test")
+        run_manager(m, lambda: bool(recorder.accepted), 15, "the message to alive.test")
         assert [rcpt for rcpt, _, _ in recorder.accepted] == ["v@alive.test"]
         wait_for(lambda: tarpit.connections == 2, 10, "two connections to dead.test")
         time.sleep(0.3)
@@ -158,7 +149,7 @@ def test_no_connection_defers_what_waits_for_the_destination_at_once(
     m = Manager(send_root, Log(out))
     try:
         assert m.pickup() == 10
-        _run(m, lambda: _deferred(m, ids), 30, "every message deferred")
+        run_manager(m, lambda: _deferred(m, ids), 30, "every message deferred")
         assert tarpit.connections in (1, 2)  # 1: the second worker started after the wait
         key = re.escape(f"[127.0.0.1]:{tarpit.port}")
         said = re.search(
@@ -194,11 +185,11 @@ def test_a_job_that_comes_due_later_is_tried(
     m = Manager(send_root, Log(io.StringIO()))
     try:
         m.pickup()
-        _run(m, lambda: _deferred(m, first), 20, "the first messages deferred")
+        run_manager(m, lambda: _deferred(m, first), 20, "the first messages deferred")
         assert tarpit.connections == 1
         later = q.enqueue("a@mx.test", ["w@dead.test"], MESSAGE).queue_id
         m.pickup()
-        _run(m, lambda: _deferred(m, [later]), 20, "the later message deferred")
+        run_manager(m, lambda: _deferred(m, [later]), 20, "the later message deferred")
         result = m.msgs[later].rcpts[0].result
         assert result is not None and unreachable(result)
         assert result.detail.startswith("not tried: every address of dead.test"), result

@@ -108,7 +108,7 @@ def sink() -> Iterator[BulkSink]:
     server.close()
 
 
-def _run(m: Manager, done: Callable[[], bool], timeout: float, what: str) -> None:
+def run_manager(m: Manager, done: Callable[[], bool], timeout: float, what: str) -> None:
     """pyqmail-send's main loop, as far as delivery goes, until ``done``."""
     deadline = time.monotonic() + timeout
     while not done():
@@ -130,7 +130,7 @@ def _failed_then_delivered(
     """The attempt under the limit ends as a deferral (its detail returned), recorded and
     on the retry schedule, its slot given back; the next one, without the limit, delivers."""
     with address_space(spare):
-        _run(m, lambda: _deferred(m, queue_id), 20, "the job that ran out of memory")
+        run_manager(m, lambda: _deferred(m, queue_id), 20, "the job that ran out of memory")
     msg = m.msgs[queue_id]
     r = msg.rcpts[0]
     assert r.result is not None and r.result.kind == "temp"
@@ -140,7 +140,7 @@ def _failed_then_delivered(
     assert "MemoryError" in record.detail
     wait_for(lambda: (m.busy_local, m.busy_remote) == (0, 0), 10, "the slot given back")
     m.retry_all()  # pyqmail-queue flush
-    _run(m, lambda: delivered() and not m.msgs, 60, "the delivery and the message's end")
+    run_manager(m, lambda: delivered() and not m.msgs, 60, "the delivery and the message's end")
     return record.detail
 
 
