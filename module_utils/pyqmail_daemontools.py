@@ -154,6 +154,11 @@ class _Uptime:
     ``stable=2`` for a service that never stays up. What is sure: a pid shown at N seconds
     has run more than N - 1, and it has run at least as long again as it has been seen with
     the same pid since. With ``before=False`` only the latter counts.
+
+    svstat's count comes from the wall clock (supervise stores the start's TAI time), so a
+    step of the clock (NTP correcting a VM's drift) makes a pid that just started look
+    seconds old. A pid that a previous poll did not show started during the wait: only the
+    caller's own (monotonic) clock counts for it, as with ``before=False``.
     """
 
     def __init__(self, clock: Callable[[], float], *, before: bool = True) -> None:
@@ -163,18 +168,23 @@ class _Uptime:
         self.first_seen = 0.0
         self.shown_then = 0
         self.shown_last = 0
+        self.polled = False  # a previous poll was read
+        self.appeared = False  # the pid was not shown by the poll before it was first seen
 
     def at_least(self, status: Status) -> float:
         """Seconds the pid in ``status`` has surely been up; 0 when it is not up."""
+        now, polled_before = self.clock(), self.polled
+        self.polled = True
         if not status.up or status.pid is None:
             self.pid = None
             return 0.0
         shown = status.seconds or 0
         if status.pid != self.pid or shown < self.shown_last:  # a count going back: a new process
-            self.pid, self.first_seen, self.shown_then = status.pid, self.clock(), shown
+            self.pid, self.first_seen, self.shown_then = status.pid, now, shown
+            self.appeared = polled_before
         self.shown_last = shown
-        seen_for = self.clock() - self.first_seen
-        if not self.before:
+        seen_for = now - self.first_seen
+        if not self.before or self.appeared:
             return seen_for
         return max(shown - 1, max(self.shown_then - 1, 0) + seen_for)
 

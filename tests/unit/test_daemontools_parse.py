@@ -363,6 +363,27 @@ def test_a_pid_number_used_again_counts_afresh() -> None:
     assert (result.ok, reads) == (True, 7)  # 5 s seen since the count went back
 
 
+def test_a_wall_clock_step_gives_a_new_pid_no_credit() -> None:
+    """svstat counts from the wall clock: a step forward makes a new pid look old.
+
+    A crashing ./run (up a few milliseconds each time) was once reported stable in CI,
+    svstat showing its pid at 10 seconds; a pid the previous poll did not show can have
+    run no longer than the module's own clock has moved since.
+    """
+    crash_loop = ["down 0 seconds, normally up", "up (pid 5) 10 seconds"]
+    crash_loop += [f"up (pid {p}) 0 seconds" for p in range(6, 20)]
+    result, _ = run_wait(crash_loop, "up", stable=2, timeout=7)
+    assert not result.ok
+    assert "keeps restarting" in result.reason
+    # the same step seen on a pid that then stays: stable once 2 s are seen
+    steady = ["down 0 seconds, normally up", "up (pid 5) 10 seconds", "up (pid 5) 11 seconds"]
+    result, reads = run_wait(steady, "up", stable=2, timeout=10)
+    assert (result.ok, reads) == (True, 4)
+    # a pid up when the wait began keeps svstat's credit: nothing before it to bound it
+    result, reads = run_wait(["up (pid 5) 10 seconds"], "up", stable=2, timeout=10)
+    assert (result.ok, reads) == (True, 1)
+
+
 def test_wait_rejects_unknown_goal() -> None:
     with pytest.raises(ValueError, match="unknown goal"):
         dt.wait_for(lambda: st("down 1 seconds"), "running", timeout=1)
