@@ -136,10 +136,11 @@ class SendersCache:
         return self.map
 
 
-def from_addresses(head: bytes) -> list[str] | None:
-    """Every address of every From field of a header section; None when a From field cannot
-    be read unambiguously, names nobody (an empty group) or is too long; [] without From."""
-    values = header_values(head, "from")
+def from_addresses(head: bytes, limit: int = HEADER_SIZE_LIMIT) -> list[str] | None:
+    """Every address of every From field of a header section (its first ``limit`` bytes);
+    None when a From field cannot be read unambiguously, names nobody (an empty group) or is
+    too long; [] without From."""
+    values = header_values(head, "from", limit)
     if sum(len(v) for v in values) > MAX_FROM:
         return None
     out: list[str] = []
@@ -170,15 +171,19 @@ class HeadWatch:
         end = self.head.find(_END, start)
         if end >= 0:
             del self.head[end + 2 :]
-            self.done = self.complete = True
-        elif len(self.head) >= HEADER_SIZE_LIMIT:
+            self.done = True
+            # complete only if the whole section, last CRLF included, is within the limit
+            # the parser reads: a section of limit + 1 or + 2 bytes lost its last line there
+            # (a From put last went unseen, and no From passed)
+            self.complete = len(self.head) <= HEADER_SIZE_LIMIT
+        elif len(self.head) >= HEADER_SIZE_LIMIT + 4:  # no empty line could end in reach
             self.done = True
 
     def refusal(self) -> str | None:
         """The 550 reply when the header From is not the login's, else None (logged)."""
         if not self.complete and self.done:  # a From past the limit would go unseen
             return self._refuse("(header too long)", "550 5.7.1 header section too long")
-        addresses = from_addresses(bytes(self.head))
+        addresses = from_addresses(bytes(self.head), limit=len(self.head))
         if addresses is None:
             return self._refuse("(unreadable)", "550 5.7.1 header From not understood")
         if not addresses:
