@@ -51,6 +51,14 @@ _counter = itertools.count()
 # the three together (tests/roles/test_junk_folder.py).
 JUNK_FOLDER = "Junk"
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+# The queue meta that decides how a message is delivered, which a forwarded copy keeps:
+# ``junk`` (a DMARC quarantine or a scanner's Junk verdict: ``.Junk`` at the final mailbox,
+# however many aliases lie between) and ``smtputf8`` (remote delivery uses SMTPUTF8:
+# ``pyqmail.send.remote.needs_smtputf8``). The rest says how the original arrived (client,
+# helo, auth, tls) or what it was (``origin``: the copy is not signed again, its signatures
+# travel in front of it; ``bounce_of``), and is not the copy's to claim.
+# tests/checks/test_junk.py holds this list to every ``meta.get`` of the delivery code.
+FORWARDED_META = ("junk", "smtputf8")
 
 
 def _ensure_maildir(maildir: Path) -> None:
@@ -227,7 +235,7 @@ class LocalDelivery:
                     f"Return-Path: {_return_path(env.sender)}\nDelivered-To: {delivered_to}\n"
                 ).encode("utf-8", "surrogateescape")
                 data = head + message.replace(b"\r\n", b"\n")
-                junk = env.meta.get("junk") == "1"  # DMARC quarantine (pyqmail.checks)
+                junk = env.meta.get("junk") == "1"  # DMARC quarantine, scanner's Junk verdict
                 for ins in maildirs:
                     done.append(f"maildir {ins.target}{self._maildir(ins, data, junk)}")
         except OSError as exc:
@@ -237,18 +245,17 @@ class LocalDelivery:
         return Result.ok(f"{'; '.join(done)} via {plan.source}")
 
     def forward(self, env: Envelope, message: bytes, fwd: Forward) -> Result:
-        """Re-queue the message to the forwarding addresses (one new message, durable)."""
+        """Re-queue the message to the forwarding addresses (one new message, durable),
+        with the meta that decides its delivery (``FORWARDED_META``): a quarantined message
+        sent to an alias of a local mailbox still lands in that mailbox's ``.Junk``."""
         done = list(fwd.done)
         if self.queue is None:
             return _failed(QueueError("no queue to forward through"), done)
         prefix = f"Delivered-To: {fwd.delivered_to}\r\n".encode("utf-8", "surrogateescape")
+        meta = {key: env.meta[key] for key in FORWARDED_META if key in env.meta}
+        meta |= {"forwarded_for": fwd.delivered_to, "origin": env.queue_id}
         try:
-            queued = self.queue.enqueue(
-                env.sender,
-                list(fwd.recipients),
-                prefix + message,
-                {"forwarded_for": fwd.delivered_to, "origin": env.queue_id},
-            )
+            queued = self.queue.enqueue(env.sender, list(fwd.recipients), prefix + message, meta)
         except (OSError, QueueError) as exc:
             return _failed(exc, done)
         done.append(f"forwarded to {', '.join(fwd.recipients)} as {queued.queue_id}")
