@@ -63,9 +63,13 @@ def alias_target(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
 
 
 def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, Any]) -> Problems:
-    """pyqmail_aliases__aliases: local-part names, each once, with targets unless absent; root,
-    postmaster and mailer-daemon may be given targets (replacing pyqmail_aliases__postmaster)
-    but not removed, or the role would write and remove the same file on every run."""
+    """pyqmail_aliases__aliases: local-part names, each once; root, postmaster and
+    mailer-daemon may be given targets (replacing pyqmail_aliases__postmaster) but not
+    removed, or the role would write and remove the same file on every run, nor left without
+    targets (their mail must reach someone: RFC 5321 4.5.1). No targets is otherwise
+    a discard address (a .qmail of its marker comment only: dot-qmail(5) delivers nowhere),
+    the way to take mail for noreply@ and keep none; a misspelt ``targets`` key is still
+    refused with the other unknown keys."""
     seen: dict[str, str] = {}
     for index, alias in enumerate(value):
         where = f"{name}[{index}]"
@@ -83,8 +87,11 @@ def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, A
                     "targets given here"
                 )
             continue
-        if not alias["targets"]:
-            yield f"{where}.targets: is empty; give a target, or state: absent"
+        if not alias["targets"] and alias_name.lower() in ("root", "postmaster", "mailer-daemon"):
+            yield (
+                f"{where}.targets: is empty, which would discard the mail of {alias_name!r}; "
+                "give a target (root, postmaster and mailer-daemon must reach someone)"
+            )
         yield from each(alias_target)(f"{where}.targets", alias["targets"], values)
 
 

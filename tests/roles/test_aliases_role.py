@@ -1,13 +1,17 @@
 """pyqmail_aliases: one source of truth per alias file. A listed alias named root, postmaster
 or mailer-daemon replaces the pyqmail_aliases__postmaster default (written once, not twice
 per run); an alias deleted from the list loses its file, but a file the role did not write
-(no marker line) stays."""
+(no marker line) stays. An alias without targets is a discard address."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from pyqmail.control.send import Control
+from pyqmail.queue.format import Envelope
+from pyqmail.queue.store import Queue
+from pyqmail.send.local import LocalDelivery
 from tests.roles.playbook import changed_tasks, run_role_tasks
 
 
@@ -62,3 +66,24 @@ def test_an_alias_left_out_of_the_list_is_removed_a_hand_made_one_stays(tmp_path
         ".qmail-sales": ["&bob@example.org"],
     }
     assert changed_tasks(play(tmp_path, [])) == []
+
+
+def test_an_alias_without_targets_is_a_discard_address(tmp_path: Path) -> None:
+    """targets: [] (the spec's default) writes the marker line alone: a .qmail of comments
+    only, which delivers nowhere (dot-qmail(5)), in the alias directory as the role makes it
+    (root:root 0755, where a default ./Maildir/ delivery could never be written)."""
+    play(tmp_path, [{"name": "noreply"}, {"name": "void", "targets": []}])
+    root = tmp_path / "qmail"
+    assert deliveries(tmp_path)[".qmail-noreply"] == deliveries(tmp_path)[".qmail-void"] == []
+    (root / "control").mkdir()
+    (root / "control" / "me").write_text("mx.test\n")
+    queue = Queue(root / "queue")
+    queue.create()
+    local = LocalDelivery(Control.load(root), queue)
+    for name in ("noreply", "void"):
+        env = Envelope("Q1", "a@remote.test", (f"{name}@mx.test",), 1, 0.0)
+        result = local.deliver(env, b"Subject: x\r\n\r\nbody\r\n", f"{name}@mx.test")
+        assert result.kind == "ok", result
+        assert result.detail.startswith(f"discarded: {root}/alias/.qmail-{name} ")
+    assert [p for p in tmp_path.rglob("*") if p.parent.name == "new"] == []
+    assert queue.ids("new") == []

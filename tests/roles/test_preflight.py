@@ -357,9 +357,10 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         "pyqmail_aliases__aliases[1].name: 'Abuse' is listed twice "
         "(first at pyqmail_aliases__aliases[0])",
     ),
-    "alias-no-target": (
-        {"pyqmail_aliases__aliases": [{"name": "abuse"}]},
-        "pyqmail_aliases__aliases[0].targets: is empty; give a target, or state: absent",
+    "alias-postmaster-no-target": (
+        {"pyqmail_aliases__aliases": [{"name": "Postmaster"}]},
+        "pyqmail_aliases__aliases[0].targets: is empty, which would discard the mail of "
+        "'Postmaster'; give a target (root, postmaster and mailer-daemon must reach someone)",
     ),
     "mailbox-senders": (
         {"pyqmail_mailboxes__list": [{"name": "alice", "senders": ["@example.com", "bob"]}]},
@@ -494,6 +495,11 @@ def test_homes_inside_the_base_and_consistent_ca_margins_pass() -> None:
         "pyqmail_certificates__renew_before_days": 10,
     }
     assert problems_of(margins) == []
+
+
+def test_an_alias_without_targets_passes_it_is_a_discard_address() -> None:
+    aliases = [{"name": "noreply"}, {"name": "void", "targets": []}]
+    assert problems_of({"pyqmail_aliases__aliases": aliases}) == []
 
 
 def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:

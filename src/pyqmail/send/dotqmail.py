@@ -27,6 +27,12 @@ are lowercased (qmail's rules). Relative paths in alias files are relative to ``
                       reason naming the file); mbox files (a path not ending in ``/``) are
                       refused the same way. ``check_file`` finds both at provisioning time.
 
+A ``.qmail`` file that is empty (0 bytes) means default delivery, ``./Maildir/``; one with
+bytes but no delivery line (only comments) delivers nowhere: the message is discarded, as in
+qmail (dot-qmail(5)), the way to make an address such as ``noreply@`` that takes mail and
+keeps none. In ``alias/`` an empty file defers, naming itself: the alias directory has no
+Maildir to deliver to.
+
 A ``.qmail`` file writable by group or others defers delivery (qmail's "Uh-oh"), because
 whoever can write it can redirect the mailbox.
 """
@@ -59,7 +65,7 @@ class Instruction:
 class Plan:
     """What to do for one local recipient."""
 
-    instructions: tuple[Instruction, ...]
+    instructions: tuple[Instruction, ...]  # none: a .qmail of comments only, discard
     source: str  # the file the instructions came from (for logs and bounces)
     delivered_to: str  # the Delivered-To value
 
@@ -164,25 +170,49 @@ def ext_candidates(ext: str) -> list[str]:
     return names
 
 
+def _check_dotqmail(path: Path, st: os.stat_result) -> None:
+    """qmail's "Uh-oh": whoever can write the file decides where the mail goes."""
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _DeferError(f"{path} is writable by group or others; fix its mode")
+
+
 def _read_plan(
-    directory: Path, names: list[str], default_domain: str
+    directory: Path, names: list[str], default_domain: str, *, alias: bool = False
 ) -> tuple[Path, tuple[Instruction, ...]] | None:
-    """The first existing file of ``names``; an empty file means "deliver to ./Maildir/"."""
+    """The first existing file of ``names`` and its instructions, as dot-qmail(5) reads it.
+
+    A 0-byte file means "deliver to ./Maildir/" (qmail's default delivery); in ``alias/``
+    that is no mailbox (the role makes it root's, 0755), so such a file defers with its name
+    instead of failing on EACCES for a week. A file with bytes but no instruction (only
+    comments: a discard address such as noreply@, or an alias with ``targets: []``) gives
+    no instruction: the message is delivered nowhere (``LocalDelivery`` logs it discarded)."""
     for name in names:
         path = directory / name
         try:
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _DeferError(f"{path} is writable by group or others; fix its mode (#4.7.0)")
-        found = parse_file(path, directory, default_domain)
-        return path, found or (Instruction("maildir", f"{directory}/Maildir/"),)
+        _check_dotqmail(path, st)
+        if st.st_size == 0 and alias:
+            raise _DeferError(
+                f"{path} is empty: it has no delivery instruction, and an alias has no "
+                "Maildir of its own; write a forward or a Maildir into it, or a comment line "
+                "to discard its mail",
+                "4.3.5",
+            )
+        if st.st_size == 0:
+            return path, (Instruction("maildir", f"{directory}/Maildir/"),)
+        return path, parse_file(path, directory, default_domain)
     return None
 
 
 class _DeferError(Exception):
-    pass
+    """A temporary failure before delivery: its text names what is wrong, ``status`` the
+    RFC 3463 code (4.7.0 for a mode that lets others redirect the mail)."""
+
+    def __init__(self, text: str, status: str = "4.7.0") -> None:
+        super().__init__(f"{text} (#{status})")
+        self.status = status
 
 
 def resolve(
@@ -220,9 +250,9 @@ def resolve(
                         "5.1.1",
                     )
                 return Plan(found[1], str(found[0]), delivered_to)
-        found = _read_plan(alias_dir, ext_candidates(ext_key), me)
+        found = _read_plan(alias_dir, ext_candidates(ext_key), me, alias=True)
     except _DeferError as exc:
-        return Result.temp(str(exc), "4.7.0")
+        return Result.temp(str(exc), exc.status)
     except OSError as exc:
         return Result.temp(f"cannot read .qmail file: {exc} (#4.3.0)", "4.3.0")
     if found is None:

@@ -226,6 +226,11 @@ class LocalDelivery:
     def _execute(
         self, env: Envelope, message: bytes, plan: Plan, delivered_to: str
     ) -> Result | Forward:
+        """Deliver into the plan's Maildirs, then hand back its forwards. A plan without
+        instructions (a ``.qmail`` of comments only: ``pyqmail.send.dotqmail``) delivers
+        nowhere, as qmail does: the message is done, logged as discarded by that file."""
+        if not plan.instructions:
+            return Result.ok(f"discarded: {plan.source} has no delivery instruction")
         done: list[str] = []
         forwards = [i.target for i in plan.instructions if i.kind == "forward"]
         maildirs = [i for i in plan.instructions if i.kind == "maildir"]
