@@ -10,6 +10,7 @@ rest with ``550 5.1.1``, log each refusal with its reason and count it towards m
 from __future__ import annotations
 
 import os
+import pwd
 import smtplib
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.send.dotqmail import Plan, parse_mailboxes, resolve
-from tests.e2e.conftest import Daemon, QmailRoot, StartDaemon
+from tests.e2e.conftest import DROP_USER, IS_ROOT, Daemon, QmailRoot, StartDaemon
 
 OUTSIDE = "127.0.0.9"  # no rule matches it: an ordinary client from the Internet
 
@@ -85,10 +86,15 @@ def test_unknown_local_recipients_are_refused_and_logged(
         )
 
 
-def test_the_check_agrees_with_local_delivery(qmail_root: QmailRoot, smtpd: StartDaemon) -> None:
+def test_the_check_agrees_with_local_delivery(
+    qmail_root: QmailRoot, smtpd: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each local address: accepted at RCPT exactly when delivery finds a plan for it (the
-    mailbox extension without a .qmail file, which only delivery can see, excepted)."""
+    mailbox extension without a .qmail file, which only delivery can see, excepted).
+    ``resolve`` runs as the delivery user would: the owner of the ``.qmail`` files (here the
+    daemon's user, who must read them), since delivery defers on files of anyone else."""
     provision(qmail_root)
+    delivery_uid = pwd.getpwnam(DROP_USER).pw_uid if IS_ROOT else os.geteuid()
     boxes = parse_mailboxes((qmail_root.path / "users/mailboxes").read_text(), "mailboxes")
     alias = qmail_root.path / "alias"
     d = smtpd()
@@ -98,7 +104,9 @@ def test_the_check_agrees_with_local_delivery(qmail_root: QmailRoot, smtpd: Star
             continue
         if domain == "virt.test":
             local = f"virt-{local}"
-        plan = resolve(local, address, boxes, alias, "mx.test")
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "geteuid", lambda: delivery_uid)
+            plan = resolve(local, address, boxes, alias, "mx.test")
         assert isinstance(plan, Plan) is accepted, (address, plan)
         with client(d) as s:
             assert (s.rcpt(address)[0] == 250) is accepted, address

@@ -1,11 +1,14 @@
 """What a ``.qmail`` file says when it says little: dot-qmail(5)'s empty file (0 bytes:
 default delivery to ``./Maildir/``) against a file of comments only (bytes, no instruction:
 the message is delivered nowhere, the classic discard address such as ``noreply@``), and an
-empty alias file, which has no Maildir to fall back to and defers naming itself."""
+empty alias file, which has no Maildir to fall back to and defers naming itself. And who may
+write them: a ``.qmail`` file or its directory (a home, ``alias/``) writable by group or
+others, or owned by neither the delivery user nor root, defers naming it (#4.7.0)."""
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from pyqmail.control.send import Control
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.store import Queue
 from pyqmail.send.delivery import Result
+from pyqmail.send.dotqmail import Plan
 from pyqmail.send.local import LocalDelivery
 from pyqmail.send.manager import Log, Manager
 
@@ -94,3 +98,70 @@ def test_the_discard_is_logged_as_a_delivery_naming_the_file(send_root: Path) ->
     assert "result=done" in line
     assert f"detail=discarded: {path} has no delivery instruction" in line
     assert _delivered(send_root) == []
+
+
+# -- who may write the .qmail files: qmail-local's "home directory is writable" ---------------
+
+OTHER_UID = 61234  # neither root nor the delivery user of any of these tests
+
+
+def _plan(root: Path, recipient: str) -> Plan | Result:
+    return LocalDelivery(Control.load(root), Queue(root / "queue")).plan(recipient)
+
+
+@pytest.mark.parametrize("where", ["home", "qmail/alias"])
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777])
+def test_a_directory_others_may_write_defers_naming_it(
+    send_root: Path, where: str, mode: int
+) -> None:
+    directory = send_root.parent / where
+    (send_root / "alias" / ".qmail-info").write_text("&user@mx.test\n")
+    directory.chmod(mode)
+    plan = _plan(send_root, "user@mx.test" if where == "home" else "info@mx.test")
+    assert isinstance(plan, Result) and (plan.kind, plan.status) == ("temp", "4.7.0"), plan
+    assert f"directory {directory} is writable by group or others" in plan.detail
+
+
+@pytest.mark.parametrize("where", ["home", "qmail/alias"])
+def test_a_directory_of_another_user_defers_naming_it(send_root: Path, where: str) -> None:
+    directory = send_root.parent / where
+    (send_root / "alias" / ".qmail-info").write_text("&user@mx.test\n")
+    os.chown(directory, OTHER_UID, -1)
+    recipients = ("user@mx.test", "user-ext@mx.test") if where == "home" else ("info@mx.test",)
+    for recipient in recipients:
+        plan = _plan(send_root, recipient)
+        assert isinstance(plan, Result) and (plan.kind, plan.status) == ("temp", "4.7.0"), plan
+        assert f"directory {directory} is owned by uid {OTHER_UID}" in plan.detail
+        assert "neither the delivery user" in plan.detail
+
+
+@pytest.mark.parametrize("file", ["home/.qmail", "qmail/alias/.qmail-info"])
+def test_a_dotqmail_of_another_user_defers_naming_it(send_root: Path, file: str) -> None:
+    path = send_root.parent / file
+    path.write_text("&elsewhere@remote.test\n")
+    os.chown(path, OTHER_UID, -1)
+    plan = _plan(send_root, "user@mx.test" if "home" in file else "info@mx.test")
+    assert isinstance(plan, Result) and (plan.kind, plan.status) == ("temp", "4.7.0"), plan
+    assert f"{path} is owned by uid {OTHER_UID}" in plan.detail
+
+
+def test_the_roles_layout_delivers_as_the_mailbox_user(
+    send_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyqmail_mailboxes makes each home the delivery user's, 0700; pyqmail_aliases makes
+    alias/ root's, 0755, and its files root's, 0644: all pass for the delivery user."""
+    home, alias = send_root.parent / "home", send_root / "alias"
+    (home / ".qmail-ext").write_text("./Maildir/\n")
+    (alias / ".qmail-info").write_text("&user@mx.test\n")
+    home.chmod(0o700)
+    alias.chmod(0o755)
+    (alias / ".qmail-info").chmod(0o644)
+    for path in (home, home / ".qmail-ext"):
+        os.chown(path, OTHER_UID, -1)
+    monkeypatch.setattr(os, "geteuid", lambda: OTHER_UID)  # the delivery child's pyqmailv
+    for recipient in ("user@mx.test", "user-ext@mx.test", "info@mx.test"):
+        assert isinstance(_plan(send_root, recipient), Plan), recipient
+    monkeypatch.setattr(os, "geteuid", lambda: OTHER_UID + 1)  # someone else's homes
+    plan = _plan(send_root, "user@mx.test")
+    assert isinstance(plan, Result) and "is owned by uid" in plan.detail
+    assert isinstance(_plan(send_root, "info@mx.test"), Plan)  # root's alias/ is anyone's

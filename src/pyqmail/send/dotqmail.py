@@ -33,8 +33,10 @@ qmail (dot-qmail(5)), the way to make an address such as ``noreply@`` that takes
 keeps none. In ``alias/`` an empty file defers, naming itself: the alias directory has no
 Maildir to deliver to.
 
-A ``.qmail`` file writable by group or others defers delivery (qmail's "Uh-oh"), because
-whoever can write it can redirect the mailbox.
+A ``.qmail`` file writable by group or others, or owned by neither the delivery user nor
+root, defers delivery (qmail's "Uh-oh"), and so does a home or ``alias/`` directory writable
+by group or others or owned by someone else (qmail-local's "home directory is writable",
+qmail-getpw's owner check): whoever can write them can redirect the mailbox.
 """
 
 from __future__ import annotations
@@ -170,10 +172,33 @@ def ext_candidates(ext: str) -> list[str]:
     return names
 
 
+def _check_directory(directory: Path) -> None:
+    """Defer (#4.7.0) when someone other than the delivery user or root could put a
+    ``.qmail`` file into ``directory``, a mailbox's home or ``alias/``: qmail-local's "home
+    directory is writable" and qmail-getpw's owner check, since whoever can write there can
+    redirect the mail. A directory not there yet is left to the callers (they defer)."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _DeferError(f"directory {directory} is writable by group or others; fix its mode")
+    if st.st_uid not in (0, os.geteuid()):
+        raise _DeferError(
+            f"directory {directory} is owned by uid {st.st_uid}, neither the delivery user "
+            f"(uid {os.geteuid()}) nor root; fix its owner"
+        )
+
+
 def _check_dotqmail(path: Path, st: os.stat_result) -> None:
-    """qmail's "Uh-oh": whoever can write the file decides where the mail goes."""
+    """The same rule for the file itself: its writers decide where the mail goes."""
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise _DeferError(f"{path} is writable by group or others; fix its mode")
+    if st.st_uid not in (0, os.geteuid()):
+        raise _DeferError(
+            f"{path} is owned by uid {st.st_uid}, neither the delivery user "
+            f"(uid {os.geteuid()}) nor root; fix its owner"
+        )
 
 
 def _read_plan(
@@ -185,7 +210,9 @@ def _read_plan(
     that is no mailbox (the role makes it root's, 0755), so such a file defers with its name
     instead of failing on EACCES for a week. A file with bytes but no instruction (only
     comments: a discard address such as noreply@, or an alias with ``targets: []``) gives
-    no instruction: the message is delivered nowhere (``LocalDelivery`` logs it discarded)."""
+    no instruction: the message is delivered nowhere (``LocalDelivery`` logs it discarded).
+    ``directory`` itself is checked first (``_check_directory``), one stat per delivery."""
+    _check_directory(directory)
     for name in names:
         path = directory / name
         try:
@@ -208,7 +235,7 @@ def _read_plan(
 
 class _DeferError(Exception):
     """A temporary failure before delivery: its text names what is wrong, ``status`` the
-    RFC 3463 code (4.7.0 for a mode that lets others redirect the mail)."""
+    RFC 3463 code (4.7.0 for a mode or owner that lets others redirect the mail)."""
 
     def __init__(self, text: str, status: str = "4.7.0") -> None:
         super().__init__(f"{text} (#{status})")
