@@ -150,19 +150,28 @@ def parse(raw: bytes) -> EmailMessage:
 
 
 def dsn_fields(raw: bytes) -> tuple[EmailMessage, list[dict[str, str]]]:
-    """The DSN and its delivery-status groups (per-message first), checked for RFC 3464 shape."""
+    """The DSN and its delivery-status groups (per-message first), checked for RFC 3464 shape:
+    the ASCII types, or RFC 6533's global ones when it reports UTF-8."""
     msg = parse(raw)
     assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "delivery-status"
+    report = msg.get_param("report-type")
+    assert report in ("delivery-status", "global-delivery-status")
+    utf8 = report == "global-delivery-status"
     parts = list(msg.iter_parts())
     assert [p.get_content_type() for p in parts] == [
         "text/plain",
-        "message/delivery-status",
-        "text/rfc822-headers",
+        f"message/{report}",
+        "message/global-headers" if utf8 else "text/rfc822-headers",
     ]
-    groups = []
-    for block in parts[1].get_payload():
-        groups.append({k.lower(): str(v) for k, v in block.items()})
+    blocks = parts[1].get_payload()
+    if utf8:  # Python reads message/global-* as one wrapped message: split the report's text
+        boundary = b"\n--" + str(msg.get_boundary()).encode()
+        report_part = raw.replace(b"\r\n", b"\n").split(boundary)[2]
+        text = report_part.split(b"\n\n", 1)[1].decode("utf-8").strip()
+        blocks = [
+            email.message_from_string(b, policy=email.policy.default) for b in text.split("\n\n")
+        ]
+    groups = [{k.lower(): str(v) for k, v in block.items()} for block in blocks]
     return msg, groups
 
 
@@ -698,8 +707,11 @@ def test_smtputf8_message_to_server_without_it_bounces(host: Host, recorder: Rec
     host.queue.enqueue("sender@example.test", ["jürgen@remote.test"], message("utf8"))
     wait_for(host.queue_empty)
     assert recorder.accepted == []
-    _, groups = dsn_fields(host.maildir(sender)[0])
+    dsn, groups = dsn_fields(host.maildir(sender)[0])
     assert groups[1]["status"] == "5.6.7"
+    # raw UTF-8 in the report: RFC 6533's global type, never message/delivery-status
+    assert dsn.get_param("report-type") == "global-delivery-status"
+    assert groups[1]["final-recipient"] == "utf-8; jürgen@remote.test"
     recorder.smtputf8 = True
     host.queue.enqueue("sender@example.test", ["jürgen@remote.test"], message("utf8 ok"))
     wait_for(lambda: recorder.accepted)

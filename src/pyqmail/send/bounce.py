@@ -10,6 +10,14 @@ The DSN is multipart/report (RFC 6522): a human-readable part, a message/deliver
 part (Reporting-MTA, Arrival-Date; per recipient Final-Recipient, Action, Status,
 Remote-MTA, Diagnostic-Code, Last-Attempt-Date) and the original headers
 (text/rfc822-headers: at most ``headers.HEADER_SIZE_LIMIT``, 100 KiB, cut at a line end).
+
+Raw UTF-8 may appear only in RFC 6533's types: when a failed recipient is not ASCII
+(``Final-Recipient: utf-8; ...``) or the original headers are not, the report is
+message/global-delivery-status and the headers message/global-headers (both 8bit,
+``report-type=global-delivery-status``); otherwise the ASCII types above. Such a DSN holds
+internationalized headers within its MIME structure, which RFC 6531 3.4 lets an SMTP client
+send only with SMTPUTF8: ``needs_smtputf8`` says so, and ``pyqmail.send.finisher`` queues it
+with the meta ``smtputf8`` that remote delivery reads.
 """
 
 from __future__ import annotations
@@ -63,6 +71,37 @@ def _ascii(text: str) -> str:
     return one_line(text, 1000).encode("ascii", "replace").decode("ascii")
 
 
+def needs_smtputf8(dsn: bytes) -> bool:
+    """Whether a DSN made by ``make_dsn`` must travel with SMTPUTF8: any byte that is not
+    ASCII is in its global parts (or its To header, for a sender that is not ASCII)."""
+    return not dsn.isascii()
+
+
+def _status_fields(env: Envelope, failures: Sequence[Failure], control: Control) -> list[str]:
+    """The machine-readable report (RFC 3464 2.2, 2.3): the message's fields, then a group
+    per failed recipient. Only ``Final-Recipient`` may hold raw UTF-8 (a global report)."""
+    status = [
+        f"Reporting-MTA: dns; {control.me}",
+        f"X-Pyqmail-Queue-ID: {env.queue_id}",
+        f"Arrival-Date: {formatdate(env.received)}",
+    ]
+    for f in failures:
+        r = f.result
+        code = "4.4.7" if f.expired else (r.status if r.status.startswith("5") else "5.0.0")
+        status += [
+            "",
+            f"Final-Recipient: {_addr_type(f.recipient)}; {f.recipient}",
+            "Action: failed",
+            f"Status: {code}",
+        ]
+        if r.remote and r.remote != "local":
+            status.append(f"Remote-MTA: dns; {_ascii(r.remote)}")
+        diagnostic = r.diagnostic or f"x-pyqmail; {r.detail}"
+        status.append(f"Diagnostic-Code: {_ascii(diagnostic)}")
+        status.append(f"Last-Attempt-Date: {formatdate(f.when)}")
+    return status
+
+
 def make_dsn(
     env: Envelope,
     message: bytes,
@@ -88,26 +127,12 @@ def make_dsn(
         human.append(f"This message was a bounce itself (sender <{env.sender}>).")
     for f in failures:
         human += ["", f"<{_ascii(f.recipient)}>:", _ascii(f.result.detail)]
-    status = [
-        f"Reporting-MTA: dns; {control.me}",
-        f"X-Pyqmail-Queue-ID: {env.queue_id}",
-        f"Arrival-Date: {formatdate(env.received)}",
-    ]
-    for f in failures:
-        r = f.result
-        code = "4.4.7" if f.expired else (r.status if r.status.startswith("5") else "5.0.0")
-        status += [
-            "",
-            f"Final-Recipient: {_addr_type(f.recipient)}; {f.recipient}",
-            "Action: failed",
-            f"Status: {code}",
-        ]
-        if r.remote and r.remote != "local":
-            status.append(f"Remote-MTA: dns; {_ascii(r.remote)}")
-        diagnostic = r.diagnostic or f"x-pyqmail; {r.detail}"
-        status.append(f"Diagnostic-Code: {_ascii(diagnostic)}")
-        status.append(f"Last-Attempt-Date: {formatdate(f.when)}")
+    status = _status_fields(env, failures, control)
     headers = header_section(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # RFC 6533: raw UTF-8 only in the global types (their content is 8bit by definition)
+    utf8 = not headers.isascii() or not all(f.recipient.isascii() for f in failures)
+    report = "global-delivery-status" if utf8 else "delivery-status"
+    encoding = ["Content-Transfer-Encoding: 8bit"] if utf8 else []
     subject = "failure notice" if not target.double else "double bounce: failure notice"
     top = [
         f"From: Mail Delivery System <{author}>",
@@ -117,7 +142,7 @@ def make_dsn(
         f"Message-ID: <{int(now)}.{secrets.token_hex(8)}.dsn@{control.me}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={report}; boundary="{boundary}"',
         "",
         "This is a MIME-encapsulated message.",
         "",
@@ -128,13 +153,15 @@ def make_dsn(
         *human,
         "",
         f"--{boundary}",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{report}",
+        *encoding,
         "Content-Description: Delivery report",
         "",
         *status,
         "",
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
+        "Content-Type: message/global-headers" if utf8 else "Content-Type: text/rfc822-headers",
+        *encoding,
         "Content-Description: Undelivered message headers",
         "",
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from pyqmail.queue.dirsync import fsync_dir
 from pyqmail.queue.format import QueueError
 from pyqmail.queue.state import Attempt, Bounced, append_end, append_state
-from pyqmail.send.bounce import Failure, bounce_target, make_dsn
+from pyqmail.send.bounce import Failure, bounce_target, make_dsn, needs_smtputf8
 from pyqmail.send.delivery import Result, one_line
 from pyqmail.send.scheduler import Msg, Scheduler, nextretry, take_due
 
@@ -272,14 +272,13 @@ class Finisher(Scheduler):
             self.log(f"warning cannot bounce {queue_id}: {read.detail}")
             return None
         dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
+        # origin: signed like submitted mail when bouncehost is a signing domain; smtputf8:
+        # a DSN with raw UTF-8 (RFC 6533's global parts) leaves only with SMTPUTF8
+        meta = {"bounce_of": queue_id, "origin": "bounce"}
+        if needs_smtputf8(dsn):
+            meta["smtputf8"] = "1"
         try:
-            bounce_env = self.queue.enqueue(
-                # origin: signed like submitted mail when bouncehost is a signing domain
-                target.sender,
-                [target.recipient],
-                dsn,
-                {"bounce_of": queue_id, "origin": "bounce"},
-            )
+            bounce_env = self.queue.enqueue(target.sender, [target.recipient], dsn, meta)
         except QueueError as exc:
             self.log(f"warning cannot queue bounce for {queue_id}: {exc}")
             return None

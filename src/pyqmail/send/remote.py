@@ -41,7 +41,9 @@ starting with ``.`` are dot-stuffed, lines longer than 998 octets are broken wit
 too), server replies are read up to 64 KiB (``MAX_REPLY``) and each within
 ``timeoutremote``, ``BODY=8BITMIME`` is declared when the message has 8-bit bytes and the
 server offers it (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address
-is not ASCII; a server without SMTPUTF8 gets no such message (permanent failure, 5.6.7).
+is not ASCII or the queue meta ``smtputf8`` says so (a bounce with raw UTF-8 in its RFC 6533
+global parts, ``pyqmail.send.bounce``; a forward keeps it); a server without SMTPUTF8 gets
+no such message (permanent failure, 5.6.7).
 One connection carries every job for the same destination the queue manager hands it
 (``RemoteSession.deliver`` may be called repeatedly); RSET checks it before each further
 job (a failure costs one new connection), and a 421 at any stage ends it (RFC 5321 3.8).
