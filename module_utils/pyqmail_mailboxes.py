@@ -66,10 +66,10 @@ def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, A
     """pyqmail_aliases__aliases: local-part names, each once; root, postmaster and
     mailer-daemon may be given targets (replacing pyqmail_aliases__postmaster) but not
     removed, or the role would write and remove the same file on every run, nor left without
-    targets (their mail must reach someone: RFC 5321 4.5.1). No targets is otherwise
-    a discard address (a .qmail of its marker comment only: dot-qmail(5) delivers nowhere),
-    the way to take mail for noreply@ and keep none; a misspelt ``targets`` key is still
-    refused with the other unknown keys."""
+    targets (their mail must reach someone: RFC 5321 4.5.1). An empty list of targets is
+    otherwise a discard address (a .qmail of its marker comment only: dot-qmail(5) delivers
+    nowhere), the way to take mail for noreply@ and keep none; it must be given as such: a
+    forgotten (or misspelt) ``targets`` key is refused, not taken for a discard."""
     seen: dict[str, str] = {}
     for index, alias in enumerate(value):
         where = f"{name}[{index}]"
@@ -86,6 +86,12 @@ def check_aliases(name: str, value: list[dict[str, Any]], values: Mapping[str, A
                     "mailer-daemon always forward, to pyqmail_aliases__postmaster or to the "
                     "targets given here"
                 )
+            continue
+        if alias.get("targets") is None:
+            yield (
+                f"{where}.targets: missing; give the targets ([] for a discard address, "
+                "on purpose) or state: absent"
+            )
             continue
         if not alias["targets"] and alias_name.lower() in ("root", "postmaster", "mailer-daemon"):
             yield (

@@ -358,7 +358,7 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         "(first at pyqmail_aliases__aliases[0])",
     ),
     "alias-postmaster-no-target": (
-        {"pyqmail_aliases__aliases": [{"name": "Postmaster"}]},
+        {"pyqmail_aliases__aliases": [{"name": "Postmaster", "targets": []}]},
         "pyqmail_aliases__aliases[0].targets: is empty, which would discard the mail of "
         "'Postmaster'; give a target (root, postmaster and mailer-daemon must reach someone)",
     ),
@@ -497,9 +497,17 @@ def test_homes_inside_the_base_and_consistent_ca_margins_pass() -> None:
     assert problems_of(margins) == []
 
 
-def test_an_alias_without_targets_passes_it_is_a_discard_address() -> None:
-    aliases = [{"name": "noreply"}, {"name": "void", "targets": []}]
+def test_an_alias_with_empty_targets_passes_it_is_a_discard_address() -> None:
+    aliases = [{"name": "void", "targets": []}]
     assert problems_of({"pyqmail_aliases__aliases": aliases}) == []
+
+
+def test_an_alias_without_a_targets_key_is_refused_not_discarded() -> None:
+    aliases = [{"name": "noreply"}, {"name": "gone", "state": "absent"}]
+    assert problems_of({"pyqmail_aliases__aliases": aliases}) == [
+        "pyqmail_aliases__aliases[0].targets: missing; give the targets ([] for a discard "
+        "address, on purpose) or state: absent"
+    ]
 
 
 def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:
