@@ -295,23 +295,32 @@ def test_org_domain():
 @pytest.mark.parametrize(
     "from_header",
     [
-        b"Subject: no from\r\n",
         b"From: a@x.test\r\nFrom: b@y.test\r\n",
-        b"From: a@x.test, b@y.test\r\n",
         b"From: undisclosed\r\n",
         b"From: a@bank.test <b@y.test>\r\n",  # which one would a mail client show?
         b"From: <a@bank.test> <b@y.test>\r\n",
     ],
 )
-def test_no_single_from_domain_is_permerror(resolver, from_header):
-    assert check(resolver, from_header, NO_SPF, []).result == "permerror"
+def test_a_from_dmarc_cannot_judge_is_permerror_refused(resolver, from_header):
+    """Refused as a p=reject failure (``tests/checks/test_dmarc_from.py``); a From of
+    several domains is judged per domain there."""
+    r = check(resolver, from_header, NO_SPF, [])
+    assert (r.result, r.policy) == ("permerror", "reject"), r
+    assert decide(r)[0].code == 550
+
+
+def test_no_from_is_none(resolver):
+    r = check(resolver, b"Subject: no from\r\n", NO_SPF, [])
+    assert (r.result, r.policy) == ("none", "none"), r
 
 
 @pytest.mark.parametrize("domain", ["bank..test", "x" * 64 + ".test", "\ufffd.test"])
 def test_from_domain_without_a_labels_is_permerror(resolver, domain):
     """No DMARC record can be asked for (the lookup of such a name fails at once, which was a
-    temperror: an accept for mail that DMARC could not be applied to)."""
-    assert check(resolver, head(f"a@{domain}"), NO_SPF, []).result == "permerror"
+    temperror: an accept for mail that DMARC could not be applied to); refused as a From
+    DMARC cannot judge."""
+    r = check(resolver, head(f"a@{domain}"), NO_SPF, [])
+    assert (r.result, r.policy) == ("permerror", "reject"), r
 
 
 def test_org_domain_of_an_idn_from_domain():

@@ -7,7 +7,8 @@ authserv-id (RFC 8601 5: a sender must not be able to forge our verdicts), whate
 case or the comments before the id, and every field whose authserv-id cannot be read for
 sure (fail closed); other hosts' fields stay. ``decide`` maps the DMARC
 result to the configured action: refuse (550 5.7.1), quarantine (the message goes to the
-mailbox's Junk folder, carried to pyqmail-send by the queue meta ``junk``) or accept.
+mailbox's Junk folder, carried to pyqmail-send by the queue meta ``junk``) or accept; a
+header From DMARC cannot judge (``dmarc.check``) is treated as a p=reject failure.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def _results(r: Results) -> list[authres.AuthenticationResult]:
     dm = r.dmarc
     # The tag the policy came from: p=, or sp=/np= for a subdomain (np=: it does not exist)
     comment = f"{dm.tag}={dm.published} dis={dm.policy}" if dm.published else None
+    if dm.result == "permerror":  # a From DMARC cannot judge: why
+        comment = dm.reason or None
     out.append(
         DMARCAuthenticationResult(
             result=dm.result, result_comment=comment, header_from=dm.header_from or None
@@ -154,13 +157,15 @@ def header(authserv_id: str, results: Results) -> bytes:
 
 def _reply_domain(domain: str) -> str:
     """``domain`` fit for a reply line, which is printable ASCII (RFC 5321 4.2; the core
-    refuses anything else): an internationalised name as its A-labels (IDNA), a name that
-    has none as a phrase."""
+    refuses anything else) and at most 512 octets (4.5.3.1.5): an internationalised name
+    as its A-labels (IDNA), a name that has none or is longer than a DNS name (a From
+    domain of 2,000 characters has an org domain, and so a policy) as a phrase."""
     try:
         ace = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return "the header From domain"
-    return ace if _PRINTABLE.fullmatch(ace) else "the header From domain"
+    fits = _PRINTABLE.fullmatch(ace) and len(ace) <= 253
+    return ace if fits else "the header From domain"
 
 
 def decide(
@@ -168,12 +173,18 @@ def decide(
 ) -> tuple[Verdict, bool]:
     """The verdict for the message and whether it goes to Junk. ``on_reject`` and
     ``on_quarantine`` (one of ``settings.ACTIONS``) are what a failing p=reject and p=quarantine
-    domain get here (control/dmarcreject, control/dmarcquarantine)."""
+    domain get here (control/dmarcreject, control/dmarcquarantine). A header From DMARC
+    cannot judge (a ``permerror`` with the policy reject: two From fields, one pyqmail
+    cannot read) gets what a p=reject failure gets, its reply naming why."""
+    unjudged = dmarc.result == "permerror" and dmarc.policy == "reject"
     action = {"reject": on_reject, "quarantine": on_quarantine}.get(
-        dmarc.policy if dmarc.result == "fail" else "none", "none"
+        dmarc.policy if dmarc.result == "fail" or unjudged else "none", "none"
     )
     tag = dmarc.tag if dmarc.published else "-"
     log = f"dmarc_policy={dmarc.policy} dmarc_tag={tag} dmarc_action={action}"
+    if action == "reject" and unjudged:
+        text = f"5.7.1 DMARC cannot be applied: {dmarc.reason}"
+        return Verdict("refuse", 550, text, log), False
     if action == "reject":
         text = f"5.7.1 DMARC policy of {_reply_domain(dmarc.header_from)} rejects this message"
         return Verdict("refuse", 550, text, log), False

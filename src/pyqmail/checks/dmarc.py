@@ -9,6 +9,10 @@ domain>``, where ``sp`` (when given) is the policy for subdomains; more than one
 either name stops DMARC: no policy (6.6.3). ``pct`` below 100 applies the policy to that
 share of failing mail only; the rest gets the next weaker one (6.6.4).
 
+The header From (6.6.1, ``from_domains``): no From is no DMARC identity (``none``); a From
+of several mailboxes is judged per domain, the strictest failing policy applies; more than
+one From field, or one that cannot be read, is refused as a p=reject failure would be.
+
 ``np`` (RFC 9091 3.2, kept by DMARCbis): a failing message whose From domain is a subdomain
 with no record of its own and does not exist gets the organisational domain's ``np`` (when
 valid), else its ``sp``, else ``p``. Does not exist: an A query for it is answered
@@ -33,7 +37,11 @@ Domains are compared, looked up and cut to their organisational domain as A-labe
 conversion is Python's ``idna`` codec (IDNA 2003: the ``idna`` package of IDNA 2008 is not
 a dependency): it maps a few characters IDNA 2008 keeps (``straße.de`` becomes
 ``strasse.de``), so such a From domain is looked up and aligned as the name IDNA 2003
-gives. A From domain that has no A-label form (an empty or over-long label) is a permerror.
+gives. A From domain that has no A-label form (an empty or over-long label) is a permerror
+that is refused as a p=reject failure (``check``). A From domain whose ``_dmarc`` name
+cannot be a DNS name (250 characters and more: no such name can hold a record,
+``resolver.dns_name``) has no record of its own: its organisational domain's record
+applies, as for any subdomain without one. It was a temperror, and the message accepted.
 
 The record lookups and the existence lookup share the check's ``budget`` (``deadline``):
 DNS that never answers costs the message what is left of its checks' time, not the
@@ -57,8 +65,9 @@ import publicsuffix2
 from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.resolver import exists, txt
 from pyqmail.checks.spf import SpfResult
-from pyqmail.headers import mailbox_addresses
+from pyqmail.headers import header_values, mailbox_addresses
 
+MAX_FROM_DOMAINS = 5  # distinct domains of one From judged; more: the From is not judged
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
@@ -68,7 +77,9 @@ _TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
 class DmarcResult:
     """``result`` (pass, fail, none, temperror, permerror); ``policy``: what the domain asks
     for this message (after pct, sp and np); ``published``: the policy of the record's tag
-    that applies, as written (none for an invalid p=); ``tag``: that tag, p, sp or np."""
+    that applies, as written (none for an invalid p=); ``tag``: that tag, p, sp or np.
+    A ``permerror`` with the policy ``reject``: a header From DMARC cannot judge
+    (``check``), refused like a p=reject failure, ``reason`` says why."""
 
     result: str
     header_from: str = ""
@@ -114,18 +125,25 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
     return org_domain(a) == org_domain(b)
 
 
-def from_domain(head: bytes) -> str | None:
-    """The one domain of the header From (RFC 7489 6.6.1); None when there is no From, more
-    than one, or a From with no single domain (DMARC cannot be applied: permerror). An
-    address list pyqmail cannot read unambiguously (``a@bank.test <b@evil.test>``) has no
-    domain: a mail client might show the one DMARC did not check."""
-    values = re.findall(rb"(?im)^from[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)", head)
-    if len(values) != 1:
-        return None
-    text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "replace"))
-    addresses = mailbox_addresses(text) or []  # the reading pyqmail's sender rules use
-    domains = {addr.rpartition("@")[2].lower().rstrip(".") for addr in addresses}
-    return domains.pop() if len(domains) == 1 else None
+def from_domains(head: bytes) -> list[str] | str:
+    """The distinct domains of the header From (RFC 7489 6.6.1), lower case, in order; []
+    when there is no From; a str, why DMARC cannot judge the From, when there is more than
+    one From field, one pyqmail cannot read unambiguously (``a@bank.test <b@evil.test>``:
+    a mail client might show the one DMARC did not check) or one naming more than
+    ``MAX_FROM_DOMAINS`` domains. Read as the sender rules read From
+    (``pyqmail.headers``), over the whole header section: a From past 100 KiB is a From."""
+    values = header_values(head, "from", limit=len(head))
+    if not values:
+        return []
+    if len(values) > 1:
+        return "more than one header From field"
+    addresses = mailbox_addresses(values[0])
+    if not addresses:
+        return "header From not understood"
+    domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
+    if len(domains) > MAX_FROM_DOMAINS:
+        return f"header From names more than {MAX_FROM_DOMAINS} domains"
+    return domains
 
 
 def parse_record(text: str) -> dict[str, str]:
@@ -207,24 +225,18 @@ def _nonexistent(
     return exists(res, f"{name}.", lifetime=deadline - time.monotonic()) is False
 
 
-def check(
+def _domain(
     res: dns.resolver.Resolver,
-    head: bytes,
+    domain: str,
     spf: SpfResult,
     dkim: list[DkimResult],
     *,
-    roll: int | None = None,
-    budget: float = 10.0,
+    draw: int,
+    deadline: float,
 ) -> DmarcResult:
-    """The DMARC result of a message whose header section is ``head``, its lookups within
-    ``budget`` seconds in all. ``roll`` (0-99) is the pct draw; random unless given (tests)."""
-    deadline = time.monotonic() + budget
-    domain = from_domain(head)
-    if domain is None:
-        return DmarcResult("permerror", reason="no single header From domain")
-    name = ace(domain)
-    if name is None:
-        return DmarcResult("permerror", reason="header From domain has no A-labels")
+    """The DMARC result of one From domain (``ace`` form known to exist), its lookups done
+    by ``deadline``; ``draw`` (0-99) is the pct draw."""
+    name = ace(domain) or domain
     org = org_domain(name)
     tags = _record(res, name, deadline)
     subdomain = False
@@ -242,5 +254,51 @@ def check(
         return DmarcResult(verdict, domain, "none", published, tag=tag)
     nonexistent = subdomain and _nonexistent(res, name, tags, deadline)
     tag, published = _published(tags, subdomain, nonexistent)
-    draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
     return DmarcResult("fail", domain, _sampled(tags, published, draw), published, tag=tag)
+
+
+def _rank(r: DmarcResult) -> tuple[int, int]:
+    """Which of several From domains' results stands for the message (the lowest): a
+    failure with a policy, the strictest first (RFC 7489 6.6.1); a temperror (which
+    ``inbound`` may defer); a failure without one; no policy; a pass last."""
+    order = ("reject", "quarantine", "none")
+    if r.result == "fail" and r.policy != "none":
+        return 0, order.index(r.policy)
+    return {"temperror": 1, "fail": 2, "none": 3, "pass": 4}.get(r.result, 3), 0
+
+
+def check(
+    res: dns.resolver.Resolver,
+    head: bytes,
+    spf: SpfResult,
+    dkim: list[DkimResult],
+    *,
+    roll: int | None = None,
+    budget: float = 10.0,
+) -> DmarcResult:
+    """The DMARC result of a message whose header section is ``head``, its lookups within
+    ``budget`` seconds in all. ``roll`` (0-99) is the pct draw; random unless given (tests).
+
+    No From: nothing to protect, ``none``. A From DMARC cannot judge (``from_domains``), or
+    one with a domain that has no A-label form: ``permerror`` with the policy ``reject``
+    (RFC 5322 3.6 asks for exactly one From; RFC 7489 6.6.1 says such mail is typically
+    rejected), which ``authresults.decide`` treats as a p=reject failure; before, it was
+    accepted, so a second ``From: x@evil.test`` switched off any domain's p=reject. A From
+    of several domains: each domain's result, the strictest failing policy applies
+    (``_rank``); each domain's lookups get an equal share of what is left of the budget,
+    so the DNS of a domain the sender owns cannot spend the time of the one it forges."""
+    deadline = time.monotonic() + budget
+    domains = from_domains(head)
+    if isinstance(domains, str):
+        return DmarcResult("permerror", policy="reject", reason=domains)
+    if not domains:
+        return DmarcResult("none", reason="no header From")
+    if any(ace(d) is None for d in domains):
+        reason = "header From domain is no domain name"
+        return DmarcResult("permerror", policy="reject", reason=reason)
+    draw = random.randrange(100) if roll is None else roll  # noqa: S311 - a sampling rate
+    results = []
+    for i, domain in enumerate(domains):
+        share = time.monotonic() + (deadline - time.monotonic()) / (len(domains) - i)
+        results.append(_domain(res, domain, spf, dkim, draw=draw, deadline=share))
+    return min(results, key=_rank)

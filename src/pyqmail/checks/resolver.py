@@ -6,6 +6,13 @@ line of ``control/dnsresolver`` is ``host`` or ``host@port`` (IPv4 or IPv6 addre
 by ``pyqmail.control.parsers.nameservers``); without the file the system's resolver
 configuration is used. Every lookup is bounded by
 ``timeout`` seconds in all (dnspython's ``lifetime``); answers are cached for their TTL.
+
+A name that cannot be a DNS name (over 253 characters, an empty or over-long label: what a
+sender writes in a From, a HELO or an SPF macro) has no records and does not exist
+(``dns_name``): it is never a temporary error. Were it one, a sender could turn any
+domain's DMARC reject into the accept a temperror gets by making the name it is looked up
+under too long (``_dmarc.`` + a 250-character subdomain of the domain). Only DNS that does
+not answer (timeout, SERVFAIL) is temporary.
 """
 
 from __future__ import annotations
@@ -60,13 +67,27 @@ def _bounded(res: dns.resolver.Resolver, lifetime: float | None) -> float | None
     return min(lifetime, res.lifetime)
 
 
-def txt(res: dns.resolver.Resolver, name: str, lifetime: float | None = None) -> list[bytes] | None:
-    """The TXT records of ``name``, each joined from its strings; [] when there are none,
-    None when the lookup failed (timeout, SERVFAIL: a temporary error). ``lifetime``: what
-    is left of the caller's deadline (none left: None without asking); the lookup takes no
-    longer than that nor than the resolver's own lifetime."""
+def dns_name(text: str) -> dns.name.Name | None:
+    """``text`` as an absolute DNS name; None when it cannot be one (RFC 1035 2.3.4: 255
+    octets in wire form, 253 characters of text; a label of 1 to 63 octets; IDNA that does
+    not encode), so the caller answers "no such name" without asking."""
     try:
-        answer = res.resolve(name, "TXT", search=False, lifetime=_bounded(res, lifetime))
+        return dns.name.from_text(text, origin=dns.name.root)
+    except (dns.exception.DNSException, UnicodeError):
+        return None
+
+
+def txt(res: dns.resolver.Resolver, name: str, lifetime: float | None = None) -> list[bytes] | None:
+    """The TXT records of ``name``, each joined from its strings; [] when there are none
+    (also when ``name`` cannot be a DNS name: ``dns_name``), None when the lookup failed
+    (timeout, SERVFAIL: a temporary error). ``lifetime``: what is left of the caller's
+    deadline (none left: None without asking); the lookup takes no longer than that nor
+    than the resolver's own lifetime."""
+    qname = dns_name(name)
+    if qname is None:
+        return []
+    try:
+        answer = res.resolve(qname, "TXT", search=False, lifetime=_bounded(res, lifetime))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException:
@@ -78,15 +99,19 @@ def exists(res: dns.resolver.Resolver, name: str, lifetime: float | None = None)
     """Whether ``name`` exists in DNS: False only when an A query for it is answered
     NXDOMAIN (RFC 8020: nothing there, nor under it); a name with no address (NODATA), an
     empty non-terminal, a wildcard's match and an alias (CNAME) whose target does not exist
-    do exist. None when the lookup failed (timeout, SERVFAIL) or ``lifetime`` (what is
-    left of the caller's deadline, as for ``txt``) ran out."""
+    do exist. A name that cannot be a DNS name (``dns_name``) does not. None when the lookup
+    failed (timeout, SERVFAIL) or ``lifetime`` (what is left of the caller's deadline, as
+    for ``txt``) ran out."""
+    qname = dns_name(name)
+    if qname is None:
+        return False
     try:
         res.resolve(
-            name, "A", search=False, lifetime=_bounded(res, lifetime), raise_on_no_answer=False
+            qname, "A", search=False, lifetime=_bounded(res, lifetime), raise_on_no_answer=False
         )
     except dns.resolver.NXDOMAIN as exc:
         # RFC 6604 3: the code speaks of the last name of a CNAME chain; the first is there.
-        return bool(exc.canonical_name != dns.name.from_text(name))
+        return bool(exc.canonical_name != qname)
     except dns.exception.DNSException:
         return None
     return True

@@ -1,0 +1,148 @@
+"""DMARC on the header From a sender shapes to escape it, against records served by a real
+knotd, through ``inbound.check`` (the verdict a message gets) and ``dmarc.check``.
+
+The review's reproductions: a From domain of 250 characters and more made its ``_dmarc``
+name too long for DNS, which was a temperror (accepted) instead of no record there (the
+organisational domain's policy); a second From field, a From of two domains or one that
+cannot be read was a permerror (accepted) instead of refused; a From of several domains
+must get the strictest failing policy among them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pyqmail.checks import inbound
+from pyqmail.checks.dmarc import MAX_FROM_DOMAINS, check
+from pyqmail.checks.resolver import make_resolver
+from pyqmail.checks.settings import AuthSettings
+from pyqmail.checks.spf import SpfResult
+from tests.dnsserver import DnsServer
+
+ZONES = {
+    "bank.test.": '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 -all"\n',
+    "shop.test.": '_dmarc TXT "v=DMARC1; p=quarantine"\n@ TXT "v=spf1 -all"\n',
+    "np.test.": '_dmarc TXT "v=DMARC1; p=none; sp=none; np=reject"\n',
+    "evil.test.": '_dmarc TXT "v=DMARC1; p=none"\n@ TXT "v=spf1 +all"\n',
+}
+CLIENT = "192.0.2.66"
+NO_SPF = SpfResult("mailfrom", "fail", "elsewhere.example")
+
+
+def long_subdomain(org: str, labels: int) -> str:
+    """A subdomain of ``org`` under ``labels`` labels of 60 characters."""
+    return ".".join(["x" * 60] * labels + [org])
+
+
+def message(*from_fields: str) -> bytes:
+    """An unsigned message with these From fields (raw values)."""
+    froms = "".join(f"From: {value}\r\n" for value in from_fields)
+    return f"{froms}To: u@mx.test\r\nSubject: pay now\r\n\r\nwire it\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[DnsServer]:
+    with DnsServer(ZONES) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(dns_server: DnsServer) -> AuthSettings:
+    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
+    return AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=res)
+
+
+def verdict(settings: AuthSettings, msg: bytes, sender: str = "a@evil.test") -> inbound.Outcome:
+    return inbound.check(settings, CLIENT, "mx.evil.test", sender, msg)
+
+
+@pytest.mark.parametrize("labels", [1, 4, 10])
+def test_a_long_from_domain_gets_its_org_domains_policy(settings, labels):
+    """4 labels: 253 characters (the review: dmarc=temperror, 250); 10: 619, longer than
+    any DNS name, still a subdomain of bank.test; 1: the short control."""
+    domain = long_subdomain("bank.test", labels)
+    outcome = verdict(settings, message(f"CEO <ceo@{domain}>"))
+    assert outcome.verdict.code == 550, outcome.verdict
+    assert "dmarc=fail" in outcome.verdict.log, outcome.verdict.log
+    assert len(f"{outcome.verdict.code} {outcome.verdict.text}") <= 512  # RFC 5321 4.5.3.1.5
+
+
+@pytest.mark.parametrize("labels", [4, 10])
+def test_a_long_subdomain_does_not_exist_np_applies(settings, labels):
+    """No name longer than DNS allows exists (RFC 9091 np=): np=reject, not sp=none."""
+    r = check(settings.resolver, message(f"ceo@{long_subdomain('np.test', labels)}"), NO_SPF, [])
+    assert (r.result, r.policy, r.tag) == ("fail", "reject", "np"), r
+
+
+@pytest.mark.parametrize(
+    ("froms", "reason"),
+    [
+        (["CEO <ceo@bank.test>", "x@evil.test"], "more than one header From field"),
+        (["x@evil.test", "CEO <ceo@bank.test>"], "more than one header From field"),
+        (["ceo@bank.test <x@evil.test>"], "header From not understood"),
+        (["undisclosed"], "header From not understood"),
+        (["undisclosed-recipients:;"], "header From not understood"),
+        (["ceo@bank..test"], "header From not understood"),
+        ([f"ceo@{'x' * 64}.bank.test"], "header From domain is no domain name"),
+        (["ceo@\ufffd.bank.test"], "header From domain is no domain name"),
+        (
+            [", ".join(f"a@d{i}.test" for i in range(MAX_FROM_DOMAINS)) + ", ceo@bank.test"],
+            f"header From names more than {MAX_FROM_DOMAINS} domains",
+        ),
+    ],
+)
+def test_a_from_dmarc_cannot_judge_is_refused(settings, froms, reason):
+    """RFC 5322 3.6: exactly one From; RFC 7489 6.6.1: mail whose From cannot be judged is
+    typically rejected. Was permerror, accepted: one more From field switched p=reject off."""
+    outcome = verdict(settings, message(*froms))
+    assert (outcome.verdict.code, outcome.verdict.text) == (
+        550,
+        f"5.7.1 DMARC cannot be applied: {reason}",
+    ), outcome.verdict
+    assert "dmarc=permerror" in outcome.verdict.log
+    assert "dmarc_action=reject" in outcome.verdict.log
+
+
+def test_the_configured_action_applies(dns_server):
+    """control/dmarcreject decides for such a From as for a p=reject failure."""
+    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
+    junk = AuthSettings(
+        enabled=True, authserv_id="mx.test", timeout=5, resolver=res, on_reject="quarantine"
+    )
+    outcome = verdict(junk, message("ceo@bank.test", "x@evil.test"))
+    assert (outcome.verdict.action, outcome.junk) == ("accept", True), outcome.verdict
+    assert b"dmarc=permerror (more than one header From field)" in outcome.message
+
+
+def test_a_from_far_down_a_long_header_section_is_read(settings):
+    """The From after 100 KiB of other fields is the message's From (the sender rules'
+    reading stops there: DMARC's must not)."""
+    padding = "".join(f"X-Pad-{i}: {'p' * 90}\r\n" for i in range(1200))
+    msg = padding.encode() + message("CEO <ceo@bank.test>")
+    assert verdict(settings, msg).verdict.code == 550
+
+
+@pytest.mark.parametrize(
+    ("from_", "want"),
+    [
+        ("x@evil.test, CEO <ceo@bank.test>", (550, "")),  # p=reject of the second
+        ("ceo@bank.test, shop@shop.test", (550, "")),
+        ("shop@shop.test, x@evil.test", (250, "junk")),  # p=quarantine beats p=none
+        ("x@evil.test, y@EVIL.test", (250, "")),  # one domain, given twice
+    ],
+)
+def test_a_from_of_several_domains_gets_the_strictest_failing_policy(settings, from_, want):
+    """RFC 7489 6.6.1: each domain's result, the strictest policy of those that fail.
+    (The sender's SPF passes for evil.test: that domain passes, its neighbours do not.)"""
+    outcome = verdict(settings, message(from_))
+    assert (outcome.verdict.code, "junk" if outcome.junk else "") == want, outcome.verdict
+
+
+def test_no_from_is_none_and_accepted(settings):
+    """No From, no DMARC identity: nothing to protect (RFC 7489 6.6.1)."""
+    msg = b"To: u@mx.test\r\nSubject: hello\r\n\r\nhi\r\n"
+    outcome = verdict(settings, msg)
+    assert (outcome.verdict.action, outcome.junk) == ("accept", False), outcome.verdict
+    assert "dmarc=none" in outcome.verdict.log
