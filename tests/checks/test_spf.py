@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from pyqmail.checks import spf
+from pyqmail.checks import inbound, spf
 from pyqmail.checks.resolver import make_resolver
+from pyqmail.checks.settings import AuthSettings
 from tests.dnsserver import DnsServer, free_port, silent_for
 
 SPFQUERY = "/usr/bin/spfquery"
@@ -56,6 +57,8 @@ ZONE = (
     'ip6 TXT "v=spf1 ip6:2001:db8::/32 -all"\n'
     "mx.helo A 192.0.2.30\n"
     'mx.helo TXT "v=spf1 a -all"\n'
+    '_dmarc TXT "v=DMARC1; p=reject"\n'
+    '@ TXT "v=spf1 -all"\n'
 )
 REVERSE = "20 PTR host.ptr.t.test.\n"
 # (case, client IP, sender)
@@ -156,3 +159,46 @@ def test_a_helo_whose_dns_hangs_leaves_the_mail_from_check_its_time(dns_server):
     assert helo_result.result == "temperror"
     assert mail.result == "fail", mail  # plain.t.test allows 192.0.2.0/24 only
     assert time.monotonic() - start < 3.5
+
+
+def long_name(length: int, under: str = "t.test") -> str:
+    """A name of ``length`` characters under ``under`` (labels of 50 and what is left)."""
+    labels, left = [], length - len(under) - 1
+    while left > 51:
+        labels.append("a" * 50)
+        left -= 51
+    return ".".join([*labels, "b" * left, under])
+
+
+@pytest.mark.parametrize("length", [254, 255])
+def test_a_helo_longer_than_dns_allows_is_none(dns_server, length):
+    """RFC 7208 4.3: a malformed domain is "none". dnspython refuses names over 253
+    characters (NameTooLong), which was a temperror, and with the null sender the aligned
+    mailfrom result: DMARC accepted the spoof of t.test below on it."""
+    helo = long_name(length)
+    assert len(helo) == length
+    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
+    helo_result, mail = spf.check(res, "198.51.100.9", "", helo, budget=2.0)
+    assert (helo_result.result, mail.result) == ("none", "none"), (helo_result, mail)
+    settings = AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=res)
+    spoof = b"From: CEO <ceo@t.test>\r\nTo: u@mx.test\r\nSubject: pay\r\n\r\nnow\r\n"
+    outcome = inbound.check(settings, "198.51.100.9", helo, "", spoof)
+    assert outcome.verdict.code == 550, outcome.verdict
+    assert "dmarc=fail" in outcome.verdict.log
+
+
+def test_a_sender_domain_longer_than_dns_allows_is_none(dns_server):
+    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
+    sender = "ceo@" + long_name(254)
+    _helo, mail = spf.check(res, "198.51.100.9", sender, "client.example", budget=2.0)
+    assert mail.result == "none", mail
+
+
+@pytest.mark.parametrize(("ip", "want"), [("192.0.2.30", "pass"), ("192.0.2.31", "fail")])
+def test_a_helo_with_its_trailing_dot_is_checked_without_it(dns_server, ip, want):
+    """``EHLO mx.helo.t.test.`` (pyqmail-smtpd accepts the dot) was "none" always: a null
+    sender's bounce from that host then failed DMARC."""
+    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
+    helo_result, mail = spf.check(res, ip, "", "mx.helo.t.test.")
+    assert (helo_result.result, helo_result.domain) == (want, "mx.helo.t.test"), helo_result
+    assert mail.result == want

@@ -22,7 +22,8 @@ ACCEPTED_HELO = [
     "mail.example.com.",  # one trailing dot
     "xn--bcher-kva.example",  # IDN as A-labels
     "a" * 63 + ".example",
-    ".".join(["a" * 63] * 4),  # 255 characters
+    ".".join(["a" * 63] * 3 + ["a" * 61]),  # 253 characters: the longest DNS name
+    ".".join(["a" * 63] * 3 + ["a" * 61]) + ".",  # and its trailing dot
     "[192.0.2.1]",
     "[IPv6:2001:db8::1]",
     "[ipv6:::1]",
@@ -48,6 +49,8 @@ REFUSED_HELO = [
     ".lead.example",
     "trail.example..",
     "a" * 64 + ".example",  # label too long
+    ".".join(["a" * 63] * 3 + ["a" * 62]),  # 254 characters: no DNS name is as long
+    ".".join(["a" * 63] * 4),  # 255 characters
     ".".join(["a" * 63] * 4) + "a",  # 256 characters
     "[1.2.3]",
     "[192.0.2.1",
@@ -104,7 +107,7 @@ def test_helo_refusal_reasons_are_specific() -> None:
     assert protocol_helo.refusal("hôte") == "non-ASCII characters"
     assert protocol_helo.refusal("a b") == "control characters or blanks"
     assert protocol_helo.refusal("[IPv6:fe80::1%1]") == "IPv6 literal with a zone index"
-    assert protocol_helo.refusal("x" * 256) == "longer than 255 characters"
+    assert protocol_helo.refusal("x" * 254) == "longer than 253 characters"
 
 
 # ----- junk commands -------------------------------------------------------------------

@@ -10,6 +10,14 @@ pyspf looks names up through its module-level ``DNSLookup``; it is replaced once
 a thread pool, each job with the resolver of its daemon (``control/dnsresolver``), and the
 deadline of the whole evaluation bounds every lookup. The 10-lookup and 2-void-lookup
 limits are pyspf's (RFC 7208 4.6.4).
+
+A name that cannot be a DNS name (over 253 characters, an empty or over-long label) has no
+records (``resolver.dns_name``): an identity that is such a name is ``none`` (RFC 7208
+4.3), and a name an SPF record or its macros make too long is looked up as one without
+records. It was a temperror: a HELO of 254 characters ending in ``.bank.example``, with
+the null sender, made the aligned SPF result of a spoof of bank.example a temperror, which
+DMARC accepts. A HELO with its trailing dot (``mx.example.``, which pyqmail-smtpd accepts)
+is checked without it: pyspf found no record for such a name.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from typing import Any
 import dns.exception
 import dns.resolver
 import spf
+
+from pyqmail.checks.resolver import dns_name
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 _local = threading.local()
@@ -62,8 +72,11 @@ def _lookup(
     left = _local.deadline - time.monotonic()
     if left <= 0:
         raise spf.TempError("DNS: the SPF time budget is spent")
+    qname = dns_name(name)
+    if qname is None:  # no such name can hold a record: not a temporary error
+        return []
     try:
-        answer = res.resolve(name, qtype, search=False, lifetime=min(left, timeout))
+        answer = res.resolve(qname, qtype, search=False, lifetime=min(left, timeout))
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException as exc:
@@ -112,20 +125,26 @@ def check(
     The HELO check gets half the budget at most: the client names its HELO, so DNS for it
     that never answers must not leave the MAIL FROM check of a domain it forges without
     time (its temperror, aligned with the From domain, would turn a DMARC reject into
-    accept); the MAIL FROM check gets what is left, half at least."""
+    accept); the MAIL FROM check gets what is left, half at least. An identity that is no
+    DNS name is ``none`` (RFC 7208 4.3: a malformed domain), unasked."""
     _local.resolver = res
     start = time.monotonic()
     _local.deadline = start + budget / 2
+    helo = helo.rstrip(".") if _is_fqdn(helo) else helo
     try:
-        if _is_fqdn(helo):
-            result, why = _run(ip, "", helo, budget / 2)
-            helo_result = SpfResult("helo", result, helo.lower().rstrip("."), why)
-        else:
+        if not _is_fqdn(helo):
             helo_result = SpfResult("helo", "none", helo.lower(), "HELO is not a domain name")
+        elif dns_name(helo) is None:
+            helo_result = SpfResult("helo", "none", helo.lower(), "HELO is no DNS name")
+        else:
+            result, why = _run(ip, "", helo, budget / 2)
+            helo_result = SpfResult("helo", result, helo.lower(), why)
         if not sender:
             mail = SpfResult("mailfrom", helo_result.result, helo_result.domain, "null sender")
         elif not domain_of(sender):
             mail = SpfResult("mailfrom", "none", "", "sender has no domain")
+        elif dns_name(domain_of(sender)) is None:
+            mail = SpfResult("mailfrom", "none", domain_of(sender), "domain is no DNS name")
         else:
             _local.deadline = start + budget
             left = max(_local.deadline - time.monotonic(), 0.001)

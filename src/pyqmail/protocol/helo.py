@@ -7,7 +7,10 @@ header; pyqmail instead accepts a lenient superset of the RFC syntax whose every
 value is unambiguous in a Received header without quoting:
 
 - a name: dot-separated labels of ASCII letters, digits, ``-`` and ``_`` (1 to 63 each),
-  with one optional trailing dot; a bare word counts (``localhost``);
+  with one optional trailing dot; a bare word counts (``localhost``); at most 253
+  characters besides that dot, the longest name DNS has (RFC 1035 2.3.4's 255 octets in
+  wire form; RFC 5321 4.5.3.1.2 takes its limit from there): a longer name can never be
+  looked up, so SPF could only have said ``none`` of it;
 - an address literal: ``[192.0.2.1]`` (dotted quad, no leading zeros) or ``[IPv6:...]``
   (a valid IPv6 address, no zone index).
 
@@ -27,7 +30,7 @@ import re
 
 from pyqmail.protocol.events import Policy
 
-MAX_HELO = 255
+MAX_HELO = 253  # characters of a DNS name (RFC 1035 2.3.4: 255 octets in wire form)
 _NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
 
 
@@ -61,7 +64,7 @@ def refusal(name: str) -> str | None:
     """None if ``name`` (the HELO/EHLO argument, blanks stripped) is acceptable, else why not."""
     if not name:
         return "empty"
-    if len(name) > MAX_HELO:
+    if len(name.removesuffix(".")) > MAX_HELO:  # the trailing dot is not part of the name
         return f"longer than {MAX_HELO} characters"
     if not name.isascii():
         return "non-ASCII characters"

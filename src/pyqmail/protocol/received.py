@@ -35,7 +35,7 @@ def received_header(policy: Policy, client: Client, protocol: str) -> bytes:
     """The header, CRLF-terminated. A TLS session whose details the server did not pass
     (``Policy.tls_active`` without ``tls_info``) is noted as ``(using TLS)``."""
     host = _printable(policy.client_host, 255) if policy.client_host else "unknown"
-    helo = _printable(client.helo or "", MAX_HELO)
+    helo = _printable(client.helo or "", MAX_HELO + 1)  # and its trailing dot
     lines = [f"Received: from {helo} ({host} [{policy.client_ip}])"]
     if client.tls_active:
         tls = client.tls
