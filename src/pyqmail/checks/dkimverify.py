@@ -9,6 +9,14 @@ Bounded work whatever the sender writes (RFC 8301, and the issue's fuzz cases):
 - a key record longer than ``MAX_KEY_RECORD`` (far past an 8192-bit RSA key) is refused
   before it is parsed, an RSA key under 1024 bits fails (dkimpy's ``minkey``);
 - a signature with ``l=`` is never trusted (``policy``: appended text would ride on it);
+- dkimpy is never given a header section of more than ``MAX_HEADER_FIELDS`` fields or
+  ``HEADER_SIZE_LIMIT`` bytes (100 KiB, Postfix's ``header_size_limit``), nor a signature
+  whose ``h=`` lists more than ``MAX_SIGNED_NAMES`` names: each is ``permerror`` unverified.
+  dkimpy's ``select_headers`` walks the header list backwards once per name of ``h=``,
+  so a signature listing N absent names on a message of N fields cost O(N^2) in pure
+  Python, holding the GIL and a check thread after ``inbound.run`` had answered (8,000
+  names and fields, 92 KB: 5 s), with nothing but the sender's own key and body hash. The
+  bounds keep that under 10 ms a signature; no real signature comes near them (see there);
 - the whole verification stops at the deadline; what is left is ``temperror``.
 
 What DMARC relies on: the d= and s= reported are the ones dkimpy verified (read by its own
@@ -36,11 +44,21 @@ import dns.exception
 import dns.name
 import dns.resolver
 
+from pyqmail.headers import HEADER_SIZE_LIMIT
+
 MAX_SIGNATURES = 8
+# Names in one h=: dkimpy's list of fields to sign has 28, pyqmail's signer 27 (each as
+# often as it occurs, From once more); 64 leaves room to over-sign all 28, and 64 names on
+# 1000 fields cost dkimpy some 10 ms.
+MAX_SIGNED_NAMES = 64
+MAX_HEADER_FIELDS = 1000  # fields of a header section dkimpy is given (real mail: 20 to 100)
 MAX_KEY_RECORD = 2048  # bytes of a DKIM key TXT record (8192-bit RSA: about 1.4 KB)
 QUIET = logging.getLogger("pyqmail.checks.dkimpy")
 QUIET.addHandler(logging.NullHandler())
 QUIET.propagate = False
+_EMPTY_LINE = re.compile(rb"\n\r?\n")  # the header section's end, as dkimpy splits lines
+_FIELD_START = re.compile(rb"\n[^ \t]")  # a line that is not a continuation
+_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
 class KeyLookupTempError(Exception):
@@ -74,6 +92,41 @@ def _tags(value: bytes) -> dict[bytes, bytes] | None:
     except dkim.util.InvalidTagValueList:
         return None
     return tags
+
+
+def _head_end(message: bytes) -> int:
+    """Where the header section of ``message`` ends, as dkimpy reads it (lines split at
+    LF or CRLF, up to the first empty one)."""
+    if message.startswith((b"\n", b"\r\n")):
+        return 0
+    m = _EMPTY_LINE.search(message)
+    return len(message) if m is None else m.start()
+
+
+def oversized(message: bytes) -> str | None:
+    """Why the header section of ``message`` is not given to dkimpy (over
+    ``HEADER_SIZE_LIMIT`` bytes or ``MAX_HEADER_FIELDS`` fields), None when it may be.
+    Linear: a C-speed search and count."""
+    end = _head_end(message)
+    if end > HEADER_SIZE_LIMIT:
+        return f"header section over {HEADER_SIZE_LIMIT} bytes"
+    if len(_FIELD_START.findall(message, 0, end)) >= MAX_HEADER_FIELDS:
+        return f"header section over {MAX_HEADER_FIELDS} fields"
+    return None
+
+
+def signed_names(h: bytes) -> list[bytes]:
+    """The names of an ``h=`` value in lower case, as dkimpy splits them."""
+    return [name.lower() for name in re.split(rb"\s*:\s*", h.strip())]
+
+
+def refusal(tags: dict[bytes, bytes]) -> str | None:
+    """Why a signature with ``tags`` is ``permerror`` before any work is done on it (an
+    ``h=`` over ``MAX_SIGNED_NAMES`` names), None when it goes to dkimpy."""
+    names = signed_names(tags.get(b"h", b""))
+    if len(names) > MAX_SIGNED_NAMES:
+        return f"h= lists over {MAX_SIGNED_NAMES} names"
+    return None
 
 
 class KeyLookup:
@@ -131,6 +184,9 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLoo
     }
     if b"l" in tags:
         return DkimResult("policy", reason="l= not trusted", **base)
+    why = refusal(tags)
+    if why is not None:
+        return DkimResult("permerror", reason=why, **base)
     lookup.problem = ""
     try:
         ok = signer.verify(idx=index, dnsfunc=lookup)
@@ -152,7 +208,12 @@ def _one(signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], lookup: KeyLoo
 def verify(message: bytes, res: dns.resolver.Resolver, budget: float = 10.0) -> list[DkimResult]:
     """The result of each DKIM signature of ``message`` (top first); [] when unsigned. A key
     lookup takes at most half the budget, so one signature's silent DNS leaves another the
-    time its own lookup needs."""
+    time its own lookup needs. A header section dkimpy is not given (``oversized``) with a
+    signature in it: one ``permerror``, naming no domain."""
+    too_large = oversized(message)
+    if too_large is not None:
+        signed = _SIGNATURE.search(message, 0, _head_end(message))
+        return [DkimResult("permerror", reason=too_large)] if signed else []
     try:
         signer = dkim.DKIM(message, logger=QUIET, minkey=1024, timeout=max(int(budget), 1))
     except dkim.DKIMException as exc:
