@@ -6,6 +6,8 @@ by a real knotd, the signatures made with the sender's own key as the review mad
   holding a check thread after ``inbound.run`` had answered 451). Past
   ``MAX_SIGNED_NAMES`` names, ``MAX_HEADER_FIELDS`` fields or 100 KiB of header section a
   signature is permerror, unverified, in milliseconds.
+- A signature whose ``h=`` does not name From verified and made DMARC pass (RFC 6376
+  6.1.1: it MUST be ignored); an ``a=rsa-sha1`` one passed (RFC 8301 3.1: MUST NOT).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from pyqmail.checks import arcverify
+from pyqmail.checks import arcverify, inbound
 from pyqmail.checks.dkimverify import MAX_HEADER_FIELDS, MAX_SIGNED_NAMES, verify
 from pyqmail.checks.resolver import make_resolver
+from pyqmail.checks.settings import AuthSettings
 from pyqmail.dkim import sign
 from pyqmail.dkim.keys import Key
 from tests.dkim_util import KeyPair, make_keys, zone
@@ -116,6 +119,38 @@ def test_a_header_section_over_100_kib_is_refused(keys, resolver):
     [result] = verify(signed(keys[0], fat, ["from"]), resolver)
     assert (result.result, result.reason) == ("permerror", "header section over 102400 bytes")
     assert verify(b"X-Fat: " + b"f" * (100 * 1024) + b"\r\n" + MESSAGE, resolver) == []
+
+
+def test_a_signature_without_from_in_h_is_permerror_and_dmarc_fails(keys, resolver):
+    """dkimpy checks that From is signed only when signing: this verified, and passed
+    DMARC for any From the sender put above the signed fields."""
+    msg = signed(keys[0], MESSAGE, ["to", "subject", "date"])
+    [result] = verify(msg, resolver)
+    assert (result.result, result.reason) == (
+        "permerror",
+        "From not signed (RFC 6376 6.1.1)",
+    ), result
+    upper = signed(keys[0], MESSAGE, ["To", "Subject", "FROM"])  # names are case-insensitive
+    assert [r.result for r in verify(upper, resolver)] == ["pass"]
+    settings = AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=resolver)
+    outcome = inbound.check(settings, "192.0.2.66", "mx.evil.test", "a@evil.test", msg)
+    assert outcome.verdict.code == 550, outcome.verdict
+
+
+def test_rsa_sha1_is_permerror(keys, resolver):
+    """RFC 8301 3.1: verifiers MUST NOT consider rsa-sha1 signatures valid (dkimpy does)."""
+    private = serialization.load_pem_private_key(keys[0].path.read_bytes(), None)
+    pem = private.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    field = dkim.sign(
+        MESSAGE, keys[0].selector.encode(), DOMAIN.encode(), pem, signature_algorithm=b"rsa-sha1"
+    )
+    [result] = verify(field + MESSAGE, resolver)
+    assert (result.result, result.algorithm) == ("permerror", "rsa-sha1"), result
+    assert "rsa-sha1" in result.reason
 
 
 def seal(key: KeyPair, message: bytes) -> bytes:

@@ -19,6 +19,12 @@ Bounded work whatever the sender writes (RFC 8301, and the issue's fuzz cases):
   bounds keep that under 10 ms a signature; no real signature comes near them (see there);
 - the whole verification stops at the deadline; what is left is ``temperror``.
 
+What a signature must be to pass, beyond dkimpy's own checks (which make some of them only
+when signing): ``h=`` names From (RFC 6376 5.4, 6.1.1: a signature that does not sign From
+MUST be ignored; one that did not would make any text under any From align) and ``a=`` is
+not ``rsa-sha1`` (RFC 8301 3.1: verifiers MUST NOT consider such signatures valid); else
+``permerror``, unverified.
+
 What DMARC relies on: the d= and s= reported are the ones dkimpy verified (read by its own
 tag parser: tag names are case-sensitive and a duplicate tag invalidates the signature,
 RFC 6376 3.2, so an ``D=`` cannot stand in for ``d=``). A ``temperror`` names its d= only
@@ -122,10 +128,15 @@ def signed_names(h: bytes) -> list[bytes]:
 
 def refusal(tags: dict[bytes, bytes]) -> str | None:
     """Why a signature with ``tags`` is ``permerror`` before any work is done on it (an
-    ``h=`` over ``MAX_SIGNED_NAMES`` names), None when it goes to dkimpy."""
+    ``a=rsa-sha1``, an ``h=`` over ``MAX_SIGNED_NAMES`` names or without From), None when
+    it goes to dkimpy."""
+    if tags.get(b"a", b"").strip().lower() == b"rsa-sha1":
+        return "rsa-sha1 is not valid (RFC 8301 3.1)"
     names = signed_names(tags.get(b"h", b""))
     if len(names) > MAX_SIGNED_NAMES:
         return f"h= lists over {MAX_SIGNED_NAMES} names"
+    if b"from" not in names:
+        return "From not signed (RFC 6376 6.1.1)"
     return None
 
 
