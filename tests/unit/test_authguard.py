@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -228,3 +229,74 @@ def test_waiting_too_long_is_a_temporary_failure(
     assert [o.ok for o in outcomes].count(True) >= 1
     busy = [o for o in outcomes if not o.ok]
     assert busy and all(o.temporary and o.reason == "busy" for o in busy)
+
+
+def test_a_hup_changing_authconcurrency_keeps_the_limit_and_wakes_waiters(
+    tmp_path: Path,
+) -> None:
+    """A review's finding: configure() swapped in a new semaphore, so a check in flight gave
+    its turn back to the new one (3 checks at once under a limit of 2, for good), and the old
+    one's waiters slept until WAIT_MAX (454 after 20 s with turns free)."""
+    guard = authguard.AuthGuard(tmp_path, Settings(concurrency=1))
+    running, peak, gates = [0], [0], [threading.Event() for _ in range(8)]
+    lock = threading.Lock()
+
+    def verify(n: int) -> bool:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gates[n].wait(10)
+        with lock:
+            running[0] -= 1
+        return True
+
+    async def main() -> tuple[list[authguard.Outcome], float]:
+        first = asyncio.ensure_future(guard.attempt("10.0.0.1", "a", lambda: verify(0)))
+        await asyncio.sleep(0.2)  # the first check runs, holding the only turn
+        waiter = asyncio.ensure_future(guard.attempt("10.0.0.2", "b", lambda: verify(1)))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        guard.configure(Settings(concurrency=2))  # the HUP: the waiter may start now
+        while running[0] < 2 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        woke = time.monotonic() - started
+        gates[0].set()
+        gates[1].set()
+        done = [await first, await waiter]
+        # the limit holds after the turns of both limits came back: 2 at once, never 3
+        more = [
+            asyncio.ensure_future(guard.attempt(f"10.0.1.{n}", "c", lambda n=n: verify(n)))
+            for n in range(2, 8)
+        ]
+        await asyncio.sleep(0.3)
+        for gate in gates:
+            gate.set()
+        return done + list(await asyncio.gather(*more)), woke
+
+    try:
+        outcomes, woke = asyncio.run(main())
+    finally:
+        guard.shutdown()
+    assert all(o.ok for o in outcomes), outcomes
+    assert woke < 1.0, f"the waiter started {woke:.1f} s after the HUP"
+    assert peak[0] == 2, peak
+
+
+def test_slots_give_back_a_turn_handed_over_as_the_wait_is_cancelled() -> None:
+    async def main() -> tuple[int, int]:
+        slots = authguard.Slots(1)
+        await slots.acquire()
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        slots.release()  # the turn goes to the waiter...
+        waiter.cancel()  # ...which is cancelled before it runs: it must give it back
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        timed_out = 0
+        try:
+            await asyncio.wait_for(slots.acquire(), 0.05)
+        except TimeoutError:
+            timed_out = 1
+        return slots.busy, timed_out
+
+    assert asyncio.run(main()) == (1, 0)

@@ -51,6 +51,7 @@ successes carry no penalty).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import sqlite3
 import time
@@ -269,6 +270,55 @@ def _held(row: tuple[int, float] | None, now: float) -> bool:
     return int(row[0]) == 0 or _alive(int(row[0]))
 
 
+class Slots:
+    """At most ``limit`` password checks of a worker at once, a limit a HUP may change while
+    checks run and others wait (``authconcurrency``). A semaphore swapped for a new one on
+    HUP broke both: a check that took a turn of the old one gave it back to the new one,
+    raising it above its limit for good, and the old one's waiters were never woken (454
+    after ``WAIT_MAX`` with turns free). Here every turn is counted in one place and a new
+    limit wakes as many waiters as it allows, first come first served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        """Take a turn, waiting for one in order (cancellable: a turn handed over just as
+        the wait is cancelled is given back)."""
+        if self.busy < self.limit and not self._waiters:
+            self.busy += 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn  # counted in ``busy`` by whoever resolved it
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()
+            elif turn in self._waiters:  # a cancelled turn ``_wake`` has not dropped yet
+                self._waiters.remove(turn)
+            raise
+
+    def release(self) -> None:
+        """Give a turn back; the first waiter gets it."""
+        self.busy -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        """A new limit from now on: waiters get the turns a larger one frees at once; with a
+        smaller one, checks already running finish and no new one starts until under it."""
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.busy < self.limit:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                self.busy += 1
+                turn.set_result(None)
+
+
 class AuthGuard:
     """One worker's way to the shared state: every database call runs in one thread of
     its own (SQLite may wait for a lock; the event loop must not), password checks in a
@@ -279,13 +329,12 @@ class AuthGuard:
         self.settings = settings
         self._db_thread = ThreadPoolExecutor(1, "authstate")
         self._verify_pool = ThreadPoolExecutor(64, "auth")  # threads only as the semaphore lets
-        self._verifying = asyncio.Semaphore(settings.concurrency)
+        self._verifying = Slots(settings.concurrency)
         self._local: dict[str, tuple[asyncio.Lock, int]] = {}  # per client: lock, users
 
     def configure(self, settings: Settings) -> None:
         """HUP: new knobs for attempts that start from now on."""
-        if settings.concurrency != self.settings.concurrency:
-            self._verifying = asyncio.Semaphore(settings.concurrency)
+        self._verifying.resize(settings.concurrency)
         self.settings = settings
 
     def shutdown(self) -> None:
