@@ -28,7 +28,8 @@ The tool (``pyqmail-users``) rewrites the file atomically with :func:`atomic_wri
 (temporary file in the same directory, fsync, rename, fsync of the directory) keeping the old
 file's mode and owner; a file it creates gets mode 0640 and group ``pyqmaila`` when that group
 exists (else ``pyqmail``, a host set up before the group of the password verifiers existed).
-It takes no lock: run one writer at a time (Ansible or an admin, not both at once).
+Each writer (the tool, the Ansible module) reads, changes and replaces the file under
+:func:`change_locked`, so an admin's change and a playbook's at the same time both stay.
 """
 
 from __future__ import annotations
@@ -447,10 +448,12 @@ def kicks_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def kicks_locked(path: str) -> Iterator[None]:
+def change_locked(path: str) -> Iterator[None]:
     """Each change of the file ``path`` (read, then replace) under an exclusive lock of
-    ``path.lock``: the module, pyqmail-users and a role's kick may change it at once, and
-    an update made between another's read and its write would be lost."""
+    ``path.lock``: the module, pyqmail-users and a role's kick may change the user file or
+    the kick file at once, and an update made between another's read and its write would be
+    lost (a ``del`` beside an ``add`` was undone: the deleted login could log in again).
+    Readers (the verifiers) take no lock: each replace is one atomic rename."""
     import fcntl  # noqa: PLC0415 - writers only; pyqmail-checkpassword starts per login
 
     fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -494,7 +497,7 @@ def add_kicks(path: str, logins: Iterable[str], *, again: bool = True) -> None:
     wanted = [validate_name(login) for login in dict.fromkeys(logins)]
     if not wanted:
         return
-    with kicks_locked(path):
+    with change_locked(path):
         known = read_kicks(path)
         new = wanted if again else [login for login in wanted if login not in known]
         if new:
@@ -507,7 +510,7 @@ def drop_kicks(path: str, done: Iterable[str]) -> None:
     meanwhile stays, once per login (the next round ends it after every such change); the
     file goes when nothing is left."""
     read = Counter(done)
-    with kicks_locked(path):
+    with change_locked(path):
         left = []
         for login in read_kicks(path):
             if read[login] > 0:
@@ -519,7 +522,7 @@ def drop_kicks(path: str, done: Iterable[str]) -> None:
 
 def _write_kicks(path: str, logins: list[str]) -> None:
     """The file ``path`` with exactly ``logins``, replaced atomically; none: the file goes,
-    and its removal is made durable too (under ``kicks_locked``)."""
+    and its removal is made durable too (under ``change_locked``)."""
     if logins:
         text = _KICKS_HEADER + "".join(login + "\n" for login in logins)
         atomic_write(path, text.encode("utf-8"), default_mode=0o600)

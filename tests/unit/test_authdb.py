@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail import authdb
-from pyqmail.authdb import AuthDB, AuthDBError, User
+from pyqmail.authdb import AuthDB, AuthDBError, User, atomic_write, hash_password
 from pyqmail.tools import users as users_tool
 
 # Known answers from passlib's documentation (passlib.hash.scrypt, password "password").
@@ -352,3 +352,27 @@ def test_cli_in_process(
     assert users_tool.main(["--file", str(path), "add", "carol"]) == 0
     assert capsys.readouterr().out == "added carol\n"
     assert AuthDB.load(str(path)).verify("carol", "pw")
+
+
+def test_cli_writers_at_once_lose_no_change(tmp_path: Path) -> None:
+    """A review's finding: pyqmail-users read, changed and replaced the file with no lock, so
+    a ``del`` beside an ``add`` was undone (the deleted login could log in again), and the
+    tool still said "deleted". Writers now take the file's change lock."""
+    path = tmp_path / "smtpusers"
+    db = AuthDB()
+    for n in range(8):
+        db.set(User(name=f"old{n}", hash=hash_password("pw")))
+    atomic_write(str(path), db.dump().encode("utf-8"))
+    base = [sys.executable, "-m", "pyqmail.tools.users", "--file", str(path)]
+    base += ["--dovecot-config", str(tmp_path / "no-dovecot.conf")]
+    jobs = [[*base, "del", f"old{n}"] for n in range(4)]
+    jobs += [[*base, "add", f"new{n}"] for n in range(4)]
+    procs = [
+        subprocess.Popen(job, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for job in jobs
+    ]
+    for proc in procs:
+        proc.communicate("pw\n", timeout=60)
+        assert proc.returncode == 0
+    names = {user.name for user in AuthDB.load(str(path))}
+    assert names == {f"old{n}" for n in range(4, 8)} | {f"new{n}" for n in range(4)}

@@ -24,6 +24,7 @@ from pyqmail.authdb import (
     AuthDBError,
     User,
     atomic_write,
+    change_locked,
     hash_password,
     kicks_path,
     validate_name,
@@ -120,23 +121,26 @@ def _run(args: argparse.Namespace) -> int:
         return _end_sessions(args.names, config, pending)
     if args.command == "add":
         name = validate_name(args.name)
-        db = _load_or_empty(path)
         password = _read_password(confirm=True)
-        existed = name in db
         cram = password if args.cram_md5 else None
-        db.set(User(name=name, hash=hash_password(password), cram=cram))
-        if existed:  # before the change: a crash after it still leaves the kick to do
-            _record([name], config, pending)
-        atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
+        user = User(name=name, hash=hash_password(password), cram=cram)  # scrypt before the lock
+        with change_locked(path):  # read, change, replace: no other writer in between
+            db = _load_or_empty(path)
+            existed = name in db
+            db.set(user)
+            if existed:  # before the change: a crash after it still leaves the kick to do
+                _record([name], config, pending)
+            atomic_write(path, db.dump().encode("utf-8"), default_gid=_daemon_gid())
         _say(f"{'updated' if existed else 'added'} {name}")
         return _end_sessions([name] if existed else [], config, pending)
     if args.command == "del":
-        db = AuthDB.load(path)
-        if not db.remove(args.name):
-            _complain(f"{path}: no user {args.name!r}")
-            return 1
-        _record([args.name], config, pending)
-        atomic_write(path, db.dump().encode("utf-8"))
+        with change_locked(path):
+            db = AuthDB.load(path)
+            if not db.remove(args.name):
+                _complain(f"{path}: no user {args.name!r}")
+                return 1
+            _record([args.name], config, pending)
+            atomic_write(path, db.dump().encode("utf-8"))
         _say(f"deleted {args.name}")
         return _end_sessions([args.name], config, pending)
     if args.command == "list":
