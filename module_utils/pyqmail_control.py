@@ -16,8 +16,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+try:
+    from pyqmail.dnslistspec import SpecError, entries
+except ImportError:  # pragma: no cover - the controller without the pyqmail package
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dnslistspec import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+        SpecError,
+        entries,
+    )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    DOMAIN_RE,
     PEM_CERT,
     Problems,
     domain,
@@ -115,22 +121,15 @@ def check_extra(name: str, value: Mapping[str, Any], values: Mapping[str, Any]) 
             yield f"{name}.{key}: written by the role itself; set its own variable instead"
 
 
-def dns_list(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
-    """A DNS list zone (control/dnsbl, control/dnswl): a domain with a dot, no trailing dot;
-    for dnsbl an optional ``=weight`` from 1 to 100 (pyqmail.checks.dnsbl)."""
+def dns_lists(name: str, value: list[Any], values: Mapping[str, Any]) -> Problems:
+    """control/dnsbl or control/dnswl: each entry ``zone[=filter][*weight]`` (dnswl: no
+    weight) by the daemon's own parser, ``pyqmail_dnslistspec`` (Postfix's filters such as
+    ``127.0.0.[2..11]``), a zone twice with the same filter included."""
     del values
-    zone, eq, weight = str(value).partition("=")
-    zone = zone.strip().lower()
-    if (
-        not DOMAIN_RE.match(zone)
-        or "." not in zone
-        or (eq and name.startswith("pyqmail_control__dnswl"))
-    ):
-        yield f"{name}: {shown(value)} is not a DNS list zone (a domain name" + (
-            ")" if name.startswith("pyqmail_control__dnswl") else ", optionally =weight)"
-        )
-    elif eq and not (weight.isdigit() and 1 <= int(weight) <= 100):
-        yield f"{name}: weight {shown(weight)} of {zone} must be from 1 to 100"
+    allow = name.startswith("pyqmail_control__dnswl")
+    for index, got in entries([str(item) for item in value], allow=allow):
+        if isinstance(got, SpecError):
+            yield f"{name}[{index}]: {got}"
 
 
 def check_greylistdelay(name: str, value: int, values: Mapping[str, Any]) -> Problems:

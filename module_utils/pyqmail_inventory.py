@@ -75,7 +75,7 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_control impor
     check_smtproutes,
     check_tlshosts,
     check_validrcptto,
-    dns_list,
+    dns_lists,
     dns_server,
 )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dovecot import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -297,8 +297,8 @@ CHECKS: dict[str, Check] = {
     "pyqmail_control__validrcptto": each(check_validrcptto),
     "pyqmail_control__rcptcatchall": check_rcptcatchall,
     "pyqmail_control__tlsclients": each(one_line),
-    "pyqmail_control__dnsbl": each(dns_list),
-    "pyqmail_control__dnswl": each(dns_list),
+    "pyqmail_control__dnsbl": dns_lists,
+    "pyqmail_control__dnswl": dns_lists,
     "pyqmail_control__dnsblthreshold": in_range(1, 1000),
     "pyqmail_control__dnsbltimeout": in_range(1, 60),
     "pyqmail_control__greylistdelay": check_greylistdelay,

@@ -167,6 +167,7 @@ def test_tarball_holds_real_files_and_the_wheel(built: dict[str, Path]) -> None:
         assert members[f"plugins/modules/{module}.py"].isfile()
     for name in (
         "pyqmail_rules", "pyqmail_cdb", "pyqmail_authdb", "pyqmail_inventory", "pyqmail_svstat",
+        "pyqmail_dnslistspec",
         # the preflight's rows, by concept (pyqmail_inventory imports them)
         "pyqmail_checkbase", "pyqmail_clientrules", "pyqmail_control", "pyqmail_listeners",
         "pyqmail_mailboxes", "pyqmail_pki", "pyqmail_signing",

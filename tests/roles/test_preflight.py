@@ -239,16 +239,16 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "dnsbl-not-a-domain": (
         {"pyqmail_control__dnsbl": ["zen.spamhaus.org", "not a zone"]},
-        "pyqmail_control__dnsbl[1]: 'not a zone' is not a DNS list zone (a domain name,"
-        " optionally =weight)",
+        "pyqmail_control__dnsbl[1]: not a DNS list zone (a domain name): 'not a zone'",
     ),
     "dnsbl-weight": (
         {"pyqmail_control__dnsbl": ["bl.example=0"]},
-        "pyqmail_control__dnsbl[0]: weight '0' of bl.example must be from 1 to 100",
+        "pyqmail_control__dnsbl[0]: weight of bl.example must be 1 to 100: '0'",
     ),
     "dnswl-weight": (
         {"pyqmail_control__dnswl": ["wl.example=2"]},
-        "pyqmail_control__dnswl[0]: 'wl.example=2' is not a DNS list zone (a domain name)",
+        "pyqmail_control__dnswl[0]: wl.example: an allow list takes a filter but no weight:"
+        " 'wl.example=2'",
     ),
     "greylist-delay-over-lifetime": (
         {"pyqmail_control__greylistdelay": 3600, "pyqmail_control__greylistlifetime": 600},
@@ -463,6 +463,25 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         "pyqmail_dkim__group: 'pyqmail' is also pyqmail__group: other daemons would read the "
         "DKIM keys; name a group of pyqmail-send's manager alone",
     ),
+    "dnsbl-filter-octet": (  # the daemon's own parser (pyqmail.dnslistspec): the same words
+        {
+            "pyqmail_control__dnsbl": [
+                "zen.example=127.0.0.[2..11]*3",
+                "bl.example=127.0.0.[2..300]",
+            ]
+        },
+        "pyqmail_control__dnsbl[1]: filter of bl.example, octet 4: '300' is not a number from"
+        " 0 to 255",
+    ),
+    "dnsbl-twice": (
+        {"pyqmail_control__dnsbl": ["bl.example=127.0.0.2", "bl.example=127.0.0.2*2"]},
+        "pyqmail_control__dnsbl[1]: bl.example=127.0.0.2 is listed twice",
+    ),
+    "dnswl-filter-range": (
+        {"pyqmail_control__dnswl": ["list.dnswl.example=127.0.[2..15].[3..1]"]},
+        "pyqmail_control__dnswl[0]: filter of list.dnswl.example, octet 4: range '3..1' is empty"
+        " (3 is above 1)",
+    ),
     "null": (
         {"pyqmail_rules__deny": None},
         "pyqmail_rules__deny: is null; give a list (or leave it out for the default)",
@@ -479,6 +498,20 @@ def problems_of(overrides: dict[str, Any]) -> list[str]:
 
 def test_the_defaults_pass() -> None:
     assert problems_of({}) == []
+
+
+def test_dns_list_filters_and_weights_pass() -> None:
+    """Postfix's postscreen syntax and the older zone=weight, as pyqmail-smtpd reads them."""
+    lists = {
+        "pyqmail_control__dnsbl": [
+            "zen.spamhaus.org=127.0.0.[2..11]*3",
+            "zen.spamhaus.org=127.0.0.[10;11]",
+            "bl.example=2",
+            "b.barracudacentral.org*2",
+        ],
+        "pyqmail_control__dnswl": ["list.dnswl.org=127.0.[0..255].[1..3]", "swl.example"],
+    }
+    assert problems_of(lists) == []
 
 
 def test_homes_inside_the_base_and_consistent_ca_margins_pass() -> None:

@@ -19,6 +19,7 @@ import pytest
 from pyqmail.checks import dnsbl, listlookup
 from pyqmail.checks.screen import load as load_screen
 from pyqmail.control.reader import ControlError, Line
+from pyqmail.dnslistspec import Entry
 from tests.dnsserver import DnsServer
 
 LISTED = "127.0.0.9"
@@ -100,7 +101,7 @@ def test_weights_and_threshold(dns: DnsServer) -> None:
 
 
 def test_an_allow_list_wins(dns: DnsServer) -> None:
-    s = settings(dns, "weak.test", allow=("wl.test",))
+    s = settings(dns, "weak.test", allow=(Entry("wl.test"),))
     result = check(s, "127.0.0.8")
     assert result.allowed == "wl.test"
     verdict = dnsbl.verdict(result, s, "127.0.0.8")
@@ -127,7 +128,9 @@ def test_a_server_that_never_answers_costs_at_most_the_timeout() -> None:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
         s = dnsbl.Settings(
-            lists=(("bl.test", 1), ("weak.test", 1)), timeout=1, nameservers=(("127.0.0.1", port),)
+            lists=(Entry("bl.test"), Entry("weak.test")),
+            timeout=1,
+            nameservers=(("127.0.0.1", port),),
         )
         began = time.monotonic()
         result = check(s, LISTED)

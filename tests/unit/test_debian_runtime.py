@@ -41,8 +41,9 @@ import asyncio, sys
 import dns.version
 from pyqmail.checks import dnsbl, listlookup
 from pyqmail.checks.resolver import make_resolver, txt
+from pyqmail.dnslistspec import Entry
 host, port = sys.argv[1], int(sys.argv[2])
-settings = dnsbl.Settings(lists=(("bl.example", 1),), nameservers=((host, port),), timeout=3)
+settings = dnsbl.Settings(lists=(Entry("bl.example"),), nameservers=((host, port),), timeout=3)
 result = asyncio.run(listlookup.Lookup(settings).check("127.0.0.9", settings))
 print(dns.version.version)
 print(result.log())

@@ -10,6 +10,8 @@ answered), all within the lists' timeout; answers are cached per worker for thei
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 import dns.asyncresolver
 import dns.exception
@@ -18,8 +20,11 @@ import dns.resolver
 
 from pyqmail.checks import dnsbl
 from pyqmail.checks.resolver import point_at
+from pyqmail.log import log
 
 CACHE_SIZE = 20_000  # answers per worker (dnspython's LRU cache, each kept for its TTL)
+WARN_EVERY = 300.0  # seconds between two warnings of one list's error code, per worker
+WARN_KEYS = 1000  # (zone, answer) pairs remembered for that
 
 
 def async_resolver(servers: tuple[tuple[str, int], ...]) -> dns.asyncresolver.Resolver:
@@ -47,6 +52,9 @@ class Lookup:
     def __init__(self, settings: dnsbl.Settings) -> None:
         self.nameservers = settings.nameservers
         self.resolver = async_resolver(settings.nameservers)
+        self._warned: dict[
+            tuple[str, str], tuple[float, int]
+        ] = {}  # (zone, answer): when, left out
 
     def configure(self, settings: dnsbl.Settings) -> None:
         """HUP: other name servers mean another resolver (and a fresh cache)."""
@@ -68,39 +76,53 @@ class Lookup:
             return ["".join(s.decode("ascii", "replace") for s in r.strings) for r in answer]
         return [r.to_text() for r in answer]
 
-    async def _listed(self, ip: str, zone: str, timeout: float) -> str | bool | None:
-        """The A answer in 127.0.0.0/8 if listed, False if not, None if it failed."""
-        answers = await self._ask(dnsbl.query_name(ip, zone), "A", timeout)
-        if answers is None:
-            return None
-        if not answers:
-            return False
-        good = [a for a in answers if a.startswith("127.") and not a.startswith("127.255.255.")]
-        return good[0] if good else None  # outside 127/8 or a list's error code: garbage
-
     async def check(self, ip: str, settings: dnsbl.Settings) -> dnsbl.Result:
-        """Ask every list and allow list at once, within ``settings.timeout`` in all."""
+        """Ask every zone once, at once, within ``settings.timeout`` in all; the answers
+        mean what ``dnsbl.tally`` says; TXT only for the lists that count (none allowed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.timeout
-        zones = [zone for zone, _ in settings.lists] + list(settings.allow)
-        tasks = [asyncio.ensure_future(self._listed(ip, z, settings.timeout)) for z in zones]
+        zones = settings.zones()
+        tasks = [
+            asyncio.ensure_future(self._ask(dnsbl.query_name(ip, z), "A", settings.timeout))
+            for z in zones
+        ]
         done, pending = await asyncio.wait(tasks, timeout=settings.timeout)
         for task in pending:
             task.cancel()
-        status = {z: (t.result() if t in done else None) for z, t in zip(zones, tasks, strict=True)}
-        allowed = next((z for z in settings.allow if isinstance(status[z], str)), None)
-        weights = dict(settings.lists)
-        hit_zones = [z for z, _ in settings.lists if isinstance(status[z], str)]
-        failed = tuple(z for z in zones if status[z] is None)
-        texts: dict[str, str] = {}
-        if hit_zones and allowed is None:
-            left = max(deadline - loop.time(), 0.1)
-            txts = await asyncio.gather(
-                *(self._ask(dnsbl.query_name(ip, z), "TXT", left) for z in hit_zones)
+        answers = {
+            z: (t.result() if t in done else None) for z, t in zip(zones, tasks, strict=True)
+        }
+        result = dnsbl.tally(settings, answers)
+        self._warn(result.errors)
+        if not result.hits or result.allowed is not None:
+            return result
+        left = max(deadline - loop.time(), 0.1)
+        txts = await asyncio.gather(
+            *(self._ask(dnsbl.query_name(ip, z), "TXT", left) for z, _, _ in result.hits)
+        )
+        hits = tuple(
+            (z, a, dnsbl.printable(t[0]) if t else "")
+            for (z, a, _), t in zip(result.hits, txts, strict=True)
+        )
+        return dataclasses.replace(result, hits=hits)
+
+    def _warn(self, errors: tuple[tuple[str, str], ...]) -> None:
+        """A list's error code (its answer to a blocked or public resolver) is worth a
+        warning: it means the list is useless from here, for every client. Once per zone and
+        answer every ``WARN_EVERY`` seconds per worker, with how many were left out."""
+        now = time.monotonic()
+        if len(self._warned) > WARN_KEYS:  # a list answering ever other garbage
+            self._warned.clear()
+        for zone, answer in errors:
+            since, left_out = self._warned.get((zone, answer), (-WARN_EVERY, 0))
+            if now - since < WARN_EVERY:
+                self._warned[(zone, answer)] = (since, left_out + 1)
+                continue
+            self._warned[(zone, answer)] = (now, 0)
+            log(
+                "warning",
+                text="DNS list answered an error code, not a listing (blocked resolver?)",
+                zone=zone,
+                answer=answer,
+                left_out=left_out or None,
             )
-            texts = {
-                z: dnsbl.printable(t[0]) if t else "" for z, t in zip(hit_zones, txts, strict=True)
-            }
-        hits = tuple((z, str(status[z]), texts.get(z, "")) for z in hit_zones)
-        score = sum(weights[z] for z in hit_zones)
-        return dnsbl.Result(hits, allowed, failed, score, weights)

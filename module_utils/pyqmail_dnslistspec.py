@@ -1,0 +1,1 @@
+../src/pyqmail/dnslistspec.py
