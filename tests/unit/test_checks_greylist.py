@@ -96,10 +96,10 @@ def test_two_processes_share_the_triplets(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_database_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / "smtpd").mkdir()
-    (tmp_path / "smtpd" / "greylist.sqlite").write_bytes(b"not a database at all" * 100)
+    (tmp_path / "smtpd" / "greylist2.sqlite").write_bytes(b"not a database at all" * 100)
     verdict = Greylist(tmp_path).check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0)
     assert verdict.log.startswith("greylist=new")
-    assert len(list((tmp_path / "smtpd").glob("greylist.sqlite.broken-*"))) == 1
+    assert len(list((tmp_path / "smtpd").glob("greylist2.sqlite.broken-*"))) == 1
 
 
 def test_a_database_it_cannot_open_lets_mail_through(tmp_path: Path) -> None:
