@@ -61,7 +61,7 @@ from pathlib import Path
 from pyqmail.checks.greylist import Greylist, Settings
 grey = Greylist(Path(sys.argv[1]))
 sys.stdin.readline()  # start together
-logs = [grey.check('192.0.2.7', f's{i}@b.test', 'u@mx.test', Settings(300, 3600), 1e6).log
+logs = [grey.check('192.0.2.7', 's@b.test', f'u{i}@mx.test', Settings(300, 3600), 1e6).log
         for i in range(200)]
 print(sum(log.startswith('greylist=new') for log in logs))
 """
@@ -89,7 +89,7 @@ def test_two_processes_share_the_triplets(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
     assert sum(int(out) for out, _ in results) == 200
     grey = Greylist(tmp_path)
-    assert grey.check("192.0.2.7", "s0@b.test", "u@mx.test", GREY, T0 + 1).log.startswith(
+    assert grey.check("192.0.2.7", "s@b.test", "u0@mx.test", GREY, T0 + 1).log.startswith(
         "greylist=early"
     )
 

@@ -12,7 +12,10 @@ Control files:
 ====================  ========================================================================
 
 The triplet: the client's IPv4 /24 or IPv6 /64 (a sender's pool of outgoing servers retries
-from a neighbour), the envelope sender and the recipient, both lower case. The decision is made at RCPT, per recipient. Who skips it: relay
+from a neighbour), the envelope sender as ``greysender.normalise`` makes it (BATV tags
+stripped, SRS undone, ``+extensions`` dropped, digit runs of the local part made ``#``, as
+postgrey does: a sender whose address changes with every message becomes known), and the
+recipient, both lower case. The decision is made at RCPT, per recipient. Who skips it: relay
 clients and authenticated sessions (the core asks only for clients that may not relay),
 clients on a ``dnswl`` allow list and clients whose tcprules entry sets ``RBLSMTPD`` empty (a
 known host, ``checks.dnsbl``), and clients greylisting has come to know (below).
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyqmail.authlock import StateError, open_db
+from pyqmail.checks.greysender import normalise
 from pyqmail.checks.verdict import Verdict
 from pyqmail.log import log
 
@@ -123,7 +127,7 @@ class Key:
 
     @classmethod
     def of(cls, ip: str, sender: str, rcpt: str) -> Key:
-        who = sender.lower()
+        who = normalise(sender)
         return cls(network(ip), digest(who, rcpt.lower()), digest(who.rpartition("@")[2]))
 
 
