@@ -77,12 +77,14 @@ def test_many_networks_over_the_total_lose_the_oldest_pending_never_what_passed(
 
 
 def test_a_client_that_passed_often_enough_skips_greylisting(tmp_path: Path) -> None:
-    """postgrey's auto-whitelist: AUTO_ALLOW passed triplets of one (network, sender domain);
-    another domain from the same network, or the same domain elsewhere, still waits."""
+    """postgrey's auto-whitelist: AUTO_ALLOW passed triplets of one (network, sender domain),
+    COUNT_APART seconds apart; another domain from the same network, or the same domain
+    elsewhere, still waits."""
     grey = Greylist(tmp_path)
     for i in range(greylist.AUTO_ALLOW):
-        grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, T0)
-        assert grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, T0 + 300).log == (
+        at = T0 + i * greylist.COUNT_APART
+        grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, at)
+        assert grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, at + 300).log == (
             "greylist=pass"
         )
     fresh = grey.check("192.0.2.99", "other@friend.test", "new@mx.test", GREY, T0 + 400)
@@ -93,6 +95,21 @@ def test_a_client_that_passed_often_enough_skips_greylisting(tmp_path: Path) -> 
     grey.prune(GREY, T0 + 400 + 3601)
     late = grey.check(FRIEND, "x@friend.test", "late@mx.test", GREY, T0 + 400 + 3602)
     assert late.log.startswith("greylist=new")
+    grey.close()
+
+
+def test_the_recipients_of_one_message_count_once_towards_the_client(tmp_path: Path) -> None:
+    """Passes closer than COUNT_APART count once (postgrey): one message to many recipients,
+    retried once, does not make its sender's network a known client."""
+    grey = Greylist(tmp_path)
+    for i in range(greylist.AUTO_ALLOW * 4):
+        grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, T0)
+    for i in range(greylist.AUTO_ALLOW * 4):
+        assert grey.check(FRIEND, "news@friend.test", f"u{i}@mx.test", GREY, T0 + 300 + i).log == (
+            "greylist=pass"
+        )
+    fresh = grey.check(FRIEND, "news@friend.test", "new@mx.test", GREY, T0 + 400)
+    assert fresh.action == "defer", fresh
     grey.close()
 
 

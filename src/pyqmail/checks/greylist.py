@@ -25,9 +25,10 @@ by the same ``open_db`` (``pyqmail.authlock``): WAL mode, a busy timeout, the se
 while another worker holds the lock, so every worker of every listener shares it and it
 survives restarts. Three tables, so that a flood of new triplets cannot push out what passed:
 
-- ``client``: (network, sender domain) pairs whose triplets passed ``AUTO_ALLOW`` times
-  (postgrey's ``--auto-whitelist-clients``): consulted first, they skip greylisting (logged
-  ``greylist=client``); forgotten only by age (``greylistlifetime`` unseen).
+- ``client``: (network, sender domain) pairs whose triplets passed ``AUTO_ALLOW`` times,
+  ``COUNT_APART`` seconds apart (postgrey's ``--auto-whitelist-clients``): consulted first,
+  they skip greylisting (logged ``greylist=client``); forgotten only by age
+  (``greylistlifetime`` unseen).
 - ``passed``: the triplets that came back after the delay; forgotten only by age.
 - ``pending``: the triplets waiting for their retry, at most ``PENDING_PER_NET`` per network:
   a source over it loses its own oldest pending triplets, never anybody else's. Only when all
@@ -68,6 +69,7 @@ SET_UP_WAIT = 2.0  # seconds the first connection of a worker may wait to set th
 PRUNE_EVERY = 500  # decisions per process between prunes
 PRUNE_BATCH = 2000  # rows of each table one prune deletes at most
 AUTO_ALLOW = 5  # passed triplets of a (network, sender domain) that make it a known client
+COUNT_APART = 60  # seconds between two passes that both count towards AUTO_ALLOW
 PENDING_PER_NET = 1000  # pending triplets one network may have
 MAX_PENDING = 1_000_000  # pending triplets of all networks together
 HASH_BYTES = 16
@@ -240,7 +242,10 @@ class Greylist:
 
     def _pass(self, db: sqlite3.Connection, key: Key, now: float) -> None:
         """A pending triplet came back in time: it moves to ``passed``, and its (network,
-        sender domain) counts one more pass towards ``AUTO_ALLOW``."""
+        sender domain) counts one more pass towards ``AUTO_ALLOW`` if its last counted pass
+        is ``COUNT_APART`` seconds old (postgrey's rule: the recipients of one message, or a
+        burst of retries, count once, so a client is known after several deliveries, not
+        after one message to five recipients)."""
         gone = db.execute(
             "DELETE FROM pending WHERE net=? AND pair=?", (key.net, key.pair)
         ).rowcount
@@ -248,8 +253,8 @@ class Greylist:
         db.execute("INSERT OR REPLACE INTO passed VALUES (?, ?, ?)", (key.net, key.pair, now))
         db.execute(
             "INSERT INTO client VALUES (?, ?, 1, ?) ON CONFLICT (net, domain) DO UPDATE"
-            " SET passes=passes+1, last=excluded.last",
-            (key.net, key.domain, now),
+            " SET passes=passes+1, last=excluded.last WHERE excluded.last >= client.last + ?",
+            (key.net, key.domain, now, COUNT_APART),
         )
 
     def _add_pending(self, db: sqlite3.Connection, key: Key, now: float) -> None:
