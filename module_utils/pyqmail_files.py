@@ -18,11 +18,15 @@ The rule, in this order, every time:
 
 Modules call :func:`ensure_file` (compare, check mode, backup, Ansible's owner/group/mode
 options and their diff) or, with numeric attributes they resolved themselves,
-:func:`write_file`. Check mode never writes.
+:func:`write_file`. Check mode never writes. A backup (``backup: true``) is written the same
+way, by :func:`backup_copy`, not by Ansible's ``backup_local``: that one copies with
+``shutil.copy2``, which creates the copy 0666 less the umask, writes the whole old file (a
+private key) into it and only then copies the 0400 mode over.
 
 A module may use, of the AnsibleModule it passes: ``params``, ``check_mode``,
-``load_file_common_arguments``, ``set_fs_attributes_if_different``, ``backup_local``,
-``add_cleanup_file``, ``fail_json`` and ``_symbolic_mode_to_octal``.
+``load_file_common_arguments``, ``set_fs_attributes_if_different``, ``selinux_enabled``,
+``selinux_context``, ``set_context_if_different``, ``add_cleanup_file``, ``fail_json`` and
+``_symbolic_mode_to_octal``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pwd
 import re
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +114,37 @@ def write_file(
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def backup_name(path: str) -> str:
+    """The name ``backup_local`` gives a backup: ``<path>.<pid>.<YYYY-MM-DD@HH:MM:SS>~``."""
+    stamp = time.strftime("%Y-%m-%d@%H:%M:%S~", time.localtime(time.time()))
+    return f"{path}.{os.getpid()}.{stamp}"
+
+
+def backup_copy(module: Any, path: str, data: bytes, current: os.stat_result) -> str:
+    """Copy ``data``, the content of ``path`` as ``current`` describes it, to a backup file.
+
+    Why not ``backup_local``: see the module's docstring. The copy is made by
+    :func:`write_file`: created 0600, given the original's owner, group and mode before its
+    first byte, then renamed into place, so it is never readable by anyone the original did
+    not let read it. Then its times (as ``shutil.copy2``) and SELinux context (as
+    ``backup_local``). A module not running as root cannot give away a file: the copy is
+    then its own, with the original's mode, as ``backup_local`` leaves it.
+    """
+    dest = backup_name(path)
+    mode = stat.S_IMODE(current.st_mode)
+    try:
+        try:
+            write_file(dest, data, mode, current.st_uid, current.st_gid, secret=True)
+        except PermissionError:
+            write_file(dest, data, mode, secret=True)
+        os.utime(dest, ns=(current.st_atime_ns, current.st_mtime_ns), follow_symlinks=False)
+    except OSError as exc:
+        module.fail_json(msg=f"cannot back up {path} to {dest}: {exc} (nothing was changed)")
+    if module.selinux_enabled():
+        module.set_context_if_different(dest, module.selinux_context(path), False)
+    return dest
 
 
 # ---- Ansible's owner/group/mode options -----------------------------------------------------
@@ -242,7 +278,9 @@ def ensure_file(
     uid = _resolve_owner(module, args.get("owner"), current)
     gid = _resolve_group(module, args.get("group"), current)
     final_mode = _resolve_mode(module, mode, current, secret)
-    backup_file = module.backup_local(path) if backup and existing is not None else None
+    backup_file = None
+    if backup and current is not None and existing is not None:
+        backup_file = backup_copy(module, path, existing, current)
     try:
         write_file(path, content, final_mode, uid, gid, secret=secret)
     except OSError as exc:

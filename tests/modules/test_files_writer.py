@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -259,3 +260,55 @@ def test_mode_forms(
     assert not r.get("failed"), r.get("msg")
     assert mode_of(path) == after
     assert path.read_text().endswith("127.:allow\n")
+
+
+BACKUP_NAME = r"\.\d+\.\d{4}-\d\d-\d\d@\d\d:\d\d:\d\d~"
+
+
+@pytest.mark.parametrize("kind", ["certificate", "ca"])
+def test_backup_of_a_key_is_never_readable_by_others(
+    tmp_path: Path, watch: ExposureWatch, kind: str
+) -> None:
+    """backup: true copied servercert.pem and ca.key with backup_local (shutil.copy2): the
+    copy was 0644 and already held the whole key before its 0400 mode was copied over. The
+    backup now never has a looser mode than the original at any audited moment, is created
+    0600, and ends with the original's owner, group, mode, times and bytes."""
+    if kind == "certificate":
+        target, module = tmp_path / "servercert.pem", cert_module
+        args: dict[str, Any] = {"path": str(target), "names": ["a.test"], "mode": "0400"}
+        again = {**args, "names": ["b.test"], "backup": True}
+    else:
+        target, module = tmp_path / "ca.key", ca_module
+        args = {"path": str(tmp_path), "common_name": "x"}
+        again = {**args, "force": True, "backup": True}
+    first = call(module, args)
+    assert not first.get("failed"), first.get("msg")
+    if os.geteuid() == 0:  # the copy must get the original's owner and group, not ours
+        os.chown(target, 65534, 65534)
+    old, before = target.read_bytes(), target.stat()
+    created: list[tuple[str, int]] = []
+
+    def look(tmp: str, fd: int) -> None:
+        created.append((os.path.basename(tmp), stat.S_IMODE(os.fstat(fd).st_mode)))
+
+    files.after_create = look
+    watch.marker, watch.directory = b"PRIVATE KEY", tmp_path
+    try:
+        r = call(module, again)
+    finally:
+        files.after_create = None
+        watch.directory = None
+    assert not r.get("failed"), r.get("msg")
+    backup = Path(r["backup_file"] if kind == "certificate" else r["backup_files"][0])
+    assert re.fullmatch(re.escape(target.name) + BACKUP_NAME, backup.name), backup.name
+    assert watch.exposed == [], f"the key was readable by others: {watch.exposed}"
+    assert [mode for name, mode in created if name.startswith(f".{backup.name}.")] == [0o600]
+    assert backup.read_bytes() == old
+    after = backup.stat()
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
+        before.st_uid,
+        before.st_gid,
+        stat.S_IMODE(before.st_mode),
+    )
+    assert after.st_mtime_ns == before.st_mtime_ns
+    assert target.read_bytes() != old
