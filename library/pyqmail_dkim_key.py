@@ -33,6 +33,8 @@ description:
   - Every option and the state and keys on disk are checked before anything changes. A key
     file that is missing, unreadable, of another type, or whose public key differs from the
     one in the state (the published record) fails the task; nothing is replaced silently.
+    When a write fails, the run removes the key files it made; those a crashed run left
+    (never in the state, so never published) are replaced, with a warning, the same day.
   - Writes go to a temporary file in the same directory that has the final owner, group and
     mode before its first byte (a key file is created 0600), then an atomic rename.
 author:
@@ -211,6 +213,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import stat
 import traceback
 from typing import Any
 
@@ -221,6 +224,7 @@ try:
     from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
         ensure_file,
         file_args,
+        fsync_directory,
         read_if_exists,
     )
     from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import set_attributes
@@ -291,6 +295,7 @@ class DkimKeyModule:
         self.state_path = os.path.join(self.path, STATE_FILE)
         # owner/group/mode differences per file name, for --diff
         self.attr_diffs: dict[str, dict[str, dict[str, object]]] = {}
+        self.created: list[str] = []  # key files this run wrote, taken back if the state fails
 
     def fail(self, msg: str) -> None:
         self.module.fail_json(msg=msg, domain=self.domain, path=self.path)
@@ -355,18 +360,10 @@ class DkimKeyModule:
         )
 
     def load_state(self) -> tuple[dkim.State, bytes | None]:
-        """The state on disk (an empty one when there is none and no key file either)."""
+        """The state on disk (an empty one when there is none)."""
         data = self.read(self.state_path)
         if data is None:
-            state = dkim.State(self.domain)
-            strays = self.stray_keys(state)
-            if strays:
-                self.fail(
-                    f"{self.path} holds key files ({', '.join(strays)}) but no {STATE_FILE}: "
-                    "they would not be published nor rotated; move them away or restore "
-                    f"{self.state_path}"
-                )
-            return state, None
+            return dkim.State(self.domain), None
         try:
             return dkim.load_state(json.loads(data), self.domain, self.state_path), data
         except (ValueError, dkim.DkimError) as exc:
@@ -391,6 +388,43 @@ class DkimKeyModule:
                 f"remove the selector from {self.state_path} and from DNS"
             )
 
+    def leftovers(self, generated: list[dkim.Key], state_data: bytes | None) -> list[str]:
+        """Key files under selectors this run makes, left by a crashed run: replaced. Safe: only
+        the state says what was published (RV(records) comes from it), ``dkim.plan`` makes no
+        selector it knows (no known key is overwritten), the name carries today's date (no
+        earlier run published it). A failed write removes its run's keys; a crash cannot, and
+        the next run refused until someone deleted them. The file must be a regular file newer
+        than the state (keys are written first: an older one was there when the state was last
+        written without it - not ours, refused). Not told apart: a state deleted by hand the
+        day its keys were made."""
+        found = []
+        state_time = os.stat(self.state_path).st_mtime_ns if state_data is not None else 0
+        for key in generated:
+            path = self.keyfile(key.selector)
+            st = os.lstat(path) if os.path.lexists(path) else None
+            if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < state_time):
+                self.fail(
+                    f"{path} exists but is not in {self.state_path} (and is not a file newer "
+                    "than it, left by a failed run): move it away (nothing was changed)"
+                )
+            found += [f"{key.selector}.key"] if st is not None else []
+        return found
+
+    def check_strays(self, state: dkim.State, state_data: bytes | None, left: list[str]) -> None:
+        """Key files the state does not know (a leftover this run replaces aside): a failure
+        without a state file (they would be neither published nor rotated), else a warning."""
+        strays = [name for name in self.stray_keys(state) if name not in left]
+        if strays and state_data is None:
+            self.fail(
+                f"{self.path} holds key files ({', '.join(strays)}) but no {STATE_FILE}: "
+                "they would not be published nor rotated; move them away or restore "
+                f"{self.state_path}"
+            )
+        if strays:
+            self.module.warn(f"{self.path}: key files not in {STATE_FILE}, left alone: {strays}")
+        if left:
+            self.module.warn(f"{self.path}: replacing {left}, left by a run that failed before")
+
     def run(self) -> None:
         self.check_arguments()
         p = self.params
@@ -405,20 +439,13 @@ class DkimKeyModule:
             prepublish_days=p["prepublish_days"],
             retire_days=p["retire_days"],
         )
-        for key in result.generated:
-            if os.path.lexists(self.keyfile(key.selector)):
-                self.fail(
-                    f"{self.keyfile(key.selector)} exists but is not in {self.state_path}: "
-                    "move it away (nothing was changed)"
-                )
-        strays = self.stray_keys(state)
-        if strays:
-            self.module.warn(f"{self.path}: key files not in {STATE_FILE}, left alone: {strays}")
+        self.check_strays(state, state_data, self.leftovers(result.generated, state_data))
         changed = self.ensure_directory()
         if not self.module.check_mode:
             for key in result.generated:
                 pem, key.public = make_key(key.algorithm, p["rsa_bits"])
                 self.write(self.keyfile(key.selector), pem, secret=True)
+                self.created.append(self.keyfile(key.selector))
         for key in result.state.keys:
             if key not in result.generated:
                 args = file_args(self.module, self.keyfile(key.selector), p["mode"])
@@ -432,6 +459,22 @@ class DkimKeyModule:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.keyfile(key.selector))
         self.finish(changed, now, state, result)
+
+    def discard_created(self) -> str:
+        """Remove the key files this run wrote (a later write failed): unrecorded, they would
+        block the next run. Returns the end of the failure message."""
+        left = []
+        for path in self.created:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                left += [f"{path} ({exc.strerror})"] if os.path.lexists(path) else []
+        with contextlib.suppress(OSError):
+            fsync_directory(self.path)
+        if left:
+            return f"could not remove the new key files {', '.join(left)}: remove them by hand"
+        names = ", ".join(os.path.basename(path) for path in self.created) or "none"
+        return f"new key files removed: {names}; nothing was published"
 
     def ensure_directory(self) -> bool:
         """Create O(path) when missing; owner/group/mode as asked."""
@@ -460,6 +503,7 @@ class DkimKeyModule:
             secret=secret,
             existing=existing,
             diff=self.attr_diff(path),
+            undo=self.discard_created,
         )
         return changed
 

@@ -61,7 +61,7 @@ def read_if_exists(path: str) -> bytes | None:
         raise
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (the file's own fsync does not cover it)."""
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -113,7 +113,7 @@ def write_file(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def backup_name(path: str) -> str:
@@ -249,12 +249,16 @@ def ensure_file(
     backup: bool = False,
     existing: bytes | None = None,
     diff: dict[str, Any] | None = None,
+    undo: Callable[[], str] | None = None,
 ) -> tuple[bool, str | None]:
     """Make ``path`` hold ``content`` with the module's owner/group and ``mode``.
 
     Returns (changed, backup file or None). ``existing`` is the current content when the
     caller already read it. ``diff`` receives the owner/group/mode changes in Ansible's form
     (``{"before": {"mode": "0644"}, "after": {"mode": "0600"}}``), in check mode too.
+    ``undo``: for a module whose files are one change (DKIM keys and the state naming them),
+    called when the write fails, before the module fails: it takes back the files written
+    before and returns a sentence for the message.
     """
     if existing is None:
         existing = read_if_exists(path)
@@ -284,7 +288,8 @@ def ensure_file(
     try:
         write_file(path, content, final_mode, uid, gid, secret=secret)
     except OSError as exc:
-        module.fail_json(msg=f"cannot write {path}: {exc}")
+        undone = f"; {undo()}" if undo is not None else ""
+        module.fail_json(msg=f"cannot write {path}: {exc}{undone}")
     if current is None:
         # What differs from a plain new file of ours (0600, our uid and gid), as before.
         after = attr_diff.setdefault("after", {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
 import importlib
 import json
 import os
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible.module_utils import basic
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from tests.collection import module_utils
 from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
 
 dkim_module: Any = importlib.import_module("pyqmail_dkim_key")
@@ -362,3 +365,100 @@ def test_ansible_doc_renders() -> None:
     assert data["doc"]["attributes"]["check_mode"]["support"] == "full"
     assert data["doc"]["attributes"]["diff_mode"]["support"] == "full"
     assert {"records", "signing", "keys"} <= set(data["return"])
+
+
+files: Any = module_utils("pyqmail_files")
+ROT = {"rotate_days": 30, "prepublish_days": 7, "retire_days": 10}
+
+
+def fail_state_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of state.json fails as on a full disk (at the file writer, as the OS would)."""
+    real = files.write_file
+
+    def write_file(path: str, *a: Any, **kw: Any) -> None:
+        if os.path.basename(path) == "state.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(files, "write_file", write_file)
+
+
+def crashed(_self: Any) -> str:
+    """In place of the module's clean-up: a crash removes nothing."""
+    return "crashed"
+
+
+def keyfiles(keydir: Path) -> list[str]:
+    if not keydir.exists():
+        return []
+    return sorted(p.name for p in keydir.iterdir() if p.name.endswith(".key"))
+
+
+@pytest.mark.parametrize("rotation", [False, True])
+def test_a_failed_state_write_takes_back_the_new_keys(
+    keydir: Path, monkeypatch: pytest.MonkeyPatch, rotation: bool
+) -> None:
+    """The keys were written, then state.json failed (ENOSPC): the keys stayed, and the next
+    run refused ('holds key files ... but no state.json' on a first run, '... exists but is
+    not in state.json' on a rotation the same day) until someone deleted them by hand. The
+    failed run now removes them; the next run makes the generation as if nothing happened."""
+    keydir.parent.mkdir()
+    if rotation:
+        ok(call(args(keydir, now=when(0), **ROT)))
+    before = keyfiles(keydir)
+    state = (keydir / "state.json").read_bytes() if rotation else None
+    step = args(keydir, now=when(23), **ROT) if rotation else args(keydir, now=when(0))
+    with monkeypatch.context() as patched:
+        fail_state_writes(patched)
+        failed = call(step)
+    assert failed.get("failed") is True
+    assert "state.json: [Errno 28] No space left on device" in failed["msg"]
+    assert "new key files removed: " in failed["msg"]
+    assert keyfiles(keydir) == before
+    assert ((keydir / "state.json").read_bytes() if rotation else None) == state
+    result = run_twice(step)
+    assert len(result["generated"]) == 2
+    assert sorted(keyfiles(keydir)) == sorted([f"{key['selector']}.key" for key in result["keys"]])
+
+
+@pytest.mark.parametrize("rotation", [False, True])
+def test_key_files_a_crashed_run_left_are_replaced_the_same_day(
+    keydir: Path, monkeypatch: pytest.MonkeyPatch, rotation: bool
+) -> None:
+    """A crash between the keys and state.json leaves keys nobody removes: under a selector
+    this run makes, never in state.json (so never published) and newer than it, they are
+    replaced; the state and the keys then match (the run after that checks every key
+    against its record)."""
+    keydir.parent.mkdir()
+    if rotation:
+        ok(call(args(keydir, now=when(0), **ROT)))
+    step = args(keydir, now=when(23), **ROT) if rotation else args(keydir, now=when(0))
+    with monkeypatch.context() as patched:
+        fail_state_writes(patched)
+        # A crash cleans nothing up (raising=False: the old module had nothing to clean up).
+        patched.setattr(dkim_module.DkimKeyModule, "discard_created", crashed, raising=False)
+        assert call(step).get("failed") is True
+    left = {name: (keydir / name).read_bytes() for name in keyfiles(keydir)}
+    assert len(left) == (4 if rotation else 2)
+    warnings: list[str] = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, text: warnings.append(text))
+    later = {**step, "now": step["now"].replace("T06:", "T18:")}  # the same day
+    again = ok(call(later))
+    assert any("left by a run that failed before" in text for text in warnings), warnings
+    assert len(again["generated"]) == 2
+    for selector in again["generated"]:
+        assert (keydir / f"{selector}.key").read_bytes() != left[f"{selector}.key"]
+    assert not ok(call(later))["changed"]
+
+
+def test_an_unknown_key_file_older_than_the_state_is_not_replaced(keydir: Path) -> None:
+    """A file under the selector a rotation makes that was there when state.json was last
+    written (older than it) is not a failed run's: refused as before, left as it is."""
+    keydir.parent.mkdir()
+    ok(call(args(keydir, now=when(0), **ROT)))
+    stray = keydir / "s20261225-rsa.key"
+    stray.write_text("someone's key\n")
+    os.utime(stray, (0, 0))
+    result = call(args(keydir, now=when(23), **ROT))
+    assert f"{stray} exists but is not in {keydir / 'state.json'}" in result["msg"]
+    assert stray.read_text() == "someone's key\n"
