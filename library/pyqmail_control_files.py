@@ -75,6 +75,9 @@ options:
         it. Use it, never C(ansible.builtin.copy) or C(ansible.builtin.template), for a file
         others must not read - those create a new file 0666 less the umask and set its mode
         only after, long enough for a local user to open it and keep the handle.
+      - The contents (and O(values)) are also masked in the result's C(invocation), as a
+        C(no_log) option's would be. Still set C(no_log) on the task - only that keeps the
+        arguments out of the host's journal and the controller's output.
     type: bool
     default: false
 """
@@ -269,6 +272,19 @@ class ControlFiles:
             self.diffs.append(attr_diff)
 
 
+def mask_secrets(module: AnsibleModule) -> None:
+    """With O(secret), hide every content (and value) in the result's ``invocation``, as
+    ``no_log`` would; ``files[].content`` cannot be ``no_log`` itself, as most files are not
+    secret. Empty or blank contents are skipped: masking them would star every string."""
+    if not module.params["secret"]:
+        return
+    contents = [item["content"] for item in module.params["files"]]
+    for value in module.params["values"].values():
+        if value is not None:
+            contents += [str(value), f"{str(value).strip()}\n"]
+    module.no_log_values.update(text for text in contents if text and text.strip())
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -293,6 +309,7 @@ def main() -> None:
         add_file_common_args=True,
         supports_check_mode=True,
     )
+    mask_secrets(module)
     ControlFiles(module).run()
 
 

@@ -7,6 +7,7 @@ mode as the role uses them.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -159,3 +160,24 @@ def test_through_ansible_check_and_diff(tmp_path: Path) -> None:
     assert written["changed_files"] == ["me", "databytes"]
     again = run_module("pyqmail_control_files", args, check=True)
     assert again["changed"] is False
+
+
+def test_secret_contents_are_masked_in_the_returned_invocation(tmp_path: Path) -> None:
+    """secret: true hid the content from the diff only: files[].content and values came back
+    in invocation.module_args (printed wherever the task had no no_log)."""
+    args = {
+        "path": str(tmp_path),
+        "mode": "0400",
+        "secret": True,
+        "files": [{"name": "smtproutes-auth", "content": "relay.test:alice:s3cr3t-pw\n"}],
+        "values": {"authkey": "v4lue-s3cret", "authnumber": 987654321},
+    }
+    for check in (True, False):
+        result = run_module("pyqmail_control_files", args, check=check, diff=True)
+        assert not result.get("failed"), result.get("msg")
+        assert result["changed_files"] == ["smtproutes-auth", "authkey", "authnumber"]
+        text = json.dumps(result)
+        assert "s3cr3t" not in text
+        assert "987654321" not in text
+    assert (tmp_path / "smtproutes-auth").read_text() == "relay.test:alice:s3cr3t-pw\n"
+    assert (tmp_path / "authnumber").read_text() == "987654321\n"
