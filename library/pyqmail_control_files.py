@@ -48,7 +48,8 @@ options:
     default: []
     suboptions:
       name:
-        description: File name inside O(path); not empty, no C(/), not C(.) or C(..).
+        description: File name inside O(path); not empty, not C(.) or C(..), without C(/),
+          whitespace or control characters (NUL and line breaks too).
         type: str
         required: true
       content:
@@ -62,9 +63,10 @@ options:
         default: present
   values:
     description:
-      - One-value files, such as the role's C(pyqmail_control__extra) - a file name and its
-        value. The file holds the value as text, stripped, and a newline; V(null) removes the
-        file. Applied after O(files).
+      - One-value files, such as the role's C(pyqmail_control__extra) - a file name (as
+        O(files[].name)) and its value, a string or an integer. The file holds the value as
+        text, stripped, and a newline; V(null) removes the file. Anything else (a list, a
+        dict, a boolean, a float) fails the task, naming the file. Applied after O(files).
     type: dict
     default: {}
   secret:
@@ -136,20 +138,28 @@ import os
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_controlfiles import (
+    name_problem,
+    value_problem,
+)
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
     ensure_file,
     read_if_exists,
 )
 
 
-def value_files(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """``values`` as ``files`` entries: the value as text, stripped, plus a newline."""
-    return [
-        {"name": str(name), "state": "absent", "content": None}
-        if value is None
-        else {"name": str(name), "state": "present", "content": f"{str(value).strip()}\n"}
-        for name, value in values.items()
-    ]
+def value_files(values: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """``values`` as ``files`` entries (the value as text, stripped, plus a newline), or the
+    first value that is no string, integer or null (``value_problem``, the preflight's rule)."""
+    out: list[dict[str, Any]] = []
+    for name, value in values.items():
+        problem = value_problem(value)
+        if problem:
+            return out, f"values: {str(name)!r} {problem}"
+        state = "absent" if value is None else "present"
+        content = None if value is None else f"{str(value).strip()}\n"
+        out.append({"name": str(name), "state": state, "content": content})
+    return out, None
 
 
 def check_files(files: list[dict[str, Any]]) -> str | None:
@@ -158,8 +168,9 @@ def check_files(files: list[dict[str, Any]]) -> str | None:
     for index, item in enumerate(files):
         name = item["name"]
         where = f"file {name!r} (entry {index + 1})"
-        if not name or "/" in name or name in (".", ".."):
-            return f"{where}: a file name inside path, not empty, without '/', not . or .."
+        problem = name_problem(name)
+        if problem:
+            return f"{where}: {problem}"
         if name in seen:
             return f"{where}: listed twice; give each file once"
         seen.add(name)
@@ -185,8 +196,9 @@ class ControlFiles:
 
     def run(self) -> None:
         """Check every entry first, then apply them in order."""
-        files = self.module.params["files"] + value_files(self.module.params["values"])
-        problem = check_files(files)
+        values, problem = value_files(self.module.params["values"])
+        files = self.module.params["files"] + values
+        problem = problem or check_files(files)
         if problem:
             self.fail(problem)
         missing_dir = not os.path.isdir(self.path)

@@ -6,7 +6,8 @@ checked for what they would refuse or read otherwise than written: the local and
 domains, the routes and their credentials (``control/smtproutes-auth``), the pinned TLS
 certificates, the DNS lists and resolvers, the greylisting times, the valid recipients and
 catch-alls (domains delivered here: ``pyqmail_dkim``'s ``is_local``; ``check_locals`` is the
-DKIM rows' too), and the extra files the role does not write itself.
+DKIM rows' too), and the extra files the role does not write itself (their values by
+the rule of the module that writes them, ``pyqmail_controlfiles``'s ``value_problem``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase imp
     each,
     in_range,
     shown,
+)
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_controlfiles import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    value_problem,
 )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     domain_problem,
@@ -112,13 +116,17 @@ def check_tlshosts(name: str, value: list[dict[str, Any]], values: Mapping[str, 
 
 
 def check_extra(name: str, value: Mapping[str, Any], values: Mapping[str, Any]) -> Problems:
-    """pyqmail_control__extra: plain names of control files the role does not write itself."""
+    """pyqmail_control__extra: plain names of control files the role does not write itself,
+    each with a value pyqmail_control_files writes (its own rule: ``value_problem``)."""
     managed = values.get("pyqmail_control__managed") or []
-    for key in value:
+    for key, content in value.items():
         if not CONTROL_NAME_RE.match(str(key)):
             yield f"{name}.{key}: not a control file name (lower-case letters, digits and '-')"
         elif key in managed:
             yield f"{name}.{key}: written by the role itself; set its own variable instead"
+        problem = value_problem(content)
+        if problem:
+            yield f"{name}.{key}: {problem}"
 
 
 def dns_lists(name: str, value: list[Any], values: Mapping[str, Any]) -> Problems:

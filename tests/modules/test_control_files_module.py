@@ -162,6 +162,41 @@ def test_through_ansible_check_and_diff(tmp_path: Path) -> None:
     assert again["changed"] is False
 
 
+@pytest.mark.parametrize("name", ["me\n", "a\x00b", "two words", "tab\there", "\x1b[0m", "x/y"])
+def test_a_name_with_a_control_character_whitespace_or_slash_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    """A NUL crashed the module (ValueError: embedded null byte); a trailing newline made a
+    file 'me\\n' beside 'me'. Refused before anything is written, in files and in values."""
+    for args in ({"files": [FILES[0], {"name": name, "content": "x\n"}]}, {"values": {name: 1}}):
+        msg = fail({"path": str(tmp_path), **args})
+        entry = 2 if "files" in args else 1
+        assert msg.startswith(
+            f"file {name!r} (entry {entry}): a file name inside path holds no '/', whitespace "
+            "or control character"
+        ), msg
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(["a.example", "b.example"], "list"), (True, "bool"), (False, "bool"),
+     ({"a": 1}, "dict"), (1.5, "float")],
+)  # fmt: skip
+def test_a_value_that_is_no_string_or_integer_is_refused(
+    tmp_path: Path, value: Any, kind: str
+) -> None:
+    """rcpthosts held "['a.example', 'b.example']" and a flag "True" (Python's repr). Only a
+    string or an integer is written; the message names the file and the type, and nothing of
+    the set is written."""
+    values = {"queuelifetime": 600, "rcpthosts": value}
+    msg = fail({"path": str(tmp_path), "values": values})
+    assert msg.startswith(
+        f"values: 'rcpthosts' is a {kind}: a one-value file takes a string or an integer"
+    ), msg
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_secret_contents_are_masked_in_the_returned_invocation(tmp_path: Path) -> None:
     """secret: true hid the content from the diff only: files[].content and values came back
     in invocation.module_args (printed wherever the task had no no_log)."""

@@ -171,6 +171,7 @@ def test_tarball_holds_real_files_and_the_wheel(built: dict[str, Path]) -> None:
         # the preflight's rows, by concept (pyqmail_inventory imports them)
         "pyqmail_checkbase", "pyqmail_clientrules", "pyqmail_control", "pyqmail_listeners",
         "pyqmail_mailboxes", "pyqmail_pki", "pyqmail_signing",
+        "pyqmail_controlfiles",  # pyqmail_control_files's rules, the preflight's too
     ):  # fmt: skip
         assert members[f"plugins/module_utils/{name}.py"].isfile()
     for part in (

@@ -164,6 +164,18 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
 
 # Only in-process (the playbook runs above cover the ansible-side plumbing).
 MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
+    # pyqmail_control_files wrote these as Python's repr: "['a.example', 'b.example']", "True"
+    "extra-list-value": (
+        {"pyqmail_control__extra": {"morercpthosts": ["a.example", "b.example"]}},
+        "pyqmail_control__extra.morercpthosts: is a list: a one-value file takes a string or an "
+        "integer (null removes the file); write its lines as one string, such as "
+        "{{ list | join('\\n') }}",
+    ),
+    "extra-bool-value": (
+        {"pyqmail_control__extra": {"tarpitcount": True}},
+        "pyqmail_control__extra.tarpitcount: is a bool: a one-value file takes a string or an "
+        "integer (null removes the file); quote the text the file needs, such as '1' or '0'",
+    ),
     "home-base-shared-spelled-otherwise": (
         {"pyqmail_mailboxes__home_base": "//usr/../etc/"},
         f"pyqmail_mailboxes__home_base: '//usr/../etc/' {HOME_BASE_SHARED}",
