@@ -405,6 +405,7 @@ def main() -> None:
                 "type": "str",
                 "choices": ["always", "on_create"],
                 "default": "always",
+                "no_log": False,  # a choice, not a secret: Ansible warned on every task
             },
             "owner": {"type": "str", "default": "root"},
             "group": {"type": "str", "default": "pyqmaila"},

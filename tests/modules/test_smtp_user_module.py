@@ -288,3 +288,13 @@ def test_through_ansible(path: Path) -> None:
     r = run_module("pyqmail_smtp_user", {**args, "group": "nosuchgroup"})
     assert r.get("failed") is True
     assert "group 'nosuchgroup' does not exist" in r["msg"]
+
+
+def test_no_warning_about_no_log(path: Path) -> None:
+    """update_password (a choice whose name holds 'password') lacked no_log: False, so Ansible
+    printed "Module did not set no_log for update_password" on every task."""
+    args = {"path": str(path), "name": "erin", "password": "pw-erin", "group": GROUP}
+    for extra in ({}, {"update_password": "on_create"}):
+        r = run_module("pyqmail_smtp_user", {**args, **extra})
+        assert not r.get("failed"), r.get("msg")
+        assert not [w for w in r.get("warnings", []) if "no_log" in w], r["warnings"]
