@@ -26,7 +26,8 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: Nothing is created or changed; RV(changed_paths) lists what would be.
+    details: Nothing is created or changed; RV(changed_paths) lists what would be, missing
+      parents included.
   diff_mode:
     support: full
     details: Each created directory, and each owner, group or mode change.
@@ -220,16 +221,6 @@ class Directories:
             if entry.get(key) is not None:
                 params[key] = entry[key]
         args = self.module.load_file_common_arguments(params, path=path)
-        if os.path.dirname(path) in self.planned:  # check mode: the parent is not made yet
-            self.planned.add(path)
-            self.record(
-                path,
-                {
-                    "before": {"path": path, "state": "absent"},
-                    "after": {"path": path, "state": "directory"},
-                },
-            )
-            return
         if os.path.lexists(path) and not os.path.isdir(path):
             self.fail(f"{path} exists and is not a directory")
         diff: dict[str, Any] = {"before": {"path": path}, "after": {"path": path}}
@@ -237,10 +228,8 @@ class Directories:
             if self.module.set_fs_attributes_if_different(args, False, diff=diff):
                 self.record(path, diff)
             return
-        diff["before"]["state"], diff["after"]["state"] = "absent", "directory"
         if self.module.check_mode:
-            self.planned.add(path)
-            self.record(path, diff)
+            self.plan(path)
             return
         for new in self.missing(path):  # as ansible.builtin.file: parents get the same attributes
             new_args = {**args, "path": new}
@@ -251,6 +240,16 @@ class Directories:
             }
             self.module.set_fs_attributes_if_different(new_args, True, diff=new_diff)
             self.record(new, new_diff)
+
+    def plan(self, path: str) -> None:
+        """Check mode: record ``path`` and each missing parent the real run would make (the
+        entry's owner/mode go to them too), outermost first, each once - a parent an earlier
+        entry planned is not made twice."""
+        for new in self.missing(path):
+            if new not in self.planned:
+                self.planned.add(new)
+                diff = {"before": {"path": new, "state": "absent"}}
+                self.record(new, {**diff, "after": {"path": new, "state": "directory"}})
 
     @staticmethod
     def missing(path: str) -> list[str]:

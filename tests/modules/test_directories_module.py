@@ -81,6 +81,28 @@ def test_check_mode_creates_nothing_and_lists_children_of_new_parents(tmp_path: 
 
 
 @pytest.mark.parametrize(
+    "paths",
+    [
+        ["srv/bob/Maildir"],  # parents not listed
+        ["srv/bob/Maildir", "srv/bob/Maildir/cur", "srv/alice/Maildir"],  # shared, planned
+        ["srv", "srv/a/b/c", "srv/a/b/d"],
+    ],
+)
+def test_check_mode_lists_the_missing_parents_the_real_run_makes(
+    tmp_path: Path, paths: list[str]
+) -> None:
+    """Check mode left out the missing parents a path does not list; the real run makes them
+    (with the entry's owner and mode): both now list the same paths, diffs too."""
+    args = {"paths": [str(tmp_path / p) for p in paths], "mode": "0700"}
+    checked = run(args, check=True, diff=True)
+    assert list(tmp_path.iterdir()) == []
+    made = run(args, diff=True)
+    assert checked["changed_paths"] == made["changed_paths"]
+    assert [d["after_header"] for d in checked["diff"]] == made["changed_paths"]
+    assert str(tmp_path / "srv") in made["changed_paths"]
+
+
+@pytest.mark.parametrize(
     ("paths", "message"),
     [
         (["relative/dir"], "paths entry 2: path 'relative/dir' is not an absolute path"),
