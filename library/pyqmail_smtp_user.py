@@ -171,6 +171,7 @@ users:
   type: int
 """
 
+import contextlib
 import grp
 import os
 import pwd
@@ -187,6 +188,7 @@ try:
         AuthDBError,
         User,
         add_kicks,
+        change_locked,
         hash_password,
         kicks_path,
         needs_rehash,
@@ -328,6 +330,22 @@ class SmtpUserModule:
         return {"uid": st.st_uid, "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode)}
 
     def run(self) -> None:
+        """The change under the file's change lock (``change_locked``, as pyqmail-users
+        takes it): read, decide and write with no other writer in between, or a change made
+        meanwhile (a user deleted by an admin) would be undone. Check mode writes nothing
+        and takes no lock."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if self.module.check_mode or not os.path.isdir(directory):
+            self.change()  # a missing directory fails in write() with its own message
+            return
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(change_locked(self.path))
+            except OSError as exc:
+                self.fail(f"cannot lock {self.path}.lock: {exc}")
+            self.change()
+
+    def change(self) -> None:
         uid, gid, mode = self.check_arguments()
         p = self.params
         loaded = self.load()

@@ -7,12 +7,13 @@ import importlib
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyqmail.authdb import AuthDB, hash_password
+from pyqmail.authdb import AuthDB, User, atomic_write, change_locked, hash_password
 from tests.conftest import IMPOSSIBLE_HERE
 from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, run_module, set_module_args
 
@@ -71,7 +72,8 @@ def test_add_check_mode_then_real_then_idempotent(path: Path) -> None:
     assert content.startswith("alice@example.org:$scrypt$ln=14,r=8,p=1$")
     assert "s3cret" not in content
     assert AuthDB.load(str(path)).verify("alice@example.org", "s3cret pw")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["smtpusers"]
+    # no temporary file left; the change lock's empty file stays, as the kick file's does
+    assert sorted(p.name for p in path.parent.iterdir()) == ["smtpusers", "smtpusers.lock"]
 
     inode = path.stat().st_ino
     for check in (True, False):
@@ -298,3 +300,27 @@ def test_no_warning_about_no_log(path: Path) -> None:
         r = run_module("pyqmail_smtp_user", {**args, **extra})
         assert not r.get("failed"), r.get("msg")
         assert not [w for w in r.get("warnings", []) if "no_log" in w], r["warnings"]
+
+
+def test_the_change_waits_for_the_files_change_lock(path: Path) -> None:
+    """A review's finding: the module and pyqmail-users read, changed and replaced the file
+    with no lock, so a del beside an add was undone. The module now waits for the lock
+    pyqmail-users takes (``authdb.change_locked``) and reads the file once it has it."""
+    run({"path": str(path), "name": "first", "password": "pw-first-1"})
+    outcome: list[dict[str, Any]] = []
+
+    def add_second() -> None:
+        outcome.append(run({"path": str(path), "name": "second", "password": "pw-second-1"}))
+
+    with change_locked(str(path)):
+        worker = threading.Thread(target=add_second)
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive(), "the module wrote while another writer held the lock"
+        # the other writer's change, made under the lock: the module must build on it
+        db = AuthDB.load(str(path))
+        db.set(User(name="third", hash=hash_password("pw-third-1")))
+        atomic_write(str(path), db.dump().encode("utf-8"))
+    worker.join(30)
+    assert outcome and outcome[0]["changed"]
+    assert [user.name for user in AuthDB.load(str(path))] == ["first", "third", "second"]
