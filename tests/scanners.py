@@ -108,13 +108,13 @@ def network_modules() -> list[str]:
     return list(yaml.safe_load(ROLE_VARS.read_text())["pyqmail_scanners__rspamd_network_modules"])
 
 
-def dns_conf(servers: list[str], *, offline: bool) -> tuple[str, str]:
+def dns_conf(servers: list[str], *, offline: bool, keep: tuple[str, ...] = ()) -> tuple[str, str]:
     """The role's ``local.d/options.inc`` and ``rspamd.conf.local.override`` for these DNS
-    servers and offline switch."""
+    servers and offline switch (``keep``: network modules a test leaves on)."""
     variables = {
         "pyqmail_scanners__rspamd_dns_servers": servers,
         "pyqmail_scanners__rspamd_offline": offline,
-        "pyqmail_scanners__rspamd_network_modules": network_modules(),
+        "pyqmail_scanners__rspamd_network_modules": [m for m in network_modules() if m not in keep],
     }
     return render(OPTIONS, **variables), render(OFFLINE, **variables)
 
@@ -180,11 +180,17 @@ class Rspamd(_Process):
         fast_start: bool = True,
         normal_workers: int | None = None,
         start_timeout: float = 60,
+        keep: tuple[str, ...] = (),
+        local: dict[str, str] | None = None,
     ) -> None:
         self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
         # None: rspamd's default (one normal worker per core beyond two, at least one).
         self.normal_workers = normal_workers
         self.start_timeout = start_timeout  # hyperscan's first compile on a busy host: minutes
+        # Modules of the offline list left on (hfilter: it only asks the DNS rspamd cannot
+        # reach here, and fails fast), and test-only local.d files ({name: text}).
+        self.keep = keep
+        self.local = dict(local or {})
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -201,8 +207,11 @@ class Rspamd(_Process):
         for module in AUTH_MODULES:
             (conf / "local.d" / f"{module}.conf").write_text(auth_module_conf(pyqmail_checks=True))
         (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
-        options, offline = dns_conf([f"127.0.0.1:{self.dns_port}"], offline=True)
+        options, offline = dns_conf([f"127.0.0.1:{self.dns_port}"], offline=True, keep=self.keep)
         (conf / "local.d" / "options.inc").write_text(options)
+        for name, text in self.local.items():
+            with (conf / "local.d" / name).open("a") as extra:
+                extra.write(text)
         (conf / "rspamd.conf.local.override").write_text(offline)
         test_options = TEST_OPTIONS.format(tld=self.dir / "tld.dat")
         if not self.fast_start:

@@ -112,6 +112,16 @@ def test_request_cannot_be_injected_through_the_envelope() -> None:
     assert head.endswith("\r\n\r\n") and head.count("\r\n\r\n") == 1
 
 
+def test_hostname_only_when_the_client_has_a_confirmed_name() -> None:
+    """A confirmed name goes as ``Hostname``; none goes as no field at all, never as
+    ``unknown``, which rspamd 3.4 takes for a host name (and drops hfilter's
+    HFILTER_HOSTNAME_UNKNOWN for a client that deserves it)."""
+    named = rspamd.Envelope("192.0.2.1", "h", "a@b", ("c@d",), hostname="mx.client.test")
+    assert "\r\nHostname: mx.client.test\r\n" in rspamd.request(named, 1).decode()
+    nameless = rspamd.Envelope("192.0.2.1", "h", "a@b", ("c@d",))
+    assert "Hostname" not in rspamd.request(nameless, 1).decode()
+
+
 def reply(**fields: object) -> bytes:
     base: dict[str, object] = {"action": "no action", "score": 1.5, "required_score": 15}
     base.update(fields)

@@ -23,7 +23,8 @@ group      control files                       modules (and with them the librar
 ``lists``  ``dnsbl``, ``dnswl``                ``pyqmail.checks.listlookup``: the lists'
                                                DNS queries (dnspython's asyncio resolver)
 ``hosts``  the ``--rules`` cdb, when it has    ``pyqmail.smtpd.remotehost``: the client's
-           a host-name key (``=host``)         forward-confirmed PTR name (dnspython too)
+           a host-name key (``=host``);        forward-confirmed PTR name (dnspython too),
+           ``rspamd``                          for ``=host`` rules and rspamd's ``Hostname``
 =========  ==================================  ===========================================
 
 The ``hosts`` group is the one exception to "existence only": its trigger is what the rules
@@ -50,7 +51,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "lists": ("pyqmail.checks.listlookup",),
     "hosts": ("pyqmail.smtpd.remotehost",),
 }
-FILES: dict[str, str] = {"authchecks": "auth", "dnsbl": "lists", "dnswl": "lists"}
+FILES: dict[str, str] = {
+    "authchecks": "auth",
+    "dnsbl": "lists",
+    "dnswl": "lists",
+    "rspamd": "hosts",  # the client's name for rspamd (pyqmail.scan.rspamd)
+}
 
 
 def preload(control: Path) -> list[str]:
@@ -94,7 +100,9 @@ def require(group: str, where: Path) -> None:
             importlib.import_module(module)
         except (ImportError, OSError) as exc:
             what, when = ("checks", "this file exists")
-            if group == "hosts":
+            if group == "hosts" and where.name == "rspamd":
+                what = "rspamd's client host names"
+            elif group == "hosts":
                 what, when = ("host-name rules (=host)", "this cdb has them")
             raise ControlError(
                 f"{where}: turns on {what} whose libraries cannot be loaded ({module}: "

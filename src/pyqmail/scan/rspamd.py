@@ -13,9 +13,18 @@ request asks for, so a kept connection would never carry a second scan.
 
 The envelope goes along as rspamd's request headers (its protocol page): ``Ip``, ``Helo``,
 ``From`` (the envelope sender; left out for the null sender), ``Rcpt`` once per recipient,
-``User`` (the AUTH login) and ``Queue-Id``, so its rules see what an MTA in milter mode
-would tell it. A value is cleaned of control characters first (no header injection
-through a HELO name).
+``User`` (the AUTH login), ``Queue-Id`` and ``Hostname``, so its rules see what an MTA in
+milter mode would tell it. A value is cleaned of control characters first (no header
+injection through a HELO name).
+
+``Hostname`` is the client's forward-confirmed host name (``pyqmail.smtpd.remotehost``, looked
+up while the session runs: ``smtpd/intake.py``). Without it rspamd's hfilter module adds
+``HFILTER_HOSTNAME_UNKNOWN`` (+2.5 in rspamd 3.4) to every message, whoever sent it. A
+client with no confirmed name (no PTR, a PTR whose name does not point back, a failed
+lookup) gets no ``Hostname`` at all, which is what rspamd reads as unknown: its own milter
+proxy drops Postfix's ``unknown`` rather than pass it on ("skip unknown hostname from being
+added", rspamd_milter.c), and rspamd 3.4 takes a ``Hostname: unknown`` sent over HTTP for a
+host name, so that client would lose the symbol its missing name deserves.
 
 From the reply we take ``action`` (one of ``settings.ACTIONS``), ``score`` and
 ``required_score``, and rspamd's header edits (``milter.add_headers``, ``milter.remove_headers``,
@@ -55,6 +64,7 @@ class Envelope:
     recipients: tuple[str, ...]
     user: str | None = None
     queue_id: str = ""
+    hostname: str | None = None  # forward-confirmed; None: unknown (no Hostname sent)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ def request(env: Envelope, size: int) -> bytes:
         lines.append(f"User: {_value(env.user)}")
     if env.queue_id:
         lines.append(f"Queue-Id: {_value(env.queue_id)}")
+    if env.hostname:
+        lines.append(f"Hostname: {_value(env.hostname)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace")
 
 

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyqmail.checks import libraries
 from pyqmail.control import table
 from pyqmail.control.reader import ControlError, Line, read_line, read_lines
 from pyqmail.log import log
@@ -144,9 +145,14 @@ def _actions(lines: list[Line] | None) -> dict[str, str]:
 
 
 def load(control: Path) -> ScanSettings:
-    """Read and check every file (``ControlError`` naming the file, before anything runs)."""
+    """Read and check every file (``ControlError`` naming the file, before anything runs).
+    rspamd is told the client's host name, which takes dnspython (the ``hosts`` group of
+    ``pyqmail.checks.libraries``): required here, so a HUP that names rspamd loads it."""
+    rspamd = _address(control, table.RSPAMD.name)
+    if rspamd is not None:
+        libraries.require("hosts", control / table.RSPAMD.name)
     return ScanSettings(
-        rspamd=_address(control, table.RSPAMD.name),
+        rspamd=rspamd,
         clamd=_address(control, table.CLAMD.name),
         timeout=table.SCANTIMEOUT.read(control),
         tempfail=table.SCANTEMPFAIL.read(control) == 1,

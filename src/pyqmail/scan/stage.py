@@ -15,7 +15,8 @@ gets one answer back, in the shape the inbound checks use (``checks.verdict.Verd
   (``scantempfail`` 1, the default), or accepted unscanned (0). A definite refusal from the
   other scanner still wins.
 
-The log line gets ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
+The log line gets ``host`` (the client's name rspamd was told, ``unknown`` when it had
+none), ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
 score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time)
 and ``scan_error`` (``<scanner>:<why>`` for each failure).
 """
@@ -121,12 +122,16 @@ def _reply(settings: ScanSettings, answers: _Answers) -> tuple[str, str]:
     return chosen, ""
 
 
-def _fields(answers: _Answers, reply: str, secs: float, virus_scanned: bool) -> str:
+def _fields(
+    settings: ScanSettings, env: rspamd.Envelope, answers: _Answers, reply: str, secs: float
+) -> str:
     """The key=value pairs of the log line (values without blanks)."""
-    out = [f"scan={reply}"]
+    out = [f"host={env.hostname or 'unknown'}"] if settings.rspamd is not None else []
+    out.append(f"scan={reply}")
     if answers.spam is not None:
         s = answers.spam
         out += [f"spam={s.action.replace(' ', '_')}", f"spam_score={s.score:.2f}/{s.required:.2f}"]
+    virus_scanned = settings.clamd is not None
     if virus_scanned and not any(e.startswith("clamd:") for e in answers.errors):
         out.append(f"virus={answers.virus or 'clean'}")
     if answers.errors:
@@ -140,7 +145,7 @@ async def run(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> O
     started = time.monotonic()
     answers = await _ask(settings, env, message)
     reply, text = _reply(settings, answers)
-    log = _fields(answers, reply, time.monotonic() - started, settings.clamd is not None)
+    log = _fields(settings, env, answers, reply, time.monotonic() - started)
     if reply == "refuse":
         return Outcome(Verdict("refuse", 554, text, log), False, message)
     if reply == "defer":

@@ -53,10 +53,6 @@ class SessionContext(Spool, Protocol):
     def rules_now(self) -> Rules | None:
         """The tcprules cdb as of now (None: none; every client is allowed as it is)."""
 
-    async def remote_host(self, ip: str) -> str | None:
-        """The client's forward-confirmed host name (None: none, or DNS failed); asked
-        only when ``Rules.names``: the cdb has ``=host`` rules."""
-
     def admit(self, key: bytes, cfg: configmod.Config) -> Admission:
         """Count a new connection against maxconn and maxconnip (all workers)."""
 

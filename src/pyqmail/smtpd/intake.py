@@ -8,6 +8,13 @@ instead (bounded memory whatever the number of clients). A spilled message the c
 scanners need whole is read back in turn, within ``READ_BACK_LIMIT`` per worker
 (``SpoolBudget.read_back``). The session only forwards the core's events and answers the
 client once the commit is done.
+
+rspamd is told the client's forward-confirmed host name (``pyqmail.scan.rspamd``: without
+it every message scores ``HFILTER_HOSTNAME_UNKNOWN``). The lookup (``host_name``: PTR, then
+A/AAAA, within ``dnsbltimeout``, cached for the answers' TTL) starts when the session opens,
+beside the blocklist lookups, for a client whose mail rspamd may scan (``connected``), so
+its answer is there by the end of DATA; a session nobody scans never asks, and never
+waits. A session whose tcprules needed the name (``=host`` rules) looks it up once for both.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pyqmail.smtpd.senders import HeadWatch
 
 if TYPE_CHECKING:
     from pyqmail.checks.checkpool import CheckPool
+    from pyqmail.checks.screen import Screen
 
 SPOOL_LIMIT = 64 * 1024  # messages up to this size stay in memory until the commit
 WORKER_SPOOL_LIMIT = 8 * 1024 * 1024  # ... as long as one worker holds no more than this
@@ -120,7 +128,8 @@ class SpoolBusyError(QueueError):
 
 class Spool(Protocol):
     """What an intake needs from its worker: the queue of now, the memory budget, the
-    inbound checks' threads, and the group commit."""
+    inbound checks' threads, the group commit, and the client's name (asked for ``=host``
+    rules and for rspamd)."""
 
     @property
     def queue(self) -> Queue:
@@ -137,6 +146,10 @@ class Spool(Protocol):
     def submit(self, writer: QueueWriter, done: Done, owner: object) -> None:
         """Hand a finished message to the group commit; ``done`` gets the result. ``owner``
         (the intake) counts as waiting for a commit until then, or until its session ends."""
+
+    async def remote_host(self, ip: str) -> str | None:
+        """The client's forward-confirmed host name (None: none, or DNS failed), within
+        ``dnsbltimeout`` (``pyqmail.smtpd.remotehost``)."""
 
 
 def message_origin(event: MessageStart, relay_client: bool) -> str | None:
@@ -177,6 +190,35 @@ class Intake:
         self.tasks: set[asyncio.Task[None]] = set()
         self.refusal: str | None = None  # the checks' reply, when they refuse the message
         self.fields: dict[str, str] = {}  # the checks' key=value pairs for the log line
+        self.host: asyncio.Task[str | None] | None = None  # the client's name (``host_name``)
+
+    def host_name(self, ip: str) -> asyncio.Task[str | None]:
+        """The lookup of the client's forward-confirmed name, started at the first call (the
+        session's, for ``=host`` rules, or ``connected``'s); later calls get the same one."""
+        if self.host is None:
+            self.host = asyncio.get_running_loop().create_task(self.spool.remote_host(ip))
+        return self.host
+
+    async def _host(self) -> str | None:
+        """The client's name for rspamd, waiting for what is left of its lookup (bounded by
+        ``dnsbltimeout``); None: it has none, or the lookup broke (logged: a bug must not
+        cost the message)."""
+        if self.host is None:
+            return None
+        try:
+            return await asyncio.shield(self.host)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log("host-fail", ip=self.ip, error=repr(exc))
+            return None
+
+    def connected(
+        self, scan: ScanSettings, ip: str, env: Mapping[str, str], relay_client: bool
+    ) -> None:
+        """An admitted client: if rspamd may scan its mail (as ``start`` will decide with
+        what is known now: no AUTH yet), its name is looked up from now on, for rspamd's
+        ``Hostname`` at the end of DATA."""
+        if scan.rspamd is not None and applies(scan, "relay" if relay_client else None, env):
+            self.host_name(ip)
 
     def start(
         self,
@@ -206,6 +248,8 @@ class Intake:
             meta["origin"] = origin
         self.auth = auth if auth is not None and auth.enabled and origin is None else None
         self.scan = scan[0] if scan is not None and applies(scan[0], origin, scan[1]) else None
+        if self.scan is not None and self.scan.rspamd is not None:
+            self.host_name(ip)  # an AUTH login scanned by scanclients: not asked at connection
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
         self.drop()
@@ -342,8 +386,11 @@ class Intake:
             self._judge(outcome.verdict)
             data, junk = outcome.message, outcome.junk
         if self.scan is not None:
+            host = await self._host()
+            if self.checking is not writer:
+                return None
             env = rspamd.Envelope(
-                self.ip, msg.helo, msg.sender, msg.recipients, msg.auth_user, writer.queue_id
+                self.ip, msg.helo, msg.sender, msg.recipients, msg.auth_user, writer.queue_id, host
             )
             scanned = await stage.run(self.scan, env, data)
             if self.checking is not writer:
@@ -392,12 +439,13 @@ class Intake:
         *,
         port: int,
         tls: str | None,
-        checks: Mapping[str, str],
+        screen: Screen | None,
     ) -> None:
         """The message's log line once its commit is done (``finished``): ``msg`` when it
-        is queued (``checks``: the session's blocklist and greylist fields), else
+        is queued (with the session's blocklist and greylist fields: ``screen``), else
         ``refused`` (a check refused it) or ``queue-fail``."""
         msg = self.message
+        checks = screen.fields() if screen is not None else {}
         if isinstance(result, QueueError):
             event = "refused" if self.refusal else "queue-fail"
             log(event, ip=self.ip, port=port, error=error, **self.fields)

@@ -121,7 +121,7 @@ class Session(asyncio.BufferedProtocol):
 
     async def named(self, rules: Rules) -> None:
         """tcpserver's TCPREMOTEHOST (``pyqmail.smtpd.remotehost``), then the rules."""
-        self.host = await self.ctx.remote_host(self.ip)
+        self.host = await self.intake.host_name(self.ip)  # rspamd's Hostname too
         if self.closed or self.closing:
             return
         self.resume("name")
@@ -150,6 +150,7 @@ class Session(asyncio.BufferedProtocol):
         self.policy = build_policy(
             cfg, mode, self.ip, self.env, self.ctx.senders, screen=screen.envelope, host=self.host
         )
+        self.intake.connected(cfg.scan, self.ip, self.env, self.policy.relay_client)
         self.touch()
         self.timer = self.loop.call_at(self.deadline, self.on_timer)
         if mode == "smtps":
@@ -574,9 +575,8 @@ class Session(asyncio.BufferedProtocol):
     def committed(self, result: CommitResult) -> None:
         """On the loop, once the commit of the current message is done (or failed)."""
         end, error = self.intake.finished(result)
-        checks = self.screen.fields() if self.screen is not None else {}
         self.intake.log_result(
-            result, end, error, port=self.port, tls=tls_text(self.tls_info), checks=checks
+            result, end, error, port=self.port, tls=tls_text(self.tls_info), screen=self.screen
         )
         queue_id = None if isinstance(result, QueueError) else result.queue_id
         msg = self.intake.message
