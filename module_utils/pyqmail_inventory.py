@@ -110,6 +110,7 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_pki import ( 
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_scanners import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     check_clamd_max_size,
     check_dns_servers,
+    check_rspamd_max_size,
     check_scanner_address,
     check_thresholds,
 )
@@ -364,6 +365,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_scanners__thresholds": check_thresholds,
     "pyqmail_scanners__timeout": check_scan_timeout,
     "pyqmail_scanners__clamd_max_size": check_clamd_max_size,
+    "pyqmail_scanners__rspamd_max_size": check_rspamd_max_size,
     "pyqmail_scanners__rspamd_dns_servers": check_dns_servers,
     # pyqmail_dns
     "pyqmail_dns__mx_priority": in_range(0, 65535),

@@ -123,18 +123,30 @@ def check_timeout(name: str, value: int, values: Mapping[str, Any]) -> Problems:
         yield f"{name}: {value} is out of range: must be from 1 to 300"
 
 
-def check_clamd_max_size(name: str, value: int, values: Mapping[str, Any]) -> Problems:
-    """clamd must take the largest message the listeners take."""
-    if not values.get("pyqmail_scanners__clamav_enabled"):
-        return
+def _max_size(name: str, value: int, values: Mapping[str, Any], scanner: str) -> Problems:
+    """A scanner's largest message: 1 MiB or more, and at least what the listeners take
+    (``databytes``), so no message they take is one the scanner could not judge (the
+    listeners accept a larger one unscanned: src/pyqmail/scan/settings.py)."""
     databytes = int(values.get("pyqmail_control__databytes") or 0)
     if value < 1_048_576:
         yield f"{name}: {value} is out of range: must be 1048576 (1 MiB) or more"
     elif databytes and value < databytes:
         yield (
-            f"{name}: {value} is smaller than pyqmail_control__databytes ({databytes}): clamd "
-            "would refuse the largest messages the listeners take, and they would get 451"
+            f"{name}: {value} is smaller than pyqmail_control__databytes ({databytes}): the "
+            f"listeners would take messages {scanner} cannot scan, and accept them unscanned"
         )
+
+
+def check_clamd_max_size(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """clamd (StreamMaxLength) must take the largest message the listeners take."""
+    if values.get("pyqmail_scanners__clamav_enabled"):
+        yield from _max_size(name, value, values, "clamd")
+
+
+def check_rspamd_max_size(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """rspamd (max_message) must take the largest message the listeners take."""
+    if values.get("pyqmail_scanners__rspamd_enabled"):
+        yield from _max_size(name, value, values, "rspamd")
 
 
 def scan_problem(value: str) -> str:

@@ -108,10 +108,16 @@ def network_modules() -> list[str]:
     return list(yaml.safe_load(ROLE_VARS.read_text())["pyqmail_scanners__rspamd_network_modules"])
 
 
+def role_default(name: str) -> object:
+    """One of the role's defaults (defaults/main.yml)."""
+    return yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())[name]
+
+
 def dns_conf(servers: list[str], *, offline: bool, keep: tuple[str, ...] = ()) -> tuple[str, str]:
     """The role's ``local.d/options.inc`` and ``rspamd.conf.local.override`` for these DNS
     servers and offline switch (``keep``: network modules a test leaves on)."""
     variables = {
+        "pyqmail_scanners__rspamd_max_size": role_default("pyqmail_scanners__rspamd_max_size"),
         "pyqmail_scanners__rspamd_dns_servers": servers,
         "pyqmail_scanners__rspamd_offline": offline,
         "pyqmail_scanners__rspamd_network_modules": [m for m in network_modules() if m not in keep],
@@ -182,6 +188,7 @@ class Rspamd(_Process):
         start_timeout: float = 60,
         keep: tuple[str, ...] = (),
         local: dict[str, str] | None = None,
+        options: str = "",
     ) -> None:
         self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
         # None: rspamd's default (one normal worker per core beyond two, at least one).
@@ -191,6 +198,7 @@ class Rspamd(_Process):
         # reach here, and fails fast), and test-only local.d files ({name: text}).
         self.keep = keep
         self.local = dict(local or {})
+        self.options = options  # more of override.d/options.inc (max_message = 65536;)
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -222,7 +230,7 @@ class Rspamd(_Process):
             )
         over = conf / "override.d"
         over.mkdir()
-        (over / "options.inc").write_text(test_options + "\n")
+        (over / "options.inc").write_text(test_options + "\n" + self.options)
         for worker, port in (("normal", self.port), ("controller", self.controller_port)):
             (over / f"worker-{worker}.inc").write_text(f'bind_socket = "127.0.0.1:{port}";\n')
         if self.normal_workers is not None:
@@ -282,7 +290,8 @@ def eicar_database(directory: Path) -> Path:
 class Clamd(_Process):
     """clamd on a Unix socket (``socket``) and 127.0.0.1:``port``."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_max: str | None = None) -> None:
+        self.stream_max = stream_max  # clamd's StreamMaxLength ("1M"); None: its default
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-clamd-"))
         self.dir.chmod(0o755)
         self.socket = self.dir / "clamd.sock"
@@ -296,6 +305,7 @@ class Clamd(_Process):
             f"LocalSocket {self.socket}\nLocalSocketMode 666\nTCPSocket {self.port}\n"
             f"TCPAddr 127.0.0.1\nDatabaseDirectory {self.dir / 'db'}\nForeground yes\n"
             f"PidFile {self.dir / 'clamd.pid'}\n"
+            + (f"StreamMaxLength {self.stream_max}\n" if self.stream_max else "")
         )
         self.socket.unlink(missing_ok=True)
         with self.log.open("ab") as out:

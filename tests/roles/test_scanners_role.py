@@ -170,7 +170,10 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert str(settings.clamd) == str(host / "clamd-run" / "clamd.sock")
     assert (settings.timeout, settings.tempfail, settings.clients) == (20, True, {"inbound"})
     assert dict(settings.actions) == dict(DEFAULT_ACTIONS)
+    assert (settings.rspamd_max, settings.clamd_max) == (52428800, 104857600)
+    assert (control / "rspamdmaxsize").read_text().split() == ["52428800"]
     conf = host / "rspamd"
+    assert "max_message = 52428800;" in (conf / "local.d" / "options.inc").read_text()
     for module in ("spf", "dkim", "dmarc", "arc", "dkim_signing"):
         assert "enabled = false;" in (conf / "local.d" / f"{module}.conf").read_text()
     assert "reject = 15.0;" in (conf / "local.d" / "actions.conf").read_text()
@@ -223,6 +226,8 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert not failures(off), failures(off)
     assert not (control / "rspamd").exists()
     assert not (control / "clamd").exists()
+    assert not (control / "rspamdmaxsize").exists()
+    assert not (control / "clamdmaxsize").exists()
     assert not (service / "rspamd").exists()
     assert not (service / "clamd").exists()
     assert not load(control).enabled
@@ -326,8 +331,22 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
             "pyqmail_control__databytes": 20_000_000,
         },
         "pyqmail_scanners__clamd_max_size: 10000000 is smaller than pyqmail_control__databytes"
-        " (20000000): clamd would refuse the largest messages the listeners take, and they"
-        " would get 451",
+        " (20000000): the listeners would take messages clamd cannot scan, and accept them"
+        " unscanned",
+    ),
+    "rspamd-smaller-than-databytes": (
+        {
+            "pyqmail_scanners__rspamd_enabled": True,
+            "pyqmail_scanners__rspamd_max_size": 10_000_000,
+            "pyqmail_control__databytes": 20_000_000,
+        },
+        "pyqmail_scanners__rspamd_max_size: 10000000 is smaller than pyqmail_control__databytes"
+        " (20000000): the listeners would take messages rspamd cannot scan, and accept them"
+        " unscanned",
+    ),
+    "rspamd-max-size-tiny": (
+        {"pyqmail_scanners__rspamd_enabled": True, "pyqmail_scanners__rspamd_max_size": 1000},
+        "pyqmail_scanners__rspamd_max_size: 1000 is out of range: must be 1048576 (1 MiB) or more",
     ),
     "scan-env": (
         {"pyqmail__listener_env": {"submission": {"SCAN": "yes"}}},

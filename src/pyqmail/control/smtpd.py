@@ -70,7 +70,8 @@ in ``pyqmail.checks.dnsbl`` and ``pyqmail.checks.greylist``.
 inbound authentication checks' files (``authchecks``, ``authservid``, ``dmarcreject``,
 ``dmarcquarantine``, ``authtimeout``, ``dnsresolver``: ``pyqmail.checks.settings``).
 The content scanners' files (``rspamd``, ``clamd``, ``scantimeout``, ``scantempfail``,
-``scanclients``, ``rspamdactions``) are documented in ``pyqmail.scan.settings``.
+``scanclients``, ``rspamdactions``, ``rspamdmaxsize``, ``clamdmaxsize``) are documented in
+``pyqmail.scan.settings``.
 
 Every file is read by ``pyqmail.control.reader`` (qmail's control_readline/readfile:
 ``#`` and blank lines ignored, trailing blanks stripped) and parsed as

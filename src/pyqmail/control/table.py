@@ -221,6 +221,12 @@ SCANTIMEOUT: Final = _smtpd_number("scantimeout", 20, "seconds for a message's s
 SCANTEMPFAIL: Final = _smtpd_number("scantempfail", 1, "1: 451 when a scanner fails", 0, 1)
 SCANCLIENTS: Final = Lines("scanclients", _SMTPD, "inbound", "pyqmail.scan.settings")
 RSPAMDACTIONS: Final = Lines("rspamdactions", _SMTPD, "(defaults)", "pyqmail.scan.settings")
+RSPAMDMAXSIZE: Final = _smtpd_number(
+    "rspamdmaxsize", 52_428_800, "larger messages are not spam-scanned", 1, parsers.INT_MAX
+)
+CLAMDMAXSIZE: Final = _smtpd_number(
+    "clamdmaxsize", 104_857_600, "larger messages are not virus-scanned", 1, parsers.INT_MAX
+)
 
 # pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too
 # (pyqmail.checks.recipients: which recipients are local)

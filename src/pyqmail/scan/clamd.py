@@ -3,15 +3,20 @@
 The exchange (clamd(8)): ``zINSTREAM\\0``, then chunks each preceded by its length as four
 bytes in network order, then a zero length; clamd answers one NUL-terminated line:
 ``stream: OK``, ``stream: <signature> FOUND`` or ``<text> ERROR`` (for instance
-``INSTREAM size limit exceeded``: clamd's ``StreamMaxLength`` must be at least the largest
-message the listeners take, ``databytes``). The reply is read up to ``MAX_REPLY`` bytes;
-anything else is garbage (``ScanError``).
+``INSTREAM size limit exceeded``, after which clamd closes at once). The reply is read up
+to ``MAX_REPLY`` bytes; anything else is garbage (``ScanError``).
+
+Over a bare non-blocking socket and the loop's ``sock_*`` calls, as rspamd's exchange
+(``pyqmail.scan.wire``): a write clamd no longer reads fails, and the reply must still be
+read after it (``_send``). A message larger than clamd takes is not sent at all
+(``pyqmail.scan.stage``, ``control/clamdmaxsize``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import struct
 
 from pyqmail.scan import wire
@@ -25,29 +30,53 @@ _FOUND = re.compile(rb"stream: ([!-~]{1,200}) FOUND")
 
 async def scan(address: Address, message: bytes) -> str | None:
     """The signature name clamd found in ``message``, or None when it is clean."""
-    reader, writer = await wire.connect(address, MAX_REPLY)
+    sock = await wire.open_socket(address)
     try:
-        writer.write(b"zINSTREAM\0")
-        try:
-            for start in range(0, len(message), CHUNK):
-                piece = message[start : start + CHUNK]
-                writer.write(struct.pack(">I", len(piece)) + piece)
-                await writer.drain()
-            writer.write(struct.pack(">I", 0))
-            await writer.drain()
-        except OSError:
-            pass  # clamd may stop reading (a size limit) and still say why: read its reply
-        try:
-            reply = await reader.readuntil(b"\0")
-        except asyncio.LimitOverrunError:
-            raise ScanError("reply-too-long") from None
-        except asyncio.IncompleteReadError as exc:
-            reply = exc.partial
+        await _send(sock, message)
+        reply = await _read_reply(sock)
+    finally:
+        wire.close_socket(sock)
+    return verdict(reply.rstrip(b"\0\n"))
+
+
+async def _send(sock: socket.socket, message: bytes) -> None:
+    """The command and the chunks. clamd stops reading once the stream passes its
+    ``StreamMaxLength``: it answers ``INSTREAM size limit exceeded. ERROR`` and closes, and
+    the next write fails (EPIPE on its Unix socket, ECONNRESET over TCP). That is no error
+    of ours: the reply that says why is already on its way, and ``_read_reply`` reads it.
+    (asyncio's streams closed the transport on the failed write, and the reply was lost:
+    the log said ``io:32``.)"""
+    loop = asyncio.get_running_loop()
+    view = memoryview(message)
+    try:
+        await loop.sock_sendall(sock, b"zINSTREAM\0")
+        for start in range(0, len(view), CHUNK):
+            piece = view[start : start + CHUNK]
+            await loop.sock_sendall(sock, struct.pack(">I", len(piece)) + piece)
+        await loop.sock_sendall(sock, struct.pack(">I", 0))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # clamd stopped reading and said why: read its reply
     except OSError as exc:
         raise ScanError(f"io:{exc.errno}") from None
-    finally:
-        wire.close(writer)
-    return verdict(reply.rstrip(b"\0\n"))
+
+
+async def _read_reply(sock: socket.socket) -> bytes:
+    """clamd's one line, up to its NUL (or EOF), at most ``MAX_REPLY`` bytes. A reset after
+    part of it came keeps that part (``verdict`` judges it)."""
+    data = b""
+    while b"\0" not in data:
+        try:
+            chunk = await wire.recv(sock, MAX_REPLY)
+        except OSError as exc:
+            if data:
+                break
+            raise ScanError(f"io:{exc.errno}") from None
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REPLY:
+            raise ScanError("reply-too-long")
+    return data.split(b"\0", 1)[0]
 
 
 def verdict(reply: bytes) -> str | None:

@@ -17,7 +17,21 @@
                    the recipient's Junk folder), ``defer`` (``451 4.7.1``), ``refuse``
                    (``554 5.7.1``). Defaults: reject=refuse, soft reject=defer,
                    rewrite subject=junk, add header=junk, greylist=accept, no action=accept
+``rspamdmaxsize``  bytes; a larger message is not sent to rspamd: accepted without its
+                   verdict, logged ``not_scanned=rspamd:<size>><limit>``. Default 52428800,
+                   rspamd's own ``max_message`` (it resets the connection above it, which
+                   read as a failed scanner: 451 on every retry until the message bounced)
+``clamdmaxsize``   the same for clamd; default 104857600, clamd's ``StreamMaxLength``
 =================  ==========================================================================
+
+Why a message over a scanner's limit is accepted unscanned rather than refused: the
+listener offered the client ``databytes`` (EHLO ``SIZE``), so the message is one it agreed
+to take, and a scanner's limit is this host's business, not the sender's; a ``552`` would
+bounce legitimate large mail for good, and the scanner could never have judged it anyway
+(Amavis, spamc ``-s`` and rspamd's milter proxy pass such mail on unscanned too). Spam is
+small, and the role keeps ``databytes`` within both limits (its preflight refuses a larger
+one), so on its hosts nothing arrives above them; a hand-made configuration that lets it
+(``databytes`` 0, say) sees each such message in the log.
 
 Per listener and per client, the tcprules environment decides first (as simscan's per-IP
 settings did): ``SCAN=""`` or ``SCAN="0"``: this client's mail is not scanned; ``SCAN="1"``:
@@ -100,6 +114,8 @@ class ScanSettings:
     tempfail: bool = True
     clients: frozenset[str] = frozenset({"inbound"})
     actions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    rspamd_max: int = table.RSPAMDMAXSIZE.value  # bytes rspamd is sent at most
+    clamd_max: int = table.CLAMDMAXSIZE.value  # ... and clamd
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +174,8 @@ def load(control: Path) -> ScanSettings:
         tempfail=table.SCANTEMPFAIL.read(control) == 1,
         clients=_clients(read_lines(control / table.SCANCLIENTS.name)),
         actions=_actions(read_lines(control / table.RSPAMDACTIONS.name)),
+        rspamd_max=table.RSPAMDMAXSIZE.read(control),
+        clamd_max=table.CLAMDMAXSIZE.read(control),
     )
 
 

@@ -14,11 +14,16 @@ gets one answer back, in the shape the inbound checks use (``checks.verdict.Verd
 - a scanner that is down, still busy when the time is up, or answers garbage: ``451 4.7.1``
   (``scantempfail`` 1, the default), or accepted unscanned (0). A definite refusal from the
   other scanner still wins.
+- a message larger than a scanner takes (``rspamdmaxsize``, ``clamdmaxsize``: the limits
+  the role gives rspamd and clamd) is not sent to it, and is judged by the other one alone,
+  or accepted unscanned (``pyqmail.scan.settings`` says why not refused): the scanner would
+  reset the connection or answer an error, a 451 on every retry until the message bounced.
 
 The log line gets ``host`` (the client's name rspamd was told, ``unknown`` when it had
 none), ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
-score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time)
-and ``scan_error`` (``<scanner>:<why>`` for each failure).
+score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time),
+``scan_error`` (``<scanner>:<why>`` for each failure) and ``not_scanned``
+(``<scanner>:<size>><limit>`` for each scanner the message was too large for).
 """
 
 from __future__ import annotations
@@ -55,17 +60,25 @@ class _Answers:
     spam: rspamd.Reply | None = None
     virus: str | None = None
     errors: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # ``<scanner>:<size>><limit>``: over its size limit
 
 
 async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> _Answers:
     """Both scanners at once; whatever is not done at ``scantimeout`` is cancelled. A single
     scanner is awaited in this task under the time bound: no second task, no ``wait``."""
     jobs: dict[str, Coroutine[Any, Any, Any]] = {}
-    if settings.rspamd is not None:
+    skipped = []
+    if settings.rspamd is not None and len(message) > settings.rspamd_max:
+        skipped.append(f"rspamd:{len(message)}>{settings.rspamd_max}")
+    elif settings.rspamd is not None:
         jobs["rspamd"] = rspamd.check(settings.rspamd, env, message)
-    if settings.clamd is not None:
+    if settings.clamd is not None and len(message) > settings.clamd_max:
+        skipped.append(f"clamd:{len(message)}>{settings.clamd_max}")
+    elif settings.clamd is not None:
         jobs["clamd"] = clamd.scan(settings.clamd, message)
-    answers = _Answers()
+    answers = _Answers(skipped=tuple(skipped))
+    if not jobs:
+        return answers
     if len(jobs) == 1:
         ((name, job),) = jobs.items()
         try:
@@ -89,6 +102,11 @@ async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> 
             _settle(answers, name, task.result())
     answers.errors = tuple(errors)
     return answers
+
+
+def _names(notes: tuple[str, ...]) -> set[str]:
+    """The scanners named in ``<scanner>:<text>`` notes."""
+    return {note.partition(":")[0] for note in notes}
 
 
 def _why(name: str, exc: BaseException | None) -> str:
@@ -131,11 +149,13 @@ def _fields(
     if answers.spam is not None:
         s = answers.spam
         out += [f"spam={s.action.replace(' ', '_')}", f"spam_score={s.score:.2f}/{s.required:.2f}"]
-    virus_scanned = settings.clamd is not None
+    virus_scanned = settings.clamd is not None and "clamd" not in _names(answers.skipped)
     if virus_scanned and not any(e.startswith("clamd:") for e in answers.errors):
         out.append(f"virus={answers.virus or 'clean'}")
     if answers.errors:
         out.append("scan_error=" + ",".join(answers.errors))
+    if answers.skipped:
+        out.append("not_scanned=" + ",".join(answers.skipped))
     out.append(f"scan_secs={secs:.3f}")
     return " ".join(out)
 
