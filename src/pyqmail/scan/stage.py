@@ -198,6 +198,36 @@ def junk_fields(
     return own + added, (*spam.remove, ("X-Spam", 0), ("X-Spam-Status", 0))
 
 
+# The header fields the scanning stage vouches for: rspamd's (its milter_headers routines:
+# X-Spam, X-Spam-Status, X-Spam-Level, X-Spamd-Result, X-Spamd-Bar, X-Rspamd-Server,
+# X-Rspamd-Queue-Id, ...) and pyqmail's own Junk fields (X-Spam, X-Spam-Status). clamd adds
+# none (a virus is refused, never marked), so X-Virus-* is not ours and stays.
+OURS = ("x-spam", "x-spam-", "x-spamd-", "x-rspamd-")
+
+
+def strip_ours(message: bytes) -> bytes:
+    """Inbound ``message`` without header fields of the families the scanning stage writes
+    (``OURS``), the same object when it has none. Why all of them, and whatever the scan
+    does: rspamd asks to remove only the fields it is about to add, and only when its rules
+    ran, so a sender's ``X-Spam-Flag: NO`` or ``X-Spam-Level`` survived a scan, a forged
+    ``X-Spamd-Result`` a Junk verdict without rspamd's fields, and every one of them a
+    message not scanned at all; a mail filter reading them would trust the sender's word
+    for ours. ``smtpd/intake.py`` calls it for mail with no ``origin`` on a listener with a
+    scanner, before the scan and whether or not the message is scanned."""
+    m = _END_OF_HEAD.search(message)
+    cut = len(message) if m is None else m.start() + len(m.group(0)) // 2
+    fields = _fields_of(message[:cut])
+    kept = [f for f in fields if not _ours(_name(f))]
+    if len(kept) == len(fields):
+        return message
+    return b"".join(kept) + message[cut:]
+
+
+def _ours(name: bytes) -> bool:
+    text = name.decode("latin-1")
+    return text == OURS[0] or text.startswith(OURS[1:])
+
+
 def _fields_of(head: bytes) -> list[bytes]:
     """The header section as whole fields (each with its continuation lines)."""
     fields: list[bytes] = []

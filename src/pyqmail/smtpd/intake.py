@@ -185,6 +185,7 @@ class Intake:
         self.watch: HeadWatch | None = None  # the header From of an AUTH login's message
         self.auth: AuthSettings | None = None  # the inbound checks, when they apply
         self.scan: ScanSettings | None = None  # the scanners, when they apply
+        self.strip = False  # remove the scanners' header fields (``stage.strip_ours``)
         self.ip = ""
         self.checking: QueueWriter | None = None  # the writer the checks work on
         self.tasks: set[asyncio.Task[None]] = set()
@@ -248,6 +249,8 @@ class Intake:
             meta["origin"] = origin
         self.auth = auth if auth is not None and auth.enabled and origin is None else None
         self.scan = scan[0] if scan is not None and applies(scan[0], origin, scan[1]) else None
+        # inbound mail on a listener with a scanner loses forged scanner fields, scanned or not
+        self.strip = origin is None and scan is not None and scan[0].enabled
         if self.scan is not None and self.scan.rspamd is not None:
             self.host_name(ip)  # an AUTH login scanned by scanclients: not asked at connection
         if event.tls is not None:
@@ -306,7 +309,7 @@ class Intake:
         writer, self.writer = self.writer, None
         self.committing = end
         if writer is not None and self.queue_error is None and self.message is not None:
-            if self.auth is not None or self.scan is not None:
+            if self.auth is not None or self.scan is not None or self.strip:
                 self.checking = writer
                 task = asyncio.get_running_loop().create_task(self._check(writer, done))
                 self.tasks.add(task)
@@ -332,8 +335,8 @@ class Intake:
         self.spool.submit(writer, done, self)
 
     async def _check(self, writer: QueueWriter, done: Done) -> None:
-        """SPF, DKIM and DMARC (``pyqmail.checks.inbound``) and the scanners
-        (``pyqmail.scan.stage``), then the commit of the message with our
+        """SPF, DKIM and DMARC (``pyqmail.checks.inbound``), forged scanner fields removed
+        and the scanners (``pyqmail.scan.stage``), then the commit of the message with our
         Authentication-Results and the scanners' fields on top, or the refusal. Whatever
         goes wrong, ``done`` hears of it: nothing else would answer the client."""
         try:
@@ -385,6 +388,8 @@ class Intake:
                 return None
             self._judge(outcome.verdict)
             data, junk = outcome.message, outcome.junk
+        if self.strip:
+            data = stage.strip_ours(data)
         if self.scan is not None:
             host = await self._host()
             if self.checking is not writer:

@@ -18,13 +18,14 @@ failure is logged (``host-fail``) so an admin can tell a DNS outage from a stran
 Only the first PTR name is tried, as tcpserver and Postfix do (an address with several
 PTR records gets whichever the resolver lists first).
 
-When: only for a rules cdb with a host-name key (``pyqmail.rules.Rules.names``, found
-once per load); otherwise nothing here runs, nothing is imported (dnspython is the
-``hosts`` group of ``pyqmail.checks.libraries``), and the Received header says
-``unknown``. Asked with dnspython's asyncio resolver on the worker's loop, the name
-servers of ``control/dnsresolver`` (the checks' own; absent: /etc/resolv.conf), both
-queries within ``dnsbltimeout`` seconds together; answers are cached for their TTL, so a
-client that comes back costs no query.
+When: for a rules cdb with a host-name key (``pyqmail.rules.Rules.names``, found once
+per load), and for a client whose mail rspamd may scan (its ``Hostname``:
+``pyqmail.smtpd.intake``); otherwise nothing here runs, nothing is imported (dnspython is
+the ``hosts`` group of ``pyqmail.checks.libraries``), and the Received header says
+``unknown`` (it names only what the rules looked up). Asked with dnspython's asyncio
+resolver on the worker's loop, the name servers of ``control/dnsresolver`` (the checks'
+own; absent: /etc/resolv.conf), both queries within ``dnsbltimeout`` seconds together;
+answers are cached for their TTL, so a client that comes back costs no query.
 """
 
 from __future__ import annotations

@@ -1,0 +1,109 @@
+"""Forged scanner header fields on inbound mail, through a real pyqmail-smtpd and rspamd:
+whatever the scan does (accepted, Junk, not scanned by rule, accepted unscanned with the
+scanner down), the message is queued without a field of the families the scanning stage
+writes (``X-Spam``, ``X-Spam-*``, ``X-Spamd-*``, ``X-Rspamd-*``); other fields stay, and mail
+from a relay client (not inbound) is left as it came."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from pyqmail.scan import stage
+from tests.e2e.conftest import QmailRoot, StartDaemon
+from tests.scanners import GTUBE_ADD_HEADER, Rspamd
+
+FORGED = (
+    b"X-Spam-Flag: NO\r\n"
+    b"X-Spam-Level: (forged)\r\n"
+    b"X-Spam: No\r\n"
+    b"X-Spam-Status: No, score=-100\r\n"
+    b"X-Spamd-Result: default: False [-100.00 / 15.00];\r\n\tFORGED(-100.00)[]\r\n"
+    b"X-Rspamd-Server: forged.test\r\n"
+    b"X-Virus-Scanned: by the sender\r\n"
+    b"X-Spammer-Notes: not ours\r\n"
+)
+KEPT = ("X-Virus-Scanned: by the sender", "X-Spammer-Notes: not ours")
+
+
+def message(body: bytes) -> bytes:
+    return (
+        FORGED + b"From: Alice <alice@client.test>\r\nTo: <u@mx.test>\r\nSubject: lunch\r\n"
+        b"Message-ID: <1@client.test>\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n\r\n"
+        + body
+        + b"\r\n"
+    )
+
+
+def send(port: int, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("alice@client.test")
+        s.rcpt("u@mx.test")
+        return s.data(data)
+
+
+def head(root: QmailRoot) -> str:
+    [(_, body)] = root.queued()
+    return body.split(b"\r\n\r\n", 1)[0].decode()
+
+
+def assert_no_forgery(text: str) -> None:
+    for forged in ("score=-100", "FORGED(", "forged.test", "(forged)", "X-Spam-Flag", "X-Spam: No"):
+        assert forged not in text, (forged, text)
+    for line in KEPT:
+        assert line in text, text
+
+
+@pytest.fixture
+def inbound(qmail_root: QmailRoot, rspamd_server: Rspamd) -> QmailRoot:
+    home = qmail_root.path / "homes" / "u"
+    home.mkdir(parents=True)
+    qmail_root.write("users/mailboxes", f"u:{home}\n")
+    qmail_root.control("rspamd", f"{rspamd_server.address}\n")
+    return qmail_root
+
+
+def test_accepted_message(inbound: QmailRoot, smtpd: StartDaemon) -> None:
+    d = smtpd()
+    assert send(d.port, message(b"Hi Bob, lunch tomorrow at noon?"))[0] == 250
+    text = head(inbound)
+    assert_no_forgery(text)
+    assert text.count("X-Spamd-Result:") == 1 and "default: False [" in text, text
+
+
+def test_junk_without_rspamds_fields(inbound: QmailRoot, smtpd: StartDaemon) -> None:
+    """rspamd skips its rules for a test pattern and asks to remove nothing."""
+    d = smtpd()
+    assert send(d.port, message(GTUBE_ADD_HEADER))[0] == 250
+    text = head(inbound)
+    assert_no_forgery(text)
+    assert "X-Spamd-Result" not in text, text
+    assert text.startswith("X-Spam: Yes\r\nX-Spam-Status: Yes, score="), text
+
+
+@pytest.mark.parametrize("how", ["SCAN=0", "scanner-down-scantempfail-0"])
+def test_unscanned_message(inbound: QmailRoot, smtpd: StartDaemon, how: str) -> None:
+    if how == "SCAN=0":
+        d = smtpd(rules_cdb=inbound.rules('127.0.0.1:allow,SCAN="0"\n'))
+    else:
+        inbound.control("rspamd", "127.0.0.1:1\n")
+        inbound.control("scantempfail", "0\n")
+        d = smtpd()
+    assert send(d.port, message(b"Hi Bob"))[0] == 250
+    assert_no_forgery(head(inbound))
+
+
+def test_a_relay_clients_message_is_left_as_it_came(inbound: QmailRoot, smtpd: StartDaemon) -> None:
+    d = smtpd(rules_cdb=inbound.rules('127.0.0.1:allow,RELAYCLIENT="",SCAN="0"\n'))
+    assert send(d.port, message(b"Hi Bob"))[0] == 250
+    assert head(inbound).startswith("Received: ")
+    assert FORGED.decode() in head(inbound) + "\r\n"
+
+
+def test_strip_ours_keeps_the_rest_and_the_object_when_nothing_is_ours() -> None:
+    clean = b"Subject: x\r\nX-Spammer: y\r\n\r\nX-Spam: body line\r\n"
+    assert stage.strip_ours(clean) is clean
+    forged = b"x-SPAM-flag: NO\r\n\tcontinued\r\nSubject: x\r\nX-Spam: Yes\r\n\r\nX-Spam: b\r\n"
+    assert stage.strip_ours(forged) == b"Subject: x\r\n\r\nX-Spam: b\r\n"
