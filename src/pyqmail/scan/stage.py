@@ -203,6 +203,7 @@ def junk_fields(
 # X-Rspamd-Queue-Id, ...) and pyqmail's own Junk fields (X-Spam, X-Spam-Status). clamd adds
 # none (a virus is refused, never marked), so X-Virus-* is not ours and stays.
 OURS = ("x-spam", "x-spam-", "x-spamd-", "x-rspamd-")
+_OURS_START = re.compile(rb"(?im)^[ \t]*x-(?:spam|rspamd-)")  # a line that may name one of OURS
 
 
 def strip_ours(message: bytes) -> bytes:
@@ -216,7 +217,10 @@ def strip_ours(message: bytes) -> bytes:
     scanner, before the scan and whether or not the message is scanned."""
     m = _END_OF_HEAD.search(message)
     cut = len(message) if m is None else m.start() + len(m.group(0)) // 2
-    fields = _fields_of(message[:cut])
+    head = message[:cut]
+    if not _OURS_START.search(head):  # the usual case: one scan in C, no split
+        return message
+    fields = _fields_of(head)
     kept = [f for f in fields if not _ours(_name(f))]
     if len(kept) == len(fields):
         return message
@@ -229,14 +233,17 @@ def _ours(name: bytes) -> bool:
 
 
 def _fields_of(head: bytes) -> list[bytes]:
-    """The header section as whole fields (each with its continuation lines)."""
-    fields: list[bytes] = []
+    """The header section as whole fields (each with its continuation lines). Each field's
+    lines are joined once: adding every continuation line to the field's bytes copied the
+    field each time, quadratic in a sender's header (200,000 continuation lines held the
+    worker's loop 2.7 s in ``strip_ours``)."""
+    fields: list[list[bytes]] = []
     for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
+            fields[-1].append(line)
         else:
-            fields.append(line)
-    return fields
+            fields.append([line])
+    return [b"".join(lines) for lines in fields]
 
 
 def _name(field: bytes) -> bytes:
