@@ -718,6 +718,26 @@ def test_smtputf8_message_to_server_without_it_bounces(host: Host, recorder: Rec
     assert recorder.accepted[0][0] == "jürgen@remote.test"
 
 
+def test_a_message_received_with_smtputf8_needs_it_only_for_a_utf8_header(
+    host: Host, recorder: Recorder
+) -> None:
+    """Received with MAIL's SMTPUTF8 (meta smtputf8=client, as pyqmail-smtpd queues it): an
+    ASCII header still goes to a server without SMTPUTF8, a UTF-8 one bounces 5.6.7."""
+    sender = host.mailbox("sender")
+    host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")
+    host.start()
+    marked = {"smtputf8": "client"}
+    host.queue.enqueue("sender@example.test", ["plain@remote.test"], message("ascii"), marked)
+    wait_for(lambda: recorder.accepted)
+    assert recorder.accepted[0][0] == "plain@remote.test"
+    utf8 = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+    host.queue.enqueue("sender@example.test", ["utf8@remote.test"], utf8, marked)
+    wait_for(host.queue_empty)
+    assert len(recorder.accepted) == 1
+    _dsn, groups = dsn_fields(host.maildir(sender)[0])
+    assert groups[1]["status"] == "5.6.7"
+
+
 def test_deferred_shows_in_queue_tool_and_flush_retries(host: Host, recorder: Recorder) -> None:
     recorder.temp_first = 1
     host.control("smtproutes", f":127.0.0.1:{recorder.port}\n")

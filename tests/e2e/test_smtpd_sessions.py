@@ -516,3 +516,19 @@ def test_a_session_gone_with_its_message_in_commit_no_longer_counts_as_waiting(
         "busy@remote.test",
         "gone@remote.test",
     ]
+
+
+def test_a_message_received_with_smtputf8_is_marked_for_remote_delivery(
+    qmail_root: QmailRoot, smtpd: StartDaemon
+) -> None:
+    """Its header may hold UTF-8 (RFC 6531): queued with smtputf8=client, which remote
+    delivery reads (``send.remote.needs_smtputf8``); without the parameter, no mark."""
+    d = smtpd()
+    utf8 = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+    with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.has_extn("smtputf8")
+        s.sendmail("sender@remote.test", ["user@example.test"], utf8, mail_options=["SMTPUTF8"])
+        s.sendmail("sender@remote.test", ["user@example.test"], MESSAGE)
+    marks = sorted(env.meta.get("smtputf8", "-") for env, _ in qmail_root.queued())
+    assert marks == ["-", "client"]

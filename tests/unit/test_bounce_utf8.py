@@ -118,7 +118,7 @@ def test_a_utf8_bounce_is_queued_for_smtputf8(send_root: Path) -> None:
     stored = _bounce_of(send_root, ["müller@mx.test", "nobody@mx.test"])
     assert (stored.env.sender, stored.env.recipients) == ("", ("joe@remote.test",))
     assert stored.env.meta["smtputf8"] == "1" and stored.env.meta["origin"] == "bounce"
-    assert needs_smtputf8(stored.env, stored.env.recipients)
+    assert needs_smtputf8(stored.env, stored.env.recipients, stored.body)
     msg = email.message_from_bytes(stored.body, policy=email.policy.default)
     assert [p.get_content_type() for p in msg.iter_parts()] == [  # type: ignore[attr-defined]
         "text/plain",
@@ -130,4 +130,4 @@ def test_a_utf8_bounce_is_queued_for_smtputf8(send_root: Path) -> None:
 def test_an_ascii_bounce_is_queued_without_smtputf8(send_root: Path) -> None:
     stored = _bounce_of(send_root, ["nobody@mx.test"])
     assert "smtputf8" not in stored.env.meta
-    assert not needs_smtputf8(stored.env, stored.env.recipients)
+    assert not needs_smtputf8(stored.env, stored.env.recipients, stored.body)

@@ -441,9 +441,22 @@ def test_wire_data(message: bytes, wire: bytes) -> None:
 
 def test_needs_smtputf8() -> None:
     env = Envelope("id", "a@x", ("b@x",), 1, 0.0)
-    assert not needs_smtputf8(env, ["b@x"])
-    assert needs_smtputf8(env, ["jürgen@x"])
-    assert needs_smtputf8(Envelope("id", "ä@x", ("b@x",), 1, 0.0), ["b@x"])
+    ascii_msg = b"Subject: x\r\n\r\nbody\r\n"
+    assert not needs_smtputf8(env, ["b@x"], ascii_msg)
+    assert needs_smtputf8(env, ["jürgen@x"], ascii_msg)
+    assert needs_smtputf8(Envelope("id", "ä@x", ("b@x",), 1, 0.0), ["b@x"], ascii_msg)
+
+
+def test_a_message_received_with_smtputf8_needs_it_only_for_a_utf8_header() -> None:
+    """MAIL's SMTPUTF8 marks the message ``client`` (pyqmail.smtpd.intake): its header may
+    hold UTF-8, which a server without SMTPUTF8 must not get unannounced (RFC 6531 3.2); one
+    whose envelope and header are ASCII still goes there, as Postfix sends it (clients may ask
+    for SMTPUTF8 on every message). A bounce's ``1`` holds whatever the header (RFC 6533)."""
+    client = Envelope("id", "a@x", ("b@x",), 1, 0.0, {"smtputf8": "client"})
+    assert needs_smtputf8(client, ["b@x"], "Subject: Grüße\r\n\r\nbody\r\n".encode())
+    assert not needs_smtputf8(client, ["b@x"], "Subject: x\r\n\r\nGrüße\r\n".encode())
+    bounce = Envelope("id", "", ("b@x",), 1, 0.0, {"smtputf8": "1"})
+    assert needs_smtputf8(bounce, ["b@x"], b"Subject: x\r\n\r\nbody\r\n")
 
 
 # -- scheduling and state --------------------------------------------------------------

@@ -42,8 +42,9 @@ too), server replies are read up to 64 KiB (``MAX_REPLY``) and each within
 ``timeoutremote``, ``BODY=8BITMIME`` is declared when the message has 8-bit bytes and the
 server offers it (otherwise it is sent as is, as qmail does), ``SMTPUTF8`` when an address
 is not ASCII or the queue meta ``smtputf8`` says so (a bounce with raw UTF-8 in its RFC 6533
-global parts, ``pyqmail.send.bounce``; a forward keeps it); a server without SMTPUTF8 gets
-no such message (permanent failure, 5.6.7).
+global parts, ``pyqmail.send.bounce``; a message received with SMTPUTF8 whose header is not
+ASCII; a forward keeps it: ``needs_smtputf8``); a server without SMTPUTF8 gets no such
+message (permanent failure, 5.6.7).
 One connection carries every job for the same destination the queue manager hands it
 (``RemoteSession.deliver`` may be called repeatedly); RSET checks it before each further
 job (a failure costs one new connection), and a 421 at any stage ends it (RFC 5321 3.8).
@@ -59,6 +60,7 @@ import smtplib
 from collections.abc import Sequence
 
 from pyqmail.control.send import Control
+from pyqmail.headers import header_section
 from pyqmail.queue.format import Envelope
 from pyqmail.send.delivery import DOUBLE_BOUNCE_SENDER, Kind, Result, split_address
 from pyqmail.send.ipme import LocalAddresses
@@ -95,12 +97,18 @@ def wire_data(message: bytes) -> bytes:
     return data + b".\r\n"
 
 
-def needs_smtputf8(env: Envelope, recipients: Sequence[str]) -> bool:
-    return (
-        not env.sender.isascii()
-        or any(not r.isascii() for r in recipients)
-        or env.meta.get("smtputf8", "") not in ("", "0", "no")
-    )
+def needs_smtputf8(env: Envelope, recipients: Sequence[str], message: bytes) -> bool:
+    """Whether the message may only travel with SMTPUTF8 (RFC 6531): an address that is not
+    ASCII, the meta ``smtputf8`` = 1 (a bounce with UTF-8 in its RFC 6533 global parts), or
+    ``client`` (received with MAIL's SMTPUTF8, ``pyqmail.smtpd.intake``) and a header
+    section that is not ASCII. A client may ask for SMTPUTF8 on every message; as Postfix
+    does, one whose envelope and header are ASCII still goes to a server without it."""
+    if not env.sender.isascii() or any(not r.isascii() for r in recipients):
+        return True
+    flag = env.meta.get("smtputf8", "")
+    if flag == "client":
+        return not header_section(message, limit=len(message)).isascii()
+    return flag not in ("", "0", "no")
 
 
 class RemoteSession:
@@ -249,7 +257,7 @@ class RemoteSession:
         self, smtp: SMTPClient, env: Envelope, message: bytes, recipients: Sequence[str]
     ) -> Result | list[str]:
         """A permanent refusal known before MAIL (SMTPUTF8, SIZE), or MAIL's parameters."""
-        utf8 = needs_smtputf8(env, recipients)
+        utf8 = needs_smtputf8(env, recipients, message)
         if utf8 and not smtp.has_extn("smtputf8"):
             return self._result(
                 "perm",

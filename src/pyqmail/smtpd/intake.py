@@ -255,6 +255,8 @@ class Intake:
             self.host_name(ip)  # an AUTH login scanned by scanclients: not asked at connection
         if event.tls is not None:
             meta["tls"] = f"{event.tls.version}:{event.tls.cipher}:{event.tls.bits}"
+        if "SMTPUTF8" in event.params:  # its header may hold UTF-8 (``send.remote``)
+            meta["smtputf8"] = "client"
         self.drop()
         try:
             self.writer = QueueWriter(
