@@ -20,7 +20,7 @@ from typing import Any
 try:
     from pyqmail.dnslistspec import SpecError, entries
 except ImportError:  # pragma: no cover - the controller without the pyqmail package
-    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dnslistspec import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dnslistspec import (  # type: ignore[import-not-found,no-redef,unused-ignore]
         SpecError,
         entries,
     )
