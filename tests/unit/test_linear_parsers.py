@@ -28,6 +28,7 @@ from test_protocol_support import in_data, policy
 
 from pyqmail.checks.authresults import strip_ours
 from pyqmail.control.send import Control
+from pyqmail.dkim.sign import split_message
 from pyqmail.headers import HopCounter, header_fields, mailbox_addresses
 from pyqmail.queue.format import Envelope
 from pyqmail.send.bounce import BounceTarget, Failure, make_dsn
@@ -118,6 +119,7 @@ def hop_counter(message: bytes) -> None:
         pytest.param(header_fields, N, id="header-fields"),
         pytest.param(lambda m: inject.build(OPTS, m, "mx.test"), N // 4, id="sendmail"),
         pytest.param(wire_data, N, id="remote-wire-data"),
+        pytest.param(split_message, N // 4, id="dkim-split"),
     ],
 )
 def test_header_parsers_are_linear(parser: Callable[[bytes], object], n: int, shape: str) -> None:

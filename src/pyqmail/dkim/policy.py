@@ -8,8 +8,10 @@ internationalised one compared, and written in ``d=``, as its A-labels: RFC 8616
 signed: inbound mail and mail relayed for others (a backup MX), which carry no ``origin``;
 a message with no From header or several (RFC 5322 allows one; signing one of them would
 vouch for a message whose author a reader cannot tell), or a From naming several mailboxes
-or none. Those are logged with the reason; a message from a domain without keys is logged
-too (an admin wondering why mail is unsigned finds the answer in the log).
+or none; a message whose header section is longer than ``HEADER_SIZE_LIMIT`` (100 KiB,
+``pyqmail.headers``: signing reads the whole section, on pyqmail-send's one main loop). Those
+are logged with the reason; a message from a domain without keys is logged too (an admin
+wondering why mail is unsigned finds the answer in the log).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Final
 
 from pyqmail.dkim import sign
 from pyqmail.dkim.keys import Key
-from pyqmail.headers import mailbox_addresses
+from pyqmail.headers import HEADER_SIZE_LIMIT, mailbox_addresses
 from pyqmail.queue.format import Envelope
 
 ORIGINS: Final = frozenset({"auth", "relay", "local", "bounce"})
@@ -83,6 +85,8 @@ def decide(env: Envelope, message: bytes, keys: Mapping[str, Sequence[Key]]) -> 
     origin = env.meta.get("origin")
     if origin not in ORIGINS or not keys:
         return Decision()
+    if sign.header_too_long(message):
+        return Decision(note=f"not signed: header section longer than {HEADER_SIZE_LIMIT} bytes")
     fields, _ = sign.split_message(message)
     domain, why = from_domain(fields)
     if domain is None:

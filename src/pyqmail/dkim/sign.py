@@ -14,6 +14,11 @@ as it occurs (the bottom-most instances first, as 5.4.2 says), and From once mor
 occurs ("over-signed": a From added later breaks the signature). No ``l=``: the whole body
 is signed. ``t=`` is the time the message entered the queue; no ``x=``.
 
+What is read: ``split_message`` is linear in the header (each field's lines joined once),
+and a header section over ``HEADER_SIZE_LIMIT`` (``pyqmail.headers``, the 100 KiB the
+sender rules read) is never signed (``header_too_long``; ``pyqmail.dkim.policy`` logs why):
+pyqmail-send signs on its one main loop, so the cost of a message must stay bounded.
+
 What is signed is the message as it leaves (``pyqmail.wirelines.wire_lines``: lines over
 998 octets broken with CRLF SPACE), not as it was queued: remote delivery breaks them, and
 a signature over the unbroken lines would fail at every receiver. Every copy of a signed
@@ -33,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pyqmail.dkim.keys import Key
+from pyqmail.headers import HEADER_SIZE_LIMIT
 from pyqmail.wirelines import wire_lines
 
 SIGNED: Final = (
@@ -49,11 +55,22 @@ B64_LINE: Final = 72
 Field = tuple[bytes, bytes]  # (name as written, the whole field up to and including CRLF)
 
 
+def header_too_long(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bool:
+    """Whether the header section of a CRLF message (without the empty line after it) is
+    longer than ``limit`` bytes, as ``pyqmail.headers.header_section`` measures it; looks at
+    ``limit + 4`` bytes at most."""
+    if message.startswith(b"\r\n"):
+        return False
+    return message.find(b"\r\n\r\n", 0, limit + 4) < 0 and len(message) > limit
+
+
 def split_message(message: bytes) -> tuple[list[Field], bytes]:
     """The header fields (in order) and the body of a CRLF message.
 
     A line that is neither a field nor a continuation (no colon) ends nothing and is kept
-    with the field before it, as it was received; it is never a field of its own."""
+    with the field before it, as it was received; it is never a field of its own. Each
+    field's lines are collected and joined once: adding them one by one copied the field
+    again for every continuation line (quadratic: a 3 MiB field took minutes)."""
     end = message.find(b"\r\n\r\n")
     if message.startswith(b"\r\n"):
         head, body = b"", message[2:]
@@ -61,13 +78,16 @@ def split_message(message: bytes) -> tuple[list[Field], bytes]:
         head, body = message if message.endswith(b"\r\n") else message + b"\r\n", b""
     else:
         head, body = message[: end + 2], message[end + 4 :]
-    fields: list[Field] = []
+    names: list[bytes] = []
+    lines: list[list[bytes]] = []
     for line in head.split(b"\r\n")[:-1]:
-        if fields and (line[:1] in (b" ", b"\t") or b":" not in line):
-            name, text = fields[-1]
-            fields[-1] = (name, text + line + b"\r\n")
+        if lines and (line[:1] in (b" ", b"\t") or b":" not in line):
+            lines[-1].append(line)
         else:
-            fields.append((line.split(b":", 1)[0], line + b"\r\n"))
+            names.append(line.split(b":", 1)[0])
+            lines.append([line])
+    pairs = zip(names, lines, strict=True)
+    fields = [(name, b"\r\n".join(parts) + b"\r\n") for name, parts in pairs]
     return fields, body
 
 
@@ -96,10 +116,19 @@ def relaxed_body(body: bytes) -> bytes:
     while b"  " in body:
         body = body.replace(b"  ", b" ")
     body = body.replace(b" \r\n", b"\r\n")
-    end = len(body)
-    while end >= 4 and body[end - 4 : end] == b"\r\n\r\n":
-        end -= 2
-    return b"" if body[:end] == b"\r\n" else body[:end]
+    body = body[: len(body) - len(_trailing_crlfs(body)) + 2]  # one CRLF of the run stays
+    return b"" if body == b"\r\n" else body
+
+
+def _trailing_crlfs(body: bytes) -> bytes:
+    """The run of CRLFs ``body`` ends with (it ends with one at least), found in C: the tail
+    of CR and LF octets, from after its last doubled octet (``CRCR`` or ``LFLF``: a bare CR
+    or LF is a line's content, not an empty line), starting at a CR. A loop per CRLF took
+    seconds for megabytes of empty lines."""
+    tail = body[len(body.rstrip(b"\r\n")) :]
+    start = max(tail.rfind(b"\r\r"), tail.rfind(b"\n\n")) + 1
+    run = tail[start:]
+    return run[1:] if run.startswith(b"\n") else run
 
 
 def body_hash(body: bytes) -> str:
