@@ -1,5 +1,5 @@
 """pyqmail.dkim.sign: bounded cost on pyqmail-send's main loop, exact body canonicalization at
-its edges.
+its edges, and over-signing of the single-instance fields.
 
 pyqmail-send signs in its one main loop (``Loader._move_batch``): a header of 400,000
 continuation lines took minutes there (the field copied once per line), 25 MiB of empty body
@@ -19,7 +19,7 @@ from dkim.canonicalization import Relaxed
 
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.policy import decide
-from pyqmail.dkim.sign import relaxed_body, sign
+from pyqmail.dkim.sign import OVERSIGNED, relaxed_body, sign
 from pyqmail.headers import HEADER_SIZE_LIMIT
 from pyqmail.queue.format import Envelope
 from pyqmail.wirelines import wire_lines
@@ -136,3 +136,39 @@ def test_body_edge_cases_match_dkimpy_and_verify(
     message = PLAIN.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + wire
     sent = wire_lines(message)  # as every delivery sends it (a bare CR ends a line there)
     assert verifies(sign(message, loaded, WHEN) + sent, dns) == [True, True]
+
+
+def _names() -> list[str]:
+    return sorted(OVERSIGNED)
+
+
+def _field(name: str) -> bytes:
+    return "-".join(p.capitalize() for p in name.split("-")).encode() + b": forged\r\n"
+
+
+@pytest.mark.parametrize("name", _names())
+def test_a_single_instance_field_added_anywhere_breaks_the_signature(
+    name: str, loaded: list[dkim_keys.Key], dns: DnsServer
+) -> None:
+    """RFC 6376 5.4.2 and 8.15: a copy of a field a message has at most once, put on top (a
+    second instance, which many readers show) or added just above the body (an absent one,
+    or a new bottom-most one), must fail; the untouched message verifies."""
+    head = sign(PLAIN, loaded, WHEN)
+    assert verifies(head + PLAIN, dns) == [True, True]
+    top = head + _field(name) + PLAIN
+    bottom = head + PLAIN.replace(b"\r\n\r\n", b"\r\n" + _field(name) + b"\r\n", 1)
+    assert verifies(top, dns) == [False, False], f"{name} on top"
+    assert verifies(bottom, dns) == [False, False], f"{name} at the bottom"
+
+
+def test_h_lists_each_single_instance_field_once_more_than_it_occurs(
+    loaded: list[dkim_keys.Key],
+) -> None:
+    head = sign(PLAIN + b"", loaded, WHEN).split(b"\r\n\tbh=")[0]
+    h = head.split(b"h=", 1)[1].replace(b"\r\n\t", b"").rstrip(b";").decode().split(":")
+    for name in OVERSIGNED:
+        present = PLAIN.lower().count(f"\n{name}:".encode()) + PLAIN.lower().startswith(
+            f"{name}:".encode()
+        )
+        assert h.count(name) == present + 1, name
+    assert "received" not in h and not any(n.startswith(("list-", "resent-")) for n in h)

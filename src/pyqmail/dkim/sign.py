@@ -10,9 +10,15 @@ what this module makes in the tests (``tests/unit/test_dkim_sign.py``).
 
 What is signed (``signed_names``): the header fields of RFC 6376 5.4.1, plus Message-ID,
 Sender, MIME-Version and the Content-* fields that say how the body is read; each as often
-as it occurs (the bottom-most instances first, as 5.4.2 says), and From once more than it
-occurs ("over-signed": a From added later breaks the signature). No ``l=``: the whole body
-is signed. ``t=`` is the time the message entered the queue; no ``x=``.
+as it occurs (the bottom-most instances first, as 5.4.2 says). The fields a message has at
+most once (RFC 5322 3.6: From, Sender, Reply-To, To, Cc, Subject, Date, Message-ID,
+In-Reply-To, References; RFC 2045: MIME-Version, Content-Type, Content-Transfer-Encoding)
+are "over-signed" (``OVERSIGNED``): listed once more than they occur, also when absent, so
+a verifier finds one instance more than the message had and a copy of the field added, or
+prepended as a second instance a reader would show, breaks the signature (RFC 6376 5.4.2,
+8.15). Not trace or list fields (Received, Resent-*, List-*): a relay or list adds those
+legitimately. No ``l=``: the whole body is signed. ``t=`` is the time the message entered
+the queue; no ``x=``.
 
 What is read: ``split_message`` is linear in the header (each field's lines joined once),
 and a header section over ``HEADER_SIZE_LIMIT`` (``pyqmail.headers``, the 100 KiB the
@@ -48,6 +54,10 @@ SIGNED: Final = (
     "list-archive", "message-id", "sender", "mime-version", "content-type",
     "content-transfer-encoding", "content-id", "content-description",
 )  # fmt: skip
+OVERSIGNED: Final = frozenset({
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+})  # fmt: skip
 _WSP_RUN = re.compile(rb"[ \t]+")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 B64_LINE: Final = 72
@@ -137,15 +147,15 @@ def body_hash(body: bytes) -> str:
 
 
 def signed_names(fields: Sequence[Field]) -> list[str]:
-    """``h=``: every field of ``SIGNED`` present, as many times as it occurs; From once
-    more (over-signed)."""
+    """``h=``: every field of ``SIGNED`` present, as many times as it occurs; each of
+    ``OVERSIGNED`` once more (listed once when absent)."""
     counts: dict[str, int] = {}
     for raw, _ in fields:
         low = raw.strip(b" \t").decode("ascii", "replace").lower()
         counts[low] = counts.get(low, 0) + 1
     names: list[str] = []
     for name in SIGNED:
-        names += [name] * (counts.get(name, 0) + (name == "from"))
+        names += [name] * (counts.get(name, 0) + (name in OVERSIGNED))
     return names
 
 
