@@ -88,6 +88,7 @@ def test_no_file_means_no_signing(root: Path) -> None:
 def _other_key(tmp_path: Path) -> Path:
     path = tmp_path / "ec.key"
     path.write_bytes(private_pem(ec.generate_private_key(ec.SECP256R1())))  # type: ignore[arg-type]
+    path.chmod(0o640)  # a safe mode: the error is the key's type
     return path
 
 
@@ -101,6 +102,7 @@ def _encrypted(tmp_path: Path) -> Path:
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
+    path.chmod(0o640)
     return path
 
 
@@ -134,7 +136,7 @@ BAD = {
         "dkimkeys:3: key file {enc} is not an unencrypted PEM private key",
     ),
     "not a key": (
-        "example.org:s1:rsa-sha256:{root}/control/me",
+        "example.org:s1:rsa-sha256:{notkey}",
         "is not an unencrypted PEM private key",
     ),
     "three fields": (
@@ -162,7 +164,10 @@ def test_bad_line_names_file_and_line_in_daemon_and_check(
         "enc": _encrypted(tmp_path),
         "tmp": tmp_path,
         "root": root,
+        "notkey": tmp_path / "me.key",
     }
+    names["notkey"].write_text("mx.test\n")
+    names["notkey"].chmod(0o640)
     lines = [line.format(**names)]
     if case == "selector twice":
         lines.append(lines[0])
@@ -197,3 +202,56 @@ def test_check_as_the_daemon_user_reports_a_key_it_cannot_read(
     result = check(root, *extra)
     assert result.returncode == 111, result.stdout + result.stderr
     assert f"dkimkeys:3: cannot read key file {keys[0].path}: Permission denied" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        (0o666, "other users may use it"),
+        (0o644, "other users may use it"),
+        (0o604, "other users may use it"),
+        (0o641, "other users may use it"),
+        (0o660, "its group may replace it"),
+        (0o620, "its group may replace it"),
+    ],
+)
+def test_an_unsafe_key_file_is_refused_naming_it_and_its_mode(
+    mode: int, why: str, root: Path, keys: list[KeyPair]
+) -> None:
+    """OpenDKIM's RequireSafeKeys: a key others may read, or its group may write, does not
+    sign; the daemon and --check say which file, its mode and what to do."""
+    write(root, *(k.line for k in keys))
+    keys[1].path.chmod(mode)
+    expected = f"dkimkeys:4: key file {keys[1].path} is unsafe: mode {mode:04o}, owner uid "
+    with pytest.raises(ControlError, match=why) as caught:
+        dkim_keys.load(root / "control")
+    assert expected in str(caught.value)
+    result = check(root)
+    assert result.returncode == 111
+    assert expected in result.stderr and why in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o600, 0o440, 0o400])
+def test_the_roles_modes_are_safe(mode: int, root: Path, keys: list[KeyPair]) -> None:
+    """What the role writes (0640, owner root, in a 0750 directory), and stricter modes."""
+    write(root, *(k.line for k in keys))
+    for k in keys:
+        k.path.chmod(mode)
+    keys[0].path.parent.chmod(0o750)
+    assert len(dkim_keys.load(root / "control")["example.org"]) == 2
+    result = check(root)
+    assert result.returncode == 0, result.stderr
+    assert "2 DKIM key(s) for 1 domain(s)" in result.stdout
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="chown to another user needs root")
+def test_a_key_writable_by_another_user_is_refused(root: Path, keys: list[KeyPair]) -> None:
+    """Owned by a user other than root and the reader, with its write bit: that user could
+    put its own key there. Read-only for that owner it is safe (0440)."""
+    write(root, *(k.line for k in keys))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(keys[0].path, nobody.pw_uid, 0)
+    with pytest.raises(ControlError, match=f"mode 0640, owner uid {nobody.pw_uid}: a user other"):
+        dkim_keys.load(root / "control")
+    keys[0].path.chmod(0o440)
+    assert len(dkim_keys.load(root / "control")["example.org"]) == 2

@@ -15,12 +15,16 @@ The file itself is public (0644): ``parse`` only checks its syntax, so pyqmail-s
 ``--check`` and the manager report a bad line before anything else. The key files are
 0640 root:pyqmails: ``load`` runs in pyqmail-send's manager only (never in a delivery child,
 never in pyqmail-smtpd or pyqmail-sendmail), and the loaded keys stay in that process
-(``pyqmail.control.send.Control``, which is sent to the children, holds none). Every error
-is a ``ControlError`` naming the file and line.
+(``pyqmail.control.send.Control``, which is sent to the children, holds none). A key file
+that others may read, or its group or a user other than root and the reader may write, is
+refused (``_unsafe``; OpenDKIM's ``RequireSafeKeys``). Every error is a ``ControlError``
+naming the file and line.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -116,14 +120,37 @@ def _kind(private: object) -> str:
     return f"a key of another type ({type(private).__name__})"
 
 
+def _unsafe(st: os.stat_result) -> str:
+    """Why a key file with these permissions must not sign ("" when it may), as OpenDKIM's
+    ``RequireSafeKeys``: a key others can read is no longer this host's alone, and one others
+    can write may have been replaced (mail signed with an attacker's key verifies as ours). The
+    role's files (0640 root:<the signer's group>) pass; checked on the opened file (fstat), so
+    the file read is the file checked."""
+    mode = stat.S_IMODE(st.st_mode)
+    shown = f"mode {mode:04o}, owner uid {st.st_uid}"
+    if mode & 0o007:
+        return f"{shown}: other users may use it (chmod o= it; the role writes 0640)"
+    if mode & 0o020:
+        return f"{shown}: its group may replace it (chmod g-w it; the role writes 0640)"
+    if mode & 0o200 and st.st_uid not in {0, os.geteuid()}:
+        return (
+            f"{shown}: a user other than root and this process (uid {os.geteuid()}) may "
+            "replace it (chown root it; the role writes root:<group> 0640)"
+        )
+    return ""
+
+
 def load_key(entry: KeyLine) -> Key:
     """The private key of one line, checked against its algorithm."""
     where, path = entry.where, entry.keyfile
     try:
         with path.open("rb") as stream:
-            pem = stream.read(MAX_KEY_FILE + 1)
+            unsafe = _unsafe(os.fstat(stream.fileno()))
+            pem = b"" if unsafe else stream.read(MAX_KEY_FILE + 1)
     except OSError as exc:
         raise ControlError(f"{where}: cannot read key file {path}: {exc.strerror}") from None
+    if unsafe:
+        raise ControlError(f"{where}: key file {path} is unsafe: {unsafe}")
     if len(pem) > MAX_KEY_FILE:
         raise ControlError(f"{where}: key file {path} is larger than {MAX_KEY_FILE} bytes")
     try:
