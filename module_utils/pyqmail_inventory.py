@@ -122,6 +122,7 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_signing impor
     check_dkim_domains,
     check_dkim_group,
     check_dkim_prefix,
+    check_dkim_retire,
     check_dkim_rotation,
 )
 
@@ -334,6 +335,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dkim__selector_prefix": check_dkim_prefix,
     "pyqmail_dkim__rsa_bits": check_dkim_bits,
     "pyqmail_dkim__rotate_days": check_dkim_rotation,
+    "pyqmail_dkim__retire_days": check_dkim_retire,
     "pyqmail_dkim__group": check_dkim_group,
     # pyqmail_certificates
     "pyqmail_certificates__ca_host": check_ca_host,

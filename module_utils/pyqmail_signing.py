@@ -4,14 +4,15 @@
 Why its own module: the rules themselves are ``pyqmail_dkim``'s, shared with the module
 ``pyqmail_dkim_key`` on the host, which has no use for the preflight's rows; these rows apply
 them to the variables, and add what only the whole inventory can say: a signing domain must be
-one delivered here (``pyqmail_control``'s local domains or virtualdomains), and the keys'
-group must not be one that pyqmail-smtpd or a delivery child is in.
+one delivered here (``pyqmail_control``'s local domains or virtualdomains), the keys'
+group must not be one that pyqmail-smtpd or a delivery child is in, and a retired key must stay
+published as long as a message it signed may wait in the queue (``queuelifetime``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     Problems,
@@ -20,6 +21,7 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_control impor
     check_locals,
 )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    MAX_DAYS,
     domain_problem,
     is_local,
     prefix_problem,
@@ -27,6 +29,11 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (
     rsa_bits_problem,
     virtual_keys,
 )
+
+# pyqmail-send's default queuelifetime (src/pyqmail/control/table.py, QUEUELIFETIME; a test
+# keeps the two equal: this module runs on the controller, without the daemon's package).
+QUEUELIFETIME_DEFAULT: Final = 604800
+DAY: Final = 86400
 
 
 def _dkim_on(values: Mapping[str, Any]) -> bool:
@@ -98,4 +105,36 @@ def check_dkim_group(name: str, value: str, values: Mapping[str, Any]) -> Proble
         yield (
             f"{name}: {value!r} is also {shared[value]}: other daemons would read the DKIM "
             "keys; name a group of pyqmail-send's manager alone"
+        )
+
+
+def _queuelifetime(values: Mapping[str, Any]) -> int | None:
+    """control/queuelifetime as pyqmail-send reads it (its first line, seconds), from
+    pyqmail_control__extra, else the daemon's default; None when it is no number (that is
+    the daemon's --check to report)."""
+    text = (values.get("pyqmail_control__extra") or {}).get("queuelifetime")
+    if text is None:
+        return QUEUELIFETIME_DEFAULT
+    lines = str(text).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return int(first) if first.isdigit() else None
+
+
+def check_dkim_retire(name: str, value: int, values: Mapping[str, Any]) -> Problems:
+    """With rotation on, a retired key's record stays ``retire_days`` after it stopped signing:
+    no shorter than ``queuelifetime``, or a message signed just before the switch and retried
+    later leaves with a signature whose key is gone (it fails at every receiver). Rotation off
+    retires nothing that ever signed."""
+    if not _dkim_on(values) or not values.get("pyqmail_dkim__rotate_days"):
+        return
+    lifetime = _queuelifetime(values)
+    if lifetime is None or not 1 <= value <= MAX_DAYS:  # reported by their own checks
+        return
+    if value * DAY < lifetime:
+        days = -(-lifetime // DAY)
+        yield (
+            f"{name}: {value} days ({value * DAY} seconds) is shorter than queuelifetime "
+            f"({lifetime} seconds, pyqmail_control__extra.queuelifetime or pyqmail-send's "
+            "default): a message signed just before a key retires and retried later would "
+            f"leave after the key's DNS record is removed; set it to {days} days or more"
         )

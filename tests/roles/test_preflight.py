@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pyqmail.control.table import QUEUELIFETIME
 from tests.collection import module_utils
 from tests.roles.playbook import REPO, ansible_env
 
@@ -470,6 +471,24 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         {"pyqmail_dkim__prepublish_days": 0},
         "pyqmail_dkim__prepublish_days: 0 is out of range: must be from 1 to 365",
     ),
+    "dkim-retire-shorter-than-the-queue": (
+        {
+            "pyqmail_dkim__rotate_days": 30,
+            "pyqmail_dkim__retire_days": 10,
+            "pyqmail_control__extra": {"queuelifetime": "1209600\n"},
+        },
+        "pyqmail_dkim__retire_days: 10 days (864000 seconds) is shorter than queuelifetime "
+        "(1209600 seconds, pyqmail_control__extra.queuelifetime or pyqmail-send's default): a "
+        "message signed just before a key retires and retried later would leave after the "
+        "key's DNS record is removed; set it to 14 days or more",
+    ),
+    "dkim-retire-shorter-than-the-default-queue": (
+        {"pyqmail_dkim__rotate_days": 30, "pyqmail_dkim__retire_days": 6},
+        "pyqmail_dkim__retire_days: 6 days (518400 seconds) is shorter than queuelifetime "
+        "(604800 seconds, pyqmail_control__extra.queuelifetime or pyqmail-send's default): a "
+        "message signed just before a key retires and retried later would leave after the "
+        "key's DNS record is removed; set it to 7 days or more",
+    ),
     "dkim-group": (
         {"pyqmail_dkim__group": "pyqmail"},
         "pyqmail_dkim__group: 'pyqmail' is also pyqmail__group: other daemons would read the "
@@ -562,6 +581,22 @@ def test_dkim_domains_may_be_virtual_and_are_unchecked_when_off() -> None:
     )
     off = {"pyqmail_dkim__enabled": False, "pyqmail_dkim__domains": ["bank.example"]}
     assert problems_of(off) == []
+
+
+def test_dkim_retire_days_as_long_as_the_queue_or_rotation_off_pass() -> None:
+    """retire_days * 86400 >= queuelifetime passes (the defaults: 10 days, 7); with rotation
+    off no key that signed ever retires, so the queue's lifetime does not matter."""
+    long_queue = {"pyqmail_control__extra": {"queuelifetime": "1209600"}}
+    rotating = {"pyqmail_dkim__rotate_days": 30}
+    assert problems_of({**rotating, "pyqmail_dkim__retire_days": 14, **long_queue}) == []
+    assert problems_of({**rotating, "pyqmail_dkim__retire_days": 7}) == []
+    assert problems_of({"pyqmail_dkim__retire_days": 1, **long_queue}) == []
+    off = {"pyqmail_dkim__enabled": False, **rotating, "pyqmail_dkim__retire_days": 1}
+    assert problems_of(off) == []
+
+
+def test_the_queuelifetime_default_is_pyqmail_sends() -> None:
+    assert QUEUELIFETIME.value == module_utils("pyqmail_signing").QUEUELIFETIME_DEFAULT
 
 
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
