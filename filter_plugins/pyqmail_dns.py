@@ -3,7 +3,9 @@
 
 Why Python and not Jinja: the records of a domain come from several hosts (every MX host of
 the domain, every sending host in its SPF, every host's DKIM selectors), must be the same in
-every host's file, and each bad value must fail naming its variable. Pure functions; the role
+every host's file, and each bad value must fail naming its variable. A DKIM selector that two
+hosts publish with different keys fails naming the domain, the selector and the hosts: the zone
+would hold two TXT records at one name, and verifiers fail both. Pure functions; the role
 hands each host's own settings (``pyqmail_dns_host``) and then all hosts' (``pyqmail_dns_zone``).
 
 The zone file has fully qualified owners (one file may span several zones: the mail domains,
@@ -183,6 +185,8 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
         "dkim": dkim_records(s.get("dkim")),
         "tlsa": tlsa,
     }
+    for domain in sorted({d["domain"] for d in out["dkim"]}):
+        _dkim_keys([out], domain)  # one host's own records, checked as the zone will
     for key in RANGES:
         out[key] = _int(s.get(key), key)
     for key in CHOICES:
@@ -252,6 +256,36 @@ def _serves(host: dict[str, Any], domain: str) -> bool:
     )
 
 
+def _clash(domain: str, selector: str, by_txt: Mapping[str, set[str]]) -> AnsibleFilterError:
+    """The error for one selector published with different keys (``by_txt``: key -> hosts)."""
+    shown = "; ".join(
+        f"{', '.join(sorted(hosts))}: p=...{txt[-12:]}" for txt, hosts in sorted(by_txt.items())
+    )
+    return _fail(
+        f"DKIM selector {selector} of {domain} has different keys ({shown}): two TXT "
+        f"records at {selector}._domainkey.{domain} make verifiers fail every signature "
+        "made with it. Each host makes its own keys: give each host its own "
+        "pyqmail_dkim__selector_prefix (the default is the host's short name), and on all "
+        f"hosts but one move <pyqmail__root>/control/dkim/{domain}/ away so the next run "
+        "makes keys under the new prefix"
+    )
+
+
+def _dkim_keys(hosts: list[dict[str, Any]], domain: str) -> list[tuple[str, str]]:
+    """(selector, TXT) of every DKIM key of ``domain`` the hosts publish. One selector with
+    two different keys (two hosts that made keys under the same prefix on the same day) is an
+    error naming the hosts: published both, neither verifies."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for h in hosts:
+        for d in h["dkim"]:
+            if d["domain"] == domain:
+                seen.setdefault(d["selector"], {}).setdefault(d["txt"], set()).add(h["host"])
+    for selector, by_txt in sorted(seen.items()):
+        if len(by_txt) > 1:
+            raise _clash(domain, selector, by_txt)
+    return [(selector, txt) for selector, by_txt in sorted(seen.items()) for txt in by_txt]
+
+
 def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
     """The records of one mail domain, the same whichever host's file they are in."""
     serving = [h for h in hosts if _serves(h, domain)]
@@ -263,10 +297,7 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
     if not mx:
         out.append(f"; no host of this run receives mail for {domain} on port 25: no MX")
     out.append(_rr(domain, ttl, "TXT", txt_rdata(_spf(hosts, setting["spf_all"]))))
-    dkim = sorted(
-        {(d["selector"], d["txt"]) for h in hosts for d in h["dkim"] if d["domain"] == domain}
-    )
-    for selector, txt in dkim:
+    for selector, txt in _dkim_keys(hosts, domain):
         out.append(_rr(f"{selector}._domainkey.{domain}", ttl, "TXT", txt_rdata(txt)))
     rua = setting["dmarc_rua"] or f"postmaster@{domain}"
     dmarc = f"v=DMARC1; p={setting['dmarc_policy']}; rua=mailto:{rua}"

@@ -77,6 +77,9 @@ options:
     description:
       - Start of every selector, 1 to 30 characters, a lower-case letter then letters,
         digits or C(-).
+      - Keys are made per host, so each host that signs for a domain needs a prefix of its own
+        (the role pyqmail_dkim passes the host's short name, C(mx1-)). A changed prefix applies
+        to the keys made from then on; those in the state keep their names.
     type: str
     default: s
   rsa_bits:

@@ -28,6 +28,8 @@ never signed.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -73,6 +75,36 @@ def prefix_problem(value: str) -> str | None:
             "first, then letters, digits or '-' (the selector must be one DNS label)"
         )
     return None
+
+
+HOST_LABEL_MAX = 20  # <label>-<yyyymmdd>[b-z]-ed25519: 39 characters at most, one DNS label
+_NOT_LDH = re.compile(r"[^a-z0-9]+")
+
+
+def host_prefix(host: str) -> str:
+    """The default selector prefix of an inventory host: its short name (up to the first dot;
+    an IP address whole) as a DNS label, then ``-``: ``mx1.example.org`` -> ``mx1-``.
+
+    Why per host: each host makes its own keys, so two hosts signing for one domain (several
+    MX or submission hosts with the same local domain) made the same selector names on the
+    same day, ``s20261202-rsa``, with different keys: two TXT records at one name, which
+    verifiers reject. Lower-case letters, digits and ``-``; an ``h`` in front when the name
+    does not start with a letter; a name longer than ``HOST_LABEL_MAX`` is cut and given 4
+    hex digits of its SHA-256 so that long names sharing a start still differ. Names that
+    come out the same (``mx_1`` and ``mx-1``) are caught by the DNS zone, which refuses one
+    selector with two keys."""
+    text = str(host).strip().lower().rstrip(".")
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        text = text.split(".", 1)[0]
+    label = _NOT_LDH.sub("-", text).strip("-")
+    if not label[:1].isalpha():
+        label = f"h{label}".rstrip("-") if label else "h"
+    if len(label) > HOST_LABEL_MAX:
+        digest = hashlib.sha256(str(host).encode()).hexdigest()[:4]
+        label = f"{label[: HOST_LABEL_MAX - 5].rstrip('-')}-{digest}"
+    return f"{label}-"
 
 
 def rotation_problem(rotate_days: int, prepublish_days: int, retire_days: int) -> str | None:

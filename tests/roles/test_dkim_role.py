@@ -74,6 +74,8 @@ def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
         domain, selector, algorithm, keyfile = line.split(":")
         seen.add((domain, algorithm))
         assert selector.endswith("-rsa" if algorithm == "rsa-sha256" else "-ed25519")
+        # named after the host (inventory_hostname localhost): hosts never share a selector
+        assert selector.startswith("localhost-"), selector
         key = Path(keyfile)
         assert key == control / "dkim" / domain / f"{selector}.key"
         assert mode_of(key) == 0o640

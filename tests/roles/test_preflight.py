@@ -59,6 +59,7 @@ TEMPLATED = {
     "pyqmail_mailboxes__login_domain": "mail.example.org",
     "pyqmail_aliases__postmaster": "admin@example.org",
     "pyqmail_dkim__domains": ["mail.example.org"],
+    "pyqmail_dkim__selector_prefix": "mail-",
     "pyqmail_dkim__group": "pyqmails",
 }
 CONTEXT = {

@@ -164,3 +164,52 @@ def test_hosts_left_out_of_the_run_are_named() -> None:
     text = filters.dns_zone(hosts, "mx1.example.org", ["mx1.example.org", "mx2.example.org"])
     assert "; not in this run (its MX/SPF/DKIM are missing here): mx2.example.org" in text
     assert records(text)["example.org.", "MX"] == ["10 mx1.example.org."]
+
+
+OTHER_ED = "v=DKIM1; k=ed25519; p=AAAAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHU999="
+
+
+def _signing_submit(dkim: list[dict[str, str]]) -> list[dict[str, object]]:
+    """The example hosts, submit signing example.org too (a local domain of its own)."""
+    hosts = example_hosts()
+    hosts[2] = filters.dns_host(
+        settings(
+            "submit.example.org", ipv4=["192.0.2.30"], receives=False, tlsa="",
+            locals=["example.org"], dkim=dkim,
+        )
+    )  # fmt: skip
+    return hosts
+
+
+def test_one_selector_with_two_keys_fails_naming_domain_selector_and_hosts() -> None:
+    """Two hosts that made keys under one prefix on the same day: two TXT records at one name
+    make every verifier fail (OpenDKIM: 'multiple keys found'). The zone refuses it."""
+    clash = [{"domain": "example.org", "selector": "s2026a-ed", "txt": OTHER_ED}]
+    hosts = _signing_submit(clash)
+    for host in ("mx1.example.org", "mx2.example.org", "submit.example.org"):
+        with pytest.raises(AnsibleFilterError) as caught:
+            filters.dns_zone(hosts, host)
+        message = str(caught.value)
+        assert message.startswith("DKIM selector s2026a-ed of example.org has different keys")
+        assert "mx1.example.org: p=..." in message and "submit.example.org: p=..." in message
+        assert "two TXT records at s2026a-ed._domainkey.example.org" in message
+        assert "pyqmail_dkim__selector_prefix" in message
+
+
+def test_selectors_of_their_own_or_one_shared_key_pass() -> None:
+    own = [{"domain": "example.org", "selector": "submit-20261202-ed25519", "txt": OTHER_ED}]
+    got = records(filters.dns_zone(_signing_submit(own), "mx1.example.org"))
+    assert got["s2026a-ed._domainkey.example.org.", "TXT"] == [ED_TXT]
+    assert got["submit-20261202-ed25519._domainkey.example.org.", "TXT"] == [OTHER_ED]
+    same = [{"domain": "example.org", "selector": "s2026a-ed", "txt": ED_TXT}]  # copied key
+    got = records(filters.dns_zone(_signing_submit(same), "submit.example.org"))
+    assert got["s2026a-ed._domainkey.example.org.", "TXT"] == [ED_TXT]
+
+
+def test_one_hosts_own_records_with_two_keys_for_a_selector_fail() -> None:
+    dkim = [
+        {"domain": "example.org", "selector": "s1", "txt": ED_TXT},
+        {"domain": "example.org", "selector": "s1", "txt": OTHER_ED},
+    ]
+    with pytest.raises(AnsibleFilterError, match=r"DKIM selector s1 of example.org has different"):
+        filters.dns_host(settings("mx1.example.org", dkim=dkim))
