@@ -105,3 +105,41 @@ def test_a_bad_zone_file_exits_2_naming_it(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 2 and "No such file" in missing.stderr
+
+
+def test_a_second_spf_dmarc_sts_tlsrpt_or_dkim_next_to_the_expected_one_is_extra(
+    tmp_path: Path,
+) -> None:
+    """The expected records are all there, and a leftover second one of each kind too: each
+    makes receivers ignore both (SPF permerror, no DMARC policy, no MTA-STS), so each is an
+    EXTRA line with the reason, and the exit is 1."""
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    zones = served(
+        text,
+        add='example.org. 3600 IN TXT "v=spf1 include:_spf.old.example -all"\n'
+        'example.org. 3600 IN TXT "google-site-verification=abc"\n'
+        '_dmarc.example.org. 3600 IN TXT "v=DMARC1; p=reject"\n'
+        '_mta-sts.example.org. 3600 IN TXT "v=STSv1; id=old"\n'
+        '_smtp._tls.example.org. 3600 IN TXT "v=TLSRPTv1; rua=mailto:old@example.org"\n'
+        's2026a-ed._domainkey.example.org. 3600 IN TXT "v=DKIM1; k=ed25519; p=old"\n',
+    )
+    with DnsServer(zones) as dns:
+        result = run_check(path, dns)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("5 problem(s) in "), result.stdout
+    extra = [line for line in lines if line.startswith("EXTRA ")]
+    assert len(extra) == 5, result.stdout
+    spf = next(line for line in extra if line.startswith("EXTRA example.org. TXT"))
+    assert spf.endswith(
+        "found also 'v=spf1 include:_spf.old.example -all': two SPF records: receivers get "
+        "permerror and fail the mail (RFC 7208 4.5)"
+    )
+    assert "expected only 'v=spf1 ip4:192.0.2.25" in spf
+    assert any("_dmarc.example.org. TXT" in x and "no DMARC policy" in x for x in extra)
+    assert any("_mta-sts.example.org. TXT" in x and "ignore MTA-STS" in x for x in extra)
+    assert any("_smtp._tls.example.org. TXT" in x and "no TLS reports" in x for x in extra)
+    assert any("s2026a-ed._domainkey.example.org. TXT" in x and "two DKIM keys" in x for x in extra)
+    assert "google-site-verification" not in result.stdout

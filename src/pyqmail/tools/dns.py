@@ -2,15 +2,17 @@
 
 The role pyqmail_dns writes ``artifacts/<host>/dns.zone`` on the controller: the records the
 host's mail needs. This command resolves each owner and type of that file and prints one line
-per record that is missing or different, naming the owner, the type, what the file expects and
-what DNS answered; exit 1 when there is any, 0 and ``all N records published`` otherwise.
+per record that is missing, different or extra, naming the owner, the type, what the file
+expects and what DNS answered; exit 1 when there is any, 0 and ``all N records published``
+otherwise.
 
 How records are compared:
 
 - TXT by their text (the character strings joined, as SPF, DKIM and DMARC read them). Other
   TXT records at the same name are left alone (a domain has verification TXTs); a published
   TXT with the same ``v=`` tag as an expected one (another SPF, another DKIM key) makes the
-  expected one ``DIFFERENT``.
+  expected one ``DIFFERENT`` when the expected one is missing, and is ``EXTRA`` (with the
+  reason: two SPF records are a permerror) when it is there as well.
 - Every other type (MX, A, AAAA, TLSA, PTR) as a set: each expected record must be there, and
   one published that the file does not have is ``EXTRA`` (an MX to another host takes mail).
 - TTLs are not compared. DNSSEC (which TLSA needs) is not validated here.
@@ -114,20 +116,37 @@ def _line(kind: str, want: Expected, expected: str, found: str) -> str:
     return f"{kind} {want.owner} {rtype}: expected {expected}, found {found}"
 
 
+# The TXT records of which a name must have one: a second one, even a correct copy left next
+# to the expected one, breaks the first (each receiver's reason, shown with the EXTRA line).
+ONE_PER_NAME = {
+    "v=spf1": "two SPF records: receivers get permerror and fail the mail (RFC 7208 4.5)",
+    "v=dmarc1": "two DMARC records: receivers apply no DMARC policy (RFC 7489 6.6.3)",
+    "v=stsv1": "two MTA-STS records: senders ignore MTA-STS for the domain (RFC 8461 3.1)",
+    "v=tlsrptv1": "two TLS-RPT records: senders send no TLS reports (RFC 8460 3)",
+    "v=dkim1": "two DKIM keys at one selector: verifiers may fail every signature made with it",
+}
+
+
 def compare_txt(want: Expected, found: list[dns.rdata.Rdata]) -> list[str]:
-    """One line per expected TXT that is not published with exactly its text."""
+    """One line per expected TXT that is not published with exactly its text, and one per
+    other published record with the ``v=`` tag of an expected SPF, DMARC, MTA-STS, TLS-RPT or
+    DKIM record (``EXTRA``: with two, receivers use neither)."""
     texts = [_txt(r) for r in found]
+    wanted = [_txt(r) for r in want.rdatas]
     out = []
-    for rdata in want.rdatas:
-        text = _txt(rdata)
-        if text in texts:
-            continue
-        same_tag = [t for t in texts if _tag(text) and _tag(t) == _tag(text)]
-        if same_tag:
+    for text in wanted:
+        tag = _tag(text)
+        same_tag = [t for t in texts if tag and _tag(t) == tag and t not in wanted]
+        if text not in texts and same_tag:
             out.append(_line("DIFFERENT", want, repr(text), " | ".join(map(repr, same_tag))))
-        else:
+        elif text not in texts:
             shown = " | ".join(map(repr, texts)) or "nothing"
             out.append(_line("MISSING", want, repr(text), shown))
+        elif tag in ONE_PER_NAME:
+            out += [
+                _line("EXTRA", want, f"only {text!r}", f"also {t!r}") + f": {ONE_PER_NAME[tag]}"
+                for t in same_tag
+            ]
     return out
 
 
