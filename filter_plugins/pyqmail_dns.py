@@ -29,6 +29,7 @@ DOMAIN_RE = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 ADDRESS_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\Z")
 SELECTOR_RE = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
+GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 CHOICES = {
     "spf_all": ("-all", "~all"),
     "dmarc_policy": ("none", "quarantine", "reject"),
@@ -108,26 +109,45 @@ def _addresses(value: Any, key: str, version: int) -> list[str]:
     return out
 
 
+def _fact_address(fact: Any, version: int) -> list[str]:
+    """The address of a default-route fact (ansible_default_ipv4/ipv6), or []. An IPv6 one
+    counts only when global unicast (2000::/3, RFC 4291 2.4): a host with only a link-local
+    or ULA address sends no mail over IPv6 to the internet."""
+    text = fact.get("address") if isinstance(fact, Mapping) else None
+    try:
+        address = ipaddress.ip_address(str(text)) if text else None
+    except ValueError:
+        return []
+    if address is None or address.version != version:
+        return []
+    if version == 6 and address not in GLOBAL_UNICAST:
+        return []
+    return [str(address)]
+
+
 def host_addresses(
     listen_ip: Any, default_ipv4: Any, default_ipv6: Any, ipv4: Any, ipv6: Any
 ) -> dict[str, list[str]]:
-    """The host's public addresses: pyqmail_dns__ipv4/ipv6 when set, else the listen address
-    (pyqmail__listen_ip, what the listeners bind to) when it is not a wildcard, else the
-    address of the default route from the facts (a host listening on all addresses)."""
+    """The host's public addresses, each family on its own: pyqmail_dns__ipv4/ipv6 when set,
+    else the listen address (pyqmail__listen_ip, what the listeners bind to) when it is of that
+    family and not a wildcard, else the address of that family's default route from the facts.
+
+    Each family on its own because pyqmail-send delivers over both (it looks up A and AAAA and
+    binds no source address): a host listening on one IPv4 address still sends over IPv6 when
+    it has a route, and that mail needs the IPv6 address in SPF, an AAAA and a PTR."""
     out = {"ipv4": _addresses(ipv4, "ipv4", 4), "ipv6": _addresses(ipv6, "ipv6", 6)}
-    if out["ipv4"] or out["ipv6"]:
-        return out
     try:
         listen = ipaddress.ip_address(str(listen_ip).strip("[]"))
     except ValueError:
         listen = None
-    if listen is not None and not listen.is_unspecified:
-        out[f"ipv{listen.version}"] = [str(listen)]
-        return out
-    for key, fact in (("ipv4", default_ipv4), ("ipv6", default_ipv6)):
-        address = (fact or {}).get("address") if isinstance(fact, Mapping) else None
-        if address:
-            out[key] = [str(ipaddress.ip_address(address))]
+    for version, fact in ((4, default_ipv4), (6, default_ipv6)):
+        key = f"ipv{version}"
+        if out[key]:
+            continue
+        if listen is not None and listen.version == version and not listen.is_unspecified:
+            out[key] = [str(listen)]
+        else:
+            out[key] = _fact_address(fact, version)
     return out
 
 

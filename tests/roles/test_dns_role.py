@@ -102,6 +102,8 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
             mx1_root,
             pyqmail__me="mx1.example.org",
             pyqmail__listen_ip="192.0.2.25",
+            # explicit, so the host's own IPv6 default route (facts) does not show
+            pyqmail_dns__ipv6=["2001:db8::25"],
             pyqmail_control__locals=["example.org"],
             pyqmail_dkim__published=DKIM,
         ),
@@ -109,6 +111,7 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
             mx2_root,
             pyqmail__me="mx2.example.org",
             pyqmail__listen_ip="192.0.2.26",
+            pyqmail_dns__ipv6=["2001:db8::26"],
             pyqmail_control__relay_domains=["example.org"],
             pyqmail_dns__backup_mx_priority=30,
         ),
@@ -143,7 +146,8 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
         assert [
             line for line in text.splitlines() if line.startswith("example.org. 3600 IN MX")
         ] == mx
-        assert 'example.org. 3600 IN TXT "v=spf1 ip4:192.0.2.25 ip4:192.0.2.26 -all"' in text
+        spf = "v=spf1 ip4:192.0.2.25 ip4:192.0.2.26 ip6:2001:db8::25 ip6:2001:db8::26 -all"
+        assert f'example.org. 3600 IN TXT "{spf}"' in text
         assert f's1-ed._domainkey.example.org. 3600 IN TXT "{ED_TXT}"' in text
     assert f"_25._tcp.mx1.example.org. 3600 IN TLSA 3 1 1 {openssl_311(cert)}" in mx1
     assert "; no TLSA: control/servercert.pem not there yet on mx2.example.org" in mx2

@@ -114,7 +114,7 @@ def test_mta_sts_id_changes_with_the_policy_only() -> None:
 
 def test_addresses_from_the_listen_ip_else_the_facts() -> None:
     facts4, facts6 = {"address": "198.51.100.7"}, {"address": "2001:db8::7"}
-    assert filters.host_addresses("192.0.2.25", facts4, facts6, [], []) == {
+    assert filters.host_addresses("192.0.2.25", facts4, {}, [], []) == {
         "ipv4": ["192.0.2.25"],
         "ipv6": [],
     }
@@ -122,10 +122,37 @@ def test_addresses_from_the_listen_ip_else_the_facts() -> None:
         "ipv4": ["198.51.100.7"],
         "ipv6": ["2001:db8::7"],
     }
-    assert filters.host_addresses("::", facts4, {}, [], ["2001:db8::1"]) == {
+    assert filters.host_addresses("::", {}, {}, [], ["2001:db8::1"]) == {
         "ipv4": [],
         "ipv6": ["2001:db8::1"],
     }
+
+
+def test_each_family_on_its_own() -> None:
+    """A host listening on one IPv4 address (the role default: the default route's) still
+    sends over IPv6: its IPv6 default-route address is published too; an explicit IPv4 list
+    leaves IPv6 to the listen address or the facts, and the other way round."""
+    facts4, facts6 = {"address": "198.51.100.7"}, {"address": "2001:db8::7"}
+    assert filters.host_addresses("192.0.2.25", facts4, facts6, [], []) == {
+        "ipv4": ["192.0.2.25"],
+        "ipv6": ["2001:db8::7"],
+    }
+    assert filters.host_addresses("0.0.0.0", facts4, facts6, ["192.0.2.9"], []) == {
+        "ipv4": ["192.0.2.9"],
+        "ipv6": ["2001:db8::7"],
+    }
+    assert filters.host_addresses("2001:db8::25", facts4, facts6, [], []) == {
+        "ipv4": ["198.51.100.7"],
+        "ipv6": ["2001:db8::25"],
+    }
+    assert filters.host_addresses("192.0.2.25", facts4, facts6, [], ["2001:db8::9"]) == {
+        "ipv4": ["192.0.2.25"],
+        "ipv6": ["2001:db8::9"],
+    }
+    # link-local and ULA default routes are no address the internet sees
+    for local in ("fe80::1", "fd00::7"):
+        got = filters.host_addresses("192.0.2.25", facts4, {"address": local}, [], [])
+        assert got == {"ipv4": ["192.0.2.25"], "ipv6": []}
 
 
 @pytest.mark.parametrize(
