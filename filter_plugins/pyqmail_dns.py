@@ -183,8 +183,8 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
     whether it sends, its DKIM selectors, TLSA data and its settings of the domain records.
 
     ``settings`` keys: host, me, ipv4, ipv6 (from host_addresses), locals, relay_domains,
-    receives (listens on port 25), sends, dkim, tlsa (hex or ""), and the pyqmail_dns__
-    settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
+    send_domains, receives (listens on port 25), sends, dkim, tlsa (hex or ""), and the
+    pyqmail_dns__ settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
     tlsrpt_rua, mta_sts_mode, mta_sts_max_age.
     """
     s = settings
@@ -199,6 +199,9 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
         "locals": sorted({_domain(d, "pyqmail_control__locals") for d in s.get("locals") or []}),
         "relay_domains": sorted(
             {_domain(d, "pyqmail_control__relay_domains") for d in s.get("relay_domains") or []}
+        ),
+        "send_domains": sorted(
+            {_domain(d, f"{V}send_domains") for d in s.get("send_domains") or []}
         ),
         "receives": bool(s.get("receives")),
         "sends": bool(s.get("sends", True)),
@@ -258,11 +261,13 @@ def _mx_set(hosts: list[dict[str, Any]], domain: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def _sender_terms(hosts: list[dict[str, Any]]) -> list[str]:
+    """The ip4:/ip6: terms of the sending hosts among ``hosts``."""
+    return sorted({f"ip{v}:{a}" for h in hosts if h["sends"] for v in (4, 6) for a in h[f"ipv{v}"]})
+
+
 def _spf(hosts: list[dict[str, Any]], qualifier: str) -> str:
-    senders = sorted(
-        {f"ip{v}:{a}" for h in hosts if h["sends"] for v in (4, 6) for a in h[f"ipv{v}"]}
-    )
-    return " ".join(["v=spf1", *senders, qualifier])
+    return " ".join(["v=spf1", *_sender_terms(hosts), qualifier])
 
 
 def _rr(owner: str, ttl: int, rtype: str, data: str) -> str:
@@ -270,10 +275,19 @@ def _rr(owner: str, ttl: int, rtype: str, data: str) -> str:
 
 
 def _serves(host: dict[str, Any], domain: str) -> bool:
-    """Whether ``host`` receives or signs mail of ``domain`` (its settings count for it)."""
-    return domain in host["locals"] + host["relay_domains"] or any(
-        d["domain"] == domain for d in host["dkim"]
+    """Whether ``host`` receives, signs or sends mail of ``domain``: its settings count for
+    the domain, and its addresses are in the domain's SPF."""
+    return domain in host["locals"] + host["relay_domains"] + host["send_domains"] or _primary(
+        host, domain
     )
+
+
+def _primary(host: dict[str, Any], domain: str) -> bool:
+    """Whether ``domain`` is ``host``'s own (a local domain, or one it signs for): then the run
+    knows the domain's whole mail and writes all its records. A domain that hosts of the run
+    are only backup MX for (pyqmail_control__relay_domains) or send for
+    (pyqmail_dns__send_domains) has its primary elsewhere, with its own records."""
+    return domain in host["locals"] or any(d["domain"] == domain for d in host["dkim"])
 
 
 def _clash(domain: str, selector: str, by_txt: Mapping[str, set[str]]) -> AnsibleFilterError:
@@ -306,17 +320,41 @@ def _dkim_keys(hosts: list[dict[str, Any]], domain: str) -> list[tuple[str, str]
     return [(selector, txt) for selector, by_txt in sorted(seen.items()) for txt in by_txt]
 
 
+def _foreign_domain(serving: list[dict[str, Any]], domain: str, ttl: int) -> list[str]:
+    """A domain whose primary is outside the run: only what the run adds to the domain's
+    existing records, as comments. Its own MX set, SPF, DMARC and MTA-STS are not known here,
+    and a record set naming only this run's hosts would send its mail to the backup MX and
+    fail the SPF of its real senders."""
+    out = [
+        f"; {domain}: no host of this run has it as a local domain (its primary is elsewhere);",
+        "; publish none of its records from here, only add these to the ones it has:",
+    ]
+    mx = _mx_set(serving, domain)
+    if mx:
+        out.append("; add to the domain's existing MX set (backup MX):")
+        out += [f";   {_rr(domain, ttl, 'MX', f'{prio} {name}.')}" for prio, name in mx]
+    terms = _sender_terms([h for h in serving if domain in h["send_domains"]])
+    if terms:
+        out.append(f"; add to the domain's existing SPF record: {' '.join(terms)}")
+    return out
+
+
 def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
-    """The records of one mail domain, the same whichever host's file they are in."""
+    """The records of one mail domain, the same whichever host's file they are in: its MX
+    from the hosts that receive for it, its SPF from the hosts that serve, sign or send for it
+    (never from every host of the run: two unrelated domains in one inventory would each
+    authorize the other's servers)."""
     serving = [h for h in hosts if _serves(h, domain)]
     setting = {key: _domain_setting(serving, domain, key) for key in DOMAIN_SETTINGS}
     ttl = setting["ttl"]
     out = [f"; --- {domain}"]
-    mx = _mx_set(hosts, domain)
+    if not any(_primary(h, domain) for h in serving):
+        return out + _foreign_domain(serving, domain, ttl)
+    mx = _mx_set(serving, domain)
     out += [_rr(domain, ttl, "MX", f"{prio} {name}.") for prio, name in mx]
     if not mx:
         out.append(f"; no host of this run receives mail for {domain} on port 25: no MX")
-    out.append(_rr(domain, ttl, "TXT", txt_rdata(_spf(hosts, setting["spf_all"]))))
+    out.append(_rr(domain, ttl, "TXT", txt_rdata(_spf(serving, setting["spf_all"]))))
     for selector, txt in _dkim_keys(hosts, domain):
         out.append(_rr(f"{selector}._domainkey.{domain}", ttl, "TXT", txt_rdata(txt)))
     rua = setting["dmarc_rua"] or f"postmaster@{domain}"
@@ -376,7 +414,14 @@ def dns_zone(hosts: Any, host: str, all_hosts: Any = None) -> str:
     me = next((h for h in hosts if h["host"] == host), None)
     if me is None:
         raise _fail(f"pyqmail_dns_zone: {host} is not among the hosts")
-    domains = sorted({*me["locals"], *me["relay_domains"], *(d["domain"] for d in me["dkim"])})
+    domains = sorted(
+        {
+            *me["locals"],
+            *me["relay_domains"],
+            *me["send_domains"],
+            *(d["domain"] for d in me["dkim"]),
+        }
+    )
     names = [h["host"] for h in hosts]
     out = [
         f"; DNS records to publish for {host} (pyqmail_dns, written by ansible-playbook site.yml)",

@@ -378,6 +378,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dns__tlsrpt_rua": report_address,
     "pyqmail_dns__ipv4": each(ip_of(4)),
     "pyqmail_dns__ipv6": each(ip_of(6)),
+    "pyqmail_dns__send_domains": each(domain),
 }
 
 

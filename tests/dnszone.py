@@ -1,7 +1,8 @@
 """The DNS zone filters (filter_plugins/pyqmail_dns.py) and the example hosts their tests share.
 
 Three hosts as in inventory/example: mx1 (example.org local, MX 10, DKIM keys), mx2 (backup MX
-for example.org), submit (no port 25). ``zone(host)`` is the file the role would write.
+for example.org), submit (no port 25; its users send as example.org: pyqmail_dns__send_domains).
+``zone(host)`` is the file the role would write.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def settings(host: str, **over: Any) -> dict[str, Any]:
         "ipv6": [],
         "locals": [host],
         "relay_domains": [],
+        "send_domains": [],
         "receives": True,
         "sends": True,
         "dkim": [],
@@ -72,7 +74,13 @@ def example_hosts(common: dict[str, Any] | None = None, **mx1: Any) -> list[dict
             **mx1,
         ),
         settings("mx2.example.org", ipv4=["192.0.2.26"], relay_domains=["example.org"]),
-        settings("submit.example.org", ipv4=["192.0.2.30"], receives=False, tlsa=""),
+        settings(
+            "submit.example.org",
+            ipv4=["192.0.2.30"],
+            receives=False,
+            tlsa="",
+            send_domains=["example.org"],
+        ),
     ]
     return [filters.dns_host({**s, **(common or {})}) for s in raw]
 

@@ -47,6 +47,10 @@ DKIM = [
             {"pyqmail_dns__ipv6": ["192.0.2.1"]},
             "pyqmail_dns__ipv6[0]: '192.0.2.1' is not an IPv6 address",
         ),
+        (
+            {"pyqmail_dns__send_domains": ["not a domain"]},
+            "pyqmail_dns__send_domains[0]: 'not a domain' is not a domain name",
+        ),
     ],
 )
 def test_preflight_names_the_bad_variable(overrides: dict[str, Any], expected: str) -> None:

@@ -66,11 +66,65 @@ def test_long_dkim_txt_is_split_into_255_byte_strings() -> None:
 
 
 def test_every_host_has_the_same_records_for_a_shared_domain() -> None:
-    """mx1 (primary) and mx2 (backup) publish one and the same set for example.org."""
-    assert block(zone("mx1.example.org"), "example.org") == block(
-        zone("mx2.example.org"), "example.org"
-    )
-    assert "; --- example.org" not in zone("submit.example.org")
+    """mx1 (primary), mx2 (backup) and submit (sends for it) publish one and the same set for
+    example.org; submit.example.org is submit's alone."""
+    mx1 = block(zone("mx1.example.org"), "example.org")
+    assert mx1 == block(zone("mx2.example.org"), "example.org")
+    assert mx1 == block(zone("submit.example.org"), "example.org")
+    assert "; --- submit.example.org" not in zone("mx1.example.org")
+
+
+def _tenants() -> list[dict[str, object]]:
+    """Two unrelated domains in one inventory: a.example on mxa, b.example on mxb; mxb is also
+    backup MX for c.example, whose primary is outside the run."""
+    return [
+        filters.dns_host(settings("mxa.example", ipv4=["192.0.2.1"], locals=["a.example"])),
+        filters.dns_host(
+            settings(
+                "mxb.example",
+                ipv4=["192.0.2.2"],
+                ipv6=["2001:db8::2"],
+                locals=["b.example"],
+                relay_domains=["c.example"],
+            )
+        ),
+    ]
+
+
+def test_spf_and_mx_of_a_domain_name_only_the_hosts_serving_it() -> None:
+    """Each domain's SPF names the hosts that serve it, not every host of the run: a.example's
+    record must not authorize b.example's server (and the other way round)."""
+    hosts = _tenants()
+    a = records(filters.dns_zone(hosts, "mxa.example"))
+    b = records(filters.dns_zone(hosts, "mxb.example"))
+    assert a["a.example.", "TXT"] == ["v=spf1 ip4:192.0.2.1 -all"]
+    assert a["a.example.", "MX"] == ["10 mxa.example."]
+    assert b["b.example.", "TXT"] == ["v=spf1 ip4:192.0.2.2 ip6:2001:db8::2 -all"]
+    assert b["b.example.", "MX"] == ["10 mxb.example."]
+    assert ("b.example.", "TXT") not in a
+
+
+def test_a_domain_only_backed_up_gets_its_backup_mx_as_a_comment_only() -> None:
+    """c.example's primary is outside the run: publishing an MX set of the backup alone, an
+    SPF naming none of its senders, DMARC and MTA-STS naming the backup would break its mail.
+    The zone says which MX line to add to its existing set, and publishes nothing of it."""
+    text = filters.dns_zone(_tenants(), "mxb.example")
+    got = records(text)
+    assert not [key for key in got if key[0].endswith("c.example.")]
+    lines = block(text, "c.example")
+    assert "; add to the domain's existing MX set (backup MX):" in lines
+    assert ";   c.example. 3600 IN MX 20 mxb.example." in lines
+    assert not any("spf1" in x or "DMARC" in x or "STSv1" in x or "TLSRPT" in x for x in lines)
+
+
+def test_a_domain_sent_for_but_served_elsewhere_gets_an_spf_hint() -> None:
+    """A host sending for a domain whose primary is elsewhere (pyqmail_dns__send_domains):
+    its addresses are what the domain's own SPF needs added."""
+    hosts = [
+        filters.dns_host(settings("out.example", ipv4=["192.0.2.9"], send_domains=["d.example"]))
+    ]
+    lines = block(filters.dns_zone(hosts, "out.example"), "d.example")
+    assert "; add to the domain's existing SPF record: ip4:192.0.2.9" in lines
 
 
 def test_priorities_come_from_the_inventory_of_each_host() -> None:
