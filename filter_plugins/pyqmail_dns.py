@@ -22,6 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    MAX_LOOKUPS,
+    lookups,
+    term_problem,
+    too_many,
+)
 
 V = "pyqmail_dns__"
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?"
@@ -151,6 +157,23 @@ def host_addresses(
     return out
 
 
+def spf_extra(value: Any) -> list[str]:
+    """pyqmail_dns__spf_extra: SPF terms added to the SPF of the domains the host sends for and
+    of its own name (a smarthost's ``include:``), checked as the preflight checks them."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise _fail(f"{V}spf_extra: must be a list of SPF terms (include:..., ip4:...)")
+    out: list[str] = []
+    for index, term in enumerate(value):
+        problem = term_problem(term)
+        if problem:
+            raise _fail(f"{V}spf_extra[{index}]: {term!r} {problem}")
+        if str(term).lower() not in out:
+            out.append(str(term).lower())
+    if lookups(out) > MAX_LOOKUPS:
+        raise _fail(f"{V}spf_extra: {too_many(lookups(out))}")
+    return out
+
+
 def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list[dict[str, str]]:
     """The published DKIM selectors (the pyqmail_dkim role's fact), checked."""
     if published is None or published == "":
@@ -183,7 +206,7 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
     whether it sends, its DKIM selectors, TLSA data and its settings of the domain records.
 
     ``settings`` keys: host, me, ipv4, ipv6 (from host_addresses), locals, relay_domains,
-    send_domains, receives (listens on port 25), sends, dkim, tlsa (hex or ""), and the
+    send_domains, receives (listens on port 25), sends, spf_extra, dkim, tlsa (hex or ""), and the
     pyqmail_dns__ settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
     tlsrpt_rua, mta_sts_mode, mta_sts_max_age.
     """
@@ -205,6 +228,7 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "receives": bool(s.get("receives")),
         "sends": bool(s.get("sends", True)),
+        "spf_extra": spf_extra(s.get("spf_extra") or []),
         "dkim": dkim_records(s.get("dkim")),
         "tlsa": tlsa,
     }
@@ -266,8 +290,29 @@ def _sender_terms(hosts: list[dict[str, Any]]) -> list[str]:
     return sorted({f"ip{v}:{a}" for h in hosts if h["sends"] for v in (4, 6) for a in h[f"ipv{v}"]})
 
 
-def _spf(hosts: list[dict[str, Any]], qualifier: str) -> str:
-    return " ".join(["v=spf1", *_sender_terms(hosts), qualifier])
+def _spf(hosts: list[dict[str, Any]], qualifier: str, what: str) -> str | None:
+    """The SPF record naming the sending ``hosts``' addresses and every host's
+    pyqmail_dns__spf_extra terms; None when there is none (no address known, or the hosts
+    send through a relay and give no term of it): "-all" then would fail all of the mail.
+    More than 10 lookups in all fails naming ``what`` and the hosts."""
+    extra = sorted({t for h in hosts for t in h["spf_extra"]})
+    terms = _sender_terms(hosts) + [t for t in extra if t not in _sender_terms(hosts)]
+    if lookups(terms) > MAX_LOOKUPS:
+        names = ", ".join(sorted(h["host"] for h in hosts if h["spf_extra"]))
+        raise _fail(
+            f"{V}spf_extra of {names}: the SPF of {what} would have {too_many(lookups(terms))}"
+        )
+    return " ".join(["v=spf1", *terms, qualifier]) if terms else None
+
+
+def _spf_lines(owner: str, ttl: int, spf: str | None) -> list[str]:
+    """The SPF record of ``owner``, or a comment saying to publish one's own."""
+    if spf is not None:
+        return [_rr(owner, ttl, "TXT", txt_rdata(spf))]
+    return [
+        f"; no sender known for {owner}: publish your own SPF record naming the servers its "
+        f"mail leaves from (or set {V}ipv4/ipv6, or {V}spf_extra with the relay's include:)"
+    ]
 
 
 def _rr(owner: str, ttl: int, rtype: str, data: str) -> str:
@@ -333,7 +378,8 @@ def _foreign_domain(serving: list[dict[str, Any]], domain: str, ttl: int) -> lis
     if mx:
         out.append("; add to the domain's existing MX set (backup MX):")
         out += [f";   {_rr(domain, ttl, 'MX', f'{prio} {name}.')}" for prio, name in mx]
-    terms = _sender_terms([h for h in serving if domain in h["send_domains"]])
+    senders = [h for h in serving if domain in h["send_domains"]]
+    terms = _sender_terms(senders) + sorted({t for h in senders for t in h["spf_extra"]})
     if terms:
         out.append(f"; add to the domain's existing SPF record: {' '.join(terms)}")
     return out
@@ -354,7 +400,7 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
     out += [_rr(domain, ttl, "MX", f"{prio} {name}.") for prio, name in mx]
     if not mx:
         out.append(f"; no host of this run receives mail for {domain} on port 25: no MX")
-    out.append(_rr(domain, ttl, "TXT", txt_rdata(_spf(serving, setting["spf_all"]))))
+    out += _spf_lines(domain, ttl, _spf(serving, setting["spf_all"], domain))
     for selector, txt in _dkim_keys(hosts, domain):
         out.append(_rr(f"{selector}._domainkey.{domain}", ttl, "TXT", txt_rdata(txt)))
     rua = setting["dmarc_rua"] or f"postmaster@{domain}"
@@ -390,9 +436,9 @@ def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
         if not ipaddress.ip_address(address).is_global:
             out.append(f"; {address} is not a public address: set {V}ipv4 / {V}ipv6")
         out.append(_rr(name, ttl, rtype, address))
-    if name not in domains and me["sends"]:
+    if name not in domains:
         out.append("; SPF of the host name (the HELO name and bounces):")
-        out.append(_rr(name, ttl, "TXT", txt_rdata(_spf([me], me["spf_all"]))))
+        out += _spf_lines(name, ttl, _spf([me], me["spf_all"], name))
     if me["receives"] and me["tlsa"]:
         out.append("; DANE: needs DNSSEC on this zone; the key is kept across renewals")
         out.append(_rr(f"_25._tcp.{name}", ttl, "TLSA", f"3 1 1 {me['tlsa']}"))

@@ -23,8 +23,9 @@ Three stages:
 The table is here; the rows' functions live in one module per concept, each imported below:
 ``pyqmail_control`` (control files), ``pyqmail_clientrules`` (tcprules addresses and
 environments), ``pyqmail_mailboxes`` (aliases and mailboxes), ``pyqmail_signing`` (DKIM),
-``pyqmail_pki`` (the CA and the certificates), ``pyqmail_listeners`` (addresses, ports and
-the listeners' run settings, SMTP and Dovecot), ``pyqmail_scanners`` and ``pyqmail_dovecot``;
+``pyqmail_pki`` (the CA and the certificates), ``pyqmail_spf`` (SPF terms),
+``pyqmail_listeners`` (addresses, ports and the listeners' run settings, SMTP and Dovecot),
+``pyqmail_scanners`` and ``pyqmail_dovecot``;
 what several of them share (the type of a check, ``in_range``, ``each``, ``domain``, ...) is
 ``pyqmail_checkbase``. Only the rows of the roles ``pyqmail`` and ``pyqmail_dns``, a few lines
 each, stay here. Those modules never import this one.
@@ -124,6 +125,9 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_signing impor
     check_dkim_prefix,
     check_dkim_retire,
     check_dkim_rotation,
+)
+from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    check_spf_extra,
 )
 
 __all__ = ["CHECKS", "check", "unknown", "validate"]
@@ -379,6 +383,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dns__ipv4": each(ip_of(4)),
     "pyqmail_dns__ipv6": each(ip_of(6)),
     "pyqmail_dns__send_domains": each(domain),
+    "pyqmail_dns__spf_extra": check_spf_extra,
 }
 
 

@@ -11,6 +11,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import tests.collection  # noqa: F401 - puts the collection on sys.path for the filter's imports
+
 REPO = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location(
     "pyqmail_dns_filters", REPO / "filter_plugins" / "pyqmail_dns.py"
@@ -46,6 +48,7 @@ def settings(host: str, **over: Any) -> dict[str, Any]:
         "send_domains": [],
         "receives": True,
         "sends": True,
+        "spf_extra": [],
         "dkim": [],
         "tlsa": TLSA,
         "mx_priority": 10,

@@ -48,6 +48,17 @@ DKIM = [
             "pyqmail_dns__ipv6[0]: '192.0.2.1' is not an IPv6 address",
         ),
         (
+            {"pyqmail_dns__spf_extra": ["include:a.example", "+all"]},
+            "pyqmail_dns__spf_extra[1]: '+all' has a qualifier: give the term alone "
+            "(pyqmail_dns__spf_all ends the record)",
+        ),
+        (
+            {"pyqmail_dns__spf_extra": [f"include:s{i}.example" for i in range(11)]},
+            "pyqmail_dns__spf_extra: 11 terms that need a DNS lookup (a, mx, include:, exists:); "
+            "SPF allows 10 in all, including those of the included records (RFC 7208 4.6.4), "
+            "or every receiver fails the mail with permerror: use ip4:/ip6: or fewer include:",
+        ),
+        (
             {"pyqmail_dns__send_domains": ["not a domain"]},
             "pyqmail_dns__send_domains[0]: 'not a domain' is not a domain name",
         ),

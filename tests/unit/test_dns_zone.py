@@ -294,3 +294,75 @@ def test_one_hosts_own_records_with_two_keys_for_a_selector_fail() -> None:
     ]
     with pytest.raises(AnsibleFilterError, match=r"DKIM selector s1 of example.org has different"):
         filters.dns_host(settings("mx1.example.org", dkim=dkim))
+
+
+def _smarthost(**over: object) -> list[dict[str, object]]:
+    """One host that sends through a relay (pyqmail_dns__sends: false, the README's advice)."""
+    base = {"ipv4": ["192.0.2.1"], "locals": ["a.example"], "sends": False, **over}
+    return [filters.dns_host(settings("mxa.example", **base))]
+
+
+def test_a_smarthost_gives_its_relay_terms_to_the_spf() -> None:
+    """The relay's include: goes into the domain's SPF (and the host name's), so check can
+    find the record published; the host's own address is not in it (it does not send)."""
+    hosts = _smarthost(spf_extra=["include:_spf.relay.example", "ip4:198.51.100.0/24"])
+    got = records(filters.dns_zone(hosts, "mxa.example"))
+    spf = "v=spf1 include:_spf.relay.example ip4:198.51.100.0/24 -all"
+    assert got["a.example.", "TXT"] == [spf]
+    assert got["mxa.example.", "TXT"] == [spf]
+
+
+def test_no_sender_known_is_a_comment_not_minus_all() -> None:
+    """'v=spf1 -all' says nobody may send: with no address and no relay term the zone says to
+    publish one's own SPF instead of a record that fails all of the domain's mail."""
+    text = filters.dns_zone(_smarthost(), "mxa.example")
+    got = records(text)
+    assert ("a.example.", "TXT") not in got and ("mxa.example.", "TXT") not in got
+    assert "; no sender known for a.example: publish your own SPF record" in text
+    assert "-all" not in text
+
+
+@pytest.mark.parametrize(
+    ("terms", "message"),
+    [
+        (["~include:x.example"], "spf_extra[0]: '~include:x.example' has a qualifier"),
+        (["all"], "spf_extra[0]: 'all' is not an SPF term"),
+        (["redirect=_spf.x.example"], "spf_extra[0]: 'redirect=_spf.x.example' is not an SPF"),
+        (["ptr"], "spf_extra[0]: 'ptr' is not an SPF term"),
+        (["ip4:2001:db8::1"], "spf_extra[0]: 'ip4:2001:db8::1' is not ip4:<IPv4 address"),
+        (
+            [f"include:s{i}.example" for i in range(11)],
+            "pyqmail_dns__spf_extra: 11 terms that need a DNS lookup",
+        ),
+    ],
+)
+def test_bad_spf_terms_name_the_variable(terms: list[str], message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        filters.dns_host(settings("mx1.example.org", spf_extra=terms))
+
+
+def test_spf_terms_accepted() -> None:
+    terms = ["a", "mx", "a:out.example/24", "mx:x.example//64", "exists:%{i}._spf.x.example"]
+    assert filters.dns_host(settings("h.example", spf_extra=terms))["spf_extra"] == terms
+
+
+def test_more_than_ten_lookups_over_the_hosts_of_a_domain_fail() -> None:
+    """Each host within the limit, their sum in the domain's SPF over it: a permerror at
+    every receiver, so the zone refuses it naming the hosts and the domain."""
+    hosts = [
+        filters.dns_host(
+            settings(
+                f"mx{n}.example",
+                locals=["a.example"],
+                spf_extra=[f"include:s{n}-{i}.example" for i in range(6)],
+            )
+        )
+        for n in (1, 2)
+    ]
+    with pytest.raises(AnsibleFilterError) as caught:
+        filters.dns_zone(hosts, "mx1.example")
+    message = str(caught.value)
+    assert message.startswith(
+        "pyqmail_dns__spf_extra of mx1.example, mx2.example: the SPF of a.example would have 12"
+    )
+    assert "RFC 7208 4.6.4" in message
