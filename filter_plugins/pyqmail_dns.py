@@ -206,7 +206,8 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
     whether it sends, its DKIM selectors, TLSA data and its settings of the domain records.
 
     ``settings`` keys: host, me, ipv4, ipv6 (from host_addresses), locals, relay_domains,
-    send_domains, receives (listens on port 25), sends, spf_extra, dkim, tlsa (hex or ""), and the
+    send_domains, receives (listens on port 25), sends, spf_extra, dkim, tlsa (hex or ""),
+    tlsa_provided (the certificate is pyqmail_certificates__provided_*), and the
     pyqmail_dns__ settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
     tlsrpt_rua, mta_sts_mode, mta_sts_max_age.
     """
@@ -231,6 +232,7 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
         "spf_extra": spf_extra(s.get("spf_extra") or []),
         "dkim": dkim_records(s.get("dkim")),
         "tlsa": tlsa,
+        "tlsa_provided": bool(s.get("tlsa_provided")),
     }
     for domain in sorted({d["domain"] for d in out["dkim"]}):
         _dkim_keys([out], domain)  # one host's own records, checked as the zone will
@@ -425,6 +427,20 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
     return out
 
 
+def _tlsa_comment(me: dict[str, Any]) -> list[str]:
+    """What keeps the TLSA record valid: a generated certificate keeps its key across
+    renewals; a provided one (ACME) changes it whenever its client makes a new key."""
+    if not me["tlsa_provided"]:
+        return ["; DANE: needs DNSSEC on this zone; the generated key is kept across renewals"]
+    return [
+        "; DANE: needs DNSSEC on this zone. The certificate is provided",
+        "; (pyqmail_certificates__provided_*): this record changes whenever the provided key",
+        "; changes (an ACME client makes a new key unless told to reuse it). Publish the next",
+        "; key's record next to this one before the key changes (RFC 7671 8.1), or senders that",
+        "; use DANE defer mail to this host.",
+    ]
+
+
 def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
     """The records of the host itself: A/AAAA, SPF of its name, TLSA, and the PTR."""
     name, ttl = me["me"], me["ttl"]
@@ -440,7 +456,7 @@ def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
         out.append("; SPF of the host name (the HELO name and bounces):")
         out += _spf_lines(name, ttl, _spf([me], me["spf_all"], name))
     if me["receives"] and me["tlsa"]:
-        out.append("; DANE: needs DNSSEC on this zone; the key is kept across renewals")
+        out += _tlsa_comment(me)
         out.append(_rr(f"_25._tcp.{name}", ttl, "TLSA", f"3 1 1 {me['tlsa']}"))
     elif me["receives"]:
         out.append(f"; no TLSA: control/servercert.pem not there yet on {me['host']}")

@@ -243,6 +243,12 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     from ansible_collections.pyqmail.mail.plugins.module_utils import pyqmail_crypto as crypto
+    from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_certkeys import (
+        CaError,
+        load_ca,
+        read_existing,
+        tlsa_warning,
+    )
     from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_files import (
         ensure_file,
         file_args,
@@ -361,41 +367,12 @@ class CertificateModule:
 
     def load_ca(self) -> tuple[crypto.PrivateKey, crypto.x509.Certificate] | None:
         """The CA key and certificate, or None in check mode when the CA is still to come."""
-        ca_path = self.params["ca_path"]
-        key_file = os.path.join(ca_path, "ca.key")
-        cert_file = os.path.join(ca_path, "ca.pem")
+        p = self.params
         try:
-            key_data, cert_data = read_if_exists(key_file), read_if_exists(cert_file)
-        except OSError as exc:
-            self.fail(f"ca_path: cannot read the CA in {ca_path}: {exc}")
-        if key_data is None or cert_data is None:
-            if self.module.check_mode:
-                return None
-            self.fail(
-                f"ca_path: {ca_path} holds no CA (ca.key and ca.pem); create it with "
-                "pyqmail_ca first, or omit ca_path for a self-signed certificate"
-            )
-        try:
-            key = crypto.load_private_key(key_data, "ca_path")
-            certs = crypto.load_certificates(cert_data, "ca_path")
-        except crypto.CryptoError as exc:
-            self.fail(f"ca_path: the CA in {ca_path} is unusable: {exc}")
-        if len(certs) != 1:
-            self.fail(f"ca_path: {cert_file} must hold exactly one certificate")
-        ca_cert = certs[0]
-        if not crypto.key_matches(key, ca_cert) or not crypto.is_ca(ca_cert):
-            self.fail(
-                f"ca_path: {cert_file} is not a CA certificate for {key_file}; "
-                "recreate the CA with pyqmail_ca"
-            )
-        left = crypto.not_after(ca_cert) - self.now
-        if left <= dt.timedelta(days=self.params["renew_before_days"]):
-            self.fail(
-                f"ca_path: the CA expires on {crypto.iso(crypto.not_after(ca_cert))}, within "
-                "renew_before_days, so certificates it signs would be renewed on every run; "
-                "renew the CA first (pyqmail_ca with force: true)"
-            )
-        return key, ca_cert
+            return load_ca(p["ca_path"], p["renew_before_days"], self.now, self.module.check_mode)
+        except CaError as exc:
+            self.fail(str(exc))
+        return None
 
     # --- generating --------------------------------------------------------------------------
 
@@ -427,15 +404,7 @@ class CertificateModule:
                 return
             ca_cert = ca[1]
         existing = self.read_current()
-        bundle = None
-        current = None
-        problem = None
-        if existing is not None:
-            try:
-                bundle = crypto.load_bundle(existing)
-                current = crypto.summarize(bundle.cert, bundle.chain, ca_cert)
-            except crypto.CryptoError as exc:
-                problem = str(exc)
+        bundle, current, problem = read_existing(existing, ca_cert)
         wanted = crypto.Wanted(
             names=names,
             key_type=key_type,
@@ -496,6 +465,11 @@ class CertificateModule:
         summary = crypto.summarize(cert, chain, ca_cert)
         if reuse:
             reason += " (private key kept)"
+        elif existing is not None:
+            for warning in tlsa_warning(
+                self.path, bundle.key if bundle else None, key, "force" if p["force"] else ""
+            ):
+                self.module.warn(warning)
         self.finish(True, reason, summary.as_dict(), current, backup_file)
 
     # --- assembling the user's files ---------------------------------------------------------
@@ -538,13 +512,10 @@ class CertificateModule:
             )
         content = crypto.assemble(key, leaf, full_chain)
         existing = self.read_current()
-        current = None
-        if existing is not None:
-            try:
-                bundle = crypto.load_bundle(existing)
-                current = crypto.summarize(bundle.cert, bundle.chain)
-            except crypto.CryptoError:
-                current = None
+        bundle, current, _problem = read_existing(existing, None)
+        if bundle is not None:
+            for warning in tlsa_warning(self.path, bundle.key, key, "the provided key changed"):
+                self.module.warn(warning)
         if existing is None:
             reason = "missing"
         elif existing == content:

@@ -143,3 +143,29 @@ def test_a_second_spf_dmarc_sts_tlsrpt_or_dkim_next_to_the_expected_one_is_extra
     assert any("_smtp._tls.example.org. TXT" in x and "no TLS reports" in x for x in extra)
     assert any("s2026a-ed._domainkey.example.org. TXT" in x and "two DKIM keys" in x for x in extra)
     assert "google-site-verification" not in result.stdout
+
+
+def test_the_next_keys_tlsa_next_to_the_expected_one_is_info_not_a_problem(
+    tmp_path: Path,
+) -> None:
+    """Publishing the next key's TLSA before the key changes is the rollover RFC 7671 8.1
+    asks for: INFO and exit 0 while the expected record is there; without it, MISSING."""
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    nxt = "_25._tcp.mx1.example.org. 3600 IN TLSA 3 1 1 " + "cd" * 32 + "\n"
+    with DnsServer(served(text, add=nxt)) as dns:
+        result = run_check(path, dns)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "INFO _25._tcp.mx1.example.org. TLSA: expected this key's record (published), found "
+        f"3 1 1 {'cd' * 32}: another TLSA published: the previous or next key? remove it once "
+        "no longer needed"
+    )
+    assert lines[-1].startswith("all ")
+    with DnsServer(served(text, drop=("_25._tcp.",), add=nxt)) as dns:
+        result = run_check(path, dns)
+    assert result.returncode == 1
+    assert "MISSING _25._tcp.mx1.example.org. TLSA" in result.stdout
+    assert "EXTRA _25._tcp.mx1.example.org. TLSA" in result.stdout

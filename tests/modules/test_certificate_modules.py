@@ -557,3 +557,49 @@ def test_ansible_doc_renders(name: str) -> None:
     assert attributes["diff_mode"]["support"] == "full"
     assert data["examples"].strip()
     assert "reason" in data["return"]
+
+
+def test_a_new_key_warns_that_the_tlsa_record_changes(
+    acme: AcmeFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLSA 3 1 1 record pins the key: a renewal keeps it (no warning), a key type change,
+    force, an unusable file or another provided key make a new one, and the result warns
+    that the record changes and DANE senders defer until DNS has it."""
+    from ansible.module_utils import basic
+
+    warnings: list[str] = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, text: warnings.append(text))
+    target = tmp_path / "servercert.pem"
+    args: dict[str, Any] = {"path": str(target), "names": ["localhost"], "renew_before_days": 0}
+    ok(call(cert_module, args))
+    ok(call(cert_module, {**args, "names": ["localhost", "mx.test"]}))  # renewed, key kept
+    assert warnings == []
+
+    def spki() -> str:
+        return str(
+            cert_module.tlsa_warning("x", None, crypto.load_bundle(target.read_bytes()).key, "")[0]
+        )
+
+    old = spki().split(" -> 3 1 1 ")[1].split(".")[0]
+    ok(call(cert_module, {**args, "key_type": "rsa2048"}))
+    new = spki().split(" -> 3 1 1 ")[1].split(".")[0]
+    assert len(warnings) == 1 and old != new
+    assert warnings[0].startswith(
+        f"{target}: the private key changed (key_type ec256 -> rsa2048), so its TLSA record "
+        f"changes: _25._tcp.<name> TLSA 3 1 1 {old} -> 3 1 1 {new}."
+    )
+    assert "senders that use DANE defer mail to this host" in warnings[0]
+    ok(call(cert_module, {**args, "key_type": "rsa2048", "force": True}))
+    assert "(force)" in warnings[1]
+    target.write_bytes(b"not a certificate\n")
+    ok(call(cert_module, {**args, "key_type": "rsa2048"}))
+    assert "(the file was unusable)" in warnings[2]
+    provided = {
+        "path": str(target),
+        "provided_key": str(acme.key),
+        "provided_cert": str(acme.fullchain),
+    }
+    ok(call(cert_module, provided))
+    assert "(the provided key changed)" in warnings[3]
+    ok(call(cert_module, provided))
+    assert len(warnings) == 4

@@ -366,3 +366,14 @@ def test_more_than_ten_lookups_over_the_hosts_of_a_domain_fail() -> None:
         "pyqmail_dns__spf_extra of mx1.example, mx2.example: the SPF of a.example would have 12"
     )
     assert "RFC 7208 4.6.4" in message
+
+
+def test_tlsa_comment_says_kept_only_for_generated_certificates() -> None:
+    generated = zone("mx1.example.org")
+    assert "; DANE: needs DNSSEC on this zone; the generated key is kept across renewals" in (
+        generated
+    )
+    provided = zone("mx1.example.org", tlsa_provided=True)
+    assert "kept across renewals" not in provided
+    assert "this record changes whenever the provided key" in provided
+    assert "Publish the next" in provided and "RFC 7671 8.1" in provided

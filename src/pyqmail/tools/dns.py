@@ -14,7 +14,9 @@ How records are compared:
   expected one ``DIFFERENT`` when the expected one is missing, and is ``EXTRA`` (with the
   reason: two SPF records are a permerror) when it is there as well.
 - Every other type (MX, A, AAAA, TLSA, PTR) as a set: each expected record must be there, and
-  one published that the file does not have is ``EXTRA`` (an MX to another host takes mail).
+  one published that the file does not have is ``EXTRA`` (an MX to another host takes mail),
+  except another TLSA next to the expected one: ``INFO``, no problem (the next key's record
+  published before a key rollover, RFC 7671 8.1).
 - TTLs are not compared. DNSSEC (which TLSA needs) is not validated here.
 
 ``--nameserver``/``--port`` ask one server (tests start knot on loopback); by default the
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     import argparse
 
 EXIT_PUBLISHED, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+INFO = "INFO "  # a line that is no problem (another TLSA next to the expected one)
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,22 @@ def compare_txt(want: Expected, found: list[dns.rdata.Rdata]) -> list[str]:
 
 
 def compare_set(want: Expected, found: list[dns.rdata.Rdata]) -> list[str]:
-    """One line per expected record not published and per published one not expected."""
+    """One line per expected record not published and per published one not expected. A
+    TLSA record next to the expected one is ``INFO``, no problem: publishing the next key's
+    record before the key changes (or keeping the previous one a while) is how a key rolls
+    over without DANE senders deferring (RFC 7671 8.1)."""
     shown = " | ".join(r.to_text() for r in found) or "nothing"
     out = [_line("MISSING", want, r.to_text(), shown) for r in want.rdatas if r not in found]
+    extra = [r for r in found if r not in want.rdatas]
+    if want.rdtype == dns.rdatatype.TLSA and not out:
+        return [
+            _line("INFO", want, "this key's record (published)", r.to_text())
+            + ": another TLSA published: the previous or next key? remove it once no longer "
+            "needed"
+            for r in extra
+        ]
     out += [
-        _line("EXTRA", want, "not this record (not in the zone file)", r.to_text())
-        for r in found
-        if r not in want.rdatas
+        _line("EXTRA", want, "not this record (not in the zone file)", r.to_text()) for r in extra
     ]
     return out
 
@@ -180,9 +192,10 @@ def check(records: list[Expected], resolver: dns.resolver.Resolver) -> list[str]
 def _run(args: argparse.Namespace) -> int:
     records = read_zone(args.zonefile)
     resolver = make_resolver(args.nameserver, args.port, args.timeout)
-    problems = check(records, resolver)
+    lines = check(records, resolver)
+    problems = [line for line in lines if not line.startswith(INFO)]
     count = sum(len(r.rdatas) for r in records)
-    for line in problems:
+    for line in lines:
         sys.stdout.write(line + "\n")
     if problems:
         sys.stdout.write(f"{len(problems)} problem(s) in {count} records of {args.zonefile}\n")
