@@ -418,6 +418,10 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
         )
         sts_id = hashlib.sha256(policy.encode()).hexdigest()[:20]
         out.append(f"; MTA-STS: serve this at https://mta-sts.{domain}/.well-known/mta-sts.txt")
+        out.append(
+            f"; (no pyqmail role serves it: mta-sts.{domain} needs an A/AAAA or CNAME to a web "
+            "server with a certificate for that name from a public CA; RFC 8461 3.2, 3.3)"
+        )
         out += [f";   {line}" for line in policy.splitlines()]
         out.append(_rr(f"_mta-sts.{domain}", ttl, "TXT", txt_rdata(f"v=STSv1; id={sts_id}")))
     tlsrpt = setting["tlsrpt_rua"] or rua

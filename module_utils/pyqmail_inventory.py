@@ -280,6 +280,19 @@ def ip_of(version: int) -> Check:
     return check
 
 
+def check_mta_sts_mode(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """'enforce' makes senders refuse to deliver unless the MX presents a certificate they
+    trust (RFC 8461 section 4): the run's own CA is trusted by no sender."""
+    if value == "enforce" and not values.get("pyqmail_certificates__provided_cert"):
+        yield (
+            f"{name}: 'enforce' needs certificates from a public CA for every MX name and for "
+            "mta-sts.<domain> (RFC 8461 section 4), but pyqmail_certificates__provided_cert is "
+            "not set, so the MX presents the run's own CA, which senders do not trust and would "
+            "refuse to deliver to: set pyqmail_certificates__provided_cert (and _key), or keep "
+            "'testing'"
+        )
+
+
 # One row per variable that needs more than its spec. A new role adds its rows here.
 CHECKS: dict[str, Check] = {
     # pyqmail
@@ -384,6 +397,7 @@ CHECKS: dict[str, Check] = {
     "pyqmail_dns__ipv6": each(ip_of(6)),
     "pyqmail_dns__send_domains": each(domain),
     "pyqmail_dns__spf_extra": check_spf_extra,
+    "pyqmail_dns__mta_sts_mode": check_mta_sts_mode,
 }
 
 

@@ -59,6 +59,14 @@ DKIM = [
             "or every receiver fails the mail with permerror: use ip4:/ip6: or fewer include:",
         ),
         (
+            {"pyqmail_dns__mta_sts_mode": "enforce"},
+            "pyqmail_dns__mta_sts_mode: 'enforce' needs certificates from a public CA for every "
+            "MX name and for mta-sts.<domain> (RFC 8461 section 4), but "
+            "pyqmail_certificates__provided_cert is not set, so the MX presents the run's own "
+            "CA, which senders do not trust and would refuse to deliver to: set "
+            "pyqmail_certificates__provided_cert (and _key), or keep 'testing'",
+        ),
+        (
             {"pyqmail_dns__send_domains": ["not a domain"]},
             "pyqmail_dns__send_domains[0]: 'not a domain' is not a domain name",
         ),
@@ -66,6 +74,14 @@ DKIM = [
 )
 def test_preflight_names_the_bad_variable(overrides: dict[str, Any], expected: str) -> None:
     assert problems_of(overrides) == [expected]
+
+
+def test_mta_sts_enforce_passes_with_a_provided_certificate() -> None:
+    provided = {
+        "pyqmail_certificates__provided_cert": "/etc/letsencrypt/live/mx/cert.pem",
+        "pyqmail_certificates__provided_key": "/etc/letsencrypt/live/mx/privkey.pem",
+    }
+    assert problems_of({"pyqmail_dns__mta_sts_mode": "enforce", **provided}) == []
 
 
 def test_summary_prints_the_zone_and_the_check_command() -> None:

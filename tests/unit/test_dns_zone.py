@@ -377,3 +377,16 @@ def test_tlsa_comment_says_kept_only_for_generated_certificates() -> None:
     assert "kept across renewals" not in provided
     assert "this record changes whenever the provided key" in provided
     assert "Publish the next" in provided and "RFC 7671 8.1" in provided
+
+
+def test_the_zone_says_where_the_mta_sts_policy_is_served_and_prints_it() -> None:
+    lines = block(zone(), "example.org")
+    at = lines.index("; MTA-STS: serve this at https://mta-sts.example.org/.well-known/mta-sts.txt")
+    assert "mta-sts.example.org needs an A/AAAA or CNAME" in lines[at + 1]
+    assert lines[at + 2 : at + 7] == [
+        ";   version: STSv1",
+        ";   mode: testing",
+        ";   mx: mx1.example.org",
+        ";   mx: mx2.example.org",
+        ";   max_age: 604800",
+    ]
