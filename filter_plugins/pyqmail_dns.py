@@ -201,15 +201,25 @@ def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list
     return out
 
 
+def _listen_version(listen_ip: Any) -> int:
+    """The one address family the listeners accept (pyqmail__listen_ip: pyqmail-smtpd binds
+    ``::`` with IPV6_V6ONLY, so even the IPv6 wildcard takes no IPv4); 0 when not given."""
+    try:
+        return ipaddress.ip_address(str(listen_ip or "").strip("[]")).version
+    except ValueError:
+        return 0
+
+
 def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
     """One host's part of the records, checked: its name, addresses, domains it receives for,
     whether it sends, its DKIM selectors, TLSA data and its settings of the domain records.
 
     ``settings`` keys: host, me, ipv4, ipv6 (from host_addresses), locals, relay_domains,
-    send_domains, receives (listens on port 25), sends, spf_extra, dkim, tlsa (hex or ""),
-    tlsa_provided (the certificate is pyqmail_certificates__provided_*), and the
-    pyqmail_dns__ settings mx_priority, backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua,
-    tlsrpt_rua, mta_sts_mode, mta_sts_max_age.
+    send_domains, receives (listens on port 25), listen_ip (pyqmail__listen_ip), sends,
+    spf_extra, dkim, tlsa (hex or ""), tlsa_provided (the certificate is
+    pyqmail_certificates__provided_*), and the pyqmail_dns__ settings mx_priority,
+    backup_mx_priority, ttl, spf_all, dmarc_policy, dmarc_rua, tlsrpt_rua, mta_sts_mode,
+    mta_sts_max_age.
     """
     s = settings
     tlsa = str(s.get("tlsa") or "").lower()
@@ -228,6 +238,7 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
             {_domain(d, f"{V}send_domains") for d in s.get("send_domains") or []}
         ),
         "receives": bool(s.get("receives")),
+        "listen_version": _listen_version(s.get("listen_ip")),
         "sends": bool(s.get("sends", True)),
         "spf_extra": spf_extra(s.get("spf_extra") or []),
         "dkim": dkim_records(s.get("dkim")),
@@ -452,9 +463,17 @@ def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
     addresses = [("A", a) for a in me["ipv4"]] + [("AAAA", a) for a in me["ipv6"]]
     if not addresses:
         out.append(f"; no address known for {name}: set {V}ipv4 / {V}ipv6")
+    listens = me.get("listen_version", 0)
     for rtype, address in addresses:
+        version = ipaddress.ip_address(address).version
         if not ipaddress.ip_address(address).is_global:
             out.append(f"; {address} is not a public address: set {V}ipv4 / {V}ipv6")
+        if me["receives"] and listens and version != listens:
+            out += [
+                f"; {address}: mail is sent from it, but the listeners take IPv{listens} only",
+                f"; (pyqmail__listen_ip): a sender trying it first falls back to IPv{listens}.",
+                f"; Kept for the PTR's forward confirmation; or listen on IPv{version} too.",
+            ]
         out.append(_rr(name, ttl, rtype, address))
     if name not in domains:
         out.append("; SPF of the host name (the HELO name and bounces):")

@@ -390,3 +390,27 @@ def test_the_zone_says_where_the_mta_sts_policy_is_served_and_prints_it() -> Non
         ";   mx: mx2.example.org",
         ";   max_age: 604800",
     ]
+
+
+def test_an_address_the_listeners_do_not_take_is_explained() -> None:
+    """pyqmail-smtpd listens on one family (pyqmail__listen_ip; "::" is IPv6 only): the other
+    family's address is published for the PTR of the mail sent from it, with a comment that
+    senders trying it fall back; a host listening on both families' addresses gets none."""
+    host = filters.dns_host(
+        settings(
+            "mx1.example.org",
+            ipv4=["192.0.2.25"],
+            ipv6=["2001:db8::25"],
+            listen_ip="192.0.2.25",
+        )
+    )
+    text = filters.dns_zone([host], "mx1.example.org")
+    assert "; 2001:db8::25: mail is sent from it, but the listeners take IPv4 only" in text
+    assert "192.0.2.25: mail is sent from it" not in text
+    assert records(text)[("mx1.example.org.", "AAAA")] == ["2001:db8::25"]
+    six = filters.dns_host(
+        settings("mx1.example.org", ipv4=["192.0.2.25"], ipv6=["2001:db8::25"], listen_ip="::")
+    )
+    assert "; 192.0.2.25: mail is sent from it, but the listeners take IPv6 only" in (
+        filters.dns_zone([six], "mx1.example.org")
+    )
