@@ -245,13 +245,20 @@ def test_the_roles_modes_are_safe(mode: int, root: Path, keys: list[KeyPair]) ->
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="chown to another user needs root")
-def test_a_key_writable_by_another_user_is_refused(root: Path, keys: list[KeyPair]) -> None:
-    """Owned by a user other than root and the reader, with its write bit: that user could
-    put its own key there. Read-only for that owner it is safe (0440)."""
+def test_a_key_owned_by_another_user_is_refused_whatever_its_mode(
+    root: Path, keys: list[KeyPair]
+) -> None:
+    """Owned by a user other than root and the reader: that user could put its own key there,
+    and read-only (0440, 0400) does not stop an owner, who may chmod it first (a review found
+    0440 accepted)."""
     write(root, *(k.line for k in keys))
     nobody = pwd.getpwnam("nobody")
     os.chown(keys[0].path, nobody.pw_uid, 0)
-    with pytest.raises(ControlError, match=f"mode 0640, owner uid {nobody.pw_uid}: a user other"):
-        dkim_keys.load(root / "control")
-    keys[0].path.chmod(0o440)
+    for mode in (0o640, 0o440, 0o400):
+        keys[0].path.chmod(mode)
+        with pytest.raises(
+            ControlError, match=f"mode {mode:04o}, owner uid {nobody.pw_uid}: it belongs to a user"
+        ):
+            dkim_keys.load(root / "control")
+    os.chown(keys[0].path, 0, 0)
     assert len(dkim_keys.load(root / "control")["example.org"]) == 2

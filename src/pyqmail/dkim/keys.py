@@ -132,10 +132,11 @@ def _unsafe(st: os.stat_result) -> str:
         return f"{shown}: other users may use it (chmod o= it; the role writes 0640)"
     if mode & 0o020:
         return f"{shown}: its group may replace it (chmod g-w it; the role writes 0640)"
-    if mode & 0o200 and st.st_uid not in {0, os.geteuid()}:
+    if st.st_uid not in {0, os.geteuid()}:  # its owner may chmod and rewrite it, whatever the mode
         return (
-            f"{shown}: a user other than root and this process (uid {os.geteuid()}) may "
-            "replace it (chown root it; the role writes root:<group> 0640)"
+            f"{shown}: it belongs to a user other than root and this process (uid "
+            f"{os.geteuid()}), who may replace it (chown root it; the role writes "
+            "root:<group> 0640)"
         )
     return ""
 

@@ -13,12 +13,14 @@ Sender, MIME-Version and the Content-* fields that say how the body is read; eac
 as it occurs (the bottom-most instances first, as 5.4.2 says). The fields a message has at
 most once (RFC 5322 3.6: From, Sender, Reply-To, To, Cc, Subject, Date, Message-ID,
 In-Reply-To, References; RFC 2045: MIME-Version, Content-Type, Content-Transfer-Encoding)
-are "over-signed" (``OVERSIGNED``): listed once more than they occur, also when absent, so
-a verifier finds one instance more than the message had and a copy of the field added, or
-prepended as a second instance a reader would show, breaks the signature (RFC 6376 5.4.2,
-8.15). Not trace or list fields (Received, Resent-*, List-*): a relay or list adds those
-legitimately. No ``l=``: the whole body is signed. ``t=`` is the time the message entered
-the queue; no ``x=``.
+are "over-signed" (``OVERSIGNED``): listed once more than they occur, so a verifier finds
+one instance more than the message had and a second instance prepended, which a reader
+would show, breaks the signature (RFC 6376 5.4.2, 8.15); the ones a sender shows a reader
+(From, Reply-To, Subject, To, Cc: ``OVERSIGNED_ABSENT``) also when absent, so adding one
+breaks it too. As rspamd's default ``sign_headers`` ("(o)" and "(x)"): a relay or list may
+add a missing Date or Message-ID legitimately. Not trace or list fields (Received,
+Resent-*, List-*): a relay or list adds those legitimately. No ``l=``: the whole body is
+signed. ``t=`` is the time the message entered the queue; no ``x=``.
 
 What is read: ``split_message`` is linear in the header (each field's lines joined once),
 and a header section over ``HEADER_SIZE_LIMIT`` (``pyqmail.headers``, the 100 KiB the
@@ -58,6 +60,10 @@ OVERSIGNED: Final = frozenset({
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
     "references", "mime-version", "content-type", "content-transfer-encoding",
 })  # fmt: skip
+# Of those, the ones also signed when absent (rspamd's "(o)"; the others are its "(x)", only
+# when present): a relay or a list may add a missing Date, Message-ID, MIME-Version or
+# Content-* (pyqmail-smtpd adds none to a submission), which would break the signature.
+OVERSIGNED_ABSENT: Final = frozenset({"from", "reply-to", "subject", "to", "cc"})
 _WSP_RUN = re.compile(rb"[ \t]+")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 B64_LINE: Final = 72
@@ -148,14 +154,17 @@ def body_hash(body: bytes) -> str:
 
 def signed_names(fields: Sequence[Field]) -> list[str]:
     """``h=``: every field of ``SIGNED`` present, as many times as it occurs; each of
-    ``OVERSIGNED`` once more (listed once when absent)."""
+    ``OVERSIGNED`` present once more, and each of ``OVERSIGNED_ABSENT`` listed once when
+    absent."""
     counts: dict[str, int] = {}
     for raw, _ in fields:
         low = raw.strip(b" \t").decode("ascii", "replace").lower()
         counts[low] = counts.get(low, 0) + 1
     names: list[str] = []
     for name in SIGNED:
-        names += [name] * (counts.get(name, 0) + (name in OVERSIGNED))
+        count = counts.get(name, 0)
+        extra = name in OVERSIGNED_ABSENT or (count > 0 and name in OVERSIGNED)
+        names += [name] * (count + extra)
     return names
 
 
