@@ -155,8 +155,10 @@ def entries(
     texts: Iterable[str], *, allow: bool = False
 ) -> Iterator[tuple[int, Entry | SpecError]]:
     """Each line (index from 0) parsed, or what is wrong with it: the daemon stops at the
-    first error, the preflight names them all. A zone given twice with the same filter is
-    an error (which weight would count?)."""
+    first error, the preflight names them all. On a blocklist a zone given twice with the
+    same filter is an error (which weight would count?); on an allow list (``allow``), which
+    has no weights, the second is left out, as the files before the filters were read (an
+    old dnswl listing a zone with and without its trailing dot kept working)."""
     seen: set[tuple[str, str]] = set()
     for index, text in enumerate(texts):
         try:
@@ -165,6 +167,8 @@ def entries(
             yield index, exc
             continue
         key = (entry.zone, entry.filter.text if entry.filter else "")
+        if key in seen and allow:
+            continue
         if key in seen:
             yield index, SpecError(f"{entry.text()} is listed twice")
         else:

@@ -197,3 +197,11 @@ def test_bad_filters_are_refused_naming_the_line(
     with pytest.raises(ControlError, match=problem) as exc:
         screen.load(tmp_path)
     assert str(exc.value).startswith(f"{tmp_path / name}:{text.count(chr(10))}: ")
+
+
+def test_an_allow_list_given_twice_is_read_once(tmp_path: Path) -> None:
+    """Before the filters, a dnswl listing a zone twice (with and without its trailing dot)
+    loaded; it must still load, once (a review found the daemon refused to start)."""
+    (tmp_path / "dnswl").write_text("list.dnswl.org\nlist.dnswl.org.\n")
+    allow = screen.load(tmp_path).dnsbl
+    assert [e.zone for e in allow.allow] == ["list.dnswl.org"]

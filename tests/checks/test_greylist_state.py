@@ -161,3 +161,18 @@ def test_the_file_of_the_older_format_is_removed_and_logged(
     out = capfd.readouterr().out.replace("\\x20", " ")  # the log's spaces in a value
     assert "warning text=greylist state of the older format removed" in out
     assert f"file={old}" in out
+
+
+def test_the_null_sender_never_makes_a_known_client(tmp_path: Path) -> None:
+    """Bounces from a network, however many, must not let later ``MAIL FROM:<>`` mail from it
+    skip the delay (a review found five null-sender passes made the /24 a known client)."""
+    grey = Greylist(tmp_path)
+    for i in range(greylist.AUTO_ALLOW + 2):
+        at = T0 + i * greylist.COUNT_APART * 2
+        grey.check(FRIEND, "", f"u{i}@mx.test", GREY, at)
+        assert grey.check(FRIEND, "", f"u{i}@mx.test", GREY, at + 300).log == "greylist=pass"
+    fresh = grey.check(FRIEND, "", "new@mx.test", GREY, T0 + 5000)
+    assert (fresh.action, fresh.log.split()[0]) == ("defer", "greylist=new")
+    grey.close()
+    with sqlite3.connect(tmp_path / greylist.STATE_FILE) as db:
+        assert db.execute("SELECT count(*) FROM client").fetchone() == (0,)

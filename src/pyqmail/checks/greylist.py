@@ -125,12 +125,16 @@ class Key:
 
     net: str
     pair: bytes
-    domain: bytes
+    domain: bytes | None  # None: the null sender (or none with a domain): never a known client
 
     @classmethod
     def of(cls, ip: str, sender: str, rcpt: str) -> Key:
+        """The null sender has no domain to come to know: bounces from a network must not
+        make it a known client, or any ``MAIL FROM:<>`` spam from it would skip the delay."""
         who = normalise(sender)
-        return cls(network(ip), digest(who, rcpt.lower()), digest(who.rpartition("@")[2]))
+        at, domain = who.rpartition("@")[1:]
+        known = digest(domain) if at and domain else None
+        return cls(network(ip), digest(who, rcpt.lower()), known)
 
 
 class Greylist:
@@ -215,13 +219,7 @@ class Greylist:
     ) -> tuple[str, int]:
         """(state, seconds left) for one triplet, the tables brought up to date."""
         horizon = now - settings.lifetime
-        client = db.execute(
-            "SELECT passes, last FROM client WHERE net=? AND domain=?", (key.net, key.domain)
-        ).fetchone()
-        if client is not None and client[0] >= AUTO_ALLOW and client[1] >= horizon:
-            db.execute(
-                "UPDATE client SET last=? WHERE net=? AND domain=?", (now, key.net, key.domain)
-            )
+        if key.domain is not None and self._known_client(db, key, now, horizon):
             return "client", 0
         where = (key.net, key.pair)
         passed = db.execute("SELECT last FROM passed WHERE net=? AND pair=?", where).fetchone()
@@ -240,6 +238,17 @@ class Greylist:
             self._add_pending(db, key, now)
         return "new", settings.delay
 
+    def _known_client(self, db: sqlite3.Connection, key: Key, now: float, horizon: float) -> bool:
+        """The (network, sender domain) passed ``AUTO_ALLOW`` times and was seen within the
+        lifetime: it skips greylisting (and is seen now)."""
+        where = (key.net, key.domain)
+        row = db.execute("SELECT passes, last FROM client WHERE net=? AND domain=?", where)
+        client = row.fetchone()
+        if client is None or client[0] < AUTO_ALLOW or client[1] < horizon:
+            return False
+        db.execute("UPDATE client SET last=? WHERE net=? AND domain=?", (now, *where))
+        return True
+
     def _pass(self, db: sqlite3.Connection, key: Key, now: float) -> None:
         """A pending triplet came back in time: it moves to ``passed``, and its (network,
         sender domain) counts one more pass towards ``AUTO_ALLOW`` if its last counted pass
@@ -251,6 +260,8 @@ class Greylist:
         ).rowcount
         db.execute("UPDATE meta SET value=max(value-?, 0) WHERE name='pending'", (gone,))
         db.execute("INSERT OR REPLACE INTO passed VALUES (?, ?, ?)", (key.net, key.pair, now))
+        if key.domain is None:  # the null sender: no domain to come to know
+            return
         db.execute(
             "INSERT INTO client VALUES (?, ?, 1, ?) ON CONFLICT (net, domain) DO UPDATE"
             " SET passes=passes+1, last=excluded.last WHERE excluded.last >= client.last + ?",
