@@ -103,7 +103,8 @@ def test_ansible_writes_files_the_daemon_reads_back(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     settings = load_screen(tmp_path / "control")
-    assert settings.dnsbl.lists == (("bl.example", 2), ("zen.example", 1))
-    assert settings.dnsbl.allow == ("wl.example",)
+    lists = [(e.zone, e.filter, e.weight) for e in settings.dnsbl.lists]
+    assert lists == [("bl.example", None, 2), ("zen.example", None, 1)]
+    assert [e.zone for e in settings.dnsbl.allow] == ["wl.example"]
     assert settings.dnsbl.tempfail
     assert (settings.greylist.delay, settings.greylist.lifetime) == (300, 2_592_000)
