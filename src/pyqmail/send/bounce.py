@@ -11,13 +11,17 @@ part (Reporting-MTA, Arrival-Date; per recipient Final-Recipient, Action, Status
 Remote-MTA, Diagnostic-Code, Last-Attempt-Date) and the original headers
 (text/rfc822-headers: at most ``headers.HEADER_SIZE_LIMIT``, 100 KiB, cut at a line end).
 
-Raw UTF-8 may appear only in RFC 6533's types: when a failed recipient is not ASCII
-(``Final-Recipient: utf-8; ...``) or the original headers are not, the report is
-message/global-delivery-status and the headers message/global-headers (both 8bit,
-``report-type=global-delivery-status``); otherwise the ASCII types above. Such a DSN holds
-internationalized headers within its MIME structure, which RFC 6531 3.4 lets an SMTP client
-send only with SMTPUTF8: ``needs_smtputf8`` says so, and ``pyqmail.send.finisher`` queues it
-with the meta ``smtputf8`` that remote delivery reads.
+RFC 6533's global types are used when the DSN is internationalized mail itself: a failed
+recipient (``Final-Recipient: utf-8; ...``) or the DSN's To is not ASCII, or the original
+came with SMTPUTF8 (its meta ``smtputf8``, ``1`` or ``client``: ``pyqmail.smtpd.intake``)
+and its header is not ASCII. Then the report is message/global-delivery-status and the
+headers message/global-headers (both 8bit, ``report-type=global-delivery-status``), and
+such a DSN may only be sent with SMTPUTF8 (RFC 6531 3.4): ``needs_smtputf8`` says so, and
+``pyqmail.send.finisher`` queues it with the meta ``smtputf8`` that remote delivery reads.
+Otherwise the ASCII types above, and no SMTPUTF8: an original with raw 8-bit bytes in its
+header that came without SMTPUTF8 (older mailers write them often) has them copied as they
+came, as before; requiring SMTPUTF8 for its DSN made it fail 5.6.7 at a sender's MX without
+it, a double bounce, and the sender never learnt of the failure.
 """
 
 from __future__ import annotations
@@ -72,9 +76,19 @@ def _ascii(text: str) -> str:
 
 
 def needs_smtputf8(dsn: bytes) -> bool:
-    """Whether a DSN made by ``make_dsn`` must travel with SMTPUTF8: any byte that is not
-    ASCII is in its global parts (or its To header, for a sender that is not ASCII)."""
-    return not dsn.isascii()
+    """Whether a DSN made by ``make_dsn`` must travel with SMTPUTF8: it uses the global
+    types (``_global``). Not any 8-bit byte: the header of an original sent without
+    SMTPUTF8 is copied as it came, in text/rfc822-headers, and such a DSN goes anywhere."""
+    return b"; report-type=global-delivery-status;" in header_section(dsn)
+
+
+def _global(env: Envelope, failures: Sequence[Failure], to: str, headers: bytes) -> bool:
+    """Whether the DSN is internationalized mail (RFC 6533's types, sent with SMTPUTF8): an
+    address in it that is not ASCII, or an original that came with SMTPUTF8 (meta
+    ``smtputf8``: 1, or ``client`` from MAIL's parameter) and has a header that is not."""
+    if not to.isascii() or not all(f.recipient.isascii() for f in failures):
+        return True
+    return env.meta.get("smtputf8", "") in ("1", "client") and not headers.isascii()
 
 
 def _status_fields(env: Envelope, failures: Sequence[Failure], control: Control) -> list[str]:
@@ -129,8 +143,7 @@ def make_dsn(
         human += ["", f"<{_ascii(f.recipient)}>:", _ascii(f.result.detail)]
     status = _status_fields(env, failures, control)
     headers = header_section(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    # RFC 6533: raw UTF-8 only in the global types (their content is 8bit by definition)
-    utf8 = not headers.isascii() or not all(f.recipient.isascii() for f in failures)
+    utf8 = _global(env, failures, target.recipient, headers)
     report = "global-delivery-status" if utf8 else "delivery-status"
     encoding = ["Content-Transfer-Encoding: 8bit"] if utf8 else []
     subject = "failure notice" if not target.double else "double bounce: failure notice"

@@ -273,7 +273,8 @@ class Finisher(Scheduler):
             return None
         dsn = make_dsn(msg.env, read[1], failures, target=target, control=self.control)
         # origin: signed like submitted mail when bouncehost is a signing domain; smtputf8:
-        # a DSN with raw UTF-8 (RFC 6533's global parts) leaves only with SMTPUTF8
+        # a DSN in RFC 6533's global types leaves only with SMTPUTF8 (not one that merely
+        # copies the 8-bit header of an original sent without it: ``bounce._global``)
         meta = {"bounce_of": queue_id, "origin": "bounce"}
         if needs_smtputf8(dsn):
             meta["smtputf8"] = "1"
