@@ -126,11 +126,22 @@ def check_timeout(name: str, value: int, values: Mapping[str, Any]) -> Problems:
 def _max_size(name: str, value: int, values: Mapping[str, Any], scanner: str) -> Problems:
     """A scanner's largest message: 1 MiB or more, and at least what the listeners take
     (``databytes``), so no message they take is one the scanner could not judge (the
-    listeners accept a larger one unscanned: src/pyqmail/scan/settings.py)."""
-    databytes = int(values.get("pyqmail_control__databytes") or 0)
+    listeners accept a larger one unscanned: src/pyqmail/scan/settings.py). ``databytes`` 0
+    (no limit) is refused too: the listeners would take a message of any size and pass it
+    on unscanned (a virus padded past clamd's limit); a bad databytes is its own check's."""
+    try:
+        databytes = int(str(values.get("pyqmail_control__databytes")))
+    except ValueError:
+        databytes = -1
     if value < 1_048_576:
         yield f"{name}: {value} is out of range: must be 1048576 (1 MiB) or more"
-    elif databytes and value < databytes:
+    elif databytes == 0:
+        yield (
+            f"{name}: pyqmail_control__databytes is 0 (no limit), so the listeners would "
+            f"take messages larger than {value} bytes, which {scanner} cannot scan, and "
+            f"accept them unscanned: set pyqmail_control__databytes to at most {value}"
+        )
+    elif value < databytes:
         yield (
             f"{name}: {value} is smaller than pyqmail_control__databytes ({databytes}): the "
             f"listeners would take messages {scanner} cannot scan, and accept them unscanned"

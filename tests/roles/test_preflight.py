@@ -600,6 +600,50 @@ def test_the_queuelifetime_default_is_pyqmail_sends() -> None:
     assert QUEUELIFETIME.value == module_utils("pyqmail_signing").QUEUELIFETIME_DEFAULT
 
 
+RSPAMD_ON = {"pyqmail_scanners__rspamd_enabled": True}
+CLAMD_ON = {"pyqmail_scanners__clamav_enabled": True}
+
+
+def unlimited(variable: str, limit: int, scanner: str) -> str:
+    return (
+        f"{variable}: pyqmail_control__databytes is 0 (no limit), so the listeners would take "
+        f"messages larger than {limit} bytes, which {scanner} cannot scan, and accept them "
+        f"unscanned: set pyqmail_control__databytes to at most {limit}"
+    )
+
+
+RSPAMD_UNLIMITED = unlimited("pyqmail_scanners__rspamd_max_size", 52428800, "rspamd")
+CLAMD_UNLIMITED = unlimited("pyqmail_scanners__clamd_max_size", 104857600, "clamd")
+
+
+@pytest.mark.parametrize(
+    ("scanners", "databytes", "expected"),
+    [
+        (RSPAMD_ON, 0, [RSPAMD_UNLIMITED]),
+        (CLAMD_ON, 0, [CLAMD_UNLIMITED]),
+        ({**RSPAMD_ON, **CLAMD_ON}, 0, [CLAMD_UNLIMITED, RSPAMD_UNLIMITED]),
+        (
+            {**RSPAMD_ON, **CLAMD_ON},
+            60_000_000,  # within clamd's 100 MiB, above rspamd's 50 MiB
+            [
+                "pyqmail_scanners__rspamd_max_size: 52428800 is smaller than "
+                "pyqmail_control__databytes (60000000): the listeners would take messages "
+                "rspamd cannot scan, and accept them unscanned"
+            ],
+        ),
+        ({**RSPAMD_ON, **CLAMD_ON}, 52428800, []),  # at both limits
+        ({}, 0, []),  # no scanner: 0 is qmail's no limit
+    ],
+)
+def test_databytes_0_with_a_scanner_is_refused(
+    scanners: dict[str, Any], databytes: int, expected: list[str]
+) -> None:
+    """The review: databytes 0 (a documented 'no limit') skipped the scanners' size checks,
+    so a message padded past clamd's 100 MiB was accepted with no virus scan at all."""
+    problems = problems_of({**scanners, "pyqmail_control__databytes": databytes})
+    assert sorted(problems) == sorted(expected)
+
+
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
 DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= set(SPECS)]
 

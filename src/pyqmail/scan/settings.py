@@ -30,8 +30,8 @@ to take, and a scanner's limit is this host's business, not the sender's; a ``55
 bounce legitimate large mail for good, and the scanner could never have judged it anyway
 (Amavis, spamc ``-s`` and rspamd's milter proxy pass such mail on unscanned too). Spam is
 small, and the role keeps ``databytes`` within both limits (its preflight refuses a larger
-one), so on its hosts nothing arrives above them; a hand-made configuration that lets it
-(``databytes`` 0, say) sees each such message in the log.
+one, and 0, no limit, with a scanner on), so on its hosts nothing arrives above them; a
+hand-made configuration that lets it (``databytes`` 0, say) sees each such message in the log.
 
 Per listener and per client, the tcprules environment decides first (as simscan's per-IP
 settings did): ``SCAN=""`` or ``SCAN="0"``: this client's mail is not scanned; ``SCAN="1"``:
