@@ -213,8 +213,11 @@ def strip_ours(message: bytes) -> bytes:
     ran, so a sender's ``X-Spam-Flag: NO`` or ``X-Spam-Level`` survived a scan, a forged
     ``X-Spamd-Result`` a Junk verdict without rspamd's fields, and every one of them a
     message not scanned at all; a mail filter reading them would trust the sender's word
-    for ours. ``smtpd/intake.py`` calls it for mail with no ``origin`` on a listener with a
-    scanner, before the scan and whether or not the message is scanned."""
+    for ours. ``smtpd/intake.py`` calls it for mail with no ``origin`` that is to be scanned,
+    before the scan and whatever it does (a scanner down and ``scantempfail`` 0 accepts it
+    unscanned); a client exempt from scanning (``SCAN``, ``scanclients``) keeps its fields:
+    the admin exempted it on purpose (a backup MX's scanning upstream), and its spilled
+    message is not read back whole only to look at its header."""
     m = _END_OF_HEAD.search(message)
     cut = len(message) if m is None else m.start() + len(m.group(0)) // 2
     head = message[:cut]

@@ -249,8 +249,11 @@ class Intake:
             meta["origin"] = origin
         self.auth = auth if auth is not None and auth.enabled and origin is None else None
         self.scan = scan[0] if scan is not None and applies(scan[0], origin, scan[1]) else None
-        # inbound mail on a listener with a scanner loses forged scanner fields, scanned or not
-        self.strip = origin is None and scan is not None and scan[0].enabled
+        # inbound mail to be scanned loses forged scanner fields (also when the scanner is
+        # down and scantempfail 0 accepts it unscanned); a client exempt from scanning (SCAN
+        # "" or 0, a class scanclients leaves out) keeps them, as an admin's backup MX's X-Spam
+        # fields, and its spilled message is not read back into memory for nothing
+        self.strip = origin is None and self.scan is not None
         if self.scan is not None and self.scan.rspamd is not None:
             self.host_name(ip)  # an AUTH login scanned by scanclients: not asked at connection
         if event.tls is not None:
@@ -311,7 +314,7 @@ class Intake:
         writer, self.writer = self.writer, None
         self.committing = end
         if writer is not None and self.queue_error is None and self.message is not None:
-            if self.auth is not None or self.scan is not None or self.strip:
+            if self.auth is not None or self.scan is not None:
                 self.checking = writer
                 task = asyncio.get_running_loop().create_task(self._check(writer, done))
                 self.tasks.add(task)
