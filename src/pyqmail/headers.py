@@ -18,14 +18,20 @@ each parser at N and 2N bytes of pathological input):
 - **Address fields**: ``mailbox_addresses`` reads the addresses of a From field (for the
   sender rules of ``pyqmail.smtpd.senders``) with one tokenizing regex pass and a counter for
   nested comments, never the standard library's recursive, super-linear parser; what it
-  cannot read unambiguously is None (refused), never guessed.
+  cannot read unambiguously is None (refused), never guessed. For DMARC, a From it cannot
+  read is still judged on what a reader may see in it: ``shown_domains`` finds the domain
+  after every at sign (in comments, quoted strings and encoded words too), bounded by
+  ``SHOWN_LIMIT`` characters.
 - Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
   (which copies the value again for every continuation line: quadratic).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import unicodedata
 
 HEADER_SIZE_LIMIT = 100 * 1024
 DEFAULT_MAXHOPS = 100
@@ -243,3 +249,59 @@ def mailbox_addresses(value: str) -> list[str] | None:
         else:
             current.append(token)
     return None if group or angle or current else out
+
+
+# --- the domains a reader may be shown in a From field nobody can parse ------------------
+# What a mail client shows of a From the grammar above refuses (``user@example.com
+# <user@example.com>``, ``taro..yamada@docomo.ne.jp``) is its guess; DMARC judges every domain
+# such a guess could show, so no reading of the field escapes the strictest policy among them.
+
+SHOWN_LIMIT = 4096  # characters of an unreadable From read for its domains; longer: refused
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([QqBb])\?([^?\s]*+)\?=")
+_SHOWN_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]*+)")
+_HIDDEN = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})  # controls, bidi, zero-width ...
+
+
+def _decoded_words(value: str) -> str:
+    """The RFC 2047 encoded words of ``value`` as a mail client shows them, blank-separated
+    (an unknown charset as Latin-1: every byte shown, an at sign as itself); a word that does
+    not decode is shown raw, and the raw value is read anyway."""
+    shown = []
+    for m in _ENCODED_WORD.finditer(value):
+        charset, kind, payload = m.groups()
+        try:
+            if kind in "Bb":
+                raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
+            else:
+                raw = binascii.a2b_qp(payload.encode(), header=True)
+        except (binascii.Error, ValueError):
+            continue
+        try:
+            shown.append(raw.decode(charset.partition("*")[0], "replace"))
+        except LookupError:
+            shown.append(raw.decode("latin-1"))
+    return " ".join(shown)
+
+
+def shown_domains(value: str) -> list[str] | None:
+    """Every domain a reader may be shown in a From field value ``mailbox_addresses`` cannot
+    read (or reads as a group with no member): the text after each at sign, in the raw value
+    and in its decoded encoded words, after NFKC (a fullwidth at sign, U+FF20, is one), up to a
+    blank or a special; lower case, without a trailing dot, distinct, in order. [] when no
+    at sign is there (``MAILER-DAEMON``, ``Automated System:;``: no domain is shown). None,
+    "not understood", when no safe reading exists: an at sign followed by no domain, a
+    control, format (bidirectional overrides, zero-width characters) or private character
+    that may make a client show something else than these bytes, or a value longer than
+    ``SHOWN_LIMIT``. Linear in ``len(value)``."""
+    if len(value) > SHOWN_LIMIT:
+        return None
+    text = unicodedata.normalize("NFKC", f"{value} {_decoded_words(value)}")
+    if any(c != "\t" and unicodedata.category(c) in _HIDDEN for c in text):
+        return None
+    domains: list[str] = []
+    for m in _SHOWN_DOMAIN.finditer(text):
+        domain = m.group(1).rstrip(".").lower()
+        if not domain:
+            return None
+        domains.append(domain)
+    return list(dict.fromkeys(domains))

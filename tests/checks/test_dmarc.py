@@ -292,21 +292,34 @@ def test_org_domain():
     assert org_domain("Example.COM.") == "example.com"
 
 
+def test_a_from_dmarc_cannot_judge_is_permerror_refused(resolver):
+    """Refused as a p=reject failure (``tests/checks/test_dmarc_from.py``); a From of
+    several domains is judged per domain there."""
+    r = check(resolver, b"From: a@x.test\r\nFrom: b@y.test\r\n", NO_SPF, [])
+    assert (r.result, r.policy) == ("permerror", "reject"), r
+    assert decide(r)[0].code == 550
+
+
 @pytest.mark.parametrize(
     "from_header",
     [
-        b"From: a@x.test\r\nFrom: b@y.test\r\n",
-        b"From: undisclosed\r\n",
-        b"From: a@bank.test <b@y.test>\r\n",  # which one would a mail client show?
+        b"From: a@bank.test <b@y.test>\r\n",  # which one would a mail client show? both
         b"From: <a@bank.test> <b@y.test>\r\n",
+        b"From: b@y.test <a@bank.test>\r\n",
     ],
 )
-def test_a_from_dmarc_cannot_judge_is_permerror_refused(resolver, from_header):
-    """Refused as a p=reject failure (``tests/checks/test_dmarc_from.py``); a From of
-    several domains is judged per domain there."""
+def test_a_from_that_cannot_be_read_is_judged_on_every_domain_shown(resolver, from_header):
+    """bank.test's p=reject applies, whichever of the two a mail client shows."""
     r = check(resolver, from_header, NO_SPF, [])
-    assert (r.result, r.policy) == ("permerror", "reject"), r
+    assert (r.result, r.policy, r.header_from) == ("fail", "reject", "bank.test"), r
     assert decide(r)[0].code == 550
+
+
+@pytest.mark.parametrize("value", [b"undisclosed", b"MAILER-DAEMON", b"Automated System:;"])
+def test_a_from_naming_no_domain_is_permerror_accepted(resolver, value):
+    r = check(resolver, b"From: " + value + b"\r\n", NO_SPF, [])
+    assert (r.result, r.policy, r.reason) == ("permerror", "none", "header From names no domain")
+    assert decide(r)[0].code == 250
 
 
 def test_no_from_is_none(resolver):

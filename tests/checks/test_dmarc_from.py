@@ -6,6 +6,13 @@ name too long for DNS, which was a temperror (accepted) instead of no record the
 organisational domain's policy); a second From field, a From of two domains or one that
 cannot be read was a permerror (accepted) instead of refused; a From of several domains
 must get the strictest failing policy among them.
+
+The second review: refusing every From the address grammar cannot read refused legitimate
+mail (RFC 6854's ``Automated System:;``, ``user@example.com <user@example.com>``, Japanese
+mobile addresses with '..' in the local part, a bare ``MAILER-DAEMON``). Such a From is now
+judged on every domain a mail client may show in it, and accepted as a permerror when it
+names none; a From that shows ceo@bank.test in a display name, comment, quoted string or
+encoded word still gets bank.test's p=reject, whatever address it also holds.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ ZONES = {
     "shop.test.": '_dmarc TXT "v=DMARC1; p=quarantine"\n@ TXT "v=spf1 -all"\n',
     "np.test.": '_dmarc TXT "v=DMARC1; p=none; sp=none; np=reject"\n',
     "evil.test.": '_dmarc TXT "v=DMARC1; p=none"\n@ TXT "v=spf1 +all"\n',
+    "docomo.test.": '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 +all"\n',
 }
 CLIENT = "192.0.2.66"
 NO_SPF = SpfResult("mailfrom", "fail", "elsewhere.example")
@@ -81,10 +89,13 @@ def test_a_long_subdomain_does_not_exist_np_applies(settings, labels):
     [
         (["CEO <ceo@bank.test>", "x@evil.test"], "more than one header From field"),
         (["x@evil.test", "CEO <ceo@bank.test>"], "more than one header From field"),
-        (["ceo@bank.test <x@evil.test>"], "header From not understood"),
-        (["undisclosed"], "header From not understood"),
-        (["undisclosed-recipients:;"], "header From not understood"),
         (["ceo@bank..test"], "header From not understood"),
+        (["taro..yamada@ docomo.test"], "header From not understood"),  # @ before no domain
+        (["ceo@[192.0.2.1] <taro..yamada@docomo.test>"], "header From not understood"),
+        (["=?utf-8?q?ceo@bank.test?= <taro..yamada@docomo.test>"], "header From not understood"),
+        # bidi override: a client may show 'ceo@bank.test' for these bytes
+        (["\u202etset.knab@oec <taro..yamada@docomo.test>"], "header From not understood"),
+        (["Taro (" + "x" * 5000 + ") <taro..yamada@docomo.test>"], "header From not understood"),
         ([f"ceo@{'x' * 64}.bank.test"], "header From domain is no domain name"),
         (["ceo@\ufffd.bank.test"], "header From domain is no domain name"),
         (
@@ -146,3 +157,69 @@ def test_no_from_is_none_and_accepted(settings):
     outcome = verdict(settings, msg)
     assert (outcome.verdict.action, outcome.junk) == ("accept", False), outcome.verdict
     assert "dmarc=none" in outcome.verdict.log
+
+
+@pytest.mark.parametrize(
+    "from_",
+    [
+        "Automated System:;",  # RFC 6854 group syntax
+        "undisclosed-recipients:;",
+        "MAILER-DAEMON",  # unqualified
+        "Mail Delivery Subsystem <MAILER-DAEMON>",
+    ],
+)
+def test_a_from_naming_no_domain_is_accepted(settings, from_):
+    """No domain is shown, so none is protected: a permerror, accepted as before."""
+    outcome = verdict(settings, message(from_))
+    assert (outcome.verdict.code, outcome.junk) == (250, False), outcome.verdict
+    assert b"dmarc=permerror (header From names no domain)" in outcome.message
+
+
+LEGITIMATE = [
+    "taro..yamada@docomo.test",  # legacy Japanese mobile local parts
+    "taro.@docomo.test",
+    "Taro <taro..yamada@docomo.test>",
+    "=?utf-8?b?5bGx55Sw5aSq6YOO?= <taro..yamada@docomo.test>",
+    "taro@docomo.test <taro@docomo.test>",  # the sloppy form
+    "taro@docomo.test <Taro@DOCOMO.test.>",
+]
+
+
+@pytest.mark.parametrize("from_", LEGITIMATE)
+def test_a_from_that_cannot_be_read_is_judged_on_its_domain(settings, from_):
+    """docomo.test (p=reject) passes SPF for its own sender and fails for another's."""
+    ok = verdict(settings, message(from_), sender="bounce@docomo.test")
+    assert ok.verdict.code == 250, ok.verdict
+    assert b"\tdmarc=pass (" in ok.message and b"header.from=docomo.test" in ok.message
+    refused = verdict(settings, message(from_), sender="a@evil.test")
+    assert (refused.verdict.code, refused.verdict.text) == (
+        550,
+        "5.7.1 DMARC policy of docomo.test rejects this message",
+    ), refused.verdict
+
+
+SPOOFS = [
+    "ceo@bank.test <x@evil.test>",  # the grammar's address is x@evil.test; a client shows ...
+    "x@evil.test <ceo@bank.test>",
+    "ceo@bank.test <ceo@bank.test>",
+    "ceo@bank.test <taro..yamada@evil.test>",
+    '"ceo@bank.test" <taro..yamada@evil.test>',  # a quoted string holding an at sign
+    "taro..yamada@evil.test (ceo@bank.test)",  # a comment
+    "=?utf-8?q?ceo=40bank.test?= <taro..yamada@evil.test>",  # encoded words
+    "=?utf-8?b?Y2VvQGJhbmsudGVzdA==?= <taro..yamada@evil.test>",
+    "=?utf-8?q?ceo=40bank.test?=",  # no address at all, but one shown
+    "=?x-unknown?q?ceo=40bank.test?= <taro..yamada@evil.test>",
+    "ceo\uff20bank.test <taro..yamada@evil.test>",  # a fullwidth at sign
+    '"ceo@bank.test":;',  # a group with no member
+]
+
+
+@pytest.mark.parametrize("from_", SPOOFS)
+def test_a_from_showing_a_domain_is_judged_on_it(settings, from_):
+    """Whatever else the From holds, and whichever part a client shows, bank.test's
+    p=reject applies (the sender's SPF passes for evil.test only)."""
+    outcome = verdict(settings, message(from_))
+    assert (outcome.verdict.code, outcome.verdict.text) == (
+        550,
+        "5.7.1 DMARC policy of bank.test rejects this message",
+    ), outcome.verdict

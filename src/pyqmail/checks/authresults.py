@@ -8,7 +8,8 @@ case or the comments before the id, and every field whose authserv-id cannot be 
 sure (fail closed); other hosts' fields stay. ``decide`` maps the DMARC
 result to the configured action: refuse (550 5.7.1), quarantine (the message goes to the
 mailbox's Junk folder, carried to pyqmail-send by the queue meta ``junk``) or accept; a
-header From DMARC cannot judge (``dmarc.check``) is treated as a p=reject failure.
+header From DMARC cannot judge (``dmarc.check``: two From fields, one with no safe
+reading) is treated as a p=reject failure; one naming no domain is accepted.
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def decide(
     """The verdict for the message and whether it goes to Junk. ``on_reject`` and
     ``on_quarantine`` (one of ``settings.ACTIONS``) are what a failing p=reject and p=quarantine
     domain get here (control/dmarcreject, control/dmarcquarantine). A header From DMARC
-    cannot judge (a ``permerror`` with the policy reject: two From fields, one pyqmail
-    cannot read) gets what a p=reject failure gets, its reply naming why."""
+    cannot judge (a ``permerror`` with the policy reject: two From fields, one with no safe
+    reading) gets what a p=reject failure gets, its reply naming why; a ``permerror``
+    without a policy (a From naming no domain: ``dmarc.NO_DOMAIN``) is accepted."""
     unjudged = dmarc.result == "permerror" and dmarc.policy == "reject"
     action = {"reject": on_reject, "quarantine": on_quarantine}.get(
         dmarc.policy if dmarc.result == "fail" or unjudged else "none", "none"

@@ -11,7 +11,15 @@ share of failing mail only; the rest gets the next weaker one (6.6.4).
 
 The header From (6.6.1, ``from_domains``): no From is no DMARC identity (``none``); a From
 of several mailboxes is judged per domain, the strictest failing policy applies; more than
-one From field, or one that cannot be read, is refused as a p=reject failure would be.
+one From field is refused as a p=reject failure would be. A From the address grammar
+cannot read (``user@example.com <user@example.com>``, the legacy Japanese mobile
+``taro..yamada@docomo.ne.jp``) is judged on every domain a mail client may show in it
+(``headers.shown_domains``: after each at sign, in comments, quoted strings and encoded
+words too), the strictest failing policy applies, so ``ceo@bank.example <x@evil.example>``
+gets bank.example's whichever a client shows; one naming no domain at all (RFC 6854's
+``Automated System:;``, a bare ``MAILER-DAEMON``) is a permerror that is accepted, as no
+From is (nothing shown to protect); one with no safe reading (an at sign before no domain,
+bidirectional controls, a domain that is no host name) is refused.
 
 ``np`` (RFC 9091 3.2, kept by DMARCbis): a failing message whose From domain is a subdomain
 with no record of its own and does not exist gets the organisational domain's ``np`` (when
@@ -65,9 +73,11 @@ import publicsuffix2
 from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.resolver import exists, txt
 from pyqmail.checks.spf import SpfResult
-from pyqmail.headers import header_values, mailbox_addresses
+from pyqmail.headers import header_values, mailbox_addresses, shown_domains
 
 MAX_FROM_DOMAINS = 5  # distinct domains of one From judged; more: the From is not judged
+NO_DOMAIN = "header From names no domain"  # from_domains: accepted, a permerror
+_HOST = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")  # a domain shown, as A-labels
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
@@ -79,7 +89,8 @@ class DmarcResult:
     for this message (after pct, sp and np); ``published``: the policy of the record's tag
     that applies, as written (none for an invalid p=); ``tag``: that tag, p, sp or np.
     A ``permerror`` with the policy ``reject``: a header From DMARC cannot judge
-    (``check``), refused like a p=reject failure, ``reason`` says why."""
+    (``check``), refused like a p=reject failure, ``reason`` says why; with the policy
+    ``none``: a From naming no domain (``NO_DOMAIN``), accepted."""
 
     result: str
     header_from: str = ""
@@ -128,22 +139,41 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
 def from_domains(head: bytes) -> list[str] | str:
     """The distinct domains of the header From (RFC 7489 6.6.1), lower case, in order; []
     when there is no From; a str, why DMARC cannot judge the From, when there is more than
-    one From field, one pyqmail cannot read unambiguously (``a@bank.test <b@evil.test>``:
-    a mail client might show the one DMARC did not check) or one naming more than
-    ``MAX_FROM_DOMAINS`` domains. Read as the sender rules read From
-    (``pyqmail.headers``), over the whole header section: a From past 100 KiB is a From."""
+    one From field, one naming more than ``MAX_FROM_DOMAINS`` domains, or one with no safe
+    reading (``_shown``); ``NO_DOMAIN`` when it names none. Read as the sender rules read
+    From (``pyqmail.headers``), over the whole header section: a From past 100 KiB is a
+    From; one that reading cannot read is judged on every domain a client may show in it."""
     values = header_values(head, "from", limit=len(head))
     if not values:
         return []
     if len(values) > 1:
         return "more than one header From field"
     addresses = mailbox_addresses(values[0])
-    if not addresses:
-        return "header From not understood"
-    domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
+    if addresses:
+        domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
+    else:
+        shown = _shown(values[0])
+        if isinstance(shown, str):
+            return shown
+        domains = shown
     if len(domains) > MAX_FROM_DOMAINS:
         return f"header From names more than {MAX_FROM_DOMAINS} domains"
     return domains
+
+
+def _shown(value: str) -> list[str] | str:
+    """The domains of a From the address grammar cannot read (or a group with no member),
+    as a client may show them (``headers.shown_domains``); ``NO_DOMAIN`` when there is
+    none; "header From not understood" when there is no safe reading, or a domain shown is
+    no host name (``bank.test?=``, ``[192.0.2.1]``: the name looked up would not be the one
+    a reader sees). Why not refuse them all, as at first: legitimate senders write such
+    Froms (RFC 6854 groups, ``MAILER-DAEMON``, the sloppy ``a@b.example <a@b.example>``,
+    Japanese mobile local parts with '..'), and judging every domain shown keeps each of
+    those domains' policy."""
+    shown = shown_domains(value)
+    if shown is None or any(not _HOST.fullmatch(ace(d) or "") for d in shown):
+        return "header From not understood"
+    return shown or NO_DOMAIN
 
 
 def parse_record(text: str) -> dict[str, str]:
@@ -279,16 +309,20 @@ def check(
     """The DMARC result of a message whose header section is ``head``, its lookups within
     ``budget`` seconds in all. ``roll`` (0-99) is the pct draw; random unless given (tests).
 
-    No From: nothing to protect, ``none``. A From DMARC cannot judge (``from_domains``), or
-    one with a domain that has no A-label form: ``permerror`` with the policy ``reject``
-    (RFC 5322 3.6 asks for exactly one From; RFC 7489 6.6.1 says such mail is typically
-    rejected), which ``authresults.decide`` treats as a p=reject failure; before, it was
-    accepted, so a second ``From: x@evil.test`` switched off any domain's p=reject. A From
-    of several domains: each domain's result, the strictest failing policy applies
-    (``_rank``); each domain's lookups get an equal share of what is left of the budget,
-    so the DNS of a domain the sender owns cannot spend the time of the one it forges."""
+    No From: nothing to protect, ``none``; a From naming no domain neither: ``permerror``
+    (why, in the header) with no policy, accepted. A From DMARC cannot judge
+    (``from_domains``), or one with a domain that has no A-label form: ``permerror`` with
+    the policy ``reject`` (RFC 5322 3.6 asks for exactly one From; RFC 7489 6.6.1 says such
+    mail is typically rejected), which ``authresults.decide`` treats as a p=reject failure;
+    before, it was accepted, so a second ``From: x@evil.test`` switched off any domain's
+    p=reject. A From of several domains (or showing several): each domain's result, the
+    strictest failing policy applies (``_rank``); each domain's lookups get an equal share
+    of what is left of the budget, so the DNS of a domain the sender owns cannot spend the
+    time of the one it forges."""
     deadline = time.monotonic() + budget
     domains = from_domains(head)
+    if domains == NO_DOMAIN:
+        return DmarcResult("permerror", reason=NO_DOMAIN)
     if isinstance(domains, str):
         return DmarcResult("permerror", policy="reject", reason=domains)
     if not domains:
