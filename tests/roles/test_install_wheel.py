@@ -21,6 +21,7 @@ import yaml
 from tests.roles.playbook import REPO, ansible_env
 
 TASKS = REPO / "roles" / "pyqmail_install" / "tasks" / "wheel.yml"
+PYQMAIL = REPO / "roles" / "pyqmail"
 VERSION = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
 
 
@@ -38,18 +39,26 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def run(tmp: Path, given: str, **more: Any) -> subprocess.CompletedProcess[str]:
-    """The role's wheel tasks with ``pyqmail_install__wheel: given`` (and ``more`` variables);
-    a handler stands in for the pyqmail role's restart."""
+def run(
+    tmp: Path, given: str, after: list[dict[str, Any]] | None = None, **more: Any
+) -> subprocess.CompletedProcess[str]:
+    """The role's wheel tasks with ``pyqmail_install__wheel: given`` (and ``more`` variables),
+    then the tasks ``after``; the role pyqmail's vars and handlers, an empty service directory
+    (the restart handler runs; it has nothing to signal)."""
+    play = {
+        "hosts": "localhost",
+        "connection": "local",
+        "gather_facts": False,
+        "vars_files": [str(PYQMAIL / part / "main.yml") for part in ("defaults", "vars")],
+        "tasks": [{"ansible.builtin.import_tasks": str(TASKS)}, *(after or [])],
+        "handlers": [{"ansible.builtin.import_tasks": str(PYQMAIL / "handlers" / "main.yml")}],
+    }
     playbook = tmp / "play.yml"
-    playbook.write_text(
-        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
-        f"    - ansible.builtin.import_tasks: {TASKS}\n"
-        "  handlers:\n    - name: pyqmail restart daemons\n"
-        "      ansible.builtin.debug: {msg: restart}\n"
-    )
+    playbook.write_text(json.dumps([play]))
+    (tmp / "service").mkdir(exist_ok=True)
     extra = {
         "pyqmail__venv": str(tmp / "venv"),
+        "pyqmail__service_dir": str(tmp / "service"),
         "pyqmail__check_fresh": False,
         "pyqmail_install__wheel": given,
         "pyqmail_install__wheel_dir": str(tmp / "cache"),
@@ -140,3 +149,57 @@ def test_the_wheel_is_built_once_per_source_checksum(tmp_path: Path) -> None:
     third = run(tmp_path, "", **more)
     assert "skipped" not in build_task(third)
     assert (source / ".cache" / "wheel" / "stamp").read_text().split()[0] != stamp[0]
+
+
+def ran(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The names of the tasks (handlers too) that ran on localhost, skipped ones left out."""
+    return [
+        task["task"]["name"]
+        for play in json.loads(proc.stdout)["plays"]
+        for task in play["tasks"]
+        if not task["hosts"]["localhost"].get("skipped")
+    ]
+
+
+def test_a_run_that_ends_before_its_handlers_restarts_next_time(
+    tmp_path: Path, wheel: Path
+) -> None:
+    """The wheel installed and its checksum recorded, then the run ends before the restart
+    handler (a failed task in a play without force_handlers, as a Ctrl-C would): the
+    restart-pending note stays on the host, and the next run restarts the daemons though the
+    wheel no longer changes; the run after that restarts nothing."""
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
+    marker = tmp_path / "venv" / "pyqmail-restart-pending"
+    failing = [{"name": "A later task fails", "ansible.builtin.fail": {"msg": "interrupted"}}]
+    first = run(tmp_path, str(wheel), failing)
+    assert first.returncode != 0
+    assert "Install the wheel into the virtualenv" in ran(first)
+    assert "Find the supervised pyqmail services" not in ran(first)  # no handler ran
+    assert (tmp_path / "venv" / "pyqmail-wheel.sha1").is_file()
+    assert marker.is_file()
+    assert oct(marker.stat().st_mode & 0o777) == "0o600"
+
+    second = run(tmp_path, str(wheel))
+    stats(second)  # the run passes
+    assert "Install the wheel into the virtualenv" not in ran(second)
+    assert (
+        "Restart the daemons an earlier run left on an older wheel (its restart never ran)"
+        in ran(second)
+    )
+    assert "Find the supervised pyqmail services" in ran(second)
+    assert "Forget the pending restart of the daemons (pyqmail__restart_marker)" in ran(second)
+    assert not marker.exists()
+    assert stats(run(tmp_path, str(wheel)))["changed"] == 0
+
+
+def test_every_play_runs_its_notified_handlers_when_a_later_task_fails() -> None:
+    """force_handlers on every play of the collection's playbooks: a task that fails after a
+    change still lets the reloads and restarts that change notified run."""
+    plays = [
+        (path.name, play)
+        for path in sorted((REPO / "playbooks").glob("*.yml"))
+        for play in yaml.safe_load(path.read_text())
+        if "hosts" in play
+    ]
+    assert len(plays) >= 9
+    assert [name for name, play in plays if play.get("force_handlers") is not True] == []
