@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,53 @@ def test_a_changed_run_script_restarts_its_service_though_the_run_ended_first(
     assert list(supervise.glob("*/restart-pending")) == []
     stats, _ = run_role(host, {**extra, "pyqmail_services__workers": "2"})
     assert (stats["failures"], stats["changed"]) == (0, 0), stats
+
+
+def run_rules(qmail: QmailRoot, listener_env: dict[str, Any]) -> None:
+    """The role pyqmail_rules alone (what playbooks/config.yml runs) for ``listener_env``."""
+    out = run_role_tasks(
+        ("pyqmail_rules",),
+        qmail.path.parent / "config-play",
+        {
+            "pyqmail__rules_path": str(qmail.path / "etc" / "smtp"),
+            "pyqmail__listener_env": listener_env,
+            "pyqmail__service_dir": str(qmail.path.parent / "service"),
+            "pyqmail__root": str(qmail.path),
+            "pyqmail__venv": str(VENV),
+            "pyqmail__smtpd_user": DROP_USER,
+            "pyqmail__check_fresh": False,
+            "pyqmail_rules__relay_clients": ["127.0.0.1"],
+        },
+    )
+    assert out["stats"]["localhost"]["failures"] == 0
+
+
+def test_the_rules_of_a_listener_that_lost_its_environment_stay_until_its_run_script_changed(
+    host: QmailRoot,
+) -> None:
+    """pyqmail__listener_env loses the submission listener's entry: the config play alone
+    keeps smtp-submission.cdb, which the running listener's command line names (it restarts
+    on it); the services play rewrites the run script, restarts the listener and only then
+    removes the file."""
+    extra = extra_vars(host)
+    own = host.path / "etc" / "smtp-submission.cdb"
+    run_rules(host, extra["pyqmail__listener_env"])
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    run_script = host.path / "supervise" / "qmail-smtpd-tls" / "run"
+    assert f"--rules {own} " in run_script.read_text()
+
+    run_rules(host, {})
+    assert own.is_file()  # the running listener's command line names it
+    tls = host.path.parent / "service" / "qmail-smtpd-tls"
+    subprocess.run(["svc", "-t", str(tls)], check=True)
+    time.sleep(1.5)
+    started = svstat_pid(tls)
+    time.sleep(2)  # it stays up (a missing rules cdb: it would exit and restart every second)
+    assert started and svstat_pid(tls) == started
+    stats, _ = run_role(host, {**extra, "pyqmail__listener_env": {}})
+    assert stats["failures"] == 0, stats
+    assert f"--rules {host.path / 'etc' / 'smtp.cdb'} " in run_script.read_text()
+    assert not own.exists()
+    assert not (host.path / "etc" / "smtp-submission").exists()
+    assert svstat_pid(host.path.parent / "service" / "qmail-smtpd-tls")
