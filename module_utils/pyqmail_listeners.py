@@ -21,8 +21,25 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase imp
 )
 
 WORKERS_RE = re.compile(r"(auto|[1-9][0-9]*)\Z")
-WILDCARDS = ("0.0.0.0", "::", "0", "0:0:0:0:0:0:0:0")  # noqa: S104 - to refuse them
+MAX_WORKERS = 256  # pyqmail-smtpd's own bound (pyqmail.smtpd.cli.parse_workers)
 LISTENERS = ("smtp", "smtps", "submission")
+
+
+def is_wildcard(value: str) -> bool:
+    """Every address of the host, however written (0.0.0.0, ::, ::0, 0000::): what
+    pyqmail-smtpd refuses without --allow-wildcard (``is_unspecified``)."""
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
+
+
+def same_address(one: str, other: str) -> bool:
+    """Two addresses that are one (::1 and 0:0:0:0:0:0:0:1), as parsed, not as written."""
+    try:
+        return ipaddress.ip_address(one) == ipaddress.ip_address(other)
+    except ValueError:
+        return one == other
 
 
 def check_listen_ip(name: str, value: str, values: Mapping[str, Any]) -> Problems:
@@ -32,7 +49,7 @@ def check_listen_ip(name: str, value: str, values: Mapping[str, Any]) -> Problem
             f"{name}: is empty ({values.get('inventory_hostname', 'the host')} has no default "
             "IPv4 address); set the address the listeners should bind to"
         )
-    elif value in WILDCARDS:
+    elif is_wildcard(value):
         if not values.get("pyqmail__allow_wildcard"):
             yield (
                 f"{name}: {value!r} listens on every address; set an address of the host, or "
@@ -72,10 +89,12 @@ def check_listeners(name: str, value: list[str], values: Mapping[str, Any]) -> P
 
 
 def check_workers(name: str, value: str, values: Mapping[str, Any]) -> Problems:
-    """auto, or a positive number of worker processes."""
+    """auto, or a number of worker processes pyqmail-smtpd takes (1 to 256): the run script
+    passes it as --workers, and a value the daemon refuses would stop the listener at its
+    restart."""
     del values
-    if not WORKERS_RE.match(value):
-        yield f"{name}: {value!r} is neither auto nor a positive number"
+    if not WORKERS_RE.match(value) or (value != "auto" and int(value) > MAX_WORKERS):
+        yield f"{name}: {value!r}: expected 'auto' or a number from 1 to {MAX_WORKERS}"
 
 
 def check_softlimit(name: str, value: int, values: Mapping[str, Any]) -> Problems:
@@ -111,7 +130,7 @@ def check_dovecot_ports(name: str, value: Mapping[str, int], values: Mapping[str
             yield f"{name}.{listener}: {port} is also the port of {used[port]}"
         used.setdefault(port, listener)
     ip, smtp_ip = values["pyqmail_dovecot__listen_ip"], values["pyqmail__listen_ip"]
-    if ip != smtp_ip and ip not in WILDCARDS and smtp_ip not in WILDCARDS:
+    if not same_address(ip, smtp_ip) and not is_wildcard(ip) and not is_wildcard(smtp_ip):
         return
     smtp_ports = values["pyqmail_services__ports"]
     for smtp in values["pyqmail_services__listeners"]:

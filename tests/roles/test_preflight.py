@@ -166,6 +166,34 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
 
 # Only in-process (the playbook runs above cover the ansible-side plumbing).
 MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
+    # Every address however written (pyqmail-smtpd's is_unspecified), the daemon's own bound.
+    **{
+        f"wildcard-{ip}": (
+            {"pyqmail__listen_ip": ip},
+            f"pyqmail__listen_ip: {ip!r} listens on every address; set an address of the host, "
+            "or pyqmail__allow_wildcard=true if that is really meant",
+        )
+        for ip in ("::", "::0", "0000::", "0:0:0:0:0:0:0:0", "0.0.0.0")
+    },
+    "dovecot-wildcard": (
+        {"pyqmail_dovecot__enabled": True, "pyqmail_dovecot__listen_ip": "0000::"},
+        "pyqmail_dovecot__listen_ip: '0000::' listens on every address; set an address of the "
+        "host, or pyqmail__allow_wildcard=true if that is really meant",
+    ),
+    "workers-above-256": (
+        {"pyqmail_services__workers": "300"},
+        "pyqmail_services__workers: '300': expected 'auto' or a number from 1 to 256",
+    ),
+    "dovecot-port-clash-same-address-written-otherwise": (
+        {
+            "pyqmail__listen_ip": "2001:db8::25",
+            "pyqmail_dovecot__enabled": True,
+            "pyqmail_dovecot__listen_ip": "2001:0db8:0:0::25",
+            "pyqmail_dovecot__ports": {"imaps": 993, "pop3s": 995, "imap": 587, "pop3": 110},
+        },
+        "pyqmail_dovecot__ports.imap: 587 clashes with pyqmail_services__ports.submission on "
+        "2001:0db8:0:0::25 (pyqmail_dovecot__listen_ip); give Dovecot another port or address",
+    ),
     # pyqmail_control_files wrote these as Python's repr: "['a.example', 'b.example']", "True"
     "extra-list-value": (
         {"pyqmail_control__extra": {"morercpthosts": ["a.example", "b.example"]}},
@@ -431,7 +459,7 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "workers": (
         {"pyqmail_services__workers": "0"},
-        "pyqmail_services__workers: '0' is neither auto nor a positive number",
+        "pyqmail_services__workers: '0': expected 'auto' or a number from 1 to 256",
     ),
     "timeout": (
         {"pyqmail_services__timeout": 2},
@@ -646,6 +674,11 @@ def test_databytes_0_with_a_scanner_is_refused(
 
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
 DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= set(SPECS)]
+
+
+def test_the_workers_the_daemon_takes_pass() -> None:
+    for workers in ("auto", "1", "256"):
+        assert problems_of({"pyqmail_services__workers": workers}) == [], workers
 
 
 @pytest.mark.parametrize("case", DECLARED_CASES)

@@ -97,7 +97,7 @@ def test_listener_run_script(rendered: dict[str, tuple[str, str]], kind: str) ->
     assert lines[4:6] == ["exec 2>&1", "exec softlimit -a 1073741824 \\"]
     assert f"--listen 127.0.0.1:{PORTS[kind]} --mode {KINDS[kind]['mode']} \\" in run
     assert f"--rules /etc/tcp/smtp-{kind}.cdb --user pyqmaild \\" in run
-    assert run.rstrip("\n").endswith("--workers auto")
+    assert run.rstrip("\n").endswith('--workers auto "$@"')  # ./run --check: the handler's
     assert "\n\n" not in run.rstrip("\n"), "a template tag left an empty line"
 
 
@@ -119,4 +119,4 @@ def test_log_run_scripts(rendered: dict[str, tuple[str, str]]) -> None:
         assert log.endswith(f"multilog t s1000000 n10 /var/log/qmail/{name}\n")
     send = rendered["qmail-send"][0]
     assert "pyqmail-send --root /var/qmail --user pyqmails" in send
-    assert "--remote-user pyqmailr --local-user pyqmailv" in send
+    assert '--remote-user pyqmailr --local-user pyqmailv "$@"' in send

@@ -200,3 +200,47 @@ def test_the_rules_of_a_listener_that_lost_its_environment_stay_until_its_run_sc
     assert not own.exists()
     assert not (host.path / "etc" / "smtp-submission").exists()
     assert svstat_pid(host.path.parent / "service" / "qmail-smtpd-tls")
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (
+            {"pyqmail_services__workers": "300"},
+            "pyqmail-smtpd: fatal: --workers '300': expected 'auto' or a number from 1 to 256",
+        ),
+        (
+            {"pyqmail__listen_ip": "0000::"},
+            "refusing to listen on every address (name the host's IP, or pass --allow-wildcard)",
+        ),
+    ],
+)
+def test_a_run_script_its_daemon_refuses_does_not_replace_the_running_listener(
+    host: QmailRoot, change: dict[str, Any], refusal: str
+) -> None:
+    """A value the preflight would refuse, reaching the run script anyway: the handler runs the
+    new command line with --check first, refuses the restart with the daemon's words, and the
+    listeners keep running; the restart stays due."""
+    extra = extra_vars(host)
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    before = pids(host)
+    stats, ran = run_role(host, {**extra, **change})
+    assert stats["failures"] == 1, stats
+    failed = ran["Refuse to restart a service into a command line its daemon refuses"][0]
+    assert failed["msg"].startswith(
+        "not restarted, the running services keep their old command line: qmail-smtpd: "
+    ), failed["msg"]
+    assert refusal in failed["msg"]
+    assert (
+        "Restart the services whose run script changed (svc -t, then check they stay up)" not in ran
+    )
+    assert pids(host) == before
+    assert sorted(p.parent.name for p in (host.path / "supervise").glob("*/restart-pending")) == [
+        "qmail-smtpd",
+        "qmail-smtpd-ssl",
+        "qmail-smtpd-tls",
+    ]
+    stats, _ = run_role(host, extra)  # the value fixed: the due restarts run
+    assert stats["failures"] == 0, stats
+    assert list((host.path / "supervise").glob("*/restart-pending")) == []
