@@ -12,6 +12,7 @@ the rule of the module that writes them, ``pyqmail_controlfiles``'s ``value_prob
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -42,7 +43,26 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_dkim import (
 )
 
 CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
-RELAY_RE = re.compile(r"[A-Za-z0-9.:-]*\Z")
+HOST_RE = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def relay_problem(relay: str) -> str:
+    """What is wrong with a route's relay ("" = fine; "" itself is the MX lookup): an IP
+    address (IPv6 unbracketed: the template brackets it) or a host name whose last label is
+    not a number, without the root's trailing dot, which pyqmail-send would keep in the name
+    its TLS certificate check compares."""
+    if not relay:
+        return ""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(relay)
+        return ""
+    if relay.endswith("."):
+        return "ends with a dot: write the host name without it (smarthost.example.net)"
+    if len(relay) > 253 or not HOST_RE.match(relay.lower()):
+        return (
+            "is not a host name (letters, digits and '-' in dot-separated labels) nor an IP address"
+        )
+    return ""
 
 
 def dns_server(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
@@ -77,8 +97,9 @@ def check_smtproutes(name: str, value: list[dict[str, Any]], values: Mapping[str
         where = f"{name}[{index}]"
         if route["domain"]:
             yield from domain(f"{where}.domain", route["domain"], values)
-        if not RELAY_RE.match(route["relay"]):
-            yield f"{where}.relay: {route['relay']!r} is not a host name or IP address"
+        problem = relay_problem(route["relay"])
+        if problem:
+            yield f"{where}.relay: {route['relay']!r} {problem}"
         yield from in_range(1, 65535)(f"{where}.port", route["port"], values)
         yield from route_auth_problems(where, route)
 

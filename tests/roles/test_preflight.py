@@ -311,6 +311,33 @@ MORE_BAD: dict[str, tuple[dict[str, Any], str]] = {
         "pyqmail_control__extra.databytes: written by the role itself; set its own variable "
         "instead",
     ),
+    **{
+        f"smtproute-relay-{relay}": (
+            {"pyqmail_control__smtproutes": [{"domain": "", "relay": relay}]},
+            f"pyqmail_control__smtproutes[0].relay: {relay!r} {problem}",
+        )
+        for relay, problem in (
+            (
+                "smarthost.example.net.",
+                "ends with a dot: write the host name without it (smarthost.example.net)",
+            ),
+            (
+                "999.1.1.1",
+                "is not a host name (letters, digits and '-' in dot-separated labels) "
+                "nor an IP address",
+            ),
+            (
+                "mx..example",
+                "is not a host name (letters, digits and '-' in dot-separated "
+                "labels) nor an IP address",
+            ),
+            (
+                "a:b",
+                "is not a host name (letters, digits and '-' in dot-separated labels) nor "
+                "an IP address",
+            ),
+        )
+    },
     "smtproute-port": (
         {"pyqmail_control__smtproutes": [{"domain": "", "relay": "mx.example.org", "port": 0}]},
         "pyqmail_control__smtproutes[0].port: 0 is out of range: must be from 1 to 65535",
@@ -674,6 +701,13 @@ def test_databytes_0_with_a_scanner_is_refused(
 
 # An undeclared variable (a typo) is only seen through the inventory: the playbook runs.
 DECLARED_CASES = [c for c, (v, _) in {**BAD, **MORE_BAD}.items() if set(v) <= set(SPECS)]
+
+
+def test_relays_of_every_form_pass() -> None:
+    for relay in ("", "smarthost.example.net", "Relay-1.Example.NET", "localhost", "192.0.2.1",
+                  "2001:db8::1"):  # fmt: skip
+        route = {"domain": "", "relay": relay}
+        assert problems_of({"pyqmail_control__smtproutes": [route]}) == [], relay
 
 
 def test_the_workers_the_daemon_takes_pass() -> None:

@@ -60,6 +60,13 @@ def make_root(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"smtproutes": "x:relay:http\n"}, "port must be a number, got 'http'"),
         ({"smtproutes": "x:[::1\n"}, "unterminated '['"),
         ({"smtproutes-auth": "relay:user\n"}, "smtproutes-auth:1: expected relay:user:password"),
+        # the name the relay's certificate is checked against: OpenSSL fails a trailing dot
+        (
+            {"smtproutes": ":smarthost.example.net.:587\n"},
+            "smtproutes:1: relay 'smarthost.example.net.' ends with a dot: write the host name "
+            "without it",
+        ),
+        ({"smtproutes-auth": "relay.example.:u:p\n"}, "smtproutes-auth:1: relay 'relay.example.'"),
         ({"virtualdomains": "nocolon\n"}, "virtualdomains:1: expected domain:prefix"),
     ],
 )

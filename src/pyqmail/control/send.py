@@ -93,6 +93,16 @@ def _bracketed(text: str, origin: str) -> tuple[str, str]:
     return host, rest
 
 
+def _relay_host(host: str, origin: str) -> str:
+    """A relay as written, refused with a trailing dot: the name is the one the certificate
+    check compares (server_hostname), and OpenSSL fails ``smarthost.example.net.``."""
+    if host.endswith("."):
+        raise ControlError(
+            f"{origin}: relay {host!r} ends with a dot: write the host name without it"
+        )
+    return host
+
+
 def parse_port(text: str, origin: str) -> int:
     try:
         port = int(text)
@@ -123,6 +133,7 @@ def _relay_auth(lines: list[Line]) -> dict[str, tuple[str, str]]:
     auth: dict[str, tuple[str, str]] = {}
     for line in lines:
         host, rest = _bracketed(line.text.strip(), line.where)
+        host = _relay_host(host, line.where)
         user, sep, password = rest.partition(":")
         if not host or not user or not sep or not password:
             raise ControlError(f"{line.where}: expected relay:user:password")
@@ -139,6 +150,7 @@ def _routes(lines: list[Line], auth: dict[str, tuple[str, str]]) -> dict[str, Ro
         if not sep:
             raise ControlError(f"{line.where}: expected domain:relay[:port], got {text!r}")
         host, port_text = _bracketed(rest, line.where)
+        host = _relay_host(host, line.where)
         port = parse_port(port_text, line.where) if port_text else 25
         user, password = auth.get(host.lower(), ("", ""))
         routes[domain.lower()] = Route(host, port, user, password)
