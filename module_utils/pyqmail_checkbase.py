@@ -26,6 +26,8 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN_RE = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 ADDRESS_RE = re.compile(r"[^@\s:|&#/]+@[A-Za-z0-9.-]+\Z")
 PEM_CERT = "-----BEGIN CERTIFICATE-----"
+SAFE_PATH_CHARS = "letters, digits and '._/+@-'"
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+@-]*\Z")
 
 
 def shown(value: Any) -> str:
@@ -67,3 +69,16 @@ def one_line(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
     del values
     if re.search(r"[\r\n\0]", str(value)):
         yield f"{name}: {shown(value)} must be one line"
+
+
+def safe_path(name: str, value: Any, values: Mapping[str, Any]) -> Problems:
+    """An absolute path of letters, digits and ``._/+@-`` only. Why: the paths the run scripts
+    name (root's shell scripts, started by supervise) are quoted there, and this keeps each one
+    plain word wherever else it is written: a blank or a shell metacharacter in a directory
+    name is far more likely a mistake or an attack than a need."""
+    del values
+    if not SAFE_PATH_RE.match(str(value)):
+        yield (
+            f"{name}: {shown(value)} is not an absolute path of {SAFE_PATH_CHARS} only "
+            "(no blanks, no shell metacharacters)"
+        )

@@ -59,6 +59,7 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_checkbase imp
     each,
     in_range,
     one_line,
+    safe_path,
     shown,
 )
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_clientrules import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -300,6 +301,12 @@ CHECKS: dict[str, Check] = {
     "pyqmail__listen_ip": check_listen_ip,
     "pyqmail__auth_group": check_auth_group,
     "pyqmail__listener_env": check_listener_env,
+    # the paths the run scripts name (root's shell scripts)
+    "pyqmail__root": safe_path,
+    "pyqmail__venv": safe_path,
+    "pyqmail__log_dir": safe_path,
+    "pyqmail__rules_path": safe_path,
+    "pyqmail__service_dir": safe_path,
     # pyqmail_control
     "pyqmail_control__locals": check_locals,
     "pyqmail_control__relay_domains": each(domain),

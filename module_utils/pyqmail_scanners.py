@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,13 +21,18 @@ Problems = Iterator[str]
 
 THRESHOLD_ORDER = ("greylist", "add_header", "rewrite_subject", "reject")
 SCAN_VALUES = ("", "0", "1")
+SOCKET_PATH_RE = re.compile(r"/[A-Za-z0-9._/+@-]*\Z")  # pyqmail_checkbase.SAFE_PATH_RE
 
 
 def address_problem(text: str) -> str:
     """What is wrong with a scanner address the role runs the scanner on ("" = fine)."""
     if text.startswith("/"):
-        if len(text.encode()) > 107 or any(c in text for c in "\0\r\n "):
-            return "is not a usable Unix socket path (at most 107 bytes, no blanks)"
+        # Written into root's run script (quoted there): the characters of any path it names.
+        if len(text.encode()) > 107 or not SOCKET_PATH_RE.match(text):
+            return (
+                "is not a usable Unix socket path (at most 107 bytes; letters, digits and "
+                "'._/+@-' only: no blanks, no shell metacharacters)"
+            )
         return ""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.roles.test_preflight import problems_of
+
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles" / "pyqmail_services"
 SUPERVISE = ROLE / "templates" / "var" / "qmail" / "supervise"
@@ -120,3 +122,82 @@ def test_log_run_scripts(rendered: dict[str, tuple[str, str]]) -> None:
     send = rendered["qmail-send"][0]
     assert "pyqmail-send --root /var/qmail --user pyqmails" in send
     assert '--remote-user pyqmailr --local-user pyqmailv "$@"' in send
+
+
+def test_hostile_values_stay_words_in_every_run_script(tmp_path: Path) -> None:
+    """Inventory values with shell metacharacters and line breaks, rendered anyway (the
+    preflight refuses the paths: test_preflight.py): ``sh -n`` passes and running each script
+    (its programs absent or refusing, ``install`` a stand-in) runs no injected command."""
+    base = tmp_path
+    pwned = base / "PWNED"
+    evil_path = f"{base}/x;touch {pwned};y$(touch {pwned})`touch {pwned}`"
+    evil_user = f"nobody;touch {pwned}\ntouch {pwned}"
+    scanners = REPO / "roles" / "pyqmail_scanners" / "templates" / "var" / "qmail" / "supervise"
+    variables = {
+        **yaml.safe_load((ROLE / "defaults" / "main.yml").read_text()),
+        "pyqmail_services__kinds": KINDS,
+        "pyqmail_services__listen_host": "127.0.0.1",
+        "pyqmail_services__workers": f"1;touch {pwned}",
+        **{f"pyqmail__{u}_user": evil_user for u in ("smtpd", "send", "remote", "mailbox", "log")},
+        "pyqmail__venv": evil_path,
+        "pyqmail__root": evil_path,
+        "pyqmail__log_dir": evil_path,
+        "pyqmail__allow_wildcard": False,
+        "pyqmail_scanners__clamd_listen": f"{evil_path}/clamd.ctl",
+        "pyqmail_scanners__rspamd_listen": f"{evil_path}/rspamd.sock",
+        "pyqmail_scanners__clamd_config": evil_path,
+        "pyqmail_scanners__rspamd_confdir": evil_path,
+        "pyqmail_scanners__rspamd_rundir": evil_path,
+        "pyqmail_scanners__rspamd_dbdir": evil_path,
+        "item": {"name": "qmail-smtpd", "kind": "smtp", "port": 25, "rules": evil_path},
+    }
+    renders = {
+        "listener": SUPERVISE / "listener" / "run.j2",
+        "send": SUPERVISE / "qmail-send" / "run.j2",
+        "log": SUPERVISE / "any" / "log" / "run.j2",
+        "clamd": scanners / "clamd" / "run.j2",
+        "rspamd": scanners / "rspamd" / "run.j2",
+        "scanner-log": scanners / "any" / "log" / "run.j2",
+    }
+    tasks = [
+        {
+            "ansible.builtin.template": {"src": str(src), "dest": f"{base}/{name}", "mode": "0755"},
+            "vars": {"pyqmail_scanners__service": "clamd"},
+        }
+        for name, src in renders.items()
+    ]
+    play = [{"hosts": "localhost", "gather_facts": False, "connection": "local", "tasks": tasks}]
+    (base / "play.yml").write_text(json.dumps(play))
+    (base / "vars.json").write_text(json.dumps(variables))
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
+         "-e", f"@{base / 'vars.json'}", "-e", f"ansible_python_interpreter={sys.executable}",
+         str(base / "play.yml")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stubs = base / "bin"
+    stubs.mkdir()
+    for stub in ("install", "setuidgid", "softlimit"):  # nothing outside this directory
+        (stubs / stub).write_text("#!/bin/sh\nexit 111\n")
+        (stubs / stub).chmod(0o755)
+    scratch = base / "cwd"
+    scratch.mkdir()
+    for name in renders:
+        script = base / name
+        assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0, name
+        subprocess.run(
+            ["sh", str(script)], cwd=scratch, capture_output=True, timeout=30, check=False,
+            env={"PATH": f"{stubs}:/usr/bin:/bin"},
+        )  # fmt: skip
+        assert not pwned.exists(), (name, script.read_text())
+
+    for name in ("pyqmail__root", "pyqmail__venv", "pyqmail__log_dir", "pyqmail__rules_path"):
+        assert problems_of({name: evil_path}) == [
+            f"{name}: {evil_path!r} is not an absolute path of letters, digits and '._/+@-' "
+            "only (no blanks, no shell metacharacters)"
+        ], name
+    for name in ("pyqmail_scanners__clamd_listen", "pyqmail_scanners__rspamd_listen"):
+        problems = problems_of({name: "/tmp/x;date>/tmp/PWNED/clamd.ctl"})
+        assert len(problems) == 1 and "is not a usable Unix socket path" in problems[0], problems
