@@ -10,6 +10,7 @@ Only paths of this test are touched.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -244,3 +245,40 @@ def test_a_run_script_its_daemon_refuses_does_not_replace_the_running_listener(
     stats, _ = run_role(host, extra)  # the value fixed: the due restarts run
     assert stats["failures"] == 0, stats
     assert list((host.path / "supervise").glob("*/restart-pending")) == []
+
+
+def greeting(port: int) -> bytes:
+    """The first bytes a client gets on ``port`` (a TLS listener sends none: b'')."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(2)
+        try:
+            return sock.recv(4)
+        except TimeoutError:
+            return b""
+
+
+def test_a_port_moved_to_another_listener_kind_is_freed_before_the_new_one_starts(
+    host: QmailRoot,
+) -> None:
+    """smtps on a port, then submission on it and smtps off: the old listener is stopped and
+    unlinked before the new one is linked (both would share the port: SO_REUSEPORT), and the
+    port answers with the submission listener's plaintext greeting only."""
+    extra = extra_vars(host, pyqmail_services__listeners=["smtp", "smtps"])
+    port = extra["pyqmail_services__ports"]["smtps"]
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    assert greeting(port) == b""  # implicit TLS: the client speaks first
+    moved = {
+        **extra,
+        "pyqmail_services__listeners": ["smtp", "submission"],
+        "pyqmail_services__ports": {**extra["pyqmail_services__ports"], "submission": port},
+    }
+    out = run_role_tasks(("pyqmail_services",), host.path.parent, moved)
+    order = [task["task"]["name"] for task in out["plays"][0]["tasks"]]
+    stop = order.index("Stop and unlink the listeners that are not wanted")
+    link = order.index(
+        "Link the new services into the service directory (svscan starts them together)"
+    )
+    assert stop < link, order
+    assert not (host.path.parent / "service" / "qmail-smtpd-ssl").exists()
+    assert {greeting(port) for _ in range(10)} == {b"220 "}
