@@ -181,22 +181,21 @@ def _check_directory(directory: Path) -> None:
         st = os.stat(directory)
     except FileNotFoundError:
         return
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise _DeferError(f"directory {directory} is writable by group or others; fix its mode")
-    if st.st_uid not in (0, os.geteuid()):
-        raise _DeferError(
-            f"directory {directory} is owned by uid {st.st_uid}, neither the delivery user "
-            f"(uid {os.geteuid()}) nor root; fix its owner"
-        )
+    _check_writers(f"directory {directory}", st)
 
 
 def _check_dotqmail(path: Path, st: os.stat_result) -> None:
     """The same rule for the file itself: its writers decide where the mail goes."""
+    _check_writers(str(path), st)
+
+
+def _check_writers(what: str, st: os.stat_result) -> None:
+    """Defer unless only the delivery user or root can write ``what``."""
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise _DeferError(f"{path} is writable by group or others; fix its mode")
+        raise _DeferError(f"{what} is writable by group or others; fix its mode")
     if st.st_uid not in (0, os.geteuid()):
         raise _DeferError(
-            f"{path} is owned by uid {st.st_uid}, neither the delivery user "
+            f"{what} is owned by uid {st.st_uid}, neither the delivery user "
             f"(uid {os.geteuid()}) nor root; fix its owner"
         )
 
