@@ -115,11 +115,16 @@ def control_targets(task: dict[str, Any]) -> list[str]:
     return [name] if "{{" not in name else _templated_targets(name, loop)
 
 
+# Readers outside the daemons' table: Dovecot serves IMAP/POP3 with servercert.pem (its
+# ssl_cert and ssl_key), and reloads on it alone of the control files.
+OUTSIDE_READERS = {"servercert.pem": {"pyqmail reload dovecot"}}
+
+
 def expected(target: str) -> set[str]:
     """Handlers for a file, or for a group of extra files (selected by their route)."""
     if target == "extra":
         return set()  # one routing task notifies (tests/roles/test_control_routes.py)
-    return handlers(target)
+    return handlers(target) | OUTSIDE_READERS.get(target, set())
 
 
 CASES = [
