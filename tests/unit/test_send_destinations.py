@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.resolver
 import pytest
 
 from pyqmail.control.send import Control
@@ -24,8 +25,10 @@ from pyqmail.queue.format import Envelope
 from pyqmail.queue.state import Attempt, read_state
 from pyqmail.queue.store import Queue
 from pyqmail.send.manager import Log, Manager, nextretry
+from pyqmail.send.mx import DnsResolver
 from pyqmail.send.remote import RemoteDelivery
 from pyqmail.send.scheduler import unreachable
+from tests.dnsserver import silent_server
 from tests.e2e.helpers import wait_for
 from tests.e2e.test_send import Recorder
 from tests.unit.test_send_job_failures import run_manager
@@ -196,6 +199,42 @@ def test_a_job_that_comes_due_later_is_tried(
         assert tarpit.connections == 1
     finally:
         m.children.close()
+
+
+def test_a_destination_whose_dns_does_not_answer_defers_what_waits_at_once(
+    send_root: Path,
+) -> None:
+    """Ten messages for a domain whose name servers never answer (a real UDP socket on
+    loopback that reads nothing): the two workers each wait the resolver's lifetime and
+    defer with 4.4.3; the eight messages waiting get that failure at once, recorded and on
+    their retry schedule, instead of a lifetime's wait each in a slot."""
+    (send_root / "control" / "concurrencydestination").write_text("2\n")
+    q = Queue(send_root / "queue")
+    ids = [q.enqueue("a@mx.test", [f"u{n}@broken.test"], MESSAGE).queue_id for n in range(10)]
+    out = io.StringIO()
+    with silent_server() as (host, port):
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers, res.port, res.timeout = [host], port, 0.5
+        m = Manager(send_root, Log(out), resolver=DnsResolver(lifetime=1.5, resolver=res))
+        try:
+            assert m.pickup() == 10
+            run_manager(m, lambda: _deferred(m, ids), 30, "every message deferred")
+            said = re.search(
+                r"status no connection to mx:broken\.test: (\d+) more job\(s\) deferred",
+                out.getvalue(),
+            )
+            assert said is not None and int(said[1]) in (8, 9), out.getvalue()
+            for queue_id in ids:
+                msg = m.msgs[queue_id]
+                r = msg.rcpts[0]
+                assert r.result is not None and r.result.status == "4.4.3", r.result
+                assert r.next_try == nextretry(msg.env.received, r.last_try, "remote")
+                [record] = read_state(send_root / "queue" / "state" / queue_id)
+                assert isinstance(record, Attempt) and record.event == "deferred"
+                assert record.status == "4.4.3"
+            wait_for(lambda: _idle(m), 10, "the workers to give their slots back")
+        finally:
+            m.children.close()
 
 
 def _control(root: Path, port: int) -> Control:

@@ -17,8 +17,9 @@ to the rest; a worker keeps its connection for the next job, so five connections
 busy destination's mail without a handshake each, and large receivers limit the connections
 they take from one client anyway. A host that relays everything through one smarthost has
 one destination: raise it there. When a delivery finds no connection to be had at all
-(``unreachable``), the jobs already waiting for that destination get the same temporary
-failure at once instead of each paying the timeouts again (``_take_unreachable``).
+(``unreachable``: no address answered, or the destination's DNS failed for now), the jobs
+already waiting for that destination get the same temporary failure at once instead of
+each paying the timeouts again (``_take_unreachable``).
 
 A job that raises (a bug, ``MemoryError`` under the run script's ``softlimit``) ends as a
 temporary failure naming the exception, and its slot is given back (``_job_failed``,
@@ -60,10 +61,15 @@ def nextretry(birth: float, last: float, channel: str) -> float:
 def unreachable(result: Result) -> bool:
     """A remote delivery that made no connection to its destination at all: every
     address refused, timed out connecting, sent no greeting in ``timeoutremote``, or rests
-    after such a timeout (tcpto, ``pyqmail.send.peers``: "not tried"). Remote delivery
-    (``pyqmail.send.remoteopen``) gives all of them ``#4.4.1``, RFC 3463's "no answer from
-    host", and no SMTP reply (``diagnostic``: a server's own ``451 4.4.1`` is a reply)."""
-    return result.kind == "temp" and result.status == "4.4.1" and not result.diagnostic
+    after such a timeout (tcpto, ``pyqmail.send.peers``: "not tried"); or the destination's
+    own DNS failed for now (no answer, SERVFAIL: ``#4.4.3``, before any address was known).
+    Remote delivery (``pyqmail.send.remoteopen``) gives the first kinds ``#4.4.1``, RFC
+    3463's "no answer from host", the last ``#4.4.3``, "directory server failure"; neither
+    comes with an SMTP reply (``diagnostic``: a server's own ``451 4.4.1`` is a reply). A
+    domain whose name servers do not answer is common among the senders of spam a bounce
+    goes back to: each of its waiting jobs would hold a slot for the resolver's whole
+    lifetime (30 s) and fail the same way."""
+    return result.kind == "temp" and result.status in ("4.4.1", "4.4.3") and not result.diagnostic
 
 
 # -- in-memory model --------------------------------------------------------------------
