@@ -19,6 +19,9 @@ How records are compared:
   published before a key rollover, RFC 7671 8.1).
 - TTLs are not compared. DNSSEC (which TLSA needs) is not validated here.
 
+``--fetch-policy`` also fetches each domain's MTA-STS policy from its web server and compares
+it with the one the file prints as comments (``pyqmail.tools.mtasts``).
+
 ``--nameserver``/``--port`` ask one server (tests start knot on loopback); by default the
 system resolver (/etc/resolv.conf) answers, as remote mail servers would see it.
 """
@@ -57,17 +60,22 @@ class ZoneFileError(Exception):
     """The zone file cannot be read or parsed (exit 2)."""
 
 
+def _zone_text(path: str) -> str:
+    """The file's text; ZoneFileError naming it when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ZoneFileError(f"{path}: {exc.strerror}") from exc
+
+
 def read_zone(path: str) -> list[Expected]:
     """The records of ``path`` grouped by owner and type, in file order of owners.
 
     The file's owners are fully qualified (it spans several zones), so it is parsed with the
     root as origin and without the SOA/NS a real zone must have.
     """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise ZoneFileError(f"{path}: {exc.strerror}") from exc
+    text = _zone_text(path)
     try:
         zone = dns.zone.from_text(text, origin=dns.name.root, relativize=False, check_origin=False)
     except dns.exception.DNSException as exc:
@@ -189,10 +197,27 @@ def check(records: list[Expected], resolver: dns.resolver.Resolver) -> list[str]
     return problems
 
 
+def _policies(args: argparse.Namespace, resolver: dns.resolver.Resolver) -> tuple[list[str], int]:
+    """``--fetch-policy``: the served MTA-STS policies' problems, and how many were checked."""
+    from pyqmail.tools import mtasts  # noqa: PLC0415 - only with --fetch-policy
+
+    text = _zone_text(args.zonefile)
+    try:
+        count = len(mtasts.expected_policies(text))
+    except mtasts.PolicyError as exc:
+        raise ZoneFileError(f"{args.zonefile}: {exc}") from exc
+    fetcher = mtasts.Fetcher(resolver, args.timeout, args.https_port, args.cafile)
+    return mtasts.check_policies(text, fetcher), count
+
+
 def _run(args: argparse.Namespace) -> int:
     records = read_zone(args.zonefile)
     resolver = make_resolver(args.nameserver, args.port, args.timeout)
     lines = check(records, resolver)
+    policies = 0
+    if args.fetch_policy:
+        more, policies = _policies(args, resolver)
+        lines += more
     problems = [line for line in lines if not line.startswith(INFO)]
     count = sum(len(r.rdatas) for r in records)
     for line in lines:
@@ -200,7 +225,8 @@ def _run(args: argparse.Namespace) -> int:
     if problems:
         sys.stdout.write(f"{len(problems)} problem(s) in {count} records of {args.zonefile}\n")
         return EXIT_PROBLEMS
-    sys.stdout.write(f"all {count} records published\n")
+    served = f" and {policies} MTA-STS policies served" if args.fetch_policy else ""
+    sys.stdout.write(f"all {count} records published{served}\n")
     return EXIT_PUBLISHED
 
 
@@ -219,9 +245,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument("--nameserver", help="ask this server only (default: the system resolver)")
     chk.add_argument("--port", type=int, default=53, help="port of the name server (default 53)")
     chk.add_argument("--timeout", type=float, default=5.0, help="seconds per query (default 5)")
+    chk.add_argument(
+        "--fetch-policy",
+        action="store_true",
+        help="also fetch each domain's MTA-STS policy over HTTPS, as senders do, and compare it "
+        "with the one the file prints",
+    )
+    chk.add_argument(
+        "--https-port", type=int, default=443, help="port of the policy's web server (default 443)"
+    )
+    chk.add_argument(
+        "--cafile", help="trust these CAs for the policy's web server (default: the system's)"
+    )
     args = parser.parse_args(argv)
-    if not 0 < args.port < 65536:
-        parser.error(f"--port {args.port}: must be from 1 to 65535")
+    for option, port in (("--port", args.port), ("--https-port", args.https_port)):
+        if not 0 < port < 65536:
+            parser.error(f"{option} {port}: must be from 1 to 65535")
     try:
         return _run(args)
     except ZoneFileError as exc:
