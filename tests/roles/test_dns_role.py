@@ -53,6 +53,16 @@ DKIM = [
             "(pyqmail_dns__spf_all ends the record)",
         ),
         (
+            {"pyqmail_dns__spf_extra": ["a:192.0.2.1"]},
+            "pyqmail_dns__spf_extra[0]: 'a:192.0.2.1' names an IP address, not a domain: write "
+            "ip4:192.0.2.1 (RFC 7208 5: a:, mx:, include: and exists: take a domain name)",
+        ),
+        (
+            {"pyqmail_dns__spf_extra": ["include:example.org", "include:%{x}.example.net"]},
+            "pyqmail_dns__spf_extra[1]: 'include:%{x}.example.net' has the macro %{x...}: "
+            "a domain takes only the macro letters s l o d i p h v (RFC 7208 7.2, 7.3)",
+        ),
+        (
             {"pyqmail_dns__spf_extra": [f"include:s{i}.example" for i in range(11)]},
             "pyqmail_dns__spf_extra: 11 terms that need a DNS lookup (a, mx, include:, exists:); "
             "SPF allows 10 in all, including those of the included records (RFC 7208 4.6.4), "
