@@ -466,11 +466,17 @@ class CertificateModule:
         if reuse:
             reason += " (private key kept)"
         elif existing is not None:
-            for warning in tlsa_warning(
-                self.path, bundle.key if bundle else None, key, "force" if p["force"] else ""
-            ):
-                self.module.warn(warning)
+            self.warn_tlsa(bundle.key if bundle else None, key, "force" if p["force"] else "")
         self.finish(True, reason, summary.as_dict(), current, backup_file)
+
+    def warn_tlsa(self, old_key: object | None, new_key: object, why: str) -> None:
+        """Warns that the TLSA record changes with the key, for a server certificate only: the
+        record pins the key senders see on port 25; a client certificate (clientcert.pem) is
+        in no TLSA record, and the warning would send the admin to change DNS for nothing."""
+        if self.purpose != "server":
+            return
+        for warning in tlsa_warning(self.path, old_key, new_key, why):
+            self.module.warn(warning)
 
     # --- assembling the user's files ---------------------------------------------------------
 
@@ -514,8 +520,7 @@ class CertificateModule:
         existing = self.read_current()
         bundle, current, _problem = read_existing(existing, None)
         if bundle is not None:
-            for warning in tlsa_warning(self.path, bundle.key, key, "the provided key changed"):
-                self.module.warn(warning)
+            self.warn_tlsa(bundle.key, key, "the provided key changed")
         if existing is None:
             reason = "missing"
         elif existing == content:

@@ -603,3 +603,33 @@ def test_a_new_key_warns_that_the_tlsa_record_changes(
     assert "(the provided key changed)" in warnings[3]
     ok(call(cert_module, provided))
     assert len(warnings) == 4
+
+
+def test_a_new_client_key_gives_no_tlsa_warning(
+    ca_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clientcert.pem (purpose client) is in no TLSA record: a new key (key type change, force,
+    an unusable file) changes no DNS record, so the module gives no TLSA warning; the same
+    steps for a server certificate give one each (test above)."""
+    from ansible.module_utils import basic
+
+    warnings: list[str] = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, text: warnings.append(text))
+    target = tmp_path / "clientcert.pem"
+    args: dict[str, Any] = {
+        "path": str(target),
+        "purpose": "client",
+        "names": ["relay.test"],
+        "ca_path": str(ca_dir),
+    }
+    ok(call(cert_module, args))
+    first = key_block(target)
+    r = ok(call(cert_module, {**args, "key_type": "rsa2048"}))
+    assert r["changed"] is True and key_block(target) != first
+    second = key_block(target)
+    ok(call(cert_module, {**args, "key_type": "rsa2048", "force": True}))
+    assert key_block(target) != second
+    target.write_bytes(b"not a certificate\n")
+    ok(call(cert_module, {**args, "key_type": "rsa2048"}))
+    assert labels(target)[0] == "PRIVATE KEY"
+    assert warnings == []
