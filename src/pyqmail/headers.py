@@ -258,14 +258,24 @@ def mailbox_addresses(value: str) -> list[str] | None:
 
 SHOWN_LIMIT = 4096  # characters of an unreadable From read for its domains; longer: refused
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([QqBb])\?([^?\s]*+)\?=")
-_SHOWN_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]*+)")
-_HIDDEN = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})  # controls, bidi, zero-width ...
+_DOMAIN = r"[^\s<>()\[\]\",;:@\\]*+"  # what a domain shown after an at sign may hold
+# After an at sign: blanks and (unnested) comments, RFC 5322 4.4's CFWS around "@", then the
+# domain (a quoted string's first word counts: a client shows it without its quotes).
+_AFTER_AT = re.compile(rf"(?P<cfws>(?:\s++|\((?:[^()\\]|\\.)*+\))*+)\"?\s*+(?P<domain>{_DOMAIN})")
+_COMMENT_WORD = re.compile(rf"\(\s*+\"?\s*+({_DOMAIN})")  # ceo@(bank.example)evil.example
+_HIDDEN = frozenset({"Cc", "Co", "Cs", "Zl", "Zp"})  # controls, private use, line breaks
+# Bidirectional embeddings, overrides and isolates: they reorder what is shown, so a client
+# may show 'ceo@bank.example' for the bytes 'elpmaxe.knab@oec'. Other format characters
+# (U+200D zero-width joiner, U+200F right-to-left mark) are harmless in a display name; in a
+# domain they are refused (what is looked up would not be what a reader sees).
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
 def _decoded_words(value: str) -> str:
     """The RFC 2047 encoded words of ``value`` as a mail client shows them, blank-separated
-    (an unknown charset as Latin-1: every byte shown, an at sign as itself); a word that does
-    not decode is shown raw, and the raw value is read anyway."""
+    (an unknown charset, or one that cannot decode such bytes, ``idna``, ``punycode``,
+    ``undefined``, as Latin-1: every byte shown, an at sign as itself); a word that does not
+    decode is shown raw, and the raw value is read anyway."""
     shown = []
     for m in _ENCODED_WORD.finditer(value):
         charset, kind, payload = m.groups()
@@ -278,30 +288,49 @@ def _decoded_words(value: str) -> str:
             continue
         try:
             shown.append(raw.decode(charset.partition("*")[0], "replace"))
-        except LookupError:
+        except (LookupError, UnicodeError, ValueError):  # the idna codec takes no "replace"
             shown.append(raw.decode("latin-1"))
     return " ".join(shown)
 
 
+def _after_at(text: str, pos: int) -> list[str] | None:
+    """The domains shown after the at sign before ``pos``: the word that follows it, past
+    any blanks and comments (RFC 5322 4.4 allows CFWS around "@": ``Joe @ Home``), and the
+    first word of each such comment (a reader may take ``ceo@(bank.example)x`` for
+    bank.example); None when no word follows (``ceo@``, ``ceo@ <``, ``ceo@[192.0.2.1]``, a
+    nested comment), or one holds a format character."""
+    m = _AFTER_AT.match(text, pos)
+    if m is None:  # pragma: no cover - every part of the pattern may be empty
+        return None
+    words = [*_COMMENT_WORD.findall(m.group("cfws")), m.group("domain")]
+    if not m.group("domain").rstrip(".") or any(
+        unicodedata.category(c) == "Cf" for word in words for c in word
+    ):
+        return None
+    return [d for word in words if (d := word.rstrip(".").lower())]
+
+
 def shown_domains(value: str) -> list[str] | None:
     """Every domain a reader may be shown in a From field value ``mailbox_addresses`` cannot
-    read (or reads as a group with no member): the text after each at sign, in the raw value
-    and in its decoded encoded words, after NFKC (a fullwidth at sign, U+FF20, is one), up to a
-    blank or a special; lower case, without a trailing dot, distinct, in order. [] when no
-    at sign is there (``MAILER-DAEMON``, ``Automated System:;``: no domain is shown). None,
-    "not understood", when no safe reading exists: an at sign followed by no domain, a
-    control, format (bidirectional overrides, zero-width characters) or private character
-    that may make a client show something else than these bytes, or a value longer than
-    ``SHOWN_LIMIT``. Linear in ``len(value)``."""
+    read (or reads as a group with no member): the word after each at sign (``_after_at``:
+    past blanks and comments), in the raw value and in its decoded encoded words, after NFKC
+    (a fullwidth at sign, U+FF20, is one), up to a blank or a special; lower case, without a
+    trailing dot, distinct, in order. [] when no at sign is there (``MAILER-DAEMON``,
+    ``Automated System:;``: no domain is shown). None, "not understood", when no safe reading
+    exists: an at sign followed by no word, a bidirectional override or isolate anywhere, a
+    format character in a domain, a control or private character that may make a client show
+    something else than these bytes, or a value longer than ``SHOWN_LIMIT``. Linear in
+    ``len(value)``: each at sign reads only up to the next word, and the blanks and comments
+    before it hold no other at sign but inside a comment, whose own reading ends there."""
     if len(value) > SHOWN_LIMIT:
         return None
     text = unicodedata.normalize("NFKC", f"{value} {_decoded_words(value)}")
-    if any(c != "\t" and unicodedata.category(c) in _HIDDEN for c in text):
+    if _BIDI.search(text) or any(c != "\t" and unicodedata.category(c) in _HIDDEN for c in text):
         return None
     domains: list[str] = []
-    for m in _SHOWN_DOMAIN.finditer(text):
-        domain = m.group(1).rstrip(".").lower()
-        if not domain:
+    for at in re.finditer("@", text):
+        shown = _after_at(text, at.end())
+        if shown is None:
             return None
-        domains.append(domain)
+        domains.extend(shown)
     return list(dict.fromkeys(domains))

@@ -90,11 +90,19 @@ def test_a_long_subdomain_does_not_exist_np_applies(settings, labels):
         (["CEO <ceo@bank.test>", "x@evil.test"], "more than one header From field"),
         (["x@evil.test", "CEO <ceo@bank.test>"], "more than one header From field"),
         (["ceo@bank..test"], "header From not understood"),
-        (["taro..yamada@ docomo.test"], "header From not understood"),  # @ before no domain
+        (["taro..yamada@ <yamada@docomo.test>"], "header From not understood"),  # no domain
         (["ceo@[192.0.2.1] <taro..yamada@docomo.test>"], "header From not understood"),
         (["=?utf-8?q?ceo@bank.test?= <taro..yamada@docomo.test>"], "header From not understood"),
         # bidi override: a client may show 'ceo@bank.test' for these bytes
         (["\u202etset.knab@oec <taro..yamada@docomo.test>"], "header From not understood"),
+        # bidi isolates and embeddings anywhere, other format characters inside a domain
+        (["\u2067Taro\u2069, Y <taro@docomo.test>"], "header From not understood"),
+        (["Taro \u202b, Y <taro@docomo.test>"], "header From not understood"),
+        (["ceo@\u200dbank.test <taro..yamada@docomo.test>"], "header From not understood"),
+        (["Taro @ Home\u200f <taro..yamada@docomo.test>"], "header From not understood"),
+        # a nested or unclosed comment after an at sign: the word after it is not read
+        (["ceo@((bank.test))evil.test <taro..yamada@docomo.test>"], "header From not understood"),
+        (["ceo@ (bank.test <taro..yamada@docomo.test>"], "header From not understood"),
         (["Taro (" + "x" * 5000 + ") <taro..yamada@docomo.test>"], "header From not understood"),
         ([f"ceo@{'x' * 64}.bank.test"], "header From domain is no domain name"),
         (["ceo@\ufffd.bank.test"], "header From domain is no domain name"),
@@ -178,6 +186,7 @@ def test_a_from_naming_no_domain_is_accepted(settings, from_):
 LEGITIMATE = [
     "taro..yamada@docomo.test",  # legacy Japanese mobile local parts
     "taro.@docomo.test",
+    "taro..yamada@ docomo.test",  # blanks after "@" (RFC 5322 4.4): the next word is shown
     "Taro <taro..yamada@docomo.test>",
     "=?utf-8?b?5bGx55Sw5aSq6YOO?= <taro..yamada@docomo.test>",
     "taro@docomo.test <taro@docomo.test>",  # the sloppy form

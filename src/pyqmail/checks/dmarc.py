@@ -18,8 +18,14 @@ cannot read (``user@example.com <user@example.com>``, the legacy Japanese mobile
 words too), the strictest failing policy applies, so ``ceo@bank.example <x@evil.example>``
 gets bank.example's whichever a client shows; one naming no domain at all (RFC 6854's
 ``Automated System:;``, a bare ``MAILER-DAEMON``) is a permerror that is accepted, as no
-From is (nothing shown to protect); one with no safe reading (an at sign before no domain,
-bidirectional controls, a domain that is no host name) is refused.
+From is (nothing shown to protect); one with no safe reading (an at sign before no word,
+bidirectional overrides or isolates, a domain that is no host name or holds a format
+character) is refused. A display name's words after an at sign count as domains shown
+(``Joe @ Home <joe@example.com>``: RFC 5322 4.4 allows blanks around "@"), so such a From
+is judged on what home and example.com publish: a domain without a DMARC record gives
+``none`` for itself, and only a failing p=reject (or p=quarantine) domain among them gets
+the message refused (or sent to Junk); a zero-width joiner or right-to-left mark in a
+display name is harmless. Those Froms were refused unasked before (session 35).
 
 ``np`` (RFC 9091 3.2, kept by DMARCbis): a failing message whose From domain is a subdomain
 with no record of its own and does not exist gets the organisational domain's ``np`` (when
@@ -165,10 +171,11 @@ def _shown(value: str) -> list[str] | str:
     """The domains of a From the address grammar cannot read (or a group with no member),
     as a client may show them (``headers.shown_domains``); ``NO_DOMAIN`` when there is
     none; "header From not understood" when there is no safe reading, or a domain shown is
-    no host name (``bank.test?=``, ``[192.0.2.1]``: the name looked up would not be the one
-    a reader sees). Why not refuse them all, as at first: legitimate senders write such
-    Froms (RFC 6854 groups, ``MAILER-DAEMON``, the sloppy ``a@b.example <a@b.example>``,
-    Japanese mobile local parts with '..'), and judging every domain shown keeps each of
+    no host name (``bank.test?=``; ``[192.0.2.1]`` has none: the name looked up would not
+    be the one a reader sees). Why not refuse them all, as at first: legitimate senders
+    write such Froms (RFC 6854 groups, ``MAILER-DAEMON``, the sloppy ``a@b.example
+    <a@b.example>``, Japanese mobile local parts with '..', ``Joe @ Home <joe@b.example>``,
+    an unquoted comma in a display name), and judging every domain shown keeps each of
     those domains' policy."""
     shown = shown_domains(value)
     if shown is None or any(not _HOST.fullmatch(ace(d) or "") for d in shown):
