@@ -26,7 +26,7 @@ GREY = 451
 
 
 def triplets(root: QmailRoot) -> int:
-    with sqlite3.connect(root.path / "smtpd" / "greylist2.sqlite") as db:
+    with sqlite3.connect(root.path / "smtpd" / "greylist3.sqlite") as db:
         return sum(
             int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
             for table in ("pending", "passed")

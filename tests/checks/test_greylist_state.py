@@ -16,16 +16,18 @@ from pathlib import Path
 import pytest
 
 from pyqmail.checks import greylist
-from pyqmail.checks.greylist import Greylist, Settings
+from pyqmail.checks.greylist import Greylist, Settings, place
 
 GREY = Settings(delay=300, lifetime=3600)
 T0 = 1_000_000.0
 FLOODER, FRIEND, WAITING = "203.0.113.5", "192.0.2.10", "198.51.100.20"
 
 
-def pending(root: Path) -> list[tuple[str, float]]:
+def pending(root: Path) -> list[tuple[tuple[bytes, int], float]]:
+    """((source, network within it), first seen) of each pending triplet."""
     with sqlite3.connect(root / greylist.STATE_FILE) as db:
-        return [(str(n), float(f)) for n, f in db.execute("SELECT net, first FROM pending")]
+        rows = db.execute("SELECT unit, sub, first FROM pending").fetchall()
+    return [((bytes(unit), int(sub)), float(first)) for unit, sub, first in rows]
 
 
 def counted(root: Path) -> int:
@@ -51,7 +53,7 @@ def test_a_flood_from_one_network_evicts_only_its_own_pending_triplets(
     grey.prune(GREY, T0 + 40)
     assert grey.check(FRIEND, "a@friend.test", "u@mx.test", GREY, T0 + 400).log == "greylist=known"
     assert grey.check(WAITING, "b@wait.test", "u@mx.test", GREY, T0 + 400).log == "greylist=pass"
-    flood = [first for net, first in pending(tmp_path) if net == "203.0.113.0/24"]
+    flood = [first for net, first in pending(tmp_path) if net == place(FLOODER)]
     assert len(flood) == 50
     assert min(flood) >= T0 + 20 + 450 / 100  # its own oldest went
     assert counted(tmp_path) == len(pending(tmp_path))
@@ -142,18 +144,25 @@ def test_prune_deletes_a_bounded_batch_by_age(
     grey.close()
 
 
-def test_the_file_of_the_older_format_is_removed_and_logged(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+OLD_LAYOUTS = {
+    "smtpd/greylist.sqlite": "CREATE TABLE triplet (net TEXT NOT NULL, sender TEXT NOT NULL,"
+    " rcpt TEXT NOT NULL, first REAL NOT NULL, last REAL NOT NULL, passed INTEGER NOT NULL,"
+    " PRIMARY KEY (net, sender, rcpt)) WITHOUT ROWID",
+    "smtpd/greylist2.sqlite": "CREATE TABLE pending (net TEXT NOT NULL, pair BLOB NOT NULL,"
+    " first REAL NOT NULL, PRIMARY KEY (net, pair)) WITHOUT ROWID",
+}
+
+
+@pytest.mark.parametrize("name", greylist.OLD_STATE_FILES)
+def test_the_files_of_the_older_formats_are_removed_and_logged(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], name: str
 ) -> None:
+    """greylist.sqlite (raw addresses) and greylist2.sqlite (s35: no per-source counts) are
+    not read: their rows lack what the bounds count by."""
     (tmp_path / "smtpd").mkdir()
-    old = tmp_path / greylist.OLD_STATE_FILE
+    old = tmp_path / name
     with sqlite3.connect(old) as db:
-        db.execute(
-            "CREATE TABLE triplet (net TEXT NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,"
-            " first REAL NOT NULL, last REAL NOT NULL, passed INTEGER NOT NULL,"
-            " PRIMARY KEY (net, sender, rcpt)) WITHOUT ROWID"
-        )
-        db.execute("INSERT INTO triplet VALUES ('192.0.2.0/24', 'a@b.test', 'u@mx.test', 1, 1, 1)")
+        db.execute(OLD_LAYOUTS[name])
     verdict = Greylist(tmp_path).check(FRIEND, "a@b.test", "u@mx.test", GREY, T0)
     assert verdict.log.startswith("greylist=new")
     assert not old.exists()

@@ -212,6 +212,6 @@ def test_greylist_state_directory_must_be_writable_by_the_user(good_root: QmailR
     assert result.returncode == 111
     [line] = result.stderr.splitlines()
     assert line.startswith(
-        f"pyqmail-smtpd: fatal: {state_dir}/greylist2.sqlite: cannot open the greylist:"
+        f"pyqmail-smtpd: fatal: {state_dir}/greylist3.sqlite: cannot open the greylist:"
         f" cannot create files in {state_dir} as uid "
     ), line

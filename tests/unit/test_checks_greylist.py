@@ -10,17 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pyqmail.checks.greylist import Greylist, Settings, network
+from pyqmail.checks.greylist import Greylist, Settings, place
 from tests.interpreter import fresh_stdout
 
 GREY = Settings(delay=300, lifetime=3600)
 T0 = 1_000_000.0
 
 
-def test_networks_are_slash_24_and_slash_64() -> None:
-    assert network("192.0.2.77") == "192.0.2.0/24"
-    assert network("::ffff:192.0.2.77") == "192.0.2.0/24"
-    assert network("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+def test_networks_are_slash_24_and_slash_64_within_their_slash_48() -> None:
+    assert place("192.0.2.77") == place("192.0.2.1") == (bytes([4, 192, 0, 2]), 0)
+    assert place("::ffff:192.0.2.77") == place("192.0.2.77")
+    assert place("2001:db8:1:2:3:4:5:6") == (bytes([6, 0x20, 0x01, 0x0D, 0xB8, 0, 1]), 2)
+    assert place("2001:db8:1:ffff::9") == (place("2001:db8:1::")[0], 0xFFFF)
+    assert place("2001:db8:2:2::1")[0] != place("2001:db8:1:2::1")[0]
+    assert place("4.192.0.2")[0] != place("0400:c000:0200::")[0]  # no family is another's
 
 
 def test_new_early_pass_known_and_expired(tmp_path: Path) -> None:
@@ -96,10 +99,10 @@ def test_two_processes_share_the_triplets(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_database_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / "smtpd").mkdir()
-    (tmp_path / "smtpd" / "greylist2.sqlite").write_bytes(b"not a database at all" * 100)
+    (tmp_path / "smtpd" / "greylist3.sqlite").write_bytes(b"not a database at all" * 100)
     verdict = Greylist(tmp_path).check("192.0.2.7", "a@b.test", "u@mx.test", GREY, T0)
     assert verdict.log.startswith("greylist=new")
-    assert len(list((tmp_path / "smtpd").glob("greylist2.sqlite.broken-*"))) == 1
+    assert len(list((tmp_path / "smtpd").glob("greylist3.sqlite.broken-*"))) == 1
 
 
 def test_a_database_it_cannot_open_lets_mail_through(tmp_path: Path) -> None:

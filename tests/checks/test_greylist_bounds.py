@@ -1,0 +1,316 @@
+"""Greylisting's bounds (``pyqmail.checks.greylist``), in the real SQLite file (s35 review).
+
+Three holes: pending triplets were capped per /64 only, so one IPv6 customer (a /48 is
+65,536 /64s) pushed everybody else's out through the global cap; a known client forgotten by
+age was known again after a single pass (its old passes still counted); the passed triplets
+had no bound at all. The limits are scaled down here, the decisions are ``Greylist.check``'s
+on a real file, and the counts the module keeps are compared with the rows themselves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from pyqmail.checks import greylist
+from pyqmail.checks.greylist import Greylist, Settings
+
+GREY = Settings(delay=300, lifetime=3600)
+T0 = 1_000_000.0
+FRIEND, FRIEND6 = "198.51.100.7", "2001:db8:2::5"
+HOUR, DAY = 3600, 86400
+
+
+def customer(i: int) -> str:
+    """An address in the i-th /64 of one IPv6 customer's /48."""
+    return f"2001:db8:1:{i:x}::25"
+
+
+def counts(root: Path) -> dict[str, int]:
+    """Rows of ``pending`` and ``passed``, after checking them against the counts kept in
+    ``meta`` (in all) and ``held`` (per source)."""
+    found = {}
+    with closing(sqlite3.connect(root / greylist.STATE_FILE)) as db:
+        for table in ("pending", "passed"):
+            kept = db.execute("SELECT value FROM meta WHERE name=?", (table,)).fetchone()
+            assert kept is not None, f"no count of the {table} rows is kept"
+            (rows,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+            assert kept[0] == rows, f"{table}: {kept[0]} counted, {rows} rows"
+            held = dict(db.execute("SELECT unit, n FROM held WHERE kind=?", (table,)))
+            per = dict(db.execute(f"SELECT unit, count(*) FROM {table} GROUP BY unit"))  # noqa: S608
+            assert held == per, table
+            found[table] = rows
+    return found
+
+
+def rows(root: Path, table: str) -> int:
+    with closing(sqlite3.connect(root / greylist.STATE_FILE)) as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+
+def logs(grey: Greylist, ip: str, sender: str, rcpts: list[str], at: float) -> list[str]:
+    return [grey.check(ip, sender, rcpt, GREY, at).log.split()[0] for rcpt in rcpts]
+
+
+def test_an_ipv6_customer_cannot_push_out_anybody_elses_pending_triplet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's case, limits scaled: 10 per network, 50 in all, a prune every 10
+    decisions. 20 /64s of one /48 with 10 new triplets each were 200 sources' worth under
+    the per-network cap, and the prunes dropped the oldest pending triplets anywhere: the
+    correspondents' first."""
+    monkeypatch.setattr(greylist, "PENDING_PER_NET", 10)
+    monkeypatch.setattr(greylist, "MAX_PENDING", 50)
+    monkeypatch.setattr(greylist, "PRUNE_EVERY", 10)
+    grey = Greylist(tmp_path)
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0) == ["greylist=new"]
+    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0) == ["greylist=new"]
+    for i in range(20):
+        flood = [f"x{j}@mx.test" for j in range(10)]
+        assert set(logs(grey, customer(i), f"s{i}@spam.test", flood, T0 + 1 + i)) == {
+            "greylist=new"
+        }
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    assert counts(tmp_path)["pending"] <= 50
+    grey.close()
+
+
+def test_a_slash_48_holds_at_most_four_networks_worth_of_pending_triplets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each /64 under its own cap, the /48 over ``NETS_PER_BLOCK`` times it loses its own
+    oldest as it goes (no prune, the total far off): its newest 40 of 200 are still
+    pending, another /48 keeps its own."""
+    monkeypatch.setattr(greylist, "PENDING_PER_NET", 10)
+    grey = Greylist(tmp_path)
+    rcpts = [f"x{j}@mx.test" for j in range(10)]
+    assert logs(grey, FRIEND6, "b@friend6.test", rcpts, T0) == ["greylist=new"] * 10
+    for i in range(20):
+        logs(grey, customer(i), f"s{i}@spam.test", rcpts, T0 + 1 + i)
+    assert rows(tmp_path, "pending") == 10 + 40
+    # the newest first: a retry that is new again is a pending triplet of the /48 again
+    retried = [
+        logs(grey, customer(i), f"s{i}@spam.test", rcpts, T0 + 400) for i in range(19, -1, -1)
+    ]
+    assert retried[:4] == [["greylist=pass"] * 10] * 4
+    assert retried[4:] == [["greylist=new"] * 10] * 16  # its oldest went
+    assert logs(grey, FRIEND6, "b@friend6.test", rcpts, T0 + 400) == ["greylist=pass"] * 10
+    counts(tmp_path)
+    grey.close()
+
+
+def test_over_the_total_the_source_holding_the_most_loses_its_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the per-source caps, over ``MAX_PENDING``: the biggest source goes down to the
+    next biggest, then both share what is left over; the single triplets of the
+    correspondents (the oldest rows of all) stay."""
+    monkeypatch.setattr(greylist, "MAX_PENDING", 50)
+    grey = Greylist(tmp_path)
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0) == ["greylist=new"]
+    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0) == ["greylist=new"]
+    for i in range(20):  # 200 from one /48, over 20 /64s
+        logs(grey, customer(i), "s@spam.test", [f"x{j}@mx.test" for j in range(10)], T0 + 1 + i)
+    bots = [f"y{j}@mx.test" for j in range(30)]
+    for j, bot in enumerate(bots):  # 30 from one /24
+        logs(grey, "203.0.113.9", "s@bot.test", [bot], T0 + 30 + j / 100)
+    assert rows(tmp_path, "pending") == 232
+    grey.prune(GREY, T0 + 40)
+    assert rows(tmp_path, "pending") == 50
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    customer_left = sum(
+        log == "greylist=pass"
+        for i in range(20)
+        for log in logs(
+            grey, customer(i), "s@spam.test", [f"x{j}@mx.test" for j in range(10)], T0 + 400
+        )
+    )
+    bot_logs = logs(grey, "203.0.113.9", "s@bot.test", bots, T0 + 400)
+    assert customer_left + bot_logs.count("greylist=pass") == 48
+    assert abs(customer_left - bot_logs.count("greylist=pass")) <= 2  # levelled
+    kept = bot_logs.count("greylist=pass")
+    assert bot_logs == ["greylist=new"] * (30 - kept) + ["greylist=pass"] * kept  # its newest
+    counts(tmp_path)
+    grey.close()
+
+
+def test_passed_triplets_are_capped_the_biggest_source_losing_its_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that retries passes every triplet, and fresh sender domains never make it a
+    known client: ``passed`` grew without end. Over ``MAX_PASSED`` the source holding the
+    most passed triplets loses its oldest; others keep theirs."""
+    monkeypatch.setattr(greylist, "MAX_PASSED", 100, raising=False)
+    grey = Greylist(tmp_path)
+    logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0)
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    small = [f"s{j}@mx.test" for j in range(20)]
+    logs(grey, FRIEND6, "b@friend6.test", small, T0 + 1)
+    logs(grey, FRIEND6, "b@friend6.test", small, T0 + 301)
+    flood = [(f"x{j}@fresh{j}.test", f"u{j}@mx.test") for j in range(150)]
+    for j, (sender, rcpt) in enumerate(flood):
+        logs(grey, "203.0.113.9", sender, [rcpt], T0 + 2 + j)
+    for j, (sender, rcpt) in enumerate(flood):
+        assert logs(grey, "203.0.113.9", sender, [rcpt], T0 + 400 + j) == ["greylist=pass"]
+    grey.prune(GREY, T0 + 600)
+    assert rows(tmp_path, "passed") == 100
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 700) == ["greylist=known"]
+    assert logs(grey, FRIEND6, "b@friend6.test", small, T0 + 700) == ["greylist=known"] * 20
+    again = [logs(grey, "203.0.113.9", s, [r], T0 + 800)[0] for s, r in flood]
+    assert again == ["greylist=new"] * 71 + ["greylist=known"] * 79  # its oldest 71 went
+    assert counts(tmp_path) == {"pending": 71, "passed": 79 + 21}
+    grey.close()
+
+
+def passes(grey: Greylist, sender: str, rcpts: list[str], at: float) -> None:
+    """One delivery: its triplets deferred, then passed after the delay."""
+    logs(grey, FRIEND, sender, rcpts, at)
+    assert logs(grey, FRIEND, sender, rcpts, at + 300) == ["greylist=pass"] * len(rcpts)
+
+
+def test_a_client_unseen_for_the_lifetime_counts_its_passes_from_one_again(
+    tmp_path: Path,
+) -> None:
+    """Five deliveries an hour apart made it a known client; unseen for two days (the prune
+    had not run: its row was still there) one pass made it known again, with 6 passes."""
+    life = Settings(delay=300, lifetime=DAY)
+    grey = Greylist(tmp_path)
+    for i in range(greylist.AUTO_ALLOW):
+        passes(grey, "news@friend.test", [f"u{i}@mx.test"], T0 + i * HOUR)
+    back = T0 + 4 * HOUR + 400
+    assert grey.check(FRIEND, "news@friend.test", "z@mx.test", life, back).log == "greylist=client"
+    later = back + 2 * DAY
+    assert grey.check(FRIEND, "news@friend.test", "a@mx.test", life, later).action == "defer"
+    assert grey.check(FRIEND, "news@friend.test", "a@mx.test", life, later + 300).log == (
+        "greylist=pass"
+    )
+    third = grey.check(FRIEND, "news@friend.test", "b@mx.test", life, later + 400)
+    assert third.log.split()[0] == "greylist=new"
+    grey.close()
+    with closing(sqlite3.connect(tmp_path / greylist.STATE_FILE)) as db:
+        assert db.execute("SELECT passes FROM client").fetchall() == [(1,)]
+
+
+def test_passes_before_the_lifetime_do_not_add_up_with_a_new_one(tmp_path: Path) -> None:
+    """Four passes, two days of silence, one pass: not five."""
+    life = Settings(delay=300, lifetime=DAY)
+    grey = Greylist(tmp_path)
+    for i in range(greylist.AUTO_ALLOW - 1):
+        passes(grey, "news@friend.test", [f"u{i}@mx.test"], T0 + i * HOUR)
+    later = T0 + 3 * HOUR + 2 * DAY
+    assert grey.check(FRIEND, "news@friend.test", "a@mx.test", life, later).action == "defer"
+    assert grey.check(FRIEND, "news@friend.test", "a@mx.test", life, later + 300).log == (
+        "greylist=pass"
+    )
+    fresh = grey.check(FRIEND, "news@friend.test", "b@mx.test", life, later + 400)
+    assert fresh.log.split()[0] == "greylist=new"
+    grey.close()
+
+
+DIES = """
+import os, sys
+from pathlib import Path
+from pyqmail.checks import greylist
+greylist.MAX_PENDING = 5
+grey = greylist.Greylist(Path(sys.argv[1]))
+def die(sql):
+    if sql.lstrip().startswith(sys.argv[2]):
+        os._exit(9)
+grey.connect().set_trace_callback(die)
+settings = greylist.Settings(300, 3600)
+if sys.argv[3] == "check":
+    grey.check("198.51.100.7", "a@friend.test", "u@mx.test", settings, 1_000_300.0)
+else:
+    grey.prune(settings, 1_000_300.0)
+print("lived")
+"""
+
+
+@pytest.mark.parametrize(
+    ("statement", "work"),
+    [
+        ("INSERT OR REPLACE INTO passed", "check"),  # a pass: pending row and count gone
+        ("UPDATE meta", "check"),  # a pass: the source's count changed, not the total
+        ("SELECT unit, n FROM held", "prune"),  # the eviction, after the prune by age
+    ],
+)
+def test_the_counts_stay_right_when_a_worker_dies_mid_transaction(
+    tmp_path: Path, statement: str, work: str
+) -> None:
+    """A worker killed in the middle of a decision or a prune leaves rows and counts as
+    they were: both change in one transaction, which dies with it."""
+    grey = Greylist(tmp_path)
+    logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0)
+    logs(grey, "203.0.113.9", "s@bot.test", [f"y{j}@mx.test" for j in range(9)], T0 - 4000)
+    logs(grey, customer(1), "s@spam.test", [f"x{j}@mx.test" for j in range(9)], T0 + 1)
+    grey.close()
+    before = counts(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", DIES, str(tmp_path), statement, work],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (9, ""), run.stderr
+    assert counts(tmp_path) == before
+    grey = Greylist(tmp_path)
+    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
+    assert counts(tmp_path) == {"pending": before["pending"] - 1, "passed": 1}
+    grey.close()
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from pyqmail.checks import greylist
+greylist.PENDING_PER_NET, greylist.MAX_PENDING, greylist.MAX_PASSED = 6, 28, 20
+greylist.PRUNE_EVERY = 7
+grey = greylist.Greylist(Path(sys.argv[1]))
+settings = greylist.Settings(300, 3600)
+def triplet(i):
+    ip = f"2001:db8:1:{i % 5:x}::1" if i % 2 else f"192.0.{i % 3}.1"
+    return ip, f"s{i}@d{i % 4}.test", f"u{i}@mx.test"
+sys.stdin.readline()  # start together
+seen = set()
+for i in range(150):  # a new triplet every 10 s, its retry 300 s later
+    for j in (i, i - 30):
+        if j >= 0:
+            seen.add(grey.check(*triplet(j), settings, 1e6 + 10 * i).log.split()[0])
+print(" ".join(sorted(seen)))
+"""
+
+
+def test_the_counts_stay_right_with_workers_deciding_at_once(tmp_path: Path) -> None:
+    """Two processes adding, passing, evicting and pruning the same triplets at once (every
+    limit tiny): the counts they keep are the rows there are."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    seen: set[str] = set()
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        seen |= set(out.split())
+    found = counts(tmp_path)  # the counts kept are the rows there are
+    assert found["pending"] > 0 and found["passed"] > 0, found
+    assert seen >= {"greylist=new", "greylist=early", "greylist=pass", "greylist=client"}, seen
+    assert not [log for log in seen if log.startswith("greylist=error")]
