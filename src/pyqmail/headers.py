@@ -10,6 +10,10 @@ each parser at N and 2N bytes of pathological input):
   ``HopCounter`` counts them while DATA streams in, in constant memory, over the whole header
   section however long it is; pyqmail-smtpd refuses a message with more than ``maxhops``
   (``554 5.4.6``) and queues nothing.
+- **Fields**: ``raw_fields`` is the one reading of a header section into whole fields (each
+  with its continuation lines) and of a line that is no field: DKIM signing, the scanning
+  stage's header edits and ``header_fields`` all split by it; ``head_and_rest`` is where a
+  CRLF message's header section ends.
 - **Header size** (Postfix's ``header_size_limit``, same default: ``HEADER_SIZE_LIMIT``,
   100 KiB). Parsers that build values out of header fields (local delivery's loop checks, the
   header copy in a bounce, the queue tool's header view, ``pyqmail-sendmail -t``) look at the
@@ -97,19 +101,72 @@ def header_section(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bytes:
     return head[: cut - 1 if head[cut - 1 : cut] == b"\r" else cut]
 
 
-# Possessive quantifiers: no backtracking state is kept per continuation line.
-_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*+(?:\r?\n[ \t].*+)*+)", re.MULTILINE)
+# One piece of a header section: a field's first line (a name, blanks, a colon) or any other
+# line, then the continuation lines after it. Possessive quantifiers: no backtracking state
+# is kept per line, and a name that is not followed by a colon is given up once.
+_PIECE = re.compile(rb"(?=[\s\S])(?:([!-9;-~]++)[ \t]*+:)?+[^\n]*+(?:\n[ \t][^\n]*+)*+\n?")
+
+
+def raw_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """Every piece of the header section ``head`` (CRLF or LF line ends), in order, as
+    (name as written, the piece's bytes with its line ends); the pieces joined are ``head``.
+
+    A piece is a line and the lines after it that start with a blank (continuation lines).
+    Its name is the field name when the line is a field's first: printable characters but
+    the colon, blanks allowed before the colon (RFC 5322 obs-field). Any other line (no
+    colon, a blank inside the name, an empty name, a blank at the very start) is a stray
+    line: a piece of its own named ``b""``, and the header section goes on after it. One
+    rule for DKIM signing, the scanning stage's edits and ``header_fields``, because it is
+    what the readers after us do:
+
+    - rspamd 3.4 (``rspamadm mime dump``) skips a stray line and the continuation lines
+      after it, and reads the fields after it; Dovecot 2.3 reads the fields after it too
+      (IMAP SEARCH and FETCH of what local delivery stored). dkimpy skips a stray ``From ``
+      line (mbox) and refuses a message with any other (``MessageFormatError``), OpenDKIM
+      one with a line without a colon ("header malformed"). So a signature leaves a stray
+      line out of every signed field (with an mbox ``From `` line it verifies with dkimpy),
+      and ``pyqmail.scan.stage.strip_ours`` finds a forged field after one (a sender's
+      ``X-Spam-Flag: NO``, then a stray line, then ``X-Spam: No``: both go).
+    - Never a continuation of the field before it (what signing did): no reader joins it
+      to that field, so a signature over the joined field failed at every verifier.
+    - Never the end of the header section (Postfix ends it there, inserting an empty line,
+      and so does Python's email package): the fields after it would escape ``strip_ours``
+      while rspamd and Dovecot read them. The price: a signed message with a stray line
+      fails at a verifier behind Postfix, whose body then starts at that line.
+
+    One regex pass; each piece is one slice of ``head``, never built line by line (adding a
+    field's lines one at a time copied it again for every continuation line: quadratic)."""
+    return [(m.group(1) or b"", m.group()) for m in _PIECE.finditer(head)]
+
+
+def head_and_rest(message: bytes) -> tuple[bytes, bytes]:
+    """A CRLF message's header section with its last line's CRLF, and the rest: the empty
+    line and the body after it; ``head + rest == message``. A message that starts with the
+    empty line has no header section (``b""``, all of it is the rest: its first paragraph
+    is body, never fields); one with no empty line is all header section (the rest
+    ``b""``). Unbounded, unlike ``header_section``: for callers that rewrite the header
+    section (``pyqmail.scan.stage``) or sign the body (``pyqmail.dkim.sign``, after the
+    rest's first CRLF)."""
+    if message.startswith(b"\r\n"):
+        return b"", message
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return message, b""
+    return message[: end + 2], message[end + 2 :]
 
 
 def header_fields(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> list[tuple[str, bytes]]:
     """(lower-case name, unfolded raw value) of every field in the first ``limit`` bytes of
-    the header section, in order. One regex pass; each value is joined once."""
+    the header section, in order; a stray line (``raw_fields``) and its continuation lines
+    are no field and skipped. One pass of ``raw_fields``; each value is joined once."""
     out = []
-    for match in _FIELD.finditer(header_section(message, limit)):
-        value = match.group(2)
+    for name, field in raw_fields(header_section(message, limit)):
+        if not name:
+            continue
+        value = field[field.index(b":", len(name)) + 1 :].rstrip(b"\r\n")
         if b"\n" in value:
             value = b" ".join(part.strip() for part in value.split(b"\n"))
-        out.append((match.group(1).decode("ascii").lower(), value.strip()))
+        out.append((name.decode("ascii").lower(), value.strip()))
     return out
 
 
