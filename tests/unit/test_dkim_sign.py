@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from pyqmail.dkim import keys as dkim_keys
 from pyqmail.dkim.policy import decide
-from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign
+from pyqmail.dkim.sign import relaxed_body, relaxed_header, sign, split_message
 from pyqmail.protocol.events import MessageStart, TLSInfo
 from pyqmail.queue.format import Envelope
 from pyqmail.queue.state import signatures as recorded_signatures
@@ -115,6 +115,30 @@ def test_a_message_altered_after_signing_fails(
         # ... the failure is the signature's, not a key lookup's ("key DNS query failed")
         assert f"(s={key.selector} " in report, report
         assert report.endswith(" failed: signature verification failed"), report
+
+
+def test_a_line_that_is_no_field_is_part_of_no_signed_field(
+    keys: list[KeyPair], dns: DnsServer, tmp_path: Path
+) -> None:
+    """An mbox ``From `` line amid the fields (no colon): dkimpy skips it and reads the
+    fields after it (``pyqmail.headers.raw_fields``). Signed as part of the Subject above it,
+    the signature failed; the To below it is signed and read."""
+    message = (
+        b"From: alice@example.org\r\nSubject: hi\r\nFrom alice@example.org\r\n"
+        b"To: bob@example.net\r\n\r\nHello.\r\n"
+    )
+    fields, body = split_message(message)
+    assert fields[1:] == [
+        (b"Subject", b"Subject: hi\r\n"),
+        (b"", b"From alice@example.org\r\n"),
+        (b"To", b"To: bob@example.net\r\n"),
+    ]
+    assert body == b"Hello.\r\n"
+    signed = sign(message, loaded(tmp_path, keys), WHEN) + message
+    for index, key in enumerate(keys):
+        assert dkimpy_verify(signed, index, dns.host, dns.port), key.algorithm
+        altered = signed.replace(b"To: bob@", b"To: eve@")
+        assert not dkimpy_verify(altered, index, dns.host, dns.port), key.algorithm
 
 
 _TOP = b"From: cron@example.org\r\nSubject: report\r\n"

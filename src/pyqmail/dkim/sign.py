@@ -22,7 +22,7 @@ add a missing Date or Message-ID legitimately. Not trace or list fields (Receive
 Resent-*, List-*): a relay or list adds those legitimately. No ``l=``: the whole body is
 signed. ``t=`` is the time the message entered the queue; no ``x=``.
 
-What is read: ``split_message`` is linear in the header (each field's lines joined once),
+What is read: ``split_message`` is linear in the header (``pyqmail.headers.raw_fields``),
 and a header section over ``HEADER_SIZE_LIMIT`` (``pyqmail.headers``, the 100 KiB the
 sender rules read) is never signed (``header_too_long``; ``pyqmail.dkim.policy`` logs why):
 pyqmail-send signs on its one main loop, so the cost of a message must stay bounded.
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pyqmail.dkim.keys import Key
-from pyqmail.headers import HEADER_SIZE_LIMIT
+from pyqmail.headers import HEADER_SIZE_LIMIT, head_and_rest, raw_fields
 from pyqmail.wirelines import wire_lines
 
 SIGNED: Final = (
@@ -68,7 +68,8 @@ _WSP_RUN = re.compile(rb"[ \t]+")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 B64_LINE: Final = 72
 
-Field = tuple[bytes, bytes]  # (name as written, the whole field up to and including CRLF)
+# (name as written, b"" for a line that is no field; the whole field up to and including CRLF)
+Field = tuple[bytes, bytes]
 
 
 def header_too_long(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bool:
@@ -81,30 +82,15 @@ def header_too_long(message: bytes, limit: int = HEADER_SIZE_LIMIT) -> bool:
 
 
 def split_message(message: bytes) -> tuple[list[Field], bytes]:
-    """The header fields (in order) and the body of a CRLF message.
-
-    A line that is neither a field nor a continuation (no colon) ends nothing and is kept
-    with the field before it, as it was received; it is never a field of its own. Each
-    field's lines are collected and joined once: adding them one by one copied the field
-    again for every continuation line (quadratic: a 3 MiB field took minutes)."""
-    end = message.find(b"\r\n\r\n")
-    if message.startswith(b"\r\n"):
-        head, body = b"", message[2:]
-    elif end < 0:
-        head, body = message if message.endswith(b"\r\n") else message + b"\r\n", b""
-    else:
-        head, body = message[: end + 2], message[end + 4 :]
-    names: list[bytes] = []
-    lines: list[list[bytes]] = []
-    for line in head.split(b"\r\n")[:-1]:
-        if lines and (line[:1] in (b" ", b"\t") or b":" not in line):
-            lines[-1].append(line)
-        else:
-            names.append(line.split(b":", 1)[0])
-            lines.append([line])
-    pairs = zip(names, lines, strict=True)
-    fields = [(name, b"\r\n".join(parts) + b"\r\n") for name, parts in pairs]
-    return fields, body
+    """The header fields (in order) and the body of a CRLF message, split where every other
+    part of pyqmail splits them (``pyqmail.headers.head_and_rest`` and ``raw_fields``, one
+    linear pass). A line that is neither a field nor a continuation is a piece of its own
+    named ``b""``: never signed, and never part of the field before it, which dkimpy and
+    rspamd would then read without it (``raw_fields`` says why)."""
+    head, rest = head_and_rest(message)
+    if head and not head.endswith(b"\r\n"):
+        head += b"\r\n"
+    return raw_fields(head), rest[2:]
 
 
 def relaxed_header(field: bytes) -> bytes:
