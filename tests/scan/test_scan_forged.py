@@ -131,6 +131,27 @@ def test_strip_ours_keeps_the_rest_and_the_object_when_nothing_is_ours() -> None
     assert stage.strip_ours(forged) == b"Subject: x\r\n\r\nX-Spam: b\r\n"
 
 
+def test_strip_ours_reads_past_a_line_that_is_no_field() -> None:
+    """A stray line (no colon, ``pyqmail.headers.raw_fields``) ends neither the field before
+    it nor the header section: rspamd and Dovecot read the fields after it, so a forged one
+    there goes too. The stray line stays with its continuation lines, unless a reader may
+    name it as one of ours (a colon-less ``X-Spam`` line, its continuation lines its value
+    for Dovecot)."""
+    message = (
+        b"X-Spam-Flag: NO\r\nno colon here\r\n continued\r\nSubject: x\r\nX-Spam: No\r\n"
+        b"X-Spam\r\n (forged)\r\n\r\nX-Spam: body\r\n"
+    )
+    assert stage.strip_ours(message) == (
+        b"no colon here\r\n continued\r\nSubject: x\r\n\r\nX-Spam: body\r\n"
+    )
+
+
+def test_strip_ours_leaves_the_body_of_a_message_without_header_section() -> None:
+    """It starts with the empty line: its first paragraph is body, not fields to strip."""
+    body_only = b"\r\nX-Spam: quoted in the body\r\n\r\nmore\r\n"
+    assert stage.strip_ours(body_only) is body_only
+
+
 def test_strip_ours_is_linear_in_a_senders_header() -> None:
     """It runs on the worker's event loop: a field with 400,000 continuation lines (1.6 MB,
     well within databytes) took seconds when each line was added to the field's bytes."""

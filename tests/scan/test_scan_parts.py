@@ -184,6 +184,24 @@ def test_edit_removes_as_milter_says_and_adds_on_top() -> None:
     assert stage.edit(msg, (), (("X-Spam", 9),)) == msg
 
 
+def test_edit_counts_the_fields_past_a_line_that_is_no_field() -> None:
+    """A stray line (no colon) is no field and ends nothing (``pyqmail.headers.raw_fields``):
+    the second X-Spam is the one after it, and the stray line stays where it was."""
+    msg = b"X-Spam: one\r\nno colon\r\n folded\r\nX-Spam: two\r\n\r\nX-Spam: body\r\n"
+    kept = b"X-Spam: one\r\nno colon\r\n folded\r\n\r\nX-Spam: body\r\n"
+    assert stage.edit(msg, (), (("X-Spam", 2),)) == kept
+    assert stage.edit(msg, (("X-Spam", "Yes"),), (("X-Spam", 0),)) == (
+        b"X-Spam: Yes\r\nno colon\r\n folded\r\n\r\nX-Spam: body\r\n"
+    )
+
+
+def test_edit_of_a_message_without_header_section_keeps_its_body() -> None:
+    """It starts with the empty line: the fields go on top, the body stays whole."""
+    body_only = b"\r\nX-Spam: quoted in the body\r\n\r\nmore\r\n"
+    out = stage.edit(body_only, (("X-Spam", "Yes"),), (("X-Spam", 0),))
+    assert out == b"X-Spam: Yes\r\n" + body_only
+
+
 def test_junk_without_rspamds_fields_gets_pyqmails_own() -> None:
     bare = rspamd.Reply("add header", 7.5, 15.0, (("X-Spamd-Bar", "+++"),), (("X-Other", 0),))
     add, remove = stage.junk_fields(bare)
