@@ -196,3 +196,18 @@ def test_an_at_sign_in_such_a_word_is_still_judged(settings, charset):
         550,
         "5.7.1 DMARC policy of bank.test rejects this message",
     ), outcome.verdict
+
+
+def test_a_message_without_header_section_keeps_its_body_and_has_no_from(settings):
+    """A message that starts with the empty line has no header section: its first body
+    paragraph is body (``headers.head_and_rest``), for DMARC (no From: ``none``) and for
+    the removal of forged Authentication-Results of ours, which cut such a line out of
+    the body (``ar_removed=1``) when the check split the message on its own."""
+    body = (
+        b"From: CEO <ceo@bank.test>\r\n"
+        b"Authentication-Results: mx.test; dmarc=pass\r\n\r\nsecond paragraph\r\n"
+    )
+    outcome = inbound.check(settings, CLIENT, "mx.sender.test", "a@example.com", b"\r\n" + body)
+    assert outcome.verdict.action == "accept", outcome.verdict
+    assert "dmarc=none" in outcome.verdict.log and "ar_removed=0" in outcome.verdict.log
+    assert outcome.message.endswith(b"\r\n\r\n" + body), outcome.message

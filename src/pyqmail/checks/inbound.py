@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -46,8 +45,7 @@ from pyqmail.checks.authresults import Results, decide, header, strip_ours
 from pyqmail.checks.checkpool import BusyError, CheckPool
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.verdict import Verdict
-
-_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+from pyqmail.headers import head_and_rest
 
 
 @dataclass(frozen=True)
@@ -57,15 +55,6 @@ class Outcome:
     verdict: Verdict
     junk: bool
     message: bytes
-
-
-def _split(message: bytes) -> tuple[bytes, bytes]:
-    """Header section (with its last line end) and the rest (blank line and body)."""
-    m = _END_OF_HEAD.search(message)
-    if m is None:
-        return message, b""
-    cut = m.start() + len(m.group(0)) // 2
-    return message[:cut], message[cut:]
 
 
 def _summary(r: Results, removed: int) -> str:
@@ -100,7 +89,7 @@ class Progress:
 def _outcome(settings: AuthSettings, results: Results, message: bytes, extra: str) -> Outcome:
     """DMARC's verdict on the message, with our header of ``results`` on top (forged ones of
     ours removed) and the log line's key=value pairs (``extra`` appended)."""
-    head, rest = _split(message)
+    head, rest = head_and_rest(message)
     stripped, removed = strip_ours(head, settings.authserv_id)
     verdict, junk = decide(results.dmarc, settings.on_reject, settings.on_quarantine)
     log = f"{_summary(results, removed)} {verdict.log}{extra}"
@@ -124,7 +113,7 @@ def check(
     deadline = time.monotonic() + settings.timeout
     helo_r, mail_r = spf.check(res, ip, sender, helo, budget=settings.timeout / 3)
     dkim_r = dkimverify.verify(message, res, budget=max((deadline - time.monotonic()) / 2, 0.1))
-    head, _rest = _split(message)
+    head, _rest = head_and_rest(message)
     # DNS alone leaves DMARC a third of the time at least (SPF takes a third at most, DKIM
     # half of the rest): with less left, work the sender chose (bodies, signatures) took it,
     # and a DMARC temperror then is that work's doing, not DNS's
