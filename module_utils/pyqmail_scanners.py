@@ -132,7 +132,10 @@ def check_timeout(name: str, value: int, values: Mapping[str, Any]) -> Problems:
 def _max_size(name: str, value: int, values: Mapping[str, Any], scanner: str) -> Problems:
     """A scanner's largest message: 1 MiB or more, and at least what the listeners take
     (``databytes``), so no message they take is one the scanner could not judge (the
-    listeners accept a larger one unscanned: src/pyqmail/scan/settings.py). ``databytes`` 0
+    listeners accept a larger one unscanned: src/pyqmail/scan/settings.py). Equal is enough:
+    the listeners compare what the client sent, which ``databytes`` bounds, and the scanners
+    themselves take ``pyqmail_scanners__headroom`` more, for the fields the listeners add
+    (roles/pyqmail_scanners/vars/main.yml). ``databytes`` 0
     (no limit) is refused too: the listeners would take a message of any size and pass it
     on unscanned (a virus padded past clamd's limit); a bad databytes is its own check's."""
     try:

@@ -113,16 +113,42 @@ def role_default(name: str) -> object:
     return yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())[name]
 
 
-def dns_conf(servers: list[str], *, offline: bool, keep: tuple[str, ...] = ()) -> tuple[str, str]:
+def role_var(name: str) -> object:
+    """One of the role's fixed variables (vars/main.yml; plain values only, not templates)."""
+    return yaml.safe_load(ROLE_VARS.read_text())[name]
+
+
+def dns_conf(
+    servers: list[str], *, offline: bool, keep: tuple[str, ...] = (), max_size: int | None = None
+) -> tuple[str, str]:
     """The role's ``local.d/options.inc`` and ``rspamd.conf.local.override`` for these DNS
-    servers and offline switch (``keep``: network modules a test leaves on)."""
+    servers and offline switch (``keep``: network modules a test leaves on; ``max_size``:
+    ``pyqmail_scanners__rspamd_max_size``, None: the role's default)."""
+    if max_size is None:
+        max_size = int(str(role_default("pyqmail_scanners__rspamd_max_size")))
     variables = {
-        "pyqmail_scanners__rspamd_max_size": role_default("pyqmail_scanners__rspamd_max_size"),
+        "pyqmail_scanners__rspamd_max_size": max_size,
+        "pyqmail_scanners__headroom": role_var("pyqmail_scanners__headroom"),
         "pyqmail_scanners__rspamd_dns_servers": servers,
         "pyqmail_scanners__rspamd_offline": offline,
         "pyqmail_scanners__rspamd_network_modules": [m for m in network_modules() if m not in keep],
     }
     return render(OPTIONS, **variables), render(OFFLINE, **variables)
+
+
+def clamd_limits(max_size: int) -> str:
+    """The size lines of the role's clamd.conf (StreamMaxLength, MaxScanSize, MaxFileSize)
+    for ``pyqmail_scanners__clamd_max_size`` ``max_size``."""
+    conf = render(
+        ROLE / "templates" / "etc" / "clamav" / "pyqmail-clamd.conf.j2",
+        pyqmail_scanners__clamd_max_size=max_size,
+        pyqmail_scanners__headroom=role_var("pyqmail_scanners__headroom"),
+        pyqmail_scanners__clamd_listen="/run/clamav/clamd.ctl",
+        pyqmail_scanners__clamd_service="clamd",
+        pyqmail_scanners__clamav_database_dir="/var/lib/clamav",
+    )
+    sizes = ("StreamMaxLength ", "MaxScanSize ", "MaxFileSize ")
+    return "".join(line + "\n" for line in conf.splitlines() if line.startswith(sizes))
 
 
 def free_port() -> int:
@@ -189,6 +215,7 @@ class Rspamd(_Process):
         keep: tuple[str, ...] = (),
         local: dict[str, str] | None = None,
         options: str = "",
+        max_size: int | None = None,
     ) -> None:
         self.fast_start = fast_start  # False: hyperscan and the full TLD list (bench/scan_load.py)
         # None: rspamd's default (one normal worker per core beyond two, at least one).
@@ -199,6 +226,7 @@ class Rspamd(_Process):
         self.keep = keep
         self.local = dict(local or {})
         self.options = options  # more of override.d/options.inc (max_message = 65536;)
+        self.max_size = max_size  # the role's pyqmail_scanners__rspamd_max_size (None: default)
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-rspamd-"))
         self.dir.chmod(0o755)
         self.port, self.proxy_port, self.controller_port = free_port(), free_port(), free_port()
@@ -215,7 +243,9 @@ class Rspamd(_Process):
         for module in AUTH_MODULES:
             (conf / "local.d" / f"{module}.conf").write_text(auth_module_conf(pyqmail_checks=True))
         (self.dir / "tld.dat").write_text("com\norg\nnet\ntest\nexample\ninvalid\n")
-        options, offline = dns_conf([f"127.0.0.1:{self.dns_port}"], offline=True, keep=self.keep)
+        options, offline = dns_conf(
+            [f"127.0.0.1:{self.dns_port}"], offline=True, keep=self.keep, max_size=self.max_size
+        )
         (conf / "local.d" / "options.inc").write_text(options)
         for name, text in self.local.items():
             with (conf / "local.d" / name).open("a") as extra:
@@ -290,8 +320,9 @@ def eicar_database(directory: Path) -> Path:
 class Clamd(_Process):
     """clamd on a Unix socket (``socket``) and 127.0.0.1:``port``."""
 
-    def __init__(self, stream_max: str | None = None) -> None:
+    def __init__(self, stream_max: str | None = None, limits: str = "") -> None:
         self.stream_max = stream_max  # clamd's StreamMaxLength ("1M"); None: its default
+        self.limits = limits  # more lines of clamd.conf (the role's: ``clamd_limits``)
         self.dir = Path(tempfile.mkdtemp(prefix="pyqmail-clamd-"))
         self.dir.chmod(0o755)
         self.socket = self.dir / "clamd.sock"
@@ -306,6 +337,7 @@ class Clamd(_Process):
             f"TCPAddr 127.0.0.1\nDatabaseDirectory {self.dir / 'db'}\nForeground yes\n"
             f"PidFile {self.dir / 'clamd.pid'}\n"
             + (f"StreamMaxLength {self.stream_max}\n" if self.stream_max else "")
+            + self.limits
         )
         self.socket.unlink(missing_ok=True)
         with self.log.open("ab") as out:

@@ -173,7 +173,11 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert (settings.rspamd_max, settings.clamd_max) == (52428800, 104857600)
     assert (control / "rspamdmaxsize").read_text().split() == ["52428800"]
     conf = host / "rspamd"
-    assert "max_message = 52428800;" in (conf / "local.d" / "options.inc").read_text()
+    # the scanners take the headroom above the control files: our Received field and
+    # Authentication-Results ride on the client's bytes, which the control files bound
+    assert "max_message = 53477376;" in (conf / "local.d" / "options.inc").read_text()
+    clamd_conf = (host / "clamd.conf").read_text().splitlines()
+    assert {"StreamMaxLength 105906176", "MaxFileSize 105906176"} <= set(clamd_conf), clamd_conf
     for module in ("spf", "dkim", "dmarc", "arc", "dkim_signing"):
         assert "enabled = false;" in (conf / "local.d" / f"{module}.conf").read_text()
     assert "reject = 15.0;" in (conf / "local.d" / "actions.conf").read_text()

@@ -215,7 +215,7 @@ def _through_intake(tmp_path: Path, env: dict[str, str]) -> Spool:
         intake.start(start, "127.0.0.1", scan=(scan, env))
         for i in range(0, len(data), 8192):
             intake.data(data[i : i + 8192])
-        intake.commit(MessageEnd(len(data), None), lambda result: None)
+        intake.commit(MessageEnd(len(data), None, len(data)), lambda result: None)
         if intake.tasks:
             await asyncio.wait(set(intake.tasks), timeout=20)
 

@@ -4,7 +4,9 @@ its Unix socket as the role runs it, and over TCP) and a real rspamd (``max_mess
 ``rspamdmaxsize`` such a message is not sent to that scanner at all: accepted, logged
 ``not_scanned=<scanner>:<size>><limit>``, where it used to get 451 on every retry until it
 bounced. The safety property holds throughout: a scanner that did not answer never reads
-as clean."""
+as clean. The limits are compared with what the client sent, and the scanners as the role
+configures them take the copy with our Received field and Authentication-Results on top: a
+virus padded to ``databytes`` (= ``clamdmaxsize``) is found, where it was queued unscanned."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail.control import table
 from pyqmail.scan import clamd, rspamd, stage
 from pyqmail.scan.settings import ScanSettings, parse_address
 from pyqmail.scan.wire import ScanError
+from tests.dnsserver import DnsServer
 from tests.e2e.conftest import QmailRoot, StartDaemon
-from tests.scanners import EICAR, GTUBE, Clamd, Rspamd, with_attachment
+from tests.scanners import EICAR, GTUBE, Clamd, Rspamd, clamd_limits, role_var, with_attachment
 
 LIMIT = 1024 * 1024  # clamd's StreamMaxLength 1M
 RSPAMD_LIMIT = 65536
@@ -72,6 +76,20 @@ def test_over_a_limit_the_scanner_is_not_asked() -> None:
     assert half.verdict.code == 451, half.verdict  # rspamd over, clamd asked (and down)
     assert "not_scanned=rspamd:164>100" in half.verdict.log
     assert "scan_error=clamd:refused" in half.verdict.log
+    # what the client sent decides, not the copy with our fields on top: both are asked
+    grown = b"Received: from client.test\r\n" + b"Subject: x\r\n\r\n" + b"z" * 300
+    both = asyncio.run(stage.run(settings, ENV, grown, sent=100))
+    assert both.verdict.code == 451, both.verdict
+    assert "scan_error=rspamd:refused,clamd:refused" in both.verdict.log
+    over = asyncio.run(stage.run(settings, ENV, grown, sent=201))
+    assert "not_scanned=rspamd:201>100,clamd:201>200" in over.verdict.log
+
+
+def test_the_roles_headroom_is_the_daemons() -> None:
+    """The role's scanners take what the daemon's defaults leave room for."""
+    assert role_var("pyqmail_scanners__headroom") == table.SCANNER_HEADROOM
+    assert table.RSPAMDMAXSIZE.value + table.SCANNER_HEADROOM == 52_428_800  # rspamd's own
+    assert table.CLAMDMAXSIZE.value + table.SCANNER_HEADROOM == 104_857_600  # clamd's own
 
 
 def send(port: int, data: bytes) -> tuple[int, bytes]:
@@ -125,3 +143,102 @@ def test_rspamd_over_its_limit_through_the_daemon(
     d.wait_for(rf"msg qid=\S+ .*scan=accept not_scanned=rspamd:\d+>{RSPAMD_LIMIT} ")
     code, text = send(d.port, b"Subject: small\r\n\r\n" + GTUBE + b"\r\n")
     assert code == 554, text
+
+
+# A scanner as the role configures it for a limit of databytes (1 MiB): its control file says
+# 1 MiB, the scanner itself takes the role's headroom more (our Received field and
+# Authentication-Results ride on what the client sent).
+DATABYTES = 1024 * 1024
+
+
+def exactly(message: bytes, size: int) -> bytes:
+    """``message`` padded with lines of text to ``size`` bytes (what the client sends)."""
+    rest = size - len(message)
+    assert rest >= 80, rest
+    lines, tail = divmod(rest - 80, 78)
+    return message + (b"y" * 76 + b"\r\n") * lines + b"y" * (tail + 78) + b"\r\n"
+
+
+@pytest.fixture(scope="module")
+def role_clamd() -> Iterator[Clamd]:
+    with Clamd(limits=clamd_limits(DATABYTES)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def role_rspamd() -> Iterator[Rspamd]:
+    with Rspamd(max_size=DATABYTES) as server:
+        yield server
+
+
+def test_a_virus_padded_to_databytes_is_found(
+    qmail_root: QmailRoot, mailbox: Path, smtpd: StartDaemon, role_clamd: Clamd
+) -> None:
+    """clamdmaxsize = databytes, and a client sends an EICAR attachment padded to just
+    under databytes: clamd is asked, and the virus refused. The copy clamd got was larger
+    than clamdmaxsize (our Received field on top); that was compared with the limit, and the
+    message passed as ``not_scanned=clamd:1048693>1048576``, queued."""
+    del mailbox
+    qmail_root.control("clamd", f"{role_clamd.socket}\n")
+    qmail_root.control("clamdmaxsize", f"{DATABYTES}\n")
+    qmail_root.control("databytes", f"{DATABYTES}\n")
+    d = smtpd()
+    padded = exactly(with_attachment(EICAR), DATABYTES - 2)
+    assert len(padded) == 1_048_574
+    code, text = send(d.port, padded)
+    line = d.wait_for(r"(?:refused|msg) .* scan=")[0].string
+    assert (code, text) == (554, b"5.7.1 virus found: Eicar-Test-Signature.UNOFFICIAL"), line
+    assert " scan=refuse virus=Eicar-Test-Signature.UNOFFICIAL " in line, line
+    assert qmail_root.queued() == []
+    code, _ = send(d.port, exactly(b"Subject: clean\r\n\r\n", DATABYTES - 2))
+    assert code == 250  # clean at the limit: scanned (virus=clean), not refused
+    d.wait_for(r"msg qid=\S+ .*scan=accept virus=clean ")
+    assert "not_scanned" not in "".join(d.lines)
+
+
+@pytest.fixture(scope="module")
+def empty_dns() -> Iterator[DnsServer]:
+    """A DNS server that knows the sender's domains, without SPF, DKIM or DMARC records."""
+    with DnsServer({"client.test.": "@ A 127.0.0.1\n"}) as server:
+        yield server
+
+
+def signatures(count: int) -> bytes:
+    """``count`` DKIM-Signature fields, each one more result in our Authentication-Results."""
+    field = b"DKIM-Signature: v=1; a=rsa-sha256; d=client.test; s=s%d; h=from; bh=AA==; b=AA==\r\n"
+    return b"".join(field % i for i in range(count))
+
+
+@pytest.mark.usefixtures("mailbox")
+def test_results_a_sender_lengthens_stay_within_the_scanners_headroom(
+    qmail_root: QmailRoot,
+    smtpd: StartDaemon,
+    role_clamd: Clamd,
+    role_rspamd: Rspamd,
+    empty_dns: DnsServer,
+) -> None:
+    """With the inbound checks on, a sender adds 900 DKIM-Signature fields (a result each in
+    our Authentication-Results, some 40 KB) to a message padded to databytes: each scanner
+    is asked, as the role configures it (rspamd's max_message, clamd's StreamMaxLength and
+    MaxFileSize the headroom above the control files), and refuses GTUBE and EICAR. (The
+    log line, cut after the 900 DKIM results, cannot show it.)"""
+    qmail_root.control("authchecks", "1\n")
+    qmail_root.control("dnsresolver", f"{empty_dns.host}@{empty_dns.port}\n")
+    qmail_root.control("rspamd", f"{role_rspamd.address}\n")
+    qmail_root.control("clamd", f"{role_clamd.socket}\n")
+    qmail_root.control("rspamdmaxsize", f"{DATABYTES}\n")
+    qmail_root.control("clamdmaxsize", f"{DATABYTES}\n")
+    qmail_root.control("databytes", f"{DATABYTES}\n")
+    d = smtpd()
+    head = signatures(900) + b"From: <alice@client.test>\r\nSubject: offer\r\n"
+    spam = exactly(  # GTUBE in a text part of its own: rspamd looks for it in small ones
+        head + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\n" + GTUBE + b"\r\n--b1--\r\n",
+        DATABYTES - 2,
+    )
+    assert send(d.port, spam) == (554, b"5.7.1 message refused as spam")
+    virus = exactly(head + with_attachment(EICAR).split(b"Subject: notes\r\n", 1)[1], DATABYTES - 2)
+    code, text = send(d.port, virus)
+    assert (code, text) == (554, b"5.7.1 virus found: Eicar-Test-Signature.UNOFFICIAL")
+    d.wait_for(r"refused .*error=5\.7\.1\\x20virus\\x20found", timeout=5)
+    assert qmail_root.queued() == []

@@ -221,11 +221,26 @@ SCANTIMEOUT: Final = _smtpd_number("scantimeout", 20, "seconds for a message's s
 SCANTEMPFAIL: Final = _smtpd_number("scantempfail", 1, "1: 451 when a scanner fails", 0, 1)
 SCANCLIENTS: Final = Lines("scanclients", _SMTPD, "inbound", "pyqmail.scan.settings")
 RSPAMDACTIONS: Final = Lines("rspamdactions", _SMTPD, "(defaults)", "pyqmail.scan.settings")
+# Bytes a scanner must take beyond rspamdmaxsize/clamdmaxsize, which are compared with what
+# the client sent (pyqmail.scan.stage): the copy it is sent carries our Received field (under
+# 1 KiB) and Authentication-Results, one result per DKIM-Signature field, at most
+# dkimverify.MAX_HEADER_FIELDS (1,000) of them, some 50 bytes each: under 100 KiB. The role
+# sets the scanners' own limits that much higher (pyqmail_scanners__headroom); the defaults
+# here are the scanners' own defaults (rspamd's max_message, clamd's StreamMaxLength) less it.
+SCANNER_HEADROOM: Final = 1_048_576
 RSPAMDMAXSIZE: Final = _smtpd_number(
-    "rspamdmaxsize", 52_428_800, "larger messages are not spam-scanned", 1, parsers.INT_MAX
+    "rspamdmaxsize",
+    52_428_800 - SCANNER_HEADROOM,
+    "larger messages are not spam-scanned",
+    1,
+    parsers.INT_MAX,
 )
 CLAMDMAXSIZE: Final = _smtpd_number(
-    "clamdmaxsize", 104_857_600, "larger messages are not virus-scanned", 1, parsers.INT_MAX
+    "clamdmaxsize",
+    104_857_600 - SCANNER_HEADROOM,
+    "larger messages are not virus-scanned",
+    1,
+    parsers.INT_MAX,
 )
 
 # pyqmail-send (pyqmail.control.send); virtualdomains is read by pyqmail-smtpd too

@@ -116,7 +116,7 @@ class DataReader:
 
     def end(self) -> MessageEnd:
         """The event for a message read to its end and not refused."""
-        return MessageEnd(self._size, _message_id(self._headers))
+        return MessageEnd(self._size, _message_id(self._headers), self._client_size)
 
     def _transform(self, raw: bytes, out: list[Event]) -> Broken | None:
         """Check and unstuff one complete stretch of content; Broken if the session ends."""

@@ -238,10 +238,14 @@ class MessageData:
 @dataclass(frozen=True)
 class MessageEnd:
     """The client sent ``<CRLF>.<CRLF>``: commit durably, then call ``message_queued``
-    (or ``message_failed``). ``size`` is the total of the ``MessageData`` chunks."""
+    (or ``message_failed``). ``size`` is the total of the ``MessageData`` chunks;
+    ``client_size`` the part the client sent (without the Received header the core put
+    first), dot-unstuffed: what ``databytes`` bounds, and what the scanners' size limits
+    are compared with (``pyqmail.scan.stage``)."""
 
     size: int
     message_id: str | None
+    client_size: int
 
 
 @dataclass(frozen=True)

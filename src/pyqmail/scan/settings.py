@@ -17,11 +17,16 @@
                    the recipient's Junk folder), ``defer`` (``451 4.7.1``), ``refuse``
                    (``554 5.7.1``). Defaults: reject=refuse, soft reject=defer,
                    rewrite subject=junk, add header=junk, greylist=accept, no action=accept
-``rspamdmaxsize``  bytes; a larger message is not sent to rspamd: accepted without its
-                   verdict, logged ``not_scanned=rspamd:<size>><limit>``. Default 52428800,
-                   rspamd's own ``max_message`` (it resets the connection above it, which
+``rspamdmaxsize``  bytes; a message the client sent larger than this is not sent to rspamd:
+                   accepted without its verdict, logged ``not_scanned=rspamd:<size>><limit>``.
+                   rspamd must take ``table.SCANNER_HEADROOM`` (1 MiB) more than this (its
+                   ``max_message``; the role sets it so): the copy it gets carries our
+                   Received field and Authentication-Results too. Default 51380224, rspamd's
+                   own ``max_message`` less that (rspamd resets the connection above it, which
                    read as a failed scanner: 451 on every retry until the message bounced)
-``clamdmaxsize``   the same for clamd; default 104857600, clamd's ``StreamMaxLength``
+``clamdmaxsize``   the same for clamd (its ``StreamMaxLength`` and ``MaxFileSize``, which
+                   must take the headroom too: a stream over ``MaxFileSize`` is answered
+                   ``stream: OK`` unscanned); default 103809024, clamd's default less it
 =================  ==========================================================================
 
 Why a message over a scanner's limit is accepted unscanned rather than refused: the
@@ -30,7 +35,8 @@ to take, and a scanner's limit is this host's business, not the sender's; a ``55
 bounce legitimate large mail for good, and the scanner could never have judged it anyway
 (Amavis, spamc ``-s`` and rspamd's milter proxy pass such mail on unscanned too). Spam is
 small, and the role keeps ``databytes`` within both limits (its preflight refuses a larger
-one, and 0, no limit, with a scanner on), so on its hosts nothing arrives above them; a
+one, and 0, no limit, with a scanner on), so on its hosts nothing the client sends is above
+them (the limits are compared with the client's bytes, which ``databytes`` bounds); a
 hand-made configuration that lets it (``databytes`` 0, say) sees each such message in the log.
 
 Per listener and per client, the tcprules environment decides first (as simscan's per-IP

@@ -14,16 +14,22 @@ gets one answer back, in the shape the inbound checks use (``checks.verdict.Verd
 - a scanner that is down, still busy when the time is up, or answers garbage: ``451 4.7.1``
   (``scantempfail`` 1, the default), or accepted unscanned (0). A definite refusal from the
   other scanner still wins.
-- a message larger than a scanner takes (``rspamdmaxsize``, ``clamdmaxsize``: the limits
-  the role gives rspamd and clamd) is not sent to it, and is judged by the other one alone,
-  or accepted unscanned (``pyqmail.scan.settings`` says why not refused): the scanner would
-  reset the connection or answer an error, a 451 on every retry until the message bounced.
+- a message larger than a scanner takes (``rspamdmaxsize``, ``clamdmaxsize``) is not sent
+  to it, and is judged by the other one alone, or accepted unscanned (``pyqmail.scan.settings``
+  says why not refused): the scanner would reset the connection or answer an error, a 451 on
+  every retry until the message bounced. The size compared is what the client sent (``run``'s
+  ``sent``), the one ``databytes`` bounds, not the copy the scanners get: that carries our
+  Received field and, with the inbound checks, our Authentication-Results, which the sender
+  can lengthen (a result per DKIM-Signature field), so a virus padded to ``databytes`` was
+  passed on unscanned when ``clamdmaxsize`` was ``databytes``. The role lets each scanner
+  take ``control.table.SCANNER_HEADROOM`` (1 MiB) more than its control file says, for them.
 
 The log line gets ``host`` (the client's name rspamd was told, ``unknown`` when it had
 none), ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
 score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time),
 ``scan_error`` (``<scanner>:<why>`` for each failure) and ``not_scanned``
-(``<scanner>:<size>><limit>`` for each scanner the message was too large for).
+(``<scanner>:<size>><limit>`` for each scanner the message was too large for, ``size`` what
+the client sent).
 """
 
 from __future__ import annotations
@@ -63,17 +69,18 @@ class _Answers:
     skipped: tuple[str, ...] = ()  # ``<scanner>:<size>><limit>``: over its size limit
 
 
-async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> _Answers:
+async def _ask(settings: ScanSettings, env: rspamd.Envelope, message: bytes, sent: int) -> _Answers:
     """Both scanners at once; whatever is not done at ``scantimeout`` is cancelled. A single
-    scanner is awaited in this task under the time bound: no second task, no ``wait``."""
+    scanner is awaited in this task under the time bound: no second task, no ``wait``. A
+    scanner whose limit ``sent`` (the client's bytes) exceeds is not asked."""
     jobs: dict[str, Coroutine[Any, Any, Any]] = {}
     skipped = []
-    if settings.rspamd is not None and len(message) > settings.rspamd_max:
-        skipped.append(f"rspamd:{len(message)}>{settings.rspamd_max}")
+    if settings.rspamd is not None and sent > settings.rspamd_max:
+        skipped.append(f"rspamd:{sent}>{settings.rspamd_max}")
     elif settings.rspamd is not None:
         jobs["rspamd"] = rspamd.check(settings.rspamd, env, message)
-    if settings.clamd is not None and len(message) > settings.clamd_max:
-        skipped.append(f"clamd:{len(message)}>{settings.clamd_max}")
+    if settings.clamd is not None and sent > settings.clamd_max:
+        skipped.append(f"clamd:{sent}>{settings.clamd_max}")
     elif settings.clamd is not None:
         jobs["clamd"] = clamd.scan(settings.clamd, message)
     answers = _Answers(skipped=tuple(skipped))
@@ -160,10 +167,14 @@ def _fields(
     return " ".join(out)
 
 
-async def run(settings: ScanSettings, env: rspamd.Envelope, message: bytes) -> Outcome:
-    """Scan ``message`` (see the module's docstring); never longer than ``scantimeout``."""
+async def run(
+    settings: ScanSettings, env: rspamd.Envelope, message: bytes, *, sent: int | None = None
+) -> Outcome:
+    """Scan ``message`` (see the module's docstring); never longer than ``scantimeout``.
+    ``sent``: the bytes of it the client sent (``MessageEnd.client_size``), which decide
+    whether it is too large for a scanner; None: all of ``message``."""
     started = time.monotonic()
-    answers = await _ask(settings, env, message)
+    answers = await _ask(settings, env, message, len(message) if sent is None else sent)
     reply, text = _reply(settings, answers)
     log = _fields(settings, env, answers, reply, time.monotonic() - started)
     if reply == "refuse":

@@ -316,7 +316,8 @@ class Intake:
         if writer is not None and self.queue_error is None and self.message is not None:
             if self.auth is not None or self.scan is not None:
                 self.checking = writer
-                task = asyncio.get_running_loop().create_task(self._check(writer, done))
+                check = self._check(writer, end.client_size, done)
+                task = asyncio.get_running_loop().create_task(check)
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             else:
@@ -339,13 +340,14 @@ class Intake:
             return
         self.spool.submit(writer, done, self)
 
-    async def _check(self, writer: QueueWriter, done: Done) -> None:
+    async def _check(self, writer: QueueWriter, sent: int, done: Done) -> None:
         """SPF, DKIM and DMARC (``pyqmail.checks.inbound``), forged scanner fields removed
         and the scanners (``pyqmail.scan.stage``), then the commit of the message with our
-        Authentication-Results and the scanners' fields on top, or the refusal. Whatever
-        goes wrong, ``done`` hears of it: nothing else would answer the client."""
+        Authentication-Results and the scanners' fields on top, or the refusal. ``sent``:
+        the bytes the client sent (``MessageEnd.client_size``). Whatever goes wrong, ``done``
+        hears of it: nothing else would answer the client."""
         try:
-            ready = await self._checked(writer)
+            ready = await self._checked(writer, sent)
         except Exception as exc:  # noqa: BLE001 - a bug too must answer the client (451)
             if not isinstance(exc, QueueError):
                 log("error", ip=self.ip, error=repr(exc))
@@ -359,24 +361,28 @@ class Intake:
             self.checking = None
             self._submit(ready, done)
 
-    async def _checked(self, writer: QueueWriter) -> QueueWriter | None:
+    async def _checked(self, writer: QueueWriter, sent: int) -> QueueWriter | None:
         """The writer to commit after the checks and scans. A message that spilled to its
         tmp file is read back (in its turn: ``SpoolBudget.read_back``) and rewritten into a
         new one in a worker thread. QueueError: refused, or the queue failed."""
         if writer.held:  # no worker thread: its hand-off costs more than the join
-            return await self._checks(writer, writer.message_bytes())
+            return await self._checks(writer, writer.message_bytes(), sent)
         try:
             async with self.spool.budget.read_back(writer.size):
                 loop = asyncio.get_running_loop()
                 data = await loop.run_in_executor(None, writer.message_bytes)
-                return await self._checks(writer, data)
+                return await self._checks(writer, data, sent)
         except SpoolBusyError:
             self.refusal = BUSY
             self.fields["check_error"] = "busy"
             raise
 
-    async def _checks(self, writer: QueueWriter, data: bytes) -> QueueWriter | None:
-        """``_checked`` once the message is in memory (``data``)."""
+    async def _checks(self, writer: QueueWriter, data: bytes, sent: int) -> QueueWriter | None:
+        """``_checked`` once the message is in memory (``data``). The scanners' size limits
+        are compared with ``sent``, what the client sent, not with ``data``: that carries our
+        Received field and Authentication-Results too, which a sender can lengthen (a
+        DKIM-Signature field each adds a result), and a virus padded to ``databytes`` went
+        past clamd as too large when ``clamdmaxsize`` was ``databytes``."""
         assert self.message is not None  # noqa: S101 - commit's test
         loop = asyncio.get_running_loop()
         msg = self.message
@@ -402,7 +408,7 @@ class Intake:
             env = rspamd.Envelope(
                 self.ip, msg.helo, msg.sender, msg.recipients, msg.auth_user, writer.queue_id, host
             )
-            scanned = await stage.run(self.scan, env, data)
+            scanned = await stage.run(self.scan, env, data, sent=sent)
             if self.checking is not writer:
                 return None
             self._judge(scanned.verdict)
