@@ -1,6 +1,8 @@
 """What a ``.qmail`` file says when it says little: dot-qmail(5)'s empty file (0 bytes:
 default delivery to ``./Maildir/``) against a file of comments only (bytes, no instruction:
-the message is delivered nowhere, the classic discard address such as ``noreply@``), and an
+the message is delivered nowhere, the classic discard address such as ``noreply@``), a file
+whose first line is blank (``echo > ~/.qmail``: qmail-local's "first line of .qmail file is
+blank", #4.2.1, a deferral, never a discard), and an
 empty alias file, which has no Maildir to fall back to and defers naming itself. And who may
 write them: a ``.qmail`` file or its directory (a home, ``alias/``) writable by group or
 others, or owned by neither the delivery user nor root, defers naming it (#4.7.0)."""
@@ -98,6 +100,65 @@ def test_the_discard_is_logged_as_a_delivery_naming_the_file(send_root: Path) ->
     assert "result=done" in line
     assert f"detail=discarded: {path} has no delivery instruction" in line
     assert _delivered(send_root) == []
+
+
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        ("home/.qmail", "\n"),  # echo > ~/.qmail
+        ("home/.qmail", "   \n"),
+        ("home/.qmail", " \t\r\n# comment\n"),
+        ("home/.qmail", "\n./Maildir/\n"),  # qmail-local defers whatever follows
+        ("home/.qmail-ext", "\n"),
+        ("qmail/alias/.qmail-info", "\n&user@mx.test\n"),
+        ("qmail/alias/.qmail-default", "\n\n"),
+    ],
+)
+def test_a_dotqmail_whose_first_line_is_blank_defers(send_root: Path, file: str, text: str) -> None:
+    """Not a file of comments only (a discard): the message stays queued, and the reason
+    names the file, as qmail-local's "Uh-oh: first line of .qmail file is blank. (#4.2.1)"."""
+    path = send_root.parent / file
+    path.write_text(text)
+    recipient = {"home/.qmail": "user", "home/.qmail-ext": "user-ext"}.get(file, "info")
+    local, result = _deliver(send_root, f"{recipient}@mx.test")
+    assert (result.kind, result.status) == ("temp", "4.2.1"), result
+    assert result.detail.startswith(f"{path}: first line is blank;"), result.detail
+    assert result.detail.endswith("(#4.2.1)"), result.detail
+    assert _delivered(send_root) == []
+    assert local.queue is not None and local.queue.ids("new") == []  # nothing forwarded
+
+
+def test_echo_to_dotqmail_keeps_the_mail_in_the_queue(send_root: Path) -> None:
+    """Through pyqmail-send (its delivery children): the recipient is deferred, not done,
+    and once the blank line is gone the message is delivered."""
+    path = send_root.parent / "home" / ".qmail"
+    path.write_text("\n")
+    queue = Queue(send_root / "queue")
+    queue.enqueue("a@remote.test", ["user@mx.test"], MESSAGE)
+    out = io.StringIO()
+    m = Manager(send_root, Log(out))
+    m.pickup()
+    deadline = time.monotonic() + 20
+    while " to=<user@mx.test>" not in out.getvalue() and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        time.sleep(0.02)
+    [line] = [line for line in out.getvalue().splitlines() if " to=<user@mx.test>" in line]
+    assert "result=deferred" in line, line
+    assert f"detail={path}: first line is blank;" in line, line
+    assert "discarded" not in out.getvalue()
+    assert m.msgs and len(queue.ids("mess")) == 1  # still queued
+    path.write_text("./Maildir/\n")
+    m.retry_all()
+    deadline = time.monotonic() + 20
+    while m.msgs and time.monotonic() < deadline:
+        m.dispatch()
+        m.finish()
+        time.sleep(0.02)
+    m.children.close()
+    assert not m.msgs and queue.ids("mess") == []
+    [delivered] = _delivered(send_root)
+    assert delivered.parent == send_root.parent / "home" / "Maildir" / "new"
 
 
 # -- who may write the .qmail files: qmail-local's "home directory is writable" ---------------

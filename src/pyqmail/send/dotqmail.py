@@ -30,8 +30,10 @@ are lowercased (qmail's rules). Relative paths in alias files are relative to ``
 A ``.qmail`` file that is empty (0 bytes) means default delivery, ``./Maildir/``; one with
 bytes but no delivery line (only comments) delivers nowhere: the message is discarded, as in
 qmail (dot-qmail(5)), the way to make an address such as ``noreply@`` that takes mail and
-keeps none. In ``alias/`` an empty file defers, naming itself: the alias directory has no
-Maildir to deliver to.
+keeps none. One whose first line is blank (nothing but white space) defers, whatever follows,
+as qmail-local's "Uh-oh: first line of .qmail file is blank. (#4.2.1)": ``echo > ~/.qmail``
+writes such a file, and read as comments only it discarded all the mail. In ``alias/`` an
+empty file defers, naming itself: the alias directory has no Maildir to deliver to.
 
 A ``.qmail`` file writable by group or others, or owned by neither the delivery user nor
 root, defers delivery (qmail's "Uh-oh"), and so does a home or ``alias/`` directory writable
@@ -144,7 +146,13 @@ def parse_line(line: str, home: Path, origin: str, default_domain: str) -> Instr
 
 
 def parse_file(path: Path, home: Path, default_domain: str) -> tuple[Instruction, ...]:
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    return parse_text(
+        path.read_text(encoding="utf-8", errors="surrogateescape"), path, home, default_domain
+    )
+
+
+def parse_text(text: str, path: Path, home: Path, default_domain: str) -> tuple[Instruction, ...]:
+    """The instructions of ``text``, the contents of the ``.qmail`` file ``path``."""
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         ins = parse_line(line, home, f"{path}:{number}", default_domain)
@@ -207,7 +215,9 @@ def _read_plan(
 
     A 0-byte file means "deliver to ./Maildir/" (qmail's default delivery); in ``alias/``
     that is no mailbox (the role makes it root's, 0755), so such a file defers with its name
-    instead of failing on EACCES for a week. A file with bytes but no instruction (only
+    instead of failing on EACCES for a week. A file whose first line is blank defers
+    (#4.2.1, qmail-local's rule): ``echo > .qmail`` or a stray empty line on top is no
+    instruction to throw the mail away. Any other file with bytes but no instruction (only
     comments: a discard address such as noreply@, or an alias with ``targets: []``) gives
     no instruction: the message is delivered nowhere (``LocalDelivery`` logs it discarded).
     ``directory`` itself is checked first (``_check_directory``), one stat per delivery."""
@@ -228,7 +238,15 @@ def _read_plan(
             )
         if st.st_size == 0:
             return path, (Instruction("maildir", f"{directory}/Maildir/"),)
-        return path, parse_file(path, directory, default_domain)
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if not text.split("\n", 1)[0].strip():
+            raise _DeferError(
+                f"{path}: first line is blank; a .qmail file starts with a delivery line or a "
+                "'#' comment (comments only: discard the mail); an empty file (0 bytes) is "
+                "delivery to ./Maildir/",
+                "4.2.1",
+            )
+        return path, parse_text(text, path, directory, default_domain)
     return None
 
 

@@ -227,7 +227,8 @@ class LocalDelivery:
         self, env: Envelope, message: bytes, plan: Plan, delivered_to: str
     ) -> Result | Forward:
         """Deliver into the plan's Maildirs, then hand back its forwards. A plan without
-        instructions (a ``.qmail`` of comments only: ``pyqmail.send.dotqmail``) delivers
+        instructions (a ``.qmail`` of comments only, its first line one of them: one whose
+        first line is blank never gets here, ``pyqmail.send.dotqmail`` defers it) delivers
         nowhere, as qmail does: the message is done, logged as discarded by that file."""
         if not plan.instructions:
             return Result.ok(f"discarded: {plan.source} has no delivery instruction")
