@@ -201,12 +201,20 @@ def test_a_policy_that_is_not_valid_is_reported(tmp_path: Path, ca: CA, web: Pol
         ("version: STSv1\nmode: none\nmax_age: 31557601\n", "max_age '31557601': a number"),
         ("version: STSv1\nmode: none\nmax_age: -1\n", "max_age '-1': a number"),
         ("version: STSv1\n<html>\n", "line 2 is not 'key: value': '<html>'"),
+        ("version: STSv1\nmode: none\nmax_age: 8640\u00b2\n", "max_age '8640\u00b2': a number"),
+        ("version: STSv1\n-x: y\n", "line 2 is not 'key: value': '-x: y'"),
     ],
 )
 def test_policy_errors_name_the_problem(body: str, error: str) -> None:
     with pytest.raises(PolicyError) as info:
         parse_policy(body)
     assert str(info.value).startswith(error)
+
+
+def test_an_extension_field_is_ignored() -> None:
+    """RFC 8461 3.2: extension names may hold "." and "-"; senders ignore unknown ones."""
+    body = "version: STSv1\nmode: none\nx-report.uri: mailto:a@example.org\nmax_age: 86400\n"
+    assert parse_policy(body).mode == "none"
 
 
 def test_the_zone_files_policies_and_mx_matching() -> None:

@@ -42,6 +42,7 @@ MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: at most a year
 MODES = ("enforce", "testing", "none")
 _HEAD = re.compile(r"^; MTA-STS: serve this at https://mta-sts\.(\S+?)" + re.escape(POLICY_PATH))
 _FIELD_LINE = re.compile(r"^;   ([A-Za-z0-9_]+): (.*)$")
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # RFC 8461 3.2 sts-policy-ext-name
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def parse_policy(text: str) -> Policy:
         if not line.strip():
             continue
         key, sep, value = line.partition(":")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", key):
+        if not sep or not _KEY.fullmatch(key):
             raise PolicyError(f"line {number} is not 'key: value': {line[:80]!r}")
         fields.setdefault(key, []).append(value.strip())
     for key in ("version", "mode", "max_age"):
@@ -79,7 +80,7 @@ def parse_policy(text: str) -> Policy:
     mode, age = fields["mode"][0], fields["max_age"][0]
     if mode not in MODES:
         raise PolicyError(f"mode {mode!r}: one of {', '.join(MODES)}")
-    if not age.isdigit() or len(age) > 10 or int(age) > MAX_AGE_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,10}", age) or int(age) > MAX_AGE_LIMIT:
         raise PolicyError(f"max_age {age!r}: a number of seconds up to {MAX_AGE_LIMIT}")
     mx = tuple(m.lower().rstrip(".") for m in fields.get("mx", []))
     if mode != "none" and not mx:
