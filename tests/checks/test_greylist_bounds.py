@@ -1,9 +1,10 @@
 """Greylisting's bounds (``pyqmail.checks.greylist``), in the real SQLite file (s35 review).
 
-Three holes: pending triplets were capped per /64 only, so one IPv6 customer (a /48 is
+Four holes: pending triplets were capped per /64 only, so one IPv6 customer (a /48 is
 65,536 /64s) pushed everybody else's out through the global cap; a known client forgotten by
 age was known again after a single pass (its old passes still counted); the passed triplets
-had no bound at all. The limits are scaled down here, the decisions are ``Greylist.check``'s
+had no bound at all, and once they had one the (network, sender domain) pairs had none. The
+limits are scaled down here, the decisions are ``Greylist.check``'s
 on a real file, and the counts the module keeps are compared with the rows themselves.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.checks import greylist
-from pyqmail.checks.greylist import Greylist, Settings
+from pyqmail.checks.greylist import Greylist, Settings, place
 
 GREY = Settings(delay=300, lifetime=3600)
 T0 = 1_000_000.0
@@ -32,11 +33,11 @@ def customer(i: int) -> str:
 
 
 def counts(root: Path) -> dict[str, int]:
-    """Rows of ``pending`` and ``passed``, after checking them against the counts kept in
-    ``meta`` (in all) and ``held`` (per source)."""
+    """Rows of ``pending``, ``passed`` and ``client``, after checking them against the counts
+    kept in ``meta`` (in all) and ``held`` (per source)."""
     found = {}
     with closing(sqlite3.connect(root / greylist.STATE_FILE)) as db:
-        for table in ("pending", "passed"):
+        for table in ("pending", "passed", "client"):
             kept = db.execute("SELECT value FROM meta WHERE name=?", (table,)).fetchone()
             assert kept is not None, f"no count of the {table} rows is kept"
             (rows,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
@@ -165,7 +166,70 @@ def test_passed_triplets_are_capped_the_biggest_source_losing_its_oldest(
     assert logs(grey, FRIEND6, "b@friend6.test", small, T0 + 700) == ["greylist=known"] * 20
     again = [logs(grey, "203.0.113.9", s, [r], T0 + 800)[0] for s, r in flood]
     assert again == ["greylist=new"] * 71 + ["greylist=known"] * 79  # its oldest 71 went
-    assert counts(tmp_path) == {"pending": 71, "passed": 79 + 21}
+    assert counts(tmp_path) == {"pending": 71, "passed": 79 + 21, "client": 150 + 2}
+    grey.close()
+
+
+def test_client_pairs_are_capped_like_passed_triplets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's case: with passed triplets capped at 100, 1000 networks passing one
+    triplet each, each with a fresh sender domain, left 1000 (network, sender domain) rows
+    after the prunes, counted nowhere. Over ``MAX_CLIENTS`` they go as passed triplets go
+    (each source holding one: the oldest anywhere)."""
+    monkeypatch.setattr(greylist, "MAX_PASSED", 100)
+    monkeypatch.setattr(greylist, "MAX_CLIENTS", 100, raising=False)
+    grey = Greylist(tmp_path)
+    nets = [f"10.{i // 256}.{i % 256}.1" for i in range(1000)]
+    for i, ip in enumerate(nets):
+        logs(grey, ip, f"x@fresh{i}.test", ["u@mx.test"], T0 + i / 10)
+    for i, ip in enumerate(nets):
+        assert logs(grey, ip, f"x@fresh{i}.test", ["u@mx.test"], T0 + 400 + i / 10) == [
+            "greylist=pass"
+        ]
+    for _ in range(5):
+        grey.prune(GREY, T0 + 600)
+    assert rows(tmp_path, "client") == 100
+    assert counts(tmp_path) == {"pending": 0, "passed": 100, "client": 100}
+    with closing(sqlite3.connect(tmp_path / greylist.STATE_FILE)) as db:
+        kept = {bytes(unit) for (unit,) in db.execute("SELECT unit FROM client")}
+    assert kept == {place(ip)[0] for ip in nets[900:]}  # the newest 100
+    grey.close()
+
+
+def test_over_max_clients_the_source_holding_the_most_pairs_loses_its_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One /24 passing triplets through 150 fresh sender domains; over ``MAX_CLIENTS`` it
+    loses its oldest pairs, and a correspondent that became a known client keeps its row,
+    as does another with 4 counted passes: its fifth makes it a known client."""
+    monkeypatch.setattr(greylist, "MAX_CLIENTS", 100, raising=False)
+    grey = Greylist(tmp_path)
+    apart = greylist.COUNT_APART
+    for i in range(greylist.AUTO_ALLOW):
+        logs(grey, FRIEND, "news@friend.test", [f"u{i}@mx.test"], T0 + i * apart)
+        logs(grey, FRIEND, "news@friend.test", [f"u{i}@mx.test"], T0 + i * apart + 300)
+    for i in range(greylist.AUTO_ALLOW - 1):
+        logs(grey, FRIEND6, "b@friend6.test", [f"u{i}@mx.test"], T0 + i * apart)
+        logs(grey, FRIEND6, "b@friend6.test", [f"u{i}@mx.test"], T0 + i * apart + 300)
+    flood = [(f"x{j}@fresh{j}.test", f"u{j}@mx.test") for j in range(150)]
+    for j, (sender, rcpt) in enumerate(flood):
+        logs(grey, "203.0.113.9", sender, [rcpt], T0 + 1000 + j)
+    for j, (sender, rcpt) in enumerate(flood):
+        assert logs(grey, "203.0.113.9", sender, [rcpt], T0 + 1400 + j) == ["greylist=pass"]
+    assert rows(tmp_path, "client") == 152
+    grey.prune(GREY, T0 + 1600)
+    assert rows(tmp_path, "client") == 100
+    assert counts(tmp_path)["client"] == 100
+    with closing(sqlite3.connect(tmp_path / greylist.STATE_FILE)) as db:
+        held = dict(db.execute("SELECT unit, n FROM held WHERE kind='client'"))
+        oldest = db.execute("SELECT min(last) FROM client WHERE unit=?", (place("203.0.113.9")[0],))
+        assert oldest.fetchone() == (T0 + 1400 + 52,)  # its oldest 52 went
+    assert held == {place(FRIEND)[0]: 1, place(FRIEND6)[0]: 1, place("203.0.113.9")[0]: 98}
+    assert logs(grey, FRIEND, "news@friend.test", ["new@mx.test"], T0 + 1700) == ["greylist=client"]
+    logs(grey, FRIEND6, "b@friend6.test", ["u9@mx.test"], T0 + 1700)
+    assert logs(grey, FRIEND6, "b@friend6.test", ["u9@mx.test"], T0 + 2000) == ["greylist=pass"]
+    assert logs(grey, FRIEND6, "b@friend6.test", ["new@mx.test"], T0 + 2001) == ["greylist=client"]
     grey.close()
 
 
@@ -218,7 +282,7 @@ DIES = """
 import os, sys
 from pathlib import Path
 from pyqmail.checks import greylist
-greylist.MAX_PENDING = 5
+greylist.MAX_PENDING, greylist.MAX_CLIENTS = 5, 2
 grey = greylist.Greylist(Path(sys.argv[1]))
 def die(sql):
     if sql.lstrip().startswith(sys.argv[2]):
@@ -239,6 +303,8 @@ print("lived")
         ("INSERT OR REPLACE INTO passed", "check"),  # a pass: pending row and count gone
         ("UPDATE meta", "check"),  # a pass: the source's count changed, not the total
         ("SELECT unit, n FROM held", "prune"),  # the eviction, after the prune by age
+        ("INSERT INTO held VALUES ('client'", "check"),  # a pass: its pair's row made
+        ("INSERT INTO held VALUES ('client'", "prune"),  # a pair over MAX_CLIENTS deleted
     ],
 )
 def test_the_counts_stay_right_when_a_worker_dies_mid_transaction(
@@ -250,8 +316,12 @@ def test_the_counts_stay_right_when_a_worker_dies_mid_transaction(
     logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0)
     logs(grey, "203.0.113.9", "s@bot.test", [f"y{j}@mx.test" for j in range(9)], T0 - 4000)
     logs(grey, customer(1), "s@spam.test", [f"x{j}@mx.test" for j in range(9)], T0 + 1)
+    for j in range(3):  # three pairs of one /24: over MAX_CLIENTS
+        logs(grey, "192.0.2.10", f"s@d{j}.test", ["u@mx.test"], T0 - 1000)
+        logs(grey, "192.0.2.10", f"s@d{j}.test", ["u@mx.test"], T0 - 600)
     grey.close()
     before = counts(tmp_path)
+    assert before["client"] == 3
     run = subprocess.run(
         [sys.executable, "-c", DIES, str(tmp_path), statement, work],
         capture_output=True,
@@ -263,7 +333,11 @@ def test_the_counts_stay_right_when_a_worker_dies_mid_transaction(
     assert counts(tmp_path) == before
     grey = Greylist(tmp_path)
     assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
-    assert counts(tmp_path) == {"pending": before["pending"] - 1, "passed": 1}
+    assert counts(tmp_path) == {
+        "pending": before["pending"] - 1,
+        "passed": before["passed"] + 1,
+        "client": before["client"] + 1,
+    }
     grey.close()
 
 
@@ -272,6 +346,7 @@ import sys
 from pathlib import Path
 from pyqmail.checks import greylist
 greylist.PENDING_PER_NET, greylist.MAX_PENDING, greylist.MAX_PASSED = 6, 28, 20
+greylist.MAX_CLIENTS = 5  # 7 pairs pass: 2 evicted
 greylist.PRUNE_EVERY = 7
 grey = greylist.Greylist(Path(sys.argv[1]))
 settings = greylist.Settings(300, 3600)
@@ -311,6 +386,6 @@ def test_the_counts_stay_right_with_workers_deciding_at_once(tmp_path: Path) -> 
         assert proc.returncode == 0, err
         seen |= set(out.split())
     found = counts(tmp_path)  # the counts kept are the rows there are
-    assert found["pending"] > 0 and found["passed"] > 0, found
+    assert found["pending"] > 0 and found["passed"] > 0 and found["client"] > 0, found
     assert seen >= {"greylist=new", "greylist=early", "greylist=pass", "greylist=client"}, seen
     assert not [log for log in seen if log.startswith("greylist=error")]
