@@ -320,9 +320,24 @@ def scanner_extra(base: Path, service: str) -> dict[str, Any]:
 
 SUPERVISE_TASKS = (
     "Create the supervise directories of {{ pyqmail_scanners__service }}",
+    "Write the configuration of {{ pyqmail_scanners__service }}",
     "Write the check of the installed scanner against the configuration (conftest): "
     "{{ pyqmail_scanners__service }}",
 )
+
+
+def supervise_tasks(tasks_file: str) -> list[dict[str, Any]]:
+    """supervise.yml's tasks that write the scanner's configuration, supervise directory and
+    conftest, with the vars the scanner's task file includes it with (its configuration)."""
+    [include] = [
+        task
+        for task in yaml.safe_load((ROLES / "pyqmail_scanners" / "tasks" / tasks_file).read_text())
+        if task.get("ansible.builtin.include_tasks") == "supervise.yml"
+    ]
+    return [
+        {**task, "vars": {**include["vars"], **task.get("vars", {})}}
+        for task in role_tasks("pyqmail_scanners", "supervise.yml", *SUPERVISE_TASKS)
+    ]
 
 
 @pytest.mark.skipif(shutil.which("rspamadm") is None, reason="rspamd not installed")
@@ -333,16 +348,8 @@ def test_rspamds_conftest_reads_the_configuration_the_role_wrote(base: Path) -> 
     conf.mkdir()
     (conf / "rspamd.conf").symlink_to("/etc/rspamd/rspamd.conf")
     tasks = [
-        *role_tasks(
-            "pyqmail_scanners",
-            "rspamd.yml",
-            "Create rspamd's configuration directories",
-            "Write rspamd's local.d (who computes SPF, DKIM, DMARC, ARC; thresholds; DNS; no"
-            " signing; header fields)",
-            "Write rspamd's override.d (the normal worker's address; logging)",
-            "Write rspamd's network modules switch (rspamd.conf.local.override)",
-        ),
-        *role_tasks("pyqmail_scanners", "supervise.yml", *SUPERVISE_TASKS),
+        *role_tasks("pyqmail_scanners", "rspamd.yml", "Create rspamd's configuration directories"),
+        *supervise_tasks("rspamd.yml"),
     ]
     play(base, "pyqmail_scanners", tasks, scanner_extra(base, "rspamd"))
     service = base / "qmail" / "supervise" / "rspamd"
@@ -364,10 +371,7 @@ def test_clamds_conftest_reads_the_configuration_the_role_wrote(base: Path) -> N
     """pyqmail_scanners: clamd parses the configuration the role wrote (--version answers
     after the parse, before any signature or socket); an option it does not know fails it."""
     (base / "clamdb").mkdir()
-    tasks = [
-        *role_tasks("pyqmail_scanners", "clamav.yml", "Write clamd's configuration"),
-        *role_tasks("pyqmail_scanners", "supervise.yml", *SUPERVISE_TASKS),
-    ]
+    tasks = supervise_tasks("clamav.yml")
     play(base, "pyqmail_scanners", tasks, scanner_extra(base, "clamd"))
     service = base / "qmail" / "supervise" / "clamd"
     assert_written(service)

@@ -33,6 +33,8 @@ def run_role(
             "pyqmail__service_dir": str(base / "service"),
             "pyqmail__me": "mx.example.org",
             "pyqmail__check_fresh": True,
+            "pyqmail__preflight_done": True,  # the role pyqmail's restart_note runs its dependency
+            "pyqmail__venv": str(base / "venv"),  # where pyqmail__send_restart_marker is looked for
             "pyqmail_control__locals": ["example.org", "mx.example.org", "localhost"],
             "pyqmail_dkim__group": GROUP,
             **more,

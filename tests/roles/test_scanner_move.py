@@ -75,8 +75,8 @@ def host() -> Iterator[Path]:
 
 
 def run(base: Path, listen: str) -> tuple[int, dict[str, Any]]:
-    """The stand-in's configuration task (notifying the role's restart, as rspamd.yml's do),
-    then the role's supervise.yml, with the role's handlers."""
+    """The role's supervise.yml with the stand-in's configuration (its address, written by
+    supervise.yml as it writes rspamd's), with the role's handlers."""
     play = [
         {
             "name": "A scanner under supervise",
@@ -91,20 +91,22 @@ def run(base: Path, listen: str) -> tuple[int, dict[str, Any]]:
             ],
             "tasks": [
                 {
-                    "name": "Write the stand-in scanner's configuration (its address)",
-                    "ansible.builtin.copy": {
-                        "content": "{{ pyqmail_scanners__rspamd_listen }}\n",
-                        "dest": str(base / "rspamd.addr"),
-                        "mode": "0644",
-                    },
-                    "notify": "pyqmail_scanners restart rspamd",
-                },
-                {
                     "name": "The role's supervise.yml",
                     "ansible.builtin.include_tasks": str(ROLE / "tasks" / "supervise.yml"),
                     "vars": {
                         "pyqmail_scanners__service": "{{ pyqmail_scanners__rspamd_service }}",
                         "pyqmail_scanners__listen": "{{ pyqmail_scanners__rspamd_listen }}",
+                        "pyqmail_scanners__config": [
+                            {
+                                "path": str(base),
+                                "files": [
+                                    {
+                                        "name": "rspamd.addr",
+                                        "content": "{{ pyqmail_scanners__rspamd_listen }}\n",
+                                    }
+                                ],
+                            }
+                        ],
                     },
                 },
             ],
@@ -123,6 +125,7 @@ def run(base: Path, listen: str) -> tuple[int, dict[str, Any]]:
         "pyqmail__log_dir": str(base / "log"),
         "pyqmail__log_user": "nobody",
         "pyqmail__check_fresh": False,
+        "pyqmail__preflight_done": True,  # restart_note's include runs the role's dependency
         "pyqmail_scanners__rspamd_enabled": True,
         "pyqmail_scanners__rspamd_listen": listen,
     }

@@ -220,7 +220,22 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
         svstat(service / "rspamd").split("(pid ")[1].split(")")[0]
         == (before.split("(pid ")[1].split(")")[0])
     )
+    note = host / "qmail" / "supervise" / "rspamd" / "restart-pending"
+    assert note.is_file()  # the restart the new threshold needs stays due
+
+    # The admin's file removed: the next run changes no file, and still restarts rspamd into
+    # the new threshold (the note), then forgets it.
     (conf / "local.d" / "phishing.conf").unlink()
+    fixed = run_role(
+        host,
+        pyqmail_scanners__rspamd_listen=str(settings.rspamd),
+        pyqmail_scanners__thresholds={"reject": 16, "add_header": 6, "greylist": 4},
+    )
+    assert not failures(fixed), failures(fixed)
+    assert [r.get("changed") for r in fixed["Restart rspamd (svc -t)"]] == [True]
+    assert ": up (pid " in svstat(service / "rspamd")
+    assert svstat(service / "rspamd").split("(pid ")[1] != before.split("(pid ")[1]
+    assert not note.exists()
 
     off = run_role(
         host,
