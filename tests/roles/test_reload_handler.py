@@ -97,6 +97,8 @@ def run_play(root: QmailRoot, **more: object) -> dict[str, list[dict[str, Any]]]
 
 
 def test_good_configuration_is_checked_then_signalled(host: QmailRoot) -> None:
+    # No listener with rules of its own: neither an environment nor the file of one.
+    (host.path / "etc" / "smtp-submission.cdb").unlink()
     ran = run_play(host)
     check = ran[CHECK_TASK][0]
     assert not check.get("failed"), check
@@ -137,6 +139,25 @@ def test_each_listener_is_checked_with_its_own_rules_cdb(host: QmailRoot) -> Non
     assert smtp["rc"] == 0, smtp
     assert submission["rc"] == 111
     assert submission["cmd"][submission["cmd"].index("--rules") + 1] == str(own)
+    refuse = ran[REFUSE_TASK][0]
+    assert refuse.get("failed"), refuse
+    assert f"pyqmail-smtpd: fatal: {own}: " in refuse["msg"]
+    assert RELOAD_TASK not in ran
+
+
+def test_a_listener_that_lost_its_environment_is_checked_with_the_rules_it_still_loads(
+    host: QmailRoot,
+) -> None:
+    """The submission listener's entry left pyqmail__listener_env, and pyqmail_services has not
+    restarted it yet: it still loads <rules>-submission.cdb (pyqmail_rules keeps that file
+    up to date until then), so its reload is checked with that file, not <rules>.cdb."""
+    own = host.write("etc/smtp-submission.cdb", b"\x00" * 100)
+    ran = run_play(host, pyqmail__listener_env={})
+    smtp, submission = ran[CHECK_TASK][0]["results"]
+    assert smtp["rc"] == 0, smtp
+    assert smtp["cmd"][smtp["cmd"].index("--rules") + 1] == str(host.path / "etc" / "smtp.cdb")
+    assert submission["cmd"][submission["cmd"].index("--rules") + 1] == str(own)
+    assert submission["rc"] == 111
     refuse = ran[REFUSE_TASK][0]
     assert refuse.get("failed"), refuse
     assert f"pyqmail-smtpd: fatal: {own}: " in refuse["msg"]

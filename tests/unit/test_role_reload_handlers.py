@@ -204,21 +204,23 @@ def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None
     no inline Python that loads the configuration its own way."""
     listeners = [h for h in HANDLERS if LISTENERS in _listens(h)]
     kinds = [_kind(h) for h in listeners]
-    assert kinds[:4] == [
-        "ansible.builtin.find",
+    assert kinds[:5] == [
+        "ansible.builtin.find",  # the linked listeners
+        "ansible.builtin.find",  # the listeners' own rules cdbs there are
         "ansible.builtin.command",
         "ansible.builtin.fail",
         "ansible.builtin.command",
     ]
-    argv = _check(listeners[1])
+    argv = _check(listeners[2])
     assert argv.startswith("{{ [pyqmail__venv ~ '/bin/pyqmail-smtpd', '--check', ")
     for option in ("--root", "--mode", "--rules", "--user"):
         assert f"'{option}'" in argv, option
     assert "'-c'" not in argv
-    assert "svc" in listeners[3]["ansible.builtin.command"]["argv"]
+    assert "svc" in listeners[4]["ansible.builtin.command"]["argv"]
     restart = next(h for h in HANDLERS if "svc -t" in h["name"])
     assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[1])
-    assert HANDLERS.index(listeners[2]) < HANDLERS.index(restart)
+    assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[2])
+    assert HANDLERS.index(listeners[3]) < HANDLERS.index(restart)
 
 
 def test_listener_modes_are_the_services_kinds() -> None:
