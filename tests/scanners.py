@@ -136,19 +136,23 @@ def dns_conf(
     return render(OPTIONS, **variables), render(OFFLINE, **variables)
 
 
-def clamd_limits(max_size: int) -> str:
-    """The size lines of the role's clamd.conf (StreamMaxLength, MaxScanSize, MaxFileSize)
-    for ``pyqmail_scanners__clamd_max_size`` ``max_size``."""
+def clamd_limits(max_size: int, timeout: object = None) -> str:
+    """The limit lines of the role's clamd.conf (StreamMaxLength, MaxScanSize, MaxFileSize,
+    AlertExceedsMax, MaxScanTime) for ``pyqmail_scanners__clamd_max_size`` ``max_size`` and
+    ``pyqmail_scanners__timeout`` ``timeout`` (None: the role's default)."""
+    if timeout is None:
+        timeout = role_default("pyqmail_scanners__timeout")
     conf = render(
         ROLE / "templates" / "etc" / "clamav" / "pyqmail-clamd.conf.j2",
         pyqmail_scanners__clamd_max_size=max_size,
         pyqmail_scanners__headroom=role_var("pyqmail_scanners__headroom"),
+        pyqmail_scanners__timeout=timeout,
         pyqmail_scanners__clamd_listen="/run/clamav/clamd.ctl",
         pyqmail_scanners__clamd_service="clamd",
         pyqmail_scanners__clamav_database_dir="/var/lib/clamav",
     )
-    sizes = ("StreamMaxLength ", "MaxScanSize ", "MaxFileSize ")
-    return "".join(line + "\n" for line in conf.splitlines() if line.startswith(sizes))
+    names = ("StreamMaxLength", "MaxScanSize", "MaxFileSize", "AlertExceedsMax", "MaxScanTime")
+    return "".join(line + "\n" for line in conf.splitlines() if line.split(" ")[0] in names)
 
 
 def free_port() -> int:

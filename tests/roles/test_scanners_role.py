@@ -178,6 +178,8 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert "max_message = 53477376;" in (conf / "local.d" / "options.inc").read_text()
     clamd_conf = (host / "clamd.conf").read_text().splitlines()
     assert {"StreamMaxLength 105906176", "MaxFileSize 105906176"} <= set(clamd_conf), clamd_conf
+    # a scan stopped at a limit is "Heuristics.Limits.Exceeded.<limit> FOUND", never "OK"
+    assert {"AlertExceedsMax true", "MaxScanTime 120000"} <= set(clamd_conf), clamd_conf
     for module in ("spf", "dkim", "dmarc", "arc", "dkim_signing"):
         assert "enabled = false;" in (conf / "local.d" / f"{module}.conf").read_text()
     assert "reject = 15.0;" in (conf / "local.d" / "actions.conf").read_text()

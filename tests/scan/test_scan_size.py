@@ -6,12 +6,16 @@ its Unix socket as the role runs it, and over TCP) and a real rspamd (``max_mess
 bounced. The safety property holds throughout: a scanner that did not answer never reads
 as clean. The limits are compared with what the client sent, and the scanners as the role
 configures them take the copy with our Received field and Authentication-Results on top: a
-virus padded to ``databytes`` (= ``clamdmaxsize``) is found, where it was queued unscanned."""
+virus padded to ``databytes`` (= ``clamdmaxsize``) is found, where it was queued unscanned.
+A message clamd cannot scan completely (a virus 16 zips deep, or behind 400 MiB of unpacked
+zeros in a 600 KB message) is refused as such, where clamd answered ``OK`` and it was queued."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import smtplib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +94,14 @@ def test_the_roles_headroom_is_the_daemons() -> None:
     assert role_var("pyqmail_scanners__headroom") == table.SCANNER_HEADROOM
     assert table.RSPAMDMAXSIZE.value + table.SCANNER_HEADROOM == 52_428_800  # rspamd's own
     assert table.CLAMDMAXSIZE.value + table.SCANNER_HEADROOM == 104_857_600  # clamd's own
+
+
+@pytest.mark.parametrize(("timeout", "limit"), [(20, 120000), (110, 120000), (300, 310000)])
+def test_clamds_time_limit_stays_above_scantimeout(timeout: int, limit: int) -> None:
+    """clamd stopped by its own MaxScanTime answers Heuristics.Limits.Exceeded.MaxScanTime, a
+    refusal for good; a slow scan must be the listeners' timeout instead (451, tried again):
+    clamd's limit is its default, 120 s, or 10 s above ``scantimeout`` (at most 300 s)."""
+    assert f"\nMaxScanTime {limit}\n" in clamd_limits(LIMIT, timeout)
 
 
 def send(port: int, data: bytes) -> tuple[int, bytes]:
@@ -242,3 +254,64 @@ def test_results_a_sender_lengthens_stay_within_the_scanners_headroom(
     assert (code, text) == (554, b"5.7.1 virus found: Eicar-Test-Signature.UNOFFICIAL")
     d.wait_for(r"refused .*error=5\.7\.1\\x20virus\\x20found", timeout=5)
     assert qmail_root.queued() == []
+
+
+def nested_zip(depth: int, inner: bytes) -> bytes:
+    """``inner`` in a zip in a zip ... ``depth`` zips deep."""
+    data, name = inner, "notes.com"
+    for level in range(depth):
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(name, data)
+        data, name = out.getvalue(), f"level{level}.zip"
+    return data
+
+
+@pytest.fixture(scope="module")
+def behind_zeros() -> bytes:
+    """A zip of 215 files of 2,000,000 zero bytes (each under the role's MaxFileSize) and
+    then EICAR: 430 MB unpacked, over the role's MaxScanSize (400 MiB), in a 600 KB message."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(215):
+            archive.writestr(f"zeros{i}.bin", bytes(2_000_000))
+        archive.writestr("notes.com", EICAR)
+    return out.getvalue()
+
+
+def test_clamd_as_the_role_runs_it_says_where_it_stopped(
+    role_clamd: Clamd, behind_zeros: bytes
+) -> None:
+    """clamd with the role's limits (its own MaxRecursion, 17) finds EICAR 14 zips deep;
+    deeper, or behind more unpacked data than its MaxScanSize, it stops scanning, and says so
+    (``AlertExceedsMax``) where it answered ``stream: OK``."""
+    address = parse_address(str(role_clamd.socket), "test")
+
+    def scan(payload: bytes) -> str | None:
+        return asyncio.run(clamd.scan(address, with_attachment(payload)))
+
+    assert scan(nested_zip(14, EICAR)) == "Eicar-Test-Signature.UNOFFICIAL"
+    assert scan(nested_zip(16, EICAR)) == "Heuristics.Limits.Exceeded.MaxRecursion"
+    assert scan(behind_zeros) == "Heuristics.Limits.Exceeded.MaxScanSize"
+    assert scan(nested_zip(3, b"just text\r\n")) is None
+
+
+@pytest.mark.usefixtures("mailbox")
+def test_a_message_clamd_cannot_scan_completely_is_refused_as_such(
+    qmail_root: QmailRoot, smtpd: StartDaemon, role_clamd: Clamd, behind_zeros: bytes
+) -> None:
+    """Through pyqmail-smtpd: 554 for good (the same message exceeds the same limit on every
+    retry), with a reply and a log line that name the limit and do not call it a virus; a
+    clean zip in zips is accepted."""
+    qmail_root.control("clamd", f"{role_clamd.socket}\n")
+    d = smtpd()
+    for payload, limit in ((nested_zip(16, EICAR), "MaxRecursion"), (behind_zeros, "MaxScanSize")):
+        code, text = send(d.port, with_attachment(payload))
+        line = d.wait_for(rf"refused .* scan=refuse scan_limit=clamd:{limit} ")[0].string
+        expected = f"5.7.1 message could not be scanned completely ({limit} exceeded)"
+        assert (code, text) == (554, expected.encode()), line
+        assert "virus" not in line, line
+    assert qmail_root.queued() == []
+    assert send(d.port, with_attachment(nested_zip(3, b"just text\r\n")))[0] == 250
+    d.wait_for(r"msg qid=\S+ .*scan=accept virus=clean ")
+    assert len(qmail_root.queued()) == 1

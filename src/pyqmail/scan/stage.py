@@ -4,7 +4,8 @@ what their answers mean for the message.
 Why here: ``smtpd/intake.py`` only calls ``run`` with the message it is about to queue and
 gets one answer back, in the shape the inbound checks use (``checks.verdict.Verdict``):
 
-- a virus (clamd) is refused, ``554 5.7.1``, whatever rspamd said;
+- a virus (clamd) is refused, ``554 5.7.1``, whatever rspamd said; so is a message clamd
+  could not scan completely (``_limit``), with a reply that says so;
 - rspamd's action becomes the reply ``rspamdactions`` names: ``refuse`` (``554 5.7.1``),
   ``defer`` (``451 4.7.1``), ``junk`` (accepted with the queue meta ``junk``, which local
   delivery turns into the Maildir++ folder ``.Junk``, as a DMARC quarantine) or ``accept``;
@@ -26,7 +27,8 @@ gets one answer back, in the shape the inbound checks use (``checks.verdict.Verd
 
 The log line gets ``host`` (the client's name rspamd was told, ``unknown`` when it had
 none), ``scan`` (the reply), ``spam`` and ``spam_score`` (rspamd's action and
-score/required), ``virus`` (``clean`` or the signature), ``scan_secs`` (the stage's time),
+score/required), ``virus`` (``clean`` or the signature), ``scan_limit`` (``clamd:<limit>``
+instead of ``virus`` when clamd stopped at one), ``scan_secs`` (the stage's time),
 ``scan_error`` (``<scanner>:<why>`` for each failure) and ``not_scanned``
 (``<scanner>:<size>><limit>`` for each scanner the message was too large for, ``size`` what
 the client sent).
@@ -131,9 +133,27 @@ def _settle(answers: _Answers, name: str, result: Any) -> None:
         answers.virus = result
 
 
+_LIMITS = "Heuristics.Limits.Exceeded."
+
+
+def _limit(virus: str | None) -> str | None:
+    """The limit clamd names when its "virus" is its word that it stopped scanning at one of
+    its limits (``AlertExceedsMax``: ``Heuristics.Limits.Exceeded.MaxRecursion``), else None.
+    Without that alert clamd answered such a message ``OK``: a virus 16 zips deep, or behind
+    400 MiB of unpacked zeros, passed as clean. It is refused like a virus, for good (the
+    same message exceeds the same limit on every retry), but the reply and the log must not
+    call it one: the sender and the admin are told what clamd could not do."""
+    if virus is None or not virus.startswith(_LIMITS):
+        return None
+    return virus[len(_LIMITS) :] or None
+
+
 def _reply(settings: ScanSettings, answers: _Answers) -> tuple[str, str]:
     """The reply (accept, junk, defer, refuse) and the SMTP text for defer and refuse."""
     if answers.virus is not None:
+        limit = _limit(answers.virus)
+        if limit is not None:
+            return "refuse", f"5.7.1 message could not be scanned completely ({limit} exceeded)"
         return "refuse", f"5.7.1 virus found: {answers.virus}"
     chosen = "accept"
     if answers.spam is not None:
@@ -158,7 +178,8 @@ def _fields(
         out += [f"spam={s.action.replace(' ', '_')}", f"spam_score={s.score:.2f}/{s.required:.2f}"]
     virus_scanned = settings.clamd is not None and "clamd" not in _names(answers.skipped)
     if virus_scanned and not any(e.startswith("clamd:") for e in answers.errors):
-        out.append(f"virus={answers.virus or 'clean'}")
+        limit = _limit(answers.virus)
+        out.append(f"scan_limit=clamd:{limit}" if limit else f"virus={answers.virus or 'clean'}")
     if answers.errors:
         out.append("scan_error=" + ",".join(answers.errors))
     if answers.skipped:
