@@ -24,8 +24,8 @@ each parser at N and 2N bytes of pathological input):
   nested comments, never the standard library's recursive, super-linear parser; what it
   cannot read unambiguously is None (refused), never guessed. For DMARC, a From it cannot
   read is still judged on what a reader may see in it: ``shown_domains`` finds the domain
-  after every at sign (in comments, quoted strings and encoded words too), bounded by
-  ``SHOWN_LIMIT`` characters.
+  after every at sign (in comments, quoted strings and encoded words too, adjacent encoded
+  words joined as clients join them), bounded by ``SHOWN_LIMIT`` characters.
 - Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
   (which copies the value again for every continuation line: quadratic).
 """
@@ -315,6 +315,7 @@ def mailbox_addresses(value: str) -> list[str] | None:
 
 SHOWN_LIMIT = 4096  # characters of an unreadable From read for its domains; longer: refused
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([QqBb])\?([^?\s]*+)\?=")
+_PRINTABLE = bytes(range(0x20, 0x7F))  # what an address is written in
 _DOMAIN = r"[^\s<>()\[\]\",;:@\\]*+"  # what a domain shown after an at sign may hold
 # After an at sign: blanks and (unnested) comments, RFC 5322 4.4's CFWS around "@", then the
 # domain (a quoted string's first word counts: a client shows it without its quotes).
@@ -328,26 +329,63 @@ _HIDDEN = frozenset({"Cc", "Co", "Cs", "Zl", "Zp"})  # controls, private use, li
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
-def _decoded_words(value: str) -> str:
-    """The RFC 2047 encoded words of ``value`` as a mail client shows them, blank-separated
-    (an unknown charset, or one that cannot decode such bytes, ``idna``, ``punycode``,
-    ``undefined``, as Latin-1: every byte shown, an at sign as itself); a word that does not
-    decode is shown raw, and the raw value is read anyway."""
-    shown = []
+def _word(m: re.Match[str]) -> tuple[str, str] | None:
+    """An RFC 2047 encoded word as a mail client shows it: (as its charset decodes it, as a
+    client that does not know that charset may show it); None when it does not decode (a
+    client shows it as it is written). A charset Python does not know or cannot decode such
+    bytes with (``idna``, ``punycode``, ``undefined``) is read as Latin-1: every byte shown,
+    an at sign as itself. A charset that shows printable ASCII bytes as something else
+    (``utf-16``, ``utf-32``, EBCDIC's ``cp500``, ``utf-7``, ``hz``) has a second reading, its
+    bytes as Latin-1: a client that does not know it may show ``ceo@bank.example`` for what
+    UTF-32 decodes to four replacement characters. Only those: the ASCII-compatible charsets
+    every client knows (``iso-2022-jp``, ``shift_jis``, ``big5``) put an at sign byte inside
+    most Japanese or Chinese names (0x40 is half of many characters: 太 is ``B@`` in
+    ISO-2022-JP), so their Latin-1 reading would judge, or refuse, what no reader sees."""
+    charset, kind, payload = m.groups()
+    try:
+        if kind in "Bb":
+            raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
+        else:
+            raw = binascii.a2b_qp(payload.encode(), header=True)
+    except (binascii.Error, ValueError):
+        return None
+    latin = raw.decode("latin-1")
+    name = charset.partition("*")[0]  # RFC 2231's language after the charset
+    try:
+        shown = raw.decode(name, "replace")
+        ascii_shown = _PRINTABLE.decode(name, "replace") == _PRINTABLE.decode("ascii")
+    except (LookupError, UnicodeError, ValueError):  # the idna codec takes no "replace"
+        return latin, latin
+    return shown, shown if ascii_shown else latin
+
+
+def _shown_texts(value: str) -> list[str]:
+    """The readings of ``value`` a client may show, distinct, the raw value first: each
+    encoded word replaced in place by what it shows (``_word``: its charset's decoding, and
+    its bytes as Latin-1), with and without the blanks between adjacent encoded words. RFC
+    2047 6.2 drops them (Python's email.header and mail clients do: ``=?utf-8?q?ceo=40ban?=
+    =?utf-8?q?k.test?=`` shows ``ceo@bank.test``); a client that does not, shows the blank
+    (``=?utf-8?q?ceo=40bank.test?= =?utf-8?q?x?=``: ``ceo@bank.test x``). A word that does
+    not decode is shown as written, and is no encoded word next to another. One pass; each
+    reading is at most as long as ``value`` (no word decodes to more characters than it
+    has), so all are linear in ``len(value)``."""
+    readings: list[list[str]] = [[], [], [], []]  # charset, Latin-1; blanks dropped, kept
+    pos, after_word = 0, False
     for m in _ENCODED_WORD.finditer(value):
-        charset, kind, payload = m.groups()
-        try:
-            if kind in "Bb":
-                raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
-            else:
-                raw = binascii.a2b_qp(payload.encode(), header=True)
-        except (binascii.Error, ValueError):
+        word = _word(m)
+        if word is None:
             continue
-        try:
-            shown.append(raw.decode(charset.partition("*")[0], "replace"))
-        except (LookupError, UnicodeError, ValueError):  # the idna codec takes no "replace"
-            shown.append(raw.decode("latin-1"))
-    return " ".join(shown)
+        gap = value[pos : m.start()]
+        adjacent = after_word and (not gap or gap.isspace())
+        for i, parts in enumerate(readings):
+            parts.extend(("" if adjacent and i < 2 else gap, word[i % 2]))
+        pos, after_word = m.end(), True
+    texts = [value]
+    for parts in readings:
+        text = "".join(parts) + value[pos:]
+        if text not in texts:
+            texts.append(text)
+    return texts
 
 
 def _after_at(text: str, pos: int) -> list[str] | None:
@@ -367,27 +405,31 @@ def _after_at(text: str, pos: int) -> list[str] | None:
     return [d for word in words if (d := word.rstrip(".").lower())]
 
 
-def shown_domains(value: str) -> list[str] | None:
+def shown_domains(value: str, limit: int = SHOWN_LIMIT) -> list[str] | None:
     """Every domain a reader may be shown in a From field value ``mailbox_addresses`` cannot
     read (or reads as a group with no member): the word after each at sign (``_after_at``:
-    past blanks and comments), in the raw value and in its decoded encoded words, after NFKC
-    (a fullwidth at sign, U+FF20, is one), up to a blank or a special; lower case, without a
-    trailing dot, distinct, in order. [] when no at sign is there (``MAILER-DAEMON``,
-    ``Automated System:;``: no domain is shown). None, "not understood", when no safe reading
-    exists: an at sign followed by no word, a bidirectional override or isolate anywhere, a
-    format character in a domain, a control or private character that may make a client show
-    something else than these bytes, or a value longer than ``SHOWN_LIMIT``. Linear in
+    past blanks and comments), in the raw value and in each reading of its encoded words
+    (``_shown_texts``), after NFKC (a fullwidth at sign, U+FF20, is one), up to a blank or a
+    special; lower case, without a trailing dot, distinct, in order. [] when no at sign is
+    there (``MAILER-DAEMON``, ``Automated System:;``: no domain is shown). None, "not
+    understood", when a reading has no safe reading of its own: an at sign followed by no
+    word, a bidirectional override or isolate anywhere, a format character in a domain, a
+    control or private character that may make a client show something else than these
+    bytes, or a value longer than ``limit`` characters (``SHOWN_LIMIT``). Linear in
     ``len(value)``: each at sign reads only up to the next word, and the blanks and comments
     before it hold no other at sign but inside a comment, whose own reading ends there."""
-    if len(value) > SHOWN_LIMIT:
-        return None
-    text = unicodedata.normalize("NFKC", f"{value} {_decoded_words(value)}")
-    if _BIDI.search(text) or any(c != "\t" and unicodedata.category(c) in _HIDDEN for c in text):
+    if len(value) > limit:
         return None
     domains: list[str] = []
-    for at in re.finditer("@", text):
-        shown = _after_at(text, at.end())
-        if shown is None:
+    for reading in _shown_texts(value):
+        text = unicodedata.normalize("NFKC", reading)
+        if _BIDI.search(text) or any(
+            c != "\t" and unicodedata.category(c) in _HIDDEN for c in text
+        ):
             return None
-        domains.extend(shown)
+        for at in re.finditer("@", text):
+            shown = _after_at(text, at.end())
+            if shown is None:
+                return None
+            domains.extend(shown)
     return list(dict.fromkeys(domains))

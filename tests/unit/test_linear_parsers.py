@@ -36,6 +36,7 @@ from pyqmail.headers import (
     header_fields,
     mailbox_addresses,
     raw_fields,
+    shown_domains,
 )
 from pyqmail.queue.format import Envelope
 from pyqmail.send.bounce import BounceTarget, Failure, make_dsn
@@ -248,12 +249,21 @@ FROM_VALUES: dict[str, Callable[[int], bytes]] = {
     "angle brackets": lambda n: fill(b"<", n, tail=b""),
     "empty groups": lambda n: fill(b"g:; ", n, tail=b""),
     "escaped quotes": lambda n: fill(b'\\"', n, b'"', b'" <x@y.test>'),
+    "adjacent encoded words": lambda n: fill(b"=?utf-8?q?ceo=40ban?= ", n, tail=b"<x..y@y.test>"),
+    "utf-32 encoded words": lambda n: fill(b"=?utf-32?q?ceo=40b?==?utf-32?b?YW5r?=", n, tail=b""),
 }
 
 
 @pytest.mark.parametrize("shape", FROM_VALUES)
 def test_from_address_parser_is_linear(shape: str) -> None:
     assert_linear(lambda m: mailbox_addresses(m.decode()), FROM_VALUES[shape], 200_000)
+
+
+@pytest.mark.parametrize("shape", FROM_VALUES)
+def test_from_shown_domains_are_linear(shape: str) -> None:
+    """DMARC's reading of a From the grammar cannot read (``shown_domains``: every reading
+    of its encoded words, the domain after each at sign) needs no ``SHOWN_LIMIT`` either."""
+    assert_linear(lambda m: shown_domains(m.decode(), len(m)), FROM_VALUES[shape], 100_000)
 
 
 # An incoming Authentication-Results field whose authserv-id hides behind comments: how
