@@ -5,7 +5,8 @@ qmail root in a temporary directory. It checks control/dkimkeys (Contract A: onl
 that sign now, ``domain:selector:algorithm:keyfile``), the key files' owner and mode, the fact
 pyqmail_dkim__published (Contract B), that a second run changes nothing, and that turning DKIM
 off removes control/dkimkeys and keeps the keys. The group and user tasks are left out
-(pyqmail__check_fresh): they would change this machine's accounts.
+(pyqmail__check_fresh): they would change this machine's accounts; only check mode runs them,
+with a group that does not exist (DKIM switched on for the first time on an installed host).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import stat
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.roles.playbook import results_by_task, run_role_tasks
 
@@ -61,7 +64,7 @@ def test_keys_dkimkeys_and_published_records(tmp_path: Path) -> None:
     (tmp_path / "qmail" / "control").mkdir(parents=True)
     ran, published = run_role(tmp_path)
     failed = {name: r for name, rs in ran.items() for r in rs if r.get("failed")}
-    assert not failed, failed
+    assert not failed, [r.get("msg") for r in failed.values()]
     control = tmp_path / "qmail" / "control"
     lines = [
         line
@@ -123,6 +126,37 @@ def test_check_mode_changes_nothing_and_publishes_only_existing_keys(tmp_path: P
     assert published == []
     assert not (tmp_path / "qmail" / "control" / "dkim").exists()
     assert not (tmp_path / "qmail" / "control" / "dkimkeys").exists()
+
+
+def test_check_mode_where_dkim_is_switched_on_on_an_installed_host(tmp_path: Path) -> None:
+    """An installed host (pyqmail__check_fresh false) without the DKIM group yet: check mode
+    makes no group, and the manager's joining it is reported, not run (the user module fails
+    "Group ... does not exist" in check mode too)."""
+    group = "pyqmail-dkim-test-absent"
+    with pytest.raises(KeyError):
+        grp.getgrnam(group)
+    (tmp_path / "qmail" / "control").mkdir(parents=True)
+    ran, published = run_role(
+        tmp_path,
+        check=True,
+        pyqmail__check_fresh=False,
+        pyqmail__send_user="nobody",
+        pyqmail_dkim__group=group,
+    )
+    failed = {name: r for name, rs in ran.items() for r in rs if r.get("failed")}
+    assert not failed, [r.get("msg") for r in failed.values()]
+    assert ran["Create the group that may read the DKIM keys"][0].get("changed")
+    report = ran[
+        "Report that pyqmail-send's manager joins the group check mode did not make "
+        "(it then restarts)"
+    ][0]
+    assert report.get("changed"), report
+    joined = ran["Put pyqmail-send's manager in that group (it gets its groups when it starts)"][0]
+    assert joined.get("skipped"), joined
+    assert "nobody joins pyqmail-dkim-test-absent once the run makes that group" in report["msg"]
+    assert published == []
+    with pytest.raises(KeyError):
+        grp.getgrnam(group)
 
 
 def test_a_domain_that_is_not_local_fails(tmp_path: Path) -> None:
