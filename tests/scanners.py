@@ -136,17 +136,21 @@ def dns_conf(
     return render(OPTIONS, **variables), render(OFFLINE, **variables)
 
 
-def clamd_limits(max_size: int, timeout: object = None) -> str:
+def clamd_limits(max_size: int, timeout: object = None, alert: object = None) -> str:
     """The limit lines of the role's clamd.conf (StreamMaxLength, MaxScanSize, MaxFileSize,
-    AlertExceedsMax, MaxScanTime) for ``pyqmail_scanners__clamd_max_size`` ``max_size`` and
-    ``pyqmail_scanners__timeout`` ``timeout`` (None: the role's default)."""
+    AlertExceedsMax, MaxScanTime) for ``pyqmail_scanners__clamd_max_size`` ``max_size``,
+    ``pyqmail_scanners__timeout`` ``timeout`` and ``pyqmail_scanners__clamd_alert_exceeds_max``
+    ``alert`` (None: the role's defaults)."""
     if timeout is None:
         timeout = role_default("pyqmail_scanners__timeout")
+    if alert is None:
+        alert = role_default("pyqmail_scanners__clamd_alert_exceeds_max")
     conf = render(
         ROLE / "templates" / "etc" / "clamav" / "pyqmail-clamd.conf.j2",
         pyqmail_scanners__clamd_max_size=max_size,
         pyqmail_scanners__headroom=role_var("pyqmail_scanners__headroom"),
         pyqmail_scanners__timeout=timeout,
+        pyqmail_scanners__clamd_alert_exceeds_max=alert,
         pyqmail_scanners__clamd_listen="/run/clamav/clamd.ctl",
         pyqmail_scanners__clamd_service="clamd",
         pyqmail_scanners__clamav_database_dir="/var/lib/clamav",

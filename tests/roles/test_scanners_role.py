@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,16 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
     return ran
 
 
+def source_tree() -> bytes:
+    """Harmless mail over one of clamd's limits: a zip of 10,050 small text files (a source
+    tree, 1.4 MB), more than clamd's MaxFiles (10000)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(10_050):
+            archive.writestr(f"src/mod{i // 100}/file{i}.py", f"# module {i}\nvalue = {i}\n")
+    return out.getvalue()
+
+
 def svstat(path: Path) -> str:
     done = subprocess.run(["svstat", str(path)], capture_output=True, text=True, check=False)
     return done.stdout
@@ -194,6 +206,10 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert spam.action == "reject"
     virus = asyncio.run(clamd.scan(settings.clamd, with_attachment(EICAR)))
     assert virus == "Eicar-Test-Signature.UNOFFICIAL"
+    # the price of the alert: harmless mail over a limit is answered as not scanned completely
+    # (the listeners refuse it, 554)
+    tree = with_attachment(source_tree())
+    assert asyncio.run(clamd.scan(settings.clamd, tree)) == "Heuristics.Limits.Exceeded.MaxFiles"
     assert (host / "log" / "rspamd" / "current").exists()
 
     again = run_role(host, pyqmail_scanners__rspamd_listen=str(settings.rspamd))
@@ -238,6 +254,27 @@ def test_the_role_runs_the_scanners_and_names_them_to_the_listeners(host: Path) 
     assert ": up (pid " in svstat(service / "rspamd")
     assert svstat(service / "rspamd").split("(pid ")[1] != before.split("(pid ")[1]
     assert not note.exists()
+
+    # The admin turns the alert off (pyqmail_scanners__clamd_alert_exceeds_max false): clamd's
+    # own default, restarted into it; the same source tree is answered clean, the other
+    # limits stay as they were.
+    clamd_before = svstat(service / "clamd")
+    lenient = run_role(
+        host,
+        pyqmail_scanners__rspamd_listen=str(settings.rspamd),
+        pyqmail_scanners__thresholds={"reject": 16, "add_header": 6, "greylist": 4},
+        pyqmail_scanners__clamd_alert_exceeds_max=False,
+    )
+    assert not failures(lenient), failures(lenient)
+    lenient_conf = (host / "clamd.conf").read_text().splitlines()
+    assert "AlertExceedsMax false" in lenient_conf, lenient_conf
+    assert [line for line in clamd_conf if not line.startswith("AlertExceedsMax ")] == [
+        line for line in lenient_conf if not line.startswith("AlertExceedsMax ")
+    ]
+    assert [r.get("changed") for r in lenient["Restart clamd (svc -t)"]] == [True]
+    assert ": up (pid " in svstat(service / "clamd")
+    assert svstat(service / "clamd").split("(pid ")[1] != clamd_before.split("(pid ")[1]
+    assert asyncio.run(clamd.scan(settings.clamd, tree)) is None
 
     off = run_role(
         host,
