@@ -15,7 +15,7 @@ from pyqmail.checks.dkimverify import DkimResult
 from pyqmail.checks.dmarc import DmarcResult, _authenticated, check, org_domain
 from pyqmail.checks.resolver import exists, make_resolver
 from pyqmail.checks.spf import SpfResult
-from tests.dnsserver import DnsServer, free_port, silent_for, silent_server
+from tests.dnsserver import free_port, silent_for, silent_server
 
 SMTP_REPLY = re.compile(r"[45]\d\d [\x20-\x7e]+")  # what SMTPConnection.message_failed takes
 ZONES = {
@@ -51,12 +51,6 @@ def head(from_: str) -> bytes:
 
 def dkim_pass(domain: str) -> list[DkimResult]:
     return [DkimResult("pass", domain, "s1", "rsa-sha256")]
-
-
-@pytest.fixture(scope="module")
-def dns_server():
-    with DnsServer(ZONES) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,6 @@ encoded word still gets bank.test's p=reject, whatever address it also holds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pyqmail.checks import inbound
@@ -26,7 +24,6 @@ from pyqmail.checks.dmarc import MAX_FROM_DOMAINS, check
 from pyqmail.checks.resolver import make_resolver
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.spf import SpfResult
-from tests.dnsserver import DnsServer
 
 ZONES = {
     "bank.test.": '_dmarc TXT "v=DMARC1; p=reject"\n@ TXT "v=spf1 -all"\n',
@@ -48,18 +45,6 @@ def message(*from_fields: str) -> bytes:
     """An unsigned message with these From fields (raw values)."""
     froms = "".join(f"From: {value}\r\n" for value in from_fields)
     return f"{froms}To: u@mx.test\r\nSubject: pay now\r\n\r\nwire it\r\n".encode()
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[DnsServer]:
-    with DnsServer(ZONES) as server:
-        yield server
-
-
-@pytest.fixture
-def settings(dns_server: DnsServer) -> AuthSettings:
-    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
-    return AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=res)
 
 
 def verdict(settings: AuthSettings, msg: bytes, sender: str = "a@evil.test") -> inbound.Outcome:

@@ -20,7 +20,6 @@ the message got ``451 4.7.0 message checks took too long`` on every try.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -32,7 +31,7 @@ from pyqmail.checks.resolver import make_resolver
 from pyqmail.checks.settings import AuthSettings
 from pyqmail.checks.spf import SpfResult
 from pyqmail.headers import shown_domains
-from tests.dnsserver import DnsServer, recording
+from tests.dnsserver import recording
 
 CLIENT = "192.0.2.66"
 SPF_HERE = f'@ TXT "v=spf1 ip4:{CLIENT} -all"\n'
@@ -60,18 +59,6 @@ DISPLAY = [
 
 def message(from_: str) -> bytes:
     return f"From: {from_}\r\nTo: u@mx.test\r\nSubject: news\r\n\r\nhello\r\n".encode()
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[DnsServer]:
-    with DnsServer(ZONES) as server:
-        yield server
-
-
-@pytest.fixture
-def settings(dns_server: DnsServer) -> AuthSettings:
-    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
-    return AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=res)
 
 
 def verdict(settings: AuthSettings, from_: str, sender: str) -> inbound.Outcome:

@@ -21,7 +21,6 @@ shows no domain and changes nothing.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 
 import pytest
 
@@ -52,18 +51,6 @@ def message(from_: str) -> bytes:
 def word(text: str, charset: str = "utf-8") -> str:
     """``text`` as one B-encoded word in ``charset``."""
     return f"=?{charset}?b?{base64.b64encode(text.encode(charset)).decode()}?="
-
-
-@pytest.fixture(scope="module")
-def dns_server() -> Iterator[DnsServer]:
-    with DnsServer(ZONES) as server:
-        yield server
-
-
-@pytest.fixture
-def settings(dns_server: DnsServer) -> AuthSettings:
-    res = make_resolver([(dns_server.host, dns_server.port)], timeout=2.0)
-    return AuthSettings(enabled=True, authserv_id="mx.test", timeout=5, resolver=res)
 
 
 def verdict(settings: AuthSettings, from_: str, sender: str = "a@evil.test") -> inbound.Outcome:
