@@ -69,13 +69,13 @@ def _zone_text(path: str) -> str:
         raise ZoneFileError(f"{path}: {exc.strerror}") from exc
 
 
-def read_zone(path: str) -> list[Expected]:
-    """The records of ``path`` grouped by owner and type, in file order of owners.
+def read_zone(text: str, path: str) -> list[Expected]:
+    """The records of ``text`` (the file ``path``) grouped by owner and type, in file order
+    of owners.
 
     The file's owners are fully qualified (it spans several zones), so it is parsed with the
     root as origin and without the SOA/NS a real zone must have.
     """
-    text = _zone_text(path)
     try:
         zone = dns.zone.from_text(text, origin=dns.name.root, relativize=False, check_origin=False)
     except dns.exception.DNSException as exc:
@@ -197,26 +197,28 @@ def check(records: list[Expected], resolver: dns.resolver.Resolver) -> list[str]
     return problems
 
 
-def _policies(args: argparse.Namespace, resolver: dns.resolver.Resolver) -> tuple[list[str], int]:
+def _policies(
+    args: argparse.Namespace, text: str, resolver: dns.resolver.Resolver
+) -> tuple[list[str], int]:
     """``--fetch-policy``: the served MTA-STS policies' problems, and how many were checked."""
     from pyqmail.tools import mtasts  # noqa: PLC0415 - only with --fetch-policy
 
-    text = _zone_text(args.zonefile)
     try:
-        count = len(mtasts.expected_policies(text))
+        wanted = mtasts.expected_policies(text)
     except mtasts.PolicyError as exc:
         raise ZoneFileError(f"{args.zonefile}: {exc}") from exc
     fetcher = mtasts.Fetcher(resolver, args.timeout, args.https_port, args.cafile)
-    return mtasts.check_policies(text, fetcher), count
+    return mtasts.check_policies(wanted, fetcher), len(wanted)
 
 
 def _run(args: argparse.Namespace) -> int:
-    records = read_zone(args.zonefile)
+    text = _zone_text(args.zonefile)
+    records = read_zone(text, args.zonefile)
     resolver = make_resolver(args.nameserver, args.port, args.timeout)
     lines = check(records, resolver)
     policies = 0
     if args.fetch_policy:
-        more, policies = _policies(args, resolver)
+        more, policies = _policies(args, text, resolver)
         lines += more
     problems = [line for line in lines if not line.startswith(INFO)]
     count = sum(len(r.rdatas) for r in records)

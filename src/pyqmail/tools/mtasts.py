@@ -208,10 +208,11 @@ def _body(response: http.client.HTTPResponse) -> str:
         raise FetchError(f"the policy is not UTF-8 text: {exc}") from None
 
 
-def check_policies(zone_text: str, fetcher: Fetcher) -> list[str]:
-    """Every problem with the served policies of the file's domains, one line each."""
+def check_policies(wanted: dict[str, Policy], fetcher: Fetcher) -> list[str]:
+    """Every problem with the served policies of ``wanted`` (``expected_policies``: the
+    file's, by domain), one line each."""
     out = []
-    for domain, want in expected_policies(zone_text).items():
+    for domain, want in wanted.items():
         url = f"https://mta-sts.{domain}{POLICY_PATH}"
         try:
             got = parse_policy(fetcher.fetch(domain))
