@@ -1,9 +1,10 @@
 """``pyqmail-dns check --fetch-policy``: the MTA-STS policy fetched as a sender fetches it.
 
 Real parts: knot serves the role's zone (tests/dnszone) plus ``mta-sts.<domain>`` A records
-pointing at 127.0.0.1, where a real HTTPS server (the standard library's, TLS with a
-certificate of a throw-away CA, tests/pki) answers per Host header what each test sets; the
-command runs as a process with ``--cafile`` that CA.
+(or CNAMEs, some to a second zone ``hosting.test``) pointing at 127.0.0.1, where a real
+HTTPS server (the standard library's, TLS with a certificate of a throw-away CA, tests/pki)
+answers per Host header what each test sets; the command runs as a process with
+``--cafile`` that CA.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyqmail.tools.mtasts import PolicyError, expected_policies, matches, parse_policy
-from tests.dnsserver import DnsServer
+from tests.dnsserver import DnsServer, recording
 from tests.dnszone import zone
 from tests.e2e.test_dns_check import BIN, served
 from tests.pki import CA
@@ -89,14 +90,17 @@ def web(ca: CA, tmp_path: Path) -> Iterator[PolicyServer]:
 
 
 def run_policy_check(
-    tmp_path: Path, ca: CA, port: int, add: str = A_RECORDS
+    tmp_path: Path, ca: CA, port: int, add: str = A_RECORDS, hosting: str = ""
 ) -> subprocess.CompletedProcess[str]:
+    """The command against knot serving the role's zones plus ``add``, and the zone
+    ``hosting.test.`` holding ``hosting`` when given."""
     text = zone()
     path = tmp_path / "dns.zone"
     path.write_text(text)
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca.cert_pem)
-    with DnsServer(served(text, add=add)) as dns:
+    zones = served(text, add=add) | ({"hosting.test.": hosting} if hosting else {})
+    with DnsServer(zones) as dns:
         argv = [str(BIN / "pyqmail-dns"), "check", str(path), "--fetch-policy"]
         argv += ["--nameserver", dns.host, "--port", str(dns.port), "--timeout", "3"]
         argv += ["--https-port", str(port), "--cafile", str(cafile)]
@@ -145,8 +149,9 @@ def test_a_different_policy_and_a_redirect_are_reported(
         f"DIFFERENT {url}: mx: expected one matching mx2.example.org, found "
         "mx1.example.org old.example.net" in lines
     )
-    assert any(
-        line.startswith(f"EXTRA {url}: mx: ") and "old.example.net" in line for line in lines
+    assert (
+        f"EXTRA {url}: mx: the policy also accepts hosts matching old.example.net, which no MX "
+        "record of the zone names" in lines
     )
     assert (
         "MISSING https://mta-sts.mx1.example.org/.well-known/mta-sts.txt: expected the policy, "
@@ -178,6 +183,100 @@ def test_a_wrong_certificate_html_and_no_address_are_missing(
         "MISSING https://mta-sts.mx1.example.org/.well-known/mta-sts.txt: expected the "
         "policy, found mta-sts.mx1.example.org does not exist in DNS" in lines
     ), result.stdout
+
+
+def test_a_policy_host_published_as_a_cname_is_followed(
+    tmp_path: Path, ca: CA, web: PolicyServer
+) -> None:
+    """mta-sts.example.org is a CNAME to another zone (knot answers the A query with the
+    CNAME alone, as any authoritative server does), mta-sts.mx1.example.org one to a name of
+    its own zone: both policies are fetched from the targets' address, the certificate
+    checked for the mta-sts names (it has no other)."""
+    add = (
+        "mta-sts.example.org. 3600 IN CNAME sts.hosting.test.\n"
+        "mta-sts.mx1.example.org. 3600 IN CNAME web.example.org.\n"
+        "web.example.org. 3600 IN A 127.0.0.1\n"
+    )
+    result = run_policy_check(tmp_path, ca, web.port, add=add, hosting="sts A 127.0.0.1\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.endswith(" records published and 2 MTA-STS policies served\n")
+    assert web.paths == ["/.well-known/mta-sts.txt"] * 2
+
+
+def test_a_cname_loop_and_a_chain_too_long_are_missing(
+    tmp_path: Path, ca: CA, web: PolicyServer
+) -> None:
+    """A loop through two zones and one inside a zone (which knot answers as a chain
+    dnspython refuses as too long) are named; so is a chain of 9 hops, while one of 8 (the
+    limit) is followed to its address."""
+    add = (
+        "mta-sts.example.org. 3600 IN CNAME a.hosting.test.\n"
+        "mta-sts.mx1.example.org. 3600 IN CNAME loop.example.org.\n"
+        "loop.example.org. 3600 IN CNAME mta-sts.mx1.example.org.\n"
+    )
+    hosting = "a CNAME b\nb CNAME mta-sts.example.org.\n"
+    result = run_policy_check(tmp_path, ca, web.port, add=add, hosting=hosting)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for url, chain in [
+        (
+            "https://mta-sts.example.org/.well-known/mta-sts.txt",
+            "mta-sts.example.org -> a.hosting.test -> b.hosting.test -> mta-sts.example.org",
+        ),
+        (
+            "https://mta-sts.mx1.example.org/.well-known/mta-sts.txt",
+            "mta-sts.mx1.example.org -> loop.example.org -> mta-sts.mx1.example.org",
+        ),
+    ]:
+        name = chain.split(" ", 1)[0]
+        line = f"MISSING {url}: expected the policy, found {name} is a CNAME loop: {chain}"
+        assert line in lines, result.stdout
+    hops = [f"c{i}.example.org" for i in range(1, 10)]
+    add = "".join(
+        f"{owner}. 3600 IN CNAME {target}.\n"
+        for owner, target in zip(["mta-sts.example.org", *hops], hops, strict=False)
+    )
+    add += "c9.example.org. 3600 IN A 127.0.0.1\n"
+    add += "mta-sts.mx1.example.org. 3600 IN CNAME c2.example.org.\n"  # c2 ... c9: 8 hops
+    result = run_policy_check(tmp_path, ca, web.port, add=add)
+    assert result.returncode == 1, result.stdout + result.stderr
+    chain = " -> ".join(["mta-sts.example.org", *hops])
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("1 problem(s) in "), result.stdout
+    assert lines[-2] == (
+        "MISSING https://mta-sts.example.org/.well-known/mta-sts.txt: expected the policy, "
+        f"found mta-sts.example.org: a CNAME chain over 8 hops: {chain} ..."
+    ), result.stdout
+    assert web.paths == ["/.well-known/mta-sts.txt"]  # mx1's, 8 hops away
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "No such file or directory"),
+        (b"not a certificate\n", "no PEM certificate could be read ("),
+    ],
+)
+def test_a_bad_cafile_is_a_usage_error_before_any_lookup(
+    tmp_path: Path, content: bytes | None, why: str
+) -> None:
+    """A --cafile that is missing or holds no certificate: exit 2 (not 1, "problems
+    found") with the file and the reason, no traceback, and no query asked before."""
+    text = zone()
+    path = tmp_path / "dns.zone"
+    path.write_text(text)
+    cafile = tmp_path / "ca.pem"
+    if content is not None:
+        cafile.write_bytes(content)
+    with DnsServer(served(text)) as dns, recording((dns.host, dns.port)) as (address, asked):
+        argv = [str(BIN / "pyqmail-dns"), "check", str(path), "--fetch-policy"]
+        argv += ["--nameserver", address[0], "--port", str(address[1]), "--timeout", "3"]
+        argv += ["--cafile", str(cafile)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"pyqmail-dns: --cafile {cafile}: {why}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert (result.stdout, asked) == ("", [])
 
 
 def test_a_policy_that_is_not_valid_is_reported(tmp_path: Path, ca: CA, web: PolicyServer) -> None:

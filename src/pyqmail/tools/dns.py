@@ -4,7 +4,7 @@ The role pyqmail_dns writes ``artifacts/<host>/dns.zone`` on the controller: the
 host's mail needs. This command resolves each owner and type of that file and prints one line
 per record that is missing, different or extra, naming the owner, the type, what the file
 expects and what DNS answered; exit 1 when there is any, 0 and ``all N records published``
-otherwise.
+otherwise, 2 before any lookup for input it cannot use (the zone file, ``--cafile``).
 
 How records are compared:
 
@@ -29,7 +29,7 @@ system resolver (/etc/resolv.conf) answers, as remote mail servers would see it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,7 +56,11 @@ class Expected:
     rdatas: tuple[dns.rdata.Rdata, ...]
 
 
-class ZoneFileError(Exception):
+class InputError(Exception):
+    """Input the command cannot work with (exit 2, before any lookup): the message names it."""
+
+
+class ZoneFileError(InputError):
     """The zone file cannot be read or parsed (exit 2)."""
 
 
@@ -199,27 +203,35 @@ def check(records: list[Expected], resolver: dns.resolver.Resolver) -> list[str]
 
 def _policies(
     args: argparse.Namespace, text: str, resolver: dns.resolver.Resolver
-) -> tuple[list[str], int]:
-    """``--fetch-policy``: the served MTA-STS policies' problems, and how many were checked."""
+) -> tuple[Callable[[], list[str]], int]:
+    """``--fetch-policy``: what checks the served MTA-STS policies (one line per problem),
+    and how many there are.
+
+    The file's policies and ``--cafile`` are read here, before any lookup: bad input stops
+    the command (exit 2) before it has results to lose.
+    """
     from pyqmail.tools import mtasts  # noqa: PLC0415 - only with --fetch-policy
 
     try:
         wanted = mtasts.expected_policies(text)
     except mtasts.PolicyError as exc:
         raise ZoneFileError(f"{args.zonefile}: {exc}") from exc
-    fetcher = mtasts.Fetcher(resolver, args.timeout, args.https_port, args.cafile)
-    return mtasts.check_policies(wanted, fetcher), len(wanted)
+    try:
+        context = mtasts.tls_context(args.cafile)
+    except mtasts.CafileError as exc:
+        raise InputError(str(exc)) from exc
+    fetcher = mtasts.Fetcher(resolver, args.timeout, context, args.https_port)
+    return lambda: mtasts.check_policies(wanted, fetcher), len(wanted)
 
 
 def _run(args: argparse.Namespace) -> int:
     text = _zone_text(args.zonefile)
     records = read_zone(text, args.zonefile)
     resolver = make_resolver(args.nameserver, args.port, args.timeout)
+    fetch, policies = _policies(args, text, resolver) if args.fetch_policy else (None, 0)
     lines = check(records, resolver)
-    policies = 0
-    if args.fetch_policy:
-        more, policies = _policies(args, text, resolver)
-        lines += more
+    if fetch is not None:
+        lines += fetch()
     problems = [line for line in lines if not line.startswith(INFO)]
     count = sum(len(r.rdatas) for r in records)
     for line in lines:
@@ -265,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{option} {port}: must be from 1 to 65535")
     try:
         return _run(args)
-    except ZoneFileError as exc:
+    except InputError as exc:
         sys.stderr.write(f"pyqmail-dns: {exc}\n")
     return EXIT_USAGE
 

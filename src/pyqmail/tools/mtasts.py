@@ -7,10 +7,13 @@ copies it to a web server. A sender that finds the TXT fetches the policy; when 
 it delivers as if the domain had no MTA-STS (RFC 8461 3.3), and the admin is never told.
 This module fetches the policy the way a sender does and compares it with the file's:
 
-- the name ``mta-sts.<domain>`` is resolved with the command's resolver (A, then AAAA;
-  CNAMEs followed), each address tried on port 443 (``--https-port`` for tests);
-- HTTPS with the certificate checked for that name against the system's CAs (``--cafile``
-  for a private CA): RFC 8461 3.3 requires a valid certificate, as a browser checks it;
+- the name ``mta-sts.<domain>`` is resolved with the command's resolver: its CNAME chain
+  followed (at most ``MAX_CNAMES`` hops, a loop named), then A and AAAA of the chain's end,
+  each address tried on port 443 (``--https-port`` for tests);
+- HTTPS with the certificate checked for ``mta-sts.<domain>`` (not the CNAME's target: a
+  sender checks the name it asked for) against the system's CAs (``--cafile`` for a private
+  CA, read once before any lookup: ``tls_context``): RFC 8461 3.3 requires a valid
+  certificate, as a browser checks it;
 - ``GET /.well-known/mta-sts.txt``; only ``200`` counts: a redirect is a failure (3xx
   "MUST NOT be followed"), so is a media type other than ``text/plain`` (senders SHOULD
   check it) and a body over 64 KiB (the limit RFC 8461 3.3 suggests to senders);
@@ -19,7 +22,9 @@ This module fetches the policy the way a sender does and compares it with the fi
   the mode is ``none``), and compared: ``mode`` and ``max_age`` as values, ``mx`` by
   matching (each MX host of the file must match a served pattern, a wildcard covering only
   the left-most label, RFC 8461 4.1; a served pattern that matches none of them is
-  ``EXTRA``: a sender would take that host as an MX of the domain).
+  ``EXTRA``: not wrong in itself, senders accept a host it matches only if DNS names it as
+  an MX, and listing a new MX before DNS does is how an MX change starts, but a pattern
+  left over from an old MX is worth knowing of).
 
 Lines: ``MISSING <url>: expected the policy, found <why>`` when no policy could be had,
 ``DIFFERENT <url>: <key>: expected ..., found ...``, ``EXTRA <url>: mx: ...``.
@@ -40,6 +45,9 @@ POLICY_PATH = "/.well-known/mta-sts.txt"
 MAX_BODY = 64 * 1024
 MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: at most a year
 MODES = ("enforce", "testing", "none")
+# CNAME hops followed from mta-sts.<domain>: a real chain has one or two (a hosting
+# provider's name); more is a mistake, and a loop must end somewhere.
+MAX_CNAMES = 8
 _HEAD = re.compile(r"^; MTA-STS: serve this at https://mta-sts\.(\S+?)" + re.escape(POLICY_PATH))
 _FIELD_LINE = re.compile(r"^;   ([A-Za-z0-9_]+): (.*)$")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # RFC 8461 3.2 sts-policy-ext-name
@@ -60,6 +68,10 @@ class PolicyError(Exception):
 
 class FetchError(Exception):
     """No policy could be had from the web server (the message says why)."""
+
+
+class CafileError(Exception):
+    """``--cafile`` cannot be used (the message names the file and why)."""
 
 
 def parse_policy(text: str) -> Policy:
@@ -133,53 +145,100 @@ def compare(url: str, want: Policy, got: Policy) -> list[str]:
     for pattern in got.mx:
         if not any(matches(pattern, host) for host in want.mx):
             out.append(
-                f"EXTRA {url}: mx: expected only the zone's MX hosts, found also {pattern}: "
-                "senders would take it as an MX of the domain"
+                f"EXTRA {url}: mx: the policy also accepts hosts matching {pattern}, "
+                "which no MX record of the zone names"
             )
     return out
 
 
+def tls_context(cafile: str | None) -> ssl.SSLContext:
+    """The context of every fetch: certificates checked against the system's CAs or those of
+    ``cafile``, TLS 1.2 at least. Built once, before any lookup: a bad ``--cafile`` is bad
+    input (exit 2, CafileError naming it and why), not a failure of each fetch, and not a
+    traceback after the DNS checks ran (their lines lost, exit 1 as if problems were found)."""
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as exc:
+        why = f"{exc.library}: {exc.reason}" if exc.reason else str(exc)
+        raise CafileError(f"--cafile {cafile}: no PEM certificate could be read ({why})") from None
+    except OSError as exc:
+        raise CafileError(f"--cafile {cafile}: {exc.strerror or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _via(chain: list[str]) -> str:
+    """How an error's name was reached: "" for ``mta-sts.<domain>`` itself."""
+    return f" (CNAME chain {' -> '.join(chain)})" if len(chain) > 1 else ""
+
+
 @dataclass(frozen=True)
 class Fetcher:
-    """How policies are fetched: the command's resolver, the HTTPS port, the CAs."""
+    """How policies are fetched: the command's resolver, the TLS context, the HTTPS port."""
 
     resolver: dns.resolver.Resolver
     timeout: float
+    context: ssl.SSLContext
     port: int = 443
-    cafile: str | None = None
+
+    def _ask(self, name: str, rdtype: str, via: str) -> dns.resolver.Answer:
+        """DNS's answer for ``name`` and ``rdtype`` (empty: no such record); FetchError."""
+        try:
+            return self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise FetchError(f"{name} does not exist in DNS{via}") from None
+        except dns.exception.DNSException as exc:
+            raise FetchError(f"{name}: no answer from DNS: {exc}{via}") from None
+
+    def chain(self, name: str) -> list[str]:
+        """``name`` and the names its CNAME chain leads to, one CNAME query a hop.
+
+        A sender's recursive resolver follows the chain; an authoritative server (what
+        ``--nameserver`` asks) answers an A query with the CNAME alone when its target is in
+        another zone, and dnspython's stub resolver does not ask again. CNAME queries, rather
+        than following the A answer's canonical name, also name a loop inside one zone,
+        which the server answers as a chain dnspython refuses as too long.
+        """
+        chain = [name]
+        while True:
+            answer = self._ask(chain[-1], "CNAME", _via(chain))
+            if answer.rrset is None:
+                return chain
+            target = answer.rrset[0].target.to_text(omit_final_dot=True).lower()
+            if target in chain:
+                raise FetchError(f"{name} is a CNAME loop: {' -> '.join([*chain, target])}")
+            chain.append(target)
+            if len(chain) > MAX_CNAMES + 1:
+                shown = " -> ".join(chain)
+                raise FetchError(f"{name}: a CNAME chain over {MAX_CNAMES} hops: {shown} ...")
 
     def addresses(self, name: str) -> list[str]:
-        """The A then AAAA addresses of ``name``; FetchError when it has none."""
+        """The A then AAAA addresses of ``name``, or of its CNAME chain's end; FetchError
+        when there are none."""
+        chain = self.chain(name)
         found: list[str] = []
         for rdtype in ("A", "AAAA"):
-            try:
-                answer = self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
-            except dns.resolver.NXDOMAIN:
-                raise FetchError(f"{name} does not exist in DNS") from None
-            except dns.exception.DNSException as exc:
-                raise FetchError(f"{name}: no answer from DNS: {exc}") from None
+            answer = self._ask(chain[-1], rdtype, _via(chain))
             found += [r.to_text() for r in answer.rrset or []]
         if not found:
-            raise FetchError(f"{name} has no A or AAAA record")
+            raise FetchError(f"{chain[-1]} has no A or AAAA record{_via(chain)}")
         return found
 
     def fetch(self, domain: str) -> str:
         """The policy body served for ``domain``; FetchError with the last failure."""
         name = f"mta-sts.{domain}"
-        context = ssl.create_default_context(cafile=self.cafile)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         last = ""
         for address in self.addresses(name):
             try:
-                return self._get(address, name, context)
+                return self._get(address, name)
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{address} port {self.port}: {exc}"
         raise FetchError(last)
 
-    def _get(self, address: str, name: str, context: ssl.SSLContext) -> str:
+    def _get(self, address: str, name: str) -> str:
         """One HTTPS GET of the policy at ``address``, the certificate checked for ``name``."""
         raw = socket.create_connection((address, self.port), timeout=self.timeout)
-        with raw, context.wrap_socket(raw, server_hostname=name) as tls:
+        with raw, self.context.wrap_socket(raw, server_hostname=name) as tls:
             request = (
                 f"GET {POLICY_PATH} HTTP/1.1\r\nHost: {name}\r\n"
                 "User-Agent: pyqmail-dns\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
