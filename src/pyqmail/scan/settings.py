@@ -26,7 +26,12 @@
                    read as a failed scanner: 451 on every retry until the message bounced)
 ``clamdmaxsize``   the same for clamd (its ``StreamMaxLength`` and ``MaxFileSize``, which
                    must take the headroom too: a stream over ``MaxFileSize`` is answered
-                   ``stream: OK`` unscanned); default 103809024, clamd's default less it
+                   ``stream: OK`` unscanned); default 103809024, clamd's default less it.
+                   Without the role, set the scanner's own limits by hand that much above
+                   these files: with ``clamdmaxsize`` equal to ``StreamMaxLength`` (as the
+                   instructions before session 36 had it) a message near the limit gets
+                   ``INSTREAM size limit exceeded``: ``451`` on every retry (``scantempfail``
+                   1), or accepted unscanned (0)
 =================  ==========================================================================
 
 Why a message over a scanner's limit is accepted unscanned rather than refused: the
