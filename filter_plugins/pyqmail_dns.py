@@ -25,6 +25,7 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     MAX_LOOKUPS,
     lookups,
+    self_include,
     term_problem,
     too_many,
 )
@@ -174,6 +175,23 @@ def spf_extra(value: Any) -> list[str]:
     return out
 
 
+def _no_self_include(host: Mapping[str, Any], terms: Sequence[Any]) -> None:
+    """No term includes a record it is put in: the SPF of the host's name and of each domain
+    it receives, is backup MX for, sends or signs for (an include:-loop is a permerror)."""
+    named = [("pyqmail__me", [host["me"]])]
+    named += [(f"pyqmail_control__{key}", host[key]) for key in ("locals", "relay_domains")]
+    named += [(f"{V}send_domains", host["send_domains"])]
+    named += [("pyqmail_dkim__domains", [d["domain"] for d in host["dkim"]])]
+    own: dict[str, str] = {}
+    for key, domains in named:
+        for domain in domains:
+            own.setdefault(domain, key)
+    for index, term in enumerate(terms):
+        problem = self_include(term, own)
+        if problem:
+            raise _fail(f"{V}spf_extra[{index}]: {term!r} {problem}")
+
+
 def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list[dict[str, str]]:
     """The published DKIM selectors (the pyqmail_dkim role's fact), checked."""
     if published is None or published == "":
@@ -245,6 +263,7 @@ def dns_host(settings: Mapping[str, Any]) -> dict[str, Any]:
         "tlsa": tlsa,
         "tlsa_provided": bool(s.get("tlsa_provided")),
     }
+    _no_self_include(out, s.get("spf_extra") or [])
     for domain in sorted({d["domain"] for d in out["dkim"]}):
         _dkim_keys([out], domain)  # one host's own records, checked as the zone will
     for key in RANGES:

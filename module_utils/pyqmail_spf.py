@@ -15,12 +15,23 @@ terms pyqmail generates (``ip4:``/``ip6:``) need none; what an ``include:``d rec
 counts too, and cannot be counted here.
 
 A term that breaks the syntax of RFC 7208 makes the whole record a permerror for every
-message (4.6), so a name is checked as the RFC's domain-spec (7.1): its last label has a letter
-(``a:192.0.2.1`` is no name: ``ip4:`` says it; an all-digit top label is refused as pyspf
-refuses it), it may end with the root's dot, and a macro is ``%{letter...}`` with a letter a
-domain may use: s l o d i p h v (c, r and t are for ``exp=`` text only, 7.3; any other is
-unknown). ``%%``, ``%_`` and ``%-`` are valid but put ``%`` or a space into a name; they are
-refused as no name a mail domain publishes has them.
+message (4.6), so a name is checked as the RFC's domain-spec (7.1): a macro-string, then a
+domain-end, which is a macro or ``.`` and a toplabel (letters and digits with a letter, or
+letters, digits and ``-`` with a ``-`` neither first nor last: ``host.123-456`` is a name,
+``a:192.0.2.1`` is none, ``ip4:`` says it), with the root's dot allowed after it. A macro is
+``%{letter...}`` with a letter a domain may use: s l o d i p h v (c, r and t are for ``exp=``
+text only, 7.3; any other is unknown). Beside a macro every macro-literal is allowed (each
+visible character but ``%``: ``exists:%{l}@%{d}.rate.example``); a name without a macro is a
+host name (letters, digits, ``-``, ``_``, dots), as another character (``a:mx@example.org``)
+is a mistake in a name no host has. ``%%``, ``%_`` and ``%-`` are valid but put ``%`` or a
+space into a name; they are refused as no name a mail domain publishes has them.
+
+An ``include:`` of the record itself is a loop that every receiver ends with permerror (RFC
+7208 4.6.4; pyspf: "include has trivial recursion"): ``include:%{d}`` (``%{d}`` is the
+domain whose record is read) and ``include:%{o}`` (the sender's domain: that same domain
+when mail from it is checked) are refused here; ``include:`` of a domain whose record gets
+the term, and ``include:%{d2}`` for a two-label domain, where the domains are known
+(``check_spf_extra``, the zone filter's ``pyqmail_dns_host``: ``self_include``).
 """
 
 from __future__ import annotations
@@ -33,12 +44,18 @@ from typing import Any
 
 MAX_LOOKUPS = 10
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?"
-# RFC 7208 7.1 toplabel: letters, digits and '-', at least one letter (not a number)
-_TOP = r"(?=[a-z0-9-]*[a-z])[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+# RFC 7208 7.1 toplabel = ( *alphanum ALPHA *alphanum ) / ( 1*alphanum "-" *( alphanum / "-" )
+# alphanum ), a DNS label (at most 63 characters)
+_TOP = r"(?=[a-z0-9-]{1,63}(?![a-z0-9-]))([a-z0-9]*[a-z][a-z0-9]*|[a-z0-9]+-[a-z0-9-]*[a-z0-9])"
+TOP_RULE = (
+    "the last label of a domain is 1 to 63 letters and digits with at least one letter, or "
+    "letters, digits and '-' with a '-' neither first nor last (RFC 7208 7.1 toplabel)"
+)
 _NAME = rf"({_LABEL}\.)+{_TOP}\.?"
 # a macro a domain-spec may hold (RFC 7208 7.1-7.3): letter, digits, r, delimiters
 _MACRO = r"%\{[slodiphv][0-9]*r?[-.+,/_=]*\}"
-_LITERAL = r"[a-z0-9_.+=-]"
+# macro-literal = %x21-24 / %x26-7E (RFC 7208 7.1): each visible character but '%'
+_LITERAL = r"[\x21-\x24\x26-\x7e]"
 # a domain-spec with macros, for exists: (and accepted in the others): it ends with a
 # macro or with '.' toplabel (domain-end)
 _SPEC = rf"({_LITERAL}|{_MACRO})*{_MACRO}({_LITERAL}*\.{_TOP}\.?)?"
@@ -50,11 +67,23 @@ TERM_RES = (
 LOOKUP_RE = re.compile(r"(a|mx|include|exists)(\Z|[:/])")
 _MACRO_LETTER_RE = re.compile(r"%\{(.?)")
 _TOP_RE = re.compile(r"\.([^.%{}/]*)\.?(/[0-9/]*)?\Z")
+_TOP_FULL_RE = re.compile(rf"{_TOP}\Z")
+_HOST_CHAR_RE = re.compile(r"[^a-z0-9_.-]")
+# a domain-spec without a macro (a name that needs no host name rule to be valid SPF)
+_PLAIN_SPEC_RES = {
+    True: re.compile(rf"({_LITERAL}*\.{_TOP}\.?){_CIDR}\Z"),
+    False: re.compile(rf"({_LITERAL}*\.{_TOP}\.?)\Z"),
+}
+_SELF_MACRO_RE = re.compile(r"%\{([do])([0-9]*)(r?)([-.+,/_=]*)\}")
+# an include: spec that is the domain itself for both (one with '-' and '_', one of 127 labels)
+# is it for every domain: %{d}, %{o}, %{d.}, %{d127}; not %{d2}, %{d-} or %{dr}
+_SAMPLES = ("mx-1_a.example", "b" + ".a" * 126)
 
 
 def _name_problem(kind: str, rest: str) -> str | None:
     """What makes the name of an a:, mx:, include: or exists: term no domain-spec, told
-    precisely for the mistakes an admin makes: an address, a macro letter, a number."""
+    precisely for the mistakes an admin makes: an address, a macro letter, a last label that
+    is no toplabel, a character no host name has."""
     address = rest.split("/", 1)[0] if kind in ("a", "mx") else rest
     with contextlib.suppress(ValueError):
         version = ipaddress.ip_address(address).version
@@ -69,11 +98,51 @@ def _name_problem(kind: str, rest: str) -> str | None:
                 "s l o d i p h v (RFC 7208 7.2, 7.3)"
             )
     top = _TOP_RE.search(rest)
-    if top and top.group(1) and not re.search(r"[a-z]", top.group(1)):
+    if top and top.group(1) and not _TOP_FULL_RE.match(top.group(1)):
+        return f"ends with the label {top.group(1)!r}: {TOP_RULE}"
+    plain = _PLAIN_SPEC_RES[kind in ("a", "mx")].match(rest)
+    odd = _HOST_CHAR_RE.search(plain.group(1)) if plain else None
+    if odd:
         return (
-            f"ends with the label {top.group(1)!r}: the last label of a domain needs a "
-            "letter (RFC 7208 7.1)"
+            f"has {odd.group()!r} in a name without a macro: a host name has letters, digits, "
+            "'-', '_' and dots (other characters only beside a macro: exists:%{l}@%{d}.example)"
         )
+    return None
+
+
+def _expand(spec: str, domain: str) -> str | None:
+    """``spec`` with its macros expanded (RFC 7208 7.3) where ``domain`` is both the domain
+    whose record is read (%{d}) and the sender's (%{o}); None when it has another macro."""
+    out, end = [], 0
+    for macro in _SELF_MACRO_RE.finditer(spec):
+        letter_digits, reverse, delimiters = macro.group(2), macro.group(3), macro.group(4)
+        parts = re.split(f"[{re.escape(delimiters or '.')}]", domain)
+        parts = parts[::-1] if reverse else parts
+        if letter_digits:
+            parts = parts[-int(letter_digits) :] if int(letter_digits) else parts
+        out += [spec[end : macro.start()], ".".join(parts)]
+        end = macro.end()
+    out.append(spec[end:])
+    if any("%" in piece for piece in out[::2]):
+        return None
+    return "".join(out).rstrip(".")
+
+
+def _loops(term: str, domain: str) -> bool:
+    """Whether ``term`` in the SPF record of ``domain`` includes that record itself."""
+    kind, _colon, spec = term.lower().partition(":")
+    return kind == "include" and _expand(spec, domain) == domain.lower().rstrip(".")
+
+
+def self_include(term: Any, domains: Mapping[str, str]) -> str | None:
+    """Why ``term`` is a loop in the record of one of ``domains`` (domain -> the variable
+    that puts the domain's record in the zone), or None."""
+    for domain, where in domains.items():
+        if isinstance(term, str) and isinstance(domain, str) and _loops(term, domain):
+            return (
+                f"includes, in the SPF record of {domain.lower().rstrip('.')} ({where}), that "
+                "record itself: a loop, which every receiver ends with permerror (RFC 7208 4.6.4)"
+            )
     return None
 
 
@@ -92,6 +161,12 @@ def term_problem(term: Any) -> str | None:
             return f"is not {kind}:<IPv{kind[-1]} address or network>"
         return None
     if any(r.match(text) for r in TERM_RES):
+        if all(_loops(text, sample) for sample in _SAMPLES):
+            return (
+                "includes the record it is in (%{d} is the domain whose record is read, %{o} "
+                "the sender's, the same domain for its own mail): a loop, which every receiver "
+                "ends with permerror (RFC 7208 4.6.4)"
+            )
         return None
     if kind in ("a", "mx", "include", "exists") and rest:
         problem = _name_problem(kind, rest)
@@ -118,11 +193,29 @@ def too_many(count: int) -> str:
     )
 
 
+def own_domains(values: Mapping[str, Any]) -> dict[str, str]:
+    """The domains whose SPF record gets the host's terms (pyqmail_dns: its name, the domains it
+    receives, is backup MX for, sends or signs for), each -> the variable naming it."""
+    keys = ["pyqmail_control__locals", "pyqmail_control__relay_domains"]
+    keys.append("pyqmail_dns__send_domains")
+    if values.get("pyqmail_dkim__enabled"):
+        keys.append("pyqmail_dkim__domains")
+    named: list[tuple[str, Any]] = [("pyqmail__me", [values.get("pyqmail__me")])]
+    named += [(key, values.get(key)) for key in keys]
+    out: dict[str, str] = {}
+    for key, domains in named:
+        for domain in domains if isinstance(domains, (list, tuple)) else []:
+            if isinstance(domain, str) and domain:
+                out.setdefault(domain.lower().rstrip("."), key)
+    return out
+
+
 def check_spf_extra(name: str, value: Any, values: Mapping[str, Any]) -> Iterator[str]:
-    """pyqmail_dns__spf_extra: each an SPF term, and at most 10 lookups in all."""
-    del values
+    """pyqmail_dns__spf_extra: each an SPF term, none including the record it is in, and at
+    most 10 lookups in all."""
+    own = own_domains(values)
     for index, term in enumerate(value):
-        problem = term_problem(term)
+        problem = term_problem(term) or self_include(term, own)
         if problem:
             yield f"{name}[{index}]: {term!r} {problem}"
     count = lookups(str(t) for t in value)

@@ -63,6 +63,18 @@ DKIM = [
             "a domain takes only the macro letters s l o d i p h v (RFC 7208 7.2, 7.3)",
         ),
         (
+            {"pyqmail_dns__spf_extra": ["include:example.org", "include:mail.example.org."]},
+            "pyqmail_dns__spf_extra[1]: 'include:mail.example.org.' includes, in the SPF record "
+            "of mail.example.org (pyqmail__me), that record itself: a loop, which every receiver "
+            "ends with permerror (RFC 7208 4.6.4)",
+        ),
+        (
+            {"pyqmail_dns__spf_extra": ["exists:%{l}@%{d}.rate.example.org", "include:%{o}"]},
+            "pyqmail_dns__spf_extra[1]: 'include:%{o}' includes the record it is in (%{d} is the "
+            "domain whose record is read, %{o} the sender's, the same domain for its own mail): "
+            "a loop, which every receiver ends with permerror (RFC 7208 4.6.4)",
+        ),
+        (
             {"pyqmail_dns__spf_extra": [f"include:s{i}.example" for i in range(11)]},
             "pyqmail_dns__spf_extra: 11 terms that need a DNS lookup (a, mx, include:, exists:); "
             "SPF allows 10 in all, including those of the included records (RFC 7208 4.6.4), "

@@ -4,6 +4,9 @@ knotd, is no permerror to pyspf (RFC 7208 4.6: one syntax error fails every mess
 
 Each refused term is also served in a record of its own and must be a permerror to pyspf:
 the proof that the refusal is needed, and that pyspf here would see a bad accepted record.
+So is each term refused only in the record of a domain the host serves (an include: of that
+record itself); the terms only a record of their own can hold (the GOOD record is at the 10
+lookups) are served so, and must pass and fail as their names say.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ pyqmail_spf = module_utils("pyqmail_spf")
 
 ADDRESS = "names an IP address, not a domain: write ip{v}:{rest} (RFC 7208 5: "
 MACRO = "has the macro %{{{letter}...}}: a domain takes only the macro letters s l o d i p h v"
-NUMBER = "ends with the label {label!r}: the last label of a domain needs a letter (RFC 7208 7.1)"
+NUMBER = (
+    "ends with the label {label!r}: the last label of a domain is 1 to 63 letters and digits with "
+    "at least one letter, or letters, digits and '-' with a '-' neither first nor last "
+    "(RFC 7208 7.1 toplabel)"
+)
+LOOP = (
+    "includes the record it is in (%{d} is the domain whose record is read, %{o} the sender's, "
+    "the same domain for its own mail): a loop, which every receiver ends with permerror "
+    "(RFC 7208 4.6.4)"
+)
 NOT_A_TERM = "is not an SPF term: "
 BAD = [
     ("a:192.0.2.1", ADDRESS.format(v=4, rest="192.0.2.1")),
@@ -39,6 +51,12 @@ BAD = [
     ("include:example.123", NUMBER.format(label="123")),
     ("a:host.t.123/24", NUMBER.format(label="123")),
     ("exists:%{i}.123", NUMBER.format(label="123")),
+    ("a:host.123-", NUMBER.format(label="123-")),
+    ("mx:host.-123", NUMBER.format(label="-123")),
+    ("include:host.a_b", NUMBER.format(label="a_b")),
+    ("include:%{d}", LOOP),
+    ("include:%{o}", LOOP),
+    ("include:%{D.}", LOOP),
     ("exists:%{i}-x", NOT_A_TERM),
     ("exists:%{i}.x%y.t.test", NOT_A_TERM),
 ]
@@ -63,7 +81,29 @@ SERVED = (
     '_spf.t.test. 300 IN TXT "v=spf1 ip4:203.0.113.64/28 -all"\n'
     "1.1.0.192.bob.allow.t.test. 300 IN A 127.0.0.2\n"
     "9.0.2.192.ok.t.test. 300 IN A 127.0.0.2\n"
+    "host.123-456. 300 IN A 192.0.2.80\n"
+    "bob\\@alone1.t.test.at.t.test. 300 IN A 127.0.0.2\n"
 )
+# knotd takes '{' and '}' in an owner only as \DDD, which split_zones would undo
+ESCAPED = "192.0.2.82.\\123x\\125.t.test. 300 IN A 127.0.0.2\n"
+# valid terms each in a record of its own at alone<N>.t.test: (term, ip, sender, result)
+ALONE = [
+    ("a:host.123-456", "192.0.2.80", "a", "pass"),  # a top label of digits and '-'
+    ("a:host.123-456", "192.0.2.81", "a", "fail"),
+    ("exists:%{l}@%{d}.at.t.test", "192.0.2.99", "bob", "pass"),  # '@' beside macros
+    ("exists:%{l}@%{d}.at.t.test", "192.0.2.99", "eve", "fail"),
+    ("exists:%{i}.{x}.t.test", "192.0.2.82", "a", "pass"),  # '{' and '}' as literals
+    ("a:%{d}/3%{d}", "192.0.2.82", "a", "fail"),  # '/' as a literal, the name has no A
+]
+ALONE_TERMS = list(dict.fromkeys(t for t, _ip, _s, _r in ALONE))
+# terms that include the record of the domain named: (term, domain)
+SELF = [
+    ("include:self0.t.test", "self0.t.test"),
+    ("include:SELF1.t.test.", "self1.t.test"),
+    ("include:%{d3}", "self2.t.test"),
+    ("include:%{d-}", "self3.t.test"),
+    ("include:%{o3r}", "t3.t.t3"),
+]
 
 
 @pytest.mark.parametrize(("term", "message"), BAD, ids=[t for t, _m in BAD])
@@ -98,7 +138,12 @@ def served() -> Iterator[tuple[DnsServer, str]]:
         f'bad{i}.t.test. 300 IN TXT "v=spf1 ip4:198.51.100.7 {term} -all"\n'
         for i, (term, _message) in enumerate(BAD)
     )
-    zones = split_zones(text, ["t.test.", "100.51.198.in-addr.arpa."])
+    text += "".join(
+        f'alone{i}.t.test. 300 IN TXT "v=spf1 {term} -all"\n' for i, term in enumerate(ALONE_TERMS)
+    )
+    text += "".join(f'{domain}. 300 IN TXT "v=spf1 {term} -all"\n' for term, domain in SELF)
+    zones = split_zones(text, ["t.test.", "t3.", "123-456.", "100.51.198.in-addr.arpa."])
+    zones["t.test."] += ESCAPED
     with DnsServer(zones) as server:
         yield server, text
 
@@ -138,3 +183,94 @@ def test_each_refused_term_is_a_permerror_to_pyspf(
 ) -> None:
     got = _mail_from(served[0], "198.51.100.7", f"a@bad{index}.t.test")
     assert got.result == "permerror", got
+
+
+@pytest.mark.parametrize(("term", "ip", "local", "result"), ALONE)
+def test_terms_with_other_literals_are_accepted_and_no_permerror_to_pyspf(
+    served: tuple[DnsServer, str], term: str, ip: str, local: str, result: str
+) -> None:
+    assert list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", [term], {})) == []
+    assert filters.dns_host(settings("mx1.t.test", spf_extra=[term]))["spf_extra"] == [term]
+    sender = f"{local}@alone{ALONE_TERMS.index(term)}.t.test"
+    got = _mail_from(served[0], ip, sender)
+    assert got.result == result, got
+
+
+@pytest.mark.parametrize(("term", "char"), [("a:mx@t.test/24", "@"), ("include:_spf!t.test", "!")])
+def test_a_name_without_a_macro_is_a_host_name(term: str, char: str) -> None:
+    """Valid SPF (pyspf takes it), but no host has such a name: refused on purpose."""
+    problems = list(pyqmail_spf.check_spf_extra("v", ["a", term], {}))
+    assert problems == [
+        f"v[1]: {term!r} has {char!r} in a name without a macro: a host name has letters, "
+        "digits, '-', '_' and dots (other characters only beside a macro: "
+        "exists:%{l}@%{d}.example)"
+    ]
+
+
+def _loop(index: int, term: str, domain: str, where: str) -> str:
+    return (
+        f"pyqmail_dns__spf_extra[{index}]: {term!r} includes, in the SPF record of {domain} "
+        f"({where}), that record itself: a loop, which every receiver ends with permerror "
+        "(RFC 7208 4.6.4)"
+    )
+
+
+@pytest.mark.parametrize(("term", "domain"), SELF)
+def test_an_include_of_the_own_record_is_refused_and_a_permerror_to_pyspf(
+    served: tuple[DnsServer, str], term: str, domain: str
+) -> None:
+    # the host's name is one in whose record none of the terms loops
+    values = {"pyqmail__me": "mx-1.a.t.test", "pyqmail_control__locals": [domain]}
+    got = list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", ["a", term], values))
+    expected = _loop(1, term, domain, "pyqmail_control__locals")
+    assert got == [expected]
+    host = settings("mx-1.a.t.test", locals=[domain], spf_extra=["a", term])
+    with pytest.raises(AnsibleFilterError, match=re.escape(expected)):
+        filters.dns_host(host)
+    assert _mail_from(served[0], "192.0.2.1", f"a@{domain}").result == "permerror"
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"pyqmail__me": "T.test."}, "pyqmail__me"),
+        ({"pyqmail_control__relay_domains": ["t.test"]}, "pyqmail_control__relay_domains"),
+        ({"pyqmail_dns__send_domains": ["t.test"]}, "pyqmail_dns__send_domains"),
+        (
+            {"pyqmail_dkim__enabled": True, "pyqmail_dkim__domains": ["t.test"]},
+            "pyqmail_dkim__domains",
+        ),
+    ],
+)
+def test_the_preflight_names_the_variable_that_publishes_the_record(
+    values: dict[str, object], where: str
+) -> None:
+    got = list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", ["include:t.test"], values))
+    assert got == [_loop(0, "include:t.test", "t.test", where)]
+
+
+@pytest.mark.parametrize(
+    ("over", "where"),
+    [
+        ({"me": "t.test", "locals": ["mx1.t.test"]}, "pyqmail__me"),
+        ({"relay_domains": ["t.test"]}, "pyqmail_control__relay_domains"),
+        ({"send_domains": ["t.test"]}, "pyqmail_dns__send_domains"),
+        (
+            {"dkim": [{"domain": "t.test", "selector": "s", "txt": "v=DKIM1; p=x"}]},
+            "pyqmail_dkim__domains",
+        ),
+    ],
+)
+def test_the_zone_filter_names_the_setting_that_publishes_the_record(
+    over: dict[str, object], where: str
+) -> None:
+    expected = _loop(0, "include:t.test", "t.test", where)
+    with pytest.raises(AnsibleFilterError, match=re.escape(expected)):
+        filters.dns_host(settings("mx1.t.test", spf_extra=["include:t.test"], **over))
+
+
+def test_an_include_of_another_domain_or_a_macro_naming_another_is_accepted() -> None:
+    values = {"pyqmail__me": "mx1.t.test", "pyqmail_control__locals": ["mx1.t.test"]}
+    terms = ["include:t.test", "include:%{d2}", "include:_spf.%{d}", "include:%{dr}"]
+    assert list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", terms, values)) == []
+    assert filters.dns_host(settings("mx1.t.test", spf_extra=terms))["spf_extra"] == terms
