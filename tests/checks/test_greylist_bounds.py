@@ -73,72 +73,13 @@ def test_an_ipv6_customer_cannot_push_out_anybody_elses_pending_triplet(
     assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0) == ["greylist=new"]
     for i in range(20):
         flood = [f"x{j}@mx.test" for j in range(10)]
-        assert set(logs(grey, customer(i), f"s{i}@spam.test", flood, T0 + 1 + i)) == {
-            "greylist=new"
+        assert set(logs(grey, customer(i), f"s{i}@spam.test", flood, T0 + 1 + i)) <= {
+            "greylist=new",
+            "greylist=full",  # no room: not stored (s37), the friends' rows stay
         }
     assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
     assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
     assert counts(tmp_path)["pending"] <= 50
-    grey.close()
-
-
-def test_a_slash_48_holds_at_most_four_networks_worth_of_pending_triplets(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each /64 under its own cap, the /48 over ``NETS_PER_BLOCK`` times it loses its own
-    oldest as it goes (no prune, the total far off): its newest 40 of 200 are still
-    pending, another /48 keeps its own."""
-    monkeypatch.setattr(greylist, "PENDING_PER_NET", 10)
-    grey = Greylist(tmp_path)
-    rcpts = [f"x{j}@mx.test" for j in range(10)]
-    assert logs(grey, FRIEND6, "b@friend6.test", rcpts, T0) == ["greylist=new"] * 10
-    for i in range(20):
-        logs(grey, customer(i), f"s{i}@spam.test", rcpts, T0 + 1 + i)
-    assert rows(tmp_path, "pending") == 10 + 40
-    # the newest first: a retry that is new again is a pending triplet of the /48 again
-    retried = [
-        logs(grey, customer(i), f"s{i}@spam.test", rcpts, T0 + 400) for i in range(19, -1, -1)
-    ]
-    assert retried[:4] == [["greylist=pass"] * 10] * 4
-    assert retried[4:] == [["greylist=new"] * 10] * 16  # its oldest went
-    assert logs(grey, FRIEND6, "b@friend6.test", rcpts, T0 + 400) == ["greylist=pass"] * 10
-    counts(tmp_path)
-    grey.close()
-
-
-def test_over_the_total_the_source_holding_the_most_loses_its_oldest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Under the per-source caps, over ``MAX_PENDING``: the biggest source goes down to the
-    next biggest, then both share what is left over; the single triplets of the
-    correspondents (the oldest rows of all) stay."""
-    monkeypatch.setattr(greylist, "MAX_PENDING", 50)
-    grey = Greylist(tmp_path)
-    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0) == ["greylist=new"]
-    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0) == ["greylist=new"]
-    for i in range(20):  # 200 from one /48, over 20 /64s
-        logs(grey, customer(i), "s@spam.test", [f"x{j}@mx.test" for j in range(10)], T0 + 1 + i)
-    bots = [f"y{j}@mx.test" for j in range(30)]
-    for j, bot in enumerate(bots):  # 30 from one /24
-        logs(grey, "203.0.113.9", "s@bot.test", [bot], T0 + 30 + j / 100)
-    assert rows(tmp_path, "pending") == 232
-    grey.prune(GREY, T0 + 40)
-    assert rows(tmp_path, "pending") == 50
-    assert logs(grey, FRIEND, "a@friend.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
-    assert logs(grey, FRIEND6, "b@friend6.test", ["u@mx.test"], T0 + 300) == ["greylist=pass"]
-    customer_left = sum(
-        log == "greylist=pass"
-        for i in range(20)
-        for log in logs(
-            grey, customer(i), "s@spam.test", [f"x{j}@mx.test" for j in range(10)], T0 + 400
-        )
-    )
-    bot_logs = logs(grey, "203.0.113.9", "s@bot.test", bots, T0 + 400)
-    assert customer_left + bot_logs.count("greylist=pass") == 48
-    assert abs(customer_left - bot_logs.count("greylist=pass")) <= 2  # levelled
-    kept = bot_logs.count("greylist=pass")
-    assert bot_logs == ["greylist=new"] * (30 - kept) + ["greylist=pass"] * kept  # its newest
-    counts(tmp_path)
     grey.close()
 
 

@@ -47,19 +47,25 @@ survives restarts. Three tables, so that a flood of new triplets cannot push out
   oldest (passes cost a sender only patience: one retrying through fresh sender domains
   would fill the disk otherwise).
 - ``pending``: the triplets waiting for their retry, at most ``PENDING_PER_NET`` per network
-  and ``NETS_PER_BLOCK`` times that per IPv6 /48: a source over either loses its own oldest
-  pending triplets, never anybody else's. When all sources together hold ``MAX_PENDING``,
-  the source holding the most loses its oldest (``_evict``: only when the biggest holds a
-  single pending triplet, many sources at once, do the oldest anywhere go); ``client`` and
-  ``passed`` never do.
+  and ``MAX_PENDING`` in all. At either cap, only a row whose retry is no longer due (first
+  seen ``greylistdelay`` and ``RETRY_GRACE`` ago) is evicted to make room: the network's
+  own, or at ``MAX_PENDING`` those of the source holding the most first (``_evict_stale``);
+  with none, the newcomer is deferred all the same but not stored (logged ``greylist=full``)
+  and stored at a later retry, once the backlog has passed or gone stale. Senders retry a
+  fixed time after their first attempt, in the order they came: evicting the oldest
+  pending triplets evicted those about to pass, and a sender with more new triplets than
+  the cap had every retry greylisted again (s36 capped a /48 at 4000: Microsoft 365 sends
+  from /64s of one /48). ``client`` and ``passed`` are never evicted for pending triplets.
 
-Every table is bounded, but not every source is protected: the rule takes from the source
-holding the *most* rows, which is a flood only when the flood comes from few sources. An
-attacker with many sources each holding few rows (thousands of IPv6 /48s, or of /24s) is
-never the biggest: at ``MAX_PENDING`` the eviction falls on whoever holds most, possibly a
-legitimate busy sender whose pending triplets go and are greylisted again at their retry
-(and the same at ``MAX_PASSED`` and ``MAX_CLIENTS``: its passed triplets and known pairs
-go). A review reproduced it; no simple rule found tells such a flood from a busy sender.
+Every table is bounded, but not every source is protected. A flood filling ``pending`` with
+young rows (``MAX_PENDING`` new triplets within ``RETRY_GRACE``) makes every new triplet wait
+until they go stale (mail is deferred, never refused; the triplets already pending pass at
+their retry). At ``MAX_PASSED`` and ``MAX_CLIENTS`` the rule takes from the source holding
+the *most* rows, which is a flood only when the flood comes from few sources: an attacker
+with many sources each holding few rows (thousands of IPv6 /48s, or of /24s) is never the
+biggest, and the eviction falls on whoever holds most, possibly a legitimate busy sender
+whose passed triplets and known pairs go. A review reproduced it; no simple rule found
+tells such a flood from a busy sender.
 
 A network is stored packed (``place``: the source's address bytes and the /64 within it),
 sender and recipient as a 16-byte BLAKE2b hash of the pair, the sender domain as one too (no
@@ -102,8 +108,8 @@ from pyqmail.log import log
 
 STATE_FILE = "smtpd/greylist3.sqlite"
 OLD_STATE_FILES = (
-    "smtpd/greylist.sqlite",  # before s35: raw addresses, one capped table
-    "smtpd/greylist2.sqlite",  # s35: no per-source counts, passed triplets unbounded
+    "smtpd/greylist.sqlite",  # before s35: raw addresses, one capped table: removed
+    "smtpd/greylist2.sqlite",  # s35: text networks, no counts: moved over
 )
 BUSY_TIMEOUT_MS = 250
 SET_UP_WAIT = 2.0  # seconds the first connection of a worker may wait to set the file up
@@ -112,8 +118,15 @@ PRUNE_BATCH = 2000  # rows of each table one prune deletes at most
 AUTO_ALLOW = 5  # passed triplets of a (network, sender domain) that make it a known client
 COUNT_APART = 60  # seconds between two passes that both count towards AUTO_ALLOW
 PENDING_PER_NET = 1000  # pending triplets one network (IPv4 /24, IPv6 /64) may have
-NETS_PER_BLOCK = 4  # an IPv6 /48 may have this many networks' worth of pending triplets
 MAX_PENDING = 1_000_000  # pending triplets of all sources together
+RETRY_GRACE = 4000
+"""Seconds past ``greylistdelay`` a deferred sender may still be on its way back: a pending
+triplet younger than the delay and this is never evicted to make room (at a cap, a newcomer
+is deferred without being stored instead). Senders retry a fixed time after their own first
+attempt, in the order they came, so the oldest pending triplets are the ones about to pass:
+evicting them starves a busy sender for good (every retry new again). Postfix's longest
+retry interval (``maximal_backoff_time``) is 4000 s; Exim retries every 15 minutes for the
+first two hours, sendmail's queue runs are commonly an hour apart."""
 MAX_PASSED = 5_000_000  # passed triplets of all sources together (about 125 bytes each)
 MAX_CLIENTS = 1_000_000  # (network, sender domain) pairs of all sources together
 EVICT_ROUNDS = 64  # sources one prune takes rows from, the biggest first, before the oldest
@@ -224,20 +237,28 @@ def _tally(db: sqlite3.Connection, table: str, counts: Mapping[bytes, int]) -> N
         db.execute("UPDATE meta SET value=max(value+?, 0) WHERE name=?", (total, table))
 
 
-def _held(db: sqlite3.Connection, table: str, unit: bytes) -> int:
-    row = db.execute("SELECT n FROM held WHERE kind=? AND unit=?", (table, unit)).fetchone()
-    return int(row[0]) if row is not None else 0
+def _stale(settings: Settings, now: float) -> float:
+    """Pending triplets first seen before this may be evicted: no retry of theirs is due
+    any more (``RETRY_GRACE`` past the delay; past the lifetime they are forgotten anyway)."""
+    return now - min(settings.delay + RETRY_GRACE, settings.lifetime)
 
 
 def _drop(
-    db: sqlite3.Connection, table: str, where: str, args: tuple[object, ...], limit: int
+    db: sqlite3.Connection,
+    table: str,
+    where: str,
+    args: tuple[object, ...],
+    limit: int,
+    *,
+    order: str | None = None,
 ) -> int:
     """Delete the oldest ``limit`` rows of a table that ``where`` selects (found by an
-    index: the age one or the source's), counted out; how many went."""
+    index: the age one or the source's; ``order``, the age column as ``where`` spells it),
+    counted out; how many went."""
     key, age = _COLUMNS[table]
     gone = db.execute(
         f"DELETE FROM {table} WHERE (unit, sub, {key}) IN (SELECT unit, sub, {key} FROM {table}"  # noqa: S608 - names are this module's
-        f" {where} ORDER BY {age} LIMIT ?) RETURNING unit",
+        f" {where} ORDER BY {order or age} LIMIT ?) RETURNING unit",
         (*args, limit),
     ).fetchall()
     counted = Counter(unit for (unit,) in gone)
@@ -262,6 +283,26 @@ def _evict(db: sqlite3.Connection, table: str, budget: int) -> None:
         budget -= _drop(db, table, "WHERE unit=?", (top[0][0],), take)
     if budget > 0:
         _drop(db, table, "", (), budget)
+
+
+def _evict_stale(db: sqlite3.Connection, budget: int, stale: float) -> int:
+    """At most ``budget`` pending triplets first seen before ``stale`` go (no retry of theirs
+    can still be on its way, ``RETRY_GRACE``): those of the source holding the most first,
+    source after source (``EVICT_ROUNDS``), then the oldest anywhere; how many went. The
+    source (an IPv6 /48) only ranks who loses: no young row goes, whoever holds it."""
+    if db.execute("SELECT 1 FROM pending WHERE first < ? LIMIT 1", (stale,)).fetchone() is None:
+        return 0  # a full table of young rows: one index probe, not EVICT_ROUNDS
+    gone = 0
+    biggest = db.execute(
+        "SELECT unit FROM held WHERE kind='pending' ORDER BY n DESC LIMIT ?", (EVICT_ROUNDS,)
+    ).fetchall()
+    for (unit,) in biggest:
+        if gone >= budget:
+            return gone
+        gone += _drop(db, "pending", "WHERE unit=? AND first < ?", (unit, stale), budget - gone)
+    if gone < budget:
+        gone += _drop(db, "pending", "WHERE first < ?", (stale,), budget - gone)
+    return gone
 
 
 class Greylist:
@@ -369,8 +410,8 @@ class Greylist:
             db.execute(
                 "UPDATE pending SET first=? WHERE unit=? AND sub=? AND pair=?", (now, *where)
             )
-        else:
-            self._add_pending(db, key, now)
+        elif not self._add_pending(db, key, now, _stale(settings, now)):
+            return "full", settings.delay
         return "new", settings.delay
 
     def _known_client(self, db: sqlite3.Connection, key: Key, now: float, horizon: float) -> bool:
@@ -419,27 +460,38 @@ class Greylist:
                 (horizon, now, *pair),
             )
 
-    def _add_pending(self, db: sqlite3.Connection, key: Key, now: float) -> None:
-        """A new pending triplet; its network over ``PENDING_PER_NET`` loses its own oldest
-        (counted over that network's rows alone: a primary key range, at most the cap), and
-        so does its source over ``NETS_PER_BLOCK`` times that (an IPv6 /48 holding many /64s;
-        an IPv4 source is one network, so never over it)."""
+    def _add_pending(self, db: sqlite3.Connection, key: Key, now: float, stale: float) -> bool:
+        """Store a new pending triplet, False if there is no room for it. Its network at
+        ``PENDING_PER_NET`` (counted over that network's rows alone: a primary key range, at
+        most the cap) makes room only by evicting its own rows first seen before ``stale``,
+        all sources at ``MAX_PENDING`` anybody's such rows (``_evict_stale``: the biggest
+        source's first); with none, the newcomer is not stored (``greylist=full``, deferred
+        all the same): it tries again once the backlog has passed or gone stale, where
+        evicting the oldest pending triplets (those about to be retried) would greylist
+        every retry again, forever. An IPv6 /48 has no cap of its own: a provider sends from
+        many /64s of one /48 (Microsoft 365's outbound 2a01:111:f403::/48); it only ranks
+        who loses at ``MAX_PENDING``."""
         net = (key.unit, key.sub)
         (count,) = db.execute("SELECT count(*) FROM pending WHERE unit=? AND sub=?", net).fetchone()
-        if count >= PENDING_PER_NET:
-            _drop(db, "pending", "WHERE unit=? AND sub=?", net, count - PENDING_PER_NET + 1)
-        block = NETS_PER_BLOCK * PENDING_PER_NET
-        held = _held(db, "pending", key.unit)
-        if held >= block:
-            _drop(db, "pending", "WHERE unit=?", (key.unit,), held - block + 1)
+        over = count - PENDING_PER_NET + 1
+        if over > 0:  # +first: the network's primary key range, not the /48's age index
+            where = "WHERE unit=? AND sub=? AND +first < ?"
+            if _drop(db, "pending", where, (*net, stale), over, order="+first") < over:
+                return False
+        (total,) = db.execute("SELECT value FROM meta WHERE name='pending'").fetchone()
+        over = total - MAX_PENDING + 1
+        if over > 0 and _evict_stale(db, over, stale) < over:
+            return False
         db.execute("INSERT INTO pending VALUES (?, ?, ?, ?)", (*key.triplet, now))
         _tally(db, "pending", {key.unit: 1})
+        return True
 
     def prune(self, settings: Settings, now: float) -> None:
         """Forget, by age, at most ``PRUNE_BATCH`` rows of each table; then, of each table
         over its cap (``MAX_PENDING``, ``MAX_PASSED``, ``MAX_CLIENTS``), at most
-        ``PRUNE_BATCH`` more (``_evict``). One transaction, bounded work: the counts are
-        read, not made."""
+        ``PRUNE_BATCH`` more (``_evict``; of ``pending`` only stale rows, ``_evict_stale``:
+        it is over its cap only if the cap was lowered). One transaction, bounded work: the
+        counts are read, not made."""
         db = self.connect()
         horizon = now - settings.lifetime
         caps = {"pending": MAX_PENDING, "passed": MAX_PASSED, "client": MAX_CLIENTS}
@@ -449,7 +501,9 @@ class Greylist:
                 _drop(db, table, f"WHERE {age} < ?", (horizon,), PRUNE_BATCH)
             for table, cap in caps.items():
                 (count,) = db.execute("SELECT value FROM meta WHERE name=?", (table,)).fetchone()
-                if count > cap:
+                if count > cap and table == "pending":  # none that may still be retried
+                    _evict_stale(db, min(count - cap, PRUNE_BATCH), _stale(settings, now))
+                elif count > cap:
                     _evict(db, table, min(count - cap, PRUNE_BATCH))
         except BaseException:
             db.execute("ROLLBACK")
