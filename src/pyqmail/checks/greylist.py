@@ -87,8 +87,11 @@ Each decision is one ``BEGIN IMMEDIATE`` transaction (workers decide one after t
 made on the worker's loop: a few indexed reads and small writes, no fsync with
 ``synchronous=NORMAL``; the busy timeout is short (``BUSY_TIMEOUT_MS``), and any database
 problem lets the recipient through (logged ``greylist=error``): greylisting never blocks mail
-because of itself. The files of the older formats (``OLD_STATE_FILES``) are removed at the
-first decision, logged: their triplets are greylisted once more.
+because of itself. At the first decision, the files of the older formats
+(``OLD_STATE_FILES``) go: s35's ``greylist2.sqlite`` once its passed triplets and known
+clients are moved into this file (``greyupgrade``: its pending triplets are greylisted once
+more); the raw addresses of ``greylist.sqlite``, or an s35 file that cannot be read, are not
+kept (logged: their triplets are greylisted once more).
 """
 
 from __future__ import annotations
@@ -103,13 +106,14 @@ from pathlib import Path
 
 from pyqmail.authlock import StateError, open_db
 from pyqmail.checks.greysender import normalise
+from pyqmail.checks.greyupgrade import UnreadableError, move
 from pyqmail.checks.verdict import Verdict
 from pyqmail.log import log
 
 STATE_FILE = "smtpd/greylist3.sqlite"
 OLD_STATE_FILES = (
     "smtpd/greylist.sqlite",  # before s35: raw addresses, one capped table: removed
-    "smtpd/greylist2.sqlite",  # s35: text networks, no counts: moved over
+    "smtpd/greylist2.sqlite",  # s35: text networks, no counts: moved over (greyupgrade)
 )
 BUSY_TIMEOUT_MS = 250
 SET_UP_WAIT = 2.0  # seconds the first connection of a worker may wait to set the file up
@@ -319,7 +323,7 @@ class Greylist:
         (``authlock.open_db``: a file that is no database is set aside and started afresh);
         ``StateError`` or ``sqlite3.Error`` if it cannot."""
         if self._db is None:
-            self._db = open_db(
+            db = open_db(
                 self.path,
                 _SCHEMA,
                 "the greylist",
@@ -327,18 +331,50 @@ class Greylist:
                 busy_ms=BUSY_TIMEOUT_MS,
                 set_up_wait=SET_UP_WAIT,
             )
+            try:
+                self._upgrade(db, self.root / OLD_STATE_FILES[1])
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
         return self._db
 
     def _prepare(self) -> None:
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
-        for name in OLD_STATE_FILES:
-            self._remove_old_format(self.root / name)
+        self._remove_old_format(self.root / OLD_STATE_FILES[0], "raw addresses, not kept")
+
+    def _upgrade(self, db: sqlite3.Connection, old: Path) -> None:
+        """s35's file, while this one holds no passed triplet or known client yet: its
+        ``passed`` and ``client`` rows move over (``greyupgrade.move``) in one transaction
+        with their counts, then it is removed. A file it cannot read is logged and removed,
+        as before (greylisting never stops for it). Another worker moving it holds the
+        lock: the busy error is this decision's (``greylist=error``, the mail accepted)."""
+        if not old.exists():
+            return
+        moved: dict[str, int] = {}
+        why = None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            kept = db.execute("SELECT sum(value) FROM meta WHERE name IN ('passed', 'client')")
+            if kept.fetchone()[0]:  # moved by another worker meanwhile, or this file in use
+                why = f"{self.path.name} holds passed triplets already"
+            elif old.exists():
+                moved = move(db, old, place, {"passed": MAX_PASSED, "client": MAX_CLIENTS})
+        except UnreadableError as exc:
+            why = str(exc)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("ROLLBACK" if why else "COMMIT")
+        if moved and not why:
+            log("upgrade", text="greylist state of the older format moved", file=str(old), **moved)
+        self._remove_old_format(old, why)
 
     @staticmethod
-    def _remove_old_format(old: Path) -> None:
-        """An older file is not read (its rows lack what the bounds count by): it is removed
-        with its WAL, logged. An older process that still has it open keeps its own copy
-        until it ends."""
+    def _remove_old_format(old: Path, why: str | None) -> None:
+        """An older file is removed with its WAL; ``why`` its rows were not kept, logged
+        (they are greylisted once more). An older process that still has it open keeps its
+        own copy until it ends."""
         if not old.exists():
             return
         try:
@@ -347,11 +383,13 @@ class Greylist:
         except OSError as exc:  # never a reason to stop greylisting with the new file
             log("warning", text="cannot remove the older greylist state", error=str(exc))
             return
-        log(
-            "warning",
-            text="greylist state of the older format removed; greylisting starts afresh",
-            file=str(old),
-        )
+        if why is not None:
+            log(
+                "warning",
+                text="greylist state of the older format removed; greylisting starts afresh",
+                file=str(old),
+                why=why,
+            )
 
     def close(self) -> None:
         if self._db is not None:
