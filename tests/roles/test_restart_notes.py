@@ -3,7 +3,8 @@ handler only after the restart (README, "A restart that did not happen"): the ro
 ``tasks/restart_note.yml`` (entry point restart_note), which pyqmail_users (a daemon user's
 groups: pyqmail__restart_marker, every daemon), pyqmail_dkim (pyqmail-send's manager joins the
 keys' group: pyqmail__send_restart_marker, pyqmail-send alone) and pyqmail_scanners (a
-scanner's configuration or run script: its supervise directory's restart-pending) include.
+scanner's configuration or run script: its supervise directory's restart-pending; its log
+service's run script: log/restart-pending) include.
 
 How each role wires it is read from its YAML: a check-mode look at the change first, the note
 from it, then the change itself, notifying the handler that removes the note after the restart.
@@ -85,30 +86,47 @@ WIRING = [
         "supervise.yml",
         [
             "Find the configuration files this run changes: {{ pyqmail_scanners__service }}",
-            "Find the run scripts this run changes: {{ pyqmail_scanners__service }}",
+            "Find whether this run changes the run script: {{ pyqmail_scanners__service }}",
         ],
         [
             "Write the configuration of {{ pyqmail_scanners__service }}",
-            "Write the run scripts of {{ pyqmail_scanners__service }}",
+            "Write the run script of {{ pyqmail_scanners__service }}",
         ],
         "{{ pyqmail__root }}/supervise/{{ pyqmail_scanners__service }}/restart-pending",
         "pyqmail_scanners restart {{ pyqmail_scanners__service }}",
     ),
+    (
+        "pyqmail_scanners",
+        "supervise.yml",
+        [
+            "Find whether this run changes the log service's run script: "
+            "{{ pyqmail_scanners__service }}"
+        ],
+        ["Write the log service's run script of {{ pyqmail_scanners__service }}"],
+        "{{ pyqmail__root }}/supervise/{{ pyqmail_scanners__service }}/log/restart-pending",
+        "pyqmail_scanners restart {{ pyqmail_scanners__service }} log",
+    ),
 ]
 
 
-@pytest.mark.parametrize("wiring", WIRING, ids=[w[0] for w in WIRING])
+@pytest.mark.parametrize(
+    "wiring", WIRING, ids=[w[0] + ("-log" if "/log/" in w[4] else "") for w in WIRING]
+)
 def test_the_note_is_written_before_the_change_from_a_look_at_that_very_change(
     wiring: tuple[str, str, list[str], list[str], str, str],
 ) -> None:
     role, tasks_file, looks, changes, note, handler = wiring
     tasks = task_file(role, tasks_file)
     names = [task.get("name") for task in tasks]
-    [include] = [t for t in tasks if t.get("ansible.builtin.include_role") == INCLUDE]
+    [include] = [
+        t
+        for t in tasks
+        if t.get("ansible.builtin.include_role") == INCLUDE
+        and t["vars"]["pyqmail__restart_note"] == note
+    ]
     at = tasks.index(include)
     assert all(names.index(look) < at for look in looks), names
     assert all(names.index(change) > at for change in changes), names
-    assert include["vars"]["pyqmail__restart_note"] == note
     assert include["vars"]["pyqmail__restart_note_handler"] == handler
     due = include["vars"]["pyqmail__restart_note_due"]
     for look, change in zip(looks, changes, strict=True):
@@ -138,6 +156,18 @@ def test_the_note_is_written_before_the_change_from_a_look_at_that_very_change(
             "pyqmail_scanners",
             "{{ pyqmail__root }}/supervise/{{ pyqmail_scanners__clamd_service }}/restart-pending",
             "pyqmail_scanners restart clamd",
+        ),
+        (
+            "pyqmail_scanners",
+            "{{ pyqmail__root }}/supervise/{{ pyqmail_scanners__rspamd_service }}"
+            "/log/restart-pending",
+            "pyqmail_scanners restart rspamd log",
+        ),
+        (
+            "pyqmail_scanners",
+            "{{ pyqmail__root }}/supervise/{{ pyqmail_scanners__clamd_service }}"
+            "/log/restart-pending",
+            "pyqmail_scanners restart clamd log",
         ),
     ],
 )
