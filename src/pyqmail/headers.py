@@ -25,7 +25,8 @@ each parser at N and 2N bytes of pathological input):
   cannot read unambiguously is None (refused), never guessed. For DMARC, a From it cannot
   read is still judged on what a reader may see in it: ``shown_domains`` finds the domain
   after every at sign (in comments, quoted strings and encoded words too, adjacent encoded
-  words joined as clients join them), bounded by ``SHOWN_LIMIT`` characters.
+  words joined as clients join them, the encoded words of a lenient client's pattern too),
+  bounded by ``SHOWN_LIMIT`` characters.
 - Unfolding joins the pieces of a field once (``b" ".join``), never with repeated ``+=``
   (which copies the value again for every continuation line: quadratic).
 """
@@ -34,8 +35,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 import unicodedata
+from collections.abc import Iterator
 
 HEADER_SIZE_LIMIT = 100 * 1024
 DEFAULT_MAXHOPS = 100
@@ -238,7 +241,10 @@ def _address_tokens(value: str) -> list[Token] | None:
 
 
 def _addr_spec(tokens: list[Token]) -> str | None:
-    """local@domain from its tokens (a quoted local part unquoted), or None."""
+    """local@domain from its tokens (a quoted local part unquoted), or None, also when two
+    words stand in a row in either part: the domain's were joined across the blank, so
+    ``ceo@paypal.com x`` was ``ceo@paypal.comx`` (no DMARC record there), where Python's
+    email and mail clients read ceo@paypal.com; DMARC then judges what is shown."""
     texts = [text for _, text in tokens]
     if texts.count("@") != 1:
         return None
@@ -255,6 +261,8 @@ def _addr_spec(tokens: list[Token]) -> str | None:
     if len(domain) == 1 and domain[0][0] == "lit":
         host = domain[0][1]
     elif all(k == "atom" or t == "." for k, t in domain) and domain:
+        if any(a[0] == b[0] == "atom" for a, b in itertools.pairwise(domain)):
+            return None  # two words in a row: "ceo@paypal.com x" is no "ceo@paypal.comx"
         host = "".join(t for _, t in domain)
     else:
         return None
@@ -315,12 +323,23 @@ def mailbox_addresses(value: str) -> list[str] | None:
 
 SHOWN_LIMIT = 4096  # characters of an unreadable From read for its domains; longer: refused
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([QqBb])\?([^?\s]*+)\?=")
+# The start of an encoded word as Roundcube (rcube_mime::decode_mime_string) finds it, with
+# =\?([^?]+)\?([BbQq])\?([^\n]*?)\?=; its payload is found by ``_lenient_words``.
+_LENIENT = re.compile(r"=\?([^?\n]++)\?([BbQq])\?")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/]++")
+Word = tuple[int, int, str, str, str]  # an encoded word: start, end, charset, encoding, payload
+Shown = tuple[str, str]  # what it shows: as its charset decodes it, as Latin-1
 _PRINTABLE = bytes(range(0x20, 0x7F))  # what an address is written in
 _DOMAIN = r"[^\s<>()\[\]\",;:@\\]*+"  # what a domain shown after an at sign may hold
 # After an at sign: blanks and (unnested) comments, RFC 5322 4.4's CFWS around "@", then the
 # domain (a quoted string's first word counts: a client shows it without its quotes).
 _AFTER_AT = re.compile(rf"(?P<cfws>(?:\s++|\((?:[^()\\]|\\.)*+\))*+)\"?\s*+(?P<domain>{_DOMAIN})")
 _COMMENT_WORD = re.compile(rf"\(\s*+\"?\s*+({_DOMAIN})")  # ceo@(bank.example)evil.example
+# A host name in a word shown after an at sign ends at an ASCII character no host name holds
+# (all but letters, digits, "-", "." and "_"), as a reader takes "Yahoo!" in "News @ Yahoo!
+# <...>" for yahoo and "bank.test?=" for bank.test. Other characters are left to IDNA
+# (U+00B7 is in Catalan names, U+3002 is a dot to it).
+_HOST_RUN = re.compile(r"[^!-,/:-@\[-^`{-~]++")
 _HIDDEN = frozenset({"Cc", "Co", "Cs", "Zl", "Zp"})  # controls, private use, line breaks
 # Bidirectional embeddings, overrides and isolates: they reorder what is shown, so a client
 # may show 'ceo@bank.example' for the bytes 'elpmaxe.knab@oec'. Other format characters
@@ -329,10 +348,41 @@ _HIDDEN = frozenset({"Cc", "Co", "Cs", "Zl", "Zp"})  # controls, private use, li
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
-def _word(m: re.Match[str]) -> tuple[str, str] | None:
-    """An RFC 2047 encoded word as a mail client shows it: (as its charset decodes it, as a
-    client that does not know that charset may show it); None when it does not decode (a
-    client shows it as it is written). A charset Python does not know or cannot decode such
+def _b64(payload: str) -> bytes | None:
+    """A B payload's bytes as Python's email package decodes it: characters outside the
+    base64 alphabet dropped (``Y2VvQGJhbmsudGVzdA!`` is ceo@bank.test), nothing after the
+    padding, missing padding added; None when its length cannot be base64 (shown as
+    written)."""
+    data = _NOT_BASE64.sub("", payload.partition("=")[0])
+    if len(data) % 4 == 1:
+        return None
+    return base64.b64decode(data + "=" * (-len(data) % 4))
+
+
+def _payload_bytes(kind: str, payloads: list[str]) -> bytes | None:
+    """The bytes of the payloads of one encoded word, or of adjacent words of one charset
+    and encoding joined before decoding, as Roundcube joins them (``rcube_mime``: a
+    character split across words, ``=?utf-8?q?ceo=4?= =?utf-8?q?0bank.test?=`` shows
+    ceo@bank.test): Q payloads concatenated, B payloads cut into 4-character quanta across
+    the words, each piece decoded as ``_b64`` (a padded word ends its quanta)."""
+    if kind in "Qq":
+        return binascii.a2b_qp("".join(payloads).encode(), header=True)
+    if len(payloads) == 1:
+        return _b64(payloads[0])
+    out, rest = [], ""
+    for payload in payloads:
+        chunk = rest + payload
+        cut = len(chunk) - len(chunk) % 4
+        out.append(_b64(chunk[:cut]) or b"")
+        rest = chunk[cut:]
+    out.append(_b64(rest) or b"")
+    return b"".join(out)
+
+
+def _decoded(charset: str, kind: str, payloads: list[str]) -> tuple[str, str] | None:
+    """RFC 2047 encoded words as a mail client shows them: (as its charset decodes them, as
+    a client that does not know that charset may show them); None when they do not decode
+    (a client shows them as written). A charset Python does not know or cannot decode such
     bytes with (``idna``, ``punycode``, ``undefined``) is read as Latin-1: every byte shown,
     an at sign as itself. A charset that shows printable ASCII bytes as something else
     (``utf-16``, ``utf-32``, EBCDIC's ``cp500``, ``utf-7``, ``hz``) has a second reading, its
@@ -341,13 +391,11 @@ def _word(m: re.Match[str]) -> tuple[str, str] | None:
     every client knows (``iso-2022-jp``, ``shift_jis``, ``big5``) put an at sign byte inside
     most Japanese or Chinese names (0x40 is half of many characters: 太 is ``B@`` in
     ISO-2022-JP), so their Latin-1 reading would judge, or refuse, what no reader sees."""
-    charset, kind, payload = m.groups()
     try:
-        if kind in "Bb":
-            raw = base64.b64decode(payload + "=" * (-len(payload) % 4))
-        else:
-            raw = binascii.a2b_qp(payload.encode(), header=True)
+        raw = _payload_bytes(kind, payloads)
     except (binascii.Error, ValueError):
+        return None
+    if raw is None:
         return None
     latin = raw.decode("latin-1")
     name = charset.partition("*")[0]  # RFC 2231's language after the charset
@@ -359,32 +407,90 @@ def _word(m: re.Match[str]) -> tuple[str, str] | None:
     return shown, shown if ascii_shown else latin
 
 
+def _lenient_words(value: str) -> Iterator[Word]:
+    """The encoded words Roundcube's pattern finds (``_LENIENT``): blanks and question marks
+    in the payload (``=?utf-8?q?ceo=40bank.test ?=``, Python's email decodes it too), a
+    charset of any length (an RFC 2231 language of 80 characters). Its lazy payload, up to
+    the first ``?=`` on the line, is found with ``str.find`` from positions that only move
+    forward (the regex engine would rescan the rest of the line from every ``=?`` that
+    never closes: quadratic), so the whole pass is linear in ``len(value)``."""
+    pos = close = newline = 0
+    while (m := _LENIENT.search(value, pos)) is not None:
+        if close < m.end():
+            close = value.find("?=", m.end())
+            if close < 0:
+                return  # no word after this one can close either
+        if newline < m.end():
+            newline = value.find("\n", m.end())
+            newline = len(value) if newline < 0 else newline
+        if newline < close:
+            pos = newline + 1  # every word starting before it closes after it: none does
+            continue
+        yield m.start(), close + 2, m.group(1), m.group(2), value[m.end() : close]
+        pos = close + 2
+
+
+def _decoded_words(value: str, words: list[Word], join: bool) -> list[tuple[int, int, Shown]]:
+    """(start, end, ``_decoded``) of each word that decodes, in order; with ``join``, each
+    run of adjacent words (only blanks between) of one charset and encoding is decoded as
+    one word (``_payload_bytes``). Roundcube compares charset and encoding as written; they
+    are compared here ignoring case, one more reading of what some client may do."""
+    out: list[tuple[int, int, Shown]] = []
+    run: list[Word] = []
+    for word in [*words, None]:
+        if word and run and join:
+            last = run[-1]
+            gap = value[last[1] : word[0]]
+            same = (last[2].lower(), last[3].lower()) == (word[2].lower(), word[3].lower())
+            if same and (not gap or gap.isspace()):
+                run.append(word)
+                continue
+        if run:
+            shown = _decoded(run[0][2], run[0][3], [w[4] for w in run])
+            if shown is not None:
+                out.append((run[0][0], run[-1][1], shown))
+        run = [word] if word else []
+    return out
+
+
 def _shown_texts(value: str) -> list[str]:
     """The readings of ``value`` a client may show, distinct, the raw value first: each
-    encoded word replaced in place by what it shows (``_word``: its charset's decoding, and
-    its bytes as Latin-1), with and without the blanks between adjacent encoded words. RFC
-    2047 6.2 drops them (Python's email.header and mail clients do: ``=?utf-8?q?ceo=40ban?=
-    =?utf-8?q?k.test?=`` shows ``ceo@bank.test``); a client that does not, shows the blank
-    (``=?utf-8?q?ceo=40bank.test?= =?utf-8?q?x?=``: ``ceo@bank.test x``). A word that does
-    not decode is shown as written, and is no encoded word next to another. One pass; each
-    reading is at most as long as ``value`` (no word decodes to more characters than it
-    has), so all are linear in ``len(value)``."""
-    readings: list[list[str]] = [[], [], [], []]  # charset, Latin-1; blanks dropped, kept
-    pos, after_word = 0, False
-    for m in _ENCODED_WORD.finditer(value):
-        word = _word(m)
-        if word is None:
-            continue
-        gap = value[pos : m.start()]
-        adjacent = after_word and (not gap or gap.isspace())
-        for i, parts in enumerate(readings):
-            parts.extend(("" if adjacent and i < 2 else gap, word[i % 2]))
-        pos, after_word = m.end(), True
+    encoded word replaced in place by what it shows (``_decoded``: its charset's decoding,
+    and its bytes as Latin-1), with and without the blanks between adjacent encoded words.
+    RFC 2047 6.2 drops them (Python's email.header and mail clients do: ``=?utf-8?q?ceo=40
+    ban?= =?utf-8?q?k.test?=`` shows ``ceo@bank.test``); a client that does not, shows the
+    blank (``=?utf-8?q?ceo=40bank.test?= =?utf-8?q?x?=``: ``ceo@bank.test x``). The words are
+    those of RFC 2047's pattern and those of Roundcube's more lenient one
+    (``_lenient_words``), each decoded alone and, as Roundcube does, adjacent ones of one
+    charset and encoding joined before decoding. A word that does not decode is shown as
+    written, and is no encoded word next to another. One pass per reading; each reading is
+    at most as long as ``value`` (no word decodes to more characters than it has), so all
+    are linear in ``len(value)``."""
     texts = [value]
-    for parts in readings:
-        text = "".join(parts) + value[pos:]
-        if text not in texts:
-            texts.append(text)
+    if "=?" not in value:
+        return texts
+    done: list[list[tuple[int, int, Shown]]] = []  # most Froms have one set of words
+    for words in (
+        [(m.start(), m.end(), m[1], m[2], m[3]) for m in _ENCODED_WORD.finditer(value)],
+        list(_lenient_words(value)),
+    ):
+        for join in (False, True):
+            decoded = _decoded_words(value, words, join)
+            if decoded in done:
+                continue
+            done.append(decoded)
+            readings: list[list[str]] = [[], [], [], []]  # charset, Latin-1; blanks dropped, kept
+            pos, after_word = 0, False
+            for start, end, word in decoded:
+                gap = value[pos:start]
+                adjacent = after_word and (not gap or gap.isspace())
+                for i, parts in enumerate(readings):
+                    parts.extend(("" if adjacent and i < 2 else gap, word[i % 2]))
+                pos, after_word = end, True
+            for parts in readings:
+                text = "".join(parts) + value[pos:]
+                if text not in texts:
+                    texts.append(text)
     return texts
 
 
@@ -392,28 +498,37 @@ def _after_at(text: str, pos: int) -> list[str] | None:
     """The domains shown after the at sign before ``pos``: the word that follows it, past
     any blanks and comments (RFC 5322 4.4 allows CFWS around "@": ``Joe @ Home``), and the
     first word of each such comment (a reader may take ``ceo@(bank.example)x`` for
-    bank.example); None when no word follows (``ceo@``, ``ceo@ <``, ``ceo@[192.0.2.1]``, a
-    nested comment), or one holds a format character."""
+    bank.example), each cut to its host names (``_hosts``: ``Yahoo!`` is yahoo,
+    ``example.com/team`` example.com); None when no host name follows (``ceo@``, ``ceo@ <``,
+    ``ceo@[192.0.2.1]``, ``ceo@!``, a nested comment), or a word holds a format character."""
     m = _AFTER_AT.match(text, pos)
     if m is None:  # pragma: no cover - every part of the pattern may be empty
         return None
     words = [*_COMMENT_WORD.findall(m.group("cfws")), m.group("domain")]
-    if not m.group("domain").rstrip(".") or any(
-        unicodedata.category(c) == "Cf" for word in words for c in word
-    ):
+    if any(unicodedata.category(c) == "Cf" for word in words for c in word):
         return None
-    return [d for word in words if (d := word.rstrip(".").lower())]
+    hosts = [_hosts(word) for word in words]
+    return [host for found in hosts for host in found] if hosts[-1] else None
+
+
+def _hosts(word: str) -> list[str]:
+    """The host names in a word shown after an at sign, lower case, without a trailing
+    dot: its first run of characters a host name may hold (``_HOST_RUN``), and each later
+    one with a dot (``secure!paypal.example`` shows paypal.example too); [] when none."""
+    runs = [run.rstrip(".").lower() for run in _HOST_RUN.findall(word)]
+    return [run for i, run in enumerate(runs) if run and (not i or "." in run)]
 
 
 def shown_domains(value: str, limit: int = SHOWN_LIMIT) -> list[str] | None:
     """Every domain a reader may be shown in a From field value ``mailbox_addresses`` cannot
     read (or reads as a group with no member): the word after each at sign (``_after_at``:
     past blanks and comments), in the raw value and in each reading of its encoded words
-    (``_shown_texts``), after NFKC (a fullwidth at sign, U+FF20, is one), up to a blank or a
-    special; lower case, without a trailing dot, distinct, in order. [] when no at sign is
-    there (``MAILER-DAEMON``, ``Automated System:;``: no domain is shown). None, "not
+    (``_shown_texts``), after NFKC (a fullwidth at sign, U+FF20, is one), up to a blank, a
+    special or ASCII punctuation no host name holds (``Joe @ Joe's Pizza``: joe); lower
+    case, without a trailing dot, distinct, in order. [] when no at sign is there
+    (``MAILER-DAEMON``, ``Automated System:;``: no domain is shown). None, "not
     understood", when a reading has no safe reading of its own: an at sign followed by no
-    word, a bidirectional override or isolate anywhere, a format character in a domain, a
+    host name, a bidirectional override or isolate anywhere, a format character in a domain, a
     control or private character that may make a client show something else than these
     bytes, or a value longer than ``limit`` characters (``SHOWN_LIMIT``). Linear in
     ``len(value)``: each at sign reads only up to the next word, and the blanks and comments

@@ -77,7 +77,6 @@ def test_a_long_subdomain_does_not_exist_np_applies(settings, labels):
         (["ceo@bank..test"], "header From not understood"),
         (["taro..yamada@ <yamada@docomo.test>"], "header From not understood"),  # no domain
         (["ceo@[192.0.2.1] <taro..yamada@docomo.test>"], "header From not understood"),
-        (["=?utf-8?q?ceo@bank.test?= <taro..yamada@docomo.test>"], "header From not understood"),
         # bidi override: a client may show 'ceo@bank.test' for these bytes
         (["\u202etset.knab@oec <taro..yamada@docomo.test>"], "header From not understood"),
         # bidi isolates and embeddings anywhere, other format characters inside a domain
@@ -205,6 +204,7 @@ SPOOFS = [
     "=?x-unknown?q?ceo=40bank.test?= <taro..yamada@evil.test>",
     "ceo\uff20bank.test <taro..yamada@evil.test>",  # a fullwidth at sign
     '"ceo@bank.test":;',  # a group with no member
+    "=?utf-8?q?ceo@bank.test?= <taro..yamada@evil.test>",  # bank.test?= was not understood
 ]
 
 

@@ -251,6 +251,16 @@ FROM_VALUES: dict[str, Callable[[int], bytes]] = {
     "escaped quotes": lambda n: fill(b'\\"', n, b'"', b'" <x@y.test>'),
     "adjacent encoded words": lambda n: fill(b"=?utf-8?q?ceo=40ban?= ", n, tail=b"<x..y@y.test>"),
     "utf-32 encoded words": lambda n: fill(b"=?utf-32?q?ceo=40b?==?utf-32?b?YW5r?=", n, tail=b""),
+    # Roundcube's lenient pattern: a lazy payload from every "=?" that never closes
+    "unclosed lenient words": lambda n: fill(b"=?a?q?ceo=40b x ", n, tail=b"<x..y@y.test>"),
+    "lenient words on lines": lambda n: fill(b"=?a?q?ceo=40b\n", n, tail=b"?="),
+    "blanks in encoded words": lambda n: fill(b"=?utf-8?q?ceo=40ban k?= ", n, tail=b""),
+    "long charsets": lambda n: fill(b"=?utf-8*" + b"x" * 80 + b"?q?ceo=4?=", n, tail=b""),
+    # one run of adjacent words of one charset, joined before decoding
+    "split base64 words": lambda n: fill(b"=?utf-8?b?Y2VvQ?= =?utf-8?b?GJhbmsudGVzdA==?= ", n),
+    "split q words": lambda n: fill(b"=?utf-8?q?ceo=4?= =?utf-8?q?0b.test?= ", n, tail=b""),
+    "stray base64": lambda n: fill(b"=?utf-8?b?Y2VvQGJh!bmsudGVzdA?=", n, tail=b""),
+    "punctuated words": lambda n: fill(b"Joe @ Joe's!a.b&c.d ", n, tail=b"<x@y.test>"),
 }
 
 

@@ -84,6 +84,9 @@ from pyqmail.headers import header_values, mailbox_addresses, shown_domains
 MAX_FROM_DOMAINS = 5  # distinct domains of one From judged; more: the From is not judged
 NO_DOMAIN = "header From names no domain"  # from_domains: accepted, a permerror
 _HOST = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")  # a domain shown, as A-labels
+# A domain the address grammar reads (atext) with ASCII punctuation no host name holds, not
+# an address literal: ``ceo@bank.test!``, ``=?utf-8?q?ceo@bank.test?=`` (bank.test?=).
+_PUNCTUATED = re.compile(r"(?!\[).*?[!-,/:-@\[-^`{-~]", re.DOTALL)
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _TAG = re.compile(r"^\s*([a-z]+)\s*=\s*(.*?)\s*$", re.IGNORECASE)
@@ -148,16 +151,17 @@ def from_domains(head: bytes) -> list[str] | str:
     one From field, one naming more than ``MAX_FROM_DOMAINS`` domains, or one with no safe
     reading (``_shown``); ``NO_DOMAIN`` when it names none. Read as the sender rules read
     From (``pyqmail.headers``), over the whole header section: a From past 100 KiB is a
-    From; one that reading cannot read is judged on every domain a client may show in it."""
+    From; one that reading cannot read, or reads with ASCII punctuation in a domain
+    (``ceo@bank.test!``: it looked up ``_dmarc.bank.test!``, no record, and accepted), is
+    judged on every domain a client may show in it."""
     values = header_values(head, "from", limit=len(head))
     if not values:
         return []
     if len(values) > 1:
         return "more than one header From field"
-    addresses = mailbox_addresses(values[0])
-    if addresses:
-        domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
-    else:
+    addresses = mailbox_addresses(values[0]) or []
+    domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
+    if not domains or any(_PUNCTUATED.match(d) for d in domains):
         shown = _shown(values[0])
         if isinstance(shown, str):
             return shown
@@ -171,12 +175,17 @@ def _shown(value: str) -> list[str] | str:
     """The domains of a From the address grammar cannot read (or a group with no member),
     as a client may show them (``headers.shown_domains``); ``NO_DOMAIN`` when there is
     none; "header From not understood" when there is no safe reading, or a domain shown is
-    no host name (``bank.test?=``; ``[192.0.2.1]`` has none: the name looked up would not
-    be the one a reader sees). Why not refuse them all, as at first: legitimate senders
-    write such Froms (RFC 6854 groups, ``MAILER-DAEMON``, the sloppy ``a@b.example
-    <a@b.example>``, Japanese mobile local parts with '..', ``Joe @ Home <joe@b.example>``,
-    an unquoted comma in a display name), and judging every domain shown keeps each of
-    those domains' policy."""
+    no host name (``bank..test``, a name IDNA refuses; ``[192.0.2.1]`` has none: the name
+    looked up would not be the one a reader sees). A word is cut at ASCII punctuation no
+    host name holds before (``shown_domains``): ``Marketing @ AT&T <news@att.example>``,
+    ``News @ Yahoo! <...>``, ``Sales @ 24/7 <...>`` were refused here, unasked, for it;
+    now at, yahoo and 24 are judged like the dotless ``Home`` of ``Joe @ Home`` (looked
+    up: publishing no record, they give ``none``), ``Ops @ example.com/team`` and
+    ``=?utf-8?q?ceo@bank.test?=`` on example.com and bank.test. Why not refuse them all,
+    as at first: legitimate senders write such Froms (RFC 6854 groups, ``MAILER-DAEMON``,
+    the sloppy ``a@b.example <a@b.example>``, Japanese mobile local parts with '..',
+    ``Joe @ Home <joe@b.example>``, an unquoted comma in a display name), and judging every
+    domain shown keeps each of those domains' policy."""
     shown = shown_domains(value)
     if shown is None or any(not _HOST.fullmatch(ace(d) or "") for d in shown):
         return "header From not understood"
