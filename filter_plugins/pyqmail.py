@@ -390,6 +390,35 @@ def changed_items(results: Any, key: str = "key") -> list[str]:
     ]
 
 
+def reload_due(stamps: Any, newest: Any, dovecot_service: str = "dovecot") -> dict[str, list[str]]:
+    """The reloads due, handler -> services: a linked service (``item`` of each result of a
+    registered stat loop over its ``loaded`` note) is due when it has no note or the newest
+    file it loads changed after the note. ``newest`` holds the newest mtime of ``control``
+    (control/ and all under it), ``rules`` (the rules cdbs) and ``dovecot`` (Dovecot's
+    configuration and servercert.pem); a listener loads control and rules, pyqmail-send
+    control, Dovecot dovecot. Why a note and not the run's own changes: a reload notified
+    by a run that ended before its handlers, or refused by its check, is otherwise never done
+    (the next run finds nothing to change)."""
+    registered = _mapping(stamps, "registered loop result")
+    times = _mapping(newest, "newest file times")
+    due: dict[str, list[str]] = {}
+    for result in registered.get("results", []):
+        if result.get("skipped"):
+            continue
+        name = _string(result.get("item"), "a stat result's item (a service name)")
+        if name == dovecot_service:
+            handler, groups = "pyqmail reload dovecot", ("dovecot",)
+        elif name == "qmail-send":
+            handler, groups = "pyqmail reload send", ("control",)
+        else:
+            handler, groups = "pyqmail reload listeners", ("control", "rules")
+        stat = result.get("stat") or {}
+        changed = max(float(times.get(group) or 0) for group in groups)
+        if not stat.get("exists") or changed > float(stat.get("mtime", 0)):
+            due.setdefault(handler, []).append(name)
+    return due
+
+
 class FilterModule:
     """pyqmail's filters (called as pyqmail_<name> in the roles)."""
 
@@ -407,4 +436,5 @@ class FilterModule:
             "pyqmail_dovecot_summary": dovecot_summary,
             "pyqmail_reload_handlers": reload_handlers,
             "pyqmail_changed_items": changed_items,
+            "pyqmail_reload_due": reload_due,
         }

@@ -173,6 +173,38 @@ def test_changed_items_of_a_registered_loop() -> None:
     assert filters.changed_items({"skipped": True, "results": []}) == []
 
 
+def test_reload_due_by_each_services_files() -> None:
+    """A listener loads control/ and the rules cdbs, pyqmail-send control/, Dovecot its own;
+    no note = due; a skipped result (no such service) is nothing."""
+
+    def note(name: str, mtime: float | None) -> dict[str, Any]:
+        stat = {"exists": False} if mtime is None else {"exists": True, "mtime": mtime}
+        return {"item": name, "stat": stat}
+
+    registered = {
+        "results": [
+            note("qmail-smtpd", 10.0),
+            note("qmail-smtpd-ssl", 30.0),
+            note("qmail-send", 10.0),
+            note("imap", None),
+            {"item": "x", "skipped": True},
+        ]
+    }
+    newest = {"control": 5.0, "rules": 20.0, "dovecot": 0}
+    assert filters.reload_due(registered, newest, "imap") == {
+        "pyqmail reload listeners": ["qmail-smtpd"],
+        "pyqmail reload dovecot": ["imap"],
+    }
+    newest = {"control": 40.0, "rules": 0, "dovecot": 0.0}
+    assert filters.reload_due({"results": registered["results"][:3]}, newest) == {
+        "pyqmail reload listeners": ["qmail-smtpd", "qmail-smtpd-ssl"],
+        "pyqmail reload send": ["qmail-send"],
+    }
+    assert filters.reload_due({"results": []}, newest) == {}
+    with pytest.raises(AnsibleFilterError, match="service name"):
+        filters.reload_due({"results": [{"item": 3, "stat": {}}]}, newest)
+
+
 def ansible_debug(expression: str, extra: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """Evaluate ``expression`` with ``ansible localhost -m debug`` from the repository root."""
     return subprocess.run(
