@@ -185,11 +185,9 @@ def _loaded_note(handler: dict[str, Any]) -> str:
     """The service whose note of its last load (pyqmail__loaded_stamp) ``handler`` touches."""
     task = handler["ansible.builtin.file"]
     assert task["state"] == "touch", handler["name"]
-    prefix, _, rest = task["path"].partition("/supervise/")
-    assert prefix == "{{ pyqmail__root }}", task["path"]
-    service, _, stamp = rest.rpartition("/")
+    where, _, stamp = task["path"].rpartition("/")
     assert stamp == "{{ pyqmail__loaded_stamp }}", task["path"]
-    return service
+    return where.removeprefix("{{ pyqmail__service_dir }}/")
 
 
 def test_send_handlers_validate_before_signalling() -> None:
@@ -225,7 +223,7 @@ def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None
         "ansible.builtin.file",  # the note of their load, once the check passed
         "ansible.builtin.command",
     ]
-    assert _loaded_note(listeners[4]) == "{{ item | basename }}"
+    assert _loaded_note(listeners[4]) == "{{ item }}"  # the linked path
     assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[4])
     argv = _check(listeners[2])
     assert argv.startswith("{{ [pyqmail__venv ~ '/bin/pyqmail-smtpd', '--check', ")
