@@ -23,6 +23,12 @@ from tests.roles.playbook import REPO, ansible_env
 TASKS = REPO / "roles" / "pyqmail_install" / "tasks" / "wheel.yml"
 PYQMAIL = REPO / "roles" / "pyqmail"
 VERSION = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
+# The shared tasks' (roles/pyqmail/tasks/restart_note.yml), as the include_role names them.
+NOTE_SAYS_RESTART = (
+    "pyqmail.mail.pyqmail : Restart with the play's handlers, the note says it is due: "
+    "pyqmail restart daemons"
+)
+FIND_SERVICES = "Find the supervised pyqmail services"
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +46,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(
-    tmp: Path, given: str, after: list[dict[str, Any]] | None = None, **more: Any
+    tmp: Path,
+    given: str,
+    after: list[dict[str, Any]] | None = None,
+    options: tuple[str, ...] = (),
+    **more: Any,
 ) -> subprocess.CompletedProcess[str]:
     """The role's wheel tasks with ``pyqmail_install__wheel: given`` (and ``more`` variables),
     then the tasks ``after``; the role pyqmail's vars and handlers, an empty service directory
-    (the restart handler runs; it has nothing to signal)."""
+    (the restart handler runs; it has nothing to signal). ``options``: more ansible-playbook
+    options (``--check``)."""
     play = {
         "hosts": "localhost",
         "connection": "local",
@@ -60,6 +71,9 @@ def run(
         "pyqmail__venv": str(tmp / "venv"),
         "pyqmail__service_dir": str(tmp / "service"),
         "pyqmail__check_fresh": False,
+        # the inventory checked, as the role pyqmail (a dependency) does first in a role run:
+        # the restart note's include_role of that role would check it again
+        "pyqmail__preflight_done": True,
         "pyqmail_install__wheel": given,
         "pyqmail_install__wheel_dir": str(tmp / "cache"),
         "ansible_python_interpreter": sys.executable,
@@ -67,7 +81,7 @@ def run(
     }
     return subprocess.run(
         [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,",
-         str(playbook), "-e", json.dumps(extra)],
+         str(playbook), "-e", json.dumps(extra), *options],
         cwd=REPO, env=ansible_env(), capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
@@ -132,7 +146,7 @@ def test_the_wheel_is_built_once_per_source_checksum(tmp_path: Path) -> None:
         REPO / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
     )
     venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
-    more = {  # the role's defaults for a build (only its tasks run here)
+    more: dict[str, Any] = {  # the role's defaults for a build (only its tasks run here)
         "pyqmail_install__source_dir": str(source),
         "pyqmail_install__build_python": sys.executable,
         "pyqmail_install__build_isolation": True,
@@ -174,7 +188,7 @@ def test_a_run_that_ends_before_its_handlers_restarts_next_time(
     first = run(tmp_path, str(wheel), failing)
     assert first.returncode != 0
     assert "Install the wheel into the virtualenv" in ran(first)
-    assert "Find the supervised pyqmail services" not in ran(first)  # no handler ran
+    assert FIND_SERVICES not in ran(first)  # no handler ran
     assert (tmp_path / "venv" / "pyqmail-wheel.sha1").is_file()
     assert marker.is_file()
     assert oct(marker.stat().st_mode & 0o777) == "0o600"
@@ -182,14 +196,55 @@ def test_a_run_that_ends_before_its_handlers_restarts_next_time(
     second = run(tmp_path, str(wheel))
     stats(second)  # the run passes
     assert "Install the wheel into the virtualenv" not in ran(second)
-    assert (
-        "Restart the daemons an earlier run left on an older wheel (its restart never ran)"
-        in ran(second)
-    )
-    assert "Find the supervised pyqmail services" in ran(second)
+    assert NOTE_SAYS_RESTART in ran(second)
+    assert FIND_SERVICES in ran(second)
     assert "Forget the pending restart of the daemons (pyqmail__restart_marker)" in ran(second)
     assert not marker.exists()
     assert stats(run(tmp_path, str(wheel)))["changed"] == 0
+
+
+def test_check_mode_notes_nothing_and_keeps_a_note_left_before(tmp_path: Path, wheel: Path) -> None:
+    """Check mode installs no wheel and writes no note (on a first install too); a note an
+    earlier run left still says the restart is due, and stays for the run that restarts."""
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
+    (tmp_path / "cache").mkdir()  # the wheel directory: check mode creates nothing
+    marker = tmp_path / "venv" / "pyqmail-restart-pending"
+    looked = run(tmp_path, str(wheel), options=("--check",))
+    stats(looked)
+    assert "Install the wheel into the virtualenv" not in ran(looked)
+    assert NOTE_SAYS_RESTART not in ran(looked)
+    assert FIND_SERVICES not in ran(looked)  # no handler notified
+    assert not marker.exists()
+    assert not (tmp_path / "venv" / "pyqmail-wheel.sha1").exists()
+
+    failing = [{"name": "A later task fails", "ansible.builtin.fail": {"msg": "interrupted"}}]
+    assert run(tmp_path, str(wheel), failing).returncode != 0
+    assert marker.is_file()
+    looked = run(tmp_path, str(wheel), options=("--check",))
+    stats(looked)
+    assert NOTE_SAYS_RESTART in ran(looked)
+    assert FIND_SERVICES in ran(looked)
+    assert marker.is_file()  # check mode removes nothing
+
+
+def test_the_virtualenv_the_note_goes_in_is_made_before_the_wheel() -> None:
+    """The shared restart note is written only into an existing directory (nothing runs from a
+    missing one): the role makes pyqmail__venv, unconditionally, before its wheel tasks, so a
+    first install notes its restart too."""
+    tasks = yaml.safe_load((REPO / "roles" / "pyqmail_install" / "tasks" / "main.yml").read_text())
+    names = [task["name"] for task in tasks]
+    make = tasks[
+        names.index(
+            "Create the virtualenv (sees Debian's python3-* packages, the daemon's dependencies)"
+        )
+    ]
+    wheel_at = next(
+        i for i, task in enumerate(tasks) if task.get("ansible.builtin.import_tasks") == "wheel.yml"
+    )
+    assert names.index(make["name"]) < wheel_at
+    assert "when" not in make
+    assert make["ansible.builtin.command"]["creates"] == "{{ pyqmail__venv }}/bin/python"
+    assert "{{ pyqmail__venv }}" in make["ansible.builtin.command"]["argv"]
 
 
 def test_every_play_runs_its_notified_handlers_when_a_later_task_fails() -> None:

@@ -4,7 +4,8 @@ handler only after the restart (README, "A restart that did not happen"): the ro
 groups: pyqmail__restart_marker, every daemon), pyqmail_dkim (pyqmail-send's manager joins the
 keys' group: pyqmail__send_restart_marker, pyqmail-send alone) and pyqmail_scanners (a
 scanner's configuration or run script: its supervise directory's restart-pending; its log
-service's run script: log/restart-pending) include.
+service's run script: log/restart-pending) include, as pyqmail_install does before a new wheel
+(tests/roles/test_install_wheel.py runs that one).
 
 How each role wires it is read from its YAML: a check-mode look at the change first, the note
 from it, then the change itself, notifying the handler that removes the note after the restart.
