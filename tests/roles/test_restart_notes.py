@@ -352,6 +352,25 @@ def test_no_note_without_its_directory_nor_in_check_mode(host: QmailRoot) -> Non
     assert svstat_pid(send) == started
 
 
+def test_a_note_whose_directory_is_a_link_is_written(host: QmailRoot) -> None:
+    """The note's directory a symbolic link to a directory (a virtualenv kept elsewhere): the
+    note is written there all the same (a stat without follow saw no directory and skipped it,
+    leaving the restart unprotected)."""
+    real = host.path.parent / "real-notes"
+    real.mkdir()
+    linked = host.path.parent / "linked-notes"
+    linked.symlink_to(real)
+    rc, out = run(
+        host,
+        due=True,
+        fail_after=True,
+        pyqmail__send_restart_marker=str(linked / "pyqmail-send-restart-pending"),
+    )
+    assert rc != 0
+    assert RESTART_SEND not in results_by_task(out)
+    assert (real / "pyqmail-send-restart-pending").is_file()
+
+
 def test_a_restart_of_the_daemons_removes_both_notes(host: QmailRoot) -> None:
     """pyqmail-send restarts with the daemons too: that restart removes its note as well."""
     notes = host.path.parent / "notes"
