@@ -15,66 +15,38 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.roles.playbook import ROLES, ansible_playbook, changed_tasks, results_by_task
+from tests.roles.playbook import changed_tasks, results_by_task
+from tests.roles.scanner_host import (
+    SUPERVISE_TEMPLATES,
+    answers,
+    run_script,
+    run_supervise,
+    stand_in_host,
+)
 from tests.scanners import free_port
-from tests.svscan import own_svscan
 
 pytestmark = pytest.mark.skipif(shutil.which("svscan") is None, reason="needs daemontools")
 
-ROLE = ROLES / "pyqmail_scanners"
 RESTART = "Restart rspamd (svc -t)"
 REFUSE = "Refuse to restart rspamd into a configuration it cannot read"
-
-# Listens where its first argument says.
-STAND_IN = """\
-import socket, sys
-host, port = sys.argv[1].rsplit(":", 1)
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind((host, int(port)))
-server.listen()
-while True:
-    server.accept()[0].close()
-"""
 
 
 @pytest.fixture
 def host() -> Iterator[Path]:
-    """svscan on <base>/service; the stand-in rspamd's run script and conftest as templates
-    where the play finds them (the conftest refuses while <base>/broken is there, as rspamd's
-    refuses a local.d file it cannot parse), the role's log run script beside them."""
-    base = Path(tempfile.mkdtemp(prefix="pyqmail-scanner-note-"))
-    base.chmod(0o755)
-    (base / "service").mkdir()
-    (base / "qmail" / "supervise").mkdir(parents=True)
-    (base / "standin.py").write_text(STAND_IN)
-    templates = base / "templates" / "var" / "qmail" / "supervise"
-    (templates / "rspamd").mkdir(parents=True)
-    (templates / "rspamd" / "run.j2").write_text(
-        "#!/bin/sh\nexec 2>&1\n"
-        f"exec {sys.executable} {base / 'standin.py'} {{{{ pyqmail_scanners__rspamd_listen }}}}\n"
-    )
-    (templates / "rspamd" / "conftest.j2").write_text(conftest(base))
-    (templates / "any" / "log").mkdir(parents=True)
-    (templates / "any" / "log" / "run.j2").symlink_to(
-        ROLE / "templates" / "var" / "qmail" / "supervise" / "any" / "log" / "run.j2"
-    )
-    try:
-        with own_svscan(
-            base / "service", base / "qmail" / "supervise", base / "svscan.log", settle=15
-        ):
-            yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    """The stand-in rspamd listening where its run script's argument says (the role's
+    ``pyqmail_scanners__rspamd_listen``), its conftest refusing while <base>/broken is there
+    (as rspamd's refuses a local.d file it cannot parse)."""
+    with stand_in_host("pyqmail-scanner-note-", "sys.argv[1]") as base:
+        templates = base / SUPERVISE_TEMPLATES / "rspamd"
+        (templates / "run.j2").write_text(run_script(base, "{{ pyqmail_scanners__rspamd_listen }}"))
+        (templates / "conftest.j2").write_text(conftest(base))
+        yield base
 
 
 def conftest(base: Path) -> str:
@@ -85,58 +57,7 @@ def conftest(base: Path) -> str:
 def run(base: Path, listen: str) -> tuple[int, dict[str, Any]]:
     """The role's supervise.yml for the stand-in (no configuration file of its own: its run
     script holds its address), with the role's handlers; no force_handlers."""
-    play = [
-        {
-            "name": "A scanner under supervise",
-            "hosts": "localhost",
-            "connection": "local",
-            "gather_facts": False,
-            "vars_files": [
-                str(path)
-                for role in ("pyqmail", "pyqmail_scanners")
-                for part in ("defaults", "vars")
-                if (path := ROLES / role / part / "main.yml").is_file()
-            ],
-            "tasks": [
-                {
-                    "name": "The role's supervise.yml",
-                    "ansible.builtin.include_tasks": str(ROLE / "tasks" / "supervise.yml"),
-                    "vars": {
-                        "pyqmail_scanners__service": "{{ pyqmail_scanners__rspamd_service }}",
-                        "pyqmail_scanners__listen": "{{ pyqmail_scanners__rspamd_listen }}",
-                        "pyqmail_scanners__config": [],
-                    },
-                },
-            ],
-            "handlers": [
-                {
-                    "name": "The role's handlers",
-                    "ansible.builtin.import_tasks": str(ROLE / "handlers" / "main.yml"),
-                }
-            ],
-        }
-    ]
-    (base / "play.yml").write_text(json.dumps(play))
-    extra = {
-        "pyqmail__root": str(base / "qmail"),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__log_dir": str(base / "log"),
-        "pyqmail__log_user": "nobody",
-        "pyqmail__check_fresh": False,
-        "pyqmail__preflight_done": True,
-        "pyqmail_scanners__rspamd_enabled": True,
-        "pyqmail_scanners__rspamd_listen": listen,
-    }
-    proc = ansible_playbook(base / "play.yml", extra, cwd=base, timeout=400)
-    return proc.returncode, json.loads(proc.stdout)
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
+    return run_supervise(base, listen, config=[])
 
 
 def lose_the_restart(base: Path, how: str) -> None:
@@ -144,13 +65,13 @@ def lose_the_restart(base: Path, how: str) -> None:
     if how == "conftest refuses":
         (base / "broken").touch()
     else:  # a task between the change and the handlers fails (the conftest cannot be written)
-        template = base / "templates" / "var" / "qmail" / "supervise" / "rspamd" / "conftest.j2"
+        template = base / SUPERVISE_TEMPLATES / "rspamd" / "conftest.j2"
         template.write_text("#!/bin/sh\n{{ no_such_variable }}\n")
 
 
 def repair(base: Path) -> None:
     (base / "broken").unlink(missing_ok=True)
-    template = base / "templates" / "var" / "qmail" / "supervise" / "rspamd" / "conftest.j2"
+    template = base / SUPERVISE_TEMPLATES / "rspamd" / "conftest.j2"
     template.write_text(conftest(base))
 
 

@@ -32,6 +32,7 @@ import pytest
 from pyqmail.scan import clamd, rspamd
 from pyqmail.scan.settings import DEFAULT_ACTIONS, load, parse_address
 from tests.roles.playbook import REPO, results_by_task, run_role_tasks
+from tests.roles.scanner_host import scratch_vars
 from tests.roles.test_preflight import problems_of
 from tests.scanners import (
     EICAR,
@@ -92,11 +93,7 @@ def run_role(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
     """The role's tasks and handlers (with the role pyqmail's handlers), as the role runs them;
     task name -> results on localhost. Fails the test if the play fails, unless asked."""
     extra = {
-        "pyqmail__root": str(base / "qmail"),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__log_dir": str(base / "log"),
-        "pyqmail__log_user": "nobody",
-        "pyqmail__check_fresh": False,
+        **scratch_vars(base),
         "pyqmail_scanners__rspamd_enabled": True,
         "pyqmail_scanners__clamav_enabled": True,
         "pyqmail_scanners__rspamd_listen": f"127.0.0.1:{free_port()}",
