@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqmail.checks.greylist import Greylist, Settings
+from pyqmail.checks.greylist import Greylist
 from pyqmail.checks.greysender import normalise
-
-GREY = Settings(delay=300, lifetime=3600)
-T0 = 1_000_000.0
+from tests.greylist_util import GREY, T0
 
 
 @pytest.mark.parametrize(

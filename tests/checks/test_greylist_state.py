@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from pyqmail.checks import greylist
-from pyqmail.checks.greylist import Greylist, Settings, place
+from pyqmail.checks.greylist import Greylist, place
+from tests.greylist_util import GREY, T0
 
-GREY = Settings(delay=300, lifetime=3600)
-T0 = 1_000_000.0
 FLOODER, FRIEND, WAITING = "203.0.113.5", "192.0.2.10", "198.51.100.20"
 
 

@@ -6,15 +6,11 @@ deciding on the same triplets at once: the state is the file's, not a process's.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from pyqmail.checks.greylist import Greylist, Settings, place
+from pyqmail.checks.greylist import Greylist, place
+from tests.greylist_util import GREY, T0, at_once
 from tests.interpreter import fresh_stdout
-
-GREY = Settings(delay=300, lifetime=3600)
-T0 = 1_000_000.0
 
 
 def test_networks_are_slash_24_and_slash_64_within_their_slash_48() -> None:
@@ -73,24 +69,7 @@ print(sum(log.startswith('greylist=new') for log in logs))
 def test_two_processes_share_the_triplets(tmp_path: Path) -> None:
     """200 new triplets decided by two processes at once: each is new exactly once, no
     'database is locked' on the way (set-up and writes wait for their turn)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    for proc in procs:
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    results = [proc.communicate(timeout=60) for proc in procs]
-    for proc, (_, err) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, err
-    assert sum(int(out) for out, _ in results) == 200
+    assert sum(int(out) for out in at_once(WORKER, tmp_path)) == 200
     grey = Greylist(tmp_path)
     assert grey.check("192.0.2.7", "s@b.test", "u0@mx.test", GREY, T0 + 1).log.startswith(
         "greylist=early"
