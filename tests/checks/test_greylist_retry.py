@@ -20,7 +20,8 @@ import pytest
 
 from pyqmail.checks import greylist
 from pyqmail.checks.greylist import Greylist, place
-from tests.checks.test_greylist_bounds import GREY, T0, counts, logs
+from tests.checks.test_greylist_bounds import counts, logs
+from tests.greylist_util import GREY, T0
 
 FRIEND, FRIEND6 = "198.51.100.7", "2001:db8:2::5"
 BOT = "203.0.113.9"

@@ -4,9 +4,10 @@
 temporary directory (every scanner role test runs the role's tasks there, never on this
 machine's /var/qmail). ``stand_in_host`` is our own svscan with a small Python server playing
 rspamd, for the tests of what the role's supervise.yml and its handlers do on a running host
-(a scanner moved to another address, a restart that did not happen): a real rspamd takes
-seconds to start and its address is in files a test would have to rewrite, the stand-in's is
-in its run script or one file of the test's. ``run_supervise`` runs that supervise.yml for it.
+(a scanner moved to another address, a restart that did not happen, a changed log run
+script): a real rspamd takes seconds to start and its address is in files a test would have
+to rewrite, the stand-in's is in its run script or one file of the test's. ``run_supervise``
+runs that supervise.yml for it.
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ def run_script(base: Path, argument: str) -> str:
 
 
 def run_supervise(
-    base: Path, listen: str, config: list[dict[str, Any]]
+    base: Path, listen: str, config: list[dict[str, Any]], *args: str, **more: object
 ) -> tuple[int, dict[str, Any]]:
     """The role's supervise.yml for the stand-in rspamd listening on ``listen``, with the
     role's handlers (no force_handlers); ``config`` is the configuration supervise.yml writes
-    (``pyqmail_scanners__config``). Returns the exit status and the JSON output."""
+    (``pyqmail_scanners__config``), ``args`` more ansible-playbook options (``--check``),
+    ``more`` more extra vars (over ``scratch_vars``). Returns the exit status and the JSON
+    output."""
     play = [
         {
             "name": "A scanner under supervise",
@@ -128,8 +131,9 @@ def run_supervise(
         "pyqmail__preflight_done": True,  # restart_note's include runs the role's dependency
         "pyqmail_scanners__rspamd_enabled": True,
         "pyqmail_scanners__rspamd_listen": listen,
+        **more,
     }
-    proc = ansible_playbook(base / "play.yml", extra, cwd=base, timeout=400)
+    proc = ansible_playbook(base / "play.yml", extra, *args, cwd=base, timeout=400)
     return proc.returncode, json.loads(proc.stdout)
 
 

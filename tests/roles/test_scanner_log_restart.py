@@ -16,120 +16,55 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.roles.playbook import ROLES, ansible_playbook, changed_tasks, results_by_task
+from tests.roles.playbook import changed_tasks, results_by_task
+from tests.roles.scanner_host import (
+    SUPERVISE_TEMPLATES,
+    answers,
+    run_script,
+    run_supervise,
+    stand_in_host,
+)
 from tests.scanners import free_port
-from tests.svscan import own_svscan
 
 pytestmark = pytest.mark.skipif(shutil.which("svscan") is None, reason="needs daemontools")
 
-ROLE = ROLES / "pyqmail_scanners"
 RESTART = "Restart rspamd (svc -t)"
 RESTART_LOG = "Restart rspamd's log service (svc -t)"
 WRITE_LOG_RUN = "Write the log service's run script of rspamd"
 
-# Listens where its first argument says.
-STAND_IN = """\
-import socket, sys
-host, port = sys.argv[1].rsplit(":", 1)
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind((host, int(port)))
-server.listen()
-while True:
-    server.accept()[0].close()
-"""
-
 
 @pytest.fixture
 def host() -> Iterator[Path]:
-    """svscan on <base>/service; the stand-in rspamd's run script and conftest as templates
-    where the play finds them (the conftest template breaks the run while <base>/broken is
-    there: a task fails between the changes and the handlers), the role's log run script."""
-    base = Path(tempfile.mkdtemp(prefix="pyqmail-scanner-log-"))
-    base.chmod(0o755)
-    (base / "service").mkdir()
-    (base / "qmail" / "supervise").mkdir(parents=True)
-    (base / "standin.py").write_text(STAND_IN)
-    templates = base / "templates" / "var" / "qmail" / "supervise"
-    (templates / "rspamd").mkdir(parents=True)
-    (templates / "rspamd" / "run.j2").write_text(
-        "#!/bin/sh\nexec 2>&1\n"
-        f"exec {sys.executable} {base / 'standin.py'} {{{{ pyqmail_scanners__rspamd_listen }}}}\n"
-    )
-    (templates / "rspamd" / "conftest.j2").write_text(
-        "#!/bin/sh\n{{ undefined_while_broken if broken else '' }}\nexit 0\n"
-    )
-    (templates / "any" / "log").mkdir(parents=True)
-    (templates / "any" / "log" / "run.j2").symlink_to(
-        ROLE / "templates" / "var" / "qmail" / "supervise" / "any" / "log" / "run.j2"
-    )
-    try:
-        with own_svscan(
-            base / "service", base / "qmail" / "supervise", base / "svscan.log", settle=15
-        ):
-            yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    """The stand-in rspamd listening where its run script's argument says (the role's
+    ``pyqmail_scanners__rspamd_listen``); its conftest template breaks the run while
+    <base>/broken is there (a task fails between the changes and the handlers)."""
+    with stand_in_host("pyqmail-scanner-log-", "sys.argv[1]") as base:
+        templates = base / SUPERVISE_TEMPLATES / "rspamd"
+        (templates / "run.j2").write_text(run_script(base, "{{ pyqmail_scanners__rspamd_listen }}"))
+        (templates / "conftest.j2").write_text(
+            "#!/bin/sh\n{{ undefined_while_broken if broken else '' }}\nexit 0\n"
+        )
+        yield base
 
 
 def run(base: Path, listen: str, log_dir: str, *args: str) -> tuple[int, dict[str, Any]]:
     """The role's supervise.yml for the stand-in, logging into <base>/<log_dir>/rspamd, with
     the role's handlers; no force_handlers. ``args``: more options (--check)."""
-    play = [
-        {
-            "name": "A scanner under supervise",
-            "hosts": "localhost",
-            "connection": "local",
-            "gather_facts": False,
-            "vars_files": [
-                str(path)
-                for role in ("pyqmail", "pyqmail_scanners")
-                for part in ("defaults", "vars")
-                if (path := ROLES / role / part / "main.yml").is_file()
-            ],
-            "tasks": [
-                {
-                    "name": "The role's supervise.yml",
-                    "ansible.builtin.include_tasks": str(ROLE / "tasks" / "supervise.yml"),
-                    "vars": {
-                        "pyqmail_scanners__service": "{{ pyqmail_scanners__rspamd_service }}",
-                        "pyqmail_scanners__listen": "{{ pyqmail_scanners__rspamd_listen }}",
-                        "pyqmail_scanners__config": [],
-                    },
-                },
-            ],
-            "handlers": [
-                {
-                    "name": "The role's handlers",
-                    "ansible.builtin.import_tasks": str(ROLE / "handlers" / "main.yml"),
-                }
-            ],
-        }
-    ]
-    (base / "play.yml").write_text(json.dumps(play))
-    extra = {
-        "pyqmail__root": str(base / "qmail"),
-        "pyqmail__service_dir": str(base / "service"),
-        "pyqmail__log_dir": str(base / log_dir),
-        "pyqmail__log_user": "nobody",
-        "pyqmail__check_fresh": False,
-        "pyqmail__preflight_done": True,
-        "pyqmail_scanners__rspamd_enabled": True,
-        "pyqmail_scanners__rspamd_listen": listen,
-        "broken": (base / "broken").exists(),
-    }
-    proc = ansible_playbook(base / "play.yml", extra, *args, cwd=base, timeout=400)
-    return proc.returncode, json.loads(proc.stdout)
+    return run_supervise(
+        base,
+        listen,
+        [],
+        *args,
+        pyqmail__log_dir=str(base / log_dir),
+        broken=(base / "broken").exists(),
+    )
 
 
 def pid(service: Path) -> int:
@@ -143,14 +78,6 @@ def pid(service: Path) -> int:
 def writes_into(log_pid: int) -> str:
     """The directory a multilog writes into (its last argument)."""
     return Path(f"/proc/{log_pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def test_a_changed_log_run_restarts_the_log_service_alone(host: Path) -> None:
