@@ -9,6 +9,7 @@ Only paths of this test are touched.
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
 import socket
@@ -308,8 +309,9 @@ RELOAD_DUE = "Reload the services whose files changed since their last load (han
 
 def test_a_reload_a_run_never_got_to_is_done_by_the_next_run(host: QmailRoot) -> None:
     """A control file written by a run that ended before its handlers (here: by hand, after
-    the run) is newer than the listeners' note of their last load (supervise/<service>/loaded):
-    the next run reloads them (svc -h, not a restart), and the one after changes nothing."""
+    the run, with an old mtime as cp -p leaves it) differs from the listeners' note of what they
+    loaded (supervise/<service>/loaded): the next run reloads them (svc -h, not a restart), and
+    the one after changes nothing; a file dated in the future is reloaded once, not every run."""
     extra = extra_vars(host)
     port = extra["pyqmail_services__ports"]["smtp"]
     stats, _ = run_role(host, extra)
@@ -317,7 +319,9 @@ def test_a_reload_a_run_never_got_to_is_done_by_the_next_run(host: QmailRoot) ->
     supervise = host.path / "supervise"
     assert sorted(p.parent.name for p in supervise.glob("*/loaded")) == sorted(SERVICES)
     before = pids(host)
-    host.control("databytes", "2000000\n")
+    written = host.control("databytes", "2000000\n")
+    day_ago = time.time() - 86400
+    os.utime(written, (day_ago, day_ago))  # as cp -p or a restore leaves it: an old mtime
     time.sleep(1)
     assert advertised_size(port) != "2000000"  # nothing told the listener
 
@@ -328,6 +332,15 @@ def test_a_reload_a_run_never_got_to_is_done_by_the_next_run(host: QmailRoot) ->
     assert "Reload the SMTP listeners (svc -h)" in ran
     assert "Reload pyqmail-send (svc -h, then check it stays up)" in ran
     assert pids(host) == before  # reloaded, not restarted
+    stats, ran = run_role(host, extra)
+    assert (stats["failures"], stats["changed"]) == (0, 0), (stats, ran.get(RELOAD_DUE))
+
+    # A file dated in the future (a clock stepped back): reloaded once, then nothing more.
+    ahead = time.time() + 3600
+    os.utime(host.control("databytes", "2500000\n"), (ahead, ahead))
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    assert size_becomes(port, "2500000") == "2500000"
     stats, ran = run_role(host, extra)
     assert (stats["failures"], stats["changed"]) == (0, 0), (stats, ran.get(RELOAD_DUE))
 

@@ -181,15 +181,6 @@ def _check(handler: dict[str, Any]) -> str:
     return str(PYQMAIL_VARS[name])
 
 
-def _loaded_note(handler: dict[str, Any]) -> str:
-    """The service whose note of its last load (pyqmail__loaded_stamp) ``handler`` touches."""
-    task = handler["ansible.builtin.file"]
-    assert task["state"] == "touch", handler["name"]
-    where, _, stamp = task["path"].rpartition("/")
-    assert stamp == "{{ pyqmail__loaded_stamp }}", task["path"]
-    return where.removeprefix("{{ pyqmail__service_dir }}/")
-
-
 def test_send_handlers_validate_before_signalling() -> None:
     send = [h for h in HANDLERS if SEND in _listens(h)]
     kinds = [_kind(h) for h in send]
@@ -197,17 +188,15 @@ def test_send_handlers_validate_before_signalling() -> None:
         "ansible.builtin.stat",
         "ansible.builtin.command",
         "ansible.builtin.fail",
-        "ansible.builtin.file",  # the note of its load, once the check passed
         "pyqmail.mail.pyqmail_service",
     ]
     assert "'--check'" in _check(send[1])
-    assert _loaded_note(send[3]) == "qmail-send"
-    assert send[4]["pyqmail.mail.pyqmail_service"]["state"] == "reloaded"
-    assert send[4]["pyqmail.mail.pyqmail_service"]["name"] == "qmail-send"
+    assert send[3]["pyqmail.mail.pyqmail_service"]["state"] == "reloaded"
+    assert send[3]["pyqmail.mail.pyqmail_service"]["name"] == "qmail-send"
     # the listeners' reload never signals qmail-send, and send's reload runs before a restart
     order = [h["name"] for h in HANDLERS]
     restart = next(i for i, h in enumerate(HANDLERS) if "svc -t" in h["name"])
-    assert order.index(send[4]["name"]) < restart
+    assert order.index(send[3]["name"]) < restart
 
 
 def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None:
@@ -215,22 +204,19 @@ def test_listener_handlers_run_the_daemons_own_check_before_signalling() -> None
     no inline Python that loads the configuration its own way."""
     listeners = [h for h in HANDLERS if LISTENERS in _listens(h)]
     kinds = [_kind(h) for h in listeners]
-    assert kinds[:6] == [
+    assert kinds[:5] == [
         "ansible.builtin.find",  # the linked listeners
         "ansible.builtin.find",  # the listeners' own rules cdbs there are
         "ansible.builtin.command",
         "ansible.builtin.fail",
-        "ansible.builtin.file",  # the note of their load, once the check passed
         "ansible.builtin.command",
     ]
-    assert _loaded_note(listeners[4]) == "{{ item }}"  # the linked path
-    assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[4])
     argv = _check(listeners[2])
     assert argv.startswith("{{ [pyqmail__venv ~ '/bin/pyqmail-smtpd', '--check', ")
     for option in ("--root", "--mode", "--rules", "--user"):
         assert f"'{option}'" in argv, option
     assert "'-c'" not in argv
-    assert "svc" in listeners[5]["ansible.builtin.command"]["argv"]
+    assert "svc" in listeners[4]["ansible.builtin.command"]["argv"]
     restart = next(h for h in HANDLERS if "svc -t" in h["name"])
     assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[1])
     assert {LISTENERS, "pyqmail restart daemons"} <= _listens(listeners[2])
@@ -260,17 +246,15 @@ def test_dkim_group_restarts_pyqmail_send_alone() -> None:
         "ansible.builtin.stat",
         "ansible.builtin.command",
         "ansible.builtin.fail",
-        "ansible.builtin.file",  # the note of its load, once the check passed
         "pyqmail.mail.pyqmail_service",
         "ansible.builtin.file",  # the note pyqmail__send_restart_marker, after the restart
     ]
     assert "'--check'" in _check(restart[1])
-    assert _loaded_note(restart[3]) == "qmail-send"
-    service = restart[4]["pyqmail.mail.pyqmail_service"]
+    service = restart[3]["pyqmail.mail.pyqmail_service"]
     assert (service["name"], service["state"]) == ("qmail-send", "restarted")
     assert "smtpd" not in yaml.safe_dump(restart)
-    assert all(HANDLERS.index(restart[i]) < HANDLERS.index(restart[4]) for i in range(4))
-    assert restart[5]["ansible.builtin.file"] == {
+    assert all(HANDLERS.index(restart[i]) < HANDLERS.index(restart[3]) for i in range(3))
+    assert restart[4]["ansible.builtin.file"] == {
         "path": "{{ pyqmail__send_restart_marker }}",
         "state": "absent",
     }
