@@ -21,11 +21,14 @@ gets bank.example's whichever a client shows; one naming no domain at all (RFC 6
 From is (nothing shown to protect); one with no safe reading (an at sign before no word,
 bidirectional overrides or isolates, a domain that is no host name or holds a format
 character) is refused. A display name's words after an at sign count as domains shown
-(``Joe @ Home <joe@example.com>``: RFC 5322 4.4 allows blanks around "@"), so such a From
-is judged on what home and example.com publish: a domain without a DMARC record gives
-``none`` for itself, and only a failing p=reject (or p=quarantine) domain among them gets
-the message refused (or sent to Junk); a zero-width joiner or right-to-left mark in a
-display name is harmless. Those Froms were refused unasked before (session 35).
+(``Joe @ bank.example <joe@example.com>``: RFC 5322 4.4 allows blanks around "@"), so such
+a From is judged on what bank.example and example.com publish. The author domain (6.6.1:
+the address in angle brackets, example.com) gives the result; a domain only shown counts
+only when it tightens it (a failing p=reject or p=quarantine gets the message refused or
+sent to Junk, ``_rank``): its ``none`` (no record) never replaces the author's pass. A
+public suffix shown (the dotless ``Home`` of ``Joe @ Home``, ``Yahoo`` of ``News @
+Yahoo!``) is no one's domain and is not looked up. A zero-width joiner or right-to-left mark
+in a display name is harmless. Those Froms were refused unasked before (session 35).
 
 ``np`` (RFC 9091 3.2, kept by DMARCbis): a failing message whose From domain is a subdomain
 with no record of its own and does not exist gets the organisational domain's ``np`` (when
@@ -115,13 +118,25 @@ def _psl() -> publicsuffix2.PublicSuffixList:
     return publicsuffix2.PublicSuffixList()
 
 
+def _suffix(domain: str) -> str:
+    """The public suffix of ``domain`` (lower case, no trailing dot): the list's, else its
+    last label (the default rule ``*``)."""
+    return _psl().get_tld(domain, strict=True) or domain.rpartition(".")[2]
+
+
 def org_domain(domain: str) -> str:
     """The organisational domain (RFC 7489 3.2): one label more than the public suffix."""
     domain = domain.lower().rstrip(".")
     labels = domain.split(".")
-    suffix = _psl().get_tld(domain, strict=True) or labels[-1]
-    count = suffix.count(".") + 2
+    count = _suffix(domain).count(".") + 2
     return ".".join(labels[-count:]) if len(labels) >= count else domain
+
+
+def public_suffix(domain: str) -> bool:
+    """Whether ``domain`` is a public suffix itself, so no one's organisational domain
+    (``com``, ``co.uk``, and under the default rule every dotless name: ``yahoo``)."""
+    domain = domain.lower().rstrip(".")
+    return _suffix(domain) == domain
 
 
 def ace(domain: str) -> str | None:
@@ -146,29 +161,61 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
 
 
 def from_domains(head: bytes) -> list[str] | str:
-    """The distinct domains of the header From (RFC 7489 6.6.1), lower case, in order; []
+    """The distinct domains of the header From judged (RFC 7489 6.6.1), lower case, in
+    order (``_judged``); [] when there is no From; a str, why DMARC cannot judge the From
+    (``NO_DOMAIN`` when it names none)."""
+    judged = _judged(head)
+    return judged if isinstance(judged, str) else judged[0]
+
+
+def _judged(head: bytes) -> tuple[list[str], list[str]] | str:
+    """(the domains of the header From judged, the author domains among them); ([], [])
     when there is no From; a str, why DMARC cannot judge the From, when there is more than
     one From field, one naming more than ``MAX_FROM_DOMAINS`` domains, or one with no safe
     reading (``_shown``); ``NO_DOMAIN`` when it names none. Read as the sender rules read
     From (``pyqmail.headers``), over the whole header section: a From past 100 KiB is a
-    From; one that reading cannot read, or reads with ASCII punctuation in a domain
-    (``ceo@bank.test!``: it looked up ``_dmarc.bank.test!``, no record, and accepted), is
-    judged on every domain a client may show in it."""
+    From; the domains of the addresses it reads are the author domains. One that reading
+    cannot read, or reads with ASCII punctuation in a domain (``ceo@bank.test!``: it looked
+    up ``_dmarc.bank.test!``, no record, and accepted), is judged on every domain a client
+    may show in it but public suffixes (``_shown``); its author domain is the one of the
+    address in angle brackets it ends with (``_author``), else every domain judged is."""
     values = header_values(head, "from", limit=len(head))
     if not values:
-        return []
+        return [], []
     if len(values) > 1:
         return "more than one header From field"
     addresses = mailbox_addresses(values[0]) or []
     domains = list(dict.fromkeys(a.rpartition("@")[2].lower().rstrip(".") for a in addresses))
+    authors = domains
     if not domains or any(_PUNCTUATED.match(d) for d in domains):
         shown = _shown(values[0])
         if isinstance(shown, str):
             return shown
-        domains = shown
+        author = _author(values[0])
+        authors = [author] if author in shown else []
+        domains = [d for d in shown if d in authors or not public_suffix(ace(d) or d)]
+        authors = authors or domains
+        if not domains:
+            return NO_DOMAIN
     if len(domains) > MAX_FROM_DOMAINS:
         return f"header From names more than {MAX_FROM_DOMAINS} domains"
-    return domains
+    return domains, authors
+
+
+def _author(value: str) -> str | None:
+    """The author domain of a From the address grammar cannot read (RFC 7489 6.6.1: the
+    address in angle brackets): the domain shown in the angle brackets the value ends with
+    (``News @ Yahoo! <news@yahoo.com>``: yahoo.com); None when it does not end with them,
+    or they hold other than one at sign and one domain shown. The other domains shown are
+    only shown: their failing policy tightens the result, their ``none`` or pass does not
+    stand for the message (``_rank``)."""
+    value = value.rstrip()
+    start = value.rfind("<")
+    inner = value[start + 1 : -1]
+    if start < 0 or not value.endswith(">") or ">" in inner or inner.count("@") != 1:
+        return None
+    shown = shown_domains(inner)
+    return shown[0] if shown and len(shown) == 1 else None
 
 
 def _shown(value: str) -> list[str] | str:
@@ -179,9 +226,11 @@ def _shown(value: str) -> list[str] | str:
     looked up would not be the one a reader sees). A word is cut at ASCII punctuation no
     host name holds before (``shown_domains``): ``Marketing @ AT&T <news@att.example>``,
     ``News @ Yahoo! <...>``, ``Sales @ 24/7 <...>`` were refused here, unasked, for it;
-    now at, yahoo and 24 are judged like the dotless ``Home`` of ``Joe @ Home`` (looked
-    up: publishing no record, they give ``none``), ``Ops @ example.com/team`` and
-    ``=?utf-8?q?ceo@bank.test?=`` on example.com and bank.test. Why not refuse them all,
+    now at, yahoo and 24 are dropped (``_judged``) as the dotless ``Home`` of ``Joe @
+    Home``: a public suffix is no one's domain, and looking them up asked a TLD's DMARC
+    record for every such message (``_dmarc.at.``), its ``none`` reported in place of the
+    address's pass. ``Ops @ example.com/team`` and ``=?utf-8?q?ceo@bank.test?=`` are
+    judged on example.com and bank.test. Why not refuse them all,
     as at first: legitimate senders write such Froms (RFC 6854 groups, ``MAILER-DAEMON``,
     the sloppy ``a@b.example <a@b.example>``, Japanese mobile local parts with '..',
     ``Joe @ Home <joe@b.example>``, an unquoted comma in a display name), and judging every
@@ -303,14 +352,21 @@ def _domain(
     return DmarcResult("fail", domain, _sampled(tags, published, draw), published, tag=tag)
 
 
-def _rank(r: DmarcResult) -> tuple[int, int]:
+def _rank(r: DmarcResult, author: bool = True) -> tuple[int, int, int]:
     """Which of several From domains' results stands for the message (the lowest): a
     failure with a policy, the strictest first (RFC 7489 6.6.1); a temperror (which
-    ``inbound`` may defer); a failure without one; no policy; a pass last."""
+    ``inbound`` may defer); a failure without one; no policy; a pass last; on a tie, an
+    author domain's. A domain only shown (``_judged``: ``Joe @ bank.example <joe@b.example>``)
+    stands only with a failure with a policy or a temperror (its DNS failing, or its share
+    of the budget spent, must not let a forged domain through): it may tighten the result,
+    never replace the author domain's pass with its ``none`` or a failure without a policy."""
     order = ("reject", "quarantine", "none")
+    tie = 0 if author else 1
     if r.result == "fail" and r.policy != "none":
-        return 0, order.index(r.policy)
-    return {"temperror": 1, "fail": 2, "none": 3, "pass": 4}.get(r.result, 3), 0
+        return 0, order.index(r.policy), tie
+    if not author and r.result != "temperror":
+        return 5, 0, tie
+    return {"temperror": 1, "fail": 2, "none": 3, "pass": 4}.get(r.result, 3), 0, tie
 
 
 def check(
@@ -332,15 +388,17 @@ def check(
     mail is typically rejected), which ``authresults.decide`` treats as a p=reject failure;
     before, it was accepted, so a second ``From: x@evil.test`` switched off any domain's
     p=reject. A From of several domains (or showing several): each domain's result, the
-    strictest failing policy applies (``_rank``); each domain's lookups get an equal share
+    strictest failing policy applies, a domain only shown stands only when it tightens the
+    result (``_rank``); each domain's lookups get an equal share
     of what is left of the budget, so the DNS of a domain the sender owns cannot spend the
     time of the one it forges."""
     deadline = time.monotonic() + budget
-    domains = from_domains(head)
-    if domains == NO_DOMAIN:
+    judged = _judged(head)
+    if judged == NO_DOMAIN:
         return DmarcResult("permerror", reason=NO_DOMAIN)
-    if isinstance(domains, str):
-        return DmarcResult("permerror", policy="reject", reason=domains)
+    if isinstance(judged, str):
+        return DmarcResult("permerror", policy="reject", reason=judged)
+    domains, authors = judged
     if not domains:
         return DmarcResult("none", reason="no header From")
     if any(ace(d) is None for d in domains):
@@ -350,5 +408,6 @@ def check(
     results = []
     for i, domain in enumerate(domains):
         share = time.monotonic() + (deadline - time.monotonic()) / (len(domains) - i)
-        results.append(_domain(res, domain, spf, dkim, draw=draw, deadline=share))
-    return min(results, key=_rank)
+        result = _domain(res, domain, spf, dkim, draw=draw, deadline=share)
+        results.append((_rank(result, domain in authors), result))
+    return min(results, key=lambda ranked: ranked[0])[1]
