@@ -1,14 +1,17 @@
 """``pyqmail-dns check --fetch-policy``: the MTA-STS policy fetched as a sender fetches it.
 
 Real parts: knot serves the role's zone (tests/dnszone) plus ``mta-sts.<domain>`` A records
-(or CNAMEs, some to a second zone ``hosting.test``) pointing at 127.0.0.1, where a real
+(or CNAMEs, some to a hosting provider's zone ``hosting.test``, which a second knot serves:
+the first refuses it, as a domain's own server does) pointing at 127.0.0.1, where a real
 HTTPS server (the standard library's, TLS with a certificate of a throw-away CA, tests/pki)
 answers per Host header what each test sets; the command runs as a process with
-``--cafile`` that CA.
+``--cafile`` that CA and ``--resolver`` the second knot (or the first: the system resolver,
+which would ask beyond loopback, is never used).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ssl
 import subprocess
@@ -90,19 +93,25 @@ def web(ca: CA, tmp_path: Path) -> Iterator[PolicyServer]:
 
 
 def run_policy_check(
-    tmp_path: Path, ca: CA, port: int, add: str = A_RECORDS, hosting: str = ""
+    tmp_path: Path,
+    ca: CA,
+    port: int,
+    add: str = A_RECORDS,
+    outside: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The command against knot serving the role's zones plus ``add``, and the zone
-    ``hosting.test.`` holding ``hosting`` when given."""
+    """The command against knot serving the role's zones plus ``add``; ``--resolver`` (asked
+    for the names that knot does not serve) is a second knot serving the zones ``outside``
+    when given, else the first knot itself."""
     text = zone()
     path = tmp_path / "dns.zone"
     path.write_text(text)
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca.cert_pem)
-    zones = served(text, add=add) | ({"hosting.test.": hosting} if hosting else {})
-    with DnsServer(zones) as dns:
+    with DnsServer(served(text, add=add)) as dns, contextlib.ExitStack() as stack:
+        resolver = stack.enter_context(DnsServer(outside)) if outside else dns
         argv = [str(BIN / "pyqmail-dns"), "check", str(path), "--fetch-policy"]
         argv += ["--nameserver", dns.host, "--port", str(dns.port), "--timeout", "3"]
+        argv += ["--resolver", f"{resolver.host}:{resolver.port}"]
         argv += ["--https-port", str(port), "--cafile", str(cafile)]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
@@ -185,19 +194,29 @@ def test_a_wrong_certificate_html_and_no_address_are_missing(
     ), result.stdout
 
 
+# mta-sts.example.org: a CNAME to a zone the domain's knot does not serve (it answers
+# REFUSED); mta-sts.mx1.example.org: one to a zone delegated from example.org (a referral),
+# whose name is a CNAME back to example.org, which the second knot does not serve.
+HOSTED = (
+    "mta-sts.example.org. 3600 IN CNAME sts.hosting.test.\n"
+    "mta-sts.mx1.example.org. 3600 IN CNAME sts.hosted.example.org.\n"
+    "hosted.example.org. 3600 IN NS ns.hosting.test.\n"
+    "web.example.org. 3600 IN A 127.0.0.1\n"
+)
+HOSTING = {
+    "hosting.test.": "sts A 127.0.0.1\n",
+    "hosted.example.org.": "sts CNAME web.example.org.\n",
+}
+
+
 def test_a_policy_host_published_as_a_cname_is_followed(
     tmp_path: Path, ca: CA, web: PolicyServer
 ) -> None:
-    """mta-sts.example.org is a CNAME to another zone (knot answers the A query with the
-    CNAME alone, as any authoritative server does), mta-sts.mx1.example.org one to a name of
-    its own zone: both policies are fetched from the targets' address, the certificate
-    checked for the mta-sts names (it has no other)."""
-    add = (
-        "mta-sts.example.org. 3600 IN CNAME sts.hosting.test.\n"
-        "mta-sts.mx1.example.org. 3600 IN CNAME web.example.org.\n"
-        "web.example.org. 3600 IN A 127.0.0.1\n"
-    )
-    result = run_policy_check(tmp_path, ca, web.port, add=add, hosting="sts A 127.0.0.1\n")
+    """A hosting provider's names, which the domain's own server does not serve (REFUSED,
+    a referral), are asked of the recursive resolver (--resolver), and a chain coming back
+    to the domain's zone of its server again: both policies are fetched from the targets'
+    address, the certificate checked for the mta-sts names (it has no other)."""
+    result = run_policy_check(tmp_path, ca, web.port, add=HOSTED, outside=HOSTING)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.endswith(" records published and 2 MTA-STS policies served\n")
     assert web.paths == ["/.well-known/mta-sts.txt"] * 2
@@ -206,16 +225,16 @@ def test_a_policy_host_published_as_a_cname_is_followed(
 def test_a_cname_loop_and_a_chain_too_long_are_missing(
     tmp_path: Path, ca: CA, web: PolicyServer
 ) -> None:
-    """A loop through two zones and one inside a zone (which knot answers as a chain
-    dnspython refuses as too long) are named; so is a chain of 9 hops, while one of 8 (the
-    limit) is followed to its address."""
+    """A loop through two zones (one the second knot serves) and one inside a zone (which
+    knot answers as a chain dnspython refuses as too long) are named; so is a chain of 9
+    hops, while one of 8 (the limit) is followed to its address."""
     add = (
         "mta-sts.example.org. 3600 IN CNAME a.hosting.test.\n"
         "mta-sts.mx1.example.org. 3600 IN CNAME loop.example.org.\n"
         "loop.example.org. 3600 IN CNAME mta-sts.mx1.example.org.\n"
     )
     hosting = "a CNAME b\nb CNAME mta-sts.example.org.\n"
-    result = run_policy_check(tmp_path, ca, web.port, add=add, hosting=hosting)
+    result = run_policy_check(tmp_path, ca, web.port, add=add, outside={"hosting.test.": hosting})
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     for url, chain in [

@@ -23,11 +23,16 @@ How records are compared:
 it with the one the file prints as comments (``pyqmail.tools.mtasts``).
 
 ``--nameserver``/``--port`` ask one server (tests start knot on loopback); by default the
-system resolver (/etc/resolv.conf) answers, as remote mail servers would see it.
+system resolver (/etc/resolv.conf) answers, as remote mail servers would see it. A name the
+policy fetch needs that ``--nameserver`` does not serve (a CNAME of ``mta-sts.<domain>`` to a
+hosting provider's zone) is asked of ``--resolver`` (by default the system resolver): the
+recursive resolver a sender would use (RFC 8461 3.3).
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +47,8 @@ import dns.zone
 
 if TYPE_CHECKING:
     import argparse
+
+    from pyqmail.tools import mtasts
 
 EXIT_PUBLISHED, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 INFO = "INFO "  # a line that is no problem (another TLSA next to the expected one)
@@ -104,6 +111,29 @@ def make_resolver(nameserver: str | None, port: int, timeout: float) -> dns.reso
     resolver.port = port
     resolver.timeout = resolver.lifetime = timeout
     return resolver
+
+
+def resolver_address(text: str) -> tuple[str, int]:
+    """``--resolver``'s HOST[:PORT] (``[v6]:PORT`` with a port): the address and port (53
+    when none is given); ValueError saying what is wrong."""
+    host, port = text, "53"
+    if text.startswith("[") and "]" in text:
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: after ']' only ':PORT' may follow")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: {host!r} is not an IP address (a resolver is asked by its address)"
+        ) from None
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: the port {port!r} is not a number from 1 to 65535")
+    return host, int(port)
 
 
 def lookup(resolver: dns.resolver.Resolver, want: Expected) -> list[dns.rdata.Rdata]:
@@ -220,8 +250,25 @@ def _policies(
         context = mtasts.tls_context(args.cafile)
     except mtasts.CafileError as exc:
         raise InputError(str(exc)) from exc
-    fetcher = mtasts.Fetcher(resolver, args.timeout, context, args.https_port)
+    fetcher = mtasts.Fetcher(resolver, args.timeout, context, args.https_port, _outside(args))
     return lambda: mtasts.check_policies(wanted, fetcher), len(wanted)
+
+
+def _outside(args: argparse.Namespace) -> mtasts.Outside | None:
+    """The recursive resolver for names ``--nameserver`` does not serve: ``--resolver``, or
+    the system's; None without ``--nameserver`` (the system resolver answers every name)."""
+    from pyqmail.tools import mtasts  # noqa: PLC0415 - only with --fetch-policy
+
+    if args.nameserver is None:
+        return None
+    server = f"--nameserver {args.nameserver} port {args.port}"
+    if args.resolver is None:
+        label, host, port = "the system resolver (/etc/resolv.conf)", None, 53
+    else:
+        host, port = args.resolver
+        label = f"the resolver {host} port {port} (--resolver)"
+    make = functools.cache(functools.partial(make_resolver, host, port, args.timeout))
+    return mtasts.Outside(make, label, server)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -256,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="resolve every record of the file; exit 1 if any differs")
     chk.add_argument("zonefile", help="the zone file, e.g. artifacts/mx1.example.org/dns.zone")
-    chk.add_argument("--nameserver", help="ask this server only (default: the system resolver)")
+    chk.add_argument(
+        "--nameserver",
+        help="ask this server (default: the system resolver); with --fetch-policy, names it "
+        "does not serve go to --resolver",
+    )
     chk.add_argument("--port", type=int, default=53, help="port of the name server (default 53)")
     chk.add_argument("--timeout", type=float, default=5.0, help="seconds per query (default 5)")
     chk.add_argument(
@@ -271,7 +322,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument(
         "--cafile", help="trust these CAs for the policy's web server (default: the system's)"
     )
+    chk.add_argument(
+        "--resolver",
+        metavar="HOST[:PORT]",
+        help="with --fetch-policy and --nameserver: the recursive resolver to follow names "
+        "outside the zone file's zones (a CNAME of mta-sts.<domain> to a hosting provider), "
+        "as senders do (default: the system resolver, /etc/resolv.conf)",
+    )
     args = parser.parse_args(argv)
+    _check_resolver(parser, args)
     for option, port in (("--port", args.port), ("--https-port", args.https_port)):
         if not 0 < port < 65536:
             parser.error(f"{option} {port}: must be from 1 to 65535")
@@ -280,6 +339,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         sys.stderr.write(f"pyqmail-dns: {exc}\n")
     return EXIT_USAGE
+
+
+def _check_resolver(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--resolver`` read into (address, port); a usage error (exit 2) naming what is wrong,
+    and when it would not be used (only the policy fetch asks it, and only for names
+    ``--nameserver`` does not serve)."""
+    if args.resolver is None:
+        return
+    if not args.fetch_policy or args.nameserver is None:
+        parser.error(
+            f"--resolver {args.resolver}: only used with --fetch-policy and --nameserver "
+            "(without --nameserver the system resolver answers every name)"
+        )
+    try:
+        args.resolver = resolver_address(args.resolver)
+    except ValueError as exc:
+        parser.error(f"--resolver {exc}")
 
 
 if __name__ == "__main__":

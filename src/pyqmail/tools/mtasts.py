@@ -9,7 +9,10 @@ This module fetches the policy the way a sender does and compares it with the fi
 
 - the name ``mta-sts.<domain>`` is resolved with the command's resolver: its CNAME chain
   followed (at most ``MAX_CNAMES`` hops, a loop named), then A and AAAA of the chain's end,
-  each address tried on port 443 (``--https-port`` for tests);
+  each address tried on port 443 (``--https-port`` for tests). A name that ``--nameserver``
+  does not serve (it answers REFUSED, or a referral: no authoritative answer) is asked of
+  the recursive resolver senders use (``--resolver``, by default the system's): a
+  hosting provider's name is in a zone the domain's own server is not authoritative for;
 - HTTPS with the certificate checked for ``mta-sts.<domain>`` (not the CNAME's target: a
   sender checks the name it asked for) against the system's CAs (``--cafile`` for a private
   CA, read once before any lookup: ``tls_context``): RFC 8461 3.3 requires a valid
@@ -36,9 +39,12 @@ import http.client
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
+import dns.flags
+import dns.rcode
 import dns.resolver
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
@@ -172,23 +178,70 @@ def _via(chain: list[str]) -> str:
     return f" (CNAME chain {' -> '.join(chain)})" if len(chain) > 1 else ""
 
 
+def _refused(exc: dns.resolver.NoNameservers) -> bool:
+    """Whether a server answered REFUSED (knot's answer for a name outside its zones)."""
+    errors = exc.kwargs.get("errors") or []
+    return any(e[4] is not None and e[4].rcode() == dns.rcode.REFUSED for e in errors)
+
+
+@dataclass(frozen=True)
+class Outside:
+    """The recursive resolver asked for a name ``--nameserver`` does not serve, and how a
+    message names it. Made when first needed (``make``): the system resolver is read from
+    /etc/resolv.conf only then, and a machine without one fails that name, not the command."""
+
+    make: Callable[[], dns.resolver.Resolver]
+    label: str  # "the system resolver (/etc/resolv.conf)", "--resolver 192.0.2.1 port 53"
+    server: str  # "--nameserver 192.0.2.53 port 53"
+
+
 @dataclass(frozen=True)
 class Fetcher:
-    """How policies are fetched: the command's resolver, the TLS context, the HTTPS port."""
+    """How policies are fetched: the command's resolver (and the recursive one for names
+    outside its zones, None when the command's resolver is the system's recursive one), the
+    TLS context, the HTTPS port."""
 
     resolver: dns.resolver.Resolver
     timeout: float
     context: ssl.SSLContext
     port: int = 443
+    outside: Outside | None = None
 
     def _ask(self, name: str, rdtype: str, via: str) -> dns.resolver.Answer:
-        """DNS's answer for ``name`` and ``rdtype`` (empty: no such record); FetchError."""
+        """DNS's answer for ``name`` and ``rdtype`` (empty: no such record); FetchError.
+
+        ``--nameserver`` is asked first, each name anew (a chain may leave its zones and come
+        back); a name it does not serve goes to the recursive resolver (``_ask_outside``).
+        """
         try:
-            return self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
+            answer = self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             raise FetchError(f"{name} does not exist in DNS{via}") from None
+        except dns.resolver.NoNameservers as exc:
+            if self.outside is None or not _refused(exc):
+                raise FetchError(f"{name}: no answer from DNS: {exc}{via}") from None
+            why = "answered REFUSED"
         except dns.exception.DNSException as exc:
             raise FetchError(f"{name}: no answer from DNS: {exc}{via}") from None
+        else:
+            # An authoritative answer (AA) or a recursive resolver's (RA) is the answer; an
+            # authoritative server's answer with neither is a referral to another server.
+            if self.outside is None or answer.response.flags & (dns.flags.AA | dns.flags.RA):
+                return answer
+            why = "gave no authoritative answer (a referral)"
+        return self._ask_outside(self.outside, name, rdtype, via, why)
+
+    def _ask_outside(
+        self, outside: Outside, name: str, rdtype: str, via: str, why: str
+    ) -> dns.resolver.Answer:
+        """``_ask`` of the recursive resolver; a FetchError says it was asked and why."""
+        note = f" ({outside.server} {why}, so {outside.label} was asked){via}"
+        try:
+            return outside.make().resolve(name, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise FetchError(f"{name} does not exist in DNS{note}") from None
+        except dns.exception.DNSException as exc:
+            raise FetchError(f"{name}: no answer from DNS: {exc}{note}") from None
 
     def chain(self, name: str) -> list[str]:
         """``name`` and the names its CNAME chain leads to, one CNAME query a hop.
@@ -197,7 +250,9 @@ class Fetcher:
         ``--nameserver`` asks) answers an A query with the CNAME alone when its target is in
         another zone, and dnspython's stub resolver does not ask again. CNAME queries, rather
         than following the A answer's canonical name, also name a loop inside one zone,
-        which the server answers as a chain dnspython refuses as too long.
+        which the server answers as a chain dnspython refuses as too long. A hop into a zone
+        the server does not serve (a hosting provider's) is asked of the recursive resolver
+        (``_ask``), as the sender's resolver would find it.
         """
         chain = [name]
         while True:
