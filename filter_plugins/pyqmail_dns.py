@@ -177,9 +177,11 @@ def spf_extra(value: Any) -> list[str]:
 
 def _no_self_include(host: Mapping[str, Any], terms: Sequence[Any]) -> None:
     """No term includes a record it is put in: the SPF of the host's name and of each domain
-    it receives, is backup MX for, sends or signs for (an include:-loop is a permerror)."""
-    named = [("pyqmail__me", [host["me"]])]
-    named += [(f"pyqmail_control__{key}", host[key]) for key in ("locals", "relay_domains")]
+    it receives, sends or signs for (an include:-loop is a permerror). A domain it is only
+    backup MX for gets a record only if another host of the run has it as its own: the zone
+    checks that (``_no_include_of``); include: of it is otherwise how a backup MX sends
+    through the partner's smarthost."""
+    named = [("pyqmail__me", [host["me"]]), ("pyqmail_control__locals", host["locals"])]
     named += [(f"{V}send_domains", host["send_domains"])]
     named += [("pyqmail_dkim__domains", [d["domain"] for d in host["dkim"]])]
     own: dict[str, str] = {}
@@ -190,6 +192,19 @@ def _no_self_include(host: Mapping[str, Any], terms: Sequence[Any]) -> None:
         problem = self_include(term, own)
         if problem:
             raise _fail(f"{V}spf_extra[{index}]: {term!r} {problem}")
+
+
+def _no_include_of(serving: list[dict[str, Any]], domain: str) -> None:
+    """No host's term includes the SPF record of ``domain`` that the run writes (a host has it
+    as its own) and that gets the terms of every host serving it: a backup MX's include: of
+    the domain it relays for is a loop once a host of the run writes that domain's record."""
+    primary = sorted(h["host"] for h in serving if _primary(h, domain))
+    where = f"which this run writes, as {', '.join(primary)} has it as its own domain"
+    for h in serving:
+        for term in h["spf_extra"]:
+            problem = self_include(term, {domain: where})
+            if problem:
+                raise _fail(f"{V}spf_extra of {h['host']}: {term!r} {problem}")
 
 
 def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list[dict[str, str]]:
@@ -428,6 +443,7 @@ def domain_records(hosts: list[dict[str, Any]], domain: str) -> list[str]:
     out = [f"; --- {domain}"]
     if not any(_primary(h, domain) for h in serving):
         return out + _foreign_domain(serving, domain, ttl)
+    _no_include_of(serving, domain)
     mx = _mx_set(serving, domain)
     out += [_rr(domain, ttl, "MX", f"{prio} {name}.") for prio, name in mx]
     if not mx:

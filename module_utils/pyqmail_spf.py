@@ -31,7 +31,9 @@ An ``include:`` of the record itself is a loop that every receiver ends with per
 domain whose record is read) and ``include:%{o}`` (the sender's domain: that same domain
 when mail from it is checked) are refused here; ``include:`` of a domain whose record gets
 the term, and ``include:%{d2}`` for a two-label domain, where the domains are known
-(``check_spf_extra``, the zone filter's ``pyqmail_dns_host``: ``self_include``).
+(``check_spf_extra``, the zone filter's ``pyqmail_dns_host``: ``self_include``; a domain the
+host is only backup MX for gets a record only when another host of the run has it as its
+own, which the zone filter's ``pyqmail_dns_zone`` alone knows).
 """
 
 from __future__ import annotations
@@ -195,9 +197,14 @@ def too_many(count: int) -> str:
 
 def own_domains(values: Mapping[str, Any]) -> dict[str, str]:
     """The domains whose SPF record gets the host's terms (pyqmail_dns: its name, the domains it
-    receives, is backup MX for, sends or signs for), each -> the variable naming it."""
-    keys = ["pyqmail_control__locals", "pyqmail_control__relay_domains"]
-    keys.append("pyqmail_dns__send_domains")
+    receives, sends or signs for), each -> the variable naming it.
+
+    Not the domains it is only backup MX for (pyqmail_control__relay_domains): pyqmail_dns
+    writes no SPF record for a domain whose primary is elsewhere, and ``include:`` of the
+    partner a backup MX relays for is how it sends through the partner's smarthost. Whether
+    another host of the run writes that domain's record only the zone filter knows (its
+    ``pyqmail_dns_zone`` refuses the loop then)."""
+    keys = ["pyqmail_control__locals", "pyqmail_dns__send_domains"]
     if values.get("pyqmail_dkim__enabled"):
         keys.append("pyqmail_dkim__domains")
     named: list[tuple[str, Any]] = [("pyqmail__me", [values.get("pyqmail__me")])]

@@ -20,7 +20,7 @@ import yaml
 from tests.dnszone import ED_TXT
 from tests.modules.test_tlsa_module import openssl_311, servercert
 from tests.roles.playbook import REPO, ansible_env
-from tests.roles.test_preflight import problems_of
+from tests.roles.test_preflight import DEFAULTS, problems_of
 
 DKIM = [
     {"domain": "example.org", "selector": "s1-ed", "algorithm": "ed25519-sha256", "txt": ED_TXT}
@@ -96,6 +96,26 @@ DKIM = [
 )
 def test_preflight_names_the_bad_variable(overrides: dict[str, Any], expected: str) -> None:
     assert problems_of(overrides) == [expected]
+
+
+def test_preflight_accepts_an_include_of_a_domain_the_host_is_backup_mx_for() -> None:
+    """A backup MX for a partner, sending through the partner's smarthost: the role writes no
+    SPF record for partner.example (its primary is elsewhere), so include:partner.example is
+    no loop (the review of session 37: the preflight refused it as one). The zone filter,
+    which sees every host, refuses it only when a host of the run has that domain as its own
+    (tests/unit/test_spf_terms.py)."""
+    relay = {
+        "pyqmail_control__relay_domains": ["partner.example"],
+        "pyqmail_dns__spf_extra": ["include:partner.example"],
+    }
+    assert problems_of(relay) == []
+    locals_ = [*DEFAULTS["pyqmail_control__locals"], "partner.example"]
+    local = {**relay, "pyqmail_control__locals": locals_}
+    assert problems_of(local) == [
+        "pyqmail_dns__spf_extra[0]: 'include:partner.example' includes, in the SPF record of "
+        "partner.example (pyqmail_control__locals), that record itself: a loop, which every "
+        "receiver ends with permerror (RFC 7208 4.6.4)"
+    ]
 
 
 def test_mta_sts_enforce_passes_with_a_provided_certificate() -> None:

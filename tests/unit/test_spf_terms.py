@@ -234,7 +234,6 @@ def test_an_include_of_the_own_record_is_refused_and_a_permerror_to_pyspf(
     ("values", "where"),
     [
         ({"pyqmail__me": "T.test."}, "pyqmail__me"),
-        ({"pyqmail_control__relay_domains": ["t.test"]}, "pyqmail_control__relay_domains"),
         ({"pyqmail_dns__send_domains": ["t.test"]}, "pyqmail_dns__send_domains"),
         (
             {"pyqmail_dkim__enabled": True, "pyqmail_dkim__domains": ["t.test"]},
@@ -253,7 +252,6 @@ def test_the_preflight_names_the_variable_that_publishes_the_record(
     ("over", "where"),
     [
         ({"me": "t.test", "locals": ["mx1.t.test"]}, "pyqmail__me"),
-        ({"relay_domains": ["t.test"]}, "pyqmail_control__relay_domains"),
         ({"send_domains": ["t.test"]}, "pyqmail_dns__send_domains"),
         (
             {"dkim": [{"domain": "t.test", "selector": "s", "txt": "v=DKIM1; p=x"}]},
@@ -267,6 +265,44 @@ def test_the_zone_filter_names_the_setting_that_publishes_the_record(
     expected = _loop(0, "include:t.test", "t.test", where)
     with pytest.raises(AnsibleFilterError, match=re.escape(expected)):
         filters.dns_host(settings("mx1.t.test", spf_extra=["include:t.test"], **over))
+
+
+def test_a_backup_mx_may_include_the_domain_it_relays_for() -> None:
+    """The review of session 37: a backup MX sending through the smarthost of the partner it
+    relays for (include:partner.example) is no loop, as the run writes no SPF record for a
+    domain whose primary is elsewhere; the preflight and both filters accept it, and the term
+    is in the SPF of the host's name only (the partner's own record is the partner's)."""
+    values = {"pyqmail__me": "mx2.t.test", "pyqmail_control__relay_domains": ["partner.example"]}
+    term = ["include:partner.example"]
+    assert list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", term, values)) == []
+    mx2 = settings("mx2.t.test", relay_domains=["partner.example"], spf_extra=term)
+    mx2["ipv4"] = ["192.0.2.26"]
+    text = filters.dns_zone([filters.dns_host(mx2)], "mx2.t.test")
+    spf = [line for line in text.splitlines() if "v=spf1" in line]
+    assert spf == ['mx2.t.test. 3600 IN TXT "v=spf1 ip4:192.0.2.26 include:partner.example -all"']
+    assert "; partner.example: no host of this run has it as a local domain" in text
+
+
+def test_an_include_of_a_relay_domain_whose_record_the_run_writes_is_refused() -> None:
+    """When another host of the run has the relayed domain as its own, the run writes its SPF
+    record with the terms of every host serving it, the backup MX's include: too: a loop,
+    refused by the zone filter, which alone sees both hosts; pyspf ends it with permerror."""
+    term = "include:partner.example"
+    mx1 = settings("mx1.partner.example", locals=["partner.example"], ipv4=["192.0.2.25"])
+    mx2 = settings("mx2.t.test", relay_domains=["partner.example"], spf_extra=[term])
+    hosts = [filters.dns_host(mx1), filters.dns_host(mx2)]
+    expected = (
+        f"pyqmail_dns__spf_extra of mx2.t.test: {term!r} includes, in the SPF record of "
+        "partner.example (which this run writes, as mx1.partner.example has it as its own "
+        "domain), that record itself: a loop, which every receiver ends with permerror "
+        "(RFC 7208 4.6.4)"
+    )
+    for host in ("mx1.partner.example", "mx2.t.test"):
+        with pytest.raises(AnsibleFilterError, match=re.escape(expected)):
+            filters.dns_zone(hosts, host)
+    record = 'partner.example. 300 IN TXT "v=spf1 ip4:192.0.2.25 include:partner.example -all"\n'
+    with DnsServer({"partner.example.": record}) as server:  # the record the run would write
+        assert _mail_from(server, "192.0.2.1", "a@partner.example").result == "permerror"
 
 
 def test_an_include_of_another_domain_or_a_macro_naming_another_is_accepted() -> None:
