@@ -5,8 +5,8 @@ oldest pending triplets are the ones about to pass. Session 36 capped an IPv6 /4
 pending triplets and dropped its oldest over it: a provider sending from many /64s of one
 /48 (Microsoft 365's 2a01:111:f403::/48) with more than 4000 new triplets in one delay had
 each of them greylisted again at its retry, every round, until the mail bounced. Now a /48
-only ranks who loses at the total cap, and at any cap only rows whose retry is no longer
-due (``RETRY_GRACE`` past the delay) are evicted; with none, the newcomer is deferred
+may hold fifty networks' worth (``PENDING_PER_SOURCE``, test_greylist_flood.py), and at any
+cap only rows whose retry is no longer due (``RETRY_GRACE`` past the delay) are evicted; with none, the newcomer is deferred
 without being stored (``greylist=full``). Times are the ``now`` each decision is given.
 """
 

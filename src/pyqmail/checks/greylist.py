@@ -46,26 +46,27 @@ survives restarts. Three tables, so that a flood of new triplets cannot push out
   ``MAX_PASSED`` at most: over it, the source holding the most passed triplets loses its
   oldest (passes cost a sender only patience: one retrying through fresh sender domains
   would fill the disk otherwise).
-- ``pending``: the triplets waiting for their retry, at most ``PENDING_PER_NET`` per network
-  and ``MAX_PENDING`` in all. At either cap, only a row whose retry is no longer due (first
-  seen ``greylistdelay`` and ``RETRY_GRACE`` ago) is evicted to make room: the network's
-  own, or at ``MAX_PENDING`` those of the source holding the most first (``_evict_stale``);
-  with none, the newcomer is deferred all the same but not stored (logged ``greylist=full``)
-  and stored at a later retry, once the backlog has passed or gone stale. Senders retry a
-  fixed time after their first attempt, in the order they came: evicting the oldest
-  pending triplets evicted those about to pass, and a sender with more new triplets than
-  the cap had every retry greylisted again (s36 capped a /48 at 4000: Microsoft 365 sends
-  from /64s of one /48). ``client`` and ``passed`` are never evicted for pending triplets.
+- ``pending``: the triplets waiting for their retry, at most ``PENDING_PER_NET`` per network,
+  ``PENDING_PER_SOURCE`` per source and ``MAX_PENDING`` in all. At any cap, only a row whose
+  retry is no longer due (first seen ``greylistdelay`` and ``RETRY_GRACE`` ago) is evicted to
+  make room: the network's or the source's own, or at ``MAX_PENDING`` those of the source
+  holding the most first (``_evict_stale``). With none, the newcomer is deferred all the same
+  but not stored (logged ``greylist=full``) and stored at a later retry; at ``MAX_PENDING``
+  that is so for the biggest source's newcomers only, anybody else's is accepted unstored
+  (``greylist=full``, no wait: greylisting fails open, as on an error). Senders retry a fixed
+  time after their first attempt, in the order they came: evicting the oldest pending
+  triplets evicted those about to pass, and a sender with more new triplets than the cap had
+  every retry greylisted again. ``client`` and ``passed`` are never evicted for pending ones.
 
-Every table is bounded, but not every source is protected. A flood filling ``pending`` with
-young rows (``MAX_PENDING`` new triplets within ``RETRY_GRACE``) makes every new triplet wait
-until they go stale (mail is deferred, never refused; the triplets already pending pass at
-their retry). At ``MAX_PASSED`` and ``MAX_CLIENTS`` the rule takes from the source holding
-the *most* rows, which is a flood only when the flood comes from few sources: an attacker
-with many sources each holding few rows (thousands of IPv6 /48s, or of /24s) is never the
-biggest, and the eviction falls on whoever holds most, possibly a legitimate busy sender
-whose passed triplets and known pairs go. A review reproduced it; no simple rule found
-tells such a flood from a busy sender.
+Every table is bounded, but not every source is protected. One source cannot fill
+``pending`` (``PENDING_PER_SOURCE``); many sources filling it with young rows (``MAX_PENDING``
+new triplets within ``RETRY_GRACE``) let the newcomers of all but the biggest through
+ungreylisted until the rows go stale. At ``MAX_PASSED`` and ``MAX_CLIENTS`` the rule takes
+from the source holding the *most* rows, which is a flood only when the flood comes from few
+sources: an attacker with many sources each holding few rows (thousands of IPv6 /48s, or of
+/24s) is never the biggest, and the eviction falls on whoever holds most, possibly a
+legitimate busy sender whose passed triplets and known pairs go. No simple rule found tells
+such a flood from a busy sender.
 
 A network is stored packed (``place``: the source's address bytes and the /64 within it),
 sender and recipient as a 16-byte BLAKE2b hash of the pair, the sender domain as one too (no
@@ -123,6 +124,13 @@ AUTO_ALLOW = 5  # passed triplets of a (network, sender domain) that make it a k
 COUNT_APART = 60  # seconds between two passes that both count towards AUTO_ALLOW
 PENDING_PER_NET = 1000  # pending triplets one network (IPv4 /24, IPv6 /64) may have
 MAX_PENDING = 1_000_000  # pending triplets of all sources together
+PENDING_PER_SOURCE = 50_000
+"""Pending triplets one source (an IPv6 /48; an IPv4 /24 is one network) may have. Without
+it, one /48 sending from a thousand /64s, each under ``PENDING_PER_NET``, held ``pending``
+full of young rows as long as it kept sending (``MAX_PENDING`` new triplets within the delay
+and ``RETRY_GRACE``): every newcomer from anyone was deferred unstored for days. Fifty
+networks' worth: ten times Microsoft 365's 5000 new triplets of one delay from its /48.
+At it, only the source's own stale rows make room; with none, its newcomer waits unstored."""
 RETRY_GRACE = 4000
 """Seconds past ``greylistdelay`` a deferred sender may still be on its way back: a pending
 triplet younger than the delay and this is never evicted to make room (at a cap, a newcomer
@@ -309,6 +317,12 @@ def _evict_stale(db: sqlite3.Connection, budget: int, stale: float) -> int:
     return gone
 
 
+def _pending_held(db: sqlite3.Connection, unit: bytes) -> int:
+    """Pending triplets the source holds, as counted (``held``)."""
+    row = db.execute("SELECT n FROM held WHERE kind='pending' AND unit=?", (unit,)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 class Greylist:
     """One process's connection to the shared state (opened at the first decision)."""
 
@@ -448,8 +462,8 @@ class Greylist:
             db.execute(
                 "UPDATE pending SET first=? WHERE unit=? AND sub=? AND pair=?", (now, *where)
             )
-        elif not self._add_pending(db, key, now, _stale(settings, now)):
-            return "full", settings.delay
+        elif (room := self._add_pending(db, key, now, _stale(settings, now))) != "stored":
+            return "full", settings.delay if room == "defer" else 0
         return "new", settings.delay
 
     def _known_client(self, db: sqlite3.Connection, key: Key, now: float, horizon: float) -> bool:
@@ -498,31 +512,38 @@ class Greylist:
                 (horizon, now, *pair),
             )
 
-    def _add_pending(self, db: sqlite3.Connection, key: Key, now: float, stale: float) -> bool:
-        """Store a new pending triplet, False if there is no room for it. Its network at
-        ``PENDING_PER_NET`` (counted over that network's rows alone: a primary key range, at
-        most the cap) makes room only by evicting its own rows first seen before ``stale``,
-        all sources at ``MAX_PENDING`` anybody's such rows (``_evict_stale``: the biggest
-        source's first); with none, the newcomer is not stored (``greylist=full``, deferred
-        all the same): it tries again once the backlog has passed or gone stale, where
-        evicting the oldest pending triplets (those about to be retried) would greylist
-        every retry again, forever. An IPv6 /48 has no cap of its own: a provider sends from
-        many /64s of one /48 (Microsoft 365's outbound 2a01:111:f403::/48); it only ranks
-        who loses at ``MAX_PENDING``."""
+    def _add_pending(self, db: sqlite3.Connection, key: Key, now: float, stale: float) -> str:
+        """Store a new pending triplet (``stored``), or say why not: ``defer`` (deferred all
+        the same, not stored: it tries again later) or ``open`` (accepted unstored).
+
+        Its network at ``PENDING_PER_NET`` (counted over its rows alone: a primary key range,
+        at most the cap), or its source at ``PENDING_PER_SOURCE`` (``held``: one lookup),
+        makes room only by evicting its own rows first seen before ``stale``; with none,
+        ``defer``. Evicting the oldest pending triplets (those about to be retried) would
+        greylist every retry again, forever. At ``MAX_PENDING``, anybody's stale rows go
+        (``_evict_stale``, the biggest source's first); with none, the biggest source's
+        newcomer is deferred and anybody else's accepted (``open``, logged ``greylist=full``
+        as ``greylist=error`` is): a table full of young rows from many sources must not
+        shut greylisting for every new correspondent until they go stale."""
         net = (key.unit, key.sub)
         (count,) = db.execute("SELECT count(*) FROM pending WHERE unit=? AND sub=?", net).fetchone()
         over = count - PENDING_PER_NET + 1
         if over > 0:  # +first: the network's primary key range, not the /48's age index
             where = "WHERE unit=? AND sub=? AND +first < ?"
             if _drop(db, "pending", where, (*net, stale), over, order="+first") < over:
-                return False
+                return "defer"
+        over = _pending_held(db, key.unit) - PENDING_PER_SOURCE + 1
+        mine = "WHERE unit=? AND first < ?"  # the source's age index (unit, first)
+        if over > 0 and _drop(db, "pending", mine, (key.unit, stale), over) < over:
+            return "defer"
         (total,) = db.execute("SELECT value FROM meta WHERE name='pending'").fetchone()
         over = total - MAX_PENDING + 1
         if over > 0 and _evict_stale(db, over, stale) < over:
-            return False
+            most = db.execute("SELECT max(n) FROM held WHERE kind='pending'").fetchone()[0]
+            return "defer" if _pending_held(db, key.unit) >= int(most or 0) else "open"
         db.execute("INSERT INTO pending VALUES (?, ?, ?, ?)", (*key.triplet, now))
         _tally(db, "pending", {key.unit: 1})
-        return True
+        return "stored"
 
     def prune(self, settings: Settings, now: float) -> None:
         """Forget, by age, at most ``PRUNE_BATCH`` rows of each table; then, of each table
