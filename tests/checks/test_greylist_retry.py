@@ -6,8 +6,9 @@ pending triplets and dropped its oldest over it: a provider sending from many /6
 /48 (Microsoft 365's 2a01:111:f403::/48) with more than 4000 new triplets in one delay had
 each of them greylisted again at its retry, every round, until the mail bounced. Now a /48
 may hold fifty networks' worth (``PENDING_PER_SOURCE``, test_greylist_flood.py), and at any
-cap only rows whose retry is no longer due (``RETRY_GRACE`` past the delay) are evicted; with none, the newcomer is deferred
-without being stored (``greylist=full``). Times are the ``now`` each decision is given.
+cap only rows whose retry is no longer due (``RETRY_GRACE`` past the delay) are evicted;
+with none, the newcomer is deferred without being stored (``greylist=full``). Times are the
+``now`` each decision is given.
 """
 
 from __future__ import annotations
