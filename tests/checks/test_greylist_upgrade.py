@@ -155,7 +155,7 @@ def test_a_worker_moving_the_s35_file_makes_the_others_wait_then_find_it_moved(
     """The move holds the current file's write lock: another worker's decision meanwhile
     is a busy error (the mail accepted, ``greylist=error``) and leaves the s35 file; its
     next decision finds the rows moved already and removes the file without moving them
-    twice."""
+    twice, and without a warning that greylisting starts afresh (s37 review: it said so)."""
     old = s35_file(tmp_path)
     first = Greylist(tmp_path)
     first.check("192.0.2.1", "s@x.test", "u@mx.test", GREY, T0)  # the file made, moved
@@ -180,6 +180,7 @@ def test_a_worker_moving_the_s35_file_makes_the_others_wait_then_find_it_moved(
     out = capfd.readouterr().out.replace("\\x20", " ")
     assert out.count("upgrade text=greylist state of the older format moved") == 1
     assert "why=greylist3.sqlite holds passed triplets already" in out
+    assert "starts afresh" not in out  # nothing was lost: the rows were moved before
     first.close()
     second.close()
     assert counts(tmp_path) == {"pending": 2, "passed": 5, "client": 3}

@@ -88,11 +88,13 @@ Each decision is one ``BEGIN IMMEDIATE`` transaction (workers decide one after t
 made on the worker's loop: a few indexed reads and small writes, no fsync with
 ``synchronous=NORMAL``; the busy timeout is short (``BUSY_TIMEOUT_MS``), and any database
 problem lets the recipient through (logged ``greylist=error``): greylisting never blocks mail
-because of itself. At the first decision, the files of the older formats
-(``OLD_STATE_FILES``) go: s35's ``greylist2.sqlite`` once its passed triplets and known
-clients are moved into this file (``greyupgrade``: its pending triplets are greylisted once
-more); the raw addresses of ``greylist.sqlite``, or an s35 file that cannot be read, are not
-kept (logged: their triplets are greylisted once more).
+because of itself. The files of the older formats (``OLD_STATE_FILES``) go before the
+workers serve (``move_before_serving``; a worker's first decision does it otherwise): s35's
+``greylist2.sqlite`` once its newest passed triplets and known clients are moved into this
+file (``greyupgrade``: its pending triplets and older rows are greylisted once more; a move
+that fails sets it aside as ``greylist2.sqlite.failed-move``); the raw addresses of
+``greylist.sqlite``, or an s35 file that cannot be read, are not kept (logged: their
+triplets are greylisted once more).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ from pathlib import Path
 
 from pyqmail.authlock import StateError, open_db
 from pyqmail.checks.greysender import normalise
-from pyqmail.checks.greyupgrade import UnreadableError, move
+from pyqmail.checks.greyupgrade import remove_old, upgrade
 from pyqmail.checks.verdict import Verdict
 from pyqmail.log import log
 
@@ -323,6 +325,27 @@ def _pending_held(db: sqlite3.Connection, unit: bytes) -> int:
     return int(row[0]) if row is not None else 0
 
 
+def move_before_serving(root: Path, settings: Settings) -> None:
+    """s35's file moved into the current one before any worker serves: pyqmail-smtpd's
+    spawner calls this after reading the configuration, before it forks the workers (and
+    the one process of ``--workers 1`` before it serves), as the daemon's user, who owns
+    the files. A worker moving it at its first decision held its sessions (53 s with
+    1,000,000 passed triplets) while the other workers' decisions waited 2 s each and
+    accepted (``greylist=error``); now at most 22 s (``greyupgrade.MOVED``), once, before
+    the port is served. A failure to open the current file is logged and left to the
+    first decision, as before (never a reason not to serve)."""
+    if not settings.active or not (root / OLD_STATE_FILES[1]).exists():
+        return
+    grey = Greylist(root)
+    try:
+        grey.connect()
+    except (sqlite3.Error, OSError, StateError) as exc:
+        text = "the older greylist state not moved before serving; the first decision will"
+        log("warning", text=text, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        grey.close()
+
+
 class Greylist:
     """One process's connection to the shared state (opened at the first decision)."""
 
@@ -346,7 +369,8 @@ class Greylist:
                 set_up_wait=SET_UP_WAIT,
             )
             try:
-                self._upgrade(db, self.root / OLD_STATE_FILES[1])
+                caps = {"passed": MAX_PASSED, "client": MAX_CLIENTS}
+                upgrade(db, self.root / OLD_STATE_FILES[1], self.path, place, caps)
             except BaseException:
                 db.close()
                 raise
@@ -355,55 +379,7 @@ class Greylist:
 
     def _prepare(self) -> None:
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
-        self._remove_old_format(self.root / OLD_STATE_FILES[0], "raw addresses, not kept")
-
-    def _upgrade(self, db: sqlite3.Connection, old: Path) -> None:
-        """s35's file, while this one holds no passed triplet or known client yet: its
-        ``passed`` and ``client`` rows move over (``greyupgrade.move``) in one transaction
-        with their counts, then it is removed. A file it cannot read is logged and removed,
-        as before (greylisting never stops for it). Another worker moving it holds the
-        lock: the busy error is this decision's (``greylist=error``, the mail accepted)."""
-        if not old.exists():
-            return
-        moved: dict[str, int] = {}
-        why = None
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            kept = db.execute("SELECT sum(value) FROM meta WHERE name IN ('passed', 'client')")
-            if kept.fetchone()[0]:  # moved by another worker meanwhile, or this file in use
-                why = f"{self.path.name} holds passed triplets already"
-            elif old.exists():
-                moved = move(db, old, place, {"passed": MAX_PASSED, "client": MAX_CLIENTS})
-        except UnreadableError as exc:
-            why = str(exc)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("ROLLBACK" if why else "COMMIT")
-        if moved and not why:
-            log("upgrade", text="greylist state of the older format moved", file=str(old), **moved)
-        self._remove_old_format(old, why)
-
-    @staticmethod
-    def _remove_old_format(old: Path, why: str | None) -> None:
-        """An older file is removed with its WAL; ``why`` its rows were not kept, logged
-        (they are greylisted once more). An older process that still has it open keeps its
-        own copy until it ends."""
-        if not old.exists():
-            return
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                old.with_name(old.name + suffix).unlink(missing_ok=True)
-        except OSError as exc:  # never a reason to stop greylisting with the new file
-            log("warning", text="cannot remove the older greylist state", error=str(exc))
-            return
-        if why is not None:
-            log(
-                "warning",
-                text="greylist state of the older format removed; greylisting starts afresh",
-                file=str(old),
-                why=why,
-            )
+        remove_old(self.root / OLD_STATE_FILES[0], "raw addresses, not kept")
 
     def close(self) -> None:
         if self._db is not None:

@@ -26,7 +26,7 @@ from typing import NoReturn
 
 from pyqmail import authdir, privs, tickets, tls
 from pyqmail.authlock import StateError
-from pyqmail.checks import libraries
+from pyqmail.checks import greylist, libraries
 from pyqmail.control import check as control_check
 from pyqmail.control import smtpd as configmod
 from pyqmail.log import log
@@ -146,6 +146,8 @@ def serve_alone(opts: Options, sock: socket.socket, where: str) -> int:
         sys.stderr.write(f"pyqmail-smtpd: fatal: {exc}\n")
         return 111
     _log_start(opts, 1, loop, preloaded, where)
+    if configmod.inbound(opts.mode):
+        greylist.move_before_serving(cfg.root, cfg.screen.greylist)
     counter = ConnTable(1, cfg.maxconn)
     reload: Loader = lambda: load(opts, keys)  # noqa: E731 - the worker's HUP
     return run_worker(sock, cfg, rules, counter, mode=opts.mode, loop=loop, load=reload, keys=keys)
@@ -171,6 +173,8 @@ def spawner(args: list[str], spawn: Spawn) -> int:
     except (UsageError, configmod.ConfigError) as exc:
         spawn.fail(str(exc))
         return 111
+    if configmod.inbound(opts.mode):  # before any worker serves: no loop blocked for it
+        greylist.move_before_serving(cfg.root, cfg.screen.greylist)
     if table is None:  # the first spawner sizes the table
         table = ConnTable(len(spawn.fds), cfg.maxconn, fd=spawn.table_fd)
     if spawn.purpose == "start":
