@@ -18,7 +18,8 @@ import pytest
 
 from pyqmail.checks import greylist
 from pyqmail.checks.greylist import Greylist, Settings, place
-from tests.checks.test_greylist_bounds import FRIEND, T0, counts
+from tests.checks.test_greylist_bounds import FRIEND, counts
+from tests.greylist_util import T0
 
 SETTINGS = Settings(delay=300, lifetime=30 * 86400)
 STALE = SETTINGS.delay + greylist.RETRY_GRACE

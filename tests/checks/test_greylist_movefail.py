@@ -21,8 +21,9 @@ import pytest
 from pyqmail import authlock
 from pyqmail.checks import greylist, greyupgrade
 from pyqmail.checks.greylist import Greylist, Settings, digest
-from tests.checks.test_greylist_bounds import GREY, T0, counts
+from tests.checks.test_greylist_bounds import counts
 from tests.checks.test_greylist_upgrade import s35_file
+from tests.greylist_util import GREY, T0
 
 MANY = 3000  # passed triplets beside s35_file's: pages more than the limit leaves room for
 

@@ -18,7 +18,8 @@ import pytest
 from pyqmail.checks import greylist
 from pyqmail.checks.greylist import Greylist, digest
 from pyqmail.checks.greysender import normalise
-from tests.checks.test_greylist_bounds import GREY, T0, counts
+from tests.checks.test_greylist_bounds import counts
+from tests.greylist_util import GREY, T0
 
 OLD = "smtpd/greylist2.sqlite"
 S35_SCHEMA = """
