@@ -11,8 +11,6 @@ when one has the wrong shape. Found by site.yml and playbooks/ through ansible.c
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -392,59 +390,6 @@ def changed_items(results: Any, key: str = "key") -> list[str]:
     ]
 
 
-def _files_stamp(entries: Any, where: str) -> str:
-    """One line naming every file of a find or stat result as it is now: path, ctime, size.
-    ctime, not mtime: nobody can set it (``cp -p``, ``touch -r`` and restores keep an old
-    mtime), and the line is compared for equality, so neither a clock step nor a file dated
-    in the future makes a difference that never goes away."""
-    lines = []
-    for entry in _list(entries, where):
-        found = entry.get("stat", entry) if isinstance(entry, Mapping) else {}
-        if isinstance(found, Mapping) and found.get("exists", True) and "path" in found:
-            lines.append(f"{found['path']} {found.get('ctime', 0)!r} {found.get('size', 0)}")
-    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
-
-
-def reload_due(notes: Any, files: Any, dovecot_service: str = "dovecot") -> dict[str, Any]:
-    """The reloads due. ``notes``: a registered slurp loop over the linked services' notes
-    (``item`` the service, ``content`` what it loaded at its last reload, absent when it has
-    none); ``files``: what each kind of service loads, as find or stat results: ``control``
-    (all under control/) and ``rules`` (the rules cdbs) for a listener, ``control`` for
-    pyqmail-send, ``dovecot`` (its configuration and servercert.pem) for Dovecot. A service
-    whose note differs from its files now is due. Returns ``loads`` (service -> the line its
-    note gets once it reloaded) and ``handlers`` (the reloads to notify). Why a note of what
-    was loaded, not of the run's changes: a reload notified by a run that ended before its
-    handlers, or refused by its check, is otherwise never done (the next run changes nothing)."""
-    registered = _mapping(notes, "registered loop result")
-    sources = _mapping(files, "the files the services load")
-    stamps = {
-        kind: _files_stamp(sources.get(kind) or [], kind)
-        for kind in ("control", "rules", "dovecot")
-    }
-    loads: dict[str, str] = {}
-    handlers: list[str] = []
-    for result in registered.get("results", []):
-        if result.get("skipped"):
-            continue
-        name = _string(result.get("item"), "a note's item (a service name)")
-        if name == dovecot_service:
-            handler, kinds = "pyqmail reload dovecot", ("dovecot",)
-        elif name == "qmail-send":
-            handler, kinds = "pyqmail reload send", ("control",)
-        else:
-            handler, kinds = "pyqmail reload listeners", ("control", "rules")
-        wanted = " ".join(f"{kind}:{stamps[kind]}" for kind in kinds)
-        try:
-            noted = base64.b64decode(str(result.get("content") or "")).decode().strip()
-        except (ValueError, UnicodeDecodeError):
-            noted = ""
-        if noted != wanted:
-            loads[name] = wanted
-            if handler not in handlers:
-                handlers.append(handler)
-    return {"loads": loads, "handlers": handlers}
-
-
 class FilterModule:
     """pyqmail's filters (called as pyqmail_<name> in the roles)."""
 
@@ -462,5 +407,4 @@ class FilterModule:
             "pyqmail_dovecot_summary": dovecot_summary,
             "pyqmail_reload_handlers": reload_handlers,
             "pyqmail_changed_items": changed_items,
-            "pyqmail_reload_due": reload_due,
         }

@@ -6,7 +6,6 @@ qualified names (pyqmail.mail.*, ansible.cfg's collections_path), the way the ro
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 import subprocess
@@ -172,49 +171,6 @@ def test_changed_items_of_a_registered_loop() -> None:
     }
     assert filters.changed_items(registered) == ["maxconn"]
     assert filters.changed_items({"skipped": True, "results": []}) == []
-
-
-def test_reload_due_by_each_services_files() -> None:
-    """A listener loads control/ and the rules cdbs, pyqmail-send control/, Dovecot its own
-    files; a service whose note differs from its files now, or that has none, is due."""
-
-    def note(name: str, text: str | None) -> dict[str, Any]:
-        if text is None:
-            return {"item": name, "failed": True}
-        return {"item": name, "content": base64.b64encode(text.encode()).decode()}
-
-    control = [{"path": "/q/control/me", "ctime": 10.5, "size": 3}]
-    rules = [{"path": "/q/etc/smtp.cdb", "ctime": 11.0, "size": 2048}]
-    dovecot = [{"item": "/etc/dovecot/pyqmail.conf", "stat": {"exists": False}}]
-    files = {"control": control, "rules": rules, "dovecot": dovecot}
-    first = filters.reload_due(
-        {"results": [note("qmail-smtpd", None), note("qmail-send", ""), note("imap", None)]},
-        files,
-        "imap",
-    )
-    assert first["handlers"] == [
-        "pyqmail reload listeners",
-        "pyqmail reload send",
-        "pyqmail reload dovecot",
-    ]
-    loads = first["loads"]
-    assert loads["qmail-smtpd"].startswith("control:") and " rules:" in loads["qmail-smtpd"]
-    assert loads["qmail-send"].startswith("control:") and "rules" not in loads["qmail-send"]
-    noted = {"results": [note(name, text + "\n") for name, text in loads.items()]}
-    assert filters.reload_due(noted, files, "imap") == {"loads": {}, "handlers": []}
-    # cp -p or a restore: same mtime, a new ctime; a rules cdb rebuilt: the listener only
-    for changed, due in (
-        ({"control": [{**control[0], "ctime": 99.0}]}, ["qmail-send", "qmail-smtpd"]),
-        ({"rules": [{**rules[0], "size": 4096}]}, ["qmail-smtpd"]),
-        (
-            {"control": [*control, {"path": "/q/control/new", "ctime": 1.0, "size": 0}]},
-            ["qmail-send", "qmail-smtpd"],
-        ),
-    ):
-        assert sorted(filters.reload_due(noted, {**files, **changed}, "imap")["loads"]) == due
-    assert filters.reload_due({"results": [{"item": "x", "skipped": True}]}, files)["loads"] == {}
-    with pytest.raises(AnsibleFilterError, match="service name"):
-        filters.reload_due({"results": [{"item": 3}]}, files)
 
 
 def ansible_debug(expression: str, extra: dict[str, Any]) -> subprocess.CompletedProcess[str]:
