@@ -24,6 +24,7 @@ from tests.conftest import PKI
 from tests.e2e.conftest import DROP_USER, IS_ROOT, QmailRoot, listeners_root
 from tests.roles.playbook import results_by_task, run_role_tasks
 from tests.roles.test_conftests import VENV
+from tests.roles.test_scanner_log_restart import writes_into
 from tests.scanners import free_port
 from tests.svscan import own_svscan
 
@@ -150,6 +151,55 @@ def test_a_changed_run_script_restarts_its_service_though_the_run_ended_first(
     assert after["qmail-send"] == before["qmail-send"]
     assert list(supervise.glob("*/restart-pending")) == []
     stats, _ = run_role(host, {**extra, "pyqmail_services__workers": "2"})
+    assert (stats["failures"], stats["changed"]) == (0, 0), stats
+
+
+RESTART_LOGS = "Restart the log services whose run script changed (svc -t)"
+
+
+def test_a_changed_log_run_script_restarts_the_log_services_though_the_run_ended_first(
+    host: QmailRoot,
+) -> None:
+    """pyqmail__log_dir changes every log run script; the run ends before its handlers: each
+    log service's note (<service>/log/restart-pending) stays, and the next run, whose log run
+    scripts no longer change, restarts the log services alone (multilog writes into the new
+    directory). --check in between reports those restarts and signals nothing."""
+    extra = extra_vars(host)
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    service = host.path.parent / "service"
+    before = pids(host)
+    loggers = {name: svstat_pid(service / name / "log") for name in SERVICES}
+    assert all(loggers.values()), loggers
+    moved = {**extra, "pyqmail__log_dir": str(host.path.parent / "log2")}
+
+    out = run_role_tasks(("pyqmail_services",), host.path.parent, moved, "--check", must_pass=False)
+    stats, ran = out["stats"]["localhost"], results_by_task(out)
+    assert stats["failures"] == 0, stats
+    planned = ran[RESTART_LOGS][0]
+    assert planned.get("changed"), planned
+    assert sorted(r["item"] for r in planned["results"]) == sorted(SERVICES)
+    assert {name: svstat_pid(service / name / "log") for name in SERVICES} == loggers
+
+    doomed = {"pyqmail_services__wait": 5, "pyqmail_services__timeout": 1}
+    stats, ran = run_role(host, {**moved, **doomed})
+    assert stats["failures"] == 1, stats
+    assert RESTART_LOGS not in ran
+    supervise = host.path / "supervise"
+    notes = sorted(p.parent.parent.name for p in supervise.glob("*/log/restart-pending"))
+    assert notes == sorted(SERVICES)
+    assert {name: svstat_pid(service / name / "log") for name in SERVICES} == loggers
+
+    stats, ran = run_role(host, moved)
+    assert stats["failures"] == 0, stats
+    assert sorted(r["item"] for r in ran[RESTART_LOGS][0]["results"]) == sorted(SERVICES)
+    for name in SERVICES:
+        logger = svstat_pid(service / name / "log")
+        assert logger and logger != loggers[name], name
+        assert writes_into(logger) == str(host.path.parent / "log2" / name)
+    assert pids(host) == before  # the daemons themselves did not restart
+    assert list(supervise.glob("*/log/restart-pending")) == []
+    stats, _ = run_role(host, moved)
     assert (stats["failures"], stats["changed"]) == (0, 0), stats
 
 

@@ -3,9 +3,13 @@ a group they should be in does not yet (pyqmail__group or pyqmail__auth_group ch
 
 Check mode makes no group, and the user module then fails "Group ... does not exist" for a user
 that exists, check mode or not: the role leaves those users to the real run and reports them
-(changed, the daemons' restart notified) instead. Run by ansible-playbook in check mode only,
-with this machine's own system users standing in for the daemons' (nothing is changed) and
-groups that do not exist; pyqmail__check_fresh false, as on an installed host.
+(changed, the daemons' restart notified) instead. The roles after it (pyqmail_install,
+pyqmail_control) give directories these groups, and the file modules fail "chgrp failed:
+failed to look up group" the same way: those tasks are skipped for a group check mode did not
+make (pyqmail__groups_unmade). Run by ansible-playbook in check mode only, with this machine's
+own system users standing in for the daemons' (nothing is changed) and groups that do not
+exist, over a scratch qmail root whose directories exist; pyqmail__check_fresh false, as on an
+installed host, and the groups looked up first as the role pyqmail's tasks/host.yml does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.roles.playbook import results_by_task, run_role_tasks
+from tests.roles.test_conftests import role_tasks
 
 # Existing users (Debian's base system ones) for the daemons': the user module then compares
 # and fails on a missing group, where it would report a missing user as "created" without
@@ -30,9 +35,20 @@ CREATE = "Create the service users"
 REPORT = (
     "Report the service users that join groups check mode did not make (the daemons then restart)"
 )
+AUTH_DIR = "Create the directory the password verifiers share (login locks, pyqmail.authlock)"
+QUEUE_DIRS = (
+    "Create the queue directory",
+    "Create the queue subdirectories (pyqmail.queue.store layout)",
+)
 
 
 def check_run(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
+    """pyqmail_users, then the tasks of pyqmail_install and pyqmail_control that give a
+    directory a daemon group, over <base>/qmail (its directories there), in check mode."""
+    for directory in ("auth", "queue/tmp", "queue/new", "queue/mess", "queue/state"):
+        (base / "qmail" / directory).mkdir(parents=True, exist_ok=True)
+    for directory in ("bad", "lock"):
+        (base / "qmail" / "queue" / directory).mkdir(exist_ok=True)
     out = run_role_tasks(
         ("pyqmail_users",),
         base,
@@ -54,6 +70,11 @@ def check_run(base: Path, **more: object) -> dict[str, list[dict[str, Any]]]:
         },
         "--check",
         must_pass=False,
+        before=[{"name": "Look up the groups", "ansible.builtin.getent": {"database": "group"}}],
+        after=[
+            *role_tasks("pyqmail_install", "main.yml", AUTH_DIR),
+            *role_tasks("pyqmail_control", "main.yml", *QUEUE_DIRS),
+        ],
     )
     return results_by_task(out)
 
@@ -96,6 +117,9 @@ def test_check_mode_where_the_daemon_group_is_new(tmp_path: Path) -> None:
         f"{SMTPD} ({GROUP}), {SEND} ({GROUP}) get their groups once the run makes them"
         " (they do not exist yet), and the daemons restart"
     )
+    for name in QUEUE_DIRS:
+        assert ran[name][0].get("skipped"), (name, ran[name])
+    assert not ran[AUTH_DIR][0].get("skipped"), ran[AUTH_DIR]  # its group exists
     with pytest.raises(KeyError):
         grp.getgrnam(GROUP)
 
@@ -109,6 +133,9 @@ def test_check_mode_where_the_auth_group_is_new(tmp_path: Path) -> None:
     report = ran[REPORT][0]
     assert report.get("changed"), report
     assert f"{SMTPD} ({AUTH_GROUP}) get their groups once the run makes them" in report["msg"]
+    assert ran[AUTH_DIR][0].get("skipped"), ran[AUTH_DIR]
+    for name in QUEUE_DIRS:
+        assert not ran[name][0].get("skipped"), (name, ran[name])
     with pytest.raises(KeyError):
         grp.getgrnam(AUTH_GROUP)
 
@@ -120,3 +147,5 @@ def test_check_mode_with_every_group_there_reports_nothing_more(tmp_path: Path) 
     for name in (PLAN, CREATE):
         assert skipped_users(ran[name][0]) == [], name
     assert ran[REPORT][0].get("skipped"), ran[REPORT]
+    for name in (AUTH_DIR, *QUEUE_DIRS):
+        assert not ran[name][0].get("skipped"), (name, ran[name])
