@@ -9,7 +9,9 @@ Only paths of this test are touched.
 
 from __future__ import annotations
 
+import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -332,3 +334,105 @@ def test_a_port_moved_to_another_listener_kind_is_freed_before_the_new_one_start
     assert stop < link, order
     assert not (host.path.parent / "service" / "qmail-smtpd-ssl").exists()
     assert {greeting(port) for _ in range(10)} == {b"220 "}
+
+
+def advertised_size(port: int) -> str:
+    """The SIZE the smtp listener on ``port`` advertises in its EHLO reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        return client.esmtp_features.get("size", "")
+
+
+def size_becomes(port: int, wanted: str, seconds: float = 8.0) -> str:
+    """The advertised SIZE once it is ``wanted`` (a reload is a signal: the daemon re-reads
+    its files a moment later), or the last one seen after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    seen = advertised_size(port)
+    while seen != wanted and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = advertised_size(port)
+    return seen
+
+
+RELOAD_DUE = "Reload the services whose files changed since their last load (handlers)"
+
+
+def test_a_reload_a_run_never_got_to_is_done_by_the_next_run(host: QmailRoot) -> None:
+    """A control file written by a run that ended before its handlers (here: by hand, after
+    the run, with an old mtime as cp -p leaves it) differs from the listeners' note of what they
+    loaded (supervise/<service>/loaded): the next run reloads them (svc -h, not a restart), and
+    the one after changes nothing; a file dated in the future is reloaded once, not every run."""
+    extra = extra_vars(host)
+    port = extra["pyqmail_services__ports"]["smtp"]
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    supervise = host.path / "supervise"
+    assert sorted(p.parent.name for p in supervise.glob("*/loaded")) == sorted(SERVICES)
+    before = pids(host)
+    written = host.control("databytes", "2000000\n")
+    day_ago = time.time() - 86400
+    os.utime(written, (day_ago, day_ago))  # as cp -p or a restore leaves it: an old mtime
+    time.sleep(1)
+    assert advertised_size(port) != "2000000"  # nothing told the listener
+
+    stats, ran = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    assert size_becomes(port, "2000000") == "2000000"
+    assert ran[RELOAD_DUE][0]["changed"], ran[RELOAD_DUE]
+    assert "Reload the SMTP listeners (svc -h)" in ran
+    assert "Reload pyqmail-send (svc -h, then check it stays up)" in ran
+    assert pids(host) == before  # reloaded, not restarted
+    stats, ran = run_role(host, extra)
+    assert (stats["failures"], stats["changed"]) == (0, 0), (stats, ran.get(RELOAD_DUE))
+
+    # A file dated in the future (a clock stepped back): reloaded once, then nothing more.
+    ahead = time.time() + 3600
+    os.utime(host.control("databytes", "2500000\n"), (ahead, ahead))
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    assert size_becomes(port, "2500000") == "2500000"
+    stats, ran = run_role(host, extra)
+    assert (stats["failures"], stats["changed"]) == (0, 0), (stats, ran.get(RELOAD_DUE))
+
+
+def test_a_reload_its_check_refused_is_done_once_the_files_are_mended(host: QmailRoot) -> None:
+    """A reload refused by the daemon's --check leaves the listeners on their old files and no
+    new note: the run that finds the file mended by hand (nothing for it to change) reloads."""
+    extra = extra_vars(host)
+    port = extra["pyqmail_services__ports"]["smtp"]
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    host.control("databytes", "lots\n")
+    stats, ran = run_role(host, extra)
+    assert stats["failures"] == 1, stats
+    assert "Refuse to signal the listeners with a configuration they cannot load" in ran
+    host.control("databytes", "3000000\n")
+    assert advertised_size(port) != "3000000"
+    stats, ran = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    assert size_becomes(port, "3000000") == "3000000"
+
+
+def test_a_reload_done_by_another_play_is_not_done_again_by_the_services_play(
+    host: QmailRoot,
+) -> None:
+    """A play that changed a control file and reloaded the listeners and pyqmail-send itself
+    (the config or certificates play run on its own, as molecule's multihost scenario does
+    after site.yml) notes what they loaded: the next services run has nothing to reload."""
+    extra = extra_vars(host)
+    port = extra["pyqmail_services__ports"]["smtp"]
+    stats, _ = run_role(host, extra)
+    assert stats["failures"] == 0, stats
+    host.control("databytes", "2200000\n")
+    notify = {
+        "name": "A control file changed (as the config play notifies)",
+        "ansible.builtin.debug": {"msg": "databytes"},
+        "changed_when": True,
+        "notify": ["pyqmail reload listeners", "pyqmail reload send"],
+    }
+    out = run_role_tasks((), host.path.parent, extra, before=[notify])
+    ran = results_by_task(out)
+    assert "Note what the listeners loaded (supervise/<service>/loaded)" in ran, sorted(ran)
+    assert size_becomes(port, "2200000") == "2200000"
+    stats, ran = run_role(host, extra)
+    assert (stats["failures"], stats["changed"]) == (0, 0), (stats, ran.get(RELOAD_DUE))

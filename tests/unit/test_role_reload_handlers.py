@@ -189,10 +189,13 @@ def test_send_handlers_validate_before_signalling() -> None:
         "ansible.builtin.command",
         "ansible.builtin.fail",
         "pyqmail.mail.pyqmail_service",
+        "pyqmail.mail.pyqmail_loaded",  # the note of what it loaded, after the signal
     ]
     assert "'--check'" in _check(send[1])
     assert send[3]["pyqmail.mail.pyqmail_service"]["state"] == "reloaded"
     assert send[3]["pyqmail.mail.pyqmail_service"]["name"] == "qmail-send"
+    note = send[4]["pyqmail.mail.pyqmail_loaded"]
+    assert (note["daemons"], note["state"]) == (["send"], "noted")
     # the listeners' reload never signals qmail-send, and send's reload runs before a restart
     order = [h["name"] for h in HANDLERS]
     restart = next(i for i, h in enumerate(HANDLERS) if "svc -t" in h["name"])
@@ -247,6 +250,7 @@ def test_dkim_group_restarts_pyqmail_send_alone() -> None:
         "ansible.builtin.command",
         "ansible.builtin.fail",
         "pyqmail.mail.pyqmail_service",
+        "pyqmail.mail.pyqmail_loaded",  # what it loaded, after the restart
         "ansible.builtin.file",  # the note pyqmail__send_restart_marker, after the restart
     ]
     assert "'--check'" in _check(restart[1])
@@ -254,7 +258,8 @@ def test_dkim_group_restarts_pyqmail_send_alone() -> None:
     assert (service["name"], service["state"]) == ("qmail-send", "restarted")
     assert "smtpd" not in yaml.safe_dump(restart)
     assert all(HANDLERS.index(restart[i]) < HANDLERS.index(restart[3]) for i in range(3))
-    assert restart[4]["ansible.builtin.file"] == {
+    assert restart[4]["pyqmail.mail.pyqmail_loaded"]["daemons"] == ["send"]
+    assert restart[5]["ansible.builtin.file"] == {
         "path": "{{ pyqmail__send_restart_marker }}",
         "state": "absent",
     }
