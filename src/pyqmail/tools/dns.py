@@ -4,7 +4,8 @@ The role pyqmail_dns writes ``artifacts/<host>/dns.zone`` on the controller: the
 host's mail needs. This command resolves each owner and type of that file and prints one line
 per record that is missing, different or extra, naming the owner, the type, what the file
 expects and what DNS answered; exit 1 when there is any, 0 and ``all N records published``
-otherwise, 2 before any lookup for input it cannot use (the zone file, ``--cafile``).
+otherwise, 2 before any lookup for input it cannot use (the zone file, ``--cafile``, an
+/etc/resolv.conf without a usable nameserver when no ``--nameserver`` is given).
 
 How records are compared:
 
@@ -101,10 +102,37 @@ def read_zone(text: str, path: str) -> list[Expected]:
     return out
 
 
+class SystemResolverError(dns.resolver.NoResolverConfiguration):
+    """/etc/resolv.conf gives no resolver (the message says why). A DNSException: the
+    policy fetch's name that needed the system resolver is MISSING with the reason; without
+    ``--nameserver`` the command stops before any lookup (exit 2)."""
+
+
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def system_resolver() -> dns.resolver.Resolver:
+    """dnspython's resolver from /etc/resolv.conf; SystemResolverError naming the file and
+    what is wrong with it. dnspython raises NoResolverConfiguration for a file it cannot read
+    or that names no nameserver, and a ValueError for a ``nameserver`` line that is no
+    address (``nameserver localhost``): without ``--nameserver`` either was a traceback, and
+    the ValueError (no DNSException) one with it too, after every lookup, its lines lost."""
+    try:
+        return dns.resolver.Resolver()
+    except (dns.resolver.NoResolverConfiguration, ValueError) as exc:
+        plain = {
+            "no nameservers": "no nameserver line",
+            f"cannot open {RESOLV_CONF}": "cannot be read",
+        }
+        why = f"{RESOLV_CONF}: {plain.get(str(exc), str(exc))}"
+        raise SystemResolverError(why) from None  # type: ignore[no-untyped-call] # dnspython's
+
+
 def make_resolver(nameserver: str | None, port: int, timeout: float) -> dns.resolver.Resolver:
-    """The system resolver, or one that asks only ``nameserver``:``port``."""
+    """The system resolver (SystemResolverError when /etc/resolv.conf gives none), or one
+    that asks only ``nameserver``:``port``."""
     if nameserver is None:
-        resolver = dns.resolver.Resolver()
+        resolver = system_resolver()
     else:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [nameserver]
@@ -274,7 +302,10 @@ def _outside(args: argparse.Namespace) -> mtasts.Outside | None:
 def _run(args: argparse.Namespace) -> int:
     text = _zone_text(args.zonefile)
     records = read_zone(text, args.zonefile)
-    resolver = make_resolver(args.nameserver, args.port, args.timeout)
+    try:
+        resolver = make_resolver(args.nameserver, args.port, args.timeout)
+    except SystemResolverError as exc:
+        raise InputError(f"the system resolver cannot be used (no --nameserver): {exc}") from None
     fetch, policies = _policies(args, text, resolver) if args.fetch_policy else (None, 0)
     lines = check(records, resolver)
     if fetch is not None:
