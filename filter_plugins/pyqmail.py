@@ -19,7 +19,7 @@ from ansible.errors import AnsibleFilterError
 LISTENER_KINDS = ("smtp", "smtps", "submission")
 DOVECOT_KINDS = ("imaps", "imap", "pop3s", "pop3")
 MAILDIR_SUBDIRS = ("", "/cur", "/new", "/tmp")  # noqa: S108 - a Maildir's tmp/, not /tmp
-# Daemon names of pyqmail_control__reload_routes -> the handler that reloads them.
+# Daemon names of pyqmail__reload_routes -> the handler that reloads them.
 RELOAD_HANDLERS = {"smtpd": "pyqmail reload listeners", "send": "pyqmail reload send"}
 
 
@@ -364,16 +364,16 @@ def dovecot_summary(
 
 def reload_handlers(names: Any, routes: Any) -> list[str]:
     """Handlers to notify for changed control files ``names``: the daemons each file's route
-    in pyqmail_control__reload_routes lists; a name without a route (an extra control file the
+    in pyqmail__reload_routes lists; a name without a route (an extra control file the
     table does not know) reloads both daemons."""
-    table = _mapping(routes, "pyqmail_control__reload_routes")
+    table = _mapping(routes, "pyqmail__reload_routes")
     daemons: set[str] = set()
     for name in [names] if isinstance(names, str) else _list(names, "control file names"):
         route = table.get(name, list(RELOAD_HANDLERS))
-        for index, daemon in enumerate(_list(route, f"pyqmail_control__reload_routes.{name}")):
+        for index, daemon in enumerate(_list(route, f"pyqmail__reload_routes.{name}")):
             if daemon not in RELOAD_HANDLERS:
                 raise AnsibleFilterError(
-                    f"pyqmail_control__reload_routes.{name}[{index}] is {daemon!r}; "
+                    f"pyqmail__reload_routes.{name}[{index}] is {daemon!r}; "
                     f"choose from {', '.join(RELOAD_HANDLERS)}"
                 )
             daemons.add(daemon)

@@ -18,11 +18,13 @@ description:
     ctimes and sizes of those files (a symlink counts with its target). ctimes, not mtimes -
     C(cp -p), C(touch -r) and restores keep an old mtime, nobody can set a ctime - and
     compared for equality, so a clock stepped back changes nothing twice.
-  - What each daemon loads - a listener (a link named C(qmail-smtpd*)) everything under
-    C(control/) and the relay rules cdbs (C(<rules_path>.cdb), C(<rules_path>-<kind>.cdb));
-    pyqmail-send (C(qmail-send)) everything under C(control/); Dovecot (O(dovecot_service))
-    O(dovecot_config) and C(control/servercert.pem). A removed file counts (its directory's
-    ctime changes).
+  - What each daemon loads - a listener (a link named C(qmail-smtpd*)) the files under
+    C(control/) that O(routes) gives to C(smtpd), and the relay rules cdbs (C(<rules_path>.cdb),
+    C(<rules_path>-<kind>.cdb)); pyqmail-send (C(qmail-send)) the files under C(control/) that
+    O(routes) gives to C(send); Dovecot (O(dovecot_service)) O(dovecot_config) and
+    C(control/servercert.pem). So a reload of one daemon after a change to a file only it reads
+    leaves the other's note as it was. A removed or added file counts (its path is in the
+    digest); directories count only through the files beneath them.
   - O(state=due) changes nothing and returns the services whose note differs from their files,
     or that have none (set up before the notes, or linked just now), and the handlers that
     reload them. O(state=noted) writes the note of each linked service of O(daemons), as the
@@ -62,6 +64,13 @@ options:
     description: The configuration Dovecot runs with.
     type: path
     default: /etc/dovecot/pyqmail.conf
+  routes:
+    description:
+      - Which daemons read each control file - C(smtpd) (the listeners), C(send) - by the first
+        name of its path under C(control/) (C(tlshosts) for C(control/tlshosts/mx.example.pem)),
+        as the role C(pyqmail)'s C(pyqmail__loaded_routes). A name not in it counts for both.
+    type: dict
+    default: {}
   daemons:
     description: Which linked services to look at - V(listeners), V(send), V(dovecot).
     type: list
@@ -116,7 +125,8 @@ handlers:
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -132,7 +142,7 @@ HANDLERS = {
     "dovecot": "pyqmail reload dovecot",
 }
 # What each daemon loads, by kind of file (the note has one line per kind).
-LOADS = {"listeners": ("control", "rules"), "send": ("control",), "dovecot": ("dovecot",)}
+LOADS = {"listeners": ("control", "rules"), "send": ("sendcontrol",), "dovecot": ("dovecot",)}
 
 
 def entry_line(path: str) -> str:
@@ -150,12 +160,23 @@ def entry_line(path: str) -> str:
 
 
 def walk(top: str) -> Iterator[str]:
-    """``top`` and every path beneath it, links not followed (a linked directory counts as
-    its link and target, as ``entry_line`` sees them)."""
-    yield top
+    """Every path beneath ``top`` but its directories, links not followed (a linked directory
+    counts as its link and target, as ``entry_line`` sees them). No directory's own ctime:
+    it changes with every rename in it, including those of files another daemon reads; an
+    added or removed file changes the list of paths instead."""
     for directory, dirs, files in os.walk(top):
         for name in dirs + files:
-            yield os.path.join(directory, name)
+            path = os.path.join(directory, name)
+            if os.path.islink(path) or not os.path.isdir(path):
+                yield path
+
+
+def readers(path: str, control: str, routes: Mapping[str, Any]) -> set[str]:
+    """The daemons (``smtpd``, ``send``) that read ``path`` under ``control``: its first name's
+    route, or both for a name without one."""
+    first = os.path.relpath(path, control).split(os.sep, 1)[0]
+    route = routes.get(first)
+    return set(route) if isinstance(route, list) else {"smtpd", "send"}
 
 
 def rules_cdbs(rules_path: str) -> list[str]:
@@ -175,11 +196,18 @@ def digest(paths: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def stamps(params: dict[str, object]) -> dict[str, str]:
-    """Each kind of file's digest as the files are now."""
+def stamps(params: dict[str, Any]) -> dict[str, str]:
+    """Each kind of file's digest as the files are now (``control`` of the files the listeners
+    read, ``sendcontrol`` of those pyqmail-send reads)."""
     root = str(params["root"])
+    control = os.path.join(root, "control")
+    read: dict[str, list[str]] = {"smtpd": [], "send": []}
+    for path in walk(control):
+        for daemon in readers(path, control, params["routes"]) & set(read):
+            read[daemon].append(path)
     return {
-        "control": digest(walk(os.path.join(root, "control"))),
+        "control": digest(read["smtpd"]),
+        "sendcontrol": digest(read["send"]),
         "rules": digest(rules_cdbs(str(params["rules_path"]))),
         "dovecot": digest(
             [str(params["dovecot_config"]), os.path.join(root, "control", "servercert.pem")]
@@ -187,10 +215,10 @@ def stamps(params: dict[str, object]) -> dict[str, str]:
     }
 
 
-def linked(params: dict[str, object]) -> dict[str, str]:
+def linked(params: dict[str, Any]) -> dict[str, str]:
     """Service name -> daemon, for the links in the service directory of ``daemons``."""
     service_dir = str(params["service_dir"])
-    wanted = set(params["daemons"])  # type: ignore[call-overload]
+    wanted = set(params["daemons"])
     try:
         names = sorted(os.listdir(service_dir))
     except FileNotFoundError:
@@ -212,6 +240,14 @@ def linked(params: dict[str, object]) -> dict[str, str]:
     return found
 
 
+def routes_problem(routes: Mapping[str, Any]) -> str | None:
+    """What makes ``routes`` no table of control file names to daemons, naming the entry."""
+    for name, route in routes.items():
+        if not isinstance(route, list) or not set(route) <= {"smtpd", "send"}:
+            return f"routes.{name} is {route!r}: give a list of smtpd and send"
+    return None
+
+
 def note_of(daemon: str, now: dict[str, str]) -> str:
     """The note a service of ``daemon`` gets once it loaded the files as they are ``now``."""
     return "".join(f"{kind} {now[kind]}\n" for kind in LOADS[daemon])
@@ -225,6 +261,7 @@ def main() -> None:
             "rules_path": {"type": "path", "default": "/etc/tcp/smtp"},
             "dovecot_service": {"type": "str", "default": "dovecot"},
             "dovecot_config": {"type": "path", "default": "/etc/dovecot/pyqmail.conf"},
+            "routes": {"type": "dict", "default": {}},
             "daemons": {
                 "type": "list",
                 "elements": "str",
@@ -236,6 +273,9 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
+    problem = routes_problem(params["routes"])
+    if problem:
+        module.fail_json(msg=problem)
     services = linked(params)
     now = stamps(params)
     differ: list[str] = []

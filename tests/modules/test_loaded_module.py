@@ -158,3 +158,55 @@ def test_a_note_that_cannot_be_written_fails_naming_it(host: dict[str, Any]) -> 
 
 def test_no_service_directory_means_nothing_due(host: dict[str, Any], tmp_path: Path) -> None:
     assert due({**host, "service_dir": str(tmp_path / "none")}) == []
+
+
+ROUTES = {
+    "databytes": ["smtpd"],
+    "tlshosts": ["send"],
+    "dkim": ["send"],
+    "me": ["smtpd", "send"],
+    "smtpusers.kick": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "wanted"),
+    [
+        (lambda c: (c / "databytes").write_text("1000\n"), ["qmail-smtpd", "qmail-smtpd-ssl"]),
+        (lambda c: (c / "tlshosts" / "mx2.example.org.pem").write_text("ca\n"), ["qmail-send"]),
+        (lambda c: (c / "dkim").mkdir() or (c / "dkim" / "k").write_text("k\n"), ["qmail-send"]),
+        (
+            lambda c: (c / "unknownfile").write_text("x\n"),
+            ["qmail-send", "qmail-smtpd", "qmail-smtpd-ssl"],
+        ),
+        (lambda c: (c / "smtpusers.kick").write_text("alice\n"), []),
+    ],
+    ids=[
+        "listeners-only",
+        "send-only-in-a-directory",
+        "dkim-keys",
+        "unrouted-counts-for-both",
+        "read-by-none",
+    ],
+)
+def test_a_file_one_daemon_reads_makes_only_that_daemon_due(
+    host: dict[str, Any], change: Any, wanted: list[str]
+) -> None:
+    """A reload of the listeners alone after a change to databytes must not leave
+    pyqmail-send due at the next run (molecule's multihost: the certificates play reloads the
+    listeners for clientca.pem, the config play pyqmail-send for tlshosts/)."""
+    args = {**host, "routes": ROUTES}
+    run(args, state="noted")
+    change(Path(host["root"]) / "control")
+    assert due(args) == wanted
+
+
+@pytest.mark.parametrize(
+    "routes", [{"databytes": "smtpd"}, {"databytes": ["smtpd", "listeners"]}, {"me": None}]
+)
+def test_a_route_that_names_no_daemon_is_refused_naming_it(
+    host: dict[str, Any], routes: dict[str, Any]
+) -> None:
+    result = run({**host, "routes": routes})
+    assert result.get("failed"), result
+    assert result["msg"].startswith(f"routes.{next(iter(routes))} is "), result

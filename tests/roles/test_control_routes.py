@@ -1,4 +1,4 @@
-"""pyqmail_control__reload_routes is the one table of which daemon reloads for which control file.
+"""pyqmail__reload_routes is the one table of which daemon reloads for which control file.
 
 Every control file a role writes or removes is in it, and every such task notifies exactly the
 handlers the table gives (through filter_plugins' pyqmail_reload_handlers). The table itself
@@ -29,7 +29,9 @@ filters: Any = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(filters)
 
 VARS = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
-ROUTES: dict[str, list[str]] = VARS["pyqmail_control__reload_routes"]
+ROUTES: dict[str, list[str]] = yaml.safe_load((ROLES / "pyqmail" / "vars" / "main.yml").read_text())[
+    "pyqmail__reload_routes"
+]
 
 
 def tasks(role: str) -> list[dict[str, Any]]:
@@ -86,7 +88,7 @@ CONTROL_TASKS = [
 
 def test_every_managed_file_has_a_route() -> None:
     missing = [name for name in VARS["pyqmail_control__managed"] if name not in ROUTES]
-    assert missing == [], f"add these to pyqmail_control__reload_routes: {missing}"
+    assert missing == [], f"add these to pyqmail__reload_routes: {missing}"
     for name, daemons in ROUTES.items():
         assert set(daemons) <= {"smtpd", "send"}, name
         assert len(set(daemons)) == len(daemons), name
@@ -100,7 +102,7 @@ def test_control_task_notifies_what_the_table_says(task: dict[str, Any]) -> None
         assert task.get("register"), f"{task['name']}: register it for the routing task"
         return
     for name in names:
-        assert name in ROUTES, f"{task['name']}: {name} is not in pyqmail_control__reload_routes"
+        assert name in ROUTES, f"{task['name']}: {name} is not in pyqmail__reload_routes"
     want = filters.reload_handlers(names, ROUTES)
     for name in names:  # one task, one route: a loop notifies for all its items at once
         assert filters.reload_handlers([name], ROUTES) == want, (task["name"], name)
@@ -111,7 +113,7 @@ def test_extra_files_are_routed_through_the_table() -> None:
     routing = [t for t in tasks("pyqmail_control") if "pyqmail_reload_handlers" in str(t)]
     assert len(routing) == 1
     task = routing[0]
-    assert "pyqmail_reload_handlers(pyqmail_control__reload_routes)" in task["notify"]
+    assert "pyqmail_reload_handlers(pyqmail__reload_routes)" in task["notify"]
     registered = {t["register"] for t in CONTROL_TASKS if control_files(t) is None}
     for name in registered:
         assert name in str(task["vars"]), f"the routing task ignores {name}"
@@ -151,7 +153,7 @@ def run_extra_tasks(root: Path, extra: dict[str, Any]) -> str:
             "vars": {
                 "pyqmail__root": str(root),
                 "pyqmail_control__extra": extra,
-                "pyqmail_control__reload_routes": ROUTES,
+                "pyqmail__reload_routes": ROUTES,
             },
             "tasks": extra_tasks,
             "handlers": handlers,

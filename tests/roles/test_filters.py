@@ -34,7 +34,7 @@ def role_vars(role: str, kind: str = "vars") -> dict[str, Any]:
 
 KINDS = role_vars("pyqmail_services")["pyqmail_services__kinds"]
 PORTS = {"smtp": 25, "smtps": 465, "submission": 587}
-ROUTES = role_vars("pyqmail_control")["pyqmail_control__reload_routes"]
+ROUTES = role_vars("pyqmail")["pyqmail__reload_routes"]
 LISTENERS, SEND = "pyqmail reload listeners", "pyqmail reload send"
 
 

@@ -2,7 +2,7 @@
 
 Which daemon reads which file is the daemons' own table (``pyqmail.control.table``, the
 one both readers are built on), not a scan of their sources. The role routes a change
-through ``pyqmail_control__reload_routes`` (``roles/pyqmail_control/vars/main.yml``,
+through ``pyqmail__reload_routes`` (``roles/pyqmail/vars/main.yml``,
 ``{<control file>: [smtpd|send, ...]}``); its tasks notify ``pyqmail reload listeners``
 (every pyqmail-smtpd) and/or ``pyqmail reload send``. ``clientcert.pem`` and the
 ``tlshosts/`` pins are read by pyqmail-send per attempt; the role reloads it for them too
@@ -27,8 +27,8 @@ LISTENERS = "pyqmail reload listeners"
 SEND = "pyqmail reload send"
 HANDLER = {table.SMTPD: LISTENERS, table.SEND: SEND}
 
-VARS = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
-ROUTES: dict[str, list[str]] = VARS["pyqmail_control__reload_routes"]
+VARS = yaml.safe_load((ROLES / "pyqmail" / "vars" / "main.yml").read_text())
+ROUTES: dict[str, list[str]] = VARS["pyqmail__reload_routes"]
 SMTPD_FILES = {name for name, entry in table.TABLE.items() if table.SMTPD in entry.readers}
 SEND_FILES = {name for name, entry in table.TABLE.items() if table.SEND in entry.readers}
 

@@ -3,7 +3,7 @@
 The readers (``pyqmail.control.smtpd`` for pyqmail-smtpd, ``pyqmail.control.send`` for
 pyqmail-send, ``pyqmail.smtpd.knobs``) take each value from an entry here, so a file cannot
 mean one thing to one daemon and another to the other; the role's reload routing
-(``roles/pyqmail_control/vars/main.yml``, ``pyqmail_control__reload_routes``) is tested
+(``roles/pyqmail/vars/main.yml``, ``pyqmail__reload_routes``) is tested
 against ``TABLE`` (``tests/unit/test_role_reload_handlers.py``): a change to a file reloads
 exactly the daemons listed in ``readers``.
 
