@@ -24,7 +24,9 @@ from typing import Any
 from ansible.errors import AnsibleFilterError
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
     MAX_LOOKUPS,
+    include_loops,
     lookups,
+    run_records,
     self_include,
     term_problem,
     too_many,
@@ -205,6 +207,27 @@ def _no_include_of(serving: list[dict[str, Any]], domain: str) -> None:
             problem = self_include(term, {domain: where})
             if problem:
                 raise _fail(f"{V}spf_extra of {h['host']}: {term!r} {problem}")
+
+
+def _no_include_loop(hosts: list[dict[str, Any]], host: str) -> None:
+    """No record of ``host``'s zone is on an include: loop across the records of the run
+    (a.example includes b.example, whose record, another host's, includes a.example): the
+    preflight refuses it first; here for a run that got past it (pyqmail_dns_host results of
+    hosts that never had a preflight, a playbook of one's own)."""
+    settings = {
+        h["host"]: {
+            "me": [h["me"]],
+            "locals": h["locals"],
+            "relay_domains": h["relay_domains"],
+            "send_domains": h["send_domains"],
+            "dkim_domains": [d["domain"] for d in h["dkim"]],
+            "spf_extra": h["spf_extra"],
+        }
+        for h in hosts
+    }
+    problems = [m for writers, m in include_loops(run_records(settings)) if host in writers]
+    if problems:
+        raise _fail("\n".join(problems))
 
 
 def dkim_records(published: Any, where: str = "pyqmail_dkim__published") -> list[dict[str, str]]:
@@ -547,6 +570,7 @@ def dns_zone(hosts: Any, host: str, all_hosts: Any = None) -> str:
         f"; DNS records to publish for {host} (pyqmail_dns, written by ansible-playbook site.yml)",
         f"; computed over the hosts of this run: {', '.join(names)}",
     ]
+    _no_include_loop(hosts, host)
     missing = sorted(set(all_hosts or []) - set(names))
     if missing:
         out.append(f"; not in this run (its MX/SPF/DKIM are missing here): {', '.join(missing)}")

@@ -234,3 +234,93 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
         and "mx1.example.org" in t["hosts"]
     ]
     assert summary[0]["lines"] == mx1.splitlines()
+
+
+def _run_dns(tmp_path: Path, extra: dict[str, list[str]], *args: str) -> tuple[Any, Path]:
+    """playbooks/dns.yml on mx1.a.example (a.example local) and mx2.b.example (b.example
+    local), each with its own qmail root and ``extra`` as its pyqmail_dns__spf_extra."""
+    artifacts = tmp_path / "artifacts"
+    hosts = {}
+    for index, (host, terms) in enumerate(extra.items()):
+        (tmp_path / host).mkdir(parents=True)
+        hosts[host] = host_vars(
+            tmp_path / host,
+            pyqmail__me=host,
+            pyqmail__listen_ip=f"192.0.2.{25 + index}",
+            pyqmail_dns__ipv6=[],
+            pyqmail_control__locals=[host.split(".", 1)[1]],
+            pyqmail_dns__spf_extra=terms,
+        )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"mailservers": {"hosts": hosts}}}}))
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            str(inventory),
+            "-e",
+            f"pyqmail_dns__zone_dir={artifacts}",
+            *args,
+            "playbooks/dns.yml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        timeout=600,
+        check=False,
+    )
+    try:
+        return json.loads(proc.stdout), artifacts
+    except json.JSONDecodeError as exc:
+        raise AssertionError(f"no JSON:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}") from exc
+
+
+def _failures(out: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """host -> (name of the task it failed in, its message)."""
+    return {
+        host: (task["task"]["name"], result["msg"])
+        for play in out["plays"]
+        for task in play["tasks"]
+        for host, result in task["hosts"].items()
+        if result.get("failed")
+    }
+
+
+SPF_LOOP = (
+    "pyqmail_dns__spf_extra of mx1.a.example (SPF record of a.example) has {a}, and that of "
+    "mx2.b.example (SPF record of b.example) has {b}: an include loop (a.example -> b.example "
+    "-> a.example), which every receiver ends with permerror (RFC 7208 4.6.4); this run writes "
+    "each of these records: drop one of these include: terms"
+)
+
+
+def test_an_include_loop_across_the_hosts_is_refused_before_any_record(tmp_path: Path) -> None:
+    """mx1 puts include:b.example in the SPF of a.example, mx2 include:a.example in that of
+    b.example: the preflight of each host sees the other's values and refuses the loop, naming
+    both; nothing is written. Without the preflight (pyqmail__preflight_done, as a later play
+    of a run has it) the zone filter refuses it before the zone is written."""
+    extra = {"mx1.a.example": ["include:b.example"], "mx2.b.example": ["include:A.example"]}
+    out, artifacts = _run_dns(tmp_path / "preflight", extra)
+    message = SPF_LOOP.format(a="'include:b.example'", b="'include:A.example'")
+    task = "pyqmail.mail.pyqmail_preflight : Check the inventory of every pyqmail role"
+    assert _failures(out) == dict.fromkeys(extra, (f"{task} (one line per problem)", message))
+    assert not artifacts.exists()
+    out, artifacts = _run_dns(tmp_path / "zone", extra, "-e", "pyqmail__preflight_done=true")
+    failed = _failures(out)
+    assert sorted(failed) == sorted(extra)
+    for name, msg in failed.values():
+        assert name == "pyqmail.mail.pyqmail_dns : Compute the zone over every host of the run"
+        assert SPF_LOOP.format(a="'include:b.example'", b="'include:a.example'") in msg
+    assert not list(artifacts.glob("*/dns.zone"))
+
+
+def test_a_cross_include_without_a_way_back_passes(tmp_path: Path) -> None:
+    """mx1's a.example includes b.example, whose record (mx2's) includes nothing of the run."""
+    extra = {"mx1.a.example": ["include:b.example"], "mx2.b.example": ["include:_spf.c.example"]}
+    out, artifacts = _run_dns(tmp_path, extra)
+    assert _failures(out) == {}
+    mx1 = (artifacts / "mx1.a.example" / "dns.zone").read_text()
+    assert 'a.example. 3600 IN TXT "v=spf1 ip4:192.0.2.25 include:b.example -all"' in mx1
+    mx2 = (artifacts / "mx2.b.example" / "dns.zone").read_text()
+    assert 'b.example. 3600 IN TXT "v=spf1 ip4:192.0.2.26 include:_spf.c.example -all"' in mx2

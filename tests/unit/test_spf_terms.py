@@ -310,3 +310,165 @@ def test_an_include_of_another_domain_or_a_macro_naming_another_is_accepted() ->
     terms = ["include:t.test", "include:%{d2}", "include:_spf.%{d}", "include:%{dr}"]
     assert list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", terms, values)) == []
     assert filters.dns_host(settings("mx1.t.test", spf_extra=terms))["spf_extra"] == terms
+
+
+# --- include: loops across the hosts of a run -------------------------------------------------
+
+LOOP_END = (
+    "which every receiver ends with permerror (RFC 7208 4.6.4); this run writes each of these "
+    "records: drop one of these include: terms"
+)
+# how pyspf ends a loop of two records: no loop named, the 11th lookup (RFC 7208 4.6.4)
+TOO_MANY = "SPF Permanent Error: Too many DNS lookups"
+
+
+def _play(**hosts: tuple[str, list[str]]) -> dict[str, dict[str, object]]:
+    """The preflight's PLAY_HOSTS for hosts mx<N> with (local domain, spf_extra) each; the
+    host's name is mx<N>.<its domain>."""
+    return {
+        host: {
+            "pyqmail__me": f"{host}.{domain}",
+            "pyqmail_control__locals": [domain],
+            "pyqmail_dns__spf_extra": extra,
+        }
+        for host, (domain, extra) in hosts.items()
+    }
+
+
+def _preflight(play: dict[str, dict[str, object]], host: str) -> list[str]:
+    """What the preflight of ``host`` says of its pyqmail_dns__spf_extra, seeing the play."""
+    values = {**play[host], "inventory_hostname": host, pyqmail_spf.PLAY_HOSTS: play}
+    extra = play[host]["pyqmail_dns__spf_extra"]
+    return list(pyqmail_spf.check_spf_extra("pyqmail_dns__spf_extra", extra, values))
+
+
+def _zone_hosts(play: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    """The pyqmail_dns_host results of the same hosts (one address each), for the zone filter."""
+    return [
+        filters.dns_host(
+            settings(
+                str(v["pyqmail__me"]),
+                locals=v["pyqmail_control__locals"],
+                spf_extra=v["pyqmail_dns__spf_extra"],
+                ipv4=[f"192.0.2.{20 + i}"],
+            )
+            | {"host": host}
+        )
+        for i, (host, v) in enumerate(sorted(play.items()))
+    ]
+
+
+def _zone_refuses(play: dict[str, dict[str, object]], host: str, message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        filters.dns_zone(_zone_hosts(play), host)
+
+
+def test_an_include_loop_across_two_hosts_is_refused_naming_both() -> None:
+    """mx1 writes the SPF of a.example with include:b.example, mx2 that of b.example with
+    include:a.example: each term alone is fine, together every receiver ends with permerror
+    (pyspf here, on a real knotd serving the two records the run would write)."""
+    play = _play(
+        mx1=("a.example", ["include:b.example"]), mx2=("b.example", ["include:A.example."])
+    )
+    expected = (
+        "pyqmail_dns__spf_extra of mx1 (SPF record of a.example) has 'include:b.example', and "
+        "that of mx2 (SPF record of b.example) has {term}: an include loop (a.example -> "
+        f"b.example -> a.example), {LOOP_END}"
+    )
+    for host in ("mx1", "mx2"):
+        assert _preflight(play, host) == [expected.format(term="'include:A.example.'")]
+        _zone_refuses(play, host, expected.format(term="'include:a.example.'"))
+    records = (
+        'a.example. 300 IN TXT "v=spf1 ip4:192.0.2.20 include:b.example -all"\n'
+        'b.example. 300 IN TXT "v=spf1 ip4:192.0.2.21 include:A.example. -all"\n'
+    )
+    with DnsServer(split_zones(records, ["a.example.", "b.example."])) as server:
+        for sender in ("x@a.example", "x@b.example"):
+            got = _mail_from(server, "198.51.100.1", sender)
+            assert (got.result, got.reason) == ("permerror", TOO_MANY), got
+
+
+def test_a_longer_loop_through_a_host_name_and_shared_records_is_refused() -> None:
+    """a.example -> mx2.b.example (the SPF of mx2's name, which gets its terms) -> c.example
+    -> a.example; c.example's record gets the terms of both hosts that have it local. Each
+    host whose zone holds a record of the loop is refused; mx4, with none of them, passes."""
+    play = _play(
+        mx1=("a.example", ["include:mx2.b.example"]),
+        mx2=("b.example", ["include:c.example"]),
+        mx3=("c.example", ["ip4:192.0.2.9", "include:a.example"]),
+        mx4=("d.example", ["include:a.example"]),
+    )
+    play["mx5"] = {
+        "pyqmail__me": "mx5.c.example",
+        "pyqmail_control__locals": ["c.example"],
+        "pyqmail_dns__spf_extra": ["include:a.example"],
+    }
+    expected = (
+        "pyqmail_dns__spf_extra of mx1 (SPF record of a.example) has 'include:mx2.b.example', "
+        "that of mx2 (SPF record of mx2.b.example) has 'include:c.example', and that of mx3, "
+        "mx5 (SPF record of c.example) has 'include:a.example': an include loop (a.example -> "
+        f"mx2.b.example -> c.example -> a.example), {LOOP_END}"
+    )
+    for host in ("mx1", "mx2", "mx3", "mx5"):
+        assert _preflight(play, host) == [expected], host
+        _zone_refuses(play, host, expected)
+    assert _preflight(play, "mx4") == []
+    assert "include:a.example" in filters.dns_zone(_zone_hosts(play), "mx4")
+
+
+def test_a_cross_include_without_a_way_back_passes() -> None:
+    """A includes B, B does not include A: no loop; nor is an include of a domain the run
+    writes no record of (b.example's primary is outside: mx2 only relays for it), whatever
+    that domain's own record says: no DNS is asked."""
+    play = _play(mx1=("a.example", ["include:b.example"]), mx2=("b.example", ["ip4:192.0.2.9"]))
+    assert _preflight(play, "mx1") == _preflight(play, "mx2") == []
+    text = filters.dns_zone(_zone_hosts(play), "mx1")
+    assert 'a.example. 3600 IN TXT "v=spf1 ip4:192.0.2.20 include:b.example -all"' in text
+    play["mx2"]["pyqmail_dns__spf_extra"] = ["include:a.example"]
+    play["mx2"]["pyqmail_control__locals"] = ["mx2.c.example"]
+    play["mx2"]["pyqmail_control__relay_domains"] = ["b.example"]
+    assert _preflight(play, "mx1") == _preflight(play, "mx2") == []
+
+
+def test_every_include_on_a_loop_is_told_each_loop_once() -> None:
+    """Loops sharing records: each include: on one is told in the shortest loop through it,
+    each loop once, from its smallest domain; an include: on none (a.example's, mx3's name's)
+    is in no message."""
+    records = pyqmail_spf.run_records(
+        {
+            "mx1": {**_settings("mx1.a.example", "a.example"), "spf_extra": ["include:b.example"]},
+            "mx2": {
+                **_settings("mx2.b.example", "b.example"),
+                "spf_extra": ["include:mx1.a.example", "include:c.example"],
+            },
+            "mx3": {
+                **_settings("mx3.c.example", "c.example"),
+                "spf_extra": ["include:b.example", "include:mx2.b.example"],
+            },
+        }
+    )
+    loops = pyqmail_spf.include_loops(records)
+    chains = [m.split("include loop (")[1].split(")")[0] for _writers, m in loops]
+    assert chains == [
+        "b.example -> c.example -> b.example",
+        "b.example -> c.example -> mx2.b.example -> mx1.a.example -> b.example",
+        "b.example -> mx1.a.example -> b.example",
+        "c.example -> mx2.b.example -> c.example",
+    ]
+    assert [sorted(writers) for writers, _m in loops] == [
+        ["mx2", "mx3"],
+        ["mx1", "mx2", "mx3"],
+        ["mx1", "mx2"],
+        ["mx2", "mx3"],
+    ]
+
+
+def _settings(me: str, domain: str) -> dict[str, list[str]]:
+    return {
+        "me": [me],
+        "locals": [domain],
+        "relay_domains": [],
+        "send_domains": [],
+        "dkim_domains": [],
+        "spf_extra": [],
+    }
