@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.modules.utils import AnsibleExitJson, AnsibleFailJson, set_module_args
+from tests.modules.utils import REPO, AnsibleExitJson, AnsibleFailJson, set_module_args
 
 loaded_module: Any = importlib.import_module("pyqmail_loaded")
 
@@ -210,3 +210,39 @@ def test_a_route_that_names_no_daemon_is_refused_naming_it(
     result = run({**host, "routes": routes})
     assert result.get("failed"), result
     assert result["msg"].startswith(f"routes.{next(iter(routes))} is "), result
+
+
+def role_loaded_routes() -> dict[str, Any]:
+    """The role pyqmail's pyqmail__loaded_routes as a play sees it (templated by Ansible)."""
+    import yaml
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar, trust_as_template
+
+    role_vars = yaml.safe_load((REPO / "roles" / "pyqmail" / "vars" / "main.yml").read_text())
+    templar = Templar(loader=DataLoader(), variables=role_vars)
+    template = trust_as_template(role_vars["pyqmail__loaded_routes"])
+    routes: dict[str, Any] = templar.template(template)
+    return routes
+
+
+def test_kicks_recorded_by_pyqmail_users_make_nothing_due_with_the_roles_routes(
+    host: dict[str, Any],
+) -> None:
+    """pyqmail-users and Dovecot's kicks write control/smtpusers.kick and its lock beside the
+    user file, which no daemon loads: with the role's own routes, nothing is due after them."""
+    from pyqmail.authdb import add_kicks, drop_kicks, kicks_path
+
+    args = {**host, "routes": role_loaded_routes()}
+    users = Path(host["root"]) / "control" / "smtpusers"
+    run(args, state="noted")
+    add_kicks(kicks_path(str(users)), ["alice@example.org"])
+    assert sorted(p.name for p in users.parent.glob("smtpusers.*")) == [
+        "smtpusers.kick",
+        "smtpusers.kick.lock",
+    ]
+    assert due(args) == []
+    drop_kicks(kicks_path(str(users)), ["alice@example.org"])
+    assert due(args) == []
+    (users.parent / "dkim").mkdir()
+    (users.parent / "dkim" / "k.key").write_text("key\n")  # the DKIM keys: pyqmail-send's
+    assert due(args) == ["qmail-send"]

@@ -29,9 +29,9 @@ filters: Any = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(filters)
 
 VARS = yaml.safe_load((ROLES / "pyqmail_control" / "vars" / "main.yml").read_text())
-ROUTES: dict[str, list[str]] = yaml.safe_load((ROLES / "pyqmail" / "vars" / "main.yml").read_text())[
-    "pyqmail__reload_routes"
-]
+ROUTES: dict[str, list[str]] = yaml.safe_load(
+    (ROLES / "pyqmail" / "vars" / "main.yml").read_text()
+)["pyqmail__reload_routes"]
 
 
 def tasks(role: str) -> list[dict[str, Any]]:
