@@ -7,10 +7,6 @@ the inventory (and play, extra) variables, else the role's ``defaults/main.yml``
 with the host's variables. It hands them to ``module_utils/pyqmail_inventory.py`` and fails
 with one line per problem, each naming the variable and the element, all at once.
 
-One check needs the other hosts of the play: an SPF ``include:`` loop across the records
-several hosts write (``module_utils/pyqmail_spf.py``). For it the action reads, the same way,
-each play host's values of the few variables an SPF record depends on (``SPF_VARIABLES``).
-
 What only the host can say is asked there, by commands that only read, when a check needs
 it: with ``pyqmail_dovecot__enabled``, which Dovecot the host has or would get
 (``module_utils/pyqmail_dovecot.py``: dpkg-query, apt-cache policy, /etc/os-release). They run
@@ -26,7 +22,6 @@ play that runs only some roles (playbooks/daemontools.yml) would never check the
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +30,6 @@ from ansible.plugins.action import ActionBase
 from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_inventory import (
     check,
     unknown,
-)
-from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import (
-    PLAY_HOSTS,
-    SPF_VARIABLES,
 )
 
 
@@ -89,26 +80,6 @@ class ActionModule(ActionBase):
                 problems.append(f"{name}: cannot be evaluated: {first[0] if first else exc}")
         return values, problems
 
-    def play_spf(
-        self, task_vars: dict[str, Any], base: dict[str, Any], own: dict[str, Any]
-    ) -> dict[str, dict[str, Any]]:
-        """Every play host's values of ``SPF_VARIABLES`` (``own``: this host's), each as this
-        host's are found: its variables (hostvars, untemplated) over the roles' defaults
-        (``base``), templated with them. The SPF records one host writes can include those
-        another writes; only the hosts of the play together show a loop. A host whose values
-        cannot be templated adds none (its own preflight reports them)."""
-        me = task_vars.get("inventory_hostname")
-        hostvars = task_vars.get("hostvars", {})
-        raw_get = getattr(hostvars, "raw_get", None)
-        out = {str(me): {k: own[k] for k in SPF_VARIABLES if k in own}}
-        for host in task_vars.get("ansible_play_hosts") or []:
-            raw = raw_get(host) if host != me and raw_get is not None else None
-            if isinstance(raw, Mapping):
-                values, problems = self.values(list(SPF_VARIABLES), {**base, **raw})
-                if not problems:
-                    out[str(host)] = values
-        return out
-
     def host_run(self, argv: list[str]) -> str:
         """What a command that only reads prints on the host; the readers judge its output,
         not its status (dpkg-query exits 1 for a package it does not know)."""
@@ -135,7 +106,6 @@ class ActionModule(ActionBase):
             "host_run": self.host_run,
             "host_root": str(args.get("root") or "/"),
             **self.values(list(role_vars), layers)[0],
-            PLAY_HOSTS: self.play_spf(task_vars, {**defaults, **role_vars}, values),
         }
         bad = {line.split(":", 1)[0] for line in problems}
         sources = {name: str(layers[name]) for name in values}

@@ -26,7 +26,6 @@ from ansible_collections.pyqmail.mail.plugins.module_utils.pyqmail_spf import ( 
     MAX_LOOKUPS,
     include_loops,
     lookups,
-    run_records,
     self_include,
     term_problem,
     too_many,
@@ -209,23 +208,39 @@ def _no_include_of(serving: list[dict[str, Any]], domain: str) -> None:
                 raise _fail(f"{V}spf_extra of {h['host']}: {term!r} {problem}")
 
 
+def _spf_records(hosts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The SPF records the run's zone files hold, as ``domain_records`` and ``host_records``
+    write them: domain -> ``terms`` (host -> its spf_extra, each host the record gets terms
+    of) and ``writers`` (the hosts whose zone holds it). A mail domain's record is in the zone
+    of every host serving it (``_zone_domains``), with their terms, when one of them has it as
+    its own (``_primary``; else ``_foreign_domain`` writes comments only); a host's name gets
+    its own terms (``_names_own_spf``). One pass over the hosts: linear in them."""
+    records: dict[str, dict[str, Any]] = {}
+    primary: set[str] = set()
+
+    def add(domain: str, h: dict[str, Any]) -> None:
+        record = records.setdefault(domain, {"terms": {}, "writers": set()})
+        record["terms"][h["host"]] = h["spf_extra"]
+        record["writers"].add(h["host"])
+
+    for h in hosts:
+        domains = _zone_domains(h)
+        primary |= {d for d in domains if _primary(h, d)}
+        for domain in domains:
+            add(domain, h)
+    records = {d: r for d, r in records.items() if d in primary}
+    for h in hosts:
+        if _names_own_spf(h, _zone_domains(h)):
+            add(h["me"], h)
+    return records
+
+
 def _no_include_loop(hosts: list[dict[str, Any]], host: str) -> None:
-    """No record of ``host``'s zone is on an include: loop across the records of the run
-    (a.example includes b.example, whose record, another host's, includes a.example): the
-    preflight refuses it first; here for a run that got past it (pyqmail_dns_host results of
-    hosts that never had a preflight, a playbook of one's own)."""
-    settings = {
-        h["host"]: {
-            "me": [h["me"]],
-            "locals": h["locals"],
-            "relay_domains": h["relay_domains"],
-            "send_domains": h["send_domains"],
-            "dkim_domains": [d["domain"] for d in h["dkim"]],
-            "spf_extra": h["spf_extra"],
-        }
-        for h in hosts
-    }
-    problems = [m for writers, m in include_loops(run_records(settings)) if host in writers]
+    """No SPF record of ``host``'s zone is on an include: loop across the records the run
+    writes (a.example includes b.example, whose record, in another host's zone, includes
+    a.example). Here, not in the preflight: only the zone filter has every host's values as
+    that host templated them (play vars, role vars, ``hostvars[...]``)."""
+    problems = [m for writers, m in include_loops(_spf_records(hosts)) if host in writers]
     if problems:
         raise _fail("\n".join(problems))
 
@@ -389,12 +404,22 @@ def _rr(owner: str, ttl: int, rtype: str, data: str) -> str:
     return f"{owner}. {ttl} IN {rtype} {data}"
 
 
+def _zone_domains(host: dict[str, Any]) -> list[str]:
+    """The mail domains ``host`` receives, relays, sends or signs for: its zone holds their
+    records, its settings count for them, and its addresses are in their SPF."""
+    signs = (d["domain"] for d in host["dkim"])
+    return sorted({*host["locals"], *host["relay_domains"], *host["send_domains"], *signs})
+
+
 def _serves(host: dict[str, Any], domain: str) -> bool:
-    """Whether ``host`` receives, signs or sends mail of ``domain``: its settings count for
-    the domain, and its addresses are in the domain's SPF."""
-    return domain in host["locals"] + host["relay_domains"] + host["send_domains"] or _primary(
-        host, domain
-    )
+    """Whether ``domain`` is one of ``host``'s (``_zone_domains``)."""
+    return domain in _zone_domains(host)
+
+
+def _names_own_spf(me: dict[str, Any], domains: list[str]) -> bool:
+    """Whether the host's zone has an SPF record of its name with its terms alone: when the
+    name is none of its mail ``domains`` (else that domain's record is the one)."""
+    return me["me"] not in domains
 
 
 def _primary(host: dict[str, Any], domain: str) -> bool:
@@ -533,7 +558,7 @@ def host_records(me: dict[str, Any], domains: list[str]) -> list[str]:
                 f"; Kept for the PTR's forward confirmation; or listen on IPv{version} too.",
             ]
         out.append(_rr(name, ttl, rtype, address))
-    if name not in domains:
+    if _names_own_spf(me, domains):
         out.append("; SPF of the host name (the HELO name and bounces):")
         out += _spf_lines(name, ttl, _spf([me], me["spf_all"], name))
     if me["receives"] and me["tlsa"]:
@@ -557,14 +582,7 @@ def dns_zone(hosts: Any, host: str, all_hosts: Any = None) -> str:
     me = next((h for h in hosts if h["host"] == host), None)
     if me is None:
         raise _fail(f"pyqmail_dns_zone: {host} is not among the hosts")
-    domains = sorted(
-        {
-            *me["locals"],
-            *me["relay_domains"],
-            *me["send_domains"],
-            *(d["domain"] for d in me["dkim"]),
-        }
-    )
+    domains = _zone_domains(me)
     names = [h["host"] for h in hosts]
     out = [
         f"; DNS records to publish for {host} (pyqmail_dns, written by ansible-playbook site.yml)",

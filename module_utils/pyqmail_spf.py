@@ -37,13 +37,19 @@ own, which the zone filter's ``pyqmail_dns_zone`` alone knows).
 
 A loop can also run across the records of several hosts: host A puts ``include:b.example`` in
 the SPF of a.example, host B ``include:a.example`` in that of b.example. No term alone shows
-it; a receiver follows it until its 11th lookup and ends with permerror (pyspf: "Too many DNS
-lookups"), so the mail of both domains fails SPF, and DMARC with it. ``run_records`` says
-which records a run writes with whose terms, ``include_loops`` finds each loop among them,
-however long; the preflight (``check_spf_extra`` with ``PLAY_HOSTS``, the values of every host
-of the play) and the zone filter (``pyqmail_dns_zone``, every host's ``pyqmail_dns_host``)
-refuse it on each host whose zone holds a record of the loop. Only records the run writes
-are followed: what another domain's published record includes is not asked (no DNS).
+it, and no one host's variables: only the zone filter (``pyqmail_dns_zone``) sees every host's
+own ``pyqmail_dns_host`` result, each templated in its own host's context (play vars, role
+vars, ``hostvars[...]`` all as that host sees them), and the records it writes from them. It
+hands those records to ``include_loops``, which finds the strongly connected components of
+the include graph (Tarjan: linear in records and includes) and tells each once, naming its
+records, hosts and terms; the filter refuses the zone of each host that holds one of them.
+The preflight does not: another host's variables read from one host's context miss that
+host's play and role variables and cannot template its ``hostvars[...]``. pyspf passes an
+address the records list before the include (``ip4:``/``ip6:`` come first), but for any other
+(the outside provider's servers the include is there for) it follows the loop until its 11th
+lookup and ends with permerror ("Too many DNS lookups"), so that mail fails SPF, and DMARC
+with it. Only records the run writes are followed: what another domain's published record
+includes is not asked (no DNS), and with ``--limit`` the hosts left out are not seen.
 """
 
 from __future__ import annotations
@@ -228,9 +234,8 @@ def own_domains(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def check_spf_extra(name: str, value: Any, values: Mapping[str, Any]) -> Iterator[str]:
-    """pyqmail_dns__spf_extra: each an SPF term, none including the record it is in, at most
-    10 lookups in all, and (with ``PLAY_HOSTS`` from the preflight, which sees every host of
-    the play) no include: loop across the records the run writes that one of the host's is on."""
+    """pyqmail_dns__spf_extra: each an SPF term, none including the record it is in, and at
+    most 10 lookups in all."""
     own = own_domains(values)
     for index, term in enumerate(value):
         problem = term_problem(term) or self_include(term, own)
@@ -239,153 +244,113 @@ def check_spf_extra(name: str, value: Any, values: Mapping[str, Any]) -> Iterato
     count = lookups(str(t) for t in value)
     if count > MAX_LOOKUPS:
         yield f"{name}: {too_many(count)}"
-    play = values.get(PLAY_HOSTS)
-    if isinstance(play, Mapping):
-        yield from check_run_loops(name, values.get("inventory_hostname"), play)
 
 
-# The variables a host's SPF records depend on: the preflight reads them for every host of the
-# play and hands them to check_spf_extra as PLAY_HOSTS (host -> {variable: value}).
-SPF_VARIABLES = (
-    "pyqmail__me",
-    "pyqmail_control__locals",
-    "pyqmail_control__relay_domains",
-    "pyqmail_dns__send_domains",
-    "pyqmail_dkim__enabled",
-    "pyqmail_dkim__domains",
-    "pyqmail_dns__spf_extra",
-)
-PLAY_HOSTS = "pyqmail_spf__play_hosts"
+Edges = dict[str, dict[str, dict[str, set[str]]]]
 
 
-def _names(value: Any) -> list[str]:
-    """The domain names of a list (lower case, no root dot); what is no list of names gives
-    none (the host's own checks report it)."""
-    items = value if isinstance(value, (list, tuple)) else []
-    return [d.lower().rstrip(".") for d in items if isinstance(d, str) and d]
-
-
-def spf_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``run_records`` needs of one host, from its variables (``SPF_VARIABLES``)."""
-    enabled = values.get("pyqmail_dkim__enabled")
-    if isinstance(enabled, str):  # another host's, not converted by the specs
-        enabled = enabled.lower() in ("yes", "on", "1", "true", "y", "t")
-    dkim = values.get("pyqmail_dkim__domains") if enabled else []
-    extra = values.get("pyqmail_dns__spf_extra")
-    return {
-        "me": _names([values.get("pyqmail__me")])[:1],
-        "locals": _names(values.get("pyqmail_control__locals")),
-        "relay_domains": _names(values.get("pyqmail_control__relay_domains")),
-        "send_domains": _names(values.get("pyqmail_dns__send_domains")),
-        "dkim_domains": _names(dkim),
-        "spf_extra": [t for t in extra if isinstance(t, str)] if isinstance(extra, list) else [],
-    }
-
-
-def run_records(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The SPF records a run writes, as pyqmail_dns writes them: domain -> ``terms`` (host ->
-    its pyqmail_dns__spf_extra, each host whose terms the record gets) and ``writers`` (the
-    hosts whose zone file holds it). ``hosts``: host -> ``spf_settings``.
-
-    A mail domain gets a record when a host has it as its own (local or signing domain), with
-    the terms of every host that receives, relays, sends or signs for it; a host's name gets
-    one with its own terms when it is none of the host's domains. A domain whose primary is
-    outside the run gets none (its record is its owner's)."""
-    primary = {d for h in hosts.values() for d in [*h["locals"], *h["dkim_domains"]]}
-    records: dict[str, dict[str, Any]] = {}
-    for host, h in sorted(hosts.items()):
-        served = {*h["locals"], *h["relay_domains"], *h["send_domains"], *h["dkim_domains"]}
-        written = served & primary
-        written |= set(h["me"]) - served
-        for domain in written:
-            record = records.setdefault(domain, {"terms": {}, "writers": set()})
-            record["terms"][host] = h["spf_extra"]
-            record["writers"].add(host)
-    return records
-
-
-def _edges(records: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, list[str]]]]:
+def _edges(records: Mapping[str, Mapping[str, Any]]) -> Edges:
     """domain -> included domain -> term -> hosts whose term it is: the include: terms of the
     records ``records`` that name another of them (an include of the record itself is
     ``self_include``'s; a name no host of the run writes is not followed, no DNS is asked)."""
-    edges: dict[str, dict[str, dict[str, list[str]]]] = {}
+    edges: Edges = {}
     for domain, record in records.items():
         for host, terms in record["terms"].items():
             for term in terms:
                 kind, _colon, spec = term.lower().partition(":")
                 target = _expand(spec, domain) if kind == "include" else None
                 if target and target != domain and target in records:
-                    hosts = edges.setdefault(domain, {}).setdefault(target, {}).setdefault(term, [])
-                    hosts.append(host)
+                    by_term = edges.setdefault(domain, {}).setdefault(target, {})
+                    by_term.setdefault(term, set()).add(host)
     return edges
 
 
-def _path(edges: Mapping[str, Mapping[str, Any]], start: str, end: str) -> list[str] | None:
-    """The shortest chain of includes from ``start`` to ``end`` (both in it), or None."""
-    before: dict[str, str] = {start: start}
-    queue = [start]
-    for node in queue:
-        if node == end:
-            path = [end]
-            while path[-1] != start:
-                path.append(before[path[-1]])
-            return path[::-1]
-        for nxt in sorted(edges.get(node, {})):
-            if nxt not in before:
-                before[nxt] = node
-                queue.append(nxt)
-    return None
+def _components(edges: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The strongly connected components of two or more records (each reaches every other
+    through includes: every record on a loop is in one), each sorted: Tarjan's algorithm,
+    O(records + includes), iterative so a chain of thousands of records needs no recursion."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in edges:
+        if root in index:
+            continue
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        work = [(root, iter(edges.get(root, {})))]
+        while work:
+            node, targets = work[-1]
+            for target in targets:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(edges.get(target, {}))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component: list[str] = []
+                    while not component or component[-1] != node:
+                        component.append(stack.pop())
+                        on_stack.discard(component[-1])
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return sorted(found)
 
 
-def _loop_message(edges: Mapping[str, Mapping[str, Any]], cycle: list[str], name: str) -> str:
-    """The message for the loop ``cycle`` (each record includes the next, the last the first):
-    each record with the hosts and terms that include the next."""
+LOOP_END = (
+    "a receiver that follows it, for any address these records do not list before it (the "
+    "servers of an outside provider an include: is there for), ends with permerror (RFC 7208 "
+    '4.6.4; pyspf: "Too many DNS lookups"): drop one of these include: terms, or put the other '
+    "host's ip4:/ip6: in place of its include:"
+)
+
+
+def _loop_message(edges: Mapping[str, Mapping[str, Any]], component: list[str], name: str) -> str:
+    """The message for one component: every include: term by which a record of it includes
+    another of it, with the record it is in and the hosts that give it."""
+    members = set(component)
     parts = []
-    for at, nxt in zip(cycle, [*cycle[1:], cycle[0]], strict=True):
-        by_term = edges[at][nxt]
-        hosts = ", ".join(sorted({h for names in by_term.values() for h in names}))
-        terms = " and ".join(repr(t) for t in sorted(by_term))
-        parts.append(f"{hosts} (SPF record of {at}) has {terms}")
-    told = "".join(f", that of {p}" for p in parts[1:-1])
-    chain = " -> ".join([*cycle, cycle[0]])
+    for at in component:
+        by_term: dict[str, set[str]] = {}
+        for target, terms in edges[at].items():
+            if target in members:
+                for term, hosts in terms.items():
+                    by_term.setdefault(term, set()).update(hosts)
+        shown = [f"{t!r} (of {', '.join(sorted(h))})" for t, h in sorted(by_term.items())]
+        parts.append(f"that of {at} has {' and '.join(shown)}")
     return (
-        f"{name} of {parts[0]}{told}, and that of {parts[-1]}: an include loop ({chain}), "
-        "which every receiver ends with permerror (RFC 7208 4.6.4); this run writes each of "
-        "these records: drop one of these include: terms"
+        f"{name}: an include loop across the SPF records {', '.join(component)}, which this run "
+        f"writes: {', '.join(parts)}; {LOOP_END}"
     )
 
 
 def include_loops(
     records: Mapping[str, Mapping[str, Any]], name: str = "pyqmail_dns__spf_extra"
 ) -> list[tuple[set[str], str]]:
-    """Each include: loop across the records a run writes (``run_records``), as (the hosts
-    whose zone file holds a record of the loop, the message naming every record, host and
-    term of it). A loop of two or more records is no trivial recursion a term alone shows:
-    a.example includes b.example, whose record includes a.example. A receiver following it
-    ends with permerror (RFC 7208 4.6.4; pyspf: after the 10th lookup, "Too many DNS
-    lookups"), so mail of every domain on it fails SPF, and DMARC with it. Each include: on a
-    loop is in one message (the shortest loop through it), each loop told once, from the
-    smallest domain on it."""
+    """The include: loops across the SPF records a run writes, as (the hosts whose zone file
+    holds a record on it, the message naming every record, host and include: term of it).
+    ``records``: domain -> ``terms`` (host -> its terms, every host whose terms the record
+    gets) and ``writers`` (the hosts whose zone holds it), as the zone filter writes them.
+
+    A loop of two or more records is no trivial recursion a term alone shows: a.example
+    includes b.example, whose record includes a.example. pyspf passes an address the records
+    list before the include (ip4:/ip6: come first), but one they do not (the outside provider's
+    servers the include: is there for) takes it round the loop until its 11th lookup: permerror
+    (RFC 7208 4.6.4), SPF fails, and DMARC with it. Loops sharing records are one strongly
+    connected component, told once; its message names each include: from one of its records
+    to another (an include: leaving it is on no loop and is not named)."""
     edges = _edges(records)
-    loops: dict[tuple[str, ...], tuple[set[str], str]] = {}
-    for domain in sorted(edges):
-        for target in sorted(edges[domain]):
-            back = _path(edges, target, domain)
-            if back is None:
-                continue
-            cycle = [domain, *back[:-1]]
-            first = cycle.index(min(cycle))
-            key = tuple(cycle[first:] + cycle[:first])
-            if key not in loops:
-                writers = {h for d in key for h in records[d]["writers"]}
-                loops[key] = (writers, _loop_message(edges, list(key), name))
-    return [loops[key] for key in sorted(loops)]
-
-
-def check_run_loops(name: str, host: Any, hosts: Mapping[str, Mapping[str, Any]]) -> Iterator[str]:
-    """The include: loops across the records the hosts of the play write (``hosts``: host ->
-    its values of ``SPF_VARIABLES``) that a record of ``host``'s zone is on."""
-    records = run_records({h: spf_settings(values) for h, values in hosts.items()})
-    for writers, message in include_loops(records, name):
-        if host in writers:
-            yield message
+    out = []
+    for component in _components(edges):
+        writers = {h for d in component for h in records[d]["writers"]}
+        out.append((writers, _loop_message(edges, component, name)))
+    return out

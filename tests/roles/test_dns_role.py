@@ -236,9 +236,12 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
     assert summary[0]["lines"] == mx1.splitlines()
 
 
-def _run_dns(tmp_path: Path, extra: dict[str, list[str]], *args: str) -> tuple[Any, Path]:
+def _run_dns(
+    tmp_path: Path, extra: dict[str, Any], *args: str, play_vars: dict[str, Any] | None = None
+) -> tuple[Any, Path]:
     """playbooks/dns.yml on mx1.a.example (a.example local) and mx2.b.example (b.example
-    local), each with its own qmail root and ``extra`` as its pyqmail_dns__spf_extra."""
+    local), each with its own qmail root and ``extra`` as its pyqmail_dns__spf_extra in the
+    inventory; with ``play_vars``, a play of the same role with these vars instead."""
     artifacts = tmp_path / "artifacts"
     hosts = {}
     for index, (host, terms) in enumerate(extra.items()):
@@ -253,6 +256,12 @@ def _run_dns(tmp_path: Path, extra: dict[str, list[str]], *args: str) -> tuple[A
         )
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(yaml.safe_dump({"all": {"children": {"mailservers": {"hosts": hosts}}}}))
+    playbook = REPO / "playbooks" / "dns.yml"
+    if play_vars is not None:
+        play = yaml.safe_load(playbook.read_text())
+        play[0]["vars"] = play_vars
+        playbook = tmp_path / "dns.yml"
+        playbook.write_text(yaml.safe_dump(play))
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-playbook")),
@@ -261,7 +270,7 @@ def _run_dns(tmp_path: Path, extra: dict[str, list[str]], *args: str) -> tuple[A
             "-e",
             f"pyqmail_dns__zone_dir={artifacts}",
             *args,
-            "playbooks/dns.yml",
+            str(playbook),
         ],
         cwd=REPO,
         capture_output=True,
@@ -288,31 +297,69 @@ def _failures(out: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 SPF_LOOP = (
-    "pyqmail_dns__spf_extra of mx1.a.example (SPF record of a.example) has {a}, and that of "
-    "mx2.b.example (SPF record of b.example) has {b}: an include loop (a.example -> b.example "
-    "-> a.example), which every receiver ends with permerror (RFC 7208 4.6.4); this run writes "
-    "each of these records: drop one of these include: terms"
+    "pyqmail_dns__spf_extra: an include loop across the SPF records a.example, b.example, "
+    "which this run writes: that of a.example has 'include:b.example' (of mx1.a.example), that "
+    "of b.example has 'include:a.example' (of mx2.b.example); a receiver that follows it, for "
+    "any address these records do not list before it (the servers of an outside provider an "
+    'include: is there for), ends with permerror (RFC 7208 4.6.4; pyspf: "Too many DNS '
+    "lookups\"): drop one of these include: terms, or put the other host's ip4:/ip6: in place "
+    "of its include:"
 )
+ZONE_TASK = "pyqmail.mail.pyqmail_dns : Compute the zone over every host of the run"
+
+
+def _refused_in_the_zone(out: dict[str, Any], artifacts: Path) -> None:
+    """Both hosts fail computing their zone, naming the whole loop; no zone file is written."""
+    failed = _failures(out)
+    assert sorted(failed) == ["mx1.a.example", "mx2.b.example"], failed
+    for name, msg in failed.values():
+        assert name == ZONE_TASK
+        assert SPF_LOOP in msg
+    assert not list(artifacts.glob("*/dns.zone"))
 
 
 def test_an_include_loop_across_the_hosts_is_refused_before_any_record(tmp_path: Path) -> None:
-    """mx1 puts include:b.example in the SPF of a.example, mx2 include:a.example in that of
-    b.example: the preflight of each host sees the other's values and refuses the loop, naming
-    both; nothing is written. Without the preflight (pyqmail__preflight_done, as a later play
-    of a run has it) the zone filter refuses it before the zone is written."""
+    """mx1 puts include:b.example in the SPF of a.example, mx2 include:A.example in that of
+    b.example: each host's preflight passes (it sees its own values only), and the zone
+    filter, which has both hosts' pyqmail_dns_host results, refuses both zones, naming the
+    loop; nothing is written."""
     extra = {"mx1.a.example": ["include:b.example"], "mx2.b.example": ["include:A.example"]}
-    out, artifacts = _run_dns(tmp_path / "preflight", extra)
-    message = SPF_LOOP.format(a="'include:b.example'", b="'include:A.example'")
-    task = "pyqmail.mail.pyqmail_preflight : Check the inventory of every pyqmail role"
-    assert _failures(out) == dict.fromkeys(extra, (f"{task} (one line per problem)", message))
-    assert not artifacts.exists()
-    out, artifacts = _run_dns(tmp_path / "zone", extra, "-e", "pyqmail__preflight_done=true")
-    failed = _failures(out)
-    assert sorted(failed) == sorted(extra)
-    for name, msg in failed.values():
-        assert name == "pyqmail.mail.pyqmail_dns : Compute the zone over every host of the run"
-        assert SPF_LOOP.format(a="'include:b.example'", b="'include:a.example'") in msg
-    assert not list(artifacts.glob("*/dns.zone"))
+    out, artifacts = _run_dns(tmp_path, extra)
+    _refused_in_the_zone(out, artifacts)
+
+
+def test_a_loop_through_a_hostvars_reference_is_refused_on_both_hosts(tmp_path: Path) -> None:
+    """mx2's term names mx1's domain through hostvars: templated in mx2's own context it is
+    include:a.example, a loop with mx1's include:b.example. The preflight of session 38 read
+    mx2's variables from mx1's context, where hostvars[...] failed: mx2 was dropped there, so
+    mx1 passed and wrote its looping include. Both are refused now."""
+    extra = {
+        "mx1.a.example": ["include:b.example"],
+        "mx2.b.example": ["include:{{ hostvars['mx1.a.example'].pyqmail_control__locals[0] }}"],
+    }
+    out, artifacts = _run_dns(tmp_path, extra)
+    _refused_in_the_zone(out, artifacts)
+
+
+def test_play_vars_over_a_stale_inventory_value_pass(tmp_path: Path) -> None:
+    """The inventory still holds mx2's old include:a.example (a loop with mx1's), but the play
+    sets pyqmail_dns__spf_extra from spf_by_host, where mx2 includes _spf.c.example: what the
+    run writes has no loop and must pass. The preflight of session 38 read mx2's inventory
+    value from mx1's context (hostvars.raw_get has no play vars) and refused mx1."""
+    extra = {"mx1.a.example": ["include:b.example"], "mx2.b.example": ["include:a.example"]}
+    play_vars = {
+        "spf_by_host": {
+            "mx1.a.example": ["include:b.example"],
+            "mx2.b.example": ["include:_spf.c.example"],
+        },
+        "pyqmail_dns__spf_extra": "{{ spf_by_host[inventory_hostname] }}",
+    }
+    out, artifacts = _run_dns(tmp_path, extra, play_vars=play_vars)
+    assert _failures(out) == {}
+    mx2 = (artifacts / "mx2.b.example" / "dns.zone").read_text()
+    assert 'b.example. 3600 IN TXT "v=spf1 ip4:192.0.2.26 include:_spf.c.example -all"' in mx2
+    mx1 = (artifacts / "mx1.a.example" / "dns.zone").read_text()
+    assert 'a.example. 3600 IN TXT "v=spf1 ip4:192.0.2.25 include:b.example -all"' in mx1
 
 
 def test_a_cross_include_without_a_way_back_passes(tmp_path: Path) -> None:
