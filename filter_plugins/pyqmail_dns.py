@@ -229,8 +229,8 @@ def _spf_records(hosts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for domain in domains:
             add(domain, h)
     records = {d: r for d, r in records.items() if d in primary}
-    for h in hosts:
-        if _names_own_spf(h, _zone_domains(h)):
+    for h in hosts:  # the record of a host's name, when its zone writes one (host_records)
+        if _names_own_spf(h, _zone_domains(h)) and _spf([h], h["spf_all"], h["me"]) is not None:
             add(h["me"], h)
     return records
 

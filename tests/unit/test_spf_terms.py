@@ -403,6 +403,21 @@ def test_a_longer_loop_through_a_host_name_and_shared_records_is_refused() -> No
     assert "include:a.example" in filters.dns_zone(hosts, "mx4")
 
 
+def test_a_host_whose_name_record_is_not_written_is_not_refused_for_a_loop_on_that_name() -> None:
+    """web's name is a.example, a mail domain on a loop whose record mx1 writes; web sends
+    nothing and has no terms, so its zone writes no SPF record of its name (only the comment
+    to publish one's own): it holds no record of the loop and passes, mx1 and mx2 do not."""
+    hosts = _zone_hosts(
+        mx1=("a.example", ["include:b.example"]), mx2=("b.example", ["include:a.example"])
+    )
+    web = settings("a.example", locals=[], send_domains=["c.example"], sends=False, receives=False)
+    hosts.append(filters.dns_host(web | {"host": "web"}))
+    assert "; no sender known for a.example" in filters.dns_zone(hosts, "web")
+    for host in ("mx1", "mx2"):
+        with pytest.raises(AnsibleFilterError, match="an include loop"):
+            filters.dns_zone(hosts, host)
+
+
 def test_a_cross_include_without_a_way_back_passes() -> None:
     """A includes B, B does not include A: no loop; nor is an include of a domain the run
     writes no record of (b.example's primary is outside: mx2 only relays for it), whatever
