@@ -165,6 +165,30 @@ def host_vars(root: Path, **more: Any) -> dict[str, Any]:
     }
 
 
+def _dns_play(
+    inventory: Path, artifacts: Path, playbook: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``playbook`` (a dns play) on ``inventory``'s hosts from the checkout, zones written
+    under ``artifacts``; the exit status is the caller's to judge."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            str(inventory),
+            "-e",
+            f"pyqmail_dns__zone_dir={artifacts}",
+            *args,
+            str(playbook),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        timeout=600,
+        check=False,
+    )
+
+
 def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
     mx1_root, mx2_root, artifacts = tmp_path / "mx1", tmp_path / "mx2", tmp_path / "artifacts"
     (mx1_root / "control").mkdir(parents=True)
@@ -191,22 +215,7 @@ def test_role_writes_one_consistent_zone_per_host(tmp_path: Path) -> None:
     }
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(yaml.safe_dump({"all": {"children": {"mailservers": {"hosts": hosts}}}}))
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            str(inventory),
-            "-e",
-            f"pyqmail_dns__zone_dir={artifacts}",
-            "playbooks/dns.yml",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        timeout=600,
-        check=False,
-    )
+    proc = _dns_play(inventory, artifacts, REPO / "playbooks" / "dns.yml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     mx1 = (artifacts / "mx1.example.org" / "dns.zone").read_text()
@@ -262,23 +271,7 @@ def _run_dns(
         play[0]["vars"] = play_vars
         playbook = tmp_path / "dns.yml"
         playbook.write_text(yaml.safe_dump(play))
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            str(inventory),
-            "-e",
-            f"pyqmail_dns__zone_dir={artifacts}",
-            *args,
-            str(playbook),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        timeout=600,
-        check=False,
-    )
+    proc = _dns_play(inventory, artifacts, playbook, *args)
     try:
         return json.loads(proc.stdout), artifacts
     except json.JSONDecodeError as exc:
