@@ -165,10 +165,9 @@ def walk(top: str) -> Iterator[str]:
     it changes with every rename in it, including those of files another daemon reads; an
     added or removed file changes the list of paths instead."""
     for directory, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(directory, name)
-            if os.path.islink(path) or not os.path.isdir(path):
-                yield path
+        linked_dirs = [name for name in dirs if os.path.islink(os.path.join(directory, name))]
+        for name in files + linked_dirs:
+            yield os.path.join(directory, name)
 
 
 def readers(path: str, control: str, routes: Mapping[str, Any]) -> set[str]:
